@@ -1,0 +1,177 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The frozen values an C{edge.ini} turns into.
+
+Everything downstream (listeners, TLS, routing, upstream pools) is built from
+a L{Config} and never looks at the INI text again.  These classes do no I/O
+and import no Twisted; L{edgeproxy.config.parse} fills them in and validates
+them, so a value that exists is a value that is valid.
+
+Paths are absolute: the parser resolves relative paths against the directory
+of the configuration file, so the same C{edge.ini} means the same files
+whatever the working directory of the process.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class AccessLogFormat(enum.Enum):
+    COMBINED = "combined"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """
+    Per-connection protections against slow or oversized clients.  Set in
+    C{[edgeproxy]} as defaults and overridable per C{[listen:NAME]}
+    (C{max_body_size} also per C{[route:NAME]}).
+    """
+
+    client_header_timeout: float = 10.0
+    """Seconds a client has to send a complete request head (slowloris)."""
+    client_idle_timeout: float = 60.0
+    """Seconds a connection may sit with no byte in either direction."""
+    max_header_size: int = 16 * 1024
+    """Bytes of request line plus all header lines."""
+    max_headers: int = 100
+    """Number of header fields in one request."""
+    max_body_size: int = 100 * 1024 * 1024
+    """Bytes of request body; 0 means no limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """The C{[edgeproxy]} section."""
+
+    access_log: str | None = "-"
+    """A path, C{"-"} for standard output, or L{None} for C{off}."""
+    access_log_format: AccessLogFormat = AccessLogFormat.COMBINED
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    """Peers whose X-Forwarded-* and Forwarded headers are appended to."""
+    limits: Limits = field(default_factory=Limits)
+    shutdown_timeout: float = 30.0
+    """Seconds in-flight requests get to finish after SIGTERM."""
+    via: str | None = None
+    """Pseudonym for an added C{Via} header; L{None} adds none."""
+
+
+class TLSVersion(enum.Enum):
+    TLSv1_2 = "1.2"
+    TLSv1_3 = "1.3"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """The C{[tls]} section: the certificates the listeners serve."""
+
+    certificates: tuple[str, ...]
+    """Absolute paths of PEM files and/or directories."""
+    default: str | None
+    """PEM file served when the client sends no or an unknown SNI name; when
+    L{None}, the first certificate loaded is the default."""
+    min_version: TLSVersion = TLSVersion.TLSv1_2
+    expiry_warning: float = 14 * 86400.0
+    """Warn when a certificate expires within this many seconds."""
+    session_ticket_rotation: float = 3600.0
+    """Seconds between session-ticket key rotations."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A C{[listen:NAME]} section."""
+
+    name: str
+    endpoint: str
+    """A Twisted server endpoint description (C{tcp:...}, C{systemd:...})."""
+    tls: bool
+    http2: bool = True
+    redirect_https: bool = False
+    """Answer everything with 308 to the https listener instead of routing."""
+    redirect_port: int | None = None
+    """Port put in redirect URLs; L{None}: the first TLS listener's port."""
+    limits: Limits = field(default_factory=Limits)
+    """Effective limits: C{[edgeproxy]} defaults with this section's keys
+    applied on top."""
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """One entry of an upstream's C{servers} list."""
+
+    host: str
+    """Host name or IP literal (no brackets)."""
+    port: int
+    weight: int = 1
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """An C{[upstream:NAME]} section: a pool of backends."""
+
+    name: str
+    servers: tuple[Server, ...]
+    tls: bool = False
+    ca: str | None = None
+    """PEM bundle of trust anchors; L{None} means the system store."""
+    server_name: str | None = None
+    """Name verified in, and sent as SNI to, every backend; L{None} means
+    each server's own host."""
+    client_certificate: str | None = None
+    """PEM file with certificate and key presented to backends."""
+    insecure: bool = False
+    """Skip certificate verification (warned about at every start)."""
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    """Seconds from the end of the request to the first response byte."""
+    idle_timeout: float = 60.0
+    """Seconds without a byte in either direction once a response started."""
+    keepalive: int = 32
+    """Idle connections kept per backend."""
+    keepalive_timeout: float = 30.0
+    """Seconds an idle backend connection is kept (below the backend's)."""
+    host_header: str | None = None
+    """When set, sent as C{Host} instead of the client's."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A C{[route:NAME]} section."""
+
+    name: str
+    hosts: tuple[str, ...]
+    """Lower-case names, C{*.suffix} wildcards, or IP literals; C{*} alone
+    matches any host."""
+    paths: tuple[str, ...]
+    """Path prefixes, each starting with C{/}."""
+    upstream: str
+    max_body_size: int | None = None
+    """Overrides the listener's limit for this route when set."""
+    strip_prefix: bool = False
+    """Remove the matched path prefix before forwarding."""
+    websocket: bool = True
+    """Forward C{Upgrade: websocket} requests."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, validated configuration."""
+
+    path: str
+    """Absolute path of the C{edge.ini} it came from."""
+    proxy: ProxySettings
+    tls: TLSSettings | None
+    listeners: tuple[Listener, ...]
+    upstreams: dict[str, Upstream]
+    routes: tuple[Route, ...]

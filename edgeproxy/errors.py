@@ -1,0 +1,129 @@
+# -*- test-case-name: tests.test_errors -*-
+"""
+The one exception hierarchy of edgeproxy.
+
+Configuration problems are L{ConfigError}s that name the file, the section,
+the key and (where it is known) the line.  Problems met while proxying a
+request are L{ProxyError}s that carry the status the client gets; the mapping
+from exception to response lives in L{edgeproxy.http.errorpages} and nowhere
+else.  Nothing here imports Twisted.
+"""
+
+from __future__ import annotations
+
+
+class EdgeProxyError(Exception):
+    """
+    Base class of every error edgeproxy raises on purpose.
+    """
+
+
+class ConfigError(EdgeProxyError):
+    """
+    A configuration file, or a file it names, is not acceptable.
+
+    C{str(error)} reads like C{edge.ini:12: [upstream:app] keepalive: expected
+    a whole number, got 'lots'} so that an operator can go straight to it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        file: str | None = None,
+        section: str | None = None,
+        key: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        """What was wrong and what was expected."""
+        self.file = file
+        """The configuration file (or certificate file) at fault."""
+        self.section = section
+        """The INI section, without brackets, or L{None}."""
+        self.key = key
+        """The key inside C{section}, or L{None} for the section as a whole."""
+        self.line = line
+        """1-based line number in C{file}, when it is known."""
+
+    def where(self) -> str:
+        parts = []
+        if self.file is not None:
+            parts.append(self.file if self.line is None else f"{self.file}:{self.line}")
+        place = ""
+        if self.section is not None:
+            place = f"[{self.section}]"
+        if self.key is not None:
+            place = f"{place} {self.key}" if place else self.key
+        if place:
+            parts.append(place)
+        return ": ".join(parts)
+
+    def __str__(self) -> str:
+        where = self.where()
+        return f"{where}: {self.message}" if where else self.message
+
+
+class CertificateError(ConfigError):
+    """
+    A certificate or key file cannot be loaded or does not validate (key does
+    not match, expired, broken chain, unreadable PEM).
+    """
+
+
+class ProxyError(EdgeProxyError):
+    """
+    A request could not be proxied.  C{status} is what the client is told;
+    C{str(error)} is for the log only and may name backends, addresses and
+    exception text, so it must never be written to a client.
+    """
+
+    status: int = 502
+
+
+class BadRequest(ProxyError):
+    """The request is malformed or ambiguous (RFC 9112 §2.2, §6.3)."""
+
+    status = 400
+
+
+class HeaderFieldsTooLarge(ProxyError):
+    status = 431
+
+
+class ContentTooLarge(ProxyError):
+    status = 413
+
+
+class MisdirectedRequest(ProxyError):
+    """The Host names a site that is not served under the TLS name used."""
+
+    status = 421
+
+
+class NoRoute(ProxyError):
+    status = 404
+
+
+class BackendUnavailable(ProxyError):
+    """No backend could be reached (connect refused, DNS, TLS failure)."""
+
+    status = 502
+
+
+class UpstreamProtocolError(ProxyError):
+    """The backend answered something that is not acceptable HTTP."""
+
+    status = 502
+
+
+class UpstreamTimeout(ProxyError):
+    """The backend did not connect, answer or keep sending in time."""
+
+    status = 504
+
+
+class ServiceUnavailable(ProxyError):
+    """No backend of the upstream is available right now."""
+
+    status = 503
