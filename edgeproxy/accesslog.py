@@ -1,0 +1,284 @@
+# -*- test-case-name: tests.test_accesslog -*-
+"""
+Access logging: one structured event per finished request, formatted at the
+edge as a Combined Log Format line or a JSON object.
+
+L{AccessLog.log} reads a finished L{twisted.web.http.Request} and emits one
+C{twisted.logger} event in the C{edgeproxy.access} namespace on the access
+log's own L{LogPublisher} (not the global one: under C{twistd --nodaemon} the
+global log goes to standard output too, and every request would be written
+twice).  The writer observer formats the event as one line.  Other observers
+(metrics, tests) can be added to L{AccessLog.publisher}.
+
+Fields of the event (all strings are C{str}, bytes decoded as UTF-8 with
+undecodable bytes kept as C{\\xHH}):
+
+  - C{client}: the peer's IP address (the connection's, not a forwarded one)
+  - C{method}, C{target}, C{protocol}: the request line
+  - C{status}: the response status code (int)
+  - C{bytes}: response body bytes written (int)
+  - C{referer}, C{user_agent}, C{host}: request headers, or L{None}
+  - C{duration}: seconds from C{request.edgeStarted} to now, or L{None}
+  - C{route}, C{upstream}: C{request.edgeRoute} / C{request.edgeUpstream}
+    (names as C{str}, or objects with a C{name}), or L{None}
+  - C{finished}: when the request finished, from the injected clock
+    (C{log_time} is the wall clock C{Logger} stamps itself)
+
+Lines are safe to parse: in Combined format every byte outside printable
+ASCII, C{"} and C{\\} are escaped as C{\\xHH}/C{\\"}/C{\\\\} (the nginx
+convention), so a request can neither forge a log line nor a field.  JSON
+lines are written by L{json.dumps} with C{ensure_ascii}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from twisted.internet import address
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogPublisher
+
+from edgeproxy.config.model import AccessLogFormat, ProxySettings
+
+log = Logger()
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+_SAFE = frozenset(range(0x20, 0x7F)) - {ord('"'), ord("\\")}
+
+
+def escapeField(value: str | bytes) -> str:
+    """
+    Escape C{value} for use inside a double-quoted Combined Log Format
+    field: printable ASCII is kept, C{"} and C{\\} get a backslash, anything
+    else (control characters, DEL, non-ASCII) becomes C{\\xHH} per UTF-8
+    byte.
+    """
+    raw = value.encode("utf-8", "surrogateescape") if isinstance(value, str) else value
+    out = []
+    for byte in raw:
+        if byte in _SAFE:
+            out.append(chr(byte))
+        elif byte in (0x22, 0x5C):
+            out.append("\\" + chr(byte))
+        else:
+            out.append(f"\\x{byte:02X}")
+    return "".join(out)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        # surrogateescape keeps invalid bytes recoverable: escapeField turns
+        # them back into the exact bytes, JSON shows them as \udcXX.
+        return value.decode("utf-8", "surrogateescape")
+    return value
+
+
+def _name(value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        return _text(value)
+    name = getattr(value, "name", None)
+    return str(name) if name is not None else str(value)
+
+
+def requestFields(request: Any, now: float) -> dict[str, Any]:
+    """
+    The access-log fields of a finished C{request}, as described in the
+    module docstring.
+    """
+    peer = request.getClientAddress()
+    client = peer.host if isinstance(peer, (address.IPv4Address, address.IPv6Address)) else None
+    started = getattr(request, "edgeStarted", None)
+    return {
+        "client": client,
+        "method": _text(request.method),
+        "target": _text(request.uri),
+        "protocol": _text(request.clientproto),
+        "status": int(request.code),
+        "bytes": int(request.sentLength or 0),
+        "referer": _text(request.getHeader(b"referer")),
+        "user_agent": _text(request.getHeader(b"user-agent")),
+        "host": _text(request.getHeader(b"host")),
+        "duration": None if started is None else max(0.0, now - started),
+        "route": _name(getattr(request, "edgeRoute", None)),
+        "upstream": _name(getattr(request, "edgeUpstream", None)),
+    }
+
+
+def clfTimestamp(when: float) -> str:
+    """C{[27/Nov/2026:19:05:01 +0000]}, always UTC, independent of locale."""
+    t = time.gmtime(when)
+    return "[%02d/%s/%04d:%02d:%02d:%02d +0000]" % (
+        t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec,
+    )
+
+
+def isoTimestamp(when: float) -> str:
+    """C{2026-11-27T19:05:01.123Z}: UTC with milliseconds."""
+    t = time.gmtime(when)
+    millis = int((when - int(when)) * 1000)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (
+        t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec, millis,
+    )
+
+
+def formatCombined(event: dict[str, Any]) -> str:
+    """
+    The Combined Log Format line (no newline) of an access event::
+
+        203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET / HTTP/1.1" 200 612 "-" "curl/8.5.0"
+    """
+
+    def quoted(value: str | None) -> str:
+        return "-" if value is None else escapeField(value)
+
+    requestLine = "%s %s %s" % (
+        quoted(event["method"]), quoted(event["target"]), quoted(event["protocol"]),
+    )
+    return '%s - - %s "%s" %d %s "%s" "%s"' % (
+        quoted(event["client"]),
+        clfTimestamp(event["finished"]),
+        requestLine,
+        event["status"],
+        event["bytes"] or "-",
+        quoted(event["referer"]),
+        quoted(event["user_agent"]),
+    )
+
+
+_JSON_KEYS = ("client", "method", "target", "protocol", "status", "bytes",
+              "referer", "user_agent", "host", "duration", "route", "upstream")
+
+
+def formatJSON(event: dict[str, Any]) -> str:
+    """One JSON object (no newline), keys in a fixed order, C{time} first."""
+    record: dict[str, Any] = {"time": isoTimestamp(event["finished"])}
+    for key in _JSON_KEYS:
+        record[key] = event[key]
+    if record["duration"] is not None:
+        record["duration"] = round(record["duration"], 6)
+    return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
+
+
+_FORMATTERS: dict[AccessLogFormat, Callable[[dict[str, Any]], str]] = {
+    AccessLogFormat.COMBINED: formatCombined,
+    AccessLogFormat.JSON: formatJSON,
+}
+
+
+class LineWriter:
+    """
+    The observer that writes access events as lines to a text stream, or to
+    a file it opens (and can reopen after rotation).
+    """
+
+    def __init__(
+        self,
+        formatter: Callable[[dict[str, Any]], str],
+        stream: TextIO | None = None,
+        path: str | None = None,
+    ) -> None:
+        self._formatter = formatter
+        self._path = path
+        self._ownsStream = stream is None
+        self._stream: TextIO = stream if stream is not None else self._open()
+
+    def _open(self) -> TextIO:
+        assert self._path is not None
+        # Line buffered: a line reaches the file when the request finishes.
+        return open(self._path, "a", buffering=1, encoding="utf-8", newline="\n")
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("log_namespace") != AccessLog.namespace:
+            return
+        try:
+            self._stream.write(self._formatter(event) + "\n")
+        except Exception:
+            log.failure("Cannot write the access log line")
+
+    def reopen(self) -> None:
+        """Open the path again (after C{logrotate} moved the file)."""
+        if not self._ownsStream:
+            return
+        fresh = self._open()
+        old, self._stream = self._stream, fresh
+        old.close()
+
+    def close(self) -> None:
+        if self._ownsStream:
+            self._stream.close()
+        else:
+            self._stream.flush()
+
+
+class AccessLog:
+    """
+    Emits one access event per finished request and writes it where the
+    configuration says.
+
+    @ivar publisher: The L{LogPublisher} access events are sent to.
+    """
+
+    namespace = "edgeproxy.access"
+
+    def __init__(self, clock: IReactorTime, writer: LineWriter | None = None) -> None:
+        self._clock = clock
+        self.publisher = LogPublisher()
+        self._log = Logger(namespace=self.namespace, observer=self.publisher)
+        self._writer = writer
+        if writer is not None:
+            self.publisher.addObserver(writer)
+
+    @classmethod
+    def fromSettings(
+        cls,
+        settings: ProxySettings,
+        clock: IReactorTime,
+        stdout: TextIO | None = None,
+    ) -> AccessLog | None:
+        """
+        The access log C{[edgeproxy] access_log} asks for: L{None} when
+        C{off}; standard output for C{-} (the process's real one,
+        C{sys.__stdout__}, as twistd replaces C{sys.stdout} with a logger);
+        else the file, opened now so that an unwritable path stops the start.
+        """
+        if settings.access_log is None:
+            return None
+        formatter = _FORMATTERS[settings.access_log_format]
+        if settings.access_log == "-":
+            stream = stdout if stdout is not None else (sys.__stdout__ or sys.stdout)
+            return cls(clock, LineWriter(formatter, stream=stream))
+        return cls(clock, LineWriter(formatter, path=settings.access_log))
+
+    def log(self, request: Any) -> None:
+        """Emit the access event of the finished C{request}; never raises."""
+        try:
+            now = self._clock.seconds()
+            fields = requestFields(request, now)
+            self._log.info(
+                '{client} "{method} {target} {protocol}" {status} {bytes}',
+                finished=now,
+                **fields,
+            )
+        except Exception:
+            log.failure("Cannot build the access log event")
+
+    def reopen(self) -> None:
+        """Reopen the log file (SIGHUP, after rotation)."""
+        if self._writer is not None:
+            self._writer.reopen()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self.publisher.removeObserver(self._writer)
+            self._writer.close()
+            self._writer = None
