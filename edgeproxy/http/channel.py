@@ -1,0 +1,793 @@
+# -*- test-case-name: tests.test_channel -*-
+"""
+The HTTP/1.x edge: Twisted's L{HTTPChannel} held to RFC 9112 strictly.
+
+L{EdgeHTTPChannel} owns the request head.  It replaces Twisted's head parser
+(C{lineReceived}/C{headerReceived}) with one that rejects everything a
+front-end and a back-end could disagree about, before the request object's
+C{gotLength} runs, so a rejected request never reaches a backend:
+
+  - framing: C{Content-Length} together with C{Transfer-Encoding}, several
+    or malformed C{Content-Length} fields, any C{Transfer-Encoding} other than
+    a single final C{chunked} (C{501} when C{chunked} is final but preceded by
+    codings we do not implement, C{400} otherwise), C{Transfer-Encoding} in
+    HTTP/1.0, strict chunk sizes, extensions and trailers (L{ChunkedDecoder});
+  - syntax: obs-fold, NUL/CR/LF and other controls in fields, whitespace
+    before the colon, names that are not RFC 9110 tokens, garbage or unknown
+    versions in the request line (C{505} for a well formed C{HTTP/x.y} other
+    than 1.0 and 1.1), request-target forms;
+  - C{Host}: required on HTTP/1.1, exactly one, syntactically valid; an
+    absolute-form target is accepted only when its authority equals C{Host}
+    and is then rewritten to origin-form (RFC 9112 3.2.2);
+  - limits: head bytes and field count (C{431}; C{414} for a request line
+    alone over the limit), and a header-read deadline that a slowloris cannot
+    push back by trickling bytes (C{408}).
+
+Every rejection goes through L{EdgeHTTPChannel.rejectAndClose}: a short
+generic response with C{Connection: close} and no C{Server} header, then the
+connection is closed, so nothing after the bad request can be misread as a
+new request.
+
+Policy on timers (nginx semantics, see L{EdgeHTTPChannel.connectionMade}):
+the header deadline (C{client_header_timeout}) runs from connection open for
+the first request and from the first byte of each later request; between
+requests on a kept-alive connection Twisted's idle timeout
+(C{client_idle_timeout}, C{timeOut}) applies and closes silently.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web import http
+from twisted.web.iweb import INonQueuedRequestFactory
+
+from edgeproxy.config.model import Limits
+
+log = Logger()
+
+SUPPORTED_VERSIONS = frozenset((b"HTTP/1.0", b"HTTP/1.1"))
+
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_ABSOLUTE_FORM = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)://([^/?#]*)(.*)", re.DOTALL)
+
+# Field values: RFC 9110 5.5 allows VCHAR, obs-text, SP and HTAB.  NUL, CR
+# and LF MUST be rejected (or replaced); we reject every other control too.
+_CONTROLS_EXCEPT_HTAB = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
+# Request-target: RFC 9112 3.2 leaves no room for SP, controls or non-ASCII.
+_TARGET_FORBIDDEN = bytes(range(0x21)) + bytes(range(0x7F, 0x100))
+_HOST_REGNAME = re.compile(rb"[A-Za-z0-9\-._~]+")
+
+_MAX_CONTENT_LENGTH_DIGITS = 18
+"""Anything longer cannot be a real body and may overflow other parsers."""
+
+_MAX_CHUNK_SIZE_DIGITS = 16
+_MAX_CHUNK_LINE = 1024
+_MAX_CHUNK_EXTENSION_BYTES = 4096
+"""Total chunk-extension bytes one message may carry.  No client we serve
+uses extensions; a cap stops tiny chunks with huge extensions from turning
+a small body into a lot of parsing work."""
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_CHUNK_EXTENSIONS = re.compile(
+    rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*"
+)
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_TOKEN_ONLY = re.compile(_TOKEN)
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    505: b"HTTP Version Not Supported",
+}
+"""RFC 9110 reason phrases (Twisted's table lacks 431 and uses RFC 2616's)."""
+
+
+def _istoken(value: bytes) -> bool:
+    """RFC 9110 5.6.2 C{token}."""
+    return _TOKEN_ONLY.fullmatch(value) is not None
+
+
+def errorResponse(status: int) -> bytes:
+    """
+    The complete response the channel sends when it refuses a request: a
+    status line, C{Connection: close}, a tiny plain-text body, and nothing
+    that identifies the software.
+
+    @param status: An HTTP status code with a registered reason phrase.
+    """
+    cached = _errorResponses.get(status)
+    if cached is not None:
+        return cached
+    reason = _REASONS.get(status) or http.RESPONSES.get(status, b"Error")
+    body = reason + b"\n"
+    response = b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % (len(body),),
+            b"Connection: close\r\n",
+            b"\r\n",
+            body,
+        ]
+    )
+    _errorResponses[status] = response
+    return response
+
+
+_errorResponses: dict[int, bytes] = {}
+
+
+# ---------------------------------------------------------------------------
+# Twisted private surface.
+#
+# HTTPChannel keeps the request line in _command/_path/_version between the
+# request line and allContentReceived (which reads and deletes them), feeds
+# the body through _transferDecoder, and turns _MalformedChunkedDataError from
+# a decoder into a 400.  None of this is public API.  Every use of it lives
+# in the three functions below; tests/test_channel.py's
+# TwistedPrivateSurfaceTests fails if Twisted changes any of it.
+# ---------------------------------------------------------------------------
+
+MalformedBody = http._MalformedChunkedDataError
+"""The exception HTTPChannel.rawDataReceived maps to a 400 (private)."""
+
+
+def requestLineOf(channel: Any) -> tuple[bytes, bytes, bytes]:
+    """
+    The method, request-target and version of the request whose head was
+    just parsed, for use from C{Request.gotLength} (the request object only
+    learns them in C{requestReceived}, after the body).
+
+    Works for L{http.HTTPChannel} (and so L{EdgeHTTPChannel}, whose target
+    is already origin-form here) and for Twisted's HTTP/2 C{H2Stream}, whose
+    version is reported as C{b"HTTP/2"} like C{H2Stream.requestComplete}
+    does.
+
+    @raise AttributeError: outside the window between the end of the head
+        and C{allContentReceived}.
+    """
+    if isinstance(channel, http.HTTPChannel):
+        # Private: see the block comment above.
+        return channel._command, channel._path, channel._version
+    command, path = channel.command, channel.path
+    if command is None or path is None:
+        raise AttributeError("stream has no request line yet")
+    return command, path, b"HTTP/2"
+
+
+def _storeRequestLine(
+    channel: http.HTTPChannel, method: bytes, target: bytes, version: bytes
+) -> None:
+    # Private: allContentReceived passes these to requestReceived.
+    channel._command = method  # type: ignore[attr-defined]
+    channel._path = target  # type: ignore[attr-defined]
+    channel._version = version  # type: ignore[attr-defined]
+
+
+def _installBodyDecoder(channel: http.HTTPChannel, decoder: Any) -> None:
+    # Private: rawDataReceived feeds body bytes to _transferDecoder and
+    # allContentReceived resets it; _finishRequestBody is the finish callback
+    # that queues pipelined bytes and completes the request.
+    channel._transferDecoder = decoder
+
+
+# ---------------------------------------------------------------------------
+
+
+class IdentityDecoder:
+    """
+    A body of known length (C{Content-Length}); the same interface as
+    Twisted's decoders.
+    """
+
+    __slots__ = ("remaining", "dataCallback", "finishCallback")
+
+    def __init__(
+        self,
+        length: int,
+        dataCallback: Callable[[bytes], None],
+        finishCallback: Callable[[bytes], None],
+    ) -> None:
+        self.remaining = length
+        self.dataCallback = dataCallback
+        self.finishCallback = finishCallback
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(data) < self.remaining:
+            self.remaining -= len(data)
+            self.dataCallback(data)
+            return
+        remaining, self.remaining = self.remaining, 0
+        self.dataCallback(data[:remaining])
+        self.finishCallback(data[remaining:])
+
+    def noMoreData(self) -> None:
+        if self.remaining:
+            raise http._DataLoss()
+
+
+class ChunkedDecoder:
+    """
+    The chunked transfer coding (RFC 9112 7.1), stricter than Twisted's
+    C{_ChunkedTransferDecoder} where parsers disagree: every line must end in
+    CRLF (a bare LF is refused, not treated as an end of line); the chunk size
+    is 1 to 16 hex digits with no sign, prefix or whitespace; extensions must
+    match the RFC grammar (no unbalanced quotes) and total at most
+    L{_MAX_CHUNK_EXTENSION_BYTES} per message; trailer fields are checked like
+    header fields (no obs-fold, valid names, no controls) and then dropped.
+
+    Errors raise L{MalformedBody}, which L{http.HTTPChannel} answers with
+    L{EdgeHTTPChannel._respondToBadRequestAndDisconnect}.
+    """
+
+    def __init__(
+        self,
+        dataCallback: Callable[[bytes], None],
+        finishCallback: Callable[[bytes], None],
+        maxTrailerSize: int = 16 * 1024,
+    ) -> None:
+        self.dataCallback = dataCallback
+        self.finishCallback = finishCallback
+        self.maxTrailerSize = maxTrailerSize
+        self.state = "SIZE"
+        self._buffer = bytearray()
+        self._scan = 0
+        self._remaining = 0
+        self._extensionBytes = 0
+        self._trailerBytes = 0
+
+    def _takeLine(self, limit: int) -> bytes | None:
+        buffer = self._buffer
+        end = buffer.find(b"\n", self._scan)
+        if end == -1:
+            if len(buffer) > limit:
+                raise MalformedBody("chunk line too long")
+            self._scan = len(buffer)
+            return None
+        if end == 0 or buffer[end - 1] != 0x0D:
+            raise MalformedBody("bare LF in chunked body")
+        if end - 1 > limit:
+            raise MalformedBody("chunk line too long")
+        line = bytes(buffer[: end - 1])
+        del buffer[: end + 1]
+        self._scan = 0
+        return line
+
+    def _sizeLine(self, line: bytes) -> None:
+        size, semicolon, extensions = line.partition(b";")
+        if not 0 < len(size) <= _MAX_CHUNK_SIZE_DIGITS or not _HEX_DIGITS.issuperset(size):
+            raise MalformedBody("invalid chunk size")
+        if semicolon:
+            self._extensionBytes += len(extensions) + 1
+            if self._extensionBytes > _MAX_CHUNK_EXTENSION_BYTES:
+                raise MalformedBody("too many chunk-extension bytes")
+            if _CHUNK_EXTENSIONS.fullmatch(b";" + extensions) is None:
+                raise MalformedBody("invalid chunk extension")
+        self._remaining = int(size, 16)
+        self.state = "BODY" if self._remaining else "TRAILER"
+
+    def _trailerLine(self, line: bytes) -> bool:
+        if not line:
+            return True
+        self._trailerBytes += len(line) + 2
+        if self._trailerBytes > self.maxTrailerSize:
+            raise MalformedBody("trailer section too large")
+        name, colon, value = line.partition(b":")
+        if not colon or not _istoken(name):
+            raise MalformedBody("invalid trailer field")
+        if len(value.translate(None, _CONTROLS_EXCEPT_HTAB)) != len(value):
+            raise MalformedBody("control character in trailer field")
+        return False
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self._buffer
+        if self.state == "BODY" and not buffer:
+            # Fast path: body bytes straight through, no copy into the buffer.
+            remaining = self._remaining
+            if len(data) <= remaining:
+                self._remaining = remaining - len(data)
+                if not self._remaining:
+                    self.state = "CRLF"
+                self.dataCallback(data)
+                return
+            self._remaining = 0
+            self.state = "CRLF"
+            self.dataCallback(data[:remaining])
+            data = data[remaining:]
+        buffer += data
+        while buffer:
+            state = self.state
+            if state == "BODY":
+                if len(buffer) > self._remaining:
+                    chunk = bytes(buffer[: self._remaining])
+                    del buffer[: self._remaining]
+                    self._remaining = 0
+                    self.state = "CRLF"
+                else:
+                    chunk = bytes(buffer)
+                    del buffer[:]
+                    self._remaining -= len(chunk)
+                    if not self._remaining:
+                        self.state = "CRLF"
+                self.dataCallback(chunk)
+            elif state == "CRLF":
+                if len(buffer) < 2:
+                    if buffer[0] != 0x0D:
+                        raise MalformedBody("chunk data not followed by CRLF")
+                    return
+                if buffer[0] != 0x0D or buffer[1] != 0x0A:
+                    raise MalformedBody("chunk data not followed by CRLF")
+                del buffer[:2]
+                self.state = "SIZE"
+            elif state == "SIZE":
+                line = self._takeLine(_MAX_CHUNK_LINE)
+                if line is None:
+                    return
+                self._sizeLine(line)
+            elif state == "TRAILER":
+                line = self._takeLine(self.maxTrailerSize)
+                if line is None:
+                    return
+                if self._trailerLine(line):
+                    self.state = "FINISHED"
+                    rest = bytes(buffer)
+                    del buffer[:]
+                    self.finishCallback(rest)
+                    return
+            else:
+                raise RuntimeError("chunked body already finished")
+
+    def noMoreData(self) -> None:
+        if self.state != "FINISHED":
+            raise http._DataLoss("chunked body incomplete")
+
+
+class _Rejected(Exception):
+    """A head that must not be processed; carries the status to send."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _parseContentLength(value: bytes) -> int:
+    # RFC 9110 8.6: Content-Length = 1*DIGIT.  A list ("5, 5"), a sign or
+    # inner whitespace is refused rather than interpreted (RFC 9112 6.3 5).
+    if not value.isdigit() or not value.isascii() or len(value) > _MAX_CONTENT_LENGTH_DIGITS:
+        raise _Rejected(400, "invalid Content-Length")
+    return int(value)
+
+
+def _checkTransferEncoding(values: list[bytes]) -> None:
+    codings = [c.strip(b" \t").lower() for v in values for c in v.split(b",")]
+    if codings.count(b"chunked") != 1 or codings[-1] != b"chunked":
+        # RFC 9112 6.3 4: chunked not final (or repeated, or absent) means
+        # the length cannot be determined: 400 and close.
+        raise _Rejected(400, "Transfer-Encoding is not a single final chunked")
+    if len(codings) > 1:
+        if all(_istoken(c) for c in codings):
+            # RFC 9112 6.1: a transfer coding we do not implement gets 501.
+            raise _Rejected(501, "unsupported transfer coding")
+        raise _Rejected(400, "invalid Transfer-Encoding")
+
+
+def validHost(value: bytes) -> bool:
+    """
+    Whether C{value} is an acceptable C{Host} field value: C{uri-host
+    [":" port]} (RFC 9110 7.2) where the host is a bracketed IPv6 literal, or
+    a non-empty name of unreserved characters (which includes IPv4
+    addresses).  Percent-encoding and sub-delims, legal in reg-name but never
+    used by real clients, are refused so that routing compares plain names;
+    an empty host is invalid for http(s) URIs (RFC 9110 4.2.1).
+    """
+    if value.startswith(b"["):
+        end = value.find(b"]")
+        if end == -1:
+            return False
+        try:
+            ipaddress.IPv6Address(value[1:end].decode("ascii"))
+        except ValueError:
+            return False
+        rest = value[end + 1 :]
+    else:
+        host, colon, port = value.partition(b":")
+        if _HOST_REGNAME.fullmatch(host) is None:
+            return False
+        rest = colon + port
+    if not rest:
+        return True
+    if rest[:1] != b":":
+        return False
+    port = rest[1:]
+    return port == b"" or (port.isdigit() and port.isascii() and len(port) <= 5 and int(port) <= 65535)
+
+
+class EdgeHTTPChannel(http.HTTPChannel):
+    """
+    Twisted's HTTP/1.1 channel with a strict head parser, head size and count
+    limits, and a header-read deadline.
+
+    Configure by setting L{limits} after construction and before
+    C{connectionMade}; C{callLater} comes from C{TimeoutMixin} (the factory
+    sets it to its reactor's).  The idle timeout C{timeOut} is set from
+    C{limits.client_idle_timeout} at C{connectionMade}.
+    """
+
+    limits: Limits = Limits()
+    """The listener's limits."""
+
+    _headTimer: IDelayedCall | None = None
+    _abortCall: IDelayedCall | None = None
+    _rejected = False
+    _awaitingHead = True
+    _expectingRequestLine = True
+    _skippedEmptyLine = False
+    _headSize = 0
+    _fieldCount = 0
+    _contentLengths: list[bytes] | None = None
+    _transferEncodings: list[bytes] | None = None
+    _hostCount = 0
+    _absoluteAuthority: bytes | None = None
+
+    # --- connection lifecycle -------------------------------------------
+
+    def connectionMade(self) -> None:
+        limits = self.limits
+        idle = limits.client_idle_timeout
+        self.timeOut = idle if idle and idle > 0 else None
+        self.MAX_LENGTH = limits.max_header_size
+        self.maxHeaders = limits.max_headers
+        self.totalHeadersSize = limits.max_header_size
+        super().connectionMade()
+        # The first head is timed from connection open: a client that
+        # connects and sends nothing, or trickles, is cut at the deadline.
+        self._startHeadTimer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._rejected:
+            # After a rejection nothing the client sends is meaningful.
+            return
+        if self._awaitingHead and self._headTimer is None:
+            # First byte of the next request on a kept-alive connection:
+            # from here the whole head must arrive within the deadline,
+            # however slowly the bytes trickle in (they reset the idle
+            # timeout, not this one).
+            self._startHeadTimer()
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancelHeadTimer()
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()
+        self._abortCall = None
+        super().connectionLost(reason)
+
+    def requestDone(self, request: Any) -> None:
+        # Set before super() replays pipelined bytes through dataReceived.
+        if self.persistent:
+            self._awaitingHead = True
+        super().requestDone(request)
+
+    # --- the header-read deadline ----------------------------------------
+
+    def _startHeadTimer(self) -> None:
+        deadline = self.limits.client_header_timeout
+        if deadline and deadline > 0:
+            self._headTimer = self.callLater(deadline, self._headTimedOut)
+
+    def _cancelHeadTimer(self) -> None:
+        timer, self._headTimer = self._headTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _headTimedOut(self) -> None:
+        self._headTimer = None
+        if self.transport is None or self.transport.disconnecting:
+            return
+        self.rejectAndClose(408, "request head not received in time")
+
+    # --- rejection -------------------------------------------------------
+
+    def rejectAndClose(self, status: int, reason: str = "malformed request") -> None:
+        """
+        Refuse the request being read: send L{errorResponse} unless a
+        response is already on the wire, close the connection, and abort it
+        if the client does not let the close complete within
+        C{abortTimeout} seconds.  Idempotent.
+
+        @param status: The status to send.
+        @param reason: For the log only.
+        """
+        if self._rejected:
+            return
+        self._rejected = True
+        self._awaitingHead = False
+        self._cancelHeadTimer()
+        peer = self.transport.getPeer() if self.transport is not None else None
+        log.info(
+            "refusing request from {peer}: {status} ({reason})",
+            peer=str(peer),
+            status=status,
+            reason=reason,
+        )
+        if not any(getattr(r, "startedWriting", False) for r in self.requests):
+            self.transport.write(errorResponse(status))
+        self.setTimeout(None)
+        if self.abortTimeout is not None:
+            self._abortCall = self.callLater(self.abortTimeout, self._abort)
+        self.loseConnection()
+
+    def _abort(self) -> None:
+        self._abortCall = None
+        self.transport.abortConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted calls this when a body decoder raises MalformedBody.
+        self.rejectAndClose(400, "malformed body framing")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # MAX_LENGTH is kept at the head budget still left (see lineReceived),
+        # so this fires as soon as the head cannot fit, before buffering more.
+        if self._expectingRequestLine:
+            self.rejectAndClose(414, "request line too long")
+        else:
+            self.rejectAndClose(431, "request head too large")
+
+    # --- the head parser -------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._rejected:
+            return
+        try:
+            self._headLine(line)
+        except _Rejected as rejection:
+            self.rejectAndClose(rejection.status, rejection.reason)
+
+    def _headLine(self, line: bytes) -> None:
+        self._headSize += len(line) + 2
+        budget = self.limits.max_header_size - self._headSize
+        if budget < 0:
+            raise _Rejected(414 if self._expectingRequestLine else 431, "request head too large")
+        self.MAX_LENGTH = budget
+
+        if self._expectingRequestLine:
+            if not self.persistent:
+                # Bytes after a request that ends the connection are ignored.
+                return
+            if not line and not self._skippedEmptyLine:
+                # RFC 9112 2.2: tolerate one empty line before a request.
+                self._skippedEmptyLine = True
+                return
+            self._requestLine(line)
+        elif line:
+            self.headerReceived(line)
+        else:
+            self._endOfHead()
+
+    def _requestLine(self, line: bytes) -> None:
+        parts = line.split(b" ")
+        if len(parts) != 3:
+            raise _Rejected(400, "malformed request line")
+        method, target, version = parts
+        if version not in SUPPORTED_VERSIONS:
+            if _VERSION.fullmatch(version):
+                raise _Rejected(505, "unsupported HTTP version")
+            raise _Rejected(400, "malformed HTTP version")
+        if not _istoken(method):
+            raise _Rejected(400, "invalid method")
+        if not target or len(target.translate(None, _TARGET_FORBIDDEN)) != len(target):
+            raise _Rejected(400, "invalid request-target")
+        if method == b"CONNECT":
+            # A reverse proxy does not tunnel to arbitrary authorities.
+            raise _Rejected(501, "CONNECT not implemented")
+
+        self._absoluteAuthority = None
+        if target[:1] == b"/":
+            pass
+        elif target == b"*":
+            # RFC 9112 3.2.4: asterisk-form is only for server-wide OPTIONS.
+            if method != b"OPTIONS":
+                raise _Rejected(400, "asterisk-form target without OPTIONS")
+        else:
+            target = self._absoluteForm(target)
+
+        self._expectingRequestLine = False
+        self._fieldCount = 0
+        self._contentLengths = None
+        self._transferEncodings = None
+        self._hostCount = 0
+        if INonQueuedRequestFactory.providedBy(self.requestFactory):
+            request = self.requestFactory(self)
+        else:
+            request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        _storeRequestLine(self, method, target, version)
+
+    def _absoluteForm(self, target: bytes) -> bytes:
+        """
+        Check an absolute-form target and return its origin-form.  RFC 9112
+        3.2.2 makes the target's authority win over C{Host}; we only accept
+        the two when they agree (checked at the end of the head) so that no
+        component ever sees two different hosts for one request.
+        """
+        match = _ABSOLUTE_FORM.fullmatch(target)
+        if match is None:
+            raise _Rejected(400, "request-target is not origin, absolute or asterisk form")
+        scheme, authority, rest = match.groups()
+        if scheme.lower() not in (b"http", b"https"):
+            raise _Rejected(400, "absolute-form target with unsupported scheme")
+        if b"@" in authority or not validHost(authority):
+            raise _Rejected(400, "invalid authority in absolute-form target")
+        self._absoluteAuthority = authority.lower()
+        if not rest:
+            return b"/"
+        if rest[:1] == b"?":
+            return b"/" + rest
+        return rest
+
+    def headerReceived(self, line: bytes) -> bool:
+        """
+        Validate one field line and add it to the request's headers.
+
+        @return: C{True}; a bad line raises L{_Rejected} (caught by
+            L{lineReceived}).
+        """
+        if line[0] in b" \t":
+            # RFC 9112 5.2: obs-fold is refused, not unfolded.
+            raise _Rejected(400, "obsolete line folding")
+        name, colon, value = line.partition(b":")
+        if not colon or not _istoken(name):
+            # Also catches whitespace before the colon (RFC 9112 5.1).
+            raise _Rejected(400, "invalid field name")
+        value = value.strip(b" \t")
+        if len(value.translate(None, _CONTROLS_EXCEPT_HTAB)) != len(value):
+            raise _Rejected(400, "control character in field value")
+        self._fieldCount += 1
+        if self._fieldCount > self.limits.max_headers:
+            raise _Rejected(431, "too many header fields")
+
+        lowered = name.lower()
+        if lowered == b"content-length":
+            if self._contentLengths is None:
+                self._contentLengths = [value]
+            else:
+                raise _Rejected(400, "several Content-Length fields")
+            _parseContentLength(value)
+        elif lowered == b"transfer-encoding":
+            if self._transferEncodings is None:
+                self._transferEncodings = [value]
+            else:
+                self._transferEncodings.append(value)
+        elif lowered == b"host":
+            self._hostCount += 1
+            if self._hostCount > 1:
+                raise _Rejected(400, "several Host fields")
+            if not validHost(value):
+                raise _Rejected(400, "invalid Host")
+        self.requests[-1].requestHeaders.addRawHeader(name, value)
+        return True
+
+    def _endOfHead(self) -> None:
+        request = self.requests[-1]
+        version = self._version  # type: ignore[attr-defined]
+        authority = self._absoluteAuthority
+        if self._hostCount == 0:
+            if version == b"HTTP/1.1":
+                # RFC 9112 3.2: a 1.1 request without Host MUST get a 400.
+                raise _Rejected(400, "missing Host")
+            if authority is not None:
+                request.requestHeaders.setRawHeaders(b"Host", [authority])
+        elif authority is not None:
+            host = request.requestHeaders.getRawHeaders(b"Host")[0].lower()
+            if host != authority:
+                raise _Rejected(400, "absolute-form authority differs from Host")
+
+        transferEncodings = self._transferEncodings
+        contentLengths = self._contentLengths
+        if transferEncodings is not None:
+            if version != b"HTTP/1.1":
+                # RFC 9112 6.1: Transfer-Encoding in 1.0 means faulty framing.
+                raise _Rejected(400, "Transfer-Encoding in HTTP/1.0")
+            if contentLengths is not None:
+                # RFC 9112 6.1: a request smuggling vector; refuse it.
+                raise _Rejected(400, "both Content-Length and Transfer-Encoding")
+            _checkTransferEncoding(transferEncodings)
+            self.length = None
+            _installBodyDecoder(
+                self,
+                ChunkedDecoder(
+                    request.handleContentChunk,
+                    self._finishRequestBody,
+                    maxTrailerSize=self.limits.max_header_size,
+                ),
+            )
+        elif contentLengths is not None:
+            length = _parseContentLength(contentLengths[0])
+            self.length = length
+            if length:
+                _installBodyDecoder(
+                    self,
+                    IdentityDecoder(length, request.handleContentChunk, self._finishRequestBody),
+                )
+        else:
+            self.length = 0
+
+        self.allHeadersReceived()
+        if self._rejected or self.transport is None or self.transport.disconnecting:
+            return
+        if self.length == 0:
+            self.allContentReceived()
+        else:
+            self.setRawMode()
+
+    def allHeadersReceived(self) -> None:
+        self._cancelHeadTimer()
+        self._awaitingHead = False
+        request = self.requests[-1]
+        request.parseCookies()
+        version = self._version  # type: ignore[attr-defined]
+        self.persistent = self.checkPersistence(request, version)
+        request.gotLength(self.length)
+        # Twisted answers Expect: 100-continue itself; never after the request
+        # object already started (or finished) a response of its own, such as
+        # a 413 decided in gotLength.
+        if (
+            version == b"HTTP/1.1"
+            and not request.startedWriting
+            and not self._rejected
+            and self.transport is not None
+            and not self.transport.disconnecting
+        ):
+            expect = request.requestHeaders.getRawHeaders(b"Expect")
+            if expect and expect[0].lower() == b"100-continue":
+                self._send100Continue()
+
+    def allContentReceived(self) -> None:
+        self._expectingRequestLine = True
+        self._skippedEmptyLine = False
+        self._headSize = 0
+        self.MAX_LENGTH = self.limits.max_header_size
+        super().allContentReceived()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        """
+        RFC 9112 9.3: HTTP/1.1 persists unless a C{Connection} field (any of
+        them, any list member) says C{close}.  HTTP/1.0 connections close
+        after one request, as in Twisted.
+        """
+        if version != b"HTTP/1.1":
+            return False
+        for value in request.requestHeaders.getRawHeaders(b"Connection", ()):
+            for token in value.split(b","):
+                if token.strip(b" \t").lower() == b"close":
+                    request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+                    return False
+        return True
+
+
+def edgeChannelProtocolFactory(factory: Any) -> Any:
+    """
+    A C{protocol} for an L{http.HTTPFactory}/C{Site} subclass: an
+    L{EdgeHTTPChannel} configured from C{factory.limits} (when the factory
+    has that attribute) inside Twisted's ALPN switcher, so that a TLS
+    connection negotiating C{h2} still becomes an HTTP/2 connection.  Use as
+    C{protocol = edgeChannelProtocolFactory} on the factory class.
+
+    Relies on the private C{http._GenericHTTPChannelProtocol} (what
+    C{HTTPFactory.protocol} builds); covered by TwistedPrivateSurfaceTests.
+    """
+    channel = EdgeHTTPChannel()
+    limits = getattr(factory, "limits", None)
+    if isinstance(limits, Limits):
+        channel.limits = limits
+    return http._GenericHTTPChannelProtocol(channel)
