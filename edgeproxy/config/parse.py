@@ -279,7 +279,7 @@ class _Section:
 
     def integer(self, key: str, default: T, minimum: int, maximum: int | None = None) -> int | T:
         def convert(text: str) -> int:
-            if not re.fullmatch(r"\d+", text):
+            if not re.fullmatch(r"[0-9]+", text):
                 raise ValueError(f"expected a whole number of {minimum} or more, got {text!r}")
             number = int(text)
             if number < minimum or (maximum is not None and number > maximum):

@@ -33,6 +33,11 @@ __all__ = [
 ]
 
 
+def _isDigits(text: str) -> bool:
+    """ASCII digits only: C{str.isdigit} also accepts C{"²"}, which C{int} refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def splitList(text: str) -> list[str]:
     """
     Split a list value on commas and/or whitespace (newlines included, so a
@@ -74,7 +79,7 @@ def checkHostname(text: str) -> str:
                 f"expected a host name (letters, digits and '-' in dot-separated "
                 f"labels of 1-63 characters), got {text!r}"
             )
-    if labels[-1].isdigit():
+    if _isDigits(labels[-1]):
         # All-numeric last label: it was meant as an IPv4 address and is not one.
         raise ValueError(f"expected a host name or IP address, got {text!r}")
     return name
@@ -151,7 +156,7 @@ def checkToken(text: str) -> str:
 
 
 def _checkPort(text: str, what: str, allowZero: bool = False) -> int:
-    if not text.isdigit():
+    if not _isDigits(text):
         raise ValueError(f"expected a {what} port number, got {text!r}")
     port = int(text)
     low = 0 if allowZero else 1
@@ -225,7 +230,7 @@ def parseServers(text: str) -> tuple[Server, ...]:
                     f"expected 'weight=N' after {tokens[0]!r}, got {option!r} "
                     "(separate servers with commas)"
                 )
-            if not value.isdigit() or int(value) < 1:
+            if not _isDigits(value) or int(value) < 1:
                 raise ValueError(f"expected a weight of 1 or more, got {value!r}")
             weight = int(value)
         if (host, number) in seen:
@@ -363,7 +368,7 @@ def checkEndpoint(text: str, base: str) -> EndpointSpec:
     interface: str | None = None
     if "backlog" in values:
         backlog = values["backlog"]
-        if not backlog.isdigit() or int(backlog) < 1:
+        if not _isDigits(backlog) or int(backlog) < 1:
             raise ValueError(f"expected a backlog of 1 or more, got {backlog!r} in {text!r}")
 
     if kind in ("tcp", "tcp6"):
@@ -414,7 +419,7 @@ def checkEndpoint(text: str, base: str) -> EndpointSpec:
             f"systemd: endpoints need exactly one of index=N or name=NAME "
             f"(the FileDescriptorName of the socket unit), got {text!r}"
         )
-    if "index" in values and not values["index"].isdigit():
+    if "index" in values and not _isDigits(values["index"]):
         raise ValueError(f"expected index to be a whole number, got {values['index']!r} in {text!r}")
     if "name" in values and not values["name"]:
         raise ValueError(f"expected a non-empty name=, got {text!r}")

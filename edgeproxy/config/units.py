@@ -52,7 +52,7 @@ _SIZE_UNITS: dict[str, int] = {
 
 _AMBIGUOUS_SIZE_UNITS = {"k", "kb", "m", "mb", "g", "gb", "t", "tb"}
 
-_NUMBER = r"(?:\d+(?:\.\d+)?|\.\d+)"
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
 _GROUP = re.compile(rf"\s*({_NUMBER})\s*([A-Za-z]+)")
 _BARE_NUMBER = re.compile(rf"{_NUMBER}\Z")
 
