@@ -312,3 +312,61 @@ def test_rsaKeysAndIPv6(tmp_path: Path) -> None:
     pem = ca.issue(["2001:DB8::1", "rsa.example"], keyType="rsa").writePEM(tmp_path / "r.pem")
     (entry,) = loadCertificates(_settings(pem), now=NOW).entries
     assert entry.names == ("rsa.example", "2001:db8::1")
+
+
+# The development certificate generator (certs/generate.py)
+
+
+def _generator():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "certs" / "generate.py"
+    spec = importlib.util.spec_from_file_location("edgeproxy_certs_generate", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generatorOutputLoads(tmp_path: Path) -> None:
+    """
+    What the generator writes is what edgeproxy accepts: the served
+    certificate with its chain, the origin's and the client's.
+    """
+    generate = _generator()
+    written = generate.generate(tmp_path)
+    assert {p.relative_to(tmp_path).as_posix() for p in written} == {
+        "internal/ca.pem",
+        "internal/ca-key.pem",
+        "live/default.pem",
+        "internal/origin.pem",
+        "internal/edge-client.pem",
+    }
+    loaded = loadCertificates(_settings(tmp_path / "live"), now=NOW)
+    assert loaded.default.names == ("localhost", "*.localhost", "127.0.0.1", "::1")
+    assert len(loaded.default.chain) == 1
+    root = _loadPEMCertificate(tmp_path / "internal" / "ca.pem")
+    loaded.default.chain[0].verify_directly_issued_by(root)
+    assert loadEntry(str(tmp_path / "internal" / "origin.pem")).names[0] == "origin.internal"
+    assert loadEntry(str(tmp_path / "internal" / "edge-client.pem")).names == ("edgeproxy-edge",)
+    for private in ["internal/ca-key.pem", "live/default.pem", "internal/origin.pem"]:
+        assert (tmp_path / private).stat().st_mode & 0o077 == 0, private
+    assert b"PRIVATE KEY" not in (tmp_path / "internal" / "ca.pem").read_bytes()
+
+
+def _loadPEMCertificate(path: Path):  # type: ignore[no-untyped-def]
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_generatorIsIdempotent(tmp_path: Path) -> None:
+    generate = _generator()
+    generate.generate(tmp_path)
+    before = (tmp_path / "live" / "default.pem").read_bytes()
+    assert generate.generate(tmp_path) == []
+    (tmp_path / "internal" / "origin.pem").write_bytes(b"damaged")
+    assert generate.generate(tmp_path) == [tmp_path / "internal" / "origin.pem"]
+    assert (tmp_path / "live" / "default.pem").read_bytes() == before
+    assert len(generate.generate(tmp_path, force=True)) == 5
+    assert (tmp_path / "live" / "default.pem").read_bytes() != before
