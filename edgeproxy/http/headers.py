@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.test_headers -*-
+"""
+Header rules between client and backend: which fields cross the proxy, and
+which the proxy adds.  Pure functions over L{Headers}; bytes end to end.
+
+Request (L{upstreamRequestHeaders}):
+  - hop-by-hop fields go (RFC 9110 7.6.1): C{Connection}, every field it
+    names, C{Keep-Alive}, C{Proxy-Connection}, C{TE}, C{Trailer},
+    C{Transfer-Encoding}, C{Upgrade}; for a WebSocket tunnel the proxy sends
+    its own C{Connection: upgrade} and C{Upgrade};
+  - C{Content-Length} goes too: the Agent writes the framing header itself
+    from the body producer's length, a copied one would be sent twice;
+  - C{Expect} goes: the edge has already answered C{100-continue};
+  - names containing C{_} go (CGI/WSGI map C{-} and C{_} to the same
+    variable, so C{X_Forwarded_For} could pose as C{X-Forwarded-For});
+  - the proxy's own fields (C{Host}, C{X-Forwarded-*}, C{Forwarded},
+    C{Via}) can never be removed by a client's C{Connection} tokens;
+  - C{X-Forwarded-For} and C{Forwarded}: replaced by this hop's element for
+    an untrusted peer; for a trusted peer (a proxy in front of us) its
+    values are kept, in order, and this hop's element is appended, each as
+    a single field line;
+  - C{X-Forwarded-Proto} and C{X-Forwarded-Host} describe the original
+    request, not a hop: replaced for an untrusted peer; for a trusted peer
+    the first value it sent is kept (the one closest to the client), and
+    ours is used when it sent none;
+  - C{Host}: the client's (or the upstream's configured C{host_header});
+  - C{Via}: C{1.1 <pseudonym>} added after any received C{Via} values.
+Every other field is copied with all its values, in order.
+
+Response (L{clientResponseHeaders}): hop-by-hop fields and C{Server},
+C{X-Powered-By} go; C{Content-Length} stays (and cannot be removed by a
+C{Connection} token) so responses are not needlessly re-chunked.
+
+L{checkResponseHeaders} refuses backend heads with ambiguous framing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+
+from twisted.web.http_headers import Headers
+
+from edgeproxy.errors import UpstreamProtocolError
+
+HOP_BY_HOP = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    )
+)
+"""Lower-case names of the fields that only concern one connection."""
+
+PROXY_ADDED = frozenset(
+    (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"via")
+)
+"""Lower-case names of the fields the proxy sets on upstream requests."""
+
+_NOT_COPIED_UPSTREAM = HOP_BY_HOP | PROXY_ADDED | frozenset((b"content-length", b"expect"))
+_NOT_COPIED_DOWNSTREAM = HOP_BY_HOP | frozenset((b"server", b"x-powered-by"))
+_PROTECTED_DOWNSTREAM = frozenset((b"content-length",))
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
+
+
+def connectionTokens(headers: Headers) -> frozenset[bytes]:
+    """
+    The lower-case field names listed in every C{Connection} field of
+    C{headers} (RFC 9110 7.6.1).
+    """
+    tokens = set()
+    for value in headers.getRawHeaders(b"Connection", ()):
+        for token in value.split(b","):
+            token = token.strip(b" \t").lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
+def _listElements(values: Iterable[bytes]) -> list[bytes]:
+    elements = []
+    for value in values:
+        for element in value.split(b","):
+            element = element.strip(b" \t")
+            if element:
+                elements.append(element)
+    return elements
+
+
+def _splitPeer(peer: str) -> tuple[str, str | None]:
+    """
+    C{"192.0.2.1"}, C{"192.0.2.1:4711"}, C{"2001:db8::1"} or
+    C{"[2001:db8::1]:4711"} into (address, port or None).
+    """
+    if peer.startswith("["):
+        address, _, rest = peer[1:].partition("]")
+        return address, rest[1:] if rest.startswith(":") else None
+    if peer.count(":") == 1:
+        address, _, port = peer.partition(":")
+        return address, port
+    return peer, None
+
+
+def _quoted(value: bytes) -> bytes:
+    if _TOKEN.fullmatch(value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def forwardedElement(peer: str, scheme: bytes, host: bytes) -> bytes:
+    """
+    One RFC 7239 C{Forwarded} element for this hop, e.g.
+    C{for="[2001:db8::1]";host=example.com;proto=https}.  A peer that is not
+    an IP address (a UNIX socket) is C{unknown} (RFC 7239 6.2).
+    """
+    address, port = _splitPeer(peer)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        node = b"unknown"
+    else:
+        node = f"[{ip}]".encode() if ip.version == 6 else str(ip).encode()
+        if port and port.isdigit():
+            node += b":" + port.encode()
+    parts = [b"for=" + _quoted(node)]
+    if host:
+        parts.append(b"host=" + _quoted(host))
+    parts.append(b"proto=" + _quoted(scheme.lower()))
+    return b";".join(parts)
+
+
+def _forwardedFor(peer: str) -> bytes:
+    address, _ = _splitPeer(peer)
+    try:
+        return str(ipaddress.ip_address(address)).encode()
+    except ValueError:
+        return b"unknown"
+
+
+def upstreamRequestHeaders(
+    incoming: Headers,
+    *,
+    peer: str,
+    trustedPeer: bool,
+    scheme: bytes,
+    host: bytes,
+    via: bytes | None = None,
+    upgrade: bytes | None = None,
+    hostOverride: bytes | None = None,
+    receivedProtocol: bytes = b"1.1",
+) -> Headers:
+    """
+    The headers to send to the backend for a client request.
+
+    @param incoming: The client's request headers (not modified).
+    @param peer: The client's address as text: an IP address, optionally
+        with a port (C{"[v6]:port"} for IPv6 with a port).
+    @param trustedPeer: Whether C{peer} is one of C{trusted_proxies}: then
+        its forwarding fields are appended to instead of replaced.
+    @param scheme: C{b"http"} or C{b"https"}: how the client reached us.
+    @param host: The client's C{Host} (or HTTP/2 C{:authority}).
+    @param via: The C{Via} pseudonym; L{None} adds no C{Via}.
+    @param upgrade: For a protocol upgrade (WebSocket), the C{Upgrade}
+        value to send along with C{Connection: upgrade}.
+    @param hostOverride: The upstream's configured C{Host}, if any.
+    @param receivedProtocol: The client's protocol version for C{Via}
+        (RFC 9110 7.6.3): C{b"1.1"}, C{b"1.0"} or C{b"2"}.
+    """
+    out = Headers()
+    out.addRawHeader(b"Host", hostOverride if hostOverride is not None else host)
+    named = connectionTokens(incoming)
+    for name, values in incoming.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in _NOT_COPIED_UPSTREAM or lowered in named or b"_" in name:
+            continue
+        out.setRawHeaders(name, list(values))
+
+    node = _forwardedFor(peer)
+    element = forwardedElement(peer, scheme, host)
+    if trustedPeer:
+        xff = _listElements(incoming.getRawHeaders(b"X-Forwarded-For", ()))
+        forwarded = _listElements(incoming.getRawHeaders(b"Forwarded", ()))
+        proto = _listElements(incoming.getRawHeaders(b"X-Forwarded-Proto", ()))[:1] or [scheme]
+        forwardedHost = _listElements(incoming.getRawHeaders(b"X-Forwarded-Host", ()))[:1] or [host]
+    else:
+        xff, forwarded, proto, forwardedHost = [], [], [scheme], [host]
+    out.addRawHeader(b"X-Forwarded-For", b", ".join(xff + [node]))
+    out.addRawHeader(b"X-Forwarded-Proto", proto[0])
+    if forwardedHost[0]:
+        out.addRawHeader(b"X-Forwarded-Host", forwardedHost[0])
+    out.addRawHeader(b"Forwarded", b", ".join(forwarded + [element]))
+
+    received = list(incoming.getRawHeaders(b"Via", ()))
+    if via is not None:
+        received.append(receivedProtocol + b" " + via)
+    if received:
+        out.setRawHeaders(b"Via", received)
+    if upgrade is not None:
+        out.addRawHeader(b"Connection", b"upgrade")
+        out.addRawHeader(b"Upgrade", upgrade)
+    return out
+
+
+def clientResponseHeaders(incoming: Headers, *, upgrade: bool = False) -> Headers:
+    """
+    The headers to send to the client for a backend response.
+
+    @param incoming: The backend's response headers (not modified).
+    @param upgrade: The response is a C{101} for a tunnel: keep C{Upgrade}
+        and send C{Connection: upgrade}.
+    """
+    out = Headers()
+    named = connectionTokens(incoming) - _PROTECTED_DOWNSTREAM
+    for name, values in incoming.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in _NOT_COPIED_DOWNSTREAM or lowered in named:
+            continue
+        out.setRawHeaders(name, list(values))
+    if upgrade:
+        upgrades = incoming.getRawHeaders(b"Upgrade")
+        if upgrades:
+            out.setRawHeaders(b"Upgrade", list(upgrades))
+        out.setRawHeaders(b"Connection", [b"upgrade"])
+    return out
+
+
+def checkResponseHeaders(headers: Headers) -> None:
+    """
+    Refuse a backend response head whose framing or fields could be read
+    two ways.
+
+    @raise UpstreamProtocolError: C{Content-Length} with
+        C{Transfer-Encoding}; differing or malformed C{Content-Length}
+        values; a C{Transfer-Encoding} not ending in a single C{chunked};
+        a field name that is not a token; a control character (other than
+        HTAB) in a value.
+    """
+    for name, values in headers.getAllRawHeaders():
+        if _TOKEN.fullmatch(name) is None:
+            raise UpstreamProtocolError(f"invalid response header name {name[:64]!r}")
+        for value in values:
+            if len(value.translate(None, _BAD_VALUE)) != len(value):
+                raise UpstreamProtocolError(f"control character in response header {name!r}")
+    lengths = headers.getRawHeaders(b"Content-Length")
+    codings = headers.getRawHeaders(b"Transfer-Encoding")
+    if lengths is not None and codings is not None:
+        raise UpstreamProtocolError("response has both Content-Length and Transfer-Encoding")
+    if lengths is not None:
+        elements = [element.strip(b" \t") for value in lengths for element in value.split(b",")]
+        for element in elements:
+            if not element.isdigit() or not element.isascii() or len(element) > 18:
+                raise UpstreamProtocolError(f"invalid response Content-Length {element[:32]!r}")
+        if len({int(element) for element in elements}) != 1:
+            raise UpstreamProtocolError("conflicting response Content-Length values")
+    if codings is not None:
+        elements = [element.strip(b" \t").lower() for value in codings for element in value.split(b",")]
+        if not elements or elements[-1] != b"chunked" or elements.count(b"chunked") != 1:
+            raise UpstreamProtocolError("response Transfer-Encoding does not end in a single chunked")
+        if not all(_TOKEN.fullmatch(element) for element in elements):
+            raise UpstreamProtocolError("invalid response Transfer-Encoding")
