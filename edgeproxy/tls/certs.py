@@ -232,8 +232,7 @@ def loadEntry(
     keys, certificates = _readPEM(certPath, fail)
     if keyPath is not None:
         moreKeys, moreCertificates = _readPEM(keyPath, lambda m: fail(m, keyPath))
-        if moreCertificates and not keys:
-            certificates.extend(moreCertificates)
+        certificates.extend(moreCertificates)
         keys.extend(moreKeys)
     if not keys:
         raise fail(
@@ -254,7 +253,12 @@ def loadEntry(
     for cert in (leaf, *chain):
         _checkValidity(cert, now, fail, isLeaf=cert is leaf)
 
-    names = _subjectNames(leaf)
+    try:
+        names = _subjectNames(leaf)
+    except ValueError as e:
+        # cryptography parses extensions lazily: a malformed or duplicated
+        # extension surfaces here rather than at load time.
+        raise fail(f"the certificate's extensions cannot be parsed: {e}")
     if requireNames and not names:
         raise fail(
             "the certificate has no DNS or IP subject alternative names; "
