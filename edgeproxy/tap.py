@@ -3,10 +3,11 @@
 The twistd plugin's options and service maker: C{twistd edgeproxy --config
 edge.ini}.
 
-The whole configuration is validated while the options are parsed, the way
-C{edgeproxy check} validates it (the INI file, the certificates, the upstream
-TLS settings): L{Options.postOptions} builds the very L{EdgeService} that
-will run, so nothing is validated twice or differently, and a bad file stops
+The whole configuration is validated while the options are parsed:
+L{Options.postOptions} runs C{edgeproxy check} (the INI file, the served
+certificates, every upstream's TLS files; all problems reported at once, in
+the same words), then builds the very L{EdgeService} that will run (which
+loads the same files again, a moment later).  A bad file therefore stops
 twistd before it daemonizes, writes a pid file or opens a port.
 
 What twistd does with the L{usage.UsageError} raised for a bad file: it
@@ -20,6 +21,7 @@ reactor.
 
 from __future__ import annotations
 
+import io
 import sys
 from typing import Any
 
@@ -47,10 +49,14 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from twisted.internet import reactor
 
+        from edgeproxy.cli import EXIT_OK, check
         from edgeproxy.config import load
         from edgeproxy.service import EdgeService
 
         path = self["config"]
+        problems = io.StringIO()
+        if check(path, out=io.StringIO(), err=problems) != EXIT_OK:
+            self._fail(problems.getvalue().strip())
         try:
             config = load(path)
             self.service = EdgeService(config, reactor)
@@ -62,7 +68,7 @@ class Options(usage.Options):
             self._fail(f"{path}: {e.filename or ''}: {e.strerror or e}")
 
     def _fail(self, message: str) -> None:
-        sys.stderr.write(f"edgeproxy: configuration error: {message}\n")
+        sys.stderr.write(f"edgeproxy: configuration not valid:\n{message}\n")
         sys.stderr.flush()
         raise usage.UsageError(message)
 
