@@ -401,3 +401,15 @@ def test_resumptionAcrossReload(sites: Sites) -> None:
 def test_ticketsOff(sites: Sites) -> None:
     store = sites.store(session_ticket_rotation=0.0)
     assert not _resumes(store, ResumingCreator(clientCreator("a.example", sites.ca.certificatePEM)))
+
+
+def test_failedFirstLoad(sites: Sites) -> None:
+    """A failed first load leaves nothing half-built to serve from."""
+    _breakKey(sites)
+    store = CertificateStore(sites.settings(), sites.clock)
+    with pytest.raises(CertificateError) as info:
+        store.load()
+    assert info.value.file == str(sites.directory / "a.pem")
+    assert store.lookup(b"x.b.example") is None
+    with pytest.raises(RuntimeError):
+        store.current
