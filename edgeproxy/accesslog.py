@@ -20,7 +20,9 @@ undecodable bytes kept as C{\\xHH}):
   - C{referer}, C{user_agent}, C{host}: request headers, or L{None}
   - C{duration}: seconds from C{request.edgeStarted} to now, or L{None}
   - C{route}, C{upstream}: C{request.edgeRoute} / C{request.edgeUpstream}
-    (names as C{str}, or objects with a C{name}), or L{None}
+    (names as C{str}, or objects with a C{name}), else what
+    L{edgeproxy.http.request.ProxyRequest} keeps (C{route}, a C{Route};
+    C{upstreamName}), else L{None}
   - C{finished}: when the request finished, from the injected clock
     (C{log_time} is the wall clock C{Logger} stamps itself)
 
@@ -90,6 +92,14 @@ def _name(value: object) -> str | None:
     return str(name) if name is not None else str(value)
 
 
+def _firstAttribute(request: Any, *names: str) -> object:
+    for name in names:
+        value = getattr(request, name, None)
+        if value is not None:
+            return value
+    return None
+
+
 def requestFields(request: Any, now: float) -> dict[str, Any]:
     """
     The access-log fields of a finished C{request}, as described in the
@@ -109,8 +119,8 @@ def requestFields(request: Any, now: float) -> dict[str, Any]:
         "user_agent": _text(request.getHeader(b"user-agent")),
         "host": _text(request.getHeader(b"host")),
         "duration": None if started is None else max(0.0, now - started),
-        "route": _name(getattr(request, "edgeRoute", None)),
-        "upstream": _name(getattr(request, "edgeUpstream", None)),
+        "route": _name(_firstAttribute(request, "edgeRoute", "route")),
+        "upstream": _name(_firstAttribute(request, "edgeUpstream", "upstreamName")),
     }
 
 

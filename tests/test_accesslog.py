@@ -179,3 +179,30 @@ def test_eventsReachOtherObservers() -> None:
     assert (event["client"], event["target"], event["status"], event["route"]) == (
         "10.0.0.1", "/e", 200, "app",
     )
+
+
+def test_proxyRequestAttributes() -> None:
+    """ProxyRequest keeps its Route as C{route} and the pool as C{upstreamName}."""
+    from edgeproxy.config.model import Route
+
+    class Proxied(Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            request.route = Route(name="r1", hosts=("*",), paths=("/",), upstream="pool1")
+            request.upstreamName = "pool1"
+            return b"hello"
+
+    clock = MemoryReactorClock()
+    clock.advance(NOW)
+    out = io.StringIO()
+    accessLog = AccessLog.fromSettings(
+        ProxySettings(access_log="-", access_log_format=AccessLogFormat.JSON), clock, stdout=out
+    )
+    site = LoggingSite(accessLog, clock)
+    site.resource = Proxied()
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1)))
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    record = json.loads(out.getvalue())
+    assert (record["route"], record["upstream"], record["duration"]) == ("r1", "pool1", None)
