@@ -238,7 +238,10 @@ class _Section:
 
     def require(self, key: str, what: str) -> str:
         if key not in self.values:
-            raise self.error(None, f"missing required key {key!r} ({what})")
+            # Point at the section header: the key has no line of its own.
+            raise ConfigError(
+                f"missing required key {key!r} ({what})", self.file, self.name, key, self.line
+            )
         return self.raw(key)
 
     def convert(self, key: str, default: T, converter: Callable[[str], T]) -> T:
@@ -444,13 +447,8 @@ def _readListener(
 
 
 def _readUpstream(section: _Section, name: str) -> Upstream:
-    servers = section.convert(
-        "servers", (), syntax.parseServers
-    ) if section.has("servers") else ()
-    if not servers:
-        raise section.error(
-            None, "missing required key 'servers' (host:port entries, at least one)"
-        )
+    section.require("servers", "host:port entries, at least one")
+    servers = section.convert("servers", (), syntax.parseServers)
     defaults = Upstream(name=name, servers=servers)
     tls = section.boolean("tls", defaults.tls)
     insecure = section.boolean("insecure", defaults.insecure)

@@ -349,6 +349,11 @@ def checkEndpoint(text: str, base: str) -> EndpointSpec:
     if parameters is None:
         raise ValueError(f"{_ENDPOINT_EXPECTED}, got {text!r} (unknown endpoint type {args[0]!r})")
     positional = args[1:]
+    if "" in positional:
+        hint = ""
+        if kind in ("tcp", "tcp6"):
+            hint = " (escape the colons of an IPv6 interface: interface=\\:\\:1)"
+        raise ValueError(f"{_ENDPOINT_EXPECTED}, got {text!r}: an empty ':' part{hint}")
     if len(positional) > len(parameters):
         hint = ""
         if kind in ("tcp", "tcp6"):

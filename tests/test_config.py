@@ -1,0 +1,714 @@
+"""
+Tests for L{edgeproxy.config.parse} and L{edgeproxy.config.syntax}: what an
+operator's C{edge.ini} turns into, and the errors (file, line, section, key,
+what was expected) a broken one gives.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from twisted.internet.endpoints import _parse as twistedParse
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+from edgeproxy.config import load
+from edgeproxy.config.model import (
+    AccessLogFormat,
+    Config,
+    Limits,
+    Listener,
+    ProxySettings,
+    Route,
+    Server,
+    TLSSettings,
+    TLSVersion,
+    Upstream,
+)
+from edgeproxy.config.parse import SECTION_KEYS
+from edgeproxy.config.syntax import _tokenizeEndpoint, checkEndpoint, parseServers
+from edgeproxy.errors import ConfigError
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+BASE = """\
+[listen:web]
+endpoint = tcp:8080
+
+[upstream:app]
+servers = 127.0.0.1:9001
+
+[route:app]
+hosts = example.com
+upstream = app
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A directory with the files configurations in these tests name."""
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "site.pem").write_text("not parsed here\n")
+    (tmp_path / "ca.pem").write_text("not parsed here\n")
+    (tmp_path / "client.pem").write_text("not parsed here\n")
+    (tmp_path / "logs").mkdir()
+    return tmp_path
+
+
+def write(directory: Path, text: str, name: str = "edge.ini") -> str:
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def lineOf(text: str, marker: str) -> int:
+    """The 1-based line of the only line containing C{marker}."""
+    found = [n for n, line in enumerate(text.splitlines(), 1) if marker in line]
+    if len(found) > 1:
+        found = [n for n, line in enumerate(text.splitlines(), 1) if line.strip() == marker]
+    assert len(found) == 1, f"{marker!r} is on lines {found}"
+    return found[0]
+
+
+def loadError(path: str) -> ConfigError:
+    with pytest.raises(ConfigError) as raised:
+        load(path)
+    return raised.value
+
+
+# Every error case: the text added to BASE, then the section, key, a text
+# marking the line the error must point at, and what the message must say.
+ERRORS = [
+    # Sections
+    ("[upstreams:x]\nservers = a:1", "upstreams:x", None, "[upstreams:x]", "unknown section"),
+    ("[DEFAULT]\ntls = yes", "DEFAULT", None, "[DEFAULT]", "unknown section"),
+    ("[Edgeproxy]\nvia = x", "Edgeproxy", None, "[Edgeproxy]", "unknown section"),
+    ("[listen]\nendpoint = tcp:1", "listen", None, "[listen]", "unknown section"),
+    ("[listen:bad name]\nendpoint = tcp:1", "listen:bad name", None, "[listen:bad name]", "NAME of letters"),
+    ("[route:]\nhosts = a", "route:", None, "[route:]", "NAME of letters"),
+    # Unknown keys
+    ("[edgeproxy]\nacces_log = -", "edgeproxy", "acces_log", "acces_log", "did you mean 'access_log'"),
+    ("[upstream:b]\nservers = b:1\nconect_timeout = 1s", "upstream:b", "conect_timeout", "conect_timeout", "did you mean 'connect_timeout'"),
+    ("[listen:x]\nEndpoint = tcp:1", "listen:x", "Endpoint", "Endpoint", "unknown key"),
+    ("[route:r]\nhosts = r.example\nupstream = app\nmethods = GET", "route:r", "methods", "methods", "unknown key"),
+    ("[tls]\ncertificates = certs\nciphers = ALL", "tls", "ciphers", "ciphers", "unknown key"),
+    # [edgeproxy] types
+    ("[edgeproxy]\naccess_log_format = xml", "edgeproxy", "access_log_format", "xml", "expected one of combined, json"),
+    ("[edgeproxy]\naccess_log = nodir/access.log", "edgeproxy", "access_log", "nodir", "does not exist"),
+    ("[edgeproxy]\naccess_log = logs", "edgeproxy", "access_log", "= logs", "is a directory"),
+    ("[edgeproxy]\naccess_log =", "edgeproxy", "access_log", "access_log", "expected a value"),
+    ("[edgeproxy]\ntrusted_proxies = 10.0.0.1/8", "edgeproxy", "trusted_proxies", "10.0.0.1/8", "did you mean 10.0.0.0/8"),
+    ("[edgeproxy]\ntrusted_proxies = 10.0.0.0/8, lb.internal", "edgeproxy", "trusted_proxies", "lb.internal", "expected IP addresses or CIDR"),
+    ("[edgeproxy]\nclient_header_timeout = 10 seconds", "edgeproxy", "client_header_timeout", "10 seconds", "expected a duration"),
+    ("[edgeproxy]\nclient_idle_timeout = 0", "edgeproxy", "client_idle_timeout", "client_idle", "greater than zero"),
+    ("[edgeproxy]\nshutdown_timeout = -1s", "edgeproxy", "shutdown_timeout", "-1s", "cannot be negative"),
+    ("[edgeproxy]\nmax_body_size = 10MB", "edgeproxy", "max_body_size", "10MB", "ambiguous"),
+    ("[edgeproxy]\nmax_header_size = 0", "edgeproxy", "max_header_size", "max_header_size", "at least 1 bytes"),
+    ("[edgeproxy]\nmax_headers = 0", "edgeproxy", "max_headers", "max_headers", "at least 1"),
+    ("[edgeproxy]\nmax_headers = lots", "edgeproxy", "max_headers", "lots", "expected a whole number"),
+    ("[edgeproxy]\nvia = my proxy", "edgeproxy", "via", "my proxy", "HTTP token"),
+    # [tls]
+    ("[tls]\ndefault = certs/site.pem", "tls", "certificates", "[tls]", "missing required key 'certificates'"),
+    ("[tls]\ncertificates = certs nothere.pem", "tls", "certificates", "nothere", "does not exist"),
+    ("[tls]\ncertificates = certs\ndefault = certs", "tls", "default", "default", "not a regular file"),
+    ("[tls]\ncertificates = certs\nmin_version = 1.1", "tls", "min_version", "1.1", "expected one of 1.2, 1.3"),
+    ("[tls]\ncertificates = certs\nexpiry_warning = soon", "tls", "expiry_warning", "soon", "expected a duration"),
+    ("[tls]\ncertificates = certs\nsession_ticket_rotation = 0s", "tls", "session_ticket_rotation", "0s", "greater than zero"),
+    # [listen:NAME]
+    ("[listen:x]\ntls = no", "listen:x", "endpoint", "[listen:x]", "missing required key 'endpoint'"),
+    ("[listen:x]\nendpoint = ssl:443", "listen:x", "endpoint", "ssl:443", "edgeproxy terminates TLS itself"),
+    ("[listen:x]\nendpoint = tls:443", "listen:x", "endpoint", "tls:443", "edgeproxy terminates TLS itself"),
+    ("[listen:x]\nendpoint = udp:53", "listen:x", "endpoint", "udp:53", "unknown endpoint type 'udp'"),
+    ("[listen:x]\nendpoint = tcp:http", "listen:x", "endpoint", "tcp:http", "port number"),
+    ("[listen:x]\nendpoint = tcp:70000", "listen:x", "endpoint", "tcp:70000", "between 0 and 65535"),
+    ("[listen:x]\nendpoint = tcp6", "listen:x", "endpoint", "tcp6", "needs a port"),
+    ("[listen:x]\nendpoint = tcp:443:interface=localhost", "listen:x", "endpoint", "localhost", "an IP address"),
+    ("[listen:x]\nendpoint = tcp:443:interface=::1", "listen:x", "endpoint", "::1", "escape the colons"),
+    ("[listen:x]\nendpoint = tcp6:443:interface=127.0.0.1", "listen:x", "endpoint", "tcp6", "IPv6"),
+    ("[listen:x]\nendpoint = tcp:443:bogus=1", "listen:x", "endpoint", "bogus", "unknown parameter 'bogus'"),
+    ("[listen:x]\nendpoint = tcp:443:backlog=0", "listen:x", "endpoint", "backlog", "backlog of 1 or more"),
+    ("[listen:x]\nendpoint = tcp:443:interface=127.0.0.1:interface=127.0.0.2", "listen:x", "endpoint", "127.0.0.2", "given twice"),
+    ("[listen:x]\nendpoint = systemd:domain=INET6", "listen:x", "endpoint", "systemd", "exactly one of index=N or name=NAME"),
+    ("[listen:x]\nendpoint = systemd:domain=IPX:name=https", "listen:x", "endpoint", "IPX", "INET|INET6|UNIX"),
+    ("[listen:x]\nendpoint = unix:nodir/edge.sock", "listen:x", "endpoint", "nodir", "does not exist"),
+    ("[listen:x]\nendpoint = unix:/tmp/x.sock:mode=999", "listen:x", "endpoint", "mode=999", "octal mode"),
+    ("[listen:x]\nendpoint = tcp:8081\ntls = maybe", "listen:x", "tls", "maybe", "expected yes or no"),
+    ("[listen:x]\nendpoint = tcp:8081\nhttp2 = yes", "listen:x", "http2", "http2", "over TLS (ALPN) only"),
+    ("[listen:x]\nendpoint = tcp:8081\nredirect_port = 443", "listen:x", "redirect_port", "redirect_port", "only used with redirect_https"),
+    ("[listen:x]\nendpoint = tcp:8081\nredirect_https = yes\nredirect_port = 0", "listen:x", "redirect_port", "redirect_port", "at least 1"),
+    ("[listen:x]\nendpoint = tcp:8081\nredirect_https = yes", "listen:x", "redirect_https", "redirect_https", "needs a listener with tls = yes"),
+    ("[listen:x]\nendpoint = tcp:8443\ntls = yes", "listen:x", "tls", "tls = yes", "needs a [tls] section"),
+    ("[listen:x]\nendpoint = tcp:8080:backlog=10", "listen:x", "endpoint", "backlog=10", "[listen:web] already listens on tcp:8080"),
+    ("[listen:x]\nendpoint = tcp:8081\nmax_body_size = 1 MiB please", "listen:x", "max_body_size", "please", "expected a size"),
+    ("[listen:x]\nendpoint = tcp:8081\nclient_header_timeout = 0ms", "listen:x", "client_header_timeout", "0ms", "greater than zero"),
+    # [upstream:NAME]
+    ("[upstream:b]\ntls = no", "upstream:b", "servers", "[upstream:b]", "missing required key 'servers'"),
+    ("[upstream:b]\nservers =", "upstream:b", "servers", "servers =", "expected a value"),
+    ("[upstream:b]\nservers = a:1,, b:2", "upstream:b", "servers", "a:1,,", "an empty entry"),
+    ("[upstream:b]\nservers = ::1:9001", "upstream:b", "servers", "::1:9001", "in brackets"),
+    ("[upstream:b]\nservers = backend.internal", "upstream:b", "servers", "backend.internal", "the port is required"),
+    ("[upstream:b]\nservers = backend.internal:0", "upstream:b", "servers", "internal:0", "between 1 and 65535"),
+    ("[upstream:b]\nservers = a:1 weight=0", "upstream:b", "servers", "weight=0", "weight of 1 or more"),
+    ("[upstream:b]\nservers = a:1 b:2", "upstream:b", "servers", "a:1 b:2", "separate servers with commas"),
+    ("[upstream:b]\nservers = a:1, A:1", "upstream:b", "servers", "A:1", "listed twice"),
+    ("[upstream:b]\nservers = [127.0.0.1]:80", "upstream:b", "servers", "[127.0.0.1]", "IPv6 address inside"),
+    ("[upstream:b]\nservers = bad!host:80", "upstream:b", "servers", "bad!host", "expected a host name"),
+    ("[upstream:b]\nservers = 300.1.1.1:80", "upstream:b", "servers", "300.1.1.1", "host name or IP address"),
+    ("[upstream:b]\nservers = b:1\nca = ca.pem", "upstream:b", "ca", "ca.pem", "only used with tls = yes"),
+    ("[upstream:b]\nservers = b:1\ninsecure = yes", "upstream:b", "insecure", "insecure", "only used with tls = yes"),
+    ("[upstream:b]\nservers = b:1\ntls = yes\nca = ca.pem\ninsecure = yes", "upstream:b", "insecure", "insecure", "contradicts ca"),
+    ("[upstream:b]\nservers = b:1\ntls = yes\nca = missing-ca.pem", "upstream:b", "ca", "missing-ca", "does not exist"),
+    ("[upstream:b]\nservers = b:1\ntls = yes\nclient_certificate = certs", "upstream:b", "client_certificate", "client_certificate", "not a regular file"),
+    ("[upstream:b]\nservers = b:1\ntls = yes\nserver_name = *.internal", "upstream:b", "server_name", "*.internal", "expected a host name"),
+    ("[upstream:b]\nservers = b:1\nkeepalive = -1", "upstream:b", "keepalive", "-1", "whole number of 0 or more"),
+    ("[upstream:b]\nservers = b:1\nkeepalive_timeout = 0", "upstream:b", "keepalive_timeout", "keepalive_timeout", "greater than zero"),
+    ("[upstream:b]\nservers = b:1\nresponse_timeout = forever", "upstream:b", "response_timeout", "forever", "expected a duration"),
+    ("[upstream:b]\nservers = b:1\nidle_timeout = 0s", "upstream:b", "idle_timeout", "idle_timeout", "greater than zero"),
+    ("[upstream:b]\nservers = b:1\nconnect_timeout = 5 s x", "upstream:b", "connect_timeout", "5 s x", "expected a duration"),
+    ("[upstream:b]\nservers = b:1\nhost_header = a b", "upstream:b", "host_header", "a b", "expected a host name"),
+    # [route:NAME]
+    ("[route:r]\nupstream = app", "route:r", "hosts", "[route:r]", "missing required key 'hosts'"),
+    ("[route:r]\nhosts = r.example", "route:r", "upstream", "[route:r]", "missing required key 'upstream'"),
+    ("[route:r]\nhosts = r.example\nupstream = nope", "route:r", "upstream", "nope", "no [upstream:nope] section (upstreams: app)"),
+    ("[route:r]\nhosts = *.*.example.com\nupstream = app", "route:r", "hosts", "*.*.", "wildcard only as the whole leftmost label"),
+    ("[route:r]\nhosts = foo*.example.com\nupstream = app", "route:r", "hosts", "foo*", "wildcard only"),
+    ("[route:r]\nhosts = r.example:443\nupstream = app", "route:r", "hosts", "r.example:443", "without a port"),
+    ("[route:r]\nhosts = r.example, R.example.\nupstream = app", "route:r", "hosts", "R.example.", "'r.example' is listed twice"),
+    ("[route:r]\nhosts = r.example\npaths = api\nupstream = app", "route:r", "paths", "= api", "starting with '/'"),
+    ("[route:r]\nhosts = r.example\npaths = /a/../b\nupstream = app", "route:r", "paths", "/a/../b", "'..' segments"),
+    ("[route:r]\nhosts = r.example\npaths = /a?x=1\nupstream = app", "route:r", "paths", "/a?x", "without query"),
+    ("[route:r]\nhosts = r.example\nupstream = app\nmax_body_size = big", "route:r", "max_body_size", "big", "expected a size"),
+    ("[route:r]\nhosts = r.example\nupstream = app\nwebsocket = perhaps", "route:r", "websocket", "perhaps", "expected yes or no"),
+    ("[route:r]\nhosts = r.example\nupstream = app\nstrip_prefix = 2", "route:r", "strip_prefix", "strip_prefix", "expected yes or no"),
+    ("[route:r]\nhosts = www.example, EXAMPLE.com\nupstream = app", "route:r", "hosts", "EXAMPLE.com", "also routed by [route:app] (line 8)"),
+]
+
+
+@pytest.mark.parametrize(
+    "extra, section, key, marker, message", ERRORS, ids=[case[-1][:40] for case in ERRORS]
+)
+def test_errors(
+    site: Path, extra: str, section: str, key: str | None, marker: str, message: str
+) -> None:
+    """
+    Every error names the file, the section, the key and the line, and says
+    what was expected.
+    """
+    text = BASE + "\n" + extra + "\n"
+    path = write(site, text)
+    error = loadError(path)
+    assert error.file == path
+    assert error.section == section
+    assert error.key == key
+    assert error.line == lineOf(text, marker)
+    assert message in error.message
+    where = f"{path}:{error.line}: [{section}]" + (f" {key}" if key else "")
+    assert str(error).startswith(where + ": ")
+
+
+def test_errorFormat(site: Path) -> None:
+    """C{str(error)} is what an operator sees: file:line: [section] key: message."""
+    text = BASE + "\n[upstream:b]\nservers = b:1\nkeepalive = lots\n"
+    path = write(site, text)
+    assert str(loadError(path)) == (
+        f"{path}:13: [upstream:b] keepalive: expected a whole number of 0 or more, got 'lots'"
+    )
+
+
+def test_noListener(site: Path) -> None:
+    path = write(site, "[upstream:app]\nservers = a:1\n")
+    error = loadError(path)
+    assert error.file == path
+    assert "at least one listener" in error.message
+
+
+def test_emptyFile(site: Path) -> None:
+    assert "at least one listener" in loadError(write(site, "")).message
+
+
+@pytest.mark.parametrize(
+    "text, section, key, line, message",
+    [
+        (BASE + "\n[listen:web]\nendpoint = tcp:1\n", "listen:web", None, 11, "duplicate section"),
+        ("[listen:web]\nendpoint = tcp:1\ntls = no\ntls = yes\n", "listen:web", "tls", 4, "duplicate key"),
+        ("endpoint = tcp:1\n[listen:web]\n", None, None, 1, "expected a [section] header"),
+        (BASE + "this line has no equals sign\n", None, None, 10, "expected 'key = value'"),
+    ],
+)
+def test_syntaxErrors(
+    site: Path, text: str, section: str | None, key: str | None, line: int, message: str
+) -> None:
+    path = write(site, text)
+    error = loadError(path)
+    assert (error.file, error.section, error.key, error.line) == (path, section, key, line)
+    assert message in error.message
+
+
+def test_missingFile(tmp_path: Path) -> None:
+    path = str(tmp_path / "nope.ini")
+    error = loadError(path)
+    assert (error.file, error.message) == (path, "no such file")
+    assert str(error) == f"{path}: no such file"
+
+
+def test_directoryInsteadOfFile(tmp_path: Path) -> None:
+    assert "got a directory" in loadError(str(tmp_path)).message
+
+
+def test_notUTF8(tmp_path: Path) -> None:
+    path = tmp_path / "edge.ini"
+    path.write_bytes(b"[edgeproxy]\nvia = caf\xe9\n")
+    assert "not UTF-8" in loadError(str(path)).message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "edge.ini"
+    path.write_text(BASE)
+    path.chmod(0)
+    assert "cannot read" in loadError(str(path)).message
+
+
+def test_linesAfterMultilineValuesAndComments(site: Path) -> None:
+    """
+    Line numbers stay right after continuation lines, full-line and inline
+    comments, and blank lines.
+    """
+    text = (
+        "# a comment\n"
+        "; another\n"
+        "[tls]\n"
+        "certificates =\n"
+        "    certs\n"
+        "    certs/site.pem   ; inline\n"
+        "\n"
+        "[listen:web]   # header comment\n"
+        "endpoint = tcp:8080  # the port\n"
+        "  ; indented comment\n"
+        "\n"
+        "[upstream:app]\n"
+        "servers = a:1,\n"
+        "   b:2 weight=2\n"
+        "keepalive = none\n"
+    )
+    path = write(site, text)
+    error = loadError(path)
+    assert (error.section, error.key, error.line) == ("upstream:app", "keepalive", 15)
+
+
+def test_inlineComments(site: Path) -> None:
+    text = (
+        "[listen:web]\n"
+        "endpoint = tcp:8080   ; plain\n"
+        "[upstream:app]\n"
+        "servers = 127.0.0.1:9001 # one\n"
+        "[route:app]\n"
+        "hosts = a.example ; b.example is not a host, this is a comment\n"
+        "upstream = app\n"
+        "[edgeproxy]\n"
+        "via = edge#1 ; only this is a comment\n"
+    )
+    config = load(write(site, text))
+    assert config.listeners[0].endpoint == "tcp:8080"
+    assert config.upstreams["app"].servers == (Server("127.0.0.1", 9001),)
+    assert config.routes[0].hosts == ("a.example",)
+    assert config.proxy.via == "edge#1"
+
+
+FULL = """\
+[edgeproxy]
+access_log = logs/access.log
+access_log_format = json
+trusted_proxies = 10.0.0.0/8, 192.0.2.1
+    2001:db8::/32
+client_header_timeout = 5s
+client_idle_timeout = 2m
+max_header_size = 32KiB
+max_headers = 50
+max_body_size = 10MiB
+shutdown_timeout = 1m30s
+via = edge-1
+
+[tls]
+certificates = certs, certs/site.pem
+default = certs/site.pem
+min_version = 1.3
+expiry_warning = 30d
+session_ticket_rotation = 6h
+
+[listen:https]
+endpoint = tcp6:443:interface=\\:\\:
+tls = yes
+http2 = no
+max_body_size = 0
+client_header_timeout = 2500ms
+
+[listen:http]
+endpoint = tcp:80
+redirect_https = yes
+
+[listen:admin]
+endpoint = systemd:domain=INET6:name=admin
+tls = on
+redirect_https = true
+redirect_port = 8443
+
+[listen:local]
+endpoint = unix:run.sock:mode=660
+
+[upstream:api]
+servers = api1.internal:8443 weight=3, 10.1.2.3:8443, [2001:db8::1]:8443
+tls = yes
+ca = ca.pem
+server_name = API.internal
+client_certificate = client.pem
+connect_timeout = 2s
+response_timeout = 30s
+idle_timeout = 45s
+keepalive = 0
+keepalive_timeout = 10s
+host_header = api.example.com
+
+[upstream:legacy]
+servers = legacy:80
+tls = 1
+insecure = yes
+
+[route:api]
+hosts = Example.COM, *.example.com., 192.0.2.10, [2001:DB8::10]
+paths = /api/, /v2
+upstream = api
+max_body_size = 1GiB
+strip_prefix = yes
+websocket = no
+
+[route:catchall]
+hosts = *
+upstream = legacy
+"""
+
+
+def test_fullExample(site: Path) -> None:
+    """Every key of every section, turned into exactly the expected values."""
+    path = write(site, FULL)
+    base = str(site)
+    defaults = Limits()
+    proxyLimits = Limits(
+        client_header_timeout=5.0,
+        client_idle_timeout=120.0,
+        max_header_size=32768,
+        max_headers=50,
+        max_body_size=10 * 1024 * 1024,
+    )
+    assert defaults != proxyLimits
+    expected = Config(
+        path=path,
+        proxy=ProxySettings(
+            access_log=os.path.join(base, "logs", "access.log"),
+            access_log_format=AccessLogFormat.JSON,
+            trusted_proxies=(
+                ipaddress.ip_network("10.0.0.0/8"),
+                ipaddress.ip_network("192.0.2.1/32"),
+                ipaddress.ip_network("2001:db8::/32"),
+            ),
+            limits=proxyLimits,
+            shutdown_timeout=90.0,
+            via="edge-1",
+        ),
+        tls=TLSSettings(
+            certificates=(os.path.join(base, "certs"), os.path.join(base, "certs", "site.pem")),
+            default=os.path.join(base, "certs", "site.pem"),
+            min_version=TLSVersion.TLSv1_3,
+            expiry_warning=30 * 86400.0,
+            session_ticket_rotation=6 * 3600.0,
+        ),
+        listeners=(
+            Listener(
+                name="https",
+                endpoint="tcp6:443:interface=\\:\\:",
+                tls=True,
+                http2=False,
+                limits=Limits(
+                    client_header_timeout=2.5,
+                    client_idle_timeout=120.0,
+                    max_header_size=32768,
+                    max_headers=50,
+                    max_body_size=0,
+                ),
+            ),
+            Listener(name="http", endpoint="tcp:80", tls=False, http2=False, redirect_https=True, limits=proxyLimits),
+            Listener(
+                name="admin",
+                endpoint="systemd:domain=INET6:name=admin",
+                tls=True,
+                redirect_https=True,
+                redirect_port=8443,
+                limits=proxyLimits,
+            ),
+            Listener(
+                name="local",
+                endpoint="unix:" + os.path.join(base, "run.sock").replace(":", "\\:") + ":mode=660",
+                tls=False,
+                http2=False,
+                limits=proxyLimits,
+            ),
+        ),
+        upstreams={
+            "api": Upstream(
+                name="api",
+                servers=(
+                    Server("api1.internal", 8443, 3),
+                    Server("10.1.2.3", 8443),
+                    Server("2001:db8::1", 8443),
+                ),
+                tls=True,
+                ca=os.path.join(base, "ca.pem"),
+                server_name="api.internal",
+                client_certificate=os.path.join(base, "client.pem"),
+                connect_timeout=2.0,
+                response_timeout=30.0,
+                idle_timeout=45.0,
+                keepalive=0,
+                keepalive_timeout=10.0,
+                host_header="api.example.com",
+            ),
+            "legacy": Upstream(name="legacy", servers=(Server("legacy", 80),), tls=True, insecure=True),
+        },
+        routes=(
+            Route(
+                name="api",
+                hosts=("example.com", "*.example.com", "192.0.2.10", "2001:db8::10"),
+                paths=("/api/", "/v2"),
+                upstream="api",
+                max_body_size=1024**3,
+                strip_prefix=True,
+                websocket=False,
+            ),
+            Route(name="catchall", hosts=("*",), paths=("/",), upstream="legacy"),
+        ),
+    )
+    config = load(path)
+    assert config == expected
+    assert list(config.upstreams) == ["api", "legacy"]
+
+
+def test_everyKeyIsInTheFullExample() -> None:
+    """The full example above really does set every key."""
+    for kind, keys in SECTION_KEYS.items():
+        for key in keys:
+            assert f"\n{key} = " in FULL, (kind, key)
+
+
+def test_defaults(site: Path) -> None:
+    """A minimal configuration gets the documented defaults."""
+    config = load(write(site, BASE))
+    assert config.proxy == ProxySettings()
+    assert config.tls is None
+    assert config.listeners == (Listener(name="web", endpoint="tcp:8080", tls=False, http2=False),)
+    assert config.upstreams == {"app": Upstream(name="app", servers=(Server("127.0.0.1", 9001),))}
+    assert config.routes == (Route(name="app", hosts=("example.com",), paths=("/",), upstream="app"),)
+
+
+def test_booleans(site: Path) -> None:
+    for word, value in [
+        ("yes", True), ("YES", True), ("true", True), ("on", True), ("1", True),
+        ("no", False), ("False", False), ("off", False), ("0", False),
+    ]:
+        text = BASE.replace("upstream = app", f"upstream = app\nstrip_prefix = {word}")
+        assert load(write(site, text)).routes[0].strip_prefix is value, word
+
+
+def test_relativePaths(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Relative paths resolve against the configuration's directory whatever
+    the working directory; C{Config.path} is absolute.
+    """
+    (site / "conf").mkdir()
+    write(
+        site / "conf",
+        BASE + "\n[tls]\ncertificates = ../certs/\n",
+    )
+    elsewhere = site / "logs"
+    monkeypatch.chdir(elsewhere)
+    config = load(os.path.join("..", "conf", "edge.ini"))
+    assert config.path == str(site / "conf" / "edge.ini")
+    assert config.tls is not None
+    assert config.tls.certificates == (str(site / "certs"),)
+
+
+def test_absolutePathsKept(site: Path) -> None:
+    text = BASE + f"\n[tls]\ncertificates = {site / 'certs'}\n"
+    config = load(write(site / "logs", text))
+    assert config.tls is not None
+    assert config.tls.certificates == (str(site / "certs"),)
+
+
+def test_accessLogOffAndStdout(site: Path) -> None:
+    assert load(write(site, BASE + "[edgeproxy]\naccess_log = off\n")).proxy.access_log is None
+    assert load(write(site, BASE + "[edgeproxy]\naccess_log = -\n")).proxy.access_log == "-"
+    assert load(write(site, BASE + "[edgeproxy]\ntrusted_proxies =\n")).proxy.trusted_proxies == ()
+
+
+def test_listenerOverridesOnlyWhatItSets(site: Path) -> None:
+    text = BASE.replace("endpoint = tcp:8080", "endpoint = tcp:8080\nmax_headers = 10") + (
+        "[edgeproxy]\nmax_headers = 20\nmax_body_size = 1KiB\n"
+    )
+    (listener,) = load(write(site, text)).listeners
+    assert listener.limits == Limits(max_headers=10, max_body_size=1024)
+
+
+def test_redirectToFirstTLSListener(site: Path) -> None:
+    text = (
+        "[tls]\ncertificates = certs\n"
+        "[listen:http]\nendpoint = tcp:80\nredirect_https = yes\n"
+        "[listen:https]\nendpoint = tcp:443\ntls = yes\n"
+    )
+    config = load(write(site, text))
+    assert [listener.redirect_https for listener in config.listeners] == [True, False]
+
+
+def test_redirectToSelfRefused(site: Path) -> None:
+    text = "[tls]\ncertificates = certs\n[listen:https]\nendpoint = tcp:443\ntls = yes\nredirect_https = yes\n"
+    error = loadError(write(site, text))
+    assert (error.key, error.line) == ("redirect_https", 6)
+    assert "redirect to itself" in error.message
+
+
+def test_redirectToUnknownPortRefused(site: Path) -> None:
+    text = (
+        "[tls]\ncertificates = certs\n"
+        "[listen:https]\nendpoint = systemd:domain=INET6:name=https\ntls = yes\n"
+        "[listen:http]\nendpoint = tcp:80\nredirect_https = yes\n"
+    )
+    error = loadError(write(site, text))
+    assert (error.section, error.key, error.line) == ("listen:http", "redirect_https", 8)
+    assert "set redirect_port" in error.message
+
+
+def test_samePortOnDifferentInterfaces(site: Path) -> None:
+    text = BASE + "[listen:other]\nendpoint = tcp:8080:interface=127.0.0.2\n"
+    assert len(load(write(site, text)).listeners) == 2
+
+
+def test_portZeroNeverCollides(site: Path) -> None:
+    text = "[listen:a]\nendpoint = tcp:0\n[listen:b]\nendpoint = tcp:0\n"
+    assert len(load(write(site, text)).listeners) == 2
+
+
+def test_samePathDifferentHosts(site: Path) -> None:
+    text = BASE + "[route:other]\nhosts = other.example\nupstream = app\n"
+    assert [route.name for route in load(write(site, text)).routes] == ["app", "other"]
+
+
+def test_shippedExample(tmp_path: Path) -> None:
+    """
+    The edge.ini in the repository root parses as shipped, given the files
+    the development certificate generator writes.
+    """
+    shutil.copy(REPOSITORY / "edge.ini", tmp_path / "edge.ini")
+    (tmp_path / "certs" / "live").mkdir(parents=True)
+    (tmp_path / "certs" / "internal").mkdir()
+    for name in ("certs/live/default.pem", "certs/internal/ca.pem"):
+        (tmp_path / name).write_text("made by certs/generate.py\n")
+    config = load(str(tmp_path / "edge.ini"))
+    assert config.proxy.access_log == "-"
+    assert config.tls == TLSSettings(
+        certificates=(str(tmp_path / "certs" / "live"),),
+        default=str(tmp_path / "certs" / "live" / "default.pem"),
+        min_version=TLSVersion.TLSv1_2,
+    )
+    assert config.listeners == (
+        Listener(name="https", endpoint="tcp:8443:interface=127.0.0.1", tls=True),
+        Listener(
+            name="http", endpoint="tcp:8080:interface=127.0.0.1", tls=False, http2=False, redirect_https=True
+        ),
+    )
+    assert config.upstreams == {
+        "app": Upstream(
+            name="app",
+            servers=(Server("127.0.0.1", 9001),),
+            tls=True,
+            ca=str(tmp_path / "certs" / "internal" / "ca.pem"),
+            server_name="origin.internal",
+        )
+    }
+    assert config.routes == (
+        Route(name="app", hosts=("localhost", "127.0.0.1"), paths=("/",), upstream="app"),
+    )
+
+
+# Endpoint descriptions ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "tcp:443",
+        "tcp:8443:interface=127.0.0.1",
+        "tcp:port=8443:backlog=100",
+        "tcp:443:interface=\\:\\:1",
+        "tcp6:443",
+        "tcp6:443:interface=\\:\\:1",
+        "tcp6:port=443:interface=\\:\\::backlog=5",
+        "unix:/tmp/edge.sock",
+        "unix:/tmp/edge.sock:mode=600:lockfile=0",
+        "systemd:domain=INET6:name=https",
+        "systemd:domain=INET:index=0",
+        "a:b\\:c=d:e=f\\=g:h",
+        "tcp:443:interface=1.2.3.4=5",
+    ],
+)
+def test_tokenizerAgreesWithTwisted(description: str) -> None:
+    """Descriptions split exactly as Twisted's own parser splits them."""
+    assert _tokenizeEndpoint(description) == tuple(twistedParse(description))
+
+
+@pytest.mark.parametrize(
+    "description",
+    [
+        "tcp:443",
+        "tcp:0:interface=127.0.0.1",
+        "tcp:443:interface=\\:\\:1:backlog=10",
+        "tcp6:443:interface=\\:\\:1",
+        "unix:/tmp/edgeproxy-test.sock:mode=660",
+    ],
+)
+def test_acceptedEndpointsBuildInTwisted(description: str) -> None:
+    """
+    What the checker accepts, Twisted turns into an endpoint (built, not
+    listened on).
+    """
+    spec = checkEndpoint(description, "/tmp")
+    reactor = MemoryReactor()
+    endpoint = serverFromString(reactor, spec.description)
+    endpoint.listen(object())  # type: ignore[arg-type]
+    assert reactor.tcpServers or reactor.unixServers
+
+
+def test_unixPathMadeAbsolute(tmp_path: Path) -> None:
+    (tmp_path / "we:ird").mkdir()
+    spec = checkEndpoint("unix:we\\:ird/edge.sock:mode=600", str(tmp_path))
+    reactor = MemoryReactor()
+    serverFromString(reactor, spec.description).listen(object())  # type: ignore[arg-type]
+    assert reactor.unixServers[0][0] == str(tmp_path / "we:ird" / "edge.sock")
+
+
+def test_endpointPortAndInterface() -> None:
+    spec = checkEndpoint("tcp:8443:interface=127.0.0.1", "/")
+    assert (spec.kind, spec.port, spec.interface) == ("tcp", 8443, "127.0.0.1")
+    spec = checkEndpoint("systemd:domain=INET6:name=https", "/")
+    assert (spec.kind, spec.port) == ("systemd", None)
+
+
+def test_serverList() -> None:
+    assert parseServers("a.internal:80 weight=2,\n [::1]:9001 , 10.0.0.1:1") == (
+        Server("a.internal", 80, 2),
+        Server("::1", 9001),
+        Server("10.0.0.1", 1),
+    )
+    assert Server("::1", 9001).address == "[::1]:9001"
