@@ -1,0 +1,301 @@
+# -*- test-case-name: tests.test_cli -*-
+"""
+The C{edgeproxy} console command.
+
+C{edgeproxy check --config edge.ini} reads the configuration and every file
+it names exactly as C{twistd edgeproxy} would at start (certificates served
+to clients, CA bundles and client certificates for backends), without
+binding a port or starting the reactor, and prints what the proxy would do:
+listeners, certificates with their expiry, routes and upstreams.  It exits
+0 when the configuration is valid and 2 when it is not, with each problem
+on standard error as C{file:line: [section] key: message}, so it fits in a
+deployment script or an C{ExecStartPre=} line before a restart or reload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+from edgeproxy import __version__
+from edgeproxy.config import load
+from edgeproxy.config.model import Config, Listener, Upstream
+from edgeproxy.config.syntax import checkEndpoint
+from edgeproxy.config.units import formatDuration, formatSize
+from edgeproxy.errors import ConfigError
+from edgeproxy.tls.certs import CertificateSet, loadCertificates
+from edgeproxy.tls.client import loadUpstreamTLS
+
+__all__ = ["main", "check", "EXIT_OK", "EXIT_INVALID"]
+
+EXIT_OK = 0
+"""The configuration is valid."""
+EXIT_INVALID = 2
+"""The configuration (or a file it names) is not valid; also usage errors."""
+
+
+def _buildParser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeproxy",
+        description="edgeproxy, a TLS-terminating edge reverse proxy. "
+        "Run the proxy with: twistd edgeproxy --config edge.ini",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    checkParser = commands.add_parser(
+        "check",
+        help="validate a configuration and the files it names, and summarise it",
+        description="Validate a configuration and every certificate it names, "
+        "without listening. Exit status: 0 valid, 2 not valid.",
+    )
+    checkParser.add_argument(
+        "-c", "--config", default="edge.ini", help="the configuration file (default: %(default)s)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Run the command line.
+
+    @param argv: the arguments after the program name; C{sys.argv[1:]} when
+        L{None}.
+    @return: the exit status (console scripts pass it to C{sys.exit}).
+    """
+    parser = _buildParser()
+    try:
+        arguments = parser.parse_args(argv)
+    except SystemExit as e:
+        # argparse exits by itself for --help, --version and usage errors;
+        # return the status instead so main() can be called in process.
+        return e.code if isinstance(e.code, int) else EXIT_INVALID
+    if arguments.command == "check":
+        return check(arguments.config)
+    parser.error(f"unknown command {arguments.command!r}")  # pragma: no cover
+    return EXIT_INVALID  # pragma: no cover
+
+
+def check(
+    path: str,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    now: float | None = None,
+) -> int:
+    """
+    Validate C{path} and everything it names; print a summary to C{out} and
+    problems to C{err}.
+
+    @param now: POSIX time certificates are checked against (the current
+        time when L{None}).
+    @return: L{EXIT_OK} or L{EXIT_INVALID}.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    now = time.time() if now is None else now
+    try:
+        config = load(path)
+    except ConfigError as e:
+        err.write(f"{e}\n")
+        return EXIT_INVALID
+
+    problems: list[str] = []
+    certificates: CertificateSet | None = None
+    if config.tls is not None:
+        try:
+            certificates = loadCertificates(config.tls, now)
+        except ConfigError as e:
+            problems.append(str(e))
+        except OSError as e:  # the TLS module should not let these out; never crash
+            problems.append(f"{e.filename or path}: [tls] certificates: {e.strerror or e}")
+    for upstream in config.upstreams.values():
+        try:
+            loadUpstreamTLS(upstream)
+        except ConfigError as e:
+            problems.append(str(e))
+        except OSError as e:
+            problems.append(f"{e.filename or path}: [upstream:{upstream.name}]: {e.strerror or e}")
+    if problems:
+        for problem in problems:
+            err.write(f"{problem}\n")
+        return EXIT_INVALID
+
+    _Summary(config, certificates, now, out).write()
+    return EXIT_OK
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """Left-aligned columns, the last one unpadded."""
+    if not rows:
+        return [f"{indent}(none)"]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+class _Summary:
+    """What C{edgeproxy check} prints for a valid configuration."""
+
+    def __init__(
+        self, config: Config, certificates: CertificateSet | None, now: float, out: TextIO
+    ) -> None:
+        self.config = config
+        self.certificates = certificates
+        self.now = now
+        self.out = out
+        self.base = os.path.dirname(config.path)
+
+    def show(self, path: str) -> str:
+        """A path relative to the configuration's directory when inside it."""
+        relative = os.path.relpath(path, self.base)
+        return path if relative.startswith("..") else relative
+
+    def write(self) -> None:
+        lines = [f"{self.config.path}: configuration is valid", ""]
+        lines += self.listeners() + [""]
+        lines += self.certificateLines() + [""]
+        lines += self.routes() + [""]
+        lines += self.upstreams()
+        warnings = self.warnings()
+        if warnings:
+            lines += ["", "Warnings:"] + [f"  {warning}" for warning in warnings]
+        self.out.write("\n".join(lines) + "\n")
+
+    def listeners(self) -> list[str]:
+        rows = []
+        for listener in self.config.listeners:
+            rows.append([listener.name, listener.endpoint, self.describeListener(listener)])
+        return ["Listeners:"] + _table(rows)
+
+    def describeListener(self, listener: Listener) -> str:
+        parts = []
+        if listener.tls:
+            parts.append("TLS, HTTP/2 and HTTP/1.1" if listener.http2 else "TLS, HTTP/1.1 only")
+        else:
+            parts.append("plain HTTP/1.1")
+        if listener.redirect_https:
+            if listener.redirect_port is not None:
+                target = f"port {listener.redirect_port}"
+            else:
+                first = self.firstTLS()
+                port = checkEndpoint(first.endpoint, self.base).port
+                target = f"port {port} of [listen:{first.name}]"
+            parts.append(f"redirects to https ({target})")
+        limits = listener.limits
+        if limits != self.config.proxy.limits:
+            body = "no limit" if limits.max_body_size == 0 else formatSize(limits.max_body_size)
+            parts.append(
+                f"limits: header {formatDuration(limits.client_header_timeout)}/"
+                f"{formatSize(limits.max_header_size)}/{limits.max_headers} fields, "
+                f"idle {formatDuration(limits.client_idle_timeout)}, body {body}"
+            )
+        return ", ".join(parts)
+
+    def firstTLS(self) -> Listener:
+        return next(listener for listener in self.config.listeners if listener.tls)
+
+    def certificateLines(self) -> list[str]:
+        tls = self.config.tls
+        if tls is None or self.certificates is None:
+            return ["Certificates: none (no [tls] section)"]
+        heading = (
+            f"Certificates (TLS {tls.min_version.value} and up, warning "
+            f"{formatDuration(tls.expiry_warning)} before expiry):"
+        )
+        rows = []
+        for entry in self.certificates.entries:
+            daysLeft = int(entry.secondsLeft(self.now) // 86400)
+            expiry = entry.notAfter.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            rows.append(
+                [
+                    ", ".join(entry.names) or "(no names)",
+                    f"expires {expiry} ({daysLeft} days left)",
+                    self.show(entry.path) + ("  [default]" if entry.isDefault else ""),
+                ]
+            )
+        return [heading] + _table(rows)
+
+    def routes(self) -> list[str]:
+        rows = []
+        for route in self.config.routes:
+            extras = []
+            if route.strip_prefix:
+                extras.append("strip prefix")
+            if not route.websocket:
+                extras.append("no websocket")
+            if route.max_body_size is not None:
+                extras.append(
+                    "body: no limit" if route.max_body_size == 0 else f"body {formatSize(route.max_body_size)}"
+                )
+            rows.append(
+                [
+                    route.name,
+                    ", ".join(route.hosts),
+                    " ".join(route.paths),
+                    f"-> {route.upstream}" + (f" ({', '.join(extras)})" if extras else ""),
+                ]
+            )
+        return ["Routes:"] + _table(rows)
+
+    def upstreams(self) -> list[str]:
+        rows = []
+        for upstream in self.config.upstreams.values():
+            servers = ", ".join(
+                server.address + (f" weight={server.weight}" if server.weight != 1 else "")
+                for server in upstream.servers
+            )
+            rows.append([upstream.name, servers, self.describeUpstream(upstream)])
+        return ["Upstreams:"] + _table(rows)
+
+    def describeUpstream(self, upstream: Upstream) -> str:
+        if not upstream.tls:
+            mode = "plain HTTP"
+        elif upstream.insecure:
+            mode = "TLS, NOT VERIFIED (insecure = yes)"
+        else:
+            name = upstream.server_name or "each server's host"
+            anchors = self.show(upstream.ca) if upstream.ca else "the system trust store"
+            mode = f"TLS, verifies {name} against {anchors}"
+        if upstream.client_certificate:
+            mode += f", client certificate {self.show(upstream.client_certificate)}"
+        return mode
+
+    def warnings(self) -> list[str]:
+        warnings = []
+        tls = self.config.tls
+        if tls is not None and self.certificates is not None:
+            for entry in self.certificates.expiringWithin(tls.expiry_warning, self.now):
+                days = int(entry.secondsLeft(self.now) // 86400)
+                warnings.append(f"{self.show(entry.path)} expires in {days} days")
+            if any(listener.tls for listener in self.config.listeners):
+                served = self.certificates.byName()
+                for route in self.config.routes:
+                    for host in route.hosts:
+                        if host != "*" and not _covered(host, served):
+                            warnings.append(
+                                f"[route:{route.name}] host {host} is on no certificate; "
+                                "TLS clients get the default certificate and a name mismatch"
+                            )
+        for upstream in self.config.upstreams.values():
+            if upstream.insecure:
+                warnings.append(
+                    f"[upstream:{upstream.name}] insecure = yes: backend certificates are not verified"
+                )
+        return warnings
+
+
+def _covered(host: str, served: dict[str, object]) -> bool:
+    """Whether a route host is on a certificate (exact, or one-label wildcard, RFC 6125 §6.4.3)."""
+    if host in served:
+        return True
+    if host.startswith("*."):
+        return False
+    _, dot, parent = host.partition(".")
+    return bool(dot) and f"*.{parent}" in served
