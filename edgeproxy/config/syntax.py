@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 
 from edgeproxy.config.model import Server
+from edgeproxy.errors import BadRequest
+from edgeproxy.http.paths import normaliseTarget
 
 __all__ = [
     "EndpointSpec",
@@ -127,17 +129,30 @@ def checkRouteHost(text: str) -> str:
 def checkRoutePath(text: str) -> str:
     """
     Check a route path prefix: it starts with C{/}, has no query, fragment,
-    whitespace or dot segments (requests are normalised before routing, so
-    such a prefix could never match; RFC 3986 §5.2.4).
+    whitespace or dot segments, and is already in the form
+    L{edgeproxy.http.paths.normaliseTarget} gives request paths (routing
+    compares normalised paths, so any other spelling could never match;
+    RFC 3986 §5.2.4, §6.2.2).
     """
     path = text.strip()
     if not path.startswith("/"):
         raise ValueError(f"expected a path starting with '/', got {text!r}")
     if any(ch in path for ch in "?#") or any(ch.isspace() for ch in path):
         raise ValueError(f"expected a path without query, fragment or spaces, got {text!r}")
+    if not path.isascii():
+        raise ValueError(f"expected an ASCII path (percent-encode other characters), got {text!r}")
     segments = path.split("/")
     if any(segment in (".", "..") for segment in segments):
         raise ValueError(f"expected a path without '.' or '..' segments, got {text!r}")
+    try:
+        normalised, _ = normaliseTarget(path.encode("ascii"))
+    except BadRequest as e:
+        raise ValueError(f"expected a path a request could have, got {text!r} ({e})") from None
+    if normalised != path.encode("ascii"):
+        canonical = normalised.decode("ascii")
+        raise ValueError(
+            f"requests are routed by their normalised path; write {text!r} as {canonical!r}"
+        )
     return path
 
 
