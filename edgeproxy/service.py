@@ -12,9 +12,10 @@ Life cycle:
   - I{start} (C{privilegedStartService}, before twistd drops privileges, so
     port 443 can be bound): one listening port per C{[listen:NAME]}.  When
     every C{listen()} Deferred has fired, C{READY=1} is sent.  A port that
-    cannot be bound raises L{StartupError} out of the start (twistd prints it
-    and exits with status 1); a failure that arrives later stops the reactor
-    and exits with status 1.
+    cannot be bound is logged (file, section, endpoint, reason) and the
+    start raises C{SystemExit(1)}, so twistd exits with status 1 before the
+    reactor runs; a failure that arrives later stops the reactor and exits
+    with status 1.
   - I{reload} (C{SIGHUP}, L{EdgeService.reload}): C{RELOADING=1}, a new
     certificate snapshot (or the old one kept, with the file and reason
     logged), the access log reopened, C{READY=1}.
@@ -171,20 +172,32 @@ class EdgeService(MultiService):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._listen()
+        self._listenOrExit()
 
     def startService(self) -> None:
         super().startService()
-        self._listen()
-        self._warnAtStart()
+        self._listenOrExit()
         if self._installSignalHandlers:
             self._previousHangup = signal.signal(signal.SIGHUP, self._onHangup)
+
+    def _listenOrExit(self) -> None:
+        try:
+            self._listen()
+        except StartupError as e:
+            # One clear line rather than a traceback through twistd: the
+            # exception leaves privilegedStartService, twistd exits 1 before
+            # the reactor runs, and READY=1 is never sent.
+            log.critical("{message}; exiting", message=str(e))
+            raise SystemExit(1) from e
 
     def _listen(self) -> None:
         if self._listening is not None:
             return
         from edgeproxy.http.site import EdgeSite
 
+        # Said before READY=1, so that it is in the log once systemd (or a
+        # test) sees the service started.
+        self._warnAtStart()
         attempts: list[Deferred[IListeningPort]] = []
         for listener in self.config.listeners:
             site = EdgeSite(self.currentRuntime, listener, self._reactor, accessLog=self.accessLog)
@@ -194,9 +207,7 @@ class EdgeService(MultiService):
         failures: list[Failure] = []
         self._listening.addCallbacks(self._listened, failures.append)
         if failures:
-            # Bound synchronously (every endpoint twistd users have is): the
-            # error leaves privilegedStartService and twistd exits 1 before
-            # the reactor runs.
+            # Bound synchronously, as tcp:, ssl:, unix: and systemd: all are.
             self._closePorts()
             raise StartupError(self._describeFailure(failures[0]))
         if not self._listening.called:
@@ -316,7 +327,7 @@ class EdgeService(MultiService):
             ok = False
             log.error(
                 "Certificate reload failed, still serving the previous certificates:"
-                " {file}: {error}",
+                " {error}",
                 file=e.file,
                 error=str(e),
             )

@@ -221,27 +221,51 @@ def tlsConnection(port: int, serverName: str, cafile: Path, timeout: float = 10)
 
 
 def readResponse(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response with a Content-Length from C{sock}."""
-    data = b""
-    while b"\r\n\r\n" not in data:
+    """One HTTP/1.1 response (Content-Length or chunked) from C{sock}."""
+    buffer = bytearray()
+
+    def fill() -> None:
         chunk = sock.recv(65536)
         if not chunk:
-            raise ConnectionError(f"connection closed after {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
+            raise ConnectionError(f"connection closed after {bytes(buffer)!r}")
+        buffer.extend(chunk)
+
+    def line() -> bytes:
+        while b"\r\n" not in buffer:
+            fill()
+        end = buffer.index(b"\r\n")
+        value = bytes(buffer[:end])
+        del buffer[: end + 2]
+        return value
+
+    def exactly(count: int) -> bytes:
+        while len(buffer) < count:
+            fill()
+        value = bytes(buffer[:count])
+        del buffer[:count]
+        return value
+
+    statusLine = line().decode("latin-1")
+    status = int(statusLine.split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    while True:
+        header = line()
+        if not header:
+            break
+        name, _, value = header.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("connection closed inside the body")
-        body += chunk
-    return status, headers, body
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = b""
+        while True:
+            size = int(line().split(b";")[0], 16)
+            if size == 0:
+                while line():
+                    pass
+                break
+            body += exactly(size)
+            line()
+        return status, headers, body
+    return status, headers, exactly(int(headers.get("content-length", "0")))
 
 
 def request(sock: socket.socket, target: str, host: str, extra: str = "") -> tuple[int, dict[str, str], bytes]:
@@ -291,7 +315,7 @@ class Backend:
 
 
 SOCKET_ACTIVATION_WRAPPER = r"""
-import os, socket, sys
+import fcntl, os, socket, sys
 # Stand-in for systemd's socket activation: open the listening sockets,
 # put them at fd 3, 4, ... and exec the service with LISTEN_* describing
 # them; LISTEN_PID is this process, which exec keeps.
@@ -305,8 +329,16 @@ for spec in sys.argv[1].split(","):
     s.listen(128)
     names.append(name)
     sockets.append(s)
-for index, s in enumerate(sockets):
-    os.dup2(s.fileno(), 3 + index, inheritable=True)
+# Move them out of the way first, so that putting one at 3 + i cannot
+# close another that happens to sit there.
+high = [os.dup(s.fileno()) for s in sockets]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in high]
+for s in sockets:
+    s.close()
+for index, fd in enumerate(high):
+    os.dup2(fd, 3 + index, inheritable=True)
+    os.close(fd)
+    os.set_inheritable(3 + index, True)
 os.environ["LISTEN_FDS"] = str(len(sockets))
 os.environ["LISTEN_PID"] = str(os.getpid())
 os.environ["LISTEN_FDNAMES"] = ":".join(names)

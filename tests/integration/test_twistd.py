@@ -65,7 +65,9 @@ def writeConfig(
     backendPort: int,
     shutdownTimeout: str = "10s",
     accessLogFormat: str = "json",
+    redirectPort: int | None = None,
 ) -> Path:
+    redirect = f"redirect_port = {redirectPort}" if redirectPort is not None else ""
     config = site_workdir / "edge.ini"
     config.write_text(
         f"""
@@ -85,6 +87,7 @@ tls = yes
 [listen:http]
 endpoint = {httpEndpoint}
 redirect_https = yes
+{redirect}
 
 [upstream:app]
 servers = 127.0.0.1:{backendPort}
@@ -288,7 +291,7 @@ def test_drainOnSIGTERM(site: Site, notify: NotifyReceiver) -> None:
         code = proc.wait(10)
         # twistd ends a SIGTERM stop by re-raising SIGTERM on itself, which
         # systemd counts as a clean stop.
-        assert code in (0, -signal.SIGTERM), proc.output()
+        assert code == -signal.SIGTERM, proc.output()
         assert time.monotonic() - began < 10
         assert "Traceback" not in proc.output()
     finally:
@@ -351,7 +354,9 @@ def test_portInUseExitsNonZero(site: Site, notify: NotifyReceiver) -> None:
         code = proc.wait(30)
     assert code != 0
     output = proc.output()
-    assert "[listen:http]" in output and "cannot listen" in output
+    assert f"{site.config}: [listen:http] endpoint 'tcp:{site.httpPort}:interface=127.0.0.1':" \
+        " cannot listen: Couldn't listen on 127.0.0.1:" in output
+    assert "Traceback" not in output
     assert refused(site.httpsPort)
     with pytest.raises(TimeoutError):
         notify.next(0.2)
@@ -363,6 +368,8 @@ def test_socketActivation(site: Site, notify: NotifyReceiver) -> None:
         "systemd:domain=INET:name=https",
         "systemd:domain=INET:name=http",
         site.backend.port,
+        # An adopted socket does not say its port in the configuration.
+        redirectPort=site.httpsPort,
     )
     prefix = socketActivationPrefix(site.workdir, {"http": site.httpPort, "https": site.httpsPort})
     proc = Twistd(site.config, site.workdir, notify=notify, prefix=prefix, passFds=())
@@ -372,8 +379,7 @@ def test_socketActivation(site: Site, notify: NotifyReceiver) -> None:
         with socket.create_connection(("127.0.0.1", site.httpPort), timeout=5) as conn:
             status, headers, _ = request(conn, "/x", "localhost")
         assert status == 308
-        # Adopted sockets do not say their port: the https default is used.
-        assert headers["location"] == "https://localhost/x"
+        assert headers["location"] == f"https://localhost:{site.httpsPort}/x"
         proc.signal(signal.SIGTERM)
         notify.waitFor(b"STOPPING=1", 5)
         assert proc.wait(15) in (0, -signal.SIGTERM)
