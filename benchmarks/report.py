@@ -1,0 +1,146 @@
+# -*- test-case-name: tests.test_benchmark_smoke -*-
+"""
+From measured runs to medians, ratios and the printed table.
+
+Pure functions over plain dicts (the same dicts that go into the JSON file),
+so the arithmetic of the ratios can be tested without running anything.
+
+A ratio is edgeproxy's figure divided by nginx's.  The per-CPU-second ratio
+divides each figure first by the CPU the proxy used during the run (in
+cores: CPU seconds per wall-clock second), so that it compares work done per
+unit of CPU even when the load generator could not saturate the faster
+proxy.  It exists only for throughput figures.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+PROXIES = ("edgeproxy", "nginx", "haproxy")
+
+
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The median of every numeric key over C{runs}."""
+    keys: list[str] = []
+    for run in runs:
+        for key, value in run.items():
+            if key not in keys and (isinstance(value, (int, float)) or value is None):
+                keys.append(key)
+    return {key: median([run.get(key) for run in runs]) for key in keys}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# (row label, figure key, metric key in the summary, per-CPU metric or None)
+ROWS: list[tuple[str, str, str, str | None]] = [
+    ("R1 requests/s (TLS keep-alive, 1 KiB)", "R1", "value", "perCore"),
+    ("R1 p50 latency (ms)", "R1", "p50ms", None),
+    ("R1 p99 latency (ms)", "R1", "p99ms", None),
+    ("R1 proxy CPU (cores)", "R1", "proxyCores", None),
+    ("R2 new TLS connections/s (full handshakes)", "R2", "value", "perCore"),
+    ("R2 proxy CPU (cores)", "R2", "proxyCores", None),
+    ("R2r new TLS connections/s (resumed, wrk)", "R2r", "value", "perCore"),
+    ("R2r proxy CPU (cores)", "R2r", "proxyCores", None),
+    ("R3 MiB/s (1 MiB responses)", "R3", "value", "perCore"),
+    ("R3 proxy CPU (cores)", "R3", "proxyCores", None),
+    ("R4 RSS at rest (MiB)", "R4", "restMiB", None),
+    ("R4 KiB per idle TLS connection", "R4", "perConnectionKiB", None),
+    ("R5 requests/s (HTTP/2, 1 KiB)", "R5", "value", "perCore"),
+    ("R5 p50 latency (ms)", "R5", "p50ms", None),
+    ("R5 p99 latency (ms)", "R5", "p99ms", None),
+    ("R5 proxy CPU (cores)", "R5", "proxyCores", None),
+    ("R1x2 requests/s (whole machine, 2 workers)", "R1x2", "value", "perCore"),
+    ("R1x2 proxy CPU (cores)", "R1x2", "proxyCores", None),
+]
+
+
+def table(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    The rows of the table: for each figure measured for at least one proxy,
+    the median of each proxy, edgeproxy / nginx, and the same per CPU
+    second.  C{results} maps a proxy name to C{{figure: {"median": {...}}}}.
+    """
+    rows = []
+    for label, figure, metric, perCpu in ROWS:
+        values: dict[str, float | None] = {}
+        for proxy in PROXIES:
+            summary = results.get(proxy, {}).get(figure, {}).get("median") or {}
+            values[proxy] = summary.get(metric)
+        if all(v is None for v in values.values()):
+            continue
+        cpuRatio = None
+        if perCpu is not None:
+            edge = results.get("edgeproxy", {}).get(figure, {}).get("median") or {}
+            nginx = results.get("nginx", {}).get(figure, {}).get("median") or {}
+            cpuRatio = ratio(edge.get(perCpu), nginx.get(perCpu))
+        rows.append(
+            {
+                "figure": label,
+                "key": figure,
+                "metric": metric,
+                **values,
+                # A ratio of CPU used says nothing by itself (a slower proxy
+                # may simply be given less work), so none is printed.
+                "edgeproxy/nginx": (
+                    None
+                    if metric == "proxyCores"
+                    else ratio(values["edgeproxy"], values["nginx"])
+                ),
+                "per-CPU-second ratio": cpuRatio,
+            }
+        )
+    return rows
+
+
+def _cell(value: float | None, digits: int) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def formatTable(rows: list[dict[str, Any]]) -> str:
+    """The rows as an aligned plain-text table (also valid RST simple table)."""
+    header = [
+        "figure",
+        "edgeproxy",
+        "nginx",
+        "haproxy",
+        "edgeproxy/nginx",
+        "per-CPU-second ratio",
+    ]
+    lines = [header]
+    for row in rows:
+        lines.append(
+            [
+                row["figure"],
+                _cell(row["edgeproxy"], 2),
+                _cell(row["nginx"], 2),
+                _cell(row["haproxy"], 2),
+                _cell(row["edgeproxy/nginx"], 3),
+                _cell(row["per-CPU-second ratio"], 3),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    rule = "  ".join("=" * w for w in widths)
+
+    def fmt(line: list[str]) -> str:
+        cells = [line[0].ljust(widths[0])]
+        cells += [cell.rjust(w) for cell, w in zip(line[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    out = [rule, fmt(lines[0]), rule]
+    out += [fmt(line) for line in lines[1:]]
+    out.append(rule)
+    return "\n".join(out)

@@ -1,0 +1,192 @@
+"""
+The benchmark suite cannot rot: its parsers read the load generators' real
+output, its ratios are right, and C{benchmarks/run.py --quick} runs end to
+end against edgeproxy (only: the comparison proxies are for real runs).
+
+The end-to-end test needs C{wrk} (C{apt-get install wrk}) and is skipped,
+saying so, without it; it takes about 15 seconds and is bounded at 55.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import httpwire, loadgen, report
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Captured from wrk 4.1.0 (Debian 12).
+WRK_OUTPUT = """\
+Running 1s test @ https://127.0.0.1:8443/1k
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   115.13us  209.88us   4.19ms   99.00%
+    Req/Sec    97.63k     6.25k  104.65k    81.82%
+  Latency Distribution
+     50%   98.00us
+     75%  105.00us
+     90%  115.00us
+     99%    1.33ms
+  106317 requests in 1.10s, 129.58MB read
+  Socket errors: connect 0, read 3, write 0, timeout 2
+  Non-2xx or 3xx responses: 7
+Requests/sec:  96698.67
+Transfer/sec:    117.86MB
+"""
+
+# Captured from h2load (nghttp2 1.52.0); the log lines are its --log-file.
+H2LOAD_OUTPUT = """\
+starting benchmark...
+spawning thread #0: 10 total client(s). Timing-based test with 0s of warm-up time and 1s of main duration for measurements.
+Application protocol: h2
+finished in 1.00s, 95334.00 req/s, 116.19MB/s
+requests: 95334 total, 95344 started, 95334 done, 95330 succeeded, 4 failed, 0 errored, 0 timeout
+status codes: 95330 2xx, 0 3xx, 0 4xx, 4 5xx
+traffic: 116.19MB (121836852) total, 18.46MB (19352802) headers (space savings 0.00%), 93.10MB (97622016) data
+                     min         max         mean         sd        +/- sd
+time for request:       61us      9.66ms       103us       145us    99.76%
+"""
+
+
+def test_parseWrk() -> None:
+    result = loadgen.parseWrk(WRK_OUTPUT)
+    assert result.requests == 106317
+    assert result.seconds == pytest.approx(1.10)
+    assert result.rate == pytest.approx(96698.67)
+    assert result.p50ms == pytest.approx(0.098)
+    assert result.p99ms == pytest.approx(1.33)
+    assert result.errors == 5
+    assert result.bad == 7
+
+
+def test_parseWrkWithoutSummary() -> None:
+    with pytest.raises(ValueError, match="no summary"):
+        loadgen.parseWrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_parseH2load(tmp_path: Path) -> None:
+    log = tmp_path / "h2load.log"
+    # 100 requests of 1..100 ms, plus one 5xx that must not count.
+    lines = [f"17958064787{i:05d}\t200\t{i * 1000}" for i in range(1, 101)]
+    lines.append("1795806478799999\t502\t999999")
+    log.write_text("\n".join(lines) + "\n")
+    result = loadgen.parseH2load(H2LOAD_OUTPUT, log)
+    assert result.requests == 95330
+    assert result.rate == pytest.approx(95334.0)
+    assert result.seconds == pytest.approx(1.0)
+    assert result.bad == 4
+    assert result.errors == 0
+    assert result.p50ms == pytest.approx(50.5)
+    assert result.p99ms == pytest.approx(99.01)
+
+
+def test_responseFraming() -> None:
+    """
+    The suite's own clients see where a response ends whether the proxy
+    forwards the length or re-frames the body in chunks.
+    """
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    assert httpwire.parse(head + b"hel") is None
+    assert httpwire.parse(head + b"hello") == (200, b"hello")
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"3;ext=1\r\nhel\r\n2\r\nlo\r\n0\r\n"
+    assert httpwire.parse(chunked + body) is None
+    assert httpwire.parse(chunked + body + b"\r\n") == (200, b"hello")
+    assert httpwire.parse(chunked + body + b"X-T: 1\r\n\r\n") == (200, b"hello")
+    unframed = b"HTTP/1.1 502 Bad Gateway\r\n\r\nbad"
+    assert httpwire.parse(unframed) is None
+    assert httpwire.parse(unframed, closed=True) == (502, b"bad")
+
+
+def test_tableRatios() -> None:
+    """
+    edgeproxy / nginx is the plain ratio; the per-CPU-second ratio compares
+    the figures divided by the cores each proxy used.
+    """
+    results = {
+        "edgeproxy": {
+            "R1": {"median": {"value": 5000.0, "perCore": 5000.0, "p99ms": 20.0}},
+            "R4": {"median": {"perConnectionKiB": 30.0}},
+        },
+        "nginx": {
+            "R1": {"median": {"value": 40000.0, "perCore": 50000.0, "p99ms": 4.0}},
+            "R4": {"median": {"perConnectionKiB": 20.0}},
+        },
+    }
+    rows = {row["figure"]: row for row in report.table(results)}
+    r1 = rows["R1 requests/s (TLS keep-alive, 1 KiB)"]
+    assert r1["edgeproxy/nginx"] == pytest.approx(0.125)
+    assert r1["per-CPU-second ratio"] == pytest.approx(0.1)
+    assert r1["haproxy"] is None
+    p99 = rows["R1 p99 latency (ms)"]
+    assert p99["edgeproxy/nginx"] == pytest.approx(5.0)
+    assert p99["per-CPU-second ratio"] is None
+    assert rows["R4 KiB per idle TLS connection"]["edgeproxy/nginx"] == pytest.approx(1.5)
+    # Figures nobody measured are left out of the table.
+    assert "R3 MiB/s (1 MiB responses)" not in rows
+    text = report.formatTable(list(rows.values()))
+    assert "R1 requests/s (TLS keep-alive, 1 KiB)" in text
+    assert "0.125" in text
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None,
+    reason="wrk is not installed (apt-get install wrk): benchmarks/run.py needs it",
+)
+def test_quickRunOfEdgeproxy(tmp_path: Path) -> None:
+    """
+    C{benchmarks/run.py --quick --proxies edgeproxy} starts the origin and
+    edgeproxy, measures every figure once for a second, prints the table,
+    writes the JSON and stops everything it started.
+    """
+    out = tmp_path / "bench.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "run.py"),
+            "--quick",
+            "--proxies",
+            "edgeproxy",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=55)
+    except subprocess.TimeoutExpired:
+        # SIGTERM lets run.py stop the servers it started before exiting.
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=15)
+        pytest.fail(f"benchmarks/run.py --quick took more than 55 s:\n{output}")
+    assert process.returncode == 0, output
+    assert "R1 requests/s (TLS keep-alive, 1 KiB)" in output
+
+    data = json.loads(out.read_text())
+    assert data["failures"] == []
+    tls = data["tls"]["edgeproxy"]
+    assert tls["tlsVersion"] == "TLSv1.3"
+    assert tls["keyType"] == "ECDSA secp256r1"
+    edge = data["results"]["edgeproxy"]
+    for figure in ("R1", "R2", "R2r", "R3"):
+        median = edge[figure]["median"]
+        assert median["value"] > 0, figure
+        assert median["errors"] == 0 and median["bad"] == 0, figure
+        assert median["proxyCores"] > 0, figure
+    assert edge["R1"]["median"]["p99ms"] >= edge["R1"]["median"]["p50ms"] > 0
+    memory = edge["R4"]["runs"][0]
+    assert memory["opened"] == 200 and memory["failed"] == 0
+    assert memory["restKiB"] > 0 and memory["loadedKiB"] > memory["restKiB"]
+    if shutil.which("h2load"):
+        assert edge["R5"]["median"]["value"] > 0
+    assert [row["key"] for row in data["table"]][0] == "R1"
