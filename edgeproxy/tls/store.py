@@ -92,7 +92,8 @@ def _setGroups(context: SSL.Context) -> bytes:
     for groups in _GROUP_LISTS:
         if _opensslLib.SSL_CTX_set1_curves_list(context._context, groups) == 1:
             return groups
-    raise CertificateError("this OpenSSL accepts none of the key exchange groups")
+    # Reported by _makeContext like any other OpenSSL refusal.
+    raise SSL.Error([("edgeproxy", "_setGroups", "no supported key exchange group")])
 
 
 @dataclass(frozen=True, slots=True)
