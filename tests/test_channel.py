@@ -194,6 +194,19 @@ def test_errorResponseShape() -> None:
     assert body == b"Request Header Fields Too Large\n"
 
 
+def test_lineWithoutColonRejectedEvenIfNameSeenBefore() -> None:
+    """
+    A field line without a colon is refused even when the same text was
+    earlier accepted as a field name.
+    """
+    connection = Connection()
+    connection.send(b"GET / HTTP/1.1\r\n" + H + b"X-Seen: 1\r\n\r\n")
+    assert connection.kinds() == ["gotLength", "requestReceived"]
+    connection.send(b"GET / HTTP/1.1\r\n" + H + b"X-Seen\r\n\r\n")
+    assert connection.received().endswith(errorResponse(400))
+    assert connection.kinds() == ["gotLength", "requestReceived"]
+
+
 def test_nothingAfterRejectionIsParsed() -> None:
     """
     A valid request pipelined after a rejected one is never seen.
@@ -502,6 +515,22 @@ def test_keepAliveIdleTimeout() -> None:
     assert connection.received() == first
 
 
+def test_headerDeadlineStopsWhenALPNSelectsHTTP2() -> None:
+    """
+    When ALPN picks h2, Twisted swaps in its HTTP/2 connection; the HTTP/1.1
+    channel's header deadline must not later write a 408 into it.
+    """
+    pytest.importorskip("h2")
+    connection = Connection(Limits(client_header_timeout=5))
+    connection.transport.negotiatedProtocol = b"h2"
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    connection.send(preface)
+    assert not isinstance(connection.protocol._channel, EdgeHTTPChannel)
+    connection.clock.advance(30)
+    assert b"HTTP/1.1" not in connection.received()
+    assert not connection.transport.disconnecting
+
+
 def test_connectionClose() -> None:
     """
     Connection: close anywhere in any Connection field ends the connection
@@ -612,7 +641,7 @@ class TwistedPrivateSurfaceTests:
                 channel = self.channel
                 channel.length = None
                 channelModule._installBodyDecoder(
-                    channel, ChunkedDecoder(chunks.append, channel._finishRequestBody)
+                    channel, lambda finish: ChunkedDecoder(chunks.append, finish)
                 )
 
         channel, transport = self._plainChannel(Probe)

@@ -43,7 +43,8 @@ from typing import Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
-from twisted.web import http
+from twisted.web import http  # module access is slow (deprecation proxy): only off the hot path
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import INonQueuedRequestFactory
 
 from edgeproxy.config.model import Limits
@@ -79,6 +80,13 @@ _CHUNK_EXTENSIONS = re.compile(
 )
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _TOKEN_ONLY = re.compile(_TOKEN)
+
+_SPECIAL_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"host"))
+_checkedNames: dict[bytes, bytes] = {}
+"""Field names already found to be tokens, to their lower-case form.  Real
+traffic uses a few dozen names; the cap keeps a client inventing names from
+growing it."""
+_MAX_CHECKED_NAMES = 10_000
 
 _REASONS = {
     400: b"Bad Request",
@@ -131,10 +139,13 @@ _errorResponses: dict[int, bytes] = {}
 #
 # HTTPChannel keeps the request line in _command/_path/_version between the
 # request line and allContentReceived (which reads and deletes them), feeds
-# the body through _transferDecoder, and turns _MalformedChunkedDataError from
-# a decoder into a 400.  None of this is public API.  Every use of it lives
-# in the three functions below; tests/test_channel.py's
-# TwistedPrivateSurfaceTests fails if Twisted changes any of it.
+# the body through _transferDecoder with _finishRequestBody as the end
+# callback, and turns _MalformedChunkedDataError from a decoder into a call
+# to _respondToBadRequestAndDisconnect (overridden below).  HTTPFactory wraps
+# channels in _GenericHTTPChannelProtocol, which switches to HTTP/2 after
+# ALPN.  None of this is public API.  Every use of it is in this block;
+# TwistedPrivateSurfaceTests in tests/test_channel.py fails if Twisted
+# changes any of it.
 # ---------------------------------------------------------------------------
 
 MalformedBody = http._MalformedChunkedDataError
@@ -155,7 +166,7 @@ def requestLineOf(channel: Any) -> tuple[bytes, bytes, bytes]:
     @raise AttributeError: outside the window between the end of the head
         and C{allContentReceived}.
     """
-    if isinstance(channel, http.HTTPChannel):
+    if isinstance(channel, HTTPChannel):
         # Private: see the block comment above.
         return channel._command, channel._path, channel._version
     command, path = channel.command, channel.path
@@ -173,14 +184,29 @@ def _storeRequestLine(
     channel._version = version  # type: ignore[attr-defined]
 
 
-def _installBodyDecoder(channel: http.HTTPChannel, decoder: Any) -> None:
+def _installBodyDecoder(
+    channel: http.HTTPChannel, build: Callable[[Callable[[bytes], None]], Any]
+) -> None:
+    """
+    Give C{channel} the body decoder C{build(finishCallback)} returns.
+    """
     # Private: rawDataReceived feeds body bytes to _transferDecoder and
     # allContentReceived resets it; _finishRequestBody is the finish callback
     # that queues pipelined bytes and completes the request.
-    channel._transferDecoder = decoder
+    channel._transferDecoder = build(channel._finishRequestBody)  # type: ignore[attr-defined]
+
+
+def _wrapForALPN(channel: http.HTTPChannel) -> Any:
+    # Private: what HTTPFactory.protocol builds around an HTTPChannel; it
+    # replaces the channel with an H2Connection when ALPN selected h2.
+    return http._GenericHTTPChannelProtocol(channel)
 
 
 # ---------------------------------------------------------------------------
+
+
+class IncompleteBody(Exception):
+    """The connection ended before the body did."""
 
 
 class IdentityDecoder:
@@ -212,7 +238,7 @@ class IdentityDecoder:
 
     def noMoreData(self) -> None:
         if self.remaining:
-            raise http._DataLoss()
+            raise IncompleteBody(f"{self.remaining} body bytes missing")
 
 
 class ChunkedDecoder:
@@ -348,7 +374,7 @@ class ChunkedDecoder:
 
     def noMoreData(self) -> None:
         if self.state != "FINISHED":
-            raise http._DataLoss("chunked body incomplete")
+            raise IncompleteBody("chunked body incomplete")
 
 
 class _Rejected(Exception):
@@ -412,7 +438,7 @@ def validHost(value: bytes) -> bool:
     return port == b"" or (port.isdigit() and port.isascii() and len(port) <= 5 and int(port) <= 65535)
 
 
-class EdgeHTTPChannel(http.HTTPChannel):
+class EdgeHTTPChannel(HTTPChannel):
     """
     Twisted's HTTP/1.1 channel with a strict head parser, head size and count
     limits, and a header-read deadline.
@@ -477,6 +503,15 @@ class EdgeHTTPChannel(http.HTTPChannel):
         if self.persistent:
             self._awaitingHead = True
         super().requestDone(request)
+
+    def setTimeout(self, period: float | None) -> float | None:
+        # Twisted turns timeouts off with setTimeout(None) when it hands the
+        # connection to HTTP/2 after ALPN (_GenericHTTPChannelProtocol), on
+        # connectionLost and while a request is being answered: the header
+        # deadline must not outlive this channel's use of the connection.
+        if period is None:
+            self._cancelHeadTimer()
+        return super().setTimeout(period)  # type: ignore[no-any-return]
 
     # --- the header-read deadline ----------------------------------------
 
@@ -549,30 +584,29 @@ class EdgeHTTPChannel(http.HTTPChannel):
         if self._rejected:
             return
         try:
-            self._headLine(line)
-        except _Rejected as rejection:
-            self.rejectAndClose(rejection.status, rejection.reason)
+            self._headSize += len(line) + 2
+            budget = self.limits.max_header_size - self._headSize
+            if budget < 0:
+                raise _Rejected(
+                    414 if self._expectingRequestLine else 431, "request head too large"
+                )
+            self.MAX_LENGTH = budget
 
-    def _headLine(self, line: bytes) -> None:
-        self._headSize += len(line) + 2
-        budget = self.limits.max_header_size - self._headSize
-        if budget < 0:
-            raise _Rejected(414 if self._expectingRequestLine else 431, "request head too large")
-        self.MAX_LENGTH = budget
-
-        if self._expectingRequestLine:
-            if not self.persistent:
+            if not self._expectingRequestLine:
+                if line:
+                    self.headerReceived(line)
+                else:
+                    self._endOfHead()
+            elif not self.persistent:
                 # Bytes after a request that ends the connection are ignored.
                 return
-            if not line and not self._skippedEmptyLine:
+            elif not line and not self._skippedEmptyLine:
                 # RFC 9112 2.2: tolerate one empty line before a request.
                 self._skippedEmptyLine = True
-                return
-            self._requestLine(line)
-        elif line:
-            self.headerReceived(line)
-        else:
-            self._endOfHead()
+            else:
+                self._requestLine(line)
+        except _Rejected as rejection:
+            self.rejectAndClose(rejection.status, rejection.reason)
 
     def _requestLine(self, line: bytes) -> None:
         parts = line.split(b" ")
@@ -646,9 +680,14 @@ class EdgeHTTPChannel(http.HTTPChannel):
             # RFC 9112 5.2: obs-fold is refused, not unfolded.
             raise _Rejected(400, "obsolete line folding")
         name, colon, value = line.partition(b":")
-        if not colon or not _istoken(name):
-            # Also catches whitespace before the colon (RFC 9112 5.1).
-            raise _Rejected(400, "invalid field name")
+        lowered = _checkedNames.get(name) if colon else None
+        if lowered is None:
+            if not colon or not _istoken(name):
+                # Also catches whitespace before the colon (RFC 9112 5.1).
+                raise _Rejected(400, "invalid field name")
+            lowered = name.lower()
+            if len(_checkedNames) < _MAX_CHECKED_NAMES:
+                _checkedNames[name] = lowered
         value = value.strip(b" \t")
         if len(value.translate(None, _CONTROLS_EXCEPT_HTAB)) != len(value):
             raise _Rejected(400, "control character in field value")
@@ -656,8 +695,9 @@ class EdgeHTTPChannel(http.HTTPChannel):
         if self._fieldCount > self.limits.max_headers:
             raise _Rejected(431, "too many header fields")
 
-        lowered = name.lower()
-        if lowered == b"content-length":
+        if lowered not in _SPECIAL_FIELDS:
+            pass
+        elif lowered == b"content-length":
             if self._contentLengths is None:
                 self._contentLengths = [value]
             else:
@@ -679,7 +719,7 @@ class EdgeHTTPChannel(http.HTTPChannel):
 
     def _endOfHead(self) -> None:
         request = self.requests[-1]
-        version = self._version  # type: ignore[attr-defined]
+        version = requestLineOf(self)[2]
         authority = self._absoluteAuthority
         if self._hostCount == 0:
             if version == b"HTTP/1.1":
@@ -703,12 +743,11 @@ class EdgeHTTPChannel(http.HTTPChannel):
                 raise _Rejected(400, "both Content-Length and Transfer-Encoding")
             _checkTransferEncoding(transferEncodings)
             self.length = None
+            maxTrailerSize = self.limits.max_header_size
             _installBodyDecoder(
                 self,
-                ChunkedDecoder(
-                    request.handleContentChunk,
-                    self._finishRequestBody,
-                    maxTrailerSize=self.limits.max_header_size,
+                lambda finish: ChunkedDecoder(
+                    request.handleContentChunk, finish, maxTrailerSize=maxTrailerSize
                 ),
             )
         elif contentLengths is not None:
@@ -717,7 +756,7 @@ class EdgeHTTPChannel(http.HTTPChannel):
             if length:
                 _installBodyDecoder(
                     self,
-                    IdentityDecoder(length, request.handleContentChunk, self._finishRequestBody),
+                    lambda finish: IdentityDecoder(length, request.handleContentChunk, finish),
                 )
         else:
             self.length = 0
@@ -735,7 +774,7 @@ class EdgeHTTPChannel(http.HTTPChannel):
         self._awaitingHead = False
         request = self.requests[-1]
         request.parseCookies()
-        version = self._version  # type: ignore[attr-defined]
+        version = requestLineOf(self)[2]
         self.persistent = self.checkPersistence(request, version)
         request.gotLength(self.length)
         # Twisted answers Expect: 100-continue itself; never after the request
@@ -750,7 +789,7 @@ class EdgeHTTPChannel(http.HTTPChannel):
         ):
             expect = request.requestHeaders.getRawHeaders(b"Expect")
             if expect and expect[0].lower() == b"100-continue":
-                self._send100Continue()
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def allContentReceived(self) -> None:
         self._expectingRequestLine = True
@@ -783,11 +822,10 @@ def edgeChannelProtocolFactory(factory: Any) -> Any:
     connection negotiating C{h2} still becomes an HTTP/2 connection.  Use as
     C{protocol = edgeChannelProtocolFactory} on the factory class.
 
-    Relies on the private C{http._GenericHTTPChannelProtocol} (what
-    C{HTTPFactory.protocol} builds); covered by TwistedPrivateSurfaceTests.
+    Relies on Twisted's private ALPN switcher (see L{_wrapForALPN}).
     """
     channel = EdgeHTTPChannel()
     limits = getattr(factory, "limits", None)
     if isinstance(limits, Limits):
         channel.limits = limits
-    return http._GenericHTTPChannelProtocol(channel)
+    return _wrapForALPN(channel)
