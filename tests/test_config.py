@@ -13,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.endpoints import _parse as twistedParse
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
@@ -30,7 +32,7 @@ from edgeproxy.config.model import (
     TLSVersion,
     Upstream,
 )
-from edgeproxy.config.parse import SECTION_KEYS
+from edgeproxy.config.parse import SECTION_KEYS, _makeParser, _scanLines
 from edgeproxy.config.syntax import _tokenizeEndpoint, checkEndpoint, parseServers
 from edgeproxy.errors import ConfigError
 
@@ -715,3 +717,84 @@ def test_serverList() -> None:
         Server("10.0.0.1", 1),
     )
     assert Server("::1", 9001).address == "[::1]:9001"
+
+
+# Line tracking ------------------------------------------------------------
+
+_KEY = st.from_regex(r"[a-z][a-z_]{0,8}", fullmatch=True)
+_VALUE = st.from_regex(r"[A-Za-z0-9/:.,*=-]{1,10}( [A-Za-z0-9][A-Za-z0-9#;]{0,4})?", fullmatch=True)
+_COMMENT = st.sampled_from(["", "  ; note", "\t# note", " ;", "    # x = y"])
+_NOISE = st.lists(st.sampled_from(["", "# comment", "; comment", "   ", "  # indented comment"]), max_size=2)
+
+
+@st.composite
+def _iniFiles(draw: st.DrawFn) -> tuple[str, dict[str, int], dict[tuple[str, str], int], dict[tuple[str, str], str]]:
+    """An INI text with the lines of its sections and keys, and the values."""
+    lines: list[str] = []
+    sectionLines: dict[str, int] = {}
+    keyLines: dict[tuple[str, str], int] = {}
+    values: dict[tuple[str, str], str] = {}
+    names = draw(st.lists(_KEY, min_size=1, max_size=4, unique=True))
+    for name in names:
+        lines += draw(_NOISE)
+        lines.append(f"[{name}]{draw(_COMMENT)}")
+        sectionLines[name] = len(lines)
+        # Keys of a section share their indentation: a key indented deeper
+        # than the one before it continues that one's value.
+        indent = draw(st.sampled_from(["", "", " "]))
+        for key in draw(st.lists(_KEY, max_size=4, unique=True)):
+            lines += draw(_NOISE)
+            value = draw(_VALUE)
+            lines.append(f"{indent}{key} = {value}{draw(_COMMENT)}")
+            keyLines[(name, key)] = len(lines)
+            text = value
+            for more in draw(st.lists(_VALUE, max_size=2)):
+                lines.append(f"{indent}    {more}{draw(_COMMENT)}")
+                text += "\n" + more
+            values[(name, key)] = text
+    return "\n".join(lines) + "\n", sectionLines, keyLines, values
+
+
+@settings(max_examples=300)
+@given(_iniFiles())
+def test_scanLinesFindsWhatConfigparserReads(
+    generated: tuple[str, dict[str, int], dict[tuple[str, str], int], dict[tuple[str, str], str]]
+) -> None:
+    """
+    The line scanner agrees with configparser (as L{load} configures it)
+    on every section and key, through comments and continuation lines.
+    """
+    text, sectionLines, keyLines, values = generated
+    parser = _makeParser()
+    parser.read_string(text)
+    read = {(section, key): value for section in parser.sections() for key, value in parser.items(section)}
+    assert read == values
+    lines = _scanLines(text)
+    assert lines.sections == sectionLines
+    assert lines.keys == keyLines
+
+
+# The documentation --------------------------------------------------------
+
+
+def test_documentationNamesEveryKey() -> None:
+    reference = (REPOSITORY / "docs" / "configuration.rst").read_text()
+    for kind, keys in SECTION_KEYS.items():
+        for key in keys:
+            assert f"``{key}``" in reference, (kind, key)
+
+
+def test_documentedExampleLoads(tmp_path: Path) -> None:
+    """The complete example of docs/configuration.rst is a valid configuration."""
+    reference = (REPOSITORY / "docs" / "configuration.rst").read_text()
+    block = reference.split("A complete example\n------------------\n\n::\n\n")[1]
+    example = "\n".join(line[4:] for line in block.splitlines())
+    root = str(tmp_path)
+    (tmp_path / "etc" / "edgeproxy" / "certs").mkdir(parents=True)
+    (tmp_path / "var" / "log" / "edgeproxy").mkdir(parents=True)
+    for name in ("etc/edgeproxy/certs/example.com.pem", "etc/edgeproxy/internal-ca.pem"):
+        (tmp_path / name).write_text("x\n")
+    example = example.replace("/etc/", root + "/etc/").replace("/var/", root + "/var/")
+    config = load(write(tmp_path, example))
+    assert [route.name for route in config.routes] == ["app", "static"]
+    assert config.listeners[1].redirect_port == 443
