@@ -28,6 +28,7 @@ from edgeproxy.config.model import Config, Listener, Upstream
 from edgeproxy.config.syntax import checkEndpoint
 from edgeproxy.config.units import formatDuration, formatSize
 from edgeproxy.errors import ConfigError
+from edgeproxy.routing import Router
 from edgeproxy.tls.certs import CertificateSet, loadCertificates
 from edgeproxy.tls.client import loadUpstreamTLS
 
@@ -104,6 +105,12 @@ def check(
         return EXIT_INVALID
 
     problems: list[str] = []
+    try:
+        # The router is built from the routes at start; anything it refuses
+        # would stop twistd, so check refuses it too.
+        Router(config.routes)
+    except ConfigError as e:
+        problems.append(str(e) if e.file else f"{path}: {e}")
     certificates: CertificateSet | None = None
     if config.tls is not None:
         try:
