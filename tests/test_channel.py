@@ -577,6 +577,32 @@ def test_expectContinueNotAfterEarlyResponse() -> None:
     assert b"100 Continue" not in connection.received()
 
 
+def test_requestClosingFromGotLengthStopsParsing() -> None:
+    """
+    A request that answers and closes from gotLength (413 on a declared
+    length, say): the body bytes that follow are never parsed as a head.
+    """
+
+    class Closing(RecordingRequest):
+        def gotLength(self, length: int | None) -> None:
+            super().gotLength(length)
+            self.clientproto = b"HTTP/1.1"
+            self.setResponseCode(413)
+            self.setHeader(b"Content-Length", b"0")
+            self.write(b"")
+            self.channel.loseConnection()
+
+    connection = Connection()
+    connection.channel.requestFactory = Closing
+    connection.send(
+        b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 40\r\n\r\n" + b"GET /smuggled HTTP/1.1\r\n" + H + b"\r\n"
+    )
+    connection.send(b"GET /more HTTP/1.1\r\n" + H + b"\r\n")
+    assert connection.kinds() == ["gotLength"]
+    assert connection.received().startswith(b"HTTP/1.1 413 ")
+    assert connection.received().count(b"HTTP/1.1 ") == 1
+
+
 def test_limitsFromFactory() -> None:
     connection = Connection(Limits(max_headers=7, client_idle_timeout=33))
     assert connection.channel.limits.max_headers == 7

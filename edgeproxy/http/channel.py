@@ -763,6 +763,11 @@ class EdgeHTTPChannel(HTTPChannel):
 
         self.allHeadersReceived()
         if self._rejected or self.transport is None or self.transport.disconnecting:
+            # The request object refused it from gotLength and is closing
+            # the connection: the rest of the body must not be parsed as the
+            # next head.
+            self._rejected = True
+            self._cancelHeadTimer()
             return
         if self.length == 0:
             self.allContentReceived()
