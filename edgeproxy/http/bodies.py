@@ -1,0 +1,410 @@
+# -*- test-case-name: tests.test_bodies -*-
+"""
+Moving bodies through the proxy without holding them.
+
+L{BodyPipe} carries the client's request body to the backend: it is the
+C{IBodyProducer} the Agent reads from, and it pauses the client (the TCP or
+TLS transport for HTTP/1.1, the stream for HTTP/2) whenever the backend
+cannot take more.  L{ResponseRelay} carries the backend's response body to
+the client: it registers the backend connection as a streaming producer on
+the client request, so a slow client pauses the backend socket.
+
+Memory per request is therefore bounded by a few socket reads in each
+direction, whatever the body size.  Both directions enforce the upstream's
+idle timeout (no byte moved for C{idle_timeout} seconds aborts both sides).
+
+This module decides nothing about routing, headers or status codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from edgeproxy.http.errorpages import isHTTP2
+
+log = Logger()
+
+
+def abortClient(request: Any) -> None:
+    """
+    Make the client see that its response is incomplete.
+
+    For HTTP/1.1 the connection is aborted without the terminating zero chunk
+    (or before C{Content-Length} bytes), so no client can take a truncated
+    body for a complete one (RFC 9112 §6.3, §7.1).  For HTTP/2 only the
+    stream is reset (RFC 9113 §8.1); the connection's other streams go on.
+    """
+    channel = getattr(request, "channel", None)
+    if channel is None:
+        return
+    if isHTTP2(request):
+        channel.abortConnection()
+        # Twisted forgets a reset stream without telling its request; tell it
+        # so that notifyFinish fires and the request's bookkeeping ends.
+        request.connectionLost(Failure(ConnectionAborted("stream reset by proxy")))
+    elif channel.transport is not None:
+        channel.transport.abortConnection()
+
+
+class IdleTimer:
+    """
+    Fires C{onIdle} once when C{touch} has not been called for C{timeout}
+    seconds.  A timeout of 0 (or less) disables it.
+    """
+
+    def __init__(
+        self, clock: Any, timeout: float, onIdle: Callable[[], None]
+    ) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._onIdle = onIdle
+        self._call: IDelayedCall | None = None
+
+    def touch(self) -> None:
+        """Restart the countdown (starting it if needed)."""
+        if self._timeout <= 0:
+            return
+        if self._call is not None and self._call.active():
+            self._call.reset(self._timeout)
+        else:
+            self._call = self._clock.callLater(self._timeout, self._fire)
+
+    def stop(self) -> None:
+        """Stop counting for good (until the next C{touch})."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _fire(self) -> None:
+        self._call = None
+        self._onIdle()
+
+
+class ClientReader:
+    """
+    Pauses and resumes reading the client's request body.
+
+    HTTP/1.1: the channel's transport (TCP or TLS) is paused, which leaves
+    the bytes in the client's send buffer and the kernel's, i.e. TCP flow
+    control.  HTTP/2: the stream is paused, which withholds WINDOW_UPDATE
+    frames for it (RFC 9113 §5.2) and buffers at most one window.
+
+    C{HTTPChannel} itself pauses and resumes the same transport when its own
+    writes back up; the two sources are reconciled by re-asserting our pause
+    on every chunk that arrives while we want the client paused (see
+    L{BodyPipe.write}), so a resume from the channel costs at most one more
+    read, never an unbounded buffer.
+    """
+
+    def __init__(self, request: Any) -> None:
+        self._request = request
+        self.paused = False
+
+    def _target(self) -> Any:
+        channel = getattr(self._request, "channel", None)
+        if channel is None:
+            return None
+        if isHTTP2(self._request):
+            return channel
+        return channel.transport
+
+    def pause(self) -> None:
+        """Stop (or keep stopped) reading the client's body."""
+        target = self._target()
+        self.paused = True
+        if target is not None:
+            target.pauseProducing()
+
+    def resume(self) -> None:
+        """Read the client's body again, if we were the one pausing it."""
+        if not self.paused:
+            return
+        self.paused = False
+        target = self._target()
+        if target is not None:
+            target.resumeProducing()
+
+
+@implementer(IBodyProducer)
+class BodyPipe:
+    """
+    The client's request body, as the Agent's body producer.
+
+    Chunks written before the Agent starts producing (the backend connection
+    is not open yet) or while the backend is paused are kept, and the client
+    is paused at the same time, so at most one read's worth is held.
+
+    @ivar length: the client's declared length, or C{UNKNOWN_LENGTH} (the
+        Agent then sends the body chunked).
+    @ivar received: bytes received from the client so far.
+    """
+
+    def __init__(
+        self,
+        length: int | None,
+        client: ClientReader,
+        clock: Any,
+        idleTimeout: float,
+        onIdle: Callable[[], None],
+    ) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self.received = 0
+        self._client = client
+        self._buffer: list[bytes] = []
+        self._consumer: IConsumer | None = None
+        self._consumerPaused = False
+        self._clientDone = False
+        self._stopped = False
+        self._done: Deferred[None] | None = None
+        self._failure: Failure | None = None
+        self._finishedWaiters: list[Deferred[None]] = []
+        self._completed = False
+        self._idle = IdleTimer(clock, idleTimeout, onIdle)
+
+    # Client side ----------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """
+        A chunk of the client's body arrived.
+        """
+        self.received += len(data)
+        if self._stopped or self._completed:
+            # The backend no longer wants the body (it answered already or
+            # went away): drain and discard, so the client can finish.
+            return
+        self._idle.touch()
+        if self._consumer is None or self._consumerPaused or self._buffer:
+            self._buffer.append(data)
+            self._client.pause()
+            return
+        self._consumer.write(data)
+
+    def finish(self) -> None:
+        """The client's body is complete."""
+        self._clientDone = True
+        self._maybeComplete()
+
+    def fail(self, reason: Failure) -> None:
+        """
+        The client's body will not complete (size limit, client gone): make
+        the Agent abort the upstream request instead of sending a short body.
+        """
+        if self._completed or self._stopped:
+            return
+        self._completed = True
+        self._idle.stop()
+        self._buffer = []
+        if self._done is not None:
+            done, self._done = self._done, None
+            done.errback(reason)
+        else:
+            self._failure = reason
+        self._fireFinished(reason)
+
+    def whenFinished(self) -> Deferred[None]:
+        """
+        @return: fires when the whole body has been handed to the backend
+            connection (the start of the response timeout); fails if the body
+            is abandoned.
+        """
+        if self._completed and self._failure is None and self._done is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._finishedWaiters.append(d)
+        return d
+
+    # IBodyProducer -------------------------------------------------------
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            done: Deferred[None] = Deferred()
+            done.errback(failure)
+            return done
+        self._done = Deferred()
+        result = self._done
+        self._idle.touch()
+        self._flush()
+        if not self._consumerPaused:
+            self._client.resume()
+        self._maybeComplete()
+        return result
+
+    def pauseProducing(self) -> None:
+        self._consumerPaused = True
+        self._client.pause()
+
+    def resumeProducing(self) -> None:
+        self._consumerPaused = False
+        self._idle.touch()
+        self._flush()
+        if not self._consumerPaused and not self._buffer:
+            self._client.resume()
+        self._maybeComplete()
+
+    def stopProducing(self) -> None:
+        """
+        The Agent gave up on the request (backend connection lost, request
+        cancelled).  Per C{IBodyProducer}, the Deferred never fires now.
+        """
+        self._stopped = True
+        self._done = None
+        self._buffer = []
+        self._idle.stop()
+        self._client.resume()
+
+    # Internals -----------------------------------------------------------
+
+    def _flush(self) -> None:
+        while self._buffer and not self._consumerPaused and self._consumer:
+            self._consumer.write(self._buffer.pop(0))
+
+    def _maybeComplete(self) -> None:
+        if (
+            self._clientDone
+            and not self._buffer
+            and self._done is not None
+            and not self._completed
+        ):
+            self._completed = True
+            self._idle.stop()
+            done, self._done = self._done, None
+            done.callback(None)
+            self._fireFinished(None)
+
+    def _fireFinished(self, result: Failure | None) -> None:
+        waiters, self._finishedWaiters = self._finishedWaiters, []
+        for waiter in waiters:
+            if result is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(result)
+
+
+@implementer(IPushProducer)
+class _WatchedProducer:
+    """
+    The backend connection as registered on the client request: passes
+    pause/resume through and counts a resume (the client took bytes) as
+    activity for the idle timeout.
+    """
+
+    def __init__(self, producer: IPushProducer, idle: IdleTimer) -> None:
+        self._producer = producer
+        self._idle = idle
+
+    def pauseProducing(self) -> None:
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._idle.touch()
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._producer.stopProducing()
+
+
+class ResponseRelay(Protocol):
+    """
+    Receives the backend's response body (via C{IResponse.deliverBody}) and
+    writes it to the client request, which must already have its status and
+    headers set.
+
+    @ivar done: fires (with L{None}) once the relay is over, whatever the
+        outcome.
+    @ivar reason: L{None} when the client's response was finished
+        completely, else the L{Failure} that cut it short.
+    """
+
+    def __init__(self, request: Any, clock: Any, idleTimeout: float) -> None:
+        self._request = request
+        self._idle = IdleTimer(clock, idleTimeout, self._timedOut)
+        self._producer: _WatchedProducer | None = None
+        self._clientGone = False
+        self._over = False
+        self.done: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+        request.notifyFinish().addErrback(self._clientLost)
+
+    def connectionMade(self) -> None:
+        self._idle.touch()
+        if self._clientGone:
+            self.transport.stopProducing()
+            return
+        self._producer = _WatchedProducer(self.transport, self._idle)
+        self._request.registerProducer(self._producer, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._clientGone or self._over:
+            return
+        self._idle.touch()
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        self._idle.stop()
+        if self._over:
+            return
+        self._over = True
+        if self._clientGone:
+            self._settle(reason)
+            return
+        self._unregister()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss is a body delimited by the backend closing
+            # its connection (no Content-Length, not chunked): that close IS
+            # the end of the body (RFC 9112 §6.3 item 8), so the response is
+            # as complete as the backend made it.
+            self._request.finish()
+            self._settle(None)
+            return
+        log.warn(
+            "response body from backend cut short: {why}",
+            why=reason.getErrorMessage(),
+        )
+        abortClient(self._request)
+        self._settle(reason)
+
+    # Internals -----------------------------------------------------------
+
+    def _unregister(self) -> None:
+        if self._producer is not None:
+            self._producer = None
+            if getattr(self._request, "channel", None) is not None:
+                self._request.unregisterProducer()
+
+    def _clientLost(self, reason: Failure) -> None:
+        # The client went away: the backend connection is mid-body and can
+        # not go back to the pool, so close it.
+        self._clientGone = True
+        self._idle.stop()
+        self._producer = None
+        if self.transport is not None and not self._over:
+            self.transport.stopProducing()
+
+    def _timedOut(self) -> None:
+        if self._over:
+            return
+        log.warn("response body idle timeout: aborting backend and client")
+        self._over = True
+        self._unregister()
+        if self.transport is not None:
+            self.transport.stopProducing()
+        abortClient(self._request)
+        self._settle(Failure(ConnectionAborted("idle timeout")))
+
+    def _settle(self, result: Failure | None) -> None:
+        if not self.done.called:
+            self.reason = result
+            self.done.callback(None)

@@ -1,0 +1,530 @@
+# -*- test-case-name: tests.test_request -*-
+"""
+L{ProxyRequest}: one client request, proxied while it streams.
+
+Twisted's C{Request} collects the whole body before C{process()}; a proxy
+must not.  This subclass starts the upstream request as soon as the head is
+complete (see L{ProxyRequest._headComplete} for how that moment is found for
+HTTP/1.1 and HTTP/2), feeds body chunks into a L{BodyPipe} as they arrive,
+and relays the response through a L{ResponseRelay}.  Nothing is kept in
+C{request.content} (it stays an empty C{BytesIO}).
+
+Decisions documented here because a user can see them:
+
+  - An error decided from the head (400 bad target, 404 no route, 421
+    misdirected, 413 declared body too large) is answered without ever
+    contacting a backend.  When no body follows it is answered normally
+    (the connection stays open unless the status says otherwise); when a
+    body is pending it is answered at once, before any C{100 Continue}, and
+    then HTTP/1.1 closes the connection (the rest of the body is never
+    read) while HTTP/2 discards the rest of the stream and ends it.
+  - A body that grows past the limit while streaming is cut: the upstream
+    request is aborted (the backend never sees a complete-looking short
+    body) and the client gets a 413 and a closed connection if its
+    response had not started, else an aborted connection / reset stream.
+  - A backend failure before the client finished sending (dead backend,
+    connect timeout) is answered at once the same way; the client does not
+    have to upload everything to learn the backend is down.
+  - A backend I{response} that arrives complete before the client finished
+    sending (Twisted's Agent only hands over a response early when it is
+    complete) is held until the client's body is complete, and the rest of
+    the body is drained and discarded.  Writing it earlier is not possible
+    on HTTP/1.1 without closing: the channel would parse the remaining body
+    bytes as the next request.
+  - C{Expect: 100-continue} is answered by Twisted itself as soon as the
+    head is accepted, not by the backend (known limitation); it is never
+    sent after an error response decided from the head.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.http import NO_BODY_CODES, datetimeToString
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+
+from edgeproxy.config.model import Route
+from edgeproxy.errors import (
+    BadRequest,
+    ContentTooLarge,
+    MisdirectedRequest,
+    NoRoute,
+    ProxyError,
+    UpstreamProtocolError,
+)
+from edgeproxy.http.bodies import BodyPipe, ClientReader, ResponseRelay, abortClient
+from edgeproxy.http.channel import requestLineOf
+from edgeproxy.http.errorpages import errorBody, isHTTP2, phraseFor, writeError
+from edgeproxy.http.headers import (
+    checkResponseHeaders,
+    clientResponseHeaders,
+    upstreamRequestHeaders,
+)
+from edgeproxy.http.paths import normaliseTarget
+from edgeproxy.routing import normaliseHost
+from edgeproxy.upstream.pool import fullResponseHeaders
+
+log = Logger()
+
+_VIA_PROTOCOLS = {b"HTTP/1.0": b"1.0", b"HTTP/1.1": b"1.1", b"HTTP/2": b"2"}
+
+
+def serverNameOf(request: Any) -> bytes | None:
+    """
+    The SNI name the client sent on this request's TLS connection, lower
+    case, or L{None} (plain connection, or no SNI).
+    """
+    channel = getattr(request, "channel", None)
+    if channel is None:
+        return None
+    transport = channel._conn.transport if isHTTP2(request) else channel.transport
+    getHandle = getattr(transport, "getHandle", None)
+    if getHandle is None:
+        return None
+    try:
+        name = getHandle().get_servername()
+    except Exception:
+        return None
+    return name.lower() if name else None
+
+
+def stripPrefix(path: bytes, prefix: str) -> bytes:
+    """
+    Remove the matched route prefix from C{path}, keeping it absolute:
+    C{/api/x} under C{/api} gives C{/x}, C{/api} itself gives C{/}.
+    """
+    rest = path[len(prefix.encode("ascii").rstrip(b"/")) :]
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    return rest
+
+
+class ProxyRequest(server.Request):
+    """
+    A request proxied to the upstream its route names, body and response
+    streamed.
+
+    @ivar route: the L{Route} this request was matched to, once routed.
+    @ivar upstreamName: the upstream's name, once routed (for the access log).
+    """
+
+    defaultContentType = None
+
+    route: Route | None = None
+    upstreamName: str | None = None
+    _pipe: BodyPipe | None = None
+    _upstream: Deferred[IResponse] | None = None
+    _response: IResponse | None = None
+    _upstreamFailure: Failure | None = None
+    _pendingError: ProxyError | None = None
+    _answered = False
+    _bodyDone = False
+    _processing = False
+    _tunnelled = False
+    _gotLength = False
+    _cookiesParsed = False
+    _started = False
+    _declaredLength: int | None = None
+    _maxBody = 0
+
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parsePOSTFormSubmission", False)
+        super().__init__(channel, *args, **kwargs)
+        site = getattr(channel, "site", None)
+        self.site = site
+        inflight = getattr(site, "inflight", None)
+        if inflight is not None:
+            # Left in _cleanup (finished) or connectionLost (client gone).
+            inflight.add(self)
+        self.notifyFinish().addErrback(self._clientGone)
+
+    # Hooks the channel (HTTP/1.1) or stream (HTTP/2) calls ---------------
+
+    def gotLength(self, length: int | None) -> None:
+        if self._gotLength:
+            return
+        self._gotLength = True
+        # The body is streamed, never stored: keep Twisted's content file
+        # an empty BytesIO so requestReceived has something to seek.
+        super().gotLength(0)
+        self._declaredLength = length
+        self._maybeHeadComplete()
+
+    def parseCookies(self) -> None:
+        super().parseCookies()
+        self._cookiesParsed = True
+        self._maybeHeadComplete()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        pipe = self._pipe
+        if pipe is None:
+            return
+        pipe.write(data)
+        if self._maxBody and pipe.received > self._maxBody and not self._answered:
+            self._bodyTooLarge()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._bodyDone = True
+        if self._pipe is not None:
+            self._pipe.finish()
+        if self.finished or self._disconnected or self._tunnelled:
+            return
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        self._processing = True
+        if self._answered:
+            # Answered from the head or on an early upstream failure; over
+            # HTTP/2 the stream stayed open to drain the body, end it now.
+            if not self.finished and not self._disconnected and isHTTP2(self):
+                self.finish()
+            return
+        if self._pendingError is not None:
+            writeError(self, self._pendingError)
+            return
+        if self._response is not None:
+            self._respond(self._response)
+        elif self._upstreamFailure is not None:
+            self._fail(self._upstreamFailure)
+        # else: _upstreamResponded / _upstreamFailed will answer.
+
+    # The head is complete ------------------------------------------------
+
+    def _maybeHeadComplete(self) -> None:
+        # HTTP/1.1 (EdgeHTTPChannel.allHeadersReceived) calls parseCookies
+        # then gotLength; HTTP/2 (H2Stream._convertHeaders) calls gotLength,
+        # possibly while still adding header fields, then parseCookies once
+        # every field is in.  The head is complete when both have happened.
+        if self._started or not (self._gotLength and self._cookiesParsed):
+            return
+        self._started = True
+        try:
+            self._headComplete()
+        except ProxyError as error:
+            self._answerFromHead(error)
+        except Exception:
+            log.failure("proxying a request failed")
+            internal = ProxyError("internal error")
+            internal.status = 500
+            self._answerFromHead(internal)
+
+    def _headComplete(self) -> None:
+        method, target, version = requestLineOf(self.channel)
+        # Twisted only sets these in requestReceived, after the body; a
+        # response can be written before that (errors), and http.Request
+        # uses them for the status line and HEAD handling.
+        self.method = method
+        self.uri = target
+        self.clientproto = version
+        self.path = target.split(b"?", 1)[0]
+
+        path, query = normaliseTarget(target)
+        runtime = self.site.currentRuntime()
+        hostValues = self.requestHeaders.getRawHeaders(b"host") or [b""]
+        host = normaliseHost(hostValues[0])
+        match = runtime.router.match(hostValues[0], path)
+        if match is None:
+            if self.isSecure():
+                sni = serverNameOf(self)
+                if sni is not None and normaliseHost(sni) != host:
+                    # RFC 9110 §15.5.20: this connection's certificate was
+                    # chosen for another name; the client may retry on a
+                    # connection of its own for this Host.
+                    raise MisdirectedRequest(f"no route for host {host!r} (SNI {sni!r})")
+            raise NoRoute(f"no route for host {host!r} path {path!r}")
+        route = match.route
+        self.route = route
+        self.upstreamName = route.upstream
+        listenerLimits = self.site.listener.limits
+        self._maxBody = (
+            route.max_body_size
+            if route.max_body_size is not None
+            else listenerLimits.max_body_size
+        )
+        if (
+            self._maxBody
+            and self._declaredLength is not None
+            and self._declaredLength > self._maxBody
+        ):
+            raise ContentTooLarge(
+                f"declared body {self._declaredLength} over limit {self._maxBody}"
+            )
+
+        upstreamPath = stripPrefix(path, match.prefix) if route.strip_prefix else path
+        # normaliseTarget keeps the "?" on a query (an empty one too).
+        upstreamPath += query
+        pool = runtime.pools[route.upstream]
+        upstream = pool.upstream
+        config = runtime.config
+        peer = self.getClientAddress()
+        peerHost = getattr(peer, "host", "")
+        upgrade = self._websocketUpgrade(method, route)
+        headers = upstreamRequestHeaders(
+            self.requestHeaders,
+            peer=peerHost,
+            trustedPeer=_isTrusted(peerHost, config.proxy.trusted_proxies),
+            scheme=b"https" if self.isSecure() else b"http",
+            host=hostValues[0],
+            via=None if config.proxy.via is None else config.proxy.via.encode("ascii"),
+            upgrade=upgrade,
+            hostOverride=(
+                None
+                if upstream.host_header is None
+                else upstream.host_header.encode("idna")
+            ),
+            receivedProtocol=_VIA_PROTOCOLS.get(version, b"1.1"),
+        )
+        if upgrade is not None:
+            from edgeproxy.http.tunnel import startTunnel
+
+            self._tunnelled = True
+            startTunnel(self, pool, headers, upstreamPath)
+            return
+
+        body: BodyPipe | None = None
+        if self._declaredLength != 0:
+            body = BodyPipe(
+                self._declaredLength,
+                ClientReader(self),
+                _clockOf(self.site),
+                upstream.idle_timeout,
+                self._uploadIdle,
+            )
+            self._pipe = body
+        self._upstream = pool.request(method, upstreamPath, headers, body)
+        self._upstream.addCallbacks(self._upstreamResponded, self._upstreamFailed)
+
+    def _websocketUpgrade(self, method: bytes, route: Route) -> bytes | None:
+        if method != b"GET" or not route.websocket:
+            return None
+        for value in self.requestHeaders.getRawHeaders(b"upgrade", ()):
+            for token in value.split(b","):
+                if token.strip().lower() == b"websocket":
+                    return b"websocket"
+        return None
+
+    # Upstream outcomes ---------------------------------------------------
+
+    def _upstreamResponded(self, response: IResponse) -> None:
+        self._upstream = None
+        if self.finished or self._disconnected or self._answered:
+            _discard(response)
+            return
+        if self._processing:
+            self._respond(response)
+        else:
+            # Complete response before the client's body is: see the module
+            # docstring; answered from process().
+            self._response = response
+            if self._pipe is not None:
+                self._pipe.stopProducing()
+
+    def _upstreamFailed(self, failure: Failure) -> None:
+        self._upstream = None
+        if failure.check(CancelledError) or self._disconnected or self._answered:
+            return
+        if self._processing:
+            self._fail(failure)
+        else:
+            self._answerEarly(_asProxyError(failure))
+
+    def _respond(self, response: IResponse) -> None:
+        self._response = None
+        received = fullResponseHeaders(response)
+        try:
+            checkResponseHeaders(received)
+        except UpstreamProtocolError as error:
+            log.warn(
+                "upstream {upstream} sent an unacceptable response: {why}",
+                upstream=self.upstreamName,
+                why=str(error),
+            )
+            _discard(response)
+            writeError(self, error)
+            return
+        headers = clientResponseHeaders(received)
+        if (
+            not headers.hasHeader(b"content-length")
+            and response.length is not UNKNOWN_LENGTH
+            and response.code not in NO_BODY_CODES
+            and self.method != b"HEAD"
+        ):
+            # Keep the backend's framing length so the client is not
+            # switched to chunked needlessly.
+            headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
+        if not isHTTP2(self) and self.responseHeaders.getRawHeaders(b"connection"):
+            # Twisted's checkPersistence put Connection: close here (the
+            # client asked for it); keep saying so.
+            headers.setRawHeaders(b"connection", [b"close"])
+        if not headers.hasHeader(b"date"):
+            # RFC 9110 §6.6.1: an origin with a clock must send Date; add it
+            # when the backend did not.  Never a Server header of our own.
+            headers.setRawHeaders(b"date", [datetimeToString()])
+        self.setResponseCode(response.code, response.phrase or phraseFor(response.code))
+        self.responseHeaders = headers
+        upstream = self.site.currentRuntime().pools.get(self.upstreamName)
+        idle = upstream.upstream.idle_timeout if upstream is not None else 0
+        relay = ResponseRelay(self, _clockOf(self.site), idle)
+        # Send the head now: a slow or endless body (server-sent events)
+        # must not hold it back.
+        self.write(b"")
+        if self.method == b"HEAD" or response.code in NO_BODY_CODES:
+            # No body may follow (RFC 9110 §6.4.1); whatever the Agent
+            # delivers is empty, deliverBody still frees the connection.
+            pass
+        response.deliverBody(relay)
+
+    def _fail(self, failure: Failure) -> None:
+        if self.startedWriting:
+            abortClient(self)
+            return
+        writeError(self, _asProxyError(failure))
+
+    # Early answers ---------------------------------------------------------
+
+    def _answerFromHead(self, error: ProxyError) -> None:
+        log.info(
+            "refusing {method} {target}: {status} ({why})",
+            method=self.method,
+            target=self.uri,
+            status=error.status,
+            why=str(error),
+        )
+        # No 100 Continue after this (Twisted checks Expect after gotLength).
+        self.requestHeaders.removeHeader(b"expect")
+        if self._declaredLength == 0:
+            # Nothing follows the head: answer in process(), which Twisted
+            # calls right after this.
+            self._pendingError = error
+            return
+        self._answerEarly(error)
+
+    def _answerEarly(self, error: ProxyError) -> None:
+        """
+        Answer while the client's body is still arriving.
+        """
+        self._answered = True
+        if self._pipe is not None:
+            self._pipe.fail(Failure(error))
+        self._cancelUpstream()
+        if self.finished or self._disconnected:
+            return
+        if self.startedWriting:
+            abortClient(self)
+            return
+        if self._bodyDone:
+            writeError(self, error)
+            return
+        status = error.status
+        self.setResponseCode(status, phraseFor(status))
+        body = errorBody(status)
+        headers = Headers()
+        headers.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
+        headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
+        headers.setRawHeaders(b"cache-control", [b"no-store"])
+        headers.setRawHeaders(b"date", [datetimeToString()])
+        if isHTTP2(self):
+            # The stream ends in process(), once the client's END_STREAM
+            # arrived: Twisted forgets a finished stream and would choke on
+            # the client's remaining DATA frames.
+            self.responseHeaders = headers
+            self.write(body)
+            self._pipe = None
+            return
+        # HTTP/1.1: the rest of the body is never read, so the connection
+        # can carry nothing else (RFC 9112 §9.6).
+        headers.setRawHeaders(b"connection", [b"close"])
+        self.responseHeaders = headers
+        self.write(body)
+        self._pipe = None
+        channel = self.channel
+        channel.persistent = False
+        if self.site is not None:
+            self.site.log(self)
+        channel.loseConnection()
+
+    def _bodyTooLarge(self) -> None:
+        self._answerEarly(
+            ContentTooLarge(f"body over the limit of {self._maxBody} bytes")
+        )
+
+    def _uploadIdle(self) -> None:
+        log.warn("request body idle timeout: aborting backend and client")
+        self._answered = True
+        if self._pipe is not None:
+            self._pipe.fail(Failure(CancelledError("request body idle")))
+        self._cancelUpstream()
+        abortClient(self)
+
+    # Client went away ------------------------------------------------------
+
+    def _clientGone(self, reason: Failure) -> None:
+        if self._pipe is not None:
+            self._pipe.fail(reason)
+        self._cancelUpstream()
+        if self._response is not None:
+            _discard(self._response)
+            self._response = None
+
+    def _cancelUpstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None and not upstream.called:
+            upstream.cancel()
+
+    def connectionLost(self, reason: Failure) -> None:
+        site = self.site
+        super().connectionLost(reason)
+        inflight = getattr(site, "inflight", None)
+        if inflight is not None:
+            inflight.discard(self)
+
+    def _cleanup(self) -> None:
+        site = self.site
+        super()._cleanup()
+        inflight = getattr(site, "inflight", None)
+        if inflight is not None:
+            inflight.discard(self)
+
+
+def _isTrusted(host: str, networks: tuple[Any, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def _clockOf(site: Any) -> Any:
+    # EdgeSite carries the reactor it was built with (injected, never the
+    # global one), which is also the clock for body idle timeouts.
+    return site.reactor
+
+
+def _asProxyError(failure: Failure) -> ProxyError:
+    if isinstance(failure.value, ProxyError):
+        return failure.value
+    log.failure("unexpected failure while proxying", failure=failure)
+    return ProxyError(str(failure.value))
+
+
+def _discard(response: IResponse) -> None:
+    """
+    Close the backend connection of a response nobody will read (it is
+    mid-body and cannot be reused).
+    """
+    from twisted.internet.protocol import Protocol
+
+    class _Stop(Protocol):
+        def connectionMade(self) -> None:
+            self.transport.stopProducing()
+
+    try:
+        response.deliverBody(_Stop())
+    except Exception:
+        pass

@@ -1,0 +1,344 @@
+# -*- test-case-name: tests.test_pool -*-
+"""
+L{UpstreamPool}: one C{[upstream:NAME]} as something a request can be sent to.
+
+It owns the Agent and its C{HTTPConnectionPool} (keep-alive connections per
+backend server), the choice of server (smooth weighted round robin, in
+L{UpstreamPool.pickServer} only), the connect and response timeouts, and the
+translation of every client-library failure into one of the L{ProxyError}
+classes.  The details of a failure (address, exception text) are logged here
+and nowhere else; the exception handed back carries them for the log only.
+
+It does not decide anything about the client side (status pages, headers,
+retries): a failed request is reported, never retried, because only the
+caller knows whether the request is idempotent and whether its body is still
+replayable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from OpenSSL import SSL
+from twisted.internet import error as netError
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    HTTP11ClientProtocol,
+    ParseError,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+)
+from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
+from zope.interface import implementer
+
+from edgeproxy.config.model import Server, Upstream
+from edgeproxy.errors import (
+    BackendUnavailable,
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+
+class _CreatorSource(Protocol):
+    """The part of C{edgeproxy.tls.client.UpstreamTLS} this module uses."""
+
+    def creatorFor(self, server: Server) -> Any: ...
+
+
+class _FinishNotifier(Protocol):
+    """A body that can say when it has been completely handed over."""
+
+    def whenFinished(self) -> Deferred[None]: ...
+
+
+def _leafReasons(failure: Failure) -> list[Failure]:
+    """
+    Unwrap the C{reasons} lists of Twisted's client wrapper exceptions
+    (C{ResponseFailed}, C{RequestTransmissionFailed}...) down to the failures
+    that actually happened.
+    """
+    reasons = getattr(failure.value, "reasons", None)
+    if not reasons:
+        return [failure]
+    leaves: list[Failure] = []
+    for reason in reasons:
+        leaves.extend(_leafReasons(reason))
+    return leaves
+
+
+def classifyFailure(failure: Failure, timedOut: bool) -> ProxyError:
+    """
+    Map a failure of C{Agent.request} to the L{ProxyError} the client gets.
+
+    @param failure: what the Agent's Deferred failed with.
+    @param timedOut: whether the response timeout cancelled the request.
+    @return: L{UpstreamTimeout} for connect and response timeouts,
+        L{BackendUnavailable} when no usable connection could be made
+        (refused, DNS, TLS verification), L{UpstreamProtocolError} when the
+        backend answered something that is not HTTP or hung up mid-answer.
+    """
+    if timedOut:
+        return UpstreamTimeout("no response head within the response timeout")
+    leaves = _leafReasons(failure)
+    described = "; ".join(f"{type(f.value).__name__}: {f.value}" for f in leaves)
+    for leaf in leaves:
+        if leaf.check(netError.TimeoutError, CancelledError):
+            return UpstreamTimeout(f"connect timeout: {described}")
+    for leaf in leaves:
+        if leaf.check(SSL.Error):
+            return BackendUnavailable(f"TLS failure: {described}")
+        if leaf.check(netError.DNSLookupError, netError.ConnectError):
+            return BackendUnavailable(f"connect failed: {described}")
+    if failure.check(ResponseFailed):
+        for leaf in leaves:
+            if leaf.check(ParseError):
+                return UpstreamProtocolError(f"unparseable response: {described}")
+        # The connection was made but closed (or reset) before a complete
+        # response head: the backend is there but not answering properly.
+        return BackendUnavailable(f"no response: {described}")
+    if failure.check(RequestTransmissionFailed, RequestGenerationFailed):
+        return BackendUnavailable(f"request not sent: {described}")
+    return UpstreamProtocolError(f"unexpected upstream failure: {described}")
+
+
+CONNECTION_HEADERS_ATTRIBUTE = "connectionHeaders"
+"""Attribute set on every response of a pool: the backend's connection
+control fields (C{Connection}, C{Keep-Alive}, C{Transfer-Encoding},
+C{Content-Length}...), which Twisted's client keeps out of
+C{response.headers}."""
+
+
+class _ClientProtocol(HTTP11ClientProtocol):
+    """
+    Twisted's HTTP/1.1 client protocol, also exposing the response's
+    connection control fields.
+
+    Twisted's parser files C{Connection}, C{Content-Length},
+    C{Transfer-Encoding} and the like under its private C{connHeaders}, not
+    in C{response.headers}.  A proxy needs them: the fields a backend's
+    C{Connection} names are hop-by-hop and must not reach the client (RFC
+    9110 §7.6.1), and ambiguous framing must be refused, not silently
+    resolved.  This is the one place relying on that private surface
+    (C{HTTP11ClientProtocol._parser}, C{HTTPParser.connHeaders},
+    C{HTTPConnectionPool._factory}); C{tests/test_pool.py} fails if Twisted
+    changes it.
+    """
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        result = super().request(request)
+        parser = getattr(self, "_parser", None)
+        if parser is not None:
+
+            def attach(response: IResponse) -> IResponse:
+                setattr(response, CONNECTION_HEADERS_ATTRIBUTE, parser.connHeaders)
+                return response
+
+            result.addCallback(attach)
+        return result
+
+
+class _ClientFactory(_HTTP11ClientFactory):
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
+
+
+class _ConnectionPool(HTTPConnectionPool):
+    _factory = _ClientFactory
+
+
+def fullResponseHeaders(response: IResponse) -> Headers:
+    """
+    The response's header fields as the backend sent them: C{headers} plus
+    the connection control fields Twisted's client keeps apart.
+    """
+    merged = response.headers.copy()
+    extra = getattr(response, CONNECTION_HEADERS_ATTRIBUTE, None)
+    if extra is not None:
+        for name, values in extra.getAllRawHeaders():
+            for value in values:
+                merged.addRawHeader(name, value)
+    return merged
+
+
+@implementer(IAgentEndpointFactory)
+class _ServerEndpoints:
+    """
+    Resolve the Agent's URI (which only ever names one of our servers, see
+    L{UpstreamPool._uriFor}) back to that server's endpoint.
+    """
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        server = self._pool._serverForKey(uri.host, uri.port)
+        return self._pool.endpointFor(server)
+
+
+class UpstreamPool:
+    """
+    The servers of one upstream, the keep-alive connections to them and the
+    request timeouts.
+
+    @ivar upstream: the configuration this pool was built from.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        upstream: Upstream,
+        tls: _CreatorSource | None,
+    ) -> None:
+        self._reactor = reactor
+        self.upstream = upstream
+        self._tls = tls
+        self._connectionPool = _ConnectionPool(reactor, persistent=True)
+        self._connectionPool.maxPersistentPerHost = upstream.keepalive
+        self._connectionPool.cachedConnectionTimeout = upstream.keepalive_timeout
+        # Retrying is a decision about idempotency and body replay that only
+        # the request layer can make; Twisted's automatic retry would resend
+        # a request whose first attempt may have reached the backend.
+        self._connectionPool.retryAutomatically = False
+        self._agent = Agent.usingEndpointFactory(
+            reactor, _ServerEndpoints(self), self._connectionPool
+        )
+        self._byKey: dict[tuple[bytes, int], Server] = {
+            (server.host.encode("idna"), server.port): server
+            for server in upstream.servers
+        }
+        self._currentWeights = [0] * len(upstream.servers)
+
+    # Choice of backend ---------------------------------------------------
+
+    def pickServer(self) -> Server:
+        """
+        Choose the server for the next request: smooth weighted round robin
+        (the nginx algorithm), so weights are honoured without bursts.
+
+        @return: one of C{upstream.servers}.
+        """
+        servers = self.upstream.servers
+        total = 0
+        best = 0
+        for index, server in enumerate(servers):
+            self._currentWeights[index] += server.weight
+            total += server.weight
+            if self._currentWeights[index] > self._currentWeights[best]:
+                best = index
+        self._currentWeights[best] -= total
+        return servers[best]
+
+    def endpointFor(self, server: Server) -> IStreamClientEndpoint:
+        """
+        @return: a client endpoint dialling C{server} with the upstream's
+            connect timeout, wrapped in TLS when the upstream uses it.
+        """
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self._reactor,
+            server.host,
+            server.port,
+            timeout=self.upstream.connect_timeout,
+        )
+        if self._tls is not None:
+            endpoint = wrapClientTLS(self._tls.creatorFor(server), endpoint)
+        return endpoint
+
+    def _serverForKey(self, host: bytes | str, port: int) -> Server:
+        if isinstance(host, str):
+            host = host.encode("idna")
+        return self._byKey[(host.strip(b"[]"), port)]
+
+    def _uriFor(self, server: Server, path: bytes) -> bytes:
+        scheme = b"https" if self._tls is not None else b"http"
+        return scheme + b"://" + server.address.encode("idna") + path
+
+    # Requests ------------------------------------------------------------
+
+    def request(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+    ) -> Deferred[IResponse]:
+        """
+        Send a request to one of the servers.
+
+        @param method: the request method.
+        @param path: the origin-form target (path and query) to send.
+        @param headers: the complete request header set (including C{Host}).
+        @param body: the body, or L{None} for none.  When it offers
+            C{whenFinished()}, the response timeout starts when the body is
+            complete; otherwise at once.
+        @return: fires with the response (head received) or fails with a
+            L{ProxyError}.  Cancelling it aborts the upstream request.
+        """
+        server = self.pickServer()
+        agentRequest = self._agent.request(
+            method, self._uriFor(server, path), headers, body
+        )
+        state = {"timedOut": False, "timer": None}
+
+        def startResponseTimer(_: object = None) -> None:
+            if not agentRequest.called and state["timer"] is None:
+                state["timer"] = self._reactor.callLater(
+                    self.upstream.response_timeout, timeOut
+                )
+
+        def timeOut() -> None:
+            state["timedOut"] = True
+            agentRequest.cancel()
+
+        def stopTimer(result: object) -> object:
+            timer = state["timer"]
+            if timer is not None and timer.active():
+                timer.cancel()
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(ProxyError):
+                return failure
+            mapped = classifyFailure(failure, bool(state["timedOut"]))
+            if failure.check(CancelledError) and not state["timedOut"]:
+                # Cancelled by our caller (the client went away): not a
+                # backend problem worth more than a debug line.
+                self.log.debug(
+                    "upstream {upstream} request to {backend} cancelled",
+                    upstream=self.upstream.name,
+                    backend=server.address,
+                )
+                return failure
+            self.log.warn(
+                "upstream {upstream} backend {backend} failed: {status} {why}",
+                upstream=self.upstream.name,
+                backend=server.address,
+                status=mapped.status,
+                why=str(mapped),
+            )
+            return Failure(mapped)
+
+        finisher = getattr(body, "whenFinished", None)
+        if finisher is None:
+            startResponseTimer()
+        else:
+            finisher().addCallbacks(startResponseTimer, lambda _: None)
+        agentRequest.addBoth(stopTimer)
+        agentRequest.addErrback(failed)
+        return agentRequest
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the idle keep-alive connections (in-flight ones finish on
+        their own).
+        """
+        return self._connectionPool.closeCachedConnections()
