@@ -44,6 +44,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 
 from edgeproxy.accesslog import AccessLog
 from edgeproxy.config.model import Config, Listener
@@ -70,8 +71,9 @@ def channelBusy(channel: object) -> bool:
     one place that does: C{_GenericHTTPChannelProtocol._channel} (the
     HTTP/1.1 or HTTP/2 protocol behind what C{Site.buildProtocol} returns),
     C{HTTPChannel.requests} (requests received and not yet answered) and
-    C{H2Connection.streams} (open streams).  C{tests/test_service.py} checks
-    them against real Twisted objects.
+    C{H2Connection.streams} (open streams); L{closeIdle} and
+    L{_transportOf} use C{_channel} the same way.  C{tests/test_service.py}
+    checks them against real Twisted objects.
     """
     inner = getattr(channel, "_channel", channel)
     requests = getattr(inner, "requests", None)
@@ -100,8 +102,39 @@ def closeAfterResponse(channel: object) -> None:
             request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
 
 
+def closeIdle(channel: object) -> None:
+    """
+    Close a connection that has no request in flight, cleanly.
+
+    An HTTP/1.1 channel is closed through its own C{loseConnection}, which
+    unregisters the channel as its transport's producer first: a TLS
+    transport does not send its close_notify (and so never closes) while a
+    producer is registered.  An HTTP/2 connection first gets a GOAWAY
+    (RFC 9113 §6.8), as Twisted's own idle timeout does.
+    """
+    inner: Any = getattr(channel, "_channel", channel)
+    if isinstance(inner, HTTPChannel):
+        inner.loseConnection()
+        return
+    transport = getattr(inner, "transport", None)
+    if transport is None:
+        return
+    conn = getattr(inner, "conn", None)
+    if conn is not None:
+        try:
+            conn.close_connection()
+            transport.write(conn.data_to_send())
+        except Exception:
+            # Already closing or closed at the HTTP/2 level: just close.
+            pass
+    transport.loseConnection()
+
+
 def _transportOf(channel: Any) -> Any:
-    return getattr(channel, "transport", None)
+    # _GenericHTTPChannelProtocol proxies IProtocol only: the transport is
+    # its inner channel's (see channelBusy).
+    inner = getattr(channel, "_channel", channel)
+    return getattr(inner, "transport", None)
 
 
 class EdgeService(MultiService):
@@ -379,7 +412,7 @@ class EdgeService(MultiService):
                 else:
                     transport = _transportOf(channel)
                     if transport is not None and not getattr(transport, "disconnecting", False):
-                        transport.loseConnection()
+                        closeIdle(channel)
             if not remaining:
                 break
             if reactor.seconds() >= deadline:

@@ -274,7 +274,7 @@ def test_drainOnSIGTERM(site: Site, notify: NotifyReceiver) -> None:
         proc.signal(signal.SIGTERM)
         notify.waitFor(b"STOPPING=1", 5)
         # The idle keep-alive connection is closed at once...
-        idle.settimeout(2)
+        idle.settimeout(0.5)
         assert idle.recv(1) == b""
         idle.close()
         # ...no new connection is accepted...

@@ -1,0 +1,398 @@
+"""
+Tests for L{edgeproxy.service} and L{edgeproxy.tap}, in memory: listeners on
+a L{MemoryReactorClock}, notifications to a real C{AF_UNIX} socket, reload
+with real certificate files, and the drain of real channels over
+L{StringTransport}s.  The real process is in
+C{tests/integration/test_twistd.py}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
+
+from edgeproxy.config.model import (
+    Config,
+    Listener,
+    ProxySettings,
+    Route,
+    Server,
+    TLSSettings,
+    Upstream,
+)
+from edgeproxy.http.site import EdgeSite
+from edgeproxy.service import EdgeService, channelBusy, closeAfterResponse, closeIdle
+from edgeproxy.systemd import Notifier
+from tests.certutil import CertificateAuthority
+
+
+class Reactor(MemoryReactorClock):
+    """A memory reactor that runs callFromThread calls when asked."""
+
+    def __init__(self, refuse: set[int] = frozenset()) -> None:  # type: ignore[assignment]
+        super().__init__()
+        # Certificates are checked against this clock: start at the real time.
+        self.advance(time.time())
+        self.fromThreads: list[Any] = []
+        self._refuse = refuse
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.fromThreads.append((f, args, kwargs))
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        if port in self._refuse:
+            raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+        return super().listenTCP(port, factory, backlog, interface)
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="sdn")
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+
+    def all(self) -> list[bytes]:
+        """Every datagram sent so far (they are queued synchronously)."""
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(65536))
+            except BlockingIOError:
+                return out
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.sock.close()
+        shutil.rmtree(r.dir)
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict]]:
+    captured: list[dict] = []
+    globalLogPublisher.addObserver(captured.append)
+    try:
+        yield captured
+    finally:
+        globalLogPublisher.removeObserver(captured.append)
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> dict[str, Any]:
+    ca = CertificateAuthority()
+    directory = tmp_path / "certs"
+    directory.mkdir()
+    default = ca.issue(["localhost"])
+    a = ca.issue(["a.example"])
+    default.writePEM(directory / "default.pem")
+    a.writePEM(directory / "a.pem")
+    return {"ca": ca, "dir": directory, "default": default, "a": a}
+
+
+def makeConfig(certs: dict[str, Any], insecure: bool = False, shutdown: float = 5.0) -> Config:
+    return Config(
+        path="/etc/edgeproxy/edge.ini",
+        proxy=ProxySettings(access_log=None, shutdown_timeout=shutdown),
+        tls=TLSSettings(
+            certificates=(str(certs["dir"]),),
+            default=str(certs["dir"] / "default.pem"),
+        ),
+        listeners=(
+            Listener(name="https", endpoint="tcp:8443:interface=127.0.0.1", tls=True),
+            Listener(name="plain", endpoint="tcp:8080:interface=127.0.0.1", tls=False),
+            Listener(name="http", endpoint="tcp:8081", tls=False, redirect_https=True),
+        ),
+        upstreams={
+            "app": Upstream(
+                name="app", servers=(Server("127.0.0.1", 9),), tls=insecure, insecure=insecure
+            )
+        },
+        routes=(Route(name="app", hosts=("*",), paths=("/",), upstream="app"),),
+    )
+
+
+def build(certs: dict[str, Any], receiver: Receiver, reactor: Reactor | None = None, **kw: Any) -> EdgeService:
+    return EdgeService(
+        makeConfig(certs, **kw),
+        reactor if reactor is not None else Reactor(),
+        notifier=Notifier({"NOTIFY_SOCKET": receiver.path}),
+        installSignalHandlers=False,
+    )
+
+
+def test_listensAndIsReadyAfterwards(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+    reactor = Reactor()
+    service = build(certs, receiver, reactor)
+    assert receiver.all() == []
+    service.startService()
+    try:
+        assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
+            (8443, "127.0.0.1"), (8080, "127.0.0.1"), (8081, ""),
+        ]
+        tlsFactory = reactor.tcpServers[0][1]
+        assert isinstance(tlsFactory, TLSMemoryBIOFactory)
+        assert isinstance(tlsFactory.wrappedFactory, EdgeSite)
+        assert isinstance(reactor.tcpServers[1][1], EdgeSite)
+        assert receiver.all() == [
+            b"READY=1\nSTATUS=serving 3 listener(s) (https, plain, http), 2 certificate(s)"
+        ]
+        assert service.ready.called
+        messages = [e.get("log_format", "") for e in events if e.get("log_namespace") == "edgeproxy.service"]
+        assert any("Listening on" in m for m in messages)
+        certificateLogs = [e for e in events if e.get("verb") == "Serving"]
+        assert sorted(e["names"] for e in certificateLogs) == ["a.example", "localhost"]
+        # Sites read the service's current runtime: rebinding it switches them.
+        site = tlsFactory.wrappedFactory
+        assert site.currentRuntime() is service.runtime
+        original = service.runtime
+        replacement = object()
+        service.runtime = replacement  # type: ignore[assignment]
+        assert site.currentRuntime() is replacement
+        service.runtime = original
+    finally:
+        service.stopService()
+        reactor.advance(1)
+
+
+def test_listenFailureExitsWithoutReady(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+    reactor = Reactor(refuse={8080})
+    service = build(certs, receiver, reactor)
+    with pytest.raises(SystemExit) as raised:
+        service.privilegedStartService()
+    assert raised.value.code == 1
+    assert receiver.all() == []
+    assert not service.ready.called
+    critical = [e for e in events if e["log_level"] == LogLevel.critical]
+    assert len(critical) == 1
+    assert critical[0]["message"].startswith(
+        "/etc/edgeproxy/edge.ini: [listen:plain] endpoint 'tcp:8080:interface=127.0.0.1': cannot listen:"
+    )
+    assert "Address already in use" in critical[0]["message"]
+
+
+def test_insecureUpstreamWarnedAtStart(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+    reactor = Reactor()
+    service = build(certs, receiver, reactor, insecure=True)
+    service.startService()
+    warnings = [e for e in events if e["log_level"] == LogLevel.warn and e.get("name") == "app"]
+    assert len(warnings) == 1
+    assert "NOT verified" in warnings[0]["log_format"]
+    assert warnings[0]["servers"] == "127.0.0.1:9"
+    service.stopService()
+    reactor.advance(1)
+
+
+def test_reload(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+    reactor = Reactor()
+    service = build(certs, receiver, reactor)
+    service.startService()
+    receiver.all()
+    store = service.store
+    assert store is not None
+
+    renewed = certs["ca"].issue(["a.example", "new.example"])
+    renewed.writePEM(certs["dir"] / "a.pem")
+    assert service.reload() is True
+    datagrams = receiver.all()
+    assert datagrams[0].startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+    assert datagrams[1].startswith(b"READY=1\n")
+    served = {e.certificate.serial_number for e in store.current.entries}
+    assert renewed.serial in served and certs["a"].serial not in served
+    assert any(e.get("verb") == "Now serving" and "new.example" in e["names"] for e in events)
+
+    # A key that belongs to another certificate: refused, the renewed set kept.
+    other = certs["ca"].issue(["a.example"])
+    (certs["dir"] / "a.pem").write_bytes(other.keyPEM + renewed.certificatePEM)
+    del events[:]
+    assert service.reload() is False
+    assert [d.split(b"\n")[0] for d in receiver.all()] == [b"RELOADING=1", b"READY=1"]
+    assert renewed.serial in {e.certificate.serial_number for e in store.current.entries}
+    errors = [e for e in events if e["log_level"] == LogLevel.error]
+    assert len(errors) == 1
+    assert errors[0]["file"] == str(certs["dir"] / "a.pem")
+    assert str(certs["dir"] / "a.pem") in errors[0]["error"]
+    assert "does not match" in errors[0]["error"]
+    service.stopService()
+    reactor.advance(1)
+
+
+def test_sighupHandlerInstalledAndRestored(certs: dict[str, Any], receiver: Receiver) -> None:
+    reactor = Reactor()
+    service = EdgeService(
+        makeConfig(certs), reactor, notifier=Notifier({"NOTIFY_SOCKET": receiver.path})
+    )
+    previous = signal.getsignal(signal.SIGHUP)
+    service.startService()
+    try:
+        handler = signal.getsignal(signal.SIGHUP)
+        assert handler == service._onHangup
+        # The handler only schedules the reload on the reactor thread.
+        handler(signal.SIGHUP, None)  # type: ignore[operator]
+        assert reactor.fromThreads == [(service.reload, (), {})]
+    finally:
+        service.stopService()
+        reactor.advance(1)
+    assert signal.getsignal(signal.SIGHUP) == previous
+
+
+def connect(site: Any) -> tuple[Any, StringTransport]:
+    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_drain(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+    reactor = Reactor()
+    service = build(certs, receiver, reactor, shutdown=5.0)
+    service.startService()
+    receiver.all()
+    site = service.sites[1]  # the plain proxying listener
+    idle, idleTransport = connect(site)
+    busy, busyTransport = connect(site)
+    # The backend never answers: MemoryReactor records the connection attempt.
+    busy.dataReceived(b"GET /slow HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert channelBusy(busy) and not channelBusy(idle)
+
+    stopped = service.stopService()
+    assert receiver.all() == [b"STOPPING=1"]
+    reactor.advance(0)
+    assert idleTransport.disconnecting
+    assert not busyTransport.disconnecting
+    assert not stopped.called
+    reactor.advance(4.9)
+    assert not stopped.called and not busyTransport.disconnecting
+    reactor.advance(0.2)
+    assert busyTransport.disconnected  # aborted
+    assert stopped.called
+    assert any("Shutdown timeout" in e.get("log_format", "") for e in events)
+
+
+def test_drainEndsAsSoonAsIdle(certs: dict[str, Any], receiver: Receiver) -> None:
+    reactor = Reactor()
+    service = build(certs, receiver, reactor, shutdown=30.0)
+    service.startService()
+    site = service.sites[1]
+    idle, idleTransport = connect(site)
+    stopped = service.stopService()
+    # No time passes: nothing was in flight, nothing to wait for.
+    assert idleTransport.disconnecting
+    assert stopped.called
+
+
+def test_channelBusyOnRealTwistedObjects() -> None:
+    """
+    channelBusy reads HTTPChannel.requests, H2Connection.streams and
+    _GenericHTTPChannelProtocol._channel: this fails if Twisted renames them.
+    """
+    from twisted.web._http2 import H2Connection
+
+    channel = HTTPChannel()
+    assert channelBusy(channel) is False
+    channel.requests.append(object())
+    assert channelBusy(channel) is True
+
+    generic = _GenericHTTPChannelProtocol(HTTPChannel())
+    assert channelBusy(generic) is False
+    generic._channel.requests.append(object())
+    assert channelBusy(generic) is True
+
+    h2 = H2Connection()
+    assert h2.streams == {}
+    assert channelBusy(h2) is False
+    h2.streams[1] = object()
+    assert channelBusy(h2) is True
+
+
+def test_closeAfterResponseMarksConnectionClose() -> None:
+    channel = HTTPChannel()
+    channel.makeConnection(StringTransport())
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+
+    class Pending:
+        startedWriting = 0
+
+        def __init__(self) -> None:
+            from twisted.web.http_headers import Headers
+
+            self.responseHeaders = Headers()
+
+    pending = Pending()
+    channel.requests.append(pending)
+    closeAfterResponse(channel)
+    assert channel.persistent is False
+    assert pending.responseHeaders.getRawHeaders(b"connection") == [b"close"]
+
+
+def test_tapOptionsRejectBadConfiguration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeproxy.tap import Options
+
+    path = tmp_path / "edge.ini"
+    path.write_text("[edgeproxy]\nshutdown_timeout = forever\n")
+    options = Options()
+    with pytest.raises(usage.UsageError) as raised:
+        options.parseOptions(["--config", str(path)])
+    assert str(path) in str(raised.value)
+    assert "shutdown_timeout" in str(raised.value)
+    assert "shutdown_timeout" in capsys.readouterr().err
+
+
+def test_tapOptionsDefaultPath() -> None:
+    from edgeproxy.tap import Options
+
+    assert Options()["config"] == "edge.ini"
+
+
+def test_closeIdleHTTP2SendsGoAway() -> None:
+    import h2.connection
+    import h2.events
+    from twisted.web._http2 import H2Connection
+
+    server = H2Connection(MemoryReactorClock())
+    transport = StringTransport()
+    server.makeConnection(transport)
+    client = h2.connection.H2Connection()
+    client.initiate_connection()
+    server.dataReceived(client.data_to_send())
+    transport.clear()
+    closeIdle(server)
+    assert transport.disconnecting
+    received = client.receive_data(transport.value())
+    goaway = [e for e in received if isinstance(e, h2.events.ConnectionTerminated)]
+    assert len(goaway) == 1 and goaway[0].error_code == 0
+
+
+def test_closeIdleHTTP11UnregistersTheChannelFirst() -> None:
+    """
+    A TLS transport waits for its producer to go away before closing: the
+    channel must unregister itself, which only its own loseConnection does.
+    """
+    channel = _GenericHTTPChannelProtocol(HTTPChannel())
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    assert transport.producer is not None
+    closeIdle(channel)
+    assert transport.producer is None
+    assert transport.disconnecting
