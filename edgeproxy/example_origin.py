@@ -88,9 +88,43 @@ class Options(usage.Options):
             raise usage.UsageError("give --cert PEM, or --plain for plain HTTP")
 
 
+def tlsOptions(pem: bytes) -> Any:
+    """
+    Server TLS options from one PEM file holding a private key, its
+    certificate and the intermediates, in any order: the certificate whose
+    public key matches the key is the leaf, the others are sent after it
+    (the example origin's certificate is issued by an intermediate, which
+    the proxy needs to build the chain to the development root).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    key = serialization.load_pem_private_key(pem, password=None)
+    certificates = x509.load_pem_x509_certificates(pem)
+    publicKey = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    leaves = [
+        c for c in certificates
+        if c.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) == publicKey
+    ]
+    if not leaves:
+        raise ValueError("no certificate in the file matches its private key")
+    leaf = leaves[0]
+    chain = [c for c in certificates if c is not leaf and c.subject != c.issuer]
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(leaf),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
+    )
+
+
 def listen(reactor: Any, options: Options) -> Any:
     """Start listening as C{options} say; return the endpoint's Deferred."""
-    from twisted.internet import ssl
     from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 
     scheme = "http" if options["plain"] else "https"
@@ -101,9 +135,8 @@ def listen(reactor: Any, options: Options) -> Any:
     else:
         with open(options["cert"], "rb") as f:
             pem = f.read()
-        tlsOptions = ssl.PrivateCertificate.loadPEM(pem).options()
         endpoint = SSL4ServerEndpoint(
-            reactor, options["port"], tlsOptions, interface=options["interface"]
+            reactor, options["port"], tlsOptions(pem), interface=options["interface"]
         )
     return endpoint.listen(site)
 
