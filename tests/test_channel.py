@@ -745,3 +745,28 @@ def test_headersUntouchedByValidation() -> None:
     connection.send(b"GET / HTTP/1.1\r\n" + H + b"X-A:  1 \r\nx-a:\t2\r\nX-B: a\tb\r\n\r\n")
     assert seen[0].getRawHeaders(b"X-A") == [b"1", b"2"]
     assert seen[0].getRawHeaders(b"X-B") == [b"a\tb"]
+
+
+def test_decodersReportIncompleteBodies() -> None:
+    """
+    noMoreData tells a finished body from a truncated one.
+    """
+    received: list[bytes] = []
+    finished: list[bytes] = []
+    identity = channelModule.IdentityDecoder(5, received.append, finished.append)
+    identity.dataReceived(b"abc")
+    with pytest.raises(channelModule.IncompleteBody):
+        identity.noMoreData()
+    identity.dataReceived(b"deNEXT")
+    identity.noMoreData()
+    assert (received, finished) == ([b"abc", b"de"], [b"NEXT"])
+
+    chunked = ChunkedDecoder(received.append, finished.append)
+    chunked.dataReceived(b"3\r\nxyz\r\n")
+    with pytest.raises(channelModule.IncompleteBody):
+        chunked.noMoreData()
+    chunked.dataReceived(b"0\r\n\r\nrest")
+    chunked.noMoreData()
+    assert received[-1] == b"xyz" and finished[-1] == b"rest"
+    with pytest.raises(RuntimeError):
+        chunked.dataReceived(b"more")
