@@ -397,6 +397,31 @@ def test_tunnelClosesTogether(side: str) -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_tunnelClosingResumesPausedSide() -> None:
+    """
+    A side paused by the other's full buffer is resumed when the tunnel
+    closes (a paused socket never sees its peer's FIN or TLS close_notify),
+    and what it still sends is dropped.
+    """
+    tunnel, client, backend, clock = makeTunnel()
+    tunnel.start()
+    backend.producer.pauseProducing()  # backend buffer full: client paused
+    assert client.producerState == "paused"
+    lose(tunnel.backend)
+    assert client.producerState == "producing" and client.disconnecting
+    tunnel.client.dataReceived(b"nowhere to go")
+    assert backend.value() == b""
+
+
+def test_tunnelIdleDropsLateBytes() -> None:
+    tunnel, client, backend, clock = makeTunnel(idle=5.0)
+    tunnel.start()
+    clock.advance(5)
+    tunnel.client.dataReceived(b"late")
+    tunnel.backend.dataReceived(b"late")
+    assert client.value() == b"" and backend.value() == b""
+
+
 def test_tunnelAbortsWhatDoesNotClose() -> None:
     tunnel, client, backend, clock = makeTunnel()
     tunnel.start()

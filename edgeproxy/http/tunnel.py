@@ -469,7 +469,7 @@ class Tunnel:
         self._lastActivity = self._clock.seconds()
         end.received += len(data)
         other = self._other(end)
-        if not other.lost:
+        if not other.lost and not other.closing:
             other.transport.write(data)
 
     def _checkIdle(self) -> None:
@@ -500,6 +500,11 @@ class Tunnel:
                 # producer instead of closing: unregister first.
                 if self._joined:
                     end.transport.unregisterProducer()
+                    # It may have been paused by the other side's full
+                    # buffer; a paused transport never sees its peer's FIN
+                    # or TLS close_notify, which a TLS close waits for.
+                    # From here what it reads is dropped.
+                    end.transport.resumeProducing()
                 end.transport.loseConnection()
         if self._abortCall is None and not (self.client.lost and self.backend.lost):
             self._abortCall = self._clock.callLater(self._abortTimeout, self._abort)
