@@ -287,10 +287,12 @@ class UpstreamPool:
         agentRequest = self._agent.request(
             method, self._uriFor(server, path), headers, body
         )
-        state = {"timedOut": False, "timer": None}
+        state: dict[str, Any] = {"timedOut": False, "timer": None, "over": False}
 
         def startResponseTimer(_: object = None) -> None:
-            if not agentRequest.called and state["timer"] is None:
+            # Not agentRequest.called: the Agent's Deferred counts as called
+            # as soon as it waits on the connection's own Deferred.
+            if not state["over"] and state["timer"] is None:
                 state["timer"] = self._reactor.callLater(
                     self.upstream.response_timeout, timeOut
                 )
@@ -300,6 +302,7 @@ class UpstreamPool:
             agentRequest.cancel()
 
         def stopTimer(result: object) -> object:
+            state["over"] = True
             timer = state["timer"]
             if timer is not None and timer.active():
                 timer.cancel()

@@ -1,0 +1,226 @@
+"""
+Tests for L{edgeproxy.http.bodies}: the request body pipe and the response
+relay, in memory (StringTransport, Clock), asserting on what reaches the
+backend consumer and the client's wire.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseDone, ResponseFailed
+from twisted.web.http import HTTPChannel, PotentialDataLoss, Request
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from edgeproxy.http.bodies import BodyPipe, ClientReader, IdleTimer, ResponseRelay
+
+
+class FakeClient(ClientReader):
+    """A client whose pause state is visible (a real transport underneath)."""
+
+    def __init__(self) -> None:
+        self.transport = StringTransport()
+        self.paused = False
+
+    def pause(self) -> None:
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
+
+class Consumer(StringTransport):
+    """The backend connection as the Agent's consumer."""
+
+
+def makePipe(length: int | None = 10, idle: float = 0) -> tuple[BodyPipe, FakeClient, Clock, list[str]]:
+    client = FakeClient()
+    clock = Clock()
+    idled: list[str] = []
+    pipe = BodyPipe(length, client, clock, idle, lambda: idled.append("idle"))
+    return pipe, client, clock, idled
+
+
+def test_lengthIsClientsOrUnknown() -> None:
+    assert makePipe(10)[0].length == 10
+    assert makePipe(None)[0].length is UNKNOWN_LENGTH
+
+
+def test_bytesBeforeStartAreKeptAndClientPaused() -> None:
+    pipe, client, _, _ = makePipe()
+    pipe.write(b"early")
+    assert client.transport.producerState == "paused"
+    consumer = Consumer()
+    done = pipe.startProducing(consumer)
+    assert consumer.value() == b"early"
+    assert client.transport.producerState == "producing"
+    pipe.write(b"later")
+    assert consumer.value() == b"earlylater"
+    assert not done.called
+    pipe.finish()
+    assert done.called
+
+
+def test_finishBeforeStartCompletesOnStart() -> None:
+    pipe, _, _, _ = makePipe(4)
+    pipe.write(b"body")
+    pipe.finish()
+    finished = pipe.whenFinished()
+    assert not finished.called
+    consumer = Consumer()
+    done = pipe.startProducing(consumer)
+    assert consumer.value() == b"body"
+    assert done.called and finished.called
+
+
+def test_backendPausePausesClient() -> None:
+    pipe, client, _, _ = makePipe()
+    consumer = Consumer()
+    pipe.startProducing(consumer)
+    pipe.pauseProducing()
+    assert client.transport.producerState == "paused"
+    pipe.write(b"held")
+    assert consumer.value() == b""
+    pipe.resumeProducing()
+    assert consumer.value() == b"held"
+    assert client.transport.producerState == "producing"
+
+
+def test_failAbortsUpload() -> None:
+    pipe, _, _, _ = makePipe()
+    done = pipe.startProducing(Consumer())
+    failures: list[Failure] = []
+    done.addErrback(failures.append)
+    pipe.fail(Failure(ValueError("too large")))
+    assert failures and failures[0].check(ValueError)
+
+
+def test_stopProducingDiscardsAndResumesClient() -> None:
+    pipe, client, _, _ = makePipe()
+    consumer = Consumer()
+    done = pipe.startProducing(consumer)
+    pipe.pauseProducing()
+    pipe.write(b"x")
+    pipe.stopProducing()
+    assert client.transport.producerState == "producing"
+    pipe.write(b"more")
+    pipe.finish()
+    assert consumer.value() == b""
+    assert not done.called  # IBodyProducer: never fires after stopProducing
+
+
+def test_uploadIdleTimeout() -> None:
+    pipe, _, clock, idled = makePipe(idle=5)
+    pipe.startProducing(Consumer())
+    clock.advance(4)
+    pipe.write(b"a")
+    clock.advance(4)
+    assert idled == []
+    clock.advance(1.5)
+    assert idled == ["idle"]
+
+
+def test_idleTimerDisabledAtZero() -> None:
+    clock = Clock()
+    fired: list[int] = []
+    timer = IdleTimer(clock, 0, lambda: fired.append(1))
+    timer.touch()
+    clock.advance(1000)
+    assert fired == [] and not clock.getDelayedCalls()
+
+
+# ResponseRelay -----------------------------------------------------------
+
+
+class BackendTransport(StringTransport):
+    """The Agent's TransportProxyProducer over the backend connection."""
+
+    def stopProducing(self) -> None:
+        self.producerState = "stopped"
+
+
+def clientRequest(version: bytes = b"HTTP/1.1") -> tuple[Request, StringTransport]:
+    channel = HTTPChannel()
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    request = Request(channel)
+    channel.requests.append(request)
+    request.method = b"GET"
+    request.clientproto = version
+    return request, transport
+
+
+def relayTo(request: Request, idle: float = 0) -> tuple[ResponseRelay, BackendTransport, Clock]:
+    clock = Clock()
+    relay = ResponseRelay(request, clock, idle)
+    backend = BackendTransport()
+    relay.makeConnection(backend)
+    return relay, backend, clock
+
+
+def test_relayStreamsAndFinishesChunked() -> None:
+    request, wire = clientRequest()
+    relay, _, _ = relayTo(request)
+    relay.dataReceived(b"hello")
+    relay.connectionLost(Failure(ResponseDone()))
+    data = wire.value()
+    assert b"Transfer-Encoding: chunked" in data
+    assert data.endswith(b"5\r\nhello\r\n0\r\n\r\n")
+    assert relay.reason is None
+
+
+def test_relayCloseDelimitedBodyIsComplete() -> None:
+    request, wire = clientRequest()
+    relay, _, _ = relayTo(request)
+    relay.dataReceived(b"abc")
+    relay.connectionLost(Failure(PotentialDataLoss()))
+    assert wire.value().endswith(b"0\r\n\r\n")
+
+
+def test_relayTruncatedBodyAbortsClientWithoutLastChunk() -> None:
+    request, wire = clientRequest()
+    relay, _, _ = relayTo(request)
+    relay.dataReceived(b"partial")
+    relay.connectionLost(Failure(ResponseFailed([Failure(ValueError("lost"))])))
+    assert not wire.value().endswith(b"0\r\n\r\n")
+    assert wire.disconnecting  # StringTransport.abortConnection
+    assert relay.reason is not None
+
+
+def test_slowClientPausesBackend() -> None:
+    request, wire = clientRequest()
+    relay, backend, _ = relayTo(request)
+    # The client's socket buffer is full: its transport pauses the channel,
+    # which pauses the producer registered on the request: the backend.
+    request.channel.pauseProducing()
+    assert backend.producerState == "paused"
+    request.channel.resumeProducing()
+    assert backend.producerState == "producing"
+
+
+def test_clientDisconnectStopsBackend() -> None:
+    request, _ = clientRequest()
+    relay, backend, _ = relayTo(request)
+    relay.dataReceived(b"some")
+    request.connectionLost(Failure(ConnectionError("client gone")))
+    assert backend.producerState == "stopped"
+    relay.connectionLost(Failure(ResponseFailed([Failure(ConnectionError())])))
+    assert relay.done.called
+
+
+def test_downloadIdleTimeoutAbortsBothSides() -> None:
+    request, wire = clientRequest()
+    relay, backend, clock = relayTo(request, idle=3)
+    relay.dataReceived(b"x")
+    clock.advance(2)
+    relay.dataReceived(b"y")
+    clock.advance(2)
+    assert backend.producerState == "producing"
+    clock.advance(1.5)
+    assert backend.producerState == "stopped"
+    assert wire.disconnecting
+    assert relay.done.called and relay.reason is not None
