@@ -36,7 +36,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 echo "==> installing edgeproxy${EDGEPROXY_EXTRAS:-} into $VENV"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ".${EDGEPROXY_EXTRAS:-}"
 
 # twistd finds plugins by scanning twisted/plugins and caching the result in
