@@ -144,3 +144,71 @@ def formatTable(rows: list[dict[str, Any]]) -> str:
     out += [fmt(line) for line in lines[1:]]
     out.append(rule)
     return "\n".join(out)
+
+
+# Issue 5's targets, as ratios to nginx with one worker in the same run, per
+# core: (label, figure, metric, "min" when the ratio must reach the target or
+# "max" when it must stay under it, first target, where we are going).
+TARGETS: list[tuple[str, str, str, str, float, float]] = [
+    ("R1 requests/s, kept-alive TLS (per core)", "R1", "value", "min", 0.15, 0.35),
+    ("R2 new TLS connections/s (per core)", "R2", "value", "min", 0.6, 0.9),
+    ("R3 MiB/s for large bodies (per core)", "R3", "value", "min", 0.5, 0.8),
+    ("R4 KiB per idle TLS connection", "R4", "perConnectionKiB", "max", 1.6, 1.2),
+    ("p99 at R1 load", "R1", "p99ms", "max", 8.0, 3.0),
+]
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    Each target of issue 5 with the ratio it is judged on: the
+    per-CPU-second ratio for throughput ("per core"), the plain ratio for
+    memory and latency.
+    """
+    byKey = {(row["key"], row["metric"]): row for row in rows}
+    out = []
+    for label, figure, metric, direction, first, goal in TARGETS:
+        row = byKey.get((figure, metric))
+        if row is None:
+            value = None
+        elif direction == "min":
+            value = row["per-CPU-second ratio"]
+        else:
+            value = row["edgeproxy/nginx"]
+
+        def met(target: float) -> bool | None:
+            if value is None:
+                return None
+            return value >= target if direction == "min" else value <= target
+
+        out.append(
+            {
+                "target": label,
+                "ratio": value,
+                "first": first,
+                "goal": goal,
+                "direction": direction,
+                "firstMet": met(first),
+                "goalMet": met(goal),
+            }
+        )
+    return out
+
+
+def formatTargets(checked: list[dict[str, Any]]) -> str:
+    lines = ["issue 5 targets (ratio to nginx, 1 worker):"]
+    for t in checked:
+        sign = ">=" if t["direction"] == "min" else "<="
+        if t["ratio"] is None:
+            verdict = "not measured"
+        elif t["goalMet"]:
+            verdict = "past the goal"
+        elif t["firstMet"]:
+            verdict = "first target met"
+        else:
+            verdict = "first target NOT met"
+        ratioText = "-" if t["ratio"] is None else f"{t['ratio']:.3f}"
+        lines.append(
+            f"  {t['target']}: {ratioText} (first {sign} {t['first']}, "
+            f"goal {sign} {t['goal']}): {verdict}"
+        )
+    return "\n".join(lines)

@@ -137,6 +137,14 @@ def toolVersions(tools: dict[str, str | None]) -> dict[str, str]:
     return versions
 
 
+def _shortPath(path: str) -> str:
+    """C{path} relative to the repository when it is inside it."""
+    try:
+        return str(Path(path).relative_to(REPO))
+    except ValueError:
+        return path
+
+
 def twistdCommand(python: str) -> list[str]:
     """The twistd that belongs to C{python} (the venv's, normally)."""
     beside = Path(python).parent / "twistd"
@@ -448,7 +456,7 @@ class Bench:
                 shutil.rmtree(self.work, ignore_errors=True)
         rows = report.table(self.results)
         return {
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "command": " ".join([_shortPath(sys.executable), *sys.argv]),
             "date": started.strftime("%Y-%m-%d %H:%M UTC"),
             "machine": {
                 "nproc": os.cpu_count(),
@@ -471,6 +479,7 @@ class Bench:
             "tls": self.probes,
             "results": self.results,
             "table": rows,
+            "targets": report.targets(rows),
             "notes": self.notes,
             "failures": self.failures,
         }
@@ -538,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['pinning']['proxies']}, load generator and origin on CPU "
           f"{result['pinning']['loadGeneratorAndOrigin']}")
     print(report.formatTable(result["table"]))
+    if any(t["ratio"] is not None for t in result["targets"]):
+        print(report.formatTargets(result["targets"]))
     for note in result["notes"]:
         print(f"note: {note}")
     for failure in result["failures"]:

@@ -135,6 +135,17 @@ def test_tableRatios() -> None:
     assert "R1 requests/s (TLS keep-alive, 1 KiB)" in text
     assert "0.125" in text
 
+    # Throughput targets are judged per core, memory and p99 as plain ratios.
+    checked = {t["target"]: t for t in report.targets(list(rows.values()))}
+    r1Target = checked["R1 requests/s, kept-alive TLS (per core)"]
+    assert r1Target["ratio"] == pytest.approx(0.1)
+    assert r1Target["firstMet"] is False
+    memoryTarget = checked["R4 KiB per idle TLS connection"]
+    assert memoryTarget["ratio"] == pytest.approx(1.5)
+    assert (memoryTarget["firstMet"], memoryTarget["goalMet"]) == (True, False)
+    assert checked["p99 at R1 load"]["firstMet"] is True
+    assert checked["R2 new TLS connections/s (per core)"]["ratio"] is None
+
 
 @pytest.mark.skipif(
     shutil.which("wrk") is None,
