@@ -884,3 +884,22 @@ def test_nothingWrittenFromInsideGotLength() -> None:
     assert flow.client.value() == b""
     flow.clock.advance(0)
     assert statusOf(flow.client.value()) == b"HTTP/1.1 502 Bad Gateway"
+
+
+def test_http2RequestRefused() -> None:
+    """
+    An HTTP/2 stream cannot be taken over: refused with a 400, no backend
+    connection attempted (the request layer should not even call in).
+    """
+    from twisted.web.test.requesthelper import DummyChannel, DummyRequest
+
+    clock = MemoryReactorClock()
+    endpoint = MemoryEndpoint()
+    request = DummyRequest([b"ws"])
+    request.channel = DummyChannel()
+    request.channel.streamID = 1
+    startTunnel(request, MemoryPool(endpoint), headers((b"Host", b"a")), b"/ws", clock=clock)
+    clock.advance(0)
+    assert request.responseCode == 400
+    assert request.finished
+    assert endpoint.protocol is None

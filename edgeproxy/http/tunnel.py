@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -44,7 +44,8 @@ from edgeproxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from edgeproxy.http.errorpages import writeError
+from edgeproxy.http.errorpages import isHTTP2, writeError
+from edgeproxy.upstream.pool import classifyFailure
 
 log = Logger()
 
@@ -553,7 +554,7 @@ def _takeOverChannel(channel: Any, protocol: Protocol) -> _TakenOver:
     bytes to C{protocol}.
 
     This is the ONE place that relies on Twisted private API (Twisted
-    26.10; C{tests.test_tunnel.TakeOverChannelTests} fails if it changes):
+    26.10; C{tests.test_tunnel.TestTakeOverChannel} fails if it changes):
 
       - C{HTTPChannel._protocolUpgradeForWebsockets(protocol)}, the hook
         C{twisted.web.websocket} uses: it rebinds the channel's
@@ -618,14 +619,6 @@ class _BackendProtocol(Protocol):
             self._delegate.connectionLost(reason)
         else:
             self._upgrade._backendLost(reason)
-
-
-def _classifyConnectFailure(failure: Failure) -> ProxyError:
-    # The pool owns the mapping of connection failures to statuses; the
-    # import is local because the pool module imports the Agent machinery.
-    from edgeproxy.upstream.pool import classifyFailure
-
-    return classifyFailure(failure, False)
 
 
 class _Upgrade:
@@ -740,6 +733,12 @@ class _Upgrade:
         self._timer = None
         if self._state != "starting":
             return
+        if isHTTP2(self._request):
+            # RFC 8441 (extended CONNECT) is not supported, and an HTTP/2
+            # stream has no connection to take over; an Upgrade field there
+            # is malformed anyway (RFC 9113 §8.2.2).
+            self._fail(BadRequest("WebSocket upgrade over HTTP/2"))
+            return
         try:
             self._server = self._pool.pickServer()
             headers = self._headers
@@ -770,7 +769,8 @@ class _Upgrade:
         if self._state != "connecting":
             return  # cancelled because the client left
         self._backendGone = True
-        self._fail(_classifyConnectFailure(failure))
+        # The pool owns the mapping of connection failures to statuses.
+        self._fail(classifyFailure(failure, False))
 
     # Response -------------------------------------------------------------
 
