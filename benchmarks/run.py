@@ -137,6 +137,21 @@ def toolVersions(tools: dict[str, str | None]) -> dict[str, str]:
     return versions
 
 
+def gitRevision() -> str | None:
+    """The commit measured, with C{-dirty} when the tree has changes."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out or None
+
+
 def _shortPath(path: str) -> str:
     """C{path} relative to the repository when it is inside it."""
     try:
@@ -441,7 +456,11 @@ class Bench:
             self.startProxies()
             if self.proxies:
                 for name in self.proxies:
-                    self.measureMemory(name)
+                    try:
+                        self.measureMemory(name)
+                    except (RuntimeError, OSError, ValueError) as e:
+                        self.failures.append(f"{name} R4: {e}")
+                        self.log(f"FAILED: {name} R4: {e}")
                 self.warmUp()
                 for figure in FIGURES:
                     self.measureLoad(figure)
@@ -465,6 +484,7 @@ class Bench:
                 "python": platform.python_version(),
             },
             "tools": toolVersions(self.tools),
+            "revision": gitRevision(),
             "origin": self.originKind,
             "pinning": {
                 "proxies": sorted(self.proxyCpus) if self.proxyCpus else None,
@@ -541,8 +561,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     print()
-    print(f"edgeproxy benchmarks, {result['date']}, {result['machine']['nproc']} CPUs "
-          f"({result['machine']['cpu']}), origin: {result['origin']}")
+    print(f"edgeproxy benchmarks, {result['date']}, revision {result['revision']}, "
+          f"{result['machine']['nproc']} CPUs ({result['machine']['cpu']}), "
+          f"origin: {result['origin']}")
     print(f"{args.runs} run(s) of {args.duration}s per figure, medians; proxies on CPU "
           f"{result['pinning']['proxies']}, load generator and origin on CPU "
           f"{result['pinning']['loadGeneratorAndOrigin']}")
