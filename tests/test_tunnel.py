@@ -903,3 +903,21 @@ def test_http2RequestRefused() -> None:
     assert request.responseCode == 400
     assert request.finished
     assert endpoint.protocol is None
+
+
+def test_internalErrorAbortsBoth(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A bug while switching (here: the channel hook gone, as if Twisted
+    dropped it) aborts both connections instead of leaving the client
+    hanging with its timeouts off.
+    """
+    from edgeproxy.http import tunnel as tunnelModule
+
+    def broken(channel: Any, protocol: Any) -> Any:
+        raise AttributeError("_protocolUpgradeForWebsockets")
+
+    monkeypatch.setattr(tunnelModule, "_takeOverChannel", broken)
+    flow = Flow()
+    flow.open()
+    flow.answer(HANDSHAKE)
+    assert flow.client.disconnected and flow.backend.disconnected

@@ -791,6 +791,22 @@ class _Upgrade:
             self._refusalEnded(complete=False)
 
     def _backendData(self, data: bytes) -> None:
+        try:
+            self._handleBackendData(data)
+        except Exception:
+            # A bug, not a backend problem; without this net Twisted would
+            # drop only the backend connection, and a client whose channel
+            # timeouts are already off would be left hanging.
+            log.failure("websocket upgrade relay failed")
+            self._state = "done"
+            self._cancelTimer()
+            self._closeBackend(abort=True)
+            channel = getattr(self._request, "channel", None)
+            transport = getattr(channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+
+    def _handleBackendData(self, data: bytes) -> None:
         if self._state == "head":
             try:
                 head = self._parser.feed(data)
