@@ -132,6 +132,7 @@ class ProxyRequest(server.Request):
     _started = False
     _declaredLength: int | None = None
     _maxBody = 0
+    _earlyPage: tuple[Headers, bytes] | None = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parsePOSTFormSubmission", False)
@@ -183,7 +184,9 @@ class ProxyRequest(server.Request):
             # Answered from the head or on an early upstream failure; over
             # HTTP/2 the stream stayed open to drain the body, end it now.
             if not self.finished and not self._disconnected and isHTTP2(self):
-                self.finish()
+                self._writeEarlyHTTP2()
+                if not self.finished:
+                    self.finish()
             return
         if self._pendingError is not None:
             writeError(self, self._pendingError)
@@ -430,12 +433,14 @@ class ProxyRequest(server.Request):
         headers.setRawHeaders(b"cache-control", [b"no-store"])
         headers.setRawHeaders(b"date", [datetimeToString()])
         if isHTTP2(self):
-            # The stream ends in process(), once the client's END_STREAM
-            # arrived: Twisted forgets a finished stream and would choke on
-            # the client's remaining DATA frames.
-            self.responseHeaders = headers
-            self.write(body)
             self._pipe = None
+            # Twisted registers the stream only after its head was converted
+            # (where this may run), so write on the next turn.  The stream
+            # ends in process(), once the client's END_STREAM arrived:
+            # Twisted forgets a finished stream and would choke on the
+            # client's remaining DATA frames.
+            self._earlyPage = (headers, body)
+            _clockOf(self.site).callLater(0, self._writeEarlyHTTP2)
             return
         # HTTP/1.1: the rest of the body is never read, so the connection
         # can carry nothing else (RFC 9112 §9.6).
@@ -448,6 +453,15 @@ class ProxyRequest(server.Request):
         if self.site is not None:
             self.site.log(self)
         channel.loseConnection()
+
+    def _writeEarlyHTTP2(self) -> None:
+        page, self._earlyPage = self._earlyPage, None
+        if page is None or self.finished or self._disconnected or self.startedWriting:
+            return
+        self.responseHeaders, body = page
+        self.write(body)
+        if self._bodyDone:
+            self.finish()
 
     def _bodyTooLarge(self) -> None:
         self._answerEarly(

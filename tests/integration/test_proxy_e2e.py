@@ -532,3 +532,26 @@ def test_http2GetAndPost(harness: Harness) -> None:
     assert json.loads(postBody) == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     record = harness.waitRecord(event="request", target="/h2-get")
     assert [v for n, v in record["headers"] if n.lower() == "host"] == ["plain.test"]
+
+
+def test_http2EarlyAnswersLeaveConnectionUsable(harness: Harness) -> None:
+    body = b"q" * (200 * 1024)
+    size = 5 * 1024 * 1024
+    answers = h2Exchange(
+        harness,
+        [
+            # No route for this name on a connection whose SNI is plain.test.
+            ([(":method", "POST"), (":path", "/x"), (":scheme", "https"), (":authority", "unknown.test"),
+              ("content-length", str(len(body)))], body),
+            ([(":method", "POST"), (":path", "/upload?h2-small"), (":scheme", "https"),
+              (":authority", "small.test"), ("content-length", "5000")], b"s" * 5000),
+            ([(":method", "GET"), (":path", f"/download/{size}"), (":scheme", "https"),
+              (":authority", "plain.test")], b""),
+        ],
+    )
+    (misdirected, _), (tooLarge, _), (download, data) = answers
+    assert misdirected[":status"] == "421"
+    assert tooLarge[":status"] == "413"
+    assert "connection" not in tooLarge
+    assert download[":status"] == "200" and len(data) == size
+    assert not harness.records(event="request", target="/upload?h2-small")
