@@ -194,6 +194,7 @@ def handshake(
     cafile: Path,
     alpn: Sequence[str] = ("h2", "http/1.1"),
     timeout: float = 5,
+    host: str = "127.0.0.1",
 ) -> tuple[x509.Certificate, str | None]:
     """
     A TLS handshake with 127.0.0.1:C{port}, sending C{serverName} as SNI
@@ -204,7 +205,7 @@ def handshake(
     context = ssl.create_default_context(cafile=str(cafile))
     context.check_hostname = False
     context.set_alpn_protocols(list(alpn))
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+    with socket.create_connection((host, port), timeout=timeout) as raw:
         with context.wrap_socket(raw, server_hostname=serverName) as tls:
             der = tls.getpeercert(binary_form=True)
             assert der is not None
@@ -322,10 +323,11 @@ import fcntl, os, socket, sys
 names = []
 sockets = []
 for spec in sys.argv[1].split(","):
-    name, port = spec.split("=")
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    name, host, port = spec.split("=")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", int(port)))
+    s.bind((host, int(port)))
     s.listen(128)
     names.append(name)
     sockets.append(s)
@@ -347,12 +349,14 @@ os.execv(command[0], command)
 """
 
 
-def socketActivationPrefix(workdir: Path, sockets: dict[str, int]) -> list[str]:
+def socketActivationPrefix(
+    workdir: Path, sockets: dict[str, int], host: str = "127.0.0.1"
+) -> list[str]:
     """
     The command prefix that runs twistd under the socket-activation
-    wrapper with C{sockets} (name -> port) at fds 3, 4, ...
+    wrapper with C{sockets} (name -> port, on C{host}) at fds 3, 4, ...
     """
     script = workdir / "activate.py"
     script.write_text(SOCKET_ACTIVATION_WRAPPER)
-    spec = ",".join(f"{name}={port}" for name, port in sockets.items())
+    spec = ",".join(f"{name}={host}={port}" for name, port in sockets.items())
     return [sys.executable, str(script), spec]

@@ -362,21 +362,25 @@ def test_portInUseExitsNonZero(site: Site, notify: NotifyReceiver) -> None:
         notify.next(0.2)
 
 
-def test_socketActivation(site: Site, notify: NotifyReceiver) -> None:
+@pytest.mark.parametrize("domain, host", [("INET", "127.0.0.1"), ("INET6", "::1")])
+def test_socketActivation(site: Site, notify: NotifyReceiver, domain: str, host: str) -> None:
     writeConfig(
         site.workdir,
-        "systemd:domain=INET:name=https",
-        "systemd:domain=INET:name=http",
+        f"systemd:domain={domain}:name=https",
+        f"systemd:domain={domain}:name=http",
         site.backend.port,
         # An adopted socket does not say its port in the configuration.
         redirectPort=site.httpsPort,
     )
-    prefix = socketActivationPrefix(site.workdir, {"http": site.httpPort, "https": site.httpsPort})
-    proc = Twistd(site.config, site.workdir, notify=notify, prefix=prefix, passFds=())
+    prefix = socketActivationPrefix(
+        site.workdir, {"http": site.httpPort, "https": site.httpsPort}, host
+    )
+    proc = Twistd(site.config, site.workdir, notify=notify, prefix=prefix)
     try:
         notify.waitFor(b"READY=1", START_TIMEOUT, alive=proc.alive)
-        assert served(site, "a.example").serial_number == site.exact.serial
-        with socket.create_connection(("127.0.0.1", site.httpPort), timeout=5) as conn:
+        certificate = handshake(site.httpsPort, "a.example", site.cafile, host=host)[0]
+        assert certificate.serial_number == site.exact.serial
+        with socket.create_connection((host, site.httpPort), timeout=5) as conn:
             status, headers, _ = request(conn, "/x", "localhost")
         assert status == 308
         assert headers["location"] == f"https://localhost:{site.httpsPort}/x"
