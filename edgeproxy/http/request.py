@@ -42,6 +42,7 @@ import ipaddress
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -51,7 +52,6 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from edgeproxy.config.model import Route
 from edgeproxy.errors import (
-    BadRequest,
     ContentTooLarge,
     MisdirectedRequest,
     NoRoute,
@@ -121,7 +121,6 @@ class ProxyRequest(server.Request):
     _pipe: BodyPipe | None = None
     _upstream: Deferred[IResponse] | None = None
     _response: IResponse | None = None
-    _upstreamFailure: Failure | None = None
     _pendingError: ProxyError | None = None
     _answered = False
     _bodyDone = False
@@ -193,9 +192,8 @@ class ProxyRequest(server.Request):
             return
         if self._response is not None:
             self._respond(self._response)
-        elif self._upstreamFailure is not None:
-            self._fail(self._upstreamFailure)
-        # else: _upstreamResponded / _upstreamFailed will answer.
+        # else: _upstreamResponded / _upstreamFailed will answer (a failure
+        # before this point was answered at once by _answerEarly).
 
     # The head is complete ------------------------------------------------
 
@@ -377,10 +375,9 @@ class ProxyRequest(server.Request):
         # Send the head now: a slow or endless body (server-sent events)
         # must not hold it back.
         self.write(b"")
-        if self.method == b"HEAD" or response.code in NO_BODY_CODES:
-            # No body may follow (RFC 9110 §6.4.1); whatever the Agent
-            # delivers is empty, deliverBody still frees the connection.
-            pass
+        # For HEAD, 1xx, 204 and 304 no body follows (RFC 9110 §6.4.1):
+        # Twisted drops any write after the head, and deliverBody still
+        # returns the backend connection to the pool.
         response.deliverBody(relay)
 
     def _fail(self, failure: Failure) -> None:
@@ -527,18 +524,21 @@ def _asProxyError(failure: Failure) -> ProxyError:
     return ProxyError(str(failure.value))
 
 
+class _Discard(Protocol):
+    """Receives a response body nobody wants by closing its connection."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
 def _discard(response: IResponse) -> None:
     """
     Close the backend connection of a response nobody will read (it is
     mid-body and cannot be reused).
     """
-    from twisted.internet.protocol import Protocol
-
-    class _Stop(Protocol):
-        def connectionMade(self) -> None:
-            self.transport.stopProducing()
-
     try:
-        response.deliverBody(_Stop())
+        response.deliverBody(_Discard())
     except Exception:
+        # deliverBody may only be called once; a response already being
+        # delivered has a relay that stops it on its own.
         pass

@@ -23,7 +23,7 @@ from OpenSSL import SSL
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
@@ -51,12 +51,6 @@ class _CreatorSource(Protocol):
     """The part of C{edgeproxy.tls.client.UpstreamTLS} this module uses."""
 
     def creatorFor(self, server: Server) -> Any: ...
-
-
-class _FinishNotifier(Protocol):
-    """A body that can say when it has been completely handed over."""
-
-    def whenFinished(self) -> Deferred[None]: ...
 
 
 def _leafReasons(failure: Failure) -> list[Failure]:
