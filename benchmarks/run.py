@@ -208,6 +208,10 @@ class Bench:
         self.pemDir = certs / "pem"
         self.pemFile = leaf.writePEM(self.pemDir / "bench.pem")
         self.crtFile, self.keyFile = leaf.writePair(certs / "pair", "bench")
+        # Throwaway keys, but the directory is world-readable (for nginx's
+        # workers): only the servers' own user (the masters read keys) needs them.
+        self.pemFile.chmod(0o600)
+        self.keyFile.chmod(0o600)
 
     def startServer(self, server: Server) -> Server:
         self.servers.append(server)
