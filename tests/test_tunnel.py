@@ -449,6 +449,14 @@ def test_tunnelIdleTimeout() -> None:
     assert clock.getDelayedCalls() == []
 
 
+def test_tunnelNoIdleTimeout() -> None:
+    tunnel, client, backend, clock = makeTunnel(idle=0)
+    tunnel.start()
+    assert clock.getDelayedCalls() == []
+    clock.advance(86400)
+    assert not client.disconnecting and not backend.disconnecting
+
+
 def test_tunnelEndLostBeforeStart() -> None:
     tunnel, client, backend, clock = makeTunnel()
     lose(tunnel.client)
@@ -791,6 +799,19 @@ def test_refusalBodyCutByBackend() -> None:
     assert flow.client.value().endswith(b"\r\n\r\nabc")
     assert flow.client.disconnecting
     assert flow.site.logged == []
+
+
+def test_refusalBodyStalls() -> None:
+    flow = Flow(idle=7.0)
+    flow.open()
+    flow.answer(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 10\r\n\r\nabc")
+    flow.clock.advance(6)
+    flow.answer(b"d")
+    flow.clock.advance(6)
+    assert not flow.client.disconnecting
+    flow.clock.advance(1)
+    assert flow.client.value().endswith(b"\r\n\r\nabcd")
+    assert flow.client.disconnecting and flow.backend.disconnected
 
 
 def test_interimResponseSkipped() -> None:

@@ -392,7 +392,8 @@ class Tunnel:
     peer: memory stays bounded by the transports' buffers.  When either side
     goes away the other is closed after its pending bytes are flushed (and
     aborted if it has not gone within L{ABORT_TIMEOUT}).  When no byte has
-    moved in either direction for C{idleTimeout} seconds, both are closed.
+    moved in either direction for C{idleTimeout} seconds, both are closed
+    (an C{idleTimeout} of 0 or less: never).
 
     Connect L{client} and L{backend} (C{makeConnection}), then L{start}.
     """
@@ -464,7 +465,8 @@ class Tunnel:
         if toClient:
             self.backend.received += len(toClient)
             clientTransport.write(toClient)
-        self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
+        if self._idleTimeout > 0:
+            self._idleCall = self._clock.callLater(self._idleTimeout, self._checkIdle)
 
     def _relay(self, end: TunnelEnd, data: bytes) -> None:
         self._lastActivity = self._clock.seconds()
@@ -923,12 +925,14 @@ class _Upgrade:
         if framing.kind == "none" or (framing.kind == "length" and framing.length == 0):
             self._refusalEnded(complete=True)
             return
-        self._setTimer(self._upstream.idle_timeout, self._timedOut)
+        if self._upstream.idle_timeout > 0:
+            self._setTimer(self._upstream.idle_timeout, self._timedOut)
         if rest:
             self._refusalData(rest)
 
     def _refusalData(self, data: bytes) -> None:
-        self._setTimer(self._upstream.idle_timeout, self._timedOut)
+        if self._upstream.idle_timeout > 0:
+            self._setTimer(self._upstream.idle_timeout, self._timedOut)
         kind = self._framing.kind
         if kind == "chunked":
             try:
