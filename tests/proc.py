@@ -283,6 +283,7 @@ class Backend:
 
     def __init__(self, slowSeconds: float = 1.5) -> None:
         self.slowStarted = threading.Event()
+        self.slowSeconds = slowSeconds
         backend = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -291,7 +292,7 @@ class Backend:
             def do_GET(self) -> None:
                 if self.path.startswith("/slow"):
                     backend.slowStarted.set()
-                    time.sleep(slowSeconds)
+                    time.sleep(backend.slowSeconds)
                 body = f"backend saw {self.path}\n".encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")

@@ -306,6 +306,7 @@ def test_shutdownTimeoutAbortsTheRest(site: Site, notify: NotifyReceiver) -> Non
         site.backend.port,
         shutdownTimeout="300ms",
     )
+    site.backend.slowSeconds = 8
     proc = start(site, notify)
     try:
         conn = tlsConnection(site.httpsPort, "a.example", site.cafile, timeout=10)
@@ -315,11 +316,11 @@ def test_shutdownTimeoutAbortsTheRest(site: Site, notify: NotifyReceiver) -> Non
         proc.signal(signal.SIGTERM)
         with pytest.raises((ConnectionError, OSError)):
             readResponse(conn)
+        # Aborted after 300ms, long before the backend's answer.
+        assert time.monotonic() - began < 5
         conn.close()
-        assert proc.wait(10) in (0, -signal.SIGTERM)
-        # Aborted after 300ms, well before the backend's 1.5s answer.
-        assert time.monotonic() - began < 1.4
-        assert "Shutdown timeout" in proc.output()
+        assert proc.wait(10) == -signal.SIGTERM
+        assert "Shutdown timeout (0.3s) reached: aborting 1 connection(s)" in proc.output()
     finally:
         proc.stop()
 
