@@ -99,6 +99,17 @@ def test_failAbortsUpload() -> None:
     assert failures and failures[0].check(ValueError)
 
 
+def test_failResumesPausedClientSoTheBodyDrains() -> None:
+    pipe, client, _, _ = makePipe()
+    pipe.write(b"waiting for the backend")
+    assert client.transport.producerState == "paused"
+    pipe.fail(Failure(ValueError("backend down")))
+    assert client.transport.producerState == "producing"
+    pipe.write(b"rest")
+    pipe.finish()
+    assert client.transport.producerState == "producing"
+
+
 def test_stopProducingDiscardsAndResumesClient() -> None:
     pipe, client, _, _ = makePipe()
     consumer = Consumer()

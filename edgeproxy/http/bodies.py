@@ -205,6 +205,10 @@ class BodyPipe:
         self._completed = True
         self._idle.stop()
         self._buffer = []
+        # Let the rest of the body drain (it is discarded): an HTTP/2 stream
+        # left paused would never deliver its END_STREAM, and the request
+        # could never end.
+        self._client.resume()
         if self._done is not None:
             done, self._done = self._done, None
             done.errback(reason)

@@ -545,11 +545,15 @@ def test_http2EarlyAnswersLeaveConnectionUsable(harness: Harness) -> None:
               ("content-length", str(len(body)))], body),
             ([(":method", "POST"), (":path", "/upload?h2-small"), (":scheme", "https"),
               (":authority", "small.test"), ("content-length", "5000")], b"s" * 5000),
+            # The backend is down while the body is still being sent.
+            ([(":method", "POST"), (":path", "/dead"), (":scheme", "https"), (":authority", "dead.test"),
+              ("content-length", str(len(body)))], body),
             ([(":method", "GET"), (":path", f"/download/{size}"), (":scheme", "https"),
               (":authority", "plain.test")], b""),
         ],
     )
-    (misdirected, _), (tooLarge, _), (download, data) = answers
+    (misdirected, _), (tooLarge, _), (dead, deadBody), (download, data) = answers
+    assert dead[":status"] == "502" and deadBody == b"502 Bad Gateway\n"
     assert misdirected[":status"] == "421"
     assert tooLarge[":status"] == "413"
     assert "connection" not in tooLarge
