@@ -34,7 +34,6 @@ from edgeproxy.http.tunnel import (
     ABORT_TIMEOUT,
     MAX_REFUSAL_BODY,
     BodyFraming,
-    ChunkedDecoder,
     ResponseHeadParser,
     Tunnel,
     _takeOverChannel,
@@ -280,26 +279,6 @@ def test_bodyFraming(raw: bytes, framing: BodyFraming) -> None:
 def test_bodyFramingBadLength(values: bytes) -> None:
     with pytest.raises(UpstreamProtocolError):
         bodyFraming(parseHead(b"HTTP/1.1 400 B\r\n" + values + b"\r\n\r\n"))
-
-
-CHUNKED = b"5;ext=1\r\nhello\r\n1\r\n \r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n"
-
-
-@given(st.lists(st.integers(min_value=0, max_value=len(CHUNKED)), max_size=10))
-def test_chunkedAnySplit(cuts: list[int]) -> None:
-    decoder = ChunkedDecoder()
-    out, start = b"", 0
-    for point in sorted(set(cuts)) + [len(CHUNKED)]:
-        out += decoder.feed(CHUNKED[start:point])
-        start = point
-    assert out == b"hello 0123456789"
-    assert decoder.done
-
-
-@pytest.mark.parametrize("raw", [b"zz\r\n", b"5\r\nhelloX\r\n", b"\r\n", b"1" * 20 + b"\r\n"])
-def test_chunkedRejects(raw: bytes) -> None:
-    with pytest.raises(UpstreamProtocolError):
-        ChunkedDecoder().feed(raw)
 
 
 # Tunnel -----------------------------------------------------------------------
@@ -763,6 +742,27 @@ def test_refusalChunked() -> None:
     assert raw.endswith(b"4\r\nnope\r\n0\r\n\r\n")
     assert flow.client.disconnecting
     assert flow.site.logged == [(404, 4, b"/chat?x=1")]
+
+
+def test_refusalChunkedAcrossReads() -> None:
+    flow = Flow()
+    flow.open()
+    body = b"3;x=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    flow.answer(b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for i in range(len(body)):
+        flow.answer(body[i : i + 1])
+    assert flow.site.logged == [(403, 5, b"/chat?x=1")]
+    assert flow.client.disconnecting and not flow.backend.disconnected
+
+
+def test_refusalChunkedMalformed() -> None:
+    flow = Flow()
+    flow.open()
+    flow.answer(b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n")
+    # Cut short: no terminating chunk on the wire, connection closed.
+    assert not flow.client.value().endswith(b"0\r\n\r\n")
+    assert flow.client.disconnecting and flow.backend.disconnected
+    assert flow.site.logged == []
 
 
 def test_refusalCloseDelimited() -> None:

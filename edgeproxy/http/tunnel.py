@@ -12,7 +12,7 @@ L{edgeproxy.http.request} has decided it is a WebSocket opening handshake:
     (L{ResponseHeadParser}) here, bounded in size and time;
   - the relay of the backend's C{101} to the client (L{switchingHeaders}),
     or of its refusal as an ordinary response (L{refusalHeaders},
-    L{ChunkedDecoder}), or of a failure as an error page;
+    L{bodyFraming}), or of a failure as an error page;
   - the taking over of the client's HTTP/1.1 connection (L{_takeOverChannel},
     the one place that relies on Twisted private API);
   - L{Tunnel}: the two-way byte pipe between client and backend, with
@@ -44,6 +44,7 @@ from edgeproxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from edgeproxy.http.channel import ChunkedDecoder, MalformedBody
 from edgeproxy.http.errorpages import isHTTP2, writeError
 from edgeproxy.upstream.pool import classifyFailure
 
@@ -300,60 +301,6 @@ def bodyFraming(head: ResponseHead) -> BodyFraming:
     if len(lengths) != 1 or not next(iter(lengths)).isdigit():
         raise UpstreamProtocolError(f"bad Content-Length: {sorted(lengths)!r}")
     return BodyFraming("length", int(next(iter(lengths))))
-
-
-class ChunkedDecoder:
-    """
-    RFC 9112 §7.1 chunked transfer coding, bytes in, body bytes out.
-    Extensions and trailers are read and dropped.
-
-    @ivar done: the last chunk and the trailer section have been read.
-    """
-
-    _MAX_LINE = 4096
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._state = "size"
-        self._remaining = 0
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        """
-        @return: the body bytes decoded from C{data} (possibly none).
-        @raise UpstreamProtocolError: malformed chunk framing.
-        """
-        self._buffer += data
-        out = []
-        while self._buffer and not self.done:
-            if self._state == "data":
-                piece = self._buffer[: self._remaining]
-                self._buffer = self._buffer[len(piece):]
-                self._remaining -= len(piece)
-                out.append(piece)
-                if self._remaining == 0:
-                    self._state = "crlf"
-                continue
-            line, found, rest = self._buffer.partition(b"\n")
-            if not found:
-                if len(self._buffer) > self._MAX_LINE:
-                    raise UpstreamProtocolError("chunk framing line too long")
-                break
-            self._buffer = rest
-            line = line.rstrip(b"\r")
-            if self._state == "size":
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size):
-                    raise UpstreamProtocolError(f"bad chunk size: {line[:40]!r}")
-                self._remaining = int(size, 16)
-                self._state = "data" if self._remaining else "trailer"
-            elif self._state == "crlf":
-                if line:
-                    raise UpstreamProtocolError("chunk data not followed by CRLF")
-                self._state = "size"
-            elif not line:  # trailer section ends with an empty line
-                self.done = True
-        return b"".join(out)
 
 
 # The tunnel ---------------------------------------------------------------
@@ -658,7 +605,9 @@ class _Upgrade:
         self._timer: IDelayedCall | None = None
         self._framing = BodyFraming("none")
         self._remaining = 0
-        self._chunked = ChunkedDecoder()
+        self._chunked = ChunkedDecoder(self._chunkedPiece, self._chunkedEnd)
+        self._pieces: list[bytes] = []
+        self._chunkedDone = False
         self._relayed = 0
         self._tunnel: Tunnel | None = None
         self._channelLost: Callable[[Failure], None] | None = None
@@ -935,13 +884,16 @@ class _Upgrade:
             self._setTimer(self._upstream.idle_timeout, self._timedOut)
         kind = self._framing.kind
         if kind == "chunked":
+            if self._chunkedDone:
+                return  # bytes after the last chunk: not part of the body
             try:
-                piece = self._chunked.feed(data)
-            except UpstreamProtocolError as error:
+                self._chunked.dataReceived(data)
+            except MalformedBody as error:
                 log.warn("websocket refusal body: {why}", why=str(error))
                 self._refusalEnded(complete=False)
                 return
-            complete = self._chunked.done
+            piece, self._pieces = b"".join(self._pieces), []
+            complete = self._chunkedDone
         elif kind == "length":
             piece = data[: self._remaining]
             self._remaining -= len(piece)
@@ -957,6 +909,12 @@ class _Upgrade:
         self._writeRefusal(piece)
         if complete:
             self._refusalEnded(complete=True)
+
+    def _chunkedPiece(self, piece: bytes) -> None:
+        self._pieces.append(piece)
+
+    def _chunkedEnd(self, rest: bytes) -> None:
+        self._chunkedDone = True
 
     def _writeRefusal(self, piece: bytes) -> None:
         if piece and not self._clientGone:
