@@ -184,6 +184,7 @@ class EdgeService(MultiService):
         self.notifier = notifier if notifier is not None else Notifier()
         self._installSignalHandlers = installSignalHandlers
         self._previousHangup: Any = None
+        self._hangupInstalled = False
         self.exitCode = 0
         self.store: CertificateStore | None = None
         if config.tls is not None:
@@ -210,13 +211,29 @@ class EdgeService(MultiService):
     def startService(self) -> None:
         super().startService()
         self._listenOrExit()
-        if self._installSignalHandlers:
+
+    def _installHangup(self) -> None:
+        # Before READY=1: a manager may send SIGHUP as soon as it sees it,
+        # and SIGHUP's default action would end the process.  Until the
+        # reactor runs, callFromThread just queues the reload.
+        if self._installSignalHandlers and not self._hangupInstalled:
             self._previousHangup = signal.signal(signal.SIGHUP, self._onHangup)
+            self._hangupInstalled = True
+
+    def _restoreHangup(self) -> None:
+        if self._hangupInstalled:
+            # None: the previous handler was not set from Python; the
+            # default is the closest we can restore.
+            previous = self._previousHangup
+            signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
+            self._hangupInstalled = False
 
     def _listenOrExit(self) -> None:
+        self._installHangup()
         try:
             self._listen()
         except StartupError as e:
+            self._restoreHangup()
             # One clear line rather than a traceback through twistd: the
             # exception leaves privilegedStartService, twistd exits 1 before
             # the reactor runs, and READY=1 is never sent.
@@ -380,9 +397,7 @@ class EdgeService(MultiService):
     def stopService(self) -> Deferred[None]:
         if self._stopping is not None:
             return self._stopping
-        if self._installSignalHandlers and self._previousHangup is not None:
-            signal.signal(signal.SIGHUP, self._previousHangup)
-            self._previousHangup = None
+        self._restoreHangup()
         children = maybeDeferred(super().stopService)
         self._stopping = Deferred.fromCoroutine(self._drain(children))
         return self._stopping
