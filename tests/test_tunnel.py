@@ -242,8 +242,8 @@ def test_switchingHeaders() -> None:
     )
     result = dict(switchingHeaders(head).getAllRawHeaders())
     assert result == {
-        b"Upgrade": [b"websocket"],
-        b"Connection": [b"Upgrade"],
+        b"Upgrade": [b"WebSocket"],
+        b"Connection": [b"upgrade"],
         b"Sec-Websocket-Accept": [b"abc="],
         b"Sec-Websocket-Protocol": [b"chat"],
         b"Sec-Websocket-Extensions": [b"permessage-deflate"],
@@ -667,7 +667,7 @@ def test_handshakeAndTunnel() -> None:
     head, _, rest = response.partition(b"\r\n\r\n")
     assert statusOf(head) == b"HTTP/1.1 101 Switching Protocols"
     assert b"Sec-Websocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
-    assert b"Upgrade: websocket" in head and b"Connection: Upgrade" in head
+    assert b"Upgrade: websocket" in head and b"Connection: upgrade" in head
     assert b"Server" not in head and b"chunked" not in head.lower()
     assert rest == b"\x81\x02hi"
     # Now it is a byte pipe: nothing is parsed as HTTP any more.
@@ -864,6 +864,14 @@ def test_badHandshakeResponse(answer: bytes) -> None:
     flow = Flow()
     flow.open()
     flow.answer(answer)
+    assert statusOf(flow.client.value()) == b"HTTP/1.1 502 Bad Gateway"
+    assert flow.backend.disconnected
+
+
+def test_refusalWithAmbiguousFraming() -> None:
+    flow = Flow()
+    flow.open()
+    flow.answer(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
     assert statusOf(flow.client.value()) == b"HTTP/1.1 502 Bad Gateway"
     assert flow.backend.disconnected
 

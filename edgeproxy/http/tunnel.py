@@ -46,6 +46,7 @@ from edgeproxy.errors import (
 )
 from edgeproxy.http.channel import ChunkedDecoder, MalformedBody
 from edgeproxy.http.errorpages import isHTTP2, writeError
+from edgeproxy.http.headers import checkResponseHeaders, clientResponseHeaders
 from edgeproxy.upstream.pool import classifyFailure
 
 log = Logger()
@@ -67,24 +68,6 @@ _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 
 _STATUS_LINE = re.compile(rb"^(HTTP/1\.[01]) ([0-9]{3})(?: ([^\r\n]*))?$")
-
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-    }
-)
-"""RFC 9110 §7.6.1 connection-specific fields (plus the framing fields this
-module sets itself): never copied from the backend's response."""
-
-_NEVER_RELAYED = frozenset({b"server", b"x-powered-by"})
-"""Fields that only tell an attacker what runs behind the proxy."""
 
 
 # Pure: the handshake on the wire ----------------------------------------
@@ -238,38 +221,31 @@ class ResponseHeadParser:
         return _parseHead(raw)
 
 
-def _relayedFields(head: ResponseHead) -> Headers:
-    named = set(head.tokens(b"connection"))
-    result = Headers()
-    for name, value in head.fields:
-        lower = name.lower()
-        # RFC 9110 §7.6.1: fields the Connection header names are for this
-        # hop only.
-        if lower in _HOP_BY_HOP or lower in _NEVER_RELAYED or lower in named:
-            continue
-        result.addRawHeader(name, value)
-    return result
-
-
 def switchingHeaders(head: ResponseHead) -> Headers:
     """
     @return: the headers of the C{101} the client gets: the backend's
         end-to-end fields (C{Sec-WebSocket-Accept}, C{-Protocol},
-        C{-Extensions}, cookies...) without C{Server}/C{X-Powered-By}, and
-        exactly C{Upgrade: websocket} and C{Connection: Upgrade}.
+        C{-Extensions}, cookies...) filtered as every response is
+        (L{edgeproxy.http.headers.clientResponseHeaders}: no C{Server},
+        C{X-Powered-By} or hop-by-hop fields), its C{Upgrade}, and
+        C{Connection: upgrade}.
     """
-    result = _relayedFields(head)
-    result.setRawHeaders(b"Upgrade", [b"websocket"])
-    result.setRawHeaders(b"Connection", [b"Upgrade"])
+    result = clientResponseHeaders(head.headers(), upgrade=True)
+    # RFC 9110 §8.6: no Content-Length in a 1xx; after a 101 the bytes that
+    # follow are the new protocol's, not a body.
+    result.removeHeader(b"content-length")
     return result
 
 
 def refusalHeaders(head: ResponseHead) -> Headers:
     """
     @return: the headers relayed with a refused handshake (any status but
-        C{101}): end-to-end fields only, no framing, no C{Server}.
+        C{101}): filtered as every response is, without C{Content-Length}
+        (set from the framing by the relay).
     """
-    return _relayedFields(head)
+    result = clientResponseHeaders(head.headers())
+    result.removeHeader(b"content-length")
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -843,6 +819,8 @@ class _Upgrade:
 
     def _refuse(self, head: ResponseHead, rest: bytes) -> None:
         try:
+            # Ambiguous framing is refused as for any proxied response.
+            checkResponseHeaders(head.headers())
             framing = bodyFraming(head)
         except UpstreamProtocolError as error:
             self._fail(error)
