@@ -301,3 +301,30 @@ def test_listenerLimitsReachChannel() -> None:
     channel = client.protocol._channel
     assert channel.limits is limits
     assert channel.timeOut == 7.0
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, bytes]] = []
+
+    def log(self, request: Any) -> None:
+        self.lines.append((request.code, request.uri))
+
+
+def test_accessLogOncePerRequestEvenWhenCutShort() -> None:
+    client = Client()
+    client.site.accessLog = recorder = Recorder()
+    client.send(b"GET /fine HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    client.pool.calls[0].result.callback(FakeResponse(200, {}, b"ok"))
+    client.send(b"GET /cut HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    client.pool.calls[1].result.callback(FakeResponse(200, {}, b"part", cut=True))
+    client.protocol.connectionLost(Failure(ConnectionError("aborted")))
+    assert recorder.lines == [(200, b"/fine"), (200, b"/cut")]
+
+
+def test_accessLogForEarlyAnswerThenClose() -> None:
+    client = Client()
+    client.site.accessLog = recorder = Recorder()
+    client.send(b"PUT /big HTTP/1.1\r\nHost: small.example\r\nContent-Length: 1000\r\n\r\n")
+    client.protocol.connectionLost(Failure(ConnectionError("closed")))
+    assert recorder.lines == [(413, b"/big")]

@@ -138,6 +138,8 @@ class ProxyRequest(server.Request):
         super().__init__(channel, *args, **kwargs)
         site = getattr(channel, "site", None)
         self.site = site
+        self.edgeStarted = _clockOf(site).seconds() if site is not None else None
+        """When the request arrived (for the access log's duration)."""
         inflight = getattr(site, "inflight", None)
         if inflight is not None:
             # Left in _cleanup (finished) or connectionLost (client gone).
@@ -447,8 +449,6 @@ class ProxyRequest(server.Request):
         self._pipe = None
         channel = self.channel
         channel.persistent = False
-        if self.site is not None:
-            self.site.log(self)
         channel.loseConnection()
 
     def _writeEarlyHTTP2(self) -> None:
@@ -491,6 +491,10 @@ class ProxyRequest(server.Request):
     def connectionLost(self, reason: Failure) -> None:
         site = self.site
         super().connectionLost(reason)
+        if site is not None and not self.finished and self._started:
+            # Aborted or abandoned: still one access-log line (EdgeSite.log
+            # keeps it to one).
+            site.log(self)
         inflight = getattr(site, "inflight", None)
         if inflight is not None:
             inflight.discard(self)

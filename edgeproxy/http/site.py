@@ -80,8 +80,16 @@ class EdgeSite(server.Site):
         return list(super().acceptableProtocols())
 
     def log(self, request: Any) -> None:
+        """
+        One access-log event per request: called by Twisted when a response
+        finishes, and by L{ProxyRequest} for requests that end otherwise
+        (answered then closed, aborted, client gone).
+        """
         # The access log owns formatting; Twisted's own combined log file
         # is never opened.
+        if getattr(request, "accessLogged", False):
+            return
+        request.accessLogged = True
         if self.accessLog is not None:
             self.accessLog.log(request)
 
