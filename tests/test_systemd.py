@@ -8,12 +8,15 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from twisted.logger import LogLevel, globalLogPublisher
 
+from edgeproxy.config.model import ProxySettings
 from edgeproxy.systemd import Notifier
 
 
@@ -137,3 +140,64 @@ def test_failureNeverRaisesAndWarnsOnce(captured: list[dict]) -> None:
     assert len(warnings) == 1
     assert warnings[0]["log_level"] == LogLevel.warn
     assert "nobody" in repr(warnings[0]["address"])
+
+
+# The unit files shipped in docs/systemd.
+
+UNITS = Path(__file__).resolve().parent.parent / "docs" / "systemd"
+
+
+def unitValues(name: str) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_unitsParseCleanly(tmp_path: Path) -> None:
+    """
+    systemd-analyze verify reads the units as systemd would (PID 1 need not
+    be systemd); the binaries are replaced by stand-ins that exist.
+    """
+    binaries = tmp_path / "bin"
+    binaries.mkdir()
+    for name in ("twistd", "edgeproxy"):
+        (binaries / name).symlink_to(shutil.which("true") or "/bin/true")
+    for unit in UNITS.iterdir():
+        text = unit.read_text().replace("/opt/edgeproxy/bin/", f"{binaries}/")
+        (tmp_path / unit.name).write_text(text)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no",
+         *(str(tmp_path / u.name) for u in sorted(UNITS.iterdir()))],
+        capture_output=True, text=True, timeout=60,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Unknown" not in output and "Failed" not in output, output
+
+
+def test_unitsAgreeWithEachOther() -> None:
+    service = unitValues("edgeproxy.service")
+    assert service["Type"] == ["notify"]
+    assert service["NotifyAccess"] == ["main"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert service["ExecStart"][0].endswith(
+        "twistd --nodaemon --pidfile= edgeproxy --config /etc/edgeproxy/edge.ini"
+    )
+    assert service["ExecStartPre"][0].endswith("edgeproxy check --config /etc/edgeproxy/edge.ini")
+    # The drain must end before systemd gives up and kills.
+    stopSeconds = float(service["TimeoutStopSec"][0].rstrip("s"))
+    assert stopSeconds > ProxySettings().shutdown_timeout
+    names = {}
+    for unit in ("edgeproxy.socket", "edgeproxy-http.socket"):
+        values = unitValues(unit)
+        assert values["Service"] == ["edgeproxy.service"]
+        assert len(values["FileDescriptorName"]) == 1
+        names[values["FileDescriptorName"][0]] = values["ListenStream"]
+        assert unit in service["Sockets"][0].split()
+    assert names == {"https": ["[::]:443"], "http": ["[::]:80"]}
