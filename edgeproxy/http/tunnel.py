@@ -18,8 +18,10 @@ L{edgeproxy.http.request} has decided it is a WebSocket opening handshake:
   - L{Tunnel}: the two-way byte pipe between client and backend, with
     backpressure, closed together, bounded by an idle timeout.
 
-Upgrade over HTTP/2 (RFC 8441 extended CONNECT) is not supported, and no
-other upgrade token (C{h2c} included) is ever forwarded.
+Upgrade over HTTP/2 (RFC 8441 extended CONNECT) is not supported (a stream
+handed in anyway gets a 400).  Any other upgrade token (C{h2c} included)
+never reaches this module: the request layer strips C{Upgrade} unless
+L{isWebSocketUpgrade} holds.
 """
 
 from __future__ import annotations
@@ -940,9 +942,10 @@ def startTunnel(
         sent to the client) when the client's connection closes;
       - the backend answers anything else: that response is relayed (body
         up to L{MAX_REFUSAL_BODY} bytes) and the client connection closed;
-      - no answer: an error page (502, or 504 on a timeout; 400 for a target
-        or header that cannot be written) via
-        L{edgeproxy.http.errorpages.writeError}.
+      - no usable answer: an error page (502; 504 on a connect or response
+        timeout; 400 for a target or header that cannot be written, or an
+        HTTP/2 request) via L{edgeproxy.http.errorpages.writeError}, and the
+        client connection closed (it may hold pipelined frames).
 
     @param request: the client's L{twisted.web.http.Request} on an
         C{HTTPChannel}, with no body.
