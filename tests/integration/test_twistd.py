@@ -10,6 +10,7 @@ every wait is bounded.
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 import socket
@@ -114,6 +115,11 @@ def site(tmp_path: Path) -> Iterator[Site]:
     default.writePEM(certdir / "default.pem")
     exact.writePEM(certdir / "a.pem")
     wildcard.writePEM(certdir / "wild.pem", order="key-last")
+    # Within the default 14-day expiry warning.
+    ca.issue(
+        ["soon.example"],
+        notAfter=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=3),
+    ).writePEM(certdir / "soon.pem")
     backend = Backend(slowSeconds=1.5)
     httpsPort, httpPort = freePort(), freePort()
     config = writeConfig(
@@ -172,6 +178,7 @@ def test_readyOnlyAfterListening(site: Site, running: Twistd, notify: NotifyRece
     assert f"127.0.0.1:{site.httpsPort} for [listen:https]" in output
     assert f"127.0.0.1:{site.httpPort} for [listen:http]" in output
     assert "a.example" in output and "*.b.example" in output
+    assert f"TLS certificate {site.certdir / 'soon.pem'} for soon.example expires" in output
 
 
 def test_certificateBySNI(site: Site, running: Twistd) -> None:
@@ -231,6 +238,8 @@ def test_reloadOnSIGHUP(site: Site, notify: NotifyReceiver) -> None:
             assert reloading.split(b"\n")[1].startswith(b"MONOTONIC_USEC=")
             notify.waitFor(b"READY=1", 10, alive)
             assert served(site, "a.example").serial_number == renewed.serial
+            # The expiry warning is repeated at every reload.
+            assert proc.output().count("soon.example expires") == 2
             # ...keeps working, on its old certificate.
             status, _, body = request(kept, "/after", "a.example")
             assert (status, body) == (200, b"backend saw /after\n")
