@@ -212,3 +212,13 @@ def test_runtimeRefusesBadCA(tmp_path: Path) -> None:
     upstream = Upstream(name="app", servers=(Server("127.0.0.1", 1),), tls=True, ca=str(bad))
     with pytest.raises(CertificateError):
         Runtime.build(config(upstream), MemoryReactorClock())
+
+
+def test_ipv6AndNamedServersRoundTripThroughTheAgent() -> None:
+    for host in ("::1", "Backend.Example"):
+        reactor = MemoryReactorClock()
+        pool = MemoryPool(reactor, Upstream(name="v6", servers=(Server(host, 8443),)), None)
+        pool.endpoint = MemoryEndpoint()
+        pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+        [(_, transport)] = pool.endpoint.connections
+        assert transport.value().startswith(b"GET / HTTP/1.1\r\n")
