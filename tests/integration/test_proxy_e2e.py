@@ -559,3 +559,20 @@ def test_http2EarlyAnswersLeaveConnectionUsable(harness: Harness) -> None:
     assert "connection" not in tooLarge
     assert download[":status"] == "200" and len(data) == size
     assert not harness.records(event="request", target="/upload?h2-small")
+
+
+def test_expectContinueUpload(harness: Harness) -> None:
+    raw = socket.create_connection(("127.0.0.1", harness.ports["proxy"]), timeout=TIMEOUT)
+    raw.sendall(
+        b"PUT /upload?expect HTTP/1.1\r\nHost: plain.test\r\nContent-Length: 5\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    interim = raw.recv(100)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    raw.sendall(b"hello")
+    response = http.client.HTTPResponse(raw)
+    response.begin()
+    assert json.loads(response.read())["length"] == 5
+    raw.close()
+    record = harness.waitRecord(event="request", target="/upload?expect")
+    assert "expect" not in [n.lower() for n, v in record["headers"]]
