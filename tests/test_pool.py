@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 from twisted.internet import error as netError
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -222,3 +222,15 @@ def test_ipv6AndNamedServersRoundTripThroughTheAgent() -> None:
         pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
         [(_, transport)] = pool.endpoint.connections
         assert transport.value().startswith(b"GET / HTTP/1.1\r\n")
+
+
+def test_cancelByCallerIsNotABackendFailure() -> None:
+    pool, endpoint, reactor = makePool()
+    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    d.cancel()
+    assert outcome[0].check(CancelledError)
+    assert endpoint.connections[0][1].disconnecting
+    reactor.advance(10)  # the response timer is gone: nothing else fires
+    assert len(outcome) == 1

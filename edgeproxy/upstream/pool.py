@@ -305,16 +305,18 @@ class UpstreamPool:
         def failed(failure: Failure) -> Failure:
             if failure.check(ProxyError):
                 return failure
-            mapped = classifyFailure(failure, bool(state["timedOut"]))
-            if failure.check(CancelledError) and not state["timedOut"]:
-                # Cancelled by our caller (the client went away): not a
+            if not state["timedOut"] and any(
+                leaf.check(CancelledError) for leaf in _leafReasons(failure)
+            ):
+                # Cancelled by our caller (client gone, body cut): not a
                 # backend problem worth more than a debug line.
                 self.log.debug(
                     "upstream {upstream} request to {backend} cancelled",
                     upstream=self.upstream.name,
                     backend=server.address,
                 )
-                return failure
+                return Failure(CancelledError())
+            mapped = classifyFailure(failure, bool(state["timedOut"]))
             self.log.warn(
                 "upstream {upstream} backend {backend} failed: {status} {why}",
                 upstream=self.upstream.name,
