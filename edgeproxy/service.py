@@ -110,7 +110,8 @@ def closeIdle(channel: object) -> None:
     unregisters the channel as its transport's producer first: a TLS
     transport does not send its close_notify (and so never closes) while a
     producer is registered.  An HTTP/2 connection first gets a GOAWAY
-    (RFC 9113 §6.8), as Twisted's own idle timeout does.
+    (RFC 9113 §6.8), as Twisted's own idle timeout does, and is
+    unregistered from its transport the same way.
     """
     inner: Any = getattr(channel, "_channel", channel)
     if isinstance(inner, HTTPChannel):
@@ -127,6 +128,13 @@ def closeIdle(channel: object) -> None:
         except Exception:
             # Already closing or closed at the HTTP/2 level: just close.
             pass
+    # The ALPN switcher registers the H2Connection as its transport's
+    # producer; TLS would wait for it to go away before closing.
+    try:
+        transport.unregisterProducer()
+    except RuntimeError:
+        # A test transport with nothing registered; real ones ignore it.
+        pass
     transport.loseConnection()
 
 

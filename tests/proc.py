@@ -361,3 +361,63 @@ def socketActivationPrefix(
     script.write_text(SOCKET_ACTIVATION_WRAPPER)
     spec = ",".join(f"{name}={host}={port}" for name, port in sockets.items())
     return [sys.executable, str(script), spec]
+
+
+class H2Client:
+    """
+    A minimal HTTP/2 client over a verified TLS socket (ALPN h2), enough to
+    make one request and then watch the connection being closed.
+    """
+
+    def __init__(self, port: int, serverName: str, cafile: Path, timeout: float = 10) -> None:
+        import h2.config
+        import h2.connection
+
+        context = ssl.create_default_context(cafile=str(cafile))
+        context.check_hostname = False
+        context.set_alpn_protocols(["h2"])
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = context.wrap_socket(raw, server_hostname=serverName)
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+
+    def events(self) -> list:
+        """The events of the next bytes received ([] at end of stream)."""
+        data = self.sock.recv(65536)
+        if not data:
+            return []
+        events = self.conn.receive_data(data)
+        pending = self.conn.data_to_send()
+        if pending:
+            self.sock.sendall(pending)
+        return events
+
+    def get(self, path: str, authority: str) -> tuple[int, bytes]:
+        import h2.events
+
+        stream = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(
+            stream,
+            [(":method", "GET"), (":scheme", "https"), (":authority", authority), (":path", path)],
+            end_stream=True,
+        )
+        self.sock.sendall(self.conn.data_to_send())
+        status, body = 0, b""
+        while True:
+            events = self.events()
+            if not events and not status:
+                raise ConnectionError("connection closed before the response")
+            for event in events:
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream:
+                    body += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                    self.sock.sendall(self.conn.data_to_send())
+                    return status, body
+
+    def close(self) -> None:
+        self.sock.close()

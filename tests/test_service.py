@@ -376,8 +376,11 @@ def test_closeIdleHTTP2SendsGoAway() -> None:
     client = h2.connection.H2Connection()
     client.initiate_connection()
     server.dataReceived(client.data_to_send())
+    # As Twisted's ALPN switcher does after negotiating h2.
+    transport.registerProducer(server, True)
     transport.clear()
     closeIdle(server)
+    assert transport.producer is None
     assert transport.disconnecting
     received = client.receive_data(transport.value())
     goaway = [e for e in received if isinstance(e, h2.events.ConnectionTerminated)]

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h2.events
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.certutil import CertificateAuthority, IssuedCertificate
 from tests.proc import (
     Backend,
+    H2Client,
     NotifyReceiver,
     Twistd,
     freePort,
@@ -267,6 +269,8 @@ def test_drainOnSIGTERM(site: Site, notify: NotifyReceiver) -> None:
     try:
         idle = tlsConnection(site.httpsPort, "a.example", site.cafile)
         assert request(idle, "/idle", "a.example")[0] == 200
+        idleH2 = H2Client(site.httpsPort, "a.example", site.cafile)
+        assert idleH2.get("/idle2", "a.example") == (200, b"backend saw /idle2\n")
         result: dict[str, object] = {}
 
         def slow() -> None:
@@ -286,6 +290,17 @@ def test_drainOnSIGTERM(site: Site, notify: NotifyReceiver) -> None:
         idle.settimeout(0.5)
         assert idle.recv(1) == b""
         idle.close()
+        # An idle HTTP/2 connection gets GOAWAY (no error), then the close.
+        idleH2.sock.settimeout(0.5)
+        seen = []
+        while True:
+            events = idleH2.events()
+            if not events:
+                break
+            seen.extend(events)
+        goaway = [e for e in seen if isinstance(e, h2.events.ConnectionTerminated)]
+        assert len(goaway) == 1 and goaway[0].error_code == 0
+        idleH2.close()
         # ...no new connection is accepted...
         deadline = time.monotonic() + 2
         while not refused(site.httpsPort):
