@@ -328,3 +328,12 @@ def test_accessLogForEarlyAnswerThenClose() -> None:
     client.send(b"PUT /big HTTP/1.1\r\nHost: small.example\r\nContent-Length: 1000\r\n\r\n")
     client.protocol.connectionLost(Failure(ConnectionError("closed")))
     assert recorder.lines == [(413, b"/big")]
+
+
+def test_immediateUpstreamFailureOnGetKeepsConnection() -> None:
+    client = Client()
+    client.pool.request = lambda *a: fail(BackendUnavailable("refused"))  # type: ignore[method-assign]
+    client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    assert client.wire().startswith(b"HTTP/1.1 502 ")
+    assert b"Connection: close" not in client.wire()
+    assert not client.transport.disconnecting

@@ -67,6 +67,7 @@ from edgeproxy.http.headers import (
     upstreamRequestHeaders,
 )
 from edgeproxy.http.paths import normaliseTarget
+from edgeproxy.http.tunnel import startTunnel
 from edgeproxy.routing import normaliseHost
 from edgeproxy.upstream.pool import fullResponseHeaders
 
@@ -284,8 +285,6 @@ class ProxyRequest(server.Request):
             receivedProtocol=_VIA_PROTOCOLS.get(version, b"1.1"),
         )
         if upgrade is not None:
-            from edgeproxy.http.tunnel import startTunnel
-
             self._tunnelled = True
             startTunnel(self, pool, headers, upstreamPath)
             return
@@ -334,6 +333,10 @@ class ProxyRequest(server.Request):
             return
         if self._processing:
             self._fail(failure)
+        elif self._declaredLength == 0:
+            # No body follows: process() comes next and answers, keeping
+            # the connection.
+            self._pendingError = _asProxyError(failure)
         else:
             self._answerEarly(_asProxyError(failure))
 
