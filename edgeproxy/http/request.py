@@ -50,7 +50,7 @@ from twisted.web.http import NO_BODY_CODES, datetimeToString
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from edgeproxy.config.model import Route
+from edgeproxy.config.model import Route, Upstream
 from edgeproxy.errors import (
     ContentTooLarge,
     MisdirectedRequest,
@@ -133,6 +133,7 @@ class ProxyRequest(server.Request):
     _declaredLength: int | None = None
     _maxBody = 0
     _earlyPage: tuple[Headers, bytes] | None = None
+    _upstreamSettings: Upstream | None = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parsePOSTFormSubmission", False)
@@ -265,6 +266,7 @@ class ProxyRequest(server.Request):
         upstreamPath += query
         pool = runtime.pools[route.upstream]
         upstream = pool.upstream
+        self._upstreamSettings = upstream
         config = runtime.config
         peer = self.getClientAddress()
         peerHost = getattr(peer, "host", "")
@@ -374,8 +376,9 @@ class ProxyRequest(server.Request):
             headers.setRawHeaders(b"date", [datetimeToString()])
         self.setResponseCode(response.code, response.phrase or phraseFor(response.code))
         self.responseHeaders = headers
-        upstream = self.site.currentRuntime().pools.get(self.upstreamName)
-        idle = upstream.upstream.idle_timeout if upstream is not None else 0
+        # The upstream settings captured with the head: a reload meanwhile
+        # does not change the rules a request started under.
+        idle = self._upstreamSettings.idle_timeout if self._upstreamSettings else 0
         relay = ResponseRelay(self, _clockOf(self.site), idle)
         # Send the head now: a slow or endless body (server-sent events)
         # must not hold it back.
