@@ -235,3 +235,16 @@ def test_downloadIdleTimeoutAbortsBothSides() -> None:
     assert backend.producerState == "stopped"
     assert wire.disconnecting
     assert relay.done.called and relay.reason is not None
+
+
+def test_whenFinishedAfterTheFact() -> None:
+    pipe, _, _, _ = makePipe(1)
+    pipe.startProducing(Consumer())
+    pipe.write(b"x")
+    pipe.finish()
+    assert pipe.whenFinished().called
+    failed, _, _, _ = makePipe(1)
+    failed.fail(Failure(ValueError("cut")))
+    failures: list[Failure] = []
+    failed.whenFinished().addErrback(failures.append)
+    assert failures and failures[0].check(ValueError)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -34,6 +34,9 @@ from zope.interface import implementer
 from edgeproxy.http.errorpages import isHTTP2
 
 log = Logger()
+
+_PENDING = object()
+"""L{BodyPipe} outcome before the body is complete or abandoned."""
 
 
 def abortClient(request: Any) -> None:
@@ -170,6 +173,7 @@ class BodyPipe:
         self._failure: Failure | None = None
         self._finishedWaiters: list[Deferred[None]] = []
         self._completed = False
+        self._outcome: object = _PENDING
         self._idle = IdleTimer(clock, idleTimeout, onIdle)
 
     # Client side ----------------------------------------------------------
@@ -222,11 +226,13 @@ class BodyPipe:
             connection (the start of the response timeout); fails if the body
             is abandoned.
         """
-        if self._completed and self._failure is None and self._done is None:
+        if self._outcome is _PENDING:
+            d: Deferred[None] = Deferred()
+            self._finishedWaiters.append(d)
+            return d
+        if self._outcome is None:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._finishedWaiters.append(d)
-        return d
+        return fail(self._outcome)
 
     # IBodyProducer -------------------------------------------------------
 
@@ -289,6 +295,7 @@ class BodyPipe:
             self._fireFinished(None)
 
     def _fireFinished(self, result: Failure | None) -> None:
+        self._outcome = result
         waiters, self._finishedWaiters = self._finishedWaiters, []
         for waiter in waiters:
             if result is None:
