@@ -11,6 +11,7 @@ records.  The proxy process's memory is read from C{/proc/PID/status}.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import http.client
 import json
 import os
@@ -576,3 +577,30 @@ def test_expectContinueUpload(harness: Harness) -> None:
     raw.close()
     record = harness.waitRecord(event="request", target="/upload?expect")
     assert "expect" not in [n.lower() for n, v in record["headers"]]
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")
+@pytest.mark.parametrize("target", ["/close-early/100000", "/close-early-chunked/1"])
+def test_curlReportsTruncatedResponse(harness: Harness, target: str) -> None:
+    result = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "--max-time", "10",
+         "-H", "Host: plain.test", f"http://127.0.0.1:{harness.ports['proxy']}{target}"],
+        capture_output=True,
+        timeout=15,
+    )
+    # 18: partial file; 56: failure receiving (reset).  Never 0.
+    assert result.returncode in (18, 56), result
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")
+def test_curlHTTP2(harness: Harness) -> None:
+    result = subprocess.run(
+        ["curl", "-sS", "--http2", "--max-time", "10", "--cacert", str(harness.directory / "edge-ca.pem"),
+         "--resolve", f"plain.test:{harness.ports['proxyTLS']}:127.0.0.1",
+         "-w", "%{http_version} %{http_code}", "--data-binary", "curl-body",
+         f"https://plain.test:{harness.ports['proxyTLS']}/echo"],
+        capture_output=True,
+        timeout=15,
+    )
+    assert result.returncode == 0, result
+    assert result.stdout == b"curl-body2 200"
