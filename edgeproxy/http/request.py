@@ -67,7 +67,7 @@ from edgeproxy.http.headers import (
     upstreamRequestHeaders,
 )
 from edgeproxy.http.paths import normaliseTarget
-from edgeproxy.http.tunnel import startTunnel
+from edgeproxy.http.tunnel import isWebSocketUpgrade, startTunnel
 from edgeproxy.routing import normaliseHost
 from edgeproxy.upstream.pool import fullResponseHeaders
 
@@ -270,7 +270,7 @@ class ProxyRequest(server.Request):
         config = runtime.config
         peer = self.getClientAddress()
         peerHost = getattr(peer, "host", "")
-        upgrade = self._websocketUpgrade(method, route)
+        upgrade = self._websocketUpgrade(method, version, route)
         headers = upstreamRequestHeaders(
             self.requestHeaders,
             peer=peerHost,
@@ -304,14 +304,21 @@ class ProxyRequest(server.Request):
         self._upstream = pool.request(method, upstreamPath, headers, body)
         self._upstream.addCallbacks(self._upstreamResponded, self._upstreamFailed)
 
-    def _websocketUpgrade(self, method: bytes, route: Route) -> bytes | None:
-        if method != b"GET" or not route.websocket:
+    def _websocketUpgrade(
+        self, method: bytes, version: bytes, route: Route
+    ) -> bytes | None:
+        # RFC 9110 §7.8: Upgrade is ignored on HTTP/1.0, and HTTP/2 has no
+        # Upgrade (RFC 9113 §8.6); a request with a body or without
+        # "Connection: upgrade" is no handshake, and tunnelling it would send
+        # its body to the backend as WebSocket frames.
+        if (
+            not route.websocket
+            or version != b"HTTP/1.1"
+            or isHTTP2(self)
+            or not isWebSocketUpgrade(method, self.requestHeaders)
+        ):
             return None
-        for value in self.requestHeaders.getRawHeaders(b"upgrade", ()):
-            for token in value.split(b","):
-                if token.strip().lower() == b"websocket":
-                    return b"websocket"
-        return None
+        return b"websocket"
 
     # Upstream outcomes ---------------------------------------------------
 

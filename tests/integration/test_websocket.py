@@ -604,6 +604,29 @@ def test_h2cUpgradeNotForwarded(harness: Harness) -> None:
     client.close()
 
 
+@pytest.mark.parametrize(
+    "headers, early",
+    [
+        ({"Connection": "keep-alive"}, b""),
+        ({"Content-Length": "5"}, b"hello"),
+    ],
+    ids=["no-connection-upgrade", "with-body"],
+)
+def test_notAHandshakeNotTunnelled(
+    harness: Harness, headers: dict[str, str], early: bytes
+) -> None:
+    """
+    Upgrade: websocket without "Connection: upgrade", or on a request with a
+    body, is an ordinary request: the backend sees no Upgrade and the body
+    (if any) as a body, never as frames.
+    """
+    client = Client(harness, "ws.test", "/plain", early=early, headers=headers)
+    assert client.status == 200
+    record = harness.waitRecord(event="request", id=client.testId)
+    assert "upgrade" not in {name.lower() for name, _ in record["headers"]}
+    client.close()
+
+
 def test_routeWithoutWebSocket(harness: Harness) -> None:
     client = Client(harness, "nows.test", "/echo")
     assert client.status != 101
