@@ -404,7 +404,9 @@ def runHarness(directory: Path) -> None:
         Route(name="renamed", hosts=("renamed.test",), paths=("/",), upstream="renamed"),
         Route(name="sub", hosts=("a.edge.test",), paths=("/",), upstream="plain"),
     )
-    limits = Limits(client_idle_timeout=30.0, max_body_size=512 * 1024 * 1024)
+    # Room for the streaming tests' uploads (EDGE_E2E_BIG, 256 MiB in CI).
+    big = int(os.environ.get("EDGE_E2E_BIG", str(256 * 1024 * 1024)))
+    limits = Limits(client_idle_timeout=30.0, max_body_size=max(512 * 1024 * 1024, 2 * big))
     plainListener = Listener(name="plain", endpoint="tcp:0", tls=False, limits=limits)
     tlsListener = Listener(name="tls", endpoint="tcp:0", tls=True, limits=limits)
     config = Config(

@@ -287,6 +287,7 @@ def test_bigUploadStreams(harness: Harness) -> None:
     assert summary == {"length": BIG, "sha256": digest.hexdigest()}
     record = harness.waitRecord(event="request", target="/upload?big")
     assert record["firstBodyAt"] < finishedSending
+    print(f"upload of {BIG / 2**20:.0f} MiB: proxy RSS growth {growth / 2**20:.2f} MiB")
     assert growth < MEMORY_BOUND, growth
 
 
@@ -305,6 +306,7 @@ def test_bigDownloadStreams(harness: Harness) -> None:
     connection.close()
     growth = watch.stop()
     assert total == BIG
+    print(f"download of {BIG / 2**20:.0f} MiB: proxy RSS growth {growth / 2**20:.2f} MiB")
     assert growth < MEMORY_BOUND, growth
 
 
