@@ -173,6 +173,15 @@ ERRORS = [
     ("[upstream:b]\nservers = b:1\nidle_timeout = 0s", "upstream:b", "idle_timeout", "idle_timeout", "greater than zero"),
     ("[upstream:b]\nservers = b:1\nconnect_timeout = 5 s x", "upstream:b", "connect_timeout", "5 s x", "expected a duration"),
     ("[upstream:b]\nservers = b:1\nhost_header = a b", "upstream:b", "host_header", "a b", "expected a host name"),
+    ("[upstream:b]\nservers = b:1\nbalance = random", "upstream:b", "balance", "random", "expected one of round_robin, least_conn, p2c, hash"),
+    ("[upstream:b]\nservers = b:1\nhash_key = path", "upstream:b", "hash_key", "hash_key", "only used with balance = hash"),
+    ("[upstream:b]\nservers = b:1\nbalance = least_conn\nhash_key = client_ip", "upstream:b", "hash_key", "client_ip", "only used with balance = hash"),
+    ("[upstream:b]\nservers = b:1\nbalance = hash\nhash_key = query", "upstream:b", "hash_key", "query", "expected client_ip, path, header:NAME or cookie:NAME"),
+    ("[upstream:b]\nservers = b:1\nbalance = hash\nhash_key = header:", "upstream:b", "hash_key", "header:", "a header name"),
+    ("[upstream:b]\nservers = b:1\nbalance = hash\nhash_key = cookie:a b", "upstream:b", "hash_key", "cookie:a b", "a cookie name"),
+    ("[upstream:b]\nservers = a:1 backup backup", "upstream:b", "servers", "backup backup", "given twice"),
+    ("[upstream:b]\nservers = a:1 drain", "upstream:b", "servers", "drain", "'weight=N', 'backup' or 'down'"),
+    ("[upstream:b]\nservers = a:1 max_conns=5", "upstream:b", "servers", "max_conns=5", "'weight=N', 'backup' or 'down'"),
     # [route:NAME]
     ("[route:r]\nupstream = app", "route:r", "hosts", "[route:r]", "missing required key 'hosts'"),
     ("[route:r]\nhosts = r.example", "route:r", "upstream", "[route:r]", "missing required key 'upstream'"),
@@ -367,7 +376,7 @@ redirect_port = 8443
 endpoint = unix:run.sock:mode=660
 
 [upstream:api]
-servers = api1.internal:8443 weight=3, 10.1.2.3:8443, [2001:db8::1]:8443
+servers = api1.internal:8443 weight=3, 10.1.2.3:8443 down, [2001:db8::1]:8443 backup
 tls = yes
 ca = ca.pem
 server_name = API.internal
@@ -378,6 +387,8 @@ idle_timeout = 45s
 keepalive = 0
 keepalive_timeout = 10s
 host_header = api.example.com
+balance = hash
+hash_key = Header:X-User
 
 [upstream:legacy]
 servers = legacy:80
@@ -468,8 +479,8 @@ def test_fullExample(site: Path) -> None:
                 name="api",
                 servers=(
                     Server("api1.internal", 8443, 3),
-                    Server("10.1.2.3", 8443),
-                    Server("2001:db8::1", 8443),
+                    Server("10.1.2.3", 8443, down=True),
+                    Server("2001:db8::1", 8443, backup=True),
                 ),
                 tls=True,
                 ca=os.path.join(base, "ca.pem"),
@@ -481,6 +492,8 @@ def test_fullExample(site: Path) -> None:
                 keepalive=0,
                 keepalive_timeout=10.0,
                 host_header="api.example.com",
+                balance="hash",
+                hash_key="header:x-user",
             ),
             "legacy": Upstream(name="legacy", servers=(Server("legacy", 80),), tls=True, insecure=True),
         },

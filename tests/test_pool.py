@@ -14,6 +14,7 @@ from OpenSSL import SSL
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -25,10 +26,12 @@ from edgeproxy.config.model import Config, ProxySettings, Route, Server, Upstrea
 from edgeproxy.errors import (
     BackendUnavailable,
     CertificateError,
+    ServiceUnavailable,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
 from edgeproxy.runtime import Runtime
+from edgeproxy.upstream.balance import requestHashKey
 from edgeproxy.upstream.pool import UpstreamPool, classifyFailure, fullResponseHeaders
 
 
@@ -234,3 +237,130 @@ def test_cancelByCallerIsNotABackendFailure() -> None:
     assert endpoint.connections[0][1].disconnecting
     reactor.advance(10)  # the response timer is gone: nothing else fires
     assert len(outcome) == 1
+
+
+# Balancing through the pool -------------------------------------------------
+
+
+class BodyCollector(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.reason: Failure | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.reason = reason
+
+
+class RecordingPool(UpstreamPool):
+    """Records which server each connection dials."""
+
+    dialled: list[Server]
+
+    def endpointFor(self, server: Server) -> Any:
+        self.dialled.append(server)
+        return MemoryEndpoint(None)
+
+
+def makeBalancedPool(**kw: Any) -> RecordingPool:
+    servers = kw.pop("servers", (Server("10.0.0.1", 8080),))
+    upstream = Upstream(name="app", servers=servers, response_timeout=5.0, **kw)
+    pool = RecordingPool(MemoryReactorClock(), upstream, None)
+    pool.dialled = []
+    return pool
+
+
+def test_inFlightUntilTheBodyIsComplete() -> None:
+    pool, endpoint, _ = makePool()
+    server = pool.upstream.servers[0]
+    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    assert pool.balancer.inFlight(server) == 1
+    protocol, _ = endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
+    response = result(d)
+    assert pool.balancer.inFlight(server) == 1  # head only: still in flight
+    body = BodyCollector()
+    response.deliverBody(body)
+    protocol.dataReceived(b"ok")
+    assert body.data == b"okok"
+    assert body.reason is not None
+    assert pool.balancer.inFlight(server) == 0
+
+
+def test_inFlightEndsWhenTheBodyFails() -> None:
+    pool, endpoint, _ = makePool()
+    server = pool.upstream.servers[0]
+    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    protocol, _ = endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
+    body = BodyCollector()
+    result(d).deliverBody(body)
+    protocol.connectionLost(Failure(netError.ConnectionLost()))
+    assert body.reason is not None
+    assert pool.balancer.inFlight(server) == 0
+
+
+def test_inFlightEndsForBodylessResponse() -> None:
+    pool, endpoint, _ = makePool()
+    server = pool.upstream.servers[0]
+    d = pool.request(b"HEAD", b"/", Headers({b"Host": [b"h"]}), None)
+    protocol, _ = endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+    result(d).deliverBody(BodyCollector())
+    assert pool.balancer.inFlight(server) == 0
+
+
+@pytest.mark.parametrize("how", ["refused", "timeout", "cancel"])
+def test_inFlightEndsOnFailureAndCancel(how: str) -> None:
+    failure = netError.ConnectionRefusedError() if how == "refused" else None
+    pool, endpoint, reactor = makePool(failure)
+    server = pool.upstream.servers[0]
+    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    if how == "timeout":
+        reactor.advance(5.0)
+    elif how == "cancel":
+        d.cancel()
+    outcome = result(d)
+    assert isinstance(outcome, Failure)
+    assert pool.balancer.inFlight(server) == 0
+
+
+def test_allServersDownIs503AtOnce() -> None:
+    pool = makeBalancedPool(servers=(Server("a", 1, down=True), Server("b", 1, down=True)))
+    outcome = result(pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None))
+    assert isinstance(outcome, Failure)
+    assert outcome.check(ServiceUnavailable)
+    assert outcome.value.status == 503
+    assert pool.dialled == []
+    with pytest.raises(ServiceUnavailable):
+        pool.pickServer()
+
+
+def test_leastConnThroughThePool() -> None:
+    pool = makeBalancedPool(
+        servers=(Server("a", 1), Server("b", 1)), balance="least_conn"
+    )
+    pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    # Both still waiting for an answer: one each, not two on the first.
+    assert [s.host for s in pool.dialled] == ["a", "b"]
+
+
+def test_hashOnHeaderSendsAUserToOneBackend() -> None:
+    servers = tuple(Server(f"10.0.0.{i}", 8080) for i in range(1, 6))
+    pool = makeBalancedPool(servers=servers, balance="hash", hash_key="header:x-user")
+    chosen: dict[bytes, set[str]] = {}
+    for round in range(4):
+        for user in (b"alice", b"bob", b"carol", b"dave", b"erin", b"frank"):
+            headers = Headers({b"Host": [b"h"], b"X-User": [user]})
+            # A different client address each time: the header decides.
+            key = requestHashKey(
+                pool.upstream.hash_key, f"192.0.2.{round}", headers, b"/"
+            )
+            pool.request(b"GET", b"/", headers, None, hashKey=key)
+            chosen.setdefault(user, set()).add(pool.dialled[-1].address)
+    assert all(len(backends) == 1 for backends in chosen.values()), chosen
+    # ... and the users are spread, not all on one backend.
+    assert len({next(iter(b)) for b in chosen.values()}) > 1

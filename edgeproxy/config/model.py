@@ -109,6 +109,10 @@ class Server:
     """Host name or IP literal (no brackets)."""
     port: int
     weight: int = 1
+    backup: bool = False
+    """Picked only when no primary server is available."""
+    down: bool = False
+    """Administratively off: never picked."""
 
     @property
     def address(self) -> str:
@@ -143,6 +147,12 @@ class Upstream:
     """Seconds an idle backend connection is kept (below the backend's)."""
     host_header: str | None = None
     """When set, sent as C{Host} instead of the client's."""
+    balance: str = "round_robin"
+    """Balancing policy: C{round_robin}, C{least_conn}, C{p2c} or C{hash}
+    (see L{edgeproxy.upstream.balance})."""
+    hash_key: str = "client_ip"
+    """For C{balance = hash}: C{client_ip}, C{path}, C{header:NAME} (NAME
+    lower-cased) or C{cookie:NAME}."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ from edgeproxy.config.model import (
 )
 from edgeproxy.config.units import parseDuration, parseSize
 from edgeproxy.errors import ConfigError
+from edgeproxy.upstream.balance import POLICIES
 
 __all__ = ["load", "SECTION_KEYS"]
 
@@ -91,6 +92,8 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "keepalive",
         "keepalive_timeout",
         "host_header",
+        "balance",
+        "hash_key",
     ),
     "route": ("hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket"),
 }
@@ -458,6 +461,12 @@ def _readUpstream(section: _Section, name: str) -> Upstream:
                 # A backend setting that does nothing usually means the
                 # operator believes this hop is encrypted when it is not.
                 raise section.error(key, "only used with tls = yes (this upstream speaks plain HTTP)")
+    balance = section.choice(
+        "balance", defaults.balance, {policy: policy for policy in POLICIES}
+    )
+    hashKey = section.convert("hash_key", defaults.hash_key, syntax.checkHashKey)
+    if section.has("hash_key") and balance != "hash":
+        raise section.error("hash_key", "only used with balance = hash")
     ca = section.optionalFile("ca")
     if insecure and ca is not None:
         raise section.error(
@@ -477,6 +486,8 @@ def _readUpstream(section: _Section, name: str) -> Upstream:
         keepalive=section.integer("keepalive", defaults.keepalive, minimum=0),
         keepalive_timeout=section.duration("keepalive_timeout", defaults.keepalive_timeout),
         host_header=section.convert("host_header", defaults.host_header, syntax.checkHostHeader),
+        balance=balance,
+        hash_key=hashKey,
     )
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "checkRoutePath",
     "checkToken",
     "checkHostHeader",
+    "checkHashKey",
     "parseServers",
     "splitList",
 ]
@@ -170,6 +171,30 @@ def checkToken(text: str) -> str:
     return token
 
 
+def checkHashKey(text: str) -> str:
+    """
+    Check an upstream's C{hash_key}: C{client_ip}, C{path}, C{header:NAME}
+    or C{cookie:NAME}.  Header names are returned lower-cased (they are
+    case-insensitive, RFC 9110 §5.1); cookie names keep their case (RFC 6265
+    §5.4 compares them exactly).
+    """
+    value = text.strip()
+    if value.lower() in ("client_ip", "path"):
+        return value.lower()
+    kind, colon, name = value.partition(":")
+    kind = kind.strip().lower()
+    name = name.strip()
+    if colon and kind in ("header", "cookie"):
+        if not _TOKEN.match(name):
+            raise ValueError(
+                f"expected a {kind} name (an HTTP token) after '{kind}:', got {name!r}"
+            )
+        return f"{kind}:{name.lower() if kind == 'header' else name}"
+    raise ValueError(
+        f"expected client_ip, path, header:NAME or cookie:NAME, got {text!r}"
+    )
+
+
 def _checkPort(text: str, what: str, allowZero: bool = False) -> int:
     if not _isDigits(text):
         raise ValueError(f"expected a {what} port number, got {text!r}")
@@ -218,8 +243,8 @@ def checkHostHeader(text: str) -> str:
 def parseServers(text: str) -> tuple[Server, ...]:
     """
     Parse an upstream's C{servers}: comma-separated C{host:port} entries,
-    each optionally followed by C{weight=N}, for example
-    C{"10.0.0.1:8080 weight=3, app.internal:8080, [::1]:9001"}.
+    each optionally followed by C{weight=N}, C{backup} and/or C{down}, for
+    example C{"10.0.0.1:8080 weight=3, app.internal:8080, [::1]:9001 backup"}.
     """
     servers: list[Server] = []
     seen: set[tuple[str, int]] = set()
@@ -238,12 +263,18 @@ def parseServers(text: str) -> tuple[Server, ...]:
         host = _checkHost(host)
         number = _checkPort(port, "backend")
         weight = 1
+        flags: set[str] = set()
         for option in tokens[1:]:
             name, equals, value = option.partition("=")
+            if name in ("backup", "down") and not equals:
+                if name in flags:
+                    raise ValueError(f"{name!r} is given twice for {tokens[0]!r}")
+                flags.add(name)
+                continue
             if name != "weight" or not equals:
                 raise ValueError(
-                    f"expected 'weight=N' after {tokens[0]!r}, got {option!r} "
-                    "(separate servers with commas)"
+                    f"expected 'weight=N', 'backup' or 'down' after {tokens[0]!r}, "
+                    f"got {option!r} (separate servers with commas)"
                 )
             if not _isDigits(value) or int(value) < 1:
                 raise ValueError(f"expected a weight of 1 or more, got {value!r}")
@@ -253,7 +284,15 @@ def parseServers(text: str) -> tuple[Server, ...]:
                 f"{tokens[0]} is listed twice (give it a weight instead)"
             )
         seen.add((host, number))
-        servers.append(Server(host=host, port=number, weight=weight))
+        servers.append(
+            Server(
+                host=host,
+                port=number,
+                weight=weight,
+                backup="backup" in flags,
+                down="down" in flags,
+            )
+        )
     return tuple(servers)
 
 

@@ -69,6 +69,7 @@ from edgeproxy.http.headers import (
 from edgeproxy.http.paths import normaliseTarget
 from edgeproxy.http.tunnel import isWebSocketUpgrade, startTunnel
 from edgeproxy.routing import normaliseHost
+from edgeproxy.upstream.balance import requestHashKey
 from edgeproxy.upstream.pool import fullResponseHeaders
 
 log = Logger()
@@ -301,7 +302,13 @@ class ProxyRequest(server.Request):
                 self._uploadIdle,
             )
             self._pipe = body
-        self._upstream = pool.request(method, upstreamPath, headers, body)
+        if upstream.balance == "hash":
+            # The client's own fields, before they were rewritten for the
+            # backend, and the path as routed (before strip_prefix).
+            hashKey = requestHashKey(upstream.hash_key, peerHost, self.requestHeaders, path)
+            self._upstream = pool.request(method, upstreamPath, headers, body, hashKey=hashKey)
+        else:
+            self._upstream = pool.request(method, upstreamPath, headers, body)
         self._upstream.addCallbacks(self._upstreamResponded, self._upstreamFailed)
 
     def _websocketUpgrade(

@@ -3,8 +3,9 @@
 L{UpstreamPool}: one C{[upstream:NAME]} as something a request can be sent to.
 
 It owns the Agent and its C{HTTPConnectionPool} (keep-alive connections per
-backend server), the choice of server (smooth weighted round robin, in
-L{UpstreamPool.pickServer} only), the connect and response timeouts, and the
+backend server), the choice of server (delegated to the upstream's
+L{edgeproxy.upstream.balance.Balancer}, in L{UpstreamPool.pickServer} only),
+the in-flight accounting the balancer relies on, the connect and response timeouts, and the
 translation of every client-library failure into one of the L{ProxyError}
 classes.  The details of a failure (address, exception text) are logged here
 and nowhere else; the exception handed back carries them for the log only.
@@ -17,13 +18,15 @@ replayable.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from OpenSSL import SSL
 from twisted.internet import error as netError
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
@@ -42,9 +45,11 @@ from edgeproxy.config.model import Server, Upstream
 from edgeproxy.errors import (
     BackendUnavailable,
     ProxyError,
+    ServiceUnavailable,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from edgeproxy.upstream.balance import Balancer, makeBalancer
 
 
 class _CreatorSource(Protocol):
@@ -162,6 +167,33 @@ def fullResponseHeaders(response: IResponse) -> Headers:
     return merged
 
 
+def _releaseAfterBody(response: IResponse, release: Callable[[], None]) -> None:
+    """
+    Call C{release} once the body of C{response} has been delivered
+    completely or has failed.
+
+    The request layer delivers every response it gets, to the client or to
+    a discarding protocol, and C{IResponse.deliverBody} promises exactly one
+    C{connectionLost} (at once for a response without a body), so wrapping
+    the protocol covers every path.  The method is replaced on the instance
+    (not by a proxy object) so the response keeps its identity and its
+    other attributes, such as L{CONNECTION_HEADERS_ATTRIBUTE}.
+    """
+    original = response.deliverBody
+
+    def deliverBody(protocol: IProtocol) -> None:
+        lost = protocol.connectionLost
+
+        def connectionLost(reason: Failure) -> None:
+            release()
+            lost(reason)
+
+        protocol.connectionLost = connectionLost  # type: ignore[method-assign]
+        original(protocol)
+
+    response.deliverBody = deliverBody  # type: ignore[method-assign]
+
+
 @implementer(IAgentEndpointFactory)
 class _ServerEndpoints:
     """
@@ -192,7 +224,11 @@ class UpstreamPool:
         reactor: Any,
         upstream: Upstream,
         tls: _CreatorSource | None,
+        rng: random.Random | None = None,
     ) -> None:
+        """
+        @param rng: the randomness of the C{p2c} policy (tests seed it).
+        """
         self._reactor = reactor
         self.upstream = upstream
         self._tls = tls
@@ -210,27 +246,24 @@ class UpstreamPool:
             (server.host.encode("idna"), server.port): server
             for server in upstream.servers
         }
-        self._currentWeights = [0] * len(upstream.servers)
+        self.balancer: Balancer = makeBalancer(upstream.balance, upstream.servers, rng)
 
     # Choice of backend ---------------------------------------------------
 
-    def pickServer(self) -> Server:
+    def pickServer(self, key: bytes | None = None) -> Server:
         """
-        Choose the server for the next request: smooth weighted round robin
-        (the nginx algorithm), so weights are honoured without bursts.
+        Choose the server for the next request with the upstream's
+        balancing policy.
 
+        @param key: the request's hash key (only C{balance = hash} uses it).
         @return: one of C{upstream.servers}.
+        @raise ServiceUnavailable: when no server is available (all are
+            C{down}); the client gets 503 at once, not a connect timeout.
         """
-        servers = self.upstream.servers
-        total = 0
-        best = 0
-        for index, server in enumerate(servers):
-            self._currentWeights[index] += server.weight
-            total += server.weight
-            if self._currentWeights[index] > self._currentWeights[best]:
-                best = index
-        self._currentWeights[best] -= total
-        return servers[best]
+        server = self.balancer.pick(key)
+        if server is None:
+            raise ServiceUnavailable(f"upstream {self.upstream.name}: no server available")
+        return server
 
     def endpointFor(self, server: Server) -> IStreamClientEndpoint:
         """
@@ -264,6 +297,7 @@ class UpstreamPool:
         path: bytes,
         headers: Headers,
         body: IBodyProducer | None,
+        hashKey: bytes | None = None,
     ) -> Deferred[IResponse]:
         """
         Send a request to one of the servers.
@@ -274,10 +308,24 @@ class UpstreamPool:
         @param body: the body, or L{None} for none.  When it offers
             C{whenFinished()}, the response timeout starts when the body is
             complete; otherwise at once.
+        @param hashKey: the key for C{balance = hash}; see
+            L{edgeproxy.upstream.balance.requestHashKey}.
         @return: fires with the response (head received) or fails with a
-            L{ProxyError}.  Cancelling it aborts the upstream request.
+            L{ProxyError}.  Cancelling it aborts the upstream request.  The
+            request counts as in flight for the balancer until the
+            response body has been delivered completely or has failed (or
+            until the request failed or was cancelled).
         """
-        server = self.pickServer()
+        try:
+            server = self.pickServer(hashKey)
+        except ServiceUnavailable as error:
+            self.log.warn(
+                "upstream {upstream}: no server available: {why}",
+                upstream=self.upstream.name,
+                why=str(error),
+            )
+            return fail(error)
+        release = self._countRequest(server)
         agentRequest = self._agent.request(
             method, self._uriFor(server, path), headers, body
         )
@@ -331,9 +379,36 @@ class UpstreamPool:
             startResponseTimer()
         else:
             finisher().addCallbacks(startResponseTimer, lambda _: None)
+        def responded(response: IResponse) -> IResponse:
+            _releaseAfterBody(response, release)
+            return response
+
+        def released(failure: Failure) -> Failure:
+            release()
+            return failure
+
         agentRequest.addBoth(stopTimer)
+        agentRequest.addCallbacks(responded, released)
         agentRequest.addErrback(failed)
         return agentRequest
+
+    def _countRequest(self, server: Server) -> Callable[[], None]:
+        """
+        Count a request to C{server} as in flight.
+
+        @return: the function ending it; calling it again does nothing, so
+            every path may call it without the count drifting.
+        """
+        self.balancer.acquired(server)
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.balancer.released(server)
+
+        return release
 
     def close(self) -> Deferred[None]:
         """
