@@ -79,6 +79,8 @@ class ProxyError(EdgeProxyError):
     """
 
     status: int = 502
+    retryAfter: int | None = None
+    """Seconds for a C{Retry-After} field (RFC 9110 §10.2.3), or L{None}."""
 
 
 class BadRequest(ProxyError):
@@ -127,3 +129,6 @@ class ServiceUnavailable(ProxyError):
     """No backend of the upstream is available right now."""
 
     status = 503
+    # Short: a backend can come back (or be re-enabled) within seconds, and a
+    # longer hint would keep well-behaved clients away after it did.
+    retryAfter = 5

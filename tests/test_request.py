@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from edgeproxy.config.model import Config, Limits, Listener, ProxySettings, Route, Server, Upstream
-from edgeproxy.errors import BackendUnavailable
+from edgeproxy.errors import BackendUnavailable, ServiceUnavailable
 from edgeproxy.http.errorpages import errorBody
 from edgeproxy.http.site import EdgeSite
 from edgeproxy.routing import Router
@@ -221,6 +221,25 @@ def test_upstreamFailureDuringUploadAnsweredAtOnce() -> None:
     client.pool.calls[0].result.errback(BackendUnavailable("refused"))
     assert client.wire().startswith(b"HTTP/1.1 502 ")
     assert client.transport.disconnecting
+
+
+def test_noBackendAvailableIs503WithRetryAfter() -> None:
+    client = Client()
+    client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    client.pool.calls[0].result.errback(ServiceUnavailable("every server of app is down"))
+    head, _, body = client.wire().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"\r\nRetry-After: 5" in head
+    assert body == errorBody(503)
+    assert b"app" not in body
+
+
+def test_errorPagesOtherThan503HaveNoRetryAfter() -> None:
+    client = Client()
+    client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    client.pool.calls[0].result.errback(BackendUnavailable("refused"))
+    assert client.wire().startswith(b"HTTP/1.1 502 ")
+    assert b"Retry-After" not in client.wire()
 
 
 def test_headResponseHasNoBody() -> None:

@@ -83,6 +83,9 @@ def writeError(request: IRequest, error: ProxyError | int) -> None:
     headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
     headers.setRawHeaders(b"cache-control", [b"no-store"])
     headers.setRawHeaders(b"date", [datetimeToString()])
+    retryAfter = None if isinstance(error, int) else error.retryAfter
+    if retryAfter is not None:
+        headers.setRawHeaders(b"retry-after", [b"%d" % (retryAfter,)])
     if not isHTTP2(request) and (status in CLOSE_AFTER or keepClose):
         # HTTP/2 forbids connection-specific fields (RFC 9113 §8.2.2); there
         # the stream simply ends.
