@@ -1,4 +1,5 @@
 """
 Talking to backends: L{edgeproxy.upstream.pool.UpstreamPool} (keep-alive
-connections, backend choice, timeouts, failure classification).
+connections, in-flight accounting, timeouts, failure classification) and
+L{edgeproxy.upstream.balance} (which server of an upstream gets a request).
 """
