@@ -54,7 +54,9 @@ class MemoryPool:
         self.upstream = UPSTREAM
         self.calls: list[UpstreamCall] = []
 
-    def request(self, method: bytes, path: bytes, headers: Headers, body: Any) -> Deferred[Any]:
+    def request(
+        self, method: bytes, path: bytes, headers: Headers, body: Any, hashKey: bytes | None = None
+    ) -> Deferred[Any]:
         call = UpstreamCall(method, path, headers, body)
         self.calls.append(call)
         return call.result
@@ -207,7 +209,7 @@ def test_streamedBodyOverLimitIsCut() -> None:
 
 def test_upstreamFailureIsGeneric502() -> None:
     client = Client()
-    client.pool.request = lambda *a: fail(BackendUnavailable("connect to 10.0.0.1:8080: refused"))  # type: ignore[method-assign]
+    client.pool.request = lambda *a, **k: fail(BackendUnavailable("connect to 10.0.0.1:8080: refused"))  # type: ignore[method-assign]
     client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
     wire = client.wire()
     assert wire.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
@@ -351,7 +353,7 @@ def test_accessLogForEarlyAnswerThenClose() -> None:
 
 def test_immediateUpstreamFailureOnGetKeepsConnection() -> None:
     client = Client()
-    client.pool.request = lambda *a: fail(BackendUnavailable("refused"))  # type: ignore[method-assign]
+    client.pool.request = lambda *a, **k: fail(BackendUnavailable("refused"))  # type: ignore[method-assign]
     client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
     assert client.wire().startswith(b"HTTP/1.1 502 ")
     assert b"Connection: close" not in client.wire()

@@ -573,7 +573,7 @@ class MemoryPool:
             idle_timeout=timeouts.get("idle", 30.0),
         )
 
-    def pickServer(self) -> Server:
+    def pickServer(self, key: bytes | None = None) -> Server:
         return self.upstream.servers[0]
 
     def endpointFor(self, server: Server) -> MemoryEndpoint:
@@ -950,3 +950,34 @@ def test_internalErrorAbortsBoth(monkeypatch: pytest.MonkeyPatch) -> None:
     flow.open()
     flow.answer(HANDSHAKE)
     assert flow.client.disconnected and flow.backend.disconnected
+
+
+def test_hashBalancedHandshakeGoesWhereTheUsersRequestsGo() -> None:
+    """
+    With C{balance = hash}, a WebSocket handshake with a user's key is sent
+    to the server the same key picks for that user's ordinary requests, so
+    sticky sessions hold for WebSockets too.
+    """
+    from twisted.web.test.requesthelper import DummyChannel, DummyRequest
+
+    from edgeproxy.upstream.pool import UpstreamPool
+
+    servers = tuple(Server(f"10.0.0.{n}", 8080) for n in range(1, 6))
+    dialled: list[Server] = []
+
+    class RecordingPool(UpstreamPool):
+        def endpointFor(self, server: Server) -> Any:
+            dialled.append(server)
+            return MemoryEndpoint()
+
+    clock = MemoryReactorClock()
+    pool = RecordingPool(
+        clock, Upstream(name="chat", servers=servers, balance="hash"), None
+    )
+    for user in [b"alice", b"bob", b"carol", b"dave"]:
+        request = DummyRequest([b"ws"])
+        request.channel = DummyChannel()
+        startTunnel(request, pool, headers((b"Host", b"a")), b"/ws", clock=clock, hashKey=user)
+        clock.advance(0)
+        assert dialled[-1] == pool.pickServer(user)
+    assert len(set(dialled)) > 1

@@ -287,9 +287,14 @@ class ProxyRequest(server.Request):
             ),
             receivedProtocol=_VIA_PROTOCOLS.get(version, b"1.1"),
         )
+        hashKey = None
+        if upstream.balance == "hash":
+            # The client's own fields, before they were rewritten for the
+            # backend, and the path as routed (before strip_prefix).
+            hashKey = requestHashKey(upstream.hash_key, peerHost, self.requestHeaders, path)
         if upgrade is not None:
             self._tunnelled = True
-            startTunnel(self, pool, headers, upstreamPath)
+            startTunnel(self, pool, headers, upstreamPath, hashKey=hashKey)
             return
 
         body: BodyPipe | None = None
@@ -302,13 +307,7 @@ class ProxyRequest(server.Request):
                 self._uploadIdle,
             )
             self._pipe = body
-        if upstream.balance == "hash":
-            # The client's own fields, before they were rewritten for the
-            # backend, and the path as routed (before strip_prefix).
-            hashKey = requestHashKey(upstream.hash_key, peerHost, self.requestHeaders, path)
-            self._upstream = pool.request(method, upstreamPath, headers, body, hashKey=hashKey)
-        else:
-            self._upstream = pool.request(method, upstreamPath, headers, body)
+        self._upstream = pool.request(method, upstreamPath, headers, body, hashKey=hashKey)
         self._upstream.addCallbacks(self._upstreamResponded, self._upstreamFailed)
 
     def _websocketUpgrade(

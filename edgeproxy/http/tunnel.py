@@ -565,8 +565,10 @@ class _Upgrade:
         headers: Headers,
         path: bytes,
         clock: IReactorTime,
+        hashKey: bytes | None = None,
     ) -> None:
         self._request = request
+        self._hashKey = hashKey
         self._pool = pool
         self._upstream = pool.upstream
         self._headers = headers
@@ -669,7 +671,7 @@ class _Upgrade:
             self._fail(BadRequest("WebSocket upgrade over HTTP/2"))
             return
         try:
-            self._server = self._pool.pickServer()
+            self._server = self._pool.pickServer(self._hashKey)
             headers = self._headers
             if not headers.hasHeader(b"host"):
                 # RFC 9112 §3.2: an HTTP/1.1 request always carries Host.
@@ -927,6 +929,7 @@ def startTunnel(
     headers: Headers,
     path: bytes,
     clock: IReactorTime | None = None,
+    hashKey: bytes | None = None,
 ) -> None:
     """
     Take over an HTTP/1.1 request that L{isWebSocketUpgrade} accepted.
@@ -955,5 +958,9 @@ def startTunnel(
         C{Connection: upgrade} and C{Upgrade: websocket}.
     @param path: the origin-form target to send.
     @param clock: the reactor's clock; by default the site's reactor.
+    @param hashKey: the request's key for C{balance = hash} upstreams, so a
+        WebSocket lands on the same server as the user's other requests.
     """
-    _Upgrade(request, pool, headers, path, clock if clock is not None else _clockFor(request)).start()
+    _Upgrade(
+        request, pool, headers, path, clock if clock is not None else _clockFor(request), hashKey
+    ).start()
