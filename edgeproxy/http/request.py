@@ -527,6 +527,10 @@ class ProxyRequest(server.Request):
 
 
 def _isTrusted(host: str, networks: tuple[Any, ...]) -> bool:
+    if not networks:
+        # The default: nobody is trusted, and parsing the peer's address on
+        # every request would be wasted.
+        return False
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

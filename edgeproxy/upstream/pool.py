@@ -247,6 +247,7 @@ class UpstreamPool:
             for server in upstream.servers
         }
         self.balancer: Balancer = makeBalancer(upstream.balance, upstream.servers, rng)
+        self._endpoints: dict[Server, IStreamClientEndpoint] = {}
 
     # Choice of backend ---------------------------------------------------
 
@@ -270,6 +271,15 @@ class UpstreamPool:
         @return: a client endpoint dialling C{server} with the upstream's
             connect timeout, wrapped in TLS when the upstream uses it.
         """
+        # The Agent asks for an endpoint on every request, even when a
+        # pooled connection serves it; endpoints hold no per-connection
+        # state, so one per server is built once.
+        endpoint = self._endpoints.get(server)
+        if endpoint is None:
+            endpoint = self._endpoints[server] = self._newEndpoint(server)
+        return endpoint
+
+    def _newEndpoint(self, server: Server) -> IStreamClientEndpoint:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self._reactor,
             server.host,
