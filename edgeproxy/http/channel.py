@@ -48,6 +48,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.iweb import INonQueuedRequestFactory
 
 from edgeproxy.config.model import Limits
+from edgeproxy.http.errorpages import phraseFor
 
 log = Logger()
 
@@ -88,17 +89,6 @@ traffic uses a few dozen names; the cap keeps a client inventing names from
 growing it."""
 _MAX_CHECKED_NAMES = 10_000
 
-_REASONS = {
-    400: b"Bad Request",
-    408: b"Request Timeout",
-    414: b"URI Too Long",
-    431: b"Request Header Fields Too Large",
-    501: b"Not Implemented",
-    505: b"HTTP Version Not Supported",
-}
-"""RFC 9110 reason phrases (Twisted's table lacks 431 and uses RFC 2616's)."""
-
-
 def _istoken(value: bytes) -> bool:
     """RFC 9110 5.6.2 C{token}."""
     return _TOKEN_ONLY.fullmatch(value) is not None
@@ -115,7 +105,7 @@ def errorResponse(status: int) -> bytes:
     cached = _errorResponses.get(status)
     if cached is not None:
         return cached
-    reason = _REASONS.get(status) or http.RESPONSES.get(status, b"Error")
+    reason = phraseFor(status)
     body = reason + b"\n"
     response = b"".join(
         [

@@ -22,15 +22,19 @@ _PAGES: dict[int, bytes] = {
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
+    414: b"URI Too Long",
     421: b"Misdirected Request",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
     502: b"Bad Gateway",
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
 }
-"""Status -> reason phrase.  Also the body text, so that the body says no
-more than the status line already did."""
+"""Status -> RFC 9110 reason phrase (Twisted's table lacks 421 and 431 and
+uses RFC 2616's wording).  Also the body text, so that the body says no more
+than the status line already did.  The channel's own refusals use it too."""
 
 CLOSE_AFTER: frozenset[int] = frozenset({400, 413, 431})
 """Statuses after which the client connection is closed: the request's
