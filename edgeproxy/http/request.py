@@ -233,9 +233,9 @@ class ProxyRequest(server.Request):
         path, query = normaliseTarget(target)
         runtime = self.site.currentRuntime()
         hostValues = self.requestHeaders.getRawHeaders(b"host") or [b""]
-        host = normaliseHost(hostValues[0])
         match = runtime.router.match(hostValues[0], path)
         if match is None:
+            host = normaliseHost(hostValues[0])
             if self.isSecure():
                 sni = serverNameOf(self)
                 if sni is not None and normaliseHost(sni) != host:
