@@ -181,11 +181,12 @@ def test_endpointForWrapsTLS() -> None:
             return made[server.address]
 
     upstream = Upstream(name="t", servers=(Server("::1", 443),), tls=True)
-    endpoint = UpstreamPool(reactor, upstream, Creators()).endpointFor(upstream.servers[0])
+    pool = UpstreamPool(reactor, upstream, Creators())
+    endpoint = pool.endpointFor(pool.backends[0])
     assert list(made) == ["[::1]:443"]
     assert hasattr(endpoint, "_wrapperFactory")  # wrapClientTLS's endpoint
     plain = UpstreamPool(reactor, Upstream(name="p", servers=(Server("h", 80),)), None)
-    assert not hasattr(plain.endpointFor(Server("h", 80)), "_wrapperFactory")
+    assert not hasattr(plain.endpointFor(plain.backends[0]), "_wrapperFactory")
 
 
 # Runtime -----------------------------------------------------------------
@@ -274,7 +275,7 @@ def makeBalancedPool(**kw: Any) -> RecordingPool:
 
 def test_inFlightUntilTheBodyIsComplete() -> None:
     pool, endpoint, _ = makePool()
-    server = pool.upstream.servers[0]
+    server = pool.backends[0]
     d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
     assert pool.balancer.inFlight(server) == 1
     protocol, _ = endpoint.connections[0]
@@ -291,7 +292,7 @@ def test_inFlightUntilTheBodyIsComplete() -> None:
 
 def test_inFlightEndsWhenTheBodyFails() -> None:
     pool, endpoint, _ = makePool()
-    server = pool.upstream.servers[0]
+    server = pool.backends[0]
     d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
     protocol, _ = endpoint.connections[0]
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
@@ -304,7 +305,7 @@ def test_inFlightEndsWhenTheBodyFails() -> None:
 
 def test_inFlightEndsForBodylessResponse() -> None:
     pool, endpoint, _ = makePool()
-    server = pool.upstream.servers[0]
+    server = pool.backends[0]
     d = pool.request(b"HEAD", b"/", Headers({b"Host": [b"h"]}), None)
     protocol, _ = endpoint.connections[0]
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
@@ -316,7 +317,7 @@ def test_inFlightEndsForBodylessResponse() -> None:
 def test_inFlightEndsOnFailureAndCancel(how: str) -> None:
     failure = netError.ConnectionRefusedError() if how == "refused" else None
     pool, endpoint, reactor = makePool(failure)
-    server = pool.upstream.servers[0]
+    server = pool.backends[0]
     d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
     if how == "timeout":
         reactor.advance(5.0)

@@ -2,13 +2,16 @@
 """
 Balancing policies: which server of an upstream gets the next request.
 
-A L{Balancer} knows the servers of one upstream, how many requests each has
-in flight (the pool reports L{Balancer.acquired} and L{Balancer.released}
-around every request) and which are available.  It owns nothing else: no
+A L{Balancer} knows the members of one upstream (configuration L{Server}s
+in tests, L{edgeproxy.upstream.backend.Backend}s in the pool: anything with
+C{weight}, C{backup} and C{address}), how many requests each has in flight
+(the pool reports L{Balancer.acquired} and L{Balancer.released} around
+every request) and, through an injected predicate, which are available.  It owns nothing else: no
 timers, no I/O, no Twisted; randomness is an injected C{random.Random} so
 tests replay exactly.
 
-Availability: a server marked C{down} in the configuration is never picked;
+Availability: a member the predicate rejects (by default: a server marked
+C{down} in the configuration; in the pool: L{Backend.isAvailable}) is never picked;
 C{backup} servers are picked only when no primary is available.  When no
 server at all is available L{Balancer.pick} returns L{None} and the caller
 answers 503 at once.
@@ -32,7 +35,7 @@ import bisect
 import hashlib
 import random
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from edgeproxy.config.model import Server
 
@@ -70,11 +73,38 @@ class Balancer:
 
     policy = "round_robin"
 
-    def __init__(self, servers: Sequence[Server], rng: random.Random | None = None) -> None:
-        self.servers: tuple[Server, ...] = tuple(servers)
+    def __init__(
+        self,
+        servers: Sequence[Any],
+        rng: random.Random | None = None,
+        available: Callable[[Any], bool] | None = None,
+    ) -> None:
+        """
+        @param servers: the members, each with C{weight}, C{backup} and
+            C{address}.
+        @param available: whether a member may be picked now; by default
+            C{not member.down}.
+        """
         self._random = rng if rng is not None else random.Random()
-        self._inFlight: dict[Server, int] = {server: 0 for server in self.servers}
-        self._currentWeights: dict[Server, int] = {server: 0 for server in self.servers}
+        self._available = available if available is not None else _notDown
+        self.servers: tuple[Any, ...] = ()
+        self._inFlight: dict[Any, int] = {}
+        self._currentWeights: dict[Any, int] = {}
+        self.setServers(servers)
+
+    def setServers(self, servers: Sequence[Any]) -> None:
+        """
+        Replace the members (a host name re-resolved to other addresses).
+        Members kept keep their in-flight count; a removed member's requests
+        still in flight may be released afterwards without error.
+        """
+        self.servers = tuple(servers)
+        self._inFlight = {s: self._inFlight.get(s, 0) for s in self.servers}
+        self._currentWeights = {s: self._currentWeights.get(s, 0) for s in self.servers}
+        self._membersChanged()
+
+    def _membersChanged(self) -> None:
+        """Hook for policies with derived structures (the hash ring)."""
 
     # Accounting -----------------------------------------------------------
 
@@ -84,6 +114,8 @@ class Balancer:
 
     def released(self, server: Server) -> None:
         """A request to C{server} ended (body complete, failed or cancelled)."""
+        if server not in self._inFlight:
+            return  # removed by setServers while the request was in flight
         if self._inFlight[server] <= 0:
             raise ValueError(f"{server.address} released more often than acquired")
         self._inFlight[server] -= 1
@@ -96,10 +128,9 @@ class Balancer:
 
     def isAvailable(self, server: Server) -> bool:
         """
-        Whether C{server} may be picked at all; health checking will narrow
-        this, today only C{down} does.
+        Whether C{server} may be picked at all (the injected predicate).
         """
-        return not server.down
+        return self._available(server)
 
     def candidates(self) -> list[Server]:
         """
@@ -145,6 +176,10 @@ class Balancer:
     def _load(self, server: Server) -> tuple[int, int]:
         """In-flight per weight as a fraction, compared without floats."""
         return self._inFlight[server], server.weight
+
+
+def _notDown(server: Any) -> bool:
+    return not server.down
 
 
 def _lighter(a: tuple[int, int], b: tuple[int, int]) -> int:
@@ -210,8 +245,7 @@ class ConsistentHashBalancer(Balancer):
 
     policy = "hash"
 
-    def __init__(self, servers: Sequence[Server], rng: random.Random | None = None) -> None:
-        super().__init__(servers, rng)
+    def _membersChanged(self) -> None:
         self._rings = {
             backup: self._buildRing([s for s in self.servers if s.backup == backup])
             for backup in (False, True)
@@ -254,7 +288,7 @@ class ConsistentHashBalancer(Balancer):
         return chosen
 
 
-_POLICIES: dict[str, Callable[[Sequence[Server], random.Random | None], Balancer]] = {
+_POLICIES: dict[str, type[Balancer]] = {
     "round_robin": RoundRobinBalancer,
     "least_conn": LeastConnBalancer,
     "p2c": PowerOfTwoBalancer,
@@ -266,10 +300,14 @@ POLICIES: tuple[str, ...] = tuple(_POLICIES)
 
 
 def makeBalancer(
-    policy: str, servers: Sequence[Server], rng: random.Random | None = None
+    policy: str,
+    servers: Sequence[Any],
+    rng: random.Random | None = None,
+    available: Callable[[Any], bool] | None = None,
 ) -> Balancer:
     """
     @param policy: one of L{POLICIES}.
+    @param available: see L{Balancer.__init__}.
     @raise ValueError: for any other policy.
     """
     try:
@@ -278,7 +316,7 @@ def makeBalancer(
         raise ValueError(
             f"unknown balancing policy {policy!r} (expected one of {', '.join(POLICIES)})"
         ) from None
-    return factory(servers, rng)
+    return factory(servers, rng, available)
 
 
 class _RawHeaders(Protocol):

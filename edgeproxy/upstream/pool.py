@@ -49,6 +49,7 @@ from edgeproxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from edgeproxy.upstream.backend import Backend
 from edgeproxy.upstream.balance import Balancer, makeBalancer
 
 
@@ -242,33 +243,55 @@ class UpstreamPool:
         self._agent = Agent.usingEndpointFactory(
             reactor, _ServerEndpoints(self), self._connectionPool
         )
-        self._byKey: dict[tuple[bytes, int], Server] = {
-            (server.host.encode("idna"), server.port): server
-            for server in upstream.servers
+        self.backends: tuple[Backend, ...] = ()
+        self._byKey: dict[tuple[bytes, int], Backend] = {}
+        self._endpoints: dict[Backend, IStreamClientEndpoint] = {}
+        self.balancer: Balancer = makeBalancer(
+            upstream.balance, (), rng, available=Backend.isAvailable
+        )
+        self.setBackends(
+            [Backend(server, server.host, server.port) for server in upstream.servers]
+        )
+
+    def setBackends(self, backends: list[Backend] | tuple[Backend, ...]) -> None:
+        """
+        Replace the backends requests are balanced over (a host name
+        re-resolved).  Requests in flight on a removed backend finish there;
+        its idle pooled connections are closed by the keep-alive timeout.
+        """
+        self.backends = tuple(backends)
+        self._byKey = {
+            (backend.host.encode("idna"), backend.port): backend
+            for backend in self.backends
         }
-        self.balancer: Balancer = makeBalancer(upstream.balance, upstream.servers, rng)
-        self._endpoints: dict[Server, IStreamClientEndpoint] = {}
+        self._endpoints = {
+            backend: endpoint
+            for backend, endpoint in self._endpoints.items()
+            if backend in self._byKey.values()
+        }
+        self.balancer.setServers(self.backends)
 
     # Choice of backend ---------------------------------------------------
 
-    def pickServer(self, key: bytes | None = None) -> Server:
+    def pickServer(self, key: bytes | None = None) -> Backend:
         """
-        Choose the server for the next request with the upstream's
+        Choose the backend for the next request with the upstream's
         balancing policy.
 
         @param key: the request's hash key (only C{balance = hash} uses it).
-        @return: one of C{upstream.servers}.
-        @raise ServiceUnavailable: when no server is available (all are
-            C{down}); the client gets 503 at once, not a connect timeout.
+        @return: one of L{backends}.
+        @raise ServiceUnavailable: when no backend is available (all are
+            down, ejected, draining or disabled); the client gets 503 at
+            once, not a connect timeout.
         """
         server = self.balancer.pick(key)
         if server is None:
             raise ServiceUnavailable(f"upstream {self.upstream.name}: no server available")
         return server
 
-    def endpointFor(self, server: Server) -> IStreamClientEndpoint:
+    def endpointFor(self, server: Backend) -> IStreamClientEndpoint:
         """
-        @return: a client endpoint dialling C{server} with the upstream's
+        @return: a client endpoint dialling backend C{server} with the upstream's
             connect timeout, wrapped in TLS when the upstream uses it.
         """
         # The Agent asks for an endpoint on every request, even when a
@@ -279,7 +302,7 @@ class UpstreamPool:
             endpoint = self._endpoints[server] = self._newEndpoint(server)
         return endpoint
 
-    def _newEndpoint(self, server: Server) -> IStreamClientEndpoint:
+    def _newEndpoint(self, server: Backend) -> IStreamClientEndpoint:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(
             self._reactor,
             server.host,
@@ -287,15 +310,15 @@ class UpstreamPool:
             timeout=self.upstream.connect_timeout,
         )
         if self._tls is not None:
-            endpoint = wrapClientTLS(self._tls.creatorFor(server), endpoint)
+            endpoint = wrapClientTLS(self._tls.creatorFor(server.server), endpoint)
         return endpoint
 
-    def _serverForKey(self, host: bytes | str, port: int) -> Server:
+    def _serverForKey(self, host: bytes | str, port: int) -> Backend:
         if isinstance(host, str):
             host = host.encode("idna")
         return self._byKey[(host.strip(b"[]"), port)]
 
-    def _uriFor(self, server: Server, path: bytes) -> bytes:
+    def _uriFor(self, server: Backend, path: bytes) -> bytes:
         scheme = b"https" if self._tls is not None else b"http"
         return scheme + b"://" + server.address.encode("idna") + path
 
@@ -402,7 +425,7 @@ class UpstreamPool:
         agentRequest.addErrback(failed)
         return agentRequest
 
-    def _countRequest(self, server: Server) -> Callable[[], None]:
+    def _countRequest(self, server: Backend) -> Callable[[], None]:
         """
         Count a request to C{server} as in flight.
 

@@ -1,0 +1,127 @@
+# -*- test-case-name: tests.test_backend -*-
+"""
+L{Backend}: one address of an upstream that requests can be sent to, and
+everything the proxy knows about it right now.
+
+A C{servers =} entry of the configuration (a L{Server}) becomes one backend
+per address: an IP literal is one backend, a host name is one backend per
+address it resolves to (see L{edgeproxy.upstream.pool}).  A backend is the
+unit that is balanced over, health-checked, ejected, drained, disabled,
+counted in C{/status} and in the metrics.
+
+This module is pure: no Twisted, no clock.  Time-dependent transitions
+(health checks, ejection expiry, slow start) are driven by their owners,
+which call into the backend with the current time.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from edgeproxy.config.model import Server
+
+__all__ = ["Backend", "BackendState", "CheckResult"]
+
+
+class BackendState(enum.Enum):
+    """
+    The states C{/status} reports, part of its documented API.
+
+    A backend that is not health-checked is L{UP} from the start.  A
+    health-checked one starts L{UNKNOWN}.  L{DRAINING} and L{DISABLED} are
+    administrative (the C{down} server option or an admin action) and win
+    over whatever health checking concludes.
+    """
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+    DRAINING = "draining"
+    DISABLED = "disabled"
+
+
+@dataclass(slots=True)
+class CheckResult:
+    """The outcome of one active health check, as C{/status} shows it."""
+
+    ok: bool
+    at: float
+    """POSIX time the check ended."""
+    detail: str
+    """C{"200"}, C{"timeout"}, C{"connection refused"}, C{"TLS: ..."}..."""
+    duration: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    """
+    One dialable address of an upstream.
+
+    Identity, not value, equality: two backends with the same address in
+    different pools (or before and after a reload) are different objects
+    with their own counters.
+
+    @ivar server: the configuration entry this backend comes from.
+    @ivar host: what is dialled: an IP literal once resolved, else the
+        configured host name.
+    @ivar port: the port dialled.
+    @ivar state: see L{BackendState}.
+    @ivar reason: why the backend is in its state (for logs and C{/status}).
+    @ivar lastCheck: the last active health check, if any.
+    @ivar ejectedUntil: POSIX time passive health ejection ends, or
+        L{None} when not ejected.
+    @ivar ejections: how many times passive health ejected this backend.
+    """
+
+    server: Server
+    host: str
+    port: int
+    state: BackendState = BackendState.UP
+    reason: str = ""
+    lastCheck: CheckResult | None = None
+    ejectedUntil: float | None = None
+    ejections: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+    """Owners' extra per-backend bookkeeping (kept out of the fields above
+    so this class stays the shared contract)."""
+
+    def __post_init__(self) -> None:
+        if self.server.down:
+            self.state = BackendState.DISABLED
+            self.reason = "down in configuration"
+
+    # What balancing needs (the same names as on Server) ----------------------
+
+    @property
+    def address(self) -> str:
+        """C{host:port}, IPv6 in brackets: how logs and C{/status} name it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def weight(self) -> int:
+        return self.server.weight
+
+    @property
+    def backup(self) -> bool:
+        return self.server.backup
+
+    @property
+    def serverName(self) -> str:
+        """The configured host: what TLS verifies and sends as SNI unless
+        the upstream sets C{server_name}."""
+        return self.server.host
+
+    def isAvailable(self) -> bool:
+        """
+        Whether a new request may be sent here: up (or unknown, which the
+        health checker only leaves in place when it was told to trust
+        backends before their first check), and not ejected.
+        """
+        if self.ejectedUntil is not None:
+            return False
+        return self.state in (BackendState.UP, BackendState.UNKNOWN)
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.address} {self.state.value}>"
