@@ -1,0 +1,229 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+The Prometheus metrics of one proxy process: every name starts with
+C{edgeproxy_}, and C{docs/operations.rst} documents each one.
+
+A L{Metrics} owns a private C{CollectorRegistry} (so tests and several
+runtimes never share counters by accident).  Code that observes something
+calls one of the recording methods below; it never touches
+C{prometheus_client} itself, so the names and labels live in this one file.
+
+What is a I{state} rather than an event (backend states, requests in flight,
+open connections, certificate expiry) is not recorded here but read at
+scrape time from the live objects through L{Metrics.setStateSource}, so it
+can never drift from what C{/status} shows.
+
+Label values are bounded: routes, upstreams, listeners and backends come
+from the configuration (or DNS answers for it), status codes are reduced to
+their class, TLS versions and ALPN protocols to the few that exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "Metrics", "StateSample", "statusClass"]
+
+# The *_created series double every counter for a start time nobody graphs;
+# restarts show as counter resets, which rate() already handles.
+disable_created_metrics()
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The exposition format C{GET /metrics} serves."""
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+StateSample = tuple[str, str, dict[str, str], float]
+"""(metric name, help text, labels, value) of one gauge sample, as the state
+source yields them; names are given without the C{edgeproxy_} prefix."""
+
+
+def statusClass(code: int) -> str:
+    """C{200} -> C{"2xx"}; anything outside 100-599 -> C{"other"}."""
+    if 100 <= code <= 599:
+        return f"{code // 100}xx"
+    return "other"
+
+
+class _StateCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        source = self._metrics._stateSource
+        if source is None:
+            return
+        families: dict[str, GaugeMetricFamily] = {}
+        labelNames: dict[str, list[str]] = {}
+        for name, documentation, labels, value in source():
+            family = families.get(name)
+            if family is None:
+                labelNames[name] = sorted(labels)
+                family = families[name] = GaugeMetricFamily(
+                    "edgeproxy_" + name, documentation, labels=labelNames[name]
+                )
+            family.add_metric([labels[key] for key in labelNames[name]], value)
+        yield from families.values()
+
+
+class Metrics:
+    """
+    The counters and histograms of one process, and the scrape-time gauges.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter(
+            "edgeproxy_requests", "Requests answered, by route, upstream and status class.",
+            ["route", "upstream", "code"], registry=r,
+        )
+        self._requestSeconds = Histogram(
+            "edgeproxy_request_duration_seconds",
+            "Time from the complete request head to the last response byte, by route.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self._upstreamSeconds = Histogram(
+            "edgeproxy_upstream_response_seconds",
+            "Time from sending a request to a backend to its response head, by upstream.",
+            ["upstream"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self._bytesIn = Counter(
+            "edgeproxy_received_bytes", "Bytes received from clients, by listener.",
+            ["listener"], registry=r,
+        )
+        self._bytesOut = Counter(
+            "edgeproxy_sent_bytes", "Bytes sent to clients, by listener.",
+            ["listener"], registry=r,
+        )
+        self._connections = Counter(
+            "edgeproxy_connections", "Client connections accepted, by listener.",
+            ["listener"], registry=r,
+        )
+        self._handshakes = Counter(
+            "edgeproxy_tls_handshakes",
+            "Completed client TLS handshakes, by listener, protocol version and ALPN.",
+            ["listener", "version", "alpn"], registry=r,
+        )
+        self._handshakeFailures = Counter(
+            "edgeproxy_tls_handshake_failures", "Client TLS handshakes that failed, by listener.",
+            ["listener"], registry=r,
+        )
+        self._checks = Counter(
+            "edgeproxy_health_checks",
+            "Active health checks, by upstream, backend and result (ok or failed).",
+            ["upstream", "backend", "result"], registry=r,
+        )
+        self._transitions = Counter(
+            "edgeproxy_backend_transitions",
+            "Backend state changes, by upstream, backend and the state entered.",
+            ["upstream", "backend", "state"], registry=r,
+        )
+        self._ejections = Counter(
+            "edgeproxy_ejections", "Passive-health ejections, by upstream and backend.",
+            ["upstream", "backend"], registry=r,
+        )
+        self._retries = Counter(
+            "edgeproxy_retries", "Requests retried on another backend, by upstream and reason.",
+            ["upstream", "reason"], registry=r,
+        )
+        self._retriesRefused = Counter(
+            "edgeproxy_retries_refused",
+            "Retries not made because the retry budget was spent, by upstream.",
+            ["upstream"], registry=r,
+        )
+        self._queueTimeouts = Counter(
+            "edgeproxy_queue_timeouts",
+            "Requests answered 503 after waiting for a backend under max_conns, by upstream.",
+            ["upstream"], registry=r,
+        )
+        self._upstreamErrors = Counter(
+            "edgeproxy_upstream_errors",
+            "Failed backend requests, by upstream and the status the client got (502, 503, 504).",
+            ["upstream", "code"], registry=r,
+        )
+        self._reloads = Counter(
+            "edgeproxy_reloads", "Reloads (SIGHUP), by result (ok or failed).",
+            ["result"], registry=r,
+        )
+        self._stateSource: Callable[[], Iterable[StateSample]] | None = None
+        r.register(_StateCollector(self))
+
+    # State read at scrape time ---------------------------------------------
+
+    def setStateSource(self, source: Callable[[], Iterable[StateSample]] | None) -> None:
+        """
+        @param source: called at every scrape; yields the gauges of the live
+            state (backend state and in-flight, active connections,
+            certificate expiry...).  Set by whoever owns that state.
+        """
+        self._stateSource = source
+
+    # Events ----------------------------------------------------------------
+
+    def requestDone(self, route: str, upstream: str, code: int, seconds: float) -> None:
+        self._requests.labels(route, upstream, statusClass(code)).inc()
+        self._requestSeconds.labels(route).observe(seconds)
+
+    def upstreamResponded(self, upstream: str, seconds: float) -> None:
+        self._upstreamSeconds.labels(upstream).observe(seconds)
+
+    def upstreamFailed(self, upstream: str, code: int) -> None:
+        self._upstreamErrors.labels(upstream, str(code)).inc()
+
+    def bytesTransferred(self, listener: str, received: int, sent: int) -> None:
+        if received:
+            self._bytesIn.labels(listener).inc(received)
+        if sent:
+            self._bytesOut.labels(listener).inc(sent)
+
+    def connectionAccepted(self, listener: str) -> None:
+        self._connections.labels(listener).inc()
+
+    def handshakeDone(self, listener: str, version: str, alpn: str) -> None:
+        self._handshakes.labels(listener, version, alpn).inc()
+
+    def handshakeFailed(self, listener: str) -> None:
+        self._handshakeFailures.labels(listener).inc()
+
+    def healthChecked(self, upstream: str, backend: str, ok: bool) -> None:
+        self._checks.labels(upstream, backend, "ok" if ok else "failed").inc()
+
+    def backendTransition(self, upstream: str, backend: str, state: str) -> None:
+        self._transitions.labels(upstream, backend, state).inc()
+
+    def ejected(self, upstream: str, backend: str) -> None:
+        self._ejections.labels(upstream, backend).inc()
+
+    def retried(self, upstream: str, reason: str) -> None:
+        self._retries.labels(upstream, reason).inc()
+
+    def retryRefused(self, upstream: str) -> None:
+        self._retriesRefused.labels(upstream).inc()
+
+    def queueTimedOut(self, upstream: str) -> None:
+        self._queueTimeouts.labels(upstream).inc()
+
+    def reloaded(self, ok: bool) -> None:
+        self._reloads.labels("ok" if ok else "failed").inc()
+
+    # Exposition ------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (L{CONTENT_TYPE})."""
+        return generate_latest(self.registry)
+
+
