@@ -59,6 +59,7 @@ def site(tmp_path: Path) -> Path:
     (tmp_path / "ca.pem").write_text("not parsed here\n")
     (tmp_path / "client.pem").write_text("not parsed here\n")
     (tmp_path / "logs").mkdir()
+    (tmp_path / "admin.token").write_text("0123456789abcdef0123456789abcdef\n")
     return tmp_path
 
 
@@ -114,6 +115,13 @@ ERRORS = [
     ("[edgeproxy]\nmax_headers = 0", "edgeproxy", "max_headers", "max_headers", "at least 1"),
     ("[edgeproxy]\nmax_headers = lots", "edgeproxy", "max_headers", "lots", "expected a whole number"),
     ("[edgeproxy]\nvia = my proxy", "edgeproxy", "via", "my proxy", "HTTP token"),
+    ("[edgeproxy]\nadmin = tcp:abc", "edgeproxy", "admin", "tcp:abc", "port"),
+    ("[edgeproxy]\nadmin_token = 0123456789abcdef0", "edgeproxy", "admin_token", "admin_token", "only used with admin"),
+    ("[edgeproxy]\nadmin = tcp:9901\nadmin_token = short", "edgeproxy", "admin_token", "short", "at least 16 characters"),
+    ("[edgeproxy]\nadmin = tcp:9901\nadmin_token_file = missing.token", "edgeproxy", "admin_token_file", "missing.token", "does not exist"),
+    ("[edgeproxy]\nadmin = tcp:9901\nadmin_token = 0123456789abcdef0\nadmin_token_file = x", "edgeproxy", "admin_token_file", "admin_token_file", "not both"),
+    ("[edgeproxy]\nworkers = 0", "edgeproxy", "workers", "workers", "from 1 to 256, or auto"),
+    ("[edgeproxy]\nworkers = many", "edgeproxy", "workers", "many", "from 1 to 256, or auto"),
     # [tls]
     ("[tls]\ndefault = certs/site.pem", "tls", "certificates", "[tls]", "missing required key 'certificates'"),
     ("[tls]\ncertificates = certs nothere.pem", "tls", "certificates", "nothere", "does not exist"),
@@ -180,8 +188,21 @@ ERRORS = [
     ("[upstream:b]\nservers = b:1\nbalance = hash\nhash_key = header:", "upstream:b", "hash_key", "header:", "a header name"),
     ("[upstream:b]\nservers = b:1\nbalance = hash\nhash_key = cookie:a b", "upstream:b", "hash_key", "cookie:a b", "a cookie name"),
     ("[upstream:b]\nservers = a:1 backup backup", "upstream:b", "servers", "backup backup", "given twice"),
-    ("[upstream:b]\nservers = a:1 drain", "upstream:b", "servers", "drain", "'weight=N', 'backup' or 'down'"),
-    ("[upstream:b]\nservers = a:1 max_conns=5", "upstream:b", "servers", "max_conns=5", "'weight=N', 'backup' or 'down'"),
+    ("[upstream:b]\nservers = a:1 drain", "upstream:b", "servers", "drain", "'weight=N', 'max_conns=N', 'backup' or 'down'"),
+    ("[upstream:b]\nservers = a:1 max_conns=0", "upstream:b", "servers", "max_conns=0", "max_conns of 1 or more"),
+    ("[upstream:b]\nservers = a:1 weight=2 weight=3", "upstream:b", "servers", "weight=3", "'weight' is given twice"),
+    ("[upstream:b]\nservers = b:1\nretries = 11", "upstream:b", "retries", "11", "at least 0 and at most 10"),
+    ("[upstream:b]\nservers = b:1\nretry_budget = 0.2", "upstream:b", "retry_budget", "0.2", "a percentage from 0% to 100%"),
+    ("[upstream:b]\nservers = b:1\nretry_budget = 120%", "upstream:b", "retry_budget", "120%", "a percentage"),
+    ("[upstream:b]\nservers = b:1\nqueue_timeout = 0", "upstream:b", "queue_timeout", "queue_timeout", "greater than zero"),
+    ("[upstream:b]\nservers = b:1\nfail_status = 5xx", "upstream:b", "fail_status", "5xx", "status codes (100-599)"),
+    ("[upstream:b]\nservers = b:1\neject_time = 1m\neject_max_time = 30s", "upstream:b", "eject_max_time", "30s", "at least eject_time"),
+    ("[upstream:b]\nservers = b:1\nrise = 3", "upstream:b", "rise", "rise", "only used with health_path"),
+    ("[upstream:b]\nservers = b:1\nhealth_path = healthz", "upstream:b", "health_path", "healthz", "starting with '/'"),
+    ("[upstream:b]\nservers = b:1\nhealth_path = /h\nhealth_status = 399-200", "upstream:b", "health_status", "399-200", "ends before it starts"),
+    ("[upstream:b]\nservers = b:1\nhealth_path = /h\nhealth_interval = 1s\nhealth_timeout = 2s", "upstream:b", "health_timeout", "2s", "must not exceed health_interval"),
+    ("[upstream:b]\nservers = b:1\nhealth_path = /h\nhealth_initial = down", "upstream:b", "health_initial", "down", "expected one of unknown, up"),
+    ("[upstream:b]\nservers = b:1\nhealth_path = /h\nfall = 0", "upstream:b", "fall", "fall", "at least 1 and at most 100"),
     # [route:NAME]
     ("[route:r]\nupstream = app", "route:r", "hosts", "[route:r]", "missing required key 'hosts'"),
     ("[route:r]\nhosts = r.example", "route:r", "upstream", "[route:r]", "missing required key 'upstream'"),
@@ -347,6 +368,9 @@ max_headers = 50
 max_body_size = 10MiB
 shutdown_timeout = 1m30s
 via = edge-1
+admin = tcp:9901:interface=127.0.0.1
+admin_token_file = admin.token
+workers = 3
 
 [tls]
 certificates = certs, certs/site.pem
@@ -376,7 +400,7 @@ redirect_port = 8443
 endpoint = unix:run.sock:mode=660
 
 [upstream:api]
-servers = api1.internal:8443 weight=3, 10.1.2.3:8443 down, [2001:db8::1]:8443 backup
+servers = api1.internal:8443 weight=3 max_conns=20, 10.1.2.3:8443 down, [2001:db8::1]:8443 backup
 tls = yes
 ca = ca.pem
 server_name = API.internal
@@ -389,6 +413,25 @@ keepalive_timeout = 10s
 host_header = api.example.com
 balance = hash
 hash_key = Header:X-User
+queue_size = 10
+queue_timeout = 2s
+resolve_interval = 1m
+retries = 1
+retry_budget = 10%
+max_fails = 3
+fail_window = 5s
+eject_time = 10s
+eject_max_time = 2m
+fail_status = 502-504, 500
+slow_start = 20s
+health_path = /healthz?full=1
+health_interval = 2s
+health_timeout = 500ms
+health_status = 200, 204
+health_host = health.internal
+health_initial = up
+rise = 1
+fall = 2
 
 [upstream:legacy]
 servers = legacy:80
@@ -435,6 +478,9 @@ def test_fullExample(site: Path) -> None:
             limits=proxyLimits,
             shutdown_timeout=90.0,
             via="edge-1",
+            admin="tcp:9901:interface=127.0.0.1",
+            admin_token="0123456789abcdef0123456789abcdef",
+            workers=3,
         ),
         tls=TLSSettings(
             certificates=(os.path.join(base, "certs"), os.path.join(base, "certs", "site.pem")),
@@ -478,7 +524,7 @@ def test_fullExample(site: Path) -> None:
             "api": Upstream(
                 name="api",
                 servers=(
-                    Server("api1.internal", 8443, 3),
+                    Server("api1.internal", 8443, 3, max_conns=20),
                     Server("10.1.2.3", 8443, down=True),
                     Server("2001:db8::1", 8443, backup=True),
                 ),
@@ -494,6 +540,25 @@ def test_fullExample(site: Path) -> None:
                 host_header="api.example.com",
                 balance="hash",
                 hash_key="header:x-user",
+                queue_size=10,
+                queue_timeout=2.0,
+                resolve_interval=60.0,
+                retries=1,
+                retry_budget=0.1,
+                max_fails=3,
+                fail_window=5.0,
+                eject_time=10.0,
+                eject_max_time=120.0,
+                fail_status=(502, 503, 504, 500),
+                slow_start=20.0,
+                health_path="/healthz?full=1",
+                health_interval=2.0,
+                health_timeout=0.5,
+                health_status=((200, 200), (204, 204)),
+                health_host="health.internal",
+                health_initial="up",
+                rise=1,
+                fall=2,
             ),
             "legacy": Upstream(name="legacy", servers=(Server("legacy", 80),), tls=True, insecure=True),
         },
@@ -519,7 +584,26 @@ def test_everyKeyIsInTheFullExample() -> None:
     """The full example above really does set every key."""
     for kind, keys in SECTION_KEYS.items():
         for key in keys:
+            if key == "admin_token":
+                continue  # excludes admin_token_file: see test_adminToken
             assert f"\n{key} = " in FULL, (kind, key)
+
+
+def test_adminToken(site: Path) -> None:
+    """The token may sit in edge.ini itself; surrounding space is not part of it."""
+    text = BASE + "\n[edgeproxy]\nadmin = tcp:0\nadmin_token =  s3cr3t-t0ken-0123456789 \n"
+    assert load(write(site, text)).proxy.admin_token == "s3cr3t-t0ken-0123456789"
+
+
+def test_adminTokenNotShown(site: Path) -> None:
+    """The token never shows up in a printed configuration."""
+    text = BASE + "\n[edgeproxy]\nadmin = tcp:0\nadmin_token = s3cr3t-t0ken-0123456789\n"
+    assert "s3cr3t" not in repr(load(write(site, text)))
+
+
+def test_workersAuto(site: Path) -> None:
+    text = BASE + "\n[edgeproxy]\nworkers = auto\n"
+    assert load(write(site, text)).proxy.workers == max(1, os.cpu_count() or 1)
 
 
 def test_defaults(site: Path) -> None:
@@ -807,6 +891,7 @@ def test_documentedExampleLoads(tmp_path: Path) -> None:
     (tmp_path / "var" / "log" / "edgeproxy").mkdir(parents=True)
     for name in ("etc/edgeproxy/certs/example.com.pem", "etc/edgeproxy/internal-ca.pem"):
         (tmp_path / name).write_text("x\n")
+    (tmp_path / "etc/edgeproxy/admin.token").write_text("0123456789abcdef0123456789abcdef\n")
     example = example.replace("/etc/", root + "/etc/").replace("/var/", root + "/var/")
     config = load(write(tmp_path, example))
     assert [route.name for route in config.routes] == ["app", "static"]

@@ -60,6 +60,14 @@ class ProxySettings:
     """Seconds in-flight requests get to finish after SIGTERM."""
     via: str | None = None
     """Pseudonym for an added C{Via} header; L{None} adds none."""
+    admin: str | None = None
+    """Server endpoint description of the admin listener (C{/status},
+    C{/metrics}); L{None}: no admin listener."""
+    admin_token: str | None = field(default=None, repr=False)
+    """Bearer token admin actions (C{POST}) require, from C{admin_token} or
+    the contents of C{admin_token_file}; L{None}: admin actions are off."""
+    workers: int = 1
+    """Worker processes; C{auto} in the file is resolved to the CPU count."""
 
 
 class TLSVersion(enum.Enum):
@@ -113,6 +121,9 @@ class Server:
     """Picked only when no primary server is available."""
     down: bool = False
     """Administratively off: never picked."""
+    max_conns: int = 0
+    """Requests in flight at most on each address of this server (0: no
+    limit); more wait in the upstream's queue."""
 
     @property
     def address(self) -> str:
@@ -153,6 +164,44 @@ class Upstream:
     hash_key: str = "client_ip"
     """For C{balance = hash}: C{client_ip}, C{path}, C{header:NAME} (NAME
     lower-cased) or C{cookie:NAME}."""
+    queue_size: int = 100
+    """Requests that may wait for a backend under C{max_conns}."""
+    queue_timeout: float = 10.0
+    """Seconds a queued request waits before it gets 503."""
+    resolve_interval: float = 30.0
+    """Seconds between re-resolutions of host names in C{servers}."""
+    retries: int = 2
+    """Further attempts on another backend for a request that failed
+    safely (see L{edgeproxy.upstream.retry})."""
+    retry_budget: float = 0.2
+    """Retries allowed as a fraction of recent requests (0.2 = 20%)."""
+    max_fails: int = 5
+    """Failures within C{fail_window} that eject a backend (0: no passive
+    health checking)."""
+    fail_window: float = 10.0
+    eject_time: float = 30.0
+    """First ejection's length; it doubles on each repeated ejection."""
+    eject_max_time: float = 300.0
+    """Cap on the ejection length."""
+    fail_status: tuple[int, ...] = ()
+    """Response status codes that count as failures for passive health."""
+    health_path: str | None = None
+    """Origin-form target of active health checks; L{None}: no checks."""
+    health_interval: float = 5.0
+    health_timeout: float = 2.0
+    health_status: tuple[tuple[int, int], ...] = ((200, 399),)
+    """Accepted status codes as inclusive ranges."""
+    health_host: str | None = None
+    """C{Host} of health checks; L{None}: C{host_header}, else the
+    server name, else the server's host."""
+    health_initial: str = "unknown"
+    """C{unknown}: a backend takes traffic after its first passing check;
+    C{up}: it takes traffic until checks fail C{fall} times."""
+    rise: int = 2
+    fall: int = 3
+    slow_start: float = 0.0
+    """Seconds over which a recovered backend ramps up to its full weight
+    (0: off)."""
 
 
 @dataclass(frozen=True, slots=True)

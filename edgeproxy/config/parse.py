@@ -31,7 +31,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from edgeproxy.config import syntax
 from edgeproxy.config.model import (
@@ -62,6 +62,17 @@ _LIMIT_KEYS = (
     "max_body_size",
 )
 
+_HEALTH_KEYS = (
+    "health_path",
+    "health_interval",
+    "health_timeout",
+    "health_status",
+    "health_host",
+    "health_initial",
+    "rise",
+    "fall",
+)
+
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "edgeproxy": (
         "access_log",
@@ -70,6 +81,10 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         *_LIMIT_KEYS,
         "shutdown_timeout",
         "via",
+        "admin",
+        "admin_token",
+        "admin_token_file",
+        "workers",
     ),
     "tls": (
         "certificates",
@@ -94,6 +109,18 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "host_header",
         "balance",
         "hash_key",
+        "queue_size",
+        "queue_timeout",
+        "resolve_interval",
+        "retries",
+        "retry_budget",
+        "max_fails",
+        "fail_window",
+        "eject_time",
+        "eject_max_time",
+        "fail_status",
+        "slow_start",
+        *_HEALTH_KEYS,
     ),
     "route": ("hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket"),
 }
@@ -394,7 +421,58 @@ def _readProxy(section: _Section | None) -> ProxySettings:
         limits=_readLimits(section, defaults.limits),
         shutdown_timeout=section.duration("shutdown_timeout", defaults.shutdown_timeout),
         via=section.convert("via", defaults.via, syntax.checkToken),
+        admin=_readAdminEndpoint(section),
+        admin_token=_readAdminToken(section),
+        workers=section.convert("workers", defaults.workers, _parseWorkers),
     )
+
+
+def _parseWorkers(text: str) -> int:
+    value = text.strip().lower()
+    if value == "auto":
+        return max(1, os.cpu_count() or 1)
+    if not value.isdigit() or not 1 <= int(value) <= 256:
+        raise ValueError(f"expected a number of processes from 1 to 256, or auto, got {text!r}")
+    return int(value)
+
+
+def _readAdminEndpoint(section: _Section) -> str | None:
+    if not section.has("admin"):
+        return None
+    try:
+        spec = syntax.checkEndpoint(section.raw("admin"), section.base)
+    except ValueError as e:
+        raise section.error("admin", str(e)) from None
+    return spec.description
+
+
+def _readAdminToken(section: _Section) -> str | None:
+    for key in ("admin_token", "admin_token_file"):
+        if section.has(key) and not section.has("admin"):
+            raise section.error(key, "only used with admin = ENDPOINT (there is no admin listener)")
+    if section.has("admin_token") and section.has("admin_token_file"):
+        raise section.error("admin_token_file", "give admin_token or admin_token_file, not both")
+    if section.has("admin_token"):
+        token = section.raw("admin_token").strip()
+        where = "admin_token"
+    elif section.has("admin_token_file"):
+        where = "admin_token_file"
+        path = section.existingPath(where, section.raw(where), "file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise section.error(where, f"cannot read {path}: {e}") from None
+    else:
+        return None
+    # RFC 6750 §2.1 b64token; a short token is guessable.
+    if len(token) < 16 or not re.fullmatch(r"[A-Za-z0-9._~+/-]+=*", token):
+        raise section.error(
+            where,
+            "expected a bearer token of at least 16 characters from A-Z a-z 0-9 . _ ~ + / - "
+            "(for example the output of: openssl rand -hex 32)",
+        )
+    return token
 
 
 def _readTLS(section: _Section | None) -> TLSSettings | None:
@@ -467,6 +545,13 @@ def _readUpstream(section: _Section, name: str) -> Upstream:
     hashKey = section.convert("hash_key", defaults.hash_key, syntax.checkHashKey)
     if section.has("hash_key") and balance != "hash":
         raise section.error("hash_key", "only used with balance = hash")
+    if section.has("health_path"):
+        health = _readHealth(section, defaults)
+    else:
+        for key in _HEALTH_KEYS[1:]:
+            if section.has(key):
+                raise section.error(key, "only used with health_path (active health checks are off)")
+        health = {}
     ca = section.optionalFile("ca")
     if insecure and ca is not None:
         raise section.error(
@@ -488,7 +573,57 @@ def _readUpstream(section: _Section, name: str) -> Upstream:
         host_header=section.convert("host_header", defaults.host_header, syntax.checkHostHeader),
         balance=balance,
         hash_key=hashKey,
+        queue_size=section.integer("queue_size", defaults.queue_size, minimum=0),
+        queue_timeout=section.duration("queue_timeout", defaults.queue_timeout),
+        resolve_interval=section.duration("resolve_interval", defaults.resolve_interval),
+        retries=section.integer("retries", defaults.retries, minimum=0, maximum=10),
+        retry_budget=section.convert("retry_budget", defaults.retry_budget, syntax.parsePercent),
+        max_fails=section.integer("max_fails", defaults.max_fails, minimum=0),
+        fail_window=section.duration("fail_window", defaults.fail_window),
+        eject_time=section.duration("eject_time", defaults.eject_time),
+        eject_max_time=_ejectMax(section, defaults),
+        fail_status=section.convert("fail_status", defaults.fail_status, _failStatus),
+        slow_start=section.duration("slow_start", defaults.slow_start, allowZero=True),
+        **health,
     )
+
+
+def _failStatus(text: str) -> tuple[int, ...]:
+    codes: list[int] = []
+    for low, high in syntax.parseStatusRanges(text):
+        codes.extend(code for code in range(low, high + 1) if code not in codes)
+    return tuple(codes)
+
+
+def _ejectMax(section: _Section, defaults: Upstream) -> float:
+    first = section.duration("eject_time", defaults.eject_time)
+    cap = section.duration("eject_max_time", max(defaults.eject_max_time, first))
+    if cap < first:
+        raise section.error("eject_max_time", "must be at least eject_time")
+    return cap
+
+
+def _readHealth(section: _Section, defaults: Upstream) -> dict[str, Any]:
+    interval = section.duration("health_interval", defaults.health_interval)
+    timeout = section.duration("health_timeout", min(defaults.health_timeout, interval))
+    if timeout > interval:
+        raise section.error(
+            "health_timeout", "must not exceed health_interval (checks of one backend would overlap)"
+        )
+    return {
+        "health_path": section.convert("health_path", None, syntax.checkOriginPath),
+        "health_interval": interval,
+        "health_timeout": timeout,
+        "health_status": section.convert(
+            "health_status", defaults.health_status, syntax.parseStatusRanges
+        ),
+        "health_host": section.convert("health_host", None, syntax.checkHostHeader),
+        "health_initial": section.choice(
+            "health_initial", defaults.health_initial, {"unknown": "unknown", "up": "up"}
+        ),
+        "rise": section.integer("rise", defaults.rise, minimum=1, maximum=100),
+        "fall": section.integer("fall", defaults.fall, minimum=1, maximum=100),
+    }
 
 
 def _checkServerName(text: str) -> str:

@@ -195,6 +195,53 @@ def checkHashKey(text: str) -> str:
     )
 
 
+def parseStatusRanges(text: str) -> tuple[tuple[int, int], ...]:
+    """
+    Parse a list of HTTP status codes and inclusive ranges, such as
+    C{"200-399"} or C{"200, 204, 300-302"} (C{health_status},
+    C{fail_status}).
+    """
+    ranges: list[tuple[int, int]] = []
+    for entry in splitList(text):
+        low, dash, high = entry.partition("-")
+        bounds = [low.strip(), high.strip()] if dash else [low.strip()] * 2
+        for bound in bounds:
+            if not _isDigits(bound) or not 100 <= int(bound) <= 599:
+                raise ValueError(
+                    f"expected status codes (100-599) or ranges like 200-399, got {entry!r}"
+                )
+        first, last = int(bounds[0]), int(bounds[1])
+        if first > last:
+            raise ValueError(f"the range {entry!r} ends before it starts")
+        ranges.append((first, last))
+    if not ranges:
+        raise ValueError("expected at least one status code or range")
+    return tuple(ranges)
+
+
+def parsePercent(text: str) -> float:
+    """C{"20%"} -> C{0.2}; from 0% to 100%."""
+    value = text.strip()
+    number = value[:-1].strip() if value.endswith("%") else None
+    try:
+        fraction = float(number) / 100 if number else -1.0
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0 or number is None or not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"expected a percentage from 0% to 100%, like 20%, got {text!r}")
+    return fraction
+
+
+def checkOriginPath(text: str) -> str:
+    """A request target in origin form (RFC 9112 §3.2.1), for health checks."""
+    path = text.strip()
+    if not path.startswith("/") or any(not "!" <= c <= "~" or c == "#" for c in path):
+        raise ValueError(
+            f"expected a path starting with '/' of visible ASCII without '#', like /healthz, got {text!r}"
+        )
+    return path
+
+
 def _checkPort(text: str, what: str, allowZero: bool = False) -> int:
     if not _isDigits(text):
         raise ValueError(f"expected a {what} port number, got {text!r}")
@@ -243,8 +290,9 @@ def checkHostHeader(text: str) -> str:
 def parseServers(text: str) -> tuple[Server, ...]:
     """
     Parse an upstream's C{servers}: comma-separated C{host:port} entries,
-    each optionally followed by C{weight=N}, C{backup} and/or C{down}, for
-    example C{"10.0.0.1:8080 weight=3, app.internal:8080, [::1]:9001 backup"}.
+    each optionally followed by C{weight=N}, C{max_conns=N}, C{backup}
+    and/or C{down}, for example
+    C{"10.0.0.1:8080 weight=3, app.internal:8080 max_conns=50, [::1]:9001 backup"}.
     """
     servers: list[Server] = []
     seen: set[tuple[str, int]] = set()
@@ -262,7 +310,7 @@ def parseServers(text: str) -> tuple[Server, ...]:
             raise ValueError(f"expected host:port, got {tokens[0]!r} (the port is required)")
         host = _checkHost(host)
         number = _checkPort(port, "backend")
-        weight = 1
+        numbers = {"weight": 1, "max_conns": 0}
         flags: set[str] = set()
         for option in tokens[1:]:
             name, equals, value = option.partition("=")
@@ -271,14 +319,17 @@ def parseServers(text: str) -> tuple[Server, ...]:
                     raise ValueError(f"{name!r} is given twice for {tokens[0]!r}")
                 flags.add(name)
                 continue
-            if name != "weight" or not equals:
+            if name not in numbers or not equals:
                 raise ValueError(
-                    f"expected 'weight=N', 'backup' or 'down' after {tokens[0]!r}, "
-                    f"got {option!r} (separate servers with commas)"
+                    f"expected 'weight=N', 'max_conns=N', 'backup' or 'down' after "
+                    f"{tokens[0]!r}, got {option!r} (separate servers with commas)"
                 )
+            if name in flags:
+                raise ValueError(f"{name!r} is given twice for {tokens[0]!r}")
+            flags.add(name)
             if not _isDigits(value) or int(value) < 1:
-                raise ValueError(f"expected a weight of 1 or more, got {value!r}")
-            weight = int(value)
+                raise ValueError(f"expected a {name} of 1 or more, got {value!r}")
+            numbers[name] = int(value)
         if (host, number) in seen:
             raise ValueError(
                 f"{tokens[0]} is listed twice (give it a weight instead)"
@@ -288,9 +339,10 @@ def parseServers(text: str) -> tuple[Server, ...]:
             Server(
                 host=host,
                 port=number,
-                weight=weight,
+                weight=numbers["weight"],
                 backup="backup" in flags,
                 down="down" in flags,
+                max_conns=numbers["max_conns"],
             )
         )
     return tuple(servers)
