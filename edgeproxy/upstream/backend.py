@@ -17,6 +17,7 @@ which call into the backend with the current time.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgeproxy.config.model import Server
@@ -82,6 +83,9 @@ class Backend:
     lastCheck: CheckResult | None = None
     ejectedUntil: float | None = None
     ejections: int = 0
+    clock: Callable[[], float] | None = None
+    """The pool's C{reactor.seconds}, for time-dependent answers such as the
+    slow-start weight; L{None} in tests that need no time."""
     extra: dict[str, object] = field(default_factory=dict)
     """Owners' extra per-backend bookkeeping (kept out of the fields above
     so this class stays the shared contract)."""

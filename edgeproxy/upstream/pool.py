@@ -250,7 +250,10 @@ class UpstreamPool:
             upstream.balance, (), rng, available=Backend.isAvailable
         )
         self.setBackends(
-            [Backend(server, server.host, server.port) for server in upstream.servers]
+            [
+                Backend(server, server.host, server.port, clock=reactor.seconds)
+                for server in upstream.servers
+            ]
         )
 
     def setBackends(self, backends: list[Backend] | tuple[Backend, ...]) -> None:
