@@ -166,6 +166,7 @@ class _Summary:
 
     def write(self) -> None:
         lines = [f"{self.config.path}: configuration is valid", ""]
+        lines += self.process() + [""]
         lines += self.listeners() + [""]
         lines += self.certificateLines() + [""]
         lines += self.routes() + [""]
@@ -174,6 +175,19 @@ class _Summary:
         if warnings:
             lines += ["", "Warnings:"] + [f"  {warning}" for warning in warnings]
         self.out.write("\n".join(lines) + "\n")
+
+    def process(self) -> list[str]:
+        proxy = self.config.proxy
+        workers = (
+            "1 process" if proxy.workers == 1
+            else f"{proxy.workers} workers under a supervisor"
+        )
+        if proxy.admin is None:
+            admin = "no admin listener"
+        else:
+            actions = "actions need a bearer token" if proxy.admin_token else "actions off (no token)"
+            admin = f"admin on {proxy.admin} (/status, /metrics; {actions})"
+        return [f"Process: {workers}, {admin}, drain {formatDuration(proxy.shutdown_timeout)}"]
 
     def listeners(self) -> list[str]:
         rows = []
@@ -255,11 +269,38 @@ class _Summary:
         rows = []
         for upstream in self.config.upstreams.values():
             servers = ", ".join(
-                server.address + (f" weight={server.weight}" if server.weight != 1 else "")
+                server.address
+                + (f" weight={server.weight}" if server.weight != 1 else "")
+                + (f" max_conns={server.max_conns}" if server.max_conns else "")
+                + (" backup" if server.backup else "")
+                + (" down" if server.down else "")
                 for server in upstream.servers
             )
-            rows.append([upstream.name, servers, self.describeUpstream(upstream)])
+            rows.append([upstream.name, servers])
+            rows.append(["", self.describeUpstream(upstream)])
+            rows.append(["", self.describeResilience(upstream)])
         return ["Upstreams:"] + _table(rows)
+
+    def describeResilience(self, upstream: Upstream) -> str:
+        parts = [
+            "balance " + upstream.balance
+            + (f" on {upstream.hash_key}" if upstream.balance == "hash" else "")
+        ]
+        if upstream.health_path is not None:
+            parts.append(
+                f"checks GET {upstream.health_path} every {formatDuration(upstream.health_interval)}"
+                f" (rise {upstream.rise}, fall {upstream.fall})"
+            )
+        else:
+            parts.append("no active checks")
+        if upstream.max_fails:
+            parts.append(
+                f"ejects after {upstream.max_fails} failures in {formatDuration(upstream.fail_window)}"
+            )
+        parts.append(
+            f"{upstream.retries} retries" if upstream.retries else "no retries"
+        )
+        return ", ".join(parts)
 
     def describeUpstream(self, upstream: Upstream) -> str:
         if not upstream.tls:
@@ -290,6 +331,14 @@ class _Summary:
                                 f"[route:{route.name}] host {host} is on no certificate; "
                                 "TLS clients get the default certificate and a name mismatch"
                             )
+        admin = self.config.proxy.admin
+        if admin is not None:
+            interface = checkEndpoint(admin, self.base).interface
+            if interface is None or not (interface.startswith("127.") or interface == "::1"):
+                warnings.append(
+                    f"[edgeproxy] admin = {admin} is not bound to loopback: /status and "
+                    "/metrics are readable by anyone who can reach it"
+                )
         for upstream in self.config.upstreams.values():
             if upstream.insecure:
                 warnings.append(

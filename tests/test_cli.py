@@ -108,13 +108,34 @@ def test_validSummary(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
         line.split()[:3] == ["static", "www.localhost", "/static/"] and "-> plain (strip prefix)" in line
         for line in lines
     )
-    assert any(
-        "127.0.0.1:9001, [::1]:9002 weight=2" in line
-        and line.endswith("TLS, verifies origin.internal against certs/internal/ca.pem")
-        for line in lines
+    app = lines.index("  app    127.0.0.1:9001, [::1]:9002 weight=2")
+    assert lines[app + 1].strip() == "TLS, verifies origin.internal against certs/internal/ca.pem"
+    assert lines[app + 2].strip() == (
+        "balance round_robin, no active checks, ejects after 5 failures in 10s, 2 retries"
     )
-    assert any(line.split() == ["plain", "backend.internal:8080", "plain", "HTTP"] for line in lines)
+    plain = lines.index("  plain  backend.internal:8080")
+    assert lines[plain + 1].strip() == "plain HTTP"
+    assert "Process: 1 process, no admin listener, drain 30s" in lines
     assert "Warnings:" not in out
+
+
+def test_summaryOfResilienceAndAdmin(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Health checks, server options, workers and the admin listener are shown."""
+    text = CONFIG.replace(
+        "servers = backend.internal:8080",
+        "servers = backend.internal:8080 max_conns=7, spare.internal:8080 backup\n"
+        "health_path = /healthz\nhealth_interval = 2s\nfall = 2\nretries = 0\nmax_fails = 0",
+    )
+    text = "[edgeproxy]\nworkers = 2\nadmin = tcp:9901\n\n" + text
+    status, out, err = run(capsys, "check", "--config", write(site, text))
+    assert (status, err) == (EXIT_OK, "")
+    lines = out.splitlines()
+    assert "Process: 2 workers under a supervisor, admin on tcp:9901 (/status, /metrics; actions off (no token)), drain 30s" in lines
+    plain = lines.index("  plain  backend.internal:8080 max_conns=7, spare.internal:8080 backup")
+    assert lines[plain + 2].strip() == (
+        "balance round_robin, checks GET /healthz every 2s (rise 2, fall 2), no retries"
+    )
+    assert "  [edgeproxy] admin = tcp:9901 is not bound to loopback: /status and /metrics are readable by anyone who can reach it" in lines
 
 
 def test_configErrorExits2(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
