@@ -43,3 +43,32 @@ def test_setServersKeepsInFlightOfKeptMembers() -> None:
     assert balancer.pick() is c
     # A request still in flight on the removed member ends without error.
     balancer.released(b)
+
+
+def test_unknownIsAvailableOnlyWhenFailingOpen() -> None:
+    backend = Backend(Server("10.0.0.1", 80), "10.0.0.1", 80, state=BackendState.UNKNOWN)
+    assert not backend.isAvailable()
+    assert backend.isAvailable(failOpen=True)
+    backend.ejectedUntil = 5.0
+    assert not backend.isAvailable(failOpen=True)
+
+
+def test_slowStartWeightRampsLinearly() -> None:
+    now = [100.0]
+    backend = Backend(Server("10.0.0.1", 80, weight=10), "10.0.0.1", 80, clock=lambda: now[0])
+    assert backend.effectiveWeight() == 10
+    backend.startSlowStart(0)
+    assert backend.slowStartAt is None
+    backend.startSlowStart(20.0)
+    assert backend.effectiveWeight() == 1.0
+    now[0] += 10
+    assert backend.effectiveWeight() == 5.5
+    now[0] += 10
+    assert backend.effectiveWeight() == 10
+    assert backend.slowStartAt is None
+
+
+def test_slowStartNeedsAClock() -> None:
+    backend = Backend(Server("10.0.0.1", 80), "10.0.0.1", 80)
+    backend.startSlowStart(30.0)
+    assert backend.rampFactor() == 1.0

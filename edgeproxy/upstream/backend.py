@@ -9,9 +9,10 @@ address it resolves to (see L{edgeproxy.upstream.pool}).  A backend is the
 unit that is balanced over, health-checked, ejected, drained, disabled,
 counted in C{/status} and in the metrics.
 
-This module is pure: no Twisted, no clock.  Time-dependent transitions
-(health checks, ejection expiry, slow start) are driven by their owners,
-which call into the backend with the current time.
+This module is pure: no Twisted.  Time-dependent transitions (health
+checks, ejection expiry) are driven by L{edgeproxy.upstream.health}, the
+only module that changes L{Backend.state}; the slow-start weight is read
+through the injected L{Backend.clock}.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ class Backend:
     clock: Callable[[], float] | None = None
     """The pool's C{reactor.seconds}, for time-dependent answers such as the
     slow-start weight; L{None} in tests that need no time."""
+    slowStartAt: float | None = None
+    """When the current slow start began (L{clock} time), or L{None}."""
+    slowStartTime: float = 0.0
+    """How long the current slow start lasts, in seconds."""
     extra: dict[str, object] = field(default_factory=dict)
     """Owners' extra per-backend bookkeeping (kept out of the fields above
     so this class stays the shared contract)."""
@@ -117,15 +122,57 @@ class Backend:
         the upstream sets C{server_name}."""
         return self.server.host
 
-    def isAvailable(self) -> bool:
+    def isAvailable(self, failOpen: bool = False) -> bool:
         """
-        Whether a new request may be sent here: up (or unknown, which the
-        health checker only leaves in place when it was told to trust
-        backends before their first check), and not ejected.
+        Whether a new request may be sent here, judging by this backend
+        alone: up and not ejected.
+
+        @param failOpen: also accept an L{BackendState.UNKNOWN} backend
+            (not ejected).  Whether to is a question about the whole
+            upstream (is any backend up?), which
+            L{edgeproxy.upstream.health.availability} answers.
         """
         if self.ejectedUntil is not None:
             return False
-        return self.state in (BackendState.UP, BackendState.UNKNOWN)
+        state = self.state
+        return state is BackendState.UP or (failOpen and state is BackendState.UNKNOWN)
+
+    # Slow start ----------------------------------------------------------------
+
+    def startSlowStart(self, duration: float) -> None:
+        """
+        Ramp this backend's share up from a tenth of its weight to all of it
+        over C{duration} seconds from now (C{slow_start}).  Does nothing when
+        C{duration} is 0 or there is no L{clock}.
+        """
+        if duration > 0 and self.clock is not None:
+            self.slowStartAt = self.clock()
+            self.slowStartTime = duration
+
+    def rampFactor(self) -> float:
+        """
+        @return: the fraction of its weight this backend gets now: 1.0 out
+            of slow start, else from 0.1 rising linearly to 1.0.
+        """
+        startedAt = self.slowStartAt
+        if startedAt is None or self.clock is None:
+            return 1.0
+        elapsed = self.clock() - startedAt
+        if elapsed >= self.slowStartTime:
+            # Over: later calls take the fast path above.
+            self.slowStartAt = None
+            return 1.0
+        return 0.1 + 0.9 * max(elapsed, 0.0) / self.slowStartTime
+
+    def effectiveWeight(self) -> float:
+        """
+        @return: L{weight} scaled by L{rampFactor}: what the balancers
+            weigh this backend by (the hash ring keeps the configured
+            weight, see L{edgeproxy.upstream.balance}).
+        """
+        if self.slowStartAt is None:
+            return self.server.weight
+        return self.server.weight * self.rampFactor()
 
     def __repr__(self) -> str:
         return f"<Backend {self.address} {self.state.value}>"

@@ -27,6 +27,13 @@ Policies (C{balance =} in an C{[upstream:NAME]} section):
   - C{hash}: consistent hashing of a request key on a ring with
     L{POINTS_PER_WEIGHT} points per unit of weight, so removing or adding a
     server moves only that server's share of keys.
+
+Slow start (C{slow_start}): a member with an C{effectiveWeight()} method
+(a L{edgeproxy.upstream.backend.Backend}) is weighed by it rather than by
+its configured C{weight}, so a recovering backend's share ramps up.  The
+hash ring is not rebuilt for that: a ramping server keeps its ring points
+and accepts only the keys whose own hash falls below its ramp fraction; the
+others walk on to the next server, and come back as the fraction grows.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ __all__ = [
     "RoundRobinBalancer",
     "makeBalancer",
     "requestHashKey",
+    "weightOf",
 ]
 
 POINTS_PER_WEIGHT = 100
@@ -60,6 +68,21 @@ def _ringHash(data: bytes) -> int:
     # A stable hash (unlike hash(), which is salted per process): the same
     # key must reach the same server after a restart and on every worker.
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def weightOf(member: Any) -> float:
+    """
+    @return: the weight C{member} is balanced by now: its
+        C{effectiveWeight()} when it has one (slow start), else its
+        configured C{weight}.
+    """
+    effective = getattr(member, "effectiveWeight", None)
+    return member.weight if effective is None else effective()
+
+
+def _rampFactor(member: Any) -> float:
+    ramp = getattr(member, "rampFactor", None)
+    return 1.0 if ramp is None else ramp()
 
 
 class Balancer:
@@ -89,7 +112,7 @@ class Balancer:
         self._available = available if available is not None else _notDown
         self.servers: tuple[Any, ...] = ()
         self._inFlight: dict[Any, int] = {}
-        self._currentWeights: dict[Any, int] = {}
+        self._currentWeights: dict[Any, float] = {}
         self.setServers(servers)
 
     def setServers(self, servers: Sequence[Any]) -> None:
@@ -163,26 +186,28 @@ class Balancer:
         winner's by the total, so a 5:1:1 split comes out a a b a c a a, not
         a a a a a b c.
         """
-        total = 0
+        total: float = 0
         best = candidates[0]
         for server in candidates:
-            self._currentWeights[server] += server.weight
-            total += server.weight
+            weight = weightOf(server)
+            self._currentWeights[server] += weight
+            total += weight
             if self._currentWeights[server] > self._currentWeights[best]:
                 best = server
         self._currentWeights[best] -= total
         return best
 
-    def _load(self, server: Server) -> tuple[int, int]:
-        """In-flight per weight as a fraction, compared without floats."""
-        return self._inFlight[server], server.weight
+    def _load(self, server: Server) -> tuple[int, float]:
+        """In-flight per weight as a fraction, compared without division
+        (exact for integer weights, the common case)."""
+        return self._inFlight[server], weightOf(server)
 
 
 def _notDown(server: Any) -> bool:
     return not server.down
 
 
-def _lighter(a: tuple[int, int], b: tuple[int, int]) -> int:
+def _lighter(a: tuple[int, float], b: tuple[int, float]) -> int:
     """-1, 0 or 1 as load C{a} is below, equal to or above load C{b}."""
     left = a[0] * b[1]
     right = b[0] * a[1]
@@ -225,9 +250,12 @@ class PowerOfTwoBalancer(Balancer):
             return None
         if len(candidates) == 1:
             return candidates[0]
-        first = self._random.choices(candidates, weights=[s.weight for s in candidates])[0]
+        weights = [weightOf(s) for s in candidates]
+        first = self._random.choices(candidates, weights=weights)[0]
         rest = [s for s in candidates if s is not first]
-        second = self._random.choices(rest, weights=[s.weight for s in rest])[0]
+        second = self._random.choices(
+            rest, weights=[w for s, w in zip(candidates, weights) if s is not first]
+        )[0]
         # On a tie the first draw wins: it was drawn by weight, so an idle
         # fleet still gets each server's weighted share.
         if _lighter(self._load(second), self._load(first)) < 0:
@@ -263,28 +291,42 @@ class ConsistentHashBalancer(Balancer):
         points.sort(key=lambda point: (point[0], point[1]))
         return [p[0] for p in points], [p[2] for p in points]
 
-    def _walk(self, ring: tuple[list[int], list[Server]], point: int) -> Server | None:
+    def _walk(
+        self, ring: tuple[list[int], list[Server]], point: int, admission: float
+    ) -> Server | None:
+        """
+        @param admission: the key's second hash in [0, 1): a server in slow
+            start takes the key only when this is below its ramp fraction,
+            so each key's answer is stable while the fraction grows.
+        """
         hashes, owners = ring
         if not hashes:
             return None
         start = bisect.bisect_left(hashes, point)
         seen: set[Server] = set()
+        fallback: Server | None = None
         for offset in range(len(hashes)):
             server = owners[(start + offset) % len(hashes)]
             if server in seen:
                 continue
-            if self.isAvailable(server):
-                return server
             seen.add(server)
-        return None
+            if self.isAvailable(server):
+                if admission < _rampFactor(server):
+                    return server
+                if fallback is None:
+                    # Every available server ramping and refusing the key:
+                    # the first one clockwise still takes it.
+                    fallback = server
+        return fallback
 
     def pick(self, key: bytes | None = None) -> Server | None:
         if key is None:
             return super().pick(None)
         point = _ringHash(key)
-        chosen = self._walk(self._rings[False], point)
+        admission = _ringHash(b"slow-start\0" + key) / 2.0**64
+        chosen = self._walk(self._rings[False], point, admission)
         if chosen is None:
-            chosen = self._walk(self._rings[True], point)
+            chosen = self._walk(self._rings[True], point, admission)
         return chosen
 
 
