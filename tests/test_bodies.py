@@ -248,3 +248,123 @@ def test_whenFinishedAfterTheFact() -> None:
     failures: list[Failure] = []
     failed.whenFinished().addErrback(failures.append)
     assert failures and failures[0].check(ValueError)
+
+
+# Replay (retries) ----------------------------------------------------------
+
+
+def test_bodyNotStartedIsReplayedWhole() -> None:
+    # The first attempt's connection was refused: the Agent never read the
+    # body, and the second attempt sends all of it.
+    pipe, client, _, _ = makePipe(9)
+    first = pipe.newAttempt()
+    pipe.write(b"part one ")
+    assert pipe.replayable
+    first.stopProducing()  # the Agent gives up on the failed attempt
+    assert pipe.replayable
+    pipe.write(b"two")  # held, not discarded
+    assert client.transport.producerState == "paused"
+    second = pipe.newAttempt()
+    consumer = Consumer()
+    done = second.startProducing(consumer)
+    pipe.finish()
+    assert consumer.value() == b"part one two"
+    assert done.called
+    assert client.transport.producerState == "producing"
+
+
+def test_streamedBodyPartlySentIsNotReplayable() -> None:
+    pipe, client, _, _ = makePipe(None)
+    first = pipe.newAttempt()
+    consumer = Consumer()
+    first.startProducing(consumer)
+    pipe.write(b"streamed")
+    assert consumer.value() == b"streamed"
+    assert not pipe.replayable
+    first.stopProducing()
+    # Abandoned: the rest drains and is discarded, the client is not held.
+    pipe.write(b"more")
+    assert client.transport.producerState == "producing"
+    try:
+        pipe.newAttempt()
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a partly sent streamed body was replayed")
+
+
+def test_smallBodyKeptIsReplayedAfterItWasSent() -> None:
+    pipe, _, _, _ = makePipe(10)
+    pipe.keepForReplay(16)
+    first = pipe.newAttempt()
+    sent = Consumer()
+    firstDone = first.startProducing(sent)
+    pipe.write(b"01234")
+    pipe.write(b"56789")
+    pipe.finish()
+    assert sent.value() == b"0123456789" and firstDone.called
+    assert pipe.replayable
+    first.stopProducing()
+    second = pipe.newAttempt()
+    again = Consumer()
+    secondDone = second.startProducing(again)
+    assert again.value() == b"0123456789"
+    assert secondDone.called
+    finished: list[object] = []
+    second.whenFinished().addCallback(finished.append)  # type: ignore[attr-defined]
+    assert finished == [None]
+
+
+def test_bodyOverTheKeepLimitIsNotReplayableOnceSent() -> None:
+    pipe, _, _, _ = makePipe(None)
+    pipe.keepForReplay(8)
+    first = pipe.newAttempt()
+    first.startProducing(Consumer())
+    pipe.write(b"1234")
+    assert pipe.replayable
+    pipe.write(b"56789")  # 9 bytes: no longer all kept
+    assert not pipe.replayable
+
+
+def test_staleAttemptCannotDisturbTheNextOne() -> None:
+    # Twisted's client errbacks the request before it calls stopProducing:
+    # the retry may already be under way when the old attempt is stopped.
+    pipe, client, _, _ = makePipe(4)
+    first = pipe.newAttempt()
+    pipe.write(b"ab")
+    second = pipe.newAttempt()
+    consumer = Consumer()
+    done = second.startProducing(consumer)
+    first.stopProducing()
+    first.pauseProducing()
+    assert not first.startProducing(Consumer()).called
+    assert client.transport.producerState == "producing"
+    pipe.write(b"cd")
+    pipe.finish()
+    assert consumer.value() == b"abcd"
+    assert done.called
+
+
+def test_failedBodyIsNotReplayable() -> None:
+    pipe, _, _, _ = makePipe(4)
+    pipe.newAttempt()
+    pipe.fail(Failure(ValueError("client gone")))
+    assert not pipe.replayable
+
+
+def test_requestLayerStopAppliesToTheCurrentAttempt() -> None:
+    # The response came before the body: the request layer stops the pipe
+    # itself, whichever attempt is in progress.
+    pipe, client, _, _ = makePipe(10)
+    pipe.newAttempt()
+    second = pipe.newAttempt()
+    consumer = Consumer()
+    second.startProducing(consumer)
+    second.pauseProducing()
+    pipe.write(b"x")
+    pipe.stopProducing()
+    assert client.transport.producerState == "producing"
+    pipe.write(b"y")
+    second.resumeProducing()
+    assert consumer.value() == b""
+    assert not pipe.replayable

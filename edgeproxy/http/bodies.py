@@ -10,8 +10,17 @@ the client: it registers the backend connection as a streaming producer on
 the client request, so a slow client pauses the backend socket.
 
 Memory per request is therefore bounded by a few socket reads in each
-direction, whatever the body size.  Both directions enforce the upstream's
-idle timeout (no byte moved for C{idle_timeout} seconds aborts both sides).
+direction, whatever the body size (plus, for a request the pool may retry,
+a copy of at most L{BodyPipe.keepForReplay}'s limit).  Both directions
+enforce the upstream's idle timeout (no byte moved for C{idle_timeout}
+seconds aborts both sides).
+
+A request body can be sent again on another backend (a retry, see
+L{edgeproxy.upstream.pool}) while it is I{replayable}: no byte of it has
+been handed to a backend connection yet, or every byte handed over is still
+kept.  Each attempt reads the body through its own producer
+(L{BodyPipe.newAttempt}), so a late call from an attempt the Agent has
+given up on cannot disturb the next one.
 
 This module decides nothing about routing, headers or status codes.
 """
@@ -148,6 +157,12 @@ class BodyPipe:
     is not open yet) or while the backend is paused are kept, and the client
     is paused at the same time, so at most one read's worth is held.
 
+    The pipe can be used directly as the producer of one request; the pool
+    gets one producer per attempt from L{newAttempt} instead, so that the
+    body can be sent again (see L{replayable}).  Calls made on the pipe
+    itself (C{stopProducing} from the request layer when the response came
+    first) always apply to the attempt in progress.
+
     @ivar length: the client's declared length, or C{UNKNOWN_LENGTH} (the
         Agent then sends the body chunked).
     @ivar received: bytes received from the client so far.
@@ -169,12 +184,21 @@ class BodyPipe:
         self._consumerPaused = False
         self._clientDone = False
         self._stopped = False
+        self._failed = False
         self._done: Deferred[None] | None = None
         self._failure: Failure | None = None
         self._finishedWaiters: list[Deferred[None]] = []
         self._completed = False
         self._outcome: object = _PENDING
         self._idle = IdleTimer(clock, idleTimeout, onIdle)
+        # Replay: the producer of the attempt in progress (the pipe itself
+        # until newAttempt is used), whether any byte went to it, and the
+        # copies of what went to it while they fit in _keepLimit.
+        self._current: object = self
+        self._handed = False
+        self._keepLimit = 0
+        self._kept: list[bytes] | None = None
+        self._keptBytes = 0
 
     # Client side ----------------------------------------------------------
 
@@ -192,7 +216,7 @@ class BodyPipe:
             self._buffer.append(data)
             self._client.pause()
             return
-        self._consumer.write(data)
+        self._hand(data)
 
     def finish(self) -> None:
         """The client's body is complete."""
@@ -204,11 +228,13 @@ class BodyPipe:
         The client's body will not complete (size limit, client gone): make
         the Agent abort the upstream request instead of sending a short body.
         """
-        if self._completed or self._stopped:
+        if self._failed or self._stopped or self._completed:
             return
+        self._failed = True
         self._completed = True
         self._idle.stop()
         self._buffer = []
+        self._kept = None
         # Let the rest of the body drain (it is discarded): an HTTP/2 stream
         # left paused would never deliver its END_STREAM, and the request
         # could never end.
@@ -223,8 +249,8 @@ class BodyPipe:
     def whenFinished(self) -> Deferred[None]:
         """
         @return: fires when the whole body has been handed to the backend
-            connection (the start of the response timeout); fails if the body
-            is abandoned.
+            connection of the attempt in progress (the start of the response
+            timeout); fails if the body is abandoned.
         """
         if self._outcome is _PENDING:
             d: Deferred[None] = Deferred()
@@ -234,9 +260,89 @@ class BodyPipe:
             return succeed(None)
         return fail(self._outcome)
 
+    # Replay ----------------------------------------------------------------
+
+    def keepForReplay(self, limit: int) -> None:
+        """
+        Keep a copy of what is handed to a backend, as long as the whole
+        body so far fits in C{limit} bytes, so that a small body stays
+        replayable after it was sent.  Only useful for a request that may
+        be retried after it was sent (an idempotent one); must be called
+        before the first byte is handed over to have any effect.
+        """
+        self._keepLimit = limit
+        if not self._handed and self._kept is None:
+            self._kept = []
+
+    @property
+    def replayable(self) -> bool:
+        """
+        Whether the body can still be sent again from its first byte: the
+        client has not failed it, it was not abandoned, and no byte of it
+        was handed to a backend or every byte handed over is kept.
+        """
+        return (
+            not self._stopped
+            and not self._failed
+            and (not self._handed or self._kept is not None)
+        )
+
+    def newAttempt(self) -> IBodyProducer:
+        """
+        Start sending the body again, from its first byte, to a new backend
+        request.
+
+        @return: the producer to give the Agent for that request; the
+            producer of any earlier attempt is ignored from now on.
+        @raise ValueError: if the body is not L{replayable}.
+        """
+        if not self.replayable:
+            raise ValueError("request body is not replayable")
+        if self._kept:
+            self._buffer[:0] = self._kept
+        if self._keepLimit:
+            self._kept = []
+        self._keptBytes = 0
+        self._handed = False
+        self._consumer = None
+        self._consumerPaused = False
+        self._done = None
+        self._completed = False
+        self._outcome = _PENDING
+        # The waiters of the abandoned attempt never fire: their attempt
+        # is over.
+        self._finishedWaiters = []
+        if self._buffer and not self._clientDone:
+            self._client.pause()
+        attempt = _BodyAttempt(self)
+        self._current = attempt
+        return attempt
+
     # IBodyProducer -------------------------------------------------------
 
     def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        return self._start(self._current, consumer)
+
+    def pauseProducing(self) -> None:
+        self._pause(self._current)
+
+    def resumeProducing(self) -> None:
+        self._resume(self._current)
+
+    def stopProducing(self) -> None:
+        """
+        The Agent gave up on the request (backend connection lost, request
+        cancelled), or the request layer no longer wants the body sent (the
+        response came first).  Per C{IBodyProducer}, the Deferred never
+        fires now, and the rest of the body is discarded.
+        """
+        self._abandon()
+
+    # The attempt in progress ---------------------------------------------
+
+    def _start(self, attempt: object, consumer: IConsumer) -> Deferred[None]:
+        if attempt is not self._current:
+            return Deferred()  # a stale attempt: never fires
         self._consumer = consumer
         if self._failure is not None:
             failure, self._failure = self._failure, None
@@ -247,16 +353,20 @@ class BodyPipe:
         result = self._done
         self._idle.touch()
         self._flush()
-        if not self._consumerPaused:
+        if not self._consumerPaused and not self._buffer:
             self._client.resume()
         self._maybeComplete()
         return result
 
-    def pauseProducing(self) -> None:
+    def _pause(self, attempt: object) -> None:
+        if attempt is not self._current:
+            return
         self._consumerPaused = True
         self._client.pause()
 
-    def resumeProducing(self) -> None:
+    def _resume(self, attempt: object) -> None:
+        if attempt is not self._current:
+            return
         self._consumerPaused = False
         self._idle.touch()
         self._flush()
@@ -264,22 +374,48 @@ class BodyPipe:
             self._client.resume()
         self._maybeComplete()
 
-    def stopProducing(self) -> None:
+    def _stopAttempt(self, attempt: object) -> None:
         """
-        The Agent gave up on the request (backend connection lost, request
-        cancelled).  Per C{IBodyProducer}, the Deferred never fires now.
+        The Agent gave up on C{attempt}.  A body that can be replayed is
+        kept (the next attempt sends it); any other is abandoned.
         """
+        if attempt is not self._current:
+            return
+        if not self.replayable:
+            self._abandon()
+            return
+        # Detached: chunks that arrive are held (and the client paused)
+        # until the next attempt starts or the pool gives up.
+        self._consumer = None
+        self._consumerPaused = False
+        self._done = None
+
+    def _abandon(self) -> None:
         self._stopped = True
         self._done = None
         self._buffer = []
+        self._kept = None
         self._idle.stop()
         self._client.resume()
 
     # Internals -----------------------------------------------------------
 
+    def _hand(self, data: bytes) -> None:
+        """Write C{data} to the backend connection, keeping a copy if asked."""
+        self._handed = True
+        kept = self._kept
+        if kept is not None:
+            if self._keptBytes + len(data) <= self._keepLimit:
+                kept.append(data)
+                self._keptBytes += len(data)
+            else:
+                self._kept = None
+        assert self._consumer is not None
+        self._consumer.write(data)
+
     def _flush(self) -> None:
         while self._buffer and not self._consumerPaused and self._consumer:
-            self._consumer.write(self._buffer.pop(0))
+            self._hand(self._buffer.pop(0))
 
     def _maybeComplete(self) -> None:
         if (
@@ -302,6 +438,37 @@ class BodyPipe:
                 waiter.callback(None)
             else:
                 waiter.errback(result)
+
+
+@implementer(IBodyProducer)
+class _BodyAttempt:
+    """
+    The producer of one attempt to send a L{BodyPipe}'s body: passes the
+    Agent's calls on to the pipe while this is the attempt in progress, and
+    ignores them afterwards.
+    """
+
+    def __init__(self, pipe: BodyPipe) -> None:
+        self._pipe = pipe
+        self.length = pipe.length
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        return self._pipe._start(self, consumer)
+
+    def pauseProducing(self) -> None:
+        self._pipe._pause(self)
+
+    def resumeProducing(self) -> None:
+        self._pipe._resume(self)
+
+    def stopProducing(self) -> None:
+        self._pipe._stopAttempt(self)
+
+    def whenFinished(self) -> Deferred[None]:
+        """See L{BodyPipe.whenFinished}; never fires once stale."""
+        if self._pipe._current is not self:
+            return Deferred()
+        return self._pipe.whenFinished()
 
 
 @implementer(IPushProducer)
