@@ -100,6 +100,17 @@ def _firstAttribute(request: Any, *names: str) -> object:
     return None
 
 
+def routeAndUpstream(request: Any) -> tuple[str | None, str | None]:
+    """
+    The names of the route and the upstream a finished C{request} was
+    sent to (the C{route} and C{upstream} fields), L{None} when not routed.
+    """
+    return (
+        _name(_firstAttribute(request, "edgeRoute", "route")),
+        _name(_firstAttribute(request, "edgeUpstream", "upstreamName")),
+    )
+
+
 def requestFields(request: Any, now: float) -> dict[str, Any]:
     """
     The access-log fields of a finished C{request}, as described in the
@@ -108,6 +119,7 @@ def requestFields(request: Any, now: float) -> dict[str, Any]:
     peer = request.getClientAddress()
     client = peer.host if isinstance(peer, (address.IPv4Address, address.IPv6Address)) else None
     started = getattr(request, "edgeStarted", None)
+    route, upstream = routeAndUpstream(request)
     return {
         "client": client,
         "method": _text(request.method),
@@ -119,8 +131,8 @@ def requestFields(request: Any, now: float) -> dict[str, Any]:
         "user_agent": _text(request.getHeader(b"user-agent")),
         "host": _text(request.getHeader(b"host")),
         "duration": None if started is None else max(0.0, now - started),
-        "route": _name(_firstAttribute(request, "edgeRoute", "route")),
-        "upstream": _name(_firstAttribute(request, "edgeUpstream", "upstreamName")),
+        "route": route,
+        "upstream": upstream,
     }
 
 

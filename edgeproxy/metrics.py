@@ -21,7 +21,7 @@ their class, TLS versions and ALPN protocols to the few that exist.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,10 +30,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "Metrics", "StateSample", "statusClass"]
+__all__ = ["CONTENT_TYPE", "Metrics", "StateSample", "Traffic", "statusClass"]
 
 # The *_created series double every counter for a start time nobody graphs;
 # restarts show as counter resets, which rate() already handles.
@@ -79,6 +79,45 @@ class _StateCollector(Collector):
         yield from families.values()
 
 
+class Traffic:
+    """
+    The bytes of one listener, counted in plain integers.
+
+    Bytes are counted on every read and write of every connection, far too
+    often for a C{prometheus_client} counter (a lock and a label lookup per
+    call); the listener's site adds to these two integers instead and the
+    scrape reads them (L{_TrafficCollector}).
+    """
+
+    __slots__ = ("received", "sent")
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.sent = 0
+
+
+class _TrafficCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        received = CounterMetricFamily(
+            "edgeproxy_received_bytes",
+            "Bytes received from clients (HTTP bytes, after TLS decryption), by listener.",
+            labels=["listener"],
+        )
+        sent = CounterMetricFamily(
+            "edgeproxy_sent_bytes",
+            "Bytes sent to clients (HTTP bytes, before TLS encryption), by listener.",
+            labels=["listener"],
+        )
+        for listener, traffic in sorted(self._metrics._traffic.items()):
+            received.add_metric([listener], traffic.received)
+            sent.add_metric([listener], traffic.sent)
+        yield received
+        yield sent
+
+
 class Metrics:
     """
     The counters and histograms of one process, and the scrape-time gauges.
@@ -101,14 +140,8 @@ class Metrics:
             "Time from sending a request to a backend to its response head, by upstream.",
             ["upstream"], buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self._bytesIn = Counter(
-            "edgeproxy_received_bytes", "Bytes received from clients, by listener.",
-            ["listener"], registry=r,
-        )
-        self._bytesOut = Counter(
-            "edgeproxy_sent_bytes", "Bytes sent to clients, by listener.",
-            ["listener"], registry=r,
-        )
+        self._traffic: dict[str, Traffic] = {}
+        r.register(_TrafficCollector(self))
         self._connections = Counter(
             "edgeproxy_connections", "Client connections accepted, by listener.",
             ["listener"], registry=r,
@@ -159,6 +192,8 @@ class Metrics:
             "edgeproxy_reloads", "Reloads (SIGHUP), by result (ok or failed).",
             ["result"], registry=r,
         )
+        self._requestChildren: dict[tuple[str, str, str], Any] = {}
+        self._requestTimers: dict[str, Any] = {}
         self._stateSource: Callable[[], Iterable[StateSample]] | None = None
         r.register(_StateCollector(self))
 
@@ -175,8 +210,23 @@ class Metrics:
     # Events ----------------------------------------------------------------
 
     def requestDone(self, route: str, upstream: str, code: int, seconds: float) -> None:
-        self._requests.labels(route, upstream, statusClass(code)).inc()
-        self._requestSeconds.labels(route).observe(seconds)
+        """
+        One finished request (every access-log event is one).
+
+        @param route: the route's name; C{""} when no route matched.
+        @param upstream: the upstream's name; C{""} when none was chosen.
+        """
+        # Once per request: the labelled children are looked up in a plain
+        # dict rather than through labels(), which locks and validates.
+        key = (route, upstream, statusClass(code))
+        child = self._requestChildren.get(key)
+        if child is None:
+            child = self._requestChildren[key] = self._requests.labels(*key)
+        child.inc()
+        timer = self._requestTimers.get(route)
+        if timer is None:
+            timer = self._requestTimers[route] = self._requestSeconds.labels(route)
+        timer.observe(seconds)
 
     def upstreamResponded(self, upstream: str, seconds: float) -> None:
         self._upstreamSeconds.labels(upstream).observe(seconds)
@@ -184,11 +234,21 @@ class Metrics:
     def upstreamFailed(self, upstream: str, code: int) -> None:
         self._upstreamErrors.labels(upstream, str(code)).inc()
 
+    def traffic(self, listener: str) -> Traffic:
+        """
+        The byte counters of C{listener}, to add to directly on the hot
+        path (one object per listener name, kept for the process's life so
+        the counters never go backwards across reloads).
+        """
+        traffic = self._traffic.get(listener)
+        if traffic is None:
+            traffic = self._traffic[listener] = Traffic()
+        return traffic
+
     def bytesTransferred(self, listener: str, received: int, sent: int) -> None:
-        if received:
-            self._bytesIn.labels(listener).inc(received)
-        if sent:
-            self._bytesOut.labels(listener).inc(sent)
+        traffic = self.traffic(listener)
+        traffic.received += received
+        traffic.sent += sent
 
     def connectionAccepted(self, listener: str) -> None:
         self._connections.labels(listener).inc()

@@ -1,0 +1,268 @@
+"""
+Tests for L{edgeproxy.metrics} and the instrumentation of
+L{edgeproxy.http.site.EdgeSite}: real sites over memory transports (and
+in-memory TLS), the exposition parsed back with C{prometheus_client}'s own
+parser, so what is asserted is what a Prometheus server would scrape.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from OpenSSL import SSL
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+from edgeproxy.config.model import Config, Listener, ProxySettings, TLSSettings
+from edgeproxy.http.site import EdgeSite
+from edgeproxy.metrics import CONTENT_TYPE, Metrics, statusClass
+from edgeproxy.routing import Router
+from edgeproxy.runtime import Runtime
+from edgeproxy.tls.store import CertificateStore
+from tests.certutil import CertificateAuthority
+from tests.test_request import ROUTES, UPSTREAM, FakeResponse, MemoryPool
+from tests.tlsutil import InsecureClientCreator, LegacyClientCreator, connectTLS, handshake
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(metrics: Metrics) -> Samples:
+    """Every sample of the exposition: (name, sorted labels) -> value."""
+    text = metrics.exposition().decode("utf-8")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, f"duplicate series {key}"
+            samples[key] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+# Metrics alone
+
+
+def test_statusClass() -> None:
+    assert [statusClass(c) for c in (101, 200, 308, 404, 503, 99, 600)] == [
+        "1xx", "2xx", "3xx", "4xx", "5xx", "other", "other",
+    ]
+
+
+def test_everyNameIsPrefixedAndParses() -> None:
+    metrics = Metrics()
+    metrics.requestDone("app", "pool", 503, 0.2)
+    metrics.upstreamResponded("pool", 0.05)
+    metrics.upstreamFailed("pool", 502)
+    metrics.bytesTransferred("https", 10, 20)
+    metrics.connectionAccepted("https")
+    metrics.handshakeDone("https", "1.3", "h2")
+    metrics.handshakeFailed("https")
+    metrics.healthChecked("pool", "10.0.0.1:80", False)
+    metrics.backendTransition("pool", "10.0.0.1:80", "down")
+    metrics.ejected("pool", "10.0.0.1:80")
+    metrics.retried("pool", "connect")
+    metrics.retryRefused("pool")
+    metrics.queueTimedOut("pool")
+    metrics.reloaded(True)
+    metrics.reloaded(False)
+    text = metrics.exposition().decode("utf-8")
+    families = list(text_string_to_metric_families(text))
+    assert families
+    for family in families:
+        assert family.name.startswith("edgeproxy_"), family.name
+        assert family.documentation, family.name
+    samples = scrape(metrics)
+    assert value(samples, "edgeproxy_requests_total", route="app", upstream="pool", code="5xx") == 1
+    assert value(samples, "edgeproxy_request_duration_seconds_bucket", route="app", le="0.25") == 1
+    assert value(samples, "edgeproxy_request_duration_seconds_bucket", route="app", le="0.1") == 0
+    assert value(samples, "edgeproxy_upstream_response_seconds_count", upstream="pool") == 1
+    assert value(samples, "edgeproxy_upstream_errors_total", upstream="pool", code="502") == 1
+    assert value(samples, "edgeproxy_received_bytes_total", listener="https") == 10
+    assert value(samples, "edgeproxy_sent_bytes_total", listener="https") == 20
+    assert value(samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.3", alpn="h2") == 1
+    assert value(samples, "edgeproxy_tls_handshake_failures_total", listener="https") == 1
+    assert value(samples, "edgeproxy_health_checks_total", upstream="pool", backend="10.0.0.1:80", result="failed") == 1
+    assert value(samples, "edgeproxy_backend_transitions_total", upstream="pool", backend="10.0.0.1:80", state="down") == 1
+    assert value(samples, "edgeproxy_ejections_total", upstream="pool", backend="10.0.0.1:80") == 1
+    assert value(samples, "edgeproxy_retries_total", upstream="pool", reason="connect") == 1
+    assert value(samples, "edgeproxy_retries_refused_total", upstream="pool") == 1
+    assert value(samples, "edgeproxy_queue_timeouts_total", upstream="pool") == 1
+    assert value(samples, "edgeproxy_reloads_total", result="ok") == 1
+    assert value(samples, "edgeproxy_reloads_total", result="failed") == 1
+    # No *_created series (disabled on purpose).
+    assert not [key for key in samples if key[0].endswith("_created")]
+    assert CONTENT_TYPE.startswith("text/plain; version=0.0.4")
+
+
+def test_metricsAreNotShared() -> None:
+    """Two Metrics objects (two runtimes, two tests) count separately."""
+    one, two = Metrics(), Metrics()
+    one.requestDone("a", "b", 200, 0.0)
+    one.traffic("l").sent += 5
+    assert value(scrape(one), "edgeproxy_requests_total", route="a", upstream="b", code="2xx") == 1
+    assert value(scrape(two), "edgeproxy_requests_total", route="a", upstream="b", code="2xx") is None
+    assert value(scrape(two), "edgeproxy_sent_bytes_total", listener="l") is None
+
+
+def test_trafficCountersAreMonotonicPerListener() -> None:
+    metrics = Metrics()
+    traffic = metrics.traffic("web")
+    assert metrics.traffic("web") is traffic
+    traffic.received += 3
+    metrics.bytesTransferred("web", 4, 5)
+    samples = scrape(metrics)
+    assert value(samples, "edgeproxy_received_bytes_total", listener="web") == 7
+    assert value(samples, "edgeproxy_sent_bytes_total", listener="web") == 5
+
+
+def test_stateSourceReadAtScrape() -> None:
+    metrics = Metrics()
+    state = {"n": 1.0}
+    metrics.setStateSource(lambda: [
+        ("connections_active", "Open connections.", {"listener": "web"}, state["n"]),
+        ("info", "Info.", {"version": "1"}, 1.0),
+    ])
+    assert value(scrape(metrics), "edgeproxy_connections_active", listener="web") == 1
+    state["n"] = 4.0
+    assert value(scrape(metrics), "edgeproxy_connections_active", listener="web") == 4
+    metrics.setStateSource(None)
+    assert value(scrape(metrics), "edgeproxy_connections_active", listener="web") is None
+
+
+# EdgeSite instrumentation (plain HTTP)
+
+
+class InstrumentedClient:
+    def __init__(self, metrics: Metrics, clock: MemoryReactorClock) -> None:
+        self.pool = MemoryPool()
+        config = Config(
+            path="/etc/edge.ini", proxy=ProxySettings(), tls=None, listeners=(),
+            upstreams={"app": UPSTREAM}, routes=ROUTES,
+        )
+        self.runtime = Runtime(config=config, router=Router(ROUTES), pools={"app": self.pool})  # type: ignore[dict-item]
+        self.listener = Listener(name="web", endpoint="tcp:0", tls=False)
+        self.site = EdgeSite(lambda: self.runtime, self.listener, clock, metrics=metrics)
+        self.protocol = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))
+        self.protocol.makeConnection(self.transport)
+
+
+def test_requestsBytesAndConnectionsCounted() -> None:
+    metrics = Metrics()
+    clock = MemoryReactorClock()
+    clock.advance(1000)
+    client = InstrumentedClient(metrics, clock)
+    request = b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n"
+    client.protocol.dataReceived(request)
+    [call] = client.pool.calls
+    clock.advance(0.3)
+    call.result.callback(FakeResponse(200, {b"Content-Type": [b"text/plain"]}, b"hello", length=5))
+    unrouted = b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n"
+    client.protocol.dataReceived(unrouted)
+    wire = client.transport.value()
+    assert wire.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 404 " in wire
+
+    samples = scrape(metrics)
+    assert value(samples, "edgeproxy_connections_total", listener="web") == 1
+    assert value(samples, "edgeproxy_received_bytes_total", listener="web") == len(request) + len(unrouted)
+    assert value(samples, "edgeproxy_sent_bytes_total", listener="web") == len(wire)
+    assert value(samples, "edgeproxy_requests_total", route="app", upstream="app", code="2xx") == 1
+    # Not routed: empty route and upstream labels.
+    assert value(samples, "edgeproxy_requests_total", route="", upstream="", code="4xx") == 1
+    # The routed request took 0.3 s on the injected clock.
+    assert value(samples, "edgeproxy_request_duration_seconds_bucket", route="app", le="0.25") == 0
+    assert value(samples, "edgeproxy_request_duration_seconds_bucket", route="app", le="0.5") == 1
+    assert value(samples, "edgeproxy_request_duration_seconds_sum", route="app") == pytest.approx(0.3)
+
+
+def test_writeSequenceCountedOnce() -> None:
+    """A transport whose writeSequence calls its own write counts each byte once."""
+    metrics = Metrics()
+    client = InstrumentedClient(metrics, MemoryReactorClock())
+    transport = client.transport
+    transport.writeSequence([b"ab", b"cde"])
+    transport.write(b"f")
+    assert transport.value() == b"abcdef"
+    assert value(scrape(metrics), "edgeproxy_sent_bytes_total", listener="web") == 6
+
+
+def test_siteWithoutMetricsIsUntouched() -> None:
+    client_site = EdgeSite(lambda: None, Listener(name="web", endpoint="tcp:0", tls=False), MemoryReactorClock())
+    protocol = client_site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    assert "dataReceived" not in vars(protocol)
+
+
+# EdgeSite instrumentation (TLS handshakes)
+
+
+class TLSSite:
+    def __init__(self, root: Path) -> None:
+        self.ca = CertificateAuthority("metrics test root")
+        directory = root / "certs"
+        directory.mkdir()
+        self.ca.issue(["a.example"]).writePEM(directory / "a.pem")
+        clock = Clock()
+        clock.advance(time.time())
+        self.store = CertificateStore(TLSSettings(certificates=(str(directory),), default=None), clock)
+        self.store.load()
+        self.metrics = Metrics()
+        self.listener = Listener(name="https", endpoint="tcp:0", tls=True)
+        self.site = EdgeSite(lambda: None, self.listener, MemoryReactorClock(), metrics=self.metrics)
+
+
+@pytest.fixture
+def tlsSite(tmp_path: Path) -> TLSSite:
+    return TLSSite(tmp_path)
+
+
+def test_handshakeCountedWithVersionAndALPN(tlsSite: TLSSite) -> None:
+    creator = tlsSite.store.serverConnectionCreator()
+    result = handshake(creator, "a.example", tlsSite.ca.certificatePEM, alpn=[b"h2", b"http/1.1"],
+                       serverFactory=tlsSite.site)
+    assert result.established and result.negotiatedProtocol == b"h2"
+    result = connectTLS(creator, LegacyClientCreator(SSL.TLS1_2_VERSION), serverFactory=tlsSite.site)
+    assert result.established
+    samples = scrape(tlsSite.metrics)
+    assert value(samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.3", alpn="h2") == 1
+    assert value(samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.2", alpn="none") == 1
+    assert value(samples, "edgeproxy_connections_total", listener="https") == 2
+    assert value(samples, "edgeproxy_tls_handshake_failures_total", listener="https") is None
+
+
+def test_handshakeFailuresCounted(tlsSite: TLSSite) -> None:
+    creator = tlsSite.store.serverConnectionCreator()
+    # The server refuses an old protocol version.
+    result = connectTLS(creator, LegacyClientCreator(SSL.TLS1_VERSION), serverFactory=tlsSite.site)
+    assert not result.established
+    # The client does not trust the certificate and says so with an alert.
+    other = CertificateAuthority("someone else")
+    result = handshake(creator, "a.example", other.certificatePEM, serverFactory=tlsSite.site)
+    assert not result.established
+    samples = scrape(tlsSite.metrics)
+    assert value(samples, "edgeproxy_tls_handshake_failures_total", listener="https") == 2
+    assert not [k for k in samples if k[0] == "edgeproxy_tls_handshakes_total"]
+
+
+def test_closedBeforeHandshakeIsNoFailure(tlsSite: TLSSite) -> None:
+    """A client that connects and goes away (a port check) is no TLS failure."""
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.python.failure import Failure
+    from twisted.internet.error import ConnectionDone
+
+    factory = TLSMemoryBIOFactory(tlsSite.store.serverConnectionCreator(), False, tlsSite.site)
+    protocol: Any = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    transport = StringTransport()
+    transport.setTcpNoDelay = lambda enabled: None  # type: ignore[attr-defined]
+    protocol.makeConnection(transport)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    samples = scrape(tlsSite.metrics)
+    assert value(samples, "edgeproxy_connections_total", listener="https") == 1
+    assert value(samples, "edgeproxy_tls_handshake_failures_total", listener="https") is None
