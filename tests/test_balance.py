@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 from twisted.web.http_headers import Headers
@@ -255,3 +256,44 @@ def test_hashKeyMissingFallsBackToClientIP() -> None:
     assert requestHashKey("header:x-user", "2001:db8::1", headers, b"/") == b"2001:db8::1"
     # Cookie names are case-sensitive and matched whole.
     assert requestHashKey("cookie:session", "10.0.0.1", headers, b"/") == b"10.0.0.1"
+
+
+# Slow start: members weighed by effectiveWeight() -----------------------------------
+
+
+def rampingPair(now: list[float]) -> tuple[Any, Any]:
+    from edgeproxy.upstream.backend import Backend
+
+    steady = Backend(Server("steady", 1), "10.0.0.1", 1, clock=lambda: now[0])
+    ramping = Backend(Server("ramping", 1), "10.0.0.2", 1, clock=lambda: now[0])
+    ramping.startSlowStart(10.0)
+    return steady, ramping
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_conn", "p2c"])
+def test_slowStartShareGrowsWithTheRamp(policy: str) -> None:
+    now = [0.0]
+    steady, ramping = rampingPair(now)
+    balancer = makeBalancer(policy, [steady, ramping], random.Random(3), available=lambda s: True)
+    observed = []
+    for _ in range(3):
+        picks = [balancer.pick() for _ in range(2000)]
+        observed.append(picks.count(ramping) / len(picks))
+        now[0] += 4.5
+    # weights 0.1, 0.505, 0.91 against 1: shares 0.09, 0.34, 0.48
+    expected = [w / (1 + w) for w in (0.1, 0.505, 0.91)]
+    assert observed == pytest.approx(expected, abs=0.03)
+    now[0] += 10
+    picks = [balancer.pick() for _ in range(2000)]
+    assert picks.count(ramping) / len(picks) == pytest.approx(0.5, abs=0.03)
+
+
+def test_leastConnLoadUsesTheRampedWeight() -> None:
+    now = [0.0]
+    steady, ramping = rampingPair(now)
+    balancer = makeBalancer("least_conn", [steady, ramping], available=lambda s: True)
+    for _ in range(5):
+        balancer.acquired(steady)
+    # 5 in flight on weight 1 is less than 1 in flight on weight 0.1.
+    balancer.acquired(ramping)
+    assert balancer.pick() is steady
