@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pool -*-
+# -*- test-case-name: tests.test_runtime -*-
 """
 L{Runtime}: the snapshot a request is served from.
 
@@ -6,19 +6,82 @@ A runtime is the configuration plus what is built from it for proxying: the
 router and one L{UpstreamPool} per upstream (with its client TLS loaded).
 It is built whole (any bad certificate file raises before anything is
 used) and replaced whole; a request keeps the runtime it started with.
+
+A runtime built to replace another (whole-configuration reload) takes over
+the previous runtime's pool of every upstream whose configuration did not
+change: the same L{Upstream} value and the same bytes in the files its TLS
+was loaded from (C{ca}, C{client_certificate} and its paired C{.key}).  Such
+a pool is the same object, so its keep-alive connections, backend states,
+health checker and counters carry on as if nothing happened.  Every other
+pool is new, and the previous runtime's pools that were not taken over are
+its I{retired} pools (L{Runtime.retiredFrom}), which the service stops and
+closes once their requests are done.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
 
-from edgeproxy.config.model import Config
+from edgeproxy.config.model import Config, Upstream
 from edgeproxy.routing import Router
+from edgeproxy.tls.certs import pairedKeyPath
 from edgeproxy.tls.client import loadUpstreamTLS
 from edgeproxy.upstream.pool import UpstreamPool
+
+log = Logger()
+
+Fingerprint = tuple[Upstream, tuple[tuple[str, bytes | None], ...]]
+"""What decides whether a pool can be carried over: the upstream's settings
+and a digest of each file its TLS reads (L{None}: unreadable)."""
+
+
+def upstreamFingerprint(upstream: Upstream) -> Fingerprint:
+    """
+    The settings of C{upstream} and a SHA-256 digest of every file its TLS
+    is loaded from, so that a renewed client certificate or CA bundle under
+    the same path counts as a change.
+
+    Reads the files; never raises (an unreadable file gets L{None}, which
+    compares unequal to any digest and, when equal to a previous L{None},
+    still makes L{Runtime.build} load the file and report the problem).
+    """
+    paths: list[str] = []
+    if upstream.tls:
+        if upstream.ca is not None:
+            paths.append(upstream.ca)
+        if upstream.client_certificate is not None:
+            paths.append(upstream.client_certificate)
+            key = pairedKeyPath(upstream.client_certificate)
+            if key is not None:
+                paths.append(key)
+    digests: list[tuple[str, bytes | None]] = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                digests.append((path, hashlib.sha256(f.read()).digest()))
+        except OSError:
+            digests.append((path, None))
+    return upstream, tuple(digests)
+
+
+def _newPool(
+    reactor: Any, upstream: Upstream, tls: Any, metrics: Any, activeChecks: bool
+) -> UpstreamPool:
+    # UpstreamPool takes metrics= and activeChecks= once the health and
+    # retry work is in; until then it is built without them.
+    accepted = inspect.signature(UpstreamPool).parameters
+    options: dict[str, Any] = {}
+    if "metrics" in accepted:
+        options["metrics"] = metrics
+    if "activeChecks" in accepted:
+        options["activeChecks"] = activeChecks
+    return UpstreamPool(reactor, upstream, tls, **options)
 
 
 @dataclass(frozen=True)
@@ -27,26 +90,101 @@ class Runtime:
     @ivar config: the configuration this runtime was built from.
     @ivar router: routes of C{config}.
     @ivar pools: upstream name -> pool.
+    @ivar fingerprints: upstream name -> what its pool was built from (see
+        L{upstreamFingerprint}).
+    @ivar inherited: names of the pools taken over from the previous
+        runtime (already started; L{start} leaves them alone).
     """
 
     config: Config
     router: Router
     pools: dict[str, UpstreamPool]
+    fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
+    inherited: frozenset[str] = frozenset()
 
     @classmethod
-    def build(cls, config: Config, reactor: Any) -> Runtime:
+    def build(
+        cls,
+        config: Config,
+        reactor: Any,
+        metrics: Any = None,
+        activeChecks: bool = True,
+        previous: Runtime | None = None,
+    ) -> Runtime:
         """
-        Build every pool of C{config}.
+        Build the router and every pool of C{config}, taking over the pools
+        of C{previous} whose upstream did not change.  Nothing is started
+        (see L{start}), and C{previous} is not touched: when this raises,
+        it is still whole and still serving.
 
+        @param metrics: the process's L{edgeproxy.metrics.Metrics}, handed
+            to new pools.
+        @param activeChecks: whether new pools run their active health
+            checks (off in a worker whose supervisor checks for it).
+        @param previous: the runtime being replaced, if any.
+        @raise edgeproxy.errors.ConfigError: the routes cannot be built.
         @raise edgeproxy.errors.CertificateError: an upstream's C{ca} or
             C{client_certificate} cannot be loaded.
         """
-        tls = {name: loadUpstreamTLS(upstream) for name, upstream in config.upstreams.items()}
+        router = Router(config.routes)
+        fingerprints = {
+            name: upstreamFingerprint(upstream) for name, upstream in config.upstreams.items()
+        }
+        kept: dict[str, UpstreamPool] = {}
+        if previous is not None:
+            for name, fingerprint in fingerprints.items():
+                pool = previous.pools.get(name)
+                if (
+                    pool is not None
+                    and previous.fingerprints.get(name) == fingerprint
+                    and None not in (digest for _, digest in fingerprint[1])
+                ):
+                    kept[name] = pool
+        # Every file is loaded before any pool is made: a bad one raises
+        # with nothing built.
+        tls = {
+            name: loadUpstreamTLS(upstream)
+            for name, upstream in config.upstreams.items()
+            if name not in kept
+        }
         pools = {
-            name: UpstreamPool(reactor, upstream, tls[name])
+            name: kept[name]
+            if name in kept
+            else _newPool(reactor, upstream, tls[name], metrics, activeChecks)
             for name, upstream in config.upstreams.items()
         }
-        return cls(config=config, router=Router(config.routes), pools=pools)
+        return cls(
+            config=config,
+            router=router,
+            pools=pools,
+            fingerprints=fingerprints,
+            inherited=frozenset(kept),
+        )
+
+    def start(self) -> None:
+        """
+        Start what runs in the background in the pools this runtime made
+        (health checks, re-resolution); inherited pools run already.
+        """
+        for name, pool in self.pools.items():
+            if name in self.inherited:
+                continue
+            start = getattr(pool, "start", None)
+            if start is not None:
+                start()
+
+    def retiredFrom(self, previous: Runtime) -> list[UpstreamPool]:
+        """
+        The pools of C{previous} that this runtime did not take over: what
+        the service stops and closes after a reload.
+        """
+        mine = {id(pool) for pool in self.pools.values()}
+        return [pool for pool in previous.pools.values() if id(pool) not in mine]
+
+    def stop(self) -> None:
+        """Stop the background work of every pool (see L{stopPool})."""
+        for pool in self.pools.values():
+            stopPool(pool)
 
     def close(self) -> Deferred[Any]:
         """
@@ -55,3 +193,29 @@ class Runtime:
         return DeferredList(
             [pool.close() for pool in self.pools.values()], consumeErrors=True
         )
+
+
+def stopPool(pool: UpstreamPool) -> None:
+    """
+    Stop a pool's health checks and re-resolution, if it runs any; never
+    raises (a pool that fails to stop is logged, the rest carry on).
+    """
+    stop = getattr(pool, "stop", None)
+    if stop is None:
+        return
+    try:
+        stop()
+    except Exception:
+        log.failure("Stopping upstream {upstream} failed", upstream=pool.upstream.name)
+
+
+def poolInFlight(pool: UpstreamPool) -> int:
+    """
+    Requests a pool has in flight: sent (or queued) and whose response body
+    is not delivered yet.  A retired pool is closed when this reaches 0.
+    """
+    counter = getattr(pool, "inFlight", None)
+    if callable(counter):
+        return int(counter())
+    balancer = pool.balancer
+    return sum(balancer.inFlight(backend) for backend in pool.backends)

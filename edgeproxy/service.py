@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_service -*-
 """
-The running proxy as one L{MultiService}: listeners, certificate reload on
-C{SIGHUP}, draining on stop, and the service manager notifications around
-each.
+The running proxy as one L{MultiService}: listeners, whole-configuration
+reload on C{SIGHUP}, the drain on C{SIGTERM} and the exit status, and the
+service manager notifications around each.
 
 Life cycle:
 
@@ -15,31 +15,44 @@ Life cycle:
     cannot be bound is logged (file, section, endpoint, reason) and the
     start raises C{SystemExit(1)}, so twistd exits with status 1 before the
     reactor runs; a failure that arrives later stops the reactor and exits
-    with status 1.
-  - I{reload} (C{SIGHUP}, L{EdgeService.reload}): C{RELOADING=1}, a new
-    certificate snapshot (or the old one kept, with the file and reason
-    logged), the access log reopened, C{READY=1}.
-  - I{stop} (C{SIGTERM} stops the reactor, which stops the service):
+    with status 1.  C{startService} starts the runtime's pools (health
+    checks, re-resolution).
+  - I{reload} (C{SIGHUP}, L{EdgeService.reload}): C{RELOADING=1}; the file
+    and everything it names validated as C{edgeproxy check} does, the whole
+    new state built, then swapped as one snapshot (certificates, runtime,
+    access log) and the listeners opened or closed to match; C{READY=1}.
+    An invalid configuration changes nothing.  See
+    L{EdgeService.reloadConfiguration}.
+  - I{stop} (C{SIGTERM}, handled here so that a drain exits 0):
     C{STOPPING=1}; ports closed at once; idle keep-alive connections closed
     at once and busy ones closed after their current response; in-flight
-    requests get C{shutdown_timeout} seconds, then the remaining connections
-    are aborted; the upstream pools are closed last.
+    requests (and upgraded tunnels) get C{shutdown_timeout} seconds, or
+    until a second C{SIGTERM}, then the remaining connections are aborted;
+    the upstream pools are stopped and closed last.
 
-Requests read the runtime through L{EdgeService.currentRuntime}, so a new
-L{Runtime} (whole-configuration reload, later) is swapped by rebinding
-L{EdgeService.runtime}.
+Requests read the runtime through L{EdgeService.currentRuntime} once, when
+routed, so rebinding L{EdgeService.runtime} switches new requests only.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    gatherResults,
+    maybeDeferred,
+)
 from twisted.internet.endpoints import serverFromString, wrapServerTLS
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -47,16 +60,26 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
 from edgeproxy.accesslog import AccessLog
+from edgeproxy.config import load
 from edgeproxy.config.model import Config, Listener
-from edgeproxy.errors import CertificateError, EdgeProxyError
+from edgeproxy.errors import EdgeProxyError
+from edgeproxy.metrics import Metrics
+from edgeproxy.runtime import Runtime, poolInFlight, stopPool
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
+from edgeproxy.upstream.pool import UpstreamPool
 
 log = Logger()
 
 DRAIN_POLL_INTERVAL = 0.1
 """Seconds between checks for finished requests while draining."""
+
+RETIRE_POLL_INTERVAL = 0.5
+"""Seconds between checks for the last request of a pool a reload retired."""
+
+POOL_CLOSE_TIMEOUT = 2.0
+"""Seconds the upstream pools get to close their connections at stop."""
 
 
 class StartupError(EdgeProxyError):
@@ -145,6 +168,23 @@ def _transportOf(channel: Any) -> Any:
     return getattr(inner, "transport", None)
 
 
+class _Listening:
+    """One open C{[listen:NAME]}: its settings, site and port."""
+
+    __slots__ = ("listener", "site", "port")
+
+    def __init__(self, listener: Listener, site: Any, port: IListeningPort) -> None:
+        self.listener = listener
+        self.site = site
+        self.port = port
+
+
+def _shape(listener: Listener) -> tuple[str, bool, bool]:
+    """What cannot change under an open port: a listener with another shape
+    is closed and opened again."""
+    return (listener.endpoint, listener.tls, listener.http2)
+
+
 class EdgeService(MultiService):
     """
     The proxy built from one L{Config}.
@@ -153,8 +193,10 @@ class EdgeService(MultiService):
     @ivar store: The L{CertificateStore}, or L{None} without C{[tls]}.
     @ivar runtime: The current L{Runtime}; rebinding it switches every new
         request to another one.
-    @ivar sites: The L{EdgeSite} of each listener, in configuration order.
-    @ivar ports: The listening ports, once listening.
+    @ivar metrics: The process's L{Metrics}.
+    @ivar sites: The L{EdgeSite} of each open listener, in configuration
+        order.
+    @ivar ports: The listening ports, in the same order, once listening.
     @ivar ready: Fires with the list of ports when every listener listens.
     @ivar exitCode: 1 once a start-up failure stopped the process.
     """
@@ -166,6 +208,9 @@ class EdgeService(MultiService):
         notifier: Notifier | None = None,
         installSignalHandlers: bool = True,
         accessLogStream: Any = None,
+        metrics: Metrics | None = None,
+        activeChecks: bool = True,
+        prepareConfig: Callable[[Config], Config] | None = None,
     ) -> None:
         """
         Load the certificates and build the runtime now, so that their errors
@@ -176,37 +221,61 @@ class EdgeService(MultiService):
             descriptions need.
         @param notifier: The service manager notifier (default: from the
             environment).
-        @param installSignalHandlers: Whether C{SIGHUP} reloads (off in unit
-            tests that run inside another process's signal setup).
+        @param installSignalHandlers: Whether C{SIGHUP} reloads and
+            C{SIGTERM} drains to exit status 0 (off in unit tests that run
+            inside another process's signal setup).
         @param accessLogStream: Where C{access_log = -} writes (default: the
             process's standard output).
+        @param activeChecks: Whether the pools run their active health
+            checks (a worker of a supervisor does not: see
+            L{edgeproxy.supervisor}).
+        @param prepareConfig: Applied to every configuration read again by
+            a reload before it is used (a worker rewrites its listeners to
+            the sockets it inherited: L{edgeproxy.workers.workerConfig}).
+        @param metrics: Where the proxy's metrics are recorded (default: a
+            new L{Metrics}).
 
         @raise CertificateError: a certificate cannot be served.
         @raise edgeproxy.errors.ConfigError: the runtime cannot be built.
         """
         super().__init__()
-        from edgeproxy.runtime import Runtime
-
         self.config = config
         self._reactor = reactor
         self.notifier = notifier if notifier is not None else Notifier()
         self._installSignalHandlers = installSignalHandlers
         self._previousHangup: Any = None
         self._hangupInstalled = False
+        self._terminations = 0
+        self._forced = False
         self.exitCode = 0
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store: CertificateStore | None = None
         if config.tls is not None:
             self.store = CertificateStore(config.tls, reactor)
             self.store.load()
+        self._accessLogStream = accessLogStream
         self.accessLog = AccessLog.fromSettings(config.proxy, reactor, stdout=accessLogStream)
-        self.runtime = Runtime.build(config, reactor)
+        self._activeChecks = activeChecks
+        self._prepareConfig = prepareConfig
+        self.runtime = Runtime.build(
+            config, reactor, metrics=self.metrics, activeChecks=activeChecks
+        )
+        self._runtimeStarted = False
         self.sites: list[Any] = []
         self.ports: list[IListeningPort] = []
+        self._open: dict[str, _Listening] = {}
+        # Sites of closed listeners whose connections still run: drained at
+        # stop like the others.
+        self._retiredSites: list[Any] = []
+        # Pools of replaced runtimes, closed once their requests are done.
+        self._retiring: dict[Deferred[None], UpstreamPool] = {}
+        self._reloadInProgress: Deferred[bool] | None = None
+        self._reloadAgain = False
         self.ready: Deferred[list[IListeningPort]] = Deferred()
         self._listening: Deferred[list[IListeningPort]] | None = None
         self._stopping: Deferred[None] | None = None
 
-    def currentRuntime(self) -> Any:
+    def currentRuntime(self) -> Runtime:
         """The runtime new requests are served from (the sites call this)."""
         return self.runtime
 
@@ -219,6 +288,14 @@ class EdgeService(MultiService):
     def startService(self) -> None:
         super().startService()
         self._listenOrExit()
+        if not self._runtimeStarted:
+            self._runtimeStarted = True
+            self.runtime.start()
+        if self._installSignalHandlers:
+            # The reactor installs its own SIGTERM handler while it starts
+            # (the "during startup" phase), after this runs: take over
+            # once it runs.
+            self._reactor.callWhenRunning(self._takeOverTermination)
 
     def _installHangup(self) -> None:
         # Before READY=1: a manager may send SIGHUP as soon as it sees it,
@@ -248,18 +325,24 @@ class EdgeService(MultiService):
             log.critical("{message}; exiting", message=str(e))
             raise SystemExit(1) from e
 
+    def _makeSite(self, listener: Listener) -> Any:
+        from edgeproxy.http.site import EdgeSite
+
+        return EdgeSite(
+            self.currentRuntime, listener, self._reactor, accessLog=self.accessLog, metrics=self.metrics
+        )
+
     def _listen(self) -> None:
         if self._listening is not None:
             return
-        from edgeproxy.http.site import EdgeSite
-
         # Said before READY=1, so that it is in the log once systemd (or a
         # test) sees the service started.
         self._warnAtStart()
         attempts: list[Deferred[IListeningPort]] = []
+        sites = []
         for listener in self.config.listeners:
-            site = EdgeSite(self.currentRuntime, listener, self._reactor, accessLog=self.accessLog)
-            self.sites.append(site)
+            site = self._makeSite(listener)
+            sites.append(site)
             attempts.append(self._listenOne(listener, site))
         self._listening = gatherResults(attempts, consumeErrors=True)
         failures: list[Failure] = []
@@ -281,7 +364,8 @@ class EdgeService(MultiService):
             return endpoint.listen(site)
 
         def keep(port: IListeningPort) -> IListeningPort:
-            self.ports.append(port)
+            self._open[listener.name] = _Listening(listener, site, port)
+            self._syncListeners()
             return port
 
         def name(failure: Failure) -> Failure:
@@ -289,6 +373,16 @@ class EdgeService(MultiService):
             return failure
 
         return maybeDeferred(attempt).addCallbacks(keep, name)
+
+    def _syncListeners(self) -> None:
+        # sites and ports follow the configuration's order.
+        order = [listener.name for listener in self.config.listeners]
+        opened = sorted(
+            self._open.values(),
+            key=lambda o: order.index(o.listener.name) if o.listener.name in order else len(order),
+        )
+        self.sites = [o.site for o in opened]
+        self.ports = [o.port for o in opened]
 
     def _describeFailure(self, failure: Failure) -> str:
         listener = getattr(failure, "edgeListener", None)
@@ -300,17 +394,19 @@ class EdgeService(MultiService):
 
     def _listened(self, ports: list[IListeningPort]) -> list[IListeningPort]:
         for listener, port in zip(self.config.listeners, ports):
-            host = port.getHost()
-            log.info(
-                "Listening on {address} for [listen:{name}] ({kind})",
-                address=_formatAddress(host),
-                name=listener.name,
-                kind="https" if listener.tls else (
-                    "http, redirecting to https" if listener.redirect_https else "http"),
-            )
+            self._logListening(listener, port)
         self.notifier.ready(status=self._status())
         self.ready.callback(ports)
         return ports
+
+    def _logListening(self, listener: Listener, port: IListeningPort) -> None:
+        log.info(
+            "Listening on {address} for [listen:{name}] ({kind})",
+            address=_formatAddress(port.getHost()),
+            name=listener.name,
+            kind="https" if listener.tls else (
+                "http, redirecting to https" if listener.redirect_https else "http"),
+        )
 
     def _failedLater(self, failure: Failure) -> None:
         message = self._describeFailure(failure)
@@ -326,12 +422,20 @@ class EdgeService(MultiService):
             self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self._reactor.stop()
 
-    def _closePorts(self) -> None:
-        for port in self.ports:
-            port.stopListening()
-        self.ports = []
+    def _closePorts(self) -> list[Deferred[Any]]:
+        stopped = [maybeDeferred(o.port.stopListening) for o in self._open.values()]
+        # Their connections still need draining.
+        self._retiredSites.extend(o.site for o in self._open.values())
+        self._open = {}
+        self._syncListeners()
+        return stopped
 
     def _warnAtStart(self) -> None:
+        self._warnInsecure()
+        if self.store is not None:
+            self._logCertificates("Serving", self.store.current)
+
+    def _warnInsecure(self) -> None:
         for upstream in self.config.upstreams.values():
             if upstream.insecure:
                 log.warn(
@@ -341,11 +445,9 @@ class EdgeService(MultiService):
                     name=upstream.name,
                     servers=", ".join(s.address for s in upstream.servers),
                 )
-        if self.store is not None:
-            self._logCertificates("Serving", self.store.current)
 
     def _status(self) -> str:
-        names = [listener.name for listener in self.config.listeners]
+        names = [listener.name for listener in self.config.listeners if listener.name in self._open]
         certificates = len(self.store.current.entries) if self.store is not None else 0
         return f"serving {len(names)} listener(s) ({', '.join(names)}), {certificates} certificate(s)"
 
@@ -367,40 +469,374 @@ class EdgeService(MultiService):
         # thread: hand the work to the loop through its waker.
         self._reactor.callFromThread(self.reload)
 
-    def reload(self) -> bool:
+    def reload(self) -> Deferred[bool]:
         """
-        Reload what can be reloaded: the certificates (same C{[tls]}
-        settings, files read again) and the access log file.  Never raises.
+        Reload the whole configuration (see L{reloadConfiguration}) between
+        C{RELOADING=1} and C{READY=1}.  A reload asked for while one is
+        still opening or closing listeners runs once that one is done.
+        Never fails.
 
-        @return: whether the new certificates are served.
+        @return: fires with whether the new configuration is served, once
+            its listeners are open (or failed to open, which is logged).
         """
+        if self._reloadInProgress is not None:
+            self._reloadAgain = True
+            return self._reloadInProgress
+        done: Deferred[bool] = Deferred.fromCoroutine(self._reloadOnce())
+        self._reloadInProgress = done
+
+        def finished(ok: bool) -> bool:
+            self._reloadInProgress = None
+            if self._reloadAgain:
+                self._reloadAgain = False
+                self.reload()
+            return ok
+
+        done.addCallback(finished)
+        return done
+
+    async def _reloadOnce(self) -> bool:
+        if self._stopping is not None:
+            log.info("SIGHUP while stopping: not reloading")
+            return False
         self.notifier.reloading()
-        log.info("SIGHUP: reloading certificates")
-        ok = True
+        log.info("SIGHUP: reloading {path}", path=self.config.path)
         try:
-            if self.store is not None:
-                certificates = self.store.reload()
-                self._logCertificates("Now serving", certificates)
-        except CertificateError as e:
-            ok = False
-            log.error(
-                "Certificate reload failed, still serving the previous certificates:"
-                " {error}",
-                file=e.file,
-                error=str(e),
-            )
+            changes = self.reloadConfiguration()
         except Exception:
-            ok = False
-            log.failure("Certificate reload failed, still serving the previous certificates")
-        try:
-            if self.accessLog is not None:
-                self.accessLog.reopen()
-        except Exception:
-            log.failure("Cannot reopen the access log, still writing to the old file")
+            log.failure("Reload failed, still serving the previous configuration")
+            changes = None
+        ok = changes is not None
+        if changes is not None:
+            try:
+                await changes
+            except Exception:
+                log.failure("Applying the listeners of the new configuration failed")
+        self.metrics.reloaded(ok)
         self.notifier.ready(status=self._status())
         return ok
 
+    def reloadConfiguration(self) -> Deferred[None] | None:
+        """
+        Read the configuration file again, with every file it names, and
+        serve it: certificates, routes, upstreams, limits, access log,
+        trusted proxies, C{via}, listeners.
+
+        It is validated exactly as C{edgeproxy check} validates it; then the
+        whole new state is built (certificate contexts, router, pools,
+        access log file) before anything is swapped, so an invalid
+        configuration, or any file that cannot be loaded, changes nothing
+        and is logged with its file, line, section and key.
+
+        What is in flight is not touched: requests finish on the runtime
+        (and pools) they were routed with, upgraded tunnels carry on,
+        kept-alive connections send their next request through the new
+        runtime.  Pools of unchanged upstreams are taken over by the new
+        runtime; the others are stopped now and closed once their requests
+        are done (at most C{shutdown_timeout} later).
+
+        @return: L{None} when the configuration was refused; else a
+            Deferred that fires when the listeners that changed are open or
+            closed.
+        """
+        from edgeproxy.cli import EXIT_OK, check
+
+        path = self.config.path
+        problems = io.StringIO()
+        if check(path, out=io.StringIO(), err=problems, now=self._reactor.seconds()) != EXIT_OK:
+            for problem in problems.getvalue().splitlines():
+                log.error(
+                    "Reload refused, still serving the previous configuration: {problem}",
+                    problem=problem,
+                )
+            return None
+        try:
+            config = load(path)
+            if self._prepareConfig is not None:
+                config = self._prepareConfig(config)
+            return self._swap(config)
+        except EdgeProxyError as e:
+            # Files changed between the check and the load, or a problem
+            # check does not see: the same words, nothing swapped.
+            log.error(
+                "Reload refused, still serving the previous configuration: {problem}",
+                problem=str(e),
+                file=getattr(e, "file", None),
+                section=getattr(e, "section", None),
+                key=getattr(e, "key", None),
+            )
+            return None
+        except OSError as e:
+            log.error(
+                "Reload refused, still serving the previous configuration:"
+                " {path}: {problem}",
+                path=e.filename or path,
+                problem=e.strerror or str(e),
+            )
+            return None
+
+    def _swap(self, config: Config) -> Deferred[None]:
+        reactor = self._reactor
+        # Build everything that can fail first; nothing is swapped until
+        # the last of it succeeded.
+        newStore: CertificateStore | None = None
+        if config.tls is not None and self.store is None:
+            newStore = CertificateStore(config.tls, reactor)
+            newStore.load()
+        runtime = Runtime.build(
+            config,
+            reactor,
+            metrics=self.metrics,
+            activeChecks=self._activeChecks,
+            previous=self.runtime,
+        )
+        try:
+            accessLog, reopen = self._accessLogFor(config)
+        except BaseException:
+            self._discard(runtime)
+            raise
+        try:
+            certificates: CertificateSet | None = None
+            if config.tls is not None and newStore is None:
+                assert self.store is not None
+                # Swaps the certificates as its last step, and only when
+                # every file is good.
+                certificates = self.store.reload(config.tls)
+            elif newStore is not None:
+                certificates = newStore.current
+        except BaseException:
+            self._discard(runtime)
+            if not reopen and accessLog is not None:
+                accessLog.close()
+            raise
+
+        # The swap.  Nothing below can make the reload fail.
+        previous = self.runtime
+        self.config = config
+        self.runtime = runtime
+        if newStore is not None:
+            self.store = newStore
+        elif config.tls is None:
+            # No TLS listener is left (the parser sees to it); ports still
+            # closing keep their own reference to the old store.
+            self.store = None
+        if reopen:
+            try:
+                if self.accessLog is not None:
+                    self.accessLog.reopen()
+            except Exception:
+                log.failure("Cannot reopen the access log, still writing to the old file")
+        else:
+            old = self.accessLog
+            self.accessLog = accessLog
+            for site in self._allSites():
+                site.accessLog = accessLog
+            if old is not None:
+                old.close()
+        runtime.start()
+        self._retire(runtime.retiredFrom(previous))
+        log.info(
+            "Reloaded {path}: {routes} route(s), {upstreams} upstream(s)"
+            " ({kept} kept with their connections)",
+            path=config.path,
+            routes=len(config.routes),
+            upstreams=len(config.upstreams),
+            kept=len(runtime.inherited),
+        )
+        self._warnInsecure()
+        if certificates is not None:
+            self._logCertificates("Now serving", certificates)
+        return Deferred.fromCoroutine(self._applyListeners(config))
+
+    def _discard(self, runtime: Runtime) -> None:
+        for name, pool in runtime.pools.items():
+            if name not in runtime.inherited:
+                pool.close()
+
+    def _accessLogFor(self, config: Config) -> tuple[AccessLog | None, bool]:
+        """
+        The access log the new configuration asks for, opened now.
+
+        @return: (the log, C{True} when it is the current one, to reopen).
+        @raise OSError: the new file cannot be opened.
+        """
+        old, new = self.config.proxy, config.proxy
+        if (old.access_log, old.access_log_format) == (new.access_log, new.access_log_format):
+            return self.accessLog, True
+        return AccessLog.fromSettings(new, self._reactor, stdout=self._accessLogStream), False
+
+    def _retire(self, pools: list[UpstreamPool]) -> None:
+        for pool in pools:
+            stopPool(pool)
+            closing = Deferred.fromCoroutine(self._closeWhenDone(pool))
+            self._retiring[closing] = pool
+            closing.addBoth(lambda _, closing=closing: self._retiring.pop(closing, None))
+
+    async def _closeWhenDone(self, pool: UpstreamPool) -> None:
+        reactor = self._reactor
+        deadline = reactor.seconds() + self.config.proxy.shutdown_timeout
+        try:
+            while poolInFlight(pool) > 0 and reactor.seconds() < deadline:
+                await deferLater(reactor, RETIRE_POLL_INTERVAL)
+        except CancelledError:
+            # Stopping: the drain closes it.
+            return
+        log.info("Upstream {upstream} of the previous configuration closed", upstream=pool.upstream.name)
+        try:
+            await pool.close()
+        except Exception:
+            log.failure("Closing upstream {upstream} failed", upstream=pool.upstream.name)
+
+    async def _applyListeners(self, config: Config) -> None:
+        """
+        Open, close or keep listeners so that they match C{config}.
+
+        A listener with the same endpoint, C{tls} and C{http2} keeps its
+        port and its connections; its site takes the new settings (limits,
+        idle timeout, redirect) for new connections.  A listener removed is
+        closed (its open connections carry on).  A listener added is
+        opened.  A listener that changed is opened anew: on another endpoint
+        the new port opens first and the old one is closed only when it
+        did; on the same endpoint the old port must be closed first, and it
+        is opened again if the new one cannot be.  A port that cannot be
+        opened is logged and the rest of the configuration is served.
+        """
+        wanted = {listener.name: listener for listener in config.listeners}
+        current = dict(self._open)
+        changed: list[tuple[_Listening, Listener]] = []
+        for name, opened in current.items():
+            listener = wanted.get(name)
+            if listener is not None and _shape(listener) == _shape(opened.listener):
+                self._reconfigureSite(opened.site, listener)
+                opened.listener = listener
+            elif listener is not None:
+                changed.append((opened, listener))
+        removed = [opened for name, opened in current.items() if name not in wanted]
+        added = [listener for name, listener in wanted.items() if name not in current]
+
+        # Removed ports, and changed ones that must free their endpoint,
+        # close first so that a listener renamed or changed in place can
+        # bind again.
+        sameEndpoint = [
+            (opened, listener) for opened, listener in changed
+            if opened.listener.endpoint == listener.endpoint
+        ]
+        closing = removed + [opened for opened, _ in sameEndpoint]
+        await self._closeListening(closing)
+        for opened in removed:
+            log.info("Closed [listen:{name}] (no longer configured)", name=opened.listener.name)
+
+        for listener in added:
+            await self._openListening(listener)
+        for opened, listener in changed:
+            ok = await self._openListening(listener)
+            if opened.listener.endpoint != listener.endpoint:
+                if ok:
+                    await self._closeListening([opened])
+                else:
+                    # The old port still listens: keep it, with its old
+                    # shape, under its name.
+                    self._open[listener.name] = opened
+                    log.warn(
+                        "[listen:{name}] keeps listening on {endpoint} with its previous settings",
+                        name=listener.name,
+                        endpoint=opened.listener.endpoint,
+                    )
+            elif not ok:
+                reopened = await self._openListening(opened.listener, quiet=True)
+                log.warn(
+                    "[listen:{name}] {what}",
+                    name=listener.name,
+                    what="listens again with its previous settings" if reopened
+                    else "could not listen again with its previous settings either: closed",
+                )
+        self._syncListeners()
+
+    def _reconfigureSite(self, site: Any, listener: Listener) -> None:
+        # New connections read these from the site (Site.buildProtocol,
+        # edgeChannelProtocolFactory, the request's site.listener); open
+        # ones keep what they were built with.
+        from edgeproxy.http.redirect import RedirectRequest
+        from edgeproxy.http.request import ProxyRequest
+
+        site.listener = listener
+        site.limits = listener.limits
+        site.timeOut = listener.limits.client_idle_timeout or None
+        site.requestFactory = RedirectRequest if listener.redirect_https else ProxyRequest
+
+    async def _closeListening(self, listenings: list[_Listening]) -> None:
+        stopped = []
+        for opened in listenings:
+            if self._open.get(opened.listener.name) is opened:
+                del self._open[opened.listener.name]
+            self._retiredSites.append(opened.site)
+            stopped.append(maybeDeferred(opened.port.stopListening))
+        self._syncListeners()
+        if stopped:
+            await DeferredList(stopped, consumeErrors=True)
+
+    async def _openListening(self, listener: Listener, quiet: bool = False) -> bool:
+        site = self._makeSite(listener)
+        failures: list[Failure] = []
+        # The errback sees the failure _listenOne named (an await would
+        # raise a new one without the name).
+        port = await self._listenOne(listener, site).addErrback(failures.append)
+        if failures:
+            if not quiet:
+                log.error(
+                    "{message}; the rest of the configuration is served",
+                    message=self._describeFailure(failures[0]),
+                )
+            return False
+        self._logListening(listener, port)
+        return True
+
     # Stop
+
+    def _takeOverTermination(self) -> None:
+        """
+        Handle C{SIGTERM} (and C{SIGINT} when the reactor handles it) here
+        rather than in the reactor.
+
+        The reactor's own handler records the signal, and twistd, once the
+        reactor stopped, kills itself with it (C{app._exitWithSignal}), so
+        a complete drain ends with status 143.  This handler stops the
+        reactor the same way (which stops this service, which drains) but
+        records nothing: the process exits 0.  A second signal cuts the
+        drain short; a third is not caught any more.
+        """
+        signal.signal(signal.SIGTERM, self._onTerminate)
+        sigInt = getattr(self._reactor, "sigInt", None)
+        if sigInt is not None and signal.getsignal(signal.SIGINT) == sigInt:
+            # Only where the reactor took SIGINT (not under a debugger).
+            signal.signal(signal.SIGINT, self._onTerminate)
+
+    def _onTerminate(self, signum: int, frame: FrameType | None) -> None:
+        self._terminations += 1
+        if self._terminations == 1:
+            self._reactor.callFromThread(self._terminate, signum)
+        else:
+            # The next one gets the default action: the kernel ends us.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            self._reactor.callFromThread(self._forceStop, signum)
+
+    def _terminate(self, signum: int) -> None:
+        log.info("Received {signal}, draining", signal=signal.Signals(signum).name)
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def _forceStop(self, signum: int) -> None:
+        """Abort what is still in flight now instead of at the deadline."""
+        if self._forced:
+            return
+        self._forced = True
+        log.warn(
+            "Received {signal} again: aborting what is still in flight",
+            signal=signal.Signals(signum).name,
+        )
 
     def stopService(self) -> Deferred[None]:
         if self._stopping is not None:
@@ -420,9 +856,13 @@ class EdgeService(MultiService):
             inflight=self._inflight(),
             timeout=timeout,
         )
+        if self._reloadInProgress is not None:
+            # A reload still opening ports would open them after these
+            # close: let it finish first (it only waits on ports).
+            self._reloadAgain = False
+            await self._reloadInProgress
         # No new connections from now on.
-        await DeferredList([maybeDeferred(port.stopListening) for port in self.ports])
-        self.ports = []
+        await DeferredList(self._closePorts(), consumeErrors=True)
         deadline = reactor.seconds() + timeout
         for channel in self._channels():
             if channelBusy(channel):
@@ -438,36 +878,64 @@ class EdgeService(MultiService):
                         closeIdle(channel)
             if not remaining:
                 break
-            if reactor.seconds() >= deadline:
-                log.warn(
-                    "Shutdown timeout ({timeout}s) reached: aborting {count} connection(s)"
-                    " with requests in flight",
-                    timeout=timeout,
-                    count=len(remaining),
-                )
+            if self._forced or reactor.seconds() >= deadline:
+                if self._forced:
+                    log.warn(
+                        "Stop forced by a second signal: aborting {count} connection(s)"
+                        " with requests in flight",
+                        count=len(remaining),
+                    )
+                else:
+                    log.warn(
+                        "Shutdown timeout ({timeout}s) reached: aborting {count} connection(s)"
+                        " with requests in flight",
+                        timeout=timeout,
+                        count=len(remaining),
+                    )
                 for channel in remaining:
                     transport = _transportOf(channel)
                     if transport is not None:
                         transport.abortConnection()
                 break
-            await deferLater(reactor, min(DRAIN_POLL_INTERVAL, max(0.0, deadline - reactor.seconds())))
+            await deferLater(
+                reactor, min(DRAIN_POLL_INTERVAL, max(0.0, deadline - reactor.seconds()))
+            )
         await children
+        # Pools: the current runtime's and those of replaced runtimes still
+        # waiting for their last requests.
+        pools = list(self.runtime.pools.values())
+        for closing, pool in list(self._retiring.items()):
+            closing.cancel()
+            pools.append(pool)
+        for pool in pools:
+            stopPool(pool)
+        closed = DeferredList([maybeDeferred(pool.close) for pool in pools], consumeErrors=True)
+        # A backend that never acknowledges the close must not hold the
+        # process: the pools get a bounded moment, then the process exits
+        # and the kernel closes what is left.
+        closed.addTimeout(POOL_CLOSE_TIMEOUT, reactor)
         try:
-            await maybeDeferred(self.runtime.close)
+            await closed
         except Exception:
-            log.failure("Closing the upstream pools failed")
+            log.warn("Closing the upstream pools took over {seconds}s; exiting anyway",
+                     seconds=POOL_CLOSE_TIMEOUT)
         if self.accessLog is not None:
             self.accessLog.close()
         log.info("Stopped")
 
+    def _allSites(self) -> list[Any]:
+        return self.sites + [site for site in self._retiredSites if site not in self.sites]
+
     def _channels(self) -> list[Any]:
         channels: list[Any] = []
-        for site in self.sites:
+        # Forget closed listeners' sites once their last connection ended.
+        self._retiredSites = [site for site in self._retiredSites if getattr(site, "channels", ())]
+        for site in self._allSites():
             channels.extend(list(getattr(site, "channels", ())))
         return channels
 
     def _inflight(self) -> int:
-        return sum(len(getattr(site, "inflight", ())) for site in self.sites)
+        return sum(len(getattr(site, "inflight", ())) for site in self._allSites())
 
 
 def _formatAddress(address: Any) -> str:

@@ -25,6 +25,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 
 from edgeproxy.config.model import (
@@ -58,7 +59,16 @@ class Reactor(MemoryReactorClock):
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
         if port in self._refuse:
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
-        return super().listenTCP(port, factory, backlog, interface)
+        listening = super().listenTCP(port, factory, backlog, interface)
+        listening.disconnected = False
+        stop = listening.stopListening
+
+        def stopListening() -> Any:
+            listening.disconnected = True
+            return stop()
+
+        listening.stopListening = stopListening
+        return listening
 
 
 class Receiver:
@@ -204,9 +214,78 @@ def test_insecureUpstreamWarnedAtStart(certs: dict[str, Any], receiver: Receiver
     reactor.advance(1)
 
 
-def test_reload(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+INI = """
+[edgeproxy]
+access_log = {access_log}
+shutdown_timeout = 5s
+
+[tls]
+certificates = {certdir}
+default = {certdir}/default.pem
+
+[listen:https]
+endpoint = tcp:8443:interface=127.0.0.1
+tls = yes
+
+[listen:plain]
+endpoint = tcp:8080:interface=127.0.0.1
+
+[listen:http]
+endpoint = tcp:8081
+redirect_https = yes
+
+[upstream:app]
+servers = 127.0.0.1:9001
+
+[upstream:api]
+servers = 127.0.0.1:9002
+
+[route:app]
+hosts = *
+paths = /
+upstream = app
+"""
+
+
+def writeIni(tmp_path: Path, certs: dict[str, Any], text: str | None = None, access_log: str = "off") -> Path:
+    path = tmp_path / "edge.ini"
+    if text is None:
+        text = INI
+    path.write_text(text.format(certdir=certs["dir"], access_log=access_log))
+    return path
+
+
+def fromFile(path: Path, receiver: Receiver, reactor: Reactor) -> EdgeService:
+    from edgeproxy.config import load
+
+    return EdgeService(
+        load(str(path)),
+        reactor,
+        notifier=Notifier({"NOTIFY_SOCKET": receiver.path}),
+        installSignalHandlers=False,
+    )
+
+
+def result(d: Any) -> Any:
+    """The result of a Deferred that has fired."""
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
+def connectTo(reactor: Reactor, site: Any, request: bytes) -> tuple[Any, StringTransport]:
+    """A client connection on C{site} that sent C{request}."""
+    channel, transport = connect(site)
+    channel.dataReceived(request)
+    return channel, transport
+
+
+def test_reload(tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
     reactor = Reactor()
-    service = build(certs, receiver, reactor)
+    service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
     service.startService()
     receiver.all()
     store = service.store
@@ -214,7 +293,7 @@ def test_reload(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -
 
     renewed = certs["ca"].issue(["a.example", "new.example"])
     renewed.writePEM(certs["dir"] / "a.pem")
-    assert service.reload() is True
+    assert result(service.reload()) is True
     datagrams = receiver.all()
     assert datagrams[0].startswith(b"RELOADING=1\nMONOTONIC_USEC=")
     assert datagrams[1].startswith(b"READY=1\n")
@@ -226,16 +305,198 @@ def test_reload(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -
     other = certs["ca"].issue(["a.example"])
     (certs["dir"] / "a.pem").write_bytes(other.keyPEM + renewed.certificatePEM)
     del events[:]
-    assert service.reload() is False
+    assert result(service.reload()) is False
     assert [d.split(b"\n")[0] for d in receiver.all()] == [b"RELOADING=1", b"READY=1"]
     assert renewed.serial in {e.certificate.serial_number for e in store.current.entries}
     errors = [e for e in events if e["log_level"] == LogLevel.error]
     assert len(errors) == 1
-    assert errors[0]["file"] == str(certs["dir"] / "a.pem")
-    assert str(certs["dir"] / "a.pem") in errors[0]["error"]
-    assert "does not match" in errors[0]["error"]
+    assert str(certs["dir"] / "a.pem") in errors[0]["problem"]
+    assert "does not match" in errors[0]["problem"]
+    assert b'edgeproxy_reloads_total{result="ok"} 1.0' in service.metrics.exposition()
+    assert b'edgeproxy_reloads_total{result="failed"} 1.0' in service.metrics.exposition()
     service.stopService()
     reactor.advance(1)
+
+
+def test_reloadSwapsRoutesAndKeepsUnchangedPools(
+    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+) -> None:
+    reactor = Reactor()
+    path = writeIni(tmp_path, certs)
+    service = fromFile(path, receiver, reactor)
+    service.startService()
+    site = service.sites[1]  # plain
+    first = service.runtime
+    # A request routed before the reload: its backend connection attempt
+    # goes to app (9001), and it stays in flight on app's pool.
+    busy, busyTransport = connectTo(reactor, site, b"GET /x HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert reactor.tcpClients[-1][:2] == ("127.0.0.1", 9001)
+    appPool = first.pools["app"]
+    assert sum(appPool.balancer.inFlight(b) for b in appPool.backends) == 1
+
+    # The route moves to api; app's keep-alive setting changes; api stays.
+    writeIni(tmp_path, certs, INI.replace("upstream = app", "upstream = api").replace(
+        "servers = 127.0.0.1:9001", "servers = 127.0.0.1:9001\nkeepalive = 4"))
+    assert result(service.reload()) is True
+    second = service.runtime
+    assert second is not first
+    assert second.pools["api"] is first.pools["api"]  # kept, same object
+    assert second.pools["app"] is not appPool
+    assert second.pools["app"].upstream.keepalive == 4
+    # New requests follow the new route...
+    connectTo(reactor, site, b"GET /y HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert reactor.tcpClients[-1][:2] == ("127.0.0.1", 9002)
+    # ...the one in flight is still counted on the old pool, which is not
+    # closed while it runs, and is once it is done.
+    closed = [e for e in events if "previous configuration closed" in e.get("log_format", "")]
+    reactor.advance(2)
+    assert closed == [] and not busyTransport.disconnecting
+    appPool.balancer.released(appPool.backends[0])
+    reactor.advance(1)
+    closed = [e for e in events if "previous configuration closed" in e.get("log_format", "")]
+    assert [e["upstream"] for e in closed] == ["app"]
+    service.stopService()
+    reactor.advance(10)
+
+
+def test_brokenFileChangesNothing(
+    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+) -> None:
+    reactor = Reactor()
+    path = writeIni(tmp_path, certs)
+    service = fromFile(path, receiver, reactor)
+    service.startService()
+    runtime, config, ports = service.runtime, service.config, list(service.ports)
+    receiver.all()
+    text = INI.replace("servers = 127.0.0.1:9002", "servers = 127.0.0.1:9002\nresponse_timeout = soon")
+    text = text.replace("tcp:8081", "tcp:8082")
+    writeIni(tmp_path, certs, text)
+    del events[:]
+    assert result(service.reload()) is False
+    assert service.runtime is runtime and service.config is config
+    assert service.ports == ports
+    assert [port for port, _, _, _ in reactor.tcpServers] == [8443, 8080, 8081]
+    errors = [e for e in events if e["log_level"] == LogLevel.error]
+    assert len(errors) == 1
+    problem = errors[0]["problem"]
+    # file:line: [section] key: message, as edgeproxy check says it.
+    assert problem.startswith(f"{path}:")
+    assert "[upstream:api] response_timeout" in problem
+    assert [d.split(b"\n")[0] for d in receiver.all()] == [b"RELOADING=1", b"READY=1"]
+    assert b'edgeproxy_reloads_total{result="failed"} 1.0' in service.metrics.exposition()
+    service.stopService()
+    reactor.advance(1)
+
+
+def test_reloadListeners(tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+    reactor = Reactor()
+    service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
+    service.startService()
+    https, plain, http = service.sites
+    httpsPort, plainPort, httpPort = service.ports
+    text = INI.replace(
+        "[listen:http]\nendpoint = tcp:8081\nredirect_https = yes\n",
+        "[listen:admin2]\nendpoint = tcp:8090\n",
+    ).replace(
+        "endpoint = tcp:8080:interface=127.0.0.1\n",
+        "endpoint = tcp:8080:interface=127.0.0.1\nmax_headers = 7\n",
+    ).replace("endpoint = tcp:8443:interface=127.0.0.1", "endpoint = tcp:8444:interface=127.0.0.1")
+    writeIni(tmp_path, certs, text)
+    # The https listener moves to a port that cannot be bound.
+    reactor._refuse = {8444}
+    assert result(service.reload()) is True
+    # plain: same port and site, new limits for new connections.
+    assert service.sites[1] is plain and service.ports[1] is plainPort
+    assert plain.limits.max_headers == 7
+    # http: removed, its port closed; admin2 added.
+    assert httpPort.disconnected
+    assert [o.listener.name for o in service._open.values()].count("admin2") == 1
+    assert reactor.tcpServers[-1][0] == 8090
+    # https: the new port failed, the old one still listens.
+    assert service.sites[0] is https and not httpsPort.disconnected
+    errors = [e["message"] for e in events if e["log_level"] == LogLevel.error]
+    assert any("[listen:https] endpoint 'tcp:8444:interface=127.0.0.1': cannot listen" in m for m in errors)
+    # Once it can be bound, the next reload moves it, and closes the old port.
+    reactor._refuse = set()
+    assert result(service.reload()) is True
+    assert httpsPort.disconnected
+    assert reactor.tcpServers[-1][0] == 8444
+    assert len(service.ports) == 3
+    service.stopService()
+    reactor.advance(1)
+
+
+def test_reloadReopensOrSwitchesTheAccessLog(
+    tmp_path: Path, certs: dict[str, Any], receiver: Receiver
+) -> None:
+    reactor = Reactor()
+    first = tmp_path / "a.log"
+    service = fromFile(writeIni(tmp_path, certs, access_log=str(first)), receiver, reactor)
+    service.startService()
+    # logrotate moves the file; the reload writes to a new one at the path.
+    first.rename(tmp_path / "a.log.1")
+    assert result(service.reload()) is True
+    assert first.exists()
+    second = tmp_path / "b.log"
+    writeIni(tmp_path, certs, access_log=str(second))
+    old = service.accessLog
+    assert result(service.reload()) is True
+    assert second.exists() and service.accessLog is not old
+    assert all(site.accessLog is service.accessLog for site in service.sites)
+    service.stopService()
+    reactor.advance(1)
+
+
+def test_secondSignalCutsTheDrainShort(
+    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+) -> None:
+    reactor = Reactor()
+    service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
+    service.startService()
+    busy, busyTransport = connectTo(reactor, service.sites[1], b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    stopped = service.stopService()
+    reactor.advance(1)
+    assert not stopped.called and not busyTransport.disconnected
+    service._forceStop(signal.SIGTERM)
+    reactor.advance(0.1)
+    assert busyTransport.disconnected
+    reactor.advance(0)
+    assert stopped.called
+    assert any("second signal" in e.get("log_format", "") for e in events)
+
+
+def test_sigtermHandlerStopsTheReactorWithoutRecordingTheSignal(
+    certs: dict[str, Any], receiver: Receiver
+) -> None:
+    """
+    The reactor's own handler sets C{_exitSignal}, which twistd turns into
+    death by SIGTERM (status 143) after the drain; ours only stops.
+    """
+    reactor = Reactor()
+    service = EdgeService(makeConfig(certs), reactor, notifier=Notifier({"NOTIFY_SOCKET": receiver.path}))
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    service.startService()
+    try:
+        # Installed once the reactor runs (after the reactor's own).
+        assert signal.getsignal(signal.SIGTERM) == previous[0]
+        for hook, args, kwargs in reactor.whenRunningHooks:
+            hook(*args, **kwargs)
+        assert signal.getsignal(signal.SIGTERM) == service._onTerminate
+        service._onTerminate(signal.SIGTERM, None)
+        [(terminate, args, _)] = reactor.fromThreads
+        terminate(*args)
+        assert reactor.hasStopped
+        assert getattr(reactor, "_exitSignal", None) is None
+        # A second one forces the stop and gives the signal back to the
+        # kernel's default action, so a third ends the process.
+        service._onTerminate(signal.SIGTERM, None)
+        assert reactor.fromThreads[-1][0] == service._forceStop
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+        service.stopService()
+        reactor.advance(1)
 
 
 def test_sighupHandlerInstalledAndRestored(certs: dict[str, Any], receiver: Receiver) -> None:

@@ -1,0 +1,139 @@
+"""
+Tests for L{edgeproxy.runtime}: what a runtime built to replace another
+takes over (the same pool objects, with their connections and backend
+states) and what it builds anew, decided by the upstream's settings and the
+bytes of its TLS files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from edgeproxy.config.model import Config, ProxySettings, Route, Server, Upstream
+from edgeproxy.errors import CertificateError
+from edgeproxy.runtime import Runtime, poolInFlight, upstreamFingerprint
+from edgeproxy.upstream.backend import BackendState
+from tests.certutil import CertificateAuthority
+
+
+def makeConfig(*upstreams: Upstream, route: str | None = None) -> Config:
+    return Config(
+        path="/etc/edge.ini",
+        proxy=ProxySettings(),
+        tls=None,
+        listeners=(),
+        upstreams={u.name: u for u in upstreams},
+        routes=(
+            Route(name="r", hosts=("*",), paths=("/",), upstream=route or upstreams[0].name),
+        ),
+    )
+
+
+APP = Upstream(name="app", servers=(Server("127.0.0.1", 9001),))
+API = Upstream(name="api", servers=(Server("127.0.0.1", 9002),))
+
+
+def test_unchangedUpstreamsKeepTheirPool() -> None:
+    reactor = MemoryReactorClock()
+    first = Runtime.build(makeConfig(APP, API), reactor)
+    assert first.inherited == frozenset()
+    # A backend's state is part of what survives.
+    first.pools["app"].backends[0].state = BackendState.DOWN
+
+    changedAPI = dataclasses.replace(API, keepalive=4)
+    second = Runtime.build(makeConfig(APP, changedAPI, route="api"), reactor, previous=first)
+    assert second.pools["app"] is first.pools["app"]
+    assert second.pools["app"].backends[0].state is BackendState.DOWN
+    assert second.pools["api"] is not first.pools["api"]
+    assert second.pools["api"].upstream.keepalive == 4
+    assert second.inherited == frozenset({"app"})
+    assert second.retiredFrom(first) == [first.pools["api"]]
+    # The new router is the new configuration's.
+    match = second.router.match(b"x.example", b"/")
+    assert match is not None and match.route.upstream == "api"
+
+
+def test_removedUpstreamIsRetired() -> None:
+    reactor = MemoryReactorClock()
+    first = Runtime.build(makeConfig(APP, API), reactor)
+    second = Runtime.build(makeConfig(APP), reactor, previous=first)
+    assert set(second.pools) == {"app"}
+    assert second.retiredFrom(first) == [first.pools["api"]]
+    assert second.retiredFrom(second) == []
+
+
+def test_serverListChangeIsAChange() -> None:
+    reactor = MemoryReactorClock()
+    first = Runtime.build(makeConfig(APP), reactor)
+    moved = dataclasses.replace(APP, servers=(Server("127.0.0.1", 9009),))
+    second = Runtime.build(makeConfig(moved), reactor, previous=first)
+    assert second.pools["app"] is not first.pools["app"]
+    assert [b.address for b in second.pools["app"].backends] == ["127.0.0.1:9009"]
+
+
+def test_renewedCAFileIsAChange(tmp_path: Path) -> None:
+    """Same path, other bytes: the pool is rebuilt with the new trust."""
+    ca = tmp_path / "ca.pem"
+    CertificateAuthority("first").writeCertificate(ca)
+    secure = Upstream(name="app", servers=(Server("127.0.0.1", 9001),), tls=True, ca=str(ca))
+    reactor = MemoryReactorClock()
+    first = Runtime.build(makeConfig(secure), reactor)
+    same = Runtime.build(makeConfig(secure), reactor, previous=first)
+    assert same.pools["app"] is first.pools["app"]
+    CertificateAuthority("second").writeCertificate(ca)
+    renewed = Runtime.build(makeConfig(secure), reactor, previous=same)
+    assert renewed.pools["app"] is not first.pools["app"]
+
+
+def test_clientCertificateKeyFileIsPartOfTheFingerprint(tmp_path: Path) -> None:
+    authority = CertificateAuthority()
+    certificate, key = authority.issue(["client.example"]).writePair(tmp_path, "client")
+    upstream = Upstream(
+        name="app", servers=(Server("127.0.0.1", 9001),), tls=True,
+        client_certificate=str(certificate),
+    )
+    before = upstreamFingerprint(upstream)
+    assert [path for path, _ in before[1]] == [str(certificate), str(key)]
+    authority.issue(["client.example"]).writePair(tmp_path, "client")
+    assert upstreamFingerprint(upstream) != before
+
+
+def test_badFileRefusedAndPreviousUntouched(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    CertificateAuthority().writeCertificate(ca)
+    secure = Upstream(name="app", servers=(Server("127.0.0.1", 9001),), tls=True, ca=str(ca))
+    reactor = MemoryReactorClock()
+    first = Runtime.build(makeConfig(secure, API), reactor)
+    ca.write_text("not a certificate")
+    with pytest.raises(CertificateError) as raised:
+        Runtime.build(makeConfig(secure, API), reactor, previous=first)
+    assert raised.value.file == str(ca)
+    assert set(first.pools) == {"app", "api"}
+
+
+def test_unreadableFileIsNeverCarriedOver(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    CertificateAuthority().writeCertificate(ca)
+    secure = Upstream(name="app", servers=(Server("127.0.0.1", 9001),), tls=True, ca=str(ca))
+    reactor = MemoryReactorClock()
+    first = Runtime.build(makeConfig(secure), reactor)
+    ca.unlink()
+    # Carrying the pool over would hide that the file is gone.
+    with pytest.raises(CertificateError):
+        Runtime.build(makeConfig(secure), reactor, previous=first)
+
+
+def test_poolInFlightCountsRequestsToEveryBackend() -> None:
+    runtime = Runtime.build(makeConfig(APP), MemoryReactorClock())
+    pool = runtime.pools["app"]
+    assert poolInFlight(pool) == 0
+    backend = pool.backends[0]
+    pool.balancer.acquired(backend)
+    pool.balancer.acquired(backend)
+    assert poolInFlight(pool) == 2
+    pool.balancer.released(backend)
+    assert poolInFlight(pool) == 1
