@@ -304,6 +304,11 @@ def test_failureDetails() -> None:
     assert describeFailure(Failure(verify), 2) == "TLS: certificate verify failed"
     assert describeFailure(Failure(DNSLookupError("app.internal")), 2).startswith("DNS: ")
     assert describeFailure(Failure(ConnectionRefusedError()), 2) == "connection refused"
+    from service_identity import VerificationError
+    from service_identity.hazmat import DNS_ID, DNSMismatch
+
+    mismatch = VerificationError(errors=[DNSMismatch(mismatched_id=DNS_ID("other.test"))])
+    assert describeFailure(Failure(mismatch), 2) == "TLS: certificate does not match other.test"
 
 
 # Scheduling --------------------------------------------------------------------------

@@ -423,7 +423,7 @@ def describeFailure(failure: Failure, timeout: float) -> str:
         reasons = [str(entry[-1]) for entry in queue if isinstance(entry, tuple) and entry]
         return "TLS: " + ("; ".join(reasons) or str(value) or "handshake failed")
     if type(value).__module__.startswith("service_identity"):
-        return f"TLS: certificate does not match: {value}"
+        return "TLS: " + _mismatch(value)
     if failure.check(netError.ConnectionDone):
         return "connection closed before a response"
     if failure.check(netError.ConnectionLost):
@@ -431,6 +431,24 @@ def describeFailure(failure: Failure, timeout: float) -> str:
     if failure.check(netError.ConnectError):
         return f"connect failed: {value}"
     return f"{type(value).__name__}: {value}"
+
+
+def _mismatch(error: Exception) -> str:
+    """
+    service_identity's C{VerificationError} (the certificate is valid but
+    not for the name verified) as C{certificate does not match NAME}.
+    """
+    names = []
+    for mismatch in getattr(error, "errors", None) or ():
+        identity = getattr(mismatch, "mismatched_id", None)
+        name = getattr(identity, "hostname", None) or getattr(identity, "ip", None)
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        if name is not None:
+            names.append(str(name))
+    if not names:
+        return f"certificate verification failed: {error}"
+    return "certificate does not match " + ", ".join(names)
 
 
 class _HeadReader(_Protocol):
