@@ -249,6 +249,14 @@ class EdgeService(MultiService):
         self._forced = False
         self.exitCode = 0
         self.metrics = metrics if metrics is not None else Metrics()
+        self.startedAt = reactor.seconds()
+        self.adminPort: IListeningPort | None = None
+        self._admin: Deferred[IListeningPort] | None = None
+        self._adminEndpoint: str | None = None
+        from edgeproxy.admin import stateSamples
+
+        # The gauges of /metrics are read from this service at each scrape.
+        self.metrics.setStateSource(lambda: stateSamples(self))
         self.store: CertificateStore | None = None
         if config.tls is not None:
             self.store = CertificateStore(config.tls, reactor)
@@ -317,6 +325,7 @@ class EdgeService(MultiService):
         self._installHangup()
         try:
             self._listen()
+            self._startAdmin()
         except StartupError as e:
             self._restoreHangup()
             # One clear line rather than a traceback through twistd: the
@@ -331,6 +340,77 @@ class EdgeService(MultiService):
         return EdgeSite(
             self.currentRuntime, listener, self._reactor, accessLog=self.accessLog, metrics=self.metrics
         )
+
+    def _startAdmin(self) -> None:
+        """
+        Open the admin listener of C{[edgeproxy] admin}, if configured (see
+        L{edgeproxy.admin}).  Like a listener, one that cannot listen stops
+        the start.
+        """
+        description = self.config.proxy.admin
+        if description is None or self._admin is not None:
+            return
+        from edgeproxy.admin import listenAdmin
+
+        failures: list[Failure] = []
+        self._adminEndpoint = description
+        self._admin = listenAdmin(self, self._reactor, description)
+        self._admin.addCallbacks(self._adminListening, failures.append)
+        if failures:
+            self._closePorts()
+            raise StartupError(
+                f"{self.config.path}: [edgeproxy] admin {description!r}: cannot listen:"
+                f" {failures[0].getErrorMessage()}"
+            )
+        self._admin.addErrback(
+            lambda failure: log.error(
+                "{path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why}",
+                path=self.config.path, endpoint=description, why=failure.getErrorMessage(),
+            )
+        )
+
+    def _adminListening(self, port: IListeningPort) -> IListeningPort:
+        self.adminPort = port
+        log.info("Admin listening on {address} (/status, /metrics)",
+                 address=_formatAddress(port.getHost()))
+        return port
+
+    async def _stopAdmin(self) -> None:
+        port, self.adminPort = self.adminPort, None
+        if port is not None:
+            await maybeDeferred(port.stopListening)
+
+    async def _reloadAdmin(self) -> None:
+        """
+        After a reload, follow a changed C{[edgeproxy] admin}: the old
+        listener is closed first (the new one may want the same port), then
+        the new one opened; one that cannot listen is logged and the proxy
+        serves on without an admin listener.  The token needs nothing: it is
+        read from the current configuration at each request.
+        """
+        wanted = self.config.proxy.admin
+        if wanted == self._adminEndpoint:
+            return
+        await self._stopAdmin()
+        self._admin = None
+        self._adminEndpoint = None
+        if wanted is None:
+            log.info("Admin listener closed (no longer configured)")
+            return
+        from edgeproxy.admin import listenAdmin
+
+        self._adminEndpoint = wanted
+        self._admin = listenAdmin(self, self._reactor, wanted)
+        try:
+            self._adminListening(await self._admin)
+        except Exception:
+            self._admin = None
+            self._adminEndpoint = None
+            log.error(
+                "{path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why};"
+                " serving on without an admin listener",
+                path=self.config.path, endpoint=wanted, why=str(Failure().getErrorMessage()),
+            )
 
     def _listen(self) -> None:
         if self._listening is not None:
@@ -751,6 +831,7 @@ class EdgeService(MultiService):
                     else "could not listen again with its previous settings either: closed",
                 )
         self._syncListeners()
+        await self._reloadAdmin()
 
     def _reconfigureSite(self, site: Any, listener: Listener) -> None:
         # New connections read these from the site (Site.buildProtocol,
@@ -919,6 +1000,8 @@ class EdgeService(MultiService):
         except Exception:
             log.warn("Closing the upstream pools took over {seconds}s; exiting anyway",
                      seconds=POOL_CLOSE_TIMEOUT)
+        # Last: /status and /metrics show the drain until it is over.
+        await self._stopAdmin()
         if self.accessLog is not None:
             self.accessLog.close()
         log.info("Stopped")
