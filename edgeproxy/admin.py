@@ -302,11 +302,21 @@ class AdminResource(Resource):
         try:
             if segments == ["status"]:
                 self._allow(request, b"GET", b"HEAD")
+                # A workers' supervisor asks its workers first (see
+                # edgeproxy.supervisor): the answer comes later.
+                aggregate = getattr(self.service, "aggregateStatus", None)
+                if aggregate is not None:
+                    return self._later(
+                        request, aggregate(self._clock.seconds()), lambda d: _json(request, 200, d)
+                    )
                 return _json(request, 200, statusDocument(self.service, self._clock.seconds()))
             if segments == ["metrics"]:
                 self._allow(request, b"GET", b"HEAD")
                 request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
                 request.setHeader(b"cache-control", b"no-store")
+                aggregate = getattr(self.service, "aggregateMetrics", None)
+                if aggregate is not None:
+                    return self._later(request, aggregate(), lambda body: body)
                 return self.service.metrics.exposition()
             if (
                 len(segments) == 5
@@ -326,6 +336,37 @@ class AdminResource(Resource):
             log.failure("admin: {method} {path} failed", method=request.method.decode("ascii", "replace"),
                         path=request.path.decode("ascii", "replace"))
             return _json(request, 500, {"error": "internal error, see the log"})
+
+    def _later(self, request: Any, result: Deferred[Any], render: Any) -> Any:
+        """
+        Answer C{request} with C{render(value)} once C{result} fires with
+        the value (500 if it fails; nothing if the client went away).
+        """
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+        def write(value: Any) -> None:
+            if gone:
+                return
+            try:
+                body = render(value)
+            except Exception:
+                log.failure("admin: rendering {path} failed", path=request.path.decode("ascii", "replace"))
+                body = _json(request, 500, {"error": "internal error, see the log"})
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Any) -> None:
+            log.failure("admin: {path} failed", failure, path=request.path.decode("ascii", "replace"))
+            if not gone:
+                body = _json(request, 500, {"error": "internal error, see the log"})
+                request.setHeader(b"content-length", b"%d" % len(body))
+                request.write(body)
+                request.finish()
+
+        result.addCallbacks(write, failed)
+        return server.NOT_DONE_YET
 
     def _allow(self, request: Any, *methods: bytes) -> None:
         if request.method not in methods:
