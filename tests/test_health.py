@@ -579,3 +579,35 @@ def test_stopCancelsEjectionTimers() -> None:
     assert reactor.getDelayedCalls()
     health.stop()
     assert reactor.getDelayedCalls() == []
+
+
+def test_recoveryByHealthChecksEndsTheEjection(logs: Callable[[], list[str]]) -> None:
+    reactor = MemoryReactorClock()
+    pool = makePool(upstream(2, max_fails=2, rise=1, fall=1), reactor)
+    health = PassiveHealth(pool, reactor)
+    pool.passive = health  # type: ignore[attr-defined]
+    checker = HealthChecker(reactor, pool, random.Random(1))
+    checker.start()
+    backends = Backends(reactor)
+    a = pool.backends[0]
+    backends.answer(8000, OK)
+    backends.answer(8001, OK)
+    health.failure(a, "reset")
+    health.failure(a, "reset")
+    assert a.ejectedUntil == reactor.seconds() + 30
+    # The checker sees it down, then back: the ejection ends with it.
+    reactor.advance(5.5)
+    backends.refuse(8000)
+    backends.answer(8001, OK)
+    assert a.state is DOWN and a.ejectedUntil is not None
+    reactor.advance(5.5)
+    backends.answer(8000, OK)
+    assert a.state is UP
+    assert a.ejectedUntil is None
+    assert availability(pool)(a)
+    assert (
+        "upstream app backend 127.0.0.1:8000: ejection ended early "
+        "(1 passing check in a row: 200)" in logs()
+    )
+    assert [c for c in reactor.getDelayedCalls() if c.func == health._readmit] == []
+

@@ -172,6 +172,12 @@ def transition(
     # recovery; an upstream starting up has nothing to protect it from.
     if state is BackendState.UP and old is not BackendState.UNKNOWN:
         backend.startSlowStart(pool.upstream.slow_start)
+    if state is BackendState.UP and old is BackendState.DOWN:
+        # Health checks have seen it recover since whatever got it
+        # ejected (Envoy's successful_active_health_check_uneject_host).
+        passive = getattr(pool, "passive", None)
+        if isinstance(passive, PassiveHealth):
+            passive.readmit(backend, reason)
     _notify(pool, backend)
 
 
@@ -295,6 +301,18 @@ class PassiveHealth:
         if status in self._pool.upstream.fail_status:
             self.failure(backend, f"status {status}")
 
+    def readmit(self, backend: Backend, why: str) -> None:
+        """
+        End C{backend}'s ejection now (L{transition} does when health
+        checks bring it back up); nothing when it is not ejected.
+        """
+        if backend.ejectedUntil is None:
+            return
+        timer = self._timers.pop(backend, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._readmit(backend, why)
+
     def stop(self) -> None:
         """Cancel the timers ending ejections (a retired pool)."""
         for timer in self._timers.values():
@@ -343,17 +361,25 @@ class PassiveHealth:
         )
         self._timers[backend] = self._clock.callLater(length, self._readmit, backend)
 
-    def _readmit(self, backend: Backend) -> None:
+    def _readmit(self, backend: Backend, why: str | None = None) -> None:
         self._timers.pop(backend, None)
         backend.ejectedUntil = None
         backend.extra[_LAST_END] = float(self._clock.seconds())
         backend.startSlowStart(self._pool.upstream.slow_start)
-        log.info(
-            "upstream {upstream} backend {backend}: ejection over after {length}",
-            upstream=self._pool.upstream.name,
-            backend=backend.address,
-            length=_seconds(float(backend.extra.get(_LAST_LENGTH, 0.0))),  # type: ignore[arg-type]
-        )
+        if why is None:
+            log.info(
+                "upstream {upstream} backend {backend}: ejection over after {length}",
+                upstream=self._pool.upstream.name,
+                backend=backend.address,
+                length=_seconds(float(backend.extra.get(_LAST_LENGTH, 0.0))),  # type: ignore[arg-type]
+            )
+        else:
+            log.info(
+                "upstream {upstream} backend {backend}: ejection ended early ({why})",
+                upstream=self._pool.upstream.name,
+                backend=backend.address,
+                why=why,
+            )
 
 
 # Active health checks ------------------------------------------------------------
