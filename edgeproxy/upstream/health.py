@@ -167,7 +167,9 @@ def transition(
         new=state.value,
         reason=reason,
     )
-    pool.metrics.backendTransition(pool.upstream.name, backend.address, state.value)
+    metrics = _metrics(pool)
+    if metrics is not None:
+        metrics.backendTransition(pool.upstream.name, backend.address, state.value)
     # "Becomes available again": a first verdict (from unknown) is not a
     # recovery; an upstream starting up has nothing to protect it from.
     if state is BackendState.UP and old is not BackendState.UNKNOWN:
@@ -181,8 +183,14 @@ def transition(
     _notify(pool, backend)
 
 
+def _metrics(pool: _Pool) -> Metrics | None:
+    # A pool-like object without metrics (a test's, an older pool) still
+    # gets its transitions; it just is not counted.
+    return getattr(pool, "metrics", None)
+
+
 def _notify(pool: _Pool, backend: Backend) -> None:
-    for observer in list(pool.observers):
+    for observer in list(getattr(pool, "observers", ())):
         try:
             observer(backend)
         except Exception:
@@ -348,7 +356,9 @@ class PassiveHealth:
         backend.extra[_LAST_LENGTH] = length
         backend.ejectedUntil = now + length
         backend.ejections += 1
-        self._pool.metrics.ejected(upstream.name, backend.address)
+        metrics = _metrics(self._pool)
+        if metrics is not None:
+            metrics.ejected(upstream.name, backend.address)
         log.warn(
             "upstream {upstream} backend {backend} ejected for {length}: {count} "
             "failures within {window}, last: {reason}",
@@ -711,7 +721,9 @@ class HealthChecker:
     def _record(self, backend: Backend, track: _Track, result: CheckResult) -> None:
         upstream = self._pool.upstream
         backend.lastCheck = result
-        self._pool.metrics.healthChecked(upstream.name, backend.address, result.ok)
+        metrics = _metrics(self._pool)
+        if metrics is not None:
+            metrics.healthChecked(upstream.name, backend.address, result.ok)
         verdict = healthState(self._pool, backend)
         if result.ok:
             track.passes += 1
