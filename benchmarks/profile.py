@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("profile-out"))
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument(
+        "--blocking", action="store_true",
+        help="stop the proxy at each sample: complete stacks (every sample placed "
+        "under its callers) at the cost of some throughput while sampled",
+    )
     args = parser.parse_args(argv)
     spy = pySpy(args.python)
     if spy is None or shutil.which("wrk") is None:
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         # has to stop the process at every sample, which cut throughput by
         # three quarters here and counted idle threads as busy.
         spyProcess = subprocess.Popen(
-            base + ["--nonblocking"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            base + ([] if args.blocking else ["--nonblocking"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, preexec_fn=servers.pinTo(bench.loadCpus),
         )
         time.sleep(1.0)
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         text = (
             f"edgeproxy under R1 load: {result.rate:.0f} requests/s "
             f"(p50 {result.p50ms} ms, p99 {result.p99ms} ms) while sampled; "
-            f"py-spy --nonblocking at {args.rate} Hz\n\n{summary}\n"
+            f"py-spy {'(blocking)' if args.blocking else '--nonblocking'} at {args.rate} Hz"
+            f"\n\n{summary}\n"
         )
         (args.out / "edgeproxy-r1.summary.txt").write_text(text)
         print(text)

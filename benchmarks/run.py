@@ -448,6 +448,11 @@ class Bench:
 
     # --- the whole run ----------------------------------------------------
 
+    def wanted(self, key: str) -> bool:
+        """Whether C{--figures} asks for figure C{key} (all by default)."""
+        figures = getattr(self.args, "figures", None)
+        return not figures or key in figures
+
     def run(self) -> dict[str, Any]:
         started = datetime.datetime.now(datetime.timezone.utc)
         self.work = Path(tempfile.mkdtemp(prefix="edgeproxy-bench-"))
@@ -459,7 +464,7 @@ class Bench:
             self.startOrigin()
             self.startProxies()
             if self.proxies:
-                for name in self.proxies:
+                for name in self.proxies if self.wanted("R4") else ():
                     try:
                         self.measureMemory(name)
                     except (RuntimeError, OSError, ValueError) as e:
@@ -467,7 +472,8 @@ class Bench:
                         self.log(f"FAILED: {name} R4: {e}")
                 self.warmUp()
                 for figure in FIGURES:
-                    self.measureLoad(figure)
+                    if self.wanted(figure.key):
+                        self.measureLoad(figure)
                 if self.args.whole_machine:
                     self.measureWholeMachine()
         finally:
@@ -531,7 +537,14 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=30.0,
                         help="seconds a proxy has to answer its first request")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
+    parser.add_argument("--figures", default="",
+                        help="comma-separated figures to measure, e.g. R1,R3 (default: all); "
+                        "for quick A/B runs of one change")
     args = parser.parse_args(argv)
+    args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
+    known = {f.key for f in FIGURES} | {"R4"}
+    if set(args.figures) - known:
+        parser.error(f"unknown figures: {', '.join(sorted(set(args.figures) - known))}")
     defaults = {"duration": (10, 1), "runs": (3, 1), "idle": (2000, 200), "warmup": (2, 0)}
     for key, (full, quick) in defaults.items():
         if getattr(args, key) is None:
