@@ -266,3 +266,20 @@ def test_closedBeforeHandshakeIsNoFailure(tlsSite: TLSSite) -> None:
     samples = scrape(tlsSite.metrics)
     assert value(samples, "edgeproxy_connections_total", listener="https") == 1
     assert value(samples, "edgeproxy_tls_handshake_failures_total", listener="https") is None
+
+
+def test_histogramBucketsAreInclusiveAndCumulative() -> None:
+    metrics = Metrics()
+    for seconds in (0.001, 0.0011, 0.5, 100.0):
+        metrics.requestDone("r", "u", 200, seconds)
+        metrics.upstreamResponded("u", seconds)
+    samples = scrape(metrics)
+    for name, label in (("edgeproxy_request_duration_seconds", {"route": "r"}),
+                        ("edgeproxy_upstream_response_seconds", {"upstream": "u"})):
+        assert value(samples, name + "_bucket", le="0.001", **label) == 1
+        assert value(samples, name + "_bucket", le="0.0025", **label) == 2
+        assert value(samples, name + "_bucket", le="0.5", **label) == 3
+        assert value(samples, name + "_bucket", le="60.0", **label) == 3
+        assert value(samples, name + "_bucket", le="+Inf", **label) == 4
+        assert value(samples, name + "_count", **label) == 4
+        assert value(samples, name + "_sum", **label) == pytest.approx(100.5021)
