@@ -6,6 +6,7 @@ deterministic clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,15 @@ from OpenSSL import SSL
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import TCP6ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseNeverReceived
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -30,9 +35,13 @@ from edgeproxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from edgeproxy.http.bodies import BodyPipe, ClientReader
 from edgeproxy.runtime import Runtime
+from edgeproxy.upstream import health
+from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import requestHashKey
 from edgeproxy.upstream.pool import UpstreamPool, classifyFailure, fullResponseHeaders
+from tests.test_resolve import FakeResolver
 
 
 @implementer(IStreamClientEndpoint)
@@ -117,7 +126,7 @@ def test_connectionHeadersExposed() -> None:
 
 
 def test_responseTimeout() -> None:
-    pool, endpoint, reactor = makePool()
+    pool, endpoint, reactor = makePool(retries=0)
     d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
     _, transport = endpoint.connections[0]
     outcome: list[Any] = []
@@ -316,7 +325,7 @@ def test_inFlightEndsForBodylessResponse() -> None:
 @pytest.mark.parametrize("how", ["refused", "timeout", "cancel"])
 def test_inFlightEndsOnFailureAndCancel(how: str) -> None:
     failure = netError.ConnectionRefusedError() if how == "refused" else None
-    pool, endpoint, reactor = makePool(failure)
+    pool, endpoint, reactor = makePool(failure, retries=0)
     server = pool.backends[0]
     d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
     if how == "timeout":
@@ -365,3 +374,633 @@ def test_hashOnHeaderSendsAUserToOneBackend() -> None:
     assert all(len(backends) == 1 for backends in chosen.values()), chosen
     # ... and the users are spread, not all on one backend.
     assert len({next(iter(b)) for b in chosen.values()}) > 1
+
+
+# Retries ---------------------------------------------------------------------
+
+
+@implementer(IStreamClientEndpoint)
+class Dial:
+    """One backend's endpoint: records every connection in the fleet's
+    dial log, and connects in memory or fails."""
+
+    def __init__(self, host: str, log: list[str], failure: Exception | None = None) -> None:
+        self.host = host
+        self.log = log
+        self.failure = failure
+        self.connections: list[tuple[Any, StringTransport]] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.log.append(self.host)
+        if self.failure is not None:
+            return fail(self.failure)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.connections.append((protocol, transport))
+        return succeed(protocol)
+
+    def answer(self, response: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", index: int = -1) -> None:
+        self.connections[index][0].dataReceived(response)
+
+    def reset(self, index: int = -1) -> None:
+        self.connections[index][0].connectionLost(Failure(netError.ConnectionLost("reset")))
+
+    def wire(self, index: int = -1) -> bytes:
+        return self.connections[index][1].value()
+
+
+class Fleet(UpstreamPool):
+    """A pool whose backends are Dials, by host."""
+
+    dials: dict[str, Dial]
+    dialLog: list[str]
+
+    def endpointFor(self, server: Backend) -> Any:  # type: ignore[override]
+        dial = self.dials.get(server.host)
+        if dial is None:
+            dial = self.dials[server.host] = Dial(server.host, self.dialLog)
+        return dial
+
+
+REFUSED = netError.ConnectionRefusedError("refused")
+
+
+def makeFleet(
+    hosts: tuple[str, ...] = ("a", "b", "c"),
+    failing: dict[str, Exception] | None = None,
+    servers: tuple[Server, ...] | None = None,
+    **kw: Any,
+) -> tuple[Fleet, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    if servers is None:
+        servers = tuple(Server(host, 80) for host in hosts)
+    kw.setdefault("response_timeout", 5.0)
+    pool = Fleet(reactor, Upstream(name="app", servers=servers, **kw), None)
+    pool.dialLog = []
+    pool.dials = {}
+    for host, failure in (failing or {}).items():
+        pool.dials[host] = Dial(host, pool.dialLog, failure)
+    return pool, reactor
+
+
+def get(pool: UpstreamPool, method: bytes = b"GET", path: bytes = b"/", body: Any = None) -> Deferred[Any]:
+    return pool.request(method, path, Headers({b"Host": [b"h"]}), body)
+
+
+def metric(pool: UpstreamPool, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(pool.metrics.exposition().decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+@pytest.fixture
+def logs() -> Iterator[Callable[[], str]]:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield lambda: "\n".join(formatEvent(event) or "" for event in events)
+    globalLogPublisher.removeObserver(events.append)
+
+
+def pipeWith(reactor: Any, data: bytes, length: int | None = -1, finish: bool = True) -> BodyPipe:
+    pipe = BodyPipe(len(data) if length == -1 else length, ClientReader(object()), reactor, 0, lambda: None)
+    if data:
+        pipe.write(data)
+    if finish:
+        pipe.finish()
+    return pipe
+
+
+def test_connectRefusedIsRetriedOnAnotherBackend(logs: Callable[[], str]) -> None:
+    pool, _ = makeFleet(failing={"a": REFUSED})
+    d = get(pool)
+    assert pool.dialLog == ["a", "b"]
+    pool.dials["b"].answer()
+    assert result(d).code == 200
+    assert metric(pool, "edgeproxy_retries_total", upstream="app", reason="connect_failed") == 1
+    assert metric(pool, "edgeproxy_upstream_errors_total", upstream="app", code="502") == 1
+    assert "retrying GET after a:80 failed (connect_failed)" in logs()
+    assert "answered by b:80 after 1 retries (tried a:80, b:80)" in logs()
+
+
+def test_postNotSentIsRetriedWithItsWholeBody() -> None:
+    pool, reactor = makeFleet(failing={"a": REFUSED})
+    d = get(pool, b"POST", body=pipeWith(reactor, b"payload"))
+    assert pool.dialLog == ["a", "b"]
+    assert pool.dials["b"].wire().endswith(b"\r\n\r\npayload")
+    pool.dials["b"].answer()
+    assert result(d).code == 200
+
+
+def test_idempotentRequestResetBeforeAnyResponseByteIsRetried() -> None:
+    pool, _ = makeFleet()
+    d = get(pool)
+    pool.dials["a"].reset()
+    assert pool.dialLog == ["a", "b"]
+    pool.dials["b"].answer()
+    assert result(d).code == 200
+
+
+def test_postResetAfterItWasSentIsNotRetried(logs: Callable[[], str]) -> None:
+    pool, reactor = makeFleet()
+    d = get(pool, b"POST", body=pipeWith(reactor, b"payment"))
+    assert pool.dials["a"].wire().endswith(b"payment")
+    pool.dials["a"].reset()
+    outcome = result(d)
+    assert outcome.check(BackendUnavailable) and outcome.value.status == 502
+    assert pool.dialLog == ["a"]
+    assert "POST not retried: POST is not idempotent (tried a:80)" in logs()
+
+
+def test_smallPutBodyIsReplayedAfterAReset() -> None:
+    pool, reactor = makeFleet()
+    d = get(pool, b"PUT", body=pipeWith(reactor, b"document"))
+    assert pool.dials["a"].wire().endswith(b"\r\n\r\ndocument")
+    pool.dials["a"].reset()
+    assert pool.dialLog == ["a", "b"]
+    wire = pool.dials["b"].wire()
+    assert wire.startswith(b"PUT / HTTP/1.1\r\n")
+    assert b"Content-Length: 8\r\n" in wire and wire.endswith(b"\r\n\r\ndocument")
+    pool.dials["b"].answer(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert result(d).code == 204
+
+
+def test_streamedBodyPartlySentIsNotReplayed(logs: Callable[[], str]) -> None:
+    pool, reactor = makeFleet()
+    pipe = pipeWith(reactor, b"", length=None, finish=False)
+    d = get(pool, b"PUT", body=pipe)
+    chunk = b"x" * 16384
+    for _ in range(5):  # 80 KiB, over what is kept for a replay
+        pipe.write(chunk)
+    pool.dials["a"].reset()
+    outcome = result(d)
+    assert outcome.check(BackendUnavailable)
+    assert pool.dialLog == ["a"]
+    assert "cannot be sent again" in logs()
+
+
+def test_responseStartedIsNeverRetried() -> None:
+    pool, _ = makeFleet()
+    d = get(pool)
+    pool.dials["a"].answer(b"HTTP/1.1 200 OK\r\nContent-Le")
+    pool.dials["a"].reset()
+    assert result(d).check(BackendUnavailable, UpstreamProtocolError)
+    assert pool.dialLog == ["a"]
+
+
+def test_garbageIsNotRetried() -> None:
+    pool, _ = makeFleet()
+    d = get(pool)
+    pool.dials["a"].answer(b"SSH-2.0-OpenSSH\r\n\r\n")
+    assert result(d).check(UpstreamProtocolError)
+    assert pool.dialLog == ["a"]
+
+
+def test_responseTimeoutOfAGetIsRetried() -> None:
+    pool, reactor = makeFleet()
+    d = get(pool)
+    reactor.advance(5.0)
+    assert pool.dials["a"].connections[0][1].disconnecting
+    assert pool.dialLog == ["a", "b"]
+    pool.dials["b"].answer()
+    assert result(d).code == 200
+    assert metric(pool, "edgeproxy_retries_total", reason="response_timeout") == 1
+    assert metric(pool, "edgeproxy_upstream_errors_total", code="504") == 1
+
+
+def test_retriesAreBoundedAndTheLastErrorIsReturned() -> None:
+    pool, _ = makeFleet(
+        hosts=("a", "b", "c", "d"),
+        failing={h: REFUSED for h in "abcd"},
+        retries=2,
+    )
+    outcome = result(get(pool))
+    assert outcome.check(BackendUnavailable)
+    assert pool.dialLog == ["a", "b", "c"]
+    assert metric(pool, "edgeproxy_retries_total") == 2
+
+
+def test_retriesUseTheSameBackendOnlyWhenNoOtherIsAvailable() -> None:
+    pool, endpoint, _ = makePool(netError.ConnectionRefusedError("refused"))
+    outcome = result(pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None))
+    assert outcome.check(BackendUnavailable)
+    assert len(endpoint.connections) == 0  # every connect failed...
+    assert metric(pool, "edgeproxy_upstream_errors_total", code="502") == 3  # ...three times
+
+
+def test_noRetriesConfigured() -> None:
+    pool, _ = makeFleet(failing={"a": REFUSED}, retries=0)
+    assert result(get(pool)).check(BackendUnavailable)
+    assert pool.dialLog == ["a"]
+
+
+def test_retryBudgetRefusesAndTheOriginalErrorIsReturned(logs: Callable[[], str]) -> None:
+    pool, _ = makeFleet(
+        hosts=("a", "b"), failing={"a": REFUSED, "b": REFUSED}, retries=1, retry_budget=0.0,
+        max_fails=0,
+    )
+    outcomes = [result(get(pool)) for _ in range(4)]
+    assert all(o.check(BackendUnavailable) for o in outcomes)
+    # The floor allows 3 retries in this second; the fourth is refused.
+    assert metric(pool, "edgeproxy_retries_total") == 3
+    assert metric(pool, "edgeproxy_retries_refused_total", upstream="app") == 1
+    assert len(pool.dialLog) == 4 * 2 - 1
+    assert "retry budget spent" in logs()
+
+
+def test_cancelledRequestIsNeitherRetriedNorCountedAgainstTheBackend() -> None:
+    pool, _ = makeFleet(max_fails=1)
+    d = get(pool)
+    d.cancel()
+    assert result(d).check(CancelledError)
+    assert pool.dialLog == ["a"]
+    assert all(b.ejectedUntil is None for b in pool.backends)
+    assert metric(pool, "edgeproxy_upstream_errors_total") == 0
+
+
+def test_clientBodyFailureIsNotRetriedNorTheBackendsFault() -> None:
+    pool, reactor = makeFleet(max_fails=1)
+    pipe = pipeWith(reactor, b"abc", length=10, finish=False)
+    d = get(pool, b"PUT", body=pipe)
+    pipe.fail(Failure(ValueError("client gone")))
+    assert isinstance(result(d), Failure)
+    assert pool.dialLog == ["a"]
+    assert all(b.ejectedUntil is None for b in pool.backends)
+
+
+# Outcomes reported to passive health and the metrics -------------------------
+
+
+def test_connectFailuresEjectABackend() -> None:
+    pool, _ = makeFleet(hosts=("a", "b"), failing={"a": REFUSED}, max_fails=2)
+    for _ in range(4):
+        d = get(pool)
+        pool.dials["b"].answer(b"HTTP/1.1 204 No Content\r\n\r\n")
+        result(d).deliverBody(BodyCollector())
+    a = pool.backends[0]
+    assert a.ejectedUntil is not None
+    assert pool.dialLog.count("a") == 2  # not dialled once ejected
+    assert metric(pool, "edgeproxy_ejections_total", backend="a:80") == 1
+
+
+def test_failStatusCountsAsAFailureButIsNotRetried() -> None:
+    pool, _ = makeFleet(hosts=("a", "b"), max_fails=1, fail_status=(503,))
+    d = get(pool)
+    pool.dials["a"].answer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    assert result(d).code == 503  # the backend's own answer reaches the client
+    assert pool.dialLog == ["a"]
+    assert pool.backends[0].ejectedUntil is not None
+
+
+def test_upstreamLatencyObserved() -> None:
+    pool, reactor = makeFleet()
+    d = get(pool)
+    reactor.advance(0.3)
+    pool.dials["a"].answer()
+    result(d)
+    assert metric(pool, "edgeproxy_upstream_response_seconds_count", upstream="app") == 1
+    assert metric(pool, "edgeproxy_upstream_response_seconds_sum", upstream="app") == pytest.approx(0.3)
+
+
+# max_conns and the queue --------------------------------------------------------
+
+
+def finish(dial: Dial, index: int = -1) -> None:
+    """Answer the request on a connection and deliver its (empty) body."""
+    before = len(dial.connections)
+    dial.answer(b"HTTP/1.1 204 No Content\r\n\r\n", index)
+    assert len(dial.connections) == before
+
+
+def limited(**kw: Any) -> tuple[Fleet, MemoryReactorClock]:
+    kw.setdefault("servers", (Server("a", 80, max_conns=1),))
+    kw.setdefault("queue_size", 2)
+    kw.setdefault("queue_timeout", 3.0)
+    kw.setdefault("keepalive", 0)  # a new connection per request: one dial each
+    return makeFleet(**kw)
+
+
+def test_requestWaitsForABackendUnderMaxConns() -> None:
+    pool, _ = limited()
+    first = get(pool, path=b"/1")
+    second = get(pool, path=b"/2")
+    assert pool.dialLog == ["a"]
+    assert pool.queued == 1
+    assert pool.inFlight() == 2  # one sent, one queued
+    finish(pool.dials["a"])
+    result(first).deliverBody(BodyCollector())
+    assert pool.dialLog == ["a", "a"]
+    assert pool.dials["a"].wire().startswith(b"GET /2 ")
+    finish(pool.dials["a"])
+    assert result(second).code == 204
+
+
+def test_queueIsFirstComeFirstServed() -> None:
+    pool, _ = limited(queue_size=5)
+    first = get(pool, path=b"/1")
+    waiting = [get(pool, path=b"/%d" % i) for i in range(2, 5)]
+    served = [first]
+    for expected in (b"/2", b"/3", b"/4"):
+        finish(pool.dials["a"])
+        result(served[-1]).deliverBody(BodyCollector())
+        assert pool.dials["a"].wire().startswith(b"GET " + expected + b" ")
+        served.append(waiting.pop(0))
+
+
+def test_queueTimeoutIs503WithRetryAfter(logs: Callable[[], str]) -> None:
+    pool, reactor = limited()
+    get(pool)
+    second = get(pool)
+    reactor.advance(2.9)
+    assert not second.called
+    reactor.advance(0.2)
+    outcome = result(second)
+    assert outcome.check(ServiceUnavailable)
+    assert outcome.value.status == 503 and outcome.value.retryAfter == 5
+    assert pool.queued == 0
+    assert metric(pool, "edgeproxy_queue_timeouts_total", upstream="app") == 1
+    assert "no backend below max_conns within 3.0s" in logs()
+
+
+def test_fullQueueIs503AtOnce() -> None:
+    pool, _ = limited(queue_size=1)
+    get(pool)
+    get(pool)
+    third = result(get(pool))
+    assert third.check(ServiceUnavailable) and third.value.status == 503
+    assert pool.dialLog == ["a"]
+    assert metric(pool, "edgeproxy_upstream_errors_total", code="503") == 1
+
+
+def test_noQueueWithQueueSizeZero() -> None:
+    pool, _ = limited(queue_size=0)
+    get(pool)
+    assert result(get(pool)).check(ServiceUnavailable)
+
+
+def test_clientLeavingTheQueueIsRemoved() -> None:
+    pool, reactor = limited()
+    first = get(pool, path=b"/1")
+    leaving = get(pool, path=b"/2")
+    staying = get(pool, path=b"/3")
+    leaving.cancel()
+    assert result(leaving).check(CancelledError)
+    assert pool.queued == 1
+    finish(pool.dials["a"])
+    result(first).deliverBody(BodyCollector())
+    assert pool.dials["a"].wire().startswith(b"GET /3 ")
+    finish(pool.dials["a"])
+    assert result(staying).code == 204
+    reactor.advance(10)  # the cancelled one's queue timer is gone
+    assert metric(pool, "edgeproxy_queue_timeouts_total") == 0
+
+
+def test_backendsAtTheirLimitAreSkippedBeforeQueueing() -> None:
+    pool, _ = makeFleet(servers=(Server("a", 80, max_conns=1), Server("b", 80)))
+    for _ in range(4):
+        get(pool)
+    assert pool.dialLog == ["a", "b", "b", "b"]
+    assert pool.queued == 0
+
+
+def test_noBackendAvailableIs503AtOnceEvenWithMaxConns() -> None:
+    pool, _ = makeFleet(servers=(Server("a", 80, max_conns=1, down=True),))
+    outcome = result(get(pool))
+    assert outcome.check(ServiceUnavailable)
+    assert pool.queued == 0 and pool.dialLog == []
+
+
+def test_tunnelsIgnoreMaxConns() -> None:
+    pool, _ = limited()
+    get(pool)
+    assert pool.pickServer().host == "a"
+
+
+def test_queuedRequestFailsWhenItsBackendsGoAway() -> None:
+    pool, _ = limited()
+    get(pool)
+    waiting = get(pool)
+    backend = pool.backends[0]
+    health.transition(pool, backend, BackendState.DISABLED, "admin: disable")
+    outcome = result(waiting)
+    assert outcome.check(ServiceUnavailable)
+
+
+def test_retryWaitsInTheQueueWhenTheOtherBackendIsFull() -> None:
+    pool, _ = makeFleet(
+        servers=(Server("a", 80), Server("b", 80, max_conns=1)), failing={"a": REFUSED},
+        balance="least_conn", keepalive=0,
+    )
+    busy = get(pool)  # least_conn: a refuses, retried on b
+    assert pool.dialLog == ["a", "b"]
+    retried = get(pool)  # a (refused), b is full: the retry waits
+    assert pool.dialLog == ["a", "b", "a"]
+    assert pool.queued == 1
+    finish(pool.dials["b"])
+    result(busy).deliverBody(BodyCollector())
+    assert pool.dialLog == ["a", "b", "a", "b"]
+    finish(pool.dials["b"])
+    assert result(retried).code == 204
+
+
+# Verdicts from elsewhere ---------------------------------------------------------
+
+
+def test_applyVerdict() -> None:
+    pool, _ = makeFleet(hosts=("a", "b"))
+    seen: list[Backend] = []
+    pool.observers.append(seen.append)
+    pool.applyVerdict("b:80", "down", "supervisor: 3 failed checks")
+    b = pool.backends[1]
+    assert b.state is BackendState.DOWN and b.reason == "supervisor: 3 failed checks"
+    assert seen == [b]
+    pool.applyVerdict("z:80", "down", "unknown backend")  # ignored
+    pool.applyVerdict("a:80", "sideways", "bad state")  # ignored
+    assert pool.backends[0].state is BackendState.UP
+    for _ in range(3):
+        get(pool)
+    assert pool.dialLog == ["a", "a", "a"]
+
+
+# Host names: resolution and re-resolution ------------------------------------------
+
+
+def named(resolver: FakeResolver, *servers: Server, **kw: Any) -> tuple[Fleet, MemoryReactorClock]:
+    kw.setdefault("resolve_interval", 30.0)
+    pool, reactor = makeFleet(servers=servers, **kw)
+    pool._resolver = resolver
+    return pool, reactor
+
+
+def hostsOf(pool: UpstreamPool) -> list[str]:
+    return [backend.address for backend in pool.backends]
+
+
+def test_nameIsDialledUntilItIsResolved() -> None:
+    resolver = FakeResolver({"app.internal": ["10.0.0.1"]}, manual=True)
+    pool, _ = named(resolver, Server("app.internal", 8080))
+    assert hostsOf(pool) == ["app.internal:8080"]
+    pool.start()
+    get(pool)
+    assert pool.dialLog == ["app.internal"]
+    resolver.complete()
+    assert hostsOf(pool) == ["10.0.0.1:8080"]
+    get(pool)
+    assert pool.dialLog == ["app.internal", "10.0.0.1"]
+
+
+def test_everyAddressBecomesABackendWithTheServersOptions() -> None:
+    resolver = FakeResolver({"app.internal": ["10.0.0.1", "2001:db8::1"]})
+    pool, _ = named(
+        resolver,
+        Server("app.internal", 8080, weight=3, max_conns=7),
+        Server("10.9.9.9", 80, backup=True),
+    )
+    pool.start()
+    assert hostsOf(pool) == ["10.0.0.1:8080", "[2001:db8::1]:8080", "10.9.9.9:80"]
+    first, second, backup = pool.backends
+    assert first.server is second.server is pool.upstream.servers[0]
+    assert first.weight == 3 and first.server.max_conns == 7
+    assert backup.backup
+    # IP literals are not resolved.
+    assert [name for name, _ in resolver.asked] == ["app.internal"]
+
+
+def test_reResolutionKeepsUnchangedBackends(logs: Callable[[], str]) -> None:
+    resolver = FakeResolver({"app.internal": ["10.0.0.1", "10.0.0.2"]})
+    pool, reactor = named(resolver, Server("app.internal", 80))
+    pool.start()
+    kept, removed = pool.backends
+    kept.ejections = 4
+    health.transition(pool, kept, BackendState.DRAINING, "admin: drain")
+    resolver.answers["app.internal"] = ["10.0.0.1", "10.0.0.3"]
+    reactor.advance(30)
+    assert hostsOf(pool) == ["10.0.0.1:80", "10.0.0.3:80"]
+    assert pool.backends[0] is kept
+    assert kept.ejections == 4 and kept.state is BackendState.DRAINING
+    assert removed not in pool.backends
+    assert "app.internal resolves to 10.0.0.1, 10.0.0.3" in logs()
+    # The same answer again changes nothing.
+    before = pool.backends
+    reactor.advance(30)
+    assert pool.backends is before
+
+
+def test_failedResolutionKeepsThePreviousAddresses(logs: Callable[[], str]) -> None:
+    resolver = FakeResolver({"app.internal": ["10.0.0.1"]})
+    pool, reactor = named(resolver, Server("app.internal", 80))
+    pool.start()
+    before = pool.backends
+    resolver.answers["app.internal"] = []
+    reactor.advance(30)
+    assert pool.backends == before
+    assert (
+        "resolving app.internal failed (DNS lookup failed: no A or AAAA record for "
+        "app.internal.); keeping 10.0.0.1"
+    ) in logs()
+
+
+def test_failedFirstResolutionKeepsDiallingTheName() -> None:
+    pool, _ = named(FakeResolver({}), Server("app.internal", 80))
+    pool.start()
+    assert hostsOf(pool) == ["app.internal:80"]
+
+
+def test_requestOnARemovedAddressFinishes() -> None:
+    resolver = FakeResolver({"app.internal": ["10.0.0.1"]})
+    pool, reactor = named(resolver, Server("app.internal", 80))
+    pool.start()
+    d = get(pool)
+    assert pool.inFlight() == 1
+    resolver.answers["app.internal"] = ["10.0.0.2"]
+    reactor.advance(30)
+    assert hostsOf(pool) == ["10.0.0.2:80"]
+    assert pool.inFlight() == 1  # still in flight on the removed backend
+    finish(pool.dials["10.0.0.1"])
+    result(d).deliverBody(BodyCollector())
+    assert pool.inFlight() == 0
+
+
+def test_twoNamesOnOneAddressKeepTheirOwnBackends() -> None:
+    resolver = FakeResolver({"a.internal": ["10.0.0.1"], "b.internal": ["10.0.0.1"]})
+    reactor = MemoryReactorClock()
+    upstream = Upstream(name="app", servers=(Server("a.internal", 443), Server("b.internal", 443)))
+    pool = UpstreamPool(reactor, upstream, None, resolver=resolver)
+    pool.start()
+    a, b = pool.backends
+    assert a.address == b.address == "10.0.0.1:443"
+    # Each request reaches the endpoint of the backend it was sent to.
+    endpoints = {a: pool.endpointFor(a), b: pool.endpointFor(b)}
+    assert endpoints[a] is not endpoints[b]
+    for backend in (a, b):
+        uri = URI.fromBytes(pool._uriFor(backend, b"/"))
+        assert pool._serverForKey(uri.host, uri.port) is backend
+
+
+def test_resolvedAddressIsDialledButTLSVerifiesTheConfiguredName() -> None:
+    reactor = MemoryReactorClock()
+    names: list[str] = []
+
+    class Creators:
+        def creatorFor(self, server: Server) -> Any:
+            names.append(server.host)
+            return optionsForClientTLS(server.host)
+
+    resolver = FakeResolver({"app.internal": ["10.0.0.7"]})
+    upstream = Upstream(name="t", servers=(Server("app.internal", 8443),), tls=True)
+    pool = UpstreamPool(reactor, upstream, Creators(), resolver=resolver)
+    pool.start()
+    [backend] = pool.backends
+    pool.endpointFor(backend).connect(Factory.forProtocol(Protocol))
+    host, port = reactor.tcpClients[-1][:2]
+    assert (host, port) == ("10.0.0.7", 8443)
+    assert names == ["app.internal"]
+
+
+def test_ipLiteralsAreDialledWithoutAResolver() -> None:
+    reactor = MemoryReactorClock()
+    pool = UpstreamPool(reactor, Upstream(name="p", servers=(Server("::1", 80),)), None)
+    endpoint = pool.endpointFor(pool.backends[0])
+    assert isinstance(endpoint, TCP6ClientEndpoint)
+    endpoint.connect(Factory.forProtocol(Protocol))
+    assert reactor.tcpClients[-1][:2] == ("::1", 80)
+
+
+def test_stopEndsReResolution() -> None:
+    resolver = FakeResolver({"app.internal": ["10.0.0.1"]})
+    pool, reactor = named(resolver, Server("app.internal", 80))
+    pool.start()
+    assert result(pool.stop()) is None
+    reactor.advance(300)
+    assert len(resolver.asked) == 1
+
+
+def test_onlyIPsStartNoResolution() -> None:
+    pool, reactor = makeFleet(hosts=("10.0.0.1",))
+    pool.start()
+    assert reactor.getDelayedCalls() == []
+
+
+def test_newAddressesAreHealthChecked() -> None:
+    resolver = FakeResolver({"app.internal": ["10.0.0.1"]})
+    pool, reactor = named(resolver, Server("app.internal", 80), health_path="/healthz")
+    pool.start()
+    [first] = pool.backends
+    assert first.state is BackendState.UNKNOWN
+    assert pool.dialLog == ["10.0.0.1"]  # checked at once
+    resolver.answers["app.internal"] = ["10.0.0.1", "10.0.0.2"]
+    reactor.advance(30)
+    second = pool.backends[1]
+    assert second.state is BackendState.UNKNOWN and second.reason == "not checked yet"
+    assert "10.0.0.2" in pool.dialLog
+    result(pool.stop())
+
+
+def test_workersDoNotCheckThemselves() -> None:
+    reactor = MemoryReactorClock()
+    upstream = Upstream(name="app", servers=(Server("10.0.0.1", 80),), health_path="/healthz")
+    pool = UpstreamPool(reactor, upstream, None, activeChecks=False)
+    pool.start()
+    assert reactor.tcpClients == [] and reactor.getDelayedCalls() == []

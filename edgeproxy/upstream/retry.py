@@ -101,12 +101,12 @@ def decide(
         return Decision(False, "the response had started")
     if retriesDone >= retries:
         return Decision(False, f"no retries left ({retries} allowed)")
-    if not bodyReplayable:
-        return Decision(False, "the request body cannot be sent again")
     if attempt is Attempt.NO_RESPONSE and method not in IDEMPOTENT_METHODS:
         # RFC 9110 §9.2.2: the backend may have acted on it; only an
         # idempotent request may be repeated without asking the user.
         return Decision(False, f"{method.decode('ascii', 'replace')} is not idempotent")
+    if not bodyReplayable:
+        return Decision(False, "the request body cannot be sent again")
     return Decision(True, "safe to retry")
 
 
