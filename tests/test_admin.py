@@ -500,3 +500,39 @@ def test_reloadFollowsAdminSettings(tmp_path: Path, events: list[dict[str, Any]]
     service.reloadConfiguration()
     assert service.adminPort is None
     assert logged(events, "Admin listener closed (no longer configured)")
+
+
+# A service that answers later (the workers' supervisor)
+
+
+def test_aggregatedAnswersWhenReady(admin: Admin) -> None:
+    """A service with aggregateStatus/aggregateMetrics (the supervisor) answers when they fire."""
+    from twisted.internet.defer import Deferred
+
+    status: Deferred[dict[str, Any]] = Deferred()
+    metrics: Deferred[bytes] = Deferred()
+    asked: list[float] = []
+    admin.service.aggregateStatus = lambda now: asked.append(now) or status  # type: ignore[attr-defined]
+    admin.service.aggregateMetrics = lambda: metrics  # type: ignore[attr-defined]
+    protocol, transport = admin.connect()
+    protocol.dataReceived(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value() == b"" and asked == [admin.reactor.seconds()]
+    status.callback({"workers": 2, "worker_processes": []})
+    code, headers, body = parseResponse(transport.value())
+    assert (code, headers["content-type"], json.loads(body)) == (
+        200, "application/json", {"workers": 2, "worker_processes": []})
+    transport.clear()
+    protocol.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value() == b""
+    metrics.callback(b"# edgeproxy: 2 of 2 workers answered\nedgeproxy_info{version=\"x\"} 1.0\n")
+    code, headers, body = parseResponse(transport.value())
+    assert (code, headers["content-type"]) == (200, CONTENT_TYPE)
+    assert body.startswith(b"# edgeproxy: 2 of 2 workers answered\n")
+
+
+def test_aggregateFailureIs500(admin: Admin) -> None:
+    from twisted.internet.defer import fail
+
+    admin.service.aggregateStatus = lambda now: fail(RuntimeError("boom"))  # type: ignore[attr-defined]
+    status, _, body = admin.ask("GET", "/status")
+    assert (status, json.loads(body)) == (500, {"error": "internal error, see the log"})
