@@ -3,6 +3,12 @@
 The twistd plugin's options and service maker: C{twistd edgeproxy --config
 edge.ini}.
 
+With C{[edgeproxy] workers = 1} the service is the proxy itself
+(L{edgeproxy.service.EdgeService}); with more, it is the
+L{edgeproxy.supervisor.Supervisor} of that many worker processes.  Either
+way the configuration is checked here first, so a bad file stops before any
+worker starts.
+
 The whole configuration is validated while the options are parsed:
 L{Options.postOptions} runs C{edgeproxy check} (the INI file, the served
 certificates, every upstream's TLS files; all problems reported at once, in
@@ -37,7 +43,7 @@ class Options(usage.Options):
     synopsis = "[--config edge.ini]"
     longdesc = (
         "Run the edgeproxy TLS-terminating reverse proxy described by an "
-        "edge.ini file.  SIGHUP reloads the certificates; SIGTERM drains "
+        "edge.ini file.  SIGHUP reloads the configuration; SIGTERM drains "
         "in-flight requests (up to [edgeproxy] shutdown_timeout) and stops."
     )
     optParameters = [
@@ -47,6 +53,7 @@ class Options(usage.Options):
     service: Any = None
 
     def postOptions(self) -> None:
+        """Check the configuration and build the service that will run it."""
         from twisted.internet import reactor
 
         from edgeproxy.cli import EXIT_OK, check
@@ -59,7 +66,14 @@ class Options(usage.Options):
             self._fail(problems.getvalue().strip())
         try:
             config = load(path)
-            self.service = EdgeService(config, reactor)
+            if config.proxy.workers > 1:
+                from edgeproxy.supervisor import Supervisor
+
+                # The workers build (and so check) the proxy themselves; the
+                # supervisor builds what it runs: health checks and admin.
+                self.service = Supervisor(config, reactor)
+            else:
+                self.service = EdgeService(config, reactor)
         except ConfigError as e:
             self._fail(str(e))
         except OSError as e:
@@ -74,7 +88,10 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """The L{EdgeService} built (and validated) by L{Options.postOptions}."""
+    """
+    The L{EdgeService}, or the L{Supervisor} with C{workers > 1}, built
+    (and validated) by L{Options.postOptions}.
+    """
     if options.service is None:
         options.postOptions()
     return options.service

@@ -272,3 +272,547 @@ def test_mergeEscapesLabelValues() -> None:
     merged = mergeExpositions(b"", [one.exposition(), one.exposition()])
     assert samples(merged)[("edgeproxy_requests_total",
                             (("code", "2xx"), ("route", 'r"1\\'), ("upstream", "app")))] == 2
+
+
+# The supervisor ---------------------------------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from twisted.internet.address import IPv4Address  # noqa: E402
+from twisted.internet.error import ProcessDone, ProcessTerminated  # noqa: E402
+from twisted.internet.testing import MemoryReactorClock  # noqa: E402
+from twisted.logger import eventAsJSON, formatEventAsClassicLogText  # noqa: E402
+from twisted.python.failure import Failure  # noqa: E402
+
+from edgeproxy import supervisor as supervisorModule  # noqa: E402
+from edgeproxy.config import load  # noqa: E402
+from edgeproxy.supervisor import Supervisor  # noqa: E402
+from edgeproxy.systemd import Notifier  # noqa: E402
+
+
+class HeldPort:
+    """A real listening socket standing in for Twisted's port: the
+    supervisor only needs its descriptor, address and stop."""
+
+    def __init__(self, interface: str) -> None:
+        self.socket = socket.socket()
+        self.socket.bind((interface or "127.0.0.1", 0))
+        self.socket.listen(5)
+        self.reading = True
+        self.stopped = False
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def getHost(self) -> IPv4Address:
+        host, port = self.socket.getsockname()
+        return IPv4Address("TCP", host, port)
+
+    def stopListening(self) -> None:
+        self.stopped = True
+        self.socket.close()
+
+
+class FakeProcess:
+    """The transport of a spawned process: what was written and signalled."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written: dict[int, bytes] = {}
+        self.signals: list[str] = []
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written[fd] = self.written.get(fd, b"") + data
+
+    def closeChildFD(self, fd: int) -> None:
+        pass
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def messages(self) -> list[dict]:
+        return [json.loads(line) for line in self.written.get(0, b"").splitlines()]
+
+
+class Spawned:
+    def __init__(self, protocol: Any, args: list[str], env: dict[str, str], childFDs: dict, transport: FakeProcess) -> None:
+        self.protocol = protocol
+        self.args = args
+        self.env = env
+        self.childFDs = childFDs
+        self.transport = transport
+
+    def say(self, message: dict) -> None:
+        """The worker writes a control message."""
+        self.protocol.childDataReceived(self.protocol.controlFd, json.dumps(message).encode() + b"\n")
+
+    def ready(self) -> None:
+        self.say({"op": "notify", "fields": {"READY": "1", "STATUS": "serving"}})
+
+    def end(self, reason: Exception) -> None:
+        self.protocol.processEnded(Failure(reason))
+
+
+class ProcessReactor(MemoryReactorClock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[Spawned] = []
+        self.ports: list[HeldPort] = []
+        self._pid = 1000
+
+    def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> HeldPort:
+        held = HeldPort(interface)
+        self.ports.append(held)
+        return held
+
+    def spawnProcess(self, protocol: Any, executable: str, args: Any = (), env: Any = None,
+                     path: Any = None, uid: Any = None, gid: Any = None, usePTY: Any = 0,
+                     childFDs: Any = None) -> FakeProcess:
+        self._pid += 1
+        transport = FakeProcess(self._pid)
+        self.spawned.append(Spawned(protocol, list(args), dict(env or {}), dict(childFDs or {}), transport))
+        protocol.makeConnection(transport)
+        return transport
+
+
+class Receiver:
+    """A bound AF_UNIX datagram socket standing in for systemd."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="sdw")
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+
+    def all(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(65536))
+            except BlockingIOError:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir)
+
+
+@pytest.fixture
+def receiver() -> Any:
+    r = Receiver()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+EDGE_INI = """\
+[edgeproxy]
+workers = {workers}
+access_log = off
+shutdown_timeout = 10s
+
+[listen:web]
+endpoint = tcp:0:interface=127.0.0.1
+tls = no
+
+[listen:other]
+endpoint = tcp:0:interface=127.0.0.1
+tls = no
+
+[upstream:app]
+servers = 127.0.0.1:9001, 127.0.0.1:9002
+
+[route:all]
+hosts = *
+paths = /
+upstream = app
+"""
+
+
+class Harness:
+    def __init__(self, tmp: Path, receiver: Receiver, workers: int = 2) -> None:
+        self.path = tmp / "edge.ini"
+        self.path.write_text(EDGE_INI.format(workers=workers))
+        self.reactor = ProcessReactor()
+        self.logged: list[dict] = []
+        self.receiver = receiver
+        self.supervisor = Supervisor(
+            load(str(self.path)),
+            self.reactor,
+            notifier=Notifier(environ={"NOTIFY_SOCKET": receiver.path}),
+            installSignalHandlers=False,
+            publisher=self.logged.append,
+        )
+
+    def start(self) -> None:
+        self.supervisor.privilegedStartService()
+        self.supervisor.startService()
+
+    def latest(self, number: int) -> Spawned:
+        return [s for s in self.reactor.spawned if s.protocol.number == number][-1]
+
+
+@pytest.fixture
+def harness(tmp_path: Path, receiver: Receiver) -> Any:
+    h = Harness(tmp_path, receiver)
+    yield h
+    for port in h.reactor.ports:
+        if not port.stopped:
+            port.stopListening()
+
+
+def test_workersInheritTheSocketsAsSystemdWould(harness: Harness, monkeypatch: Any) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("LISTEN_PID", "1")
+    harness.start()
+    assert [s.protocol.number for s in harness.reactor.spawned] == [1, 2]
+    web, other = harness.reactor.ports
+    # The supervisor never accepts: the workers do.
+    assert not web.reading and not other.reading
+    for spawned in harness.reactor.spawned:
+        assert spawned.args[:3] == [sys.executable, "-m", "edgeproxy.worker"]
+        assert spawned.args[3:] == [
+            "--config", str(harness.path), "--number", str(spawned.protocol.number), "--control", "5",
+        ]
+        assert spawned.childFDs == {0: "w", 1: "r", 2: "r", 3: web.fileno(), 4: other.fileno(), 5: "r"}
+        assert spawned.env["LISTEN_FDS"] == "2"
+        assert spawned.env["LISTEN_FDNAMES"] == "web:other"
+        # Only the supervisor talks to systemd; LISTEN_PID is set by the
+        # worker itself.
+        assert "NOTIFY_SOCKET" not in spawned.env and "LISTEN_PID" not in spawned.env
+        root = str(Path(supervisorModule.__file__).resolve().parent.parent)
+        assert spawned.env["PYTHONPATH"].split(os.pathsep)[0] == root
+
+
+def test_readyOnceEveryWorkerIsReady(harness: Harness, receiver: Receiver) -> None:
+    harness.start()
+    harness.latest(1).ready()
+    assert receiver.all() == []
+    harness.latest(2).ready()
+    [datagram] = receiver.all()
+    assert datagram.split(b"\n")[0] == b"READY=1"
+    assert b"with 2 workers" in datagram
+    assert harness.supervisor.ready.called
+
+
+def test_aReadyWorkerGetsEveryBackendState(harness: Harness) -> None:
+    harness.start()
+    first = harness.latest(1)
+    first.ready()
+    assert first.transport.messages() == [
+        {"op": "verdict", "upstream": "app", "address": "127.0.0.1:9001", "state": "up", "reason": ""},
+        {"op": "verdict", "upstream": "app", "address": "127.0.0.1:9002", "state": "up", "reason": ""},
+    ]
+
+
+def test_aWorkerThatDiesIsLoggedAndRestartedWithBackoff(harness: Harness, events: list[dict]) -> None:
+    harness.start()
+    first = harness.latest(1)
+    first.ready()
+    first.end(ProcessTerminated(signal=9))
+    [line] = [formatEventAsClassicLogText(e) for e in _errors(events)] or [""]
+    assert f"worker 1 (pid {first.transport.pid}) killed by signal 9 (SIGKILL)" in line
+    assert len(harness.reactor.spawned) == 2
+    harness.reactor.advance(supervisorModule.RESTART_DELAY)
+    assert len(harness.reactor.spawned) == 3
+    second = harness.latest(1)
+    assert second.transport.pid != first.transport.pid
+    # A second quick death waits twice as long.
+    second.ready()
+    second.end(ProcessDone(0))
+    harness.reactor.advance(supervisorModule.RESTART_DELAY * 2 - 0.01)
+    assert len(harness.reactor.spawned) == 3
+    harness.reactor.advance(0.02)
+    assert len(harness.reactor.spawned) == 4
+
+
+def test_aWorkerThatRanLongIsRestartedAtOnce(harness: Harness) -> None:
+    harness.start()
+    first = harness.latest(1)
+    first.ready()
+    harness.reactor.advance(supervisorModule.STABLE_AFTER + 1)
+    first.end(ProcessTerminated(exitCode=1))
+    harness.reactor.advance(0)
+    assert len(harness.reactor.spawned) == 3
+
+
+def test_aWorkerThatCannotStartStopsTheSupervisor(
+    harness: Harness, receiver: Receiver, events: list[dict]
+) -> None:
+    harness.start()
+    for attempt in range(supervisorModule.MAX_START_ATTEMPTS):
+        harness.latest(2).end(ProcessTerminated(exitCode=1))
+        harness.reactor.advance(supervisorModule.MAX_RESTART_DELAY)
+    assert harness.supervisor.exitCode == 1
+    critical = [
+        formatEventAsClassicLogText(e) for e in events
+        if e.get("log_level") is not None and e["log_level"].name == "critical"
+    ]
+    assert any(f"worker 2 could not start {supervisorModule.MAX_START_ATTEMPTS} times in a row" in c for c in critical)
+    assert any(b"ERRNO=1" in d for d in receiver.all())
+    # And it is not started again.
+    count = len(harness.reactor.spawned)
+    harness.reactor.advance(supervisorModule.MAX_RESTART_DELAY * 2)
+    assert len(harness.reactor.spawned) == count
+
+
+def test_aWorkerNotReadyInTimeIsKilled(harness: Harness) -> None:
+    harness.start()
+    harness.latest(1).ready()
+    harness.reactor.advance(supervisorModule.READY_TIMEOUT)
+    assert harness.latest(1).transport.signals == []
+    assert harness.latest(2).transport.signals == ["KILL"]
+
+
+def test_workerOutputIsLoggedTaggedWithItsNumber(harness: Harness) -> None:
+    harness.start()
+    worker = harness.latest(2).protocol
+    event = {
+        "log_format": "Listening on {address}",
+        "address": "127.0.0.1:8443",
+        "log_namespace": "edgeproxy.service",
+        "log_level": __import__("twisted.logger", fromlist=["LogLevel"]).LogLevel.info,
+        "log_time": 1800000000.0,
+    }
+    encoded = ("\x1e" + eventAsJSON(event) + "\n").encode()
+    # In pieces, with an access log line on standard output.
+    worker.childDataReceived(2, encoded[:10])
+    worker.childDataReceived(2, encoded[10:])
+    worker.childDataReceived(1, b'127.0.0.1 - - [x] "GET / HTTP/1.1" 200 2 "-" "-"\n')
+    lines = [formatEventAsClassicLogText(e) for e in harness.logged if e.get("edgeproxy_worker") == 2]
+    assert lines[0].endswith("[worker 2 edgeproxy.service#info] Listening on 127.0.0.1:8443\n")
+    assert lines[1].endswith('[worker 2] 127.0.0.1 - - [x] "GET / HTTP/1.1" 200 2 "-" "-"\n')
+
+
+def test_sighupReachesEveryWorker(harness: Harness, receiver: Receiver) -> None:
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    receiver.all()
+    harness.supervisor.reload()
+    assert [harness.latest(n).transport.signals for n in (1, 2)] == [["HUP"], ["HUP"]]
+    assert receiver.all()[0].startswith(b"RELOADING=1\n")
+    harness.latest(1).ready()
+    assert receiver.all() == []
+    harness.latest(2).ready()
+    assert [d.split(b"\n")[0] for d in receiver.all()] == [b"READY=1"]
+
+
+def test_stopDrainsTheWorkers(harness: Harness, receiver: Receiver) -> None:
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    stopped = harness.supervisor.stopService()
+    assert [harness.latest(n).transport.signals for n in (1, 2)] == [["TERM"], ["TERM"]]
+    assert all(port.stopped for port in harness.reactor.ports)
+    assert any(d == b"STOPPING=1" for d in receiver.all())
+    harness.reactor.advance(0)
+    harness.latest(1).end(ProcessDone(0))
+    assert not stopped.called
+    # Not restarted while stopping.
+    harness.reactor.advance(1)
+    assert len(harness.reactor.spawned) == 2
+    harness.latest(2).end(ProcessDone(0))
+    harness.reactor.advance(0)
+    assert stopped.called
+
+
+def test_stopKillsStragglers(harness: Harness) -> None:
+    harness.start()
+    stopped = harness.supervisor.stopService()
+    harness.reactor.advance(0)
+    harness.latest(1).end(ProcessDone(0))
+    harness.reactor.advance(10.0 + supervisorModule.STOP_MARGIN)
+    assert harness.latest(2).transport.signals == ["TERM", "KILL"]
+    harness.latest(2).end(ProcessTerminated(signal=9))
+    harness.reactor.advance(0)
+    assert stopped.called
+
+
+def _errors(events: list[dict]) -> list[dict]:
+    return [e for e in events if e.get("log_level") is not None and e["log_level"].name == "error"]
+
+
+def _answer(spawned: Spawned, op: str, **fields: Any) -> None:
+    [question] = [m for m in spawned.transport.messages() if m["op"] == op]
+    spawned.say(answer(question, **fields))
+
+
+def test_metricsOfTheInstanceSumTheWorkers(harness: Harness) -> None:
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    one, two = Metrics(), Metrics()
+    one.requestDone("all", "app", 200, 0.01)
+    two.requestDone("all", "app", 200, 0.01)
+    two.requestDone("all", "app", 200, 0.01)
+    result: list[bytes] = []
+    harness.supervisor.aggregateMetrics().addCallback(result.append)
+    _answer(harness.latest(1), "metrics", text=one.exposition().decode())
+    _answer(harness.latest(2), "metrics", text=two.exposition().decode())
+    [text] = result
+    assert text.startswith(b"# edgeproxy: 2 of 2 workers answered\n")
+    assert samples(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 3
+    # The supervisor's own: one info series, the backend states it decides.
+    assert samples(text)[("edgeproxy_info", (("version", __import__("edgeproxy").__version__),))] == 1
+
+
+def test_aWorkerThatDoesNotAnswerIsLeftOut(harness: Harness) -> None:
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    one = Metrics()
+    one.requestDone("all", "app", 200, 0.01)
+    result: list[bytes] = []
+    harness.supervisor.aggregateMetrics().addCallback(result.append)
+    _answer(harness.latest(1), "metrics", text=one.exposition().decode())
+    assert result == []
+    harness.reactor.advance(supervisorModule.ASK_TIMEOUT)
+    [text] = result
+    assert text.startswith(b"# edgeproxy: 1 of 2 workers answered; missing: worker 2\n")
+    assert samples(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 1
+
+
+def test_statusOfTheInstance(harness: Harness) -> None:
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    result: list[dict] = []
+    harness.supervisor.aggregateStatus(now=0.0).addCallback(result.append)
+    for number, (connections, inflight) in ((1, (3, 1)), (2, (4, 2))):
+        _answer(harness.latest(number), "status", status={
+            "worker": number, "pid": harness.latest(number).transport.pid,
+            "connections": {"web": connections, "other": 0},
+            "listeners_in_flight": {"web": inflight},
+            "in_flight": inflight,
+            "backends": {"app": {"127.0.0.1:9001": inflight, "127.0.0.1:9002": 0}},
+        })
+    [document] = result
+    web = [l for l in document["listeners"] if l["name"] == "web"][0]
+    assert web["connections"] == 7 and web["in_flight"] == 3
+    assert web["address"] == "127.0.0.1:%d" % harness.reactor.ports[0].getHost().port
+    backends = document["upstreams"]["app"]["backends"]
+    assert [(b["address"], b["state"], b["in_flight"]) for b in backends] == [
+        ("127.0.0.1:9001", "up", 3), ("127.0.0.1:9002", "up", 0),
+    ]
+    assert [(w["worker"], w["answered"], w["connections"]) for w in document["worker_processes"]] == [
+        (1, True, 3), (2, True, 4),
+    ]
+    assert document["workers_missing"] == []
+    assert document["workers"] == 2
+
+
+def test_anAccessLogThatCannotBeOpenedStopsTheStart(tmp_path: Path, receiver: Receiver) -> None:
+    path = tmp_path / "edge.ini"
+    (tmp_path / "gone").mkdir()
+    path.write_text(EDGE_INI.format(workers=2).replace(
+        "access_log = off", f"access_log = {tmp_path}/gone/access.log"))
+    config = load(str(path))
+    # Removed between the check and the start.
+    (tmp_path / "gone").rmdir()
+    with pytest.raises(OSError):
+        Supervisor(config, ProcessReactor(), installSignalHandlers=False)
+
+
+# The worker -----------------------------------------------------------------
+
+import subprocess  # noqa: E402
+
+from edgeproxy.worker import ControlNotifier  # noqa: E402
+
+
+def test_importingTheWorkerLeavesListenFdsAlone() -> None:
+    """
+    Twisted reads LISTEN_* when twisted.internet.endpoints is imported; the
+    worker must set LISTEN_PID before that happens.
+    """
+    code = "import sys, edgeproxy.worker; print('twisted.internet.endpoints' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_theWorkersNotificationsGoToTheSupervisor() -> None:
+    channel, transport, _ = connectedChannel()
+    notifier = ControlNotifier(channel)
+    assert notifier.enabled
+    notifier.ready(status="serving 1 listener(s)")
+    notifier.stopping()
+    assert sentMessages(transport) == [
+        {"op": "notify", "fields": {"READY": "1", "STATUS": "serving 1 listener(s)"}},
+        {"op": "notify", "fields": {"STOPPING": "1"}},
+    ]
+
+
+def test_backendStateChangesReachEveryReadyWorker(harness: Harness) -> None:
+    from edgeproxy.upstream import health
+    from edgeproxy.upstream.backend import BackendState
+
+    harness.start()
+    harness.latest(1).ready()
+    before = {n: len(harness.latest(n).transport.messages()) for n in (1, 2)}
+    pool = harness.supervisor.runtime.pools["app"]
+    health.transition(pool, pool.backends[1], BackendState.DOWN, "connection refused")
+    verdict = {"op": "verdict", "upstream": "app", "address": "127.0.0.1:9002",
+               "state": "down", "reason": "connection refused"}
+    assert harness.latest(1).transport.messages()[before[1]:] == [verdict]
+    # Not ready yet: it gets everything when it is.
+    assert harness.latest(2).transport.messages()[before[2]:] == []
+    harness.latest(2).ready()
+    assert verdict in harness.latest(2).transport.messages()
+
+
+def workerService(tmp_path: Path) -> Any:
+    from edgeproxy.service import EdgeService
+
+    path = tmp_path / "edge.ini"
+    path.write_text(EDGE_INI.format(workers=2))
+    return EdgeService(
+        load(str(path)), MemoryReactorClock(), notifier=Notifier(environ={}),
+        installSignalHandlers=False, activeChecks=False,
+    )
+
+
+def test_theWorkerAppliesTheSupervisorsVerdicts(tmp_path: Path) -> None:
+    from edgeproxy.worker import WorkerAgent
+
+    service = workerService(tmp_path)
+    agent = WorkerAgent(service, 1)
+    agent.handle({"op": "verdict", "upstream": "app", "address": "127.0.0.1:9002",
+                  "state": "down", "reason": "timeout"})
+    pool = service.currentRuntime().pools["app"]
+    assert [(b.address, b.state.value) for b in pool.backends] == [
+        ("127.0.0.1:9001", "up"), ("127.0.0.1:9002", "down"),
+    ]
+    # Requests only go to the backend the supervisor says is up.
+    assert {pool.pickServer().address for _ in range(10)} == {"127.0.0.1:9001"}
+    # A verdict for an upstream this worker does not have (yet) is ignored.
+    agent.handle({"op": "verdict", "upstream": "other", "address": "x:1", "state": "down", "reason": ""})
+
+
+def test_theWorkerAnswersStatusAndMetrics(tmp_path: Path) -> None:
+    from edgeproxy.worker import WorkerAgent
+
+    service = workerService(tmp_path)
+    agent = WorkerAgent(service, 2)
+    channel, transport, _ = connectedChannel()
+    agent.channel = channel
+    service.metrics.requestDone("all", "app", 200, 0.01)
+    agent.handle({"op": "status", "id": 7})
+    agent.handle({"op": "metrics", "id": 8})
+    status, metrics = sentMessages(transport)
+    assert status["op"] == "status" and status["id"] == 7 and status["answer"] is True
+    assert status["status"]["worker"] == 2 and status["status"]["pid"] == os.getpid()
+    assert status["status"]["backends"] == {"app": {"127.0.0.1:9001": 0, "127.0.0.1:9002": 0}}
+    assert (metrics["op"], metrics["id"]) == ("metrics", 8)
+    assert samples(metrics["text"].encode())[
+        ("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 1

@@ -1,0 +1,1051 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+L{Supervisor}: the process C{twistd edgeproxy} runs when C{[edgeproxy]
+workers} is more than 1.
+
+It opens every listening socket once (or adopts the ones systemd passed),
+never accepts on them itself, and starts C{workers} processes
+(C{python -m edgeproxy.worker}) that inherit them at file descriptors 3,
+4, ... with C{LISTEN_FDS}/C{LISTEN_FDNAMES}, the way systemd hands sockets
+over: each worker serves them through the ordinary, tested
+C{systemd:} endpoint path, and the kernel spreads the connections.
+
+The supervisor also:
+  - runs the active health checks, once for the instance (a L{Runtime}
+    built with no listener), and sends every backend state change to every
+    worker over its control channel (L{edgeproxy.workers}); a (re)started
+    or reloaded worker first gets the whole current state;
+  - passes every line a worker logs to its own log, tagged with the
+    worker's number (C{[worker 2 edgeproxy.service#info]});
+  - restarts a worker that dies (logged with its exit status or signal),
+    at once after a long healthy run, else with a growing delay; a worker
+    that cannot start L{MAX_START_ATTEMPTS} times in a row stops the
+    supervisor with status 1;
+  - forwards C{SIGHUP} to every worker (each reloads itself) and reloads
+    its own view (configuration, health checks);
+  - is the only process talking to systemd: C{READY=1} once every worker
+    reported itself ready, C{RELOADING=1}/C{READY=1} around a reload,
+    C{STOPPING=1}; workers do not inherit C{NOTIFY_SOCKET};
+  - on stop (C{SIGTERM}), closes its copies of the sockets, sends
+    C{SIGTERM} to every worker (each drains for C{shutdown_timeout}),
+    waits for them (C{shutdown_timeout} plus L{STOP_MARGIN}, then
+    C{SIGKILL}) and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+
+import edgeproxy
+from edgeproxy.accesslog import AccessLog
+from edgeproxy.config.model import Config
+from edgeproxy.errors import EdgeProxyError
+from edgeproxy.metrics import Metrics
+from edgeproxy.runtime import Runtime, stopPool
+from edgeproxy.systemd import Notifier
+from edgeproxy.tls.store import CertificateStore
+from edgeproxy.upstream.backend import Backend
+from edgeproxy.workers import ControlChannel, NoAnswer, mergeExpositions
+
+log = Logger()
+
+MAX_START_ATTEMPTS = 5
+"""Starts in a row that may fail (exit or hang before ready) before the
+supervisor gives up."""
+
+STABLE_AFTER = 10.0
+"""Seconds after which a running worker counts as healthy: when it dies
+later, it is restarted at once and its failure count starts over."""
+
+RESTART_DELAY = 0.5
+"""Delay before restarting a worker after its first quick failure; it
+doubles with each further quick failure, up to L{MAX_RESTART_DELAY}."""
+
+MAX_RESTART_DELAY = 30.0
+
+READY_TIMEOUT = 60.0
+"""Seconds a worker has to report itself ready before it is killed (and
+counted as a failed start)."""
+
+STOP_MARGIN = 5.0
+"""Seconds a worker gets beyond C{shutdown_timeout} to exit on SIGTERM
+before it is killed."""
+
+ASK_TIMEOUT = 1.0
+"""Seconds a worker has to answer a C{status} or C{metrics} question of the
+admin listener; a worker that does not is left out, and the answer says so."""
+
+NOT_SUMMED = frozenset({
+    # The supervisor decides backend states (and counts their changes);
+    # the workers only mirror them.
+    "edgeproxy_backend_state",
+    "edgeproxy_backend_transitions",
+    # One per process, or the same in every process.
+    "edgeproxy_info",
+    "edgeproxy_start_time_seconds",
+    "edgeproxy_certificate_expiry_timestamp_seconds",
+    "edgeproxy_reloads",
+})
+"""Families of C{/metrics} taken from one process (the supervisor, else the
+first worker that has them) instead of summed; see
+L{edgeproxy.workers.mergeExpositions}."""
+
+RECORD_SEPARATOR = "\x1e"
+"""Starts each JSON log event a worker writes on its standard error
+(C{jsonFileLogObserver}); other lines are plain output."""
+
+
+class StartupError(EdgeProxyError):
+    """A listening socket could not be opened, or a worker cannot start."""
+
+
+def _describeExit(reason: Failure) -> str:
+    value = reason.value
+    signalNumber = getattr(value, "signal", None)
+    if signalNumber is not None:
+        try:
+            name = signal.Signals(signalNumber).name
+        except ValueError:
+            name = str(signalNumber)
+        return f"killed by signal {signalNumber} ({name})"
+    return f"exited with status {getattr(value, 'exitCode', None)}"
+
+
+class _ToWorker:
+    """
+    The transport of the supervisor's end of a control channel: the
+    worker's standard input (a process transport is not a stream transport
+    on its own: it has no C{disconnecting}).
+    """
+
+    disconnecting = False
+
+    def __init__(self, process: Any) -> None:
+        self._process = process
+
+    def write(self, data: bytes) -> None:
+        self._process.writeToChild(0, data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self._process.writeToChild(0, b"".join(data))
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+        self._process.closeChildFD(0)
+
+
+class WorkerProcess(ProcessProtocol):
+    """
+    One running worker process, seen from the supervisor: its control
+    channel and its output, which becomes the supervisor's log.
+
+    @ivar number: the worker's slot, from 1.
+    @ivar channel: the control channel to the worker.
+    @ivar ready: whether the worker reported C{READY=1} since it started.
+    @ivar ended: fires with the exit reason when the process is gone.
+    """
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        number: int,
+        controlFd: int,
+        publisher: ILogObserver,
+    ) -> None:
+        self.supervisor = supervisor
+        self.number = number
+        self.controlFd = controlFd
+        self.publisher = publisher
+        self.channel = ControlChannel(self._controlMessage, supervisor.clock, f"worker {number}")
+        self.ready = False
+        self.reloading = False
+        self.startedAt = supervisor.clock.seconds()
+        self.pid: int | None = None
+        self.ended: Deferred[BaseException] = Deferred()
+        self._partial: dict[int, bytes] = {1: b"", 2: b""}
+
+    # Process events --------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+        self.channel.makeConnection(_ToWorker(self.transport))
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == self.controlFd:
+            self.channel.dataReceived(data)
+            return
+        if childFD not in self._partial:
+            return
+        buffered = self._partial[childFD] + data
+        *lines, rest = buffered.split(b"\n")
+        # A line with no end in sight is logged in pieces rather than kept
+        # growing.
+        if len(rest) > 65536:
+            lines.append(rest)
+            rest = b""
+        self._partial[childFD] = rest
+        for line in lines:
+            self._outputLine(childFD, line)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == self.controlFd:
+            self.channel.connectionLost(None)
+        elif childFD in self._partial and self._partial[childFD]:
+            self._outputLine(childFD, self._partial[childFD])
+            self._partial[childFD] = b""
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd in (1, 2):
+            if self._partial[fd]:
+                self._outputLine(fd, self._partial[fd])
+                self._partial[fd] = b""
+        if self.channel.connected:
+            self.channel.connectionLost(None)
+        self.supervisor.workerEnded(self, reason)
+        # The exception, not the Failure: a Deferred fired with a Failure
+        # fails, and nobody has to handle an exit as an error.
+        self.ended.callback(reason.value)
+
+    # What the worker says ----------------------------------------------------
+
+    def _outputLine(self, fd: int, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        tag = f"worker {self.number}"
+        if fd == 2 and text.startswith(RECORD_SEPARATOR):
+            try:
+                event = eventFromJSON(text[len(RECORD_SEPARATOR):])
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                level = event.get("log_level")
+                levelName = getattr(level, "name", "info")
+                event["log_system"] = f"{tag} {event.get('log_namespace', '-')}#{levelName}"
+                event["edgeproxy_worker"] = self.number
+                self.publisher(event)
+                return
+        if not text:
+            return
+        # Plain output: the access log (access_log = -) on stdout,
+        # tracebacks and interpreter messages on stderr.
+        Logger(namespace="edgeproxy.worker", observer=self.publisher).emit(
+            LogLevel.info if fd == 1 else LogLevel.warn,
+            "{line}",
+            line=text,
+            log_system=tag,
+            edgeproxy_worker=self.number,
+        )
+
+    def _controlMessage(self, message: dict[str, Any]) -> None:
+        if message["op"] == "notify":
+            fields = message.get("fields")
+            if isinstance(fields, dict):
+                self.supervisor.workerNotified(self, {str(k): str(v) for k, v in fields.items()})
+        else:
+            log.warn(
+                "worker {number}: unexpected control message {op}, ignored",
+                number=self.number,
+                op=message["op"],
+            )
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.channel.send(message)
+
+    def signal(self, name: str) -> None:
+        """Send a signal (C{"TERM"}, C{"HUP"}, C{"KILL"}) if still running."""
+        try:
+            self.transport.signalProcess(name)  # type: ignore[union-attr]
+        except (ProcessExitedAlready, OSError):
+            pass
+
+
+class _NoConnections(Factory):
+    """The factory of the supervisor's own copies of the listening ports,
+    which never accept (the workers do)."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+class Supervisor(MultiService):
+    """
+    The supervising process of C{workers > 1}.
+
+    @ivar config: the configuration (its listeners' sockets are opened
+        here; the workers read the same file).
+    @ivar ports: listener name -> the supervisor's own listening port.
+    @ivar workers: slot number -> the running worker process, if any.
+    @ivar exitCode: 1 once a fatal problem stopped the supervisor.
+    @ivar ready: fires once every worker reported itself ready.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        notifier: Notifier | None = None,
+        installSignalHandlers: bool = True,
+        publisher: ILogObserver = globalLogPublisher,
+        executable: str = sys.executable,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.clock = reactor
+        self._reactor = reactor
+        self.notifier = notifier if notifier is not None else Notifier()
+        self._installSignalHandlers = installSignalHandlers
+        self._publisher = publisher
+        self._executable = executable
+        self.ports: dict[str, Any] = {}
+        self.workers: dict[int, WorkerProcess] = {}
+        self._failures: dict[int, int] = {}
+        self._startFailures: dict[int, int] = {}
+        self._restarts: dict[int, Any] = {}
+        self._readyTimers: dict[int, Any] = {}
+        self._everReady: set[int] = set()
+        self._stopping: Deferred[None] | None = None
+        self._previousSignals: dict[int, Any] = {}
+        self._terminations = 0
+        self._reloadPending: set[int] = set()
+        # Workers of slots removed by a reload (workers lowered): they drain
+        # and are not restarted.
+        self._retiring: set[WorkerProcess] = set()
+        self.exitCode = 0
+        self.ready: Deferred[None] = Deferred()
+        self.startedAt: float | None = None
+        self.metrics = Metrics()
+        # Opened now so that an unwritable access log stops the start here,
+        # not in every worker; the workers open it themselves.
+        accessLog = AccessLog.fromSettings(config.proxy, reactor)
+        if accessLog is not None:
+            accessLog.close()
+        self.store: CertificateStore | None = None
+        if config.tls is not None:
+            # For /status and the expiry metrics; the workers serve their own.
+            self.store = CertificateStore(config.tls, reactor)
+            self.store.load()
+        # The health checks of the whole instance, and the backend states
+        # the admin listener shows and acts on.
+        self.runtime = Runtime.build(config, reactor, metrics=self.metrics, activeChecks=True)
+        self._observe(self.runtime)
+        self._runtimeStarted = False
+        self._adminPort: Any = None
+        from edgeproxy.admin import stateSamples
+
+        self.metrics.setStateSource(lambda: stateSamples(self))
+
+    def currentRuntime(self) -> Runtime:
+        """The runtime whose pools hold the backend states (no listener)."""
+        return self.runtime
+
+    @property
+    def sites(self) -> list[Any]:
+        """The supervisor serves no site (for the admin builders)."""
+        return []
+
+    @property
+    def count(self) -> int:
+        """Number of worker processes."""
+        return self.config.proxy.workers
+
+    # Start -------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._openOrExit()
+
+    def startService(self) -> None:
+        super().startService()
+        self._openOrExit()
+        if self.startedAt is None:
+            self.startedAt = self.clock.seconds()
+        if not self._runtimeStarted:
+            self._runtimeStarted = True
+            self.runtime.start()
+        self._installSignals()
+        for number in range(1, self.count + 1):
+            if number not in self.workers and number not in self._restarts:
+                self._spawn(number)
+
+    def _openOrExit(self) -> None:
+        if self.ports:
+            return
+        try:
+            self._openSockets()
+            self._openAdmin()
+        except StartupError as e:
+            log.critical("{message}; exiting", message=str(e))
+            raise SystemExit(1) from e
+
+    def _openSockets(self) -> None:
+        """
+        Listen on every listener's endpoint, as a single process would,
+        then stop reading from the port: the socket stays open for the
+        workers to inherit, and the kernel queues connections for them.
+        """
+        factory = _NoConnections()
+        for listener in self.config.listeners:
+            failures: list[Failure] = []
+            ports: list[Any] = []
+            try:
+                endpoint = serverFromString(self._reactor, listener.endpoint)
+                maybeDeferred(endpoint.listen, factory).addCallbacks(ports.append, failures.append)
+            except Exception:
+                failures.append(Failure())
+            if failures or not ports:
+                for port in self.ports.values():
+                    port.stopListening()
+                self.ports = {}
+                why = failures[0].getErrorMessage() if failures else "listen() did not complete"
+                raise StartupError(
+                    f"{self.config.path}: [listen:{listener.name}] endpoint "
+                    f"{listener.endpoint!r}: cannot listen: {why}"
+                )
+            port = ports[0]
+            port.stopReading()
+            self.ports[listener.name] = port
+            log.info(
+                "Listening on {address} for [listen:{name}] (served by {count} workers)",
+                address=_formatAddress(port.getHost()),
+                name=listener.name,
+                count=self.count,
+            )
+
+    def _openAdmin(self) -> None:
+        """The admin listener, in this process only (never in a worker)."""
+        endpoint = self.config.proxy.admin
+        if endpoint is None or self._adminPort is not None:
+            return
+        from edgeproxy.admin import listenAdmin
+
+        failures: list[Failure] = []
+        ports: list[Any] = []
+        listenAdmin(self, self._reactor, endpoint).addCallbacks(ports.append, failures.append)
+        if failures or not ports:
+            # Bound synchronously, as tcp:, unix: and systemd: all are.
+            for port in self.ports.values():
+                port.stopListening()
+            self.ports = {}
+            why = failures[0].getErrorMessage() if failures else "listen() did not complete"
+            raise StartupError(
+                f"{self.config.path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why}"
+            )
+        self._adminPort = ports[0]
+        log.info("Admin listener on {address}", address=_formatAddress(self._adminPort.getHost()))
+
+    def _inherited(self) -> list[tuple[str, int]]:
+        """(listener name, the supervisor's fd) in the order handed over."""
+        return [(name, port.fileno()) for name, port in self.ports.items()]
+
+    def workerEnvironment(self) -> dict[str, str]:
+        """
+        The environment of a worker: the supervisor's, without what only
+        the supervisor may use (C{NOTIFY_SOCKET}, its own C{LISTEN_*}),
+        with C{LISTEN_FDS}/C{LISTEN_FDNAMES} describing the inherited
+        sockets (the worker sets C{LISTEN_PID} to itself) and this
+        C{edgeproxy} package first on the path.
+        """
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
+        }
+        inherited = self._inherited()
+        env["LISTEN_FDS"] = str(len(inherited))
+        env["LISTEN_FDNAMES"] = ":".join(name for name, _ in inherited)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(edgeproxy.__file__)))
+        existing = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = root if not existing else os.pathsep.join([root, existing])
+        return env
+
+    def _spawn(self, number: int) -> None:
+        self._restarts.pop(number, None)
+        inherited = self._inherited()
+        controlFd = 3 + len(inherited)
+        childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r", controlFd: "r"}
+        for index, (_, fd) in enumerate(inherited):
+            childFDs[3 + index] = fd
+        worker = WorkerProcess(self, number, controlFd, self._publisher)
+        args = [
+            self._executable,
+            "-m",
+            "edgeproxy.worker",
+            "--config",
+            self.config.path,
+            "--number",
+            str(number),
+            "--control",
+            str(controlFd),
+        ]
+        self.workers[number] = worker
+        try:
+            self._reactor.spawnProcess(
+                worker,
+                self._executable,
+                args,
+                env=self.workerEnvironment(),
+                path=os.getcwd(),
+                childFDs=childFDs,
+            )
+        except Exception as e:
+            del self.workers[number]
+            log.error("worker {number}: cannot start: {error}", number=number, error=str(e))
+            self._afterFailure(number, ready=False, why=str(e))
+            return
+        log.info("worker {number} started (pid {pid})", number=number, pid=worker.pid)
+        self._readyTimers[number] = self._reactor.callLater(READY_TIMEOUT, self._notReady, worker)
+
+    def _notReady(self, worker: WorkerProcess) -> None:
+        self._readyTimers.pop(worker.number, None)
+        if worker.ready or self.workers.get(worker.number) is not worker:
+            return
+        log.error(
+            "worker {number} (pid {pid}) not ready after {timeout}s: killing it",
+            number=worker.number,
+            pid=worker.pid,
+            timeout=READY_TIMEOUT,
+        )
+        worker.signal("KILL")
+
+    # What workers say ----------------------------------------------------------
+
+    def workerNotified(self, worker: WorkerProcess, fields: dict[str, str]) -> None:
+        """A worker sent what a single process would send to systemd."""
+        if self.workers.get(worker.number) is not worker:
+            return
+        if fields.get("READY") == "1":
+            timer = self._readyTimers.pop(worker.number, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+            first = not worker.ready
+            worker.ready = True
+            self._startFailures[worker.number] = 0
+            self.workerReady(worker, first)
+        if fields.get("ERRNO") and "STATUS" in fields:
+            log.error(
+                "worker {number}: {status}",
+                number=worker.number,
+                status=fields["STATUS"],
+            )
+
+    def workerReady(self, worker: WorkerProcess, first: bool) -> None:
+        """
+        A worker finished starting or reloading: it gets the whole backend
+        state first, and the supervisor may now be ready itself.
+        """
+        if first:
+            log.info("worker {number} (pid {pid}) ready", number=worker.number, pid=worker.pid)
+        # Started or reloaded, its pools may be new: they get every
+        # backend's state before anything else.
+        for message in self.verdicts():
+            worker.send(message)
+        wasPending = worker.number in self._reloadPending
+        self._reloadPending.discard(worker.number)
+        if first and worker.number not in self._everReady:
+            self._everReady.add(worker.number)
+            if len(self._everReady) >= self.count and not self.ready.called:
+                log.info("All {count} workers ready", count=self.count)
+                self.notifier.ready(status=self._status())
+                self.ready.callback(None)
+        elif wasPending and not self._reloadPending and self.ready.called:
+            self.notifier.ready(status=self._status())
+
+    def workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
+        """The process of C{worker} is gone: log it, restart it unless stopping."""
+        number = worker.number
+        if worker in self._retiring:
+            self._retiring.discard(worker)
+            if self.workers.get(number) is worker:
+                del self.workers[number]
+            log.info("worker {number} (pid {pid}) {how}", number=number, pid=worker.pid, how=_describeExit(reason))
+            return
+        if self.workers.get(number) is worker:
+            del self.workers[number]
+        timer = self._readyTimers.pop(number, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        how = _describeExit(reason)
+        if self._stopping is not None:
+            log.info("worker {number} (pid {pid}) {how}", number=number, pid=worker.pid, how=how)
+            return
+        if number in self._reloadPending:
+            # Its replacement starts with the new configuration: the reload
+            # need not wait for it.
+            self._reloadPending.discard(number)
+            if not self._reloadPending and self.ready.called:
+                self.notifier.ready(status=self._status())
+        log.error(
+            "worker {number} (pid {pid}) {how}",
+            number=number,
+            pid=worker.pid,
+            how=how,
+            exitStatus=getattr(reason.value, "exitCode", None),
+            exitSignal=getattr(reason.value, "signal", None),
+        )
+        healthy = worker.ready and self.clock.seconds() - worker.startedAt >= STABLE_AFTER
+        self._afterFailure(number, ready=worker.ready, why=how, healthy=healthy)
+
+    def _afterFailure(self, number: int, ready: bool, why: str, healthy: bool = False) -> None:
+        if self._stopping is not None:
+            return
+        if not ready:
+            self._startFailures[number] = self._startFailures.get(number, 0) + 1
+            if self._startFailures[number] >= MAX_START_ATTEMPTS:
+                self.fatal(
+                    f"worker {number} could not start {MAX_START_ATTEMPTS} times in a row "
+                    f"(last: {why}; its log lines above say why)"
+                )
+                return
+        if healthy:
+            self._failures[number] = 0
+            delay = 0.0
+        else:
+            self._failures[number] = self._failures.get(number, 0) + 1
+            delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (self._failures[number] - 1))
+        log.info("worker {number}: restarting in {delay}s", number=number, delay=delay)
+        self._restarts[number] = self._reactor.callLater(delay, self._spawn, number)
+
+    def fatal(self, message: str) -> None:
+        """Stop everything and make the process exit with status 1."""
+        if self.exitCode:
+            return
+        log.critical("{message}; stopping", message=message)
+        self.exitCode = 1
+        self.notifier.notify(STATUS=message, ERRNO=1)
+        if not self.ready.called:
+            self.ready.errback(StartupError(message))
+            self.ready.addErrback(lambda _: None)
+        if self._reactor.running:
+            # twistd exits 0 after a plain reactor.stop(): the status must
+            # say the start failed (the unit's Restart= depends on it).
+            self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self._reactor.stop()
+
+    def _status(self) -> str:
+        names = list(self.ports)
+        return f"serving {len(names)} listener(s) ({', '.join(names)}) with {self.count} workers"
+
+    # Backend states ------------------------------------------------------------
+
+    def _observe(self, runtime: Runtime, skip: frozenset[str] = frozenset()) -> None:
+        for name, pool in runtime.pools.items():
+            if name in skip:
+                # A pool taken over by a reload is observed already.
+                continue
+            pool.observers.append(lambda backend, name=name: self.backendChanged(name, backend))
+
+    def backendChanged(self, upstream: str, backend: Backend) -> None:
+        """
+        A backend changed state here (a health check's verdict, an admin
+        action): every worker applies it too.
+        """
+        if self.runtime.pools.get(upstream) is None or backend not in self.runtime.pools[upstream].backends:
+            # A pool a reload retired: its verdicts no longer matter.
+            return
+        message = _verdict(upstream, backend)
+        for worker in self.workers.values():
+            if worker.ready:
+                worker.send(message)
+
+    def verdicts(self) -> list[dict[str, Any]]:
+        """The state of every backend, as the messages a worker applies."""
+        return [
+            _verdict(name, backend)
+            for name, pool in self.runtime.pools.items()
+            for backend in pool.backends
+        ]
+
+    # What the admin listener shows ---------------------------------------------
+
+    def _askAll(self, op: str) -> Deferred[tuple[dict[int, dict[str, Any]], list[int]]]:
+        """
+        Ask every worker; fires with (worker number -> answer, numbers of
+        the workers that did not answer within L{ASK_TIMEOUT}).
+        """
+        numbers = list(range(1, self.count + 1))
+        questions = []
+        for number in numbers:
+            worker = self.workers.get(number)
+            if worker is None or not worker.ready:
+                questions.append(_failed(NoAnswer(f"worker {number} is not running")))
+            else:
+                questions.append(worker.channel.ask(op, ASK_TIMEOUT))
+
+        def collect(results: list[tuple[bool, Any]]) -> tuple[dict[int, dict[str, Any]], list[int]]:
+            answers: dict[int, dict[str, Any]] = {}
+            missing: list[int] = []
+            for number, (ok, result) in zip(numbers, results):
+                if ok:
+                    answers[number] = result
+                else:
+                    missing.append(number)
+            return answers, missing
+
+        return DeferredList(questions, consumeErrors=True).addCallback(collect)
+
+    def aggregateMetrics(self) -> Deferred[bytes]:
+        """
+        C{GET /metrics} of the instance: every worker's series summed with
+        the supervisor's own (see L{NOT_SUMMED}), and a comment line naming
+        the workers that did not answer in time.
+        """
+
+        def merge(result: tuple[dict[int, dict[str, Any]], list[int]]) -> bytes:
+            answers, missing = result
+            texts = [str(a.get("text", "")) for _, a in sorted(answers.items())]
+            merged = mergeExpositions(self.metrics.exposition(), texts, NOT_SUMMED)
+            header = f"# edgeproxy: {len(answers)} of {self.count} workers answered".encode()
+            if missing:
+                header += b"; missing: " + ", ".join(f"worker {n}" for n in missing).encode()
+            return header + b"\n" + merged
+
+        return self._askAll("metrics").addCallback(merge)
+
+    def aggregateStatus(self, now: float | None = None) -> Deferred[dict[str, Any]]:
+        """
+        C{GET /status} of the instance: the supervisor's backend states
+        with the workers' requests in flight summed in, the listeners with
+        the workers' connections, and one entry per worker process
+        (C{worker_processes}; C{workers_missing} lists those that did not
+        answer in time).
+        """
+        from edgeproxy.admin import statusDocument
+
+        def build(result: tuple[dict[int, dict[str, Any]], list[int]]) -> dict[str, Any]:
+            answers, missing = result
+            document = statusDocument(self, now)
+            return combineStatus(document, self, answers, missing)
+
+        return self._askAll("status").addCallback(build)
+
+    # Signals ---------------------------------------------------------------------
+
+    def _installSignals(self) -> None:
+        if not self._installSignalHandlers or self._previousSignals:
+            return
+        self._previousSignals[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._onHangup)
+        # The reactor installs its SIGTERM handler as it starts, after this.
+        self._reactor.callWhenRunning(self._takeOverTermination)
+
+    def _takeOverTermination(self) -> None:
+        """
+        Handle C{SIGTERM} (and C{SIGINT} where the reactor took it) here, as
+        L{edgeproxy.service.EdgeService} does: the reactor's own handler
+        would make twistd kill itself with the signal after a complete
+        drain (status 143).  The first signal stops the reactor, which stops
+        this service (the workers drain); a second one is sent on to the
+        workers, which then abort what is still in flight.
+        """
+        if self._stopping is not None:
+            return
+        self._previousSignals[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._onTerminate)
+        sigInt = getattr(self._reactor, "sigInt", None)
+        if sigInt is not None and signal.getsignal(signal.SIGINT) == sigInt:
+            self._previousSignals[signal.SIGINT] = signal.signal(signal.SIGINT, self._onTerminate)
+
+    def _onTerminate(self, signum: int, frame: FrameType | None) -> None:
+        self._terminations += 1
+        if self._terminations == 1:
+            self._reactor.callFromThread(self._terminate, signum)
+        else:
+            self._reactor.callFromThread(self._forward, signum)
+
+    def _terminate(self, signum: int) -> None:
+        log.info("Received {signal}, stopping the workers", signal=signal.Signals(signum).name)
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass
+
+    def _forward(self, signum: int) -> None:
+        log.warn(
+            "Received {signal} again: the workers abort what is still in flight",
+            signal=signal.Signals(signum).name,
+        )
+        for worker in list(self.workers.values()) + list(self._retiring):
+            worker.signal("TERM")
+
+    def _onHangup(self, signum: int, frame: FrameType | None) -> None:
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        C{SIGHUP}: the supervisor reloads its own view (L{reloadOwnView})
+        and every worker reloads itself; C{READY=1} goes to systemd when
+        each has reported its reload done.
+        """
+        if self._stopping is not None:
+            return
+        self.notifier.reloading()
+        log.info("SIGHUP: reloading {path} and {count} workers", path=self.config.path, count=len(self.workers))
+        ok = self.reloadOwnView()
+        self.metrics.reloaded(ok)
+        self._reloadPending = {number for number, worker in self.workers.items() if worker.ready}
+        for number in sorted(self._reloadPending):
+            self.workers[number].signal("HUP")
+        if not self._reloadPending:
+            self.notifier.ready(status=self._status())
+
+    def reloadOwnView(self) -> bool:
+        """
+        Read the configuration again, validated as C{edgeproxy check} does,
+        and swap what the supervisor runs: the health checks (pools of
+        unchanged upstreams are kept with their states), the certificates
+        shown by C{/status}, the admin listener.  An invalid configuration
+        changes nothing (each worker refuses it too, and logs it).
+
+        The listening sockets are the ones opened at start: a listener
+        removed by the reload is closed; a listener added or moved to
+        another endpoint needs a restart of the supervisor (with socket
+        activation, a restart refuses no connection), which is logged.
+
+        @return: whether the new configuration is in use.
+        """
+        from edgeproxy.cli import EXIT_OK, check
+        from edgeproxy.config import load
+
+        path = self.config.path
+        problems = io.StringIO()
+        if check(path, out=io.StringIO(), err=problems, now=self.clock.seconds()) != EXIT_OK:
+            for problem in problems.getvalue().splitlines():
+                log.error("Reload refused, still serving the previous configuration: {problem}", problem=problem)
+            return False
+        try:
+            config = load(path)
+            runtime = Runtime.build(
+                config, self._reactor, metrics=self.metrics, activeChecks=True, previous=self.runtime
+            )
+        except (EdgeProxyError, OSError) as e:
+            log.error("Reload refused, still serving the previous configuration: {problem}", problem=str(e))
+            return False
+        if config.tls is not None:
+            try:
+                if self.store is None:
+                    store = CertificateStore(config.tls, self._reactor)
+                    store.load()
+                    self.store = store
+                else:
+                    self.store.reload(config.tls)
+            except EdgeProxyError as e:
+                # The workers refuse the reload for the same reason.
+                log.error("Reload refused, still serving the previous configuration: {problem}", problem=str(e))
+                for name, pool in runtime.pools.items():
+                    if name not in runtime.inherited:
+                        pool.close()
+                return False
+        else:
+            self.store = None
+        previous, self.runtime = self.runtime, runtime
+        self._observe(runtime, skip=runtime.inherited)
+        runtime.start()
+        for pool in runtime.retiredFrom(previous):
+            stopPool(pool)
+            pool.close()
+        old, self.config = self.config, config
+        self._reloadListeners(old, config)
+        if old.proxy.admin != config.proxy.admin:
+            self._reopenAdmin()
+        if config.proxy.workers != old.proxy.workers:
+            self._resize(old.proxy.workers, config.proxy.workers)
+        return True
+
+    def _reloadListeners(self, old: Config, new: Config) -> None:
+        before = {listener.name: listener for listener in old.listeners}
+        after = {listener.name: listener for listener in new.listeners}
+        for name in before:
+            if name not in after and name in self.ports:
+                self.ports.pop(name).stopListening()
+                log.info("Closed [listen:{name}] (no longer configured)", name=name)
+        for name, listener in after.items():
+            previous = before.get(name)
+            if previous is None:
+                log.warn(
+                    "[listen:{name}] is new: with workers > 1 it opens at the next restart",
+                    name=name,
+                )
+            elif previous.endpoint != listener.endpoint:
+                log.warn(
+                    "[listen:{name}] endpoint changed to {endpoint!r}: with workers > 1 it keeps "
+                    "listening on {previous!r} until the next restart",
+                    name=name,
+                    endpoint=listener.endpoint,
+                    previous=previous.endpoint,
+                )
+
+    def _reopenAdmin(self) -> None:
+        port, self._adminPort = self._adminPort, None
+        if port is not None:
+            port.stopListening()
+        try:
+            self._openAdmin()
+        except StartupError as e:
+            log.error("{message}; no admin listener", message=str(e))
+
+    def _resize(self, before: int, after: int) -> None:
+        log.info("workers: {before} -> {after}", before=before, after=after)
+        for number in range(after + 1, before + 1):
+            call = self._restarts.pop(number, None)
+            if call is not None and call.active():
+                call.cancel()
+            worker = self.workers.get(number)
+            if worker is not None:
+                self._retiring.add(worker)
+                worker.signal("TERM")
+        for number in range(before + 1, after + 1):
+            self._spawn(number)
+
+    # Stop ----------------------------------------------------------------------
+
+    def stopService(self) -> Deferred[None]:
+        if self._stopping is not None:
+            return self._stopping
+        # The signal handlers stay: SIGHUP while stopping is ignored (its
+        # default action would end the supervisor mid-drain), a second
+        # SIGTERM is forwarded.
+        children = maybeDeferred(super().stopService)
+        self._stopping = Deferred.fromCoroutine(self._stop(children))
+        return self._stopping
+
+    async def _stop(self, children: Deferred[Any]) -> None:
+        reactor = self._reactor
+        self.notifier.stopping()
+        for call in list(self._restarts.values()) + list(self._readyTimers.values()):
+            if call.active():
+                call.cancel()
+        self._restarts = {}
+        self._readyTimers = {}
+        running = list(self.workers.values())
+        log.info("Stopping: {count} worker(s) drain their requests", count=len(running))
+        # The workers have their own copies: closing these makes the
+        # kernel refuse connections once the last worker closed its own.
+        listening = list(self.ports.values())
+        if self._adminPort is not None:
+            listening.append(self._adminPort)
+            self._adminPort = None
+        await DeferredList([maybeDeferred(port.stopListening) for port in listening])
+        self.ports = {}
+        running += [worker for worker in self._retiring if worker not in running]
+        for worker in running:
+            worker.signal("TERM")
+        timeout = self.config.proxy.shutdown_timeout + STOP_MARGIN
+        if running:
+            ended = DeferredList([worker.ended for worker in running])
+            await _within(reactor, ended, timeout)
+            stragglers = [worker for worker in running if not worker.ended.called]
+            for worker in stragglers:
+                log.warn(
+                    "worker {number} (pid {pid}) still running {timeout}s after SIGTERM: killing it",
+                    number=worker.number,
+                    pid=worker.pid,
+                    timeout=timeout,
+                )
+                worker.signal("KILL")
+            if stragglers:
+                await _within(reactor, DeferredList([w.ended for w in stragglers]), 5.0)
+        await children
+        for pool in self.runtime.pools.values():
+            stopPool(pool)
+        await _within(reactor, self.runtime.close(), 2.0)
+        if self.exitCode == 0:
+            # twistd re-raises the signal that stopped the reactor on itself
+            # once the reactor is done (exit status 143 for SIGTERM); a clean
+            # drain is a success, so the supervisor exits 0.
+            if getattr(reactor, "_exitSignal", None) is not None:
+                reactor._exitSignal = None
+        log.info("Stopped")
+
+
+def _verdict(upstream: str, backend: Backend) -> dict[str, Any]:
+    return {
+        "op": "verdict",
+        "upstream": upstream,
+        "address": backend.address,
+        "state": backend.state.value,
+        "reason": backend.reason,
+    }
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    failed: Deferred[Any] = Deferred()
+    failed.errback(error)
+    return failed
+
+
+def combineStatus(
+    document: dict[str, Any],
+    supervisor: Supervisor,
+    answers: dict[int, dict[str, Any]],
+    missing: list[int],
+) -> dict[str, Any]:
+    """
+    Complete the supervisor's C{/status} C{document} with what the
+    workers answered (see L{Supervisor.aggregateStatus}).
+    """
+    statuses = {number: answer.get("status") or {} for number, answer in answers.items()}
+    listeners = []
+    for listener in supervisor.config.listeners:
+        port = supervisor.ports.get(listener.name)
+        listeners.append({
+            "name": listener.name,
+            "endpoint": listener.endpoint,
+            "tls": listener.tls,
+            "address": None if port is None else _formatAddress(port.getHost()),
+            "connections": sum(int(s.get("connections", {}).get(listener.name, 0)) for s in statuses.values()),
+            "in_flight": sum(int(s.get("listeners_in_flight", {}).get(listener.name, 0)) for s in statuses.values()),
+        })
+    document["listeners"] = listeners
+    for name, upstream in document.get("upstreams", {}).items():
+        for entry in upstream.get("backends", []):
+            entry["in_flight"] = sum(
+                int(s.get("backends", {}).get(name, {}).get(entry["address"], 0))
+                for s in statuses.values()
+            )
+    processes = []
+    for number in range(1, supervisor.count + 1):
+        worker = supervisor.workers.get(number)
+        status = statuses.get(number)
+        processes.append({
+            "worker": number,
+            "pid": None if worker is None else worker.pid,
+            "ready": bool(worker is not None and worker.ready),
+            "answered": status is not None,
+            "connections": None if status is None else sum(status.get("connections", {}).values()),
+            "in_flight": None if status is None else status.get("in_flight"),
+        })
+    document["worker_processes"] = processes
+    document["workers_missing"] = sorted(missing)
+    return document
+
+
+async def _within(clock: Any, waiting: Deferred[Any], timeout: float) -> None:
+    """Wait for C{waiting}, at most C{timeout} seconds (never fails)."""
+    done: Deferred[None] = Deferred()
+    timer = clock.callLater(timeout, lambda: done.called or done.callback(None))
+    waiting.addBoth(lambda _: done.called or done.callback(None))
+    await done
+    if timer.active():
+        timer.cancel()
+
+
+def _formatAddress(address: Any) -> str:
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return str(getattr(address, "name", address))
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
