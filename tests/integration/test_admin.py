@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certutil import CertificateAuthority
-from tests.proc import Backend, NotifyReceiver, Twistd
+from tests.proc import Backend, H2Client, NotifyReceiver, Twistd
 
 START_TIMEOUT = 30.0
 TIMEOUT = 10.0
@@ -156,16 +156,23 @@ def test_statusMetricsAndActions(proxy: Proxy) -> None:
 
     # Traffic, and what /metrics says about it.
     assert proxy.proxied("/one") == 200
+    h2 = H2Client(proxy.https, "localhost", proxy.cafile, timeout=TIMEOUT)
+    try:
+        assert h2.get("/h2", "localhost")[0] == 200
+    finally:
+        h2.close()
     untrusting = ssl.create_default_context()  # the system store does not know our CA
     with pytest.raises(ssl.SSLError):
         with socket.create_connection(("127.0.0.1", proxy.https), timeout=TIMEOUT) as raw:
             untrusting.wrap_socket(raw, server_hostname="localhost")
     samples = proxy.metrics()
-    assert get(samples, "edgeproxy_requests_total", route="app", upstream="app", code="2xx") == 1
-    assert get(samples, "edgeproxy_request_duration_seconds_count", route="app") == 1
+    assert get(samples, "edgeproxy_requests_total", route="app", upstream="app", code="2xx") == 2
+    assert get(samples, "edgeproxy_request_duration_seconds_count", route="app") == 2
+    assert get(samples, "edgeproxy_upstream_response_seconds_count", upstream="app") == 2
     assert get(samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.3", alpn="http/1.1") == 1
+    assert get(samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.3", alpn="h2") == 1
     assert get(samples, "edgeproxy_tls_handshake_failures_total", listener="https") == 1
-    assert get(samples, "edgeproxy_connections_total", listener="https") == 2
+    assert get(samples, "edgeproxy_connections_total", listener="https") == 3
     assert (get(samples, "edgeproxy_sent_bytes_total", listener="https") or 0) > 0
     assert get(samples, "edgeproxy_backend_state", upstream="app",
                backend=f"127.0.0.1:{proxy.backend.port}", state="up") == 1
