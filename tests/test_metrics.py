@@ -183,15 +183,27 @@ def test_requestsBytesAndConnectionsCounted() -> None:
     assert value(samples, "edgeproxy_request_duration_seconds_sum", route="app") == pytest.approx(0.3)
 
 
-def test_writeSequenceCountedOnce() -> None:
-    """A transport whose writeSequence calls its own write counts each byte once."""
+class SelfWritingTransport(StringTransport):
+    """Like TLSMemoryBIOProtocol: writeSequence goes through write."""
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+
+@pytest.mark.parametrize("transportType", [StringTransport, SelfWritingTransport])
+def test_writeSequenceCountedOnce(transportType: type[StringTransport]) -> None:
+    """Bytes written through writeSequence are counted once, whether or not it calls write."""
     metrics = Metrics()
-    client = InstrumentedClient(metrics, MemoryReactorClock())
-    transport = client.transport
+    site = EdgeSite(lambda: None, Listener(name="web", endpoint="tcp:0", tls=False),
+                    MemoryReactorClock(), metrics=metrics)
+    protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    transport = transportType()
+    protocol.makeConnection(transport)
     transport.writeSequence([b"ab", b"cde"])
     transport.write(b"f")
-    assert transport.value() == b"abcdef"
-    assert value(scrape(metrics), "edgeproxy_sent_bytes_total", listener="web") == 6
+    transport.writeSequence(iter([b"gh"]))
+    assert transport.value() == b"abcdefgh"
+    assert value(scrape(metrics), "edgeproxy_sent_bytes_total", listener="web") == 8
 
 
 def test_siteWithoutMetricsIsUntouched() -> None:
