@@ -21,7 +21,6 @@ closes once their requests are done.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,20 +67,6 @@ def upstreamFingerprint(upstream: Upstream) -> Fingerprint:
         except OSError:
             digests.append((path, None))
     return upstream, tuple(digests)
-
-
-def _newPool(
-    reactor: Any, upstream: Upstream, tls: Any, metrics: Any, activeChecks: bool
-) -> UpstreamPool:
-    # UpstreamPool takes metrics= and activeChecks= once the health and
-    # retry work is in; until then it is built without them.
-    accepted = inspect.signature(UpstreamPool).parameters
-    options: dict[str, Any] = {}
-    if "metrics" in accepted:
-        options["metrics"] = metrics
-    if "activeChecks" in accepted:
-        options["activeChecks"] = activeChecks
-    return UpstreamPool(reactor, upstream, tls, **options)
 
 
 @dataclass(frozen=True)
@@ -150,7 +135,9 @@ class Runtime:
         pools = {
             name: kept[name]
             if name in kept
-            else _newPool(reactor, upstream, tls[name], metrics, activeChecks)
+            else UpstreamPool(
+                reactor, upstream, tls[name], metrics=metrics, activeChecks=activeChecks
+            )
             for name, upstream in config.upstreams.items()
         }
         return cls(
@@ -169,9 +156,11 @@ class Runtime:
         for name, pool in self.pools.items():
             if name in self.inherited:
                 continue
-            start = getattr(pool, "start", None)
-            if start is not None:
-                start()
+            try:
+                pool.start()
+            except Exception:
+                # One pool's checker must not keep the others from starting.
+                log.failure("Starting upstream {upstream} failed", upstream=name)
 
     def retiredFrom(self, previous: Runtime) -> list[UpstreamPool]:
         """
@@ -200,11 +189,8 @@ def stopPool(pool: UpstreamPool) -> None:
     Stop a pool's health checks and re-resolution, if it runs any; never
     raises (a pool that fails to stop is logged, the rest carry on).
     """
-    stop = getattr(pool, "stop", None)
-    if stop is None:
-        return
     try:
-        stop()
+        pool.stop()
     except Exception:
         log.failure("Stopping upstream {upstream} failed", upstream=pool.upstream.name)
 
@@ -214,8 +200,4 @@ def poolInFlight(pool: UpstreamPool) -> int:
     Requests a pool has in flight: sent (or queued) and whose response body
     is not delivered yet.  A retired pool is closed when this reaches 0.
     """
-    counter = getattr(pool, "inFlight", None)
-    if callable(counter):
-        return int(counter())
-    balancer = pool.balancer
-    return sum(balancer.inFlight(backend) for backend in pool.backends)
+    return pool.inFlight()

@@ -713,7 +713,12 @@ class EdgeService(MultiService):
                 site.accessLog = accessLog
             if old is not None:
                 old.close()
-        runtime.start()
+        try:
+            runtime.start()
+        except Exception:
+            # Served already; a pool whose checks did not start is still a
+            # pool (its backends keep their initial state).
+            log.failure("Starting the upstream pools of the new configuration failed")
         self._retire(runtime.retiredFrom(previous))
         log.info(
             "Reloaded {path}: {routes} route(s), {upstreams} upstream(s)"

@@ -137,3 +137,36 @@ def test_poolInFlightCountsRequestsToEveryBackend() -> None:
     assert poolInFlight(pool) == 2
     pool.balancer.released(backend)
     assert poolInFlight(pool) == 1
+
+
+def test_startStartsOnlyTheNewPools() -> None:
+    """
+    An inherited pool's health checker runs on; starting the new runtime
+    must not add a second one (checks would double at every reload).
+    """
+    reactor = MemoryReactorClock()
+    checked = dataclasses.replace(APP, health_path="/health", health_interval=5.0)
+
+    def checksIn(seconds: float) -> int:
+        before = len(reactor.tcpClients)
+        for _ in range(int(seconds * 10)):
+            reactor.advance(0.1)
+        return sum(1 for host, port, *_ in reactor.tcpClients[before:] if port == 9001)
+
+    first = Runtime.build(makeConfig(checked), reactor)
+    first.start()
+    alone = checksIn(30)
+    assert alone >= 4
+    second = Runtime.build(makeConfig(checked, API), reactor, previous=first)
+    assert second.pools["app"] is first.pools["app"]
+    second.start()
+    assert checksIn(30) <= alone + 1
+    # A changed upstream gets its own checker, and the retired one stops.
+    moved = dataclasses.replace(checked, health_path="/ready")
+    third = Runtime.build(makeConfig(moved, API), reactor, previous=second)
+    for pool in third.retiredFrom(second):
+        pool.stop()
+    third.start()
+    assert checksIn(30) <= alone + 1
+    second.stop()
+    third.stop()

@@ -52,19 +52,27 @@ class Reactor(MemoryReactorClock):
         self.advance(time.time())
         self.fromThreads: list[Any] = []
         self._refuse = refuse
+        # Like the kernel: a port listened on cannot be bound again until
+        # it is closed.
+        self.bound: set[int] = set()
+        self.refuseTLS = False
 
     def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
         self.fromThreads.append((f, args, kwargs))
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
-        if port in self._refuse:
+        if port in self._refuse or port in self.bound or (
+            self.refuseTLS and isinstance(factory, TLSMemoryBIOFactory)
+        ):
             raise CannotListenError(interface, port, OSError(98, "Address already in use"))
         listening = super().listenTCP(port, factory, backlog, interface)
         listening.disconnected = False
+        self.bound.add(port)
         stop = listening.stopListening
 
         def stopListening() -> Any:
             listening.disconnected = True
+            self.bound.discard(port)
             return stop()
 
         listening.stopListening = stopListening
@@ -424,6 +432,74 @@ def test_reloadListeners(tmp_path: Path, certs: dict[str, Any], receiver: Receiv
     assert len(service.ports) == 3
     service.stopService()
     reactor.advance(1)
+
+
+def test_reloadListenerChangedInPlaceOrRenamed(
+    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+) -> None:
+    """
+    A listener that changes shape on the same endpoint, or moves to another
+    name, must free the port before the new one binds it.
+    """
+    reactor = Reactor()
+    service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
+    service.startService()
+    plainSite, plainPort = service.sites[1], service.ports[1]
+    # plain becomes TLS on the same port; http is renamed to www.
+    text = INI.replace(
+        "endpoint = tcp:8080:interface=127.0.0.1\n",
+        "endpoint = tcp:8080:interface=127.0.0.1\ntls = yes\n",
+    ).replace("[listen:http]", "[listen:www]")
+    writeIni(tmp_path, certs, text)
+    assert result(service.reload()) is True
+    assert plainPort.disconnected
+    assert service.sites[1] is not plainSite
+    last8080 = [factory for port, factory, _, _ in reactor.tcpServers if port == 8080][-1]
+    assert isinstance(last8080, TLSMemoryBIOFactory)
+    assert sorted(service._open) == ["https", "plain", "www"]
+    assert sorted(reactor.bound) == [8080, 8081, 8443]
+    errors = [e for e in events if e["log_level"] >= LogLevel.error]
+    assert errors == []
+
+    # Back to plain; then a change to TLS that cannot bind reopens the
+    # plain one with its previous settings.
+    writeIni(tmp_path, certs, INI.replace("[listen:http]", "[listen:www]"))
+    assert result(service.reload()) is True
+    reactor.refuseTLS = True
+    writeIni(tmp_path, certs, text)
+    assert result(service.reload()) is True
+    warnings = [e for e in events if e["log_level"] == LogLevel.warn and e.get("name") == "plain"]
+    assert warnings and warnings[-1]["what"] == "listens again with its previous settings"
+    assert 8080 in reactor.bound
+    last8080 = [factory for port, factory, _, _ in reactor.tcpServers if port == 8080][-1]
+    assert not isinstance(last8080, TLSMemoryBIOFactory)
+    reactor.refuseTLS = False
+    service.stopService()
+    reactor.advance(1)
+
+
+def test_connectionsOfARemovedListenerAreDrainedAtStop(
+    tmp_path: Path, certs: dict[str, Any], receiver: Receiver
+) -> None:
+    reactor = Reactor()
+    service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
+    service.startService()
+    plain = service.sites[1]
+    busy, busyTransport = connectTo(reactor, plain, b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+    idle, idleTransport = connect(plain)
+    writeIni(tmp_path, certs, INI.replace(
+        "[listen:plain]\nendpoint = tcp:8080:interface=127.0.0.1\n", ""))
+    assert result(service.reload()) is True
+    assert plain not in service.sites
+    # The reload left them alone...
+    assert not idleTransport.disconnecting and not busyTransport.disconnecting
+    stopped = service.stopService()
+    # ...the stop closes the idle one at once and waits for the busy one.
+    assert idleTransport.disconnecting
+    reactor.advance(4.9)
+    assert not stopped.called and not busyTransport.disconnected
+    reactor.advance(0.2)
+    assert busyTransport.disconnected and stopped.called
 
 
 def test_reloadReopensOrSwitchesTheAccessLog(
