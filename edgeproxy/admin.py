@@ -100,6 +100,15 @@ def _inFlight(pool: Any, backend: Backend) -> int:
         return 0
 
 
+def _available(pool: Any, backend: Backend) -> bool:
+    # The balancer's predicate: it knows whether an unknown backend may take
+    # requests (only while none of the upstream is up).
+    balancer = getattr(pool, "balancer", None)
+    if balancer is not None:
+        return bool(balancer.isAvailable(backend))
+    return backend.isAvailable()
+
+
 def backendStatus(pool: Any, backend: Backend) -> dict[str, Any]:
     """One backend's entry in C{/status} (and the answer to an action)."""
     check = backend.lastCheck
@@ -108,8 +117,9 @@ def backendStatus(pool: Any, backend: Backend) -> dict[str, Any]:
         "server": backend.server.address,
         "state": backend.state.value,
         "reason": backend.reason or None,
-        "available": backend.isAvailable(),
+        "available": _available(pool, backend),
         "weight": backend.weight,
+        "effective_weight": round(float(backend.effectiveWeight()), 3),
         "backup": backend.backup,
         "max_conns": backend.server.max_conns,
         "in_flight": _inFlight(pool, backend),

@@ -174,10 +174,10 @@ def test_statusDocument(admin: Admin) -> None:
     assert (app["balance"], app["health_checks"]) == ("round_robin", False)
     assert app["backends"] == [
         {"address": "127.0.0.1:9001", "server": "127.0.0.1:9001", "state": "up", "reason": None,
-         "available": True, "weight": 2, "backup": False, "max_conns": 0, "in_flight": 0,
+         "available": True, "weight": 2, "effective_weight": 2.0, "backup": False, "max_conns": 0, "in_flight": 0,
          "ejected_until": None, "ejections": 0, "last_check": None},
         {"address": "127.0.0.1:9002", "server": "127.0.0.1:9002", "state": "up", "reason": None,
-         "available": True, "weight": 1, "backup": True, "max_conns": 0, "in_flight": 0,
+         "available": True, "weight": 1, "effective_weight": 1.0, "backup": True, "max_conns": 0, "in_flight": 0,
          "ejected_until": None, "ejections": 0, "last_check": None},
     ]
     v6 = document["upstreams"]["v6"]
@@ -202,6 +202,21 @@ def test_statusFollowsTheLiveObjects(admin: Admin) -> None:
                                  "duration": 0.002}
     assert (two["ejected_until"], two["ejections"], two["available"], two["in_flight"]) == (
         2000.0, 3, False, 1)
+
+
+def test_statusShowsSlowStartAndFailOpen(admin: Admin) -> None:
+    """effective_weight follows the slow-start ramp; an unknown backend is available only while none is up."""
+    first, second = admin.pool.backends
+    first.startSlowStart(10.0)
+    admin.reactor.advance(5.0)
+    [one, _] = json.loads(admin.ask("GET", "/status")[2])["upstreams"]["app"]["backends"]
+    assert one["effective_weight"] == pytest.approx(2 * (0.1 + 0.9 * 0.5))
+    first.state = second.state = BackendState.UNKNOWN
+    one, two = json.loads(admin.ask("GET", "/status")[2])["upstreams"]["app"]["backends"]
+    assert (one["available"], two["available"]) == (True, True)
+    second.state = BackendState.UP
+    one, two = json.loads(admin.ask("GET", "/status")[2])["upstreams"]["app"]["backends"]
+    assert (one["state"], one["available"], two["available"]) == ("unknown", False, True)
 
 
 def test_statusCountsConnections(admin: Admin) -> None:
