@@ -53,7 +53,7 @@ from twisted.python.failure import Failure
 
 import edgeproxy
 from edgeproxy.accesslog import AccessLog
-from edgeproxy.config.model import Config
+from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import EdgeProxyError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, stopPool
@@ -326,6 +326,10 @@ class Supervisor(MultiService):
         # Workers of slots removed by a reload (workers lowered): they drain
         # and are not restarted.
         self._retiring: set[WorkerProcess] = set()
+        # Slot -> the worker a new one replaces (new sockets after a
+        # reload); it drains once its replacement is ready.
+        self._replacing: dict[int, WorkerProcess] = {}
+        self._socketsChanged = False
         self.exitCode = 0
         self.ready: Deferred[None] = Deferred()
         self.startedAt: float | None = None
@@ -395,37 +399,48 @@ class Supervisor(MultiService):
 
     def _openSockets(self) -> None:
         """
-        Listen on every listener's endpoint, as a single process would,
-        then stop reading from the port: the socket stays open for the
-        workers to inherit, and the kernel queues connections for them.
+        Listen on every listener's endpoint (see L{_openSocket}); if one
+        cannot, close the others and raise.
         """
-        factory = _NoConnections()
         for listener in self.config.listeners:
-            failures: list[Failure] = []
-            ports: list[Any] = []
             try:
-                endpoint = serverFromString(self._reactor, listener.endpoint)
-                maybeDeferred(endpoint.listen, factory).addCallbacks(ports.append, failures.append)
-            except Exception:
-                failures.append(Failure())
-            if failures or not ports:
+                self.ports[listener.name] = self._openSocket(listener)
+            except StartupError:
                 for port in self.ports.values():
                     port.stopListening()
                 self.ports = {}
-                why = failures[0].getErrorMessage() if failures else "listen() did not complete"
-                raise StartupError(
-                    f"{self.config.path}: [listen:{listener.name}] endpoint "
-                    f"{listener.endpoint!r}: cannot listen: {why}"
-                )
-            port = ports[0]
-            port.stopReading()
-            self.ports[listener.name] = port
-            log.info(
-                "Listening on {address} for [listen:{name}] (served by {count} workers)",
-                address=_formatAddress(port.getHost()),
-                name=listener.name,
-                count=self.count,
+                raise
+
+    def _openSocket(self, listener: Listener) -> Any:
+        """
+        Listen on C{listener}'s endpoint, as a single process would, then
+        stop reading from the port: the socket stays open for the workers
+        to inherit, and the kernel queues connections for them.
+
+        @raise StartupError: it cannot listen.
+        """
+        failures: list[Failure] = []
+        ports: list[Any] = []
+        try:
+            endpoint = serverFromString(self._reactor, listener.endpoint)
+            maybeDeferred(endpoint.listen, _NoConnections()).addCallbacks(ports.append, failures.append)
+        except Exception:
+            failures.append(Failure())
+        if failures or not ports:
+            why = failures[0].getErrorMessage() if failures else "listen() did not complete"
+            raise StartupError(
+                f"{self.config.path}: [listen:{listener.name}] endpoint "
+                f"{listener.endpoint!r}: cannot listen: {why}"
             )
+        port = ports[0]
+        port.stopReading()
+        log.info(
+            "Listening on {address} for [listen:{name}] (served by {count} workers)",
+            address=_formatAddress(port.getHost()),
+            name=listener.name,
+            count=self.count,
+        )
+        return port
 
     def _openAdmin(self) -> None:
         """The admin listener, in this process only (never in a worker)."""
@@ -551,6 +566,14 @@ class Supervisor(MultiService):
         """
         if first:
             log.info("worker {number} (pid {pid}) ready", number=worker.number, pid=worker.pid)
+            replaced = self._replacing.pop(worker.number, None)
+            if replaced is not None:
+                log.info(
+                    "worker {number} (pid {pid}) replaced: draining",
+                    number=worker.number,
+                    pid=replaced.pid,
+                )
+                replaced.signal("TERM")
         # Started or reloaded, its pools may be new: they get every
         # backend's state before anything else.
         for message in self.verdicts():
@@ -794,13 +817,42 @@ class Supervisor(MultiService):
             return
         self.notifier.reloading()
         log.info("SIGHUP: reloading {path} and {count} workers", path=self.config.path, count=len(self.workers))
+        before = dict(self.workers)
         ok = self.reloadOwnView()
         self.metrics.reloaded(ok)
-        self._reloadPending = {number for number, worker in self.workers.items() if worker.ready}
-        for number in sorted(self._reloadPending):
-            self.workers[number].signal("HUP")
+        if self._socketsChanged:
+            # The running workers cannot be given the new sockets: a new
+            # worker replaces each, and the old one drains once its
+            # replacement is ready.  (Workers started by this reload, for
+            # a larger `workers`, have the new sockets already.)
+            self._socketsChanged = False
+            self._reloadPending = {
+                number for number, worker in before.items()
+                if self.workers.get(number) is worker and worker not in self._retiring
+            }
+            for number in sorted(self._reloadPending):
+                self._replace(number)
+        else:
+            self._reloadPending = {number for number, worker in self.workers.items() if worker.ready}
+            for number in sorted(self._reloadPending):
+                self.workers[number].signal("HUP")
         if not self._reloadPending:
             self.notifier.ready(status=self._status())
+
+    def _replace(self, number: int) -> None:
+        old = self.workers[number]
+        self._retiring.add(old)
+        previous = self._replacing.pop(number, None)
+        if previous is not None:
+            # Replaced twice before the first replacement was ready.
+            previous.signal("TERM")
+        self._replacing[number] = old
+        log.info(
+            "worker {number} (pid {pid}) is replaced by a worker with the new sockets",
+            number=number,
+            pid=old.pid,
+        )
+        self._spawn(number)
 
     def reloadOwnView(self) -> bool:
         """
@@ -810,10 +862,11 @@ class Supervisor(MultiService):
         shown by C{/status}, the admin listener.  An invalid configuration
         changes nothing (each worker refuses it too, and logs it).
 
-        The listening sockets are the ones opened at start: a listener
-        removed by the reload is closed; a listener added or moved to
-        another endpoint needs a restart of the supervisor (with socket
-        activation, a restart refuses no connection), which is logged.
+        A listener removed by the reload has its socket closed.  For a
+        listener added, or moved to another endpoint, a socket is opened
+        (its old one closed), and since running workers cannot inherit it,
+        L{reload} replaces them (each new worker ready, then the old one
+        drains).
 
         @return: whether the new configuration is in use.
         """
@@ -874,19 +927,20 @@ class Supervisor(MultiService):
                 log.info("Closed [listen:{name}] (no longer configured)", name=name)
         for name, listener in after.items():
             previous = before.get(name)
-            if previous is None:
-                log.warn(
-                    "[listen:{name}] is new: with workers > 1 it opens at the next restart",
-                    name=name,
-                )
-            elif previous.endpoint != listener.endpoint:
-                log.warn(
-                    "[listen:{name}] endpoint changed to {endpoint!r}: with workers > 1 it keeps "
-                    "listening on {previous!r} until the next restart",
-                    name=name,
-                    endpoint=listener.endpoint,
-                    previous=previous.endpoint,
-                )
+            if previous is not None and previous.endpoint == listener.endpoint and name in self.ports:
+                continue
+            try:
+                port = self._openSocket(listener)
+            except StartupError as e:
+                # As in a single process: the rest of the configuration is
+                # served; a listener that moved keeps its old socket.
+                log.error("{message}; the rest of the configuration is served", message=str(e))
+                continue
+            replaced = self.ports.pop(name, None)
+            if replaced is not None:
+                replaced.stopListening()
+            self.ports[name] = port
+            self._socketsChanged = True
 
     def _reopenAdmin(self) -> None:
         port, self._adminPort = self._adminPort, None

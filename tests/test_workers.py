@@ -816,3 +816,52 @@ def test_theWorkerAnswersStatusAndMetrics(tmp_path: Path) -> None:
     assert (metrics["op"], metrics["id"]) == ("metrics", 8)
     assert samples(metrics["text"].encode())[
         ("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 1
+
+
+def test_aListenerAddedByAReloadGetsNewWorkers(harness: Harness, receiver: Receiver) -> None:
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    old = {n: harness.latest(n) for n in (1, 2)}
+    receiver.all()
+    harness.path.write_text(EDGE_INI.format(workers=2) + """
+[listen:third]
+endpoint = tcp:0:interface=127.0.0.1
+tls = no
+""")
+    harness.supervisor.reload()
+    third = harness.reactor.ports[2]
+    assert not third.reading
+    new = {n: harness.latest(n) for n in (1, 2)}
+    assert all(new[n] is not old[n] for n in (1, 2))
+    for spawned in new.values():
+        assert spawned.env["LISTEN_FDNAMES"] == "web:other:third"
+        assert spawned.childFDs[5] == third.fileno()
+    # The old workers serve on until their replacements are ready.
+    assert [old[n].transport.signals for n in (1, 2)] == [[], []]
+    new[1].ready()
+    assert old[1].transport.signals == ["TERM"] and old[2].transport.signals == []
+    assert [d.split(b"\n")[0] for d in receiver.all()] == [b"RELOADING=1"]
+    new[2].ready()
+    assert old[2].transport.signals == ["TERM"]
+    assert [d.split(b"\n")[0] for d in receiver.all()] == [b"READY=1"]
+    # A replaced worker that exits is not restarted.
+    count = len(harness.reactor.spawned)
+    old[1].end(ProcessDone(0))
+    harness.reactor.advance(supervisorModule.MAX_RESTART_DELAY)
+    assert len(harness.reactor.spawned) == count
+    assert harness.supervisor.workers[1] is new[1].protocol
+
+
+def test_aListenerRemovedByAReloadIsClosed(harness: Harness) -> None:
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    harness.path.write_text(EDGE_INI.format(workers=2).replace(
+        "[listen:other]\nendpoint = tcp:0:interface=127.0.0.1\ntls = no\n", ""))
+    harness.supervisor.reload()
+    web, other = harness.reactor.ports
+    assert other.stopped and not web.stopped
+    # No new socket: the workers reload themselves.
+    assert [harness.latest(n).transport.signals for n in (1, 2)] == [["HUP"], ["HUP"]]
+    assert len(harness.reactor.spawned) == 2

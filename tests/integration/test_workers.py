@@ -389,3 +389,30 @@ upstream = app
     finally:
         proc.stop()
         origin.close()
+
+
+def test_aListenerAddedByAReload(site: Site, notify: NotifyReceiver) -> None:
+    proc = start(site, notify)
+    try:
+        before = workerPids(proc)
+        extraPort = freePort()
+        text = site.config.read_text()
+        site.config.write_text(text + f"""
+[listen:extra]
+endpoint = tcp:{extraPort}:interface=127.0.0.1
+tls = no
+""")
+        proc.signal(signal.SIGHUP)
+        notify.waitFor(b"RELOADING=1", 5)
+        notify.waitFor(b"READY=1", 20)
+        assert get(extraPort, "/extra") == 200
+        assert get(site.httpPort, "/still") == 200
+        for number, pid in before.items():
+            proc.waitForOutput(f"worker {number} (pid {pid}) exited with status 0", 15)
+        after = workerPids(proc)
+        assert sorted(after) == [1, 2] and set(after.values()).isdisjoint(before.values())
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert refused(extraPort)
+    finally:
+        proc.stop()
