@@ -551,3 +551,28 @@ def test_aggregateFailureIs500(admin: Admin) -> None:
     admin.service.aggregateStatus = lambda now: fail(RuntimeError("boom"))  # type: ignore[attr-defined]
     status, _, body = admin.ask("GET", "/status")
     assert (status, json.loads(body)) == (500, {"error": "internal error, see the log"})
+
+
+def test_adminPortInUseStopsTheStart(tmp_path: Path, events: list[dict[str, Any]]) -> None:
+    """Like a listener's, an admin port that cannot be bound stops the start (exit status 1)."""
+    from twisted.internet.error import CannotListenError
+
+    class Busy(MemoryReactorClock):
+        def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+            if port == 9901:
+                raise CannotListenError(interface, port, OSError(98, "Address already in use"))
+            return super().listenTCP(port, factory, backlog, interface)
+
+    certdir = tmp_path / "certs"
+    certdir.mkdir()
+    CertificateAuthority("busy").issue(["localhost"]).writePEM(certdir / "default.pem")
+    reactor = Busy()
+    reactor.advance(time.time())
+    service = EdgeService(makeConfig(certdir), reactor, notifier=Notifier({}), installSignalHandlers=False)
+    with pytest.raises(SystemExit) as exited:
+        service.startService()
+    assert exited.value.code == 1
+    assert service.adminPort is None and service.ports == []
+    [line] = logged(events, "[edgeproxy] admin")
+    assert "/etc/edgeproxy/edge.ini: [edgeproxy] admin 'tcp:9901:interface=127.0.0.1': cannot listen" in line
+    assert "Address already in use" in line
