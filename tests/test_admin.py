@@ -576,3 +576,33 @@ def test_adminPortInUseStopsTheStart(tmp_path: Path, events: list[dict[str, Any]
     [line] = logged(events, "[edgeproxy] admin")
     assert "/etc/edgeproxy/edge.ini: [edgeproxy] admin 'tcp:9901:interface=127.0.0.1': cannot listen" in line
     assert "Address already in use" in line
+
+
+def test_everyMetricIsDocumented(admin: Admin) -> None:
+    """docs/operations.rst ("Metrics") lists exactly the families /metrics can serve."""
+    import re
+
+    metrics = admin.service.metrics
+    # One event of each kind, so that every family has a sample.
+    metrics.requestDone("app", "app", 200, 0.1)
+    metrics.upstreamResponded("app", 0.1)
+    metrics.upstreamFailed("app", 502)
+    metrics.bytesTransferred("https", 1, 1)
+    metrics.connectionAccepted("https")
+    metrics.handshakeDone("https", "1.3", "h2")
+    metrics.handshakeFailed("https")
+    metrics.healthChecked("app", "127.0.0.1:9001", True)
+    metrics.backendTransition("app", "127.0.0.1:9001", "up")
+    metrics.ejected("app", "127.0.0.1:9001")
+    metrics.retried("app", "connect")
+    metrics.retryRefused("app")
+    metrics.queueTimedOut("app")
+    metrics.reloaded(True)
+    served = {family.name for family in text_string_to_metric_families(admin.ask("GET", "/metrics")[2].decode())}
+    docs = (Path(__file__).parents[1] / "docs" / "operations.rst").read_text()
+    section = docs[docs.index("\nMetrics\n-------\n") + 17:]
+    following = re.search(r"\n[^\n]+\n-{3,}\n", section)  # the next section's heading
+    if following is not None:
+        section = section[:following.start()]
+    documented = {re.sub(r"_total$", "", name) for name in re.findall(r"``(edgeproxy_[a-z_]+)``", section)}
+    assert served == documented
