@@ -40,6 +40,7 @@ from twisted.web.resource import Resource
 
 import edgeproxy
 from edgeproxy.metrics import CONTENT_TYPE, StateSample
+from edgeproxy.upstream import health
 from edgeproxy.upstream.backend import Backend, BackendState
 
 __all__ = [
@@ -414,8 +415,6 @@ class AdminResource(Resource):
         if backend is None:
             raise _Refused(404, f"no backend {address} in upstream {upstreamName}")
         peer = _peer(request)
-        from edgeproxy.upstream import health
-
         state = ACTIONS[action]
         reason = f"admin: {action} by {peer}"
         before = backend.state
