@@ -30,7 +30,6 @@ from tests.proc import (
     NotifyReceiver,
     Twistd,
     freePort,
-    readResponse,
     refused,
     request,
     tlsConnection,
