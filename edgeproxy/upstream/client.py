@@ -62,6 +62,7 @@ import re
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
+from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -429,11 +430,10 @@ class UpstreamConnection(Protocol):
             finished.errback(RequestGenerationFailed([Failure()]))
             return finished
         transport = self.transport
+        _writeNow(transport, head)
         if bodyProducer is None:
-            transport.write(head)
             self._state = "WAITING"
             return finished
-        transport.write(head)
         self._sending = True
         self._producer = bodyProducer
         if bodyProducer.length is UNKNOWN_LENGTH:
@@ -774,6 +774,37 @@ class UpstreamConnection(Protocol):
             )
             return
         response._finished(Failure(ResponseFailed([reason], response)))
+
+
+def _writeNow(transport: Any, data: bytes) -> None:
+    """
+    Write C{data}, straight to the socket when nothing is queued before it.
+
+    Twisted's TCP transport never sends in C{write}: it queues, registers
+    the socket for writability and sends on the next reactor turn, which
+    costs two C{epoll_ctl} calls and one more event per request head (about
+    4% of the R1 profile).  When the transport's buffers are empty the bytes
+    can go out at once through its own C{writeSomeData} (what C{doWrite}
+    would call), and whatever the kernel does not take is queued as usual.
+    Only a plain TCP connection qualifies: a TLS wrapper forwards unknown
+    attributes to the TCP transport beneath it, so duck typing would send
+    plain text under TLS.
+    """
+    if (
+        type(transport) is tcp.Client
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and transport.connected
+        and not transport.disconnecting
+        and not getattr(transport, "TLS", False)
+    ):
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # else: an error instance; queue the bytes, doWrite reports it.
+    transport.write(data)
 
 
 def _requestHead(
