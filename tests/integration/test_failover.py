@@ -20,6 +20,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -215,6 +216,184 @@ def runOrigin(port: int, directory: Path, name: str) -> None:
 
     reactor.listenTCP(port, OriginFactory(name, Recorder(directory), reactor), interface="127.0.0.1")
     reactor.run()
+
+
+INTERVAL = 0.5
+FALL = 2
+RISE = 2
+
+
+class Origin:
+    """One backend process on a fixed port, which can be killed and restarted."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self.port = freePort()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = _child(["origin", str(self.port), str(self.directory), self.name],
+                              self.directory, self.name)
+        _waitFor(self._accepting, 10, f"backend {self.name} listening on {self.port}")
+
+    def _accepting(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(5)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class Traffic(threading.Thread):
+    """A steady stream of GETs through the proxy (at most C{limit}), each
+    on its own connection, recording every status."""
+
+    def __init__(self, port: int, limit: int = 3000) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.limit = limit
+        self.results: list[tuple[float, int | str]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        for number in range(self.limit):
+            if self.done.is_set():
+                return
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            try:
+                connection.request("GET", f"/stream/{number}", headers={"Host": "app.test"})
+                response = connection.getresponse()
+                response.read()
+                outcome: int | str = response.status
+            except OSError as error:
+                outcome = f"{type(error).__name__}: {error}"
+            finally:
+                connection.close()
+            self.results.append((time.monotonic(), outcome))
+            time.sleep(0.01)
+
+
+def _status(adminPort: int) -> dict[str, str]:
+    """Each backend's state as C{GET /status} on the admin listener shows it."""
+    connection = http.client.HTTPConnection("127.0.0.1", adminPort, timeout=2)
+    try:
+        connection.request("GET", "/status")
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    assert response.status == 200, body
+    document = json.loads(body)
+    return {b["address"]: b["state"] for b in document["upstreams"]["app"]["backends"]}
+
+
+def _statusOrNothing(adminPort: int) -> dict[str, str]:
+    try:
+        return _status(adminPort)
+    except OSError:
+        return {}
+
+
+@pytest.fixture
+def origins(tmp_path: Path) -> Iterator[list[Origin]]:
+    started = [Origin(tmp_path, f"b{i}") for i in range(3)]
+    try:
+        for origin in started:
+            origin.start()
+        yield started
+    finally:
+        for origin in started:
+            origin.kill()
+
+
+def test_failover(tmp_path: Path, origins: list[Origin]) -> None:
+    proxyPort, adminPort = freePort(), freePort()
+    config = tmp_path / "edge.ini"
+    config.write_text(
+        f"""
+[edgeproxy]
+access_log = off
+admin = tcp:{adminPort}:interface=127.0.0.1
+shutdown_timeout = 2s
+
+[listen:http]
+endpoint = tcp:{proxyPort}:interface=127.0.0.1
+
+[upstream:app]
+servers = {", ".join(o.address for o in origins)}
+connect_timeout = 1s
+response_timeout = 5s
+retries = 2
+health_path = /healthz
+health_interval = {INTERVAL}s
+health_timeout = 0.4s
+fall = {FALL}
+rise = {RISE}
+
+[route:app]
+hosts = *
+upstream = app
+"""
+    )
+    proxy = Twistd(config, tmp_path)
+    traffic: Traffic | None = None
+    try:
+        allUp = {o.address: "up" for o in origins}
+        _waitFor(lambda: _statusOrNothing(adminPort) == allUp, 15,
+                 f"every backend up in /status ({proxy.output()[-2000:]})")
+        traffic = Traffic(proxyPort)
+        traffic.start()
+        _waitFor(lambda: len(traffic.results) >= 20, 10, "traffic flowing")
+
+        victim = origins[1]
+        victim.kill()
+        killed = time.monotonic()
+        _waitFor(lambda: _status(adminPort)[victim.address] == "down",
+                 FALL * INTERVAL * 1.1 + 1.0, f"{victim.address} down in /status")
+        detected = time.monotonic() - killed
+        assert detected <= FALL * INTERVAL * 1.1 + 1.0
+        sentWhileDown = len(traffic.results)
+
+        restarted = time.time()
+        victim.start()
+        _waitFor(lambda: _status(adminPort)[victim.address] == "up",
+                 RISE * INTERVAL * 1.1 + 2.0, f"{victim.address} up again in /status")
+        back = time.monotonic()
+        # Back in the rotation: passive ejection (5 refused connects while
+        # it was dead) ends with the passing checks, it does not last 30s.
+        _waitFor(
+            lambda: any(
+                r.get("event") == "request" and r.get("backend") == victim.name
+                and r.get("target", "").startswith("/stream/") and r.get("at", 0) > restarted
+                for r in readRecords(tmp_path)
+            ) and len(traffic.results) > sentWhileDown + 20,
+            5, f"traffic reaching {victim.address} again",
+        )
+    finally:
+        if traffic is not None:
+            traffic.done.set()
+            traffic.join(15)
+        proxy.stop()
+
+    failures = [(t, outcome) for t, outcome in traffic.results if outcome != 200]
+    assert failures == [], proxy.output()[-4000:]
+    assert len(traffic.results) >= 60
+    # The kill happened while requests flowed: some were answered between
+    # the kill and the restart, all of them successfully.
+    assert any(killed <= t <= back for t, _ in traffic.results)
+    log = proxy.output()
+    assert f"backend {victim.address}: up -> down" in log
+    assert f"backend {victim.address}: down -> up ({RISE} passing checks in a row: 200)" in log
 
 
 if __name__ == "__main__":
