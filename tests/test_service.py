@@ -736,3 +736,25 @@ def test_closeIdleHTTP11UnregistersTheChannelFirst() -> None:
     closeIdle(channel)
     assert transport.producer is None
     assert transport.disconnecting
+
+
+def test_retiredPoolClosedAtTheShutdownTimeoutEvenIfBusy(
+    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+) -> None:
+    reactor = Reactor()
+    service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
+    service.startService()
+    # Never answered: app's pool keeps one request in flight.
+    connectTo(reactor, service.sites[1], b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    writeIni(tmp_path, certs, INI.replace("servers = 127.0.0.1:9001", "servers = 127.0.0.1:9003"))
+    assert result(service.reload()) is True
+
+    def closed() -> list[str]:
+        return [e["upstream"] for e in events if "previous configuration closed" in e.get("log_format", "")]
+
+    reactor.advance(4.0)
+    assert closed() == []
+    reactor.advance(1.5)  # shutdown_timeout = 5s
+    assert closed() == ["app"]
+    service.stopService()
+    reactor.advance(10)
