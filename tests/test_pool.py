@@ -1004,3 +1004,20 @@ def test_workersDoNotCheckThemselves() -> None:
     pool = UpstreamPool(reactor, upstream, None, activeChecks=False)
     pool.start()
     assert reactor.tcpClients == [] and reactor.getDelayedCalls() == []
+
+
+def test_queuedRetryWhoseBackendsGoAwayGetsTheOriginalError() -> None:
+    pool, _ = makeFleet(
+        servers=(Server("a", 80), Server("b", 80, max_conns=1)), failing={"a": REFUSED},
+        balance="least_conn", keepalive=0,
+    )
+    get(pool)  # a refuses, retried on b, which is now full
+    retried = get(pool)  # a refuses, the retry waits for b
+    assert pool.queued == 1
+    a, b = pool.backends
+    health.transition(pool, a, BackendState.DISABLED, "admin: disable")
+    assert pool.queued == 1  # still waiting for b
+    health.transition(pool, b, BackendState.DISABLED, "admin: disable")
+    outcome = result(retried)
+    assert outcome.check(BackendUnavailable)  # a's refusal, not a 503
+    assert pool.dialLog == ["a", "b", "a"]

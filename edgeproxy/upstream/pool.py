@@ -389,11 +389,13 @@ class UpstreamPool:
             if backend in self._uris:
                 continue
             authority = backend.address.encode("idna")
-            key = (backend.host.encode("idna"), backend.port)
+            key = self._keyOf(authority)
             serial = 0
             while key in self._byKey:
+                # Never sent (Host is always set): only a unique key.
                 serial += 1
-                authority = b"dup%d.%s.invalid:%d" % (serial, backend.host.encode("idna").replace(b":", b"-"), backend.port)
+                label = backend.host.encode("idna").replace(b":", b"-")
+                authority = b"dup%d.%s.invalid:%d" % (serial, label, backend.port)
                 key = self._keyOf(authority)
             self._byKey[key] = backend
             self._uris[backend] = authority
@@ -527,10 +529,12 @@ class UpstreamPool:
                 backend=address,
             )
             return
-        for backend in self.backends:
-            if backend.address == address:
-                health.transition(self, backend, target, reason)
-                return
+        # Two names resolving to one address are two backends: both get it.
+        matching = [backend for backend in self.backends if backend.address == address]
+        for backend in matching:
+            health.transition(self, backend, target, reason)
+        if matching:
+            return
         # Another process may resolve a name differently for a moment.
         self.log.debug(
             "upstream {upstream}: verdict for unknown backend {backend} ignored",
@@ -814,6 +818,7 @@ class _Exchange:
     __slots__ = (
         "pool", "method", "path", "headers", "body", "hashKey", "result",
         "tried", "triedOrder", "retriesDone", "attempt", "queueTimer", "over",
+        "lastError",
     )
 
     def __init__(
@@ -838,6 +843,7 @@ class _Exchange:
         self.attempt: Deferred[IResponse] | None = None
         self.queueTimer: IDelayedCall | None = None
         self.over = False
+        self.lastError: ProxyError | None = None
 
     # Placing an attempt -----------------------------------------------------
 
@@ -855,6 +861,11 @@ class _Exchange:
             return
         if backend is None:
             pool = self.pool
+            if self.lastError is not None:
+                # A queued retry whose backends all went away: the client
+                # gets the failure it would have had without the retry.
+                self.fail(self.lastError, code=None)
+                return
             pool.log.warn(
                 "upstream {upstream}: no server available",
                 upstream=pool.upstream.name,
@@ -1018,6 +1029,7 @@ class _Exchange:
             self.fail(error, code=None)
             return
         self.retriesDone += 1
+        self.lastError = error
         pool.metrics.retried(upstream.name, label)
         pool.log.info(
             "upstream {upstream}: retrying {method} after {backend} failed ({reason}); "
