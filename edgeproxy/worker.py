@@ -15,10 +15,10 @@ with three differences:
     channel), and its log events go to its standard error as JSON, which
     the supervisor logs tagged with the worker's number.
 
-Only the standard library is imported before L{main} has set
-C{LISTEN_PID}: Twisted reads C{LISTEN_*} once, when
-C{twisted.internet.endpoints} is first imported, and adopts the sockets
-only when C{LISTEN_PID} is the reading process.
+Nothing imported before L{main} has set C{LISTEN_PID} imports
+C{twisted.internet.endpoints} (C{tests/test_workers.py} checks it): Twisted
+reads C{LISTEN_*} once, when that module is first imported, and adopts the
+sockets only when C{LISTEN_PID} is the reading process.
 """
 
 from __future__ import annotations

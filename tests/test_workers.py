@@ -865,3 +865,15 @@ def test_aListenerRemovedByAReloadIsClosed(harness: Harness) -> None:
     # No new socket: the workers reload themselves.
     assert [harness.latest(n).transport.signals for n in (1, 2)] == [["HUP"], ["HUP"]]
     assert len(harness.reactor.spawned) == 2
+
+
+def test_twistdRunsASupervisorOnlyForMoreThanOneWorker(tmp_path: Path) -> None:
+    from edgeproxy.service import EdgeService
+    from edgeproxy.tap import Options
+
+    path = tmp_path / "edge.ini"
+    for workers, kind in ((2, Supervisor), (1, EdgeService)):
+        path.write_text(EDGE_INI.format(workers=workers))
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        assert type(options.service) is kind
