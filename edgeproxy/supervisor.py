@@ -279,6 +279,10 @@ class _NoConnections(Factory):
 
     noisy = False
 
+    def logPrefix(self) -> str:
+        # Twisted logs "<prefix> starting on <port>" for every port.
+        return "supervisor (for the workers)"
+
     def buildProtocol(self, addr: Any) -> None:
         return None
 
@@ -524,6 +528,11 @@ class Supervisor(MultiService):
             self._afterFailure(number, ready=False, why=str(e))
             return
         log.info("worker {number} started (pid {pid})", number=number, pid=worker.pid)
+        # What the worker reads before it accepts its first connection
+        # (edgeproxy.worker.readInitialState).
+        for message in self.verdicts():
+            worker.send(message)
+        worker.send({"op": "state-end"})
         self._readyTimers[number] = self._reactor.callLater(READY_TIMEOUT, self._notReady, worker)
 
     def _notReady(self, worker: WorkerProcess) -> None:

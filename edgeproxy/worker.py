@@ -207,7 +207,6 @@ def runWorker(
     agent: WorkerAgent | None = None
     channel = ControlChannel(lambda message: agent.handle(message) if agent else None,
                              reactor, "supervisor")
-    StandardIO(channel, stdin=0, stdout=controlFd, reactor=reactor)
 
     def supervisorGone(_: object) -> None:
         # The supervisor died (or closed the channel): a worker never
@@ -240,6 +239,14 @@ def runWorker(
         return 1
     agent = WorkerAgent(service, number)
     agent.channel = channel
+    # The state of every backend before the first connection is accepted,
+    # so that no request goes to a backend the supervisor knows is down.
+    first, rest = readInitialState(0, INITIAL_STATE_TIMEOUT)
+    for message in first:
+        agent.handle(message)
+    StandardIO(channel, stdin=0, stdout=controlFd, reactor=reactor)
+    if rest:
+        channel.dataReceived(rest)
     channel.lost.addCallback(supervisorGone)
     try:
         # Before the reactor runs, as twistd does: a socket that cannot be
@@ -250,6 +257,55 @@ def runWorker(
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
     return int(getattr(service, "exitCode", 0) or 0)
+
+
+INITIAL_STATE_TIMEOUT = 10.0
+"""Seconds a starting worker waits for the supervisor's backend states."""
+
+
+def readInitialState(fd: int, timeout: float) -> tuple[list[dict[str, Any]], bytes]:
+    """
+    Read, blocking, the messages the supervisor sends a worker it just
+    started: every backend's state, then C{{"op": "state-end"}} (see
+    L{edgeproxy.supervisor.Supervisor}).  Runs before the reactor, which
+    then reads the rest of the channel.
+
+    @return: the messages before the end marker, and the bytes read after
+        it (for the channel).  After C{timeout} seconds, or when the
+        channel closes first, what was read so far (logged).
+    """
+    import json
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    messages: list[dict[str, Any]] = []
+    while True:
+        while b"\n" in buffer:
+            line, _, buffer = buffer.partition(b"\n")
+            try:
+                message = json.loads(line)
+            except ValueError:
+                log.warn("not a control message, ignored: {line!r}", line=line[:200])
+                continue
+            if not isinstance(message, dict):
+                continue
+            if message.get("op") == "state-end":
+                return messages, buffer
+            messages.append(message)
+        left = deadline - time.monotonic()
+        readable = select.select([fd], [], [], left)[0] if left > 0 else []
+        if not readable:
+            log.warn(
+                "no backend states from the supervisor within {timeout}s: starting without",
+                timeout=timeout,
+            )
+            return messages, buffer
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return messages, buffer
+        buffer += chunk
 
 
 def logObserver(stream: Any) -> Callable[[dict[str, Any]], None]:

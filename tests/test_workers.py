@@ -504,14 +504,18 @@ def test_readyOnceEveryWorkerIsReady(harness: Harness, receiver: Receiver) -> No
     assert harness.supervisor.ready.called
 
 
-def test_aReadyWorkerGetsEveryBackendState(harness: Harness) -> None:
+def test_aWorkerGetsEveryBackendStateFirst(harness: Harness) -> None:
     harness.start()
     first = harness.latest(1)
-    first.ready()
-    assert first.transport.messages() == [
+    states = [
         {"op": "verdict", "upstream": "app", "address": "127.0.0.1:9001", "state": "up", "reason": ""},
         {"op": "verdict", "upstream": "app", "address": "127.0.0.1:9002", "state": "up", "reason": ""},
     ]
+    # Before it accepts anything (it reads them before listening)...
+    assert first.transport.messages() == [*states, {"op": "state-end"}]
+    # ... and again once ready (started or reloaded, its pools may be new).
+    first.ready()
+    assert first.transport.messages() == [*states, {"op": "state-end"}, *states]
 
 
 def test_aWorkerThatDiesIsLoggedAndRestartedWithBackoff(harness: Harness, events: list[dict]) -> None:
@@ -877,3 +881,37 @@ def test_twistdRunsASupervisorOnlyForMoreThanOneWorker(tmp_path: Path) -> None:
         options = Options()
         options.parseOptions(["--config", str(path)])
         assert type(options.service) is kind
+
+
+def test_theWorkerReadsTheInitialStateBeforeListening() -> None:
+    from edgeproxy.worker import readInitialState
+
+    read, write = os.pipe()
+    try:
+        os.write(write, b'{"op": "verdict", "address": "a"}\n{"op": "verdict", "address": "b"}\n'
+                        b'{"op": "state-end"}\n{"op": "status", "id": 1}\n{"op": "met')
+        messages, rest = readInitialState(read, 5.0)
+        assert [m["address"] for m in messages] == ["a", "b"]
+        # What follows is left for the channel.
+        assert rest == b'{"op": "status", "id": 1}\n{"op": "met'
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def test_theWorkerStartsWithoutTheInitialStateWhenNoneComes(events: list[dict]) -> None:
+    from edgeproxy.worker import readInitialState
+
+    read, write = os.pipe()
+    try:
+        os.write(write, b'{"op": "verdict", "address": "a"}\n{"op": "verd')
+        messages, rest = readInitialState(read, 0.05)
+        assert [m["address"] for m in messages] == ["a"] and rest == b'{"op": "verd'
+        assert any("no backend states" in (e.get("log_format") or "") for e in events)
+        os.close(write)
+        write = -1
+        assert readInitialState(read, 5.0) == ([], b"")
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
