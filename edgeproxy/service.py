@@ -692,6 +692,14 @@ class EdgeService(MultiService):
 
         # The swap.  Nothing below can make the reload fail.
         previous = self.runtime
+        if config.proxy.workers != self.config.proxy.workers and self._prepareConfig is None:
+            # One process cannot become a supervisor (nor a worker of one)
+            # in place; a supervisor follows the change itself.
+            log.warn(
+                "[edgeproxy] workers = {workers}: takes effect at the next restart"
+                " (this process serves on alone)",
+                workers=config.proxy.workers,
+            )
         self.config = config
         self.runtime = runtime
         if newStore is not None:

@@ -915,3 +915,17 @@ def test_theWorkerStartsWithoutTheInitialStateWhenNoneComes(events: list[dict]) 
         os.close(read)
         if write >= 0:
             os.close(write)
+
+
+def test_aSingleProcessSaysAChangeOfWorkersNeedsARestart(tmp_path: Path, events: list[dict]) -> None:
+    from edgeproxy.service import EdgeService
+
+    path = tmp_path / "edge.ini"
+    path.write_text(EDGE_INI.format(workers=1))
+    service = EdgeService(load(str(path)), MemoryReactorClock(), notifier=Notifier(environ={}),
+                          installSignalHandlers=False)
+    path.write_text(EDGE_INI.format(workers=4))
+    assert service.reloadConfiguration() is not None
+    warnings = [formatEventAsClassicLogText(e) for e in events
+                if e.get("log_level") is not None and e["log_level"].name == "warn"]
+    assert any("[edgeproxy] workers = 4: takes effect at the next restart" in w for w in warnings)
