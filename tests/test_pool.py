@@ -1021,3 +1021,15 @@ def test_queuedRetryWhoseBackendsGoAwayGetsTheOriginalError() -> None:
     outcome = result(retried)
     assert outcome.check(BackendUnavailable)  # a's refusal, not a 503
     assert pool.dialLog == ["a", "b", "a"]
+
+
+def test_keepaliveZeroClosesEveryConnection(logs: Callable[[], str]) -> None:
+    pool, _ = makeFleet(hosts=("a",), keepalive=0)
+    for _ in range(2):
+        d = get(pool)
+        assert b"Connection: close\r\n" in pool.dials["a"].wire()
+        pool.dials["a"].answer()
+        result(d).deliverBody(BodyCollector())
+    assert pool.dialLog == ["a", "a"]
+    assert all(t.disconnecting for _, t in pool.dials["a"].connections)
+    assert "Traceback" not in logs() and "IndexError" not in logs()

@@ -331,7 +331,10 @@ class UpstreamPool:
         self._resolver = resolver
         self._periodic: PeriodicResolver | None = None
         self._resolved: dict[str, tuple[str, ...]] = {}
-        self._connectionPool = _ConnectionPool(reactor, persistent=True)
+        # keepalive = 0: Twisted's pool cannot hold zero connections (it
+        # fails on every response); a non-persistent pool sends
+        # Connection: close instead (RFC 9112 §9.6).
+        self._connectionPool = _ConnectionPool(reactor, persistent=upstream.keepalive > 0)
         self._connectionPool.maxPersistentPerHost = upstream.keepalive
         self._connectionPool.cachedConnectionTimeout = upstream.keepalive_timeout
         # Retrying is decided here, with what Twisted cannot know (is the
