@@ -845,7 +845,8 @@ class Supervisor(MultiService):
             self._reloadPending = {number for number, worker in self.workers.items() if worker.ready}
             for number in sorted(self._reloadPending):
                 self.workers[number].signal("HUP")
-        if not self._reloadPending:
+        if not self._reloadPending and self.ready.called:
+            # (Before the start is complete, READY=1 waits for the workers.)
             self.notifier.ready(status=self._status())
 
     def _replace(self, number: int) -> None:

@@ -929,3 +929,17 @@ def test_aSingleProcessSaysAChangeOfWorkersNeedsARestart(tmp_path: Path, events:
     warnings = [formatEventAsClassicLogText(e) for e in events
                 if e.get("log_level") is not None and e["log_level"].name == "warn"]
     assert any("[edgeproxy] workers = 4: takes effect at the next restart" in w for w in warnings)
+
+
+def test_aReloadDuringTheStartDoesNotSayReadyEarly(harness: Harness, receiver: Receiver) -> None:
+    harness.start()
+    harness.latest(1).ready()
+    harness.supervisor.reload()
+    # Worker 1 reloads; worker 2, still starting, reads the file anyway.
+    assert harness.latest(1).transport.signals == ["HUP"]
+    assert harness.latest(2).transport.signals == []
+    assert [d.split(b"\n")[0] for d in receiver.all()] == [b"RELOADING=1"]
+    harness.latest(1).ready()
+    assert receiver.all() == []
+    harness.latest(2).ready()
+    assert [d.split(b"\n")[0] for d in receiver.all()] == [b"READY=1"]
