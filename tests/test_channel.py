@@ -506,6 +506,28 @@ def test_keepAliveIdleThenSlowHead() -> None:
     assert connection.transport.disconnecting
 
 
+def test_nextHeadStartedBeforeThePreviousDeadlineGetsAFullDeadline() -> None:
+    """
+    The header deadline is one timer per connection, moved rather than
+    re-created (the path this exercises): a head started 1 s after the
+    previous one still has the whole deadline from its own first byte, and
+    the earlier deadline passing in between changes nothing.
+    """
+    connection = Connection(Limits(client_header_timeout=3, client_idle_timeout=20))
+    connection.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+    first = connection.received()
+    connection.clock.advance(1)
+    connection.send(b"GET / HT")
+    connection.clock.advance(2.5)  # past the first head's deadline (t=3)
+    assert not connection.transport.disconnecting
+    assert connection.received() == first
+    connection.clock.advance(0.4)  # t=3.9: still within 3 s of t=1
+    assert not connection.transport.disconnecting
+    connection.clock.advance(0.2)  # t=4.1
+    assert connection.received() == first + errorResponse(408)
+    assert connection.transport.disconnecting
+
+
 def test_keepAliveIdleTimeout() -> None:
     connection = Connection(Limits(client_header_timeout=3, client_idle_timeout=20))
     connection.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")

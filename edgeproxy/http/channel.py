@@ -443,6 +443,7 @@ class EdgeHTTPChannel(HTTPChannel):
     """The listener's limits."""
 
     _headTimer: IDelayedCall | None = None
+    _headArmed = False
     _abortCall: IDelayedCall | None = None
     _rejected = False
     _awaitingHead = True
@@ -501,7 +502,7 @@ class EdgeHTTPChannel(HTTPChannel):
         if self._rejected:
             # After a rejection nothing the client sends is meaningful.
             return
-        if self._awaitingHead and self._headTimer is None:
+        if self._awaitingHead and not self._headArmed:
             # First byte of the next request on a kept-alive connection:
             # from here the whole head must arrive within the deadline,
             # however slowly the bytes trickle in (they reset the idle
@@ -533,18 +534,36 @@ class EdgeHTTPChannel(HTTPChannel):
 
     # --- the header-read deadline ----------------------------------------
 
+    # One DelayedCall per connection serves every head: it is disarmed (not
+    # cancelled) when a head is complete and moved (reset) when the next one
+    # starts.  Cancelling it and creating a new one for every request on a
+    # kept-alive connection was 1.2% of the R1 profile; a disarmed call that
+    # fires just goes away, and the next head makes a new one.
+
     def _startHeadTimer(self) -> None:
         deadline = self.limits.client_header_timeout
         if deadline and deadline > 0:
-            self._headTimer = self.callLater(deadline, self._headTimedOut)
+            self._headArmed = True
+            timer = self._headTimer
+            if timer is not None and timer.active():
+                timer.reset(deadline)
+            else:
+                self._headTimer = self.callLater(deadline, self._headTimedOut)
+
+    def _disarmHeadTimer(self) -> None:
+        self._headArmed = False
 
     def _cancelHeadTimer(self) -> None:
+        self._headArmed = False
         timer, self._headTimer = self._headTimer, None
         if timer is not None and timer.active():
             timer.cancel()
 
     def _headTimedOut(self) -> None:
         self._headTimer = None
+        if not self._headArmed:
+            return
+        self._headArmed = False
         if self.transport is None or self.transport.disconnecting:
             return
         self.rejectAndClose(408, "request head not received in time")
@@ -793,7 +812,7 @@ class EdgeHTTPChannel(HTTPChannel):
             self.setRawMode()
 
     def allHeadersReceived(self) -> None:
-        self._cancelHeadTimer()
+        self._disarmHeadTimer()
         self._awaitingHead = False
         request = self.requests[-1]
         request.parseCookies()
