@@ -1033,3 +1033,22 @@ def test_keepaliveZeroClosesEveryConnection(logs: Callable[[], str]) -> None:
     assert pool.dialLog == ["a", "a"]
     assert all(t.disconnecting for _, t in pool.dials["a"].connections)
     assert "Traceback" not in logs() and "IndexError" not in logs()
+
+
+def test_ejectionLogSaysWhatFailed(logs: Callable[[], str]) -> None:
+    pool, _ = makeFleet(hosts=("a", "b"), failing={"a": REFUSED}, max_fails=1)
+    d = get(pool)
+    pool.dials["b"].answer()
+    assert result(d).code == 200
+    assert "upstream app backend a:80 ejected for 30s: 1 failures within 10s, last: connection refused" in logs()
+
+
+def test_ejectionLogForAResetAndATimeout(logs: Callable[[], str]) -> None:
+    pool, reactor = makeFleet(hosts=("a", "b", "c"), max_fails=1)
+    d = get(pool)
+    pool.dials["a"].reset()
+    reactor.advance(5.0)  # b does not answer either
+    pool.dials["c"].answer()
+    assert result(d).code == 200
+    assert "backend a:80 ejected for 30s: 1 failures within 10s, last: connection lost before a response" in logs()
+    assert "backend b:80 ejected for 30s: 1 failures within 10s, last: no response head within 5s" in logs()

@@ -171,6 +171,20 @@ def attemptOutcome(failure: Failure, timedOut: bool) -> tuple[Attempt, str]:
     return Attempt.RESPONSE_STARTED, "response_started"
 
 
+def _failureDetail(failure: Failure, timedOut: bool, upstream: Upstream) -> str:
+    """
+    A failed attempt in the words of the health checks' details
+    (C{connection refused}, C{TLS: ...}, C{connect timeout}...), for the
+    passive-health log lines.
+    """
+    if timedOut:
+        return f"no response head within {upstream.response_timeout:g}s"
+    leaves = _leafReasons(failure)
+    if any(leaf.check(ParseError) for leaf in leaves):
+        return "not an HTTP response"
+    return health.describeFailure(leaves[0], upstream.connect_timeout)
+
+
 CONNECTION_HEADERS_ATTRIBUTE = "connectionHeaders"
 """Attribute set on every response of a pool: the backend's connection
 control fields (C{Connection}, C{Keep-Alive}, C{Transfer-Encoding},
@@ -991,7 +1005,7 @@ class _Exchange:
             why=str(error),
         )
         pool.metrics.upstreamFailed(upstream.name, error.status)
-        pool.passive.failure(backend, str(error))
+        pool.passive.failure(backend, _failureDetail(failure, timedOut, upstream))
         body = self.body
         replayable = body is None or (isinstance(body, BodyPipe) and body.replayable)
         decision = decide(self.method, kind, replayable, self.retriesDone, upstream.retries)
