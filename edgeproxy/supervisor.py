@@ -38,16 +38,14 @@ import io
 import os
 import signal
 import sys
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 

@@ -9,15 +9,27 @@ C{tests/integration/test_workers.py}.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, eventAsJSON, formatEventAsClassicLogText, globalLogPublisher
+from twisted.python.failure import Failure
 
+import edgeproxy
+from edgeproxy import supervisor as supervisorModule
+from edgeproxy.config import load
 from edgeproxy.config.model import (
     Config,
     Listener,
@@ -27,6 +39,9 @@ from edgeproxy.config.model import (
     Upstream,
 )
 from edgeproxy.metrics import Metrics
+from edgeproxy.supervisor import Supervisor
+from edgeproxy.systemd import Notifier
+from edgeproxy.worker import ControlNotifier
 from edgeproxy.workers import (
     ControlChannel,
     NoAnswer,
@@ -275,23 +290,6 @@ def test_mergeEscapesLabelValues() -> None:
 
 
 # The supervisor ---------------------------------------------------------------
-
-import os  # noqa: E402
-import shutil  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from twisted.internet.address import IPv4Address  # noqa: E402
-from twisted.internet.error import ProcessDone, ProcessTerminated  # noqa: E402
-from twisted.internet.testing import MemoryReactorClock  # noqa: E402
-from twisted.logger import eventAsJSON, formatEventAsClassicLogText  # noqa: E402
-from twisted.python.failure import Failure  # noqa: E402
-
-from edgeproxy import supervisor as supervisorModule  # noqa: E402
-from edgeproxy.config import load  # noqa: E402
-from edgeproxy.supervisor import Supervisor  # noqa: E402
-from edgeproxy.systemd import Notifier  # noqa: E402
 
 
 class HeldPort:
@@ -584,7 +582,7 @@ def test_workerOutputIsLoggedTaggedWithItsNumber(harness: Harness) -> None:
         "log_format": "Listening on {address}",
         "address": "127.0.0.1:8443",
         "log_namespace": "edgeproxy.service",
-        "log_level": __import__("twisted.logger", fromlist=["LogLevel"]).LogLevel.info,
+        "log_level": LogLevel.info,
         "log_time": 1800000000.0,
     }
     encoded = ("\x1e" + eventAsJSON(event) + "\n").encode()
@@ -667,7 +665,7 @@ def test_metricsOfTheInstanceSumTheWorkers(harness: Harness) -> None:
     assert text.startswith(b"# edgeproxy: 2 of 2 workers answered\n")
     assert samples(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 3
     # The supervisor's own: one info series, the backend states it decides.
-    assert samples(text)[("edgeproxy_info", (("version", __import__("edgeproxy").__version__),))] == 1
+    assert samples(text)[("edgeproxy_info", (("version", edgeproxy.__version__),))] == 1
 
 
 def test_aWorkerThatDoesNotAnswerIsLeftOut(harness: Harness) -> None:
@@ -728,10 +726,6 @@ def test_anAccessLogThatCannotBeOpenedStopsTheStart(tmp_path: Path, receiver: Re
 
 
 # The worker -----------------------------------------------------------------
-
-import subprocess  # noqa: E402
-
-from edgeproxy.worker import ControlNotifier  # noqa: E402
 
 
 def test_importingTheWorkerLeavesListenFdsAlone() -> None:
