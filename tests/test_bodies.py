@@ -368,3 +368,13 @@ def test_requestLayerStopAppliesToTheCurrentAttempt() -> None:
     second.resumeProducing()
     assert consumer.value() == b""
     assert not pipe.replayable
+
+
+def test_bodyDeclaredOverTheKeepLimitIsNeverCopied() -> None:
+    pipe, _, _, _ = makePipe(100)
+    pipe.keepForReplay(64)
+    attempt = pipe.newAttempt()
+    attempt.startProducing(Consumer())
+    assert pipe.replayable  # nothing sent yet
+    pipe.write(b"x")
+    assert not pipe.replayable

@@ -270,6 +270,8 @@ class BodyPipe:
         be retried after it was sent (an idempotent one); must be called
         before the first byte is handed over to have any effect.
         """
+        if self.length is not UNKNOWN_LENGTH and self.length > limit:
+            return  # declared too long to keep: no copy at all
         self._keepLimit = limit
         if not self._handed and self._kept is None:
             self._kept = []
