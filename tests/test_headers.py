@@ -4,6 +4,8 @@ Tests for L{edgeproxy.http.headers}.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,7 @@ from edgeproxy.http.headers import (
     checkResponseHeaders,
     clientResponseHeaders,
     forwardedElement,
+    responseHeadersForClient,
     upstreamRequestHeaders,
 )
 
@@ -309,3 +312,48 @@ def test_repeatedOrderPreserved(pairs: list[tuple[bytes, bytes]]) -> None:
         expected = [value for n, value in pairs if n == name] or None
         assert up.getRawHeaders(name) == expected
         assert down.getRawHeaders(name) == expected
+
+
+_NAMES = [
+    b"Content-Length", b"Transfer-Encoding", b"Connection", b"Keep-Alive", b"X-A",
+    b"Server", b"Content-Type", b"X-Powered-By", b"Upgrade", b"Te",
+]
+_VALUES = [b"5", b"5, 5", b"6", b"chunked", b"gzip, chunked", b"close", b"x-a", b"a\x01b",
+           b"keep-alive, X-A", b"text/plain", b"", b"-1"]
+_FIELDS = st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)), max_size=6)
+
+
+def _outcome(function: Any, *args: Any) -> Any:
+    try:
+        headers = function(*args)
+    except UpstreamProtocolError as error:
+        return ("error", str(error))
+    return ("ok", [(name, list(values)) for name, values in headers.getAllRawHeaders()])
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=_FIELDS, control=_FIELDS)
+def test_responseHeadersForClientIsCheckThenFilter(
+    fields: list[tuple[bytes, bytes]], control: list[tuple[bytes, bytes]]
+) -> None:
+    """
+    The one-pass version used on every response says exactly what
+    checkResponseHeaders then clientResponseHeaders say of the merged set
+    (same fields in the same order, or the same error).
+    """
+    headers, connection = Headers(), Headers()
+    for name, value in fields:
+        headers.addRawHeader(name, value)
+    for name, value in control:
+        connection.addRawHeader(name.lower(), value)
+    merged = headers.copy()
+    for name, values in connection.getAllRawHeaders():
+        for value in values:
+            merged.addRawHeader(name, value)
+
+    def reference(merged: Headers) -> Headers:
+        checkResponseHeaders(merged)
+        return clientResponseHeaders(merged)
+
+    assert _outcome(responseHeadersForClient, headers, connection) == _outcome(reference, merged)
+    assert _outcome(responseHeadersForClient, merged, None) == _outcome(reference, merged)

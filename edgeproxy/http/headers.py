@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -246,6 +246,81 @@ def clientResponseHeaders(incoming: Headers, *, upgrade: bool = False) -> Header
     return out
 
 
+_validNames: dict[bytes, bytes] = {}
+"""Response field names already found to be tokens, to their lower-case
+form; bounded like the channel's cache of request field names."""
+_MAX_VALID_NAMES = 10_000
+
+
+def responseHeadersForClient(
+    headers: Headers, connectionHeaders: Headers | None = None
+) -> Headers:
+    """
+    L{checkResponseHeaders} then L{clientResponseHeaders} of a backend
+    response whose fields arrive in two sets (Twisted's client, and
+    L{edgeproxy.upstream.client}, keep the connection control fields apart),
+    in one pass and without first merging them into a copy: the same result,
+    the same errors, for about half the work on every response.
+
+    @param headers: the response's C{headers}.
+    @param connectionHeaders: its connection control fields, taken as coming
+        after C{headers} (as C{fullResponseHeaders} merges them).
+    @raise UpstreamProtocolError: what L{checkResponseHeaders} raises.
+    """
+    items = list(headers.getAllRawHeaders())
+    if connectionHeaders is not None:
+        for name, values in connectionHeaders.getAllRawHeaders():
+            if headers.hasHeader(name):
+                # A name in both sets (never from a parser that splits them
+                # by name): merge the slow, obvious way.
+                merged = headers.copy()
+                for extraName, extraValues in connectionHeaders.getAllRawHeaders():
+                    for value in extraValues:
+                        merged.addRawHeader(extraName, value)
+                checkResponseHeaders(merged)
+                return clientResponseHeaders(merged)
+            items.append((name, values))
+    lengths = codings = None
+    connection: Sequence[bytes] = ()
+    lowered = []
+    for name, values in items:
+        lower = _validNames.get(name)
+        if lower is None:
+            if _TOKEN.fullmatch(name) is None:
+                raise UpstreamProtocolError(f"invalid response header name {name[:64]!r}")
+            lower = name.lower()
+            if len(_validNames) < _MAX_VALID_NAMES:
+                _validNames[name] = lower
+        for value in values:
+            if len(value.translate(None, _BAD_VALUE)) != len(value):
+                raise UpstreamProtocolError(f"control character in response header {name!r}")
+        lowered.append(lower)
+        if lower == b"content-length":
+            lengths = values or None
+        elif lower == b"transfer-encoding":
+            codings = values or None
+        elif lower == b"connection":
+            connection = values
+    _checkFraming(lengths, codings)
+    named = _tokensOf(connection) - _PROTECTED_DOWNSTREAM
+    out = Headers()
+    for (name, values), lower in zip(items, lowered):
+        if lower in _NOT_COPIED_DOWNSTREAM or lower in named:
+            continue
+        out.setRawHeaders(name, list(values))
+    return out
+
+
+def _tokensOf(values: Iterable[bytes]) -> frozenset[bytes]:
+    tokens = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip(b" \t").lower()
+            if token:
+                tokens.add(token)
+    return frozenset(tokens)
+
+
 def checkResponseHeaders(headers: Headers) -> None:
     """
     Refuse a backend response head whose framing or fields could be read
@@ -263,8 +338,14 @@ def checkResponseHeaders(headers: Headers) -> None:
         for value in values:
             if len(value.translate(None, _BAD_VALUE)) != len(value):
                 raise UpstreamProtocolError(f"control character in response header {name!r}")
-    lengths = headers.getRawHeaders(b"Content-Length")
-    codings = headers.getRawHeaders(b"Transfer-Encoding")
+    _checkFraming(
+        headers.getRawHeaders(b"Content-Length"), headers.getRawHeaders(b"Transfer-Encoding")
+    )
+
+
+def _checkFraming(
+    lengths: Sequence[bytes] | None, codings: Sequence[bytes] | None
+) -> None:
     if lengths is not None and codings is not None:
         raise UpstreamProtocolError("response has both Content-Length and Transfer-Encoding")
     if lengths is not None:

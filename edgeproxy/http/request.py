@@ -61,16 +61,12 @@ from edgeproxy.errors import (
 from edgeproxy.http.bodies import BodyPipe, ClientReader, ResponseRelay, abortClient
 from edgeproxy.http.channel import requestLineOf
 from edgeproxy.http.errorpages import errorBody, isHTTP2, phraseFor, writeError
-from edgeproxy.http.headers import (
-    checkResponseHeaders,
-    clientResponseHeaders,
-    upstreamRequestHeaders,
-)
+from edgeproxy.http.headers import responseHeadersForClient, upstreamRequestHeaders
 from edgeproxy.http.paths import normaliseTarget
 from edgeproxy.http.tunnel import isWebSocketUpgrade, startTunnel
 from edgeproxy.routing import normaliseHost
 from edgeproxy.upstream.balance import requestHashKey
-from edgeproxy.upstream.pool import fullResponseHeaders
+from edgeproxy.upstream.pool import CONNECTION_HEADERS_ATTRIBUTE
 
 log = Logger()
 
@@ -360,9 +356,10 @@ class ProxyRequest(server.Request):
 
     def _respond(self, response: IResponse) -> None:
         self._response = None
-        received = fullResponseHeaders(response)
         try:
-            checkResponseHeaders(received)
+            headers = responseHeadersForClient(
+                response.headers, getattr(response, CONNECTION_HEADERS_ATTRIBUTE, None)
+            )
         except UpstreamProtocolError as error:
             log.warn(
                 "upstream {upstream} sent an unacceptable response: {why}",
@@ -372,7 +369,6 @@ class ProxyRequest(server.Request):
             _discard(response)
             writeError(self, error)
             return
-        headers = clientResponseHeaders(received)
         if (
             not headers.hasHeader(b"content-length")
             and response.length is not UNKNOWN_LENGTH

@@ -205,9 +205,13 @@ def _addField(
     if not colon or not name:
         raise ParseError("invalid header", line)
     lowered = name.lower()
-    (connHeaders if lowered in controlled else headers).addRawHeader(
-        lowered, value.strip()
-    )
+    try:
+        (connHeaders if lowered in controlled else headers).addRawHeader(
+            lowered, value.strip()
+        )
+    except ValueError:
+        # Headers refuses names that are not tokens (InvalidHeaderName).
+        raise ParseError("invalid header name", line)
 
 
 def _contentLength(connHeaders: Headers) -> int | None:
