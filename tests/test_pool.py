@@ -1052,3 +1052,15 @@ def test_ejectionLogForAResetAndATimeout(logs: Callable[[], str]) -> None:
     assert result(d).code == 200
     assert "backend a:80 ejected for 30s: 1 failures within 10s, last: connection lost before a response" in logs()
     assert "backend b:80 ejected for 30s: 1 failures within 10s, last: no response head within 5s" in logs()
+
+
+def test_rotatingDNSAnswersChangeNothing(logs: Callable[[], str]) -> None:
+    resolver = FakeResolver({"app.internal": ["10.0.0.2", "2001:db8::1", "10.0.0.10"]})
+    pool, reactor = named(resolver, Server("app.internal", 80))
+    pool.start()
+    assert hostsOf(pool) == ["10.0.0.2:80", "10.0.0.10:80", "[2001:db8::1]:80"]
+    before = pool.backends
+    resolver.answers["app.internal"] = ["2001:db8::1", "10.0.0.10", "10.0.0.2"]
+    reactor.advance(30)
+    assert pool.backends is before
+    assert logs().count("resolves to") == 1

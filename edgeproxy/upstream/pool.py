@@ -20,6 +20,7 @@ status of the last failure.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections import deque
 from collections.abc import Callable
@@ -286,6 +287,11 @@ class _ServerEndpoints:
         return self._pool.endpointFor(server)
 
 
+def _addressOrder(address: str) -> tuple[int, int, str]:
+    parsed = ipaddress.ip_address(address)
+    return parsed.version, int(parsed), address
+
+
 class _Full:
     """L{UpstreamPool._choose}'s answer when every available backend is at
     its C{max_conns}: wait in the queue."""
@@ -485,6 +491,9 @@ class UpstreamPool:
     # DNS -------------------------------------------------------------------
 
     def _namesResolved(self, name: str, addresses: tuple[str, ...]) -> None:
+        # Round-robin DNS rotates its answers: the order means nothing, and
+        # a fixed one keeps the backends (and the log) still.
+        addresses = tuple(sorted(addresses, key=_addressOrder))
         previous = self._resolved.get(name)
         if previous == addresses:
             return

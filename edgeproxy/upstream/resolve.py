@@ -136,7 +136,9 @@ class PeriodicResolver:
         loop = self._loop = LoopingCall(self.resolveAll)
         loop.clock = self._clock
         done = loop.start(self._interval, now=True)
-        done.addErrback(lambda failure: log.failure("host name re-resolution stopped", failure=failure))
+        done.addErrback(
+            lambda failure: log.failure("host name re-resolution stopped", failure=failure)
+        )
 
     def stop(self) -> None:
         """Stop resolving; the outcome of resolutions under way is ignored."""
