@@ -1064,3 +1064,10 @@ def test_rotatingDNSAnswersChangeNothing(logs: Callable[[], str]) -> None:
     reactor.advance(30)
     assert pool.backends is before
     assert logs().count("resolves to") == 1
+
+
+def test_aBackendAtItsLimitIsStillAvailable() -> None:
+    # /status's "available" asks the balancer: a busy backend is not down.
+    pool, _ = limited()
+    get(pool)
+    assert pool.balancer.isAvailable(pool.backends[0])

@@ -371,9 +371,11 @@ class UpstreamPool:
         self._drainAgain = False
         # Requests still in flight on backends no longer in the pool.
         self._orphaned = 0
-        # Read by _pickable during one balancer.pick (single-threaded).
+        # Set by _choose around its balancer.pick calls (single-threaded),
+        # read by _pickable: outside them the predicate is health alone
+        # (what pickServer, and /status's "available", ask).
         self._excluded: frozenset[Backend] | set[Backend] = _NOTHING
-        self._limits = True
+        self._limits = False
         self._available = health.availability(self)
         self.backends: tuple[Backend, ...] = ()
         self._byBackend: set[Backend] = set()
@@ -599,8 +601,9 @@ class UpstreamPool:
 
     def _pickable(self, backend: Backend) -> bool:
         """
-        The balancer's predicate: available (L{health.availability}), not
-        already tried by the request being placed, and below C{max_conns}.
+        The balancer's predicate: available (L{health.availability}) and,
+        while a request is being placed, not already tried by it and below
+        C{max_conns}.
         """
         if backend in self._excluded or not self._available(backend):
             return False
@@ -619,11 +622,7 @@ class UpstreamPool:
             down, ejected, draining or disabled); the client gets 503 at
             once, not a connect timeout.
         """
-        self._limits = False
-        try:
-            server = self.balancer.pick(key)
-        finally:
-            self._limits = True
+        server = self.balancer.pick(key)
         if server is None:
             raise ServiceUnavailable(f"upstream {self.upstream.name}: no server available")
         return server
@@ -638,6 +637,7 @@ class UpstreamPool:
             C{max_conns}; L{None} when none is available at all.
         """
         self._excluded = tried
+        self._limits = True
         try:
             backend = self.balancer.pick(key)
             if backend is None and tried:
@@ -649,6 +649,7 @@ class UpstreamPool:
                 backend = self.balancer.pick(key)
         finally:
             self._excluded = _NOTHING
+            self._limits = False
         if backend is not None:
             return backend
         # The balancer tries primaries then backups: with nothing picked,
