@@ -1071,3 +1071,16 @@ def test_aBackendAtItsLimitIsStillAvailable() -> None:
     pool, _ = limited()
     get(pool)
     assert pool.balancer.isAvailable(pool.backends[0])
+
+
+def test_queuedRetryTimingOutGetsTheOriginalError() -> None:
+    pool, reactor = makeFleet(
+        servers=(Server("a", 80), Server("b", 80, max_conns=1)), failing={"a": REFUSED},
+        balance="least_conn", keepalive=0, queue_timeout=2.0,
+    )
+    get(pool)  # a refuses, retried on b, which is now full
+    retried = get(pool)  # a refuses, the retry waits for b
+    reactor.advance(2.0)
+    outcome = result(retried)
+    assert outcome.check(BackendUnavailable)  # a's refusal, not a 503
+    assert metric(pool, "edgeproxy_queue_timeouts_total") == 1

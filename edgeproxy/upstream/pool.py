@@ -774,9 +774,7 @@ class UpstreamPool:
                 upstream=upstream.name,
                 size=upstream.queue_size,
             )
-            exchange.fail(
-                ServiceUnavailable(f"upstream {upstream.name}: queue full"), code=503
-            )
+            exchange.failWaiting(ServiceUnavailable(f"upstream {upstream.name}: queue full"))
             return
         self._queue.append(exchange)
         exchange.queueTimer = self._reactor.callLater(
@@ -802,8 +800,8 @@ class UpstreamPool:
             upstream=self.upstream.name,
             timeout=self.upstream.queue_timeout,
         )
-        exchange.fail(
-            ServiceUnavailable(f"upstream {self.upstream.name}: queue timeout"), code=503
+        exchange.failWaiting(
+            ServiceUnavailable(f"upstream {self.upstream.name}: queue timeout")
         )
 
     def _drainQueue(self) -> None:
@@ -1072,6 +1070,16 @@ class _Exchange:
             pool._enqueue(self)
         else:
             self.send(choice)  # type: ignore[arg-type]
+
+    def failWaiting(self, error: ServiceUnavailable) -> None:
+        """
+        No place for this request under C{max_conns}: 503, or for a retry
+        the failure it would have had without the retry.
+        """
+        if self.lastError is not None:
+            self.fail(self.lastError, code=None)
+        else:
+            self.fail(error, code=503)
 
     def fail(self, error: Exception, code: int | None) -> None:
         """
