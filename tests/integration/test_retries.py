@@ -14,6 +14,7 @@ import http.client
 import http.server
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.certutil import CertificateAuthority
 from tests.proc import NotifyReceiver, Twistd, freePort
 
 START_TIMEOUT = 30.0
@@ -31,9 +33,9 @@ TIMEOUT = 10.0
 
 class Origin:
     """An origin answering every method with what it received; C{/slow}
-    answers after C{slow} seconds."""
+    answers after C{slow} seconds; over TLS when given a context."""
 
-    def __init__(self, slow: float = 1.0) -> None:
+    def __init__(self, slow: float = 1.0, tls: ssl.SSLContext | None = None) -> None:
         self.seen: list[tuple[str, str, bytes]] = []
         origin = self
 
@@ -57,7 +59,14 @@ class Origin:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            def get_request(self) -> tuple[socket.socket, object]:
+                conn, address = super().get_request()
+                if tls is not None:
+                    conn = tls.wrap_socket(conn, server_side=True)
+                return conn, address
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1})
@@ -297,3 +306,27 @@ def test_hostNameIsResolved(tmp_path: Path, origin: Origin) -> None:
             assert proxy.send("GET", f"/named{index}")[0] == 200
     finally:
         next(proxies, None)
+
+
+def test_resolvedAddressIsVerifiedAgainstTheConfiguredName(tmp_path: Path) -> None:
+    ca = CertificateAuthority("retries integration root")
+    cafile = ca.writeCertificate(tmp_path / "ca.pem")
+    certfile = ca.issue(["localhost"]).writePEM(tmp_path / "localhost.pem")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile)
+    origin = Origin(tls=context)
+    proxies = startProxy(
+        tmp_path,
+        f"servers = localhost:{origin.port}\ntls = yes\nca = {cafile}\nresolve_interval = 1s",
+    )
+    proxy = next(proxies)
+    try:
+        proxy.process.waitForOutput("upstream app: localhost resolves to", TIMEOUT)
+        # Dialled by address, verified (and SNI sent) as "localhost": the
+        # certificate names no address, so only the name can pass.
+        for index in range(3):
+            status, _, body = proxy.send("GET", f"/tls{index}")
+            assert (status, body) == (200, f"GET /tls{index} 0 bytes\n".encode())
+    finally:
+        next(proxies, None)
+        origin.close()
