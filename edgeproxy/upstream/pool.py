@@ -3,19 +3,20 @@
 L{UpstreamPool}: one C{[upstream:NAME]} as something a request can be sent to.
 
 It owns the Agent and its C{HTTPConnectionPool} (keep-alive connections per
-backend), the choice of backend (delegated to the upstream's
-L{edgeproxy.upstream.balance.Balancer}, with a predicate combining health
-and C{max_conns}), the in-flight accounting, the queue of requests waiting
-for a backend under C{max_conns}, the connect and response timeouts, the
-retries (the safety rule and the budget are L{edgeproxy.upstream.retry}'s),
-the re-resolution of host names (L{edgeproxy.upstream.resolve}), and the
-translation of every client-library failure into one of the L{ProxyError}
-classes.  Every attempt's outcome is reported to passive health
-(L{edgeproxy.upstream.health.PassiveHealth}) and to the metrics.
+backend), the backends (one per address; host names re-resolved through
+L{edgeproxy.upstream.resolve}), the choice of backend (delegated to the
+upstream's L{edgeproxy.upstream.balance.Balancer}, with a predicate
+combining health and C{max_conns}), the in-flight accounting, the queue of
+requests waiting for a backend under C{max_conns}, the retry budget, and
+the start and stop of its background work (re-resolution, the health
+checker).  What happens to one request (attempts, retries, timeouts,
+outcomes reported to passive health and the metrics) is
+L{edgeproxy.upstream.exchange.Exchange}'s; what a failure means is
+L{edgeproxy.upstream.failures}'.
 
 The details of a failure (addresses, exception text, which backends were
-tried) are logged here and nowhere else; the client only ever gets the
-status of the last failure.
+tried) are logged and nowhere else; the client only ever gets the status
+of the last failure.
 """
 
 from __future__ import annotations
@@ -26,48 +27,40 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from OpenSSL import SSL
-from twisted.internet import error as netError
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IDelayedCall, IProtocol, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol as _StreamProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web._newclient import (
-    HTTP11ClientProtocol,
-    ParseError,
-    RequestGenerationFailed,
-    RequestNotSent,
-    RequestTransmissionFailed,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
 from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from edgeproxy.config.model import Server, Upstream
-from edgeproxy.errors import (
-    BackendUnavailable,
-    ProxyError,
-    ServiceUnavailable,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-)
+from edgeproxy.errors import ServiceUnavailable
 from edgeproxy.http.bodies import BodyPipe
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream import health
 from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import Balancer, makeBalancer
+from edgeproxy.upstream.exchange import FULL, Exchange, Full
+from edgeproxy.upstream.failures import classifyFailure
 from edgeproxy.upstream.resolve import PeriodicResolver, isIPLiteral
-from edgeproxy.upstream.retry import IDEMPOTENT_METHODS, Attempt, RetryBudget, decide
+from edgeproxy.upstream.retry import IDEMPOTENT_METHODS, RetryBudget
+
+__all__ = [
+    "CONNECTION_HEADERS_ATTRIBUTE",
+    "REPLAY_LIMIT",
+    "UpstreamPool",
+    "classifyFailure",
+    "fullResponseHeaders",
+]
 
 REPLAY_LIMIT = 64 * 1024
 """Bytes of an idempotent request's body kept so that it can be sent again
@@ -79,111 +72,6 @@ class _CreatorSource(Protocol):
     """The part of C{edgeproxy.tls.client.UpstreamTLS} this module uses."""
 
     def creatorFor(self, server: Server) -> Any: ...
-
-
-def _leafReasons(failure: Failure) -> list[Failure]:
-    """
-    Unwrap the C{reasons} lists of Twisted's client wrapper exceptions
-    (C{ResponseFailed}, C{RequestTransmissionFailed}...) down to the failures
-    that actually happened.
-    """
-    reasons = getattr(failure.value, "reasons", None)
-    if not reasons:
-        return [failure]
-    leaves: list[Failure] = []
-    for reason in reasons:
-        leaves.extend(_leafReasons(reason))
-    return leaves
-
-
-def classifyFailure(failure: Failure, timedOut: bool) -> ProxyError:
-    """
-    Map a failure of C{Agent.request} to the L{ProxyError} the client gets.
-
-    @param failure: what the Agent's Deferred failed with.
-    @param timedOut: whether the response timeout cancelled the request.
-    @return: L{UpstreamTimeout} for connect and response timeouts,
-        L{BackendUnavailable} when no usable connection could be made
-        (refused, DNS, TLS verification), L{UpstreamProtocolError} when the
-        backend answered something that is not HTTP or hung up mid-answer.
-    """
-    if timedOut:
-        return UpstreamTimeout("no response head within the response timeout")
-    leaves = _leafReasons(failure)
-    described = "; ".join(f"{type(f.value).__name__}: {f.value}" for f in leaves)
-    for leaf in leaves:
-        if leaf.check(netError.TimeoutError, CancelledError):
-            return UpstreamTimeout(f"connect timeout: {described}")
-    for leaf in leaves:
-        if leaf.check(SSL.Error):
-            return BackendUnavailable(f"TLS failure: {described}")
-        if leaf.check(netError.DNSLookupError, netError.ConnectError):
-            return BackendUnavailable(f"connect failed: {described}")
-    if failure.check(ResponseFailed):
-        for leaf in leaves:
-            if leaf.check(ParseError):
-                return UpstreamProtocolError(f"unparseable response: {described}")
-        # The connection was made but closed (or reset) before a complete
-        # response head: the backend is there but not answering properly.
-        return BackendUnavailable(f"no response: {described}")
-    if failure.check(RequestTransmissionFailed, RequestGenerationFailed):
-        return BackendUnavailable(f"request not sent: {described}")
-    return UpstreamProtocolError(f"unexpected upstream failure: {described}")
-
-
-def attemptOutcome(failure: Failure, timedOut: bool) -> tuple[Attempt, str]:
-    """
-    How far a failed attempt got, for the retry decision, and a short label
-    of the failure for the C{reason} of C{edgeproxy_retries}.
-
-    @param failure: what the Agent's Deferred failed with.
-    @param timedOut: whether the response timeout cancelled the request.
-    @return: (L{Attempt}, one of C{response_timeout}, C{response_started},
-        C{local}, C{tls_failed}, C{connect_timeout}, C{connect_failed},
-        C{not_sent}, C{no_response}).
-    """
-    if timedOut:
-        return Attempt.NO_RESPONSE, "response_timeout"
-    if failure.check(ResponseFailed) and not failure.check(ResponseNeverReceived):
-        # Twisted fails with ResponseNeverReceived only when no byte of a
-        # response arrived; any other ResponseFailed saw (part of) one.
-        return Attempt.RESPONSE_STARTED, "response_started"
-    if failure.check(RequestGenerationFailed):
-        # Our own body producer failed (client gone, body over the limit).
-        return Attempt.LOCAL, "local"
-    leaves = _leafReasons(failure)
-    for leaf in leaves:
-        if leaf.check(SSL.Error):
-            # The TLS handshake failed: the backend's application never
-            # accepted a request on this connection.
-            return Attempt.NOT_SENT, "tls_failed"
-    for leaf in leaves:
-        if leaf.check(netError.TimeoutError):
-            return Attempt.NOT_SENT, "connect_timeout"
-        if leaf.check(netError.ConnectError, netError.DNSLookupError):
-            return Attempt.NOT_SENT, "connect_failed"
-        if leaf.check(RequestNotSent):
-            return Attempt.NOT_SENT, "not_sent"
-    for leaf in leaves:
-        if leaf.check(CancelledError):
-            return Attempt.LOCAL, "local"
-    if failure.check(ResponseNeverReceived, RequestTransmissionFailed):
-        return Attempt.NO_RESPONSE, "no_response"
-    return Attempt.RESPONSE_STARTED, "response_started"
-
-
-def _failureDetail(failure: Failure, timedOut: bool, upstream: Upstream) -> str:
-    """
-    A failed attempt in the words of the health checks' details
-    (C{connection refused}, C{TLS: ...}, C{connect timeout}...), for the
-    passive-health log lines.
-    """
-    if timedOut:
-        return f"no response head within {upstream.response_timeout:g}s"
-    leaves = _leafReasons(failure)
-    if any(leaf.check(ParseError) for leaf in leaves):
-        return "not an HTTP response"
-    return health.describeFailure(leaves[0], upstream.connect_timeout)
 
 
 CONNECTION_HEADERS_ATTRIBUTE = "connectionHeaders"
@@ -245,33 +133,6 @@ def fullResponseHeaders(response: IResponse) -> Headers:
     return merged
 
 
-def _releaseAfterBody(response: IResponse, release: Callable[[], None]) -> None:
-    """
-    Call C{release} once the body of C{response} has been delivered
-    completely or has failed.
-
-    The request layer delivers every response it gets, to the client or to
-    a discarding protocol, and C{IResponse.deliverBody} promises exactly one
-    C{connectionLost} (at once for a response without a body), so wrapping
-    the protocol covers every path.  The method is replaced on the instance
-    (not by a proxy object) so the response keeps its identity and its
-    other attributes, such as L{CONNECTION_HEADERS_ATTRIBUTE}.
-    """
-    original = response.deliverBody
-
-    def deliverBody(protocol: IProtocol) -> None:
-        lost = protocol.connectionLost
-
-        def connectionLost(reason: Failure) -> None:
-            release()
-            lost(reason)
-
-        protocol.connectionLost = connectionLost  # type: ignore[method-assign]
-        original(protocol)
-
-    response.deliverBody = deliverBody  # type: ignore[method-assign]
-
-
 @implementer(IAgentEndpointFactory)
 class _ServerEndpoints:
     """
@@ -292,12 +153,6 @@ def _addressOrder(address: str) -> tuple[int, int, str]:
     return parsed.version, int(parsed), address
 
 
-class _Full:
-    """L{UpstreamPool._choose}'s answer when every available backend is at
-    its C{max_conns}: wait in the queue."""
-
-
-_FULL = _Full()
 _NOTHING: frozenset[Backend] = frozenset()
 
 
@@ -366,7 +221,7 @@ class UpstreamPool:
             reactor, _ServerEndpoints(self), self._connectionPool
         )
         self._budget = RetryBudget(reactor.seconds, upstream.retry_budget)
-        self._queue: deque[_Exchange] = deque()
+        self._queue: deque[Exchange] = deque()
         self._draining = False
         self._drainAgain = False
         # Requests still in flight on backends no longer in the pool.
@@ -627,13 +482,13 @@ class UpstreamPool:
             raise ServiceUnavailable(f"upstream {self.upstream.name}: no server available")
         return server
 
-    def _choose(self, key: bytes | None, tried: set[Backend]) -> Backend | _Full | None:
+    def _choose(self, key: bytes | None, tried: set[Backend]) -> Backend | Full | None:
         """
         The backend for one attempt of a request.
 
         @param tried: backends the request was already tried on: avoided,
             unless no other can be picked.
-        @return: a backend; L{_FULL} when every available backend is at its
+        @return: a backend; L{FULL} when every available backend is at its
             C{max_conns}; L{None} when none is available at all.
         """
         self._excluded = tried
@@ -644,7 +499,7 @@ class UpstreamPool:
                 if any(b not in tried and self._available(b) for b in self.backends):
                     # Another backend is there, only busy: wait for it
                     # rather than send the retry where it just failed.
-                    return _FULL
+                    return FULL
                 self._excluded = _NOTHING
                 backend = self.balancer.pick(key)
         finally:
@@ -656,7 +511,7 @@ class UpstreamPool:
         # every available backend (if any) is at its limit.
         for candidate in self.backends:
             if self._available(candidate):
-                return _FULL
+                return FULL
         return None
 
     def endpointFor(self, server: Backend) -> IStreamClientEndpoint:
@@ -735,7 +590,7 @@ class UpstreamPool:
             and method in IDEMPOTENT_METHODS
         ):
             body.keepForReplay(REPLAY_LIMIT)
-        exchange = _Exchange(self, method, path, headers, body, hashKey)
+        exchange = Exchange(self, method, path, headers, body, hashKey)
         exchange.place()
         return exchange.result
 
@@ -765,7 +620,7 @@ class UpstreamPool:
 
     # The queue (max_conns) -------------------------------------------------
 
-    def _enqueue(self, exchange: _Exchange) -> None:
+    def _enqueue(self, exchange: Exchange) -> None:
         upstream = self.upstream
         if len(self._queue) >= upstream.queue_size:
             self.log.warn(
@@ -781,7 +636,7 @@ class UpstreamPool:
             upstream.queue_timeout, self._queueTimedOut, exchange
         )
 
-    def _dequeue(self, exchange: _Exchange) -> None:
+    def _dequeue(self, exchange: Exchange) -> None:
         """Take C{exchange} out of the queue (served, timed out or cancelled)."""
         try:
             self._queue.remove(exchange)
@@ -791,7 +646,7 @@ class UpstreamPool:
         if timer is not None and timer.active():
             timer.cancel()
 
-    def _queueTimedOut(self, exchange: _Exchange) -> None:
+    def _queueTimedOut(self, exchange: Exchange) -> None:
         exchange.queueTimer = None
         self._dequeue(exchange)
         self.metrics.queueTimedOut(self.upstream.name)
@@ -821,7 +676,7 @@ class UpstreamPool:
                 while self._queue:
                     exchange = self._queue[0]
                     choice = self._choose(exchange.hashKey, exchange.tried)
-                    if choice is _FULL:
+                    if choice is FULL:
                         break
                     self._dequeue(exchange)
                     exchange.placed(choice)  # type: ignore[arg-type]
@@ -829,303 +684,3 @@ class UpstreamPool:
                     break
         finally:
             self._draining = False
-
-
-class _Exchange:
-    """
-    One request through the pool: its attempts, retries and time in the
-    queue.
-
-    @ivar result: what L{UpstreamPool.request} returned.
-    @ivar tried: the backends an attempt was made on.
-    """
-
-    __slots__ = (
-        "pool", "method", "path", "headers", "body", "hashKey", "result",
-        "tried", "triedOrder", "retriesDone", "attempt", "queueTimer", "over",
-        "lastError",
-    )
-
-    def __init__(
-        self,
-        pool: UpstreamPool,
-        method: bytes,
-        path: bytes,
-        headers: Headers,
-        body: IBodyProducer | None,
-        hashKey: bytes | None,
-    ) -> None:
-        self.pool = pool
-        self.method = method
-        self.path = path
-        self.headers = headers
-        self.body = body
-        self.hashKey = hashKey
-        self.result: Deferred[IResponse] = Deferred(self._cancel)
-        self.tried: set[Backend] = set()
-        self.triedOrder: list[Backend] = []
-        self.retriesDone = 0
-        self.attempt: Deferred[IResponse] | None = None
-        self.queueTimer: IDelayedCall | None = None
-        self.over = False
-        self.lastError: ProxyError | None = None
-
-    # Placing an attempt -----------------------------------------------------
-
-    def place(self) -> None:
-        """Pick a backend now, or queue, or fail with 503."""
-        pool = self.pool
-        choice = pool._choose(self.hashKey, self.tried)
-        if choice is _FULL:
-            pool._enqueue(self)
-        else:
-            self.placed(choice)  # type: ignore[arg-type]
-
-    def placed(self, backend: Backend | None) -> None:
-        if self.over:
-            return
-        if backend is None:
-            pool = self.pool
-            if self.lastError is not None:
-                # A queued retry whose backends all went away: the client
-                # gets the failure it would have had without the retry.
-                self.fail(self.lastError, code=None)
-                return
-            pool.log.warn(
-                "upstream {upstream}: no server available",
-                upstream=pool.upstream.name,
-            )
-            self.fail(
-                ServiceUnavailable(f"upstream {pool.upstream.name}: no server available"),
-                code=503,
-            )
-            return
-        self.send(backend)
-
-    def send(self, backend: Backend) -> None:
-        pool = self.pool
-        reactor = pool._reactor
-        upstream = pool.upstream
-        body = self.body
-        producer: IBodyProducer | None = body
-        if isinstance(body, BodyPipe):
-            if not body.replayable:
-                # Failed or abandoned while this request waited in the
-                # queue: the request layer has answered already.
-                self.fail(CancelledError("request body gone"), code=None)
-                return
-            producer = body.newAttempt()
-        self.tried.add(backend)
-        self.triedOrder.append(backend)
-        release = pool._countRequest(backend)
-        started = reactor.seconds()
-        agentRequest = pool._agent.request(
-            self.method, pool._uriFor(backend, self.path), self.headers, producer
-        )
-        self.attempt = agentRequest
-        timer: IDelayedCall | None = None
-        timedOut = False
-        answered = False
-
-        def startResponseTimer(_: object = None) -> None:
-            # Not agentRequest.called: the Agent's Deferred counts as called
-            # as soon as it waits on the connection's own Deferred.
-            nonlocal timer
-            if not answered and timer is None:
-                timer = reactor.callLater(upstream.response_timeout, timeOut)
-
-        def timeOut() -> None:
-            nonlocal timedOut
-            timedOut = True
-            agentRequest.cancel()
-
-        def responded(response: IResponse) -> None:
-            nonlocal answered
-            answered = True
-            if timer is not None and timer.active():
-                timer.cancel()
-            self.attempt = None
-            _releaseAfterBody(response, release)
-            pool.metrics.upstreamResponded(upstream.name, reactor.seconds() - started)
-            pool.passive.responded(backend, response.code)
-            if self.over:
-                # Cancelled meanwhile (cannot happen with Twisted's Agent,
-                # whose cancel errbacks): nobody reads it.
-                response.deliverBody(_Discarding())
-                return
-            if self.retriesDone:
-                pool.log.info(
-                    "upstream {upstream}: {method} answered by {backend} after "
-                    "{retries} retries (tried {tried})",
-                    upstream=upstream.name,
-                    method=self.method.decode("ascii", "replace"),
-                    backend=backend.address,
-                    retries=self.retriesDone,
-                    tried=self._triedText(),
-                )
-            self.over = True
-            self.result.callback(response)
-
-        def failed(failure: Failure) -> None:
-            nonlocal answered
-            answered = True
-            if timer is not None and timer.active():
-                timer.cancel()
-            self.attempt = None
-            release()
-            if self.over:
-                return  # cancelled by the caller: nothing to report
-            self.attemptFailed(backend, failure, timedOut)
-
-        finisher = getattr(producer, "whenFinished", None)
-        if finisher is None:
-            startResponseTimer()
-        else:
-            finisher().addCallbacks(startResponseTimer, lambda _: None)
-        agentRequest.addCallbacks(responded, failed)
-
-    # Outcomes -------------------------------------------------------------------
-
-    def attemptFailed(self, backend: Backend, failure: Failure, timedOut: bool) -> None:
-        pool = self.pool
-        upstream = pool.upstream
-        kind, label = attemptOutcome(failure, timedOut)
-        if kind is Attempt.LOCAL:
-            # The client went away or its body failed: not the backend's
-            # doing, and nobody waits for a retry.
-            pool.log.debug(
-                "upstream {upstream} request to {backend} abandoned: {why}",
-                upstream=upstream.name,
-                backend=backend.address,
-                why=failure.getErrorMessage(),
-            )
-            if any(leaf.check(CancelledError) for leaf in _leafReasons(failure)):
-                self.fail(CancelledError(), code=None)
-            else:
-                self.fail(classifyFailure(failure, False), code=None)
-            return
-        error = classifyFailure(failure, timedOut)
-        pool.log.warn(
-            "upstream {upstream} backend {backend} failed: {status} {why}",
-            upstream=upstream.name,
-            backend=backend.address,
-            status=error.status,
-            why=str(error),
-        )
-        pool.metrics.upstreamFailed(upstream.name, error.status)
-        pool.passive.failure(backend, _failureDetail(failure, timedOut, upstream))
-        body = self.body
-        replayable = body is None or (isinstance(body, BodyPipe) and body.replayable)
-        decision = decide(self.method, kind, replayable, self.retriesDone, upstream.retries)
-        if not decision.retry:
-            if upstream.retries:
-                pool.log.info(
-                    "upstream {upstream}: {method} not retried: {why} (tried {tried})",
-                    upstream=upstream.name,
-                    method=self.method.decode("ascii", "replace"),
-                    why=decision.why,
-                    tried=self._triedText(),
-                )
-            self.fail(error, code=None)
-            return
-        if not pool._budget.tryRetry():
-            pool.metrics.retryRefused(upstream.name)
-            pool.log.warn(
-                "upstream {upstream}: {method} not retried: retry budget spent "
-                "(tried {tried})",
-                upstream=upstream.name,
-                method=self.method.decode("ascii", "replace"),
-                tried=self._triedText(),
-            )
-            self.fail(error, code=None)
-            return
-        # The next attempt must have a backend: when none is available now
-        # (the failing one was just ejected, say), the client gets this
-        # failure, not a 503 for a retry it never asked for.
-        choice = pool._choose(self.hashKey, self.tried)
-        if choice is None:
-            pool.log.info(
-                "upstream {upstream}: {method} not retried: no other backend available "
-                "(tried {tried})",
-                upstream=upstream.name,
-                method=self.method.decode("ascii", "replace"),
-                tried=self._triedText(),
-            )
-            self.fail(error, code=None)
-            return
-        self.retriesDone += 1
-        self.lastError = error
-        pool.metrics.retried(upstream.name, label)
-        pool.log.info(
-            "upstream {upstream}: retrying {method} after {backend} failed ({reason}); "
-            "retry {count} of {allowed}",
-            upstream=upstream.name,
-            method=self.method.decode("ascii", "replace"),
-            backend=backend.address,
-            reason=label,
-            count=self.retriesDone,
-            allowed=upstream.retries,
-        )
-        if choice is _FULL:
-            pool._enqueue(self)
-        else:
-            self.send(choice)  # type: ignore[arg-type]
-
-    def failWaiting(self, error: ServiceUnavailable) -> None:
-        """
-        No place for this request under C{max_conns}: 503, or for a retry
-        the failure it would have had without the retry.
-        """
-        if self.lastError is not None:
-            self.fail(self.lastError, code=None)
-        else:
-            self.fail(error, code=503)
-
-    def fail(self, error: Exception, code: int | None) -> None:
-        """
-        End the request with C{error}.
-
-        @param code: the status to count in C{edgeproxy_upstream_errors} for
-            a failure that no attempt counted (503s of the pool itself).
-        """
-        if self.over:
-            return
-        self.over = True
-        if code is not None:
-            self.pool.metrics.upstreamFailed(self.pool.upstream.name, code)
-        body = self.body
-        if isinstance(body, BodyPipe) and not isinstance(error, CancelledError):
-            # No further attempt: let the rest of the body drain.
-            body.stopProducing()
-        self.result.errback(Failure(error))
-
-    def _cancel(self, result: Deferred[IResponse]) -> None:
-        # The caller gave up (the client went away): leave the queue or
-        # abort the attempt in progress; no retry follows.
-        if self.over:
-            return
-        self.over = True
-        self.pool._dequeue(self)
-        attempt, self.attempt = self.attempt, None
-        if attempt is not None:
-            attempt.cancel()
-        self.pool.log.debug(
-            "upstream {upstream} request cancelled by the client",
-            upstream=self.pool.upstream.name,
-        )
-
-    def _triedText(self) -> str:
-        return ", ".join(backend.address for backend in self.triedOrder)
-
-
-class _Discarding(_StreamProtocol):
-    """Closes the connection of a response nobody reads."""
-
-    def makeConnection(self, transport: Any) -> None:
-        transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure) -> None:
-        pass

@@ -1,0 +1,377 @@
+# -*- test-case-name: tests.test_pool -*-
+"""
+L{Exchange}: one request through an L{edgeproxy.upstream.pool.UpstreamPool},
+from the first pick of a backend to the response head or the last failure:
+its attempts, its retries (decided by L{edgeproxy.upstream.retry}) and its
+time in the pool's C{max_conns} queue.  Every attempt's outcome is reported
+to passive health and to the metrics here.
+
+The pool owns the choice of backend, the queue and the connections; this
+module owns what happens to one request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IResponse
+
+from edgeproxy.errors import ProxyError, ServiceUnavailable
+from edgeproxy.http.bodies import BodyPipe
+from edgeproxy.upstream.backend import Backend
+from edgeproxy.upstream.failures import (
+    attemptOutcome,
+    classifyFailure,
+    failureDetail,
+    leafReasons,
+)
+from edgeproxy.upstream.retry import Attempt, decide
+
+if TYPE_CHECKING:
+    from edgeproxy.upstream.pool import UpstreamPool
+
+__all__ = ["FULL", "Exchange", "Full", "releaseAfterBody"]
+
+
+class Full:
+    """
+    The pool's answer when every available backend is at its C{max_conns}:
+    the request waits in the queue.
+    """
+
+
+FULL = Full()
+
+
+def releaseAfterBody(response: IResponse, release: Callable[[], None]) -> None:
+    """
+    Call C{release} once the body of C{response} has been delivered
+    completely or has failed.
+
+    The request layer delivers every response it gets, to the client or to
+    a discarding protocol, and C{IResponse.deliverBody} promises exactly one
+    C{connectionLost} (at once for a response without a body), so wrapping
+    the protocol covers every path.  The method is replaced on the instance
+    (not by a proxy object) so the response keeps its identity and its
+    other attributes, such as
+    L{edgeproxy.upstream.pool.CONNECTION_HEADERS_ATTRIBUTE}.
+    """
+    original = response.deliverBody
+
+    def deliverBody(protocol: IProtocol) -> None:
+        lost = protocol.connectionLost
+
+        def connectionLost(reason: Failure) -> None:
+            release()
+            lost(reason)
+
+        protocol.connectionLost = connectionLost  # type: ignore[method-assign]
+        original(protocol)
+
+    response.deliverBody = deliverBody  # type: ignore[method-assign]
+
+
+class Exchange:
+    """
+    One request through the pool: its attempts, retries and time in the
+    queue.
+
+    @ivar result: what L{UpstreamPool.request} returned.
+    @ivar tried: the backends an attempt was made on.
+    """
+
+    __slots__ = (
+        "pool", "method", "path", "headers", "body", "hashKey", "result",
+        "tried", "triedOrder", "retriesDone", "attempt", "queueTimer", "over",
+        "lastError",
+    )
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        body: IBodyProducer | None,
+        hashKey: bytes | None,
+    ) -> None:
+        self.pool = pool
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.hashKey = hashKey
+        self.result: Deferred[IResponse] = Deferred(self._cancel)
+        self.tried: set[Backend] = set()
+        self.triedOrder: list[Backend] = []
+        self.retriesDone = 0
+        self.attempt: Deferred[IResponse] | None = None
+        self.queueTimer: IDelayedCall | None = None
+        self.over = False
+        self.lastError: ProxyError | None = None
+
+    # Placing an attempt -----------------------------------------------------
+
+    def place(self) -> None:
+        """Pick a backend now, or queue, or fail with 503."""
+        pool = self.pool
+        choice = pool._choose(self.hashKey, self.tried)
+        if choice is FULL:
+            pool._enqueue(self)
+        else:
+            self.placed(choice)  # type: ignore[arg-type]
+
+    def placed(self, backend: Backend | None) -> None:
+        if self.over:
+            return
+        if backend is None:
+            pool = self.pool
+            if self.lastError is not None:
+                # A queued retry whose backends all went away: the client
+                # gets the failure it would have had without the retry.
+                self.fail(self.lastError, code=None)
+                return
+            pool.log.warn(
+                "upstream {upstream}: no server available",
+                upstream=pool.upstream.name,
+            )
+            self.fail(
+                ServiceUnavailable(f"upstream {pool.upstream.name}: no server available"),
+                code=503,
+            )
+            return
+        self.send(backend)
+
+    def send(self, backend: Backend) -> None:
+        pool = self.pool
+        reactor = pool._reactor
+        upstream = pool.upstream
+        body = self.body
+        producer: IBodyProducer | None = body
+        if isinstance(body, BodyPipe):
+            if not body.replayable:
+                # Failed or abandoned while this request waited in the
+                # queue: the request layer has answered already.
+                self.fail(CancelledError("request body gone"), code=None)
+                return
+            producer = body.newAttempt()
+        self.tried.add(backend)
+        self.triedOrder.append(backend)
+        release = pool._countRequest(backend)
+        started = reactor.seconds()
+        agentRequest = pool._agent.request(
+            self.method, pool._uriFor(backend, self.path), self.headers, producer
+        )
+        self.attempt = agentRequest
+        timer: IDelayedCall | None = None
+        timedOut = False
+        answered = False
+
+        def startResponseTimer(_: object = None) -> None:
+            # Not agentRequest.called: the Agent's Deferred counts as called
+            # as soon as it waits on the connection's own Deferred.
+            nonlocal timer
+            if not answered and timer is None:
+                timer = reactor.callLater(upstream.response_timeout, timeOut)
+
+        def timeOut() -> None:
+            nonlocal timedOut
+            timedOut = True
+            agentRequest.cancel()
+
+        def responded(response: IResponse) -> None:
+            nonlocal answered
+            answered = True
+            if timer is not None and timer.active():
+                timer.cancel()
+            self.attempt = None
+            releaseAfterBody(response, release)
+            pool.metrics.upstreamResponded(upstream.name, reactor.seconds() - started)
+            pool.passive.responded(backend, response.code)
+            if self.over:
+                # Cancelled meanwhile (cannot happen with Twisted's Agent,
+                # whose cancel errbacks): nobody reads it.
+                response.deliverBody(_Discarding())
+                return
+            if self.retriesDone:
+                pool.log.info(
+                    "upstream {upstream}: {method} answered by {backend} after "
+                    "{retries} retries (tried {tried})",
+                    upstream=upstream.name,
+                    method=self.method.decode("ascii", "replace"),
+                    backend=backend.address,
+                    retries=self.retriesDone,
+                    tried=self._triedText(),
+                )
+            self.over = True
+            self.result.callback(response)
+
+        def failed(failure: Failure) -> None:
+            nonlocal answered
+            answered = True
+            if timer is not None and timer.active():
+                timer.cancel()
+            self.attempt = None
+            release()
+            if self.over:
+                return  # cancelled by the caller: nothing to report
+            self.attemptFailed(backend, failure, timedOut)
+
+        finisher = getattr(producer, "whenFinished", None)
+        if finisher is None:
+            startResponseTimer()
+        else:
+            finisher().addCallbacks(startResponseTimer, lambda _: None)
+        agentRequest.addCallbacks(responded, failed)
+
+    # Outcomes -------------------------------------------------------------------
+
+    def attemptFailed(self, backend: Backend, failure: Failure, timedOut: bool) -> None:
+        pool = self.pool
+        upstream = pool.upstream
+        kind, label = attemptOutcome(failure, timedOut)
+        if kind is Attempt.LOCAL:
+            # The client went away or its body failed: not the backend's
+            # doing, and nobody waits for a retry.
+            pool.log.debug(
+                "upstream {upstream} request to {backend} abandoned: {why}",
+                upstream=upstream.name,
+                backend=backend.address,
+                why=failure.getErrorMessage(),
+            )
+            if any(leaf.check(CancelledError) for leaf in leafReasons(failure)):
+                self.fail(CancelledError(), code=None)
+            else:
+                self.fail(classifyFailure(failure, False), code=None)
+            return
+        error = classifyFailure(failure, timedOut)
+        pool.log.warn(
+            "upstream {upstream} backend {backend} failed: {status} {why}",
+            upstream=upstream.name,
+            backend=backend.address,
+            status=error.status,
+            why=str(error),
+        )
+        pool.metrics.upstreamFailed(upstream.name, error.status)
+        pool.passive.failure(backend, failureDetail(failure, timedOut, upstream))
+        body = self.body
+        replayable = body is None or (isinstance(body, BodyPipe) and body.replayable)
+        decision = decide(self.method, kind, replayable, self.retriesDone, upstream.retries)
+        if not decision.retry:
+            if upstream.retries:
+                pool.log.info(
+                    "upstream {upstream}: {method} not retried: {why} (tried {tried})",
+                    upstream=upstream.name,
+                    method=self.method.decode("ascii", "replace"),
+                    why=decision.why,
+                    tried=self._triedText(),
+                )
+            self.fail(error, code=None)
+            return
+        if not pool._budget.tryRetry():
+            pool.metrics.retryRefused(upstream.name)
+            pool.log.warn(
+                "upstream {upstream}: {method} not retried: retry budget spent "
+                "(tried {tried})",
+                upstream=upstream.name,
+                method=self.method.decode("ascii", "replace"),
+                tried=self._triedText(),
+            )
+            self.fail(error, code=None)
+            return
+        # The next attempt must have a backend: when none is available now
+        # (the failing one was just ejected, say), the client gets this
+        # failure, not a 503 for a retry it never asked for.
+        choice = pool._choose(self.hashKey, self.tried)
+        if choice is None:
+            pool.log.info(
+                "upstream {upstream}: {method} not retried: no other backend available "
+                "(tried {tried})",
+                upstream=upstream.name,
+                method=self.method.decode("ascii", "replace"),
+                tried=self._triedText(),
+            )
+            self.fail(error, code=None)
+            return
+        self.retriesDone += 1
+        self.lastError = error
+        pool.metrics.retried(upstream.name, label)
+        pool.log.info(
+            "upstream {upstream}: retrying {method} after {backend} failed ({reason}); "
+            "retry {count} of {allowed}",
+            upstream=upstream.name,
+            method=self.method.decode("ascii", "replace"),
+            backend=backend.address,
+            reason=label,
+            count=self.retriesDone,
+            allowed=upstream.retries,
+        )
+        if choice is FULL:
+            pool._enqueue(self)
+        else:
+            self.send(choice)  # type: ignore[arg-type]
+
+    def failWaiting(self, error: ServiceUnavailable) -> None:
+        """
+        No place for this request under C{max_conns}: 503, or for a retry
+        the failure it would have had without the retry.
+        """
+        if self.lastError is not None:
+            self.fail(self.lastError, code=None)
+        else:
+            self.fail(error, code=503)
+
+    def fail(self, error: Exception, code: int | None) -> None:
+        """
+        End the request with C{error}.
+
+        @param code: the status to count in C{edgeproxy_upstream_errors} for
+            a failure that no attempt counted (503s of the pool itself).
+        """
+        if self.over:
+            return
+        self.over = True
+        if code is not None:
+            self.pool.metrics.upstreamFailed(self.pool.upstream.name, code)
+        body = self.body
+        if isinstance(body, BodyPipe) and not isinstance(error, CancelledError):
+            # No further attempt: let the rest of the body drain.
+            body.stopProducing()
+        self.result.errback(Failure(error))
+
+    def _cancel(self, result: Deferred[IResponse]) -> None:
+        # The caller gave up (the client went away): leave the queue or
+        # abort the attempt in progress; no retry follows.
+        if self.over:
+            return
+        self.over = True
+        self.pool._dequeue(self)
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.cancel()
+        self.pool.log.debug(
+            "upstream {upstream} request cancelled by the client",
+            upstream=self.pool.upstream.name,
+        )
+
+    def _triedText(self) -> str:
+        return ", ".join(backend.address for backend in self.triedOrder)
+
+
+class _Discarding(Protocol):
+    """Closes the connection of a response nobody reads."""
+
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
