@@ -606,3 +606,27 @@ def test_splitURI() -> None:
     assert splitURI(b"http://h") == (b"http://h", b"/")
     with pytest.raises(ValueError):
         splitURI(b"/relative")
+
+
+def test_notPersistentSaysCloseAndKeepsNothing() -> None:
+    """keepalive = 0: C{Connection: close} on the wire, nothing pooled."""
+    h = Harness(keepalive=0)
+    h.client.persistent = False
+    d = h.request()
+    assert b"\r\nConnection: close\r\n" in h.wire()
+    h.respond(OK)
+    result(d).deliverBody(Body())
+    assert h.connections[0][1].disconnecting
+    h.request()
+    assert len(h.connections) == 2
+
+
+def test_zeroIdleConnectionsKeptEvenWhenPersistent() -> None:
+    h = Harness(keepalive=0)
+    d = h.request()
+    assert b"Connection: close" not in h.wire()
+    h.respond(OK)
+    body = Body()
+    result(d).deliverBody(body)
+    assert body.reason.check(ResponseDone)
+    assert h.connections[0][1].disconnecting
