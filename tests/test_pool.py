@@ -1084,3 +1084,14 @@ def test_queuedRetryTimingOutGetsTheOriginalError() -> None:
     outcome = result(retried)
     assert outcome.check(BackendUnavailable)  # a's refusal, not a 503
     assert metric(pool, "edgeproxy_queue_timeouts_total") == 1
+
+
+def test_aBugWhileHandlingAFailureStillAnswers(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool, _ = makeFleet(failing={"a": REFUSED})
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(pool.passive, "failure", broken)
+    outcome = result(get(pool))
+    assert outcome.check(BackendUnavailable)

@@ -221,7 +221,16 @@ class Exchange:
             release()
             if self.over:
                 return  # cancelled by the caller: nothing to report
-            self.attemptFailed(backend, failure, timedOut)
+            try:
+                self.attemptFailed(backend, failure, timedOut)
+            except Exception:
+                # A bug here must still answer the client, not leave the
+                # request hanging on a Deferred that never fires.
+                pool.log.failure(
+                    "upstream {upstream}: handling a failed attempt failed",
+                    upstream=upstream.name,
+                )
+                self.fail(classifyFailure(failure, timedOut), code=None)
 
         finisher = getattr(producer, "whenFinished", None)
         if finisher is None:
