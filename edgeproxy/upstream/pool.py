@@ -2,8 +2,8 @@
 """
 L{UpstreamPool}: one C{[upstream:NAME]} as something a request can be sent to.
 
-It owns the Agent and its C{HTTPConnectionPool} (keep-alive connections per
-backend), the backends (one per address; host names re-resolved through
+It owns the L{edgeproxy.upstream.client.UpstreamClient} (keep-alive
+connections per backend), the backends (one per address; host names re-resolved through
 L{edgeproxy.upstream.resolve}), the choice of backend (delegated to the
 upstream's L{edgeproxy.upstream.balance.Balancer}, with a predicate
 combining health and C{max_conns}), the in-flight accounting, the queue of
@@ -36,8 +36,7 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.web.client import URI, Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.client import URI
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
@@ -47,6 +46,7 @@ from edgeproxy.errors import ServiceUnavailable
 from edgeproxy.http.bodies import BodyPipe
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream import health
+from edgeproxy.upstream.client import UpstreamClient
 from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import Balancer, makeBalancer
 from edgeproxy.upstream.exchange import FULL, Exchange, Full
@@ -77,52 +77,13 @@ class _CreatorSource(Protocol):
 CONNECTION_HEADERS_ATTRIBUTE = "connectionHeaders"
 """Attribute set on every response of a pool: the backend's connection
 control fields (C{Connection}, C{Keep-Alive}, C{Transfer-Encoding},
-C{Content-Length}...), which Twisted's client keeps out of
-C{response.headers}."""
-
-
-class _ClientProtocol(HTTP11ClientProtocol):
-    """
-    Twisted's HTTP/1.1 client protocol, also exposing the response's
-    connection control fields.
-
-    Twisted's parser files C{Connection}, C{Content-Length},
-    C{Transfer-Encoding} and the like under its private C{connHeaders}, not
-    in C{response.headers}.  A proxy needs them: the fields a backend's
-    C{Connection} names are hop-by-hop and must not reach the client (RFC
-    9110 §7.6.1), and ambiguous framing must be refused, not silently
-    resolved.  This is the one place relying on that private surface
-    (C{HTTP11ClientProtocol._parser}, C{HTTPParser.connHeaders},
-    C{HTTPConnectionPool._factory}); C{tests/test_pool.py} fails if Twisted
-    changes it.
-    """
-
-    def request(self, request: Any) -> Deferred[IResponse]:
-        result = super().request(request)
-        parser = getattr(self, "_parser", None)
-        if parser is not None:
-
-            def attach(response: IResponse) -> IResponse:
-                setattr(response, CONNECTION_HEADERS_ATTRIBUTE, parser.connHeaders)
-                return response
-
-            result.addCallback(attach)
-        return result
-
-
-class _ClientFactory(_HTTP11ClientFactory):
-    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
-        return _ClientProtocol(self._quiescentCallback)
-
-
-class _ConnectionPool(HTTPConnectionPool):
-    _factory = _ClientFactory
+C{Content-Length}...), which the client keeps out of C{response.headers}."""
 
 
 def fullResponseHeaders(response: IResponse) -> Headers:
     """
     The response's header fields as the backend sent them: C{headers} plus
-    the connection control fields Twisted's client keeps apart.
+    the connection control fields the client keeps apart.
     """
     merged = response.headers.copy()
     extra = getattr(response, CONNECTION_HEADERS_ATTRIBUTE, None)
@@ -136,7 +97,7 @@ def fullResponseHeaders(response: IResponse) -> Headers:
 @implementer(IAgentEndpointFactory)
 class _ServerEndpoints:
     """
-    Resolve the Agent's URI (which only ever names one of our backends, see
+    Resolve the client's URI (which only ever names one of our backends, see
     L{UpstreamPool._uriFor}) back to that backend's endpoint.
     """
 
@@ -206,19 +167,16 @@ class UpstreamPool:
         self._resolver = resolver
         self._periodic: PeriodicResolver | None = None
         self._resolved: dict[str, tuple[str, ...]] = {}
-        # keepalive = 0: Twisted's pool cannot hold zero connections (it
-        # fails on every response); a non-persistent pool sends
-        # Connection: close instead (RFC 9112 §9.6).
-        self._connectionPool = _ConnectionPool(reactor, persistent=upstream.keepalive > 0)
-        self._connectionPool.maxPersistentPerHost = upstream.keepalive
-        self._connectionPool.cachedConnectionTimeout = upstream.keepalive_timeout
-        # Retrying is decided here, with what Twisted cannot know (is the
-        # body still replayable, is the budget spent); Twisted's automatic
-        # retry would resend a request whose first attempt may have reached
-        # the backend.
-        self._connectionPool.retryAutomatically = False
-        self._agent = Agent.usingEndpointFactory(
-            reactor, _ServerEndpoints(self), self._connectionPool
+        # keepalive = 0: a non-persistent client sends Connection: close
+        # (RFC 9112 §9.6) and keeps nothing idle.  Retrying is decided here
+        # (is the body still replayable, is the budget spent): the client
+        # never retries on its own.
+        self._connectionPool = self._agent = UpstreamClient(
+            reactor,
+            _ServerEndpoints(self),
+            maxPersistentPerHost=upstream.keepalive,
+            cachedConnectionTimeout=upstream.keepalive_timeout,
+            persistent=upstream.keepalive > 0,
         )
         self._budget = RetryBudget(reactor.seconds, upstream.retry_budget)
         self._queue: deque[Exchange] = deque()
@@ -259,7 +217,7 @@ class UpstreamPool:
         self._byBackend = kept
         self._endpoints = {b: e for b, e in self._endpoints.items() if b in kept}
         self._uris = {b: u for b, u in self._uris.items() if b in kept}
-        # Each backend's URI names it uniquely: the Agent keys its pooled
+        # Each backend's URI names it uniquely: the client keys its pooled
         # connections on it, and two host names may resolve to one address
         # (with different TLS names, so different connections).
         self._byKey = {}
@@ -519,7 +477,7 @@ class UpstreamPool:
         @return: a client endpoint dialling backend C{server} with the upstream's
             connect timeout, wrapped in TLS when the upstream uses it.
         """
-        # The Agent asks for an endpoint on every request, even when a
+        # The client asks for an endpoint on every request, even when a
         # pooled connection serves it; endpoints hold no per-connection
         # state, so one per server is built once.
         endpoint = self._endpoints.get(server)
