@@ -737,8 +737,14 @@ def test_shippedExample(tmp_path: Path) -> None:
             tls=True,
             ca=str(tmp_path / "certs" / "internal" / "ca.pem"),
             server_name="origin.internal",
+            health_path="/healthz",
+            health_interval=2.0,
+            health_timeout=1.0,
+            fall=2,
         )
     }
+    # The admin listener is on loopback in the example (and has no token).
+    assert (config.proxy.admin, config.proxy.admin_token) == ("tcp:9901:interface=127.0.0.1", None)
     assert config.routes == (
         Route(name="app", hosts=("localhost", "127.0.0.1"), paths=("/",), upstream="app"),
     )
