@@ -241,7 +241,7 @@ class Metrics:
         )
         self._upstreamErrors = Counter(
             "edgeproxy_upstream_errors",
-            "Failed backend requests, by upstream and the status the client got (502, 503, 504).",
+            "Failed backend attempts (retried ones included), by upstream and the status each maps to (502, 503, 504).",
             ["upstream", "code"], registry=r,
         )
         self._reloads = Counter(
