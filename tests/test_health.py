@@ -201,7 +201,7 @@ def test_firstFailureIsDownThenRiseToComeBack(logs: Callable[[], list[str]]) -> 
     assert "upstream app backend 127.0.0.1:8000: down -> up (2 passing checks in a row: 200)" in logs()
 
 
-def test_fallFailuresInARowTakeItDown() -> None:
+def test_fallFailuresInARowTakeItDown(logs: Callable[[], list[str]]) -> None:
     pool, checker, backends, reactor = started(upstream(fall=3))
     backend = pool.backends[0]
     backends.answer(8000, OK)
@@ -222,6 +222,16 @@ def test_fallFailuresInARowTakeItDown() -> None:
     assert backend.state is DOWN
     assert backend.reason == "3 failed checks in a row: connection refused"
     assert counterValue(pool.metrics, "edgeproxy_health_checks_total", result="failed") == 5
+    # The failures short of fall are in the log (they explain a coming
+    # "down"); passing checks are not (one line per backend per interval).
+    lines = [line for line in logs() if "check failed" in line or "up -> down" in line]
+    assert lines == [
+        "upstream app backend 127.0.0.1:8000 check failed (1 of 3): status 503",
+        "upstream app backend 127.0.0.1:8000 check failed (2 of 3): status 503",
+        "upstream app backend 127.0.0.1:8000 check failed (1 of 3): connection refused",
+        "upstream app backend 127.0.0.1:8000 check failed (2 of 3): connection refused",
+        "upstream app backend 127.0.0.1:8000: up -> down (3 failed checks in a row: connection refused)",
+    ]
 
 
 def test_initialUpTakesTrafficBeforeAnyCheck() -> None:

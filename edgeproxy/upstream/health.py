@@ -745,13 +745,20 @@ class HealthChecker:
                 transition(self._pool, backend, BackendState.DOWN,
                            f"{_count(track.fails, 'failed check')} in a row: "
                            f"{result.detail}", health=True)
-        log.debug(
-            "upstream {upstream} backend {backend} check: {detail} ({ok})",
-            upstream=upstream.name,
-            backend=backend.address,
-            detail=result.detail,
-            ok="ok" if result.ok else "failed",
-        )
+        # A passing check is not logged: twistd shows every level, and a line
+        # per backend every interval would bury the lines that matter (state
+        # changes, above); /status and the metrics show every result.  A
+        # failing one is, so the log explains a coming "down".
+        if not result.ok and backend.state is BackendState.UP:
+            log.info(
+                "upstream {upstream} backend {backend} check failed"
+                " ({fails} of {fall}): {detail}",
+                upstream=upstream.name,
+                backend=backend.address,
+                fails=track.fails,
+                fall=upstream.fall,
+                detail=result.detail,
+            )
 
 
 def _count(n: int, noun: str) -> str:
