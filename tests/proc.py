@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -186,6 +187,25 @@ class Twistd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+
+
+START_TIMEOUT = 30.0
+"""Seconds a twistd started by a test has to send READY=1."""
+
+
+def startTwistd(config: Path, workdir: Path, notify: NotifyReceiver, **kwargs: Any) -> Twistd:
+    """
+    Start C{twistd edgeproxy} and wait for its READY=1.
+
+    @raise AssertionError: it did not become ready; the message has its output.
+    """
+    proc = Twistd(config, workdir, notify=notify, **kwargs)
+    try:
+        notify.waitFor(b"READY=1", START_TIMEOUT, alive=proc.alive)
+    except Exception:
+        proc.stop()
+        raise AssertionError(f"twistd did not become ready:\n{proc.output()}")
+    return proc
 
 
 def handshake(

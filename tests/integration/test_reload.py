@@ -27,6 +27,7 @@ import pytest
 
 from tests.certutil import CertificateAuthority
 from tests.proc import (
+    startTwistd,
     NotifyReceiver,
     Twistd,
     freePort,
@@ -193,23 +194,8 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
         b.close()
 
 
-@pytest.fixture
-def notify() -> Iterator[NotifyReceiver]:
-    receiver = NotifyReceiver()
-    try:
-        yield receiver
-    finally:
-        receiver.close()
-
-
 def start(setup: Setup, notify: NotifyReceiver) -> Twistd:
-    proc = Twistd(setup.config, setup.workdir, notify=notify)
-    try:
-        notify.waitFor(b"READY=1", START_TIMEOUT, alive=proc.alive)
-    except Exception:
-        proc.stop()
-        raise AssertionError(f"twistd did not become ready:\n{proc.output()}")
-    return proc
+    return startTwistd(setup.config, setup.workdir, notify)
 
 
 def get(setup: Setup, path: str) -> tuple[int, bytes]:

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from tests.certutil import CertificateAuthority, IssuedCertificate
 from tests.proc import (
+    startTwistd,
     Backend,
     H2Client,
     NotifyReceiver,
@@ -137,23 +138,8 @@ def site(tmp_path: Path) -> Iterator[Site]:
         backend.close()
 
 
-@pytest.fixture
-def notify() -> Iterator[NotifyReceiver]:
-    receiver = NotifyReceiver()
-    try:
-        yield receiver
-    finally:
-        receiver.close()
-
-
 def start(site: Site, notify: NotifyReceiver, **kwargs: object) -> Twistd:
-    proc = Twistd(site.config, site.workdir, notify=notify, **kwargs)  # type: ignore[arg-type]
-    try:
-        notify.waitFor(b"READY=1", START_TIMEOUT, alive=proc.alive)
-    except Exception:
-        proc.stop()
-        raise AssertionError(f"twistd did not become ready:\n{proc.output()}")
-    return proc
+    return startTwistd(site.config, site.workdir, notify, **kwargs)
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ import pytest
 
 from tests.certutil import CertificateAuthority
 from tests.proc import (
+    startTwistd,
     Backend,
     NotifyReceiver,
     Twistd,
@@ -102,23 +103,8 @@ def site(tmp_path: Path) -> Iterator[Site]:
         backend.close()
 
 
-@pytest.fixture
-def notify() -> Iterator[NotifyReceiver]:
-    receiver = NotifyReceiver()
-    try:
-        yield receiver
-    finally:
-        receiver.close()
-
-
 def start(site: Site, notify: NotifyReceiver, **kwargs: object) -> Twistd:
-    proc = Twistd(site.config, site.workdir, notify=notify, **kwargs)  # type: ignore[arg-type]
-    try:
-        notify.waitFor(b"READY=1", START_TIMEOUT, alive=proc.alive)
-    except Exception:
-        proc.stop()
-        raise AssertionError(f"twistd did not become ready:\n{proc.output()}")
-    return proc
+    return startTwistd(site.config, site.workdir, notify, **kwargs)
 
 
 def get(port: int, target: str) -> int:
