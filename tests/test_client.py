@@ -401,6 +401,67 @@ def test_bodyBufferedUntilDeliverBodyAndReadingPaused() -> None:
         response.deliverBody(Body())
 
 
+def recordFlowControl(transport: StringTransport) -> list[str]:
+    """Every pause and resume asked of C{transport}, in order."""
+    calls: list[str] = []
+    pause, resume = transport.pauseProducing, transport.resumeProducing
+
+    def pauseProducing() -> None:
+        calls.append("pause")
+        pause()
+
+    def resumeProducing() -> None:
+        calls.append("resume")
+        resume()
+
+    transport.pauseProducing = pauseProducing  # type: ignore[method-assign]
+    transport.resumeProducing = resumeProducing  # type: ignore[method-assign]
+    return calls
+
+
+def test_bodyCompleteWithItsHeadNeverPausesTheBackend() -> None:
+    # Head and whole body in one read (most small responses): reading is
+    # never paused and resumed around it (two epoll_ctl calls per response
+    # for nothing), the body is still delivered, and the connection is
+    # back in the pool for the next request.
+    h = Harness()
+    d = h.request()
+    calls = recordFlowControl(h.connections[0][1])
+    h.respond(OK)
+    response = result(d)
+    assert calls == []
+    body = Body()
+    response.deliverBody(body)
+    assert body.data == b"hello" and body.reason.check(ResponseDone)
+    assert calls == []
+    h.request()
+    assert len(h.connections) == 1
+
+
+def test_chunkedBodyCompleteWithItsHeadNeverPausesTheBackend() -> None:
+    h = Harness()
+    d = h.request()
+    calls = recordFlowControl(h.connections[0][1])
+    h.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    body = Body()
+    result(d).deliverBody(body)
+    assert body.data == b"abc" and body.reason.check(ResponseDone)
+    assert calls == []
+
+
+def test_bodyIncompleteWithItsHeadPausesUntilDelivered() -> None:
+    h = Harness()
+    d = h.request()
+    calls = recordFlowControl(h.connections[0][1])
+    h.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    assert calls == ["pause"]
+    body = Body()
+    result(d).deliverBody(body)
+    assert calls == ["pause", "resume"]
+    h.respond(b"0\r\n\r\n")
+    assert body.data == b"abc" and body.reason.check(ResponseDone)
+
+
 def test_bodyTransportPausesResumesAndStops() -> None:
     h = Harness()
     d = h.request()
