@@ -6,6 +6,8 @@ backend consumer and the client's wire.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -233,6 +235,57 @@ def test_downloadIdleTimeoutAbortsBothSides() -> None:
     assert backend.producerState == "producing"
     clock.advance(1.5)
     assert backend.producerState == "stopped"
+    assert wire.disconnecting
+    assert relay.done.called and relay.reason is not None
+
+
+class HeldResponse:
+    """
+    A backend response as the client hands it over: what arrived with the
+    head is delivered at once by C{deliverBody}, the rest later.
+    """
+
+    def __init__(self, buffered: list[bytes], complete: bool) -> None:
+        self.buffered = buffered
+        self.complete = complete
+        self.transport = BackendTransport()
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+        for data in self.buffered:
+            protocol.dataReceived(data)
+        if self.complete:
+            protocol.connectionLost(Failure(ResponseDone()))
+
+
+def test_bodyAlreadyCompleteIsRelayedWithoutATimer() -> None:
+    # A small response arrives with its head: relayed and finished within
+    # deliverFrom, and no idle timer is scheduled (then cancelled) for it.
+    request, wire = clientRequest()
+    clock = Clock()
+    relay = ResponseRelay(request, clock, 3)
+    relay.deliverFrom(HeldResponse([b"hello"], complete=True))
+    assert wire.value().endswith(b"5\r\nhello\r\n0\r\n\r\n")
+    assert relay.done.called and relay.reason is None
+    assert clock.getDelayedCalls() == []
+
+
+def test_bodyStillComingStartsTheIdleTimeoutAfterDelivery() -> None:
+    request, wire = clientRequest()
+    clock = Clock()
+    relay = ResponseRelay(request, clock, 3)
+    response = HeldResponse([b"part"], complete=False)
+    relay.deliverFrom(response)
+    assert wire.value().endswith(b"4\r\npart\r\n")
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(2)
+    relay.dataReceived(b"more")
+    clock.advance(2)
+    assert response.transport.producerState == "producing"
+    clock.advance(1.5)
+    assert response.transport.producerState == "stopped"
     assert wire.disconnecting
     assert relay.done.called and relay.reason is not None
 

@@ -514,12 +514,32 @@ class ResponseRelay(Protocol):
         self._producer: _WatchedProducer | None = None
         self._clientGone = False
         self._over = False
+        # True while deliverFrom hands over what the response already has:
+        # no time passes meanwhile, so the idle countdown starts after it.
+        self._holdIdle = False
         self.done: Deferred[None] = Deferred()
         self.reason: Failure | None = None
         request.notifyFinish().addErrback(self._clientLost)
 
+    def deliverFrom(self, response: Any) -> None:
+        """
+        C{response.deliverBody(self)}, with the idle countdown started once
+        the body the response already holds has been delivered: a body that
+        arrived with its head (most small responses) is relayed and over
+        before a timer would be armed, so none is scheduled and cancelled
+        for it (a C{callLater} per response was 1.5% of the R1 profile).
+        """
+        self._holdIdle = True
+        try:
+            response.deliverBody(self)
+        finally:
+            self._holdIdle = False
+        if not self._over and not self._clientGone:
+            self._idle.touch()
+
     def connectionMade(self) -> None:
-        self._idle.touch()
+        if not self._holdIdle:
+            self._idle.touch()
         if self._clientGone:
             self.transport.stopProducing()
             return
@@ -529,7 +549,8 @@ class ResponseRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._clientGone or self._over:
             return
-        self._idle.touch()
+        if not self._holdIdle:
+            self._idle.touch()
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
@@ -541,7 +562,9 @@ class ResponseRelay(Protocol):
             self._settle(reason)
             return
         self._unregister()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance, not Failure.check: check builds the qualified name of
+        # each class per call (1.8% of the R1 profile, once per response).
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             # PotentialDataLoss is a body delimited by the backend closing
             # its connection (no Content-Length, not chunked): that close IS
             # the end of the body (RFC 9112 §6.3 item 8), so the response is

@@ -398,7 +398,7 @@ class ProxyRequest(server.Request):
         # For HEAD, 1xx, 204 and 304 no body follows (RFC 9110 §6.4.1):
         # Twisted drops any write after the head, and deliverBody still
         # returns the backend connection to the pool.
-        response.deliverBody(relay)
+        relay.deliverFrom(response)
 
     def _fail(self, failure: Failure) -> None:
         if self.startedWriting:
