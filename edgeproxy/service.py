@@ -69,6 +69,7 @@ from edgeproxy.systemd import Notifier
 from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
 from edgeproxy.upstream.pool import UpstreamPool
+from edgeproxy.tuning import tuneGarbageCollector
 
 log = Logger()
 
@@ -304,6 +305,10 @@ class EdgeService(MultiService):
             # (the "during startup" phase), after this runs: take over
             # once it runs.
             self._reactor.callWhenRunning(self._takeOverTermination)
+            # Process-wide, so only for the process's own service (as the
+            # signal handlers): once running, everything start-up built is
+            # kept out of full collections (edgeproxy.tuning says why).
+            self._reactor.callWhenRunning(tuneGarbageCollector)
 
     def _installHangup(self) -> None:
         # Before READY=1: a manager may send SIGHUP as soon as it sees it,
