@@ -20,7 +20,7 @@ from twisted.web.server import Site
 
 from edgeproxy.config.model import TLSSettings, TLSVersion
 from edgeproxy.errors import CertificateError
-from edgeproxy.tls.store import CertificateStore
+from edgeproxy.tls.store import _RELEASE_AFTER, CertificateStore
 
 from .certutil import CertificateAuthority
 from .tlsutil import (
@@ -413,3 +413,73 @@ def test_failedFirstLoad(sites: Sites) -> None:
     assert store.lookup(b"x.b.example") is None
     with pytest.raises(RuntimeError):
         store.current
+
+
+# Memory BIOs released once drained (R4)
+
+
+def _pump(source: SSL.Connection, sink: SSL.Connection) -> None:
+    """Move every TLS byte C{source} has to send into C{sink}."""
+    while True:
+        try:
+            data = source.bio_read(2**15)
+        except SSL.WantReadError:
+            return
+        sink.bio_write(data)
+
+
+def _drain(connection: SSL.Connection) -> bytes:
+    received = b""
+    while True:
+        try:
+            received += connection.recv(2**15)
+        except SSL.WantReadError:
+            return received
+
+
+def test_bytesFlowAcrossBIOReplacement(sites: Sites) -> None:
+    """
+    A server connection replaces its memory BIOs once large amounts went
+    through them and they are empty, and not one byte is lost, duplicated
+    or reordered either way; after C{bio_shutdown} the end of the stream is
+    still seen.
+    """
+    store = sites.store()
+    server = store.serverConnectionCreator().serverConnectionForTLS(None)
+    server.set_accept_state()
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client = SSL.Connection(context, None)
+    client.set_tlsext_host_name(b"a.example")
+    client.set_connect_state()
+    for _ in range(10):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        _pump(client, server)
+        _pump(server, client)
+    sent = received = b""
+    for size in (100, 700, 16384, 40000, 3, 16384, 5000):
+        payload = bytes([size % 251]) * size
+        # Server to client, 16 KiB at a time as TLSMemoryBIOProtocol writes.
+        for start in range(0, size, 2**14):
+            chunk = payload[start : start + 2**14]
+            assert server.send(chunk) == len(chunk)
+            _pump(server, client)
+        assert _drain(client) == payload
+        # Client to server (send may take only part of it).
+        rest = payload
+        while rest:
+            rest = rest[client.send(rest) :]
+            _pump(client, server)
+            received += _drain(server)
+        sent += payload
+    assert received == sent
+    # Both BIOs were replaced after the last large transfer (the counts
+    # start again from zero only then).
+    assert server._sentThrough < _RELEASE_AFTER
+    assert server._receivedThrough < _RELEASE_AFTER
+    server.bio_shutdown()
+    with pytest.raises(SSL.Error):
+        server.recv(100)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _opensslLib
 from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
@@ -382,20 +383,84 @@ class CertificateStore:
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+_RELEASE_AFTER = 512
+"""Bytes through a memory BIO after which it is replaced once drained."""
+
+
 class _ServerConnection(SSL.Connection):
     """
     A server connection that carries its listener's ALPN protocols for
-    L{CertificateStore._selectProtocol}.
+    L{CertificateStore._selectProtocol}, and does not keep its memory BIOs'
+    buffers while it has nothing to buffer.
 
-    On the connection itself rather than in a weak-keyed map beside the
-    store: the map's weak reference and entry cost about 250 bytes for as
-    long as a connection lives, idle or not (R4, docs/performance.rst Run 6);
-    the attribute is one slot in a dictionary the connection already has,
-    and is set only when a listener narrows the default list.
+    ALPN: on the connection itself rather than in a weak-keyed map beside
+    the store: the map's weak reference and entry cost about 250 bytes for
+    as long as a connection lives, idle or not (R4, docs/performance.rst
+    Run 6); the attribute is one slot in a dictionary the connection already
+    has, and is set only when a listener narrows the default list.
+
+    BIOs: OpenSSL's memory BIO never shrinks: once a 16 KiB write
+    (C{TLSMemoryBIOProtocol} hands OpenSSL 16 KiB at a time) has passed
+    through the send BIO, it keeps about 22 KiB allocated for the rest of the
+    connection's life, and the receive BIO keeps the size of the largest
+    burst read (the ClientHello at least).  C{SSL_MODE_RELEASE_BUFFERS} frees
+    OpenSSL's own record buffers when idle, not these.  So once
+    L{_RELEASE_AFTER} bytes went through a BIO and it is empty again, it is
+    swapped for a fresh one (C{SSL_set_bio} frees the old one): about 2 KiB
+    less per idle connection after one small response, 22 KiB less after a
+    large one; the cost is one C{BIO_new} per 512 bytes at most, well under
+    a microsecond.  pyOpenSSL reads C{_into_ssl}/C{_from_ssl} on every call,
+    so rebinding them is all it needs; nothing is swapped once the receive
+    side has been shut down (C{bio_shutdown} marks that BIO at EOF).
+    C{tests.test_tls_store} checks the bytes still flow after swaps.
     """
 
     acceptableProtocols: tuple[bytes, ...] = DEFAULT_PROTOCOLS
     """ALPN protocols offered, in preference order."""
+
+    _sentThrough = 0
+    _receivedThrough = 0
+    _receiveShutDown = False
+
+    def bio_read(self, bufsiz: int) -> bytes:
+        data = super().bio_read(bufsiz)
+        sent = self._sentThrough + len(data)
+        if sent >= _RELEASE_AFTER and not _opensslLib.BIO_get_mem_data(self._from_ssl, _ffi.NULL):
+            fresh = _opensslLib.BIO_new(_opensslLib.BIO_s_mem())
+            if fresh != _ffi.NULL:
+                # Same rbio, new wbio: SSL_set_bio frees the old wbio only.
+                _opensslLib.SSL_set_bio(self._ssl, self._into_ssl, fresh)
+                self._from_ssl = fresh
+                sent = 0
+        self._sentThrough = sent
+        return data
+
+    def bio_write(self, buf: bytes) -> int:
+        written = super().bio_write(buf)
+        self._receivedThrough += written
+        return written
+
+    def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
+        try:
+            return super().recv(bufsiz, flags)
+        except SSL.WantReadError:
+            # Everything written into the receive BIO has been consumed.
+            if (
+                self._receivedThrough >= _RELEASE_AFTER
+                and not self._receiveShutDown
+                and not _opensslLib.BIO_get_mem_data(self._into_ssl, _ffi.NULL)
+            ):
+                fresh = _opensslLib.BIO_new(_opensslLib.BIO_s_mem())
+                if fresh != _ffi.NULL:
+                    # New rbio, same wbio: SSL_set_bio frees the old rbio only.
+                    _opensslLib.SSL_set_bio(self._ssl, fresh, self._from_ssl)
+                    self._into_ssl = fresh
+                    self._receivedThrough = 0
+            raise
+
+    def bio_shutdown(self) -> None:
+        self._receiveShutDown = True
+        super().bio_shutdown()
 
 
 @implementer(IOpenSSLServerConnectionCreator)
