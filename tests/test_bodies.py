@@ -6,6 +6,8 @@ backend consumer and the client's wire.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -288,6 +290,26 @@ def test_bodyStillComingStartsTheIdleTimeoutAfterDelivery() -> None:
     assert response.transport.producerState == "stopped"
     assert wire.disconnecting
     assert relay.done.called and relay.reason is not None
+
+
+def test_finishedRelayIsFreedWithoutTheCycleCollector() -> None:
+    # The relay's idle timer held the relay (its onIdle is a bound method)
+    # and the relay its timer: every response waited for the cyclic
+    # collector.  Once the relay is over, reference counting frees it.
+    request, wire = clientRequest()
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        relay = ResponseRelay(request, Clock(), 3)
+        relay.deliverFrom(HeldResponse([b"hello"], complete=True))
+        assert wire.value().endswith(b"0\r\n\r\n")
+        gone = weakref.ref(relay)
+        del relay
+        assert gone() is None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_whenFinishedAfterTheFact() -> None:

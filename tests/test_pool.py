@@ -6,6 +6,8 @@ deterministic clock.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 from twisted.internet import error as netError
+from twisted.internet.error import ConnectionDone
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.endpoints import TCP6ClientEndpoint
@@ -40,6 +43,7 @@ from edgeproxy.runtime import Runtime
 from edgeproxy.upstream import health
 from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import requestHashKey
+from edgeproxy.upstream.exchange import releaseAfterBody
 from edgeproxy.upstream.pool import UpstreamPool, classifyFailure, fullResponseHeaders
 from tests.test_resolve import FakeResolver
 
@@ -1095,3 +1099,75 @@ def test_aBugWhileHandlingAFailureStillAnswers(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(pool.passive, "failure", broken)
     outcome = result(get(pool))
     assert outcome.check(BackendUnavailable)
+
+
+# Reference cycles ----------------------------------------------------------
+
+
+class _Response:
+    """An IResponse whose body is complete: delivered at once."""
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(b"body")
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class _Reader(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+@pytest.fixture
+def noCycleCollector() -> Iterator[None]:
+    # What reference counting frees, with the cyclic collector kept out of
+    # it: anything left is held by a cycle (or a leak).
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def test_releaseAfterBodyReleasesOnceAndLeavesNoCycle(noCycleCollector: None) -> None:
+    # One response per request: the wrappers must not tie the response and
+    # its body protocol into a cycle, or every response waits for the
+    # cyclic collector (338,000 objects per 3 s of R1 load did).
+    released: list[int] = []
+    response = _Response()
+    releaseAfterBody(response, lambda: released.append(1))  # type: ignore[arg-type]
+    reader = _Reader()
+    response.deliverBody(reader)
+    assert released == [1]
+    assert reader.data == b"body"
+    assert "deliverBody" not in vars(response)
+    assert "connectionLost" not in vars(reader)
+    responseGone, readerGone = weakref.ref(response), weakref.ref(reader)
+    del response, reader
+    assert responseGone() is None and readerGone() is None
+
+
+def test_releaseAfterBodyStillReleasesAProtocolThatFailsLater(noCycleCollector: None) -> None:
+    released: list[int] = []
+
+    class Pending:
+        protocol: Any = None
+
+        def deliverBody(self, protocol: Any) -> None:
+            self.protocol = protocol
+            protocol.makeConnection(StringTransport())
+
+    response = Pending()
+    releaseAfterBody(response, lambda: released.append(1))  # type: ignore[arg-type]
+    reader = _Reader()
+    response.deliverBody(reader)
+    assert released == []
+    reader.connectionLost(Failure(ConnectionDone()))
+    reader.connectionLost(Failure(ConnectionDone()))  # the class's own now
+    assert released == [1]

@@ -98,9 +98,23 @@ class IdleTimer:
             self._call.cancel()
         self._call = None
 
+    def close(self) -> None:
+        """
+        Stop for good: later touches do nothing, and C{onIdle} is let go
+        (it is usually a bound method of the timer's owner, which holds the
+        timer: a reference cycle left to the cyclic collector otherwise).
+        """
+        self.stop()
+        self._timeout = 0
+        self._onIdle = _nothing
+
     def _fire(self) -> None:
         self._call = None
         self._onIdle()
+
+
+def _nothing() -> None:
+    pass
 
 
 class ClientReader:
@@ -554,7 +568,8 @@ class ResponseRelay(Protocol):
         self._request.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        self._idle.stop()
+        # Nothing is relayed after this: no idle timeout either.
+        self._idle.close()
         if self._over:
             return
         self._over = True

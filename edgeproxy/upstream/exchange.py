@@ -61,20 +61,63 @@ def releaseAfterBody(response: IResponse, release: Callable[[], None]) -> None:
     (not by a proxy object) so the response keeps its identity and its
     other attributes, such as
     L{edgeproxy.upstream.pool.CONNECTION_HEADERS_ATTRIBUTE}.
+
+    Each wrapper takes itself off its instance when it runs, and neither
+    refers to itself: a wrapper stored on the object it refers to, or a
+    closure naming itself, is a reference cycle, which left the response and
+    its body protocol (and everything they hold) to the cyclic garbage
+    collector instead of reference counting, for every response.
     """
-    original = response.deliverBody
+    response.deliverBody = _ReleasingDelivery(  # type: ignore[method-assign]
+        response, response.deliverBody, release
+    )
 
-    def deliverBody(protocol: IProtocol) -> None:
-        lost = protocol.connectionLost
 
-        def connectionLost(reason: Failure) -> None:
-            release()
-            lost(reason)
+class _ReleasingDelivery:
+    """C{response.deliverBody}, wrapping the protocol's C{connectionLost}."""
 
-        protocol.connectionLost = connectionLost  # type: ignore[method-assign]
-        original(protocol)
+    __slots__ = ("_response", "_original", "_release")
 
-    response.deliverBody = deliverBody  # type: ignore[method-assign]
+    def __init__(
+        self, response: IResponse, original: Callable[[IProtocol], None],
+        release: Callable[[], None],
+    ) -> None:
+        self._response = response
+        self._original = original
+        self._release = release
+
+    def __call__(self, protocol: IProtocol) -> None:
+        _unwrap(self._response, "deliverBody", self)
+        protocol.connectionLost = _ReleasingLoss(  # type: ignore[method-assign]
+            protocol, protocol.connectionLost, self._release
+        )
+        self._original(protocol)
+
+
+class _ReleasingLoss:
+    """C{protocol.connectionLost}, calling C{release} first."""
+
+    __slots__ = ("_protocol", "_lost", "_release")
+
+    def __init__(
+        self, protocol: IProtocol, lost: Callable[[Failure], None],
+        release: Callable[[], None],
+    ) -> None:
+        self._protocol = protocol
+        self._lost = lost
+        self._release = release
+
+    def __call__(self, reason: Failure) -> None:
+        _unwrap(self._protocol, "connectionLost", self)
+        self._release()
+        self._lost(reason)
+
+
+def _unwrap(obj: Any, name: str, wrapper: object) -> None:
+    # Only our own wrapper: anything put there since stays.
+    attributes = getattr(obj, "__dict__", None)
+    if attributes is not None and attributes.get(name) is wrapper:
+        del attributes[name]
 
 
 class Exchange:
