@@ -26,12 +26,12 @@ def tuneGarbageCollector() -> int:
     listeners: what start-up built) to the collector's permanent
     generation, so that full collections stop scanning them.
 
-    Why: a request leaves short-lived reference cycles (request, channel,
-    Deferreds, failures), so gen0 collections run every few requests and
-    full collections a few times a second under load.  Each full
-    collection walked the ~60,000 start-up objects: under R1 load 20 of
-    them took 0.48 s of 7.1 s CPU (6.8%); frozen, the same number took
-    0.08 s.  The generation thresholds are left at Python's defaults:
+    Why: the proxy allocates many container objects per request, so gen0
+    collections run every few requests and full collections a few times a
+    second under load.  Each full collection walked the ~60,000 start-up
+    objects: under R1 load 20 of them took 0.48 s of 7.1 s CPU (6.8%),
+    about 24 ms each (the p99); frozen, 22 took 0.08 s (docs/performance.rst,
+    Run 5).  The generation thresholds are left at Python's defaults:
     raising gen0's (7,000 or 20,000) made the gen0 collections cost more in
     total than they saved (measured with C{gc.callbacks}).
 
