@@ -634,10 +634,15 @@ class HealthChecker:
         if _HEALTH in backend.extra:
             return  # known from before (a restarted checker, a reload)
         initial = initialState(self._pool.upstream)
-        if backend.state in ADMIN_STATES:
-            backend.extra[_HEALTH] = initial
-        else:
-            transition(self._pool, backend, initial, "not checked yet", health=True)
+        backend.extra[_HEALTH] = initial
+        if backend.state not in ADMIN_STATES and backend.state is not initial:
+            # Where checking starts, not a change of health: a pool makes its
+            # backends up (right without checks), and a logged "up ->
+            # unknown" per backend at every start would only puzzle.  Still
+            # told to observers, so workers hear it like any state.
+            backend.state = initial
+            backend.reason = "not checked yet"
+            _notify(self._pool, backend)
 
     # One check -------------------------------------------------------------
 
