@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import hmac
+import ipaddress
 import json
 import os
 import time
@@ -271,6 +272,46 @@ def stateSamples(service: Any) -> Iterator[StateSample]:
 # The HTTP side ------------------------------------------------------------
 
 
+def _isLocalName(host: bytes) -> bool:
+    """
+    Whether a C{Host} value names this machine without DNS: an IP literal,
+    C{localhost} or a C{.localhost} name (RFC 6761 §6.3), with or without a
+    port.
+    """
+    text = host.decode("ascii", "replace").strip().lower()
+    if text.startswith("["):
+        name = text[1:].partition("]")[0]
+    else:
+        name = text.rpartition(":")[0] if text.count(":") == 1 else text
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _rebindingRefused(request: Any) -> bool:
+    """
+    On a loopback admin listener, refuse a C{Host} that is a DNS name.
+
+    A web page can make a browser on this machine send requests to
+    127.0.0.1 under a name its attacker controls (DNS rebinding), and read
+    the answers as same-origin.  Real clients of a loopback listener (curl,
+    a local Prometheus or agent) name it by address or C{localhost}; only
+    such a rebound page uses another name.  Listeners on other addresses
+    are not reachable that way and accept any C{Host}.
+    """
+    local = getattr(request.getHost(), "host", None)
+    try:
+        loopback = ipaddress.ip_address(local).is_loopback  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False  # a UNIX socket: no browser reaches it
+    host = request.getHeader(b"host")
+    return loopback and host is not None and not _isLocalName(host)
+
+
 class _Refused(Exception):
     def __init__(self, status: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
         super().__init__(message)
@@ -311,6 +352,16 @@ class AdminResource(Resource):
         except UnicodeError:
             segments = []
         try:
+            if _rebindingRefused(request):
+                log.warn(
+                    "admin: refused {method} {path} from {peer} for Host {host}"
+                    " (a loopback admin listener answers only IP addresses and localhost)",
+                    method=request.method.decode("ascii", "replace"),
+                    path=request.path.decode("ascii", "replace"),
+                    peer=_peer(request),
+                    host=(request.getHeader(b"host") or b"").decode("ascii", "replace"),
+                )
+                raise _Refused(403, "this admin listener answers only Host localhost or an IP address")
             if segments == ["status"]:
                 self._allow(request, b"GET", b"HEAD")
                 # A workers' supervisor asks its workers first (see

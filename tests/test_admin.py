@@ -303,6 +303,41 @@ def test_wrongMethod(admin: Admin, method: str, path: str, allow: str) -> None:
     assert headers["allow"] == allow
 
 
+def askOn(admin: Admin, local: str, host: str | None) -> int:
+    """The status of GET /status on a connection to C{local}, with C{Host}."""
+    protocol = admin.site.buildProtocol(PEER)
+    assert protocol is not None
+    transport = StringTransport(hostAddress=IPv4Address("TCP", local, 9901), peerAddress=PEER)
+    protocol.makeConnection(transport)
+    head = "GET /status HTTP/1.1\r\n" + (f"Host: {host}\r\n" if host is not None else "")
+    protocol.dataReceived((head + "\r\n").encode("ascii"))
+    return parseResponse(transport.value())[0]
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:9901", "127.0.0.1:9901", "[::1]:9901", "prometheus.localhost"]
+)
+def test_loopbackAnswersLocalNames(admin: Admin, host: str) -> None:
+    assert askOn(admin, "127.0.0.1", host) == 200
+
+
+def test_loopbackRefusesOtherNames(admin: Admin, events: list[dict[str, Any]]) -> None:
+    """
+    DNS rebinding: a page on evil.example rebinds its name to 127.0.0.1 and
+    reads the loopback admin listener; the Host it must send gives it away.
+    """
+    assert askOn(admin, "127.0.0.1", "evil.example:9901") == 403
+    assert logged(events, "refused GET /status") == [
+        "admin: refused GET /status from 127.0.0.1:40000 for Host evil.example:9901"
+        " (a loopback admin listener answers only IP addresses and localhost)"
+    ]
+
+
+def test_otherAddressesAnswerAnyName(admin: Admin) -> None:
+    """A listener on a management address is scraped by name; no browser rebinds to it."""
+    assert askOn(admin, "10.1.2.3", "edge-1.mgmt.example:9901") == 200
+
+
 def test_statusNeedsNoToken(admin: Admin) -> None:
     assert admin.ask("GET", "/status", {"Authorization": "Bearer wrong"})[0] == 200
 
