@@ -812,7 +812,7 @@ def test_retryWaitsInTheQueueWhenTheOtherBackendIsFull() -> None:
 # Verdicts from elsewhere ---------------------------------------------------------
 
 
-def test_applyVerdict() -> None:
+def test_applyVerdict(logs: Callable[[], str]) -> None:
     pool, _ = makeFleet(hosts=("a", "b"))
     seen: list[Backend] = []
     pool.observers.append(seen.append)
@@ -820,6 +820,8 @@ def test_applyVerdict() -> None:
     b = pool.backends[1]
     assert b.state is BackendState.DOWN and b.reason == "supervisor: 3 failed checks"
     assert seen == [b]
+    # The supervisor logged the change; a worker does not repeat it.
+    assert "up -> down" not in logs()
     pool.applyVerdict("z:80", "down", "unknown backend")  # ignored
     pool.applyVerdict("a:80", "sideways", "bad state")  # ignored
     assert pool.backends[0].state is BackendState.UP

@@ -121,6 +121,7 @@ def transition(
     reason: str,
     *,
     health: bool = False,
+    logged: bool = True,
 ) -> None:
     """
     Move C{backend} to C{state}: the only way a backend's state changes.
@@ -139,6 +140,8 @@ def transition(
         (C{draining}, C{disabled}), they are only remembered for L{enable}.
         Everything else (an admin action, a supervisor's verdict) is
         authoritative.
+    @param logged: C{False} for a verdict a supervisor decided and logged
+        already: a worker applying it would repeat the line once per worker.
     """
     if state in HEALTH_STATES:
         backend.extra[_HEALTH] = state
@@ -158,15 +161,16 @@ def transition(
     if old is state:
         return
     backend.state = state
-    emit = log.warn if state is BackendState.DOWN else log.info
-    emit(
-        "upstream {upstream} backend {backend}: {old} -> {new} ({reason})",
-        upstream=pool.upstream.name,
-        backend=backend.address,
-        old=old.value,
-        new=state.value,
-        reason=reason,
-    )
+    if logged:
+        emit = log.warn if state is BackendState.DOWN else log.info
+        emit(
+            "upstream {upstream} backend {backend}: {old} -> {new} ({reason})",
+            upstream=pool.upstream.name,
+            backend=backend.address,
+            old=old.value,
+            new=state.value,
+            reason=reason,
+        )
     metrics = _metrics(pool)
     if metrics is not None:
         metrics.backendTransition(pool.upstream.name, backend.address, state.value)

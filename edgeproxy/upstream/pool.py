@@ -373,7 +373,8 @@ class UpstreamPool:
         # Two names resolving to one address are two backends: both get it.
         matching = [backend for backend in self.backends if backend.address == address]
         for backend in matching:
-            health.transition(self, backend, target, reason)
+            # The supervisor logged the change; N workers need not repeat it.
+            health.transition(self, backend, target, reason, logged=False)
         if matching:
             return
         # Another process may resolve a name differently for a moment.
