@@ -94,6 +94,20 @@ class NotifyReceiver:
         self.received.append(data)
         return data
 
+    def all(self) -> list[bytes]:
+        """
+        Every datagram queued now, without waiting: for a service in the
+        test's own process, whose notifications are sent synchronously.
+        """
+        self._sock.setblocking(False)
+        out = []
+        while True:
+            try:
+                out.append(self._sock.recv(65536))
+            except BlockingIOError:
+                self.received.extend(out)
+                return out
+
     def waitFor(self, field: bytes, timeout: float, alive: Callable[[], bool] = lambda: True) -> bytes:
         """Datagrams until one has the line C{field}; return that one."""
         deadline = time.monotonic() + timeout
@@ -299,17 +313,21 @@ class Backend:
     A threaded HTTP/1.1 origin on 127.0.0.1 for the proxy to forward to:
     C{/slow} answers after C{slowSeconds} (and sets L{slowStarted} when the
     request arrived), anything else answers at once with the path.
+
+    @ivar paths: every request target received, in order.
     """
 
     def __init__(self, slowSeconds: float = 1.5) -> None:
         self.slowStarted = threading.Event()
         self.slowSeconds = slowSeconds
+        self.paths: list[str] = []
         backend = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
+                backend.paths.append(self.path)
                 if self.path.startswith("/slow"):
                     backend.slowStarted.set()
                     time.sleep(backend.slowSeconds)

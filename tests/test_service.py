@@ -8,11 +8,7 @@ C{tests/integration/test_twistd.py}.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +37,7 @@ from edgeproxy.http.site import EdgeSite
 from edgeproxy.service import EdgeService, channelBusy, closeAfterResponse, closeIdle
 from edgeproxy.systemd import Notifier
 from tests.certutil import CertificateAuthority
+from tests.proc import NotifyReceiver
 
 
 class Reactor(MemoryReactorClock):
@@ -79,32 +76,13 @@ class Reactor(MemoryReactorClock):
         return listening
 
 
-class Receiver:
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="sdn")
-        self.path = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-
-    def all(self) -> list[bytes]:
-        """Every datagram sent so far (they are queued synchronously)."""
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(65536))
-            except BlockingIOError:
-                return out
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
+def receiver() -> Iterator[NotifyReceiver]:
+    r = NotifyReceiver()
     try:
         yield r
     finally:
-        r.sock.close()
-        shutil.rmtree(r.dir)
+        r.close()
 
 
 @pytest.fixture
@@ -151,7 +129,7 @@ def makeConfig(certs: dict[str, Any], insecure: bool = False, shutdown: float = 
     )
 
 
-def build(certs: dict[str, Any], receiver: Receiver, reactor: Reactor | None = None, **kw: Any) -> EdgeService:
+def build(certs: dict[str, Any], receiver: NotifyReceiver, reactor: Reactor | None = None, **kw: Any) -> EdgeService:
     return EdgeService(
         makeConfig(certs, **kw),
         reactor if reactor is not None else Reactor(),
@@ -160,7 +138,7 @@ def build(certs: dict[str, Any], receiver: Receiver, reactor: Reactor | None = N
     )
 
 
-def test_listensAndIsReadyAfterwards(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+def test_listensAndIsReadyAfterwards(certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]) -> None:
     reactor = Reactor()
     service = build(certs, receiver, reactor)
     assert receiver.all() == []
@@ -194,7 +172,7 @@ def test_listensAndIsReadyAfterwards(certs: dict[str, Any], receiver: Receiver, 
         reactor.advance(1)
 
 
-def test_listenFailureExitsWithoutReady(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+def test_listenFailureExitsWithoutReady(certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]) -> None:
     reactor = Reactor(refuse={8080})
     service = build(certs, receiver, reactor)
     with pytest.raises(SystemExit) as raised:
@@ -210,7 +188,7 @@ def test_listenFailureExitsWithoutReady(certs: dict[str, Any], receiver: Receive
     assert "Address already in use" in critical[0]["message"]
 
 
-def test_insecureUpstreamWarnedAtStart(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+def test_insecureUpstreamWarnedAtStart(certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]) -> None:
     reactor = Reactor()
     service = build(certs, receiver, reactor, insecure=True)
     service.startService()
@@ -263,7 +241,7 @@ def writeIni(tmp_path: Path, certs: dict[str, Any], text: str | None = None, acc
     return path
 
 
-def fromFile(path: Path, receiver: Receiver, reactor: Reactor) -> EdgeService:
+def fromFile(path: Path, receiver: NotifyReceiver, reactor: Reactor) -> EdgeService:
     from edgeproxy.config import load
 
     return EdgeService(
@@ -291,7 +269,7 @@ def connectTo(reactor: Reactor, site: Any, request: bytes) -> tuple[Any, StringT
     return channel, transport
 
 
-def test_reload(tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+def test_reload(tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]) -> None:
     reactor = Reactor()
     service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
     service.startService()
@@ -327,7 +305,7 @@ def test_reload(tmp_path: Path, certs: dict[str, Any], receiver: Receiver, event
 
 
 def test_reloadSwapsRoutesAndKeepsUnchangedPools(
-    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+    tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]
 ) -> None:
     reactor = Reactor()
     path = writeIni(tmp_path, certs)
@@ -368,7 +346,7 @@ def test_reloadSwapsRoutesAndKeepsUnchangedPools(
 
 
 def test_brokenFileChangesNothing(
-    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+    tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]
 ) -> None:
     reactor = Reactor()
     path = writeIni(tmp_path, certs)
@@ -396,7 +374,7 @@ def test_brokenFileChangesNothing(
     reactor.advance(1)
 
 
-def test_reloadListeners(tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+def test_reloadListeners(tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]) -> None:
     reactor = Reactor()
     service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
     service.startService()
@@ -435,7 +413,7 @@ def test_reloadListeners(tmp_path: Path, certs: dict[str, Any], receiver: Receiv
 
 
 def test_reloadListenerChangedInPlaceOrRenamed(
-    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+    tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]
 ) -> None:
     """
     A listener that changes shape on the same endpoint, or moves to another
@@ -479,7 +457,7 @@ def test_reloadListenerChangedInPlaceOrRenamed(
 
 
 def test_connectionsOfARemovedListenerAreDrainedAtStop(
-    tmp_path: Path, certs: dict[str, Any], receiver: Receiver
+    tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver
 ) -> None:
     reactor = Reactor()
     service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
@@ -503,7 +481,7 @@ def test_connectionsOfARemovedListenerAreDrainedAtStop(
 
 
 def test_reloadReopensOrSwitchesTheAccessLog(
-    tmp_path: Path, certs: dict[str, Any], receiver: Receiver
+    tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver
 ) -> None:
     reactor = Reactor()
     first = tmp_path / "a.log"
@@ -524,7 +502,7 @@ def test_reloadReopensOrSwitchesTheAccessLog(
 
 
 def test_secondSignalCutsTheDrainShort(
-    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+    tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]
 ) -> None:
     reactor = Reactor()
     service = fromFile(writeIni(tmp_path, certs), receiver, reactor)
@@ -542,7 +520,7 @@ def test_secondSignalCutsTheDrainShort(
 
 
 def test_sigtermHandlerStopsTheReactorWithoutRecordingTheSignal(
-    certs: dict[str, Any], receiver: Receiver
+    certs: dict[str, Any], receiver: NotifyReceiver
 ) -> None:
     """
     The reactor's own handler sets C{_exitSignal}, which twistd turns into
@@ -575,7 +553,7 @@ def test_sigtermHandlerStopsTheReactorWithoutRecordingTheSignal(
         reactor.advance(1)
 
 
-def test_sighupHandlerInstalledAndRestored(certs: dict[str, Any], receiver: Receiver) -> None:
+def test_sighupHandlerInstalledAndRestored(certs: dict[str, Any], receiver: NotifyReceiver) -> None:
     reactor = Reactor()
     service = EdgeService(
         makeConfig(certs), reactor, notifier=Notifier({"NOTIFY_SOCKET": receiver.path})
@@ -601,7 +579,7 @@ def connect(site: Any) -> tuple[Any, StringTransport]:
     return channel, transport
 
 
-def test_drain(certs: dict[str, Any], receiver: Receiver, events: list[dict]) -> None:
+def test_drain(certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]) -> None:
     reactor = Reactor()
     service = build(certs, receiver, reactor, shutdown=5.0)
     service.startService()
@@ -627,7 +605,7 @@ def test_drain(certs: dict[str, Any], receiver: Receiver, events: list[dict]) ->
     assert any("Shutdown timeout" in e.get("log_format", "") for e in events)
 
 
-def test_drainEndsAsSoonAsIdle(certs: dict[str, Any], receiver: Receiver) -> None:
+def test_drainEndsAsSoonAsIdle(certs: dict[str, Any], receiver: NotifyReceiver) -> None:
     reactor = Reactor()
     service = build(certs, receiver, reactor, shutdown=30.0)
     service.startService()
@@ -739,7 +717,7 @@ def test_closeIdleHTTP11UnregistersTheChannelFirst() -> None:
 
 
 def test_retiredPoolClosedAtTheShutdownTimeoutEvenIfBusy(
-    tmp_path: Path, certs: dict[str, Any], receiver: Receiver, events: list[dict]
+    tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]
 ) -> None:
     reactor = Reactor()
     service = fromFile(writeIni(tmp_path, certs), receiver, reactor)

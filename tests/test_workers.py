@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,7 @@ from edgeproxy.workers import (
     systemdEndpoint,
     workerConfig,
 )
+from tests.proc import NotifyReceiver
 
 
 def makeConfig(path: str = "/etc/edgeproxy/edge.ini", workers: int = 2, **proxy: Any) -> Config:
@@ -380,32 +379,9 @@ class ProcessReactor(MemoryReactorClock):
         return transport
 
 
-class Receiver:
-    """A bound AF_UNIX datagram socket standing in for systemd."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="sdw")
-        self.path = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.setblocking(False)
-
-    def all(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(65536))
-            except BlockingIOError:
-                return out
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.dir)
-
-
 @pytest.fixture
 def receiver() -> Any:
-    r = Receiver()
+    r = NotifyReceiver()
     try:
         yield r
     finally:

@@ -266,48 +266,11 @@ def test_aWorkerThatCannotStartStopsTheSupervisor(site: Site, notify: NotifyRece
         proc.stop()
 
 
-class CountingOrigin:
-    """An origin that counts the health checks it gets (C{/health})."""
-
-    def __init__(self) -> None:
-        import http.server
-        import threading
-
-        self.checks = 0
-        origin = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                if self.path == "/health":
-                    origin.checks += 1
-                body = b"ok\n"
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1})
-        self._thread.daemon = True
-        self._thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_oneHealthCheckerAndTheAdminListenerInTheSupervisor(tmp_path: Path, notify: NotifyReceiver) -> None:
     import json
     import urllib.request
 
-    origin = CountingOrigin()
+    origin = Backend()
     httpPort, adminPort, deadPort = freePort(), freePort(), freePort()
     config = tmp_path / "edge.ini"
     config.write_text(
@@ -366,9 +329,9 @@ upstream = app
         # One checker for the instance, not one per process: about
         # 3 s / 200 ms checks of the live backend, far fewer than 3 times
         # that.
-        before = origin.checks
+        before = origin.paths.count("/health")
         time.sleep(3)
-        checks = origin.checks - before
+        checks = origin.paths.count("/health") - before
         assert 5 <= checks <= 20, checks
         proc.signal(signal.SIGTERM)
         assert proc.wait(20) == 0
