@@ -42,6 +42,7 @@ from edgeproxy.service import EdgeService
 from edgeproxy.systemd import Notifier
 from edgeproxy.upstream.backend import BackendState, CheckResult
 from tests.certutil import CertificateAuthority
+from tests.metricsutil import samplesOf
 
 TOKEN = "0123456789abcdef-token"
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -240,14 +241,6 @@ def test_headStatus(admin: Admin) -> None:
 
 
 # GET /metrics
-
-
-def samplesOf(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    samples = {}
-    for family in text_string_to_metric_families(body.decode("utf-8")):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
 
 
 def test_metricsEndpoint(admin: Admin) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 from OpenSSL import SSL
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -38,6 +37,7 @@ from edgeproxy.upstream.health import (
     transition,
 )
 from edgeproxy.upstream.pool import UpstreamPool
+from tests.metricsutil import firstValue
 
 UP, DOWN, UNKNOWN = BackendState.UP, BackendState.DOWN, BackendState.UNKNOWN
 DRAINING, DISABLED = BackendState.DRAINING, BackendState.DISABLED
@@ -70,11 +70,7 @@ def logs() -> Iterator[Callable[[], list[str]]]:
 
 
 def counterValue(metrics: Metrics, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(metrics.exposition().decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return firstValue(metrics.exposition(), name, **labels)
 
 
 class Backends:

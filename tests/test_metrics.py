@@ -25,22 +25,14 @@ from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
 from edgeproxy.tls.store import CertificateStore
 from tests.certutil import CertificateAuthority
+from tests.metricsutil import Samples, samplesOf
 from tests.test_request import ROUTES, UPSTREAM, FakeResponse, MemoryPool
-from tests.tlsutil import InsecureClientCreator, LegacyClientCreator, connectTLS, handshake
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+from tests.tlsutil import LegacyClientCreator, connectTLS, handshake
 
 
 def scrape(metrics: Metrics) -> Samples:
     """Every sample of the exposition: (name, sorted labels) -> value."""
-    text = metrics.exposition().decode("utf-8")
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = (sample.name, tuple(sorted(sample.labels.items())))
-            assert key not in samples, f"duplicate series {key}"
-            samples[key] = sample.value
-    return samples
+    return samplesOf(metrics.exposition())
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:

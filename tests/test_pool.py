@@ -21,7 +21,6 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.endpoints import TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -45,6 +44,7 @@ from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import requestHashKey
 from edgeproxy.upstream.exchange import releaseAfterBody
 from edgeproxy.upstream.pool import UpstreamPool, classifyFailure, fullResponseHeaders
+from tests.metricsutil import firstValue
 from tests.test_resolve import FakeResolver
 
 
@@ -453,11 +453,7 @@ def get(pool: UpstreamPool, method: bytes = b"GET", path: bytes = b"/", body: An
 
 
 def metric(pool: UpstreamPool, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(pool.metrics.exposition().decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+    return firstValue(pool.metrics.exposition(), name, **labels)
 
 
 @pytest.fixture

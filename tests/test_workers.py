@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
@@ -48,6 +47,7 @@ from edgeproxy.workers import (
     systemdEndpoint,
     workerConfig,
 )
+from tests.metricsutil import samplesOf
 from tests.proc import NotifyReceiver
 
 
@@ -222,12 +222,6 @@ def test_systemdEndpointOfAUnixSocket() -> None:
 # Metrics --------------------------------------------------------------------
 
 
-def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text.decode()):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 def test_mergeSumsCountersHistogramsAndGauges() -> None:
@@ -239,7 +233,7 @@ def test_mergeSumsCountersHistogramsAndGauges() -> None:
     two.connectionAccepted("web")
     one.setStateSource(lambda: [("connections_active", "Open.", {"listener": "web"}, 3.0)])
     two.setStateSource(lambda: [("connections_active", "Open.", {"listener": "web"}, 4.0)])
-    merged = samples(mergeExpositions(own.exposition(), [one.exposition(), two.exposition()]))
+    merged = samplesOf(mergeExpositions(own.exposition(), [one.exposition(), two.exposition()]))
     assert merged[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 2
     assert merged[("edgeproxy_requests_total", (("code", "5xx"), ("route", "all"), ("upstream", "app")))] == 1
     assert merged[("edgeproxy_request_duration_seconds_count", (("route", "all"),))] == 3
@@ -259,7 +253,7 @@ def test_mergeTakesTheNotSummedFamiliesFromOneProcess() -> None:
     own.setStateSource(lambda: [state])
     one.setStateSource(lambda: [state, expiry])
     two.setStateSource(lambda: [state, expiry])
-    merged = samples(mergeExpositions(
+    merged = samplesOf(mergeExpositions(
         own.exposition(), [one.exposition(), two.exposition()],
         {"edgeproxy_backend_state", "edgeproxy_certificate_expiry_timestamp_seconds"},
     ))
@@ -284,7 +278,7 @@ def test_mergeEscapesLabelValues() -> None:
     one = Metrics()
     one.requestDone('r"1\\', "app", 200, 0.01)
     merged = mergeExpositions(b"", [one.exposition(), one.exposition()])
-    assert samples(merged)[("edgeproxy_requests_total",
+    assert samplesOf(merged)[("edgeproxy_requests_total",
                             (("code", "2xx"), ("route", 'r"1\\'), ("upstream", "app")))] == 2
 
 
@@ -639,9 +633,9 @@ def test_metricsOfTheInstanceSumTheWorkers(harness: Harness) -> None:
     _answer(harness.latest(2), "metrics", text=two.exposition().decode())
     [text] = result
     assert text.startswith(b"# edgeproxy: 2 of 2 workers answered\n")
-    assert samples(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 3
+    assert samplesOf(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 3
     # The supervisor's own: one info series, the backend states it decides.
-    assert samples(text)[("edgeproxy_info", (("version", edgeproxy.__version__),))] == 1
+    assert samplesOf(text)[("edgeproxy_info", (("version", edgeproxy.__version__),))] == 1
 
 
 def test_aWorkerThatDoesNotAnswerIsLeftOut(harness: Harness) -> None:
@@ -657,7 +651,7 @@ def test_aWorkerThatDoesNotAnswerIsLeftOut(harness: Harness) -> None:
     harness.reactor.advance(supervisorModule.ASK_TIMEOUT)
     [text] = result
     assert text.startswith(b"# edgeproxy: 1 of 2 workers answered; missing: worker 2\n")
-    assert samples(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 1
+    assert samplesOf(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 1
 
 
 def test_statusOfTheInstance(harness: Harness) -> None:
@@ -788,7 +782,7 @@ def test_theWorkerAnswersStatusAndMetrics(tmp_path: Path) -> None:
     assert status["status"]["worker"] == 2 and status["status"]["pid"] == os.getpid()
     assert status["status"]["backends"] == {"app": {"127.0.0.1:9001": 0, "127.0.0.1:9002": 0}}
     assert (metrics["op"], metrics["id"]) == ("metrics", 8)
-    assert samples(metrics["text"].encode())[
+    assert samplesOf(metrics["text"].encode())[
         ("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 1
 
 
