@@ -205,3 +205,20 @@ def test_quickRunOfEdgeproxy(tmp_path: Path) -> None:
     if shutil.which("h2load"):
         assert edge["R5"]["median"]["value"] > 0
     assert [row["key"] for row in data["table"]][0] == "R1"
+
+
+def test_inMemoryBenchmarkProxiesRealResponses(capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    C{benchmarks/inproc.py} runs the production path (its own check refuses
+    a wrong response or a backend connection that was not kept alive) and
+    prints its figure.
+    """
+    from benchmarks import inproc
+
+    bench = inproc.Bench()
+    wire = bench.once()
+    assert wire.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nServer:" not in wire
+    assert wire.endswith(b"x" * 1024)
+    assert inproc.main(["--requests", "50", "--runs", "1"]) == 0
+    assert "us CPU per request" in capsys.readouterr().out

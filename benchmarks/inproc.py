@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.test_benchmark_smoke -*-
+"""
+CPU cost of one proxied request in edgeproxy's own code, measured in memory.
+
+    .venv/bin/python benchmarks/inproc.py [--requests N] [--runs R] [--profile]
+
+The whole HTTP path of a kept-alive connection runs here as in production:
+the listener's L{EdgeSite} channel parses the request, L{ProxyRequest} routes
+it and rewrites its headers, the real L{UpstreamPool} and L{UpstreamClient}
+write it to a backend connection, the backend's response (1 KiB, as nginx
+sends it) is parsed, filtered and written back to the client, and the request
+is finished and counted.  What is left out is what does not depend on
+edgeproxy's code: sockets, the reactor's polling, and TLS (the client and the
+backend are C{StringTransport}s).
+
+The figure is process CPU time per request (median of C{--runs} runs), so it
+stays meaningful on a busy machine where wall-clock benchmarks do not: use it
+for A/B comparisons of hot-path changes, and C{run.py} for the figures of
+issue 5.  C{--profile} prints a cProfile of one run instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+# Run as a script, this folder comes first on sys.path, and its profile.py
+# would shadow the standard library's (which cProfile imports).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from twisted.internet.address import IPv4Address  # noqa: E402
+from twisted.internet.defer import succeed  # noqa: E402
+from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
+
+from edgeproxy.config.model import (  # noqa: E402
+    Config,
+    Listener,
+    ProxySettings,
+    Route,
+    Server,
+    Upstream,
+)
+from edgeproxy.http.site import EdgeSite  # noqa: E402
+from edgeproxy.metrics import Metrics  # noqa: E402
+from edgeproxy.routing import Router  # noqa: E402
+from edgeproxy.runtime import Runtime  # noqa: E402
+from edgeproxy.upstream.pool import UpstreamPool  # noqa: E402
+
+REQUEST = (
+    b"GET /1k HTTP/1.1\r\nHost: localhost:8443\r\nUser-Agent: wrk\r\n"
+    b"Accept: */*\r\n\r\n"
+)
+"""What wrk sends in R1."""
+
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"
+    b"Date: Fri, 27 Nov 2026 23:00:00 GMT\r\nContent-Type: application/octet-stream\r\n"
+    b"Content-Length: 1024\r\nLast-Modified: Fri, 27 Nov 2026 22:00:00 GMT\r\n"
+    b"Connection: keep-alive\r\nETag: \"6566a0c0-400\"\r\nAccept-Ranges: bytes\r\n\r\n"
+) + b"x" * 1024
+"""What the nginx origin of C{run.py} answers to C{GET /1k}."""
+
+
+class _Backend(StringTransport):
+    """A backend connection: collects requests, answers when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol: Any = None
+
+    def answer(self) -> None:
+        # One request in, one response out (the client does not pipeline).
+        self.clear()
+        self.protocol.dataReceived(RESPONSE)
+
+
+class _Endpoint:
+    def __init__(self) -> None:
+        self.backends: list[_Backend] = []
+
+    def connect(self, factory: Any) -> Any:
+        protocol = factory.buildProtocol(None)
+        transport = _Backend()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self.backends.append(transport)
+        return succeed(protocol)
+
+
+class _Pool(UpstreamPool):
+    endpoint: _Endpoint
+
+    def endpointFor(self, server: Any) -> Any:
+        return self.endpoint
+
+
+class Bench:
+    """One client connection through the whole proxy, in memory."""
+
+    def __init__(self) -> None:
+        reactor = MemoryReactorClock()
+        upstream = Upstream(name="origin", servers=(Server("127.0.0.1", 8080),))
+        route = Route(name="all", hosts=("*",), paths=("/",), upstream="origin")
+        config = Config(
+            path="edge.ini",
+            proxy=ProxySettings(),
+            tls=None,
+            listeners=(),
+            upstreams={"origin": upstream},
+            routes=(route,),
+        )
+        metrics = Metrics()
+        pool = _Pool(reactor, upstream, None, metrics=metrics)
+        pool.endpoint = _Endpoint()
+        self.pool = pool
+        runtime = Runtime(config=config, router=Router((route,)), pools={"origin": pool})  # type: ignore[dict-item]
+        listener = Listener(name="https", endpoint="tcp:0", tls=False)
+        site = EdgeSite(lambda: runtime, listener, reactor, metrics=metrics)
+        peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.protocol = site.buildProtocol(peer)
+        self.client = StringTransport(peerAddress=peer)
+        self.protocol.makeConnection(self.client)
+        self.reactor = reactor
+
+    def once(self) -> bytes:
+        self.protocol.dataReceived(REQUEST)
+        for backend in self.pool.endpoint.backends:
+            if backend.value():
+                backend.answer()
+        wire = self.client.value()
+        self.client.clear()
+        return wire
+
+    def check(self) -> None:
+        wire = self.once()
+        if not wire.startswith(b"HTTP/1.1 200 OK\r\n") or not wire.endswith(b"x" * 1024):
+            raise SystemExit(f"unexpected response: {wire[:200]!r}")
+        if len(self.pool.endpoint.backends) != 1:
+            raise SystemExit("the backend connection was not kept alive")
+
+    def run(self, n: int) -> float:
+        """CPU seconds for C{n} requests."""
+        once = self.once
+        start = time.process_time()
+        for _ in range(n):
+            once()
+        return time.process_time() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20000, help="requests per run")
+    parser.add_argument("--runs", type=int, default=5, help="runs (the median is printed)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one run")
+    args = parser.parse_args(argv)
+    bench = Bench()
+    for _ in range(3):
+        bench.check()
+    bench.run(min(2000, args.requests))  # warm-up
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(bench.run, args.requests)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(35)
+        return 0
+    perRequest = sorted(
+        bench.run(args.requests) / args.requests * 1e6 for _ in range(args.runs)
+    )
+    print(
+        f"in-memory proxied request (HTTP/1.1 keep-alive, 1 KiB): "
+        f"median {statistics.median(perRequest):.1f} us CPU per request "
+        f"(runs: {', '.join(f'{x:.1f}' for x in perRequest)}; "
+        f"{args.requests} requests each)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
