@@ -69,7 +69,7 @@ from edgeproxy.systemd import Notifier
 from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
 from edgeproxy.upstream.pool import UpstreamPool
-from edgeproxy.tuning import tuneGarbageCollector
+from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
 
 log = Logger()
 
@@ -309,6 +309,7 @@ class EdgeService(MultiService):
             # signal handlers): once running, everything start-up built is
             # kept out of full collections (edgeproxy.tuning says why).
             self._reactor.callWhenRunning(tuneGarbageCollector)
+            tuneEventDispatch(self._reactor)
 
     def _installHangup(self) -> None:
         # Before READY=1: a manager may send SIGHUP as soon as it sees it,

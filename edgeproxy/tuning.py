@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_tuning -*-
 """
 Process-wide runtime tuning of the proxy, applied once the process has
-started: today, the garbage collector.
+started: the garbage collector, and how the reactor dispatches I/O events.
 
 Owns nothing else.  Called by L{edgeproxy.service.EdgeService.startService}
 for the process's own service (the one that installs signal handlers: the
@@ -11,11 +11,13 @@ builds, since it changes the whole interpreter.
 
 from __future__ import annotations
 
+import errno
 import gc
+from typing import Any
 
 from twisted.logger import Logger
 
-__all__ = ["tuneGarbageCollector"]
+__all__ = ["tuneGarbageCollector", "tuneEventDispatch"]
 
 log = Logger(namespace="edgeproxy.tuning")
 
@@ -47,3 +49,62 @@ def tuneGarbageCollector() -> int:
     frozen = gc.get_freeze_count()
     log.info("garbage collector: {frozen} start-up objects frozen", frozen=frozen)
     return frozen
+
+
+def tuneEventDispatch(reactor: Any) -> bool:
+    """
+    Make the epoll reactor call each ready connection directly instead of
+    through C{twisted.python.log.callWithLogger}.
+
+    Why: Twisted's C{EPollReactor.doPoll} wraps every I/O event in
+    C{callWithLogger}, which asks the connection for its C{logPrefix()},
+    copies the legacy log context dictionary and pushes it for the call,
+    so that I{legacy} C{log.msg}/C{log.err} lines emitted meanwhile are
+    tagged with the connection's prefix.  edgeproxy logs through
+    C{twisted.logger}, whose events never read that context, so the only
+    lines that lose the prefix are Twisted's own legacy ones (an
+    unhandled error in a connection's callback is then tagged C{-}; its
+    traceback still names the code).  Under R1 load the wrapper was about
+    7% of the proxy's CPU (py-spy: C{callWithLogger}, C{callWithContext}
+    and the context tracker between C{doPoll} and C{_doReadOrWrite};
+    docs/performance.rst, Run 8).
+
+    Only C{EPollReactor} itself (the default on Linux) is changed: its
+    C{doIteration} is replaced, on this instance, by the same loop as
+    C{doPoll} without the wrapper.  Any other reactor is left alone.  As
+    in C{callWithLogger}, an exception escaping a connection's handler is
+    logged and the loop goes on to the next event.
+
+    @return: whether the reactor was changed.
+    """
+    try:
+        from twisted.internet.epollreactor import EPollReactor
+    except ImportError:  # not Linux
+        return False
+    if type(reactor) is not EPollReactor:
+        return False
+    poll = reactor._poller.poll
+    selectables = reactor._selectables
+    dispatch = reactor._doReadOrWrite
+
+    def doPoll(timeout: float | None) -> None:
+        try:
+            events = poll(-1 if timeout is None else timeout, len(selectables))
+        except OSError as error:
+            if error.errno == errno.EINTR:
+                return
+            raise
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            try:
+                dispatch(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                log.failure("unhandled error dispatching an I/O event")
+
+    reactor.doIteration = doPoll
+    log.info("reactor: I/O events dispatched without the legacy log context")
+    return True

@@ -1,19 +1,22 @@
 """
 Tests for L{edgeproxy.tuning}: what the garbage collector does after
 L{tuneGarbageCollector} (start-up objects out of its scans, later garbage
-still collected) and the line it logs.
+still collected) and the line it logs; that an epoll reactor tuned by
+L{tuneEventDispatch} still delivers reads, writes and hang-ups, and that a
+failing connection is logged and dropped without stopping the others.
 """
 
 from __future__ import annotations
 
 import gc
+import socket
 import weakref
 from collections.abc import Iterator
 
 import pytest
 from twisted.logger import LogEvent, globalLogPublisher
 
-from edgeproxy.tuning import tuneGarbageCollector
+from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
 
 
 class Node:
@@ -66,3 +69,102 @@ def test_logsHowManyObjectsWereFrozen(unfreezing: None) -> None:
     mine = [e for e in events if e.get("log_namespace") == "edgeproxy.tuning"]
     assert [e["frozen"] for e in mine] == [frozen]
     assert mine[0]["log_format"] == "garbage collector: {frozen} start-up objects frozen"
+
+
+class Reader:
+    """A selectable around one end of a socket pair."""
+
+    def __init__(self, sock: socket.socket, fail: bool = False) -> None:
+        self.sock = sock
+        self.fail = fail
+        self.data: list[bytes] = []
+        self.lost: list[object] = []
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "Reader"
+
+    def doRead(self) -> object:
+        if self.fail:
+            raise RuntimeError("handler bug")
+        data = self.sock.recv(100)
+        if not data:
+            from twisted.internet.main import CONNECTION_DONE
+
+            return CONNECTION_DONE
+        self.data.append(data)
+        return None
+
+    def connectionLost(self, reason: object) -> None:
+        self.lost.append(reason)
+
+
+@pytest.fixture
+def epoll() -> Iterator[object]:
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    try:
+        yield reactor
+    finally:
+        reactor.removeAll()
+        reactor._poller.close()
+        for end in (reactor.waker.i, reactor.waker.o):
+            try:
+                os_close(end)
+            except OSError:
+                pass
+
+
+def os_close(fd: int) -> None:
+    import os
+
+    os.close(fd)
+
+
+def test_tunedEpollReactorDeliversReadsAndHangups(epoll: object) -> None:
+    assert tuneEventDispatch(epoll) is True
+    a, b = socket.socketpair()
+    reader = Reader(a)
+    epoll.addReader(reader)  # type: ignore[attr-defined]
+    b.sendall(b"hello")
+    epoll.doIteration(0.5)  # type: ignore[attr-defined]
+    assert reader.data == [b"hello"]
+    b.close()
+    epoll.doIteration(0.5)  # type: ignore[attr-defined]
+    assert len(reader.lost) == 1
+    a.close()
+
+
+def test_failingHandlerIsLoggedAndOthersStillServed(epoll: object) -> None:
+    tuneEventDispatch(epoll)
+    a1, b1 = socket.socketpair()
+    a2, b2 = socket.socketpair()
+    bad, good = Reader(a1, fail=True), Reader(a2)
+    epoll.addReader(bad)  # type: ignore[attr-defined]
+    epoll.addReader(good)  # type: ignore[attr-defined]
+    b1.sendall(b"x")
+    b2.sendall(b"y")
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        epoll.doIteration(0.5)  # type: ignore[attr-defined]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert good.data == [b"y"]
+    # Twisted's handler logs the exception and disconnects the selectable.
+    assert len(bad.lost) == 1
+    assert any("handler bug" in repr(e.get("log_failure", e.get("failure"))) for e in events)
+    epoll.removeAll()  # type: ignore[attr-defined]
+    for s in (a1, b1, a2, b2):
+        s.close()
+
+
+def test_otherReactorsAreLeftAlone() -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    assert tuneEventDispatch(reactor) is False
+    assert "doIteration" not in vars(reactor)
