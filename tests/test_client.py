@@ -691,3 +691,36 @@ def test_zeroIdleConnectionsKeptEvenWhenPersistent() -> None:
     result(d).deliverBody(body)
     assert body.reason.check(ResponseDone)
     assert h.connections[0][1].disconnecting
+
+
+def test_responseFieldsFiledExactlyAsAddRawHeaderFilesThem() -> None:
+    # The client fills Headers' private dict in one pass (no addRawHeader
+    # per field): the result must be what addRawHeader makes of the same
+    # fields, and Headers' public methods must read it.  Fails if Twisted
+    # changes where or how Headers keeps its fields.
+    h = Harness()
+    d = h.request()
+    h.respond(
+        b"HTTP/1.1 200 OK\r\nServer: s\r\netag: \"x\"\r\nX-Two: 1\r\nx-two: 2\r\n"
+        b"X-Folded: a\r\n  b\r\nX-CR: c\rd\r\nWWW-authenticate: Basic\r\n"
+        b"Set-Cookie:   a=1  \r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+    )
+    response = result(d)
+    expected = Headers()
+    for name, value in [
+        (b"server", b"s"), (b"etag", b'"x"'), (b"x-two", b"1"), (b"x-two", b"2"),
+        (b"x-folded", b"a  b"), (b"x-cr", b"c\rd"), (b"www-authenticate", b"Basic"),
+        (b"set-cookie", b"a=1"),
+    ]:
+        expected.addRawHeader(name, value)
+    assert response.headers == expected
+    assert list(response.headers.getAllRawHeaders()) == list(expected.getAllRawHeaders())
+    assert response.headers.getRawHeaders(b"ETag") == [b'"x"']
+    assert response.headers.getRawHeaders(b"x-cr") == [b"c d"]
+    assert response.headers.hasHeader(b"www-authenticate")
+    control = Headers()
+    control.addRawHeader(b"connection", b"keep-alive")
+    control.addRawHeader(b"content-length", b"0")
+    assert response.connectionHeaders == control
+    response.headers.addRawHeader(b"X-New", b"1")
+    assert response.headers.getRawHeaders(b"x-new") == [b"1"]

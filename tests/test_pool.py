@@ -144,12 +144,56 @@ def test_responseTimeout() -> None:
     assert transport.disconnecting
 
 
-def test_answerBeforeTimeoutCancelsTimer() -> None:
-    pool, endpoint, reactor = makePool()
+def test_answerBeforeTimeoutEndsTheTimeout() -> None:
+    # An answered request is not timed out later: its connection stays
+    # open and serves the next request, and nothing is counted as failed.
+    pool, endpoint, reactor = makePool(retries=0)
     d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
-    endpoint.connections[0][0].dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    protocol, transport = endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
     assert result(d).code == 204
-    assert all(not call.func.__qualname__.endswith("timeOut") for call in reactor.getDelayedCalls())
+    reactor.advance(10)
+    assert not transport.disconnecting
+    second = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    assert len(endpoint.connections) == 1
+    reactor.advance(4.9)
+    protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert result(second).code == 204
+    reactor.advance(10)
+    assert not transport.disconnecting
+    assert firstValue(pool.metrics.exposition(), "edgeproxy_upstream_errors_total") == 0
+    # Nothing of the pool stays scheduled once it is closed.
+    pool.close()
+    assert all(call.func.__self__ is not pool for call in reactor.getDelayedCalls()
+               if hasattr(call.func, "__self__"))
+
+
+def test_eachRequestTimesOutAtItsOwnDeadline() -> None:
+    # One timer serves every request of the pool: each still fails at its
+    # own response_timeout, in order, whatever was answered in between.
+    pool, endpoint, reactor = makePool(retries=0)
+    headers = Headers({b"Host": [b"h"]})
+    first = pool.request(b"GET", b"/1", headers, None)
+    reactor.advance(1)
+    answered = pool.request(b"GET", b"/2", headers, None)
+    reactor.advance(1)
+    second = pool.request(b"GET", b"/3", headers, None)
+    endpoint.connections[1][0].dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert result(answered).code == 204
+    outcomes: dict[str, Any] = {}
+    first.addBoth(lambda r: outcomes.setdefault("first", r))
+    second.addBoth(lambda r: outcomes.setdefault("second", r))
+    reactor.advance(2.9)  # t = 4.9
+    assert outcomes == {}
+    reactor.advance(0.2)  # t = 5.1
+    assert list(outcomes) == ["first"] and outcomes["first"].check(UpstreamTimeout)
+    assert endpoint.connections[0][1].disconnecting
+    reactor.advance(1.8)  # t = 6.9
+    assert list(outcomes) == ["first"]
+    reactor.advance(0.2)  # t = 7.1
+    assert outcomes["second"].check(UpstreamTimeout)
+    assert endpoint.connections[2][1].disconnecting
+    assert not endpoint.connections[1][1].disconnecting
 
 
 def test_connectRefused() -> None:
@@ -1169,3 +1213,24 @@ def test_releaseAfterBodyStillReleasesAProtocolThatFailsLater(noCycleCollector: 
     reader.connectionLost(Failure(ConnectionDone()))
     reader.connectionLost(Failure(ConnectionDone()))  # the class's own now
     assert released == [1]
+
+
+def test_proxiedResponseFreedByReferenceCounting(noCycleCollector: None) -> None:
+    # The whole per-request chain (exchange, attempt, response, its body
+    # protocol) is freed by reference counting once the body is delivered:
+    # a cycle per response would leave every one to the cyclic collector.
+    pool, endpoint, _ = makePool()
+    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    endpoint.connections[0][0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody")
+    response = result(d)
+    del d
+    reader = _Reader()
+    response.deliverBody(reader)
+    assert reader.data == b"body"
+    assert pool.inFlight() == 0
+    responseGone, readerGone = weakref.ref(response), weakref.ref(reader)
+    del response, reader
+    assert responseGone() is None and readerGone() is None
+    # The connection went back to the pool and serves the next request.
+    pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    assert len(endpoint.connections) == 1

@@ -10,10 +10,13 @@ Twisted's client side (C{Agent.request}, C{HTTPConnectionPool},
 C{HTTP11ClientProtocol} and its line-by-line C{HTTPClientParser}, and the
 Deferred hops between them) was about a third of the proxy's CPU time (see
 C{docs/performance.rst}, "Where the time goes").  This client parses a
-response head in one pass over the buffer, writes a request head in one
-C{transport.write}, keeps one Deferred per request, and keeps one idle timer
-per pooled connection that is re-armed lazily instead of one C{callLater}
-created and cancelled per request.
+response head in one pass over the buffer (filling C{Headers} directly),
+writes a request head in one C{transport.write}, hands the outcome straight
+to the pool's attempt (L{UpstreamClient.send}: no Deferred at all; the
+Deferred-returning L{UpstreamClient.request} wraps it), makes the response
+its own body transport, and keeps one idle timer per pooled connection that
+is re-armed lazily instead of one C{callLater} created and cancelled per
+request.
 
 Same behaviour as the Agent where the proxy relies on it:
 
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Callable
+from typing import Protocol as _TypingProtocol
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
 from twisted.internet import tcp
@@ -83,7 +87,7 @@ from twisted.web._newclient import (
 )
 from twisted.web.client import URI
 from twisted.web.http import PotentialDataLoss, _DataLoss
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
@@ -106,6 +110,9 @@ CONNECTION_CONTROL = frozenset(
 """The fields Twisted's client files apart from C{response.headers}; kept
 the same so code written for the Agent sees the same split."""
 
+_HEAD_CONNECTION_CONTROL = CONNECTION_CONTROL - {b"content-length"}
+"""For a C{HEAD} response, C{Content-Length} is an entity field."""
+
 NO_BODY_CODES = frozenset((204, 304))
 
 MAX_HEAD = 64 * 1024
@@ -113,30 +120,95 @@ MAX_HEAD = 64 * 1024
 16 KiB per line; a whole head over 64 KiB is not a real response)."""
 
 _STATUS_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+_VERSIONS = {b"HTTP/1.1": (b"HTTP", 1, 1), b"HTTP/1.0": (b"HTTP", 1, 0)}
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_KNOWN_METHODS = frozenset(
+    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE")
+)
 _TARGET_FORBIDDEN = bytes(range(0x21)) + b"\x7f"
 
 _CLOSED = Failure(ConnectionDone("connection closed"))
+_BODY_DONE = Failure(ResponseDone("Response body fully received"))
+"""The end of every complete response body: one shared instance, as
+Twisted shares C{connectionDone}, instead of a Failure built per response
+(its consumers only read it)."""
 
 
 class _ResponseHead:
-    """A parsed response head (status line and fields)."""
+    """
+    A parsed response head (status line and fields).
 
-    __slots__ = ("version", "code", "phrase", "headers", "connHeaders")
+    @ivar fields: the end-to-end fields, as C{Headers._rawHeaders} holds
+        them (canonical name to values).
+    @ivar control: the connection control fields (L{CONNECTION_CONTROL}),
+        the same way.
+    """
+
+    __slots__ = ("version", "code", "phrase", "fields", "control")
 
     def __init__(
         self,
         version: tuple[bytes, int, int],
         code: int,
         phrase: bytes,
-        headers: Headers,
-        connHeaders: Headers,
+        fields: dict[bytes, list[bytes]],
+        control: dict[bytes, list[bytes]],
     ) -> None:
         self.version = version
         self.code = code
         self.phrase = phrase
-        self.headers = headers
-        self.connHeaders = connHeaders
+        self.fields = fields
+        self.control = control
+
+
+_fieldKeys: dict[bytes, tuple[bytes, bytes]] = {}
+"""Field names as received to their L{Headers} key and lower-case form:
+the token check and the canonical capitalisation of each name are done
+once, not once per response."""
+_MAX_FIELD_KEYS = 10_000
+"""Bound on L{_fieldKeys}: a backend sending endless new names only loses
+the cache, not memory."""
+
+
+def _fieldKey(name: bytes, line: bytes) -> tuple[bytes, bytes]:
+    """
+    The L{Headers} key and the lower-case form of the field name C{name}.
+
+    @raise ParseError: C{name} is empty or not a token (RFC 9110 5.1).
+    """
+    known = _fieldKeys.get(name)
+    if known is not None:
+        return known
+    if not name:
+        raise ParseError("invalid header", line)
+    lowered = name.lower()
+    try:
+        # The same key Headers.addRawHeader would file the field under.
+        key = _nameEncoder.encode(lowered)
+    except ValueError:
+        # InvalidHeaderName: not a token.
+        raise ParseError("invalid header name", line)
+    known = (key, lowered)
+    if len(_fieldKeys) < _MAX_FIELD_KEYS:
+        _fieldKeys[name] = known
+    return known
+
+
+def _headersFrom(raw: dict[bytes, list[bytes]]) -> Headers:
+    """
+    A L{Headers} holding C{raw}, whose keys are already the canonical names
+    C{Headers} files fields under (C{_nameEncoder.encode}) and whose values
+    are already sanitised.
+
+    Private Twisted surface (C{Headers._rawHeaders}, listed in
+    C{docs/architecture.rst}): filling the dict directly skips, per field,
+    the name encoding and the value sanitising that C{addRawHeader} repeats
+    (about 10% of the in-memory R1 profile).  C{tests/test_client.py}
+    fails if C{Headers} stops keeping its fields there.
+    """
+    headers = Headers.__new__(Headers)
+    headers._rawHeaders = raw
+    return headers
 
 
 def parseResponseHead(head: bytes, method: bytes) -> _ResponseHead:
@@ -145,7 +217,8 @@ def parseResponseHead(head: bytes, method: bytes) -> _ResponseHead:
 
     Lines end in CRLF or, as Twisted's client also accepts, a bare LF; a
     line starting with whitespace continues the previous field (obs-fold,
-    joined as Twisted does).
+    joined as Twisted does).  The fields come out exactly as
+    C{Headers.addRawHeader} would have filed them, in one pass.
 
     @param head: the status line and the field lines.
     @param method: the request's method (a C{HEAD} response's
@@ -165,65 +238,85 @@ def parseResponseHead(head: bytes, method: bytes) -> _ResponseHead:
         phrase = b""
     else:
         raise ParseError("wrong number of parts", status)
-    match = _STATUS_VERSION.fullmatch(versionText)
-    if match is None:
-        raise BadResponseVersion("not HTTP/x.y", versionText)
+    version = _VERSIONS.get(versionText)
+    if version is None:
+        match = _STATUS_VERSION.fullmatch(versionText)
+        if match is None:
+            raise BadResponseVersion("not HTTP/x.y", versionText)
+        version = (b"HTTP", int(match.group(1)), int(match.group(2)))
     if len(codeText) != 3 or not codeText.isdigit():
         raise ParseError("non-integer status code", status)
-    headers = Headers()
-    connHeaders = Headers()
-    controlled = CONNECTION_CONTROL
-    if method == b"HEAD":
-        controlled = CONNECTION_CONTROL - {b"content-length"}
-    pending: bytes | None = None
+    fields: dict[bytes, list[bytes]] = {}
+    control: dict[bytes, list[bytes]] = {}
+    controlled = CONNECTION_CONTROL if method != b"HEAD" else _HEAD_CONNECTION_CONTROL
+    # Fold obs-fold continuations into their field first (rare), so the loop
+    # below sees one line per field.
+    if len(lines) > 1 and (b"\n " in head or b"\n\t" in head):
+        lines = _unfold(lines)
+    fieldKeys = _fieldKeys
+    for index in range(1, len(lines)):
+        line = lines[index]
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise ParseError("invalid header", line)
+        known = fieldKeys.get(name)
+        if known is None:
+            known = _fieldKey(name, line)
+        key, lowered = known
+        value = value.strip()
+        if b"\r" in value:
+            # What Headers does to a value with a line break in it.
+            value = b" ".join(value.splitlines())
+        target = control if lowered in controlled else fields
+        values = target.get(key)
+        if values is None:
+            target[key] = [value]
+        else:
+            values.append(value)
+    return _ResponseHead(
+        version,
+        int(codeText),
+        phrase,
+        fields,
+        control,
+    )
+
+
+def _unfold(lines: list[bytes]) -> list[bytes]:
+    """
+    The field lines of a head with obs-fold continuations (RFC 9112 5.2)
+    joined to the line they continue, as Twisted's client joins them.
+
+    @raise ParseError: a continuation with no field before it.
+    """
+    out = [lines[0]]
     for line in lines[1:]:
         if line[-1:] == b"\r":
             line = line[:-1]
         if line[:1] in (b" ", b"\t"):
-            if pending is None:
+            if len(out) == 1:
                 raise ParseError("continuation line without a field", line)
-            pending += line
+            out[-1] += line
             continue
-        if pending is not None:
-            _addField(pending, headers, connHeaders, controlled)
-        pending = line
-    if pending is not None:
-        _addField(pending, headers, connHeaders, controlled)
-    return _ResponseHead(
-        (b"HTTP", int(match.group(1)), int(match.group(2))),
-        int(codeText),
-        phrase,
-        headers,
-        connHeaders,
-    )
+        out.append(line)
+    return out
 
 
-def _addField(
-    line: bytes, headers: Headers, connHeaders: Headers, controlled: frozenset[bytes]
-) -> None:
-    name, colon, value = line.partition(b":")
-    if not colon or not name:
-        raise ParseError("invalid header", line)
-    lowered = name.lower()
-    try:
-        (connHeaders if lowered in controlled else headers).addRawHeader(
-            lowered, value.strip()
-        )
-    except ValueError:
-        # Headers refuses names that are not tokens (InvalidHeaderName).
-        raise ParseError("invalid header name", line)
-
-
-def _contentLength(connHeaders: Headers) -> int | None:
+def _contentLength(values: list[bytes] | None) -> int | None:
     """
-    The response's C{Content-Length}: L{None} when absent; repeated equal
-    values (C{42, 42} or two fields) allowed, as in Twisted.
+    The response's C{Content-Length} from its values: L{None} when absent;
+    repeated equal values (C{42, 42} or two fields) allowed, as in Twisted.
 
     @raise ParseError: conflicting or malformed values.
     """
-    values = connHeaders.getRawHeaders(b"content-length")
     if values is None:
         return None
+    if len(values) == 1:
+        value = values[0]
+        if value.isdigit() and value.isascii() and len(value) <= 18:
+            return int(value)
     lengths = set()
     for value in values:
         for element in value.split(b","):
@@ -236,71 +329,49 @@ def _contentLength(connHeaders: Headers) -> int | None:
     return lengths.pop()
 
 
-def _listTokens(connHeaders: Headers, name: bytes) -> list[bytes]:
-    return [
-        token.strip(b" \t").lower()
-        for value in connHeaders.getRawHeaders(name, ())
-        for token in value.split(b",")
-    ]
+def _listTokens(values: list[bytes] | None) -> list[bytes]:
+    if values is None:
+        return []
+    return [token.strip(b" \t").lower() for value in values for token in value.split(b",")]
 
 
-@implementer(IPushProducer)
-class _BodyTransport:
-    """
-    What the body protocol of a response sees as its transport: pausing and
-    resuming reads from the backend, or giving up on the body
-    (C{stopProducing} closes the connection, which then cannot be reused).
-    Inert once the response is over.
-    """
-
-    __slots__ = ("_connection",)
-
-    disconnecting = False
-
-    def __init__(self, connection: UpstreamConnection | None) -> None:
-        self._connection = connection
-
-    def pauseProducing(self) -> None:
-        if self._connection is not None:
-            self._connection._pauseBody()
-
-    def resumeProducing(self) -> None:
-        if self._connection is not None:
-            self._connection._resumeBody()
-
-    def stopProducing(self) -> None:
-        if self._connection is not None:
-            self._connection._stopBody()
-
-    def loseConnection(self) -> None:
-        self.stopProducing()
-
-
-@implementer(IResponse)
+@implementer(IResponse, IPushProducer)
 class UpstreamResponse:
     """
     A backend response (L{IResponse}); the body is delivered to one
     protocol through L{deliverBody}.
 
+    The response is also what that protocol sees as its transport
+    (L{IPushProducer}): pausing and resuming reads from the backend, or
+    giving up on the body (C{stopProducing} closes the connection, which
+    then cannot be reused); inert once the response is over.  One object
+    per response instead of two.
+
     @ivar connectionHeaders: the backend's connection control fields.
+    @ivar whenDelivered: called once, just before the body protocol's
+        C{connectionLost} (the end of the body, complete or not); the pool
+        ends the request's in-flight count there.
     """
 
     request = None
     previousResponse = None
+    disconnecting = False
 
-    def __init__(self, head: _ResponseHead, length: int | object) -> None:
+    def __init__(
+        self, head: _ResponseHead, length: int | object, connection: UpstreamConnection
+    ) -> None:
         self.version = head.version
         self.code = head.code
         self.phrase = head.phrase
-        self.headers = head.headers
-        self.connectionHeaders = head.connHeaders
+        self.headers = _headersFrom(head.fields)
+        self.connectionHeaders = _headersFrom(head.control)
         self.length = length
+        self.whenDelivered: Callable[[], None] | None = None
         self._protocol: Any = None
         self._buffer: list[bytes] | None = []
         self._outcome: Failure | None = None
-        self._transport: _BodyTransport | None = None
+        self._connection: UpstreamConnection | None = connection
         self._delivered = False
-        self._onDeliver: Callable[[], None] | None = None
 
     def setPreviousResponse(self, response: IResponse) -> None:
         self.previousResponse = response
@@ -319,23 +390,42 @@ class UpstreamResponse:
             raise RuntimeError("deliverBody already called")
         self._delivered = True
         self._protocol = protocol
-        transport = self._transport
-        if transport is None:
-            # Finished before anyone asked: a transport nobody can use.
-            transport = _BodyTransport(None)
-        protocol.makeConnection(transport)
+        protocol.makeConnection(self)
         buffered, self._buffer = self._buffer, None
         if buffered:
             for data in buffered:
                 protocol.dataReceived(data)
         if self._outcome is not None:
             outcome, self._outcome = self._outcome, None
-            protocol.connectionLost(outcome)
             self._protocol = None
+            self._lose(protocol, outcome)
             return
-        onDeliver, self._onDeliver = self._onDeliver, None
-        if onDeliver is not None:
-            onDeliver()
+        connection = self._connection
+        if connection is not None:
+            connection._delivering()
+
+    def _lose(self, protocol: Any, reason: Failure) -> None:
+        whenDelivered, self.whenDelivered = self.whenDelivered, None
+        if whenDelivered is not None:
+            whenDelivered()
+        protocol.connectionLost(reason)
+
+    # The body protocol's transport ------------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self._connection is not None:
+            self._connection._pauseBody()
+
+    def resumeProducing(self) -> None:
+        if self._connection is not None:
+            self._connection._resumeBody()
+
+    def stopProducing(self) -> None:
+        if self._connection is not None:
+            self._connection._stopBody()
+
+    def loseConnection(self) -> None:
+        self.stopProducing()
 
     # From the connection ---------------------------------------------------
 
@@ -346,17 +436,30 @@ class UpstreamResponse:
             self._buffer.append(data)
 
     def _finished(self, reason: Failure) -> None:
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            # The connection may be back in the pool: pausing or stopping
-            # through this response must no longer reach it.
-            transport._connection = None
+        # The connection may be back in the pool: pausing or stopping
+        # through this response must no longer reach it.
+        self._connection = None
         protocol = self._protocol
         if protocol is not None:
             self._protocol = None
-            protocol.connectionLost(reason)
+            self._lose(protocol, reason)
         elif not self._delivered:
             self._outcome = reason
+
+
+class _Receiver(_TypingProtocol):
+    """
+    Who learns the outcome of one request on an L{UpstreamConnection}:
+    exactly one of its methods is called, once.  The pool's attempt is one
+    (no Deferred between the connection and the pool);
+    L{UpstreamClient.request} wraps a Deferred in one.
+    """
+
+    def upstreamResponded(self, response: UpstreamResponse) -> None:
+        """The response head arrived."""
+
+    def upstreamFailed(self, failure: Failure) -> None:
+        """The request failed before its response head (Twisted's classes)."""
 
 
 class UpstreamConnection(Protocol):
@@ -373,7 +476,7 @@ class UpstreamConnection(Protocol):
         self.key = key
         self._state = "IDLE"
         # Per request:
-        self._finished: Deferred[IResponse] | None = None
+        self._receiver: _Receiver | None = None
         self._method = b""
         self._persistent = True
         self._buffer = b""
@@ -400,19 +503,23 @@ class UpstreamConnection(Protocol):
 
     # Sending -----------------------------------------------------------------
 
-    def request(
+    def send(
         self,
         method: bytes,
         target: bytes,
         headers: Headers,
         bodyProducer: Any,
-        persistent: bool = True,
-    ) -> Deferred[IResponse]:
+        persistent: bool,
+        receiver: _Receiver,
+    ) -> None:
         """
-        Send one request; see L{UpstreamClient.request}.
+        Send one request; see L{UpstreamClient.request}.  Its outcome goes
+        to C{receiver} (possibly before this returns, for a request that
+        cannot be sent); L{abandon} cancels it.
         """
         if self._state != "IDLE" or self._lost:
-            return fail(RequestNotSent())
+            receiver.upstreamFailed(Failure(RequestNotSent()))
+            return
         self._state = "SENDING"
         self._method = method
         self._persistent = persistent
@@ -423,21 +530,20 @@ class UpstreamConnection(Protocol):
         self._untilClose = False
         self._reusable = persistent
         self._heldResponse = None
-        finished: Deferred[IResponse] = Deferred(self._cancel)
-        self._finished = finished
+        self._receiver = receiver
         try:
             head = _requestHead(method, target, headers, bodyProducer, persistent)
         except Exception:
             self._state = "FAILED"
-            self._finished = None
+            self._receiver = None
             self.transport.abortConnection()
-            finished.errback(RequestGenerationFailed([Failure()]))
-            return finished
+            receiver.upstreamFailed(Failure(RequestGenerationFailed([Failure()])))
+            return
         transport = self.transport
         _writeNow(transport, head)
         if bodyProducer is None:
             self._state = "WAITING"
-            return finished
+            return
         self._sending = True
         self._producer = bodyProducer
         if bodyProducer.length is UNKNOWN_LENGTH:
@@ -453,7 +559,6 @@ class UpstreamConnection(Protocol):
         producing.addCallbacks(
             self._bodySent, self._bodyFailed, callbackArgs=(consumer,), errbackArgs=(consumer,)
         )
-        return finished
 
     def _bodySent(self, _: object, consumer: Any) -> None:
         if not self._sending:
@@ -490,8 +595,16 @@ class UpstreamConnection(Protocol):
         else:
             self.transport.abortConnection()
 
-    def _cancel(self, finished: Deferred[IResponse]) -> None:
-        # The caller gave up before the response head.
+    def abandon(self, receiver: _Receiver) -> None:
+        """
+        The caller of the request whose outcome goes to C{receiver} gave up
+        before the response head: abort the connection and fail the
+        request with a C{CancelledError} inside Twisted's class for how far
+        it got.  Nothing happens when C{receiver}'s request is over (this
+        connection may be serving another one by now).
+        """
+        if receiver is not self._receiver:
+            return
         self._reusable = False
         if self._sending:
             self._stopSending()
@@ -516,9 +629,16 @@ class UpstreamConnection(Protocol):
             self.transport.unregisterProducer()
 
     def _failRequest(self, failure: Any) -> None:
-        finished, self._finished = self._finished, None
-        if finished is not None:
-            finished.errback(failure if isinstance(failure, Failure) else Failure(failure))
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            try:
+                receiver.upstreamFailed(
+                    failure if isinstance(failure, Failure) else Failure(failure)
+                )
+            except Exception:
+                # What a Deferred callback's error would have been: logged,
+                # and not this connection's problem.
+                self._log.failure("handling a failed upstream request failed")
 
     # Receiving ---------------------------------------------------------------
 
@@ -543,15 +663,20 @@ class UpstreamConnection(Protocol):
         while True:
             # The head ends at the first empty line; lines end in CRLF or,
             # as Twisted's client also accepts, a bare LF.
-            bare = buffer.find(b"\n\n")
             crlf = buffer.find(b"\n\r\n")
+            if crlf != -1:
+                # A bare LF end before it is rare: look for it only up to
+                # there.
+                bare = buffer.find(b"\n\n", 0, crlf + 1)
+            else:
+                bare = buffer.find(b"\n\n")
             if bare == -1 and crlf == -1:
                 if len(buffer) > MAX_HEAD:
                     self._headError(ParseError("response head too long", buffer[:64]))
                     return
                 self._buffer = buffer
                 return
-            if crlf == -1 or (bare != -1 and bare < crlf):
+            if bare != -1:
                 end, bodyStart = bare, bare + 2
             else:
                 end, bodyStart = crlf, crlf + 3
@@ -587,40 +712,43 @@ class UpstreamConnection(Protocol):
         self._failRequest(ResponseFailed([failure]))
 
     def _headReceived(self, head: _ResponseHead, rest: bytes) -> None:
-        connHeaders = head.connHeaders
-        tokens = _listTokens(connHeaders, b"connection")
-        if b"close" in tokens or (
-            head.version[1:] == (1, 0) and b"keep-alive" not in tokens
-        ):
+        control = head.control
+        connection = control.get(b"Connection")
+        if connection is not None:
+            tokens = _listTokens(connection)
+            if b"close" in tokens or (
+                head.version[1:] == (1, 0) and b"keep-alive" not in tokens
+            ):
+                self._reusable = False
+        elif head.version[1:] == (1, 0):
             self._reusable = False
         try:
             length: int | object
             if head.code in NO_BODY_CODES or self._method == b"HEAD":
                 length = 0
                 framing = "none"
-            elif connHeaders.getRawHeaders(b"transfer-encoding") is not None:
-                if _listTokens(connHeaders, b"transfer-encoding") != [b"chunked"]:
-                    raise ParseError(
-                        "unsupported Transfer-Encoding",
-                        b",".join(connHeaders.getRawHeaders(b"transfer-encoding")),
-                    )
-                length = UNKNOWN_LENGTH
-                framing = "chunked"
             else:
-                contentLength = _contentLength(connHeaders)
-                if contentLength is None:
+                codings = control.get(b"Transfer-Encoding")
+                if codings is not None:
+                    if _listTokens(codings) != [b"chunked"]:
+                        raise ParseError(
+                            "unsupported Transfer-Encoding", b",".join(codings)
+                        )
                     length = UNKNOWN_LENGTH
-                    framing = "close"
+                    framing = "chunked"
                 else:
-                    length = contentLength
-                    framing = "length" if contentLength else "none"
+                    contentLength = _contentLength(control.get(b"Content-Length"))
+                    if contentLength is None:
+                        length = UNKNOWN_LENGTH
+                        framing = "close"
+                    else:
+                        length = contentLength
+                        framing = "length" if contentLength else "none"
         except ParseError:
             self._headError(Failure())
             return
-        response = UpstreamResponse(head, length)
+        response = UpstreamResponse(head, length, self)
         self._response = response
-        response._transport = _BodyTransport(self)
-        response._onDeliver = self._delivering
         # Like Twisted's client, stop reading until the body has a reader
         # (deliverBody resumes).  Besides bounding what is buffered, this
         # takes the backend off the poller and back on after the client's
@@ -633,6 +761,11 @@ class UpstreamConnection(Protocol):
         # the R1 profile).
         if framing == "none":
             self._bodyComplete(rest)
+        elif framing == "length" and len(rest) >= length:  # type: ignore[operator]
+            # The whole body came with its head (most small responses): no
+            # decoder for it.
+            response._buffer.append(rest[:length])  # type: ignore[union-attr, index]
+            self._bodyComplete(rest[length:])  # type: ignore[index]
         elif framing == "close":
             self._pauseRead()
             self._reusable = False
@@ -655,7 +788,7 @@ class UpstreamConnection(Protocol):
                     return
             if self._decoder is not None:
                 self._pauseRead()
-        if self._finished is None:
+        if self._receiver is None:
             return
         if self._sending:
             # The backend answered before the request body was sent: like
@@ -669,10 +802,15 @@ class UpstreamConnection(Protocol):
         self._fire(response)
 
     def _fire(self, response: UpstreamResponse) -> None:
-        finished, self._finished = self._finished, None
-        if finished is None:
+        receiver, self._receiver = self._receiver, None
+        if receiver is None:
             return
-        finished.callback(response)
+        try:
+            receiver.upstreamResponded(response)
+        except Exception:
+            # What a Deferred callback's error would have been: logged, and
+            # not this connection's problem.
+            self._log.failure("handing an upstream response over failed")
 
     def _delivering(self) -> None:
         if self._readPaused and not self._bodyPaused:
@@ -722,7 +860,7 @@ class UpstreamConnection(Protocol):
         else:
             self._afterResponse()
         if response is not None:
-            response._finished(Failure(ResponseDone("Response body fully received")))
+            response._finished(_BODY_DONE)
 
     def _afterResponse(self) -> None:
         self._state = "IDLE"
@@ -745,7 +883,7 @@ class UpstreamConnection(Protocol):
         held, self._heldResponse = self._heldResponse, None
         if self._sending:
             self._stopSending()
-        if self._finished is not None:
+        if self._receiver is not None:
             # Still held (request body in progress): the caller gets the
             # failure instead of a broken response.
             self._failRequest(ResponseFailed([failure], response))
@@ -765,7 +903,7 @@ class UpstreamConnection(Protocol):
         sending = self._sending
         if sending:
             self._stopSending()
-        if self._finished is not None:
+        if self._receiver is not None:
             if sending:
                 self._failRequest(RequestTransmissionFailed([reason]))
             else:
@@ -947,6 +1085,103 @@ def splitURI(uri: bytes) -> tuple[bytes, bytes]:
     return scheme + b"://" + authority, target
 
 
+class _DeferredReceiver:
+    """A request's outcome as a Deferred (L{UpstreamClient.request})."""
+
+    __slots__ = ("deferred", "handle")
+
+    def __init__(self) -> None:
+        self.deferred: Deferred[IResponse] = Deferred(self._cancel)
+        self.handle: _Handle | None = None
+
+    def upstreamResponded(self, response: UpstreamResponse) -> None:
+        self.deferred.callback(response)
+
+    def upstreamFailed(self, failure: Failure) -> None:
+        self.deferred.errback(failure)
+
+    def _cancel(self, _: object) -> None:
+        if self.handle is not None:
+            self.handle.abandon(self)
+
+
+class _Handle(_TypingProtocol):
+    """What cancels a request before its response head."""
+
+    def abandon(self, receiver: _Receiver) -> None:
+        ...
+
+
+class _Connecting:
+    """
+    A request waiting for a new connection to its backend; the connection
+    once it is there.
+    """
+
+    __slots__ = (
+        "_client", "_method", "_target", "_headers", "_body", "_receiver",
+        "_connecting", "_connection",
+    )
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: Any,
+        receiver: _Receiver,
+    ) -> None:
+        self._client = client
+        self._method = method
+        self._target = target
+        self._headers = headers
+        self._body = body
+        self._receiver: _Receiver | None = receiver
+        self._connecting: Deferred[UpstreamConnection] | None = None
+        self._connection: UpstreamConnection | None = None
+
+    def start(self, key: bytes, uri: bytes) -> None:
+        client = self._client
+        try:
+            endpoint = client._endpointFactory.endpointForURI(URI.fromBytes(uri))
+            connecting = endpoint.connect(_ConnectionFactory(client, key))
+        except Exception:
+            self._failed(Failure())
+            return
+        self._connecting = connecting
+        connecting.addCallbacks(self._connected, self._failed)
+
+    def _connected(self, connection: UpstreamConnection) -> None:
+        self._connecting = None
+        receiver, self._receiver = self._receiver, None
+        client = self._client
+        client._all.add(connection)
+        if receiver is None:
+            return
+        if connection._lost:
+            receiver.upstreamFailed(Failure(RequestNotSent()))
+            return
+        self._connection = connection
+        connection.send(
+            self._method, self._target, self._headers, self._body, client.persistent, receiver
+        )
+
+    def _failed(self, reason: Failure) -> None:
+        self._connecting = None
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            receiver.upstreamFailed(reason)
+
+    def abandon(self, receiver: _Receiver) -> None:
+        if self._connection is not None:
+            self._connection.abandon(receiver)
+        elif self._connecting is not None and receiver is self._receiver:
+            # Fails the attempt through _failed, with the endpoint's
+            # CancelledError, as cancelling the Agent's request does.
+            self._connecting.cancel()
+
+
 class UpstreamClient:
     """
     Requests to backends over pooled keep-alive HTTP/1.1 connections.
@@ -1001,6 +1236,28 @@ class UpstreamClient:
             key, target = splitURI(uri)
         except ValueError:
             return fail(Failure())
+        receiver = _DeferredReceiver()
+        receiver.handle = self.send(key, target, method, headers, bodyProducer, receiver)
+        return receiver.deferred
+
+    def send(
+        self,
+        key: bytes,
+        target: bytes,
+        method: bytes,
+        headers: Headers | None,
+        bodyProducer: Any,
+        receiver: _Receiver,
+    ) -> _Handle:
+        """
+        L{request} without a Deferred, for the pool: the outcome goes to
+        C{receiver}, possibly before this returns.
+
+        @param key: C{b"scheme://authority"} of the backend.
+        @param target: the request-target (origin form).
+        @return: what to call C{abandon(receiver)} on to cancel the request
+            before its response head.
+        """
         if headers is None:
             headers = Headers()
         if not headers.hasHeader(b"host"):
@@ -1011,50 +1268,11 @@ class UpstreamClient:
             connection = idle.pop()
             if connection._lost or connection._state != "IDLE":
                 continue
-            return connection.request(method, target, headers, bodyProducer, self.persistent)
-        return self._connectAndRequest(key, uri, method, target, headers, bodyProducer)
-
-    def _connectAndRequest(
-        self,
-        key: bytes,
-        uri: bytes,
-        method: bytes,
-        target: bytes,
-        headers: Headers,
-        bodyProducer: Any,
-    ) -> Deferred[IResponse]:
-        try:
-            endpoint = self._endpointFactory.endpointForURI(URI.fromBytes(uri))
-            connecting = endpoint.connect(_ConnectionFactory(self, key))
-        except Exception:
-            return fail(Failure())
-        inner: list[Deferred[IResponse]] = []
-
-        def cancel(_: object) -> None:
-            if inner:
-                inner[0].cancel()
-            else:
-                connecting.cancel()
-
-        result: Deferred[IResponse] = Deferred(cancel)
-
-        def connected(connection: UpstreamConnection) -> None:
-            self._all.add(connection)
-            if connection._lost:
-                result.errback(Failure(RequestNotSent()))
-                return
-            requested = connection.request(
-                method, target, headers, bodyProducer, self.persistent
-            )
-            inner.append(requested)
-            requested.chainDeferred(result)
-
-        def failed(reason: Failure) -> None:
-            if not result.called:
-                result.errback(reason)
-
-        connecting.addCallbacks(connected, failed)
-        return result
+            connection.send(method, target, headers, bodyProducer, self.persistent, receiver)
+            return connection
+        connecting = _Connecting(self, method, target, headers, bodyProducer, receiver)
+        connecting.start(key, key + target)
+        return connecting
 
     # Idle connections ----------------------------------------------------------
 

@@ -25,6 +25,7 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from edgeproxy.errors import ProxyError, ServiceUnavailable
 from edgeproxy.http.bodies import BodyPipe
 from edgeproxy.upstream.backend import Backend
+from edgeproxy.upstream.client import UpstreamResponse
 from edgeproxy.upstream.failures import (
     attemptOutcome,
     classifyFailure,
@@ -120,6 +121,123 @@ def _unwrap(obj: Any, name: str, wrapper: object) -> None:
         del attributes[name]
 
 
+def _ignore(_: object) -> None:
+    pass
+
+
+class _Attempt:
+    """
+    One attempt of an L{Exchange} on one backend: it receives the outcome
+    from the client directly (no Deferred in between), counts as in flight
+    for the balancer until its response body is over, and is watched by
+    the pool's response deadline (L{UpstreamPool._watchResponse}) from the
+    moment the request is sent (or its body is) to the response head.
+
+    @ivar handle: what cancels the request (L{UpstreamClient.send}).
+    @ivar deadline: when the response head is due; L{None} while not
+        watched.
+    """
+
+    __slots__ = (
+        "exchange", "backend", "started", "handle", "deadline", "timedOut",
+        "answered", "counted",
+    )
+
+    def __init__(self, exchange: Exchange, backend: Backend) -> None:
+        self.exchange = exchange
+        self.backend = backend
+        pool = exchange.pool
+        self.started = pool._reactor.seconds()
+        self.handle: Any = None
+        self.deadline: float | None = None
+        self.timedOut = False
+        self.answered = False
+        pool.balancer.acquired(backend)
+        self.counted = True
+
+    def release(self) -> None:
+        """
+        End the in-flight count (once; every path may call it).  The freed
+        place goes to the queue.
+        """
+        if self.counted:
+            self.counted = False
+            self.exchange.pool._released(self.backend)
+
+    def startTimer(self, _: object = None) -> None:
+        if not self.answered and self.deadline is None:
+            pool = self.exchange.pool
+            self.deadline = pool._reactor.seconds() + pool.upstream.response_timeout
+            pool._watchResponse(self)
+
+    def timeOut(self) -> None:
+        """The response head is overdue: give up on it (a 504)."""
+        self.timedOut = True
+        if self.handle is not None:
+            self.handle.abandon(self)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.abandon(self)
+
+    def _over(self) -> None:
+        self.answered = True
+        if self.deadline is not None:
+            self.exchange.pool._unwatchResponse(self)
+        exchange = self.exchange
+        if exchange.attempt is self:
+            exchange.attempt = None
+
+    def upstreamResponded(self, response: IResponse) -> None:
+        self._over()
+        exchange = self.exchange
+        pool = exchange.pool
+        upstream = pool.upstream
+        backend = self.backend
+        if isinstance(response, UpstreamResponse):
+            response.whenDelivered = self.release
+        else:
+            releaseAfterBody(response, self.release)
+        pool.metrics.upstreamResponded(
+            upstream.name, pool._reactor.seconds() - self.started
+        )
+        pool.passive.responded(backend, response.code)
+        if exchange.over:
+            # Cancelled meanwhile: nobody reads it.
+            response.deliverBody(_Discarding())
+            return
+        if exchange.retriesDone:
+            pool.log.info(
+                "upstream {upstream}: {method} answered by {backend} after "
+                "{retries} retries (tried {tried})",
+                upstream=upstream.name,
+                method=exchange.method.decode("ascii", "replace"),
+                backend=backend.address,
+                retries=exchange.retriesDone,
+                tried=exchange._triedText(),
+            )
+        exchange.over = True
+        exchange.result.callback(response)
+
+    def upstreamFailed(self, failure: Failure) -> None:
+        self._over()
+        self.release()
+        exchange = self.exchange
+        if exchange.over:
+            return  # cancelled by the caller: nothing to report
+        try:
+            exchange.attemptFailed(self.backend, failure, self.timedOut)
+        except Exception:
+            # A bug here must still answer the client, not leave the
+            # request hanging on a Deferred that never fires.
+            pool = exchange.pool
+            pool.log.failure(
+                "upstream {upstream}: handling a failed attempt failed",
+                upstream=pool.upstream.name,
+            )
+            exchange.fail(classifyFailure(failure, self.timedOut), code=None)
+
+
 class Exchange:
     """
     One request through the pool: its attempts, retries and time in the
@@ -154,7 +272,7 @@ class Exchange:
         self.tried: set[Backend] = set()
         self.triedOrder: list[Backend] = []
         self.retriesDone = 0
-        self.attempt: Deferred[IResponse] | None = None
+        self.attempt: _Attempt | None = None
         self.queueTimer: IDelayedCall | None = None
         self.over = False
         self.lastError: ProxyError | None = None
@@ -193,8 +311,6 @@ class Exchange:
 
     def send(self, backend: Backend) -> None:
         pool = self.pool
-        reactor = pool._reactor
-        upstream = pool.upstream
         body = self.body
         producer: IBodyProducer | None = body
         if isinstance(body, BodyPipe):
@@ -206,81 +322,16 @@ class Exchange:
             producer = body.newAttempt()
         self.tried.add(backend)
         self.triedOrder.append(backend)
-        release = pool._countRequest(backend)
-        started = reactor.seconds()
-        agentRequest = pool._agent.request(
-            self.method, pool._uriFor(backend, self.path), self.headers, producer
+        attempt = _Attempt(self, backend)
+        self.attempt = attempt
+        attempt.handle = pool._agent.send(
+            pool._keyFor(backend), self.path, self.method, self.headers, producer, attempt
         )
-        self.attempt = agentRequest
-        timer: IDelayedCall | None = None
-        timedOut = False
-        answered = False
-
-        def startResponseTimer(_: object = None) -> None:
-            # Not agentRequest.called: the Agent's Deferred counts as called
-            # as soon as it waits on the connection's own Deferred.
-            nonlocal timer
-            if not answered and timer is None:
-                timer = reactor.callLater(upstream.response_timeout, timeOut)
-
-        def timeOut() -> None:
-            nonlocal timedOut
-            timedOut = True
-            agentRequest.cancel()
-
-        def responded(response: IResponse) -> None:
-            nonlocal answered
-            answered = True
-            if timer is not None and timer.active():
-                timer.cancel()
-            self.attempt = None
-            releaseAfterBody(response, release)
-            pool.metrics.upstreamResponded(upstream.name, reactor.seconds() - started)
-            pool.passive.responded(backend, response.code)
-            if self.over:
-                # Cancelled meanwhile (cannot happen with Twisted's Agent,
-                # whose cancel errbacks): nobody reads it.
-                response.deliverBody(_Discarding())
-                return
-            if self.retriesDone:
-                pool.log.info(
-                    "upstream {upstream}: {method} answered by {backend} after "
-                    "{retries} retries (tried {tried})",
-                    upstream=upstream.name,
-                    method=self.method.decode("ascii", "replace"),
-                    backend=backend.address,
-                    retries=self.retriesDone,
-                    tried=self._triedText(),
-                )
-            self.over = True
-            self.result.callback(response)
-
-        def failed(failure: Failure) -> None:
-            nonlocal answered
-            answered = True
-            if timer is not None and timer.active():
-                timer.cancel()
-            self.attempt = None
-            release()
-            if self.over:
-                return  # cancelled by the caller: nothing to report
-            try:
-                self.attemptFailed(backend, failure, timedOut)
-            except Exception:
-                # A bug here must still answer the client, not leave the
-                # request hanging on a Deferred that never fires.
-                pool.log.failure(
-                    "upstream {upstream}: handling a failed attempt failed",
-                    upstream=upstream.name,
-                )
-                self.fail(classifyFailure(failure, timedOut), code=None)
-
         finisher = getattr(producer, "whenFinished", None)
         if finisher is None:
-            startResponseTimer()
+            attempt.startTimer()
         else:
-            finisher().addCallbacks(startResponseTimer, lambda _: None)
-        agentRequest.addCallbacks(responded, failed)
+            finisher().addCallbacks(attempt.startTimer, _ignore)
 
     # Outcomes -------------------------------------------------------------------
 

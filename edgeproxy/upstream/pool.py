@@ -98,7 +98,7 @@ def fullResponseHeaders(response: IResponse) -> Headers:
 class _ServerEndpoints:
     """
     Resolve the client's URI (which only ever names one of our backends, see
-    L{UpstreamPool._uriFor}) back to that backend's endpoint.
+    L{UpstreamPool._keyFor}) back to that backend's endpoint.
     """
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -180,6 +180,9 @@ class UpstreamPool:
         )
         self._budget = RetryBudget(reactor.seconds, upstream.retry_budget)
         self._queue: deque[Exchange] = deque()
+        # Attempts waiting for their response head, oldest deadline first.
+        self._watched: dict[Any, None] = {}
+        self._deadlineTimer: Any = None
         self._draining = False
         self._drainAgain = False
         # Requests still in flight on backends no longer in the pool.
@@ -194,6 +197,7 @@ class UpstreamPool:
         self._byBackend: set[Backend] = set()
         self._byKey: dict[tuple[bytes, int], Backend] = {}
         self._uris: dict[Backend, bytes] = {}
+        self._keys: dict[Backend, bytes] = {}
         self._endpoints: dict[Backend, IStreamClientEndpoint] = {}
         self.balancer: Balancer = makeBalancer(
             upstream.balance, (), rng, available=self._pickable
@@ -217,6 +221,7 @@ class UpstreamPool:
         self._byBackend = kept
         self._endpoints = {b: e for b, e in self._endpoints.items() if b in kept}
         self._uris = {b: u for b, u in self._uris.items() if b in kept}
+        self._keys = {}
         # Each backend's URI names it uniquely: the client keys its pooled
         # connections on it, and two host names may resolve to one address
         # (with different TLS names, so different connections).
@@ -301,6 +306,11 @@ class UpstreamPool:
         (in-flight ones finish on their own).
         """
         self.stop()
+        if not self._watched and self._deadlineTimer is not None:
+            # Requests in flight keep their deadlines; with none, nothing
+            # of this pool stays scheduled.
+            timer, self._deadlineTimer = self._deadlineTimer, None
+            timer.cancel()
         return self._connectionPool.closeCachedConnections()
 
     # DNS -------------------------------------------------------------------
@@ -507,9 +517,16 @@ class UpstreamPool:
             host = host.encode("idna")
         return self._byKey[(host.strip(b"[]"), port)]
 
+    def _keyFor(self, server: Backend) -> bytes:
+        """C{b"scheme://authority"} naming C{server} to the client."""
+        key = self._keys.get(server)
+        if key is None:
+            scheme = b"https" if self._tls is not None else b"http"
+            key = self._keys[server] = scheme + b"://" + self._uris[server]
+        return key
+
     def _uriFor(self, server: Backend, path: bytes) -> bytes:
-        scheme = b"https" if self._tls is not None else b"http"
-        return scheme + b"://" + self._uris[server] + path
+        return self._keyFor(server) + path
 
     # Requests ------------------------------------------------------------
 
@@ -553,29 +570,60 @@ class UpstreamPool:
         exchange.place()
         return exchange.result
 
-    def _countRequest(self, server: Backend) -> Callable[[], None]:
+    def _released(self, server: Backend) -> None:
         """
-        Count a request to C{server} as in flight.
-
-        @return: the function ending it; calling it again does nothing, so
-            every path may call it without the count drifting.  Ending it
-            gives the freed place to the queue.
+        A request to C{server} is no longer in flight (its attempt counted
+        it: L{edgeproxy.upstream.exchange}); the freed place goes to the
+        queue.
         """
-        self.balancer.acquired(server)
-        done = False
+        if server in self._byBackend:
+            self.balancer.released(server)
+        else:
+            self._orphaned -= 1
+        if self._queue:
+            self._drainQueue()
 
-        def release() -> None:
-            nonlocal done
-            if not done:
-                done = True
-                if server in self._byBackend:
-                    self.balancer.released(server)
-                else:
-                    self._orphaned -= 1
-                if self._queue:
-                    self._drainQueue()
+    # Response deadlines ----------------------------------------------------
 
-        return release
+    def _watchResponse(self, attempt: Any) -> None:
+        """
+        Time out C{attempt} at its C{deadline} unless its response head
+        comes first (L{_unwatchResponse}).
+
+        Every attempt of this pool has the same C{response_timeout}, so
+        deadlines come in the order attempts are watched: one ordered dict
+        and one timer, re-armed for the oldest deadline when it fires, do
+        the work of a C{callLater} created and cancelled per request.
+        """
+        self._watched[attempt] = None
+        if self._deadlineTimer is None:
+            self._deadlineTimer = self._reactor.callLater(
+                attempt.deadline - self._reactor.seconds(), self._deadlinesDue
+            )
+
+    def _unwatchResponse(self, attempt: Any) -> None:
+        self._watched.pop(attempt, None)
+
+    def _deadlinesDue(self) -> None:
+        self._deadlineTimer = None
+        watched = self._watched
+        while watched:
+            attempt = next(iter(watched))
+            left = attempt.deadline - self._reactor.seconds()
+            # A millisecond early is on time: the reactor's own timers
+            # are no finer, and float rounding must not re-arm for 1e-16 s.
+            if left > 0.001:
+                self._deadlineTimer = self._reactor.callLater(left, self._deadlinesDue)
+                return
+            del watched[attempt]
+            try:
+                attempt.timeOut()
+            except Exception:
+                # The next deadlines must still be kept.
+                self.log.failure(
+                    "upstream {upstream}: timing out a request failed",
+                    upstream=self.upstream.name,
+                )
 
     # The queue (max_conns) -------------------------------------------------
 
