@@ -1,10 +1,11 @@
 # -*- test-case-name: tests.test_benchmark_smoke -*-
 """
-Where edgeproxy spends its time under R1 load: py-spy samples the proxy
-while wrk drives it, and the samples are summarised as the functions with
-the most time of their own and the most time inclusive.
+Where edgeproxy spends its time under R1 load (or R3 with C{--figure R3}):
+py-spy samples the proxy while wrk drives it, and the samples are
+summarised as the functions with the most time of their own and the most
+time inclusive.
 
-    .venv/bin/python benchmarks/profile.py [--duration S] [--out DIR]
+    .venv/bin/python benchmarks/profile.py [--figure R1|R3] [--duration S] [--out DIR]
 
 It needs C{py-spy} (C{pip install py-spy}, beside the Python that runs
 edgeproxy or on C{PATH}) and C{wrk}.  Same setup as C{run.py}: generated
@@ -30,6 +31,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks import loadgen, run, servers  # noqa: E402
+
+
+_LOADS = {
+    "R1": (servers.SMALL_PATH, 50),
+    "R3": (servers.LARGE_PATH, 10),
+}
+"""Per figure: the path wrk fetches and its connections (as in C{run.py})."""
 
 
 def summarise(collapsed: str, top: int = 20) -> str:
@@ -98,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         help="stop the proxy at each sample: complete stacks (every sample placed "
         "under its callers) at the cost of some throughput while sampled",
     )
+    parser.add_argument(
+        "--figure", choices=sorted(_LOADS), default="R1",
+        help="the load: R1 (1 KiB, 50 connections) or R3 (1 MiB, 10 connections)",
+    )
     args = parser.parse_args(argv)
+    path, connections = _LOADS[args.figure]
+    figure = args.figure.lower()
     spy = pySpy(args.python)
     if spy is None or shutil.which("wrk") is None:
         print("needs py-spy (pip install py-spy) and wrk", file=sys.stderr)
@@ -115,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(bench.failures), file=sys.stderr)
             return 1
         server = bench.proxies["edgeproxy"]
-        url = f"https://127.0.0.1:{bench.ports['edgeproxy']}{servers.SMALL_PATH}"
-        loadgen.runWrk(bench.tools["wrk"], url, 50, 2, bench.loadCpus)  # warm-up
-        raw = args.out / "edgeproxy-r1.collapsed.txt"
+        url = f"https://127.0.0.1:{bench.ports['edgeproxy']}{path}"
+        loadgen.runWrk(bench.tools["wrk"], url, connections, 2, bench.loadCpus)  # warm-up
+        raw = args.out / f"edgeproxy-{figure}.collapsed.txt"
         base = [spy, "record", "--pid", str(server.pid), "--rate", str(args.rate),
                 "--duration", str(args.duration + 2), "--format", "raw",
                 "--output", str(raw)]
@@ -133,16 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         if spyProcess.poll() is not None:
             print(f"py-spy failed: {spyProcess.stdout.read()}", file=sys.stderr)
             return 1
-        result = loadgen.runWrk(bench.tools["wrk"], url, 50, args.duration, bench.loadCpus)
+        result = loadgen.runWrk(
+            bench.tools["wrk"], url, connections, args.duration, bench.loadCpus
+        )
         output, _ = spyProcess.communicate(timeout=args.duration + 30)
         summary = summarise(raw.read_text() if raw.exists() else "")
         text = (
-            f"edgeproxy under R1 load: {result.rate:.0f} requests/s "
+            f"edgeproxy under {args.figure} load: {result.rate:.0f} requests/s "
             f"(p50 {result.p50ms} ms, p99 {result.p99ms} ms) while sampled; "
             f"py-spy {'(blocking)' if args.blocking else '--nonblocking'} at {args.rate} Hz"
             f"\n\n{summary}\n"
         )
-        (args.out / "edgeproxy-r1.summary.txt").write_text(text)
+        (args.out / f"edgeproxy-{figure}.summary.txt").write_text(text)
         print(text)
     finally:
         for s in reversed(bench.servers):

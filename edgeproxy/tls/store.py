@@ -49,6 +49,8 @@ from zope.interface import implementer
 from edgeproxy.config.model import TLSSettings, TLSVersion
 from edgeproxy.errors import CertificateError
 from edgeproxy.tls.certs import CertificateEntry, CertificateSet, loadCertificates
+from edgeproxy.tls.transport import RELEASE_AFTER as _RELEASE_AFTER
+from edgeproxy.tls.transport import adopt
 
 DEFAULT_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
 """ALPN protocols offered by default, in server preference order."""
@@ -383,10 +385,6 @@ class CertificateStore:
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-_RELEASE_AFTER = 512
-"""Bytes through a memory BIO after which it is replaced once drained."""
-
-
 class _ServerConnection(SSL.Connection):
     """
     A server connection that carries its listener's ALPN protocols for
@@ -476,4 +474,7 @@ class _ServerConnectionCreator:
         """ALPN protocols offered, in preference order."""
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        # Called by every server TLS transport as it connects: the one place
+        # that sees them all, to give them the faster write path.
+        adopt(tlsProtocol)
         return self._store._connectionFor(self.acceptableProtocols)

@@ -1,0 +1,153 @@
+# -*- test-case-name: tests.test_tls_transport -*-
+"""
+The server side TLS transport's write path: application bytes to TLS
+records to the TCP transport, with as little Python per record as it takes.
+
+Twisted's C{TLSMemoryBIOProtocol._write} hands OpenSSL 16 KiB at a time
+through pyOpenSSL's C{Connection.send} and, after each, reads the memory BIO
+through C{Connection.bio_read} (a 32 KiB buffer per call) and writes the
+record to the TCP transport: for a 64 KiB write, four rounds of slicing,
+buffer allocation, error checks and transport calls.  Under R3 (1 MiB
+responses) that write path cost about 630 us of CPU per MiB, of which
+OpenSSL's encryption is about 120 (docs/performance.rst, Run 8).
+
+L{EdgeTLSTransport._write} does the same with one C{SSL_write} per record
+straight through the binding (C{SSL_write} of at most 2^14 bytes: RFC 8446
+§5.1, RFC 5246 §6.2.1), reads each record into one shared buffer, and
+hands all of them to the TCP transport in one C{writeSequence}.  Errors go
+the way Twisted's do: pyOpenSSL maps the C{SSL_write} result to its
+exception (C{Connection._raise_ssl_error}), a C{WantReadError} buffers the
+rest of the write until the peer's bytes arrive, any other error shuts the
+TLS connection down with it.  The memory BIO a write drained is replaced as
+L{edgeproxy.tls.store._ServerConnection} does for its own reads, but once
+per write instead of once per record.
+
+L{adopt} turns the C{BufferingTLSTransport} that
+L{twisted.internet.endpoints.wrapServerTLS} builds for each connection into
+an L{EdgeTLSTransport} (same class layout, one method more), from the
+store's connection creator, which is the one place that sees every server
+TLS transport.  It touches Twisted's and pyOpenSSL's private attributes
+(listed in docs/architecture.rst); C{tests.test_tls_transport} moves bytes
+through it both ways, across handshakes, errors and buffered writes, so a
+change in either shows up there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL import SSL
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+from twisted.protocols.tls import BufferingTLSTransport
+from twisted.python.failure import Failure
+
+_RECORD = 2**14
+"""Largest plaintext per TLS record (RFC 8446 §5.1; RFC 5246 §6.2.1)."""
+
+_SCRATCH_SIZE = 2**15
+"""Room for one full record and its overhead, with room to spare."""
+
+_scratch = _ffi.new("char[]", _SCRATCH_SIZE)
+"""
+One buffer the records are read into and copied out of at once.  Shared by
+every connection: the reactor's thread is the only one that writes, and no
+call in between can re-enter a write (L{EdgeTLSTransport._write} calls
+nothing but OpenSSL until its records are copied out).
+"""
+_scratchBytes = _ffi.buffer(_scratch)
+
+RELEASE_AFTER = 512
+"""Bytes through a memory BIO after which it is replaced once drained."""
+
+
+class EdgeTLSTransport(BufferingTLSTransport):
+    """
+    C{BufferingTLSTransport} with the write path described in the module
+    docstring; nothing else differs.
+    """
+
+    def _write(self, bytes: bytes) -> None:  # noqa: A002 -- Twisted's name
+        if self._lostTLSConnection:
+            return
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        total = len(bytes)
+        records: list[bytes] = []
+        sent = 0
+        failed: BaseException | None = None
+        with _ffi.from_buffer(bytes) as data:
+            while sent < total:
+                size = total - sent
+                if size > _RECORD:
+                    size = _RECORD
+                result = _lib.SSL_write(ssl, data + sent, size)
+                if result <= 0:
+                    try:
+                        connection._raise_ssl_error(ssl, result)
+                    except SSL.Error as e:
+                        failed = e
+                    else:
+                        failed = SSL.Error([("edgeproxy", "SSL_write", f"returned {result}")])
+                    break
+                sent += result
+                _readRecords(connection, records)
+        if records:
+            _releaseDrained(connection, records)
+            self.transport.writeSequence(records)
+        if failed is None:
+            return
+        if isinstance(failed, SSL.WantReadError):
+            # Twisted's own answer: keep the rest until the peer's bytes
+            # arrive (dataReceived calls _unbufferPendingWrites).
+            self._bufferedWrite(bytes[sent:])
+            return
+        self._tlsShutdownFinished(Failure(failed))
+
+
+def _readRecords(connection: SSL.Connection, records: list[bytes]) -> None:
+    """
+    Move everything OpenSSL put in C{connection}'s send BIO to C{records}.
+    """
+    bio = connection._from_ssl
+    while True:
+        read = _lib.BIO_read(bio, _scratch, _SCRATCH_SIZE)
+        if read <= 0:
+            return
+        records.append(_scratchBytes[:read])
+        if read < _SCRATCH_SIZE:
+            return
+
+
+def _releaseDrained(connection: Any, records: list[bytes]) -> None:
+    """
+    Replace C{connection}'s drained send BIO, as its own C{bio_read} does
+    (see L{edgeproxy.tls.store._ServerConnection}): OpenSSL's memory BIO
+    never shrinks, and an idle connection should not keep a record's worth.
+    """
+    through = getattr(connection, "_sentThrough", None)
+    if through is None:
+        return
+    through += sum(map(len, records))
+    if through >= RELEASE_AFTER and not _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL):
+        fresh = _lib.BIO_new(_lib.BIO_s_mem())
+        if fresh != _ffi.NULL:
+            # Same rbio, new wbio: SSL_set_bio frees the old wbio only.
+            _lib.SSL_set_bio(connection._ssl, connection._into_ssl, fresh)
+            connection._from_ssl = fresh
+            through = 0
+    connection._sentThrough = through
+
+
+def adopt(tlsProtocol: object) -> None:
+    """
+    Give C{tlsProtocol} the write path of L{EdgeTLSTransport} if it is
+    exactly Twisted's C{BufferingTLSTransport} (what C{wrapServerTLS}
+    builds); leave anything else alone.
+
+    Changing the class of the instance rather than wrapping it keeps every
+    attribute, every C{isinstance} check and the factory's bookkeeping as
+    they are, and costs no memory per connection.
+    """
+    if type(tlsProtocol) is BufferingTLSTransport:
+        tlsProtocol.__class__ = EdgeTLSTransport
