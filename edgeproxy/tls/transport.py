@@ -39,6 +39,7 @@ from typing import Any
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
+from twisted.internet import tcp
 from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python.failure import Failure
 
@@ -94,7 +95,7 @@ class EdgeTLSTransport(BufferingTLSTransport):
                 _readRecords(connection, records)
         if records:
             _releaseDrained(connection, records)
-            self.transport.writeSequence(records)
+            _sendNow(self.transport, records)
         if failed is None:
             return
         if isinstance(failed, SSL.WantReadError):
@@ -117,6 +118,43 @@ def _readRecords(connection: SSL.Connection, records: list[bytes]) -> None:
         records.append(_scratchBytes[:read])
         if read < _SCRATCH_SIZE:
             return
+
+
+def _sendNow(transport: Any, records: list[bytes]) -> None:
+    """
+    Write C{records} to the TCP transport, straight to the socket when
+    nothing is queued before them.
+
+    Twisted's TCP transport never sends in C{write}: it queues, registers
+    the socket for writability, sends on the next reactor turn and
+    unregisters it, and a queue of more than C{bufferSize} (64 KiB) pauses
+    the producer until then: under R3 every 64 KiB of a body paused and
+    resumed the backend's socket, four C{epoll_ctl} calls and a reactor
+    turn for bytes the kernel could take at once.  With the transport's
+    buffers empty, the records go out through its own C{writeSomeData}
+    (what C{doWrite} would call); whatever the kernel does not take, or an
+    error (which C{doWrite} then reports as usual), is queued as before, so
+    a slow client still pauses the backend.
+    """
+    if (
+        type(transport) is tcp.Server
+        and not transport.dataBuffer
+        and not transport._tempDataBuffer
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.TLS
+    ):
+        data = records[0] if len(records) == 1 else b"".join(records)
+        sent = transport.writeSomeData(data)
+        if isinstance(sent, int) and sent >= 0:
+            if sent == len(data):
+                return
+            transport.write(data[sent:])
+            return
+        # An error instance: queue the bytes, doWrite reports it.
+        transport.write(data)
+        return
+    transport.writeSequence(records)
 
 
 def _releaseDrained(connection: Any, records: list[bytes]) -> None:
