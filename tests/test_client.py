@@ -724,3 +724,47 @@ def test_responseFieldsFiledExactlyAsAddRawHeaderFilesThem() -> None:
     assert response.connectionHeaders == control
     response.headers.addRawHeader(b"X-New", b"1")
     assert response.headers.getRawHeaders(b"x-new") == [b"1"]
+
+
+@pytest.mark.parametrize(
+    "head, expected",
+    [
+        # CRLF only, with an obs-fold continuation (RFC 9112 5.2).
+        (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n\tmore\r\nX-B: 2\r\n", [(b"x-a", b"1\tmore"), (b"x-b", b"2")]),
+        # Bare LF line ends, mixed with CRLF.
+        (b"HTTP/1.1 200 OK\nX-A: 1\r\nX-B:  2 \n", [(b"x-a", b"1"), (b"x-b", b"2")]),
+        # A stray CR inside a value is a line break to Headers.
+        (b"HTTP/1.1 200 OK\r\nX-A: 1\r2\r\n", [(b"x-a", b"1 2")]),
+        # Only a status line.
+        (b"HTTP/1.0 200 OK\r\n", []),
+    ],
+)
+def test_responseHeadLineEnds(head: bytes, expected: list[tuple[bytes, bytes]]) -> None:
+    h = Harness()
+    d = h.request()
+    h.respond(head + b"Content-Length: 0\r\n\r\n")
+    response = result(d)
+    assert not isinstance(response, Failure), response
+    want = Headers()
+    for name, value in expected:
+        want.addRawHeader(name, value)
+    assert response.headers == want
+    assert response.connectionHeaders.getRawHeaders(b"content-length") == [b"0"]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\n continued\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nServer\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n: empty name\r\n\r\n",
+        b"HTTP/1.1 200 OK\nServer s\n\n",
+    ],
+)
+def test_moreUnparseableFields(head: bytes) -> None:
+    h = Harness()
+    d = h.request()
+    h.respond(head)
+    failure = result(d)
+    assert isinstance(failure, Failure) and failure.check(ResponseFailed)
+    assert failure.value.reasons[0].check(ParseError)

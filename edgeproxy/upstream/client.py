@@ -161,8 +161,9 @@ class _ResponseHead:
         self.control = control
 
 
-_fieldKeys: dict[bytes, tuple[bytes, bytes]] = {}
-"""Field names as received to their L{Headers} key and lower-case form:
+_fieldKeys: dict[bytes, tuple[bytes, bool, bool]] = {}
+"""Field names as received to their L{Headers} key and whether they are
+connection control fields (for any response, and for a C{HEAD} response):
 the token check and the canonical capitalisation of each name are done
 once, not once per response."""
 _MAX_FIELD_KEYS = 10_000
@@ -170,9 +171,11 @@ _MAX_FIELD_KEYS = 10_000
 the cache, not memory."""
 
 
-def _fieldKey(name: bytes, line: bytes) -> tuple[bytes, bytes]:
+def _fieldKey(name: bytes, line: bytes) -> tuple[bytes, bool, bool]:
     """
-    The L{Headers} key and the lower-case form of the field name C{name}.
+    The L{Headers} key of the field name C{name}, and whether it is a
+    connection control field (L{CONNECTION_CONTROL}) in any response and
+    in a C{HEAD} response.
 
     @raise ParseError: C{name} is empty or not a token (RFC 9110 5.1).
     """
@@ -188,7 +191,7 @@ def _fieldKey(name: bytes, line: bytes) -> tuple[bytes, bytes]:
     except ValueError:
         # InvalidHeaderName: not a token.
         raise ParseError("invalid header name", line)
-    known = (key, lowered)
+    known = (key, lowered in CONNECTION_CONTROL, lowered in _HEAD_CONNECTION_CONTROL)
     if len(_fieldKeys) < _MAX_FIELD_KEYS:
         _fieldKeys[name] = known
     return known
@@ -225,10 +228,31 @@ def parseResponseHead(head: bytes, method: bytes) -> _ResponseHead:
         C{Content-Length} is an entity field, not a framing one).
     @raise ParseError: the head is not an HTTP/1.x response head.
     """
-    lines = head.split(b"\n")
-    status = lines[0]
-    if status[-1:] == b"\r":
-        status = status[:-1]
+    if head[-1:] == b"\r":
+        # The CR of the last line's CRLF (the head ends before its LF).
+        head = head[:-1]
+    crlf = head.count(b"\r\n")
+    # A head whose every CR and LF is a CRLF (what servers send) splits
+    # into lines with nothing left to strip, and no value can hold a line
+    # break; anything else (bare LFs, stray CRs) takes the careful path.
+    return _parseHead(
+        head, method, head.count(b"\n") == crlf and head.count(b"\r") == crlf
+    )
+
+
+def _parseHead(head: bytes, method: bytes, clean: bool) -> _ResponseHead:
+    """
+    L{parseResponseHead}, once it knows whether C{head} is C{clean}: only
+    CRLF line ends, no other CR or LF.
+    """
+    if clean:
+        lines = head.split(b"\r\n")
+        status = lines[0]
+    else:
+        lines = head.split(b"\n")
+        status = lines[0]
+        if status[-1:] == b"\r":
+            status = status[:-1]
     parts = status.split(b" ", 2)
     if len(parts) == 3:
         versionText, codeText, phrase = parts
@@ -246,48 +270,42 @@ def parseResponseHead(head: bytes, method: bytes) -> _ResponseHead:
         version = (b"HTTP", int(match.group(1)), int(match.group(2)))
     if len(codeText) != 3 or not codeText.isdigit():
         raise ParseError("non-integer status code", status)
+    if not clean:
+        lines = _unfold(lines)
     fields: dict[bytes, list[bytes]] = {}
     control: dict[bytes, list[bytes]] = {}
-    controlled = CONNECTION_CONTROL if method != b"HEAD" else _HEAD_CONNECTION_CONTROL
-    # Fold obs-fold continuations into their field first (rare), so the loop
-    # below sees one line per field.
-    if len(lines) > 1 and (b"\n " in head or b"\n\t" in head):
-        lines = _unfold(lines)
+    which = 2 if method == b"HEAD" else 1
     fieldKeys = _fieldKeys
     for index in range(1, len(lines)):
         line = lines[index]
-        if line[-1:] == b"\r":
-            line = line[:-1]
         name, colon, value = line.partition(b":")
-        if not colon:
-            raise ParseError("invalid header", line)
-        known = fieldKeys.get(name)
+        known = fieldKeys.get(name) if colon else None
         if known is None:
+            if clean and line[:1] in (b" ", b"\t"):
+                # obs-fold (RFC 9112 5.2): rare; the careful path joins it.
+                return _parseHead(head, method, False)
+            if not colon:
+                raise ParseError("invalid header", line)
             known = _fieldKey(name, line)
-        key, lowered = known
         value = value.strip()
-        if b"\r" in value:
+        if not clean and b"\r" in value:
             # What Headers does to a value with a line break in it.
             value = b" ".join(value.splitlines())
-        target = control if lowered in controlled else fields
+        target = control if known[which] else fields
+        key = known[0]
         values = target.get(key)
         if values is None:
             target[key] = [value]
         else:
             values.append(value)
-    return _ResponseHead(
-        version,
-        int(codeText),
-        phrase,
-        fields,
-        control,
-    )
+    return _ResponseHead(version, int(codeText), phrase, fields, control)
 
 
 def _unfold(lines: list[bytes]) -> list[bytes]:
     """
-    The field lines of a head with obs-fold continuations (RFC 9112 5.2)
-    joined to the line they continue, as Twisted's client joins them.
+    The lines of a head (status line first) with their CR ends stripped and
+    obs-fold continuations (RFC 9112 5.2) joined to the line they
+    continue, as Twisted's client joins them.
 
     @raise ParseError: a continuation with no field before it.
     """
@@ -964,12 +982,12 @@ def _requestHead(
     @raise ValueError: an invalid method or target.
     @raise BadHeaders: not exactly one C{Host}.
     """
-    if _METHOD.fullmatch(method) is None:
+    if method not in _KNOWN_METHODS and _METHOD.fullmatch(method) is None:
         raise ValueError(f"Invalid method {method!r}")
     if not target or len(target.translate(None, _TARGET_FORBIDDEN)) != len(target):
         raise ValueError(f"Invalid URI {target!r}")
-    hosts = headers.getRawHeaders(b"host", ())
-    if len(hosts) != 1:
+    hosts = headers.getRawHeaders(b"Host")
+    if hosts is None or len(hosts) != 1:
         raise BadHeaders("Exactly one Host header required")
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     if not persistent:
