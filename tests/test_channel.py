@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -792,3 +794,50 @@ def test_decodersReportIncompleteBodies() -> None:
     assert received[-1] == b"xyz" and finished[-1] == b"rest"
     with pytest.raises(RuntimeError):
         chunked.dataReceived(b"more")
+
+
+_VALID_HEADS = [
+    b"GET / HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET /a?b=c HTTP/1.1\r\n" + H + b"User-Agent: x\r\nAccept: */*\r\nx-a: 1\r\nX-A:  2 \r\netag: e\r\n\r\n",
+    b"\r\nGET / HTTP/1.0\r\n\r\n",
+    b"POST /p HTTP/1.1\r\n" + H + b"Content-Length: 3\r\nCookie: a=b\r\n\r\nabc",
+    b"PUT /c HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"GET http://example.com/x HTTP/1.1\r\n" + H + b"\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"\r\n" + b"GET /2 HTTP/1.1\r\n" + H + b"X-B: b\r\n\r\n",
+    b"GET / HTTP/1.1\r\n" + H + b"Connection: keep-alive, close\r\n\r\nGET /ignored HTTP/1.1\r\n\r\n",
+]
+
+
+def _served(pieces: list[bytes], limits: Limits | None = None) -> tuple[Any, ...]:
+    seen: list[Any] = []
+
+    class Probe(RecordingRequest):
+        def gotLength(self, length: int | None) -> None:
+            seen.append(list(self.requestHeaders.getAllRawHeaders()))
+            super().gotLength(length)
+
+    connection = Connection(limits)
+    connection.channel.requestFactory = Probe
+    for piece in pieces:
+        connection.send(piece)
+    return connection.received(), connection.site.events, seen, connection.transport.disconnecting
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.sampled_from(_VALID_HEADS + [raw for _, raw, _ in REJECTED]),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=4),
+    maxHeaderSize=st.sampled_from([60, 100, 16384]),
+)
+def test_wholeHeadParsedAsLineByLine(raw: bytes, cuts: list[int], maxHeaderSize: int) -> None:
+    """
+    A head that arrives whole (parsed in one pass) and the same bytes cut
+    anywhere (parsed line by line as they come) give the same response
+    bytes, the same request events, the same fields (names, values, order)
+    and the same connection state, within and over the size limit.
+    """
+    points = sorted({min(cut, len(raw)) for cut in cuts} | {0, len(raw)})
+    pieces = [raw[a:b] for a, b in zip(points, points[1:])]
+    limits = Limits(max_header_size=maxHeaderSize)
+    assert _served(pieces, limits) == _served([raw], limits)
+    assert _served([bytes([b]) for b in raw], limits) == _served([raw], limits)

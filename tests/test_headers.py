@@ -15,9 +15,12 @@ from edgeproxy.errors import UpstreamProtocolError
 from edgeproxy.http.headers import (
     HOP_BY_HOP,
     PROXY_ADDED,
+    canonicalName,
     checkResponseHeaders,
     clientResponseHeaders,
     forwardedElement,
+    headersFrom,
+    rawFields,
     responseHeadersForClient,
     upstreamRequestHeaders,
 )
@@ -357,3 +360,47 @@ def test_responseHeadersForClientIsCheckThenFilter(
 
     assert _outcome(responseHeadersForClient, headers, connection) == _outcome(reference, merged)
     assert _outcome(responseHeadersForClient, merged, None) == _outcome(reference, merged)
+
+
+def test_twistedHeadersPrivateSurface() -> None:
+    """
+    C{Headers} keeps its fields in C{_rawHeaders}, keyed by the name its
+    C{_nameEncoder} makes (what L{rawFields}, L{headersFrom} and
+    L{canonicalName} rely on; see "Twisted private surface" in
+    edgeproxy/http/headers.py).  When this fails, Twisted changed.
+    """
+    public = Headers()
+    public.addRawHeader(b"x-a", b"1")
+    public.addRawHeader(b"etag", b"2")
+    public.addRawHeader(b"X-A", b"3")
+    assert rawFields(public) == {canonicalName(b"x-a"): [b"1", b"3"], canonicalName(b"ETAG"): [b"2"]}
+    assert canonicalName(b"etag") == b"ETag"
+    assert canonicalName(b"x-forwarded-for") == b"X-Forwarded-For"
+    with pytest.raises(ValueError):
+        canonicalName(b"X A")
+
+    built = headersFrom({b"Content-Type": [b"text/plain"]})
+    assert built.getRawHeaders(b"content-type") == [b"text/plain"]
+    built.addRawHeader(b"content-type", b"more")
+    assert list(built.getAllRawHeaders()) == [(b"Content-Type", [b"text/plain", b"more"])]
+    assert built == Headers({b"Content-Type": [b"text/plain", b"more"]})
+
+
+def test_builtHeadersEqualPublicOnes() -> None:
+    """
+    What the proxy builds directly is what C{Headers}' public methods build
+    for the same fields: same names, same values, same order.
+    """
+    incoming = headers((b"accept", b"*/*"), (b"etag", b'"x"'), (b"X-A", b"1"), (b"x-a", b"2"))
+    result = upstream(incoming, via=b"edge", hostOverride=b"backend.internal")
+    reference = Headers()
+    reference.addRawHeader(b"Host", b"backend.internal")
+    reference.setRawHeaders(b"Accept", [b"*/*"])
+    reference.setRawHeaders(b"ETag", [b'"x"'])
+    reference.setRawHeaders(b"X-A", [b"1", b"2"])
+    reference.addRawHeader(b"X-Forwarded-For", b"192.0.2.7")
+    reference.addRawHeader(b"X-Forwarded-Proto", b"https")
+    reference.addRawHeader(b"X-Forwarded-Host", b"example.com")
+    reference.addRawHeader(b"Forwarded", b"for=192.0.2.7;host=example.com;proto=https")
+    reference.setRawHeaders(b"Via", [b"1.1 edge"])
+    assert list(result.getAllRawHeaders()) == list(reference.getAllRawHeaders())

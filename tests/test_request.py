@@ -358,3 +358,75 @@ def test_immediateUpstreamFailureOnGetKeepsConnection() -> None:
     assert client.wire().startswith(b"HTTP/1.1 502 ")
     assert b"Connection: close" not in client.wire()
     assert not client.transport.disconnecting
+
+
+class WriteLog(StringTransport):
+    """A client transport that remembers each write separately."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self.writes.append(b"".join(data))
+        super().writeSequence(data)
+
+
+class StreamingResponse(FakeResponse):
+    """A response whose body is still to come when deliverBody returns."""
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+
+def _loggedClient() -> tuple[Client, WriteLog]:
+    client = Client()
+    transport = WriteLog(peerAddress=IPv4Address("TCP", "192.0.2.7", 5556))
+    client.protocol = client.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5556))
+    client.protocol.makeConnection(transport)
+    client.transport = transport
+    return client, transport
+
+
+def test_headAndBodyThatCameWithItLeaveInOneWrite() -> None:
+    """
+    The response head and a body the backend delivered with it reach the
+    client transport in one write (over TLS: one record), chunked or not.
+    """
+    client, transport = _loggedClient()
+    client.send(b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    client.pool.calls[0].result.callback(
+        FakeResponse(200, {b"Content-Type": [b"text/plain"]}, b"body", length=4)
+    )
+    [write] = transport.writes
+    assert write.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nContent-Length: 4\r\n" in write
+    assert write.endswith(b"\r\n\r\nbody")
+
+    del transport.writes[:]
+    client.send(b"GET /b HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    client.pool.calls[1].result.callback(FakeResponse(200, {}, b"abc"))
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert transport.writes[0].endswith(b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    assert b"".join(transport.writes[1:]) == b"0\r\n\r\n"
+
+
+def test_headOfABodyStillToComeIsSentAtOnce() -> None:
+    """
+    A response whose body has not arrived (a slow or endless body, such as
+    server-sent events) has its head on the wire before any of the body.
+    """
+    client, transport = _loggedClient()
+    client.send(b"GET /events HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    response = StreamingResponse(200, {b"Content-Type": [b"text/event-stream"]})
+    client.pool.calls[0].result.callback(response)
+    head = client.wire()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    response.protocol.dataReceived(b"data: 1\n\n")
+    assert client.wire() == head + b"9\r\ndata: 1\n\n\r\n"

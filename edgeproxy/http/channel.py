@@ -49,6 +49,7 @@ from twisted.web.iweb import INonQueuedRequestFactory
 
 from edgeproxy.config.model import Limits
 from edgeproxy.http.errorpages import phraseFor
+from edgeproxy.http.headers import canonicalName, rawFields
 
 log = Logger()
 
@@ -83,11 +84,16 @@ _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 _TOKEN_ONLY = re.compile(_TOKEN)
 
 _SPECIAL_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"host"))
-_checkedNames: dict[bytes, bytes] = {}
-"""Field names already found to be tokens, to their lower-case form.  Real
-traffic uses a few dozen names; the cap keeps a client inventing names from
-growing it."""
+_checkedNames: dict[bytes, tuple[bytes, bytes]] = {}
+"""Field names already found to be tokens, to their lower-case form and the
+key C{Headers} files them under (L{canonicalName}).  Real traffic uses a few
+dozen names; the cap keeps a client inventing names from growing it."""
 _MAX_CHECKED_NAMES = 10_000
+
+_nonQueuedFactories: dict[Any, bool] = {}
+"""Request factories to whether they provide L{INonQueuedRequestFactory}
+(an interface lookup per request otherwise).  Factories are classes: a
+handful per process."""
 
 def _istoken(value: bytes) -> bool:
     """RFC 9110 5.6.2 C{token}."""
@@ -133,7 +139,11 @@ _errorResponses: dict[int, bytes] = {}
 # callback, and turns _MalformedChunkedDataError from a decoder into a call
 # to _respondToBadRequestAndDisconnect (overridden below).  HTTPFactory wraps
 # channels in _GenericHTTPChannelProtocol, which switches to HTTP/2 after
-# ALPN.  None of this is public API.  Every use of it is in this block;
+# ALPN.  EdgeHTTPChannel.dataReceived replaces LineReceiver.dataReceived
+# (to parse a head that is all in the buffer in one pass) and keeps its
+# state where LineReceiver does (_buffer, line_mode), which HTTPChannel's
+# setLineMode/setRawMode calls rely on.  None of this is public API.  Every
+# use of it is in this block or in dataReceived;
 # TwistedPrivateSurfaceTests in tests/test_channel.py fails if Twisted
 # changes any of it.
 # ---------------------------------------------------------------------------
@@ -508,7 +518,53 @@ class EdgeHTTPChannel(HTTPChannel):
             # however slowly the bytes trickle in (they reset the idle
             # timeout, not this one).
             self._startHeadTimer()
-        super().dataReceived(data)
+        # HTTPChannel.dataReceived, then LineReceiver.dataReceived with one
+        # addition: a head whose end is already in the buffer (nearly every
+        # head: it arrives in one read) is parsed in one pass (_wholeHead)
+        # instead of line by line through lineReceived.  Both apply the same
+        # checks in the same order; a head that is incomplete, over the size
+        # budget, or preceded by an empty line goes line by line.
+        self.resetTimeout()
+        if self._busyReceiving:
+            self._buffer += data
+            return
+        try:
+            self._busyReceiving = True
+            self._buffer += data
+            while self._buffer and not self.paused:
+                if self.line_mode:
+                    buffer = self._buffer
+                    if self._expectingRequestLine and self.persistent and buffer[:2] != b"\r\n":
+                        end = buffer.find(b"\r\n\r\n")
+                        if end != -1 and self._headSize + end + 4 <= self.limits.max_header_size:
+                            self._buffer = buffer[end + 4 :]
+                            self._wholeHead(buffer[:end])
+                            transport = self.transport
+                            if transport is not None and transport.disconnecting:
+                                return
+                            continue
+                    try:
+                        line, self._buffer = buffer.split(b"\r\n", 1)
+                    except ValueError:
+                        if len(buffer) >= self.MAX_LENGTH + 2:
+                            self._buffer = b""
+                            self.lineLengthExceeded(buffer)
+                        return
+                    if len(line) > self.MAX_LENGTH:
+                        exceeded = line + b"\r\n" + self._buffer
+                        self._buffer = b""
+                        self.lineLengthExceeded(exceeded)
+                        return
+                    self.lineReceived(line)
+                    transport = self.transport
+                    if transport is not None and transport.disconnecting:
+                        return
+                else:
+                    data = self._buffer
+                    self._buffer = b""
+                    self.rawDataReceived(data)
+        finally:
+            self._busyReceiving = False
 
     def connectionLost(self, reason: Any) -> None:
         self._cancelHeadTimer()
@@ -677,10 +733,17 @@ class EdgeHTTPChannel(HTTPChannel):
         self._contentLengths = None
         self._transferEncodings = None
         self._hostCount = 0
-        if INonQueuedRequestFactory.providedBy(self.requestFactory):
-            request = self.requestFactory(self)
+        factory = self.requestFactory
+        nonQueued = _nonQueuedFactories.get(factory)
+        if nonQueued is None:
+            nonQueued = INonQueuedRequestFactory.providedBy(factory)
+            if len(_nonQueuedFactories) >= 64:
+                _nonQueuedFactories.clear()
+            _nonQueuedFactories[factory] = nonQueued
+        if nonQueued:
+            request = factory(self)
         else:
-            request = self.requestFactory(self, len(self.requests))
+            request = factory(self, len(self.requests))
         self.requests.append(request)
         _storeRequestLine(self, method, target, version)
 
@@ -706,6 +769,28 @@ class EdgeHTTPChannel(HTTPChannel):
             return b"/" + rest
         return rest
 
+    def _wholeHead(self, head: bytes) -> None:
+        """
+        A complete head (without the empty line that ends it) that fits the
+        size budget: the request line, then the fields, then the end of the
+        head, with exactly the checks and in the order L{lineReceived} would
+        apply them one line at a time.
+        """
+        if self._rejected:
+            return
+        # What lineReceived would have counted, line by line.
+        self._headSize += len(head) + 4
+        self.MAX_LENGTH = self.limits.max_header_size - self._headSize
+        lines = head.split(b"\r\n")
+        try:
+            self._requestLine(lines[0])
+            if len(lines) > 1:
+                del lines[0]
+                self._fieldLines(lines)
+            self._endOfHead()
+        except _Rejected as rejection:
+            self.rejectAndClose(rejection.status, rejection.reason)
+
     def headerReceived(self, line: bytes) -> bool:
         """
         Validate one field line and add it to the request's headers.
@@ -713,28 +798,58 @@ class EdgeHTTPChannel(HTTPChannel):
         @return: C{True}; a bad line raises L{_Rejected} (caught by
             L{lineReceived}).
         """
-        if line[0] in b" \t":
-            # RFC 9112 5.2: obs-fold is refused, not unfolded.
-            raise _Rejected(400, "obsolete line folding")
-        name, colon, value = line.partition(b":")
-        lowered = _checkedNames.get(name) if colon else None
-        if lowered is None:
-            if not colon or not _istoken(name):
-                # Also catches whitespace before the colon (RFC 9112 5.1).
-                raise _Rejected(400, "invalid field name")
-            lowered = name.lower()
-            if len(_checkedNames) < _MAX_CHECKED_NAMES:
-                _checkedNames[name] = lowered
-        value = value.strip(b" \t")
-        if len(value.translate(None, _CONTROLS_EXCEPT_HTAB)) != len(value):
-            raise _Rejected(400, "control character in field value")
-        self._fieldCount += 1
-        if self._fieldCount > self.limits.max_headers:
-            raise _Rejected(431, "too many header fields")
+        self._fieldLines((line,))
+        return True
 
-        if lowered not in _SPECIAL_FIELDS:
-            pass
-        elif lowered == b"content-length":
+    def _fieldLines(self, lines: Any) -> None:
+        """
+        Validate field lines (none empty) and add them to the request's
+        headers.
+
+        The fields go straight into the dict C{Headers} keeps them in
+        (L{rawFields}), under the name C{Headers} would file them under:
+        the values have just been checked to hold no CR or LF, which is all
+        C{addRawHeader} would change, so the result is the same.
+
+        @raise _Rejected: on the first bad line, or one too many fields.
+        """
+        fields = rawFields(self.requests[-1].requestHeaders)
+        checked = _checkedNames
+        count = self._fieldCount
+        maxHeaders = self.limits.max_headers
+        try:
+            for line in lines:
+                if line[0] in b" \t":
+                    # RFC 9112 5.2: obs-fold is refused, not unfolded.
+                    raise _Rejected(400, "obsolete line folding")
+                name, colon, value = line.partition(b":")
+                known = checked.get(name) if colon else None
+                if known is None:
+                    if not colon or not _istoken(name):
+                        # Also catches whitespace before the colon (RFC 9112 5.1).
+                        raise _Rejected(400, "invalid field name")
+                    known = (name.lower(), canonicalName(name))
+                    if len(checked) < _MAX_CHECKED_NAMES:
+                        checked[name] = known
+                lowered, key = known
+                value = value.strip(b" \t")
+                if len(value.translate(None, _CONTROLS_EXCEPT_HTAB)) != len(value):
+                    raise _Rejected(400, "control character in field value")
+                count += 1
+                if count > maxHeaders:
+                    raise _Rejected(431, "too many header fields")
+                if lowered in _SPECIAL_FIELDS:
+                    self._specialField(lowered, value)
+                values = fields.get(key)
+                if values is None:
+                    fields[key] = [value]
+                else:
+                    values.append(value)
+        finally:
+            self._fieldCount = count
+
+    def _specialField(self, lowered: bytes, value: bytes) -> None:
+        if lowered == b"content-length":
             if self._contentLengths is None:
                 self._contentLengths = [value]
             else:
@@ -745,14 +860,12 @@ class EdgeHTTPChannel(HTTPChannel):
                 self._transferEncodings = [value]
             else:
                 self._transferEncodings.append(value)
-        elif lowered == b"host":
+        else:
             self._hostCount += 1
             if self._hostCount > 1:
                 raise _Rejected(400, "several Host fields")
             if not validHost(value):
                 raise _Rejected(400, "invalid Host")
-        self.requests[-1].requestHeaders.addRawHeader(name, value)
-        return True
 
     def _endOfHead(self) -> None:
         request = self.requests[-1]
@@ -829,7 +942,7 @@ class EdgeHTTPChannel(HTTPChannel):
             and self.transport is not None
             and not self.transport.disconnecting
         ):
-            expect = request.requestHeaders.getRawHeaders(b"Expect")
+            expect = rawFields(request.requestHeaders).get(b"Expect")
             if expect and expect[0].lower() == b"100-continue":
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -848,7 +961,7 @@ class EdgeHTTPChannel(HTTPChannel):
         """
         if version != b"HTTP/1.1":
             return False
-        for value in request.requestHeaders.getRawHeaders(b"Connection", ()):
+        for value in rawFields(request.requestHeaders).get(b"Connection", ()):
             for token in value.split(b","):
                 if token.strip(b" \t").lower() == b"close":
                     request.responseHeaders.setRawHeaders(b"Connection", [b"close"])

@@ -12,6 +12,10 @@ should be written; L{edgeproxy.http.request} owns that.
 
 from __future__ import annotations
 
+from typing import Any
+
+import time
+
 from twisted.web.http import RESPONSES, datetimeToString
 from twisted.web.iweb import IRequest
 
@@ -51,6 +55,24 @@ def isHTTP2(request: IRequest) -> bool:
     return channel is not None and hasattr(channel, "streamID")
 
 
+_date: list[Any] = [None, b""]
+"""The last second L{httpDate} formatted, and its text."""
+
+
+def httpDate() -> bytes:
+    """
+    The current time as an HTTP date (RFC 9110 5.6.7), as Twisted's
+    C{datetimeToString()} gives it, formatted once per second rather than
+    once per response.
+    """
+    now = int(time.time())
+    date = _date
+    if date[0] != now:
+        date[1] = datetimeToString(now)
+        date[0] = now
+    return date[1]  # type: ignore[no-any-return]
+
+
 def phraseFor(status: int) -> bytes:
     """
     @return: the reason phrase for C{status}.
@@ -86,7 +108,7 @@ def writeError(request: IRequest, error: ProxyError | int) -> None:
     headers.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
     headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
     headers.setRawHeaders(b"cache-control", [b"no-store"])
-    headers.setRawHeaders(b"date", [datetimeToString()])
+    headers.setRawHeaders(b"date", [httpDate()])
     retryAfter = None if isinstance(error, int) else error.retryAfter
     if retryAfter is not None:
         headers.setRawHeaders(b"retry-after", [b"%d" % (retryAfter,)])

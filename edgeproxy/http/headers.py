@@ -40,7 +40,7 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 
 from edgeproxy.errors import UpstreamProtocolError
 
@@ -70,18 +70,59 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = bytes(c for c in range(0x20) if c != 0x09) + b"\x7f"
 
 
+# ---------------------------------------------------------------------------
+# Twisted private surface.
+#
+# Headers keeps its fields in _rawHeaders: a dict from the canonical name
+# (what twisted.web.http_headers._nameEncoder.encode makes of a name: a
+# token, in Header-Case) to the list of values, each already free of line
+# breaks.  Every public method encodes the name and sanitises the values
+# again on every call; on the hot path the proxy reads and fills the dict
+# directly instead (the Headers methods were about 20% of the in-memory R1
+# profile).  This block is the only code outside the upstream client that
+# touches it; TwistedPrivateSurfaceTests in tests/test_headers.py fails if
+# Twisted changes it.
+# ---------------------------------------------------------------------------
+
+
+def rawFields(headers: Headers) -> dict[bytes, list[bytes]]:
+    """
+    The fields of C{headers}, as C{Headers} keeps them: canonical name to
+    values, in insertion order.  Changing the dict changes C{headers}.
+    """
+    return headers._rawHeaders
+
+
+def headersFrom(fields: dict[bytes, list[bytes]]) -> Headers:
+    """
+    A L{Headers} holding C{fields} (not a copy), whose keys must already be
+    canonical names (L{canonicalName}) and whose values must be free of CR
+    and LF.
+    """
+    headers = Headers.__new__(Headers)
+    headers._rawHeaders = fields
+    return headers
+
+
+def canonicalName(name: bytes) -> bytes:
+    """
+    The key C{Headers} files a field named C{name} under.
+
+    @raise ValueError: C{name} is not a token (Twisted's
+        C{InvalidHeaderName}).
+    """
+    return _nameEncoder.encode(name)
+
+
+# ---------------------------------------------------------------------------
+
+
 def connectionTokens(headers: Headers) -> frozenset[bytes]:
     """
     The lower-case field names listed in every C{Connection} field of
     C{headers} (RFC 9110 7.6.1).
     """
-    tokens = set()
-    for value in headers.getRawHeaders(b"Connection", ()):
-        for token in value.split(b","):
-            token = token.strip(b" \t").lower()
-            if token:
-                tokens.add(token)
-    return frozenset(tokens)
+    return _tokensOf(rawFields(headers).get(b"Connection", ()))
 
 
 def _listElements(values: Iterable[bytes]) -> list[bytes]:
@@ -188,39 +229,70 @@ def upstreamRequestHeaders(
     @param receivedProtocol: The client's protocol version for C{Via}
         (RFC 9110 7.6.3): C{b"1.1"}, C{b"1.0"} or C{b"2"}.
     """
-    out = Headers()
-    out.addRawHeader(b"Host", hostOverride if hostOverride is not None else host)
-    named = connectionTokens(incoming)
-    for name, values in incoming.getAllRawHeaders():
-        lowered = name.lower()
+    # Built as Headers keeps fields (see rawFields): the incoming keys are
+    # already canonical and its values already free of line breaks, and
+    # what the proxy adds is made of them, of addresses and of configured
+    # tokens; so the output is what addRawHeader/setRawHeaders would make,
+    # in the same order, without re-encoding and re-sanitising each field.
+    host = _sanitized(host)
+    scheme = _sanitized(scheme)
+    fields = rawFields(incoming)
+    out: dict[bytes, list[bytes]] = {
+        b"Host": [_sanitized(hostOverride) if hostOverride is not None else host]
+    }
+    named = _tokensOf(fields.get(b"Connection", ()))
+    lowerOf = _lowerNames
+    for name, values in fields.items():
+        lowered = lowerOf.get(name)
+        if lowered is None:
+            lowered = _lowerName(name)
         if lowered in _NOT_COPIED_UPSTREAM or lowered in named or b"_" in name:
             continue
-        out.setRawHeaders(name, list(values))
+        out[name] = list(values)
 
     node = _forwardedFor(peer)
     element = forwardedElement(peer, scheme, host)
     if trustedPeer:
-        xff = _listElements(incoming.getRawHeaders(b"X-Forwarded-For", ()))
-        forwarded = _listElements(incoming.getRawHeaders(b"Forwarded", ()))
-        proto = _listElements(incoming.getRawHeaders(b"X-Forwarded-Proto", ()))[:1] or [scheme]
-        forwardedHost = _listElements(incoming.getRawHeaders(b"X-Forwarded-Host", ()))[:1] or [host]
+        xff = _listElements(fields.get(b"X-Forwarded-For", ()))
+        forwarded = _listElements(fields.get(b"Forwarded", ()))
+        proto = _listElements(fields.get(b"X-Forwarded-Proto", ()))[:1] or [scheme]
+        forwardedHost = _listElements(fields.get(b"X-Forwarded-Host", ()))[:1] or [host]
     else:
         xff, forwarded, proto, forwardedHost = [], [], [scheme], [host]
-    out.addRawHeader(b"X-Forwarded-For", b", ".join(xff + [node]))
-    out.addRawHeader(b"X-Forwarded-Proto", proto[0])
+    out[b"X-Forwarded-For"] = [b", ".join(xff + [node]) if xff else node]
+    out[b"X-Forwarded-Proto"] = [proto[0]]
     if forwardedHost[0]:
-        out.addRawHeader(b"X-Forwarded-Host", forwardedHost[0])
-    out.addRawHeader(b"Forwarded", b", ".join(forwarded + [element]))
+        out[b"X-Forwarded-Host"] = [forwardedHost[0]]
+    out[b"Forwarded"] = [b", ".join(forwarded + [element]) if forwarded else element]
 
-    received = list(incoming.getRawHeaders(b"Via", ()))
+    received = list(fields.get(b"Via", ()))
     if via is not None:
-        received.append(receivedProtocol + b" " + via)
+        received.append(receivedProtocol + b" " + _sanitized(via))
     if received:
-        out.setRawHeaders(b"Via", received)
+        out[b"Via"] = received
     if upgrade is not None:
-        out.addRawHeader(b"Connection", b"upgrade")
-        out.addRawHeader(b"Upgrade", upgrade)
-    return out
+        out[b"Connection"] = [b"upgrade"]
+        out[b"Upgrade"] = [_sanitized(upgrade)]
+    return headersFrom(out)
+
+
+def _sanitized(value: bytes) -> bytes:
+    # What Headers does to a value it is given (a line break becomes a
+    # space), for the values that do not come from a Headers.
+    if b"\r" in value or b"\n" in value:
+        return b" ".join(value.splitlines())
+    return value
+
+
+_lowerNames: dict[bytes, bytes] = {}
+"""Canonical field names to their lower-case form; bounded."""
+
+
+def _lowerName(name: bytes) -> bytes:
+    lowered = name.lower()
+    if len(_lowerNames) < _MAX_VALID_NAMES:
+        _lowerNames[name] = lowered
+    return lowered
 
 
 def clientResponseHeaders(incoming: Headers, *, upgrade: bool = False) -> Headers:
@@ -231,19 +303,20 @@ def clientResponseHeaders(incoming: Headers, *, upgrade: bool = False) -> Header
     @param upgrade: The response is a C{101} for a tunnel: keep C{Upgrade}
         and send C{Connection: upgrade}.
     """
-    out = Headers()
-    named = connectionTokens(incoming) - _PROTECTED_DOWNSTREAM
-    for name, values in incoming.getAllRawHeaders():
+    fields = rawFields(incoming)
+    out: dict[bytes, list[bytes]] = {}
+    named = _tokensOf(fields.get(b"Connection", ())) - _PROTECTED_DOWNSTREAM
+    for name, values in fields.items():
         lowered = name.lower()
         if lowered in _NOT_COPIED_DOWNSTREAM or lowered in named:
             continue
-        out.setRawHeaders(name, list(values))
+        out[name] = list(values)
     if upgrade:
-        upgrades = incoming.getRawHeaders(b"Upgrade")
+        upgrades = fields.get(b"Upgrade")
         if upgrades:
-            out.setRawHeaders(b"Upgrade", list(upgrades))
-        out.setRawHeaders(b"Connection", [b"upgrade"])
-    return out
+            out[b"Upgrade"] = list(upgrades)
+        out[b"Connection"] = [b"upgrade"]
+    return headersFrom(out)
 
 
 _validNames: dict[bytes, bytes] = {}
@@ -267,10 +340,13 @@ def responseHeadersForClient(
         after C{headers} (as C{fullResponseHeaders} merges them).
     @raise UpstreamProtocolError: what L{checkResponseHeaders} raises.
     """
-    items = list(headers.getAllRawHeaders())
-    if connectionHeaders is not None:
-        for name, values in connectionHeaders.getAllRawHeaders():
-            if headers.hasHeader(name):
+    fields = rawFields(headers)
+    if connectionHeaders is None:
+        items: Iterable[tuple[bytes, list[bytes]]] = fields.items()
+    else:
+        control = rawFields(connectionHeaders)
+        for name in control:
+            if name in fields:
                 # A name in both sets (never from a parser that splits them
                 # by name): merge the slow, obvious way.
                 merged = headers.copy()
@@ -279,36 +355,42 @@ def responseHeadersForClient(
                         merged.addRawHeader(extraName, value)
                 checkResponseHeaders(merged)
                 return clientResponseHeaders(merged)
-            items.append((name, values))
+        items = [*fields.items(), *control.items()] if control else fields.items()
     lengths = codings = None
     connection: Sequence[bytes] = ()
-    lowered = []
+    kept = []
+    validNames = _validNames
     for name, values in items:
-        lower = _validNames.get(name)
+        lower = validNames.get(name)
         if lower is None:
             if _TOKEN.fullmatch(name) is None:
                 raise UpstreamProtocolError(f"invalid response header name {name[:64]!r}")
             lower = name.lower()
-            if len(_validNames) < _MAX_VALID_NAMES:
-                _validNames[name] = lower
+            if len(validNames) < _MAX_VALID_NAMES:
+                validNames[name] = lower
         for value in values:
             if len(value.translate(None, _BAD_VALUE)) != len(value):
                 raise UpstreamProtocolError(f"control character in response header {name!r}")
-        lowered.append(lower)
+        if lower in _NOT_COPIED_DOWNSTREAM:
+            if lower == b"transfer-encoding":
+                codings = values or None
+            elif lower == b"connection":
+                connection = values
+            continue
         if lower == b"content-length":
             lengths = values or None
-        elif lower == b"transfer-encoding":
-            codings = values or None
-        elif lower == b"connection":
-            connection = values
+        kept.append((name, lower, values))
     _checkFraming(lengths, codings)
-    named = _tokensOf(connection) - _PROTECTED_DOWNSTREAM
-    out = Headers()
-    for (name, values), lower in zip(items, lowered):
-        if lower in _NOT_COPIED_DOWNSTREAM or lower in named:
-            continue
-        out.setRawHeaders(name, list(values))
-    return out
+    out: dict[bytes, list[bytes]] = {}
+    if connection:
+        named = _tokensOf(connection) - _PROTECTED_DOWNSTREAM
+        for name, lower, values in kept:
+            if lower not in named:
+                out[name] = list(values)
+    else:
+        for name, lower, values in kept:
+            out[name] = list(values)
+    return headersFrom(out)
 
 
 def _tokensOf(values: Iterable[bytes]) -> frozenset[bytes]:

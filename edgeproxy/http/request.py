@@ -46,7 +46,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web.http import NO_BODY_CODES, datetimeToString
+from twisted.web.http import NO_BODY_CODES, HTTPChannel, parse_qs, toChunk
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
@@ -60,8 +60,8 @@ from edgeproxy.errors import (
 )
 from edgeproxy.http.bodies import BodyPipe, ClientReader, ResponseRelay, abortClient
 from edgeproxy.http.channel import requestLineOf
-from edgeproxy.http.errorpages import errorBody, isHTTP2, phraseFor, writeError
-from edgeproxy.http.headers import responseHeadersForClient, upstreamRequestHeaders
+from edgeproxy.http.errorpages import errorBody, httpDate, isHTTP2, phraseFor, writeError
+from edgeproxy.http.headers import rawFields, responseHeadersForClient, upstreamRequestHeaders
 from edgeproxy.http.paths import normaliseTarget
 from edgeproxy.http.tunnel import isWebSocketUpgrade, startTunnel
 from edgeproxy.routing import normaliseHost
@@ -136,6 +136,9 @@ class ProxyRequest(server.Request):
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(channel, *args, **kwargs)
+        self._http1 = not isHTTP2(self)
+        """Whether this request came on an HTTP/1.x channel (else an HTTP/2
+        stream)."""
         site = getattr(channel, "site", None)
         self.site = site
         self.edgeStarted = _clockOf(site).seconds() if site is not None else None
@@ -161,7 +164,10 @@ class ProxyRequest(server.Request):
         self._maybeHeadComplete()
 
     def parseCookies(self) -> None:
-        super().parseCookies()
+        if rawFields(self.requestHeaders).get(b"Cookie"):
+            # Twisted fills received_cookies; without a Cookie field it
+            # does nothing but look for one.
+            super().parseCookies()
         self._cookiesParsed = True
         self._maybeHeadComplete()
 
@@ -179,7 +185,17 @@ class ProxyRequest(server.Request):
             self._pipe.finish()
         if self.finished or self._disconnected or self._tunnelled:
             return
-        super().requestReceived(command, path, version)
+        # What Twisted's Request.requestReceived does for a request whose
+        # body was never stored (content stays empty, so there is no form
+        # to parse whatever the Content-Type): the request line and the
+        # query arguments, then process().
+        self.content.seek(0, 0)
+        self.method, self.uri = command, path
+        self.clientproto = version
+        target, question, query = path.partition(b"?")
+        self.path = target
+        self.args = parse_qs(query, 1) if question else {}
+        self.process()
 
     def process(self) -> None:
         self._processing = True
@@ -198,6 +214,59 @@ class ProxyRequest(server.Request):
             self._respond(self._response)
         # else: _upstreamResponded / _upstreamFailed will answer (a failure
         # before this point was answered at once by _answerEarly).
+
+    def write(self, data: bytes) -> None:
+        """
+        The response's first write, on an HTTP/1.1 channel: the status
+        line, the fields and C{data} serialised together and handed to the
+        transport in one write, where Twisted's C{Request.write} makes a
+        list for C{writeHeaders}, a C{writeSequence} of it, then one more
+        write for the data (and over TLS, one more record).  The decisions
+        are Twisted's: chunked when there is no C{Content-Length} (HTTP/1.1,
+        not C{HEAD}, a status with a body), nothing after the head for
+        C{HEAD} and the statuses without a body.  Every other write, and
+        any request using what this does not (Last-Modified, ETag and
+        cookies set on the request, a default Content-Type, encoders), is
+        Twisted's.
+        """
+        if (
+            self.startedWriting
+            or self.finished
+            or self._disconnected
+            or not self._http1
+            or self.lastModified is not None
+            or self.etag is not None
+            or self.cookies
+            or self.defaultContentType is not None
+            or self._encoder is not None
+            or self._inFakeHead
+            or not isinstance(self.channel, HTTPChannel)
+        ):
+            super().write(data)
+            return
+        self.startedWriting = 1
+        version = self.clientproto
+        code = self.code
+        fields = rawFields(self.responseHeaders)
+        withBody = self.method != b"HEAD" and code not in NO_BODY_CODES
+        if version == b"HTTP/1.1" and withBody and not fields.get(b"Content-Length"):
+            fields[b"Transfer-Encoding"] = [b"chunked"]
+            self.chunked = 1
+        parts = [version, b" %d " % (code,), self.code_message, b"\r\n"]
+        for name, values in fields.items():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        if not withBody:
+            # As Twisted: nothing is written after the head.
+            self.write = _noWrite  # type: ignore[method-assign]
+        elif data:
+            self.sentLength += len(data)
+            if self.chunked:
+                parts += toChunk(data)
+            else:
+                parts.append(data)
+        self.channel.write(b"".join(parts))
 
     # The head is complete ------------------------------------------------
 
@@ -231,7 +300,7 @@ class ProxyRequest(server.Request):
 
         path, query = normaliseTarget(target)
         runtime = self.site.currentRuntime()
-        hostValues = self.requestHeaders.getRawHeaders(b"host") or [b""]
+        hostValues = rawFields(self.requestHeaders).get(b"Host") or [b""]
         match = runtime.router.match(hostValues[0], path)
         if match is None:
             host = normaliseHost(hostValues[0])
@@ -318,6 +387,7 @@ class ProxyRequest(server.Request):
         # its body to the backend as WebSocket frames.
         if (
             not route.websocket
+            or not rawFields(self.requestHeaders).get(b"Upgrade")
             or version != b"HTTP/1.1"
             or isHTTP2(self)
             or not isWebSocketUpgrade(method, self.requestHeaders)
@@ -369,36 +439,47 @@ class ProxyRequest(server.Request):
             _discard(response)
             writeError(self, error)
             return
+        # The filtered fields, as Headers keeps them (canonical names).
+        fields = rawFields(headers)
         if (
-            not headers.hasHeader(b"content-length")
+            b"Content-Length" not in fields
             and response.length is not UNKNOWN_LENGTH
             and response.code not in NO_BODY_CODES
             and self.method != b"HEAD"
         ):
             # Keep the backend's framing length so the client is not
             # switched to chunked needlessly.
-            headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
-        if not isHTTP2(self) and self.responseHeaders.getRawHeaders(b"connection"):
+            fields[b"Content-Length"] = [b"%d" % (response.length,)]
+        http1 = self._http1
+        if http1 and rawFields(self.responseHeaders).get(b"Connection"):
             # Twisted's checkPersistence put Connection: close here (the
             # client asked for it); keep saying so.
-            headers.setRawHeaders(b"connection", [b"close"])
-        if not headers.hasHeader(b"date"):
+            fields[b"Connection"] = [b"close"]
+        if b"Date" not in fields:
             # RFC 9110 §6.6.1: an origin with a clock must send Date; add it
             # when the backend did not.  Never a Server header of our own.
-            headers.setRawHeaders(b"date", [datetimeToString()])
+            fields[b"Date"] = [httpDate()]
         self.setResponseCode(response.code, response.phrase or phraseFor(response.code))
         self.responseHeaders = headers
         # The upstream settings captured with the head: a reload meanwhile
         # does not change the rules a request started under.
         idle = self._upstreamSettings.idle_timeout if self._upstreamSettings else 0
         relay = ResponseRelay(self, _clockOf(self.site), idle)
-        # Send the head now: a slow or endless body (server-sent events)
-        # must not hold it back.
-        self.write(b"")
+        if not http1:
+            # Send the head now: a slow or endless body (server-sent events)
+            # must not hold it back.
+            self.write(b"")
         # For HEAD, 1xx, 204 and 304 no body follows (RFC 9110 §6.4.1):
-        # Twisted drops any write after the head, and deliverBody still
+        # write drops any write after the head, and deliverBody still
         # returns the backend connection to the pool.
         relay.deliverFrom(response)
+        if http1 and not self.startedWriting and not self.finished and not self._disconnected:
+            # HTTP/1.1: the body the response already held (most small
+            # responses) went out with the head in one write (one TLS record
+            # and one transport write fewer per response); the head of a
+            # body still to come goes now, so that a slow or endless body
+            # (server-sent events) does not hold it back.
+            self.write(b"")
 
     def _fail(self, failure: Failure) -> None:
         if self.startedWriting:
@@ -448,7 +529,7 @@ class ProxyRequest(server.Request):
         headers.setRawHeaders(b"content-type", [b"text/plain; charset=utf-8"])
         headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
         headers.setRawHeaders(b"cache-control", [b"no-store"])
-        headers.setRawHeaders(b"date", [datetimeToString()])
+        headers.setRawHeaders(b"date", [httpDate()])
         if isHTTP2(self):
             self._pipe = None
             # Twisted registers the stream only after its head was converted
@@ -528,6 +609,10 @@ class ProxyRequest(server.Request):
         inflight = getattr(site, "inflight", None)
         if inflight is not None:
             inflight.discard(self)
+
+
+def _noWrite(data: bytes) -> None:
+    pass
 
 
 def _isTrusted(host: str, networks: tuple[Any, ...]) -> bool:
