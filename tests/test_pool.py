@@ -1234,3 +1234,28 @@ def test_proxiedResponseFreedByReferenceCounting(noCycleCollector: None) -> None
     # The connection went back to the pool and serves the next request.
     pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
     assert len(endpoint.connections) == 1
+
+
+def test_oneBackendAtItsLimitQueuesAndDownFails() -> None:
+    # The only backend of an upstream: picked while it may be, queued at
+    # max_conns, 503 when it is down (the balancer is not asked).
+    reactor = MemoryReactorClock()
+    upstream = Upstream(
+        name="one", servers=(Server("10.0.0.1", 8080, max_conns=1),), queue_timeout=5.0
+    )
+    pool = MemoryPool(reactor, upstream, None)
+    pool.endpoint = MemoryEndpoint()
+    headers = Headers({b"Host": [b"h"]})
+    first = pool.request(b"GET", b"/1", headers, None)
+    second = pool.request(b"GET", b"/2", headers, None)
+    assert len(pool.endpoint.connections) == 1 and pool.queued == 1
+    protocol, _ = pool.endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(first).deliverBody(Protocol())
+    assert pool.queued == 0
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    result(second).deliverBody(Protocol())
+    [backend] = pool.backends
+    health.transition(pool, backend, BackendState.DOWN, "test")
+    failure = result(pool.request(b"GET", b"/3", headers, None))
+    assert failure.check(ServiceUnavailable) and failure.value.status == 503

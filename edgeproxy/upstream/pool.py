@@ -460,6 +460,17 @@ class UpstreamPool:
         @return: a backend; L{FULL} when every available backend is at its
             C{max_conns}; L{None} when none is available at all.
         """
+        backends = self.backends
+        if len(backends) == 1 and not tried:
+            # Every policy picks the only backend when it may be picked:
+            # the same answer without the balancer's work per request.
+            only = backends[0]
+            if not self._available(only):
+                return None
+            limit = only.server.max_conns
+            if limit and self.balancer.inFlight(only) >= limit:
+                return FULL
+            return only
         self._excluded = tried
         self._limits = True
         try:
