@@ -61,6 +61,9 @@ class _TwistedOnly:
         connection = self._creator.serverConnectionForTLS(tlsProtocol)
         if type(tlsProtocol) is EdgeTLSTransport:
             tlsProtocol.__class__ = BufferingTLSTransport
+        factory = getattr(tlsProtocol, "factory", None)
+        if factory is not None:
+            factory.protocol = BufferingTLSTransport
         return connection
 
 
@@ -217,3 +220,42 @@ def test_siteOverAdoptedTransport(store: Store) -> None:
     head, _, body = connection.clientApp.received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert body == b"z" * 100_000
+
+
+def _built(creator: Any) -> list[Any]:
+    """Two server TLS transports from one factory, connected to StringTransports."""
+    from twisted.internet.protocol import Factory
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    factory = TLSMemoryBIOFactory(
+        creator, False, Factory.forProtocol(RecordingProtocol), MemoryReactorClock()
+    )
+    built = []
+    for _ in range(2):
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        built.append(protocol)
+    return built
+
+
+def test_factoryBuildsEdgeTransportsAfterTheFirst(store: Store) -> None:
+    """
+    The first transport of a listener is adopted; its factory builds the
+    next ones as L{EdgeTLSTransport}, which come out connected exactly as
+    Twisted's: the same interfaces as their TCP transport, registered with
+    the factory, the application connected.
+    """
+    from zope.interface import providedBy
+
+    edge = _built(store.store.serverConnectionCreator())
+    twisted = _built(_TwistedOnly(store.store.serverConnectionCreator()))
+    assert [type(p) for p in edge] == [EdgeTLSTransport, EdgeTLSTransport]
+    assert [type(p) for p in twisted] == [BufferingTLSTransport, BufferingTLSTransport]
+    for mine, theirs in zip(edge, twisted):
+        assert list(providedBy(mine)) == list(providedBy(theirs))
+        assert mine in mine.factory.protocols
+        assert mine.wrappedProtocol.connected and mine.wrappedProtocol.transport is mine
+        # The ClientHello is awaited: nothing written, not disconnected.
+        assert mine.transport.value() == theirs.transport.value() == b""
+        assert not mine.disconnecting
