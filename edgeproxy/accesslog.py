@@ -92,22 +92,22 @@ def _name(value: object) -> str | None:
     return str(name) if name is not None else str(value)
 
 
-def _firstAttribute(request: Any, *names: str) -> object:
-    for name in names:
-        value = getattr(request, name, None)
-        if value is not None:
-            return value
-    return None
-
-
 def routeAndUpstream(request: Any) -> tuple[str | None, str | None]:
     """
     The names of the route and the upstream a finished C{request} was
     sent to (the C{route} and C{upstream} fields), L{None} when not routed.
     """
+    route = getattr(request, "edgeRoute", None)
+    if route is None:
+        route = getattr(request, "route", None)
+    upstream = getattr(request, "edgeUpstream", None)
+    if upstream is None:
+        upstream = getattr(request, "upstreamName", None)
+    # A proxied request's upstream is already its name (a str); its route
+    # is a Route, whose name is a str.
     return (
-        _name(_firstAttribute(request, "edgeRoute", "route")),
-        _name(_firstAttribute(request, "edgeUpstream", "upstreamName")),
+        _name(route),
+        upstream if type(upstream) is str else _name(upstream),
     )
 
 

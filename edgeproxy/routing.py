@@ -34,6 +34,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edgeproxy.config.model import Route
 from edgeproxy.errors import BadRequest, ConfigError
@@ -122,6 +123,10 @@ class _PrefixTable:
         return None
 
 
+_UNKNOWN: Any = object()
+_MAX_HOST_TABLES = 4096
+
+
 class Router:
     """
     Host and longest-prefix routing over a sequence of L{Route}s.
@@ -139,6 +144,10 @@ class Router:
                     table.add(prefix, RouteMatch(route, prefix.decode("ascii")))
         self.hosts: frozenset[str] = frozenset(self._exact)
         """The exact names and IP literals routed (for 421 decisions)."""
+        self._tables: dict[bytes, _PrefixTable | None] = {}
+        """C{Host} values already looked up, to their table: the same few
+        values come on every request, and normalising one (decode, IPv6
+        check, port, case) cost more than the lookup.  Bounded."""
 
     @staticmethod
     def _prefix(route: Route, prefix: str) -> bytes:
@@ -190,7 +199,13 @@ class Router:
         @return: The match, or L{None}: no host set matches, or the chosen
             host set has no prefix for C{path}.
         """
-        table = self._hostTable(host)
+        tables = self._tables
+        table = tables.get(host, _UNKNOWN)
+        if table is _UNKNOWN:
+            table = self._hostTable(host)
+            if len(tables) >= _MAX_HOST_TABLES:
+                tables.clear()
+            tables[host] = table
         if table is None:
             return None
-        return table.lookup(path)
+        return table.lookup(path)  # type: ignore[union-attr]

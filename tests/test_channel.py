@@ -841,3 +841,34 @@ def test_wholeHeadParsedAsLineByLine(raw: bytes, cuts: list[int], maxHeaderSize:
     limits = Limits(max_header_size=maxHeaderSize)
     assert _served(pieces, limits) == _served([raw], limits)
     assert _served([bytes([b]) for b in raw], limits) == _served([raw], limits)
+
+
+def test_idleTimeoutSuspendedWhileAnsweringAndRestartedAfter() -> None:
+    """
+    The idle timeout does not cut a request that takes longer than it to
+    answer; once the response is done it counts again from then.  One
+    timer per connection serves every request (moved, not re-created).
+    """
+    pending: list[Any] = []
+
+    class Slow(RecordingRequest):
+        def process(self) -> None:
+            pending.append(self)
+
+    connection = Connection(Limits(client_header_timeout=3, client_idle_timeout=20))
+    connection.channel.requestFactory = Slow
+    timers = set(connection.clock.getDelayedCalls())
+    for answering in (1, 2, 1, 50):
+        connection.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+        connection.clock.advance(answering)
+        assert not connection.transport.disconnecting
+        request = pending.pop()
+        request.setHeader(b"Content-Length", b"0")
+        request.finish()
+        if answering < 3:
+            assert set(connection.clock.getDelayedCalls()) <= timers
+    connection.clock.advance(19)
+    assert not connection.transport.disconnecting
+    connection.clock.advance(1)
+    assert connection.transport.disconnecting
+    assert connection.received().count(b"HTTP/1.1 200 OK") == 4

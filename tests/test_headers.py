@@ -404,3 +404,32 @@ def test_builtHeadersEqualPublicOnes() -> None:
     reference.addRawHeader(b"Forwarded", b"for=192.0.2.7;host=example.com;proto=https")
     reference.setRawHeaders(b"Via", [b"1.1 edge"])
     assert list(result.getAllRawHeaders()) == list(reference.getAllRawHeaders())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.lists(
+        st.tuples(
+            st.sampled_from([b"X-A", b"X A", b"Server", b"Content-Length", b"Connection", b"X(B)"]),
+            st.sampled_from([b"1", b"a\x01b", b"close", b"x-a", b"a\tb"]),
+        ),
+        max_size=5,
+    )
+)
+def test_responseHeadersForClientReportsTheFirstBadField(fields: list[tuple[bytes, bytes]]) -> None:
+    """
+    With bad names (which only a parser bug could file) and bad values
+    mixed, the one-pass filter reports the same field, for the same reason,
+    as checkResponseHeaders reading the fields in order.
+    """
+    raw: dict[bytes, list[bytes]] = {}
+    for name, value in fields:
+        raw.setdefault(name, []).append(value)
+
+    def reference(headers: Headers) -> Headers:
+        checkResponseHeaders(headers)
+        return clientResponseHeaders(headers)
+
+    assert _outcome(responseHeadersForClient, headersFrom(raw), None) == _outcome(
+        reference, headersFrom(raw)
+    )

@@ -39,6 +39,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 from twisted.web.http_headers import Headers, _nameEncoder
 
@@ -190,10 +191,24 @@ def forwardedElement(peer: str, scheme: bytes, host: bytes) -> bytes:
     C{for="[2001:db8::1]";host=example.com;proto=https}.  A peer that is not
     an IP address (a UNIX socket) is C{unknown} (RFC 7239 6.2).
     """
+    key = (peer, scheme, host)
+    element = _elements.get(key)
+    if element is not None:
+        return element
     forParameter = _nodesOf(peer)[1]
     if host:
-        return b"%s;host=%s;proto=%s" % (forParameter, _quoted(host), _quoted(scheme.lower()))
-    return b"%s;proto=%s" % (forParameter, _quoted(scheme.lower()))
+        element = b"%s;host=%s;proto=%s" % (forParameter, _quoted(host), _quoted(scheme.lower()))
+    else:
+        element = b"%s;proto=%s" % (forParameter, _quoted(scheme.lower()))
+    if len(_elements) >= _MAX_PEER_NODES:
+        _elements.clear()
+    _elements[key] = element
+    return element
+
+
+_elements: dict[tuple[str, bytes, bytes], bytes] = {}
+"""(peer, scheme, host) to this hop's C{Forwarded} element: the same for
+every request of a client to a site; bounded like L{_peerNodes}."""
 
 
 def _forwardedFor(peer: str) -> bytes:
@@ -240,15 +255,16 @@ def upstreamRequestHeaders(
     out: dict[bytes, list[bytes]] = {
         b"Host": [_sanitized(hostOverride) if hostOverride is not None else host]
     }
-    named = _tokensOf(fields.get(b"Connection", ()))
-    lowerOf = _lowerNames
+    connection = fields.get(b"Connection")
+    named = _tokensOf(connection) if connection else _NOTHING
+    upstreamNames = _upstreamNames
     for name, values in fields.items():
-        lowered = lowerOf.get(name)
-        if lowered is None:
-            lowered = _lowerName(name)
-        if lowered in _NOT_COPIED_UPSTREAM or lowered in named or b"_" in name:
-            continue
-        out[name] = list(values)
+        known = upstreamNames.get(name)
+        if known is None:
+            known = _upstreamName(name)
+        copied, lowered = known
+        if copied and lowered not in named:
+            out[name] = list(values)
 
     node = _forwardedFor(peer)
     element = forwardedElement(peer, scheme, host)
@@ -284,15 +300,19 @@ def _sanitized(value: bytes) -> bytes:
     return value
 
 
-_lowerNames: dict[bytes, bytes] = {}
-"""Canonical field names to their lower-case form; bounded."""
+_NOTHING: frozenset[bytes] = frozenset()
+
+_upstreamNames: dict[bytes, tuple[bool, bytes]] = {}
+"""Request field names to (whether the field may be copied to the backend
+at all, its lower-case form); bounded."""
 
 
-def _lowerName(name: bytes) -> bytes:
+def _upstreamName(name: bytes) -> tuple[bool, bytes]:
     lowered = name.lower()
-    if len(_lowerNames) < _MAX_VALID_NAMES:
-        _lowerNames[name] = lowered
-    return lowered
+    known = (lowered not in _NOT_COPIED_UPSTREAM and b"_" not in name, lowered)
+    if len(_upstreamNames) < _MAX_VALID_NAMES:
+        _upstreamNames[name] = known
+    return known
 
 
 def clientResponseHeaders(incoming: Headers, *, upgrade: bool = False) -> Headers:
@@ -319,10 +339,8 @@ def clientResponseHeaders(incoming: Headers, *, upgrade: bool = False) -> Header
     return headersFrom(out)
 
 
-_validNames: dict[bytes, bytes] = {}
-"""Response field names already found to be tokens, to their lower-case
-form; bounded like the channel's cache of request field names."""
 _MAX_VALID_NAMES = 10_000
+"""Bound on the caches of field names below."""
 
 
 def responseHeadersForClient(
@@ -357,40 +375,103 @@ def responseHeadersForClient(
                 return clientResponseHeaders(merged)
         items = [*fields.items(), *control.items()] if control else fields.items()
     lengths = codings = None
-    connection: Sequence[bytes] = ()
-    kept = []
-    validNames = _validNames
+    connection: Sequence[bytes] | None = None
+    # The Connection field, looked up by its canonical name to filter in the
+    # same pass; checked against the one the pass finds (by lower-case name,
+    # the last one), and filtered again if they differ.
+    expected = fields.get(b"Connection")
+    if connectionHeaders is not None:
+        expected = control.get(b"Connection", expected)
+    named = (_tokensOf(expected) - _PROTECTED_DOWNSTREAM) if expected else _NOTHING
+    out: dict[bytes, list[bytes]] = {}
+    allValues: list[bytes] = []
+    responseNames = _responseNames
     for name, values in items:
-        lower = validNames.get(name)
-        if lower is None:
-            if _TOKEN.fullmatch(name) is None:
-                raise UpstreamProtocolError(f"invalid response header name {name[:64]!r}")
-            lower = name.lower()
-            if len(validNames) < _MAX_VALID_NAMES:
-                validNames[name] = lower
+        known = responseNames.get(name)
+        if known is None:
+            known = _responseName(name)
+            if known is None:
+                _raiseFirstFieldError(items)
+        kind, lower = known
+        # Every value is checked, below, in one pass over all of them.
+        allValues += values
+        if kind is _COPY:
+            if lower not in named:
+                out[name] = list(values)
+        elif kind is _LENGTH:
+            lengths = values or None
+            out[name] = list(values)
+        elif kind is _CODINGS:
+            codings = values or None
+        elif kind is _CONNECTION:
+            connection = values
+    if len(allValues) == 1:
+        text = allValues[0]
+    else:
+        text = b" ".join(allValues)
+    if len(text.translate(None, _BAD_VALUE)) != len(text):
+        _raiseFirstFieldError(items)
+    _checkFraming(lengths, codings)
+    if connection is not expected:
+        # Only with names Headers would not have filed as they are.
+        out = {}
+        named = _tokensOf(connection or ()) - _PROTECTED_DOWNSTREAM
+        for name, values in items:
+            kind, lower = responseNames.get(name) or _responseName(name)  # type: ignore[misc]
+            if (kind is _COPY and lower not in named) or kind is _LENGTH:
+                out[name] = list(values)
+    return headersFrom(out)
+
+
+# What responseHeadersForClient does with a field, by name.
+_COPY = "copy"
+_LENGTH = "length"
+_CODINGS = "codings"
+_CONNECTION = "connection"
+_DROP = "drop"
+
+_responseNames: dict[bytes, tuple[str, bytes]] = {}
+"""Response field names already found to be tokens, to (what
+L{responseHeadersForClient} does with the field, its lower-case form);
+bounded like the channel's cache of request field names."""
+
+
+def _raiseFirstFieldError(items: Iterable[tuple[bytes, Sequence[bytes]]]) -> NoReturn:
+    """
+    Raise what L{checkResponseHeaders} raises for the first bad field of
+    C{items}, in order: its name, then its values.
+    """
+    for name, values in items:
+        if _TOKEN.fullmatch(name) is None:
+            raise UpstreamProtocolError(f"invalid response header name {name[:64]!r}")
         for value in values:
             if len(value.translate(None, _BAD_VALUE)) != len(value):
                 raise UpstreamProtocolError(f"control character in response header {name!r}")
-        if lower in _NOT_COPIED_DOWNSTREAM:
-            if lower == b"transfer-encoding":
-                codings = values or None
-            elif lower == b"connection":
-                connection = values
-            continue
-        if lower == b"content-length":
-            lengths = values or None
-        kept.append((name, lower, values))
-    _checkFraming(lengths, codings)
-    out: dict[bytes, list[bytes]] = {}
-    if connection:
-        named = _tokensOf(connection) - _PROTECTED_DOWNSTREAM
-        for name, lower, values in kept:
-            if lower not in named:
-                out[name] = list(values)
+    raise AssertionError("no bad field")  # pragma: no cover
+
+
+def _responseName(name: bytes) -> tuple[str, bytes] | None:
+    """
+    What L{responseHeadersForClient} does with a field named C{name}, and
+    its lower-case form; L{None} when C{name} is not a token.
+    """
+    if _TOKEN.fullmatch(name) is None:
+        return None
+    lower = name.lower()
+    if lower == b"content-length":
+        kind = _LENGTH
+    elif lower == b"transfer-encoding":
+        kind = _CODINGS
+    elif lower == b"connection":
+        kind = _CONNECTION
+    elif lower in _NOT_COPIED_DOWNSTREAM:
+        kind = _DROP
     else:
-        for name, lower, values in kept:
-            out[name] = list(values)
-    return headersFrom(out)
+        kind = _COPY
+    known = (kind, lower)
+    if len(_responseNames) < _MAX_VALID_NAMES:
+        _responseNames[name] = known
+    return known
 
 
 def _tokensOf(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -430,6 +511,11 @@ def _checkFraming(
 ) -> None:
     if lengths is not None and codings is not None:
         raise UpstreamProtocolError("response has both Content-Length and Transfer-Encoding")
+    if lengths is not None and codings is None and len(lengths) == 1:
+        length = lengths[0]
+        if length.isdigit() and length.isascii() and len(length) <= 18:
+            # The usual case: one plain value.
+            return
     if lengths is not None:
         elements = [element.strip(b" \t") for value in lengths for element in value.split(b",")]
         for element in elements:

@@ -296,7 +296,7 @@ class ProxyRequest(server.Request):
         self.method = method
         self.uri = target
         self.clientproto = version
-        self.path = target.split(b"?", 1)[0]
+        self.path = target.partition(b"?")[0]
 
         path, query = normaliseTarget(target)
         runtime = self.site.currentRuntime()
@@ -346,12 +346,12 @@ class ProxyRequest(server.Request):
             trustedPeer=_isTrusted(peerHost, config.proxy.trusted_proxies),
             scheme=b"https" if self.isSecure() else b"http",
             host=hostValues[0],
-            via=None if config.proxy.via is None else config.proxy.via.encode("ascii"),
+            via=None if config.proxy.via is None else _encoded(config.proxy.via, "ascii"),
             upgrade=upgrade,
             hostOverride=(
                 None
                 if upstream.host_header is None
-                else upstream.host_header.encode("idna")
+                else _encoded(upstream.host_header, "idna")
             ),
             receivedProtocol=_VIA_PROTOCOLS.get(version, b"1.1"),
         )
@@ -613,6 +613,21 @@ class ProxyRequest(server.Request):
 
 def _noWrite(data: bytes) -> None:
     pass
+
+
+_encodings: dict[tuple[str, str], bytes] = {}
+"""Configured names, encoded (the IDNA codec costs microseconds)."""
+
+
+def _encoded(text: str, encoding: str) -> bytes:
+    key = (text, encoding)
+    value = _encodings.get(key)
+    if value is None:
+        value = text.encode(encoding)
+        if len(_encodings) >= 256:
+            _encodings.clear()
+        _encodings[key] = value
+    return value
 
 
 def _isTrusted(host: str, networks: tuple[Any, ...]) -> bool:
