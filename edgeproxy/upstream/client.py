@@ -115,6 +115,8 @@ _HEAD_CONNECTION_CONTROL = CONNECTION_CONTROL - {b"content-length"}
 
 NO_BODY_CODES = frozenset((204, 304))
 
+_KEEP_ALIVE = [b"keep-alive"]
+
 MAX_HEAD = 64 * 1024
 """A response head longer than this is refused (Twisted's line limit is
 16 KiB per line; a whole head over 64 KiB is not a real response)."""
@@ -733,7 +735,11 @@ class UpstreamConnection(Protocol):
         control = head.control
         connection = control.get(b"Connection")
         if connection is not None:
-            tokens = _listTokens(connection)
+            if connection == _KEEP_ALIVE:
+                # What nginx and most servers send: no list to split.
+                tokens = _KEEP_ALIVE
+            else:
+                tokens = _listTokens(connection)
             if b"close" in tokens or (
                 head.version[1:] == (1, 0) and b"keep-alive" not in tokens
             ):

@@ -157,6 +157,10 @@ class RetryBudget:
 
     def requestStarted(self) -> None:
         """A client request to the upstream started (not a retry of one)."""
+        if int(self._clock()) <= self._slot:
+            # Still the current second (most calls): nothing to shift.
+            self._requests[-1] += 1
+            return
         # _advance first: it may replace the list being indexed.
         current = self._advance()
         self._requests[current] += 1
