@@ -1259,3 +1259,48 @@ def test_oneBackendAtItsLimitQueuesAndDownFails() -> None:
     health.transition(pool, backend, BackendState.DOWN, "test")
     failure = result(pool.request(b"GET", b"/3", headers, None))
     assert failure.check(ServiceUnavailable) and failure.value.status == 503
+
+
+class _Receiver:
+    def __init__(self) -> None:
+        self.outcomes: list[Any] = []
+
+    def upstreamResponded(self, response: Any) -> None:
+        self.outcomes.append(response)
+
+    def upstreamFailed(self, failure: Failure) -> None:
+        self.outcomes.append(failure)
+
+
+def test_sendHandsTheResponseToTheReceiver() -> None:
+    pool, endpoint, _ = makePool()
+    receiver = _Receiver()
+    pool.send(b"GET", b"/p", Headers({b"Host": [b"h"]}), None, receiver)
+    protocol, transport = endpoint.connections[0]
+    assert transport.value().startswith(b"GET /p HTTP/1.1\r\n")
+    assert receiver.outcomes == []
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    [response] = receiver.outcomes
+    assert response.code == 200
+    reader = _Reader()
+    response.deliverBody(reader)
+    assert reader.data == b"ok" and pool.inFlight() == 0
+
+
+def test_sendFailsToTheReceiver() -> None:
+    pool, _, _ = makePool(netError.ConnectionRefusedError("refused"), retries=0)
+    receiver = _Receiver()
+    pool.send(b"GET", b"/", Headers({b"Host": [b"h"]}), None, receiver)
+    [failure] = receiver.outcomes
+    assert isinstance(failure, Failure) and failure.check(BackendUnavailable)
+
+
+def test_sendCancelledTellsTheReceiverNothing() -> None:
+    pool, endpoint, reactor = makePool()
+    receiver = _Receiver()
+    request = pool.send(b"GET", b"/", Headers({b"Host": [b"h"]}), None, receiver)
+    request.cancel()
+    _, transport = endpoint.connections[0]
+    assert transport.disconnecting
+    reactor.advance(10)
+    assert receiver.outcomes == [] and pool.inFlight() == 0

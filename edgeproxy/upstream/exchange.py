@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IDelayedCall, IProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -37,7 +38,21 @@ from edgeproxy.upstream.retry import Attempt, decide
 if TYPE_CHECKING:
     from edgeproxy.upstream.pool import UpstreamPool
 
-__all__ = ["FULL", "Exchange", "Full", "releaseAfterBody"]
+__all__ = ["FULL", "Exchange", "Full", "UpstreamReceiver", "releaseAfterBody"]
+
+
+class UpstreamReceiver(TypingProtocol):
+    """
+    Who gets the outcome of a request sent with L{UpstreamPool.send}:
+    exactly one of these is called, once, unless the request is cancelled
+    first (then neither is).
+    """
+
+    def upstreamResponded(self, response: IResponse) -> None:
+        """The response head arrived (see L{UpstreamPool.request})."""
+
+    def upstreamFailed(self, failure: Failure) -> None:
+        """The request failed: a L{ProxyError} (see L{UpstreamPool.request})."""
 
 
 class Full:
@@ -217,7 +232,8 @@ class _Attempt:
                 tried=exchange._triedText(),
             )
         exchange.over = True
-        exchange.result.callback(response)
+        receiver, exchange.receiver = exchange.receiver, None
+        receiver.upstreamResponded(response)
 
     def upstreamFailed(self, failure: Failure) -> None:
         self._over()
@@ -243,12 +259,13 @@ class Exchange:
     One request through the pool: its attempts, retries and time in the
     queue.
 
-    @ivar result: what L{UpstreamPool.request} returned.
+    @ivar receiver: who gets the outcome (L{UpstreamReceiver}); L{None}
+        once it has it, or once the request was cancelled.
     @ivar tried: the backends an attempt was made on.
     """
 
     __slots__ = (
-        "pool", "method", "path", "headers", "body", "hashKey", "result",
+        "pool", "method", "path", "headers", "body", "hashKey", "receiver",
         "tried", "triedOrder", "retriesDone", "attempt", "queueTimer", "over",
         "lastError",
     )
@@ -261,6 +278,7 @@ class Exchange:
         headers: Headers,
         body: IBodyProducer | None,
         hashKey: bytes | None,
+        receiver: UpstreamReceiver,
     ) -> None:
         self.pool = pool
         self.method = method
@@ -268,7 +286,7 @@ class Exchange:
         self.headers = headers
         self.body = body
         self.hashKey = hashKey
-        self.result: Deferred[IResponse] = Deferred(self._cancel)
+        self.receiver: UpstreamReceiver | None = receiver
         self.tried: set[Backend] = set()
         self.triedOrder: list[Backend] = []
         self.retriesDone = 0
@@ -446,14 +464,20 @@ class Exchange:
         if isinstance(body, BodyPipe) and not isinstance(error, CancelledError):
             # No further attempt: let the rest of the body drain.
             body.stopProducing()
-        self.result.errback(Failure(error))
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.upstreamFailed(Failure(error))
 
-    def _cancel(self, result: Deferred[IResponse]) -> None:
-        # The caller gave up (the client went away): leave the queue or
-        # abort the attempt in progress; no retry follows.
+    def cancel(self) -> None:
+        """
+        The caller gave up (the client went away): leave the queue or abort
+        the attempt in progress; no retry follows, and the receiver hears
+        nothing more.
+        """
         if self.over:
             return
         self.over = True
+        self.receiver = None
         self.pool._dequeue(self)
         attempt, self.attempt = self.attempt, None
         if attempt is not None:
