@@ -407,6 +407,11 @@ def _checkTransferEncoding(values: list[bytes]) -> None:
         raise _Rejected(400, "invalid Transfer-Encoding")
 
 
+_validHosts: dict[bytes, bool] = {}
+"""C{Host} values already checked, to the answer (the same few values come
+on every request); bounded."""
+
+
 def validHost(value: bytes) -> bool:
     """
     Whether C{value} is an acceptable C{Host} field value: C{uri-host
@@ -416,6 +421,16 @@ def validHost(value: bytes) -> bool:
     used by real clients, are refused so that routing compares plain names;
     an empty host is invalid for http(s) URIs (RFC 9110 4.2.1).
     """
+    known = _validHosts.get(value)
+    if known is None:
+        known = _checkHost(value)
+        if len(_validHosts) >= 4096:
+            _validHosts.clear()
+        _validHosts[value] = known
+    return known
+
+
+def _checkHost(value: bytes) -> bool:
     if value.startswith(b"["):
         end = value.find(b"]")
         if end == -1:
@@ -828,11 +843,17 @@ class EdgeHTTPChannel(HTTPChannel):
         self._headSize += len(head) + 4
         self.MAX_LENGTH = self.limits.max_header_size - self._headSize
         lines = head.split(b"\r\n")
+        # One look for controls in the whole head: if the only ones are the
+        # CRLFs between lines, no field value has any and the per-value
+        # check can be skipped.
+        clean = len(head) - len(head.translate(None, _CONTROLS_EXCEPT_HTAB)) == 2 * (
+            len(lines) - 1
+        )
         try:
             self._requestLine(lines[0])
             if len(lines) > 1:
                 del lines[0]
-                self._fieldLines(lines)
+                self._fieldLines(lines, clean)
             self._endOfHead()
         except _Rejected as rejection:
             self.rejectAndClose(rejection.status, rejection.reason)
@@ -847,7 +868,7 @@ class EdgeHTTPChannel(HTTPChannel):
         self._fieldLines((line,))
         return True
 
-    def _fieldLines(self, lines: Any) -> None:
+    def _fieldLines(self, lines: Any, clean: bool = False) -> None:
         """
         Validate field lines (none empty) and add them to the request's
         headers.
@@ -857,6 +878,8 @@ class EdgeHTTPChannel(HTTPChannel):
         the values have just been checked to hold no CR or LF, which is all
         C{addRawHeader} would change, so the result is the same.
 
+        @param clean: the lines are known to hold no control character
+            other than HTAB (no value needs checking).
         @raise _Rejected: on the first bad line, or one too many fields.
         """
         fields = rawFields(self.requests[-1].requestHeaders)
@@ -879,7 +902,7 @@ class EdgeHTTPChannel(HTTPChannel):
                         checked[name] = known
                 lowered, key = known
                 value = value.strip(b" \t")
-                if len(value.translate(None, _CONTROLS_EXCEPT_HTAB)) != len(value):
+                if not clean and len(value.translate(None, _CONTROLS_EXCEPT_HTAB)) != len(value):
                     raise _Rejected(400, "control character in field value")
                 count += 1
                 if count > maxHeaders:

@@ -249,8 +249,10 @@ def upstreamRequestHeaders(
     # what the proxy adds is made of them, of addresses and of configured
     # tokens; so the output is what addRawHeader/setRawHeaders would make,
     # in the same order, without re-encoding and re-sanitising each field.
-    host = _sanitized(host)
-    scheme = _sanitized(scheme)
+    if b"\r" in host or b"\n" in host:
+        host = _sanitized(host)
+    if b"\r" in scheme or b"\n" in scheme:
+        scheme = _sanitized(scheme)
     fields = rawFields(incoming)
     out: dict[bytes, list[bytes]] = {
         b"Host": [_sanitized(hostOverride) if hostOverride is not None else host]
@@ -382,7 +384,9 @@ def responseHeadersForClient(
     expected = fields.get(b"Connection")
     if connectionHeaders is not None:
         expected = control.get(b"Connection", expected)
-    named = (_tokensOf(expected) - _PROTECTED_DOWNSTREAM) if expected else _NOTHING
+    # (Content-Length is never removed by a Connection token: it is not a
+    # _COPY field, the only kind this filters.)
+    named = _tokensOf(expected) if expected else _NOTHING
     out: dict[bytes, list[bytes]] = {}
     allValues: list[bytes] = []
     responseNames = _responseNames
@@ -474,7 +478,25 @@ def _responseName(name: bytes) -> tuple[str, bytes] | None:
     return known
 
 
-def _tokensOf(values: Iterable[bytes]) -> frozenset[bytes]:
+def _tokensOf(values: Sequence[bytes]) -> frozenset[bytes]:
+    if len(values) == 1:
+        # One field, usually one of a few values ("keep-alive", "close").
+        value = values[0]
+        tokens = _singleFieldTokens.get(value)
+        if tokens is None:
+            tokens = _tokensOfEach(values)
+            if len(_singleFieldTokens) >= 1024:
+                _singleFieldTokens.clear()
+            _singleFieldTokens[value] = tokens
+        return tokens
+    return _tokensOfEach(values)
+
+
+_singleFieldTokens: dict[bytes, frozenset[bytes]] = {}
+"""A list field's value to its lower-case tokens; bounded."""
+
+
+def _tokensOfEach(values: Iterable[bytes]) -> frozenset[bytes]:
     tokens = set()
     for value in values:
         for token in value.split(b","):

@@ -39,6 +39,7 @@ Decisions documented here because a user can see them:
 from __future__ import annotations
 
 import ipaddress
+from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -136,7 +137,9 @@ class ProxyRequest(server.Request):
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(channel, *args, **kwargs)
-        self._http1 = not isHTTP2(self)
+        # isinstance first: isHTTP2's hasattr raises and catches an
+        # AttributeError on every HTTP/1.1 channel.
+        self._http1 = isinstance(channel, HTTPChannel) or not isHTTP2(self)
         """Whether this request came on an HTTP/1.x channel (else an HTTP/2
         stream)."""
         site = getattr(channel, "site", None)
@@ -158,8 +161,12 @@ class ProxyRequest(server.Request):
             return
         self._gotLength = True
         # The body is streamed, never stored: keep Twisted's content file
-        # an empty BytesIO so requestReceived has something to seek.
-        super().gotLength(0)
+        # an empty one so requestReceived has something to seek.  What
+        # twisted.web.server.Request.gotLength(0) makes, without the
+        # AttributeError it raises and catches when the site has no
+        # getContentFile (ours has none: an exception per request).
+        getContentFile = getattr(self.site, "getContentFile", None)
+        self.content = BytesIO() if getContentFile is None else getContentFile(0)
         self._declaredLength = length
         self._maybeHeadComplete()
 
