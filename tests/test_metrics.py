@@ -287,3 +287,23 @@ def test_histogramBucketsAreInclusiveAndCumulative() -> None:
         assert value(samples, name + "_bucket", le="+Inf", **label) == 4
         assert value(samples, name + "_count", **label) == 4
         assert value(samples, name + "_sum", **label) == pytest.approx(100.5021)
+
+
+def test_bytesCountedOverTLS(tlsSite: TLSSite) -> None:
+    """
+    On a TLS listener the bytes counted are the HTTP bytes (after
+    decryption, before encryption): what the client sent and received in
+    plain text, on the transport Twisted's TLS layer gives the site.
+    """
+    creator = tlsSite.store.serverConnectionCreator([b"http/1.1"])
+    result = handshake(creator, "a.example", tlsSite.ca.certificatePEM, serverFactory=tlsSite.site)
+    assert result.established
+    request = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    result.send(request)
+    result.send(request)
+    assert result.clientApp.received.startswith(b"HTTP/1.1 ")
+    samples = scrape(tlsSite.metrics)
+    assert value(samples, "edgeproxy_received_bytes_total", listener="https") == 2 * len(request)
+    assert value(samples, "edgeproxy_sent_bytes_total", listener="https") == len(
+        result.clientApp.received
+    )

@@ -10,7 +10,7 @@ connections and in-flight requests visible so the service can drain them on
 SIGTERM.  It serves no resources: routing happens in L{ProxyRequest}.
 
 With a L{Metrics}, it also counts what happens on its listener's
-connections (L{_ConnectionMeter}): connections accepted, bytes read and
+connections (L{_Metered}): connections accepted, bytes read and
 written (HTTP bytes: after TLS decryption, before encryption), TLS
 handshakes completed (with the version and the ALPN protocol) and failed,
 and one request (route, upstream, status class, duration) per access-log
@@ -24,13 +24,14 @@ from typing import Any, Callable
 from OpenSSL import SSL
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.web import server
-from zope.interface import alsoProvides
+from zope.interface import classImplements
 
 from edgeproxy.accesslog import routeAndUpstream
 from edgeproxy.config.model import Listener
 from edgeproxy.http.channel import edgeChannelProtocolFactory
 from edgeproxy.http.request import ProxyRequest
 from edgeproxy.metrics import Metrics, Traffic
+from edgeproxy.tls.transport import EdgeTLSTransport
 
 
 class EdgeSite(server.Site):
@@ -81,20 +82,18 @@ class EdgeSite(server.Site):
         if protocol is None:
             return None
         self.channels.add(protocol)
+        # Count the connection, its bytes and (on a TLS listener) its
+        # handshake, and forget it when it is lost, in methods of the
+        # protocol's class: no wrapper object (edgeproxy.service reads the
+        # protocol's own attributes) and nothing allocated per connection
+        # but two attributes (R4).
+        protocol.__class__ = _meteredClass(type(protocol))
+        protocol._edgeSite = self
         metrics = self.metrics
-        if metrics is None:
-            meter = _ConnectionMeter(self, protocol, None, None)
-        else:
+        if metrics is not None:
             name = self.listener.name
             metrics.connectionAccepted(name)
-            meter = _ConnectionMeter(self, protocol, metrics, metrics.traffic(name))
-            # Count the connection, its bytes and (on a TLS listener) its
-            # handshake by wrapping methods of this one protocol and of its
-            # transport (no wrapper object: edgeproxy.service reads the
-            # protocol's own attributes).
-            protocol.dataReceived = meter.dataReceived
-            protocol.makeConnection = meter.makeConnection
-        protocol.connectionLost = meter.connectionLost
+            protocol._edgeTraffic = metrics.traffic(name)
         return protocol
 
     def acceptableProtocols(self) -> list[bytes]:
@@ -131,89 +130,110 @@ class EdgeSite(server.Site):
         pass
 
 
-class _ConnectionMeter:
+class _Metered:
     """
-    What L{EdgeSite} keeps per connection: the methods it puts on the
-    protocol and its transport to forget the connection when it is lost and,
-    with a L{Metrics}, to count its bytes and its TLS handshake.
+    Mixed into the class of every protocol L{EdgeSite} builds (see
+    L{_meteredClass}): forgets the connection when it is lost and, with a
+    L{Metrics}, counts its bytes and its TLS handshake.
 
-    One object with slots and bound methods rather than a closure per
-    wrapped method: it is alive for as long as the connection, idle or not,
-    and closures with their cells cost about three times as much (R4,
-    docs/performance.rst Run 6).
+    Methods of a class rather than wrappers put on each protocol: the
+    protocol is Twisted's ALPN switch (C{_GenericHTTPChannelProtocol}),
+    whose C{connectionLost} and C{makeConnection} are proxies to the channel
+    inside it, so wrappers set on it landed on the HTTP/1.1 channel and were
+    lost with it when a connection switched to HTTP/2 (the connection then
+    stayed in C{site.channels} for good).  And per connection they cost a
+    slotted object and eleven bound methods, about 0.8 KiB for as long as
+    the connection lives (R4); now two attributes.  On a TLS connection the
+    transport (an L{EdgeTLSTransport}) counts the bytes written itself; on
+    another transport its C{write} and C{writeSequence} are wrapped by a
+    L{_WriteCounter}.
     """
 
-    __slots__ = (
-        "site",
-        "protocol",
-        "metrics",
-        "traffic",
-        "handshakeDone",
-        "inSequence",
-        "transport",
-        "_dataReceived",
-        "_makeConnection",
-        "_connectionLost",
-        "_write",
-        "_writeSequence",
-    )
-
-    def __init__(
-        self, site: EdgeSite, protocol: Any, metrics: Metrics | None, traffic: Traffic | None
-    ) -> None:
-        self.site = site
-        self.protocol = protocol
-        self.metrics = metrics
-        self.traffic = traffic
-        self.handshakeDone = False
-        self.inSequence = False
-        self._connectionLost = protocol.connectionLost
-        if metrics is not None:
-            self._dataReceived = protocol.dataReceived
-            self._makeConnection = protocol.makeConnection
+    _edgeSite: Any = None
+    _edgeTraffic: Traffic | None = None
+    _edgeHandshakeDone = False
 
     def dataReceived(self, data: bytes) -> None:
-        self.traffic.received += len(data)  # type: ignore[union-attr]
-        self._dataReceived(data)
+        traffic = self._edgeTraffic
+        if traffic is not None:
+            traffic.received += len(data)
+        super().dataReceived(data)  # type: ignore[misc]
 
     def makeConnection(self, transport: Any) -> None:
-        self.transport = transport
-        self._countWrites(transport)
-        if self.site.listener.tls:
-            # TLSMemoryBIOProtocol tells its wrapped protocol when the
-            # handshake is done, if the protocol says it listens.
-            alsoProvides(self.protocol, IHandshakeListener)
-            self.protocol.handshakeCompleted = self.handshakeCompleted
-        self._makeConnection(transport)
+        traffic = self._edgeTraffic
+        if traffic is not None:
+            if type(transport) is EdgeTLSTransport:
+                transport.traffic = traffic
+            else:
+                _WriteCounter(transport, traffic)
+        super().makeConnection(transport)  # type: ignore[misc]
 
     def handshakeCompleted(self) -> None:
-        self.handshakeDone = True
-        version, alpn = _negotiated(self.transport)
-        self.metrics.handshakeDone(self.site.listener.name, version, alpn)  # type: ignore[union-attr]
+        """
+        Called by Twisted's TLS layer when the handshake is done (the
+        protocol provides L{IHandshakeListener}).
+        """
+        self._edgeHandshakeDone = True
+        site = self._edgeSite
+        metrics = site.metrics
+        if metrics is not None:
+            # The ALPN switch keeps the transport on the channel inside it
+            # (Twisted's private _channel); the handshake ends before any
+            # switch to HTTP/2, so that is the HTTP/1.1 channel's, the TLS
+            # transport.
+            channel = getattr(self, "_channel", self)
+            version, alpn = _negotiated(channel.transport)
+            metrics.handshakeDone(site.listener.name, version, alpn)
+        handshakeCompleted = getattr(super(), "handshakeCompleted", None)
+        if handshakeCompleted is not None:
+            handshakeCompleted()
 
     def connectionLost(self, reason: Any) -> None:
-        site = self.site
-        site.channels.discard(self.protocol)
+        site = self._edgeSite
+        site.channels.discard(self)
+        metrics = site.metrics
         if (
-            self.metrics is not None
+            metrics is not None
             and site.listener.tls
-            and not self.handshakeDone
+            and not self._edgeHandshakeDone
             and _isTLSFailure(reason)
         ):
-            self.metrics.handshakeFailed(site.listener.name)
-        self._connectionLost(reason)
+            metrics.handshakeFailed(site.listener.name)
+        super().connectionLost(reason)  # type: ignore[misc]
 
-    # --- bytes written ---------------------------------------------------
 
-    def _countWrites(self, transport: Any) -> None:
-        """
-        Add every byte written to C{transport} to C{traffic.sent}.
+_meteredClasses: dict[type, type] = {}
 
-        A transport may implement C{writeSequence} with its own C{write}
-        (C{TLSMemoryBIOProtocol} does) or not (TCP): the bytes of a sequence
-        are counted once, in C{writeSequence}, and the C{write} calls it
-        makes meanwhile are not counted again.
-        """
+
+def _meteredClass(base: type) -> type:
+    """
+    C{base} with L{_Metered} mixed in, made once per protocol class.
+    C{IHandshakeListener} is declared on the class, not on each protocol.
+    """
+    cls = _meteredClasses.get(base)
+    if cls is None:
+        cls = type("Metered" + base.__name__, (_Metered, base), {})
+        classImplements(cls, IHandshakeListener)
+        _meteredClasses[base] = cls
+    return cls
+
+
+class _WriteCounter:
+    """
+    Adds every byte written to a transport other than an L{EdgeTLSTransport}
+    (plain TCP) to C{traffic.sent}, by wrapping its C{write} and
+    C{writeSequence}.
+
+    A transport may implement C{writeSequence} with its own C{write} or not
+    (TCP): the bytes of a sequence are counted once, in C{writeSequence},
+    and the C{write} calls it makes meanwhile are not counted again.
+    """
+
+    __slots__ = ("traffic", "inSequence", "_write", "_writeSequence")
+
+    def __init__(self, transport: Any, traffic: Traffic) -> None:
+        self.traffic = traffic
+        self.inSequence = False
         self._write = transport.write
         self._writeSequence = transport.writeSequence
         transport.write = self.write
@@ -221,12 +241,12 @@ class _ConnectionMeter:
 
     def write(self, data: bytes) -> None:
         if not self.inSequence:
-            self.traffic.sent += len(data)  # type: ignore[union-attr]
+            self.traffic.sent += len(data)
         self._write(data)
 
     def writeSequence(self, data: Any) -> None:
         data = list(data)
-        self.traffic.sent += sum(map(len, data))  # type: ignore[union-attr]
+        self.traffic.sent += sum(map(len, data))
         self.inSequence = True
         try:
             self._writeSequence(data)
