@@ -430,3 +430,71 @@ def test_headOfABodyStillToComeIsSentAtOnce() -> None:
     assert b"Transfer-Encoding: chunked" in head
     response.protocol.dataReceived(b"data: 1\n\n")
     assert client.wire() == head + b"9\r\ndata: 1\n\n\r\n"
+
+
+class Exchange:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class SendingPool(MemoryPool):
+    """A pool with UpstreamPool.send (outcome to a receiver, no Deferred)."""
+
+    def __init__(self, failAtOnce: Exception | None = None) -> None:
+        super().__init__()
+        self.failAtOnce = failAtOnce
+        self.sent: list[tuple[Any, Exchange]] = []
+
+    def send(
+        self, method: bytes, path: bytes, headers: Headers, body: Any, receiver: Any,
+        hashKey: bytes | None = None,
+    ) -> Exchange:
+        exchange = Exchange()
+        self.sent.append((receiver, exchange))
+        if self.failAtOnce is not None:
+            receiver.upstreamFailed(Failure(self.failAtOnce))
+        return exchange
+
+
+def _sendingClient(pool: SendingPool) -> Client:
+    client = Client()
+    client.pool = pool
+    client.runtime.pools["app"] = pool  # type: ignore[index]
+    return client
+
+
+def test_outcomeWithoutDeferredFromPoolSend() -> None:
+    """
+    With a pool offering send, the response reaches the client through
+    the receiver interface, and a client that goes away cancels the
+    exchange.
+    """
+    pool = SendingPool()
+    client = _sendingClient(pool)
+    client.send(b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    [(receiver, exchange)] = pool.sent
+    receiver.upstreamResponded(FakeResponse(200, {}, b"ok", length=2))
+    assert client.wire().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert client.wire().endswith(b"\r\n\r\nok")
+    client.send(b"GET /b HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    (_, second) = pool.sent[1]
+    client.protocol.connectionLost(Failure(ConnectionError("gone")))
+    assert second.cancelled and not exchange.cancelled
+
+
+def test_poolSendFailingBeforeItReturns() -> None:
+    """
+    An outcome delivered before send returns (no backend available) is
+    answered, and the finished exchange is not kept (nor cancelled later).
+    """
+    pool = SendingPool(failAtOnce=ServiceUnavailable("every server of app is down"))
+    client = _sendingClient(pool)
+    client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    assert client.wire().startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert not client.transport.disconnecting
+    client.protocol.connectionLost(Failure(ConnectionError("gone")))
+    [(_, exchange)] = pool.sent
+    assert not exchange.cancelled

@@ -118,7 +118,10 @@ class ProxyRequest(server.Request):
     route: Route | None = None
     upstreamName: str | None = None
     _pipe: BodyPipe | None = None
-    _upstream: Deferred[IResponse] | None = None
+    _upstream: Any = None
+    """The request to the upstream in progress: what L{UpstreamPool.send}
+    returned (or the Deferred of a pool that only has C{request}), until
+    its outcome arrives."""
     _response: IResponse | None = None
     _pendingError: ProxyError | None = None
     _answered = False
@@ -382,8 +385,19 @@ class ProxyRequest(server.Request):
                 self._uploadIdle,
             )
             self._pipe = body
-        self._upstream = pool.request(method, upstreamPath, headers, body, hashKey=hashKey)
-        self._upstream.addCallbacks(self._upstreamResponded, self._upstreamFailed)
+        send = getattr(pool, "send", None)
+        if send is None:
+            # A pool with only the Deferred interface.
+            self._upstream = pool.request(method, upstreamPath, headers, body, hashKey=hashKey)
+            self._upstream.addCallbacks(self._upstreamResponded, self._upstreamFailed)
+            return
+        # The outcome comes straight to upstreamResponded / upstreamFailed,
+        # without a Deferred and its callbacks per request; possibly before
+        # send returns (no backend available), hence the marker.
+        self._upstream = _SENDING
+        exchange = send(method, upstreamPath, headers, body, self, hashKey)
+        if self._upstream is _SENDING:
+            self._upstream = exchange
 
     def _websocketUpgrade(
         self, method: bytes, version: bytes, route: Route
@@ -403,6 +417,14 @@ class ProxyRequest(server.Request):
         return b"websocket"
 
     # Upstream outcomes ---------------------------------------------------
+
+    def upstreamResponded(self, response: IResponse) -> None:
+        """The response head arrived (L{UpstreamReceiver})."""
+        self._upstreamResponded(response)
+
+    def upstreamFailed(self, failure: Failure) -> None:
+        """The upstream request failed (L{UpstreamReceiver})."""
+        self._upstreamFailed(failure)
 
     def _upstreamResponded(self, response: IResponse) -> None:
         self._upstream = None
@@ -591,7 +613,13 @@ class ProxyRequest(server.Request):
 
     def _cancelUpstream(self) -> None:
         upstream, self._upstream = self._upstream, None
-        if upstream is not None and not upstream.called:
+        if upstream is None or upstream is _SENDING:
+            return
+        if isinstance(upstream, Deferred):
+            if not upstream.called:
+                upstream.cancel()
+        else:
+            # An exchange: after cancel() it reports nothing more.
             upstream.cancel()
 
     def connectionLost(self, reason: Failure) -> None:
@@ -620,6 +648,10 @@ class ProxyRequest(server.Request):
 
 def _noWrite(data: bytes) -> None:
     pass
+
+
+_SENDING: Any = object()
+"""L{ProxyRequest._upstream} while L{UpstreamPool.send} runs."""
 
 
 _encodings: dict[tuple[str, str], bytes] = {}
