@@ -614,6 +614,31 @@ def test_responseTimeoutOfAGetIsRetried() -> None:
     assert metric(pool, "edgeproxy_upstream_errors_total", code="504") == 1
 
 
+def test_retriesOfTimedOutRequestsKeepEveryDeadline() -> None:
+    # A retry started while timed-out requests are handled gets its own
+    # full response_timeout, and the requests still waiting keep theirs.
+    pool, reactor = makeFleet(hosts=("a", "b"), retries=1)
+    first = get(pool)  # a, due at 5
+    reactor.advance(1)
+    second = get(pool)  # b, due at 6
+    outcomes: dict[str, Any] = {}
+    first.addBoth(lambda r: outcomes.setdefault("first", r))
+    second.addBoth(lambda r: outcomes.setdefault("second", r))
+    reactor.advance(4.1)  # t = 5.1: first retried on b, due at 10.1
+    assert pool.dialLog == ["a", "b", "b"] and outcomes == {}
+    reactor.advance(1.0)  # t = 6.1: second retried on a, due at 11.1
+    assert pool.dialLog == ["a", "b", "b", "a"] and outcomes == {}
+    reactor.advance(3.9)  # t = 10.0
+    assert outcomes == {}
+    reactor.advance(0.2)  # t = 10.2
+    assert list(outcomes) == ["first"] and outcomes["first"].check(UpstreamTimeout)
+    reactor.advance(0.8)  # t = 11.0
+    assert list(outcomes) == ["first"]
+    reactor.advance(0.2)  # t = 11.2
+    assert outcomes["second"].check(UpstreamTimeout)
+    assert metric(pool, "edgeproxy_upstream_errors_total", code="504") == 4
+
+
 def test_retriesAreBoundedAndTheLastErrorIsReturned() -> None:
     pool, _ = makeFleet(
         hosts=("a", "b", "c", "d"),

@@ -147,6 +147,9 @@ def _addressOrder(address: str) -> tuple[int, int, str]:
 
 _NOTHING: frozenset[Backend] = frozenset()
 
+_SWEEPING = object()
+"""L{UpstreamPool._deadlineTimer} while the due deadlines are handled."""
+
 
 class UpstreamPool:
     """
@@ -337,7 +340,7 @@ class UpstreamPool:
         (in-flight ones finish on their own).
         """
         self.stop()
-        if not self._watched and self._deadlineTimer is not None:
+        if not self._watched and self._deadlineTimer not in (None, _SWEEPING):
             # Requests in flight keep their deadlines; with none, nothing
             # of this pool stays scheduled.
             timer, self._deadlineTimer = self._deadlineTimer, None
@@ -670,15 +673,19 @@ class UpstreamPool:
         self._watched.pop(attempt, None)
 
     def _deadlinesDue(self) -> None:
-        self._deadlineTimer = None
+        # Attempts watched while this runs (retries of those timed out
+        # here) join the end of the line: the timer armed below for the
+        # oldest deadline left covers them, so none is armed meanwhile.
+        self._deadlineTimer = _SWEEPING
         watched = self._watched
+        reactor = self._reactor
         while watched:
             attempt = next(iter(watched))
-            left = attempt.deadline - self._reactor.seconds()
+            left = attempt.deadline - reactor.seconds()
             # A millisecond early is on time: the reactor's own timers
             # are no finer, and float rounding must not re-arm for 1e-16 s.
             if left > 0.001:
-                self._deadlineTimer = self._reactor.callLater(left, self._deadlinesDue)
+                self._deadlineTimer = reactor.callLater(left, self._deadlinesDue)
                 return
             del watched[attempt]
             try:
@@ -689,6 +696,7 @@ class UpstreamPool:
                     "upstream {upstream}: timing out a request failed",
                     upstream=self.upstream.name,
                 )
+        self._deadlineTimer = None
 
     # The queue (max_conns) -------------------------------------------------
 
