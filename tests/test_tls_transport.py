@@ -259,3 +259,62 @@ def test_factoryBuildsEdgeTransportsAfterTheFirst(store: Store) -> None:
         # The ClientHello is awaited: nothing written, not disconnected.
         assert mine.transport.value() == theirs.transport.value() == b""
         assert not mine.disconnecting
+
+
+class Echo(RecordingProtocol):
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
+def test_readsDeliveredWholeAndEchoed(store: Store, edge: bool) -> None:
+    """
+    What the client sends, in writes of any size, reaches the application
+    whole and in order, and its echo comes back; the receive BIO that
+    carried it is replaced once drained (edgeproxy's side).
+    """
+    connection = _connect(store, edge, Echo)
+    sent = b""
+    for size in (1, 5000, 2**14, 2**14 + 1, 100_000, 7):
+        payload = bytes([size % 251]) * size
+        connection.send(payload)
+        sent += payload
+    assert connection.serverApp.received == sent
+    assert connection.clientApp.received == sent
+    if edge:
+        data = _ffi.new("char **")
+        handle = connection.server.getHandle()
+        assert _lib.BIO_get_mem_data(handle._into_ssl, data) == 0
+        assert handle._receivedThrough < RELEASE_AFTER
+
+
+@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
+def test_closeNotifyIsACleanClose(store: Store, edge: bool) -> None:
+    """The client's close_notify ends the connection cleanly, as with Twisted."""
+    from twisted.internet.error import ConnectionDone
+
+    connection = _connect(store, edge, Echo)
+    connection.send(b"hello")
+    connection.client.loseConnection()
+    connection.pump.flush()
+    lost = connection.serverApp.lost
+    assert lost is not None and lost.check(ConnectionDone), lost
+    assert connection.serverApp.received == b"hello"
+
+
+@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
+def test_garbageAfterHandshakeIsATLSError(store: Store, edge: bool) -> None:
+    """
+    Bytes that are no TLS record after the handshake fail the connection
+    with OpenSSL's error, and the server sends its alert, as with Twisted.
+    """
+    connection = _connect(store, edge, Echo)
+    connection.server.dataReceived(b"\x17\x03\x03\x00\x05garbage-garbage")
+    assert connection.server.transport.disconnecting
+    connection.pump.flush()
+    lost = connection.serverApp.lost
+    assert lost is not None and lost.check(SSL.Error), lost
+    # The client got the server's alert and saw the connection fail.
+    assert connection.clientApp.lost is not None

@@ -50,7 +50,7 @@ from edgeproxy.config.model import TLSSettings, TLSVersion
 from edgeproxy.errors import CertificateError
 from edgeproxy.tls.certs import CertificateEntry, CertificateSet, loadCertificates
 from edgeproxy.tls.transport import RELEASE_AFTER as _RELEASE_AFTER
-from edgeproxy.tls.transport import adopt
+from edgeproxy.tls.transport import _releaseDrainedReceive, adopt
 
 DEFAULT_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
 """ALPN protocols offered by default, in server preference order."""
@@ -443,17 +443,7 @@ class _ServerConnection(SSL.Connection):
             return super().recv(bufsiz, flags)
         except SSL.WantReadError:
             # Everything written into the receive BIO has been consumed.
-            if (
-                self._receivedThrough >= _RELEASE_AFTER
-                and not self._receiveShutDown
-                and not _opensslLib.BIO_get_mem_data(self._into_ssl, _ffi.NULL)
-            ):
-                fresh = _opensslLib.BIO_new(_opensslLib.BIO_s_mem())
-                if fresh != _ffi.NULL:
-                    # New rbio, same wbio: SSL_set_bio frees the old rbio only.
-                    _opensslLib.SSL_set_bio(self._ssl, fresh, self._from_ssl)
-                    self._into_ssl = fresh
-                    self._receivedThrough = 0
+            _releaseDrainedReceive(self)
             raise
 
     def bio_shutdown(self) -> None:

@@ -120,6 +120,62 @@ class EdgeTLSTransport(BufferingTLSTransport):
         ProtocolWrapper.makeConnection(self, transport)
         self._checkHandshakeStatus()
 
+    def _flushReceiveBIO(self) -> None:
+        """
+        Twisted's loop (deliver every record OpenSSL can decrypt, then send
+        what OpenSSL wants sent), with C{SSL_read} through the binding into
+        the shared buffer: pyOpenSSL's C{recv} allocates 32 KiB per call and
+        ends every read with a C{WantReadError} raised and caught (twice per
+        request, with the send side's).  Any result other than data or
+        "want read" is turned into pyOpenSSL's exception and handled as
+        Twisted does.
+        """
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        while not self._lostTLSConnection:
+            read = _lib.SSL_read(ssl, _scratch, _SCRATCH_SIZE)
+            if read > 0:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, _scratchBytes[:read])
+                continue
+            if _lib.SSL_get_error(ssl, read) == _lib.SSL_ERROR_WANT_READ:
+                _releaseDrainedReceive(connection)
+                break
+            try:
+                connection._raise_ssl_error(ssl, read)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                # The peer's close_notify: as Twisted does.
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                break
+        self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        """
+        Send what OpenSSL put in the send BIO (handshake messages, alerts,
+        tickets), without pyOpenSSL's C{bio_read} and its C{WantReadError}
+        when there is nothing; straight to the socket when nothing is queued
+        (L{_sendNow}), except on an aborted connection, whose queue Twisted
+        discards (an alert or close_notify must not reach the peer then).
+        """
+        connection = self._tlsConnection
+        if connection is None:
+            return
+        records: list[bytes] = []
+        _readRecords(connection, records)
+        if not records:
+            return
+        _releaseDrained(connection, records)
+        if self._aborted:
+            self.transport.writeSequence(records)
+        else:
+            _sendNow(self.transport, records)
+
     def _write(self, bytes: bytes) -> None:  # noqa: A002 -- Twisted's name
         if self._lostTLSConnection:
             return
@@ -227,6 +283,25 @@ def _releaseDrained(connection: Any, records: list[bytes]) -> None:
             connection._from_ssl = fresh
             through = 0
     connection._sentThrough = through
+
+
+def _releaseDrainedReceive(connection: Any) -> None:
+    """
+    Replace C{connection}'s receive BIO once it is drained, as its own
+    C{recv} does (see L{edgeproxy.tls.store._ServerConnection}); never
+    after C{bio_shutdown} (that BIO carries the end of the stream).
+    """
+    if (
+        getattr(connection, "_receivedThrough", 0) >= RELEASE_AFTER
+        and not connection._receiveShutDown
+        and not _lib.BIO_get_mem_data(connection._into_ssl, _ffi.NULL)
+    ):
+        fresh = _lib.BIO_new(_lib.BIO_s_mem())
+        if fresh != _ffi.NULL:
+            # New rbio, same wbio: SSL_set_bio frees the old rbio only.
+            _lib.SSL_set_bio(connection._ssl, fresh, connection._from_ssl)
+            connection._into_ssl = fresh
+            connection._receivedThrough = 0
 
 
 def adopt(tlsProtocol: object) -> None:
