@@ -115,6 +115,12 @@ class ProxyRequest(server.Request):
 
     defaultContentType = None
 
+    # Identity, as Twisted's Request.__eq__/__hash__ define it, without a
+    # Python call for each set operation (site.inflight) and for the
+    # channel's requestDone check.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
     route: Route | None = None
     upstreamName: str | None = None
     _pipe: BodyPipe | None = None
@@ -349,7 +355,11 @@ class ProxyRequest(server.Request):
         config = runtime.config
         peer = self.getClientAddress()
         peerHost = getattr(peer, "host", "")
-        upgrade = self._websocketUpgrade(method, version, route)
+        upgrade = (
+            self._websocketUpgrade(method, version, route)
+            if rawFields(self.requestHeaders).get(b"Upgrade")
+            else None
+        )
         headers = upstreamRequestHeaders(
             self.requestHeaders,
             peer=peerHost,
