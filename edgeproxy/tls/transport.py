@@ -22,6 +22,12 @@ TLS connection down with it.  The memory BIO a write drained is replaced as
 L{edgeproxy.tls.store._ServerConnection} does for its own reads, but once
 per write instead of once per record.
 
+Reads (L{EdgeTLSTransport._flushReceiveBIO}) and handshake flights
+(C{_flushSendBIO}) go the same way: C{SSL_read} into the shared buffer
+instead of pyOpenSSL's C{recv} (a 32 KiB buffer per call, and a
+C{WantReadError} raised and caught at the end of every read event), and
+flights straight to the socket unless the connection was aborted.
+
 L{adopt} turns the C{BufferingTLSTransport} that
 L{twisted.internet.endpoints.wrapServerTLS} builds for each connection into
 an L{EdgeTLSTransport} (same class layout, two methods more), from the
@@ -53,10 +59,10 @@ _SCRATCH_SIZE = 2**15
 
 _scratch = _ffi.new("char[]", _SCRATCH_SIZE)
 """
-One buffer the records are read into and copied out of at once.  Shared by
-every connection: the reactor's thread is the only one that writes, and no
-call in between can re-enter a write (L{EdgeTLSTransport._write} calls
-nothing but OpenSSL until its records are copied out).
+One buffer the records (and decrypted reads) are read into and copied out
+of at once.  Shared by every connection: only the reactor's thread uses it,
+and nothing runs between the OpenSSL call that fills it and the copy (the
+application gets the copy, so a write it makes meanwhile may reuse it).
 """
 _scratchBytes = _ffi.buffer(_scratch)
 
