@@ -32,7 +32,13 @@ Policy on timers (nginx semantics, see L{EdgeHTTPChannel.connectionMade}):
 the header deadline (C{client_header_timeout}) runs from connection open for
 the first request and from the first byte of each later request; between
 requests on a kept-alive connection Twisted's idle timeout
-(C{client_idle_timeout}, C{timeOut}) applies and closes silently.
+(C{client_idle_timeout}, C{timeOut}) applies and closes silently.  Each is
+one DelayedCall per connection, moved rather than re-created per request.
+
+A head that is already whole in the buffer (the usual case: it comes in one
+read) is parsed in one pass (L{EdgeHTTPChannel._wholeHead}); any other goes
+line by line.  Both apply the same checks in the same order, and the fields
+go straight into the request's C{Headers} (L{edgeproxy.http.headers.rawFields}).
 """
 
 from __future__ import annotations
@@ -89,6 +95,11 @@ _checkedNames: dict[bytes, tuple[bytes, bytes]] = {}
 key C{Headers} files them under (L{canonicalName}).  Real traffic uses a few
 dozen names; the cap keeps a client inventing names from growing it."""
 _MAX_CHECKED_NAMES = 10_000
+
+_KNOWN_METHODS = frozenset(
+    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT")
+)
+"""Tokens all (no regular expression needed for them)."""
 
 _nonQueuedFactories: dict[Any, bool] = {}
 """Request factories to whether they provide L{INonQueuedRequestFactory}
@@ -771,7 +782,7 @@ class EdgeHTTPChannel(HTTPChannel):
             if _VERSION.fullmatch(version):
                 raise _Rejected(505, "unsupported HTTP version")
             raise _Rejected(400, "malformed HTTP version")
-        if not _istoken(method):
+        if method not in _KNOWN_METHODS and not _istoken(method):
             raise _Rejected(400, "invalid method")
         if not target or len(target.translate(None, _TARGET_FORBIDDEN)) != len(target):
             raise _Rejected(400, "invalid request-target")
@@ -994,7 +1005,7 @@ class EdgeHTTPChannel(HTTPChannel):
             self.setRawMode()
 
     def allHeadersReceived(self) -> None:
-        self._disarmHeadTimer()
+        self._headArmed = False  # _disarmHeadTimer
         self._awaitingHead = False
         request = self.requests[-1]
         request.parseCookies()
