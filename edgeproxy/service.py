@@ -51,11 +51,12 @@ from twisted.internet.defer import (
     gatherResults,
     maybeDeferred,
 )
-from twisted.internet.endpoints import serverFromString, wrapServerTLS
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
@@ -68,6 +69,7 @@ from edgeproxy.runtime import Runtime, poolInFlight, stopPool
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
+from edgeproxy.tls.transport import EdgeTLSTransport
 from edgeproxy.upstream.pool import UpstreamPool
 from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
 
@@ -446,7 +448,11 @@ class EdgeService(MultiService):
             if listener.tls:
                 assert self.store is not None, "a TLS listener needs [tls]"
                 protocols = DEFAULT_PROTOCOLS if listener.http2 else (b"http/1.1",)
-                endpoint = wrapServerTLS(self.store.serverConnectionCreator(protocols), endpoint)
+                return endpoint.listen(
+                    _tlsServerFactory(
+                        self.store.serverConnectionCreator(protocols), site, self._reactor
+                    )
+                )
             return endpoint.listen(site)
 
         def keep(port: IListeningPort) -> IListeningPort:
@@ -1047,3 +1053,15 @@ def _formatAddress(address: Any) -> str:
         return str(address)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
+
+
+def _tlsServerFactory(creator: Any, site: Any, clock: Any) -> TLSMemoryBIOFactory:
+    """
+    What C{wrapServerTLS} listens with, built here so that every connection
+    of the listener is an L{EdgeTLSTransport} from its first byte (not only
+    once the store's creator has met the first one) and so that the TLS
+    layer's buffered writes are scheduled on the service's own reactor.
+    """
+    factory = TLSMemoryBIOFactory(creator, False, site, clock=clock)
+    factory.protocol = EdgeTLSTransport
+    return factory
