@@ -206,3 +206,39 @@ def test_proxyRequestAttributes() -> None:
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     record = json.loads(out.getvalue())
     assert (record["route"], record["upstream"], record["duration"]) == ("r1", "pool1", None)
+
+
+def test_eventIsWhatLoggerInfoWouldEmit() -> None:
+    """
+    The access event, built without Logger.emit, has exactly the keys,
+    values and order Logger.info would have given it, and renders the same.
+    """
+    from twisted.logger import Logger, formatEvent
+
+    clock = MemoryReactorClock()
+    clock.advance(NOW)
+    events: list[dict] = []
+    accessLog = AccessLog(clock)
+    accessLog.publisher.addObserver(events.append)
+    site = LoggingSite(accessLog, clock)
+    channel = site.buildProtocol(None)
+    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1)))
+    channel.dataReceived(b"GET /e?x HTTP/1.1\r\nHost: h\r\nUser-Agent: a\r\nReferer: r\r\n\r\n")
+    [event] = events
+
+    reference: list[dict] = []
+    logger = Logger(namespace=AccessLog.namespace, observer=reference.append)
+    fields = {key: value for key, value in event.items() if not key.startswith("log_") and key != "finished"}
+    logger.info(
+        '{client} "{method} {target} {protocol}" {status} {bytes}',
+        finished=event["finished"],
+        **fields,
+    )
+    [expected] = reference
+    assert list(event) == list(expected)
+    for key in expected:
+        if key not in ("log_time", "log_logger"):
+            assert event[key] == expected[key], key
+    assert event["log_logger"].namespace == expected["log_logger"].namespace
+    assert formatEvent(event) == formatEvent(expected) == '10.0.0.1 "GET /e?x HTTP/1.1" 200 5'
+    assert (event["user_agent"], event["referer"], event["host"]) == ("a", "r", "h")
