@@ -9,6 +9,7 @@ connection with the same error.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol, _AggregateSmallWrites
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -61,6 +62,12 @@ class _TwistedOnly:
         connection = self._creator.serverConnectionForTLS(tlsProtocol)
         if type(tlsProtocol) is EdgeTLSTransport:
             tlsProtocol.__class__ = BufferingTLSTransport
+            # What BufferingTLSTransport.__init__ sets up, which
+            # EdgeTLSTransport does without.
+            tlsProtocol._aggregator = _AggregateSmallWrites(
+                partial(TLSMemoryBIOProtocol.write, tlsProtocol), tlsProtocol.factory._clock
+            )
+            tlsProtocol.write = tlsProtocol._aggregator.write
         factory = getattr(tlsProtocol, "factory", None)
         if factory is not None:
             factory.protocol = BufferingTLSTransport

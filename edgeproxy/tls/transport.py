@@ -47,9 +47,12 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import BufferingTLSTransport
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol, _PullToPush
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 _RECORD = 2**14
 """Largest plaintext per TLS record (RFC 8446 §5.1; RFC 5246 §6.2.1)."""
@@ -70,12 +73,42 @@ RELEASE_AFTER = 512
 """Bytes through a memory BIO after which it is replaced once drained."""
 
 
+MAX_PENDING = 64_000
+"""
+Bytes of small writes held for the next reactor turn before they are
+encrypted at once (Twisted's C{_AggregateSmallWrites.MAX_BUFFER_SIZE}).
+"""
+
+
 class EdgeTLSTransport(BufferingTLSTransport):
     """
     C{BufferingTLSTransport} with the write path described in the module
     docstring, and a connection set-up without Twisted's redundant
     interface copying; nothing else differs.
+
+    Memory of an idle connection (R4).  Twisted's C{BufferingTLSTransport}
+    gives every connection an C{_AggregateSmallWrites} (an object, its
+    dictionary, a list and a bound method: about 0.3 KiB for as long as the
+    connection lives); the same aggregation is done here in three
+    attributes whose class defaults stand for "nothing pending", and the
+    list exists only while writes wait for the reactor's next turn.  The
+    producer registered with the TCP transport is a slotted L{_Membrane}
+    instead of Twisted's C{_ProducerMembrane}, and once the handshake is
+    done the pyOpenSSL connection drops what only the handshake needs
+    (L{_afterHandshake}).
     """
+
+    _pending: list[bytes] | None = None
+    """Small writes waiting for the next reactor turn, or L{None}."""
+
+    _pendingLeft = MAX_PENDING
+    """How many more bytes L{_pending} takes before it is written at once."""
+
+    _pendingCall: Any = None
+    """The reactor call that writes L{_pending}, or L{None}."""
+
+    _writesClosed = False
+    """Set when the connection is lost: writes are dropped from then on."""
 
     traffic: Any = None
     """
@@ -86,23 +119,96 @@ class EdgeTLSTransport(BufferingTLSTransport):
     """
 
     def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
-        super().__init__(factory, wrappedProtocol, _connectWrapped)
-        # BufferingTLSTransport put its aggregator's write on the instance;
-        # the class's write below does the same and counts.
-        del self.write
+        # TLSMemoryBIOProtocol's, not BufferingTLSTransport's: that one
+        # makes the aggregator and puts its write on the instance; the
+        # class's write below aggregates (and counts) instead.
+        TLSMemoryBIOProtocol.__init__(self, factory, wrappedProtocol, _connectWrapped)
 
     def write(self, bytes: bytes) -> None:  # noqa: A002 -- Twisted's name
         traffic = self.traffic
         if traffic is not None:
             traffic.sent += len(bytes)
-        self._aggregator.write(bytes)
+        self._aggregate(bytes)
 
     def writeSequence(self, sequence: Any) -> None:
+        # Joined first, as Twisted does: a TypeError surfaces here, not in
+        # the reactor's next turn.
         data = b"".join(sequence)
         traffic = self.traffic
         if traffic is not None:
             traffic.sent += len(data)
-        self._aggregator.write(data)
+        self._aggregate(data)
+
+    def _aggregate(self, data: bytes) -> None:
+        """
+        What C{_AggregateSmallWrites.write} does: hold small writes until
+        the reactor's next turn and encrypt them together, or at once when
+        more than L{MAX_PENDING} bytes are held.
+        """
+        if self._writesClosed:
+            return
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = []
+        # A copy of a bytearray or memoryview the caller may change later.
+        pending.append(data + b"")
+        left = self._pendingLeft - len(data)
+        self._pendingLeft = left
+        if left < 0:
+            self._flushPending()
+            return
+        if self._pendingCall is None:
+            self._pendingCall = self.factory._clock.callLater(0, self._pendingDue)
+
+    def _pendingDue(self) -> None:
+        self._pendingCall = None
+        self._flushPending()
+
+    def _flushPending(self) -> None:
+        """Encrypt and send the held writes (C{_AggregateSmallWrites.flush})."""
+        pending = self._pending
+        if pending:
+            # Back to the class defaults: an idle connection holds no list.
+            del self._pending
+            del self._pendingLeft
+            TLSMemoryBIOProtocol.write(self, b"".join(pending))
+
+    def loseConnection(self) -> None:
+        self._flushPending()
+        TLSMemoryBIOProtocol.loseConnection(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # C{_AggregateSmallWrites.close}, then writes are dropped.
+        call = self._pendingCall
+        if call is not None:
+            self._pendingCall = None
+            call.cancel()
+        self._flushPending()
+        self._writesClosed = True
+        TLSMemoryBIOProtocol.connectionLost(self, reason)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """
+        C{TLSMemoryBIOProtocol.registerProducer} with a slotted
+        L{_Membrane} (the HTTP channel registers itself on every
+        connection, for as long as it lives).
+        """
+        if self._lostTLSConnection:
+            producer.stopProducing()
+            return
+        if not streaming:
+            producer = streamingProducer = _PullToPush(producer, self)
+        membrane = _Membrane(producer)
+        # Raises if a producer is already registered, as Twisted's does.
+        self.transport.registerProducer(membrane, True)
+        self._producer = membrane
+        if not streaming:
+            streamingProducer.startStreaming()
+
+    def _checkHandshakeStatus(self) -> None:
+        TLSMemoryBIOProtocol._checkHandshakeStatus(self)
+        if self._handshakeDone:
+            _afterHandshake(self._tlsConnection)
 
     def makeConnection(self, transport: Any) -> None:
         """
@@ -220,6 +326,62 @@ class EdgeTLSTransport(BufferingTLSTransport):
         self._tlsShutdownFinished(Failure(failed))
 
 
+@implementer(IPushProducer)
+class _Membrane:
+    """
+    Twisted's C{_ProducerMembrane} with slots: the producer the TLS
+    transport registers with the TCP transport, so that pauses and resumes
+    from the socket and from the TLS layer reach the application's producer
+    once each.
+    """
+
+    __slots__ = ("_producer", "_producerPaused")
+
+    def __init__(self, producer: Any) -> None:
+        # C{_producer}: TLSMemoryBIOProtocol.unregisterProducer reads it.
+        self._producer = producer
+        self._producerPaused = False
+
+    def pauseProducing(self) -> None:
+        if self._producerPaused:
+            return
+        self._producerPaused = True
+        self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if not self._producerPaused:
+            return
+        self._producerPaused = False
+        self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._producer.stopProducing()
+
+
+def _afterHandshake(connection: Any) -> None:
+    """
+    Drop what a server connection keeps only for its handshake (R4: about
+    0.2 KiB per idle connection).
+
+    pyOpenSSL keeps the ALPN callback's answer (two cffi buffers) on the
+    connection for the connection's life, although OpenSSL copies the
+    selected protocol as soon as the callback returns
+    (C{tls_handle_alpn}: C{s3.alpn_selected = OPENSSL_memdup(...)}); and it
+    keeps the connection in C{Connection._reverse_mapping} (a weak
+    reference and a dictionary entry), which only its callbacks read, to
+    find the connection from the C{SSL *} they are called with.  The
+    server's callbacks (servername, ALPN) run for a ClientHello only, and
+    after the handshake there is none: TLS 1.3 has no renegotiation
+    (RFC 8446 §4), and the store's contexts refuse TLS 1.2's
+    (C{SSL_OP_NO_RENEGOTIATION}: OpenSSL answers a new ClientHello with a
+    no_renegotiation alert without processing it).
+    """
+    if connection is None:
+        return
+    connection._alpn_select_callback_args = None
+    SSL.Connection._reverse_mapping.pop(connection._ssl, None)
+
+
 def _readRecords(connection: SSL.Connection, records: list[bytes]) -> None:
     """
     Move everything OpenSSL put in C{connection}'s send BIO to C{records}.
@@ -322,8 +484,14 @@ def adopt(tlsProtocol: object) -> None:
     """
     if type(tlsProtocol) is BufferingTLSTransport:
         tlsProtocol.__class__ = EdgeTLSTransport
-        if "write" in vars(tlsProtocol):
-            del tlsProtocol.write  # as EdgeTLSTransport.__init__ does
+        # Called from makeConnection, before anything could be written: the
+        # aggregator Twisted made is empty, and EdgeTLSTransport aggregates
+        # by itself (as its __init__ arranges).
+        attributes = vars(tlsProtocol)
+        attributes.pop("write", None)
+        aggregator = attributes.pop("_aggregator", None)
+        if aggregator is not None and aggregator._buffer:
+            tlsProtocol._aggregate(b"".join(aggregator._buffer))
         # And the factory builds the next ones as EdgeTLSTransport from the
         # start, so that they also get its makeConnection.
         factory = getattr(tlsProtocol, "factory", None)
