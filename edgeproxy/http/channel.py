@@ -208,10 +208,15 @@ def _installBodyDecoder(
     channel._transferDecoder = build(channel._finishRequestBody)  # type: ignore[attr-defined]
 
 
+_GenericHTTPChannelProtocol = http._GenericHTTPChannelProtocol
+"""Looked up once: an attribute of twisted.web.http costs a deprecation
+check per access (the module is a proxy)."""
+
+
 def _wrapForALPN(channel: http.HTTPChannel) -> Any:
     # Private: what HTTPFactory.protocol builds around an HTTPChannel; it
     # replaces the channel with an H2Connection when ALPN selected h2.
-    return http._GenericHTTPChannelProtocol(channel)
+    return _GenericHTTPChannelProtocol(channel)
 
 
 # ---------------------------------------------------------------------------

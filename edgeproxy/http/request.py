@@ -46,10 +46,13 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.components import Componentized
 from twisted.web import server
 from twisted.web.http import NO_BODY_CODES, HTTPChannel, parse_qs, toChunk
+from twisted.web.http import Request as _HTTPRequest
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, INonQueuedRequestFactory, IResponse
+from zope.interface import provider
 
 from edgeproxy.config.model import Route, Upstream
 from edgeproxy.errors import (
@@ -104,6 +107,7 @@ def stripPrefix(path: bytes, prefix: str) -> bytes:
     return rest
 
 
+@provider(INonQueuedRequestFactory)
 class ProxyRequest(server.Request):
     """
     A request proxied to the upstream its route names, body and response
@@ -144,8 +148,16 @@ class ProxyRequest(server.Request):
     _lost = False
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(channel, *args, **kwargs)
+        if args or kwargs:
+            kwargs.setdefault("parsePOSTFormSubmission", False)
+            super().__init__(channel, *args, **kwargs)
+        else:
+            # What server.Request.__init__ does when parsePOSTFormSubmission
+            # is given (the HTTP/1.1 channel calls the factory with the
+            # channel alone, see the INonQueuedRequestFactory declaration),
+            # without its argument handling.
+            _HTTPRequest.__init__(self, channel, parsePOSTFormSubmission=False)
+            Componentized.__init__(self)
         # isinstance first: isHTTP2's hasattr raises and catches an
         # AttributeError on every HTTP/1.1 channel.
         self._http1 = isinstance(channel, HTTPChannel) or not isHTTP2(self)
