@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_benchmark_smoke -*-
 """
-Where edgeproxy spends its time under R1 load (or R3 with C{--figure R3}):
+Where edgeproxy spends its time under R1 load (or R2, R3 with C{--figure}):
 py-spy samples the proxy while wrk drives it, and the samples are
 summarised as the functions with the most time of their own and the most
 time inclusive.
@@ -35,9 +35,12 @@ from benchmarks import loadgen, run, servers  # noqa: E402
 
 _LOADS = {
     "R1": (servers.SMALL_PATH, 50),
+    "R2": (servers.SMALL_PATH, 50),
     "R3": (servers.LARGE_PATH, 10),
 }
-"""Per figure: the path wrk fetches and its connections (as in C{run.py})."""
+"""Per figure: the path fetched and the connections (as in C{run.py}); R2
+is driven by C{handshakes.py} (a new connection and full TLS handshake per
+request), the others by wrk."""
 
 
 def summarise(collapsed: str, top: int = 20) -> str:
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--figure", choices=sorted(_LOADS), default="R1",
-        help="the load: R1 (1 KiB, 50 connections) or R3 (1 MiB, 10 connections)",
+        help="the load: R1 (1 KiB, 50 connections), R2 (a full TLS handshake per "
+        "request, 50 at a time) or R3 (1 MiB, 10 connections)",
     )
     args = parser.parse_args(argv)
     path, connections = _LOADS[args.figure]
@@ -147,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         if spyProcess.poll() is not None:
             print(f"py-spy failed: {spyProcess.stdout.read()}", file=sys.stderr)
             return 1
-        result = loadgen.runWrk(
-            bench.tools["wrk"], url, connections, args.duration, bench.loadCpus
-        )
+        if args.figure == "R2":
+            result = loadgen.runHandshakes(
+                sys.executable, bench.ports["edgeproxy"], connections, args.duration,
+                bench.loadCpus,
+            )
+        else:
+            result = loadgen.runWrk(
+                bench.tools["wrk"], url, connections, args.duration, bench.loadCpus
+            )
         output, _ = spyProcess.communicate(timeout=args.duration + 30)
         summary = summarise(raw.read_text() if raw.exists() else "")
         text = (
