@@ -1,11 +1,11 @@
 # -*- test-case-name: tests.test_benchmark_smoke -*-
 """
 Where edgeproxy spends its time under R1 load (or R2, R3 with C{--figure}):
-py-spy samples the proxy while wrk drives it, and the samples are
+py-spy samples the proxy while wrk (or, for R2, handshakes.py) drives it, and the samples are
 summarised as the functions with the most time of their own and the most
 time inclusive.
 
-    .venv/bin/python benchmarks/profile.py [--figure R1|R3] [--duration S] [--out DIR]
+    .venv/bin/python benchmarks/profile.py [--figure R1|R2|R3] [--duration S] [--out DIR]
 
 It needs C{py-spy} (C{pip install py-spy}, beside the Python that runs
 edgeproxy or on C{PATH}) and C{wrk}.  Same setup as C{run.py}: generated
