@@ -54,3 +54,28 @@ def test_connectionForgottenWhenLost(tmp_path: Path, alpn: bytes, withMetrics: b
     result.client.loseConnection()
     result.pump.flush()
     assert site.channels == set()
+
+
+def test_connectionsShareOneCallLaterAndStillTimeOut() -> None:
+    """
+    Every connection's timers go through one bound C{callLater} of the
+    site's reactor (Twisted's factory makes one per connection: R4), and
+    a connection that sends nothing is still closed by it after
+    C{client_header_timeout}.
+    """
+    from twisted.internet.testing import StringTransport
+
+    reactor = MemoryReactorClock()
+    listener = Listener(name="http", endpoint="tcp:0", tls=False)
+    site = EdgeSite(lambda: None, listener, reactor)
+    first = site.buildProtocol(None)
+    second = site.buildProtocol(None)
+    assert first.callLater is second.callLater
+    assert first._channel.callLater is first.callLater
+    transport = StringTransport()
+    first.makeConnection(transport)
+    assert first in site.channels
+    reactor.advance(listener.limits.client_header_timeout - 0.5)
+    assert not transport.disconnecting
+    reactor.advance(1)
+    assert transport.disconnecting

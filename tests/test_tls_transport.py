@@ -325,3 +325,122 @@ def test_garbageAfterHandshakeIsATLSError(store: Store, edge: bool) -> None:
     assert lost is not None and lost.check(SSL.Error), lost
     # The client got the server's alert and saw the connection fail.
     assert connection.clientApp.lost is not None
+
+
+class SmallWriter(RecordingProtocol):
+    """Answers each read with many small writes, then closes if asked."""
+
+    closeAfter = False
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        assert self.transport is not None
+        for i in range(50):
+            self.transport.write(b"%02d," % i)
+        self.transport.writeSequence([b"a", bytearray(b"b"), b"c"])
+        if self.closeAfter:
+            self.transport.loseConnection()
+
+
+class ClosingSmallWriter(SmallWriter):
+    closeAfter = True
+
+
+WRITTEN = b"".join(b"%02d," % i for i in range(50)) + b"abc"
+
+
+@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
+def test_smallWritesAggregatedIntoOneRecord(store: Store, edge: bool) -> None:
+    """
+    Small writes made in one reactor turn reach the client as one TLS
+    record (Twisted's aggregation, which EdgeTLSTransport does itself), and
+    again on the next turn.
+    """
+    connection = _connect(store, edge, SmallWriter)
+    recorder = ChunkRecorder()
+    connection.client.wrappedProtocol = recorder
+    connection.send(b"go")
+    assert recorder.received == WRITTEN
+    assert recorder.chunks == [len(WRITTEN)]
+    connection.send(b"again")
+    assert recorder.received == WRITTEN * 2
+    assert recorder.chunks == [len(WRITTEN)] * 2
+
+
+@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
+def test_loseConnectionSendsHeldWritesFirst(store: Store, edge: bool) -> None:
+    """
+    Writes still held for the next reactor turn go out before the
+    close_notify when the application closes the connection.
+    """
+    from twisted.internet.error import ConnectionDone
+
+    connection = _connect(store, edge, ClosingSmallWriter)
+    connection.send(b"go")
+    connection.pump.flush()
+    assert connection.clientApp.received == WRITTEN
+    lost = connection.serverApp.lost
+    assert lost is not None and lost.check(ConnectionDone), lost
+
+
+def test_idleConnectionKeepsNoHandshakeOnlyState(store: Store) -> None:
+    """
+    Once the handshake is done, the server connection has let go of the
+    ALPN callback's buffers and of pyOpenSSL's reverse-mapping entry, and
+    keeps no write buffers while idle (R4); the negotiated protocol is still
+    reported and bytes still flow both ways.
+    """
+    connection = connectTLS(
+        store.store.serverConnectionCreator([b"h2", b"http/1.1"]),
+        clientCreator("a.example", store.ca.certificatePEM, alpn=[b"http/1.1"]),
+        serverProtocol=Echo,
+    )
+    assert connection.established
+    server = connection.server
+    handle = server.getHandle()
+    assert type(server) is EdgeTLSTransport
+    assert handle._alpn_select_callback_args is None
+    assert handle._ssl not in SSL.Connection._reverse_mapping
+    assert server.negotiatedProtocol == b"http/1.1"
+    connection.send(b"ping")
+    assert connection.clientApp.received == b"ping"
+    attributes = vars(server)
+    assert "_pending" not in attributes
+    assert "_appSendBuffer" not in attributes
+    assert "_aggregator" not in attributes
+
+
+@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
+def test_renegotiationRefusedWithoutCallbacks(store: Store, edge: bool, capfd: Any) -> None:
+    """
+    A TLS 1.2 client asking to renegotiate after the handshake is refused
+    (SSL_OP_NO_RENEGOTIATION: a no_renegotiation alert, which this client
+    answers by failing the connection) without the server's servername or
+    ALPN callbacks running, which could no longer find their connection;
+    the same outcome as over Twisted's own transport.
+    """
+    from twisted.internet.ssl import TLSVersion
+
+    client = clientCreator(
+        "a.example",
+        store.ca.certificatePEM,
+        extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2},
+    )
+    creator: Any = store.store.serverConnectionCreator()
+    if not edge:
+        creator = _TwistedOnly(creator)
+    connection = connectTLS(creator, client, serverProtocol=Echo)
+    assert connection.established
+    handle = connection.client.getHandle()
+    assert handle.get_protocol_version_name() == "TLSv1.2"
+    assert handle.renegotiate()
+    try:
+        handle.do_handshake()
+    except SSL.WantReadError:
+        pass
+    connection.client._flushSendBIO()
+    connection.pump.flush()
+    assert "Traceback" not in capfd.readouterr().err
+    lost = connection.serverApp.lost
+    assert lost is not None and lost.check(SSL.Error), lost
+    assert "handshake failure" in str(lost.value)

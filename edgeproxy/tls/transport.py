@@ -91,7 +91,8 @@ class EdgeTLSTransport(BufferingTLSTransport):
     dictionary, a list and a bound method: about 0.3 KiB for as long as the
     connection lives); the same aggregation is done here in three
     attributes whose class defaults stand for "nothing pending", and the
-    list exists only while writes wait for the reactor's next turn.  The
+    list exists only while writes wait for the reactor's next turn (the
+    same for Twisted's C{_appSendBuffer}, see its class default).  The
     producer registered with the TCP transport is a slotted L{_Membrane}
     instead of Twisted's C{_ProducerMembrane}, and once the handshake is
     done the pyOpenSSL connection drops what only the handshake needs
@@ -109,6 +110,13 @@ class EdgeTLSTransport(BufferingTLSTransport):
 
     _writesClosed = False
     """Set when the connection is lost: writes are dropped from then on."""
+
+    _appSendBuffer: Any = ()
+    """
+    Twisted's list of writes waiting for the handshake or for the peer;
+    an empty tuple, not a list, while nothing waits (every connection but
+    a few), which Twisted only ever tests for truth.
+    """
 
     traffic: Any = None
     """
@@ -205,10 +213,29 @@ class EdgeTLSTransport(BufferingTLSTransport):
         if not streaming:
             streamingProducer.startStreaming()
 
+    def _bufferedWrite(self, octets: bytes) -> None:
+        if type(self._appSendBuffer) is tuple:
+            self._appSendBuffer = []
+        TLSMemoryBIOProtocol._bufferedWrite(self, octets)
+
+    def _unbufferPendingWrites(self) -> None:
+        TLSMemoryBIOProtocol._unbufferPendingWrites(self)
+        # Twisted leaves a new empty list behind: back to the class default.
+        # (A list is always the instance's own attribute; reading
+        # __dict__ instead would give the instance a dictionary of its own.)
+        buffer = self._appSendBuffer
+        if not buffer and type(buffer) is list:
+            del self._appSendBuffer
+
     def _checkHandshakeStatus(self) -> None:
         TLSMemoryBIOProtocol._checkHandshakeStatus(self)
         if self._handshakeDone:
             _afterHandshake(self._tlsConnection)
+            # The empty list Twisted's makeConnection gave a connection
+            # built before adopt() (the first of each listener).
+            buffer = self._appSendBuffer
+            if not buffer and type(buffer) is list:
+                del self._appSendBuffer
 
     def makeConnection(self, transport: Any) -> None:
         """
@@ -224,7 +251,8 @@ class EdgeTLSTransport(BufferingTLSTransport):
             super().makeConnection(transport)
             return
         self._tlsConnection = self.factory._creatorCallable(self)
-        self._appSendBuffer = []
+        # No list for _appSendBuffer: the class default stands for an empty
+        # one until a write has to wait (_bufferedWrite).
         # Twisted's order otherwise: declare the transport's interfaces,
         # set the transport, register with the factory, connect the
         # application protocol (all in ProtocolWrapper.makeConnection), then
