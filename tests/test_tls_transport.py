@@ -444,3 +444,27 @@ def test_renegotiationRefusedWithoutCallbacks(store: Store, edge: bool, capfd: A
     lost = connection.serverApp.lost
     assert lost is not None and lost.check(SSL.Error), lost
     assert "handshake failure" in str(lost.value)
+
+
+def test_writesAfterTheConnectionIsLostAreDroppedUncounted(store: Store) -> None:
+    """
+    After the connection is lost, writes are dropped as Twisted drops them,
+    and the listener's byte counter does not count them as sent.
+    """
+
+    class Traffic:
+        sent = 0
+
+    connection = _connect(store, True, Echo)
+    server = connection.server
+    server.traffic = traffic = Traffic()
+    connection.send(b"hello")
+    assert traffic.sent == 5
+    connection.client.loseConnection()
+    connection.pump.flush()
+    assert connection.serverApp.lost is not None
+    server.write(b"late")
+    server.writeSequence([b"later"])
+    connection.pump.flush()
+    assert traffic.sent == 5
+    assert connection.clientApp.received == b"hello"

@@ -133,6 +133,9 @@ class EdgeTLSTransport(BufferingTLSTransport):
         TLSMemoryBIOProtocol.__init__(self, factory, wrappedProtocol, _connectWrapped)
 
     def write(self, bytes: bytes) -> None:  # noqa: A002 -- Twisted's name
+        if self._writesClosed:
+            # Dropped, and not counted, as Twisted drops them.
+            return
         traffic = self.traffic
         if traffic is not None:
             traffic.sent += len(bytes)
@@ -142,6 +145,8 @@ class EdgeTLSTransport(BufferingTLSTransport):
         # Joined first, as Twisted does: a TypeError surfaces here, not in
         # the reactor's next turn.
         data = b"".join(sequence)
+        if self._writesClosed:
+            return
         traffic = self.traffic
         if traffic is not None:
             traffic.sent += len(data)
@@ -153,8 +158,6 @@ class EdgeTLSTransport(BufferingTLSTransport):
         the reactor's next turn and encrypt them together, or at once when
         more than L{MAX_PENDING} bytes are held.
         """
-        if self._writesClosed:
-            return
         pending = self._pending
         if pending is None:
             pending = self._pending = []
