@@ -44,6 +44,7 @@ from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet import tcp
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -456,6 +457,10 @@ class EdgeService(MultiService):
             return endpoint.listen(site)
 
         def keep(port: IListeningPort) -> IListeningPort:
+            if getattr(port, "transport", None) is tcp.Server:
+                # tcp.Port builds each accepted connection from its
+                # transport attribute (tcp:, ssl: and adopted systemd: ports).
+                port.transport = LeanServer  # type: ignore[attr-defined]
             self._open[listener.name] = _Listening(listener, site, port)
             self._syncListeners()
             return port
@@ -1065,3 +1070,37 @@ def _tlsServerFactory(creator: Any, site: Any, clock: Any) -> TLSMemoryBIOFactor
     factory = TLSMemoryBIOFactory(creator, False, site, clock=clock)
     factory.protocol = EdgeTLSTransport
     return factory
+
+
+class LeanServer(tcp.Server):
+    """
+    Twisted's accepted TCP connection without two strings stored per
+    connection: its log prefix (C{logstr}) and its C{repr} (C{repstr}),
+    which C{tcp.Server.__init__} formats for every connection and keeps
+    (about 0.2 KiB per idle connection, R4), are made when asked for.  They
+    are asked for rarely: C{logPrefix()} by Twisted's legacy log context,
+    which L{edgeproxy.tuning.tuneEventDispatch} no longer sets up per
+    event, and C{repr()} in debugging.  The text is the same as Twisted's,
+    with the protocol the connection has at the time of asking.
+    """
+
+    @property  # type: ignore[override]
+    def logstr(self) -> str:
+        protocol = getattr(self, "protocol", None)
+        prefix = "-" if protocol is None else self._getLogPrefix(protocol)
+        return f"{prefix},{self.sessionno},{self.hostname}"
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        # tcp.Server.__init__ assigns it; it is made again when asked for.
+        pass
+
+    @property  # type: ignore[override]
+    def repstr(self) -> str:
+        protocol = getattr(self, "protocol", None)
+        port = getattr(self.server, "_realPortNumber", "?")
+        return f"<{type(protocol).__name__} #{self.sessionno} on {port}>"
+
+    @repstr.setter
+    def repstr(self, value: str) -> None:
+        pass

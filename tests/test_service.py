@@ -736,3 +736,40 @@ def test_retiredPoolClosedAtTheShutdownTimeoutEvenIfBusy(
     assert closed() == ["app"]
     service.stopService()
     reactor.advance(10)
+
+
+def test_acceptedConnectionsDescribeThemselvesWithoutStoringIt() -> None:
+    """
+    L{LeanServer} (what TCP listeners accept connections as) gives the same
+    log prefix and repr as Twisted's C{tcp.Server}, made when asked for,
+    not two strings kept per connection; and it carries bytes as usual.
+    """
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+
+    from edgeproxy.service import LeanServer
+
+    class Echo(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    class Listening:
+        _realPortNumber = 8443
+
+    reactor = MemoryReactorClock()
+    mine, theirs = socket.socketpair()
+    try:
+        lean = LeanServer(mine, Echo(), ("192.0.2.7", 40000), Listening(), 7, reactor)
+        twisted = tcp.Server(mine, Echo(), ("192.0.2.7", 40000), Listening(), 7, reactor)
+        assert lean.logPrefix() == twisted.logPrefix() == "Echo,7,192.0.2.7"
+        assert repr(lean) == repr(twisted) == "<Echo #7 on 8443>"
+        assert "logstr" not in vars(lean) and "repstr" not in vars(lean)
+        lean.protocol.makeConnection(lean)
+        lean.protocol.dataReceived(b"ping")
+        lean.doWrite()
+        assert theirs.recv(10) == b"ping"
+    finally:
+        mine.close()
+        theirs.close()
