@@ -903,3 +903,115 @@ def test_channelAttributesStayInTheClassSharedTable() -> None:
     attributes = vars(connection.channel)
     assert len(attributes) < 30
     assert sys.getsizeof(attributes) < 700, sorted(attributes)
+
+
+class SiteConnections:
+    """
+    Several connections of one site on one clock, as a listener has them.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.clock = Clock()
+        self.site = RecordingSite(limits, self.clock)
+        self.transports: list[StringTransport] = []
+        self.protocols: list[Any] = []
+
+    def open(self) -> int:
+        protocol = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        protocol.makeConnection(transport)
+        self.protocols.append(protocol)
+        self.transports.append(transport)
+        return len(self.protocols) - 1
+
+    def closed(self) -> list[int]:
+        return [i for i, transport in enumerate(self.transports) if transport.disconnecting]
+
+    def lose(self, index: int) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.protocols[index].connectionLost(Failure(ConnectionDone()))
+
+
+def test_connectionsOfOneSiteShareTheirTimers() -> None:
+    """
+    The connections of one site share one timer per timeout however many
+    there are (R4: a DelayedCall per connection cost about 0.4 KiB), and
+    each still gets its own header deadline: connections opened a second
+    apart and sending nothing get their 408 a second apart, each
+    client_header_timeout after it opened.
+    """
+    connections = SiteConnections(Limits(client_header_timeout=3, client_idle_timeout=20))
+    for index in range(3):
+        if index:
+            connections.clock.advance(1)
+        connections.open()
+    # t=2.  One header deadline, one idle timeout.
+    assert len(connections.clock.getDelayedCalls()) == 2
+    connections.clock.advance(0.5)
+    assert connections.closed() == []
+    connections.clock.advance(0.5)
+    assert connections.closed() == [0]
+    assert connections.transports[0].value() == errorResponse(408)
+    connections.clock.advance(1)
+    assert connections.closed() == [0, 1]
+    connections.clock.advance(1)
+    assert connections.closed() == [0, 1, 2]
+    assert all(transport.value() == errorResponse(408) for transport in connections.transports)
+    for index in range(3):
+        connections.lose(index)
+    # Nothing left to fire once the connections are gone.
+    assert connections.clock.getDelayedCalls() == []
+
+
+def test_idleTimeoutPerConnectionWithSharedTimer() -> None:
+    """
+    Each kept-alive connection is closed client_idle_timeout after its own
+    last byte or response, whatever the others do: activity on the oldest
+    connection moves it behind the others.
+    """
+    connections = SiteConnections(Limits(client_header_timeout=30, client_idle_timeout=10))
+    request = b"GET / HTTP/1.1\r\n" + H + b"\r\n"
+    for index in range(3):
+        if index:
+            connections.clock.advance(1)
+        connections.open()
+        connections.protocols[index].dataReceived(request)
+    # t=2: all three answered (RecordingRequest finishes at once); idle
+    # deadlines at t=10, 11, 12.
+    assert all(transport.value().startswith(b"HTTP/1.1 200 ") for transport in connections.transports)
+    connections.clock.advance(1)
+    connections.protocols[0].dataReceived(b"G")  # t=3: moves 0's to t=13
+    connections.clock.advance(7.5)
+    assert connections.closed() == []
+    connections.clock.advance(0.5)
+    assert connections.closed() == [1]
+    connections.clock.advance(1)
+    assert connections.closed() == [1, 2]
+    connections.clock.advance(0.5)
+    assert connections.closed() == [1, 2]
+    connections.clock.advance(0.5)
+    assert connections.closed() == [0, 1, 2]
+    # Closed silently: the one response each got, nothing after it.
+    assert all(transport.value().count(b"HTTP/1.1 ") == 1 for transport in connections.transports)
+    for index in range(3):
+        connections.lose(index)
+    assert connections.clock.getDelayedCalls() == []
+
+
+def test_sharedTimerSurvivesAConnectionLost() -> None:
+    """
+    A connection lost while its deadline is the first due leaves the others'
+    deadlines intact: the next one still fires on time.
+    """
+    connections = SiteConnections(Limits(client_header_timeout=4, client_idle_timeout=30))
+    connections.open()
+    connections.clock.advance(1)
+    connections.open()
+    connections.lose(0)  # t=1; 1's deadline is t=5
+    connections.clock.advance(3.5)
+    assert connections.closed() == []
+    connections.clock.advance(0.5)
+    assert connections.closed() == [1]
+    assert connections.transports[1].value() == errorResponse(408)

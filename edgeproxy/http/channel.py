@@ -33,8 +33,9 @@ the header deadline (C{client_header_timeout}) runs from connection open for
 the first request and from the first byte of each later request; between
 requests on a kept-alive connection Twisted's idle timeout
 (C{client_idle_timeout}, C{timeOut}) applies and closes silently.  Each is
-one DelayedCall per connection, moved rather than re-created per request
-(see L{EdgeHTTPChannel._startHeadTimer} for what that costs in memory).
+a deadline in a queue the site's connections share (L{_DeadlineQueue}: one
+DelayedCall per site and timeout, none per connection), moved rather than
+re-armed per request.
 
 A head that is already whole in the buffer (the usual case: it comes in one
 read) is parsed in one pass (L{EdgeHTTPChannel._wholeHead}); any other goes
@@ -50,6 +51,7 @@ from typing import Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.runtime import seconds as runtimeSeconds
 from twisted.web import http  # module access is slow (deprecation proxy): only off the hot path
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import INonQueuedRequestFactory
@@ -470,6 +472,151 @@ def _checkHost(value: bytes) -> bool:
     return port == b"" or (port.isdigit() and port.isascii() and len(port) <= 5 and int(port) <= 65535)
 
 
+class _DeadlineQueue:
+    """
+    The pending deadlines of one timeout (the idle timeout or the header
+    deadline) of every channel of one site, with one DelayedCall for all of
+    them.
+
+    Two Twisted DelayedCalls per idle kept-alive connection (with their
+    dictionaries and bound methods, 0.6-0.8 KiB) were most of what an idle
+    connection cost beyond its TLS state (R4); here a connection costs one
+    dictionary entry and a float per armed timeout.  Every channel of a
+    queue has the same timeout, so deadlines set in arrival order are in
+    deadline order: an insertion-ordered dictionary (channel to deadline)
+    is the whole priority queue.  Arming (or moving) a deadline puts the
+    channel at the end; the one DelayedCall is due at the first entry's
+    deadline and, when it fires, expires every entry whose deadline has
+    passed and is scheduled again for the next one.  When the first entry
+    is moved or removed, the call is moved to the new first deadline (or
+    cancelled with nothing left), as a connection's own DelayedCall was
+    moved or cancelled: no call fires early and none outlives the last
+    deadline.  The clock is the one behind the channels' C{callLater} (the
+    site's reactor); a clock set back (the wall clock of a real reactor)
+    can make a later-armed deadline fire late, never early.
+
+    @ivar period: the timeout, in seconds.
+    @ivar entries: channel to the time its deadline passes, first due first.
+    """
+
+    __slots__ = ("period", "entries", "_expire", "_callLater", "_seconds", "_call", "_due")
+
+    def __init__(
+        self, period: float, expire: Callable[[Any], None], callLater: Callable[..., IDelayedCall]
+    ) -> None:
+        """
+        @param expire: called with each channel whose deadline passes (it is
+            out of the queue by then).
+        @param callLater: the clock's C{callLater} (a bound method of a
+            reactor or C{Clock}, whose C{seconds} the deadlines are read on).
+        """
+        self.period = period
+        self.entries: dict[Any, float] = {}
+        self._expire = expire
+        self._callLater = callLater
+        self._seconds: Callable[[], float] = getattr(
+            getattr(callLater, "__self__", None), "seconds", runtimeSeconds
+        )
+        self._call: IDelayedCall | None = None
+        self._due = 0.0
+
+    def arm(self, channel: Any) -> None:
+        """
+        Set C{channel}'s deadline to C{period} from now, whether it had one
+        or not.
+        """
+        entries = self.entries
+        previous = entries.pop(channel, None)
+        now = self._seconds()
+        entries[channel] = now + self.period
+        if previous == self._due or self._call is None:
+            self._schedule(now)
+
+    def move(self, channel: Any) -> None:
+        """
+        Set C{channel}'s deadline to C{period} from now if it has one.
+        """
+        entries = self.entries
+        previous = entries.pop(channel, None)
+        if previous is not None:
+            now = self._seconds()
+            entries[channel] = now + self.period
+            if previous == self._due:
+                self._schedule(now)
+
+    def disarm(self, channel: Any) -> None:
+        """
+        Forget C{channel}'s deadline, if it has one.
+        """
+        previous = self.entries.pop(channel, None)
+        if previous is not None and (previous == self._due or not self.entries):
+            self._schedule(self._seconds())
+
+    def _schedule(self, now: float) -> None:
+        # The call is due at the first deadline: moved when that changed,
+        # made when there was none, cancelled when no deadline is left.
+        entries = self.entries
+        call = self._call
+        if not entries:
+            self._call = None
+            if call is not None and call.active():
+                call.cancel()
+            return
+        due = next(iter(entries.values()))
+        if call is None:
+            self._due = due
+            self._call = self._callLater(max(0.0, due - now), self._fire)
+        elif due != self._due:
+            self._due = due
+            call.reset(max(0.0, due - now))
+
+    def _fire(self) -> None:
+        self._call = None
+        now = self._seconds()
+        entries = self.entries
+        expired = []
+        for channel, deadline in entries.items():
+            if deadline > now:
+                break
+            expired.append(channel)
+        expire = self._expire
+        for channel in expired:
+            # An earlier expiry may have moved or removed it meanwhile.
+            deadline = entries.get(channel)
+            if deadline is None or deadline > now:
+                continue
+            del entries[channel]
+            try:
+                expire(channel)
+            except Exception:
+                # What the reactor did with an exception from a
+                # connection's own DelayedCall; the other channels due now
+                # still expire.
+                log.failure("deadline expiry of {channel} failed", channel=repr(channel))
+        self._schedule(now)
+
+
+def _deadlineQueue(channel: Any, kind: str, period: float, expire: Callable[[Any], None]) -> _DeadlineQueue:
+    """
+    The queue of C{kind} deadlines with timeout C{period} that C{channel}'s
+    site keeps for its channels on C{channel}'s clock (made on first use).
+    A channel without a factory (built bare) gets a queue of its own.
+    """
+    callLater = channel.callLater
+    factory = channel.factory
+    queues = getattr(factory, "_edgeDeadlineQueues", None) if factory is not None else None
+    if queues is None:
+        if factory is None:
+            return _DeadlineQueue(period, expire, callLater)
+        queues = {}
+        factory._edgeDeadlineQueues = queues
+    key = (kind, period, callLater)
+    queue = queues.get(key)
+    if queue is None:
+        queue = queues[key] = _DeadlineQueue(period, expire, callLater)
+    return queue
+
+
 class EdgeHTTPChannel(HTTPChannel):
     """
     Twisted's HTTP/1.1 channel with a strict head parser, head size and count
@@ -484,7 +631,7 @@ class EdgeHTTPChannel(HTTPChannel):
     limits: Limits
     """The listener's limits (L{Limits}() until the factory sets them)."""
 
-    _headTimer: IDelayedCall | None
+    _headQueue: _DeadlineQueue | None
     _headArmed: bool
     _abortCall: IDelayedCall | None
     _rejected: bool
@@ -500,7 +647,7 @@ class EdgeHTTPChannel(HTTPChannel):
     _hostAddress: Any
     _peerAddress: Any
     _secure: bool | None
-    # The starting values of these, and of _idleCall and _suspendingIdle
+    # The starting values of these, and of _idleQueue and _suspendingIdle
     # below, are in _OWN_DEFAULTS (they are slots: see __slots__).
 
     # --- memory of an idle connection (R4) ---------------------------------
@@ -558,7 +705,7 @@ class EdgeHTTPChannel(HTTPChannel):
         "requestFactory",
         # EdgeHTTPChannel
         "limits",
-        "_headTimer",
+        "_headQueue",
         "_headArmed",
         "_abortCall",
         "_rejected",
@@ -574,7 +721,7 @@ class EdgeHTTPChannel(HTTPChannel):
         "_hostAddress",
         "_peerAddress",
         "_secure",
-        "_idleCall",
+        "_idleQueue",
         "_suspendingIdle",
     )
 
@@ -696,19 +843,23 @@ class EdgeHTTPChannel(HTTPChannel):
 
     # --- the idle timeout ------------------------------------------------
 
-    # TimeoutMixin's setTimeout/resetTimeout, with one difference: Twisted
-    # turns the idle timeout off (setTimeout(None)) for every request it
-    # answers and on again (setTimeout(period)) when the response is done,
-    # which cancelled the DelayedCall and made a new one per request (with
-    # the header deadline's, 2 callLater and 2 cancel per request: about 5%
-    # of the in-memory R1 profile).  Here a request only suspends it: the
-    # call stays, does nothing if it fires while suspended, and is moved
-    # (reset) when the timeout is on again.  Every other setTimeout(None)
-    # cancels it, and the header deadline: the channel gives up the
-    # connection (lost, rejected, handed to HTTP/2 after ALPN or to a
-    # WebSocket tunnel).
+    # TimeoutMixin's setTimeout/resetTimeout, with two differences.  The
+    # deadline is an entry in a queue the site's channels share
+    # (L{_DeadlineQueue}), not a DelayedCall of the connection's own (R4).
+    # And Twisted turns the idle timeout off (setTimeout(None)) for every
+    # request it answers and on again (setTimeout(period)) when the
+    # response is done, which cancelled the deadline and made a new one per
+    # request (with the header deadline's, 2 callLater and 2 cancel per
+    # request: about 5% of the in-memory R1 profile).  Here a request only
+    # suspends it: the deadline stays, does nothing if it passes while
+    # suspended, and is moved when the timeout is on again.  Every other
+    # setTimeout(None) cancels it, and the header deadline: the channel
+    # gives up the connection (lost, rejected, handed to HTTP/2 after ALPN
+    # or to a WebSocket tunnel).
 
-    _idleCall: IDelayedCall | None
+    _idleQueue: _DeadlineQueue | None
+    """The queue of the idle timeout C{timeOut} (the channel has a deadline
+    while it is one of the queue's entries)."""
     _suspendingIdle: bool
     """Set just before Twisted's allContentReceived, whose setTimeout(None)
     then suspends the idle timeout for the request."""
@@ -716,7 +867,7 @@ class EdgeHTTPChannel(HTTPChannel):
     def setTimeout(self, period: float | None) -> float | None:
         previous = self.timeOut
         self.timeOut = period
-        call = self._idleCall
+        queue = self._idleQueue
         if period is None:
             if self._suspendingIdle:
                 # Once: whatever the request does next (a rejection, a
@@ -727,61 +878,64 @@ class EdgeHTTPChannel(HTTPChannel):
                 # the connection either.
                 self._cancelHeadTimer()
                 self._cancelIdleTimer()
-        elif call is not None:
-            call.reset(period)
-        else:
-            self._idleCall = self.callLater(period, self._idleTimedOut)
+            return previous
+        if queue is None or queue.period != period:
+            if queue is not None:
+                queue.disarm(self)
+            queue = self._idleQueue = _deadlineQueue(self, "idle", period, _idleExpired)
+        queue.arm(self)
         return previous
 
     def resetTimeout(self) -> None:
-        call = self._idleCall
-        if call is not None and self.timeOut is not None:
-            call.reset(self.timeOut)
+        queue = self._idleQueue
+        if queue is not None and self.timeOut is not None:
+            queue.move(self)
 
     def _idleTimedOut(self) -> None:
-        self._idleCall = None
         if self.timeOut is not None:
             self.timeoutConnection()
 
     def _cancelIdleTimer(self) -> None:
-        call, self._idleCall = self._idleCall, None
-        if call is not None and call.active():
-            call.cancel()
+        queue = self._idleQueue
+        if queue is not None:
+            queue.disarm(self)
 
     # --- the header-read deadline ----------------------------------------
 
-    # One DelayedCall per connection serves every head: it is disarmed (not
-    # cancelled) when a head is complete and moved (reset) when the next one
-    # starts.  Cancelling it and creating a new one for every request on a
-    # kept-alive connection was 1.2% of the R1 profile (about 1.5 us per
-    # request with the epoll reactor; 2.5-3.5 us in benchmarks/inproc.py);
-    # a disarmed call that fires just goes away, and the next head makes a
-    # new one.  The price: a connection gone idle after a request keeps it
-    # (about 0.45 KiB) until it fires, client_header_timeout after that
-    # request's first byte; R4 (2,000 idle TLS connections, RSS) measured
-    # the same with and without (27.2 KiB per connection).
+    # One deadline per connection serves every head: it is disarmed (not
+    # removed) when a head is complete and moved when the next one starts.
+    # Cancelling it and creating a new one for every request on a kept-alive
+    # connection was 1.2% of the R1 profile (about 1.5 us per request with
+    # the epoll reactor; 2.5-3.5 us in benchmarks/inproc.py); a disarmed
+    # deadline that passes just goes away, and the next head arms a new one.
+    # A connection gone idle after a request keeps its entry in the site's
+    # queue (L{_DeadlineQueue}: a dictionary entry and a float) until
+    # client_header_timeout after that request's first byte.
+
+    _headQueue: _DeadlineQueue | None
+    """The queue of the header deadline (made on first use)."""
 
     def _startHeadTimer(self) -> None:
         deadline = self.limits.client_header_timeout
         if deadline and deadline > 0:
             self._headArmed = True
-            timer = self._headTimer
-            if timer is not None and timer.active():
-                timer.reset(deadline)
-            else:
-                self._headTimer = self.callLater(deadline, self._headTimedOut)
+            queue = self._headQueue
+            if queue is None or queue.period != deadline:
+                if queue is not None:
+                    queue.disarm(self)
+                queue = self._headQueue = _deadlineQueue(self, "head", deadline, _headExpired)
+            queue.arm(self)
 
     def _disarmHeadTimer(self) -> None:
         self._headArmed = False
 
     def _cancelHeadTimer(self) -> None:
         self._headArmed = False
-        timer, self._headTimer = self._headTimer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        queue = self._headQueue
+        if queue is not None:
+            queue.disarm(self)
 
     def _headTimedOut(self) -> None:
-        self._headTimer = None
         if not self._headArmed:
             return
         self._headArmed = False
@@ -1146,9 +1300,17 @@ class EdgeHTTPChannel(HTTPChannel):
         return True
 
 
+def _idleExpired(channel: EdgeHTTPChannel) -> None:
+    channel._idleTimedOut()
+
+
+def _headExpired(channel: EdgeHTTPChannel) -> None:
+    channel._headTimedOut()
+
+
 _OWN_DEFAULTS: dict[str, Any] = {
     "limits": Limits(),
-    "_headTimer": None,
+    "_headQueue": None,
     "_headArmed": False,
     "_abortCall": None,
     "_rejected": False,
@@ -1164,7 +1326,7 @@ _OWN_DEFAULTS: dict[str, Any] = {
     "_hostAddress": None,
     "_peerAddress": None,
     "_secure": None,
-    "_idleCall": None,
+    "_idleQueue": None,
     "_suspendingIdle": False,
 }
 """The starting values of L{EdgeHTTPChannel}'s own slots."""

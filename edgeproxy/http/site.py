@@ -79,6 +79,11 @@ class EdgeSite(server.Site):
         # One bound method for every connection's timers: Twisted's
         # HTTPFactory.buildProtocol gives each connection its own (R4).
         self._callLater = self.reactor.callLater
+        # The channels' idle timeouts and header deadlines, one queue (and
+        # one DelayedCall) per timeout for all of them instead of two
+        # DelayedCalls per connection (R4); kept by
+        # edgeproxy.http.channel._deadlineQueue.
+        self._edgeDeadlineQueues: dict[Any, Any] = {}
 
     def buildProtocol(self, addr: Any) -> Any:
         built = super().buildProtocol(addr)
