@@ -529,8 +529,16 @@ class _DeadlineQueue:
         previous = entries.pop(channel, None)
         now = self._seconds()
         entries[channel] = now + self.period
-        if previous == self._due or self._call is None:
+        call = self._call
+        if call is None:
             self._schedule(now)
+        elif previous == self._due:
+            # The first deadline moved (on a busy site, rarely: the channel
+            # idle the longest; with one connection, every time).
+            due = next(iter(entries.values()))
+            if due != self._due:
+                self._due = due
+                call.reset(due - now)
 
     def move(self, channel: Any) -> None:
         """
@@ -542,7 +550,14 @@ class _DeadlineQueue:
             now = self._seconds()
             entries[channel] = now + self.period
             if previous == self._due:
-                self._schedule(now)
+                call = self._call
+                if call is None:
+                    self._schedule(now)
+                else:
+                    due = next(iter(entries.values()))
+                    if due != self._due:
+                        self._due = due
+                        call.reset(due - now)
 
     def disarm(self, channel: Any) -> None:
         """
