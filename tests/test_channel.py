@@ -1015,3 +1015,25 @@ def test_sharedTimerSurvivesAConnectionLost() -> None:
     connections.clock.advance(0.5)
     assert connections.closed() == [1]
     assert connections.transports[1].value() == errorResponse(408)
+
+
+def test_connectionsOnOneLocalAddressShareItsObject() -> None:
+    """
+    R4: the local address a request sees is right, and connections accepted
+    on the same local address hold one object for it, not one each.
+    """
+    seen = []
+    site = RecordingSite(Limits(), Clock())
+    for port in (40000, 40001):
+        peer = IPv4Address("TCP", "192.0.2.7", port)
+        protocol = site.buildProtocol(peer)
+        # Equal, distinct objects, as getsockname() gives each connection.
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 8443), peerAddress=peer
+        )
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+        assert transport.value().startswith(b"HTTP/1.1 200 OK")
+        seen.append(protocol._channel.getHost())
+    assert seen[0] == IPv4Address("TCP", "127.0.0.1", 8443)
+    assert seen[0] is seen[1]
