@@ -468,3 +468,36 @@ def test_writesAfterTheConnectionIsLostAreDroppedUncounted(store: Store) -> None
     connection.pump.flush()
     assert traffic.sent == 5
     assert connection.clientApp.received == b"hello"
+
+
+@pytest.mark.parametrize("kind", ["twisted", "listener"])
+def test_recordsGoStraightToTheSocketOfAcceptedConnections(kind: str) -> None:
+    """
+    With nothing queued, records leave at once through the TCP transport's
+    own send, without waiting a reactor turn, both on Twisted's C{tcp.Server}
+    and on the class edgeproxy's TCP listeners accept connections as
+    (L{edgeproxy.service.LeanServer}).
+    """
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    from edgeproxy.service import LeanServer
+    from edgeproxy.tls.transport import _sendNow
+
+    class Listening:
+        _realPortNumber = 8443
+
+    cls = tcp.Server if kind == "twisted" else LeanServer
+    mine, theirs = socket.socketpair()
+    try:
+        server = cls(mine, Protocol(), ("127.0.0.1", 40000), Listening(), 1, MemoryReactorClock())
+        _sendNow(server, [b"record one;", b"record two"])
+        theirs.setblocking(False)
+        assert theirs.recv(100) == b"record one;record two"
+        assert not server.dataBuffer and not server._tempDataBuffer
+    finally:
+        mine.close()
+        theirs.close()

@@ -444,7 +444,9 @@ def _sendNow(transport: Any, records: list[bytes]) -> None:
     a slow client still pauses the backend.
     """
     if (
-        type(transport) is tcp.Server
+        # tcp.Server or a subclass (edgeproxy.service.LeanServer, what TCP
+        # listeners accept connections as): the same buffers and writeSomeData.
+        isinstance(transport, tcp.Server)
         and not transport.dataBuffer
         and not transport._tempDataBuffer
         and transport.connected
