@@ -20,7 +20,8 @@ from twisted.web.server import Site
 
 from edgeproxy.config.model import TLSSettings, TLSVersion
 from edgeproxy.errors import CertificateError
-from edgeproxy.tls.store import _RELEASE_AFTER, CertificateStore
+from edgeproxy.tls.store import CertificateStore
+from edgeproxy.tls.transport import RELEASE_AFTER as _RELEASE_AFTER
 
 from .certutil import CertificateAuthority
 from .tlsutil import (

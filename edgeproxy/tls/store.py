@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _opensslLib
 from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
@@ -49,8 +48,7 @@ from zope.interface import implementer
 from edgeproxy.config.model import TLSSettings, TLSVersion
 from edgeproxy.errors import CertificateError
 from edgeproxy.tls.certs import CertificateEntry, CertificateSet, loadCertificates
-from edgeproxy.tls.transport import RELEASE_AFTER as _RELEASE_AFTER
-from edgeproxy.tls.transport import _releaseDrainedReceive, adopt
+from edgeproxy.tls.transport import _releaseDrained, _releaseDrainedReceive, adopt
 
 DEFAULT_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
 """ALPN protocols offered by default, in server preference order."""
@@ -403,11 +401,11 @@ class _ServerConnection(SSL.Connection):
     connection's life, and the receive BIO keeps the size of the largest
     burst read (the ClientHello at least).  C{SSL_MODE_RELEASE_BUFFERS} frees
     OpenSSL's own record buffers when idle, not these.  So once
-    L{_RELEASE_AFTER} bytes went through a BIO and it is empty again, it is
-    swapped for a fresh one (C{SSL_set_bio} frees the old one): about 2 KiB
-    less per idle connection after one small response, 22 KiB less after a
-    large one; the cost is one C{BIO_new} per 512 bytes at most, well under
-    a microsecond.  pyOpenSSL reads C{_into_ssl}/C{_from_ssl} on every call,
+    L{edgeproxy.tls.transport.RELEASE_AFTER} bytes went through a BIO and it
+    is empty again, it is swapped for a fresh one (C{SSL_set_bio} frees the
+    old one): about 2 KiB less per idle connection after one small response,
+    22 KiB less after a large one; the cost is one C{BIO_new} per 512 bytes
+    at most, well under a microsecond.  pyOpenSSL reads C{_into_ssl}/C{_from_ssl} on every call,
     so rebinding them is all it needs; nothing is swapped once the receive
     side has been shut down (C{bio_shutdown} marks that BIO at EOF).
     C{tests.test_tls_store} checks the bytes still flow after swaps.
@@ -422,15 +420,7 @@ class _ServerConnection(SSL.Connection):
 
     def bio_read(self, bufsiz: int) -> bytes:
         data = super().bio_read(bufsiz)
-        sent = self._sentThrough + len(data)
-        if sent >= _RELEASE_AFTER and not _opensslLib.BIO_get_mem_data(self._from_ssl, _ffi.NULL):
-            fresh = _opensslLib.BIO_new(_opensslLib.BIO_s_mem())
-            if fresh != _ffi.NULL:
-                # Same rbio, new wbio: SSL_set_bio frees the old wbio only.
-                _opensslLib.SSL_set_bio(self._ssl, self._into_ssl, fresh)
-                self._from_ssl = fresh
-                sent = 0
-        self._sentThrough = sent
+        _releaseDrained(self, (data,))
         return data
 
     def bio_write(self, buf: bytes) -> int:

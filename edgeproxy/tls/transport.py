@@ -466,11 +466,13 @@ def _sendNow(transport: Any, records: list[bytes]) -> None:
     transport.writeSequence(records)
 
 
-def _releaseDrained(connection: Any, records: list[bytes]) -> None:
+def _releaseDrained(connection: Any, records: Any) -> None:
     """
-    Replace C{connection}'s drained send BIO, as its own C{bio_read} does
-    (see L{edgeproxy.tls.store._ServerConnection}): OpenSSL's memory BIO
-    never shrinks, and an idle connection should not keep a record's worth.
+    Replace C{connection}'s drained send BIO once C{RELEASE_AFTER} bytes
+    went through it (C{records}: what was just read out of it), for this
+    write path and for L{edgeproxy.tls.store._ServerConnection.bio_read}:
+    OpenSSL's memory BIO never shrinks, and an idle connection should not
+    keep a record's worth.
     """
     through = getattr(connection, "_sentThrough", None)
     if through is None:
