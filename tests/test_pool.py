@@ -42,7 +42,6 @@ from edgeproxy.runtime import Runtime
 from edgeproxy.upstream import health
 from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import requestHashKey
-from edgeproxy.upstream.exchange import releaseAfterBody
 from edgeproxy.upstream.pool import UpstreamPool, classifyFailure, fullResponseHeaders
 from tests.metricsutil import firstValue
 from tests.test_resolve import FakeResolver
@@ -1171,15 +1170,6 @@ def test_aBugWhileHandlingAFailureStillAnswers(monkeypatch: pytest.MonkeyPatch) 
 # Reference cycles ----------------------------------------------------------
 
 
-class _Response:
-    """An IResponse whose body is complete: delivered at once."""
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(StringTransport())
-        protocol.dataReceived(b"body")
-        protocol.connectionLost(Failure(ConnectionDone()))
-
-
 class _Reader(Protocol):
     def __init__(self) -> None:
         self.data = b""
@@ -1200,44 +1190,6 @@ def noCycleCollector() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-def test_releaseAfterBodyReleasesOnceAndLeavesNoCycle(noCycleCollector: None) -> None:
-    # One response per request: the wrappers must not tie the response and
-    # its body protocol into a cycle, or every response waits for the
-    # cyclic collector (338,000 objects per 3 s of R1 load did).
-    released: list[int] = []
-    response = _Response()
-    releaseAfterBody(response, lambda: released.append(1))  # type: ignore[arg-type]
-    reader = _Reader()
-    response.deliverBody(reader)
-    assert released == [1]
-    assert reader.data == b"body"
-    assert "deliverBody" not in vars(response)
-    assert "connectionLost" not in vars(reader)
-    responseGone, readerGone = weakref.ref(response), weakref.ref(reader)
-    del response, reader
-    assert responseGone() is None and readerGone() is None
-
-
-def test_releaseAfterBodyStillReleasesAProtocolThatFailsLater(noCycleCollector: None) -> None:
-    released: list[int] = []
-
-    class Pending:
-        protocol: Any = None
-
-        def deliverBody(self, protocol: Any) -> None:
-            self.protocol = protocol
-            protocol.makeConnection(StringTransport())
-
-    response = Pending()
-    releaseAfterBody(response, lambda: released.append(1))  # type: ignore[arg-type]
-    reader = _Reader()
-    response.deliverBody(reader)
-    assert released == []
-    reader.connectionLost(Failure(ConnectionDone()))
-    reader.connectionLost(Failure(ConnectionDone()))  # the class's own now
-    assert released == [1]
 
 
 def test_proxiedResponseFreedByReferenceCounting(noCycleCollector: None) -> None:

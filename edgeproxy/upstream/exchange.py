@@ -12,12 +12,11 @@ module owns what happens to one request.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.interfaces import IDelayedCall, IProtocol
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -38,7 +37,7 @@ from edgeproxy.upstream.retry import Attempt, decide
 if TYPE_CHECKING:
     from edgeproxy.upstream.pool import UpstreamPool
 
-__all__ = ["FULL", "Exchange", "Full", "UpstreamReceiver", "releaseAfterBody"]
+__all__ = ["FULL", "Exchange", "Full", "UpstreamReceiver"]
 
 
 class UpstreamReceiver(TypingProtocol):
@@ -63,77 +62,6 @@ class Full:
 
 
 FULL = Full()
-
-
-def releaseAfterBody(response: IResponse, release: Callable[[], None]) -> None:
-    """
-    Call C{release} once the body of C{response} has been delivered
-    completely or has failed.
-
-    The request layer delivers every response it gets, to the client or to
-    a discarding protocol, and C{IResponse.deliverBody} promises exactly one
-    C{connectionLost} (at once for a response without a body), so wrapping
-    the protocol covers every path.  The method is replaced on the instance
-    (not by a proxy object) so the response keeps its identity and its
-    other attributes, such as
-    L{edgeproxy.upstream.pool.CONNECTION_HEADERS_ATTRIBUTE}.
-
-    Each wrapper takes itself off its instance when it runs, and neither
-    refers to itself: a wrapper stored on the object it refers to, or a
-    closure naming itself, is a reference cycle, which left the response and
-    its body protocol (and everything they hold) to the cyclic garbage
-    collector instead of reference counting, for every response.
-    """
-    response.deliverBody = _ReleasingDelivery(  # type: ignore[method-assign]
-        response, response.deliverBody, release
-    )
-
-
-class _ReleasingDelivery:
-    """C{response.deliverBody}, wrapping the protocol's C{connectionLost}."""
-
-    __slots__ = ("_response", "_original", "_release")
-
-    def __init__(
-        self, response: IResponse, original: Callable[[IProtocol], None],
-        release: Callable[[], None],
-    ) -> None:
-        self._response = response
-        self._original = original
-        self._release = release
-
-    def __call__(self, protocol: IProtocol) -> None:
-        _unwrap(self._response, "deliverBody", self)
-        protocol.connectionLost = _ReleasingLoss(  # type: ignore[method-assign]
-            protocol, protocol.connectionLost, self._release
-        )
-        self._original(protocol)
-
-
-class _ReleasingLoss:
-    """C{protocol.connectionLost}, calling C{release} first."""
-
-    __slots__ = ("_protocol", "_lost", "_release")
-
-    def __init__(
-        self, protocol: IProtocol, lost: Callable[[Failure], None],
-        release: Callable[[], None],
-    ) -> None:
-        self._protocol = protocol
-        self._lost = lost
-        self._release = release
-
-    def __call__(self, reason: Failure) -> None:
-        _unwrap(self._protocol, "connectionLost", self)
-        self._release()
-        self._lost(reason)
-
-
-def _unwrap(obj: Any, name: str, wrapper: object) -> None:
-    # Only our own wrapper: anything put there since stays.
-    attributes = getattr(obj, "__dict__", None)
-    if attributes is not None and attributes.get(name) is wrapper:
-        del attributes[name]
 
 
 def _ignore(_: object) -> None:
@@ -203,16 +131,15 @@ class _Attempt:
         if exchange.attempt is self:
             exchange.attempt = None
 
-    def upstreamResponded(self, response: IResponse) -> None:
+    def upstreamResponded(self, response: UpstreamResponse) -> None:
         self._over()
         exchange = self.exchange
         pool = exchange.pool
         upstream = pool.upstream
         backend = self.backend
-        if isinstance(response, UpstreamResponse):
-            response.whenDelivered = self.release
-        else:
-            releaseAfterBody(response, self.release)
+        # The backend stays in flight until the body is delivered (or
+        # fails): the response calls this once, without a reference cycle.
+        response.whenDelivered = self.release
         pool.metrics.upstreamResponded(
             upstream.name, pool._reactor.seconds() - self.started
         )
