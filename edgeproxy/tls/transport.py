@@ -28,12 +28,13 @@ instead of pyOpenSSL's C{recv} (a 32 KiB buffer per call, and a
 C{WantReadError} raised and caught at the end of every read event), and
 flights straight to the socket unless the connection was aborted.
 
-L{adopt} turns the C{BufferingTLSTransport} that
-L{twisted.internet.endpoints.wrapServerTLS} builds for each connection into
-an L{EdgeTLSTransport} (same class layout, two methods more), from the
-store's connection creator, which is the one place that sees every server
-TLS transport; it also sets the listener's C{TLSMemoryBIOFactory} to build
-L{EdgeTLSTransport} from then on.  It touches Twisted's and pyOpenSSL's private attributes
+edgeproxy's listeners build L{EdgeTLSTransport} from their first
+connection (C{edgeproxy.service} sets their C{TLSMemoryBIOFactory}'s
+C{protocol}).  For the store's connection creator used any other way, as
+with L{twisted.internet.endpoints.wrapServerTLS}, L{adopt} turns the
+C{BufferingTLSTransport} built for each connection into an
+L{EdgeTLSTransport} (same class layout, two methods more) and sets that
+factory to build L{EdgeTLSTransport} from then on.  It touches Twisted's and pyOpenSSL's private attributes
 (listed in docs/architecture.rst); C{tests.test_tls_transport} moves bytes
 through it both ways, across handshakes, errors and buffered writes, so a
 change in either shows up there.
@@ -235,7 +236,7 @@ class EdgeTLSTransport(BufferingTLSTransport):
         if self._handshakeDone:
             _afterHandshake(self._tlsConnection)
             # The empty list Twisted's makeConnection gave a connection
-            # built before adopt() (the first of each listener).
+            # built as BufferingTLSTransport and converted by adopt().
             buffer = self._appSendBuffer
             if not buffer and type(buffer) is list:
                 del self._appSendBuffer
