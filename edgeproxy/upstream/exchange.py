@@ -312,40 +312,19 @@ class Exchange:
         replayable = body is None or (isinstance(body, BodyPipe) and body.replayable)
         decision = decide(self.method, kind, replayable, self.retriesDone, upstream.retries)
         if not decision.retry:
-            if upstream.retries:
-                pool.log.info(
-                    "upstream {upstream}: {method} not retried: {why} (tried {tried})",
-                    upstream=upstream.name,
-                    method=self.method.decode("ascii", "replace"),
-                    why=decision.why,
-                    tried=self._triedText(),
-                )
-            self.fail(error, code=None)
+            # Without retries configured there is nothing to explain.
+            self._notRetried(error, decision.why if upstream.retries else None)
             return
         if not pool._budget.tryRetry():
             pool.metrics.retryRefused(upstream.name)
-            pool.log.warn(
-                "upstream {upstream}: {method} not retried: retry budget spent "
-                "(tried {tried})",
-                upstream=upstream.name,
-                method=self.method.decode("ascii", "replace"),
-                tried=self._triedText(),
-            )
-            self.fail(error, code=None)
+            self._notRetried(error, "retry budget spent", warn=True)
             return
         # The next attempt must have a backend: when none is available now
         # (the failing one was just ejected, say), the client gets this
         # failure, not a 503 for a retry it never asked for.
         choice = pool._choose(self.hashKey, self.tried)
         if choice is None:
-            pool.log.info(
-                "upstream {upstream}: {method} not retried: no other backend available "
-                "(tried {tried})",
-                upstream=upstream.name,
-                method=self.method.decode("ascii", "replace"),
-                tried=self._triedText(),
-            )
-            self.fail(error, code=None)
+            self._notRetried(error, "no other backend available")
             return
         self.retriesDone += 1
         self.lastError = error
@@ -413,6 +392,23 @@ class Exchange:
             "upstream {upstream} request cancelled by the client",
             upstream=self.pool.upstream.name,
         )
+
+    def _notRetried(self, error: ProxyError, why: str | None, warn: bool = False) -> None:
+        """
+        Give the client C{error} instead of another attempt, saying C{why}
+        in the log (at warning level with C{warn}; not at all without a
+        C{why}).
+        """
+        if why is not None:
+            pool = self.pool
+            (pool.log.warn if warn else pool.log.info)(
+                "upstream {upstream}: {method} not retried: {why} (tried {tried})",
+                upstream=pool.upstream.name,
+                method=self.method.decode("ascii", "replace"),
+                why=why,
+                tried=self._triedText(),
+            )
+        self.fail(error, code=None)
 
     def _triedText(self) -> str:
         return ", ".join(backend.address for backend in self.triedOrder)
