@@ -1,0 +1,168 @@
+# -*- test-case-name: tests.test_forward -*-
+"""
+L{Forward}: the last stage of every route, the only code that talks to an
+upstream pool.
+
+It rewrites the request's fields for the backend
+(L{edgeproxy.pipeline.forwarded.upstreamFields}), strips the route's prefix
+when asked, computes the balancing key, and sends the request with the
+client's body through the pool (which picks the backend, retries, queues
+and times out).  The pool reports to the call; this stage turns the
+backend's response into the pipeline's L{Response} (L{clientFields}) and
+its failure into the L{ProxyError} the client gets.
+
+A WebSocket opening handshake on a route that allows WebSockets is handed
+to the client side's C{tunnel} (the HTTP/1.1 connection is taken over);
+any other C{Upgrade} is dropped with the other hop-by-hop fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from edgeproxy.config.model import ProxySettings, Route, Upstream
+from edgeproxy.errors import ProxyError
+from edgeproxy.h1.fields import Fields
+from edgeproxy.pipeline.call import Call
+from edgeproxy.pipeline.forwarded import clientFields, isTrusted, upstreamFields
+from edgeproxy.pipeline.values import Request, Response
+from edgeproxy.upstream.balance import requestHashKey
+
+__all__ = ["Forward", "isWebSocketUpgrade", "stripPrefix"]
+
+log = Logger()
+
+_VIA_PROTOCOLS = {b"HTTP/1.0": b"1.0", b"HTTP/1.1": b"1.1", b"HTTP/2": b"2"}
+
+_SENDING: Any = object()
+"""C{call.cancelHook} while the pool's C{send} runs: its outcome may come
+before C{send} returns (no backend available)."""
+
+
+def stripPrefix(path: bytes, prefix: bytes) -> bytes:
+    """
+    Remove the matched route prefix from C{path}, keeping it absolute:
+    C{/api/x} under C{/api} gives C{/x}, C{/api} itself gives C{/}.
+    """
+    rest = path[len(prefix.rstrip(b"/")) :]
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    return rest
+
+
+def _listTokens(values: Any) -> list[bytes]:
+    return [
+        token
+        for value in values
+        for token in (part.strip(b" \t").lower() for part in value.split(b","))
+        if token
+    ]
+
+
+def isWebSocketUpgrade(request: Request) -> bool:
+    """
+    Is C{request} a WebSocket opening handshake the proxy may forward?
+
+    RFC 6455 4.1: an HTTP/1.1 C{GET} whose C{Upgrade} lists C{websocket}
+    and whose C{Connection} lists C{upgrade} (case aside).  A request with a
+    body is not one (its body would have to be read before the connection
+    could switch, and a handshake has none); HTTP/1.0 ignores C{Upgrade}
+    (RFC 9110 7.8) and HTTP/2 has none (RFC 9113 8.6).
+    """
+    fields = request.fields
+    return (
+        request.method == b"GET"
+        and request.version == b"HTTP/1.1"
+        and request.length == 0
+        and b"websocket" in _listTokens(fields.getAll(b"upgrade"))
+        and b"upgrade" in _listTokens(fields.getAll(b"connection"))
+    )
+
+
+class Forward:
+    """
+    Send the request to the route's upstream pool.
+
+    @ivar pool: the pool of the route's upstream (in this runtime).
+    """
+
+    __slots__ = ("pool", "upstream", "route", "_trusted", "_via", "_hostOverride", "_hashKey")
+
+    def __init__(self, route: Route, pool: Any, proxy: ProxySettings) -> None:
+        self.pool = pool
+        self.route = route
+        upstream: Upstream = pool.upstream
+        self.upstream = upstream
+        self._trusted = proxy.trusted_proxies
+        self._via = None if proxy.via is None else proxy.via.encode("ascii")
+        self._hostOverride = (
+            None if upstream.host_header is None else upstream.host_header.encode("idna")
+        )
+        self._hashKey = upstream.hash_key if upstream.balance == "hash" else None
+
+    def handle(self, call: Call) -> None:
+        request = call.request
+        connection = request.connection
+        peer = connection.peer
+        upgrade = None
+        if (
+            request.fields.get(b"upgrade") is not None
+            and self.route.websocket
+            and isWebSocketUpgrade(request)
+        ):
+            upgrade = b"websocket"
+        fields = upstreamFields(
+            request.fields,
+            peer=peer,
+            trustedPeer=isTrusted(peer, self._trusted) if self._trusted else False,
+            scheme=connection.scheme,
+            host=request.host,
+            via=self._via,
+            upgrade=upgrade,
+            hostOverride=self._hostOverride,
+            receivedProtocol=_VIA_PROTOCOLS.get(request.version, b"1.1"),
+        )
+        path = request.path
+        if self.route.strip_prefix:
+            path = stripPrefix(path, request.prefix)
+        # The query keeps its "?" (an empty one too).
+        path += request.query
+        hashKey = None
+        if self._hashKey is not None:
+            # The client's own fields, before they were rewritten for the
+            # backend, and the path as routed (before strip_prefix).
+            hashKey = requestHashKey(self._hashKey, request.client, request.fields, request.path)
+        call.upstreamName = self.upstream.name
+        if upgrade is not None:
+            call.client.tunnel(call, self.pool, fields, path, hashKey)
+            return
+        call.forwarder = self
+        call.cancelHook = _SENDING
+        exchange = self.pool.send(request.method, path, fields, call.body, call, hashKey)
+        if call.cancelHook is _SENDING:
+            call.cancelHook = exchange.cancel
+
+    # The pool's outcome (through the call) ----------------------------------
+
+    def responded(self, call: Call, response: Any) -> None:
+        call.backend = response.backend
+        call.firstByte = self.pool.clock.seconds() if call.firstByte is None else call.firstByte
+        call.respond(
+            Response(
+                response.status,
+                response.reason,
+                clientFields(response.fields),
+                response.length,
+                response,
+            )
+        )
+
+    def failed(self, call: Call, failure: Failure) -> None:
+        error = failure.value
+        if not isinstance(error, ProxyError):
+            log.failure("unexpected failure while proxying", failure=failure)
+            error = ProxyError(str(error))
+        call.fail(error)

@@ -1,0 +1,293 @@
+# -*- test-case-name: tests.test_forwarded -*-
+"""
+Which fields cross the proxy, and which the proxy adds.  Pure functions over
+L{Fields}; bytes end to end.
+
+Request (L{upstreamFields}):
+  - hop-by-hop fields go (RFC 9110 7.6.1): C{Connection}, every field it
+    names, C{Keep-Alive}, C{Proxy-Connection}, C{TE}, C{Trailer},
+    C{Transfer-Encoding}, C{Upgrade}; for a WebSocket tunnel the proxy sends
+    its own C{Connection: upgrade} and C{Upgrade};
+  - C{Content-Length} goes too: the backend connection writes the framing
+    field from the body's length;
+  - names containing C{_} go (CGI/WSGI map C{-} and C{_} to the same
+    variable, so C{X_Forwarded_For} could pose as C{X-Forwarded-For});
+  - the proxy's own fields (C{Host}, C{X-Forwarded-*}, C{Forwarded},
+    C{Via}) can never be removed by a client's C{Connection} tokens;
+  - C{X-Forwarded-For} and C{Forwarded}: replaced by this hop's element for
+    an untrusted peer; for a trusted peer (a proxy in front of us) its
+    values are kept, in order, and this hop's element is appended, each as
+    a single field line;
+  - C{X-Forwarded-Proto} and C{X-Forwarded-Host} describe the original
+    request, not a hop: replaced for an untrusted peer; for a trusted peer
+    the first value it sent is kept (the one closest to the client), and
+    ours is used when it sent none;
+  - C{Host}: the client's (or the upstream's configured C{host_header});
+  - C{Via}: C{1.1 <pseudonym>} added after any received C{Via} values;
+  - C{Expect} is kept: the backend answers C{100-continue} itself.
+Every other field is copied with all its values, in order.
+
+Response (L{clientFields}): C{Server} and C{X-Powered-By} go (hop-by-hop
+fields never reach a stage: the HTTP/1.1 parser keeps them apart).
+
+L{clientAddress} is who the client is when trusted proxies stand in front:
+the right-most address of C{X-Forwarded-For} that is not one of them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from edgeproxy.h1.fields import Fields
+from edgeproxy.h1.responses import HOP_BY_HOP
+
+__all__ = [
+    "PROXY_ADDED",
+    "clientAddress",
+    "clientFields",
+    "forwardedElement",
+    "isTrusted",
+    "upstreamFields",
+]
+
+PROXY_ADDED = frozenset(
+    (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"via")
+)
+"""The fields the proxy sets on upstream requests."""
+
+_NOT_COPIED_UPSTREAM = HOP_BY_HOP | PROXY_ADDED | frozenset((b"content-length",))
+_NOT_COPIED_DOWNSTREAM = frozenset((b"server", b"x-powered-by"))
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_MAX_CACHED = 4096
+
+
+def _listElements(values: Iterable[bytes]) -> list[bytes]:
+    elements = []
+    for value in values:
+        for element in value.split(b","):
+            element = element.strip(b" \t")
+            if element:
+                elements.append(element)
+    return elements
+
+
+def _tokensOf(values: Sequence[bytes]) -> frozenset[bytes]:
+    if len(values) == 1:
+        # One field, usually one of a few values ("keep-alive", "close").
+        tokens = _singleFieldTokens.get(values[0])
+        if tokens is None:
+            tokens = frozenset(element.lower() for element in _listElements(values))
+            if len(_singleFieldTokens) >= 1024:
+                _singleFieldTokens.clear()
+            _singleFieldTokens[values[0]] = tokens
+        return tokens
+    return frozenset(element.lower() for element in _listElements(values))
+
+
+_singleFieldTokens: dict[bytes, frozenset[bytes]] = {}
+
+
+def _splitPeer(peer: str) -> tuple[str, str | None]:
+    """
+    C{"192.0.2.1"}, C{"192.0.2.1:4711"}, C{"2001:db8::1"} or
+    C{"[2001:db8::1]:4711"} into (address, port or None).
+    """
+    if peer.startswith("["):
+        address, _, rest = peer[1:].partition("]")
+        return address, rest[1:] if rest.startswith(":") else None
+    if peer.count(":") == 1:
+        address, _, port = peer.partition(":")
+        return address, port
+    return peer, None
+
+
+def _quoted(value: bytes) -> bytes:
+    if _TOKEN.fullmatch(value):
+        return value
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+_peerNodes: dict[str, tuple[bytes, bytes]] = {}
+"""Peer text to (its C{X-Forwarded-For} node, its C{Forwarded} C{for=}
+parameter): the same for every request of a client; bounded."""
+
+
+def _nodesOf(peer: str) -> tuple[bytes, bytes]:
+    nodes = _peerNodes.get(peer)
+    if nodes is not None:
+        return nodes
+    address, port = _splitPeer(peer)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        xff = node = b"unknown"
+    else:
+        xff = str(ip).encode()
+        node = b"[" + xff + b"]" if ip.version == 6 else xff
+        if port and port.isdigit():
+            node += b":" + port.encode()
+    nodes = (xff, b"for=" + _quoted(node))
+    if len(_peerNodes) >= _MAX_CACHED:
+        _peerNodes.clear()
+    _peerNodes[peer] = nodes
+    return nodes
+
+
+_elements: dict[tuple[str, bytes, bytes], bytes] = {}
+
+
+def forwardedElement(peer: str, scheme: bytes, host: bytes) -> bytes:
+    """
+    One RFC 7239 C{Forwarded} element for this hop, e.g.
+    C{for="[2001:db8::1]";host=example.com;proto=https}.  A peer that is not
+    an IP address (a UNIX socket) is C{unknown} (RFC 7239 6.2).
+    """
+    key = (peer, scheme, host)
+    element = _elements.get(key)
+    if element is not None:
+        return element
+    forParameter = _nodesOf(peer)[1]
+    if host:
+        element = b"%s;host=%s;proto=%s" % (forParameter, _quoted(host), _quoted(scheme.lower()))
+    else:
+        element = b"%s;proto=%s" % (forParameter, _quoted(scheme.lower()))
+    if len(_elements) >= _MAX_CACHED:
+        _elements.clear()
+    _elements[key] = element
+    return element
+
+
+def _sanitized(value: bytes) -> bytes:
+    # A configured value or a client's Host never holds a line break once
+    # parsed; this keeps the writer's promise for anything else.
+    if b"\r" in value or b"\n" in value:
+        return b" ".join(value.splitlines())
+    return value
+
+
+_copied: dict[bytes, bool] = {}
+"""Request field names to whether they may be copied to a backend at all;
+bounded."""
+
+
+def upstreamFields(
+    incoming: Fields,
+    *,
+    peer: str,
+    trustedPeer: bool,
+    scheme: bytes,
+    host: bytes,
+    via: bytes | None = None,
+    upgrade: bytes | None = None,
+    hostOverride: bytes | None = None,
+    receivedProtocol: bytes = b"1.1",
+) -> Fields:
+    """
+    The fields to send to the backend for a client request.
+
+    @param incoming: the client's fields.
+    @param peer: the client's address as text: an IP address, optionally
+        with a port (C{"[v6]:port"} for IPv6 with a port).
+    @param trustedPeer: whether C{peer} is one of C{trusted_proxies}: then
+        its forwarding fields are appended to instead of replaced.
+    @param scheme: C{b"http"} or C{b"https"}: how the client reached us.
+    @param host: the client's C{Host} (or HTTP/2 C{:authority}).
+    @param via: the C{Via} pseudonym; L{None} adds no C{Via}.
+    @param upgrade: for a protocol upgrade (WebSocket), the C{Upgrade}
+        value to send along with C{Connection: upgrade}.
+    @param hostOverride: the upstream's configured C{Host}, if any.
+    @param receivedProtocol: the client's protocol version for C{Via}
+        (RFC 9110 7.6.3): C{b"1.1"}, C{b"1.0"} or C{b"2"}.
+    """
+    fields = incoming.raw()
+    out: dict[bytes, list[bytes]] = {
+        b"host": [_sanitized(hostOverride) if hostOverride is not None else _sanitized(host)]
+    }
+    connection = fields.get(b"connection")
+    named = _tokensOf(connection) if connection else _NOTHING
+    copied = _copied
+    for name, values in fields.items():
+        allowed = copied.get(name)
+        if allowed is None:
+            allowed = name not in _NOT_COPIED_UPSTREAM and b"_" not in name
+            if len(copied) < _MAX_CACHED:
+                copied[name] = allowed
+        if allowed and name not in named:
+            out[name] = list(values)
+
+    node = _nodesOf(peer)[0]
+    element = forwardedElement(peer, scheme, host)
+    if trustedPeer:
+        xff = _listElements(fields.get(b"x-forwarded-for", ()))
+        forwarded = _listElements(fields.get(b"forwarded", ()))
+        proto = _listElements(fields.get(b"x-forwarded-proto", ()))[:1] or [scheme]
+        forwardedHost = _listElements(fields.get(b"x-forwarded-host", ()))[:1] or [host]
+    else:
+        xff, forwarded, proto, forwardedHost = [], [], [scheme], [host]
+    out[b"x-forwarded-for"] = [b", ".join(xff + [node]) if xff else node]
+    out[b"x-forwarded-proto"] = [proto[0]]
+    if forwardedHost[0]:
+        out[b"x-forwarded-host"] = [_sanitized(forwardedHost[0])]
+    out[b"forwarded"] = [b", ".join(forwarded + [element]) if forwarded else element]
+
+    received = list(fields.get(b"via", ()))
+    if via is not None:
+        received.append(receivedProtocol + b" " + _sanitized(via))
+    if received:
+        out[b"via"] = received
+    if upgrade is not None:
+        out[b"connection"] = [b"upgrade"]
+        out[b"upgrade"] = [_sanitized(upgrade)]
+    return Fields.trusted(out)
+
+
+_NOTHING: frozenset[bytes] = frozenset()
+
+
+def clientFields(fields: Fields) -> Fields:
+    """The fields of a backend's response the client gets."""
+    raw = fields.raw()
+    if b"server" not in raw and b"x-powered-by" not in raw:
+        return fields
+    return Fields.trusted(
+        {name: values for name, values in raw.items() if name not in _NOT_COPIED_DOWNSTREAM}
+    )
+
+
+def isTrusted(host: str, networks: tuple[Any, ...]) -> bool:
+    """Whether the address C{host} is in one of C{networks}."""
+    if not networks:
+        # The default: nobody is trusted, and parsing the peer's address on
+        # every request would be wasted.
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
+def clientAddress(peer: str, fields: Fields, networks: tuple[Any, ...]) -> str:
+    """
+    Who the client is: C{peer}, or when C{peer} is a trusted proxy, the
+    right-most address in C{X-Forwarded-For} that is not one (the closest
+    hop nobody we trust vouches for; anything left of it could be forged).
+    """
+    if not networks or not isTrusted(peer, networks):
+        return peer
+    chain = _listElements(fields.getAll(b"x-forwarded-for"))
+    for index in range(len(chain) - 1, -1, -1):
+        address, _ = _splitPeer(chain[index])
+        if index and isTrusted(address, networks):
+            continue
+        # The first hop nobody trusted vouches for, or the left-most one
+        # when every hop is trusted.
+        try:
+            return str(ipaddress.ip_address(address))
+        except ValueError:
+            return peer
+    return peer
