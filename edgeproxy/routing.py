@@ -24,7 +24,7 @@ is C{2001:db8::1}.
 Path prefixes match on segment boundaries: C{/api} matches C{/api} and
 C{/api/x} but not C{/apix}; a prefix ending in C{/} (C{/api/}, C{/}) matches
 every path that starts with it.  Prefixes are normalised like request paths
-(L{edgeproxy.http.paths.normaliseTarget}) so they compare like with like.
+(L{edgeproxy.targets.normaliseTarget}) so they compare like with like.
 
 Pure: no Twisted.
 """
@@ -38,7 +38,7 @@ from typing import Any
 
 from edgeproxy.config.model import Route
 from edgeproxy.errors import BadRequest, ConfigError
-from edgeproxy.http.paths import normaliseTarget
+from edgeproxy.targets import normaliseTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +46,7 @@ class RouteMatch:
     """The route a request goes to, and the configured prefix that chose it."""
 
     route: Route
-    prefix: str
+    prefix: bytes
     """The matched path prefix (normalised), e.g. for C{strip_prefix}."""
 
 
@@ -141,7 +141,7 @@ class Router:
             for host in route.hosts:
                 table = self._tableFor(route, host)
                 for prefix, _ in prefixes:
-                    table.add(prefix, RouteMatch(route, prefix.decode("ascii")))
+                    table.add(prefix, RouteMatch(route, prefix))
         self.hosts: frozenset[str] = frozenset(self._exact)
         """The exact names and IP literals routed (for 421 decisions)."""
         self._tables: dict[bytes, _PrefixTable | None] = {}

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_paths -*-
+# -*- test-case-name: tests.test_targets -*-
 """
 Request-target normalisation: the one place a path is interpreted.
 
@@ -54,7 +54,7 @@ def normaliseTarget(target: bytes, *, allowAsterisk: bool = False) -> tuple[byte
     """
     Normalise an origin-form request-target.
 
-    @param target: The request-target as received (the channel has already
+    @param target: The request-target as received (the protocol has already
         turned an absolute-form target into origin-form).
     @param allowAsterisk: Accept C{b"*"} (for C{OPTIONS *}); it is returned
         as C{(b"*", b"")}.

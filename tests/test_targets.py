@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.http.paths}.
+Tests for L{edgeproxy.targets}.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeproxy.errors import BadRequest
-from edgeproxy.http.paths import normaliseTarget
+from edgeproxy.targets import normaliseTarget
 
 NORMALISED = [
     (b"/", b"/", b""),

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from edgeproxy.config.model import Server
 from edgeproxy.errors import BadRequest
-from edgeproxy.http.paths import normaliseTarget
+from edgeproxy.targets import normaliseTarget
 
 __all__ = [
     "EndpointSpec",
@@ -131,7 +131,7 @@ def checkRoutePath(text: str) -> str:
     """
     Check a route path prefix: it starts with C{/}, has no query, fragment,
     whitespace or dot segments, and is already in the form
-    L{edgeproxy.http.paths.normaliseTarget} gives request paths (routing
+    L{edgeproxy.targets.normaliseTarget} gives request paths (routing
     compares normalised paths, so any other spelling could never match;
     RFC 3986 §5.2.4, §6.2.2).
     """
