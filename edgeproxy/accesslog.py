@@ -3,7 +3,8 @@
 Access logging: one structured event per finished request, formatted at the
 edge as a Combined Log Format line or a JSON object.
 
-L{AccessLog.log} reads a finished L{twisted.web.http.Request} and emits one
+L{AccessLog.log} reads a finished request (an
+L{edgeproxy.pipeline.call.Call}) and emits one
 C{twisted.logger} event in the C{edgeproxy.access} namespace on the access
 log's own L{LogPublisher} (not the global one: under C{twistd --nodaemon} the
 global log goes to standard output too, and every request would be written
@@ -17,12 +18,11 @@ undecodable bytes kept as C{\\xHH}):
   - C{method}, C{target}, C{protocol}: the request line
   - C{status}: the response status code (int)
   - C{bytes}: response body bytes written (int)
-  - C{referer}, C{user_agent}, C{host}: request headers, or L{None}
-  - C{duration}: seconds from C{request.edgeStarted} to now, or L{None}
-  - C{route}, C{upstream}: C{request.edgeRoute} / C{request.edgeUpstream}
-    (names as C{str}, or objects with a C{name}), else what
-    L{edgeproxy.http.request.ProxyRequest} keeps (C{route}, a C{Route};
-    C{upstreamName}), else L{None}
+  - C{referer}, C{user_agent}, C{host}: request fields (the last value),
+    or L{None}
+  - C{duration}: seconds from the end of the request head to now
+  - C{route}, C{upstream}: the names the request was routed and forwarded
+    to, or L{None}
   - C{finished}: when the request finished, from the injected clock
     (C{log_time} is the wall clock C{Logger} stamps itself)
 
@@ -40,13 +40,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from twisted.internet import address
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel, LogPublisher
-from twisted.web.http_headers import Headers
 
 from edgeproxy.config.model import AccessLogFormat, ProxySettings
-from edgeproxy.http.headers import rawFields
 
 log = Logger()
 
@@ -91,70 +88,30 @@ def _text(value: bytes | str | None) -> str | None:
     return value
 
 
-def _name(value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)):
-        return _text(value)
-    name = getattr(value, "name", None)
-    return str(name) if name is not None else str(value)
-
-
-def routeAndUpstream(request: Any) -> tuple[str | None, str | None]:
+def requestFields(call: Any, now: float) -> dict[str, Any]:
     """
-    The names of the route and the upstream a finished C{request} was
-    sent to (the C{route} and C{upstream} fields), L{None} when not routed.
+    The access-log fields of a finished request (an
+    L{edgeproxy.pipeline.call.Call}), as described in the module docstring.
     """
-    route = getattr(request, "edgeRoute", None)
-    if route is None:
-        route = getattr(request, "route", None)
-    upstream = getattr(request, "edgeUpstream", None)
-    if upstream is None:
-        upstream = getattr(request, "upstreamName", None)
-    # A proxied request's upstream is already its name (a str); its route
-    # is a Route, whose name is a str.
-    return (
-        _name(route),
-        upstream if type(upstream) is str else _name(upstream),
-    )
-
-
-def requestFields(request: Any, now: float) -> dict[str, Any]:
-    """
-    The access-log fields of a finished C{request}, as described in the
-    module docstring.
-    """
-    peer = request.getClientAddress()
-    client = peer.host if isinstance(peer, (address.IPv4Address, address.IPv6Address)) else None
-    started = getattr(request, "edgeStarted", None)
-    route, upstream = routeAndUpstream(request)
-    headers = request.requestHeaders
-    if isinstance(headers, Headers):
-        # Request.getHeader (the last value) without encoding each name.
-        fields = rawFields(headers)
-        referer = fields.get(b"Referer")
-        userAgent = fields.get(b"User-Agent")
-        host = fields.get(b"Host")
-        referer = referer[-1] if referer else None
-        userAgent = userAgent[-1] if userAgent else None
-        host = host[-1] if host else None
-    else:
-        referer = request.getHeader(b"referer")
-        userAgent = request.getHeader(b"user-agent")
-        host = request.getHeader(b"host")
+    request = call.request
+    fields = request.fields.raw()
+    referer = fields.get(b"referer")
+    userAgent = fields.get(b"user-agent")
+    host = fields.get(b"host")
+    route = request.route
     return {
-        "client": client,
+        "client": request.connection.peer or None,
         "method": _text(request.method),
-        "target": _text(request.uri),
-        "protocol": _text(request.clientproto),
-        "status": int(request.code),
-        "bytes": int(request.sentLength or 0),
-        "referer": _text(referer),
-        "user_agent": _text(userAgent),
-        "host": _text(host),
-        "duration": None if started is None else max(0.0, now - started),
-        "route": route,
-        "upstream": upstream,
+        "target": _text(request.target),
+        "protocol": _text(request.version),
+        "status": int(call.status),
+        "bytes": int(call.sent),
+        "referer": _text(referer[-1]) if referer else None,
+        "user_agent": _text(userAgent[-1]) if userAgent else None,
+        "host": _text(host[-1]) if host else None,
+        "duration": max(0.0, now - call.started),
+        "route": None if route is None else route.name,
+        "upstream": call.upstreamName,
     }
 
 
@@ -325,12 +282,12 @@ class AccessLog:
             return cls(clock, LineWriter(formatter, stream=stream))
         return cls(clock, LineWriter(formatter, path=settings.access_log))
 
-    def log(self, request: Any) -> None:
-        """Emit the access event of the finished C{request}; never raises."""
+    def log(self, call: Any) -> None:
+        """Emit the access event of the finished request C{call}; never raises."""
         try:
             now = self._clock.seconds()
             event: dict[str, Any] = {"finished": now}
-            event.update(requestFields(request, now))
+            event.update(requestFields(call, now))
             # The event self._log.info(_FORMAT, finished=now, **fields)
             # makes, built here: Logger.emit's check of the level against
             # LogLevel.iterconstants() alone cost more than the rest of the

@@ -3,7 +3,8 @@
 L{Runtime}: the snapshot a request is served from.
 
 A runtime is the configuration plus what is built from it for proxying: the
-router and one L{UpstreamPool} per upstream (with its client TLS loaded).
+router, one L{UpstreamPool} per upstream (with its client TLS loaded) and
+the stages of every route (L{edgeproxy.pipeline.stages}).
 It is built whole (any bad certificate file raises before anything is
 used) and replaced whole; a request keeps the runtime it started with.
 
@@ -28,6 +29,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from edgeproxy.config.model import Config, Upstream
+from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
 from edgeproxy.routing import Router
 from edgeproxy.tls.certs import pairedKeyPath
 from edgeproxy.tls.client import loadUpstreamTLS
@@ -86,6 +88,18 @@ class Runtime:
     pools: dict[str, UpstreamPool]
     fingerprints: dict[str, Fingerprint] = field(default_factory=dict)
     inherited: frozenset[str] = frozenset()
+    pipelines: dict[str, RoutePipeline] = field(default_factory=dict)
+    """Route name -> its stages (built from C{config} and C{pools} when not
+    given)."""
+
+    def __post_init__(self) -> None:
+        if not self.pipelines and self.config.routes:
+            object.__setattr__(self, "pipelines", buildPipelines(self.config, self.pools))
+
+    @property
+    def trustedProxies(self) -> tuple[Any, ...]:
+        """The C{trusted_proxies} of the configuration."""
+        return self.config.proxy.trusted_proxies
 
     @classmethod
     def build(
@@ -146,6 +160,9 @@ class Runtime:
             pools=pools,
             fingerprints=fingerprints,
             inherited=frozenset(kept),
+            pipelines=buildPipelines(
+                config, pools, previous.pipelines if previous is not None else None
+            ),
         )
 
     def start(self) -> None:

@@ -59,7 +59,6 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 
 from edgeproxy.accesslog import AccessLog
 from edgeproxy.config import load
@@ -90,86 +89,26 @@ class StartupError(EdgeProxyError):
     """A listener could not start listening."""
 
 
-def channelBusy(channel: object) -> bool:
-    """
-    Whether a connection of a site has a request in flight.
-
-    This reads Twisted attributes that are not documented API, and is the
-    one place that does: C{_GenericHTTPChannelProtocol._channel} (the
-    HTTP/1.1 or HTTP/2 protocol behind what C{Site.buildProtocol} returns),
-    C{HTTPChannel.requests} (requests received and not yet answered) and
-    C{H2Connection.streams} (open streams); L{closeIdle} and
-    L{_transportOf} use C{_channel} the same way.  C{tests/test_service.py}
-    checks them against real Twisted objects.
-    """
-    inner = getattr(channel, "_channel", channel)
-    requests = getattr(inner, "requests", None)
-    if requests is not None:
-        return bool(requests)
-    streams = getattr(inner, "streams", None)
-    if streams is not None:
-        return bool(streams)
-    return False
+def channelBusy(channel: Any) -> bool:
+    """Whether a connection of a listener has a request in flight."""
+    return bool(channel.busy())
 
 
-def closeAfterResponse(channel: object) -> None:
+def closeAfterResponse(channel: Any) -> None:
     """
-    Make an HTTP/1.1 connection close once its current response is complete,
-    and say so in that response when its head is not sent yet (RFC 9112
-    §9.6).  An HTTP/2 connection is left alone: it is closed by the drain
-    loop as soon as it has no open stream.
+    Make a connection close once its current response is complete (an
+    HTTP/2 connection: once its streams are).
     """
-    inner = getattr(channel, "_channel", channel)
-    requests = getattr(inner, "requests", None)
-    if requests is None or not hasattr(inner, "persistent"):
-        return
-    inner.persistent = False
-    for request in requests:
-        if not request.startedWriting:
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+    channel.closeAfterResponse()
 
 
-def closeIdle(channel: object) -> None:
-    """
-    Close a connection that has no request in flight, cleanly.
-
-    An HTTP/1.1 channel is closed through its own C{loseConnection}, which
-    unregisters the channel as its transport's producer first: a TLS
-    transport does not send its close_notify (and so never closes) while a
-    producer is registered.  An HTTP/2 connection first gets a GOAWAY
-    (RFC 9113 §6.8), as Twisted's own idle timeout does, and is
-    unregistered from its transport the same way.
-    """
-    inner: Any = getattr(channel, "_channel", channel)
-    if isinstance(inner, HTTPChannel):
-        inner.loseConnection()
-        return
-    transport = getattr(inner, "transport", None)
-    if transport is None:
-        return
-    conn = getattr(inner, "conn", None)
-    if conn is not None:
-        try:
-            conn.close_connection()
-            transport.write(conn.data_to_send())
-        except Exception:
-            # Already closing or closed at the HTTP/2 level: just close.
-            pass
-    # The ALPN switcher registers the H2Connection as its transport's
-    # producer; TLS would wait for it to go away before closing.
-    try:
-        transport.unregisterProducer()
-    except RuntimeError:
-        # A test transport with nothing registered; real ones ignore it.
-        pass
-    transport.loseConnection()
+def closeIdle(channel: Any) -> None:
+    """Close a connection that has no request in flight, cleanly."""
+    channel.closeIdle()
 
 
 def _transportOf(channel: Any) -> Any:
-    # _GenericHTTPChannelProtocol proxies IProtocol only: the transport is
-    # its inner channel's (see channelBusy).
-    inner = getattr(channel, "_channel", channel)
-    return getattr(inner, "transport", None)
+    return channel.transport
 
 
 class _Listening:
@@ -344,9 +283,9 @@ class EdgeService(MultiService):
             raise SystemExit(1) from e
 
     def _makeSite(self, listener: Listener) -> Any:
-        from edgeproxy.http.site import EdgeSite
+        from edgeproxy.http.listener import ListenerFactory
 
-        return EdgeSite(
+        return ListenerFactory(
             self.currentRuntime, listener, self._reactor, accessLog=self.accessLog, metrics=self.metrics
         )
 
@@ -864,16 +803,9 @@ class EdgeService(MultiService):
         await self._reloadAdmin()
 
     def _reconfigureSite(self, site: Any, listener: Listener) -> None:
-        # New connections read these from the site (Site.buildProtocol,
-        # edgeChannelProtocolFactory, the request's site.listener); open
-        # ones keep what they were built with.
-        from edgeproxy.http.redirect import RedirectRequest
-        from edgeproxy.http.request import ProxyRequest
-
-        site.listener = listener
-        site.limits = listener.limits
-        site.timeOut = listener.limits.client_idle_timeout or None
-        site.requestFactory = RedirectRequest if listener.redirect_https else ProxyRequest
+        # New connections take these from the factory; open ones keep what
+        # they were built with.
+        site.reconfigure(listener)
 
     async def _closeListening(self, listenings: list[_Listening]) -> None:
         stopped = []

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_redirect -*-
 """
-The request of a plain-HTTP listener with C{redirect_https = yes}: every
+The stage of a plain-HTTP listener with C{redirect_https = yes}: every
 request is answered with C{308 Permanent Redirect} to the same target on
 C{https://}.
 
@@ -16,8 +16,8 @@ with odd characters is refused with 400.
 
 The port in the Location is the listener's C{redirect_port} if set, else the
 port of the first TLS listener of the current configuration; 443 is left
-out.  The request finds both through its site (C{EdgeSite.listener} and
-C{EdgeSite.currentRuntime().config.listeners}).
+out.  The stage finds both through its listener factory (C{listener} and
+C{currentRuntime().config.listeners}).
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.web.http import datetimeToString
-from twisted.web.server import Request
-
 from edgeproxy.config.model import Listener
+from edgeproxy.h1.fields import Fields
+from edgeproxy.pipeline.values import BytesBody, Response
 
 # RFC 3986 §3.2.2 reg-name restricted to what DNS names use (letters, digits,
 # hyphen, dot; underscore too, as seen in the wild), RFC 1035 length limits.
@@ -112,48 +111,56 @@ def redirectLocation(host: str, port: int | None, target: bytes) -> bytes:
     return f"https://{authority}{path}".encode("ascii")
 
 
-class RedirectRequest(Request):
+class _Pipeline:
+    """The stages of a redirecting listener: the redirect alone."""
+
+    __slots__ = ("stages", "idleTimeout")
+
+    def __init__(self, stage: RedirectStage) -> None:
+        self.stages = (stage,)
+        self.idleTimeout = 0.0
+
+
+_PLAIN = b"text/plain; charset=utf-8"
+
+
+class RedirectStage:
     """
-    A request answered with 308 to https, whatever its method and target.
-    The site it arrives on must have C{listener} and C{currentRuntime()}
-    (as L{edgeproxy.http.site.EdgeSite} has).
+    Answers every request of a C{redirect_https} listener with 308 to the
+    same target on https, whatever its method (or 400 for a C{Host} that
+    cannot be put in a URL).
+
+    It is also what the listener selects for every request in place of a
+    route (C{route} L{None}, C{prefix} empty, its own one-stage pipeline).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        site = getattr(self.channel, "site", None)
-        reactor = getattr(site, "reactor", None)
-        if reactor is not None:
-            # The access log's duration starts here (see edgeproxy.accesslog).
-            self.edgeStarted = reactor.seconds()
+    route = None
+    prefix = b""
 
-    def process(self) -> None:
-        self.site = self.channel.site
-        self.setHeader(b"Date", datetimeToString())
-        host = validHost(self.getHeader(b"host"))
-        target = self.uri
-        if target.startswith(b"http://") or target.startswith(b"https://"):
-            # absolute-form (RFC 9112 §3.2.2): its authority replaces Host.
-            scheme, _, rest = target.partition(b"://")
-            authority, slash, path = rest.partition(b"/")
-            host = validHost(authority)
-            target = slash + path if slash else b"/"
+    def __init__(self, factory: Any) -> None:
+        self._factory = factory
+        self.pipeline = _Pipeline(self)
+
+    def handle(self, call: Any) -> None:
+        request = call.request
+        host = validHost(request.host)
+        target = request.target
         if host is None or not target.startswith(b"/"):
-            self._answer(400, b"Bad Request", None)
-            return
-        listener = self.site.listener
-        listeners = self.site.currentRuntime().config.listeners
-        location = redirectLocation(host, redirectPort(listener, listeners), target)
-        self._answer(308, b"Permanent Redirect", location)
-
-    def _answer(self, code: int, message: bytes, location: bytes | None) -> None:
-        if location is None:
             body = b"400 Bad Request: missing or invalid Host.\n"
-        else:
-            self.setHeader(b"Location", location)
-            body = b"308 Permanent Redirect: " + location + b"\n"
-        self.setResponseCode(code, message)
-        self.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
-        self.setHeader(b"Content-Length", b"%d" % (len(body),))
-        self.write(body)
-        self.finish()
+            call.respond(
+                Response(400, b"Bad Request", Fields.trusted({b"content-type": [_PLAIN]}), len(body), BytesBody(body))
+            )
+            return
+        factory = self._factory
+        listeners = factory.currentRuntime().config.listeners
+        location = redirectLocation(host, redirectPort(factory.listener, listeners), target)
+        body = b"308 Permanent Redirect: " + location + b"\n"
+        call.respond(
+            Response(
+                308,
+                b"Permanent Redirect",
+                Fields.trusted({b"location": [location], b"content-type": [_PLAIN]}),
+                len(body),
+                BytesBody(body),
+            )
+        )

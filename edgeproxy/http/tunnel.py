@@ -1,34 +1,32 @@
 # -*- test-case-name: tests.test_tunnel -*-
 """
-WebSocket upgrades (RFC 6455 §4) through the proxy.
+WebSocket upgrades (RFC 6455 4) through the proxy.
 
-This module owns everything that happens to a request once
-L{edgeproxy.http.request} has decided it is a WebSocket opening handshake:
+This module owns what happens to a request once the forward stage has
+decided it is a WebSocket opening handshake on a route that allows them
+(L{edgeproxy.pipeline.forward.isWebSocketUpgrade}):
 
-  - L{isWebSocketUpgrade}: the (pure) decision itself;
-  - the raw upstream connection: Twisted's C{Agent} cannot hand a
-    connection over after a C{101}, so the request head is written
-    (L{formatRequestHead}) and the response head parsed
-    (L{ResponseHeadParser}) here, bounded in size and time;
-  - the relay of the backend's C{101} to the client (L{switchingHeaders}),
-    or of its refusal as an ordinary response (L{refusalHeaders},
-    L{bodyFraming}), or of a failure as an error page;
-  - the taking over of the client's HTTP/1.1 connection (L{_takeOverChannel},
-    the one place that relies on Twisted private API);
+  - the raw upstream connection: the backend is picked by the pool's
+    balancing policy (L{UpstreamPool.pickServer}) and dialled through its
+    endpoint (same TLS, verification and SNI as traffic); the request head
+    is written and the response head read with L{edgeproxy.h1}, bounded in
+    size and time; interim responses other than C{101} are passed on;
+  - the C{101} relayed to the client with the backend's end-to-end fields,
+    and the client's HTTP/1.1 connection taken over by a L{Tunnel} (the
+    connection's own C{takeOver}: no private API);
+  - any other answer relayed as an ordinary response (body up to
+    L{MAX_REFUSAL_BODY} bytes), and a failure as an error page; either way
+    the client connection is closed afterwards (it may already hold
+    frames);
   - L{Tunnel}: the two-way byte pipe between client and backend, with
     backpressure, closed together, bounded by an idle timeout.
 
-Upgrade over HTTP/2 (RFC 8441 extended CONNECT) is not supported (a stream
-handed in anyway gets a 400).  Any other upgrade token (C{h2c} included)
-never reaches this module: the request layer strips C{Upgrade} unless
-L{isWebSocketUpgrade} holds.
+Upgrade over HTTP/2 (RFC 8441 extended CONNECT) is the HTTP/2 protocol's
+business; any other C{Upgrade} token never reaches this module.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -37,8 +35,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
+from twisted.web._newclient import ResponseFailed
+from twisted.web.http import PotentialDataLoss
 
+from edgeproxy import h1
 from edgeproxy.errors import (
     BackendUnavailable,
     BadRequest,
@@ -46,10 +46,12 @@ from edgeproxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from edgeproxy.http.channel import ChunkedDecoder, MalformedBody
-from edgeproxy.http.errorpages import isHTTP2, writeError
-from edgeproxy.http.headers import checkResponseHeaders, clientResponseHeaders
-from edgeproxy.upstream.pool import classifyFailure
+from edgeproxy.h1.fields import Fields
+from edgeproxy.pipeline.forwarded import clientFields
+from edgeproxy.pipeline.values import BODY_DONE, Response
+from edgeproxy.upstream.failures import classifyFailure
+
+__all__ = ["ABORT_TIMEOUT", "MAX_REFUSAL_BODY", "MAX_RESPONSE_HEAD", "Tunnel", "startTunnel"]
 
 log = Logger()
 
@@ -61,224 +63,7 @@ MAX_REFUSAL_BODY = 64 * 1024
 client connection is closed, so the client sees an incomplete response."""
 
 ABORT_TIMEOUT = 15.0
-"""Seconds a closing connection gets to flush before it is aborted (the
-same grace Twisted's C{HTTPChannel.abortTimeout} gives)."""
-
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-"""RFC 9110 §5.6.2 token: what a field name must be."""
-
-_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
-
-_STATUS_LINE = re.compile(rb"^(HTTP/1\.[01]) ([0-9]{3})(?: ([^\r\n]*))?$")
-
-
-# Pure: the handshake on the wire ----------------------------------------
-
-
-def headerTokens(headers: Headers, name: bytes) -> list[bytes]:
-    """
-    @return: the comma-separated, lower-cased, non-empty tokens of every
-        C{name} field in C{headers} (RFC 9110 §5.6.1 list syntax).
-    """
-    tokens = []
-    for value in headers.getRawHeaders(name, []):
-        for part in value.split(b","):
-            token = part.strip(b" \t").lower()
-            if token:
-                tokens.append(token)
-    return tokens
-
-
-def isWebSocketUpgrade(method: bytes, headers: Headers) -> bool:
-    """
-    Is this request a WebSocket opening handshake the proxy may forward?
-
-    RFC 6455 §4.1: a C{GET} whose C{Upgrade} lists C{websocket} and whose
-    C{Connection} lists C{upgrade} (both case-insensitive).  A request with a
-    body (C{Transfer-Encoding}, or a C{Content-Length} other than 0) is not
-    one: its body would have to be read before the connection could switch,
-    and the handshake has none.
-
-    @param method: the request method as received.
-    @param headers: the client's request headers, before any rewriting.
-    """
-    if method != b"GET":
-        return False
-    if b"websocket" not in headerTokens(headers, b"upgrade"):
-        return False
-    if b"upgrade" not in headerTokens(headers, b"connection"):
-        return False
-    if headers.hasHeader(b"transfer-encoding"):
-        return False
-    return all(value.strip() == b"0" for value in headers.getRawHeaders(b"content-length", []))
-
-
-def _checkValue(what: str, value: bytes) -> None:
-    # RFC 9110 §5.5: CR, LF and NUL are never allowed in a field value; a
-    # value that contained them would let a client smuggle a second header
-    # or request to the backend.
-    if b"\r" in value or b"\n" in value or b"\x00" in value:
-        raise BadRequest(f"{what} contains CR, LF or NUL: {value[:80]!r}")
-
-
-def formatRequestHead(path: bytes, headers: Headers) -> bytes:
-    """
-    Write the upstream handshake request head.
-
-    @param path: the origin-form request target (starts with C{/}).
-    @param headers: the complete upstream header set (C{Host} included).
-    @return: C{GET path HTTP/1.1}, the header lines and the empty line.
-    @raise BadRequest: a target or field that cannot be written safely.
-    """
-    if not path.startswith(b"/") or any(byte <= 0x20 or byte == 0x7F for byte in path):
-        # RFC 9112 §3.2: the origin form has no whitespace or controls; a
-        # space would end the target and a CR/LF the request line.
-        raise BadRequest(f"request target not writable: {path[:80]!r}")
-    lines = [b"GET ", path, b" HTTP/1.1\r\n"]
-    for name, values in headers.getAllRawHeaders():
-        if not _TOKEN.match(name):
-            raise BadRequest(f"header name not a token: {name[:80]!r}")
-        for value in values:
-            _checkValue(f"header {name.decode('ascii')}", value)
-            lines.extend((name, b": ", value, b"\r\n"))
-    lines.append(b"\r\n")
-    return b"".join(lines)
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
-    """A parsed response status line and header section."""
-
-    version: bytes
-    status: int
-    reason: bytes
-    fields: tuple[tuple[bytes, bytes], ...]
-    """(name, value) in arrival order, names as received."""
-
-    def headers(self) -> Headers:
-        """@return: the fields as a new L{Headers}."""
-        result = Headers()
-        for name, value in self.fields:
-            result.addRawHeader(name, value)
-        return result
-
-    def tokens(self, name: bytes) -> list[bytes]:
-        """@return: L{headerTokens} of the field C{name}."""
-        return headerTokens(self.headers(), name)
-
-
-def _parseHead(raw: bytes) -> ResponseHead:
-    lines = [line.rstrip(b"\r") for line in raw.split(b"\n")]
-    match = _STATUS_LINE.match(lines[0])
-    if match is None:
-        raise UpstreamProtocolError(f"bad status line: {lines[0][:80]!r}")
-    version, status, reason = match.group(1), int(match.group(2)), match.group(3) or b""
-    fields = []
-    for line in lines[1:]:
-        if line[:1] in (b" ", b"\t"):
-            # RFC 9112 §5.2: obs-fold is deprecated; refusing it is simpler
-            # and safer than unfolding.
-            raise UpstreamProtocolError("obsolete line folding in response head")
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
-            raise UpstreamProtocolError(f"bad header line: {line[:80]!r}")
-        value = value.strip(b" \t")
-        if b"\x00" in value or b"\r" in value:
-            raise UpstreamProtocolError(f"bad header value: {line[:80]!r}")
-        fields.append((name, value))
-    return ResponseHead(version, status, reason, tuple(fields))
-
-
-class ResponseHeadParser:
-    """
-    Bytes in, one L{ResponseHead} out.  Bare LF line ends are accepted
-    (RFC 9112 §2.2).
-
-    @ivar rest: once a head has been returned, the bytes that followed it.
-    """
-
-    def __init__(self, maxSize: int = MAX_RESPONSE_HEAD) -> None:
-        self._maxSize = maxSize
-        self._buffer = b""
-        self.rest = b""
-
-    def feed(self, data: bytes) -> ResponseHead | None:
-        """
-        @return: the head once it is complete, else L{None}.
-        @raise UpstreamProtocolError: a malformed head, or one larger than
-            C{maxSize}.
-        """
-        # Only the last 3 bytes already seen can start the terminator.
-        start = max(0, len(self._buffer) - 3)
-        self._buffer += data
-        match = _END_OF_HEAD.search(self._buffer, start)
-        if match is None:
-            if len(self._buffer) > self._maxSize:
-                raise UpstreamProtocolError(f"response head over {self._maxSize} bytes")
-            return None
-        if match.start() > self._maxSize:
-            raise UpstreamProtocolError(f"response head over {self._maxSize} bytes")
-        self.rest = self._buffer[match.end():]
-        raw, self._buffer = self._buffer[: match.start()], b""
-        return _parseHead(raw)
-
-
-def switchingHeaders(head: ResponseHead) -> Headers:
-    """
-    @return: the headers of the C{101} the client gets: the backend's
-        end-to-end fields (C{Sec-WebSocket-Accept}, C{-Protocol},
-        C{-Extensions}, cookies...) filtered as every response is
-        (L{edgeproxy.http.headers.clientResponseHeaders}: no C{Server},
-        C{X-Powered-By} or hop-by-hop fields), its C{Upgrade}, and
-        C{Connection: upgrade}.
-    """
-    result = clientResponseHeaders(head.headers(), upgrade=True)
-    # RFC 9110 §8.6: no Content-Length in a 1xx; after a 101 the bytes that
-    # follow are the new protocol's, not a body.
-    result.removeHeader(b"content-length")
-    return result
-
-
-def refusalHeaders(head: ResponseHead) -> Headers:
-    """
-    @return: the headers relayed with a refused handshake (any status but
-        C{101}): filtered as every response is, without C{Content-Length}
-        (set from the framing by the relay).
-    """
-    result = clientResponseHeaders(head.headers())
-    result.removeHeader(b"content-length")
-    return result
-
-
-@dataclass(frozen=True, slots=True)
-class BodyFraming:
-    """How a refusal's body ends (RFC 9112 §6.3)."""
-
-    kind: str
-    """C{"none"}, C{"length"}, C{"chunked"} or C{"close"}."""
-    length: int = 0
-    """For C{"length"}: the C{Content-Length}."""
-
-
-def bodyFraming(head: ResponseHead) -> BodyFraming:
-    """
-    @return: the framing of the body that follows C{head} (a response to a
-        C{GET}).
-    @raise UpstreamProtocolError: conflicting or invalid C{Content-Length}.
-    """
-    if head.status in (204, 304) or 100 <= head.status < 200:
-        return BodyFraming("none")
-    codings = head.tokens(b"transfer-encoding")
-    if codings:
-        # §6.3 item 4: chunked last means chunked; any other coding means
-        # the body runs to the end of the connection.
-        return BodyFraming("chunked" if codings[-1] == b"chunked" else "close")
-    lengths = {value.strip() for name, value in head.fields if name.lower() == b"content-length"}
-    if not lengths:
-        return BodyFraming("close")
-    if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-        raise UpstreamProtocolError(f"bad Content-Length: {sorted(lengths)!r}")
-    return BodyFraming("length", int(next(iter(lengths))))
+"""Seconds a closing connection gets to flush before it is aborted."""
 
 
 # The tunnel ---------------------------------------------------------------
@@ -464,59 +249,6 @@ class Tunnel:
                 d.callback(self)
 
 
-# Taking over the client connection ----------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _TakenOver:
-    buffered: bytes
-    """What the client sent after its request head, before the switch."""
-    channelLost: Callable[[Failure], None]
-    """The channel's own C{connectionLost}, for its bookkeeping at the end."""
-
-
-def _takeOverChannel(channel: Any, protocol: Protocol) -> _TakenOver:
-    """
-    Detach the HTTP/1.1 connection under C{channel} from HTTP and hand its
-    bytes to C{protocol}.
-
-    This is the ONE place that relies on Twisted private API (Twisted
-    26.10; C{tests.test_tunnel.TestTakeOverChannel} fails if it changes):
-
-      - C{HTTPChannel._protocolUpgradeForWebsockets(protocol)}, the hook
-        C{twisted.web.websocket} uses: it rebinds the channel's
-        C{dataReceived}/C{connectionLost} on the instance and connects
-        C{protocol} to the transport.  That is more robust than swapping
-        C{transport.protocol}: under TLS the transport's protocol is the
-        C{TLSMemoryBIOProtocol}'s C{wrappedProtocol}, and the channel sits
-        inside C{_GenericHTTPChannelProtocol._channel}; both forward to the
-        channel instance, so rebinding there catches every path.
-      - C{HTTPChannel._dataBuffer}: while a request is handled the channel
-        is in raw mode and buffers whatever the client sends next; for a
-        WebSocket client that is its first frames, sent right after the
-        head (RFC 6455 allows no such thing before the 101, but clients do
-        it), so it must go to the backend, first.
-      - the channel paused its transport if that buffer grew past
-        C{_optimisticEagerReadSize}; the transport is resumed here.
-
-    Also: the channel's timeouts are turned off (the tunnel has its own),
-    and it is marked not persistent so that finishing the request closes
-    rather than goes back to reading HTTP (and re-arming the idle timeout).
-    """
-    transport = channel.transport
-    channel.setTimeout(None)
-    channel.persistent = False
-    buffered = b"".join(channel._dataBuffer)
-    channel._dataBuffer = []
-    channelLost = channel.connectionLost
-    # The channel registered itself as the transport's producer; the tunnel
-    # registers the backend's transport instead.
-    transport.unregisterProducer()
-    channel._protocolUpgradeForWebsockets(protocol)
-    transport.resumeProducing()
-    return _TakenOver(buffered, channelLost)
-
-
 # The handshake --------------------------------------------------------------
 
 
@@ -548,53 +280,53 @@ class _BackendProtocol(Protocol):
             self._upgrade._backendLost(reason)
 
 
+_SWITCHING = Fields.trusted({b"connection": [b"upgrade"]})
+
+
 class _Upgrade:
     """
     One WebSocket handshake through the proxy, from the request head to the
     tunnel (or to the relayed refusal, or to the error page).
 
-    States: C{starting} (waiting for the channel to finish with the head),
-    C{connecting}, C{head} (request written, reading the response head),
-    C{refusing} (relaying a non-101 response), C{tunnel}, C{done}.
+    States: C{connecting}, C{head} (request written, reading the response
+    head), C{refusing} (relaying a non-101 response), C{tunnel}, C{done}.
+    It is also the body of a relayed refusal (C{deliverBody}) and that
+    body's producer.
     """
 
     def __init__(
         self,
-        request: Any,
+        connection: Any,
+        call: Any,
         pool: Any,
-        headers: Headers,
+        fields: Fields,
         path: bytes,
-        clock: IReactorTime,
-        hashKey: bytes | None = None,
+        hashKey: bytes | None,
     ) -> None:
-        self._request = request
-        self._hashKey = hashKey
+        self._connection = connection
+        self._call = call
         self._pool = pool
         self._upstream = pool.upstream
-        self._headers = headers
+        self._fields = fields
         self._path = path
-        self._clock = clock
-        self._state = "starting"
+        self._hashKey = hashKey
+        self._clock: IReactorTime = connection.factory.clock
+        self._state = "connecting"
         self._backend = _BackendProtocol(self)
         self._backendGone = False
-        self._clientGone = False
         self._server: Any = None
-        self._head = b""
-        self._parser = ResponseHeadParser()
+        self._buffer = b""
         self._connecting: Deferred[Any] | None = None
         self._timer: IDelayedCall | None = None
-        self._framing = BodyFraming("none")
-        self._remaining = 0
-        self._chunked = ChunkedDecoder(self._chunkedPiece, self._chunkedEnd)
-        self._pieces: list[bytes] = []
-        self._chunkedDone = False
+        self._reader: h1.BodyReader | None = None
         self._relayed = 0
-        self._tunnel: Tunnel | None = None
-        self._channelLost: Callable[[Failure], None] | None = None
+        self._protocol: Any = None
+        self._pending: list[bytes] = []
+        self._ended: Failure | None = None
 
     # Timers and teardown ----------------------------------------------------
 
-    def _setTimer(self, seconds: float, call: Callable[[], None]) -> None:
+    def _setTimer(self, seconds: float, call: Any) -> None:
         self._cancelTimer()
         self._timer = self._clock.callLater(seconds, call)
 
@@ -628,24 +360,33 @@ class _Upgrade:
         self._state = "done"
         self._cancelTimer()
         self._closeBackend(abort=True)
-        if not self._clientGone:
-            # Whatever the client pipelined after its head (frames) must not
-            # be read as HTTP: the error closes the connection.
-            self._request.responseHeaders.setRawHeaders(b"connection", [b"close"])
-            writeError(self._request, error)
+        # Whatever the client sent after its head (frames) must not be read
+        # as HTTP: the error closes the connection.
+        self._connection.closeAfterResponse()
+        self._call.fail(error)
 
     # Client side ------------------------------------------------------------
 
     def start(self) -> None:
-        self._request.notifyFinish().addErrback(self._clientLost)
-        # startTunnel runs inside gotLength, while the channel is still
-        # parsing the head: nothing may be written on the request until the
-        # channel has handed it over (requestReceived), or the channel's
-        # bookkeeping breaks.  The next reactor turn is after that.
-        self._timer = self._clock.callLater(0, self._begin)
+        self._call.cancelHook = self._clientLost
+        try:
+            self._server = self._pool.pickServer(self._hashKey)
+            fields = self._fields
+            if b"host" not in fields:
+                # RFC 9112 3.2: an HTTP/1.1 request always carries Host.
+                fields = fields.withField(b"host", self._server.address.encode("idna"))
+            self._head = h1.writeRequestHead(b"GET", self._path, fields, 0)
+            endpoint = self._pool.endpointFor(self._server)
+        except h1.LocalProtocolError as error:
+            self._fail(BadRequest(f"handshake not writable: {error}"))
+            return
+        except ProxyError as error:
+            self._fail(error)
+            return
+        self._connecting = connectProtocol(endpoint, self._backend)
+        self._connecting.addCallbacks(self._connected, self._connectFailed)
 
-    def _clientLost(self, reason: Failure) -> None:
-        self._clientGone = True
+    def _clientLost(self) -> None:
         if self._state in ("tunnel", "done"):
             return
         log.info(
@@ -657,34 +398,6 @@ class _Upgrade:
         if state == "connecting" and self._connecting is not None:
             self._connecting.cancel()
         self._closeBackend(abort=True)
-
-    # Request --------------------------------------------------------------
-
-    def _begin(self) -> None:
-        self._timer = None
-        if self._state != "starting":
-            return
-        if isHTTP2(self._request):
-            # RFC 8441 (extended CONNECT) is not supported, and an HTTP/2
-            # stream has no connection to take over; an Upgrade field there
-            # is malformed anyway (RFC 9113 §8.2.2).
-            self._fail(BadRequest("WebSocket upgrade over HTTP/2"))
-            return
-        try:
-            self._server = self._pool.pickServer(self._hashKey)
-            headers = self._headers
-            if not headers.hasHeader(b"host"):
-                # RFC 9112 §3.2: an HTTP/1.1 request always carries Host.
-                headers = headers.copy()
-                headers.setRawHeaders(b"host", [self._server.address.encode("idna")])
-            self._head = formatRequestHead(self._path, headers)
-            endpoint = self._pool.endpointFor(self._server)
-        except ProxyError as error:
-            self._fail(error)
-            return
-        self._state = "connecting"
-        self._connecting = connectProtocol(endpoint, self._backend)
-        self._connecting.addCallbacks(self._connected, self._connectFailed)
 
     def _connected(self, protocol: _BackendProtocol) -> None:
         self._connecting = None
@@ -700,7 +413,8 @@ class _Upgrade:
         if self._state != "connecting":
             return  # cancelled because the client left
         self._backendGone = True
-        # The pool owns the mapping of connection failures to statuses.
+        # The upstream side owns the mapping of connection failures to
+        # statuses.
         self._fail(classifyFailure(failure, False))
 
     # Response -------------------------------------------------------------
@@ -719,97 +433,100 @@ class _Upgrade:
                 " stalled",
                 **self._where(),
             )
-            self._refusalEnded(complete=False)
+            self._refusalEnded(False)
 
     def _backendData(self, data: bytes) -> None:
         try:
             self._handleBackendData(data)
         except Exception:
-            # A bug, not a backend problem; without this net Twisted would
-            # drop only the backend connection, and a client whose channel
-            # timeouts are already off would be left hanging.
+            # A bug, not a backend problem: both sides go.
             log.failure("websocket upgrade relay failed")
             self._state = "done"
             self._cancelTimer()
             self._closeBackend(abort=True)
-            channel = getattr(self._request, "channel", None)
-            transport = getattr(channel, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
+            self._connection.transport.abortConnection()
 
     def _handleBackendData(self, data: bytes) -> None:
-        if self._state == "head":
-            try:
-                head = self._parser.feed(data)
-                # RFC 9110 §15.2: interim responses (100, 103...) are not the
-                # answer; 101 is, and is handled below.
-                while head is not None and 100 <= head.status < 200 and head.status != 101:
-                    rest, self._parser = self._parser.rest, ResponseHeadParser()
-                    head = self._parser.feed(rest)
-            except UpstreamProtocolError as error:
-                self._fail(error)
-                return
-            if head is None:
-                return
-            if head.status != 101:
-                self._refuse(head, self._parser.rest)
-            elif b"websocket" not in head.tokens(b"upgrade"):
-                self._fail(UpstreamProtocolError(f"backend switched to {head.tokens(b'upgrade')!r}"))
-            else:
-                self._switch(head, self._parser.rest)
-        elif self._state == "refusing":
+        if self._state == "refusing":
             self._refusalData(data)
+            return
+        if self._state != "head":
+            return
+        buffer = self._buffer + data
+        while True:
+            try:
+                found = h1.splitResponseHead(buffer, MAX_RESPONSE_HEAD)
+                if found is None:
+                    self._buffer = buffer
+                    return
+                head = h1.parseResponseHead(found[0])
+            except h1.RemoteProtocolError as error:
+                self._fail(UpstreamProtocolError(str(error)))
+                return
+            rest = buffer[found[1]:]
+            if head.status == 101:
+                if b"websocket" not in h1.listTokens(head.upgrade):
+                    self._fail(UpstreamProtocolError(f"backend switched to {head.upgrade!r}"))
+                else:
+                    self._switch(head, rest)
+                return
+            if head.status >= 200:
+                self._refuse(head, rest)
+                return
+            # RFC 9110 15.2: an interim response is passed on, then the
+            # answer is still to come.
+            self._call.interim(head.status, head.reason, clientFields(head.fields))
+            buffer = rest
 
     def _backendLost(self, reason: Failure) -> None:
         self._backendGone = True
-        if self._state == "head":
+        if self._state in ("connecting", "head"):
             described = f"{type(reason.value).__name__}: {reason.value}"
             self._fail(BackendUnavailable(f"closed before a handshake response: {described}"))
         elif self._state == "refusing":
-            self._refusalEnded(complete=self._framing.kind == "close")
+            reader = self._reader
+            if reader is not None:
+                try:
+                    reader.eof()
+                except h1.RemoteProtocolError:
+                    self._refusalEnded(False)
+                    return
+            self._refusalEnded(True)
 
     # 101 -> tunnel ----------------------------------------------------------
 
-    def _switch(self, head: ResponseHead, rest: bytes) -> None:
+    def _switch(self, head: h1.ResponseHead, rest: bytes) -> None:
         self._cancelTimer()
-        request = self._request
-        channel = request.channel
-        headers = switchingHeaders(head)
-        request.setResponseCode(101, b"Switching Protocols")
-        request.responseHeaders = headers
-        channel.writeHeaders(b"HTTP/1.1", b"101", b"Switching Protocols", headers)
-        # The head went out behind Request.write's back (which would have
-        # added chunked framing to a 101); finish() must write nothing more.
-        request.startedWriting = 1
+        fields = clientFields(head.fields).withField(b"connection", b"upgrade")
+        if head.upgrade:
+            fields = fields.withField(b"upgrade", *head.upgrade)
         tunnel = self._tunnel = Tunnel(self._clock, self._upstream.idle_timeout)
         self._backend.delegateTo(tunnel.backend)
-        taken = _takeOverChannel(channel, tunnel.client)
-        self._channelLost = taken.channelLost
-        tunnel.whenClientLost().addCallback(self._tunnelClientLost)
         tunnel.whenClosed().addCallback(self._tunnelClosed)
+        tunnel.whenClientLost().addCallback(self._tunnelClientLost)
         self._state = "tunnel"
+        call = self._call
+        call.status = 101
+        call.backend = self._server.address
         log.info(
             "websocket tunnel open via upstream {upstream} backend {backend}",
             **self._where(),
         )
-        tunnel.start(toBackend=taken.buffered, toClient=rest)
+        buffered = self._connection.takeOver(
+            call,
+            h1.writeResponseHead(b"HTTP/1.1", 101, b"Switching Protocols", fields, None),
+            tunnel.client,
+        )
+        tunnel.start(toBackend=buffered, toClient=rest)
 
     def _tunnelClientLost(self, tunnel: Tunnel) -> None:
-        assert self._channelLost is not None and tunnel.clientLostReason is not None
-        reason = tunnel.clientLostReason
-        request = self._request
-        # The access log reads sentLength as the bytes sent to the client.
-        request.sentLength = tunnel.backend.received
-        try:
-            request.finish()
-        except Exception:
-            log.failure("finishing a tunnelled request")
-        # The channel's own connectionLost was replaced by the tunnel's; the
-        # channel (and whatever tracks it, e.g. for draining) still needs it.
-        self._channelLost(reason)
+        # Before the connection ends the call (and logs it): the bytes the
+        # client got.
+        self._call.sent = tunnel.backend.received
 
     def _tunnelClosed(self, tunnel: Tunnel) -> None:
         self._state = "done"
+        self._call.sent = tunnel.backend.received
         log.info(
             "websocket tunnel via upstream {upstream} backend {backend} closed"
             " by {cause}: {toBackend} bytes up, {toClient} bytes down",
@@ -821,146 +538,147 @@ class _Upgrade:
 
     # Anything else -> relayed as a plain response ---------------------------
 
-    def _refuse(self, head: ResponseHead, rest: bytes) -> None:
-        try:
-            # Ambiguous framing is refused as for any proxied response.
-            checkResponseHeaders(head.headers())
-            framing = bodyFraming(head)
-        except UpstreamProtocolError as error:
-            self._fail(error)
-            return
+    def _refuse(self, head: h1.ResponseHead, rest: bytes) -> None:
+        framing = h1.bodyFraming(head, b"GET")
         log.info(
             "websocket upgrade refused by upstream {upstream} backend {backend}:"
             " {status}",
             status=head.status,
             **self._where(),
         )
-        request = self._request
-        request.setResponseCode(head.status, head.reason or None)
-        responseHeaders = request.responseHeaders
-        for name, _ in list(responseHeaders.getAllRawHeaders()):
-            responseHeaders.removeHeader(name)
-        for name, values in refusalHeaders(head).getAllRawHeaders():
-            responseHeaders.setRawHeaders(name, values)
+        if framing == h1.CHUNKED:
+            self._reader = h1.ChunkedReader()
+        elif framing == h1.CLOSE_DELIMITED:
+            self._reader = h1.CloseReader()
+        elif framing > 0:
+            self._reader = h1.LengthReader(framing)
+        self._state = "refusing"
+        self._call.backend = self._server.address
         # The client may already have sent frames after its head: close
         # rather than parse them as the next request.
-        responseHeaders.setRawHeaders(b"connection", [b"close"])
-        request.channel.persistent = False
-        if framing.kind == "length":
-            # Kept even past MAX_REFUSAL_BODY, so that a cut body is seen
-            # as cut.
-            responseHeaders.setRawHeaders(b"content-length", [b"%d" % (framing.length,)])
-        self._framing = framing
-        self._remaining = framing.length
-        self._state = "refusing"
-        if framing.kind == "none" or (framing.kind == "length" and framing.length == 0):
-            self._refusalEnded(complete=True)
-            return
-        if self._upstream.idle_timeout > 0:
+        self._connection.closeAfterResponse()
+        if self._reader is None:
+            self._ended = BODY_DONE
+            self._state = "done"
+            self._cancelTimer()
+            self._closeBackend(abort=False)
+        elif self._upstream.idle_timeout > 0:
             self._setTimer(self._upstream.idle_timeout, self._timedOut)
-        if rest:
+        if rest and self._reader is not None:
             self._refusalData(rest)
+        self._call.respond(
+            Response(head.status, head.reason, clientFields(head.fields), head.length, self)
+        )
 
     def _refusalData(self, data: bytes) -> None:
-        if self._upstream.idle_timeout > 0:
+        if self._upstream.idle_timeout > 0 and self._state == "refusing":
             self._setTimer(self._upstream.idle_timeout, self._timedOut)
-        kind = self._framing.kind
-        if kind == "chunked":
-            if self._chunkedDone:
-                return  # bytes after the last chunk: not part of the body
-            try:
-                self._chunked.dataReceived(data)
-            except MalformedBody as error:
-                log.warn("websocket refusal body: {why}", why=str(error))
-                self._refusalEnded(complete=False)
-                return
-            piece, self._pieces = b"".join(self._pieces), []
-            complete = self._chunkedDone
-        elif kind == "length":
-            piece = data[: self._remaining]
-            self._remaining -= len(piece)
-            complete = self._remaining == 0
-        else:
-            piece, complete = data, False
+        reader = self._reader
+        if reader is None or reader.done:
+            return  # bytes after the body: not part of it
+        try:
+            piece = reader.feed(data)
+        except h1.RemoteProtocolError as error:
+            log.warn("websocket refusal body: {why}", why=str(error))
+            self._refusalEnded(False)
+            return
         room = MAX_REFUSAL_BODY - self._relayed
         if len(piece) > room:
-            piece, complete = piece[:room], False
-            self._writeRefusal(piece)
-            self._refusalEnded(complete=False)
+            self._relay(piece[:room])
+            self._refusalEnded(False)
             return
-        self._writeRefusal(piece)
-        if complete:
-            self._refusalEnded(complete=True)
+        self._relay(piece)
+        if reader.done:
+            self._refusalEnded(True)
 
-    def _chunkedPiece(self, piece: bytes) -> None:
-        self._pieces.append(piece)
-
-    def _chunkedEnd(self, rest: bytes) -> None:
-        self._chunkedDone = True
-
-    def _writeRefusal(self, piece: bytes) -> None:
-        if piece and not self._clientGone:
-            self._request.write(piece)
-            self._relayed += len(piece)
+    def _relay(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self._relayed += len(piece)
+        if self._protocol is not None:
+            self._protocol.dataReceived(piece)
+        else:
+            self._pending.append(piece)
 
     def _refusalEnded(self, complete: bool) -> None:
+        if self._ended is not None:
+            return
         self._state = "done"
         self._cancelTimer()
         self._closeBackend(abort=not complete)
-        if self._clientGone:
-            return
         if complete:
-            self._request.finish()
+            self._ended = (
+                BODY_DONE if not isinstance(self._reader, h1.CloseReader)
+                else Failure(PotentialDataLoss())
+            )
         else:
-            # The response started; the only way left to say it is cut
-            # short is to close without its end (RFC 9112 §8).
-            self._request.loseConnection()
+            self._ended = Failure(ResponseFailed([Failure(BackendUnavailable("refusal body cut"))]))
+        protocol = self._protocol
+        if protocol is not None:
+            self._protocol = None
+            protocol.connectionLost(self._ended)
 
+    # The refusal's body, as the client side reads it -----------------------------
 
-def _clockFor(request: Any) -> IReactorTime:
-    # HTTPFactory.reactor: the reactor the listening site was built with
-    # (a test's clock in tests), reached through the channel's factory.
-    return request.channel.factory.reactor  # type: ignore[no-any-return]
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(self)
+        pending, self._pending = self._pending, []
+        for piece in pending:
+            protocol.dataReceived(piece)
+        if self._ended is not None:
+            protocol.connectionLost(self._ended)
+            return
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:
+        transport = self._backend.transport
+        if transport is not None and not self._backendGone:
+            transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        transport = self._backend.transport
+        if transport is not None and not self._backendGone:
+            transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._protocol = None
+        if self._ended is None:
+            self._ended = Failure(ResponseFailed([Failure(BackendUnavailable("stopped"))]))
+            self._state = "done"
+            self._cancelTimer()
+            self._closeBackend(abort=True)
 
 
 def startTunnel(
-    request: Any,
+    connection: Any,
+    call: Any,
     pool: Any,
-    headers: Headers,
+    fields: Fields,
     path: bytes,
-    clock: IReactorTime | None = None,
     hashKey: bytes | None = None,
 ) -> None:
     """
-    Take over an HTTP/1.1 request that L{isWebSocketUpgrade} accepted.
+    Serve the WebSocket handshake C{call} on the HTTP/1.1 C{connection}.
 
-    Call it from C{gotLength}.  From then on the tunnel owns the request: the
-    caller must write nothing on it (its C{process} must do nothing).  The
-    outcome is one of:
+    The outcome is one of:
 
       - the backend answers C{101} with C{Upgrade: websocket}: the client
         gets C{101 Switching Protocols} with the backend's WebSocket fields,
-        then the two connections are joined (L{Tunnel}); the request is
-        finished (and so access-logged, status 101, C{sentLength} the bytes
-        sent to the client) when the client's connection closes;
+        then the two connections are joined (L{Tunnel}); the call ends (and
+        is access-logged, status 101, the bytes sent to the client) when
+        the client's connection closes;
       - the backend answers anything else: that response is relayed (body
         up to L{MAX_REFUSAL_BODY} bytes) and the client connection closed;
       - no usable answer: an error page (502; 504 on a connect or response
-        timeout; 400 for a target or header that cannot be written, or an
-        HTTP/2 request) via L{edgeproxy.http.errorpages.writeError}, and the
+        timeout; 400 for a target or field that cannot be written), and the
         client connection closed (it may hold pipelined frames).
 
-    @param request: the client's L{twisted.web.http.Request} on an
-        C{HTTPChannel}, with no body.
-    @param pool: the route's L{edgeproxy.upstream.pool.UpstreamPool}
-        (C{pickServer}, C{endpointFor}, C{upstream}).
-    @param headers: the upstream request headers, already rewritten, with
-        C{Connection: upgrade} and C{Upgrade: websocket}.
+    @param pool: the route's upstream pool (C{pickServer}, C{endpointFor},
+        C{upstream}).
+    @param fields: the upstream request's fields, already rewritten, with
+        C{connection: upgrade} and C{upgrade: websocket}.
     @param path: the origin-form target to send.
-    @param clock: the reactor's clock; by default the site's reactor.
     @param hashKey: the request's key for C{balance = hash} upstreams, so a
         WebSocket lands on the same server as the user's other requests.
     """
-    _Upgrade(
-        request, pool, headers, path, clock if clock is not None else _clockFor(request), hashKey
-    ).start()
+    _Upgrade(connection, call, pool, fields, path, hashKey).start()

@@ -1,0 +1,270 @@
+# -*- test-case-name: tests.test_server -*-
+"""
+L{ListenerFactory}: what one C{[listen:NAME]} serves its connections with.
+
+It builds one L{HTTP1Connection} per accepted connection (which switches to
+HTTP/2 when ALPN chose it), offers the listener's ALPN protocols, keeps the
+listener's timeouts (one L{DeadlineQueue} per timeout for all its
+connections), the connections still open and the requests in flight (so
+the service can drain them), and chooses what serves a request: the route's
+stages, or on a C{redirect_https} listener the redirect to https.  It
+writes one access-log line per request and counts connections, bytes,
+handshakes and requests in the metrics.
+
+Settings a reload changes (limits, idle timeout, redirect) apply to new
+connections: L{ListenerFactory.reconfigure}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from edgeproxy.config.model import Listener
+from edgeproxy.errors import ProxyError
+from edgeproxy.http.deadlines import DeadlineQueue
+from edgeproxy.http.redirect import RedirectStage
+from edgeproxy.http.server import HTTP1Connection, isTLSFailure
+from edgeproxy.metrics import Metrics, Traffic
+from edgeproxy.pipeline.call import Call
+from edgeproxy.pipeline.values import ConnectionInfo
+from edgeproxy.tls.transport import EdgeTLSTransport
+
+__all__ = ["ListenerFactory"]
+
+log = Logger()
+
+_localAddresses: dict[Any, Any] = {}
+
+
+@implementer(IProtocolNegotiationFactory)
+class ListenerFactory(Factory):
+    """
+    @ivar listener: the settings new connections get.
+    @ivar channels: the connections still open.
+    @ivar inflight: the calls (requests) received and not over.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        currentRuntime: Callable[[], Any],
+        listener: Listener,
+        reactor: Any,
+        accessLog: Any = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.currentRuntime = currentRuntime
+        self.clock = reactor
+        self.reactor = reactor
+        self.accessLog = accessLog
+        self.metrics = metrics
+        self.channels: set[Any] = set()
+        self.inflight: set[Call] = set()
+        self._queues: dict[tuple[str, float], DeadlineQueue] = {}
+        self.reconfigure(listener)
+
+    def reconfigure(self, listener: Listener) -> None:
+        """
+        Take C{listener}'s settings for the connections opened from now on
+        (a reload that kept the port).
+        """
+        self.listener = listener
+        self.limits = listener.limits
+        self.headQueue = self._queue("head", listener.limits.client_header_timeout)
+        self.idleQueue = self._queue("idle", listener.limits.client_idle_timeout)
+        self._redirect = RedirectStage(self) if listener.redirect_https else None
+
+    def _queue(self, kind: str, period: float) -> DeadlineQueue:
+        key = (kind, period)
+        queue = self._queues.get(key)
+        if queue is None:
+            expire = _headExpired if kind == "head" else _idleExpired
+            queue = self._queues[key] = DeadlineQueue(period, expire, self.clock.callLater)
+        return queue
+
+    # Connections -----------------------------------------------------------
+
+    def buildProtocol(self, addr: Any) -> HTTP1Connection:
+        return HTTP1Connection(self)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        # HTTP/2 is offered once its protocol feeds the pipeline
+        # (buildHTTP2).
+        if self.listener.http2 and self.buildHTTP2 is not ListenerFactory.buildHTTP2:
+            return [b"h2", b"http/1.1"]
+        return [b"http/1.1"]
+
+    def buildHTTP2(self, connection: HTTP1Connection) -> Any:
+        raise NotImplementedError("HTTP/2 is not offered on this listener")
+
+    def connectionMade(self, connection: HTTP1Connection, transport: Any) -> None:
+        self.channels.add(connection)
+        metrics = self.metrics
+        if metrics is not None:
+            name = self.listener.name
+            metrics.connectionAccepted(name)
+            traffic = metrics.traffic(name)
+            connection._traffic = traffic
+            if type(transport) is EdgeTLSTransport:
+                transport.traffic = traffic
+            else:
+                _WriteCounter(transport, traffic)
+
+    def connectionLost(self, connection: HTTP1Connection, reason: Failure) -> None:
+        self.channels.discard(connection)
+        metrics = self.metrics
+        if (
+            metrics is not None
+            and self.listener.tls
+            and not connection._handshakeDone
+            and isTLSFailure(reason)
+        ):
+            metrics.handshakeFailed(self.listener.name)
+
+    def handshakeCompleted(self, connection: HTTP1Connection) -> None:
+        metrics = self.metrics
+        if metrics is not None:
+            version, alpn = _negotiated(connection.transport)
+            metrics.handshakeDone(self.listener.name, version, alpn)
+
+    def connectionInfo(self, transport: Any) -> ConnectionInfo:
+        """What every request of the connection on C{transport} shares."""
+        peer = transport.getPeer()
+        host = getattr(peer, "host", "") or ""
+        port = getattr(peer, "port", 0) or 0
+        getHandle = getattr(transport, "getHandle", None)
+        if getHandle is None or not self.listener.tls:
+            return ConnectionInfo(host, port, b"http", self.listener)
+        serverName = version = alpn = None
+        try:
+            handle = getHandle()
+            name = handle.get_servername()
+            serverName = name.lower() if name else None
+            versionName = handle.get_protocol_version_name()
+            version = versionName[4:] if versionName.startswith("TLSv") else versionName
+            alpn = getattr(transport, "negotiatedProtocol", None)
+        except Exception:
+            pass
+        return ConnectionInfo(host, port, b"https", self.listener, serverName, version, alpn)
+
+    # Requests --------------------------------------------------------------
+
+    def select(self, runtime: Any, host: bytes, path: bytes, info: ConnectionInfo) -> Any:
+        """
+        What serves a request for C{host} and C{path}: a route match of the
+        runtime's router (L{None} when nothing matches), or on a redirect
+        listener the redirect.
+        """
+        if self._redirect is not None:
+            return self._redirect
+        return runtime.router.match(host, path)
+
+    def callStarted(self, call: Call) -> None:
+        self.inflight.add(call)
+
+    def callEnded(self, call: Call, reason: Failure | None) -> None:
+        """
+        A request is over (answered, or cut short by C{reason}): one
+        access-log line and the request metrics, once.
+        """
+        self.inflight.discard(call)
+        if call.logged:
+            return
+        call.logged = True
+        accessLog = self.accessLog
+        if accessLog is not None:
+            accessLog.log(call)
+        metrics = self.metrics
+        if metrics is not None:
+            route = call.request.route
+            metrics.requestDone(
+                "" if route is None else route.name,
+                call.upstreamName or "",
+                call.status,
+                max(0.0, self.clock.seconds() - call.started),
+            )
+
+    def refused(self, call: Call, error: ProxyError) -> None:
+        """A request refused from its head (400, 404, 421, 413)."""
+        request = call.request
+        log.debug(
+            "refusing {method} {target}: {status} ({why})",
+            method=request.method.decode("ascii", "replace"),
+            target=request.target.decode("ascii", "replace"),
+            status=error.status,
+            why=str(error),
+        )
+
+    def rejected(self, status: int) -> None:
+        """A request head refused by the HTTP/1.1 parser (or its deadline)."""
+
+    # Twisted Factory -----------------------------------------------------------
+
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
+
+def _headExpired(connection: HTTP1Connection) -> None:
+    connection.headExpired()
+
+
+def _idleExpired(connection: HTTP1Connection) -> None:
+    connection.idleExpired()
+
+
+class _WriteCounter:
+    """
+    Adds every byte written to a transport other than an L{EdgeTLSTransport}
+    (plain TCP) to C{traffic.sent}, by wrapping its C{write} and
+    C{writeSequence}; the bytes of a sequence are counted once, whether the
+    transport writes it with its own C{write} or not.
+    """
+
+    __slots__ = ("traffic", "inSequence", "_write", "_writeSequence")
+
+    def __init__(self, transport: Any, traffic: Traffic) -> None:
+        self.traffic = traffic
+        self.inSequence = False
+        self._write = transport.write
+        self._writeSequence = transport.writeSequence
+        transport.write = self.write
+        transport.writeSequence = self.writeSequence
+
+    def write(self, data: bytes) -> None:
+        if not self.inSequence:
+            self.traffic.sent += len(data)
+        self._write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        data = list(data)
+        self.traffic.sent += sum(map(len, data))
+        self.inSequence = True
+        try:
+            self._writeSequence(data)
+        finally:
+            self.inSequence = False
+
+
+def _negotiated(transport: Any) -> tuple[str, str]:
+    """
+    The TLS version (C{"1.3"}) and ALPN protocol (C{"h2"}, C{"http/1.1"},
+    or C{"none"}) of a completed handshake.
+    """
+    version = "unknown"
+    try:
+        name = transport.getHandle().get_protocol_version_name()
+        version = name[4:] if name.startswith("TLSv") else name
+    except Exception:
+        pass
+    alpn = getattr(transport, "negotiatedProtocol", None)
+    return version, alpn.decode("ascii", "replace") if alpn else "none"

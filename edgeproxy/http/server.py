@@ -1,0 +1,811 @@
+# -*- test-case-name: tests.test_server -*-
+"""
+L{HTTP1Connection}: one client connection speaking HTTP/1.1, read with
+L{edgeproxy.h1} and answered through the stage pipeline.
+
+Reading.  Request heads are found and parsed whole (L{h1.splitHead},
+L{h1.parseRequestHead}); a head still arriving has its request line
+checked as soon as that line is complete, so garbage is refused without
+waiting for the rest.  Every refusal (the status the parser gives: 400,
+414, 431, 501, 505; 408 for a head not complete within
+C{client_header_timeout}) is a short generic response with
+C{Connection: close}, and nothing after it on the connection is read.  A
+body is read by the reader its framing needs and handed to a
+L{edgeproxy.bodies.BodyPipe}, which pauses this connection's transport
+whenever the backend cannot take more.
+
+Requests are served one at a time, in order (pipelining): bytes of the
+next request wait, the transport paused once they pass a bound, until the
+current response is complete.
+
+Routing.  The target is normalised once (L{edgeproxy.targets}), the route
+found (L{edgeproxy.routing}), and the request described by one
+L{edgeproxy.pipeline.values.Request} handed to the route's stages in a
+L{Call}.  What is refused from the head (400 for a target, 404 no route,
+421 a host this TLS name does not serve, 413 a declared body over the
+limit) is answered without ever reaching a stage.
+
+Answering.  A response's head and the body bytes already at hand go out in
+one write; a body still to come streams with backpressure (the body's
+source is the transport's producer while it flows).  The framing follows
+the response: its length when known, else chunked (HTTP/1.1) or the end of
+the connection (HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.
+C{Date} is added when the response has none; nothing identifies the
+software.  Interim responses (1xx) from the backend are passed on to
+HTTP/1.1 clients (RFC 9110 15.2), C{100 Continue} only to a client that
+asked for it.  An answer that comes while the request body is still
+arriving (an error, a backend that did not wait) is sent at once, and the
+connection is closed after it: the rest of the body is never read (RFC
+9112 9.6).
+
+Timers (nginx semantics).  The header deadline runs from the connection's
+start for the first request and from the first byte of each later one; the
+idle timeout (C{client_idle_timeout}) runs while the connection waits for a
+request or a body byte, and is suspended while a request is being answered.
+Both are entries in queues the listener's connections share
+(L{edgeproxy.http.deadlines}).  A connection told to close that does not go
+is aborted after L{ABORT_TIMEOUT}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import IHandshakeListener, IProtocol, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
+
+from edgeproxy import h1
+from edgeproxy.bodies import BodyPipe, IdleTimer
+from edgeproxy.errors import (
+    BadRequest,
+    ContentTooLarge,
+    MisdirectedRequest,
+    NoRoute,
+    ProxyError,
+)
+from edgeproxy.h1.fields import Fields
+from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse, rejection
+from edgeproxy.pipeline.call import Call, discardResponse
+from edgeproxy.pipeline.forwarded import clientAddress
+from edgeproxy.pipeline.values import ConnectionInfo, Request, Response
+from edgeproxy.routing import normaliseHost
+from edgeproxy.targets import normaliseTarget
+
+__all__ = ["ABORT_TIMEOUT", "HTTP1Connection"]
+
+log = Logger()
+
+ABORT_TIMEOUT = 15.0
+"""Seconds a connection told to close gets to flush before it is aborted
+(the grace Twisted's C{HTTPChannel.abortTimeout} gives)."""
+
+_NO_ROUTE: tuple[Any, ...] = ()
+
+_COMPLETE = (ResponseDone, PotentialDataLoss)
+"""How a complete body ends: with the end of its framing, or (a body
+delimited by its source closing, RFC 9112 6.3 item 8) with the close that is
+its end."""
+
+
+def _secure(transport: Any) -> bool:
+    return getattr(transport, "getHandle", None) is not None
+
+
+@implementer(IPushProducer)
+class _Streaming:
+    """
+    A response body's source, registered as the client transport's producer
+    while the body flows: a slow client pauses it, and a resume (the client
+    took bytes) counts as activity for the body's idle timeout.
+    """
+
+    __slots__ = ("producer", "idle")
+
+    def __init__(self, producer: Any, idle: IdleTimer | None) -> None:
+        self.producer = producer
+        self.idle = idle
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.idle is not None:
+            self.idle.touch()
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
+
+
+@implementer(IProtocol, IHandshakeListener)
+class HTTP1Connection:
+    """
+    One client connection (HTTP/1.1 and 1.0), built by an
+    L{edgeproxy.http.listener.ListenerFactory}.
+    """
+
+    # An idle kept-alive connection is mostly this object: everything lives
+    # in slots (no instance dictionary), and the timers are the listener's.
+    __slots__ = (
+        "factory", "transport", "connected", "limits", "_info", "_buffer", "_call",
+        "_reader", "_pipe", "_persistent", "_closing", "_lost", "_lineChecked",
+        "_parsing", "_pendingHead", "_chunked", "_noBody", "_streaming", "_idle",
+        "_readPaused", "_bodyPaused", "_abortCall", "_upgraded", "_maxBody",
+        "_handshakeDone", "_traffic", "_started", "_answered", "_registered",
+        "_served", "__weakref__",
+    )
+
+    def __init__(self, factory: Any) -> None:
+        self.factory = factory
+        self.limits = factory.limits
+        self.transport: Any = None
+        self.connected = 0
+        self._info: ConnectionInfo | None = None
+        self._buffer = b""
+        self._call: Call | None = None
+        self._reader: h1.BodyReader | None = None
+        self._pipe: BodyPipe | None = None
+        self._persistent = True
+        self._closing = False
+        self._lost = False
+        self._lineChecked = False
+        self._parsing = False
+        self._pendingHead: bytes | None = None
+        self._chunked = False
+        self._noBody = False
+        self._streaming: _Streaming | None = None
+        self._idle: IdleTimer | None = None
+        self._readPaused = False
+        self._bodyPaused = False
+        self._abortCall: Any = None
+        self._upgraded: Any = None
+        self._maxBody = 0
+        self._handshakeDone = False
+        self._traffic: Any = None
+        self._started = False
+        self._answered = False
+        self._registered = False
+        self._served = False
+
+    # IProtocol -----------------------------------------------------------------
+
+    def makeConnection(self, transport: Any) -> None:
+        self.connected = 1
+        self.transport = transport
+        self.factory.connectionMade(self, transport)
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        factory.headQueue.arm(self)
+        factory.idleQueue.arm(self)
+
+    def logPrefix(self) -> str:
+        return "HTTP1Connection"
+
+    def dataReceived(self, data: bytes) -> None:
+        traffic = self._traffic
+        if traffic is not None:
+            traffic.received += len(data)
+        if self._upgraded is not None:
+            self._upgraded.dataReceived(data)
+            return
+        if not self._started:
+            self._started = True
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                self._switchToHTTP2(data)
+                return
+        if self._closing:
+            # Nothing after a refusal, an early answer or a close is read.
+            return
+        factory = self.factory
+        if self._reader is not None:
+            factory.idleQueue.move(self)
+            self._readBody(data)
+            return
+        buffer = self._buffer
+        if self._call is not None:
+            # The next request, pipelined: it waits for this one's answer.
+            buffer += data
+            self._buffer = buffer
+            if len(buffer) > self.limits.max_header_size and not self._readPaused:
+                self._readPaused = True
+                self._updateReading()
+            return
+        if not buffer and self._served:
+            # The first byte of a later head: its deadline starts now (the
+            # first head's has run since the connection opened).
+            factory.headQueue.arm(self)
+        factory.idleQueue.move(self)
+        self._buffer = b""
+        self._parseHeads(buffer + data if buffer else data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._lost = True
+        self.connected = 0
+        factory = self.factory
+        factory.headQueue.disarm(self)
+        factory.idleQueue.disarm(self)
+        abortCall, self._abortCall = self._abortCall, None
+        if abortCall is not None and abortCall.active():
+            abortCall.cancel()
+        upgraded = self._upgraded
+        if upgraded is not None:
+            upgraded.connectionLost(reason)
+        call = self._call
+        if call is not None:
+            self._call = None
+            # A tunnel's request is over when its connection is (the end of
+            # a WebSocket is no failure).
+            self._endCall(call, None if upgraded is not None else reason)
+        factory.connectionLost(self, reason)
+
+    def handshakeCompleted(self) -> None:
+        self._handshakeDone = True
+        self.factory.handshakeCompleted(self)
+
+    # The listener's view (drain, timers) --------------------------------------
+
+    def busy(self) -> bool:
+        """Whether a request is in flight on this connection (or a tunnel)."""
+        upgraded = self._upgraded
+        if upgraded is not None and self._call is None:
+            # HTTP/2: its streams.
+            return bool(upgraded.busy())
+        return self._call is not None
+
+    def closeAfterResponse(self) -> None:
+        """
+        Close once the current response is complete, saying so in it when
+        its head is not written yet (RFC 9112 9.6).
+        """
+        self._persistent = False
+        upgraded = self._upgraded
+        if upgraded is not None and self._call is None:
+            upgraded.closeAfterResponse()
+
+    def closeIdle(self) -> None:
+        """Close a connection that has no request in flight, cleanly."""
+        upgraded = self._upgraded
+        if upgraded is not None:
+            if self._call is None:
+                upgraded.closeIdle()
+        elif self._call is None:
+            self._loseConnection()
+
+    def takeOver(self, call: Call, head: bytes, protocol: Any) -> bytes:
+        """
+        Switch protocols (a WebSocket's C{101}): write C{head}, then hand
+        every byte of the connection to C{protocol} until it ends.  The call
+        stays in flight until then.
+
+        @return: what the client sent after its request head (a WebSocket
+            client's first frames), for C{protocol} to take first.
+        """
+        self._write(head)
+        self._answered = True
+        self._pendingHead = None
+        factory = self.factory
+        factory.headQueue.disarm(self)
+        factory.idleQueue.disarm(self)
+        buffered, self._buffer = self._buffer, b""
+        self._upgraded = protocol
+        if self._readPaused:
+            self._readPaused = False
+            self._updateReading()
+        protocol.makeConnection(self.transport)
+        return buffered
+
+    def headExpired(self) -> None:
+        """The header deadline passed: 408 and close."""
+        if self._call is None and self._reader is None and not self._closing:
+            self._reject(408)
+
+    def idleExpired(self) -> None:
+        """
+        The idle timeout passed: between requests the connection closes
+        silently; a request body that stopped arriving is cut.
+        """
+        call = self._call
+        if call is None:
+            self._loseConnection()
+        elif self._reader is not None:
+            self._call = None
+            self._abort()
+            self._endCall(call, Failure(ConnectionAborted("client idle")))
+        else:
+            # Suspended while the request is answered: counted again from
+            # the end of the response (moving a deadline is cheaper than
+            # removing and adding it per request).
+            self.factory.idleQueue.arm(self)
+
+    # Reading requests -----------------------------------------------------
+
+    def _parseHeads(self, buffer: bytes) -> None:
+        """
+        Serve the requests whose heads are in C{buffer}, one at a time:
+        each is dispatched, and the next is looked at only once the one
+        before has been answered (its answer may come at once).
+        """
+        self._parsing = True
+        limits = self.limits
+        try:
+            while True:
+                if self._closing or self._lost:
+                    return
+                if not buffer:
+                    self._buffer = b""
+                    return
+                try:
+                    found = h1.splitHead(buffer, limits.max_header_size)
+                    if found is None:
+                        if not self._lineChecked:
+                            self._checkRequestLine(buffer)
+                        self._buffer = buffer
+                        return
+                    head, end = found
+                    parsed = h1.parseRequestHead(head, limits.max_headers)
+                except h1.RemoteProtocolError as error:
+                    self._buffer = b""
+                    self._reject(error.status)
+                    return
+                self._lineChecked = False
+                self.factory.headQueue.disarm(self)
+                self._dispatch(parsed)
+                rest = buffer[end:]
+                if self._reader is not None:
+                    if not rest:
+                        return
+                    self._readBody(rest)
+                    if self._reader is not None:
+                        return
+                    rest = self._buffer
+                    self._buffer = b""
+                if self._call is not None:
+                    # Answered later: the rest waits (see dataReceived).
+                    self._buffer = rest
+                    if len(rest) > limits.max_header_size and not self._readPaused:
+                        self._readPaused = True
+                        self._updateReading()
+                    return
+                buffer = rest
+                if buffer:
+                    self.factory.headQueue.arm(self)
+                    self.factory.idleQueue.move(self)
+        finally:
+            self._parsing = False
+
+    def _checkRequestLine(self, buffer: bytes) -> None:
+        start = 2 if buffer[:2] == b"\r\n" else 0
+        end = buffer.find(b"\r\n", start)
+        if end != -1:
+            h1.checkRequestLine(buffer[start:end])
+            self._lineChecked = True
+
+    def _readBody(self, data: bytes) -> None:
+        reader = self._reader
+        assert reader is not None
+        try:
+            piece = reader.feed(data)
+        except h1.RemoteProtocolError as error:
+            # The head was fine (the request went on to its stages), the
+            # framing is not: nothing after it can be trusted.
+            self._reader = None
+            call, self._call = self._call, None
+            if self._pendingHead is None:
+                if call is not None:
+                    call.status = 400
+                self._reject(400)
+            else:
+                self._abort()
+            if call is not None:
+                self._endCall(call, Failure(BadRequest(str(error))))
+            return
+        pipe = self._pipe
+        if piece and pipe is not None:
+            pipe.write(piece)
+            if self._maxBody and pipe.received > self._maxBody and not self._answered:
+                self._bodyTooLarge()
+                return
+        if reader.done:
+            self._reader = None
+            self._buffer = reader.rest
+            if pipe is not None:
+                pipe.finish()
+
+    # A request, head complete ------------------------------------------------
+
+    def _connectionInfo(self) -> ConnectionInfo:
+        info = self._info
+        if info is None:
+            info = self._info = self.factory.connectionInfo(self.transport)
+        return info
+
+    def _dispatch(self, head: h1.RequestHead) -> None:
+        factory = self.factory
+        runtime = factory.currentRuntime()
+        info = self._connectionInfo()
+        self._persistent = head.persistent
+        self._answered = False
+        length = head.length
+        error: ProxyError | None = None
+        route = None
+        prefix = b""
+        path = query = b""
+        stages = _NO_ROUTE
+        idleTimeout = 0.0
+        maxBody = self.limits.max_body_size
+        try:
+            path, query = normaliseTarget(head.target)
+        except BadRequest as refused:
+            error = refused
+        else:
+            match = factory.select(runtime, head.host, path, info)
+            if match is None:
+                error = _unrouted(head.host, path, info)
+            else:
+                route = match.route
+                prefix = match.prefix
+                pipeline = match.pipeline if route is None else runtime.pipelines[route.name]
+                stages = pipeline.stages
+                idleTimeout = pipeline.idleTimeout
+                if route is not None and route.max_body_size is not None:
+                    maxBody = route.max_body_size
+                if maxBody and length is not None and length > maxBody:
+                    error = ContentTooLarge(f"declared body {length} over limit {maxBody}")
+        fields = head.fields
+        trusted = runtime.trustedProxies
+        request = Request(
+            head.method,
+            path,
+            query,
+            head.version,
+            fields,
+            head.host,
+            clientAddress(info.peer, fields, trusted) if trusted else info.peer,
+            info,
+            route,
+            prefix,
+            length,
+            head.target,
+        )
+        pipe = None
+        if length != 0:
+            self._reader = h1.LengthReader(length) if length is not None else h1.ChunkedReader(
+                self.limits.max_header_size
+            )
+            if error is None:
+                pipe = BodyPipe(length, self, factory.clock, idleTimeout, self._uploadIdle)
+        self._pipe = pipe
+        self._maxBody = maxBody
+        self._served = True
+        call = Call(request, pipe, self, stages, factory.clock.seconds())
+        call.idleTimeout = idleTimeout
+        self._call = call
+        factory.callStarted(call)
+        if error is not None:
+            factory.refused(call, error)
+            call.fail(error)
+        else:
+            call.next()
+
+    # Answering (the pipeline's ClientSide) ------------------------------------
+
+    def respond(self, call: Call, response: Response) -> None:
+        if call is not self._call or self._pendingHead is not None or self._answered:
+            discardResponse(response)
+            return
+        self._answered = True
+        status = response.status
+        call.status = status
+        request = call.request
+        if call.firstByte is None:
+            call.firstByte = self.factory.clock.seconds()
+        length = response.length
+        noBody = request.method == b"HEAD" or status in (204, 304) or status < 200
+        chunked = False
+        if noBody:
+            if status == 204 or status < 200:
+                # RFC 9110 8.6: no Content-Length in a 1xx or 204.
+                length = None
+        elif length is None:
+            if request.version == b"HTTP/1.1":
+                chunked = True
+            else:
+                # HTTP/1.0: the close ends the body (RFC 9112 6.3 item 8).
+                self._persistent = False
+        if self._reader is not None:
+            # Answered before the whole body arrived: the rest is never
+            # read, so the connection ends with this response.
+            self._persistent = False
+        fields = response.fields
+        self._noBody = noBody
+        self._chunked = chunked
+        self._pendingHead = h1.writeResponseHead(
+            request.version,
+            status,
+            response.reason,
+            fields,
+            length,
+            chunked,
+            not self._persistent,
+            b"" if b"date" in fields.raw() else dateField(),
+        )
+        body = response.body
+        if body is None:
+            self._finishResponse(call)
+            return
+        body.deliverBody(call)
+        if call is not self._call or self._lost:
+            return
+        # The body is not over yet: the head goes now, so that a slow or
+        # endless body (server-sent events) does not hold it back, and the
+        # body's source becomes the transport's producer.
+        head = self._pendingHead
+        if head:
+            self._pendingHead = b""
+            self._write(head)
+        producer = self._streaming
+        if producer is not None:
+            idle = None
+            if call.idleTimeout > 0:
+                idle = IdleTimer(self.factory.clock, call.idleTimeout, self._responseIdle)
+                idle.touch()
+            streaming = _Streaming(producer, idle)
+            self._streaming = streaming
+            self._registered = True
+            self.transport.registerProducer(streaming, True)
+
+    def fail(self, call: Call, error: ProxyError) -> None:
+        if call is not self._call:
+            return
+        if self._pendingHead is not None:
+            # The response has started: the client must see it cut short.
+            self._abort()
+            return
+        if error.status in CLOSE_AFTER:
+            self._persistent = False
+        self.respond(call, errorResponse(error))
+
+    def interim(self, call: Call, status: int, reason: bytes, fields: Fields) -> None:
+        request = call.request
+        if (
+            call is not self._call
+            or self._pendingHead is not None
+            or request.version != b"HTTP/1.1"
+            or status == 101
+            or (status == 100 and not request.fields.get(b"expect"))
+        ):
+            return
+        self._write(h1.writeResponseHead(b"HTTP/1.1", status, reason, fields, None))
+
+    def bodyStarted(self, call: Call, producer: Any) -> None:
+        if call is not self._call:
+            producer.stopProducing()
+            return
+        # Wrapped and registered only if the body outlasts deliverBody (see
+        # respond): most bodies came whole with their head.
+        self._streaming = producer
+
+    def bodyData(self, call: Call, data: bytes) -> None:
+        if call is not self._call or self._noBody or not data:
+            return
+        call.sent += len(data)
+        if self._chunked:
+            data = h1.chunk(data)
+        head = self._pendingHead
+        if head:
+            self._pendingHead = b""
+            data = head + data
+        streaming = self._streaming
+        if type(streaming) is _Streaming and streaming.idle is not None:
+            streaming.idle.touch()
+        self._write(data)
+
+    def bodyEnded(self, call: Call, reason: Failure) -> None:
+        if call is not self._call:
+            return
+        self._endStreaming()
+        if isinstance(reason.value, _COMPLETE):
+            self._finishResponse(call)
+            return
+        log.warn("response body cut short: {why}", why=reason.getErrorMessage())
+        self._call = None
+        self._abort()
+        self._endCall(call, reason)
+
+    def tunnel(self, call: Call, pool: Any, fields: Fields, path: bytes, hashKey: bytes | None) -> None:
+        from edgeproxy.http.tunnel import startTunnel
+
+        startTunnel(self, call, pool, fields, path, hashKey)
+
+    # The response written -------------------------------------------------------
+
+    def _finishResponse(self, call: Call) -> None:
+        head = self._pendingHead
+        tail = h1.LAST_CHUNK if self._chunked and not self._noBody else b""
+        if head:
+            self._write(head + tail)
+        elif tail:
+            self._write(tail)
+        self._pendingHead = None
+        self._call = None
+        self._endCall(call, None)
+        if not self._lost:
+            self._afterCall()
+
+    def _endStreaming(self) -> Any:
+        """Let go of the response body's source (unregistered, timer off)."""
+        streaming, self._streaming = self._streaming, None
+        if type(streaming) is _Streaming and streaming.idle is not None:
+            streaming.idle.close()
+        if self._registered:
+            self._registered = False
+            if not self._lost:
+                self.transport.unregisterProducer()
+        return streaming
+
+    def _responseIdle(self) -> None:
+        log.warn("response body idle timeout: aborting backend and client")
+        call = self._call
+        self._call = None
+        self._abort()
+        if call is not None:
+            self._endCall(call, Failure(ConnectionAborted("idle timeout")))
+
+    def _endCall(self, call: Call, reason: Failure | None) -> None:
+        """The call is over: log it, and let go of what it held."""
+        streaming = self._endStreaming()
+        if reason is not None:
+            call.cancel()
+            pipe = self._pipe
+            if pipe is not None:
+                pipe.fail(reason)
+            if streaming is not None:
+                streaming.stopProducing()
+        self._pipe = None
+        self._pendingHead = None
+        self.factory.callEnded(call, reason)
+
+    def _afterCall(self) -> None:
+        """Between requests: close, or look at the next one."""
+        if self._reader is not None:
+            # The body is still arriving after the answer; the connection
+            # closes (see _dispatch) once the response is out.
+            self._closing = True
+            self._loseConnection()
+            return
+        if not self._persistent:
+            self._closing = True
+            self._loseConnection()
+            return
+        factory = self.factory
+        factory.idleQueue.arm(self)
+        if self._readPaused:
+            self._readPaused = False
+            self._updateReading()
+        if self._buffer and not self._parsing:
+            factory.headQueue.arm(self)
+            buffer, self._buffer = self._buffer, b""
+            self._parseHeads(buffer)
+
+    # Early answers -------------------------------------------------------------
+
+    def _bodyTooLarge(self) -> None:
+        call = self._call
+        error = ContentTooLarge(f"body over the limit of {self._maxBody} bytes")
+        if self._pipe is not None:
+            self._pipe.fail(Failure(error))
+            self._pipe = None
+        if call is None:
+            return
+        # Whatever holds the request (a stage, the backend) lets go, and the
+        # client gets a 413 (or, with its response begun, a cut).
+        call.stop()
+        self._persistent = False
+        if self._pendingHead is not None or self._answered:
+            self._call = None
+            self._abort()
+            self._endCall(call, Failure(error))
+            return
+        call.fail(error)
+
+    def _uploadIdle(self) -> None:
+        log.warn("request body idle timeout: aborting backend and client")
+        call = self._call
+        self._call = None
+        self._abort()
+        if call is not None:
+            self._endCall(call, Failure(ConnectionAborted("request body idle")))
+
+    # The BodyPipe's ClientReader ---------------------------------------------
+
+    def pause(self) -> None:
+        self._bodyPaused = True
+        self._updateReading()
+
+    def resume(self) -> None:
+        if self._bodyPaused:
+            self._bodyPaused = False
+            self._updateReading()
+
+    def _updateReading(self) -> None:
+        transport = self.transport
+        if transport is None or self._lost:
+            return
+        if self._bodyPaused or self._readPaused:
+            transport.pauseProducing()
+        else:
+            transport.resumeProducing()
+
+    # Closing -------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if not self._lost:
+            self.transport.write(data)
+
+    def _reject(self, status: int) -> None:
+        """Refuse what the client sent: the generic page, then close."""
+        self.factory.rejected(status)
+        self._write(rejection(status))
+        self._closing = True
+        self._loseConnection()
+
+    def _loseConnection(self) -> None:
+        if self._lost or self._abortCall is not None:
+            return
+        self._closing = True
+        factory = self.factory
+        factory.headQueue.disarm(self)
+        factory.idleQueue.disarm(self)
+        transport = self.transport
+        if self._registered:
+            # A TLS transport sends its close_notify, and so closes, only
+            # once no producer is registered.
+            self._registered = False
+            transport.unregisterProducer()
+        transport.loseConnection()
+        self._abortCall = factory.clock.callLater(ABORT_TIMEOUT, self._abort)
+
+    def _abort(self) -> None:
+        self._closing = True
+        if not self._lost and self.transport is not None:
+            self.transport.abortConnection()
+
+    # HTTP/2 --------------------------------------------------------------------
+
+    def _switchToHTTP2(self, data: bytes) -> None:
+        factory = self.factory
+        factory.headQueue.disarm(self)
+        factory.idleQueue.disarm(self)
+        protocol = factory.buildHTTP2(self)
+        self._upgraded = protocol
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(data)
+
+
+def _unrouted(host: bytes, path: bytes, info: ConnectionInfo) -> ProxyError:
+    """404, or 421 when the client's TLS name is another host's (RFC 9110
+    15.5.20: its connection's certificate was chosen for another name; it
+    may retry on a connection of its own)."""
+    name = normaliseHost(host)
+    sni = info.serverName
+    if sni is not None and normaliseHost(sni) != name:
+        return MisdirectedRequest(f"no route for host {name!r} (SNI {sni!r})")
+    return NoRoute(f"no route for host {name!r} path {path!r}")
+
+
+def isTLSFailure(reason: Any) -> bool:
+    """
+    Whether a connection lost before its handshake completed was lost to a
+    TLS error (an alert, garbage, no common version or cipher), not merely
+    closed by the client.
+    """
+    check = getattr(reason, "check", None)
+    return check is not None and check(SSL.Error) is not None
