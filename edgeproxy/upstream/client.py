@@ -91,7 +91,34 @@ from twisted.web.http_headers import Headers, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from zope.interface import implementer
 
-from edgeproxy.http.channel import ChunkedDecoder, IdentityDecoder
+from edgeproxy import h1 as _h1
+
+
+class _DecoderShim:
+    """Interim: h1 readers behind the old decoder interface."""
+
+    def __init__(self, reader, dataCallback, finishCallback):
+        self._reader = reader
+        self.dataCallback = dataCallback
+        self.finishCallback = finishCallback
+
+    def dataReceived(self, data):
+        piece = self._reader.feed(data)
+        if piece:
+            self.dataCallback(piece)
+        if self._reader.done:
+            self.finishCallback(self._reader.rest)
+
+    def noMoreData(self):
+        self._reader.eof()
+
+
+def IdentityDecoder(length, dataCallback, finishCallback):
+    return _DecoderShim(_h1.LengthReader(length), dataCallback, finishCallback)
+
+
+def ChunkedDecoder(dataCallback, finishCallback, maxTrailerSize=16384):
+    return _DecoderShim(_h1.ChunkedReader(maxTrailerSize), dataCallback, finishCallback)
 
 log = Logger()
 

@@ -23,7 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
 from edgeproxy.errors import ProxyError, ServiceUnavailable
-from edgeproxy.http.bodies import BodyPipe
+from edgeproxy.bodies import BodyPipe
 from edgeproxy.upstream.backend import Backend
 from edgeproxy.upstream.client import UpstreamResponse
 from edgeproxy.upstream.failures import (

@@ -50,7 +50,7 @@ from zope.interface import implementer
 
 from edgeproxy.config.model import Server, Upstream
 from edgeproxy.errors import ServiceUnavailable
-from edgeproxy.http.bodies import BodyPipe
+from edgeproxy.bodies import BodyPipe
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream import health
 from edgeproxy.upstream.client import UpstreamClient
