@@ -26,13 +26,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy.config.model import Listener
-from edgeproxy.errors import ProxyError
+from edgeproxy.errors import BadRequest, ContentTooLarge, MisdirectedRequest, NoRoute, ProxyError
+from edgeproxy.h1.fields import Fields
 from edgeproxy.http.deadlines import DeadlineQueue
 from edgeproxy.http.redirect import RedirectStage
 from edgeproxy.http.server import HTTP1Connection, isTLSFailure
 from edgeproxy.metrics import Metrics, Traffic
 from edgeproxy.pipeline.call import Call
-from edgeproxy.pipeline.values import ConnectionInfo
+from edgeproxy.pipeline.forwarded import clientAddress
+from edgeproxy.pipeline.values import ConnectionInfo, Request
+from edgeproxy.routing import normaliseHost
+from edgeproxy.targets import normaliseTarget
 from edgeproxy.tls.transport import EdgeTLSTransport
 
 __all__ = ["ListenerFactory"]
@@ -166,6 +170,74 @@ class ListenerFactory(Factory):
             return self._redirect
         return runtime.router.match(host, path)
 
+    def prepare(
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        fields: Fields,
+        host: bytes,
+        length: int | None,
+        info: ConnectionInfo,
+    ) -> tuple[Request, tuple[Any, ...], float, int, ProxyError | None]:
+        """
+        Everything a protocol needs to hand a request whose head is complete
+        to its stages, the same for HTTP/1.1 and HTTP/2: the target
+        normalised (L{edgeproxy.targets}), the route chosen, the request
+        value made.
+
+        @return: the L{Request}, the stages that serve it, the idle timeout
+            of its body, the most body bytes it may send (0: no limit), and
+            the L{ProxyError} to answer with instead when the request is
+            refused from its head (400 target, 404 no route, 421 another
+            host's TLS name, 413 a declared body over the limit; the stages
+            are then empty).
+        """
+        runtime = self.currentRuntime()
+        error: ProxyError | None = None
+        route = None
+        prefix = b""
+        path = query = b""
+        stages: tuple[Any, ...] = ()
+        idleTimeout = 0.0
+        maxBody = self.limits.max_body_size
+        try:
+            path, query = normaliseTarget(target)
+        except BadRequest as refused:
+            error = refused
+        else:
+            match = self.select(runtime, host, path, info)
+            if match is None:
+                error = _unrouted(host, path, info)
+            else:
+                route = match.route
+                prefix = match.prefix
+                pipeline = match.pipeline if route is None else runtime.pipelines[route.name]
+                stages = pipeline.stages
+                idleTimeout = pipeline.idleTimeout
+                if route is not None and route.max_body_size is not None:
+                    maxBody = route.max_body_size
+                if maxBody and length is not None and length > maxBody:
+                    error = ContentTooLarge(f"declared body {length} over limit {maxBody}")
+        if error is not None:
+            stages = ()
+        trusted = runtime.trustedProxies
+        request = Request(
+            method,
+            path,
+            query,
+            version,
+            fields,
+            host,
+            clientAddress(info.peer, fields, trusted) if trusted else info.peer,
+            info,
+            route,
+            prefix,
+            length,
+            target,
+        )
+        return request, stages, idleTimeout, maxBody, error
+
     def callStarted(self, call: Call) -> None:
         self.inflight.add(call)
 
@@ -212,6 +284,17 @@ class ListenerFactory(Factory):
 
     def doStop(self) -> None:
         pass
+
+
+def _unrouted(host: bytes, path: bytes, info: ConnectionInfo) -> ProxyError:
+    """404, or 421 when the client's TLS name is another host's (RFC 9110
+    15.5.20: its connection's certificate was chosen for another name; it
+    may retry on a connection of its own)."""
+    name = normaliseHost(host)
+    sni = info.serverName
+    if sni is not None and normaliseHost(sni) != name:
+        return MisdirectedRequest(f"no route for host {name!r} (SNI {sni!r})")
+    return NoRoute(f"no route for host {name!r} path {path!r}")
 
 
 def _headExpired(connection: HTTP1Connection) -> None:

@@ -62,20 +62,11 @@ from zope.interface import implementer
 
 from edgeproxy import h1
 from edgeproxy.bodies import BodyPipe, IdleTimer
-from edgeproxy.errors import (
-    BadRequest,
-    ContentTooLarge,
-    MisdirectedRequest,
-    NoRoute,
-    ProxyError,
-)
+from edgeproxy.errors import BadRequest, ContentTooLarge, ProxyError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse, rejection
 from edgeproxy.pipeline.call import Call, discardResponse
-from edgeproxy.pipeline.forwarded import clientAddress
-from edgeproxy.pipeline.values import ConnectionInfo, Request, Response
-from edgeproxy.routing import normaliseHost
-from edgeproxy.targets import normaliseTarget
+from edgeproxy.pipeline.values import ConnectionInfo, Response
 
 __all__ = ["ABORT_TIMEOUT", "HTTP1Connection"]
 
@@ -84,8 +75,6 @@ log = Logger()
 ABORT_TIMEOUT = 15.0
 """Seconds a connection told to close gets to flush before it is aborted
 (the grace Twisted's C{HTTPChannel.abortTimeout} gives)."""
-
-_NO_ROUTE: tuple[Any, ...] = ()
 
 _COMPLETE = (ResponseDone, PotentialDataLoss)
 """How a complete body ends: with the end of its framing, or (a body
@@ -429,51 +418,12 @@ class HTTP1Connection:
 
     def _dispatch(self, head: h1.RequestHead) -> None:
         factory = self.factory
-        runtime = factory.currentRuntime()
-        info = self._connectionInfo()
         self._persistent = head.persistent
         self._answered = False
         length = head.length
-        error: ProxyError | None = None
-        route = None
-        prefix = b""
-        path = query = b""
-        stages = _NO_ROUTE
-        idleTimeout = 0.0
-        maxBody = self.limits.max_body_size
-        try:
-            path, query = normaliseTarget(head.target)
-        except BadRequest as refused:
-            error = refused
-        else:
-            match = factory.select(runtime, head.host, path, info)
-            if match is None:
-                error = _unrouted(head.host, path, info)
-            else:
-                route = match.route
-                prefix = match.prefix
-                pipeline = match.pipeline if route is None else runtime.pipelines[route.name]
-                stages = pipeline.stages
-                idleTimeout = pipeline.idleTimeout
-                if route is not None and route.max_body_size is not None:
-                    maxBody = route.max_body_size
-                if maxBody and length is not None and length > maxBody:
-                    error = ContentTooLarge(f"declared body {length} over limit {maxBody}")
-        fields = head.fields
-        trusted = runtime.trustedProxies
-        request = Request(
-            head.method,
-            path,
-            query,
-            head.version,
-            fields,
-            head.host,
-            clientAddress(info.peer, fields, trusted) if trusted else info.peer,
-            info,
-            route,
-            prefix,
-            length,
-            head.target,
+        request, stages, idleTimeout, maxBody, error = factory.prepare(
+            head.method, head.target, head.version, head.fields, head.host, length,
+            self._connectionInfo(),
         )
         pipe = None
         if length != 0:
@@ -788,17 +738,6 @@ class HTTP1Connection:
         self._upgraded = protocol
         protocol.makeConnection(self.transport)
         protocol.dataReceived(data)
-
-
-def _unrouted(host: bytes, path: bytes, info: ConnectionInfo) -> ProxyError:
-    """404, or 421 when the client's TLS name is another host's (RFC 9110
-    15.5.20: its connection's certificate was chosen for another name; it
-    may retry on a connection of its own)."""
-    name = normaliseHost(host)
-    sni = info.serverName
-    if sni is not None and normaliseHost(sni) != name:
-        return MisdirectedRequest(f"no route for host {name!r} (SNI {sni!r})")
-    return NoRoute(f"no route for host {name!r} path {path!r}")
 
 
 def isTLSFailure(reason: Any) -> bool:
