@@ -185,12 +185,48 @@ def _absoluteForm(target: bytes) -> tuple[bytes, bytes]:
     return rest, authority.lower()
 
 
-_knownNames: dict[bytes, bytes] = {}
-"""Field names as received that were found to be tokens, to their lower-case
-form; bounded."""
-_MAX_KNOWN_NAMES = 10_000
-
 _FRAMING = frozenset((b"content-length", b"transfer-encoding", b"host"))
+
+_MAX_CACHED = 4096
+_MAX_CACHED_LINE = 256
+"""Lines longer than this are not remembered (the caches stay small)."""
+
+_fieldLines: dict[bytes, tuple[bytes, bytes, bool]] = {}
+"""Field lines already checked, to their lower-case name, their value and
+whether the field frames the message or names its host.  Most lines of a
+request are lines some earlier request sent (C{Host}, C{User-Agent},
+C{Accept}...): looking the whole line up skips splitting, stripping and
+checking it again.  Only lines that passed every check are kept; bounded."""
+
+_requestLines: dict[bytes, tuple[bytes, bytes, bytes, bytes | None]] = {}
+"""Request lines already checked, to what L{checkRequestLine} returned;
+bounded like L{_fieldLines}."""
+
+
+def _fieldLine(line: bytes) -> tuple[bytes, bytes, bool]:
+    """
+    Check one field line (RFC 9112 5, RFC 9110 5.5) and remember it.
+
+    @raise RemoteProtocolError: obs-fold, no colon, a name that is not a
+        token, a control other than HTAB in the value.
+    """
+    if line[:1] in (b" ", b"\t"):
+        # RFC 9112 5.2: obs-fold is refused, not unfolded.
+        raise RemoteProtocolError("obsolete line folding")
+    name, colon, value = line.partition(b":")
+    if not colon or not isToken(name):
+        # Also catches whitespace before the colon (RFC 9112 5.1).
+        raise RemoteProtocolError("invalid field name")
+    value = value.strip(b" \t")
+    if len(value.translate(None, CONTROLS_EXCEPT_HTAB)) != len(value):
+        raise RemoteProtocolError("control character in field value")
+    lower = name.lower()
+    known = (lower, value, lower in _FRAMING)
+    if len(line) <= _MAX_CACHED_LINE:
+        if len(_fieldLines) >= _MAX_CACHED:
+            _fieldLines.clear()
+        _fieldLines[line] = known
+    return known
 
 
 def parseRequestHead(head: bytes, maxFields: int) -> RequestHead:
@@ -204,37 +240,34 @@ def parseRequestHead(head: bytes, maxFields: int) -> RequestHead:
         one to answer with.
     """
     lines = head.split(b"\r\n")
-    method, target, version, authority = checkRequestLine(lines[0])
-    # One look for controls in the whole head: when the only ones are the
-    # CRLFs between lines, no value needs a look of its own.
-    clean = len(head) - len(head.translate(None, CONTROLS_EXCEPT_HTAB)) == 2 * (len(lines) - 1)
+    requestLine = lines[0]
+    checked = _requestLines.get(requestLine)
+    if checked is None:
+        checked = checkRequestLine(requestLine)
+        if len(requestLine) <= _MAX_CACHED_LINE:
+            if len(_requestLines) >= _MAX_CACHED:
+                _requestLines.clear()
+            _requestLines[requestLine] = checked
+    method, target, version, authority = checked
+    if len(lines) - 1 > maxFields:
+        # Refused as the line past the limit would be, once the lines
+        # before it passed their checks.
+        for line in lines[1 : maxFields + 2]:
+            if line not in _fieldLines:
+                _fieldLine(line)
+        raise RemoteProtocolError("too many header fields", 431)
     fields: dict[bytes, list[bytes]] = {}
-    known = _knownNames
-    count = 0
+    cache = _fieldLines
     lengths: bytes | None = None
     codings: list[bytes] | None = None
     hosts = 0
-    for index in range(1, len(lines)):
-        line = lines[index]
-        if line[:1] in (b" ", b"\t"):
-            # RFC 9112 5.2: obs-fold is refused, not unfolded.
-            raise RemoteProtocolError("obsolete line folding")
-        name, colon, value = line.partition(b":")
-        lower = known.get(name) if colon else None
-        if lower is None:
-            if not colon or not isToken(name):
-                # Also catches whitespace before the colon (RFC 9112 5.1).
-                raise RemoteProtocolError("invalid field name")
-            lower = name.lower()
-            if len(known) < _MAX_KNOWN_NAMES:
-                known[name] = lower
-        value = value.strip(b" \t")
-        if not clean and len(value.translate(None, CONTROLS_EXCEPT_HTAB)) != len(value):
-            raise RemoteProtocolError("control character in field value")
-        count += 1
-        if count > maxFields:
-            raise RemoteProtocolError("too many header fields", 431)
-        if lower in _FRAMING:
+    del lines[0]
+    for line in lines:
+        known = cache.get(line)
+        if known is None:
+            known = _fieldLine(line)
+        lower, value, special = known
+        if special:
             if lower == b"content-length":
                 if lengths is not None:
                     raise RemoteProtocolError("several Content-Length fields")

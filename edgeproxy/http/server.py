@@ -127,7 +127,7 @@ class HTTP1Connection:
         "_parsing", "_pendingHead", "_chunked", "_noBody", "_streaming", "_idle",
         "_readPaused", "_bodyPaused", "_abortCall", "_upgraded", "_maxBody",
         "_handshakeDone", "_traffic", "_started", "_answered", "_registered",
-        "_served", "__weakref__",
+        "_served", "_awaitingHead", "__weakref__",
     )
 
     def __init__(self, factory: Any) -> None:
@@ -161,6 +161,7 @@ class HTTP1Connection:
         self._answered = False
         self._registered = False
         self._served = False
+        self._awaitingHead = True
 
     # IProtocol -----------------------------------------------------------------
 
@@ -207,11 +208,6 @@ class HTTP1Connection:
                 self._readPaused = True
                 self._updateReading()
             return
-        if not buffer and self._served:
-            # The first byte of a later head: its deadline starts now (the
-            # first head's has run since the connection opened).
-            factory.headQueue.arm(self)
-        factory.idleQueue.move(self)
         self._buffer = b""
         self._parseHeads(buffer + data if buffer else data)
 
@@ -293,7 +289,12 @@ class HTTP1Connection:
 
     def headExpired(self) -> None:
         """The header deadline passed: 408 and close."""
-        if self._call is None and self._reader is None and not self._closing:
+        if (
+            self._awaitingHead
+            and self._call is None
+            and self._reader is None
+            and not self._closing
+        ):
             self._reject(408)
 
     def idleExpired(self) -> None:
@@ -337,6 +338,7 @@ class HTTP1Connection:
                         if not self._lineChecked:
                             self._checkRequestLine(buffer)
                         self._buffer = buffer
+                        self._headIncomplete()
                         return
                     head, end = found
                     parsed = h1.parseRequestHead(head, limits.max_headers)
@@ -345,7 +347,9 @@ class HTTP1Connection:
                     self._reject(error.status)
                     return
                 self._lineChecked = False
-                self.factory.headQueue.disarm(self)
+                # The deadline stays queued, unarmed: moving it for the next
+                # head costs less than removing and adding it per request.
+                self._awaitingHead = False
                 self._dispatch(parsed)
                 rest = buffer[end:]
                 if self._reader is not None:
@@ -364,11 +368,21 @@ class HTTP1Connection:
                         self._updateReading()
                     return
                 buffer = rest
-                if buffer:
-                    self.factory.headQueue.arm(self)
-                    self.factory.idleQueue.move(self)
         finally:
             self._parsing = False
+
+    def _headIncomplete(self) -> None:
+        """
+        The read ended inside a head: from its first byte it has
+        C{client_header_timeout} to complete (the first head of a connection
+        has had it since the connection opened).  A head that comes whole in
+        one read, the usual case, never arms anything.
+        """
+        factory = self.factory
+        if not self._awaitingHead:
+            self._awaitingHead = True
+            factory.headQueue.arm(self)
+        factory.idleQueue.move(self)
 
     def _checkRequestLine(self, buffer: bytes) -> None:
         start = 2 if buffer[:2] == b"\r\n" else 0
@@ -641,7 +655,6 @@ class HTTP1Connection:
             self._readPaused = False
             self._updateReading()
         if self._buffer and not self._parsing:
-            factory.headQueue.arm(self)
             buffer, self._buffer = self._buffer, b""
             self._parseHeads(buffer)
 
