@@ -47,8 +47,8 @@ from edgeproxy.h1.fields import Fields
 from edgeproxy.h1.syntax import (
     CONTROLS_EXCEPT_HTAB,
     TARGET_FORBIDDEN,
-    canonicalName,
     isToken,
+    linePrefix,
     listTokens,
     validHost,
 )
@@ -390,11 +390,14 @@ def writeRequestHead(
     elif length or method in (b"PUT", b"POST"):
         # RFC 9110 8.6: a body-less PUT or POST still says its length.
         parts.append(b"Content-Length: %d\r\n" % (length,))
+    append = parts.append
     for name, values in raw.items():
         if name in _NOT_WRITTEN:
             continue
-        spelled = canonicalName(name)
+        prefix = linePrefix(name)
         for value in values:
-            parts += (spelled, b": ", value, b"\r\n")
+            append(prefix)
+            append(value)
+            append(b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)

@@ -35,7 +35,13 @@ from typing import NamedTuple
 
 from edgeproxy.h1.errors import LocalProtocolError, RemoteProtocolError
 from edgeproxy.h1.fields import Fields
-from edgeproxy.h1.syntax import CONTROLS_EXCEPT_HTAB, canonicalName, isToken, listTokens
+from edgeproxy.h1.syntax import (
+    CONTROLS_EXCEPT_HTAB,
+    LINE_PREFIXES,
+    isToken,
+    linePrefix,
+    listTokens,
+)
 
 __all__ = [
     "CLOSE_DELIMITED",
@@ -343,10 +349,16 @@ def writeResponseHead(
         parts.append(b"Transfer-Encoding: chunked\r\n")
     if close:
         parts.append(b"Connection: close\r\n")
+    append = parts.append
+    prefixes = LINE_PREFIXES
     for name, values in fields.raw().items():
-        spelled = canonicalName(name)
+        prefix = prefixes.get(name)
+        if prefix is None:
+            prefix = linePrefix(name)
         for value in values:
-            parts += (spelled, b": ", value, b"\r\n")
+            append(prefix)
+            append(value)
+            append(b"\r\n")
     if extra:
         parts.append(extra)
     parts.append(b"\r\n")

@@ -15,7 +15,9 @@ import re
 
 __all__ = [
     "CONTROLS_EXCEPT_HTAB",
+    "LINE_PREFIXES",
     "canonicalName",
+    "linePrefix",
     "isToken",
     "listTokens",
     "validHost",
@@ -138,3 +140,19 @@ def canonicalName(lower: bytes) -> bytes:
             _canonical.clear()
         _canonical[lower] = name
     return name
+
+
+LINE_PREFIXES: dict[bytes, bytes] = {}
+"""Lower-case field names to the start of their field line (C{Name: }), as
+L{linePrefix} makes them; bounded."""
+
+
+def linePrefix(lower: bytes) -> bytes:
+    """The start of a field line for the field C{lower}: C{Name: }."""
+    prefix = LINE_PREFIXES.get(lower)
+    if prefix is None:
+        prefix = canonicalName(lower) + b": "
+        if len(LINE_PREFIXES) >= _MAX_CACHED:
+            LINE_PREFIXES.clear()
+        LINE_PREFIXES[lower] = prefix
+    return prefix
