@@ -125,6 +125,8 @@ ERRORS = [
     ("[edgeproxy]\nadmin = tcp:9901\nadmin_token = 0123456789abcdef0\nadmin_token_file = x", "edgeproxy", "admin_token_file", "admin_token_file", "not both"),
     ("[edgeproxy]\nworkers = 0", "edgeproxy", "workers", "workers", "from 1 to 256, or auto"),
     ("[edgeproxy]\nworkers = many", "edgeproxy", "workers", "many", "from 1 to 256, or auto"),
+    ("[edgeproxy]\nlog_level = verbose", "edgeproxy", "log_level", "verbose", "expected one of debug, info, warn, error"),
+    ("[edgeproxy]\nlog_format = syslog", "edgeproxy", "log_format", "syslog", "expected one of auto, text, journald"),
     # [tls]
     ("[tls]\ndefault = certs/site.pem", "tls", "certificates", "[tls]", "missing required key 'certificates'"),
     ("[tls]\ncertificates = certs nothere.pem", "tls", "certificates", "nothere", "does not exist"),
@@ -378,6 +380,8 @@ via = edge-1
 admin = tcp:9901:interface=127.0.0.1
 admin_token_file = admin.token
 workers = 3
+log_level = warn
+log_format = journald
 
 [tls]
 certificates = certs, certs/site.pem
@@ -489,6 +493,8 @@ def test_fullExample(site: Path) -> None:
             admin="tcp:9901:interface=127.0.0.1",
             admin_token="0123456789abcdef0123456789abcdef",
             workers=3,
+            log_level="warn",
+            log_format="journald",
         ),
         tls=TLSSettings(
             certificates=(os.path.join(base, "certs"), os.path.join(base, "certs", "site.pem")),

@@ -68,6 +68,12 @@ class ProxySettings:
     the contents of C{admin_token_file}; L{None}: admin actions are off."""
     workers: int = 1
     """Worker processes; C{auto} in the file is resolved to the CPU count."""
+    log_level: str = "info"
+    """Lowest level the process log shows: C{debug}, C{info}, C{warn} or
+    C{error} (see L{edgeproxy.logs})."""
+    log_format: str = "auto"
+    """C{text}, C{journald} (a C{<N>} priority on every line), or C{auto}:
+    C{journald} when standard output is the journal."""
 
 
 class TLSVersion(enum.Enum):

@@ -93,6 +93,8 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "admin_token",
         "admin_token_file",
         "workers",
+        "log_level",
+        "log_format",
     ),
     "tls": (
         "certificates",
@@ -135,6 +137,10 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
 C{route} stand for C{[listen:NAME]} and so on)."""
+
+# The values edgeproxy.logs accepts (config/ imports no subsystem).
+_LOG_LEVELS = ("debug", "info", "warn", "error")
+_LOG_FORMATS = ("auto", "text", "journald")
 
 _SINGLE_KINDS = ("edgeproxy", "tls")
 _NAMED_KINDS = ("listen", "upstream", "route")
@@ -204,6 +210,8 @@ def _readProxy(section: Section) -> ProxySettings:
         admin=section.convert("admin", None, lambda text: _endpoint(section, text).description),
         admin_token=_readAdminToken(section),
         workers=section.convert("workers", defaults.workers, _parseWorkers),
+        log_level=section.choice("log_level", defaults.log_level, {v: v for v in _LOG_LEVELS}),
+        log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
     )
 
 

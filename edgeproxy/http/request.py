@@ -68,6 +68,7 @@ from edgeproxy.http.errorpages import errorBody, httpDate, isHTTP2, phraseFor, w
 from edgeproxy.http.headers import rawFields, responseHeadersForClient, upstreamRequestHeaders
 from edgeproxy.http.paths import normaliseTarget
 from edgeproxy.http.tunnel import isWebSocketUpgrade, startTunnel
+from edgeproxy.logs import reasonOf, refusals
 from edgeproxy.routing import normaliseHost
 from edgeproxy.upstream.balance import requestHashKey
 from edgeproxy.upstream.pool import CONNECTION_HEADERS_ATTRIBUTE
@@ -541,13 +542,9 @@ class ProxyRequest(server.Request):
     # Early answers ---------------------------------------------------------
 
     def _answerFromHead(self, error: ProxyError) -> None:
-        log.info(
-            "refusing {method} {target}: {status} ({why})",
-            method=self.method,
-            target=self.uri,
-            status=error.status,
-            why=str(error),
-        )
+        # A per-request outcome: the access log has the request; the process
+        # log gets one summary line per interval (edgeproxy.logs).
+        refusals(_clockOf(self.site)).note(error.status, reasonOf(error))
         # No 100 Continue after this (Twisted checks Expect after gotLength).
         self.requestHeaders.removeHeader(b"expect")
         if self._declaredLength == 0:
