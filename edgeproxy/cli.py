@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import os
 import sys
 import time
@@ -47,7 +48,8 @@ def _buildParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeproxy",
         description="edgeproxy, a TLS-terminating edge reverse proxy. "
-        "Run the proxy with: twistd edgeproxy --config edge.ini",
+        "Run the proxy in the foreground with: "
+        "twistd --nodaemon --pidfile= edgeproxy --config edge.ini",
     )
     parser.add_argument("--version", action="version", version=f"edgeproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -59,6 +61,12 @@ def _buildParser() -> argparse.ArgumentParser:
     )
     checkParser.add_argument(
         "-c", "--config", default="edge.ini", help="the configuration file (default: %(default)s)"
+    )
+    checkParser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print problems only, no summary (for ExecStartPre= and ExecReload=)",
     )
     return parser
 
@@ -79,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # return the status instead so main() can be called in process.
         return e.code if isinstance(e.code, int) else EXIT_INVALID
     if arguments.command == "check":
-        return check(arguments.config)
+        return check(arguments.config, out=io.StringIO() if arguments.quiet else None)
     parser.error(f"unknown command {arguments.command!r}")  # pragma: no cover
     return EXIT_INVALID  # pragma: no cover
 

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_service -*-
 """
-The twistd plugin's options and service maker: C{twistd edgeproxy --config
-edge.ini}.
+The twistd plugin's options and service maker: C{twistd --nodaemon
+--pidfile= edgeproxy --config edge.ini}.
 
 With C{[edgeproxy] workers = 1} the service is the proxy itself
 (L{edgeproxy.service.EdgeService}); with more, it is the

@@ -439,3 +439,13 @@ def test_includesAndEnvironmentShown(site: Path, capsys: pytest.CaptureFixture[s
     assert lines[6] == "From the environment:"
     assert lines[7].split() == ["conf.d/plain.ini:2", "[upstream:plain]", "servers", "=", "10.1.2.3:8080", "(from", "${BACKEND}:8080)"]
     assert "  plain  10.1.2.3:8080" in lines
+
+
+def test_quiet(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """C{--quiet} (the units' ExecStartPre= and ExecReload=): problems only, same exit status."""
+    path = write(site, CONFIG)
+    assert run(capsys, "check", "--quiet", "--config", path) == (EXIT_OK, "", "")
+    broken = write(site, CONFIG.replace("keepalive", "").replace("tcp:8080", "tcp:x"))
+    status, out, err = run(capsys, "check", "-q", "-c", broken)
+    assert (status, out) == (EXIT_INVALID, "")
+    assert "[listen:http] endpoint" in err
