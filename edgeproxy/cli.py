@@ -2,24 +2,28 @@
 """
 The C{edgeproxy} console command.
 
-C{edgeproxy check --config edge.ini} reads the configuration and every file
-it names exactly as C{twistd edgeproxy} would at start (certificates served
-to clients, CA bundles and client certificates for backends), without
-binding a port or starting the reactor, and prints what the proxy would do:
-listeners, certificates with their expiry, routes and upstreams.  It exits
-0 when the configuration is valid and 2 when it is not, with each problem
-on standard error as C{file:line: [section] key: message}, so it fits in a
-deployment script or an C{ExecStartPre=} line before a restart or reload.
+C{edgeproxy check --config edge.ini} reads the configuration (and the files
+it includes, with C{${VAR}} substituted) and every file it names exactly as
+C{twistd edgeproxy} would at start (certificates served to clients, CA
+bundles and client certificates for backends), without binding a port or
+starting the reactor, and prints what the proxy would do: the files read and
+the values taken from the environment, listeners, certificates with their
+expiry (and which one serves a name on several), routes and upstreams.  It
+exits 0 when the configuration is valid and 2 when it is not, with every
+problem it found on standard error, one per line as C{file:line: [section]
+key: message}, so it fits in a deployment script, an C{ExecStartPre=} line
+before a restart, or C{ExecReload=} before the reload signal.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from edgeproxy import __version__
@@ -27,7 +31,7 @@ from edgeproxy.config import load
 from edgeproxy.config.model import Config, Listener, Upstream
 from edgeproxy.config.syntax import checkEndpoint
 from edgeproxy.config.units import formatDuration, formatSize
-from edgeproxy.errors import ConfigError
+from edgeproxy.errors import ConfigError, ConfigErrors
 from edgeproxy.routing import Router
 from edgeproxy.tls.certs import CertificateSet, loadCertificates
 from edgeproxy.tls.client import loadUpstreamTLS
@@ -44,7 +48,8 @@ def _buildParser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeproxy",
         description="edgeproxy, a TLS-terminating edge reverse proxy. "
-        "Run the proxy with: twistd edgeproxy --config edge.ini",
+        "Run the proxy in the foreground with: "
+        "twistd --nodaemon --pidfile= edgeproxy --config edge.ini",
     )
     parser.add_argument("--version", action="version", version=f"edgeproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,6 +61,12 @@ def _buildParser() -> argparse.ArgumentParser:
     )
     checkParser.add_argument(
         "-c", "--config", default="edge.ini", help="the configuration file (default: %(default)s)"
+    )
+    checkParser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print problems only, no summary (for ExecStartPre= and ExecReload=)",
     )
     return parser
 
@@ -76,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # return the status instead so main() can be called in process.
         return e.code if isinstance(e.code, int) else EXIT_INVALID
     if arguments.command == "check":
-        return check(arguments.config)
+        return check(arguments.config, out=io.StringIO() if arguments.quiet else None)
     parser.error(f"unknown command {arguments.command!r}")  # pragma: no cover
     return EXIT_INVALID  # pragma: no cover
 
@@ -86,6 +97,7 @@ def check(
     out: TextIO | None = None,
     err: TextIO | None = None,
     now: float | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> int:
     """
     Validate C{path} and everything it names; print a summary to C{out} and
@@ -93,46 +105,67 @@ def check(
 
     @param now: POSIX time certificates are checked against (the current
         time when L{None}).
+    @param environ: where C{${NAME}} comes from (the process environment
+        when L{None}).
     @return: L{EXIT_OK} or L{EXIT_INVALID}.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     now = time.time() if now is None else now
     try:
-        config = load(path)
+        config = load(path, environ)
     except ConfigError as e:
         err.write(f"{e}\n")
         return EXIT_INVALID
 
-    problems: list[str] = []
+    problems: list[ConfigError] = []
     try:
         # The router is built from the routes at start; anything it refuses
         # would stop twistd, so check refuses it too.
         Router(config.routes)
     except ConfigError as e:
-        problems.append(str(e) if e.file else f"{path}: {e}")
+        problems.append(e)
     certificates: CertificateSet | None = None
     if config.tls is not None:
         try:
             certificates = loadCertificates(config.tls, now)
         except ConfigError as e:
-            problems.append(str(e))
+            problems.append(e)
         except OSError as e:  # the TLS module should not let these out; never crash
-            problems.append(f"{e.filename or path}: [tls] certificates: {e.strerror or e}")
+            problems.append(ConfigError(str(e.strerror or e), e.filename, "tls", "certificates"))
     for upstream in config.upstreams.values():
         try:
             loadUpstreamTLS(upstream)
         except ConfigError as e:
-            problems.append(str(e))
+            problems.append(e)
         except OSError as e:
-            problems.append(f"{e.filename or path}: [upstream:{upstream.name}]: {e.strerror or e}")
+            problems.append(ConfigError(str(e.strerror or e), e.filename, f"upstream:{upstream.name}"))
     if problems:
-        for problem in problems:
-            err.write(f"{problem}\n")
+        err.write(f"{ConfigErrors([placed(config, error) for error in problems])}\n")
         return EXIT_INVALID
 
     _Summary(config, certificates, now, out).write()
     return EXIT_OK
+
+
+def placed(config: Config, error: ConfigError) -> ConfigError:
+    """
+    C{error} (or each of a L{ConfigErrors}) pointing at the configuration
+    line of its section and key, the file it is about (a certificate, a key)
+    moved into the message: C{edge.ini:31: [tls] certificates:
+    /etc/letsencrypt/live/a/privkey.pem: ...}.
+    """
+    if isinstance(error, ConfigErrors):
+        return ConfigErrors([placed(config, one) for one in error.errors])
+    if config.source is None or error.section is None:
+        return error
+    file, line = config.source.where(error.section, error.key)
+    if file is None or (error.file in config.source.files and error.line is not None):
+        return error
+    message = error.message
+    if error.file is not None and error.file not in config.source.files and error.file not in message:
+        message = f"{error.file}: {message}"
+    return type(error)(message, file, error.section, error.key, line)
 
 
 def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
@@ -166,6 +199,7 @@ class _Summary:
 
     def write(self) -> None:
         lines = [f"{self.config.path}: configuration is valid", ""]
+        lines += self.sourceLines()
         lines += self.process() + [""]
         lines += self.listeners() + [""]
         lines += self.certificateLines() + [""]
@@ -175,6 +209,26 @@ class _Summary:
         if warnings:
             lines += ["", "Warnings:"] + [f"  {warning}" for warning in warnings]
         self.out.write("\n".join(lines) + "\n")
+
+    def sourceLines(self) -> list[str]:
+        """The included files and the values taken from the environment."""
+        source = self.config.source
+        if source is None:
+            return []
+        lines: list[str] = []
+        if len(source.files) > 1:
+            lines += ["Files:"] + [f"  {self.show(name)}" for name in source.files] + [""]
+        if source.substitutions:
+            rows = [
+                [
+                    f"{self.show(one.file)}:{one.line}",
+                    f"[{one.section}] {one.key}",
+                    f"= {one.value}" + ("" if one.value == "(secret)" else f"  (from {one.written})"),
+                ]
+                for one in source.substitutions
+            ]
+            lines += ["From the environment:"] + _table(rows) + [""]
+        return lines
 
     def process(self) -> list[str]:
         proxy = self.config.proxy
@@ -241,7 +295,31 @@ class _Summary:
                     self.show(entry.path) + ("  [default]" if entry.isDefault else ""),
                 ]
             )
-        return [heading] + _table(rows)
+        return [heading] + _table(rows) + self.overlaps()
+
+    def overlaps(self) -> list[str]:
+        """
+        Names on more than one certificate, and which one is served: the
+        one that expires last (see L{edgeproxy.tls.certs}).
+        """
+        assert self.certificates is not None
+        served = self.certificates.byName()
+        rows = []
+        for name, entry in served.items():
+            others = [e for e in self.certificates.entries if name in e.names and e is not entry]
+            if others:
+                rows.append(
+                    [
+                        name,
+                        f"served from {self.show(entry.path)} (expires last);",
+                        "also on " + ", ".join(self.show(other.path) for other in others),
+                    ]
+                )
+        if not rows:
+            return []
+        return ["  Names on several certificates (the one expiring last is served):"] + _table(
+            rows, indent="    "
+        )
 
     def routes(self) -> list[str]:
         rows = []

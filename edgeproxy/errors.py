@@ -64,6 +64,44 @@ class ConfigError(EdgeProxyError):
         return f"{where}: {self.message}" if where else self.message
 
 
+class ConfigErrors(ConfigError):
+    """
+    Several configuration problems found in one reading, so that an operator
+    fixes them all in one round.  Its place (C{file}, C{line}...) is the
+    first problem's; C{str(error)} is one problem per line, in file and line
+    order.
+    """
+
+    def __init__(self, errors: list[ConfigError], files: tuple[str, ...] = ()) -> None:
+        """
+        @param files: the order of files in the result (the main file, then
+            its includes); other files follow in order of appearance.
+        """
+        flat: list[ConfigError] = []
+        for error in errors:
+            flat.extend(error.errors if isinstance(error, ConfigErrors) else [error])
+        if not flat:
+            raise ValueError("ConfigErrors needs at least one error")
+        rank = {name: index for index, name in enumerate(files)}
+        for error in flat:
+            rank.setdefault(error.file or "", len(rank))
+        ordered = sorted(flat, key=lambda error: (rank[error.file or ""], error.line or 0))
+        self.errors: tuple[ConfigError, ...] = tuple(ordered)
+        """Each problem, in file and line order."""
+        first = self.errors[0]
+        super().__init__(first.message, first.file, first.section, first.key, first.line)
+
+    def __str__(self) -> str:
+        return "\n".join(ConfigError.__str__(error) for error in self.errors)
+
+    @classmethod
+    def of(cls, errors: list[ConfigError], files: tuple[str, ...] = ()) -> ConfigError:
+        """One error as itself, several as a L{ConfigErrors}."""
+        if len(errors) == 1:
+            return errors[0]
+        return cls(errors, files)
+
+
 class CertificateError(ConfigError):
     """
     A certificate or key file cannot be loaded or does not validate (key does

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_service -*-
 """
-The twistd plugin's options and service maker: C{twistd edgeproxy --config
-edge.ini}.
+The twistd plugin's options and service maker: C{twistd --nodaemon
+--pidfile= edgeproxy --config edge.ini}.
 
 With C{[edgeproxy] workers = 1} the service is the proxy itself
 (L{edgeproxy.service.EdgeService}); with more, it is the
@@ -34,6 +34,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from edgeproxy import logs
 from edgeproxy.errors import ConfigError
 
 
@@ -61,11 +62,13 @@ class Options(usage.Options):
         from edgeproxy.service import EdgeService
 
         path = self["config"]
+        self._useProcessLog()
         problems = io.StringIO()
         if check(path, out=io.StringIO(), err=problems) != EXIT_OK:
             self._fail(problems.getvalue().strip())
         try:
             config = load(path)
+            logs.policy.configure(config.proxy.log_level, config.proxy.log_format)
             if config.proxy.workers > 1:
                 from edgeproxy.supervisor import Supervisor
 
@@ -80,6 +83,23 @@ class Options(usage.Options):
             # The access log file (or anything else opened while building)
             # could not be opened: the file named by the OS error.
             self._fail(f"{path}: {e.filename or ''}: {e.strerror or e}")
+
+    def _useProcessLog(self) -> None:
+        """
+        In the foreground, log through L{edgeproxy.logs} (the level and
+        format of the configuration, priorities for the journal) by setting
+        twistd's C{--logger}, unless the command line chose where logs go
+        (C{--logger}, C{--logfile}, C{--syslog}).  A daemon keeps twistd's
+        own log file.
+        """
+        parent = getattr(self, "parent", None)
+        if parent is None or not parent.get("nodaemon"):
+            return
+        if parent.get("logger") or parent.get("syslog") or parent.get("logfile") not in (None, "", "-"):
+            return
+        # A string: twistd's own postOptions (which runs after ours) turns
+        # it into the factory with namedAny.
+        parent["logger"] = "edgeproxy.logs.makeObserver"
 
     def _fail(self, message: str) -> None:
         sys.stderr.write(f"edgeproxy: configuration not valid:\n{message}\n")

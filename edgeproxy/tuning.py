@@ -47,7 +47,7 @@ def tuneGarbageCollector() -> int:
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()
-    log.info("garbage collector: {frozen} start-up objects frozen", frozen=frozen)
+    log.debug("garbage collector: {frozen} start-up objects frozen", frozen=frozen)
     return frozen
 
 
@@ -106,5 +106,5 @@ def tuneEventDispatch(reactor: Any) -> bool:
                 log.failure("unhandled error dispatching an I/O event")
 
     reactor.doIteration = doPoll
-    log.info("reactor: I/O events dispatched without the legacy log context")
+    log.debug("reactor: I/O events dispatched without the legacy log context")
     return True

@@ -209,3 +209,33 @@ class CertificateAuthority:
             builder = builder.add_extension(_subjectAltNames(names), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         return IssuedCertificate(leafKey, cert, self._chainAbove())
+
+
+def writeCertbot(issued: IssuedCertificate, root: Path | str, name: str, version: int = 1) -> Path:
+    """
+    Write C{issued} as certbot does: C{archive/NAME/{cert,chain,fullchain,
+    privkey}N.pem} and C{live/NAME/*.pem} symbolic links to them (and the
+    C{README} certbot leaves in C{live/}).
+
+    @return: the C{live/NAME} directory.
+    """
+    root = Path(root)
+    archive = root / "archive" / name
+    live = root / "live" / name
+    archive.mkdir(parents=True, exist_ok=True)
+    live.mkdir(parents=True, exist_ok=True)
+    (root / "live" / "README").write_text("This directory contains your keys and certificates.\n")
+    files = {
+        "cert": issued.certificatePEM,
+        "chain": issued.chainPEM,
+        "fullchain": issued.certificatePEM + issued.chainPEM,
+        "privkey": issued.keyPEM,
+    }
+    for kind, data in files.items():
+        target = archive / f"{kind}{version}.pem"
+        target.write_bytes(data)
+        link = live / f"{kind}.pem"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("..") / ".." / "archive" / name / f"{kind}{version}.pem")
+    return live

@@ -6,6 +6,7 @@ configurations and certificates made in temporary directories.
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import pytest
 
 from edgeproxy import __version__
 from edgeproxy.cli import EXIT_INVALID, EXIT_OK, main
-from tests.certutil import CertificateAuthority
+from tests.certutil import CertificateAuthority, writeCertbot
 
 CONFIG = """\
 [tls]
@@ -246,3 +247,205 @@ def test_pythonDashM(tmp_path: Path) -> None:
     )
     assert result.returncode == EXIT_INVALID
     assert result.stderr.startswith(f"{path}:2: [listen:web] endpoint: expected a listening port number")
+
+
+# Every problem at once, certificates in certbot's layout ------------------
+
+
+def test_everyProblemAtOnce(
+    site: Path, authority: CertificateAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    Problems in the file, in two certificates and in an upstream CA are all
+    reported in one run, each at the configuration line it comes from.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    authority.issue(
+        ["old.localhost"], notBefore=now - datetime.timedelta(days=100),
+        notAfter=now - datetime.timedelta(days=10),
+    ).writePEM(site / "certs" / "live" / "old.pem")
+    (site / "certs" / "live" / "stray.pem").write_bytes(authority.certificatePEM)
+    (site / "certs" / "internal" / "ca.pem").write_text("this is not PEM\n")
+    path = write(site, CONFIG)
+    status, out, err = run(capsys, "check", "--config", path)
+    assert (status, out) == (EXIT_INVALID, "")
+    lines = err.splitlines()
+    live = site / "certs" / "live"
+    assert lines[0].startswith(f"{path}:2: [tls] certificates: {live / 'old.pem'}: the certificate expired on ")
+    assert lines[1] == f"{path}:2: [tls] certificates: {live / 'stray.pem'}: no private key: put the key in the same PEM file or next to it as a .key file with the same basename"
+    assert lines[2].startswith(f"{path}:16: [upstream:app] ca: {site / 'certs' / 'internal' / 'ca.pem'}: no PEM data")
+    assert len(lines) == 3
+
+    # Problems the INI reading finds come first; the certificates are read
+    # only once the file itself is right.
+    text = CONFIG.replace("keepalive", "x").replace("redirect_https = yes", "redirect_https = perhaps")
+    text = text.replace("strip_prefix = yes", "strip_prefix = maybe")
+    status, out, err = run(capsys, "check", "--config", write(site, text))
+    assert [line.split(": ")[1] for line in err.splitlines()] == [
+        "[listen:http] redirect_https",
+        "[route:static] strip_prefix",
+    ]
+
+
+def test_endpointStartingWithParameter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mutated endpoint (a server option in the wrong key) is a message, not a traceback."""
+    path = write(tmp_path, "[listen:web]\nendpoint = weight=abc\n[upstream:a]\nservers = a:1\n[route:a]\nhosts = *\nupstream = a\n")
+    status, out, err = run(capsys, "check", "--config", path)
+    assert status == EXIT_INVALID
+    assert err.startswith(f"{path}:2: [listen:web] endpoint: expected a server endpoint")
+    assert "it starts with a parameter, not an endpoint type" in err
+
+
+def test_deviceAsCertificates(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """C{certificates = /dev/zero} is refused at once instead of read forever."""
+    path = write(site, CONFIG.replace("certificates = certs/live/", "certificates = /dev/zero"))
+    status, out, err = run(capsys, "check", "--config", path)
+    assert status == EXIT_INVALID
+    assert err == f"{path}:2: [tls] certificates: /dev/zero is a device, expected a regular file\n"
+
+
+CERTBOT = """\
+[tls]
+certificates = letsencrypt/live/
+default = letsencrypt/live/a.example/
+
+[listen:https]
+endpoint = tcp:8443
+tls = yes
+
+[upstream:app]
+servers = 127.0.0.1:9001
+
+[route:app]
+hosts = a.example, b.example
+upstream = app
+"""
+
+
+def test_certbotLayout(
+    tmp_path: Path, authority: CertificateAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    certbot's C{live/} (a README and one directory of symbolic links per
+    name) loads without concatenating anything: C{fullchain.pem} +
+    C{privkey.pem}, or C{cert.pem} + C{chain.pem} + C{privkey.pem}.
+    """
+    intermediate = authority.intermediate()
+    writeCertbot(intermediate.issue(["a.example"]), tmp_path / "letsencrypt", "a.example")
+    live = writeCertbot(intermediate.issue(["b.example"]), tmp_path / "letsencrypt", "b.example")
+    (live / "fullchain.pem").unlink()
+    path = write(tmp_path, CERTBOT)
+    status, out, err = run(capsys, "check", "--config", path)
+    assert (status, err) == (EXIT_OK, "")
+    lines = out.splitlines()
+    (a,) = [line for line in lines if line.strip().startswith("a.example ")]
+    (b,) = [line for line in lines if line.strip().startswith("b.example ")]
+    assert a.endswith("letsencrypt/live/a.example/fullchain.pem  [default]")
+    assert b.endswith("letsencrypt/live/b.example/cert.pem")
+
+    from edgeproxy.config import load
+    from edgeproxy.tls.certs import loadCertificates
+
+    config = load(path)
+    assert config.tls is not None
+    entries = loadCertificates(config.tls).entries
+    assert [entry.chain for entry in entries] == [(intermediate.certificate,)] * 2
+
+
+def test_keyMismatchNamesKeyFileAndLine(
+    tmp_path: Path, authority: CertificateAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A key that does not match its certificate: the key file, the certificate, the config line."""
+    live = writeCertbot(authority.issue(["a.example"]), tmp_path / "letsencrypt", "a.example")
+    writeCertbot(authority.issue(["b.example"]), tmp_path / "letsencrypt", "b.example")
+    other = authority.issue(["a.example"])
+    (tmp_path / "letsencrypt" / "archive" / "a.example" / "privkey1.pem").write_bytes(other.keyPEM)
+    path = write(tmp_path, CERTBOT)
+    status, out, err = run(capsys, "check", "--config", path)
+    assert status == EXIT_INVALID
+    assert err == (
+        f"{path}:2: [tls] certificates: the private key in {live / 'privkey.pem'} does not "
+        f"match the certificate in {live / 'fullchain.pem'}\n"
+    )
+
+
+def test_keysFromCredentials(
+    tmp_path: Path, authority: CertificateAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    C{keys = ${CREDENTIALS_DIRECTORY}}: the keys systemd's LoadCredential=
+    passes in (as C{NAME.key}) serve the certificates whose own key this
+    user cannot read, paired by public key.
+    """
+    issued = {name: authority.issue([name]) for name in ("a.example", "b.example")}
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    for name, certificate in issued.items():
+        live = writeCertbot(certificate, tmp_path / "letsencrypt", name)
+        (live / "privkey.pem").unlink()  # as if root-only: not ours to read
+        (credentials / f"{name}.key").write_bytes(certificate.keyPEM)
+    (credentials / "admin-token").write_text("0123456789abcdef0123456789abcdef\n")
+    text = CERTBOT.replace("[tls]\n", "[tls]\nkeys = ${CREDENTIALS_DIRECTORY}\n")
+    path = write(tmp_path, text)
+    status, out, err = run(capsys, "check", "--config", path)
+    assert status == EXIT_INVALID
+    assert "CREDENTIALS_DIRECTORY is not set" in err
+
+    os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)
+    try:
+        status, out, err = run(capsys, "check", "--config", path)
+    finally:
+        del os.environ["CREDENTIALS_DIRECTORY"]
+    assert (status, err) == (EXIT_OK, "")
+    assert f"= {credentials}  (from ${{CREDENTIALS_DIRECTORY}})" in out
+
+
+def test_overlappingNamesShown(
+    site: Path, authority: CertificateAuthority, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When two certificates name the same host, check says which one is served."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    authority.issue(["localhost"], notAfter=now + datetime.timedelta(days=30)).writePEM(
+        site / "certs" / "live" / "older.pem"
+    )
+    status, out, err = run(capsys, "check", "--config", write(site, CONFIG))
+    assert (status, err) == (EXIT_OK, "")
+    lines = out.splitlines()
+    heading = lines.index("  Names on several certificates (the one expiring last is served):")
+    assert lines[heading + 1].split() == [
+        "localhost", "served", "from", "certs/live/default.pem", "(expires", "last);",
+        "also", "on", "certs/live/older.pem",
+    ]
+
+
+def test_includesAndEnvironmentShown(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check shows the files read and every value taken from the environment, resolved."""
+    (site / "conf.d").mkdir()
+    (site / "conf.d" / "plain.ini").write_text(
+        "[upstream:plain]\nservers = ${BACKEND}:8080\n"
+    )
+    text = "[edgeproxy]\ninclude = conf.d/*.ini\n\n" + CONFIG.replace(
+        "[upstream:plain]\nservers = backend.internal:8080\n", ""
+    )
+    path = write(site, text)
+    os.environ["BACKEND"] = "10.1.2.3"
+    try:
+        status, out, err = run(capsys, "check", "--config", path)
+    finally:
+        del os.environ["BACKEND"]
+    assert (status, err) == (EXIT_OK, "")
+    lines = out.splitlines()
+    assert lines[2:5] == ["Files:", "  edge.ini", "  conf.d/plain.ini"]
+    assert lines[6] == "From the environment:"
+    assert lines[7].split() == ["conf.d/plain.ini:2", "[upstream:plain]", "servers", "=", "10.1.2.3:8080", "(from", "${BACKEND}:8080)"]
+    assert "  plain  10.1.2.3:8080" in lines
+
+
+def test_quiet(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """C{--quiet} (the units' ExecStartPre= and ExecReload=): problems only, same exit status."""
+    path = write(site, CONFIG)
+    assert run(capsys, "check", "--quiet", "--config", path) == (EXIT_OK, "", "")
+    broken = write(site, CONFIG.replace("keepalive", "").replace("tcp:8080", "tcp:x"))
+    status, out, err = run(capsys, "check", "-q", "-c", broken)
+    assert (status, out) == (EXIT_INVALID, "")
+    assert "[listen:http] endpoint" in err

@@ -32,7 +32,10 @@ from edgeproxy.config.model import (
     TLSVersion,
     Upstream,
 )
-from edgeproxy.config.parse import SECTION_KEYS, _makeParser, _scanLines
+import configparser
+
+from edgeproxy.config.ini import readINI
+from edgeproxy.config.parse import SECTION_KEYS
 from edgeproxy.config.syntax import _tokenizeEndpoint, checkEndpoint, parseServers
 from edgeproxy.errors import ConfigError
 
@@ -122,6 +125,8 @@ ERRORS = [
     ("[edgeproxy]\nadmin = tcp:9901\nadmin_token = 0123456789abcdef0\nadmin_token_file = x", "edgeproxy", "admin_token_file", "admin_token_file", "not both"),
     ("[edgeproxy]\nworkers = 0", "edgeproxy", "workers", "workers", "from 1 to 256, or auto"),
     ("[edgeproxy]\nworkers = many", "edgeproxy", "workers", "many", "from 1 to 256, or auto"),
+    ("[edgeproxy]\nlog_level = verbose", "edgeproxy", "log_level", "verbose", "expected one of debug, info, warn, error"),
+    ("[edgeproxy]\nlog_format = syslog", "edgeproxy", "log_format", "syslog", "expected one of auto, text, journald"),
     # [tls]
     ("[tls]\ndefault = certs/site.pem", "tls", "certificates", "[tls]", "missing required key 'certificates'"),
     ("[tls]\ncertificates = certs nothere.pem", "tls", "certificates", "nothere", "does not exist"),
@@ -236,7 +241,10 @@ def test_errors(
     """
     text = BASE + "\n" + extra + "\n"
     path = write(site, text)
-    error = loadError(path)
+    reported = loadError(path)
+    found = [e for e in getattr(reported, "errors", (reported,)) if message in e.message]
+    assert found, str(reported)
+    error = found[0]
     assert error.file == path
     assert error.section == section
     assert error.key == key
@@ -357,6 +365,7 @@ def test_inlineComments(site: Path) -> None:
 
 FULL = """\
 [edgeproxy]
+include = conf.d/*.ini
 access_log = logs/access.log
 access_log_format = json
 trusted_proxies = 10.0.0.0/8, 192.0.2.1
@@ -371,9 +380,12 @@ via = edge-1
 admin = tcp:9901:interface=127.0.0.1
 admin_token_file = admin.token
 workers = 3
+log_level = warn
+log_format = journald
 
 [tls]
 certificates = certs, certs/site.pem
+keys = certs
 default = certs/site.pem
 min_version = 1.3
 expiry_warning = 30d
@@ -481,9 +493,12 @@ def test_fullExample(site: Path) -> None:
             admin="tcp:9901:interface=127.0.0.1",
             admin_token="0123456789abcdef0123456789abcdef",
             workers=3,
+            log_level="warn",
+            log_format="journald",
         ),
         tls=TLSSettings(
             certificates=(os.path.join(base, "certs"), os.path.join(base, "certs", "site.pem")),
+            keys=(os.path.join(base, "certs"),),
             default=os.path.join(base, "certs", "site.pem"),
             min_version=TLSVersion.TLSv1_3,
             expiry_warning=30 * 86400.0,
@@ -858,23 +873,41 @@ def _iniFiles(draw: st.DrawFn) -> tuple[str, dict[str, int], dict[tuple[str, str
     return "\n".join(lines) + "\n", sectionLines, keyLines, values
 
 
+def _configparser() -> configparser.RawConfigParser:
+    """configparser set up as L{edgeproxy.config.ini} describes it."""
+    parser = configparser.RawConfigParser(
+        delimiters=("=",),
+        comment_prefixes=("#", ";"),
+        inline_comment_prefixes=("#", ";"),
+        strict=True,
+        empty_lines_in_values=False,
+        default_section="\0none",
+        interpolation=None,
+    )
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    return parser
+
+
 @settings(max_examples=300)
 @given(_iniFiles())
-def test_scanLinesFindsWhatConfigparserReads(
+def test_readINIAgreesWithConfigparser(
     generated: tuple[str, dict[str, int], dict[tuple[str, str], int], dict[tuple[str, str], str]]
 ) -> None:
     """
-    The line scanner agrees with configparser (as L{load} configures it)
-    on every section and key, through comments and continuation lines.
+    The INI reader reads what configparser (as its docstring configures it)
+    reads, and finds the line of every section and key, through comments
+    and continuation lines.
     """
     text, sectionLines, keyLines, values = generated
-    parser = _makeParser()
+    parser = _configparser()
     parser.read_string(text)
     read = {(section, key): value for section in parser.sections() for key, value in parser.items(section)}
     assert read == values
-    lines = _scanLines(text)
-    assert lines.sections == sectionLines
-    assert lines.keys == keyLines
+    sections, errors = readINI(text, "edge.ini")
+    assert errors == []
+    assert {(s.name, key): v.text for s in sections for key, v in s.values.items()} == values
+    assert {s.name: s.line for s in sections} == sectionLines
+    assert {(s.name, key): v.line for s in sections for key, v in s.values.items()} == keyLines
 
 
 # The documentation --------------------------------------------------------

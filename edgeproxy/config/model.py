@@ -68,6 +68,12 @@ class ProxySettings:
     the contents of C{admin_token_file}; L{None}: admin actions are off."""
     workers: int = 1
     """Worker processes; C{auto} in the file is resolved to the CPU count."""
+    log_level: str = "info"
+    """Lowest level the process log shows: C{debug}, C{info}, C{warn} or
+    C{error} (see L{edgeproxy.logs})."""
+    log_format: str = "auto"
+    """C{text}, C{journald} (a C{<N>} priority on every line), or C{auto}:
+    C{journald} when standard output is the journal."""
 
 
 class TLSVersion(enum.Enum):
@@ -82,8 +88,14 @@ class TLSSettings:
     certificates: tuple[str, ...]
     """Absolute paths of PEM files and/or directories."""
     default: str | None
-    """PEM file served when the client sends no or an unknown SNI name; when
-    L{None}, the first certificate loaded is the default."""
+    """PEM file (or per-name directory) served when the client sends no or
+    an unknown SNI name; when L{None}, the first certificate loaded is the
+    default."""
+    keys: tuple[str, ...] = ()
+    """Absolute paths of private key files and/or directories of them, for
+    certificates with no key next to them (paired by public key), such as
+    the keys systemd's C{LoadCredential=} passes in
+    C{$CREDENTIALS_DIRECTORY}."""
     min_version: TLSVersion = TLSVersion.TLSv1_2
     expiry_warning: float = 14 * 86400.0
     """Warn when a certificate expires within this many seconds."""
@@ -224,6 +236,37 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Substitution:
+    """A value in which C{${NAME}} was replaced from the environment."""
+
+    file: str
+    line: int
+    section: str
+    key: str
+    written: str
+    """The value as written, C{${NAME}} and all."""
+    value: str
+    """The value used (C{"(secret)"} for a token)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a configuration came from, for messages and C{edgeproxy check}."""
+
+    files: tuple[str, ...]
+    """The main file, then the included ones, as absolute paths."""
+    substitutions: tuple[Substitution, ...] = ()
+    lines: dict[tuple[str, str | None], tuple[str, int]] = field(default_factory=dict)
+    """C{(section, key)} (C{key} L{None} for the header) to file and line."""
+
+    def where(self, section: str, key: str | None) -> tuple[str | None, int | None]:
+        """The file and line of C{key} in C{section} (of the section when
+        the key is not written), or C{(None, None)}."""
+        found = self.lines.get((section, key)) or self.lines.get((section, None))
+        return found if found is not None else (None, None)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole, validated configuration."""
 
@@ -234,3 +277,6 @@ class Config:
     listeners: tuple[Listener, ...]
     upstreams: dict[str, Upstream]
     routes: tuple[Route, ...]
+    source: Source | None = field(default=None, compare=False, repr=False)
+    """Files, lines and substitutions it was read from (L{None} when built
+    in code)."""

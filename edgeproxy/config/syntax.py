@@ -444,6 +444,13 @@ def checkEndpoint(text: str, base: str) -> EndpointSpec:
     description = text.strip()
     if not description:
         raise ValueError(f"{_ENDPOINT_EXPECTED}, got an empty value")
+    if "=" in description.split(":", 1)[0]:
+        # Twisted would take the first positional argument as the type, so
+        # "weight=abc" (a server option in the wrong key) has none at all.
+        raise ValueError(
+            f"{_ENDPOINT_EXPECTED}, got {text!r} (it starts with a parameter, "
+            "not an endpoint type such as tcp)"
+        )
     args, kwargs = _tokenizeEndpoint(description)
     kind = args[0].lower() if args else ""
     if kind in ("ssl", "tls", "txsni"):

@@ -31,6 +31,7 @@ from edgeproxy.h1.fields import Fields
 from edgeproxy.http.deadlines import DeadlineQueue
 from edgeproxy.http.redirect import RedirectStage
 from edgeproxy.http.server import HTTP1Connection, isTLSFailure
+from edgeproxy.logs import reasonOf, refusals
 from edgeproxy.metrics import Metrics, Traffic
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.forwarded import clientAddress
@@ -43,7 +44,14 @@ __all__ = ["ListenerFactory"]
 
 log = Logger()
 
-_localAddresses: dict[Any, Any] = {}
+_REJECTED = {
+    408: "header timeout",
+    414: "request line too long",
+    431: "head too large",
+    501: "unsupported framing",
+    505: "unsupported version",
+}
+"""Labels of the parser's refusals in the process log's summary."""
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -264,18 +272,15 @@ class ListenerFactory(Factory):
             )
 
     def refused(self, call: Call, error: ProxyError) -> None:
-        """A request refused from its head (400, 404, 421, 413)."""
-        request = call.request
-        log.debug(
-            "refusing {method} {target}: {status} ({why})",
-            method=request.method.decode("ascii", "replace"),
-            target=request.target.decode("ascii", "replace"),
-            status=error.status,
-            why=str(error),
-        )
+        """
+        A request refused from its head (400, 404, 421, 413): its outcome is
+        its access-log line; the process log gets a summary per interval.
+        """
+        refusals(self.clock).note(error.status, reasonOf(error))
 
     def rejected(self, status: int) -> None:
         """A request head refused by the HTTP/1.1 parser (or its deadline)."""
+        refusals(self.clock).note(status, _REJECTED.get(status, "malformed request"))
 
     # Twisted Factory -----------------------------------------------------------
 

@@ -11,21 +11,39 @@ validity period, a chain with a gap or a stray certificate, no subject
 alternative names).  It is pure: files in, frozen values out, no Twisted and
 no OpenSSL contexts (those are L{edgeproxy.tls.store}'s business).
 
-File layout rules (also in C{certs/README.rst}):
+File layout rules (also in C{certs/README.rst} and C{docs/configuration.rst}):
 
   - A configured I{file} is one bundle: exactly one private key plus its
     certificate and, optionally, the intermediates (and even the root) in any
     order.  A configured file that holds no private key is paired with the
     file of the same basename and a C{.key} suffix next to it
     (C{site.crt} + C{site.key}).
-  - A configured I{directory} is scanned (not recursively, in name order):
-    every C{*.pem} is a bundle as above, and every C{NAME.crt} is paired with
-    C{NAME.key}.  A C{*.pem} without a private key, a C{.crt} without its
+  - A I{per-name directory} is the layout certbot and most CAs produce: it
+    holds C{fullchain.pem} (certificate and intermediates) or C{cert.pem}
+    plus C{chain.pem}, and C{privkey.pem}.  It is one bundle, read without
+    concatenating anything; it may be configured itself, or found inside a
+    configured directory (C{/etc/letsencrypt/live/} is a directory of them).
+  - Any other configured I{directory} is scanned (not recursively, in name
+    order): every C{*.pem} is a bundle as above, every C{NAME.crt} is paired
+    with C{NAME.key}, and every subdirectory that is a per-name directory is
+    read as one.  A C{*.pem} without a private key, a C{.crt} without its
     C{.key} or a C{.key} without its C{.crt} is an error, so that a stray CA
     bundle or a half-copied renewal is reported rather than silently not
-    served.  Other files and names starting with C{.} are ignored.
+    served.  Other files, other subdirectories and names starting with C{.}
+    are ignored (certbot's C{README}).
+  - C{[tls] keys} names key files, or directories whose C{*.key} and
+    C{*.pem} files are keys: a certificate with no key of its own takes the
+    one of them that matches its public key.  systemd's C{LoadCredential=}
+    hands a service keys it cannot read itself this way
+    (C{keys = ${CREDENTIALS_DIRECTORY}}).
   - When two certificates claim the same name, the one that expires last
-    serves it (so an old file left next to its renewal does no harm).
+    serves it (so an old file left next to its renewal does no harm); an
+    exact name is preferred to a wildcard covering it, whatever their
+    expiry (L{edgeproxy.tls.store.CertificateStore.lookup}).
+  - Files are read only when they are regular files of at most
+    L{edgeproxy.config.files.PEM_LIMIT} bytes.
+
+Every bundle that cannot be served is reported, not only the first.
 """
 
 from __future__ import annotations
@@ -36,15 +54,17 @@ import os
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, Union
+from functools import partial
+from typing import Callable, Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from edgeproxy.config.files import PEM_LIMIT, FileProblem, readRegularFile
 from edgeproxy.config.model import TLSSettings
-from edgeproxy.errors import CertificateError
+from edgeproxy.errors import CertificateError, ConfigError, ConfigErrors
 
 PrivateKey = Union[
     rsa.RSAPrivateKey,
@@ -147,6 +167,43 @@ class CertificateSet:
         return sorted(soon, key=lambda e: e.notAfter)
 
 
+@dataclass(frozen=True, slots=True)
+class _Bundle:
+    """The files of one servable certificate, before they are read."""
+
+    certificate: str
+    """The file holding the leaf (and perhaps the key and chain)."""
+    key: str | None = None
+    """A separate key file, when there is one."""
+    chain: tuple[str, ...] = ()
+    """Separate files of intermediates (certbot's C{chain.pem})."""
+    directory: str | None = None
+    """The per-name directory it came from, when it did."""
+
+
+_PER_NAME_FILES = ("fullchain.pem", "cert.pem")
+
+
+def isPerNameDirectory(path: str) -> bool:
+    """Whether C{path} is a directory in certbot's layout (one name per directory)."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in _PER_NAME_FILES)
+
+
+def _perName(directory: str) -> _Bundle:
+    key = os.path.join(directory, "privkey.pem")
+    keyPath = key if os.path.lexists(key) else None
+    fullchain = os.path.join(directory, "fullchain.pem")
+    if os.path.isfile(fullchain):
+        return _Bundle(fullchain, keyPath, (), directory)
+    chain = os.path.join(directory, "chain.pem")
+    return _Bundle(
+        os.path.join(directory, "cert.pem"),
+        keyPath,
+        (chain,) if os.path.lexists(chain) else (),
+        directory,
+    )
+
+
 def loadCertificates(settings: TLSSettings, now: float | None = None) -> CertificateSet:
     """
     Read and validate every certificate C{settings} names.
@@ -155,39 +212,48 @@ def loadCertificates(settings: TLSSettings, now: float | None = None) -> Certifi
     @param now: POSIX time to check validity against; the current time when
         L{None}.
     @raise CertificateError: naming the offending file, with section C{tls}
-        and key C{certificates} or C{default}.
+        and key C{certificates}, C{keys} or C{default}; a L{ConfigErrors}
+        of them when several bundles cannot be served.
     """
     if now is None:
         now = time.time()
+    errors: list[ConfigError] = []
+    pool = _keyPool(settings.keys, errors)
     entries: list[CertificateEntry] = []
     seen: set[str] = set()
     for configured in settings.certificates:
-        for certPath, keyPath in _bundlesIn(configured):
-            real = os.path.realpath(certPath)
+        for bundle in _bundlesIn(configured, errors):
+            real = os.path.realpath(bundle.certificate)
             if real in seen:
                 continue
             seen.add(real)
-            entries.append(loadEntry(certPath, keyPath, now, key="certificates"))
+            try:
+                entries.append(_loadBundle(bundle, now, "certificates", pool))
+            except CertificateError as e:
+                errors.append(e)
 
     defaultIndex = 0
     if settings.default is not None:
-        real = os.path.realpath(settings.default)
+        default = settings.default
+        bundle = _perName(default) if os.path.isdir(default) else _Bundle(default, pairedKeyPath(default))
+        real = os.path.realpath(bundle.certificate)
         for index, entry in enumerate(entries):
             if os.path.realpath(entry.path) == real:
                 defaultIndex = index
                 break
         else:
-            if os.path.isdir(settings.default):
-                raise CertificateError(
-                    "the default certificate must be a file, not a directory",
-                    file=settings.default,
-                    section=_SECTION,
-                    key="default",
-                )
-            keyPath = pairedKeyPath(settings.default)
-            entries.append(loadEntry(settings.default, keyPath, now, key="default"))
-            defaultIndex = len(entries) - 1
+            if real in seen:
+                # It is among the certificates and could not be loaded:
+                # reported once, as such.
+                raise ConfigErrors.of(errors)
+            try:
+                entries.append(_loadBundle(bundle, now, "default", pool))
+                defaultIndex = len(entries) - 1
+            except CertificateError as e:
+                errors.append(e)
 
+    if errors:
+        raise ConfigErrors.of(errors)
     if not entries:
         raise CertificateError(
             "no certificate found in "
@@ -200,6 +266,54 @@ def loadCertificates(settings: TLSSettings, now: float | None = None) -> Certifi
     return CertificateSet(tuple(entries))
 
 
+def _loadBundle(
+    bundle: _Bundle, now: float, key: str, pool: list[tuple[str, PrivateKey]]
+) -> CertificateEntry:
+    return loadEntry(
+        bundle.certificate, bundle.key, now, key=key, chainFiles=bundle.chain, keyPool=pool
+    )
+
+
+def _keyPool(paths: tuple[str, ...], errors: list[ConfigError]) -> list[tuple[str, PrivateKey]]:
+    """The keys of C{[tls] keys}: files, and C{*.key}/C{*.pem} in directories."""
+    pool: list[tuple[str, PrivateKey]] = []
+    for configured in paths:
+        if os.path.isdir(configured):
+            try:
+                names = sorted(os.listdir(configured))
+            except OSError as e:
+                errors.append(
+                    CertificateError(
+                        f"cannot list directory: {e.strerror}",
+                        file=configured, section=_SECTION, key="keys",
+                    )
+                )
+                continue
+            files = [
+                os.path.join(configured, name)
+                for name in names
+                if not name.startswith(".") and name.endswith((".key", ".pem"))
+            ]
+        else:
+            files = [configured]
+        for path in files:
+            if not os.path.isfile(path):
+                continue
+
+            def fail(message: str, path: str = path) -> CertificateError:
+                return CertificateError(message, file=path, section=_SECTION, key="keys")
+
+            try:
+                keys, _ = _readPEM(path, fail)
+                if len(keys) != 1:
+                    raise fail(f"expected one private key, found {len(keys)}")
+            except CertificateError as e:
+                errors.append(e)
+                continue
+            pool.append((path, keys[0]))
+    return pool
+
+
 def loadEntry(
     certPath: str,
     keyPath: str | None = None,
@@ -208,9 +322,12 @@ def loadEntry(
     section: str = _SECTION,
     key: str = "certificates",
     requireNames: bool = True,
+    chainFiles: tuple[str, ...] = (),
+    keyPool: list[tuple[str, PrivateKey]] | None = None,
 ) -> CertificateEntry:
     """
-    Load one bundle (or C{.crt} + C{.key} pair) into a validated entry.
+    Load one bundle (or C{.crt} + C{.key} pair, or per-name directory) into
+    a validated entry.
 
     Also used for client certificates presented to backends (with another
     C{section}/C{key}).
@@ -218,6 +335,9 @@ def loadEntry(
     @param certPath: PEM file holding the certificate (and possibly the key
         and chain).
     @param keyPath: separate PEM file holding the key, or L{None}.
+    @param chainFiles: separate PEM files holding intermediates.
+    @param keyPool: keys (with their files) to pair by public key when the
+        bundle has none of its own (C{[tls] keys}).
     @param requireNames: refuse a certificate without DNS/IP subject
         alternative names (a server certificate); client certificates need
         none.
@@ -230,23 +350,49 @@ def loadEntry(
         return CertificateError(message, file=path, section=section, key=key)
 
     keys, certificates = _readPEM(certPath, fail)
+    for path in chainFiles:
+        chainKeys, chainCertificates = _readPEM(path, partial(fail, path=path))
+        if chainKeys:
+            raise fail("a chain file must not contain a private key", path)
+        certificates.extend(chainCertificates)
+    if not certificates:
+        raise fail("no certificate found" + (" next to the private key" if keys else ""))
+    keyProblem: CertificateError | None = None
     if keyPath is not None:
-        moreKeys, moreCertificates = _readPEM(keyPath, lambda m: fail(m, keyPath))
-        certificates.extend(moreCertificates)
-        keys.extend(moreKeys)
+        try:
+            moreKeys, moreCertificates = _readPEM(keyPath, lambda m: fail(m, keyPath))
+        except CertificateError as e:
+            # A key systemd passed in (keyPool) may stand in for one this
+            # user cannot read.
+            keyProblem = e
+        else:
+            certificates.extend(moreCertificates)
+            keys.extend(moreKeys)
+    keyFile = keyPath if keyPath is not None and keyProblem is None and keys else certPath
     if not keys:
+        for poolPath, poolKey in keyPool or ():
+            if _leafFor(poolKey, certificates) is not None:
+                keys, keyFile = [poolKey], poolPath
+                break
+    if not keys:
+        if keyProblem is not None:
+            raise keyProblem
+        pooled = " or among [tls] keys" if keyPool else ""
         raise fail(
             "no private key: put the key in the same PEM file or next to it "
-            "as a .key file with the same basename"
+            f"as a .key file with the same basename{pooled}"
         )
     if len(keys) > 1:
         raise fail(f"{len(keys)} private keys found; one bundle holds exactly one key")
-    if not certificates:
-        raise fail("no certificate found next to the private key")
     privateKey = keys[0]
 
     leaf = _leafFor(privateKey, certificates)
     if leaf is None:
+        if keyFile != certPath:
+            raise fail(
+                f"the private key in {keyFile} does not match the certificate in {certPath}",
+                keyFile,
+            )
         raise fail("the private key does not match any certificate in the file")
     chain, root = _buildChain(leaf, certificates, fail)
 
@@ -297,54 +443,50 @@ def readCertificates(
     return certificates
 
 
-def _bundlesIn(configured: str) -> Iterable[tuple[str, str | None]]:
+def _bundlesIn(configured: str, errors: list[ConfigError]) -> list[_Bundle]:
     """
-    Expand one configured path into (certificate file, key file or None)
-    pairs following the layout rules of the module docstring.
+    Expand one configured path into bundles following the layout rules of
+    the module docstring; layout problems go to C{errors}.
     """
+
+    def problem(message: str, path: str) -> None:
+        errors.append(
+            CertificateError(message, file=path, section=_SECTION, key="certificates")
+        )
+
     if not os.path.isdir(configured):
         if not os.path.exists(configured):
-            raise CertificateError(
-                "no such file or directory",
-                file=configured,
-                section=_SECTION,
-                key="certificates",
-            )
-        yield configured, pairedKeyPath(configured)
-        return
+            problem("no such file or directory", configured)
+            return []
+        return [_Bundle(configured, pairedKeyPath(configured))]
+    if isPerNameDirectory(configured):
+        return [_perName(configured)]
     try:
         names = sorted(os.listdir(configured))
     except OSError as e:
-        raise CertificateError(
-            f"cannot list directory: {e.strerror}",
-            file=configured,
-            section=_SECTION,
-            key="certificates",
-        )
+        problem(f"cannot list directory: {e.strerror}", configured)
+        return []
+    bundles: list[_Bundle] = []
     files = {n for n in names if not n.startswith(".")}
     for name in sorted(files):
         path = os.path.join(configured, name)
+        if os.path.isdir(path):
+            if isPerNameDirectory(path):
+                bundles.append(_perName(path))
+            continue
         if not os.path.isfile(path):
             continue
         base, ext = os.path.splitext(name)
         if ext == ".pem":
-            yield path, None
+            bundles.append(_Bundle(path))
         elif ext == ".crt":
             if base + ".key" not in files:
-                raise CertificateError(
-                    f"no {base}.key next to this certificate",
-                    file=path,
-                    section=_SECTION,
-                    key="certificates",
-                )
-            yield path, os.path.join(configured, base + ".key")
+                problem(f"no {base}.key next to this certificate", path)
+                continue
+            bundles.append(_Bundle(path, os.path.join(configured, base + ".key")))
         elif ext == ".key" and base + ".crt" not in files:
-            raise CertificateError(
-                f"private key without a {base}.crt next to it",
-                file=path,
-                section=_SECTION,
-                key="certificates",
-            )
+            problem(f"private key without a {base}.crt next to it", path)
+    return bundles
 
 
 def pairedKeyPath(certPath: str) -> str | None:
@@ -358,9 +500,8 @@ def pairedKeyPath(certPath: str) -> str | None:
     if keyPath == certPath or not os.path.isfile(keyPath):
         return None
     try:
-        with open(certPath, "rb") as f:
-            data = f.read()
-    except OSError:
+        data = readRegularFile(certPath, PEM_LIMIT)
+    except FileProblem:
         return None  # _readPEM reports it with the right message
     for match in _PEM_BLOCK.finditer(data):
         if match.group(1) in _KEY_LABELS or match.group(1) == b"ENCRYPTED PRIVATE KEY":
@@ -372,14 +513,10 @@ def _readPEM(
     path: str, fail: _Fail
 ) -> tuple[list[PrivateKey], list[x509.Certificate]]:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise fail("no such file")
-    except IsADirectoryError:
-        raise fail("is a directory, expected a PEM file")
-    except OSError as e:
-        raise fail(f"cannot read: {e.strerror}")
+        data = readRegularFile(path, PEM_LIMIT)
+    except FileProblem as e:
+        message = str(e)
+        raise fail("no such file" if message == "does not exist" else message)
     keys: list[PrivateKey] = []
     certificates: list[x509.Certificate] = []
     blocks = list(_PEM_BLOCK.finditer(data))
