@@ -19,7 +19,7 @@ from twisted.logger import Logger, LogPublisher, globalLogPublisher
 
 from edgeproxy.config.model import Config, Listener, ProxySettings
 from edgeproxy.errors import BadRequest, MisdirectedRequest
-from edgeproxy.http.site import EdgeSite
+from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.logs import LogPolicy, ProcessLogObserver, RefusalSummary, reasonOf, refusals
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
@@ -196,7 +196,7 @@ def test_refusedRequestsLeaveNoProcessLogLineEach(events: list[dict]) -> None:
     config = Config(path="/e.ini", proxy=ProxySettings(), tls=None, listeners=(), upstreams={}, routes=())
     runtime = Runtime(config=config, router=Router(()), pools={})
     reactor = MemoryReactorClock()
-    site = EdgeSite(lambda: runtime, Listener(name="l", endpoint="tcp:0", tls=False), reactor)
+    site = ListenerFactory(lambda: runtime, Listener(name="l", endpoint="tcp:0", tls=False), reactor)
     protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))
     protocol.makeConnection(transport)

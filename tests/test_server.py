@@ -24,6 +24,7 @@ from edgeproxy.h1 import Fields
 from edgeproxy.http.errorpages import rejection
 from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.http.server import ABORT_TIMEOUT, HTTP1Connection
+from edgeproxy.logs import refusals
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.stages import RoutePipeline
 from edgeproxy.pipeline.values import BytesBody, Response
@@ -739,6 +740,8 @@ def test_connectionsOfOneListenerShareTheirTimers() -> None:
     assert all(transport.value() == rejection(408) for transport in connections.transports)
     for index in range(3):
         connections.lose(index)
+    # The refusals' summary in the process log is the last thing left.
+    refusals(connections.clock).flush()
     assert connections.clock.getDelayedCalls() == []
 
 
