@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from edgeproxy.config import syntax
 from edgeproxy.config.model import (
+    BALANCE_POLICIES,
     AccessLogFormat,
     Config,
     IPNetwork,
@@ -48,7 +49,6 @@ from edgeproxy.config.model import (
 )
 from edgeproxy.config.units import parseDuration, parseSize
 from edgeproxy.errors import ConfigError
-from edgeproxy.upstream.balance import POLICIES
 
 __all__ = ["load", "SECTION_KEYS"]
 
@@ -540,7 +540,7 @@ def _readUpstream(section: _Section, name: str) -> Upstream:
                 # operator believes this hop is encrypted when it is not.
                 raise section.error(key, "only used with tls = yes (this upstream speaks plain HTTP)")
     balance = section.choice(
-        "balance", defaults.balance, {policy: policy for policy in POLICIES}
+        "balance", defaults.balance, {policy: policy for policy in BALANCE_POLICIES}
     )
     hashKey = section.convert("hash_key", defaults.hash_key, syntax.checkHashKey)
     if section.has("hash_key") and balance != "hash":
