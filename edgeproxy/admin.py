@@ -204,7 +204,7 @@ def certificateStatus(store: Any, now: float) -> list[dict[str, Any]]:
 def statusDocument(service: Any, now: float | None = None) -> dict[str, Any]:
     """
     The C{GET /status} document of C{service} (an
-    L{edgeproxy.service.EdgeService} or anything with the same attributes),
+    L{edgeproxy.serve.service.EdgeService} or anything with the same attributes),
     built from the live objects.  Its shape is documented in
     C{docs/operations.rst} ("Admin API").
 

@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.service} and L{edgeproxy.tap}, in memory: listeners on
+Tests for L{edgeproxy.serve.service} and L{edgeproxy.tap}, in memory: listeners on
 a L{MemoryReactorClock}, notifications to a real C{AF_UNIX} socket, reload
 with real certificate files, and the drain of real channels over
 L{StringTransport}s.  The real process is in
@@ -34,7 +34,7 @@ from edgeproxy.config.model import (
     Upstream,
 )
 from edgeproxy.http.site import EdgeSite
-from edgeproxy.service import EdgeService, channelBusy, closeAfterResponse, closeIdle
+from edgeproxy.serve.service import EdgeService, channelBusy, closeAfterResponse, closeIdle
 from edgeproxy.systemd import Notifier
 from tests.certutil import CertificateAuthority
 from tests.proc import NotifyReceiver
@@ -749,7 +749,7 @@ def test_acceptedConnectionsDescribeThemselvesWithoutStoringIt() -> None:
     from twisted.internet import tcp
     from twisted.internet.protocol import Protocol
 
-    from edgeproxy.service import LeanServer
+    from edgeproxy.serve.service import LeanServer
 
     class Echo(Protocol):
         def dataReceived(self, data: bytes) -> None:

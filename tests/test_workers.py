@@ -1,7 +1,7 @@
 """
 Tests for the workers mode, in memory: the control channel and the merging
 of metrics (L{edgeproxy.workers}), the worker's configuration and agent
-(L{edgeproxy.worker}), and the supervisor (L{edgeproxy.supervisor}) driving
+(L{edgeproxy.worker}), and the supervisor (L{edgeproxy.serve.supervisor}) driving
 processes of a memory reactor.  The real processes are in
 C{tests/integration/test_workers.py}.
 """
@@ -25,7 +25,7 @@ from twisted.logger import LogLevel, eventAsJSON, formatEventAsClassicLogText, g
 from twisted.python.failure import Failure
 
 import edgeproxy
-from edgeproxy import supervisor as supervisorModule
+from edgeproxy.serve import supervisor as supervisorModule
 from edgeproxy.config import load
 from edgeproxy.config.model import (
     Config,
@@ -36,7 +36,7 @@ from edgeproxy.config.model import (
     Upstream,
 )
 from edgeproxy.metrics import Metrics
-from edgeproxy.supervisor import Supervisor
+from edgeproxy.serve.supervisor import Supervisor
 from edgeproxy.systemd import Notifier
 from edgeproxy.worker import ControlNotifier
 from edgeproxy.workers import (
@@ -457,7 +457,7 @@ def test_workersInheritTheSocketsAsSystemdWould(harness: Harness, monkeypatch: A
         # Only the supervisor talks to systemd; LISTEN_PID is set by the
         # worker itself.
         assert "NOTIFY_SOCKET" not in spawned.env and "LISTEN_PID" not in spawned.env
-        root = str(Path(supervisorModule.__file__).resolve().parent.parent)
+        root = str(Path(edgeproxy.__file__).resolve().parent.parent)
         assert spawned.env["PYTHONPATH"].split(os.pathsep)[0] == root
 
 
@@ -740,7 +740,7 @@ def test_backendStateChangesReachEveryReadyWorker(harness: Harness) -> None:
 
 
 def workerService(tmp_path: Path) -> Any:
-    from edgeproxy.service import EdgeService
+    from edgeproxy.serve.service import EdgeService
 
     path = tmp_path / "edge.ini"
     path.write_text(EDGE_INI.format(workers=2))
@@ -836,7 +836,7 @@ def test_aListenerRemovedByAReloadIsClosed(harness: Harness) -> None:
 
 
 def test_twistdRunsASupervisorOnlyForMoreThanOneWorker(tmp_path: Path) -> None:
-    from edgeproxy.service import EdgeService
+    from edgeproxy.serve.service import EdgeService
     from edgeproxy.tap import Options
 
     path = tmp_path / "edge.ini"
@@ -882,7 +882,7 @@ def test_theWorkerStartsWithoutTheInitialStateWhenNoneComes(events: list[dict]) 
 
 
 def test_aSingleProcessSaysAChangeOfWorkersNeedsARestart(tmp_path: Path, events: list[dict]) -> None:
-    from edgeproxy.service import EdgeService
+    from edgeproxy.serve.service import EdgeService
 
     path = tmp_path / "edge.ini"
     path.write_text(EDGE_INI.format(workers=1))

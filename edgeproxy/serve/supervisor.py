@@ -60,7 +60,9 @@ from edgeproxy.tls.store import CertificateStore
 from edgeproxy.upstream.backend import Backend
 from edgeproxy.workers import ControlChannel, NoAnswer, mergeExpositions
 
-log = Logger()
+# The namespace operators see and filter on ("[edgeproxy.supervisor#info]", docs/operations.rst):
+# it names the job, and stays when the module moves.
+log = Logger(namespace="edgeproxy.supervisor")
 
 MAX_START_ATTEMPTS = 5
 """Starts in a row that may fail (exit or hang before ready) before the
@@ -776,7 +778,7 @@ class Supervisor(MultiService):
     def _takeOverTermination(self) -> None:
         """
         Handle C{SIGTERM} (and C{SIGINT} where the reactor took it) here, as
-        L{edgeproxy.service.EdgeService} does: the reactor's own handler
+        L{edgeproxy.serve.service.EdgeService} does: the reactor's own handler
         would make twistd kill itself with the signal after a complete
         drain (status 143).  The first signal stops the reactor, which stops
         this service (the workers drain); a second one is sent on to the

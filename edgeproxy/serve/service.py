@@ -74,7 +74,9 @@ from edgeproxy.tls.transport import EdgeTLSTransport
 from edgeproxy.upstream.pool import UpstreamPool
 from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
 
-log = Logger()
+# The namespace operators see and filter on ("[edgeproxy.service#info]", docs/operations.rst):
+# it names the job, and stays when the module moves.
+log = Logger(namespace="edgeproxy.service")
 
 DRAIN_POLL_INTERVAL = 0.1
 """Seconds between checks for finished requests while draining."""
@@ -232,7 +234,7 @@ class EdgeService(MultiService):
             process's standard output).
         @param activeChecks: Whether the pools run their active health
             checks (a worker of a supervisor does not: see
-            L{edgeproxy.supervisor}).
+            L{edgeproxy.serve.supervisor}).
         @param prepareConfig: Applied to every configuration read again by
             a reload before it is used (a worker rewrites its listeners to
             the sockets it inherited: L{edgeproxy.workers.workerConfig}).
