@@ -59,7 +59,6 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
 
 from edgeproxy.accesslog import AccessLog
 from edgeproxy.config import load
@@ -67,6 +66,17 @@ from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import EdgeProxyError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, poolInFlight, stopPool
+from edgeproxy.serve.sites import (
+    channelBusy,
+    closeAfterResponse,
+    closeIdle,
+    connectionsOf,
+    inFlightOf,
+    makeSite,
+    reconfigureSite,
+    transportOf,
+    useAccessLog,
+)
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
@@ -90,88 +100,6 @@ POOL_CLOSE_TIMEOUT = 2.0
 
 class StartupError(EdgeProxyError):
     """A listener could not start listening."""
-
-
-def channelBusy(channel: object) -> bool:
-    """
-    Whether a connection of a site has a request in flight.
-
-    This reads Twisted attributes that are not documented API, and is the
-    one place that does: C{_GenericHTTPChannelProtocol._channel} (the
-    HTTP/1.1 or HTTP/2 protocol behind what C{Site.buildProtocol} returns),
-    C{HTTPChannel.requests} (requests received and not yet answered) and
-    C{H2Connection.streams} (open streams); L{closeIdle} and
-    L{_transportOf} use C{_channel} the same way.  C{tests/test_service.py}
-    checks them against real Twisted objects.
-    """
-    inner = getattr(channel, "_channel", channel)
-    requests = getattr(inner, "requests", None)
-    if requests is not None:
-        return bool(requests)
-    streams = getattr(inner, "streams", None)
-    if streams is not None:
-        return bool(streams)
-    return False
-
-
-def closeAfterResponse(channel: object) -> None:
-    """
-    Make an HTTP/1.1 connection close once its current response is complete,
-    and say so in that response when its head is not sent yet (RFC 9112
-    §9.6).  An HTTP/2 connection is left alone: it is closed by the drain
-    loop as soon as it has no open stream.
-    """
-    inner = getattr(channel, "_channel", channel)
-    requests = getattr(inner, "requests", None)
-    if requests is None or not hasattr(inner, "persistent"):
-        return
-    inner.persistent = False
-    for request in requests:
-        if not request.startedWriting:
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-
-
-def closeIdle(channel: object) -> None:
-    """
-    Close a connection that has no request in flight, cleanly.
-
-    An HTTP/1.1 channel is closed through its own C{loseConnection}, which
-    unregisters the channel as its transport's producer first: a TLS
-    transport does not send its close_notify (and so never closes) while a
-    producer is registered.  An HTTP/2 connection first gets a GOAWAY
-    (RFC 9113 §6.8), as Twisted's own idle timeout does, and is
-    unregistered from its transport the same way.
-    """
-    inner: Any = getattr(channel, "_channel", channel)
-    if isinstance(inner, HTTPChannel):
-        inner.loseConnection()
-        return
-    transport = getattr(inner, "transport", None)
-    if transport is None:
-        return
-    conn = getattr(inner, "conn", None)
-    if conn is not None:
-        try:
-            conn.close_connection()
-            transport.write(conn.data_to_send())
-        except Exception:
-            # Already closing or closed at the HTTP/2 level: just close.
-            pass
-    # The ALPN switcher registers the H2Connection as its transport's
-    # producer; TLS would wait for it to go away before closing.
-    try:
-        transport.unregisterProducer()
-    except RuntimeError:
-        # A test transport with nothing registered; real ones ignore it.
-        pass
-    transport.loseConnection()
-
-
-def _transportOf(channel: Any) -> Any:
-    # _GenericHTTPChannelProtocol proxies IProtocol only: the transport is
-    # its inner channel's (see channelBusy).
-    inner = getattr(channel, "_channel", channel)
-    return getattr(inner, "transport", None)
 
 
 class _Listening:
@@ -346,9 +274,7 @@ class EdgeService(MultiService):
             raise SystemExit(1) from e
 
     def _makeSite(self, listener: Listener) -> Any:
-        from edgeproxy.http.site import EdgeSite
-
-        return EdgeSite(
+        return makeSite(
             self.currentRuntime, listener, self._reactor, accessLog=self.accessLog, metrics=self.metrics
         )
 
@@ -737,7 +663,7 @@ class EdgeService(MultiService):
             old = self.accessLog
             self.accessLog = accessLog
             for site in self._allSites():
-                site.accessLog = accessLog
+                useAccessLog(site, accessLog)
             if old is not None:
                 old.close()
         try:
@@ -819,7 +745,7 @@ class EdgeService(MultiService):
         for name, opened in current.items():
             listener = wanted.get(name)
             if listener is not None and _shape(listener) == _shape(opened.listener):
-                self._reconfigureSite(opened.site, listener)
+                reconfigureSite(opened.site, listener)
                 opened.listener = listener
             elif listener is not None:
                 changed.append((opened, listener))
@@ -864,18 +790,6 @@ class EdgeService(MultiService):
                 )
         self._syncListeners()
         await self._reloadAdmin()
-
-    def _reconfigureSite(self, site: Any, listener: Listener) -> None:
-        # New connections read these from the site (Site.buildProtocol,
-        # edgeChannelProtocolFactory, the request's site.listener); open
-        # ones keep what they were built with.
-        from edgeproxy.http.redirect import RedirectRequest
-        from edgeproxy.http.request import ProxyRequest
-
-        site.listener = listener
-        site.limits = listener.limits
-        site.timeOut = listener.limits.client_idle_timeout or None
-        site.requestFactory = RedirectRequest if listener.redirect_https else ProxyRequest
 
     async def _closeListening(self, listenings: list[_Listening]) -> None:
         stopped = []
@@ -986,7 +900,7 @@ class EdgeService(MultiService):
                 if channelBusy(channel):
                     remaining.append(channel)
                 else:
-                    transport = _transportOf(channel)
+                    transport = transportOf(channel)
                     if transport is not None and not getattr(transport, "disconnecting", False):
                         closeIdle(channel)
             if not remaining:
@@ -1006,7 +920,7 @@ class EdgeService(MultiService):
                         count=len(remaining),
                     )
                 for channel in remaining:
-                    transport = _transportOf(channel)
+                    transport = transportOf(channel)
                     if transport is not None:
                         transport.abortConnection()
                 break
@@ -1044,13 +958,13 @@ class EdgeService(MultiService):
     def _channels(self) -> list[Any]:
         channels: list[Any] = []
         # Forget closed listeners' sites once their last connection ended.
-        self._retiredSites = [site for site in self._retiredSites if getattr(site, "channels", ())]
+        self._retiredSites = [site for site in self._retiredSites if connectionsOf(site)]
         for site in self._allSites():
-            channels.extend(list(getattr(site, "channels", ())))
+            channels.extend(connectionsOf(site))
         return channels
 
     def _inflight(self) -> int:
-        return sum(len(getattr(site, "inflight", ())) for site in self._allSites())
+        return sum(inFlightOf(site) for site in self._allSites())
 
 
 def _formatAddress(address: Any) -> str:
