@@ -396,7 +396,7 @@ def test_reloadListeners(tmp_path: Path, certs: dict[str, Any], receiver: Notify
     assert plain.limits.max_headers == 7
     # http: removed, its port closed; admin2 added.
     assert httpPort.disconnected
-    assert [o.listener.name for o in service._open.values()].count("admin2") == 1
+    assert [o.listener.name for o in service.listeners.byName.values()].count("admin2") == 1
     assert reactor.tcpServers[-1][0] == 8090
     # https: the new port failed, the old one still listens.
     assert service.sites[0] is https and not httpsPort.disconnected
@@ -434,7 +434,7 @@ def test_reloadListenerChangedInPlaceOrRenamed(
     assert service.sites[1] is not plainSite
     last8080 = [factory for port, factory, _, _ in reactor.tcpServers if port == 8080][-1]
     assert isinstance(last8080, TLSMemoryBIOFactory)
-    assert sorted(service._open) == ["https", "plain", "www"]
+    assert sorted(service.listeners.byName) == ["https", "plain", "www"]
     assert sorted(reactor.bound) == [8080, 8081, 8443]
     errors = [e for e in events if e["log_level"] >= LogLevel.error]
     assert errors == []
@@ -656,40 +656,3 @@ def test_retiredPoolClosedAtTheShutdownTimeoutEvenIfBusy(
     assert closed() == ["app"]
     service.stopService()
     reactor.advance(10)
-
-
-def test_acceptedConnectionsDescribeThemselvesWithoutStoringIt() -> None:
-    """
-    L{LeanServer} (what TCP listeners accept connections as) gives the same
-    log prefix and repr as Twisted's C{tcp.Server}, made when asked for,
-    not two strings kept per connection; and it carries bytes as usual.
-    """
-    import socket
-
-    from twisted.internet import tcp
-    from twisted.internet.protocol import Protocol
-
-    from edgeproxy.serve.service import LeanServer
-
-    class Echo(Protocol):
-        def dataReceived(self, data: bytes) -> None:
-            self.transport.write(data)
-
-    class Listening:
-        _realPortNumber = 8443
-
-    reactor = MemoryReactorClock()
-    mine, theirs = socket.socketpair()
-    try:
-        lean = LeanServer(mine, Echo(), ("192.0.2.7", 40000), Listening(), 7, reactor)
-        twisted = tcp.Server(mine, Echo(), ("192.0.2.7", 40000), Listening(), 7, reactor)
-        assert lean.logPrefix() == twisted.logPrefix() == "Echo,7,192.0.2.7"
-        assert repr(lean) == repr(twisted) == "<Echo #7 on 8443>"
-        assert "logstr" not in vars(lean) and "repstr" not in vars(lean)
-        lean.protocol.makeConnection(lean)
-        lean.protocol.dataReceived(b"ping")
-        lean.doWrite()
-        assert theirs.recv(10) == b"ping"
-    finally:
-        mine.close()
-        theirs.close()

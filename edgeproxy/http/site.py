@@ -91,7 +91,7 @@ class EdgeSite(server.Site):
             return None
         # Count the connection, its bytes and (on a TLS listener) its
         # handshake, and forget it when it is lost, in methods of the
-        # protocol's class: no wrapper object (edgeproxy.service reads the
+        # protocol's class: no wrapper object (edgeproxy.serve.sites reads the
         # protocol's own attributes) and nothing allocated per connection
         # but two attributes (R4).
         protocol = _rebuiltAs(_meteredClass(type(built)), built)

@@ -44,43 +44,36 @@ from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet import tcp
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredList,
-    gatherResults,
     maybeDeferred,
 )
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from edgeproxy.accesslog import AccessLog
 from edgeproxy.config import load
 from edgeproxy.config.model import Config, Listener
-from edgeproxy.errors import EdgeProxyError
+from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, poolInFlight, stopPool
+from edgeproxy.serve.listeners import ListenerSet, formatAddress
 from edgeproxy.serve.sites import (
     channelBusy,
     closeAfterResponse,
     closeIdle,
-    connectionsOf,
-    inFlightOf,
     makeSite,
-    reconfigureSite,
     transportOf,
     useAccessLog,
 )
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.certs import CertificateSet
-from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
-from edgeproxy.tls.transport import EdgeTLSTransport
+from edgeproxy.tls.store import CertificateStore
 from edgeproxy.upstream.pool import UpstreamPool
 from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
 
@@ -96,27 +89,6 @@ RETIRE_POLL_INTERVAL = 0.5
 
 POOL_CLOSE_TIMEOUT = 2.0
 """Seconds the upstream pools get to close their connections at stop."""
-
-
-class StartupError(EdgeProxyError):
-    """A listener could not start listening."""
-
-
-class _Listening:
-    """One open C{[listen:NAME]}: its settings, site and port."""
-
-    __slots__ = ("listener", "site", "port")
-
-    def __init__(self, listener: Listener, site: Any, port: IListeningPort) -> None:
-        self.listener = listener
-        self.site = site
-        self.port = port
-
-
-def _shape(listener: Listener) -> tuple[str, bool, bool]:
-    """What cannot change under an open port: a listener with another shape
-    is closed and opened again."""
-    return (listener.endpoint, listener.tls, listener.http2)
 
 
 class EdgeService(MultiService):
@@ -203,12 +175,7 @@ class EdgeService(MultiService):
             config, reactor, metrics=self.metrics, activeChecks=activeChecks
         )
         self._runtimeStarted = False
-        self.sites: list[Any] = []
-        self.ports: list[IListeningPort] = []
-        self._open: dict[str, _Listening] = {}
-        # Sites of closed listeners whose connections still run: drained at
-        # stop like the others.
-        self._retiredSites: list[Any] = []
+        self.listeners = ListenerSet(reactor, lambda: self.config, self._makeSite, lambda: self.store)
         # Pools of replaced runtimes, closed once their requests are done.
         self._retiring: dict[Deferred[None], UpstreamPool] = {}
         self._reloadInProgress: Deferred[bool] | None = None
@@ -220,6 +187,16 @@ class EdgeService(MultiService):
     def currentRuntime(self) -> Runtime:
         """The runtime new requests are served from (the sites call this)."""
         return self.runtime
+
+    @property
+    def sites(self) -> list[Any]:
+        """The site of each open listener, in configuration order."""
+        return self.listeners.sites
+
+    @property
+    def ports(self) -> list[IListeningPort]:
+        """The listening ports, in the same order, once listening."""
+        return self.listeners.ports
 
     # Start
 
@@ -294,7 +271,7 @@ class EdgeService(MultiService):
         self._admin = listenAdmin(self, self._reactor, description)
         self._admin.addCallbacks(self._adminListening, failures.append)
         if failures:
-            self._closePorts()
+            self.listeners.closeAll()
             raise StartupError(
                 f"{self.config.path}: [edgeproxy] admin {description!r}: cannot listen:"
                 f" {failures[0].getErrorMessage()}"
@@ -309,7 +286,7 @@ class EdgeService(MultiService):
     def _adminListening(self, port: IListeningPort) -> IListeningPort:
         self.adminPort = port
         log.info("Admin listening on {address} (/status, /metrics)",
-                 address=_formatAddress(port.getHost()))
+                 address=formatAddress(port.getHost()))
         return port
 
     async def _stopAdmin(self) -> None:
@@ -355,89 +332,28 @@ class EdgeService(MultiService):
         # Said before READY=1, so that it is in the log once systemd (or a
         # test) sees the service started.
         self._warnAtStart()
-        attempts: list[Deferred[IListeningPort]] = []
-        sites = []
-        for listener in self.config.listeners:
-            site = self._makeSite(listener)
-            sites.append(site)
-            attempts.append(self._listenOne(listener, site))
-        self._listening = gatherResults(attempts, consumeErrors=True)
+        self._listening = self.listeners.listenAll()
         failures: list[Failure] = []
         self._listening.addCallbacks(self._listened, failures.append)
         if failures:
             # Bound synchronously, as tcp:, ssl:, unix: and systemd: all are.
-            self._closePorts()
-            raise StartupError(self._describeFailure(failures[0]))
+            self.listeners.closeAll()
+            raise StartupError(self.listeners.describeFailure(failures[0]))
         if not self._listening.called:
             self._listening.addErrback(self._failedLater)
 
-    def _listenOne(self, listener: Listener, site: Any) -> Deferred[IListeningPort]:
-        def attempt() -> Deferred[IListeningPort]:
-            endpoint = serverFromString(self._reactor, listener.endpoint)
-            if listener.tls:
-                assert self.store is not None, "a TLS listener needs [tls]"
-                protocols = DEFAULT_PROTOCOLS if listener.http2 else (b"http/1.1",)
-                return endpoint.listen(
-                    _tlsServerFactory(
-                        self.store.serverConnectionCreator(protocols), site, self._reactor
-                    )
-                )
-            return endpoint.listen(site)
-
-        def keep(port: IListeningPort) -> IListeningPort:
-            if getattr(port, "transport", None) is tcp.Server:
-                # tcp.Port builds each accepted connection from its
-                # transport attribute (tcp:, ssl: and adopted systemd: ports).
-                port.transport = LeanServer  # type: ignore[attr-defined]
-            self._open[listener.name] = _Listening(listener, site, port)
-            self._syncListeners()
-            return port
-
-        def name(failure: Failure) -> Failure:
-            failure.edgeListener = listener  # type: ignore[attr-defined]
-            return failure
-
-        return maybeDeferred(attempt).addCallbacks(keep, name)
-
-    def _syncListeners(self) -> None:
-        # sites and ports follow the configuration's order.
-        order = [listener.name for listener in self.config.listeners]
-        opened = sorted(
-            self._open.values(),
-            key=lambda o: order.index(o.listener.name) if o.listener.name in order else len(order),
-        )
-        self.sites = [o.site for o in opened]
-        self.ports = [o.port for o in opened]
-
-    def _describeFailure(self, failure: Failure) -> str:
-        listener = getattr(failure, "edgeListener", None)
-        if listener is None and hasattr(failure.value, "subFailure"):
-            failure = failure.value.subFailure
-            listener = getattr(failure, "edgeListener", None)
-        where = f"[listen:{listener.name}] endpoint {listener.endpoint!r}" if listener else "a listener"
-        return f"{self.config.path}: {where}: cannot listen: {failure.getErrorMessage()}"
-
     def _listened(self, ports: list[IListeningPort]) -> list[IListeningPort]:
         for listener, port in zip(self.config.listeners, ports):
-            self._logListening(listener, port)
+            self.listeners.logListening(listener, port)
         self.notifier.ready(status=self._status())
         self.ready.callback(ports)
         return ports
 
-    def _logListening(self, listener: Listener, port: IListeningPort) -> None:
-        log.info(
-            "Listening on {address} for [listen:{name}] ({kind})",
-            address=_formatAddress(port.getHost()),
-            name=listener.name,
-            kind="https" if listener.tls else (
-                "http, redirecting to https" if listener.redirect_https else "http"),
-        )
-
     def _failedLater(self, failure: Failure) -> None:
-        message = self._describeFailure(failure)
+        message = self.listeners.describeFailure(failure)
         log.critical("{message}; stopping", message=message)
         self.exitCode = 1
-        self._closePorts()
+        self.listeners.closeAll()
         self.notifier.notify(STATUS=message, ERRNO=1)
         self.ready.errback(StartupError(message))
         self.ready.addErrback(lambda _: None)
@@ -446,14 +362,6 @@ class EdgeService(MultiService):
             # say the start failed (the unit's Restart= depends on it).
             self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self._reactor.stop()
-
-    def _closePorts(self) -> list[Deferred[Any]]:
-        stopped = [maybeDeferred(o.port.stopListening) for o in self._open.values()]
-        # Their connections still need draining.
-        self._retiredSites.extend(o.site for o in self._open.values())
-        self._open = {}
-        self._syncListeners()
-        return stopped
 
     def _warnAtStart(self) -> None:
         self._warnInsecure()
@@ -472,7 +380,7 @@ class EdgeService(MultiService):
                 )
 
     def _status(self) -> str:
-        names = [listener.name for listener in self.config.listeners if listener.name in self._open]
+        names = [listener.name for listener in self.config.listeners if listener.name in self.listeners.byName]
         certificates = len(self.store.current.entries) if self.store is not None else 0
         return f"serving {len(names)} listener(s) ({', '.join(names)}), {certificates} certificate(s)"
 
@@ -662,7 +570,7 @@ class EdgeService(MultiService):
         else:
             old = self.accessLog
             self.accessLog = accessLog
-            for site in self._allSites():
+            for site in self.listeners.allSites():
                 useAccessLog(site, accessLog)
             if old is not None:
                 old.close()
@@ -726,97 +634,8 @@ class EdgeService(MultiService):
             log.failure("Closing upstream {upstream} failed", upstream=pool.upstream.name)
 
     async def _applyListeners(self, config: Config) -> None:
-        """
-        Open, close or keep listeners so that they match C{config}.
-
-        A listener with the same endpoint, C{tls} and C{http2} keeps its
-        port and its connections; its site takes the new settings (limits,
-        idle timeout, redirect) for new connections.  A listener removed is
-        closed (its open connections carry on).  A listener added is
-        opened.  A listener that changed is opened anew: on another endpoint
-        the new port opens first and the old one is closed only when it
-        did; on the same endpoint the old port must be closed first, and it
-        is opened again if the new one cannot be.  A port that cannot be
-        opened is logged and the rest of the configuration is served.
-        """
-        wanted = {listener.name: listener for listener in config.listeners}
-        current = dict(self._open)
-        changed: list[tuple[_Listening, Listener]] = []
-        for name, opened in current.items():
-            listener = wanted.get(name)
-            if listener is not None and _shape(listener) == _shape(opened.listener):
-                reconfigureSite(opened.site, listener)
-                opened.listener = listener
-            elif listener is not None:
-                changed.append((opened, listener))
-        removed = [opened for name, opened in current.items() if name not in wanted]
-        added = [listener for name, listener in wanted.items() if name not in current]
-
-        # Removed ports, and changed ones that must free their endpoint,
-        # close first so that a listener renamed or changed in place can
-        # bind again.
-        sameEndpoint = [
-            (opened, listener) for opened, listener in changed
-            if opened.listener.endpoint == listener.endpoint
-        ]
-        closing = removed + [opened for opened, _ in sameEndpoint]
-        await self._closeListening(closing)
-        for opened in removed:
-            log.info("Closed [listen:{name}] (no longer configured)", name=opened.listener.name)
-
-        for listener in added:
-            await self._openListening(listener)
-        for opened, listener in changed:
-            ok = await self._openListening(listener)
-            if opened.listener.endpoint != listener.endpoint:
-                if ok:
-                    await self._closeListening([opened])
-                else:
-                    # The old port still listens: keep it, with its old
-                    # shape, under its name.
-                    self._open[listener.name] = opened
-                    log.warn(
-                        "[listen:{name}] keeps listening on {endpoint} with its previous settings",
-                        name=listener.name,
-                        endpoint=opened.listener.endpoint,
-                    )
-            elif not ok:
-                reopened = await self._openListening(opened.listener, quiet=True)
-                log.warn(
-                    "[listen:{name}] {what}",
-                    name=listener.name,
-                    what="listens again with its previous settings" if reopened
-                    else "could not listen again with its previous settings either: closed",
-                )
-        self._syncListeners()
+        await self.listeners.apply(config)
         await self._reloadAdmin()
-
-    async def _closeListening(self, listenings: list[_Listening]) -> None:
-        stopped = []
-        for opened in listenings:
-            if self._open.get(opened.listener.name) is opened:
-                del self._open[opened.listener.name]
-            self._retiredSites.append(opened.site)
-            stopped.append(maybeDeferred(opened.port.stopListening))
-        self._syncListeners()
-        if stopped:
-            await DeferredList(stopped, consumeErrors=True)
-
-    async def _openListening(self, listener: Listener, quiet: bool = False) -> bool:
-        site = self._makeSite(listener)
-        failures: list[Failure] = []
-        # The errback sees the failure _listenOne named (an await would
-        # raise a new one without the name).
-        port = await self._listenOne(listener, site).addErrback(failures.append)
-        if failures:
-            if not quiet:
-                log.error(
-                    "{message}; the rest of the configuration is served",
-                    message=self._describeFailure(failures[0]),
-                )
-            return False
-        self._logListening(listener, port)
-        return True
 
     # Stop
 
@@ -880,7 +699,7 @@ class EdgeService(MultiService):
         log.info(
             "Stopping: closing listeners, {inflight} request(s) in flight get up to"
             " {timeout}s to finish",
-            inflight=self._inflight(),
+            inflight=self.listeners.inFlight(),
             timeout=timeout,
         )
         if self._reloadInProgress is not None:
@@ -889,14 +708,14 @@ class EdgeService(MultiService):
             self._reloadAgain = False
             await self._reloadInProgress
         # No new connections from now on.
-        await DeferredList(self._closePorts(), consumeErrors=True)
+        await DeferredList(self.listeners.closeAll(), consumeErrors=True)
         deadline = reactor.seconds() + timeout
-        for channel in self._channels():
+        for channel in self.listeners.connections():
             if channelBusy(channel):
                 closeAfterResponse(channel)
         while True:
             remaining = []
-            for channel in self._channels():
+            for channel in self.listeners.connections():
                 if channelBusy(channel):
                     remaining.append(channel)
                 else:
@@ -951,72 +770,3 @@ class EdgeService(MultiService):
         if self.accessLog is not None:
             self.accessLog.close()
         log.info("Stopped")
-
-    def _allSites(self) -> list[Any]:
-        return self.sites + [site for site in self._retiredSites if site not in self.sites]
-
-    def _channels(self) -> list[Any]:
-        channels: list[Any] = []
-        # Forget closed listeners' sites once their last connection ended.
-        self._retiredSites = [site for site in self._retiredSites if connectionsOf(site)]
-        for site in self._allSites():
-            channels.extend(connectionsOf(site))
-        return channels
-
-    def _inflight(self) -> int:
-        return sum(inFlightOf(site) for site in self._allSites())
-
-
-def _formatAddress(address: Any) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None or port is None:
-        return str(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-
-def _tlsServerFactory(creator: Any, site: Any, clock: Any) -> TLSMemoryBIOFactory:
-    """
-    What C{wrapServerTLS} listens with, built here so that every connection
-    of the listener is an L{EdgeTLSTransport} from its first byte (not only
-    once the store's creator has met the first one) and so that the TLS
-    layer's buffered writes are scheduled on the service's own reactor.
-    """
-    factory = TLSMemoryBIOFactory(creator, False, site, clock=clock)
-    factory.protocol = EdgeTLSTransport
-    return factory
-
-
-class LeanServer(tcp.Server):
-    """
-    Twisted's accepted TCP connection without two strings stored per
-    connection: its log prefix (C{logstr}) and its C{repr} (C{repstr}),
-    which C{tcp.Server.__init__} formats for every connection and keeps
-    (about 0.2 KiB per idle connection, R4), are made when asked for.  They
-    are asked for rarely: C{logPrefix()} by Twisted's legacy log context,
-    which L{edgeproxy.tuning.tuneEventDispatch} no longer sets up per
-    event, and C{repr()} in debugging.  The text is the same as Twisted's,
-    with the protocol the connection has at the time of asking.
-    """
-
-    @property  # type: ignore[override]
-    def logstr(self) -> str:
-        protocol = getattr(self, "protocol", None)
-        prefix = "-" if protocol is None else self._getLogPrefix(protocol)
-        return f"{prefix},{self.sessionno},{self.hostname}"
-
-    @logstr.setter
-    def logstr(self, value: str) -> None:
-        # tcp.Server.__init__ assigns it; it is made again when asked for.
-        pass
-
-    @property  # type: ignore[override]
-    def repstr(self) -> str:
-        protocol = getattr(self, "protocol", None)
-        port = getattr(self.server, "_realPortNumber", "?")
-        return f"<{type(protocol).__name__} #{self.sessionno} on {port}>"
-
-    @repstr.setter
-    def repstr(self, value: str) -> None:
-        pass

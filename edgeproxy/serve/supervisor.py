@@ -52,7 +52,7 @@ from twisted.python.failure import Failure
 import edgeproxy
 from edgeproxy.accesslog import AccessLog
 from edgeproxy.config.model import Config, Listener
-from edgeproxy.errors import EdgeProxyError
+from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, stopPool
 from edgeproxy.systemd import Notifier
@@ -108,10 +108,6 @@ L{edgeproxy.workers.mergeExpositions}."""
 RECORD_SEPARATOR = "\x1e"
 """Starts each JSON log event a worker writes on its standard error
 (C{jsonFileLogObserver}); other lines are plain output."""
-
-
-class StartupError(EdgeProxyError):
-    """A listening socket could not be opened, or a worker cannot start."""
 
 
 def _describeExit(reason: Failure) -> str:
