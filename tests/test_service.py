@@ -511,7 +511,7 @@ def test_secondSignalCutsTheDrainShort(
     stopped = service.stopService()
     reactor.advance(1)
     assert not stopped.called and not busyTransport.disconnected
-    service._forceStop(signal.SIGTERM)
+    service.signals.force(signal.SIGTERM)
     reactor.advance(0.1)
     assert busyTransport.disconnected
     reactor.advance(0)
@@ -535,16 +535,16 @@ def test_sigtermHandlerStopsTheReactorWithoutRecordingTheSignal(
         assert signal.getsignal(signal.SIGTERM) == previous[0]
         for hook, args, kwargs in reactor.whenRunningHooks:
             hook(*args, **kwargs)
-        assert signal.getsignal(signal.SIGTERM) == service._onTerminate
-        service._onTerminate(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGTERM) == service.signals.onTerminate
+        service.signals.onTerminate(signal.SIGTERM, None)
         [(terminate, args, _)] = reactor.fromThreads
         terminate(*args)
         assert reactor.hasStopped
         assert getattr(reactor, "_exitSignal", None) is None
         # A second one forces the stop and gives the signal back to the
         # kernel's default action, so a third ends the process.
-        service._onTerminate(signal.SIGTERM, None)
-        assert reactor.fromThreads[-1][0] == service._forceStop
+        service.signals.onTerminate(signal.SIGTERM, None)
+        assert reactor.fromThreads[-1][0] == service.signals.force
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous[0])
@@ -562,7 +562,7 @@ def test_sighupHandlerInstalledAndRestored(certs: dict[str, Any], receiver: Noti
     service.startService()
     try:
         handler = signal.getsignal(signal.SIGHUP)
-        assert handler == service._onHangup
+        assert handler == service.signals.onHangup
         # The handler only schedules the reload on the reactor thread.
         handler(signal.SIGHUP, None)  # type: ignore[operator]
         assert reactor.fromThreads == [(service.reload, (), {})]
@@ -615,6 +615,23 @@ def test_drainEndsAsSoonAsIdle(certs: dict[str, Any], receiver: NotifyReceiver) 
     # No time passes: nothing was in flight, nothing to wait for.
     assert idleTransport.disconnecting
     assert stopped.called
+
+
+def test_aCompleteDrainExitsZeroWhateverTheReactorRecorded(
+    certs: dict[str, Any], receiver: NotifyReceiver
+) -> None:
+    """
+    A SIGTERM that reached the reactor's own handler (before the service
+    took it over) is recorded for twistd to re-raise (status 143); a drain
+    that went as planned forgets it, as the supervisor's does.
+    """
+    reactor = Reactor()
+    service = build(certs, receiver, reactor, shutdown=30.0)
+    service.startService()
+    reactor._exitSignal = signal.SIGTERM  # type: ignore[attr-defined]
+    stopped = service.stopService()
+    assert stopped.called
+    assert reactor._exitSignal is None  # type: ignore[attr-defined]
 
 
 def test_tapOptionsRejectBadConfiguration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

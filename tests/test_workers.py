@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, eventAsJSON, formatEventAsClassicLogText, globalLogPublisher
+from twisted.logger import LogLevel, eventAsJSON, formatEvent, formatEventAsClassicLogText, globalLogPublisher
 from twisted.python.failure import Failure
 
 import edgeproxy
@@ -596,6 +597,26 @@ def test_stopDrainsTheWorkers(harness: Harness, receiver: Receiver) -> None:
     harness.latest(2).end(ProcessDone(0))
     harness.reactor.advance(0)
     assert stopped.called
+
+
+def test_furtherSignalsArePassedOnToTheWorkers(harness: Harness, receiver: Receiver) -> None:
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    harness.supervisor.stopService()
+    assert [harness.latest(n).transport.signals for n in (1, 2)] == [["TERM"], ["TERM"]]
+    # A second SIGTERM: each worker's second one aborts what it has in
+    # flight; a third is passed on again.
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        harness.supervisor.signals.force(signal.SIGTERM)
+        harness.supervisor.signals.force(signal.SIGTERM)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [harness.latest(n).transport.signals for n in (1, 2)] == [["TERM"] * 3, ["TERM"] * 3]
+    assert lines.count("Received SIGTERM again: the workers abort what is still in flight") == 2
 
 
 def test_stopKillsStragglers(harness: Harness) -> None:

@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -50,7 +48,6 @@ from twisted.internet.defer import (
     DeferredList,
     maybeDeferred,
 )
-from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -63,6 +60,7 @@ from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, poolInFlight, stopPool
 from edgeproxy.serve.listeners import ListenerSet, formatAddress
+from edgeproxy.serve.signals import ProcessSignals
 from edgeproxy.serve.sites import (
     channelBusy,
     closeAfterResponse,
@@ -149,10 +147,14 @@ class EdgeService(MultiService):
         self._reactor = reactor
         self.notifier = notifier if notifier is not None else Notifier()
         self._installSignalHandlers = installSignalHandlers
-        self._previousHangup: Any = None
-        self._hangupInstalled = False
-        self._terminations = 0
-        self._forced = False
+        self.signals = ProcessSignals(
+            reactor,
+            log,
+            reload=self.reload,
+            stopping=lambda: self._stopping is not None,
+            draining="draining",
+            forcing="aborting what is still in flight",
+        )
         self.exitCode = 0
         self.metrics = metrics if metrics is not None else Metrics()
         self.startedAt = reactor.seconds()
@@ -211,39 +213,22 @@ class EdgeService(MultiService):
             self._runtimeStarted = True
             self.runtime.start()
         if self._installSignalHandlers:
-            # The reactor installs its own SIGTERM handler while it starts
-            # (the "during startup" phase), after this runs: take over
-            # once it runs.
-            self._reactor.callWhenRunning(self._takeOverTermination)
+            self.signals.installTermination()
             # Process-wide, so only for the process's own service (as the
             # signal handlers): once running, everything start-up built is
             # kept out of full collections (edgeproxy.tuning says why).
             self._reactor.callWhenRunning(tuneGarbageCollector)
             tuneEventDispatch(self._reactor)
 
-    def _installHangup(self) -> None:
-        # Before READY=1: a manager may send SIGHUP as soon as it sees it,
-        # and SIGHUP's default action would end the process.  Until the
-        # reactor runs, callFromThread just queues the reload.
-        if self._installSignalHandlers and not self._hangupInstalled:
-            self._previousHangup = signal.signal(signal.SIGHUP, self._onHangup)
-            self._hangupInstalled = True
-
-    def _restoreHangup(self) -> None:
-        if self._hangupInstalled:
-            # None: the previous handler was not set from Python; the
-            # default is the closest we can restore.
-            previous = self._previousHangup
-            signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
-            self._hangupInstalled = False
-
     def _listenOrExit(self) -> None:
-        self._installHangup()
+        if self._installSignalHandlers:
+            # Before READY=1: a manager may send SIGHUP as soon as it sees it.
+            self.signals.installHangup()
         try:
             self._listen()
             self._startAdmin()
         except StartupError as e:
-            self._restoreHangup()
+            self.signals.restoreHangup()
             # One clear line rather than a traceback through twistd: the
             # exception leaves privilegedStartService, twistd exits 1 before
             # the reactor runs, and READY=1 is never sent.
@@ -396,11 +381,6 @@ class EdgeService(MultiService):
             )
 
     # Reload
-
-    def _onHangup(self, signum: int, frame: FrameType | None) -> None:
-        # A signal handler may run between any two bytecodes of the reactor
-        # thread: hand the work to the loop through its waker.
-        self._reactor.callFromThread(self.reload)
 
     def reload(self) -> Deferred[bool]:
         """
@@ -639,55 +619,10 @@ class EdgeService(MultiService):
 
     # Stop
 
-    def _takeOverTermination(self) -> None:
-        """
-        Handle C{SIGTERM} (and C{SIGINT} when the reactor handles it) here
-        rather than in the reactor.
-
-        The reactor's own handler records the signal, and twistd, once the
-        reactor stopped, kills itself with it (C{app._exitWithSignal}), so
-        a complete drain ends with status 143.  This handler stops the
-        reactor the same way (which stops this service, which drains) but
-        records nothing: the process exits 0.  A second signal cuts the
-        drain short; a third is not caught any more.
-        """
-        signal.signal(signal.SIGTERM, self._onTerminate)
-        sigInt = getattr(self._reactor, "sigInt", None)
-        if sigInt is not None and signal.getsignal(signal.SIGINT) == sigInt:
-            # Only where the reactor took SIGINT (not under a debugger).
-            signal.signal(signal.SIGINT, self._onTerminate)
-
-    def _onTerminate(self, signum: int, frame: FrameType | None) -> None:
-        self._terminations += 1
-        if self._terminations == 1:
-            self._reactor.callFromThread(self._terminate, signum)
-        else:
-            # The next one gets the default action: the kernel ends us.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            self._reactor.callFromThread(self._forceStop, signum)
-
-    def _terminate(self, signum: int) -> None:
-        log.info("Received {signal}, draining", signal=signal.Signals(signum).name)
-        try:
-            self._reactor.stop()
-        except ReactorNotRunning:
-            pass
-
-    def _forceStop(self, signum: int) -> None:
-        """Abort what is still in flight now instead of at the deadline."""
-        if self._forced:
-            return
-        self._forced = True
-        log.warn(
-            "Received {signal} again: aborting what is still in flight",
-            signal=signal.Signals(signum).name,
-        )
-
     def stopService(self) -> Deferred[None]:
         if self._stopping is not None:
             return self._stopping
-        self._restoreHangup()
+        self.signals.restoreHangup()
         children = maybeDeferred(super().stopService)
         self._stopping = Deferred.fromCoroutine(self._drain(children))
         return self._stopping
@@ -724,8 +659,8 @@ class EdgeService(MultiService):
                         closeIdle(channel)
             if not remaining:
                 break
-            if self._forced or reactor.seconds() >= deadline:
-                if self._forced:
+            if self.signals.forced or reactor.seconds() >= deadline:
+                if self.signals.forced:
                     log.warn(
                         "Stop forced by a second signal: aborting {count} connection(s)"
                         " with requests in flight",
@@ -769,4 +704,6 @@ class EdgeService(MultiService):
         await self._stopAdmin()
         if self.accessLog is not None:
             self.accessLog.close()
+        if self.exitCode == 0:
+            self.signals.exitCleanly()
         log.info("Stopped")

@@ -38,13 +38,12 @@ import io
 import os
 import signal
 import sys
-from types import FrameType
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
@@ -55,6 +54,7 @@ from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, stopPool
+from edgeproxy.serve.signals import ProcessSignals
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.store import CertificateStore
 from edgeproxy.upstream.backend import Backend
@@ -320,8 +320,16 @@ class Supervisor(MultiService):
         self._readyTimers: dict[int, Any] = {}
         self._everReady: set[int] = set()
         self._stopping: Deferred[None] | None = None
-        self._previousSignals: dict[int, Any] = {}
-        self._terminations = 0
+        self.signals = ProcessSignals(
+            reactor,
+            log,
+            reload=self.reload,
+            stopping=lambda: self._stopping is not None,
+            draining="stopping the workers",
+            forcing="the workers abort what is still in flight",
+            onForce=self._forceWorkers,
+            keepCatching=True,
+        )
         self._reloadPending: set[int] = set()
         # Workers of slots removed by a reload (workers lowered): they drain
         # and are not restarted.
@@ -382,7 +390,11 @@ class Supervisor(MultiService):
         if not self._runtimeStarted:
             self._runtimeStarted = True
             self.runtime.start()
-        self._installSignals()
+        if self._installSignalHandlers:
+            # SIGHUP stays installed while stopping: it is ignored then
+            # (its default action would end the supervisor mid-drain).
+            self.signals.installHangup()
+            self.signals.installTermination()
         for number in range(1, self.count + 1):
             if number not in self.workers and number not in self._restarts:
                 self._spawn(number)
@@ -762,55 +774,11 @@ class Supervisor(MultiService):
 
         return self._askAll("status").addCallback(build)
 
-    # Signals ---------------------------------------------------------------------
-
-    def _installSignals(self) -> None:
-        if not self._installSignalHandlers or self._previousSignals:
-            return
-        self._previousSignals[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._onHangup)
-        # The reactor installs its SIGTERM handler as it starts, after this.
-        self._reactor.callWhenRunning(self._takeOverTermination)
-
-    def _takeOverTermination(self) -> None:
-        """
-        Handle C{SIGTERM} (and C{SIGINT} where the reactor took it) here, as
-        L{edgeproxy.serve.service.EdgeService} does: the reactor's own handler
-        would make twistd kill itself with the signal after a complete
-        drain (status 143).  The first signal stops the reactor, which stops
-        this service (the workers drain); a second one is sent on to the
-        workers, which then abort what is still in flight.
-        """
-        if self._stopping is not None:
-            return
-        self._previousSignals[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._onTerminate)
-        sigInt = getattr(self._reactor, "sigInt", None)
-        if sigInt is not None and signal.getsignal(signal.SIGINT) == sigInt:
-            self._previousSignals[signal.SIGINT] = signal.signal(signal.SIGINT, self._onTerminate)
-
-    def _onTerminate(self, signum: int, frame: FrameType | None) -> None:
-        self._terminations += 1
-        if self._terminations == 1:
-            self._reactor.callFromThread(self._terminate, signum)
-        else:
-            self._reactor.callFromThread(self._forward, signum)
-
-    def _terminate(self, signum: int) -> None:
-        log.info("Received {signal}, stopping the workers", signal=signal.Signals(signum).name)
-        try:
-            self._reactor.stop()
-        except ReactorNotRunning:
-            pass
-
-    def _forward(self, signum: int) -> None:
-        log.warn(
-            "Received {signal} again: the workers abort what is still in flight",
-            signal=signal.Signals(signum).name,
-        )
+    def _forceWorkers(self) -> None:
+        # A second signal is passed on: each worker's own second signal
+        # aborts what it still has in flight.
         for worker in list(self.workers.values()) + list(self._retiring):
             worker.signal("TERM")
-
-    def _onHangup(self, signum: int, frame: FrameType | None) -> None:
-        self._reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
         """
@@ -1023,11 +991,7 @@ class Supervisor(MultiService):
             stopPool(pool)
         await _within(reactor, self.runtime.close(), 2.0)
         if self.exitCode == 0:
-            # twistd re-raises the signal that stopped the reactor on itself
-            # once the reactor is done (exit status 143 for SIGTERM); a clean
-            # drain is a success, so the supervisor exits 0.
-            if getattr(reactor, "_exitSignal", None) is not None:
-                reactor._exitSignal = None
+            self.signals.exitCleanly()
         log.info("Stopped")
 
 
