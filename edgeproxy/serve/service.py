@@ -59,16 +59,10 @@ from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, poolInFlight, stopPool
+from edgeproxy.serve.drain import closePools, drainConnections
 from edgeproxy.serve.listeners import ListenerSet, formatAddress
 from edgeproxy.serve.signals import ProcessSignals
-from edgeproxy.serve.sites import (
-    channelBusy,
-    closeAfterResponse,
-    closeIdle,
-    makeSite,
-    transportOf,
-    useAccessLog,
-)
+from edgeproxy.serve.sites import makeSite, useAccessLog
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.store import CertificateStore
@@ -79,14 +73,9 @@ from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
 # it names the job, and stays when the module moves.
 log = Logger(namespace="edgeproxy.service")
 
-DRAIN_POLL_INTERVAL = 0.1
-"""Seconds between checks for finished requests while draining."""
-
 RETIRE_POLL_INTERVAL = 0.5
 """Seconds between checks for the last request of a pool a reload retired."""
 
-POOL_CLOSE_TIMEOUT = 2.0
-"""Seconds the upstream pools get to close their connections at stop."""
 
 
 class EdgeService(MultiService):
@@ -644,43 +633,7 @@ class EdgeService(MultiService):
             await self._reloadInProgress
         # No new connections from now on.
         await DeferredList(self.listeners.closeAll(), consumeErrors=True)
-        deadline = reactor.seconds() + timeout
-        for channel in self.listeners.connections():
-            if channelBusy(channel):
-                closeAfterResponse(channel)
-        while True:
-            remaining = []
-            for channel in self.listeners.connections():
-                if channelBusy(channel):
-                    remaining.append(channel)
-                else:
-                    transport = transportOf(channel)
-                    if transport is not None and not getattr(transport, "disconnecting", False):
-                        closeIdle(channel)
-            if not remaining:
-                break
-            if self.signals.forced or reactor.seconds() >= deadline:
-                if self.signals.forced:
-                    log.warn(
-                        "Stop forced by a second signal: aborting {count} connection(s)"
-                        " with requests in flight",
-                        count=len(remaining),
-                    )
-                else:
-                    log.warn(
-                        "Shutdown timeout ({timeout}s) reached: aborting {count} connection(s)"
-                        " with requests in flight",
-                        timeout=timeout,
-                        count=len(remaining),
-                    )
-                for channel in remaining:
-                    transport = transportOf(channel)
-                    if transport is not None:
-                        transport.abortConnection()
-                break
-            await deferLater(
-                reactor, min(DRAIN_POLL_INTERVAL, max(0.0, deadline - reactor.seconds()))
-            )
+        await drainConnections(reactor, self.listeners.connections, timeout, lambda: self.signals.forced)
         await children
         # Pools: the current runtime's and those of replaced runtimes still
         # waiting for their last requests.
@@ -688,18 +641,7 @@ class EdgeService(MultiService):
         for closing, pool in list(self._retiring.items()):
             closing.cancel()
             pools.append(pool)
-        for pool in pools:
-            stopPool(pool)
-        closed = DeferredList([maybeDeferred(pool.close) for pool in pools], consumeErrors=True)
-        # A backend that never acknowledges the close must not hold the
-        # process: the pools get a bounded moment, then the process exits
-        # and the kernel closes what is left.
-        closed.addTimeout(POOL_CLOSE_TIMEOUT, reactor)
-        try:
-            await closed
-        except Exception:
-            log.warn("Closing the upstream pools took over {seconds}s; exiting anyway",
-                     seconds=POOL_CLOSE_TIMEOUT)
+        await closePools(reactor, pools)
         # Last: /status and /metrics show the drain until it is over.
         await self._stopAdmin()
         if self.accessLog is not None:
