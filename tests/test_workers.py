@@ -580,6 +580,26 @@ def test_sighupReachesEveryWorker(harness: Harness, receiver: Receiver) -> None:
     assert [d.split(b"\n")[0] for d in receiver.all()] == [b"READY=1"]
 
 
+def test_aBrokenFileIsRefusedBySupervisorAndWorkersAlike(harness: Harness) -> None:
+    """
+    The supervisor validates the file as C{edgeproxy check} (and each
+    worker) does: a broken one changes nothing and says why.
+    """
+    harness.start()
+    before = harness.supervisor.config
+    harness.path.write_text(harness.path.read_text().replace("shutdown_timeout = 10s", "shutdown_timeout = soon"))
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        assert harness.supervisor.reloadOwnView() is False
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert harness.supervisor.config is before
+    refusals = [line for line in lines if line.startswith("Reload refused, still serving the previous configuration: ")]
+    assert refusals and "shutdown_timeout" in refusals[0]
+
+
 def test_stopDrainsTheWorkers(harness: Harness, receiver: Receiver) -> None:
     harness.start()
     for number in (1, 2):

@@ -36,20 +36,13 @@ routed, so rebinding L{EdgeService.runtime} switches new requests only.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    DeferredList,
-    maybeDeferred,
-)
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -58,23 +51,21 @@ from edgeproxy.config import load
 from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
-from edgeproxy.runtime import Runtime, poolInFlight, stopPool
+from edgeproxy.runtime import Runtime
 from edgeproxy.serve.drain import closePools, drainConnections
 from edgeproxy.serve.listeners import ListenerSet, formatAddress
+from edgeproxy.serve.reload import RetiringPools, accessLogFor, checked, discard, refused, storeFor
 from edgeproxy.serve.signals import ProcessSignals
 from edgeproxy.serve.sites import makeSite, useAccessLog
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.store import CertificateStore
-from edgeproxy.upstream.pool import UpstreamPool
 from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
 
 # The namespace operators see and filter on ("[edgeproxy.service#info]", docs/operations.rst):
 # it names the job, and stays when the module moves.
 log = Logger(namespace="edgeproxy.service")
 
-RETIRE_POLL_INTERVAL = 0.5
-"""Seconds between checks for the last request of a pool a reload retired."""
 
 
 
@@ -168,7 +159,7 @@ class EdgeService(MultiService):
         self._runtimeStarted = False
         self.listeners = ListenerSet(reactor, lambda: self.config, self._makeSite, lambda: self.store)
         # Pools of replaced runtimes, closed once their requests are done.
-        self._retiring: dict[Deferred[None], UpstreamPool] = {}
+        self._retiring = RetiringPools(reactor, log)
         self._reloadInProgress: Deferred[bool] | None = None
         self._reloadAgain = False
         self.ready: Deferred[list[IListeningPort]] = Deferred()
@@ -441,50 +432,22 @@ class EdgeService(MultiService):
             Deferred that fires when the listeners that changed are open or
             closed.
         """
-        from edgeproxy.cli import EXIT_OK, check
-
         path = self.config.path
-        problems = io.StringIO()
-        if check(path, out=io.StringIO(), err=problems, now=self._reactor.seconds()) != EXIT_OK:
-            for problem in problems.getvalue().splitlines():
-                log.error(
-                    "Reload refused, still serving the previous configuration: {problem}",
-                    problem=problem,
-                )
+        if not checked(path, self._reactor.seconds(), log):
             return None
         try:
             config = load(path)
             if self._prepareConfig is not None:
                 config = self._prepareConfig(config)
             return self._swap(config)
-        except EdgeProxyError as e:
-            # Files changed between the check and the load, or a problem
-            # check does not see: the same words, nothing swapped.
-            log.error(
-                "Reload refused, still serving the previous configuration: {problem}",
-                problem=str(e),
-                file=getattr(e, "file", None),
-                section=getattr(e, "section", None),
-                key=getattr(e, "key", None),
-            )
-            return None
-        except OSError as e:
-            log.error(
-                "Reload refused, still serving the previous configuration:"
-                " {path}: {problem}",
-                path=e.filename or path,
-                problem=e.strerror or str(e),
-            )
+        except (EdgeProxyError, OSError) as e:
+            refused(log, e, path)
             return None
 
     def _swap(self, config: Config) -> Deferred[None]:
         reactor = self._reactor
         # Build everything that can fail first; nothing is swapped until
         # the last of it succeeded.
-        newStore: CertificateStore | None = None
-        if config.tls is not None and self.store is None:
-            newStore = CertificateStore(config.tls, reactor)
-            newStore.load()
         runtime = Runtime.build(
             config,
             reactor,
@@ -493,21 +456,16 @@ class EdgeService(MultiService):
             previous=self.runtime,
         )
         try:
-            accessLog, reopen = self._accessLogFor(config)
+            accessLog, reopen = accessLogFor(
+                self.config.proxy, config.proxy, self.accessLog, reactor, stdout=self._accessLogStream
+            )
         except BaseException:
-            self._discard(runtime)
+            discard(runtime)
             raise
         try:
-            certificates: CertificateSet | None = None
-            if config.tls is not None and newStore is None:
-                assert self.store is not None
-                # Swaps the certificates as its last step, and only when
-                # every file is good.
-                certificates = self.store.reload(config.tls)
-            elif newStore is not None:
-                certificates = newStore.current
+            store, certificates = storeFor(config, self.store, reactor)
         except BaseException:
-            self._discard(runtime)
+            discard(runtime)
             if not reopen and accessLog is not None:
                 accessLog.close()
             raise
@@ -524,12 +482,7 @@ class EdgeService(MultiService):
             )
         self.config = config
         self.runtime = runtime
-        if newStore is not None:
-            self.store = newStore
-        elif config.tls is None:
-            # No TLS listener is left (the parser sees to it); ports still
-            # closing keep their own reference to the old store.
-            self.store = None
+        self.store = store
         if reopen:
             try:
                 if self.accessLog is not None:
@@ -549,7 +502,7 @@ class EdgeService(MultiService):
             # Served already; a pool whose checks did not start is still a
             # pool (its backends keep their initial state).
             log.failure("Starting the upstream pools of the new configuration failed")
-        self._retire(runtime.retiredFrom(previous))
+        self._retiring.retire(runtime.retiredFrom(previous), config.proxy.shutdown_timeout)
         log.info(
             "Reloaded {path}: {routes} route(s), {upstreams} upstream(s)"
             " ({kept} kept with their connections)",
@@ -562,45 +515,6 @@ class EdgeService(MultiService):
         if certificates is not None:
             self._logCertificates("Now serving", certificates)
         return Deferred.fromCoroutine(self._applyListeners(config))
-
-    def _discard(self, runtime: Runtime) -> None:
-        for name, pool in runtime.pools.items():
-            if name not in runtime.inherited:
-                pool.close()
-
-    def _accessLogFor(self, config: Config) -> tuple[AccessLog | None, bool]:
-        """
-        The access log the new configuration asks for, opened now.
-
-        @return: (the log, C{True} when it is the current one, to reopen).
-        @raise OSError: the new file cannot be opened.
-        """
-        old, new = self.config.proxy, config.proxy
-        if (old.access_log, old.access_log_format) == (new.access_log, new.access_log_format):
-            return self.accessLog, True
-        return AccessLog.fromSettings(new, self._reactor, stdout=self._accessLogStream), False
-
-    def _retire(self, pools: list[UpstreamPool]) -> None:
-        for pool in pools:
-            stopPool(pool)
-            closing = Deferred.fromCoroutine(self._closeWhenDone(pool))
-            self._retiring[closing] = pool
-            closing.addBoth(lambda _, closing=closing: self._retiring.pop(closing, None))
-
-    async def _closeWhenDone(self, pool: UpstreamPool) -> None:
-        reactor = self._reactor
-        deadline = reactor.seconds() + self.config.proxy.shutdown_timeout
-        try:
-            while poolInFlight(pool) > 0 and reactor.seconds() < deadline:
-                await deferLater(reactor, RETIRE_POLL_INTERVAL)
-        except CancelledError:
-            # Stopping: the drain closes it.
-            return
-        log.info("Upstream {upstream} of the previous configuration closed", upstream=pool.upstream.name)
-        try:
-            await pool.close()
-        except Exception:
-            log.failure("Closing upstream {upstream} failed", upstream=pool.upstream.name)
 
     async def _applyListeners(self, config: Config) -> None:
         await self.listeners.apply(config)
@@ -637,10 +551,7 @@ class EdgeService(MultiService):
         await children
         # Pools: the current runtime's and those of replaced runtimes still
         # waiting for their last requests.
-        pools = list(self.runtime.pools.values())
-        for closing, pool in list(self._retiring.items()):
-            closing.cancel()
-            pools.append(pool)
+        pools = list(self.runtime.pools.values()) + self._retiring.takeAll()
         await closePools(reactor, pools)
         # Last: /status and /metrics show the drain until it is over.
         await self._stopAdmin()

@@ -34,7 +34,6 @@ The supervisor also:
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import sys
@@ -54,6 +53,7 @@ from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, stopPool
+from edgeproxy.serve.reload import checked, discard, refused, storeFor
 from edgeproxy.serve.signals import ProcessSignals
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.store import CertificateStore
@@ -844,14 +844,10 @@ class Supervisor(MultiService):
 
         @return: whether the new configuration is in use.
         """
-        from edgeproxy.cli import EXIT_OK, check
         from edgeproxy.config import load
 
         path = self.config.path
-        problems = io.StringIO()
-        if check(path, out=io.StringIO(), err=problems, now=self.clock.seconds()) != EXIT_OK:
-            for problem in problems.getvalue().splitlines():
-                log.error("Reload refused, still serving the previous configuration: {problem}", problem=problem)
+        if not checked(path, self.clock.seconds(), log):
             return False
         try:
             config = load(path)
@@ -859,25 +855,15 @@ class Supervisor(MultiService):
                 config, self._reactor, metrics=self.metrics, activeChecks=True, previous=self.runtime
             )
         except (EdgeProxyError, OSError) as e:
-            log.error("Reload refused, still serving the previous configuration: {problem}", problem=str(e))
+            refused(log, e, path)
             return False
-        if config.tls is not None:
-            try:
-                if self.store is None:
-                    store = CertificateStore(config.tls, self._reactor)
-                    store.load()
-                    self.store = store
-                else:
-                    self.store.reload(config.tls)
-            except EdgeProxyError as e:
-                # The workers refuse the reload for the same reason.
-                log.error("Reload refused, still serving the previous configuration: {problem}", problem=str(e))
-                for name, pool in runtime.pools.items():
-                    if name not in runtime.inherited:
-                        pool.close()
-                return False
-        else:
-            self.store = None
+        try:
+            self.store, _ = storeFor(config, self.store, self._reactor)
+        except (EdgeProxyError, OSError) as e:
+            # The workers refuse the reload for the same reason.
+            refused(log, e, path)
+            discard(runtime)
+            return False
         previous, self.runtime = self.runtime, runtime
         self._observe(runtime, skip=runtime.inherited)
         runtime.start()
