@@ -25,11 +25,12 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Config, Listener
+from edgeproxy.errors import StartupError
 from edgeproxy.serve.sites import connectionsOf, inFlightOf, reconfigureSite
 from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
 from edgeproxy.tls.transport import EdgeTLSTransport
 
-__all__ = ["LeanServer", "ListenerSet", "OpenListener", "formatAddress", "tlsServerFactory"]
+__all__ = ["AdminListener", "LeanServer", "ListenerSet", "OpenListener", "formatAddress", "tlsServerFactory"]
 
 # The lines of the single-process service: see edgeproxy.serve.service.
 log = Logger(namespace="edgeproxy.service")
@@ -293,6 +294,101 @@ class ListenerSet:
     def inFlight(self) -> int:
         """Requests in flight on every site of L{allSites}."""
         return sum(inFlightOf(site) for site in self.allSites())
+
+
+class AdminListener:
+    """
+    The admin listener of C{[edgeproxy] admin} (L{edgeproxy.admin}), if
+    configured: opened at start, where one that cannot listen stops the
+    start like a listener; followed on reload; closed last at stop, so that
+    C{/status} and C{/metrics} show the drain until it is over.
+
+    @ivar port: its listening port, while it listens.
+    """
+
+    def __init__(self, service: Any, reactor: Any, config: Callable[[], Config]) -> None:
+        """
+        @param service: what the admin site shows and acts on.
+        @param config: returns the configuration being served.
+        """
+        self._service = service
+        self._reactor = reactor
+        self._config = config
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+        self._endpoint: str | None = None
+
+    def start(self) -> None:
+        """
+        Listen on C{[edgeproxy] admin}, if set.
+
+        @raise StartupError: it cannot listen.
+        """
+        description = self._config().proxy.admin
+        if description is None or self._listening is not None:
+            return
+        from edgeproxy.admin import listenAdmin
+
+        path = self._config().path
+        failures: list[Failure] = []
+        self._endpoint = description
+        self._listening = listenAdmin(self._service, self._reactor, description)
+        self._listening.addCallbacks(self._listened, failures.append)
+        if failures:
+            raise StartupError(
+                f"{path}: [edgeproxy] admin {description!r}: cannot listen:"
+                f" {failures[0].getErrorMessage()}"
+            )
+        self._listening.addErrback(
+            lambda failure: log.error(
+                "{path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why}",
+                path=path, endpoint=description, why=failure.getErrorMessage(),
+            )
+        )
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        log.info("Admin listening on {address} (/status, /metrics)",
+                 address=formatAddress(port.getHost()))
+        return port
+
+    async def stop(self) -> None:
+        port, self.port = self.port, None
+        if port is not None:
+            await maybeDeferred(port.stopListening)
+
+    async def follow(self) -> None:
+        """
+        After a reload, follow a changed C{[edgeproxy] admin}: the old
+        listener is closed first (the new one may want the same port), then
+        the new one opened; one that cannot listen is logged and the proxy
+        serves on without an admin listener.  The token needs nothing: it is
+        read from the current configuration at each request.
+        """
+        config = self._config()
+        wanted = config.proxy.admin
+        if wanted == self._endpoint:
+            return
+        await self.stop()
+        self._listening = None
+        self._endpoint = None
+        if wanted is None:
+            log.info("Admin listener closed (no longer configured)")
+            return
+        from edgeproxy.admin import listenAdmin
+
+        self._endpoint = wanted
+        self._listening = listenAdmin(self._service, self._reactor, wanted)
+        try:
+            self._listened(await self._listening)
+        except Exception:
+            self._listening = None
+            self._endpoint = None
+            log.error(
+                "{path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why};"
+                " serving on without an admin listener",
+                path=config.path, endpoint=wanted, why=str(Failure().getErrorMessage()),
+            )
 
 
 def formatAddress(address: Any) -> str:

@@ -1,10 +1,18 @@
 # -*- test-case-name: tests.test_service -*-
 """
-The running proxy as one L{MultiService}: listeners, whole-configuration
-reload on C{SIGHUP}, the drain on C{SIGTERM} and the exit status, and the
-service manager notifications around each.
+L{EdgeService}: the running proxy as one L{MultiService}, composed of the
+modules of L{edgeproxy.serve}, each owning one job:
 
-Life cycle:
+  - the listening ports (L{edgeproxy.serve.listeners}), serving sites
+    built by L{edgeproxy.serve.sites} (the one module that knows the HTTP
+    server's classes);
+  - the signals (L{edgeproxy.serve.signals}): C{SIGHUP} reloads, C{SIGTERM}
+    drains and the process exits 0;
+  - the reload's validation and building (L{edgeproxy.serve.reload});
+  - the drain of connections and pools (L{edgeproxy.serve.drain}).
+
+This module owns the life cycle that orders them, the snapshot swap, and
+the service manager notifications around each step:
 
   - I{build} (L{EdgeService.__init__}): certificates are loaded and the
     L{Runtime} built, so a bad certificate or upstream stops the start before
@@ -23,12 +31,12 @@ Life cycle:
     access log) and the listeners opened or closed to match; C{READY=1}.
     An invalid configuration changes nothing.  See
     L{EdgeService.reloadConfiguration}.
-  - I{stop} (C{SIGTERM}, handled here so that a drain exits 0):
-    C{STOPPING=1}; ports closed at once; idle keep-alive connections closed
-    at once and busy ones closed after their current response; in-flight
-    requests (and upgraded tunnels) get C{shutdown_timeout} seconds, or
-    until a second C{SIGTERM}, then the remaining connections are aborted;
-    the upstream pools are stopped and closed last.
+  - I{stop} (C{SIGTERM}): C{STOPPING=1}; ports closed at once; idle
+    keep-alive connections closed at once and busy ones closed after their
+    current response; in-flight requests (and upgraded tunnels) get
+    C{shutdown_timeout} seconds, or until a second C{SIGTERM}, then the
+    remaining connections are aborted; the upstream pools are stopped and
+    closed last.
 
 Requests read the runtime through L{EdgeService.currentRuntime} once, when
 routed, so rebinding L{EdgeService.runtime} switches new requests only.
@@ -53,7 +61,7 @@ from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime
 from edgeproxy.serve.drain import closePools, drainConnections
-from edgeproxy.serve.listeners import ListenerSet, formatAddress
+from edgeproxy.serve.listeners import AdminListener, ListenerSet
 from edgeproxy.serve.reload import RetiringPools, accessLogFor, checked, discard, refused, storeFor
 from edgeproxy.serve.signals import ProcessSignals
 from edgeproxy.serve.sites import makeSite, useAccessLog
@@ -78,9 +86,10 @@ class EdgeService(MultiService):
     @ivar runtime: The current L{Runtime}; rebinding it switches every new
         request to another one.
     @ivar metrics: The process's L{Metrics}.
-    @ivar sites: The L{EdgeSite} of each open listener, in configuration
-        order.
-    @ivar ports: The listening ports, in the same order, once listening.
+    @ivar listeners: The open listeners (L{ListenerSet}).
+    @ivar admin: The admin listener (L{AdminListener}).
+    @ivar signals: The process signals (L{ProcessSignals}), installed only
+        with C{installSignalHandlers}.
     @ivar ready: Fires with the list of ports when every listener listens.
     @ivar exitCode: 1 once a start-up failure stopped the process.
     """
@@ -138,9 +147,7 @@ class EdgeService(MultiService):
         self.exitCode = 0
         self.metrics = metrics if metrics is not None else Metrics()
         self.startedAt = reactor.seconds()
-        self.adminPort: IListeningPort | None = None
-        self._admin: Deferred[IListeningPort] | None = None
-        self._adminEndpoint: str | None = None
+        self.admin = AdminListener(self, reactor, lambda: self.config)
         from edgeproxy.admin import stateSamples
 
         # The gauges of /metrics are read from this service at each scrape.
@@ -180,6 +187,11 @@ class EdgeService(MultiService):
         """The listening ports, in the same order, once listening."""
         return self.listeners.ports
 
+    @property
+    def adminPort(self) -> IListeningPort | None:
+        """The admin listener's port, while it listens."""
+        return self.admin.port
+
     # Start
 
     def privilegedStartService(self) -> None:
@@ -206,8 +218,11 @@ class EdgeService(MultiService):
             self.signals.installHangup()
         try:
             self._listen()
-            self._startAdmin()
+            self.admin.start()
         except StartupError as e:
+            # Bound synchronously, as tcp:, ssl:, unix: and systemd: all
+            # are: the ports that did open are closed.
+            self.listeners.closeAll()
             self.signals.restoreHangup()
             # One clear line rather than a traceback through twistd: the
             # exception leaves privilegedStartService, twistd exits 1 before
@@ -220,77 +235,6 @@ class EdgeService(MultiService):
             self.currentRuntime, listener, self._reactor, accessLog=self.accessLog, metrics=self.metrics
         )
 
-    def _startAdmin(self) -> None:
-        """
-        Open the admin listener of C{[edgeproxy] admin}, if configured (see
-        L{edgeproxy.admin}).  Like a listener, one that cannot listen stops
-        the start.
-        """
-        description = self.config.proxy.admin
-        if description is None or self._admin is not None:
-            return
-        from edgeproxy.admin import listenAdmin
-
-        failures: list[Failure] = []
-        self._adminEndpoint = description
-        self._admin = listenAdmin(self, self._reactor, description)
-        self._admin.addCallbacks(self._adminListening, failures.append)
-        if failures:
-            self.listeners.closeAll()
-            raise StartupError(
-                f"{self.config.path}: [edgeproxy] admin {description!r}: cannot listen:"
-                f" {failures[0].getErrorMessage()}"
-            )
-        self._admin.addErrback(
-            lambda failure: log.error(
-                "{path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why}",
-                path=self.config.path, endpoint=description, why=failure.getErrorMessage(),
-            )
-        )
-
-    def _adminListening(self, port: IListeningPort) -> IListeningPort:
-        self.adminPort = port
-        log.info("Admin listening on {address} (/status, /metrics)",
-                 address=formatAddress(port.getHost()))
-        return port
-
-    async def _stopAdmin(self) -> None:
-        port, self.adminPort = self.adminPort, None
-        if port is not None:
-            await maybeDeferred(port.stopListening)
-
-    async def _reloadAdmin(self) -> None:
-        """
-        After a reload, follow a changed C{[edgeproxy] admin}: the old
-        listener is closed first (the new one may want the same port), then
-        the new one opened; one that cannot listen is logged and the proxy
-        serves on without an admin listener.  The token needs nothing: it is
-        read from the current configuration at each request.
-        """
-        wanted = self.config.proxy.admin
-        if wanted == self._adminEndpoint:
-            return
-        await self._stopAdmin()
-        self._admin = None
-        self._adminEndpoint = None
-        if wanted is None:
-            log.info("Admin listener closed (no longer configured)")
-            return
-        from edgeproxy.admin import listenAdmin
-
-        self._adminEndpoint = wanted
-        self._admin = listenAdmin(self, self._reactor, wanted)
-        try:
-            self._adminListening(await self._admin)
-        except Exception:
-            self._admin = None
-            self._adminEndpoint = None
-            log.error(
-                "{path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why};"
-                " serving on without an admin listener",
-                path=self.config.path, endpoint=wanted, why=str(Failure().getErrorMessage()),
-            )
-
     def _listen(self) -> None:
         if self._listening is not None:
             return
@@ -301,8 +245,6 @@ class EdgeService(MultiService):
         failures: list[Failure] = []
         self._listening.addCallbacks(self._listened, failures.append)
         if failures:
-            # Bound synchronously, as tcp:, ssl:, unix: and systemd: all are.
-            self.listeners.closeAll()
             raise StartupError(self.listeners.describeFailure(failures[0]))
         if not self._listening.called:
             self._listening.addErrback(self._failedLater)
@@ -518,7 +460,7 @@ class EdgeService(MultiService):
 
     async def _applyListeners(self, config: Config) -> None:
         await self.listeners.apply(config)
-        await self._reloadAdmin()
+        await self.admin.follow()
 
     # Stop
 
@@ -554,7 +496,7 @@ class EdgeService(MultiService):
         pools = list(self.runtime.pools.values()) + self._retiring.takeAll()
         await closePools(reactor, pools)
         # Last: /status and /metrics show the drain until it is over.
-        await self._stopAdmin()
+        await self.admin.stop()
         if self.accessLog is not None:
             self.accessLog.close()
         if self.exitCode == 0:
