@@ -35,16 +35,14 @@ The supervisor also:
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON, globalLogPublisher
+from twisted.internet.protocol import Factory
+from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 import edgeproxy
@@ -55,10 +53,11 @@ from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, stopPool
 from edgeproxy.serve.reload import checked, discard, refused, storeFor
 from edgeproxy.serve.signals import ProcessSignals
+from edgeproxy.serve.workerprocess import WorkerProcess, describeExit
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.store import CertificateStore
 from edgeproxy.upstream.backend import Backend
-from edgeproxy.workers import ControlChannel, NoAnswer, mergeExpositions
+from edgeproxy.workers import NoAnswer, mergeExpositions
 
 # The namespace operators see and filter on ("[edgeproxy.supervisor#info]", docs/operations.rst):
 # it names the job, and stays when the module moves.
@@ -104,170 +103,6 @@ NOT_SUMMED = frozenset({
 """Families of C{/metrics} taken from one process (the supervisor, else the
 first worker that has them) instead of summed; see
 L{edgeproxy.workers.mergeExpositions}."""
-
-RECORD_SEPARATOR = "\x1e"
-"""Starts each JSON log event a worker writes on its standard error
-(C{jsonFileLogObserver}); other lines are plain output."""
-
-
-def _describeExit(reason: Failure) -> str:
-    value = reason.value
-    signalNumber = getattr(value, "signal", None)
-    if signalNumber is not None:
-        try:
-            name = signal.Signals(signalNumber).name
-        except ValueError:
-            name = str(signalNumber)
-        return f"killed by signal {signalNumber} ({name})"
-    return f"exited with status {getattr(value, 'exitCode', None)}"
-
-
-class _ToWorker:
-    """
-    The transport of the supervisor's end of a control channel: the
-    worker's standard input (a process transport is not a stream transport
-    on its own: it has no C{disconnecting}).
-    """
-
-    disconnecting = False
-
-    def __init__(self, process: Any) -> None:
-        self._process = process
-
-    def write(self, data: bytes) -> None:
-        self._process.writeToChild(0, data)
-
-    def writeSequence(self, data: list[bytes]) -> None:
-        self._process.writeToChild(0, b"".join(data))
-
-    def loseConnection(self) -> None:
-        self.disconnecting = True
-        self._process.closeChildFD(0)
-
-
-class WorkerProcess(ProcessProtocol):
-    """
-    One running worker process, seen from the supervisor: its control
-    channel and its output, which becomes the supervisor's log.
-
-    @ivar number: the worker's slot, from 1.
-    @ivar channel: the control channel to the worker.
-    @ivar ready: whether the worker reported C{READY=1} since it started.
-    @ivar ended: fires with the exit reason when the process is gone.
-    """
-
-    def __init__(
-        self,
-        supervisor: Supervisor,
-        number: int,
-        controlFd: int,
-        publisher: ILogObserver,
-    ) -> None:
-        self.supervisor = supervisor
-        self.number = number
-        self.controlFd = controlFd
-        self.publisher = publisher
-        self.channel = ControlChannel(self._controlMessage, supervisor.clock, f"worker {number}")
-        self.ready = False
-        self.reloading = False
-        self.startedAt = supervisor.clock.seconds()
-        self.pid: int | None = None
-        self.ended: Deferred[BaseException] = Deferred()
-        self._partial: dict[int, bytes] = {1: b"", 2: b""}
-
-    # Process events --------------------------------------------------------
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
-        self.channel.makeConnection(_ToWorker(self.transport))
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == self.controlFd:
-            self.channel.dataReceived(data)
-            return
-        if childFD not in self._partial:
-            return
-        buffered = self._partial[childFD] + data
-        *lines, rest = buffered.split(b"\n")
-        # A line with no end in sight is logged in pieces rather than kept
-        # growing.
-        if len(rest) > 65536:
-            lines.append(rest)
-            rest = b""
-        self._partial[childFD] = rest
-        for line in lines:
-            self._outputLine(childFD, line)
-
-    def childConnectionLost(self, childFD: int) -> None:
-        if childFD == self.controlFd:
-            self.channel.connectionLost(None)
-        elif childFD in self._partial and self._partial[childFD]:
-            self._outputLine(childFD, self._partial[childFD])
-            self._partial[childFD] = b""
-
-    def processEnded(self, reason: Failure) -> None:
-        for fd in (1, 2):
-            if self._partial[fd]:
-                self._outputLine(fd, self._partial[fd])
-                self._partial[fd] = b""
-        if self.channel.connected:
-            self.channel.connectionLost(None)
-        self.supervisor.workerEnded(self, reason)
-        # The exception, not the Failure: a Deferred fired with a Failure
-        # fails, and nobody has to handle an exit as an error.
-        self.ended.callback(reason.value)
-
-    # What the worker says ----------------------------------------------------
-
-    def _outputLine(self, fd: int, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
-        tag = f"worker {self.number}"
-        if fd == 2 and text.startswith(RECORD_SEPARATOR):
-            try:
-                event = eventFromJSON(text[len(RECORD_SEPARATOR):])
-            except ValueError:
-                event = None
-            if isinstance(event, dict):
-                level = event.get("log_level")
-                levelName = getattr(level, "name", "info")
-                event["log_system"] = f"{tag} {event.get('log_namespace', '-')}#{levelName}"
-                event["edgeproxy_worker"] = self.number
-                self.publisher(event)
-                return
-        if not text:
-            return
-        # Plain output: the access log (access_log = -) on stdout,
-        # tracebacks and interpreter messages on stderr.
-        Logger(namespace="edgeproxy.worker", observer=self.publisher).emit(
-            LogLevel.info if fd == 1 else LogLevel.warn,
-            "{line}",
-            line=text,
-            log_system=tag,
-            edgeproxy_worker=self.number,
-        )
-
-    def _controlMessage(self, message: dict[str, Any]) -> None:
-        if message["op"] == "notify":
-            fields = message.get("fields")
-            if isinstance(fields, dict):
-                self.supervisor.workerNotified(self, {str(k): str(v) for k, v in fields.items()})
-        else:
-            log.warn(
-                "worker {number}: unexpected control message {op}, ignored",
-                number=self.number,
-                op=message["op"],
-            )
-
-    def send(self, message: dict[str, Any]) -> None:
-        self.channel.send(message)
-
-    def signal(self, name: str) -> None:
-        """Send a signal (C{"TERM"}, C{"HUP"}, C{"KILL"}) if still running."""
-        try:
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
-        except (ProcessExitedAlready, OSError):
-            pass
-
 
 class _NoConnections(Factory):
     """The factory of the supervisor's own copies of the listening ports,
@@ -613,14 +448,14 @@ class Supervisor(MultiService):
             self._retiring.discard(worker)
             if self.workers.get(number) is worker:
                 del self.workers[number]
-            log.info("worker {number} (pid {pid}) {how}", number=number, pid=worker.pid, how=_describeExit(reason))
+            log.info("worker {number} (pid {pid}) {how}", number=number, pid=worker.pid, how=describeExit(reason))
             return
         if self.workers.get(number) is worker:
             del self.workers[number]
         timer = self._readyTimers.pop(number, None)
         if timer is not None and timer.active():
             timer.cancel()
-        how = _describeExit(reason)
+        how = describeExit(reason)
         if self._stopping is not None:
             log.info("worker {number} (pid {pid}) {how}", number=number, pid=worker.pid, how=how)
             return
