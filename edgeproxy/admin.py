@@ -365,7 +365,7 @@ class AdminResource(Resource):
             if segments == ["status"]:
                 self._allow(request, b"GET", b"HEAD")
                 # A workers' supervisor asks its workers first (see
-                # edgeproxy.supervisor): the answer comes later.
+                # edgeproxy.serve.aggregate): the answer comes later.
                 aggregate = getattr(self.service, "aggregateStatus", None)
                 if aggregate is not None:
                     return self._later(

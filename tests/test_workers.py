@@ -26,6 +26,7 @@ from twisted.logger import LogLevel, eventAsJSON, formatEvent, formatEventAsClas
 from twisted.python.failure import Failure
 
 import edgeproxy
+from edgeproxy.serve import aggregate
 from edgeproxy.serve import supervisor as supervisorModule
 from edgeproxy.config import load
 from edgeproxy.config.model import (
@@ -689,7 +690,7 @@ def test_aWorkerThatDoesNotAnswerIsLeftOut(harness: Harness) -> None:
     harness.supervisor.aggregateMetrics().addCallback(result.append)
     _answer(harness.latest(1), "metrics", text=one.exposition().decode())
     assert result == []
-    harness.reactor.advance(supervisorModule.ASK_TIMEOUT)
+    harness.reactor.advance(aggregate.ASK_TIMEOUT)
     [text] = result
     assert text.startswith(b"# edgeproxy: 1 of 2 workers answered; missing: worker 2\n")
     assert samplesOf(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 1

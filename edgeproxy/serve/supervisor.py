@@ -51,13 +51,14 @@ from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, stopPool
+from edgeproxy.serve.aggregate import aggregateMetrics, aggregateStatus
+from edgeproxy.serve.listeners import formatAddress
 from edgeproxy.serve.reload import checked, discard, refused, storeFor
 from edgeproxy.serve.signals import ProcessSignals
 from edgeproxy.serve.workerprocess import WorkerProcess, describeExit
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.store import CertificateStore
 from edgeproxy.upstream.backend import Backend
-from edgeproxy.workers import NoAnswer, mergeExpositions
 
 # The namespace operators see and filter on ("[edgeproxy.supervisor#info]", docs/operations.rst):
 # it names the job, and stays when the module moves.
@@ -84,25 +85,6 @@ counted as a failed start)."""
 STOP_MARGIN = 5.0
 """Seconds a worker gets beyond C{shutdown_timeout} to exit on SIGTERM
 before it is killed."""
-
-ASK_TIMEOUT = 1.0
-"""Seconds a worker has to answer a C{status} or C{metrics} question of the
-admin listener; a worker that does not is left out, and the answer says so."""
-
-NOT_SUMMED = frozenset({
-    # The supervisor decides backend states (and counts their changes);
-    # the workers only mirror them.
-    "edgeproxy_backend_state",
-    "edgeproxy_backend_transitions",
-    # One per process, or the same in every process.
-    "edgeproxy_info",
-    "edgeproxy_start_time_seconds",
-    "edgeproxy_certificate_expiry_timestamp_seconds",
-    "edgeproxy_reloads",
-})
-"""Families of C{/metrics} taken from one process (the supervisor, else the
-first worker that has them) instead of summed; see
-L{edgeproxy.workers.mergeExpositions}."""
 
 class _NoConnections(Factory):
     """The factory of the supervisor's own copies of the listening ports,
@@ -283,7 +265,7 @@ class Supervisor(MultiService):
         port.stopReading()
         log.info(
             "Listening on {address} for [listen:{name}] (served by {count} workers)",
-            address=_formatAddress(port.getHost()),
+            address=formatAddress(port.getHost()),
             name=listener.name,
             count=self.count,
         )
@@ -309,7 +291,7 @@ class Supervisor(MultiService):
                 f"{self.config.path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why}"
             )
         self._adminPort = ports[0]
-        log.info("Admin listener on {address}", address=_formatAddress(self._adminPort.getHost()))
+        log.info("Admin listener on {address}", address=formatAddress(self._adminPort.getHost()))
 
     def _inherited(self) -> list[tuple[str, int]]:
         """(listener name, the supervisor's fd) in the order handed over."""
@@ -548,66 +530,13 @@ class Supervisor(MultiService):
 
     # What the admin listener shows ---------------------------------------------
 
-    def _askAll(self, op: str) -> Deferred[tuple[dict[int, dict[str, Any]], list[int]]]:
-        """
-        Ask every worker; fires with (worker number -> answer, numbers of
-        the workers that did not answer within L{ASK_TIMEOUT}).
-        """
-        numbers = list(range(1, self.count + 1))
-        questions = []
-        for number in numbers:
-            worker = self.workers.get(number)
-            if worker is None or not worker.ready:
-                questions.append(_failed(NoAnswer(f"worker {number} is not running")))
-            else:
-                questions.append(worker.channel.ask(op, ASK_TIMEOUT))
-
-        def collect(results: list[tuple[bool, Any]]) -> tuple[dict[int, dict[str, Any]], list[int]]:
-            answers: dict[int, dict[str, Any]] = {}
-            missing: list[int] = []
-            for number, (ok, result) in zip(numbers, results):
-                if ok:
-                    answers[number] = result
-                else:
-                    missing.append(number)
-            return answers, missing
-
-        return DeferredList(questions, consumeErrors=True).addCallback(collect)
-
     def aggregateMetrics(self) -> Deferred[bytes]:
-        """
-        C{GET /metrics} of the instance: every worker's series summed with
-        the supervisor's own (see L{NOT_SUMMED}), and a comment line naming
-        the workers that did not answer in time.
-        """
-
-        def merge(result: tuple[dict[int, dict[str, Any]], list[int]]) -> bytes:
-            answers, missing = result
-            texts = [str(a.get("text", "")) for _, a in sorted(answers.items())]
-            merged = mergeExpositions(self.metrics.exposition(), texts, NOT_SUMMED)
-            header = f"# edgeproxy: {len(answers)} of {self.count} workers answered".encode()
-            if missing:
-                header += b"; missing: " + ", ".join(f"worker {n}" for n in missing).encode()
-            return header + b"\n" + merged
-
-        return self._askAll("metrics").addCallback(merge)
+        """C{GET /metrics} of the instance (L{edgeproxy.serve.aggregate})."""
+        return aggregateMetrics(self)
 
     def aggregateStatus(self, now: float | None = None) -> Deferred[dict[str, Any]]:
-        """
-        C{GET /status} of the instance: the supervisor's backend states
-        with the workers' requests in flight summed in, the listeners with
-        the workers' connections, and one entry per worker process
-        (C{worker_processes}; C{workers_missing} lists those that did not
-        answer in time).
-        """
-        from edgeproxy.admin import statusDocument
-
-        def build(result: tuple[dict[int, dict[str, Any]], list[int]]) -> dict[str, Any]:
-            answers, missing = result
-            document = statusDocument(self, now)
-            return combineStatus(document, self, answers, missing)
-
-        return self._askAll("status").addCallback(build)
+        """C{GET /status} of the instance (L{edgeproxy.serve.aggregate})."""
+        return aggregateStatus(self, now)
 
     def _forceWorkers(self) -> None:
         # A second signal is passed on: each worker's own second signal
@@ -826,58 +755,6 @@ def _verdict(upstream: str, backend: Backend) -> dict[str, Any]:
     }
 
 
-def _failed(error: Exception) -> Deferred[Any]:
-    failed: Deferred[Any] = Deferred()
-    failed.errback(error)
-    return failed
-
-
-def combineStatus(
-    document: dict[str, Any],
-    supervisor: Supervisor,
-    answers: dict[int, dict[str, Any]],
-    missing: list[int],
-) -> dict[str, Any]:
-    """
-    Complete the supervisor's C{/status} C{document} with what the
-    workers answered (see L{Supervisor.aggregateStatus}).
-    """
-    statuses = {number: answer.get("status") or {} for number, answer in answers.items()}
-    listeners = []
-    for listener in supervisor.config.listeners:
-        port = supervisor.ports.get(listener.name)
-        listeners.append({
-            "name": listener.name,
-            "endpoint": listener.endpoint,
-            "tls": listener.tls,
-            "address": None if port is None else _formatAddress(port.getHost()),
-            "connections": sum(int(s.get("connections", {}).get(listener.name, 0)) for s in statuses.values()),
-            "in_flight": sum(int(s.get("listeners_in_flight", {}).get(listener.name, 0)) for s in statuses.values()),
-        })
-    document["listeners"] = listeners
-    for name, upstream in document.get("upstreams", {}).items():
-        for entry in upstream.get("backends", []):
-            entry["in_flight"] = sum(
-                int(s.get("backends", {}).get(name, {}).get(entry["address"], 0))
-                for s in statuses.values()
-            )
-    processes = []
-    for number in range(1, supervisor.count + 1):
-        worker = supervisor.workers.get(number)
-        status = statuses.get(number)
-        processes.append({
-            "worker": number,
-            "pid": None if worker is None else worker.pid,
-            "ready": bool(worker is not None and worker.ready),
-            "answered": status is not None,
-            "connections": None if status is None else sum(status.get("connections", {}).values()),
-            "in_flight": None if status is None else status.get("in_flight"),
-        })
-    document["worker_processes"] = processes
-    document["workers_missing"] = sorted(missing)
-    return document
-
-
 async def _within(clock: Any, waiting: Deferred[Any], timeout: float) -> None:
     """Wait for C{waiting}, at most C{timeout} seconds (never fails)."""
     done: Deferred[None] = Deferred()
@@ -886,11 +763,3 @@ async def _within(clock: Any, waiting: Deferred[Any], timeout: float) -> None:
     await done
     if timer.active():
         timer.cancel()
-
-
-def _formatAddress(address: Any) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None or port is None:
-        return str(getattr(address, "name", address))
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
