@@ -40,22 +40,19 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
-import edgeproxy
 from edgeproxy.accesslog import AccessLog
-from edgeproxy.config.model import Config, Listener
+from edgeproxy.config.model import Config
 from edgeproxy.errors import EdgeProxyError, StartupError
 from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, stopPool
 from edgeproxy.serve.aggregate import aggregateMetrics, aggregateStatus
-from edgeproxy.serve.listeners import formatAddress
+from edgeproxy.serve.heldsockets import HeldSockets
 from edgeproxy.serve.reload import checked, discard, refused, storeFor
 from edgeproxy.serve.signals import ProcessSignals
-from edgeproxy.serve.workerprocess import WorkerProcess, describeExit
+from edgeproxy.serve.workerprocess import WorkerProcess, describeExit, workerCommand
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.store import CertificateStore
 from edgeproxy.upstream.backend import Backend
@@ -86,20 +83,6 @@ STOP_MARGIN = 5.0
 """Seconds a worker gets beyond C{shutdown_timeout} to exit on SIGTERM
 before it is killed."""
 
-class _NoConnections(Factory):
-    """The factory of the supervisor's own copies of the listening ports,
-    which never accept (the workers do)."""
-
-    noisy = False
-
-    def logPrefix(self) -> str:
-        # Twisted logs "<prefix> starting on <port>" for every port.
-        return "supervisor (for the workers)"
-
-    def buildProtocol(self, addr: Any) -> None:
-        return None
-
-
 class Supervisor(MultiService):
     """
     The supervising process of C{workers > 1}.
@@ -129,7 +112,7 @@ class Supervisor(MultiService):
         self._installSignalHandlers = installSignalHandlers
         self._publisher = publisher
         self._executable = executable
-        self.ports: dict[str, Any] = {}
+        self.sockets = HeldSockets(reactor, lambda: self.config, self)
         self.workers: dict[int, WorkerProcess] = {}
         self._failures: dict[int, int] = {}
         self._startFailures: dict[int, int] = {}
@@ -174,7 +157,6 @@ class Supervisor(MultiService):
         self.runtime = Runtime.build(config, reactor, metrics=self.metrics, activeChecks=True)
         self._observe(self.runtime)
         self._runtimeStarted = False
-        self._adminPort: Any = None
         from edgeproxy.admin import stateSamples
 
         self.metrics.setStateSource(lambda: stateSamples(self))
@@ -182,6 +164,11 @@ class Supervisor(MultiService):
     def currentRuntime(self) -> Runtime:
         """The runtime whose pools hold the backend states (no listener)."""
         return self.runtime
+
+    @property
+    def ports(self) -> dict[str, Any]:
+        """Listener name -> the supervisor's own listening port."""
+        return self.sockets.ports
 
     @property
     def sites(self) -> list[Any]:
@@ -220,132 +207,25 @@ class Supervisor(MultiService):
         if self.ports:
             return
         try:
-            self._openSockets()
-            self._openAdmin()
+            self.sockets.openAll()
+            self.sockets.openAdmin()
         except StartupError as e:
             log.critical("{message}; exiting", message=str(e))
             raise SystemExit(1) from e
 
-    def _openSockets(self) -> None:
-        """
-        Listen on every listener's endpoint (see L{_openSocket}); if one
-        cannot, close the others and raise.
-        """
-        for listener in self.config.listeners:
-            try:
-                self.ports[listener.name] = self._openSocket(listener)
-            except StartupError:
-                for port in self.ports.values():
-                    port.stopListening()
-                self.ports = {}
-                raise
-
-    def _openSocket(self, listener: Listener) -> Any:
-        """
-        Listen on C{listener}'s endpoint, as a single process would, then
-        stop reading from the port: the socket stays open for the workers
-        to inherit, and the kernel queues connections for them.
-
-        @raise StartupError: it cannot listen.
-        """
-        failures: list[Failure] = []
-        ports: list[Any] = []
-        try:
-            endpoint = serverFromString(self._reactor, listener.endpoint)
-            maybeDeferred(endpoint.listen, _NoConnections()).addCallbacks(ports.append, failures.append)
-        except Exception:
-            failures.append(Failure())
-        if failures or not ports:
-            why = failures[0].getErrorMessage() if failures else "listen() did not complete"
-            raise StartupError(
-                f"{self.config.path}: [listen:{listener.name}] endpoint "
-                f"{listener.endpoint!r}: cannot listen: {why}"
-            )
-        port = ports[0]
-        port.stopReading()
-        log.info(
-            "Listening on {address} for [listen:{name}] (served by {count} workers)",
-            address=formatAddress(port.getHost()),
-            name=listener.name,
-            count=self.count,
-        )
-        return port
-
-    def _openAdmin(self) -> None:
-        """The admin listener, in this process only (never in a worker)."""
-        endpoint = self.config.proxy.admin
-        if endpoint is None or self._adminPort is not None:
-            return
-        from edgeproxy.admin import listenAdmin
-
-        failures: list[Failure] = []
-        ports: list[Any] = []
-        listenAdmin(self, self._reactor, endpoint).addCallbacks(ports.append, failures.append)
-        if failures or not ports:
-            # Bound synchronously, as tcp:, unix: and systemd: all are.
-            for port in self.ports.values():
-                port.stopListening()
-            self.ports = {}
-            why = failures[0].getErrorMessage() if failures else "listen() did not complete"
-            raise StartupError(
-                f"{self.config.path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why}"
-            )
-        self._adminPort = ports[0]
-        log.info("Admin listener on {address}", address=formatAddress(self._adminPort.getHost()))
-
-    def _inherited(self) -> list[tuple[str, int]]:
-        """(listener name, the supervisor's fd) in the order handed over."""
-        return [(name, port.fileno()) for name, port in self.ports.items()]
-
-    def workerEnvironment(self) -> dict[str, str]:
-        """
-        The environment of a worker: the supervisor's, without what only
-        the supervisor may use (C{NOTIFY_SOCKET}, its own C{LISTEN_*}),
-        with C{LISTEN_FDS}/C{LISTEN_FDNAMES} describing the inherited
-        sockets (the worker sets C{LISTEN_PID} to itself) and this
-        C{edgeproxy} package first on the path.
-        """
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
-        }
-        inherited = self._inherited()
-        env["LISTEN_FDS"] = str(len(inherited))
-        env["LISTEN_FDNAMES"] = ":".join(name for name, _ in inherited)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(edgeproxy.__file__)))
-        existing = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = root if not existing else os.pathsep.join([root, existing])
-        return env
-
     def _spawn(self, number: int) -> None:
         self._restarts.pop(number, None)
-        inherited = self._inherited()
-        controlFd = 3 + len(inherited)
-        childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r", controlFd: "r"}
-        for index, (_, fd) in enumerate(inherited):
-            childFDs[3 + index] = fd
-        worker = WorkerProcess(self, number, controlFd, self._publisher)
-        args = [
-            self._executable,
-            "-m",
-            "edgeproxy.worker",
-            "--config",
-            self.config.path,
-            "--number",
-            str(number),
-            "--control",
-            str(controlFd),
-        ]
+        command = workerCommand(self._executable, self.config.path, number, self.sockets.inherited())
+        worker = WorkerProcess(self, number, command.controlFd, self._publisher)
         self.workers[number] = worker
         try:
             self._reactor.spawnProcess(
                 worker,
                 self._executable,
-                args,
-                env=self.workerEnvironment(),
+                command.args,
+                env=command.env,
                 path=os.getcwd(),
-                childFDs=childFDs,
+                childFDs=command.childFDs,
             )
         except Exception as e:
             del self.workers[number]
@@ -635,45 +515,11 @@ class Supervisor(MultiService):
             stopPool(pool)
             pool.close()
         old, self.config = self.config, config
-        self._reloadListeners(old, config)
-        if old.proxy.admin != config.proxy.admin:
-            self._reopenAdmin()
+        if self.sockets.reload(old, config):
+            self._socketsChanged = True
         if config.proxy.workers != old.proxy.workers:
             self._resize(old.proxy.workers, config.proxy.workers)
         return True
-
-    def _reloadListeners(self, old: Config, new: Config) -> None:
-        before = {listener.name: listener for listener in old.listeners}
-        after = {listener.name: listener for listener in new.listeners}
-        for name in before:
-            if name not in after and name in self.ports:
-                self.ports.pop(name).stopListening()
-                log.info("Closed [listen:{name}] (no longer configured)", name=name)
-        for name, listener in after.items():
-            previous = before.get(name)
-            if previous is not None and previous.endpoint == listener.endpoint and name in self.ports:
-                continue
-            try:
-                port = self._openSocket(listener)
-            except StartupError as e:
-                # As in a single process: the rest of the configuration is
-                # served; a listener that moved keeps its old socket.
-                log.error("{message}; the rest of the configuration is served", message=str(e))
-                continue
-            replaced = self.ports.pop(name, None)
-            if replaced is not None:
-                replaced.stopListening()
-            self.ports[name] = port
-            self._socketsChanged = True
-
-    def _reopenAdmin(self) -> None:
-        port, self._adminPort = self._adminPort, None
-        if port is not None:
-            port.stopListening()
-        try:
-            self._openAdmin()
-        except StartupError as e:
-            log.error("{message}; no admin listener", message=str(e))
 
     def _resize(self, before: int, after: int) -> None:
         log.info("workers: {before} -> {after}", before=before, after=after)
@@ -712,12 +558,7 @@ class Supervisor(MultiService):
         log.info("Stopping: {count} worker(s) drain their requests", count=len(running))
         # The workers have their own copies: closing these makes the
         # kernel refuse connections once the last worker closed its own.
-        listening = list(self.ports.values())
-        if self._adminPort is not None:
-            listening.append(self._adminPort)
-            self._adminPort = None
-        await DeferredList([maybeDeferred(port.stopListening) for port in listening])
-        self.ports = {}
+        await self.sockets.closeAll()
         running += [worker for worker in self._retiring if worker not in running]
         for worker in running:
             worker.signal("TERM")

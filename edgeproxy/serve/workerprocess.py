@@ -1,10 +1,12 @@
 # -*- test-case-name: tests.test_workers -*-
 """
 L{WorkerProcess}: one worker process seen from its supervisor
-(L{edgeproxy.serve.supervisor}): the control channel over its standard
-input and a file descriptor of its own (L{edgeproxy.workers}), its signals,
-and its output, which becomes the supervisor's log, each line tagged with
-the worker's number (C{[worker 2 edgeproxy.service#info]}).
+(L{edgeproxy.serve.supervisor}): how it is started (L{workerCommand}: it
+inherits the listening sockets the way systemd hands them over), the
+control channel over its standard input and a file descriptor of its own
+(L{edgeproxy.workers}), its signals, and its output, which becomes the
+supervisor's log, each line tagged with the worker's number
+(C{[worker 2 edgeproxy.service#info]}).
 
 What the worker says (C{notify}: its C{READY=1}, its errors) and that it
 ended are handed to the supervisor (L{Supervising}), which decides what
@@ -13,7 +15,10 @@ follows (readiness, restart).
 
 from __future__ import annotations
 
+import os
 import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -22,9 +27,17 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import ILogObserver, Logger, LogLevel, eventFromJSON
 from twisted.python.failure import Failure
 
+import edgeproxy
 from edgeproxy.workers import ControlChannel
 
-__all__ = ["RECORD_SEPARATOR", "Supervising", "WorkerProcess", "describeExit"]
+__all__ = [
+    "RECORD_SEPARATOR",
+    "Supervising",
+    "WorkerCommand",
+    "WorkerProcess",
+    "describeExit",
+    "workerCommand",
+]
 
 # The supervisor's lines: see edgeproxy.serve.supervisor.
 log = Logger(namespace="edgeproxy.supervisor")
@@ -56,6 +69,63 @@ def describeExit(reason: Failure) -> str:
             name = str(signalNumber)
         return f"killed by signal {signalNumber} ({name})"
     return f"exited with status {getattr(value, 'exitCode', None)}"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCommand:
+    """How one worker process is started."""
+
+    args: list[str]
+    env: dict[str, str]
+    childFDs: dict[int, int | str]
+    """Its file descriptors: standard input (the supervisor writes the
+    control channel there), output and error (read for the log), the
+    inherited sockets from 3 on, then its end of the control channel."""
+    controlFd: int
+
+
+def workerCommand(
+    executable: str,
+    path: str,
+    number: int,
+    inherited: list[tuple[str, int]],
+    environ: Mapping[str, str] = os.environ,
+) -> WorkerCommand:
+    """
+    The command, descriptors and environment of worker C{number}.
+
+    The environment is the supervisor's, without what only the supervisor
+    may use (C{NOTIFY_SOCKET}, its own C{LISTEN_*}, the watchdog), with
+    C{LISTEN_FDS}/C{LISTEN_FDNAMES} describing the inherited sockets the
+    way systemd does (the worker sets C{LISTEN_PID} to itself) and this
+    C{edgeproxy} package first on the path.
+
+    @param path: the configuration file the worker reads.
+    @param inherited: (listener name, the supervisor's descriptor), in the
+        order they are handed over.
+    """
+    controlFd = 3 + len(inherited)
+    childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r", controlFd: "r"}
+    for index, (_, fd) in enumerate(inherited):
+        childFDs[3 + index] = fd
+    args = [
+        executable, "-m", "edgeproxy.worker",
+        "--config", path,
+        "--number", str(number),
+        "--control", str(controlFd),
+    ]
+    env = {key: value for key, value in environ.items() if key not in _SUPERVISOR_ONLY}
+    env["LISTEN_FDS"] = str(len(inherited))
+    env["LISTEN_FDNAMES"] = ":".join(name for name, _ in inherited)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(edgeproxy.__file__)))
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = root if not existing else os.pathsep.join([root, existing])
+    return WorkerCommand(args, env, childFDs, controlFd)
+
+
+_SUPERVISOR_ONLY = frozenset({
+    "NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
+})
 
 
 class _ToWorker:
