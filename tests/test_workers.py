@@ -601,6 +601,62 @@ def test_aBrokenFileIsRefusedBySupervisorAndWorkersAlike(harness: Harness) -> No
     assert refusals and "shutdown_timeout" in refusals[0]
 
 
+def test_anAdminListenerThatCannotListenStopsTheStart(tmp_path: Path, receiver: Receiver) -> None:
+    from twisted.internet.error import CannotListenError
+
+    harness = Harness(tmp_path, receiver)
+    harness.path.write_text(harness.path.read_text().replace(
+        "access_log = off", "access_log = off\nadmin = tcp:9999:interface=127.0.0.1"))
+    harness.supervisor = Supervisor(load(str(harness.path)), harness.reactor, installSignalHandlers=False)
+    listenTCP = harness.reactor.listenTCP
+
+    def refuseAdmin(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        if port == 9999:
+            raise CannotListenError(interface, port, OSError("address in use"))
+        return listenTCP(port, factory, backlog, interface)
+
+    harness.reactor.listenTCP = refuseAdmin  # type: ignore[method-assign]
+    with pytest.raises(SystemExit) as exited:
+        harness.supervisor.privilegedStartService()
+    assert exited.value.code == 1
+    assert len(harness.reactor.ports) == 2 and all(port.stopped for port in harness.reactor.ports)
+    assert harness.supervisor.ports == {}
+
+
+def test_anAdminListenerThatCannotListenAfterAReloadLeavesTheSocketsAlone(harness: Harness) -> None:
+    """
+    At start, an admin listener that cannot listen stops everything; after a
+    reload it is only logged: the listening sockets the workers inherit stay
+    open (a worker started later still gets them).
+    """
+    from twisted.internet.error import CannotListenError
+
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    held = dict(harness.supervisor.ports)
+
+    def refuse(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        raise CannotListenError(interface, port, OSError("address in use"))
+
+    harness.reactor.listenTCP = refuse  # type: ignore[method-assign]
+    harness.path.write_text(harness.path.read_text().replace(
+        "access_log = off", "access_log = off\nadmin = tcp:9999:interface=127.0.0.1"))
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        assert harness.supervisor.reloadOwnView() is True
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert any("cannot listen" in line and line.endswith("; no admin listener") for line in lines), lines
+    assert harness.supervisor.ports == held
+    assert not any(port.stopped for port in held.values())
+    harness.latest(1).end(ProcessTerminated(signal=9))
+    harness.reactor.advance(supervisorModule.MAX_RESTART_DELAY)
+    assert harness.latest(1).env["LISTEN_FDNAMES"] == "web:other"
+
+
 def test_stopDrainsTheWorkers(harness: Harness, receiver: Receiver) -> None:
     harness.start()
     for number in (1, 2):

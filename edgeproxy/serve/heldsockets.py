@@ -73,19 +73,20 @@ class HeldSockets:
 
     def openAll(self) -> None:
         """
-        Listen on every listener's endpoint (see L{openOne}); if one
-        cannot, close the others and raise.
+        Listen on every listener's endpoint (see L{openOne}) and on the
+        admin listener's; if one cannot, close the others and raise.
 
         @raise StartupError: a listener cannot listen.
         """
-        for listener in self._config().listeners:
-            try:
+        try:
+            for listener in self._config().listeners:
                 self.ports[listener.name] = self.openOne(listener)
-            except StartupError:
-                for port in self.ports.values():
-                    port.stopListening()
-                self.ports = {}
-                raise
+            self.openAdmin()
+        except StartupError:
+            for port in self.ports.values():
+                port.stopListening()
+            self.ports = {}
+            raise
 
     def openOne(self, listener: Listener) -> Any:
         """
@@ -121,7 +122,9 @@ class HeldSockets:
 
     def openAdmin(self) -> None:
         """
-        The admin listener, in this process only (never in a worker).
+        The admin listener, in this process only (never in a worker).  One
+        that cannot listen closes nothing else: at start L{openAll} stops
+        everything, after a reload the workers serve on without it.
 
         @raise StartupError: it cannot listen.
         """
@@ -136,9 +139,6 @@ class HeldSockets:
         listenAdmin(self._service, self._reactor, endpoint).addCallbacks(ports.append, failures.append)
         if failures or not ports:
             # Bound synchronously, as tcp:, unix: and systemd: all are.
-            for port in self.ports.values():
-                port.stopListening()
-            self.ports = {}
             why = failures[0].getErrorMessage() if failures else "listen() did not complete"
             raise StartupError(
                 f"{config.path}: [edgeproxy] admin {endpoint!r}: cannot listen: {why}"

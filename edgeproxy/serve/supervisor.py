@@ -208,7 +208,6 @@ class Supervisor(MultiService):
             return
         try:
             self.sockets.openAll()
-            self.sockets.openAdmin()
         except StartupError as e:
             log.critical("{message}; exiting", message=str(e))
             raise SystemExit(1) from e
