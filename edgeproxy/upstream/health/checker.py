@@ -1,406 +1,50 @@
 # -*- test-case-name: tests.test_health -*-
 """
-Backend health: the state transitions of every backend, the active health
-checker and passive ejection.
+The active health checks: L{HealthChecker} sends C{GET health_path} to every
+backend of one upstream every C{health_interval} (with jitter) over the same
+kind of connection as traffic, and turns C{rise}/C{fall} runs of results
+into verdicts, applied with L{edgeproxy.upstream.health.state.transition}.
 
-  - L{transition} is the only way a L{Backend}'s state changes, whoever
-    decides it (a health verdict, an admin action, a supervisor's verdict
-    in workers mode): it logs, counts, starts slow start and tells the
-    pool's observers.
-  - L{HealthChecker} sends C{GET health_path} to every backend of one
-    upstream every C{health_interval} (with jitter) over the same kind of
-    connection as traffic, and turns C{rise}/C{fall} runs of results into
-    verdicts.
-  - L{PassiveHealth} counts the failures of real traffic and ejects a
-    backend for C{eject_time} (doubling on repeated ejection, capped at
-    C{eject_max_time}) after C{max_fails} within C{fail_window}.
-  - L{availability} is the predicate the balancer picks by: up and not
-    ejected, or unknown while no backend of the upstream is up (fail open
-    at start, before the first checks answered).
-
-Health and administration are kept apart: a backend's health verdict
-(C{unknown}, C{up}, C{down}) is remembered in C{backend.extra["health"]}
-even while an administrative state (C{draining}, C{disabled}) is what it
-shows, so L{enable} can put it back where its health says.
+This module owns the checks' I/O: the request (L{checkRequest},
+L{checkHost}), reading the response head (L{_HeadReader}), the timeout, and
+the words a failed check is described with (L{describeFailure}).
 """
 
 from __future__ import annotations
 
 import random
-from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol as _Protocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Upstream
-from edgeproxy.metrics import Metrics
 from edgeproxy.upstream.backend import Backend, BackendState, CheckResult
+from edgeproxy.upstream.health.state import (
+    _HEALTH,
+    ADMIN_STATES,
+    Pool,
+    formatSeconds,
+    healthState,
+    initialState,
+    metricsOf,
+    notifyObservers,
+    transition,
+)
 
-__all__ = [
-    "HEALTH_STATES",
-    "ADMIN_STATES",
-    "HealthChecker",
-    "PassiveHealth",
-    "availability",
-    "checkHost",
-    "checkRequest",
-    "describeFailure",
-    "enable",
-    "healthState",
-    "initialState",
-    "transition",
-]
+__all__ = ["BadResponse", "HealthChecker", "checkHost", "checkRequest", "describeFailure"]
 
-log = Logger()
-
-HEALTH_STATES = frozenset({BackendState.UNKNOWN, BackendState.UP, BackendState.DOWN})
-"""States a health verdict sets."""
-
-ADMIN_STATES = frozenset({BackendState.DRAINING, BackendState.DISABLED})
-"""States only an administrator (or the C{down} server option) sets; health
-verdicts never move a backend out of them."""
-
-_HEALTH = "health"
-"""C{backend.extra} key of the last health verdict (a L{BackendState})."""
+# One namespace for the lines of backend health, whichever module says them.
+log = Logger(namespace="edgeproxy.upstream.health")
 
 MAX_HEAD = 16 * 1024
 """The most bytes of a check's response head read before giving up."""
-
-
-class _Pool(Protocol):
-    """What this module uses of an L{edgeproxy.upstream.pool.UpstreamPool}."""
-
-    upstream: Upstream
-    backends: tuple[Backend, ...]
-    metrics: Metrics
-    observers: list[Callable[[Backend], None]]
-
-    def endpointFor(self, server: Backend) -> IStreamClientEndpoint: ...
-
-
-# Transitions -------------------------------------------------------------------
-
-
-def initialState(upstream: Upstream) -> BackendState:
-    """
-    @return: the state a new backend of C{upstream} starts in: L{UP
-        <BackendState.UP>} without active checks or with C{health_initial =
-        up}, else L{UNKNOWN <BackendState.UNKNOWN>}.
-    """
-    if upstream.health_path is None or upstream.health_initial == "up":
-        return BackendState.UP
-    return BackendState.UNKNOWN
-
-
-def healthState(pool: _Pool, backend: Backend) -> BackendState:
-    """
-    @return: what health says of C{backend}, whatever it shows: its last
-        verdict, else L{initialState}; always L{UP <BackendState.UP>} for an
-        upstream without active checks.
-    """
-    if pool.upstream.health_path is None:
-        return BackendState.UP
-    verdict = backend.extra.get(_HEALTH)
-    if isinstance(verdict, BackendState):
-        return verdict
-    return initialState(pool.upstream)
-
-
-def transition(
-    pool: _Pool,
-    backend: Backend,
-    state: BackendState,
-    reason: str,
-    *,
-    health: bool = False,
-    logged: bool = True,
-) -> None:
-    """
-    Move C{backend} to C{state}: the only way a backend's state changes.
-
-    Logs one line (upstream, backend, old and new state, reason), counts
-    C{edgeproxy_backend_transitions}, starts slow start when the backend
-    becomes available again, then calls every C{pool.observers} callable
-    with the backend.  Nothing of that happens when the state is unchanged
-    (only C{backend.reason} is updated).
-
-    @param state: the new state.  A health state (C{unknown}, C{up},
-        C{down}) is also remembered as the backend's health verdict.
-    @param reason: why, for the log and C{/status}.
-    @param health: C{True} for the verdicts of this process's own health
-        checks: they do not move a backend out of an administrative state
-        (C{draining}, C{disabled}), they are only remembered for L{enable}.
-        Everything else (an admin action, a supervisor's verdict) is
-        authoritative.
-    @param logged: C{False} for a verdict a supervisor decided and logged
-        already: a worker applying it would repeat the line once per worker.
-    """
-    if state in HEALTH_STATES:
-        backend.extra[_HEALTH] = state
-        if health and backend.state in ADMIN_STATES:
-            log.debug(
-                "upstream {upstream} backend {backend} health {verdict} ({reason}), "
-                "stays {state}",
-                upstream=pool.upstream.name,
-                backend=backend.address,
-                verdict=state.value,
-                reason=reason,
-                state=backend.state.value,
-            )
-            return
-    old = backend.state
-    backend.reason = reason
-    if old is state:
-        return
-    backend.state = state
-    if logged:
-        emit = log.warn if state is BackendState.DOWN else log.info
-        emit(
-            "upstream {upstream} backend {backend}: {old} -> {new} ({reason})",
-            upstream=pool.upstream.name,
-            backend=backend.address,
-            old=old.value,
-            new=state.value,
-            reason=reason,
-        )
-    metrics = _metrics(pool)
-    if metrics is not None:
-        metrics.backendTransition(pool.upstream.name, backend.address, state.value)
-    # "Becomes available again": a first verdict (from unknown) is not a
-    # recovery; an upstream starting up has nothing to protect it from.
-    if state is BackendState.UP and old is not BackendState.UNKNOWN:
-        backend.startSlowStart(pool.upstream.slow_start)
-    if state is BackendState.UP and old is BackendState.DOWN:
-        # Health checks have seen it recover since whatever got it
-        # ejected (Envoy's successful_active_health_check_uneject_host).
-        passive = getattr(pool, "passive", None)
-        if isinstance(passive, PassiveHealth):
-            passive.readmit(backend, reason)
-    _notify(pool, backend)
-
-
-def _metrics(pool: _Pool) -> Metrics | None:
-    # A pool-like object without metrics (a test's, an older pool) still
-    # gets its transitions; it just is not counted.
-    return getattr(pool, "metrics", None)
-
-
-def _notify(pool: _Pool, backend: Backend) -> None:
-    for observer in list(getattr(pool, "observers", ())):
-        try:
-            observer(backend)
-        except Exception:
-            # One broken observer must not stop the others nor the caller
-            # (a health check or an admin request).
-            log.failure(
-                "observer {observer} failed for backend {backend}",
-                observer=observer,
-                backend=backend.address,
-            )
-
-
-def enable(pool: _Pool, backend: Backend, reason: str = "admin: enable") -> None:
-    """
-    The admin action C{enable}: end C{draining} or C{disabled} and show
-    what health says (L{healthState}).  A backend in a health state is left
-    alone.
-    """
-    if backend.state in ADMIN_STATES:
-        transition(pool, backend, healthState(pool, backend), reason)
-
-
-def availability(pool: _Pool) -> Callable[[Backend], bool]:
-    """
-    The balancer's predicate for C{pool}'s backends (its C{available=}).
-
-    A backend is available when it is up and not ejected.  An unknown
-    backend (not checked yet) is available, unless ejected, only while no
-    backend of the upstream is up and not ejected: at start every backend
-    is unknown for the few milliseconds the first checks take, and they all
-    take traffic rather than none; once one has passed, the unknown ones
-    wait for their own verdict.
-    """
-
-    def available(backend: Backend) -> bool:
-        if backend.ejectedUntil is not None:
-            return False
-        state = backend.state
-        if state is BackendState.UP:
-            return True
-        if state is not BackendState.UNKNOWN:
-            return False
-        for other in pool.backends:
-            if other.state is BackendState.UP and other.ejectedUntil is None:
-                return False
-        return True
-
-    return available
-
-
-# Passive health ---------------------------------------------------------------
-
-_FAILURES = "passive.failures"
-_STREAK = "passive.streak"
-_LAST_END = "passive.lastEnd"
-_LAST_LENGTH = "passive.lastLength"
-
-
-class PassiveHealth:
-    """
-    Ejection of backends by the results of real traffic (C{max_fails}
-    failures within C{fail_window}).
-
-    Never ejects the last backend of an upstream that could take traffic:
-    failures counted from traffic may come from the requests themselves (a
-    C{fail_status} a bad request provokes), and turning a partial failure
-    into every request getting 503 helps nobody (Envoy's
-    C{max_ejection_percent} and nginx's reset of an all-failed upstream do
-    the same).  The active checker still takes such a backend down.
-    """
-
-    def __init__(self, pool: _Pool, clock: IReactorTime) -> None:
-        self._pool = pool
-        self._clock = clock
-        self._timers: dict[Backend, IDelayedCall] = {}
-
-    def failure(self, backend: Backend, reason: str) -> None:
-        """
-        A request to C{backend} failed: connect failure, reset, timeout,
-        unparseable response.
-        """
-        upstream = self._pool.upstream
-        if upstream.max_fails <= 0 or backend.ejectedUntil is not None:
-            return
-        if backend.state not in (BackendState.UP, BackendState.UNKNOWN):
-            return  # takes no new requests anyway: an in-flight one ending
-        now = self._clock.seconds()
-        failures = backend.extra.get(_FAILURES)
-        if not isinstance(failures, deque):
-            failures = backend.extra[_FAILURES] = deque()
-        failures.append(now)
-        while failures and failures[0] <= now - upstream.fail_window:
-            failures.popleft()
-        if len(failures) < upstream.max_fails:
-            return
-        failures.clear()
-        if not self._othersAvailable(backend):
-            log.warn(
-                "upstream {upstream} backend {backend}: {count} failures within "
-                "{window} (last: {reason}), not ejected: it is the last "
-                "available backend",
-                upstream=upstream.name,
-                backend=backend.address,
-                count=upstream.max_fails,
-                window=_seconds(upstream.fail_window),
-                reason=reason,
-            )
-            return
-        self._eject(backend, now, reason)
-
-    def responded(self, backend: Backend, status: int) -> None:
-        """
-        C{backend} answered a response head with C{status}: a failure when
-        C{status} is in C{fail_status}.
-        """
-        if status in self._pool.upstream.fail_status:
-            self.failure(backend, f"status {status}")
-
-    def readmit(self, backend: Backend, why: str) -> None:
-        """
-        End C{backend}'s ejection now (L{transition} does when health
-        checks bring it back up); nothing when it is not ejected.
-        """
-        if backend.ejectedUntil is None:
-            return
-        timer = self._timers.pop(backend, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._readmit(backend, why)
-
-    def stop(self) -> None:
-        """Cancel the timers ending ejections (a retired pool)."""
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
-
-    def _othersAvailable(self, backend: Backend) -> bool:
-        return any(
-            other is not backend
-            and other.ejectedUntil is None
-            and other.state in (BackendState.UP, BackendState.UNKNOWN)
-            for other in self._pool.backends
-        )
-
-    def _eject(self, backend: Backend, now: float, reason: str) -> None:
-        upstream = self._pool.upstream
-        lastEnd = backend.extra.get(_LAST_END)
-        lastLength = backend.extra.get(_LAST_LENGTH)
-        streak = 0
-        if isinstance(lastEnd, float) and isinstance(lastLength, float):
-            # "Without a healthy period in between": back in service for
-            # less time than it was last kept out.
-            if now - lastEnd < lastLength:
-                streak = int(backend.extra.get(_STREAK, 0)) + 1  # type: ignore[call-overload]
-        length = float(upstream.eject_time)
-        for _ in range(streak):
-            if length >= upstream.eject_max_time:
-                break
-            length *= 2
-        length = min(length, max(upstream.eject_max_time, upstream.eject_time))
-        backend.extra[_STREAK] = streak
-        backend.extra[_LAST_LENGTH] = length
-        backend.ejectedUntil = now + length
-        backend.ejections += 1
-        metrics = _metrics(self._pool)
-        if metrics is not None:
-            metrics.ejected(upstream.name, backend.address)
-        log.warn(
-            "upstream {upstream} backend {backend} ejected for {length}: {count} "
-            "failures within {window}, last: {reason}",
-            upstream=upstream.name,
-            backend=backend.address,
-            length=_seconds(length),
-            count=upstream.max_fails,
-            window=_seconds(upstream.fail_window),
-            reason=reason,
-        )
-        self._timers[backend] = self._clock.callLater(length, self._readmit, backend)
-
-    def _readmit(self, backend: Backend, why: str | None = None) -> None:
-        self._timers.pop(backend, None)
-        backend.ejectedUntil = None
-        backend.extra[_LAST_END] = float(self._clock.seconds())
-        backend.startSlowStart(self._pool.upstream.slow_start)
-        if why is None:
-            log.info(
-                "upstream {upstream} backend {backend}: ejection over after {length}",
-                upstream=self._pool.upstream.name,
-                backend=backend.address,
-                length=_seconds(float(backend.extra.get(_LAST_LENGTH, 0.0))),  # type: ignore[arg-type]
-            )
-        else:
-            log.info(
-                "upstream {upstream} backend {backend}: ejection ended early ({why})",
-                upstream=self._pool.upstream.name,
-                backend=backend.address,
-                why=why,
-            )
-
-
-# Active health checks ------------------------------------------------------------
-
-
-def _seconds(value: float) -> str:
-    return f"{value:g}s"
 
 
 def checkHost(upstream: Upstream, backend: Backend) -> str:
@@ -445,7 +89,7 @@ def describeFailure(failure: Failure, timeout: float) -> str:
     """
     value = failure.value
     if failure.check(TimeoutError):
-        return f"timeout after {_seconds(timeout)}"
+        return f"timeout after {formatSeconds(timeout)}"
     if failure.check(BadResponse):
         return str(value)
     if failure.check(netError.ConnectionRefusedError):
@@ -574,7 +218,7 @@ class HealthChecker:
     """
 
     def __init__(
-        self, reactor: Any, pool: _Pool, rng: random.Random | None = None
+        self, reactor: Any, pool: Pool, rng: random.Random | None = None
     ) -> None:
         """
         @param reactor: provides C{IReactorTime} (and is what the pool's
@@ -646,7 +290,7 @@ class HealthChecker:
             # told to observers, so workers hear it like any state.
             backend.state = initial
             backend.reason = "not checked yet"
-            _notify(self._pool, backend)
+            notifyObservers(self._pool, backend)
 
     # One check -------------------------------------------------------------
 
@@ -730,7 +374,7 @@ class HealthChecker:
     def _record(self, backend: Backend, track: _Track, result: CheckResult) -> None:
         upstream = self._pool.upstream
         backend.lastCheck = result
-        metrics = _metrics(self._pool)
+        metrics = metricsOf(self._pool)
         if metrics is not None:
             metrics.healthChecked(upstream.name, backend.address, result.ok)
         verdict = healthState(self._pool, backend)
