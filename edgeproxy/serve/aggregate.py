@@ -14,6 +14,7 @@ A worker that does not answer in time is left out, and the answer says so.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -29,12 +30,19 @@ __all__ = ["ASK_TIMEOUT", "NOT_SUMMED", "aggregateMetrics", "aggregateStatus", "
 class Supervised(Protocol):
     """What this module reads of an L{edgeproxy.serve.supervisor.Supervisor}."""
 
-    config: Config
-    metrics: Metrics
-    ports: dict[str, Any]
-    """Listener name -> the supervisor's own listening port."""
-    workers: dict[int, Any]
-    """Slot number -> the running L{edgeproxy.serve.workerprocess.WorkerProcess}."""
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def ports(self) -> Mapping[str, Any]:
+        """Listener name -> the supervisor's own listening port."""
+
+    @property
+    def workers(self) -> Mapping[int, Any]:
+        """Slot number -> the running L{edgeproxy.serve.workerprocess.WorkerProcess}."""
 
     @property
     def count(self) -> int: ...
