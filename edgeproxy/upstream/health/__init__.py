@@ -2,6 +2,10 @@
 Backend health: the state of every backend of an upstream, and what
 changes it.
 
+  - L{rules <edgeproxy.upstream.health.rules>}: the rules as pure
+    functions (the state transition, the rise/fall verdict of active
+    checks, passive ejection), returning the next state and the effects
+    to apply.
   - L{state <edgeproxy.upstream.health.state>}: L{transition} (the only
     way a backend's state changes), L{PassiveHealth} (ejection by the
     failures of real traffic), L{availability} (the balancer's predicate:
@@ -16,10 +20,8 @@ state (C{draining}, C{disabled}) is what it shows, so L{enable} can put it
 back where its health says.
 """
 
+from edgeproxy.upstream.health.rules import ADMIN_STATES, HEALTH_STATES, initialState
 from edgeproxy.upstream.health.state import (
-    ADMIN_STATES,
-    HEALTH_STATES,
-    initialState,
     PassiveHealth,
     availability,
     enable,

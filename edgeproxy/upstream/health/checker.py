@@ -2,8 +2,9 @@
 """
 The active health checks: L{HealthChecker} sends C{GET health_path} to every
 backend of one upstream every C{health_interval} (with jitter) over the same
-kind of connection as traffic, and turns C{rise}/C{fall} runs of results
-into verdicts, applied with L{edgeproxy.upstream.health.state.transition}.
+kind of connection as traffic, and hands each result to the rise/fall rule
+(L{edgeproxy.upstream.health.rules.judgeCheck}), whose verdicts it applies
+with L{edgeproxy.upstream.health.state.transition}.
 
 This module owns the checks' I/O: the request (L{checkRequest},
 L{checkHost}), reading the response head (L{_HeadReader}), the timeout, and
@@ -25,16 +26,23 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Upstream
-from edgeproxy.upstream.backend import Backend, BackendState, CheckResult
-from edgeproxy.upstream.health.state import (
-    _HEALTH,
+from edgeproxy.upstream.backend import Backend, CheckResult
+from edgeproxy.upstream.health.rules import (
     ADMIN_STATES,
+    CheckFailedWhileUp,
+    CheckRun,
+    Shown,
+    Verdict,
+    initialState,
+    judgeCheck,
+)
+from edgeproxy.upstream.health.state import (
     Pool,
     formatSeconds,
-    healthState,
-    initialState,
+    healthVerdictOf,
     metricsOf,
     notifyObservers,
+    rememberHealth,
     transition,
 )
 
@@ -279,10 +287,10 @@ class HealthChecker:
             running.cancel()
 
     def _initialise(self, backend: Backend) -> None:
-        if _HEALTH in backend.extra:
+        if healthVerdictOf(backend) is not None:
             return  # known from before (a restarted checker, a reload)
         initial = initialState(self._pool.upstream)
-        backend.extra[_HEALTH] = initial
+        rememberHealth(backend, initial)
         if backend.state not in ADMIN_STATES and backend.state is not initial:
             # Where checking starts, not a change of health: a pool makes its
             # backends up (right without checks), and a logged "up ->
@@ -377,45 +385,22 @@ class HealthChecker:
         metrics = metricsOf(self._pool)
         if metrics is not None:
             metrics.healthChecked(upstream.name, backend.address, result.ok)
-        verdict = healthState(self._pool, backend)
-        if result.ok:
-            track.passes += 1
-            track.fails = 0
-            if verdict is BackendState.UNKNOWN:
-                transition(self._pool, backend, BackendState.UP,
-                           f"first check passed: {result.detail}", health=True)
-            elif verdict is BackendState.DOWN and track.passes >= upstream.rise:
-                transition(self._pool, backend, BackendState.UP,
-                           f"{_count(track.passes, 'passing check')} in a row: "
-                           f"{result.detail}", health=True)
-        else:
-            track.fails += 1
-            track.passes = 0
-            if verdict is BackendState.UNKNOWN:
-                transition(self._pool, backend, BackendState.DOWN,
-                           f"first check failed: {result.detail}", health=True)
-            elif verdict is BackendState.UP and track.fails >= upstream.fall:
-                transition(self._pool, backend, BackendState.DOWN,
-                           f"{_count(track.fails, 'failed check')} in a row: "
-                           f"{result.detail}", health=True)
-        # A passing check is not logged: twistd shows every level, and a line
-        # per backend every interval would bury the lines that matter (state
-        # changes, above); /status and the metrics show every result.  A
-        # failing one is, so the log explains a coming "down".
-        if not result.ok and backend.state is BackendState.UP:
-            log.info(
-                "upstream {upstream} backend {backend} check failed"
-                " ({fails} of {fall}): {detail}",
-                upstream=upstream.name,
-                backend=backend.address,
-                fails=track.fails,
-                fall=upstream.fall,
-                detail=result.detail,
-            )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+        before = Shown(backend.state, healthVerdictOf(backend), backend.reason)
+        run, effects = judgeCheck(before, CheckRun(track.passes, track.fails), result, upstream)
+        track.passes, track.fails = run.passes, run.fails
+        for effect in effects:
+            if isinstance(effect, Verdict):
+                transition(self._pool, backend, effect.state, effect.reason, health=True)
+            elif isinstance(effect, CheckFailedWhileUp):
+                log.info(
+                    "upstream {upstream} backend {backend} check failed"
+                    " ({fails} of {fall}): {detail}",
+                    upstream=upstream.name,
+                    backend=backend.address,
+                    fails=effect.fails,
+                    fall=effect.fall,
+                    detail=effect.detail,
+                )
 
 
 class _OneProtocolFactory:

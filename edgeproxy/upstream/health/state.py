@@ -1,22 +1,25 @@
 # -*- test-case-name: tests.test_health -*-
 """
-Backend state changes and passive ejection.
+Backend state changes and passive ejection, applied: the effects the pure
+rules of L{edgeproxy.upstream.health.rules} decide, turned into log lines,
+metrics, slow starts, timers and calls to the pool's observers.
 
   - L{transition} is the only way a L{Backend}'s state changes, whoever
     decides it (a health verdict, an admin action, a supervisor's verdict
-    in workers mode): it logs, counts, starts slow start and tells the
-    pool's observers.
+    in workers mode).
   - L{PassiveHealth} counts the failures of real traffic and ejects a
-    backend for C{eject_time} (doubling on repeated ejection, capped at
-    C{eject_max_time}) after C{max_fails} within C{fail_window}.
-  - L{availability} is the predicate the balancer picks by: up and not
-    ejected, or unknown while no backend of the upstream is up (fail open
-    at start, before the first checks answered).
+    backend (L{edgeproxy.upstream.health.rules.judgeFailure}), and ends the
+    ejection with a timer, or early when health checks see it recover.
+  - L{availability} is the predicate the balancer picks by.
+
+What the rules remember of a backend is kept in C{backend.extra}: its last
+health verdict (even while an administrative state is what it shows, so
+L{enable} can put it back where its health says) and its
+L{EjectionState}.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -26,35 +29,46 @@ from twisted.logger import Logger
 from edgeproxy.config.model import Upstream
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream.backend import Backend, BackendState
+from edgeproxy.upstream.health.rules import (
+    ADMIN_STATES,
+    Effect,
+    Ejected,
+    EjectionOver,
+    EjectionState,
+    EndEjection,
+    Hidden,
+    KeptLastAvailable,
+    Moved,
+    Notify,
+    Shown,
+    SlowStart,
+    ejectionEnded,
+    initialState,
+    judgeFailure,
+    transitionRule,
+)
 
 __all__ = [
-    "ADMIN_STATES",
-    "HEALTH_STATES",
     "PassiveHealth",
     "Pool",
     "availability",
     "enable",
     "healthState",
-    "initialState",
     "transition",
 ]
 
 # One namespace for the lines of backend health, whichever module says them.
 log = Logger(namespace="edgeproxy.upstream.health")
 
-HEALTH_STATES = frozenset({BackendState.UNKNOWN, BackendState.UP, BackendState.DOWN})
-"""States a health verdict sets."""
-
-ADMIN_STATES = frozenset({BackendState.DRAINING, BackendState.DISABLED})
-"""States only an administrator (or the C{down} server option) sets; health
-verdicts never move a backend out of them."""
-
 _HEALTH = "health"
 """C{backend.extra} key of the last health verdict (a L{BackendState})."""
 
+_EJECTION = "passive"
+"""C{backend.extra} key of passive health's L{EjectionState}."""
+
 
 class Pool(Protocol):
-    """What this module uses of an L{edgeproxy.upstream.pool.UpstreamPool}."""
+    """What backend health uses of an L{edgeproxy.upstream.pool.UpstreamPool}."""
 
     upstream: Upstream
     backends: tuple[Backend, ...]
@@ -64,18 +78,22 @@ class Pool(Protocol):
     def endpointFor(self, server: Backend) -> IStreamClientEndpoint: ...
 
 
-# Transitions -------------------------------------------------------------------
+def formatSeconds(value: float) -> str:
+    return f"{value:g}s"
 
 
-def initialState(upstream: Upstream) -> BackendState:
-    """
-    @return: the state a new backend of C{upstream} starts in: L{UP
-        <BackendState.UP>} without active checks or with C{health_initial =
-        up}, else L{UNKNOWN <BackendState.UNKNOWN>}.
-    """
-    if upstream.health_path is None or upstream.health_initial == "up":
-        return BackendState.UP
-    return BackendState.UNKNOWN
+# What is remembered of a backend -------------------------------------------------
+
+
+def healthVerdictOf(backend: Backend) -> BackendState | None:
+    """The last health verdict of C{backend}, or L{None} before any."""
+    verdict = backend.extra.get(_HEALTH)
+    return verdict if isinstance(verdict, BackendState) else None
+
+
+def rememberHealth(backend: Backend, verdict: BackendState | None) -> None:
+    if verdict is not None:
+        backend.extra[_HEALTH] = verdict
 
 
 def healthState(pool: Pool, backend: Backend) -> BackendState:
@@ -86,10 +104,21 @@ def healthState(pool: Pool, backend: Backend) -> BackendState:
     """
     if pool.upstream.health_path is None:
         return BackendState.UP
-    verdict = backend.extra.get(_HEALTH)
-    if isinstance(verdict, BackendState):
-        return verdict
-    return initialState(pool.upstream)
+    verdict = healthVerdictOf(backend)
+    return verdict if verdict is not None else initialState(pool.upstream)
+
+
+def _ejectionOf(backend: Backend) -> EjectionState:
+    state = backend.extra.get(_EJECTION)
+    if not isinstance(state, EjectionState):
+        state = EjectionState()
+    # The backend's own field is what the balancer and /status read.
+    return state if state.until == backend.ejectedUntil else EjectionState(
+        state.failures, backend.ejectedUntil, state.streak, state.lastEnd, state.lastLength
+    )
+
+
+# Transitions -------------------------------------------------------------------
 
 
 def transition(
@@ -102,7 +131,8 @@ def transition(
     logged: bool = True,
 ) -> None:
     """
-    Move C{backend} to C{state}: the only way a backend's state changes.
+    Move C{backend} to C{state}: the only way a backend's state changes
+    (the rule: L{edgeproxy.upstream.health.rules.transitionRule}).
 
     Logs one line (upstream, backend, old and new state, reason), counts
     C{edgeproxy_backend_transitions}, starts slow start when the backend
@@ -110,59 +140,54 @@ def transition(
     with the backend.  Nothing of that happens when the state is unchanged
     (only C{backend.reason} is updated).
 
-    @param state: the new state.  A health state (C{unknown}, C{up},
-        C{down}) is also remembered as the backend's health verdict.
-    @param reason: why, for the log and C{/status}.
     @param health: C{True} for the verdicts of this process's own health
         checks: they do not move a backend out of an administrative state
         (C{draining}, C{disabled}), they are only remembered for L{enable}.
-        Everything else (an admin action, a supervisor's verdict) is
-        authoritative.
     @param logged: C{False} for a verdict a supervisor decided and logged
         already: a worker applying it would repeat the line once per worker.
     """
-    if state in HEALTH_STATES:
-        backend.extra[_HEALTH] = state
-        if health and backend.state in ADMIN_STATES:
-            log.debug(
-                "upstream {upstream} backend {backend} health {verdict} ({reason}), "
-                "stays {state}",
-                upstream=pool.upstream.name,
-                backend=backend.address,
-                verdict=state.value,
-                reason=reason,
-                state=backend.state.value,
-            )
-            return
-    old = backend.state
-    backend.reason = reason
-    if old is state:
-        return
-    backend.state = state
-    if logged:
-        emit = log.warn if state is BackendState.DOWN else log.info
-        emit(
-            "upstream {upstream} backend {backend}: {old} -> {new} ({reason})",
+    before = Shown(backend.state, healthVerdictOf(backend), backend.reason)
+    after, effects = transitionRule(before, state, reason, health=health)
+    rememberHealth(backend, after.health)
+    backend.state = after.state
+    backend.reason = after.reason
+    for effect in effects:
+        _apply(pool, backend, effect, reason, logged)
+
+
+def _apply(pool: Pool, backend: Backend, effect: Effect, reason: str, logged: bool) -> None:
+    if isinstance(effect, Hidden):
+        log.debug(
+            "upstream {upstream} backend {backend} health {verdict} ({reason}), "
+            "stays {state}",
             upstream=pool.upstream.name,
             backend=backend.address,
-            old=old.value,
-            new=state.value,
+            verdict=effect.verdict.value,
             reason=reason,
+            state=effect.shown.value,
         )
-    metrics = metricsOf(pool)
-    if metrics is not None:
-        metrics.backendTransition(pool.upstream.name, backend.address, state.value)
-    # "Becomes available again": a first verdict (from unknown) is not a
-    # recovery; an upstream starting up has nothing to protect it from.
-    if state is BackendState.UP and old is not BackendState.UNKNOWN:
+    elif isinstance(effect, Moved):
+        if logged:
+            emit = log.warn if effect.new is BackendState.DOWN else log.info
+            emit(
+                "upstream {upstream} backend {backend}: {old} -> {new} ({reason})",
+                upstream=pool.upstream.name,
+                backend=backend.address,
+                old=effect.old.value,
+                new=effect.new.value,
+                reason=reason,
+            )
+        metrics = metricsOf(pool)
+        if metrics is not None:
+            metrics.backendTransition(pool.upstream.name, backend.address, effect.new.value)
+    elif isinstance(effect, SlowStart):
         backend.startSlowStart(pool.upstream.slow_start)
-    if state is BackendState.UP and old is BackendState.DOWN:
-        # Health checks have seen it recover since whatever got it
-        # ejected (Envoy's successful_active_health_check_uneject_host).
+    elif isinstance(effect, EndEjection):
         passive = getattr(pool, "passive", None)
         if isinstance(passive, PassiveHealth):
             passive.readmit(backend, reason)
-    notifyObservers(pool, backend)
+    elif isinstance(effect, Notify):
+        notifyObservers(pool, backend)
 
 
 def metricsOf(pool: Pool) -> Metrics | None:
@@ -172,6 +197,7 @@ def metricsOf(pool: Pool) -> Metrics | None:
 
 
 def notifyObservers(pool: Pool, backend: Backend) -> None:
+    """Call every C{pool.observers} callable with C{backend}."""
     for observer in list(getattr(pool, "observers", ())):
         try:
             observer(backend)
@@ -225,23 +251,13 @@ def availability(pool: Pool) -> Callable[[Backend], bool]:
 
 # Passive health ---------------------------------------------------------------
 
-_FAILURES = "passive.failures"
-_STREAK = "passive.streak"
-_LAST_END = "passive.lastEnd"
-_LAST_LENGTH = "passive.lastLength"
-
 
 class PassiveHealth:
     """
     Ejection of backends by the results of real traffic (C{max_fails}
-    failures within C{fail_window}).
-
-    Never ejects the last backend of an upstream that could take traffic:
-    failures counted from traffic may come from the requests themselves (a
-    C{fail_status} a bad request provokes), and turning a partial failure
-    into every request getting 503 helps nobody (Envoy's
-    C{max_ejection_percent} and nginx's reset of an all-failed upstream do
-    the same).  The active checker still takes such a backend down.
+    failures within C{fail_window}; the rule:
+    L{edgeproxy.upstream.health.rules.judgeFailure}).  Never ejects the last
+    backend of an upstream that could take traffic.
     """
 
     def __init__(self, pool: Pool, clock: IReactorTime) -> None:
@@ -254,34 +270,15 @@ class PassiveHealth:
         A request to C{backend} failed: connect failure, reset, timeout,
         unparseable response.
         """
-        upstream = self._pool.upstream
-        if upstream.max_fails <= 0 or backend.ejectedUntil is not None:
-            return
-        if backend.state not in (BackendState.UP, BackendState.UNKNOWN):
-            return  # takes no new requests anyway: an in-flight one ending
-        now = self._clock.seconds()
-        failures = backend.extra.get(_FAILURES)
-        if not isinstance(failures, deque):
-            failures = backend.extra[_FAILURES] = deque()
-        failures.append(now)
-        while failures and failures[0] <= now - upstream.fail_window:
-            failures.popleft()
-        if len(failures) < upstream.max_fails:
-            return
-        failures.clear()
-        if not self._othersAvailable(backend):
-            log.warn(
-                "upstream {upstream} backend {backend}: {count} failures within "
-                "{window} (last: {reason}), not ejected: it is the last "
-                "available backend",
-                upstream=upstream.name,
-                backend=backend.address,
-                count=upstream.max_fails,
-                window=formatSeconds(upstream.fail_window),
-                reason=reason,
-            )
-            return
-        self._eject(backend, now, reason)
+        after, effects = judgeFailure(
+            _ejectionOf(backend),
+            backend.state,
+            self._othersAvailable(backend),
+            reason,
+            self._pool.upstream,
+            self._clock.seconds(),
+        )
+        self._keep(backend, after, effects)
 
     def responded(self, backend: Backend, status: int) -> None:
         """
@@ -318,61 +315,59 @@ class PassiveHealth:
             for other in self._pool.backends
         )
 
-    def _eject(self, backend: Backend, now: float, reason: str) -> None:
-        upstream = self._pool.upstream
-        lastEnd = backend.extra.get(_LAST_END)
-        lastLength = backend.extra.get(_LAST_LENGTH)
-        streak = 0
-        if isinstance(lastEnd, float) and isinstance(lastLength, float):
-            # "Without a healthy period in between": back in service for
-            # less time than it was last kept out.
-            if now - lastEnd < lastLength:
-                streak = int(backend.extra.get(_STREAK, 0)) + 1  # type: ignore[call-overload]
-        length = float(upstream.eject_time)
-        for _ in range(streak):
-            if length >= upstream.eject_max_time:
-                break
-            length *= 2
-        length = min(length, max(upstream.eject_max_time, upstream.eject_time))
-        backend.extra[_STREAK] = streak
-        backend.extra[_LAST_LENGTH] = length
-        backend.ejectedUntil = now + length
-        backend.ejections += 1
-        metrics = metricsOf(self._pool)
-        if metrics is not None:
-            metrics.ejected(upstream.name, backend.address)
-        log.warn(
-            "upstream {upstream} backend {backend} ejected for {length}: {count} "
-            "failures within {window}, last: {reason}",
-            upstream=upstream.name,
-            backend=backend.address,
-            length=formatSeconds(length),
-            count=upstream.max_fails,
-            window=formatSeconds(upstream.fail_window),
-            reason=reason,
-        )
-        self._timers[backend] = self._clock.callLater(length, self._readmit, backend)
-
     def _readmit(self, backend: Backend, why: str | None = None) -> None:
+        # The timer's call, or readmit's: the ejection ends now.
         self._timers.pop(backend, None)
-        backend.ejectedUntil = None
-        backend.extra[_LAST_END] = float(self._clock.seconds())
-        backend.startSlowStart(self._pool.upstream.slow_start)
-        if why is None:
-            log.info(
-                "upstream {upstream} backend {backend}: ejection over after {length}",
-                upstream=self._pool.upstream.name,
-                backend=backend.address,
-                length=formatSeconds(float(backend.extra.get(_LAST_LENGTH, 0.0))),  # type: ignore[arg-type]
-            )
-        else:
-            log.info(
-                "upstream {upstream} backend {backend}: ejection ended early ({why})",
-                upstream=self._pool.upstream.name,
-                backend=backend.address,
-                why=why,
-            )
+        after, effects = ejectionEnded(_ejectionOf(backend), self._clock.seconds(), why)
+        self._keep(backend, after, effects)
 
-
-def formatSeconds(value: float) -> str:
-    return f"{value:g}s"
+    def _keep(self, backend: Backend, after: EjectionState, effects: tuple[Effect, ...]) -> None:
+        """Remember C{after} and apply C{effects}."""
+        backend.extra[_EJECTION] = after
+        backend.ejectedUntil = after.until
+        upstream = self._pool.upstream
+        for effect in effects:
+            if isinstance(effect, Ejected):
+                backend.ejections += 1
+                metrics = metricsOf(self._pool)
+                if metrics is not None:
+                    metrics.ejected(upstream.name, backend.address)
+                log.warn(
+                    "upstream {upstream} backend {backend} ejected for {length}: {count} "
+                    "failures within {window}, last: {reason}",
+                    upstream=upstream.name,
+                    backend=backend.address,
+                    length=formatSeconds(effect.length),
+                    count=effect.count,
+                    window=formatSeconds(effect.window),
+                    reason=effect.reason,
+                )
+                self._timers[backend] = self._clock.callLater(effect.length, self._readmit, backend)
+            elif isinstance(effect, KeptLastAvailable):
+                log.warn(
+                    "upstream {upstream} backend {backend}: {count} failures within "
+                    "{window} (last: {reason}), not ejected: it is the last "
+                    "available backend",
+                    upstream=upstream.name,
+                    backend=backend.address,
+                    count=effect.count,
+                    window=formatSeconds(effect.window),
+                    reason=effect.reason,
+                )
+            elif isinstance(effect, SlowStart):
+                backend.startSlowStart(upstream.slow_start)
+            elif isinstance(effect, EjectionOver):
+                if effect.why is None:
+                    log.info(
+                        "upstream {upstream} backend {backend}: ejection over after {length}",
+                        upstream=upstream.name,
+                        backend=backend.address,
+                        length=formatSeconds(effect.length),
+                    )
+                else:
+                    log.info(
+                        "upstream {upstream} backend {backend}: ejection ended early ({why})",
+                        upstream=upstream.name,
+                        backend=backend.address,
+                        why=effect.why,
+                    )
