@@ -75,8 +75,6 @@ from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
 log = Logger(namespace="edgeproxy.service")
 
 
-
-
 class EdgeService(MultiService):
     """
     The proxy built from one L{Config}.
@@ -231,6 +229,9 @@ class EdgeService(MultiService):
             raise SystemExit(1) from e
 
     def _makeSite(self, listener: Listener) -> Any:
+        """The site C{listener}'s port serves, built by
+        L{edgeproxy.serve.sites.makeSite} from this service's runtime,
+        access log and metrics."""
         return makeSite(
             self.currentRuntime, listener, self._reactor, accessLog=self.accessLog, metrics=self.metrics
         )

@@ -83,13 +83,17 @@ STOP_MARGIN = 5.0
 """Seconds a worker gets beyond C{shutdown_timeout} to exit on SIGTERM
 before it is killed."""
 
+
 class Supervisor(MultiService):
     """
     The supervising process of C{workers > 1}.
 
     @ivar config: the configuration (its listeners' sockets are opened
         here; the workers read the same file).
-    @ivar ports: listener name -> the supervisor's own listening port.
+    @ivar sockets: the listening sockets the workers inherit, and the admin
+        listener (L{HeldSockets}).
+    @ivar signals: the process signals (L{ProcessSignals}), installed only
+        with C{installSignalHandlers}.
     @ivar workers: slot number -> the running worker process, if any.
     @ivar exitCode: 1 once a fatal problem stopped the supervisor.
     @ivar ready: fires once every worker reported itself ready.
@@ -416,6 +420,8 @@ class Supervisor(MultiService):
     def aggregateStatus(self, now: float | None = None) -> Deferred[dict[str, Any]]:
         """C{GET /status} of the instance (L{edgeproxy.serve.aggregate})."""
         return aggregateStatus(self, now)
+
+    # Signals and reload ----------------------------------------------------------
 
     def _forceWorkers(self) -> None:
         # A second signal is passed on: each worker's own second signal
