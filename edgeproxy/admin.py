@@ -9,7 +9,7 @@ C{/status} document, a documented API: C{docs/operations.rst}, "Admin
 API"), L{stateSamples} (the gauges of L{edgeproxy.metrics} read at scrape
 time from the same objects, so C{/status} and C{/metrics} cannot disagree)
 and L{AdminSite}, a small plain-HTTP C{twisted.web} site of its own (not an
-L{edgeproxy.http.site.EdgeSite}: no routing, no access log).
+L{edgeproxy.http.listener.ListenerFactory}: no routing, no access log).
 
 Both builders read the service through a few attributes only
 (C{config}, C{currentRuntime()}, C{sites}, C{ports}, C{store},
@@ -204,7 +204,7 @@ def certificateStatus(store: Any, now: float) -> list[dict[str, Any]]:
 def statusDocument(service: Any, now: float | None = None) -> dict[str, Any]:
     """
     The C{GET /status} document of C{service} (an
-    L{edgeproxy.service.EdgeService} or anything with the same attributes),
+    L{edgeproxy.serve.service.EdgeService} or anything with the same attributes),
     built from the live objects.  Its shape is documented in
     C{docs/operations.rst} ("Admin API").
 
@@ -365,7 +365,7 @@ class AdminResource(Resource):
             if segments == ["status"]:
                 self._allow(request, b"GET", b"HEAD")
                 # A workers' supervisor asks its workers first (see
-                # edgeproxy.supervisor): the answer comes later.
+                # edgeproxy.serve.aggregate): the answer comes later.
                 aggregate = getattr(self.service, "aggregateStatus", None)
                 if aggregate is not None:
                     return self._later(

@@ -170,3 +170,10 @@ class ServiceUnavailable(ProxyError):
     # Short: a backend can come back (or be re-enabled) within seconds, and a
     # longer hint would keep well-behaved clients away after it did.
     retryAfter = 5
+
+
+class StartupError(EdgeProxyError):
+    """
+    The proxy cannot start: a listener or the admin listener cannot listen,
+    or (with workers) a worker process cannot start.
+    """

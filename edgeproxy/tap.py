@@ -4,8 +4,8 @@ The twistd plugin's options and service maker: C{twistd --nodaemon
 --pidfile= edgeproxy --config edge.ini}.
 
 With C{[edgeproxy] workers = 1} the service is the proxy itself
-(L{edgeproxy.service.EdgeService}); with more, it is the
-L{edgeproxy.supervisor.Supervisor} of that many worker processes.  Either
+(L{edgeproxy.serve.service.EdgeService}); with more, it is the
+L{edgeproxy.serve.supervisor.Supervisor} of that many worker processes.  Either
 way the configuration is checked here first, so a bad file stops before any
 worker starts.
 
@@ -59,7 +59,7 @@ class Options(usage.Options):
 
         from edgeproxy.cli import EXIT_OK, check
         from edgeproxy.config import load
-        from edgeproxy.service import EdgeService
+        from edgeproxy.serve.service import EdgeService
 
         path = self["config"]
         self._useProcessLog()
@@ -70,7 +70,7 @@ class Options(usage.Options):
             config = load(path)
             logs.policy.configure(config.proxy.log_level, config.proxy.log_format)
             if config.proxy.workers > 1:
-                from edgeproxy.supervisor import Supervisor
+                from edgeproxy.serve.supervisor import Supervisor
 
                 # The workers build (and so check) the proxy themselves; the
                 # supervisor builds what it runs: health checks and admin.

@@ -3,7 +3,7 @@
 Process-wide runtime tuning of the proxy, applied once the process has
 started: the garbage collector, and how the reactor dispatches I/O events.
 
-Owns nothing else.  Called by L{edgeproxy.service.EdgeService.startService}
+Owns nothing else.  Called by L{edgeproxy.serve.service.EdgeService.startService}
 for the process's own service (the one that installs signal handlers: the
 single process under twistd, and each worker), never for a service a test
 builds, since it changes the whole interpreter.

@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_workers -*-
 """
 One worker process of C{workers > 1}: C{python -m edgeproxy.worker}, started
-by L{edgeproxy.supervisor.Supervisor} and nobody else.
+by L{edgeproxy.serve.supervisor.Supervisor} and nobody else.
 
-A worker is the single-process proxy (L{edgeproxy.service.EdgeService})
+A worker is the single-process proxy (L{edgeproxy.serve.service.EdgeService})
 with three differences:
   - its listeners adopt the sockets the supervisor opened, inherited at
     fds 3, 4, ... and named by C{LISTEN_FDNAMES}: every listener's endpoint
@@ -90,7 +90,7 @@ class WorkerAgent:
 
     def __init__(self, service: Any, number: int) -> None:
         """
-        @param service: the worker's L{edgeproxy.service.EdgeService}.
+        @param service: the worker's L{edgeproxy.serve.service.EdgeService}.
         """
         self.service = service
         self.number = number
@@ -201,7 +201,7 @@ def runWorker(
     from edgeproxy.config import load
     from edgeproxy.config.model import Config
     from edgeproxy.errors import EdgeProxyError
-    from edgeproxy.service import EdgeService
+    from edgeproxy.serve.service import EdgeService
     from edgeproxy.workers import workerConfig
 
     agent: WorkerAgent | None = None
@@ -267,7 +267,7 @@ def readInitialState(fd: int, timeout: float) -> tuple[list[dict[str, Any]], byt
     """
     Read, blocking, the messages the supervisor sends a worker it just
     started: every backend's state, then C{{"op": "state-end"}} (see
-    L{edgeproxy.supervisor.Supervisor}).  Runs before the reactor, which
+    L{edgeproxy.serve.supervisor.Supervisor}).  Runs before the reactor, which
     then reads the rest of the channel.
 
     @return: the messages before the end marker, and the bytes read after

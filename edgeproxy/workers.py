@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_workers -*-
 """
-What the supervisor (L{edgeproxy.supervisor}) and its worker processes
+What the supervisor (L{edgeproxy.serve.supervisor}) and its worker processes
 (L{edgeproxy.worker}) share: the control channel between them, the
 configuration a worker serves, and the merging of the workers' metrics.
 

@@ -38,7 +38,7 @@ from edgeproxy.config.model import (
 )
 from edgeproxy.errors import ServiceUnavailable
 from edgeproxy.metrics import CONTENT_TYPE
-from edgeproxy.service import EdgeService
+from edgeproxy.serve.service import EdgeService
 from edgeproxy.systemd import Notifier
 from edgeproxy.upstream.backend import BackendState, CheckResult
 from tests.certutil import CertificateAuthority

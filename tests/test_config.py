@@ -935,3 +935,30 @@ def test_documentedExampleLoads(tmp_path: Path) -> None:
     config = load(write(tmp_path, example))
     assert [route.name for route in config.routes] == ["app", "static"]
     assert config.listeners[1].redirect_port == 443
+
+
+def test_configurationImportsNoUpstreamModule() -> None:
+    """
+    C{config/} holds values and checks of values: the balancing policy
+    names it accepts live in the model, not in the balancer that implements
+    them.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edgeproxy.config, edgeproxy.config.model; "
+        "print(sorted(m for m in sys.modules if m.startswith('edgeproxy.upstream')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPOSITORY,
+        timeout=60,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_balancePoliciesAreTheBalancersNames() -> None:
+    from edgeproxy.config.model import BALANCE_POLICIES
+    from edgeproxy.upstream.balance import POLICIES
+
+    assert POLICIES == BALANCE_POLICIES

@@ -476,7 +476,7 @@ def test_recordsGoStraightToTheSocketOfAcceptedConnections(kind: str) -> None:
     With nothing queued, records leave at once through the TCP transport's
     own send, without waiting a reactor turn, both on Twisted's C{tcp.Server}
     and on the class edgeproxy's TCP listeners accept connections as
-    (L{edgeproxy.service.LeanServer}).
+    (L{edgeproxy.serve.listeners.LeanServer}).
     """
     import socket
 
@@ -484,7 +484,7 @@ def test_recordsGoStraightToTheSocketOfAcceptedConnections(kind: str) -> None:
     from twisted.internet.protocol import Protocol
     from twisted.internet.testing import MemoryReactorClock
 
-    from edgeproxy.service import LeanServer
+    from edgeproxy.serve.listeners import LeanServer
     from edgeproxy.tls.transport import _sendNow
 
     class Listening:

@@ -1,7 +1,7 @@
 """
 Tests for the workers mode, in memory: the control channel and the merging
 of metrics (L{edgeproxy.workers}), the worker's configuration and agent
-(L{edgeproxy.worker}), and the supervisor (L{edgeproxy.supervisor}) driving
+(L{edgeproxy.worker}), and the supervisor (L{edgeproxy.serve.supervisor}) driving
 processes of a memory reactor.  The real processes are in
 C{tests/integration/test_workers.py}.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,11 +22,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, eventAsJSON, formatEventAsClassicLogText, globalLogPublisher
+from twisted.logger import LogLevel, eventAsJSON, formatEvent, formatEventAsClassicLogText, globalLogPublisher
 from twisted.python.failure import Failure
 
 import edgeproxy
-from edgeproxy import supervisor as supervisorModule
+from edgeproxy.serve import aggregate
+from edgeproxy.serve import supervisor as supervisorModule
 from edgeproxy.config import load
 from edgeproxy.config.model import (
     Config,
@@ -36,7 +38,7 @@ from edgeproxy.config.model import (
     Upstream,
 )
 from edgeproxy.metrics import Metrics
-from edgeproxy.supervisor import Supervisor
+from edgeproxy.serve.supervisor import Supervisor
 from edgeproxy.systemd import Notifier
 from edgeproxy.worker import ControlNotifier
 from edgeproxy.workers import (
@@ -457,7 +459,7 @@ def test_workersInheritTheSocketsAsSystemdWould(harness: Harness, monkeypatch: A
         # Only the supervisor talks to systemd; LISTEN_PID is set by the
         # worker itself.
         assert "NOTIFY_SOCKET" not in spawned.env and "LISTEN_PID" not in spawned.env
-        root = str(Path(supervisorModule.__file__).resolve().parent.parent)
+        root = str(Path(edgeproxy.__file__).resolve().parent.parent)
         assert spawned.env["PYTHONPATH"].split(os.pathsep)[0] == root
 
 
@@ -579,6 +581,82 @@ def test_sighupReachesEveryWorker(harness: Harness, receiver: Receiver) -> None:
     assert [d.split(b"\n")[0] for d in receiver.all()] == [b"READY=1"]
 
 
+def test_aBrokenFileIsRefusedBySupervisorAndWorkersAlike(harness: Harness) -> None:
+    """
+    The supervisor validates the file as C{edgeproxy check} (and each
+    worker) does: a broken one changes nothing and says why.
+    """
+    harness.start()
+    before = harness.supervisor.config
+    harness.path.write_text(harness.path.read_text().replace("shutdown_timeout = 10s", "shutdown_timeout = soon"))
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        assert harness.supervisor.reloadOwnView() is False
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert harness.supervisor.config is before
+    refusals = [line for line in lines if line.startswith("Reload refused, still serving the previous configuration: ")]
+    assert refusals and "shutdown_timeout" in refusals[0]
+
+
+def test_anAdminListenerThatCannotListenStopsTheStart(tmp_path: Path, receiver: Receiver) -> None:
+    from twisted.internet.error import CannotListenError
+
+    harness = Harness(tmp_path, receiver)
+    harness.path.write_text(harness.path.read_text().replace(
+        "access_log = off", "access_log = off\nadmin = tcp:9999:interface=127.0.0.1"))
+    harness.supervisor = Supervisor(load(str(harness.path)), harness.reactor, installSignalHandlers=False)
+    listenTCP = harness.reactor.listenTCP
+
+    def refuseAdmin(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        if port == 9999:
+            raise CannotListenError(interface, port, OSError("address in use"))
+        return listenTCP(port, factory, backlog, interface)
+
+    harness.reactor.listenTCP = refuseAdmin  # type: ignore[method-assign]
+    with pytest.raises(SystemExit) as exited:
+        harness.supervisor.privilegedStartService()
+    assert exited.value.code == 1
+    assert len(harness.reactor.ports) == 2 and all(port.stopped for port in harness.reactor.ports)
+    assert harness.supervisor.ports == {}
+
+
+def test_anAdminListenerThatCannotListenAfterAReloadLeavesTheSocketsAlone(harness: Harness) -> None:
+    """
+    At start, an admin listener that cannot listen stops everything; after a
+    reload it is only logged: the listening sockets the workers inherit stay
+    open (a worker started later still gets them).
+    """
+    from twisted.internet.error import CannotListenError
+
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    held = dict(harness.supervisor.ports)
+
+    def refuse(port: int, factory: Any, backlog: int = 50, interface: str = "") -> Any:
+        raise CannotListenError(interface, port, OSError("address in use"))
+
+    harness.reactor.listenTCP = refuse  # type: ignore[method-assign]
+    harness.path.write_text(harness.path.read_text().replace(
+        "access_log = off", "access_log = off\nadmin = tcp:9999:interface=127.0.0.1"))
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        assert harness.supervisor.reloadOwnView() is True
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert any("cannot listen" in line and line.endswith("; no admin listener") for line in lines), lines
+    assert harness.supervisor.ports == held
+    assert not any(port.stopped for port in held.values())
+    harness.latest(1).end(ProcessTerminated(signal=9))
+    harness.reactor.advance(supervisorModule.MAX_RESTART_DELAY)
+    assert harness.latest(1).env["LISTEN_FDNAMES"] == "web:other"
+
+
 def test_stopDrainsTheWorkers(harness: Harness, receiver: Receiver) -> None:
     harness.start()
     for number in (1, 2):
@@ -596,6 +674,26 @@ def test_stopDrainsTheWorkers(harness: Harness, receiver: Receiver) -> None:
     harness.latest(2).end(ProcessDone(0))
     harness.reactor.advance(0)
     assert stopped.called
+
+
+def test_furtherSignalsArePassedOnToTheWorkers(harness: Harness, receiver: Receiver) -> None:
+    harness.start()
+    for number in (1, 2):
+        harness.latest(number).ready()
+    harness.supervisor.stopService()
+    assert [harness.latest(n).transport.signals for n in (1, 2)] == [["TERM"], ["TERM"]]
+    # A second SIGTERM: each worker's second one aborts what it has in
+    # flight; a third is passed on again.
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        harness.supervisor.signals.force(signal.SIGTERM)
+        harness.supervisor.signals.force(signal.SIGTERM)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [harness.latest(n).transport.signals for n in (1, 2)] == [["TERM"] * 3, ["TERM"] * 3]
+    assert lines.count("Received SIGTERM again: the workers abort what is still in flight") == 2
 
 
 def test_stopKillsStragglers(harness: Harness) -> None:
@@ -648,7 +746,7 @@ def test_aWorkerThatDoesNotAnswerIsLeftOut(harness: Harness) -> None:
     harness.supervisor.aggregateMetrics().addCallback(result.append)
     _answer(harness.latest(1), "metrics", text=one.exposition().decode())
     assert result == []
-    harness.reactor.advance(supervisorModule.ASK_TIMEOUT)
+    harness.reactor.advance(aggregate.ASK_TIMEOUT)
     [text] = result
     assert text.startswith(b"# edgeproxy: 1 of 2 workers answered; missing: worker 2\n")
     assert samplesOf(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 1
@@ -740,7 +838,7 @@ def test_backendStateChangesReachEveryReadyWorker(harness: Harness) -> None:
 
 
 def workerService(tmp_path: Path) -> Any:
-    from edgeproxy.service import EdgeService
+    from edgeproxy.serve.service import EdgeService
 
     path = tmp_path / "edge.ini"
     path.write_text(EDGE_INI.format(workers=2))
@@ -836,7 +934,7 @@ def test_aListenerRemovedByAReloadIsClosed(harness: Harness) -> None:
 
 
 def test_twistdRunsASupervisorOnlyForMoreThanOneWorker(tmp_path: Path) -> None:
-    from edgeproxy.service import EdgeService
+    from edgeproxy.serve.service import EdgeService
     from edgeproxy.tap import Options
 
     path = tmp_path / "edge.ini"
@@ -882,7 +980,7 @@ def test_theWorkerStartsWithoutTheInitialStateWhenNoneComes(events: list[dict]) 
 
 
 def test_aSingleProcessSaysAChangeOfWorkersNeedsARestart(tmp_path: Path, events: list[dict]) -> None:
-    from edgeproxy.service import EdgeService
+    from edgeproxy.serve.service import EdgeService
 
     path = tmp_path / "edge.ini"
     path.write_text(EDGE_INI.format(workers=1))

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+BALANCE_POLICIES: tuple[str, ...] = ("round_robin", "least_conn", "p2c", "hash")
+"""The values C{balance =} accepts; L{edgeproxy.upstream.balance} has one
+policy class for each."""
+
 
 class AccessLogFormat(enum.Enum):
     COMBINED = "combined"
@@ -171,8 +175,8 @@ class Upstream:
     host_header: str | None = None
     """When set, sent as C{Host} instead of the client's."""
     balance: str = "round_robin"
-    """Balancing policy: C{round_robin}, C{least_conn}, C{p2c} or C{hash}
-    (see L{edgeproxy.upstream.balance})."""
+    """Balancing policy: one of L{BALANCE_POLICIES} (see
+    L{edgeproxy.upstream.balance})."""
     hash_key: str = "client_ip"
     """For C{balance = hash}: C{client_ip}, C{path}, C{header:NAME} (NAME
     lower-cased) or C{cookie:NAME}."""

@@ -42,6 +42,7 @@ from edgeproxy.config import syntax
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
 from edgeproxy.config.model import (
+    BALANCE_POLICIES,
     AccessLogFormat,
     Config,
     IPNetwork,
@@ -57,7 +58,6 @@ from edgeproxy.config.model import (
 from edgeproxy.config.section import Problems, Section, readSection
 from edgeproxy.config.source import readSource
 from edgeproxy.errors import ConfigError, ConfigErrors
-from edgeproxy.upstream.balance import POLICIES
 
 __all__ = ["load", "SECTION_KEYS"]
 
@@ -347,7 +347,7 @@ def _readUpstream(section: Section, name: str) -> Upstream:
                 # operator believes this hop is encrypted when it is not.
                 section.report(key, "only used with tls = yes (this upstream speaks plain HTTP)")
     balance = section.choice(
-        "balance", defaults.balance, {policy: policy for policy in POLICIES}
+        "balance", defaults.balance, {policy: policy for policy in BALANCE_POLICIES}
     )
     hashKey = section.convert("hash_key", defaults.hash_key, syntax.checkHashKey)
     if section.has("hash_key") and balance != "hash" and section.ok("balance"):

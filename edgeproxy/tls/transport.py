@@ -29,7 +29,7 @@ C{WantReadError} raised and caught at the end of every read event), and
 flights straight to the socket unless the connection was aborted.
 
 edgeproxy's listeners build L{EdgeTLSTransport} from their first
-connection (C{edgeproxy.service} sets their C{TLSMemoryBIOFactory}'s
+connection (C{edgeproxy.serve.listeners} sets their C{TLSMemoryBIOFactory}'s
 C{protocol}).  For the store's connection creator used any other way, as
 with L{twisted.internet.endpoints.wrapServerTLS}, L{adopt} turns the
 C{BufferingTLSTransport} built for each connection into an
@@ -121,7 +121,7 @@ class EdgeTLSTransport(BufferingTLSTransport):
 
     traffic: Any = None
     """
-    When set (by L{edgeproxy.http.site}), an object whose C{sent} is
+    When set (by L{edgeproxy.http.listener}), an object whose C{sent} is
     increased by the bytes the application writes (before encryption).
     Counted here rather than by wrapping C{write} on every connection: the
     wrappers cost about 300 bytes per idle connection (R4).
@@ -445,7 +445,7 @@ def _sendNow(transport: Any, records: list[bytes]) -> None:
     a slow client still pauses the backend.
     """
     if (
-        # tcp.Server or a subclass (edgeproxy.service.LeanServer, what TCP
+        # tcp.Server or a subclass (edgeproxy.serve.listeners.LeanServer, what TCP
         # listeners accept connections as): the same buffers and writeSomeData.
         isinstance(transport, tcp.Server)
         and not transport.dataBuffer

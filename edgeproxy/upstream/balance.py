@@ -44,7 +44,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from edgeproxy.config.model import Server
+from edgeproxy.config.model import BALANCE_POLICIES, Server
 
 __all__ = [
     "POLICIES",
@@ -337,8 +337,9 @@ _POLICIES: dict[str, type[Balancer]] = {
     "hash": ConsistentHashBalancer,
 }
 
-POLICIES: tuple[str, ...] = tuple(_POLICIES)
-"""The values C{balance =} accepts."""
+POLICIES: tuple[str, ...] = BALANCE_POLICIES
+"""The values C{balance =} accepts: the configuration model's names
+(L{edgeproxy.config.model.BALANCE_POLICIES}), which this module implements."""
 
 
 def makeBalancer(

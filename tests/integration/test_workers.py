@@ -248,7 +248,7 @@ def test_aWorkerThatCannotStartStopsTheSupervisor(site: Site, notify: NotifyRece
     supervisor started) are retried with a growing delay, then the
     supervisor gives up with status 1 and says why.
     """
-    import edgeproxy.supervisor as supervisor
+    import edgeproxy.serve.supervisor as supervisor
 
     proc = start(site, notify)
     try:

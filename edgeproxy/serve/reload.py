@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.test_service,tests.test_workers -*-
+"""
+Reload as a snapshot swap: what both services (the single process and the
+supervisor) do to validate a configuration file again and build what it
+asks for before anything is swapped, and what happens afterwards to the
+pools the new runtime did not take over.
+
+  - L{checked}: the file and every file it names validated as
+    C{edgeproxy check} validates them, each problem logged;
+  - L{refused}: the one line a reload that failed later logs (file,
+    section, key);
+  - L{accessLogFor}, L{storeFor}: the access log and the certificates of
+    the new configuration, built (L{storeFor} swaps the certificates in
+    the current store only as its last step, when every file is good);
+  - L{discard}: the pools of a runtime that will not be served;
+  - L{RetiringPools}: pools of a replaced runtime, stopped at once and
+    closed once their last request is done (or at C{shutdown_timeout}).
+
+The swap itself, rebinding the service's attributes, is the service's.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from edgeproxy.accesslog import AccessLog
+from edgeproxy.config.model import Config, ProxySettings
+from edgeproxy.errors import EdgeProxyError
+from edgeproxy.runtime import Runtime, poolInFlight, stopPool
+from edgeproxy.tls.certs import CertificateSet
+from edgeproxy.tls.store import CertificateStore
+from edgeproxy.upstream.pool import UpstreamPool
+
+__all__ = [
+    "RETIRE_POLL_INTERVAL",
+    "RetiringPools",
+    "accessLogFor",
+    "checked",
+    "discard",
+    "refused",
+    "storeFor",
+]
+
+RETIRE_POLL_INTERVAL = 0.5
+"""Seconds between checks for the last request of a pool a reload retired."""
+
+REFUSED = "Reload refused, still serving the previous configuration: {problem}"
+
+
+def checked(path: str, now: float, log: Logger) -> bool:
+    """
+    Validate C{path} exactly as C{edgeproxy check} does (the same messages).
+
+    @param now: POSIX time, for the certificates' validity.
+    @return: whether it is valid; when not, each problem has been logged.
+    """
+    from edgeproxy.cli import EXIT_OK, check
+
+    problems = io.StringIO()
+    if check(path, out=io.StringIO(), err=problems, now=now) == EXIT_OK:
+        return True
+    for problem in problems.getvalue().splitlines():
+        log.error(REFUSED, problem=problem)
+    return False
+
+
+def refused(log: Logger, error: EdgeProxyError | OSError, path: str) -> None:
+    """
+    Log why a reload was refused after L{checked} passed: files changed
+    between the check and the load, or a problem the check does not see
+    (a port, a file that cannot be opened for writing).
+    """
+    if isinstance(error, OSError):
+        log.error(
+            "Reload refused, still serving the previous configuration: {path}: {problem}",
+            path=error.filename or path,
+            problem=error.strerror or str(error),
+        )
+        return
+    log.error(
+        REFUSED,
+        problem=str(error),
+        file=getattr(error, "file", None),
+        section=getattr(error, "section", None),
+        key=getattr(error, "key", None),
+    )
+
+
+def accessLogFor(
+    old: ProxySettings,
+    new: ProxySettings,
+    current: AccessLog | None,
+    reactor: Any,
+    stdout: Any = None,
+) -> tuple[AccessLog | None, bool]:
+    """
+    The access log the new settings ask for, opened now.
+
+    @param current: the access log of the C{old} settings.
+    @param stdout: where C{access_log = -} writes.
+    @return: (the log, C{True} when it is C{current}, to reopen).
+    @raise OSError: the new file cannot be opened.
+    """
+    if (old.access_log, old.access_log_format) == (new.access_log, new.access_log_format):
+        return current, True
+    return AccessLog.fromSettings(new, reactor, stdout=stdout), False
+
+
+def storeFor(
+    config: Config, store: CertificateStore | None, reactor: Any
+) -> tuple[CertificateStore | None, CertificateSet | None]:
+    """
+    The certificate store that serves C{config}: C{store} with its
+    certificates reloaded, a new one when there was none, L{None} without
+    C{[tls]} (the parser sees to it that no TLS listener is left then;
+    ports still closing keep their own reference to the old store).
+
+    Call it last of what can fail: reloading C{store} swaps its
+    certificates as its last step, and only when every file is good.
+
+    @return: the store, and the certificates it now serves (L{None}
+        without C{[tls]}).
+    @raise edgeproxy.errors.EdgeProxyError: a certificate cannot be served.
+    """
+    if config.tls is None:
+        return None, None
+    if store is None:
+        store = CertificateStore(config.tls, reactor)
+        store.load()
+        return store, store.current
+    return store, store.reload(config.tls)
+
+
+def discard(runtime: Runtime) -> None:
+    """Close the pools of a runtime that will not be served, except those
+    it took over from the one that is."""
+    for name, pool in runtime.pools.items():
+        if name not in runtime.inherited:
+            pool.close()
+
+
+class RetiringPools:
+    """
+    The pools of replaced runtimes: stopped at once (no new request, no
+    health check), closed once their requests in flight are done, or after
+    C{timeout} seconds.
+    """
+
+    def __init__(self, clock: Any, log: Logger) -> None:
+        self._clock = clock
+        self._log = log
+        self._waiting: dict[Deferred[None], UpstreamPool] = {}
+
+    def retire(self, pools: list[UpstreamPool], timeout: float) -> None:
+        for pool in pools:
+            stopPool(pool)
+            closing = Deferred.fromCoroutine(self._closeWhenDone(pool, timeout))
+            self._waiting[closing] = pool
+            closing.addBoth(lambda _, closing=closing: self._waiting.pop(closing, None))
+
+    def takeAll(self) -> list[UpstreamPool]:
+        """Stop waiting: the pools still open, for the caller to close (at
+        stop, with the others)."""
+        pools = []
+        for closing, pool in list(self._waiting.items()):
+            closing.cancel()
+            pools.append(pool)
+        return pools
+
+    async def _closeWhenDone(self, pool: UpstreamPool, timeout: float) -> None:
+        clock = self._clock
+        deadline = clock.seconds() + timeout
+        try:
+            while poolInFlight(pool) > 0 and clock.seconds() < deadline:
+                await deferLater(clock, RETIRE_POLL_INTERVAL)
+        except CancelledError:
+            # Stopping: the drain closes it.
+            return
+        self._log.info("Upstream {upstream} of the previous configuration closed", upstream=pool.upstream.name)
+        try:
+            await pool.close()
+        except Exception:
+            self._log.failure("Closing upstream {upstream} failed", upstream=pool.upstream.name)
