@@ -57,7 +57,7 @@ from edgeproxy.config.model import (
 )
 from edgeproxy.config.section import Problems, Section, readSection
 from edgeproxy.config.source import readSource
-from edgeproxy.errors import ConfigError, ConfigErrors
+from edgeproxy.errors import ConfigErrors
 
 __all__ = ["load", "SECTION_KEYS"]
 

@@ -25,18 +25,10 @@ L{Call}.  What is refused from the head (400 for a target, 404 no route,
 421 a host this TLS name does not serve, 413 a declared body over the
 limit) is answered without ever reaching a stage.
 
-Answering.  A response's head and the body bytes already at hand go out in
-one write; a body still to come streams with backpressure (the body's
-source is the transport's producer while it flows).  The framing follows
-the response: its length when known, else chunked (HTTP/1.1) or the end of
-the connection (HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.
-C{Date} is added when the response has none; nothing identifies the
-software.  Interim responses (1xx) from the backend are passed on to
-HTTP/1.1 clients (RFC 9110 15.2), C{100 Continue} only to a client that
-asked for it.  An answer that comes while the request body is still
-arriving (an error, a backend that did not wait) is sent at once, and the
-connection is closed after it: the rest of the body is never read (RFC
-9112 9.6).
+Answering (L{edgeproxy.http.answering}, the connection's C{ClientSide}).
+The response is written as HTTP/1.1 with the framing it needs; an answer
+that comes while the request body still arrives is sent at once and the
+connection closed after it.
 
 Timers (nginx semantics).  The header deadline runs from the connection's
 start for the first request and from the first byte of each later one; the
@@ -53,20 +45,18 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.error import ConnectionAborted
-from twisted.internet.interfaces import IHandshakeListener, IProtocol, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone
-from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from edgeproxy import h1
-from edgeproxy.bodies import BodyPipe, IdleTimer
-from edgeproxy.errors import BadRequest, ContentTooLarge, ProxyError
-from edgeproxy.h1.fields import Fields
-from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse, rejection
-from edgeproxy.pipeline.call import Call, discardResponse
-from edgeproxy.pipeline.values import ConnectionInfo, Response
+from edgeproxy.bodies import BodyPipe
+from edgeproxy.errors import BadRequest, ContentTooLarge
+from edgeproxy.http.answering import Answering
+from edgeproxy.http.errorpages import rejection
+from edgeproxy.pipeline.call import Call
+from edgeproxy.pipeline.values import ConnectionInfo
 
 __all__ = ["ABORT_TIMEOUT", "HTTP1Connection"]
 
@@ -76,44 +66,8 @@ ABORT_TIMEOUT = 15.0
 """Seconds a connection told to close gets to flush before it is aborted
 (the grace Twisted's C{HTTPChannel.abortTimeout} gives)."""
 
-_COMPLETE = (ResponseDone, PotentialDataLoss)
-"""How a complete body ends: with the end of its framing, or (a body
-delimited by its source closing, RFC 9112 6.3 item 8) with the close that is
-its end."""
-
-
-def _secure(transport: Any) -> bool:
-    return getattr(transport, "getHandle", None) is not None
-
-
-@implementer(IPushProducer)
-class _Streaming:
-    """
-    A response body's source, registered as the client transport's producer
-    while the body flows: a slow client pauses it, and a resume (the client
-    took bytes) counts as activity for the body's idle timeout.
-    """
-
-    __slots__ = ("producer", "idle")
-
-    def __init__(self, producer: Any, idle: IdleTimer | None) -> None:
-        self.producer = producer
-        self.idle = idle
-
-    def pauseProducing(self) -> None:
-        self.producer.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        if self.idle is not None:
-            self.idle.touch()
-        self.producer.resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.producer.stopProducing()
-
-
 @implementer(IProtocol, IHandshakeListener)
-class HTTP1Connection:
+class HTTP1Connection(Answering):
     """
     One client connection (HTTP/1.1 and 1.0), built by an
     L{edgeproxy.http.listener.ListenerFactory}.
@@ -124,7 +78,7 @@ class HTTP1Connection:
     __slots__ = (
         "factory", "transport", "connected", "limits", "_info", "_buffer", "_call",
         "_reader", "_pipe", "_persistent", "_closing", "_lost", "_lineChecked",
-        "_parsing", "_pendingHead", "_chunked", "_noBody", "_streaming", "_idle",
+        "_parsing", "_pendingHead", "_chunked", "_noBody", "_streaming",
         "_readPaused", "_bodyPaused", "_abortCall", "_upgraded", "_maxBody",
         "_handshakeDone", "_traffic", "_started", "_answered", "_registered",
         "_served", "_awaitingHead", "__weakref__",
@@ -148,8 +102,7 @@ class HTTP1Connection:
         self._pendingHead: bytes | None = None
         self._chunked = False
         self._noBody = False
-        self._streaming: _Streaming | None = None
-        self._idle: IdleTimer | None = None
+        self._streaming: Any = None
         self._readPaused = False
         self._bodyPaused = False
         self._abortCall: Any = None
@@ -458,170 +411,6 @@ class HTTP1Connection:
             call.fail(error)
         else:
             call.next()
-
-    # Answering (the pipeline's ClientSide) ------------------------------------
-
-    def respond(self, call: Call, response: Response) -> None:
-        if call is not self._call or self._pendingHead is not None or self._answered:
-            discardResponse(response)
-            return
-        self._answered = True
-        status = response.status
-        call.status = status
-        request = call.request
-        if call.firstByte is None:
-            call.firstByte = self.factory.clock.seconds()
-        length = response.length
-        noBody = request.method == b"HEAD" or status in (204, 304) or status < 200
-        chunked = False
-        if noBody:
-            if status == 204 or status < 200:
-                # RFC 9110 8.6: no Content-Length in a 1xx or 204.
-                length = None
-        elif length is None:
-            if request.version == b"HTTP/1.1":
-                chunked = True
-            else:
-                # HTTP/1.0: the close ends the body (RFC 9112 6.3 item 8).
-                self._persistent = False
-        if self._reader is not None:
-            # Answered before the whole body arrived: the rest is never
-            # read, so the connection ends with this response.
-            self._persistent = False
-        fields = response.fields
-        self._noBody = noBody
-        self._chunked = chunked
-        self._pendingHead = h1.writeResponseHead(
-            request.version,
-            status,
-            response.reason,
-            fields,
-            length,
-            chunked,
-            not self._persistent,
-            b"" if b"date" in fields.raw() else dateField(),
-        )
-        body = response.body
-        if body is None:
-            self._finishResponse(call)
-            return
-        body.deliverBody(call)
-        if call is not self._call or self._lost:
-            return
-        # The body is not over yet: the head goes now, so that a slow or
-        # endless body (server-sent events) does not hold it back, and the
-        # body's source becomes the transport's producer.
-        head = self._pendingHead
-        if head:
-            self._pendingHead = b""
-            self._write(head)
-        producer = self._streaming
-        if producer is not None:
-            idle = None
-            if call.idleTimeout > 0:
-                idle = IdleTimer(self.factory.clock, call.idleTimeout, self._responseIdle)
-                idle.touch()
-            streaming = _Streaming(producer, idle)
-            self._streaming = streaming
-            self._registered = True
-            self.transport.registerProducer(streaming, True)
-
-    def fail(self, call: Call, error: ProxyError) -> None:
-        if call is not self._call:
-            return
-        if self._pendingHead is not None:
-            # The response has started: the client must see it cut short.
-            self._abort()
-            return
-        if error.status in CLOSE_AFTER:
-            self._persistent = False
-        self.respond(call, errorResponse(error))
-
-    def interim(self, call: Call, status: int, reason: bytes, fields: Fields) -> None:
-        request = call.request
-        if (
-            call is not self._call
-            or self._pendingHead is not None
-            or request.version != b"HTTP/1.1"
-            or status == 101
-            or (status == 100 and not request.fields.get(b"expect"))
-        ):
-            return
-        self._write(h1.writeResponseHead(b"HTTP/1.1", status, reason, fields, None))
-
-    def bodyStarted(self, call: Call, producer: Any) -> None:
-        if call is not self._call:
-            producer.stopProducing()
-            return
-        # Wrapped and registered only if the body outlasts deliverBody (see
-        # respond): most bodies came whole with their head.
-        self._streaming = producer
-
-    def bodyData(self, call: Call, data: bytes) -> None:
-        if call is not self._call or self._noBody or not data:
-            return
-        call.sent += len(data)
-        if self._chunked:
-            data = h1.chunk(data)
-        head = self._pendingHead
-        if head:
-            self._pendingHead = b""
-            data = head + data
-        streaming = self._streaming
-        if type(streaming) is _Streaming and streaming.idle is not None:
-            streaming.idle.touch()
-        self._write(data)
-
-    def bodyEnded(self, call: Call, reason: Failure) -> None:
-        if call is not self._call:
-            return
-        self._endStreaming()
-        if isinstance(reason.value, _COMPLETE):
-            self._finishResponse(call)
-            return
-        log.warn("response body cut short: {why}", why=reason.getErrorMessage())
-        self._call = None
-        self._abort()
-        self._endCall(call, reason)
-
-    def tunnel(self, call: Call, pool: Any, fields: Fields, path: bytes, hashKey: bytes | None) -> None:
-        from edgeproxy.http.tunnel import startTunnel
-
-        startTunnel(self, call, pool, fields, path, hashKey)
-
-    # The response written -------------------------------------------------------
-
-    def _finishResponse(self, call: Call) -> None:
-        head = self._pendingHead
-        tail = h1.LAST_CHUNK if self._chunked and not self._noBody else b""
-        if head:
-            self._write(head + tail)
-        elif tail:
-            self._write(tail)
-        self._pendingHead = None
-        self._call = None
-        self._endCall(call, None)
-        if not self._lost:
-            self._afterCall()
-
-    def _endStreaming(self) -> Any:
-        """Let go of the response body's source (unregistered, timer off)."""
-        streaming, self._streaming = self._streaming, None
-        if type(streaming) is _Streaming and streaming.idle is not None:
-            streaming.idle.close()
-        if self._registered:
-            self._registered = False
-            if not self._lost:
-                self.transport.unregisterProducer()
-        return streaming
-
-    def _responseIdle(self) -> None:
-        log.warn("response body idle timeout: aborting backend and client")
-        call = self._call
-        self._call = None
-        self._abort()
-        if call is not None:
-            self._endCall(call, Failure(ConnectionAborted("idle timeout")))
 
     def _endCall(self, call: Call, reason: Failure | None) -> None:
         """The call is over: log it, and let go of what it held."""

@@ -25,7 +25,6 @@ from twisted.python.failure import Failure
 
 from edgeproxy.config.model import ProxySettings, Route, Upstream
 from edgeproxy.errors import ProxyError
-from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.forwarded import clientFields, isTrusted, upstreamFields
 from edgeproxy.pipeline.values import Request, Response

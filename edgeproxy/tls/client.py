@@ -38,7 +38,6 @@ from twisted.internet.ssl import (
 from zope.interface import implementer
 
 from edgeproxy.config.model import Server, Upstream
-from edgeproxy.errors import CertificateError
 from edgeproxy.tls.certs import (
     CertificateEntry,
     loadEntry,

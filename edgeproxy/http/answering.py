@@ -1,0 +1,272 @@
+# -*- test-case-name: tests.test_server -*-
+"""
+The answering half of L{edgeproxy.http.server.HTTP1Connection}: what the
+pipeline's L{Call} calls on its client side (C{ClientSide}), written as
+HTTP/1.1.
+
+A response's head and the body bytes already at hand go out in one write; a
+body still to come streams with backpressure (the body's source is the
+transport's producer while it flows, and a body that goes without a byte for
+the route's C{idle_timeout} is cut).  The framing follows the response: its
+length when known, else chunked (HTTP/1.1) or the end of the connection
+(HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.  C{Date} is added when
+the response has none; nothing identifies the software.  Interim responses
+(1xx) are passed on to HTTP/1.1 clients (RFC 9110 15.2), C{100 Continue}
+only to a client that asked for it.  An answer that comes while the request
+body is still arriving is sent at once, and the connection is closed after
+it: the rest of the body is never read (RFC 9112 9.6).
+
+A mixin with no state of its own: its attributes are the connection's slots.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
+
+from edgeproxy import h1
+from edgeproxy.bodies import IdleTimer
+from edgeproxy.errors import ProxyError
+from edgeproxy.h1.fields import Fields
+from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse
+from edgeproxy.pipeline.call import Call, discardResponse
+from edgeproxy.pipeline.values import Response
+
+__all__ = ["Answering"]
+
+log = Logger()
+
+_COMPLETE = (ResponseDone, PotentialDataLoss)
+"""How a complete body ends: with the end of its framing, or (a body
+delimited by its source closing, RFC 9112 6.3 item 8) with the close that is
+its end."""
+
+
+@implementer(IPushProducer)
+class _Streaming:
+    """
+    A response body's source, registered as the client transport's producer
+    while the body flows: a slow client pauses it, and a resume (the client
+    took bytes) counts as activity for the body's idle timeout.
+    """
+
+    __slots__ = ("producer", "idle")
+
+    def __init__(self, producer: Any, idle: IdleTimer | None) -> None:
+        self.producer = producer
+        self.idle = idle
+
+    def pauseProducing(self) -> None:
+        self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.idle is not None:
+            self.idle.touch()
+        self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
+
+
+class Answering:
+    """
+    The C{ClientSide} of an HTTP/1.1 connection (see the module docstring).
+    """
+
+    __slots__ = ()
+
+    factory: Any
+    transport: Any
+    _call: Call | None
+    _reader: h1.BodyReader | None
+    _persistent: bool
+    _lost: bool
+    _pendingHead: bytes | None
+    _chunked: bool
+    _noBody: bool
+    _streaming: Any
+    _registered: bool
+    _answered: bool
+
+    def respond(self, call: Call, response: Response) -> None:
+        if call is not self._call or self._pendingHead is not None or self._answered:
+            discardResponse(response)
+            return
+        self._answered = True
+        status = response.status
+        call.status = status
+        request = call.request
+        if call.firstByte is None:
+            call.firstByte = self.factory.clock.seconds()
+        length = response.length
+        noBody = request.method == b"HEAD" or status in (204, 304) or status < 200
+        chunked = False
+        if noBody:
+            if status == 204 or status < 200:
+                # RFC 9110 8.6: no Content-Length in a 1xx or 204.
+                length = None
+        elif length is None:
+            if request.version == b"HTTP/1.1":
+                chunked = True
+            else:
+                # HTTP/1.0: the close ends the body (RFC 9112 6.3 item 8).
+                self._persistent = False
+        if self._reader is not None:
+            # Answered before the whole body arrived: the rest is never
+            # read, so the connection ends with this response.
+            self._persistent = False
+        fields = response.fields
+        self._noBody = noBody
+        self._chunked = chunked
+        self._pendingHead = h1.writeResponseHead(
+            request.version,
+            status,
+            response.reason,
+            fields,
+            length,
+            chunked,
+            not self._persistent,
+            b"" if b"date" in fields.raw() else dateField(),
+        )
+        body = response.body
+        if body is None:
+            self._finishResponse(call)
+            return
+        body.deliverBody(call)
+        if call is not self._call or self._lost:
+            return
+        # The body is not over yet: the head goes now, so that a slow or
+        # endless body (server-sent events) does not hold it back, and the
+        # body's source becomes the transport's producer.
+        head = self._pendingHead
+        if head:
+            self._pendingHead = b""
+            self._write(head)
+        producer = self._streaming
+        if producer is not None:
+            idle = None
+            if call.idleTimeout > 0:
+                idle = IdleTimer(self.factory.clock, call.idleTimeout, self._responseIdle)
+                idle.touch()
+            streaming = _Streaming(producer, idle)
+            self._streaming = streaming
+            self._registered = True
+            self.transport.registerProducer(streaming, True)
+
+    def fail(self, call: Call, error: ProxyError) -> None:
+        if call is not self._call:
+            return
+        if self._pendingHead is not None:
+            # The response has started: the client must see it cut short.
+            self._abort()
+            return
+        if error.status in CLOSE_AFTER:
+            self._persistent = False
+        self.respond(call, errorResponse(error))
+
+    def interim(self, call: Call, status: int, reason: bytes, fields: Fields) -> None:
+        request = call.request
+        if (
+            call is not self._call
+            or self._pendingHead is not None
+            or request.version != b"HTTP/1.1"
+            or status == 101
+            or (status == 100 and not request.fields.get(b"expect"))
+        ):
+            return
+        self._write(h1.writeResponseHead(b"HTTP/1.1", status, reason, fields, None))
+
+    def bodyStarted(self, call: Call, producer: Any) -> None:
+        if call is not self._call:
+            producer.stopProducing()
+            return
+        # Wrapped and registered only if the body outlasts deliverBody (see
+        # respond): most bodies came whole with their head.
+        self._streaming = producer
+
+    def bodyData(self, call: Call, data: bytes) -> None:
+        if call is not self._call or self._noBody or not data:
+            return
+        call.sent += len(data)
+        if self._chunked:
+            data = h1.chunk(data)
+        head = self._pendingHead
+        if head:
+            self._pendingHead = b""
+            data = head + data
+        streaming = self._streaming
+        if type(streaming) is _Streaming and streaming.idle is not None:
+            streaming.idle.touch()
+        self._write(data)
+
+    def bodyEnded(self, call: Call, reason: Failure) -> None:
+        if call is not self._call:
+            return
+        self._endStreaming()
+        if isinstance(reason.value, _COMPLETE):
+            self._finishResponse(call)
+            return
+        log.warn("response body cut short: {why}", why=reason.getErrorMessage())
+        self._call = None
+        self._abort()
+        self._endCall(call, reason)
+
+    def tunnel(self, call: Call, pool: Any, fields: Fields, path: bytes, hashKey: bytes | None) -> None:
+        from edgeproxy.http.websocket import startTunnel
+
+        startTunnel(self, call, pool, fields, path, hashKey)
+
+    # The response written -------------------------------------------------------
+
+    def _finishResponse(self, call: Call) -> None:
+        head = self._pendingHead
+        tail = h1.LAST_CHUNK if self._chunked and not self._noBody else b""
+        if head:
+            self._write(head + tail)
+        elif tail:
+            self._write(tail)
+        self._pendingHead = None
+        self._call = None
+        self._endCall(call, None)
+        if not self._lost:
+            self._afterCall()
+
+    def _endStreaming(self) -> Any:
+        """Let go of the response body's source (unregistered, timer off)."""
+        streaming, self._streaming = self._streaming, None
+        if type(streaming) is _Streaming and streaming.idle is not None:
+            streaming.idle.close()
+        if self._registered:
+            self._registered = False
+            if not self._lost:
+                self.transport.unregisterProducer()
+        return streaming
+
+    def _responseIdle(self) -> None:
+        log.warn("response body idle timeout: aborting backend and client")
+        call = self._call
+        self._call = None
+        self._abort()
+        if call is not None:
+            self._endCall(call, Failure(ConnectionAborted("idle timeout")))
+
+    # The connection's (see HTTP1Connection).
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        raise NotImplementedError
+
+    def _endCall(self, call: Call, reason: Failure | None) -> None:
+        raise NotImplementedError
+
+    def _afterCall(self) -> None:
+        raise NotImplementedError
