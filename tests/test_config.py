@@ -21,6 +21,9 @@ from twisted.internet.testing import MemoryReactor
 
 from edgeproxy.config import load
 from edgeproxy.config.model import (
+    ACMEChallenge,
+    ACMEKeyType,
+    ACMESettings,
     AccessLogFormat,
     Config,
     Limits,
@@ -63,6 +66,7 @@ def site(tmp_path: Path) -> Path:
     (tmp_path / "client.pem").write_text("not parsed here\n")
     (tmp_path / "logs").mkdir()
     (tmp_path / "admin.token").write_text("0123456789abcdef0123456789abcdef\n")
+    (tmp_path / "eab.key").write_text("c2VjcmV0LWhtYWMta2V5\n")
     return tmp_path
 
 
@@ -390,6 +394,23 @@ default = certs/site.pem
 min_version = 1.3
 expiry_warning = 30d
 session_ticket_rotation = 6h
+ocsp_stapling = no
+
+[acme]
+directory = https://127.0.0.1:14000/dir
+email = mailto:ops@example.com
+storage = state/acme
+directory_ca = ca.pem
+challenges = http-01
+key_type = rsa-2048
+renew_before = 20d
+eab_kid = kid-1
+eab_hmac_key_file = eab.key
+names = example.com, www.example.com
+on_demand = yes
+ask = http://127.0.0.1:9000/ask
+on_demand_burst = 3
+on_demand_interval = 5m
 
 [listen:https]
 endpoint = tcp6:443:interface=\\:\\:
@@ -503,6 +524,23 @@ def test_fullExample(site: Path) -> None:
             min_version=TLSVersion.TLSv1_3,
             expiry_warning=30 * 86400.0,
             session_ticket_rotation=6 * 3600.0,
+            ocsp_stapling=False,
+        ),
+        acme=ACMESettings(
+            storage=os.path.join(base, "state", "acme"),
+            directory="https://127.0.0.1:14000/dir",
+            email="ops@example.com",
+            directory_ca=os.path.join(base, "ca.pem"),
+            challenges=(ACMEChallenge.HTTP_01,),
+            key_type=ACMEKeyType.RSA_2048,
+            renew_before=20 * 86400.0,
+            eab_kid="kid-1",
+            eab_hmac_key="c2VjcmV0LWhtYWMta2V5",
+            names=("example.com", "www.example.com"),
+            on_demand=True,
+            ask="http://127.0.0.1:9000/ask",
+            on_demand_burst=3,
+            on_demand_interval=300.0,
         ),
         listeners=(
             Listener(
