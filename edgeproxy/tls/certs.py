@@ -113,6 +113,14 @@ class CertificateEntry:
     isDefault: bool = False
     """Whether this entry is served to clients sending no or an unknown SNI
     name."""
+    source: str = "file"
+    """Where it came from: C{"file"} (C{[tls]}) or C{"acme"} (ordered by
+    L{edgeproxy.acme})."""
+
+    @property
+    def issuer(self) -> str:
+        """The issuer's distinguished name (RFC 4514 text)."""
+        return self.certificate.issuer.rfc4514_string()
 
     def secondsLeft(self, now: float) -> float:
         """

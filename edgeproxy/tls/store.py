@@ -28,12 +28,31 @@ Tickets therefore work across every certificate of the store and across
 certificate reloads (the front context outlives snapshots), and stop working
 at the next rotation (the ticket lifetime hint is the rotation period too).
 The server-side session cache stays off: tickets need no server state.
+
+Certificates from ACME (L{edgeproxy.acme}) join the snapshot through
+L{CertificateStore.setManaged}: validated entries in, a new snapshot
+built (the contexts of entries already served are kept) and swapped in
+as one rebind, exactly as a reload swaps files.  A reload keeps them.
+
+TLS-ALPN-01 (RFC 8737): L{CertificateStore.setChallenges} builds one
+context per pending challenge.  A connection whose ClientHello offers
+C{acme-tls/1} and nothing else (read from its first bytes by
+L{edgeproxy.tls.clienthello}, only while a challenge is pending) gets the
+challenge context of its SNI name, negotiates C{acme-tls/1}, and is closed
+once the handshake is done (§3: the validation needs nothing more); any
+other connection never sees a challenge certificate.
+
+OCSP stapling: a context of a certificate naming an OCSP responder answers
+a client's status request with what L{CertificateStore.ocsp} (an
+L{edgeproxy.tls.ocsp.OCSPStapler}) holds for it at that handshake, so a
+refreshed response needs no new context.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _opensslLib
@@ -48,10 +67,27 @@ from zope.interface import implementer
 from edgeproxy.config.model import TLSSettings, TLSVersion
 from edgeproxy.errors import CertificateError
 from edgeproxy.tls.certs import CertificateEntry, CertificateSet, loadCertificates
-from edgeproxy.tls.transport import _releaseDrained, _releaseDrainedReceive, adopt
+from edgeproxy.tls.clienthello import NEED_MORE, ClientHello, parseClientHello
+from edgeproxy.tls.transport import EdgeTLSTransport, _releaseDrained, _releaseDrainedReceive, adopt
 
 DEFAULT_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
 """ALPN protocols offered by default, in server preference order."""
+
+ACME_TLS_1 = b"acme-tls/1"
+"""RFC 8737 §6.2: the ALPN protocol of TLS-ALPN-01 validation."""
+
+
+def _selectACMEProtocol(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+    # RFC 8737 §3: the validation is the handshake; the transport closes
+    # the connection as soon as it is done (EdgeTLSTransport).
+    connection.closeAfterHandshake = True  # type: ignore[attr-defined]
+    return ACME_TLS_1
+
+
+def _ocspURL(entry: CertificateEntry) -> str | None:
+    from edgeproxy.tls.ocsp import responderURL
+
+    return responderURL(entry.certificate)
 
 # Mozilla "intermediate" (Server Side TLS 5.x): forward secret AEAD suites
 # only for TLS 1.2; TLS 1.3 suites are all AEAD already.
@@ -116,6 +152,12 @@ class _Snapshot:
     """Served name (lower case, C{*.suffix} for wildcards) to context."""
     default: SSL.Context
     policy: _Policy
+    files: CertificateSet
+    """The certificates of C{[tls]} alone (C{certificates} adds the
+    managed ones)."""
+    built: dict[int, SSL.Context]
+    """C{id(entry)} -> its context, for every entry of C{certificates}
+    (reused by the next snapshot when the entry is still served)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +188,17 @@ class CertificateStore:
         self._clock = clock
         self._snapshot: _Snapshot | None = None
         self._front: _Front | None = None
+        self._managed: tuple[CertificateEntry, ...] = ()
+        self._challenges: dict[str, SSL.Context] = {}
+        self.ocsp: Any = None
+        """An L{edgeproxy.tls.ocsp.OCSPStapler}, or L{None}: no stapling."""
+        self.listeners: list[Callable[[CertificateSet], None]] = []
+        """Called with the new certificates after every swap."""
+        self.onDemand: Callable[[str | None], Any] | None = None
+        """With on-demand certificates: called with the SNI name of every
+        new connection before OpenSSL reads its ClientHello; returns
+        L{None} to go on at once, or a Deferred the handshake waits for
+        (L{edgeproxy.acme.ondemand.OnDemand.wait})."""
 
     @property
     def current(self) -> CertificateSet:
@@ -179,25 +232,112 @@ class CertificateStore:
         if settings is None:
             settings = self._settings
         now = self._clock.seconds()
-        certificates = loadCertificates(settings, now=now)
-        policy = _Policy.fromSettings(settings)
-        contexts: dict[str, SSL.Context] = {}
-        built: dict[int, SSL.Context] = {}
-        for entry in certificates.entries:
-            built[id(entry)] = self._makeContext(entry, policy)
-        for name, entry in certificates.byName().items():
-            contexts[name] = built[id(entry)]
-        snapshot = _Snapshot(
-            certificates=certificates,
-            contexts=contexts,
-            default=built[id(certificates.default)],
-            policy=policy,
-        )
+        files = loadCertificates(settings, now=now)
+        snapshot = self._build(files, self._managed, _Policy.fromSettings(settings))
         # The swap: one rebind each, nothing can fail after this point.
         self._snapshot = snapshot
         self._settings = settings
         self.warnExpiring(now)
-        return certificates
+        self._announce(snapshot.certificates)
+        return snapshot.certificates
+
+    @property
+    def managed(self) -> tuple[CertificateEntry, ...]:
+        """The certificates obtained through ACME being served."""
+        return self._managed
+
+    def setManaged(self, entries: Sequence[CertificateEntry]) -> CertificateSet:
+        """
+        Serve C{entries} (validated by L{edgeproxy.tls.certs.loadEntry}, as
+        every file is) beside the files of C{[tls]}, in place of the
+        previous managed ones: a new snapshot, swapped in as a reload swaps
+        one.  Open connections keep their context; the contexts of entries
+        already served are kept.
+
+        @raise CertificateError: OpenSSL refused an entry; nothing changed.
+        @raise RuntimeError: before the first L{load}.
+        """
+        current = self._snapshot
+        if current is None:
+            raise RuntimeError("CertificateStore.load() has not succeeded yet")
+        managed = tuple(replace(entry, isDefault=False) if entry.isDefault else entry for entry in entries)
+        snapshot = self._build(current.files, managed, current.policy, current)
+        self._snapshot = snapshot
+        self._managed = managed
+        self._announce(snapshot.certificates)
+        return snapshot.certificates
+
+    def _build(
+        self,
+        files: CertificateSet,
+        managed: tuple[CertificateEntry, ...],
+        policy: _Policy,
+        previous: _Snapshot | None = None,
+    ) -> _Snapshot:
+        certificates = CertificateSet(files.entries + managed)
+        if previous is None and self._snapshot is not None and self._snapshot.policy == policy:
+            previous = self._snapshot
+        reusable = previous.built if previous is not None and previous.policy == policy else {}
+        served = {id(entry) for entry in (previous.certificates.entries if previous else ())}
+        contexts: dict[str, SSL.Context] = {}
+        built: dict[int, SSL.Context] = {}
+        for entry in certificates.entries:
+            key = id(entry)
+            context = reusable.get(key) if key in served else None
+            built[key] = context if context is not None else self._makeContext(entry, policy)
+        for name, entry in certificates.byName().items():
+            contexts[name] = built[id(entry)]
+        return _Snapshot(
+            certificates=certificates,
+            contexts=contexts,
+            default=built[id(certificates.default)],
+            policy=policy,
+            files=files,
+            built=built,
+        )
+
+    def _announce(self, certificates: CertificateSet) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(certificates)
+            except Exception:
+                self.log.failure("after a certificate swap")
+
+    # TLS-ALPN-01 ----------------------------------------------------------
+
+    @property
+    def challengesPending(self) -> bool:
+        """Whether a TLS-ALPN-01 challenge is pending (ClientHellos are read)."""
+        return bool(self._challenges)
+
+    def setChallenges(self, challenges: Mapping[str, Any]) -> None:
+        """
+        Present these TLS-ALPN-01 challenges (name -> an object with
+        C{certificatePEM} and C{keyPEM}, see
+        L{edgeproxy.acme.challenges.TLSALPNChallenge}) from now on, in
+        place of the previous ones.
+        """
+        contexts: dict[str, SSL.Context] = {}
+        for name, challenge in challenges.items():
+            try:
+                contexts[name.lower()] = self._challengeContext(challenge)
+            except Exception:
+                self.log.failure("cannot present the TLS-ALPN-01 challenge of {name}", name=name)
+        self._challenges = contexts
+
+    def _challengeContext(self, challenge: Any) -> SSL.Context:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
+        context.use_certificate(x509.load_pem_x509_certificate(challenge.certificatePEM))
+        context.use_privatekey(load_pem_private_key(challenge.keyPEM, password=None))  # type: ignore[arg-type]
+        context.check_privatekey()
+        context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        context.set_alpn_select_callback(_selectACMEProtocol)
+        return context
 
     def warnExpiring(self, now: float | None = None) -> list[CertificateEntry]:
         """
@@ -279,6 +419,10 @@ class CertificateStore:
         connection = _ServerConnection(self._frontContext(), None)
         if protocols != DEFAULT_PROTOCOLS:
             connection.acceptableProtocols = protocols
+        if self._challenges:
+            # Only while a TLS-ALPN-01 challenge is pending: read the
+            # ClientHello before OpenSSL does (see the module docstring).
+            connection.helloBuffer = b""
         return connection
 
     def _frontContext(self) -> SSL.Context:
@@ -328,6 +472,10 @@ class CertificateStore:
                 context.set_timeout(max(1, int(policy.ticketLifetime)))
             _setGroups(context)
             context.set_tls13_ciphersuites(_TLS13_SUITES)
+            if self._settings.ocsp_stapling and _ocspURL(entry) is not None:
+                # Read at each handshake that asks for it: a refreshed
+                # response needs no new context.
+                context.set_ocsp_server_callback(self._staple, entry)
             context.set_tlsext_servername_callback(self._selectContext)
             context.set_alpn_select_callback(self._selectProtocol)
             # Last: pyOpenSSL may create a connection to check the list,
@@ -349,11 +497,29 @@ class CertificateStore:
         the handshake with a bare alert.
         """
         try:
-            context = self.lookup(connection.get_servername())
+            name = connection.get_servername()
+            hello = getattr(connection, "clientHello", None)
+            if hello is not None and hello.protocols == (ACME_TLS_1,) and name:
+                challenge = self._challenges.get(name.decode("ascii", "replace").lower().rstrip("."))
+                if challenge is not None:
+                    connection.set_context(challenge)
+                    return
+            context = self.lookup(name)
             if context is not None:
                 connection.set_context(context)
         except Exception:
             self.log.failure("while selecting the TLS context for an SNI name")
+
+    def _staple(self, connection: SSL.Connection, entry: CertificateEntry | None) -> bytes:
+        """The OCSP server callback: the current good response, or none."""
+        try:
+            stapler = self.ocsp
+            if stapler is None or entry is None:
+                return b""
+            return stapler.stapleFor(entry, self._clock.seconds()) or b""
+        except Exception:
+            self.log.failure("while stapling an OCSP response")
+            return b""
 
     def _selectProtocol(
         self, connection: SSL.Connection, offered: list[bytes]
@@ -424,9 +590,27 @@ class _ServerConnection(SSL.Connection):
         return data
 
     def bio_write(self, buf: bytes) -> int:
+        if self.helloBuffer is not None:
+            self._readHello(buf)
         written = super().bio_write(buf)
         self._receivedThrough += written
         return written
+
+    helloBuffer: bytes | None = None
+    """The first bytes received, while a ClientHello is looked for (only
+    while a TLS-ALPN-01 challenge is pending); L{None} otherwise."""
+    clientHello: ClientHello | None = None
+    """The ClientHello read from those bytes, once read."""
+
+    def _readHello(self, data: bytes) -> None:
+        buffered = self.helloBuffer + data  # type: ignore[operator]
+        hello = parseClientHello(buffered)
+        if isinstance(hello, ClientHello):
+            self.clientHello = hello
+        elif hello is NEED_MORE:
+            self.helloBuffer = buffered
+            return
+        self.helloBuffer = None
 
     def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
         try:
@@ -457,4 +641,58 @@ class _ServerConnectionCreator:
         # Called by every server TLS transport as it connects: the one place
         # that sees them all, to give them the faster write path.
         adopt(tlsProtocol)
+        if self._store.onDemand is not None and type(tlsProtocol) is EdgeTLSTransport:
+            tlsProtocol.__class__ = _WaitingTLSTransport
+            tlsProtocol._onDemand = self._store.onDemand  # type: ignore[attr-defined]
         return self._store._connectionFor(self.acceptableProtocols)
+
+
+class _WaitingTLSTransport(EdgeTLSTransport):
+    """
+    The TLS transport of a listener with on-demand certificates: it holds
+    the first bytes of the connection until its ClientHello is complete,
+    asks the store's C{onDemand} hook about the SNI name, and hands the
+    bytes to OpenSSL when the hook says so (the certificate ordered for
+    the name is then in the snapshot the servername callback reads).  The
+    TCP transport is paused meanwhile.  Only listeners of a store with
+    on-demand certificates get this class.
+    """
+
+    __slots__ = ()
+
+    _heldHello: bytes = b""
+    _helloPassed = False
+    _onDemand: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._helloPassed:
+            EdgeTLSTransport.dataReceived(self, data)
+            return
+        held = self._heldHello + data
+        hello = parseClientHello(held)
+        if hello is NEED_MORE:
+            self._heldHello = held
+            return
+        self._helloPassed = True
+        self._heldHello = b""
+        wait = None
+        if isinstance(hello, ClientHello) and hello.serverName and hello.protocols != (ACME_TLS_1,):
+            hook = self._onDemand
+            if hook is not None:
+                try:
+                    wait = hook(hello.serverName)
+                except Exception:
+                    CertificateStore.log.failure("on-demand certificate for {name}", name=hello.serverName)
+        if wait is None:
+            EdgeTLSTransport.dataReceived(self, held)
+            return
+        transport: Any = self.transport
+        transport.pauseProducing()
+
+        def resume(_: object) -> None:
+            if self._lostTLSConnection or getattr(transport, "disconnected", False):
+                return
+            transport.resumeProducing()
+            EdgeTLSTransport.dataReceived(self, held)
+
+        wait.addBoth(resume)

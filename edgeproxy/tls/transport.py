@@ -234,6 +234,10 @@ class EdgeTLSTransport(BufferingTLSTransport):
     def _checkHandshakeStatus(self) -> None:
         TLSMemoryBIOProtocol._checkHandshakeStatus(self)
         if self._handshakeDone:
+            if getattr(self._tlsConnection, "closeAfterHandshake", False):
+                # A TLS-ALPN-01 validation (edgeproxy.tls.store): nothing
+                # follows its handshake (RFC 8737 §3).
+                self.loseConnection()
             _afterHandshake(self._tlsConnection)
             # The empty list Twisted's makeConnection gave a connection
             # built as BufferingTLSTransport and converted by adopt().
