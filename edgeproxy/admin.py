@@ -184,21 +184,47 @@ def _isoUTC(when: datetime.datetime) -> str:
     return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def certificateStatus(store: Any, now: float) -> list[dict[str, Any]]:
-    """The C{certificates} of C{/status}: every certificate served."""
+def certificateStatus(store: Any, now: float, acme: Any = None) -> list[dict[str, Any]]:
+    """
+    The C{certificates} of C{/status}: every certificate served, with where
+    it came from (C{file} or C{acme}), its issuer, its renewal (ACME) and
+    its OCSP staple.
+    """
     if store is None:
         return []
-    return [
-        {
+    stapler = getattr(store, "ocsp", None)
+    documents = []
+    for entry in store.current.entries:
+        document: dict[str, Any] = {
             "names": list(entry.names),
             "file": entry.path,
+            "source": getattr(entry, "source", "file"),
+            "issuer": entry.certificate.issuer.rfc4514_string(),
             "default": entry.isDefault,
             "not_after": _isoUTC(entry.notAfter),
             "not_after_timestamp": entry.notAfter.timestamp(),
             "expires_in_days": round(entry.secondsLeft(now) / 86400.0, 2),
+            "next_renewal": None,
+            "last_error": None,
+            "ocsp": None if stapler is None else stapler.status(entry, now),
         }
-        for entry in store.current.entries
-    ]
+        state = None if acme is None else acme.statusFor(entry)
+        if state is not None:
+            document["next_renewal"] = state["next_renewal"]
+            document["last_error"] = state["last_error"]
+        documents.append(document)
+    return documents
+
+
+def acmeStatus(acme: Any) -> dict[str, Any] | None:
+    """The C{acme} of C{/status}: the directory and every managed name."""
+    if acme is None:
+        return None
+    return {
+        "directory": acme.settings.directory,
+        "storage": acme.settings.storage,
+        "names": [state.status() for state in acme.states.values()],
+    }
 
 
 def statusDocument(service: Any, now: float | None = None) -> dict[str, Any]:
@@ -220,7 +246,8 @@ def statusDocument(service: Any, now: float | None = None) -> dict[str, Any]:
         "started": getattr(service, "startedAt", None),
         "workers": service.config.proxy.workers,
         "listeners": listenerStatus(service),
-        "certificates": certificateStatus(getattr(service, "store", None), now),
+        "certificates": certificateStatus(getattr(service, "store", None), now, getattr(service, "acme", None)),
+        "acme": acmeStatus(getattr(service, "acme", None)),
         "upstreams": {name: upstreamStatus(pool) for name, pool in runtime.pools.items()},
     }
 

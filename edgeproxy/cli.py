@@ -203,6 +203,9 @@ class _Summary:
         lines += self.process() + [""]
         lines += self.listeners() + [""]
         lines += self.certificateLines() + [""]
+        acme = self.acmeLines()
+        if acme:
+            lines += acme + [""]
         lines += self.routes() + [""]
         lines += self.upstreams()
         warnings = self.warnings()
@@ -321,6 +324,32 @@ class _Summary:
             rows, indent="    "
         )
 
+    def acmeNames(self) -> tuple[str, ...]:
+        from edgeproxy.acme.policy import wantedNames
+
+        served = self.certificates.byName() if self.certificates is not None else {}
+        return wantedNames(self.config, served)
+
+    def acmeLines(self) -> list[str]:
+        """What ACME would request, from which directory, stored where."""
+        acme = self.config.acme
+        if acme is None:
+            return []
+        names = self.acmeNames()
+        how = "names = auto: route hosts no certificate file covers" if acme.names is None else "names listed"
+        lines = [
+            f"ACME: from {acme.directory}",
+            f"  challenges {', '.join(c.value for c in acme.challenges)}, {acme.key_type.value} keys, "
+            f"renew {formatDuration(acme.renew_before)} before expiry, storage {acme.storage}",
+            f"  would request ({how}): " + (", ".join(names) if names else "(no name)"),
+        ]
+        if acme.on_demand:
+            lines.append(
+                f"  on demand: names seen in SNI, when {acme.ask} allows them "
+                f"({acme.on_demand_burst} orders, then one every {formatDuration(acme.on_demand_interval)})"
+            )
+        return lines
+
     def routes(self) -> list[str]:
         rows = []
         for route in self.config.routes:
@@ -401,7 +430,8 @@ class _Summary:
                 days = int(entry.secondsLeft(self.now) // 86400)
                 warnings.append(f"{self.show(entry.path)} expires in {days} days")
             if any(listener.tls for listener in self.config.listeners):
-                served = self.certificates.byName()
+                served: dict[str, object] = dict(self.certificates.byName())
+                served.update((name, None) for name in self.acmeNames())
                 for route in self.config.routes:
                     for host in route.hosts:
                         if host != "*" and not _covered(host, served):

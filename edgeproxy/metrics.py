@@ -264,6 +264,21 @@ class Metrics:
             "edgeproxy_reloads", "Reloads (SIGHUP), by result (ok or failed).",
             ["result"], registry=r,
         )
+        self._acmeOrders = Counter(
+            "edgeproxy_acme_orders",
+            "ACME orders started, by kind (new or renewal).",
+            ["kind"], registry=r,
+        )
+        self._acmeObtained = Counter(
+            "edgeproxy_acme_certificates",
+            "Certificates obtained through ACME and swapped in, by kind (new or renewal).",
+            ["kind"], registry=r,
+        )
+        self._acmeFailures = Counter(
+            "edgeproxy_acme_failures",
+            "Failed ACME orders, by the CA's problem type (rateLimited, unauthorized, connection... or other).",
+            ["problem"], registry=r,
+        )
         self._stateSource: Callable[[], Iterable[StateSample]] | None = None
         r.register(_StateCollector(self))
 
@@ -339,6 +354,15 @@ class Metrics:
 
     def queueTimedOut(self, upstream: str) -> None:
         self._queueTimeouts.labels(upstream).inc()
+
+    def acmeOrdered(self, renewal: bool) -> None:
+        self._acmeOrders.labels("renewal" if renewal else "new").inc()
+
+    def acmeObtained(self, renewal: bool) -> None:
+        self._acmeObtained.labels("renewal" if renewal else "new").inc()
+
+    def acmeFailed(self, problem: str) -> None:
+        self._acmeFailures.labels(problem).inc()
 
     def reloaded(self, ok: bool) -> None:
         self._reloads.labels("ok" if ok else "failed").inc()

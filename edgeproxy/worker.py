@@ -105,6 +105,16 @@ class WorkerAgent:
             self._reply(answer(message, status=self.status()))
         elif op == "metrics":
             self._reply(answer(message, text=self.metricsText()))
+        elif op == "acme-challenges":
+            challenges = getattr(self.service, "challenges", None)
+            if challenges is not None:
+                challenges.restore(message)
+        elif op == "acme-sync":
+            self._reply(answer(message))
+        elif op == "acme-certificates":
+            from edgeproxy.acme.worker import applyCertificates
+
+            applyCertificates(self.service, [str(name) for name in message.get("names") or ()])
         else:
             log.warn("unknown control message {op}, ignored", op=op)
 
@@ -225,6 +235,7 @@ def runWorker(
             notifier=ControlNotifier(channel),
             activeChecks=False,
             prepareConfig=prepare,
+            orderCertificates=False,
         )
     except EdgeProxyError as e:
         log.critical("worker {number} cannot start: {error}", number=number, error=str(e))
@@ -239,6 +250,9 @@ def runWorker(
         return 1
     agent = WorkerAgent(service, number)
     agent.channel = channel
+    from edgeproxy.acme.worker import askForCertificates
+
+    askForCertificates(service, channel)
     # The state of every backend before the first connection is accepted,
     # so that no request goes to a backend the supervisor knows is down.
     first, rest = readInitialState(0, INITIAL_STATE_TIMEOUT)

@@ -13,13 +13,23 @@ character, so a line is always one message).  Every message has an C{"op"}:
       backend state decided by the supervisor's health checks or an admin
       action; the worker applies it to its own pool;
     - C{{"op": "status", "id"}} and C{{"op": "metrics", "id"}}: questions,
-      answered with the same C{op} and C{id}.
+      answered with the same C{op} and C{id};
+    - C{{"op": "acme-challenges", "http01": [...], "tlsalpn01": [...]}}: the
+      pending ACME challenges, all of them (the worker's challenge store
+      takes exactly these; L{edgeproxy.acme.challenges.ChallengeStore.snapshot}),
+      followed by the question C{{"op": "acme-sync", "id"}}, answered once
+      they are applied;
+    - C{{"op": "acme-certificates", "names": [...]}}: the names whose ACME
+      certificates are served now; the worker loads them from C{[acme]
+      storage} (validated as files are) and swaps them in.
   worker to supervisor:
     - C{{"op": "notify", "fields": {...}}}: what a single process would
       send to systemd (C{READY=1}, C{RELOADING=1}, C{STOPPING=1},
       C{STATUS=...}); only the supervisor talks to systemd;
     - the answers: C{{"op": "status", "id", "status": {...}}} and
-      C{{"op": "metrics", "id", "text": "..."}}.
+      C{{"op": "metrics", "id", "text": "..."}};
+    - C{{"op": "acme-demand", "id", "name"}}: a handshake for C{name} waits
+      for an on-demand certificate; answered when the attempt is over.
 
 A line that is not a JSON object with a known C{op} is logged and
 ignored: neither side ever dies of what the other one wrote.
@@ -141,9 +151,10 @@ class ControlChannel(Protocol):
             return
         self.transport.write(json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n")
 
-    def ask(self, op: str, timeout: float) -> Deferred[dict[str, Any]]:
+    def ask(self, op: str, timeout: float, **fields: Any) -> Deferred[dict[str, Any]]:
         """
-        Ask the other end a question (C{status}, C{metrics}).
+        Ask the other end a question (C{status}, C{metrics}), with
+        C{fields} in the message.
 
         @return: fires with the answer, or fails with L{NoAnswer} after
             C{timeout} seconds or when the channel closes first.
@@ -169,7 +180,7 @@ class ControlChannel(Protocol):
             return result
 
         answer.addBoth(stopTimer)
-        self.send({"op": op, "id": identifier})
+        self.send({**fields, "op": op, "id": identifier})
         return answer
 
     def dataReceived(self, data: bytes) -> None:

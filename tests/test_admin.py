@@ -626,6 +626,9 @@ def test_everyMetricIsDocumented(admin: Admin) -> None:
     metrics.retryRefused("app")
     metrics.queueTimedOut("app")
     metrics.reloaded(True)
+    metrics.acmeOrdered(False)
+    metrics.acmeObtained(True)
+    metrics.acmeFailed("rateLimited")
     served = {family.name for family in text_string_to_metric_families(admin.ask("GET", "/metrics")[2].decode())}
     docs = (Path(__file__).parents[1] / "docs" / "operations.rst").read_text()
     section = docs[docs.index("\nMetrics\n-------\n") + 17:]

@@ -28,6 +28,7 @@ from zope.interface import implementer
 from edgeproxy.config.model import Listener
 from edgeproxy.errors import BadRequest, ContentTooLarge, MisdirectedRequest, NoRoute, ProxyError
 from edgeproxy.h1.fields import Fields
+from edgeproxy.http.acmehook import http01Stage
 from edgeproxy.http.deadlines import DeadlineQueue
 from edgeproxy.http.redirect import RedirectStage
 from edgeproxy.http.server import HTTP1Connection, isTLSFailure
@@ -63,6 +64,11 @@ class ListenerFactory(Factory):
     """
 
     noisy = False
+
+    acmeChallenges: Any = None
+    """The L{edgeproxy.acme.challenges.ChallengeStore} whose HTTP-01 tokens
+    this listener answers (L{edgeproxy.http.acmehook}); L{None} without
+    ACME (set by the service)."""
 
     def __init__(
         self,
@@ -174,6 +180,12 @@ class ListenerFactory(Factory):
         runtime's router (L{None} when nothing matches), or on a redirect
         listener the redirect.
         """
+        # The ACME HTTP-01 hook: a pending challenge's token is answered
+        # before the redirect and before routing (RFC 8555 §8.3).
+        if self.acmeChallenges is not None:
+            answer = http01Stage(self.acmeChallenges, self.listener.tls, host, path)
+            if answer is not None:
+                return answer
         if self._redirect is not None:
             return self._redirect
         return runtime.router.match(host, path)

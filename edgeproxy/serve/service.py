@@ -102,6 +102,7 @@ class EdgeService(MultiService):
         metrics: Metrics | None = None,
         activeChecks: bool = True,
         prepareConfig: Callable[[Config], Config] | None = None,
+        orderCertificates: bool = True,
     ) -> None:
         """
         Load the certificates and build the runtime now, so that their errors
@@ -125,6 +126,9 @@ class EdgeService(MultiService):
             the sockets it inherited: L{edgeproxy.workers.workerConfig}).
         @param metrics: Where the proxy's metrics are recorded (default: a
             new L{Metrics}).
+        @param orderCertificates: Whether this process talks to the ACME CA
+            (C{[acme]}); a worker of a supervisor does not: its challenges
+            and certificates come from the supervisor.
 
         @raise CertificateError: a certificate cannot be served.
         @raise edgeproxy.errors.ConfigError: the runtime cannot be built.
@@ -154,6 +158,12 @@ class EdgeService(MultiService):
         if config.tls is not None:
             self.store = CertificateStore(config.tls, reactor)
             self.store.load()
+        # ACME and OCSP (edgeproxy.acme, edgeproxy.tls.ocsp).
+        from edgeproxy.acme.setup import setUpACME
+
+        self.challenges, self.acme, self.onDemand = setUpACME(
+            self, config, reactor, self.metrics, orderCertificates
+        )
         self._accessLogStream = accessLogStream
         self.accessLog = AccessLog.fromSettings(config.proxy, reactor, stdout=accessLogStream)
         self._activeChecks = activeChecks
@@ -232,9 +242,12 @@ class EdgeService(MultiService):
         """The site C{listener}'s port serves, built by
         L{edgeproxy.serve.sites.makeSite} from this service's runtime,
         access log and metrics."""
-        return makeSite(
+        site = makeSite(
             self.currentRuntime, listener, self._reactor, accessLog=self.accessLog, metrics=self.metrics
         )
+        # The challenges the ACME HTTP-01 hook answers (edgeproxy.http.acmehook).
+        site.acmeChallenges = self.challenges
+        return site
 
     def _listen(self) -> None:
         if self._listening is not None:
@@ -457,6 +470,10 @@ class EdgeService(MultiService):
         self._warnInsecure()
         if certificates is not None:
             self._logCertificates("Now serving", certificates)
+        if self.acme is not None:
+            self.acme.reconfigure(config)
+        elif config.acme is not None and self._prepareConfig is None:
+            log.warn("[acme] added by a reload: takes effect at the next restart")
         return Deferred.fromCoroutine(self._applyListeners(config))
 
     async def _applyListeners(self, config: Config) -> None:

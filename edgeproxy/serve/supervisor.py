@@ -156,6 +156,15 @@ class Supervisor(MultiService):
             # For /status and the expiry metrics; the workers serve their own.
             self.store = CertificateStore(config.tls, reactor)
             self.store.load()
+        # The one process that talks to the ACME CA (edgeproxy.acme.supervising).
+        from edgeproxy.acme.setup import setUpACME
+
+        self.challenges, self.acme, self.onDemand = setUpACME(self, config, reactor, self.metrics, True)
+        self.workersACME: Any = None
+        if self.acme is not None:
+            from edgeproxy.acme.supervising import WorkersACME
+
+            self.workersACME = WorkersACME(self)
         # The health checks of the whole instance, and the backend states
         # the admin listener shows and acts on.
         self.runtime = Runtime.build(config, reactor, metrics=self.metrics, activeChecks=True)
@@ -240,6 +249,9 @@ class Supervisor(MultiService):
         # (edgeproxy.worker.readInitialState).
         for message in self.verdicts():
             worker.send(message)
+        if self.workersACME is not None:
+            for message in self.workersACME.initialState():
+                worker.send(message)
         worker.send({"op": "state-end"})
         self._readyTimers[number] = self._reactor.callLater(READY_TIMEOUT, self._notReady, worker)
 
@@ -513,6 +525,8 @@ class Supervisor(MultiService):
             refused(log, e, path)
             discard(runtime)
             return False
+        if self.acme is not None:
+            self.acme.reconfigure(config)
         previous, self.runtime = self.runtime, runtime
         self._observe(runtime, skip=runtime.inherited)
         runtime.start()
@@ -554,6 +568,8 @@ class Supervisor(MultiService):
     async def _stop(self, children: Deferred[Any]) -> None:
         reactor = self._reactor
         self.notifier.stopping()
+        if self.workersACME is not None:
+            self.workersACME.stop()
         for call in list(self._restarts.values()) + list(self._readyTimers.values()):
             if call.active():
                 call.cancel()

@@ -253,7 +253,9 @@ class WorkerProcess(ProcessProtocol):
         )
 
     def _controlMessage(self, message: dict[str, Any]) -> None:
-        if message["op"] == "notify":
+        if message["op"] == "acme-demand" and getattr(self.supervisor, "workersACME", None) is not None:
+            self.supervisor.workersACME.demand(self, message)
+        elif message["op"] == "notify":
             fields = message.get("fields")
             if isinstance(fields, dict):
                 self.supervisor.workerNotified(self, {str(k): str(v) for k, v in fields.items()})

@@ -1,0 +1,173 @@
+"""
+L{edgeproxy.acme.manager.ACMEManager} on a memory clock with a fake CA
+client (what it does with orders' outcomes; the protocol itself is tested
+against Pebble in C{tests/integration/test_acme.py}).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+
+from edgeproxy.acme.challenges import ChallengeStore
+from edgeproxy.acme.client import ACMEFailure
+from edgeproxy.acme.manager import ACMEManager
+from edgeproxy.config import load
+from edgeproxy.metrics import Metrics
+from edgeproxy.tls.store import CertificateStore
+from tests.certutil import CertificateAuthority
+
+DAY = 86400.0
+
+
+class FakeCA:
+    """Issues from a test CA, or fails as told; records what it was asked."""
+
+    def __init__(self) -> None:
+        self.authority = CertificateAuthority("fake ACME CA").intermediate("fake ACME issuer")
+        self.failures: list[ACMEFailure] = []
+        self.orders: list[str] = []
+        self.presented: list[tuple[str, str]] = []
+        self.issueFor: str | None = None
+
+    def order(self, name: str, keyPEM: bytes, present: Any) -> bytes:
+        self.orders.append(name)
+        present("http-01", name, "t" * 43, "t" * 43 + ".thumb")
+        self.presented.append(("http-01", name))
+        if self.failures:
+            raise self.failures.pop(0)
+        key = load_pem_private_key(keyPEM, password=None)
+        issued = self.authority.issue([self.issueFor or name], key=key)  # type: ignore[arg-type]
+        return issued.certificatePEM + issued.chainPEM
+
+    def renewalWindow(self, certificate: Any) -> tuple[None, None]:
+        return None, None
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
+    CertificateAuthority("default").issue(["fallback.invalid"]).writePEM(tmp_path / "default.pem")
+    (tmp_path / "edge.ini").write_text("""
+[tls]
+certificates = default.pem
+[acme]
+storage = state
+[listen:https]
+endpoint = tcp:0
+tls = yes
+[upstream:app]
+servers = 127.0.0.1:9
+[route:app]
+hosts = app.example
+upstream = app
+""")
+    config = load(str(tmp_path / "edge.ini"))
+    clock = Clock()
+    clock.advance(time.time())
+    store = CertificateStore(config.tls, clock)  # type: ignore[arg-type]
+    store.load()
+    fake = FakeCA()
+    metrics = Metrics()
+    manager = ACMEManager(
+        config, store, ChallengeStore(), clock, metrics, client=fake,
+        runInThread=lambda f, *a: maybeDeferred(f, *a), callFromThread=lambda f, *a: f(*a),
+    )
+    return manager, fake, clock, store, metrics
+
+
+def served(store: CertificateStore, name: str) -> Any:
+    return next((e for e in store.current.entries if name in e.names), None)
+
+
+def test_obtainedAndSwappedIn(setup: Any) -> None:
+    manager, fake, clock, store, metrics = setup
+    manager.startService()
+    clock.advance(0)
+    assert fake.orders == ["app.example"]
+    entry = served(store, "app.example")
+    assert entry is not None and entry.source == "acme"
+    state = manager.states["app.example"]
+    assert state.lastError is None and state.nextRenewal == pytest.approx(entry.notAfter.timestamp() - 30 * DAY)
+    # The challenge was withdrawn once the order was over.
+    assert manager.challenges.pending == 0
+    assert b'edgeproxy_acme_certificates_total{kind="new"} 1.0' in metrics.exposition()
+
+
+def test_failureBacksOffHonouringRetryAfter(setup: Any) -> None:
+    manager, fake, clock, store, metrics = setup
+    fake.failures.append(ACMEFailure("the CA refused: rateLimited", "urn:ietf:params:acme:error:rateLimited", 3600.0))
+    with capturedLogs() as events:
+        manager.startService()
+        clock.advance(0)
+    assert served(store, "app.example") is None
+    state = manager.states["app.example"]
+    assert state.failures == 1 and "rateLimited" in state.lastError
+    assert state.retryAt == pytest.approx(clock.seconds() + 3600)
+    [logged] = [e for e in events if e.get("log_level").name == "error"]
+    assert logged["why"] == "the CA refused: rateLimited" and logged["delay"] == 3600
+    assert b'edgeproxy_acme_failures_total{problem="rateLimited"} 1.0' in metrics.exposition()
+    clock.advance(3599)
+    assert fake.orders == ["app.example"]
+    clock.advance(1)
+    assert fake.orders == ["app.example", "app.example"]
+    assert served(store, "app.example") is not None
+
+
+def test_wrongCertificateRefused(setup: Any) -> None:
+    """A certificate for another name is never served nor stored over a good one."""
+    manager, fake, clock, store, metrics = setup
+    fake.issueFor = "evil.example"
+    manager.startService()
+    clock.advance(0)
+    assert served(store, "app.example") is None and served(store, "evil.example") is None
+    assert "does not name app.example" in manager.states["app.example"].lastError
+
+
+def test_restartServesStoredWithoutOrdering(setup: Any, tmp_path: Path) -> None:
+    manager, fake, clock, store, metrics = setup
+    manager.startService()
+    clock.advance(0)
+    manager.stopService()
+    again = ACMEManager(
+        manager.config, store, ChallengeStore(), clock, Metrics(), client=fake,
+        runInThread=lambda f, *a: maybeDeferred(f, *a), callFromThread=lambda f, *a: f(*a),
+    )
+    store.setManaged([])
+    again.startService()
+    clock.advance(0)
+    assert fake.orders == ["app.example"]
+    assert served(store, "app.example") is not None
+
+
+def test_lockHeldElsewhere(setup: Any) -> None:
+    """Another process ordering the name: no order here, a look again later."""
+    manager, fake, clock, store, metrics = setup
+    import subprocess
+    import sys
+
+    root = manager.storage.root
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from edgeproxy.acme.storage import Storage;"
+         f"l = Storage({root!r}, {manager.settings.directory!r}).lock('app.example'); print(l.acquire(), flush=True);"
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "True"  # type: ignore[union-attr]
+        manager.startService()
+        clock.advance(0)
+        assert fake.orders == []
+        assert manager.states["app.example"].retryAt == pytest.approx(clock.seconds() + 60)
+    finally:
+        holder.communicate("", timeout=30)
+    clock.advance(60)
+    assert fake.orders == ["app.example"]
