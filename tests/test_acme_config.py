@@ -89,3 +89,23 @@ def test_needsTLS(tmp_path: Path) -> None:
     base = BASE.replace("[tls]\ncertificates = site.pem\n", "").replace("tls = yes\n", "")
     with pytest.raises(ConfigError, match=r"\[acme\] needs a \[tls\] section"):
         load(write(tmp_path, "storage = s\n", base))
+
+
+def test_checkShowsWhatACMEWouldRequest(tmp_path: Path) -> None:
+    """edgeproxy check: the directory, and the names no certificate file covers."""
+    import io
+
+    from edgeproxy.cli import EXIT_OK, check
+    from tests.certutil import CertificateAuthority
+
+    CertificateAuthority("check root").issue(["www.example"]).writePEM(tmp_path / "site.pem")
+    path = tmp_path / "edge.ini"
+    path.write_text(BASE.replace("hosts = app.example", "hosts = app.example, www.example, *.wild.example")
+                    + "\n[acme]\nstorage = s\ndirectory = https://127.0.0.1:14000/dir\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert check(str(path), out=out, err=err) == EXIT_OK, err.getvalue()
+    text = out.getvalue()
+    assert "ACME: from https://127.0.0.1:14000/dir" in text
+    assert "would request (names = auto: route hosts no certificate file covers): app.example\n" in text
+    # No warning for a host ACME covers.
+    assert "host app.example is on no certificate" not in text

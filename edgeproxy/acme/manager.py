@@ -261,6 +261,7 @@ class ACMEManager(Service):
         self._timer = None
         now = self._reactor.seconds()
         earliest = now + STORAGE_RECHECK
+        lookups: list[tuple[str, str]] = []
         for name, state in list(self.states.items()):
             if state.busy or any(queued == name for queued, _ in self._queue):
                 continue
@@ -277,9 +278,11 @@ class ACMEManager(Service):
                 self._queue.append((name, decision.why))
             else:
                 if entry is not None and state.ariNext <= now and state.retryAt is None:
-                    self._queue.append((name, "ari"))
+                    lookups.append((name, "ari"))
                 state.nextCheck = decision.at
                 earliest = min(earliest, decision.at)
+        # Renewal information after the orders: a slow CA delays no order.
+        self._queue.extend(lookups)
         if self._queue:
             self._startWork()
         self._schedule(earliest - now)
