@@ -398,3 +398,31 @@ def test_interimResponsesFromTheBackendPassedOn() -> None:
     other.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
     other.sent[0].interim(100, b"Continue")
     assert other.wire() == b""
+
+
+def test_clientBehindATrustedProxy() -> None:
+    """
+    With trusted proxies in front, a request from one of them reaches the
+    backend with its X-Forwarded-For chain kept and this hop appended, and
+    the request's client is the address the proxy vouches for.
+    """
+    import ipaddress
+
+    from edgeproxy.config.model import ProxySettings
+
+    recorder: list[str] = []
+
+    class ClientRecorder:
+        def log(self, call: Any) -> None:
+            recorder.append(call.request.client)
+
+    client = Client(
+        proxy=ProxySettings(trusted_proxies=(ipaddress.ip_network("192.0.2.0/24"),)),
+        accessLog=ClientRecorder(),
+    )
+    client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-For: 203.0.113.5\r\n\r\n")
+    [call] = client.sent
+    assert call.fields.getAll(b"x-forwarded-for") == [b"203.0.113.5, 192.0.2.7"]
+    call.respond(MemoryResponse(200, [], b"", length=0))
+    assert client.wire().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert recorder == ["203.0.113.5"]
