@@ -1007,3 +1007,59 @@ def test_finishedBodyIsFreedWithoutTheCycleCollector() -> None:
     finally:
         if enabled:
             gc.enable()
+
+
+# ALPN, targets the stages never see ------------------------------------------
+
+
+def test_headerDeadlineStopsWhenALPNSelectsHTTP2() -> None:
+    """
+    When ALPN picked h2 the connection hands every byte, the first ones
+    too, to the listener's HTTP/2 protocol; its HTTP/1.1 timers are off, so
+    no 408 is written into the HTTP/2 connection later.
+    """
+    received: list[bytes] = []
+
+    class HTTP2:
+        def makeConnection(self, transport: Any) -> None:
+            self.transport = transport
+
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+        def connectionLost(self, reason: Any) -> None:
+            received.append(b"lost")
+
+    class WithHTTP2(ListenerFactory):
+        def buildHTTP2(self, connection: Any) -> Any:
+            return HTTP2()
+
+    clock = Clock()
+    base = makeFactory(Limits(client_header_timeout=5), clock, Echo([]))
+    factory = WithHTTP2(base.currentRuntime, base.listener, clock)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    transport = StringTransport()
+    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol.makeConnection(transport)
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    protocol.dataReceived(preface)
+    protocol.dataReceived(b"more")
+    assert received == [preface, b"more"]
+    clock.advance(30)
+    assert transport.value() == b""
+    assert not transport.disconnecting
+    assert clock.getDelayedCalls() == []
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert received[-1] == b"lost"
+    assert factory.channels == set()
+
+
+def test_optionsAsteriskIsRefusedBeforeTheStages() -> None:
+    """
+    C{OPTIONS *} is a valid request (h1 reads it) but asks about the server
+    itself, which no route serves: 400, and no stage sees it.
+    """
+    connection = Connection()
+    connection.send(b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n")
+    assert connection.received().startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert connection.kinds() == []
