@@ -440,8 +440,11 @@ class HTTP1Connection(Answering):
             return
         factory = self.factory
         factory.idleQueue.arm(self)
-        if self._readPaused:
-            self._readPaused = False
+        if self._readPaused or self._bodyPaused:
+            # The body pipe went with its call: a pause it held (a body that
+            # arrived whole and was never read) must not stall the next
+            # request.
+            self._readPaused = self._bodyPaused = False
             self._updateReading()
         if self._buffer and not self._parsing:
             buffer, self._buffer = self._buffer, b""
