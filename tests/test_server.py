@@ -1063,3 +1063,23 @@ def test_optionsAsteriskIsRefusedBeforeTheStages() -> None:
     connection.send(b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n")
     assert connection.received().startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert connection.kinds() == []
+
+
+def test_bodyNeverReadDoesNotStallTheNextRequest() -> None:
+    """
+    A body that arrived whole but that nothing read (a stage answered
+    without it, a backend that failed before reading it) paused the
+    connection while it waited in its pipe; once the answer is out the
+    connection reads again, and the next request is served.
+    """
+    connection = Connection()
+    connection.stage.hold = True
+    connection.send(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc")
+    assert connection.transport.producerState == "paused"
+    connection.stage.held.pop().respond(Response(403, b"Forbidden", Fields(), 0, None))
+    assert connection.received().startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert not connection.transport.disconnecting
+    assert connection.transport.producerState == "producing"
+    connection.stage.hold = False
+    connection.send(b"GET /next HTTP/1.1\r\n" + H + b"\r\n")
+    assert connection.received().endswith(b"GET /next ")
