@@ -1083,3 +1083,27 @@ def test_bodyNeverReadDoesNotStallTheNextRequest() -> None:
     connection.stage.hold = False
     connection.send(b"GET /next HTTP/1.1\r\n" + H + b"\r\n")
     assert connection.received().endswith(b"GET /next ")
+
+
+def test_answerBeforeTheStagesReadAWholeBodyKeepsTheConnection() -> None:
+    """
+    A body that came whole with its head is read before the stages run:
+    an answer at once (here a 404 on a POST) finds the request complete,
+    and the connection serves the next request.  With the body still
+    arriving the answer closes the connection (see
+    test_earlyAnswerWhileTheBodyArrivesCloses).
+    """
+    connection = Connection()
+    object.__setattr__(connection.factory.currentRuntime(), "router", Router(()))
+    connection.send(
+        b"POST /x HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc"
+        b"PUT /y HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    received = connection.received()
+    assert received.count(b"HTTP/1.1 404 Not Found\r\n") == 2
+    assert b"Connection: close" not in received
+    assert not connection.transport.disconnecting
+    assert connection.transport.producerState == "producing"
+    connection.send(b"POST /z HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nab")
+    assert connection.received().count(b"HTTP/1.1 404 ") == 3
+    assert connection.transport.disconnecting
