@@ -1107,3 +1107,16 @@ def test_answerBeforeTheStagesReadAWholeBodyKeepsTheConnection() -> None:
     connection.send(b"POST /z HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nab")
     assert connection.received().count(b"HTTP/1.1 404 ") == 3
     assert connection.transport.disconnecting
+
+
+def test_noInterimAfterTheFinalAnswer() -> None:
+    """An interim response that comes after the final answer began (a
+    late 1xx from a stage or backend) is not written into its body."""
+    body = StreamedBody(b"abc")
+    connection = streaming(body)
+    before = connection.received()
+    body.protocol.interim(103, b"Early Hints", Fields())
+    assert connection.received() == before
+    body.protocol.connectionLost(BODY_DONE)
+    body.protocol.interim(103, b"Early Hints", Fields())
+    assert connection.received().endswith(b"0\r\n\r\n")
