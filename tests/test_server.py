@@ -24,7 +24,7 @@ from edgeproxy.config.model import Config, Limits, Listener, ProxySettings, Rout
 from edgeproxy.h1 import Fields
 from edgeproxy.http.errorpages import rejection
 from edgeproxy.http.listener import ListenerFactory
-from edgeproxy.http.server import ABORT_TIMEOUT, HTTP1Connection
+from edgeproxy.http.server import ABORT_TIMEOUT
 from edgeproxy.logs import refusals
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.stages import RoutePipeline

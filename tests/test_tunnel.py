@@ -1,5 +1,5 @@
 """
-Tests for L{edgeproxy.http.tunnel}.
+Tests for L{edgeproxy.http.tunnel} and L{edgeproxy.http.websocket}.
 
 The tunnel runs in memory on two transports.  The whole handshake runs in
 memory too: the client side is a real L{ListenerFactory} and
@@ -28,7 +28,8 @@ from twisted.python.failure import Failure
 from edgeproxy.config.model import Route, Server, Upstream
 from edgeproxy.h1 import Fields
 from edgeproxy.http.server import HTTP1Connection
-from edgeproxy.http.tunnel import ABORT_TIMEOUT, MAX_REFUSAL_BODY, Tunnel
+from edgeproxy.http.tunnel import ABORT_TIMEOUT, Tunnel
+from edgeproxy.http.websocket import MAX_REFUSAL_BODY
 from tests.memorypool import MemoryPool, ProxyClient
 
 # Tunnel -----------------------------------------------------------------------
