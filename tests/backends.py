@@ -353,7 +353,7 @@ def runHarness(directory: Path) -> None:
         Server,
         Upstream,
     )
-    from edgeproxy.http.site import EdgeSite
+    from edgeproxy.http.listener import ListenerFactory
     from edgeproxy.runtime import Runtime
     from tests.certutil import CertificateAuthority
 
@@ -418,8 +418,8 @@ def runHarness(directory: Path) -> None:
         routes=routes,
     )
     runtime = Runtime.build(config, reactor)
-    plainSite = EdgeSite(lambda: runtime, plainListener, reactor)
-    tlsSite = EdgeSite(lambda: runtime, tlsListener, reactor)
+    plainSite = ListenerFactory(lambda: runtime, plainListener, reactor)
+    tlsSite = ListenerFactory(lambda: runtime, tlsListener, reactor)
     proxyPlain = reactor.listenTCP(0, plainSite, interface="127.0.0.1")
     proxyTLS = reactor.listenSSL(0, tlsSite, _serverOptions(edge), interface="127.0.0.1")
 

@@ -1,6 +1,8 @@
 """
 Tests for L{edgeproxy.accesslog}: the exact lines written for requests
-driven through a real L{twisted.web.server.Site} over a memory transport.
+driven through a real L{ListenerFactory} and L{HTTP1Connection} over a
+memory transport, whose route forwards (the real forward stage) to an
+in-memory pool the test answers.
 """
 
 from __future__ import annotations
@@ -8,59 +10,55 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from edgeproxy.accesslog import AccessLog, LineWriter, escapeField, formatCombined
-from edgeproxy.config.model import AccessLogFormat, ProxySettings
+from edgeproxy.accesslog import AccessLog, LineWriter, escapeField, formatCombined, requestFields
+from edgeproxy.config.model import AccessLogFormat, ProxySettings, Route, Server, Upstream
+from edgeproxy.h1 import Fields
+from edgeproxy.pipeline.call import Call
+from edgeproxy.pipeline.testing import RecordingClient, makeRequest
+from tests.memorypool import MemoryPool, MemoryResponse, ProxyClient
 
 # 2026-11-27 19:05:01.250 UTC
 NOW = 1795806301.25
 
-
-class Hello(Resource):
-    isLeaf = True
-
-    def render_GET(self, request):
-        request.edgeRoute = "app"
-        request.edgeUpstream = "backend"
-        request.edgeStarted = NOW - 0.125
-        return b"hello"
+UPSTREAM = Upstream(name="backend", servers=(Server("10.0.0.1", 8080),))
+ROUTE = Route(name="app", hosts=("*",), paths=("/",), upstream="backend")
 
 
-class LoggingSite(Site):
-    """The Site hook EdgeSite uses: one AccessLog.log per finished request."""
+def connect(accessLog: AccessLog, clock: MemoryReactorClock, peer: Any = None) -> ProxyClient:
+    return ProxyClient(
+        pool=MemoryPool(UPSTREAM),
+        routes=(ROUTE,),
+        clock=clock,
+        accessLog=accessLog,
+        peer=peer or IPv4Address("TCP", "203.0.113.9", 54321),
+    )
 
-    def __init__(self, accessLog: AccessLog, reactor: MemoryReactorClock) -> None:
-        super().__init__(Hello(), reactor=reactor)
-        self.accessLog = accessLog
 
-    def log(self, request) -> None:
-        self.accessLog.log(request)
+def answer(client: ProxyClient, requestBytes: bytes) -> None:
+    """Send C{requestBytes}; the backend answers C{hello} 0.125 s later."""
+    client.send(requestBytes)
+    client.clock.advance(0.125)
+    client.sent[-1].respond(MemoryResponse(200, [], b"hello", length=5))
+    assert client.wire().endswith(b"hello")
 
 
 def serve(
     requestBytes: bytes,
     fmt: AccessLogFormat = AccessLogFormat.COMBINED,
-    peer=None,
+    peer: Any = None,
 ) -> str:
     clock = MemoryReactorClock()
-    clock.advance(NOW)
+    clock.advance(NOW - 0.125)
     out = io.StringIO()
     settings = ProxySettings(access_log="-", access_log_format=fmt)
     accessLog = AccessLog.fromSettings(settings, clock, stdout=out)
     assert accessLog is not None
-    site = LoggingSite(accessLog, clock)
-    channel = site.buildProtocol(None)
-    transport = StringTransport(
-        peerAddress=peer or IPv4Address("TCP", "203.0.113.9", 54321)
-    )
-    channel.makeConnection(transport)
-    channel.dataReceived(requestBytes)
-    assert b"hello" in transport.value()
+    answer(connect(accessLog, clock, peer), requestBytes)
     return out.getvalue()
 
 
@@ -80,16 +78,34 @@ def test_combinedMissingHeadersAreDashes() -> None:
     assert line == '203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET / HTTP/1.0" 200 5 "-" "-"\n'
 
 
-def test_combinedEscapesQuotesAndControlCharacters() -> None:
+def test_combinedEscapesQuotesAndBytesOutsideASCII() -> None:
     line = serve(
-        b'GET /x HTTP/1.1\r\nHost: h\r\nUser-Agent: evil" 200 1 "\x01\x1b[31m\xc3\xa9\\\r\n\r\n'
+        b'GET /x HTTP/1.1\r\nHost: h\r\nUser-Agent: evil" 200 1 "\xc3\xa9\\\r\n\r\n'
     )
     assert line == (
         '203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET /x HTTP/1.1" 200 5 "-" '
-        '"evil\\" 200 1 \\"\\x01\\x1B[31m\\xC3\\xA9\\\\"\n'
+        '"evil\\" 200 1 \\"\\xC3\\xA9\\\\"\n'
     )
     # Exactly one line, and the quoted fields cannot be split by the quote.
     assert line.count("\n") == 1
+
+
+def test_combinedEscapesControlCharacters() -> None:
+    """
+    The HTTP/1.1 parser refuses control characters in field values; a
+    request that carries them anyway (another protocol's, a stage's
+    rewrite) is still logged on one line with each escaped.
+    """
+    request = makeRequest(
+        path=b"/x",
+        fields=Fields.trusted({b"host": [b"h"], b"user-agent": [b"\x01\x1b[31m\r\nX"]}),
+    )
+    call = Call(request, None, RecordingClient(), (), NOW - 1)
+    call.status = 200
+    event = dict(requestFields(call, NOW), finished=NOW)
+    line = formatCombined(event)
+    assert line.endswith('"GET /x HTTP/1.1" 200 - "-" "\\x01\\x1B[31m\\x0D\\x0AX"')
+    assert "\n" not in line
 
 
 def test_ipv6Client() -> None:
@@ -104,17 +120,17 @@ def test_unixClientIsDash() -> None:
 
 def test_jsonLine() -> None:
     line = serve(
-        b"GET /a?b=1 HTTP/1.1\r\nHost: www.example\r\nUser-Agent: ua\x7f\"x\r\n\r\n",
+        b"GET /a?b=1 HTTP/1.1\r\nHost: www.example\r\nUser-Agent: ua\xc3\xa9\"x\r\n\r\n",
         fmt=AccessLogFormat.JSON,
     )
     assert line.endswith("\n") and line.count("\n") == 1
     assert line == (
         '{"time":"2026-11-27T19:05:01.250Z","client":"203.0.113.9","method":"GET",'
         '"target":"/a?b=1","protocol":"HTTP/1.1","status":200,"bytes":5,'
-        '"referer":null,"user_agent":"ua\\u007f\\"x","host":"www.example",'
+        '"referer":null,"user_agent":"ua\\u00e9\\"x","host":"www.example",'
         '"duration":0.125,"route":"app","upstream":"backend"}\n'
     )
-    assert json.loads(line)["user_agent"] == 'ua\x7f"x'
+    assert json.loads(line)["user_agent"] == 'ua\u00e9"x'
 
 
 def test_offIsNone() -> None:
@@ -124,15 +140,15 @@ def test_offIsNone() -> None:
 def test_fileAndReopen(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     clock = MemoryReactorClock()
-    clock.advance(NOW)
+    clock.advance(NOW - 0.125)
     accessLog = AccessLog.fromSettings(ProxySettings(access_log=str(path)), clock)
     assert accessLog is not None
-    site = LoggingSite(accessLog, clock)
+    client = connect(accessLog, clock, IPv4Address("TCP", "127.0.0.1", 1))
 
     def one(target: bytes) -> None:
-        channel = site.buildProtocol(None)
-        channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1)))
-        channel.dataReceived(b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+        peer = IPv4Address("TCP", "127.0.0.1", 1)
+        client.connect(StringTransport(peerAddress=peer), peer)
+        answer(client, b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n")
 
     one(b"/first")
     # logrotate moves the file away, then SIGHUP reopens the path.
@@ -165,14 +181,11 @@ def test_formatCombinedNeverRaisesOnMissingValues() -> None:
 
 def test_eventsReachOtherObservers() -> None:
     clock = MemoryReactorClock()
-    clock.advance(NOW)
+    clock.advance(NOW - 0.125)
     events: list[dict] = []
     accessLog = AccessLog(clock, LineWriter(formatCombined, stream=io.StringIO()))
     accessLog.publisher.addObserver(events.append)
-    site = LoggingSite(accessLog, clock)
-    channel = site.buildProtocol(None)
-    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1)))
-    channel.dataReceived(b"GET /e HTTP/1.1\r\nHost: h\r\n\r\n")
+    answer(connect(accessLog, clock, IPv4Address("TCP", "10.0.0.1", 1)), b"GET /e HTTP/1.1\r\nHost: h\r\n\r\n")
     assert len(events) == 1
     event = events[0]
     assert event["log_namespace"] == "edgeproxy.access"
@@ -181,31 +194,30 @@ def test_eventsReachOtherObservers() -> None:
     )
 
 
-def test_proxyRequestAttributes() -> None:
-    """ProxyRequest keeps its Route as C{route} and the pool as C{upstreamName}."""
-    from edgeproxy.config.model import Route
-
-    class Proxied(Resource):
-        isLeaf = True
-
-        def render_GET(self, request):
-            request.route = Route(name="r1", hosts=("*",), paths=("/",), upstream="pool1")
-            request.upstreamName = "pool1"
-            return b"hello"
-
+def test_routeAndUpstreamOfTheCall() -> None:
+    """
+    The route the request was routed to and the upstream it was forwarded
+    to are logged; a request refused before routing has neither, and its
+    duration still counts from the end of its head.
+    """
     clock = MemoryReactorClock()
-    clock.advance(NOW)
+    clock.advance(NOW - 0.125)
     out = io.StringIO()
     accessLog = AccessLog.fromSettings(
         ProxySettings(access_log="-", access_log_format=AccessLogFormat.JSON), clock, stdout=out
     )
-    site = LoggingSite(accessLog, clock)
-    site.resource = Proxied()
-    channel = site.buildProtocol(None)
-    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1)))
-    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
-    record = json.loads(out.getvalue())
-    assert (record["route"], record["upstream"], record["duration"]) == ("r1", "pool1", None)
+    assert accessLog is not None
+    client = ProxyClient(
+        pool=MemoryPool(Upstream(name="pool1", servers=(Server("10.0.0.1", 8080),))),
+        routes=(Route(name="r1", hosts=("h",), paths=("/",), upstream="pool1"),),
+        clock=clock,
+        accessLog=accessLog,
+    )
+    answer(client, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    client.send(b"GET / HTTP/1.1\r\nHost: elsewhere\r\n\r\n")
+    routed, refused = (json.loads(line) for line in out.getvalue().splitlines())
+    assert (routed["route"], routed["upstream"], routed["duration"]) == ("r1", "pool1", 0.125)
+    assert (refused["status"], refused["route"], refused["upstream"], refused["duration"]) == (404, None, None, 0.0)
 
 
 def test_eventIsWhatLoggerInfoWouldEmit() -> None:
@@ -216,14 +228,14 @@ def test_eventIsWhatLoggerInfoWouldEmit() -> None:
     from twisted.logger import Logger, formatEvent
 
     clock = MemoryReactorClock()
-    clock.advance(NOW)
+    clock.advance(NOW - 0.125)
     events: list[dict] = []
     accessLog = AccessLog(clock)
     accessLog.publisher.addObserver(events.append)
-    site = LoggingSite(accessLog, clock)
-    channel = site.buildProtocol(None)
-    channel.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 1)))
-    channel.dataReceived(b"GET /e?x HTTP/1.1\r\nHost: h\r\nUser-Agent: a\r\nReferer: r\r\n\r\n")
+    answer(
+        connect(accessLog, clock, IPv4Address("TCP", "10.0.0.1", 1)),
+        b"GET /e?x HTTP/1.1\r\nHost: h\r\nUser-Agent: a\r\nReferer: r\r\n\r\n",
+    )
     [event] = events
 
     reference: list[dict] = []

@@ -248,7 +248,8 @@ def test_metricsEndpoint(admin: Admin) -> None:
     first.state = BackendState.DRAINING
     admin.pool.balancer.acquired(first)
     site = admin.service.sites[0]
-    site.buildProtocol(PEER)  # counted as accepted (and open) on "https"
+    # Counted as accepted (and open) on "https" once connected.
+    site.buildProtocol(PEER).makeConnection(StringTransport(peerAddress=PEER))
     status, headers, body = admin.ask("GET", "/metrics")
     assert status == 200
     assert headers["content-type"] == CONTENT_TYPE

@@ -1,23 +1,18 @@
 """
-Tests for L{edgeproxy.http.bodies}: the request body pipe and the response
-relay, in memory (StringTransport, Clock), asserting on what reaches the
-backend consumer and the client's wire.
+Tests for L{edgeproxy.bodies}: the request body pipe and its idle timer, in
+memory (StringTransport, Clock), asserting on what reaches the backend
+consumer and whether the client is paused.  (Response bodies are the
+client side's: L{tests.test_server}.)
 """
 
 from __future__ import annotations
 
-import gc
-import weakref
-from typing import Any
-
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone, ResponseFailed
-from twisted.web.http import HTTPChannel, PotentialDataLoss, Request
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from edgeproxy.http.bodies import BodyPipe, ClientReader, IdleTimer, ResponseRelay
+from edgeproxy.bodies import BodyPipe, ClientReader, IdleTimer
 
 
 class FakeClient(ClientReader):
@@ -146,170 +141,6 @@ def test_idleTimerDisabledAtZero() -> None:
     timer.touch()
     clock.advance(1000)
     assert fired == [] and not clock.getDelayedCalls()
-
-
-# ResponseRelay -----------------------------------------------------------
-
-
-class BackendTransport(StringTransport):
-    """The Agent's TransportProxyProducer over the backend connection."""
-
-    def stopProducing(self) -> None:
-        self.producerState = "stopped"
-
-
-def clientRequest(version: bytes = b"HTTP/1.1") -> tuple[Request, StringTransport]:
-    channel = HTTPChannel()
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    request = Request(channel)
-    channel.requests.append(request)
-    request.method = b"GET"
-    request.clientproto = version
-    return request, transport
-
-
-def relayTo(request: Request, idle: float = 0) -> tuple[ResponseRelay, BackendTransport, Clock]:
-    clock = Clock()
-    relay = ResponseRelay(request, clock, idle)
-    backend = BackendTransport()
-    relay.makeConnection(backend)
-    return relay, backend, clock
-
-
-def test_relayStreamsAndFinishesChunked() -> None:
-    request, wire = clientRequest()
-    relay, _, _ = relayTo(request)
-    relay.dataReceived(b"hello")
-    relay.connectionLost(Failure(ResponseDone()))
-    data = wire.value()
-    assert b"Transfer-Encoding: chunked" in data
-    assert data.endswith(b"5\r\nhello\r\n0\r\n\r\n")
-    assert relay.reason is None
-
-
-def test_relayCloseDelimitedBodyIsComplete() -> None:
-    request, wire = clientRequest()
-    relay, _, _ = relayTo(request)
-    relay.dataReceived(b"abc")
-    relay.connectionLost(Failure(PotentialDataLoss()))
-    assert wire.value().endswith(b"0\r\n\r\n")
-
-
-def test_relayTruncatedBodyAbortsClientWithoutLastChunk() -> None:
-    request, wire = clientRequest()
-    relay, _, _ = relayTo(request)
-    relay.dataReceived(b"partial")
-    relay.connectionLost(Failure(ResponseFailed([Failure(ValueError("lost"))])))
-    assert not wire.value().endswith(b"0\r\n\r\n")
-    assert wire.disconnecting  # StringTransport.abortConnection
-    assert relay.reason is not None
-
-
-def test_slowClientPausesBackend() -> None:
-    request, wire = clientRequest()
-    relay, backend, _ = relayTo(request)
-    # The client's socket buffer is full: its transport pauses the channel,
-    # which pauses the producer registered on the request: the backend.
-    request.channel.pauseProducing()
-    assert backend.producerState == "paused"
-    request.channel.resumeProducing()
-    assert backend.producerState == "producing"
-
-
-def test_clientDisconnectStopsBackend() -> None:
-    request, _ = clientRequest()
-    relay, backend, _ = relayTo(request)
-    relay.dataReceived(b"some")
-    request.connectionLost(Failure(ConnectionError("client gone")))
-    assert backend.producerState == "stopped"
-    relay.connectionLost(Failure(ResponseFailed([Failure(ConnectionError())])))
-    assert relay.done.called
-
-
-def test_downloadIdleTimeoutAbortsBothSides() -> None:
-    request, wire = clientRequest()
-    relay, backend, clock = relayTo(request, idle=3)
-    relay.dataReceived(b"x")
-    clock.advance(2)
-    relay.dataReceived(b"y")
-    clock.advance(2)
-    assert backend.producerState == "producing"
-    clock.advance(1.5)
-    assert backend.producerState == "stopped"
-    assert wire.disconnecting
-    assert relay.done.called and relay.reason is not None
-
-
-class HeldResponse:
-    """
-    A backend response as the client hands it over: what arrived with the
-    head is delivered at once by C{deliverBody}, the rest later.
-    """
-
-    def __init__(self, buffered: list[bytes], complete: bool) -> None:
-        self.buffered = buffered
-        self.complete = complete
-        self.transport = BackendTransport()
-        self.protocol: Any = None
-
-    def deliverBody(self, protocol: Any) -> None:
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-        for data in self.buffered:
-            protocol.dataReceived(data)
-        if self.complete:
-            protocol.connectionLost(Failure(ResponseDone()))
-
-
-def test_bodyAlreadyCompleteIsRelayedWithoutATimer() -> None:
-    # A small response arrives with its head: relayed and finished within
-    # deliverFrom, and no idle timer is scheduled (then cancelled) for it.
-    request, wire = clientRequest()
-    clock = Clock()
-    relay = ResponseRelay(request, clock, 3)
-    relay.deliverFrom(HeldResponse([b"hello"], complete=True))
-    assert wire.value().endswith(b"5\r\nhello\r\n0\r\n\r\n")
-    assert relay.done.called and relay.reason is None
-    assert clock.getDelayedCalls() == []
-
-
-def test_bodyStillComingStartsTheIdleTimeoutAfterDelivery() -> None:
-    request, wire = clientRequest()
-    clock = Clock()
-    relay = ResponseRelay(request, clock, 3)
-    response = HeldResponse([b"part"], complete=False)
-    relay.deliverFrom(response)
-    assert wire.value().endswith(b"4\r\npart\r\n")
-    assert len(clock.getDelayedCalls()) == 1
-    clock.advance(2)
-    relay.dataReceived(b"more")
-    clock.advance(2)
-    assert response.transport.producerState == "producing"
-    clock.advance(1.5)
-    assert response.transport.producerState == "stopped"
-    assert wire.disconnecting
-    assert relay.done.called and relay.reason is not None
-
-
-def test_finishedRelayIsFreedWithoutTheCycleCollector() -> None:
-    # The relay's idle timer held the relay (its onIdle is a bound method)
-    # and the relay its timer: every response waited for the cyclic
-    # collector.  Once the relay is over, reference counting frees it.
-    request, wire = clientRequest()
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        relay = ResponseRelay(request, Clock(), 3)
-        relay.deliverFrom(HeldResponse([b"hello"], complete=True))
-        assert wire.value().endswith(b"0\r\n\r\n")
-        gone = weakref.ref(relay)
-        del relay
-        assert gone() is None
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def test_whenFinishedAfterTheFact() -> None:
@@ -453,3 +284,39 @@ def test_bodyDeclaredOverTheKeepLimitIsNeverCopied() -> None:
     assert pipe.replayable  # nothing sent yet
     pipe.write(b"x")
     assert not pipe.replayable
+
+
+def test_closedIdleTimerLetsGoOfItsOwner() -> None:
+    """
+    A timer's C{onIdle} is usually a bound method of its owner, which holds
+    the timer: once closed, the timer neither fires nor keeps the owner
+    alive (reference counting frees both, no cyclic collector needed).
+    """
+    import gc
+    import weakref
+
+    clock = Clock()
+
+    class Owner:
+        def __init__(self) -> None:
+            self.fired = 0
+            self.timer = IdleTimer(clock, 3, self.onIdle)
+
+        def onIdle(self) -> None:
+            self.fired += 1
+
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        owner = Owner()
+        owner.timer.touch()
+        owner.timer.close()
+        owner.timer.touch()
+        assert clock.getDelayedCalls() == []
+        gone = weakref.ref(owner)
+        del owner
+        assert gone() is None
+    finally:
+        if enabled:
+            gc.enable()

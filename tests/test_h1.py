@@ -471,3 +471,41 @@ def test_writersRefuseWhatCannotBeSent() -> None:
         writeRequestHead(b"GET", b"/a b", Fields([(b"host", b"a")]), 0)
     with pytest.raises(LocalProtocolError):
         writeResponseHead(b"HTTP/1.1", 200, b"O\r\nK", Fields(), 0)
+
+
+HANDSHAKE = (
+    b"HTTP/1.1 101 Switching Protocols\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+    b"\r\n"
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(HANDSHAKE) + 4), max_size=8))
+def test_responseHeadFoundWhereverTheBytesAreCut(cuts: list[int]) -> None:
+    """
+    A response head is found (and what follows it kept) whatever pieces it
+    arrives in, as a reader accumulating them sees it.
+    """
+    data = HANDSHAKE + b"tail"
+    buffer = b""
+    found = None
+    for piece in cutsOf(data, cuts):
+        buffer += piece
+        found = splitResponseHead(buffer, 65536)
+        if found is not None:
+            break
+    assert found is not None
+    head = parseResponseHead(found[0])
+    assert (head.status, head.reason, head.upgrade) == (101, b"Switching Protocols", (b"websocket",))
+    assert head.fields.get(b"sec-websocket-accept") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert data[found[1]:] == b"tail"
+
+
+def test_responseReasonMayBeEmpty() -> None:
+    head, rest = readResponse(b"HTTP/1.0 404\r\n\r\nbody")
+    assert (head.status, head.reason, rest) == (404, b"", b"body")
+    head, _ = readResponse(b"HTTP/1.1 403 Forbidden\nServer: x\n\n")
+    assert (head.status, head.fields.get(b"server")) == (403, b"x")

@@ -1,8 +1,9 @@
 """
 Tests for L{edgeproxy.metrics} and the instrumentation of
-L{edgeproxy.http.site.EdgeSite}: real sites over memory transports (and
-in-memory TLS), the exposition parsed back with C{prometheus_client}'s own
-parser, so what is asserted is what a Prometheus server would scrape.
+L{edgeproxy.http.listener.ListenerFactory}: real listeners over memory
+transports (and in-memory TLS), the exposition parsed back with
+C{prometheus_client}'s own parser, so what is asserted is what a Prometheus
+server would scrape.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from edgeproxy.config.model import Config, Listener, ProxySettings, TLSSettings
-from edgeproxy.http.site import EdgeSite
+from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.metrics import CONTENT_TYPE, Metrics, statusClass
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
 from edgeproxy.tls.store import CertificateStore
 from tests.certutil import CertificateAuthority
+from tests.memorypool import MemoryResponse, ProxyClient
 from tests.metricsutil import Samples, samplesOf
-from tests.test_request import ROUTES, UPSTREAM, FakeResponse, MemoryPool
 from tests.tlsutil import LegacyClientCreator, connectTLS, handshake
 
 
@@ -129,36 +130,21 @@ def test_stateSourceReadAtScrape() -> None:
     assert value(scrape(metrics), "edgeproxy_connections_active", listener="web") is None
 
 
-# EdgeSite instrumentation (plain HTTP)
-
-
-class InstrumentedClient:
-    def __init__(self, metrics: Metrics, clock: MemoryReactorClock) -> None:
-        self.pool = MemoryPool()
-        config = Config(
-            path="/etc/edge.ini", proxy=ProxySettings(), tls=None, listeners=(),
-            upstreams={"app": UPSTREAM}, routes=ROUTES,
-        )
-        self.runtime = Runtime(config=config, router=Router(ROUTES), pools={"app": self.pool})  # type: ignore[dict-item]
-        self.listener = Listener(name="web", endpoint="tcp:0", tls=False)
-        self.site = EdgeSite(lambda: self.runtime, self.listener, clock, metrics=metrics)
-        self.protocol = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))
-        self.protocol.makeConnection(self.transport)
+# Listener instrumentation (plain HTTP)
 
 
 def test_requestsBytesAndConnectionsCounted() -> None:
     metrics = Metrics()
     clock = MemoryReactorClock()
     clock.advance(1000)
-    client = InstrumentedClient(metrics, clock)
+    client = ProxyClient(Listener(name="web", endpoint="tcp:0", tls=False), clock=clock, metrics=metrics)
     request = b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n"
-    client.protocol.dataReceived(request)
-    [call] = client.pool.calls
+    client.send(request)
+    [call] = client.sent
     clock.advance(0.3)
-    call.result.callback(FakeResponse(200, {b"Content-Type": [b"text/plain"]}, b"hello", length=5))
+    call.respond(MemoryResponse(200, [(b"Content-Type", b"text/plain")], b"hello", length=5))
     unrouted = b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n"
-    client.protocol.dataReceived(unrouted)
+    client.send(unrouted)
     wire = client.transport.value()
     assert wire.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 404 " in wire
 
@@ -175,6 +161,17 @@ def test_requestsBytesAndConnectionsCounted() -> None:
     assert value(samples, "edgeproxy_request_duration_seconds_sum", route="app") == pytest.approx(0.3)
 
 
+def test_requestCutShortCountedOnce() -> None:
+    """A response cut short is one request (with the status it had), and
+    the connection lost after it adds none."""
+    metrics = Metrics()
+    client = ProxyClient(Listener(name="web", endpoint="tcp:0", tls=False), metrics=metrics)
+    client.send(b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    client.sent[0].respond(MemoryResponse(200, [], b"part", cut=True))
+    client.lose()
+    assert value(scrape(metrics), "edgeproxy_requests_total", route="app", upstream="app", code="2xx") == 1
+
+
 class SelfWritingTransport(StringTransport):
     """Like TLSMemoryBIOProtocol: writeSequence goes through write."""
 
@@ -186,9 +183,9 @@ class SelfWritingTransport(StringTransport):
 def test_writeSequenceCountedOnce(transportType: type[StringTransport]) -> None:
     """Bytes written through writeSequence are counted once, whether or not it calls write."""
     metrics = Metrics()
-    site = EdgeSite(lambda: None, Listener(name="web", endpoint="tcp:0", tls=False),
-                    MemoryReactorClock(), metrics=metrics)
-    protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    factory = ListenerFactory(lambda: None, Listener(name="web", endpoint="tcp:0", tls=False),
+                              MemoryReactorClock(), metrics=metrics)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
     transport = transportType()
     protocol.makeConnection(transport)
     transport.writeSequence([b"ab", b"cde"])
@@ -198,13 +195,17 @@ def test_writeSequenceCountedOnce(transportType: type[StringTransport]) -> None:
     assert value(scrape(metrics), "edgeproxy_sent_bytes_total", listener="web") == 8
 
 
-def test_siteWithoutMetricsIsUntouched() -> None:
-    client_site = EdgeSite(lambda: None, Listener(name="web", endpoint="tcp:0", tls=False), MemoryReactorClock())
-    protocol = client_site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
-    assert "dataReceived" not in vars(protocol)
+def test_listenerWithoutMetricsIsUntouched() -> None:
+    """Without metrics the transport is not wrapped and nothing is counted."""
+    factory = ListenerFactory(lambda: None, Listener(name="web", endpoint="tcp:0", tls=False), MemoryReactorClock())
+    protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    assert "write" not in vars(transport) and "writeSequence" not in vars(transport)
+    assert protocol._traffic is None
 
 
-# EdgeSite instrumentation (TLS handshakes)
+# Listener instrumentation (TLS handshakes)
 
 
 class TLSSite:
@@ -219,7 +220,13 @@ class TLSSite:
         self.store.load()
         self.metrics = Metrics()
         self.listener = Listener(name="https", endpoint="tcp:0", tls=True)
-        self.site = EdgeSite(lambda: None, self.listener, MemoryReactorClock(), metrics=self.metrics)
+        config = Config(
+            path="/etc/edge.ini", proxy=ProxySettings(), tls=None, listeners=(self.listener,),
+            upstreams={}, routes=(),
+        )
+        # No route: every request gets a 404 from the listener itself.
+        runtime = Runtime(config=config, router=Router(()), pools={})
+        self.site = ListenerFactory(lambda: runtime, self.listener, MemoryReactorClock(), metrics=self.metrics)
 
 
 @pytest.fixture
@@ -231,11 +238,15 @@ def test_handshakeCountedWithVersionAndALPN(tlsSite: TLSSite) -> None:
     creator = tlsSite.store.serverConnectionCreator()
     result = handshake(creator, "a.example", tlsSite.ca.certificatePEM, alpn=[b"h2", b"http/1.1"],
                        serverFactory=tlsSite.site)
-    assert result.established and result.negotiatedProtocol == b"h2"
+    # h2 when the listener serves it, else http/1.1: what was negotiated.
+    alpn = tlsSite.site.acceptableProtocols()[0]
+    assert result.established and result.negotiatedProtocol == alpn
     result = connectTLS(creator, LegacyClientCreator(SSL.TLS1_2_VERSION), serverFactory=tlsSite.site)
     assert result.established
     samples = scrape(tlsSite.metrics)
-    assert value(samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.3", alpn="h2") == 1
+    assert value(
+        samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.3", alpn=alpn.decode()
+    ) == 1
     assert value(samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.2", alpn="none") == 1
     assert value(samples, "edgeproxy_connections_total", listener="https") == 2
     assert value(samples, "edgeproxy_tls_handshake_failures_total", listener="https") is None
@@ -302,6 +313,38 @@ def test_bytesCountedOverTLS(tlsSite: TLSSite) -> None:
     result.send(request)
     result.send(request)
     assert result.clientApp.received.startswith(b"HTTP/1.1 ")
+    samples = scrape(tlsSite.metrics)
+    assert value(samples, "edgeproxy_received_bytes_total", listener="https") == 2 * len(request)
+    assert value(samples, "edgeproxy_sent_bytes_total", listener="https") == len(
+        result.clientApp.received
+    )
+
+
+def test_bytesCountedOverTheEdgeTLSTransport(tlsSite: TLSSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The same over the TLS transport the service listens with
+    (L{EdgeTLSTransport}, which counts what it is given to send itself):
+    each byte counted once.
+    """
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from edgeproxy.tls.transport import EdgeTLSTransport
+    from tests import tlsutil
+
+    class EdgeTLSFactory(TLSMemoryBIOFactory):
+        def __init__(self, creator: Any, isClient: bool, wrapped: Any, clock: Any = None) -> None:
+            super().__init__(creator, isClient, wrapped, clock)
+            if not isClient:
+                self.protocol = EdgeTLSTransport
+
+    monkeypatch.setattr(tlsutil, "TLSMemoryBIOFactory", EdgeTLSFactory)
+    creator = tlsSite.store.serverConnectionCreator([b"http/1.1"])
+    result = handshake(creator, "a.example", tlsSite.ca.certificatePEM, serverFactory=tlsSite.site)
+    assert type(result.server) is EdgeTLSTransport
+    request = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    result.send(request)
+    result.send(request)
+    assert result.clientApp.received.count(b"HTTP/1.1 404 ") == 2
     samples = scrape(tlsSite.metrics)
     assert value(samples, "edgeproxy_received_bytes_total", listener="https") == 2 * len(request)
     assert value(samples, "edgeproxy_sent_bytes_total", listener="https") == len(

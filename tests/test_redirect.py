@@ -1,53 +1,29 @@
 """
 Tests for L{edgeproxy.http.redirect}: the bytes a client gets from a
 plain-HTTP listener with C{redirect_https = yes}, through a real
-L{twisted.web.server.Site}/L{HTTPChannel} over a memory transport.
+L{ListenerFactory} and L{HTTP1Connection} over a memory transport (the
+redirect is the listener's one stage).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from edgeproxy.config.model import Listener
+from edgeproxy.config.model import Config, Listener, ProxySettings
+from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.http.redirect import (
-    RedirectRequest,
     endpointPort,
     redirectLocation,
     redirectPort,
     validHost,
 )
+from edgeproxy.routing import Router
+from edgeproxy.runtime import Runtime
 
 HTTP = Listener(name="http", endpoint="tcp:8080", tls=False, redirect_https=True)
 HTTPS = Listener(name="https", endpoint="tcp:8443:interface=127.0.0.1", tls=True)
-
-
-@dataclass
-class FakeConfig:
-    listeners: tuple[Listener, ...]
-
-
-@dataclass
-class FakeRuntime:
-    config: FakeConfig
-
-
-class RedirectSite(Site):
-    """The two attributes of EdgeSite that RedirectRequest reads."""
-
-    def __init__(self, listener: Listener, listeners: tuple[Listener, ...]) -> None:
-        super().__init__(Resource(), reactor=MemoryReactorClock())
-        self.requestFactory = RedirectRequest
-        self.listener = listener
-        self._runtime = FakeRuntime(FakeConfig(listeners))
-
-    def currentRuntime(self) -> FakeRuntime:
-        return self._runtime
 
 
 def exchange(
@@ -55,11 +31,15 @@ def exchange(
     listener: Listener = HTTP,
     listeners: tuple[Listener, ...] = (HTTP, HTTPS),
 ) -> tuple[bytes, StringTransport]:
-    site = RedirectSite(listener, listeners)
-    channel = site.buildProtocol(None)
+    config = Config(
+        path="/etc/edge.ini", proxy=ProxySettings(), tls=None, listeners=listeners, upstreams={}, routes=(),
+    )
+    runtime = Runtime(config=config, router=Router(()), pools={})
+    factory = ListenerFactory(lambda: runtime, listener, MemoryReactorClock())
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1))
-    channel.makeConnection(transport)
-    channel.dataReceived(data)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(data)
     return transport.value(), transport
 
 
@@ -164,8 +144,18 @@ def test_missingHostIs400() -> None:
 
 
 def test_absoluteFormUsesItsAuthority() -> None:
-    response, _ = exchange(b"GET http://b.example/p?q HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    """
+    An absolute-form target names the host (RFC 9112 3.2.2); one whose
+    authority is not the Host is refused by the parser (h1's one policy:
+    two hosts in one request is a smuggling vector), never redirected.
+    """
+    response, _ = exchange(b"GET http://B.example/p?q HTTP/1.1\r\nHost: b.example\r\n\r\n")
     assert head(response)[1][b"location"] == b"https://b.example:8443/p?q"
+    response, transport = exchange(b"GET http://b.example/p?q HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    status, headers, _ = head(response)
+    assert status == b"HTTP/1.1 400 Bad Request"
+    assert b"location" not in headers
+    assert transport.disconnecting
 
 
 def test_targetCannotChangeAuthority() -> None:

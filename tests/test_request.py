@@ -1,9 +1,10 @@
 """
-Tests for L{edgeproxy.http.request}, L{edgeproxy.http.site} and
-L{edgeproxy.http.errorpages}: a real L{EdgeSite} and HTTP/1.1 channel over a
-memory transport, with an in-memory upstream pool whose requests the test
-answers.  Assertions are on the bytes the client gets and on what the
-upstream request carried.
+The request path end to end, in memory: a real L{ListenerFactory} and
+L{HTTP1Connection} over a memory transport, whose routes end in the real
+L{edgeproxy.pipeline.forward.Forward} stage over an in-memory upstream pool
+(L{tests.memorypool}) the test answers.  Assertions are on the bytes the
+client gets and on what the upstream request carried; the error pages are
+L{edgeproxy.http.errorpages}'.
 """
 
 from __future__ import annotations
@@ -11,117 +12,22 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone, ResponseFailed
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
 
-from edgeproxy.config.model import Config, Limits, Listener, ProxySettings, Route, Server, Upstream
+from edgeproxy.config.model import Limits, Listener
 from edgeproxy.errors import BackendUnavailable, ServiceUnavailable
 from edgeproxy.http.errorpages import errorBody
-from edgeproxy.http.site import EdgeSite
-from edgeproxy.routing import Router
-from edgeproxy.runtime import Runtime
-
-UPSTREAM = Upstream(name="app", servers=(Server("10.0.0.1", 8080),), idle_timeout=30.0)
-ROUTES = (
-    Route(name="app", hosts=("app.example",), paths=("/",), upstream="app"),
-    Route(name="small", hosts=("small.example",), paths=("/",), upstream="app", max_body_size=100),
-    Route(name="api", hosts=("api.example",), paths=("/v1",), upstream="app", strip_prefix=True),
-)
-
-
-class UpstreamCall:
-    def __init__(self, method: bytes, path: bytes, headers: Headers, body: Any) -> None:
-        self.method = method
-        self.path = path
-        self.headers = headers
-        self.body = body
-        self.cancelled = False
-        self.result: Deferred[Any] = Deferred(lambda d: setattr(self, "cancelled", True))
-        self.consumer = StringTransport()
-
-    def startBody(self) -> Deferred[None]:
-        return self.body.startProducing(self.consumer)
-
-
-class MemoryPool:
-    """Stands in for UpstreamPool: records requests, the test answers."""
-
-    def __init__(self) -> None:
-        self.upstream = UPSTREAM
-        self.calls: list[UpstreamCall] = []
-
-    def request(
-        self, method: bytes, path: bytes, headers: Headers, body: Any, hashKey: bytes | None = None
-    ) -> Deferred[Any]:
-        call = UpstreamCall(method, path, headers, body)
-        self.calls.append(call)
-        return call.result
-
-
-class BackendTransport(StringTransport):
-    def stopProducing(self) -> None:
-        self.producerState = "stopped"
-
-
-class FakeResponse:
-    """An IResponse whose body is delivered at once (or cut short)."""
-
-    def __init__(self, code: int, headers: dict[bytes, list[bytes]], body: bytes = b"",
-                 length: Any = UNKNOWN_LENGTH, cut: bool = False) -> None:
-        self.code = code
-        self.phrase = b"OK" if code == 200 else b"Status"
-        self.headers = Headers(headers)
-        self.length = length
-        self.body = body
-        self.cut = cut
-        self.transport = BackendTransport()
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(self.transport)
-        if self.body:
-            protocol.dataReceived(self.body)
-        if self.cut:
-            protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionError("reset"))])))
-        else:
-            protocol.connectionLost(Failure(ResponseDone()))
-
-
-class Client:
-    def __init__(self, listener: Listener | None = None) -> None:
-        self.pool = MemoryPool()
-        config = Config(
-            path="/etc/edge.ini",
-            proxy=ProxySettings(),
-            tls=None,
-            listeners=(),
-            upstreams={"app": UPSTREAM},
-            routes=ROUTES,
-        )
-        self.runtime = Runtime(config=config, router=Router(ROUTES), pools={"app": self.pool})  # type: ignore[dict-item]
-        self.listener = listener or Listener(name="l", endpoint="tcp:0", tls=False)
-        self.site = EdgeSite(lambda: self.runtime, self.listener, MemoryReactorClock())
-        self.protocol = self.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 5555))
-        self.protocol.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def wire(self) -> bytes:
-        return self.transport.value()
+from tests.memorypool import MemoryPool, MemoryResponse, ProxyClient as Client
 
 
 def test_bodyReachesUpstreamBeforeItIsComplete() -> None:
     client = Client()
     client.send(b"POST /upload?x=1 HTTP/1.1\r\nHost: app.example\r\nContent-Length: 10\r\n\r\nfour")
-    [call] = client.pool.calls
-    assert (call.method, call.path) == (b"POST", b"/upload?x=1")
-    assert call.headers.getRawHeaders(b"host") == [b"app.example"]
-    assert call.headers.getRawHeaders(b"x-forwarded-for") == [b"192.0.2.7"]
+    [call] = client.sent
+    assert (call.method, call.target) == (b"POST", b"/upload?x=1")
+    assert call.fields.getAll(b"host") == [b"app.example"]
+    assert call.fields.getAll(b"x-forwarded-for") == [b"192.0.2.7"]
     assert call.body.length == 10
     done = call.startBody()
     assert call.consumer.value() == b"four"
@@ -134,11 +40,15 @@ def test_bodyReachesUpstreamBeforeItIsComplete() -> None:
 def test_responseRelayedWithoutServerAndWithDate() -> None:
     client = Client()
     client.send(b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    [call] = client.pool.calls
+    [call] = client.sent
     assert call.body is None
-    call.result.callback(
-        FakeResponse(200, {b"Server": [b"Secret/1"], b"X-Powered-By": [b"x"], b"Content-Type": [b"text/plain"]},
-                     b"body", length=4)
+    call.respond(
+        MemoryResponse(
+            200,
+            [(b"Server", b"Secret/1"), (b"X-Powered-By", b"x"), (b"Content-Type", b"text/plain")],
+            b"body",
+            length=4,
+        )
     )
     head, _, body = client.wire().partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
@@ -152,7 +62,7 @@ def test_responseRelayedWithoutServerAndWithDate() -> None:
 def test_chunkedWhenLengthUnknownAndNoContentTypeAdded() -> None:
     client = Client()
     client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[0].result.callback(FakeResponse(200, {}, b"abc"))
+    client.sent[0].respond(MemoryResponse(200, [], b"abc"))
     head, _, body = client.wire().partition(b"\r\n\r\n")
     assert b"Transfer-Encoding: chunked" in head
     assert b"Content-Type" not in head
@@ -165,16 +75,16 @@ def test_noRouteIs404AndConnectionStaysUsable() -> None:
     assert client.wire().startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert client.wire().endswith(errorBody(404))
     assert b"Cache-Control: no-store" in client.wire()
-    assert client.pool.calls == []
+    assert client.sent == []
     client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    assert len(client.pool.calls) == 1
+    assert len(client.sent) == 1
 
 
 def test_badTargetIs400() -> None:
     client = Client()
     client.send(b"GET /a%2fb HTTP/1.1\r\nHost: app.example\r\n\r\n")
     assert client.wire().startswith(b"HTTP/1.1 400 ")
-    assert client.pool.calls == []
+    assert client.sent == []
 
 
 def test_declaredTooLargeIs413BeforeAnyContinue() -> None:
@@ -188,13 +98,13 @@ def test_declaredTooLargeIs413BeforeAnyContinue() -> None:
     assert b"100 Continue" not in wire
     assert b"Connection: close" in wire
     assert client.transport.disconnecting
-    assert client.pool.calls == []
+    assert client.sent == []
 
 
 def test_streamedBodyOverLimitIsCut() -> None:
     client = Client()
     client.send(b"POST /x HTTP/1.1\r\nHost: small.example\r\nTransfer-Encoding: chunked\r\n\r\n")
-    [call] = client.pool.calls
+    [call] = client.sent
     done = call.startBody()
     failures: list[Failure] = []
     done.addErrback(failures.append)
@@ -208,8 +118,7 @@ def test_streamedBodyOverLimitIsCut() -> None:
 
 
 def test_upstreamFailureIsGeneric502() -> None:
-    client = Client()
-    client.pool.request = lambda *a, **k: fail(BackendUnavailable("connect to 10.0.0.1:8080: refused"))  # type: ignore[method-assign]
+    client = Client(pool=MemoryPool(failAtOnce=BackendUnavailable("connect to 10.0.0.1:8080: refused")))
     client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
     wire = client.wire()
     assert wire.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
@@ -220,7 +129,7 @@ def test_upstreamFailureIsGeneric502() -> None:
 def test_upstreamFailureDuringUploadAnsweredAtOnce() -> None:
     client = Client()
     client.send(b"POST /x HTTP/1.1\r\nHost: app.example\r\nContent-Length: 1000\r\n\r\nabc")
-    client.pool.calls[0].result.errback(BackendUnavailable("refused"))
+    client.sent[0].fail(BackendUnavailable("refused"))
     assert client.wire().startswith(b"HTTP/1.1 502 ")
     assert client.transport.disconnecting
 
@@ -228,7 +137,7 @@ def test_upstreamFailureDuringUploadAnsweredAtOnce() -> None:
 def test_noBackendAvailableIs503WithRetryAfter() -> None:
     client = Client()
     client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[0].result.errback(ServiceUnavailable("every server of app is down"))
+    client.sent[0].fail(ServiceUnavailable("every server of app is down"))
     head, _, body = client.wire().partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert b"\r\nRetry-After: 5" in head
@@ -239,7 +148,7 @@ def test_noBackendAvailableIs503WithRetryAfter() -> None:
 def test_errorPagesOtherThan503HaveNoRetryAfter() -> None:
     client = Client()
     client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[0].result.errback(BackendUnavailable("refused"))
+    client.sent[0].fail(BackendUnavailable("refused"))
     assert client.wire().startswith(b"HTTP/1.1 502 ")
     assert b"Retry-After" not in client.wire()
 
@@ -247,7 +156,8 @@ def test_errorPagesOtherThan503HaveNoRetryAfter() -> None:
 def test_headResponseHasNoBody() -> None:
     client = Client()
     client.send(b"HEAD /file HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[0].result.callback(FakeResponse(200, {b"Content-Length": [b"1000"]}))
+    # The backend's Content-Length comes as the response's length.
+    client.sent[0].respond(MemoryResponse(200, [], length=1000))
     head, _, body = client.wire().partition(b"\r\n\r\n")
     assert b"Content-Length: 1000" in head
     assert body == b""
@@ -256,7 +166,7 @@ def test_headResponseHasNoBody() -> None:
 def test_noContentHasNoBodyOrChunking() -> None:
     client = Client()
     client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[0].result.callback(FakeResponse(204, {}))
+    client.sent[0].respond(MemoryResponse(204, []))
     head, _, body = client.wire().partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 204 ")
     assert b"Transfer-Encoding" not in head and body == b""
@@ -265,95 +175,106 @@ def test_noContentHasNoBodyOrChunking() -> None:
 def test_truncatedResponseAbortsClient() -> None:
     client = Client()
     client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[0].result.callback(FakeResponse(200, {}, b"part", cut=True))
+    client.sent[0].respond(MemoryResponse(200, [], b"part", cut=True))
     assert not client.wire().endswith(b"0\r\n\r\n")
     assert client.transport.disconnecting
 
 
-def test_completeResponseBeforeBodyIsHeldUntilBodyDone() -> None:
+def test_completeResponseBeforeBodyIsSentAtOnceAndCloses() -> None:
+    """
+    A complete response that comes while the request body is still arriving
+    is sent at once, with Connection: close (the rest of the body is never
+    read: RFC 9112 9.6), and the backend request no longer waits for the
+    body.  (The HTTPChannel path held it until the body was complete and
+    kept the connection.)
+    """
     client = Client()
     client.send(b"POST /x HTTP/1.1\r\nHost: app.example\r\nContent-Length: 6\r\n\r\nabc")
-    call = client.pool.calls[0]
+    call = client.sent[0]
     call.startBody()
-    call.result.callback(FakeResponse(401, {b"Content-Length": [b"2"]}, b"no", length=2))
-    assert client.wire() == b""
+    call.respond(MemoryResponse(401, [], b"no", length=2))
+    wire = client.wire()
+    assert wire.startswith(b"HTTP/1.1 401 ")
+    assert b"Connection: close" in wire
+    assert wire.endswith(b"no")
     client.send(b"def")
-    assert client.wire().startswith(b"HTTP/1.1 401 ")
-    assert client.wire().endswith(b"no")
-    assert not client.transport.disconnecting
+    assert client.wire() == wire
+    assert client.transport.disconnecting
 
 
 def test_stripPrefix() -> None:
     client = Client()
     client.send(b"GET /v1/users?id=3 HTTP/1.1\r\nHost: api.example\r\n\r\n")
-    assert client.pool.calls[0].path == b"/users?id=3"
+    assert client.sent[0].target == b"/users?id=3"
 
 
 def test_clientGoneCancelsUpstream() -> None:
     client = Client()
     client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    call = client.pool.calls[0]
-    assert len(client.site.inflight) == 1
-    client.protocol.connectionLost(Failure(ConnectionError("gone")))
+    call = client.sent[0]
+    assert len(client.factory.inflight) == 1
+    client.lose(ConnectionError("gone"))
     assert call.cancelled
-    assert client.site.inflight == set()
-    assert client.site.channels == set()
+    assert client.factory.inflight == set()
+    assert client.factory.channels == set()
 
 
 def test_inflightAndChannelsTracked() -> None:
     client = Client()
-    assert client.site.channels == {client.protocol}
+    assert client.factory.channels == {client.protocol}
     client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    assert len(client.site.inflight) == 1
-    client.pool.calls[0].result.callback(FakeResponse(200, {}, b"ok"))
-    assert client.site.inflight == set()
+    assert len(client.factory.inflight) == 1
+    client.sent[0].respond(MemoryResponse(200, [], b"ok"))
+    assert client.factory.inflight == set()
 
 
 def test_http2OfferFollowsListener() -> None:
+    """
+    HTTP/2 is offered only on a listener that has it on (and only once a
+    protocol for it exists); HTTP/1.1 always, last.
+    """
     off = Client(Listener(name="l", endpoint="tcp:0", tls=True, http2=False))
-    assert off.site.acceptableProtocols() == [b"http/1.1"]
+    assert off.factory.acceptableProtocols() == [b"http/1.1"]
     on = Client(Listener(name="l", endpoint="tcp:0", tls=True, http2=True))
-    assert on.site.acceptableProtocols()[-1] == b"http/1.1"
+    assert on.factory.acceptableProtocols()[-1] == b"http/1.1"
 
 
-def test_listenerLimitsReachChannel() -> None:
+def test_listenerLimitsReachConnection() -> None:
     limits = Limits(client_idle_timeout=7.0, max_header_size=2048)
     client = Client(Listener(name="l", endpoint="tcp:0", tls=False, limits=limits))
-    channel = client.protocol._channel
-    assert channel.limits is limits
-    assert channel.timeOut == 7.0
+    assert client.protocol.limits is limits
+    assert client.factory.idleQueue.period == 7.0
 
 
 class Recorder:
     def __init__(self) -> None:
         self.lines: list[tuple[int, bytes]] = []
 
-    def log(self, request: Any) -> None:
-        self.lines.append((request.code, request.uri))
+    def log(self, call: Any) -> None:
+        self.lines.append((call.status, call.request.target))
 
 
 def test_accessLogOncePerRequestEvenWhenCutShort() -> None:
-    client = Client()
-    client.site.accessLog = recorder = Recorder()
+    recorder = Recorder()
+    client = Client(accessLog=recorder)
     client.send(b"GET /fine HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[0].result.callback(FakeResponse(200, {}, b"ok"))
+    client.sent[0].respond(MemoryResponse(200, [], b"ok"))
     client.send(b"GET /cut HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[1].result.callback(FakeResponse(200, {}, b"part", cut=True))
-    client.protocol.connectionLost(Failure(ConnectionError("aborted")))
+    client.sent[1].respond(MemoryResponse(200, [], b"part", cut=True))
+    client.lose(ConnectionError("aborted"))
     assert recorder.lines == [(200, b"/fine"), (200, b"/cut")]
 
 
 def test_accessLogForEarlyAnswerThenClose() -> None:
-    client = Client()
-    client.site.accessLog = recorder = Recorder()
+    recorder = Recorder()
+    client = Client(accessLog=recorder)
     client.send(b"PUT /big HTTP/1.1\r\nHost: small.example\r\nContent-Length: 1000\r\n\r\n")
-    client.protocol.connectionLost(Failure(ConnectionError("closed")))
+    client.lose(ConnectionError("closed"))
     assert recorder.lines == [(413, b"/big")]
 
 
 def test_immediateUpstreamFailureOnGetKeepsConnection() -> None:
-    client = Client()
-    client.pool.request = lambda *a, **k: fail(BackendUnavailable("refused"))  # type: ignore[method-assign]
+    client = Client(pool=MemoryPool(failAtOnce=BackendUnavailable("refused")))
     client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
     assert client.wire().startswith(b"HTTP/1.1 502 ")
     assert b"Connection: close" not in client.wire()
@@ -376,21 +297,9 @@ class WriteLog(StringTransport):
         super().writeSequence(data)
 
 
-class StreamingResponse(FakeResponse):
-    """A response whose body is still to come when deliverBody returns."""
-
-    def deliverBody(self, protocol: Any) -> None:
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-
-
 def _loggedClient() -> tuple[Client, WriteLog]:
-    client = Client()
     transport = WriteLog(peerAddress=IPv4Address("TCP", "192.0.2.7", 5556))
-    client.protocol = client.site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5556))
-    client.protocol.makeConnection(transport)
-    client.transport = transport
-    return client, transport
+    return Client(transport=transport), transport
 
 
 def test_headAndBodyThatCameWithItLeaveInOneWrite() -> None:
@@ -400,9 +309,7 @@ def test_headAndBodyThatCameWithItLeaveInOneWrite() -> None:
     """
     client, transport = _loggedClient()
     client.send(b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[0].result.callback(
-        FakeResponse(200, {b"Content-Type": [b"text/plain"]}, b"body", length=4)
-    )
+    client.sent[0].respond(MemoryResponse(200, [(b"Content-Type", b"text/plain")], b"body", length=4))
     [write] = transport.writes
     assert write.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"\r\nContent-Length: 4\r\n" in write
@@ -410,9 +317,10 @@ def test_headAndBodyThatCameWithItLeaveInOneWrite() -> None:
 
     del transport.writes[:]
     client.send(b"GET /b HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    client.pool.calls[1].result.callback(FakeResponse(200, {}, b"abc"))
+    client.sent[1].respond(MemoryResponse(200, [], b"abc"))
     assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
-    assert transport.writes[0].endswith(b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    assert b"\r\nTransfer-Encoding: chunked\r\n" in transport.writes[0]
+    assert transport.writes[0].endswith(b"\r\n\r\n3\r\nabc\r\n")
     assert b"".join(transport.writes[1:]) == b"0\r\n\r\n"
 
 
@@ -423,66 +331,32 @@ def test_headOfABodyStillToComeIsSentAtOnce() -> None:
     """
     client, transport = _loggedClient()
     client.send(b"GET /events HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    response = StreamingResponse(200, {b"Content-Type": [b"text/event-stream"]})
-    client.pool.calls[0].result.callback(response)
+    response = client.sent[0].respond(
+        MemoryResponse(200, [(b"Content-Type", b"text/event-stream")], complete=False)
+    )
     head = client.wire()
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
     assert b"Transfer-Encoding: chunked" in head
-    response.protocol.dataReceived(b"data: 1\n\n")
+    response.write(b"data: 1\n\n")
     assert client.wire() == head + b"9\r\ndata: 1\n\n\r\n"
 
 
-class Exchange:
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class SendingPool(MemoryPool):
-    """A pool with UpstreamPool.send (outcome to a receiver, no Deferred)."""
-
-    def __init__(self, failAtOnce: Exception | None = None) -> None:
-        super().__init__()
-        self.failAtOnce = failAtOnce
-        self.sent: list[tuple[Any, Exchange]] = []
-
-    def send(
-        self, method: bytes, path: bytes, headers: Headers, body: Any, receiver: Any,
-        hashKey: bytes | None = None,
-    ) -> Exchange:
-        exchange = Exchange()
-        self.sent.append((receiver, exchange))
-        if self.failAtOnce is not None:
-            receiver.upstreamFailed(Failure(self.failAtOnce))
-        return exchange
-
-
-def _sendingClient(pool: SendingPool) -> Client:
+def test_outcomeThroughTheReceiver() -> None:
+    """
+    The response reaches the client through the receiver interface, and a
+    client that goes away cancels the exchange in progress, not a finished
+    one.
+    """
     client = Client()
-    client.pool = pool
-    client.runtime.pools["app"] = pool  # type: ignore[index]
-    return client
-
-
-def test_outcomeWithoutDeferredFromPoolSend() -> None:
-    """
-    With a pool offering send, the response reaches the client through
-    the receiver interface, and a client that goes away cancels the
-    exchange.
-    """
-    pool = SendingPool()
-    client = _sendingClient(pool)
     client.send(b"GET /a HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    [(receiver, exchange)] = pool.sent
-    receiver.upstreamResponded(FakeResponse(200, {}, b"ok", length=2))
+    [first] = client.sent
+    first.respond(MemoryResponse(200, [], b"ok", length=2))
     assert client.wire().startswith(b"HTTP/1.1 200 OK\r\n")
     assert client.wire().endswith(b"\r\n\r\nok")
     client.send(b"GET /b HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    (_, second) = pool.sent[1]
-    client.protocol.connectionLost(Failure(ConnectionError("gone")))
-    assert second.cancelled and not exchange.cancelled
+    second = client.sent[1]
+    client.lose(ConnectionError("gone"))
+    assert second.cancelled and not first.cancelled
 
 
 def test_poolSendFailingBeforeItReturns() -> None:
@@ -490,11 +364,65 @@ def test_poolSendFailingBeforeItReturns() -> None:
     An outcome delivered before send returns (no backend available) is
     answered, and the finished exchange is not kept (nor cancelled later).
     """
-    pool = SendingPool(failAtOnce=ServiceUnavailable("every server of app is down"))
-    client = _sendingClient(pool)
+    client = Client(pool=MemoryPool(failAtOnce=ServiceUnavailable("every server of app is down")))
     client.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
     assert client.wire().startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
     assert not client.transport.disconnecting
-    client.protocol.connectionLost(Failure(ConnectionError("gone")))
-    [(_, exchange)] = pool.sent
+    client.lose(ConnectionError("gone"))
+    [exchange] = client.sent
     assert not exchange.cancelled
+
+
+def test_interimResponsesFromTheBackendPassedOn() -> None:
+    """
+    RFC 9110 15.2: 103 Early Hints (and 102) reach an HTTP/1.1 client before
+    the final response; 100 only a client that asked for it.
+    """
+    client = Client()
+    client.send(b"PUT /x HTTP/1.1\r\nHost: app.example\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    call = client.sent[0]
+    assert call.fields.get(b"expect") == b"100-continue"
+    assert client.wire() == b""
+    call.interim(100, b"Continue")
+    assert client.wire() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    call.interim(103, b"Early Hints", [(b"link", b"</s.css>; rel=preload")])
+    client.send(b"ok")
+    call.respond(MemoryResponse(201, [], b"", length=0, reason=b"Created"))
+    interims = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+    )
+    assert client.wire().startswith(interims + b"HTTP/1.1 201 Created\r\n")
+    assert client.wire().count(b"HTTP/1.1 201 ") == 1
+    other = Client()
+    other.send(b"GET /x HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    other.sent[0].interim(100, b"Continue")
+    assert other.wire() == b""
+
+
+def test_clientBehindATrustedProxy() -> None:
+    """
+    With trusted proxies in front, a request from one of them reaches the
+    backend with its X-Forwarded-For chain kept and this hop appended, and
+    the request's client is the address the proxy vouches for.
+    """
+    import ipaddress
+
+    from edgeproxy.config.model import ProxySettings
+
+    recorder: list[str] = []
+
+    class ClientRecorder:
+        def log(self, call: Any) -> None:
+            recorder.append(call.request.client)
+
+    client = Client(
+        proxy=ProxySettings(trusted_proxies=(ipaddress.ip_network("192.0.2.0/24"),)),
+        accessLog=ClientRecorder(),
+    )
+    client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-For: 203.0.113.5\r\n\r\n")
+    [call] = client.sent
+    assert call.fields.getAll(b"x-forwarded-for") == [b"203.0.113.5, 192.0.2.7"]
+    call.respond(MemoryResponse(200, [], b"", length=0))
+    assert client.wire().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert recorder == ["203.0.113.5"]

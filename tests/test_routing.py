@@ -73,7 +73,8 @@ def router() -> Router:
 def test_match(router: Router, host: bytes, path: bytes, name: str, prefix: str) -> None:
     match = router.match(host, path)
     assert match is not None
-    assert (match.route.name, match.prefix) == (name, prefix)
+    # The matched prefix is bytes, as the paths it is compared with.
+    assert (match.route.name, match.prefix) == (name, prefix.encode())
 
 
 def test_wildcardDoesNotMatchApex() -> None:
@@ -116,7 +117,7 @@ def test_firstRouteKeepsDuplicatePrefix() -> None:
 
 def test_prefixesNormalised() -> None:
     router = Router([route("a", ("x.test",), ("/%7euser/./docs",))])
-    assert router.match(b"x.test", b"/~user/docs/a") == RouteMatch(router.match(b"x.test", b"/~user/docs").route, "/~user/docs")
+    assert router.match(b"x.test", b"/~user/docs/a") == RouteMatch(router.match(b"x.test", b"/~user/docs").route, b"/~user/docs")
 
 
 @pytest.mark.parametrize(
@@ -172,7 +173,7 @@ def test_longestPrefixWins(prefixes: list[str], path: bytes) -> None:
         return
     assert match is not None
     longest = max(candidates, key=len)
-    assert match.prefix == longest
+    assert match.prefix == longest.encode()
     assert match.route.name == f"r{prefixes.index(longest)}"
 
 

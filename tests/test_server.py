@@ -13,21 +13,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseFailed
+from twisted.web.http import PotentialDataLoss
 
 from edgeproxy.config.model import Config, Limits, Listener, ProxySettings, Route, Server, Upstream
 from edgeproxy.h1 import Fields
 from edgeproxy.http.errorpages import rejection
 from edgeproxy.http.listener import ListenerFactory
-from edgeproxy.http.server import ABORT_TIMEOUT, HTTP1Connection
+from edgeproxy.http.server import ABORT_TIMEOUT
 from edgeproxy.logs import refusals
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.stages import RoutePipeline
-from edgeproxy.pipeline.values import BytesBody, Response
+from edgeproxy.pipeline.values import BODY_DONE, BytesBody, Response
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
 from tests.test_h1 import REJECTED
@@ -841,3 +842,280 @@ def test_cutAnywhereSameOutcome(raw: bytes, cuts: list[int], maxHeaderSize: int)
     whole = _served([raw], limits)
     assert _served(pieces, limits) == whole
     assert _served([bytes([b]) for b in raw], limits) == whole
+
+
+# Response bodies (what ResponseRelay did for HTTPChannel) -------------------
+
+
+class BackendProducer:
+    """The backend connection as a response body's producer."""
+
+    def __init__(self) -> None:
+        self.producerState = "producing"
+
+    def pauseProducing(self) -> None:
+        self.producerState = "paused"
+
+    def resumeProducing(self) -> None:
+        self.producerState = "producing"
+
+    def stopProducing(self) -> None:
+        self.producerState = "stopped"
+
+
+class StreamedBody:
+    """A response body the test feeds: what came with the head, then more."""
+
+    def __init__(self, buffered: bytes = b"", complete: bool = False) -> None:
+        self.buffered = buffered
+        self.complete = complete
+        self.producer = BackendProducer()
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.producer)
+        if self.buffered:
+            protocol.dataReceived(self.buffered)
+        if self.complete:
+            protocol.connectionLost(BODY_DONE)
+
+
+def streaming(body: StreamedBody, version: bytes = b"HTTP/1.1", length: int | None = None) -> Connection:
+    connection = Connection()
+    connection.stage.hold = True
+    connection.send(b"GET / " + version + b"\r\n" + H + b"\r\n")
+    connection.stage.held.pop().respond(Response(200, b"OK", Fields(), length, body))
+    return connection
+
+
+def test_closeDelimitedBodyIsComplete() -> None:
+    """A body ended by its backend's close (RFC 9112 6.3 item 8) is a
+    complete body: the last chunk is written and the connection kept."""
+    body = StreamedBody(b"abc")
+    connection = streaming(body)
+    body.protocol.connectionLost(Failure(PotentialDataLoss()))
+    assert connection.received().endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert not connection.transport.disconnecting
+
+
+def test_closeDelimitedBodyToAnHTTP10Client() -> None:
+    """HTTP/1.0 has no chunks: a body of unknown length ends with the
+    connection."""
+    body = StreamedBody(b"abc")
+    connection = streaming(body, b"HTTP/1.0")
+    body.protocol.connectionLost(BODY_DONE)
+    assert connection.received().endswith(b"\r\n\r\nabc")
+    assert b"Transfer-Encoding" not in connection.received()
+    assert connection.transport.disconnecting
+
+
+def test_truncatedBodyAbortsTheClientWithoutTheLastChunk() -> None:
+    body = StreamedBody(b"partial")
+    connection = streaming(body)
+    body.protocol.connectionLost(Failure(ResponseFailed([Failure(ValueError("lost"))])))
+    assert not connection.received().endswith(b"0\r\n\r\n")
+    assert connection.transport.disconnecting  # StringTransport.abortConnection
+    assert connection.protocol.busy() is False
+
+
+def test_slowClientPausesTheBackend() -> None:
+    """
+    The client's socket buffer is full: its transport pauses the producer
+    registered on it, which is the body's source, the backend.
+    """
+    body = StreamedBody(b"x")
+    connection = streaming(body)
+    producer = connection.transport.producer
+    assert producer is not None and connection.transport.streaming
+    producer.pauseProducing()
+    assert body.producer.producerState == "paused"
+    producer.resumeProducing()
+    assert body.producer.producerState == "producing"
+    body.protocol.connectionLost(BODY_DONE)
+    assert connection.transport.producer is None
+
+
+def test_clientDisconnectStopsTheBackend() -> None:
+    body = StreamedBody(b"some")
+    connection = streaming(body)
+    connection.lose()
+    assert body.producer.producerState == "stopped"
+    # The backend's end after that changes nothing.
+    body.protocol.connectionLost(Failure(ResponseFailed([Failure(ConnectionDone())])))
+    assert not connection.factory.inflight
+
+
+def test_downloadIdleTimeoutAbortsBothSides() -> None:
+    """
+    A body that moves no byte for the route's idle timeout (30 s here)
+    stops the backend and aborts the client; every byte, and every resume
+    of a paused client, counts as activity.
+    """
+    body = StreamedBody(b"x")
+    connection = streaming(body)
+    connection.clock.advance(20)
+    body.protocol.dataReceived(b"y")
+    connection.clock.advance(20)
+    connection.transport.producer.resumeProducing()
+    connection.clock.advance(20)
+    assert body.producer.producerState == "producing"
+    assert not connection.transport.disconnecting
+    connection.clock.advance(10)
+    assert body.producer.producerState == "stopped"
+    assert connection.transport.disconnecting
+    assert not connection.factory.inflight
+
+
+def test_bodyCompleteWithItsHeadNeedsNoTimer() -> None:
+    """A body that came whole with its head is written and finished within
+    respond: no idle timer is scheduled (then cancelled) for it."""
+    connection = Connection()
+    connection.stage.hold = True
+    connection.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+    before = set(connection.clock.getDelayedCalls())
+    connection.stage.held.pop().respond(Response(200, b"OK", Fields(), None, StreamedBody(b"hello", complete=True)))
+    assert connection.received().endswith(b"5\r\nhello\r\n0\r\n\r\n")
+    assert set(connection.clock.getDelayedCalls()) <= before
+    assert connection.transport.producer is None
+
+
+def test_finishedBodyIsFreedWithoutTheCycleCollector() -> None:
+    """
+    Once a streamed response is over, nothing keeps its body's source nor
+    its idle timer (whose callback is the connection's, which held the
+    timer) alive: reference counting frees them.
+    """
+    import gc
+    import weakref
+
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        body = StreamedBody(b"hello")
+        connection = streaming(body)
+        timer = connection.transport.producer.idle
+        assert timer is not None
+        gone = [weakref.ref(timer), weakref.ref(body), weakref.ref(body.producer)]
+        del timer
+        body.protocol.connectionLost(BODY_DONE)
+        assert connection.received().endswith(b"0\r\n\r\n")
+        del body
+        assert [ref() for ref in gone] == [None, None, None]
+    finally:
+        if enabled:
+            gc.enable()
+
+
+# ALPN, targets the stages never see ------------------------------------------
+
+
+def test_headerDeadlineStopsWhenALPNSelectsHTTP2() -> None:
+    """
+    When ALPN picked h2 the connection hands every byte, the first ones
+    too, to the listener's HTTP/2 protocol; its HTTP/1.1 timers are off, so
+    no 408 is written into the HTTP/2 connection later.
+    """
+    received: list[bytes] = []
+
+    class HTTP2:
+        def makeConnection(self, transport: Any) -> None:
+            self.transport = transport
+
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+        def connectionLost(self, reason: Any) -> None:
+            received.append(b"lost")
+
+    class WithHTTP2(ListenerFactory):
+        def buildHTTP2(self, connection: Any) -> Any:
+            return HTTP2()
+
+    clock = Clock()
+    base = makeFactory(Limits(client_header_timeout=5), clock, Echo([]))
+    factory = WithHTTP2(base.currentRuntime, base.listener, clock)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+    transport = StringTransport()
+    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+    protocol.makeConnection(transport)
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    protocol.dataReceived(preface)
+    protocol.dataReceived(b"more")
+    assert received == [preface, b"more"]
+    clock.advance(30)
+    assert transport.value() == b""
+    assert not transport.disconnecting
+    assert clock.getDelayedCalls() == []
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert received[-1] == b"lost"
+    assert factory.channels == set()
+
+
+def test_optionsAsteriskIsRefusedBeforeTheStages() -> None:
+    """
+    C{OPTIONS *} is a valid request (h1 reads it) but asks about the server
+    itself, which no route serves: 400, and no stage sees it.
+    """
+    connection = Connection()
+    connection.send(b"OPTIONS * HTTP/1.1\r\n" + H + b"\r\n")
+    assert connection.received().startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert connection.kinds() == []
+
+
+def test_bodyNeverReadDoesNotStallTheNextRequest() -> None:
+    """
+    A body that arrived whole but that nothing read (a stage answered
+    without it, a backend that failed before reading it) paused the
+    connection while it waited in its pipe; once the answer is out the
+    connection reads again, and the next request is served.
+    """
+    connection = Connection()
+    connection.stage.hold = True
+    connection.send(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc")
+    assert connection.transport.producerState == "paused"
+    connection.stage.held.pop().respond(Response(403, b"Forbidden", Fields(), 0, None))
+    assert connection.received().startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert not connection.transport.disconnecting
+    assert connection.transport.producerState == "producing"
+    connection.stage.hold = False
+    connection.send(b"GET /next HTTP/1.1\r\n" + H + b"\r\n")
+    assert connection.received().endswith(b"GET /next ")
+
+
+def test_answerBeforeTheStagesReadAWholeBodyKeepsTheConnection() -> None:
+    """
+    A body that came whole with its head is read before the stages run:
+    an answer at once (here a 404 on a POST) finds the request complete,
+    and the connection serves the next request.  With the body still
+    arriving the answer closes the connection (see
+    test_earlyAnswerWhileTheBodyArrivesCloses).
+    """
+    connection = Connection()
+    object.__setattr__(connection.factory.currentRuntime(), "router", Router(()))
+    connection.send(
+        b"POST /x HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc"
+        b"PUT /y HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    received = connection.received()
+    assert received.count(b"HTTP/1.1 404 Not Found\r\n") == 2
+    assert b"Connection: close" not in received
+    assert not connection.transport.disconnecting
+    assert connection.transport.producerState == "producing"
+    connection.send(b"POST /z HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nab")
+    assert connection.received().count(b"HTTP/1.1 404 ") == 3
+    assert connection.transport.disconnecting
+
+
+def test_noInterimAfterTheFinalAnswer() -> None:
+    """An interim response that comes after the final answer began (a
+    late 1xx from a stage or backend) is not written into its body."""
+    body = StreamedBody(b"abc")
+    connection = streaming(body)
+    before = connection.received()
+    body.protocol.interim(103, b"Early Hints", Fields())
+    assert connection.received() == before
+    body.protocol.connectionLost(BODY_DONE)
+    body.protocol.interim(103, b"Early Hints", Fields())
+    assert connection.received().endswith(b"0\r\n\r\n")

@@ -34,7 +34,7 @@ from edgeproxy.config.model import (
 )
 from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.serve.service import EdgeService
-from edgeproxy.serve.sites import channelBusy
+from edgeproxy.serve.sites import channelBusy, closeAfterResponse, closeIdle
 from edgeproxy.systemd import Notifier
 from tests.certutil import CertificateAuthority
 from tests.proc import NotifyReceiver
@@ -632,6 +632,133 @@ def test_aCompleteDrainExitsZeroWhateverTheReactorRecorded(
     stopped = service.stopService()
     assert stopped.called
     assert reactor._exitSignal is None  # type: ignore[attr-defined]
+
+
+class HTTP2Stub:
+    """What an HTTP/2 protocol gives the drain: its streams' state, and
+    its own ways to close (a GOAWAY is its business)."""
+
+    def __init__(self) -> None:
+        self.streams = 0
+        self.calls: list[str] = []
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+    def busy(self) -> bool:
+        return self.streams > 0
+
+    def closeAfterResponse(self) -> None:
+        self.calls.append("closeAfterResponse")
+
+    def closeIdle(self) -> None:
+        self.calls.append("closeIdle")
+
+
+def drainedConnection(http2: HTTP2Stub | None = None) -> Any:
+    """An HTTP/1.1 connection (or one ALPN switched to C{http2})."""
+    from twisted.internet.task import Clock
+
+    from edgeproxy.config.model import Limits
+    from tests.test_server import Connection, Echo, makeFactory
+
+    connection = Connection()
+    if http2 is not None:
+
+        class WithHTTP2(ListenerFactory):
+            def buildHTTP2(self, connection: Any) -> Any:
+                return http2
+
+        clock = Clock()
+        base = makeFactory(Limits(), clock, Echo([]))
+        connection.factory = WithHTTP2(base.currentRuntime, base.listener, clock)
+        connection.protocol = connection.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 1))
+        connection.transport = StringTransport()
+        connection.transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+        connection.protocol.makeConnection(connection.transport)
+        connection.protocol.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    return connection
+
+
+def test_channelBusyOnConnections() -> None:
+    """
+    A connection is busy while a request is in flight on it; an HTTP/2
+    one while its protocol has streams.
+    """
+    connection = drainedConnection()
+    assert channelBusy(connection.protocol) is False
+    connection.stage.hold = True
+    connection.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert channelBusy(connection.protocol) is True
+    connection.stage._answer(connection.stage.held.pop(), b"")
+    assert channelBusy(connection.protocol) is False
+
+    http2 = HTTP2Stub()
+    switched = drainedConnection(http2)
+    assert channelBusy(switched.protocol) is False
+    http2.streams = 1
+    assert channelBusy(switched.protocol) is True
+
+
+def test_closeAfterResponseMarksConnectionClose() -> None:
+    """The response in flight says Connection: close and the connection
+    closes after it."""
+    connection = drainedConnection()
+    connection.stage.hold = True
+    connection.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    closeAfterResponse(connection.protocol)
+    assert not connection.transport.disconnecting
+    connection.stage._answer(connection.stage.held.pop(), b"")
+    head = connection.received().partition(b"\r\n\r\n")[0]
+    assert b"\r\nConnection: close" in head
+    assert connection.transport.disconnecting
+
+
+def test_drainOfAnHTTP2ConnectionIsItsProtocols() -> None:
+    """closeAfterResponse and closeIdle of a connection switched to HTTP/2
+    are its protocol's (which sends the GOAWAY)."""
+    http2 = HTTP2Stub()
+    switched = drainedConnection(http2)
+    closeAfterResponse(switched.protocol)
+    closeIdle(switched.protocol)
+    assert http2.calls == ["closeAfterResponse", "closeIdle"]
+    assert not switched.transport.disconnecting
+
+
+def test_closeIdleLeavesNoProducerRegistered() -> None:
+    """
+    A TLS transport waits for its producer to go away before it closes:
+    an idle connection has none registered, and one whose streamed
+    response ends while it drains lets go of its producer before closing.
+    """
+    idle = drainedConnection()
+    closeIdle(idle.protocol)
+    assert idle.transport.producer is None
+    assert idle.transport.disconnecting
+    assert idle.received() == b""
+
+    from edgeproxy.h1 import Fields
+    from edgeproxy.pipeline.values import BODY_DONE, Response
+    from tests.test_server import StreamedBody
+
+    streaming = drainedConnection()
+    streaming.stage.hold = True
+    streaming.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    body = StreamedBody(b"x")
+    streaming.stage.held.pop().respond(Response(200, b"OK", Fields(), None, body))
+    assert streaming.transport.producer is not None
+    closeIdle(streaming.protocol)  # busy: not closed
+    closeAfterResponse(streaming.protocol)
+    assert not streaming.transport.disconnecting
+    body.protocol.connectionLost(BODY_DONE)
+    assert streaming.transport.producer is None
+    assert streaming.transport.disconnecting
 
 
 def test_tapOptionsRejectBadConfiguration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

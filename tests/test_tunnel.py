@@ -1,13 +1,16 @@
 """
-Tests for L{edgeproxy.http.tunnel}.
+Tests for L{edgeproxy.http.tunnel} and L{edgeproxy.http.websocket}.
 
-The pure parts (upgrade detection, request head, response head parser,
-header filtering, chunked bodies) are fed bytes and checked on the result.
-The tunnel and the whole handshake run in memory: the client side is a real
-C{Site} with the production L{EdgeHTTPChannel} on a C{StringTransport}, the
-backend side a C{StringTransport} handed out by an in-memory endpoint, the
-clock a L{MemoryReactorClock}.  Assertions are on the bytes each side sees,
-on connections being closed or aborted, and on what the access log gets.
+The tunnel runs in memory on two transports.  The whole handshake runs in
+memory too: the client side is a real L{ListenerFactory} and
+L{HTTP1Connection} on a C{StringTransport}, whose route (WebSockets on)
+ends in the real forward stage over an in-memory pool
+(L{tests.memorypool}); the backend side is a C{StringTransport} handed out
+by an in-memory endpoint, the clock a L{MemoryReactorClock}.  Assertions
+are on the bytes each side sees, on connections being closed or aborted,
+and on what the access log gets.  Parsing the backend's head is
+L{edgeproxy.h1}'s (tests.test_h1); deciding what is a handshake is the
+forward stage's (tests.test_forward).
 """
 
 from __future__ import annotations
@@ -15,271 +18,19 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from twisted.internet import error as netError
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.web import server
-from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
 
-from edgeproxy.config.model import Server, Upstream
-from edgeproxy.errors import BadRequest, UpstreamProtocolError
-from edgeproxy.http.channel import edgeChannelProtocolFactory, requestLineOf
-from edgeproxy.http.tunnel import (
-    ABORT_TIMEOUT,
-    MAX_REFUSAL_BODY,
-    BodyFraming,
-    ResponseHeadParser,
-    Tunnel,
-    _takeOverChannel,
-    bodyFraming,
-    formatRequestHead,
-    isWebSocketUpgrade,
-    refusalHeaders,
-    startTunnel,
-    switchingHeaders,
-)
-
-
-def headers(*pairs: tuple[bytes, bytes]) -> Headers:
-    result = Headers()
-    for name, value in pairs:
-        result.addRawHeader(name, value)
-    return result
-
-
-def parseHead(raw: bytes) -> Any:
-    parser = ResponseHeadParser()
-    head = parser.feed(raw)
-    assert head is not None
-    return head
-
-
-# isWebSocketUpgrade ---------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "method, pairs, expected",
-    [
-        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")], True),
-        (b"GET", [(b"Upgrade", b"WebSocket"), (b"Connection", b"keep-alive, UPGRADE")], True),
-        (b"GET", [(b"Upgrade", b"foo, websocket"), (b"Connection", b"upgrade")], True),
-        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"x"), (b"Connection", b"upgrade")], True),
-        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"upgrade"), (b"Content-Length", b"0")], True),
-        (b"POST", [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")], False),
-        (b"get", [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")], False),
-        (b"GET", [(b"Upgrade", b"h2c"), (b"Connection", b"Upgrade, HTTP2-Settings")], False),
-        (b"GET", [(b"Upgrade", b"websocket")], False),
-        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"keep-alive")], False),
-        (b"GET", [(b"Connection", b"Upgrade")], False),
-        (b"GET", [(b"Upgrade", b"websocketx"), (b"Connection", b"Upgrade")], False),
-        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"), (b"Content-Length", b"5")], False),
-        (b"GET", [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"), (b"Transfer-Encoding", b"chunked")], False),
-    ],
-)
-def test_isWebSocketUpgrade(method: bytes, pairs: list[tuple[bytes, bytes]], expected: bool) -> None:
-    assert isWebSocketUpgrade(method, headers(*pairs)) is expected
-
-
-# formatRequestHead ----------------------------------------------------------
-
-
-def test_formatRequestHead() -> None:
-    head = formatRequestHead(
-        b"/chat?room=1",
-        headers((b"Host", b"app.example"), (b"Upgrade", b"websocket"), (b"X-A", b"1"), (b"X-A", b"2")),
-    )
-    assert head == (
-        b"GET /chat?room=1 HTTP/1.1\r\n"
-        b"Host: app.example\r\n"
-        b"Upgrade: websocket\r\n"
-        b"X-A: 1\r\n"
-        b"X-A: 2\r\n"
-        b"\r\n"
-    )
-
-
-@pytest.mark.parametrize(
-    "path, pairs",
-    [
-        (b"/a b", []),
-        (b"/a\r\nX: y", []),
-        (b"/a\x00", []),
-        (b"http://other/", []),
-        (b"", []),
-        (b"/", [(b"X-Evil", b"a\x00b")]),
-    ],
-)
-def test_formatRequestHeadRefusesUnsafe(path: bytes, pairs: list[tuple[bytes, bytes]]) -> None:
-    with pytest.raises(BadRequest):
-        formatRequestHead(path, headers(*pairs))
-
-
-def test_formatRequestHeadNoInjection() -> None:
-    # Headers itself turns CR/LF in values into spaces: still one line.
-    head = formatRequestHead(b"/", headers((b"X-Evil", b"a\r\nInjected: 1")))
-    assert head == b"GET / HTTP/1.1\r\nX-Evil: a Injected: 1\r\n\r\n"
-
-
-class RawFields:
-    """Fields as something other than Headers could hand them over."""
-
-    def __init__(self, *pairs: tuple[bytes, bytes]) -> None:
-        self.pairs = pairs
-
-    def getAllRawHeaders(self) -> Any:
-        return [(name, [value]) for name, value in self.pairs]
-
-
-@pytest.mark.parametrize(
-    "pair",
-    [(b"Bad Name", b"x"), (b"Bad:Name", b"x"), (b"", b"x"), (b"X", b"a\r\nY: 1"), (b"X", b"a\nb")],
-)
-def test_formatRequestHeadRefusesUnsafeFields(pair: tuple[bytes, bytes]) -> None:
-    with pytest.raises(BadRequest):
-        formatRequestHead(b"/", RawFields(pair))  # type: ignore[arg-type]
-
-
-# ResponseHeadParser ---------------------------------------------------------
-
-HANDSHAKE = (
-    b"HTTP/1.1 101 Switching Protocols\r\n"
-    b"Upgrade: websocket\r\n"
-    b"Connection: Upgrade\r\n"
-    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
-    b"\r\n"
-)
-
-
-def test_parserWholeHeadAndRest() -> None:
-    parser = ResponseHeadParser()
-    head = parser.feed(HANDSHAKE + b"\x81\x02hi")
-    assert head is not None
-    assert (head.version, head.status, head.reason) == (b"HTTP/1.1", 101, b"Switching Protocols")
-    assert head.fields == (
-        (b"Upgrade", b"websocket"),
-        (b"Connection", b"Upgrade"),
-        (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-    )
-    assert parser.rest == b"\x81\x02hi"
-
-
-@given(st.lists(st.integers(min_value=0, max_value=len(HANDSHAKE) + 4), max_size=8))
-def test_parserAnySplit(cuts: list[int]) -> None:
-    data = HANDSHAKE + b"tail"
-    points = sorted(set(cuts)) + [len(data)]
-    parser = ResponseHeadParser()
-    head, start = None, 0
-    for point in points:
-        if head is None:
-            head = parser.feed(data[start:point])
-            start = point
-    assert head is not None and head.status == 101
-    assert parser.rest + data[start:] == b"tail"
-
-
-def test_parserBareLF() -> None:
-    head = parseHead(b"HTTP/1.1 403 Forbidden\nServer: x\n\nbody")
-    assert head.status == 403 and head.fields == ((b"Server", b"x"),)
-
-
-def test_parserEmptyReason() -> None:
-    assert parseHead(b"HTTP/1.0 404\r\n\r\n").reason == b""
-
-
-def test_parserTooLarge() -> None:
-    parser = ResponseHeadParser(maxSize=64)
-    assert parser.feed(b"HTTP/1.1 200 OK\r\n") is None
-    with pytest.raises(UpstreamProtocolError):
-        parser.feed(b"X: " + b"a" * 80)
-
-
-def test_parserTooLargeEvenWhenComplete() -> None:
-    with pytest.raises(UpstreamProtocolError):
-        ResponseHeadParser(maxSize=32).feed(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 40 + b"\r\n\r\n")
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"HTTP/2 101 Switching\r\n\r\n",
-        b"HTTP/1.1 1O1 x\r\n\r\n",
-        b"ICY 200 OK\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nNo colon\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nX: a\x00b\r\n\r\n",
-    ],
-)
-def test_parserRejects(raw: bytes) -> None:
-    with pytest.raises(UpstreamProtocolError):
-        ResponseHeadParser().feed(raw)
-
-
-# Header filtering and framing -------------------------------------------------
-
-
-def test_switchingHeaders() -> None:
-    head = parseHead(
-        b"HTTP/1.1 101 Switching Protocols\r\n"
-        b"Upgrade: WebSocket\r\n"
-        b"Connection: Upgrade, X-Hop\r\n"
-        b"X-Hop: secret\r\n"
-        b"Keep-Alive: timeout=5\r\n"
-        b"Server: nginx/1.2\r\n"
-        b"X-Powered-By: PHP\r\n"
-        b"Content-Length: 0\r\n"
-        b"Sec-WebSocket-Accept: abc=\r\n"
-        b"Sec-WebSocket-Protocol: chat\r\n"
-        b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
-        b"Set-Cookie: a=b\r\n"
-        b"\r\n"
-    )
-    result = dict(switchingHeaders(head).getAllRawHeaders())
-    assert result == {
-        b"Upgrade": [b"WebSocket"],
-        b"Connection": [b"upgrade"],
-        b"Sec-Websocket-Accept": [b"abc="],
-        b"Sec-Websocket-Protocol": [b"chat"],
-        b"Sec-Websocket-Extensions": [b"permessage-deflate"],
-        b"Set-Cookie": [b"a=b"],
-    }
-
-
-def test_refusalHeaders() -> None:
-    head = parseHead(
-        b"HTTP/1.1 403 Forbidden\r\nServer: x\r\nContent-Type: text/plain\r\n"
-        b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-    )
-    assert dict(refusalHeaders(head).getAllRawHeaders()) == {b"Content-Type": [b"text/plain"]}
-
-
-@pytest.mark.parametrize(
-    "raw, framing",
-    [
-        (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", BodyFraming("none")),
-        (b"HTTP/1.1 304 Not Modified\r\n\r\n", BodyFraming("none")),
-        (b"HTTP/1.1 403 F\r\nContent-Length: 12\r\n\r\n", BodyFraming("length", 12)),
-        (b"HTTP/1.1 403 F\r\nContent-Length: 12\r\nContent-Length: 12\r\n\r\n", BodyFraming("length", 12)),
-        (b"HTTP/1.1 403 F\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n", BodyFraming("chunked")),
-        (b"HTTP/1.1 403 F\r\nTransfer-Encoding: gzip\r\n\r\n", BodyFraming("close")),
-        (b"HTTP/1.1 403 F\r\n\r\n", BodyFraming("close")),
-    ],
-)
-def test_bodyFraming(raw: bytes, framing: BodyFraming) -> None:
-    assert bodyFraming(parseHead(raw)) == framing
-
-
-@pytest.mark.parametrize("values", [b"Content-Length: 1\r\nContent-Length: 2", b"Content-Length: -1", b"Content-Length: 0x10"])
-def test_bodyFramingBadLength(values: bytes) -> None:
-    with pytest.raises(UpstreamProtocolError):
-        bodyFraming(parseHead(b"HTTP/1.1 400 B\r\n" + values + b"\r\n\r\n"))
-
+from edgeproxy.config.model import Route, Server, Upstream
+from edgeproxy.h1 import Fields
+from edgeproxy.http.server import HTTP1Connection
+from edgeproxy.http.tunnel import ABORT_TIMEOUT, Tunnel
+from edgeproxy.http.websocket import MAX_REFUSAL_BODY
+from tests.memorypool import MemoryPool, ProxyClient
 
 # Tunnel -----------------------------------------------------------------------
 
@@ -443,88 +194,95 @@ def test_tunnelEndLostBeforeStart() -> None:
     assert backend.disconnecting and backend.value() == b""
 
 
-# Taking over the channel (Twisted private API) --------------------------------
+# Taking over the connection ---------------------------------------------------
 
 
-class IdleRequest(server.Request):
-    """A request that never answers: the channel stays handling it."""
+class TakingOver:
+    """A stage that takes the connection over at once with C{protocol}."""
 
-    def process(self) -> None:
-        pass
+    def __init__(self) -> None:
+        self.protocol = Recorder()
+        self.buffered: bytes | None = None
+        self.calls: list[Any] = []
 
+    def handle(self, call: Any) -> None:
+        self.calls.append(call)
 
-def channelSites(clock: MemoryReactorClock) -> list[server.Site]:
-    plain = server.Site(Resource(), reactor=clock, timeout=60)
-    plain.requestFactory = IdleRequest
-
-    class EdgeLike(server.Site):
-        protocol = edgeChannelProtocolFactory
-
-    edge = EdgeLike(Resource(), reactor=clock, timeout=60)
-    edge.requestFactory = IdleRequest
-    return [plain, edge]
+    def takeOver(self, head: bytes = b"") -> None:
+        call = self.calls[-1]
+        self.buffered = call.client.takeOver(call, head, self.protocol)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["HTTPChannel", "EdgeHTTPChannel"])
-class TestTakeOverChannel:
+class Recording:
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, int, bytes]] = []
+
+    def log(self, call: Any) -> None:
+        self.logged.append((call.status, call.sent, call.request.target))
+
+
+def takenOver(**limits: Any) -> tuple[ProxyClient, TakingOver, Recording]:
+    from edgeproxy.config.model import Limits, Listener
+    from edgeproxy.pipeline.stages import RoutePipeline
+
+    stage = TakingOver()
+    log = Recording()
+    client = ProxyClient(
+        Listener(name="l", endpoint="tcp:0", tls=False, limits=Limits(**limits)),
+        transport=SocketLikeTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1234)),
+        accessLog=log,
+    )
+    client.runtime.pipelines["app"] = RoutePipeline((("forward", stage),), 30.0)
+    head = b"GET /ws HTTP/1.1\r\nHost: app.example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    # Frames pipelined right behind the head, then more before the switch.
+    client.send(head + b"frame-1")
+    client.send(b"frame-2")
+    return client, stage, log
+
+
+class TestTakeOver:
     """
-    Regression tests for the one function that uses Twisted private API
-    (C{_protocolUpgradeForWebsockets}, C{_dataBuffer}): if Twisted changes
-    either, these fail.
+    L{HTTP1Connection.takeOver}: what the WebSocket switch needs of the
+    connection (it replaced the private Twisted API the channel used).
     """
 
-    def connect(self, which: int) -> tuple[Any, Any, StringTransport, MemoryReactorClock]:
-        clock = MemoryReactorClock()
-        site = channelSites(clock)[which]
-        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-        transport = SocketLikeTransport(lenient=True)
-        protocol.makeConnection(transport)
-        head = b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-        # Frames pipelined right behind the head, then more before the switch.
-        protocol.dataReceived(head + b"frame-1")
-        protocol.dataReceived(b"frame-2")
-        channel = protocol._channel
-        return protocol, channel, transport, clock
+    def test_bufferedBytesAndDelivery(self) -> None:
+        client, stage, log = takenOver()
+        stage.takeOver(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        assert stage.buffered == b"frame-1frame-2"
+        assert stage.protocol.transport is client.transport
+        # Every byte from now on is the protocol's.
+        client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        assert stage.protocol.data == b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n"
+        # The head given was written, and HTTP wrote nothing else.
+        assert client.wire() == b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+        assert client.transport.producer is None
+        # No HTTP timeout (idle, header) is left to fire.
+        assert client.clock.getDelayedCalls() == []
+        client.clock.advance(3600)
+        assert not client.transport.disconnecting
 
-    def test_bufferedBytesAndDelivery(self, which: int) -> None:
-        protocol, channel, transport, clock = self.connect(which)
-        recorder = Recorder()
-        taken = _takeOverChannel(channel, recorder)
-        assert taken.buffered == b"frame-1frame-2"
-        assert recorder.transport is transport
-        # Data arrives the way the reactor delivers it: to the protocol the
-        # transport knows, which is the ALPN switcher around the channel.
-        protocol.dataReceived(b"frame-3")
-        assert recorder.data == b"frame-3"
-        assert transport.value() == b""  # HTTP wrote nothing
-        assert transport.producer is None
-        # No HTTP timeout (idle, header-read) is left to fire.
-        assert clock.getDelayedCalls() == []
-        protocol.connectionLost(Failure(netError.ConnectionDone()))
-        assert recorder.lost is not None
-        assert channel.persistent is False
+    def test_callEndsWithTheConnection(self) -> None:
+        client, stage, log = takenOver()
+        stage.takeOver()
+        call = stage.calls[-1]
+        call.status = 101
+        assert client.protocol.busy()
+        assert log.logged == []
+        client.lose(netError.ConnectionDone())
+        assert stage.protocol.lost is not None
+        assert log.logged == [(101, 0, b"/ws")]
+        assert client.factory.inflight == set() and client.factory.channels == set()
+        assert client.wire() == b""
 
-    def test_channelLostStillCallable(self, which: int) -> None:
-        protocol, channel, transport, clock = self.connect(which)
-        taken = _takeOverChannel(channel, Recorder())
-        request = channel.requests[0]
-        finished: list[object] = []
-        request.notifyFinish().addBoth(finished.append)
-        request.startedWriting = 1
-        request.finish()
-        taken.channelLost(Failure(netError.ConnectionDone()))
-        assert finished == [None]
-        assert channel.requests == []
-        assert transport.value() == b""
-
-    def test_pausedTransportResumed(self, which: int) -> None:
-        protocol, channel, transport, clock = self.connect(which)
-        # Past Twisted's eager-read allowance the channel pauses the socket.
-        protocol.dataReceived(b"x" * 70000)
-        assert transport.producerState == "paused"
-        taken = _takeOverChannel(channel, Recorder())
-        assert taken.buffered == b"frame-1frame-2" + b"x" * 70000
-        assert transport.producerState == "producing"
+    def test_pausedTransportResumed(self) -> None:
+        client, stage, _ = takenOver(max_header_size=1024)
+        # Past the head limit the connection stops reading the pipelined bytes.
+        client.send(b"x" * 2000)
+        assert client.transport.producerState == "paused"
+        stage.takeOver()
+        assert stage.buffered == b"frame-1frame-2" + b"x" * 2000
+        assert client.transport.producerState == "producing"
 
 
 # The whole handshake, in memory ------------------------------------------------
@@ -536,6 +294,14 @@ UPGRADE_REQUEST = (
     b"Connection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
     b"Sec-WebSocket-Version: 13\r\n"
+    b"\r\n"
+)
+
+HANDSHAKE = (
+    b"HTTP/1.1 101 Switching Protocols\r\n"
+    b"Upgrade: websocket\r\n"
+    b"Connection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
     b"\r\n"
 )
 
@@ -563,75 +329,43 @@ class MemoryEndpoint:
         return succeed(self.protocol)
 
 
-class MemoryPool:
-    def __init__(self, endpoint: MemoryEndpoint, **timeouts: float) -> None:
-        self.endpoint = endpoint
-        self.upstream = Upstream(
+CHAT = Route(name="chat", hosts=("app.example",), paths=("/",), upstream="chat")
+
+
+class Flow:
+    """A client connection to a listener whose route forwards WebSockets
+    to the C{chat} upstream, its backend, and the clock."""
+
+    def __init__(self, outcome: str = "connect", failure: Exception | None = None, **timeouts: float) -> None:
+        self.endpoint = MemoryEndpoint(outcome, failure)
+        upstream = Upstream(
             name="chat",
             servers=(Server("127.0.0.1", 8080),),
             response_timeout=timeouts.get("response", 5.0),
             idle_timeout=timeouts.get("idle", 30.0),
         )
-
-    def pickServer(self, key: bytes | None = None) -> Server:
-        return self.upstream.servers[0]
-
-    def endpointFor(self, server: Server) -> MemoryEndpoint:
-        return self.endpoint
-
-
-class TunnelRequest(server.Request):
-    """
-    What ProxyRequest does for an upgrade, minus routing: decide in
-    gotLength, hand over to startTunnel, then stay out of the way.
-    """
-
-    tunnelled = False
-
-    def gotLength(self, length: int | None) -> None:
-        super().gotLength(length)
-        method, target, version = requestLineOf(self.channel)
-        self.method, self.uri, self.clientproto = method, target, version
-        if isWebSocketUpgrade(method, self.requestHeaders):
-            self.tunnelled = True
-            upstreamHeaders = self.requestHeaders.copy()
-            upstreamHeaders.addRawHeader(b"X-Forwarded-For", b"127.0.0.1")
-            startTunnel(self, self.channel.site.pool, upstreamHeaders, target)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self.tunnelled:
-            super().requestReceived(command, path, version)
-
-
-class TunnelSite(server.Site):
-    protocol = edgeChannelProtocolFactory
-
-    def __init__(self, pool: MemoryPool, clock: MemoryReactorClock) -> None:
-        super().__init__(Resource(), requestFactory=TunnelRequest, reactor=clock, timeout=60)
-        self.pool = pool
-        self.logged: list[tuple[int, int, bytes]] = []
-
-    def log(self, request: Any) -> None:
-        self.logged.append((request.code, request.sentLength, request.uri))
-
-
-class Flow:
-    """A client connection to a TunnelSite, its backend, and the clock."""
-
-    def __init__(self, outcome: str = "connect", failure: Exception | None = None, **timeouts: float) -> None:
-        self.clock = MemoryReactorClock()
-        self.endpoint = MemoryEndpoint(outcome, failure)
-        self.site = TunnelSite(MemoryPool(self.endpoint, **timeouts), self.clock)
-        self.protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-        self.client = SocketLikeTransport(lenient=True)
-        self.protocol.makeConnection(self.client)
+        self.log = Recording()
+        self.proxy = ProxyClient(
+            pool=MemoryPool(upstream, endpoint=self.endpoint),
+            routes=(CHAT,),
+            accessLog=self.log,
+            transport=SocketLikeTransport(lenient=True, peerAddress=IPv4Address("TCP", "127.0.0.1", 1234)),
+            peer=IPv4Address("TCP", "127.0.0.1", 1234),
+        )
+        self.clock = self.proxy.clock
+        self.client = self.proxy.transport
+        self.pool = self.proxy.pool
 
     @property
     def backend(self) -> StringTransport:
         return self.endpoint.transport
 
+    @property
+    def logged(self) -> list[tuple[int, int, bytes]]:
+        return self.log.logged
+
     def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
+        self.proxy.send(data)
 
     def answer(self, data: bytes) -> None:
         self.endpoint.protocol.dataReceived(data)
@@ -641,7 +375,7 @@ class Flow:
         self.clock.advance(0)
 
     def clientLost(self) -> None:
-        self.protocol.connectionLost(Failure(netError.ConnectionDone()))
+        self.proxy.lose(netError.ConnectionDone())
 
     def backendLost(self) -> None:
         self.endpoint.protocol.connectionLost(Failure(netError.ConnectionDone()))
@@ -656,10 +390,14 @@ def test_handshakeAndTunnel() -> None:
     flow.open(extra=b"\x81\x85early")
     # The backend gets the head as rewritten, then the pipelined frame.
     head, _, after = flow.backend.value().partition(b"\r\n\r\n")
-    assert head.split(b"\r\n")[0] == b"GET /chat?x=1 HTTP/1.1"
-    assert b"Sec-Websocket-Key: dGhlIHNhbXBsZSBub25jZQ==" in head
-    assert b"X-Forwarded-For: 127.0.0.1" in head
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"GET /chat?x=1 HTTP/1.1"
+    assert b"Host: app.example" in lines
+    assert b"Sec-Websocket-Key: dGhlIHNhbXBsZSBub25jZQ==" in lines
+    assert b"X-Forwarded-For: 127.0.0.1" in lines
+    assert b"Upgrade: websocket" in lines and b"Connection: upgrade" in lines
     assert after == b""  # not before the 101
+    assert flow.pool.sent == []  # the tunnel, not an exchange
     assert flow.client.value() == b""
     flow.answer(HANDSHAKE[:-2] + b"Server: secret/1.0\r\n\r\n" + b"\x81\x02hi")
     assert flow.backend.value().endswith(b"\r\n\r\n\x81\x85early")
@@ -679,14 +417,51 @@ def test_handshakeAndTunnel() -> None:
     # Backend closes: the client is closed after flushing.
     flow.backendLost()
     assert flow.client.disconnecting and not flow.client.disconnected
-    assert flow.site.logged == []
+    assert flow.logged == []
     flow.clientLost()
     # Finished (and logged) once the client connection is gone: 101, bytes
     # sent to the client through the tunnel.
-    assert flow.site.logged == [(101, 4 + 2, b"/chat?x=1")]
+    assert flow.logged == [(101, 4 + 2, b"/chat?x=1")]
     assert flow.clock.getDelayedCalls() == []
     # Finishing wrote nothing on the connection after the tunnel's bytes.
     assert flow.client.value().endswith(b"\x88\x00")
+
+
+def test_switchingFields() -> None:
+    """
+    The 101 the client gets carries the backend's end-to-end fields (the
+    WebSocket ones, cookies) and the proxy's own Connection: upgrade and
+    Upgrade; hop-by-hop fields, the fields the backend's Connection names,
+    its framing and Server / X-Powered-By stay behind.
+    """
+    flow = Flow()
+    flow.open()
+    flow.answer(
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Upgrade: WebSocket\r\n"
+        b"Connection: Upgrade, X-Hop\r\n"
+        b"X-Hop: secret\r\n"
+        b"Keep-Alive: timeout=5\r\n"
+        b"Server: nginx/1.2\r\n"
+        b"X-Powered-By: PHP\r\n"
+        b"Content-Length: 0\r\n"
+        b"Sec-WebSocket-Accept: abc=\r\n"
+        b"Sec-WebSocket-Protocol: chat\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
+        b"Set-Cookie: a=b\r\n"
+        b"\r\n"
+    )
+    head = flow.client.value().partition(b"\r\n\r\n")[0]
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 101 Switching Protocols"
+    assert sorted(line.split(b": ", 1)[0].lower() for line in lines[1:]) == sorted(
+        [
+            b"upgrade", b"connection", b"sec-websocket-accept", b"sec-websocket-protocol",
+            b"sec-websocket-extensions", b"set-cookie",
+        ]
+    )
+    assert b"Upgrade: WebSocket" in lines and b"Connection: upgrade" in lines
+    assert b"Sec-Websocket-Extensions: permessage-deflate" in lines and b"Set-Cookie: a=b" in lines
 
 
 def test_clientClosesTunnel() -> None:
@@ -695,7 +470,7 @@ def test_clientClosesTunnel() -> None:
     flow.answer(HANDSHAKE)
     flow.clientLost()
     assert flow.backend.disconnecting
-    assert flow.site.logged == [(101, 0, b"/chat?x=1")]
+    assert flow.logged == [(101, 0, b"/chat?x=1")]
     flow.backendLost()
     assert flow.clock.getDelayedCalls() == []
 
@@ -730,7 +505,7 @@ def test_refusalRelayed() -> None:
     # Closed, and the pipelined frame was never read as a request.
     assert flow.client.disconnecting
     assert flow.backend.disconnecting and not flow.backend.disconnected
-    assert flow.site.logged == [(403, 6, b"/chat?x=1")]
+    assert flow.logged == [(403, 6, b"/chat?x=1")]
 
 
 def test_refusalChunked() -> None:
@@ -741,7 +516,7 @@ def test_refusalChunked() -> None:
     assert statusOf(raw) == b"HTTP/1.1 404 Not Found"
     assert raw.endswith(b"4\r\nnope\r\n0\r\n\r\n")
     assert flow.client.disconnecting
-    assert flow.site.logged == [(404, 4, b"/chat?x=1")]
+    assert flow.logged == [(404, 4, b"/chat?x=1")]
 
 
 def test_refusalChunkedAcrossReads() -> None:
@@ -751,7 +526,7 @@ def test_refusalChunkedAcrossReads() -> None:
     flow.answer(b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n")
     for i in range(len(body)):
         flow.answer(body[i : i + 1])
-    assert flow.site.logged == [(403, 5, b"/chat?x=1")]
+    assert flow.logged == [(403, 5, b"/chat?x=1")]
     assert flow.client.disconnecting and not flow.backend.disconnected
 
 
@@ -762,7 +537,9 @@ def test_refusalChunkedMalformed() -> None:
     # Cut short: no terminating chunk on the wire, connection closed.
     assert not flow.client.value().endswith(b"0\r\n\r\n")
     assert flow.client.disconnecting and flow.backend.disconnected
-    assert flow.site.logged == []
+    # Logged once, when the connection is gone, as cut short.
+    flow.clientLost()
+    assert [status for status, _, _ in flow.logged] == [403]
 
 
 def test_refusalCloseDelimited() -> None:
@@ -798,7 +575,7 @@ def test_refusalBodyCutByBackend() -> None:
     flow.backendLost()
     assert flow.client.value().endswith(b"\r\n\r\nabc")
     assert flow.client.disconnecting
-    assert flow.site.logged == []
+    assert flow.client.disconnected  # aborted: the response is incomplete
 
 
 def test_refusalBodyStalls() -> None:
@@ -814,13 +591,14 @@ def test_refusalBodyStalls() -> None:
     assert flow.client.disconnecting and flow.backend.disconnected
 
 
-def test_interimResponseSkipped() -> None:
+def test_interimResponsesPassedOnBeforeThe101() -> None:
+    """RFC 9110 15.2: a 1xx before the switch reaches the client, then the 101."""
     flow = Flow()
     flow.open()
-    flow.answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + HANDSHAKE)
+    flow.answer(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\nServer: x\r\n\r\n" + HANDSHAKE)
     raw = flow.client.value()
-    assert statusOf(raw) == b"HTTP/1.1 101 Switching Protocols"
-    assert b"Link" not in raw
+    assert raw.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n")
+    assert b"Server" not in raw
 
 
 @pytest.mark.parametrize(
@@ -836,7 +614,8 @@ def test_connectFailure(failure: Exception, status: bytes) -> None:
     flow.open(extra=b"\x81\x85early")
     raw = flow.client.value()
     assert statusOf(raw).startswith(b"HTTP/1.1 " + status)
-    assert b"Connection: close" in raw or b"connection: close" in raw.lower()
+    assert raw.count(b"HTTP/1.1 ") == 1
+    assert b"connection: close" in raw.lower()
     assert b"127.0.0.1" not in raw  # never the backend's address
     assert flow.client.disconnecting
 
@@ -858,6 +637,11 @@ def test_responseTimeout() -> None:
         b"garbage\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\n" + b"X: " + b"a" * 20000,
+        b"HTTP/2 101 Switching\r\n\r\n",
+        b"HTTP/1.1 1O1 x\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nNo colon\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nBad Name: x\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nX: a\x00b\r\n\r\n",
     ],
 )
 def test_badHandshakeResponse(answer: bytes) -> None:
@@ -868,12 +652,55 @@ def test_badHandshakeResponse(answer: bytes) -> None:
     assert flow.backend.disconnected
 
 
-def test_refusalWithAmbiguousFraming() -> None:
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 3\r\nTransfer-Encoding: chunked",
+        b"Content-Length: 1\r\nContent-Length: 2",
+        b"Content-Length: -1",
+        b"Content-Length: 0x10",
+        # h1's one policy for backends: exactly chunked (the tunnel's own
+        # parser read these as chunked or close-delimited).
+        b"Transfer-Encoding: gzip, chunked\r\nContent-Length: 3",
+        b"Transfer-Encoding: gzip",
+    ],
+)
+def test_refusalWithAmbiguousFraming(framing: bytes) -> None:
     flow = Flow()
     flow.open()
-    flow.answer(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+    flow.answer(b"HTTP/1.1 403 Forbidden\r\n" + framing + b"\r\n\r\n")
     assert statusOf(flow.client.value()) == b"HTTP/1.1 502 Bad Gateway"
     assert flow.backend.disconnected
+
+
+def test_refusalFraming() -> None:
+    """No body for 204 and 304 whatever their Content-Length says; a
+    repeated equal Content-Length is one length."""
+    for answer, body in (
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", b""),
+        (b"HTTP/1.1 304 Not Modified\r\n\r\n", b""),
+        (b"HTTP/1.1 403 F\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc", b"abc"),
+    ):
+        flow = Flow()
+        flow.open()
+        flow.answer(answer)
+        assert flow.client.value().partition(b"\r\n\r\n")[2] == body
+        assert flow.client.disconnecting
+        assert [status for status, _, _ in flow.logged] == [int(answer[9:12])]
+
+
+def test_foldedFieldIsTheSamePolicyAsForAnyResponse() -> None:
+    """
+    An obs-folded field from the backend is unfolded, as on any other
+    response (h1's one policy), where the tunnel's own parser refused it
+    with 502.
+    """
+    flow = Flow()
+    flow.open()
+    flow.answer(HANDSHAKE[:-2] + b"X-Long: a\r\n b\r\n\r\n")
+    head = flow.client.value().partition(b"\r\n\r\n")[0]
+    assert statusOf(head) == b"HTTP/1.1 101 Switching Protocols"
+    assert b"X-Long: a b" in head.split(b"\r\n")
 
 
 def test_backendClosesBeforeHead() -> None:
@@ -902,50 +729,55 @@ def test_clientLeavesWhileWaitingForHead() -> None:
     assert flow.client.value() == b""
 
 
-def test_nothingWrittenFromInsideGotLength() -> None:
+def test_failureKnownAtOnceIsOneAnswer() -> None:
     """
-    Even a failure known at once is answered only after the channel has
-    finished with the head (answering from inside gotLength would break the
-    channel's bookkeeping).
+    A failure known before the handshake was even sent (the connect
+    refused at once) is answered once, with a whole response, and the
+    connection closed (frames may follow the head).
     """
     flow = Flow("fail", netError.ConnectionRefusedError())
     flow.send(UPGRADE_REQUEST)
-    assert flow.client.value() == b""
-    flow.clock.advance(0)
-    assert statusOf(flow.client.value()) == b"HTTP/1.1 502 Bad Gateway"
+    raw = flow.client.value()
+    assert statusOf(raw) == b"HTTP/1.1 502 Bad Gateway"
+    assert raw.count(b"HTTP/1.1 ") == 1 and raw.endswith(b"502 Bad Gateway\n")
+    assert flow.client.disconnecting
+    assert flow.logged == [(502, len(b"502 Bad Gateway\n"), b"/chat?x=1")]
 
 
-def test_http2RequestRefused() -> None:
+def test_unwritableHandshakeIs400WithoutDialling() -> None:
     """
-    An HTTP/2 stream cannot be taken over: refused with a 400, no backend
-    connection attempted (the request layer should not even call in).
+    A target or field that cannot be written on an HTTP/1.1 request line
+    (which the parser and the target normalisation never let through: a
+    stage's rewrite could) is refused with 400, no backend dialled.
     """
-    from twisted.web.test.requesthelper import DummyChannel, DummyRequest
 
-    clock = MemoryReactorClock()
+    class BadTarget:
+        def handle(self, call: Any) -> None:
+            call.client.tunnel(call, pool, Fields([(b"host", b"a")]), b"/a b", None)
+
+    from edgeproxy.pipeline.stages import RoutePipeline
+
     endpoint = MemoryEndpoint()
-    request = DummyRequest([b"ws"])
-    request.channel = DummyChannel()
-    request.channel.streamID = 1
-    startTunnel(request, MemoryPool(endpoint), headers((b"Host", b"a")), b"/ws", clock=clock)
-    clock.advance(0)
-    assert request.responseCode == 400
-    assert request.finished
+    pool = MemoryPool(Upstream(name="chat", servers=(Server("127.0.0.1", 8080),)), endpoint=endpoint)
+    client = ProxyClient(pool=pool, routes=(CHAT,))
+    client.runtime.pipelines["chat"] = RoutePipeline((("forward", BadTarget()),), 30.0)
+    client.send(UPGRADE_REQUEST)
+    assert statusOf(client.wire()) == b"HTTP/1.1 400 Bad Request"
+    assert client.transport.disconnecting
     assert endpoint.protocol is None
 
 
 def test_internalErrorAbortsBoth(monkeypatch: pytest.MonkeyPatch) -> None:
     """
-    A bug while switching (here: the channel hook gone, as if Twisted
-    dropped it) aborts both connections instead of leaving the client
-    hanging with its timeouts off.
+    A bug while switching (here: the connection's takeOver raising) aborts
+    both connections instead of leaving the client hanging with its
+    timeouts off.
     """
-    from edgeproxy.http import tunnel as tunnelModule
 
-    def broken(channel: Any, protocol: Any) -> Any:
-        raise AttributeError("_protocolUpgradeForWebsockets")
+    def broken(self: Any, call: Any, head: bytes, protocol: Any) -> bytes:
+        raise AttributeError("takeOver")
 
-    monkeypatch.setattr(tunnelModule, "_takeOverChannel", broken)
+    monkeypatch.setattr(HTTP1Connection, "takeOver", broken)
     flow = Flow()
     flow.open()
     flow.answer(HANDSHAKE)
@@ -954,30 +786,29 @@ def test_internalErrorAbortsBoth(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_hashBalancedHandshakeGoesWhereTheUsersRequestsGo() -> None:
     """
-    With C{balance = hash}, a WebSocket handshake with a user's key is sent
-    to the server the same key picks for that user's ordinary requests, so
-    sticky sessions hold for WebSockets too.
+    With C{balance = hash}, a WebSocket handshake is placed with the same
+    key as the user's ordinary requests (the pool's pickServer gets the key
+    the pool's send gets), so sticky sessions hold for WebSockets too; the
+    server it picks is the one dialled.
     """
-    from twisted.web.test.requesthelper import DummyChannel, DummyRequest
-
-    from edgeproxy.upstream.pool import UpstreamPool
-
     servers = tuple(Server(f"10.0.0.{n}", 8080) for n in range(1, 6))
+    upstream = Upstream(name="chat", servers=servers, balance="hash", hash_key="cookie:user")
     dialled: list[Server] = []
 
-    class RecordingPool(UpstreamPool):
+    class HashingPool(MemoryPool):
+        def pickServer(self, hashKey: bytes | None = None) -> Server:
+            self.picked.append(hashKey)
+            return servers[hash(hashKey) % len(servers)]
+
         def endpointFor(self, server: Server) -> Any:
             dialled.append(server)
             return MemoryEndpoint()
 
-    clock = MemoryReactorClock()
-    pool = RecordingPool(
-        clock, Upstream(name="chat", servers=servers, balance="hash"), None
-    )
-    for user in [b"alice", b"bob", b"carol", b"dave"]:
-        request = DummyRequest([b"ws"])
-        request.channel = DummyChannel()
-        startTunnel(request, pool, headers((b"Host", b"a")), b"/ws", clock=clock, hashKey=user)
-        clock.advance(0)
-        assert dialled[-1] == pool.pickServer(user)
-    assert len(set(dialled)) > 1
+    pool = HashingPool(upstream)
+    for user in [b"alice", b"bob", b"carol"]:
+        cookie = b"Cookie: theme=dark; user=" + user + b"\r\n"
+        ProxyClient(pool=pool, routes=(CHAT,)).send(b"GET /page HTTP/1.1\r\nHost: app.example\r\n" + cookie + b"\r\n")
+        ProxyClient(pool=pool, routes=(CHAT,)).send(UPGRADE_REQUEST[:-2] + cookie + b"\r\n")
+        assert pool.sent[-1].hashKey == pool.picked[-1] == user
+        assert dialled[-1] == servers[hash(user) % len(servers)]
+    assert len(pool.picked) == 3

@@ -114,8 +114,9 @@ class ListenerFactory(Factory):
 
     def acceptableProtocols(self) -> list[bytes]:
         # HTTP/2 is offered once its protocol feeds the pipeline
-        # (buildHTTP2).
-        if self.listener.http2 and self.buildHTTP2 is not ListenerFactory.buildHTTP2:
+        # (buildHTTP2).  The class's function is compared: a bound method
+        # is never the function itself.
+        if self.listener.http2 and type(self).buildHTTP2 is not ListenerFactory.buildHTTP2:
             return [b"h2", b"http/1.1"]
         return [b"http/1.1"]
 

@@ -303,16 +303,9 @@ class HTTP1Connection(Answering):
                 # The deadline stays queued, unarmed: moving it for the next
                 # head costs less than removing and adding it per request.
                 self._awaitingHead = False
-                self._dispatch(parsed)
-                rest = buffer[end:]
+                rest = self._dispatch(parsed, buffer[end:])
                 if self._reader is not None:
-                    if not rest:
-                        return
-                    self._readBody(rest)
-                    if self._reader is not None:
-                        return
-                    rest = self._buffer
-                    self._buffer = b""
+                    return
                 if self._call is not None:
                     # Answered later: the rest waits (see dataReceived).
                     self._buffer = rest
@@ -383,7 +376,13 @@ class HTTP1Connection(Answering):
             info = self._info = self.factory.connectionInfo(self.transport)
         return info
 
-    def _dispatch(self, head: h1.RequestHead) -> None:
+    def _dispatch(self, head: h1.RequestHead, rest: bytes) -> bytes:
+        """
+        Hand the request of C{head} to its stages, with C{rest} (what came
+        after the head) read as its body first.
+
+        @return: what follows the request's body in C{rest}.
+        """
         factory = self.factory
         self._persistent = head.persistent
         self._answered = False
@@ -406,11 +405,25 @@ class HTTP1Connection(Answering):
         call.idleTimeout = idleTimeout
         self._call = call
         factory.callStarted(call)
+        if self._reader is not None and rest:
+            # The body bytes that came with the head are in the pipe before
+            # the stages run: a stage that answers at once (a redirect, an
+            # error) then finds the body complete, and the connection is
+            # kept rather than closed on a body still arriving.
+            self._readBody(rest)
+            if self._reader is not None:
+                rest = b""
+            else:
+                rest, self._buffer = self._buffer, b""
+        if self._call is not call:
+            # Refused by the body's framing or size meanwhile.
+            return rest
         if error is not None:
             factory.refused(call, error)
             call.fail(error)
         else:
             call.next()
+        return rest
 
     def _endCall(self, call: Call, reason: Failure | None) -> None:
         """The call is over: log it, and let go of what it held."""
@@ -440,8 +453,11 @@ class HTTP1Connection(Answering):
             return
         factory = self.factory
         factory.idleQueue.arm(self)
-        if self._readPaused:
-            self._readPaused = False
+        if self._readPaused or self._bodyPaused:
+            # The body pipe went with its call: a pause it held (a body that
+            # arrived whole and was never read) must not stall the next
+            # request.
+            self._readPaused = self._bodyPaused = False
             self._updateReading()
         if self._buffer and not self._parsing:
             buffer, self._buffer = self._buffer, b""

@@ -147,8 +147,9 @@ class Forward:
     # The pool's outcome (through the call) ----------------------------------
 
     def responded(self, call: Call, response: Any) -> None:
+        # The pool interface has no clock: the client side stamps
+        # call.firstByte when the head reaches it.
         call.backend = response.backend
-        call.firstByte = self.pool.clock.seconds() if call.firstByte is None else call.firstByte
         call.respond(
             Response(
                 response.status,

@@ -281,7 +281,9 @@ def clientAddress(peer: str, fields: Fields, networks: tuple[Any, ...]) -> str:
         return peer
     chain = _listElements(fields.getAll(b"x-forwarded-for"))
     for index in range(len(chain) - 1, -1, -1):
-        address, _ = _splitPeer(chain[index])
+        # Field values are bytes; an address is text (anything not ASCII
+        # is then no address, and ip_address refuses it).
+        address, _ = _splitPeer(chain[index].decode("latin-1"))
         if index and isTrusted(address, networks):
             continue
         # The first hop nobody trusted vouches for, or the left-most one
