@@ -55,6 +55,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, INonQueuedRequestFactory, IResponse
 from zope.interface import provider
 
 from edgeproxy.config.model import Route, Upstream
+from edgeproxy.h1 import Fields
 from edgeproxy.errors import (
     ContentTooLarge,
     MisdirectedRequest,
@@ -65,12 +66,17 @@ from edgeproxy.errors import (
 from edgeproxy.http.bodies import BodyPipe, ClientReader, ResponseRelay, abortClient
 from edgeproxy.http.channel import requestLineOf
 from edgeproxy.http.errorpages import errorBody, httpDate, isHTTP2, phraseFor, writeError
-from edgeproxy.http.headers import rawFields, responseHeadersForClient, upstreamRequestHeaders
+from edgeproxy.http.headers import (
+    canonicalName,
+    headersFrom,
+    rawFields,
+    responseHeadersForClient,
+    upstreamRequestHeaders,
+)
 from edgeproxy.http.paths import normaliseTarget
 from edgeproxy.http.tunnel import isWebSocketUpgrade, startTunnel
 from edgeproxy.routing import normaliseHost
 from edgeproxy.upstream.balance import requestHashKey
-from edgeproxy.upstream.pool import CONNECTION_HEADERS_ATTRIBUTE
 
 log = Logger()
 
@@ -391,7 +397,9 @@ class ProxyRequest(server.Request):
         if upstream.balance == "hash":
             # The client's own fields, before they were rewritten for the
             # backend, and the path as routed (before strip_prefix).
-            hashKey = requestHashKey(upstream.hash_key, peerHost, self.requestHeaders, path)
+            hashKey = requestHashKey(
+                upstream.hash_key, peerHost, _poolFields(self.requestHeaders), path
+            )
         if upgrade is not None:
             self._tunnelled = True
             startTunnel(self, pool, headers, upstreamPath, hashKey=hashKey)
@@ -417,7 +425,7 @@ class ProxyRequest(server.Request):
         # without a Deferred and its callbacks per request; possibly before
         # send returns (no backend available), hence the marker.
         self._upstream = _SENDING
-        exchange = send(method, upstreamPath, headers, body, self, hashKey)
+        exchange = send(method, upstreamPath, _poolFields(headers), body, self, hashKey)
         if self._upstream is _SENDING:
             self._upstream = exchange
 
@@ -440,9 +448,12 @@ class ProxyRequest(server.Request):
 
     # Upstream outcomes ---------------------------------------------------
 
-    def upstreamResponded(self, response: IResponse) -> None:
+    def upstreamInterim(self, status: int, reason: bytes, fields: Fields) -> None:
+        """An interim response: not forwarded by this request (L{UpstreamReceiver})."""
+
+    def upstreamResponded(self, response: Any) -> None:
         """The response head arrived (L{UpstreamReceiver})."""
-        self._upstreamResponded(response)
+        self._upstreamResponded(_PoolResponse(response))
 
     def upstreamFailed(self, failure: Failure) -> None:
         """The upstream request failed (L{UpstreamReceiver})."""
@@ -479,7 +490,7 @@ class ProxyRequest(server.Request):
         self._response = None
         try:
             headers = responseHeadersForClient(
-                response.headers, getattr(response, CONNECTION_HEADERS_ATTRIBUTE, None)
+                response.headers, getattr(response, "connectionHeaders", None)
             )
         except UpstreamProtocolError as error:
             log.warn(
@@ -721,6 +732,44 @@ class _Discard(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.stopProducing()
+
+
+def _poolFields(headers: Headers) -> Fields:
+    """
+    C{headers} as the upstream pool takes fields (lower-case names).  A
+    bridge until the stage pipeline, which holds L{Fields} throughout,
+    replaces this module.
+    """
+    fields: dict[bytes, list[bytes]] = {}
+    for name, values in rawFields(headers).items():
+        fields[name.lower()] = list(values)
+    return Fields.trusted(fields)
+
+
+class _PoolResponse:
+    """
+    A response of the upstream pool as this module reads one (Twisted's
+    C{IResponse} names, the framing length in C{connectionHeaders}).  A
+    bridge until the stage pipeline replaces this module.
+    """
+
+    __slots__ = ("code", "phrase", "headers", "connectionHeaders", "length", "_response")
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self.code = response.status
+        self.phrase = response.reason
+        self.headers = headersFrom(
+            {canonicalName(name): list(values) for name, values in response.fields.raw().items()}
+        )
+        length = response.length
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self.connectionHeaders = (
+            None if length is None else headersFrom({b"Content-Length": [b"%d" % (length,)]})
+        )
+
+    def deliverBody(self, protocol: Any) -> None:
+        self._response.deliverBody(protocol)
 
 
 def _discard(response: IResponse) -> None:

@@ -42,9 +42,10 @@ import bisect
 import hashlib
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from edgeproxy.config.model import Server
+from edgeproxy.h1 import Fields
 
 __all__ = [
     "POLICIES",
@@ -361,18 +362,14 @@ def makeBalancer(
     return factory(servers, rng, available)
 
 
-class _RawHeaders(Protocol):
-    def getRawHeaders(self, name: bytes) -> Sequence[bytes] | None: ...
-
-
-def requestHashKey(spec: str, clientIP: str, headers: _RawHeaders, path: bytes) -> bytes:
+def requestHashKey(spec: str, clientIP: str, fields: Fields, path: bytes) -> bytes:
     """
     The C{hash} policy's key for one request.
 
     @param spec: the upstream's C{hash_key} as parsed (C{client_ip}, C{path},
         C{header:name} lower-cased, C{cookie:Name}).
     @param clientIP: the client's address as seen by the listener.
-    @param headers: the client's request header fields.
+    @param fields: the client's request fields.
     @param path: the request's normalised path (without the query).
     @return: the key; a missing header or cookie falls back to the client
         address, so clients without it are still spread, and each one stays
@@ -382,7 +379,7 @@ def requestHashKey(spec: str, clientIP: str, headers: _RawHeaders, path: bytes) 
         return path
     kind, _, name = spec.partition(":")
     if kind == "header":
-        values = headers.getRawHeaders(name.encode("ascii"))
+        values = fields.getAll(name.encode("ascii"))
         if values:
             # RFC 9110 §5.3: repeated field lines are one comma-joined value.
             return b", ".join(values)
@@ -390,7 +387,7 @@ def requestHashKey(spec: str, clientIP: str, headers: _RawHeaders, path: bytes) 
         wanted = name.encode("ascii")
         # RFC 6265 §5.4: "name=value" pairs separated by "; "; HTTP/2 may
         # split them over several field lines (RFC 9113 §8.2.3).
-        for line in headers.getRawHeaders(b"cookie") or ():
+        for line in fields.getAll(b"cookie"):
             for pair in line.split(b";"):
                 cookieName, equals, value = pair.strip().partition(b"=")
                 if equals and cookieName.strip() == wanted:
