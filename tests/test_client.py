@@ -34,7 +34,9 @@ from edgeproxy.config.model import Server
 from edgeproxy.h1 import Fields, LocalProtocolError, RemoteProtocolError
 from edgeproxy.upstream.backend import Backend
 from edgeproxy.upstream.client import UpstreamClient
-from edgeproxy.upstream.protocol import EXPECT_TIMEOUT
+from edgeproxy.upstream.failures import attemptOutcome
+from edgeproxy.upstream.protocol import EXPECT_TIMEOUT, RequestNotSent
+from edgeproxy.upstream.retry import Attempt
 
 
 class CountingTransport(StringTransport):
@@ -1033,3 +1035,22 @@ def test_otherExpectationsAreNotWaitedFor() -> None:
     producer = Producer(3)
     h.request(method=b"PUT", body=producer, fields=FIELDS.withField(b"expect", b"x-other"))
     assert producer.consumer is not None
+
+
+def test_connectionLostBeforeTheRequestIsNotSent() -> None:
+    # A new connection the backend closed before the request could be
+    # written: nothing reached the backend, which the pool may retry.
+
+    @implementer(IStreamClientEndpoint)
+    class Closing:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            protocol = factory.buildProtocol(None)
+            protocol.makeConnection(StringTransport())
+            protocol.connectionLost(Failure(ConnectionDone()))
+            return succeed(protocol)
+
+    h = Harness()
+    h.endpoints.endpointFor = lambda backend: Closing()  # type: ignore[method-assign]
+    failure = result(h.request())
+    assert failure.check(RequestNotSent)
+    assert attemptOutcome(failure, False) == (Attempt.NOT_SENT, "not_sent")

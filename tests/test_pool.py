@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 from twisted.internet import error as netError
-from twisted.internet.error import ConnectionDone
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.endpoints import TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol

@@ -29,11 +29,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent
 
 from edgeproxy.h1 import Fields
 from edgeproxy.upstream.backend import Backend
-from edgeproxy.upstream.protocol import UpstreamConnection
+from edgeproxy.upstream.protocol import RequestNotSent, UpstreamConnection
 from edgeproxy.upstream.response import UpstreamReceiver
 from edgeproxy.upstream.sending import BodyProducer
 

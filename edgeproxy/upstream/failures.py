@@ -17,7 +17,6 @@ from OpenSSL import SSL
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     RequestGenerationFailed,
     RequestTransmissionFailed,
@@ -34,6 +33,7 @@ from edgeproxy.errors import (
 )
 from edgeproxy.h1 import RemoteProtocolError
 from edgeproxy.upstream import health
+from edgeproxy.upstream.protocol import RequestNotSent
 from edgeproxy.upstream.retry import Attempt
 
 __all__ = ["attemptOutcome", "classifyFailure", "failureDetail", "leafReasons"]

@@ -22,7 +22,8 @@ coding).  Reading pauses while the body has no reader and whenever that
 reader pauses it.
 
 Failures are Twisted's client classes, so that
-L{edgeproxy.upstream.failures} reads them the same way whatever failed:
+L{edgeproxy.upstream.failures} reads them the same way whatever failed
+(and L{RequestNotSent} when the connection was gone before the request):
 C{RequestGenerationFailed} (the body producer failed, or the request was
 cancelled while its body was being sent), C{RequestTransmissionFailed}
 (lost while sending the body), C{ResponseNeverReceived} (no byte of a
@@ -50,7 +51,6 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTranspor
 from twisted.internet.protocol import Protocol as _Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import RequestNotSent
 from twisted.web.client import (
     RequestGenerationFailed,
     RequestTransmissionFailed,
@@ -87,7 +87,7 @@ from edgeproxy.upstream.sending import (
     writeNow,
 )
 
-__all__ = ["EXPECT_TIMEOUT", "MAX_HEAD", "ConnectionOwner", "UpstreamConnection"]
+__all__ = ["EXPECT_TIMEOUT", "MAX_HEAD", "ConnectionOwner", "RequestNotSent", "UpstreamConnection"]
 
 log = Logger()
 
@@ -102,6 +102,13 @@ the client's time, and a backend that ignores C{Expect} costs every such
 request this much."""
 
 _CLOSED = Failure(ConnectionDone("connection closed"))
+
+class RequestNotSent(Exception):
+    """
+    The connection was gone (or busy) before the request could be written
+    on it: nothing of the request reached the backend.
+    """
+
 
 # States of a connection.
 _IDLE = "IDLE"
