@@ -5,11 +5,11 @@ CPU cost of one proxied request in edgeproxy's own code, measured in memory.
     .venv/bin/python benchmarks/inproc.py [--requests N] [--runs R] [--profile]
 
 The whole HTTP path of a kept-alive connection runs here as in production:
-the listener's L{EdgeSite} channel parses the request, L{ProxyRequest} routes
-it and rewrites its headers, the real L{UpstreamPool} and L{UpstreamClient}
-write it to a backend connection, the backend's response (1 KiB, as nginx
-sends it) is parsed, filtered and written back to the client, and the request
-is finished and counted.  What is left out is what does not depend on
+the listener's L{HTTP1Connection} parses the request and routes it, the
+route's stages (the forward stage alone) rewrite its fields, the real
+L{UpstreamPool} and L{UpstreamClient} write it to a backend connection, the
+backend's response (1 KiB, as nginx sends it) is parsed, filtered and written
+back to the client, and the request is finished and counted.  What is left out is what does not depend on
 edgeproxy's code: sockets, the reactor's polling, and TLS (the client and the
 backend are C{StringTransport}s).
 
@@ -47,7 +47,7 @@ from edgeproxy.config.model import (  # noqa: E402
     Server,
     Upstream,
 )
-from edgeproxy.http.site import EdgeSite  # noqa: E402
+from edgeproxy.http.listener import ListenerFactory  # noqa: E402
 from edgeproxy.metrics import Metrics  # noqa: E402
 from edgeproxy.routing import Router  # noqa: E402
 from edgeproxy.runtime import Runtime  # noqa: E402
@@ -122,7 +122,7 @@ class Bench:
         self.pool = pool
         runtime = Runtime(config=config, router=Router((route,)), pools={"origin": pool})  # type: ignore[dict-item]
         listener = Listener(name="https", endpoint="tcp:0", tls=False)
-        site = EdgeSite(lambda: runtime, listener, reactor, metrics=metrics)
+        site = ListenerFactory(lambda: runtime, listener, reactor, metrics=metrics)
         peer = IPv4Address("TCP", "127.0.0.1", 40000)
         self.protocol = site.buildProtocol(peer)
         self.client = StringTransport(peerAddress=peer)

@@ -298,6 +298,19 @@ def test_notHTTP() -> None:
     assert check.detail == "not an HTTP response: b'SSH-2.0-OpenSSH_9.6'"
 
 
+def test_headReadAsTrafficReadsIt() -> None:
+    # The check reads the head with edgeproxy.h1, as every response is
+    # read: an obs-fold is accepted, a head traffic would refuse fails.
+    pool, checker, backends, reactor = started(upstream())
+    backends.answer(8000, b"HTTP/1.1 200 OK\r\nX-A: 1\r\n 2\r\n\r\n")
+    assert pool.backends[0].lastCheck.ok  # type: ignore[union-attr]
+    pool, checker, backends, reactor = started(upstream())
+    backends.answer(8000, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    check = pool.backends[0].lastCheck
+    assert check is not None and not check.ok
+    assert check.detail == "invalid response head: conflicting response Content-Length values"
+
+
 def test_closedBeforeAnswering() -> None:
     pool, checker, backends, reactor = started(upstream())
     protocol, transport = backends.accept(8000)

@@ -1,7 +1,8 @@
 """
-Tests for L{edgeproxy.upstream.pool} and L{edgeproxy.runtime}: the real
-Agent and connection pool over in-memory connections (no sockets), with a
-deterministic clock.
+Tests for L{edgeproxy.upstream.pool}, L{edgeproxy.upstream.exchange} and
+L{edgeproxy.runtime}: the real pool, exchange and client over in-memory
+connections (no sockets), with a deterministic clock, driven through
+C{send} with a recording receiver as the request path drives it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from typing import Any
 import pytest
 from OpenSSL import SSL
 from twisted.internet import error as netError
-from twisted.internet.error import ConnectionDone
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.endpoints import TCP6ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -24,9 +24,7 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseNeverReceived
-from twisted.web.client import URI
-from twisted.web.http_headers import Headers
+from twisted.web.client import ResponseNeverReceived
 from zope.interface import implementer
 
 from edgeproxy.config.model import Config, ProxySettings, Route, Server, Upstream
@@ -37,12 +35,14 @@ from edgeproxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from edgeproxy.http.bodies import BodyPipe, ClientReader
+from edgeproxy.bodies import BodyPipe
+from edgeproxy.h1 import Fields
 from edgeproxy.runtime import Runtime
 from edgeproxy.upstream import health
 from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import requestHashKey
-from edgeproxy.upstream.pool import UpstreamPool, classifyFailure, fullResponseHeaders
+from edgeproxy.upstream.protocol import EXPECT_TIMEOUT
+from edgeproxy.upstream.pool import UpstreamPool, classifyFailure
 from tests.metricsutil import firstValue
 from tests.test_resolve import FakeResolver
 
@@ -80,11 +80,58 @@ def makePool(failure: Exception | None = None, **kw: Any) -> tuple[MemoryPool, M
     return pool, pool.endpoint, reactor
 
 
-def result(d: Deferred[Any]) -> Any:
-    out: list[Any] = []
-    d.addBoth(out.append)
-    assert out, "Deferred has not fired"
-    return out[0]
+HOST = Fields([(b"host", b"h")])
+
+
+class Sent:
+    """A request sent with C{pool.send}, and what its receiver heard."""
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        method: bytes = b"GET",
+        target: bytes = b"/",
+        body: Any = None,
+        fields: Fields = HOST,
+        hashKey: bytes | None = None,
+    ) -> None:
+        self.interim: list[tuple[int, bytes, Fields]] = []
+        self.outcomes: list[Any] = []
+        self.exchange = pool.send(method, target, fields, body, self, hashKey)
+
+    def upstreamInterim(self, status: int, reason: bytes, fields: Fields) -> None:
+        assert not self.outcomes, "interim response after the outcome"
+        self.interim.append((status, reason, fields))
+
+    def upstreamResponded(self, response: Any) -> None:
+        self.outcomes.append(response)
+
+    def upstreamFailed(self, failure: Failure) -> None:
+        self.outcomes.append(failure)
+
+    @property
+    def called(self) -> bool:
+        return bool(self.outcomes)
+
+    def cancel(self) -> None:
+        self.exchange.cancel()
+
+
+def result(sent: Sent | Deferred[Any]) -> Any:
+    """The one outcome of a request, or the result of a Deferred."""
+    if isinstance(sent, Deferred):
+        out: list[Any] = []
+        sent.addBoth(out.append)
+        assert out, "Deferred has not fired"
+        return out[0]
+    assert sent.outcomes, "no outcome yet"
+    [outcome] = sent.outcomes
+    return outcome
+
+
+def fired(**sent: Sent) -> dict[str, Any]:
+    """The outcome of each of C{sent} that has one, by name."""
+    return {name: result(one) for name, one in sent.items() if one.called}
 
 
 def test_smoothWeightedRoundRobin() -> None:
@@ -102,8 +149,8 @@ def test_smoothWeightedRoundRobin() -> None:
 
 def test_requestOnTheWire() -> None:
     pool, endpoint, _ = makePool()
-    headers = Headers({b"Host": [b"front.example"], b"X-Rep": [b"1", b"2"]})
-    d = pool.request(b"GET", b"/p/a?q=1", headers, None)
+    fields = Fields([(b"host", b"front.example"), (b"x-rep", b"1"), (b"x-rep", b"2")])
+    d = Sent(pool, b"GET", b"/p/a?q=1", fields=fields)
     protocol, transport = endpoint.connections[0]
     wire = transport.value()
     assert wire.startswith(b"GET /p/a?q=1 HTTP/1.1\r\n")
@@ -111,33 +158,32 @@ def test_requestOnTheWire() -> None:
     assert b"X-Rep: 1\r\nX-Rep: 2\r\n" in wire
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     response = result(d)
-    assert response.code == 200
+    assert response.status == 200
+    assert response.backend == "10.0.0.1:8080"  # for the access log
 
 
-def test_connectionHeadersExposed() -> None:
-    # Guards the private Twisted surface _ClientProtocol relies on.
+def test_responseCarriesTheMessagesOwnFieldsAndItsLength() -> None:
+    # The connection's fields (and those Connection names) stay with the
+    # connection; the framing is the length.
     pool, endpoint, _ = makePool()
-    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    d = Sent(pool, b"GET", b"/")
     protocol, _ = endpoint.connections[0]
     protocol.dataReceived(
-        b"HTTP/1.1 200 OK\r\nConnection: X-A\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nConnection: X-A\r\nX-A: 1\r\nX-B: 2\r\nContent-Length: 2\r\n\r\nok"
     )
-    merged = fullResponseHeaders(result(d))
-    assert merged.getRawHeaders(b"connection") == [b"X-A"]
-    assert merged.getRawHeaders(b"content-length") == [b"2"]
-    assert merged.getRawHeaders(b"x-a") == [b"1"]
+    response = result(d)
+    assert list(response.fields.pairs()) == [(b"x-b", b"2")]
+    assert response.length == 2
 
 
 def test_responseTimeout() -> None:
     pool, endpoint, reactor = makePool(retries=0)
-    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    d = Sent(pool, b"GET", b"/")
     _, transport = endpoint.connections[0]
-    outcome: list[Any] = []
-    d.addBoth(outcome.append)
     reactor.advance(4.9)
-    assert outcome == []
+    assert not d.called
     reactor.advance(0.2)
-    failure = outcome[0]
+    failure = result(d)
     assert isinstance(failure, Failure) and failure.check(UpstreamTimeout)
     assert failure.value.status == 504
     assert transport.disconnecting
@@ -147,17 +193,17 @@ def test_answerBeforeTimeoutEndsTheTimeout() -> None:
     # An answered request is not timed out later: its connection stays
     # open and serves the next request, and nothing is counted as failed.
     pool, endpoint, reactor = makePool(retries=0)
-    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    d = Sent(pool, b"GET", b"/")
     protocol, transport = endpoint.connections[0]
     protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
-    assert result(d).code == 204
+    assert result(d).status == 204
     reactor.advance(10)
     assert not transport.disconnecting
-    second = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    second = Sent(pool, b"GET", b"/")
     assert len(endpoint.connections) == 1
     reactor.advance(4.9)
     protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
-    assert result(second).code == 204
+    assert result(second).status == 204
     reactor.advance(10)
     assert not transport.disconnecting
     assert firstValue(pool.metrics.exposition(), "edgeproxy_upstream_errors_total") == 0
@@ -171,46 +217,43 @@ def test_eachRequestTimesOutAtItsOwnDeadline() -> None:
     # One timer serves every request of the pool: each still fails at its
     # own response_timeout, in order, whatever was answered in between.
     pool, endpoint, reactor = makePool(retries=0)
-    headers = Headers({b"Host": [b"h"]})
-    first = pool.request(b"GET", b"/1", headers, None)
+    first = Sent(pool, b"GET", b"/1")
     reactor.advance(1)
-    answered = pool.request(b"GET", b"/2", headers, None)
+    answered = Sent(pool, b"GET", b"/2")
     reactor.advance(1)
-    second = pool.request(b"GET", b"/3", headers, None)
+    second = Sent(pool, b"GET", b"/3")
     endpoint.connections[1][0].dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
-    assert result(answered).code == 204
-    outcomes: dict[str, Any] = {}
-    first.addBoth(lambda r: outcomes.setdefault("first", r))
-    second.addBoth(lambda r: outcomes.setdefault("second", r))
+    assert result(answered).status == 204
     reactor.advance(2.9)  # t = 4.9
-    assert outcomes == {}
+    assert fired(first=first, second=second) == {}
     reactor.advance(0.2)  # t = 5.1
+    outcomes = fired(first=first, second=second)
     assert list(outcomes) == ["first"] and outcomes["first"].check(UpstreamTimeout)
     assert endpoint.connections[0][1].disconnecting
     reactor.advance(1.8)  # t = 6.9
-    assert list(outcomes) == ["first"]
+    assert list(fired(first=first, second=second)) == ["first"]
     reactor.advance(0.2)  # t = 7.1
-    assert outcomes["second"].check(UpstreamTimeout)
+    assert fired(first=first, second=second)["second"].check(UpstreamTimeout)
     assert endpoint.connections[2][1].disconnecting
     assert not endpoint.connections[1][1].disconnecting
 
 
 def test_connectRefused() -> None:
     pool, _, _ = makePool(netError.ConnectionRefusedError("refused"))
-    failure = result(pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None))
+    failure = result(Sent(pool, b"GET", b"/"))
     assert failure.check(BackendUnavailable)
     assert failure.value.status == 502
 
 
 def test_connectTimeout() -> None:
     pool, _, _ = makePool(netError.TimeoutError("connect"))
-    failure = result(pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None))
+    failure = result(Sent(pool, b"GET", b"/"))
     assert failure.check(UpstreamTimeout)
 
 
 def test_garbageResponse() -> None:
     pool, endpoint, _ = makePool()
-    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    d = Sent(pool, b"GET", b"/")
     endpoint.connections[0][0].dataReceived(b"SSH-2.0-OpenSSH\r\n\r\n")
     failure = result(d)
     assert failure.check(UpstreamProtocolError)
@@ -279,21 +322,19 @@ def test_ipv6AndNamedServersRoundTripThroughTheAgent() -> None:
         reactor = MemoryReactorClock()
         pool = MemoryPool(reactor, Upstream(name="v6", servers=(Server(host, 8443),)), None)
         pool.endpoint = MemoryEndpoint()
-        pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+        Sent(pool, b"GET", b"/")
         [(_, transport)] = pool.endpoint.connections
         assert transport.value().startswith(b"GET / HTTP/1.1\r\n")
 
 
 def test_cancelByCallerIsNotABackendFailure() -> None:
     pool, endpoint, reactor = makePool()
-    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
-    outcome: list[Any] = []
-    d.addBoth(outcome.append)
+    d = Sent(pool, b"GET", b"/")
     d.cancel()
-    assert outcome[0].check(CancelledError)
     assert endpoint.connections[0][1].disconnecting
-    reactor.advance(10)  # the response timer is gone: nothing else fires
-    assert len(outcome) == 1
+    reactor.advance(10)  # the response timer is gone: nothing fires
+    assert not d.called
+    assert metric(pool, "edgeproxy_upstream_errors_total") == 0
 
 
 # Balancing through the pool -------------------------------------------------
@@ -332,7 +373,7 @@ def makeBalancedPool(**kw: Any) -> RecordingPool:
 def test_inFlightUntilTheBodyIsComplete() -> None:
     pool, endpoint, _ = makePool()
     server = pool.backends[0]
-    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    d = Sent(pool, b"GET", b"/")
     assert pool.balancer.inFlight(server) == 1
     protocol, _ = endpoint.connections[0]
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
@@ -349,7 +390,7 @@ def test_inFlightUntilTheBodyIsComplete() -> None:
 def test_inFlightEndsWhenTheBodyFails() -> None:
     pool, endpoint, _ = makePool()
     server = pool.backends[0]
-    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    d = Sent(pool, b"GET", b"/")
     protocol, _ = endpoint.connections[0]
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
     body = BodyCollector()
@@ -362,7 +403,7 @@ def test_inFlightEndsWhenTheBodyFails() -> None:
 def test_inFlightEndsForBodylessResponse() -> None:
     pool, endpoint, _ = makePool()
     server = pool.backends[0]
-    d = pool.request(b"HEAD", b"/", Headers({b"Host": [b"h"]}), None)
+    d = Sent(pool, b"HEAD", b"/")
     protocol, _ = endpoint.connections[0]
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
     result(d).deliverBody(BodyCollector())
@@ -374,19 +415,21 @@ def test_inFlightEndsOnFailureAndCancel(how: str) -> None:
     failure = netError.ConnectionRefusedError() if how == "refused" else None
     pool, endpoint, reactor = makePool(failure, retries=0)
     server = pool.backends[0]
-    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    d = Sent(pool, b"GET", b"/")
     if how == "timeout":
         reactor.advance(5.0)
     elif how == "cancel":
         d.cancel()
-    outcome = result(d)
-    assert isinstance(outcome, Failure)
+    if how == "cancel":
+        assert not d.called
+    else:
+        assert isinstance(result(d), Failure)
     assert pool.balancer.inFlight(server) == 0
 
 
 def test_allServersDownIs503AtOnce() -> None:
     pool = makeBalancedPool(servers=(Server("a", 1, down=True), Server("b", 1, down=True)))
-    outcome = result(pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None))
+    outcome = result(Sent(pool, b"GET", b"/"))
     assert isinstance(outcome, Failure)
     assert outcome.check(ServiceUnavailable)
     assert outcome.value.status == 503
@@ -399,8 +442,8 @@ def test_leastConnThroughThePool() -> None:
     pool = makeBalancedPool(
         servers=(Server("a", 1), Server("b", 1)), balance="least_conn"
     )
-    pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
-    pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    Sent(pool, b"GET", b"/")
+    Sent(pool, b"GET", b"/")
     # Both still waiting for an answer: one each, not two on the first.
     assert [s.host for s in pool.dialled] == ["a", "b"]
 
@@ -411,12 +454,12 @@ def test_hashOnHeaderSendsAUserToOneBackend() -> None:
     chosen: dict[bytes, set[str]] = {}
     for round in range(4):
         for user in (b"alice", b"bob", b"carol", b"dave", b"erin", b"frank"):
-            headers = Headers({b"Host": [b"h"], b"X-User": [user]})
+            fields = Fields([(b"host", b"h"), (b"x-user", user)])
             # A different client address each time: the header decides.
             key = requestHashKey(
-                pool.upstream.hash_key, f"192.0.2.{round}", headers, b"/"
+                pool.upstream.hash_key, f"192.0.2.{round}", fields, b"/"
             )
-            pool.request(b"GET", b"/", headers, None, hashKey=key)
+            Sent(pool, b"GET", b"/", fields=fields, hashKey=key)
             chosen.setdefault(user, set()).add(pool.dialled[-1].address)
     assert all(len(backends) == 1 for backends in chosen.values()), chosen
     # ... and the users are spread, not all on one backend.
@@ -491,8 +534,8 @@ def makeFleet(
     return pool, reactor
 
 
-def get(pool: UpstreamPool, method: bytes = b"GET", path: bytes = b"/", body: Any = None) -> Deferred[Any]:
-    return pool.request(method, path, Headers({b"Host": [b"h"]}), body)
+def get(pool: UpstreamPool, method: bytes = b"GET", path: bytes = b"/", body: Any = None) -> Sent:
+    return Sent(pool, method, path, body)
 
 
 def metric(pool: UpstreamPool, name: str, **labels: str) -> float:
@@ -507,8 +550,18 @@ def logs() -> Iterator[Callable[[], str]]:
     globalLogPublisher.removeObserver(events.append)
 
 
+class Client:
+    """The client side of a body (L{ClientReader}): nothing to pause."""
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+
 def pipeWith(reactor: Any, data: bytes, length: int | None = -1, finish: bool = True) -> BodyPipe:
-    pipe = BodyPipe(len(data) if length == -1 else length, ClientReader(object()), reactor, 0, lambda: None)
+    pipe = BodyPipe(len(data) if length == -1 else length, Client(), reactor, 0, lambda: None)
     if data:
         pipe.write(data)
     if finish:
@@ -521,7 +574,7 @@ def test_connectRefusedIsRetriedOnAnotherBackend(logs: Callable[[], str]) -> Non
     d = get(pool)
     assert pool.dialLog == ["a", "b"]
     pool.dials["b"].answer()
-    assert result(d).code == 200
+    assert result(d).status == 200
     assert metric(pool, "edgeproxy_retries_total", upstream="app", reason="connect_failed") == 1
     assert metric(pool, "edgeproxy_upstream_errors_total", upstream="app", code="502") == 1
     assert "retrying GET after a:80 failed (connect_failed)" in logs()
@@ -534,7 +587,7 @@ def test_postNotSentIsRetriedWithItsWholeBody() -> None:
     assert pool.dialLog == ["a", "b"]
     assert pool.dials["b"].wire().endswith(b"\r\n\r\npayload")
     pool.dials["b"].answer()
-    assert result(d).code == 200
+    assert result(d).status == 200
 
 
 def test_idempotentRequestResetBeforeAnyResponseByteIsRetried() -> None:
@@ -543,7 +596,7 @@ def test_idempotentRequestResetBeforeAnyResponseByteIsRetried() -> None:
     pool.dials["a"].reset()
     assert pool.dialLog == ["a", "b"]
     pool.dials["b"].answer()
-    assert result(d).code == 200
+    assert result(d).status == 200
 
 
 def test_postResetAfterItWasSentIsNotRetried(logs: Callable[[], str]) -> None:
@@ -567,7 +620,7 @@ def test_smallPutBodyIsReplayedAfterAReset() -> None:
     assert wire.startswith(b"PUT / HTTP/1.1\r\n")
     assert b"Content-Length: 8\r\n" in wire and wire.endswith(b"\r\n\r\ndocument")
     pool.dials["b"].answer(b"HTTP/1.1 204 No Content\r\n\r\n")
-    assert result(d).code == 204
+    assert result(d).status == 204
 
 
 def test_streamedBodyPartlySentIsNotReplayed(logs: Callable[[], str]) -> None:
@@ -608,7 +661,7 @@ def test_responseTimeoutOfAGetIsRetried() -> None:
     assert pool.dials["a"].connections[0][1].disconnecting
     assert pool.dialLog == ["a", "b"]
     pool.dials["b"].answer()
-    assert result(d).code == 200
+    assert result(d).status == 200
     assert metric(pool, "edgeproxy_retries_total", reason="response_timeout") == 1
     assert metric(pool, "edgeproxy_upstream_errors_total", code="504") == 1
 
@@ -620,21 +673,19 @@ def test_retriesOfTimedOutRequestsKeepEveryDeadline() -> None:
     first = get(pool)  # a, due at 5
     reactor.advance(1)
     second = get(pool)  # b, due at 6
-    outcomes: dict[str, Any] = {}
-    first.addBoth(lambda r: outcomes.setdefault("first", r))
-    second.addBoth(lambda r: outcomes.setdefault("second", r))
     reactor.advance(4.1)  # t = 5.1: first retried on b, due at 10.1
-    assert pool.dialLog == ["a", "b", "b"] and outcomes == {}
+    assert pool.dialLog == ["a", "b", "b"] and fired(first=first, second=second) == {}
     reactor.advance(1.0)  # t = 6.1: second retried on a, due at 11.1
-    assert pool.dialLog == ["a", "b", "b", "a"] and outcomes == {}
+    assert pool.dialLog == ["a", "b", "b", "a"] and fired(first=first, second=second) == {}
     reactor.advance(3.9)  # t = 10.0
-    assert outcomes == {}
+    assert fired(first=first, second=second) == {}
     reactor.advance(0.2)  # t = 10.2
+    outcomes = fired(first=first, second=second)
     assert list(outcomes) == ["first"] and outcomes["first"].check(UpstreamTimeout)
     reactor.advance(0.8)  # t = 11.0
-    assert list(outcomes) == ["first"]
+    assert list(fired(first=first, second=second)) == ["first"]
     reactor.advance(0.2)  # t = 11.2
-    assert outcomes["second"].check(UpstreamTimeout)
+    assert fired(first=first, second=second)["second"].check(UpstreamTimeout)
     assert metric(pool, "edgeproxy_upstream_errors_total", code="504") == 4
 
 
@@ -652,7 +703,7 @@ def test_retriesAreBoundedAndTheLastErrorIsReturned() -> None:
 
 def test_retriesUseTheSameBackendOnlyWhenNoOtherIsAvailable() -> None:
     pool, endpoint, _ = makePool(netError.ConnectionRefusedError("refused"))
-    outcome = result(pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None))
+    outcome = result(Sent(pool, b"GET", b"/"))
     assert outcome.check(BackendUnavailable)
     assert len(endpoint.connections) == 0  # every connect failed...
     assert metric(pool, "edgeproxy_upstream_errors_total", code="502") == 3  # ...three times
@@ -682,7 +733,7 @@ def test_cancelledRequestIsNeitherRetriedNorCountedAgainstTheBackend() -> None:
     pool, _ = makeFleet(max_fails=1)
     d = get(pool)
     d.cancel()
-    assert result(d).check(CancelledError)
+    assert not d.called
     assert pool.dialLog == ["a"]
     assert all(b.ejectedUntil is None for b in pool.backends)
     assert metric(pool, "edgeproxy_upstream_errors_total") == 0
@@ -717,7 +768,7 @@ def test_failStatusCountsAsAFailureButIsNotRetried() -> None:
     pool, _ = makeFleet(hosts=("a", "b"), max_fails=1, fail_status=(503,))
     d = get(pool)
     pool.dials["a"].answer(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-    assert result(d).code == 503  # the backend's own answer reaches the client
+    assert result(d).status == 503  # the backend's own answer reaches the client
     assert pool.dialLog == ["a"]
     assert pool.backends[0].ejectedUntil is not None
 
@@ -762,7 +813,7 @@ def test_requestWaitsForABackendUnderMaxConns() -> None:
     assert pool.dialLog == ["a", "a"]
     assert pool.dials["a"].wire().startswith(b"GET /2 ")
     finish(pool.dials["a"])
-    assert result(second).code == 204
+    assert result(second).status == 204
 
 
 def test_queueIsFirstComeFirstServed() -> None:
@@ -814,13 +865,13 @@ def test_clientLeavingTheQueueIsRemoved() -> None:
     leaving = get(pool, path=b"/2")
     staying = get(pool, path=b"/3")
     leaving.cancel()
-    assert result(leaving).check(CancelledError)
+    assert not leaving.called
     assert pool.queued == 1
     finish(pool.dials["a"])
     result(first).deliverBody(BodyCollector())
     assert pool.dials["a"].wire().startswith(b"GET /3 ")
     finish(pool.dials["a"])
-    assert result(staying).code == 204
+    assert result(staying).status == 204
     reactor.advance(10)  # the cancelled one's queue timer is gone
     assert metric(pool, "edgeproxy_queue_timeouts_total") == 0
 
@@ -870,7 +921,7 @@ def test_retryWaitsInTheQueueWhenTheOtherBackendIsFull() -> None:
     result(busy).deliverBody(BodyCollector())
     assert pool.dialLog == ["a", "b", "a", "b"]
     finish(pool.dials["b"])
-    assert result(retried).code == 204
+    assert result(retried).status == 204
 
 
 # Verdicts from elsewhere ---------------------------------------------------------
@@ -1001,12 +1052,25 @@ def test_twoNamesOnOneAddressKeepTheirOwnBackends() -> None:
     pool.start()
     a, b = pool.backends
     assert a.address == b.address == "10.0.0.1:443"
-    # Each request reaches the endpoint of the backend it was sent to.
     endpoints = {a: pool.endpointFor(a), b: pool.endpointFor(b)}
     assert endpoints[a] is not endpoints[b]
-    for backend in (a, b):
-        uri = URI.fromBytes(pool._uriFor(backend, b"/"))
-        assert pool._serverForKey(uri.host, uri.port) is backend
+    # Each request reaches the endpoint of the backend it was sent to (the
+    # balancer alternates), and each backend keeps its own connection.
+    dials: dict[Backend, MemoryEndpoint] = {}
+
+    def endpointFor(backend: Backend) -> MemoryEndpoint:
+        assert backend not in dials
+        dials[backend] = MemoryEndpoint()
+        return dials[backend]
+
+    pool.endpointFor = endpointFor  # type: ignore[method-assign]
+    for expected in (a, b, a, b):
+        sent = Sent(pool, b"GET", b"/")
+        [(protocol, transport)] = dials[expected].connections
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        result(sent).deliverBody(BodyCollector())
+    assert list(dials) == [a, b]
+    assert [dial.connections[0][1].value().count(b"GET /") for dial in dials.values()] == [2, 2]
 
 
 def test_resolvedAddressIsDialledButTLSVerifiesTheConfiguredName() -> None:
@@ -1109,7 +1173,7 @@ def test_ejectionLogSaysWhatFailed(logs: Callable[[], str]) -> None:
     pool, _ = makeFleet(hosts=("a", "b"), failing={"a": REFUSED}, max_fails=1)
     d = get(pool)
     pool.dials["b"].answer()
-    assert result(d).code == 200
+    assert result(d).status == 200
     assert "upstream app backend a:80 ejected for 30s: 1 failures within 10s, last: connection refused" in logs()
 
 
@@ -1119,7 +1183,7 @@ def test_ejectionLogForAResetAndATimeout(logs: Callable[[], str]) -> None:
     pool.dials["a"].reset()
     reactor.advance(5.0)  # b does not answer either
     pool.dials["c"].answer()
-    assert result(d).code == 200
+    assert result(d).status == 200
     assert "backend a:80 ejected for 30s: 1 failures within 10s, last: connection lost before a response" in logs()
     assert "backend b:80 ejected for 30s: 1 failures within 10s, last: no response head within 5s" in logs()
 
@@ -1197,7 +1261,7 @@ def test_proxiedResponseFreedByReferenceCounting(noCycleCollector: None) -> None
     # protocol) is freed by reference counting once the body is delivered:
     # a cycle per response would leave every one to the cyclic collector.
     pool, endpoint, _ = makePool()
-    d = pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    d = Sent(pool, b"GET", b"/")
     endpoint.connections[0][0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody")
     response = result(d)
     del d
@@ -1209,7 +1273,7 @@ def test_proxiedResponseFreedByReferenceCounting(noCycleCollector: None) -> None
     del response, reader
     assert responseGone() is None and readerGone() is None
     # The connection went back to the pool and serves the next request.
-    pool.request(b"GET", b"/", Headers({b"Host": [b"h"]}), None)
+    Sent(pool, b"GET", b"/")
     assert len(endpoint.connections) == 1
 
 
@@ -1222,9 +1286,8 @@ def test_oneBackendAtItsLimitQueuesAndDownFails() -> None:
     )
     pool = MemoryPool(reactor, upstream, None)
     pool.endpoint = MemoryEndpoint()
-    headers = Headers({b"Host": [b"h"]})
-    first = pool.request(b"GET", b"/1", headers, None)
-    second = pool.request(b"GET", b"/2", headers, None)
+    first = Sent(pool, b"GET", b"/1")
+    second = Sent(pool, b"GET", b"/2")
     assert len(pool.endpoint.connections) == 1 and pool.queued == 1
     protocol, _ = pool.endpoint.connections[0]
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
@@ -1234,31 +1297,19 @@ def test_oneBackendAtItsLimitQueuesAndDownFails() -> None:
     result(second).deliverBody(Protocol())
     [backend] = pool.backends
     health.transition(pool, backend, BackendState.DOWN, "test")
-    failure = result(pool.request(b"GET", b"/3", headers, None))
+    failure = result(Sent(pool, b"GET", b"/3"))
     assert failure.check(ServiceUnavailable) and failure.value.status == 503
-
-
-class _Receiver:
-    def __init__(self) -> None:
-        self.outcomes: list[Any] = []
-
-    def upstreamResponded(self, response: Any) -> None:
-        self.outcomes.append(response)
-
-    def upstreamFailed(self, failure: Failure) -> None:
-        self.outcomes.append(failure)
 
 
 def test_sendHandsTheResponseToTheReceiver() -> None:
     pool, endpoint, _ = makePool()
-    receiver = _Receiver()
-    pool.send(b"GET", b"/p", Headers({b"Host": [b"h"]}), None, receiver)
+    sent = Sent(pool, b"GET", b"/p")
     protocol, transport = endpoint.connections[0]
     assert transport.value().startswith(b"GET /p HTTP/1.1\r\n")
-    assert receiver.outcomes == []
+    assert not sent.called
     protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    [response] = receiver.outcomes
-    assert response.code == 200
+    response = result(sent)
+    assert response.status == 200
     reader = _Reader()
     response.deliverBody(reader)
     assert reader.data == b"ok" and pool.inFlight() == 0
@@ -1266,18 +1317,97 @@ def test_sendHandsTheResponseToTheReceiver() -> None:
 
 def test_sendFailsToTheReceiver() -> None:
     pool, _, _ = makePool(netError.ConnectionRefusedError("refused"), retries=0)
-    receiver = _Receiver()
-    pool.send(b"GET", b"/", Headers({b"Host": [b"h"]}), None, receiver)
-    [failure] = receiver.outcomes
+    failure = result(Sent(pool, b"GET", b"/"))
     assert isinstance(failure, Failure) and failure.check(BackendUnavailable)
 
 
 def test_sendCancelledTellsTheReceiverNothing() -> None:
     pool, endpoint, reactor = makePool()
-    receiver = _Receiver()
-    request = pool.send(b"GET", b"/", Headers({b"Host": [b"h"]}), None, receiver)
-    request.cancel()
+    sent = Sent(pool, b"GET", b"/")
+    sent.cancel()
     _, transport = endpoint.connections[0]
     assert transport.disconnecting
     reactor.advance(10)
-    assert receiver.outcomes == [] and pool.inFlight() == 0
+    assert not sent.called and pool.inFlight() == 0
+
+
+# Interim responses and Expect: 100-continue ------------------------------------
+
+
+def test_interimResponsesReachTheReceiverBeforeTheResponse() -> None:
+    pool, endpoint, _ = makePool()
+    sent = Sent(pool, b"GET", b"/")
+    protocol, _ = endpoint.connections[0]
+    protocol.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+    [(status, reason, fields)] = sent.interim
+    assert (status, reason, fields.getAll(b"link")) == (103, b"Early Hints", [b"</s.css>; rel=preload"])
+    assert not sent.called
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert result(sent).status == 200
+    assert len(sent.interim) == 1
+
+
+def test_noInterimResponseAfterACancel() -> None:
+    pool, endpoint, _ = makePool()
+    sent = Sent(pool, b"GET", b"/")
+    sent.cancel()
+    endpoint.connections[0][0].dataReceived(b"HTTP/1.1 103 Early Hints\r\n\r\n")
+    assert sent.interim == [] and not sent.called
+
+
+EXPECT = Fields([(b"host", b"h"), (b"expect", b"100-continue")])
+
+
+def test_expectContinueIsAnsweredByTheBackend() -> None:
+    pool, endpoint, reactor = makePool()
+    sent = Sent(pool, b"PUT", b"/doc", pipeWith(reactor, b"document"), fields=EXPECT)
+    protocol, transport = endpoint.connections[0]
+    assert transport.value().endswith(b"Expect: 100-continue\r\n\r\n")  # the body waits
+    protocol.dataReceived(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert [status for status, _, _ in sent.interim] == [100]
+    assert transport.value().endswith(b"\r\n\r\ndocument")
+    protocol.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    result(sent).deliverBody(BodyCollector())
+    assert pool.inFlight() == 0
+
+
+def test_expectWaitIsBoundedAndTheResponseTimeoutFollowsTheBody() -> None:
+    pool, endpoint, reactor = makePool(retries=0)
+    sent = Sent(pool, b"PUT", b"/doc", pipeWith(reactor, b"document"), fields=EXPECT)
+    _, transport = endpoint.connections[0]
+    reactor.advance(EXPECT_TIMEOUT)
+    assert transport.value().endswith(b"\r\n\r\ndocument")  # sent anyway
+    # The response timeout (5 s) runs from the end of the body.
+    reactor.advance(4.9)
+    assert not sent.called
+    reactor.advance(0.2)
+    assert result(sent).check(UpstreamTimeout)
+
+
+def test_expectAnsweredWithAFinalStatus() -> None:
+    pool, endpoint, reactor = makePool()
+    pipe = pipeWith(reactor, b"document")
+    sent = Sent(pool, b"PUT", b"/doc", pipe, fields=EXPECT)
+    protocol, transport = endpoint.connections[0]
+    head = transport.value()
+    protocol.dataReceived(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n\r\n")
+    response = result(sent)
+    assert response.status == 413 and sent.interim == []
+    assert transport.value() == head  # no byte of the body
+    response.deliverBody(BodyCollector())
+    assert transport.disconnecting and pool.inFlight() == 0
+    assert reactor.getDelayedCalls() == []
+
+
+def test_expectingRequestResetIsRetriedAndWaitsAgain() -> None:
+    pool, reactor = makeFleet()
+    sent = Sent(pool, b"PUT", b"/", pipeWith(reactor, b"document"), fields=EXPECT)
+    pool.dials["a"].reset()  # before its 100 Continue: nothing of the body sent
+    assert pool.dialLog == ["a", "b"]
+    b = pool.dials["b"]
+    assert b.wire().endswith(b"Expect: 100-continue\r\n\r\n")
+    b.answer(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert b.wire().endswith(b"\r\n\r\ndocument")
+    b.answer(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert result(sent).status == 204
+    assert [status for status, _, _ in sent.interim] == [100]

@@ -148,9 +148,9 @@ def splitResponseHead(buffer: bytes, maxSize: int) -> tuple[bytes, int] | None:
 
 _VERSIONS = {b"HTTP/1.1": b"HTTP/1.1", b"HTTP/1.0": b"HTTP/1.0"}
 
-_responseNames: dict[bytes, bytes] = {}
-"""Response field names found to be tokens, to their lower-case form;
-bounded."""
+_responseNames: dict[bytes, tuple[bytes, bool]] = {}
+"""Response field names found to be tokens, to their lower-case form and
+whether it is one of the fields kept apart from the message's own; bounded."""
 _MAX_NAMES = 10_000
 
 
@@ -165,42 +165,55 @@ def parseResponseHead(head: bytes) -> ResponseHead:
     if head[-1:] == b"\r":
         # The CR of the last line's CRLF (the head ends before its LF).
         head = head[:-1]
-    crlf = head.count(b"\r\n")
-    # A head whose every CR and LF is a CRLF (what servers send) splits
-    # into lines with nothing left to strip and no line break inside a
-    # value; anything else takes the careful path.
-    if head.count(b"\n") == crlf and head.count(b"\r") == crlf:
-        lines = head.split(b"\r\n")
-        if b"\n " in head or b"\n\t" in head:
-            lines = _unfold(lines)
-    else:
-        lines = _unfold(head.split(b"\n"))
+    # A head whose only controls (HTAB aside) are its CRLF line ends (what
+    # servers send) splits into lines with nothing left to strip and values
+    # with nothing to refuse, which one pass over it shows; anything else
+    # takes the careful path.
+    if len(head) - len(head.translate(None, CONTROLS_EXCEPT_HTAB)) == 2 * head.count(b"\r\n"):
+        return _readHead(head.split(b"\r\n"), True)
+    return _readHead(_unfold(head.split(b"\n")), False)
+
+
+_KEEP_ALIVE = [b"keep-alive"]
+
+
+def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
+    """
+    L{parseResponseHead} of the lines of a head, C{clean} when they are
+    known to hold no control character but HTAB.
+    """
     status, version, reason = _statusLine(lines[0])
     fields: dict[bytes, list[bytes]] = {}
     control: dict[bytes, list[bytes]] = {}
     names = _responseNames
     allValues = []
-    for index in range(1, len(lines)):
-        line = lines[index]
+    for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        lower = names.get(name) if colon else None
-        if lower is None:
+        known = names.get(name) if colon else None
+        if known is None:
+            if clean and line[:1] in (b" ", b"\t"):
+                # obs-fold (RFC 9112 5.2), rare: unfolded, then read again.
+                return _readHead(_unfold(lines), True)
             if not colon or not isToken(name):
                 raise RemoteProtocolError(f"invalid response field {line[:64]!r}", 502)
-            lower = name.lower()
+            lowered = name.lower()
+            known = (lowered, lowered in _NOT_MESSAGE)
             if len(names) < _MAX_NAMES:
-                names[name] = lower
+                names[name] = known
+        lower, isControl = known
         value = value.strip(b" \t")
-        allValues.append(value)
-        target = control if lower in _NOT_MESSAGE else fields
+        if not clean:
+            allValues.append(value)
+        target = control if isControl else fields
         values = target.get(lower)
         if values is None:
             target[lower] = [value]
         else:
             values.append(value)
-    text = b"".join(allValues)
-    if len(text.translate(None, CONTROLS_EXCEPT_HTAB)) != len(text):
-        raise RemoteProtocolError("control character in a response field", 502)
+    if not clean:
+        text = b"".join(allValues)
+        if len(text.translate(None, CONTROLS_EXCEPT_HTAB)) != len(text):
+            raise RemoteProtocolError("control character in a response field", 502)
 
     length = chunked = None
     persistent = version == b"HTTP/1.1"
@@ -208,7 +221,8 @@ def parseResponseHead(head: bytes) -> ResponseHead:
     if control:
         connection = control.get(b"connection")
         if connection is not None:
-            tokens = listTokens(connection)
+            # What most servers send needs no list parsing.
+            tokens = _KEEP_ALIVE if connection == _KEEP_ALIVE else listTokens(connection)
             if b"close" in tokens:
                 persistent = False
             elif b"keep-alive" in tokens and version == b"HTTP/1.0":

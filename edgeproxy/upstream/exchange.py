@@ -7,51 +7,105 @@ time in the pool's C{max_conns} queue.  Every attempt's outcome is reported
 to passive health and to the metrics here.
 
 The pool owns the choice of backend, the queue and the connections; this
-module owns what happens to one request.
+module owns what happens to one request.  The two talk through L{_Pool}, the
+handful of things an exchange asks of its pool, so this module never
+imports the pool.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-from typing import Protocol as TypingProtocol
+from collections.abc import Callable, Set
+from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
 
+from edgeproxy.config.model import Upstream
 from edgeproxy.errors import ProxyError, ServiceUnavailable
-from edgeproxy.bodies import BodyPipe
+from edgeproxy.h1 import Fields
+from edgeproxy.metrics import Metrics
 from edgeproxy.upstream.backend import Backend
-from edgeproxy.upstream.client import UpstreamResponse
 from edgeproxy.upstream.failures import (
     attemptOutcome,
     classifyFailure,
     failureDetail,
     leafReasons,
 )
-from edgeproxy.upstream.retry import Attempt, decide
+from edgeproxy.upstream.response import UpstreamReceiver, UpstreamResponse
+from edgeproxy.upstream.retry import Attempt, RetryBudget, decide
+from edgeproxy.upstream.sending import BodyProducer
 
 if TYPE_CHECKING:
-    from edgeproxy.upstream.pool import UpstreamPool
+    from edgeproxy.upstream.client import Handle
+    from edgeproxy.upstream.timeouts import ResponseDeadlines
+    from edgeproxy.upstream.health import PassiveHealth
 
-__all__ = ["FULL", "Exchange", "Full", "UpstreamReceiver"]
+__all__ = ["FULL", "Exchange", "Full", "ReplayableBody", "UpstreamReceiver"]
 
 
-class UpstreamReceiver(TypingProtocol):
+class ReplayableBody(Protocol):
     """
-    Who gets the outcome of a request sent with L{UpstreamPool.send}:
-    exactly one of these is called, once, unless the request is cancelled
-    first (then neither is).
+    A request body the pool can send more than once
+    (L{edgeproxy.bodies.BodyPipe}): each attempt reads it from its first
+    byte through a producer of its own.
     """
 
-    def upstreamResponded(self, response: IResponse) -> None:
-        """The response head arrived (see L{UpstreamPool.request})."""
+    @property
+    def replayable(self) -> bool:
+        """Whether it can still be sent again from its first byte."""
 
-    def upstreamFailed(self, failure: Failure) -> None:
-        """The request failed: a L{ProxyError} (see L{UpstreamPool.request})."""
+    def keepForReplay(self, limit: int) -> None:
+        """Keep a copy of up to C{limit} bytes so a sent body stays replayable."""
+
+    def newAttempt(self) -> AttemptBody:
+        """The producer of the next attempt."""
+
+    def stopProducing(self) -> None:
+        """No attempt will read the rest: let it drain."""
+
+
+class AttemptBody(BodyProducer, Protocol):
+    """The body of one attempt."""
+
+    def whenFinished(self) -> Deferred[None]:
+        """Fires once the whole body was handed to the connection."""
+
+
+class _Pool(Protocol):
+    """What this module uses of an L{edgeproxy.upstream.pool.UpstreamPool}."""
+
+    upstream: Upstream
+    metrics: Metrics
+    passive: PassiveHealth
+    budget: RetryBudget
+    deadlines: ResponseDeadlines
+    log: Logger
+    seconds: Callable[[], float]
+
+    def choose(self, hashKey: bytes | None, tried: Set[Backend]) -> Backend | Full | None:
+        """A backend for the next attempt; L{FULL}: wait; L{None}: none at all."""
+
+    def enqueue(self, exchange: Exchange) -> None:
+        """Wait for a backend below C{max_conns} (or fail at once, queue full)."""
+
+    def dequeue(self, exchange: Exchange) -> None:
+        """Stop waiting (served, timed out or cancelled)."""
+
+    def dispatch(
+        self,
+        backend: Backend,
+        method: bytes,
+        target: bytes,
+        fields: Fields,
+        body: BodyProducer | None,
+        receiver: UpstreamReceiver,
+    ) -> Handle:
+        """Count one more request in flight on C{backend} and send it there."""
+
+    def release(self, backend: Backend) -> None:
+        """A request to C{backend} is no longer in flight."""
 
 
 class Full:
@@ -73,8 +127,8 @@ class _Attempt:
     One attempt of an L{Exchange} on one backend: it receives the outcome
     from the client directly (no Deferred in between), counts as in flight
     for the balancer until its response body is over, and is watched by
-    the pool's response deadline (L{UpstreamPool._watchResponse}) from the
-    moment the request is sent (or its body is) to the response head.
+    the pool's response deadlines from the moment the request is sent (or
+    its body is) to the response head.
 
     @ivar handle: what cancels the request (L{UpstreamClient.send}).
     @ivar deadline: when the response head is due; L{None} while not
@@ -89,13 +143,12 @@ class _Attempt:
     def __init__(self, exchange: Exchange, backend: Backend) -> None:
         self.exchange = exchange
         self.backend = backend
-        pool = exchange.pool
-        self.started = pool._reactor.seconds()
-        self.handle: Any = None
+        self.started = exchange.pool.seconds()
+        self.handle: Handle | None = None
         self.deadline: float | None = None
         self.timedOut = False
         self.answered = False
-        pool.balancer.acquired(backend)
+        # Counted by the pool's dispatch, which follows at once.
         self.counted = True
 
     def release(self) -> None:
@@ -105,13 +158,11 @@ class _Attempt:
         """
         if self.counted:
             self.counted = False
-            self.exchange.pool._released(self.backend)
+            self.exchange.pool.release(self.backend)
 
     def startTimer(self, _: object = None) -> None:
         if not self.answered and self.deadline is None:
-            pool = self.exchange.pool
-            self.deadline = pool._reactor.seconds() + pool.upstream.response_timeout
-            pool._watchResponse(self)
+            self.exchange.pool.deadlines.watch(self)
 
     def timeOut(self) -> None:
         """The response head is overdue: give up on it (a 504)."""
@@ -126,10 +177,15 @@ class _Attempt:
     def _over(self) -> None:
         self.answered = True
         if self.deadline is not None:
-            self.exchange.pool._unwatchResponse(self)
+            self.exchange.pool.deadlines.unwatch(self)
         exchange = self.exchange
         if exchange.attempt is self:
             exchange.attempt = None
+
+    def upstreamInterim(self, status: int, reason: bytes, fields: Fields) -> None:
+        exchange = self.exchange
+        if exchange.attempt is self and exchange.receiver is not None:
+            exchange.receiver.upstreamInterim(status, reason, fields)
 
     def upstreamResponded(self, response: UpstreamResponse) -> None:
         self._over()
@@ -140,13 +196,11 @@ class _Attempt:
         # The backend stays in flight until the body is delivered (or
         # fails): the response calls this once, without a reference cycle.
         response.whenDelivered = self.release
-        pool.metrics.upstreamResponded(
-            upstream.name, pool._reactor.seconds() - self.started
-        )
-        pool.passive.responded(backend, response.code)
+        pool.metrics.upstreamResponded(upstream.name, pool.seconds() - self.started)
+        pool.passive.responded(backend, response.status)
         if exchange.over:
             # Cancelled meanwhile: nobody reads it.
-            response.deliverBody(_Discarding())
+            response.deliverBody(_DISCARDING)
             return
         if exchange.retriesDone:
             pool.log.info(
@@ -172,7 +226,7 @@ class _Attempt:
             exchange.attemptFailed(self.backend, failure, self.timedOut)
         except Exception:
             # A bug here must still answer the client, not leave the
-            # request hanging on a Deferred that never fires.
+            # request hanging.
             pool = exchange.pool
             pool.log.failure(
                 "upstream {upstream}: handling a failed attempt failed",
@@ -192,25 +246,25 @@ class Exchange:
     """
 
     __slots__ = (
-        "pool", "method", "path", "headers", "body", "hashKey", "receiver",
+        "pool", "method", "target", "fields", "body", "hashKey", "receiver",
         "tried", "triedOrder", "retriesDone", "attempt", "queueTimer", "over",
         "lastError",
     )
 
     def __init__(
         self,
-        pool: UpstreamPool,
+        pool: _Pool,
         method: bytes,
-        path: bytes,
-        headers: Headers,
-        body: IBodyProducer | None,
+        target: bytes,
+        fields: Fields,
+        body: ReplayableBody | None,
         hashKey: bytes | None,
         receiver: UpstreamReceiver,
     ) -> None:
         self.pool = pool
         self.method = method
-        self.path = path
-        self.headers = headers
+        self.target = target
+        self.fields = fields
         self.body = body
         self.hashKey = hashKey
         self.receiver: UpstreamReceiver | None = receiver
@@ -227,9 +281,9 @@ class Exchange:
     def place(self) -> None:
         """Pick a backend now, or queue, or fail with 503."""
         pool = self.pool
-        choice = pool._choose(self.hashKey, self.tried)
+        choice = pool.choose(self.hashKey, self.tried)
         if choice is FULL:
-            pool._enqueue(self)
+            pool.enqueue(self)
         else:
             self.placed(choice)  # type: ignore[arg-type]
 
@@ -255,10 +309,9 @@ class Exchange:
         self.send(backend)
 
     def send(self, backend: Backend) -> None:
-        pool = self.pool
         body = self.body
-        producer: IBodyProducer | None = body
-        if isinstance(body, BodyPipe):
+        producer: AttemptBody | None = None
+        if body is not None:
             if not body.replayable:
                 # Failed or abandoned while this request waited in the
                 # queue: the request layer has answered already.
@@ -269,14 +322,14 @@ class Exchange:
         self.triedOrder.append(backend)
         attempt = _Attempt(self, backend)
         self.attempt = attempt
-        attempt.handle = pool._agent.send(
-            pool._keyFor(backend), self.path, self.method, self.headers, producer, attempt
+        attempt.handle = self.pool.dispatch(
+            backend, self.method, self.target, self.fields, producer, attempt
         )
-        finisher = getattr(producer, "whenFinished", None)
-        if finisher is None:
+        if producer is None:
             attempt.startTimer()
         else:
-            finisher().addCallbacks(attempt.startTimer, _ignore)
+            # The response timeout starts once the body is sent.
+            producer.whenFinished().addCallbacks(attempt.startTimer, _ignore)
 
     # Outcomes -------------------------------------------------------------------
 
@@ -309,20 +362,20 @@ class Exchange:
         pool.metrics.upstreamFailed(upstream.name, error.status)
         pool.passive.failure(backend, failureDetail(failure, timedOut, upstream))
         body = self.body
-        replayable = body is None or (isinstance(body, BodyPipe) and body.replayable)
+        replayable = body is None or body.replayable
         decision = decide(self.method, kind, replayable, self.retriesDone, upstream.retries)
         if not decision.retry:
             # Without retries configured there is nothing to explain.
             self._notRetried(error, decision.why if upstream.retries else None)
             return
-        if not pool._budget.tryRetry():
+        if not pool.budget.tryRetry():
             pool.metrics.retryRefused(upstream.name)
             self._notRetried(error, "retry budget spent", warn=True)
             return
         # The next attempt must have a backend: when none is available now
         # (the failing one was just ejected, say), the client gets this
         # failure, not a 503 for a retry it never asked for.
-        choice = pool._choose(self.hashKey, self.tried)
+        choice = pool.choose(self.hashKey, self.tried)
         if choice is None:
             self._notRetried(error, "no other backend available")
             return
@@ -340,7 +393,7 @@ class Exchange:
             allowed=upstream.retries,
         )
         if choice is FULL:
-            pool._enqueue(self)
+            pool.enqueue(self)
         else:
             self.send(choice)  # type: ignore[arg-type]
 
@@ -367,7 +420,7 @@ class Exchange:
         if code is not None:
             self.pool.metrics.upstreamFailed(self.pool.upstream.name, code)
         body = self.body
-        if isinstance(body, BodyPipe) and not isinstance(error, CancelledError):
+        if body is not None and not isinstance(error, CancelledError):
             # No further attempt: let the rest of the body drain.
             body.stopProducing()
         receiver, self.receiver = self.receiver, None
@@ -384,7 +437,7 @@ class Exchange:
             return
         self.over = True
         self.receiver = None
-        self.pool._dequeue(self)
+        self.pool.dequeue(self)
         attempt, self.attempt = self.attempt, None
         if attempt is not None:
             attempt.cancel()
@@ -414,8 +467,10 @@ class Exchange:
         return ", ".join(backend.address for backend in self.triedOrder)
 
 
-class _Discarding(Protocol):
+class _Discarding:
     """Closes the connection of a response nobody reads."""
+
+    __slots__ = ()
 
     def makeConnection(self, transport: Any) -> None:
         transport.stopProducing()
@@ -425,3 +480,6 @@ class _Discarding(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         pass
+
+
+_DISCARDING = _Discarding()

@@ -5,10 +5,10 @@ the L{ProxyError} it gets), for retrying (L{attemptOutcome}, how far the
 attempt got) and for passive health (L{failureDetail}, the failure in the
 words of the health checks).
 
-The failures are those of Twisted's HTTP client (and of
-L{edgeproxy.upstream.client}, which fails with the same classes): wrapper
-exceptions (C{ResponseFailed}, C{RequestTransmissionFailed}...) around
-what actually happened (connection refused, reset, TLS errors...).
+The failures are those of L{edgeproxy.upstream.protocol}, in Twisted's
+client classes: wrapper exceptions (C{ResponseFailed},
+C{RequestTransmissionFailed}...) around what actually happened (connection
+refused, reset, TLS errors, a response L{edgeproxy.h1} refuses...).
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from OpenSSL import SSL
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
-    ParseError,
+from twisted.web.client import (
     RequestGenerationFailed,
-    RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
@@ -33,7 +31,9 @@ from edgeproxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from edgeproxy.h1 import RemoteProtocolError
 from edgeproxy.upstream import health
+from edgeproxy.upstream.protocol import RequestNotSent
 from edgeproxy.upstream.retry import Attempt
 
 __all__ = ["attemptOutcome", "classifyFailure", "failureDetail", "leafReasons"]
@@ -56,9 +56,9 @@ def leafReasons(failure: Failure) -> list[Failure]:
 
 def classifyFailure(failure: Failure, timedOut: bool) -> ProxyError:
     """
-    Map a failure of C{Agent.request} to the L{ProxyError} the client gets.
+    Map a failed request to a backend to the L{ProxyError} the client gets.
 
-    @param failure: what the Agent's Deferred failed with.
+    @param failure: what the request failed with.
     @param timedOut: whether the response timeout cancelled the request.
     @return: L{UpstreamTimeout} for connect and response timeouts,
         L{BackendUnavailable} when no usable connection could be made
@@ -79,7 +79,7 @@ def classifyFailure(failure: Failure, timedOut: bool) -> ProxyError:
             return BackendUnavailable(f"connect failed: {described}")
     if failure.check(ResponseFailed):
         for leaf in leaves:
-            if leaf.check(ParseError):
+            if leaf.check(RemoteProtocolError):
                 return UpstreamProtocolError(f"unparseable response: {described}")
         # The connection was made but closed (or reset) before a complete
         # response head: the backend is there but not answering properly.
@@ -94,7 +94,7 @@ def attemptOutcome(failure: Failure, timedOut: bool) -> tuple[Attempt, str]:
     How far a failed attempt got, for the retry decision, and a short label
     of the failure for the C{reason} of C{edgeproxy_retries}.
 
-    @param failure: what the Agent's Deferred failed with.
+    @param failure: what the request failed with.
     @param timedOut: whether the response timeout cancelled the request.
     @return: (L{Attempt}, one of C{response_timeout}, C{response_started},
         C{local}, C{tls_failed}, C{connect_timeout}, C{connect_failed},
@@ -103,8 +103,8 @@ def attemptOutcome(failure: Failure, timedOut: bool) -> tuple[Attempt, str]:
     if timedOut:
         return Attempt.NO_RESPONSE, "response_timeout"
     if failure.check(ResponseFailed) and not failure.check(ResponseNeverReceived):
-        # Twisted fails with ResponseNeverReceived only when no byte of a
-        # response arrived; any other ResponseFailed saw (part of) one.
+        # ResponseNeverReceived only when no byte of a response arrived;
+        # any other ResponseFailed saw (part of) one.
         return Attempt.RESPONSE_STARTED, "response_started"
     if failure.check(RequestGenerationFailed):
         # Our own body producer failed (client gone, body over the limit).
@@ -139,6 +139,6 @@ def failureDetail(failure: Failure, timedOut: bool, upstream: Upstream) -> str:
     if timedOut:
         return f"no response head within {upstream.response_timeout:g}s"
     leaves = leafReasons(failure)
-    if any(leaf.check(ParseError) for leaf in leaves):
+    if any(leaf.check(RemoteProtocolError) for leaf in leaves):
         return "not an HTTP response"
     return health.describeFailure(leaves[0], upstream.connect_timeout)

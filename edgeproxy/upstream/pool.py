@@ -3,26 +3,27 @@
 L{UpstreamPool}: one C{[upstream:NAME]} as something a request can be sent to.
 
 It owns the L{edgeproxy.upstream.client.UpstreamClient} (keep-alive
-connections per backend), the backends (one per address; host names re-resolved through
-L{edgeproxy.upstream.resolve}), the choice of backend (delegated to the
+connections per backend), the backends (one per address; host names
+re-resolved through L{edgeproxy.upstream.resolve}), the choice of backend (delegated to the
 upstream's L{edgeproxy.upstream.balance.Balancer}, with a predicate
 combining health and C{max_conns}), the in-flight accounting, the queue of
 requests waiting for a backend under C{max_conns}, the retry budget, and
 the start and stop of its background work (re-resolution, the health
 checker).  What happens to one request (attempts, retries, timeouts,
 outcomes reported to passive health and the metrics) is
-L{edgeproxy.upstream.exchange.Exchange}'s; what a failure means is
-L{edgeproxy.upstream.failures}'.
+L{edgeproxy.upstream.exchange.Exchange}'s, which asks the pool for what it
+needs through a few public methods (L{choose}, L{enqueue}, L{dequeue},
+L{dispatch}, L{release}: the exchange's C{_Pool}); what a failure means is
+L{edgeproxy.upstream.failures}'.  Backends are handed to the client as they
+are: it keys its idle connections on them and dials a new one through
+L{endpointFor}.
 
 The details of a failure (addresses, exception text, which backends were
 tried) are logged and nowhere else; the client only ever gets the status
 of the last failure.
 
-Two ways in: L{UpstreamPool.request} returns a Deferred, and
-L{UpstreamPool.send} hands the outcome to an
-L{edgeproxy.upstream.exchange.UpstreamReceiver} by a plain call (the
-Deferred one is a wrapper over it; on the hot path the Deferred, its
-callbacks and their dispatch were about 1.3 us per request).
+One way in: L{UpstreamPool.send} hands the outcome to an
+L{edgeproxy.upstream.response.UpstreamReceiver} by a plain call.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -42,32 +43,29 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.client import URI
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
-from zope.interface import implementer
 
+from edgeproxy.bodies import BodyPipe
 from edgeproxy.config.model import Server, Upstream
 from edgeproxy.errors import ServiceUnavailable
-from edgeproxy.bodies import BodyPipe
+from edgeproxy.h1 import Fields
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream import health
-from edgeproxy.upstream.client import UpstreamClient
 from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import Balancer, makeBalancer
-from edgeproxy.upstream.exchange import FULL, Exchange, Full, UpstreamReceiver
+from edgeproxy.upstream.client import Handle, UpstreamClient
+from edgeproxy.upstream.timeouts import ResponseDeadlines
+from edgeproxy.upstream.exchange import FULL, Exchange, Full
 from edgeproxy.upstream.failures import classifyFailure
 from edgeproxy.upstream.resolve import PeriodicResolver, isIPLiteral
+from edgeproxy.upstream.response import UpstreamReceiver
 from edgeproxy.upstream.retry import IDEMPOTENT_METHODS, RetryBudget
+from edgeproxy.upstream.sending import BodyProducer
 
 __all__ = [
-    "CONNECTION_HEADERS_ATTRIBUTE",
     "REPLAY_LIMIT",
     "UpstreamPool",
     "UpstreamReceiver",
     "classifyFailure",
-    "fullResponseHeaders",
 ]
 
 REPLAY_LIMIT = 64 * 1024
@@ -82,73 +80,12 @@ class _CreatorSource(Protocol):
     def creatorFor(self, server: Server) -> Any: ...
 
 
-CONNECTION_HEADERS_ATTRIBUTE = "connectionHeaders"
-"""Attribute set on every response of a pool: the backend's connection
-control fields (C{Connection}, C{Keep-Alive}, C{Transfer-Encoding},
-C{Content-Length}...), which the client keeps out of C{response.headers}."""
-
-
-def fullResponseHeaders(response: IResponse) -> Headers:
-    """
-    The response's header fields as the backend sent them: C{headers} plus
-    the connection control fields the client keeps apart.
-    """
-    merged = response.headers.copy()
-    extra = getattr(response, CONNECTION_HEADERS_ATTRIBUTE, None)
-    if extra is not None:
-        for name, values in extra.getAllRawHeaders():
-            for value in values:
-                merged.addRawHeader(name, value)
-    return merged
-
-
-class _DeferredOutcome:
-    """A request's outcome as a Deferred (L{UpstreamPool.request})."""
-
-    __slots__ = ("deferred", "exchange")
-
-    def __init__(self) -> None:
-        self.deferred: Deferred[IResponse] = Deferred(self._cancel)
-        self.exchange: Exchange | None = None
-
-    def upstreamResponded(self, response: IResponse) -> None:
-        self.exchange = None
-        self.deferred.callback(response)
-
-    def upstreamFailed(self, failure: Failure) -> None:
-        self.exchange = None
-        self.deferred.errback(failure)
-
-    def _cancel(self, _: object) -> None:
-        exchange, self.exchange = self.exchange, None
-        if exchange is not None:
-            exchange.cancel()
-
-
-@implementer(IAgentEndpointFactory)
-class _ServerEndpoints:
-    """
-    Resolve the client's URI (which only ever names one of our backends, see
-    L{UpstreamPool._keyFor}) back to that backend's endpoint.
-    """
-
-    def __init__(self, pool: UpstreamPool) -> None:
-        self._pool = pool
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        server = self._pool._serverForKey(uri.host, uri.port)
-        return self._pool.endpointFor(server)
-
-
 def _addressOrder(address: str) -> tuple[int, int, str]:
     parsed = ipaddress.ip_address(address)
     return parsed.version, int(parsed), address
 
 
 _NOTHING: frozenset[Backend] = frozenset()
-
-_SWEEPING = object()
-"""L{UpstreamPool._deadlineTimer} while the due deadlines are handled."""
 
 
 class UpstreamPool:
@@ -166,6 +103,9 @@ class UpstreamPool:
         (by L{edgeproxy.upstream.health.transition}).
     @ivar passive: passive health: every attempt's outcome is reported to
         it.
+    @ivar seconds: the clock (the reactor's).
+    @ivar budget: the upstream's retry budget.
+    @ivar deadlines: the response deadlines of the requests in flight.
     """
 
     log = Logger()
@@ -191,6 +131,7 @@ class UpstreamPool:
             in the reactor's thread pool, never blocking the reactor).
         """
         self._reactor = reactor
+        self.seconds: Callable[[], float] = reactor.seconds
         self.upstream = upstream
         self._tls = tls
         self.metrics = metrics if metrics is not None else Metrics()
@@ -205,33 +146,28 @@ class UpstreamPool:
         # (RFC 9112 §9.6) and keeps nothing idle.  Retrying is decided here
         # (is the body still replayable, is the budget spent): the client
         # never retries on its own.
-        self._connectionPool = self._agent = UpstreamClient(
+        self._client = UpstreamClient(
             reactor,
-            _ServerEndpoints(self),
+            self,
             maxPersistentPerHost=upstream.keepalive,
             cachedConnectionTimeout=upstream.keepalive_timeout,
             persistent=upstream.keepalive > 0,
         )
-        self._budget = RetryBudget(reactor.seconds, upstream.retry_budget)
+        self.budget = RetryBudget(reactor.seconds, upstream.retry_budget)
+        self.deadlines = ResponseDeadlines(reactor, upstream.response_timeout, upstream.name)
         self._queue: deque[Exchange] = deque()
-        # Attempts waiting for their response head, oldest deadline first.
-        self._watched: dict[Any, None] = {}
-        self._deadlineTimer: Any = None
         self._draining = False
         self._drainAgain = False
         # Requests still in flight on backends no longer in the pool.
         self._orphaned = 0
-        # Set by _choose around its balancer.pick calls (single-threaded),
+        # Set by choose around its balancer.pick calls (single-threaded),
         # read by _pickable: outside them the predicate is health alone
         # (what pickServer, and /status's "available", ask).
-        self._excluded: frozenset[Backend] | set[Backend] = _NOTHING
+        self._excluded: Set[Backend] = _NOTHING
         self._limits = False
         self._available = health.availability(self)
         self.backends: tuple[Backend, ...] = ()
         self._byBackend: set[Backend] = set()
-        self._byKey: dict[tuple[bytes, int], Backend] = {}
-        self._uris: dict[Backend, bytes] = {}
-        self._keys: dict[Backend, bytes] = {}
         self._endpoints: dict[Backend, IStreamClientEndpoint] = {}
         self.balancer: Balancer = makeBalancer(
             upstream.balance, (), rng, available=self._pickable
@@ -254,38 +190,11 @@ class UpstreamPool:
         self.backends = tuple(backends)
         self._byBackend = kept
         self._endpoints = {b: e for b, e in self._endpoints.items() if b in kept}
-        self._uris = {b: u for b, u in self._uris.items() if b in kept}
-        self._keys = {}
-        # Each backend's URI names it uniquely: the client keys its pooled
-        # connections on it, and two host names may resolve to one address
-        # (with different TLS names, so different connections).
-        self._byKey = {}
-        for backend, uri in self._uris.items():
-            self._byKey[self._keyOf(uri)] = backend
-        for backend in self.backends:
-            if backend in self._uris:
-                continue
-            authority = backend.address.encode("idna")
-            key = self._keyOf(authority)
-            serial = 0
-            while key in self._byKey:
-                # Never sent (Host is always set): only a unique key.
-                serial += 1
-                label = backend.host.encode("idna").replace(b":", b"-")
-                authority = b"dup%d.%s.invalid:%d" % (serial, label, backend.port)
-                key = self._keyOf(authority)
-            self._byKey[key] = backend
-            self._uris[backend] = authority
         self.balancer.setServers(self.backends)
         if self._checker is not None:
             self._checker.backendsChanged()
         if self._queue:
             self._drainQueue()
-
-    @staticmethod
-    def _keyOf(authority: bytes) -> tuple[bytes, int]:
-        host, _, port = authority.rpartition(b":")
-        return host.strip(b"[]"), int(port)
 
     # Lifecycle -------------------------------------------------------------
 
@@ -340,12 +249,10 @@ class UpstreamPool:
         (in-flight ones finish on their own).
         """
         self.stop()
-        if not self._watched and self._deadlineTimer not in (None, _SWEEPING):
-            # Requests in flight keep their deadlines; with none, nothing
-            # of this pool stays scheduled.
-            timer, self._deadlineTimer = self._deadlineTimer, None
-            timer.cancel()
-        return self._connectionPool.closeCachedConnections()
+        # Requests in flight keep their deadlines; with none, nothing of
+        # this pool stays scheduled.
+        self.deadlines.close()
+        return self._client.closeCachedConnections()
 
     # DNS -------------------------------------------------------------------
 
@@ -485,7 +392,7 @@ class UpstreamPool:
             raise ServiceUnavailable(f"upstream {self.upstream.name}: no server available")
         return server
 
-    def _choose(self, key: bytes | None, tried: set[Backend]) -> Backend | Full | None:
+    def choose(self, key: bytes | None, tried: Set[Backend]) -> Backend | Full | None:
         """
         The backend for one attempt of a request.
 
@@ -530,12 +437,14 @@ class UpstreamPool:
 
     def endpointFor(self, server: Backend) -> IStreamClientEndpoint:
         """
-        @return: a client endpoint dialling backend C{server} with the upstream's
+        The endpoint of backend C{server}, for the client's new connections,
+        the health checks and WebSocket tunnels.
+
+        @return: a client endpoint dialling C{server} with the upstream's
             connect timeout, wrapped in TLS when the upstream uses it.
         """
-        # The client asks for an endpoint on every request, even when a
-        # pooled connection serves it; endpoints hold no per-connection
-        # state, so one per server is built once.
+        # Endpoints hold no per-connection state: one per backend, built
+        # once.
         endpoint = self._endpoints.get(server)
         if endpoint is None:
             endpoint = self._endpoints[server] = self._newEndpoint(server)
@@ -557,150 +466,88 @@ class UpstreamPool:
             endpoint = wrapClientTLS(self._tls.creatorFor(server.server), endpoint)
         return endpoint
 
-    def _serverForKey(self, host: bytes | str, port: int) -> Backend:
-        if isinstance(host, str):
-            host = host.encode("idna")
-        return self._byKey[(host.strip(b"[]"), port)]
-
-    def _keyFor(self, server: Backend) -> bytes:
-        """C{b"scheme://authority"} naming C{server} to the client."""
-        key = self._keys.get(server)
-        if key is None:
-            scheme = b"https" if self._tls is not None else b"http"
-            key = self._keys[server] = scheme + b"://" + self._uris[server]
-        return key
-
-    def _uriFor(self, server: Backend, path: bytes) -> bytes:
-        return self._keyFor(server) + path
-
     # Requests ------------------------------------------------------------
 
-    def request(
+    def send(
         self,
         method: bytes,
-        path: bytes,
-        headers: Headers,
-        body: IBodyProducer | None,
+        target: bytes,
+        fields: Fields,
+        body: BodyPipe | None,
+        receiver: UpstreamReceiver,
         hashKey: bytes | None = None,
-    ) -> Deferred[IResponse]:
+    ) -> Exchange:
         """
         Send a request to one of the backends, retrying on another when
         that is safe and within the budget.
 
         @param method: the request method.
-        @param path: the origin-form target (path and query) to send.
-        @param headers: the complete request header set (including C{Host}).
-        @param body: the body, or L{None} for none.  Only a L{BodyPipe} can
-            be replayed for a retry (any other producer is sent once).
-            When it offers C{whenFinished()}, the response timeout starts
-            when the body is complete; otherwise at once.
+        @param target: the origin-form target (path and query) to send.
+        @param fields: the request's fields: exactly one C{host}, no framing
+            fields (the body frames the request: C{Content-Length} from its
+            declared length, chunked when unknown).  With C{expect:
+            100-continue} the body waits for the backend (see
+            L{edgeproxy.upstream.protocol}).
+        @param body: the body, or L{None} for none; it can be replayed for
+            a retry while it is replayable.  The response timeout starts
+            once it was sent completely.
+        @param receiver: gets the interim responses, then the response (head
+            received) or a L{Failure} of a L{ProxyError} (the last
+            attempt's; L{ServiceUnavailable} when no backend is available,
+            the queue is full or the wait in it timed out); possibly before
+            this returns.
         @param hashKey: the key for C{balance = hash}; see
             L{edgeproxy.upstream.balance.requestHashKey}.
-        @return: fires with the response (head received) or fails with a
-            L{ProxyError} (the last attempt's; L{ServiceUnavailable} when no
-            backend is available, the queue is full or the wait in it timed
-            out).  Cancelling it aborts the upstream request or leaves the
-            queue.  Each attempt counts as in flight for the balancer until
-            its response body has been delivered completely or has failed
-            (or until the attempt failed or was cancelled).
+        @return: the request; its C{cancel()} abandons it (the upstream
+            request is aborted or the queue left), after which C{receiver}
+            hears nothing.  Each attempt counts as in flight for the
+            balancer until its response body has been delivered completely
+            or has failed (or until the attempt failed or was cancelled).
         """
-        outcome = _DeferredOutcome()
-        outcome.exchange = self.send(method, path, headers, body, outcome, hashKey)
-        return outcome.deferred
-
-    def send(
-        self,
-        method: bytes,
-        path: bytes,
-        headers: Headers,
-        body: IBodyProducer | None,
-        receiver: UpstreamReceiver,
-        hashKey: bytes | None = None,
-    ) -> Exchange:
-        """
-        L{request} without a Deferred: the outcome goes straight to
-        C{receiver} (possibly before this returns, when no backend is
-        available), which saves a Deferred, its callbacks and their
-        dispatch per request (about 1.3 us).
-
-        @return: the request; its C{cancel()} is what cancelling
-            L{request}'s Deferred does (after it, C{receiver} hears
-            nothing).
-        """
-        self._budget.requestStarted()
-        if (
-            isinstance(body, BodyPipe)
-            and self.upstream.retries
-            and method in IDEMPOTENT_METHODS
-        ):
+        self.budget.requestStarted()
+        if body is not None and self.upstream.retries and method in IDEMPOTENT_METHODS:
             body.keepForReplay(REPLAY_LIMIT)
-        exchange = Exchange(self, method, path, headers, body, hashKey, receiver)
+        exchange = Exchange(self, method, target, fields, body, hashKey, receiver)
         exchange.place()
         return exchange
 
-    def _released(self, server: Backend) -> None:
+    # What an Exchange asks of its pool (edgeproxy.upstream.exchange._Pool) ------
+
+    def dispatch(
+        self,
+        backend: Backend,
+        method: bytes,
+        target: bytes,
+        fields: Fields,
+        body: BodyProducer | None,
+        receiver: UpstreamReceiver,
+    ) -> Handle:
         """
-        A request to C{server} is no longer in flight (its attempt counted
-        it: L{edgeproxy.upstream.exchange}); the freed place goes to the
-        queue.
+        Count one more request in flight on C{backend} (until L{release})
+        and send it there.
         """
-        if server in self._byBackend:
-            self.balancer.released(server)
+        self.balancer.acquired(backend)
+        return self._client.send(backend, method, target, fields, body, receiver)
+
+    def release(self, backend: Backend) -> None:
+        """
+        A request to C{backend} is no longer in flight; the freed place goes
+        to the queue.
+        """
+        if backend in self._byBackend:
+            self.balancer.released(backend)
         else:
             self._orphaned -= 1
         if self._queue:
             self._drainQueue()
 
-    # Response deadlines ----------------------------------------------------
-
-    def _watchResponse(self, attempt: Any) -> None:
-        """
-        Time out C{attempt} at its C{deadline} unless its response head
-        comes first (L{_unwatchResponse}).
-
-        Every attempt of this pool has the same C{response_timeout}, so
-        deadlines come in the order attempts are watched: one ordered dict
-        and one timer, re-armed for the oldest deadline when it fires, do
-        the work of a C{callLater} created and cancelled per request.
-        """
-        self._watched[attempt] = None
-        if self._deadlineTimer is None:
-            self._deadlineTimer = self._reactor.callLater(
-                attempt.deadline - self._reactor.seconds(), self._deadlinesDue
-            )
-
-    def _unwatchResponse(self, attempt: Any) -> None:
-        self._watched.pop(attempt, None)
-
-    def _deadlinesDue(self) -> None:
-        # Attempts watched while this runs (retries of those timed out
-        # here) join the end of the line: the timer armed below for the
-        # oldest deadline left covers them, so none is armed meanwhile.
-        self._deadlineTimer = _SWEEPING
-        watched = self._watched
-        reactor = self._reactor
-        while watched:
-            attempt = next(iter(watched))
-            left = attempt.deadline - reactor.seconds()
-            # A millisecond early is on time: the reactor's own timers
-            # are no finer, and float rounding must not re-arm for 1e-16 s.
-            if left > 0.001:
-                self._deadlineTimer = reactor.callLater(left, self._deadlinesDue)
-                return
-            del watched[attempt]
-            try:
-                attempt.timeOut()
-            except Exception:
-                # The next deadlines must still be kept.
-                self.log.failure(
-                    "upstream {upstream}: timing out a request failed",
-                    upstream=self.upstream.name,
-                )
-        self._deadlineTimer = None
-
     # The queue (max_conns) -------------------------------------------------
 
-    def _enqueue(self, exchange: Exchange) -> None:
+    def enqueue(self, exchange: Exchange) -> None:
+        """
+        Queue C{exchange} until a backend is below C{max_conns} (or fail it
+        at once when the queue is full).
+        """
         upstream = self.upstream
         if len(self._queue) >= upstream.queue_size:
             self.log.warn(
@@ -716,7 +563,7 @@ class UpstreamPool:
             upstream.queue_timeout, self._queueTimedOut, exchange
         )
 
-    def _dequeue(self, exchange: Exchange) -> None:
+    def dequeue(self, exchange: Exchange) -> None:
         """Take C{exchange} out of the queue (served, timed out or cancelled)."""
         try:
             self._queue.remove(exchange)
@@ -728,7 +575,7 @@ class UpstreamPool:
 
     def _queueTimedOut(self, exchange: Exchange) -> None:
         exchange.queueTimer = None
-        self._dequeue(exchange)
+        self.dequeue(exchange)
         self.metrics.queueTimedOut(self.upstream.name)
         self.log.warn(
             "upstream {upstream}: no backend below max_conns within {timeout}s: 503",
@@ -755,10 +602,10 @@ class UpstreamPool:
                 self._drainAgain = False
                 while self._queue:
                     exchange = self._queue[0]
-                    choice = self._choose(exchange.hashKey, exchange.tried)
+                    choice = self.choose(exchange.hashKey, exchange.tried)
                     if choice is FULL:
                         break
-                    self._dequeue(exchange)
+                    self.dequeue(exchange)
                     exchange.placed(choice)  # type: ignore[arg-type]
                 if not self._drainAgain:
                     break

@@ -5,7 +5,8 @@ tests.integration.test_client_sockets}) that prints what it saw as JSON.
 
 The in-memory tests (C{tests/test_client.py}) cannot reach the path that
 sends a request head straight to the socket (it only applies to a real
-C{tcp.Client}), nor the kernel's partial writes; these requests do.
+C{tcp.Client}), nor the kernel's partial writes; these requests do, sent
+with C{send} and a receiver as the pool sends them.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ def _run() -> None:  # pragma: no cover - runs in the child process
     from twisted.internet.endpoints import HostnameEndpoint
     from twisted.internet.protocol import Protocol
     from twisted.web.client import FileBodyProducer
-    from twisted.web.http_headers import Headers
     from twisted.web.resource import Resource
     from twisted.web.server import Site
     from io import BytesIO
 
+    from edgeproxy.config.model import Server
+    from edgeproxy.h1 import Fields
+    from edgeproxy.upstream.backend import Backend
     from edgeproxy.upstream.client import UpstreamClient
 
     connections: list[int] = [0]
@@ -59,11 +62,26 @@ def _run() -> None:  # pragma: no cover - runs in the child process
     port = reactor.listenTCP(0, CountingSite(Origin()), interface="127.0.0.1")
     origin = port.getHost().port
 
+    backend = Backend(Server("127.0.0.1", origin), "127.0.0.1", origin)
+
     class Endpoints:
-        def endpointForURI(self, uri: Any) -> Any:
-            return HostnameEndpoint(reactor, uri.host, uri.port, timeout=5)
+        def endpointFor(self, backend: Backend) -> Any:
+            return HostnameEndpoint(reactor, backend.host, backend.port, timeout=5)
 
     client = UpstreamClient(reactor, Endpoints(), maxPersistentPerHost=4, cachedConnectionTimeout=30)
+
+    class Receiver:
+        def __init__(self) -> None:
+            self.done: Deferred[Any] = Deferred()
+
+        def upstreamInterim(self, status: int, reason: bytes, fields: Fields) -> None:
+            pass
+
+        def upstreamResponded(self, response: Any) -> None:
+            self.done.callback(response)
+
+        def upstreamFailed(self, failure: Any) -> None:
+            self.done.errback(failure)
 
     class Collect(Protocol):
         def __init__(self) -> None:
@@ -78,12 +96,13 @@ def _run() -> None:  # pragma: no cover - runs in the child process
 
     @inlineCallbacks
     def fetch(method: bytes, path: bytes, body: Any = None) -> Any:
-        headers = Headers({b"Host": [b"origin.test"]})
-        response = yield client.request(method, b"http://127.0.0.1:%d%s" % (origin, path), headers, body)
+        receiver = Receiver()
+        client.send(backend, method, path, Fields([(b"host", b"origin.test")]), body, receiver)
+        response = yield receiver.done
         collect = Collect()
         response.deliverBody(collect)
         data = yield collect.done
-        return response.code, data
+        return response.status, data
 
     @inlineCallbacks
     def main() -> Any:

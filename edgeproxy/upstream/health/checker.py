@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Upstream
+from edgeproxy.h1 import RemoteProtocolError, parseResponseHead, splitResponseHead
 from edgeproxy.upstream.backend import Backend, CheckResult
 from edgeproxy.upstream.health.rules import (
     ADMIN_STATES,
@@ -162,37 +163,33 @@ class _HeadReader(_Protocol):
         self.transport.write(self._request)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
+        # The head is read as every response is (edgeproxy.h1): a check
+        # passes or fails on what traffic would see.
         if self.status.called:
             return
         self._buffer += data
-        lineEnd = self._buffer.find(b"\n")
-        if lineEnd >= 0:
-            line = self._buffer[:lineEnd].rstrip(b"\r")
-            status = self._statusCode(line)
-            if status is None:
-                return self._fail(BadResponse(f"not an HTTP response: {line[:60]!r}"))
-            # RFC 9112 §2.2: a recipient may take a bare LF as a line end.
-            if b"\n\r\n" in self._buffer or b"\n\n" in self._buffer:
-                self.transport.loseConnection()  # type: ignore[union-attr]
-                self.status.callback(status)
-                return
-        if len(self._buffer) > MAX_HEAD:
-            self._fail(BadResponse(f"response head larger than {MAX_HEAD} bytes"))
-
-    @staticmethod
-    def _statusCode(line: bytes) -> int | None:
-        # RFC 9112 §4: HTTP-version SP 3DIGIT SP [reason-phrase]
-        version, _, rest = line.partition(b" ")
-        code = rest[:3]
-        if (
-            len(version) == 8
-            and version.startswith(b"HTTP/1.")
-            and code.isdigit()
-            and len(code) == 3
-            and rest[3:4] in (b"", b" ")
-        ):
-            return int(code)
-        return None
+        buffer = self._buffer
+        try:
+            found = splitResponseHead(buffer, MAX_HEAD)
+        except RemoteProtocolError:
+            return self._fail(BadResponse(f"response head larger than {MAX_HEAD} bytes"))
+        lineEnd = buffer.find(b"\n")
+        if lineEnd < 0:
+            return
+        line = buffer[:lineEnd].rstrip(b"\r")
+        try:
+            # What is not HTTP is refused from its first line on.
+            parseResponseHead(line)
+        except RemoteProtocolError:
+            return self._fail(BadResponse(f"not an HTTP response: {line[:60]!r}"))
+        if found is None:
+            return
+        try:
+            status = parseResponseHead(found[0]).status
+        except RemoteProtocolError as error:
+            return self._fail(BadResponse(f"invalid response head: {error}"))
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.status.callback(status)
 
     def _fail(self, error: Exception) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]

@@ -1,0 +1,618 @@
+# -*- test-case-name: tests.test_client -*-
+"""
+L{UpstreamConnection}: one HTTP/1.1 connection to a backend, one request at
+a time, and everything about that request on the wire.
+
+Sending: the head in one write (L{edgeproxy.h1.writeRequestHead}), then the
+body from its producer, registered with the transport as a streaming
+producer; a producer writing more or fewer bytes than it declared fails the
+request.  A request with C{Expect: 100-continue} and a body waits for the
+backend before its body (RFC 9110 10.1.1): an interim response lets the body
+go, a final one means the body is not sent (and the connection is not
+reused, its framing being unknown), and after L{EXPECT_TIMEOUT} seconds of
+silence the body is sent anyway.
+
+Receiving: heads are found and read by L{edgeproxy.h1} (one policy for
+every response; a head it refuses fails the request); interim (1xx)
+responses other than C{101} are passed on as they come (RFC 9110 15.2: a
+proxy forwards them); the body is framed by L{edgeproxy.h1.bodyFraming} and
+read with h1's readers (no body for C{HEAD}, C{204}, C{304}; strict
+chunked; the end of the connection for a body with neither length nor
+coding).  Reading pauses while the body has no reader and whenever that
+reader pauses it.
+
+Failures are Twisted's client classes, so that
+L{edgeproxy.upstream.failures} reads them the same way whatever failed
+(and L{RequestNotSent} when the connection was gone before the request):
+C{RequestGenerationFailed} (the body producer failed, or the request was
+cancelled while its body was being sent), C{RequestTransmissionFailed}
+(lost while sending the body), C{ResponseNeverReceived} (no byte of a
+response), C{ResponseFailed} (part of a head, a head h1 refuses inside it as
+an L{edgeproxy.h1.RemoteProtocolError}, or a body cut short).
+
+A response that arrives while the request body is still being sent is
+handed over once it is complete (the body is then abandoned and the
+connection closed) or once the body is sent, never while the request is
+still being written to the same connection.
+
+Reuse: the connection goes back to its L{ConnectionOwner} once the
+response was read completely and the request completely sent, unless the
+response's head did not allow it (L{edgeproxy.h1.ResponseHead.persistent}),
+its body was delimited by the close, or unexpected bytes followed it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Protocol as _Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from edgeproxy.h1 import (
+    CHUNKED,
+    CLOSE_DELIMITED,
+    NO_BODY,
+    BodyReader,
+    ChunkedReader,
+    CloseReader,
+    Fields,
+    LengthReader,
+    LocalProtocolError,
+    RemoteProtocolError,
+    ResponseHead,
+    bodyFraming,
+    parseResponseHead,
+    splitResponseHead,
+    writeRequestHead,
+)
+from edgeproxy.upstream.backend import Backend
+from edgeproxy.upstream.response import BODY_DONE, UpstreamReceiver, UpstreamResponse
+from edgeproxy.upstream.sending import (
+    BodyProducer,
+    ChunkedConsumer,
+    LengthConsumer,
+    bodyLength,
+    writeNow,
+)
+
+__all__ = ["EXPECT_TIMEOUT", "MAX_HEAD", "ConnectionOwner", "RequestNotSent", "UpstreamConnection"]
+
+log = Logger()
+
+MAX_HEAD = 64 * 1024
+"""A response head longer than this is refused."""
+
+EXPECT_TIMEOUT = 1.0
+"""Seconds a request with C{Expect: 100-continue} waits for the backend's
+interim (or final) response before its body is sent anyway (RFC 9110
+10.1.1: a client that does not wait indefinitely).  Short: the wait is on
+the client's time, and a backend that ignores C{Expect} costs every such
+request this much."""
+
+_CLOSED = Failure(ConnectionDone("connection closed"))
+
+class RequestNotSent(Exception):
+    """
+    The connection was gone (or busy) before the request could be written
+    on it: nothing of the request reached the backend.
+    """
+
+
+# States of a connection.
+_IDLE = "IDLE"
+_SENDING = "SENDING"  # the head is sent, the body is not (yet) completely
+_WAITING = "WAITING"  # the request is sent: waiting for (the rest of) the response
+_DONE = "DONE"  # closing, never used again
+_FAILED = "FAILED"  # the request failed; closing
+
+
+class ConnectionOwner(Protocol):
+    """What a connection tells the client that made it."""
+
+    def connectionIdle(self, connection: UpstreamConnection) -> None:
+        """C{connection} is done with its request and may serve another."""
+
+    def connectionGone(self, connection: UpstreamConnection) -> None:
+        """C{connection} is lost."""
+
+
+def _expectsContinue(fields: Fields) -> bool:
+    expect = fields.raw().get(b"expect")
+    # RFC 9110 10.1.1: 100-continue is the only expectation defined
+    # (case-insensitive).
+    return expect is not None and any(
+        value.strip(b" \t").lower() == b"100-continue" for value in expect
+    )
+
+
+class UpstreamConnection(_Protocol):
+    """
+    One HTTP/1.1 connection to a backend, one request at a time.
+
+    @ivar backend: the backend it is connected to (its owner's key).
+    @ivar lost: the connection is gone.
+    @ivar idleSince: for the owner: when it last became idle.
+    @ivar idleTimer: for the owner: its idle timeout, if armed.
+    @ivar closeWaiters: for the owner: fired once the connection is lost.
+    """
+
+    def __init__(self, owner: ConnectionOwner, backend: Backend, clock: IReactorTime) -> None:
+        self._owner = owner
+        self.backend = backend
+        self._address = backend.address
+        self._clock = clock
+        self._state = _IDLE
+        # Per request:
+        self._receiver: UpstreamReceiver | None = None
+        self._method = b""
+        self._buffer = b""
+        self._received = False
+        self._response: UpstreamResponse | None = None
+        self._reader: BodyReader | None = None
+        self._reusable = True
+        self._producer: BodyProducer | None = None
+        self._sending = False
+        self._expecting = False
+        self._expectTimer: IDelayedCall | None = None
+        self._heldResponse: UpstreamResponse | None = None
+        self._readPaused = False
+        self._bodyPaused = False
+        # The owner's bookkeeping:
+        self.idleSince = 0.0
+        self.idleTimer: Any = None
+        self.closeWaiters: list[Deferred[None]] = []
+        self.lost = False
+
+    @property
+    def idle(self) -> bool:
+        """Whether the connection can take a request now."""
+        return self._state is _IDLE and not self.lost
+
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+
+    def close(self) -> None:
+        """Close the connection (idle, or given up on); it is never used again."""
+        self._state = _DONE
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    # Sending -------------------------------------------------------------------
+
+    def send(
+        self,
+        method: bytes,
+        target: bytes,
+        fields: Fields,
+        body: BodyProducer | None,
+        persistent: bool,
+        receiver: UpstreamReceiver,
+    ) -> None:
+        """
+        Send one request; its outcome goes to C{receiver} (possibly before
+        this returns, for a request that cannot be sent); L{abandon}
+        cancels it.
+
+        @param fields: the request's fields, with exactly one C{host} and no
+            framing fields (the framing comes from C{body}).
+        @param persistent: whether the connection may be kept after this
+            request (C{Connection: close} is sent when not).
+        """
+        if self._state is not _IDLE or self.lost:
+            receiver.upstreamFailed(Failure(RequestNotSent()))
+            return
+        length = bodyLength(body)
+        try:
+            head = writeRequestHead(method, target, fields, length, persistent)
+        except LocalProtocolError:
+            self._state = _FAILED
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            receiver.upstreamFailed(Failure(RequestGenerationFailed([Failure()])))
+            return
+        self._method = method
+        self._buffer = b""
+        self._received = False
+        self._response = None
+        self._reader = None
+        self._reusable = persistent
+        self._heldResponse = None
+        self._receiver = receiver
+        writeNow(self.transport, head)
+        if body is None:
+            self._state = _WAITING
+            return
+        self._state = _SENDING
+        if length != 0 and _expectsContinue(fields):
+            # Held until the backend answers or EXPECT_TIMEOUT passes (a
+            # timer only for these rare requests).
+            self._expecting = True
+            self._producer = body
+            self._expectTimer = self._clock.callLater(EXPECT_TIMEOUT, self._continue)
+            return
+        self._startBody(body)
+
+    def _startBody(self, body: BodyProducer) -> None:
+        transport = self.transport
+        self._sending = True
+        self._producer = body
+        consumer: Any
+        if body.length is UNKNOWN_LENGTH:
+            consumer = ChunkedConsumer(transport, body)
+        else:
+            consumer = LengthConsumer(transport, body)
+        transport.registerProducer(body, True)  # type: ignore[union-attr]
+        try:
+            producing = body.startProducing(consumer)
+        except Exception:
+            producing = fail()
+        producing.addCallbacks(
+            self._bodySent, self._bodyFailed, callbackArgs=(consumer,), errbackArgs=(consumer,)
+        )
+
+    def _continue(self) -> None:
+        """The wait of C{Expect: 100-continue} is over: send the body."""
+        self._expectTimer = None
+        if self._expecting:
+            self._expecting = False
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                self._startBody(producer)
+
+    def _stopExpecting(self) -> None:
+        """The held body will not be sent on this connection."""
+        self._expecting = False
+        timer, self._expectTimer = self._expectTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.stopProducing()
+            except Exception:
+                log.failure("stopping a request body producer failed")
+
+    def _bodySent(self, _: object, consumer: Any) -> None:
+        if not self._sending:
+            return
+        try:
+            consumer.finish()
+        except Exception:
+            self._bodyFailed(Failure(), consumer)
+            return
+        self._sending = False
+        self._producer = None
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        if self._state is _SENDING:
+            self._state = _WAITING
+        held, self._heldResponse = self._heldResponse, None
+        if held is not None:
+            self._fire(held)
+
+    def _bodyFailed(self, reason: Failure, consumer: Any) -> None:
+        if not self._sending:
+            return
+        consumer.stop()
+        self._sending = False
+        self._producer = None
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self._reusable = False
+        if self._state is _SENDING:
+            self._state = _FAILED
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            self._failRequest(Failure(RequestGenerationFailed([reason])))
+        else:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def abandon(self, receiver: UpstreamReceiver) -> None:
+        """
+        The caller of the request whose outcome goes to C{receiver} gave up
+        before the response head: abort the connection and fail the request
+        with a C{CancelledError} inside Twisted's class for how far it got.
+        Nothing happens when C{receiver}'s request is over (this connection
+        may be serving another one by now).
+        """
+        if receiver is not self._receiver:
+            return
+        self._reusable = False
+        self._state = _FAILED
+        if self._sending:
+            self._stopSending()
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            self._failRequest(Failure(RequestGenerationFailed([Failure(CancelledError())])))
+            return
+        if self._expecting:
+            self._stopExpecting()
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        cls = ResponseFailed if self._received else ResponseNeverReceived
+        self._failRequest(Failure(cls([Failure(CancelledError())])))
+
+    def _stopSending(self) -> None:
+        producer, self._producer = self._producer, None
+        self._sending = False
+        if producer is not None:
+            try:
+                producer.stopProducing()
+            except Exception:
+                log.failure("stopping a request body producer failed")
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def _failRequest(self, failure: Failure) -> None:
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:
+            try:
+                receiver.upstreamFailed(failure)
+            except Exception:
+                # Not this connection's problem: logged, as a Deferred
+                # callback's error would be.
+                log.failure("handling a failed upstream request failed")
+
+    # Receiving -------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        reader = self._reader
+        if reader is not None:
+            try:
+                piece = reader.feed(data)
+            except RemoteProtocolError:
+                self._bodyError(Failure())
+                return
+            if piece:
+                self._response.bodyReceived(piece)  # type: ignore[union-attr]
+            if reader.done:
+                self._bodyComplete(reader.rest)
+            return
+        if self._state is not _SENDING and self._state is not _WAITING:
+            # Bytes nobody asked for (idle in the pool, or after a
+            # response): the connection's framing is lost.
+            self._reusable = False
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._received = True
+        buffer = self._buffer + data if self._buffer else data
+        receiver = self._receiver
+        while True:
+            try:
+                found = splitResponseHead(buffer, MAX_HEAD)
+                if found is None:
+                    self._buffer = buffer
+                    return
+                head, end = found
+                parsed = parseResponseHead(head)
+            except RemoteProtocolError:
+                self._headError(Failure())
+                return
+            buffer = buffer[end:]
+            if parsed.status >= 200:
+                self._buffer = b""
+                self._headReceived(parsed, buffer)
+                return
+            self._interim(parsed)
+            if self._receiver is not receiver or self._state is _FAILED or self.lost:
+                # Cancelled by the interim's receiver, or the body it let
+                # go failed at once.
+                return
+            if not buffer:
+                self._buffer = b""
+                return
+
+    def _interim(self, head: ResponseHead) -> None:
+        if head.status == 101:
+            # A switch nobody asked for (tunnels do not come here): ignored,
+            # as RFC 9110 15.2 allows for an unexpected 1xx.
+            return
+        receiver = self._receiver
+        if receiver is not None:
+            try:
+                receiver.upstreamInterim(head.status, head.reason, head.fields)
+            except Exception:
+                log.failure("handing an interim upstream response over failed")
+        if self._expecting and self._receiver is receiver:
+            # RFC 9110 10.1.1: the backend is ready for the body.
+            timer, self._expectTimer = self._expectTimer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._continue()
+
+    def _headError(self, failure: Failure) -> None:
+        self._reusable = False
+        if self._sending:
+            self._stopSending()
+        elif self._expecting:
+            self._stopExpecting()
+        self._state = _FAILED
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        self._failRequest(Failure(ResponseFailed([failure])))
+
+    def _headReceived(self, head: ResponseHead, rest: bytes) -> None:
+        if not head.persistent:
+            self._reusable = False
+        if self._expecting:
+            # RFC 9110 10.1.1: a final answer instead of 100 Continue; the
+            # body is not sent, so the framing the head announced is never
+            # completed: the connection cannot carry another request.
+            self._stopExpecting()
+            self._reusable = False
+            self._state = _WAITING
+        framing = bodyFraming(head, self._method)
+        response = UpstreamResponse(
+            head.status, head.reason, head.fields, head.length, self._address, self
+        )
+        self._response = response
+        # Like Twisted's client, stop reading until the body has a reader
+        # (deliverBody resumes).  Besides bounding what is buffered, this
+        # takes the backend off the poller and back on after the client's
+        # response head was queued, so a backend closing right after its
+        # head is seen after that head went out (a reset client connection
+        # would hide the head).  A body already complete in the bytes at
+        # hand is not paused for: the connection is released before the
+        # response is handed over, so the pause would only cost two
+        # epoll_ctl calls.
+        if framing == NO_BODY or framing == 0:
+            self._bodyComplete(rest)
+        elif framing > 0 and len(rest) >= framing:
+            # The whole body came with its head (most small responses).
+            response.bodyReceived(rest[:framing])
+            self._bodyComplete(rest[framing:])
+        else:
+            reader: BodyReader
+            if framing == CHUNKED:
+                reader = ChunkedReader()
+            elif framing == CLOSE_DELIMITED:
+                # RFC 9112 6.3 item 8: the body ends with the connection.
+                reader = CloseReader()
+                self._reusable = False
+            else:
+                reader = LengthReader(framing)
+            self._reader = reader
+            if rest:
+                try:
+                    piece = reader.feed(rest)
+                except RemoteProtocolError:
+                    self._pauseRead()
+                    self._bodyError(Failure())
+                    return
+                if piece:
+                    response.bodyReceived(piece)
+                if reader.done:
+                    self._bodyComplete(reader.rest)
+            if self._reader is not None:
+                self._pauseRead()
+        if self._receiver is None:
+            return
+        if self._sending:
+            # The backend answered before the request body was sent: hand
+            # the response over once it is complete or the body is sent.
+            self._heldResponse = response
+            if not response.delivered and self._response is response:
+                self._pauseRead()
+            return
+        self._fire(response)
+
+    def _fire(self, response: UpstreamResponse) -> None:
+        receiver, self._receiver = self._receiver, None
+        if receiver is None:
+            return
+        try:
+            receiver.upstreamResponded(response)
+        except Exception:
+            log.failure("handing an upstream response over failed")
+
+    # The response body's flow (BodySource) -----------------------------------------
+
+    def bodyDelivering(self) -> None:
+        if self._readPaused and not self._bodyPaused:
+            self._readPaused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def pauseBody(self) -> None:
+        self._bodyPaused = True
+        self._pauseRead()
+
+    def resumeBody(self) -> None:
+        self._bodyPaused = False
+        if self._readPaused and (self._response is None or self._response.delivered):
+            self._readPaused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def stopBody(self) -> None:
+        self._reusable = False
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _pauseRead(self) -> None:
+        if not self._readPaused:
+            self._readPaused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def _bodyComplete(self, rest: bytes) -> None:
+        self._reader = None
+        if rest:
+            # Bytes after a complete response: the backend's framing is not
+            # what it said; never reuse this connection.
+            self._reusable = False
+        response, self._response = self._response, None
+        if self._sending:
+            # Complete response while the request body is still being
+            # sent: hand it over now, stop sending, and close the
+            # connection (what the backend does with the rest of the body
+            # is unknown).
+            self._stopSending()
+            self._reusable = False
+            self.close()
+            held, self._heldResponse = self._heldResponse, None
+            if held is not None:
+                self._fire(held)
+        else:
+            self._afterResponse()
+        if response is not None:
+            response.bodyEnded(BODY_DONE)
+
+    def _afterResponse(self) -> None:
+        self._state = _IDLE
+        if self._readPaused:
+            self._readPaused = False
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._bodyPaused = False
+        if self._reusable and not self.lost:
+            self._owner.connectionIdle(self)
+        else:
+            self.close()
+
+    def _bodyError(self, failure: Failure) -> None:
+        self._reader = None
+        self._reusable = False
+        self._state = _FAILED
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        response, self._response = self._response, None
+        held, self._heldResponse = self._heldResponse, None
+        if self._sending:
+            self._stopSending()
+        if self._receiver is not None:
+            # Still held (request body in progress): the caller gets the
+            # failure instead of a broken response.
+            self._failRequest(Failure(ResponseFailed([failure], response)))
+            return
+        if response is not None and held is not response:
+            response.bodyEnded(Failure(ResponseFailed([failure], response)))
+
+    def connectionLost(self, reason: Failure = _CLOSED) -> None:
+        self.lost = True
+        self._owner.connectionGone(self)
+        response, self._response = self._response, None
+        reader, self._reader = self._reader, None
+        held, self._heldResponse = self._heldResponse, None
+        sending = self._sending
+        if sending:
+            self._stopSending()
+        elif self._expecting:
+            self._stopExpecting()
+        if self._receiver is not None:
+            if sending:
+                self._failRequest(Failure(RequestTransmissionFailed([reason])))
+            else:
+                cls = ResponseFailed if self._received else ResponseNeverReceived
+                self._failRequest(Failure(cls([reason])))
+            return
+        if response is None or held is response:
+            return
+        if reader is not None:
+            try:
+                reader.eof()
+            except RemoteProtocolError:
+                response.bodyEnded(Failure(ResponseFailed([reason, Failure()], response)))
+                return
+            # RFC 9112 6.3 item 8: the close is the end of such a body.
+            response.bodyEnded(Failure(PotentialDataLoss()))
+            return
+        response.bodyEnded(Failure(ResponseFailed([reason], response)))
