@@ -22,6 +22,9 @@ a backend saw.  The path picks the behaviour:
   - C{/headers}: a response carrying Server, X-Powered-By, hop-by-hop
     fields and a Connection-named field, for response filtering tests;
   - anything else: 200 C{ok}.
+A request with C{Expect: 100-continue} gets C{100 Continue} when its target
+ends in C{?continue}, C{417} (and a close) without its body read when it
+ends in C{?refuse}, and no interim answer otherwise.
 C{HEAD} is answered with the GET headers and no body.
 
 Run C{python -m tests.backends DIR} to start the harness: backends (plain,
@@ -142,6 +145,21 @@ class OriginProtocol(Protocol):
                 self.firstBodyAt: float | None = None
                 self.rawChunked = False
                 lowered = {n.lower(): v for n, v in self.headers}
+                if lowered.get("expect", "").lower() == "100-continue":
+                    # ?continue: answer the expectation as a server should;
+                    # ?refuse: refuse the body with a final status at once;
+                    # otherwise say nothing (as HTTP/1.0 servers do).
+                    if self.target.endswith("?continue"):
+                        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    elif self.target.endswith("?refuse"):
+                        self.recorder.record(
+                            event="refused", backend=self.name, target=self.target,
+                            headers=self.headers,
+                        )
+                        self.state = "responding"
+                        self._send("417 Expectation Failed", [("Content-Length", "0"), ("Connection", "close")])
+                        self.transport.loseConnection()
+                        return
                 if lowered.get("transfer-encoding", "").lower() == "chunked":
                     self.rawChunked = True
                     self.state = "chunk-size"

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from edgeproxy.config.model import Limits, Listener
 from edgeproxy.errors import BackendUnavailable, ServiceUnavailable
 from edgeproxy.http.errorpages import errorBody
+from edgeproxy.http.server import DISCARD_LIMIT
 from tests.memorypool import MemoryPool, MemoryResponse, ProxyClient as Client
 
 
@@ -127,10 +128,32 @@ def test_upstreamFailureIsGeneric502() -> None:
 
 
 def test_upstreamFailureDuringUploadAnsweredAtOnce() -> None:
+    """
+    The client does not have to upload everything to learn the backend is
+    down: the 502 goes at once; the rest of its body is read and dropped,
+    and the connection serves its next request.
+    """
     client = Client()
     client.send(b"POST /x HTTP/1.1\r\nHost: app.example\r\nContent-Length: 1000\r\n\r\nabc")
     client.sent[0].fail(BackendUnavailable("refused"))
     assert client.wire().startswith(b"HTTP/1.1 502 ")
+    assert not client.transport.disconnecting
+    client.send(b"x" * 997 + b"GET /next HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    assert [call.target for call in client.sent] == [b"/x", b"/next"]
+    assert not client.transport.disconnecting
+
+
+def test_bodyDroppedAfterTheAnswerIsBounded() -> None:
+    """Past DISCARD_LIMIT dropped bytes the connection closes instead."""
+    client = Client()
+    client.send(b"POST /x HTTP/1.1\r\nHost: app.example\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.sent[0].fail(BackendUnavailable("refused"))
+    assert client.wire().startswith(b"HTTP/1.1 502 ")
+    chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
+    for _ in range(DISCARD_LIMIT // (64 * 1024)):
+        client.send(chunk)
+    assert not client.transport.disconnecting
+    client.send(chunk)
     assert client.transport.disconnecting
 
 
@@ -180,26 +203,28 @@ def test_truncatedResponseAbortsClient() -> None:
     assert client.transport.disconnecting
 
 
-def test_completeResponseBeforeBodyIsSentAtOnceAndCloses() -> None:
+def test_completeResponseBeforeBodyIsSentAtOnce() -> None:
     """
     A complete response that comes while the request body is still arriving
-    is sent at once, with Connection: close (the rest of the body is never
-    read: RFC 9112 9.6), and the backend request no longer waits for the
-    body.  (The HTTPChannel path held it until the body was complete and
-    kept the connection.)
+    is sent at once, and the backend request no longer waits for the body;
+    the rest of the body is read and dropped (no unread byte for the kernel
+    to reset the connection over, RFC 9112 9.6), and the connection goes
+    on.  (The HTTPChannel path held the response until the body was
+    complete.)
     """
     client = Client()
     client.send(b"POST /x HTTP/1.1\r\nHost: app.example\r\nContent-Length: 6\r\n\r\nabc")
     call = client.sent[0]
-    call.startBody()
+    consumer = call.startBody()
     call.respond(MemoryResponse(401, [], b"no", length=2))
     wire = client.wire()
     assert wire.startswith(b"HTTP/1.1 401 ")
-    assert b"Connection: close" in wire
+    assert b"Connection: close" not in wire
     assert wire.endswith(b"no")
     client.send(b"def")
     assert client.wire() == wire
-    assert client.transport.disconnecting
+    assert call.consumer.value() == b"abc"
+    assert not client.transport.disconnecting
 
 
 def test_stripPrefix() -> None:

@@ -560,24 +560,26 @@ def test_earlyHintsPassedOn() -> None:
     assert old.received() == b""
 
 
-def test_earlyAnswerWhileTheBodyArrivesCloses() -> None:
+def test_earlyAnswerWhileTheBodyArrivesDropsTheRest() -> None:
     """
-    An answer decided while the body is still arriving is sent at once,
-    with Connection: close, and the rest of the body is never read as a
-    request.
+    An answer decided while the body is still arriving is sent at once; the
+    rest of the body is read and dropped, never read as a request, and the
+    connection serves the request after it.
     """
     connection = Connection()
     connection.stage.hold = True
-    connection.send(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 40\r\n\r\nGET /smug")
+    smuggled = b"GET /smuggled HTTP/1.1\r\n" + H + b"\r\n"
+    connection.send(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: %d\r\n\r\nGET /smug" % len(smuggled))
     [call] = connection.stage.held
     call.respond(Response(403, b"Forbidden", Fields(), 0, None))
-    connection.send(b"gled HTTP/1.1\r\n" + H + b"\r\n")
     received = connection.received()
     assert received.startswith(b"HTTP/1.1 403 Forbidden\r\n")
-    assert b"Connection: close" in received
-    assert received.count(b"HTTP/1.1 ") == 1
-    assert connection.transport.disconnecting
-    assert len(connection.stage.seen) == 1
+    assert b"Connection: close" not in received
+    connection.stage.hold = False
+    connection.send(b"gled HTTP/1.1\r\n" + H + b"\r\n" + b"GET /next HTTP/1.1\r\n" + H + b"\r\n")
+    assert [request.target for request in connection.stage.seen] == [b"/", b"/next"]
+    assert connection.received().count(b"HTTP/1.1 ") == 2
+    assert not connection.transport.disconnecting
 
 
 def test_declaredBodyOverTheLimitNeverReachesTheStages() -> None:
@@ -1088,9 +1090,10 @@ def test_answerBeforeTheStagesReadAWholeBodyKeepsTheConnection() -> None:
     """
     A body that came whole with its head is read before the stages run:
     an answer at once (here a 404 on a POST) finds the request complete,
-    and the connection serves the next request.  With the body still
-    arriving the answer closes the connection (see
-    test_earlyAnswerWhileTheBodyArrivesCloses).
+    and the connection serves the next request.  A body still arriving is
+    read and dropped after the answer (see
+    test_earlyAnswerWhileTheBodyArrivesDropsTheRest), and the connection
+    goes on once it is complete.
     """
     connection = Connection()
     object.__setattr__(connection.factory.currentRuntime(), "router", Router(()))
@@ -1105,7 +1108,9 @@ def test_answerBeforeTheStagesReadAWholeBodyKeepsTheConnection() -> None:
     assert connection.transport.producerState == "producing"
     connection.send(b"POST /z HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nab")
     assert connection.received().count(b"HTTP/1.1 404 ") == 3
-    assert connection.transport.disconnecting
+    assert not connection.transport.disconnecting
+    connection.send(b"c" + b"GET /w HTTP/1.1\r\n" + H + b"\r\n")
+    assert connection.received().count(b"HTTP/1.1 404 ") == 4
 
 
 def test_noInterimAfterTheFinalAnswer() -> None:

@@ -12,9 +12,10 @@ length when known, else chunked (HTTP/1.1) or the end of the connection
 (HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.  C{Date} is added when
 the response has none; nothing identifies the software.  Interim responses
 (1xx) are passed on to HTTP/1.1 clients (RFC 9110 15.2), C{100 Continue}
-only to a client that asked for it.  An answer that comes while the request
-body is still arriving is sent at once, and the connection is closed after
-it: the rest of the body is never read (RFC 9112 9.6).
+only to a client that asked for it, and once.  An answer that comes while
+the request body is still arriving is sent at once; the rest of the body is
+then read and dropped (up to L{edgeproxy.http.server.DISCARD_LIMIT} bytes,
+else the connection closes), and the connection goes on.
 
 A mixin with no state of its own: its attributes are the connection's slots.
 """
@@ -94,6 +95,7 @@ class Answering:
     _streaming: Any
     _registered: bool
     _answered: bool
+    _continued: bool
 
     def respond(self, call: Call, response: Response) -> None:
         if call is not self._call or self._pendingHead is not None or self._answered:
@@ -119,9 +121,13 @@ class Answering:
                 # HTTP/1.0: the close ends the body (RFC 9112 6.3 item 8).
                 self._persistent = False
         if self._reader is not None:
-            # Answered before the whole body arrived: the rest is never
-            # read, so the connection ends with this response.
-            self._persistent = False
+            # Answered before the whole body arrived: the rest is read and
+            # dropped (up to DISCARD_LIMIT), so that the next request is
+            # where the client puts it and no unread byte makes the kernel
+            # reset the connection under the answer (RFC 9112 9.6).
+            pipe = self._pipe
+            if pipe is not None:
+                pipe.stopProducing()
         fields = response.fields
         self._noBody = noBody
         self._chunked = chunked
@@ -178,9 +184,14 @@ class Answering:
             or self._pendingHead is not None
             or request.version != b"HTTP/1.1"
             or status == 101
-            or (status == 100 and not request.fields.get(b"expect"))
         ):
             return
+        if status == 100:
+            # Only to a client that asked for it, and once (the proxy's own
+            # when the backend kept silent, or the backend's).
+            if self._continued or not request.fields.get(b"expect"):
+                return
+            self._continued = True
         self._write(h1.writeResponseHead(b"HTTP/1.1", status, reason, fields, None))
 
     def bodyStarted(self, call: Call, producer: Any) -> None:

@@ -58,9 +58,14 @@ from edgeproxy.http.errorpages import rejection
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.values import ConnectionInfo
 
-__all__ = ["ABORT_TIMEOUT", "HTTP1Connection"]
+__all__ = ["ABORT_TIMEOUT", "DISCARD_LIMIT", "HTTP1Connection"]
 
 log = Logger()
+
+DISCARD_LIMIT = 1024 * 1024
+"""Bytes of a request body read and dropped after its request was answered
+(so that the connection can carry the next one); past this the connection
+closes instead."""
 
 ABORT_TIMEOUT = 15.0
 """Seconds a connection told to close gets to flush before it is aborted
@@ -81,7 +86,7 @@ class HTTP1Connection(Answering):
         "_parsing", "_pendingHead", "_chunked", "_noBody", "_streaming",
         "_readPaused", "_bodyPaused", "_abortCall", "_upgraded", "_maxBody",
         "_handshakeDone", "_traffic", "_started", "_answered", "_registered",
-        "_served", "_awaitingHead", "__weakref__",
+        "_served", "_awaitingHead", "_continued", "_discarded", "__weakref__",
     )
 
     def __init__(self, factory: Any) -> None:
@@ -115,6 +120,8 @@ class HTTP1Connection(Answering):
         self._registered = False
         self._served = False
         self._awaitingHead = True
+        self._continued = False
+        self._discarded = 0
 
     # IProtocol -----------------------------------------------------------------
 
@@ -357,16 +364,29 @@ class HTTP1Connection(Answering):
                 self._endCall(call, Failure(BadRequest(str(error))))
             return
         pipe = self._pipe
-        if piece and pipe is not None:
-            pipe.write(piece)
-            if self._maxBody and pipe.received > self._maxBody and not self._answered:
-                self._bodyTooLarge()
-                return
+        if piece:
+            if pipe is not None:
+                pipe.write(piece)
+                if self._maxBody and pipe.received > self._maxBody and not self._answered:
+                    self._bodyTooLarge()
+                    return
+            if self._answered:
+                # Answered already: read and dropped, within a bound.
+                self._discarded += len(piece)
+                if self._discarded > DISCARD_LIMIT:
+                    self._reader = None
+                    self._persistent = False
+                    if self._call is None:
+                        self._loseConnection()
+                    return
         if reader.done:
             self._reader = None
             self._buffer = reader.rest
             if pipe is not None:
                 pipe.finish()
+            if self._call is None:
+                # Answered while the body arrived, and now it is all read.
+                self._afterCall()
 
     # A request, head complete ------------------------------------------------
 
@@ -386,6 +406,8 @@ class HTTP1Connection(Answering):
         factory = self.factory
         self._persistent = head.persistent
         self._answered = False
+        self._continued = False
+        self._discarded = 0
         length = head.length
         request, stages, idleTimeout, maxBody, error = factory.prepare(
             head.method, head.target, head.version, head.fields, head.host, length,
@@ -441,17 +463,19 @@ class HTTP1Connection(Answering):
 
     def _afterCall(self) -> None:
         """Between requests: close, or look at the next one."""
-        if self._reader is not None:
-            # The body is still arriving after the answer; the connection
-            # closes (see _dispatch) once the response is out.
-            self._closing = True
-            self._loseConnection()
+        factory = self.factory
+        if self._reader is not None and self._persistent:
+            # Answered while the body still arrives: it is read and dropped
+            # first (the idle timeout cuts one that stalls).
+            factory.idleQueue.arm(self)
+            if self._bodyPaused:
+                self._bodyPaused = False
+                self._updateReading()
             return
         if not self._persistent:
             self._closing = True
             self._loseConnection()
             return
-        factory = self.factory
         factory.idleQueue.arm(self)
         if self._readPaused or self._bodyPaused:
             # The body pipe went with its call: a pause it held (a body that

@@ -10,7 +10,8 @@ request.  A request with C{Expect: 100-continue} and a body waits for the
 backend before its body (RFC 9110 10.1.1): an interim response lets the body
 go, a final one means the body is not sent (and the connection is not
 reused, its framing being unknown), and after L{EXPECT_TIMEOUT} seconds of
-silence the body is sent anyway.
+silence the body is sent anyway (and the receiver hears an interim C{100}
+so that a client waiting for one sends its body too).
 
 Receiving: heads are found and read by L{edgeproxy.h1} (one policy for
 every response; a head it refuses fails the request); interim (1xx)
@@ -93,6 +94,8 @@ log = Logger()
 
 MAX_HEAD = 64 * 1024
 """A response head longer than this is refused."""
+
+_NO_FIELDS = Fields.trusted({})
 
 EXPECT_TIMEOUT = 1.0
 """Seconds a request with C{Expect: 100-continue} waits for the backend's
@@ -239,7 +242,7 @@ class UpstreamConnection(_Protocol):
             # timer only for these rare requests).
             self._expecting = True
             self._producer = body
-            self._expectTimer = self._clock.callLater(EXPECT_TIMEOUT, self._continue)
+            self._expectTimer = self._clock.callLater(EXPECT_TIMEOUT, self._expectTimedOut)
             return
         self._startBody(body)
 
@@ -260,6 +263,23 @@ class UpstreamConnection(_Protocol):
         producing.addCallbacks(
             self._bodySent, self._bodyFailed, callbackArgs=(consumer,), errbackArgs=(consumer,)
         )
+
+    def _expectTimedOut(self) -> None:
+        """
+        The backend said nothing within L{EXPECT_TIMEOUT}: send the body
+        anyway, and let the client send it too (a client that asked for
+        C{100 Continue} may be waiting for one: it gets it from the proxy).
+        """
+        self._expectTimer = None
+        receiver = self._receiver
+        if self._expecting and receiver is not None:
+            try:
+                receiver.upstreamInterim(100, b"Continue", _NO_FIELDS)
+            except Exception:
+                log.failure("handing an interim upstream response over failed")
+            if self._receiver is not receiver:
+                return
+        self._continue()
 
     def _continue(self) -> None:
         """The wait of C{Expect: 100-continue} is over: send the body."""

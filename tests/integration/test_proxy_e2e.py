@@ -564,21 +564,56 @@ def test_http2EarlyAnswersLeaveConnectionUsable(harness: Harness) -> None:
     assert not harness.records(event="request", target="/upload?h2-small")
 
 
-def test_expectContinueUpload(harness: Harness) -> None:
+def _expectUpload(harness: Harness, target: bytes) -> tuple[socket.socket, bytes]:
     raw = socket.create_connection(("127.0.0.1", harness.ports["proxy"]), timeout=TIMEOUT)
     raw.sendall(
-        b"PUT /upload?expect HTTP/1.1\r\nHost: plain.test\r\nContent-Length: 5\r\n"
+        b"PUT " + target + b" HTTP/1.1\r\nHost: plain.test\r\nContent-Length: 5\r\n"
         b"Expect: 100-continue\r\n\r\n"
     )
-    interim = raw.recv(100)
+    return raw, raw.recv(100)
+
+
+def test_expectContinueAnsweredByTheBackend(harness: Harness) -> None:
+    """
+    Expect: 100-continue reaches the backend, and the client's 100 is the
+    backend's own; the body follows it.
+    """
+    raw, interim = _expectUpload(harness, b"/upload?continue")
     assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
     raw.sendall(b"hello")
     response = http.client.HTTPResponse(raw)
     response.begin()
     assert json.loads(response.read())["length"] == 5
     raw.close()
-    record = harness.waitRecord(event="request", target="/upload?expect")
-    assert "expect" not in [n.lower() for n, v in record["headers"]]
+    record = harness.waitRecord(event="request", target="/upload?continue")
+    assert ("Expect", "100-continue") in [tuple(field) for field in record["headers"]]
+
+
+def test_expectRefusedByTheBackend(harness: Harness) -> None:
+    """A backend's final status instead of 100 reaches the client at once,
+    and the body is never sent."""
+    raw, interim = _expectUpload(harness, b"/upload?refuse")
+    assert interim.startswith(b"HTTP/1.1 417 ")
+    raw.close()
+    harness.waitRecord(event="refused", target="/upload?refuse")
+    assert not harness.records(event="request", target="/upload?refuse")
+
+
+def test_expectContinueFromTheProxyWhenTheBackendIsSilent(harness: Harness) -> None:
+    """
+    A backend that never answers the expectation (HTTP/1.0 servers): after
+    the bounded wait the client gets a 100 from the proxy and its body goes
+    through.
+    """
+    started = time.monotonic()
+    raw, interim = _expectUpload(harness, b"/upload?expect")
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert 0.5 < time.monotonic() - started < 5
+    raw.sendall(b"hello")
+    response = http.client.HTTPResponse(raw)
+    response.begin()
+    assert json.loads(response.read())["length"] == 5
+    raw.close()
 
 
 @pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")

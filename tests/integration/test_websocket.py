@@ -3,7 +3,7 @@ End-to-end WebSocket tests over real sockets on 127.0.0.1.
 
 A harness process (C{python -m tests.integration.test_websocket DIR}) runs a
 small RFC 6455 echo origin (written here: no WebSocket library is a
-dependency), once plain and once behind TLS, and a real L{EdgeSite} on a TLS
+dependency), once plain and once behind TLS, and a real L{ListenerFactory} on a TLS
 listener in front of them.  The tests are blocking clients with their own
 small RFC 6455 client (masking, 7/16/64-bit lengths), so what they assert is
 what a browser would see on the wire; what the origin saw is read from its
@@ -233,7 +233,7 @@ def runHarness(directory: Path) -> None:
         Server,
         Upstream,
     )
-    from edgeproxy.http.site import EdgeSite
+    from edgeproxy.http.listener import ListenerFactory
     from edgeproxy.runtime import Runtime
     from tests.certutil import CertificateAuthority
 
@@ -292,7 +292,7 @@ def runHarness(directory: Path) -> None:
         routes=routes,
     )
     runtime = Runtime.build(config, reactor)
-    site = EdgeSite(lambda: runtime, listener, reactor, AccessLog.fromSettings(settings, reactor))
+    site = ListenerFactory(lambda: runtime, listener, reactor, AccessLog.fromSettings(settings, reactor))
     edgeCert = edgeCA.issue(["ws.test", "wss.test", "idle.test", "nows.test"])
     proxy = reactor.listenSSL(0, site, serverOptions(edgeCert), interface="127.0.0.1")
     ports = {"proxy": proxy.getHost().port, "pid": os.getpid()}
