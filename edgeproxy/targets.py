@@ -49,6 +49,12 @@ _PATH_ENCODE = frozenset(b'"<>^`{|}[]')
 _SIMPLE_PATH = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 _QUERY_FORBIDDEN = bytes(range(0x21)) + b"#" + bytes(range(0x7F, 0x100))
 
+_normalised: dict[bytes, tuple[bytes, bytes]] = {}
+"""Targets already normalised (popular paths come again and again), to the
+result; bounded, short targets only.  Refused targets are not kept."""
+_MAX_CACHED = 4096
+_MAX_CACHED_TARGET = 256
+
 
 def normaliseTarget(target: bytes, *, allowAsterisk: bool = False) -> tuple[bytes, bytes]:
     """
@@ -62,6 +68,9 @@ def normaliseTarget(target: bytes, *, allowAsterisk: bool = False) -> tuple[byte
     @raise BadRequest: the target is not acceptable (see the module
         docstring).
     """
+    known = _normalised.get(target)
+    if known is not None:
+        return known
     if target == b"*":
         if allowAsterisk:
             return b"*", b""
@@ -73,8 +82,14 @@ def normaliseTarget(target: bytes, *, allowAsterisk: bool = False) -> tuple[byte
         raise BadRequest("invalid byte in query")
     if _SIMPLE_PATH.fullmatch(path) is not None and b"/." not in path:
         # Fast path: nothing to decode, encode or resolve.
-        return path, question + query
-    return _removeDotSegments(_normaliseEscapes(path)), question + query
+        result = (path, question + query)
+    else:
+        result = (_removeDotSegments(_normaliseEscapes(path)), question + query)
+    if len(target) <= _MAX_CACHED_TARGET:
+        if len(_normalised) >= _MAX_CACHED:
+            _normalised.clear()
+        _normalised[target] = result
+    return result
 
 
 def _normaliseEscapes(path: bytes) -> bytes:

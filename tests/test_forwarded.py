@@ -20,6 +20,7 @@ from edgeproxy.pipeline.forwarded import (
     clientFields,
     forwardedElement,
     isTrusted,
+    sanitized,
     upstreamFields,
 )
 
@@ -297,8 +298,12 @@ def test_builtFieldsEqualCheckedOnes() -> None:
 
 
 def test_oddHostAndViaStayOneLine() -> None:
-    """A configured value with a line break never splits a field line."""
-    result = upstream(Fields(), hostOverride=b"a\r\nX-Evil: 1", via=b"e\ndge")
+    """
+    A configured value with a line break never splits a field line: the
+    forward stage makes C{via} and C{host_header} L{sanitized} when it is
+    built.
+    """
+    result = upstream(Fields(), hostOverride=sanitized(b"a\r\nX-Evil: 1"), via=sanitized(b"e\ndge"))
     assert result.getAll(b"host") == [b"a X-Evil: 1"]
     assert result.getAll(b"via") == [b"1.1 e dge"]
     assert b"x-evil" not in result

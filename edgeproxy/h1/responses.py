@@ -153,6 +153,19 @@ _responseNames: dict[bytes, tuple[bytes, bool]] = {}
 whether it is one of the fields kept apart from the message's own; bounded."""
 _MAX_NAMES = 10_000
 
+_fieldLines: dict[bytes, tuple[bytes, bool, bytes]] = {}
+"""Field lines of clean heads already read, to their lower-case name, whether
+the field is kept apart from the message's own, and their value: most lines
+of a backend's responses repeat (C{Server}, C{Content-Type},
+C{Connection}...), and a line seen before is not split and stripped again.
+Bounded, short lines only."""
+
+_readStatusLines: dict[bytes, tuple[int, bytes, bytes]] = {}
+"""Status lines already read (a handful per backend); bounded."""
+
+_MAX_LINES = 4096
+_MAX_LINE = 256
+
 
 def parseResponseHead(head: bytes) -> ResponseHead:
     """
@@ -182,28 +195,46 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
     L{parseResponseHead} of the lines of a head, C{clean} when they are
     known to hold no control character but HTAB.
     """
-    status, version, reason = _statusLine(lines[0])
+    statusLine = lines[0]
+    parsed = _readStatusLines.get(statusLine) if clean else None
+    if parsed is None:
+        parsed = _statusLine(statusLine)
+        if clean:
+            if len(_readStatusLines) >= _MAX_LINES:
+                _readStatusLines.clear()
+            _readStatusLines[statusLine] = parsed
+    status, version, reason = parsed
     fields: dict[bytes, list[bytes]] = {}
     control: dict[bytes, list[bytes]] = {}
     names = _responseNames
+    seen = _fieldLines
     allValues = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        known = names.get(name) if colon else None
+    del lines[0]
+    for line in lines:
+        known = seen.get(line) if clean else None
         if known is None:
-            if clean and line[:1] in (b" ", b"\t"):
-                # obs-fold (RFC 9112 5.2), rare: unfolded, then read again.
-                return _readHead(_unfold(lines), True)
-            if not colon or not isToken(name):
-                raise RemoteProtocolError(f"invalid response field {line[:64]!r}", 502)
-            lowered = name.lower()
-            known = (lowered, lowered in _NOT_MESSAGE)
-            if len(names) < _MAX_NAMES:
-                names[name] = known
-        lower, isControl = known
-        value = value.strip(b" \t")
-        if not clean:
-            allValues.append(value)
+            name, colon, value = line.partition(b":")
+            kind = names.get(name) if colon else None
+            if kind is None:
+                if clean and line[:1] in (b" ", b"\t"):
+                    # obs-fold (RFC 9112 5.2), rare: unfolded, then read again.
+                    return _readHead(_unfold([statusLine, *lines]), True)
+                if not colon or not isToken(name):
+                    raise RemoteProtocolError(f"invalid response field {line[:64]!r}", 502)
+                lowered = name.lower()
+                kind = (lowered, lowered in _NOT_MESSAGE)
+                if len(names) < _MAX_NAMES:
+                    names[name] = kind
+            value = value.strip(b" \t")
+            known = (kind[0], kind[1], value)
+            if clean:
+                if len(line) <= _MAX_LINE:
+                    if len(seen) >= _MAX_LINES:
+                        seen.clear()
+                    seen[line] = known
+            else:
+                allValues.append(value)
+        lower, isControl, value = known
         target = control if isControl else fields
         values = target.get(lower)
         if values is None:
@@ -317,7 +348,7 @@ def _contentLength(values: list[bytes]) -> int:
     return lengths.pop()
 
 
-_statusLines: dict[tuple[bytes, int, bytes], bytes] = {}
+_writtenStatusLines: dict[tuple[bytes, int, bytes], bytes] = {}
 
 
 def writeResponseHead(
@@ -347,15 +378,15 @@ def writeResponseHead(
         control character.
     """
     key = (version, status, reason)
-    line = _statusLines.get(key)
+    line = _writtenStatusLines.get(key)
     if line is None:
         if not 100 <= status <= 999 or len(reason.translate(None, CONTROLS_EXCEPT_HTAB)) != len(
             reason
         ):
             raise LocalProtocolError(f"invalid status {status} {reason[:32]!r}")
         line = b"%s %d %s\r\n" % (version, status, reason)
-        if len(_statusLines) < 256:
-            _statusLines[key] = line
+        if len(_writtenStatusLines) < 256:
+            _writtenStatusLines[key] = line
     parts = [line]
     if length is not None:
         parts.append(b"Content-Length: %d\r\n" % (length,))

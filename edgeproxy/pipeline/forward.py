@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from edgeproxy.config.model import ProxySettings, Route, Upstream
 from edgeproxy.errors import ProxyError
 from edgeproxy.pipeline.call import Call
-from edgeproxy.pipeline.forwarded import clientFields, isTrusted, upstreamFields
+from edgeproxy.pipeline.forwarded import clientFields, isTrusted, sanitized, upstreamFields
 from edgeproxy.pipeline.values import Request, Response
 from edgeproxy.upstream.balance import requestHashKey
 
@@ -96,9 +96,9 @@ class Forward:
         upstream: Upstream = pool.upstream
         self.upstream = upstream
         self._trusted = proxy.trusted_proxies
-        self._via = None if proxy.via is None else proxy.via.encode("ascii")
+        self._via = None if proxy.via is None else sanitized(proxy.via.encode("ascii"))
         self._hostOverride = (
-            None if upstream.host_header is None else upstream.host_header.encode("idna")
+            None if upstream.host_header is None else sanitized(upstream.host_header.encode("idna"))
         )
         self._hashKey = upstream.hash_key if upstream.balance == "hash" else None
 

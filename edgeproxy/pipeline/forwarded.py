@@ -50,6 +50,7 @@ __all__ = [
     "clientFields",
     "forwardedElement",
     "isTrusted",
+    "sanitized",
     "upstreamFields",
 ]
 
@@ -59,7 +60,6 @@ PROXY_ADDED = frozenset(
 """The fields the proxy sets on upstream requests."""
 
 _NOT_COPIED_UPSTREAM = HOP_BY_HOP | PROXY_ADDED | frozenset((b"content-length",))
-_NOT_COPIED_DOWNSTREAM = frozenset((b"server", b"x-powered-by"))
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _MAX_CACHED = 4096
@@ -161,9 +161,12 @@ def forwardedElement(peer: str, scheme: bytes, host: bytes) -> bytes:
     return element
 
 
-def _sanitized(value: bytes) -> bytes:
-    # A configured value or a client's Host never holds a line break once
-    # parsed; this keeps the writer's promise for anything else.
+def sanitized(value: bytes) -> bytes:
+    """
+    A configured value made fit for a field (a line break becomes a
+    space): done once, when the stage is built, for C{via} and
+    C{host_header}.
+    """
     if b"\r" in value or b"\n" in value:
         return b" ".join(value.splitlines())
     return value
@@ -196,17 +199,18 @@ def upstreamFields(
         its forwarding fields are appended to instead of replaced.
     @param scheme: C{b"http"} or C{b"https"}: how the client reached us.
     @param host: the client's C{Host} (or HTTP/2 C{:authority}).
-    @param via: the C{Via} pseudonym; L{None} adds no C{Via}.
+    @param via: the C{Via} pseudonym (L{sanitized}); L{None} adds no C{Via}.
     @param upgrade: for a protocol upgrade (WebSocket), the C{Upgrade}
         value to send along with C{Connection: upgrade}.
-    @param hostOverride: the upstream's configured C{Host}, if any.
+    @param hostOverride: the upstream's configured C{Host} (L{sanitized}), if
+        any.
     @param receivedProtocol: the client's protocol version for C{Via}
         (RFC 9110 7.6.3): C{b"1.1"}, C{b"1.0"} or C{b"2"}.
     """
     fields = incoming.raw()
-    out: dict[bytes, list[bytes]] = {
-        b"host": [_sanitized(hostOverride) if hostOverride is not None else _sanitized(host)]
-    }
+    # A parsed Host (and a configured host_header, encoded at start) holds
+    # no line break: the writer's check covers anything else.
+    out: dict[bytes, list[bytes]] = {b"host": [hostOverride if hostOverride is not None else host]}
     connection = fields.get(b"connection")
     named = _tokensOf(connection) if connection else _NOTHING
     copied = _copied
@@ -231,17 +235,17 @@ def upstreamFields(
     out[b"x-forwarded-for"] = [b", ".join(xff + [node]) if xff else node]
     out[b"x-forwarded-proto"] = [proto[0]]
     if forwardedHost[0]:
-        out[b"x-forwarded-host"] = [_sanitized(forwardedHost[0])]
+        out[b"x-forwarded-host"] = [forwardedHost[0]]
     out[b"forwarded"] = [b", ".join(forwarded + [element]) if forwarded else element]
 
     received = list(fields.get(b"via", ()))
     if via is not None:
-        received.append(receivedProtocol + b" " + _sanitized(via))
+        received.append(receivedProtocol + b" " + via)
     if received:
         out[b"via"] = received
     if upgrade is not None:
         out[b"connection"] = [b"upgrade"]
-        out[b"upgrade"] = [_sanitized(upgrade)]
+        out[b"upgrade"] = [upgrade]
     return Fields.trusted(out)
 
 
@@ -253,9 +257,10 @@ def clientFields(fields: Fields) -> Fields:
     raw = fields.raw()
     if b"server" not in raw and b"x-powered-by" not in raw:
         return fields
-    return Fields.trusted(
-        {name: values for name, values in raw.items() if name not in _NOT_COPIED_DOWNSTREAM}
-    )
+    out = dict(raw)
+    out.pop(b"server", None)
+    out.pop(b"x-powered-by", None)
+    return Fields.trusted(out)
 
 
 def isTrusted(host: str, networks: tuple[Any, ...]) -> bool:
