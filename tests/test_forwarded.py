@@ -8,6 +8,7 @@ framing apart) followed by L{clientFields}; both are checked together here.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -418,3 +419,32 @@ def test_repeatedOrderPreserved(pairs: list[tuple[bytes, bytes]]) -> None:
         expected = [value for n, value in pairs if n.lower() == name]
         assert list(up.getAll(name)) == expected
         assert list(down.getAll(name)) == expected
+
+
+_fieldNames = st.sampled_from(
+    [b"accept", b"user-agent", b"cookie", b"via", b"x-forwarded-for", b"forwarded", b"connection",
+     b"keep-alive", b"te", b"x_custom", b"x-custom", b"content-length", b"upgrade", b"expect"]
+)
+_fieldValues = st.sampled_from([b"a", b"keep-alive", b"close", b"x-custom", b"1.0 old", b"203.0.113.9"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(_fieldNames, _fieldValues), max_size=8),
+    via=st.sampled_from([None, b"edge"]),
+    override=st.sampled_from([None, b"backend.internal"]),
+)
+def test_linesPathGivesTheSameFields(pairs: list[tuple[bytes, bytes]], via: bytes | None, override: bytes | None) -> None:
+    """
+    Fields still held as the lines they were read as take a path of their
+    own (no dictionary made); it gives the same fields as the general one.
+    """
+    lines = [name + b": " + value for name, value in pairs]
+    kwargs: dict[str, Any] = dict(
+        peer="192.0.2.7", trustedPeer=False, scheme=b"https", host=b"site.example",
+        via=via, hostOverride=override,
+    )
+    fromLines = upstreamFields(Fields.fromLines(lines), **kwargs)
+    general = upstreamFields(Fields(pairs), **kwargs)
+    assert fromLines == general
+    assert clientFields(Fields.fromLines(lines)) == clientFields(Fields(pairs))

@@ -11,8 +11,13 @@ list fields, and C{Set-Cookie} is not one).
 
 Every change makes a new L{Fields}; the one a message carries never changes
 under a stage that holds it.  The parsers build theirs with L{Fields.trusted}
-(no second check of what they just checked); anything else goes through the
-checking constructor.
+or L{Fields.fromLines} (no second check of what they just checked); anything
+else goes through the checking constructor.
+
+Fields read from the wire keep their field lines as they came
+(L{Fields.fromLines}): a message passed on unchanged (the usual case for a
+proxy) is written from those lines, and the name-to-values dictionary is
+made only if something asks for it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from edgeproxy.h1.errors import LocalProtocolError
 from edgeproxy.h1.syntax import CONTROLS_EXCEPT_HTAB, isToken
 
-__all__ = ["Fields"]
+__all__ = ["LINES", "Fields", "noteLine"]
 
 _EMPTY: tuple[bytes, ...] = ()
 
@@ -33,9 +38,10 @@ class Fields:
     came.
     """
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "_lines")
 
-    _fields: dict[bytes, list[bytes]]
+    _fields: dict[bytes, list[bytes]] | None
+    _lines: list[bytes] | None
 
     def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
         """
@@ -54,6 +60,7 @@ class Fields:
             else:
                 values.append(value)
         self._fields = fields
+        self._lines = None
 
     @classmethod
     def trusted(cls, fields: dict[bytes, list[bytes]]) -> Fields:
@@ -65,35 +72,68 @@ class Fields:
         """
         made = cls.__new__(cls)
         made._fields = fields
+        made._lines = None
         return made
+
+    @classmethod
+    def fromLines(cls, lines: list[bytes]) -> Fields:
+        """
+        Fields held as their field lines (C{Name: value}, without line end),
+        each already checked (a parser's), and nobody may change C{lines}
+        afterwards.  Lines the parser noted (L{noteLine}) are not split
+        again when the dictionary is asked for.
+        """
+        made = cls.__new__(cls)
+        made._fields = None
+        made._lines = lines
+        return made
+
+    def lines(self) -> list[bytes] | None:
+        """
+        The field lines these fields were read as (shared: reading only), or
+        L{None} when they were made otherwise.
+        """
+        return self._lines
 
     # Reading -------------------------------------------------------------
 
     def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
         """The first value of the field C{name} (lower case), or C{default}."""
-        values = self._fields.get(name)
+        fields = self._fields
+        values = (fields if fields is not None else self.raw()).get(name)
         return default if values is None else values[0]
 
     def getAll(self, name: bytes) -> Sequence[bytes]:
         """Every value of the field C{name} (lower case), in order."""
-        return self._fields.get(name, _EMPTY)
+        return self.raw().get(name, _EMPTY)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._fields
+        fields = self._fields
+        if fields is not None:
+            return name in fields
+        # Without the dictionary: the names of the lines, looked up.
+        names = LINES
+        for line in self._lines:  # type: ignore[union-attr]
+            known = names.get(line)
+            if (known[0] if known is not None else _split(line)[0]) == name:
+                return True
+        return False
 
     def __iter__(self) -> Iterator[bytes]:
         """The names, in the order they first came."""
-        return iter(self._fields)
+        return iter(self.raw())
 
     def __len__(self) -> int:
-        return len(self._fields)
+        return len(self.raw())
 
     def __bool__(self) -> bool:
+        if self._fields is None:
+            return bool(self._lines)
         return bool(self._fields)
 
     def pairs(self) -> Iterator[tuple[bytes, bytes]]:
         """Every C{(name, value)}, grouped by name in first-seen order."""
-        for name, values in self._fields.items():
+        for name, values in self.raw().items():
             for value in values:
                 yield name, value
 
@@ -102,11 +142,14 @@ class Fields:
         The dictionary behind these fields, for code on the hot path that
         builds new fields from them.  Reading only: it is shared.
         """
-        return self._fields
+        fields = self._fields
+        if fields is None:
+            fields = self._fields = _fromLines(self._lines)  # type: ignore[arg-type]
+        return fields
 
     def copyRaw(self) -> dict[bytes, list[bytes]]:
         """A copy of L{raw} (its lists copied too) that the caller owns."""
-        return {name: list(values) for name, values in self._fields.items()}
+        return {name: list(values) for name, values in self.raw().items()}
 
     # Changing (a new Fields each time) -------------------------------------
 
@@ -115,7 +158,7 @@ class Fields:
         lower = _checkedName(name)
         for value in values:
             _checkValue(lower, value)
-        fields = dict(self._fields)
+        fields = dict(self.raw())
         fields.pop(lower, None)
         if values:
             fields[lower] = list(values)
@@ -125,31 +168,64 @@ class Fields:
         """These fields with one more C{name} field line, after the others."""
         lower = _checkedName(name)
         _checkValue(lower, value)
-        fields = dict(self._fields)
+        fields = dict(self.raw())
         fields[lower] = [*fields.get(lower, _EMPTY), value]
         return Fields.trusted(fields)
 
     def without(self, *names: bytes) -> Fields:
         """These fields without any of C{names} (any case)."""
         drop = {name.lower() for name in names}
-        if not drop.intersection(self._fields):
+        raw = self.raw()
+        if not drop.intersection(raw):
             return self
-        return Fields.trusted(
-            {name: values for name, values in self._fields.items() if name not in drop}
-        )
+        return Fields.trusted({name: values for name, values in raw.items() if name not in drop})
 
     # Comparing -------------------------------------------------------------
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Fields):
             return NotImplemented
-        return self._fields == other._fields
+        return self.raw() == other.raw()
 
     def __hash__(self) -> int:
-        return hash(tuple((name, tuple(values)) for name, values in self._fields.items()))
+        return hash(tuple((name, tuple(values)) for name, values in self.raw().items()))
 
     def __repr__(self) -> str:
         return f"Fields({list(self.pairs())!r})"
+
+
+LINES: dict[bytes, tuple[bytes, bytes]] = {}
+"""Field lines already checked by a parser, to their lower-case name and
+their value (L{noteLine}); bounded, short lines only."""
+_MAX_LINES = 8192
+_MAX_LINE = 256
+
+
+def noteLine(line: bytes, lower: bytes, value: bytes) -> None:
+    """Remember what a checked field line holds (for L{Fields.fromLines})."""
+    if len(line) <= _MAX_LINE:
+        if len(LINES) >= _MAX_LINES:
+            LINES.clear()
+        LINES[line] = (lower, value)
+
+
+def _split(line: bytes) -> tuple[bytes, bytes]:
+    name, _, value = line.partition(b":")
+    return name.lower(), value.strip(b" \t")
+
+
+def _fromLines(lines: list[bytes]) -> dict[bytes, list[bytes]]:
+    fields: dict[bytes, list[bytes]] = {}
+    known = LINES
+    for line in lines:
+        pair = known.get(line)
+        lower, value = pair if pair is not None else _split(line)
+        values = fields.get(lower)
+        if values is None:
+            fields[lower] = [value]
+        else:
+            values.append(value)
+    return fields
 
 
 def _checkedName(name: bytes) -> bytes:

@@ -43,7 +43,7 @@ import re
 from typing import NamedTuple
 
 from edgeproxy.h1.errors import LocalProtocolError, RemoteProtocolError
-from edgeproxy.h1.fields import Fields
+from edgeproxy.h1.fields import LINES, Fields, noteLine
 from edgeproxy.h1.syntax import (
     CONTROLS_EXCEPT_HTAB,
     TARGET_FORBIDDEN,
@@ -185,7 +185,9 @@ def _absoluteForm(target: bytes) -> tuple[bytes, bytes]:
     return rest, authority.lower()
 
 
-_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"host"))
+_NOTED = frozenset((b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"))
+"""The fields the parser itself reads: framing, host, persistence and
+expectations."""
 
 _MAX_CACHED = 4096
 _MAX_CACHED_LINE = 256
@@ -221,11 +223,12 @@ def _fieldLine(line: bytes) -> tuple[bytes, bytes, bool]:
     if len(value.translate(None, CONTROLS_EXCEPT_HTAB)) != len(value):
         raise RemoteProtocolError("control character in field value")
     lower = name.lower()
-    known = (lower, value, lower in _FRAMING)
+    known = (lower, value, lower in _NOTED)
     if len(line) <= _MAX_CACHED_LINE:
         if len(_fieldLines) >= _MAX_CACHED:
             _fieldLines.clear()
         _fieldLines[line] = known
+        noteLine(line, lower, value)
     return known
 
 
@@ -256,19 +259,29 @@ def parseRequestHead(head: bytes, maxFields: int) -> RequestHead:
             if line not in _fieldLines:
                 _fieldLine(line)
         raise RemoteProtocolError("too many header fields", 431)
-    fields: dict[bytes, list[bytes]] = {}
     cache = _fieldLines
     lengths: bytes | None = None
     codings: list[bytes] | None = None
+    connection: list[bytes] | None = None
+    expect: bytes | None = None
+    host: bytes | None = None
     hosts = 0
     del lines[0]
     for line in lines:
         known = cache.get(line)
         if known is None:
             known = _fieldLine(line)
-        lower, value, special = known
-        if special:
-            if lower == b"content-length":
+        if known[2]:
+            lower = known[0]
+            value = known[1]
+            if lower == b"host":
+                hosts += 1
+                if hosts > 1:
+                    raise RemoteProtocolError("several Host fields")
+                if not validHost(value):
+                    raise RemoteProtocolError("invalid Host")
+                host = value
+            elif lower == b"content-length":
                 if lengths is not None:
                     raise RemoteProtocolError("several Content-Length fields")
                 lengths = value
@@ -278,29 +291,25 @@ def parseRequestHead(head: bytes, maxFields: int) -> RequestHead:
                     codings = [value]
                 else:
                     codings.append(value)
-            else:
-                hosts += 1
-                if hosts > 1:
-                    raise RemoteProtocolError("several Host fields")
-                if not validHost(value):
-                    raise RemoteProtocolError("invalid Host")
-        values = fields.get(lower)
-        if values is None:
-            fields[lower] = [value]
-        else:
-            values.append(value)
+            elif lower == b"connection":
+                if connection is None:
+                    connection = [value]
+                else:
+                    connection.append(value)
+            elif expect is None:
+                expect = value
 
-    if hosts == 0:
+    if host is None:
         if version == b"HTTP/1.1":
             # RFC 9112 3.2: a 1.1 request without Host MUST get a 400.
             raise RemoteProtocolError("missing Host")
         host = authority or b""
         if authority is not None:
-            fields[b"host"] = [authority]
-    else:
-        host = fields[b"host"][0]
-        if authority is not None and host.lower() != authority:
-            raise RemoteProtocolError("absolute-form authority differs from Host")
+            line = b"Host: " + authority
+            lines.append(line)
+            noteLine(line, b"host", authority)
+    elif authority is not None and host.lower() != authority:
+        raise RemoteProtocolError("absolute-form authority differs from Host")
 
     length: int | None
     if codings is not None:
@@ -318,15 +327,13 @@ def parseRequestHead(head: bytes, maxFields: int) -> RequestHead:
         length = 0
 
     persistent = version == b"HTTP/1.1"
-    connection = fields.get(b"connection")
     if persistent and connection is not None and b"close" in listTokens(connection):
         persistent = False
-    expect = False
-    if version == b"HTTP/1.1":
-        expects = fields.get(b"expect")
-        expect = expects is not None and expects[0].lower() == b"100-continue"
+    expectContinue = (
+        version == b"HTTP/1.1" and expect is not None and expect.lower() == b"100-continue"
+    )
     return RequestHead(
-        method, target, version, Fields.trusted(fields), host, length, persistent, expect
+        method, target, version, Fields.fromLines(lines), host, length, persistent, expectContinue
     )
 
 
@@ -352,6 +359,7 @@ def _checkCodings(values: list[bytes]) -> None:
 
 
 _NOT_WRITTEN = frozenset((b"content-length", b"transfer-encoding"))
+_NO_NAME = (b"",)
 
 
 def writeRequestHead(
@@ -378,10 +386,16 @@ def writeRequestHead(
         raise LocalProtocolError(f"invalid method {method!r}")
     if not target or len(target.translate(None, TARGET_FORBIDDEN)) != len(target):
         raise LocalProtocolError(f"invalid request-target {target[:64]!r}")
-    raw = fields.raw()
-    hosts = raw.get(b"host")
-    if hosts is None or len(hosts) != 1:
-        raise LocalProtocolError("exactly one Host field is required")
+    lines = fields.lines()
+    if lines is None:
+        raw = fields.raw()
+        hosts = raw.get(b"host")
+        if hosts is None or len(hosts) != 1:
+            raise LocalProtocolError("exactly one Host field is required")
+    elif not lines or LINES.get(lines[0], _NO_NAME)[0] != b"host":
+        # Fields held as lines are written as they are: the forward
+        # stage's put the one Host first and no framing field in them.
+        raise LocalProtocolError("fields held as lines must start with their one Host")
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     if not persistent:
         parts.append(b"Connection: close\r\n")
@@ -390,6 +404,11 @@ def writeRequestHead(
     elif length or method in (b"PUT", b"POST"):
         # RFC 9110 8.6: a body-less PUT or POST still says its length.
         parts.append(b"Content-Length: %d\r\n" % (length,))
+    if lines is not None:
+        parts.append(b"\r\n".join(lines))
+        parts.append(b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
     append = parts.append
     for name, values in raw.items():
         if name in _NOT_WRITTEN:

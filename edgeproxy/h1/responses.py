@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from edgeproxy.h1.errors import LocalProtocolError, RemoteProtocolError
-from edgeproxy.h1.fields import Fields
+from edgeproxy.h1.fields import LINES, Fields, noteLine
 from edgeproxy.h1.syntax import (
     CONTROLS_EXCEPT_HTAB,
     LINE_PREFIXES,
@@ -189,6 +189,15 @@ def parseResponseHead(head: bytes) -> ResponseHead:
 
 _KEEP_ALIVE = [b"keep-alive"]
 
+_NEVER_NAMED = frozenset((b"content-length", b"close", b"keep-alive"))
+"""Connection tokens that name no field to drop: Content-Length is framing,
+C{close} and C{keep-alive} are options."""
+
+
+def _lineName(line: bytes) -> bytes:
+    known = LINES.get(line)
+    return known[0] if known is not None else line.partition(b":")[0].lower()
+
 
 def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
     """
@@ -204,7 +213,7 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
                 _readStatusLines.clear()
             _readStatusLines[statusLine] = parsed
     status, version, reason = parsed
-    fields: dict[bytes, list[bytes]] = {}
+    kept: list[bytes] = []
     control: dict[bytes, list[bytes]] = {}
     names = _responseNames
     seen = _fieldLines
@@ -232,15 +241,22 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
                     if len(seen) >= _MAX_LINES:
                         seen.clear()
                     seen[line] = known
+                    noteLine(line, kind[0], value)
             else:
                 allValues.append(value)
-        lower, isControl, value = known
-        target = control if isControl else fields
-        values = target.get(lower)
-        if values is None:
-            target[lower] = [value]
+                # An unfolded line is not the line that came: kept as the
+                # field it means, in its usual spelling.
+                line = linePrefix(kind[0]) + value
+                noteLine(line, kind[0], value)
+        if known[1]:
+            lower = known[0]
+            values = control.get(lower)
+            if values is None:
+                control[lower] = [known[2]]
+            else:
+                values.append(known[2])
         else:
-            values.append(value)
+            kept.append(line)
     if not clean:
         text = b"".join(allValues)
         if len(text.translate(None, CONTROLS_EXCEPT_HTAB)) != len(text):
@@ -258,11 +274,11 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
                 persistent = False
             elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                 persistent = True
-            for token in tokens:
+            named = set(tokens) - _NEVER_NAMED
+            if named:
                 # RFC 9110 7.6.1: the fields Connection names are this
                 # connection's; Content-Length is framing, never dropped.
-                if token != b"content-length":
-                    fields.pop(token, None)
+                kept = [line for line in kept if _lineName(line) not in named]
         codings = control.get(b"transfer-encoding")
         lengths = control.get(b"content-length")
         if codings is not None:
@@ -279,7 +295,7 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
         if upgrades is not None:
             upgrade = tuple(upgrades)
     return ResponseHead(
-        version, status, reason, Fields.trusted(fields), length, bool(chunked), persistent, upgrade
+        version, status, reason, Fields.fromLines(kept), length, bool(chunked), persistent, upgrade
     )
 
 
@@ -394,16 +410,23 @@ def writeResponseHead(
         parts.append(b"Transfer-Encoding: chunked\r\n")
     if close:
         parts.append(b"Connection: close\r\n")
-    append = parts.append
-    prefixes = LINE_PREFIXES
-    for name, values in fields.raw().items():
-        prefix = prefixes.get(name)
-        if prefix is None:
-            prefix = linePrefix(name)
-        for value in values:
-            append(prefix)
-            append(value)
-            append(b"\r\n")
+    lines = fields.lines()
+    if lines is not None:
+        # Fields as they were read: written as they came.
+        if lines:
+            parts.append(b"\r\n".join(lines))
+            parts.append(b"\r\n")
+    else:
+        append = parts.append
+        prefixes = LINE_PREFIXES
+        for name, values in fields.raw().items():
+            prefix = prefixes.get(name)
+            if prefix is None:
+                prefix = linePrefix(name)
+            for value in values:
+                append(prefix)
+                append(value)
+                append(b"\r\n")
     if extra:
         parts.append(extra)
     parts.append(b"\r\n")

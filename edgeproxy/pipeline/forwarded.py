@@ -41,8 +41,9 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from edgeproxy.h1.fields import Fields
+from edgeproxy.h1.fields import LINES, Fields, noteLine
 from edgeproxy.h1.responses import HOP_BY_HOP
+from edgeproxy.h1.syntax import linePrefix
 
 __all__ = [
     "PROXY_ADDED",
@@ -207,6 +208,11 @@ def upstreamFields(
     @param receivedProtocol: the client's protocol version for C{Via}
         (RFC 9110 7.6.3): C{b"1.1"}, C{b"1.0"} or C{b"2"}.
     """
+    lines = incoming.lines()
+    if lines is not None and not trustedPeer and upgrade is None:
+        kept = _upstreamLines(lines, peer, scheme, host, via, hostOverride, receivedProtocol)
+        if kept is not None:
+            return Fields.fromLines(kept)
     fields = incoming.raw()
     # A parsed Host (and a configured host_header, encoded at start) holds
     # no line break: the writer's check covers anything else.
@@ -250,10 +256,116 @@ def upstreamFields(
 
 
 _NOTHING: frozenset[bytes] = frozenset()
+_OPTIONS = frozenset((b"close", b"keep-alive"))
+
+
+def _upstreamLines(
+    lines: list[bytes],
+    peer: str,
+    scheme: bytes,
+    host: bytes,
+    via: bytes | None,
+    hostOverride: bytes | None,
+    receivedProtocol: bytes,
+) -> list[bytes] | None:
+    """
+    L{upstreamFields} for fields still held as the lines they were read as,
+    from an untrusted peer and without an upgrade: the same fields, as
+    lines, without making the name-to-values dictionary (the lines kept are
+    the client's own, as it spelled them).  L{None} when the request needs
+    the general path (a C{Connection} naming fields to drop).
+    """
+    known = LINES
+    copied = _copied
+    out = [_hostLine(hostOverride if hostOverride is not None else host)]
+    for line in lines:
+        pair = known.get(line)
+        lower = pair[0] if pair is not None else line.partition(b":")[0].lower()
+        allowed = copied.get(lower)
+        if allowed is None:
+            allowed = lower not in _NOT_COPIED_UPSTREAM and b"_" not in lower
+            if len(copied) < _MAX_CACHED:
+                copied[lower] = allowed
+        if allowed:
+            out.append(line)
+        elif lower == b"via":
+            # Received Via values are kept, in order, before this hop's.
+            out.append(line)
+        elif lower == b"connection":
+            value = pair[1] if pair is not None else line.partition(b":")[2].strip(b" \t")
+            if not _tokensOf([value]) <= _OPTIONS:
+                return None
+    out += _hopLines(peer, scheme, host, via, receivedProtocol)
+    return out
+
+
+_hostLines: dict[bytes, bytes] = {}
+
+
+def _hostLine(host: bytes) -> bytes:
+    line = _hostLines.get(host)
+    if line is None:
+        line = b"Host: " + host
+        noteLine(line, b"host", host)
+        if len(_hostLines) >= _MAX_CACHED:
+            _hostLines.clear()
+        _hostLines[host] = line
+    return line
+
+
+_hopBlocks: dict[tuple[str, bytes, bytes, bytes | None, bytes], list[bytes]] = {}
+"""(peer, scheme, host, via, protocol) to the field lines this hop adds for
+an untrusted peer: the same for every request of a client to a site;
+bounded."""
+
+
+def _hopLines(
+    peer: str, scheme: bytes, host: bytes, via: bytes | None, receivedProtocol: bytes
+) -> list[bytes]:
+    key = (peer, scheme, host, via, receivedProtocol)
+    block = _hopBlocks.get(key)
+    if block is None:
+        pairs = [
+            (b"x-forwarded-for", _nodesOf(peer)[0]),
+            (b"x-forwarded-proto", scheme),
+        ]
+        if host:
+            pairs.append((b"x-forwarded-host", host))
+        pairs.append((b"forwarded", forwardedElement(peer, scheme, host)))
+        if via is not None:
+            pairs.append((b"via", receivedProtocol + b" " + via))
+        block = []
+        for lower, value in pairs:
+            line = linePrefix(lower) + value
+            noteLine(line, lower, value)
+            block.append(line)
+        if len(_hopBlocks) >= _MAX_CACHED:
+            _hopBlocks.clear()
+        _hopBlocks[key] = block
+    return block
+
+
+_dropped = frozenset((b"server", b"x-powered-by"))
 
 
 def clientFields(fields: Fields) -> Fields:
     """The fields of a backend's response the client gets."""
+    lines = fields.lines()
+    if lines is not None:
+        known = LINES
+        for line in lines:
+            pair = known.get(line)
+            if (pair[0] if pair is not None else line.partition(b":")[0].lower()) in _dropped:
+                break
+        else:
+            return fields
+        return Fields.fromLines(
+            [
+                line
+                for line in lines
+                if ((known.get(line) or (line.partition(b":")[0].lower(),))[0]) not in _dropped
+            ]
+        )
     raw = fields.raw()
     if b"server" not in raw and b"x-powered-by" not in raw:
         return fields
