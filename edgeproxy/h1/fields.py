@@ -30,6 +30,8 @@ from edgeproxy.h1.syntax import CONTROLS_EXCEPT_HTAB, isToken
 __all__ = ["LINES", "Fields", "noteLine"]
 
 _EMPTY: tuple[bytes, ...] = ()
+_NONE: frozenset[bytes] = frozenset()
+_NOTHING: dict[bytes, list[bytes]] = {}
 
 
 class Fields:
@@ -38,10 +40,12 @@ class Fields:
     came.
     """
 
-    __slots__ = ("_fields", "_lines")
+    __slots__ = ("_fields", "_lines", "_noted", "_notedNames")
 
     _fields: dict[bytes, list[bytes]] | None
     _lines: list[bytes] | None
+    _noted: dict[bytes, list[bytes]] | None
+    _notedNames: frozenset[bytes]
 
     def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
         """
@@ -61,6 +65,8 @@ class Fields:
                 values.append(value)
         self._fields = fields
         self._lines = None
+        self._noted = None
+        self._notedNames = _NONE
 
     @classmethod
     def trusted(cls, fields: dict[bytes, list[bytes]]) -> Fields:
@@ -73,20 +79,44 @@ class Fields:
         made = cls.__new__(cls)
         made._fields = fields
         made._lines = None
+        made._noted = None
+        made._notedNames = _NONE
         return made
 
     @classmethod
-    def fromLines(cls, lines: list[bytes]) -> Fields:
+    def fromLines(
+        cls,
+        lines: list[bytes],
+        noted: dict[bytes, list[bytes]] | None = None,
+        notedNames: frozenset[bytes] = frozenset(),
+    ) -> Fields:
         """
         Fields held as their field lines (C{Name: value}, without line end),
         each already checked (a parser's), and nobody may change C{lines}
         afterwards.  Lines the parser noted (L{noteLine}) are not split
         again when the dictionary is asked for.
+
+        @param noted: the values of every field named in C{notedNames} that
+            the lines hold (a parser reads those fields anyway): asking for
+            one of those names makes no dictionary.
         """
         made = cls.__new__(cls)
         made._fields = None
         made._lines = lines
+        made._noted = noted
+        made._notedNames = notedNames
         return made
+
+    def withoutLines(self, lines: list[bytes], names: frozenset[bytes]) -> Fields:
+        """
+        These fields held as C{lines}: their own lines less those of the
+        fields named in C{names} (the caller's work: this only keeps what
+        was noted of the others).
+        """
+        noted = self._noted
+        if noted is not None and not names.isdisjoint(noted):
+            noted = {name: values for name, values in noted.items() if name not in names}
+        return Fields.fromLines(lines, noted, self._notedNames)
 
     def lines(self) -> list[bytes] | None:
         """
@@ -97,20 +127,30 @@ class Fields:
 
     # Reading -------------------------------------------------------------
 
+    def _lookup(self, name: bytes) -> dict[bytes, list[bytes]]:
+        """Where to look C{name} up: the dictionary, or the noted fields."""
+        fields = self._fields
+        if fields is not None:
+            return fields
+        if name in self._notedNames:
+            return self._noted or _NOTHING
+        return self.raw()
+
     def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
         """The first value of the field C{name} (lower case), or C{default}."""
-        fields = self._fields
-        values = (fields if fields is not None else self.raw()).get(name)
+        values = self._lookup(name).get(name)
         return default if values is None else values[0]
 
     def getAll(self, name: bytes) -> Sequence[bytes]:
         """Every value of the field C{name} (lower case), in order."""
-        return self.raw().get(name, _EMPTY)
+        return self._lookup(name).get(name, _EMPTY)
 
     def __contains__(self, name: object) -> bool:
         fields = self._fields
         if fields is not None:
             return name in fields
+        if name in self._notedNames:
+            return name in (self._noted or _NOTHING)
         # Without the dictionary: the names of the lines, looked up.
         names = LINES
         for line in self._lines:  # type: ignore[union-attr]

@@ -185,9 +185,24 @@ def _absoluteForm(target: bytes) -> tuple[bytes, bytes]:
     return rest, authority.lower()
 
 
-_NOTED = frozenset((b"content-length", b"transfer-encoding", b"host", b"connection", b"expect"))
-"""The fields the parser itself reads: framing, host, persistence and
-expectations."""
+_NOTED = frozenset(
+    (
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"expect",
+        b"upgrade",
+        b"referer",
+        b"user-agent",
+    )
+)
+"""The fields the parser notes as it reads: what it checks itself (framing,
+host, persistence, expectations) and what the proxy asks of nearly every
+request (an upgrade, the access log's fields).  Asking the parsed fields for
+one of them makes no dictionary (L{Fields.fromLines})."""
+
+_CHECKED = frozenset((b"content-length", b"transfer-encoding", b"host"))
 
 _MAX_CACHED = 4096
 _MAX_CACHED_LINE = 256
@@ -262,10 +277,8 @@ def parseRequestHead(head: bytes, maxFields: int) -> RequestHead:
     cache = _fieldLines
     lengths: bytes | None = None
     codings: list[bytes] | None = None
-    connection: list[bytes] | None = None
-    expect: bytes | None = None
     host: bytes | None = None
-    hosts = 0
+    noted: dict[bytes, list[bytes]] | None = None
     del lines[0]
     for line in lines:
         known = cache.get(line)
@@ -274,30 +287,30 @@ def parseRequestHead(head: bytes, maxFields: int) -> RequestHead:
         if known[2]:
             lower = known[0]
             value = known[1]
-            if lower == b"host":
-                hosts += 1
-                if hosts > 1:
-                    raise RemoteProtocolError("several Host fields")
-                if not validHost(value):
-                    raise RemoteProtocolError("invalid Host")
-                host = value
-            elif lower == b"content-length":
-                if lengths is not None:
-                    raise RemoteProtocolError("several Content-Length fields")
-                lengths = value
-                _contentLength(value)
-            elif lower == b"transfer-encoding":
-                if codings is None:
+            if noted is None:
+                noted = {lower: [value]}
+            else:
+                values = noted.get(lower)
+                if values is None:
+                    noted[lower] = [value]
+                else:
+                    values.append(value)
+            if lower in _CHECKED:
+                if lower == b"host":
+                    if host is not None:
+                        raise RemoteProtocolError("several Host fields")
+                    if not validHost(value):
+                        raise RemoteProtocolError("invalid Host")
+                    host = value
+                elif lower == b"content-length":
+                    if lengths is not None:
+                        raise RemoteProtocolError("several Content-Length fields")
+                    lengths = value
+                    _contentLength(value)
+                elif codings is None:
                     codings = [value]
                 else:
                     codings.append(value)
-            elif lower == b"connection":
-                if connection is None:
-                    connection = [value]
-                else:
-                    connection.append(value)
-            elif expect is None:
-                expect = value
 
     if host is None:
         if version == b"HTTP/1.1":
@@ -308,6 +321,9 @@ def parseRequestHead(head: bytes, maxFields: int) -> RequestHead:
             line = b"Host: " + authority
             lines.append(line)
             noteLine(line, b"host", authority)
+            if noted is None:
+                noted = {}
+            noted[b"host"] = [authority]
     elif authority is not None and host.lower() != authority:
         raise RemoteProtocolError("absolute-form authority differs from Host")
 
@@ -327,13 +343,24 @@ def parseRequestHead(head: bytes, maxFields: int) -> RequestHead:
         length = 0
 
     persistent = version == b"HTTP/1.1"
-    if persistent and connection is not None and b"close" in listTokens(connection):
-        persistent = False
-    expectContinue = (
-        version == b"HTTP/1.1" and expect is not None and expect.lower() == b"100-continue"
-    )
+    expectContinue = False
+    if noted is not None:
+        connection = noted.get(b"connection")
+        if persistent and connection is not None and b"close" in listTokens(connection):
+            persistent = False
+        expect = noted.get(b"expect")
+        expectContinue = (
+            version == b"HTTP/1.1" and expect is not None and expect[0].lower() == b"100-continue"
+        )
     return RequestHead(
-        method, target, version, Fields.fromLines(lines), host, length, persistent, expectContinue
+        method,
+        target,
+        version,
+        Fields.fromLines(lines, noted, _NOTED),
+        host,
+        length,
+        persistent,
+        expectContinue,
     )
 
 

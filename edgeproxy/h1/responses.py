@@ -148,14 +148,23 @@ def splitResponseHead(buffer: bytes, maxSize: int) -> tuple[bytes, int] | None:
 
 _VERSIONS = {b"HTTP/1.1": b"HTTP/1.1", b"HTTP/1.0": b"HTTP/1.0"}
 
-_responseNames: dict[bytes, tuple[bytes, bool]] = {}
+_responseNames: dict[bytes, tuple[bytes, int]] = {}
 """Response field names found to be tokens, to their lower-case form and
-whether it is one of the fields kept apart from the message's own; bounded."""
+their kind (as L{_fieldLines}); bounded."""
 _MAX_NAMES = 10_000
 
-_fieldLines: dict[bytes, tuple[bytes, bool, bytes]] = {}
-"""Field lines of clean heads already read, to their lower-case name, whether
-the field is kept apart from the message's own, and their value: most lines
+_CONTROL = 1
+"""A field kept apart from the message's own (framing, this connection's)."""
+_NOTED = 2
+"""A field of the message's own that the proxy asks of every response."""
+
+_NOTED_NAMES = frozenset((b"date",))
+"""The fields noted as the head is read (L{Fields.fromLines}): asking for
+them makes no dictionary."""
+
+_fieldLines: dict[bytes, tuple[bytes, int, bytes]] = {}
+"""Field lines of clean heads already read, to their lower-case name, their
+kind (0, L{_CONTROL} or L{_NOTED}) and their value: most lines
 of a backend's responses repeat (C{Server}, C{Content-Type},
 C{Connection}...), and a line seen before is not split and stripped again.
 Bounded, short lines only."""
@@ -215,6 +224,7 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
     status, version, reason = parsed
     kept: list[bytes] = []
     control: dict[bytes, list[bytes]] = {}
+    noted: dict[bytes, list[bytes]] | None = None
     names = _responseNames
     seen = _fieldLines
     allValues = []
@@ -231,7 +241,10 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
                 if not colon or not isToken(name):
                     raise RemoteProtocolError(f"invalid response field {line[:64]!r}", 502)
                 lowered = name.lower()
-                kind = (lowered, lowered in _NOT_MESSAGE)
+                kind = (
+                    lowered,
+                    _CONTROL if lowered in _NOT_MESSAGE else _NOTED if lowered in _NOTED_NAMES else 0,
+                )
                 if len(names) < _MAX_NAMES:
                     names[name] = kind
             value = value.strip(b" \t")
@@ -248,7 +261,10 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
                 # field it means, in its usual spelling.
                 line = linePrefix(kind[0]) + value
                 noteLine(line, kind[0], value)
-        if known[1]:
+        kind = known[1]
+        if not kind:
+            kept.append(line)
+        elif kind is _CONTROL:
             lower = known[0]
             values = control.get(lower)
             if values is None:
@@ -257,6 +273,13 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
                 values.append(known[2])
         else:
             kept.append(line)
+            lower = known[0]
+            if noted is None:
+                noted = {lower: [known[2]]}
+            elif lower in noted:
+                noted[lower].append(known[2])
+            else:
+                noted[lower] = [known[2]]
     if not clean:
         text = b"".join(allValues)
         if len(text.translate(None, CONTROLS_EXCEPT_HTAB)) != len(text):
@@ -279,6 +302,8 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
                 # RFC 9110 7.6.1: the fields Connection names are this
                 # connection's; Content-Length is framing, never dropped.
                 kept = [line for line in kept if _lineName(line) not in named]
+                if noted is not None:
+                    noted = {name: values for name, values in noted.items() if name not in named}
         codings = control.get(b"transfer-encoding")
         lengths = control.get(b"content-length")
         if codings is not None:
@@ -295,7 +320,14 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
         if upgrades is not None:
             upgrade = tuple(upgrades)
     return ResponseHead(
-        version, status, reason, Fields.fromLines(kept), length, bool(chunked), persistent, upgrade
+        version,
+        status,
+        reason,
+        Fields.fromLines(kept, noted, _NOTED_NAMES),
+        length,
+        bool(chunked),
+        persistent,
+        upgrade,
     )
 
 

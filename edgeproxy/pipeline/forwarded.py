@@ -359,12 +359,13 @@ def clientFields(fields: Fields) -> Fields:
                 break
         else:
             return fields
-        return Fields.fromLines(
+        return fields.withoutLines(
             [
                 line
                 for line in lines
                 if ((known.get(line) or (line.partition(b":")[0].lower(),))[0]) not in _dropped
-            ]
+            ],
+            _dropped,
         )
     raw = fields.raw()
     if b"server" not in raw and b"x-powered-by" not in raw:
