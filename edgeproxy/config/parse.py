@@ -60,6 +60,7 @@ from edgeproxy.config.model import (
     Upstream,
 )
 from edgeproxy.config.section import Problems, Section, readSection
+from edgeproxy.config.units import parseDuration
 from edgeproxy.config.source import readSource
 from edgeproxy.errors import ConfigErrors
 
@@ -99,6 +100,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "workers",
         "log_level",
         "log_format",
+        "latency_buckets",
     ),
     "tls": (
         "certificates",
@@ -233,11 +235,23 @@ def _readProxy(section: Section) -> ProxySettings:
         workers=section.convert("workers", defaults.workers, _parseWorkers),
         log_level=section.choice("log_level", defaults.log_level, {v: v for v in _LOG_LEVELS}),
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
+        latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
     )
 
 
 def _endpoint(section: Section, text: str) -> syntax.EndpointSpec:
     return syntax.checkEndpoint(text, section.base)
+
+
+def _parseBuckets(text: str) -> tuple[float, ...]:
+    bounds = tuple(parseDuration(entry) for entry in syntax.splitList(text))
+    if not 1 <= len(bounds) <= 50:
+        raise ValueError(f"expected 1 to 50 durations, got {len(bounds)}")
+    if bounds[0] <= 0 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"expected durations greater than zero in increasing order, like 5ms, 50ms, 500ms, 5s; got {text!r}"
+        )
+    return bounds
 
 
 def _parseWorkers(text: str) -> int:
