@@ -176,7 +176,10 @@ _unknownNames: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()
 
 def sentUnknownName(connection: SSL.Connection) -> bool:
     """Whether the client of C{connection} sent an SNI name no certificate covers."""
-    return connection in _unknownNames
+    try:
+        return connection in _unknownNames
+    except TypeError:  # not an SSL.Connection (a test double)
+        return False
 
 
 class CertificateStore:
