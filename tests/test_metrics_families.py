@@ -23,10 +23,10 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.web.http_headers import Headers
 
 from edgeproxy.bodies import BodyPipe
 from edgeproxy.config.model import Limits, Listener, Server, TLSSettings, Upstream
+from edgeproxy.h1 import Fields
 from edgeproxy.metrics import Metrics, methodClass
 from edgeproxy.tls.store import CertificateStore
 from edgeproxy.upstream.backend import Backend
@@ -95,7 +95,18 @@ def test_perBackendRequestsResponsesTimesAndBytes() -> None:
     body.write(b"twelve bytes")
     body.finish()
     outcome: list[Any] = []
-    pool.request(b"PUT", b"/", Headers({b"Host": [b"h"]}), body).addBoth(outcome.append)
+
+    class Receiver:
+        def upstreamInterim(self, status: int, reason: bytes, fields: Fields) -> None:
+            pass
+
+        def upstreamResponded(self, response: Any) -> None:
+            outcome.append(response)
+
+        def upstreamFailed(self, failure: Failure) -> None:
+            outcome.append(failure)
+
+    pool.send(b"PUT", b"/", Fields([(b"host", b"h")]), body, Receiver())
     reactor.advance(0.25)
     pool.dials["b"].connections[-1][0].dataReceived(b"HTTP/1.1 503 Busy\r\nContent-Length: 5\r\n\r\nbusy!")
     (response,) = outcome
