@@ -65,6 +65,8 @@ __all__ = [
     "ProcessLogObserver",
     "makeObserver",
     "journalPriority",
+    "levelOf",
+    "shown",
     "RefusalSummary",
     "refusals",
     "reasonOf",
@@ -161,6 +163,25 @@ def _text(value: object) -> object:
     return value
 
 
+def levelOf(event: Mapping[str, Any]) -> LogLevel:
+    """
+    The level an event is shown at: its own, except Twisted's start-up
+    chatter, which is C{debug} here.
+    """
+    return _level(event)
+
+
+def shown(event: Mapping[str, Any], logPolicy: LogPolicy | None = None) -> dict[str, Any] | None:
+    """
+    C{event} as the process log shows it (byte strings as text), or
+    L{None} when L{policy} (or C{logPolicy}) hides it; for processes that
+    pass their events on (the workers) instead of writing them.
+    """
+    if levelOf(event) < (policy if logPolicy is None else logPolicy).level:
+        return None
+    return {key: _text(value) for key, value in event.items()}
+
+
 def _level(event: Mapping[str, Any]) -> LogLevel:
     level = event.get("log_level", LogLevel.info)
     if level not in _PRIORITIES:
@@ -169,7 +190,7 @@ def _level(event: Mapping[str, Any]) -> LogLevel:
         format = event.get("log_format") or ""
         text = format if isinstance(format, str) else ""
         if "{" in text or not text:
-            text = formatEvent(event)
+            text = formatEvent(dict(event))
         if _CHATTER.match(text):
             return LogLevel.debug
     return level

@@ -15,17 +15,40 @@ can never drift from what C{/status} shows.
 
 Label values are bounded: routes, upstreams, listeners and backends come
 from the configuration (or DNS answers for it), status codes are reduced to
-their class, TLS versions and ALPN protocols to the few that exist.
+their class, methods to the standard ones and C{other}, TLS versions, ALPN
+protocols and handshake failure reasons to the few that exist.
+
+The process's own C{process_*} metrics (CPU, memory, file descriptors,
+start time) come from C{prometheus_client}'s C{ProcessCollector}.
+
+The recording API, by who calls it:
+
+  - the request path: L{Metrics.requestDone} (with the method, for
+    C{edgeproxy_http_request_duration_seconds}), L{Metrics.traffic},
+    L{Metrics.connectionAccepted}, L{Metrics.handshakeDone},
+    L{Metrics.handshakeFailed} (with a reason from
+    L{edgeproxy.tls.failures.handshakeFailureReason});
+  - the upstream pool, once per attempt on a backend:
+    L{Metrics.backendRequest}, L{Metrics.backendResponded},
+    L{Metrics.backendTraffic} (byte counters to add to), and per upstream
+    L{Metrics.upstreamResponded}, L{Metrics.upstreamFailed},
+    L{Metrics.retried}, L{Metrics.retryRefused}, L{Metrics.queueTimedOut};
+  - health: L{Metrics.healthChecked}, L{Metrics.backendTransition},
+    L{Metrics.ejected};
+  - the service: L{Metrics.reloaded}.
 """
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -37,7 +60,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "Metrics", "StateSample", "Traffic", "statusClass"]
+from edgeproxy.config.model import LATENCY_BUCKETS
+
+__all__ = [
+    "CONTENT_TYPE",
+    "Metrics",
+    "StateSample",
+    "Traffic",
+    "methodClass",
+    "statusClass",
+]
 
 # The *_created series double every counter for a start time nobody graphs;
 # restarts show as counter resets, which rate() already handles.
@@ -45,10 +77,6 @@ disable_created_metrics()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """The exposition format C{GET /metrics} serves."""
-
-_LATENCY_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)
 
 StateSample = tuple[str, str, dict[str, str], float]
 """(metric name, help text, labels, value) of one gauge sample, as the state
@@ -60,6 +88,21 @@ def statusClass(code: int) -> str:
     if 100 <= code <= 599:
         return f"{code // 100}xx"
     return "other"
+
+
+# RFC 9110 §9.3 and RFC 5789 (PATCH): anything else is "other", so that a
+# client cannot make a label value per invented method.
+_METHODS = {
+    method.encode("ascii"): method
+    for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+}
+
+
+def methodClass(method: bytes | str) -> str:
+    """C{b"GET"} -> C{"GET"}; a method outside RFC 9110 and PATCH -> C{"other"}."""
+    if isinstance(method, str):
+        method = method.encode("ascii", "replace")
+    return _METHODS.get(method, "other")
 
 
 class _StateCollector(Collector):
@@ -124,37 +167,62 @@ class _TrafficCollector(Collector):
 
 class _Durations(Collector):
     """
-    A histogram by one label, observed once per request: plain counts in a
-    list per label value, turned into cumulative buckets at scrape time.
-    A C{prometheus_client} C{Histogram} costs a label lookup and a lock per
-    observation, a few times what this does.
+    A histogram by labels, observed once per request or attempt: plain
+    counts in a list per label values, turned into cumulative buckets at
+    scrape time.  A C{prometheus_client} C{Histogram} costs a label lookup
+    and a lock per observation, a few times what this does.
     """
 
-    def __init__(self, name: str, documentation: str, label: str) -> None:
+    def __init__(
+        self, name: str, documentation: str, labels: list[str], buckets: Sequence[float]
+    ) -> None:
         self._name = name
         self._documentation = documentation
-        self._label = label
+        self._labels = labels
+        self._buckets = tuple(buckets)
         # As prometheus_client writes bounds: 0.001, 1.0, 60.0.
-        self._bounds = [repr(float(b)) for b in _LATENCY_BUCKETS] + ["+Inf"]
-        self.values: dict[str, tuple[list[int], list[float]]] = {}
+        self._bounds = [repr(float(b)) for b in self._buckets] + ["+Inf"]
+        self.values: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
 
-    def observe(self, value: str, seconds: float) -> None:
-        entry = self.values.get(value)
+    def observe(self, key: tuple[str, ...], seconds: float) -> None:
+        entry = self.values.get(key)
         if entry is None:
-            entry = self.values[value] = ([0] * (len(_LATENCY_BUCKETS) + 1), [0.0])
+            entry = self.values[key] = ([0] * (len(self._buckets) + 1), [0.0])
         # The first bucket whose upper bound is >= seconds: "le" is inclusive.
-        entry[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        entry[0][bisect_left(self._buckets, seconds)] += 1
         entry[1][0] += seconds
 
     def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=[self._label])
-        for value, (counts, total) in sorted(self.values.items()):
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
+        for key, (counts, total) in sorted(self.values.items()):
             cumulative, buckets = 0, []
             for bound, count in zip(self._bounds, counts):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            family.add_metric([value], buckets, total[0])
+            family.add_metric(list(key), buckets, total[0])
         yield family
+
+
+class _BackendTrafficCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        received = CounterMetricFamily(
+            "edgeproxy_backend_received_bytes",
+            "Response body bytes received from backends, by upstream and backend.",
+            labels=["upstream", "backend"],
+        )
+        sent = CounterMetricFamily(
+            "edgeproxy_backend_sent_bytes",
+            "Request body bytes sent to backends, by upstream and backend.",
+            labels=["upstream", "backend"],
+        )
+        for (upstream, backend), traffic in sorted(self._metrics._backendTraffic.items()):
+            received.add_metric([upstream, backend], traffic.received)
+            sent.add_metric([upstream, backend], traffic.sent)
+        yield received
+        yield sent
 
 
 class _Counts(Collector):
@@ -188,7 +256,13 @@ class Metrics:
     The counters and histograms of one process, and the scrape-time gauges.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS, clock: Callable[[], float] = time.time) -> None:
+        """
+        @param buckets: upper bounds (seconds, ascending) of every duration
+            histogram (C{[edgeproxy] latency_buckets}).
+        @param clock: POSIX time, for the reload time stamps.
+        """
+        self._clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._requestCounts = _Counts(
@@ -200,15 +274,46 @@ class Metrics:
         self._requestSeconds = _Durations(
             "edgeproxy_request_duration_seconds",
             "Time from the complete request head to the last response byte, by route.",
-            "route",
+            ["route"],
+            buckets,
         )
         r.register(self._requestSeconds)
+        self._httpSeconds = _Durations(
+            "edgeproxy_http_request_duration_seconds",
+            "Time from the complete request head to the last response byte, by method and status class.",
+            ["method", "code"],
+            buckets,
+        )
+        r.register(self._httpSeconds)
         self._upstreamSeconds = _Durations(
             "edgeproxy_upstream_response_seconds",
             "Time from sending a request to a backend to its response head, by upstream.",
-            "upstream",
+            ["upstream"],
+            buckets,
         )
         r.register(self._upstreamSeconds)
+        # Per backend: once per attempt, plain counts (see _Counts).
+        self._backendRequests = _Counts(
+            "edgeproxy_backend_requests",
+            "Requests sent to backends (each attempt, retries included), by upstream and backend.",
+            ["upstream", "backend"],
+        )
+        r.register(self._backendRequests)
+        self._backendResponses = _Counts(
+            "edgeproxy_backend_responses",
+            "Response heads received from backends, by upstream, backend and status class.",
+            ["upstream", "backend", "code"],
+        )
+        r.register(self._backendResponses)
+        self._backendSeconds = _Durations(
+            "edgeproxy_backend_response_seconds",
+            "Time from sending a request to a backend to its response head, by upstream, backend and status class.",
+            ["upstream", "backend", "code"],
+            buckets,
+        )
+        r.register(self._backendSeconds)
+        self._backendTraffic: dict[tuple[str, str], Traffic] = {}
+        r.register(_BackendTrafficCollector(self))
         self._traffic: dict[str, Traffic] = {}
         r.register(_TrafficCollector(self))
         # Once per connection: plain counts (see _Counts).
@@ -223,8 +328,10 @@ class Metrics:
         )
         r.register(self._handshakes)
         self._handshakeFailures = _Counts(
-            "edgeproxy_tls_handshake_failures", "Client TLS handshakes that failed, by listener.",
-            ["listener"],
+            "edgeproxy_tls_handshake_failures",
+            "Client TLS handshakes that failed, by listener and reason "
+            "(no_shared_cipher, protocol_version, unknown_sni, other).",
+            ["listener", "reason"],
         )
         r.register(self._handshakeFailures)
         self._checks = Counter(
@@ -279,6 +386,21 @@ class Metrics:
             "Failed ACME orders, by the CA's problem type (rateLimited, unauthorized, connection... or other).",
             ["problem"], registry=r,
         )
+        # Prometheus's own names for the same question (and the same
+        # meaning: the start counts as a successful load).
+        self._lastReloadOk = Gauge(
+            "edgeproxy_config_last_reload_success",
+            "Whether the last configuration (re)load succeeded (1) or was refused (0).",
+            registry=r,
+        )
+        self._lastReloadOk.set(1)
+        self._lastReloadTime = Gauge(
+            "edgeproxy_config_last_reload_success_timestamp_seconds",
+            "POSIX time of the last successful configuration load (the start, or a reload).",
+            registry=r,
+        )
+        self._lastReloadTime.set(clock())
+        ProcessCollector(registry=r)
         self._stateSource: Callable[[], Iterable[StateSample]] | None = None
         r.register(_StateCollector(self))
 
@@ -294,20 +416,50 @@ class Metrics:
 
     # Events ----------------------------------------------------------------
 
-    def requestDone(self, route: str, upstream: str, code: int, seconds: float) -> None:
+    def requestDone(
+        self, route: str, upstream: str, code: int, seconds: float, method: bytes | str = b""
+    ) -> None:
         """
         One finished request (every access-log event is one).
 
         @param route: the route's name; C{""} when no route matched.
         @param upstream: the upstream's name; C{""} when none was chosen.
+        @param method: the request method (reduced by L{methodClass}).
         """
-        key = (route, upstream, statusClass(code))
+        codeClass = statusClass(code)
+        key = (route, upstream, codeClass)
         counts = self._requestCounts.counts
         counts[key] = counts.get(key, 0) + 1
-        self._requestSeconds.observe(route, seconds)
+        self._requestSeconds.observe((route,), seconds)
+        self._httpSeconds.observe((methodClass(method), codeClass), seconds)
 
     def upstreamResponded(self, upstream: str, seconds: float) -> None:
-        self._upstreamSeconds.observe(upstream, seconds)
+        self._upstreamSeconds.observe((upstream,), seconds)
+
+    def backendRequest(self, upstream: str, backend: str) -> None:
+        """One attempt sent to C{backend} (an address) of C{upstream}."""
+        self._backendRequests.inc((upstream, backend))
+
+    def backendResponded(self, upstream: str, backend: str, code: int, seconds: float) -> None:
+        """
+        C{backend}'s response head arrived C{seconds} after its request
+        was sent.
+        """
+        key = (upstream, backend, statusClass(code))
+        self._backendResponses.inc(key)
+        self._backendSeconds.observe(key, seconds)
+
+    def backendTraffic(self, upstream: str, backend: str) -> Traffic:
+        """
+        The body byte counters of C{backend}, to add to directly:
+        C{received} from the backend, C{sent} to it (one object per
+        backend, kept for the process's life).
+        """
+        key = (upstream, backend)
+        traffic = self._backendTraffic.get(key)
+        if traffic is None:
+            traffic = self._backendTraffic[key] = Traffic()
+        return traffic
 
     def upstreamFailed(self, upstream: str, code: int) -> None:
         self._upstreamErrors.labels(upstream, str(code)).inc()
@@ -334,8 +486,12 @@ class Metrics:
     def handshakeDone(self, listener: str, version: str, alpn: str) -> None:
         self._handshakes.inc((listener, version, alpn))
 
-    def handshakeFailed(self, listener: str) -> None:
-        self._handshakeFailures.inc((listener,))
+    def handshakeFailed(self, listener: str, reason: str = "other") -> None:
+        """
+        @param reason: one of
+            L{edgeproxy.tls.failures.HANDSHAKE_FAILURE_REASONS}.
+        """
+        self._handshakeFailures.inc((listener, reason))
 
     def healthChecked(self, upstream: str, backend: str, ok: bool) -> None:
         self._checks.labels(upstream, backend, "ok" if ok else "failed").inc()
@@ -365,7 +521,11 @@ class Metrics:
         self._acmeFailures.labels(problem).inc()
 
     def reloaded(self, ok: bool) -> None:
+        """A reload ended: in use (C{ok}) or refused."""
         self._reloads.labels("ok" if ok else "failed").inc()
+        self._lastReloadOk.set(1 if ok else 0)
+        if ok:
+            self._lastReloadTime.set(self._clock())
 
     # Exposition ------------------------------------------------------------
 

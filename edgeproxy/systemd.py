@@ -21,6 +21,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.logger import Logger
 
@@ -111,3 +112,76 @@ class Notifier:
         """Set the one-line status C{systemctl status} shows."""
         # A newline would start a new field: keep the status on one line.
         return self.notify(STATUS=" ".join(text.splitlines()))
+
+
+class SocketNotPassed(Exception):
+    """
+    A C{systemd:} endpoint names a socket systemd did not pass to this
+    process; the message says which were passed and what to change.
+    """
+
+
+def passedSockets() -> Any:
+    """
+    The sockets systemd passed to this process, as Twisted's C{systemd:}
+    endpoints see them (a L{twisted.python.systemd.ListenFDs}).
+
+    Twisted reads C{LISTEN_*} once, when C{twisted.internet.endpoints} is
+    imported, and then deletes C{LISTEN_PID} and C{LISTEN_FDS} from the
+    environment (C{twisted/python/systemd.py}, C{_parseDescriptors}), so
+    only its parser still knows what was passed: this is the one reliance
+    on its private C{_SystemdParser._sddaemon};
+    C{tests/test_systemd.py} fails if Twisted changes it.
+    """
+    from twisted.internet.endpoints import _SystemdParser
+
+    return _SystemdParser._sddaemon
+
+
+def notPassedMessage(endpoint: str, passed: Any = None) -> str:
+    """
+    What to tell an operator whose C{systemd:} endpoint found no socket:
+    Twisted says only C{KeyError: 'https'}.
+
+    @param endpoint: the endpoint description (C{systemd:domain=...:name=...}).
+    @param passed: the L{twisted.python.systemd.ListenFDs} that were passed
+        (L{passedSockets} when L{None}).
+    """
+    if passed is None:
+        passed = passedSockets()
+    parameters = dict(
+        part.partition("=")[::2] for part in endpoint.split(":")[1:] if "=" in part
+    )
+    count = len(passed.inheritedDescriptors())
+    names = list(passed.inheritedNamedDescriptors())
+    restart = "restart the service (a running process cannot receive new sockets)"
+    if not count:
+        return (
+            "systemd passed no sockets to this process: start it through its socket "
+            f"units (the service's Sockets=) and {restart}, or use a tcp: endpoint"
+        )
+    if "index" in parameters:
+        return (
+            f"systemd passed {count} socket(s), there is no index {parameters['index']}; "
+            f"name sockets instead (FileDescriptorName=, name=) and {restart}"
+        )
+    name = parameters.get("name", "")
+    shown = ", ".join(names) or f"{count} without names"
+    return (
+        f"systemd passed no socket named {name!r} (it passed: {shown}); give a socket unit "
+        f"FileDescriptorName={name}, name that unit in the service's Sockets= and {restart}"
+    )
+
+
+def adoptable(endpoint: str, parse: Callable[[], object]) -> object:
+    """
+    C{parse()} (building the endpoint from C{endpoint}), with Twisted's
+    bare C{KeyError}/C{IndexError} for a socket that was not passed turned
+    into L{SocketNotPassed} with L{notPassedMessage}.
+    """
+    try:
+        return parse()
+    except (KeyError, IndexError):
+        if not endpoint.lower().startswith("systemd:"):
+            raise
+        raise SocketNotPassed(notPassedMessage(endpoint)) from None

@@ -33,6 +33,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from edgeproxy import logs
 from edgeproxy.systemd import Notifier
 from edgeproxy.workers import ControlChannel, answer
 
@@ -229,8 +230,10 @@ def runWorker(
         return workerConfig(config, families)
 
     try:
+        config = load(path)
+        logs.policy.configure(config.proxy.log_level, config.proxy.log_format)
         service = EdgeService(
-            prepare(load(path)),
+            prepare(config),
             reactor,
             notifier=ControlNotifier(channel),
             activeChecks=False,
@@ -329,13 +332,20 @@ def logObserver(stream: Any) -> Callable[[dict[str, Any]], None]:
     supervisor logs as its own, tagged with the worker's number.
 
     A failure does not survive JSON (only its text would be wanted
-    anyway): its traceback is put in the event as text instead.
+    anyway): its traceback is put in the event as text instead.  Events
+    below C{[edgeproxy] log_level} are not sent (L{edgeproxy.logs.shown}).
     """
     from twisted.logger import jsonFileLogObserver
 
     write = jsonFileLogObserver(stream, recordSeparator="\x1e")
 
     def observe(event: dict[str, Any]) -> None:
+        # The level and byte strings as the supervisor's process log has
+        # them: what it would not show is not sent.
+        visible = logs.shown(event)
+        if visible is None:
+            return
+        event = visible
         failure = event.get("log_failure")
         if failure is not None:
             event = dict(event)

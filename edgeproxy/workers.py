@@ -58,6 +58,7 @@ __all__ = [
     "NoAnswer",
     "answer",
     "FAMILY_DOMAINS",
+    "labelled",
     "mergeExpositions",
     "systemdEndpoint",
     "workerConfig",
@@ -313,6 +314,30 @@ def mergeExpositions(
         metric = Metric(name, documentation, kind)
         for (sampleName, labels), value in values[name].items():
             metric.add_sample(sampleName, dict(labels), value)
+        families.append(metric)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry)
+
+
+def labelled(text: bytes | str, prefix: str, label: str, value: str) -> bytes:
+    """
+    C{text} with every sample of the families whose name starts with
+    C{prefix} given C{label=value}: the C{process_*} series of each
+    process, which summing would make meaningless (a start time) or
+    anonymous (whose memory?), become one series per process before
+    L{mergeExpositions}.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    families = []
+    for family in text_string_to_metric_families(text):
+        metric = Metric(family.name, family.documentation, family.type)
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if family.name.startswith(prefix):
+                labels[label] = value
+            metric.add_sample(sample.name, labels, sample.value)
         families.append(metric)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families))

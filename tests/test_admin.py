@@ -273,7 +273,7 @@ def test_metricsEndpoint(admin: Admin) -> None:
     expiry = get("edgeproxy_certificate_expiry_timestamp_seconds", name="b.example", file=entry.path)
     assert expiry == entry.notAfter.timestamp()
     assert expiry > admin.reactor.seconds()
-    assert all(name.startswith("edgeproxy_") for name, _ in samples)
+    assert all(name.startswith(("edgeproxy_", "process_")) for name, _ in samples)
 
 
 # Routing and methods
@@ -630,11 +630,17 @@ def test_everyMetricIsDocumented(admin: Admin) -> None:
     metrics.acmeOrdered(False)
     metrics.acmeObtained(True)
     metrics.acmeFailed("rateLimited")
+    metrics.backendRequest("app", "127.0.0.1:9001")
+    metrics.backendResponded("app", "127.0.0.1:9001", 200, 0.1)
+    metrics.backendTraffic("app", "127.0.0.1:9001").received += 1
     served = {family.name for family in text_string_to_metric_families(admin.ask("GET", "/metrics")[2].decode())}
     docs = (Path(__file__).parents[1] / "docs" / "operations.rst").read_text()
     section = docs[docs.index("\nMetrics\n-------\n") + 17:]
     following = re.search(r"\n[^\n]+\n-{3,}\n", section)  # the next section's heading
     if following is not None:
         section = section[:following.start()]
-    documented = {re.sub(r"_total$", "", name) for name in re.findall(r"``(edgeproxy_[a-z_]+)``", section)}
+    documented = {
+        re.sub(r"_total$", "", name)
+        for name in re.findall(r"``((?:edgeproxy|process)_[a-z_]+)``", section)
+    }
     assert served == documented

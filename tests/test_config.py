@@ -129,6 +129,9 @@ ERRORS = [
     ("[edgeproxy]\nadmin = tcp:9901\nadmin_token = 0123456789abcdef0\nadmin_token_file = x", "edgeproxy", "admin_token_file", "admin_token_file", "not both"),
     ("[edgeproxy]\nworkers = 0", "edgeproxy", "workers", "workers", "from 1 to 256, or auto"),
     ("[edgeproxy]\nworkers = many", "edgeproxy", "workers", "many", "from 1 to 256, or auto"),
+    ("[edgeproxy]\nlatency_buckets = 1s, 500ms", "edgeproxy", "latency_buckets", "1s, 500ms", "increasing order"),
+    ("[edgeproxy]\nlatency_buckets = 0, 1s", "edgeproxy", "latency_buckets", "0, 1s", "greater than zero"),
+    ("[edgeproxy]\nlatency_buckets = fast", "edgeproxy", "latency_buckets", "fast", "expected a duration"),
     ("[edgeproxy]\nlog_level = verbose", "edgeproxy", "log_level", "verbose", "expected one of debug, info, warn, error"),
     ("[edgeproxy]\nlog_format = syslog", "edgeproxy", "log_format", "syslog", "expected one of auto, text, journald"),
     # [tls]
@@ -386,6 +389,8 @@ admin_token_file = admin.token
 workers = 3
 log_level = warn
 log_format = journald
+latency_buckets = 5ms, 50ms 500ms
+    5s
 
 [tls]
 certificates = certs, certs/site.pem
@@ -516,6 +521,7 @@ def test_fullExample(site: Path) -> None:
             workers=3,
             log_level="warn",
             log_format="journald",
+            latency_buckets=(0.005, 0.05, 0.5, 5.0),
         ),
         tls=TLSSettings(
             certificates=(os.path.join(base, "certs"), os.path.join(base, "certs", "site.pem")),

@@ -185,11 +185,12 @@ def test_unitsAgreeWithEachOther() -> None:
     service = unitValues("edgeproxy.service")
     assert service["Type"] == ["notify"]
     assert service["NotifyAccess"] == ["main"]
-    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # The check first (tests/test_systemd_units.py has the why).
+    assert service["ExecReload"][-1] == "/bin/kill -HUP $MAINPID"
     assert service["ExecStart"][0].endswith(
         "twistd --nodaemon --pidfile= edgeproxy --config /etc/edgeproxy/edge.ini"
     )
-    assert service["ExecStartPre"][0].endswith("edgeproxy check --config /etc/edgeproxy/edge.ini")
+    assert service["ExecStartPre"][0].endswith("edgeproxy check --quiet --config /etc/edgeproxy/edge.ini")
     # The drain must end before systemd gives up and kills.
     stopSeconds = float(service["TimeoutStopSec"][0].rstrip("s"))
     assert stopSeconds > ProxySettings().shutdown_timeout
@@ -201,3 +202,35 @@ def test_unitsAgreeWithEachOther() -> None:
         names[values["FileDescriptorName"][0]] = values["ListenStream"]
         assert unit in service["Sockets"][0].split()
     assert names == {"https": ["[::]:443"], "http": ["[::]:80"]}
+
+
+def test_passedSocketsAsTwistedSeesThem() -> None:
+    """
+    L{passedSockets} is what Twisted's systemd: endpoints adopt from (its
+    private parser state): if Twisted changes that, this fails.
+    """
+    from twisted.internet.endpoints import _SystemdParser
+    from twisted.python.systemd import ListenFDs
+
+    from edgeproxy.systemd import passedSockets
+
+    assert isinstance(passedSockets(), ListenFDs)
+    assert passedSockets() is _SystemdParser._sddaemon
+
+
+def test_notPassedMessage() -> None:
+    """A socket that was not passed: the names that were, and what to change."""
+    from twisted.python.systemd import ListenFDs
+
+    from edgeproxy.systemd import notPassedMessage
+
+    passed = ListenFDs([3, 4], ("https", "http"))
+    assert notPassedMessage("systemd:domain=INET6:name=web", passed) == (
+        "systemd passed no socket named 'web' (it passed: https, http); give a socket unit "
+        "FileDescriptorName=web, name that unit in the service's Sockets= and restart the "
+        "service (a running process cannot receive new sockets)"
+    )
+    assert "there is no index 5" in notPassedMessage("systemd:domain=INET:index=5", passed)
+    assert notPassedMessage("systemd:domain=INET:name=https", ListenFDs([], ())).startswith(
+        "systemd passed no sockets to this process"
+    )

@@ -734,6 +734,13 @@ def test_metricsOfTheInstanceSumTheWorkers(harness: Harness) -> None:
     assert samplesOf(text)[("edgeproxy_requests_total", (("code", "2xx"), ("route", "all"), ("upstream", "app")))] == 3
     # The supervisor's own: one info series, the backend states it decides.
     assert samplesOf(text)[("edgeproxy_info", (("version", edgeproxy.__version__),))] == 1
+    # The last reload is the supervisor's (not 3, a sum of processes);
+    # process_* is one series per process.
+    samples = samplesOf(text)
+    assert samples[("edgeproxy_config_last_reload_success", ())] == 1
+    assert {
+        dict(labels)["worker"] for name, labels in samples if name == "process_open_fds"
+    } == {"supervisor", "1", "2"}
 
 
 def test_aWorkerThatDoesNotAnswerIsLeftOut(harness: Harness) -> None:
@@ -1005,3 +1012,32 @@ def test_aReloadDuringTheStartDoesNotSayReadyEarly(harness: Harness, receiver: R
     assert receiver.all() == []
     harness.latest(2).ready()
     assert [d.split(b"\n")[0] for d in receiver.all()] == [b"READY=1"]
+
+
+def test_processSeriesLabelledPerProcess() -> None:
+    """
+    process_* of each process becomes its own series (a start time or an
+    open-descriptor count summed over processes means nothing); other
+    families are left alone, to be summed.
+    """
+    from edgeproxy.workers import labelled, mergeExpositions
+    from tests.metricsutil import samplesOf
+
+    def exposition(start: float, requests: float) -> str:
+        return (
+            "# HELP process_start_time_seconds Start time.\n# TYPE process_start_time_seconds gauge\n"
+            f"process_start_time_seconds {start}\n"
+            "# HELP edgeproxy_requests Requests.\n# TYPE edgeproxy_requests counter\n"
+            f'edgeproxy_requests_total{{code="2xx"}} {requests}\n'
+        )
+
+    merged = mergeExpositions(
+        labelled(exposition(100.0, 0.0), "process_", "worker", "supervisor"),
+        [labelled(exposition(200.0, 3.0), "process_", "worker", "1"),
+         labelled(exposition(300.0, 4.0), "process_", "worker", "2")],
+    )
+    samples = samplesOf(merged)
+    assert samples[("process_start_time_seconds", (("worker", "supervisor"),))] == 100.0
+    assert samples[("process_start_time_seconds", (("worker", "1"),))] == 200.0
+    assert samples[("process_start_time_seconds", (("worker", "2"),))] == 300.0
+    assert samples[("edgeproxy_requests_total", (("code", "2xx"),))] == 7.0

@@ -24,6 +24,11 @@ BALANCE_POLICIES: tuple[str, ...] = ("round_robin", "least_conn", "p2c", "hash")
 """The values C{balance =} accepts; L{edgeproxy.upstream.balance} has one
 policy class for each."""
 
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+"""Upper bounds, in seconds, of the duration histograms by default."""
+
 
 class AccessLogFormat(enum.Enum):
     COMBINED = "combined"
@@ -75,6 +80,9 @@ class ProxySettings:
     log_level: str = "info"
     """Lowest level the process log shows: C{debug}, C{info}, C{warn} or
     C{error} (see L{edgeproxy.logs})."""
+    latency_buckets: tuple[float, ...] = LATENCY_BUCKETS
+    """Upper bounds (seconds, ascending) of every duration histogram of
+    C{/metrics}; read at start."""
     log_format: str = "auto"
     """C{text}, C{journald} (a C{<N>} priority on every line), or C{auto}:
     C{journald} when standard output is the journal."""

@@ -21,9 +21,11 @@ The rules a careful operator wants from a parser:
     are checked here, so a L{Config} that exists is consistent.
 
 Each kind of section is read by one self-contained function
-(C{_readProxy}, C{_readTLS}, C{_readListener}, C{_readUpstream},
-C{_readRoute}) from a L{Section}; a new section kind adds its keys to
-L{SECTION_KEYS}, such a function, and one line in L{load}.  The file syntax
+(C{_readProxy}, C{_readTLS}, C{_readListener}, C{_readRoute} here,
+L{edgeproxy.config.upstreams.readUpstream},
+L{edgeproxy.config.acme.readACME}) from a L{Section}; a new section kind
+adds its keys to L{SECTION_KEYS}, such a function, and one line in
+L{load}.  The file syntax
 is L{edgeproxy.config.ini}'s, includes and C{${VAR}} are
 L{edgeproxy.config.source}'s, the typed getters L{edgeproxy.config.section}'s.
 
@@ -35,18 +37,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from edgeproxy.config import syntax
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
+from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
 from edgeproxy.config.model import (
-    BALANCE_POLICIES,
-    ACMEChallenge,
-    ACMEKeyType,
-    ACMESettings,
-    LETS_ENCRYPT_DIRECTORY,
     AccessLogFormat,
     Config,
     IPNetwork,
@@ -54,16 +51,17 @@ from edgeproxy.config.model import (
     Listener,
     ProxySettings,
     Route,
-    Server,
     TLSSettings,
     TLSVersion,
     Upstream,
 )
 from edgeproxy.config.section import Problems, Section, readSection
 from edgeproxy.config.source import readSource
+from edgeproxy.config.units import parseDuration
+from edgeproxy.config.upstreams import UPSTREAM_KEYS, readUpstream
 from edgeproxy.errors import ConfigErrors
 
-__all__ = ["load", "SECTION_KEYS"]
+__all__ = ["load", "SECTION_KEYS", "defaultACMEStorage"]
 
 _LIMIT_KEYS = (
     "client_header_timeout",
@@ -71,17 +69,6 @@ _LIMIT_KEYS = (
     "max_header_size",
     "max_headers",
     "max_body_size",
-)
-
-_HEALTH_KEYS = (
-    "health_path",
-    "health_interval",
-    "health_timeout",
-    "health_status",
-    "health_host",
-    "health_initial",
-    "rise",
-    "fall",
 )
 
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -99,6 +86,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "workers",
         "log_level",
         "log_format",
+        "latency_buckets",
     ),
     "tls": (
         "certificates",
@@ -109,51 +97,9 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "session_ticket_rotation",
         "ocsp_stapling",
     ),
-    "acme": (
-        "directory",
-        "email",
-        "storage",
-        "directory_ca",
-        "challenges",
-        "key_type",
-        "renew_before",
-        "eab_kid",
-        "eab_hmac_key_file",
-        "names",
-        "on_demand",
-        "ask",
-        "on_demand_burst",
-        "on_demand_interval",
-    ),
+    "acme": ACME_KEYS,
     "listen": ("endpoint", "tls", "http2", "redirect_https", "redirect_port", *_LIMIT_KEYS),
-    "upstream": (
-        "servers",
-        "tls",
-        "ca",
-        "server_name",
-        "client_certificate",
-        "insecure",
-        "connect_timeout",
-        "response_timeout",
-        "idle_timeout",
-        "keepalive",
-        "keepalive_timeout",
-        "host_header",
-        "balance",
-        "hash_key",
-        "queue_size",
-        "queue_timeout",
-        "resolve_interval",
-        "retries",
-        "retry_budget",
-        "max_fails",
-        "fail_window",
-        "eject_time",
-        "eject_max_time",
-        "fail_status",
-        "slow_start",
-        *_HEALTH_KEYS,
-    ),
+    "upstream": UPSTREAM_KEYS,
     "route": ("hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket"),
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
@@ -233,11 +179,23 @@ def _readProxy(section: Section) -> ProxySettings:
         workers=section.convert("workers", defaults.workers, _parseWorkers),
         log_level=section.choice("log_level", defaults.log_level, {v: v for v in _LOG_LEVELS}),
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
+        latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
     )
 
 
 def _endpoint(section: Section, text: str) -> syntax.EndpointSpec:
     return syntax.checkEndpoint(text, section.base)
+
+
+def _parseBuckets(text: str) -> tuple[float, ...]:
+    bounds = tuple(parseDuration(entry) for entry in syntax.splitList(text))
+    if not 1 <= len(bounds) <= 50:
+        raise ValueError(f"expected 1 to 50 durations, got {len(bounds)}")
+    if bounds[0] <= 0 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"expected durations greater than zero in increasing order, like 5ms, 50ms, 500ms, 5s; got {text!r}"
+        )
+    return bounds
 
 
 def _parseWorkers(text: str) -> int:
@@ -323,119 +281,6 @@ def _readTLS(section: Section) -> TLSSettings:
     )
 
 
-def defaultACMEStorage(environ: Any = os.environ) -> str:
-    """
-    Where C{[acme] storage} points by default: C{acme} under the first
-    directory of systemd's C{StateDirectory=} (C{$STATE_DIRECTORY}), else
-    under C{/var/lib/edgeproxy}.
-    """
-    state = (environ.get("STATE_DIRECTORY") or "").split(":")[0]
-    return os.path.join(state or "/var/lib/edgeproxy", "acme")
-
-
-def _checkURL(text: str, schemes: tuple[str, ...] = ("https", "http")) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(text.strip())
-    if parts.scheme.lower() not in schemes or not parts.hostname:
-        raise ValueError(f"expected an {' or '.join(schemes)} URL, got {text!r}")
-    return text.strip()
-
-
-def _checkEmail(text: str) -> str:
-    value = text.strip()
-    if value.lower().startswith("mailto:"):
-        value = value[7:]
-    if not re.fullmatch(r"[^@\s,]+@[^@\s,]+\.[^@\s,]+", value):
-        raise ValueError(f"expected an e-mail address such as ops@example.com, got {text!r}")
-    return value
-
-
-def _checkChallenges(text: str) -> tuple[ACMEChallenge, ...]:
-    known = {c.value: c for c in ACMEChallenge}
-    chosen: list[ACMEChallenge] = []
-    for entry in syntax.splitList(text):
-        challenge = known.get(entry.lower())
-        if challenge is None:
-            raise ValueError(f"expected challenge types from {', '.join(known)}, got {entry!r}")
-        if challenge in chosen:
-            raise ValueError(f"challenge {entry!r} is listed twice")
-        chosen.append(challenge)
-    if not chosen:
-        raise ValueError("expected at least one challenge type")
-    return tuple(chosen)
-
-
-def _checkACMENames(text: str) -> tuple[str, ...] | None:
-    if text.strip().lower() == "auto":
-        return None
-    # RFC 8555 §7.1.4 / 8737: one DNS name per certificate; wildcards need
-    # DNS-01, which edgeproxy does not do.
-    names = _uniqueList(text, syntax.checkHostname, "name")
-    return names
-
-
-def _readACME(section: Section) -> ACMESettings:
-    if section.has("storage"):
-        storage = section.resolve(section.raw("storage"))
-    else:
-        storage = defaultACMEStorage()
-    if os.path.exists(storage) and not os.path.isdir(storage):
-        raise section.error("storage", f"{storage} exists and is not a directory")
-    parent = storage
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise section.error(
-            "storage",
-            f"{storage} cannot be created or written by this user ({parent} is not writable)",
-        )
-    if section.has("eab_kid") != section.has("eab_hmac_key_file"):
-        missing = "eab_hmac_key_file" if section.has("eab_kid") else "eab_kid"
-        present = "eab_kid" if section.has("eab_kid") else "eab_hmac_key_file"
-        raise section.error(present, f"external account binding needs both eab_kid and {missing}")
-    hmacKey = None
-    if section.has("eab_hmac_key_file"):
-        try:
-            path = section.checkedPath(section.raw("eab_hmac_key_file"), "file")
-        except ValueError as e:
-            raise section.error("eab_hmac_key_file", str(e)) from None
-        try:
-            with open(path, encoding="ascii") as f:
-                hmacKey = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise section.error("eab_hmac_key_file", f"cannot read {path}: {e}") from None
-        if not re.fullmatch(r"[A-Za-z0-9_-]+=*", hmacKey or ""):
-            raise section.error(
-                "eab_hmac_key_file", "expected the base64url HMAC key the CA gave, on one line"
-            )
-    onDemand = section.boolean("on_demand", False)
-    if onDemand and not section.has("ask"):
-        # Without it, anyone pointing a name at this address makes the
-        # proxy order certificates for it until the CA's limits stop it.
-        raise section.error("on_demand", "on_demand = yes needs ask = URL (which names are allowed)")
-    for key in ("ask", "on_demand_burst", "on_demand_interval"):
-        if section.has(key) and not onDemand:
-            raise section.error(key, "only used with on_demand = yes")
-    defaults = ACMESettings(storage=storage)
-    return ACMESettings(
-        storage=storage,
-        directory=section.convert("directory", LETS_ENCRYPT_DIRECTORY, _checkURL),
-        email=section.convert("email", None, _checkEmail),
-        directory_ca=section.optionalFile("directory_ca"),
-        challenges=section.convert("challenges", defaults.challenges, _checkChallenges),
-        key_type=section.choice("key_type", defaults.key_type, {k.value: k for k in ACMEKeyType}),
-        renew_before=section.duration("renew_before", defaults.renew_before),
-        eab_kid=section.convert("eab_kid", None, lambda text: text.strip()),
-        eab_hmac_key=hmacKey,
-        names=section.convert("names", None, _checkACMENames),
-        on_demand=onDemand,
-        ask=section.convert("ask", None, _checkURL),
-        on_demand_burst=section.integer("on_demand_burst", defaults.on_demand_burst, minimum=1),
-        on_demand_interval=section.duration("on_demand_interval", defaults.on_demand_interval),
-    )
-
-
 def _readListener(
     section: Section, name: str, limits: Limits
 ) -> tuple[Listener, syntax.EndpointSpec]:
@@ -468,138 +313,16 @@ def _readListener(
     return listener, spec
 
 
-def _readUpstream(section: Section, name: str) -> Upstream:
-    section.require("servers", "host:port entries, at least one")
-    noServers: tuple[Server, ...] = ()
-    servers = section.convert("servers", noServers, syntax.parseServers)
-    defaults = Upstream(name=name, servers=servers)
-    tls = section.boolean("tls", defaults.tls)
-    insecure = section.boolean("insecure", defaults.insecure)
-    if not tls and section.ok("tls"):
-        for key in ("ca", "server_name", "client_certificate", "insecure"):
-            if section.has(key):
-                # A backend setting that does nothing usually means the
-                # operator believes this hop is encrypted when it is not.
-                section.report(key, "only used with tls = yes (this upstream speaks plain HTTP)")
-    balance = section.choice(
-        "balance", defaults.balance, {policy: policy for policy in BALANCE_POLICIES}
-    )
-    hashKey = section.convert("hash_key", defaults.hash_key, syntax.checkHashKey)
-    if section.has("hash_key") and balance != "hash" and section.ok("balance"):
-        section.report("hash_key", "only used with balance = hash")
-    if section.has("health_path"):
-        health = _readHealth(section, defaults)
-    else:
-        for key in _HEALTH_KEYS[1:]:
-            if section.has(key):
-                section.report(key, "only used with health_path (active health checks are off)")
-        health = {}
-    ca = section.optionalFile("ca")
-    if insecure and ca is not None:
-        section.report(
-            "insecure", "insecure = yes turns verification off, which contradicts ca; remove one"
-        )
-    return Upstream(
-        name=name,
-        servers=servers,
-        tls=tls,
-        ca=ca,
-        server_name=section.convert("server_name", defaults.server_name, _checkServerName),
-        client_certificate=section.optionalFile("client_certificate"),
-        insecure=insecure,
-        connect_timeout=section.duration("connect_timeout", defaults.connect_timeout),
-        response_timeout=section.duration("response_timeout", defaults.response_timeout),
-        idle_timeout=section.duration("idle_timeout", defaults.idle_timeout),
-        keepalive=section.integer("keepalive", defaults.keepalive, minimum=0),
-        keepalive_timeout=section.duration("keepalive_timeout", defaults.keepalive_timeout),
-        host_header=section.convert("host_header", defaults.host_header, syntax.checkHostHeader),
-        balance=balance,
-        hash_key=hashKey,
-        queue_size=section.integer("queue_size", defaults.queue_size, minimum=0),
-        queue_timeout=section.duration("queue_timeout", defaults.queue_timeout),
-        resolve_interval=section.duration("resolve_interval", defaults.resolve_interval),
-        retries=section.integer("retries", defaults.retries, minimum=0, maximum=10),
-        retry_budget=section.convert("retry_budget", defaults.retry_budget, syntax.parsePercent),
-        max_fails=section.integer("max_fails", defaults.max_fails, minimum=0),
-        fail_window=section.duration("fail_window", defaults.fail_window),
-        eject_time=section.duration("eject_time", defaults.eject_time),
-        eject_max_time=_ejectMax(section, defaults),
-        fail_status=section.convert("fail_status", defaults.fail_status, _failStatus),
-        slow_start=section.duration("slow_start", defaults.slow_start, allowZero=True),
-        **health,
-    )
-
-
-def _failStatus(text: str) -> tuple[int, ...]:
-    codes: list[int] = []
-    for low, high in syntax.parseStatusRanges(text):
-        codes.extend(code for code in range(low, high + 1) if code not in codes)
-    return tuple(codes)
-
-
-def _ejectMax(section: Section, defaults: Upstream) -> float:
-    # Read without reporting again: eject_time's own problem is reported once.
-    first = defaults.eject_time if not section.ok("eject_time") else section.duration(
-        "eject_time", defaults.eject_time
-    )
-    cap = section.duration("eject_max_time", max(defaults.eject_max_time, first))
-    if cap < first and section.ok("eject_time", "eject_max_time"):
-        section.report("eject_max_time", "must be at least eject_time")
-    return max(cap, first)
-
-
-def _readHealth(section: Section, defaults: Upstream) -> dict[str, Any]:
-    interval = section.duration("health_interval", defaults.health_interval)
-    timeout = section.duration("health_timeout", min(defaults.health_timeout, interval))
-    if timeout > interval and section.ok("health_interval", "health_timeout"):
-        section.report(
-            "health_timeout", "must not exceed health_interval (checks of one backend would overlap)"
-        )
-    return {
-        "health_path": section.convert("health_path", None, syntax.checkOriginPath),
-        "health_interval": interval,
-        "health_timeout": timeout,
-        "health_status": section.convert(
-            "health_status", defaults.health_status, syntax.parseStatusRanges
-        ),
-        "health_host": section.convert("health_host", None, syntax.checkHostHeader),
-        "health_initial": section.choice(
-            "health_initial", defaults.health_initial, {"unknown": "unknown", "up": "up"}
-        ),
-        "rise": section.integer("rise", defaults.rise, minimum=1, maximum=100),
-        "fall": section.integer("fall", defaults.fall, minimum=1, maximum=100),
-    }
-
-
-def _checkServerName(text: str) -> str:
-    try:
-        return ipaddress.ip_address(text.strip("[]")).compressed
-    except ValueError:
-        return syntax.checkHostname(text)
-
-
-def _uniqueList(text: str, check: Callable[[str], str], what: str) -> tuple[str, ...]:
-    entries: list[str] = []
-    for raw in syntax.splitList(text):
-        entry = check(raw)
-        if entry in entries:
-            raise ValueError(f"{what} {entry!r} is listed twice")
-        entries.append(entry)
-    if not entries:
-        raise ValueError(f"expected at least one {what}")
-    return tuple(entries)
-
-
 def _readRoute(section: Section, name: str) -> Route:
     section.require("hosts", "host names, *.wildcards, IP addresses, or * for any host")
     upstream = section.require("upstream", "the name of an [upstream:NAME] section")
     noHosts: tuple[str, ...] = ()
     hosts = section.convert(
-        "hosts", noHosts, lambda text: _uniqueList(text, syntax.checkRouteHost, "host")
+        "hosts", noHosts, lambda text: syntax.uniqueList(text, syntax.checkRouteHost, "host")
     )
     everyPath: tuple[str, ...] = ("/",)
     paths = section.convert(
-        "paths", everyPath, lambda text: _uniqueList(text, syntax.checkRoutePath, "path")
+        "paths", everyPath, lambda text: syntax.uniqueList(text, syntax.checkRoutePath, "path")
     )
     return Route(
         name=name,
@@ -659,7 +382,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     tlsSection = singles.get("tls")
     tls = None if tlsSection is None else readSection(tlsSection, _readTLS)
     acmeSection = singles.get("acme")
-    acme = None if acmeSection is None else readSection(acmeSection, _readACME)
+    acme = None if acmeSection is None else readSection(acmeSection, readACME)
     if acmeSection is not None and tlsSection is None:
         acmeSection.report(
             None,
@@ -676,7 +399,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
             specs[label] = read[1]
     upstreams: dict[str, Upstream] = {}
     for label, section in named["upstream"]:
-        upstream = readSection(section, lambda s: _readUpstream(s, label))
+        upstream = readSection(section, lambda s: readUpstream(s, label))
         if upstream is not None:
             upstreams[label] = upstream
     routes: list[Route] = []

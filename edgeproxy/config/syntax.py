@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgeproxy.config.model import Server
@@ -33,6 +34,7 @@ __all__ = [
     "checkHashKey",
     "parseServers",
     "splitList",
+    "uniqueList",
 ]
 
 
@@ -47,6 +49,22 @@ def splitList(text: str) -> list[str]:
     long list may continue on indented lines).
     """
     return [item for item in re.split(r"[\s,]+", text.strip()) if item]
+
+
+def uniqueList(text: str, check: Callable[[str], str], what: str) -> tuple[str, ...]:
+    """
+    A list value whose entries are each checked by C{check} and may appear
+    once (C{hosts}, C{paths}, C{[acme] names}).
+    """
+    entries: list[str] = []
+    for raw in splitList(text):
+        entry = check(raw)
+        if entry in entries:
+            raise ValueError(f"{what} {entry!r} is listed twice")
+        entries.append(entry)
+    if not entries:
+        raise ValueError(f"expected at least one {what}")
+    return tuple(entries)
 
 
 # Host names -------------------------------------------------------------

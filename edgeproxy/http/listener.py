@@ -39,6 +39,7 @@ from edgeproxy.pipeline.forwarded import clientAddress
 from edgeproxy.pipeline.values import ConnectionInfo, Request
 from edgeproxy.routing import normaliseHost
 from edgeproxy.targets import normaliseTarget
+from edgeproxy.tls.failures import handshakeFailureReason
 from edgeproxy.tls.transport import EdgeTLSTransport
 
 __all__ = ["ListenerFactory"]
@@ -145,7 +146,10 @@ class ListenerFactory(Factory):
             and not connection._handshakeDone
             and isTLSFailure(reason)
         ):
-            metrics.handshakeFailed(self.listener.name)
+            # Why, for the metric's reason label (edgeproxy.tls.failures).
+            metrics.handshakeFailed(
+                self.listener.name, handshakeFailureReason(reason, _handleOf(connection.transport))
+            )
 
     def handshakeCompleted(self, connection: HTTP1Connection) -> None:
         metrics = self.metrics
@@ -282,6 +286,7 @@ class ListenerFactory(Factory):
                 call.upstreamName or "",
                 call.status,
                 max(0.0, self.clock.seconds() - call.started),
+                call.request.method,
             )
 
     def refused(self, call: Call, error: ProxyError) -> None:
@@ -369,3 +374,12 @@ def _negotiated(transport: Any) -> tuple[str, str]:
         pass
     alpn = getattr(transport, "negotiatedProtocol", None)
     return version, alpn.decode("ascii", "replace") if alpn else "none"
+
+
+def _handleOf(transport: Any) -> Any:
+    """The server's C{SSL.Connection} under C{transport}, if it has one."""
+    getHandle = getattr(transport, "getHandle", None)
+    try:
+        return getHandle() if getHandle is not None else None
+    except Exception:
+        return None

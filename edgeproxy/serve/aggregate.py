@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from edgeproxy.config.model import Config
 from edgeproxy.metrics import Metrics
 from edgeproxy.serve.listeners import formatAddress
-from edgeproxy.workers import NoAnswer, mergeExpositions
+from edgeproxy.workers import NoAnswer, labelled, mergeExpositions
 
 __all__ = ["ASK_TIMEOUT", "NOT_SUMMED", "aggregateMetrics", "aggregateStatus", "askAll", "combineStatus"]
 
@@ -64,6 +64,8 @@ NOT_SUMMED = frozenset({
     "edgeproxy_start_time_seconds",
     "edgeproxy_certificate_expiry_timestamp_seconds",
     "edgeproxy_reloads",
+    "edgeproxy_config_last_reload_success",
+    "edgeproxy_config_last_reload_success_timestamp_seconds",
 })
 """Families of C{/metrics} taken from one process (the supervisor, else the
 first worker that has them) instead of summed; see
@@ -106,8 +108,13 @@ def aggregateMetrics(supervisor: Supervised) -> Deferred[bytes]:
 
     def merge(result: tuple[dict[int, dict[str, Any]], list[int]]) -> bytes:
         answers, missing = result
-        texts = [str(a.get("text", "")) for _, a in sorted(answers.items())]
-        merged = mergeExpositions(supervisor.metrics.exposition(), texts, NOT_SUMMED)
+        # process_* is per process: labelled with who it is, never summed.
+        texts = [
+            labelled(str(a.get("text", "")), "process_", "worker", str(number))
+            for number, a in sorted(answers.items())
+        ]
+        own = labelled(supervisor.metrics.exposition(), "process_", "worker", "supervisor")
+        merged = mergeExpositions(own, texts, NOT_SUMMED)
         header = f"# edgeproxy: {len(answers)} of {supervisor.count} workers answered".encode()
         if missing:
             header += b"; missing: " + ", ".join(f"worker {n}" for n in missing).encode()

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import StartupError
 from edgeproxy.serve.listeners import formatAddress
+from edgeproxy.systemd import adoptable
 
 __all__ = ["HeldSockets"]
 
@@ -100,7 +101,9 @@ class HeldSockets:
         failures: list[Failure] = []
         ports: list[Any] = []
         try:
-            endpoint = serverFromString(self._reactor, listener.endpoint)
+            endpoint: Any = adoptable(
+                listener.endpoint, lambda: serverFromString(self._reactor, listener.endpoint)
+            )
             maybeDeferred(endpoint.listen, _NoConnections()).addCallbacks(ports.append, failures.append)
         except Exception:
             failures.append(Failure())

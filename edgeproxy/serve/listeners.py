@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import StartupError
 from edgeproxy.serve.sites import connectionsOf, inFlightOf, reconfigureSite
+from edgeproxy.systemd import adoptable
 from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
 from edgeproxy.tls.transport import EdgeTLSTransport
 
@@ -113,7 +114,9 @@ class ListenerSet:
         """
 
         def attempt() -> Deferred[IListeningPort]:
-            endpoint = serverFromString(self._reactor, listener.endpoint)
+            endpoint: Any = adoptable(
+                listener.endpoint, lambda: serverFromString(self._reactor, listener.endpoint)
+            )
             if listener.tls:
                 store = self._store()
                 assert store is not None, "a TLS listener needs [tls]"

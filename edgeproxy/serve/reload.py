@@ -9,6 +9,7 @@ pools the new runtime did not take over.
     C{edgeproxy check} validates them, each problem logged;
   - L{refused}: the one line a reload that failed later logs (file,
     section, key);
+  - L{refusalStatus}: the C{STATUS=} systemd gets after a refused reload;
   - L{accessLogFor}, L{storeFor}: the access log and the certificates of
     the new configuration, built (L{storeFor} swaps the certificates in
     the current store only as its last step, when every file is good);
@@ -22,6 +23,7 @@ The swap itself, rebinding the service's attributes, is the service's.
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -42,6 +44,7 @@ __all__ = [
     "accessLogFor",
     "checked",
     "discard",
+    "refusalStatus",
     "refused",
     "storeFor",
 ]
@@ -52,36 +55,41 @@ RETIRE_POLL_INTERVAL = 0.5
 REFUSED = "Reload refused, still serving the previous configuration: {problem}"
 
 
-def checked(path: str, now: float, log: Logger) -> bool:
+def checked(path: str, now: float, log: Logger) -> str | None:
     """
     Validate C{path} exactly as C{edgeproxy check} does (the same messages).
 
     @param now: POSIX time, for the certificates' validity.
-    @return: whether it is valid; when not, each problem has been logged.
+    @return: L{None} when it is valid; else the first problem (each problem
+        has been logged), for L{refusalStatus}.
     """
     from edgeproxy.cli import EXIT_OK, check
 
     problems = io.StringIO()
     if check(path, out=io.StringIO(), err=problems, now=now) == EXIT_OK:
-        return True
-    for problem in problems.getvalue().splitlines():
+        return None
+    lines = problems.getvalue().splitlines()
+    for problem in lines:
         log.error(REFUSED, problem=problem)
-    return False
+    return lines[0] if lines else f"{path}: not valid"
 
 
-def refused(log: Logger, error: EdgeProxyError | OSError, path: str) -> None:
+def refused(log: Logger, error: EdgeProxyError | OSError, path: str) -> str:
     """
     Log why a reload was refused after L{checked} passed: files changed
     between the check and the load, or a problem the check does not see
     (a port, a file that cannot be opened for writing).
+
+    @return: the problem, for L{refusalStatus}.
     """
     if isinstance(error, OSError):
+        problem = f"{error.filename or path}: {error.strerror or error}"
         log.error(
             "Reload refused, still serving the previous configuration: {path}: {problem}",
             path=error.filename or path,
             problem=error.strerror or str(error),
         )
-        return
+        return problem
     log.error(
         REFUSED,
         problem=str(error),
@@ -89,6 +97,19 @@ def refused(log: Logger, error: EdgeProxyError | OSError, path: str) -> None:
         section=getattr(error, "section", None),
         key=getattr(error, "key", None),
     )
+    return str(error).splitlines()[0]
+
+
+def refusalStatus(problem: str, now: float) -> str:
+    """
+    The C{STATUS=} that goes with C{READY=1} after a refused reload (and
+    stays until a reload succeeds), so that C{systemctl status} says the
+    configuration on disk is not the one served.
+
+    @param now: POSIX time of the refusal.
+    """
+    when = time.strftime("%H:%M:%S UTC", time.gmtime(now))
+    return f"Reload refused at {when}, serving the previous configuration: {problem}"
 
 
 def accessLogFor(

@@ -54,6 +54,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from edgeproxy import logs
 from edgeproxy.accesslog import AccessLog
 from edgeproxy.config import load
 from edgeproxy.config.model import Config, Listener
@@ -62,7 +63,15 @@ from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime
 from edgeproxy.serve.drain import closePools, drainConnections
 from edgeproxy.serve.listeners import AdminListener, ListenerSet
-from edgeproxy.serve.reload import RetiringPools, accessLogFor, checked, discard, refused, storeFor
+from edgeproxy.serve.reload import (
+    RetiringPools,
+    accessLogFor,
+    checked,
+    discard,
+    refusalStatus,
+    refused,
+    storeFor,
+)
 from edgeproxy.serve.signals import ProcessSignals
 from edgeproxy.serve.sites import makeSite, useAccessLog
 from edgeproxy.systemd import Notifier
@@ -147,7 +156,12 @@ class EdgeService(MultiService):
             forcing="aborting what is still in flight",
         )
         self.exitCode = 0
-        self.metrics = metrics if metrics is not None else Metrics()
+        # The histogram buckets are the start's: a reload keeps them, so
+        # that the series stay comparable.
+        self.metrics = metrics if metrics is not None else Metrics(config.proxy.latency_buckets)
+        self.refusal: str | None = None
+        """The C{STATUS=} of the last reload when it was refused, until one
+        succeeds (L{edgeproxy.serve.reload.refusalStatus})."""
         self.startedAt = reactor.seconds()
         self.admin = AdminListener(self, reactor, lambda: self.config)
         from edgeproxy.admin import stateSamples
@@ -301,6 +315,8 @@ class EdgeService(MultiService):
                 )
 
     def _status(self) -> str:
+        if self.refusal is not None:
+            return self.refusal
         names = [listener.name for listener in self.config.listeners if listener.name in self.listeners.byName]
         certificates = len(self.store.current.entries) if self.store is not None else 0
         return f"serving {len(names)} listener(s) ({', '.join(names)}), {certificates} certificate(s)"
@@ -354,6 +370,7 @@ class EdgeService(MultiService):
             changes = self.reloadConfiguration()
         except Exception:
             log.failure("Reload failed, still serving the previous configuration")
+            self.refusal = refusalStatus("an unexpected error (see the log)", self._reactor.seconds())
             changes = None
         ok = changes is not None
         if changes is not None:
@@ -389,16 +406,21 @@ class EdgeService(MultiService):
             closed.
         """
         path = self.config.path
-        if not checked(path, self._reactor.seconds(), log):
+        now = self._reactor.seconds()
+        problem = checked(path, now, log)
+        if problem is not None:
+            self.refusal = refusalStatus(problem, now)
             return None
         try:
             config = load(path)
             if self._prepareConfig is not None:
                 config = self._prepareConfig(config)
-            return self._swap(config)
+            changes = self._swap(config)
         except (EdgeProxyError, OSError) as e:
-            refused(log, e, path)
+            self.refusal = refusalStatus(refused(log, e, path), now)
             return None
+        self.refusal = None
+        return changes
 
     def _swap(self, config: Config) -> Deferred[None]:
         reactor = self._reactor
@@ -439,6 +461,7 @@ class EdgeService(MultiService):
         self.config = config
         self.runtime = runtime
         self.store = store
+        logs.policy.configure(config.proxy.log_level, config.proxy.log_format)
         if reopen:
             try:
                 if self.accessLog is not None:

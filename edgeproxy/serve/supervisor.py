@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
+from edgeproxy import logs
 from edgeproxy.accesslog import AccessLog
 from edgeproxy.config.model import Config
 from edgeproxy.errors import EdgeProxyError, StartupError
@@ -50,7 +51,7 @@ from edgeproxy.metrics import Metrics
 from edgeproxy.runtime import Runtime, stopPool
 from edgeproxy.serve.aggregate import aggregateMetrics, aggregateStatus
 from edgeproxy.serve.heldsockets import HeldSockets
-from edgeproxy.serve.reload import checked, discard, refused, storeFor
+from edgeproxy.serve.reload import checked, discard, refusalStatus, refused, storeFor
 from edgeproxy.serve.signals import ProcessSignals
 from edgeproxy.serve.workerprocess import WorkerProcess, describeExit, workerCommand
 from edgeproxy.systemd import Notifier
@@ -145,7 +146,9 @@ class Supervisor(MultiService):
         self.exitCode = 0
         self.ready: Deferred[None] = Deferred()
         self.startedAt: float | None = None
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.proxy.latency_buckets)
+        self.refusal: str | None = None
+        """The C{STATUS=} after a refused reload, until one succeeds."""
         # Opened now so that an unwritable access log stops the start here,
         # not in every worker; the workers open it themselves.
         accessLog = AccessLog.fromSettings(config.proxy, reactor)
@@ -390,6 +393,8 @@ class Supervisor(MultiService):
             self._reactor.stop()
 
     def _status(self) -> str:
+        if self.refusal is not None:
+            return self.refusal
         names = list(self.ports)
         return f"serving {len(names)} listener(s) ({', '.join(names)}) with {self.count} workers"
 
@@ -508,7 +513,10 @@ class Supervisor(MultiService):
         from edgeproxy.config import load
 
         path = self.config.path
-        if not checked(path, self.clock.seconds(), log):
+        now = self.clock.seconds()
+        problem = checked(path, now, log)
+        if problem is not None:
+            self.refusal = refusalStatus(problem, now)
             return False
         try:
             config = load(path)
@@ -516,15 +524,17 @@ class Supervisor(MultiService):
                 config, self._reactor, metrics=self.metrics, activeChecks=True, previous=self.runtime
             )
         except (EdgeProxyError, OSError) as e:
-            refused(log, e, path)
+            self.refusal = refusalStatus(refused(log, e, path), now)
             return False
         try:
             self.store, _ = storeFor(config, self.store, self._reactor)
         except (EdgeProxyError, OSError) as e:
             # The workers refuse the reload for the same reason.
-            refused(log, e, path)
+            self.refusal = refusalStatus(refused(log, e, path), now)
             discard(runtime)
             return False
+        self.refusal = None
+        logs.policy.configure(config.proxy.log_level, config.proxy.log_format)
         if self.acme is not None:
             self.acme.reconfigure(config)
         previous, self.runtime = self.runtime, runtime

@@ -50,6 +50,7 @@ refreshed response needs no new context.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -165,6 +166,20 @@ class _Front:
     context: SSL.Context
     builtAt: float
     policy: _Policy
+
+
+# The connections whose client asked for a name no certificate covers (and
+# so got the default one), for the handshake failure metric: weak, so a
+# connection leaves it when it is gone.
+_unknownNames: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()
+
+
+def sentUnknownName(connection: SSL.Connection) -> bool:
+    """Whether the client of C{connection} sent an SNI name no certificate covers."""
+    try:
+        return connection in _unknownNames
+    except TypeError:  # not an SSL.Connection (a test double)
+        return False
 
 
 class CertificateStore:
@@ -507,6 +522,9 @@ class CertificateStore:
             context = self.lookup(name)
             if context is not None:
                 connection.set_context(context)
+                if name and self._snapshot is not None and context is self._snapshot.default:
+                    if not self._covers(name):
+                        _unknownNames.add(connection)
         except Exception:
             self.log.failure("while selecting the TLS context for an SNI name")
 
@@ -520,6 +538,15 @@ class CertificateStore:
         except Exception:
             self.log.failure("while stapling an OCSP response")
             return b""
+
+    def _covers(self, name: bytes) -> bool:
+        """Whether a certificate other than by default serves C{name}."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            return False
+        host = name.decode("ascii", "replace").lower().rstrip(".")
+        _, dot, parent = host.partition(".")
+        return host in snapshot.contexts or bool(dot and parent and "*." + parent in snapshot.contexts)
 
     def _selectProtocol(
         self, connection: SSL.Connection, offered: list[bytes]

@@ -150,6 +150,9 @@ class _Attempt:
         self.answered = False
         # Counted by the pool's dispatch, which follows at once.
         self.counted = True
+        # Per-backend metrics (edgeproxy_backend_*): one request per attempt.
+        pool = exchange.pool
+        pool.metrics.backendRequest(pool.upstream.name, backend.address)
 
     def release(self) -> None:
         """
@@ -197,6 +200,14 @@ class _Attempt:
         # fails): the response calls this once, without a reference cycle.
         response.whenDelivered = self.release
         pool.metrics.upstreamResponded(upstream.name, pool.seconds() - self.started)
+        # Per-backend metrics: the response, its time, and the body bytes
+        # both ways (the response counts what it delivers into traffic).
+        traffic = pool.metrics.backendTraffic(upstream.name, backend.address)
+        pool.metrics.backendResponded(
+            upstream.name, backend.address, response.status, pool.seconds() - self.started
+        )
+        traffic.sent += _bodyBytes(exchange.body)
+        response.traffic = traffic
         pool.passive.responded(backend, response.status)
         if exchange.over:
             # Cancelled meanwhile: nobody reads it.
@@ -465,6 +476,19 @@ class Exchange:
 
     def _triedText(self) -> str:
         return ", ".join(backend.address for backend in self.triedOrder)
+
+
+def _bodyBytes(body: object) -> int:
+    """
+    The request body bytes an answered attempt carried, for the metrics:
+    what a replayable body received from the client (C{received}), else its
+    declared length.
+    """
+    for name in ("received", "length"):
+        count = getattr(body, name, None)
+        if isinstance(count, int) and not isinstance(count, bool):
+            return count
+    return 0
 
 
 class _Discarding:

@@ -82,11 +82,14 @@ class UpstreamResponse:
         C{connectionLost} (the end of the body, complete or not); the pool
         ends the request's in-flight count there.
     @ivar delivered: whether L{deliverBody} was called.
+    @ivar traffic: an L{edgeproxy.metrics.Traffic} the body bytes delivered
+        are added to (C{received}), when the pool set one before
+        L{deliverBody}.
     """
 
     __slots__ = (
         "status", "reason", "fields", "length", "backend", "whenDelivered", "delivered",
-        "_protocol", "_buffer", "_outcome", "_source", "__weakref__",
+        "traffic", "_protocol", "_buffer", "_outcome", "_source", "__weakref__",
     )
 
     def __init__(
@@ -105,6 +108,7 @@ class UpstreamResponse:
         self.backend = backend
         self.whenDelivered: Callable[[], None] | None = None
         self.delivered = False
+        self.traffic: Any = None
         self._protocol: Any = None
         self._buffer: list[bytes] | None = []
         self._outcome: Failure | None = None
@@ -125,6 +129,8 @@ class UpstreamResponse:
         protocol.makeConnection(self)
         buffered, self._buffer = self._buffer, None
         if buffered:
+            if self.traffic is not None:
+                self.traffic.received += sum(map(len, buffered))
             for data in buffered:
                 protocol.dataReceived(data)
         if self._outcome is not None:
@@ -164,6 +170,8 @@ class UpstreamResponse:
     def bodyReceived(self, data: bytes) -> None:
         """A piece of the body (kept until L{deliverBody})."""
         if self._protocol is not None:
+            if self.traffic is not None:
+                self.traffic.received += len(data)
             self._protocol.dataReceived(data)
         elif self._buffer is not None:
             self._buffer.append(data)

@@ -108,3 +108,20 @@ def test_journalPrioritiesAndLevel(tmp_path: Path, notify: NotifyReceiver) -> No
     refused = [line for line in lines if "Reload refused" in line]
     assert refused and all(line.startswith("<3>") for line in refused)
     assert "duplicate key" in refused[0]
+
+
+def test_logLevelChangesOnReload(tmp_path: Path, notify: NotifyReceiver) -> None:
+    """log_level = warn hides the info lines until a reload sets info."""
+    config, _ = setUp(tmp_path, level="warn")
+    out = tmp_path / "twistd.out"
+    proc = startTwistd(config, tmp_path, notify)
+    try:
+        assert "Listening on" not in out.read_text()
+        config.write_text(config.read_text().replace("log_level = warn", "log_level = info"))
+        proc.signal(signal.SIGHUP)
+        waitFor(out, "Reloaded ")
+    finally:
+        proc.stop()
+    text = out.read_text()
+    assert "SIGHUP: reloading" not in text  # logged while the level was warn
+    assert "Received SIGTERM, draining" in text

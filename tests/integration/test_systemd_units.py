@@ -215,3 +215,66 @@ def test_reloadFailsOnARefusedConfiguration(tmp_path: Path, notify: NotifyReceiv
     finally:
         proc.stop()
     assert os.path.exists(config)
+
+
+def test_refusedReloadSaysSoInItsStatus(tmp_path: Path, notify: NotifyReceiver) -> None:
+    """
+    A reload the process refuses ends with READY=1 and a STATUS= that says
+    it was refused (what systemctl status shows), until a reload succeeds.
+    """
+    ca = CertificateAuthority("edgeproxy status test")
+    (tmp_path / "certs").mkdir()
+    ca.issue(["localhost"]).writePEM(tmp_path / "certs" / "site.pem")
+    config = tmp_path / "edge.ini"
+    good = f"[tls]\ncertificates = certs/\n[listen:http]\nendpoint = tcp:{freePort()}:interface=127.0.0.1\n"
+    config.write_text(good)
+    proc = Twistd(config, tmp_path, notify=notify)
+    try:
+        notify.waitFor(b"READY=1", 30, alive=proc.alive)
+        config.write_text(good + "[upstream:app]\nservers = app.internal\n")
+        proc.signal(signal.SIGHUP)
+        notify.waitFor(b"RELOADING=1", 30, alive=proc.alive)
+        ready = notify.waitFor(b"READY=1", 30, alive=proc.alive)
+        fields = dict(line.split(b"=", 1) for line in ready.split(b"\n"))
+        status = fields[b"STATUS"].decode()
+        assert status.startswith("Reload refused at "), status
+        assert status.endswith(
+            f"serving the previous configuration: {config}:6: [upstream:app] servers: "
+            "expected host:port, got 'app.internal' (the port is required)"
+        )
+        config.write_text(good)
+        proc.signal(signal.SIGHUP)
+        notify.waitFor(b"RELOADING=1", 30, alive=proc.alive)
+        ready = notify.waitFor(b"READY=1", 30, alive=proc.alive)
+        assert b"STATUS=serving 1 listener(s) (http)" in ready
+    finally:
+        proc.stop()
+
+
+def test_aSocketNotPassedIsNamed(units: SocketUnits, notify: NotifyReceiver) -> None:
+    """
+    A systemd: endpoint whose socket systemd did not pass: the start stops
+    with the names it did pass and what to change, not a bare KeyError.
+    """
+    config = units.workdir / "edge.ini"
+    config.write_text(
+        config.read_text().replace("name=https", "name=web")
+    )
+    proc = Twistd(
+        config, units.workdir, notify=notify,
+        prefix=[sys.executable, str(units.script), "https,http",
+                ",".join(str(units.sockets[n].fileno()) for n in ("https", "http"))],
+        passFds=[sock.fileno() for sock in units.sockets.values()],
+    )
+    try:
+        assert proc.wait(30) == 1
+    finally:
+        proc.stop()
+    output = proc.output()
+    assert (
+        f"{config}: [listen:https] endpoint 'systemd:domain=INET:name=web': cannot listen: "
+        "systemd passed no socket named 'web' (it passed: https, http); give a socket unit "
+        "FileDescriptorName=web, name that unit in the service's Sockets= and restart the "
+        "service (a running process cannot receive new sockets)"
+    ) in output
+    assert "KeyError" not in output and "Traceback" not in output

@@ -326,6 +326,18 @@ upstream = app
             if line.startswith("edgeproxy_requests_total{") and 'route="app"' in line
         )
         assert total == 20
+        # process_* per process, labelled; the reload gauge is the
+        # supervisor's, not a sum; per-backend counts are summed.
+        from tests.metricsutil import samplesOf
+
+        samples = samplesOf(metrics.encode())
+        started = {dict(labels).get("worker") for name, labels in samples if name == "process_start_time_seconds"}
+        assert started == {"supervisor", "1", "2"}
+        assert samples[("edgeproxy_config_last_reload_success", ())] == 1
+        assert samples[(
+            "edgeproxy_backend_requests_total",
+            (("backend", f"127.0.0.1:{origin.port}"), ("upstream", "app")),
+        )] == 20
         # One checker for the instance, not one per process: about
         # 3 s / 200 ms checks of the live backend, far fewer than 3 times
         # that.
