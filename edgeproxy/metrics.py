@@ -86,8 +86,11 @@ source yields them; names are given without the C{edgeproxy_} prefix."""
 def statusClass(code: int) -> str:
     """C{200} -> C{"2xx"}; anything outside 100-599 -> C{"other"}."""
     if 100 <= code <= 599:
-        return f"{code // 100}xx"
+        return _CLASSES[code // 100]
     return "other"
+
+
+_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
 
 
 # RFC 9110 §9.3 and RFC 5789 (PATCH): anything else is "other", so that a
@@ -203,6 +206,77 @@ class _Durations(Collector):
         yield family
 
 
+class _Observed:
+    """
+    Durations observed once per event under their full key (every label any
+    family of them has), as plain bucket counts: the counters and the
+    histograms by fewer labels are projections of it, made at scrape time
+    (L{_Projection}), so an event costs one observation however many
+    families show it.
+    """
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.values: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+
+    def observe(self, key: tuple[str, ...], seconds: float) -> None:
+        entry = self.values.get(key)
+        if entry is None:
+            entry = self.values[key] = ([0] * (len(self.buckets) + 1), [0.0])
+        # The first bucket whose upper bound is >= seconds: "le" is inclusive.
+        entry[0][bisect_left(self.buckets, seconds)] += 1
+        entry[1][0] += seconds
+
+
+class _Projection(Collector):
+    """
+    One family of an L{_Observed}'s events: a histogram or a counter by the
+    labels at C{indices} of its keys.
+    """
+
+    def __init__(
+        self,
+        observed: _Observed,
+        name: str,
+        documentation: str,
+        labels: list[str],
+        indices: tuple[int, ...],
+        counter: bool = False,
+    ) -> None:
+        self._observed = observed
+        self._name = name
+        self._documentation = documentation
+        self._labels = labels
+        self._indices = indices
+        self._counter = counter
+
+    def collect(self) -> Iterator[Metric]:
+        observed = self._observed
+        folded: dict[tuple[str, ...], tuple[list[int], float]] = {}
+        for key, (counts, total) in observed.values.items():
+            short = tuple(key[i] for i in self._indices)
+            entry = folded.get(short)
+            if entry is None:
+                folded[short] = (list(counts), total[0])
+            else:
+                folded[short] = ([a + b for a, b in zip(entry[0], counts)], entry[1] + total[0])
+        if self._counter:
+            counter = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
+            for short, (counts, _) in sorted(folded.items()):
+                counter.add_metric(list(short), sum(counts))
+            yield counter
+            return
+        bounds = [repr(float(b)) for b in observed.buckets] + ["+Inf"]
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
+        for short, (counts, total) in sorted(folded.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(bounds, counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(short), buckets, total)
+        yield family
+
+
 class _BackendTrafficCollector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -265,33 +339,34 @@ class Metrics:
         self._clock = clock
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requestCounts = _Counts(
-            "edgeproxy_requests",
-            "Requests answered, by route, upstream and status class.",
-            ["route", "upstream", "code"],
-        )
-        r.register(self._requestCounts)
-        self._requestSeconds = _Durations(
-            "edgeproxy_request_duration_seconds",
-            "Time from the complete request head to the last response byte, by route.",
-            ["route"],
-            buckets,
-        )
-        r.register(self._requestSeconds)
-        self._httpSeconds = _Durations(
-            "edgeproxy_http_request_duration_seconds",
-            "Time from the complete request head to the last response byte, by method and status class.",
-            ["method", "code"],
-            buckets,
-        )
-        r.register(self._httpSeconds)
-        self._upstreamSeconds = _Durations(
-            "edgeproxy_upstream_response_seconds",
-            "Time from sending a request to a backend to its response head, by upstream.",
-            ["upstream"],
-            buckets,
-        )
-        r.register(self._upstreamSeconds)
+        # Once per request: one observation under (route, upstream, method
+        # class, status class), shown as three families (see _Observed).
+        self._requests = _Observed(buckets)
+        for family in (
+            _Projection(
+                self._requests,
+                "edgeproxy_requests",
+                "Requests answered, by route, upstream and status class.",
+                ["route", "upstream", "code"],
+                (0, 1, 3),
+                counter=True,
+            ),
+            _Projection(
+                self._requests,
+                "edgeproxy_request_duration_seconds",
+                "Time from the complete request head to the last response byte, by route.",
+                ["route"],
+                (0,),
+            ),
+            _Projection(
+                self._requests,
+                "edgeproxy_http_request_duration_seconds",
+                "Time from the complete request head to the last response byte, by method and status class.",
+                ["method", "code"],
+                (2, 3),
+            ),
+        ):
+            r.register(family)
         # Per backend: once per attempt, plain counts (see _Counts).
         self._backendRequests = _Counts(
             "edgeproxy_backend_requests",
@@ -299,19 +374,34 @@ class Metrics:
             ["upstream", "backend"],
         )
         r.register(self._backendRequests)
-        self._backendResponses = _Counts(
-            "edgeproxy_backend_responses",
-            "Response heads received from backends, by upstream, backend and status class.",
-            ["upstream", "backend", "code"],
-        )
-        r.register(self._backendResponses)
-        self._backendSeconds = _Durations(
-            "edgeproxy_backend_response_seconds",
-            "Time from sending a request to a backend to its response head, by upstream, backend and status class.",
-            ["upstream", "backend", "code"],
-            buckets,
-        )
-        r.register(self._backendSeconds)
+        # Once per response head from a backend: one observation under
+        # (upstream, backend, status class), shown as three families.
+        self._backends = _Observed(buckets)
+        for family in (
+            _Projection(
+                self._backends,
+                "edgeproxy_backend_responses",
+                "Response heads received from backends, by upstream, backend and status class.",
+                ["upstream", "backend", "code"],
+                (0, 1, 2),
+                counter=True,
+            ),
+            _Projection(
+                self._backends,
+                "edgeproxy_backend_response_seconds",
+                "Time from sending a request to a backend to its response head, by upstream, backend and status class.",
+                ["upstream", "backend", "code"],
+                (0, 1, 2),
+            ),
+            _Projection(
+                self._backends,
+                "edgeproxy_upstream_response_seconds",
+                "Time from sending a request to a backend to its response head, by upstream.",
+                ["upstream"],
+                (0,),
+            ),
+        ):
+            r.register(family)
         self._backendTraffic: dict[tuple[str, str], Traffic] = {}
         r.register(_BackendTrafficCollector(self))
         self._traffic: dict[str, Traffic] = {}
@@ -426,15 +516,7 @@ class Metrics:
         @param upstream: the upstream's name; C{""} when none was chosen.
         @param method: the request method (reduced by L{methodClass}).
         """
-        codeClass = statusClass(code)
-        key = (route, upstream, codeClass)
-        counts = self._requestCounts.counts
-        counts[key] = counts.get(key, 0) + 1
-        self._requestSeconds.observe((route,), seconds)
-        self._httpSeconds.observe((methodClass(method), codeClass), seconds)
-
-    def upstreamResponded(self, upstream: str, seconds: float) -> None:
-        self._upstreamSeconds.observe((upstream,), seconds)
+        self._requests.observe((route, upstream, methodClass(method), statusClass(code)), seconds)
 
     def backendRequest(self, upstream: str, backend: str) -> None:
         """One attempt sent to C{backend} (an address) of C{upstream}."""
@@ -443,11 +525,9 @@ class Metrics:
     def backendResponded(self, upstream: str, backend: str, code: int, seconds: float) -> None:
         """
         C{backend}'s response head arrived C{seconds} after its request
-        was sent.
+        was sent (the upstream's histogram too).
         """
-        key = (upstream, backend, statusClass(code))
-        self._backendResponses.inc(key)
-        self._backendSeconds.observe(key, seconds)
+        self._backends.observe((upstream, backend, statusClass(code)), seconds)
 
     def backendTraffic(self, upstream: str, backend: str) -> Traffic:
         """

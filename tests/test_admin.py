@@ -614,7 +614,7 @@ def test_everyMetricIsDocumented(admin: Admin) -> None:
     metrics = admin.service.metrics
     # One event of each kind, so that every family has a sample.
     metrics.requestDone("app", "app", 200, 0.1)
-    metrics.upstreamResponded("app", 0.1)
+    metrics.backendResponded("app", "10.0.0.1:80", 200, 0.1)
     metrics.upstreamFailed("app", 502)
     metrics.bytesTransferred("https", 1, 1)
     metrics.connectionAccepted("https")

@@ -52,7 +52,7 @@ def test_statusClass() -> None:
 def test_everyNameIsPrefixedAndParses() -> None:
     metrics = Metrics()
     metrics.requestDone("app", "pool", 503, 0.2)
-    metrics.upstreamResponded("pool", 0.05)
+    metrics.backendResponded("pool", "10.0.0.1:80", 200, 0.05)
     metrics.upstreamFailed("pool", 502)
     metrics.bytesTransferred("https", 10, 20)
     metrics.connectionAccepted("https")
@@ -289,7 +289,7 @@ def test_histogramBucketsAreInclusiveAndCumulative() -> None:
     metrics = Metrics()
     for seconds in (0.001, 0.0011, 0.5, 100.0):
         metrics.requestDone("r", "u", 200, seconds)
-        metrics.upstreamResponded("u", seconds)
+        metrics.backendResponded("u", "10.0.0.1:80", 200, seconds)
     samples = scrape(metrics)
     for name, label in (("edgeproxy_request_duration_seconds", {"route": "r"}),
                         ("edgeproxy_upstream_response_seconds", {"upstream": "u"})):

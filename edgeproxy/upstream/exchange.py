@@ -199,11 +199,11 @@ class _Attempt:
         # The backend stays in flight until the body is delivered (or
         # fails): the response calls this once, without a reference cycle.
         response.whenDelivered = self.release
-        pool.metrics.upstreamResponded(upstream.name, pool.seconds() - self.started)
         # Per-backend metrics: the response, its time, and the body bytes
         # both ways (the response counts what it delivers into traffic).
-        traffic = pool.metrics.backendTraffic(upstream.name, backend.address)
-        pool.metrics.backendResponded(
+        metrics = pool.metrics
+        traffic = metrics.backendTraffic(upstream.name, backend.address)
+        metrics.backendResponded(
             upstream.name, backend.address, response.status, pool.seconds() - self.started
         )
         traffic.sent += _bodyBytes(exchange.body)
