@@ -139,12 +139,26 @@ class Answering:
             length,
             chunked,
             not self._persistent,
-            b"" if b"date" in fields.raw() else dateField(),
+            b"" if b"date" in fields else dateField(),
         )
         body = response.body
         if body is None:
             self._finishResponse(call)
             return
+        take = getattr(body, "takeBody", None)
+        if take is not None:
+            data = take()
+            if data is not None:
+                # The whole body is at hand (most small responses): head
+                # and body go in one write, without the body's protocol.
+                if data and not noBody:
+                    call.sent = len(data)
+                    head = self._pendingHead
+                    self._pendingHead = (
+                        head + h1.chunk(data) if chunked else head + data  # type: ignore[operator]
+                    )
+                self._finishResponse(call)
+                return
         body.deliverBody(call)
         if call is not self._call or self._lost:
             return

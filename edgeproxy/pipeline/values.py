@@ -94,6 +94,10 @@ class ResponseBody(Protocol):
 
     def deliverBody(self, protocol: Any) -> None: ...
 
+    # Optionally, for a body all at hand: takeBody() -> bytes | None, the
+    # whole body delivered at once (or None, nothing done, when it is not
+    # all there).  The client side uses it to write head and body together.
+
 
 class Response(NamedTuple):
     """
@@ -141,6 +145,10 @@ class BytesBody:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+
+    def takeBody(self) -> bytes | None:
+        """The whole body, at once (see L{ResponseBody})."""
+        return self.data
 
     def deliverBody(self, protocol: Any) -> None:
         protocol.makeConnection(_STOPPED)

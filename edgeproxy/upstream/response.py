@@ -142,6 +142,26 @@ class UpstreamResponse:
         if source is not None:
             source.bodyDelivering()
 
+    def takeBody(self) -> bytes | None:
+        """
+        The whole body, when it is all at hand and complete (it came with
+        the head: most small responses), delivered at once: what
+        L{deliverBody} would give a protocol, without one.  L{None} (and
+        nothing done) otherwise.
+        """
+        if self.delivered or self._outcome is not BODY_DONE:
+            return None
+        self.delivered = True
+        buffered, self._buffer = self._buffer, None
+        self._outcome = None
+        data = b"".join(buffered) if buffered else b""
+        if self.traffic is not None:
+            self.traffic.received += len(data)
+        whenDelivered, self.whenDelivered = self.whenDelivered, None
+        if whenDelivered is not None:
+            whenDelivered()
+        return data
+
     def _lose(self, protocol: Any, reason: Failure) -> None:
         whenDelivered, self.whenDelivered = self.whenDelivered, None
         if whenDelivered is not None:
