@@ -101,10 +101,55 @@ class _Pool(UpstreamPool):
         return self.endpoint
 
 
+class _TLSClient:
+    """
+    The client's side of a TLS 1.3 connection in memory (pyOpenSSL with
+    memory BIOs): what C{wrk} does to the proxy's TLS transport, without a
+    socket.
+    """
+
+    def __init__(self, caFile: str) -> None:
+        from OpenSSL import SSL
+
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_min_proto_version(SSL.TLS1_3_VERSION)
+        context.load_verify_locations(caFile)
+        context.set_alpn_protos([b"http/1.1"])
+        self.connection = SSL.Connection(context, None)
+        self.connection.set_tlsext_host_name(b"localhost")
+        self.connection.set_connect_state()
+        self._want = SSL.WantReadError
+
+    def outgoing(self) -> bytes:
+        """The TLS bytes the client has to send."""
+        try:
+            return self.connection.bio_read(1 << 20)
+        except self._want:
+            return b""
+
+    def incoming(self, data: bytes) -> bytes:
+        """Feed the proxy's TLS bytes; return the plaintext they carried."""
+        if data:
+            self.connection.bio_write(data)
+        out = []
+        while True:
+            try:
+                out.append(self.connection.recv(1 << 16))
+            except self._want:
+                break
+        return b"".join(out)
+
+    def handshake(self) -> None:
+        try:
+            self.connection.do_handshake()
+        except self._want:
+            pass
+
+
 class Bench:
     """One client connection through the whole proxy, in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         reactor = MemoryReactorClock()
         upstream = Upstream(name="origin", servers=(Server("127.0.0.1", 8080),))
         route = Route(name="all", hosts=("*",), paths=("/",), upstream="origin")
@@ -121,21 +166,72 @@ class Bench:
         pool.endpoint = _Endpoint()
         self.pool = pool
         runtime = Runtime(config=config, router=Router((route,)), pools={"origin": pool})  # type: ignore[dict-item]
-        listener = Listener(name="https", endpoint="tcp:0", tls=False)
+        listener = Listener(name="https", endpoint="tcp:0", tls=tls)
         site = ListenerFactory(lambda: runtime, listener, reactor, metrics=metrics)
         peer = IPv4Address("TCP", "127.0.0.1", 40000)
+        self.tls: _TLSClient | None = None
+        if tls:
+            site = self._tlsFactory(site, reactor)
         self.protocol = site.buildProtocol(peer)
         self.client = StringTransport(peerAddress=peer)
         self.protocol.makeConnection(self.client)
         self.reactor = reactor
+        if tls:
+            self._handshake()
+
+    def _tlsFactory(self, site: Any, reactor: Any) -> Any:
+        """The listener's factory in the TLS factory a TLS listener uses."""
+        import tempfile
+
+        from edgeproxy.config.model import TLSSettings
+        from edgeproxy.serve.listeners import tlsServerFactory
+        from edgeproxy.tls.store import CertificateStore
+        from tests.certutil import CertificateAuthority
+
+        # Certificates are checked against the clock: make it now.
+        reactor.advance(time.time())
+        directory = Path(tempfile.mkdtemp(prefix="inproc-tls-"))
+        ca = CertificateAuthority("inproc root")
+        leaf = ca.issue(["localhost"])
+        pem = leaf.writePEM(directory / "leaf.pem")
+        caFile = ca.writeCertificate(directory / "ca.pem")
+        store = CertificateStore(TLSSettings(certificates=(str(pem),), default=None), reactor)
+        store.load()
+        self.tls = _TLSClient(str(caFile))
+        return tlsServerFactory(store.serverConnectionCreator((b"http/1.1",)), site, reactor)
+
+    def _handshake(self) -> None:
+        tls = self.tls
+        assert tls is not None
+        for _ in range(10):
+            tls.handshake()
+            data = tls.outgoing()
+            if data:
+                self.protocol.dataReceived(data)
+            self.reactor.advance(0)
+            reply = self.client.value()
+            self.client.clear()
+            tls.incoming(reply)
+            if tls.connection.get_protocol_version_name() == "TLSv1.3" and not data and not reply:
+                break
 
     def once(self) -> bytes:
-        self.protocol.dataReceived(REQUEST)
+        tls = self.tls
+        if tls is None:
+            self.protocol.dataReceived(REQUEST)
+        else:
+            tls.connection.send(REQUEST)
+            self.protocol.dataReceived(tls.outgoing())
         for backend in self.pool.endpoint.backends:
             if backend.value():
                 backend.answer()
+        if tls is not None:
+            # What the TLS layer held for the reactor's next turn.
+            self.reactor.advance(0)
         wire = self.client.value()
         self.client.clear()
+        if tls is not None:
+            wire = tls.incoming(wire)
         return wire
 
     def check(self) -> None:
@@ -159,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000, help="requests per run")
     parser.add_argument("--runs", type=int, default=5, help="runs (the median is printed)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one run")
+    parser.add_argument(
+        "--tls", action="store_true",
+        help="the client over TLS 1.3 (the listener's TLS transport, in memory too)",
+    )
     args = parser.parse_args(argv)
-    bench = Bench()
+    bench = Bench(tls=args.tls)
     for _ in range(3):
         bench.check()
     bench.run(min(2000, args.requests))  # warm-up
@@ -176,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.run(args.requests) / args.requests * 1e6 for _ in range(args.runs)
     )
     print(
-        f"in-memory proxied request (HTTP/1.1 keep-alive, 1 KiB): "
+        f"in-memory proxied request (HTTP/1.1{' over TLS' if args.tls else ''} keep-alive, 1 KiB): "
         f"median {statistics.median(perRequest):.1f} us CPU per request "
         f"(runs: {', '.join(f'{x:.1f}' for x in perRequest)}; "
         f"{args.requests} requests each)"

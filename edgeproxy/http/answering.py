@@ -253,10 +253,11 @@ class Answering:
     def _finishResponse(self, call: Call) -> None:
         head = self._pendingHead
         tail = h1.LAST_CHUNK if self._chunked and not self._noBody else b""
+        # The response is complete: no reason to wait for more to write.
         if head:
-            self._write(head + tail)
+            self._writeNow(head + tail)
         elif tail:
-            self._write(tail)
+            self._writeNow(tail)
         self._pendingHead = None
         self._call = None
         self._endCall(call, None)
@@ -285,6 +286,9 @@ class Answering:
     # The connection's (see HTTP1Connection).
 
     def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _writeNow(self, data: bytes) -> None:
         raise NotImplementedError
 
     def _abort(self) -> None:

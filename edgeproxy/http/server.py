@@ -41,6 +41,7 @@ is aborted after L{ABORT_TIMEOUT}.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from OpenSSL import SSL
@@ -57,6 +58,7 @@ from edgeproxy.http.answering import Answering
 from edgeproxy.http.errorpages import rejection
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.values import ConnectionInfo
+from edgeproxy.upstream.sending import writeNow
 
 __all__ = ["ABORT_TIMEOUT", "DISCARD_LIMIT", "HTTP1Connection"]
 
@@ -86,7 +88,7 @@ class HTTP1Connection(Answering):
         "_parsing", "_pendingHead", "_chunked", "_noBody", "_streaming",
         "_readPaused", "_bodyPaused", "_abortCall", "_upgraded", "_maxBody",
         "_handshakeDone", "_traffic", "_started", "_answered", "_registered",
-        "_served", "_awaitingHead", "_continued", "_discarded", "__weakref__",
+        "_served", "_awaitingHead", "_continued", "_discarded", "_sendNow", "__weakref__",
     )
 
     def __init__(self, factory: Any) -> None:
@@ -128,6 +130,10 @@ class HTTP1Connection(Answering):
     def makeConnection(self, transport: Any) -> None:
         self.connected = 1
         self.transport = transport
+        # A complete response goes out at once: through the TLS transport's
+        # own writeNow, or straight to a TCP socket (writeNow).
+        sendNow = getattr(transport, "writeNow", None)
+        self._sendNow = sendNow if sendNow is not None else partial(writeNow, transport)
         self.factory.connectionMade(self, transport)
         self.connectionMade()
 
@@ -541,6 +547,11 @@ class HTTP1Connection(Answering):
     def _write(self, data: bytes) -> None:
         if not self._lost:
             self.transport.write(data)
+
+    def _writeNow(self, data: bytes) -> None:
+        """Write C{data} and send it now (nothing follows it soon)."""
+        if not self._lost:
+            self._sendNow(data)
 
     def _reject(self, status: int) -> None:
         """Refuse what the client sent: the generic page, then close."""

@@ -30,6 +30,7 @@ from edgeproxy.serve.sites import connectionsOf, inFlightOf, reconfigureSite
 from edgeproxy.systemd import adoptable
 from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
 from edgeproxy.tls.transport import EdgeTLSTransport
+from edgeproxy.upstream.sending import allowDirect
 
 __all__ = ["AdminListener", "LeanServer", "ListenerSet", "OpenListener", "formatAddress", "tlsServerFactory"]
 
@@ -455,3 +456,8 @@ class LeanServer(tcp.Server):
     @repstr.setter
     def repstr(self, value: str) -> None:
         pass
+
+
+
+# Sends a complete response straight to the socket too (see writeNow).
+allowDirect(LeanServer)

@@ -153,6 +153,29 @@ class EdgeTLSTransport(BufferingTLSTransport):
             traffic.sent += len(data)
         self._aggregate(data)
 
+    def writeNow(self, data: bytes) -> None:
+        """
+        Write C{data} and encrypt and send it, with anything held, now: for
+        a writer that knows nothing follows soon (a complete response).  The
+        next reactor turn (and the timer that waits for it) is not worth it
+        then.
+        """
+        if self._writesClosed:
+            return
+        traffic = self.traffic
+        if traffic is not None:
+            traffic.sent += len(data)
+        pending = self._pending
+        if pending:
+            pending.append(data + b"")
+            call = self._pendingCall
+            if call is not None:
+                self._pendingCall = None
+                call.cancel()
+            self._flushPending()
+            return
+        TLSMemoryBIOProtocol.write(self, data)
+
     def _aggregate(self, data: bytes) -> None:
         """
         What C{_AggregateSmallWrites.write} does: hold small writes until

@@ -53,6 +53,17 @@ def bodyLength(body: BodyProducer | None) -> int | None:
     return None if length is UNKNOWN_LENGTH else length
 
 
+_DIRECT: frozenset[type] = frozenset((tcp.Client, tcp.Server))
+"""The TCP transports L{writeNow} may send through directly (exactly these:
+see its docstring); a listener's subclass adds itself with L{allowDirect}."""
+
+
+def allowDirect(transportType: type) -> None:
+    """Let L{writeNow} send through C{transportType} (a C{tcp.Server} subclass)."""
+    global _DIRECT
+    _DIRECT = _DIRECT | {transportType}
+
+
 def writeNow(transport: Any, data: bytes) -> None:
     """
     Write C{data}, straight to the socket when nothing is queued before it.
@@ -72,7 +83,7 @@ def writeNow(transport: Any, data: bytes) -> None:
     sends through it over real sockets.
     """
     if (
-        type(transport) is tcp.Client
+        type(transport) in _DIRECT
         and not transport.dataBuffer
         and not transport._tempDataBuffer
         and transport.connected
