@@ -94,19 +94,18 @@ class Backend:
     extra: dict[str, object] = field(default_factory=dict)
     """Owners' extra per-backend bookkeeping (kept out of the fields above
     so this class stays the shared contract)."""
+    address: str = field(init=False, default="")
+    """C{host:port}, IPv6 in brackets: how logs, metrics and C{/status}
+    name it (made once: it is read on every request)."""
 
     def __post_init__(self) -> None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.address = f"{host}:{self.port}"
         if self.server.down:
             self.state = BackendState.DISABLED
             self.reason = "down in configuration"
 
     # What balancing needs (the same names as on Server) ----------------------
-
-    @property
-    def address(self) -> str:
-        """C{host:port}, IPv6 in brackets: how logs and C{/status} name it."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
 
     @property
     def weight(self) -> int:
