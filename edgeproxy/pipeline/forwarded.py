@@ -353,20 +353,14 @@ def clientFields(fields: Fields) -> Fields:
     lines = fields.lines()
     if lines is not None:
         known = LINES
+        kept = []
         for line in lines:
             pair = known.get(line)
-            if (pair[0] if pair is not None else line.partition(b":")[0].lower()) in _dropped:
-                break
-        else:
+            if (pair[0] if pair is not None else line.partition(b":")[0].lower()) not in _dropped:
+                kept.append(line)
+        if len(kept) == len(lines):
             return fields
-        return fields.withoutLines(
-            [
-                line
-                for line in lines
-                if ((known.get(line) or (line.partition(b":")[0].lower(),))[0]) not in _dropped
-            ],
-            _dropped,
-        )
+        return fields.withoutLines(kept, _dropped)
     raw = fields.raw()
     if b"server" not in raw and b"x-powered-by" not in raw:
         return fields

@@ -484,6 +484,8 @@ def _bodyBytes(body: object) -> int:
     what a replayable body received from the client (C{received}), else its
     declared length.
     """
+    if body is None:
+        return 0
     for name in ("received", "length"):
         count = getattr(body, name, None)
         if isinstance(count, int) and not isinstance(count, bool):
