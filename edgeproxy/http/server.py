@@ -224,16 +224,16 @@ class HTTP1Connection(Answering):
         elif self._call is None:
             self._loseConnection()
 
-    def takeOver(self, call: Call, head: bytes, protocol: Any) -> bytes:
+    def takeOver(self, call: Call, fields: Fields, protocol: Any) -> bytes:
         """
-        Switch protocols (a WebSocket's C{101}): write C{head}, then hand
-        every byte of the connection to C{protocol} until it ends.  The call
-        stays in flight until then.
+        Switch protocols (a WebSocket's C{101} with C{fields}): write the
+        head, then hand every byte of the connection to C{protocol} until it
+        ends.  The call stays in flight until then.
 
         @return: what the client sent after its request head (a WebSocket
             client's first frames), for C{protocol} to take first.
         """
-        self._write(head)
+        self._write(h1.writeResponseHead(b"HTTP/1.1", 101, b"Switching Protocols", fields, None))
         self._answered = True
         self._pendingHead = None
         factory = self.factory
