@@ -695,6 +695,8 @@ class HTTP2Connection:
     def _loseConnection(self) -> None:
         if self._lost or self._abortCall is not None:
             return
+        # What the library still has (a last response, a GOAWAY) goes first.
+        self._flush(force=True)
         self._closing = True
         self._headQueue.disarm(self)
         self._idleQueue.disarm(self)
