@@ -7,6 +7,8 @@ reached the route's stage, and on the body sources paused.
 
 from __future__ import annotations
 
+from typing import Any
+
 import h2.events
 import h2.settings
 from hyperframe.frame import (
@@ -19,7 +21,10 @@ from hyperframe.frame import (
     RstStreamFrame,
     SettingsFrame,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
 from edgeproxy.config.model import HTTP2Settings, Limits, Route
@@ -672,3 +677,81 @@ def test_extendedConnectOnARouteWithoutWebSockets() -> None:
     stream = pair.get(headers)
     assert pair.response(stream)[0][b":status"] == b"501"
     assert not pair.stage.requests
+
+
+# Any frames at all -----------------------------------------------------------------
+
+
+def _frame(kind: str, stream: int, flags: int, payload: bytes) -> bytes:
+    types = {"DATA": 0, "HEADERS": 1, "PRIORITY": 2, "RST_STREAM": 3, "SETTINGS": 4,
+             "PUSH_PROMISE": 5, "PING": 6, "GOAWAY": 7, "WINDOW_UPDATE": 8, "CONTINUATION": 9,
+             "UNKNOWN": 0x42}
+    return (
+        len(payload).to_bytes(3, "big") + bytes([types[kind], flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+frameStrategy = st.one_of(
+    st.builds(
+        _frame,
+        st.sampled_from(["DATA", "HEADERS", "PRIORITY", "RST_STREAM", "SETTINGS", "PUSH_PROMISE",
+                         "PING", "GOAWAY", "WINDOW_UPDATE", "CONTINUATION", "UNKNOWN"]),
+        st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1]),
+        st.integers(min_value=0, max_value=255),
+        st.binary(max_size=40),
+    ),
+    st.sampled_from(["request", "post", "bad", "reset", "window"]),
+    st.binary(min_size=1, max_size=30),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(frameStrategy, max_size=25), st.integers(min_value=1, max_value=64))
+def test_anyFrameSequenceEndsCleanly(frames: list[Any], chunk: int) -> None:
+    """
+    Whatever a client sends, the connection answers, resets streams or
+    ends with GOAWAY: never an unhandled exception, never a failure logged,
+    and every call ends with the connection.
+    """
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        pair = Pair()
+        pair.stage.answer = lambda call: (
+            call.respond(textResponse(200, b"ok")) if call.request.path == b"/ok" else None
+        )
+        data = b""
+        stream = 1
+        for frame in frames:
+            if frame == "request":
+                data += headersFrame(pair, stream, request(b"/ok"))
+                stream += 2
+            elif frame == "post":
+                data += headersFrame(pair, stream, request(b"/held", b"POST"), end=False)
+                data += _frame("DATA", stream, 0, b"body")
+                stream += 2
+            elif frame == "bad":
+                data += headersFrame(pair, stream, request(extra=[(b"connection", b"close")]))
+                stream += 2
+            elif frame == "reset":
+                data += _frame("RST_STREAM", max(1, stream - 2), 0, b"\x00\x00\x00\x08")
+            elif frame == "window":
+                data += _frame("WINDOW_UPDATE", 0, 0, b"\x00\x01\x00\x00")
+            else:
+                data += frame
+        for start in range(0, len(data), chunk):
+            pair.send(data[start:start + chunk])
+        pair.frames()
+        for call in list(pair.stage.held):
+            call.respond(textResponse(200, b"late"))
+        pair.clock.advance(100)
+        pair.lose(Failure(ConnectionDone()))
+        assert not pair.factory.inflight
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not failures, failures
