@@ -7,6 +7,8 @@ reached the route's stage, and on the body sources paused.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 import h2.events
@@ -23,14 +25,17 @@ from hyperframe.frame import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
-from edgeproxy.config.model import HTTP2Settings, Limits, Route
+from edgeproxy.config.model import HTTP2Settings, Limits, ProxySettings, Route, Server
 from edgeproxy.h1 import Fields
+from edgeproxy.pipeline.forward import Forward
 from edgeproxy.pipeline.values import Response
-from tests.h2util import ROUTE, Body, Pair, request, textResponse
+from tests.h2util import ROUTE, UPSTREAM, Body, Pair, request, textResponse
 
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR = 0x0, 0x1, 0x2
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0xB
@@ -755,3 +760,137 @@ def test_anyFrameSequenceEndsCleanly(frames: list[Any], chunk: int) -> None:
     finally:
         globalLogPublisher.removeObserver(observe)
     assert not failures, failures
+
+
+# WebSockets over HTTP/2 (RFC 8441) ----------------------------------------------
+
+
+class _Endpoint:
+    def __init__(self) -> None:
+        self.transports: list[StringTransport] = []
+        self.protocols: list[Any] = []
+
+    def connect(self, factory: Any) -> Any:
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        self.protocols.append(protocol)
+        return succeed(protocol)
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.upstream = UPSTREAM
+        self.endpoint = _Endpoint()
+        self.clock = None
+
+    def pickServer(self, hashKey: bytes | None) -> Server:
+        return UPSTREAM.servers[0]
+
+    def endpointFor(self, server: Server) -> _Endpoint:
+        return self.endpoint
+
+
+def _accept(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+def websocketPair() -> tuple[Pair, _Pool, int]:
+    pair = Pair()
+    pool = _Pool()
+    forward = Forward(ROUTE, pool, ProxySettings())
+    pair.stage.answer = forward.handle
+    stream = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(
+        stream,
+        [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
+         (b":authority", b"example.com"), (b":path", b"/chat"), (b"sec-websocket-version", b"13")],
+    )
+    pair.client.send_data(stream, b"early")
+    pair.pump()
+    return pair, pool, stream
+
+
+def test_webSocketOverHTTP2() -> None:
+    """
+    An extended CONNECT for websocket reaches the backend as an HTTP/1.1
+    Upgrade with a key of the proxy's; the backend's 101 becomes a 200
+    (RFC 8441 5), and the stream's DATA frames and the backend's bytes are
+    relayed both ways until the client ends the stream.
+    """
+    pair, pool, stream = websocketPair()
+    [backend] = pool.endpoint.transports
+    head = backend.value().decode("latin-1")
+    assert head.startswith("GET /chat HTTP/1.1\r\n")
+    fields = {
+        name.lower(): value for name, value in (line.split(": ", 1) for line in head.split("\r\n")[1:] if line)
+    }
+    assert fields["upgrade"] == "websocket" and fields["connection"] == "upgrade"
+    assert fields["sec-websocket-version"] == "13"
+    key = fields["sec-websocket-key"].encode()
+    assert len(base64.b64decode(key)) == 16
+    backend.clear()
+    [protocol] = pool.endpoint.protocols
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\nSec-WebSocket-Protocol: chat\r\n\r\nhello"
+    )
+    pair.pump()
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"200" and headers[b"sec-websocket-protocol"] == b"chat"
+    assert b"sec-websocket-accept" not in headers and b"upgrade" not in headers
+    assert body == b"hello" and not ended
+    assert backend.value() == b"early"
+    pair.client.send_data(stream, b"ping")
+    pair.pump()
+    assert backend.value() == b"earlyping"
+    protocol.dataReceived(b"pong")
+    pair.pump()
+    assert pair.response(stream)[1] == b"hellopong"
+    pair.client.end_stream(stream)
+    pair.pump()
+    assert backend.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))
+    pair.pump()
+    assert pair.response(stream)[2]
+    [call] = pair.factory.accessLog.calls
+    assert call.status == 200 and call.request.method == b"CONNECT"
+    assert not pair.closed()
+
+
+def test_webSocketWrongAccept() -> None:
+    pair, pool, stream = websocketPair()
+    [protocol] = pool.endpoint.protocols
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: bogus\r\n\r\n"
+    )
+    pair.pump()
+    assert pair.response(stream)[0][b":status"] == b"502"
+    assert pool.endpoint.transports[0].disconnecting
+
+
+def test_webSocketRefusedByTheBackend() -> None:
+    pair, pool, stream = websocketPair()
+    [protocol] = pool.endpoint.protocols
+    protocol.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+    pair.pump()
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"403" and body == b"no" and ended
+    assert not pair.closed()
+
+
+def test_webSocketClientResets() -> None:
+    pair, pool, stream = websocketPair()
+    [protocol] = pool.endpoint.protocols
+    [backend] = pool.endpoint.transports
+    key = backend.value().split(b"Sec-Websocket-Key: ")[1].split(b"\r\n")[0]
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n\r\n"
+    )
+    pair.pump()
+    pair.client.reset_stream(stream, CANCEL)
+    pair.pump()
+    assert backend.disconnecting

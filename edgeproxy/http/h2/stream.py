@@ -176,8 +176,11 @@ class Stream:
             pipe.finish()
         transport = self.transport
         if transport is not None and transport.protocol is not None:
-            # The client closed its side of the tunnel: the tunnel ends.
+            # The client closed its side of the tunnel: the tunnel ends, and
+            # so does our side once what it holds is written.
             transport.lost(Failure(ConnectionDone("client ended the stream")))
+            self.endPending = True
+            self.connection.push(self)
 
     def pause(self) -> None:
         self.readPaused = True
@@ -330,7 +333,9 @@ class Stream:
             call.cancel()
             if pipe is not None:
                 pipe.fail(reason)
-            if producer is not None:
+            if producer is not None and self.transport is None:
+                # (A tunnel's producer is its backend connection, which
+                # the tunnel closes.)
                 producer.stopProducing()
         self.connection.callEnded(self, call, reason)
 
