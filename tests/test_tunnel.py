@@ -273,7 +273,7 @@ class TestTakeOver:
         assert stage.protocol.lost is not None
         assert log.logged == [(101, 0, b"/ws")]
         assert client.factory.inflight == set() and client.factory.channels == set()
-        assert client.wire() == b""
+        assert client.wire() == b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
 
     def test_pausedTransportResumed(self) -> None:
         client, stage, _ = takenOver(max_header_size=1024)

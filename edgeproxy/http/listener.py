@@ -130,7 +130,8 @@ class ListenerFactory(Factory):
         # WebSockets.
         websockets = self._websockets.get(id(runtime))
         if websockets is None:
-            websockets = any(route.websocket for route in runtime.config.routes)
+            config = getattr(runtime, "config", None)
+            websockets = config is not None and any(route.websocket for route in config.routes)
             self._websockets = {id(runtime): websockets}
         protocol = HTTP2Connection(self, websockets)
         self.http2.add(protocol)

@@ -342,7 +342,7 @@ class Stream:
     # WebSockets over HTTP/2 (RFC 8441) --------------------------------------
 
     def tunnel(self, call: Call, pool: Any, fields: Fields, path: bytes, hashKey: bytes | None) -> None:
-        from edgeproxy.http.tunnel import startTunnel
+        from edgeproxy.http.websocket import startTunnel
 
         if call is not self.call:
             return
