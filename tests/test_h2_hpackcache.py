@@ -43,20 +43,45 @@ def test_encoderMatchesTheLibrary(lists: list[list[tuple[bytes, bytes]]], sizes:
         assert [tuple(h) for h in decoder.decode(block, raw=True)] == headers
 
 
+sensitiveLists = st.lists(
+    st.lists(
+        st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES), st.booleans()), min_size=1, max_size=6
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
 @settings(max_examples=300)
-@given(headerLists)
-def test_decoderMatchesTheLibrary(lists: list[list[tuple[bytes, bytes]]]) -> None:
+@given(sensitiveLists, st.lists(st.integers(min_value=0, max_value=29), max_size=10))
+def test_decoderMatchesTheLibrary(lists: list[list[tuple[bytes, bytes, bool]]], again: list[int]) -> None:
+    """
+    Blocks with indexed fields, literals indexed and never indexed, some
+    sent again later: the caching decoder reads what the library reads.
+    """
     encoder = hpack.Encoder()
     plain = hpack.Decoder()
     caching = CachingDecoder(65536)
-    for headers in lists:
+    blocks = []
+    for index, headers in enumerate(lists):
         block = encoder.encode(headers)
-        expected = plain.decode(block, raw=True)
-        assert caching.decode(block, raw=True) == expected
-        # Again: a repeated indexed-only block comes from the cache.
-        if indexedOnly(block):
-            assert caching.decode(block, raw=True) == expected
-            plain.decode(block, raw=True)
+        blocks.append(block)
+        assert caching.decode(block, raw=True) == plain.decode(block, raw=True)
+        if index in again:
+            # The same bytes once more (a cached answer when nothing changed).
+            assert caching.decode(block, raw=True) == plain.decode(block, raw=True)
+    for index in again:
+        # An earlier block after the tables moved on: whatever it means now
+        # (or fails as), the same for both.
+        if index < len(blocks):
+            assert _outcome(caching, blocks[index]) == _outcome(plain, blocks[index])
+
+
+def _outcome(decoder: hpack.Decoder, block: bytes) -> object:
+    try:
+        return decoder.decode(block, raw=True)
+    except hpack.HPACKError as error:
+        return type(error)
 
 
 def test_repeatedBlocksAreIndexedOnly() -> None:
@@ -90,3 +115,37 @@ def test_decodedListIsTheCallers() -> None:
     first = decoder.decode(block, raw=True)
     first.append((b"mine", b"x"))
     assert decoder.decode(block, raw=True) == [(b"x-a", b"v1")]
+
+
+def test_literalsWithoutIndexingAreRemembered() -> None:
+    """
+    nghttp2 sends C{:path} as a literal without indexing (RFC 7541 6.2.2):
+    such a block changes no table, and is decoded once.
+    """
+    block = bytes.fromhex("04032f316b87")  # :path /1k (no indexing), :scheme https
+    decoder = CachingDecoder(65536)
+    first = decoder.decode(block, raw=True)
+    calls: list[bytes] = []
+    original = hpack.Decoder.decode
+
+    def counting(self: hpack.Decoder, data: bytes, raw: bool = False) -> object:
+        calls.append(data)
+        return original(self, data, raw)
+
+    hpack.Decoder.decode = counting  # type: ignore[method-assign]
+    try:
+        assert decoder.decode(block, raw=True) == first == [(b":path", b"/1k"), (b":scheme", b"https")]
+    finally:
+        hpack.Decoder.decode = original  # type: ignore[method-assign]
+    assert calls == []
+
+
+def test_blockThatIndexesForgetsTheOthers() -> None:
+    encoder = hpack.Encoder()
+    decoder = CachingDecoder(65536)
+    plain = hpack.Decoder()
+    literal = bytes.fromhex("04032f316b")
+    assert decoder.decode(literal, raw=True) == plain.decode(literal, raw=True)
+    indexing = encoder.encode([(b"x-new", b"1")])
+    assert decoder.decode(indexing, raw=True) == plain.decode(indexing, raw=True)
+    assert decoder._known == {}

@@ -1,26 +1,24 @@
 # -*- test-case-name: tests.test_h2_hpackcache -*-
 """
 HPACK (RFC 7541) for one HTTP/2 connection: the C{hpack} library's encoder
-and decoder, with the answer for a header block that only names entries of
-the tables kept for as long as the tables do not change.
+and decoder, with the answer for a header block that changed nothing in the
+tables kept for as long as the tables do not change.
 
 A client sending the same request again (a poll, a load generator, most
-requests of a page after the first) sends a block made only of indexed
-field representations (RFC 7541 6.1): one byte per field once every field
-is in the dynamic table.  Decoding such a block changes nothing in the
-table, so the same bytes decode to the same fields until a block that is
-not made only of indexed representations is decoded (only those can add
-entries, evict them or resize the table).  The same holds the other way for
-a response sent again: once its fields are in the encoder's table they
-are all written as indexed representations, and writing them changes
-nothing.  L{CachingDecoder} and L{CachingEncoder} keep those answers, and
-forget them all as soon as a block that may have changed a table goes
-through.
+requests of a page after the first) sends the same block again: its fields
+are indexed representations of entries already in the tables (RFC 7541
+6.1), or literals "without indexing" (6.2.2, as nghttp2 sends C{:path}).
+Decoding such a block changes nothing in the dynamic table, so the same
+bytes decode to the same fields until a block that does change it (a
+literal with incremental indexing, a table size update) is decoded.  The
+same holds the other way for a response sent again: once its fields are in
+the encoder's table they are all written as indexed representations, and
+writing them changes nothing.  L{CachingDecoder} and L{CachingEncoder} keep
+those answers, and forget them all as soon as a block changes a table.
 
-A block is "indexed only" when every byte has its high bit set (the
-indexed representation, RFC 7541 6.1) and none is C{0xff} (the start of a
-multi-byte index): then every byte is one field.  Anything else (literals,
-a table size update, a long index) goes through the library unchanged.
+Whether a block changed a table is read from the table itself: its size
+limit, its number of entries and its newest entry (every insertion puts a
+new one first) are the same before and after.
 """
 
 from __future__ import annotations
@@ -44,9 +42,19 @@ ever new blocks only makes it useless, never large)."""
 def indexedOnly(block: bytes) -> bool:
     """
     Whether the header block C{block} is made only of one-byte indexed field
-    representations, and so changes no table when decoded.
+    representations (and so can change no table).
     """
     return not block.translate(None, _NOT_SINGLE_INDEX)
+
+
+def _state(table: Any) -> tuple[int, int, Any]:
+    """What changes in a header table whenever its contents change."""
+    entries = table.dynamic_entries
+    return (table.maxsize, len(entries), entries[0] if entries else None)
+
+
+def _same(before: tuple[int, int, Any], after: tuple[int, int, Any]) -> bool:
+    return before[0] == after[0] and before[1] == after[1] and before[2] is after[2]
 
 
 class CachingDecoder(Decoder):
@@ -62,17 +70,19 @@ class CachingDecoder(Decoder):
     def decode(self, data: bytes, raw: bool = False) -> Iterable[Any]:
         block = bytes(data)
         known = self._known
-        if not raw or not indexedOnly(block):
+        if raw:
+            hit = known.get(block)
+            if hit is not None:
+                headers, size = hit
+                if size <= self.max_header_list_size:
+                    # A copy: the caller may keep or change what it gets.
+                    return list(headers)
+        before = _state(self.header_table)
+        headers = Decoder.decode(self, block, raw)
+        if not raw or not _same(before, _state(self.header_table)):
             if known:
                 known.clear()
-            return Decoder.decode(self, block, raw)
-        hit = known.get(block)
-        if hit is not None:
-            headers, size = hit
-            if size <= self.max_header_list_size:
-                # A copy: the caller may keep or change what it gets.
-                return list(headers)
-        headers = Decoder.decode(self, block, raw)
+            return headers
         if len(known) >= MAX_CACHED:
             known.clear()
         # RFC 7541 4.1: what the decoder counted against the list size.
@@ -95,21 +105,26 @@ class CachingEncoder(Encoder):
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         known = self._known
-        if self.header_table.resized or not isinstance(headers, list) or not huffman:
-            # A table size update is due (RFC 7541 4.2): it starts the next
-            # block, which then changes the table.
+        if not isinstance(headers, list) or not huffman:
             if known:
                 known.clear()
             return Encoder.encode(self, headers, huffman)
         key = tuple(headers)
-        block = known.get(key)
-        if block is not None:
-            return block
+        table = self.header_table
+        if not table.resized:
+            block = known.get(key)
+            if block is not None:
+                return block
+        before = _state(table)
+        resized = table.resized
         block = Encoder.encode(self, headers, huffman)
-        if indexedOnly(block):
-            if len(known) >= MAX_CACHED:
+        if resized or not _same(before, _state(table)):
+            # A table size update (RFC 7541 4.2) or new entries: every
+            # block remembered may now mean something else.
+            if known:
                 known.clear()
-            known[key] = block
-        elif known:
+            return block
+        if len(known) >= MAX_CACHED:
             known.clear()
+        known[key] = block
         return block
