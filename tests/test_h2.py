@@ -894,3 +894,20 @@ def test_webSocketClientResets() -> None:
     pair.client.reset_stream(stream, CANCEL)
     pair.pump()
     assert backend.disconnecting
+
+
+def test_prefaceSentAtTheHandshake() -> None:
+    """
+    The server's SETTINGS go as soon as the handshake chose h2 (RFC 9113
+    3.4); a client that then sends nothing gets HTTP/2's header deadline,
+    never an HTTP/1.1 408.
+    """
+    pair = Pair(preface=False)
+    pair.connection.handshakeCompleted()
+    frames = pair.frames()
+    assert isinstance(frames[0], SettingsFrame) and "ACK" not in frames[0].flags
+    pair.clock.advance(11)
+    assert pair.closed()
+    data = pair.transport.value()
+    assert b"HTTP/1.1" not in data
+    assert isinstance(pair.frames()[-1], GoAwayFrame)

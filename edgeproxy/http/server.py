@@ -194,6 +194,11 @@ class HTTP1Connection(Answering):
     def handshakeCompleted(self) -> None:
         self._handshakeDone = True
         self.factory.handshakeCompleted(self)
+        if not self._started and getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            # RFC 9113 3.4: the server's preface goes at once, and HTTP/2's
+            # own deadlines apply from the start.
+            self._started = True
+            self._switchToHTTP2(b"")
 
     # The listener's view (drain, timers) --------------------------------------
 
@@ -579,7 +584,8 @@ class HTTP1Connection(Answering):
         protocol = factory.buildHTTP2(self)
         self._upgraded = protocol
         protocol.makeConnection(self.transport)
-        protocol.dataReceived(data)
+        if data:
+            protocol.dataReceived(data)
 
 
 def isTLSFailure(reason: Any) -> bool:
