@@ -911,3 +911,26 @@ def test_prefaceSentAtTheHandshake() -> None:
     data = pair.transport.value()
     assert b"HTTP/1.1" not in data
     assert isinstance(pair.frames()[-1], GoAwayFrame)
+
+
+def test_earlyAnswerGivesTheWindowBack() -> None:
+    """
+    A stream answered while its body is held back (the backend paused it)
+    is reset, and the bytes it held are given back to the connection's
+    window: uploads on other streams do not starve.
+    """
+    unlimited = Route(name="all", hosts=("*",), paths=("/",), upstream="app")
+    pair = Pair(settings=HTTP2Settings(initial_window_size=65535, connection_buffer=65535), routes=(unlimited,))
+    for n in range(5):
+        stream = pair.client.get_next_available_stream_id()
+        pair.client.send_headers(stream, request(b"/up%d" % n, b"POST", [(b"content-length", b"100000")]))
+        for _ in range(4):
+            pair.client.send_data(stream, b"d" * 15000)
+        pair.pump()
+        call = pair.stage.held[-1]
+        # Nobody reads the body: the backend answers at once.
+        call.respond(textResponse(200, b"early"))
+        pair.pump()
+        assert pair.response(stream)[1] == b"early"
+        assert pair.resets()[stream] == NO_ERROR
+    assert pair.client.outbound_flow_control_window >= 60000

@@ -647,6 +647,11 @@ class HTTP2Connection:
 
     def _closeStream(self, stream: Stream, reason: Failure | None) -> None:
         self._waiting.pop(stream, None)
+        unacked, stream.unacked = stream.unacked, 0
+        if unacked and not self._closing:
+            # Bytes held back from a paused body: the connection's window
+            # gets them back (a closed stream's own window is gone).
+            self._h2.acknowledge_received_data(unacked, stream.id)
         if stream.call is not None:
             stream.endCall(reason or Failure(ConnectionLost("stream closed")))
         transport = stream.transport
