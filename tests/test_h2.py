@@ -23,7 +23,7 @@ from hyperframe.frame import (
     RstStreamFrame,
     SettingsFrame,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionDone
@@ -934,3 +934,79 @@ def test_earlyAnswerGivesTheWindowBack() -> None:
         assert pair.response(stream)[1] == b"early"
         assert pair.resets()[stream] == NO_ERROR
     assert pair.client.outbound_flow_control_window >= 60000
+
+
+actionStrategy = st.one_of(
+    st.sampled_from(["request", "pause", "resume", "write", "finish", "cut", "ack", "tick", "reset"]),
+    frameStrategy,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(actionStrategy, max_size=40))
+@example(["request", "pause", "write", "write", "reset", "request", "write", "cut", "resume"])
+def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
+    """
+    Frames from the client, body bytes from backends, the socket pausing
+    and resuming, time passing, in any order: no failure, what is held
+    for the client always adds up, and every call ends with the connection.
+    """
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        pair = Pair(settings=HTTP2Settings(stream_buffer=4096, connection_buffer=8192))
+        bodies: list[Body] = []
+
+        def answer(call: Any) -> None:
+            body = Body()
+            bodies.append(body)
+            call.respond(Response(200, b"OK", Fields(), None, body))
+
+        pair.stage.answer = answer
+        stream = 1
+        for action in actions:
+            if action == "pause":
+                pair.server.pauseProducing()
+            elif action == "resume":
+                pair.server.resumeProducing()
+            elif action in ("write", "finish", "cut"):
+                for body in bodies:
+                    if body.protocol is None or body.stopped:
+                        continue
+                    if action == "write":
+                        body.write(b"w" * 3000)
+                    elif action == "finish":
+                        body.finish()
+                    else:
+                        body.protocol.connectionLost(Failure(ConnectionDone()))
+                    break
+            elif action == "ack":
+                pair.send(_frame("WINDOW_UPDATE", 0, 0, b"\x00\x01\x00\x00"))
+                for open_ in range(1, stream, 2):
+                    pair.send(_frame("WINDOW_UPDATE", open_, 0, b"\x00\x01\x00\x00"))
+            elif action == "tick":
+                pair.clock.advance(5)
+            elif action == "request":
+                pair.send(headersFrame(pair, stream, request(b"/s")))
+                stream += 2
+            elif action == "reset":
+                pair.send(_frame("RST_STREAM", max(1, stream - 2), 0, b"\x00\x00\x00\x08"))
+            elif isinstance(action, str):
+                continue
+            else:
+                pair.send(action)
+            server = pair.server
+            if server is not None:
+                assert server.held >= 0
+                assert server.held == sum(s.held for s in server._streams.values())
+            pair.transport.clear()
+        pair.lose(Failure(ConnectionDone()))
+        assert not pair.factory.inflight
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not failures, failures
