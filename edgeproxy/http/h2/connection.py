@@ -65,6 +65,7 @@ from edgeproxy.errors import ProxyError
 from edgeproxy.http.h2.guard import RESETS, FrameGuard, Violation
 from edgeproxy.http.h2.head import Malformed, Refused, RequestHead, readRequestHead
 from edgeproxy.http.h2.hpackcache import CachingDecoder, CachingEncoder
+from edgeproxy.http.h2.sending import sendWhole
 from edgeproxy.http.h2.stream import Stream
 from edgeproxy.pipeline.call import Call
 
@@ -118,7 +119,7 @@ class HTTP2Connection:
         "_writePaused", "_connFull", "_receiving", "_calls", "_goingAway",
         "_lastStream", "_closing", "_lost", "_abortCall", "_headArmed", "_heads",
         "_headQueue", "_idleQueue", "_streamLimit", "_connLimit", "_maxStreams",
-        "__weakref__",
+        "_out", "__weakref__",
     )
 
     def __init__(self, factory: Any, connectProtocol: bool = False) -> None:
@@ -151,6 +152,7 @@ class HTTP2Connection:
         self._streamLimit = settings.stream_buffer
         self._connLimit = settings.connection_buffer
         self._maxStreams = settings.max_concurrent_streams
+        self._out: list[bytes] = []
 
     # IProtocol -----------------------------------------------------------------
 
@@ -484,6 +486,23 @@ class HTTP2Connection:
             headers = stream.headers
             pending = stream.pending
             if headers is not None:
+                if stream.endPending and len(pending) <= 1 and not self._writePaused:
+                    # The whole response at hand: one pass (sendWhole).
+                    frames = sendWhole(h2, streamId, headers, pending[0] if pending else b"")
+                    if frames is not None:
+                        stream.headers = None
+                        if pending:
+                            pending.clear()
+                            self.held -= stream.held
+                            stream.held = 0
+                        waiting = h2.data_to_send()
+                        if waiting:
+                            self._out.append(waiting)
+                        self._out.append(frames)
+                        self._localEnd(stream)
+                        if not self._receiving:
+                            self._flush()
+                        return
                 stream.headers = None
                 if stream.endPending and not pending:
                     h2.send_headers(streamId, headers, end_stream=True)
@@ -601,6 +620,13 @@ class HTTP2Connection:
         if self._lost or (self._closing and not force):
             return
         data = self._h2.data_to_send()
+        out = self._out
+        if out:
+            # What sendWhole wrote went after what the library had then.
+            if data:
+                out.append(data)
+            data = b"".join(out)
+            out.clear()
         if data:
             self.transport.write(data)
 
