@@ -5,8 +5,6 @@ library buffers the frame.
 
 from __future__ import annotations
 
-from hypothesis import given
-from hypothesis import strategies as st
 from hyperframe.frame import (
     DataFrame,
     HeadersFrame,
@@ -16,6 +14,8 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edgeproxy.http.h2.guard import (
     BUDGETS,

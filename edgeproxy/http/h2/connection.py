@@ -65,8 +65,8 @@ from edgeproxy.errors import ProxyError
 from edgeproxy.http.h2.guard import RESETS, FrameGuard, Violation
 from edgeproxy.http.h2.head import Malformed, Refused, RequestHead, readRequestHead
 from edgeproxy.http.h2.hpackcache import CachingDecoder, CachingEncoder
-from edgeproxy.http.h2.sending import sendWhole
 from edgeproxy.http.h2.stream import Stream
+from edgeproxy.http.h2.writing import Writing
 from edgeproxy.pipeline.call import Call
 
 __all__ = ["ABORT_TIMEOUT", "HTTP2Connection"]
@@ -105,7 +105,7 @@ class _NotImplemented(ProxyError):
 
 
 @implementer(IProtocol, IPushProducer)
-class HTTP2Connection:
+class HTTP2Connection(Writing):
     """
     One HTTP/2 client connection, built by
     L{edgeproxy.http.listener.ListenerFactory.buildHTTP2}.
@@ -114,12 +114,10 @@ class HTTP2Connection:
     """
 
     __slots__ = (
-        "factory", "clock", "transport", "connected", "limits", "settings", "held",
-        "_h2", "_guard", "_streams", "_waiting", "_info", "_connectProtocol",
-        "_writePaused", "_connFull", "_receiving", "_calls", "_goingAway",
-        "_lastStream", "_closing", "_lost", "_abortCall", "_headArmed", "_heads",
-        "_headQueue", "_idleQueue", "_streamLimit", "_connLimit", "_maxStreams",
-        "_out", "__weakref__",
+        "factory", "clock", "transport", "connected", "limits", "settings", "_h2", "_guard",
+        "_streams", "_info", "_connectProtocol", "_goingAway", "_lastStream", "_closing",
+        "_lost", "_abortCall", "_headArmed", "_heads", "_headQueue", "_idleQueue",
+        "_maxStreams", "__weakref__",
     )
 
     def __init__(self, factory: Any, connectProtocol: bool = False) -> None:
@@ -127,19 +125,14 @@ class HTTP2Connection:
         self.clock = factory.clock
         self.limits = factory.limits
         settings = self.settings = factory.listener.h2
+        Writing.__init__(self, settings.stream_buffer, settings.connection_buffer)
         self.transport: Any = None
         self.connected = 0
-        self.held = 0
         self._h2: Any = None
         self._guard = FrameGuard(settings.max_frame_size, settings.max_concurrent_streams)
         self._streams: dict[int, Stream] = {}
-        self._waiting: dict[Stream, None] = {}
         self._info: Any = None
         self._connectProtocol = connectProtocol
-        self._writePaused = False
-        self._connFull = False
-        self._receiving = False
-        self._calls = 0
         self._goingAway = False
         self._lastStream = 0
         self._closing = False
@@ -149,10 +142,7 @@ class HTTP2Connection:
         self._heads: dict[tuple[Any, ...], Any] = {}
         self._headQueue = factory.headQueue
         self._idleQueue = factory.idleQueue
-        self._streamLimit = settings.stream_buffer
-        self._connLimit = settings.connection_buffer
         self._maxStreams = settings.max_concurrent_streams
-        self._out: list[bytes] = []
 
     # IProtocol -----------------------------------------------------------------
 
@@ -186,7 +176,7 @@ class HTTP2Connection:
         h2.decoder = CachingDecoder(settings.max_header_list_size)
         h2.initiate_connection()
         h2.data_to_send()
-        preface = SettingsFrame(0, settings=advertised).serialize()
+        preface = SettingsFrame(0, settings={int(k): v for k, v in advertised.items()}).serialize()
         window = max(settings.connection_buffer, settings.initial_window_size)
         if window > 65535:
             # RFC 9113 6.9.2: the connection's window starts at 65,535
@@ -399,7 +389,7 @@ class HTTP2Connection:
         self._streams[streamId] = stream
         if event.stream_ended is not None:
             stream.remoteEnded = True
-        if type(head) is Refused:
+        if isinstance(head, Refused):
             self.factory.rejected(head.status)
             stream.reject(head.status)
             return
@@ -470,236 +460,6 @@ class HTTP2Connection:
 
     def _refuse(self, streamId: int) -> None:
         self._h2.reset_stream(streamId, REFUSED_STREAM)
-
-    # Writing --------------------------------------------------------------------
-
-    def push(self, stream: Stream) -> None:
-        """
-        Write what C{stream} holds as far as the client's windows and the
-        socket allow: the response head, body bytes, C{END_STREAM}.
-        """
-        if self._closing or stream.localEnded:
-            return
-        h2 = self._h2
-        streamId = stream.id
-        try:
-            headers = stream.headers
-            pending = stream.pending
-            if headers is not None:
-                if stream.endPending and len(pending) <= 1 and not self._writePaused:
-                    # The whole response at hand: one pass (sendWhole).
-                    frames = sendWhole(h2, streamId, headers, pending[0] if pending else b"")
-                    if frames is not None:
-                        stream.headers = None
-                        if pending:
-                            pending.clear()
-                            self.held -= stream.held
-                            stream.held = 0
-                        waiting = h2.data_to_send()
-                        if waiting:
-                            self._out.append(waiting)
-                        self._out.append(frames)
-                        self._localEnd(stream)
-                        if not self._receiving:
-                            self._flush()
-                        return
-                stream.headers = None
-                if stream.endPending and not pending:
-                    h2.send_headers(streamId, headers, end_stream=True)
-                    self._localEnd(stream)
-                    return
-                h2.send_headers(streamId, headers)
-            if pending:
-                if not self._writePaused:
-                    sent = 0
-                    maxFrame = h2.max_outbound_frame_size
-                    window = h2.local_flow_control_window(streamId)
-                    while pending and window > 0:
-                        chunk = pending[0]
-                        size = len(chunk)
-                        room = window if window < maxFrame else maxFrame
-                        if size <= room:
-                            pending.popleft()
-                            h2.send_data(streamId, chunk, end_stream=stream.endPending and not pending)
-                        else:
-                            view = chunk if type(chunk) is memoryview else memoryview(chunk)
-                            h2.send_data(streamId, view[:room])
-                            pending[0] = view[room:]
-                            size = room
-                        sent += size
-                        window -= size
-                    if sent:
-                        stream.held -= sent
-                        self.held -= sent
-                        if stream.idle is not None:
-                            stream.idle.touch()
-                        self._released(stream)
-                if pending:
-                    self._waiting[stream] = None
-                else:
-                    self._waiting.pop(stream, None)
-                    if stream.endPending:
-                        self._localEnd(stream)
-            elif stream.endPending:
-                h2.end_stream(streamId)
-                self._localEnd(stream)
-        except H2Error as error:
-            log.info("HTTP/2 stream {stream} failed: {why}", stream=streamId, why=str(error))
-            self.reset(stream, INTERNAL_ERROR, Failure(error))
-            return
-        if not self._receiving:
-            self._flush()
-
-    def interim(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> None:
-        """Write an interim (1xx) response head on C{stream}."""
-        if self._closing or stream.localEnded:
-            return
-        try:
-            self._h2.send_headers(stream.id, headers)
-        except H2Error:
-            return
-        if not self._receiving:
-            self._flush()
-
-    def ack(self, stream: Stream, size: int) -> None:
-        """C{size} flow-controlled bytes of C{stream} were taken."""
-        if self._closing:
-            return
-        self._h2.acknowledge_received_data(size, stream.id)
-        if not self._receiving:
-            self._flush()
-
-    def checkHeld(self, stream: Stream) -> None:
-        """Pause body sources past the bounds of what is held."""
-        if stream.held > self._streamLimit and not stream.producerPaused:
-            producer = stream.producer
-            if producer is not None:
-                stream.producerPaused = True
-                producer.pauseProducing()
-        if self.held > self._connLimit and not self._connFull:
-            self._connFull = True
-            for other in list(self._streams.values()):
-                producer = other.producer
-                if producer is not None and not other.producerPaused:
-                    other.producerPaused = True
-                    producer.pauseProducing()
-
-    def _released(self, stream: Stream) -> None:
-        """Resume body sources once half of their bound is gone."""
-        if self._connFull:
-            if self.held > self._connLimit // 2:
-                return
-            self._connFull = False
-            streams = [s for s in self._streams.values() if s.producerPaused]
-        elif stream.producerPaused:
-            streams = [stream]
-        else:
-            return
-        half = self._streamLimit // 2
-        for other in streams:
-            if other.held <= half and other.producerPaused:
-                other.producerPaused = False
-                producer = other.producer
-                if producer is not None:
-                    producer.resumeProducing()
-
-    def _pushWaiting(self) -> None:
-        receiving = self._receiving
-        self._receiving = True
-        try:
-            for stream in list(self._waiting):
-                if self._writePaused or self._closing:
-                    break
-                self.push(stream)
-        finally:
-            self._receiving = receiving
-        if not receiving:
-            self._flush()
-
-    def _flush(self, force: bool = False) -> None:
-        if self._lost or (self._closing and not force):
-            return
-        data = self._h2.data_to_send()
-        out = self._out
-        if out:
-            # What sendWhole wrote went after what the library had then.
-            if data:
-                out.append(data)
-            data = b"".join(out)
-            out.clear()
-        if data:
-            self.transport.write(data)
-
-    # Streams ending -----------------------------------------------------------
-
-    def _localEnd(self, stream: Stream) -> None:
-        """C{END_STREAM} is written: the response is complete."""
-        stream.localEnded = True
-        self._waiting.pop(stream, None)
-        if stream.call is not None:
-            stream.endCall(None)
-        if not stream.remoteEnded:
-            # RFC 9113 8.1: answered before the request was complete; the
-            # rest of it is not wanted.
-            stream.remoteEnded = True
-            self._h2.reset_stream(stream.id, NO_ERROR)
-        self._forget(stream)
-
-    def reset(self, stream: Stream, code: int, reason: Failure) -> None:
-        """Reset C{stream} (C{code}) and end its call with C{reason}."""
-        if stream.localEnded and stream.remoteEnded:
-            return
-        self._dropPending(stream)
-        stream.localEnded = stream.remoteEnded = True
-        if not self._closing:
-            try:
-                self._h2.reset_stream(stream.id, code)
-            except H2Error:
-                pass
-        self._streams.pop(stream.id, None)
-        self._closeStream(stream, reason)
-        self._afterForget()
-        if not self._receiving:
-            self._flush()
-
-    def _forget(self, stream: Stream) -> None:
-        if self._streams.pop(stream.id, None) is not None:
-            self._closeStream(stream, None)
-            self._afterForget()
-
-    def _afterForget(self) -> None:
-        if self._goingAway and not self._streams:
-            self._loseConnection()
-
-    def _closeStream(self, stream: Stream, reason: Failure | None) -> None:
-        self._waiting.pop(stream, None)
-        unacked, stream.unacked = stream.unacked, 0
-        if unacked and not self._closing:
-            # Bytes held back from a paused body: the connection's window
-            # gets them back (a closed stream's own window is gone).
-            self._h2.acknowledge_received_data(unacked, stream.id)
-        if stream.call is not None:
-            stream.endCall(reason or Failure(ConnectionLost("stream closed")))
-        transport = stream.transport
-        if transport is not None:
-            transport.lost(reason or Failure(ConnectionLost("stream closed")))
-
-    def _dropPending(self, stream: Stream) -> None:
-        if stream.held:
-            self.held -= stream.held
-            stream.held = 0
-        stream.pending.clear()
-        stream.headers = None
-        self._waiting.pop(stream, None)
-
-    def callEnded(self, stream: Stream, call: Call, reason: Failure | None) -> None:
-        """A stream's call is over (see L{Stream.endCall})."""
-        if reason is None:
-            self._guard.credit(RESETS)
-        self._calls -= 1
-        if not self._calls and not self._closing:
-            self._idleQueue.arm(self)
-        self.factory.callEnded(call, reason)
 
     # Closing --------------------------------------------------------------------
 

@@ -149,8 +149,7 @@ class FrameGuard:
         """
         budget = self._budgets[kind]
         tokens = self._tokens[kind] + (now - self._stamps[kind]) * budget.rate
-        if tokens > budget.burst:
-            tokens = budget.burst
+        tokens = min(tokens, budget.burst)
         self._stamps[kind] = now
         if tokens < 1.0:
             self._tokens[kind] = tokens
@@ -162,7 +161,7 @@ class FrameGuard:
         """Give back one token of C{kind} (up to its burst)."""
         tokens = self._tokens[kind] + 1.0
         burst = self._budgets[kind].burst
-        self._tokens[kind] = tokens if tokens < burst else burst
+        self._tokens[kind] = min(burst, tokens)
 
     def scan(self, data: bytes, now: float) -> Violation | None:
         """

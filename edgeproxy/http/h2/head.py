@@ -44,7 +44,12 @@ from typing import NamedTuple
 
 from edgeproxy.h1.fields import Fields
 from edgeproxy.h1.requests import KNOWN_METHODS, MAX_CONTENT_LENGTH_DIGITS
-from edgeproxy.h1.syntax import CONTROLS_EXCEPT_HTAB, TARGET_FORBIDDEN, isToken, validHost
+from edgeproxy.h1.syntax import (
+    CONTROLS_EXCEPT_HTAB,
+    TARGET_FORBIDDEN,
+    isToken,
+    validHost,
+)
 
 __all__ = ["Malformed", "Refused", "RequestHead", "readRequestHead"]
 
@@ -102,9 +107,7 @@ _FIELD_LINE_EXTRA = len(b": \r\n")
 def _nameKind(name: bytes) -> int:
     kind = _names.get(name)
     if kind is None:
-        if not name or len(name.translate(None, _NAME_FORBIDDEN)) != len(name):
-            kind = _MALFORMED
-        elif name in _CONNECTION_SPECIFIC:
+        if not name or len(name.translate(None, _NAME_FORBIDDEN)) != len(name) or name in _CONNECTION_SPECIFIC:
             kind = _MALFORMED
         elif name in _SPECIAL_NAMES:
             kind = _SPECIAL

@@ -73,12 +73,12 @@ class CachingDecoder(Decoder):
         if raw:
             hit = known.get(block)
             if hit is not None:
-                headers, size = hit
+                remembered, size = hit
                 if size <= self.max_header_list_size:
                     # A copy: the caller may keep or change what it gets.
-                    return list(headers)
+                    return list(remembered)
         before = _state(self.header_table)
-        headers = Decoder.decode(self, block, raw)
+        headers = list(Decoder.decode(self, block, raw))
         if not raw or not _same(before, _state(self.header_table)):
             if known:
                 known.clear()

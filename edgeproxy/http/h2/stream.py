@@ -364,7 +364,8 @@ class Stream:
         transport = self.transport
         assert transport is not None
         # RFC 6455 4.1: what the client (here, the proxy) checks.
-        expected = base64.b64encode(hashlib.sha1(self.wsKey + _WEBSOCKET_GUID).digest())  # noqa: S324
+        assert self.wsKey is not None
+        expected = base64.b64encode(hashlib.sha1(self.wsKey + _WEBSOCKET_GUID).digest())
         early, self.early = self.early or [], None
         transport.protocol = protocol
         protocol.makeConnection(transport)
