@@ -364,6 +364,32 @@ def test_tooLargeHeadGets431() -> None:
     assert not pair.stage.requests
 
 
+def test_theIssuesHeadsGet431WithTheDefaults() -> None:
+    """
+    500 fields, or one 32 KiB field: 431 over HTTP/1.1 with the default
+    limits, and now over HTTP/2 as well (they fit the default
+    h2_max_header_list_size, so the stream is answered, not the connection
+    ended).
+    """
+    pair = Pair()
+    answering(pair)
+    many = pair.get(request(extra=[(b"x-%d" % n, b"v") for n in range(500)]))
+    big = pair.get(request(extra=[(b"x-big", b"v" * 32 * 1024)]))
+    assert pair.response(many)[0][b":status"] == b"431"
+    assert pair.response(big)[0][b":status"] == b"431"
+    assert not pair.stage.requests and not pair.closed()
+
+
+def test_headerListOverTheAdvertisedSizeEndsTheConnection() -> None:
+    """Over SETTINGS_MAX_HEADER_LIST_SIZE the HPACK state cannot be trusted
+    any more: GOAWAY (RFC 9113 10.5.1)."""
+    pair = Pair(settings=HTTP2Settings(max_header_list_size=4096))
+    pair.send(headersFrame(pair, 1, request(extra=[(b"x-big", b"v" * 8000)])))
+    frames = pair.frames()
+    assert isinstance(frames[-1], GoAwayFrame) and frames[-1].error_code == ENHANCE_YOUR_CALM
+    assert pair.closed() and not pair.stage.requests
+
+
 def test_declaredBodyOverTheLimitGets413() -> None:
     """The route's limit is 1000 bytes: a larger declared body gets 413,
     then the stream is reset with NO_ERROR (RFC 9113 8.1)."""

@@ -232,8 +232,16 @@ def test_slowReaderKeepsMemoryBounded(proxy: Proxy) -> None:
         before = proxy.rss()
         conn.send_headers(3, headers(f"/big/{BIG}"), end_stream=True)
         sock.sendall(conn.data_to_send())
-        while not any(isinstance(e, h2.events.DataReceived) for e in receive(sock, conn)):
-            pass
+        status = None
+        while True:
+            events = receive(sock, conn)
+            for event in events:
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+            if any(isinstance(e, h2.events.DataReceived) for e in events):
+                break
+        assert status == b"200"
+        assert proxy.backend.sent > 0
         # Stop reading: wait until the backend stops getting anywhere.
         deadline = time.monotonic() + 20
         last = -1
