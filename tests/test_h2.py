@@ -1036,3 +1036,26 @@ def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
     finally:
         globalLogPublisher.removeObserver(observe)
     assert not failures, failures
+
+
+def test_idleWithoutAnyRequest() -> None:
+    """A client that sends its preface and then nothing is closed after the
+    idle timeout."""
+    pair = Pair()
+    pair.clock.advance(59)
+    assert not pair.closed()
+    pair.clock.advance(2)
+    pair.pump()
+    assert pair.closed() and pair.goaway().error_code == NO_ERROR
+
+
+def test_requestsKeepTheConnectionAlive() -> None:
+    """Requests coming and going reset the idle timeout."""
+    pair = Pair()
+    answering(pair)
+    for _ in range(5):
+        pair.clock.advance(40)
+        pair.get(request())
+    assert not pair.closed()
+    pair.clock.advance(61)
+    assert pair.closed()

@@ -185,9 +185,11 @@ class HTTP2Connection(Writing):
         self.transport.write(preface + h2.data_to_send())
         self.transport.registerProducer(self, True)
         # The header deadline runs until the preface and the first frame
-        # are in.
+        # are in; the idle timeout from the start (suspended while a request
+        # is in flight: see idleExpired).
         self._headQueue.arm(self)
         self._headArmed = True
+        self._idleQueue.arm(self)
 
     def logPrefix(self) -> str:
         return "HTTP2Connection"
@@ -300,7 +302,12 @@ class HTTP2Connection(Writing):
         self._terminate(NO_ERROR, b"header timeout")
 
     def idleExpired(self) -> None:
-        """The idle timeout passed with no request in flight."""
+        """
+        The idle timeout passed: with no request in flight the connection
+        closes (GOAWAY, no error); with one it is counted again (moving a
+        deadline once per timeout is cheaper than taking it out and putting
+        it back per request).
+        """
         if self._closing:
             return
         if self._calls:
@@ -423,8 +430,6 @@ class HTTP2Connection(Writing):
         call = Call(request, pipe, stream, stages, self.clock.seconds())
         call.idleTimeout = idleTimeout
         stream.call = call
-        if not self._calls:
-            self._idleQueue.disarm(self)
         self._calls += 1
         factory.callStarted(call)
         if error is not None:
