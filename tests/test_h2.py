@@ -1059,3 +1059,20 @@ def test_requestsKeepTheConnectionAlive() -> None:
     assert not pair.closed()
     pair.clock.advance(61)
     assert pair.closed()
+
+
+def test_webSocketClientEndedBeforeTheSwitch() -> None:
+    pair, pool, stream = websocketPair()
+    pair.client.end_stream(stream)
+    pair.pump()
+    [protocol] = pool.endpoint.protocols
+    [backend] = pool.endpoint.transports
+    key = backend.value().split(b"Sec-Websocket-Key: ")[1].split(b"\r\n")[0]
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n\r\n"
+    )
+    pair.pump()
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"200" and ended
+    assert backend.disconnecting

@@ -113,7 +113,7 @@ class Stream:
         "connection", "id", "call", "pipe", "maxBody", "received", "unacked",
         "readPaused", "remoteEnded", "localEnded", "answered", "headers", "noBody",
         "pending", "held", "endPending", "producer", "producerPaused", "delivering",
-        "idle", "transport", "early", "wsKey", "head",
+        "idle", "transport", "early", "wsKey",
     )
 
     def __init__(self, connection: Any, streamId: int) -> None:
@@ -140,7 +140,6 @@ class Stream:
         self.transport: StreamTransport | None = None
         self.early: list[bytes] | None = None
         self.wsKey: bytes | None = None
-        self.head: Any = None
 
     @property
     def factory(self) -> Any:
@@ -378,6 +377,13 @@ class Stream:
         self.answered = True
         call.status = 200
         self.headers = responseHeaders(200, fields, None, _TUNNEL_NOT_SENT)
+        if self.remoteEnded:
+            # The client ended its side before the switch: the tunnel is
+            # over as soon as it starts.
+            self.endPending = True
+            self.connection.push(self)
+            transport.lost(Failure(ConnectionDone("client ended the stream")))
+            return b"".join(early)
         self.connection.push(self)
         self.resume()
         return b"".join(early)
