@@ -84,6 +84,7 @@ class Writing:
             return
         h2 = self._h2
         streamId = stream.id
+        sent = 0
         try:
             headers = stream.headers
             pending = stream.pending
@@ -113,7 +114,6 @@ class Writing:
                 h2.send_headers(streamId, headers)
             if pending:
                 if not self._writePaused:
-                    sent = 0
                     maxFrame = h2.max_outbound_frame_size
                     window = h2.local_flow_control_window(streamId)
                     while pending and window > 0:
@@ -135,7 +135,6 @@ class Writing:
                         self.held -= sent
                         if stream.idle is not None:
                             stream.idle.touch()
-                        self._released(stream)
                 if pending:
                     self._waiting[stream] = None
                 else:
@@ -149,6 +148,9 @@ class Writing:
             log.info("HTTP/2 stream {stream} failed: {why}", stream=streamId, why=str(error))
             self.reset(stream, INTERNAL_ERROR, Failure(error))
             return
+        if sent:
+            # Last: resuming a source may bring its next bytes at once.
+            self._released(stream)
         if not self._receiving:
             self._flush()
 
@@ -236,6 +238,8 @@ class Writing:
 
     def _localEnd(self, stream: Stream) -> None:
         """C{END_STREAM} is written: the response is complete."""
+        if stream.localEnded:
+            return
         stream.localEnded = True
         self._waiting.pop(stream, None)
         if stream.call is not None:
