@@ -575,6 +575,11 @@ class CertificateStore:
         except Exception:
             self.log.failure("while selecting the ALPN protocol")
             return SSL.NO_OVERLAPPING_PROTOCOLS
+        if offered == [ACME_TLS_1]:
+            # A TLS-ALPN-01 validation (RFC 8737) for a name with no
+            # challenge pending: it sees the name's own certificate and
+            # fails on that.
+            return SSL.NO_OVERLAPPING_PROTOCOLS
         raise NoApplicationProtocol()
 
 
