@@ -40,10 +40,10 @@ import re
 from collections.abc import Mapping
 
 from edgeproxy.config import syntax
-from edgeproxy.config.checks import crossCheck
-from edgeproxy.config.http2 import H2_KEYS, readHTTP2
-from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
 from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
+from edgeproxy.config.checks import crossCheck
+from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
+from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
     AccessLogFormat,
     Config,

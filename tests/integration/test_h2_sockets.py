@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import signal
 import socket
 import ssl
 import threading
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -40,8 +42,8 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 class Backend:
     """
     C{GET /big/N}: N bytes (Content-Length), written as fast as the socket
-    takes them; a WebSocket handshake: C{101}, then every byte echoed;
-    anything else: C{ok}.
+    takes them; C{GET /slow/S}: C{slow} after S seconds; a WebSocket
+    handshake: C{101}, then every byte echoed; anything else: C{ok}.
     """
 
     def __init__(self) -> None:
@@ -86,6 +88,10 @@ class Backend:
                     if not data:
                         return
                     connection.sendall(data)
+            if target.startswith(b"/slow/"):
+                time.sleep(float(target[6:]))
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nslow")
+                return
             if target.startswith(b"/big/"):
                 total = int(target[5:])
                 connection.sendall(
@@ -350,3 +356,54 @@ def test_noApplicationProtocolAlert(proxy: Proxy) -> None:
     with context.wrap_socket(raw, server_hostname="localhost") as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+def readFrames(sock: ssl.SSLSocket, until: float) -> Iterator[Any]:
+    """Frames as they come (read without the client library, which takes
+    nothing after a GOAWAY), until the connection closes or C{until}."""
+    from hyperframe.frame import Frame
+
+    buffer = b""
+    while time.monotonic() < until:
+        try:
+            data = sock.recv(65536)
+        except (TimeoutError, socket.timeout):
+            continue
+        if not data:
+            return
+        buffer += data
+        while len(buffer) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(buffer[:9]))
+            if len(buffer) < 9 + length:
+                break
+            frame.parse_body(memoryview(buffer[9:9 + length]))
+            buffer = buffer[9 + length:]
+            yield frame
+
+
+def test_drainSendsGoAwayAndFinishesTheStream(proxy: Proxy) -> None:
+    """
+    SIGTERM with a request in flight on an HTTP/2 connection: GOAWAY naming
+    that stream (RFC 9113 6.8), its response still arrives, then the
+    connection closes and the process exits 0.
+    """
+    from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame
+
+    sock, conn = h2Client(proxy)
+    try:
+        conn.send_headers(1, headers("/slow/1.5"), end_stream=True)
+        sock.sendall(conn.data_to_send())
+        time.sleep(0.3)
+        proxy.process.signal(signal.SIGTERM)
+        sock.settimeout(0.5)
+        seen = []
+        for frame in readFrames(sock, time.monotonic() + TIMEOUT):
+            seen.append(frame)
+        kinds = [type(f) for f in seen]
+        goaways = [f for f in seen if isinstance(f, GoAwayFrame)]
+        assert goaways and goaways[0].last_stream_id == 1 and goaways[0].error_code == 0
+        assert HeadersFrame in kinds[kinds.index(GoAwayFrame):]
+        assert b"".join(f.data for f in seen if isinstance(f, DataFrame) and f.stream_id == 1) == b"slow"
+    finally:
+        sock.close()
+    assert proxy.process.wait(TIMEOUT) == 0
