@@ -231,6 +231,21 @@ class Stream:
             self.endPending = True
             connection.push(self)
             return
+        take = getattr(body, "takeBody", None)
+        if take is not None:
+            data = take()
+            if data is not None:
+                # The whole body at hand (most small responses): with its
+                # head, without the body's protocol.
+                if data and not self.noBody:
+                    call.sent = len(data)
+                    self.pending.append(data)
+                    self.held += len(data)
+                    connection.held += len(data)
+                self.endPending = True
+                connection.push(self)
+                connection.checkHeld(self)
+                return
         self.delivering = True
         body.deliverBody(call)
         self.delivering = False
