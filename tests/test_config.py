@@ -26,6 +26,7 @@ from edgeproxy.config.model import (
     ACMESettings,
     AccessLogFormat,
     Config,
+    HTTP2Settings,
     Limits,
     Listener,
     ProxySettings,
@@ -168,6 +169,12 @@ ERRORS = [
     ("[listen:x]\nendpoint = tcp:8080:backlog=10", "listen:x", "endpoint", "backlog=10", "[listen:web] already listens on tcp:8080"),
     ("[listen:x]\nendpoint = tcp:8081\nmax_body_size = 1 MiB please", "listen:x", "max_body_size", "please", "expected a size"),
     ("[listen:x]\nendpoint = tcp:8081\nclient_header_timeout = 0ms", "listen:x", "client_header_timeout", "0ms", "greater than zero"),
+    ("[listen:x]\nendpoint = tcp:8081\nh2_max_frame_size = 32KiB", "listen:x", "h2_max_frame_size", "h2_max_frame_size", "tls = yes and http2 = yes"),
+    ("[tls]\ncertificates = certs\n[listen:x]\nendpoint = tcp:8443\ntls = yes\nh2_max_frame_size = 1000", "listen:x", "h2_max_frame_size", "1000", "at least 16384"),
+    ("[tls]\ncertificates = certs\n[listen:x]\nendpoint = tcp:8443\ntls = yes\nh2_max_frame_size = 16MiB", "listen:x", "h2_max_frame_size", "16MiB", "at most 16777215"),
+    ("[tls]\ncertificates = certs\n[listen:x]\nendpoint = tcp:8443\ntls = yes\nh2_initial_window_size = 2GiB", "listen:x", "h2_initial_window_size", "2GiB", "at most 2147483647"),
+    ("[tls]\ncertificates = certs\n[listen:x]\nendpoint = tcp:8443\ntls = yes\nh2_max_concurrent_streams = 0", "listen:x", "h2_max_concurrent_streams", "= 0", "at least 1"),
+    ("[tls]\ncertificates = certs\n[listen:x]\nendpoint = tcp:8443\ntls = yes\nhttp2 = no\nh2_stream_buffer = 1MiB", "listen:x", "h2_stream_buffer", "h2_stream_buffer", "http2 = yes"),
     # [upstream:NAME]
     ("[upstream:b]\ntls = no", "upstream:b", "servers", "[upstream:b]", "missing required key 'servers'"),
     ("[upstream:b]\nservers =", "upstream:b", "servers", "servers =", "expected a value"),
@@ -433,6 +440,12 @@ endpoint = systemd:domain=INET6:name=admin
 tls = on
 redirect_https = true
 redirect_port = 8443
+h2_max_concurrent_streams = 50
+h2_initial_window_size = 1 MiB
+h2_max_frame_size = 32KiB
+h2_max_header_list_size = 32768
+h2_stream_buffer = 128KiB
+h2_connection_buffer = 4MiB
 
 [listen:local]
 endpoint = unix:run.sock:mode=660
@@ -570,6 +583,14 @@ def test_fullExample(site: Path) -> None:
                 redirect_https=True,
                 redirect_port=8443,
                 limits=proxyLimits,
+                h2=HTTP2Settings(
+                    max_concurrent_streams=50,
+                    initial_window_size=1024 * 1024,
+                    max_frame_size=32768,
+                    max_header_list_size=32768,
+                    stream_buffer=128 * 1024,
+                    connection_buffer=4 * 1024 * 1024,
+                ),
             ),
             Listener(
                 name="local",

@@ -158,19 +158,40 @@ def test_alpnWithSite(sites: Sites) -> None:
 def test_alpnHttp2Off(sites: Sites) -> None:
     """
     A listener with C{http2 = no} negotiates http/1.1 even though its Site
-    could speak h2; a client offering only h2 gets no protocol.
+    could speak h2; a client offering only h2 gets the
+    C{no_application_protocol} alert (RFC 7301 §3.2).
     """
     store = sites.store()
     creator = store.serverConnectionCreator(acceptableProtocols=[b"http/1.1"])
     result = connectTLS(creator, InsecureClientCreator("a.example", BOTH), serverFactory=Site(Resource()))
     assert result.negotiatedProtocol == b"http/1.1"
     result = connectTLS(creator, InsecureClientCreator("a.example", [b"h2"]), serverFactory=Site(Resource()))
-    assert result.established and result.negotiatedProtocol is None
+    assert not result.established
+    assert "no application protocol" in str(result.clientApp.lost.value).lower()
     # The other listener on the same store still offers h2.
     result = connectTLS(
         store.serverConnectionCreator(), InsecureClientCreator("a.example", BOTH), serverFactory=Site(Resource())
     )
     assert result.negotiatedProtocol == b"h2"
+
+
+def test_noALPNOverlap(sites: Sites) -> None:
+    """
+    A client offering only protocols we do not speak gets the
+    C{no_application_protocol} alert; one offering no ALPN at all gets
+    HTTP/1.1 as before.
+    """
+    store = sites.store()
+    creator = store.serverConnectionCreator()
+    with capturedLogs() as events:
+        result = connectTLS(
+            creator, InsecureClientCreator("a.example", [b"spdy/3", b"h3"]), serverFactory=Site(Resource())
+        )
+    assert not result.established
+    assert "no application protocol" in str(result.clientApp.lost.value).lower()
+    assert not [e for e in events if e.get("log_failure") is not None]
+    result = connectTLS(creator, InsecureClientCreator("a.example"), serverFactory=Site(Resource()))
+    assert result.established and result.negotiatedProtocol is None
 
 
 def test_invalidProtocolList(sites: Sites) -> None:

@@ -208,9 +208,9 @@ class TakingOver:
     def handle(self, call: Any) -> None:
         self.calls.append(call)
 
-    def takeOver(self, head: bytes = b"") -> None:
+    def takeOver(self, fields: Fields | None = None) -> None:
         call = self.calls[-1]
-        self.buffered = call.client.takeOver(call, head, self.protocol)
+        self.buffered = call.client.takeOver(call, fields or Fields(), self.protocol)
 
 
 class Recording:
@@ -248,14 +248,14 @@ class TestTakeOver:
 
     def test_bufferedBytesAndDelivery(self) -> None:
         client, stage, log = takenOver()
-        stage.takeOver(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        stage.takeOver(Fields([(b"upgrade", b"websocket")]))
         assert stage.buffered == b"frame-1frame-2"
         assert stage.protocol.transport is client.transport
         # Every byte from now on is the protocol's.
         client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
         assert stage.protocol.data == b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n"
         # The head given was written, and HTTP wrote nothing else.
-        assert client.wire() == b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+        assert client.wire() == b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
         assert client.transport.producer is None
         # No HTTP timeout (idle, header) is left to fire.
         assert client.clock.getDelayedCalls() == []
@@ -273,7 +273,7 @@ class TestTakeOver:
         assert stage.protocol.lost is not None
         assert log.logged == [(101, 0, b"/ws")]
         assert client.factory.inflight == set() and client.factory.channels == set()
-        assert client.wire() == b""
+        assert client.wire() == b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
 
     def test_pausedTransportResumed(self) -> None:
         client, stage, _ = takenOver(max_header_size=1024)

@@ -118,6 +118,35 @@ class TLSSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HTTP2Settings:
+    """
+    The C{h2_*} keys of a C{[listen:NAME]} section: what its HTTP/2
+    connections advertise (RFC 9113 6.5.2) and hold for a client.
+    """
+
+    max_concurrent_streams: int = 100
+    """Streams a client may have open at once; one more is refused
+    (C{REFUSED_STREAM}), the others carry on."""
+    initial_window_size: int = 65535
+    """Bytes of request body a client may send on a stream before the
+    proxy has passed them on (the stream's flow-control window)."""
+    max_frame_size: int = 16384
+    """Largest frame payload accepted; a frame header announcing more ends
+    the connection (C{FRAME_SIZE_ERROR})."""
+    max_header_list_size: int = 65536
+    """Advertised, and the most a header block may decode to (RFC 7541
+    4.1 sizes); more ends the connection.  The listener's C{max_headers}
+    and C{max_header_size} (431) apply below it."""
+    stream_buffer: int = 65536
+    """Bytes of response body held for one stream whose client is not
+    taking them (window closed or socket not read); past it the backend
+    is paused."""
+    connection_buffer: int = 1024 * 1024
+    """The same for all streams of a connection together; also the
+    connection's flow-control window for request bodies."""
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     """A C{[listen:NAME]} section."""
 
@@ -133,6 +162,8 @@ class Listener:
     limits: Limits = field(default_factory=Limits)
     """Effective limits: C{[edgeproxy]} defaults with this section's keys
     applied on top."""
+    h2: HTTP2Settings = field(default_factory=HTTP2Settings)
+    """HTTP/2 settings (used when C{http2} is on)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,9 +40,10 @@ import re
 from collections.abc import Mapping
 
 from edgeproxy.config import syntax
+from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
-from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
+from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
     AccessLogFormat,
     Config,
@@ -98,7 +99,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "ocsp_stapling",
     ),
     "acme": ACME_KEYS,
-    "listen": ("endpoint", "tls", "http2", "redirect_https", "redirect_port", *_LIMIT_KEYS),
+    "listen": ("endpoint", "tls", "http2", "redirect_https", "redirect_port", *_LIMIT_KEYS, *H2_KEYS),
     "upstream": UPSTREAM_KEYS,
     "route": ("hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket"),
 }
@@ -301,14 +302,16 @@ def _readListener(
     redirectPort = section.integer("redirect_port", None, minimum=1, maximum=65535)
     if section.has("redirect_port") and not redirect and section.ok("redirect_https"):
         section.report("redirect_port", "only used with redirect_https = yes")
+    http2 = section.boolean("http2", True) if tls else False
     listener = Listener(
         name=name,
         endpoint=spec.description,
         tls=tls,
-        http2=section.boolean("http2", True) if tls else False,
+        http2=http2,
         redirect_https=redirect,
         redirect_port=redirectPort,
         limits=_readLimits(section, limits),
+        h2=readHTTP2(section, http2),
     )
     return listener, spec
 

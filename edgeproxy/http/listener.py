@@ -85,6 +85,8 @@ class ListenerFactory(Factory):
         self.accessLog = accessLog
         self.metrics = metrics
         self.channels: set[Any] = set()
+        self.http2: set[Any] = set()
+        self._websockets: dict[int, bool] = {}
         self.inflight: set[Call] = set()
         self._queues: dict[tuple[str, float], DeadlineQueue] = {}
         self.reconfigure(listener)
@@ -99,6 +101,7 @@ class ListenerFactory(Factory):
         self.headQueue = self._queue("head", listener.limits.client_header_timeout)
         self.idleQueue = self._queue("idle", listener.limits.client_idle_timeout)
         self._redirect = RedirectStage(self) if listener.redirect_https else None
+        self.goAway()
 
     def _queue(self, kind: str, period: float) -> DeadlineQueue:
         key = (kind, period)
@@ -114,15 +117,38 @@ class ListenerFactory(Factory):
         return HTTP1Connection(self)
 
     def acceptableProtocols(self) -> list[bytes]:
-        # HTTP/2 is offered once its protocol feeds the pipeline
-        # (buildHTTP2).  The class's function is compared: a bound method
-        # is never the function itself.
-        if self.listener.http2 and type(self).buildHTTP2 is not ListenerFactory.buildHTTP2:
+        if self.listener.http2:
             return [b"h2", b"http/1.1"]
         return [b"http/1.1"]
 
     def buildHTTP2(self, connection: HTTP1Connection) -> Any:
-        raise NotImplementedError("HTTP/2 is not offered on this listener")
+        """The protocol of a connection whose ALPN chose C{h2}."""
+        from edgeproxy.http.h2 import HTTP2Connection
+
+        runtime = self.currentRuntime()
+        # RFC 8441 3: extended CONNECT is offered when some route takes
+        # WebSockets.
+        websockets = self._websockets.get(id(runtime))
+        if websockets is None:
+            config = getattr(runtime, "config", None)
+            websockets = config is not None and any(route.websocket for route in config.routes)
+            self._websockets = {id(runtime): websockets}
+        protocol = HTTP2Connection(self, websockets)
+        self.http2.add(protocol)
+        return protocol
+
+    def http2Lost(self, protocol: Any) -> None:
+        """An HTTP/2 connection is gone."""
+        self.http2.discard(protocol)
+
+    def goAway(self) -> None:
+        """
+        Tell every HTTP/2 client to take no further stream on its connection
+        (GOAWAY with the last stream taken, RFC 9113 6.8): after a reload
+        their next requests go to new connections, with the new settings.
+        """
+        for protocol in list(self.http2):
+            protocol.goAway()
 
     def connectionMade(self, connection: HTTP1Connection, transport: Any) -> None:
         self.channels.add(connection)
@@ -306,7 +332,8 @@ class ListenerFactory(Factory):
         pass
 
     def doStop(self) -> None:
-        pass
+        # The port closed (drain, or a reload without this listener).
+        self.goAway()
 
 
 def _unrouted(host: bytes, path: bytes, info: ConnectionInfo) -> ProxyError:

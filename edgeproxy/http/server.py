@@ -200,6 +200,11 @@ class HTTP1Connection(Answering):
     def handshakeCompleted(self) -> None:
         self._handshakeDone = True
         self.factory.handshakeCompleted(self)
+        if not self._started and getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+            # RFC 9113 3.4: the server's preface goes at once, and HTTP/2's
+            # own deadlines apply from the start.
+            self._started = True
+            self._switchToHTTP2(b"")
 
     # The listener's view (drain, timers) --------------------------------------
 
@@ -230,16 +235,16 @@ class HTTP1Connection(Answering):
         elif self._call is None:
             self._loseConnection()
 
-    def takeOver(self, call: Call, head: bytes, protocol: Any) -> bytes:
+    def takeOver(self, call: Call, fields: Fields, protocol: Any) -> bytes:
         """
-        Switch protocols (a WebSocket's C{101}): write C{head}, then hand
-        every byte of the connection to C{protocol} until it ends.  The call
-        stays in flight until then.
+        Switch protocols (a WebSocket's C{101} with C{fields}): write the
+        head, then hand every byte of the connection to C{protocol} until it
+        ends.  The call stays in flight until then.
 
         @return: what the client sent after its request head (a WebSocket
             client's first frames), for C{protocol} to take first.
         """
-        self._write(head)
+        self._write(h1.writeResponseHead(b"HTTP/1.1", 101, b"Switching Protocols", fields, None))
         self._answered = True
         self._pendingHead = None
         factory = self.factory
@@ -590,7 +595,8 @@ class HTTP1Connection(Answering):
         protocol = factory.buildHTTP2(self)
         self._upgraded = protocol
         protocol.makeConnection(self.transport)
-        protocol.dataReceived(data)
+        if data:
+            protocol.dataReceived(data)
 
 
 def isTLSFailure(reason: Any) -> bool:

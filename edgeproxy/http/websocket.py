@@ -20,8 +20,11 @@ decided it is a WebSocket opening handshake on a route that allows them
     the client connection is closed afterwards (it may already hold
     frames).
 
-Upgrade over HTTP/2 (RFC 8441 extended CONNECT) is the HTTP/2 protocol's
-business; any other C{Upgrade} token never reaches this module.
+Over HTTP/2 (RFC 8441 extended CONNECT) the client side is a stream
+(L{edgeproxy.http.h2.stream.Stream}) with the same C{takeOver}, given the
+fields of the C{101}: it answers C{200} instead, and its C{DATA} frames are
+the client end of the tunnel.  Any other C{Upgrade} token never reaches
+this module.
 """
 
 from __future__ import annotations
@@ -325,11 +328,7 @@ class _Upgrade:
             "websocket tunnel open via upstream {upstream} backend {backend}",
             **self._where(),
         )
-        buffered = self._connection.takeOver(
-            call,
-            h1.writeResponseHead(b"HTTP/1.1", 101, b"Switching Protocols", fields, None),
-            tunnel.client,
-        )
+        buffered = self._connection.takeOver(call, fields, tunnel.client)
         tunnel.start(toBackend=buffered, toClient=rest)
 
     def _tunnelClientLost(self, tunnel: Tunnel) -> None:

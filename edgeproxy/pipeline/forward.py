@@ -69,9 +69,13 @@ def isWebSocketUpgrade(request: Request) -> bool:
     and whose C{Connection} lists C{upgrade} (case aside).  A request with a
     body is not one (its body would have to be read before the connection
     could switch, and a handshake has none); HTTP/1.0 ignores C{Upgrade}
-    (RFC 9110 7.8) and HTTP/2 has none (RFC 9113 8.6).
+    (RFC 9110 7.8).  Over HTTP/2 it is an extended CONNECT (RFC 8441).
     """
     fields = request.fields
+    if request.version == b"HTTP/2":
+        # RFC 8441 4: an extended CONNECT, whose :protocol the HTTP/2
+        # protocol hands on as the Upgrade field it stands for.
+        return request.method == b"CONNECT" and fields.get(b"upgrade") == b"websocket"
     return (
         request.method == b"GET"
         and request.version == b"HTTP/1.1"

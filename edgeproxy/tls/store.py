@@ -555,10 +555,11 @@ class CertificateStore:
         The ALPN select callback: the listener's protocols narrowed by what
         the wrapped factory speaks, in server preference order.
 
-        With no overlap the handshake goes on without ALPN (what nginx does)
-        rather than with the fatal alert of RFC 7301 §3.2: pyOpenSSL has no
-        way to send that alert except by raising inside the callback, which
-        Twisted would then see as an unexpected exception.
+        With no overlap the handshake fails with the fatal
+        C{no_application_protocol} alert (RFC 7301 §3.2): pyOpenSSL sends
+        it when the callback raises, and raises the exception again from
+        the handshake, where Twisted takes an L{SSL.Error} for the failed
+        handshake it is.
         """
         try:
             wanted = getattr(connection, "acceptableProtocols", DEFAULT_PROTOCOLS)
@@ -573,7 +574,27 @@ class CertificateStore:
                     return protocol
         except Exception:
             self.log.failure("while selecting the ALPN protocol")
-        return SSL.NO_OVERLAPPING_PROTOCOLS
+            return SSL.NO_OVERLAPPING_PROTOCOLS
+        if offered == [ACME_TLS_1]:
+            # A TLS-ALPN-01 validation (RFC 8737) for a name with no
+            # challenge pending: it sees the name's own certificate and
+            # fails on that.
+            return SSL.NO_OVERLAPPING_PROTOCOLS
+        raise NoApplicationProtocol()
+
+
+class NoApplicationProtocol(SSL.Error):
+    """
+    The client offered ALPN protocols and none is ours: the handshake ends
+    with the C{no_application_protocol} alert (RFC 7301 §3.2).
+
+    Its argument has the shape of OpenSSL's error queue (what
+    C{SSL.Error}s carry, and what Twisted reads to tell an EOF from an
+    error).
+    """
+
+    def __init__(self) -> None:
+        SSL.Error.__init__(self, [("SSL routines", "", "no application protocol")])
 
 
 class _ServerConnection(SSL.Connection):

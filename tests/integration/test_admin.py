@@ -171,7 +171,7 @@ def test_statusMetricsAndActions(proxy: Proxy) -> None:
     assert get(samples, "edgeproxy_upstream_response_seconds_count", upstream="app") == 2
     assert get(samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.3", alpn="http/1.1") == 1
     assert get(samples, "edgeproxy_tls_handshakes_total", listener="https", version="1.3", alpn="h2") == 1
-    assert get(samples, "edgeproxy_tls_handshake_failures_total", listener="https") == 1
+    assert get(samples, "edgeproxy_tls_handshake_failures_total", listener="https", reason="other") == 1
     assert get(samples, "edgeproxy_connections_total", listener="https") == 3
     assert (get(samples, "edgeproxy_sent_bytes_total", listener="https") or 0) > 0
     assert get(samples, "edgeproxy_backend_state", upstream="app",

@@ -501,7 +501,9 @@ def h2Exchange(harness: Harness, requests: list[tuple[list[tuple[str, str]], byt
         conn.send_headers(stream, headers, end_stream=not body)
         tls.sendall(conn.data_to_send())
         pending = body
-        while pending:
+        # A stream answered early may be reset (NO_ERROR, RFC 9113 8.1): the
+        # rest of its body is not wanted.
+        while pending and not results[stream].get("reset"):
             # Respect the proxy's flow-control windows while sending.
             window = min(conn.local_flow_control_window(stream), conn.max_outbound_frame_size)
             if window <= 0:

@@ -1,0 +1,1078 @@
+"""
+Tests for L{edgeproxy.http.h2}: bytes from the C{h2} library's client into an
+edgeproxy listener connection that switched to HTTP/2, in memory; assertions
+on what the client library reads back (responses, resets, GOAWAY), on what
+reached the route's stage, and on the body sources paused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+import h2.events
+import h2.settings
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from edgeproxy.config.model import HTTP2Settings, Limits, ProxySettings, Route, Server
+from edgeproxy.h1 import Fields
+from edgeproxy.pipeline.forward import Forward
+from edgeproxy.pipeline.values import Response
+from tests.h2util import ROUTE, UPSTREAM, Body, Pair, request, textResponse
+
+NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR = 0x0, 0x1, 0x2
+FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0xB
+
+
+def headersFrame(pair: Pair, stream: int, headers: list[tuple[bytes, bytes]], end: bool = True) -> bytes:
+    """A HEADERS frame, encoded with the client's HPACK state."""
+    frame = HeadersFrame(stream, flags=["END_HEADERS", "END_STREAM"] if end else ["END_HEADERS"])
+    frame.data = pair.client.encoder.encode(headers)
+    return frame.serialize()
+
+
+def answering(pair: Pair, body: bytes = b"hello", fields: list[tuple[bytes, bytes]] | None = None) -> None:
+    pair.stage.answer = lambda call: call.respond(textResponse(200, body, fields))
+
+
+# Requests and responses ---------------------------------------------------------
+
+
+def test_requestReachesTheStagesAsHTTP1Would() -> None:
+    """
+    The stage sees the same request value an HTTP/1.1 request would give:
+    method, normalised path and query, version C{HTTP/2}, C{:authority} as
+    the C{host} field (first), cookie crumbs joined (RFC 9113 8.2.3).
+    """
+    pair = Pair()
+    answering(pair)
+    stream = pair.get(
+        request(b"/a/./b?q=1", extra=[(b"cookie", b"a=1"), (b"accept", b"*/*"), (b"cookie", b"b=2")])
+    )
+    [seen] = pair.stage.requests
+    assert (seen.method, seen.path, seen.query, seen.version) == (b"GET", b"/a/b", b"?q=1", b"HTTP/2")
+    assert seen.host == b"example.com"
+    assert list(seen.fields.pairs()) == [
+        (b"host", b"example.com"),
+        (b"accept", b"*/*"),
+        (b"cookie", b"a=1; b=2"),
+    ]
+    assert seen.length == 0
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"200" and body == b"hello" and ended
+
+
+def test_responseHeaders() -> None:
+    """
+    The response head has C{:status}, the response's fields without the
+    connection-specific ones, C{content-length} from its length, and a
+    C{date} when it had none.
+    """
+    pair = Pair()
+    answering(
+        pair,
+        b"x" * 10,
+        [(b"content-type", b"text/plain"), (b"connection", b"close"), (b"keep-alive", b"5"), (b"x-a", b"1")],
+    )
+    stream = pair.get(request())
+    headers, body, ended = pair.response(stream)
+    assert b"connection" not in headers and b"keep-alive" not in headers
+    assert headers[b"x-a"] == b"1" and headers[b"content-length"] == b"10"
+    assert headers[b"date"].endswith(b" GMT")
+    assert body == b"x" * 10 and ended
+
+
+def test_wholeResponseInOneWrite() -> None:
+    """
+    A response whose body came with it goes out as HEADERS and one DATA
+    frame carrying END_STREAM, in one write.
+    """
+    pair = Pair()
+    answering(pair, b"abc")
+    writes: list[bytes] = []
+    original = pair.transport.write
+    pair.transport.write = lambda data: (writes.append(data), original(data))  # type: ignore[method-assign]
+    stream = pair.get(request())
+    assert len(writes) == 1
+    kinds = [type(event) for event in pair.events if getattr(event, "stream_id", None) == stream]
+    assert kinds == [h2.events.ResponseReceived, h2.events.DataReceived, h2.events.StreamEnded]
+
+
+def test_postBodyReachesTheStage() -> None:
+    pair = Pair()
+    pair.stage.read = True
+    stream = pair.get(request(b"/up", b"POST", [(b"content-length", b"5")]), b"hello")
+    assert pair.stage.requests[0].length == 5
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"200" and body == b"hello" and ended
+
+
+def test_bodyWithoutLength() -> None:
+    """No content-length and no END_STREAM: a body of unknown length."""
+    pair = Pair()
+    pair.stage.read = True
+    stream = pair.get(request(b"/up", b"POST"), b"some body")
+    assert pair.stage.requests[0].length is None
+    assert pair.response(stream)[1] == b"some body"
+
+
+def test_headAndNoBodyStatuses() -> None:
+    """HEAD, 204 and 304 end with their head, no DATA."""
+    pair = Pair()
+    pair.stage.answer = lambda call: call.respond(
+        textResponse(304 if call.request.path == b"/304" else 200, b"body")
+    )
+    head = pair.get(request(b"/", b"HEAD"))
+    notModified = pair.get(request(b"/304"))
+    for stream in (head, notModified):
+        headers, body, ended = pair.response(stream)
+        assert body == b"" and ended
+        assert headers[b"content-length"] == b"4"
+
+
+def test_interimResponses() -> None:
+    """
+    103 (and 100 to a client that asked) are passed on as HEADERS without
+    END_STREAM (RFC 9113 8.1); 101 and an unasked 100 are not.
+    """
+    pair = Pair()
+    stream = pair.get(request(b"/", extra=[(b"expect", b"100-continue")]))
+    other = pair.get(request(b"/other"))
+    first, second = pair.stage.held
+    hints = Fields([(b"link", b"</a.css>; rel=preload")])
+    for call in (first, second):
+        call.interim(103, b"Early Hints", hints)
+        call.interim(101, b"Switching Protocols", Fields())
+        call.interim(100, b"Continue", Fields())
+        call.respond(textResponse(200, b"ok"))
+    pair.pump()
+    informational = [
+        (event.stream_id, dict(event.headers)[b":status"])
+        for event in pair.events
+        if isinstance(event, h2.events.InformationalResponseReceived)
+    ]
+    assert informational == [(stream, b"103"), (stream, b"100"), (other, b"103")]
+    assert pair.response(stream)[1] == b"ok" and pair.response(other)[1] == b"ok"
+
+
+def test_errorPages() -> None:
+    """A request refused from its head gets the same error page as over HTTP/1.1."""
+    pair = Pair(routes=(Route(name="all", hosts=("example.com",), paths=("/",), upstream="app"),))
+    stream = pair.get(
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"other.test"), (b":path", b"/")]
+    )
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"404" and body == b"404 Not Found\n" and ended
+    assert not pair.stage.requests
+
+
+def test_accessLogAndMetricsThroughTheFactory() -> None:
+    pair = Pair()
+    answering(pair, b"12345")
+    pair.get(request(b"/logged"))
+    [call] = pair.factory.accessLog.calls
+    assert call.request.version == b"HTTP/2" and call.status == 200 and call.sent == 5
+    assert not pair.factory.inflight
+
+
+def test_manyStreamsInterleaved() -> None:
+    pair = Pair()
+    streams = [pair.get(request(b"/%d" % n)) for n in range(5)]
+    calls = pair.stage.held
+    for call in reversed(calls):
+        call.respond(textResponse(200, call.request.path))
+    pair.pump()
+    for n, stream in enumerate(streams):
+        assert pair.response(stream)[1] == b"/%d" % n
+
+
+# Backpressure ---------------------------------------------------------------------
+
+
+def streaming(pair: Pair) -> tuple[int, Body]:
+    body = Body()
+    pair.stage.answer = lambda call: call.respond(
+        Response(200, b"OK", Fields([(b"content-type", b"application/octet-stream")]), None, body)
+    )
+    stream = pair.get(request(b"/big"))
+    return stream, body
+
+
+def test_flowControlPausesTheBackend() -> None:
+    """
+    A client that does not open its window: what the proxy holds for the
+    stream stays within C{h2_stream_buffer} plus a write, and the body's
+    source is paused; opening the window drains it and resumes the source.
+    """
+    pair = Pair(settings=HTTP2Settings(stream_buffer=32 * 1024, connection_buffer=1024 * 1024))
+    pair.autoAck = False
+    stream, body = streaming(pair)
+    chunk = b"x" * 8192
+    while not body.paused:
+        body.write(chunk)
+        assert pair.server.held <= 32 * 1024 + len(chunk)
+    pair.pump()
+    received = len(pair.response(stream)[1])
+    assert received == 65535  # the default window, no more
+    assert pair.server.held > 16 * 1024
+    pair.client.acknowledge_received_data(received, stream)
+    pair.client.increment_flow_control_window(1 << 20)
+    pair.client.increment_flow_control_window(1 << 20, stream)
+    pair.pump()
+    assert not body.paused and pair.server.held == 0
+    body.finish()
+    pair.pump()
+    assert pair.response(stream)[2]
+
+
+def test_socketBackpressurePausesTheBackend() -> None:
+    """
+    A client that stops reading its socket with its windows wide open: the
+    transport pauses the connection, DATA frames wait, and the body's
+    source is paused at the bound; the transport resuming drains them.
+    """
+    pair = Pair(
+        settings=HTTP2Settings(stream_buffer=64 * 1024, connection_buffer=1024 * 1024),
+        clientSettings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1},
+    )
+    pair.client.increment_flow_control_window(2**31 - 1 - 65535)
+    pair.pump()
+    stream, body = streaming(pair)
+    pair.server.pauseProducing()  # what a full send buffer does
+    written = len(pair.transport.value())
+    for _ in range(100):
+        if body.paused:
+            break
+        body.write(b"y" * 16384)
+    assert body.paused
+    assert len(pair.transport.value()) == written
+    total = pair.server.held
+    assert 64 * 1024 < total <= 64 * 1024 + 16384
+    pair.server.resumeProducing()
+    assert not body.paused and pair.server.held == 0
+    body.finish()
+    pair.pump()
+    headers, data, ended = pair.response(stream)
+    assert len(data) == total and ended
+
+
+def test_connectionBoundPausesEveryStream() -> None:
+    """
+    Streams each under their own bound but together over the connection's
+    are all paused, and resumed once half of it is gone.
+    """
+    pair = Pair(settings=HTTP2Settings(stream_buffer=64 * 1024, connection_buffer=96 * 1024))
+    pair.autoAck = False
+    bodies = []
+    for n in range(3):
+        body = Body()
+        bodies.append(body)
+    answers = iter(bodies)
+    pair.stage.answer = lambda call: call.respond(
+        Response(200, b"OK", Fields(), None, next(answers))
+    )
+    streams = [pair.get(request(b"/%d" % n)) for n in range(3)]
+    pair.server.pauseProducing()
+    for body in bodies:
+        body.write(b"z" * (40 * 1024))
+    assert all(body.paused for body in bodies)
+    assert pair.server.held == 120 * 1024
+    pair.server.resumeProducing()
+    # The client's connection window (65,535) lets some through.
+    assert 0 < pair.server.held < 120 * 1024
+    pair.autoAck = True
+    for event in pair.pump():
+        if isinstance(event, h2.events.DataReceived):
+            pair.client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+    pair.pump()
+    assert pair.server.held == 0
+    assert not any(body.paused for body in bodies)
+    for stream in streams:
+        assert len(pair.response(stream)[1]) == 40 * 1024
+
+
+def test_requestBodyPausedStreamWithholdsWindow() -> None:
+    """
+    While the backend does not take the request body, the stream's bytes
+    are not acknowledged: the client's window closes (RFC 9113 5.2), and
+    opens again once the backend takes them.
+    """
+    unlimited = Route(name="all", hosts=("*",), paths=("/",), upstream="app")
+    pair = Pair(settings=HTTP2Settings(initial_window_size=16384), routes=(unlimited,))
+    stream = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(stream, request(b"/up", b"POST", [(b"content-length", b"100000")]))
+    pair.pump()
+    [call] = pair.stage.held
+    pair.client.send_data(stream, b"a" * 16384)
+    pair.pump()
+    # Nobody reads the body yet: the window stays shut.
+    assert pair.client.local_flow_control_window(stream) == 0
+    consumer_data: list[bytes] = []
+
+    class Sink:
+        def write(self, data: bytes) -> None:
+            consumer_data.append(data)
+
+        def registerProducer(self, producer: object, streaming: bool) -> None:
+            pass
+
+        def unregisterProducer(self) -> None:
+            pass
+
+    call.body.startProducing(Sink())
+    pair.pump()
+    assert b"".join(consumer_data) == b"a" * 16384
+    assert pair.client.local_flow_control_window(stream) > 0
+
+
+# Limits ----------------------------------------------------------------------------
+
+
+def test_tooManyFieldsGets431() -> None:
+    pair = Pair(limits=Limits(max_headers=10))
+    answering(pair)
+    stream = pair.get(request(extra=[(b"x-%d" % n, b"v") for n in range(20)]))
+    ok = pair.get(request(b"/fine"))
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"431" and ended
+    assert pair.response(ok)[0][b":status"] == b"200"
+    assert [r.path for r in pair.stage.requests] == [b"/fine"]
+
+
+def test_tooLargeHeadGets431() -> None:
+    pair = Pair(limits=Limits(max_header_size=4096))
+    answering(pair)
+    stream = pair.get(request(extra=[(b"x-big", b"v" * 5000)]))
+    assert pair.response(stream)[0][b":status"] == b"431"
+    assert not pair.stage.requests
+
+
+def test_theIssuesHeadsGet431WithTheDefaults() -> None:
+    """
+    500 fields, or one 32 KiB field: 431 over HTTP/1.1 with the default
+    limits, and now over HTTP/2 as well (they fit the default
+    h2_max_header_list_size, so the stream is answered, not the connection
+    ended).
+    """
+    pair = Pair()
+    answering(pair)
+    many = pair.get(request(extra=[(b"x-%d" % n, b"v") for n in range(500)]))
+    big = pair.get(request(extra=[(b"x-big", b"v" * 32 * 1024)]))
+    assert pair.response(many)[0][b":status"] == b"431"
+    assert pair.response(big)[0][b":status"] == b"431"
+    assert not pair.stage.requests and not pair.closed()
+
+
+def test_headerListOverTheAdvertisedSizeEndsTheConnection() -> None:
+    """Over SETTINGS_MAX_HEADER_LIST_SIZE the HPACK state cannot be trusted
+    any more: GOAWAY (RFC 9113 10.5.1)."""
+    pair = Pair(settings=HTTP2Settings(max_header_list_size=4096))
+    pair.send(headersFrame(pair, 1, request(extra=[(b"x-big", b"v" * 8000)])))
+    frames = pair.frames()
+    assert isinstance(frames[-1], GoAwayFrame) and frames[-1].error_code == ENHANCE_YOUR_CALM
+    assert pair.closed() and not pair.stage.requests
+
+
+def test_declaredBodyOverTheLimitGets413() -> None:
+    """The route's limit is 1000 bytes: a larger declared body gets 413,
+    then the stream is reset with NO_ERROR (RFC 9113 8.1)."""
+    pair = Pair()
+    stream = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(stream, request(b"/up", b"POST", [(b"content-length", b"5000")]))
+    pair.pump()
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"413" and ended
+    assert pair.resets() == {stream: NO_ERROR}
+    assert not pair.stage.requests
+
+
+def test_streamedBodyOverTheLimitGets413() -> None:
+    pair = Pair()
+    pair.stage.read = True
+    stream = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(stream, request(b"/up", b"POST"))
+    pair.client.send_data(stream, b"b" * 800)
+    pair.pump()
+    pair.client.send_data(stream, b"b" * 800)
+    pair.pump()
+    assert pair.response(stream)[0][b":status"] == b"413"
+    assert pair.resets() == {stream: NO_ERROR}
+    assert pair.factory.accessLog.calls[0].status == 413
+
+
+def test_requestBodyIdleTimeout() -> None:
+    """A body that stops arriving is cut after the route's idle timeout."""
+    pair = Pair()
+    pair.stage.read = True
+    stream = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(stream, request(b"/up", b"POST"))
+    pair.client.send_data(stream, b"b" * 10)
+    pair.pump()
+    pair.clock.advance(31)
+    pair.pump()
+    assert pair.resets() == {stream: CANCEL}
+    assert len(pair.factory.accessLog.calls) == 1 and not pair.factory.inflight
+    assert not pair.closed()
+
+
+def test_responseBodyIdleTimeout() -> None:
+    pair = Pair()
+    stream, body = streaming(pair)
+    body.write(b"some")
+    pair.clock.advance(29)
+    body.write(b"more")
+    pair.clock.advance(29)
+    assert not pair.resets()
+    pair.clock.advance(2)
+    pair.pump()
+    assert pair.resets() == {stream: CANCEL} and body.stopped
+
+
+def test_frameSizeCheckedAtTheFrameHeader() -> None:
+    """
+    A frame header announcing 16 MiB gets FRAME_SIZE_ERROR at once, before
+    any of its payload (RFC 9113 4.2).
+    """
+    pair = Pair()
+    frame = DataFrame(1)
+    header = (2**24 - 1).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big")
+    pair.send(header)
+    assert pair.closed()
+    pair.pump()
+    assert pair.goaway().error_code == FRAME_SIZE_ERROR
+    del frame
+
+
+def test_streamsOverTheLimitRefused() -> None:
+    """
+    One stream over C{h2_max_concurrent_streams} is refused with
+    REFUSED_STREAM; the others carry on.
+    """
+    pair = Pair(settings=HTTP2Settings(max_concurrent_streams=2))
+    # The client library would refuse to go over: raw frames from here.
+    for stream in (1, 3, 5):
+        pair.send(headersFrame(pair, stream, request(b"/%d" % stream)))
+    frames = pair.frames()
+    assert [(type(f), f.stream_id, f.error_code) for f in frames] == [(RstStreamFrame, 5, REFUSED_STREAM)]
+    for call in pair.stage.held:
+        call.respond(textResponse(200, b"ok"))
+    answered = {f.stream_id for f in pair.frames() if isinstance(f, DataFrame) and f.data == b"ok"}
+    assert answered == {1, 3}
+    assert not pair.closed()
+
+
+def test_burstOfStreamsInOneRead() -> None:
+    """
+    Hundreds of new streams in one read: the ones over the limit are
+    refused, without the connection failing.
+    """
+
+    pair = Pair(settings=HTTP2Settings(max_concurrent_streams=10))
+    pair.send(b"".join(headersFrame(pair, stream, request()) for stream in range(1, 200, 2)))
+    frames = pair.frames()
+    assert len(pair.stage.held) == 10
+    refused = [f.stream_id for f in frames if isinstance(f, RstStreamFrame) and f.error_code == REFUSED_STREAM]
+    assert refused == list(range(21, 200, 2))
+    assert not pair.closed()
+    # A client that keeps going over the limit runs out of its budget.
+    pair.send(b"".join(headersFrame(pair, stream, request()) for stream in range(201, 2000, 2)))
+    frames = pair.frames()
+    assert isinstance(frames[-1], GoAwayFrame) and frames[-1].error_code == ENHANCE_YOUR_CALM
+    assert pair.closed() and len(pair.stage.held) == 10
+
+
+# Hostile peers -------------------------------------------------------------------
+
+
+def test_floodsEndWithEnhanceYourCalm() -> None:
+    for make in (
+        lambda: DataFrame(1),
+        lambda: PriorityFrame(3, depends_on=1),
+        lambda: SettingsFrame(0),
+        lambda: PingFrame(0, opaque_data=b"12345678"),
+    ):
+        pair = Pair()
+        stream = pair.client.get_next_available_stream_id()
+        pair.client.send_headers(stream, request(b"/up", b"POST"))
+        pair.pump()
+        pair.send(make().serialize() * 2000)
+        pair.pump()
+        assert pair.goaway() is not None and pair.goaway().error_code == ENHANCE_YOUR_CALM, make()
+        assert pair.closed()
+
+
+def test_rapidResetNeverReachesTheStage() -> None:
+    """
+    Streams opened and reset in the same read never reach a stage; resets
+    past the budget end the connection with ENHANCE_YOUR_CALM.
+    """
+    pair = Pair()
+    encoder = pair.client.encoder
+    data = b""
+    for stream in range(1, 100, 2):
+        frame = HeadersFrame(stream, flags=["END_HEADERS", "END_STREAM"])
+        frame.data = encoder.encode(request())
+        data += frame.serialize() + RstStreamFrame(stream, error_code=CANCEL).serialize()
+    pair.send(data)
+    assert not pair.stage.requests
+    assert not pair.closed()
+    for start in range(101, 2000, 20):
+        data = b""
+        for stream in range(start, start + 20, 2):
+            frame = HeadersFrame(stream, flags=["END_HEADERS", "END_STREAM"])
+            frame.data = encoder.encode(request())
+            data += frame.serialize() + RstStreamFrame(stream, error_code=CANCEL).serialize()
+        pair.send(data)
+        if pair.closed():
+            break
+    pair.pump()
+    assert pair.goaway().error_code == ENHANCE_YOUR_CALM
+    assert not pair.stage.requests
+
+
+def test_continuationFlood() -> None:
+    """An endless header block is cut by the library (64 CONTINUATION)."""
+    pair = Pair()
+    data = HeadersFrame(1, flags=[]).serialize()
+    data += ContinuationFrame(1, data=b"").serialize() * 100
+    pair.send(data)
+    pair.pump()
+    assert pair.goaway() is not None and pair.closed()
+
+
+def test_clientResetEndsTheCall() -> None:
+    pair = Pair()
+    stream, body = streaming(pair)
+    body.write(b"x")
+    pair.client.reset_stream(stream, CANCEL)
+    pair.pump()
+    assert body.stopped
+    assert not pair.factory.inflight and not pair.closed()
+
+
+def test_connectionLostEndsEveryCall() -> None:
+    pair = Pair()
+    streaming(pair)
+    pair.get(request(b"/held"))
+    assert len(pair.factory.inflight) == 2
+    pair.lose(Failure(ConnectionDone()))
+    assert not pair.factory.inflight and len(pair.factory.accessLog.calls) == 2
+
+
+def test_clientGoAwayCloses() -> None:
+    pair = Pair()
+    pair.client.close_connection()
+    pair.pump()
+    assert pair.closed()
+
+
+# Timers ---------------------------------------------------------------------------
+
+
+def test_headerDeadlineBeforeThePreface() -> None:
+    pair = Pair(preface=False)
+    pair.clock.advance(9)
+    assert not pair.closed()
+    pair.clock.advance(2)
+    assert pair.closed()
+
+
+def test_headerTrickle() -> None:
+    """
+    A header block trickled byte by byte is cut at the header deadline,
+    however steadily the bytes come.
+    """
+    pair = Pair()
+    frame = HeadersFrame(1, flags=["END_HEADERS", "END_STREAM"])
+    frame.data = pair.client.encoder.encode(request(extra=[(b"x-pad", b"p" * 200)]))
+    data = frame.serialize()
+    for index in range(len(data) - 1):
+        pair.send(data[index:index + 1])
+        pair.clock.advance(0.5)
+        if pair.closed():
+            break
+    assert pair.closed()
+    assert 9.5 <= index * 0.5 <= 11
+    assert not pair.stage.requests
+
+
+def test_idleTimeout() -> None:
+    """
+    With no request in flight the connection closes after the idle
+    timeout (GOAWAY NO_ERROR); a request in flight holds it open.
+    """
+    pair = Pair()
+    pair.get(request())
+    pair.clock.advance(120)
+    assert not pair.closed()
+    pair.stage.held[0].respond(textResponse(200))
+    pair.pump()
+    pair.clock.advance(59)
+    assert not pair.closed()
+    pair.clock.advance(2)
+    pair.pump()
+    assert pair.closed() and pair.goaway().error_code == NO_ERROR
+
+
+# Drain and reload ---------------------------------------------------------------
+
+
+def test_drainSendsGoAwayWithTheLastStream() -> None:
+    pair = Pair()
+    first = pair.get(request(b"/1"))
+    assert pair.connection.busy()
+    pair.connection.closeAfterResponse()
+    [goaway] = pair.frames()
+    assert (goaway.last_stream_id, goaway.error_code) == (first, NO_ERROR)
+    assert not pair.closed()
+    # The client library takes nothing after a GOAWAY: raw frames from here.
+    pair.send(headersFrame(pair, 3, request(b"/late")))
+    assert [(type(f), f.error_code) for f in pair.frames()] == [(RstStreamFrame, REFUSED_STREAM)]
+    pair.stage.held[0].respond(textResponse(200, b"done"))
+    frames = pair.frames()
+    assert [f.data for f in frames if isinstance(f, DataFrame)] == [b"done"]
+    assert pair.closed()
+    assert [r.path for r in pair.stage.requests] == [b"/1"]
+
+
+def test_closeIdle() -> None:
+    pair = Pair()
+    answering(pair)
+    pair.get(request())
+    assert not pair.connection.busy()
+    pair.connection.closeIdle()
+    pair.pump()
+    assert pair.goaway().error_code == NO_ERROR and pair.closed()
+
+
+def test_reloadSendsGoAway() -> None:
+    pair = Pair()
+    pair.get(request(b"/1"))
+    pair.factory.reconfigure(pair.factory.listener)
+    pair.pump()
+    assert pair.goaway() is not None and not pair.closed()
+
+
+# CONNECT -------------------------------------------------------------------------
+
+
+def test_connectRefused() -> None:
+    pair = Pair()
+    stream = pair.get([(b":method", b"CONNECT"), (b":authority", b"example.com:443")])
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"501"
+    assert not pair.stage.requests
+
+
+def test_extendedConnectAdvertisedOnlyWithWebSocketRoutes() -> None:
+    code = h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL
+    assert Pair().client.remote_settings.get(code) == 1
+    closed = Route(name="all", hosts=("*",), paths=("/",), upstream="app", websocket=False)
+    assert Pair(routes=(closed,)).client.remote_settings.get(code, 0) == 0
+
+
+def test_extendedConnectWithoutTheSettingIsMalformed() -> None:
+    closed = Route(name="all", hosts=("*",), paths=("/",), upstream="app", websocket=False)
+    pair = Pair(routes=(closed,))
+    stream = pair.get(request(b"/chat", b"CONNECT", [(b":protocol", b"websocket")]))
+    assert pair.resets() == {stream: PROTOCOL_ERROR}
+
+
+def test_extendedConnectOnARouteWithoutWebSockets() -> None:
+    closed = Route(name="closed", hosts=("closed.test",), paths=("/",), upstream="app", websocket=False)
+    pair = Pair(routes=(ROUTE, closed))
+    headers = [
+        (b":method", b"CONNECT"),
+        (b":protocol", b"websocket"),
+        (b":scheme", b"https"),
+        (b":authority", b"closed.test"),
+        (b":path", b"/chat"),
+    ]
+    stream = pair.get(headers)
+    assert pair.response(stream)[0][b":status"] == b"501"
+    assert not pair.stage.requests
+
+
+# Any frames at all -----------------------------------------------------------------
+
+
+def _frame(kind: str, stream: int, flags: int, payload: bytes) -> bytes:
+    types = {"DATA": 0, "HEADERS": 1, "PRIORITY": 2, "RST_STREAM": 3, "SETTINGS": 4,
+             "PUSH_PROMISE": 5, "PING": 6, "GOAWAY": 7, "WINDOW_UPDATE": 8, "CONTINUATION": 9,
+             "UNKNOWN": 0x42}
+    return (
+        len(payload).to_bytes(3, "big") + bytes([types[kind], flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+frameStrategy = st.one_of(
+    st.builds(
+        _frame,
+        st.sampled_from(["DATA", "HEADERS", "PRIORITY", "RST_STREAM", "SETTINGS", "PUSH_PROMISE",
+                         "PING", "GOAWAY", "WINDOW_UPDATE", "CONTINUATION", "UNKNOWN"]),
+        st.sampled_from([0, 1, 2, 3, 5, 7, 2**31 - 1]),
+        st.integers(min_value=0, max_value=255),
+        st.binary(max_size=40),
+    ),
+    st.sampled_from(["request", "post", "bad", "reset", "window"]),
+    st.binary(min_size=1, max_size=30),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(frameStrategy, max_size=25), st.integers(min_value=1, max_value=64))
+def test_anyFrameSequenceEndsCleanly(frames: list[Any], chunk: int) -> None:
+    """
+    Whatever a client sends, the connection answers, resets streams or
+    ends with GOAWAY: never an unhandled exception, never a failure logged,
+    and every call ends with the connection.
+    """
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        pair = Pair()
+        pair.stage.answer = lambda call: (
+            call.respond(textResponse(200, b"ok")) if call.request.path == b"/ok" else None
+        )
+        data = b""
+        stream = 1
+        for frame in frames:
+            if frame == "request":
+                data += headersFrame(pair, stream, request(b"/ok"))
+                stream += 2
+            elif frame == "post":
+                data += headersFrame(pair, stream, request(b"/held", b"POST"), end=False)
+                data += _frame("DATA", stream, 0, b"body")
+                stream += 2
+            elif frame == "bad":
+                data += headersFrame(pair, stream, request(extra=[(b"connection", b"close")]))
+                stream += 2
+            elif frame == "reset":
+                data += _frame("RST_STREAM", max(1, stream - 2), 0, b"\x00\x00\x00\x08")
+            elif frame == "window":
+                data += _frame("WINDOW_UPDATE", 0, 0, b"\x00\x01\x00\x00")
+            else:
+                data += frame
+        for start in range(0, len(data), chunk):
+            pair.send(data[start:start + chunk])
+        pair.frames()
+        for call in list(pair.stage.held):
+            call.respond(textResponse(200, b"late"))
+        pair.clock.advance(100)
+        pair.lose(Failure(ConnectionDone()))
+        assert not pair.factory.inflight
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not failures, failures
+
+
+# WebSockets over HTTP/2 (RFC 8441) ----------------------------------------------
+
+
+class _Endpoint:
+    def __init__(self) -> None:
+        self.transports: list[StringTransport] = []
+        self.protocols: list[Any] = []
+
+    def connect(self, factory: Any) -> Any:
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        self.protocols.append(protocol)
+        return succeed(protocol)
+
+
+class _Pool:
+    def __init__(self) -> None:
+        self.upstream = UPSTREAM
+        self.endpoint = _Endpoint()
+        self.clock = None
+
+    def pickServer(self, hashKey: bytes | None) -> Server:
+        return UPSTREAM.servers[0]
+
+    def endpointFor(self, server: Server) -> _Endpoint:
+        return self.endpoint
+
+
+def _accept(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+def websocketPair() -> tuple[Pair, _Pool, int]:
+    pair = Pair()
+    pool = _Pool()
+    forward = Forward(ROUTE, pool, ProxySettings())
+    pair.stage.answer = forward.handle
+    stream = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(
+        stream,
+        [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"https"),
+         (b":authority", b"example.com"), (b":path", b"/chat"), (b"sec-websocket-version", b"13")],
+    )
+    pair.client.send_data(stream, b"early")
+    pair.pump()
+    return pair, pool, stream
+
+
+def test_webSocketOverHTTP2() -> None:
+    """
+    An extended CONNECT for websocket reaches the backend as an HTTP/1.1
+    Upgrade with a key of the proxy's; the backend's 101 becomes a 200
+    (RFC 8441 5), and the stream's DATA frames and the backend's bytes are
+    relayed both ways until the client ends the stream.
+    """
+    pair, pool, stream = websocketPair()
+    [backend] = pool.endpoint.transports
+    head = backend.value().decode("latin-1")
+    assert head.startswith("GET /chat HTTP/1.1\r\n")
+    fields = {
+        name.lower(): value for name, value in (line.split(": ", 1) for line in head.split("\r\n")[1:] if line)
+    }
+    assert fields["upgrade"] == "websocket" and fields["connection"] == "upgrade"
+    assert fields["sec-websocket-version"] == "13"
+    key = fields["sec-websocket-key"].encode()
+    assert len(base64.b64decode(key)) == 16
+    backend.clear()
+    [protocol] = pool.endpoint.protocols
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\nSec-WebSocket-Protocol: chat\r\n\r\nhello"
+    )
+    pair.pump()
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"200" and headers[b"sec-websocket-protocol"] == b"chat"
+    assert b"sec-websocket-accept" not in headers and b"upgrade" not in headers
+    assert body == b"hello" and not ended
+    assert backend.value() == b"early"
+    pair.client.send_data(stream, b"ping")
+    pair.pump()
+    assert backend.value() == b"earlyping"
+    protocol.dataReceived(b"pong")
+    pair.pump()
+    assert pair.response(stream)[1] == b"hellopong"
+    pair.client.end_stream(stream)
+    pair.pump()
+    assert backend.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))
+    pair.pump()
+    assert pair.response(stream)[2]
+    [call] = pair.factory.accessLog.calls
+    assert call.status == 200 and call.request.method == b"CONNECT"
+    assert not pair.closed()
+
+
+def test_webSocketWrongAccept() -> None:
+    pair, pool, stream = websocketPair()
+    [protocol] = pool.endpoint.protocols
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: bogus\r\n\r\n"
+    )
+    pair.pump()
+    assert pair.response(stream)[0][b":status"] == b"502"
+    assert pool.endpoint.transports[0].disconnecting
+
+
+def test_webSocketRefusedByTheBackend() -> None:
+    pair, pool, stream = websocketPair()
+    [protocol] = pool.endpoint.protocols
+    protocol.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+    pair.pump()
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"403" and body == b"no" and ended
+    assert not pair.closed()
+
+
+def test_webSocketClientResets() -> None:
+    pair, pool, stream = websocketPair()
+    [protocol] = pool.endpoint.protocols
+    [backend] = pool.endpoint.transports
+    key = backend.value().split(b"Sec-Websocket-Key: ")[1].split(b"\r\n")[0]
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n\r\n"
+    )
+    pair.pump()
+    pair.client.reset_stream(stream, CANCEL)
+    pair.pump()
+    assert backend.disconnecting
+
+
+def test_prefaceSentAtTheHandshake() -> None:
+    """
+    The server's SETTINGS go as soon as the handshake chose h2 (RFC 9113
+    3.4); a client that then sends nothing gets HTTP/2's header deadline,
+    never an HTTP/1.1 408.
+    """
+    pair = Pair(preface=False)
+    pair.connection.handshakeCompleted()
+    frames = pair.frames()
+    assert isinstance(frames[0], SettingsFrame) and "ACK" not in frames[0].flags
+    pair.clock.advance(11)
+    assert pair.closed()
+    data = pair.transport.value()
+    assert b"HTTP/1.1" not in data
+    assert isinstance(pair.frames()[-1], GoAwayFrame)
+
+
+def test_earlyAnswerGivesTheWindowBack() -> None:
+    """
+    A stream answered while its body is held back (the backend paused it)
+    is reset, and the bytes it held are given back to the connection's
+    window: uploads on other streams do not starve.
+    """
+    unlimited = Route(name="all", hosts=("*",), paths=("/",), upstream="app")
+    pair = Pair(settings=HTTP2Settings(initial_window_size=65535, connection_buffer=65535), routes=(unlimited,))
+    for n in range(5):
+        stream = pair.client.get_next_available_stream_id()
+        pair.client.send_headers(stream, request(b"/up%d" % n, b"POST", [(b"content-length", b"100000")]))
+        for _ in range(4):
+            pair.client.send_data(stream, b"d" * 15000)
+        pair.pump()
+        call = pair.stage.held[-1]
+        # Nobody reads the body: the backend answers at once.
+        call.respond(textResponse(200, b"early"))
+        pair.pump()
+        assert pair.response(stream)[1] == b"early"
+        assert pair.resets()[stream] == NO_ERROR
+    assert pair.client.outbound_flow_control_window >= 60000
+
+
+actionStrategy = st.one_of(
+    st.sampled_from(["request", "pause", "resume", "write", "finish", "cut", "ack", "tick", "reset"]),
+    frameStrategy,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(actionStrategy, max_size=40))
+@example(["request", "pause", "write", "write", "reset", "request", "write", "cut", "resume"])
+def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
+    """
+    Frames from the client, body bytes from backends, the socket pausing
+    and resuming, time passing, in any order: no failure, what is held
+    for the client always adds up, and every call ends with the connection.
+    """
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        pair = Pair(settings=HTTP2Settings(stream_buffer=4096, connection_buffer=8192))
+        bodies: list[Body] = []
+
+        def answer(call: Any) -> None:
+            body = Body()
+            bodies.append(body)
+            call.respond(Response(200, b"OK", Fields(), None, body))
+
+        pair.stage.answer = answer
+        stream = 1
+        for action in actions:
+            if action == "pause":
+                pair.server.pauseProducing()
+            elif action == "resume":
+                pair.server.resumeProducing()
+            elif action in ("write", "finish", "cut"):
+                for body in bodies:
+                    if body.protocol is None or body.stopped:
+                        continue
+                    if action == "write":
+                        body.write(b"w" * 3000)
+                    elif action == "finish":
+                        body.finish()
+                    else:
+                        body.protocol.connectionLost(Failure(ConnectionDone()))
+                    break
+            elif action == "ack":
+                pair.send(_frame("WINDOW_UPDATE", 0, 0, b"\x00\x01\x00\x00"))
+                for open_ in range(1, stream, 2):
+                    pair.send(_frame("WINDOW_UPDATE", open_, 0, b"\x00\x01\x00\x00"))
+            elif action == "tick":
+                pair.clock.advance(5)
+            elif action == "request":
+                pair.send(headersFrame(pair, stream, request(b"/s")))
+                stream += 2
+            elif action == "reset":
+                pair.send(_frame("RST_STREAM", max(1, stream - 2), 0, b"\x00\x00\x00\x08"))
+            elif isinstance(action, str):
+                continue
+            else:
+                pair.send(action)
+            server = pair.server
+            if server is not None:
+                assert server.held >= 0
+                assert server.held == sum(s.held for s in server._streams.values())
+            pair.transport.clear()
+        pair.lose(Failure(ConnectionDone()))
+        assert not pair.factory.inflight
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not failures, failures
+
+
+def test_idleWithoutAnyRequest() -> None:
+    """A client that sends its preface and then nothing is closed after the
+    idle timeout."""
+    pair = Pair()
+    pair.clock.advance(59)
+    assert not pair.closed()
+    pair.clock.advance(2)
+    pair.pump()
+    assert pair.closed() and pair.goaway().error_code == NO_ERROR
+
+
+def test_requestsKeepTheConnectionAlive() -> None:
+    """Requests coming and going reset the idle timeout."""
+    pair = Pair()
+    answering(pair)
+    for _ in range(5):
+        pair.clock.advance(40)
+        pair.get(request())
+    assert not pair.closed()
+    pair.clock.advance(61)
+    assert pair.closed()
+
+
+def test_webSocketClientEndedBeforeTheSwitch() -> None:
+    pair, pool, stream = websocketPair()
+    pair.client.end_stream(stream)
+    pair.pump()
+    [protocol] = pool.endpoint.protocols
+    [backend] = pool.endpoint.transports
+    key = backend.value().split(b"Sec-Websocket-Key: ")[1].split(b"\r\n")[0]
+    protocol.dataReceived(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + _accept(key) + b"\r\n\r\n"
+    )
+    pair.pump()
+    headers, body, ended = pair.response(stream)
+    assert headers[b":status"] == b"200" and ended
+    assert backend.disconnecting

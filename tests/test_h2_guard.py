@@ -1,0 +1,176 @@
+"""
+Tests for L{edgeproxy.http.h2.guard}: frame headers looked at before the
+library buffers the frame.
+"""
+
+from __future__ import annotations
+
+from hyperframe.frame import (
+    DataFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edgeproxy.http.h2.guard import (
+    BUDGETS,
+    ENHANCE_YOUR_CALM,
+    FRAME_SIZE_ERROR,
+    PREFACE,
+    RESETS,
+    FrameGuard,
+)
+
+
+def guard(maxFrameSize: int = 16384, batch: int = 100) -> FrameGuard:
+    g = FrameGuard(maxFrameSize, batch)
+    assert g.scan(PREFACE + SettingsFrame(0).serialize(), 0.0) is None
+    assert g.started and not g.incomplete
+    return g
+
+
+def headers(stream: int, end: bool = True) -> bytes:
+    return HeadersFrame(stream, data=b"\x82", flags=["END_HEADERS", "END_STREAM"] if end else []).serialize()
+
+
+def test_frameSizeAtTheHeader() -> None:
+    """Nine bytes announcing a frame over the limit are enough."""
+    g = guard()
+    header = (16385).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+    violation = g.scan(header, 0.0)
+    assert violation is not None and violation.code == FRAME_SIZE_ERROR
+
+
+def test_frameAtTheLimit() -> None:
+    g = guard()
+    assert g.scan(DataFrame(1, data=b"x" * 16384).serialize(), 0.0) is None
+
+
+def test_headerSplitAnywhere() -> None:
+    """A frame header cut across reads is read whole."""
+    data = DataFrame(1, data=b"x" * 10).serialize() + (20000).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+    for cut in range(len(data)):
+        g = guard()
+        first = g.scan(data[:cut], 0.0)
+        assert first is None
+        second = g.scan(data[cut:], 0.0)
+        assert second is not None and second.code == FRAME_SIZE_ERROR
+
+
+def test_incompleteWhileAFrameArrives() -> None:
+    g = guard()
+    frame = HeadersFrame(1, data=b"\x82" * 20, flags=["END_HEADERS"]).serialize()
+    g.scan(frame[:5], 0.0)
+    assert g.incomplete
+    g.scan(frame[5:12], 0.0)
+    assert g.incomplete
+    g.scan(frame[12:], 0.0)
+    assert not g.incomplete
+
+
+def test_dataPayloadIsNotIncomplete() -> None:
+    """A DATA payload on its way is the body's business (its idle timeout)."""
+    g = guard()
+    frame = DataFrame(1, data=b"x" * 100).serialize()
+    g.scan(frame[:50], 0.0)
+    assert not g.incomplete
+
+
+def test_headerBlockAwaitingContinuation() -> None:
+    g = guard()
+    g.scan(headers(1, end=False), 0.0)
+    assert g.incomplete
+
+
+def test_preface() -> None:
+    g = FrameGuard(16384, 100)
+    g.scan(PREFACE[:10], 0.0)
+    assert g.incomplete and not g.started
+    g.scan(PREFACE[10:] + SettingsFrame(0).serialize()[:4], 0.0)
+    assert not g.started
+    g.scan(SettingsFrame(0).serialize()[4:], 0.0)
+    assert g.started and not g.incomplete
+
+
+FLOODS = [
+    ("empty DATA", DataFrame(1).serialize()),
+    ("PRIORITY", PriorityFrame(3, depends_on=1).serialize()),
+    ("SETTINGS", SettingsFrame(0).serialize()),
+    ("PING", PingFrame(0, opaque_data=b"12345678").serialize()),
+    ("RST_STREAM", RstStreamFrame(1, error_code=8).serialize()),
+    ("extension", b"\x00\x00\x00\xfa\x00\x00\x00\x00\x00"),
+]
+
+
+def test_floods() -> None:
+    for name, frame in FLOODS:
+        g = guard()
+        violation = g.scan(frame * 3000, 0.0)
+        assert violation is not None and violation.code == ENHANCE_YOUR_CALM, name
+        assert name in violation.why
+
+
+def test_floodBudgetsRefill() -> None:
+    """A steady, modest rate is never cut."""
+    g = guard()
+    ping = PingFrame(0, opaque_data=b"12345678").serialize()
+    for second in range(1000):
+        assert g.scan(ping * 5, float(second)) is None
+
+
+def test_acksAndUsefulFramesAreFree() -> None:
+    g = guard()
+    frames = (
+        SettingsFrame(0, flags=["ACK"]).serialize()
+        + PingFrame(0, flags=["ACK"], opaque_data=b"12345678").serialize()
+        + DataFrame(1, data=b"x").serialize()
+        + DataFrame(1, flags=["END_STREAM"]).serialize()
+        + WindowUpdateFrame(0, window_increment=1).serialize()
+    )
+    assert g.scan(frames * 10000, 0.0) is None
+
+
+def test_resetsCreditedByAnswers() -> None:
+    g = guard()
+    for _ in range(int(BUDGETS[RESETS].burst) * 3):
+        g.credit(RESETS)
+        assert g.spend(RESETS, 0.0) is None
+
+
+def test_cutsAfterEachBatchOfNewStreams() -> None:
+    g = guard(batch=3)
+    frames = [headers(stream) for stream in range(1, 20, 2)]
+    data = b"".join(frames)
+    assert g.scan(data, 0.0) is None
+    size = len(frames[0])
+    assert g.cuts == [3 * size, 6 * size, 9 * size]
+
+
+def test_noCutForOldStreams() -> None:
+    """Trailers on a known stream open nothing."""
+    g = guard(batch=1)
+    g.scan(headers(5, end=False) + b"", 0.0)
+    g = guard(batch=1)
+    data = headers(5) + headers(3) + headers(7)
+    g.scan(data, 0.0)
+    assert g.cuts == [len(headers(5))]
+
+
+@given(st.binary(max_size=300), st.integers(min_value=0, max_value=300))
+def test_anyBytesAnyCut(data: bytes, cut: int) -> None:
+    """Whatever the bytes and however they are cut, the same verdict."""
+    whole = guard()
+    expected = whole.scan(data, 0.0)
+    parts = guard()
+    first = parts.scan(data[:cut], 0.0)
+    second = first or parts.scan(data[cut:], 0.0)
+    assert (expected is None) == (second is None)
+    if expected is not None:
+        assert second is not None and expected.code == second.code
+    else:
+        assert whole.incomplete == parts.incomplete
