@@ -40,6 +40,7 @@ from typing import Any
 
 from edgeproxy.config import syntax
 from edgeproxy.config.checks import crossCheck
+from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
 from edgeproxy.config.model import (
     BALANCE_POLICIES,
@@ -99,6 +100,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "workers",
         "log_level",
         "log_format",
+        *PROXY_KEYS,
     ),
     "tls": (
         "certificates",
@@ -154,7 +156,9 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "slow_start",
         *_HEALTH_KEYS,
     ),
-    "route": ("hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket"),
+    "route": (
+        "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
+    ),
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
 C{route} stand for C{[listen:NAME]} and so on)."""
@@ -233,6 +237,7 @@ def _readProxy(section: Section) -> ProxySettings:
         workers=section.convert("workers", defaults.workers, _parseWorkers),
         log_level=section.choice("log_level", defaults.log_level, {v: v for v in _LOG_LEVELS}),
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
+        **readProxyContent(section, defaults.image_workers),
     )
 
 
@@ -609,6 +614,7 @@ def _readRoute(section: Section, name: str) -> Route:
         max_body_size=section.size("max_body_size", 0) if section.has("max_body_size") else None,
         strip_prefix=section.boolean("strip_prefix", False),
         websocket=section.boolean("websocket", True),
+        **readRouteContent(section),
     )
 
 
