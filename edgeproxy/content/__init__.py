@@ -20,3 +20,4 @@ Importing this package registers both stage kinds.
 """
 
 from edgeproxy.content import compress  # noqa: F401  (registers the "compress" kind)
+from edgeproxy.content import images  # noqa: F401  (registers the "images" kind)

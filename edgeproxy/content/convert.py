@@ -27,19 +27,12 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import NamedTuple
 
 from PIL import Image, ImageOps, ImageSequence
 
-__all__ = ["CONTENT_TYPES", "Job", "Result", "convert"]
+from edgeproxy.content.job import CONTENT_TYPES, Job, Result
 
-CONTENT_TYPES = {
-    "avif": "image/avif",
-    "webp": "image/webp",
-    "jpeg": "image/jpeg",
-    "png": "image/png",
-    "gif": "image/gif",
-}
+__all__ = ["CONTENT_TYPES", "Job", "Result", "convert"]
 
 _SOURCES = {"JPEG": "jpeg", "PNG": "png", "GIF": "gif"}
 _PILLOW_FORMATS = {"avif": "AVIF", "webp": "WEBP", "jpeg": "JPEG", "png": "PNG", "gif": "GIF"}
@@ -51,37 +44,6 @@ several times faster than the default 6 for a few percent more bytes."""
 _WEBP_METHOD = 4
 _JPEG_QUALITY = 85
 """For a resized JPEG kept as JPEG without a C{q}."""
-
-
-class Job(NamedTuple):
-    """What to make of one image."""
-
-    target: str
-    """C{avif}, C{webp}, or C{""}: the source's own format (resize only)."""
-    quality: int
-    """1-100; C{0}: the format's default (JPEG only)."""
-    maxPixels: int
-    width: int | None = None
-    height: int | None = None
-    fit: str = "contain"
-    """C{contain}, C{cover} or C{fill}."""
-
-    @property
-    def resizing(self) -> bool:
-        return self.width is not None or self.height is not None
-
-
-class Result(NamedTuple):
-    """What came of it: C{data} is the image to send when C{outcome} is
-    C{converted}, else C{b""}."""
-
-    outcome: str
-    """C{converted}, C{larger}, C{too_large}, C{unsupported} or C{failed}."""
-    data: bytes = b""
-    contentType: str = ""
-    width: int = 0
-    height: int = 0
-    detail: str = ""
 
 
 def _box(size: tuple[int, int], job: Job) -> tuple[tuple[int, int], tuple[int, int] | None]:

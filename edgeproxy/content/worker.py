@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 from typing import BinaryIO
 
-from edgeproxy.content.convert import Job, Result, convert
+from edgeproxy.content.convert import convert
+from edgeproxy.content.job import FRAME, Job, Result
 
-__all__ = ["FRAME", "NICENESS", "readFrame", "serve", "writeFrame"]
+__all__ = ["NICENESS", "readFrame", "serve", "writeFrame"]
 
-FRAME = struct.Struct(">II")
 NICENESS = 10
 
 
