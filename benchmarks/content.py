@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import random
@@ -440,7 +439,7 @@ async def _images(port: int, context: ssl.SSLContext, seconds: float, clients: i
         n = 0
         while time.monotonic() < deadline:
             n += 1
-            status, body = await _fetch(reader, writer, f"{PHOTO_PATH}?c={index}-{n}",
+            _, body = await _fetch(reader, writer, f"{PHOTO_PATH}?c={index}-{n}",
                                         "Accept: image/avif,image/webp,*/*\r\n")
             kind = "converted" if body[4:12] == b"ftypavif" else "original"
             counts[kind] = counts.get(kind, 0) + 1
@@ -451,7 +450,7 @@ async def _images(port: int, context: ssl.SSLContext, seconds: float, clients: i
 
 def measureLatencyUnderConversions(setup: Setup, seconds: float, quick: bool) -> dict[str, Any]:
     workers = max(1, os.cpu_count() or 1)
-    edge, port = setup.edgeproxy(
+    _, port = setup.edgeproxy(
         "edgeproxy-images", "images = avif, webp\n", proxyExtra=f"image_workers = {workers}\n"
     )
     context = ssl.create_default_context(cafile=str(setup.caFile))

@@ -119,9 +119,10 @@ def _signingKey(section: Section, text: str) -> bytes:
 
 
 def _readCompress(section: Section) -> CompressSettings | None:
+    nothing: tuple[str, ...] = ()
     encodings = section.convert(
-        "compress", (), lambda text: _offered(text, COMPRESS_ENCODINGS, "encodings")
-    ) if section.values.get("compress", "").strip() else ()
+        "compress", nothing, lambda text: _offered(text, COMPRESS_ENCODINGS, "encodings")
+    ) if section.values.get("compress", "").strip() else nothing
     if not encodings:
         for key in _COMPRESS_KEYS[1:]:
             if section.has(key) and section.ok("compress"):
@@ -142,9 +143,10 @@ def _readCompress(section: Section) -> CompressSettings | None:
 
 
 def _readImages(section: Section) -> ImageSettings | None:
+    nothing: tuple[str, ...] = ()
     formats = section.convert(
-        "images", (), lambda text: _offered(text, IMAGE_FORMATS, "formats")
-    ) if section.values.get("images", "").strip() else ()
+        "images", nothing, lambda text: _offered(text, IMAGE_FORMATS, "formats")
+    ) if section.values.get("images", "").strip() else nothing
     if not formats:
         for key in _IMAGE_KEYS[1:]:
             if section.has(key) and section.ok("images"):

@@ -21,9 +21,10 @@ grow with the body:
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Protocol
 
-import brotli
+import brotli  # type: ignore[import-untyped]
 import zstandard
 
 __all__ = ["ENCODINGS", "Encoder", "makeEncoder"]
@@ -84,7 +85,7 @@ class _Gzip:
         return self._compressor.flush(zlib.Z_FINISH)
 
 
-ENCODINGS = {b"zstd": _Zstd, b"br": _Brotli, b"gzip": _Gzip}
+ENCODINGS: dict[bytes, Callable[[int], Encoder]] = {b"zstd": _Zstd, b"br": _Brotli, b"gzip": _Gzip}
 """The content codings the edge can produce, by their token."""
 
 

@@ -72,17 +72,22 @@ class _Worker(protocol.ProcessProtocol):
         self.ended = False
         self.retiring = False
 
+    @property
+    def process(self) -> Any:
+        """The process transport (C{IProcessTransport})."""
+        return self.transport
+
     def run(self, job: Job, data: bytes, done: Deferred[Result]) -> None:
         self.busy = done
         meta = _encode(job._asdict())
-        self.transport.write(FRAME.pack(len(meta), len(data)) + meta + data)
+        self.process.write(FRAME.pack(len(meta), len(data)) + meta + data)
         self.timer = self.pool.reactor.callLater(self.pool.deadline, self._overdue)
 
     def retire(self) -> None:
         """End when idle: the process exits at the end of its input."""
         self.retiring = True
         if self.busy is None and not self.ended:
-            self.transport.closeStdin()
+            self.process.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         if self.busy is None and self.retiring:
@@ -119,7 +124,7 @@ class _Worker(protocol.ProcessProtocol):
     def errReceived(self, data: bytes) -> None:
         log.warn(
             "image conversion process {pid} said: {text}",
-            pid=self.transport.pid,
+            pid=self.process.pid,
             text=data.decode("utf-8", "replace").rstrip(),
         )
 
@@ -135,11 +140,11 @@ class _Worker(protocol.ProcessProtocol):
 
     def _kill(self, why: str | None) -> None:
         if why is not None:
-            log.warn("image conversion process {pid} {why}: killed", pid=self.transport.pid, why=why)
+            log.warn("image conversion process {pid} {why}: killed", pid=self.process.pid, why=why)
             self._finish(Result("failed", detail=why))
         self.retiring = True
         try:
-            self.transport.signalProcess("KILL")
+            self.process.signalProcess("KILL")
         except Exception:
             # Gone already: processEnded follows or has run.
             pass
