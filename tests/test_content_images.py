@@ -438,3 +438,43 @@ def test_convertedImageOnTheWire(monkeypatch: pytest.MonkeyPatch) -> None:
     assert b"\r\nContent-Length: %d\r\n" % len(body) in head
     assert b"\r\nVary: Accept\r\n" in head
     assert decode(body).size == (400, 300)
+
+
+# The kind: one pool per process, resized by reloads ----------------------------
+
+
+def test_kindSharesOnePoolAndReloadsResizeIt() -> None:
+    from edgeproxy.config.model import Config, ProxySettings
+    from edgeproxy.content.images import ImagesKind
+    from edgeproxy.pipeline.stages import buildPipelines
+    from tests.memorypool import MemoryPool
+
+    kind = ImagesKind()
+    reactor = MemoryReactorClock()
+    routes = (
+        Route(name="a", hosts=("a.example",), paths=("/",), upstream="app", images=ImageSettings(formats=("avif",))),
+        Route(name="b", hosts=("b.example",), paths=("/",), upstream="app", images=ImageSettings(formats=("webp",))),
+        Route(name="c", hosts=("c.example",), paths=("/",), upstream="app"),
+    )
+
+    def build(workers: int, queue: int | None) -> Any:
+        config = Config(path="/edge.ini", proxy=ProxySettings(image_workers=workers, image_queue=queue),
+                        tls=None, listeners=(), upstreams={}, routes=routes)
+        return [kind.build(route, config, {"reactor": reactor}, None) for route in routes]
+
+    a, b, c = build(3, None)
+    assert c is None
+    assert a.pool is b.pool is kind.pool
+    assert (kind.pool.workers, kind.pool.queue) == (3, 6)
+    first = kind.pool
+    assert [call[0] for call in reactor.triggers["before"]["shutdown"]] == [first.stop]
+    a, b, _ = build(1, 0)
+    assert a.pool is first and (first.workers, first.queue) == (1, 0)
+    # The pipelines of the runtime use the registered kind, in the fixed order.
+    pipelines = buildPipelines(
+        Config(path="/edge.ini", proxy=ProxySettings(), tls=None, listeners=(), upstreams={}, routes=routes),
+        {"app": MemoryPool()},
+        context={"imagePool": makePool()[0]},
+    )
+    assert [type(s).__name__ for s in pipelines["a"].stages] == ["Images", "Forward"]
+    assert [type(s).__name__ for s in pipelines["c"].stages] == ["Forward"]
