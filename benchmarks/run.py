@@ -515,6 +515,26 @@ class Bench:
         }
 
 
+def runContent(args: argparse.Namespace) -> dict[str, Any]:
+    """
+    The compression and image figures (C{benchmarks/content.py}, its own
+    servers, after this run's are stopped); their table is printed, their
+    results returned for the JSON.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        completed = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "content.py"), "--duration",
+             str(args.duration), "--python", args.python, "--json", out.name,
+             *(["--quick"] if args.quick else [])],
+            stdout=subprocess.PIPE, text=True, timeout=60 * (args.duration + 10),
+        )
+        print(completed.stdout, end="")
+        try:
+            return json.loads(Path(out.name).read_text())
+        except ValueError:
+            return {"failed": completed.returncode}
+
+
 def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -537,6 +557,10 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=30.0,
                         help="seconds a proxy has to answer its first request")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
+    parser.add_argument("--content", dest="content", action="store_true", default=None,
+                        help="also run benchmarks/content.py (compression and images) after the "
+                        "table; default on unless --quick")
+    parser.add_argument("--no-content", dest="content", action="store_false")
     parser.add_argument("--figures", default="",
                         help="comma-separated figures to measure, e.g. R1,R3 (default: all); "
                         "for quick A/B runs of one change")
@@ -551,6 +575,8 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, quick if args.quick else full)
     if args.whole_machine is None:
         args.whole_machine = not args.quick
+    if args.content is None:
+        args.content = not args.quick
     args.proxies = [p.strip() for p in args.proxies.split(",") if p.strip()]
     unknown = set(args.proxies) - set(report.PROXIES)
     if unknown:
@@ -591,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     for failure in result["failures"]:
         print(f"FAILURE: {failure}")
+    if args.content:
+        result["content"] = runContent(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")

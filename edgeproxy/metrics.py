@@ -491,6 +491,7 @@ class Metrics:
         )
         self._lastReloadTime.set(clock())
         ProcessCollector(registry=r)
+        self._initContent(buckets)
         self._stateSource: Callable[[], Iterable[StateSample]] | None = None
         r.register(_StateCollector(self))
 
@@ -606,6 +607,77 @@ class Metrics:
         self._lastReloadOk.set(1 if ok else 0)
         if ok:
             self._lastReloadTime.set(self._clock())
+
+    # Content optimisation (edgeproxy.content) ------------------------------
+
+    def _initContent(self, buckets: Sequence[float]) -> None:
+        # Once per response on the routes that use them: plain counts.
+        r = self.registry
+        self._compressed = _Counts(
+            "edgeproxy_compressed_responses",
+            "Responses compressed, by encoding.",
+            ["encoding"],
+        )
+        self._compressedIn = _Counts(
+            "edgeproxy_compression_read_bytes",
+            "Bytes of the responses compressed, before compression, by encoding.",
+            ["encoding"],
+        )
+        self._compressedOut = _Counts(
+            "edgeproxy_compression_written_bytes",
+            "Bytes of the responses compressed, after compression, by encoding.",
+            ["encoding"],
+        )
+        self._images = _Counts(
+            "edgeproxy_image_conversions",
+            "Image responses that could be converted, by the format asked for and the "
+            "result (converted, or why the original went out).",
+            ["format", "result"],
+        )
+        self._imagesIn = _Counts(
+            "edgeproxy_image_read_bytes",
+            "Bytes of the images converted, before conversion, by format.",
+            ["format"],
+        )
+        self._imagesOut = _Counts(
+            "edgeproxy_image_written_bytes",
+            "Bytes of the images converted, after conversion, by format.",
+            ["format"],
+        )
+        self._imageSeconds = _Durations(
+            "edgeproxy_image_conversion_seconds",
+            "Time from the image's last byte to its conversion's end (queue included), by format.",
+            ["format"],
+            buckets,
+        )
+        for collector in (
+            self._compressed, self._compressedIn, self._compressedOut,
+            self._images, self._imagesIn, self._imagesOut, self._imageSeconds,
+        ):
+            r.register(collector)
+
+    def compressed(self, encoding: str, read: int, written: int) -> None:
+        """One response body compressed whole: C{read} bytes in, C{written} out."""
+        key = (encoding,)
+        self._compressed.inc(key)
+        self._compressedIn.counts[key] = self._compressedIn.counts.get(key, 0) + read
+        self._compressedOut.counts[key] = self._compressedOut.counts.get(key, 0) + written
+
+    def imageConverted(self, fmt: str, read: int, written: int, seconds: float) -> None:
+        """One image converted to C{fmt} and sent converted."""
+        key = (fmt,)
+        self._images.inc((fmt, "converted"))
+        self._imagesIn.counts[key] = self._imagesIn.counts.get(key, 0) + read
+        self._imagesOut.counts[key] = self._imagesOut.counts.get(key, 0) + written
+        self._imageSeconds.observe((fmt,), seconds)
+
+    def imageKept(self, fmt: str, result: str) -> None:
+        """
+        An image sent as the original although C{fmt} was asked for:
+        C{result} says why (C{larger}, C{failed}, C{too_large}, C{full},
+        C{timeout}, C{unsupported}).
+        """
+        self._images.inc((fmt, result))
 
     # Exposition ------------------------------------------------------------
 

@@ -633,6 +633,9 @@ def test_everyMetricIsDocumented(admin: Admin) -> None:
     metrics.backendRequest("app", "127.0.0.1:9001")
     metrics.backendResponded("app", "127.0.0.1:9001", 200, 0.1)
     metrics.backendTraffic("app", "127.0.0.1:9001").received += 1
+    metrics.compressed("br", 100, 10)
+    metrics.imageConverted("avif", 100, 50, 0.1)
+    metrics.imageKept("webp", "larger")
     served = {family.name for family in text_string_to_metric_families(admin.ask("GET", "/metrics")[2].decode())}
     docs = (Path(__file__).parents[1] / "docs" / "operations.rst").read_text()
     section = docs[docs.index("\nMetrics\n-------\n") + 17:]

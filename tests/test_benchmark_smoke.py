@@ -222,3 +222,30 @@ def test_inMemoryBenchmarkProxiesRealResponses(capsys: pytest.CaptureFixture[str
     assert wire.endswith(b"x" * 1024)
     assert inproc.main(["--requests", "50", "--runs", "1"]) == 0
     assert "us CPU per request" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None,
+    reason="wrk is not installed (apt-get install wrk): benchmarks/content.py needs it for C2",
+)
+def test_quickRunOfTheContentFigures(tmp_path: Path) -> None:
+    """
+    C{benchmarks/content.py --quick} measures every compression and image
+    figure once (tiny inputs, one second each) and stops what it started.
+    """
+    out = tmp_path / "content.json"
+    process = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "content.py"), "--quick", "--json", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180,
+    )
+    assert process.returncode == 0, process.stdout
+    data = json.loads(out.read_text())
+    assert set(data["C1"]) == {"zstd", "br", "gzip"}
+    assert all(r["mibPerCoreSecond"] > 0 and r["ratio"] > 2 for r in data["C1"].values())
+    assert data["C2"]["edgeproxy zstd"]["mibPerCoreSecond"] > 0
+    assert all(r["errors"] == 0 for r in data["C2"].values())
+    assert data["I1"]["avif"]["conversionsPerSecond"] > 0
+    assert data["I1"]["webp photo"]["saved"] > 0.3
+    assert data["I2"]["imagesConverted"] > 0 and data["I2"]["idleP99ms"] > 0
+    assert data["I3"]["processesLagP99ms"] > 0
+    assert "C1 compression" in process.stdout

@@ -25,8 +25,10 @@ from edgeproxy.config.model import (
     ACMEKeyType,
     ACMESettings,
     AccessLogFormat,
+    CompressSettings,
     Config,
     HTTP2Settings,
+    ImageSettings,
     Limits,
     Listener,
     ProxySettings,
@@ -68,6 +70,7 @@ def site(tmp_path: Path) -> Path:
     (tmp_path / "logs").mkdir()
     (tmp_path / "admin.token").write_text("0123456789abcdef0123456789abcdef\n")
     (tmp_path / "eab.key").write_text("c2VjcmV0LWhtYWMta2V5\n")
+    (tmp_path / "image.key").write_text("0123456789abcdef0123456789abcdef\n")
     return tmp_path
 
 
@@ -398,6 +401,8 @@ log_level = warn
 log_format = journald
 latency_buckets = 5ms, 50ms 500ms
     5s
+image_workers = 2
+image_queue = 5
 
 [tls]
 certificates = certs, certs/site.pem
@@ -496,6 +501,16 @@ upstream = api
 max_body_size = 1GiB
 strip_prefix = yes
 websocket = no
+compress = br, gzip
+compress_types = text/*, application/json
+compress_min_size = 512
+compress_level = br:5
+images = webp
+image_quality = webp:70
+image_max_pixels = 4000000
+image_max_bytes = 4MiB
+image_resize = yes
+image_signing_key_file = image.key
 
 [route:catchall]
 hosts = *
@@ -535,6 +550,8 @@ def test_fullExample(site: Path) -> None:
             log_level="warn",
             log_format="journald",
             latency_buckets=(0.005, 0.05, 0.5, 5.0),
+            image_workers=2,
+            image_queue=5,
         ),
         tls=TLSSettings(
             certificates=(os.path.join(base, "certs"), os.path.join(base, "certs", "site.pem")),
@@ -651,6 +668,20 @@ def test_fullExample(site: Path) -> None:
                 max_body_size=1024**3,
                 strip_prefix=True,
                 websocket=False,
+                compress=CompressSettings(
+                    encodings=("br", "gzip"),
+                    types=("text/*", "application/json"),
+                    min_size=512,
+                    levels=(("zstd", 3), ("br", 5), ("gzip", 6)),
+                ),
+                images=ImageSettings(
+                    formats=("webp",),
+                    quality=(("avif", 60), ("webp", 70)),
+                    max_pixels=4_000_000,
+                    max_bytes=4 * 1024 * 1024,
+                    resize=True,
+                    signing_key=b"0123456789abcdef0123456789abcdef",
+                ),
             ),
             Route(name="catchall", hosts=("*",), paths=("/",), upstream="legacy"),
         ),

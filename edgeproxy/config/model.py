@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 from dataclasses import dataclass, field
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -86,6 +87,11 @@ class ProxySettings:
     log_format: str = "auto"
     """C{text}, C{journald} (a C{<N>} priority on every line), or C{auto}:
     C{journald} when standard output is the journal."""
+    image_workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    """Image conversions that may run at once (in worker processes)."""
+    image_queue: int | None = None
+    """Conversions that may wait for a worker; L{None}: twice
+    C{image_workers}.  Beyond it, originals go out unconverted."""
 
 
 class TLSVersion(enum.Enum):
@@ -261,6 +267,93 @@ class Upstream:
     (0: off)."""
 
 
+COMPRESS_ENCODINGS: tuple[str, ...] = ("zstd", "br", "gzip")
+"""The content codings C{compress =} offers (RFC 9110 8.4.1, RFC 8878,
+RFC 7932)."""
+
+COMPRESS_LEVELS: dict[str, tuple[int, int, int]] = {
+    "zstd": (1, 19, 3),
+    "br": (0, 11, 4),
+    "gzip": (1, 9, 6),
+}
+"""Per encoding: the lowest and highest C{compress_level} and the default.
+zstd stops at 19: higher levels need windows over the 8 MiB that RFC 9659
+lets HTTP clients refuse."""
+
+DEFAULT_COMPRESS_TYPES: tuple[str, ...] = (
+    "text/*",
+    "application/json",
+    "application/*+json",
+    "application/x-ndjson",
+    "application/javascript",
+    "application/x-javascript",
+    "application/ecmascript",
+    "application/xml",
+    "application/*+xml",
+    "image/svg+xml",
+    "image/x-icon",
+    "image/vnd.microsoft.icon",
+    "image/bmp",
+    "application/wasm",
+    "font/ttf",
+    "font/otf",
+    "font/collection",
+    "application/vnd.ms-fontobject",
+    "application/x-font-ttf",
+    "application/x-font-otf",
+)
+"""Media types compressed by default: text, JSON, JavaScript, XML, SVG,
+WebAssembly, and the font formats that are not compressed already (WOFF
+and WOFF2 are)."""
+
+IMAGE_FORMATS: tuple[str, ...] = ("avif", "webp")
+"""The formats C{images =} offers."""
+
+IMAGE_QUALITY: dict[str, int] = {"avif": 60, "webp": 80}
+"""The default C{image_quality} of each format (1-100)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompressSettings:
+    """A route's C{compress*} keys (see C{docs/configuration.rst})."""
+
+    encodings: tuple[str, ...]
+    """Offered encodings, preferred first (where the client's q-values tie)."""
+    types: tuple[str, ...] = DEFAULT_COMPRESS_TYPES
+    """Media types (lower case; C{type/*} and C{type/*+suffix} patterns)."""
+    min_size: int = 1024
+    """Bodies of a known length below this are sent as they are."""
+    levels: tuple[tuple[str, int], ...] = tuple(
+        (name, levels[2]) for name, levels in COMPRESS_LEVELS.items()
+    )
+    """The level of each encoding."""
+
+    def level(self, encoding: str) -> int:
+        return dict(self.levels)[encoding]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSettings:
+    """A route's C{image*} keys (see C{docs/configuration.rst})."""
+
+    formats: tuple[str, ...]
+    """Offered formats, preferred first (where the client's q-values tie)."""
+    quality: tuple[tuple[str, int], ...] = tuple(IMAGE_QUALITY.items())
+    max_pixels: int = 25_000_000
+    """Images of more pixels (width x height, times frames) go out as they are."""
+    max_bytes: int = 10 * 1024 * 1024
+    """Bodies larger than this go out as they are (and are never buffered
+    beyond it)."""
+    resize: bool = False
+    """Accept C{w}, C{h}, C{fit}, C{q}, C{fmt} in the query string."""
+    signing_key: bytes | None = field(default=None, repr=False)
+    """HMAC-SHA256 key resize parameters must be signed with, from
+    C{image_signing_key_file}; L{None}: no signature needed."""
+
+    def qualityOf(self, fmt: str) -> int:
+        return dict(self.quality)[fmt]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     """A C{[route:NAME]} section."""
@@ -278,6 +371,10 @@ class Route:
     """Remove the matched path prefix before forwarding."""
     websocket: bool = True
     """Forward C{Upgrade: websocket} requests."""
+    compress: CompressSettings | None = None
+    """Negotiated compression of responses; L{None}: off."""
+    images: ImageSettings | None = None
+    """Image conversion to AVIF/WebP; L{None}: off."""
 
 
 LETS_ENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"

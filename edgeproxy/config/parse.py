@@ -42,6 +42,7 @@ from collections.abc import Mapping
 from edgeproxy.config import syntax
 from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
 from edgeproxy.config.checks import crossCheck
+from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
 from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
@@ -88,6 +89,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "log_level",
         "log_format",
         "latency_buckets",
+        *PROXY_KEYS,
     ),
     "tls": (
         "certificates",
@@ -101,7 +103,9 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "acme": ACME_KEYS,
     "listen": ("endpoint", "tls", "http2", "redirect_https", "redirect_port", *_LIMIT_KEYS, *H2_KEYS),
     "upstream": UPSTREAM_KEYS,
-    "route": ("hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket"),
+    "route": (
+        "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
+    ),
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
 C{route} stand for C{[listen:NAME]} and so on)."""
@@ -181,6 +185,7 @@ def _readProxy(section: Section) -> ProxySettings:
         log_level=section.choice("log_level", defaults.log_level, {v: v for v in _LOG_LEVELS}),
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
         latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
+        **readProxyContent(section, defaults.image_workers),
     )
 
 
@@ -335,6 +340,7 @@ def _readRoute(section: Section, name: str) -> Route:
         max_body_size=section.size("max_body_size", 0) if section.has("max_body_size") else None,
         strip_prefix=section.boolean("strip_prefix", False),
         websocket=section.boolean("websocket", True),
+        **readRouteContent(section),
     )
 
 

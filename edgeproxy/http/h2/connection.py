@@ -385,7 +385,7 @@ class HTTP2Connection(Writing):
                 )
             except Malformed as error:
                 log.debug("malformed HTTP/2 request: {why}", why=str(error))
-                h2.reset_stream(streamId, PROTOCOL_ERROR)
+                self.resetStream(streamId, PROTOCOL_ERROR)
                 return
             except Refused as error:
                 head = error
@@ -464,7 +464,19 @@ class HTTP2Connection(Writing):
         self._loseConnection()
 
     def _refuse(self, streamId: int) -> None:
-        self._h2.reset_stream(streamId, REFUSED_STREAM)
+        self.resetStream(streamId, REFUSED_STREAM)
+
+    def resetStream(self, streamId: int, code: int) -> None:
+        """
+        Send RST_STREAM for C{streamId}, unless the connection is already
+        closed at the HTTP/2 level (a GOAWAY read in the same batch of
+        frames: the library then refuses any frame, and the stream ends
+        with the connection anyway).
+        """
+        try:
+            self._h2.reset_stream(streamId, code)
+        except H2Error:
+            pass
 
     # Closing --------------------------------------------------------------------
 

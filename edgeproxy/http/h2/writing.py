@@ -248,7 +248,10 @@ class Writing:
             # RFC 9113 8.1: answered before the request was complete; the
             # rest of it is not wanted.
             stream.remoteEnded = True
-            self._h2.reset_stream(stream.id, NO_ERROR)
+            try:
+                self._h2.reset_stream(stream.id, NO_ERROR)
+            except H2Error:
+                pass
         self._forget(stream)
 
     def reset(self, stream: Stream, code: int, reason: Failure) -> None:
