@@ -118,6 +118,26 @@ def test_streamedBodyOverLimitIsCut() -> None:
     assert call.cancelled
 
 
+def test_streamedBodyOverLimitIs413WithTheRealPool() -> None:
+    """
+    With the real upstream pool, the body's failure is not answered as the
+    backend's (a 502): the client that sent too much learns so (413), and
+    the backend connection that had the request's head is dropped.
+    """
+    from tests.test_pool import makePool
+
+    pool, endpoint, _ = makePool()
+    client = Client(pool=pool)  # type: ignore[arg-type]
+    client.send(b"POST /x HTTP/1.1\r\nHost: small.example\r\nTransfer-Encoding: chunked\r\n\r\n")
+    client.send(b"40\r\n" + b"a" * 64 + b"\r\n")
+    [(_, backend)] = endpoint.connections
+    assert backend.value().startswith(b"POST /x HTTP/1.1\r\n")
+    client.send(b"40\r\n" + b"b" * 64 + b"\r\n")
+    assert client.wire().startswith(b"HTTP/1.1 413 ")
+    assert client.transport.disconnecting
+    assert backend.disconnecting or backend.disconnected
+
+
 def test_upstreamFailureIsGeneric502() -> None:
     client = Client(pool=MemoryPool(failAtOnce=BackendUnavailable("connect to 10.0.0.1:8080: refused")))
     client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")

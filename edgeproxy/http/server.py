@@ -503,14 +503,17 @@ class HTTP1Connection(Answering):
     def _bodyTooLarge(self) -> None:
         call = self._call
         error = ContentTooLarge(f"body over the limit of {self._maxBody} bytes")
+        # Whatever holds the request (a stage, the backend) lets go first, so
+        # that the body's failure below reaches nobody who would answer it
+        # (a backend exchange would make it a 502); the client gets a 413
+        # (or, with its response begun, a cut).
+        if call is not None:
+            call.stop()
         if self._pipe is not None:
             self._pipe.fail(Failure(error))
             self._pipe = None
         if call is None:
             return
-        # Whatever holds the request (a stage, the backend) lets go, and the
-        # client gets a 413 (or, with its response begun, a cut).
-        call.stop()
         self._persistent = False
         if self._pendingHead is not None or self._answered:
             self._call = None
