@@ -60,6 +60,7 @@ from edgeproxy.config.model import (
     Upstream,
 )
 from edgeproxy.config.section import Problems, Section, readSection
+from edgeproxy.config import security
 from edgeproxy.config.source import readSource
 from edgeproxy.errors import ConfigErrors
 
@@ -125,7 +126,8 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "on_demand_burst",
         "on_demand_interval",
     ),
-    "listen": ("endpoint", "tls", "http2", "redirect_https", "redirect_port", *_LIMIT_KEYS),
+    "listen": ("endpoint", "tls", "http2", "redirect_https", "redirect_port", *_LIMIT_KEYS,
+               *security.LISTEN_KEYS),
     "upstream": (
         "servers",
         "tls",
@@ -153,8 +155,13 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "fail_status",
         "slow_start",
         *_HEALTH_KEYS,
+        *security.UPSTREAM_KEYS,
     ),
-    "route": ("hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket"),
+    "route": ("hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket",
+              *security.ROUTE_KEYS),
+    "ratelimit": security.RATELIMIT_KEYS,
+    "auth": security.AUTH_KEYS,
+    "redis": security.REDIS_KEYS,
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
 C{route} stand for C{[listen:NAME]} and so on)."""
@@ -163,8 +170,8 @@ C{route} stand for C{[listen:NAME]} and so on)."""
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("auto", "text", "journald")
 
-_SINGLE_KINDS = ("edgeproxy", "tls", "acme")
-_NAMED_KINDS = ("listen", "upstream", "route")
+_SINGLE_KINDS = ("edgeproxy", "tls", "acme", "redis")
+_NAMED_KINDS = ("listen", "upstream", "route", "ratelimit", "auth")
 _SECTION_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
 
@@ -464,6 +471,7 @@ def _readListener(
         redirect_https=redirect,
         redirect_port=redirectPort,
         limits=_readLimits(section, limits),
+        **security.readListenerSecurity(section, tls),
     )
     return listener, spec
 
@@ -526,6 +534,7 @@ def _readUpstream(section: Section, name: str) -> Upstream:
         eject_max_time=_ejectMax(section, defaults),
         fail_status=section.convert("fail_status", defaults.fail_status, _failStatus),
         slow_start=section.duration("slow_start", defaults.slow_start, allowZero=True),
+        proxy_protocol=security.readUpstreamProxyProtocol(section),
         **health,
     )
 
@@ -609,6 +618,7 @@ def _readRoute(section: Section, name: str) -> Route:
         max_body_size=section.size("max_body_size", 0) if section.has("max_body_size") else None,
         strip_prefix=section.boolean("strip_prefix", False),
         websocket=section.boolean("websocket", True),
+        **security.readRouteSecurity(section),
     )
 
 
@@ -649,7 +659,10 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
                 continue
             named[kind].append((label, section))
         else:
-            known = "[edgeproxy], [tls], [acme], [listen:NAME], [upstream:NAME], [route:NAME]"
+            known = (
+                "[edgeproxy], [tls], [acme], [redis], [listen:NAME], [upstream:NAME], "
+                "[route:NAME], [ratelimit:NAME], [auth:NAME]"
+            )
             section.report(None, f"unknown section (sections are {known})")
             continue
         section.checkKeys(SECTION_KEYS[kind])
@@ -684,6 +697,18 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         route = readSection(section, lambda s: _readRoute(s, label))
         if route is not None:
             routes.append(route)
+    ratelimits = {
+        label: limit
+        for label, section in named["ratelimit"]
+        if (limit := readSection(section, lambda s: security.readRateLimit(s, label))) is not None
+    }
+    auths = {
+        label: auth
+        for label, section in named["auth"]
+        if (auth := readSection(section, lambda s: security.readAuth(s, label))) is not None
+    }
+    redisSection = singles.get("redis")
+    redis = None if redisSection is None else readSection(redisSection, security.readRedis)
 
     crossCheck(
         path,
@@ -697,6 +722,17 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         routes=routes,
         sections={f"{kind}:{label}": section for kind in _NAMED_KINDS for label, section in named[kind]},
     )
+    security.checkSecurity(
+        routes=routes,
+        listeners=listeners,
+        upstreams=upstreams,
+        ratelimits=ratelimits,
+        auths=auths,
+        redis=redis,
+        declared={kind: {label for label, _ in named[kind]} for kind in _NAMED_KINDS}
+        | {kind: {kind} for kind in singles},
+        sections={f"{kind}:{label}": section for kind in _NAMED_KINDS for label, section in named[kind]},
+    )
     if problems:
         raise ConfigErrors.of(problems.errors, loaded.source.files)
     return Config(
@@ -708,4 +744,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         routes=tuple(routes),
         source=loaded.source,
         acme=acme,
+        ratelimits=ratelimits,
+        auths=auths,
+        redis=redis,
     )
