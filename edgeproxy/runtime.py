@@ -28,6 +28,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
+import edgeproxy.security  # noqa: F401  (registers the access, ratelimit and auth stage kinds)
 from edgeproxy.config.model import Config, Upstream
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
 from edgeproxy.routing import Router
@@ -161,7 +162,10 @@ class Runtime:
             fingerprints=fingerprints,
             inherited=frozenset(kept),
             pipelines=buildPipelines(
-                config, pools, previous.pipelines if previous is not None else None
+                config,
+                pools,
+                previous.pipelines if previous is not None else None,
+                context={"reactor": reactor, "metrics": metrics},
             ),
         )
 

@@ -271,6 +271,8 @@ class ListenerFactory(Factory):
         if call.logged:
             return
         call.logged = True
+        if call.endHooks is not None:
+            call.ended()
         accessLog = self.accessLog
         if accessLog is not None:
             accessLog.log(call)
