@@ -65,6 +65,11 @@ class ListenerFactory(Factory):
 
     noisy = False
 
+    clientAuth: Any = None
+    """The listener's client certificate policy
+    (L{edgeproxy.security.listening.ClientAuth}), or L{None}: set where
+    its port is built."""
+
     acmeChallenges: Any = None
     """The L{edgeproxy.acme.challenges.ChallengeStore} whose HTTP-01 tokens
     this listener answers (L{edgeproxy.http.acmehook}); L{None} without
@@ -158,10 +163,15 @@ class ListenerFactory(Factory):
         peer = transport.getPeer()
         host = getattr(peer, "host", "") or ""
         port = getattr(peer, "port", 0) or 0
+        local = transport.getHost()
+        localHost = getattr(local, "host", "") or ""
+        localPort = getattr(local, "port", 0) or 0
         getHandle = getattr(transport, "getHandle", None)
         if getHandle is None or not self.listener.tls:
-            return ConnectionInfo(host, port, b"http", self.listener)
-        serverName = version = alpn = None
+            return ConnectionInfo(
+                host, port, b"http", self.listener, local=localHost, localPort=localPort
+            )
+        serverName = version = alpn = certificate = None
         try:
             handle = getHandle()
             name = handle.get_servername()
@@ -169,9 +179,16 @@ class ListenerFactory(Factory):
             versionName = handle.get_protocol_version_name()
             version = versionName[4:] if versionName.startswith("TLSv") else versionName
             alpn = getattr(transport, "negotiatedProtocol", None)
+            if self.clientAuth is not None:
+                from edgeproxy.security.listening import certificateFacts
+
+                certificate = certificateFacts(handle)
         except Exception:
             pass
-        return ConnectionInfo(host, port, b"https", self.listener, serverName, version, alpn)
+        return ConnectionInfo(
+            host, port, b"https", self.listener, serverName, version, alpn, certificate,
+            localHost, localPort,
+        )
 
     # Requests --------------------------------------------------------------
 
@@ -240,6 +257,11 @@ class ListenerFactory(Factory):
                     maxBody = route.max_body_size
                 if maxBody and length is not None and length > maxBody:
                     error = ContentTooLarge(f"declared body {length} over limit {maxBody}")
+                clientAuth = self.clientAuth
+                if clientAuth is not None and clientAuth.misdirected(host, info.serverName):
+                    # edgeproxy.security.listening: this connection's
+                    # client certificate policy is another name's.
+                    error = MisdirectedRequest(f"host {host!r}: other client certificate policy than SNI")
         if error is not None:
             stages = ()
         trusted = runtime.trustedProxies

@@ -51,7 +51,7 @@ refreshed response needs no new context.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from OpenSSL import SSL
@@ -158,6 +158,9 @@ class _Snapshot:
     built: dict[int, SSL.Context]
     """C{id(entry)} -> its context, for every entry of C{certificates}
     (reused by the next snapshot when the entry is still served)."""
+    clientContexts: dict[tuple[int, str, str], SSL.Context] = field(default_factory=dict)
+    """(C{id} of a context of C{built}, client CA key, level) -> the same
+    certificate asking for client certificates (made at first use)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,7 @@ class CertificateStore:
         self._clock = clock
         self._snapshot: _Snapshot | None = None
         self._front: _Front | None = None
+        self._clientFronts: dict[str, _Front] = {}
         self._managed: tuple[CertificateEntry, ...] = ()
         self._challenges: dict[str, SSL.Context] = {}
         self.ocsp: Any = None
@@ -392,7 +396,7 @@ class CertificateStore:
         return context if context is not None else snapshot.default
 
     def serverConnectionCreator(
-        self, acceptableProtocols: Sequence[bytes] = DEFAULT_PROTOCOLS
+        self, acceptableProtocols: Sequence[bytes] = DEFAULT_PROTOCOLS, clientAuth: Any = None
     ) -> IOpenSSLServerConnectionCreator:
         """
         The creator for one listener, to pass to
@@ -407,15 +411,19 @@ class CertificateStore:
             C{http2 = no}.  The wrapped factory narrows them further when it
             provides L{IProtocolNegotiationFactory} (a C{Site} without the
             C{h2} package offers only C{http/1.1}).
+        @param clientAuth: the listener's client certificate policy
+            (L{edgeproxy.security.listening.ClientAuth}), or L{None}.
         """
         protocols = tuple(acceptableProtocols)
         if not protocols or not all(
             isinstance(p, bytes) and 0 < len(p) < 256 for p in protocols
         ):
             raise ValueError(f"invalid ALPN protocol list: {acceptableProtocols!r}")
-        return _ServerConnectionCreator(self, protocols)
+        return _ServerConnectionCreator(self, protocols, clientAuth)
 
-    def _connectionFor(self, protocols: tuple[bytes, ...]) -> SSL.Connection:
+    def _connectionFor(self, protocols: tuple[bytes, ...], clientAuth: Any = None) -> SSL.Connection:
+        if clientAuth is not None:
+            return self._clientConnectionFor(protocols, clientAuth)
         connection = _ServerConnection(self._frontContext(), None)
         if protocols != DEFAULT_PROTOCOLS:
             connection.acceptableProtocols = protocols
@@ -448,7 +456,67 @@ class CertificateStore:
             front = self._front = _Front(context, now, snapshot.policy)
         return front.context
 
-    def _makeContext(self, entry: CertificateEntry, policy: _Policy) -> SSL.Context:
+    # Client certificates (edgeproxy.security.listening) ------------------
+
+    def _clientConnectionFor(self, protocols: tuple[bytes, ...], clientAuth: Any) -> SSL.Connection:
+        """
+        A connection of a listener with C{client_ca}: it starts on a front
+        context of that CA's own (its own session-ticket keys), and the
+        servername callback picks the certificate's context at the name's
+        level (L{_selectClientContext}).
+        """
+        connection = _ServerConnection(self._clientFront(clientAuth), None)
+        connection.clientAuth = clientAuth  # type: ignore[attr-defined]
+        if protocols != DEFAULT_PROTOCOLS:
+            connection.acceptableProtocols = protocols
+        return connection
+
+    def _clientFront(self, clientAuth: Any) -> SSL.Context:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise RuntimeError("TLS connection before CertificateStore.load()")
+        now = self._clock.seconds()
+        fronts = self._clientFronts
+        front = fronts.get(clientAuth.key)
+        if (
+            front is None
+            or front.policy != snapshot.policy
+            or (
+                snapshot.policy.ticketLifetime > 0
+                and now - front.builtAt >= snapshot.policy.ticketLifetime
+            )
+        ):
+            context = self._makeContext(
+                snapshot.certificates.default, snapshot.policy, clientAuth, "request"
+            )
+            front = fronts[clientAuth.key] = _Front(context, now, snapshot.policy)
+        return front.context
+
+    def _selectClientContext(self, connection: SSL.Connection, clientAuth: Any) -> None:
+        name = connection.get_servername()
+        base = self.lookup(name)
+        snapshot = self._snapshot
+        if base is None or snapshot is None:
+            return
+        level = clientAuth.levelFor(name)
+        key = (id(base), clientAuth.key, level)
+        context = snapshot.clientContexts.get(key)
+        if context is None:
+            entry = next(
+                (e for e in snapshot.certificates.entries if snapshot.built.get(id(e)) is base),
+                snapshot.certificates.default,
+            )
+            context = snapshot.clientContexts[key] = self._makeContext(
+                entry, snapshot.policy, clientAuth, level
+            )
+        connection.set_context(context)
+        # OpenSSL copies the verify mode into the connection when it is
+        # made, not when its context is switched.
+        connection.set_verify(clientAuth.verifyMode(level))
+
+    def _makeContext(
+        self, entry: CertificateEntry, policy: _Policy, clientAuth: Any = None, level: str = ""
+    ) -> SSL.Context:
         try:
             context = SSL.Context(SSL.TLS_METHOD)
             context.set_min_proto_version(_MIN_VERSIONS[policy.minVersion])
@@ -466,6 +534,8 @@ class CertificateStore:
                 context.add_extra_chain_cert(certificate)
             context.check_privatekey()
             context.set_session_id(_SESSION_ID_CONTEXT)
+            if clientAuth is not None:
+                clientAuth.configure(context, level)
             context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
             if policy.ticketLifetime > 0:
                 # RFC 8446 §4.6.1 ticket_lifetime / RFC 5077 lifetime hint.
@@ -497,6 +567,10 @@ class CertificateStore:
         the handshake with a bare alert.
         """
         try:
+            clientAuth = getattr(connection, "clientAuth", None)
+            if clientAuth is not None:
+                self._selectClientContext(connection, clientAuth)
+                return
             name = connection.get_servername()
             hello = getattr(connection, "clientHello", None)
             if hello is not None and hello.protocols == (ACME_TLS_1,) and name:
@@ -632,10 +706,12 @@ class _ServerConnectionCreator:
     contexts, this listener's ALPN protocols.
     """
 
-    def __init__(self, store: CertificateStore, protocols: tuple[bytes, ...]) -> None:
+    def __init__(self, store: CertificateStore, protocols: tuple[bytes, ...], clientAuth: Any = None) -> None:
         self._store = store
         self.acceptableProtocols = protocols
         """ALPN protocols offered, in preference order."""
+        self.clientAuth = clientAuth
+        """The listener's client certificate policy, or L{None}."""
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         # Called by every server TLS transport as it connects: the one place
@@ -644,7 +720,7 @@ class _ServerConnectionCreator:
         if self._store.onDemand is not None and type(tlsProtocol) is EdgeTLSTransport:
             tlsProtocol.__class__ = _WaitingTLSTransport
             tlsProtocol._onDemand = self._store.onDemand  # type: ignore[attr-defined]
-        return self._store._connectionFor(self.acceptableProtocols)
+        return self._store._connectionFor(self.acceptableProtocols, self.clientAuth)
 
 
 class _WaitingTLSTransport(EdgeTLSTransport):
