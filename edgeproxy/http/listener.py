@@ -38,6 +38,7 @@ from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.forwarded import clientAddress
 from edgeproxy.pipeline.values import ConnectionInfo, Request
 from edgeproxy.routing import normaliseHost
+from edgeproxy.security.paths import backendView, mayDiffer
 from edgeproxy.targets import normaliseTarget
 from edgeproxy.tls.transport import EdgeTLSTransport
 
@@ -247,6 +248,10 @@ class ListenerFactory(Factory):
             match = self.select(runtime, host, path, info)
             if match is None:
                 error = _unrouted(host, path, info)
+            elif mayDiffer(path) and _routedElsewhere(self, runtime, host, path, info, match):
+                # edgeproxy.security.paths: "//admin" or "/admin;x" would
+                # reach /admin's resource through another route.
+                error = BadRequest("path routes differently with slashes merged or ';' dropped")
             else:
                 route = match.route
                 prefix = match.prefix
@@ -326,6 +331,13 @@ class ListenerFactory(Factory):
 
     def doStop(self) -> None:
         pass
+
+
+def _routedElsewhere(
+    factory: ListenerFactory, runtime: Any, host: bytes, path: bytes, info: ConnectionInfo, match: Any
+) -> bool:
+    other = factory.select(runtime, host, backendView(path), info)
+    return other is not None and (other.route is not match.route or other.prefix != match.prefix)
 
 
 def _unrouted(host: bytes, path: bytes, info: ConnectionInfo) -> ProxyError:

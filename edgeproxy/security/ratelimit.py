@@ -116,20 +116,20 @@ _localConcurrency: weakref.WeakValueDictionary[tuple[Any, ...], LocalConcurrency
 )
 
 
-def localBuckets(limit: RateLimit, route: str) -> LocalBuckets:
+def localBuckets(limit: RateLimit, route: str, clock: Any = None) -> LocalBuckets:
     """
     The buckets of C{limit} on C{route}: the same object for as long as a
     stage uses it, so that a reload keeping the limit keeps its counts.
     """
-    key = (limit.count, limit.window, limit.burst, limit.key, limit.name, route)
+    key = (id(clock), limit.count, limit.window, limit.burst, limit.key, limit.name, route)
     buckets = _localBuckets.get(key)
     if buckets is None:
         buckets = _localBuckets[key] = LocalBuckets(limit.rate, limit.burst)
     return buckets
 
 
-def localConcurrency(limit: RateLimit, route: str) -> LocalConcurrency:
-    key = (limit.concurrency, limit.key, limit.name, route)
+def localConcurrency(limit: RateLimit, route: str, clock: Any = None) -> LocalConcurrency:
+    key = (id(clock), limit.concurrency, limit.key, limit.name, route)
     counts = _localConcurrency.get(key)
     if counts is None:
         counts = _localConcurrency[key] = LocalConcurrency(limit.concurrency)
@@ -187,11 +187,11 @@ class LimitSet:
         self._metrics = metrics
         self._store = store
         self._local = tuple(
-            (limit, localBuckets(limit, route.name))
+            (limit, localBuckets(limit, route.name, clock))
             for limit in limits if limit.store == "local" and limit.rate_enabled
         )
         self._localConcurrency = tuple(
-            (limit, localConcurrency(limit, route.name))
+            (limit, localConcurrency(limit, route.name, clock))
             for limit in limits if limit.store == "local" and limit.concurrency
         )
         self._shared = tuple(limit for limit in limits if limit.store == "redis")
