@@ -105,6 +105,9 @@ def parseHeader(header: bytes) -> tuple[Any, Any] | None:
     from twisted.protocols.haproxy._v1parser import V1Parser
     from twisted.protocols.haproxy._v2parser import V2Parser
 
+    if header.startswith(b"PROXY UNKNOWN"):
+        # v1's LOCAL: whatever follows UNKNOWN is ignored (section 2.1).
+        return None
     try:
         if header.startswith(b"PROXY"):
             info = V1Parser.parse(header[:-2])
@@ -118,6 +121,7 @@ def parseHeader(header: bytes) -> tuple[Any, Any] | None:
     if not isinstance(source, (addresses.IPv4Address, addresses.IPv6Address)):
         # A UNIX address: no client address to speak of.
         return None
+    canonical = []
     for found in (source, destination):
         try:
             parsed = ipaddress.ip_address(found.host)
@@ -127,7 +131,9 @@ def parseHeader(header: bytes) -> tuple[Any, Any] | None:
             raise InvalidHeader("address of the wrong family")
         if not 0 <= found.port <= 65535:
             raise InvalidHeader("invalid port")
-    return source, destination
+        # The text every other part of the proxy uses (2001:db8::1).
+        canonical.append(type(found)("TCP", str(parsed), found.port))
+    return canonical[0], canonical[1]
 
 
 def header(version: str, source: str, sourcePort: int, destination: str, destinationPort: int) -> bytes:

@@ -121,10 +121,11 @@ class KeySet:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        self._fetching = ensureDeferred(self._fetch())
-        self._fetching.addBoth(self._fetched)
+        # The waiter first: the fetch may be over before ensureDeferred returns.
         waiter = Deferred()
         self._waiters.append(waiter)
+        fetching = self._fetching = ensureDeferred(self._fetch())
+        fetching.addBoth(self._fetched)
         return waiter
 
     async def _fetch(self) -> None:
