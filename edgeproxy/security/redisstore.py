@@ -68,8 +68,8 @@ local tokens = {}
 local refused = 0
 local retry = 0
 for i = 1, nb do
-  local rate = tonumber(ARGV[2 + 3 * i])
-  local burst = tonumber(ARGV[3 + 3 * i])
+  local rate = tonumber(ARGV[1 + 3 * i])
+  local burst = tonumber(ARGV[2 + 3 * i])
   local state = redis.call('HMGET', KEYS[i], 't', 's')
   local tk = tonumber(state[1])
   local st = tonumber(state[2])
@@ -90,7 +90,7 @@ local base = 3 + 3 * nb
 if refused == 0 then
   for j = nb + 1, #KEYS do
     local limit = tonumber(ARGV[base + j - nb])
-    redis.call('ZREMRANGEBYSCORE', KEYS[j], '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', KEYS[j], '-inf', string.format('%.17g', now))
     if redis.call('ZCARD', KEYS[j]) >= limit then
       refused = j
       retry = 1000
@@ -103,10 +103,10 @@ if refused > 0 then
 end
 local remaining = -1
 for i = 1, nb do
-  local rate = tonumber(ARGV[2 + 3 * i])
-  local burst = tonumber(ARGV[3 + 3 * i])
-  local ttl = tonumber(ARGV[4 + 3 * i])
-  redis.call('HSET', KEYS[i], 't', tokens[i] - 1, 's', now)
+  local rate = tonumber(ARGV[1 + 3 * i])
+  local burst = tonumber(ARGV[2 + 3 * i])
+  local ttl = ARGV[3 + 3 * i]
+  redis.call('HSET', KEYS[i], 't', string.format('%.17g', tokens[i] - 1), 's', string.format('%.17g', now))
   redis.call('PEXPIRE', KEYS[i], ttl)
   local left = math.floor(tokens[i] - 1)
   if remaining < 0 or left < remaining then
@@ -114,8 +114,8 @@ for i = 1, nb do
   end
 end
 for j = nb + 1, #KEYS do
-  redis.call('ZADD', KEYS[j], now + lease, member)
-  redis.call('PEXPIRE', KEYS[j], math.ceil(lease * 1000))
+  redis.call('ZADD', KEYS[j], string.format('%.17g', now + lease), member)
+  redis.call('PEXPIRE', KEYS[j], string.format('%d', math.ceil(lease * 1000)))
 end
 return {0, 0, remaining}
 """
