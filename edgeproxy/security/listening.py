@@ -158,7 +158,8 @@ class ClientAuth:
         # RFC 5246 / 8446: resumption is refused across session-ID
         # contexts, so a session made at "request" is never resumed at
         # "require", nor one verified by another listener's CA.
-        context.set_session_id(f"edgeproxy-client:{self.key}:{level}".encode("ascii")[:32])
+        # At most 32 bytes (SSL_MAX_SID_CTX_LENGTH): "ep:<16 hex>:<level>".
+        context.set_session_id(f"ep:{self.key}:{level}".encode("ascii"))
 
 
 def verifyMode(level: str) -> int:

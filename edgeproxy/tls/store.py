@@ -469,7 +469,22 @@ class CertificateStore:
         connection.clientAuth = clientAuth  # type: ignore[attr-defined]
         if protocols != DEFAULT_PROTOCOLS:
             connection.acceptableProtocols = protocols
+        # OpenSSL looks a resumed session's session-ID context up before
+        # the servername callback runs: the context of the name's level is
+        # set from the ClientHello, read before OpenSSL reads it.  A hello
+        # that cannot be read leaves the front context, whose session-ID
+        # context no session ever gets (nothing is resumed).
+        connection.helloBuffer = b""
+        connection.onHello = self._clientHello  # type: ignore[attr-defined]
         return connection
+
+    def _clientHello(self, connection: SSL.Connection, hello: ClientHello) -> None:
+        clientAuth = getattr(connection, "clientAuth", None)
+        if clientAuth is not None:
+            name = hello.serverName.encode("ascii") if hello.serverName else None
+            context = self._clientContextFor(name, clientAuth)
+            if context is not None:
+                connection.set_context(context)
 
     def _clientFront(self, clientAuth: Any) -> SSL.Context:
         snapshot = self._snapshot
@@ -487,17 +502,26 @@ class CertificateStore:
             )
         ):
             context = self._makeContext(
-                snapshot.certificates.default, snapshot.policy, clientAuth, "request"
+                snapshot.certificates.default, snapshot.policy, clientAuth, "front"
             )
             front = fronts[clientAuth.key] = _Front(context, now, snapshot.policy)
         return front.context
 
     def _selectClientContext(self, connection: SSL.Connection, clientAuth: Any) -> None:
         name = connection.get_servername()
+        context = self._clientContextFor(name, clientAuth)
+        if context is None:
+            return
+        connection.set_context(context)
+        # OpenSSL copies the verify mode into the connection when it is
+        # made, not when its context is switched.
+        connection.set_verify(clientAuth.verifyMode(clientAuth.levelFor(name)))
+
+    def _clientContextFor(self, name: bytes | None, clientAuth: Any) -> SSL.Context | None:
         base = self.lookup(name)
         snapshot = self._snapshot
         if base is None or snapshot is None:
-            return
+            return None
         level = clientAuth.levelFor(name)
         key = (id(base), clientAuth.key, level)
         context = snapshot.clientContexts.get(key)
@@ -509,10 +533,7 @@ class CertificateStore:
             context = snapshot.clientContexts[key] = self._makeContext(
                 entry, snapshot.policy, clientAuth, level
             )
-        connection.set_context(context)
-        # OpenSSL copies the verify mode into the connection when it is
-        # made, not when its context is switched.
-        connection.set_verify(clientAuth.verifyMode(level))
+        return context
 
     def _makeContext(
         self, entry: CertificateEntry, policy: _Policy, clientAuth: Any = None, level: str = ""
@@ -681,6 +702,9 @@ class _ServerConnection(SSL.Connection):
         hello = parseClientHello(buffered)
         if isinstance(hello, ClientHello):
             self.clientHello = hello
+            onHello = getattr(self, "onHello", None)
+            if onHello is not None:
+                onHello(self, hello)
         elif hello is NEED_MORE:
             self.helloBuffer = buffered
             return
