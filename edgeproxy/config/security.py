@@ -664,11 +664,26 @@ def checkSecurity(
         if route.auth is not None and route.auth not in declared.get("auth", set()):
             known = ", ".join(sorted(declared.get("auth", ()))) or "none are defined"
             section.report("auth", f"no [auth:{route.auth}] section (auth sections: {known})")
+        auth = auths.get(route.auth) if route.auth is not None else None
+        if auth is not None and auth.type == "oidc":
+            for path in (auth.callback_path, auth.logout_path):
+                if not any(_under(path, prefix) for prefix in route.paths):
+                    section.report(
+                        "auth",
+                        f"[auth:{auth.name}] answers {path}, which is not under this route's paths",
+                    )
         if route.require_client_certificate and not anyClientCA and listeners:
             section.report(
                 "require_client_certificate",
                 "no [listen:NAME] has client_ca = FILE, so no request could have a certificate",
             )
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Whether routing sends C{path} to a route with C{prefix}."""
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def htpasswdUsers(data: bytes) -> dict[str, bytes]:
