@@ -46,7 +46,10 @@ def edJWK(key: Any, kid: str) -> dict[str, Any]:
     return document
 
 
-NOW = int(time.time())
+def now() -> int:
+    return int(time.time())
+
+
 ISSUER = "https://idp.example/"
 SETTINGS = AuthSettings(
     name="tokens", type="jwt", issuer=ISSUER, audience=("edge",),
@@ -65,7 +68,7 @@ KEYS = keySet(jwk(RSA, "r1"), jwk(EC, "e1"), edJWK(ED, "d1"))
 
 
 def make(key: Any = RSA, alg: str = "RS256", kid: str | None = "r1", **claims: Any) -> bytes:
-    body: dict[str, Any] = {"sub": "ann", "iss": ISSUER, "aud": "edge", "exp": NOW + 300, "groups": ["a", "b"]}
+    body: dict[str, Any] = {"sub": "ann", "iss": ISSUER, "aud": "edge", "exp": now() + 300, "groups": ["a", "b"]}
     body.update(claims)
     for name in [name for name, value in body.items() if value is None]:
         del body[name]
@@ -101,7 +104,7 @@ def _noneToken() -> bytes:
         return base64.urlsafe_b64encode(json.dumps(document).encode()).rstrip(b"=")
 
     return part({"alg": "none", "typ": "JWT", "kid": "r1"}) + b"." + part(
-        {"sub": "ann", "iss": ISSUER, "aud": "edge", "exp": NOW + 300}
+        {"sub": "ann", "iss": ISSUER, "aud": "edge", "exp": now() + 300}
     ) + b"."
 
 
@@ -119,15 +122,15 @@ def _hsWithPublicKey() -> bytes:
         return base64.urlsafe_b64encode(json.dumps(document).encode()).rstrip(b"=")
 
     signing = part({"alg": "HS256", "typ": "JWT", "kid": "r1"}) + b"." + part(
-        {"sub": "ann", "iss": ISSUER, "aud": "edge", "exp": NOW + 300}
+        {"sub": "ann", "iss": ISSUER, "aud": "edge", "exp": now() + 300}
     )
     signature = base64.urlsafe_b64encode(hmac.new(pem, signing, hashlib.sha256).digest()).rstrip(b"=")
     return signing + b"." + signature
 
 
 REFUSED = [
-    ("expired", lambda: make(exp=NOW - 120), "expired token"),
-    ("not yet valid", lambda: make(nbf=NOW + 120), "token not yet valid"),
+    ("expired", lambda: make(exp=now() - 120), "expired token"),
+    ("not yet valid", lambda: make(nbf=now() + 120), "token not yet valid"),
     ("wrong issuer", lambda: make(iss="https://evil.example/"), "wrong issuer"),
     ("no issuer", lambda: make(iss=None), "no iss claim"),
     ("wrong audience", lambda: make(aud="other"), "wrong audience"),
@@ -153,7 +156,7 @@ def test_refused(what: str, token: Any, why: str) -> None:
 
 def test_leewayAcceptsSmallSkew() -> None:
     settings = AuthSettings(**_fields(SETTINGS, leeway=180.0))
-    assert isinstance(outcome(make(exp=NOW - 60), authenticator(settings)), Allowed)
+    assert isinstance(outcome(make(exp=now() - 60), authenticator(settings)), Allowed)
 
 
 def _fields(settings: AuthSettings, **changes: Any) -> dict[str, Any]:
@@ -182,14 +185,14 @@ def test_hmacSection() -> None:
     secret = b"s" * 40
     settings = AuthSettings(name="h", type="jwt", algorithms=("HS256",), secret=secret)
     auth = authenticator(settings, None)
-    good = jwt.encode({"sub": "bob", "exp": NOW + 60}, secret, algorithm="HS256").encode()
+    good = jwt.encode({"sub": "bob", "exp": now() + 60}, secret, algorithm="HS256").encode()
     assert isinstance(outcome(good, auth), Allowed)
     assert isinstance(outcome(make(), auth), Refused)  # an RS256 token: not allowed here
 
 
 def test_verifiedTokensCachedUntilExpiry() -> None:
     auth = authenticator(keys=keySet(jwk(RSA, "r1")))
-    token = make(exp=NOW + 5)
+    token = make(exp=now() + 5)
     assert isinstance(outcome(token, auth), Allowed)
     assert token in auth._cache
     # Served from the cache: the key is not looked at again.
