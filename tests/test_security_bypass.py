@@ -38,10 +38,15 @@ ROUTES = (
     Route(name="api", hosts=("app.example",), paths=("/api",), upstream="app", methods=("GET", "HEAD")),
     Route(name="private", hosts=("app.example",), paths=("/private",), upstream="app", auth="tokens"),
     Route(name="limited", hosts=("app.example",), paths=("/limited",), upstream="app", rate_limit=("two",)),
+    Route(name="peruser", hosts=("app.example",), paths=("/peruser",), upstream="app",
+          auth="tokens", rate_limit=("user",)),
     Route(name="public", hosts=("app.example",), paths=("/",), upstream="app"),
 )
 AUTHS = {"tokens": AuthSettings(name="tokens", type="jwt", algorithms=("HS256",), secret=SECRET)}
-LIMITS = {"two": RateLimit(name="two", count=2, window=60.0, burst=2)}
+LIMITS = {
+    "two": RateLimit(name="two", count=2, window=60.0, burst=2),
+    "user": RateLimit(name="user", count=2, window=60.0, burst=2, key="identity"),
+}
 
 
 def token(**claims: object) -> str:
@@ -290,3 +295,23 @@ def test_doubleSlashWithinOneRoutePasses() -> None:
     client.send(b"GET /public//file;v=2 HTTP/1.1\r\nHost: app.example\r\n\r\n")
     [exchange] = client.sent
     assert exchange.target == b"/public//file;v=2"
+
+
+def test_identityLimitAppliedAfterAuthentication() -> None:
+    """key = identity: counted per subject by the auth stage, whatever the client address."""
+    client = makeClient()
+    got: dict[str, list[int]] = {"ann": [], "bob": []}
+    for subject in ("ann", "bob", "ann", "bob", "ann"):
+        client.transport.clear()
+        client.send(
+            b"GET /peruser HTTP/1.1\r\nHost: app.example\r\nAuthorization: Bearer "
+            + token(sub=subject).encode() + b"\r\n\r\n"
+        )
+        if status(client) == 0:
+            client.sent[-1].respond(MemoryResponse(200, [], b"", length=0))
+        got[subject].append(status(client))
+    assert got == {"ann": [200, 200, 429], "bob": [200, 200]}
+    # Unauthenticated requests never reach the identity limit.
+    client.transport.clear()
+    client.send(b"GET /peruser HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    assert status(client) == 401

@@ -368,3 +368,35 @@ def test_proxyProtocolOut(edge: Edge, backend: RawBackend, version: str) -> None
         assert socket.inet_ntoa(seen[16:20]) == "203.0.113.9"
         assert struct.unpack("!HH", seen[24:28]) == (51000, 443)
         assert b"GET /v2/x HTTP/1.1\r\n" in seen
+
+
+H2_SPELLINGS = [
+    ("/admin", 403),
+    ("/%61dmin", 403),
+    ("/x/../admin", 403),
+    ("/%2e/admin", 403),
+    ("//admin", 400),
+    ("/admin;x=1", 400),
+]
+
+
+@pytest.mark.parametrize("path, status", H2_SPELLINGS)
+def test_http2BypassAttempts(edge: Edge, backend: RawBackend, path: str, status: int) -> None:
+    """The same spellings over HTTP/2 (skipped while no listener offers h2)."""
+    from tests.proc import H2Client
+
+    context = edge.context()
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", edge.ports["tls"]), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="public.example") as probe:
+            if probe.selected_alpn_protocol() != "h2":
+                pytest.skip("HTTP/2 is not offered yet")
+    before = len(backend.connections)
+    client = H2Client(edge.ports["tls"], "public.example", edge.directory / "root.pem")
+    try:
+        for authority in ("public.example", "PUBLIC.example."):
+            got, _ = client.get(path, authority)
+            assert got == status
+    finally:
+        client.close()
+    assert len(backend.connections) == before
