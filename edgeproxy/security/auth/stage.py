@@ -41,6 +41,7 @@ from twisted.python.failure import Failure
 
 from edgeproxy.config.model import AuthSettings, Config, Route
 from edgeproxy.errors import BackendUnavailable
+from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.call import Call, Stage
 from edgeproxy.pipeline.stages import registerKind
 from edgeproxy.security.auth.base import Allowed, Answer, Authenticator, Outcome, Refused, withoutCookies
@@ -70,13 +71,17 @@ class AuthStage:
         strip = set(authenticator.identityFields)
         if not settings.pass_authorization:
             strip.add(b"authorization")
-        self._strip = tuple(sorted(strip))
+        self._strip = frozenset(strip)
         self._cookies = authenticator.credentialCookies
         self._metrics = metrics
         self._route = route.name
 
     def handle(self, call: Call) -> None:
         outcome = self.authenticator.authenticate(call.request)
+        if type(outcome) is Allowed:
+            # The usual case (a cached token, a remembered password): at once.
+            self._decided(outcome, call)
+            return
         if isinstance(outcome, Deferred):
             call.cancelHook = outcome.cancel
             outcome.addCallbacks(self._decided, self._failed, (call,), None, (call,), None)
@@ -89,11 +94,15 @@ class AuthStage:
         call.cancelHook = None
         if type(outcome) is Allowed:
             request = call.request
-            fields = request.fields.without(*self._strip)
+            strip = self._strip
+            # One copy of the fields, not one per change: names come from
+            # the configuration, values through base.fieldValue.
+            raw = {name: values for name, values in request.fields.raw().items() if name not in strip}
+            for name, value in outcome.fields:
+                raw[name] = [value]
+            fields = Fields.trusted(raw)
             if self._cookies:
                 fields = withoutCookies(fields, self._cookies)
-            for name, value in outcome.fields:
-                fields = fields.withField(name, value)
             call.request = request._replace(fields=fields)
             call.identity = outcome.identity or None
             limits = self.identityLimits
