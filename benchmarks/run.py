@@ -169,6 +169,17 @@ def _shortPath(path: str) -> str:
         return path
 
 
+def checkoutEnvironment() -> dict[str, str]:
+    """
+    The environment edgeproxy runs in: this checkout first on C{sys.path},
+    so that the revision measured is the one the command was run from
+    (the venv may hold another checkout's code), the same for R1 and R1s.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
 def twistdCommand(python: str) -> list[str]:
     """The twistd that belongs to C{python} (the venv's, normally)."""
     beside = Path(python).parent / "twistd"
@@ -276,7 +287,8 @@ class Bench:
             conf = self.work / f"{tag}.cfg"
             conf.write_text(servers.haproxyConfig(port, self.originPort, self.pemFile, workers))
             argv = [self.tools["haproxy"], "-db", "-f", str(conf)]
-        return Server(tag, argv, logs, cpus=cpus), port
+        env = checkoutEnvironment() if name == "edgeproxy" else None
+        return Server(tag, argv, logs, cpus=cpus, env=env), port
 
     def startProxies(self) -> None:
         for name in self.args.proxies:
@@ -471,7 +483,9 @@ class Bench:
         argv = twistdCommand(self.args.python) + [
             "--nodaemon", "--pidfile=", "edgeproxy", "--config", str(ini)
         ]
-        server = Server("edgeproxy-secured", argv, self.work / "logs", cpus=self.proxyCpus)
+        server = Server(
+            "edgeproxy-secured", argv, self.work / "logs", cpus=self.proxyCpus, env=checkoutEnvironment()
+        )
         self.startServer(server)
         try:
             servers.waitReady(server, port, self.caFile, self.args.start_timeout)
