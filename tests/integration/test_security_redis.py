@@ -190,3 +190,47 @@ def test_redisKilledMidRun(tmp_path: Path, redis: Redis, backend: Backend, onErr
     finally:
         edge.stop()
         notify.close()
+
+
+def test_sharedConcurrency(tmp_path: Path, redis: Redis) -> None:
+    """concurrency = 1 with store = redis: one request in flight for both
+    processes together; its place is given back when it ends."""
+    import threading
+
+    slow = Backend(slowSeconds=1.5)
+    config = CONFIG.replace("rate = {rate}\nburst = {burst}\n", "concurrency = 1\n")
+    directories = []
+    processes = []
+    try:
+        for name in ("one", "two"):
+            directory = tmp_path / name
+            directory.mkdir()
+            port = freePort()
+            (directory / "edge.ini").write_text(
+                config.format(port=port, backend=slow.port, redis=redis.port, onError="closed")
+            )
+            notify = NotifyReceiver()
+            processes.append((startTwistd(directory / "edge.ini", directory, notify), port, notify))
+            directories.append(directory)
+        statuses: list[int] = []
+
+        def slowRequest() -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", processes[0][1], timeout=10)
+            connection.request("GET", "/slow", headers={"Host": "app.example"})
+            statuses.append(connection.getresponse().status)
+
+        first = threading.Thread(target=slowRequest)
+        first.start()
+        assert slow.slowStarted.wait(5)
+        other = http.client.HTTPConnection("127.0.0.1", processes[1][1], timeout=10)
+        refused = get(other)
+        assert refused.status == 429
+        assert refused.getheader("RateLimit-Policy") == '"shared-concurrency";q=1'
+        first.join(10)
+        assert statuses == [200]
+        assert get(other).status == 200
+    finally:
+        for process, _, notify in processes:
+            process.stop()
+            notify.close()
+        slow.close()
