@@ -120,6 +120,10 @@ _RATE = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]*)\s*(s|sec|second|m|min|minute|h|h
 _WINDOWS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
             "h": 3600.0, "hour": 3600.0}
 _CERTIFICATE_FACTS = ("subject", "san", "fingerprint")
+_NO_NETWORKS: tuple[IPNetwork, ...] = ()
+_NO_NAMES: tuple[str, ...] = ()
+_NO_PAIRS: tuple[tuple[str, str], ...] = ()
+_DEFAULT_SCOPES: tuple[str, ...] = ("openid", "email", "profile")
 _HSTS_PRELOAD_MINIMUM = 365 * 86400.0
 """hstspreload.org asks for a max-age of at least a year."""
 
@@ -223,17 +227,17 @@ def readRouteSecurity(section: Section) -> dict[str, Any]:
             section.report("hsts_include_subdomains", "preloading needs includeSubDomains")
     auth = section.convert("auth", None, _oneName)
     return {
-        "allow": section.convert("allow", (), _networks),
-        "deny": section.convert("deny", (), _networks),
-        "methods": section.convert("methods", (), _methods),
-        "rate_limit": section.convert("rate_limit", (), _names),
+        "allow": section.convert("allow", _NO_NETWORKS, _networks),
+        "deny": section.convert("deny", _NO_NETWORKS, _networks),
+        "methods": section.convert("methods", _NO_NAMES, _methods),
+        "rate_limit": section.convert("rate_limit", _NO_NAMES, _names),
         "auth": auth,
         "hsts": hsts,
         "hsts_preload": preload,
         "hsts_include_subdomains": subdomains,
         "require_client_certificate": section.boolean("require_client_certificate", False),
         "client_certificate_headers": section.convert(
-            "client_certificate_headers", (), lambda text: _pairs(text, "subject", _certificateFact)
+            "client_certificate_headers", _NO_PAIRS, lambda text: _pairs(text, "subject", _certificateFact)
         ),
     }
 
@@ -256,7 +260,7 @@ def readListenerSecurity(section: Section, tls: bool) -> dict[str, Any]:
     if section.has("client_certificates") and not section.has("client_ca"):
         section.report("client_certificates", "only used with client_ca = FILE")
     proxy = section.boolean("proxy_protocol", False)
-    sources: tuple[IPNetwork, ...] = section.convert("proxy_protocol_from", (), _networks)
+    sources = section.convert("proxy_protocol_from", _NO_NETWORKS, _networks)
     if proxy and not section.has("proxy_protocol_from") and section.ok("proxy_protocol"):
         # Whoever may send the header may claim any address.
         section.report(
@@ -405,13 +409,13 @@ def _parseRedisURL(url: str, section: Section) -> dict[str, Any]:
         port = parts.port or 6379
     except ValueError:
         raise ValueError(f"invalid port in {url!r}") from None
-    db = parts.path.strip("/") or "0"
-    if not db.isdigit():
+    number = parts.path.strip("/") or "0"
+    if not number.isdigit():
         raise ValueError(f"expected a database number after the port, got {parts.path!r}")
     return {
         "host": parts.hostname,
         "port": port,
-        "db": int(db),
+        "db": int(number),
         "tls": parts.scheme == "rediss",
         "username": unquote(parts.username) if parts.username else None,
         "password": parts.password,
@@ -514,7 +518,7 @@ def readAuth(section: Section, name: str) -> AuthSettings:
         if key in AUTH_KEYS and key not in _COMMON_AUTH and key not in _AUTH_TYPE_KEYS[kind]:
             users = [t for t, keys in _AUTH_TYPE_KEYS.items() if key in keys]
             section.report(key, f"not used with type = {kind} (only with type = {' or '.join(users)})")
-    common = {"name": name, "type": kind,
+    common: dict[str, Any] = {"name": name, "type": kind,
               "pass_authorization": section.boolean("pass_authorization", False)}
     reader = {"basic": _readBasic, "jwt": _readJWT, "forward": _readForward, "oidc": _readOIDC}[kind]
     return AuthSettings(**common, **reader(section))
@@ -562,13 +566,13 @@ def _readJWT(section: Section) -> dict[str, Any]:
         "jwks": jwks,
         "jwks_ca": section.optionalFile("jwks_ca"),
         "issuer": section.convert("issuer", None, lambda t: t.strip()),
-        "audience": section.convert("audience", (), lambda t: tuple(syntax.splitList(t))),
+        "audience": section.convert("audience", _NO_NAMES, lambda t: tuple(syntax.splitList(t))),
         "algorithms": algorithms,
         "secret": secret,
         "leeway": section.duration("leeway", 0.0, allowZero=True),
         "token_from": section.convert("token_from", "header", _tokenFrom),
         "claims_to_headers": section.convert(
-            "claims_to_headers", (), lambda t: _pairs(t, "claim", _claim)
+            "claims_to_headers", _NO_PAIRS, lambda t: _pairs(t, "claim", _claim)
         ),
         "jwks_refresh": section.duration("jwks_refresh", 3600.0),
     }
@@ -579,8 +583,8 @@ def _readForward(section: Section) -> dict[str, Any]:
     return {
         "url": section.convert("url", None, _checkHTTPSURL),
         "ca": section.optionalFile("ca"),
-        "copy_request_headers": section.convert("copy_request_headers", (), _fieldNames),
-        "copy_response_headers": section.convert("copy_response_headers", (), _fieldNames),
+        "copy_request_headers": section.convert("copy_request_headers", _NO_NAMES, _fieldNames),
+        "copy_response_headers": section.convert("copy_response_headers", _NO_NAMES, _fieldNames),
         "cache_ttl": section.duration("cache_ttl", 0.0, allowZero=True),
         "cache_size": section.integer("cache_size", 10000, minimum=1),
         "timeout": section.duration("timeout", 5.0),
@@ -600,14 +604,14 @@ def _readOIDC(section: Section) -> dict[str, Any]:
         "ca": section.optionalFile("ca"),
         "client_id": section.convert("client_id", None, lambda t: t.strip()),
         "client_secret": _secretText(section, "client_secret_file"),
-        "scopes": section.convert("scopes", ("openid", "email", "profile"), _scopes),
+        "scopes": section.convert("scopes", _DEFAULT_SCOPES, _scopes),
         "callback_path": callback,
         "logout_path": logout,
         "cookie_secret": _key(section, "cookie_secret_file", 32),
         "cookie_name": section.convert("cookie_name", "edgeproxy_session", syntax.checkToken),
         "session_ttl": section.duration("session_ttl", 8 * 3600.0),
-        "allow_emails": section.convert("allow_emails", (), _emails),
-        "allow_domains": section.convert("allow_domains", (), _domains),
+        "allow_emails": section.convert("allow_emails", _NO_NAMES, _emails),
+        "allow_domains": section.convert("allow_domains", _NO_NAMES, _domains),
         "allow_claim": section.convert("allow_claim", None, _allowClaim),
         "claims_to_headers": section.convert(
             "claims_to_headers", (("sub", "x-auth-subject"), ("email", "x-auth-email")),

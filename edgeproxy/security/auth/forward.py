@@ -137,16 +137,16 @@ class ForwardAuthenticator:
             return Refused(BackendUnavailable(f"auth service: {e}"), "service unavailable")
         headers = response.headers
         if 200 <= response.code < 300:
-            fields = []
+            copied: list[tuple[bytes, bytes]] = []
             identity = ""
             for name in self.returned:
                 values = headers.getRawHeaders(name)
                 if values:
                     value = fieldValue(values[0].decode("latin-1"))
-                    fields.append((name, value))
+                    copied.append((name, value))
                     if not identity:
                         identity = value.decode("latin-1")
-            allowed = Allowed(identity, tuple(fields))
+            allowed = Allowed(identity, tuple(copied))
             if key is not None:
                 cache = self._cache
                 cache[key] = (self.clock.seconds() + self.settings.cache_ttl, allowed)

@@ -39,7 +39,7 @@ def makeClient(reactor: Any, ca: str | None = None) -> HTTPClient:
             policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(f.read()))
     else:
         policy = BrowserLikePolicyForHTTPS()
-    return HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+    return HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))  # type: ignore[arg-type]
 
 
 def readBody(response: Any, limit: int = MAX_BODY) -> Deferred[bytes]:
@@ -64,7 +64,7 @@ class _Drop:
 
 async def getJSON(client: HTTPClient, url: str, timeout: float) -> Any:
     """GET C{url} and parse its JSON body; a non-2xx answer raises."""
-    response = await client.get(url, timeout=timeout, headers={b"accept": [b"application/json"]})
+    response = await client.get(url, timeout=timeout, headers={b"accept": b"application/json"})
     body = await readBody(response)
     if not 200 <= response.code < 300:
         raise ValueError(f"{url} answered {response.code}")

@@ -84,7 +84,7 @@ class AuthStage:
             return
         if isinstance(outcome, Deferred):
             call.cancelHook = outcome.cancel
-            outcome.addCallbacks(self._decided, self._failed, (call,), None, (call,), None)
+            outcome.addCallbacks(self._decided, self._failed, callbackArgs=(call,), errbackArgs=(call,))
             return
         self._decided(outcome, call)
 
@@ -111,6 +111,7 @@ class AuthStage:
             else:
                 call.next()
             return
+        assert not isinstance(outcome, Allowed)
         call.refusedBy = f"auth {self.name}: {outcome.why}"
         if type(outcome) is Refused:
             if self._metrics is not None:
