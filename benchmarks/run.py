@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,15 @@ FIGURES = [
 WHOLE_MACHINE = Figure(
     "R1x2", "R1 with 2 workers, nothing pinned", "wrk", SMALL_PATH, 50
 )
+SECURED = Figure(
+    "R1s",
+    "R1 with an allow rule, a local rate limit and JWT auth on the route (edgeproxy only)",
+    "wrk",
+    SMALL_PATH,
+    50,
+)
+SECURED_TARGET = 0.85
+"""R1s / R1 of the same revision at least (issue 12)."""
 
 
 def describe(run: dict[str, Any]) -> str:
@@ -158,6 +167,17 @@ def _shortPath(path: str) -> str:
         return str(Path(path).relative_to(REPO))
     except ValueError:
         return path
+
+
+def checkoutEnvironment() -> dict[str, str]:
+    """
+    The environment edgeproxy runs in: this checkout first on C{sys.path},
+    so that the revision measured is the one the command was run from
+    (the venv may hold another checkout's code), the same for R1 and R1s.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
 
 
 def twistdCommand(python: str) -> list[str]:
@@ -267,7 +287,8 @@ class Bench:
             conf = self.work / f"{tag}.cfg"
             conf.write_text(servers.haproxyConfig(port, self.originPort, self.pemFile, workers))
             argv = [self.tools["haproxy"], "-db", "-f", str(conf)]
-        return Server(tag, argv, logs, cpus=cpus), port
+        env = checkoutEnvironment() if name == "edgeproxy" else None
+        return Server(tag, argv, logs, cpus=cpus, env=env), port
 
     def startProxies(self) -> None:
         for name in self.args.proxies:
@@ -446,6 +467,55 @@ class Bench:
             finally:
                 server.stop()
 
+    def measureSecured(self) -> None:
+        """
+        R1s: R1 against a second edgeproxy, on the same CPUs, whose route has
+        an allow rule, a local rate limit and JWT authentication (every
+        request carries a valid token); reported as a ratio to R1.
+        """
+        if "edgeproxy" not in self.proxies or self.tools["wrk"] is None:
+            self.notes.append("R1s needs edgeproxy and wrk: left out")
+            return
+        token, jwks = servers.securedCredentials(self.work)
+        port = servers.freePort()
+        ini = self.work / "edgeproxy-secured.ini"
+        ini.write_text(servers.edgeproxySecuredConfig(port, self.originPort, self.pemDir, jwks))
+        argv = twistdCommand(self.args.python) + [
+            "--nodaemon", "--pidfile=", "edgeproxy", "--config", str(ini)
+        ]
+        server = Server(
+            "edgeproxy-secured", argv, self.work / "logs", cpus=self.proxyCpus, env=checkoutEnvironment()
+        )
+        self.startServer(server)
+        try:
+            servers.waitReady(server, port, self.caFile, self.args.start_timeout)
+        except RuntimeError as e:
+            self.failures.append(f"edgeproxy R1s did not start: {e}")
+            server.stop()
+            return
+        figure = replace(SECURED, headers=(f"Authorization: Bearer {token}",))
+        try:
+            if self.args.warmup > 0:
+                self.loadRun(figure, "edgeproxy", server, port, 1)
+            for round in range(self.args.runs):
+                run = self.loadRun(figure, "edgeproxy", server, port, self.args.duration,
+                                   loadCpus=self.loadCpus)
+                entry = self.results["edgeproxy"].setdefault("R1s", {"runs": []})
+                entry["runs"].append(run)
+                entry["median"] = report.summarise(entry["runs"])
+                self.log(f"edgeproxy R1s run {round + 1}/{self.args.runs}: {describe(run)}")
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+            self.failures.append(f"edgeproxy R1s: {e}")
+        finally:
+            server.stop()
+        plain = self.results["edgeproxy"].get("R1", {}).get("median") or {}
+        secured = self.results["edgeproxy"].get("R1s", {}).get("median") or {}
+        self.secured = {
+            "ratio": report.ratio(secured.get("value"), plain.get("value")),
+            "perCoreRatio": report.ratio(secured.get("perCore"), plain.get("perCore")),
+            "target": SECURED_TARGET,
+        }
+
     # --- the whole run ----------------------------------------------------
 
     def wanted(self, key: str) -> bool:
@@ -474,6 +544,8 @@ class Bench:
                 for figure in FIGURES:
                     if self.wanted(figure.key):
                         self.measureLoad(figure)
+                if self.wanted("R1s"):
+                    self.measureSecured()
                 if self.args.whole_machine:
                     self.measureWholeMachine()
         finally:
@@ -504,12 +576,13 @@ class Bench:
                 "duration": self.args.duration,
                 "runs": self.args.runs,
                 "idleConnections": self.args.idle,
-                "figures": {f.key: asdict(f) for f in [*FIGURES, WHOLE_MACHINE]},
+                "figures": {f.key: asdict(f) for f in [*FIGURES, WHOLE_MACHINE, SECURED]},
             },
             "tls": self.probes,
             "results": self.results,
             "table": rows,
             "targets": report.targets(rows),
+            "secured": getattr(self, "secured", None),
             "notes": self.notes,
             "failures": self.failures,
         }
@@ -566,7 +639,7 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
                         "for quick A/B runs of one change")
     args = parser.parse_args(argv)
     args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
-    known = {f.key for f in FIGURES} | {"R4"}
+    known = {f.key for f in FIGURES} | {"R4", "R1s"}
     if set(args.figures) - known:
         parser.error(f"unknown figures: {', '.join(sorted(set(args.figures) - known))}")
     defaults = {"duration": (10, 1), "runs": (3, 1), "idle": (2000, 200), "warmup": (2, 0)}
@@ -613,6 +686,14 @@ def main(argv: list[str] | None = None) -> int:
     print(report.formatTable(result["table"]))
     if any(t["ratio"] is not None for t in result["targets"]):
         print(report.formatTargets(result["targets"]))
+    secured = result.get("secured")
+    if secured and secured.get("ratio") is not None:
+        perCore = secured.get("perCoreRatio")
+        print(
+            f"R1s / R1 (allow rule, local rate limit, JWT auth): {secured['ratio']:.2f}"
+            + (f", per CPU second {perCore:.2f}" if perCore is not None else "")
+            + f" (target >= {secured['target']})"
+        )
     for note in result["notes"]:
         print(f"note: {note}")
     for failure in result["failures"]:

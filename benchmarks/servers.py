@@ -303,6 +303,62 @@ upstream = app
 """
 
 
+def edgeproxySecuredConfig(
+    port: int, originPort: int, certificates: Path, jwks: Path
+) -> str:
+    """
+    The C{edge.ini} of the R1s figure: the run's configuration with an
+    allow rule, a local rate limit (never reached) and JWT authentication
+    on the route C{wrk} loads; the readiness probe (C{Host: localhost}) has
+    a route of its own without them.
+    """
+    base = edgeproxyConfig(port, originPort, certificates).replace(
+        "[route:app]\nhosts = *\npaths = /\nupstream = app\n", ""
+    )
+    return base + f"""[ratelimit:clients]
+rate = 1000000/s
+burst = 1000000
+
+[auth:tokens]
+type = jwt
+jwks = {jwks}
+issuer = https://bench.invalid/
+audience = edgeproxy-bench
+algorithms = RS256
+claims_to_headers = sub:X-Auth-Subject
+
+[route:probe]
+hosts = localhost
+upstream = app
+
+[route:app]
+hosts = *
+paths = /
+upstream = app
+allow = 127.0.0.0/8
+rate_limit = clients
+auth = tokens
+"""
+
+
+def securedCredentials(directory: Path) -> tuple[str, Path]:
+    """A JWKS file in C{directory} and a token it verifies (valid a day)."""
+    import json
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    document = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    document["kid"] = "bench"
+    path = directory / "jwks.json"
+    path.write_text(json.dumps({"keys": [document]}))
+    claims = {"sub": "bench", "iss": "https://bench.invalid/", "aud": "edgeproxy-bench",
+              "exp": int(time.time()) + 86400}
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"}), path
+
+
 # --- readiness --------------------------------------------------------------
 
 

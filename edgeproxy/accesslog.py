@@ -25,6 +25,12 @@ undecodable bytes kept as C{\\xHH}):
     to, or L{None}
   - C{finished}: when the request finished, from the injected clock
     (C{log_time} is the wall clock C{Logger} stamps itself)
+  - C{user}: the subject authentication at the edge established (never
+    a credential), or L{None}; the Combined format's remote-user field
+  - C{rule}: what refused the request at the edge (C{deny 10.0.0.0/8},
+    C{allow}, C{methods}, C{client_certificate}, C{ratelimit NAME},
+    C{auth NAME: why}), or L{None}; Combined lines of refused requests
+    end with C{ rule="..."}
 
 Lines are safe to parse: in Combined format every byte outside printable
 ASCII, C{"} and C{\\} are escaped as C{\\xHH}/C{\\"}/C{\\\\} (the nginx
@@ -112,6 +118,8 @@ def requestFields(call: Any, now: float) -> dict[str, Any]:
         "duration": max(0.0, now - call.started),
         "route": None if route is None else route.name,
         "upstream": call.upstreamName,
+        "user": call.identity,
+        "rule": call.refusedBy,
     }
 
 
@@ -157,8 +165,9 @@ def formatCombined(event: dict[str, Any]) -> str:
     """
 
     quoted = _quoted
-    return '%s - - %s "%s %s %s" %d %s "%s" "%s"' % (
+    line = '%s - %s %s "%s %s %s" %d %s "%s" "%s"' % (
         quoted(event["client"]),
+        _user(event.get("user")),
         clfTimestamp(event["finished"]),
         quoted(event["method"]),
         quoted(event["target"]),
@@ -168,6 +177,15 @@ def formatCombined(event: dict[str, Any]) -> str:
         quoted(event["referer"]),
         quoted(event["user_agent"]),
     )
+    rule = event.get("rule")
+    if rule is not None:
+        line += ' rule="%s"' % (escapeField(rule),)
+    return line
+
+
+def _user(user: str | None) -> str:
+    # The remote-user field is unquoted: a space in it would split it.
+    return "-" if not user else escapeField(user).replace(" ", "\\x20")
 
 
 def _quoted(value: str | None) -> str:
@@ -176,6 +194,8 @@ def _quoted(value: str | None) -> str:
 
 _JSON_KEYS = ("client", "method", "target", "protocol", "status", "bytes",
               "referer", "user_agent", "host", "duration", "route", "upstream")
+_JSON_OPTIONAL = ("user", "rule")
+"""Written only when set (most requests have neither)."""
 
 
 def formatJSON(event: dict[str, Any]) -> str:
@@ -183,6 +203,10 @@ def formatJSON(event: dict[str, Any]) -> str:
     record: dict[str, Any] = {"time": isoTimestamp(event["finished"])}
     for key in _JSON_KEYS:
         record[key] = event[key]
+    for key in _JSON_OPTIONAL:
+        value = event.get(key)
+        if value is not None:
+            record[key] = value
     if record["duration"] is not None:
         record["duration"] = round(record["duration"], 6)
     return json.dumps(record, ensure_ascii=True, separators=(",", ":"))

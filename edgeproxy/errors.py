@@ -119,6 +119,9 @@ class ProxyError(EdgeProxyError):
     status: int = 502
     retryAfter: int | None = None
     """Seconds for a C{Retry-After} field (RFC 9110 §10.2.3), or L{None}."""
+    fields: tuple[tuple[bytes, bytes], ...] = ()
+    """More fields of the error response (C{WWW-Authenticate}, the
+    C{RateLimit} fields), as (lower-case name, value)."""
 
 
 class BadRequest(ProxyError):
@@ -143,6 +146,26 @@ class MisdirectedRequest(ProxyError):
 
 class NoRoute(ProxyError):
     status = 404
+
+
+class Unauthorized(ProxyError):
+    """No valid credentials (RFC 9110 §15.5.2); C{fields} holds the
+    C{WWW-Authenticate} challenge."""
+
+    status = 401
+
+
+class Forbidden(ProxyError):
+    """Refused by an access rule (RFC 9110 §15.5.4); the client is told no
+    more than the status, the access log names the rule."""
+
+    status = 403
+
+
+class TooManyRequests(ProxyError):
+    """Over a rate limit (RFC 6585 §4)."""
+
+    status = 429
 
 
 class BackendUnavailable(ProxyError):

@@ -325,6 +325,48 @@ class _Counts(Collector):
         yield family
 
 
+class _SecurityCounters:
+    """The counters of the security layer (L{edgeproxy.security}): refusals
+    are rare next to requests, so plain C{prometheus_client} counters do."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.accessRefused = Counter(
+            "edgeproxy_access_refused",
+            "Requests refused with 403 by an access rule, by route and rule (deny, allow, methods, client_certificate).",
+            ["route", "rule"], registry=r,
+        )
+        self.rateLimited = Counter(
+            "edgeproxy_ratelimit_refused",
+            "Requests refused with 429 by a rate limit, by route and limit.",
+            ["route", "limit"], registry=r,
+        )
+        self.storeErrors = Counter(
+            "edgeproxy_ratelimit_store_errors",
+            "Requests whose shared (Redis) rate limits could not be checked, by route and what on_store_error made of them (open or closed).",
+            ["route", "outcome"], registry=r,
+        )
+        self.storeUp = Gauge(
+            "edgeproxy_ratelimit_store_up",
+            "Whether the last command to the [redis] store of rate limits succeeded (1) or not (0), by store (redis).",
+            ["store"], registry=r,
+        )
+        self.authRefused = Counter(
+            "edgeproxy_auth_refused",
+            "Requests refused by authentication (401, 403, or the forward-auth service's answer), by route and auth section.",
+            ["route", "auth"], registry=r,
+        )
+        self.authCache = Counter(
+            "edgeproxy_auth_cache",
+            "Forward-auth verdicts looked up in the cache, by auth section and result (hit or miss).",
+            ["auth", "result"], registry=r,
+        )
+        self.proxyProtocolRefused = Counter(
+            "edgeproxy_proxy_protocol_refused",
+            "Connections closed before HTTP for their PROXY protocol header, by listener and reason (source, invalid, timeout).",
+            ["listener", "reason"], registry=r,
+        )
+
+
 class Metrics:
     """
     The counters and histograms of one process, and the scrape-time gauges.
@@ -494,6 +536,7 @@ class Metrics:
         self._initContent(buckets)
         self._stateSource: Callable[[], Iterable[StateSample]] | None = None
         r.register(_StateCollector(self))
+        self._security = _SecurityCounters(r)
 
     # State read at scrape time ---------------------------------------------
 
@@ -678,6 +721,31 @@ class Metrics:
         C{timeout}, C{unsupported}).
         """
         self._images.inc((fmt, result))
+
+    # The security layer (edgeproxy.security) ---------------------------------
+
+    def accessRefused(self, route: str, rule: str) -> None:
+        """@param rule: the kind of rule (C{deny}, C{allow}, C{methods},
+        C{client_certificate}), never the network (bounded labels)."""
+        self._security.accessRefused.labels(route, rule).inc()
+
+    def rateLimited(self, route: str, limit: str) -> None:
+        self._security.rateLimited.labels(route, limit).inc()
+
+    def rateLimitStoreFailed(self, route: str, outcome: str) -> None:
+        self._security.storeErrors.labels(route, outcome).inc()
+
+    def rateLimitStoreUp(self, up: bool) -> None:
+        self._security.storeUp.labels("redis").set(1 if up else 0)
+
+    def authRefused(self, route: str, auth: str) -> None:
+        self._security.authRefused.labels(route, auth).inc()
+
+    def authCacheLookup(self, auth: str, hit: bool) -> None:
+        self._security.authCache.labels(auth, "hit" if hit else "miss").inc()
+
+    def proxyProtocolRefused(self, listener: str, reason: str) -> None:
+        self._security.proxyProtocolRefused.labels(listener, reason).inc()
 
     # Exposition ------------------------------------------------------------
 

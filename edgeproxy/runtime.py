@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from edgeproxy import content  # noqa: F401  (registers the compress and images stage kinds)
+import edgeproxy.security  # noqa: F401  (registers the access, ratelimit and auth stage kinds)
 from edgeproxy.config.model import Config, Upstream
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
 from edgeproxy.routing import Router
@@ -165,7 +166,7 @@ class Runtime:
                 config,
                 pools,
                 previous.pipelines if previous is not None else None,
-                {"reactor": reactor, "metrics": metrics},
+                context={"reactor": reactor, "metrics": metrics},
             ),
         )
 

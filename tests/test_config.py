@@ -109,7 +109,7 @@ ERRORS = [
     ("[edgeproxy]\nacces_log = -", "edgeproxy", "acces_log", "acces_log", "did you mean 'access_log'"),
     ("[upstream:b]\nservers = b:1\nconect_timeout = 1s", "upstream:b", "conect_timeout", "conect_timeout", "did you mean 'connect_timeout'"),
     ("[listen:x]\nEndpoint = tcp:1", "listen:x", "Endpoint", "Endpoint", "unknown key"),
-    ("[route:r]\nhosts = r.example\nupstream = app\nmethods = GET", "route:r", "methods", "methods", "unknown key"),
+    ("[route:r]\nhosts = r.example\nupstream = app\nverbs = GET", "route:r", "verbs", "verbs", "unknown key"),
     ("[tls]\ncertificates = certs\nciphers = ALL", "tls", "ciphers", "ciphers", "unknown key"),
     # [edgeproxy] types
     ("[edgeproxy]\naccess_log_format = xml", "edgeproxy", "access_log_format", "xml", "expected one of combined, json"),
@@ -692,12 +692,15 @@ def test_fullExample(site: Path) -> None:
 
 
 def test_everyKeyIsInTheFullExample() -> None:
-    """The full example above really does set every key."""
+    """The full example above (and the security layer's, in
+    tests.test_config_security) really does set every key."""
+    from tests.test_config_security import SECURITY_FULL
+
     for kind, keys in SECTION_KEYS.items():
         for key in keys:
             if key == "admin_token":
                 continue  # excludes admin_token_file: see test_adminToken
-            assert f"\n{key} = " in FULL, (kind, key)
+            assert f"\n{key} = " in FULL + SECURITY_FULL, (kind, key)
 
 
 def test_adminToken(site: Path) -> None:

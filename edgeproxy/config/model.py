@@ -170,6 +170,16 @@ class Listener:
     applied on top."""
     h2: HTTP2Settings = field(default_factory=HTTP2Settings)
     """HTTP/2 settings (used when C{http2} is on)."""
+    client_ca: str | None = None
+    """PEM bundle of the CAs client certificates are verified against;
+    L{None}: no client certificate is asked for."""
+    client_certificates: str = "request"
+    """With C{client_ca}: C{request} (asked for, verified when given) or
+    C{require} (every handshake must present one)."""
+    proxy_protocol: bool = False
+    """Connections start with a PROXY protocol header (v1 or v2)."""
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    """The peers allowed to send one; connections from others are closed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +275,9 @@ class Upstream:
     slow_start: float = 0.0
     """Seconds over which a recovered backend ramps up to its full weight
     (0: off)."""
+    proxy_protocol: str | None = None
+    """C{v1} or C{v2}: each backend connection starts with a PROXY header
+    naming the client; L{None}: none."""
 
 
 COMPRESS_ENCODINGS: tuple[str, ...] = ("zstd", "br", "gzip")
@@ -375,6 +388,33 @@ class Route:
     """Negotiated compression of responses; L{None}: off."""
     images: ImageSettings | None = None
     """Image conversion to AVIF/WebP; L{None}: off."""
+    allow: tuple[IPNetwork, ...] = ()
+    """Client networks let in (empty: everyone not denied)."""
+    deny: tuple[IPNetwork, ...] = ()
+    """Client networks refused (deny wins over allow)."""
+    methods: tuple[str, ...] = ()
+    """Methods allowed (upper case); empty: any."""
+    rate_limit: tuple[str, ...] = ()
+    """Names of C{[ratelimit:NAME]} sections applied, in order."""
+    auth: str | None = None
+    """Name of the C{[auth:NAME]} section, or L{None}."""
+    hsts: float | None = None
+    """C{Strict-Transport-Security} max-age in seconds on TLS responses."""
+    hsts_preload: bool = False
+    hsts_include_subdomains: bool = False
+    require_client_certificate: bool = False
+    """Refuse requests whose connection presented no verified certificate."""
+    client_certificate_headers: tuple[tuple[str, str], ...] = ()
+    """(C{subject}/C{san}/C{fingerprint}, field name lower case): where the
+    verified certificate's facts are forwarded."""
+
+    @property
+    def securityConfigured(self) -> bool:
+        """Whether any key of the access stage is set."""
+        return bool(
+            self.allow or self.deny or self.methods or self.hsts is not None
+            or self.require_client_certificate or self.client_certificate_headers
+        )
 
 
 LETS_ENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
@@ -481,3 +521,119 @@ class Config:
     in code)."""
     acme: ACMESettings | None = None
     """The C{[acme]} section, or L{None} when it is absent (ACME off)."""
+    ratelimits: dict[str, RateLimit] = field(default_factory=dict)
+    """C{[ratelimit:NAME]} sections by name."""
+    auths: dict[str, AuthSettings] = field(default_factory=dict)
+    """C{[auth:NAME]} sections by name."""
+    redis: RedisSettings | None = None
+    """The C{[redis]} section, or L{None}."""
+
+
+# The security layer (edgeproxy.security) ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A C{[ratelimit:NAME]} section: a token bucket per key."""
+
+    name: str
+    count: int
+    """Requests per C{window} (the steady rate)."""
+    window: float
+    """Seconds: 1, 60 or 3600 (C{/s}, C{/m}, C{/h})."""
+    burst: int
+    """The bucket's size: requests allowed at once."""
+    key: str = "client_ip"
+    """C{client_ip}, C{route}, C{identity}, C{header:NAME} (lower case) or
+    C{cookie:NAME}."""
+    concurrency: int = 0
+    """Requests in flight per key at most (0: no bound)."""
+    store: str = "local"
+    """C{local} (this process) or C{redis} (shared)."""
+    on_store_error: str = "open"
+    """With C{redis} unreachable: C{open} lets requests through, C{closed}
+    refuses them (503 with C{Retry-After})."""
+    rate_enabled: bool = True
+    """Whether C{rate} was given (a section may bound concurrency alone)."""
+
+    @property
+    def rate(self) -> float:
+        """Requests per second."""
+        return self.count / self.window
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """The C{[redis]} section."""
+
+    url: str
+    """C{redis://host:port/db}, C{rediss://...} (TLS) or C{unix:/path}."""
+    host: str | None = None
+    port: int = 6379
+    path: str | None = None
+    """The UNIX socket, for C{unix:}."""
+    db: int = 0
+    tls: bool = False
+    ca: str | None = None
+    """PEM bundle trusted for C{rediss://}; L{None}: the system store."""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    """From C{password_file}."""
+    timeout: float = 0.25
+    """Seconds a command may take before the store counts as failed."""
+    prefix: str = "edgeproxy"
+    """Prefix of every key (see docs: the scope of counters)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """
+    An C{[auth:NAME]} section.  C{type} says which of the other fields
+    apply; L{edgeproxy.config.security} fills only those.
+    """
+
+    name: str
+    type: str
+    """C{basic}, C{jwt}, C{forward} or C{oidc}."""
+    pass_authorization: bool = False
+    # basic
+    htpasswd: str | None = None
+    realm: str = "edgeproxy"
+    user_header: str = "x-auth-user"
+    """Lower-case field the authenticated user name is sent to the backend in."""
+    # jwt
+    jwks: str | None = None
+    """A file path or an https URL."""
+    jwks_ca: str | None = None
+    issuer: str | None = None
+    audience: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
+    secret: bytes | None = field(default=None, repr=False)
+    """HS256 key from C{secret_file}."""
+    leeway: float = 0.0
+    token_from: str = "header"
+    """C{header} (C{Authorization: Bearer}) or C{cookie:NAME}."""
+    claims_to_headers: tuple[tuple[str, str], ...] = ()
+    """(claim, lower-case field name)."""
+    jwks_refresh: float = 3600.0
+    # forward
+    url: str | None = None
+    copy_request_headers: tuple[str, ...] = ()
+    copy_response_headers: tuple[str, ...] = ()
+    cache_ttl: float = 0.0
+    cache_size: int = 10000
+    timeout: float = 5.0
+    # oidc
+    ca: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    scopes: tuple[str, ...] = ("openid", "email", "profile")
+    callback_path: str = "/.edgeproxy/oidc/callback"
+    logout_path: str = "/.edgeproxy/oidc/logout"
+    cookie_secret: bytes | None = field(default=None, repr=False)
+    cookie_name: str = "edgeproxy_session"
+    session_ttl: float = 8 * 3600.0
+    allow_emails: tuple[str, ...] = ()
+    allow_domains: tuple[str, ...] = ()
+    allow_claim: tuple[str, str] | None = None
+    """(claim, value): the claim (or a list claim) must hold the value."""

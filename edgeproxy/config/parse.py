@@ -58,6 +58,7 @@ from edgeproxy.config.model import (
     Upstream,
 )
 from edgeproxy.config.section import Problems, Section, readSection
+from edgeproxy.config import security
 from edgeproxy.config.source import readSource
 from edgeproxy.config.units import parseDuration
 from edgeproxy.config.upstreams import UPSTREAM_KEYS, readUpstream
@@ -101,11 +102,18 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "ocsp_stapling",
     ),
     "acme": ACME_KEYS,
-    "listen": ("endpoint", "tls", "http2", "redirect_https", "redirect_port", *_LIMIT_KEYS, *H2_KEYS),
+    "listen": (
+        "endpoint", "tls", "http2", "redirect_https", "redirect_port", *_LIMIT_KEYS, *H2_KEYS,
+        *security.LISTEN_KEYS,
+    ),
     "upstream": UPSTREAM_KEYS,
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
+        *security.ROUTE_KEYS,
     ),
+    "ratelimit": security.RATELIMIT_KEYS,
+    "auth": security.AUTH_KEYS,
+    "redis": security.REDIS_KEYS,
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
 C{route} stand for C{[listen:NAME]} and so on)."""
@@ -114,8 +122,8 @@ C{route} stand for C{[listen:NAME]} and so on)."""
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("auto", "text", "journald")
 
-_SINGLE_KINDS = ("edgeproxy", "tls", "acme")
-_NAMED_KINDS = ("listen", "upstream", "route")
+_SINGLE_KINDS = ("edgeproxy", "tls", "acme", "redis")
+_NAMED_KINDS = ("listen", "upstream", "route", "ratelimit", "auth")
 _SECTION_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
 
@@ -317,6 +325,7 @@ def _readListener(
         redirect_port=redirectPort,
         limits=_readLimits(section, limits),
         h2=readHTTP2(section, http2),
+        **security.readListenerSecurity(section, tls),
     )
     return listener, spec
 
@@ -341,6 +350,7 @@ def _readRoute(section: Section, name: str) -> Route:
         strip_prefix=section.boolean("strip_prefix", False),
         websocket=section.boolean("websocket", True),
         **readRouteContent(section),
+        **security.readRouteSecurity(section),
     )
 
 
@@ -381,7 +391,10 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
                 continue
             named[kind].append((label, section))
         else:
-            known = "[edgeproxy], [tls], [acme], [listen:NAME], [upstream:NAME], [route:NAME]"
+            known = (
+                "[edgeproxy], [tls], [acme], [redis], [listen:NAME], [upstream:NAME], "
+                "[route:NAME], [ratelimit:NAME], [auth:NAME]"
+            )
             section.report(None, f"unknown section (sections are {known})")
             continue
         section.checkKeys(SECTION_KEYS[kind])
@@ -416,6 +429,18 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         route = readSection(section, lambda s: _readRoute(s, label))
         if route is not None:
             routes.append(route)
+    ratelimits = {
+        label: limit
+        for label, section in named["ratelimit"]
+        if (limit := readSection(section, lambda s: security.readRateLimit(s, label))) is not None
+    }
+    auths = {
+        label: auth
+        for label, section in named["auth"]
+        if (auth := readSection(section, lambda s: security.readAuth(s, label))) is not None
+    }
+    redisSection = singles.get("redis")
+    redis = None if redisSection is None else readSection(redisSection, security.readRedis)
 
     crossCheck(
         path,
@@ -429,6 +454,17 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         routes=routes,
         sections={f"{kind}:{label}": section for kind in _NAMED_KINDS for label, section in named[kind]},
     )
+    security.checkSecurity(
+        routes=routes,
+        listeners=listeners,
+        upstreams=upstreams,
+        ratelimits=ratelimits,
+        auths=auths,
+        redis=redis,
+        declared={kind: {label for label, _ in named[kind]} for kind in _NAMED_KINDS}
+        | {kind: {kind} for kind in singles},
+        sections={f"{kind}:{label}": section for kind in _NAMED_KINDS for label, section in named[kind]},
+    )
     if problems:
         raise ConfigErrors.of(problems.errors, loaded.source.files)
     return Config(
@@ -440,4 +476,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         routes=tuple(routes),
         source=loaded.source,
         acme=acme,
+        ratelimits=ratelimits,
+        auths=auths,
+        redis=redis,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from edgeproxy.config import syntax
+from edgeproxy.config import security, syntax
 from edgeproxy.config.model import BALANCE_POLICIES, Server, Upstream
 from edgeproxy.config.section import Section
 
@@ -54,6 +54,7 @@ UPSTREAM_KEYS = (
     "fail_status",
     "slow_start",
     *HEALTH_KEYS,
+    *security.UPSTREAM_KEYS,
 )
 """The keys of C{[upstream:NAME]}."""
 
@@ -116,6 +117,7 @@ def readUpstream(section: Section, name: str) -> Upstream:
         eject_max_time=_ejectMax(section, defaults),
         fail_status=section.convert("fail_status", defaults.fail_status, _failStatus),
         slow_start=section.duration("slow_start", defaults.slow_start, allowZero=True),
+        proxy_protocol=security.readUpstreamProxyProtocol(section),
         **health,
     )
 

@@ -32,11 +32,14 @@ __all__ = [
 
 _PAGES: dict[int, bytes] = {
     400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
     404: b"Not Found",
     408: b"Request Timeout",
     413: b"Content Too Large",
     414: b"URI Too Long",
     421: b"Misdirected Request",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
@@ -97,16 +100,20 @@ _pageFields = Fields.trusted(
 def errorResponse(error: ProxyError | int) -> Response:
     """
     The generic page for C{error}: its status and phrase as a short plain
-    text, C{Cache-Control: no-store}, and C{Retry-After} when the error
-    carries one.
+    text, C{Cache-Control: no-store}, C{Retry-After} when the error
+    carries one, and the error's own C{fields}.
     """
     status = error if isinstance(error, int) else error.status
     body = errorBody(status)
     fields = _pageFields
     retryAfter = None if isinstance(error, int) else error.retryAfter
-    if retryAfter is not None:
+    extra = () if isinstance(error, int) else error.fields
+    if retryAfter is not None or extra:
         raw = dict(fields.raw())
-        raw[b"retry-after"] = [b"%d" % (retryAfter,)]
+        if retryAfter is not None:
+            raw[b"retry-after"] = [b"%d" % (retryAfter,)]
+        for name, value in extra:
+            raw.setdefault(name, []).append(value)
         fields = Fields.trusted(raw)
     return Response(status, phraseFor(status), fields, len(body), BytesBody(body))
 

@@ -38,6 +38,7 @@ from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.forwarded import clientAddress
 from edgeproxy.pipeline.values import ConnectionInfo, Request
 from edgeproxy.routing import normaliseHost
+from edgeproxy.security.paths import backendView, mayDiffer
 from edgeproxy.targets import normaliseTarget
 from edgeproxy.tls.failures import handshakeFailureReason
 from edgeproxy.tls.transport import EdgeTLSTransport
@@ -65,6 +66,11 @@ class ListenerFactory(Factory):
     """
 
     noisy = False
+
+    clientAuth: Any = None
+    """The listener's client certificate policy
+    (L{edgeproxy.security.listening.ClientAuth}), or L{None}: set where
+    its port is built."""
 
     acmeChallenges: Any = None
     """The L{edgeproxy.acme.challenges.ChallengeStore} whose HTTP-01 tokens
@@ -188,10 +194,15 @@ class ListenerFactory(Factory):
         peer = transport.getPeer()
         host = getattr(peer, "host", "") or ""
         port = getattr(peer, "port", 0) or 0
+        local = transport.getHost()
+        localHost = getattr(local, "host", "") or ""
+        localPort = getattr(local, "port", 0) or 0
         getHandle = getattr(transport, "getHandle", None)
         if getHandle is None or not self.listener.tls:
-            return ConnectionInfo(host, port, b"http", self.listener)
-        serverName = version = alpn = None
+            return ConnectionInfo(
+                host, port, b"http", self.listener, local=localHost, localPort=localPort
+            )
+        serverName = version = alpn = certificate = None
         try:
             handle = getHandle()
             name = handle.get_servername()
@@ -199,9 +210,16 @@ class ListenerFactory(Factory):
             versionName = handle.get_protocol_version_name()
             version = versionName[4:] if versionName.startswith("TLSv") else versionName
             alpn = getattr(transport, "negotiatedProtocol", None)
+            if self.clientAuth is not None:
+                from edgeproxy.security.listening import certificateFacts
+
+                certificate = certificateFacts(handle)
         except Exception:
             pass
-        return ConnectionInfo(host, port, b"https", self.listener, serverName, version, alpn)
+        return ConnectionInfo(
+            host, port, b"https", self.listener, serverName, version, alpn, certificate,
+            localHost, localPort,
+        )
 
     # Requests --------------------------------------------------------------
 
@@ -260,6 +278,10 @@ class ListenerFactory(Factory):
             match = self.select(runtime, host, path, info)
             if match is None:
                 error = _unrouted(host, path, info)
+            elif mayDiffer(path) and _routedElsewhere(self, runtime, host, path, info, match):
+                # edgeproxy.security.paths: "//admin" or "/admin;x" would
+                # reach /admin's resource through another route.
+                error = BadRequest("path routes differently with slashes merged or ';' dropped")
             else:
                 route = match.route
                 prefix = match.prefix
@@ -270,6 +292,11 @@ class ListenerFactory(Factory):
                     maxBody = route.max_body_size
                 if maxBody and length is not None and length > maxBody:
                     error = ContentTooLarge(f"declared body {length} over limit {maxBody}")
+                clientAuth = self.clientAuth
+                if clientAuth is not None and clientAuth.misdirected(host, info.serverName):
+                    # edgeproxy.security.listening: this connection's
+                    # client certificate policy is another name's.
+                    error = MisdirectedRequest(f"host {host!r}: other client certificate policy than SNI")
         if error is not None:
             stages = ()
         trusted = runtime.trustedProxies
@@ -301,6 +328,8 @@ class ListenerFactory(Factory):
         if call.logged:
             return
         call.logged = True
+        if call.endHooks is not None:
+            call.ended()
         accessLog = self.accessLog
         if accessLog is not None:
             accessLog.log(call)
@@ -334,6 +363,13 @@ class ListenerFactory(Factory):
     def doStop(self) -> None:
         # The port closed (drain, or a reload without this listener).
         self.goAway()
+
+
+def _routedElsewhere(
+    factory: ListenerFactory, runtime: Any, host: bytes, path: bytes, info: ConnectionInfo, match: Any
+) -> bool:
+    other = factory.select(runtime, host, backendView(path), info)
+    return other is not None and (other.route is not match.route or other.prefix != match.prefix)
 
 
 def _unrouted(host: bytes, path: bytes, info: ConnectionInfo) -> ProxyError:

@@ -110,12 +110,16 @@ class Call:
         L{None}.
     @ivar idleTimeout: seconds a body may go without a byte before the
         request is aborted (the route's upstream C{idle_timeout}).
+    @ivar refusedBy: what refused the request at the edge (an access rule,
+        a rate limit, an authentication), for the access log; L{None}.
+    @ivar identity: the authenticated subject (access log, C{key =
+        identity} rate limits), or L{None}.
     """
 
     __slots__ = (
         "request", "body", "client", "stages", "index", "handlers", "cancelHook",
         "over", "forwarder", "upstreamName", "backend", "status", "sent", "started",
-        "firstByte", "logged", "idleTimeout",
+        "firstByte", "logged", "idleTimeout", "refusedBy", "identity", "endHooks",
     )
 
     def __init__(
@@ -143,6 +147,9 @@ class Call:
         self.firstByte: float | None = None
         self.logged = False
         self.idleTimeout = 0.0
+        self.refusedBy: str | None = None
+        self.identity: str | None = None
+        self.endHooks: list[Callable[[], None]] | None = None
 
     # The way in -------------------------------------------------------------
 
@@ -218,6 +225,27 @@ class Call:
         """The client went away: stop whatever holds the call, for good."""
         self.over = True
         self.stop()
+
+    def whenEnded(self, hook: Callable[[], None]) -> None:
+        """
+        Have C{hook} called once when the request is over for the client
+        side (answered completely, or cut short): what a stage counting
+        requests in flight releases then.
+        """
+        if self.endHooks is None:
+            self.endHooks = [hook]
+        else:
+            self.endHooks.append(hook)
+
+    def ended(self) -> None:
+        """The client side is done with the call: run the L{whenEnded} hooks."""
+        hooks, self.endHooks = self.endHooks, None
+        if hooks:
+            for hook in hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.failure("end of request hook failed")
 
     # The upstream pool's receiver (for the forward stage) --------------------
 

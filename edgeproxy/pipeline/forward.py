@@ -144,7 +144,16 @@ class Forward:
             return
         call.forwarder = self
         call.cancelHook = _SENDING
-        exchange = self.pool.send(request.method, path, fields, call.body, call, hashKey)
+        proxyVersion = self.upstream.proxy_protocol
+        if proxyVersion is not None:
+            from edgeproxy.security.proxyprotocol import requestHeader
+
+            exchange = self.pool.send(
+                request.method, path, fields, call.body, call, hashKey,
+                requestHeader(proxyVersion, request),
+            )
+        else:
+            exchange = self.pool.send(request.method, path, fields, call.body, call, hashKey)
         if call.cancelHook is _SENDING:
             call.cancelHook = exchange.cancel
 

@@ -24,11 +24,24 @@ from edgeproxy.h1.fields import Fields
 __all__ = [
     "BODY_DONE",
     "BytesBody",
+    "ClientCertificate",
     "ConnectionInfo",
     "Request",
     "Response",
     "ResponseBody",
 ]
+
+
+class ClientCertificate(NamedTuple):
+    """The facts of a verified client certificate (L{edgeproxy.security.clientcerts})."""
+
+    subject: str
+    """The subject as an RFC 4514 string (C{CN=ann,O=Example})."""
+    san: tuple[str, ...]
+    """The subject alternative names (C{DNS:...}, C{email:...}, C{URI:...},
+    C{IP:...})."""
+    fingerprint: str
+    """SHA-256 of the DER certificate, lower-case hex."""
 
 
 class ConnectionInfo(NamedTuple):
@@ -39,7 +52,7 @@ class ConnectionInfo(NamedTuple):
 
     peer: str
     """The peer's IP address as text (C{""} when it has none, e.g. a UNIX
-    socket)."""
+    socket); with the PROXY protocol, the address its header gave."""
     peerPort: int
     scheme: bytes
     """C{b"https"} on a TLS listener, else C{b"http"}."""
@@ -50,6 +63,13 @@ class ConnectionInfo(NamedTuple):
     """C{"1.3"}, C{"1.2"}, on TLS."""
     alpn: bytes | None = None
     """The negotiated ALPN protocol, on TLS."""
+    clientCertificate: ClientCertificate | None = None
+    """The client certificate the handshake verified (listeners with
+    C{client_ca}), or L{None}."""
+    local: str = ""
+    """The address the client connected to (with the PROXY protocol, the
+    one its header gave)."""
+    localPort: int = 0
 
 
 class Request(NamedTuple):

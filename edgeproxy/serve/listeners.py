@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import StartupError
+from edgeproxy.security.listening import clientAuthFor, proxyProtocolFactory, securityShape
 from edgeproxy.serve.sites import connectionsOf, inFlightOf, reconfigureSite
 from edgeproxy.systemd import adoptable
 from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
@@ -49,10 +50,10 @@ class OpenListener:
         self.port = port
 
 
-def _shape(listener: Listener) -> tuple[str, bool, bool]:
+def _shape(listener: Listener) -> tuple[Any, ...]:
     """What cannot change under an open port: a listener with another shape
     is closed and opened again."""
-    return (listener.endpoint, listener.tls, listener.http2)
+    return (listener.endpoint, listener.tls, listener.http2) + securityShape(listener)
 
 
 class ListenerSet:
@@ -118,14 +119,20 @@ class ListenerSet:
             endpoint: Any = adoptable(
                 listener.endpoint, lambda: serverFromString(self._reactor, listener.endpoint)
             )
+            factory: Any = site
             if listener.tls:
                 store = self._store()
                 assert store is not None, "a TLS listener needs [tls]"
                 protocols = DEFAULT_PROTOCOLS if listener.http2 else (b"http/1.1",)
-                return endpoint.listen(
-                    tlsServerFactory(store.serverConnectionCreator(protocols), site, self._reactor)
+                factory = tlsServerFactory(
+                    store.serverConnectionCreator(protocols, clientAuthFor(listener, site)),
+                    site,
+                    self._reactor,
                 )
-            return endpoint.listen(site)
+            if listener.proxy_protocol:
+                # Under TLS: the header comes before the handshake.
+                factory = proxyProtocolFactory(listener, factory, site, self._reactor)
+            return endpoint.listen(factory)
 
         def keep(port: IListeningPort) -> IListeningPort:
             if getattr(port, "transport", None) is tcp.Server:

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from OpenSSL import SSL
@@ -159,6 +159,9 @@ class _Snapshot:
     built: dict[int, SSL.Context]
     """C{id(entry)} -> its context, for every entry of C{certificates}
     (reused by the next snapshot when the entry is still served)."""
+    clientContexts: dict[tuple[int, str, str], SSL.Context] = field(default_factory=dict)
+    """(C{id} of a context of C{built}, client CA key, level) -> the same
+    certificate asking for client certificates (made at first use)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,7 @@ class CertificateStore:
         self._clock = clock
         self._snapshot: _Snapshot | None = None
         self._front: _Front | None = None
+        self._clientFronts: dict[str, _Front] = {}
         self._managed: tuple[CertificateEntry, ...] = ()
         self._challenges: dict[str, SSL.Context] = {}
         self.ocsp: Any = None
@@ -407,7 +411,7 @@ class CertificateStore:
         return context if context is not None else snapshot.default
 
     def serverConnectionCreator(
-        self, acceptableProtocols: Sequence[bytes] = DEFAULT_PROTOCOLS
+        self, acceptableProtocols: Sequence[bytes] = DEFAULT_PROTOCOLS, clientAuth: Any = None
     ) -> IOpenSSLServerConnectionCreator:
         """
         The creator for one listener, to pass to
@@ -422,15 +426,19 @@ class CertificateStore:
             C{http2 = no}.  The wrapped factory narrows them further when it
             provides L{IProtocolNegotiationFactory} (a C{Site} without the
             C{h2} package offers only C{http/1.1}).
+        @param clientAuth: the listener's client certificate policy
+            (L{edgeproxy.security.listening.ClientAuth}), or L{None}.
         """
         protocols = tuple(acceptableProtocols)
         if not protocols or not all(
             isinstance(p, bytes) and 0 < len(p) < 256 for p in protocols
         ):
             raise ValueError(f"invalid ALPN protocol list: {acceptableProtocols!r}")
-        return _ServerConnectionCreator(self, protocols)
+        return _ServerConnectionCreator(self, protocols, clientAuth)
 
-    def _connectionFor(self, protocols: tuple[bytes, ...]) -> SSL.Connection:
+    def _connectionFor(self, protocols: tuple[bytes, ...], clientAuth: Any = None) -> SSL.Connection:
+        if clientAuth is not None:
+            return self._clientConnectionFor(protocols, clientAuth)
         connection = _ServerConnection(self._frontContext(), None)
         if protocols != DEFAULT_PROTOCOLS:
             connection.acceptableProtocols = protocols
@@ -463,7 +471,88 @@ class CertificateStore:
             front = self._front = _Front(context, now, snapshot.policy)
         return front.context
 
-    def _makeContext(self, entry: CertificateEntry, policy: _Policy) -> SSL.Context:
+    # Client certificates (edgeproxy.security.listening) ------------------
+
+    def _clientConnectionFor(self, protocols: tuple[bytes, ...], clientAuth: Any) -> SSL.Connection:
+        """
+        A connection of a listener with C{client_ca}: it starts on a front
+        context of that CA's own (its own session-ticket keys), and the
+        servername callback picks the certificate's context at the name's
+        level (L{_selectClientContext}).
+        """
+        connection = _ServerConnection(self._clientFront(clientAuth), None)
+        connection.clientAuth = clientAuth  # type: ignore[attr-defined]
+        if protocols != DEFAULT_PROTOCOLS:
+            connection.acceptableProtocols = protocols
+        # OpenSSL looks a resumed session's session-ID context up before
+        # the servername callback runs: the context of the name's level is
+        # set from the ClientHello, read before OpenSSL reads it.  A hello
+        # that cannot be read leaves the front context, whose session-ID
+        # context no session ever gets (nothing is resumed).
+        connection.helloBuffer = b""
+        connection.onHello = self._clientHello  # type: ignore[attr-defined]
+        return connection
+
+    def _clientHello(self, connection: SSL.Connection, hello: ClientHello) -> None:
+        clientAuth = getattr(connection, "clientAuth", None)
+        if clientAuth is not None:
+            name = hello.serverName.encode("ascii") if hello.serverName else None
+            context = self._clientContextFor(name, clientAuth)
+            if context is not None:
+                connection.set_context(context)
+
+    def _clientFront(self, clientAuth: Any) -> SSL.Context:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise RuntimeError("TLS connection before CertificateStore.load()")
+        now = self._clock.seconds()
+        fronts = self._clientFronts
+        front = fronts.get(clientAuth.key)
+        if (
+            front is None
+            or front.policy != snapshot.policy
+            or (
+                snapshot.policy.ticketLifetime > 0
+                and now - front.builtAt >= snapshot.policy.ticketLifetime
+            )
+        ):
+            context = self._makeContext(
+                snapshot.certificates.default, snapshot.policy, clientAuth, "front"
+            )
+            front = fronts[clientAuth.key] = _Front(context, now, snapshot.policy)
+        return front.context
+
+    def _selectClientContext(self, connection: SSL.Connection, clientAuth: Any) -> None:
+        name = connection.get_servername()
+        context = self._clientContextFor(name, clientAuth)
+        if context is None:
+            return
+        connection.set_context(context)
+        # OpenSSL copies the verify mode into the connection when it is
+        # made, not when its context is switched.
+        connection.set_verify(clientAuth.verifyMode(clientAuth.levelFor(name)))
+
+    def _clientContextFor(self, name: bytes | None, clientAuth: Any) -> SSL.Context | None:
+        base = self.lookup(name)
+        snapshot = self._snapshot
+        if base is None or snapshot is None:
+            return None
+        level = clientAuth.levelFor(name)
+        key = (id(base), clientAuth.key, level)
+        context = snapshot.clientContexts.get(key)
+        if context is None:
+            entry = next(
+                (e for e in snapshot.certificates.entries if snapshot.built.get(id(e)) is base),
+                snapshot.certificates.default,
+            )
+            context = snapshot.clientContexts[key] = self._makeContext(
+                entry, snapshot.policy, clientAuth, level
+            )
+        return context
+
+    def _makeContext(
+        self, entry: CertificateEntry, policy: _Policy, clientAuth: Any = None, level: str = ""
+    ) -> SSL.Context:
         try:
             context = SSL.Context(SSL.TLS_METHOD)
             context.set_min_proto_version(_MIN_VERSIONS[policy.minVersion])
@@ -481,6 +570,8 @@ class CertificateStore:
                 context.add_extra_chain_cert(certificate)
             context.check_privatekey()
             context.set_session_id(_SESSION_ID_CONTEXT)
+            if clientAuth is not None:
+                clientAuth.configure(context, level)
             context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
             if policy.ticketLifetime > 0:
                 # RFC 8446 §4.6.1 ticket_lifetime / RFC 5077 lifetime hint.
@@ -512,6 +603,10 @@ class CertificateStore:
         the handshake with a bare alert.
         """
         try:
+            clientAuth = getattr(connection, "clientAuth", None)
+            if clientAuth is not None:
+                self._selectClientContext(connection, clientAuth)
+                return
             name = connection.get_servername()
             hello = getattr(connection, "clientHello", None)
             if hello is not None and hello.protocols == (ACME_TLS_1,) and name:
@@ -655,6 +750,9 @@ class _ServerConnection(SSL.Connection):
         hello = parseClientHello(buffered)
         if isinstance(hello, ClientHello):
             self.clientHello = hello
+            onHello = getattr(self, "onHello", None)
+            if onHello is not None:
+                onHello(self, hello)
         elif hello is NEED_MORE:
             self.helloBuffer = buffered
             return
@@ -680,10 +778,12 @@ class _ServerConnectionCreator:
     contexts, this listener's ALPN protocols.
     """
 
-    def __init__(self, store: CertificateStore, protocols: tuple[bytes, ...]) -> None:
+    def __init__(self, store: CertificateStore, protocols: tuple[bytes, ...], clientAuth: Any = None) -> None:
         self._store = store
         self.acceptableProtocols = protocols
         """ALPN protocols offered, in preference order."""
+        self.clientAuth = clientAuth
+        """The listener's client certificate policy, or L{None}."""
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         # Called by every server TLS transport as it connects: the one place
@@ -692,7 +792,7 @@ class _ServerConnectionCreator:
         if self._store.onDemand is not None and type(tlsProtocol) is EdgeTLSTransport:
             tlsProtocol.__class__ = _WaitingTLSTransport
             tlsProtocol._onDemand = self._store.onDemand  # type: ignore[attr-defined]
-        return self._store._connectionFor(self.acceptableProtocols)
+        return self._store._connectionFor(self.acceptableProtocols, self.clientAuth)
 
 
 class _WaitingTLSTransport(EdgeTLSTransport):

@@ -42,7 +42,7 @@ __all__ = ["EndpointSource", "Handle", "UpstreamClient"]
 class EndpointSource(Protocol):
     """Where the client learns how to dial a backend (the pool)."""
 
-    def endpointFor(self, backend: Backend) -> IStreamClientEndpoint: ...
+    def endpointFor(self, backend: Backend, proxyHeader: bytes | None = None) -> IStreamClientEndpoint: ...
 
 
 class Handle(Protocol):
@@ -172,10 +172,13 @@ class UpstreamClient:
         fields: Fields,
         body: BodyProducer | None,
         receiver: UpstreamReceiver,
+        proxyHeader: bytes | None = None,
     ) -> Handle:
         """
         Send a request to C{backend} on an idle connection, or a new one;
         its outcome goes to C{receiver}, possibly before this returns.
+        With C{proxyHeader}, always on a new connection that starts with it
+        (a PROXY protocol header names one client).
 
         @param target: the request-target (origin form).
         @param fields: the request's fields: exactly one C{host}, no framing
@@ -183,6 +186,10 @@ class UpstreamClient:
         @param body: the body, or L{None} for none.
         @return: what to call C{abandon(receiver)} on to cancel the request.
         """
+        if proxyHeader is not None:
+            connecting = _Connecting(self, method, target, fields, body, receiver)
+            connecting.start(self._endpoints.endpointFor(backend, proxyHeader), backend)
+            return connecting
         idle = self._idle.get(backend)
         while idle:
             connection = idle.pop()

@@ -101,8 +101,10 @@ class _Pool(Protocol):
         fields: Fields,
         body: BodyProducer | None,
         receiver: UpstreamReceiver,
+        proxyHeader: bytes | None = None,
     ) -> Handle:
-        """Count one more request in flight on C{backend} and send it there."""
+        """Count one more request in flight on C{backend} and send it there
+        (on a new connection starting with C{proxyHeader}, when given)."""
 
     def release(self, backend: Backend) -> None:
         """A request to C{backend} is no longer in flight."""
@@ -259,7 +261,7 @@ class Exchange:
     __slots__ = (
         "pool", "method", "target", "fields", "body", "hashKey", "receiver",
         "tried", "triedOrder", "retriesDone", "attempt", "queueTimer", "over",
-        "lastError",
+        "lastError", "proxyHeader",
     )
 
     def __init__(
@@ -286,6 +288,9 @@ class Exchange:
         self.queueTimer: IDelayedCall | None = None
         self.over = False
         self.lastError: ProxyError | None = None
+        self.proxyHeader: bytes | None = None
+        """The PROXY protocol header each attempt's connection starts with
+        (C{[upstream] proxy_protocol}), or L{None}."""
 
     # Placing an attempt -----------------------------------------------------
 
@@ -334,7 +339,7 @@ class Exchange:
         attempt = _Attempt(self, backend)
         self.attempt = attempt
         attempt.handle = self.pool.dispatch(
-            backend, self.method, self.target, self.fields, producer, attempt
+            backend, self.method, self.target, self.fields, producer, attempt, self.proxyHeader
         )
         if producer is None:
             attempt.startTimer()

@@ -151,7 +151,9 @@ class UpstreamPool:
             self,
             maxPersistentPerHost=upstream.keepalive,
             cachedConnectionTimeout=upstream.keepalive_timeout,
-            persistent=upstream.keepalive > 0,
+            # A PROXY header names one client: such a connection is never
+            # reused for another request.
+            persistent=upstream.keepalive > 0 and upstream.proxy_protocol is None,
         )
         self.budget = RetryBudget(reactor.seconds, upstream.retry_budget)
         self.deadlines = ResponseDeadlines(reactor, upstream.response_timeout, upstream.name)
@@ -435,7 +437,7 @@ class UpstreamPool:
                 return FULL
         return None
 
-    def endpointFor(self, server: Backend) -> IStreamClientEndpoint:
+    def endpointFor(self, server: Backend, proxyHeader: bytes | None = None) -> IStreamClientEndpoint:
         """
         The endpoint of backend C{server}, for the client's new connections,
         the health checks and WebSocket tunnels.
@@ -443,6 +445,9 @@ class UpstreamPool:
         @return: a client endpoint dialling C{server} with the upstream's
             connect timeout, wrapped in TLS when the upstream uses it.
         """
+        if proxyHeader is not None:
+            # Per connection: the header is written first, under TLS.
+            return self._newEndpoint(server, proxyHeader)
         # Endpoints hold no per-connection state: one per backend, built
         # once.
         endpoint = self._endpoints.get(server)
@@ -450,7 +455,7 @@ class UpstreamPool:
             endpoint = self._endpoints[server] = self._newEndpoint(server)
         return endpoint
 
-    def _newEndpoint(self, server: Backend) -> IStreamClientEndpoint:
+    def _newEndpoint(self, server: Backend, proxyHeader: bytes | None = None) -> IStreamClientEndpoint:
         endpoint: IStreamClientEndpoint
         timeout = self.upstream.connect_timeout
         if isIPLiteral(server.host):
@@ -460,6 +465,10 @@ class UpstreamPool:
             endpoint = endpointType(self._reactor, server.host, server.port, timeout=timeout)
         else:
             endpoint = HostnameEndpoint(self._reactor, server.host, server.port, timeout=timeout)
+        if proxyHeader is not None:
+            from edgeproxy.security.proxyprotocol import HeaderFirstEndpoint
+
+            endpoint = HeaderFirstEndpoint(endpoint, proxyHeader)
         if self._tls is not None:
             # Keyed on the configured Server: a resolved address is still
             # verified against (and sent as SNI) the configured name.
@@ -476,6 +485,7 @@ class UpstreamPool:
         body: BodyPipe | None,
         receiver: UpstreamReceiver,
         hashKey: bytes | None = None,
+        proxyHeader: bytes | None = None,
     ) -> Exchange:
         """
         Send a request to one of the backends, retrying on another when
@@ -508,6 +518,7 @@ class UpstreamPool:
         if body is not None and self.upstream.retries and method in IDEMPOTENT_METHODS:
             body.keepForReplay(REPLAY_LIMIT)
         exchange = Exchange(self, method, target, fields, body, hashKey, receiver)
+        exchange.proxyHeader = proxyHeader
         exchange.place()
         return exchange
 
@@ -521,13 +532,14 @@ class UpstreamPool:
         fields: Fields,
         body: BodyProducer | None,
         receiver: UpstreamReceiver,
+        proxyHeader: bytes | None = None,
     ) -> Handle:
         """
         Count one more request in flight on C{backend} (until L{release})
         and send it there.
         """
         self.balancer.acquired(backend)
-        return self._client.send(backend, method, target, fields, body, receiver)
+        return self._client.send(backend, method, target, fields, body, receiver, proxyHeader)
 
     def release(self, backend: Backend) -> None:
         """

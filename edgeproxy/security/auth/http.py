@@ -1,0 +1,71 @@
+# -*- test-case-name: tests.test_security_jwt -*-
+"""
+The HTTP client of the auth types: treq, over an agent with its own
+connection pool and, when the section names a C{ca}, that CA as the only
+trust anchor (a private provider or auth service).  Key sets, discovery
+documents, tokens and forward-auth verdicts are all small: bodies are
+read whole up to L{MAX_BODY} bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+__all__ = ["MAX_BODY", "BodyTooLarge", "makeClient", "readBody", "getJSON"]
+
+MAX_BODY = 1024 * 1024
+"""Bytes of a key set, discovery document, token response or auth
+service answer read at most."""
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def makeClient(reactor: Any, ca: str | None = None) -> HTTPClient:
+    """A treq client trusting C{ca} (a PEM file) or the system's CAs."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 4
+    pool.retryAutomatically = False
+    if ca is not None:
+        from twisted.internet.ssl import Certificate
+
+        with open(ca, "rb") as f:
+            policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(f.read()))
+    else:
+        policy = BrowserLikePolicyForHTTPS()
+    return HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))  # type: ignore[arg-type]
+
+
+def readBody(response: Any, limit: int = MAX_BODY) -> Deferred[bytes]:
+    """The body of a treq response, refused past C{limit} bytes."""
+    length = getattr(response, "length", None)
+    if isinstance(length, int) and length > limit:
+        response.original.deliverBody(_Drop())
+        raise BodyTooLarge(f"{length} bytes")
+    return response.content()
+
+
+class _Drop:
+    def makeConnection(self, transport: Any) -> None:
+        transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+async def getJSON(client: HTTPClient, url: str, timeout: float) -> Any:
+    """GET C{url} and parse its JSON body; a non-2xx answer raises."""
+    response = await client.get(url, timeout=timeout, headers={b"accept": b"application/json"})
+    body = await readBody(response)
+    if not 200 <= response.code < 300:
+        raise ValueError(f"{url} answered {response.code}")
+    return json.loads(body)
