@@ -161,7 +161,10 @@ class Runtime:
             fingerprints=fingerprints,
             inherited=frozenset(kept),
             pipelines=buildPipelines(
-                config, pools, previous.pipelines if previous is not None else None
+                config,
+                pools,
+                previous.pipelines if previous is not None else None,
+                context={"reactor": reactor, "metrics": metrics},
             ),
         )
 

@@ -48,12 +48,14 @@ from edgeproxy.config.model import (
     ACMESettings,
     LETS_ENCRYPT_DIRECTORY,
     AccessLogFormat,
+    CacheSettings,
     Config,
     IPNetwork,
     Limits,
     Listener,
     ProxySettings,
     Route,
+    RouteCache,
     Server,
     TLSSettings,
     TLSVersion,
@@ -83,6 +85,8 @@ _HEALTH_KEYS = (
     "rise",
     "fall",
 )
+
+_ROUTE_CACHE_KEYS = ("cache", "stale_while_revalidate", "stale_if_error", "default_ttl", "cache_cookies")
 
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "edgeproxy": (
@@ -154,7 +158,22 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "slow_start",
         *_HEALTH_KEYS,
     ),
-    "route": ("hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket"),
+    "route": (
+        "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket",
+        *_ROUTE_CACHE_KEYS,
+    ),
+    "cache": (
+        "memory",
+        "disk",
+        "disk_size",
+        "max_object_size",
+        "heuristic_max",
+        "targeted_field",
+        "key_includes",
+        "purge_from",
+        "name",
+        "collapse_timeout",
+    ),
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
 C{route} stand for C{[listen:NAME]} and so on)."""
@@ -163,7 +182,7 @@ C{route} stand for C{[listen:NAME]} and so on)."""
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("auto", "text", "journald")
 
-_SINGLE_KINDS = ("edgeproxy", "tls", "acme")
+_SINGLE_KINDS = ("edgeproxy", "tls", "acme", "cache")
 _NAMED_KINDS = ("listen", "upstream", "route")
 _SECTION_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
@@ -609,6 +628,76 @@ def _readRoute(section: Section, name: str) -> Route:
         max_body_size=section.size("max_body_size", 0) if section.has("max_body_size") else None,
         strip_prefix=section.boolean("strip_prefix", False),
         websocket=section.boolean("websocket", True),
+        cache=_readRouteCache(section),
+    )
+
+
+def _readRouteCache(section: Section) -> RouteCache | None:
+    """The cache keys of a route (C{cache = yes} and its defaults)."""
+    if not section.boolean("cache", False):
+        for key in _ROUTE_CACHE_KEYS[1:]:
+            if section.has(key) and section.ok("cache"):
+                section.report(key, "only used with cache = yes")
+        return None
+    defaults = RouteCache()
+    return RouteCache(
+        stale_while_revalidate=section.duration(
+            "stale_while_revalidate", defaults.stale_while_revalidate, allowZero=True
+        ),
+        stale_if_error=section.duration("stale_if_error", defaults.stale_if_error, allowZero=True),
+        default_ttl=section.duration("default_ttl", 0.0) if section.has("default_ttl") else None,
+        cache_cookies=section.boolean("cache_cookies", defaults.cache_cookies),
+    )
+
+
+def _checkKeyPart(text: str) -> str:
+    value = syntax.checkHashKey(text)
+    if not value.startswith(("header:", "cookie:")):
+        raise ValueError(f"expected header:NAME or cookie:NAME, got {text!r}")
+    return value
+
+
+def _cacheDirectory(section: Section, text: str) -> str:
+    path = section.resolve(text)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} exists and is not a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path} cannot be created or written by this user ({parent} is not writable)")
+    return path
+
+
+def _targetedField(text: str) -> str | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    return syntax.checkToken(text)
+
+
+def _readCache(section: Section) -> CacheSettings:
+    defaults = CacheSettings()
+    memory = section.size("memory", defaults.memory)
+    disk = section.convert("disk", None, lambda text: _cacheDirectory(section, text))
+    if section.has("disk_size") and not section.has("disk"):
+        section.report("disk_size", "only used with disk = PATH")
+    if memory == 0 and not section.has("disk") and section.ok("memory"):
+        section.report("memory", "memory = 0 needs disk = PATH (the cache would have nowhere to store)")
+    return CacheSettings(
+        memory=memory,
+        disk=disk,
+        disk_size=section.size("disk_size", defaults.disk_size, minimum=1024 * 1024),
+        max_object_size=section.size("max_object_size", defaults.max_object_size, minimum=1),
+        heuristic_max=section.duration("heuristic_max", defaults.heuristic_max, allowZero=True),
+        targeted_field=section.convert("targeted_field", defaults.targeted_field, _targetedField),
+        key_includes=section.convert(
+            "key_includes", (), lambda text: _uniqueList(text, _checkKeyPart, "key part")
+        ),
+        purge_from=section.convert(
+            "purge_from", (), lambda text: tuple(_network(entry) for entry in syntax.splitList(text))
+        ),
+        name=section.convert("name", defaults.name, syntax.checkToken),
+        collapse_timeout=section.duration("collapse_timeout", defaults.collapse_timeout),
     )
 
 
@@ -649,7 +738,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
                 continue
             named[kind].append((label, section))
         else:
-            known = "[edgeproxy], [tls], [acme], [listen:NAME], [upstream:NAME], [route:NAME]"
+            known = "[edgeproxy], [tls], [acme], [cache], [listen:NAME], [upstream:NAME], [route:NAME]"
             section.report(None, f"unknown section (sections are {known})")
             continue
         section.checkKeys(SECTION_KEYS[kind])
@@ -658,6 +747,8 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     proxy = ProxySettings() if proxySection is None else _readProxy(proxySection)
     tlsSection = singles.get("tls")
     tls = None if tlsSection is None else readSection(tlsSection, _readTLS)
+    cacheSection = singles.get("cache")
+    cache = None if cacheSection is None else readSection(cacheSection, _readCache)
     acmeSection = singles.get("acme")
     acme = None if acmeSection is None else readSection(acmeSection, _readACME)
     if acmeSection is not None and tlsSection is None:
@@ -708,4 +799,5 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         routes=tuple(routes),
         source=loaded.source,
         acme=acme,
+        cache=cache,
     )
