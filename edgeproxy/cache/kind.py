@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from edgeproxy.cache.disk import ThreadBlocking
+from edgeproxy.cache.disk import InlineBlocking, ThreadBlocking
 from edgeproxy.cache.stage import CacheStage
 from edgeproxy.cache.stores import CacheStores
 from edgeproxy.config.model import CacheSettings, Config, Route
@@ -65,7 +65,11 @@ class CacheKind:
                 stores = old
             else:
                 metrics = context.get("metrics")
-                blocking = context.get("blocking") or ThreadBlocking(clock)
+                blocking = context.get("blocking")
+                if blocking is None:
+                    # A memory reactor (tests) has no threads: its disk work
+                    # runs inline.
+                    blocking = ThreadBlocking(clock) if hasattr(clock, "getThreadPool") else InlineBlocking()
                 stores = CacheStores(
                     settings, clock, blocking, counters=None if metrics is None else metrics.cache
                 )

@@ -76,7 +76,7 @@ from edgeproxy.cache.key import (
 )
 from edgeproxy.cache.ranges import parseRange, plan, sliceBody
 from edgeproxy.cache.status import CacheStatus, withStatus
-from edgeproxy.cache.stores import CacheStores
+from edgeproxy.cache.stores import CacheStores, relay
 from edgeproxy.config.model import CacheSettings, Route
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
@@ -422,9 +422,7 @@ class CacheStage:
         _, url = self._key(request)
         counts = self.stores.purge("url", url, soft=False)
         self.counters.purges["url"] += 1
-        relay = self.stores.relay
-        if relay is not None:
-            relay({"kind": "url", "value": url.decode("latin-1"), "soft": False})
+        relay({"kind": "url", "value": url.decode("latin-1"), "soft": False})
         body = json.dumps({"purged": sum(counts.values()), **counts}).encode("ascii") + b"\n"
         call.respond(
             Response(

@@ -30,7 +30,7 @@ from edgeproxy.cache.memory import MemoryTier
 from edgeproxy.config.model import CacheSettings
 from edgeproxy.metrics import CacheCounters
 
-__all__ = ["CacheStores", "PURGE_KINDS", "StoreWriter", "expired"]
+__all__ = ["CacheStores", "PURGE_KINDS", "StoreWriter", "expired", "relay", "setRelay"]
 
 log = Logger()
 
@@ -40,6 +40,25 @@ ERROR_HOLD = 2.0
 """Seconds after a failed validation during which a stale entry that may
 be served in place of an error is served without asking the origin again
 (a failing origin is not asked once per request)."""
+
+
+_relay: list[Callable[[dict[str, Any]], None]] = []
+
+
+def setRelay(send: Callable[[dict[str, Any]], None] | None) -> None:
+    """
+    Where this process sends the purges it makes itself (a worker: to its
+    supervisor, which has the other workers make them too); L{None}:
+    nowhere (a single process).
+    """
+    _relay[:] = [] if send is None else [send]
+
+
+def relay(message: dict[str, Any]) -> None:
+    """Tell the other processes of a purge made here (C{kind}, C{value},
+    C{soft})."""
+    for send in _relay:
+        send(message)
 
 
 def expired(entry: Entry) -> Entry:
@@ -55,8 +74,6 @@ class CacheStores:
     @ivar disk: the disk tier, or L{None} (no C{disk}).
     @ivar collapsing: the fetches in flight, and who waits for them.
     @ivar counters: the process's cache counters.
-    @ivar relay: where a purge made here is sent so that the other worker
-        processes make it too (set by a worker's control channel).
     """
 
     def __init__(
@@ -81,7 +98,6 @@ class CacheStores:
             else None
         )
         self.collapsing = CollapseTable(clock, settings.collapse_timeout, self.disk)
-        self.relay: Callable[[dict[str, Any]], None] | None = None
         self._failed: dict[bytes, float] = {}
 
     # Lookups ---------------------------------------------------------------
