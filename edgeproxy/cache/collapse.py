@@ -37,14 +37,17 @@ POLL_INTERVAL = 0.02
 Waiter = Callable[[str], None]
 
 
-class _Fetch:
-    __slots__ = ("key", "waiters", "locked", "poll")
+class Fetch:
+    """One fetch in flight: the leader's handle (L{CollapseTable.done})."""
+
+    __slots__ = ("key", "waiters", "locked", "poll", "expiry")
 
     def __init__(self, key: bytes) -> None:
         self.key = key
         self.waiters: list[list[Any]] = []
         self.locked = False
         self.poll: Any = None
+        self.expiry: Any = None
 
 
 class CollapseTable:
@@ -56,7 +59,7 @@ class CollapseTable:
         self._clock = clock
         self.timeout = timeout
         self._disk = disk
-        self._fetches: dict[bytes, _Fetch] = {}
+        self._fetches: dict[bytes, Fetch] = {}
 
     def __len__(self) -> int:
         return len(self._fetches)
@@ -65,15 +68,18 @@ class CollapseTable:
         """Whether a fetch of C{key} is in flight (here)."""
         return key in self._fetches
 
-    def lead(self, key: bytes) -> bool:
+    def lead(self, key: bytes) -> Fetch | None:
         """
-        Lead the fetch of C{key} if nobody does: C{True}, and the caller
-        must call L{done} when it is over.  C{False}: someone does (here, or
-        in another process); then the caller L{wait}s.
+        Lead the fetch of C{key} if nobody does: its handle, to give to
+        L{done} when it is over.  L{None}: someone does (here, or in
+        another process); then the caller L{wait}s.
+
+        A leader not heard from within C{timeout} is given up (its waiters
+        fetch on their own, its key may be led again).
         """
         if key in self._fetches:
-            return False
-        fetch = _Fetch(key)
+            return None
+        fetch = Fetch(key)
         self._fetches[key] = fetch
         disk = self._disk
         if disk is not None:
@@ -83,9 +89,10 @@ class CollapseTable:
                 locked = True  # no lock file: collapse in this process only
             if not locked:
                 fetch.poll = self._clock.callLater(POLL_INTERVAL, self._pollRemote, fetch)
-                return False
+                return None
             fetch.locked = True
-        return True
+        fetch.expiry = self._clock.callLater(self.timeout, self.done, key, False, fetch)
+        return fetch
 
     def wait(self, key: bytes, waiter: Waiter, deadline: float | None = None) -> Callable[[], None]:
         """
@@ -114,17 +121,25 @@ class CollapseTable:
 
         return cancel
 
-    def done(self, key: bytes, stored: bool) -> None:
-        """The leader's fetch of C{key} is over (its response stored or not)."""
-        fetch = self._fetches.pop(key, None)
-        if fetch is None:
+    def done(self, key: bytes, stored: bool, handle: Fetch | None = None) -> None:
+        """
+        The leader's fetch of C{key} is over (its response stored or not).
+
+        @param handle: what L{lead} gave (a fetch given up meanwhile, whose
+            key another leads now, is left alone).
+        """
+        fetch = self._fetches.get(key)
+        if fetch is None or (handle is not None and fetch is not handle):
             return
+        del self._fetches[key]
+        if fetch.expiry is not None and fetch.expiry.active():
+            fetch.expiry.cancel()
         if fetch.locked:
             fetch.locked = False
             self._disk.unlock(key)
         self._wake(fetch, STORED if stored else ALONE)
 
-    def _wake(self, fetch: _Fetch, outcome: str) -> None:
+    def _wake(self, fetch: Fetch, outcome: str) -> None:
         waiters, fetch.waiters = fetch.waiters, []
         for waiter, timer in waiters:
             if timer.active():
@@ -132,7 +147,7 @@ class CollapseTable:
         for waiter, _ in waiters:
             waiter(outcome)
 
-    def _expired(self, fetch: _Fetch, slot: list[Any]) -> None:
+    def _expired(self, fetch: Fetch, slot: list[Any]) -> None:
         if slot in fetch.waiters:
             fetch.waiters.remove(slot)
             slot[0](ALONE)
@@ -140,7 +155,7 @@ class CollapseTable:
             # Nobody waits on the other process any more.
             self._stopPolling(fetch)
 
-    def _pollRemote(self, fetch: _Fetch) -> None:
+    def _pollRemote(self, fetch: Fetch) -> None:
         fetch.poll = None
         if self._fetches.get(fetch.key) is not fetch:
             return
@@ -160,7 +175,7 @@ class CollapseTable:
         del self._fetches[fetch.key]
         self._wake(fetch, RETRY)
 
-    def _stopPolling(self, fetch: _Fetch) -> None:
+    def _stopPolling(self, fetch: Fetch) -> None:
         if fetch.poll is not None and fetch.poll.active():
             fetch.poll.cancel()
         fetch.poll = None

@@ -155,7 +155,6 @@ def merge(
         raw[b"date"] = [formatHTTPDate(responseTime)]
     merged = Fields.trusted(raw)
     newTargeted = entry.targeted if targeted is None else targeted
-    date = parseHTTPDate(merged.get(b"date")) or responseTime
     policyFields = merged
     if newTargeted and rules.targetedField:
         policyFields = merged.withField(rules.targetedField, *newTargeted)
@@ -163,7 +162,7 @@ def merge(
         fields=merged,
         responseTime=responseTime,
         initialAge=initialAge(fields, requestTime, responseTime),
-        policy=responsePolicy(policyFields, entry.status, rules, date),
+        policy=responsePolicy(policyFields, entry.status, rules, responseTime),
         targeted=newTargeted,
         tags=entry.tags if tags is None else tags,
     )

@@ -157,16 +157,19 @@ def _seconds(directives: Directives, name: bytes) -> float | None:
     return float(value)  # type: ignore[arg-type]
 
 
-def responsePolicy(fields: Fields, status: int, rules: Rules, date: float) -> Policy:
+def responsePolicy(fields: Fields, status: int, rules: Rules, received: float) -> Policy:
     """
     The freshness policy of a response (assumed storable): its lifetime
     from the targeted field, C{s-maxage}, C{max-age}, C{Expires}, then
     C{default_ttl}, then the heuristic (heuristically cacheable statuses
     with a C{Last-Modified}: 10% of its age, at most C{heuristicMax}).
 
-    @param date: the response's C{Date} (its receipt time when it has
-        none or an invalid one).
+    @param received: when it was received: its C{Date} when it has none
+        or an invalid one (RFC 9110 6.6.1).
     """
+    date = parseHTTPDate(fields.get(b"date"))
+    if date is None:
+        date = received
     directives, targeted = directivesOf(fields, rules.targetedField)
     lifetime = _explicitLifetime(directives, fields, targeted, date)
     heuristic = False
@@ -204,12 +207,14 @@ def storability(
     status: int,
     fields: Fields,
     rules: Rules,
-    date: float,
+    received: float,
 ) -> Storability:
     """
     Whether a shared cache may store this response (RFC 9111 3, 3.5, and
     the stricter defaults of the edge: no cookies, no error statuses that
     are not heuristically cacheable), and its policy if so.
+
+    @param received: when it was received (see L{responsePolicy}).
     """
     if method != b"GET":
         return Storability(None, "method")
@@ -248,7 +253,7 @@ def storability(
         return Storability(None, "vary")
     if parseAge(fields.getAll(b"age")) is INVALID:
         return Storability(None, "age")
-    policy = responsePolicy(fields, status, rules, date)
+    policy = responsePolicy(fields, status, rules, received)
     if (
         policy.lifetime <= 0
         and b"etag" not in fields
@@ -380,7 +385,7 @@ def judge(
     window = policy.staleWhileRevalidate
     if window is None:
         window = routeStaleWhileRevalidate
-    if staleness <= window:
+    if window > 0 and staleness <= window:
         return Use(STALE_REFRESH, ttl)
     return Use(REVALIDATE, ttl, b"stale")
 

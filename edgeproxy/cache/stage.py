@@ -41,7 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from edgeproxy.cache.bodies import DRAIN, FileBody, StoringBody
-from edgeproxy.cache.collapse import RETRY, STORED
+from edgeproxy.cache.collapse import RETRY, STORED, Fetch
 from edgeproxy.cache.conditional import (
     CLIENT_CONDITIONALS,
     evaluate,
@@ -154,6 +154,10 @@ class CacheStage:
     # The way in -------------------------------------------------------------
 
     def handle(self, call: Call) -> None:
+        if self._variants is None:
+            # The stages after this one are the same for every call of the
+            # route: looked at once.
+            self._variants = variantStages(call.stages[call.index :])
         request = call.request
         method = request.method
         if method == b"GET" or method == b"HEAD":
@@ -176,12 +180,7 @@ class CacheStage:
         return url, url
 
     def _variantStagesOf(self, call: Call) -> dict[bytes, Any]:
-        variants = self._variants
-        if variants is None:
-            # The stages after this one are the same for every call of the
-            # route: found once.
-            variants = self._variants = variantStages(call.stages[call.index :])
-        return variants
+        return self._variants or {}
 
     def _lookup(
         self,
@@ -262,11 +261,10 @@ class CacheStage:
             and b"range" not in fields.raw()
             and not (directives is not None and directives.noStore)
         )
-        leader = False
+        leader = None
         if mayStore and collapse:
-            if self.stores.collapsing.lead(key):
-                leader = True
-            else:
+            leader = self.stores.collapsing.lead(key)
+            if leader is None:
                 self._wait(call, key, reason, deadline, attempts)
                 return
         self.counters.misses += 1
@@ -315,11 +313,10 @@ class CacheStage:
         deadline: float | None,
         attempts: int,
     ) -> None:
-        leader = False
+        leader = None
         if collapse and reason == b"stale":
-            if self.stores.collapsing.lead(entry.key):
-                leader = True
-            else:
+            leader = self.stores.collapsing.lead(entry.key)
+            if leader is None:
                 self._wait(call, entry.key, reason, deadline, attempts)
                 return
         request = call.request
@@ -329,7 +326,8 @@ class CacheStage:
 
     def _refresh(self, call: Call, primary: bytes, entry: Entry) -> None:
         """Start one background refresh of a stale entry (RFC 5861 3)."""
-        if not self.stores.collapsing.lead(entry.key):
+        leader = self.stores.collapsing.lead(entry.key)
+        if leader is None:
             return  # one is under way (here or in another process)
         original = call.request
         request = original._replace(
@@ -337,7 +335,7 @@ class CacheStage:
         )
         background = Call(request, None, _Background(), call.stages[call.index :], self.clock.seconds())
         background.idleTimeout = call.idleTimeout
-        handler = _Revalidation(self, request, primary, entry, b"stale", None, True, background=True)
+        handler = _Revalidation(self, request, primary, entry, b"stale", None, leader, background=True)
         handler.forward(background)
 
     # Answers from the store -------------------------------------------------------
@@ -566,7 +564,7 @@ class _Fetch:
         url: bytes,
         reason: bytes,
         directives: RequestDirectives | None,
-        leader: bool,
+        leader: Fetch | None,
         mayStore: bool,
         background: bool = False,
     ) -> None:
@@ -588,7 +586,7 @@ class _Fetch:
     def forward(self, call: Call) -> None:
         call.onResponse(self)
         call.next()
-        if self.leader and not self.answered and call.cancelHook is not None:
+        if self.leader is not None and not self.answered and call.cancelHook is not None:
             # The client may go before the answer: the waiters must not
             # wait for a fetch that was abandoned.
             cancel = call.cancelHook
@@ -600,9 +598,9 @@ class _Fetch:
             call.cancelHook = abandon
 
     def release(self, stored: bool) -> None:
-        if self.leader:
-            self.leader = False
-            self.stage.stores.collapsing.done(self.key, stored)
+        leader, self.leader = self.leader, None
+        if leader is not None:
+            self.stage.stores.collapsing.done(self.key, stored, leader)
 
     def onError(self, call: Call, error: ProxyError) -> None:
         self.answered = True
@@ -624,15 +622,13 @@ class _Fetch:
         detail = b""
         ttl = None
         if self.mayStore:
-            date = parseHTTPDate(response.fields.get(b"date"))
             verdict = storability(
-                b"GET", self.request.fields, self.directives, status, response.fields, stage.rules,
-                now if date is None else date,
+                b"GET", self.request.fields, self.directives, status, response.fields, stage.rules, now
             )
             if verdict.policy is None:
                 detail = verdict.why.encode("ascii").replace(b" ", b"-")
             else:
-                if date is None:
+                if parseHTTPDate(response.fields.get(b"date")) is None:
                     # RFC 9110 6.6.1: stored with the time it was received.
                     fields = fields.withField(b"date", formatHTTPDate(now))
                 if not stage.rules.cacheCookies or b"set-cookie" not in fields:
@@ -718,7 +714,7 @@ class _Revalidation(_Fetch):
         entry: Entry,
         reason: bytes,
         directives: RequestDirectives | None,
-        leader: bool,
+        leader: Fetch | None,
         background: bool = False,
     ) -> None:
         super().__init__(
