@@ -47,6 +47,7 @@ import hashlib
 import os
 import sqlite3
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -358,34 +359,16 @@ class DiskTier:
         Enter C{item} in the index (in place of what its key held); evict
         what exceeds C{disk_size}.
 
+        @param size: the bytes of its file (0 for a marker).
         @return: the files no longer named (the caller unlinks them).
         """
-        now = self._clock.seconds()
-        meta = encodeMeta(item)
-        tags = item.tags if isinstance(item, Entry) else ()
-        stale: list[str] = []
         try:
-            with _transaction(self._db):
-                old = self._db.execute("SELECT file FROM objects WHERE key = ?", (item.key,)).fetchone()
-                if old is not None:
-                    if old[0] is not None and old[0] != relative:
-                        stale.append(old[0])
-                    self._db.execute("DELETE FROM objects WHERE key = ?", (item.key,))
-                self._db.execute(
-                    "INSERT INTO objects (key, url, file, offset, size, atime, meta)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (item.key, item.url, relative, offset, size + len(meta), now, meta),
-                )
-                if tags:
-                    self._db.executemany(
-                        "INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)",
-                        [(tag, item.key) for tag in tags],
-                    )
+            stale, evicted = _insert(self._db, item, relative, offset, size, self._clock.seconds(), self.capacity)
         except sqlite3.Error as e:
             self._problem("storing", e)
             return [relative] if relative is not None else []
         self.counters.stored["disk"] += size
-        stale.extend(self._evict())
+        self.counters.evicted["disk"] += evicted
         return stale
 
     def update(self, entry: Entry) -> bool:
@@ -406,35 +389,6 @@ class DiskTier:
         except sqlite3.Error as e:
             self._problem("updating", e)
             return False
-
-    def _evict(self) -> list[str]:
-        files: list[str] = []
-        try:
-            total = self._db.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0]
-            if total <= self.capacity:
-                return files
-            goal = int(self.capacity * EVICT_TO)
-            with _transaction(self._db):
-                total = self._db.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0]
-                while total > goal:
-                    rows = self._db.execute(
-                        "SELECT key, file, size FROM objects ORDER BY atime LIMIT 64"
-                    ).fetchall()
-                    if not rows:
-                        break
-                    victims = []
-                    for key, file, size in rows:
-                        victims.append((key,))
-                        if file is not None:
-                            files.append(file)
-                        total -= size
-                        self.counters.evicted["disk"] += size
-                        if total <= goal:
-                            break
-                    self._db.executemany("DELETE FROM objects WHERE key = ?", victims)
-        except sqlite3.Error as e:
-            self._problem("evicting", e)
-        return files
 
     def unlink(self, files: Iterable[str]) -> None:
         """Remove files the index no longer names (in a thread)."""
@@ -585,6 +539,126 @@ class DiskTier:
             )
 
 
+def _insert(
+    db: sqlite3.Connection,
+    item: Entry | Variants,
+    relative: str | None,
+    offset: int,
+    size: int,
+    now: float,
+    capacity: int,
+) -> tuple[list[str], int]:
+    """
+    The index side of storing C{item} (see L{DiskTier.insert}), on
+    connection C{db}: (files no longer named, bytes evicted).
+    """
+    meta = encodeMeta(item)
+    tags = item.tags if isinstance(item, Entry) else ()
+    stale: list[str] = []
+    with _transaction(db):
+        old = db.execute("SELECT file FROM objects WHERE key = ?", (item.key,)).fetchone()
+        if old is not None:
+            if old[0] is not None and old[0] != relative:
+                stale.append(old[0])
+            db.execute("DELETE FROM objects WHERE key = ?", (item.key,))
+        db.execute(
+            "INSERT INTO objects (key, url, file, offset, size, atime, meta) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (item.key, item.url, relative, offset, size + len(meta), now, meta),
+        )
+        if tags:
+            db.executemany(
+                "INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)", [(tag, item.key) for tag in tags]
+            )
+    evictedFiles, evicted = _evict(db, capacity)
+    return stale + evictedFiles, evicted
+
+
+def _evict(db: sqlite3.Connection, capacity: int) -> tuple[list[str], int]:
+    """Remove the least recently used objects past C{capacity}: (their
+    files, bytes freed)."""
+    files: list[str] = []
+    evicted = 0
+    total = db.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0]
+    if total <= capacity:
+        return files, evicted
+    goal = int(capacity * EVICT_TO)
+    with _transaction(db):
+        total = db.execute("SELECT bytes FROM totals WHERE id = 1").fetchone()[0]
+        while total > goal:
+            rows = db.execute("SELECT key, file, size FROM objects ORDER BY atime LIMIT 64").fetchall()
+            if not rows:
+                break
+            victims = []
+            for key, file, size in rows:
+                victims.append((key,))
+                if file is not None:
+                    files.append(file)
+                total -= size
+                evicted += size
+                if total <= goal:
+                    break
+            db.executemany("DELETE FROM objects WHERE key = ?", victims)
+    return files, evicted
+
+
+_local = threading.local()
+
+
+def _threadConnection(directory: str) -> sqlite3.Connection:
+    """
+    The index connection of the calling thread (one per thread and index
+    file: a connection is never shared between threads, and one to an
+    index since moved aside is not used again).
+    """
+    connections = getattr(_local, "connections", None)
+    if connections is None:
+        connections = _local.connections = {}
+    path = os.path.join(directory, "index.sqlite")
+    inode = os.stat(path).st_ino
+    found = connections.get(directory)
+    if found is not None and found[0] == inode:
+        return found[1]
+    if found is not None:
+        found[1].close()
+    db = _connect(path)
+    connections[directory] = (inode, db)
+    return db
+
+
+def _commit(
+    directory: str,
+    fd: int,
+    temporary: str,
+    relative: str,
+    entry: Entry,
+    offset: int,
+    size: int,
+    now: float,
+    capacity: int,
+) -> tuple[list[str], int]:
+    """
+    Make a written object durable and enter it in the index (in a thread:
+    a process told to stop finishes it before it exits).  The file is
+    synced, then renamed, then indexed: the index never names a partial
+    file.  Returns what L{_insert} does, the old and evicted files removed.
+    """
+    final = os.path.join(directory, relative)
+    try:
+        os.fsync(fd)
+    finally:
+        # Closing releases the writer's flock: the file is complete.
+        os.close(fd)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.rename(temporary, final)
+    try:
+        stale, evicted = _insert(_threadConnection(directory), entry, relative, offset, size, now, capacity)
+    except sqlite3.Error:
+        _unlinkAll([final])
+        raise
+    _unlinkAll([os.path.join(directory, file) for file in stale])
+    return stale, evicted
+
+
 class _transaction:
     """C{BEGIN IMMEDIATE} ... C{COMMIT} (or C{ROLLBACK} on an error)."""
 
@@ -673,8 +747,8 @@ class DiskWriter:
 
     def finish(self, entry: Entry) -> Deferred[Entry | None]:
         """
-        The body is complete: sync and rename the file (in a thread), then
-        enter C{entry} (the complete metadata) in the index.
+        The body is complete: sync and rename the file and enter C{entry}
+        (the complete metadata) in the index, in a thread.
 
         @return: fires with the entry as the disk holds it, or L{None}
             when it could not be stored.
@@ -684,35 +758,27 @@ class DiskWriter:
             return succeed(None)
         tier = self.tier
         final = os.path.join(tier.directory, self._final)
-        done = tier._blocking.run(_syncAndRename, fd, self._temporary, final)
+        stored = entry._replace(body=None, path=final, offset=self._offset, length=self.written)
+        size = self.written + self._offset
+        done = tier._blocking.run(
+            _commit, tier.directory, fd, self._temporary, self._final, stored, self._offset, size,
+            tier._clock.seconds(), tier.capacity,
+        )
 
-        def renamed(_: object) -> Entry | None:
-            stored = entry._replace(body=None, path=final, offset=self._offset, length=self.written)
-            stale = tier.insert(stored, self._final, self._offset, self.written + self._offset)
-            tier.unlink(stale)
+        def committed(result: tuple[list[str], int]) -> Entry | None:
+            stale, evicted = result
+            tier.counters.stored["disk"] += size
+            tier.counters.evicted["disk"] += evicted
             if self._final in stale:
                 return None
             return stored
 
         def failed(failure: Any) -> None:
-            tier._problem("syncing", failure.value)
-            try:
-                os.unlink(self._temporary)
-            except OSError:
-                pass
+            tier._problem("storing", failure.value)
+            _unlinkAll([self._temporary])
             return None
 
-        return done.addCallbacks(renamed, failed)
-
-
-def _syncAndRename(fd: int, temporary: str, final: str) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        # Closing releases the writer's flock: the file is complete.
-        os.close(fd)
-    os.makedirs(os.path.dirname(final), exist_ok=True)
-    os.rename(temporary, final)
+        return done.addCallbacks(committed, failed)
 
 
 def _unlinkAll(paths: list[str]) -> None:
