@@ -90,6 +90,16 @@ FIGURES = [
 WHOLE_MACHINE = Figure(
     "R1x2", "R1 with 2 workers, nothing pinned", "wrk", SMALL_PATH, 50
 )
+CACHE_FIGURES = [
+    Figure("H1", "cache hits/s over kept-alive TLS, 1 KiB objects", "wrk", SMALL_PATH, 50),
+    Figure("H3", "cache hits/s over kept-alive TLS, 1 MiB objects", "wrk", LARGE_PATH, 10),
+]
+"""The cache figures: the same objects as R1 and R3, served from the
+proxy's cache (edgeproxy's memory tier, nginx's C{proxy_cache}) by proxies
+of their own, filled before they are measured."""
+CACHED = ("edgeproxy", "nginx")
+"""The proxies measured with their cache (HAProxy's is a small RAM cache of
+small objects, not a shared cache: left out)."""
 
 
 def describe(run: dict[str, Any]) -> str:
@@ -168,6 +178,17 @@ def twistdCommand(python: str) -> list[str]:
     return [python, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def edgeproxyEnvironment() -> dict[str, str]:
+    """
+    The environment of an edgeproxy process: this checkout first on its
+    path (and its C{twisted/plugins}), so that the revision measured is the
+    one the report names, not a copy installed in the environment earlier.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
 class Bench:
     """One run of the suite: its directory, servers, results and notes."""
 
@@ -239,27 +260,34 @@ class Bench:
         self.originPort = port
         self.log(f"origin: {self.originKind} on 127.0.0.1:{port}")
 
-    def proxyServer(self, name: str, workers: int = 1, pinned: bool = True) -> tuple[Server, int]:
+    def proxyServer(
+        self, name: str, workers: int = 1, pinned: bool = True, cache: bool = False
+    ) -> tuple[Server, int]:
         """Configure (but do not start) proxy C{name}; (server, port)."""
         port = servers.freePort()
         tag = name if workers == 1 else f"{name}-w{workers}"
+        if cache:
+            tag += "-cache"
         cpus = self.proxyCpus if pinned else None
         logs = self.work / "logs"
+        env = None
         if name == "edgeproxy":
             ini = self.work / f"{tag}.ini"
             ini.write_text(
                 servers.edgeproxyConfig(
-                    port, self.originPort, self.pemDir, workers if workers != 1 else None
+                    port, self.originPort, self.pemDir, workers if workers != 1 else None, cache=cache
                 )
             )
             argv = twistdCommand(self.args.python) + [
                 "--nodaemon", "--pidfile=", "edgeproxy", "--config", str(ini)
             ]
+            env = edgeproxyEnvironment()
         elif name == "nginx":
             conf = self.work / f"{tag}.conf"
             conf.write_text(
                 servers.nginxProxyConfig(
-                    port, self.originPort, self.crtFile, self.keyFile, self.work, workers, tag
+                    port, self.originPort, self.crtFile, self.keyFile, self.work, workers, tag,
+                    cache=cache,
                 )
             )
             argv = [self.tools["nginx"], "-p", str(self.work), "-c", str(conf), "-e", str(self.work / f"{tag}-error.log")]
@@ -267,7 +295,7 @@ class Bench:
             conf = self.work / f"{tag}.cfg"
             conf.write_text(servers.haproxyConfig(port, self.originPort, self.pemFile, workers))
             argv = [self.tools["haproxy"], "-db", "-f", str(conf)]
-        return Server(tag, argv, logs, cpus=cpus), port
+        return Server(tag, argv, logs, cpus=cpus, env=env), port
 
     def startProxies(self) -> None:
         for name in self.args.proxies:
@@ -446,6 +474,55 @@ class Bench:
             finally:
                 server.stop()
 
+    def measureCache(self) -> None:
+        """
+        H1 and H3: cache hits over kept-alive TLS, each proxy with its
+        cache filled by a first request and a warm-up, pinned like R1; the
+        proxies take turns within each round as in L{measureLoad}.
+        """
+        figures = [figure for figure in CACHE_FIGURES if self.wanted(figure.key)]
+        if self.tools["wrk"] is None or not figures:
+            return
+        started: dict[str, tuple[Server, int]] = {}
+        try:
+            for name in self.proxies:
+                if name not in CACHED:
+                    continue
+                server, port = self.proxyServer(name, cache=True)
+                self.startServer(server)
+                try:
+                    servers.waitReady(server, port, self.caFile, self.args.start_timeout)
+                except RuntimeError as e:
+                    self.failures.append(f"{name} with its cache did not start: {e}")
+                    self.log(f"FAILED: {name} with its cache did not start: {e}")
+                    server.stop()
+                    continue
+                started[name] = (server, port)
+            for figure in figures:
+                for name, (server, port) in started.items():
+                    # The first request stores the object; the warm-up run
+                    # makes sure every connection finds it.
+                    try:
+                        self.loadRun(figure, name, server, port, 1, loadCpus=self.loadCpus)
+                    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+                        self.log(f"warm-up of {name} {figure.key} failed: {e}")
+                for round in range(self.args.runs):
+                    for name, (server, port) in started.items():
+                        try:
+                            run = self.loadRun(figure, name, server, port, self.args.duration,
+                                               loadCpus=self.loadCpus)
+                        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+                            self.failures.append(f"{name} {figure.key} run {round + 1}: {e}")
+                            self.log(f"FAILED: {name} {figure.key} run {round + 1}: {e}")
+                            continue
+                        entry = self.results[name].setdefault(figure.key, {"runs": []})
+                        entry["runs"].append(run)
+                        entry["median"] = report.summarise(entry["runs"])
+                        self.log(f"{name} {figure.key} run {round + 1}/{self.args.runs}: {describe(run)}")
+        finally:
+            for server, _ in started.values():
+                server.stop()
+
     # --- the whole run ----------------------------------------------------
 
     def wanted(self, key: str) -> bool:
@@ -474,6 +551,7 @@ class Bench:
                 for figure in FIGURES:
                     if self.wanted(figure.key):
                         self.measureLoad(figure)
+                self.measureCache()
                 if self.args.whole_machine:
                     self.measureWholeMachine()
         finally:
@@ -504,12 +582,13 @@ class Bench:
                 "duration": self.args.duration,
                 "runs": self.args.runs,
                 "idleConnections": self.args.idle,
-                "figures": {f.key: asdict(f) for f in [*FIGURES, WHOLE_MACHINE]},
+                "figures": {f.key: asdict(f) for f in [*FIGURES, *CACHE_FIGURES, WHOLE_MACHINE]},
             },
             "tls": self.probes,
             "results": self.results,
             "table": rows,
             "targets": report.targets(rows),
+            "hitVersusProxied": report.hitVersusProxied(self.results),
             "notes": self.notes,
             "failures": self.failures,
         }
@@ -542,7 +621,7 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
                         "for quick A/B runs of one change")
     args = parser.parse_args(argv)
     args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
-    known = {f.key for f in FIGURES} | {"R4"}
+    known = {f.key for f in [*FIGURES, *CACHE_FIGURES]} | {"R4"}
     if set(args.figures) - known:
         parser.error(f"unknown figures: {', '.join(sorted(set(args.figures) - known))}")
     defaults = {"duration": (10, 1), "runs": (3, 1), "idle": (2000, 200), "warmup": (2, 0)}
@@ -587,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.formatTable(result["table"]))
     if any(t["ratio"] is not None for t in result["targets"]):
         print(report.formatTargets(result["targets"]))
+    if result["hitVersusProxied"] is not None:
+        print(report.formatHitVersusProxied(result["hitVersusProxied"]))
     for note in result["notes"]:
         print(f"note: {note}")
     for failure in result["failures"]:
