@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from edgeproxy.cache.conditional import evaluate, ifRangeAllows, merge, notModified, validating
+from edgeproxy.cache.conditional import (
+    evaluate,
+    ifRangeAllows,
+    merge,
+    notModified,
+    validating,
+)
 from edgeproxy.cache.directives import formatHTTPDate
 from edgeproxy.cache.entry import Entry
 from edgeproxy.cache.freshness import Policy, Rules

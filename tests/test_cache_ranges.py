@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from edgeproxy.cache.ranges import MAX_RANGES, UNSATISFIABLE, parseRange, plan, sliceBody
+from edgeproxy.cache.ranges import (
+    MAX_RANGES,
+    UNSATISFIABLE,
+    parseRange,
+    plan,
+    sliceBody,
+)
 from edgeproxy.h1.fields import Fields
 
 

@@ -32,7 +32,6 @@ from edgeproxy.config.model import (
     RouteCache,
 )
 from edgeproxy.errors import BackendUnavailable
-from edgeproxy.h1.fields import Fields
 from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline.call import Call

@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from edgeproxy.pipeline.values import BODY_DONE
 
-__all__ = ["DRAIN", "FileBody", "PIECE", "Sink", "StoringBody"]
+__all__ = ["DRAIN", "PIECE", "FileBody", "Sink", "StoringBody"]
 
 PIECE = 64 * 1024
 """Bytes a L{FileBody} reads at a time."""
@@ -55,7 +55,7 @@ class Sink(Protocol):
 class StoringBody:
     """See the module docstring."""
 
-    __slots__ = ("_inner", "_sink", "_protocol", "_producer")
+    __slots__ = ("_inner", "_producer", "_protocol", "_sink")
 
     def __init__(self, inner: Any, sink: Sink) -> None:
         self._inner = inner
@@ -134,8 +134,17 @@ class FileBody:
     """
 
     __slots__ = (
-        "_fd", "_segments", "_trailer", "_clock", "_protocol", "_paused", "_scheduled",
-        "_index", "_position", "_left", "_done",
+        "_clock",
+        "_done",
+        "_fd",
+        "_index",
+        "_left",
+        "_paused",
+        "_position",
+        "_protocol",
+        "_scheduled",
+        "_segments",
+        "_trailer",
     )
 
     def __init__(

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ALONE", "CollapseTable", "POLL_INTERVAL", "RETRY", "STORED"]
+__all__ = ["ALONE", "POLL_INTERVAL", "RETRY", "STORED", "CollapseTable"]
 
 STORED = "stored"
 """The leader's response is stored: look it up."""
@@ -40,7 +40,7 @@ Waiter = Callable[[str], None]
 class Fetch:
     """One fetch in flight: the leader's handle (L{CollapseTable.done})."""
 
-    __slots__ = ("key", "waiters", "locked", "poll", "expiry")
+    __slots__ = ("expiry", "key", "locked", "poll", "waiters")
 
     def __init__(self, key: bytes) -> None:
         self.key = key

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from typing import Final
 
 __all__ = [
-    "Directives",
     "INVALID",
     "MAX_DELTA",
     "STAR",
+    "Directives",
     "formatHTTPDate",
     "parseAge",
     "parseCacheControl",
@@ -69,7 +69,7 @@ class Directives:
         lifetime reads as L{INVALID}).
     """
 
-    __slots__ = ("values", "conflicting")
+    __slots__ = ("conflicting", "values")
 
     def __init__(self, values: dict[bytes, bytes | None], conflicting: frozenset[bytes] = frozenset()) -> None:
         self.values = values
@@ -295,7 +295,7 @@ def parseHTTPDate(value: bytes | None) -> float | None:
     if parsed is None:
         return None
     try:
-        stamp = calendar.timegm(parsed[:6] + (0, 0, 0))  # type: ignore[arg-type]
+        stamp = calendar.timegm(parsed[:6] + (0, 0, 0))
     except (OverflowError, ValueError):
         return None
     # HTTP dates are always GMT; a stray zone is folded in as email does.

@@ -58,7 +58,7 @@ from twisted.logger import Logger
 from edgeproxy.cache.entry import Entry, Variants, decodeMeta, encodeMeta
 from edgeproxy.metrics import CacheCounters
 
-__all__ = ["Blocking", "DiskTier", "DiskWriter", "InlineBlocking", "MAGIC", "readObjectHeader"]
+__all__ = ["MAGIC", "Blocking", "DiskTier", "DiskWriter", "InlineBlocking", "readObjectHeader"]
 
 log = Logger()
 
@@ -610,7 +610,7 @@ def _threadConnection(directory: str) -> sqlite3.Connection:
     file: a connection is never shared between threads, and one to an
     index since moved aside is not used again).
     """
-    connections = getattr(_local, "connections", None)
+    connections: dict[str, tuple[int, sqlite3.Connection]] | None = getattr(_local, "connections", None)
     if connections is None:
         connections = _local.connections = {}
     path = os.path.join(directory, "index.sqlite")
@@ -776,7 +776,6 @@ class DiskWriter:
         def failed(failure: Any) -> None:
             tier._problem("storing", failure.value)
             _unlinkAll([self._temporary])
-            return None
 
         return done.addCallbacks(committed, failed)
 

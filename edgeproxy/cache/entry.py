@@ -24,7 +24,7 @@ from edgeproxy.cache.freshness import Policy, currentAge
 from edgeproxy.h1.errors import LocalProtocolError
 from edgeproxy.h1.fields import Fields
 
-__all__ = ["Entry", "Variants", "decodeMeta", "encodeMeta", "OVERHEAD"]
+__all__ = ["OVERHEAD", "Entry", "Variants", "decodeMeta", "encodeMeta"]
 
 OVERHEAD = 256
 """Bytes charged to each stored object beyond its body and fields (the

@@ -33,11 +33,11 @@ from edgeproxy.h1.fields import Fields
 __all__ = [
     "FRESH",
     "HEURISTIC_STATUSES",
-    "Policy",
     "REVALIDATE",
-    "RequestDirectives",
     "STALE",
     "STALE_REFRESH",
+    "Policy",
+    "RequestDirectives",
     "Rules",
     "Storability",
     "Use",

@@ -24,7 +24,7 @@ from edgeproxy.config.model import CacheSettings, Config, Route
 from edgeproxy.pipeline.call import Stage
 from edgeproxy.pipeline.stages import registerKind
 
-__all__ = ["CacheKind", "STORES", "storesOf"]
+__all__ = ["STORES", "CacheKind", "storesOf"]
 
 STORES = "cache.stores"
 """Where a build's shared context keeps the runtime's stores."""

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Union
-
 from edgeproxy.cache.entry import Entry, Variants
 from edgeproxy.metrics import CacheCounters
 
 __all__ = ["MemoryTier"]
 
-Item = Union[Entry, Variants]
+Item = Entry | Variants
 
 
 class MemoryTier:

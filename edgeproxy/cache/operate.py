@@ -116,7 +116,7 @@ class PurgeRequest:
     """One purge: C{kind} (C{url}, C{prefix}, C{tag}), its value as the
     stores compare it, and whether it only marks stale (C{soft})."""
 
-    __slots__ = ("kind", "value", "soft")
+    __slots__ = ("kind", "soft", "value")
 
     def __init__(self, kind: str, value: bytes, soft: bool) -> None:
         self.kind = kind

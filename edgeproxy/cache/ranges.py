@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from edgeproxy.h1.fields import Fields
 
-__all__ = ["MAX_RANGES", "RangePlan", "UNSATISFIABLE", "parseRange", "plan"]
+__all__ = ["MAX_RANGES", "UNSATISFIABLE", "RangePlan", "parseRange", "plan"]
 
 MAX_RANGES = 16
 

@@ -85,7 +85,7 @@ from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.forwarded import isTrusted
 from edgeproxy.pipeline.values import BytesBody, Request, Response
 
-__all__ = ["CacheStage", "NotCached", "TAG_FIELDS"]
+__all__ = ["TAG_FIELDS", "CacheStage", "NotCached"]
 
 log = Logger()
 
@@ -126,8 +126,18 @@ class CacheStage:
     """
 
     __slots__ = (
-        "stores", "settings", "routeSettings", "clock", "rules", "staleWhileRevalidate",
-        "staleIfError", "keyParts", "status", "purgeFrom", "counters", "_variants",
+        "_variants",
+        "clock",
+        "counters",
+        "keyParts",
+        "purgeFrom",
+        "routeSettings",
+        "rules",
+        "settings",
+        "staleIfError",
+        "staleWhileRevalidate",
+        "status",
+        "stores",
     )
 
     def __init__(self, route: Route, settings: CacheSettings, stores: CacheStores, clock: Any) -> None:
@@ -511,7 +521,7 @@ def _finish(response: Response) -> None:
 class _Passing:
     """The answer to a request the cache does not handle (other methods)."""
 
-    __slots__ = ("stage", "request")
+    __slots__ = ("request", "stage")
 
     def __init__(self, stage: CacheStage, request: Request) -> None:
         self.stage = stage

@@ -30,7 +30,7 @@ from edgeproxy.cache.memory import MemoryTier
 from edgeproxy.config.model import CacheSettings
 from edgeproxy.metrics import CacheCounters
 
-__all__ = ["CacheStores", "PURGE_KINDS", "StoreWriter", "expired", "relay", "setRelay"]
+__all__ = ["PURGE_KINDS", "CacheStores", "StoreWriter", "expired", "relay", "setRelay"]
 
 log = Logger()
 
@@ -273,7 +273,7 @@ class StoreWriter:
     C{max_object_size}.
     """
 
-    __slots__ = ("_stores", "_head", "_chunks", "_size", "_disk", "_done", "_over")
+    __slots__ = ("_chunks", "_disk", "_done", "_head", "_over", "_size", "_stores")
 
     def __init__(
         self,

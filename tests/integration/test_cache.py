@@ -31,7 +31,14 @@ from urllib.parse import quote
 import pytest
 
 from tests.backends import readRecords
-from tests.proc import REPO, NotifyReceiver, Twistd, freePort, processEnvironment, readResponse, startTwistd
+from tests.proc import (
+    REPO,
+    NotifyReceiver,
+    freePort,
+    processEnvironment,
+    readResponse,
+    startTwistd,
+)
 
 TOKEN = "cache-test-token-0123456789"
 
