@@ -798,3 +798,15 @@ def test_backgroundRefreshUsesTheRestOfTheRoute() -> None:
     site.answer(refresh, fields=FRESH, body=b"fresh")
     code, fields, body = site.one(site.get(headers=[(b"Accept-Encoding", b"gzip")]))
     assert body == b"FRESH" and status(fields).startswith("edgeproxy; hit")
+
+
+def test_getWithABodyIsNotCached() -> None:
+    site = Site()
+    transport = StringTransport(peerAddress=PEER)
+    protocol = site.factory.buildProtocol(PEER)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: app.example\r\nContent-Length: 2\r\n\r\nhi")
+    site.answer(site.sent[0], fields=FRESH)
+    assert status(site.one(transport)[1]) == "edgeproxy; fwd=bypass; fwd-status=200"
+    site.get()
+    assert len(site.sent) == 2

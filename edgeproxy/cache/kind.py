@@ -14,6 +14,7 @@ leaves the old one as it is.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from edgeproxy.cache.disk import InlineBlocking, ThreadBlocking
 from edgeproxy.cache.stage import CacheStage
 from edgeproxy.cache.stores import CacheStores
 from edgeproxy.config.model import CacheSettings, Config, Route
+from edgeproxy.errors import ConfigError
 from edgeproxy.pipeline.call import Stage
 from edgeproxy.pipeline.stages import registerKind
 
@@ -70,9 +72,16 @@ class CacheKind:
                     # A memory reactor (tests) has no threads: its disk work
                     # runs inline.
                     blocking = ThreadBlocking(clock) if hasattr(clock, "getThreadPool") else InlineBlocking()
-                stores = CacheStores(
-                    settings, clock, blocking, counters=None if metrics is None else metrics.cache
-                )
+                try:
+                    stores = CacheStores(
+                        settings, clock, blocking, counters=None if metrics is None else metrics.cache
+                    )
+                except (OSError, sqlite3.Error) as e:
+                    file, line = (None, None) if config.source is None else config.source.where("cache", "disk")
+                    raise ConfigError(
+                        f"cannot open the cache directory {settings.disk}: {e}",
+                        file=file or config.path, section="cache", key="disk", line=line,
+                    ) from None
             shared[STORES] = stores
         return CacheStage(route, settings, stores, clock)
 

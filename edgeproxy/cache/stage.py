@@ -171,6 +171,11 @@ class CacheStage:
         request = call.request
         method = request.method
         if method == b"GET" or method == b"HEAD":
+            if request.length != 0:
+                # A GET with a body: what it asks is not the URL alone.
+                call.onResponse(_Passing(self, request, b"bypass"))
+                call.next()
+                return
             if b"upgrade" in request.fields.raw():
                 # A WebSocket handshake: nothing to cache.
                 call.next()
@@ -519,13 +524,15 @@ def _finish(response: Response) -> None:
 
 
 class _Passing:
-    """The answer to a request the cache does not handle (other methods)."""
+    """The answer to a request the cache does not handle (other methods,
+    C{fwd=method}; a C{GET} with a body, C{fwd=bypass})."""
 
-    __slots__ = ("request", "stage")
+    __slots__ = ("reason", "request", "stage")
 
-    def __init__(self, stage: CacheStage, request: Request) -> None:
+    def __init__(self, stage: CacheStage, request: Request, reason: bytes = b"method") -> None:
         self.stage = stage
         self.request = request
+        self.reason = reason
 
     def onResponse(self, call: Call, response: Response) -> None:
         stage = self.stage
@@ -533,7 +540,9 @@ class _Passing:
         if request.method not in SAFE_METHODS and 200 <= response.status < 400:
             stage.invalidateAfter(request, response)
         fields, _, _ = _split(response.fields, stage.rules.targetedField)
-        call.respond(response._replace(fields=withStatus(fields, stage.status.forward(b"method", response.status))))
+        call.respond(
+            response._replace(fields=withStatus(fields, stage.status.forward(self.reason, response.status)))
+        )
 
     def onError(self, call: Call, error: ProxyError) -> None:
         call.fail(error)
