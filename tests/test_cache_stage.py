@@ -810,3 +810,19 @@ def test_getWithABodyIsNotCached() -> None:
     assert status(site.one(transport)[1]) == "edgeproxy; fwd=bypass; fwd-status=200"
     site.get()
     assert len(site.sent) == 2
+
+
+def test_aBodyStoredForNobodyIsTimedOut() -> None:
+    """
+    A client answered 304 while the full response is stored: the body is
+    read for the store alone, and stopped when it stalls for the route's
+    idle_timeout (no client is there to time it out).
+    """
+    site = Site()
+    client = site.get(headers=[(b"If-None-Match", b'"v1"')])
+    response = site.sent[0].respond(MemoryResponse(200, FRESH, b"half", length=10, complete=False))
+    assert site.one(client)[0] == 304
+    site.clock.advance(site.pool.upstream.idle_timeout + 1)
+    assert response.transport.producerState == "stopped"
+    site.get()
+    assert len(site.sent) == 2

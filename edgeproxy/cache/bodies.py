@@ -12,7 +12,7 @@ The response bodies of the cache stage:
   - L{FileBody}: segments of a stored object's file, read a piece at a
     time when the client can take them (a large object is never read
     whole into memory).
-  - L{DRAIN}: the reader of a body only the store wants (a background
+  - L{Drain}: the reader of a body only the store wants (a background
     refresh; a client answered C{304} while the response is stored).
 """
 
@@ -27,9 +27,10 @@ from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseDone
 from zope.interface import implementer
 
+from edgeproxy.bodies import IdleTimer
 from edgeproxy.pipeline.values import BODY_DONE
 
-__all__ = ["DRAIN", "PIECE", "FileBody", "Sink", "StoringBody"]
+__all__ = ["PIECE", "Drain", "FileBody", "Sink", "StoringBody"]
 
 PIECE = 64 * 1024
 """Bytes a L{FileBody} reads at a time."""
@@ -108,22 +109,34 @@ class StoringBody:
             self._producer.stopProducing()
 
 
-class _Drain:
-    """Reads a body to its end and drops it (the store keeps it)."""
+class Drain:
+    """
+    Reads a body to its end and drops it (the store keeps it), stopping
+    it when it goes C{timeout} seconds without a byte (the route's
+    C{idle_timeout}: no client is there to time it out).
+    """
 
-    __slots__ = ()
+    __slots__ = ("_producer", "_idle")
+
+    def __init__(self, clock: Any, timeout: float) -> None:
+        self._producer: Any = None
+        self._idle = IdleTimer(clock, timeout, self._stalled)
 
     def makeConnection(self, producer: Any) -> None:
-        pass
+        self._producer = producer
+        self._idle.touch()
 
     def dataReceived(self, data: bytes) -> None:
-        pass
+        self._idle.touch()
 
     def connectionLost(self, reason: Failure) -> None:
-        pass
+        self._idle.close()
+        self._producer = None
 
-
-DRAIN = _Drain()
+    def _stalled(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
 
 
 @implementer(IPushProducer)

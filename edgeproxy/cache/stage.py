@@ -40,7 +40,7 @@ from urllib.parse import urljoin
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from edgeproxy.cache.bodies import DRAIN, FileBody, StoringBody
+from edgeproxy.cache.bodies import Drain, FileBody, StoringBody
 from edgeproxy.cache.collapse import RETRY, STORED, Fetch
 from edgeproxy.cache.conditional import (
     CLIENT_CONDITIONALS,
@@ -343,6 +343,8 @@ class CacheStage:
                 return
         request = call.request
         handler = _Revalidation(self, request, primary, entry, reason, directives, leader)
+        # The client's own conditionals are answered from what comes back.
+        handler.conditional = hasConditionals(request.fields)
         call.request = request._replace(fields=validating(request.fields, entry))
         handler.forward(call)
 
@@ -511,14 +513,14 @@ def _split(fields: Fields, targeted: bytes) -> tuple[Fields, tuple[bytes, ...] |
     return fields.without(*TAG_FIELDS, *((targeted,) if targeted else ())), tags, targetedValues
 
 
-def _finish(response: Response) -> None:
+def _finish(call: Call, clock: Any, response: Response) -> None:
     """Let go of a body nobody reads: read to its end when small (the
     backend connection is kept), else stopped."""
     body = response.body
     if body is None:
         return
     if response.length is not None and response.length <= SMALL_ERROR_BODY:
-        body.deliverBody(DRAIN)
+        body.deliverBody(Drain(clock, call.idleTimeout))
     else:
         discardResponse(response)
 
@@ -697,7 +699,7 @@ class _Fetch:
         member = stage.status.forward(self.reason, status, stored=stored, ttl=ttl, detail=detail)
         if self.background:
             if body is not None:
-                body.deliverBody(DRAIN)
+                body.deliverBody(Drain(stage.clock, call.idleTimeout))
             call.respond(Response(status, response.reason, fields, 0, None))
             return
         if self.conditional and status == 200:
@@ -705,9 +707,10 @@ class _Fetch:
             if verdictC is not None:
                 if body is not None:
                     if stored:
-                        body.deliverBody(DRAIN)
+                        # Stored all the same, as it comes.
+                        body.deliverBody(Drain(stage.clock, call.idleTimeout))
                     else:
-                        _finish(response)
+                        _finish(call, stage.clock, response)
                 served = withStatus(fields, member)
                 if verdictC == 304:
                     call.respond(Response(304, b"Not Modified", notModified(served), None, None))
@@ -758,7 +761,7 @@ class _Revalidation(_Fetch):
         entry = self.entry
         if status == 304:
             self.answered = True
-            _finish(response)
+            _finish(call, stage.clock, response)
             now = stage.clock.seconds()
             fields, tags, targeted = _split(response.fields, stage.rules.targetedField)
             merged = merge(entry, fields, self.requestTime, now, stage.rules, targeted, tags)
@@ -775,7 +778,7 @@ class _Revalidation(_Fetch):
             return
         if status in _ERRORS_SERVED_STALE and self._staleAllowed():
             self.answered = True
-            _finish(response)
+            _finish(call, stage.clock, response)
             self._serveStale(call, status)
             return
         if status >= 500:
