@@ -105,13 +105,17 @@ class CacheStores:
     def lookup(self, key: bytes) -> Entry | Variants | None:
         counters = self.counters
         memory = self.memory
+        disk = self.disk
         if memory is not None:
             counters.lookups["memory"] += 1
             item = memory.get(key)
             if item is not None:
                 counters.found["memory"] += 1
+                if disk is not None:
+                    # The disk tier's least-recently-used order counts uses
+                    # served from memory too (written in batches).
+                    disk.touch(key)
                 return item
-        disk = self.disk
         if disk is None:
             return None
         counters.lookups["disk"] += 1
