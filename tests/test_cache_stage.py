@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -826,3 +827,17 @@ def test_aBodyStoredForNobodyIsTimedOut() -> None:
     assert response.transport.producerState == "stopped"
     site.get()
     assert len(site.sent) == 2
+
+
+def test_aDiskObjectGoneMeanwhileIsAMiss(tmp_path: Path) -> None:
+    site = Site(cache=CacheSettings(memory=2**20, disk=str(tmp_path / "cache")))
+    big = b"b" * (2**19)  # on disk only
+    client = site.get()
+    site.answer(site.sent[0], fields=FRESH, body=big)
+    site.one(client)
+    entry = site.stores.disk.get(b"http://app.example/x")
+    os.unlink(entry.path)
+    client = site.get()
+    assert len(site.sent) == 2
+    site.answer(site.sent[1], fields=FRESH, body=big)
+    assert site.one(client)[2] == big

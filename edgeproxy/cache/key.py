@@ -38,6 +38,7 @@ from edgeproxy.h1.fields import Fields
 from edgeproxy.targets import normaliseTarget
 
 __all__ = [
+    "SECONDARY",
     "KeyPart",
     "VariantStage",
     "hostOf",

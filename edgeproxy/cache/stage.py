@@ -67,6 +67,7 @@ from edgeproxy.cache.freshness import (
     varyNames,
 )
 from edgeproxy.cache.key import (
+    SECONDARY,
     includedParts,
     parseKeyIncludes,
     purgeURL,
@@ -403,7 +404,7 @@ class CacheStage:
                         return
                     body = self._fileBody(entry, answer.segments, answer.trailer)
                     if body is None:
-                        self._lookup(call, collapse=True)
+                        self._gone(call, entry)
                         return
                     call.respond(Response(206, b"Partial Content", answer.fields, answer.length, body))
                     return
@@ -415,10 +416,18 @@ class CacheStage:
             return
         body = self._fileBody(entry, ((b"", 0, entry.length),), b"")
         if body is None:
-            # Its file went (another process replaced or evicted it).
-            self._lookup(call, collapse=True)
+            self._gone(call, entry)
             return
         call.respond(Response(entry.status, entry.reason, served, entry.length, body))
+
+    def _gone(self, call: Call, entry: Entry) -> None:
+        """
+        A disk entry whose file went (another process replaced or evicted
+        it) between its lookup and its answer: a miss.
+        """
+        self.stores.remove(entry.key)
+        primary = entry.key.partition(SECONDARY)[0]
+        self._miss(call, primary, entry.key, entry.url, None, b"uri-miss", True, b"", None, 0)
 
     def _fileBody(self, entry: Entry, segments: Any, trailer: bytes) -> FileBody | None:
         """A body reading C{segments} (counted from the body's start) of
