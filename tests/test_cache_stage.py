@@ -841,3 +841,22 @@ def test_aDiskObjectGoneMeanwhileIsAMiss(tmp_path: Path) -> None:
     assert len(site.sent) == 2
     site.answer(site.sent[1], fields=FRESH, body=big)
     assert site.one(client)[2] == big
+
+
+def test_manyLargeMissesAtOnceHoldBoundedMemory() -> None:
+    """Writers collecting for the memory tier hold at most half of it."""
+    site = Site(cache=CacheSettings(memory=64 * 1024))
+    clients = [site.get(target=b"/%d" % i) for i in range(4)]
+    responses = [
+        exchange.respond(MemoryResponse(200, FRESH, b"", length=15000, complete=False))
+        for exchange in site.sent
+    ]
+    for response in responses:
+        response.write(b"z" * 15000)
+        assert site.stores.buffered <= 32 * 1024
+    for response in responses:
+        response.end()
+    assert site.stores.buffered == 0
+    assert [site.one(client)[2] for client in clients] == [b"z" * 15000] * 4
+    stored = [site.stores.memory.get(b"http://app.example/%d" % i) is not None for i in range(4)]
+    assert stored == [True, True, False, False]

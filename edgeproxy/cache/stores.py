@@ -98,6 +98,10 @@ class CacheStores:
             else None
         )
         self.collapsing = CollapseTable(clock, settings.collapse_timeout, self.disk)
+        self.buffered = 0
+        """Bytes held by writers for the memory tier (responses still
+        arriving): bounded by half the tier, so that many large misses at
+        once cannot hold more than the tier itself."""
         self._failed: dict[bytes, float] = {}
 
     # Lookups ---------------------------------------------------------------
@@ -277,7 +281,7 @@ class StoreWriter:
     C{max_object_size}.
     """
 
-    __slots__ = ("_chunks", "_disk", "_done", "_head", "_over", "_size", "_stores")
+    __slots__ = ("_chunks", "_disk", "_done", "_head", "_held", "_over", "_size", "_stores")
 
     def __init__(
         self,
@@ -291,6 +295,7 @@ class StoreWriter:
         self._head = head
         self._chunks: list[bytes] | None = [] if inMemory else None
         self._size = 0
+        self._held = 0
         self._disk = disk
         self._done: Callable[[Entry | None], None] | None = done
         self._over = False
@@ -298,14 +303,21 @@ class StoreWriter:
     def write(self, data: bytes) -> bool:
         if self._over:
             return False
+        stores = self._stores
         size = self._size = self._size + len(data)
         chunks = self._chunks
         if chunks is not None:
-            memory = self._stores.memory
-            if memory is None or size > memory.maxObject:
-                self._chunks = None
+            memory = stores.memory
+            if (
+                memory is None
+                or size > memory.maxObject
+                or stores.buffered + len(data) > memory.capacity // 2
+            ):
+                self._letGo()
             else:
                 chunks.append(data)
+                self._held += len(data)
+                stores.buffered += len(data)
         disk = self._disk
         if disk is not None and not disk.write(data):
             self._disk = None
@@ -323,7 +335,7 @@ class StoreWriter:
         memory = self._stores.memory
         if self._chunks is not None and memory is not None:
             withBody = entry._replace(body=b"".join(self._chunks))
-            self._chunks = None
+            self._letGo()
             if memory.put(withBody):
                 stored = withBody
         disk, self._disk = self._disk, None
@@ -338,10 +350,15 @@ class StoreWriter:
         written.addCallback(onDisk)
         written.addErrback(lambda failure: log.failure("storing a response failed", failure))
 
+    def _letGo(self) -> None:
+        self._chunks = None
+        self._stores.buffered -= self._held
+        self._held = 0
+
     def abort(self) -> None:
         if self._over:
             return
-        self._chunks = None
+        self._letGo()
         disk, self._disk = self._disk, None
         if disk is not None:
             disk.abort()
@@ -349,6 +366,7 @@ class StoreWriter:
 
     def _end(self, result: Entry | None) -> None:
         self._over = True
+        self._letGo()
         self._report(result)
 
     def _report(self, result: Entry | None) -> None:
