@@ -2,7 +2,7 @@
 """
 CPU cost of one proxied request in edgeproxy's own code, measured in memory.
 
-    .venv/bin/python benchmarks/inproc.py [--requests N] [--runs R] [--profile]
+    .venv/bin/python benchmarks/inproc.py [--requests N] [--runs R] [--profile] [--cache]
 
 The whole HTTP path of a kept-alive connection runs here as in production:
 the listener's L{HTTP1Connection} parses the request and routes it, the
@@ -16,7 +16,10 @@ backend are C{StringTransport}s).
 The figure is process CPU time per request (median of C{--runs} runs), so it
 stays meaningful on a busy machine where wall-clock benchmarks do not: use it
 for A/B comparisons of hot-path changes, and C{run.py} for the figures of
-issue 5.  C{--profile} prints a cProfile of one run instead.
+issue 5.  C{--profile} prints a cProfile of one run instead.  C{--cache}
+measures a cache hit instead: the route has C{cache = yes}, the first
+request stores the response, and the others are answered from the memory
+tier without the backend.
 """
 
 from __future__ import annotations
@@ -39,14 +42,18 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.defer import succeed  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
 
+from edgeproxy.cache.disk import InlineBlocking  # noqa: E402
 from edgeproxy.config.model import (  # noqa: E402
+    CacheSettings,
     Config,
     Listener,
     ProxySettings,
     Route,
+    RouteCache,
     Server,
     Upstream,
 )
+from edgeproxy.pipeline.stages import buildPipelines  # noqa: E402
 from edgeproxy.http.listener import ListenerFactory  # noqa: E402
 from edgeproxy.metrics import Metrics  # noqa: E402
 from edgeproxy.routing import Router  # noqa: E402
@@ -149,10 +156,13 @@ class _TLSClient:
 class Bench:
     """One client connection through the whole proxy, in memory."""
 
-    def __init__(self, tls: bool = False) -> None:
+    def __init__(self, tls: bool = False, cache: bool = False) -> None:
         reactor = MemoryReactorClock()
         upstream = Upstream(name="origin", servers=(Server("127.0.0.1", 8080),))
-        route = Route(name="all", hosts=("*",), paths=("/",), upstream="origin")
+        route = Route(
+            name="all", hosts=("*",), paths=("/",), upstream="origin",
+            cache=RouteCache(default_ttl=3600.0) if cache else None,
+        )
         config = Config(
             path="edge.ini",
             proxy=ProxySettings(),
@@ -160,12 +170,19 @@ class Bench:
             listeners=(),
             upstreams={"origin": upstream},
             routes=(route,),
+            cache=CacheSettings() if cache else None,
         )
         metrics = Metrics()
         pool = _Pool(reactor, upstream, None, metrics=metrics)
         pool.endpoint = _Endpoint()
         self.pool = pool
-        runtime = Runtime(config=config, router=Router((route,)), pools={"origin": pool})  # type: ignore[dict-item]
+        pools: Any = {"origin": pool}
+        runtime = Runtime(
+            config=config, router=Router((route,)), pools=pools,
+            pipelines=buildPipelines(
+                config, pools, context={"reactor": reactor, "metrics": metrics, "blocking": InlineBlocking()}
+            ),
+        )
         listener = Listener(name="https", endpoint="tcp:0", tls=tls)
         site = ListenerFactory(lambda: runtime, listener, reactor, metrics=metrics)
         peer = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -259,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         "--tls", action="store_true",
         help="the client over TLS 1.3 (the listener's TLS transport, in memory too)",
     )
+    parser.add_argument("--cache", action="store_true", help="measure cache hits instead")
     args = parser.parse_args(argv)
-    bench = Bench(tls=args.tls)
+    bench = Bench(tls=args.tls, cache=args.cache)
     for _ in range(3):
         bench.check()
     bench.run(min(2000, args.requests))  # warm-up
@@ -276,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.run(args.requests) / args.requests * 1e6 for _ in range(args.runs)
     )
     print(
-        f"in-memory proxied request (HTTP/1.1{' over TLS' if args.tls else ''} keep-alive, 1 KiB): "
+        f"in-memory {'cache hit' if args.cache else 'proxied request'} "
+        f"(HTTP/1.1{' over TLS' if args.tls else ''} keep-alive, 1 KiB): "
         f"median {statistics.median(perRequest):.1f} us CPU per request "
         f"(runs: {', '.join(f'{x:.1f}' for x in perRequest)}; "
         f"{args.requests} requests each)"

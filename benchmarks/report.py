@@ -59,6 +59,11 @@ ROWS: list[tuple[str, str, str, str | None]] = [
     ("R5 p50 latency (ms)", "R5", "p50ms", None),
     ("R5 p99 latency (ms)", "R5", "p99ms", None),
     ("R5 proxy CPU (cores)", "R5", "proxyCores", None),
+    ("H1 cache hits/s (TLS keep-alive, 1 KiB)", "H1", "value", "perCore"),
+    ("H1 p99 latency (ms)", "H1", "p99ms", None),
+    ("H1 proxy CPU (cores)", "H1", "proxyCores", None),
+    ("H3 cache hits/s (TLS keep-alive, 1 MiB)", "H3", "value", "perCore"),
+    ("H3 proxy CPU (cores)", "H3", "proxyCores", None),
     ("R1x2 requests/s (whole machine, 2 workers)", "R1x2", "value", "perCore"),
     ("R1x2 proxy CPU (cores)", "R1x2", "proxyCores", None),
 ]
@@ -155,6 +160,9 @@ TARGETS: list[tuple[str, str, str, str, float, float]] = [
     ("R3 MiB/s for large bodies (per core)", "R3", "value", "min", 0.5, 0.8),
     ("R4 KiB per idle TLS connection", "R4", "perConnectionKiB", "max", 1.6, 1.2),
     ("p99 at R1 load", "R1", "p99ms", "max", 8.0, 3.0),
+    # Issue 11 (the cache): first targets only.
+    ("H1 cache hits/s, 1 KiB (per core)", "H1", "value", "min", 0.35, 0.35),
+    ("H3 cache hits/s, 1 MiB (per core)", "H3", "value", "min", 0.9, 0.9),
 ]
 
 
@@ -194,8 +202,37 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def hitVersusProxied(results: dict[str, dict[str, Any]]) -> dict[str, float | None] | None:
+    """
+    Issue 11: a cache hit must be faster than the proxied path of the same
+    revision.  edgeproxy's H1 over its R1 (the same 1 KiB object), plain
+    and per CPU second; L{None} unless both were measured.
+    """
+    edge = results.get("edgeproxy", {})
+    hits = (edge.get("H1") or {}).get("median") or {}
+    proxied = (edge.get("R1") or {}).get("median") or {}
+    if not hits or not proxied:
+        return None
+    return {
+        "ratio": ratio(hits.get("value"), proxied.get("value")),
+        "perCoreRatio": ratio(hits.get("perCore"), proxied.get("perCore")),
+    }
+
+
+def formatHitVersusProxied(compared: dict[str, float | None]) -> str:
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    perCore = compared["perCoreRatio"]
+    verdict = "not measured" if perCore is None else ("met" if perCore > 1 else "NOT met")
+    return (
+        f"edgeproxy cache hits vs proxied requests (H1 / R1, 1 KiB): {cell(compared['ratio'])}, "
+        f"per core {cell(perCore)} (must be > 1): {verdict}"
+    )
+
+
 def formatTargets(checked: list[dict[str, Any]]) -> str:
-    lines = ["issue 5 targets (ratio to nginx, 1 worker):"]
+    lines = ["targets (ratio to nginx, 1 worker; R: issue 5, H: issue 11):"]
     for t in checked:
         sign = ">=" if t["direction"] == "min" else "<="
         if t["ratio"] is None:

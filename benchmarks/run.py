@@ -99,6 +99,16 @@ SECURED = Figure(
 )
 SECURED_TARGET = 0.85
 """R1s / R1 of the same revision at least (issue 12)."""
+CACHE_FIGURES = [
+    Figure("H1", "cache hits/s over kept-alive TLS, 1 KiB objects", "wrk", SMALL_PATH, 50),
+    Figure("H3", "cache hits/s over kept-alive TLS, 1 MiB objects", "wrk", LARGE_PATH, 10),
+]
+"""The cache figures: the same objects as R1 and R3, served from the
+proxy's cache (edgeproxy's memory tier, nginx's C{proxy_cache}) by proxies
+of their own, filled before they are measured."""
+CACHED = ("edgeproxy", "nginx")
+"""The proxies measured with their cache (HAProxy's is a small RAM cache of
+small objects, not a shared cache: left out)."""
 
 
 def describe(run: dict[str, Any]) -> str:
@@ -259,27 +269,34 @@ class Bench:
         self.originPort = port
         self.log(f"origin: {self.originKind} on 127.0.0.1:{port}")
 
-    def proxyServer(self, name: str, workers: int = 1, pinned: bool = True) -> tuple[Server, int]:
+    def proxyServer(
+        self, name: str, workers: int = 1, pinned: bool = True, cache: bool = False
+    ) -> tuple[Server, int]:
         """Configure (but do not start) proxy C{name}; (server, port)."""
         port = servers.freePort()
         tag = name if workers == 1 else f"{name}-w{workers}"
+        if cache:
+            tag += "-cache"
         cpus = self.proxyCpus if pinned else None
         logs = self.work / "logs"
+        env = None
         if name == "edgeproxy":
             ini = self.work / f"{tag}.ini"
             ini.write_text(
                 servers.edgeproxyConfig(
-                    port, self.originPort, self.pemDir, workers if workers != 1 else None
+                    port, self.originPort, self.pemDir, workers if workers != 1 else None, cache=cache
                 )
             )
             argv = twistdCommand(self.args.python) + [
                 "--nodaemon", "--pidfile=", "edgeproxy", "--config", str(ini)
             ]
+            env = checkoutEnvironment()
         elif name == "nginx":
             conf = self.work / f"{tag}.conf"
             conf.write_text(
                 servers.nginxProxyConfig(
-                    port, self.originPort, self.crtFile, self.keyFile, self.work, workers, tag
+                    port, self.originPort, self.crtFile, self.keyFile, self.work, workers, tag,
+                    cache=cache,
                 )
             )
             argv = [self.tools["nginx"], "-p", str(self.work), "-c", str(conf), "-e", str(self.work / f"{tag}-error.log")]
@@ -287,7 +304,6 @@ class Bench:
             conf = self.work / f"{tag}.cfg"
             conf.write_text(servers.haproxyConfig(port, self.originPort, self.pemFile, workers))
             argv = [self.tools["haproxy"], "-db", "-f", str(conf)]
-        env = checkoutEnvironment() if name == "edgeproxy" else None
         return Server(tag, argv, logs, cpus=cpus, env=env), port
 
     def startProxies(self) -> None:
@@ -516,6 +532,55 @@ class Bench:
             "target": SECURED_TARGET,
         }
 
+    def measureCache(self) -> None:
+        """
+        H1 and H3: cache hits over kept-alive TLS, each proxy with its
+        cache filled by a first request and a warm-up, pinned like R1; the
+        proxies take turns within each round as in L{measureLoad}.
+        """
+        figures = [figure for figure in CACHE_FIGURES if self.wanted(figure.key)]
+        if self.tools["wrk"] is None or not figures:
+            return
+        started: dict[str, tuple[Server, int]] = {}
+        try:
+            for name in self.proxies:
+                if name not in CACHED:
+                    continue
+                server, port = self.proxyServer(name, cache=True)
+                self.startServer(server)
+                try:
+                    servers.waitReady(server, port, self.caFile, self.args.start_timeout)
+                except RuntimeError as e:
+                    self.failures.append(f"{name} with its cache did not start: {e}")
+                    self.log(f"FAILED: {name} with its cache did not start: {e}")
+                    server.stop()
+                    continue
+                started[name] = (server, port)
+            for figure in figures:
+                for name, (server, port) in started.items():
+                    # The first request stores the object; the warm-up run
+                    # makes sure every connection finds it.
+                    try:
+                        self.loadRun(figure, name, server, port, 1, loadCpus=self.loadCpus)
+                    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+                        self.log(f"warm-up of {name} {figure.key} failed: {e}")
+                for round in range(self.args.runs):
+                    for name, (server, port) in started.items():
+                        try:
+                            run = self.loadRun(figure, name, server, port, self.args.duration,
+                                               loadCpus=self.loadCpus)
+                        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+                            self.failures.append(f"{name} {figure.key} run {round + 1}: {e}")
+                            self.log(f"FAILED: {name} {figure.key} run {round + 1}: {e}")
+                            continue
+                        entry = self.results[name].setdefault(figure.key, {"runs": []})
+                        entry["runs"].append(run)
+                        entry["median"] = report.summarise(entry["runs"])
+                        self.log(f"{name} {figure.key} run {round + 1}/{self.args.runs}: {describe(run)}")
+        finally:
+            for server, _ in started.values():
+                server.stop()
+
     # --- the whole run ----------------------------------------------------
 
     def wanted(self, key: str) -> bool:
@@ -546,6 +611,7 @@ class Bench:
                         self.measureLoad(figure)
                 if self.wanted("R1s"):
                     self.measureSecured()
+                self.measureCache()
                 if self.args.whole_machine:
                     self.measureWholeMachine()
         finally:
@@ -576,13 +642,14 @@ class Bench:
                 "duration": self.args.duration,
                 "runs": self.args.runs,
                 "idleConnections": self.args.idle,
-                "figures": {f.key: asdict(f) for f in [*FIGURES, WHOLE_MACHINE, SECURED]},
+                "figures": {f.key: asdict(f) for f in [*FIGURES, *CACHE_FIGURES, WHOLE_MACHINE, SECURED]},
             },
             "tls": self.probes,
             "results": self.results,
             "table": rows,
             "targets": report.targets(rows),
             "secured": getattr(self, "secured", None),
+            "hitVersusProxied": report.hitVersusProxied(self.results),
             "notes": self.notes,
             "failures": self.failures,
         }
@@ -639,7 +706,7 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
                         "for quick A/B runs of one change")
     args = parser.parse_args(argv)
     args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
-    known = {f.key for f in FIGURES} | {"R4", "R1s"}
+    known = {f.key for f in [*FIGURES, *CACHE_FIGURES]} | {"R4", "R1s"}
     if set(args.figures) - known:
         parser.error(f"unknown figures: {', '.join(sorted(set(args.figures) - known))}")
     defaults = {"duration": (10, 1), "runs": (3, 1), "idle": (2000, 200), "warmup": (2, 0)}
@@ -694,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
             + (f", per CPU second {perCore:.2f}" if perCore is not None else "")
             + f" (target >= {secured['target']})"
         )
+    if result["hitVersusProxied"] is not None:
+        print(report.formatHitVersusProxied(result["hitVersusProxied"]))
     for note in result["notes"]:
         print(f"note: {note}")
     for failure in result["failures"]:

@@ -182,6 +182,11 @@ http {{
 """
 
 
+CACHE_TTL = "1h"
+"""How long the cache figures' proxies keep the origin's objects (which
+carry no lifetime of their own)."""
+
+
 def nginxProxyConfig(
     port: int,
     originPort: int,
@@ -190,13 +195,30 @@ def nginxProxyConfig(
     prefix: Path,
     workers: int = 1,
     tag: str = "nginx",
+    cache: bool = False,
 ) -> str:
     """
     nginx as the proxy under test.  C{proxy_max_temp_file_size 0} keeps
     large responses streaming through memory buffers, as edgeproxy does,
     instead of spooling them to disk; the request limit per connection is
     lifted so that keep-alive and HTTP/2 connections live as long as the run.
+
+    With C{cache}, the cache figures' nginx: C{proxy_cache} in a directory
+    of the run (objects as files, the keys in shared memory), keeping a
+    200 for L{CACHE_TTL}; it spools what it stores, as a cache must.
     """
+    cachePath = (
+        f"    proxy_cache_path {prefix}/{tag}-cache levels=1:2 keys_zone={tag}:10m max_size=1g"
+        f" inactive=1h use_temp_path=off;\n"
+        if cache
+        else ""
+    )
+    cacheLines = (
+        f"            proxy_cache {tag};\n"
+        f"            proxy_cache_valid 200 {CACHE_TTL};\n"
+        if cache
+        else "            proxy_max_temp_file_size 0;\n"
+    )
     return f"""\
 worker_processes {workers};
 daemon off;
@@ -213,7 +235,7 @@ http {{
     fastcgi_temp_path {prefix}/{tag}-fastcgi;
     uwsgi_temp_path {prefix}/{tag}-uwsgi;
     scgi_temp_path {prefix}/{tag}-scgi;
-    upstream app {{
+{cachePath}    upstream app {{
         server 127.0.0.1:{originPort};
         keepalive {IDLE_KEEPALIVE};
     }}
@@ -229,8 +251,7 @@ http {{
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_max_temp_file_size 0;
-        }}
+{cacheLines}        }}
     }}
 }}
 """
@@ -272,14 +293,19 @@ backend app
 
 
 def edgeproxyConfig(
-    port: int, originPort: int, certificates: Path, workers: int | None = None
+    port: int, originPort: int, certificates: Path, workers: int | None = None, cache: bool = False
 ) -> str:
     """
     The C{edge.ini} of the run (the format of C{docs/configuration.rst}).
     C{workers} is written only when asked for (the whole-machine figure), so
-    the single-core figures do not depend on that key.
+    the single-core figures do not depend on that key.  With C{cache}, the
+    cache figures' edgeproxy: the route cached, the objects kept for
+    L{CACHE_TTL} (C{default_ttl}), in the memory tier.
     """
     workersLine = f"workers = {workers}\n" if workers is not None else ""
+    cacheLines = (
+        f"cache = yes\ndefault_ttl = {CACHE_TTL}\n\n[cache]\nmemory = 256MiB\n" if cache else ""
+    )
     return f"""\
 [edgeproxy]
 access_log = off
@@ -300,7 +326,7 @@ keepalive = {IDLE_KEEPALIVE}
 hosts = *
 paths = /
 upstream = app
-"""
+{cacheLines}"""
 
 
 def edgeproxySecuredConfig(

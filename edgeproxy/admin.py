@@ -249,7 +249,14 @@ def statusDocument(service: Any, now: float | None = None) -> dict[str, Any]:
         "certificates": certificateStatus(getattr(service, "store", None), now, getattr(service, "acme", None)),
         "acme": acmeStatus(getattr(service, "acme", None)),
         "upstreams": {name: upstreamStatus(pool) for name, pool in runtime.pools.items()},
+        "cache": _cacheStatus(runtime),
     }
+
+
+def _cacheStatus(runtime: Any) -> dict[str, Any] | None:
+    from edgeproxy.cache.operate import statusOf
+
+    return statusOf(runtime)
 
 
 # The scrape-time gauges -------------------------------------------------
@@ -284,6 +291,9 @@ def stateSamples(service: Any) -> Iterator[StateSample]:
                    labels, float(_inFlight(pool, backend)))
             yield ("backend_ejected", "1 while passive health keeps a backend ejected.",
                    labels, 0.0 if backend.ejectedUntil is None else 1.0)
+    from edgeproxy.cache.operate import samples as cacheSamples
+
+    yield from cacheSamples(service.currentRuntime())
     store = getattr(service, "store", None)
     if store is not None:
         for entry in store.current.entries:
@@ -407,6 +417,10 @@ class AdminResource(Resource):
                 if aggregate is not None:
                     return self._later(request, aggregate(), lambda body: body)
                 return self.service.metrics.exposition()
+            if segments == ["cache", "purge"]:
+                self._allow(request, b"POST")
+                self._authorize(request)
+                return self._purgeCache(request)
             if (
                 len(segments) == 5
                 and segments[0] == "upstreams"
@@ -484,6 +498,24 @@ class AdminResource(Resource):
                 why="no bearer token" if presented is None else "wrong token",
             )
             raise _Refused(401, "a valid bearer token is required", challenge)
+
+    def _purgeCache(self, request: Any) -> Any:
+        """C{POST /cache/purge?url=|prefix=|tag=[&soft=1]} (L{edgeproxy.cache.operate})."""
+        from edgeproxy.cache.operate import adminPurge, parsePurge
+
+        try:
+            arguments = {
+                key.decode("utf-8"): [value.decode("utf-8") for value in values]
+                for key, values in request.args.items()
+            }
+            purge = parsePurge(arguments)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _Refused(400, str(e)) from None
+        log.info(
+            "admin: {peer} purges the cache: {kind} {value}",
+            peer=_peer(request), kind=purge.kind, value=purge.value.decode("latin-1"),
+        )
+        return self._later(request, adminPurge(self.service, purge), lambda d: _json(request, 200, d))
 
     def _act(self, request: Any, upstreamName: str, address: str, action: str) -> bytes:
         pool = self.service.currentRuntime().pools.get(upstreamName)

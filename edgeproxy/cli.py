@@ -207,6 +207,9 @@ class _Summary:
         if acme:
             lines += acme + [""]
         lines += self.routes() + [""]
+        cache = self.cacheLines()
+        if cache:
+            lines += cache + [""]
         lines += self.upstreams()
         warnings = self.warnings()
         if warnings:
@@ -362,6 +365,8 @@ class _Summary:
                 extras.append(
                     "body: no limit" if route.max_body_size == 0 else f"body {formatSize(route.max_body_size)}"
                 )
+            if route.cache is not None:
+                extras.append("cached")
             rows.append(
                 [
                     route.name,
@@ -371,6 +376,17 @@ class _Summary:
                 ]
             )
         return ["Routes:"] + _table(rows)
+
+    def cacheLines(self) -> list[str]:
+        """The cache's stores, when a route caches."""
+        if not any(route.cache is not None for route in self.config.routes):
+            return []
+        from edgeproxy.config.model import CacheSettings
+
+        cache = self.config.cache or CacheSettings()
+        memory = "off" if not cache.memory else f"{formatSize(cache.memory)} per process"
+        disk = "none" if cache.disk is None else f"{self.show(cache.disk)} ({formatSize(cache.disk_size)}, shared)"
+        return [f"Cache: memory {memory}, disk {disk}, objects up to {formatSize(cache.max_object_size)}"]
 
     def upstreams(self) -> list[str]:
         rows = []

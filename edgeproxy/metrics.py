@@ -64,6 +64,7 @@ from edgeproxy.config.model import LATENCY_BUCKETS
 
 __all__ = [
     "CONTENT_TYPE",
+    "CacheCounters",
     "Metrics",
     "StateSample",
     "Traffic",
@@ -144,6 +145,93 @@ class Traffic:
     def __init__(self) -> None:
         self.received = 0
         self.sent = 0
+
+
+class CacheCounters:
+    """
+    What the HTTP cache counts (L{edgeproxy.cache}), in plain integers for
+    the same reason as L{Traffic}: hits are counted on the hit path.  One
+    per process, kept across reloads (a store rebuilt by a reload does not
+    send the counters back).
+
+    @ivar lookups: tier (C{memory}, C{disk}) -> lookups that reached it.
+    @ivar found: tier -> lookups that found an object there.
+    @ivar stored: tier -> bytes stored.
+    @ivar evicted: tier -> bytes evicted to make room.
+    @ivar purges: kind (C{url}, C{prefix}, C{tag}) -> purges asked for.
+    """
+
+    __slots__ = (
+        "hits", "misses", "staleServed", "revalidations", "collapsed", "lookups", "found",
+        "stored", "evicted", "purges", "purged",
+    )
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self.staleServed = 0
+        self.revalidations: dict[str, int] = {"not_modified": 0, "replaced": 0, "failed": 0}
+        self.collapsed = 0
+        self.lookups = {"memory": 0, "disk": 0}
+        self.found = {"memory": 0, "disk": 0}
+        self.stored = {"memory": 0, "disk": 0}
+        self.evicted = {"memory": 0, "disk": 0}
+        self.purges: dict[str, int] = {"url": 0, "prefix": 0, "tag": 0}
+        self.purged = 0
+
+
+class _CacheCollector(Collector):
+    def __init__(self, counters: CacheCounters) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._counters
+        yield CounterMetricFamily(
+            "edgeproxy_cache_hits", "Responses served from the cache without asking the origin.", value=c.hits
+        )
+        yield CounterMetricFamily(
+            "edgeproxy_cache_misses",
+            "Cacheable requests forwarded because nothing usable was stored.",
+            value=c.misses,
+        )
+        yield CounterMetricFamily(
+            "edgeproxy_cache_stale_served",
+            "Stale responses served (stale-while-revalidate, max-stale, stale-if-error).",
+            value=c.staleServed,
+        )
+        revalidations = CounterMetricFamily(
+            "edgeproxy_cache_revalidations",
+            "Stored responses validated with the origin, by result (not_modified, replaced, failed).",
+            labels=["result"],
+        )
+        for result, count in sorted(c.revalidations.items()):
+            revalidations.add_metric([result], count)
+        yield revalidations
+        yield CounterMetricFamily(
+            "edgeproxy_cache_collapsed",
+            "Requests that waited for another request's fetch of the same key.",
+            value=c.collapsed,
+        )
+        for name, documentation, values in (
+            ("edgeproxy_cache_lookups", "Cache lookups that reached a tier, by tier.", c.lookups),
+            ("edgeproxy_cache_lookup_hits", "Cache lookups that found an object, by tier.", c.found),
+            ("edgeproxy_cache_stored_bytes", "Bytes stored, by tier.", c.stored),
+            ("edgeproxy_cache_evicted_bytes", "Bytes evicted to make room, by tier.", c.evicted),
+        ):
+            family = CounterMetricFamily(name, documentation, labels=["tier"])
+            for tier, count in sorted(values.items()):
+                family.add_metric([tier], count)
+            yield family
+        purges = CounterMetricFamily(
+            "edgeproxy_cache_purges", "Purges asked for, by kind (url, prefix, tag).", labels=["kind"]
+        )
+        for kind, count in sorted(c.purges.items()):
+            purges.add_metric([kind], count)
+        yield purges
+        yield CounterMetricFamily(
+            "edgeproxy_cache_purged_objects", "Stored responses removed or marked stale by purges.",
+            value=c.purged,
+        )
 
 
 class _TrafficCollector(Collector):
@@ -534,6 +622,9 @@ class Metrics:
         self._lastReloadTime.set(clock())
         ProcessCollector(registry=r)
         self._initContent(buckets)
+        # The HTTP cache's counters (edgeproxy.cache adds to them).
+        self.cache = CacheCounters()
+        r.register(_CacheCollector(self.cache))
         self._stateSource: Callable[[], Iterable[StateSample]] | None = None
         r.register(_StateCollector(self))
         self._security = _SecurityCounters(r)

@@ -28,8 +28,11 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from edgeproxy import content  # noqa: F401  (registers the compress and images stage kinds)
-import edgeproxy.security  # noqa: F401  (registers the access, ratelimit and auth stage kinds)
+# The packages whose import registers their stage kinds (the pipeline
+# knows them only by name, see edgeproxy.pipeline.stages.ORDER).
+import edgeproxy.cache.kind  # noqa: F401  (cache)
+import edgeproxy.content  # noqa: F401  (compress, images)
+import edgeproxy.security  # noqa: F401  (access, ratelimit, auth)
 from edgeproxy.config.model import Config, Upstream
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
 from edgeproxy.routing import Router

@@ -112,6 +112,12 @@ class WorkerAgent:
                 challenges.restore(message)
         elif op == "acme-sync":
             self._reply(answer(message))
+        elif op == "cache-purge":
+            from edgeproxy.cache.operate import purgeHere
+
+            counts = purgeHere(self.service.currentRuntime(), message)
+            if "id" in message:
+                self._reply(answer(message, counts=counts))
         elif op == "acme-certificates":
             from edgeproxy.acme.worker import applyCertificates
 
@@ -166,6 +172,8 @@ class WorkerAgent:
             backends[name] = {
                 backend.address: _inFlight(pool, backend) for backend in pool.backends
             }
+        from edgeproxy.cache.operate import statusOf
+
         return {
             "worker": self.number,
             "pid": os.getpid(),
@@ -173,6 +181,7 @@ class WorkerAgent:
             "in_flight": sum(listenersInFlight.values()),
             "listeners_in_flight": listenersInFlight,
             "backends": backends,
+            "cache": statusOf(service.currentRuntime()),
         }
 
     def metricsText(self) -> str:
@@ -253,6 +262,11 @@ def runWorker(
         return 1
     agent = WorkerAgent(service, number)
     agent.channel = channel
+    from edgeproxy.cache.stores import setRelay
+
+    # A PURGE request served here reaches the other workers through the
+    # supervisor (edgeproxy.cache.operate).
+    setRelay(lambda purge: channel.send({"op": "cache-purged", **purge}))
     from edgeproxy.acme.worker import askForCertificates
 
     askForCertificates(service, channel)

@@ -21,7 +21,10 @@ character, so a line is always one message).  Every message has an C{"op"}:
       they are applied;
     - C{{"op": "acme-certificates", "names": [...]}}: the names whose ACME
       certificates are served now; the worker loads them from C{[acme]
-      storage} (validated as files are) and swaps them in.
+      storage} (validated as files are) and swaps them in;
+    - C{{"op": "cache-purge", "kind", "value", "soft", "tiers", "id"?}}: purge
+      the cache (L{edgeproxy.cache.operate}); answered with C{"counts"} when
+      it has an C{id} (an admin purge), not when it relays a worker's.
   worker to supervisor:
     - C{{"op": "notify", "fields": {...}}}: what a single process would
       send to systemd (C{READY=1}, C{RELOADING=1}, C{STOPPING=1},
@@ -29,7 +32,10 @@ character, so a line is always one message).  Every message has an C{"op"}:
     - the answers: C{{"op": "status", "id", "status": {...}}} and
       C{{"op": "metrics", "id", "text": "..."}};
     - C{{"op": "acme-demand", "id", "name"}}: a handshake for C{name} waits
-      for an on-demand certificate; answered when the attempt is over.
+      for an on-demand certificate; answered when the attempt is over;
+    - C{{"op": "cache-purged", "kind", "value", "soft"}}: a C{PURGE} request
+      purged this in the worker; the supervisor has the others purge their
+      memory tiers.
 
 A line that is not a JSON object with a known C{op} is logged and
 ignored: neither side ever dies of what the other one wrote.

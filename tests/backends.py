@@ -21,13 +21,21 @@ a backend saw.  The path picks the behaviour:
   - C{/status/C}: answers status C (204, 304...) with no body;
   - C{/headers}: a response carrying Server, X-Powered-By, hop-by-hop
     fields and a Connection-named field, for response filtering tests;
+  - C{/cache/NAME?...}: a response for the cache's tests, shaped by its
+    query: C{cc} (Cache-Control), C{etag}, C{lm} (Last-Modified, seconds
+    ago), C{vary}, C{sk} (Surrogate-Key), C{size} (body bytes, default 16:
+    the name repeated), C{delay} (seconds before answering), C{pause}
+    (seconds between the two halves of the body); C{If-None-Match} with the
+    C{etag} gets a 304;
   - anything else: 200 C{ok}.
 A request with C{Expect: 100-continue} gets C{100 Continue} when its target
 ends in C{?continue}, C{417} (and a close) without its body read when it
 ends in C{?refuse}, and no interim answer otherwise.
 C{HEAD} is answered with the GET headers and no body.
 
-Run C{python -m tests.backends DIR} to start the harness: backends (plain,
+Run C{python -m tests.backends --origin DIR} to start the plain origin
+alone (it writes its port to C{DIR/ports.json}), or C{python -m
+tests.backends DIR} to start the harness: backends (plain,
 TLS, TLS with a wrong certificate, a dead port) and edgeproxy listeners
 (plain and TLS with ALPN h2) in one process; it writes C{DIR/ports.json}
 when everything listens and serves until killed.
@@ -291,6 +299,15 @@ class OriginProtocol(Protocol):
             headers = [("ETag", '"v1"')] if code == 304 else []
             self._send(f"{code} {phrase}", headers)
             self.responseDone()
+        elif kind == "cache":
+            from urllib.parse import parse_qs
+
+            query = parse_qs(target.partition("?")[2])
+            delay = float(query.get("delay", ["0"])[0])
+            if delay:
+                self.reactor.callLater(delay, self._cacheAnswer, arg, query)
+            else:
+                self._cacheAnswer(arg, query)
         elif kind == "headers":
             body = b"filtered"
             self._send(
@@ -311,6 +328,48 @@ class OriginProtocol(Protocol):
         else:
             self._send("200 OK", [("Content-Length", "2"), ("Content-Type", "text/plain")], b"ok")
             self.responseDone()
+
+    def _cacheAnswer(self, name: str, query: dict[str, list[str]]) -> None:
+        import email.utils
+
+        if self.lost:
+            return
+
+        def get(key: str) -> str | None:
+            values = query.get(key)
+            return values[0] if values else None
+
+        headers = [("Content-Type", "application/octet-stream")]
+        for key, field in (("cc", "Cache-Control"), ("vary", "Vary"), ("sk", "Surrogate-Key")):
+            if get(key) is not None:
+                headers.append((field, get(key)))  # type: ignore[arg-type]
+        etag = get("etag")
+        if etag is not None:
+            headers.append(("ETag", f'"{etag}"'))
+        if get("lm") is not None:
+            headers.append(("Last-Modified", email.utils.formatdate(time.time() - float(get("lm")), usegmt=True)))  # type: ignore[arg-type]
+        lowered = {n.lower(): v for n, v in self.headers}
+        if etag is not None and lowered.get("if-none-match") == f'"{etag}"':
+            self._send("304 Not Modified", headers)
+            self.responseDone()
+            return
+        size = int(get("size") or 16)
+        body = (name.encode() * (size // max(1, len(name)) + 1))[:size]
+        pause = float(get("pause") or 0)
+        headers.append(("Content-Length", str(size)))
+        if not pause or self.method == "HEAD":
+            self._send("200 OK", headers, body)
+            self.responseDone()
+            return
+        half = size // 2
+        self._send("200 OK", headers, body[:half])
+
+        def rest() -> None:
+            if not self.lost:
+                self.transport.write(body[half:])
+                self.responseDone()
+
+        self.reactor.callLater(pause, rest)
 
     def _slowAnswer(self) -> None:
         if self.lost:
@@ -456,5 +515,23 @@ def runHarness(directory: Path) -> None:
     reactor.run()
 
 
+def runOrigin(directory: Path) -> None:
+    """
+    The plain origin alone (for tests that run edgeproxy with twistd):
+    C{DIR/ports.json} says its port.
+    """
+    from twisted.internet import reactor
+
+    recorder = Recorder(directory)
+    port = reactor.listenTCP(0, OriginFactory("plain", recorder, reactor), interface="127.0.0.1")
+    tmp = directory / "ports.json.tmp"
+    tmp.write_text(json.dumps({"plain": port.getHost().port, "pid": os.getpid()}))
+    tmp.rename(directory / "ports.json")
+    reactor.run()
+
+
 if __name__ == "__main__":
-    runHarness(Path(sys.argv[1]))
+    if sys.argv[1] == "--origin":
+        runOrigin(Path(sys.argv[2]))
+    else:
+        runHarness(Path(sys.argv[1]))

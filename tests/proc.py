@@ -58,6 +58,21 @@ def processEnvironment(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def logContaining(path: Path, *needles: str, timeout: float = 5.0) -> str:
+    """
+    The text of the log at C{path} once it holds every one of C{needles}
+    (or when C{timeout} runs out): the proxy writes a request's access-log
+    line when it has sent the response, so a client may read the log an
+    instant before its line is there.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        text = path.read_text() if path.exists() else ""
+        if all(needle in text for needle in needles) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.02)
+
+
 def freePort() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

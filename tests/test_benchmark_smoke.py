@@ -147,6 +147,22 @@ def test_tableRatios() -> None:
     assert checked["R2 new TLS connections/s (per core)"]["ratio"] is None
 
 
+def test_hitVersusProxied() -> None:
+    """Issue 11: edgeproxy's cache hits against its own proxied requests."""
+    results = {
+        "edgeproxy": {
+            "R1": {"median": {"value": 100.0, "perCore": 200.0}},
+            "H1": {"median": {"value": 300.0, "perCore": 500.0}},
+        },
+    }
+    compared = report.hitVersusProxied(results)
+    assert compared == {"ratio": pytest.approx(3.0), "perCoreRatio": pytest.approx(2.5)}
+    assert report.formatHitVersusProxied(compared).endswith("(must be > 1): met")  # type: ignore[arg-type]
+    assert report.hitVersusProxied({"edgeproxy": {"R1": results["edgeproxy"]["R1"]}}) is None
+    rows = {row["key"] for row in report.table(results)}
+    assert {"R1", "H1"} <= rows
+
+
 @pytest.mark.skipif(
     shutil.which("wrk") is None,
     reason="wrk is not installed (apt-get install wrk): benchmarks/run.py needs it",
@@ -193,7 +209,7 @@ def test_quickRunOfEdgeproxy(tmp_path: Path) -> None:
     assert tls["tlsVersion"] == "TLSv1.3"
     assert tls["keyType"] == "ECDSA secp256r1"
     edge = data["results"]["edgeproxy"]
-    for figure in ("R1", "R2", "R2r", "R3"):
+    for figure in ("R1", "R2", "R2r", "R3", "H1", "H3"):
         median = edge[figure]["median"]
         assert median["value"] > 0, figure
         assert median["errors"] == 0 and median["bad"] == 0, figure

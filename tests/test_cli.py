@@ -449,3 +449,11 @@ def test_quiet(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, "check", "-q", "-c", broken)
     assert (status, out) == (EXIT_INVALID, "")
     assert "[listen:http] endpoint" in err
+
+
+def test_checkShowsTheCache(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(site, CONFIG + "cache = yes\n\n[cache]\nmemory = 64MiB\ndisk = cache\n")
+    status, out, _ = run(capsys, "check", "--config", path)
+    assert status == EXIT_OK
+    assert "-> plain (strip prefix, cached)" in out
+    assert "Cache: memory 64MiB per process, disk cache (10GiB, shared), objects up to 64MiB" in out

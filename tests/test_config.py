@@ -26,6 +26,7 @@ from edgeproxy.config.model import (
     ACMESettings,
     AccessLogFormat,
     CompressSettings,
+    CacheSettings,
     Config,
     HTTP2Settings,
     ImageSettings,
@@ -33,6 +34,7 @@ from edgeproxy.config.model import (
     Listener,
     ProxySettings,
     Route,
+    RouteCache,
     Server,
     TLSSettings,
     TLSVersion,
@@ -511,10 +513,27 @@ image_max_pixels = 4000000
 image_max_bytes = 4MiB
 image_resize = yes
 image_signing_key_file = image.key
+cache = yes
+stale_while_revalidate = 30s
+stale_if_error = 1d
+default_ttl = 5m
+cache_cookies = yes
 
 [route:catchall]
 hosts = *
 upstream = legacy
+
+[cache]
+memory = 64MiB
+disk = state/cache
+disk_size = 2GiB
+max_object_size = 8MiB
+heuristic_max = 1h
+targeted_field = Edge-Cache-Control
+key_includes = header:X-Device, cookie:lang
+purge_from = 127.0.0.1, 10.0.0.0/8
+name = edge-1
+collapse_timeout = 5s
 """
 
 
@@ -682,8 +701,26 @@ def test_fullExample(site: Path) -> None:
                     resize=True,
                     signing_key=b"0123456789abcdef0123456789abcdef",
                 ),
+                cache=RouteCache(
+                    stale_while_revalidate=30.0,
+                    stale_if_error=86400.0,
+                    default_ttl=300.0,
+                    cache_cookies=True,
+                ),
             ),
             Route(name="catchall", hosts=("*",), paths=("/",), upstream="legacy"),
+        ),
+        cache=CacheSettings(
+            memory=64 * 1024 * 1024,
+            disk=os.path.join(base, "state", "cache"),
+            disk_size=2 * 1024**3,
+            max_object_size=8 * 1024 * 1024,
+            heuristic_max=3600.0,
+            targeted_field="Edge-Cache-Control",
+            key_includes=("header:x-device", "cookie:lang"),
+            purge_from=(ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8")),
+            name="edge-1",
+            collapse_timeout=5.0,
         ),
     )
     config = load(path)

@@ -368,6 +368,24 @@ class ImageSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteCache:
+    """The cache settings of a route with C{cache = yes}."""
+
+    stale_while_revalidate: float = 0.0
+    """Seconds a stale response may be served while it is refreshed in the
+    background, when the response does not say (RFC 5861 3)."""
+    stale_if_error: float = 0.0
+    """Seconds a stale response may be served in place of an error, when
+    the response does not say (RFC 5861 4)."""
+    default_ttl: float | None = None
+    """Lifetime of a response that allows caching but gives none; L{None}:
+    the heuristic of RFC 9111 4.2.2."""
+    cache_cookies: bool = False
+    """Store responses that set cookies (without their C{Set-Cookie}) and
+    responses to requests that carry cookies."""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A C{[route:NAME]} section."""
 
@@ -407,6 +425,8 @@ class Route:
     client_certificate_headers: tuple[tuple[str, str], ...] = ()
     """(C{subject}/C{san}/C{fingerprint}, field name lower case): where the
     verified certificate's facts are forwarded."""
+    cache: RouteCache | None = None
+    """The route's cache settings; L{None}: C{cache = no}."""
 
     @property
     def securityConfigured(self) -> bool:
@@ -415,6 +435,34 @@ class Route:
             self.allow or self.deny or self.methods or self.hsts is not None
             or self.require_client_certificate or self.client_certificate_headers
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The C{[cache]} section: the stores every route with C{cache = yes}
+    shares (see L{edgeproxy.cache})."""
+
+    memory: int = 256 * 1024 * 1024
+    """Bytes of the memory tier of each process; 0: none."""
+    disk: str | None = None
+    """Absolute path of the disk tier's directory; L{None}: none."""
+    disk_size: int = 10 * 1024 * 1024 * 1024
+    """Bytes the disk tier may hold."""
+    max_object_size: int = 64 * 1024 * 1024
+    """The largest body stored."""
+    heuristic_max: float = 86400.0
+    """Cap on a heuristic lifetime (RFC 9111 4.2.2)."""
+    targeted_field: str | None = "CDN-Cache-Control"
+    """The targeted cache-control field honoured (RFC 9213); L{None}: none."""
+    key_includes: tuple[str, ...] = ()
+    """Extra parts of the key: C{header:NAME} (NAME lower case) or
+    C{cookie:NAME}."""
+    purge_from: tuple[IPNetwork, ...] = ()
+    """Client addresses allowed to send the C{PURGE} method."""
+    name: str = "edgeproxy"
+    """The cache's name in C{Cache-Status} (RFC 9211)."""
+    collapse_timeout: float = 10.0
+    """Seconds a request waits for another's fetch of the same key."""
 
 
 LETS_ENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
@@ -527,6 +575,9 @@ class Config:
     """C{[auth:NAME]} sections by name."""
     redis: RedisSettings | None = None
     """The C{[redis]} section, or L{None}."""
+    cache: CacheSettings | None = None
+    """The C{[cache]} section, or L{None} when it is absent (its defaults
+    then apply to routes with C{cache = yes})."""
 
 
 # The security layer (edgeproxy.security) ----------------------------------

@@ -34,13 +34,13 @@ Nothing here imports Twisted or loads certificates.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from collections.abc import Mapping
 
 from edgeproxy.config import syntax
 from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
+from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, readRouteCache
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
@@ -109,11 +109,12 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "upstream": UPSTREAM_KEYS,
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
-        *security.ROUTE_KEYS,
+        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS,
     ),
     "ratelimit": security.RATELIMIT_KEYS,
     "auth": security.AUTH_KEYS,
     "redis": security.REDIS_KEYS,
+    "cache": CACHE_KEYS,
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
 C{route} stand for C{[listen:NAME]} and so on)."""
@@ -122,7 +123,7 @@ C{route} stand for C{[listen:NAME]} and so on)."""
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("auto", "text", "journald")
 
-_SINGLE_KINDS = ("edgeproxy", "tls", "acme", "redis")
+_SINGLE_KINDS = ("edgeproxy", "tls", "acme", "redis", "cache")
 _NAMED_KINDS = ("listen", "upstream", "route", "ratelimit", "auth")
 _SECTION_NAME = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
@@ -150,19 +151,6 @@ def _accessLog(section: Section, text: str) -> str | None:
     return path
 
 
-def _network(text: str) -> IPNetwork:
-    try:
-        return ipaddress.ip_network(text, strict=True)
-    except ValueError:
-        try:
-            loose = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise ValueError(
-                f"expected IP addresses or CIDR networks such as 10.0.0.0/8 or ::1, got {text!r}"
-            ) from None
-        raise ValueError(f"{text!r} has host bits set; did you mean {loose}?") from None
-
-
 def _readTrustedProxies(section: Section) -> tuple[IPNetwork, ...]:
     if not section.values.get("trusted_proxies", "").strip():
         # Empty means "trust nobody", the default, so it is not an error.
@@ -170,7 +158,7 @@ def _readTrustedProxies(section: Section) -> tuple[IPNetwork, ...]:
     return section.convert(
         "trusted_proxies",
         (),
-        lambda text: tuple(_network(entry) for entry in syntax.splitList(text)),
+        lambda text: tuple(syntax.checkNetwork(entry) for entry in syntax.splitList(text)),
     )
 
 
@@ -351,6 +339,7 @@ def _readRoute(section: Section, name: str) -> Route:
         websocket=section.boolean("websocket", True),
         **readRouteContent(section),
         **security.readRouteSecurity(section),
+        cache=readRouteCache(section),
     )
 
 
@@ -392,7 +381,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
             named[kind].append((label, section))
         else:
             known = (
-                "[edgeproxy], [tls], [acme], [redis], [listen:NAME], [upstream:NAME], "
+                "[edgeproxy], [tls], [acme], [redis], [cache], [listen:NAME], [upstream:NAME], "
                 "[route:NAME], [ratelimit:NAME], [auth:NAME]"
             )
             section.report(None, f"unknown section (sections are {known})")
@@ -403,6 +392,8 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     proxy = ProxySettings() if proxySection is None else _readProxy(proxySection)
     tlsSection = singles.get("tls")
     tls = None if tlsSection is None else readSection(tlsSection, _readTLS)
+    cacheSection = singles.get("cache")
+    cache = None if cacheSection is None else readSection(cacheSection, readCache)
     acmeSection = singles.get("acme")
     acme = None if acmeSection is None else readSection(acmeSection, readACME)
     if acmeSection is not None and tlsSection is None:
@@ -479,4 +470,5 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         ratelimits=ratelimits,
         auths=auths,
         redis=redis,
+        cache=cache,
     )

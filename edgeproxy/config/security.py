@@ -128,22 +128,8 @@ _HSTS_PRELOAD_MINIMUM = 365 * 86400.0
 """hstspreload.org asks for a max-age of at least a year."""
 
 
-def checkNetwork(text: str) -> IPNetwork:
-    """An IPv4 or IPv6 address or CIDR network, host bits clear."""
-    try:
-        return ipaddress.ip_network(text.strip(), strict=True)
-    except ValueError:
-        try:
-            loose = ipaddress.ip_network(text.strip(), strict=False)
-        except ValueError:
-            raise ValueError(
-                f"expected IP addresses or CIDR networks such as 10.0.0.0/8 or 2001:db8::/32, got {text!r}"
-            ) from None
-        raise ValueError(f"{text!r} has host bits set; did you mean {loose}?") from None
-
-
 def _networks(text: str) -> tuple[IPNetwork, ...]:
-    networks = tuple(checkNetwork(entry) for entry in syntax.splitList(text))
+    networks = tuple(syntax.checkNetwork(entry) for entry in syntax.splitList(text))
     if not networks:
         raise ValueError("expected at least one address or CIDR network")
     return networks

@@ -32,6 +32,7 @@ __all__ = [
     "checkToken",
     "checkHostHeader",
     "checkHashKey",
+    "checkNetwork",
     "parseServers",
     "splitList",
     "uniqueList",
@@ -65,6 +66,20 @@ def uniqueList(text: str, check: Callable[[str], str], what: str) -> tuple[str, 
     if not entries:
         raise ValueError(f"expected at least one {what}")
     return tuple(entries)
+
+
+def checkNetwork(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4 or IPv6 address or CIDR network, host bits clear."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError:
+            raise ValueError(
+                f"expected IP addresses or CIDR networks such as 10.0.0.0/8 or 2001:db8::/32, got {text!r}"
+            ) from None
+        raise ValueError(f"{text!r} has host bits set; did you mean {loose}?") from None
 
 
 # Host names -------------------------------------------------------------

@@ -62,7 +62,11 @@ class StageKind(Protocol):
         not use it.
 
         @param context: what the runtime built that stages may use (the
-            upstream pools under C{"pools"}...).
+            upstream pools under C{"pools"}, the runtime being replaced's
+            pipelines under C{"previous"}, C{"reactor"} and C{"metrics"}
+            when built by L{edgeproxy.runtime.Runtime.build}...); one dict
+            for every route of the build, in which a kind may keep what
+            all its stages share (under a key of its own).
         @param previous: this kind's stage of the same route in the
             runtime being replaced, to take its state over when the
             settings are the same.
@@ -108,7 +112,7 @@ def buildPipelines(
     @param pools: upstream name to its pool (in the runtime being built).
     @param previous: the pipelines of the runtime being replaced.
     """
-    shared = {"pools": pools, **(context or {})}
+    shared = {"pools": pools, "previous": previous or {}, **(context or {})}
     pipelines = {}
     for route in config.routes:
         before = previous.get(route.name) if previous else None
@@ -126,3 +130,4 @@ def buildPipelines(
         stages.append(("forward", Forward(route, pool, config.proxy)))
         pipelines[route.name] = RoutePipeline(tuple(stages), pool.upstream.idle_timeout)
     return pipelines
+

@@ -66,6 +66,9 @@ NOT_SUMMED = frozenset({
     "edgeproxy_reloads",
     "edgeproxy_config_last_reload_success",
     "edgeproxy_config_last_reload_success_timestamp_seconds",
+    # The disk tier of the cache is one, shared by every process.
+    "edgeproxy_cache_disk_bytes",
+    "edgeproxy_cache_disk_objects",
 })
 """Families of C{/metrics} taken from one process (the supervisor, else the
 first worker that has them) instead of summed; see
@@ -190,4 +193,7 @@ def combineStatus(
         })
     document["worker_processes"] = processes
     document["workers_missing"] = sorted(missing)
+    from edgeproxy.cache.operate import combineStatus as combineCache
+
+    document["cache"] = combineCache(document.get("cache"), [s.get("cache") for s in statuses.values()])
     return document

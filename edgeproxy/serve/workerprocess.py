@@ -255,6 +255,10 @@ class WorkerProcess(ProcessProtocol):
     def _controlMessage(self, message: dict[str, Any]) -> None:
         if message["op"] == "acme-demand" and getattr(self.supervisor, "workersACME", None) is not None:
             self.supervisor.workersACME.demand(self, message)
+        elif message["op"] == "cache-purged":
+            from edgeproxy.cache.operate import relayFromWorker
+
+            relayFromWorker(self.supervisor, self, message)
         elif message["op"] == "notify":
             fields = message.get("fields")
             if isinstance(fields, dict):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.proc import Backend, NotifyReceiver, Twistd, freePort, startTwistd
+from tests.proc import Backend, NotifyReceiver, Twistd, freePort, logContaining, startTwistd
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
@@ -176,7 +176,9 @@ def test_redisKilledMidRun(tmp_path: Path, redis: Redis, backend: Backend, onErr
             assert response.status == 503 and response.getheader("Retry-After") == "1"
         output = edge.output()
         assert output.count("does not answer") == 1, output
-        log = (tmp_path / "edge" / "access.log").read_text()
+        log = logContaining(
+            tmp_path / "edge" / "access.log", *(['rule="ratelimit store unavailable"'] if status == 503 else [])
+        )
         if status == 503:
             assert 'rule="ratelimit store unavailable"' in log
         # Back: the limits are shared again, and that is said once.
@@ -228,7 +230,13 @@ def test_sharedConcurrency(tmp_path: Path, redis: Redis) -> None:
         assert refused.getheader("RateLimit-Policy") == '"shared-concurrency";q=1'
         first.join(10)
         assert statuses == [200]
-        assert get(other).status == 200
+        # The place is given back when the first process has sent its
+        # response's last byte: a command to Redis after the client may
+        # already have read it, so the next request may come a moment early.
+        deadline = time.monotonic() + 2
+        while (status := get(other).status) == 429 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status == 200
     finally:
         for process, _, notify in processes:
             process.stop()

@@ -1,0 +1,20 @@
+"""
+The HTTP cache at the edge (RFC 9111, shared cache): the C{cache} stage of
+the pipeline and what it keeps.
+
+  - the rules, pure functions over values with an injected clock:
+    L{edgeproxy.cache.directives} (reading C{Cache-Control}, the targeted
+    field, dates and validators), L{edgeproxy.cache.freshness} (what may be
+    stored, for how long, how old it is, whether a request may have it),
+    L{edgeproxy.cache.conditional} (validation, 304 merging, client
+    conditionals), L{edgeproxy.cache.ranges} (byte ranges from a stored
+    response), L{edgeproxy.cache.status} (C{Cache-Status});
+  - the key: L{edgeproxy.cache.key};
+  - what is stored: L{edgeproxy.cache.entry}, kept in
+    L{edgeproxy.cache.memory} (per process) and L{edgeproxy.cache.disk}
+    (shared by the workers), together in L{edgeproxy.cache.stores} with the
+    collapsing of concurrent misses (L{edgeproxy.cache.collapse});
+  - the stage: L{edgeproxy.cache.stage}, its bodies
+    (L{edgeproxy.cache.bodies}), purging (L{edgeproxy.cache.purge}) and
+    how it is built per route (L{edgeproxy.cache.kind}).
+"""

@@ -1,0 +1,246 @@
+# -*- test-case-name: tests.test_cache_bodies -*-
+"""
+The response bodies of the cache stage:
+
+  - L{StoringBody}: a body from the origin on its way to the client,
+    copied into a store (a L{Sink}) piece by piece as it passes.  The
+    client's pauses, resumptions and stop reach the body's producer (the
+    backend connection) unchanged, so a slow client slows the origin and
+    nothing is buffered beyond what the store itself keeps; a store that
+    gives up (the object grew past C{max_object_size}) leaves the stream
+    to the client untouched.
+  - L{FileBody}: segments of a stored object's file, read a piece at a
+    time when the client can take them (a large object is never read
+    whole into memory).
+  - L{Drain}: the reader of a body only the store wants (a background
+    refresh; a client answered C{304} while the response is stored).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseDone
+from zope.interface import implementer
+
+from edgeproxy.bodies import IdleTimer
+from edgeproxy.pipeline.values import BODY_DONE
+
+__all__ = ["PIECE", "Drain", "FileBody", "Sink", "StoringBody"]
+
+PIECE = 64 * 1024
+"""Bytes a L{FileBody} reads at a time."""
+
+PIECES_PER_TURN = 4
+"""Pieces a L{FileBody} sends before letting the reactor run."""
+
+
+class Sink(Protocol):
+    """Where a L{StoringBody} copies the body."""
+
+    def write(self, data: bytes) -> bool:
+        """Keep C{data}; C{False} once the sink gave up (it cleaned up)."""
+
+    def finish(self) -> None:
+        """The body is complete."""
+
+    def abort(self) -> None:
+        """The body was cut short, or nobody wants it: drop what was kept."""
+
+
+@implementer(IPushProducer)
+class StoringBody:
+    """See the module docstring."""
+
+    __slots__ = ("_inner", "_producer", "_protocol", "_sink")
+
+    def __init__(self, inner: Any, sink: Sink) -> None:
+        self._inner = inner
+        self._sink: Sink | None = sink
+        self._protocol: Any = None
+        self._producer: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self._protocol = protocol
+        self._inner.deliverBody(self)
+
+    # The inner body's protocol ------------------------------------------------
+
+    def makeConnection(self, producer: Any) -> None:
+        self._producer = producer
+        self._protocol.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None and not sink.write(data):
+            self._sink = None
+        self._protocol.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            # Only a body ended by its framing is known to be complete: one
+            # ended by the close of its connection may be cut (RFC 9111 3.3).
+            if isinstance(reason.value, ResponseDone):
+                sink.finish()
+            else:
+                sink.abort()
+        self._protocol.connectionLost(reason)
+
+    # The client's view of the producer ----------------------------------------
+
+    def pauseProducing(self) -> None:
+        if self._producer is not None:
+            self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self._producer is not None:
+            self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.abort()
+        if self._producer is not None:
+            self._producer.stopProducing()
+
+
+class Drain:
+    """
+    Reads a body to its end and drops it (the store keeps it), stopping
+    it when it goes C{timeout} seconds without a byte (the route's
+    C{idle_timeout}: no client is there to time it out).
+    """
+
+    __slots__ = ("_producer", "_idle")
+
+    def __init__(self, clock: Any, timeout: float) -> None:
+        self._producer: Any = None
+        self._idle = IdleTimer(clock, timeout, self._stalled)
+
+    def makeConnection(self, producer: Any) -> None:
+        self._producer = producer
+        self._idle.touch()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._idle.touch()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._idle.close()
+        self._producer = None
+
+    def _stalled(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
+
+
+@implementer(IPushProducer)
+class FileBody:
+    """
+    Segments of an open file, each after some bytes of its own (a
+    multipart boundary), then a trailer; the file is closed at the end.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_done",
+        "_fd",
+        "_index",
+        "_left",
+        "_paused",
+        "_position",
+        "_protocol",
+        "_scheduled",
+        "_segments",
+        "_trailer",
+    )
+
+    def __init__(
+        self,
+        fd: int,
+        segments: tuple[tuple[bytes, int, int], ...],
+        trailer: bytes,
+        clock: Any,
+    ) -> None:
+        self._fd = fd
+        self._segments = segments
+        self._trailer = trailer
+        self._clock = clock
+        self._protocol: Any = None
+        self._paused = False
+        self._scheduled: Any = None
+        self._index = -1
+        self._position = 0
+        self._left = 0
+        self._done = False
+
+    def deliverBody(self, protocol: Any) -> None:
+        self._protocol = protocol
+        protocol.makeConnection(self)
+        self._pump()
+
+    def _pump(self) -> None:
+        self._scheduled = None
+        sent = 0
+        while not self._paused and not self._done:
+            if sent >= PIECES_PER_TURN:
+                self._scheduled = self._clock.callLater(0, self._pump)
+                return
+            if self._left == 0:
+                self._index += 1
+                if self._index >= len(self._segments):
+                    self._finish()
+                    return
+                prefix, self._position, self._left = self._segments[self._index]
+                if prefix:
+                    self._protocol.dataReceived(prefix)
+                continue
+            try:
+                data = os.pread(self._fd, min(PIECE, self._left), self._position)
+            except OSError as e:
+                self._end(Failure(e))
+                return
+            if not data:
+                # The file is shorter than its index said: cut short.
+                self._end(Failure(ConnectionAborted("stored object truncated")))
+                return
+            self._position += len(data)
+            self._left -= len(data)
+            sent += 1
+            self._protocol.dataReceived(data)
+
+    def _finish(self) -> None:
+        if self._trailer:
+            self._protocol.dataReceived(self._trailer)
+        self._end(BODY_DONE)
+
+    def _end(self, reason: Failure) -> None:
+        if self._done:
+            return
+        self._done = True
+        os.close(self._fd)
+        self._protocol.connectionLost(reason)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+            self._scheduled = None
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._scheduled is None and not self._done:
+            self._scheduled = self._clock.callLater(0, self._pump)
+
+    def stopProducing(self) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        self._end(Failure(ConnectionAborted("stopped")))
