@@ -29,6 +29,7 @@ from edgeproxy.config.model import (
     CacheSettings,
     Config,
     HTTP2Settings,
+    HeaderRules,
     ImageSettings,
     Limits,
     Listener,
@@ -405,6 +406,8 @@ latency_buckets = 5ms, 50ms 500ms
     5s
 image_workers = 2
 image_queue = 5
+request_id = X-Correlation-ID
+client_ip_header = X-Real-IP
 
 [tls]
 certificates = certs, certs/site.pem
@@ -518,6 +521,13 @@ stale_while_revalidate = 30s
 stale_if_error = 1d
 default_ttl = 5m
 cache_cookies = yes
+request_headers_set = X-Env: prod
+request_headers_add = X-Trace: edge
+request_headers_remove = X-Debug, X-Internal-*
+response_headers_set = X-Content-Type-Options: nosniff
+    Referrer-Policy: no-referrer
+response_headers_add = Cache-Control: no-transform
+response_headers_remove = X-Backend-*
 
 [route:catchall]
 hosts = *
@@ -571,6 +581,8 @@ def test_fullExample(site: Path) -> None:
             latency_buckets=(0.005, 0.05, 0.5, 5.0),
             image_workers=2,
             image_queue=5,
+            request_id="X-Correlation-ID",
+            client_ip_header="X-Real-IP",
         ),
         tls=TLSSettings(
             certificates=(os.path.join(base, "certs"), os.path.join(base, "certs", "site.pem")),
@@ -706,6 +718,16 @@ def test_fullExample(site: Path) -> None:
                     stale_if_error=86400.0,
                     default_ttl=300.0,
                     cache_cookies=True,
+                ),
+                request_headers=HeaderRules(
+                    remove=("x-debug", "x-internal-*"),
+                    set=(("x-env", "prod"),),
+                    add=(("x-trace", "edge"),),
+                ),
+                response_headers=HeaderRules(
+                    remove=("x-backend-*",),
+                    set=(("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer")),
+                    add=(("cache-control", "no-transform"),),
                 ),
             ),
             Route(name="catchall", hosts=("*",), paths=("/",), upstream="legacy"),

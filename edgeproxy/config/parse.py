@@ -44,6 +44,13 @@ from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, read
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
+from edgeproxy.config.headers import (
+    HEADER_PROXY_KEYS,
+    HEADER_ROUTE_KEYS,
+    checkHeaderNames,
+    readProxyHeaders,
+    readRouteHeaders,
+)
 from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
     AccessLogFormat,
@@ -91,6 +98,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "log_format",
         "latency_buckets",
         *PROXY_KEYS,
+        *HEADER_PROXY_KEYS,
     ),
     "tls": (
         "certificates",
@@ -109,7 +117,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "upstream": UPSTREAM_KEYS,
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
-        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS,
+        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *HEADER_ROUTE_KEYS,
     ),
     "ratelimit": security.RATELIMIT_KEYS,
     "auth": security.AUTH_KEYS,
@@ -182,6 +190,7 @@ def _readProxy(section: Section) -> ProxySettings:
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
         latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
         **readProxyContent(section, defaults.image_workers),
+        **readProxyHeaders(section),
     )
 
 
@@ -340,6 +349,7 @@ def _readRoute(section: Section, name: str) -> Route:
         **readRouteContent(section),
         **security.readRouteSecurity(section),
         cache=readRouteCache(section),
+        **readRouteHeaders(section),
     )
 
 
@@ -455,6 +465,9 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         declared={kind: {label for label, _ in named[kind]} for kind in _NAMED_KINDS}
         | {kind: {kind} for kind in singles},
         sections={f"{kind}:{label}": section for kind in _NAMED_KINDS for label, section in named[kind]},
+    )
+    checkHeaderNames(
+        proxy, routes, {f"route:{label}": section for label, section in named["route"]}
     )
     if problems:
         raise ConfigErrors.of(problems.errors, loaded.source.files)
