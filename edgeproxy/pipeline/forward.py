@@ -26,7 +26,13 @@ from twisted.python.failure import Failure
 from edgeproxy.config.model import ProxySettings, Route, Upstream
 from edgeproxy.errors import ProxyError
 from edgeproxy.pipeline.call import Call
-from edgeproxy.pipeline.forwarded import clientFields, isTrusted, sanitized, upstreamFields
+from edgeproxy.pipeline.forwarded import (
+    clientFields,
+    isTrusted,
+    ownFields,
+    sanitized,
+    upstreamFields,
+)
 from edgeproxy.pipeline.values import Request, Response
 from edgeproxy.upstream.balance import requestHashKey
 
@@ -92,7 +98,9 @@ class Forward:
     @ivar pool: the pool of the route's upstream (in this runtime).
     """
 
-    __slots__ = ("pool", "upstream", "route", "_trusted", "_via", "_hostOverride", "_hashKey")
+    __slots__ = (
+        "pool", "upstream", "route", "_trusted", "_via", "_hostOverride", "_hashKey", "_own",
+    )
 
     def __init__(self, route: Route, pool: Any, proxy: ProxySettings) -> None:
         self.pool = pool
@@ -105,6 +113,7 @@ class Forward:
             None if upstream.host_header is None else sanitized(upstream.host_header.encode("idna"))
         )
         self._hashKey = upstream.hash_key if upstream.balance == "hash" else None
+        self._own = ownFields(proxy.request_id, proxy.client_ip_header)
 
     def handle(self, call: Call) -> None:
         request = call.request
@@ -127,6 +136,9 @@ class Forward:
             upgrade=upgrade,
             hostOverride=self._hostOverride,
             receivedProtocol=_VIA_PROTOCOLS.get(request.version, b"1.1"),
+            own=self._own,
+            requestId=request.requestId,
+            client=request.client,
         )
         path = request.path
         if self.route.strip_prefix:
@@ -167,7 +179,7 @@ class Forward:
             Response(
                 response.status,
                 response.reason,
-                clientFields(response.fields),
+                clientFields(response.fields, self._own),
                 response.length,
                 response,
             )
