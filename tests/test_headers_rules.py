@@ -114,3 +114,31 @@ def test_rulesHold(
         else:
             expected = [value for n, value in pairs if n == name]
         assert list(applied.getAll(name)) == expected + added, name
+
+
+def test_fieldsReadFromTheWireStayLines() -> None:
+    """
+    A request's fields as the parser read them stay field lines (the
+    forward stage's and the writer's fast paths), and what the parser
+    noted (User-Agent, Referer...) is looked up right after the rules
+    changed it.
+    """
+    from edgeproxy.h1 import parseRequestHead
+
+    head = parseRequestHead(
+        b"GET / HTTP/1.1\r\nHost: a.example\r\nUser-Agent: curl\r\nReferer: r\r\nX-Debug: 1\r\n"
+        b"X-Internal-A: 2",
+        100,
+    )
+    applied = rules(
+        remove=("referer", "x-internal-*", "x-debug"), set=(("user-agent", "edge"),), add=(("x-new", "1"),)
+    ).apply(head.fields)
+    assert applied.lines() == [b"Host: a.example", b"User-Agent: edge", b"X-New: 1"]
+    assert applied.get(b"user-agent") == b"edge"
+    assert applied.get(b"referer") is None and b"referer" not in applied
+    assert applied.get(b"host") == b"a.example"
+    assert b"x-debug" not in applied and applied.get(b"x-new") == b"1"
+    # Twice: the second time from what the first learnt of each line.
+    again = rules(remove=("x-debug",)).apply(head.fields)
+    assert again == rules(remove=("x-debug",)).apply(head.fields)
+    assert again.lines() is not None and b"x-debug" not in again

@@ -21,9 +21,12 @@ after the fields kept (field order matters only within one name, RFC 9110
 from __future__ import annotations
 
 from edgeproxy.config.model import HeaderRules
-from edgeproxy.h1.fields import Fields
+from edgeproxy.h1.fields import LINES, Fields, noteLine
+from edgeproxy.h1.syntax import linePrefix
 
 __all__ = ["FieldRules"]
+
+_MAX_VERDICTS = 4096
 
 
 class FieldRules:
@@ -36,7 +39,10 @@ class FieldRules:
     @ivar addFields: (name, value) appended.
     """
 
-    __slots__ = ("removed", "prefixes", "setFields", "addFields", "_replaced")
+    __slots__ = (
+        "removed", "prefixes", "setFields", "addFields", "_replaced", "_lines", "_written",
+        "_verdicts",
+    )
 
     def __init__(
         self,
@@ -51,6 +57,18 @@ class FieldRules:
         self.addFields = addFields
         # A set name is replaced, so its old values go like removed ones.
         self._replaced = removed | {name for name, _ in setFields}
+        # What _set and _add write, as field lines (for fields held as the
+        # lines they were read as), noted so that no one splits them again.
+        lines = []
+        for name, value in [(n, v) for n, values in setFields for v in values] + list(addFields):
+            line = linePrefix(name) + value
+            noteLine(line, name, value)
+            lines.append(line)
+        self._lines = lines
+        self._written = frozenset(name for name, _ in setFields) | {name for name, _ in addFields}
+        self._verdicts: dict[bytes, bytes] = {}
+        """Field line -> the name it goes under (C{b""}: kept): the same
+        lines come again and again; bounded."""
 
     @classmethod
     def fromConfig(cls, rules: HeaderRules) -> FieldRules:
@@ -91,6 +109,29 @@ class FieldRules:
         """C{fields} with the rules applied (a new L{Fields})."""
         replaced = self._replaced
         prefixes = self.prefixes
+        lines = fields.lines()
+        if lines is not None:
+            # Fields as read from the wire stay lines: the forward stage and
+            # the HTTP/1.1 writer keep their fast paths.
+            verdicts = self._verdicts
+            kept = []
+            gone = []
+            for line in lines:
+                verdict = verdicts.get(line)
+                if verdict is None:
+                    pair = LINES.get(line)
+                    lower = pair[0] if pair is not None else line.partition(b":")[0].lower()
+                    drop = lower in replaced or (prefixes and lower.startswith(prefixes))
+                    verdict = lower if drop else b""
+                    if len(verdicts) >= _MAX_VERDICTS:
+                        verdicts.clear()
+                    verdicts[line] = verdict
+                if verdict:
+                    gone.append(verdict)
+                else:
+                    kept.append(line)
+            kept += self._lines
+            return fields.withLines(kept, self._written.union(gone) if gone else self._written)
         out: dict[bytes, list[bytes]] = {}
         for name, values in fields.raw().items():
             if name in replaced or (prefixes and name.startswith(prefixes)):
