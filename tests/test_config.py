@@ -115,7 +115,7 @@ ERRORS = [
     ("[route:r]\nhosts = r.example\nupstream = app\nverbs = GET", "route:r", "verbs", "verbs", "unknown key"),
     ("[tls]\ncertificates = certs\nciphers = ALL", "tls", "ciphers", "ciphers", "unknown key"),
     # [edgeproxy] types
-    ("[edgeproxy]\naccess_log_format = xml", "edgeproxy", "access_log_format", "xml", "expected one of combined, json"),
+    ("[edgeproxy]\naccess_log_format = xml", "edgeproxy", "access_log_format", "xml", "expected one of combined, combined_plain, json"),
     ("[edgeproxy]\naccess_log = nodir/access.log", "edgeproxy", "access_log", "nodir", "does not exist"),
     ("[edgeproxy]\naccess_log = logs", "edgeproxy", "access_log", "= logs", "is a directory"),
     ("[edgeproxy]\naccess_log =", "edgeproxy", "access_log", "access_log", "expected a value"),

@@ -33,6 +33,9 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 
 class AccessLogFormat(enum.Enum):
     COMBINED = "combined"
+    """The Combined Log Format with the request's C{key=value} pairs after it."""
+    COMBINED_PLAIN = "combined_plain"
+    """The Combined Log Format alone."""
     JSON = "json"
 
 

@@ -104,6 +104,9 @@ class Call:
     @ivar upstreamName: the upstream the call was forwarded to (access log).
     @ivar backend: the address of the backend that answered (access log;
         never sent to the client).
+    @ivar upstreamHead: when the backend's response head reached the
+        forward stage (the clock's time; the access log's C{ttfb}), or
+        L{None}.
     @ivar status: the status the client got (set by the client side).
     @ivar sent: response body bytes sent to the client.
     @ivar started: when the request's head was complete (the clock's time).
@@ -125,7 +128,7 @@ class Call:
         "request", "body", "client", "stages", "index", "handlers", "cancelHook",
         "over", "forwarder", "upstreamName", "backend", "status", "sent", "started",
         "firstByte", "logged", "idleTimeout", "refusedBy", "identity", "endHooks",
-        "responseRules",
+        "upstreamHead", "responseRules",
     )
 
     def __init__(
@@ -156,6 +159,7 @@ class Call:
         self.refusedBy: str | None = None
         self.identity: str | None = None
         self.endHooks: list[Callable[[], None]] | None = None
+        self.upstreamHead: float | None = None
         self.responseRules: Any = None
 
     # The way in -------------------------------------------------------------

@@ -95,7 +95,8 @@ class Forward:
     """
     Send the request to the route's upstream pool.
 
-    @ivar pool: the pool of the route's upstream (in this runtime).
+    @ivar pool: the pool of the route's upstream (in this runtime); its
+        C{seconds} is the clock the backend's answer is timed with.
     """
 
     __slots__ = (
@@ -172,8 +173,9 @@ class Forward:
     # The pool's outcome (through the call) ----------------------------------
 
     def responded(self, call: Call, response: Any) -> None:
-        # The pool interface has no clock: the client side stamps
-        # call.firstByte when the head reaches it.
+        # For the access log only (never the client): which backend
+        # answered, and when its head came.
+        call.upstreamHead = self.pool.seconds()
         call.backend = response.backend
         call.respond(
             Response(
