@@ -367,6 +367,8 @@ class _Summary:
                 )
             if route.cache is not None:
                 extras.append("cached")
+            if route.request_headers is not None or route.response_headers is not None:
+                extras.append("header rules")
             rows.append(
                 [
                     route.name,

@@ -26,9 +26,9 @@ from edgeproxy.config.model import (
 )
 from edgeproxy.errors import BackendUnavailable, UpstreamTimeout
 from edgeproxy.headers.stage import HeadersStage
+from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.pipeline.forward import Forward
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
-from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
 from tests.h2util import Pair, request, textResponse
@@ -47,10 +47,10 @@ RESPONSE_RULES = HeaderRules(
 
 
 def route(**kwargs: Any) -> Route:
-    settings: dict[str, Any] = dict(
-        name="app", hosts=("app.example",), paths=("/",), upstream="app",
-        request_headers=REQUEST_RULES, response_headers=RESPONSE_RULES,
-    )
+    settings: dict[str, Any] = {
+        "name": "app", "hosts": ("app.example",), "paths": ("/",), "upstream": "app",
+        "request_headers": REQUEST_RULES, "response_headers": RESPONSE_RULES,
+    }
     settings.update(kwargs)
     return Route(**settings)
 

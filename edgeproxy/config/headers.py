@@ -36,8 +36,8 @@ from edgeproxy.config.model import HeaderRules, ProxySettings, Route
 from edgeproxy.config.section import Section
 
 __all__ = [
-    "HEADER_ROUTE_KEYS",
     "HEADER_PROXY_KEYS",
+    "HEADER_ROUTE_KEYS",
     "NOT_SET_ON_REQUESTS",
     "NOT_SET_ON_RESPONSES",
     "checkHeaderNames",
@@ -145,7 +145,7 @@ def _removed(text: str, refused: dict[str, str], request: bool) -> tuple[str, ..
     for entry in re.split(r"[\s,]+", text.strip()):
         if not entry:
             continue
-        stem = entry[:-1] if entry.endswith("*") else entry
+        stem = entry.removesuffix("*")
         if not stem or "*" in stem:
             raise ValueError(
                 f"expected field names, or a name's start followed by '*' "

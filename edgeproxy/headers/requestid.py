@@ -54,7 +54,7 @@ class RequestIds:
     @ivar prefix: the start of its HTTP/1.1 field line (C{b"X-Request-ID: "}).
     """
 
-    __slots__ = ("name", "prefix", "_random", "_pool")
+    __slots__ = ("_pool", "_random", "name", "prefix")
 
     def __init__(self, name: str, randomBytes: Callable[[int], bytes] = os.urandom) -> None:
         """

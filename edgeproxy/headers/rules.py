@@ -40,8 +40,14 @@ class FieldRules:
     """
 
     __slots__ = (
-        "removed", "prefixes", "setFields", "addFields", "_replaced", "_lines", "_written",
+        "_lines",
+        "_replaced",
         "_verdicts",
+        "_written",
+        "addFields",
+        "prefixes",
+        "removed",
+        "setFields",
     )
 
     def __init__(
@@ -142,6 +148,6 @@ class FieldRules:
         for name, setValues in self.setFields:
             out[name] = list(setValues)
         for name, value in self.addFields:
-            kept = out.get(name)
-            out[name] = [value] if kept is None else [*kept, value]
+            before = out.get(name)
+            out[name] = [value] if before is None else [*before, value]
         return Fields.trusted(out)

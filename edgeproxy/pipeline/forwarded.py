@@ -201,7 +201,7 @@ class OwnFields:
     """
 
     __slots__ = (
-        "requestId", "clientIp", "notCopied", "copied", "notReturned", "requestIdPrefix",
+        "clientIp", "copied", "notCopied", "notReturned", "requestId", "requestIdPrefix",
     )
 
     def __init__(self, requestId: bytes | None, clientIp: bytes | None) -> None:
