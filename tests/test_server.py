@@ -17,7 +17,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseFailed
+from twisted.web.client import ResponseFailed
 from twisted.web.http import PotentialDataLoss
 
 from edgeproxy.config.model import Config, Limits, Listener, ProxySettings, Route, Server, Upstream
