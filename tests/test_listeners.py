@@ -14,7 +14,8 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 
-from edgeproxy.serve.listeners import LeanServer, formatAddress
+from edgeproxy._compat.twisted.tcp import LeanServer
+from edgeproxy.serve.listeners import formatAddress
 
 
 def test_addressesAsLogLinesName() -> None:

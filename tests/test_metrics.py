@@ -330,7 +330,7 @@ def test_bytesCountedOverTheEdgeTLSTransport(tlsSite: TLSSite, monkeypatch: pyte
     """
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    from edgeproxy.tls.transport import EdgeTLSTransport
+    from edgeproxy._compat.twisted.tls import EdgeTLSTransport
     from tests import tlsutil
 
     class EdgeTLSFactory(TLSMemoryBIOFactory):

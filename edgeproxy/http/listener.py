@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from edgeproxy._compat.twisted.tls import EdgeTLSTransport
 from edgeproxy.config.model import Listener
 from edgeproxy.errors import BadRequest, ContentTooLarge, MisdirectedRequest, NoRoute, ProxyError
 from edgeproxy.h1.fields import Fields
@@ -40,7 +41,6 @@ from edgeproxy.pipeline.values import ConnectionInfo, Request
 from edgeproxy.routing import normaliseHost
 from edgeproxy.targets import normaliseTarget
 from edgeproxy.tls.failures import handshakeFailureReason
-from edgeproxy.tls.transport import EdgeTLSTransport
 
 __all__ = ["ListenerFactory"]
 
