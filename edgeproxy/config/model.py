@@ -86,6 +86,10 @@ class ProxySettings:
     log_format: str = "auto"
     """C{text}, C{journald} (a C{<N>} priority on every line), or C{auto}:
     C{journald} when standard output is the journal."""
+    fast_paths: str = "auto"
+    """C{auto}: the fast paths through Twisted's and pyOpenSSL's private
+    surface with the releases they were tested with; C{off}: never (see
+    L{edgeproxy._compat}).  Read at start."""
 
 
 class TLSVersion(enum.Enum):

@@ -87,6 +87,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "log_level",
         "log_format",
         "latency_buckets",
+        "fast_paths",
     ),
     "tls": (
         "certificates",
@@ -108,6 +109,8 @@ C{route} stand for C{[listen:NAME]} and so on)."""
 # The values edgeproxy.logs accepts (config/ imports no subsystem).
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("auto", "text", "journald")
+# The values edgeproxy._compat.decideFastPaths accepts.
+_FAST_PATHS = ("auto", "off")
 
 _SINGLE_KINDS = ("edgeproxy", "tls", "acme")
 _NAMED_KINDS = ("listen", "upstream", "route")
@@ -180,6 +183,7 @@ def _readProxy(section: Section) -> ProxySettings:
         log_level=section.choice("log_level", defaults.log_level, {v: v for v in _LOG_LEVELS}),
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
         latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
+        fast_paths=section.choice("fast_paths", defaults.fast_paths, {v: v for v in _FAST_PATHS}),
     )
 
 
