@@ -4,7 +4,8 @@ The fast paths through Twisted's TCP transports (C{tcp.Server},
 C{tcp.Client}), all reaching into their private state:
 
   - L{LeanServer}, the accepted connection of edgeproxy's TCP listeners
-    (L{acceptAsLeanServer} sets a listening port's C{transport} class);
+    (L{acceptAsLeanServer} sets a listening port's C{transport} class),
+    which sends straight to the socket itself (L{LeanServer.writeNow});
   - L{sendNow}, which sends bytes straight to the socket when nothing is
     queued, through the transport's own C{writeSomeData}
     (C{dataBuffer}, C{_tempDataBuffer});
@@ -25,6 +26,7 @@ from functools import partial
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.abstract import FileDescriptor
 
 from edgeproxy._compat import fastPaths
 
@@ -42,7 +44,49 @@ class LeanServer(tcp.Server):
     longer sets up per event, and C{repr()} in debugging.  The text is the
     same as Twisted's, with the protocol the connection has at the time of
     asking (C{_getLogPrefix}, the port's C{_realPortNumber}).
+
+    It also counts the bytes it is given to send (L{traffic}), those it
+    sends straight to the socket (L{writeNow}) included.
     """
+
+    traffic: Any = None
+    """
+    When set (by L{edgeproxy.http.listener}), an object whose C{sent} is
+    increased by the bytes written while connected: counted here rather
+    than by wrapping C{write} on every connection, which neither sees what
+    L{writeNow} sends nor comes free (two bound methods per connection).
+    """
+
+    def write(self, data: bytes) -> None:
+        traffic = self.traffic
+        if traffic is not None and self.connected and not self._writeDisconnected:
+            traffic.sent += len(data)
+        FileDescriptor.write(self, data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        traffic = self.traffic
+        if traffic is not None:
+            iovec = list(iovec)
+            if self.connected and not self._writeDisconnected:
+                traffic.sent += sum(map(len, iovec))
+        FileDescriptor.writeSequence(self, iovec)
+
+    def writeNow(self, data: bytes) -> None:
+        """
+        Write C{data}, straight to the socket when nothing is queued before
+        it: L{sendNow} (see there why), for a connection of this class, as
+        one call.
+        """
+        traffic = self.traffic
+        if traffic is not None and self.connected and not self._writeDisconnected:
+            traffic.sent += len(data)
+        if not self.dataBuffer and not self._tempDataBuffer and self.connected and not self.disconnecting:
+            sent = self.writeSomeData(data)
+            if isinstance(sent, int):
+                if sent == len(data):
+                    return
+                data = data[sent:]
+        FileDescriptor.write(self, data)
 
     @property  # type: ignore[override]
     def logstr(self) -> str:
@@ -132,6 +176,7 @@ def immediateWriter(transport: Any) -> Callable[[bytes], None]:
     for a TCP transport with the fast paths on, else its C{write}.
     """
     if getattr(type(transport), "writeNow", None) is not None:
+        # EdgeTLSTransport, LeanServer.
         return transport.writeNow  # type: ignore[no-any-return]
     if type(transport) in _DIRECT and fastPaths().tcp:
         return partial(sendNow, transport)
