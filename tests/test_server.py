@@ -152,7 +152,10 @@ def wire(request: pytest.FixtureRequest) -> Iterator[str]:
         yield kind
         return
     with using(kind.endswith("-fast")):
-        yield kind
+        try:
+            yield kind
+        finally:
+            SocketWire.closeAll()
 
 
 class Connection:
@@ -218,6 +221,7 @@ def test_completeResponseSentWithoutAReactorTurn(kind: str, fast: bool, certific
         before = connection.received()
         immediately = connection.wire.deliver(b"GET /now HTTP/1.1\r\n" + H + b"\r\n")[len(before):]
         response = connection.received()[len(before):]
+        connection.wire.close()
     assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"GET /now ")
     assert immediately == (response if fast else b"")
 

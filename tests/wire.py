@@ -1,8 +1,8 @@
 """
-A protocol served over a real socket, as a TCP listener serves it, with the
-test at the other end of the socket: for tests that must see what the fast
-paths change (bytes sent straight to the socket, the TLS transport's record
-path) and what they fall back to without them.
+A protocol served over a real TCP socket on 127.0.0.1, as a TCP listener
+serves it, with the test at the other end of the socket: for tests that
+must see what the fast paths change (bytes sent straight to the socket, the
+TLS transport's record path) and what they fall back to without them.
 
     wire = SocketWire(factory, clock, tls=store.serverConnectionCreator())
     wire.send(b"GET / HTTP/1.1\\r\\n...")
@@ -35,6 +35,20 @@ from edgeproxy.serve.listeners import tlsServerFactory
 __all__ = ["SocketWire"]
 
 PEER = ("192.0.2.7", 40000)
+
+
+def _connectedPair() -> tuple[socket.socket, socket.socket]:
+    """Both ends of a TCP connection on 127.0.0.1, non-blocking."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        peer = socket.create_connection(listening.getsockname(), timeout=5)
+        mine, _ = listening.accept()
+    for end in (mine, peer):
+        end.setblocking(False)
+        # Every write is seen by the other end at once (no Nagle delay).
+        end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return mine, peer
 
 
 class _Listening:
@@ -88,6 +102,15 @@ class _TLSClient:
 class SocketWire:
     """One accepted connection serving C{factory}'s protocol over a socket pair."""
 
+    opened: list[SocketWire] = []
+    """Every wire not closed yet (L{closeAll})."""
+
+    @classmethod
+    def closeAll(cls) -> None:
+        """Close every wire (a fixture's clean-up)."""
+        while cls.opened:
+            cls.opened.pop().close()
+
     def __init__(
         self,
         factory: Any,
@@ -96,20 +119,25 @@ class SocketWire:
         caPEM: bytes | None = None,
         serverName: bytes = b"a.example",
         alpn: tuple[bytes, ...] = (b"http/1.1",),
+        transportClass: type | None = None,
     ) -> None:
         """
         @param factory: what a listener serves (its site).
         @param clock: the TLS layer's clock (advanced by L{pump}).
         @param tls: a server connection creator, for a TLS listener.
+        @param transportClass: the TCP transport, when not what a listener
+            would accept the connection as (Twisted's C{tcp.Server} stands
+            for a backend connection's C{tcp.Client}: the same write path).
         """
         self.clock = clock
         self.reactor = MemoryReactorClock()
-        self.mine, self.peer = socket.socketpair()
-        self.peer.setblocking(False)
+        self.mine, self.peer = _connectedPair()
+        self.opened.append(self)
         served = tlsServerFactory(tls, factory, clock) if tls is not None else factory
         protocol = served.buildProtocol(IPv4Address("TCP", *PEER))
-        accepted = LeanServer if fastPaths().tcp else tcp.Server
-        self.tcp = accepted(self.mine, protocol, PEER, _Listening(), 1, self.reactor)
+        if transportClass is None:
+            transportClass = LeanServer if fastPaths().tcp else tcp.Server
+        self.tcp = transportClass(self.mine, protocol, PEER, _Listening(), 1, self.reactor)
         protocol.makeConnection(self.tcp)
         self.tlsProtocol = protocol if tls is not None else None
         self.protocol = protocol.wrappedProtocol if tls is not None else protocol
@@ -130,8 +158,16 @@ class SocketWire:
                     break
 
     def close(self) -> None:
+        if self in self.opened:
+            self.opened.remove(self)
         self.mine.close()
         self.peer.close()
+
+    @property
+    def disconnecting(self) -> bool:
+        """Whether the server closed, or is closing, the connection."""
+        self.pump()
+        return bool(self.transport.disconnecting or self.tcp.disconnected)
 
     # The peer's side ------------------------------------------------------------
 
@@ -146,6 +182,12 @@ class SocketWire:
     def received(self) -> bytes:
         """Everything the peer received so far (after L{pump})."""
         self.pump()
+        return self._received
+
+    def peek(self) -> bytes:
+        """What reached the peer's socket so far, without running anything
+        on the server's side (no timer, no queued write)."""
+        self._fromServer()
         return self._received
 
     def deliver(self, data: bytes) -> bytes:
@@ -225,6 +267,9 @@ class SocketWire:
             try:
                 chunk = self.peer.recv(1 << 20)
             except BlockingIOError:
+                break
+            except ConnectionResetError:
+                # The server closed with bytes of ours unread.
                 break
             if not chunk:
                 break
