@@ -2,7 +2,7 @@
 """
 CPU cost of one proxied request in edgeproxy's own code, measured in memory.
 
-    .venv/bin/python benchmarks/inproc.py [--requests N] [--runs R] [--profile]
+    .venv/bin/python benchmarks/inproc.py [--tls] [--fast-paths off] [--requests N] [--runs R] [--profile]
 
 The whole HTTP path of a kept-alive connection runs here as in production:
 the listener's L{HTTP1Connection} parses the request and routes it, the
@@ -259,7 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         "--tls", action="store_true",
         help="the client over TLS 1.3 (the listener's TLS transport, in memory too)",
     )
+    parser.add_argument(
+        "--fast-paths", choices=("auto", "off"), default="auto",
+        help="[edgeproxy] fast_paths: off measures Twisted's public paths (docs/operations.rst)",
+    )
     args = parser.parse_args(argv)
+    from edgeproxy._compat import decideFastPaths, useFastPaths
+
+    useFastPaths(decideFastPaths(args.fast_paths))
     bench = Bench(tls=args.tls)
     for _ in range(3):
         bench.check()
@@ -276,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.run(args.requests) / args.requests * 1e6 for _ in range(args.runs)
     )
     print(
-        f"in-memory proxied request (HTTP/1.1{' over TLS' if args.tls else ''} keep-alive, 1 KiB): "
+        f"in-memory proxied request (HTTP/1.1{' over TLS' if args.tls else ''} keep-alive, 1 KiB"
+        f"{', fast_paths = off' if args.fast_paths == 'off' else ''}): "
         f"median {statistics.median(perRequest):.1f} us CPU per request "
         f"(runs: {', '.join(f'{x:.1f}' for x in perRequest)}; "
         f"{args.requests} requests each)"
