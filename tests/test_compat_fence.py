@@ -249,6 +249,18 @@ def test_noPrivateNamesOutsideTheFence(path: Path, onlyTheirs: set[str]) -> None
     assert not found, "\n".join(map(str, found))
 
 
+BENCHMARKS = sorted((ROOT.parent / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", BENCHMARKS, ids=lambda p: str(p.relative_to(ROOT.parent)))
+def test_benchmarksStayOutsideTheFenceToo(path: Path, onlyTheirs: set[str]) -> None:
+    """The benchmarks drive edgeproxy as it runs: through public names only."""
+    name = str(path.relative_to(ROOT.parent))
+    source = path.read_text()
+    found = trespasses(source, name) + handedTrespasses(source, onlyTheirs, name)
+    assert not found, "\n".join(map(str, found))
+
+
 def test_handedObjectsAreSeen(onlyTheirs: set[str]) -> None:
     """Private state read off a reactor, a transport or a connection is seen."""
     source = (
