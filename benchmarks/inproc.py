@@ -2,7 +2,7 @@
 """
 CPU cost of one proxied request in edgeproxy's own code, measured in memory.
 
-    .venv/bin/python benchmarks/inproc.py [--requests N] [--runs R] [--profile] [--cache]
+    .venv/bin/python benchmarks/inproc.py [--tls] [--cache] [--fast-paths off] [--requests N] [--runs R] [--profile]
 
 The whole HTTP path of a kept-alive connection runs here as in production:
 the listener's L{HTTP1Connection} parses the request and routes it, the
@@ -277,7 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the client over TLS 1.3 (the listener's TLS transport, in memory too)",
     )
     parser.add_argument("--cache", action="store_true", help="measure cache hits instead")
+    parser.add_argument(
+        "--fast-paths", choices=("auto", "off"), default="auto",
+        help="[edgeproxy] fast_paths: off measures Twisted's public paths (docs/operations.rst)",
+    )
     args = parser.parse_args(argv)
+    from edgeproxy._compat import decideFastPaths, useFastPaths
+
+    useFastPaths(decideFastPaths(args.fast_paths))
     bench = Bench(tls=args.tls, cache=args.cache)
     for _ in range(3):
         bench.check()
@@ -295,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"in-memory {'cache hit' if args.cache else 'proxied request'} "
-        f"(HTTP/1.1{' over TLS' if args.tls else ''} keep-alive, 1 KiB): "
+        f"(HTTP/1.1{' over TLS' if args.tls else ''} keep-alive, 1 KiB"
+        f"{', fast_paths = off' if args.fast_paths == 'off' else ''}): "
         f"median {statistics.median(perRequest):.1f} us CPU per request "
         f"(runs: {', '.join(f'{x:.1f}' for x in perRequest)}; "
         f"{args.requests} requests each)"

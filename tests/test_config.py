@@ -140,6 +140,7 @@ ERRORS = [
     ("[edgeproxy]\nlatency_buckets = fast", "edgeproxy", "latency_buckets", "fast", "expected a duration"),
     ("[edgeproxy]\nlog_level = verbose", "edgeproxy", "log_level", "verbose", "expected one of debug, info, warn, error"),
     ("[edgeproxy]\nlog_format = syslog", "edgeproxy", "log_format", "syslog", "expected one of auto, text, journald"),
+    ("[edgeproxy]\nfast_paths = on", "edgeproxy", "fast_paths", "on", "expected one of auto, off"),
     # [tls]
     ("[tls]\ndefault = certs/site.pem", "tls", "certificates", "[tls]", "missing required key 'certificates'"),
     ("[tls]\ncertificates = certs nothere.pem", "tls", "certificates", "nothere", "does not exist"),
@@ -405,6 +406,7 @@ latency_buckets = 5ms, 50ms 500ms
     5s
 image_workers = 2
 image_queue = 5
+fast_paths = off
 
 [tls]
 certificates = certs, certs/site.pem
@@ -571,6 +573,7 @@ def test_fullExample(site: Path) -> None:
             latency_buckets=(0.005, 0.05, 0.5, 5.0),
             image_workers=2,
             image_queue=5,
+            fast_paths="off",
         ),
         tls=TLSSettings(
             certificates=(os.path.join(base, "certs"), os.path.join(base, "certs", "site.pem")),

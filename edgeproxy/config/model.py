@@ -92,6 +92,10 @@ class ProxySettings:
     image_queue: int | None = None
     """Conversions that may wait for a worker; L{None}: twice
     C{image_workers}.  Beyond it, originals go out unconverted."""
+    fast_paths: str = "auto"
+    """C{auto}: the fast paths through Twisted's and pyOpenSSL's private
+    surface with the releases they were tested with; C{off}: never (see
+    L{edgeproxy._compat}).  Read at start."""
 
 
 class TLSVersion(enum.Enum):

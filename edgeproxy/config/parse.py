@@ -91,6 +91,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "log_format",
         "latency_buckets",
         *PROXY_KEYS,
+        "fast_paths",
     ),
     "tls": (
         "certificates",
@@ -122,6 +123,8 @@ C{route} stand for C{[listen:NAME]} and so on)."""
 # The values edgeproxy.logs accepts (config/ imports no subsystem).
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("auto", "text", "journald")
+# The values edgeproxy._compat.decideFastPaths accepts.
+_FAST_PATHS = ("auto", "off")
 
 _SINGLE_KINDS = ("edgeproxy", "tls", "acme", "redis", "cache")
 _NAMED_KINDS = ("listen", "upstream", "route", "ratelimit", "auth")
@@ -182,6 +185,7 @@ def _readProxy(section: Section) -> ProxySettings:
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
         latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
         **readProxyContent(section, defaults.image_workers),
+        fast_paths=section.choice("fast_paths", defaults.fast_paths, {v: v for v in _FAST_PATHS}),
     )
 
 

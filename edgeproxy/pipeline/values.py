@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Protocol
 
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone
+from twisted.web.client import ResponseDone
 
 from edgeproxy.config.model import Listener, Route
 from edgeproxy.h1.fields import Fields

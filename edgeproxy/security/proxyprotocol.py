@@ -16,10 +16,11 @@ resolution, the access rules, the logs), and its destination the
 connection's local address.  A C{LOCAL} header (v2; C{UNKNOWN} in v1: the
 balancer's own health check) keeps the balancer's address.
 
-The header's contents are parsed by Twisted's own parsers
-(C{twisted.protocols.haproxy}): the one use of their private modules
-lives in L{parseHeader}.  Twisted's wrapper is not used: it refuses a
-header split over two reads, has no source check and no deadline.
+The header is read here (L{splitHeader}, L{parseHeader}), strictly as
+the protocol's specification says.  Twisted's wrapper
+(C{twisted.protocols.haproxy}) is not used: it refuses a header split over
+two reads, has no source check and no deadline, and its parsers are
+private.
 
 Out (C{[upstream:NAME] proxy_protocol = v1 | v2}): L{header} writes the
 header that starts each backend connection (L{edgeproxy.upstream}).
@@ -95,45 +96,93 @@ def splitHeader(data: bytes) -> tuple[bytes, bytes] | None:
 
 def parseHeader(header: bytes) -> tuple[Any, Any] | None:
     """
-    The (source, destination) addresses of a complete header, or L{None}
-    for a C{LOCAL} / C{UNKNOWN} one.
+    The (source, destination) addresses of a complete header (as
+    L{splitHeader} found it), or L{None} for a C{LOCAL} / C{UNKNOWN} one or
+    one that carries no IP address (a UNIX socket, an unspecified family).
 
-    @raise InvalidHeader: it is not valid (addresses checked here: Twisted's
-        parsers take any text for an address).
+    @raise InvalidHeader: it is not valid.
     """
-    from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-    from twisted.protocols.haproxy._v1parser import V1Parser
-    from twisted.protocols.haproxy._v2parser import V2Parser
+    if header.startswith(b"PROXY "):
+        return _parseV1(header)
+    return _parseV2(header)
 
-    if header.startswith(b"PROXY UNKNOWN"):
-        # v1's LOCAL: whatever follows UNKNOWN is ignored (section 2.1).
+
+def _parseV1(header: bytes) -> tuple[Any, Any] | None:
+    # Section 2.1: "PROXY" SP family SP source SP destination SP port SP
+    # port CRLF, single spaces, nothing else; UNKNOWN ignores the rest.
+    line = header[6:-2]
+    if line.startswith(b"UNKNOWN"):
         return None
+    parts = line.split(b" ")
+    if len(parts) != 5 or parts[0] not in (b"TCP4", b"TCP6"):
+        raise InvalidHeader("invalid v1 header")
+    version = 4 if parts[0] == b"TCP4" else 6
+    return (
+        _address(version, _v1Host(parts[1], version), _v1Port(parts[3])),
+        _address(version, _v1Host(parts[2], version), _v1Port(parts[4])),
+    )
+
+
+def _v1Host(text: bytes, version: int) -> str:
     try:
-        if header.startswith(b"PROXY"):
-            info = V1Parser.parse(header[:-2])
-        else:
-            info = V2Parser.parse(header)
-    except (InvalidProxyHeader, KeyError, ValueError, IndexError, struct.error) as e:
-        raise InvalidHeader(type(e).__name__) from None
-    source, destination = info.source, info.destination
-    if source is None or destination is None:
+        parsed = ipaddress.ip_address(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidHeader("invalid address") from None
+    if parsed.version != version:
+        raise InvalidHeader("address of the wrong family")
+    return str(parsed)
+
+
+def _v1Port(text: bytes) -> int:
+    # 0 to 65535 in decimal, no sign and no leading zero (section 2.1).
+    if not (text.isdigit() and len(text) <= 5) or (len(text) > 1 and text[:1] == b"0"):
+        raise InvalidHeader("invalid port")
+    port = int(text)
+    if port > 65535:
+        raise InvalidHeader("invalid port")
+    return port
+
+
+_V2_FAMILIES = {0x11: (4, socket.AF_INET, 4), 0x21: (6, socket.AF_INET6, 16)}
+"""Section 2.2: TCP over IPv4 and IPv6, by the protocol/family byte:
+(IP version, address family, address size)."""
+
+
+def _parseV2(header: bytes) -> tuple[Any, Any] | None:
+    if len(header) < 16 or not header.startswith(V2_SIGNATURE):
+        raise InvalidHeader("invalid v2 header")
+    versionCommand, family = header[12], header[13]
+    if versionCommand >> 4 != 2:
+        raise InvalidHeader("unknown v2 version")
+    command = versionCommand & 0x0F
+    if command == 0x0:
+        # LOCAL: the balancer's own connection (a health check); its
+        # addresses, if any, are to be ignored.
         return None
-    if not isinstance(source, (addresses.IPv4Address, addresses.IPv6Address)):
-        # A UNIX address: no client address to speak of.
+    if command != 0x1:
+        raise InvalidHeader("unknown v2 command")
+    body = header[16:]
+    if family not in _V2_FAMILIES:
+        if family >> 4 > 3 or family & 0x0F > 2:
+            raise InvalidHeader("unknown v2 address family")
+        # UNSPEC, UDP or UNIX: no TCP client address to speak of.
         return None
-    canonical = []
-    for found in (source, destination):
-        try:
-            parsed = ipaddress.ip_address(found.host)
-        except ValueError:
-            raise InvalidHeader("invalid address") from None
-        if (parsed.version == 4) != isinstance(found, addresses.IPv4Address):
-            raise InvalidHeader("address of the wrong family")
-        if not 0 <= found.port <= 65535:
-            raise InvalidHeader("invalid port")
-        # The text every other part of the proxy uses (2001:db8::1).
-        canonical.append(type(found)("TCP", str(parsed), found.port))
-    return canonical[0], canonical[1]
+    version, addressFamily, size = _V2_FAMILIES[family]
+    if len(body) < 2 * size + 4:
+        raise InvalidHeader("v2 addresses cut short")
+    # Whatever follows the addresses are TLVs (section 2.2.7): not used.
+    source = socket.inet_ntop(addressFamily, body[:size])
+    destination = socket.inet_ntop(addressFamily, body[size : 2 * size])
+    sourcePort, destinationPort = struct.unpack("!HH", body[2 * size : 2 * size + 4])
+    return _address(version, source, sourcePort), _address(version, destination, destinationPort)
+
+
+def _address(version: int, host: str, port: int) -> Any:
+    # The text every other part of the proxy uses (2001:db8::1).
+    canonical = str(ipaddress.ip_address(host))
+    if version == 4:
+        return addresses.IPv4Address("TCP", canonical, port)
+    return addresses.IPv6Address("TCP", canonical, port)
 
 
 def header(version: str, source: str, sourcePort: int, destination: str, destinationPort: int) -> bytes:

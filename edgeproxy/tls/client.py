@@ -26,7 +26,6 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported by twisted.internet.ssl
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -37,6 +36,7 @@ from twisted.internet.ssl import (
 )
 from zope.interface import implementer
 
+from edgeproxy._compat.twisted import IOpenSSLTrustRoot  # not re-exported by twisted.internet.ssl
 from edgeproxy.config.model import Server, Upstream
 from edgeproxy.tls.certs import (
     CertificateEntry,

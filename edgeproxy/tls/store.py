@@ -56,20 +56,22 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from OpenSSL import SSL
-from OpenSSL._util import lib as _opensslLib
 from twisted.internet.interfaces import (
     IOpenSSLServerConnectionCreator,
     IProtocolNegotiationFactory,
     IReactorTime,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from edgeproxy._compat import fastPaths
+from edgeproxy._compat.pyopenssl import BufferReleasingConnection, setGroupsList
+from edgeproxy._compat.twisted.tls import EdgeTLSTransport, adopt
 from edgeproxy.config.model import TLSSettings, TLSVersion
 from edgeproxy.errors import CertificateError
 from edgeproxy.tls.certs import CertificateEntry, CertificateSet, loadCertificates
 from edgeproxy.tls.clienthello import NEED_MORE, ClientHello, parseClientHello
-from edgeproxy.tls.transport import EdgeTLSTransport, _releaseDrained, _releaseDrainedReceive, adopt
 
 DEFAULT_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
 """ALPN protocols offered by default, in server preference order."""
@@ -120,14 +122,18 @@ _MIN_VERSIONS = {
 def _setGroups(context: SSL.Context) -> bytes:
     """
     Restrict the key exchange groups.  pyOpenSSL has no public API for
-    C{SSL_CTX_set1_groups_list}, so this is the one place that calls the
-    binding directly; C{tests.test_tls_store} checks the negotiated group so
-    a change in the binding shows up there.
+    C{SSL_CTX_set1_groups_list} (L{setGroupsList} reaches the binding);
+    C{tests.test_tls_store} checks the negotiated group so a change in the
+    binding shows up there.
 
-    @return: the list that was accepted.
+    @return: the list that was accepted (empty: this pyOpenSSL cannot set
+        one, OpenSSL's defaults stay).
     """
     for groups in _GROUP_LISTS:
-        if _opensslLib.SSL_CTX_set1_curves_list(context._context, groups) == 1:
+        accepted = setGroupsList(context, groups)
+        if accepted is None:
+            return b""
+        if accepted:
             return groups
     # Reported by _makeContext like any other OpenSSL refusal.
     raise SSL.Error([("edgeproxy", "_setGroups", "no supported key exchange group")])
@@ -439,12 +445,13 @@ class CertificateStore:
     def _connectionFor(self, protocols: tuple[bytes, ...], clientAuth: Any = None) -> SSL.Connection:
         if clientAuth is not None:
             return self._clientConnectionFor(protocols, clientAuth)
-        connection = _ServerConnection(self._frontContext(), None)
+        # Only while a TLS-ALPN-01 challenge is pending: read the
+        # ClientHello before OpenSSL does (see the module docstring).
+        readHello = bool(self._challenges)
+        connection = _CONNECTIONS[fastPaths().tls, readHello](self._frontContext(), None)
         if protocols != DEFAULT_PROTOCOLS:
             connection.acceptableProtocols = protocols
-        if self._challenges:
-            # Only while a TLS-ALPN-01 challenge is pending: read the
-            # ClientHello before OpenSSL does (see the module docstring).
+        if readHello:
             connection.helloBuffer = b""
         return connection
 
@@ -480,7 +487,7 @@ class CertificateStore:
         servername callback picks the certificate's context at the name's
         level (L{_selectClientContext}).
         """
-        connection = _ServerConnection(self._clientFront(clientAuth), None)
+        connection = _CONNECTIONS[fastPaths().tls, True](self._clientFront(clientAuth), None)
         connection.clientAuth = clientAuth  # type: ignore[attr-defined]
         if protocols != DEFAULT_PROTOCOLS:
             connection.acceptableProtocols = protocols
@@ -695,8 +702,7 @@ class NoApplicationProtocol(SSL.Error):
 class _ServerConnection(SSL.Connection):
     """
     A server connection that carries its listener's ALPN protocols for
-    L{CertificateStore._selectProtocol}, and does not keep its memory BIOs'
-    buffers while it has nothing to buffer.
+    L{CertificateStore._selectProtocol}.
 
     ALPN: on the connection itself rather than in a weak-keyed map beside
     the store: the map's weak reference and entry cost about 250 bytes for
@@ -704,46 +710,30 @@ class _ServerConnection(SSL.Connection):
     Run 6); the attribute is one slot in a dictionary the connection already
     has, and is set only when a listener narrows the default list.
 
-    BIOs: OpenSSL's memory BIO never shrinks: once a 16 KiB write
-    (C{TLSMemoryBIOProtocol} hands OpenSSL 16 KiB at a time) has passed
-    through the send BIO, it keeps about 22 KiB allocated for the rest of the
-    connection's life, and the receive BIO keeps the size of the largest
-    burst read (the ClientHello at least).  C{SSL_MODE_RELEASE_BUFFERS} frees
-    OpenSSL's own record buffers when idle, not these.  So once
-    L{edgeproxy.tls.transport.RELEASE_AFTER} bytes went through a BIO and it
-    is empty again, it is swapped for a fresh one (C{SSL_set_bio} frees the
-    old one): about 2 KiB less per idle connection after one small response,
-    22 KiB less after a large one; the cost is one C{BIO_new} per 512 bytes
-    at most, well under a microsecond.  pyOpenSSL reads C{_into_ssl}/C{_from_ssl} on every call,
-    so rebinding them is all it needs; nothing is swapped once the receive
-    side has been shut down (C{bio_shutdown} marks that BIO at EOF).
-    C{tests.test_tls_store} checks the bytes still flow after swaps.
+    With the TLS fast paths, connections do not keep their memory BIOs'
+    buffers while they have nothing to buffer (L{_CONNECTIONS}:
+    L{BufferReleasingConnection}); C{tests.test_tls_store} checks the bytes
+    still flow after the swaps.
     """
 
     acceptableProtocols: tuple[bytes, ...] = DEFAULT_PROTOCOLS
     """ALPN protocols offered, in preference order."""
-
-    _sentThrough = 0
-    _receivedThrough = 0
-    _receiveShutDown = False
-
-    def bio_read(self, bufsiz: int) -> bytes:
-        data = super().bio_read(bufsiz)
-        _releaseDrained(self, (data,))
-        return data
-
-    def bio_write(self, buf: bytes) -> int:
-        if self.helloBuffer is not None:
-            self._readHello(buf)
-        written = super().bio_write(buf)
-        self._receivedThrough += written
-        return written
 
     helloBuffer: bytes | None = None
     """The first bytes received, while a ClientHello is looked for (only
     while a TLS-ALPN-01 challenge is pending); L{None} otherwise."""
     clientHello: ClientHello | None = None
     """The ClientHello read from those bytes, once read."""
+
+
+class _HelloReadingConnection(_ServerConnection):
+    """A server connection made while a TLS-ALPN-01 challenge is pending:
+    it reads its ClientHello from the first bytes it is given."""
+
+    def bio_write(self, buf: bytes) -> int:
+        if self.helloBuffer is not None:
+            self._readHello(buf)
+        return super().bio_write(buf)
 
     def _readHello(self, data: bytes) -> None:
         buffered = self.helloBuffer + data  # type: ignore[operator]
@@ -758,17 +748,22 @@ class _ServerConnection(SSL.Connection):
             return
         self.helloBuffer = None
 
-    def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
-        try:
-            return super().recv(bufsiz, flags)
-        except SSL.WantReadError:
-            # Everything written into the receive BIO has been consumed.
-            _releaseDrainedReceive(self)
-            raise
 
-    def bio_shutdown(self) -> None:
-        self._receiveShutDown = True
-        super().bio_shutdown()
+class _ReleasingServerConnection(_ServerConnection, BufferReleasingConnection):
+    pass
+
+
+class _ReleasingHelloReadingConnection(_HelloReadingConnection, BufferReleasingConnection):
+    pass
+
+
+_CONNECTIONS: dict[tuple[bool, bool], type[_ServerConnection]] = {
+    (False, False): _ServerConnection,
+    (False, True): _HelloReadingConnection,
+    (True, False): _ReleasingServerConnection,
+    (True, True): _ReleasingHelloReadingConnection,
+}
+"""The class of a server connection, by (TLS fast paths, ClientHello read)."""
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -787,34 +782,46 @@ class _ServerConnectionCreator:
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         # Called by every server TLS transport as it connects: the one place
-        # that sees them all, to give them the faster write path.
-        adopt(tlsProtocol)
-        if self._store.onDemand is not None and type(tlsProtocol) is EdgeTLSTransport:
-            tlsProtocol.__class__ = _WaitingTLSTransport
-            tlsProtocol._onDemand = self._store.onDemand  # type: ignore[attr-defined]
-        return self._store._connectionFor(self.acceptableProtocols, self.clientAuth)
+        # that sees them all, to give them the faster record path (with the
+        # TLS fast paths) and what on-demand certificates and TLS-ALPN-01
+        # need.
+        store = self._store
+        if fastPaths().tls:
+            adopt(tlsProtocol)
+        kind = type(tlsProtocol)
+        if kind is EdgeTLSTransport:
+            if store.onDemand is not None:
+                tlsProtocol.__class__ = _WaitingTLSTransport
+                tlsProtocol._onDemand = store.onDemand  # type: ignore[attr-defined]
+        elif kind is _TwistedTLSTransport and (store.onDemand is not None or store.challengesPending):
+            # Twisted's own transport (the public path).
+            tlsProtocol.__class__ = _PublicWaitingTLSTransport
+            tlsProtocol._onDemand = store.onDemand  # type: ignore[attr-defined]
+        return store._connectionFor(self.acceptableProtocols, self.clientAuth)
 
 
-class _WaitingTLSTransport(EdgeTLSTransport):
+class _HoldsHello:
     """
-    The TLS transport of a listener with on-demand certificates: it holds
-    the first bytes of the connection until its ClientHello is complete,
-    asks the store's C{onDemand} hook about the SNI name, and hands the
-    bytes to OpenSSL when the hook says so (the certificate ordered for
-    the name is then in the snapshot the servername callback reads).  The
-    TCP transport is paused meanwhile.  Only listeners of a store with
-    on-demand certificates get this class.
+    What the TLS transport of a listener with on-demand certificates adds:
+    it holds the first bytes of the connection until its ClientHello is
+    complete, asks the store's C{onDemand} hook about the SNI name, and
+    hands the bytes to OpenSSL when the hook says so (the certificate
+    ordered for the name is then in the snapshot the servername callback
+    reads).  The TCP transport is paused meanwhile.  Only listeners of a
+    store with on-demand certificates get it.
     """
 
-    __slots__ = ()
+    # No __slots__: the classes it is mixed into have an instance
+    # dictionary, and __class__ assignment needs the same layout.
 
     _heldHello: bytes = b""
     _helloPassed = False
     _onDemand: Any = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._helloPassed:
-            EdgeTLSTransport.dataReceived(self, data)
+        deliver = super().dataReceived  # type: ignore[misc]
+        if self._helloPassed or self._onDemand is None:
+            deliver(data)
             return
         held = self._heldHello + data
         hello = parseClientHello(held)
@@ -825,22 +832,56 @@ class _WaitingTLSTransport(EdgeTLSTransport):
         self._heldHello = b""
         wait = None
         if isinstance(hello, ClientHello) and hello.serverName and hello.protocols != (ACME_TLS_1,):
-            hook = self._onDemand
-            if hook is not None:
-                try:
-                    wait = hook(hello.serverName)
-                except Exception:
-                    CertificateStore.log.failure("on-demand certificate for {name}", name=hello.serverName)
+            try:
+                wait = self._onDemand(hello.serverName)
+            except Exception:
+                CertificateStore.log.failure("on-demand certificate for {name}", name=hello.serverName)
         if wait is None:
-            EdgeTLSTransport.dataReceived(self, held)
+            deliver(held)
             return
-        transport: Any = self.transport
+        tls: Any = self
+        transport: Any = tls.transport
         transport.pauseProducing()
 
         def resume(_: object) -> None:
-            if self._lostTLSConnection or getattr(transport, "disconnected", False):
+            # Closed or aborted meanwhile (nothing reached OpenSSL yet, so
+            # nothing else can have ended the TLS connection).
+            if tls.disconnecting or not tls.connected or getattr(transport, "disconnected", False):
                 return
             transport.resumeProducing()
-            EdgeTLSTransport.dataReceived(self, held)
+            deliver(held)
 
         wait.addBoth(resume)
+
+
+class _WaitingTLSTransport(_HoldsHello, EdgeTLSTransport):
+    """L{_HoldsHello} over the fast paths' transport."""
+
+    __slots__ = ()
+
+
+_TwistedTLSTransport: Any = TLSMemoryBIOFactory.protocol
+"""Twisted's own server TLS transport (the public path)."""
+
+
+class _PublicWaitingTLSTransport(_HoldsHello, _TwistedTLSTransport):
+    """
+    L{_HoldsHello} over Twisted's own transport (the public path), which
+    also closes a TLS-ALPN-01 validation once its handshake is done, as
+    L{EdgeTLSTransport} does (RFC 8737 §3: nothing follows it): given only
+    while a challenge is pending or with on-demand certificates.
+    """
+
+    __slots__ = ()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        connection = self.getHandle()
+        if (
+            connection is not None
+            and getattr(connection, "closeAfterHandshake", False)
+            and not self.disconnecting
+            # The client's Finished was received: the handshake is done.
+            and connection.get_peer_finished() is not None
+        ):
+            self.loseConnection()
