@@ -28,13 +28,8 @@ from edgeproxy.security.auth.basic import BasicAuthenticator, basicCredentials, 
 from edgeproxy.security.auth.oidc import allowedBy, safeReturn
 from edgeproxy.security.auth.sessions import Sealer
 from edgeproxy.security.buckets import LocalBuckets, LocalConcurrency, take
-from edgeproxy.security.proxyprotocol import (
-    InvalidHeader,
-    ProxyProtocolFactory,
-    header,
-    parseHeader,
-    splitHeader,
-)
+from edgeproxy.proxyheader import InvalidHeader, header, parseHeader, splitHeader
+from edgeproxy.security.proxyprotocol import ProxyProtocolFactory
 
 NET = ipaddress.ip_network
 RULES = AccessRules(

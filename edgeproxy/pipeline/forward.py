@@ -28,6 +28,7 @@ from edgeproxy.errors import ProxyError
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.forwarded import clientFields, isTrusted, sanitized, upstreamFields
 from edgeproxy.pipeline.values import Request, Response
+from edgeproxy.proxyheader import header as proxyHeader
 from edgeproxy.upstream.balance import requestHashKey
 
 __all__ = ["Forward", "isWebSocketUpgrade", "stripPrefix"]
@@ -146,8 +147,6 @@ class Forward:
         call.cancelHook = _SENDING
         proxyVersion = self.upstream.proxy_protocol
         if proxyVersion is not None:
-            from edgeproxy.security.proxyprotocol import requestHeader
-
             exchange = self.pool.send(
                 request.method, path, fields, call.body, call, hashKey,
                 requestHeader(proxyVersion, request),
@@ -179,3 +178,15 @@ class Forward:
             log.failure("unexpected failure while proxying", failure=failure)
             error = ProxyError(str(error))
         call.fail(error)
+
+
+def requestHeader(version: str, request: Request) -> bytes:
+    """
+    The PROXY protocol header that starts the backend connection of
+    C{request}: its client (after trusted proxies and the PROXY protocol of
+    the listener) and the address it connected to.  The client's port is
+    known only when the client is the connection's peer; 0 otherwise.
+    """
+    connection = request.connection
+    port = connection.peerPort if request.client == connection.peer else 0
+    return proxyHeader(version, request.client, port, connection.local, connection.localPort)

@@ -55,6 +55,7 @@ from edgeproxy.upstream.balance import Balancer, makeBalancer
 from edgeproxy.upstream.client import Handle, UpstreamClient
 from edgeproxy.upstream.timeouts import ResponseDeadlines
 from edgeproxy.upstream.exchange import FULL, Exchange, Full
+from edgeproxy.upstream.headerfirst import HeaderFirstEndpoint
 from edgeproxy.upstream.failures import classifyFailure
 from edgeproxy.upstream.resolve import PeriodicResolver, isIPLiteral
 from edgeproxy.upstream.response import UpstreamReceiver
@@ -466,8 +467,6 @@ class UpstreamPool:
         else:
             endpoint = HostnameEndpoint(self._reactor, server.host, server.port, timeout=timeout)
         if proxyHeader is not None:
-            from edgeproxy.security.proxyprotocol import HeaderFirstEndpoint
-
             endpoint = HeaderFirstEndpoint(endpoint, proxyHeader)
         if self._tls is not None:
             # Keyed on the configured Server: a resolved address is still
