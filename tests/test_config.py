@@ -35,6 +35,7 @@ from edgeproxy.config.model import (
     ProxySettings,
     Route,
     RouteCache,
+    RouteForwarding,
     Server,
     TLSSettings,
     TLSVersion,
@@ -522,6 +523,8 @@ cache_cookies = yes
 [route:catchall]
 hosts = *
 upstream = legacy
+retries = 0
+request_timeout = 2m
 
 [cache]
 memory = 64MiB
@@ -708,7 +711,13 @@ def test_fullExample(site: Path) -> None:
                     cache_cookies=True,
                 ),
             ),
-            Route(name="catchall", hosts=("*",), paths=("/",), upstream="legacy"),
+            Route(
+                name="catchall",
+                hosts=("*",),
+                paths=("/",),
+                upstream="legacy",
+                forwarding=RouteForwarding(retries=0, request_timeout=120.0),
+            ),
         ),
         cache=CacheSettings(
             memory=64 * 1024 * 1024,

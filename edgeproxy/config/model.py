@@ -386,6 +386,23 @@ class RouteCache:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteForwarding:
+    """
+    A route's own timeouts and retries, over its upstream's (see
+    C{docs/configuration.rst}); each L{None} takes the upstream's value
+    (for C{request_timeout}: one attempt's worth, see
+    L{edgeproxy.upstream.terms}).
+    """
+
+    connect_timeout: float | None = None
+    response_timeout: float | None = None
+    retries: int | None = None
+    request_timeout: float | None = None
+    """Seconds, across the queue and every attempt, from the moment the
+    proxy has the whole request to the response head."""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A C{[route:NAME]} section."""
 
@@ -427,6 +444,8 @@ class Route:
     verified certificate's facts are forwarded."""
     cache: RouteCache | None = None
     """The route's cache settings; L{None}: C{cache = no}."""
+    forwarding: RouteForwarding | None = None
+    """The route's own timeouts and retries; L{None}: its upstream's."""
 
     @property
     def securityConfigured(self) -> bool:

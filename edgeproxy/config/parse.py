@@ -43,6 +43,7 @@ from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
 from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, readRouteCache
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
+from edgeproxy.config.forwarding import ROUTE_FORWARDING_KEYS, readRouteForwarding
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
 from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
@@ -109,7 +110,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "upstream": UPSTREAM_KEYS,
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
-        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS,
+        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *ROUTE_FORWARDING_KEYS,
     ),
     "ratelimit": security.RATELIMIT_KEYS,
     "auth": security.AUTH_KEYS,
@@ -340,6 +341,7 @@ def _readRoute(section: Section, name: str) -> Route:
         **readRouteContent(section),
         **security.readRouteSecurity(section),
         cache=readRouteCache(section),
+        forwarding=readRouteForwarding(section),
     )
 
 
