@@ -36,6 +36,7 @@ from edgeproxy.config.model import (
     Route,
     RouteCache,
     RouteForwarding,
+    RouteRedirect,
     Server,
     TLSSettings,
     TLSVersion,
@@ -526,6 +527,13 @@ upstream = legacy
 retries = 0
 request_timeout = 2m
 
+[route:moved]
+hosts = www.example.com
+paths = /old/
+strip_prefix = yes
+redirect = https://example.com/new$path$is_args$args
+redirect_status = 308
+
 [cache]
 memory = 64MiB
 disk = state/cache
@@ -717,6 +725,24 @@ def test_fullExample(site: Path) -> None:
                 paths=("/",),
                 upstream="legacy",
                 forwarding=RouteForwarding(retries=0, request_timeout=120.0),
+            ),
+            Route(
+                name="moved",
+                hosts=("www.example.com",),
+                paths=("/old/",),
+                upstream=None,
+                strip_prefix=True,
+                websocket=False,
+                redirect=RouteRedirect(
+                    location="https://example.com/new$path$is_args$args",
+                    parts=(
+                        ("text", "https://example.com/new"),
+                        ("var", "path"),
+                        ("var", "is_args"),
+                        ("var", "args"),
+                    ),
+                    status=308,
+                ),
             ),
         ),
         cache=CacheSettings(

@@ -403,6 +403,19 @@ class RouteForwarding:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteRedirect:
+    """A route's C{redirect}: every request of the route answered with a
+    redirect (see L{edgeproxy.locations})."""
+
+    location: str
+    """The template as written (C{https://example.com$request_uri})."""
+    parts: tuple[tuple[str, str], ...]
+    """The template read: C{("text", TEXT)} and C{("var", NAME)} in order."""
+    status: int = 301
+    """301, 302, 303, 307 or 308."""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A C{[route:NAME]} section."""
 
@@ -412,7 +425,9 @@ class Route:
     matches any host."""
     paths: tuple[str, ...]
     """Path prefixes, each starting with C{/}."""
-    upstream: str
+    upstream: str | None
+    """The upstream requests are forwarded to; L{None} for a route with
+    C{redirect}."""
     max_body_size: int | None = None
     """Overrides the listener's limit for this route when set."""
     strip_prefix: bool = False
@@ -446,6 +461,9 @@ class Route:
     """The route's cache settings; L{None}: C{cache = no}."""
     forwarding: RouteForwarding | None = None
     """The route's own timeouts and retries; L{None}: its upstream's."""
+    redirect: RouteRedirect | None = None
+    """The redirect every request of the route gets (then C{upstream} is
+    L{None}); L{None}: the route forwards."""
 
     @property
     def securityConfigured(self) -> bool:

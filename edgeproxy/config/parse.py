@@ -44,6 +44,7 @@ from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, read
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
 from edgeproxy.config.forwarding import ROUTE_FORWARDING_KEYS, readRouteForwarding
+from edgeproxy.config.redirects import REDIRECT_KEYS, readRouteRedirect
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
 from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
@@ -110,7 +111,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "upstream": UPSTREAM_KEYS,
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
-        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *ROUTE_FORWARDING_KEYS,
+        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *ROUTE_FORWARDING_KEYS, *REDIRECT_KEYS,
     ),
     "ratelimit": security.RATELIMIT_KEYS,
     "auth": security.AUTH_KEYS,
@@ -321,7 +322,11 @@ def _readListener(
 
 def _readRoute(section: Section, name: str) -> Route:
     section.require("hosts", "host names, *.wildcards, IP addresses, or * for any host")
-    upstream = section.require("upstream", "the name of an [upstream:NAME] section")
+    redirect = readRouteRedirect(section)
+    if not section.has("redirect"):
+        upstream = section.require(
+            "upstream", "the name of an [upstream:NAME] section, or redirect = URL"
+        )
     noHosts: tuple[str, ...] = ()
     hosts = section.convert(
         "hosts", noHosts, lambda text: syntax.uniqueList(text, syntax.checkRouteHost, "host")
@@ -330,6 +335,17 @@ def _readRoute(section: Section, name: str) -> Route:
     paths = section.convert(
         "paths", everyPath, lambda text: syntax.uniqueList(text, syntax.checkRoutePath, "path")
     )
+    if section.has("redirect"):
+        # Its other keys were reported by readRouteRedirect, once.
+        return Route(
+            name=name,
+            hosts=hosts,
+            paths=paths,
+            upstream=None,
+            strip_prefix=section.boolean("strip_prefix", False),
+            websocket=False,
+            redirect=redirect,
+        )
     return Route(
         name=name,
         hosts=hosts,
