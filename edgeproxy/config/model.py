@@ -57,6 +57,41 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class ErrorPage:
+    """One custom error page, read when the configuration was."""
+
+    path: str
+    """The file it was read from."""
+    content_type: str
+    """From the file's extension (C{text/html; charset=utf-8}...)."""
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorPages:
+    """
+    The custom error pages of a route (its own over the global ones), or
+    the global ones (C{error_pages} in C{[edgeproxy]}): L{page} gives the
+    page for a status, by status first, then by class (C{5xx}).
+    """
+
+    exact: tuple[tuple[int, ErrorPage], ...] = ()
+    """Pages of one status (C{404.html})."""
+    classes: tuple[tuple[int, ErrorPage], ...] = ()
+    """Pages of a class of statuses (C{5xx.html}: 5)."""
+    _index: dict[int, ErrorPage] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Classes by their digit (4, 5), statuses by themselves (400-599).
+        object.__setattr__(self, "_index", {**dict(self.classes), **dict(self.exact)})
+
+    def page(self, status: int) -> ErrorPage | None:
+        """The page for C{status}, or L{None} (the built-in page)."""
+        index = self._index
+        return index.get(status) or index.get(status // 100)
+
+
+@dataclass(frozen=True, slots=True)
 class ProxySettings:
     """The C{[edgeproxy]} section."""
 
@@ -92,6 +127,10 @@ class ProxySettings:
     image_queue: int | None = None
     """Conversions that may wait for a worker; L{None}: twice
     C{image_workers}.  Beyond it, originals go out unconverted."""
+    error_pages: ErrorPages | None = None
+    """The custom pages of the errors the proxy makes itself, for requests
+    of routes without their own and requests no route took; L{None}: the
+    built-in pages."""
 
 
 class TLSVersion(enum.Enum):
@@ -464,6 +503,10 @@ class Route:
     redirect: RouteRedirect | None = None
     """The redirect every request of the route gets (then C{upstream} is
     L{None}); L{None}: the route forwards."""
+    error_pages: ErrorPages | None = None
+    """The pages of the errors the proxy makes itself for this route's
+    requests: the route's own C{error_pages} over the global ones (merged
+    when read); L{None}: the built-in pages."""
 
     @property
     def securityConfigured(self) -> bool:

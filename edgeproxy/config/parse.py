@@ -43,6 +43,7 @@ from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
 from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, readRouteCache
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
+from edgeproxy.config.errorpages import ERROR_PAGES_KEYS, mergePages, readErrorPages
 from edgeproxy.config.forwarding import ROUTE_FORWARDING_KEYS, readRouteForwarding
 from edgeproxy.config.redirects import REDIRECT_KEYS, readRouteRedirect
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
@@ -50,6 +51,7 @@ from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
     AccessLogFormat,
     Config,
+    ErrorPages,
     IPNetwork,
     Limits,
     Listener,
@@ -93,6 +95,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "log_format",
         "latency_buckets",
         *PROXY_KEYS,
+        *ERROR_PAGES_KEYS,
     ),
     "tls": (
         "certificates",
@@ -112,6 +115,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
         *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *ROUTE_FORWARDING_KEYS, *REDIRECT_KEYS,
+        *ERROR_PAGES_KEYS,
     ),
     "ratelimit": security.RATELIMIT_KEYS,
     "auth": security.AUTH_KEYS,
@@ -184,6 +188,7 @@ def _readProxy(section: Section) -> ProxySettings:
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
         latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
         **readProxyContent(section, defaults.image_workers),
+        error_pages=readErrorPages(section),
     )
 
 
@@ -320,8 +325,12 @@ def _readListener(
     return listener, spec
 
 
-def _readRoute(section: Section, name: str) -> Route:
+def _readRoute(section: Section, name: str, pages: ErrorPages | None) -> Route:
+    """
+    @param pages: the global error pages, under the route's own.
+    """
     section.require("hosts", "host names, *.wildcards, IP addresses, or * for any host")
+    pages = mergePages(readErrorPages(section), pages)
     redirect = readRouteRedirect(section)
     if not section.has("redirect"):
         upstream = section.require(
@@ -345,6 +354,7 @@ def _readRoute(section: Section, name: str) -> Route:
             strip_prefix=section.boolean("strip_prefix", False),
             websocket=False,
             redirect=redirect,
+            error_pages=pages,
         )
     return Route(
         name=name,
@@ -358,6 +368,7 @@ def _readRoute(section: Section, name: str) -> Route:
         **security.readRouteSecurity(section),
         cache=readRouteCache(section),
         forwarding=readRouteForwarding(section),
+        error_pages=pages,
     )
 
 
@@ -435,7 +446,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
             upstreams[label] = upstream
     routes: list[Route] = []
     for label, section in named["route"]:
-        route = readSection(section, lambda s: _readRoute(s, label))
+        route = readSection(section, lambda s: _readRoute(s, label, proxy.error_pages))
         if route is not None:
             routes.append(route)
     ratelimits = {
