@@ -178,8 +178,13 @@ def test_pagesFollowReloadsAndABadPageKeepsTheRunningOnes(site: Site, notify: No
     proc = start(site, notify)
     try:
         (site.workdir / "errors" / "404.html").write_text("<h1>Moved on</h1>\n")
+        config = site.workdir / "edge.ini"
+        config.write_text(
+            config.read_text().replace("https://app.example$request_uri", "https://new.example$path")
+        )
         reload(proc, notify)
         assert get(site, "/", "nowhere.example")[::2] == (404, b"<h1>Moved on</h1>\n")
+        assert get(site, "/a?b", "www.example")[1]["location"] == "https://new.example/a"
 
         # A page that is not a regular file: the reload is refused, and the
         # pages read before stay.
