@@ -39,6 +39,8 @@ SITE = ErrorPages(exact=((404, SITE_404),), classes=((5, SITE_5XX),))
 # The api route's own pages over the site's (as edgeproxy.config.errorpages
 # merges them): its 5xx, its 429, the site's 404.
 API = ErrorPages(exact=((404, SITE_404), (429, API_429)), classes=((5, API_5XX),))
+PRIVATE_4XX = ErrorPage("/srv/errors/private/4xx.html", HTML, b"<h1>Staff only</h1>\n")
+PRIVATE = ErrorPages(classes=((4, PRIVATE_4XX), (5, SITE_5XX)))
 
 ROUTES = (
     Route(name="site", hosts=("app.example",), paths=("/",), upstream="app", error_pages=SITE),
@@ -48,6 +50,10 @@ ROUTES = (
     ),
     Route(
         name="private", hosts=("app.example",), paths=("/private",), upstream="app",
+        deny=(ipaddress.ip_network("0.0.0.0/0"),), error_pages=PRIVATE,
+    ),
+    Route(
+        name="closed", hosts=("app.example",), paths=("/closed",), upstream="app",
         deny=(ipaddress.ip_network("0.0.0.0/0"),), error_pages=SITE,
     ),
     Route(
@@ -131,8 +137,11 @@ def test_fieldsOfTheErrorAreKept() -> None:
 def test_securityRefusalGetsThePage() -> None:
     client = makeClient()
     status, fields, body = get(client, b"GET /private HTTP/1.1\r\nHost: app.example\r\n\r\n")
-    assert status == b"HTTP/1.1 403 Forbidden"
-    assert body == errorBody(403)  # the site has no page for 403 nor 4xx
+    assert status == b"HTTP/1.1 403 Forbidden" and body == PRIVATE_4XX.body
+    assert fields[b"content-type"] == [b"text/html; charset=utf-8"]
+    # Without a page for 403 or 4xx: the built-in one.
+    status, fields, body = get(client, b"GET /closed HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    assert status == b"HTTP/1.1 403 Forbidden" and body == errorBody(403)
     assert client.sent == []
 
 

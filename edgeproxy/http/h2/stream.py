@@ -39,6 +39,7 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from edgeproxy.bodies import BodyPipe, IdleTimer
+from edgeproxy.config.model import ErrorPages
 from edgeproxy.errors import ContentTooLarge, ProxyError, UpstreamProtocolError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.http.errorpages import errorResponse, httpDate, pagesFor
@@ -274,7 +275,7 @@ class Stream:
         self.endPending = True
         self.connection.push(self)
 
-    def _pages(self, call: Call) -> Any:
+    def _pages(self, call: Call) -> ErrorPages | None:
         """The custom error pages of C{call} (L{pagesFor})."""
         return pagesFor(call.request.route, self.connection.factory.currentRuntime)
 
