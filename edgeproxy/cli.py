@@ -359,7 +359,7 @@ class _Summary:
             extras = []
             if route.strip_prefix:
                 extras.append("strip prefix")
-            if not route.websocket:
+            if not route.websocket and route.redirect is None:
                 extras.append("no websocket")
             if route.max_body_size is not None:
                 extras.append(
@@ -367,12 +367,15 @@ class _Summary:
                 )
             if route.cache is not None:
                 extras.append("cached")
+            target = f"-> {route.upstream}"
+            if route.redirect is not None:
+                target = f"{route.redirect.status} {route.redirect.location}"
             rows.append(
                 [
                     route.name,
                     ", ".join(route.hosts),
                     " ".join(route.paths),
-                    f"-> {route.upstream}" + (f" ({', '.join(extras)})" if extras else ""),
+                    target + (f" ({', '.join(extras)})" if extras else ""),
                 ]
             )
         return ["Routes:"] + _table(rows)

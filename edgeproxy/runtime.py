@@ -32,6 +32,7 @@ from twisted.logger import Logger
 # knows them only by name, see edgeproxy.pipeline.stages.ORDER).
 import edgeproxy.cache.kind  # noqa: F401  (cache)
 import edgeproxy.content  # noqa: F401  (compress, images)
+import edgeproxy.pipeline.redirect  # noqa: F401  (redirect)
 import edgeproxy.security  # noqa: F401  (access, ratelimit, auth)
 from edgeproxy.config.model import Config, Upstream
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines

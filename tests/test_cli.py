@@ -457,3 +457,16 @@ def test_checkShowsTheCache(site: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert status == EXIT_OK
     assert "-> plain (strip prefix, cached)" in out
     assert "Cache: memory 64MiB per process, disk cache (10GiB, shared), objects up to 64MiB" in out
+
+
+def test_redirectRouteIsShownWithItsTarget(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (
+        textwrap.dedent(CONFIG)
+        + "\n[route:www]\nhosts = www.example.com\nredirect = https://example.com$request_uri\n"
+    )
+    status, out, err = run(capsys, "check", "--config", write(site, text))
+    assert (status, err) == (EXIT_OK, "")
+    assert any(
+        line.split() == ["www", "www.example.com", "/", "301", "https://example.com$request_uri"]
+        for line in out.splitlines()
+    )

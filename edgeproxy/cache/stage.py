@@ -81,7 +81,7 @@ from edgeproxy.cache.stores import CacheStores, relay
 from edgeproxy.config.model import CacheSettings, Route
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
-from edgeproxy.http.errorpages import errorResponse
+from edgeproxy.http.errorpages import errorResponse, pagesFor
 from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.forwarded import isTrusted
 from edgeproxy.pipeline.values import BytesBody, Request, Response
@@ -448,7 +448,7 @@ class CacheStage:
     def _purge(self, call: Call) -> None:
         request = call.request
         if not self.purgeFrom or not isTrusted(request.client, self.purgeFrom):
-            call.respond(errorResponse(405))
+            call.respond(errorResponse(405, pagesFor(request.route)))
             return
         _, url = self._key(request)
         counts = self.stores.purge("url", url, soft=False)

@@ -43,11 +43,15 @@ from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
 from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, readRouteCache
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
+from edgeproxy.config.errorpages import ERROR_PAGES_KEYS, mergePages, readErrorPages
+from edgeproxy.config.forwarding import ROUTE_FORWARDING_KEYS, readRouteForwarding
+from edgeproxy.config.redirects import REDIRECT_KEYS, readRouteRedirect
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
 from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
     AccessLogFormat,
     Config,
+    ErrorPages,
     IPNetwork,
     Limits,
     Listener,
@@ -92,6 +96,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "latency_buckets",
         *PROXY_KEYS,
         "fast_paths",
+        *ERROR_PAGES_KEYS,
     ),
     "tls": (
         "certificates",
@@ -110,7 +115,8 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "upstream": UPSTREAM_KEYS,
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
-        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS,
+        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *ROUTE_FORWARDING_KEYS, *REDIRECT_KEYS,
+        *ERROR_PAGES_KEYS,
     ),
     "ratelimit": security.RATELIMIT_KEYS,
     "auth": security.AUTH_KEYS,
@@ -186,6 +192,7 @@ def _readProxy(section: Section) -> ProxySettings:
         latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
         **readProxyContent(section, defaults.image_workers),
         fast_paths=section.choice("fast_paths", defaults.fast_paths, {v: v for v in _FAST_PATHS}),
+        error_pages=readErrorPages(section),
     )
 
 
@@ -322,9 +329,17 @@ def _readListener(
     return listener, spec
 
 
-def _readRoute(section: Section, name: str) -> Route:
+def _readRoute(section: Section, name: str, pages: ErrorPages | None) -> Route:
+    """
+    @param pages: the global error pages, under the route's own.
+    """
     section.require("hosts", "host names, *.wildcards, IP addresses, or * for any host")
-    upstream = section.require("upstream", "the name of an [upstream:NAME] section")
+    pages = mergePages(readErrorPages(section), pages)
+    redirect = readRouteRedirect(section)
+    if not section.has("redirect"):
+        upstream = section.require(
+            "upstream", "the name of an [upstream:NAME] section, or redirect = URL"
+        )
     noHosts: tuple[str, ...] = ()
     hosts = section.convert(
         "hosts", noHosts, lambda text: syntax.uniqueList(text, syntax.checkRouteHost, "host")
@@ -333,6 +348,18 @@ def _readRoute(section: Section, name: str) -> Route:
     paths = section.convert(
         "paths", everyPath, lambda text: syntax.uniqueList(text, syntax.checkRoutePath, "path")
     )
+    if section.has("redirect"):
+        # Its other keys were reported by readRouteRedirect, once.
+        return Route(
+            name=name,
+            hosts=hosts,
+            paths=paths,
+            upstream=None,
+            strip_prefix=section.boolean("strip_prefix", False),
+            websocket=False,
+            redirect=redirect,
+            error_pages=pages,
+        )
     return Route(
         name=name,
         hosts=hosts,
@@ -344,6 +371,8 @@ def _readRoute(section: Section, name: str) -> Route:
         **readRouteContent(section),
         **security.readRouteSecurity(section),
         cache=readRouteCache(section),
+        forwarding=readRouteForwarding(section),
+        error_pages=pages,
     )
 
 
@@ -421,7 +450,7 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
             upstreams[label] = upstream
     routes: list[Route] = []
     for label, section in named["route"]:
-        route = readSection(section, lambda s: _readRoute(s, label))
+        route = readSection(section, lambda s: _readRoute(s, label, proxy.error_pages))
         if route is not None:
             routes.append(route)
     ratelimits = {

@@ -36,7 +36,7 @@ from edgeproxy import h1
 from edgeproxy.bodies import IdleTimer
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
-from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse
+from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse, pagesFor
 from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.values import Response
 
@@ -189,7 +189,8 @@ class Answering:
             return
         if error.status in CLOSE_AFTER:
             self._persistent = False
-        self.respond(call, errorResponse(error))
+        pages = pagesFor(call.request.route, self.factory.currentRuntime)
+        self.respond(call, errorResponse(error, pages))
 
     def interim(self, call: Call, status: int, reason: bytes, fields: Fields) -> None:
         request = call.request

@@ -55,7 +55,7 @@ from edgeproxy._compat.twisted.tcp import immediateWriter
 from edgeproxy.bodies import BodyPipe
 from edgeproxy.errors import BadRequest, ContentTooLarge
 from edgeproxy.http.answering import Answering
-from edgeproxy.http.errorpages import rejection
+from edgeproxy.http.errorpages import pagesFor, rejection
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.values import ConnectionInfo
 
@@ -562,8 +562,10 @@ class HTTP1Connection(Answering):
 
     def _reject(self, status: int) -> None:
         """Refuse what the client sent: the generic page, then close."""
-        self.factory.rejected(status)
-        self._write(rejection(status))
+        factory = self.factory
+        factory.rejected(status)
+        # Refused before routing: the global pages.
+        self._write(rejection(status, pagesFor(None, factory.currentRuntime)))
         self._closing = True
         self._loseConnection()
 
