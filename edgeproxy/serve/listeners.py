@@ -31,7 +31,8 @@ from edgeproxy.errors import StartupError
 from edgeproxy.security.listening import clientAuthFor, proxyProtocolFactory, securityShape
 from edgeproxy.serve.sites import connectionsOf, inFlightOf, reconfigureSite
 from edgeproxy.systemd import adoptable
-from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
+from edgeproxy.tls.contexts import DEFAULT_PROTOCOLS
+from edgeproxy.tls.store import CertificateStore
 
 __all__ = ["AdminListener", "ListenerSet", "OpenListener", "formatAddress", "tlsServerFactory"]
 
