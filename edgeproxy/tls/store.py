@@ -61,7 +61,7 @@ from twisted.logger import Logger
 
 from edgeproxy._compat import fastPaths
 from edgeproxy.config.model import TLSSettings
-from edgeproxy.tls.certs import CertificateEntry, CertificateSet, loadCertificates
+from edgeproxy.tls.certs import CertificateEntry, CertificateSet
 from edgeproxy.tls.clientcerts import ClientContexts
 from edgeproxy.tls.connections import CONNECTIONS, ServerConnectionCreator
 from edgeproxy.tls.contexts import (
@@ -73,6 +73,7 @@ from edgeproxy.tls.contexts import (
     challengeContext,
     makeContext,
 )
+from edgeproxy.tls.layout import loadCertificates
 
 
 # The connections whose client asked for a name no certificate covers (and
