@@ -17,7 +17,8 @@ the pipeline and what it keeps.
     L{edgeproxy.cache.diskrecover}, what blocks L{edgeproxy.cache.blocking}),
     together in L{edgeproxy.cache.stores} with the
     collapsing of concurrent misses (L{edgeproxy.cache.collapse});
-  - the stage: L{edgeproxy.cache.stage}, its bodies
+  - the stage: L{edgeproxy.cache.stage}, what it does with the responses
+    to what it passes on (L{edgeproxy.cache.responses}), its bodies
     (L{edgeproxy.cache.bodies}), purging (L{edgeproxy.cache.purge}) and
     how it is built per route (L{edgeproxy.cache.kind}).
 """
