@@ -337,7 +337,7 @@ class AdminListener:
         description = self._config().proxy.admin
         if description is None or self._listening is not None:
             return
-        from edgeproxy.admin import listenAdmin
+        from edgeproxy.admin.site import listenAdmin
 
         path = self._config().path
         failures: list[Failure] = []
@@ -385,7 +385,7 @@ class AdminListener:
         if wanted is None:
             log.info("Admin listener closed (no longer configured)")
             return
-        from edgeproxy.admin import listenAdmin
+        from edgeproxy.admin.site import listenAdmin
 
         self._endpoint = wanted
         self._listening = listenAdmin(self._service, self._reactor, wanted)

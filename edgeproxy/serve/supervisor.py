@@ -173,7 +173,7 @@ class Supervisor(MultiService):
         self.runtime = Runtime.build(config, reactor, metrics=self.metrics, activeChecks=True)
         self._observe(self.runtime)
         self._runtimeStarted = False
-        from edgeproxy.admin import stateSamples
+        from edgeproxy.admin.status import stateSamples
 
         self.metrics.setStateSource(lambda: stateSamples(self))
 
