@@ -83,14 +83,7 @@ class ClientContexts:
         now = self._clock.seconds()
         fronts = self._fronts
         front = fronts.get(clientAuth.key)
-        if (
-            front is None
-            or front.policy != snapshot.policy
-            or (
-                snapshot.policy.ticketLifetime > 0
-                and now - front.builtAt >= snapshot.policy.ticketLifetime
-            )
-        ):
+        if front is None or front.outlived(snapshot.policy, now):
             context = self._store.buildContext(
                 snapshot.certificates.default, snapshot.policy, clientAuth, "front"
             )

@@ -133,6 +133,16 @@ class Front:
     builtAt: float
     policy: Policy
 
+    def outlived(self, policy: Policy, now: float) -> bool:
+        """
+        Whether connections must start on a new front: the protocol
+        settings changed, or its session-ticket keys are as old as the
+        ticket lifetime (the key rotation).
+        """
+        return self.policy != policy or (
+            policy.ticketLifetime > 0 and now - self.builtAt >= policy.ticketLifetime
+        )
+
 
 def makeContext(
     entry: CertificateEntry,

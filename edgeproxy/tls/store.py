@@ -355,14 +355,7 @@ class CertificateStore:
             raise RuntimeError("TLS connection before CertificateStore.load()")
         now = self._clock.seconds()
         front = self._front
-        if (
-            front is None
-            or front.policy != snapshot.policy
-            or (
-                snapshot.policy.ticketLifetime > 0
-                and now - front.builtAt >= snapshot.policy.ticketLifetime
-            )
-        ):
+        if front is None or front.outlived(snapshot.policy, now):
             context = self.buildContext(snapshot.certificates.default, snapshot.policy)
             front = self._front = Front(context, now, snapshot.policy)
         return front.context
