@@ -43,7 +43,7 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.defer import succeed  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
 
-from edgeproxy.cache.disk import InlineBlocking  # noqa: E402
+from edgeproxy.cache.blocking import InlineBlocking  # noqa: E402
 from edgeproxy.config.model import (  # noqa: E402
     CacheSettings,
     Config,

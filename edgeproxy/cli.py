@@ -33,8 +33,9 @@ from edgeproxy.config.syntax import checkEndpoint
 from edgeproxy.config.units import formatDuration, formatSize
 from edgeproxy.errors import ConfigError, ConfigErrors
 from edgeproxy.routing import Router
-from edgeproxy.tls.certs import CertificateSet, loadCertificates
+from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.client import loadUpstreamTLS
+from edgeproxy.tls.layout import loadCertificates
 
 __all__ = ["main", "check", "EXIT_OK", "EXIT_INVALID"]
 
@@ -306,7 +307,7 @@ class _Summary:
     def overlaps(self) -> list[str]:
         """
         Names on more than one certificate, and which one is served: the
-        one that expires last (see L{edgeproxy.tls.certs}).
+        one that expires last (see L{edgeproxy.tls.layout}).
         """
         assert self.certificates is not None
         served = self.certificates.byName()

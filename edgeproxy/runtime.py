@@ -37,8 +37,8 @@ import edgeproxy.security  # noqa: F401  (access, ratelimit, auth)
 from edgeproxy.config.model import Config, Upstream
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
 from edgeproxy.routing import Router
-from edgeproxy.tls.certs import pairedKeyPath
 from edgeproxy.tls.client import loadUpstreamTLS
+from edgeproxy.tls.layout import pairedKeyPath
 from edgeproxy.upstream.pool import UpstreamPool
 
 log = Logger()

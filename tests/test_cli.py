@@ -344,7 +344,7 @@ def test_certbotLayout(
     assert b.endswith("letsencrypt/live/b.example/cert.pem")
 
     from edgeproxy.config import load
-    from edgeproxy.tls.certs import loadCertificates
+    from edgeproxy.tls.layout import loadCertificates
 
     config = load(path)
     assert config.tls is not None

@@ -135,7 +135,7 @@ class HeldSockets:
         endpoint = config.proxy.admin
         if endpoint is None or self.adminPort is not None:
             return
-        from edgeproxy.admin import listenAdmin
+        from edgeproxy.admin.site import listenAdmin
 
         failures: list[Failure] = []
         ports: list[Any] = []

@@ -31,7 +31,8 @@ from edgeproxy.errors import StartupError
 from edgeproxy.security.listening import clientAuthFor, proxyProtocolFactory, securityShape
 from edgeproxy.serve.sites import connectionsOf, inFlightOf, reconfigureSite
 from edgeproxy.systemd import adoptable
-from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
+from edgeproxy.tls.contexts import DEFAULT_PROTOCOLS
+from edgeproxy.tls.store import CertificateStore
 
 __all__ = ["AdminListener", "ListenerSet", "OpenListener", "formatAddress", "tlsServerFactory"]
 
@@ -336,7 +337,7 @@ class AdminListener:
         description = self._config().proxy.admin
         if description is None or self._listening is not None:
             return
-        from edgeproxy.admin import listenAdmin
+        from edgeproxy.admin.site import listenAdmin
 
         path = self._config().path
         failures: list[Failure] = []
@@ -384,7 +385,7 @@ class AdminListener:
         if wanted is None:
             log.info("Admin listener closed (no longer configured)")
             return
-        from edgeproxy.admin import listenAdmin
+        from edgeproxy.admin.site import listenAdmin
 
         self._endpoint = wanted
         self._listening = listenAdmin(self._service, self._reactor, wanted)

@@ -165,7 +165,7 @@ class EdgeService(MultiService):
         succeeds (L{edgeproxy.serve.reload.refusalStatus})."""
         self.startedAt = reactor.seconds()
         self.admin = AdminListener(self, reactor, lambda: self.config)
-        from edgeproxy.admin import stateSamples
+        from edgeproxy.admin.status import stateSamples
 
         # The gauges of /metrics are read from this service at each scrape.
         self.metrics.setStateSource(lambda: stateSamples(self))

@@ -41,9 +41,9 @@ from edgeproxy.config.model import Server, Upstream
 from edgeproxy.tls.certs import (
     CertificateEntry,
     loadEntry,
-    pairedKeyPath,
     readCertificates,
 )
+from edgeproxy.tls.layout import pairedKeyPath
 
 UPSTREAM_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1",)
 """ALPN offered to backends."""
