@@ -18,7 +18,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from edgeproxy._compat.twisted.tcp import LeanServer, acceptAsLeanServer
-from edgeproxy.serve.listeners import formatAddress, tlsServerFactory
+from edgeproxy.logs import formatAddress
+from edgeproxy.serve.listeners import tlsServerFactory
 from tests.fastpaths import SHOW_DEPRECATIONS, fastPaths  # noqa: F401 (fixture)
 
 pytestmark = SHOW_DEPRECATIONS

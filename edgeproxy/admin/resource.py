@@ -23,7 +23,8 @@ from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from edgeproxy.admin.status import backendStatus, formatAddress, statusDocument
+from edgeproxy.admin.status import backendStatus, statusDocument
+from edgeproxy.logs import formatAddress
 from edgeproxy.metrics import CONTENT_TYPE
 from edgeproxy.upstream import health
 from edgeproxy.upstream.backend import BackendState

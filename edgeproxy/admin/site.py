@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.web import http, server
 
 from edgeproxy.admin.resource import AdminResource
-from edgeproxy.admin.status import formatAddress
+from edgeproxy.logs import formatAddress
 
 __all__ = ["AdminSite", "listenAdmin"]
 

@@ -21,20 +21,10 @@ from typing import Any
 
 import edgeproxy
 from edgeproxy.metrics import StateSample
+from edgeproxy.logs import formatAddress
 from edgeproxy.upstream.backend import Backend, BackendState
 
-__all__ = ["backendStatus", "formatAddress", "stateSamples", "statusDocument"]
-
-
-def formatAddress(address: Any) -> str | None:
-    """C{host:port} of a Twisted address (IPv6 in brackets); L{None} when it
-    has no port (a UNIX socket: its path)."""
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None or port is None:
-        name = getattr(address, "name", None)
-        return name.decode("utf-8", "replace") if isinstance(name, bytes) else name
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+__all__ = ["backendStatus", "stateSamples", "statusDocument"]
 
 
 def _inFlight(pool: Any, backend: Backend) -> int:

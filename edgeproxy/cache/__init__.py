@@ -19,6 +19,6 @@ the pipeline and what it keeps.
     collapsing of concurrent misses (L{edgeproxy.cache.collapse});
   - the stage: L{edgeproxy.cache.stage}, what it does with the responses
     to what it passes on (L{edgeproxy.cache.responses}), its bodies
-    (L{edgeproxy.cache.bodies}), purging (L{edgeproxy.cache.purge}) and
+    (L{edgeproxy.cache.bodies}), purging (L{edgeproxy.cache.operate}) and
     how it is built per route (L{edgeproxy.cache.kind}).
 """

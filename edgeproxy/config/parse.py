@@ -40,13 +40,14 @@ from collections.abc import Mapping
 
 from edgeproxy.config import syntax
 from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
+from edgeproxy.config.auth import AUTH_KEYS, readAuth
 from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, readRouteCache
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
 from edgeproxy.config.errorpages import ERROR_PAGES_KEYS, mergePages, readErrorPages
 from edgeproxy.config.forwarding import ROUTE_FORWARDING_KEYS, readRouteForwarding
 from edgeproxy.config.redirects import REDIRECT_KEYS, readRouteRedirect
-from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
+from edgeproxy.config.files import readSecretText
 from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
     AccessLogFormat,
@@ -61,6 +62,7 @@ from edgeproxy.config.model import (
     TLSVersion,
     Upstream,
 )
+from edgeproxy.config.ratelimit import RATELIMIT_KEYS, REDIS_KEYS, readRateLimit, readRedis
 from edgeproxy.config.section import Problems, Section, readSection
 from edgeproxy.config import security
 from edgeproxy.config.source import readSource
@@ -118,9 +120,9 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *ROUTE_FORWARDING_KEYS, *REDIRECT_KEYS,
         *ERROR_PAGES_KEYS,
     ),
-    "ratelimit": security.RATELIMIT_KEYS,
-    "auth": security.AUTH_KEYS,
-    "redis": security.REDIS_KEYS,
+    "ratelimit": RATELIMIT_KEYS,
+    "auth": AUTH_KEYS,
+    "redis": REDIS_KEYS,
     "cache": CACHE_KEYS,
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
@@ -231,16 +233,7 @@ def _checkToken(token: str) -> str:
 
 
 def _tokenFromFile(section: Section, text: str) -> str:
-    path = section.resolve(text)
-    try:
-        data = readRegularFile(path, TOKEN_LIMIT)
-    except FileProblem as e:
-        raise ValueError(f"{path} {e}") from None
-    try:
-        token = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    return _checkToken(token)
+    return _checkToken(readSecretText(section.resolve(text)))
 
 
 def _readAdminToken(section: Section) -> str | None:
@@ -456,15 +449,15 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
     ratelimits = {
         label: limit
         for label, section in named["ratelimit"]
-        if (limit := readSection(section, lambda s: security.readRateLimit(s, label))) is not None
+        if (limit := readSection(section, lambda s: readRateLimit(s, label))) is not None
     }
     auths = {
         label: auth
         for label, section in named["auth"]
-        if (auth := readSection(section, lambda s: security.readAuth(s, label))) is not None
+        if (auth := readSection(section, lambda s: readAuth(s, label))) is not None
     }
     redisSection = singles.get("redis")
-    redis = None if redisSection is None else readSection(redisSection, security.readRedis)
+    redis = None if redisSection is None else readSection(redisSection, readRedis)
 
     crossCheck(
         path,

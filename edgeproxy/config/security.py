@@ -23,7 +23,6 @@ import re
 from typing import Any
 
 from edgeproxy.config import syntax
-from edgeproxy.config.auth import AUTH_KEYS, readAuth
 from edgeproxy.config.model import (
     AuthSettings,
     IPNetwork,
@@ -33,22 +32,15 @@ from edgeproxy.config.model import (
     Route,
     Upstream,
 )
-from edgeproxy.config.ratelimit import RATELIMIT_KEYS, REDIS_KEYS, readRateLimit, readRedis
 from edgeproxy.config.section import Section
 from edgeproxy.config.securityvalues import NO_NAMES, NO_PAIRS, TOKEN, fieldPairs
 
 __all__ = [
-    "AUTH_KEYS",
     "LISTEN_KEYS",
-    "RATELIMIT_KEYS",
-    "REDIS_KEYS",
     "ROUTE_KEYS",
     "UPSTREAM_KEYS",
     "checkSecurity",
-    "readAuth",
     "readListenerSecurity",
-    "readRateLimit",
-    "readRedis",
     "readRouteSecurity",
     "readUpstreamProxyProtocol",
 ]

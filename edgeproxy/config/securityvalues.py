@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from edgeproxy.config import syntax
-from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
+from edgeproxy.config.files import readSecretText
 from edgeproxy.config.section import Section
 
 # RFC 9110 5.6.2: a token (methods and header field names are tokens).
@@ -57,14 +57,7 @@ def secretText(section: Section, key: str, minimum: int = 1) -> str | None:
 
     def read(text: str) -> str:
         path = section.resolve(text)
-        try:
-            data = readRegularFile(path, TOKEN_LIMIT)
-        except FileProblem as e:
-            raise ValueError(f"{path} {e}") from None
-        try:
-            value = data.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise ValueError(f"{path} is not UTF-8 text") from None
+        value = readSecretText(path)
         if len(value) < minimum:
             raise ValueError(f"{path} holds {len(value)} characters; at least {minimum} are needed")
         return value

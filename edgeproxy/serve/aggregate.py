@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, DeferredList
 
 from edgeproxy.config.model import Config
 from edgeproxy.metrics import Metrics
-from edgeproxy.serve.listeners import formatAddress
+from edgeproxy.logs import formatAddress
 from edgeproxy.workers import NoAnswer, labelled, mergeExpositions
 
 __all__ = ["ASK_TIMEOUT", "NOT_SUMMED", "aggregateMetrics", "aggregateStatus", "askAll", "combineStatus"]

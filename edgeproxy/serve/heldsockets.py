@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import StartupError
-from edgeproxy.serve.listeners import formatAddress
+from edgeproxy.logs import formatAddress
 from edgeproxy.systemd import adoptable
 
 __all__ = ["HeldSockets"]

@@ -28,13 +28,14 @@ from edgeproxy._compat.twisted.tcp import acceptAsLeanServer
 from edgeproxy._compat.twisted.tls import EdgeTLSTransport
 from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import StartupError
+from edgeproxy.logs import formatAddress
 from edgeproxy.security.listening import clientAuthFor, proxyProtocolFactory, securityShape
 from edgeproxy.serve.sites import connectionsOf, inFlightOf, reconfigureSite
 from edgeproxy.systemd import adoptable
 from edgeproxy.tls.contexts import DEFAULT_PROTOCOLS
 from edgeproxy.tls.store import CertificateStore
 
-__all__ = ["AdminListener", "ListenerSet", "OpenListener", "formatAddress", "tlsServerFactory"]
+__all__ = ["AdminListener", "ListenerSet", "OpenListener", "tlsServerFactory"]
 
 # The lines of the single-process service: see edgeproxy.serve.service.
 log = Logger(namespace="edgeproxy.service")
@@ -399,23 +400,6 @@ class AdminListener:
                 " serving on without an admin listener",
                 path=config.path, endpoint=wanted, why=str(Failure().getErrorMessage()),
             )
-
-
-def formatAddress(address: Any) -> str:
-    """
-    How a log line names a listening address: C{host:port} (IPv6 in
-    brackets), a UNIX socket's path, else the address as Twisted writes it.
-    """
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    if isinstance(name, bytes):
-        return name.decode("utf-8", "replace")
-    if isinstance(name, str):
-        return name
-    return str(address)
 
 
 def tlsServerFactory(creator: Any, site: Any, clock: Any) -> TLSMemoryBIOFactory:
