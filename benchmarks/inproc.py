@@ -2,7 +2,7 @@
 """
 CPU cost of one proxied request in edgeproxy's own code, measured in memory.
 
-    .venv/bin/python benchmarks/inproc.py [--requests N] [--runs R] [--profile] [--cache]
+    .venv/bin/python benchmarks/inproc.py [--tls] [--cache] [--fast-paths off] [--requests N] [--runs R] [--profile]
 
 The whole HTTP path of a kept-alive connection runs here as in production:
 the listener's L{HTTP1Connection} parses the request and routes it, the
@@ -25,6 +25,7 @@ tier without the backend.
 from __future__ import annotations
 
 import argparse
+from email.utils import formatdate
 import statistics
 import sys
 import time
@@ -42,7 +43,7 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.defer import succeed  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
 
-from edgeproxy.cache.disk import InlineBlocking  # noqa: E402
+from edgeproxy.cache.blocking import InlineBlocking  # noqa: E402
 from edgeproxy.config.model import (  # noqa: E402
     CacheSettings,
     Config,
@@ -68,11 +69,12 @@ REQUEST = (
 
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\n"
-    b"Date: Fri, 27 Nov 2026 23:00:00 GMT\r\nContent-Type: application/octet-stream\r\n"
+    b"Date: %(date)s\r\nContent-Type: application/octet-stream\r\n"
     b"Content-Length: 1024\r\nLast-Modified: Fri, 27 Nov 2026 22:00:00 GMT\r\n"
     b"Connection: keep-alive\r\nETag: \"6566a0c0-400\"\r\nAccept-Ranges: bytes\r\n\r\n"
 ) + b"x" * 1024
-"""What the nginx origin of C{run.py} answers to C{GET /1k}."""
+"""What the nginx origin of C{run.py} answers to C{GET /1k} (C{%(date)s}:
+the clock's time when the bench starts, so that a cached copy is fresh)."""
 
 
 class _Backend(StringTransport):
@@ -81,21 +83,24 @@ class _Backend(StringTransport):
     def __init__(self) -> None:
         super().__init__()
         self.protocol: Any = None
+        self.response = b""
 
     def answer(self) -> None:
         # One request in, one response out (the client does not pipeline).
         self.clear()
-        self.protocol.dataReceived(RESPONSE)
+        self.protocol.dataReceived(self.response)
 
 
 class _Endpoint:
-    def __init__(self) -> None:
+    def __init__(self, response: bytes) -> None:
         self.backends: list[_Backend] = []
+        self.response = response
 
     def connect(self, factory: Any) -> Any:
         protocol = factory.buildProtocol(None)
         transport = _Backend()
         transport.protocol = protocol
+        transport.response = self.response
         protocol.makeConnection(transport)
         self.backends.append(transport)
         return succeed(protocol)
@@ -158,6 +163,9 @@ class Bench:
 
     def __init__(self, tls: bool = False, cache: bool = False) -> None:
         reactor = MemoryReactorClock()
+        # Certificates are checked against the clock, and cached responses
+        # are fresh by it: make it now.
+        reactor.advance(time.time())
         upstream = Upstream(name="origin", servers=(Server("127.0.0.1", 8080),))
         route = Route(
             name="all", hosts=("*",), paths=("/",), upstream="origin",
@@ -174,7 +182,9 @@ class Bench:
         )
         metrics = Metrics()
         pool = _Pool(reactor, upstream, None, metrics=metrics)
-        pool.endpoint = _Endpoint()
+        pool.endpoint = _Endpoint(
+            RESPONSE % {b"date": formatdate(reactor.seconds(), usegmt=True).encode()}
+        )
         self.pool = pool
         pools: Any = {"origin": pool}
         runtime = Runtime(
@@ -205,8 +215,6 @@ class Bench:
         from edgeproxy.tls.store import CertificateStore
         from tests.certutil import CertificateAuthority
 
-        # Certificates are checked against the clock: make it now.
-        reactor.advance(time.time())
         directory = Path(tempfile.mkdtemp(prefix="inproc-tls-"))
         ca = CertificateAuthority("inproc root")
         leaf = ca.issue(["localhost"])
@@ -277,7 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the client over TLS 1.3 (the listener's TLS transport, in memory too)",
     )
     parser.add_argument("--cache", action="store_true", help="measure cache hits instead")
+    parser.add_argument(
+        "--fast-paths", choices=("auto", "off"), default="auto",
+        help="[edgeproxy] fast_paths: off measures Twisted's public paths (docs/operations.rst)",
+    )
     args = parser.parse_args(argv)
+    from edgeproxy._compat import decideFastPaths, useFastPaths
+
+    useFastPaths(decideFastPaths(args.fast_paths))
     bench = Bench(tls=args.tls, cache=args.cache)
     for _ in range(3):
         bench.check()
@@ -295,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"in-memory {'cache hit' if args.cache else 'proxied request'} "
-        f"(HTTP/1.1{' over TLS' if args.tls else ''} keep-alive, 1 KiB): "
+        f"(HTTP/1.1{' over TLS' if args.tls else ''} keep-alive, 1 KiB"
+        f"{', fast_paths = off' if args.fast_paths == 'off' else ''}): "
         f"median {statistics.median(perRequest):.1f} us CPU per request "
         f"(runs: {', '.join(f'{x:.1f}' for x in perRequest)}; "
         f"{args.requests} requests each)"

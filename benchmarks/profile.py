@@ -37,10 +37,11 @@ _LOADS = {
     "R1": (servers.SMALL_PATH, 50),
     "R2": (servers.SMALL_PATH, 50),
     "R3": (servers.LARGE_PATH, 10),
+    "R5": (servers.SMALL_PATH, 50),
 }
 """Per figure: the path fetched and the connections (as in C{run.py}); R2
 is driven by C{handshakes.py} (a new connection and full TLS handshake per
-request), the others by wrk."""
+request), R5 by h2load (10 streams per connection), the others by wrk."""
 
 
 def summarise(collapsed: str, top: int = 20) -> str:
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--figure", choices=sorted(_LOADS), default="R1",
         help="the load: R1 (1 KiB, 50 connections), R2 (a full TLS handshake per "
-        "request, 50 at a time) or R3 (1 MiB, 10 connections)",
+        "request, 50 at a time), R3 (1 MiB, 10 connections) or R5 (HTTP/2, h2load "
+        "-c50 -m10, 1 KiB)",
     )
     args = parser.parse_args(argv)
     path, connections = _LOADS[args.figure]
@@ -155,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
             result = loadgen.runHandshakes(
                 sys.executable, bench.ports["edgeproxy"], connections, args.duration,
                 bench.loadCpus,
+            )
+        elif args.figure == "R5":
+            if bench.tools["h2load"] is None:
+                print("R5 needs h2load (nghttp2-client)", file=sys.stderr)
+                return 1
+            result = loadgen.runH2load(
+                bench.tools["h2load"], url, connections, 10, args.duration,
+                bench.loadCpus, bench.work / "h2load.log",
             )
         else:
             result = loadgen.runWrk(

@@ -32,8 +32,13 @@ from typing import Any, Callable, Protocol
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
+
+BODY_DONE = Failure(ResponseDone("Response body fully received"))
+"""The reason a body's protocol gets in C{connectionLost} when the body is
+complete: one instance, for request and response bodies alike."""
 
 _PENDING = object()
 """L{BodyPipe} outcome before the body is complete or abandoned."""

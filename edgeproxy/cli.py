@@ -33,8 +33,9 @@ from edgeproxy.config.syntax import checkEndpoint
 from edgeproxy.config.units import formatDuration, formatSize
 from edgeproxy.errors import ConfigError, ConfigErrors
 from edgeproxy.routing import Router
-from edgeproxy.tls.certs import CertificateSet, loadCertificates
+from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.client import loadUpstreamTLS
+from edgeproxy.tls.layout import loadCertificates
 
 __all__ = ["main", "check", "EXIT_OK", "EXIT_INVALID"]
 
@@ -306,7 +307,7 @@ class _Summary:
     def overlaps(self) -> list[str]:
         """
         Names on more than one certificate, and which one is served: the
-        one that expires last (see L{edgeproxy.tls.certs}).
+        one that expires last (see L{edgeproxy.tls.layout}).
         """
         assert self.certificates is not None
         served = self.certificates.byName()
@@ -359,7 +360,7 @@ class _Summary:
             extras = []
             if route.strip_prefix:
                 extras.append("strip prefix")
-            if not route.websocket:
+            if not route.websocket and route.redirect is None:
                 extras.append("no websocket")
             if route.max_body_size is not None:
                 extras.append(
@@ -369,12 +370,15 @@ class _Summary:
                 extras.append("cached")
             if route.request_headers is not None or route.response_headers is not None:
                 extras.append("header rules")
+            target = f"-> {route.upstream}"
+            if route.redirect is not None:
+                target = f"{route.redirect.status} {route.redirect.location}"
             rows.append(
                 [
                     route.name,
                     ", ".join(route.hosts),
                     " ".join(route.paths),
-                    f"-> {route.upstream}" + (f" ({', '.join(extras)})" if extras else ""),
+                    target + (f" ({', '.join(extras)})" if extras else ""),
                 ]
             )
         return ["Routes:"] + _table(rows)

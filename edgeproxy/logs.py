@@ -2,7 +2,8 @@
 """
 The process log: what an operator reads in the terminal or the journal.
 
-This module owns three things.
+This module owns three things, and L{formatAddress} (how a line names an
+address).
 
 L{LogPolicy} and L{ProcessLogObserver}
     C{[edgeproxy] log_level} (C{debug}, C{info}, C{warn}, C{error}) and
@@ -70,6 +71,7 @@ __all__ = [
     "RefusalSummary",
     "refusals",
     "reasonOf",
+    "formatAddress",
 ]
 
 LEVELS: dict[str, LogLevel] = {
@@ -350,3 +352,20 @@ def refusals(clock: IReactorTime) -> RefusalSummary:
     if summary is None:
         summary = _byClock[clock] = RefusalSummary(clock)
     return summary
+
+
+def formatAddress(address: Any) -> str:
+    """
+    How a log line or C{/status} names an address: C{host:port} (IPv6 in
+    brackets), a UNIX socket's path, else the address as Twisted writes it.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "replace")
+    if isinstance(name, str):
+        return name
+    return str(address)

@@ -33,13 +33,14 @@ from twisted.logger import Logger
 import edgeproxy.cache.kind  # noqa: F401  (cache)
 import edgeproxy.content  # noqa: F401  (compress, images)
 import edgeproxy.headers  # noqa: F401  (headers)
+import edgeproxy.pipeline.redirect  # noqa: F401  (redirect)
 import edgeproxy.security  # noqa: F401  (access, ratelimit, auth)
 from edgeproxy.config.model import Config, Upstream
 from edgeproxy.headers.requestid import RequestIds
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
 from edgeproxy.routing import Router
-from edgeproxy.tls.certs import pairedKeyPath
 from edgeproxy.tls.client import loadUpstreamTLS
+from edgeproxy.tls.layout import pairedKeyPath
 from edgeproxy.upstream.pool import UpstreamPool
 
 log = Logger()

@@ -25,6 +25,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from edgeproxy._compat.twisted import systemdPassedSockets
+
 log = Logger()
 
 
@@ -124,18 +126,12 @@ class SocketNotPassed(Exception):
 def passedSockets() -> Any:
     """
     The sockets systemd passed to this process, as Twisted's C{systemd:}
-    endpoints see them (a L{twisted.python.systemd.ListenFDs}).
-
-    Twisted reads C{LISTEN_*} once, when C{twisted.internet.endpoints} is
-    imported, and then deletes C{LISTEN_PID} and C{LISTEN_FDS} from the
-    environment (C{twisted/python/systemd.py}, C{_parseDescriptors}), so
-    only its parser still knows what was passed: this is the one reliance
-    on its private C{_SystemdParser._sddaemon};
+    endpoints see them (a L{twisted.python.systemd.ListenFDs}), or L{None}
+    when this release of Twisted does not say: only its parser still knows
+    (L{edgeproxy._compat.twisted.systemdPassedSockets});
     C{tests/test_systemd.py} fails if Twisted changes it.
     """
-    from twisted.internet.endpoints import _SystemdParser
-
-    return _SystemdParser._sddaemon
+    return systemdPassedSockets()
 
 
 def notPassedMessage(endpoint: str, passed: Any = None) -> str:
@@ -152,9 +148,14 @@ def notPassedMessage(endpoint: str, passed: Any = None) -> str:
     parameters = dict(
         part.partition("=")[::2] for part in endpoint.split(":")[1:] if "=" in part
     )
+    restart = "restart the service (a running process cannot receive new sockets)"
+    if passed is None:
+        return (
+            f"systemd passed no socket for {endpoint!r}: check the socket units (the "
+            f"service's Sockets=, FileDescriptorName=) and {restart}"
+        )
     count = len(passed.inheritedDescriptors())
     names = list(passed.inheritedNamedDescriptors())
-    restart = "restart the service (a running process cannot receive new sockets)"
     if not count:
         return (
             "systemd passed no sockets to this process: start it through its socket "

@@ -11,11 +11,13 @@ builds, since it changes the whole interpreter.
 
 from __future__ import annotations
 
-import errno
 import gc
 from typing import Any
 
 from twisted.logger import Logger
+
+from edgeproxy._compat import fastPaths
+from edgeproxy._compat.twisted.reactor import dispatchWithoutLogContext
 
 __all__ = ["tuneGarbageCollector", "tuneEventDispatch"]
 
@@ -54,7 +56,8 @@ def tuneGarbageCollector() -> int:
 def tuneEventDispatch(reactor: Any) -> bool:
     """
     Make the epoll reactor call each ready connection directly instead of
-    through C{twisted.python.log.callWithLogger}.
+    through C{twisted.python.log.callWithLogger}, with the TCP fast paths
+    on (L{edgeproxy._compat.FastPaths.tcp}); else leave the reactor as it is.
 
     Why: Twisted's C{EPollReactor.doPoll} wraps every I/O event in
     C{callWithLogger}, which asks the connection for its C{logPrefix()},
@@ -64,47 +67,18 @@ def tuneEventDispatch(reactor: Any) -> bool:
     C{twisted.logger}, whose events never read that context, so the only
     lines that lose the prefix are Twisted's own legacy ones (an
     unhandled error in a connection's callback is then tagged C{-}; its
-    traceback still names the code).  Under R1 load the wrapper was about
-    7% of the proxy's CPU (py-spy: C{callWithLogger}, C{callWithContext}
-    and the context tracker between C{doPoll} and C{_doReadOrWrite};
-    docs/performance.rst, Run 8).
+    traceback still names the code).  The wrapper was a measurable share
+    of the proxy's CPU under load (docs/performance.rst, Run 8).
 
-    Only C{EPollReactor} itself (the default on Linux) is changed: its
-    C{doIteration} is replaced, on this instance, by the same loop as
-    C{doPoll} without the wrapper.  Any other reactor is left alone.  As
-    in C{callWithLogger}, an exception escaping a connection's handler is
-    logged and the loop goes on to the next event.
+    Only C{EPollReactor} itself (the default on Linux) is changed
+    (L{edgeproxy._compat.twisted.reactor.dispatchWithoutLogContext}); any
+    other reactor is left alone.
 
     @return: whether the reactor was changed.
     """
-    try:
-        from twisted.internet.epollreactor import EPollReactor
-    except ImportError:  # not Linux
+    if not fastPaths().tcp:
         return False
-    if type(reactor) is not EPollReactor:
+    if not dispatchWithoutLogContext(reactor):
         return False
-    poll = reactor._poller.poll
-    selectables = reactor._selectables
-    dispatch = reactor._doReadOrWrite
-
-    def doPoll(timeout: float | None) -> None:
-        try:
-            events = poll(-1 if timeout is None else timeout, len(selectables))
-        except OSError as error:
-            if error.errno == errno.EINTR:
-                return
-            raise
-        for fd, event in events:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            try:
-                dispatch(selectable, fd, event)
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                log.failure("unhandled error dispatching an I/O event")
-
-    reactor.doIteration = doPoll
     log.debug("reactor: I/O events dispatched without the legacy log context")
     return True

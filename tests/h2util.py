@@ -141,10 +141,11 @@ def makeFactory(
     limits: Limits | None = None,
     settings: HTTP2Settings | None = None,
     routes: tuple[Route, ...] = (ROUTE,),
+    proxy: ProxySettings | None = None,
 ) -> ListenerFactory:
     config = Config(
         path="/etc/edge.ini",
-        proxy=ProxySettings(),
+        proxy=proxy or ProxySettings(),
         tls=None,
         listeners=(),
         upstreams={"app": UPSTREAM},
@@ -191,10 +192,11 @@ class Pair:
         routes: tuple[Route, ...] = (ROUTE,),
         clientSettings: dict[int, int] | None = None,
         preface: bool = True,
+        proxy: ProxySettings | None = None,
     ) -> None:
         self.clock = Clock()
         self.stage = Stage()
-        self.factory = makeFactory(self.clock, self.stage, limits, settings, routes)
+        self.factory = makeFactory(self.clock, self.stage, limits, settings, routes, proxy)
         self.connection = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
         self.transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]

@@ -323,11 +323,17 @@ def request(sock: socket.socket, target: str, host: str, extra: str = "") -> tup
     return readResponse(sock)
 
 
+def payload(size: int) -> bytes:
+    """C{size} bytes that show any loss, repetition or reordering."""
+    return (bytes(range(256)) * (size // 256 + 1))[:size]
+
+
 class Backend:
     """
     A threaded HTTP/1.1 origin on 127.0.0.1 for the proxy to forward to:
     C{/slow} answers after C{slowSeconds} (and sets L{slowStarted} when the
-    request arrived), anything else answers at once with the path.
+    request arrived), C{/bytes/N} answers with N bytes (L{payload}),
+    anything else answers at once with the path.
 
     @ivar paths: every request target received, in order.
     """
@@ -347,6 +353,8 @@ class Backend:
                     backend.slowStarted.set()
                     time.sleep(backend.slowSeconds)
                 body = f"backend saw {self.path}\n".encode()
+                if self.path.startswith("/bytes/"):
+                    body = payload(int(self.path.split("/")[2]))
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", str(len(body)))

@@ -20,13 +20,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
 from edgeproxy import __version__
-from edgeproxy.admin import (
+from edgeproxy.admin.site import (
     HEADER_TIMEOUT,
     MAX_BODY_SIZE,
     MAX_CONNECTIONS,
     AdminSite,
-    statusDocument,
 )
+from edgeproxy.admin.status import statusDocument
 from edgeproxy.config.model import (
     CacheSettings,
     Config,

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from twisted.internet.task import Clock
 
-from edgeproxy.cache.disk import DiskTier, InlineBlocking, recoverDirectory
+from edgeproxy.cache.blocking import InlineBlocking
+from edgeproxy.cache.disk import DiskTier
+from edgeproxy.cache.diskrecover import recoverDirectory
 from edgeproxy.cache.entry import Entry, Variants
 from edgeproxy.cache.freshness import Policy
 from edgeproxy.cache.stores import expired
@@ -118,7 +120,8 @@ WRITER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 from twisted.internet.task import Clock
-from edgeproxy.cache.disk import DiskTier, InlineBlocking
+from edgeproxy.cache.blocking import InlineBlocking
+from edgeproxy.cache.disk import DiskTier
 from tests.test_cache_disk import head
 disk = DiskTier({path!r}, 10**8, 10**7, Clock(), InlineBlocking())
 writer = disk.writer(head(b"https://a/big"))
@@ -225,7 +228,8 @@ HOLDER = """
 import sys
 sys.path.insert(0, {repo!r})
 from twisted.internet.task import Clock
-from edgeproxy.cache.disk import DiskTier, InlineBlocking
+from edgeproxy.cache.blocking import InlineBlocking
+from edgeproxy.cache.disk import DiskTier
 disk = DiskTier({path!r}, 10**8, 10**7, Clock(), InlineBlocking(), recover=False)
 assert disk.tryLock(b"https://a/x")
 print("locked", flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from edgeproxy.cache.disk import InlineBlocking
+from edgeproxy.cache.blocking import InlineBlocking
 from edgeproxy.cache.kind import storesOf
 from edgeproxy.cache.stage import CacheStage
 from edgeproxy.config.model import CacheSettings, Config, ProxySettings, Route, RouteCache, Server, Upstream

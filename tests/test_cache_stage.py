@@ -22,7 +22,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from edgeproxy.cache.directives import formatHTTPDate
-from edgeproxy.cache.disk import InlineBlocking
+from edgeproxy.cache.blocking import InlineBlocking
 from edgeproxy.cache.kind import storesOf
 from edgeproxy.config.model import (
     CacheSettings,

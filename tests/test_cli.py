@@ -344,7 +344,7 @@ def test_certbotLayout(
     assert b.endswith("letsencrypt/live/b.example/cert.pem")
 
     from edgeproxy.config import load
-    from edgeproxy.tls.certs import loadCertificates
+    from edgeproxy.tls.layout import loadCertificates
 
     config = load(path)
     assert config.tls is not None
@@ -464,3 +464,14 @@ def test_checkShowsHeaderRules(site: Path, capsys: pytest.CaptureFixture[str]) -
     status, out, _ = run(capsys, "check", "--config", path)
     assert status == EXIT_OK
     assert "-> plain (strip prefix, header rules)" in out
+def test_redirectRouteIsShownWithItsTarget(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (
+        textwrap.dedent(CONFIG)
+        + "\n[route:www]\nhosts = www.example.com\nredirect = https://example.com$request_uri\n"
+    )
+    status, out, err = run(capsys, "check", "--config", write(site, text))
+    assert (status, err) == (EXIT_OK, "")
+    assert any(
+        line.split() == ["www", "www.example.com", "/", "301", "https://example.com$request_uri"]
+        for line in out.splitlines()
+    )

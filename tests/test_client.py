@@ -6,13 +6,18 @@ in-memory connections (StringTransport) and a deterministic clock, driven
 through C{send} with a recording receiver as the pool drives it.  What is
 asserted is what a backend sees on the wire and what the proxy gets back
 (interim responses, responses, bodies, failures, connection reuse).
+
+The sending tests also run over real TCP sockets (L{tests.wire}), with the
+fast paths (a request head straight to the socket) and without.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -37,6 +42,10 @@ from edgeproxy.upstream.client import UpstreamClient
 from edgeproxy.upstream.failures import attemptOutcome
 from edgeproxy.upstream.protocol import EXPECT_TIMEOUT, RequestNotSent
 from edgeproxy.upstream.retry import Attempt
+from tests.fastpaths import SHOW_DEPRECATIONS, using
+from tests.wire import SocketWire
+
+pytestmark = SHOW_DEPRECATIONS
 
 
 class CountingTransport(StringTransport):
@@ -72,6 +81,26 @@ class MemoryEndpoint:
         protocol.makeConnection(transport)
         self.connections.append((protocol, transport))
         return succeed(protocol)
+
+
+@implementer(IStreamClientEndpoint)
+class SocketEndpoint:
+    """Connects every factory over a TCP socket on 127.0.0.1 (L{SocketWire})."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.connections: list[tuple[Any, Any]] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        # tcp.Server stands for the tcp.Client of a backend connection:
+        # the same transport code writes for both.
+        wire = SocketWire(factory, self.reactor, transportClass=tcp.Server)
+        self.connections.append((wire.protocol, wire))
+        return succeed(wire.protocol)
+
+    def close(self) -> None:
+        for _, wire in self.connections:
+            wire.close()
 
 
 class Endpoints:
@@ -151,10 +180,29 @@ BACKEND = Backend(Server("10.0.0.1", 8080), "10.0.0.1", 8080)
 FIELDS = Fields([(b"Host", b"backend.test"), (b"X-A", b"1"), (b"X-A", b"2")])
 
 
+WIRES = ["memory", "tcp-fast", "tcp-public"]
+"""How the backend connections of a L{Harness} carry bytes."""
+
+
+@pytest.fixture(params=WIRES)
+def wire(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each of L{WIRES}, with the process's fast paths as it says."""
+    if request.param == "memory":
+        yield request.param
+        return
+    with using(request.param == "tcp-fast"):
+        try:
+            yield request.param
+        finally:
+            SocketWire.closeAll()
+
+
 class Harness:
-    def __init__(self, keepalive: int = 2, timeout: float = 60) -> None:
+    def __init__(self, keepalive: int = 2, timeout: float = 60, wire: str = "memory") -> None:
         self.reactor = MemoryReactorClock()
         self.endpoints = Endpoints()
+        if wire != "memory":
+            self.endpoints.endpoint = SocketEndpoint(self.reactor)  # type: ignore[assignment]
         self.client = UpstreamClient(
             self.reactor,
             self.endpoints,
@@ -179,10 +227,17 @@ class Harness:
         return self.endpoints.endpoint.connections
 
     def respond(self, data: bytes, index: int = -1) -> None:
-        self.connections[index][0].dataReceived(data)
+        protocol, transport = self.connections[index]
+        if isinstance(transport, SocketWire):
+            transport.send(data)
+            return
+        protocol.dataReceived(data)
 
     def wire(self, index: int = -1) -> bytes:
-        return self.connections[index][1].value()
+        transport = self.connections[index][1]
+        if isinstance(transport, SocketWire):
+            return transport.received()
+        return transport.value()
 
 
 def result(receiver: Receiver) -> Any:
@@ -224,8 +279,26 @@ def test_requestHeadOnTheWireInOneWrite() -> None:
     assert body.reason is not None and body.reason.check(ResponseDone)
 
 
-def test_connectionReusedAndEndpointAskedOnce() -> None:
-    h = Harness()
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "public"])
+def test_requestHeadSentWithoutAReactorTurn(fast: bool) -> None:
+    """
+    With the fast paths, a request head reaches the backend's socket as it
+    is sent, before the reactor's next turn; without them it waits for
+    that turn (Twisted's own write), and arrives the same.
+    """
+    with using(fast):
+        h = Harness(wire="tcp-fast" if fast else "tcp-public")
+        h.request()
+        [(_, wire)] = h.connections
+        immediately = wire.peek()
+        head = h.wire()
+        wire.close()
+    assert head == b"GET /p?q=1 HTTP/1.1\r\nHost: backend.test\r\nX-A: 1\r\nX-A: 2\r\n\r\n"
+    assert immediately == (head if fast else b"")
+
+
+def test_connectionReusedAndEndpointAskedOnce(wire: str) -> None:
+    h = Harness(wire=wire)
     for _ in range(3):
         receiver = h.request()
         h.respond(OK)
@@ -260,8 +333,8 @@ def test_responseInPiecesAndBareLF() -> None:
     assert response.fields.getAll(b"x") == [b"y"]
 
 
-def test_chunkedResponse() -> None:
-    h = Harness()
+def test_chunkedResponse(wire: str) -> None:
+    h = Harness(wire=wire)
     receiver = h.request()
     h.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n")
     response = result(receiver)
@@ -628,8 +701,8 @@ def test_bodyTransportInertAfterTheResponse() -> None:
     assert transport.producerState == "producing"
 
 
-def test_contentLengthBody() -> None:
-    h = Harness()
+def test_contentLengthBody(wire: str) -> None:
+    h = Harness(wire=wire)
     producer = Producer(5)
     receiver = h.request(method=b"POST", body=producer)
     assert b"Content-Length: 5\r\n" in h.wire()
@@ -641,8 +714,8 @@ def test_contentLengthBody() -> None:
     assert result(receiver).status == 200
 
 
-def test_chunkedRequestBody() -> None:
-    h = Harness()
+def test_chunkedRequestBody(wire: str) -> None:
+    h = Harness(wire=wire)
     producer = Producer(UNKNOWN_LENGTH)
     h.request(method=b"POST", body=producer)
     assert b"Transfer-Encoding: chunked\r\n" in h.wire()
@@ -651,10 +724,10 @@ def test_chunkedRequestBody() -> None:
     assert h.wire().endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
 
 
-def test_framingFieldsOfTheCallerAreNotSent() -> None:
+def test_framingFieldsOfTheCallerAreNotSent(wire: str) -> None:
     # The body frames the request: stray framing fields never reach the
     # wire (a second, disagreeing framing is how requests are smuggled).
-    h = Harness()
+    h = Harness(wire=wire)
     fields = FIELDS.withField(b"content-length", b"99").withField(b"transfer-encoding", b"gzip")
     producer = Producer(3)
     h.request(method=b"PUT", body=producer, fields=fields)
@@ -663,11 +736,11 @@ def test_framingFieldsOfTheCallerAreNotSent() -> None:
     assert b"Transfer-Encoding" not in head and b"99" not in head
 
 
-def test_emptyPostSaysContentLengthZero() -> None:
-    h = Harness()
+def test_emptyPostSaysContentLengthZero(wire: str) -> None:
+    h = Harness(wire=wire)
     h.request(method=b"POST")
     assert b"Content-Length: 0\r\n" in h.wire()
-    h2 = Harness()
+    h2 = Harness(wire=wire)
     h2.request(method=b"GET")
     assert b"Content-Length" not in h2.wire()
 
@@ -818,9 +891,9 @@ def test_closeCachedConnections() -> None:
     assert len(h.connections) == 2
 
 
-def test_notPersistentSaysCloseAndKeepsNothing() -> None:
+def test_notPersistentSaysCloseAndKeepsNothing(wire: str) -> None:
     """keepalive = 0: C{Connection: close} on the wire, nothing pooled."""
-    h = Harness(keepalive=0)
+    h = Harness(keepalive=0, wire=wire)
     h.client.persistent = False
     receiver = h.request()
     assert b"\r\nConnection: close\r\n" in h.wire()
@@ -913,8 +986,8 @@ def expecting(h: Harness, length: Any = 3) -> tuple[Receiver, Producer]:
     return receiver, producer
 
 
-def test_expectHoldsTheBodyUntilTheBackendsContinue() -> None:
-    h = Harness()
+def test_expectHoldsTheBodyUntilTheBackendsContinue(wire: str) -> None:
+    h = Harness(wire=wire)
     receiver, producer = expecting(h)
     assert h.wire().endswith(b"Expect: 100-continue\r\n\r\n")
     assert producer.consumer is None  # held
@@ -930,8 +1003,8 @@ def test_expectHoldsTheBodyUntilTheBackendsContinue() -> None:
     assert len(h.connections) == 1
 
 
-def test_expectAnsweredWithAFinalStatusSendsNoBody() -> None:
-    h = Harness()
+def test_expectAnsweredWithAFinalStatusSendsNoBody(wire: str) -> None:
+    h = Harness(wire=wire)
     receiver, producer = expecting(h)
     head = h.wire()
     h.respond(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 2\r\n\r\nno")
@@ -990,11 +1063,11 @@ def test_anyInterimLetsTheBodyGo() -> None:
     assert h.reactor.getDelayedCalls() == []
 
 
-def test_continueAndTheFinalResponseInOneRead() -> None:
+def test_continueAndTheFinalResponseInOneRead(wire: str) -> None:
     # The body goes when the 100 is read; the response read with it is then
     # an early response like any other: held while the body is being sent
     # (or, once complete, handed over and the body abandoned).
-    h = Harness()
+    h = Harness(wire=wire)
     receiver, producer = expecting(h)
     h.respond(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nok")
     assert producer.consumer is not None and not receiver.called
@@ -1004,7 +1077,7 @@ def test_continueAndTheFinalResponseInOneRead() -> None:
     result(receiver).deliverBody(body)
     h.respond(b"ok")
     assert body.data == b"okok" and body.reason.check(ResponseDone)
-    h2 = Harness()
+    h2 = Harness(wire=wire)
     receiver, producer = expecting(h2)
     h2.respond(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
     assert result(receiver).status == 200

@@ -21,6 +21,8 @@ from twisted.internet.testing import MemoryReactor
 
 from edgeproxy.config import load
 from edgeproxy.config.model import (
+    ErrorPage,
+    ErrorPages,
     ACMEChallenge,
     ACMEKeyType,
     ACMESettings,
@@ -36,6 +38,8 @@ from edgeproxy.config.model import (
     ProxySettings,
     Route,
     RouteCache,
+    RouteForwarding,
+    RouteRedirect,
     Server,
     TLSSettings,
     TLSVersion,
@@ -74,6 +78,9 @@ def site(tmp_path: Path) -> Path:
     (tmp_path / "admin.token").write_text("0123456789abcdef0123456789abcdef\n")
     (tmp_path / "eab.key").write_text("c2VjcmV0LWhtYWMta2V5\n")
     (tmp_path / "image.key").write_text("0123456789abcdef0123456789abcdef\n")
+    (tmp_path / "errors" / "api").mkdir(parents=True)
+    (tmp_path / "errors" / "5xx.html").write_text("<h1>down</h1>\n")
+    (tmp_path / "errors" / "api" / "404.json").write_text('{"error": "not found"}\n')
     return tmp_path
 
 
@@ -141,6 +148,7 @@ ERRORS = [
     ("[edgeproxy]\nlatency_buckets = fast", "edgeproxy", "latency_buckets", "fast", "expected a duration"),
     ("[edgeproxy]\nlog_level = verbose", "edgeproxy", "log_level", "verbose", "expected one of debug, info, warn, error"),
     ("[edgeproxy]\nlog_format = syslog", "edgeproxy", "log_format", "syslog", "expected one of auto, text, journald"),
+    ("[edgeproxy]\nfast_paths = on", "edgeproxy", "fast_paths", "on", "expected one of auto, off"),
     # [tls]
     ("[tls]\ndefault = certs/site.pem", "tls", "certificates", "[tls]", "missing required key 'certificates'"),
     ("[tls]\ncertificates = certs nothere.pem", "tls", "certificates", "nothere", "does not exist"),
@@ -408,6 +416,8 @@ image_workers = 2
 image_queue = 5
 request_id = X-Correlation-ID
 client_ip_header = X-Real-IP
+fast_paths = off
+error_pages = errors
 
 [tls]
 certificates = certs, certs/site.pem
@@ -516,6 +526,7 @@ image_max_pixels = 4000000
 image_max_bytes = 4MiB
 image_resize = yes
 image_signing_key_file = image.key
+error_pages = errors/api
 cache = yes
 stale_while_revalidate = 30s
 stale_if_error = 1d
@@ -532,6 +543,15 @@ response_headers_remove = X-Backend-*
 [route:catchall]
 hosts = *
 upstream = legacy
+retries = 0
+request_timeout = 2m
+
+[route:moved]
+hosts = www.example.com
+paths = /old/
+strip_prefix = yes
+redirect = https://example.com/new$path$is_args$args
+redirect_status = 308
 
 [cache]
 memory = 64MiB
@@ -560,6 +580,11 @@ def test_fullExample(site: Path) -> None:
         max_body_size=10 * 1024 * 1024,
     )
     assert defaults != proxyLimits
+    down = ErrorPage(os.path.join(base, "errors", "5xx.html"), "text/html; charset=utf-8", b"<h1>down</h1>\n")
+    sitePages = ErrorPages(classes=((5, down),))
+    notFound = ErrorPage(
+        os.path.join(base, "errors", "api", "404.json"), "application/json", b'{"error": "not found"}\n'
+    )
     expected = Config(
         path=path,
         proxy=ProxySettings(
@@ -583,6 +608,8 @@ def test_fullExample(site: Path) -> None:
             image_queue=5,
             request_id="X-Correlation-ID",
             client_ip_header="X-Real-IP",
+            fast_paths="off",
+            error_pages=sitePages,
         ),
         tls=TLSSettings(
             certificates=(os.path.join(base, "certs"), os.path.join(base, "certs", "site.pem")),
@@ -729,8 +756,35 @@ def test_fullExample(site: Path) -> None:
                     set=(("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer")),
                     add=(("cache-control", "no-transform"),),
                 ),
+                error_pages=ErrorPages(exact=((404, notFound),), classes=((5, down),)),
             ),
-            Route(name="catchall", hosts=("*",), paths=("/",), upstream="legacy"),
+            Route(
+                name="catchall",
+                hosts=("*",),
+                paths=("/",),
+                upstream="legacy",
+                forwarding=RouteForwarding(retries=0, request_timeout=120.0),
+                error_pages=sitePages,
+            ),
+            Route(
+                name="moved",
+                hosts=("www.example.com",),
+                paths=("/old/",),
+                upstream=None,
+                strip_prefix=True,
+                websocket=False,
+                redirect=RouteRedirect(
+                    location="https://example.com/new$path$is_args$args",
+                    parts=(
+                        ("text", "https://example.com/new"),
+                        ("var", "path"),
+                        ("var", "is_args"),
+                        ("var", "args"),
+                    ),
+                    status=308,
+                ),
+                error_pages=sitePages,
+            ),
         ),
         cache=CacheSettings(
             memory=64 * 1024 * 1024,

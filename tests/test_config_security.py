@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from edgeproxy.config.auth import htpasswdUsers
 from edgeproxy.config.model import AuthSettings, RateLimit
 from edgeproxy.config.parse import load
-from edgeproxy.config.security import htpasswdUsers
 from edgeproxy.errors import ConfigError
 
 SECRET = "0123456789abcdef0123456789abcdef-secret"

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from edgeproxy.cache.disk import InlineBlocking
+from edgeproxy.cache.blocking import InlineBlocking
 from edgeproxy.config.model import (
     CacheSettings,
     Config,

@@ -26,6 +26,7 @@ from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
 from edgeproxy.tls.store import CertificateStore
 from tests.certutil import CertificateAuthority
+from tests.fastpaths import fastPaths  # noqa: F401 (fixture)
 from tests.memorypool import MemoryResponse, ProxyClient
 from tests.metricsutil import Samples, samplesOf
 from tests.tlsutil import LegacyClientCreator, connectTLS, handshake
@@ -170,6 +171,38 @@ def test_requestCutShortCountedOnce() -> None:
     client.sent[0].respond(MemoryResponse(200, [], b"part", cut=True))
     client.lose()
     assert value(scrape(metrics), "edgeproxy_requests_total", route="app", upstream="app", code="2xx") == 1
+
+
+def test_bytesCountedOverASocket(fastPaths: bool) -> None:
+    """
+    Over the connection a TCP listener accepts (C{LeanServer} with the fast
+    paths, C{tcp.Server} without), every byte the client receives is
+    counted once, whether it went out straight to the socket (a complete
+    response) or through the transport's queue (a streamed one).
+    """
+    from tests.wire import SocketWire
+
+    metrics = Metrics()
+    clock = MemoryReactorClock()
+    client = ProxyClient(Listener(name="web", endpoint="tcp:0", tls=False), clock=clock, metrics=metrics)
+    wire = SocketWire(client.factory, clock)
+    try:
+        unrouted = b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n"
+        wire.send(unrouted)
+        request = b"GET /page HTTP/1.1\r\nHost: app.example\r\n\r\n"
+        wire.send(request)
+        [call] = client.sent
+        call.respond(MemoryResponse(200, [(b"Content-Type", b"text/plain")], b"hello", length=5))
+        wire.send(request)
+        call = client.sent[1]
+        call.respond(MemoryResponse(200, [], b"x" * 300_000, length=None))
+        received = wire.received()
+        assert received.startswith(b"HTTP/1.1 404 ") and received.count(b"HTTP/1.1 200 ") == 2
+        samples = scrape(metrics)
+        assert value(samples, "edgeproxy_sent_bytes_total", listener="web") == len(received)
+        assert value(samples, "edgeproxy_received_bytes_total", listener="web") == len(unrouted) + 2 * len(request)
+    finally:
+        wire.close()
 
 
 class SelfWritingTransport(StringTransport):
@@ -330,7 +363,7 @@ def test_bytesCountedOverTheEdgeTLSTransport(tlsSite: TLSSite, monkeypatch: pyte
     """
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    from edgeproxy.tls.transport import EdgeTLSTransport
+    from edgeproxy._compat.twisted.tls import EdgeTLSTransport
     from tests import tlsutil
 
     class EdgeTLSFactory(TLSMemoryBIOFactory):

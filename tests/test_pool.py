@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 from zope.interface import implementer
 
-from edgeproxy.config.model import Config, ProxySettings, Route, Server, Upstream
+from edgeproxy.config.model import Config, ProxySettings, Route, RouteForwarding, Server, Upstream
 from edgeproxy.errors import (
     BackendUnavailable,
     CertificateError,
@@ -43,6 +43,7 @@ from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import requestHashKey
 from edgeproxy.upstream.protocol import EXPECT_TIMEOUT
 from edgeproxy.upstream.pool import UpstreamPool, classifyFailure
+from edgeproxy.upstream.terms import Terms
 from tests.metricsutil import firstValue
 from tests.test_resolve import FakeResolver
 
@@ -94,10 +95,11 @@ class Sent:
         body: Any = None,
         fields: Fields = HOST,
         hashKey: bytes | None = None,
+        terms: Terms | None = None,
     ) -> None:
         self.interim: list[tuple[int, bytes, Fields]] = []
         self.outcomes: list[Any] = []
-        self.exchange = pool.send(method, target, fields, body, self, hashKey)
+        self.exchange = pool.send(method, target, fields, body, self, hashKey, None, terms)
 
     def upstreamInterim(self, status: int, reason: bytes, fields: Fields) -> None:
         assert not self.outcomes, "interim response after the outcome"
@@ -506,7 +508,9 @@ class Fleet(UpstreamPool):
     dials: dict[str, Dial]
     dialLog: list[str]
 
-    def endpointFor(self, server: Backend) -> Any:  # type: ignore[override]
+    def endpointFor(  # type: ignore[override]
+        self, server: Backend, proxyHeader: bytes | None = None, connectTimeout: float | None = None
+    ) -> Any:
         dial = self.dials.get(server.host)
         if dial is None:
             dial = self.dials[server.host] = Dial(server.host, self.dialLog)
@@ -534,8 +538,14 @@ def makeFleet(
     return pool, reactor
 
 
-def get(pool: UpstreamPool, method: bytes = b"GET", path: bytes = b"/", body: Any = None) -> Sent:
-    return Sent(pool, method, path, body)
+def get(
+    pool: UpstreamPool,
+    method: bytes = b"GET",
+    path: bytes = b"/",
+    body: Any = None,
+    terms: Terms | None = None,
+) -> Sent:
+    return Sent(pool, method, path, body, terms=terms)
 
 
 def metric(pool: UpstreamPool, name: str, **labels: str) -> float:
@@ -781,6 +791,175 @@ def test_upstreamLatencyObserved() -> None:
     result(d)
     assert metric(pool, "edgeproxy_upstream_response_seconds_count", upstream="app") == 1
     assert metric(pool, "edgeproxy_upstream_response_seconds_sum", upstream="app") == pytest.approx(0.3)
+
+
+# Timeouts: one backend, the route's own terms, request_timeout --------------
+
+
+def test_oneBackendThatTimesOutIsTriedOnce(logs: Callable[[], str]) -> None:
+    # The trial of issue 15: response_timeout 5 s with the default retries
+    # (2) kept the client 15 s for a 504 from one backend tried three
+    # times.  Now: one attempt, the 504 at 5 s.
+    pool, reactor = makeFleet(hosts=("a",))
+    assert pool.terms.retries == 2
+    d = get(pool)
+    reactor.advance(4.9)
+    assert not d.called
+    reactor.advance(0.1)
+    outcome = result(d)
+    assert outcome.check(UpstreamTimeout) and outcome.value.status == 504
+    assert pool.dialLog == ["a"]
+    assert pool.dials["a"].connections[0][1].disconnecting
+    assert metric(pool, "edgeproxy_upstream_errors_total", code="504") == 1
+    assert metric(pool, "edgeproxy_retries_total") == 0
+    assert "a timeout is retried only on a backend not tried yet (tried a:80)" in logs()
+
+
+def test_oneBackendWhoseConnectTimesOutIsTriedOnce() -> None:
+    pool, _ = makeFleet(hosts=("a",), failing={"a": netError.TimeoutError("connect")})
+    assert result(get(pool)).check(UpstreamTimeout)
+    assert pool.dialLog == ["a"]
+
+
+def test_oneBackendRefusingIsStillRetried() -> None:
+    # A refused connection or a reset keep-alive connection is over at
+    # once: trying the one backend again costs the client nothing.
+    pool, _ = makeFleet(hosts=("a",), failing={"a": REFUSED})
+    assert result(get(pool)).check(BackendUnavailable)
+    assert pool.dialLog == ["a", "a", "a"]
+
+
+def test_aTimedOutRequestIsNotSentBackToATriedBackend() -> None:
+    # a times out, b refuses: a is not asked again (the request failed
+    # with b's error, not after another 5 s on a).
+    pool, reactor = makeFleet(hosts=("a", "b"), failing={"b": REFUSED})
+    d = get(pool)
+    reactor.advance(5.0)
+    assert pool.dialLog == ["a", "b"]
+    assert result(d).check(BackendUnavailable)
+
+
+def test_routeTermsAreSharedAndDefaultToTheUpstreams() -> None:
+    pool, _ = makeFleet()
+    assert pool.termsFor(None) is pool.terms
+    assert pool.termsFor(RouteForwarding(response_timeout=5.0, retries=2)) is pool.terms
+    short = pool.termsFor(RouteForwarding(response_timeout=2.0))
+    assert short is not pool.terms
+    assert short is pool.termsFor(RouteForwarding(response_timeout=2.0))
+    assert (short.responseTimeout, short.retries, short.connectTimeout) == (2.0, 2, 5.0)
+    # The default request_timeout: queue_timeout + connect + response.
+    assert pool.terms.requestTimeout == 10.0 + 5.0 + 5.0
+    assert short.requestTimeout == 10.0 + 5.0 + 2.0
+
+
+def test_routesOwnResponseTimeoutApplies() -> None:
+    pool, reactor = makeFleet(hosts=("a",))
+    short = get(pool, terms=pool.termsFor(RouteForwarding(response_timeout=2.0)))
+    usual = get(pool)
+    reactor.advance(1.9)
+    assert fired(short=short, usual=usual) == {}
+    reactor.advance(0.1)
+    assert list(fired(short=short, usual=usual)) == ["short"]
+    assert result(short).check(UpstreamTimeout)
+    reactor.advance(3.0)
+    assert result(usual).check(UpstreamTimeout)
+
+
+def test_routesOwnRetries() -> None:
+    pool, _ = makeFleet(hosts=("a", "b"), failing={"a": REFUSED, "b": REFUSED})
+    assert result(get(pool, terms=pool.termsFor(RouteForwarding(retries=0)))).check(
+        BackendUnavailable
+    )
+    assert len(pool.dialLog) == 1
+    assert result(get(pool)).check(BackendUnavailable)  # the upstream's 2 retries
+    assert len(pool.dialLog) == 1 + 3
+
+
+def test_routesOwnConnectTimeoutDialsWithIt() -> None:
+    # The real endpoints of the pool: the connect timeout is what the
+    # reactor is asked to connect with.
+    reactor = MemoryReactorClock()
+    pool = UpstreamPool(reactor, Upstream(name="app", servers=(Server("10.0.0.1", 80),)), None)
+    Sent(pool, terms=pool.termsFor(RouteForwarding(connect_timeout=1.5)))
+    Sent(pool)
+    assert [(host, timeout) for host, _, _, timeout, _ in reactor.tcpClients] == [
+        ("10.0.0.1", 1.5),
+        ("10.0.0.1", 5.0),
+    ]
+
+
+def test_requestTimeoutBoundsTheRetries(logs: Callable[[], str]) -> None:
+    # a times out at 5 s and the retry on b gets what is left of 8 s: the
+    # client has its 504 at 8 s, b's attempt is abandoned, c never tried.
+    pool, reactor = makeFleet()
+    terms = pool.termsFor(RouteForwarding(request_timeout=8.0))
+    d = get(pool, terms=terms)
+    reactor.advance(5.0)
+    assert pool.dialLog == ["a", "b"] and not d.called
+    reactor.advance(2.9)
+    assert not d.called
+    reactor.advance(0.1)
+    outcome = result(d)
+    assert outcome.check(UpstreamTimeout) and outcome.value.status == 504
+    assert pool.dials["b"].connections[0][1].disconnecting
+    assert pool.dialLog == ["a", "b"]
+    assert pool.inFlight() == 0
+    # b's abandoned attempt is not held against it (the route's bound cut
+    # it, not b's own timeout): a's timeout and the client's 504 count.
+    assert metric(pool, "edgeproxy_upstream_errors_total", code="504") == 2
+    assert "backend b:80 failed" not in logs()
+    assert "had no response head within its request_timeout (8s; tried a:80, b:80): 504" in logs()
+    reactor.advance(60)
+    assert pool.dialLog == ["a", "b"]
+
+
+def test_requestTimeoutBelowTheResponseTimeout() -> None:
+    pool, reactor = makeFleet(hosts=("a",))
+    d = get(pool, terms=pool.termsFor(RouteForwarding(request_timeout=2.0)))
+    reactor.advance(2.0)
+    assert result(d).check(UpstreamTimeout)
+    assert pool.dials["a"].connections[0][1].disconnecting
+    reactor.advance(10)  # its response deadline passes: nothing more
+    assert pool.dialLog == ["a"] and len(d.outcomes) == 1
+
+
+def test_requestTimeoutCountsTheQueue() -> None:
+    # queue_timeout 3 s would answer 503; the route's 1 s bound comes
+    # first, and the request leaves the queue with a 504.
+    pool, reactor = limited()
+    get(pool)
+    waiting = get(pool, terms=pool.termsFor(RouteForwarding(request_timeout=1.0)))
+    assert pool.queued == 1
+    reactor.advance(1.0)
+    assert result(waiting).check(UpstreamTimeout)
+    assert pool.queued == 0
+
+
+def test_requestTimeoutStartsOnceTheBodyIsPassedOn() -> None:
+    # A slow upload is not the backend's delay: the bound counts from the
+    # moment the body was passed on whole.
+    pool, reactor = makeFleet(hosts=("a",))
+    pipe = pipeWith(reactor, b"part", length=8, finish=False)
+    d = get(pool, b"POST", body=pipe, terms=pool.termsFor(RouteForwarding(request_timeout=2.0)))
+    reactor.advance(30)
+    assert not d.called
+    pipe.write(b"more")
+    pipe.finish()
+    reactor.advance(1.9)
+    assert not d.called
+    reactor.advance(0.1)
+    assert result(d).check(UpstreamTimeout)
+
+
+def test_aRequestOnTheUpstreamsTermsArmsNoTimerOfItsOwn() -> None:
+    # The default request_timeout never cuts a first attempt short, so a
+    # request costs no timer for it: the pool's one deadline timer is all.
+    pool, reactor = makeFleet(hosts=("a",))
+    for _ in range(3):
+        get(pool)
+    assert len(reactor.getDelayedCalls()) == 1
+    sent = get(pool)
+    assert sent.exchange.timer is None
 
 
 # max_conns and the queue --------------------------------------------------------
@@ -1031,7 +1210,8 @@ def test_failedFirstResolutionKeepsDiallingTheName() -> None:
 
 def test_requestOnARemovedAddressFinishes() -> None:
     resolver = FakeResolver({"app.internal": ["10.0.0.1"]})
-    pool, reactor = named(resolver, Server("app.internal", 80))
+    # Slow enough to be in flight across the re-resolution.
+    pool, reactor = named(resolver, Server("app.internal", 80), response_timeout=60.0)
     pool.start()
     d = get(pool)
     assert pool.inFlight() == 1

@@ -15,11 +15,12 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from edgeproxy.config.model import Limits, Listener
+from edgeproxy.config.model import Limits, Listener, Route, RouteForwarding
 from edgeproxy.errors import BackendUnavailable, ServiceUnavailable
 from edgeproxy.http.errorpages import errorBody
 from edgeproxy.http.server import DISCARD_LIMIT
 from tests.memorypool import MemoryPool, MemoryResponse, ProxyClient as Client
+from tests.test_pool import makeFleet
 
 
 def test_bodyReachesUpstreamBeforeItIsComplete() -> None:
@@ -503,3 +504,47 @@ def test_noSpoofedRealIPReachesTheBackend() -> None:
             )
             [call] = client.sent
             assert list(call.fields.getAll(b"x-real-ip")) == expected, (proxy, spoof)
+# Timeouts and retries on the route's terms (a real pool) -------------------
+
+
+def _timed(hosts: tuple[str, ...], forwarding: RouteForwarding | None = None) -> tuple[Client, Any, Any]:
+    """A client whose route (app.example) forwards to a real pool of
+    C{hosts} that never answer (response_timeout 5 s, retries 2)."""
+    pool, reactor = makeFleet(hosts=hosts)
+    route = Route(name="app", hosts=("app.example",), paths=("/",), upstream="app", forwarding=forwarding)
+    return Client(pool=pool, clock=reactor, routes=(route,)), pool, reactor
+
+
+def test_oneBackendTimingOutIs504AfterOneResponseTimeout() -> None:
+    # The trial of issue 15: 504 after 5 s from one attempt, not after 15 s
+    # from three.
+    client, pool, reactor = _timed(("a",))
+    client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    reactor.advance(4.9)
+    assert client.wire() == b""
+    reactor.advance(0.1)
+    assert client.wire().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+    assert client.wire().endswith(errorBody(504))
+    assert pool.dialLog == ["a"]
+
+
+def test_routesOwnResponseTimeoutReachesThePool() -> None:
+    client, pool, reactor = _timed(("a",), RouteForwarding(response_timeout=20.0))
+    client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    reactor.advance(19.9)
+    assert client.wire() == b""
+    reactor.advance(0.1)
+    assert client.wire().startswith(b"HTTP/1.1 504 ")
+
+
+def test_routesRequestTimeoutBoundsTheRetries() -> None:
+    # Three backends that never answer: without a bound the client would
+    # wait 15 s (5 s on each); the route's request_timeout answers at 8 s.
+    client, pool, reactor = _timed(("a", "b", "c"), RouteForwarding(request_timeout=8.0))
+    client.send(b"GET / HTTP/1.1\r\nHost: app.example\r\n\r\n")
+    reactor.advance(7.9)
+    assert client.wire() == b"" and pool.dialLog == ["a", "b"]
+    reactor.advance(0.1)
+    assert client.wire().startswith(b"HTTP/1.1 504 ")
+    reactor.advance(20)
+    assert pool.dialLog == ["a", "b"]

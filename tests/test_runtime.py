@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from edgeproxy.config.model import Config, ProxySettings, Route, Server, Upstream
+from edgeproxy.config.model import Config, ProxySettings, Route, RouteForwarding, Server, Upstream
 from edgeproxy.errors import CertificateError
 from edgeproxy.runtime import Runtime, poolInFlight, upstreamFingerprint
 from edgeproxy.upstream.backend import BackendState
 from tests.certutil import CertificateAuthority
+from tests.memorypool import ProxyClient
 
 
 def makeConfig(*upstreams: Upstream, route: str | None = None) -> Config:
@@ -173,3 +174,25 @@ def test_startStartsOnlyTheNewPools() -> None:
     assert checksIn(30) <= 8
     second.stop()
     third.stop()
+
+
+def test_routesOwnTimeoutsFollowAReloadOnTheKeptPool() -> None:
+    # The pool is kept (its upstream did not change); the route's new
+    # response_timeout applies to the requests after the reload.
+    reactor = MemoryReactorClock()
+    first = Runtime.build(makeConfig(APP), reactor)
+    config = makeConfig(APP)
+    slow = dataclasses.replace(config.routes[0], forwarding=RouteForwarding(response_timeout=120.0))
+    second = Runtime.build(dataclasses.replace(config, routes=(slow,)), reactor, previous=first)
+    assert second.pools["app"] is first.pools["app"]
+    before = ProxyClient(clock=reactor)
+    before.runtime = first
+    before.send(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    after = ProxyClient(clock=reactor)
+    after.runtime = second
+    after.send(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    # Nothing answers (the memory reactor never connects).
+    reactor.advance(60)
+    assert before.wire().startswith(b"HTTP/1.1 504 ") and after.wire() == b""
+    reactor.advance(60)
+    assert after.wire().startswith(b"HTTP/1.1 504 ")

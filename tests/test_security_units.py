@@ -28,13 +28,8 @@ from edgeproxy.security.auth.basic import BasicAuthenticator, basicCredentials, 
 from edgeproxy.security.auth.oidc import allowedBy, safeReturn
 from edgeproxy.security.auth.sessions import Sealer
 from edgeproxy.security.buckets import LocalBuckets, LocalConcurrency, take
-from edgeproxy.security.proxyprotocol import (
-    InvalidHeader,
-    ProxyProtocolFactory,
-    header,
-    parseHeader,
-    splitHeader,
-)
+from edgeproxy.proxyheader import InvalidHeader, header, parseHeader, splitHeader
+from edgeproxy.security.proxyprotocol import ProxyProtocolFactory
 
 NET = ipaddress.ip_network
 RULES = AccessRules(
@@ -155,6 +150,15 @@ HEADERS = [
     (header("v2", "203.0.113.9", 51000, "192.0.2.1", 443), ("203.0.113.9", 51000, "192.0.2.1", 443)),
     (header("v2", "2001:db8::9", 1, "2001:db8::1", 2), ("2001:db8::9", 1, "2001:db8::1", 2)),
     (V2_LOCAL, None),
+    # A v2 header with TLVs after the addresses; one of a UNIX socket.
+    (
+        header("v2", "203.0.113.9", 7, "192.0.2.1", 443)[:15]
+        + bytes((12 + 6,))
+        + header("v2", "203.0.113.9", 7, "192.0.2.1", 443)[16:]
+        + b"\x04\x00\x03abc",
+        ("203.0.113.9", 7, "192.0.2.1", 443),
+    ),
+    (V2_LOCAL[:12] + b"\x21\x31\x00\xd8" + b"\x00" * 216, None),
 ]
 
 
@@ -182,6 +186,13 @@ def test_parseHeader(data: bytes, expected: tuple[str, int, str, int] | None) ->
         b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n",
         b"PROXY TCP4 192.0.2.9 192.0.2.1 1 99999\r\n",
         b"PROXY TCP5 192.0.2.9 192.0.2.1 1 2\r\n",
+        b"PROXY TCP4 192.0.2.9  192.0.2.1 1 2\r\n",
+        b"PROXY TCP4 192.0.2.9 192.0.2.1 01 2\r\n",
+        b"PROXY TCP4 192.0.2.9 192.0.2.1 +1 2\r\n",
+        b"PROXY TCP4 192.0.2.9 192.0.2.1 1 2 3\r\n",
+        b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12,
+        b"\r\n\r\n\x00\r\nQUIT\n\x22\x11\x00\x0c" + b"\x00" * 12,
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x0c" + b"\x00" * 12,
         b"PROXY " + b"x" * 200,
         b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x04abcd",
         b"\r\n\r\n\x00\r\nQUIT\n\x21\x99\x00\x00",

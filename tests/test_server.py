@@ -3,10 +3,15 @@ Tests for L{edgeproxy.http.server} and L{edgeproxy.http.listener}: raw bytes
 into an L{HTTP1Connection} built by a real L{ListenerFactory}, whose route
 ends in a recording stage; assertions on the bytes the client gets back, on
 what reached the stages, and on the connection being closed.
+
+The tests that write responses run on every L{wire}: in memory, and over a
+socket as a TCP or TLS listener serves it, with the fast paths
+(L{edgeproxy._compat}) and without.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +22,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseFailed
+from twisted.web.client import ResponseFailed
 from twisted.web.http import PotentialDataLoss
 
 from edgeproxy.config.model import Config, Limits, Listener, ProxySettings, Route, Server, Upstream
@@ -31,7 +36,12 @@ from edgeproxy.pipeline.stages import RoutePipeline
 from edgeproxy.pipeline.values import BODY_DONE, BytesBody, Response
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
+from tests.certutil import CertificateAuthority
+from tests.fastpaths import SHOW_DEPRECATIONS, using
 from tests.test_h1 import REJECTED
+from tests.wire import SocketWire
+
+pytestmark = SHOW_DEPRECATIONS
 
 H = b"Host: example.com\r\n"
 
@@ -111,21 +121,83 @@ def makeFactory(limits: Limits, clock: Clock, stage: Any, listener: Listener | N
     return ListenerFactory(lambda: runtime, listener, clock)
 
 
+WIRES = ["memory", "tcp-fast", "tcp-public", "tls-fast", "tls-public"]
+"""How a L{Connection} reaches its client: a C{StringTransport}, or a socket
+as a TCP or TLS listener serves it, with the fast paths or without."""
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, bytes]:
+    """A certificate store for C{a.example} (the C{tls-} wires), and its CA."""
+    from edgeproxy.config.model import TLSSettings
+    from edgeproxy.tls.store import CertificateStore
+
+    directory = tmp_path_factory.mktemp("server-tls")
+    ca = CertificateAuthority("server test root")
+    ca.issue(["a.example"]).writePEM(directory / "a.pem")
+    clock = Clock()
+    clock.advance(__import__("time").time())
+    store = CertificateStore(TLSSettings(certificates=(str(directory / "a.pem"),), default=None), clock)
+    store.load()
+    return store, ca.certificatePEM
+
+
+@pytest.fixture(params=WIRES)
+def wire(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each of L{WIRES}, with the process's fast paths as it says."""
+    kind = request.param
+    if kind.startswith("tls"):
+        Connection.certificates = request.getfixturevalue("certificates")
+    if kind == "memory":
+        yield kind
+        return
+    with using(kind.endswith("-fast")):
+        try:
+            yield kind
+        finally:
+            SocketWire.closeAll()
+
+
 class Connection:
-    def __init__(self, limits: Limits | None = None) -> None:
+    certificates: tuple[Any, bytes] | None = None
+
+    def __init__(self, limits: Limits | None = None, wire: str = "memory") -> None:
         self.clock = Clock()
         self.events: list[Any] = []
         self.stage = Echo(self.events)
         self.factory = makeFactory(limits or Limits(), self.clock, self.stage)
-        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
-        self.protocol.makeConnection(self.transport)
+        self.wire: SocketWire | None = None
+        if wire == "memory":
+            self.protocol = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+            self.transport: Any = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+            self.protocol.makeConnection(self.transport)
+            return
+        creator = caPEM = None
+        if wire.startswith("tls"):
+            assert self.certificates is not None
+            store, caPEM = self.certificates
+            creator = store.serverConnectionCreator((b"http/1.1",))
+        self.wire = SocketWire(self.factory, self.clock, tls=creator, caPEM=caPEM)
+        self.protocol = self.wire.protocol
+        self.transport = self.wire.transport
 
     def send(self, data: bytes) -> None:
+        if self.wire is not None:
+            self.wire.send(data)
+            return
         self.protocol.dataReceived(data)
 
     def received(self) -> bytes:
+        if self.wire is not None:
+            return self.wire.received()
         return self.transport.value()
+
+    def closing(self) -> bool:
+        """Whether the connection is closed or being closed (or aborted)."""
+        if self.wire is None:
+            return bool(self.transport.disconnecting)
+        self.wire.pump()
+        return bool(self.transport.disconnecting or self.wire.tcp.disconnected)
 
     def kinds(self) -> list[str]:
         return [event[0] for event in self.events]
@@ -134,14 +206,34 @@ class Connection:
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
+@pytest.mark.parametrize("kind", ["tcp", "tls"])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "public"])
+def test_completeResponseSentWithoutAReactorTurn(kind: str, fast: bool, certificates: Any) -> None:
+    """
+    With the fast paths, a complete response reaches the client's socket
+    as the request is read, before the reactor's next turn; without them
+    it waits for that turn (Twisted's own write path), and arrives the same.
+    """
+    Connection.certificates = certificates
+    with using(fast):
+        connection = Connection(wire=f"{kind}-{'fast' if fast else 'public'}")
+        assert connection.wire is not None
+        before = connection.received()
+        immediately = connection.wire.deliver(b"GET /now HTTP/1.1\r\n" + H + b"\r\n")[len(before):]
+        response = connection.received()[len(before):]
+        connection.wire.close()
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"GET /now ")
+    assert immediately == (response if fast else b"")
+
+
 @pytest.mark.parametrize("raw,status", [(r, s) for _, r, s in REJECTED], ids=[i for i, _, _ in REJECTED])
-def test_rejectedBeforeReachingTheStages(raw: bytes, status: int) -> None:
+def test_rejectedBeforeReachingTheStages(raw: bytes, status: int, wire: str) -> None:
     """
     Malformed and ambiguous heads get the exact error response, the
     connection is closed, and no stage ever saw the request (so no backend
     was contacted).
     """
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.send(raw)
     assert connection.received() == rejection(status)
     assert connection.received().startswith(b"HTTP/1.1 %d " % (status,))
@@ -175,9 +267,9 @@ def test_rejectionShape() -> None:
     assert body == b"Request Header Fields Too Large\n"
 
 
-def test_garbageRefusedBeforeTheHeadEnds() -> None:
+def test_garbageRefusedBeforeTheHeadEnds(wire: str) -> None:
     """A request line that cannot be one is refused as soon as it is complete."""
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\nmore bytes of a TLS hello")
     assert connection.received() == rejection(400)
     assert connection.transport.disconnecting
@@ -227,8 +319,8 @@ def test_badChunkedBody(body: bytes) -> None:
     connection.lose()
 
 
-def test_contentLengthBody() -> None:
-    connection = Connection()
+def test_contentLengthBody(wire: str) -> None:
+    connection = Connection(wire=wire)
     connection.send(b"POST /x?y=1 HTTP/1.1\r\n" + H + b"Content-Length: 5\r\n\r\nhel")
     assert connection.events == [("head", (b"POST", b"/x?y=1", b"HTTP/1.1"), 5)]
     connection.send(b"lo")
@@ -238,10 +330,10 @@ def test_contentLengthBody() -> None:
     assert not connection.transport.disconnecting
 
 
-def test_chunkedBody() -> None:
+def test_chunkedBody(wire: str) -> None:
     """A chunked body with a valid extension and a trailer passes; the
     declared length is L{None}."""
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.send(
         b"PUT /c HTTP/1.1\r\n" + H + b"Transfer-Encoding: Chunked\r\n\r\n"
         b"5;name=value;q=\"a \\\" b\"\r\nhello\r\n"
@@ -262,8 +354,8 @@ def test_chunkedBodyByteByByte() -> None:
     assert connection.received().endswith(b"PUT /c hello0123456789")
 
 
-def test_pipelinedAnsweredInOrder() -> None:
-    connection = Connection()
+def test_pipelinedAnsweredInOrder(wire: str) -> None:
+    connection = Connection(wire=wire)
     connection.send(
         b"GET /one HTTP/1.1\r\n" + H + b"\r\n"
         b"POST /two HTTP/1.1\r\n" + H + b"Content-Length: 3\r\n\r\nabc"
@@ -277,12 +369,12 @@ def test_pipelinedAnsweredInOrder() -> None:
     assert not connection.transport.disconnecting
 
 
-def test_pipelinedWaitsForTheAnswerBefore() -> None:
+def test_pipelinedWaitsForTheAnswerBefore(wire: str) -> None:
     """
     A request pipelined behind one still being answered is not looked at
     until that answer is complete; then it is, without another byte.
     """
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.stage.hold = True
     connection.send(b"GET /one HTTP/1.1\r\n" + H + b"\r\nGET /two HTTP/1.1\r\n" + H + b"\r\n")
     assert [request.target for request in connection.stage.seen] == [b"/one"]
@@ -293,9 +385,9 @@ def test_pipelinedWaitsForTheAnswerBefore() -> None:
     assert received.index(b"GET /one ") < received.index(b"GET /two ")
 
 
-def test_pipelinedBadRequestAfterGoodOne() -> None:
+def test_pipelinedBadRequestAfterGoodOne(wire: str) -> None:
     """The good request is answered first, then the 400, then the close."""
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.send(b"GET /one HTTP/1.1\r\n" + H + b"\r\n" + b"GET /two HTTP/1.1\r\n" + H + H + b"\r\n")
     received = connection.received()
     assert received.endswith(rejection(400))
@@ -495,8 +587,8 @@ def test_nextHeadStartedBeforeThePreviousDeadlineGetsAFullDeadline() -> None:
     assert connection.transport.disconnecting
 
 
-def test_keepAliveIdleTimeout() -> None:
-    connection = Connection(Limits(client_header_timeout=3, client_idle_timeout=20))
+def test_keepAliveIdleTimeout(wire: str) -> None:
+    connection = Connection(Limits(client_header_timeout=3, client_idle_timeout=20), wire=wire)
     connection.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
     first = connection.received()
     connection.clock.advance(20)
@@ -504,17 +596,17 @@ def test_keepAliveIdleTimeout() -> None:
     assert connection.received() == first
 
 
-def test_connectionClose() -> None:
+def test_connectionClose(wire: str) -> None:
     """Connection: close anywhere in any Connection field ends the connection
     after the response."""
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.send(b"GET / HTTP/1.1\r\n" + H + b"Connection: foo\r\nConnection: bar,close\r\n\r\n")
     assert b"Connection: close" in connection.received()
     assert connection.transport.disconnecting
 
 
-def test_http10ClosesAfterResponse() -> None:
-    connection = Connection()
+def test_http10ClosesAfterResponse(wire: str) -> None:
+    connection = Connection(wire=wire)
     connection.send(b"GET / HTTP/1.0\r\n\r\nGET /ignored HTTP/1.0\r\n\r\n")
     assert connection.kinds() == ["head", "complete"]
     assert connection.received().startswith(b"HTTP/1.0 200 OK\r\n")
@@ -541,10 +633,10 @@ def test_noContinueFromTheEdge() -> None:
     assert other.received() == b""
 
 
-def test_earlyHintsPassedOn() -> None:
+def test_earlyHintsPassedOn(wire: str) -> None:
     """RFC 9110 15.2: 103 (and other 1xx but 101) reach HTTP/1.1 clients, not
     HTTP/1.0 ones, before the final response."""
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.stage.hold = True
     connection.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
     [call] = connection.stage.held
@@ -553,20 +645,20 @@ def test_earlyHintsPassedOn() -> None:
     connection.stage._answer(call, b"")
     received = connection.received()
     assert received.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\n")
-    old = Connection()
+    old = Connection(wire=wire)
     old.stage.hold = True
     old.send(b"GET / HTTP/1.0\r\n\r\n")
     old.stage.held[0].interim(103, b"Early Hints", Fields())
     assert old.received() == b""
 
 
-def test_earlyAnswerWhileTheBodyArrivesDropsTheRest() -> None:
+def test_earlyAnswerWhileTheBodyArrivesDropsTheRest(wire: str) -> None:
     """
     An answer decided while the body is still arriving is sent at once; the
     rest of the body is read and dropped, never read as a request, and the
     connection serves the request after it.
     """
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.stage.hold = True
     smuggled = b"GET /smuggled HTTP/1.1\r\n" + H + b"\r\n"
     connection.send(b"POST / HTTP/1.1\r\n" + H + b"Content-Length: %d\r\n\r\nGET /smug" % len(smuggled))
@@ -609,21 +701,21 @@ def test_streamedBodyOverTheLimit() -> None:
     assert connection.transport.disconnecting
 
 
-def test_routingErrors() -> None:
+def test_routingErrors(wire: str) -> None:
     """404 for a host no route serves, answered without closing; 400 for a
     target that cannot be normalised."""
-    connection = Connection()
+    connection = Connection(wire=wire)
     object.__setattr__(connection.factory.currentRuntime(), "router", Router(()))
     connection.send(b"GET /x HTTP/1.1\r\n" + H + b"\r\n")
     assert connection.received().startswith(b"HTTP/1.1 404 Not Found\r\n")
     assert not connection.transport.disconnecting
-    other = Connection()
+    other = Connection(wire=wire)
     other.send(b"GET /a%2Fb HTTP/1.1\r\n" + H + b"\r\n")
     assert other.received().startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert other.transport.disconnecting
 
 
-def test_responseFraming() -> None:
+def test_responseFraming(wire: str) -> None:
     """Content-Length when known, chunked when not (HTTP/1.1), the close on
     HTTP/1.0; nothing after the head of HEAD, 204 and 304; Date added."""
 
@@ -635,7 +727,7 @@ def test_responseFraming() -> None:
             self.protocol = protocol
             protocol.makeConnection(StringTransport())
 
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.stage.hold = True
     connection.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
     body = Streaming()
@@ -650,7 +742,7 @@ def test_responseFraming() -> None:
     assert not connection.transport.disconnecting
 
     for method, status in ((b"HEAD", 200), (b"GET", 204), (b"GET", 304)):
-        connection = Connection()
+        connection = Connection(wire=wire)
         connection.stage.hold = True
         connection.send(method + b" / HTTP/1.1\r\n" + H + b"\r\n")
         connection.stage.held.pop().respond(Response(status, b"X", Fields(), 5, BytesBody(b"hello")))
@@ -888,41 +980,43 @@ class StreamedBody:
             protocol.connectionLost(BODY_DONE)
 
 
-def streaming(body: StreamedBody, version: bytes = b"HTTP/1.1", length: int | None = None) -> Connection:
-    connection = Connection()
+def streaming(
+    body: StreamedBody, version: bytes = b"HTTP/1.1", length: int | None = None, wire: str = "memory"
+) -> Connection:
+    connection = Connection(wire=wire)
     connection.stage.hold = True
     connection.send(b"GET / " + version + b"\r\n" + H + b"\r\n")
     connection.stage.held.pop().respond(Response(200, b"OK", Fields(), length, body))
     return connection
 
 
-def test_closeDelimitedBodyIsComplete() -> None:
+def test_closeDelimitedBodyIsComplete(wire: str) -> None:
     """A body ended by its backend's close (RFC 9112 6.3 item 8) is a
     complete body: the last chunk is written and the connection kept."""
     body = StreamedBody(b"abc")
-    connection = streaming(body)
+    connection = streaming(body, wire=wire)
     body.protocol.connectionLost(Failure(PotentialDataLoss()))
     assert connection.received().endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
     assert not connection.transport.disconnecting
 
 
-def test_closeDelimitedBodyToAnHTTP10Client() -> None:
+def test_closeDelimitedBodyToAnHTTP10Client(wire: str) -> None:
     """HTTP/1.0 has no chunks: a body of unknown length ends with the
     connection."""
     body = StreamedBody(b"abc")
-    connection = streaming(body, b"HTTP/1.0")
+    connection = streaming(body, b"HTTP/1.0", wire=wire)
     body.protocol.connectionLost(BODY_DONE)
     assert connection.received().endswith(b"\r\n\r\nabc")
     assert b"Transfer-Encoding" not in connection.received()
     assert connection.transport.disconnecting
 
 
-def test_truncatedBodyAbortsTheClientWithoutTheLastChunk() -> None:
+def test_truncatedBodyAbortsTheClientWithoutTheLastChunk(wire: str) -> None:
     body = StreamedBody(b"partial")
-    connection = streaming(body)
+    connection = streaming(body, wire=wire)
     body.protocol.connectionLost(Failure(ResponseFailed([Failure(ValueError("lost"))])))
     assert not connection.received().endswith(b"0\r\n\r\n")
-    assert connection.transport.disconnecting  # StringTransport.abortConnection
+    assert connection.closing()  # aborted
     assert connection.protocol.busy() is False
 
 
@@ -974,10 +1068,10 @@ def test_downloadIdleTimeoutAbortsBothSides() -> None:
     assert not connection.factory.inflight
 
 
-def test_bodyCompleteWithItsHeadNeedsNoTimer() -> None:
+def test_bodyCompleteWithItsHeadNeedsNoTimer(wire: str) -> None:
     """A body that came whole with its head is written and finished within
     respond: no idle timer is scheduled (then cancelled) for it."""
-    connection = Connection()
+    connection = Connection(wire=wire)
     connection.stage.hold = True
     connection.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
     before = set(connection.clock.getDelayedCalls())
@@ -1118,11 +1212,11 @@ def test_answerBeforeTheStagesReadAWholeBodyKeepsTheConnection() -> None:
     assert connection.received().count(b"HTTP/1.1 404 ") == 4
 
 
-def test_noInterimAfterTheFinalAnswer() -> None:
+def test_noInterimAfterTheFinalAnswer(wire: str) -> None:
     """An interim response that comes after the final answer began (a
     late 1xx from a stage or backend) is not written into its body."""
     body = StreamedBody(b"abc")
-    connection = streaming(body)
+    connection = streaming(body, wire=wire)
     before = connection.received()
     body.protocol.interim(103, b"Early Hints", Fields())
     assert connection.received() == before

@@ -37,6 +37,7 @@ from edgeproxy.serve.service import EdgeService
 from edgeproxy.serve.sites import channelBusy, closeAfterResponse, closeIdle
 from edgeproxy.systemd import Notifier
 from tests.certutil import CertificateAuthority
+from tests.fastpaths import using
 from tests.proc import NotifyReceiver
 
 
@@ -302,6 +303,57 @@ def test_reload(tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver,
     assert b'edgeproxy_reloads_total{result="failed"} 1.0' in service.metrics.exposition()
     service.stopService()
     reactor.advance(1)
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+def test_fastPathsDecidedAtStartAndSaid(
+    tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict], setting: str
+) -> None:
+    """
+    The process's service decides its fast paths from C{fast_paths} before
+    it listens, says which in one line, and builds its TLS listeners with
+    them; a reload that changes the setting says it waits for a restart.
+    """
+    from twisted.protocols.tls import BufferingTLSTransport
+
+    from edgeproxy._compat import decideFastPaths, fastPaths
+    from edgeproxy._compat.twisted.tls import EdgeTLSTransport
+    from edgeproxy.config import load
+
+    text = INI.replace("shutdown_timeout = 5s", f"shutdown_timeout = 5s\nfast_paths = {setting}")
+    reactor = Reactor()
+    service = EdgeService(
+        load(str(writeIni(tmp_path, certs, text))),
+        reactor,
+        notifier=Notifier({"NOTIFY_SOCKET": receiver.path}),
+        installSignalHandlers=True,
+    )
+    with using(True):
+        try:
+            service.privilegedStartService()
+            expected = decideFastPaths(setting)
+            assert fastPaths() == expected
+            lines = [e for e in events if e.get("log_format", "").startswith("Fast paths")]
+            assert len(lines) == 1
+            assert lines[0]["summary"] == expected.summary and lines[0]["why"] == expected.why
+            if setting == "off":
+                assert lines[0]["summary"] == "off, Twisted's public paths throughout"
+                assert lines[0]["why"] == "[edgeproxy] fast_paths = off"
+            tlsFactory = reactor.tcpServers[0][1]
+            assert tlsFactory.protocol is (EdgeTLSTransport if expected.tls else BufferingTLSTransport)
+
+            other = "auto" if setting == "off" else "off"
+            writeIni(tmp_path, certs, INI.replace("shutdown_timeout = 5s", f"shutdown_timeout = 5s\nfast_paths = {other}"))
+            del events[:]
+            assert result(service.reload()) is True
+            assert fastPaths() == expected
+            warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+            assert [e["value"] for e in warnings] == [other]
+            assert "takes effect at the next restart" in warnings[0]["log_format"]
+        finally:
+            service.signals.restoreHangup()
+            service.stopService()
+            reactor.advance(1)
 
 
 def test_reloadSwapsRoutesAndKeepsUnchangedPools(

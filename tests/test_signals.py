@@ -17,6 +17,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 
 from edgeproxy.serve.signals import ProcessSignals
+from tests.fastpaths import SHOW_DEPRECATIONS
+
+pytestmark = SHOW_DEPRECATIONS
 
 
 class Reactor(MemoryReactorClock):

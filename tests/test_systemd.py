@@ -18,6 +18,9 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from edgeproxy.config.model import ProxySettings
 from edgeproxy.systemd import Notifier
+from tests.fastpaths import SHOW_DEPRECATIONS
+
+pytestmark = SHOW_DEPRECATIONS
 
 
 @pytest.fixture

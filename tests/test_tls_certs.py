@@ -13,7 +13,8 @@ import pytest
 
 from edgeproxy.config.model import TLSSettings
 from edgeproxy.errors import CertificateError, ConfigError
-from edgeproxy.tls.certs import loadCertificates, loadEntry
+from edgeproxy.tls.certs import loadEntry
+from edgeproxy.tls.layout import loadCertificates
 
 from .certutil import CertificateAuthority, certPEM
 

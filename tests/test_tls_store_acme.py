@@ -20,6 +20,7 @@ from zope.interface import implementer
 from edgeproxy.acme.challenges import ACME_TLS_1, tlsALPN01Certificate
 from edgeproxy.tls.certs import loadEntry
 
+from .fastpaths import fastPaths  # noqa: F401 (fixture)
 from .test_tls_store import Sites, served, sites  # noqa: F401 (fixture)
 from .tlsutil import InsecureClientCreator, connectTLS, handshake
 
@@ -88,7 +89,7 @@ def test_managedJoinTheSnapshot(sites: Sites, tmp_path: Path) -> None:
     assert served(store, "new.example") == "default.example"
 
 
-def test_tlsALPN01OnlyForValidation(sites: Sites) -> None:
+def test_tlsALPN01OnlyForValidation(sites: Sites, fastPaths: bool) -> None:
     """
     RFC 8737 §3: a ClientHello offering only acme-tls/1 for a name with a
     pending challenge gets the challenge certificate (Pebble checks the
@@ -120,7 +121,7 @@ def test_tlsALPN01OnlyForValidation(sites: Sites) -> None:
     assert after.commonNames == ["a.example"]
 
 
-def test_onDemandHoldsTheHandshake(sites: Sites, tmp_path: Path) -> None:
+def test_onDemandHoldsTheHandshake(sites: Sites, tmp_path: Path, fastPaths: bool) -> None:
     """
     The hook sees the SNI name before OpenSSL does; the handshake waits
     for its Deferred and then gets the certificate swapped in meanwhile.

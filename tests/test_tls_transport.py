@@ -1,15 +1,15 @@
 """
-Tests for L{edgeproxy.tls.transport}: the server TLS transport's write path,
+Tests for L{edgeproxy._compat.twisted.tls} and the record path of
+L{edgeproxy._compat.pyopenssl}: the server TLS transport of the fast paths,
 in memory (L{twisted.test.iosim}), against what Twisted's own
-C{BufferingTLSTransport} does with the same writes: the same bytes reach the
-client, in records of at most 16 KiB, a write made before the handshake is
-held until it completes, and a write that OpenSSL refuses closes the
-connection with the same error.
+C{BufferingTLSTransport} (the public path: C{fastPaths} off) does with the
+same writes: the same bytes reach the client, in records of at most
+16 KiB, a write made before the handshake is held until it completes, and a
+write that OpenSSL refuses closes the connection with the same error.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,18 +17,21 @@ import pytest
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol, _AggregateSmallWrites
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from zope.interface import implementer
 
+from edgeproxy._compat.pyopenssl import RELEASE_AFTER
+from edgeproxy._compat.twisted.tls import EdgeTLSTransport, adopt
 from edgeproxy.config.model import TLSSettings
 from edgeproxy.tls.store import CertificateStore
-from edgeproxy.tls.transport import RELEASE_AFTER, EdgeTLSTransport, adopt
 
 from .certutil import CertificateAuthority
+from .fastpaths import SHOW_DEPRECATIONS, fastPaths, fastPathsOn, using
 from .tlsutil import RecordingProtocol, clientCreator, connectTLS
+
+pytestmark = SHOW_DEPRECATIONS
+__all__ = ["fastPaths", "fastPathsOn"]  # the fixtures, imported for the tests below
 
 
 class Store:
@@ -49,29 +52,6 @@ class Store:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path)
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class _TwistedOnly:
-    """The store's creator, with the transport left as Twisted made it."""
-
-    def __init__(self, creator: Any) -> None:
-        self._creator = creator
-
-    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
-        connection = self._creator.serverConnectionForTLS(tlsProtocol)
-        if type(tlsProtocol) is EdgeTLSTransport:
-            tlsProtocol.__class__ = BufferingTLSTransport
-            # What BufferingTLSTransport.__init__ sets up, which
-            # EdgeTLSTransport does without.
-            tlsProtocol._aggregator = _AggregateSmallWrites(
-                partial(TLSMemoryBIOProtocol.write, tlsProtocol), tlsProtocol.factory._clock
-            )
-            tlsProtocol.write = tlsProtocol._aggregator.write
-        factory = getattr(tlsProtocol, "factory", None)
-        if factory is not None:
-            factory.protocol = BufferingTLSTransport
-        return connection
 
 
 SIZES = [1, 700, 2**14 - 1, 2**14, 2**14 + 1, 65536, 200_001, 3]
@@ -97,12 +77,10 @@ class ChunkRecorder(RecordingProtocol):
         self.chunks.append(len(data))
 
 
-def _connect(store: Store, edge: bool, serverProtocol: type[RecordingProtocol]) -> Any:
-    creator: Any = store.store.serverConnectionCreator()
-    if not edge:
-        creator = _TwistedOnly(creator)
+def _connect(store: Store, serverProtocol: type[RecordingProtocol]) -> Any:
+    """A connection over the transport the process's fast paths give."""
     connection = connectTLS(
-        creator,
+        store.store.serverConnectionCreator(),
         clientCreator("a.example", store.ca.certificatePEM),
         serverProtocol=serverProtocol,
     )
@@ -110,15 +88,14 @@ def _connect(store: Store, edge: bool, serverProtocol: type[RecordingProtocol]) 
     return connection
 
 
-@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
-def test_writesArriveWholeInRecordsOf16KiB(store: Store, edge: bool) -> None:
+def test_writesArriveWholeInRecordsOf16KiB(store: Store, fastPaths: bool) -> None:
     """
     Writes of every size around the record size reach the client intact,
     in order, and no record carries more than 2^14 bytes (RFC 8446 §5.1);
     the connection keeps working after the first batch.
     """
-    connection = _connect(store, edge, Writer)
-    assert type(connection.server) is (EdgeTLSTransport if edge else BufferingTLSTransport)
+    connection = _connect(store, Writer)
+    assert type(connection.server) is (EdgeTLSTransport if fastPaths else BufferingTLSTransport)
     recorder = ChunkRecorder()
     recorder.received = connection.clientApp.received
     connection.client.wrappedProtocol = recorder
@@ -137,12 +114,12 @@ class BigWriter(RecordingProtocol):
         self.transport.write(b"b" * 100_000)
 
 
-def test_drainedSendBIOReplaced(store: Store) -> None:
+def test_drainedSendBIOReplaced(store: Store, fastPathsOn: None) -> None:
     """
     After a large write the send BIO that carried it is replaced (an idle
     connection must not keep its size), and bytes still flow after that.
     """
-    connection = _connect(store, True, BigWriter)
+    connection = _connect(store, BigWriter)
     handle = connection.server.getHandle()
     connection.send(b"go")
     # A memory BIO has no buffer until something is written into it: the
@@ -164,24 +141,22 @@ class EarlyWriter(RecordingProtocol):
         self.transport.write(b"hello " * 5000)
 
 
-@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
-def test_writeBeforeHandshakeHeldUntilItCompletes(store: Store, edge: bool) -> None:
+def test_writeBeforeHandshakeHeldUntilItCompletes(store: Store, fastPaths: bool) -> None:
     """
     OpenSSL cannot encrypt before the handshake (C{WantReadError}): the
     bytes are held and sent once it completes, as Twisted does.
     """
-    connection = _connect(store, edge, EarlyWriter)
+    connection = _connect(store, EarlyWriter)
     assert connection.clientApp.received == b"hello " * 5000
 
 
-@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
-def test_refusedWriteClosesWithTheError(store: Store, edge: bool) -> None:
+def test_refusedWriteClosesWithTheError(store: Store, fastPaths: bool) -> None:
     """
     A write OpenSSL refuses (here: after this side's TLS shutdown) closes
     the connection, and the application sees OpenSSL's error, as with
     Twisted's own write path.
     """
-    connection = _connect(store, edge, RecordingProtocol)
+    connection = _connect(store, RecordingProtocol)
     connection.server.getHandle().shutdown()
     connection.server.write(b"x" * 40000)
     connection.pump.flush()
@@ -209,8 +184,8 @@ def test_adoptLeavesOtherTransportsAlone() -> None:
     assert isinstance(instance, BufferingTLSTransport)
 
 
-def test_siteOverAdoptedTransport(store: Store) -> None:
-    """A real C{Site} answers through the adopted transport."""
+def test_siteOverTheTransport(store: Store, fastPaths: bool) -> None:
+    """A real C{Site} answers through the adopted transport, or Twisted's."""
 
     class Big(Resource):
         isLeaf = True
@@ -255,8 +230,10 @@ def test_factoryBuildsEdgeTransportsAfterTheFirst(store: Store) -> None:
     """
     from zope.interface import providedBy
 
-    edge = _built(store.store.serverConnectionCreator())
-    twisted = _built(_TwistedOnly(store.store.serverConnectionCreator()))
+    with using(True):
+        edge = _built(store.store.serverConnectionCreator())
+    with using(False):
+        twisted = _built(store.store.serverConnectionCreator())
     assert [type(p) for p in edge] == [EdgeTLSTransport, EdgeTLSTransport]
     assert [type(p) for p in twisted] == [BufferingTLSTransport, BufferingTLSTransport]
     for mine, theirs in zip(edge, twisted):
@@ -275,14 +252,13 @@ class Echo(RecordingProtocol):
         self.transport.write(data)
 
 
-@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
-def test_readsDeliveredWholeAndEchoed(store: Store, edge: bool) -> None:
+def test_readsDeliveredWholeAndEchoed(store: Store, fastPaths: bool) -> None:
     """
     What the client sends, in writes of any size, reaches the application
     whole and in order, and its echo comes back; the receive BIO that
     carried it is replaced once drained (edgeproxy's side).
     """
-    connection = _connect(store, edge, Echo)
+    connection = _connect(store, Echo)
     sent = b""
     for size in (1, 5000, 2**14, 2**14 + 1, 100_000, 7):
         payload = bytes([size % 251]) * size
@@ -290,19 +266,18 @@ def test_readsDeliveredWholeAndEchoed(store: Store, edge: bool) -> None:
         sent += payload
     assert connection.serverApp.received == sent
     assert connection.clientApp.received == sent
-    if edge:
+    if fastPaths:
         data = _ffi.new("char **")
         handle = connection.server.getHandle()
         assert _lib.BIO_get_mem_data(handle._into_ssl, data) == 0
         assert handle._receivedThrough < RELEASE_AFTER
 
 
-@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
-def test_closeNotifyIsACleanClose(store: Store, edge: bool) -> None:
+def test_closeNotifyIsACleanClose(store: Store, fastPaths: bool) -> None:
     """The client's close_notify ends the connection cleanly, as with Twisted."""
     from twisted.internet.error import ConnectionDone
 
-    connection = _connect(store, edge, Echo)
+    connection = _connect(store, Echo)
     connection.send(b"hello")
     connection.client.loseConnection()
     connection.pump.flush()
@@ -311,13 +286,12 @@ def test_closeNotifyIsACleanClose(store: Store, edge: bool) -> None:
     assert connection.serverApp.received == b"hello"
 
 
-@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
-def test_garbageAfterHandshakeIsATLSError(store: Store, edge: bool) -> None:
+def test_garbageAfterHandshakeIsATLSError(store: Store, fastPaths: bool) -> None:
     """
     Bytes that are no TLS record after the handshake fail the connection
     with OpenSSL's error, and the server sends its alert, as with Twisted.
     """
-    connection = _connect(store, edge, Echo)
+    connection = _connect(store, Echo)
     connection.server.dataReceived(b"\x17\x03\x03\x00\x05garbage-garbage")
     assert connection.server.transport.disconnecting
     connection.pump.flush()
@@ -349,14 +323,13 @@ class ClosingSmallWriter(SmallWriter):
 WRITTEN = b"".join(b"%02d," % i for i in range(50)) + b"abc"
 
 
-@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
-def test_smallWritesAggregatedIntoOneRecord(store: Store, edge: bool) -> None:
+def test_smallWritesAggregatedIntoOneRecord(store: Store, fastPaths: bool) -> None:
     """
     Small writes made in one reactor turn reach the client as one TLS
     record (Twisted's aggregation, which EdgeTLSTransport does itself), and
     again on the next turn.
     """
-    connection = _connect(store, edge, SmallWriter)
+    connection = _connect(store, SmallWriter)
     recorder = ChunkRecorder()
     connection.client.wrappedProtocol = recorder
     connection.send(b"go")
@@ -367,15 +340,14 @@ def test_smallWritesAggregatedIntoOneRecord(store: Store, edge: bool) -> None:
     assert recorder.chunks == [len(WRITTEN)] * 2
 
 
-@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
-def test_loseConnectionSendsHeldWritesFirst(store: Store, edge: bool) -> None:
+def test_loseConnectionSendsHeldWritesFirst(store: Store, fastPaths: bool) -> None:
     """
     Writes still held for the next reactor turn go out before the
     close_notify when the application closes the connection.
     """
     from twisted.internet.error import ConnectionDone
 
-    connection = _connect(store, edge, ClosingSmallWriter)
+    connection = _connect(store, ClosingSmallWriter)
     connection.send(b"go")
     connection.pump.flush()
     assert connection.clientApp.received == WRITTEN
@@ -383,7 +355,7 @@ def test_loseConnectionSendsHeldWritesFirst(store: Store, edge: bool) -> None:
     assert lost is not None and lost.check(ConnectionDone), lost
 
 
-def test_idleConnectionKeepsNoHandshakeOnlyState(store: Store) -> None:
+def test_idleConnectionKeepsNoHandshakeOnlyState(store: Store, fastPathsOn: None) -> None:
     """
     Once the handshake is done, the server connection has let go of the
     ALPN callback's buffers and of pyOpenSSL's reverse-mapping entry, and
@@ -410,8 +382,7 @@ def test_idleConnectionKeepsNoHandshakeOnlyState(store: Store) -> None:
     assert "_aggregator" not in attributes
 
 
-@pytest.mark.parametrize("edge", [True, False], ids=["edgeproxy", "twisted"])
-def test_renegotiationRefusedWithoutCallbacks(store: Store, edge: bool, capfd: Any) -> None:
+def test_renegotiationRefusedWithoutCallbacks(store: Store, fastPaths: bool, capfd: Any) -> None:
     """
     A TLS 1.2 client asking to renegotiate after the handshake is refused
     (SSL_OP_NO_RENEGOTIATION: a no_renegotiation alert, which this client
@@ -426,10 +397,7 @@ def test_renegotiationRefusedWithoutCallbacks(store: Store, edge: bool, capfd: A
         store.ca.certificatePEM,
         extraCertificateOptions={"lowerMaximumSecurityTo": TLSVersion.TLSv1_2},
     )
-    creator: Any = store.store.serverConnectionCreator()
-    if not edge:
-        creator = _TwistedOnly(creator)
-    connection = connectTLS(creator, client, serverProtocol=Echo)
+    connection = connectTLS(store.store.serverConnectionCreator(), client, serverProtocol=Echo)
     assert connection.established
     handle = connection.client.getHandle()
     assert handle.get_protocol_version_name() == "TLSv1.2"
@@ -446,7 +414,7 @@ def test_renegotiationRefusedWithoutCallbacks(store: Store, edge: bool, capfd: A
     assert "handshake failure" in str(lost.value)
 
 
-def test_writesAfterTheConnectionIsLostAreDroppedUncounted(store: Store) -> None:
+def test_writesAfterTheConnectionIsLostAreDroppedUncounted(store: Store, fastPathsOn: None) -> None:
     """
     After the connection is lost, writes are dropped as Twisted drops them,
     and the listener's byte counter does not count them as sent.
@@ -455,7 +423,7 @@ def test_writesAfterTheConnectionIsLostAreDroppedUncounted(store: Store) -> None
     class Traffic:
         sent = 0
 
-    connection = _connect(store, True, Echo)
+    connection = _connect(store, Echo)
     server = connection.server
     server.traffic = traffic = Traffic()
     connection.send(b"hello")
@@ -471,12 +439,12 @@ def test_writesAfterTheConnectionIsLostAreDroppedUncounted(store: Store) -> None
 
 
 @pytest.mark.parametrize("kind", ["twisted", "listener"])
-def test_recordsGoStraightToTheSocketOfAcceptedConnections(kind: str) -> None:
+def test_recordsGoStraightToTheSocketOfAcceptedConnections(kind: str, fastPathsOn: None) -> None:
     """
     With nothing queued, records leave at once through the TCP transport's
     own send, without waiting a reactor turn, both on Twisted's C{tcp.Server}
     and on the class edgeproxy's TCP listeners accept connections as
-    (L{edgeproxy.serve.listeners.LeanServer}).
+    (L{edgeproxy._compat.twisted.tcp.LeanServer}).
     """
     import socket
 
@@ -484,8 +452,7 @@ def test_recordsGoStraightToTheSocketOfAcceptedConnections(kind: str) -> None:
     from twisted.internet.protocol import Protocol
     from twisted.internet.testing import MemoryReactorClock
 
-    from edgeproxy.serve.listeners import LeanServer
-    from edgeproxy.tls.transport import _sendNow
+    from edgeproxy._compat.twisted.tcp import LeanServer, sendNow
 
     class Listening:
         _realPortNumber = 8443
@@ -494,7 +461,7 @@ def test_recordsGoStraightToTheSocketOfAcceptedConnections(kind: str) -> None:
     mine, theirs = socket.socketpair()
     try:
         server = cls(mine, Protocol(), ("127.0.0.1", 40000), Listening(), 1, MemoryReactorClock())
-        _sendNow(server, [b"record one;", b"record two"])
+        sendNow(server, b"record one;record two")
         theirs.setblocking(False)
         assert theirs.recv(100) == b"record one;record two"
         assert not server.dataBuffer and not server._tempDataBuffer

@@ -1,9 +1,11 @@
 """
-Tests for L{edgeproxy.tuning}: what the garbage collector does after
-L{tuneGarbageCollector} (start-up objects out of its scans, later garbage
-still collected) and the line it logs; that an epoll reactor tuned by
-L{tuneEventDispatch} still delivers reads, writes and hang-ups, and that a
-failing connection is logged and dropped without stopping the others.
+Tests for L{edgeproxy.tuning} (and L{edgeproxy._compat.twisted.reactor}):
+what the garbage collector does after L{tuneGarbageCollector} (start-up
+objects out of its scans, later garbage still collected) and the line it
+logs; that an epoll reactor tuned by L{tuneEventDispatch} (with the fast
+paths; left alone without them) still delivers reads, writes and
+hang-ups, and that a failing connection is logged and dropped without
+stopping the others.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import pytest
 from twisted.logger import LogEvent, globalLogPublisher
 
 from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
+from tests.fastpaths import SHOW_DEPRECATIONS, fastPaths  # noqa: F401 (fixture)
+
+pytestmark = SHOW_DEPRECATIONS
 
 
 class Node:
@@ -124,8 +129,13 @@ def os_close(fd: int) -> None:
     os.close(fd)
 
 
-def test_tunedEpollReactorDeliversReadsAndHangups(epoll: object) -> None:
-    assert tuneEventDispatch(epoll) is True
+def test_tunedEpollReactorDeliversReadsAndHangups(epoll: object, fastPaths: bool) -> None:
+    """
+    With the fast paths the reactor's loop is replaced (and still delivers
+    reads and hang-ups); without them it is left as it is, and does.
+    """
+    assert tuneEventDispatch(epoll) is fastPaths
+    assert ("doIteration" in vars(epoll)) is fastPaths
     a, b = socket.socketpair()
     reader = Reader(a)
     epoll.addReader(reader)  # type: ignore[attr-defined]
@@ -138,7 +148,7 @@ def test_tunedEpollReactorDeliversReadsAndHangups(epoll: object) -> None:
     a.close()
 
 
-def test_failingHandlerIsLoggedAndOthersStillServed(epoll: object) -> None:
+def test_failingHandlerIsLoggedAndOthersStillServed(epoll: object, fastPaths: bool) -> None:
     tuneEventDispatch(epoll)
     a1, b1 = socket.socketpair()
     a2, b2 = socket.socketpair()

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 import edgeproxy
 from edgeproxy.serve import aggregate
+from edgeproxy.serve import slots
 from edgeproxy.serve import supervisor as supervisorModule
 from edgeproxy.config import load
 from edgeproxy.config.model import (
@@ -496,14 +497,14 @@ def test_aWorkerThatDiesIsLoggedAndRestartedWithBackoff(harness: Harness, events
     [line] = [formatEventAsClassicLogText(e) for e in _errors(events)] or [""]
     assert f"worker 1 (pid {first.transport.pid}) killed by signal 9 (SIGKILL)" in line
     assert len(harness.reactor.spawned) == 2
-    harness.reactor.advance(supervisorModule.RESTART_DELAY)
+    harness.reactor.advance(slots.RESTART_DELAY)
     assert len(harness.reactor.spawned) == 3
     second = harness.latest(1)
     assert second.transport.pid != first.transport.pid
     # A second quick death waits twice as long.
     second.ready()
     second.end(ProcessDone(0))
-    harness.reactor.advance(supervisorModule.RESTART_DELAY * 2 - 0.01)
+    harness.reactor.advance(slots.RESTART_DELAY * 2 - 0.01)
     assert len(harness.reactor.spawned) == 3
     harness.reactor.advance(0.02)
     assert len(harness.reactor.spawned) == 4
@@ -513,7 +514,7 @@ def test_aWorkerThatRanLongIsRestartedAtOnce(harness: Harness) -> None:
     harness.start()
     first = harness.latest(1)
     first.ready()
-    harness.reactor.advance(supervisorModule.STABLE_AFTER + 1)
+    harness.reactor.advance(slots.STABLE_AFTER + 1)
     first.end(ProcessTerminated(exitCode=1))
     harness.reactor.advance(0)
     assert len(harness.reactor.spawned) == 3
@@ -523,26 +524,26 @@ def test_aWorkerThatCannotStartStopsTheSupervisor(
     harness: Harness, receiver: Receiver, events: list[dict]
 ) -> None:
     harness.start()
-    for attempt in range(supervisorModule.MAX_START_ATTEMPTS):
+    for attempt in range(slots.MAX_START_ATTEMPTS):
         harness.latest(2).end(ProcessTerminated(exitCode=1))
-        harness.reactor.advance(supervisorModule.MAX_RESTART_DELAY)
+        harness.reactor.advance(slots.MAX_RESTART_DELAY)
     assert harness.supervisor.exitCode == 1
     critical = [
         formatEventAsClassicLogText(e) for e in events
         if e.get("log_level") is not None and e["log_level"].name == "critical"
     ]
-    assert any(f"worker 2 could not start {supervisorModule.MAX_START_ATTEMPTS} times in a row" in c for c in critical)
+    assert any(f"worker 2 could not start {slots.MAX_START_ATTEMPTS} times in a row" in c for c in critical)
     assert any(b"ERRNO=1" in d for d in receiver.all())
     # And it is not started again.
     count = len(harness.reactor.spawned)
-    harness.reactor.advance(supervisorModule.MAX_RESTART_DELAY * 2)
+    harness.reactor.advance(slots.MAX_RESTART_DELAY * 2)
     assert len(harness.reactor.spawned) == count
 
 
 def test_aWorkerNotReadyInTimeIsKilled(harness: Harness) -> None:
     harness.start()
     harness.latest(1).ready()
-    harness.reactor.advance(supervisorModule.READY_TIMEOUT)
+    harness.reactor.advance(slots.READY_TIMEOUT)
     assert harness.latest(1).transport.signals == []
     assert harness.latest(2).transport.signals == ["KILL"]
 
@@ -653,7 +654,7 @@ def test_anAdminListenerThatCannotListenAfterAReloadLeavesTheSocketsAlone(harnes
     assert harness.supervisor.ports == held
     assert not any(port.stopped for port in held.values())
     harness.latest(1).end(ProcessTerminated(signal=9))
-    harness.reactor.advance(supervisorModule.MAX_RESTART_DELAY)
+    harness.reactor.advance(slots.MAX_RESTART_DELAY)
     assert harness.latest(1).env["LISTEN_FDNAMES"] == "web:other"
 
 
@@ -921,7 +922,7 @@ tls = no
     # A replaced worker that exits is not restarted.
     count = len(harness.reactor.spawned)
     old[1].end(ProcessDone(0))
-    harness.reactor.advance(supervisorModule.MAX_RESTART_DELAY)
+    harness.reactor.advance(slots.MAX_RESTART_DELAY)
     assert len(harness.reactor.spawned) == count
     assert harness.supervisor.workers[1] is new[1].protocol
 

@@ -12,9 +12,13 @@ the pipeline and what it keeps.
   - the key: L{edgeproxy.cache.key};
   - what is stored: L{edgeproxy.cache.entry}, kept in
     L{edgeproxy.cache.memory} (per process) and L{edgeproxy.cache.disk}
-    (shared by the workers), together in L{edgeproxy.cache.stores} with the
+    (shared by the workers: its index L{edgeproxy.cache.diskindex}, its
+    files L{edgeproxy.cache.diskobjects}, its start-up check
+    L{edgeproxy.cache.diskrecover}, what blocks L{edgeproxy.cache.blocking}),
+    together in L{edgeproxy.cache.stores} with the
     collapsing of concurrent misses (L{edgeproxy.cache.collapse});
-  - the stage: L{edgeproxy.cache.stage}, its bodies
-    (L{edgeproxy.cache.bodies}), purging (L{edgeproxy.cache.purge}) and
+  - the stage: L{edgeproxy.cache.stage}, what it does with the responses
+    to what it passes on (L{edgeproxy.cache.responses}), its bodies
+    (L{edgeproxy.cache.bodies}), purging (L{edgeproxy.cache.operate}) and
     how it is built per route (L{edgeproxy.cache.kind}).
 """

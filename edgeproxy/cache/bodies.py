@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone
+from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
 from edgeproxy.bodies import IdleTimer

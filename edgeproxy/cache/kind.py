@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Mapping
 from typing import Any, cast
 
-from edgeproxy.cache.disk import InlineBlocking, ThreadBlocking
+from edgeproxy.cache.blocking import InlineBlocking, ThreadBlocking
 from edgeproxy.cache.stage import CacheStage
 from edgeproxy.cache.stores import CacheStores
 from edgeproxy.config.model import CacheSettings, Config, Route

@@ -29,6 +29,10 @@ fields (C{Surrogate-Key}, C{Cache-Tag}) never reach the client.
 The hit path is kept lean: a key made of a few byte strings, a dictionary
 lookup in the memory tier, the stored fields copied with C{Age} and
 C{Cache-Status}, a body in memory: no Deferred, no timer, no log line.
+
+What becomes of the responses to what the stage passes on (stored while
+they stream, revalidations, stale-if-error, invalidation) is
+L{edgeproxy.cache.responses}.
 """
 
 from __future__ import annotations
@@ -38,20 +42,17 @@ from typing import Any
 from urllib.parse import urljoin
 
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from edgeproxy.cache.bodies import Drain, FileBody, StoringBody
-from edgeproxy.cache.collapse import RETRY, STORED, Fetch
+from edgeproxy.cache.bodies import FileBody
+from edgeproxy.cache.collapse import RETRY, STORED
 from edgeproxy.cache.conditional import (
     CLIENT_CONDITIONALS,
     evaluate,
     hasConditionals,
     ifRangeAllows,
-    merge,
     notModified,
     validating,
 )
-from edgeproxy.cache.directives import formatHTTPDate, parseHTTPDate
 from edgeproxy.cache.entry import Entry, Variants
 from edgeproxy.cache.freshness import (
     FRESH,
@@ -59,12 +60,9 @@ from edgeproxy.cache.freshness import (
     STALE_REFRESH,
     RequestDirectives,
     Rules,
-    initialAge,
     judge,
     requestDirectives,
     staleIfErrorAllows,
-    storability,
-    varyNames,
 )
 from edgeproxy.cache.key import (
     SECONDARY,
@@ -76,39 +74,34 @@ from edgeproxy.cache.key import (
     variantStages,
 )
 from edgeproxy.cache.ranges import parseRange, plan, sliceBody
-from edgeproxy.cache.status import CacheStatus, withStatus
+from edgeproxy.cache.responses import (
+    Background,
+    Fetching,
+    Passing,
+    Revalidation,
+    internalError,
+    statusOnly,
+)
+from edgeproxy.cache.status import CacheStatus
 from edgeproxy.cache.stores import CacheStores, relay
 from edgeproxy.config.model import CacheSettings, Route
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
-from edgeproxy.http.errorpages import errorResponse
-from edgeproxy.pipeline.call import Call, discardResponse
+from edgeproxy.http.errorpages import errorResponse, pagesFor
+from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.forwarded import isTrusted
 from edgeproxy.pipeline.values import BytesBody, Request, Response
 
-__all__ = ["TAG_FIELDS", "CacheStage", "NotCached"]
+__all__ = ["CacheStage", "NotCached"]
 
 log = Logger()
 
-TAG_FIELDS = (b"surrogate-key", b"cache-tag")
-"""Response fields naming the tags a response is purged by (removed before
-the client)."""
-
-SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
-
 _SPECIAL = frozenset((b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since", b"range"))
-
-_ERRORS_SERVED_STALE = frozenset((500, 502, 503, 504))
-"""RFC 5861 4: an error is a 500, 502, 503 or 504 (or no answer at all)."""
 
 _PHRASES = {206: b"Partial Content", 416: b"Range Not Satisfiable"}
 
 MAX_RETRIES = 3
 """Lookups a request makes while other processes fetch its key in turn."""
-
-SMALL_ERROR_BODY = 64 * 1024
-"""A discarded response body up to this size is read to its end (its
-backend connection is kept); a larger one is stopped."""
 
 
 class NotCached(ProxyError):
@@ -174,7 +167,7 @@ class CacheStage:
         if method == b"GET" or method == b"HEAD":
             if request.length != 0:
                 # A GET with a body: what it asks is not the URL alone.
-                call.onResponse(_Passing(self, request, b"bypass"))
+                call.onResponse(Passing(self, request, b"bypass"))
                 call.next()
                 return
             if b"upgrade" in request.fields.raw():
@@ -186,7 +179,7 @@ class CacheStage:
         if method == b"PURGE":
             self._purge(call)
             return
-        call.onResponse(_Passing(self, request))
+        call.onResponse(Passing(self, request))
         call.next()
 
     def _key(self, request: Request) -> tuple[bytes, bytes]:
@@ -195,7 +188,7 @@ class CacheStage:
             return url + includedParts(self.keyParts, request.fields), url
         return url, url
 
-    def _variantStagesOf(self, call: Call) -> dict[bytes, Any]:
+    def variantStagesOf(self, call: Call) -> dict[bytes, Any]:
         return self._variants or {}
 
     def _lookup(
@@ -218,7 +211,7 @@ class CacheStage:
         key = primary
         reason = b"uri-miss"
         if type(item) is Variants:
-            key = primary + secondaryKey(item.names, request, self._variantStagesOf(call))
+            key = primary + secondaryKey(item.names, request, self.variantStagesOf(call))
             item = stores.lookup(key)
             reason = b"vary-miss"
         if item is None:
@@ -235,7 +228,7 @@ class CacheStage:
         if ttl > 0 and directives is None and not policy.noCache and not collapsed:
             # The hit path: what judge() would say, without its values.
             self.counters.hits += 1
-            self._serve(call, entry, self.status.hit(ttl), age)
+            self.serve(call, entry, self.status.hit(ttl), age)
             return
         use = judge(policy, age, directives, self.staleWhileRevalidate)
         how = use.how
@@ -245,20 +238,20 @@ class CacheStage:
                 member = self.status.forward(collapsed, entry.status, collapsed=True, ttl=use.ttl)
             else:
                 member = self.status.hit(use.ttl)
-            self._serve(call, entry, member, age)
+            self.serve(call, entry, member, age)
             return
         if how != REVALIDATE:
             self.counters.staleServed += 1
             if how == STALE_REFRESH:
                 self._refresh(call, primary, entry)
-            self._serve(call, entry, self.status.hit(use.ttl), age)
+            self.serve(call, entry, self.status.hit(use.ttl), age)
             return
         if directives is not None and directives.onlyIfCached:
             call.fail(NotCached("only-if-cached and what is stored must be validated"))
             return
         if stores.failing(entry.key) and staleIfErrorAllows(entry.policy, age, self.staleIfError):
             self.counters.staleServed += 1
-            self._serve(call, entry, self.status.hit(use.ttl, detail=b"stale-if-error"), age)
+            self.serve(call, entry, self.status.hit(use.ttl, detail=b"stale-if-error"), age)
             return
         self._revalidate(call, primary, entry, use.forward, directives, collapse, deadline, attempts)
 
@@ -291,7 +284,7 @@ class CacheStage:
                 self._wait(call, key, reason, deadline, attempts)
                 return
         self.counters.misses += 1
-        handler = _Fetch(self, request, primary, key, url, reason, directives, leader, mayStore)
+        handler = Fetching(self, request, primary, key, url, reason, directives, leader, mayStore)
         if mayStore and hasConditionals(fields):
             # The full response is what can be stored; the client's own
             # conditionals are answered from it afterwards.
@@ -319,7 +312,7 @@ class CacheStage:
                     self._lookup(call, collapse=False)
             except Exception:
                 log.failure("cache lookup after a collapsed wait failed")
-                call.fail(_internal())
+                call.fail(internalError())
 
         call.cancelHook = collapsing.wait(key, woken, deadline)
 
@@ -343,7 +336,7 @@ class CacheStage:
                 self._wait(call, entry.key, reason, deadline, attempts)
                 return
         request = call.request
-        handler = _Revalidation(self, request, primary, entry, reason, directives, leader)
+        handler = Revalidation(self, request, primary, entry, reason, directives, leader)
         # The client's own conditionals are answered from what comes back.
         handler.conditional = hasConditionals(request.fields)
         call.request = request._replace(fields=validating(request.fields, entry))
@@ -358,14 +351,15 @@ class CacheStage:
         request = original._replace(
             method=b"GET", fields=validating(original.fields, entry), length=0
         )
-        background = Call(request, None, _Background(), call.stages[call.index :], self.clock.seconds())
+        background = Call(request, None, Background(), call.stages[call.index :], self.clock.seconds())
         background.idleTimeout = call.idleTimeout
-        handler = _Revalidation(self, request, primary, entry, b"stale", None, leader, background=True)
+        handler = Revalidation(self, request, primary, entry, b"stale", None, leader, background=True)
         handler.forward(background)
 
     # Answers from the store -------------------------------------------------------
 
-    def _serve(self, call: Call, entry: Entry, member: bytes, age: float) -> None:
+    def serve(self, call: Call, entry: Entry, member: bytes, age: float) -> None:
+        """Answer C{call} from C{entry} (its own conditionals and C{Range} too)."""
         request = call.request
         raw = request.fields.raw()
         fields = entry.fields
@@ -382,7 +376,7 @@ class CacheStage:
                     return
                 if verdict == 412:
                     call.respond(
-                        Response(412, b"Precondition Failed", _statusOnly(served), 0, BytesBody(b""))
+                        Response(412, b"Precondition Failed", statusOnly(served), 0, BytesBody(b""))
                     )
                     return
             ranges = raw.get(b"range")
@@ -448,7 +442,7 @@ class CacheStage:
     def _purge(self, call: Call) -> None:
         request = call.request
         if not self.purgeFrom or not isTrusted(request.client, self.purgeFrom):
-            call.respond(errorResponse(405))
+            call.respond(errorResponse(405, pagesFor(request.route)))
             return
         _, url = self._key(request)
         counts = self.stores.purge("url", url, soft=False)
@@ -490,344 +484,3 @@ class CacheStage:
                 stores.invalidate(target)
 
 
-def _statusOnly(fields: Fields) -> Fields:
-    return Fields.trusted({b"cache-status": list(fields.getAll(b"cache-status"))})
-
-
-def _internal() -> ProxyError:
-    error = ProxyError("internal error")
-    error.status = 500
-    return error
-
-
-def _split(fields: Fields, targeted: bytes) -> tuple[Fields, tuple[bytes, ...] | None, tuple[bytes, ...] | None]:
-    """
-    A response's fields without the targeted field and the tag fields,
-    and their values (L{None} for what it did not carry).
-    """
-    raw = fields.raw()
-    tagged = any(name in raw for name in TAG_FIELDS)
-    if not tagged and (not targeted or targeted not in raw):
-        return fields, None, None
-    tags: tuple[bytes, ...] | None = None
-    if tagged:
-        found: list[bytes] = []
-        for value in raw.get(b"surrogate-key", ()):
-            # Surrogate-Key: space-separated; Cache-Tag: comma-separated.
-            found.extend(tag for tag in value.split() if tag)
-        for value in raw.get(b"cache-tag", ()):
-            found.extend(tag.strip(b" \t") for tag in value.split(b",") if tag.strip(b" \t"))
-        tags = tuple(dict.fromkeys(found))
-    targetedValues = tuple(raw[targeted]) if targeted and targeted in raw else None
-    return fields.without(*TAG_FIELDS, *((targeted,) if targeted else ())), tags, targetedValues
-
-
-def _finish(call: Call, clock: Any, response: Response) -> None:
-    """Let go of a body nobody reads: read to its end when small (the
-    backend connection is kept), else stopped."""
-    body = response.body
-    if body is None:
-        return
-    if response.length is not None and response.length <= SMALL_ERROR_BODY:
-        body.deliverBody(Drain(clock, call.idleTimeout))
-    else:
-        discardResponse(response)
-
-
-class _Passing:
-    """The answer to a request the cache does not handle (other methods,
-    C{fwd=method}; a C{GET} with a body, C{fwd=bypass})."""
-
-    __slots__ = ("reason", "request", "stage")
-
-    def __init__(self, stage: CacheStage, request: Request, reason: bytes = b"method") -> None:
-        self.stage = stage
-        self.request = request
-        self.reason = reason
-
-    def onResponse(self, call: Call, response: Response) -> None:
-        stage = self.stage
-        request = self.request
-        if request.method not in SAFE_METHODS and 200 <= response.status < 400:
-            stage.invalidateAfter(request, response)
-        fields, _, _ = _split(response.fields, stage.rules.targetedField)
-        call.respond(
-            response._replace(fields=withStatus(fields, stage.status.forward(self.reason, response.status)))
-        )
-
-    def onError(self, call: Call, error: ProxyError) -> None:
-        call.fail(error)
-
-
-class _Background:
-    """The client side of a background refresh: nobody (the stores are
-    updated by the refresh's handler)."""
-
-    def respond(self, call: Call, response: Response) -> None:
-        discardResponse(response)
-
-    def fail(self, call: Call, error: ProxyError) -> None:
-        pass
-
-    def interim(self, call: Call, status: int, reason: bytes, fields: Fields) -> None:
-        pass
-
-    def bodyStarted(self, call: Call, producer: Any) -> None:
-        pass
-
-    def bodyData(self, call: Call, data: bytes) -> None:
-        pass
-
-    def bodyEnded(self, call: Call, reason: Failure) -> None:
-        pass
-
-    def tunnel(self, call: Call, pool: Any, fields: Fields, path: bytes, hashKey: bytes | None) -> None:
-        pass
-
-
-class _Fetch:
-    """
-    The answer to a request forwarded on a miss: stored while it streams
-    to the client when it may be stored, and the waiters of its key told
-    when that is over.
-    """
-
-    def __init__(
-        self,
-        stage: CacheStage,
-        request: Request,
-        primary: bytes,
-        key: bytes,
-        url: bytes,
-        reason: bytes,
-        directives: RequestDirectives | None,
-        leader: Fetch | None,
-        mayStore: bool,
-        background: bool = False,
-    ) -> None:
-        self.stage = stage
-        self.request = request
-        self.primary = primary
-        self.key = key
-        self.url = url
-        self.reason = reason
-        self.directives = directives
-        self.leader = leader
-        self.mayStore = mayStore
-        self.background = background
-        self.conditional = False
-        self.answered = False
-        self.requestTime = stage.clock.seconds()
-        self.marker: Variants | None = None
-
-    def forward(self, call: Call) -> None:
-        call.onResponse(self)
-        call.next()
-        if self.leader is not None and not self.answered and call.cancelHook is not None:
-            # The client may go before the answer: the waiters must not
-            # wait for a fetch that was abandoned.
-            cancel = call.cancelHook
-
-            def abandon() -> None:
-                self.release(False)
-                cancel()
-
-            call.cancelHook = abandon
-
-    def release(self, stored: bool) -> None:
-        leader, self.leader = self.leader, None
-        if leader is not None:
-            self.stage.stores.collapsing.done(self.key, stored, leader)
-
-    def onError(self, call: Call, error: ProxyError) -> None:
-        self.answered = True
-        self.release(False)
-        call.request = self.request
-        call.fail(error)
-
-    def onResponse(self, call: Call, response: Response) -> None:
-        self.answered = True
-        # The stages before this one see the request as they passed it on.
-        call.request = self.request
-        stage = self.stage
-        stores = stage.stores
-        now = stage.clock.seconds()
-        status = response.status
-        fields, tags, targeted = _split(response.fields, stage.rules.targetedField)
-        body = response.body
-        stored = False
-        detail = b""
-        ttl = None
-        if self.mayStore:
-            verdict = storability(
-                b"GET", self.request.fields, self.directives, status, response.fields, stage.rules, now
-            )
-            if verdict.policy is None:
-                detail = verdict.why.encode("ascii").replace(b" ", b"-")
-            else:
-                if parseHTTPDate(response.fields.get(b"date")) is None:
-                    # RFC 9110 6.6.1: stored with the time it was received.
-                    fields = fields.withField(b"date", formatHTTPDate(now))
-                if not stage.rules.cacheCookies or b"set-cookie" not in fields:
-                    storedFields = fields
-                else:
-                    # A cookie is for the client it was set for, never for
-                    # those served from the store.
-                    storedFields = fields.without(b"set-cookie")
-                age = initialAge(response.fields, self.requestTime, now)
-                key = self.primary
-                names = varyNames(response.fields.getAll(b"vary"))
-                if names:
-                    key = self.primary + secondaryKey(names, self.request, stage._variantStagesOf(call))
-                    self.marker = Variants(self.primary, self.url, names)
-                head = Entry(
-                    key=key,
-                    url=self.url,
-                    status=status,
-                    reason=response.reason,
-                    fields=storedFields,
-                    length=-1,
-                    responseTime=now,
-                    initialAge=age,
-                    policy=verdict.policy,
-                    tags=tags or (),
-                    targeted=targeted or (),
-                )
-                writer = stores.writer(head, response.length if body is not None else 0, self._stored)
-                if writer is None:
-                    detail = b"too-large"
-                else:
-                    stored = True
-                    ttl = verdict.policy.lifetime - age
-                    if body is None:
-                        writer.finish()
-                    else:
-                        body = StoringBody(body, writer)
-        if not stored:
-            self.notStored()
-        member = stage.status.forward(self.reason, status, stored=stored, ttl=ttl, detail=detail)
-        if self.background:
-            if body is not None:
-                body.deliverBody(Drain(stage.clock, call.idleTimeout))
-            call.respond(Response(status, response.reason, fields, 0, None))
-            return
-        if self.conditional and status == 200:
-            verdictC = evaluate(self.request.method, self.request.fields, fields)
-            if verdictC is not None:
-                if body is not None:
-                    if stored:
-                        # Stored all the same, as it comes.
-                        body.deliverBody(Drain(stage.clock, call.idleTimeout))
-                    else:
-                        _finish(call, stage.clock, response)
-                served = withStatus(fields, member)
-                if verdictC == 304:
-                    call.respond(Response(304, b"Not Modified", notModified(served), None, None))
-                else:
-                    call.respond(Response(412, b"Precondition Failed", _statusOnly(served), 0, BytesBody(b"")))
-                return
-        call.respond(Response(status, response.reason, withStatus(fields, member), response.length, body))
-
-    def notStored(self) -> None:
-        """The response is not stored: the waiters fetch on their own."""
-        self.release(False)
-
-    def _stored(self, entry: Entry | None) -> None:
-        if entry is not None and self.marker is not None:
-            self.stage.stores.putVariants(self.marker)
-        self.release(entry is not None)
-
-
-class _Revalidation(_Fetch):
-    """
-    The answer to a conditional request validating a stored entry (or,
-    C{background}, to a refresh nobody waits for).
-    """
-
-    def __init__(
-        self,
-        stage: CacheStage,
-        request: Request,
-        primary: bytes,
-        entry: Entry,
-        reason: bytes,
-        directives: RequestDirectives | None,
-        leader: Fetch | None,
-        background: bool = False,
-    ) -> None:
-        super().__init__(
-            stage, request, primary, entry.key, entry.url, reason, directives, leader,
-            mayStore=request.method == b"GET", background=background,
-        )
-        self.entry = entry
-        self.replacing = False
-
-    def onResponse(self, call: Call, response: Response) -> None:
-        stage = self.stage
-        stores = stage.stores
-        counters = stage.counters
-        status = response.status
-        entry = self.entry
-        if status == 304:
-            self.answered = True
-            _finish(call, stage.clock, response)
-            now = stage.clock.seconds()
-            fields, tags, targeted = _split(response.fields, stage.rules.targetedField)
-            merged = merge(entry, fields, self.requestTime, now, stage.rules, targeted, tags)
-            stores.refresh(merged)
-            counters.revalidations["not_modified"] += 1
-            self.release(True)
-            if self.background:
-                call.respond(Response(304, b"Not Modified", fields, None, None))
-                return
-            call.request = self.request
-            age = merged.age(now)
-            member = stage.status.forward(self.reason, 304, ttl=merged.policy.lifetime - age)
-            stage._serve(call, merged, member, age)
-            return
-        if status in _ERRORS_SERVED_STALE and self._staleAllowed():
-            self.answered = True
-            _finish(call, stage.clock, response)
-            self._serveStale(call, status)
-            return
-        if status >= 500:
-            counters.revalidations["failed"] += 1
-        else:
-            counters.revalidations["replaced"] += 1
-            self.replacing = self.request.method == b"GET"
-        super().onResponse(call, response)
-
-    def notStored(self) -> None:
-        if self.replacing:
-            # What was stored is out of date, and its replacement may not
-            # be stored.
-            self.stage.stores.remove(self.entry.key)
-        super().notStored()
-
-    def onError(self, call: Call, error: ProxyError) -> None:
-        if self._staleAllowed():
-            self.answered = True
-            self._serveStale(call, error.status)
-            return
-        self.stage.counters.revalidations["failed"] += 1
-        super().onError(call, error)
-
-    def _staleAllowed(self) -> bool:
-        stage = self.stage
-        return staleIfErrorAllows(self.entry.policy, self.entry.age(stage.clock.seconds()), stage.staleIfError)
-
-    def _serveStale(self, call: Call, status: int) -> None:
-        stage = self.stage
-        stage.counters.revalidations["failed"] += 1
-        stage.stores.failed(self.entry.key)
-        # The waiters look again, and find it served stale too.
-        self.release(True)
-        if self.background:
-            call.fail(_internal())
-            return
-        stage.counters.staleServed += 1
-        call.request = self.request
-        now = stage.clock.seconds()
-        age = self.entry.age(now)
-        member = stage.status.forward(self.reason, status, detail=b"stale-if-error")
-        stage._serve(call, self.entry, member, age)

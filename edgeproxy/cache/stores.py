@@ -24,7 +24,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from edgeproxy.cache.collapse import CollapseTable
-from edgeproxy.cache.disk import Blocking, DiskTier, DiskWriter
+from edgeproxy.cache.blocking import Blocking
+from edgeproxy.cache.disk import DiskTier
+from edgeproxy.cache.diskobjects import DiskWriter
 from edgeproxy.cache.entry import Entry, Variants
 from edgeproxy.cache.memory import MemoryTier
 from edgeproxy.config.model import CacheSettings

@@ -112,7 +112,7 @@ def _checkRoutes(
     claimed: dict[tuple[str, str], str] = {}
     for route in routes:
         section = sections[f"route:{route.name}"]
-        if route.upstream not in declared["upstream"]:
+        if route.upstream is not None and route.upstream not in declared["upstream"]:
             names = ", ".join(sorted(declared["upstream"])) or "none are defined"
             section.report(
                 "upstream", f"no [upstream:{route.upstream}] section (upstreams: {names})"

@@ -24,6 +24,7 @@ import stat
 __all__ = [
     "FileProblem",
     "readRegularFile",
+    "readSecretText",
     "checkRegularFile",
     "CONFIG_LIMIT",
     "PEM_LIMIT",
@@ -35,7 +36,8 @@ CONFIG_LIMIT = 1024 * 1024
 PEM_LIMIT = 4 * 1024 * 1024
 """Bytes of one PEM file; the largest system CA bundles are under 1 MiB."""
 TOKEN_LIMIT = 64 * 1024
-"""Bytes of the admin token file."""
+"""Bytes of a secret file (the admin token, passwords, client secrets,
+keys)."""
 
 
 class FileProblem(ValueError):
@@ -122,3 +124,22 @@ def readRegularFile(path: str, limit: int) -> bytes:
         raise FileProblem(f"cannot be read: {e.strerror or e}") from None
     finally:
         os.close(descriptor)
+
+
+def readSecretText(path: str) -> str:
+    """
+    The text of a secret file (C{admin_token_file}, C{password_file},
+    C{client_secret_file}...): a regular file of UTF-8 text of at most
+    L{TOKEN_LIMIT} bytes, surrounding white space (the final newline an
+    editor adds) stripped.
+
+    @raise ValueError: naming C{path} and what is wrong with it.
+    """
+    try:
+        data = readRegularFile(path, TOKEN_LIMIT)
+    except FileProblem as e:
+        raise ValueError(f"{path} {e}") from None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None

@@ -60,6 +60,41 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class ErrorPage:
+    """One custom error page, read when the configuration was."""
+
+    path: str
+    """The file it was read from."""
+    content_type: str
+    """From the file's extension (C{text/html; charset=utf-8}...)."""
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorPages:
+    """
+    The custom error pages of a route (its own over the global ones), or
+    the global ones (C{error_pages} in C{[edgeproxy]}): L{page} gives the
+    page for a status, by status first, then by class (C{5xx}).
+    """
+
+    exact: tuple[tuple[int, ErrorPage], ...] = ()
+    """Pages of one status (C{404.html})."""
+    classes: tuple[tuple[int, ErrorPage], ...] = ()
+    """Pages of a class of statuses (C{5xx.html}: 5)."""
+    _index: dict[int, ErrorPage] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Classes by their digit (4, 5), statuses by themselves (400-599).
+        object.__setattr__(self, "_index", {**dict(self.classes), **dict(self.exact)})
+
+    def page(self, status: int) -> ErrorPage | None:
+        """The page for C{status}, or L{None} (the built-in page)."""
+        index = self._index
+        return index.get(status) or index.get(status // 100)
+
+
+@dataclass(frozen=True, slots=True)
 class ProxySettings:
     """The C{[edgeproxy]} section."""
 
@@ -102,6 +137,14 @@ class ProxySettings:
     """The field the client's address is sent to backends in (such as
     C{X-Real-IP}); L{None}: none (a client's C{X-Real-IP} is removed
     either way)."""
+    fast_paths: str = "auto"
+    """C{auto}: the fast paths through Twisted's and pyOpenSSL's private
+    surface with the releases they were tested with; C{off}: never (see
+    L{edgeproxy._compat}).  Read at start."""
+    error_pages: ErrorPages | None = None
+    """The custom pages of the errors the proxy makes itself, for requests
+    of routes without their own and requests no route took; L{None}: the
+    built-in pages."""
 
 
 class TLSVersion(enum.Enum):
@@ -414,6 +457,36 @@ class HeaderRules:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteForwarding:
+    """
+    A route's own timeouts and retries, over its upstream's (see
+    C{docs/configuration.rst}); each L{None} takes the upstream's value
+    (for C{request_timeout}: one attempt's worth, see
+    L{edgeproxy.upstream.terms}).
+    """
+
+    connect_timeout: float | None = None
+    response_timeout: float | None = None
+    retries: int | None = None
+    request_timeout: float | None = None
+    """Seconds, across the queue and every attempt, from the moment the
+    proxy has the whole request to the response head."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRedirect:
+    """A route's C{redirect}: every request of the route answered with a
+    redirect (see L{edgeproxy.locations})."""
+
+    location: str
+    """The template as written (C{https://example.com$request_uri})."""
+    parts: tuple[tuple[str, str], ...]
+    """The template read: C{("text", TEXT)} and C{("var", NAME)} in order."""
+    status: int = 301
+    """301, 302, 303, 307 or 308."""
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A C{[route:NAME]} section."""
 
@@ -423,7 +496,9 @@ class Route:
     matches any host."""
     paths: tuple[str, ...]
     """Path prefixes, each starting with C{/}."""
-    upstream: str
+    upstream: str | None
+    """The upstream requests are forwarded to; L{None} for a route with
+    C{redirect}."""
     max_body_size: int | None = None
     """Overrides the listener's limit for this route when set."""
     strip_prefix: bool = False
@@ -460,6 +535,15 @@ class Route:
     response_headers: HeaderRules | None = None
     """Rules applied to every response the route sends once its request
     passed the C{headers} stage; L{None}: none."""
+    forwarding: RouteForwarding | None = None
+    """The route's own timeouts and retries; L{None}: its upstream's."""
+    redirect: RouteRedirect | None = None
+    """The redirect every request of the route gets (then C{upstream} is
+    L{None}); L{None}: the route forwards."""
+    error_pages: ErrorPages | None = None
+    """The pages of the errors the proxy makes itself for this route's
+    requests: the route's own C{error_pages} over the global ones (merged
+    when read); L{None}: the built-in pages."""
 
     @property
     def securityConfigured(self) -> bool:

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 
 from edgeproxy.config import syntax
 from edgeproxy.config.acme import ACME_KEYS, defaultACMEStorage, readACME
+from edgeproxy.config.auth import AUTH_KEYS, readAuth
 from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, readRouteCache
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
@@ -51,10 +52,15 @@ from edgeproxy.config.headers import (
     readProxyHeaders,
     readRouteHeaders,
 )
+from edgeproxy.config.errorpages import ERROR_PAGES_KEYS, mergePages, readErrorPages
+from edgeproxy.config.forwarding import ROUTE_FORWARDING_KEYS, readRouteForwarding
+from edgeproxy.config.redirects import REDIRECT_KEYS, readRouteRedirect
+from edgeproxy.config.files import readSecretText
 from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
     AccessLogFormat,
     Config,
+    ErrorPages,
     IPNetwork,
     Limits,
     Listener,
@@ -64,6 +70,7 @@ from edgeproxy.config.model import (
     TLSVersion,
     Upstream,
 )
+from edgeproxy.config.ratelimit import RATELIMIT_KEYS, REDIS_KEYS, readRateLimit, readRedis
 from edgeproxy.config.section import Problems, Section, readSection
 from edgeproxy.config import security
 from edgeproxy.config.source import readSource
@@ -99,6 +106,8 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "latency_buckets",
         *PROXY_KEYS,
         *HEADER_PROXY_KEYS,
+        "fast_paths",
+        *ERROR_PAGES_KEYS,
     ),
     "tls": (
         "certificates",
@@ -118,10 +127,12 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
         *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *HEADER_ROUTE_KEYS,
+        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *ROUTE_FORWARDING_KEYS, *REDIRECT_KEYS,
+        *ERROR_PAGES_KEYS,
     ),
-    "ratelimit": security.RATELIMIT_KEYS,
-    "auth": security.AUTH_KEYS,
-    "redis": security.REDIS_KEYS,
+    "ratelimit": RATELIMIT_KEYS,
+    "auth": AUTH_KEYS,
+    "redis": REDIS_KEYS,
     "cache": CACHE_KEYS,
 }
 """The keys each kind of section accepts (C{listen}, C{upstream} and
@@ -130,6 +141,8 @@ C{route} stand for C{[listen:NAME]} and so on)."""
 # The values edgeproxy.logs accepts (config/ imports no subsystem).
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("auto", "text", "journald")
+# The values edgeproxy._compat.decideFastPaths accepts.
+_FAST_PATHS = ("auto", "off")
 
 _SINGLE_KINDS = ("edgeproxy", "tls", "acme", "redis", "cache")
 _NAMED_KINDS = ("listen", "upstream", "route", "ratelimit", "auth")
@@ -191,6 +204,8 @@ def _readProxy(section: Section) -> ProxySettings:
         latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
         **readProxyContent(section, defaults.image_workers),
         **readProxyHeaders(section),
+        fast_paths=section.choice("fast_paths", defaults.fast_paths, {v: v for v in _FAST_PATHS}),
+        error_pages=readErrorPages(section),
     )
 
 
@@ -229,16 +244,7 @@ def _checkToken(token: str) -> str:
 
 
 def _tokenFromFile(section: Section, text: str) -> str:
-    path = section.resolve(text)
-    try:
-        data = readRegularFile(path, TOKEN_LIMIT)
-    except FileProblem as e:
-        raise ValueError(f"{path} {e}") from None
-    try:
-        token = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    return _checkToken(token)
+    return _checkToken(readSecretText(section.resolve(text)))
 
 
 def _readAdminToken(section: Section) -> str | None:
@@ -327,9 +333,17 @@ def _readListener(
     return listener, spec
 
 
-def _readRoute(section: Section, name: str) -> Route:
+def _readRoute(section: Section, name: str, pages: ErrorPages | None) -> Route:
+    """
+    @param pages: the global error pages, under the route's own.
+    """
     section.require("hosts", "host names, *.wildcards, IP addresses, or * for any host")
-    upstream = section.require("upstream", "the name of an [upstream:NAME] section")
+    pages = mergePages(readErrorPages(section), pages)
+    redirect = readRouteRedirect(section)
+    if not section.has("redirect"):
+        upstream = section.require(
+            "upstream", "the name of an [upstream:NAME] section, or redirect = URL"
+        )
     noHosts: tuple[str, ...] = ()
     hosts = section.convert(
         "hosts", noHosts, lambda text: syntax.uniqueList(text, syntax.checkRouteHost, "host")
@@ -338,6 +352,18 @@ def _readRoute(section: Section, name: str) -> Route:
     paths = section.convert(
         "paths", everyPath, lambda text: syntax.uniqueList(text, syntax.checkRoutePath, "path")
     )
+    if section.has("redirect"):
+        # Its other keys were reported by readRouteRedirect, once.
+        return Route(
+            name=name,
+            hosts=hosts,
+            paths=paths,
+            upstream=None,
+            strip_prefix=section.boolean("strip_prefix", False),
+            websocket=False,
+            redirect=redirect,
+            error_pages=pages,
+        )
     return Route(
         name=name,
         hosts=hosts,
@@ -350,6 +376,8 @@ def _readRoute(section: Section, name: str) -> Route:
         **security.readRouteSecurity(section),
         cache=readRouteCache(section),
         **readRouteHeaders(section),
+        forwarding=readRouteForwarding(section),
+        error_pages=pages,
     )
 
 
@@ -427,21 +455,21 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
             upstreams[label] = upstream
     routes: list[Route] = []
     for label, section in named["route"]:
-        route = readSection(section, lambda s: _readRoute(s, label))
+        route = readSection(section, lambda s: _readRoute(s, label, proxy.error_pages))
         if route is not None:
             routes.append(route)
     ratelimits = {
         label: limit
         for label, section in named["ratelimit"]
-        if (limit := readSection(section, lambda s: security.readRateLimit(s, label))) is not None
+        if (limit := readSection(section, lambda s: readRateLimit(s, label))) is not None
     }
     auths = {
         label: auth
         for label, section in named["auth"]
-        if (auth := readSection(section, lambda s: security.readAuth(s, label))) is not None
+        if (auth := readSection(section, lambda s: readAuth(s, label))) is not None
     }
     redisSection = singles.get("redis")
-    redis = None if redisSection is None else readSection(redisSection, security.readRedis)
+    redis = None if redisSection is None else readSection(redisSection, readRedis)
 
     crossCheck(
         path,

@@ -30,7 +30,7 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
@@ -38,7 +38,7 @@ from edgeproxy import h1
 from edgeproxy.bodies import IdleTimer
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
-from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse
+from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse, pagesFor
 from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.values import Response
 
@@ -203,7 +203,8 @@ class Answering:
             return
         if error.status in CLOSE_AFTER:
             self._persistent = False
-        self.respond(call, errorResponse(error))
+        pages = pagesFor(call.request.route, self.factory.currentRuntime)
+        self.respond(call, errorResponse(error, pages))
 
     def interim(self, call: Call, status: int, reason: bytes, fields: Fields) -> None:
         request = call.request

@@ -1,21 +1,35 @@
 # -*- test-case-name: tests.test_server -*-
 """
 The one mapping from a L{ProxyError} (or a bare status) to the response a
-client sees.
+client sees, for every error the proxy makes itself (refusals of the
+parsers and of routing, of the security stages, the pool's 502, 503 and
+504, the cache's 504...; never a backend's own error response, which
+passes as it is).
 
-The page is short and generic on purpose: the status line and its phrase,
-nothing else.  It never names a backend, an address, a port or an exception;
-those go to the log (the caller's job), never onto the wire.  This module
-makes responses but decides nothing about I{whether} one should be sent;
-the protocols and stages do.
+The built-in page is short and generic on purpose: the status line and its
+phrase, nothing else.  It never names a backend, an address, a port or an
+exception; those go to the log (the caller's job), never onto the wire.
+
+An operator's own pages (C{error_pages}, read with the configuration by
+L{edgeproxy.config.errorpages}) replace its body and content type: the
+request's route's pages (its own over the global ones), or the global ones
+for a request no route took (L{pagesFor}).  Whichever page it is, the
+error's own fields go with it (C{Retry-After}, C{WWW-Authenticate}, the
+C{RateLimit} fields), with C{Cache-Control: no-store}.
+
+This module makes responses but decides nothing about I{whether} one
+should be sent; the protocols and stages do.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from twisted.web.http import RESPONSES, datetimeToString
 
+from edgeproxy.config.model import ErrorPages
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.values import BytesBody, Response
@@ -26,6 +40,7 @@ __all__ = [
     "errorBody",
     "errorResponse",
     "httpDate",
+    "pagesFor",
     "phraseFor",
     "rejection",
 ]
@@ -96,16 +111,50 @@ _pageFields = Fields.trusted(
     {b"content-type": [b"text/plain; charset=utf-8"], b"cache-control": [b"no-store"]}
 )
 
+_customFields: dict[str, Fields] = {}
+"""The fields of a custom page, by its content type (a handful)."""
 
-def errorResponse(error: ProxyError | int) -> Response:
+
+def pagesFor(route: Any, currentRuntime: Callable[[], Any] | None = None) -> ErrorPages | None:
     """
-    The generic page for C{error}: its status and phrase as a short plain
-    text, C{Cache-Control: no-store}, C{Retry-After} when the error
-    carries one, and the error's own C{fields}.
+    The custom pages of an error of a request: its route's (merged with
+    the global ones when the configuration was read), or for a request no
+    route took (C{route} L{None}) the global ones of the current runtime.
+
+    @param currentRuntime: the listener's, asked only when C{route} is
+        L{None}.
+    @return: L{None} for the built-in pages.
+    """
+    if route is not None:
+        return getattr(route, "error_pages", None)
+    if currentRuntime is None:
+        return None
+    config = getattr(currentRuntime(), "config", None)
+    return None if config is None else config.proxy.error_pages
+
+
+def _page(status: int, pages: ErrorPages | None) -> tuple[bytes, Fields]:
+    """The body of the page for C{status} and its fields."""
+    page = None if pages is None else pages.page(status)
+    if page is None:
+        return errorBody(status), _pageFields
+    fields = _customFields.get(page.content_type)
+    if fields is None:
+        fields = _customFields[page.content_type] = Fields.trusted(
+            {b"content-type": [page.content_type.encode("ascii")], b"cache-control": [b"no-store"]}
+        )
+    return page.body, fields
+
+
+def errorResponse(error: ProxyError | int, pages: ErrorPages | None = None) -> Response:
+    """
+    The page for C{error}: the custom page of its status from C{pages}, or
+    the built-in one (its status and phrase as a short plain text); with
+    C{Cache-Control: no-store}, C{Retry-After} when the error carries one,
+    and the error's own C{fields}.
     """
     status = error if isinstance(error, int) else error.status
-    body = errorBody(status)
-    fields = _pageFields
+    body, fields = _page(status, pages)
     retryAfter = None if isinstance(error, int) else error.retryAfter
     extra = () if isinstance(error, int) else error.fields
     if retryAfter is not None or extra:
@@ -121,26 +170,33 @@ def errorResponse(error: ProxyError | int) -> Response:
 _rejections: dict[int, bytes] = {}
 
 
-def rejection(status: int) -> bytes:
+def rejection(status: int, pages: ErrorPages | None = None) -> bytes:
     """
     The whole response an HTTP/1.1 connection sends when it refuses a
-    request head: a status line, C{Connection: close}, a tiny plain-text
-    body, and nothing that identifies the software.
+    request head: a status line, C{Connection: close}, the page (the
+    custom one of C{pages}, else a tiny plain-text body), and nothing that
+    identifies the software.
     """
-    cached = _rejections.get(status)
-    if cached is not None:
-        return cached
+    page = None if pages is None else pages.page(status)
+    if page is None:
+        cached = _rejections.get(status)
+        if cached is not None:
+            return cached
     reason = phraseFor(status)
-    body = reason + b"\n"
+    if page is None:
+        body, contentType = reason + b"\n", b"text/plain; charset=utf-8"
+    else:
+        body, contentType = page.body, page.content_type.encode("ascii")
     response = b"".join(
         [
             b"HTTP/1.1 %d %s\r\n" % (status, reason),
-            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Type: %s\r\n" % (contentType,),
             b"Content-Length: %d\r\n" % (len(body),),
             b"Connection: close\r\n",
             b"\r\n",
             body,
         ]
     )
-    _rejections[status] = response
+    if page is None:
+        _rejections[status] = response
     return response

@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from edgeproxy._compat.twisted.tcp import LeanServer
+from edgeproxy._compat.twisted.tls import EdgeTLSTransport
 from edgeproxy.config.model import Listener
 from edgeproxy.errors import BadRequest, ContentTooLarge, MisdirectedRequest, NoRoute, ProxyError
 from edgeproxy.h1.fields import Fields
@@ -41,7 +43,6 @@ from edgeproxy.routing import normaliseHost
 from edgeproxy.security.paths import backendView, mayDiffer
 from edgeproxy.targets import normaliseTarget
 from edgeproxy.tls.failures import handshakeFailureReason
-from edgeproxy.tls.transport import EdgeTLSTransport
 
 __all__ = ["ListenerFactory"]
 
@@ -169,7 +170,7 @@ class ListenerFactory(Factory):
             metrics.connectionAccepted(name)
             traffic = metrics.traffic(name)
             connection._traffic = traffic
-            if type(transport) is EdgeTLSTransport:
+            if type(transport) is EdgeTLSTransport or type(transport) is LeanServer:
                 transport.traffic = traffic
             else:
                 _WriteCounter(transport, traffic)
@@ -403,10 +404,11 @@ def _idleExpired(connection: HTTP1Connection) -> None:
 
 class _WriteCounter:
     """
-    Adds every byte written to a transport other than an L{EdgeTLSTransport}
-    (plain TCP) to C{traffic.sent}, by wrapping its C{write} and
-    C{writeSequence}; the bytes of a sequence are counted once, whether the
-    transport writes it with its own C{write} or not.
+    Adds every byte written to a transport that does not count them itself
+    (not an L{EdgeTLSTransport} nor a L{LeanServer}) to C{traffic.sent}, by
+    wrapping its C{write} and C{writeSequence}; the bytes of a sequence are
+    counted once, whether the transport writes it with its own C{write} or
+    not.
     """
 
     __slots__ = ("traffic", "inSequence", "_write", "_writeSequence")

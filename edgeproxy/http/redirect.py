@@ -12,7 +12,8 @@ reg-name, an IPv4 literal or a bracketed IPv6 literal, with an optional
 port, nothing else) and its origin-form target, so it always points at the
 host the client asked for on this server; a target cannot smuggle another
 authority in (it is always appended after C{https://host/}) and a C{Host}
-with odd characters is refused with 400.
+with odd characters is refused with 400.  Those rules are
+L{edgeproxy.locations}', which a route's C{redirect} shares.
 
 The port in the Location is the listener's C{redirect_port} if set, else the
 port of the first TLS listener of the current configuration; 443 is left
@@ -22,55 +23,15 @@ C{currentRuntime().config.listeners}).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from edgeproxy.config.model import Listener
-from edgeproxy.h1.fields import Fields
-from edgeproxy.pipeline.values import BytesBody, Response
+from edgeproxy.errors import BadRequest
+from edgeproxy.locations import encodeURIPart, redirectResponse, validHost
 
-# RFC 3986 §3.2.2 reg-name restricted to what DNS names use (letters, digits,
-# hyphen, dot; underscore too, as seen in the wild), RFC 1035 length limits.
-_REG_NAME = re.compile(rb"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?\.?\Z")
-_PORT = re.compile(rb"[0-9]{1,5}\Z")
-# Bytes kept as they are in the Location target; anything else is
-# percent-encoded (RFC 3986 §2.1) so the header stays printable ASCII.
-_TARGET_SAFE = frozenset(range(0x21, 0x7F))
-
-
-def validHost(raw: bytes | None) -> str | None:
-    """
-    The host part of a C{Host} header value, lower-cased and without port,
-    or L{None} when the value is not a plain host name or IP literal with an
-    optional port (RFC 9110 §7.2, RFC 3986 §3.2.2).
-    """
-    if raw is None:
-        return None
-    value = raw.strip(b" \t").lower()
-    if not value or len(value) > 261:
-        return None
-    if value.startswith(b"["):
-        end = value.find(b"]")
-        if end < 0:
-            return None
-        host, rest = value[1:end], value[end + 1:]
-        try:
-            ipaddress.IPv6Address(host.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            return None
-        name = "[" + host.decode("ascii") + "]"
-    else:
-        host, sep, port = value.partition(b":")
-        rest = b":" + port if sep else b""
-        if not _REG_NAME.match(host):
-            return None
-        name = host.decode("ascii")
-    if rest:
-        if not rest.startswith(b":") or not _PORT.match(rest[1:]) or int(rest[1:]) > 65535:
-            return None
-    return name
+__all__ = ["RedirectStage", "endpointPort", "redirectLocation", "redirectPort", "validHost"]
 
 
 def endpointPort(description: str) -> int | None:
@@ -105,10 +66,10 @@ def redirectPort(listener: Listener, listeners: Sequence[Listener]) -> int | Non
 
 
 def redirectLocation(host: str, port: int | None, target: bytes) -> bytes:
-    """C{https://host[:port]/target}, the target percent-encoded where needed."""
+    """C{https://host[:port]/target}, the target percent-encoded where needed
+    (L{edgeproxy.locations.encodeURIPart})."""
     authority = host if port in (None, 443) else f"{host}:{port}"
-    path = "".join(chr(b) if b in _TARGET_SAFE else f"%{b:02X}" for b in target)
-    return f"https://{authority}{path}".encode("ascii")
+    return f"https://{authority}".encode("ascii") + encodeURIPart(target)
 
 
 class _Pipeline:
@@ -120,8 +81,6 @@ class _Pipeline:
         self.stages = (stage,)
         self.idleTimeout = 0.0
 
-
-_PLAIN = b"text/plain; charset=utf-8"
 
 
 class RedirectStage:
@@ -146,21 +105,9 @@ class RedirectStage:
         host = validHost(request.host)
         target = request.target
         if host is None or not target.startswith(b"/"):
-            body = b"400 Bad Request: missing or invalid Host.\n"
-            call.respond(
-                Response(400, b"Bad Request", Fields.trusted({b"content-type": [_PLAIN]}), len(body), BytesBody(body))
-            )
+            call.fail(BadRequest("redirect_https: missing or invalid Host"))
             return
         factory = self._factory
         listeners = factory.currentRuntime().config.listeners
         location = redirectLocation(host, redirectPort(factory.listener, listeners), target)
-        body = b"308 Permanent Redirect: " + location + b"\n"
-        call.respond(
-            Response(
-                308,
-                b"Permanent Redirect",
-                Fields.trusted({b"location": [location], b"content-type": [_PLAIN]}),
-                len(body),
-                BytesBody(body),
-            )
-        )
+        call.respond(redirectResponse(308, location))

@@ -41,7 +41,6 @@ is aborted after L{ABORT_TIMEOUT}.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from OpenSSL import SSL
@@ -52,13 +51,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy import h1
+from edgeproxy._compat.twisted.tcp import immediateWriter
 from edgeproxy.bodies import BodyPipe
 from edgeproxy.errors import BadRequest, ContentTooLarge
 from edgeproxy.http.answering import Answering
-from edgeproxy.http.errorpages import rejection
+from edgeproxy.http.errorpages import pagesFor, rejection
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.values import ConnectionInfo
-from edgeproxy.upstream.sending import writeNow
 
 __all__ = ["ABORT_TIMEOUT", "DISCARD_LIMIT", "HTTP1Connection"]
 
@@ -130,11 +129,11 @@ class HTTP1Connection(Answering):
     def makeConnection(self, transport: Any) -> None:
         self.connected = 1
         self.transport = transport
-        # A complete response goes out at once: through the TLS transport's
-        # own writeNow, or straight to a TCP socket (writeNow).
-        sendNow = getattr(transport, "writeNow", None)
-        self._sendNow = sendNow if sendNow is not None else partial(writeNow, transport)
         self.factory.connectionMade(self, transport)
+        # A complete response goes out at once (straight to the socket, with
+        # the fast paths): chosen once, after the listener wrapped the
+        # transport's write to count the bytes.
+        self._sendNow = immediateWriter(transport)
         self.connectionMade()
 
     def connectionMade(self) -> None:
@@ -563,8 +562,10 @@ class HTTP1Connection(Answering):
 
     def _reject(self, status: int) -> None:
         """Refuse what the client sent: the generic page, then close."""
-        self.factory.rejected(status)
-        self._write(rejection(status))
+        factory = self.factory
+        factory.rejected(status)
+        # Refused before routing: the global pages.
+        self._write(rejection(status, pagesFor(None, factory.currentRuntime)))
         self._closing = True
         self._loseConnection()
 

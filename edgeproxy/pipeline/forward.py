@@ -11,6 +11,11 @@ and times out).  The pool reports to the call; this stage turns the
 backend's response into the pipeline's L{Response} (L{clientFields}) and
 its failure into the L{ProxyError} the client gets.
 
+A route with timeouts or retries of its own (C{[route:NAME]}
+C{connect_timeout}, C{response_timeout}, C{retries}, C{request_timeout})
+sends on the pool's L{edgeproxy.upstream.terms.Terms} for them, asked for
+once when the stage is built; a route without sends as the pool's own.
+
 A WebSocket opening handshake on a route that allows WebSockets is handed
 to the client side's C{tunnel} (the HTTP/1.1 connection is taken over);
 any other C{Upgrade} is dropped with the other hop-by-hop fields.
@@ -34,6 +39,7 @@ from edgeproxy.pipeline.forwarded import (
     upstreamFields,
 )
 from edgeproxy.pipeline.values import Request, Response
+from edgeproxy.proxyheader import header as proxyHeader
 from edgeproxy.upstream.balance import requestHashKey
 
 __all__ = ["Forward", "isWebSocketUpgrade", "stripPrefix"]
@@ -100,11 +106,18 @@ class Forward:
     """
 
     __slots__ = (
-        "pool", "upstream", "route", "_trusted", "_via", "_hostOverride", "_hashKey", "_own",
+        "pool", "upstream", "route", "_trusted", "_via", "_hostOverride", "_hashKey", "_terms",
+        "_own",
     )
 
     def __init__(self, route: Route, pool: Any, proxy: ProxySettings) -> None:
         self.pool = pool
+        # The route's own timeouts and retries (None: the pool's own).
+        self._terms = None
+        if route.forwarding is not None:
+            terms = pool.termsFor(route.forwarding)
+            if terms is not pool.terms:
+                self._terms = terms
         self.route = route
         upstream: Upstream = pool.upstream
         self.upstream = upstream
@@ -158,12 +171,13 @@ class Forward:
         call.forwarder = self
         call.cancelHook = _SENDING
         proxyVersion = self.upstream.proxy_protocol
-        if proxyVersion is not None:
-            from edgeproxy.security.proxyprotocol import requestHeader
-
+        terms = self._terms
+        if proxyVersion is not None or terms is not None:
+            proxyHeader = None
+            if proxyVersion is not None:
+                proxyHeader = requestHeader(proxyVersion, request)
             exchange = self.pool.send(
-                request.method, path, fields, call.body, call, hashKey,
-                requestHeader(proxyVersion, request),
+                request.method, path, fields, call.body, call, hashKey, proxyHeader, terms
             )
         else:
             exchange = self.pool.send(request.method, path, fields, call.body, call, hashKey)
@@ -193,3 +207,15 @@ class Forward:
             log.failure("unexpected failure while proxying", failure=failure)
             error = ProxyError(str(error))
         call.fail(error)
+
+
+def requestHeader(version: str, request: Request) -> bytes:
+    """
+    The PROXY protocol header that starts the backend connection of
+    C{request}: its client (after trusted proxies and the PROXY protocol of
+    the listener) and the address it connected to.  The client's port is
+    known only when the client is the connection's peer; 0 otherwise.
+    """
+    connection = request.connection
+    port = connection.peerPort if request.client == connection.peer else 0
+    return proxyHeader(version, request.client, port, connection.local, connection.localPort)

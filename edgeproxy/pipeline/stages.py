@@ -75,7 +75,8 @@ class StageKind(Protocol):
 
 class RoutePipeline:
     """
-    The stages of one route, first to last (the last is L{Forward}).
+    The stages of one route, first to last (the last is L{Forward}, or on
+    a redirect route the redirect alone).
 
     @ivar idleTimeout: seconds a body of this route may go without a byte
         (its upstream's C{idle_timeout}).
@@ -126,6 +127,10 @@ def buildPipelines(
             )
             if stage is not None:
                 stages.append((name, stage))
+        if route.upstream is None:
+            # A redirect route: its redirect stage answers every request.
+            pipelines[route.name] = RoutePipeline(tuple(stages), 0.0)
+            continue
         pool = pools[route.upstream]
         stages.append(("forward", Forward(route, pool, config.proxy)))
         pipelines[route.name] = RoutePipeline(tuple(stages), pool.upstream.idle_timeout)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from edgeproxy.config.model import Listener, Route

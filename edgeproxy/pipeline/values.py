@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Protocol
 
-from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone
 
 from edgeproxy.config.model import Listener, Route
+from edgeproxy.bodies import BODY_DONE
 from edgeproxy.h1.fields import Fields
 
 __all__ = [
@@ -136,11 +135,6 @@ class Response(NamedTuple):
     full response would have)."""
     body: ResponseBody | None
     """L{None}: no body."""
-
-
-BODY_DONE = Failure(ResponseDone("Response body fully received"))
-"""The end of every complete body: one shared instance (its consumers only
-read it)."""
 
 
 class _Stopped:

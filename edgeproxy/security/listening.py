@@ -21,7 +21,7 @@ connection's SNI name gets C{421} (RFC 9110 15.5.20): a connection made
 for a name that only requests certificates must not carry requests for a
 name that requires one.  Sessions never cross levels or listeners: each
 (CA, level) has its own session-ID context, and each listener's CA its own
-session-ticket keys (L{edgeproxy.tls.store}); a session resumed under
+session-ticket keys (L{edgeproxy.tls.clientcerts}); a session resumed under
 another policy would carry a certificate that policy never verified.
 
 The level is read from the current runtime's routes at each handshake:
@@ -98,7 +98,7 @@ def requiringHosts(config: Config) -> tuple[frozenset[str], frozenset[str], bool
 class ClientAuth:
     """
     The client certificate policy of one listener (see the module
-    docstring); what L{edgeproxy.tls.store} asks about a handshake.
+    docstring); what L{edgeproxy.tls.clientcerts} asks about a handshake.
 
     @ivar key: names the CA (its file's digest): contexts and ticket keys
         are kept per key.

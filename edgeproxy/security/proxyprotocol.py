@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_security_proxyprotocol -*-
+# -*- test-case-name: tests.test_security_units -*-
 """
 The PROXY protocol (HAProxy's, versions 1 and 2): the address of the
 client a load balancer in front of us accepted, sent before anything else
@@ -16,161 +16,24 @@ resolution, the access rules, the logs), and its destination the
 connection's local address.  A C{LOCAL} header (v2; C{UNKNOWN} in v1: the
 balancer's own health check) keeps the balancer's address.
 
-The header's contents are parsed by Twisted's own parsers
-(C{twisted.protocols.haproxy}): the one use of their private modules
-lives in L{parseHeader}.  Twisted's wrapper is not used: it refuses a
-header split over two reads, has no source check and no deadline.
-
-Out (C{[upstream:NAME] proxy_protocol = v1 | v2}): L{header} writes the
-header that starts each backend connection (L{edgeproxy.upstream}).
+The header itself is read by L{edgeproxy.proxyheader}.  Twisted's wrapper
+(C{twisted.protocols.haproxy}) is not used: it refuses a header split over
+two reads, has no source check and no deadline, and its parsers are
+private.  The other direction (a header on backend connections) is
+L{edgeproxy.upstream.headerfirst}'s.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
-import struct
 from typing import Any
 
-from twisted.internet import address as addresses
-from twisted.internet.interfaces import IStreamClientEndpoint
-from zope.interface import implementer
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from edgeproxy.config.model import IPNetwork
+from edgeproxy.proxyheader import InvalidHeader, parseHeader, splitHeader
 
-__all__ = [
-    "HeaderFirstEndpoint",
-    "ProxyProtocolFactory",
-    "V2_SIGNATURE",
-    "header",
-    "parseHeader",
-    "requestHeader",
-    "splitHeader",
-]
-
-V1_MAX = 107
-"""RFC of the protocol, 2.1: a v1 header is at most 107 bytes."""
-V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-V2_MAX = 16 + 4096
-"""A v2 header with TLVs beyond this is refused (none we use is large)."""
-
-
-class InvalidHeader(Exception):
-    pass
-
-
-def splitHeader(data: bytes) -> tuple[bytes, bytes] | None:
-    """
-    Find a complete PROXY header at the start of C{data}.
-
-    @return: (header, the bytes after it), or L{None} when more bytes are
-        needed.
-    @raise InvalidHeader: C{data} cannot start with one.
-    """
-    if data[:1] == b"P":
-        if not b"PROXY ".startswith(data[:6]):
-            raise InvalidHeader("not a PROXY header")
-        end = data.find(b"\r\n")
-        if end == -1:
-            if len(data) >= V1_MAX:
-                raise InvalidHeader("v1 header too long")
-            return None
-        if end + 2 > V1_MAX:
-            raise InvalidHeader("v1 header too long")
-        return data[: end + 2], data[end + 2 :]
-    if data[:1] == b"\r":
-        if not V2_SIGNATURE.startswith(data[:12]):
-            raise InvalidHeader("not a PROXY header")
-        if len(data) < 16:
-            return None
-        size = 16 + struct.unpack("!H", data[14:16])[0]
-        if size > V2_MAX:
-            raise InvalidHeader("v2 header too long")
-        if len(data) < size:
-            return None
-        return data[:size], data[size:]
-    raise InvalidHeader("not a PROXY header")
-
-
-def parseHeader(header: bytes) -> tuple[Any, Any] | None:
-    """
-    The (source, destination) addresses of a complete header, or L{None}
-    for a C{LOCAL} / C{UNKNOWN} one.
-
-    @raise InvalidHeader: it is not valid (addresses checked here: Twisted's
-        parsers take any text for an address).
-    """
-    from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-    from twisted.protocols.haproxy._v1parser import V1Parser
-    from twisted.protocols.haproxy._v2parser import V2Parser
-
-    if header.startswith(b"PROXY UNKNOWN"):
-        # v1's LOCAL: whatever follows UNKNOWN is ignored (section 2.1).
-        return None
-    try:
-        if header.startswith(b"PROXY"):
-            info = V1Parser.parse(header[:-2])
-        else:
-            info = V2Parser.parse(header)
-    except (InvalidProxyHeader, KeyError, ValueError, IndexError, struct.error) as e:
-        raise InvalidHeader(type(e).__name__) from None
-    source, destination = info.source, info.destination
-    if source is None or destination is None:
-        return None
-    if not isinstance(source, (addresses.IPv4Address, addresses.IPv6Address)):
-        # A UNIX address: no client address to speak of.
-        return None
-    canonical = []
-    for found in (source, destination):
-        try:
-            parsed = ipaddress.ip_address(found.host)
-        except ValueError:
-            raise InvalidHeader("invalid address") from None
-        if (parsed.version == 4) != isinstance(found, addresses.IPv4Address):
-            raise InvalidHeader("address of the wrong family")
-        if not 0 <= found.port <= 65535:
-            raise InvalidHeader("invalid port")
-        # The text every other part of the proxy uses (2001:db8::1).
-        canonical.append(type(found)("TCP", str(parsed), found.port))
-    return canonical[0], canonical[1]
-
-
-def header(version: str, source: str, sourcePort: int, destination: str, destinationPort: int) -> bytes:
-    """
-    The header that tells a backend about a client (C{version} C{v1} or
-    C{v2}).  Source and destination of different families (an IPv6 client
-    of an IPv4 listener) are given in the source's family, the destination
-    as its unspecified address.
-    """
-    try:
-        src = ipaddress.ip_address(source)
-    except ValueError:
-        return b"PROXY UNKNOWN\r\n" if version == "v1" else V2_SIGNATURE + b"\x20\x00\x00\x00"
-    try:
-        dst = ipaddress.ip_address(destination)
-    except ValueError:
-        dst = ipaddress.ip_address("0.0.0.0" if src.version == 4 else "::")
-    if dst.version != src.version:
-        mapped = getattr(dst, "ipv4_mapped", None)
-        if src.version == 4 and mapped is not None:
-            dst = mapped
-        else:
-            dst = ipaddress.ip_address("0.0.0.0" if src.version == 4 else "::")
-            destinationPort = 0
-    if version == "v1":
-        family = b"TCP4" if src.version == 4 else b"TCP6"
-        return b"PROXY %s %s %s %d %d\r\n" % (
-            family, str(src).encode(), str(dst).encode(), sourcePort, destinationPort,
-        )
-    if src.version == 4:
-        body = socket.inet_pton(socket.AF_INET, str(src)) + socket.inet_pton(socket.AF_INET, str(dst))
-        familyByte = 0x11
-    else:
-        body = socket.inet_pton(socket.AF_INET6, str(src)) + socket.inet_pton(socket.AF_INET6, str(dst))
-        familyByte = 0x21
-    body += struct.pack("!HH", sourcePort, destinationPort)
-    return V2_SIGNATURE + bytes((0x21, familyByte)) + struct.pack("!H", len(body)) + body
+__all__ = ["ProxyProtocolFactory", "allowedSource"]
 
 
 def allowedSource(peer: Any, sources: tuple[IPNetwork, ...]) -> bool:
@@ -306,45 +169,3 @@ class ProxyProtocolFactory(WrappingFactory):
         return getattr(self.wrappedFactory, name)
 
 
-def requestHeader(version: str, request: Any) -> bytes:
-    """
-    The header that starts the backend connection of C{request}: its
-    client (after trusted proxies and the PROXY protocol of the listener)
-    and the address it connected to.  The client's port is known only
-    when the client is the connection's peer; 0 otherwise.
-    """
-    connection = request.connection
-    port = connection.peerPort if request.client == connection.peer else 0
-    return header(version, request.client, port, connection.local, connection.localPort)
-
-
-class _HeaderFirst(ProtocolWrapper):
-    """Writes the PROXY header as the connection's first bytes."""
-
-    def makeConnection(self, transport: Any) -> None:
-        transport.write(self.factory.proxyHeader)  # type: ignore[attr-defined]
-        super().makeConnection(transport)
-
-
-class _HeaderFirstFactory(WrappingFactory):
-    protocol = _HeaderFirst  # type: ignore[assignment]
-    noisy = False
-
-    def __init__(self, wrappedFactory: Any, proxyHeader: bytes) -> None:
-        super().__init__(wrappedFactory)
-        self.proxyHeader = proxyHeader
-
-
-@implementer(IStreamClientEndpoint)
-class HeaderFirstEndpoint:
-    """A client endpoint whose connection starts with a PROXY header, then
-    is the wrapped endpoint's (TLS goes on top of it)."""
-
-    def __init__(self, endpoint: Any, proxyHeader: bytes) -> None:
-        self._endpoint = endpoint
-        self._header = proxyHeader
-
-    def connect(self, protocolFactory: Any) -> Any:
-        return self._endpoint.connect(_HeaderFirstFactory(protocolFactory, self._header)).addCallback(
-            lambda wrapper: wrapper.wrappedProtocol
-        )

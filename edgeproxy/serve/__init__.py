@@ -16,7 +16,9 @@ Operating the proxy: the service that runs the process, one module per job.
   - L{supervisor <edgeproxy.serve.supervisor>}: L{Supervisor}, the process
     that runs C{workers} worker processes, with
     L{heldsockets <edgeproxy.serve.heldsockets>} (the sockets they
-    inherit), L{workerprocess <edgeproxy.serve.workerprocess>} (one worker
+    inherit), L{slots <edgeproxy.serve.slots>} (the worker processes by
+    slot: started, restarted, replaced, retired),
+    L{workerprocess <edgeproxy.serve.workerprocess>} (one worker
     seen from the supervisor) and L{aggregate <edgeproxy.serve.aggregate>}
     (the instance's C{/status} and C{/metrics}).
 """

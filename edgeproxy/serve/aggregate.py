@@ -7,7 +7,7 @@ channel (L{edgeproxy.workers}) within L{ASK_TIMEOUT}.
   - L{aggregateMetrics}: C{GET /metrics}, every worker's series summed with
     the supervisor's own (L{NOT_SUMMED} are taken from one process);
   - L{aggregateStatus}: C{GET /status}, the supervisor's document
-    (L{edgeproxy.admin.statusDocument}) completed by L{combineStatus}.
+    (L{edgeproxy.admin.status.statusDocument}) completed by L{combineStatus}.
 
 A worker that does not answer in time is left out, and the answer says so.
 """
@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, DeferredList
 
 from edgeproxy.config.model import Config
 from edgeproxy.metrics import Metrics
-from edgeproxy.serve.listeners import formatAddress
+from edgeproxy.logs import formatAddress
 from edgeproxy.workers import NoAnswer, labelled, mergeExpositions
 
 __all__ = ["ASK_TIMEOUT", "NOT_SUMMED", "aggregateMetrics", "aggregateStatus", "askAll", "combineStatus"]
@@ -134,7 +134,7 @@ def aggregateStatus(supervisor: Supervised, now: float | None = None) -> Deferre
     (C{worker_processes}; C{workers_missing} lists those that did not
     answer in time).
     """
-    from edgeproxy.admin import statusDocument
+    from edgeproxy.admin.status import statusDocument
 
     def build(result: tuple[dict[int, dict[str, Any]], list[int]]) -> dict[str, Any]:
         answers, missing = result

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import StartupError
-from edgeproxy.serve.listeners import formatAddress
+from edgeproxy.logs import formatAddress
 from edgeproxy.systemd import adoptable
 
 __all__ = ["HeldSockets"]
@@ -135,7 +135,7 @@ class HeldSockets:
         endpoint = config.proxy.admin
         if endpoint is None or self.adminPort is not None:
             return
-        from edgeproxy.admin import listenAdmin
+        from edgeproxy.admin.site import listenAdmin
 
         failures: list[Failure] = []
         ports: list[Any] = []

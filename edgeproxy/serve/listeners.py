@@ -5,8 +5,8 @@ C{[listen:NAME]}, opened at start, opened, kept or closed to match the
 configuration a reload brings (L{ListenerSet.apply}), closed at stop.
 
 Owns the server side of a port: the TLS server factory a TLS listener
-listens with (L{tlsServerFactory}) and the accepted TCP connection class
-(L{LeanServer}).  What a port serves, a listener's site, comes from the
+listens with (L{tlsServerFactory}) and the accepted TCP connection class,
+both as the process's fast paths say (L{edgeproxy._compat.fastPaths}).  What a port serves, a listener's site, comes from the
 service (L{edgeproxy.serve.sites.makeSite}); the sites of ports closed
 while their connections still run are kept for the drain.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -24,16 +23,19 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from edgeproxy._compat import fastPaths
+from edgeproxy._compat.twisted.tcp import acceptAsLeanServer
+from edgeproxy._compat.twisted.tls import EdgeTLSTransport
 from edgeproxy.config.model import Config, Listener
 from edgeproxy.errors import StartupError
+from edgeproxy.logs import formatAddress
 from edgeproxy.security.listening import clientAuthFor, proxyProtocolFactory, securityShape
 from edgeproxy.serve.sites import connectionsOf, inFlightOf, reconfigureSite
 from edgeproxy.systemd import adoptable
-from edgeproxy.tls.store import DEFAULT_PROTOCOLS, CertificateStore
-from edgeproxy.tls.transport import EdgeTLSTransport
-from edgeproxy.upstream.sending import allowDirect
+from edgeproxy.tls.contexts import DEFAULT_PROTOCOLS
+from edgeproxy.tls.store import CertificateStore
 
-__all__ = ["AdminListener", "LeanServer", "ListenerSet", "OpenListener", "formatAddress", "tlsServerFactory"]
+__all__ = ["AdminListener", "ListenerSet", "OpenListener", "tlsServerFactory"]
 
 # The lines of the single-process service: see edgeproxy.serve.service.
 log = Logger(namespace="edgeproxy.service")
@@ -135,10 +137,8 @@ class ListenerSet:
             return endpoint.listen(factory)
 
         def keep(port: IListeningPort) -> IListeningPort:
-            if getattr(port, "transport", None) is tcp.Server:
-                # tcp.Port builds each accepted connection from its
-                # transport attribute (tcp:, ssl: and adopted systemd: ports).
-                port.transport = LeanServer  # type: ignore[attr-defined]
+            if fastPaths().tcp:
+                acceptAsLeanServer(port)
             self.byName[listener.name] = OpenListener(listener, site, port)
             self._sync()
             return port
@@ -338,7 +338,7 @@ class AdminListener:
         description = self._config().proxy.admin
         if description is None or self._listening is not None:
             return
-        from edgeproxy.admin import listenAdmin
+        from edgeproxy.admin.site import listenAdmin
 
         path = self._config().path
         failures: list[Failure] = []
@@ -386,7 +386,7 @@ class AdminListener:
         if wanted is None:
             log.info("Admin listener closed (no longer configured)")
             return
-        from edgeproxy.admin import listenAdmin
+        from edgeproxy.admin.site import listenAdmin
 
         self._endpoint = wanted
         self._listening = listenAdmin(self._service, self._reactor, wanted)
@@ -402,69 +402,15 @@ class AdminListener:
             )
 
 
-def formatAddress(address: Any) -> str:
-    """
-    How a log line names a listening address: C{host:port} (IPv6 in
-    brackets), a UNIX socket's path, else the address as Twisted writes it.
-    """
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    if isinstance(name, bytes):
-        return name.decode("utf-8", "replace")
-    if isinstance(name, str):
-        return name
-    return str(address)
-
-
 def tlsServerFactory(creator: Any, site: Any, clock: Any) -> TLSMemoryBIOFactory:
     """
-    What C{wrapServerTLS} listens with, built here so that every connection
-    of the listener is an L{EdgeTLSTransport} from its first byte (not only
-    once the store's creator has met the first one) and so that the TLS
-    layer's buffered writes are scheduled on the service's own reactor.
+    What C{wrapServerTLS} listens with, built here so that the TLS layer's
+    buffered writes are scheduled on the service's own reactor and, with
+    the TLS fast paths on, so that every connection of the listener is an
+    L{EdgeTLSTransport} from its first byte (not only once the store's
+    creator has met the first one); without them, Twisted's own transport.
     """
     factory = TLSMemoryBIOFactory(creator, False, site, clock=clock)
-    factory.protocol = EdgeTLSTransport
+    if fastPaths().tls:
+        factory.protocol = EdgeTLSTransport
     return factory
-
-
-class LeanServer(tcp.Server):
-    """
-    Twisted's accepted TCP connection without two strings stored per
-    connection: its log prefix (C{logstr}) and its C{repr} (C{repstr}),
-    which C{tcp.Server.__init__} formats for every connection and keeps,
-    are made when asked for.  They are asked for rarely: C{logPrefix()} by
-    Twisted's legacy log context, which
-    L{edgeproxy.tuning.tuneEventDispatch} no longer sets up per event, and
-    C{repr()} in debugging.  The text is the same as Twisted's, with the
-    protocol the connection has at the time of asking.
-    """
-
-    @property  # type: ignore[override]
-    def logstr(self) -> str:
-        protocol = getattr(self, "protocol", None)
-        prefix = "-" if protocol is None else self._getLogPrefix(protocol)
-        return f"{prefix},{self.sessionno},{self.hostname}"
-
-    @logstr.setter
-    def logstr(self, value: str) -> None:
-        # tcp.Server.__init__ assigns it; it is made again when asked for.
-        pass
-
-    @property  # type: ignore[override]
-    def repstr(self) -> str:
-        protocol = getattr(self, "protocol", None)
-        port = getattr(self.server, "_realPortNumber", "?")
-        return f"<{type(protocol).__name__} #{self.sessionno} on {port}>"
-
-    @repstr.setter
-    def repstr(self, value: str) -> None:
-        pass
-
-
-
-# Sends a complete response straight to the socket too (see writeNow).
-allowDirect(LeanServer)

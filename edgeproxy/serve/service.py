@@ -55,6 +55,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from edgeproxy import logs
+from edgeproxy._compat import decideFastPaths, useFastPaths
 from edgeproxy.accesslog import AccessLog
 from edgeproxy.config import load
 from edgeproxy.config.model import Config, Listener
@@ -164,7 +165,7 @@ class EdgeService(MultiService):
         succeeds (L{edgeproxy.serve.reload.refusalStatus})."""
         self.startedAt = reactor.seconds()
         self.admin = AdminListener(self, reactor, lambda: self.config)
-        from edgeproxy.admin import stateSamples
+        from edgeproxy.admin.status import stateSamples
 
         # The gauges of /metrics are read from this service at each scrape.
         self.metrics.setStateSource(lambda: stateSamples(self))
@@ -266,6 +267,10 @@ class EdgeService(MultiService):
     def _listen(self) -> None:
         if self._listening is not None:
             return
+        if self._installSignalHandlers:
+            # Process-wide, so only for the process's own service (as the
+            # signal handlers), and before anything is built with them.
+            self._useFastPaths()
         # Said before READY=1, so that it is in the log once systemd (or a
         # test) sees the service started.
         self._warnAtStart()
@@ -297,6 +302,12 @@ class EdgeService(MultiService):
             # say the start failed (the unit's Restart= depends on it).
             self._reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self._reactor.stop()
+
+    def _useFastPaths(self) -> None:
+        """Decide the process's fast paths (L{edgeproxy._compat}), once, and say which."""
+        decision = decideFastPaths(self.config.proxy.fast_paths)
+        useFastPaths(decision)
+        log.info("Fast paths {summary} ({why})", summary=decision.summary, why=decision.why)
 
     def _warnAtStart(self) -> None:
         self._warnInsecure()
@@ -457,6 +468,11 @@ class EdgeService(MultiService):
                 "[edgeproxy] workers = {workers}: takes effect at the next restart"
                 " (this process serves on alone)",
                 workers=config.proxy.workers,
+            )
+        if config.proxy.fast_paths != self.config.proxy.fast_paths:
+            log.warn(
+                "[edgeproxy] fast_paths = {value}: takes effect at the next restart",
+                value=config.proxy.fast_paths,
             )
         self.config = config
         self.runtime = runtime

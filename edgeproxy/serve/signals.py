@@ -35,6 +35,8 @@ from typing import Any
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
+from edgeproxy._compat.twisted.reactor import forgetExitSignal
+
 __all__ = ["ProcessSignals"]
 
 
@@ -175,7 +177,4 @@ class ProcessSignals:
         arrived before L{takeOverTermination}, or a C{SIGINT} left to the
         reactor).
         """
-        # ReactorBase._exitSignal, which twistd re-raises on itself once
-        # the reactor stopped (tests/test_signals.py checks it is there).
-        if getattr(self._reactor, "_exitSignal", None) is not None:
-            self._reactor._exitSignal = None
+        forgetExitSignal(self._reactor)

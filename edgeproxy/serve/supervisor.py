@@ -19,8 +19,10 @@ The supervisor also:
     worker's number (C{[worker 2 edgeproxy.service#info]});
   - restarts a worker that dies (logged with its exit status or signal),
     at once after a long healthy run, else with a growing delay; a worker
-    that cannot start L{MAX_START_ATTEMPTS} times in a row stops the
-    supervisor with status 1;
+    that cannot start
+    L{MAX_START_ATTEMPTS <edgeproxy.serve.slots.MAX_START_ATTEMPTS>} times
+    in a row stops the supervisor with status 1 (the worker processes, by
+    slot: L{edgeproxy.serve.slots});
   - forwards C{SIGHUP} to every worker (each reloads itself) and reloads
     its own view (configuration, health checks);
   - is the only process talking to systemd: C{READY=1} once every worker
@@ -53,7 +55,8 @@ from edgeproxy.serve.aggregate import aggregateMetrics, aggregateStatus
 from edgeproxy.serve.heldsockets import HeldSockets
 from edgeproxy.serve.reload import checked, discard, refusalStatus, refused, storeFor
 from edgeproxy.serve.signals import ProcessSignals
-from edgeproxy.serve.workerprocess import WorkerProcess, describeExit, workerCommand
+from edgeproxy.serve.slots import WorkerSlots
+from edgeproxy.serve.workerprocess import WorkerProcess, describeExit
 from edgeproxy.systemd import Notifier
 from edgeproxy.tls.store import CertificateStore
 from edgeproxy.upstream.backend import Backend
@@ -61,24 +64,6 @@ from edgeproxy.upstream.backend import Backend
 # The namespace operators see and filter on ("[edgeproxy.supervisor#info]", docs/operations.rst):
 # it names the job, and stays when the module moves.
 log = Logger(namespace="edgeproxy.supervisor")
-
-MAX_START_ATTEMPTS = 5
-"""Starts in a row that may fail (exit or hang before ready) before the
-supervisor gives up."""
-
-STABLE_AFTER = 10.0
-"""Seconds after which a running worker counts as healthy: when it dies
-later, it is restarted at once and its failure count starts over."""
-
-RESTART_DELAY = 0.5
-"""Delay before restarting a worker after its first quick failure; it
-doubles with each further quick failure, up to L{MAX_RESTART_DELAY}."""
-
-MAX_RESTART_DELAY = 30.0
-
-READY_TIMEOUT = 60.0
-"""Seconds a worker has to report itself ready before it is killed (and
-counted as a failed start)."""
 
 STOP_MARGIN = 5.0
 """Seconds a worker gets beyond C{shutdown_timeout} to exit on SIGTERM
@@ -95,7 +80,7 @@ class Supervisor(MultiService):
         listener (L{HeldSockets}).
     @ivar signals: the process signals (L{ProcessSignals}), installed only
         with C{installSignalHandlers}.
-    @ivar workers: slot number -> the running worker process, if any.
+    @ivar slots: the worker processes, by slot (L{WorkerSlots}).
     @ivar exitCode: 1 once a fatal problem stopped the supervisor.
     @ivar ready: fires once every worker reported itself ready.
     """
@@ -115,33 +100,21 @@ class Supervisor(MultiService):
         self._reactor = reactor
         self.notifier = notifier if notifier is not None else Notifier()
         self._installSignalHandlers = installSignalHandlers
-        self._publisher = publisher
-        self._executable = executable
         self.sockets = HeldSockets(reactor, lambda: self.config, self)
-        self.workers: dict[int, WorkerProcess] = {}
-        self._failures: dict[int, int] = {}
-        self._startFailures: dict[int, int] = {}
-        self._restarts: dict[int, Any] = {}
-        self._readyTimers: dict[int, Any] = {}
+        self.slots = WorkerSlots(self, reactor, executable, publisher)
         self._everReady: set[int] = set()
         self._stopping: Deferred[None] | None = None
         self.signals = ProcessSignals(
             reactor,
             log,
             reload=self.reload,
-            stopping=lambda: self._stopping is not None,
+            stopping=lambda: self.stopping,
             draining="stopping the workers",
             forcing="the workers abort what is still in flight",
             onForce=self._forceWorkers,
             keepCatching=True,
         )
         self._reloadPending: set[int] = set()
-        # Workers of slots removed by a reload (workers lowered): they drain
-        # and are not restarted.
-        self._retiring: set[WorkerProcess] = set()
-        # Slot -> the worker a new one replaces (new sockets after a
-        # reload); it drains once its replacement is ready.
-        self._replacing: dict[int, WorkerProcess] = {}
         self._socketsChanged = False
         self.exitCode = 0
         self.ready: Deferred[None] = Deferred()
@@ -173,7 +146,7 @@ class Supervisor(MultiService):
         self.runtime = Runtime.build(config, reactor, metrics=self.metrics, activeChecks=True)
         self._observe(self.runtime)
         self._runtimeStarted = False
-        from edgeproxy.admin import stateSamples
+        from edgeproxy.admin.status import stateSamples
 
         self.metrics.setStateSource(lambda: stateSamples(self))
 
@@ -196,6 +169,16 @@ class Supervisor(MultiService):
         """Number of worker processes."""
         return self.config.proxy.workers
 
+    @property
+    def workers(self) -> dict[int, WorkerProcess]:
+        """Slot number -> the running worker process, if any."""
+        return self.slots.workers
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the supervisor is stopping (no restart, no reload)."""
+        return self._stopping is not None
+
     # Start -------------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
@@ -216,8 +199,8 @@ class Supervisor(MultiService):
             self.signals.installHangup()
             self.signals.installTermination()
         for number in range(1, self.count + 1):
-            if number not in self.workers and number not in self._restarts:
-                self._spawn(number)
+            if not self.slots.taken(number):
+                self.slots.spawn(number)
 
     def _openOrExit(self) -> None:
         if self.ports:
@@ -228,47 +211,17 @@ class Supervisor(MultiService):
             log.critical("{message}; exiting", message=str(e))
             raise SystemExit(1) from e
 
-    def _spawn(self, number: int) -> None:
-        self._restarts.pop(number, None)
-        command = workerCommand(self._executable, self.config.path, number, self.sockets.inherited())
-        worker = WorkerProcess(self, number, command.controlFd, self._publisher)
-        self.workers[number] = worker
-        try:
-            self._reactor.spawnProcess(
-                worker,
-                self._executable,
-                command.args,
-                env=command.env,
-                path=os.getcwd(),
-                childFDs=command.childFDs,
-            )
-        except Exception as e:
-            del self.workers[number]
-            log.error("worker {number}: cannot start: {error}", number=number, error=str(e))
-            self._afterFailure(number, ready=False, why=str(e))
-            return
-        log.info("worker {number} started (pid {pid})", number=number, pid=worker.pid)
-        # What the worker reads before it accepts its first connection
-        # (edgeproxy.worker.readInitialState).
-        for message in self.verdicts():
-            worker.send(message)
+    def initialState(self) -> list[dict[str, Any]]:
+        """
+        What a starting worker reads before it accepts its first connection
+        (L{edgeproxy.worker.readInitialState}): every backend's state, the
+        ACME challenges and certificates, then the end of it.
+        """
+        messages = self.verdicts()
         if self.workersACME is not None:
-            for message in self.workersACME.initialState():
-                worker.send(message)
-        worker.send({"op": "state-end"})
-        self._readyTimers[number] = self._reactor.callLater(READY_TIMEOUT, self._notReady, worker)
-
-    def _notReady(self, worker: WorkerProcess) -> None:
-        self._readyTimers.pop(worker.number, None)
-        if worker.ready or self.workers.get(worker.number) is not worker:
-            return
-        log.error(
-            "worker {number} (pid {pid}) not ready after {timeout}s: killing it",
-            number=worker.number,
-            pid=worker.pid,
-            timeout=READY_TIMEOUT,
-        )
-        worker.signal("KILL")
+            messages.extend(self.workersACME.initialState())
+        messages.append({"op": "state-end"})
+        return messages
 
     # What workers say ----------------------------------------------------------
 
@@ -277,12 +230,7 @@ class Supervisor(MultiService):
         if self.workers.get(worker.number) is not worker:
             return
         if fields.get("READY") == "1":
-            timer = self._readyTimers.pop(worker.number, None)
-            if timer is not None and timer.active():
-                timer.cancel()
-            first = not worker.ready
-            worker.ready = True
-            self._startFailures[worker.number] = 0
+            first = self.slots.ready(worker)
             self.workerReady(worker, first)
         if fields.get("ERRNO") and "STATUS" in fields:
             log.error(
@@ -298,14 +246,7 @@ class Supervisor(MultiService):
         """
         if first:
             log.info("worker {number} (pid {pid}) ready", number=worker.number, pid=worker.pid)
-            replaced = self._replacing.pop(worker.number, None)
-            if replaced is not None:
-                log.info(
-                    "worker {number} (pid {pid}) replaced: draining",
-                    number=worker.number,
-                    pid=replaced.pid,
-                )
-                replaced.signal("TERM")
+            self.slots.retireReplaced(worker.number)
         # Started or reloaded, its pools may be new: they get every
         # backend's state before anything else.
         for message in self.verdicts():
@@ -324,17 +265,9 @@ class Supervisor(MultiService):
     def workerEnded(self, worker: WorkerProcess, reason: Failure) -> None:
         """The process of C{worker} is gone: log it, restart it unless stopping."""
         number = worker.number
-        if worker in self._retiring:
-            self._retiring.discard(worker)
-            if self.workers.get(number) is worker:
-                del self.workers[number]
+        if self.slots.ended(worker):
             log.info("worker {number} (pid {pid}) {how}", number=number, pid=worker.pid, how=describeExit(reason))
             return
-        if self.workers.get(number) is worker:
-            del self.workers[number]
-        timer = self._readyTimers.pop(number, None)
-        if timer is not None and timer.active():
-            timer.cancel()
         how = describeExit(reason)
         if self._stopping is not None:
             log.info("worker {number} (pid {pid}) {how}", number=number, pid=worker.pid, how=how)
@@ -353,28 +286,7 @@ class Supervisor(MultiService):
             exitStatus=getattr(reason.value, "exitCode", None),
             exitSignal=getattr(reason.value, "signal", None),
         )
-        healthy = worker.ready and self.clock.seconds() - worker.startedAt >= STABLE_AFTER
-        self._afterFailure(number, ready=worker.ready, why=how, healthy=healthy)
-
-    def _afterFailure(self, number: int, ready: bool, why: str, healthy: bool = False) -> None:
-        if self._stopping is not None:
-            return
-        if not ready:
-            self._startFailures[number] = self._startFailures.get(number, 0) + 1
-            if self._startFailures[number] >= MAX_START_ATTEMPTS:
-                self.fatal(
-                    f"worker {number} could not start {MAX_START_ATTEMPTS} times in a row "
-                    f"(last: {why}; its log lines above say why)"
-                )
-                return
-        if healthy:
-            self._failures[number] = 0
-            delay = 0.0
-        else:
-            self._failures[number] = self._failures.get(number, 0) + 1
-            delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** (self._failures[number] - 1))
-        log.info("worker {number}: restarting in {delay}s", number=number, delay=delay)
-        self._restarts[number] = self._reactor.callLater(delay, self._spawn, number)
+        self.slots.restartAfter(worker, how)
 
     def fatal(self, message: str) -> None:
         """Stop everything and make the process exit with status 1."""
@@ -443,7 +355,7 @@ class Supervisor(MultiService):
     def _forceWorkers(self) -> None:
         # A second signal is passed on: each worker's own second signal
         # aborts what it still has in flight.
-        for worker in list(self.workers.values()) + list(self._retiring):
+        for worker in list(self.workers.values()) + list(self.slots.retiring):
             worker.signal("TERM")
 
     def reload(self) -> None:
@@ -467,10 +379,10 @@ class Supervisor(MultiService):
             self._socketsChanged = False
             self._reloadPending = {
                 number for number, worker in before.items()
-                if self.workers.get(number) is worker and worker not in self._retiring
+                if self.workers.get(number) is worker and worker not in self.slots.retiring
             }
             for number in sorted(self._reloadPending):
-                self._replace(number)
+                self.slots.replace(number)
         else:
             self._reloadPending = {number for number, worker in self.workers.items() if worker.ready}
             for number in sorted(self._reloadPending):
@@ -478,21 +390,6 @@ class Supervisor(MultiService):
         if not self._reloadPending and self.ready.called:
             # (Before the start is complete, READY=1 waits for the workers.)
             self.notifier.ready(status=self._status())
-
-    def _replace(self, number: int) -> None:
-        old = self.workers[number]
-        self._retiring.add(old)
-        previous = self._replacing.pop(number, None)
-        if previous is not None:
-            # Replaced twice before the first replacement was ready.
-            previous.signal("TERM")
-        self._replacing[number] = old
-        log.info(
-            "worker {number} (pid {pid}) is replaced by a worker with the new sockets",
-            number=number,
-            pid=old.pid,
-        )
-        self._spawn(number)
 
     def reloadOwnView(self) -> bool:
         """
@@ -547,21 +444,8 @@ class Supervisor(MultiService):
         if self.sockets.reload(old, config):
             self._socketsChanged = True
         if config.proxy.workers != old.proxy.workers:
-            self._resize(old.proxy.workers, config.proxy.workers)
+            self.slots.resize(old.proxy.workers, config.proxy.workers)
         return True
-
-    def _resize(self, before: int, after: int) -> None:
-        log.info("workers: {before} -> {after}", before=before, after=after)
-        for number in range(after + 1, before + 1):
-            call = self._restarts.pop(number, None)
-            if call is not None and call.active():
-                call.cancel()
-            worker = self.workers.get(number)
-            if worker is not None:
-                self._retiring.add(worker)
-                worker.signal("TERM")
-        for number in range(before + 1, after + 1):
-            self._spawn(number)
 
     # Stop ----------------------------------------------------------------------
 
@@ -580,17 +464,13 @@ class Supervisor(MultiService):
         self.notifier.stopping()
         if self.workersACME is not None:
             self.workersACME.stop()
-        for call in list(self._restarts.values()) + list(self._readyTimers.values()):
-            if call.active():
-                call.cancel()
-        self._restarts = {}
-        self._readyTimers = {}
+        self.slots.cancelTimers()
         running = list(self.workers.values())
         log.info("Stopping: {count} worker(s) drain their requests", count=len(running))
         # The workers have their own copies: closing these makes the
         # kernel refuse connections once the last worker closed its own.
         await self.sockets.closeAll()
-        running += [worker for worker in self._retiring if worker not in running]
+        running += [worker for worker in self.slots.retiring if worker not in running]
         for worker in running:
             worker.signal("TERM")
         timeout = self.config.proxy.shutdown_timeout + STOP_MARGIN

@@ -26,7 +26,6 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported by twisted.internet.ssl
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -37,13 +36,14 @@ from twisted.internet.ssl import (
 )
 from zope.interface import implementer
 
+from edgeproxy._compat.twisted import IOpenSSLTrustRoot  # not re-exported by twisted.internet.ssl
 from edgeproxy.config.model import Server, Upstream
 from edgeproxy.tls.certs import (
     CertificateEntry,
     loadEntry,
-    pairedKeyPath,
     readCertificates,
 )
+from edgeproxy.tls.layout import pairedKeyPath
 
 UPSTREAM_PROTOCOLS: tuple[bytes, ...] = (b"http/1.1",)
 """ALPN offered to backends."""

@@ -9,13 +9,6 @@ L{twisted.internet.endpoints.wrapServerTLS}.  A reload builds a complete new
 snapshot and rebinds one attribute; a connection keeps the context it was
 handed, so open connections are never disturbed.
 
-Why contexts are built here rather than by C{CertificateOptions}:
-pyOpenSSL refuses to change a context once a connection used it, and
-C{CertificateOptions.getContext} sets the cipher list (which creates a
-connection) before we could install our own ALPN and servername callbacks.
-Building the few settings ourselves keeps every knob in one function,
-L{_makeContext}.
-
 Session resumption.  pyOpenSSL 26 (on OpenSSL 4) exposes no way to set
 session-ticket keys (no C{SSL_CTX_set_tlsext_ticket_keys}, no ticket key
 callback in the cffi bindings), but OpenSSL gives every new C{SSL_CTX} fresh
@@ -46,129 +39,41 @@ OCSP stapling: a context of a certificate naming an OCSP responder answers
 a client's status request with what L{CertificateStore.ocsp} (an
 L{edgeproxy.tls.ocsp.OCSPStapler}) holds for it at that handshake, so a
 refreshed response needs no new context.
+
+The pieces: L{edgeproxy.tls.contexts} builds the contexts (the TLS policy,
+the callbacks, the challenge contexts), L{edgeproxy.tls.connections} the
+connections and the listeners' creator, L{edgeproxy.tls.waiting} the
+transports that hold a ClientHello for an on-demand certificate, and
+L{edgeproxy.tls.clientcerts} the contexts of listeners with
+C{client_ca}.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Sequence
 
 from OpenSSL import SSL
-from OpenSSL._util import lib as _opensslLib
-from twisted.internet.interfaces import (
-    IOpenSSLServerConnectionCreator,
-    IProtocolNegotiationFactory,
-    IReactorTime,
-)
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
 from twisted.logger import Logger
-from zope.interface import implementer
 
-from edgeproxy.config.model import TLSSettings, TLSVersion
-from edgeproxy.errors import CertificateError
-from edgeproxy.tls.certs import CertificateEntry, CertificateSet, loadCertificates
-from edgeproxy.tls.clienthello import NEED_MORE, ClientHello, parseClientHello
-from edgeproxy.tls.transport import EdgeTLSTransport, _releaseDrained, _releaseDrainedReceive, adopt
-
-DEFAULT_PROTOCOLS: tuple[bytes, ...] = (b"h2", b"http/1.1")
-"""ALPN protocols offered by default, in server preference order."""
-
-ACME_TLS_1 = b"acme-tls/1"
-"""RFC 8737 §6.2: the ALPN protocol of TLS-ALPN-01 validation."""
-
-
-def _selectACMEProtocol(connection: SSL.Connection, offered: list[bytes]) -> bytes:
-    # RFC 8737 §3: the validation is the handshake; the transport closes
-    # the connection as soon as it is done (EdgeTLSTransport).
-    connection.closeAfterHandshake = True  # type: ignore[attr-defined]
-    return ACME_TLS_1
-
-
-def _ocspURL(entry: CertificateEntry) -> str | None:
-    from edgeproxy.tls.ocsp import responderURL
-
-    return responderURL(entry.certificate)
-
-# Mozilla "intermediate" (Server Side TLS 5.x): forward secret AEAD suites
-# only for TLS 1.2; TLS 1.3 suites are all AEAD already.
-_TLS12_CIPHERS = (
-    b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+from edgeproxy._compat import fastPaths
+from edgeproxy.config.model import TLSSettings
+from edgeproxy.tls.certs import CertificateEntry, CertificateSet
+from edgeproxy.tls.clientcerts import ClientContexts
+from edgeproxy.tls.connections import CONNECTIONS, ServerConnectionCreator
+from edgeproxy.tls.contexts import (
+    ACME_TLS_1,
+    DEFAULT_PROTOCOLS,
+    Front,
+    Policy,
+    Snapshot,
+    challengeContext,
+    makeContext,
 )
-_TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
-# The hybrid post-quantum group first where this OpenSSL has it (3.5+),
-# then Mozilla's classic list.
-_GROUP_LISTS = (
-    b"X25519MLKEM768:X25519:prime256v1:secp384r1",
-    b"X25519:prime256v1:secp384r1",
-)
-# One session id context for every context of every snapshot.  OpenSSL
-# refuses to resume a session whose id context differs from the connection's;
-# a single value keeps that check from ever depending on which certificate's
-# context (or which reload) made the session.  Twisted's CertificateOptions
-# uses a random one per context, which is why we do not use it here.
-_SESSION_ID_CONTEXT = b"edgeproxy"
-
-_MIN_VERSIONS = {
-    TLSVersion.TLSv1_2: SSL.TLS1_2_VERSION,
-    TLSVersion.TLSv1_3: SSL.TLS1_3_VERSION,
-}
-
-
-def _setGroups(context: SSL.Context) -> bytes:
-    """
-    Restrict the key exchange groups.  pyOpenSSL has no public API for
-    C{SSL_CTX_set1_groups_list}, so this is the one place that calls the
-    binding directly; C{tests.test_tls_store} checks the negotiated group so
-    a change in the binding shows up there.
-
-    @return: the list that was accepted.
-    """
-    for groups in _GROUP_LISTS:
-        if _opensslLib.SSL_CTX_set1_curves_list(context._context, groups) == 1:
-            return groups
-    # Reported by _makeContext like any other OpenSSL refusal.
-    raise SSL.Error([("edgeproxy", "_setGroups", "no supported key exchange group")])
-
-
-@dataclass(frozen=True, slots=True)
-class _Policy:
-    """The settings every context of a store shares (not the certificates)."""
-
-    minVersion: TLSVersion
-    ticketLifetime: float
-    """Seconds; 0 or less disables session tickets."""
-
-    @classmethod
-    def fromSettings(cls, settings: TLSSettings) -> _Policy:
-        return cls(settings.min_version, settings.session_ticket_rotation)
-
-
-@dataclass(frozen=True, slots=True)
-class _Snapshot:
-    certificates: CertificateSet
-    contexts: dict[str, SSL.Context]
-    """Served name (lower case, C{*.suffix} for wildcards) to context."""
-    default: SSL.Context
-    policy: _Policy
-    files: CertificateSet
-    """The certificates of C{[tls]} alone (C{certificates} adds the
-    managed ones)."""
-    built: dict[int, SSL.Context]
-    """C{id(entry)} -> its context, for every entry of C{certificates}
-    (reused by the next snapshot when the entry is still served)."""
-    clientContexts: dict[tuple[int, str, str], SSL.Context] = field(default_factory=dict)
-    """(C{id} of a context of C{built}, client CA key, level) -> the same
-    certificate asking for client certificates (made at first use)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Front:
-    context: SSL.Context
-    builtAt: float
-    policy: _Policy
+from edgeproxy.tls.layout import loadCertificates
 
 
 # The connections whose client asked for a name no certificate covers (and
@@ -204,9 +109,9 @@ class CertificateStore:
         """
         self._settings = settings
         self._clock = clock
-        self._snapshot: _Snapshot | None = None
-        self._front: _Front | None = None
-        self._clientFronts: dict[str, _Front] = {}
+        self._snapshot: Snapshot | None = None
+        self._front: Front | None = None
+        self._clients = ClientContexts(self, clock)
         self._managed: tuple[CertificateEntry, ...] = ()
         self._challenges: dict[str, SSL.Context] = {}
         self.ocsp: Any = None
@@ -252,7 +157,7 @@ class CertificateStore:
             settings = self._settings
         now = self._clock.seconds()
         files = loadCertificates(settings, now=now)
-        snapshot = self._build(files, self._managed, _Policy.fromSettings(settings))
+        snapshot = self._build(files, self._managed, Policy.fromSettings(settings))
         # The swap: one rebind each, nothing can fail after this point.
         self._snapshot = snapshot
         self._settings = settings
@@ -290,9 +195,9 @@ class CertificateStore:
         self,
         files: CertificateSet,
         managed: tuple[CertificateEntry, ...],
-        policy: _Policy,
-        previous: _Snapshot | None = None,
-    ) -> _Snapshot:
+        policy: Policy,
+        previous: Snapshot | None = None,
+    ) -> Snapshot:
         certificates = CertificateSet(files.entries + managed)
         if previous is None and self._snapshot is not None and self._snapshot.policy == policy:
             previous = self._snapshot
@@ -303,10 +208,10 @@ class CertificateStore:
         for entry in certificates.entries:
             key = id(entry)
             context = reusable.get(key) if key in served else None
-            built[key] = context if context is not None else self._makeContext(entry, policy)
+            built[key] = context if context is not None else self.buildContext(entry, policy)
         for name, entry in certificates.byName().items():
             contexts[name] = built[id(entry)]
-        return _Snapshot(
+        return Snapshot(
             certificates=certificates,
             contexts=contexts,
             default=built[id(certificates.default)],
@@ -339,24 +244,10 @@ class CertificateStore:
         contexts: dict[str, SSL.Context] = {}
         for name, challenge in challenges.items():
             try:
-                contexts[name.lower()] = self._challengeContext(challenge)
+                contexts[name.lower()] = challengeContext(challenge)
             except Exception:
                 self.log.failure("cannot present the TLS-ALPN-01 challenge of {name}", name=name)
         self._challenges = contexts
-
-    def _challengeContext(self, challenge: Any) -> SSL.Context:
-        from cryptography import x509
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-        context = SSL.Context(SSL.TLS_METHOD)
-        context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
-        context.use_certificate(x509.load_pem_x509_certificate(challenge.certificatePEM))
-        context.use_privatekey(load_pem_private_key(challenge.keyPEM, password=None))  # type: ignore[arg-type]
-        context.check_privatekey()
-        context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-        context.set_alpn_select_callback(_selectACMEProtocol)
-        return context
 
     def warnExpiring(self, now: float | None = None) -> list[CertificateEntry]:
         """
@@ -434,17 +325,22 @@ class CertificateStore:
             isinstance(p, bytes) and 0 < len(p) < 256 for p in protocols
         ):
             raise ValueError(f"invalid ALPN protocol list: {acceptableProtocols!r}")
-        return _ServerConnectionCreator(self, protocols, clientAuth)
+        return ServerConnectionCreator(self, protocols, clientAuth)
 
-    def _connectionFor(self, protocols: tuple[bytes, ...], clientAuth: Any = None) -> SSL.Connection:
+    def connectionFor(self, protocols: tuple[bytes, ...], clientAuth: Any = None) -> SSL.Connection:
+        """
+        A new server connection of a listener offering C{protocols} (the
+        creator's C{serverConnectionForTLS}).
+        """
         if clientAuth is not None:
-            return self._clientConnectionFor(protocols, clientAuth)
-        connection = _ServerConnection(self._frontContext(), None)
+            return self._clients.connectionFor(protocols, clientAuth)
+        # Only while a TLS-ALPN-01 challenge is pending: read the
+        # ClientHello before OpenSSL does (see the module docstring).
+        readHello = bool(self._challenges)
+        connection = CONNECTIONS[fastPaths().tls, readHello](self._frontContext(), None)
         if protocols != DEFAULT_PROTOCOLS:
             connection.acceptableProtocols = protocols
-        if self._challenges:
-            # Only while a TLS-ALPN-01 challenge is pending: read the
-            # ClientHello before OpenSSL does (see the module docstring).
+        if readHello:
             connection.helloBuffer = b""
         return connection
 
@@ -459,142 +355,27 @@ class CertificateStore:
             raise RuntimeError("TLS connection before CertificateStore.load()")
         now = self._clock.seconds()
         front = self._front
-        if (
-            front is None
-            or front.policy != snapshot.policy
-            or (
-                snapshot.policy.ticketLifetime > 0
-                and now - front.builtAt >= snapshot.policy.ticketLifetime
-            )
-        ):
-            context = self._makeContext(snapshot.certificates.default, snapshot.policy)
-            front = self._front = _Front(context, now, snapshot.policy)
+        if front is None or front.outlived(snapshot.policy, now):
+            context = self.buildContext(snapshot.certificates.default, snapshot.policy)
+            front = self._front = Front(context, now, snapshot.policy)
         return front.context
 
-    # Client certificates (edgeproxy.security.listening) ------------------
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The snapshot being served; L{None} before the first L{load}."""
+        return self._snapshot
 
-    def _clientConnectionFor(self, protocols: tuple[bytes, ...], clientAuth: Any) -> SSL.Connection:
-        """
-        A connection of a listener with C{client_ca}: it starts on a front
-        context of that CA's own (its own session-ticket keys), and the
-        servername callback picks the certificate's context at the name's
-        level (L{_selectClientContext}).
-        """
-        connection = _ServerConnection(self._clientFront(clientAuth), None)
-        connection.clientAuth = clientAuth  # type: ignore[attr-defined]
-        if protocols != DEFAULT_PROTOCOLS:
-            connection.acceptableProtocols = protocols
-        # OpenSSL looks a resumed session's session-ID context up before
-        # the servername callback runs: the context of the name's level is
-        # set from the ClientHello, read before OpenSSL reads it.  A hello
-        # that cannot be read leaves the front context, whose session-ID
-        # context no session ever gets (nothing is resumed).
-        connection.helloBuffer = b""
-        connection.onHello = self._clientHello  # type: ignore[attr-defined]
-        return connection
-
-    def _clientHello(self, connection: SSL.Connection, hello: ClientHello) -> None:
-        clientAuth = getattr(connection, "clientAuth", None)
-        if clientAuth is not None:
-            name = hello.serverName.encode("ascii") if hello.serverName else None
-            context = self._clientContextFor(name, clientAuth)
-            if context is not None:
-                connection.set_context(context)
-
-    def _clientFront(self, clientAuth: Any) -> SSL.Context:
-        snapshot = self._snapshot
-        if snapshot is None:
-            raise RuntimeError("TLS connection before CertificateStore.load()")
-        now = self._clock.seconds()
-        fronts = self._clientFronts
-        front = fronts.get(clientAuth.key)
-        if (
-            front is None
-            or front.policy != snapshot.policy
-            or (
-                snapshot.policy.ticketLifetime > 0
-                and now - front.builtAt >= snapshot.policy.ticketLifetime
-            )
-        ):
-            context = self._makeContext(
-                snapshot.certificates.default, snapshot.policy, clientAuth, "front"
-            )
-            front = fronts[clientAuth.key] = _Front(context, now, snapshot.policy)
-        return front.context
-
-    def _selectClientContext(self, connection: SSL.Connection, clientAuth: Any) -> None:
-        name = connection.get_servername()
-        context = self._clientContextFor(name, clientAuth)
-        if context is None:
-            return
-        connection.set_context(context)
-        # OpenSSL copies the verify mode into the connection when it is
-        # made, not when its context is switched.
-        connection.set_verify(clientAuth.verifyMode(clientAuth.levelFor(name)))
-
-    def _clientContextFor(self, name: bytes | None, clientAuth: Any) -> SSL.Context | None:
-        base = self.lookup(name)
-        snapshot = self._snapshot
-        if base is None or snapshot is None:
-            return None
-        level = clientAuth.levelFor(name)
-        key = (id(base), clientAuth.key, level)
-        context = snapshot.clientContexts.get(key)
-        if context is None:
-            entry = next(
-                (e for e in snapshot.certificates.entries if snapshot.built.get(id(e)) is base),
-                snapshot.certificates.default,
-            )
-            context = snapshot.clientContexts[key] = self._makeContext(
-                entry, snapshot.policy, clientAuth, level
-            )
-        return context
-
-    def _makeContext(
-        self, entry: CertificateEntry, policy: _Policy, clientAuth: Any = None, level: str = ""
+    def buildContext(
+        self, entry: CertificateEntry, policy: Policy, clientAuth: Any = None, level: str = ""
     ) -> SSL.Context:
-        try:
-            context = SSL.Context(SSL.TLS_METHOD)
-            context.set_min_proto_version(_MIN_VERSIONS[policy.minVersion])
-            options = (
-                SSL.OP_NO_COMPRESSION  # CRIME
-                | SSL.OP_NO_RENEGOTIATION  # RFC 8446 has none; TLS 1.2 needs none
-            )
-            if policy.ticketLifetime <= 0:
-                options |= SSL.OP_NO_TICKET
-            context.set_options(options)
-            context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-            context.use_certificate(entry.certificate)
-            context.use_privatekey(entry.key)
-            for certificate in entry.chain:
-                context.add_extra_chain_cert(certificate)
-            context.check_privatekey()
-            context.set_session_id(_SESSION_ID_CONTEXT)
-            if clientAuth is not None:
-                clientAuth.configure(context, level)
-            context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-            if policy.ticketLifetime > 0:
-                # RFC 8446 §4.6.1 ticket_lifetime / RFC 5077 lifetime hint.
-                context.set_timeout(max(1, int(policy.ticketLifetime)))
-            _setGroups(context)
-            context.set_tls13_ciphersuites(_TLS13_SUITES)
-            if self._settings.ocsp_stapling and _ocspURL(entry) is not None:
-                # Read at each handshake that asks for it: a refreshed
-                # response needs no new context.
-                context.set_ocsp_server_callback(self._staple, entry)
-            context.set_tlsext_servername_callback(self._selectContext)
-            context.set_alpn_select_callback(self._selectProtocol)
-            # Last: pyOpenSSL may create a connection to check the list,
-            # after which the context cannot change any more.
-            context.set_cipher_list(_TLS12_CIPHERS)
-        except SSL.Error as e:
-            raise CertificateError(
-                f"OpenSSL refused the certificate or key: {e}",
-                file=entry.path,
-                section="tls",
-                key="default" if entry.isDefault else "certificates",
-            )
-        return context
+        """
+        The context of C{entry} under C{policy}, with this store's callbacks
+        (L{edgeproxy.tls.contexts.makeContext}).
+
+        @raise CertificateError: OpenSSL refused the certificate or key.
+        """
+        staple = self._staple if self._settings.ocsp_stapling else None
+        return makeContext(entry, policy, self._selectContext, staple, clientAuth, level)
 
     def _selectContext(self, connection: SSL.Connection) -> None:
         """
@@ -605,7 +386,7 @@ class CertificateStore:
         try:
             clientAuth = getattr(connection, "clientAuth", None)
             if clientAuth is not None:
-                self._selectClientContext(connection, clientAuth)
+                self._clients.select(connection, clientAuth)
                 return
             name = connection.get_servername()
             hello = getattr(connection, "clientHello", None)
@@ -642,205 +423,3 @@ class CertificateStore:
         host = name.decode("ascii", "replace").lower().rstrip(".")
         _, dot, parent = host.partition(".")
         return host in snapshot.contexts or bool(dot and parent and "*." + parent in snapshot.contexts)
-
-    def _selectProtocol(
-        self, connection: SSL.Connection, offered: list[bytes]
-    ) -> bytes | object:
-        """
-        The ALPN select callback: the listener's protocols narrowed by what
-        the wrapped factory speaks, in server preference order.
-
-        With no overlap the handshake fails with the fatal
-        C{no_application_protocol} alert (RFC 7301 §3.2): pyOpenSSL sends
-        it when the callback raises, and raises the exception again from
-        the handshake, where Twisted takes an L{SSL.Error} for the failed
-        handshake it is.
-        """
-        try:
-            wanted = getattr(connection, "acceptableProtocols", DEFAULT_PROTOCOLS)
-            tlsProtocol = connection.get_app_data()
-            factory = getattr(getattr(tlsProtocol, "factory", None), "wrappedFactory", None)
-            negotiation = IProtocolNegotiationFactory(factory, None)
-            if negotiation is not None:
-                speaks = set(negotiation.acceptableProtocols())
-                wanted = tuple(p for p in wanted if p in speaks)
-            for protocol in wanted:
-                if protocol in offered:
-                    return protocol
-        except Exception:
-            self.log.failure("while selecting the ALPN protocol")
-            return SSL.NO_OVERLAPPING_PROTOCOLS
-        if offered == [ACME_TLS_1]:
-            # A TLS-ALPN-01 validation (RFC 8737) for a name with no
-            # challenge pending: it sees the name's own certificate and
-            # fails on that.
-            return SSL.NO_OVERLAPPING_PROTOCOLS
-        raise NoApplicationProtocol()
-
-
-class NoApplicationProtocol(SSL.Error):
-    """
-    The client offered ALPN protocols and none is ours: the handshake ends
-    with the C{no_application_protocol} alert (RFC 7301 §3.2).
-
-    Its argument has the shape of OpenSSL's error queue (what
-    C{SSL.Error}s carry, and what Twisted reads to tell an EOF from an
-    error).
-    """
-
-    def __init__(self) -> None:
-        SSL.Error.__init__(self, [("SSL routines", "", "no application protocol")])
-
-
-class _ServerConnection(SSL.Connection):
-    """
-    A server connection that carries its listener's ALPN protocols for
-    L{CertificateStore._selectProtocol}, and does not keep its memory BIOs'
-    buffers while it has nothing to buffer.
-
-    ALPN: on the connection itself rather than in a weak-keyed map beside
-    the store: the map's weak reference and entry cost about 250 bytes for
-    as long as a connection lives, idle or not (R4, docs/performance.rst
-    Run 6); the attribute is one slot in a dictionary the connection already
-    has, and is set only when a listener narrows the default list.
-
-    BIOs: OpenSSL's memory BIO never shrinks: once a 16 KiB write
-    (C{TLSMemoryBIOProtocol} hands OpenSSL 16 KiB at a time) has passed
-    through the send BIO, it keeps about 22 KiB allocated for the rest of the
-    connection's life, and the receive BIO keeps the size of the largest
-    burst read (the ClientHello at least).  C{SSL_MODE_RELEASE_BUFFERS} frees
-    OpenSSL's own record buffers when idle, not these.  So once
-    L{edgeproxy.tls.transport.RELEASE_AFTER} bytes went through a BIO and it
-    is empty again, it is swapped for a fresh one (C{SSL_set_bio} frees the
-    old one): about 2 KiB less per idle connection after one small response,
-    22 KiB less after a large one; the cost is one C{BIO_new} per 512 bytes
-    at most, well under a microsecond.  pyOpenSSL reads C{_into_ssl}/C{_from_ssl} on every call,
-    so rebinding them is all it needs; nothing is swapped once the receive
-    side has been shut down (C{bio_shutdown} marks that BIO at EOF).
-    C{tests.test_tls_store} checks the bytes still flow after swaps.
-    """
-
-    acceptableProtocols: tuple[bytes, ...] = DEFAULT_PROTOCOLS
-    """ALPN protocols offered, in preference order."""
-
-    _sentThrough = 0
-    _receivedThrough = 0
-    _receiveShutDown = False
-
-    def bio_read(self, bufsiz: int) -> bytes:
-        data = super().bio_read(bufsiz)
-        _releaseDrained(self, (data,))
-        return data
-
-    def bio_write(self, buf: bytes) -> int:
-        if self.helloBuffer is not None:
-            self._readHello(buf)
-        written = super().bio_write(buf)
-        self._receivedThrough += written
-        return written
-
-    helloBuffer: bytes | None = None
-    """The first bytes received, while a ClientHello is looked for (only
-    while a TLS-ALPN-01 challenge is pending); L{None} otherwise."""
-    clientHello: ClientHello | None = None
-    """The ClientHello read from those bytes, once read."""
-
-    def _readHello(self, data: bytes) -> None:
-        buffered = self.helloBuffer + data  # type: ignore[operator]
-        hello = parseClientHello(buffered)
-        if isinstance(hello, ClientHello):
-            self.clientHello = hello
-            onHello = getattr(self, "onHello", None)
-            if onHello is not None:
-                onHello(self, hello)
-        elif hello is NEED_MORE:
-            self.helloBuffer = buffered
-            return
-        self.helloBuffer = None
-
-    def recv(self, bufsiz: int, flags: int | None = None) -> bytes:
-        try:
-            return super().recv(bufsiz, flags)
-        except SSL.WantReadError:
-            # Everything written into the receive BIO has been consumed.
-            _releaseDrainedReceive(self)
-            raise
-
-    def bio_shutdown(self) -> None:
-        self._receiveShutDown = True
-        super().bio_shutdown()
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class _ServerConnectionCreator:
-    """
-    One listener's view of a L{CertificateStore}: the store's current
-    contexts, this listener's ALPN protocols.
-    """
-
-    def __init__(self, store: CertificateStore, protocols: tuple[bytes, ...], clientAuth: Any = None) -> None:
-        self._store = store
-        self.acceptableProtocols = protocols
-        """ALPN protocols offered, in preference order."""
-        self.clientAuth = clientAuth
-        """The listener's client certificate policy, or L{None}."""
-
-    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        # Called by every server TLS transport as it connects: the one place
-        # that sees them all, to give them the faster write path.
-        adopt(tlsProtocol)
-        if self._store.onDemand is not None and type(tlsProtocol) is EdgeTLSTransport:
-            tlsProtocol.__class__ = _WaitingTLSTransport
-            tlsProtocol._onDemand = self._store.onDemand  # type: ignore[attr-defined]
-        return self._store._connectionFor(self.acceptableProtocols, self.clientAuth)
-
-
-class _WaitingTLSTransport(EdgeTLSTransport):
-    """
-    The TLS transport of a listener with on-demand certificates: it holds
-    the first bytes of the connection until its ClientHello is complete,
-    asks the store's C{onDemand} hook about the SNI name, and hands the
-    bytes to OpenSSL when the hook says so (the certificate ordered for
-    the name is then in the snapshot the servername callback reads).  The
-    TCP transport is paused meanwhile.  Only listeners of a store with
-    on-demand certificates get this class.
-    """
-
-    __slots__ = ()
-
-    _heldHello: bytes = b""
-    _helloPassed = False
-    _onDemand: Any = None
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._helloPassed:
-            EdgeTLSTransport.dataReceived(self, data)
-            return
-        held = self._heldHello + data
-        hello = parseClientHello(held)
-        if hello is NEED_MORE:
-            self._heldHello = held
-            return
-        self._helloPassed = True
-        self._heldHello = b""
-        wait = None
-        if isinstance(hello, ClientHello) and hello.serverName and hello.protocols != (ACME_TLS_1,):
-            hook = self._onDemand
-            if hook is not None:
-                try:
-                    wait = hook(hello.serverName)
-                except Exception:
-                    CertificateStore.log.failure("on-demand certificate for {name}", name=hello.serverName)
-        if wait is None:
-            EdgeTLSTransport.dataReceived(self, held)
-            return
-        transport: Any = self.transport
-        transport.pauseProducing()
-
-        def resume(_: object) -> None:
-            if self._lostTLSConnection or getattr(transport, "disconnected", False):
-                return
-            transport.resumeProducing()
-            EdgeTLSTransport.dataReceived(self, held)
-
-        wait.addBoth(resume)

@@ -42,7 +42,12 @@ __all__ = ["EndpointSource", "Handle", "UpstreamClient"]
 class EndpointSource(Protocol):
     """Where the client learns how to dial a backend (the pool)."""
 
-    def endpointFor(self, backend: Backend, proxyHeader: bytes | None = None) -> IStreamClientEndpoint: ...
+    def endpointFor(
+        self,
+        backend: Backend,
+        proxyHeader: bytes | None = None,
+        connectTimeout: float | None = None,
+    ) -> IStreamClientEndpoint: ...
 
 
 class Handle(Protocol):
@@ -173,12 +178,15 @@ class UpstreamClient:
         body: BodyProducer | None,
         receiver: UpstreamReceiver,
         proxyHeader: bytes | None = None,
+        connectTimeout: float | None = None,
     ) -> Handle:
         """
         Send a request to C{backend} on an idle connection, or a new one;
         its outcome goes to C{receiver}, possibly before this returns.
         With C{proxyHeader}, always on a new connection that starts with it
-        (a PROXY protocol header names one client).
+        (a PROXY protocol header names one client).  A new connection is
+        dialled with C{connectTimeout} when given (a route's own), else
+        the endpoint's own.
 
         @param target: the request-target (origin form).
         @param fields: the request's fields: exactly one C{host}, no framing
@@ -188,7 +196,11 @@ class UpstreamClient:
         """
         if proxyHeader is not None:
             connecting = _Connecting(self, method, target, fields, body, receiver)
-            connecting.start(self._endpoints.endpointFor(backend, proxyHeader), backend)
+            if connectTimeout is None:
+                endpoint = self._endpoints.endpointFor(backend, proxyHeader)
+            else:
+                endpoint = self._endpoints.endpointFor(backend, proxyHeader, connectTimeout)
+            connecting.start(endpoint, backend)
             return connecting
         idle = self._idle.get(backend)
         while idle:
@@ -197,7 +209,11 @@ class UpstreamClient:
                 connection.send(method, target, fields, body, self.persistent, receiver)
                 return connection
         connecting = _Connecting(self, method, target, fields, body, receiver)
-        connecting.start(self._endpoints.endpointFor(backend), backend)
+        if connectTimeout is None:
+            endpoint = self._endpoints.endpointFor(backend)
+        else:
+            endpoint = self._endpoints.endpointFor(backend, None, connectTimeout)
+        connecting.start(endpoint, backend)
         return connecting
 
     # From the connections (ConnectionOwner) -------------------------------------

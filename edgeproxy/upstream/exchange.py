@@ -10,6 +10,13 @@ The pool owns the choice of backend, the queue and the connections; this
 module owns what happens to one request.  The two talk through L{_Pool}, the
 handful of things an exchange asks of its pool, so this module never
 imports the pool.
+
+The request is sent on the L{Terms} of its route: the response timeout of
+each attempt, the retries, and C{request_timeout}, the bound on the whole
+(a timer of the exchange's own, armed only when the next step could
+outlast it).  A timed-out attempt is retried only on a backend the request
+was not tried on: a backend that did not answer in time is not asked
+again, and one backend alone is tried once.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Upstream
-from edgeproxy.errors import ProxyError, ServiceUnavailable
+from edgeproxy.errors import ProxyError, ServiceUnavailable, UpstreamTimeout
 from edgeproxy.h1 import Fields
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream.backend import Backend
@@ -39,8 +46,8 @@ from edgeproxy.upstream.sending import BodyProducer
 
 if TYPE_CHECKING:
     from edgeproxy.upstream.client import Handle
-    from edgeproxy.upstream.timeouts import ResponseDeadlines
     from edgeproxy.upstream.health import PassiveHealth
+    from edgeproxy.upstream.terms import Terms
 
 __all__ = ["FULL", "Exchange", "Full", "ReplayableBody", "UpstreamReceiver"]
 
@@ -80,12 +87,16 @@ class _Pool(Protocol):
     metrics: Metrics
     passive: PassiveHealth
     budget: RetryBudget
-    deadlines: ResponseDeadlines
     log: Logger
     seconds: Callable[[], float]
+    callLater: Callable[..., Any]
+    backends: tuple[Backend, ...]
 
-    def choose(self, hashKey: bytes | None, tried: Set[Backend]) -> Backend | Full | None:
-        """A backend for the next attempt; L{FULL}: wait; L{None}: none at all."""
+    def choose(
+        self, hashKey: bytes | None, tried: Set[Backend], untriedOnly: bool = False
+    ) -> Backend | Full | None:
+        """A backend for the next attempt (never one of C{tried} with
+        C{untriedOnly}); L{FULL}: wait; L{None}: none at all."""
 
     def enqueue(self, exchange: Exchange) -> None:
         """Wait for a backend below C{max_conns} (or fail at once, queue full)."""
@@ -102,9 +113,11 @@ class _Pool(Protocol):
         body: BodyProducer | None,
         receiver: UpstreamReceiver,
         proxyHeader: bytes | None = None,
+        connectTimeout: float | None = None,
     ) -> Handle:
         """Count one more request in flight on C{backend} and send it there
-        (on a new connection starting with C{proxyHeader}, when given)."""
+        (on a new connection starting with C{proxyHeader}, when given; a
+        new connection dialled with C{connectTimeout} when given)."""
 
     def release(self, backend: Backend) -> None:
         """A request to C{backend} is no longer in flight."""
@@ -118,6 +131,14 @@ class Full:
 
 
 FULL = Full()
+
+_TIMEOUTS = frozenset({"response_timeout", "connect_timeout"})
+"""The labels of L{attemptOutcome} that are a backend not answering in
+time: retried only on a backend not tried yet."""
+
+_UNBOUNDED = float("inf")
+"""How long sending a request body again may take (as long as the backend
+takes to read it)."""
 
 
 def _ignore(_: object) -> None:
@@ -142,10 +163,10 @@ class _Attempt:
         "answered", "counted",
     )
 
-    def __init__(self, exchange: Exchange, backend: Backend) -> None:
+    def __init__(self, exchange: Exchange, backend: Backend, now: float) -> None:
         self.exchange = exchange
         self.backend = backend
-        self.started = exchange.pool.seconds()
+        self.started = now
         self.handle: Handle | None = None
         self.deadline: float | None = None
         self.timedOut = False
@@ -167,7 +188,15 @@ class _Attempt:
 
     def startTimer(self, _: object = None) -> None:
         if not self.answered and self.deadline is None:
-            self.exchange.pool.deadlines.watch(self)
+            exchange = self.exchange
+            terms = exchange.terms
+            terms.deadlines.watch(self)
+            if exchange.started is None:
+                # The body was passed on whole: the request is complete,
+                # and its request_timeout counts from now.
+                exchange.started = exchange.pool.seconds()
+                if terms.cutsResponse:
+                    exchange.boundBy(terms.responseTimeout)
 
     def timeOut(self) -> None:
         """The response head is overdue: give up on it (a 504)."""
@@ -181,9 +210,9 @@ class _Attempt:
 
     def _over(self) -> None:
         self.answered = True
-        if self.deadline is not None:
-            self.exchange.pool.deadlines.unwatch(self)
         exchange = self.exchange
+        if self.deadline is not None:
+            exchange.terms.deadlines.unwatch(self)
         if exchange.attempt is self:
             exchange.attempt = None
 
@@ -212,7 +241,8 @@ class _Attempt:
         response.traffic = traffic
         pool.passive.responded(backend, response.status)
         if exchange.over:
-            # Cancelled meanwhile: nobody reads it.
+            # Cancelled (or past its request_timeout) meanwhile: nobody
+            # reads it.
             response.deliverBody(_DISCARDING)
             return
         if exchange.retriesDone:
@@ -226,6 +256,8 @@ class _Attempt:
                 tried=exchange._triedText(),
             )
         exchange.over = True
+        if exchange.timer is not None:
+            exchange.stopTimer()
         receiver, exchange.receiver = exchange.receiver, None
         receiver.upstreamResponded(response)
 
@@ -256,12 +288,19 @@ class Exchange:
     @ivar receiver: who gets the outcome (L{UpstreamReceiver}); L{None}
         once it has it, or once the request was cancelled.
     @ivar tried: the backends an attempt was made on.
+    @ivar terms: the timeouts and retries it is sent on.
+    @ivar started: when its C{request_timeout} started counting (L{None}
+        while a body is still being passed on).
+    @ivar timer: the C{request_timeout} timer, armed only when the next
+        step could outlast it.
+    @ivar untriedOnly: a retry goes only to a backend not tried yet (after
+        a timeout).
     """
 
     __slots__ = (
         "pool", "method", "target", "fields", "body", "hashKey", "receiver",
         "tried", "triedOrder", "retriesDone", "attempt", "queueTimer", "over",
-        "lastError", "proxyHeader",
+        "lastError", "proxyHeader", "terms", "started", "timer", "untriedOnly",
     )
 
     def __init__(
@@ -273,6 +312,7 @@ class Exchange:
         body: ReplayableBody | None,
         hashKey: bytes | None,
         receiver: UpstreamReceiver,
+        terms: Terms,
     ) -> None:
         self.pool = pool
         self.method = method
@@ -291,6 +331,10 @@ class Exchange:
         self.proxyHeader: bytes | None = None
         """The PROXY protocol header each attempt's connection starts with
         (C{[upstream] proxy_protocol}), or L{None}."""
+        self.terms = terms
+        self.started: float | None = None
+        self.timer: Any = None
+        self.untriedOnly = False
 
     # Placing an attempt -----------------------------------------------------
 
@@ -299,9 +343,22 @@ class Exchange:
         pool = self.pool
         choice = pool.choose(self.hashKey, self.tried)
         if choice is FULL:
-            pool.enqueue(self)
+            self._enqueue()
         else:
             self.placed(choice)  # type: ignore[arg-type]
+
+    def _enqueue(self) -> None:
+        """Wait in the pool's queue, within the request's deadline."""
+        pool = self.pool
+        if self.started is None and self.body is None:
+            # The request is complete: its time in the queue counts.
+            self.started = pool.seconds()
+        pool.enqueue(self)
+        if not self.over:
+            self.boundBy(
+                pool.upstream.queue_timeout
+                + (self.terms.responseTimeout if self.body is None else _UNBOUNDED)
+            )
 
     def placed(self, backend: Backend | None) -> None:
         if self.over:
@@ -336,16 +393,77 @@ class Exchange:
             producer = body.newAttempt()
         self.tried.add(backend)
         self.triedOrder.append(backend)
-        attempt = _Attempt(self, backend)
+        pool = self.pool
+        terms = self.terms
+        now = pool.seconds()
+        attempt = _Attempt(self, backend, now)
         self.attempt = attempt
-        attempt.handle = self.pool.dispatch(
-            backend, self.method, self.target, self.fields, producer, attempt, self.proxyHeader
+        if producer is None:
+            if self.started is None:
+                # A request without a body is complete: its request_timeout
+                # counts from now (a first attempt needs no timer unless the
+                # route's request_timeout is below its response_timeout).
+                self.started = now
+                if terms.cutsResponse:
+                    self.boundBy(terms.responseTimeout)
+            elif self.retriesDone:
+                self.boundBy(terms.responseTimeout)
+        elif self.retriesDone:
+            self.boundBy(_UNBOUNDED)
+        attempt.handle = pool.dispatch(
+            backend, self.method, self.target, self.fields, producer, attempt, self.proxyHeader,
+            terms.dialTimeout,
         )
         if producer is None:
             attempt.startTimer()
         else:
             # The response timeout starts once the body is sent.
             producer.whenFinished().addCallbacks(attempt.startTimer, _ignore)
+
+    # The request's deadline (request_timeout) -----------------------------
+
+    def boundBy(self, needed: float) -> None:
+        """
+        The next step may take up to C{needed} seconds: arm the request
+        timer if that could outlast the request's deadline (once armed, it
+        stays until the request is over).
+        """
+        started = self.started
+        if started is None or self.timer is not None or self.over:
+            return
+        left = started + self.terms.requestTimeout - self.pool.seconds()
+        if needed > left:
+            self.timer = self.pool.callLater(max(left, 0.0), self._requestTimedOut)
+
+    def stopTimer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _requestTimedOut(self) -> None:
+        """
+        C{request_timeout} passed with no response head: the client gets
+        504, the attempt in flight is abandoned (or the queue left), no
+        retry follows.
+        """
+        self.timer = None
+        if self.over:
+            return
+        pool = self.pool
+        pool.log.warn(
+            "upstream {upstream}: {method} had no response head within its request_timeout "
+            "({timeout:g}s; tried {tried}): 504",
+            upstream=pool.upstream.name,
+            method=self.method.decode("ascii", "replace"),
+            timeout=self.terms.requestTimeout,
+            tried=self._triedText() or "none",
+        )
+        pool.dequeue(self)
+        attempt, self.attempt = self.attempt, None
+        self.fail(UpstreamTimeout("no response head within the request timeout"), code=504)
+        if attempt is not None:
+            # Not the backend's failure: its outcome reaches nobody.
+            attempt.cancel()
 
     # Outcomes -------------------------------------------------------------------
 
@@ -376,13 +494,27 @@ class Exchange:
             why=str(error),
         )
         pool.metrics.upstreamFailed(upstream.name, error.status)
-        pool.passive.failure(backend, failureDetail(failure, timedOut, upstream))
+        terms = self.terms
+        pool.passive.failure(
+            backend, failureDetail(failure, timedOut, terms.connectTimeout, terms.responseTimeout)
+        )
         body = self.body
         replayable = body is None or body.replayable
-        decision = decide(self.method, kind, replayable, self.retriesDone, upstream.retries)
+        decision = decide(self.method, kind, replayable, self.retriesDone, terms.retries)
         if not decision.retry:
             # Without retries configured there is nothing to explain.
-            self._notRetried(error, decision.why if upstream.retries else None)
+            self._notRetried(error, decision.why if terms.retries else None)
+            return
+        if label in _TIMEOUTS:
+            # A backend that did not answer in time is not asked again: it
+            # would most likely keep the client waiting as long once more.
+            self.untriedOnly = True
+        if self.untriedOnly and all(other in self.tried for other in pool.backends):
+            self._notRetried(error, "a timeout is retried only on a backend not tried yet")
+            return
+        started = self.started
+        if started is not None and pool.seconds() >= started + terms.requestTimeout:
+            self._notRetried(error, f"its request_timeout ({terms.requestTimeout:g}s) is spent")
             return
         if not pool.budget.tryRetry():
             pool.metrics.retryRefused(upstream.name)
@@ -391,7 +523,7 @@ class Exchange:
         # The next attempt must have a backend: when none is available now
         # (the failing one was just ejected, say), the client gets this
         # failure, not a 503 for a retry it never asked for.
-        choice = pool.choose(self.hashKey, self.tried)
+        choice = pool.choose(self.hashKey, self.tried, self.untriedOnly)
         if choice is None:
             self._notRetried(error, "no other backend available")
             return
@@ -406,10 +538,10 @@ class Exchange:
             backend=backend.address,
             reason=label,
             count=self.retriesDone,
-            allowed=upstream.retries,
+            allowed=terms.retries,
         )
         if choice is FULL:
-            pool.enqueue(self)
+            self._enqueue()
         else:
             self.send(choice)  # type: ignore[arg-type]
 
@@ -433,6 +565,8 @@ class Exchange:
         if self.over:
             return
         self.over = True
+        if self.timer is not None:
+            self.stopTimer()
         if code is not None:
             self.pool.metrics.upstreamFailed(self.pool.upstream.name, code)
         body = self.body
@@ -453,6 +587,8 @@ class Exchange:
             return
         self.over = True
         self.receiver = None
+        if self.timer is not None:
+            self.stopTimer()
         self.pool.dequeue(self)
         attempt, self.attempt = self.attempt, None
         if attempt is not None:

@@ -24,7 +24,6 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 
-from edgeproxy.config.model import Upstream
 from edgeproxy.errors import (
     BackendUnavailable,
     ProxyError,
@@ -130,15 +129,20 @@ def attemptOutcome(failure: Failure, timedOut: bool) -> tuple[Attempt, str]:
     return Attempt.RESPONSE_STARTED, "response_started"
 
 
-def failureDetail(failure: Failure, timedOut: bool, upstream: Upstream) -> str:
+def failureDetail(
+    failure: Failure, timedOut: bool, connectTimeout: float, responseTimeout: float
+) -> str:
     """
     A failed attempt in the words of the health checks' details
     (C{connection refused}, C{TLS: ...}, C{connect timeout}...), for the
     passive-health log lines.
+
+    @param connectTimeout: the attempt's connect timeout.
+    @param responseTimeout: the attempt's response timeout.
     """
     if timedOut:
-        return f"no response head within {upstream.response_timeout:g}s"
+        return f"no response head within {responseTimeout:g}s"
     leaves = leafReasons(failure)
     if any(leaf.check(RemoteProtocolError) for leaf in leaves):
         return "not an HTTP response"
-    return health.describeFailure(leaves[0], upstream.connect_timeout)
+    return health.describeFailure(leaves[0], connectTimeout)

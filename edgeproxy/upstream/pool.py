@@ -45,7 +45,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from edgeproxy.bodies import BodyPipe
-from edgeproxy.config.model import Server, Upstream
+from edgeproxy.config.model import RouteForwarding, Server, Upstream
 from edgeproxy.errors import ServiceUnavailable
 from edgeproxy.h1 import Fields
 from edgeproxy.metrics import Metrics
@@ -53,13 +53,14 @@ from edgeproxy.upstream import health
 from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import Balancer, makeBalancer
 from edgeproxy.upstream.client import Handle, UpstreamClient
-from edgeproxy.upstream.timeouts import ResponseDeadlines
 from edgeproxy.upstream.exchange import FULL, Exchange, Full
+from edgeproxy.upstream.headerfirst import HeaderFirstEndpoint
 from edgeproxy.upstream.failures import classifyFailure
 from edgeproxy.upstream.resolve import PeriodicResolver, isIPLiteral
 from edgeproxy.upstream.response import UpstreamReceiver
 from edgeproxy.upstream.retry import IDEMPOTENT_METHODS, RetryBudget
 from edgeproxy.upstream.sending import BodyProducer
+from edgeproxy.upstream.terms import Terms
 
 __all__ = [
     "REPLAY_LIMIT",
@@ -104,8 +105,12 @@ class UpstreamPool:
     @ivar passive: passive health: every attempt's outcome is reported to
         it.
     @ivar seconds: the clock (the reactor's).
+    @ivar callLater: the reactor's.
     @ivar budget: the upstream's retry budget.
-    @ivar deadlines: the response deadlines of the requests in flight.
+    @ivar terms: the upstream's own timeouts and retries, for the routes
+        that set none of their own (L{termsFor}).
+    @ivar deadlines: the response deadlines of the requests sent on
+        L{terms}.
     """
 
     log = Logger()
@@ -132,6 +137,7 @@ class UpstreamPool:
         """
         self._reactor = reactor
         self.seconds: Callable[[], float] = reactor.seconds
+        self.callLater: Callable[..., Any] = reactor.callLater
         self.upstream = upstream
         self._tls = tls
         self.metrics = metrics if metrics is not None else Metrics()
@@ -156,7 +162,10 @@ class UpstreamPool:
             persistent=upstream.keepalive > 0 and upstream.proxy_protocol is None,
         )
         self.budget = RetryBudget(reactor.seconds, upstream.retry_budget)
-        self.deadlines = ResponseDeadlines(reactor, upstream.response_timeout, upstream.name)
+        self.terms = Terms(reactor, upstream)
+        self.deadlines = self.terms.deadlines
+        self._routeTerms: dict[tuple[float, float, int, float], Terms] = {}
+        self._routeEndpoints: dict[tuple[Backend, float], IStreamClientEndpoint] = {}
         self._queue: deque[Exchange] = deque()
         self._draining = False
         self._drainAgain = False
@@ -192,6 +201,7 @@ class UpstreamPool:
         self.backends = tuple(backends)
         self._byBackend = kept
         self._endpoints = {b: e for b, e in self._endpoints.items() if b in kept}
+        self._routeEndpoints = {k: e for k, e in self._routeEndpoints.items() if k[0] in kept}
         self.balancer.setServers(self.backends)
         if self._checker is not None:
             self._checker.backendsChanged()
@@ -254,6 +264,8 @@ class UpstreamPool:
         # Requests in flight keep their deadlines; with none, nothing of
         # this pool stays scheduled.
         self.deadlines.close()
+        for terms in self._routeTerms.values():
+            terms.deadlines.close()
         return self._client.closeCachedConnections()
 
     # DNS -------------------------------------------------------------------
@@ -394,12 +406,15 @@ class UpstreamPool:
             raise ServiceUnavailable(f"upstream {self.upstream.name}: no server available")
         return server
 
-    def choose(self, key: bytes | None, tried: Set[Backend]) -> Backend | Full | None:
+    def choose(
+        self, key: bytes | None, tried: Set[Backend], untriedOnly: bool = False
+    ) -> Backend | Full | None:
         """
         The backend for one attempt of a request.
 
         @param tried: backends the request was already tried on: avoided,
             unless no other can be picked.
+        @param untriedOnly: never one of C{tried} (a timed-out request).
         @return: a backend; L{FULL} when every available backend is at its
             C{max_conns}; L{None} when none is available at all.
         """
@@ -423,6 +438,8 @@ class UpstreamPool:
                     # Another backend is there, only busy: wait for it
                     # rather than send the retry where it just failed.
                     return FULL
+                if untriedOnly:
+                    return None
                 self._excluded = _NOTHING
                 backend = self.balancer.pick(key)
         finally:
@@ -437,27 +454,42 @@ class UpstreamPool:
                 return FULL
         return None
 
-    def endpointFor(self, server: Backend, proxyHeader: bytes | None = None) -> IStreamClientEndpoint:
+    def endpointFor(
+        self,
+        server: Backend,
+        proxyHeader: bytes | None = None,
+        connectTimeout: float | None = None,
+    ) -> IStreamClientEndpoint:
         """
         The endpoint of backend C{server}, for the client's new connections,
         the health checks and WebSocket tunnels.
 
-        @return: a client endpoint dialling C{server} with the upstream's
-            connect timeout, wrapped in TLS when the upstream uses it.
+        @param connectTimeout: a route's own connect timeout (L{Terms});
+            L{None}: the upstream's.
+        @return: a client endpoint dialling C{server} with the connect
+            timeout, wrapped in TLS when the upstream uses it.
         """
         if proxyHeader is not None:
             # Per connection: the header is written first, under TLS.
-            return self._newEndpoint(server, proxyHeader)
-        # Endpoints hold no per-connection state: one per backend, built
-        # once.
+            return self._newEndpoint(server, proxyHeader, connectTimeout)
+        # Endpoints hold no per-connection state: one per backend (and
+        # connect timeout), built once.
+        if connectTimeout is not None:
+            key = (server, connectTimeout)
+            endpoint = self._routeEndpoints.get(key)
+            if endpoint is None:
+                endpoint = self._routeEndpoints[key] = self._newEndpoint(server, None, connectTimeout)
+            return endpoint
         endpoint = self._endpoints.get(server)
         if endpoint is None:
             endpoint = self._endpoints[server] = self._newEndpoint(server)
         return endpoint
 
-    def _newEndpoint(self, server: Backend, proxyHeader: bytes | None = None) -> IStreamClientEndpoint:
+    def _newEndpoint(
+        self, server: Backend, proxyHeader: bytes | None = None, connectTimeout: float | None = None
+    ) -> IStreamClientEndpoint:
         endpoint: IStreamClientEndpoint
-        timeout = self.upstream.connect_timeout
+        timeout = self.upstream.connect_timeout if connectTimeout is None else connectTimeout
         if isIPLiteral(server.host):
             # An address (configured or resolved): HostnameEndpoint would
             # still hand it to getaddrinfo in a thread for every connection.
@@ -466,8 +498,6 @@ class UpstreamPool:
         else:
             endpoint = HostnameEndpoint(self._reactor, server.host, server.port, timeout=timeout)
         if proxyHeader is not None:
-            from edgeproxy.security.proxyprotocol import HeaderFirstEndpoint
-
             endpoint = HeaderFirstEndpoint(endpoint, proxyHeader)
         if self._tls is not None:
             # Keyed on the configured Server: a resolved address is still
@@ -476,6 +506,21 @@ class UpstreamPool:
         return endpoint
 
     # Requests ------------------------------------------------------------
+
+    def termsFor(self, route: RouteForwarding | None) -> Terms:
+        """
+        The terms a route's requests are sent on (its forward stage asks
+        once per runtime): L{terms} when it sets no timeouts or retries of
+        its own, else one L{Terms} per distinct set of values (shared by
+        the routes, and the reloads, that give the same).
+        """
+        if route is None:
+            return self.terms
+        terms = Terms(self._reactor, self.upstream, route)
+        key = terms.key()
+        if key == self.terms.key():
+            return self.terms
+        return self._routeTerms.setdefault(key, terms)
 
     def send(
         self,
@@ -486,6 +531,7 @@ class UpstreamPool:
         receiver: UpstreamReceiver,
         hashKey: bytes | None = None,
         proxyHeader: bytes | None = None,
+        terms: Terms | None = None,
     ) -> Exchange:
         """
         Send a request to one of the backends, retrying on another when
@@ -508,6 +554,11 @@ class UpstreamPool:
             this returns.
         @param hashKey: the key for C{balance = hash}; see
             L{edgeproxy.upstream.balance.requestHashKey}.
+        @param proxyHeader: the PROXY protocol header each attempt's
+            connection starts with (C{[upstream] proxy_protocol}), or
+            L{None}.
+        @param terms: the route's timeouts and retries (L{termsFor});
+            L{None}: the upstream's (L{terms}).
         @return: the request; its C{cancel()} abandons it (the upstream
             request is aborted or the queue left), after which C{receiver}
             hears nothing.  Each attempt counts as in flight for the
@@ -515,9 +566,11 @@ class UpstreamPool:
             or has failed (or until the attempt failed or was cancelled).
         """
         self.budget.requestStarted()
-        if body is not None and self.upstream.retries and method in IDEMPOTENT_METHODS:
+        if terms is None:
+            terms = self.terms
+        if body is not None and terms.retries and method in IDEMPOTENT_METHODS:
             body.keepForReplay(REPLAY_LIMIT)
-        exchange = Exchange(self, method, target, fields, body, hashKey, receiver)
+        exchange = Exchange(self, method, target, fields, body, hashKey, receiver, terms)
         exchange.proxyHeader = proxyHeader
         exchange.place()
         return exchange
@@ -533,13 +586,19 @@ class UpstreamPool:
         body: BodyProducer | None,
         receiver: UpstreamReceiver,
         proxyHeader: bytes | None = None,
+        connectTimeout: float | None = None,
     ) -> Handle:
         """
         Count one more request in flight on C{backend} (until L{release})
         and send it there.
+
+        @param connectTimeout: a route's own connect timeout for a new
+            connection; L{None}: the upstream's.
         """
         self.balancer.acquired(backend)
-        return self._client.send(backend, method, target, fields, body, receiver, proxyHeader)
+        return self._client.send(
+            backend, method, target, fields, body, receiver, proxyHeader, connectTimeout
+        )
 
     def release(self, backend: Backend) -> None:
         """
@@ -614,7 +673,7 @@ class UpstreamPool:
                 self._drainAgain = False
                 while self._queue:
                     exchange = self._queue[0]
-                    choice = self.choose(exchange.hashKey, exchange.tried)
+                    choice = self.choose(exchange.hashKey, exchange.tried, exchange.untriedOnly)
                     if choice is FULL:
                         break
                     self.dequeue(exchange)

@@ -61,6 +61,7 @@ from twisted.web.client import (
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from edgeproxy._compat.twisted.tcp import immediateWriter
 from edgeproxy.h1 import (
     CHUNKED,
     CLOSE_DELIMITED,
@@ -85,7 +86,6 @@ from edgeproxy.upstream.sending import (
     ChunkedConsumer,
     LengthConsumer,
     bodyLength,
-    writeNow,
 )
 
 __all__ = ["EXPECT_TIMEOUT", "MAX_HEAD", "ConnectionOwner", "RequestNotSent", "UpstreamConnection"]
@@ -184,8 +184,11 @@ class UpstreamConnection(_Protocol):
         return self._state is _IDLE and not self.lost
 
     def connectionMade(self) -> None:
-        if ITCPTransport.providedBy(self.transport):
-            self.transport.setTcpNoDelay(True)
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+        # How a request head goes out: chosen once per connection.
+        self._sendNow = immediateWriter(transport)
 
     def close(self) -> None:
         """Close the connection (idle, or given up on); it is never used again."""
@@ -232,7 +235,7 @@ class UpstreamConnection(_Protocol):
         self._reusable = persistent
         self._heldResponse = None
         self._receiver = receiver
-        writeNow(self.transport, head)
+        self._sendNow(head)
         if body is None:
             self._state = _WAITING
             return

@@ -22,16 +22,12 @@ from typing import Any, Callable, Protocol
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
+from edgeproxy.bodies import BODY_DONE
 from edgeproxy.h1 import Fields
 
 __all__ = ["BODY_DONE", "BodySource", "UpstreamReceiver", "UpstreamResponse"]
-
-BODY_DONE = Failure(ResponseDone("Response body fully received"))
-"""The end of every complete response body: one shared instance, as
-Twisted shares C{connectionDone} (its consumers only read it)."""
 
 
 class UpstreamReceiver(Protocol):

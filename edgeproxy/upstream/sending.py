@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.test_client -*-
 """
-Writing a request to a backend connection: the head in one write (straight
-to the socket when nothing is queued), and the body framed by the length
-its producer declared or, for a body of unknown length, in the chunked
-coding (RFC 9112 7.1).
+Writing a request body to a backend connection, framed by the length its
+producer declared or, for a body of unknown length, in the chunked coding
+(RFC 9112 7.1).  The head goes out in one write before it, through the
+connection's immediate writer (L{edgeproxy._compat.twisted.tcp.immediateWriter}:
+straight to the socket when nothing is queued, with the fast paths).
 
 The head itself is L{edgeproxy.h1.writeRequestHead}'s; this module only
 puts bytes on a transport and holds a body producer to what it declared.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from edgeproxy.h1 import LAST_CHUNK, LocalProtocolError
 
-__all__ = ["BodyProducer", "ChunkedConsumer", "LengthConsumer", "bodyLength", "writeNow"]
+__all__ = ["BodyProducer", "ChunkedConsumer", "LengthConsumer", "bodyLength"]
 
 
 class BodyProducer(Protocol):
@@ -51,52 +51,6 @@ def bodyLength(body: BodyProducer | None) -> int | None:
         return 0
     length = body.length
     return None if length is UNKNOWN_LENGTH else length
-
-
-_DIRECT: frozenset[type] = frozenset((tcp.Client, tcp.Server))
-"""The TCP transports L{writeNow} may send through directly (exactly these:
-see its docstring); a listener's subclass adds itself with L{allowDirect}."""
-
-
-def allowDirect(transportType: type) -> None:
-    """Let L{writeNow} send through C{transportType} (a C{tcp.Server} subclass)."""
-    global _DIRECT
-    _DIRECT = _DIRECT | {transportType}
-
-
-def writeNow(transport: Any, data: bytes) -> None:
-    """
-    Write C{data}, straight to the socket when nothing is queued before it.
-
-    Twisted's TCP transport never sends in C{write}: it queues, registers
-    the socket for writability and sends on the next reactor turn, which
-    costs two C{epoll_ctl} calls and one more event per request head.  When
-    the transport's buffers are empty the bytes can go out at once through
-    its own C{writeSomeData} (what C{doWrite} would call), and whatever the
-    kernel does not take is queued as usual.  Only a plain TCP connection
-    qualifies: a TLS wrapper forwards unknown attributes to the TCP
-    transport beneath it, so duck typing would send plain text under TLS.
-
-    Private Twisted surface (C{tcp.Client.dataBuffer},
-    C{_tempDataBuffer}, C{writeSomeData}), listed in
-    C{docs/architecture.rst}; C{tests/integration/test_client_sockets.py}
-    sends through it over real sockets.
-    """
-    if (
-        type(transport) in _DIRECT
-        and not transport.dataBuffer
-        and not transport._tempDataBuffer
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "TLS", False)
-    ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent == len(data):
-                return
-            data = data[sent:]
-        # else: an error instance; queue the bytes, doWrite reports it.
-    transport.write(data)
 
 
 @implementer(IConsumer)

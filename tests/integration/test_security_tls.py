@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from edgeproxy.security.proxyprotocol import header
+from edgeproxy.proxyheader import header
 from tests.certutil import CertificateAuthority
 from tests.proc import NotifyReceiver, Twistd, freePort, logContaining, readResponse, startTwistd
 

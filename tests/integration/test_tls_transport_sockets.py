@@ -1,6 +1,7 @@
 """
-L{edgeproxy.tls.transport} over real TCP sockets on 127.0.0.1, with the real
-reactor, in a child process (C{python -m
+The server TLS transport (L{edgeproxy._compat.twisted.tls} with the fast
+paths, Twisted's own without them) over real TCP sockets on 127.0.0.1, with
+the real reactor, in a child process (C{python -m
 tests.integration.test_tls_transport_sockets}) that prints what it saw as
 JSON.
 
@@ -19,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 60
 BIG = 6 * 1024 * 1024 + 17
@@ -28,9 +31,13 @@ def _payload(size: int) -> bytes:
     return bytes(range(256)) * (size // 256) + bytes(range(size % 256))
 
 
-def _run(directory: str) -> None:  # pragma: no cover - runs in the child process
+def _run(directory: str, fast: bool) -> None:  # pragma: no cover - runs in the child process
     import socket
     import time
+
+    from edgeproxy._compat import FastPaths, useFastPaths
+
+    useFastPaths(FastPaths.on() if fast else FastPaths.off())
 
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred, inlineCallbacks
@@ -162,9 +169,10 @@ def _run(directory: str) -> None:  # pragma: no cover - runs in the child proces
     assert time.monotonic() - started < TIMEOUT
 
 
-def test_realSockets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "public"])
+def test_realSockets(tmp_path: Path, fast: bool) -> None:
     process = subprocess.run(
-        [sys.executable, "-m", "tests.integration.test_tls_transport_sockets", str(tmp_path)],
+        [sys.executable, "-m", "tests.integration.test_tls_transport_sockets", str(tmp_path), "fast" if fast else "public"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -178,7 +186,7 @@ def test_realSockets(tmp_path: Path) -> None:
     for name in ("fast", "stalled"):
         assert out[name]["length"] == BIG, out
         assert out[name]["sha256"] == digest, out
-        assert out[name]["transport"] == "EdgeTLSTransport", out
+        assert out[name]["transport"] == ("EdgeTLSTransport" if fast else "BufferingTLSTransport"), out
     # The client that stopped reading paused the server's producer, and what
     # the server had produced beyond what the client read stayed within
     # socket buffers and one transport buffer (far below the 5 MiB left).
@@ -187,4 +195,4 @@ def test_realSockets(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    _run(sys.argv[1])
+    _run(sys.argv[1], sys.argv[2] == "fast")

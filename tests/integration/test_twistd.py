@@ -35,6 +35,7 @@ from tests.proc import (
     Twistd,
     freePort,
     handshake,
+    payload,
     readResponse,
     refused,
     request,
@@ -167,6 +168,7 @@ def test_readyOnlyAfterListening(site: Site, running: Twistd, notify: NotifyRece
     assert f"127.0.0.1:{site.httpPort} for [listen:http]" in output
     assert "a.example" in output and "*.b.example" in output
     assert f"TLS certificate {site.certdir / 'soon.pem'} for soon.example expires" in output
+    assert "Fast paths on for TCP and TLS (Twisted " in output
 
 
 def test_certificateBySNI(site: Site, running: Twistd) -> None:
@@ -209,6 +211,34 @@ def test_proxiesAndLogsAccess(site: Site, running: Twistd) -> None:
     assert (record["tls_version"], record["sni"], record["route"], record["upstream"]) == (
         "1.3", "a.example", "app", "app",
     )
+
+
+def test_publicPathsServeTLSWithKeepAlive(site: Site, notify: NotifyReceiver) -> None:
+    """
+    C{fast_paths = off}: the process says so, and serves over Twisted's
+    public paths alone (its own TLS transport and TCP connections): a
+    request, a 1 MiB response and another request on one kept-alive TLS
+    connection, each byte in place.
+    """
+    text = site.config.read_text().replace("[edgeproxy]\n", "[edgeproxy]\nfast_paths = off\n", 1)
+    site.config.write_text(text)
+    proc = start(site, notify)
+    try:
+        assert "Fast paths off, Twisted's public paths throughout ([edgeproxy] fast_paths = off)" in proc.output()
+        with tlsConnection(site.httpsPort, "a.example", site.cafile) as conn:
+            assert request(conn, "/first", "a.example")[::2] == (200, b"backend saw /first\n")
+            status, headers, body = request(conn, "/bytes/1048576", "a.example")
+            assert status == 200 and headers["content-length"] == "1048576"
+            assert body == payload(1048576)
+            assert request(conn, "/last", "a.example")[::2] == (200, b"backend saw /last\n")
+        with socket.create_connection(("127.0.0.1", site.httpPort), timeout=5) as plain:
+            status, headers, _ = request(plain, "/path", f"localhost:{site.httpPort}")
+            assert status == 308
+            status, headers, _ = request(plain, "/again", f"localhost:{site.httpPort}")
+            assert status == 308
+    finally:
+        proc.stop()
+    assert site.backend.paths == ["/first", "/bytes/1048576", "/last"]
 
 
 def test_redirectToHTTPS(site: Site, running: Twistd) -> None:

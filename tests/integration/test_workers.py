@@ -248,7 +248,7 @@ def test_aWorkerThatCannotStartStopsTheSupervisor(site: Site, notify: NotifyRece
     supervisor started) are retried with a growing delay, then the
     supervisor gives up with status 1 and says why.
     """
-    import edgeproxy.serve.supervisor as supervisor
+    import edgeproxy.serve.slots as slots
 
     proc = start(site, notify)
     try:
@@ -258,7 +258,7 @@ def test_aWorkerThatCannotStartStopsTheSupervisor(site: Site, notify: NotifyRece
             os.kill(pid, signal.SIGKILL)
         assert proc.wait(60) == 1
         output = proc.output()
-        assert f"could not start {supervisor.MAX_START_ATTEMPTS} times in a row" in output
+        assert f"could not start {slots.MAX_START_ATTEMPTS} times in a row" in output
         # Each failed start said why, tagged with its worker.
         assert re.search(r"\[worker \d edgeproxy.worker#critical\] worker \d cannot start: ", output), output
         notify.waitFor(b"ERRNO=1", 1)

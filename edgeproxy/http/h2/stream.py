@@ -34,14 +34,15 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import ResponseDone
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from edgeproxy.bodies import BodyPipe, IdleTimer
+from edgeproxy.config.model import ErrorPages
 from edgeproxy.errors import ContentTooLarge, ProxyError, UpstreamProtocolError
 from edgeproxy.h1.fields import Fields
-from edgeproxy.http.errorpages import errorBody, errorResponse, httpDate
+from edgeproxy.http.errorpages import errorResponse, httpDate, pagesFor
 from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.values import Response
 
@@ -274,14 +275,20 @@ class Stream:
     def reject(self, status: int) -> None:
         """Answer a request refused from its head (no call): the error page."""
         self.answered = True
-        response = errorResponse(status)
+        # Refused before routing: the global pages.
+        response = errorResponse(status, pagesFor(None, self.connection.factory.currentRuntime))
         self.headers = responseHeaders(status, response.fields, response.length)
-        body = errorBody(status)
+        body = response.body.takeBody()  # type: ignore[union-attr]
+        assert body is not None
         self.pending.append(body)
         self.held += len(body)
         self.connection.held += len(body)
         self.endPending = True
         self.connection.push(self)
+
+    def _pages(self, call: Call) -> ErrorPages | None:
+        """The custom error pages of C{call} (L{pagesFor})."""
+        return pagesFor(call.request.route, self.connection.factory.currentRuntime)
 
     def fail(self, call: Call, error: ProxyError) -> None:
         if call is not self.call:
@@ -290,7 +297,7 @@ class Stream:
             # The response has started: the client must see it cut short.
             self.connection.reset(self, INTERNAL_ERROR, Failure(error))
             return
-        self.respond(call, errorResponse(error))
+        self.respond(call, errorResponse(error, self._pages(call)))
 
     def interim(self, call: Call, status: int, reason: bytes, fields: Fields) -> None:
         # RFC 9113 8.1: interim responses are HEADERS frames without
@@ -397,7 +404,10 @@ class Stream:
         if call is not self.call or fields.get(b"sec-websocket-accept") != expected:
             if call is self.call:
                 log.warn("backend answered the WebSocket handshake with a wrong Sec-WebSocket-Accept")
-                self.respond(call, errorResponse(UpstreamProtocolError("wrong Sec-WebSocket-Accept")))
+                self.respond(
+                    call,
+                    errorResponse(UpstreamProtocolError("wrong Sec-WebSocket-Accept"), self._pages(call)),
+                )
             transport.lost(Failure(ConnectionAborted("handshake refused")))
             return b""
         self.answered = True

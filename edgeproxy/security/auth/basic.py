@@ -30,8 +30,8 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
+from edgeproxy.config.auth import htpasswdUsers
 from edgeproxy.config.model import AuthSettings
-from edgeproxy.config.security import htpasswdUsers
 from edgeproxy.errors import Unauthorized
 from edgeproxy.pipeline.values import Request
 from edgeproxy.security.auth.base import Allowed, Outcome, Refused
