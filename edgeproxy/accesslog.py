@@ -23,14 +23,28 @@ undecodable bytes kept as C{\\xHH}):
   - C{duration}: seconds from the end of the request head to now
   - C{route}, C{upstream}: the names the request was routed and forwarded
     to, or L{None}
+  - C{request_id}: the request's ID (L{edgeproxy.headers.requestid}), or
+    L{None} with C{request_id = off}
+  - C{backend}: C{host:port} of the backend that answered, or L{None} (no
+    backend answered: a refusal, a cache hit, a backend that failed); only
+    ever written here, never sent to a client
+  - C{ttfb}: seconds from the end of the request head to the backend's
+    response head (queueing, connecting and retries included), or L{None}
+  - C{tls_version} (C{"1.3"}), C{sni}: the connection's TLS version and
+    SNI name, or L{None}
   - C{finished}: when the request finished, from the injected clock
     (C{log_time} is the wall clock C{Logger} stamps itself)
   - C{user}: the subject authentication at the edge established (never
     a credential), or L{None}; the Combined format's remote-user field
   - C{rule}: what refused the request at the edge (C{deny 10.0.0.0/8},
     C{allow}, C{methods}, C{client_certificate}, C{ratelimit NAME},
-    C{auth NAME: why}), or L{None}; Combined lines of refused requests
-    end with C{ rule="..."}
+    C{auth NAME: why}), or L{None}
+
+The C{combined} format is the Combined Log Format followed by the fields
+above as C{key=value} pairs (nginx style: C{-} when unknown, no value
+holding a space or a quote unescaped), and C{ rule="..."} at the end of a
+refused request's line; C{combined_plain} is the Combined Log Format
+alone, for parsers that want nothing after the user agent.
 
 Lines are safe to parse: in Combined format every byte outside printable
 ASCII, C{"} and C{\\} are escaped as C{\\xHH}/C{\\"}/C{\\\\} (the nginx
@@ -105,6 +119,8 @@ def requestFields(call: Any, now: float) -> dict[str, Any]:
     userAgent = fields.get(b"user-agent")
     host = fields.get(b"host")
     route = request.route
+    connection = request.connection
+    upstreamHead = call.upstreamHead
     return {
         "client": request.connection.peer or None,
         "method": _text(request.method),
@@ -120,6 +136,11 @@ def requestFields(call: Any, now: float) -> dict[str, Any]:
         "upstream": call.upstreamName,
         "user": call.identity,
         "rule": call.refusedBy,
+        "request_id": _text(request.requestId) if request.requestId else None,
+        "backend": call.backend,
+        "ttfb": None if upstreamHead is None else max(0.0, upstreamHead - call.started),
+        "tls_version": connection.tlsVersion,
+        "sni": _text(connection.serverName),
     }
 
 
@@ -157,15 +178,14 @@ _clfCache: list[Any] = [None, ""]
 _isoCache: list[Any] = [None, ""]
 
 
-def formatCombined(event: dict[str, Any]) -> str:
+def formatCombinedPlain(event: dict[str, Any]) -> str:
     """
     The Combined Log Format line (no newline) of an access event::
 
         203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET / HTTP/1.1" 200 612 "-" "curl/8.5.0"
     """
-
     quoted = _quoted
-    line = '%s - %s %s "%s %s %s" %d %s "%s" "%s"' % (
+    return '%s - %s %s "%s %s %s" %d %s "%s" "%s"' % (
         quoted(event["client"]),
         _user(event.get("user")),
         clfTimestamp(event["finished"]),
@@ -176,6 +196,30 @@ def formatCombined(event: dict[str, Any]) -> str:
         event["bytes"] or "-",
         quoted(event["referer"]),
         quoted(event["user_agent"]),
+    )
+
+
+def formatCombined(event: dict[str, Any]) -> str:
+    """
+    The extended Combined line (no newline) of an access event: the
+    Combined Log Format line, then the request's C{key=value} pairs, then
+    C{rule="..."} on a refused request's::
+
+        203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET / HTTP/1.1" 200 612 "-" "curl/8.5.0" request_id=4bf92f3577b34da6a3ce929d0e0e4736 route=app upstream=app backend=10.0.1.10:8080 ttfb=0.012 duration=0.015 tls_version=1.3 sni=app.example.com
+    """
+    bare = _bare
+    line = formatCombinedPlain(event) + (
+        " request_id=%s route=%s upstream=%s backend=%s ttfb=%s duration=%s tls_version=%s sni=%s"
+        % (
+            bare(event.get("request_id")),
+            bare(event.get("route")),
+            bare(event.get("upstream")),
+            bare(event.get("backend")),
+            _seconds(event.get("ttfb")),
+            _seconds(event.get("duration")),
+            bare(event.get("tls_version")),
+            bare(event.get("sni")),
+        )
     )
     rule = event.get("rule")
     if rule is not None:
@@ -188,12 +232,23 @@ def _user(user: str | None) -> str:
     return "-" if not user else escapeField(user).replace(" ", "\\x20")
 
 
+def _bare(value: str | None) -> str:
+    """An unquoted C{key=value} value: C{-} for none, never a space."""
+    return "-" if not value else escapeField(value).replace(" ", "\\x20")
+
+
+def _seconds(value: float | None) -> str:
+    # Milliseconds, as nginx's $request_time.
+    return "-" if value is None else "%.3f" % (value,)
+
+
 def _quoted(value: str | None) -> str:
     return "-" if value is None else escapeField(value)
 
 
 _JSON_KEYS = ("client", "method", "target", "protocol", "status", "bytes",
-              "referer", "user_agent", "host", "duration", "route", "upstream")
+              "referer", "user_agent", "host", "duration", "route", "upstream",
+              "request_id", "backend", "ttfb", "tls_version", "sni")
 _JSON_OPTIONAL = ("user", "rule")
 """Written only when set (most requests have neither)."""
 
@@ -209,11 +264,14 @@ def formatJSON(event: dict[str, Any]) -> str:
             record[key] = value
     if record["duration"] is not None:
         record["duration"] = round(record["duration"], 6)
+    if record["ttfb"] is not None:
+        record["ttfb"] = round(record["ttfb"], 6)
     return json.dumps(record, ensure_ascii=True, separators=(",", ":"))
 
 
 _FORMATTERS: dict[AccessLogFormat, Callable[[dict[str, Any]], str]] = {
     AccessLogFormat.COMBINED: formatCombined,
+    AccessLogFormat.COMBINED_PLAIN: formatCombinedPlain,
     AccessLogFormat.JSON: formatJSON,
 }
 

@@ -368,6 +368,8 @@ class _Summary:
                 )
             if route.cache is not None:
                 extras.append("cached")
+            if route.request_headers is not None or route.response_headers is not None:
+                extras.append("header rules")
             target = f"-> {route.upstream}"
             if route.redirect is not None:
                 target = f"{route.redirect.status} {route.redirect.location}"

@@ -32,9 +32,11 @@ from twisted.logger import Logger
 # knows them only by name, see edgeproxy.pipeline.stages.ORDER).
 import edgeproxy.cache.kind  # noqa: F401  (cache)
 import edgeproxy.content  # noqa: F401  (compress, images)
+import edgeproxy.headers  # noqa: F401  (headers)
 import edgeproxy.pipeline.redirect  # noqa: F401  (redirect)
 import edgeproxy.security  # noqa: F401  (access, ratelimit, auth)
 from edgeproxy.config.model import Config, Upstream
+from edgeproxy.headers.requestid import RequestIds
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
 from edgeproxy.routing import Router
 from edgeproxy.tls.client import loadUpstreamTLS
@@ -97,10 +99,16 @@ class Runtime:
     pipelines: dict[str, RoutePipeline] = field(default_factory=dict)
     """Route name -> its stages (built from C{config} and C{pools} when not
     given)."""
+    requestIds: RequestIds | None = field(default=None, init=False, compare=False)
+    """What gives each request its ID (C{[edgeproxy] request_id}), or
+    L{None} when it is C{off}."""
 
     def __post_init__(self) -> None:
         if not self.pipelines and self.config.routes:
             object.__setattr__(self, "pipelines", buildPipelines(self.config, self.pools))
+        name = self.config.proxy.request_id
+        if name is not None:
+            object.__setattr__(self, "requestIds", RequestIds(name))
 
     @property
     def trustedProxies(self) -> tuple[Any, ...]:

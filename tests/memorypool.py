@@ -11,7 +11,8 @@ nothing more:
     fields, no C{Content-Length}), C{length}, C{backend} (C{host:port}) and
     C{deliverBody(protocol)};
   - C{pool.upstream}, C{pool.pickServer(hashKey)} and
-    C{pool.endpointFor(server)} (WebSocket tunnels).
+    C{pool.endpointFor(server)} (WebSocket tunnels);
+  - C{pool.seconds()}, the clock (the reactor's).
 
 The test answers each request through the L{Exchange} that C{send}
 recorded.  L{ProxyClient} is one client connection on a real
@@ -168,8 +169,11 @@ class MemoryPool:
         upstream: Upstream = UPSTREAM,
         failAtOnce: ProxyError | None = None,
         endpoint: Any = None,
+        clock: MemoryReactorClock | None = None,
     ) -> None:
         self.upstream = upstream
+        self.clock = clock if clock is not None else MemoryReactorClock()
+        self.seconds = self.clock.seconds
         self.failAtOnce = failAtOnce
         self.endpoint = endpoint
         self.sent: list[Exchange] = []
@@ -213,6 +217,16 @@ def makeRuntime(
 PEER = IPv4Address("TCP", "192.0.2.7", 5555)
 
 
+def fixedIds(name: str = "X-Request-ID", byte: int = 0x11) -> Any:
+    """
+    Request IDs that are all the same (C{1111...} by default): for
+    assertions on whole lines and heads.
+    """
+    from edgeproxy.headers.requestid import RequestIds
+
+    return RequestIds(name, randomBytes=lambda size: bytes([byte]) * size)
+
+
 class ProxyClient:
     """
     One client connection to a plain listener whose routes (L{ROUTES}
@@ -230,10 +244,22 @@ class ProxyClient:
         metrics: Any = None,
         transport: StringTransport | None = None,
         peer: Any = PEER,
+        requestIds: Any = None,
     ) -> None:
+        """
+        @param requestIds: the L{edgeproxy.headers.requestid.RequestIds}
+            requests get their ID from instead of the runtime's (a seeded
+            one, for lines and bytes a test can spell out).
+        """
         self.clock = clock if clock is not None else MemoryReactorClock()
-        self.pool = pool if pool is not None else MemoryPool()
+        self.pool = pool if pool is not None else MemoryPool(clock=self.clock)
+        if pool is not None:
+            # The pool's clock is the client's (the backend's answer is
+            # timed with it).
+            self.pool.seconds = self.clock.seconds
         self.runtime = makeRuntime({self.pool.upstream.name: self.pool}, routes, proxy)
+        if requestIds is not None:
+            object.__setattr__(self.runtime, "requestIds", requestIds)
         self.listener = listener or Listener(name="l", endpoint="tcp:0", tls=False)
         self.factory = ListenerFactory(
             lambda: self.runtime, self.listener, self.clock, accessLog=accessLog, metrics=metrics

@@ -15,18 +15,33 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from edgeproxy.accesslog import AccessLog, LineWriter, escapeField, formatCombined, requestFields
+from edgeproxy.accesslog import (
+    AccessLog,
+    LineWriter,
+    escapeField,
+    formatCombined,
+    formatCombinedPlain,
+    requestFields,
+)
 from edgeproxy.config.model import AccessLogFormat, ProxySettings, Route, Server, Upstream
+from edgeproxy.errors import BackendUnavailable
 from edgeproxy.h1 import Fields
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.testing import RecordingClient, makeRequest
-from tests.memorypool import MemoryPool, MemoryResponse, ProxyClient
+from tests.memorypool import MemoryPool, MemoryResponse, ProxyClient, fixedIds
 
 # 2026-11-27 19:05:01.250 UTC
 NOW = 1795806301.25
 
 UPSTREAM = Upstream(name="backend", servers=(Server("10.0.0.1", 8080),))
 ROUTE = Route(name="app", hosts=("*",), paths=("/",), upstream="backend")
+
+
+ID = "1" * 32
+"""Every request's ID here (L{fixedIds})."""
+
+EXTENDED = f" request_id={ID} route=app upstream=backend backend=10.0.0.1:8080 ttfb=0.125 duration=0.125 tls_version=- sni=-"
+"""What the extended Combined format adds to a line of L{serve}'s."""
 
 
 def connect(accessLog: AccessLog, clock: MemoryReactorClock, peer: Any = None) -> ProxyClient:
@@ -36,6 +51,7 @@ def connect(accessLog: AccessLog, clock: MemoryReactorClock, peer: Any = None) -
         clock=clock,
         accessLog=accessLog,
         peer=peer or IPv4Address("TCP", "203.0.113.9", 54321),
+        requestIds=fixedIds(),
     )
 
 
@@ -69,13 +85,29 @@ def test_combinedLine() -> None:
     )
     assert line == (
         '203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET /a/b?c=d HTTP/1.1" '
+        '200 5 "https://ref.example/" "curl/8.5.0"' + EXTENDED + "\n"
+    )
+
+
+def test_combinedPlainLine() -> None:
+    """C{combined_plain}: the Combined Log Format, nothing after it."""
+    line = serve(
+        b"GET /a/b?c=d HTTP/1.1\r\nHost: www.example\r\n"
+        b"Referer: https://ref.example/\r\nUser-Agent: curl/8.5.0\r\n\r\n",
+        fmt=AccessLogFormat.COMBINED_PLAIN,
+    )
+    assert line == (
+        '203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET /a/b?c=d HTTP/1.1" '
         '200 5 "https://ref.example/" "curl/8.5.0"\n'
     )
 
 
 def test_combinedMissingHeadersAreDashes() -> None:
     line = serve(b"GET / HTTP/1.0\r\n\r\n")
-    assert line == '203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET / HTTP/1.0" 200 5 "-" "-"\n'
+    assert line == (
+        '203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET / HTTP/1.0" 200 5 "-" "-"'
+        + EXTENDED + "\n"
+    )
 
 
 def test_combinedEscapesQuotesAndBytesOutsideASCII() -> None:
@@ -84,7 +116,7 @@ def test_combinedEscapesQuotesAndBytesOutsideASCII() -> None:
     )
     assert line == (
         '203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "GET /x HTTP/1.1" 200 5 "-" '
-        '"evil\\" 200 1 \\"\\xC3\\xA9\\\\"\n'
+        '"evil\\" 200 1 \\"\\xC3\\xA9\\\\"' + EXTENDED + "\n"
     )
     # Exactly one line, and the quoted fields cannot be split by the quote.
     assert line.count("\n") == 1
@@ -103,9 +135,10 @@ def test_combinedEscapesControlCharacters() -> None:
     call = Call(request, None, RecordingClient(), (), NOW - 1)
     call.status = 200
     event = dict(requestFields(call, NOW), finished=NOW)
-    line = formatCombined(event)
+    line = formatCombinedPlain(event)
     assert line.endswith('"GET /x HTTP/1.1" 200 - "-" "\\x01\\x1B[31m\\x0D\\x0AX"')
     assert "\n" not in line
+    assert formatCombined(event).startswith(line + " request_id=- route=test ")
 
 
 def test_ipv6Client() -> None:
@@ -128,7 +161,9 @@ def test_jsonLine() -> None:
         '{"time":"2026-11-27T19:05:01.250Z","client":"203.0.113.9","method":"GET",'
         '"target":"/a?b=1","protocol":"HTTP/1.1","status":200,"bytes":5,'
         '"referer":null,"user_agent":"ua\\u00e9\\"x","host":"www.example",'
-        '"duration":0.125,"route":"app","upstream":"backend"}\n'
+        '"duration":0.125,"route":"app","upstream":"backend",'
+        f'"request_id":"{ID}","backend":"10.0.0.1:8080","ttfb":0.125,'
+        '"tls_version":null,"sni":null}\n'
     )
     assert json.loads(line)["user_agent"] == 'ua\u00e9"x'
 
@@ -160,7 +195,8 @@ def test_fileAndReopen(tmp_path: Path) -> None:
     rotated = (tmp_path / "access.log.1").read_text()
     assert '"GET /first HTTP/1.1"' in rotated and '"GET /second HTTP/1.1"' in rotated
     assert path.read_text() == (
-        '127.0.0.1 - - [27/Nov/2026:19:05:01 +0000] "GET /third HTTP/1.1" 200 5 "-" "-"\n'
+        '127.0.0.1 - - [27/Nov/2026:19:05:01 +0000] "GET /third HTTP/1.1" 200 5 "-" "-"'
+        + EXTENDED + "\n"
     )
 
 
@@ -176,7 +212,11 @@ def test_formatCombinedNeverRaisesOnMissingValues() -> None:
         "client": None, "method": None, "target": None, "protocol": None,
         "status": 400, "bytes": 0, "referer": None, "user_agent": None, "finished": 0.0,
     }
-    assert formatCombined(event) == '- - - [01/Jan/1970:00:00:00 +0000] "- - -" 400 - "-" "-"'
+    assert formatCombined(event) == (
+        '- - - [01/Jan/1970:00:00:00 +0000] "- - -" 400 - "-" "-" request_id=- route=- '
+        "upstream=- backend=- ttfb=- duration=- tls_version=- sni=-"
+    )
+    assert formatCombinedPlain(event) == '- - - [01/Jan/1970:00:00:00 +0000] "- - -" 400 - "-" "-"'
 
 
 def test_eventsReachOtherObservers() -> None:
@@ -218,6 +258,8 @@ def test_routeAndUpstreamOfTheCall() -> None:
     routed, refused = (json.loads(line) for line in out.getvalue().splitlines())
     assert (routed["route"], routed["upstream"], routed["duration"]) == ("r1", "pool1", 0.125)
     assert (refused["status"], refused["route"], refused["upstream"], refused["duration"]) == (404, None, None, 0.0)
+    assert (refused["backend"], refused["ttfb"]) == (None, None)
+    assert routed["backend"] == "10.0.0.1:8080"
 
 
 def test_eventIsWhatLoggerInfoWouldEmit() -> None:
@@ -254,3 +296,123 @@ def test_eventIsWhatLoggerInfoWouldEmit() -> None:
     assert event["log_logger"].namespace == expected["log_logger"].namespace
     assert formatEvent(event) == formatEvent(expected) == '10.0.0.1 "GET /e?x HTTP/1.1" 200 5'
     assert (event["user_agent"], event["referer"], event["host"]) == ("a", "r", "h")
+
+
+def serveWith(
+    respond: Any, requestBytes: bytes = b"GET /s HTTP/1.1\r\nHost: h\r\n\r\n"
+) -> tuple[dict[str, Any], str, ProxyClient]:
+    """
+    Send C{requestBytes} and let C{respond(client)} answer it; the JSON
+    record and the extended Combined line of the one access event, and the
+    client.
+    """
+    clock = MemoryReactorClock()
+    clock.advance(NOW - 0.5)
+    events: list[dict[str, Any]] = []
+    accessLog = AccessLog(clock)
+    accessLog.publisher.addObserver(events.append)
+    client = connect(accessLog, clock)
+    client.send(requestBytes)
+    respond(client)
+    [event] = events
+    from edgeproxy.accesslog import formatJSON
+
+    return json.loads(formatJSON(event)), formatCombined(event), client
+
+
+def test_ttfbIsTheBackendsHeadDurationTheWhole() -> None:
+    """
+    C{ttfb} is the time to the backend's response head, C{duration} the
+    time to the end of the response: a slow body tells them apart.
+    """
+
+    def respond(client: ProxyClient) -> None:
+        client.clock.advance(0.1)
+        response = client.sent[-1].respond(MemoryResponse(200, [], b"a", complete=False))
+        client.clock.advance(0.4)
+        response.write(b"b")
+        response.end()
+
+    record, line, _ = serveWith(respond)
+    assert (record["ttfb"], record["duration"]) == (0.1, 0.5)
+    assert " ttfb=0.100 duration=0.500 " in line
+
+
+def test_noBackendIsDashAndNeverOnTheWire() -> None:
+    """
+    The backend's address is logged when one answered; a failed backend
+    (502) leaves it C{-} (as a request that was not routed does); the
+    client sees the address in no case (only the log has it).
+    """
+
+    def answered(client: ProxyClient) -> None:
+        client.sent[-1].respond(
+            MemoryResponse(200, [(b"Content-Type", b"text/plain")], b"ok", length=2, backend="10.9.8.7:8443")
+        )
+
+    record, line, client = serveWith(answered)
+    assert record["backend"] == "10.9.8.7:8443" and " backend=10.9.8.7:8443 " in line
+    assert b"10.9.8.7" not in client.wire() and b"8443" not in client.wire()
+
+    def failed(client: ProxyClient) -> None:
+        client.sent[-1].fail(BackendUnavailable("connect to 10.9.8.7:8443 refused"))
+
+    record, line, client = serveWith(failed)
+    assert (record["status"], record["backend"], record["ttfb"]) == (502, None, None)
+    assert " upstream=backend backend=- ttfb=- " in line
+    assert b"10.9.8.7" not in client.wire()
+
+
+def test_requestIdIsTheOneSentAndReturned() -> None:
+    """
+    The access log's request ID is the one the backend was sent and the
+    client got back (the runtime's own, random, IDs).
+    """
+    clock = MemoryReactorClock()
+    events: list[dict[str, Any]] = []
+    accessLog = AccessLog(clock)
+    accessLog.publisher.addObserver(events.append)
+    client = ProxyClient(pool=MemoryPool(UPSTREAM), routes=(ROUTE,), clock=clock, accessLog=accessLog)
+    for _ in range(2):
+        client.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-Request-ID: forged\r\n\r\n")
+        client.sent[-1].respond(MemoryResponse(200, [], b"ok", length=2))
+    first, second = (event["request_id"] for event in events)
+    assert first != second and len(first) == len(second) == 32
+    sent = [exchange.fields.getAll(b"x-request-id") for exchange in client.sent]
+    assert sent == [[first.encode()], [second.encode()]]
+    wire = client.wire()
+    assert wire.count(b"\r\nX-Request-ID: ") == 2
+    assert b"X-Request-ID: " + first.encode() + b"\r\n" in wire
+    assert b"X-Request-ID: " + second.encode() + b"\r\n" in wire
+    assert b"forged" not in wire
+
+
+def test_tlsVersionAndServerName() -> None:
+    request = makeRequest(path=b"/t", serverName=b"app.example.com")
+    call = Call(request._replace(requestId=b"abc"), None, RecordingClient(), (), NOW - 1)
+    call.status = 200
+    event = dict(requestFields(call, NOW), finished=NOW)
+    assert (event["tls_version"], event["sni"], event["request_id"]) == ("1.3", "app.example.com", "abc")
+    assert formatCombined(event).endswith(
+        ' request_id=abc route=test upstream=- backend=- ttfb=- duration=1.000 '
+        "tls_version=1.3 sni=app.example.com"
+    )
+
+
+def test_refusedLineEndsWithItsRule() -> None:
+    """
+    The rule of a refused request comes last, after the extended pairs,
+    quoted (it holds spaces); the pairs never do.
+    """
+    request = makeRequest(path=b"/admin", serverName=b"we ird\"name")
+    call = Call(request, None, RecordingClient(), (), NOW)
+    call.status = 403
+    call.refusedBy = "deny 10.0.0.0/8"
+    event = dict(requestFields(call, NOW), finished=NOW)
+    line = formatCombined(event)
+    assert line.endswith(' tls_version=1.3 sni=we\\x20ird\\"name rule="deny 10.0.0.0/8"')
+    # Everything after the user agent is "key=value" separated by spaces.
+    pairs = line.split('"-" "-" ', 1)[1].rsplit(" rule=", 1)[0].split(" ")
+    assert [pair.split("=", 1)[0] for pair in pairs] == [
+        "request_id", "route", "upstream", "backend", "ttfb", "duration", "tls_version", "sni",
+    ]

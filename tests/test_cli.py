@@ -459,6 +459,11 @@ def test_checkShowsTheCache(site: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "Cache: memory 64MiB per process, disk cache (10GiB, shared), objects up to 64MiB" in out
 
 
+def test_checkShowsHeaderRules(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(site, CONFIG + "response_headers_set = X-Frame-Options: DENY\n")
+    status, out, _ = run(capsys, "check", "--config", path)
+    assert status == EXIT_OK
+    assert "-> plain (strip prefix, header rules)" in out
 def test_redirectRouteIsShownWithItsTarget(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = (
         textwrap.dedent(CONFIG)

@@ -31,6 +31,7 @@ from edgeproxy.config.model import (
     CacheSettings,
     Config,
     HTTP2Settings,
+    HeaderRules,
     ImageSettings,
     Limits,
     Listener,
@@ -121,7 +122,7 @@ ERRORS = [
     ("[route:r]\nhosts = r.example\nupstream = app\nverbs = GET", "route:r", "verbs", "verbs", "unknown key"),
     ("[tls]\ncertificates = certs\nciphers = ALL", "tls", "ciphers", "ciphers", "unknown key"),
     # [edgeproxy] types
-    ("[edgeproxy]\naccess_log_format = xml", "edgeproxy", "access_log_format", "xml", "expected one of combined, json"),
+    ("[edgeproxy]\naccess_log_format = xml", "edgeproxy", "access_log_format", "xml", "expected one of combined, combined_plain, json"),
     ("[edgeproxy]\naccess_log = nodir/access.log", "edgeproxy", "access_log", "nodir", "does not exist"),
     ("[edgeproxy]\naccess_log = logs", "edgeproxy", "access_log", "= logs", "is a directory"),
     ("[edgeproxy]\naccess_log =", "edgeproxy", "access_log", "access_log", "expected a value"),
@@ -413,6 +414,8 @@ latency_buckets = 5ms, 50ms 500ms
     5s
 image_workers = 2
 image_queue = 5
+request_id = X-Correlation-ID
+client_ip_header = X-Real-IP
 fast_paths = off
 error_pages = errors
 
@@ -529,6 +532,13 @@ stale_while_revalidate = 30s
 stale_if_error = 1d
 default_ttl = 5m
 cache_cookies = yes
+request_headers_set = X-Env: prod
+request_headers_add = X-Trace: edge
+request_headers_remove = X-Debug, X-Internal-*
+response_headers_set = X-Content-Type-Options: nosniff
+    Referrer-Policy: no-referrer
+response_headers_add = Cache-Control: no-transform
+response_headers_remove = X-Backend-*
 
 [route:catchall]
 hosts = *
@@ -596,6 +606,8 @@ def test_fullExample(site: Path) -> None:
             latency_buckets=(0.005, 0.05, 0.5, 5.0),
             image_workers=2,
             image_queue=5,
+            request_id="X-Correlation-ID",
+            client_ip_header="X-Real-IP",
             fast_paths="off",
             error_pages=sitePages,
         ),
@@ -733,6 +745,16 @@ def test_fullExample(site: Path) -> None:
                     stale_if_error=86400.0,
                     default_ttl=300.0,
                     cache_cookies=True,
+                ),
+                request_headers=HeaderRules(
+                    remove=("x-debug", "x-internal-*"),
+                    set=(("x-env", "prod"),),
+                    add=(("x-trace", "edge"),),
+                ),
+                response_headers=HeaderRules(
+                    remove=("x-backend-*",),
+                    set=(("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer")),
+                    add=(("cache-control", "no-transform"),),
                 ),
                 error_pages=ErrorPages(exact=((404, notFound),), classes=((5, down),)),
             ),

@@ -21,6 +21,7 @@ from edgeproxy.pipeline.forwarded import (
     clientFields,
     forwardedElement,
     isTrusted,
+    ownFields,
     sanitized,
     upstreamFields,
 )
@@ -423,9 +424,15 @@ def test_repeatedOrderPreserved(pairs: list[tuple[bytes, bytes]]) -> None:
 
 _fieldNames = st.sampled_from(
     [b"accept", b"user-agent", b"cookie", b"via", b"x-forwarded-for", b"forwarded", b"connection",
-     b"keep-alive", b"te", b"x_custom", b"x-custom", b"content-length", b"upgrade", b"expect"]
+     b"keep-alive", b"te", b"x_custom", b"x-custom", b"content-length", b"upgrade", b"expect",
+     b"x-real-ip", b"X-Real-IP", b"x-request-id", b"X-Client-IP", b"server"]
 )
-_fieldValues = st.sampled_from([b"a", b"keep-alive", b"close", b"x-custom", b"1.0 old", b"203.0.113.9"])
+_fieldValues = st.sampled_from(
+    [b"a", b"keep-alive", b"close", b"x-custom", b"1.0 old", b"203.0.113.9", b"x-real-ip"]
+)
+_ownNames = st.sampled_from(
+    [(None, None), ("X-Request-ID", None), ("X-Request-ID", "X-Real-IP"), ("X-Trace", "X-Client-IP")]
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -433,18 +440,104 @@ _fieldValues = st.sampled_from([b"a", b"keep-alive", b"close", b"x-custom", b"1.
     pairs=st.lists(st.tuples(_fieldNames, _fieldValues), max_size=8),
     via=st.sampled_from([None, b"edge"]),
     override=st.sampled_from([None, b"backend.internal"]),
+    names=_ownNames,
 )
-def test_linesPathGivesTheSameFields(pairs: list[tuple[bytes, bytes]], via: bytes | None, override: bytes | None) -> None:
+def test_linesPathGivesTheSameFields(
+    pairs: list[tuple[bytes, bytes]], via: bytes | None, override: bytes | None,
+    names: tuple[str | None, str | None],
+) -> None:
     """
     Fields still held as the lines they were read as take a path of their
-    own (no dictionary made); it gives the same fields as the general one.
+    own (no dictionary made); it gives the same fields as the general one,
+    the proxy's own fields (request ID, client address) included.
     """
     lines = [name + b": " + value for name, value in pairs]
+    own = ownFields(*names)
     kwargs: dict[str, Any] = dict(
         peer="192.0.2.7", trustedPeer=False, scheme=b"https", host=b"site.example",
-        via=via, hostOverride=override,
+        via=via, hostOverride=override, own=own, requestId=b"0123abcd", client="192.0.2.7",
     )
     fromLines = upstreamFields(Fields.fromLines(lines), **kwargs)
     general = upstreamFields(Fields(pairs), **kwargs)
     assert fromLines == general
-    assert clientFields(Fields.fromLines(lines)) == clientFields(Fields(pairs))
+    assert clientFields(Fields.fromLines(lines), own) == clientFields(Fields(pairs), own)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(_fieldNames, _fieldValues), max_size=8),
+    trusted=st.booleans(),
+    upgrade=st.sampled_from([None, b"websocket"]),
+    asLines=st.booleans(),
+    names=_ownNames,
+)
+def test_noSpoofedClientAddressReachesABackend(
+    pairs: list[tuple[bytes, bytes]], trusted: bool, upgrade: bytes | None, asLines: bool,
+    names: tuple[str | None, str | None],
+) -> None:
+    """
+    Whatever the client sent, on every path (lines or dictionary, trusted
+    peer or not, an upgrade): no X-Real-IP but the proxy's, the client
+    address field holds the client's address alone, and the request ID
+    field the request's ID alone.
+    """
+    incoming = Fields.fromLines([n + b": " + v for n, v in pairs]) if asLines else Fields(pairs)
+    own = ownFields(*names)
+    out = upstreamFields(
+        incoming, peer="192.0.2.7", trustedPeer=trusted, scheme=b"https", host=b"site.example",
+        upgrade=upgrade, own=own, requestId=b"0123abcd", client="198.51.100.4",
+    )
+    client = b"198.51.100.4" if trusted else b"192.0.2.7"
+    if own.clientIp is None:
+        assert list(out.getAll(b"x-real-ip")) == []
+    else:
+        assert list(out.getAll(own.clientIp)) == [client]
+        if own.clientIp != b"x-real-ip":
+            assert list(out.getAll(b"x-real-ip")) == []
+    if own.requestId is not None:
+        assert list(out.getAll(own.requestId)) == [b"0123abcd"]
+
+
+def test_clientAddressField() -> None:
+    """
+    The client address field: the peer's address (without its port) for
+    an untrusted peer, the one trusted proxies vouch for otherwise; a
+    client's copy, and any X-Real-IP, never reach the backend.
+    """
+    sent = fields((b"X-Real-IP", b"10.0.0.1"), (b"x-real-ip", b"10.0.0.2"), (b"Accept", b"*/*"))
+    plain = upstream(sent)
+    assert b"x-real-ip" not in plain and plain.getAll(b"accept") == [b"*/*"]
+    real = upstream(sent, own=ownFields(None, "X-Real-IP"), peer="[2001:db8::7]:4711", client="2001:db8::7")
+    assert list(real.getAll(b"x-real-ip")) == [b"2001:db8::7"]
+    behind = upstream(
+        sent, own=ownFields(None, "X-Client"), trustedPeer=True, peer="10.1.1.1", client="203.0.113.50",
+    )
+    assert list(behind.getAll(b"x-client")) == [b"203.0.113.50"]
+    assert b"x-real-ip" not in behind
+    # The field as the backend reads it, written by the proxy.
+    lines = upstream(Fields.fromLines([b"X-Real-IP: 10.0.0.1"]), own=ownFields("X-Request-ID", "X-Real-IP"), requestId=b"ab")
+    assert lines.lines() is not None
+    assert [line for line in lines.lines() if line.lower().startswith((b"x-real-ip", b"x-request-id"))] == [
+        b"X-Real-IP: 192.0.2.7", b"X-Request-ID: ab",
+    ]
+
+
+def test_requestIdField() -> None:
+    """The request's ID replaces whatever the client sent in its field."""
+    own = ownFields("X-Request-ID", None)
+    out = upstream(fields((b"X-Request-Id", b"forged"), (b"X-Request-ID", b"again")), own=own, requestId=b"abc")
+    assert list(out.getAll(b"x-request-id")) == [b"abc"]
+    # Off: the client's field passes as any other.
+    out = upstream(fields((b"X-Request-ID", b"theirs")))
+    assert list(out.getAll(b"x-request-id")) == [b"theirs"]
+
+
+def test_backendRequestIdDropped() -> None:
+    """A backend's copy of the request ID field does not reach the client
+    (the client side sends the request's own)."""
+    backend = Fields.fromLines([b"X-Request-ID: backend-id", b"Content-Type: text/plain"])
+    assert list(clientFields(backend, ownFields("X-Request-ID", None)).pairs()) == [
+        (b"content-type", b"text/plain"),
+    ]
+    assert clientFields(backend) is backend
+    assert clientFields(backend, ownFields(None, "X-Real-IP")) is backend

@@ -474,6 +474,36 @@ def test_clientBehindATrustedProxy() -> None:
     assert recorder == ["203.0.113.5"]
 
 
+def test_noSpoofedRealIPReachesTheBackend() -> None:
+    """
+    A client's X-Real-IP never reaches a backend, in any spelling, on the
+    fast path (fields as read) and the general one (a Connection naming a
+    field, a trusted peer); with client_ip_header = X-Real-IP the backend
+    gets the client's real address, once.
+    """
+    import ipaddress
+
+    from edgeproxy.config.model import ProxySettings
+
+    spoofs = [
+        b"X-Real-IP: 10.0.0.1\r\n",
+        b"x-real-ip: 10.0.0.1\r\nX-REAL-IP: 10.0.0.2\r\n",
+        b"X-Real-IP: 10.0.0.1\r\nConnection: keep-alive, x-other\r\nX-Other: 1\r\n",
+    ]
+    trusted = (ipaddress.ip_network("192.0.2.0/24"),)
+    for proxy, expected in (
+        (ProxySettings(), []),
+        (ProxySettings(trusted_proxies=trusted), []),
+        (ProxySettings(client_ip_header="X-Real-IP"), [b"192.0.2.7"]),
+        (ProxySettings(client_ip_header="X-Real-IP", trusted_proxies=trusted), [b"203.0.113.5"]),
+    ):
+        for spoof in spoofs:
+            client = Client(proxy=proxy)
+            client.send(
+                b"GET / HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-For: 203.0.113.5\r\n" + spoof + b"\r\n"
+            )
+            [call] = client.sent
+            assert list(call.fields.getAll(b"x-real-ip")) == expected, (proxy, spoof)
 # Timeouts and retries on the route's terms (a real pool) -------------------
 
 

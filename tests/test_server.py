@@ -912,8 +912,13 @@ def _served(pieces: list[bytes], limits: Limits) -> tuple[Any, ...]:
     for piece in pieces:
         connection.send(piece)
     received = connection.received()
-    # The Date field is the only thing allowed to differ between runs.
-    lines = [line for line in received.split(b"\r\n") if not line.startswith(b"Date: ")]
+    # The Date field and the request ID are the only things allowed to
+    # differ between runs.
+    lines = [
+        line
+        for line in received.split(b"\r\n")
+        if not line.startswith((b"Date: ", b"X-Request-ID: "))
+    ]
     fields = [list(request.fields.pairs()) for request in connection.stage.seen]
     return lines, connection.events, fields, connection.transport.disconnecting
 

@@ -508,6 +508,21 @@ def test_refusalRelayed() -> None:
     assert flow.logged == [(403, 6, b"/chat?x=1")]
 
 
+def test_refusalCarriesTheRequestsOwnId() -> None:
+    """
+    A relayed refusal carries the request's ID, the one the backend was
+    sent, once: a backend's own copy is dropped as for other responses.
+    """
+    flow = Flow()
+    flow.open()
+    sent = [line for line in flow.backend.value().split(b"\r\n") if line.startswith(b"X-Request-ID: ")]
+    assert len(sent) == 1
+    flow.answer(b"HTTP/1.1 403 Forbidden\r\nX-Request-ID: backend-own\r\nContent-Length: 0\r\n\r\n")
+    head = flow.client.value().partition(b"\r\n\r\n")[0]
+    assert statusOf(head) == b"HTTP/1.1 403 Forbidden"
+    assert [line for line in head.split(b"\r\n") if line.startswith(b"X-Request-ID")] == sent
+
+
 def test_refusalChunked() -> None:
     flow = Flow()
     flow.open()

@@ -33,6 +33,9 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 
 class AccessLogFormat(enum.Enum):
     COMBINED = "combined"
+    """The Combined Log Format with the request's C{key=value} pairs after it."""
+    COMBINED_PLAIN = "combined_plain"
+    """The Combined Log Format alone."""
     JSON = "json"
 
 
@@ -127,6 +130,13 @@ class ProxySettings:
     image_queue: int | None = None
     """Conversions that may wait for a worker; L{None}: twice
     C{image_workers}.  Beyond it, originals go out unconverted."""
+    request_id: str | None = "X-Request-ID"
+    """The field carrying each request's ID (to the backend, in the
+    response, in the access log); L{None} for C{off}."""
+    client_ip_header: str | None = None
+    """The field the client's address is sent to backends in (such as
+    C{X-Real-IP}); L{None}: none (a client's C{X-Real-IP} is removed
+    either way)."""
     fast_paths: str = "auto"
     """C{auto}: the fast paths through Twisted's and pyOpenSSL's private
     surface with the releases they were tested with; C{off}: never (see
@@ -429,6 +439,24 @@ class RouteCache:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderRules:
+    """
+    A route's header rules for one direction (C{request_headers_*} or
+    C{response_headers_*}), applied in this order: remove, set, add.
+    Names are lower case; values are checked field values.
+    """
+
+    remove: tuple[str, ...] = ()
+    """Names; one ending in C{*} removes every field whose name starts
+    with the rest."""
+    set: tuple[tuple[str, str], ...] = ()
+    """(name, value): replaces every field of that name (several entries
+    of one name give it several values)."""
+    add: tuple[tuple[str, str], ...] = ()
+    """(name, value): one more field line, after those of that name."""
+
+
+@dataclass(frozen=True, slots=True)
 class RouteForwarding:
     """
     A route's own timeouts and retries, over its upstream's (see
@@ -502,6 +530,11 @@ class Route:
     verified certificate's facts are forwarded."""
     cache: RouteCache | None = None
     """The route's cache settings; L{None}: C{cache = no}."""
+    request_headers: HeaderRules | None = None
+    """Rules applied to requests before the backend; L{None}: none."""
+    response_headers: HeaderRules | None = None
+    """Rules applied to every response the route sends once its request
+    passed the C{headers} stage; L{None}: none."""
     forwarding: RouteForwarding | None = None
     """The route's own timeouts and retries; L{None}: its upstream's."""
     redirect: RouteRedirect | None = None

@@ -44,6 +44,14 @@ from edgeproxy.config.auth import AUTH_KEYS, readAuth
 from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, readRouteCache
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
+from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
+from edgeproxy.config.headers import (
+    HEADER_PROXY_KEYS,
+    HEADER_ROUTE_KEYS,
+    checkHeaderNames,
+    readProxyHeaders,
+    readRouteHeaders,
+)
 from edgeproxy.config.errorpages import ERROR_PAGES_KEYS, mergePages, readErrorPages
 from edgeproxy.config.forwarding import ROUTE_FORWARDING_KEYS, readRouteForwarding
 from edgeproxy.config.redirects import REDIRECT_KEYS, readRouteRedirect
@@ -97,6 +105,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
         "log_format",
         "latency_buckets",
         *PROXY_KEYS,
+        *HEADER_PROXY_KEYS,
         "fast_paths",
         *ERROR_PAGES_KEYS,
     ),
@@ -117,6 +126,7 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "upstream": UPSTREAM_KEYS,
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
+        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *HEADER_ROUTE_KEYS,
         *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *ROUTE_FORWARDING_KEYS, *REDIRECT_KEYS,
         *ERROR_PAGES_KEYS,
     ),
@@ -193,6 +203,7 @@ def _readProxy(section: Section) -> ProxySettings:
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
         latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
         **readProxyContent(section, defaults.image_workers),
+        **readProxyHeaders(section),
         fast_paths=section.choice("fast_paths", defaults.fast_paths, {v: v for v in _FAST_PATHS}),
         error_pages=readErrorPages(section),
     )
@@ -364,6 +375,7 @@ def _readRoute(section: Section, name: str, pages: ErrorPages | None) -> Route:
         **readRouteContent(section),
         **security.readRouteSecurity(section),
         cache=readRouteCache(section),
+        **readRouteHeaders(section),
         forwarding=readRouteForwarding(section),
         error_pages=pages,
     )
@@ -481,6 +493,9 @@ def load(path: str, environ: Mapping[str, str] | None = None) -> Config:
         declared={kind: {label for label, _ in named[kind]} for kind in _NAMED_KINDS}
         | {kind: {kind} for kind in singles},
         sections={f"{kind}:{label}": section for kind in _NAMED_KINDS for label, section in named[kind]},
+    )
+    checkHeaderNames(
+        proxy, routes, {f"route:{label}": section for label, section in named["route"]}
     )
     if problems:
         raise ConfigErrors.of(problems.errors, loaded.source.files)

@@ -118,6 +118,21 @@ class Fields:
             noted = {name: values for name, values in noted.items() if name not in names}
         return Fields.fromLines(lines, noted, self._notedNames)
 
+    def withLines(self, lines: list[bytes], changed: frozenset[bytes]) -> Fields:
+        """
+        These fields held as C{lines}: their own lines with those of the
+        fields named in C{changed} removed, replaced or added to (the
+        caller's work; every line checked and, for the dictionary's sake,
+        noted), keeping what was noted of the others.
+        """
+        noted = self._noted
+        notedNames = self._notedNames
+        if not changed.isdisjoint(notedNames):
+            notedNames = notedNames - changed
+            if noted is not None:
+                noted = {name: values for name, values in noted.items() if name not in changed}
+        return Fields.fromLines(lines, noted, notedNames)
+
     def lines(self) -> list[bytes] | None:
         """
         The field lines these fields were read as (shared: reading only), or

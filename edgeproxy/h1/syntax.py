@@ -114,10 +114,13 @@ _SPECIAL_CASE = {
     b"p3p": b"P3P",
     b"te": b"TE",
     b"www-authenticate": b"WWW-Authenticate",
+    b"x-real-ip": b"X-Real-IP",
+    b"x-request-id": b"X-Request-ID",
     b"x-xss-protection": b"X-XSS-Protection",
 }
-"""The names whose usual spelling is not plain Header-Case (the same list
-Twisted's C{Headers} uses, so backends see what they saw before)."""
+"""The names whose usual spelling is not plain Header-Case (the list
+Twisted's C{Headers} uses, so backends see what they saw before, and the
+two fields the proxy itself sets, as nginx and Heroku spell them)."""
 
 _canonical: dict[bytes, bytes] = {}
 

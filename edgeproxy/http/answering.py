@@ -9,8 +9,10 @@ body still to come streams with backpressure (the body's source is the
 transport's producer while it flows, and a body that goes without a byte for
 the route's C{idle_timeout} is cut).  The framing follows the response: its
 length when known, else chunked (HTTP/1.1) or the end of the connection
-(HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.  C{Date} is added when
-the response has none; nothing identifies the software.  Interim responses
+(HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.  The route's response
+header rules are applied (L{edgeproxy.headers.stage}: to every final
+response, error pages too); C{Date} is added when the response has none,
+and the request's ID in its field; nothing identifies the software.  Interim responses
 (1xx) are passed on to HTTP/1.1 clients (RFC 9110 15.2), C{100 Continue}
 only to a client that asked for it, and once.  An answer that comes while
 the request body is still arriving is sent at once; the rest of the body is
@@ -129,6 +131,18 @@ class Answering:
             if pipe is not None:
                 pipe.stopProducing()
         fields = response.fields
+        rules = call.responseRules
+        if rules is not None:
+            # The route's response header rules (edgeproxy.headers.stage).
+            fields = rules.apply(fields)
+        extra = b"" if b"date" in fields else dateField()
+        requestId = request.requestId
+        if requestId:
+            # Never in the response already: a backend's is dropped
+            # (forwarded.clientFields), a rule may not set it.
+            ids = self.factory.requestIds
+            if ids is not None:
+                extra += ids.prefix + requestId + b"\r\n"
         self._noBody = noBody
         self._chunked = chunked
         self._pendingHead = h1.writeResponseHead(
@@ -139,7 +153,7 @@ class Answering:
             length,
             chunked,
             not self._persistent,
-            b"" if b"date" in fields else dateField(),
+            extra,
         )
         body = response.body
         if body is None:

@@ -37,7 +37,7 @@ from edgeproxy.http.server import HTTP1Connection, isTLSFailure
 from edgeproxy.logs import reasonOf, refusals
 from edgeproxy.metrics import Metrics, Traffic
 from edgeproxy.pipeline.call import Call
-from edgeproxy.pipeline.forwarded import clientAddress
+from edgeproxy.pipeline.forwarded import clientAddress, isTrusted
 from edgeproxy.pipeline.values import ConnectionInfo, Request
 from edgeproxy.routing import normaliseHost
 from edgeproxy.security.paths import backendView, mayDiffer
@@ -77,6 +77,11 @@ class ListenerFactory(Factory):
     """The L{edgeproxy.acme.challenges.ChallengeStore} whose HTTP-01 tokens
     this listener answers (L{edgeproxy.http.acmehook}); L{None} without
     ACME (set by the service)."""
+
+    requestIds: Any = None
+    """The L{edgeproxy.headers.requestid.RequestIds} of the runtime the
+    latest request was prepared with (the protocols name the ID's field in
+    responses with it), or L{None}."""
 
     def __init__(
         self,
@@ -301,6 +306,10 @@ class ListenerFactory(Factory):
         if error is not None:
             stages = ()
         trusted = runtime.trustedProxies
+        ids = self.requestIds = runtime.requestIds
+        requestId = b""
+        if ids is not None:
+            requestId = ids.forRequest(fields, bool(trusted) and isTrusted(info.peer, trusted))
         request = Request(
             method,
             path,
@@ -314,6 +323,7 @@ class ListenerFactory(Factory):
             prefix,
             length,
             target,
+            requestId,
         )
         return request, stages, idleTimeout, maxBody, error
 

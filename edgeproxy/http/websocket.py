@@ -324,6 +324,7 @@ class _Upgrade:
         call = self._call
         call.status = 101
         call.backend = self._server.address
+        call.upstreamHead = self._clock.seconds()
         log.info(
             "websocket tunnel open via upstream {upstream} backend {backend}",
             **self._where(),
@@ -366,6 +367,7 @@ class _Upgrade:
             self._reader = h1.LengthReader(framing)
         self._state = "refusing"
         self._call.backend = self._server.address
+        self._call.upstreamHead = self._clock.seconds()
         # The client may already have sent frames after its head: close
         # rather than parse them as the next request.
         self._connection.closeAfterResponse()
@@ -378,9 +380,13 @@ class _Upgrade:
             self._setTimer(self._upstream.idle_timeout, self._timedOut)
         if rest and self._reader is not None:
             self._refusalData(rest)
-        self._call.respond(
-            Response(head.status, head.reason, clientFields(head.fields), head.length, self)
-        )
+        fields = clientFields(head.fields)
+        ids = self._connection.factory.requestIds
+        if ids is not None and self._call.request.requestId:
+            # The client side sends the request's own ID (as forwarded's
+            # clientFields does for other responses).
+            fields = fields.without(ids.name)
+        self._call.respond(Response(head.status, head.reason, fields, head.length, self))
 
     def _refusalData(self, data: bytes) -> None:
         if self._upstream.idle_timeout > 0 and self._state == "refusing":

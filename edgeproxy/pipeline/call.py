@@ -102,7 +102,11 @@ class Call:
         the upstream exchange), called once if the client goes away.
     @ivar over: the client went away, or the answer reached it.
     @ivar upstreamName: the upstream the call was forwarded to (access log).
-    @ivar backend: the address of the backend that answered (access log).
+    @ivar backend: the address of the backend that answered (access log;
+        never sent to the client).
+    @ivar upstreamHead: when the backend's response head reached the
+        forward stage (the clock's time; the access log's C{ttfb}), or
+        L{None}.
     @ivar status: the status the client got (set by the client side).
     @ivar sent: response body bytes sent to the client.
     @ivar started: when the request's head was complete (the clock's time).
@@ -114,12 +118,17 @@ class Call:
         a rate limit, an authentication), for the access log; L{None}.
     @ivar identity: the authenticated subject (access log, C{key =
         identity} rate limits), or L{None}.
+    @ivar responseRules: the route's response header rules
+        (L{edgeproxy.headers.rules.FieldRules}) the client side applies to
+        the final response it writes, whoever made it; set by the
+        C{headers} stage, else L{None}.
     """
 
     __slots__ = (
         "request", "body", "client", "stages", "index", "handlers", "cancelHook",
         "over", "forwarder", "upstreamName", "backend", "status", "sent", "started",
         "firstByte", "logged", "idleTimeout", "refusedBy", "identity", "endHooks",
+        "upstreamHead", "responseRules",
     )
 
     def __init__(
@@ -150,6 +159,8 @@ class Call:
         self.refusedBy: str | None = None
         self.identity: str | None = None
         self.endHooks: list[Callable[[], None]] | None = None
+        self.upstreamHead: float | None = None
+        self.responseRules: Any = None
 
     # The way in -------------------------------------------------------------
 

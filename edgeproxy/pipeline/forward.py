@@ -31,7 +31,13 @@ from twisted.python.failure import Failure
 from edgeproxy.config.model import ProxySettings, Route, Upstream
 from edgeproxy.errors import ProxyError
 from edgeproxy.pipeline.call import Call
-from edgeproxy.pipeline.forwarded import clientFields, isTrusted, sanitized, upstreamFields
+from edgeproxy.pipeline.forwarded import (
+    clientFields,
+    isTrusted,
+    ownFields,
+    sanitized,
+    upstreamFields,
+)
 from edgeproxy.pipeline.values import Request, Response
 from edgeproxy.proxyheader import header as proxyHeader
 from edgeproxy.upstream.balance import requestHashKey
@@ -95,11 +101,13 @@ class Forward:
     """
     Send the request to the route's upstream pool.
 
-    @ivar pool: the pool of the route's upstream (in this runtime).
+    @ivar pool: the pool of the route's upstream (in this runtime); its
+        C{seconds} is the clock the backend's answer is timed with.
     """
 
     __slots__ = (
         "pool", "upstream", "route", "_trusted", "_via", "_hostOverride", "_hashKey", "_terms",
+        "_own",
     )
 
     def __init__(self, route: Route, pool: Any, proxy: ProxySettings) -> None:
@@ -119,6 +127,7 @@ class Forward:
             None if upstream.host_header is None else sanitized(upstream.host_header.encode("idna"))
         )
         self._hashKey = upstream.hash_key if upstream.balance == "hash" else None
+        self._own = ownFields(proxy.request_id, proxy.client_ip_header)
 
     def handle(self, call: Call) -> None:
         request = call.request
@@ -141,6 +150,9 @@ class Forward:
             upgrade=upgrade,
             hostOverride=self._hostOverride,
             receivedProtocol=_VIA_PROTOCOLS.get(request.version, b"1.1"),
+            own=self._own,
+            requestId=request.requestId,
+            client=request.client,
         )
         path = request.path
         if self.route.strip_prefix:
@@ -175,14 +187,15 @@ class Forward:
     # The pool's outcome (through the call) ----------------------------------
 
     def responded(self, call: Call, response: Any) -> None:
-        # The pool interface has no clock: the client side stamps
-        # call.firstByte when the head reaches it.
+        # For the access log only (never the client): which backend
+        # answered, and when its head came.
+        call.upstreamHead = self.pool.seconds()
         call.backend = response.backend
         call.respond(
             Response(
                 response.status,
                 response.reason,
-                clientFields(response.fields),
+                clientFields(response.fields, self._own),
                 response.length,
                 response,
             )

@@ -24,11 +24,22 @@ Request (L{upstreamFields}):
     ours is used when it sent none;
   - C{Host}: the client's (or the upstream's configured C{host_header});
   - C{Via}: C{1.1 <pseudonym>} added after any received C{Via} values;
+  - C{X-Real-IP} goes, always: backends read it as the client's address,
+    and only the proxy knows that; with C{[edgeproxy] client_ip_header}
+    set (C{X-Real-IP}, say) the proxy sends that field with the client's
+    address (after trusted proxies), any copy the client sent removed;
+  - the request ID's field (C{[edgeproxy] request_id}): the request's ID,
+    in place of any the client sent (L{edgeproxy.headers.requestid} keeps
+    a trusted proxy's);
   - C{Expect} is kept: the backend answers C{100-continue} itself.
-Every other field is copied with all its values, in order.
+Every other field is copied with all its values, in order.  The fields the
+proxy sets of its own accord beyond the forwarding ones (the last two) are
+an L{OwnFields}, made once per configuration.
 
 Response (L{clientFields}): C{Server} and C{X-Powered-By} go (hop-by-hop
-fields never reach a stage: the HTTP/1.1 parser keeps them apart).
+fields never reach a stage: the HTTP/1.1 parser keeps them apart), and so
+does the request ID's field: the client side sends the request's own (the
+one the backend was sent and the access log has) in every response.
 
 L{clientAddress} is who the client is when trusted proxies stand in front:
 the right-most address of C{X-Forwarded-For} that is not one of them.
@@ -46,11 +57,14 @@ from edgeproxy.h1.responses import HOP_BY_HOP
 from edgeproxy.h1.syntax import linePrefix
 
 __all__ = [
+    "NO_OWN_FIELDS",
     "PROXY_ADDED",
+    "OwnFields",
     "clientAddress",
     "clientFields",
     "forwardedElement",
     "isTrusted",
+    "ownFields",
     "sanitized",
     "upstreamFields",
 ]
@@ -60,7 +74,8 @@ PROXY_ADDED = frozenset(
 )
 """The fields the proxy sets on upstream requests."""
 
-_NOT_COPIED_UPSTREAM = HOP_BY_HOP | PROXY_ADDED | frozenset((b"content-length",))
+_NOT_COPIED_UPSTREAM = HOP_BY_HOP | PROXY_ADDED | frozenset((b"content-length", b"x-real-ip"))
+_NOT_RETURNED = frozenset((b"server", b"x-powered-by"))
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _MAX_CACHED = 4096
@@ -173,9 +188,56 @@ def sanitized(value: bytes) -> bytes:
     return value
 
 
-_copied: dict[bytes, bool] = {}
-"""Request field names to whether they may be copied to a backend at all;
-bounded."""
+class OwnFields:
+    """
+    The fields the proxy sets on upstream requests of its own accord, by
+    configuration: the request ID's and the client address's (either
+    L{None}: not sent).  Made by L{ownFields}.
+
+    @ivar requestId: the request ID's field name (lower case), or L{None}.
+    @ivar clientIp: the client address's field name (lower case), or L{None}.
+    @ivar copied: request field names to whether they may be copied to a
+        backend at all; bounded.
+    """
+
+    __slots__ = (
+        "clientIp", "copied", "notCopied", "notReturned", "requestId", "requestIdPrefix",
+    )
+
+    def __init__(self, requestId: bytes | None, clientIp: bytes | None) -> None:
+        self.requestId = requestId
+        self.clientIp = clientIp
+        own = frozenset(name for name in (requestId, clientIp) if name is not None)
+        self.notCopied = _NOT_COPIED_UPSTREAM | own
+        self.notReturned = _NOT_RETURNED if requestId is None else _NOT_RETURNED | {requestId}
+        self.copied: dict[bytes, bool] = {}
+        self.requestIdPrefix = b"" if requestId is None else linePrefix(requestId)
+        """The start of the request ID's field line."""
+
+
+_own: dict[tuple[str | None, str | None], OwnFields] = {}
+
+
+def ownFields(requestId: str | None, clientIp: str | None) -> OwnFields:
+    """
+    The L{OwnFields} for C{[edgeproxy] request_id} and C{client_ip_header}
+    (field names as configured, or L{None}); one per pair of names, so that
+    what it learns of field names is shared.
+    """
+    key = (None if requestId is None else requestId.lower(), None if clientIp is None else clientIp.lower())
+    own = _own.get(key)
+    if own is None:
+        if len(_own) >= 64:
+            _own.clear()
+        own = _own[key] = OwnFields(
+            None if key[0] is None else key[0].encode("ascii"),
+            None if key[1] is None else key[1].encode("ascii"),
+        )
+    return own
+
+
+NO_OWN_FIELDS = ownFields(None, None)
+"""Neither a request ID nor a client address field."""
 
 
 def upstreamFields(
@@ -189,6 +251,9 @@ def upstreamFields(
     upgrade: bytes | None = None,
     hostOverride: bytes | None = None,
     receivedProtocol: bytes = b"1.1",
+    own: OwnFields = NO_OWN_FIELDS,
+    requestId: bytes = b"",
+    client: str = "",
 ) -> Fields:
     """
     The fields to send to the backend for a client request.
@@ -207,10 +272,17 @@ def upstreamFields(
         any.
     @param receivedProtocol: the client's protocol version for C{Via}
         (RFC 9110 7.6.3): C{b"1.1"}, C{b"1.0"} or C{b"2"}.
+    @param own: the fields the proxy sets of its own accord (L{ownFields}).
+    @param requestId: the request's ID, sent in C{own}'s field.
+    @param client: the client's address after trusted proxies (for a
+        trusted C{peer}), sent in C{own}'s client address field; for an
+        untrusted peer that is the peer's.
     """
     lines = incoming.lines()
     if lines is not None and not trustedPeer and upgrade is None:
-        kept = _upstreamLines(lines, peer, scheme, host, via, hostOverride, receivedProtocol)
+        kept = _upstreamLines(
+            lines, peer, scheme, host, via, hostOverride, receivedProtocol, own, requestId
+        )
         if kept is not None:
             return Fields.fromLines(kept)
     fields = incoming.raw()
@@ -219,11 +291,12 @@ def upstreamFields(
     out: dict[bytes, list[bytes]] = {b"host": [hostOverride if hostOverride is not None else host]}
     connection = fields.get(b"connection")
     named = _tokensOf(connection) if connection else _NOTHING
-    copied = _copied
+    copied = own.copied
+    notCopied = own.notCopied
     for name, values in fields.items():
         allowed = copied.get(name)
         if allowed is None:
-            allowed = name not in _NOT_COPIED_UPSTREAM and b"_" not in name
+            allowed = name not in notCopied and b"_" not in name
             if len(copied) < _MAX_CACHED:
                 copied[name] = allowed
         if allowed and name not in named:
@@ -249,6 +322,10 @@ def upstreamFields(
         received.append(receivedProtocol + b" " + via)
     if received:
         out[b"via"] = received
+    if own.clientIp is not None:
+        out[own.clientIp] = [client.encode("ascii") if trustedPeer and client else node]
+    if own.requestId is not None and requestId:
+        out[own.requestId] = [requestId]
     if upgrade is not None:
         out[b"connection"] = [b"upgrade"]
         out[b"upgrade"] = [upgrade]
@@ -267,6 +344,8 @@ def _upstreamLines(
     via: bytes | None,
     hostOverride: bytes | None,
     receivedProtocol: bytes,
+    own: OwnFields,
+    requestId: bytes,
 ) -> list[bytes] | None:
     """
     L{upstreamFields} for fields still held as the lines they were read as,
@@ -276,14 +355,15 @@ def _upstreamLines(
     the general path (a C{Connection} naming fields to drop).
     """
     known = LINES
-    copied = _copied
+    copied = own.copied
+    notCopied = own.notCopied
     out = [_hostLine(hostOverride if hostOverride is not None else host)]
     for line in lines:
         pair = known.get(line)
         lower = pair[0] if pair is not None else line.partition(b":")[0].lower()
         allowed = copied.get(lower)
         if allowed is None:
-            allowed = lower not in _NOT_COPIED_UPSTREAM and b"_" not in lower
+            allowed = lower not in notCopied and b"_" not in lower
             if len(copied) < _MAX_CACHED:
                 copied[lower] = allowed
         if allowed:
@@ -295,7 +375,11 @@ def _upstreamLines(
             value = pair[1] if pair is not None else line.partition(b":")[2].strip(b" \t")
             if not _tokensOf([value]) <= _OPTIONS:
                 return None
-    out += _hopLines(peer, scheme, host, via, receivedProtocol)
+    out += _hopLines(peer, scheme, host, via, receivedProtocol, own.clientIp)
+    if requestId and own.requestId is not None:
+        # One line per request: never noted (it would crowd out the lines
+        # that come again).
+        out.append(own.requestIdPrefix + requestId)
     return out
 
 
@@ -313,16 +397,21 @@ def _hostLine(host: bytes) -> bytes:
     return line
 
 
-_hopBlocks: dict[tuple[str, bytes, bytes, bytes | None, bytes], list[bytes]] = {}
-"""(peer, scheme, host, via, protocol) to the field lines this hop adds for
-an untrusted peer: the same for every request of a client to a site;
-bounded."""
+_hopBlocks: dict[tuple[str, bytes, bytes, bytes | None, bytes, bytes | None], list[bytes]] = {}
+"""(peer, scheme, host, via, protocol, client address field) to the field
+lines this hop adds for an untrusted peer: the same for every request of a
+client to a site; bounded."""
 
 
 def _hopLines(
-    peer: str, scheme: bytes, host: bytes, via: bytes | None, receivedProtocol: bytes
+    peer: str,
+    scheme: bytes,
+    host: bytes,
+    via: bytes | None,
+    receivedProtocol: bytes,
+    clientIp: bytes | None,
 ) -> list[bytes]:
-    key = (peer, scheme, host, via, receivedProtocol)
+    key = (peer, scheme, host, via, receivedProtocol, clientIp)
     block = _hopBlocks.get(key)
     if block is None:
         pairs = [
@@ -334,6 +423,9 @@ def _hopLines(
         pairs.append((b"forwarded", forwardedElement(peer, scheme, host)))
         if via is not None:
             pairs.append((b"via", receivedProtocol + b" " + via))
+        if clientIp is not None:
+            # An untrusted peer is the client.
+            pairs.append((clientIp, _nodesOf(peer)[0]))
         block = []
         for lower, value in pairs:
             line = linePrefix(lower) + value
@@ -345,29 +437,32 @@ def _hopLines(
     return block
 
 
-_dropped = frozenset((b"server", b"x-powered-by"))
+def clientFields(fields: Fields, own: OwnFields | None = None) -> Fields:
+    """
+    The fields of a backend's response the client gets.
 
-
-def clientFields(fields: Fields) -> Fields:
-    """The fields of a backend's response the client gets."""
+    @param own: the fields the proxy sets of its own accord (L{ownFields}):
+        a backend's copy of the request ID's field goes too.
+    """
+    dropped = _NOT_RETURNED if own is None else own.notReturned
     lines = fields.lines()
     if lines is not None:
         known = LINES
         kept = []
         for line in lines:
             pair = known.get(line)
-            if (pair[0] if pair is not None else line.partition(b":")[0].lower()) not in _dropped:
+            if (pair[0] if pair is not None else line.partition(b":")[0].lower()) not in dropped:
                 kept.append(line)
         if len(kept) == len(lines):
             return fields
-        return fields.withoutLines(kept, _dropped)
+        return fields.withoutLines(kept, dropped)
     raw = fields.raw()
-    if b"server" not in raw and b"x-powered-by" not in raw:
+    for name in dropped:
+        if name in raw:
+            break
+    else:
         return fields
-    out = dict(raw)
-    out.pop(b"server", None)
-    out.pop(b"x-powered-by", None)
-    return Fields.trusted(out)
+    return Fields.trusted({name: values for name, values in raw.items() if name not in dropped})
 
 
 def isTrusted(host: str, networks: tuple[Any, ...]) -> bool:

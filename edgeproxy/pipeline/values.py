@@ -100,6 +100,9 @@ class Request(NamedTuple):
     (chunked, or HTTP/2 without C{content-length})."""
     target: bytes
     """The request-target as the client sent it (for the access log)."""
+    requestId: bytes = b""
+    """The request's ID (L{edgeproxy.headers.requestid}), or C{b""} with
+    C{request_id = off}."""
 
 
 class ResponseBody(Protocol):

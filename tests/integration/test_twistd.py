@@ -201,6 +201,16 @@ def test_proxiesAndLogsAccess(site: Site, running: Twistd) -> None:
     assert record["user_agent"] == "it"
     assert record["host"] == "a.example"
     assert record["bytes"] == len(body)
+    # What one looks for when a request was slow or wrong: the request's ID
+    # (the one the client got back), the backend that answered (never told
+    # to the client), the backend's time and the whole time, the TLS facts.
+    assert record["request_id"] == headers["x-request-id"] and len(record["request_id"]) == 32
+    assert record["backend"] == f"127.0.0.1:{site.backend.port}"
+    assert str(site.backend.port) not in "".join(f"{k}: {v}" for k, v in headers.items())
+    assert 0 <= record["ttfb"] <= record["duration"] < 5
+    assert (record["tls_version"], record["sni"], record["route"], record["upstream"]) == (
+        "1.3", "a.example", "app", "app",
+    )
 
 
 def test_publicPathsServeTLSWithKeepAlive(site: Site, notify: NotifyReceiver) -> None:

@@ -225,8 +225,19 @@ class Stream:
         connection = self.connection
         if call.firstByte is None:
             call.firstByte = connection.clock.seconds()
-        self.noBody = call.request.method == b"HEAD" or status == 204 or status == 304
-        self.headers = responseHeaders(status, response.fields, response.length)
+        request = call.request
+        self.noBody = request.method == b"HEAD" or status == 204 or status == 304
+        fields = response.fields
+        rules = call.responseRules
+        if rules is not None:
+            # The route's response header rules (edgeproxy.headers.stage).
+            fields = rules.apply(fields)
+        headers = self.headers = responseHeaders(status, fields, response.length)
+        if request.requestId:
+            # Never in the response already (see answering.respond).
+            ids = connection.factory.requestIds
+            if ids is not None:
+                headers.append((ids.name, request.requestId))
         body = response.body
         if body is None:
             self.endPending = True
