@@ -6,7 +6,8 @@ C{edgeproxy_}, and C{docs/operations.rst} documents each one.
 A L{Metrics} owns a private C{CollectorRegistry} (so tests and several
 runtimes never share counters by accident).  Code that observes something
 calls one of the recording methods below; it never touches
-C{prometheus_client} itself, so the names and labels live in this one file.
+C{prometheus_client} itself, so the names and labels live in this module
+and in the collectors it registers (L{edgeproxy.collectors}).
 
 What is a I{state} rather than an event (backend states, requests in flight,
 open connections, certificate expiry) is not recorded here but read at
@@ -41,7 +42,6 @@ The recording API, by who calls it:
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import (
@@ -52,19 +52,24 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edgeproxy.collectors import (
+    BackendTrafficCollector,
+    CacheCollector,
+    CacheCounters,
+    Counts,
+    Durations,
+    Observed,
+    Projection,
+    SecurityCounters,
+    TrafficCollector,
+)
 from edgeproxy.config.model import LATENCY_BUCKETS
 
 __all__ = [
     "CONTENT_TYPE",
-    "CacheCounters",
     "Metrics",
     "StateSample",
     "Traffic",
@@ -137,7 +142,7 @@ class Traffic:
     Bytes are counted on every read and write of every connection, far too
     often for a C{prometheus_client} counter (a lock and a label lookup per
     call); the listener's site adds to these two integers instead and the
-    scrape reads them (L{_TrafficCollector}).
+    scrape reads them (L{edgeproxy.collectors.TrafficCollector}).
     """
 
     __slots__ = ("received", "sent")
@@ -145,314 +150,6 @@ class Traffic:
     def __init__(self) -> None:
         self.received = 0
         self.sent = 0
-
-
-class CacheCounters:
-    """
-    What the HTTP cache counts (L{edgeproxy.cache}), in plain integers for
-    the same reason as L{Traffic}: hits are counted on the hit path.  One
-    per process, kept across reloads (a store rebuilt by a reload does not
-    send the counters back).
-
-    @ivar lookups: tier (C{memory}, C{disk}) -> lookups that reached it.
-    @ivar found: tier -> lookups that found an object there.
-    @ivar stored: tier -> bytes stored.
-    @ivar evicted: tier -> bytes evicted to make room.
-    @ivar purges: kind (C{url}, C{prefix}, C{tag}) -> purges asked for.
-    """
-
-    __slots__ = (
-        "hits", "misses", "staleServed", "revalidations", "collapsed", "lookups", "found",
-        "stored", "evicted", "purges", "purged",
-    )
-
-    def __init__(self) -> None:
-        self.hits = 0
-        self.misses = 0
-        self.staleServed = 0
-        self.revalidations: dict[str, int] = {"not_modified": 0, "replaced": 0, "failed": 0}
-        self.collapsed = 0
-        self.lookups = {"memory": 0, "disk": 0}
-        self.found = {"memory": 0, "disk": 0}
-        self.stored = {"memory": 0, "disk": 0}
-        self.evicted = {"memory": 0, "disk": 0}
-        self.purges: dict[str, int] = {"url": 0, "prefix": 0, "tag": 0}
-        self.purged = 0
-
-
-class _CacheCollector(Collector):
-    def __init__(self, counters: CacheCounters) -> None:
-        self._counters = counters
-
-    def collect(self) -> Iterator[Metric]:
-        c = self._counters
-        yield CounterMetricFamily(
-            "edgeproxy_cache_hits", "Responses served from the cache without asking the origin.", value=c.hits
-        )
-        yield CounterMetricFamily(
-            "edgeproxy_cache_misses",
-            "Cacheable requests forwarded because nothing usable was stored.",
-            value=c.misses,
-        )
-        yield CounterMetricFamily(
-            "edgeproxy_cache_stale_served",
-            "Stale responses served (stale-while-revalidate, max-stale, stale-if-error).",
-            value=c.staleServed,
-        )
-        revalidations = CounterMetricFamily(
-            "edgeproxy_cache_revalidations",
-            "Stored responses validated with the origin, by result (not_modified, replaced, failed).",
-            labels=["result"],
-        )
-        for result, count in sorted(c.revalidations.items()):
-            revalidations.add_metric([result], count)
-        yield revalidations
-        yield CounterMetricFamily(
-            "edgeproxy_cache_collapsed",
-            "Requests that waited for another request's fetch of the same key.",
-            value=c.collapsed,
-        )
-        for name, documentation, values in (
-            ("edgeproxy_cache_lookups", "Cache lookups that reached a tier, by tier.", c.lookups),
-            ("edgeproxy_cache_lookup_hits", "Cache lookups that found an object, by tier.", c.found),
-            ("edgeproxy_cache_stored_bytes", "Bytes stored, by tier.", c.stored),
-            ("edgeproxy_cache_evicted_bytes", "Bytes evicted to make room, by tier.", c.evicted),
-        ):
-            family = CounterMetricFamily(name, documentation, labels=["tier"])
-            for tier, count in sorted(values.items()):
-                family.add_metric([tier], count)
-            yield family
-        purges = CounterMetricFamily(
-            "edgeproxy_cache_purges", "Purges asked for, by kind (url, prefix, tag).", labels=["kind"]
-        )
-        for kind, count in sorted(c.purges.items()):
-            purges.add_metric([kind], count)
-        yield purges
-        yield CounterMetricFamily(
-            "edgeproxy_cache_purged_objects", "Stored responses removed or marked stale by purges.",
-            value=c.purged,
-        )
-
-
-class _TrafficCollector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        received = CounterMetricFamily(
-            "edgeproxy_received_bytes",
-            "Bytes received from clients (HTTP bytes, after TLS decryption), by listener.",
-            labels=["listener"],
-        )
-        sent = CounterMetricFamily(
-            "edgeproxy_sent_bytes",
-            "Bytes sent to clients (HTTP bytes, before TLS encryption), by listener.",
-            labels=["listener"],
-        )
-        for listener, traffic in sorted(self._metrics._traffic.items()):
-            received.add_metric([listener], traffic.received)
-            sent.add_metric([listener], traffic.sent)
-        yield received
-        yield sent
-
-
-class _Durations(Collector):
-    """
-    A histogram by labels, observed once per request or attempt: plain
-    counts in a list per label values, turned into cumulative buckets at
-    scrape time.  A C{prometheus_client} C{Histogram} costs a label lookup
-    and a lock per observation, a few times what this does.
-    """
-
-    def __init__(
-        self, name: str, documentation: str, labels: list[str], buckets: Sequence[float]
-    ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labels = labels
-        self._buckets = tuple(buckets)
-        # As prometheus_client writes bounds: 0.001, 1.0, 60.0.
-        self._bounds = [repr(float(b)) for b in self._buckets] + ["+Inf"]
-        self.values: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
-
-    def observe(self, key: tuple[str, ...], seconds: float) -> None:
-        entry = self.values.get(key)
-        if entry is None:
-            entry = self.values[key] = ([0] * (len(self._buckets) + 1), [0.0])
-        # The first bucket whose upper bound is >= seconds: "le" is inclusive.
-        entry[0][bisect_left(self._buckets, seconds)] += 1
-        entry[1][0] += seconds
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
-        for key, (counts, total) in sorted(self.values.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(self._bounds, counts):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            family.add_metric(list(key), buckets, total[0])
-        yield family
-
-
-class _Observed:
-    """
-    Durations observed once per event under their full key (every label any
-    family of them has), as plain bucket counts: the counters and the
-    histograms by fewer labels are projections of it, made at scrape time
-    (L{_Projection}), so an event costs one observation however many
-    families show it.
-    """
-
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(buckets)
-        self.values: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
-
-    def observe(self, key: tuple[str, ...], seconds: float) -> None:
-        entry = self.values.get(key)
-        if entry is None:
-            entry = self.values[key] = ([0] * (len(self.buckets) + 1), [0.0])
-        # The first bucket whose upper bound is >= seconds: "le" is inclusive.
-        entry[0][bisect_left(self.buckets, seconds)] += 1
-        entry[1][0] += seconds
-
-
-class _Projection(Collector):
-    """
-    One family of an L{_Observed}'s events: a histogram or a counter by the
-    labels at C{indices} of its keys.
-    """
-
-    def __init__(
-        self,
-        observed: _Observed,
-        name: str,
-        documentation: str,
-        labels: list[str],
-        indices: tuple[int, ...],
-        counter: bool = False,
-    ) -> None:
-        self._observed = observed
-        self._name = name
-        self._documentation = documentation
-        self._labels = labels
-        self._indices = indices
-        self._counter = counter
-
-    def collect(self) -> Iterator[Metric]:
-        observed = self._observed
-        folded: dict[tuple[str, ...], tuple[list[int], float]] = {}
-        for key, (counts, total) in observed.values.items():
-            short = tuple(key[i] for i in self._indices)
-            entry = folded.get(short)
-            if entry is None:
-                folded[short] = (list(counts), total[0])
-            else:
-                folded[short] = ([a + b for a, b in zip(entry[0], counts)], entry[1] + total[0])
-        if self._counter:
-            counter = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
-            for short, (counts, _) in sorted(folded.items()):
-                counter.add_metric(list(short), sum(counts))
-            yield counter
-            return
-        bounds = [repr(float(b)) for b in observed.buckets] + ["+Inf"]
-        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
-        for short, (counts, total) in sorted(folded.items()):
-            cumulative, buckets = 0, []
-            for bound, count in zip(bounds, counts):
-                cumulative += count
-                buckets.append((bound, cumulative))
-            family.add_metric(list(short), buckets, total)
-        yield family
-
-
-class _BackendTrafficCollector(Collector):
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        received = CounterMetricFamily(
-            "edgeproxy_backend_received_bytes",
-            "Response body bytes received from backends, by upstream and backend.",
-            labels=["upstream", "backend"],
-        )
-        sent = CounterMetricFamily(
-            "edgeproxy_backend_sent_bytes",
-            "Request body bytes sent to backends, by upstream and backend.",
-            labels=["upstream", "backend"],
-        )
-        for (upstream, backend), traffic in sorted(self._metrics._backendTraffic.items()):
-            received.add_metric([upstream, backend], traffic.received)
-            sent.add_metric([upstream, backend], traffic.sent)
-        yield received
-        yield sent
-
-
-class _Counts(Collector):
-    """
-    A counter by labels kept as plain integers in a dictionary, for events
-    that happen once per request or per connection: a C{prometheus_client}
-    C{Counter} costs a label validation, a lock and a child lookup per
-    increment (about 2% of the CPU of R2, three per new connection).  The
-    exposition is the same as the counter's (C{NAME_total}, no C{_created}).
-    """
-
-    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labels = labels
-        self.counts: dict[tuple[str, ...], int] = {}
-
-    def inc(self, key: tuple[str, ...]) -> None:
-        counts = self.counts
-        counts[key] = counts.get(key, 0) + 1
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self._name, self._documentation, labels=self._labels)
-        for key, count in sorted(self.counts.items()):
-            family.add_metric(list(key), count)
-        yield family
-
-
-class _SecurityCounters:
-    """The counters of the security layer (L{edgeproxy.security}): refusals
-    are rare next to requests, so plain C{prometheus_client} counters do."""
-
-    def __init__(self, r: CollectorRegistry) -> None:
-        self.accessRefused = Counter(
-            "edgeproxy_access_refused",
-            "Requests refused with 403 by an access rule, by route and rule (deny, allow, methods, client_certificate).",
-            ["route", "rule"], registry=r,
-        )
-        self.rateLimited = Counter(
-            "edgeproxy_ratelimit_refused",
-            "Requests refused with 429 by a rate limit, by route and limit.",
-            ["route", "limit"], registry=r,
-        )
-        self.storeErrors = Counter(
-            "edgeproxy_ratelimit_store_errors",
-            "Requests whose shared (Redis) rate limits could not be checked, by route and what on_store_error made of them (open or closed).",
-            ["route", "outcome"], registry=r,
-        )
-        self.storeUp = Gauge(
-            "edgeproxy_ratelimit_store_up",
-            "Whether the last command to the [redis] store of rate limits succeeded (1) or not (0), by store (redis).",
-            ["store"], registry=r,
-        )
-        self.authRefused = Counter(
-            "edgeproxy_auth_refused",
-            "Requests refused by authentication (401, 403, or the forward-auth service's answer), by route and auth section.",
-            ["route", "auth"], registry=r,
-        )
-        self.authCache = Counter(
-            "edgeproxy_auth_cache",
-            "Forward-auth verdicts looked up in the cache, by auth section and result (hit or miss).",
-            ["auth", "result"], registry=r,
-        )
-        self.proxyProtocolRefused = Counter(
-            "edgeproxy_proxy_protocol_refused",
-            "Connections closed before HTTP for their PROXY protocol header, by listener and reason (source, invalid, timeout).",
-            ["listener", "reason"], registry=r,
-        )
 
 
 class Metrics:
@@ -470,10 +167,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         # Once per request: one observation under (route, upstream, method
-        # class, status class), shown as three families (see _Observed).
-        self._requests = _Observed(buckets)
+        # class, status class), shown as three families (see edgeproxy.collectors.Observed).
+        self._requests = Observed(buckets)
         for family in (
-            _Projection(
+            Projection(
                 self._requests,
                 "edgeproxy_requests",
                 "Requests answered, by route, upstream and status class.",
@@ -481,14 +178,14 @@ class Metrics:
                 (0, 1, 3),
                 counter=True,
             ),
-            _Projection(
+            Projection(
                 self._requests,
                 "edgeproxy_request_duration_seconds",
                 "Time from the complete request head to the last response byte, by route.",
                 ["route"],
                 (0,),
             ),
-            _Projection(
+            Projection(
                 self._requests,
                 "edgeproxy_http_request_duration_seconds",
                 "Time from the complete request head to the last response byte, by method and status class.",
@@ -497,8 +194,8 @@ class Metrics:
             ),
         ):
             r.register(family)
-        # Per backend: once per attempt, plain counts (see _Counts).
-        self._backendRequests = _Counts(
+        # Per backend: once per attempt, plain counts (see edgeproxy.collectors.Counts).
+        self._backendRequests = Counts(
             "edgeproxy_backend_requests",
             "Requests sent to backends (each attempt, retries included), by upstream and backend.",
             ["upstream", "backend"],
@@ -506,9 +203,9 @@ class Metrics:
         r.register(self._backendRequests)
         # Once per response head from a backend: one observation under
         # (upstream, backend, status class), shown as three families.
-        self._backends = _Observed(buckets)
+        self._backends = Observed(buckets)
         for family in (
-            _Projection(
+            Projection(
                 self._backends,
                 "edgeproxy_backend_responses",
                 "Response heads received from backends, by upstream, backend and status class.",
@@ -516,14 +213,14 @@ class Metrics:
                 (0, 1, 2),
                 counter=True,
             ),
-            _Projection(
+            Projection(
                 self._backends,
                 "edgeproxy_backend_response_seconds",
                 "Time from sending a request to a backend to its response head, by upstream, backend and status class.",
                 ["upstream", "backend", "code"],
                 (0, 1, 2),
             ),
-            _Projection(
+            Projection(
                 self._backends,
                 "edgeproxy_upstream_response_seconds",
                 "Time from sending a request to a backend to its response head, by upstream.",
@@ -533,21 +230,21 @@ class Metrics:
         ):
             r.register(family)
         self._backendTraffic: dict[tuple[str, str], Traffic] = {}
-        r.register(_BackendTrafficCollector(self))
+        r.register(BackendTrafficCollector(self._backendTraffic))
         self._traffic: dict[str, Traffic] = {}
-        r.register(_TrafficCollector(self))
-        # Once per connection: plain counts (see _Counts).
-        self._connections = _Counts(
+        r.register(TrafficCollector(self._traffic))
+        # Once per connection: plain counts (see edgeproxy.collectors.Counts).
+        self._connections = Counts(
             "edgeproxy_connections", "Client connections accepted, by listener.", ["listener"]
         )
         r.register(self._connections)
-        self._handshakes = _Counts(
+        self._handshakes = Counts(
             "edgeproxy_tls_handshakes",
             "Completed client TLS handshakes, by listener, protocol version and ALPN.",
             ["listener", "version", "alpn"],
         )
         r.register(self._handshakes)
-        self._handshakeFailures = _Counts(
+        self._handshakeFailures = Counts(
             "edgeproxy_tls_handshake_failures",
             "Client TLS handshakes that failed, by listener and reason "
             "(no_shared_cipher, protocol_version, unknown_sni, other).",
@@ -624,10 +321,10 @@ class Metrics:
         self._initContent(buckets)
         # The HTTP cache's counters (edgeproxy.cache adds to them).
         self.cache = CacheCounters()
-        r.register(_CacheCollector(self.cache))
+        r.register(CacheCollector(self.cache))
         self._stateSource: Callable[[], Iterable[StateSample]] | None = None
         r.register(_StateCollector(self))
-        self._security = _SecurityCounters(r)
+        self._security = SecurityCounters(r)
 
     # State read at scrape time ---------------------------------------------
 
@@ -747,38 +444,38 @@ class Metrics:
     def _initContent(self, buckets: Sequence[float]) -> None:
         # Once per response on the routes that use them: plain counts.
         r = self.registry
-        self._compressed = _Counts(
+        self._compressed = Counts(
             "edgeproxy_compressed_responses",
             "Responses compressed, by encoding.",
             ["encoding"],
         )
-        self._compressedIn = _Counts(
+        self._compressedIn = Counts(
             "edgeproxy_compression_read_bytes",
             "Bytes of the responses compressed, before compression, by encoding.",
             ["encoding"],
         )
-        self._compressedOut = _Counts(
+        self._compressedOut = Counts(
             "edgeproxy_compression_written_bytes",
             "Bytes of the responses compressed, after compression, by encoding.",
             ["encoding"],
         )
-        self._images = _Counts(
+        self._images = Counts(
             "edgeproxy_image_conversions",
             "Image responses that could be converted, by the format asked for and the "
             "result (converted, or why the original went out).",
             ["format", "result"],
         )
-        self._imagesIn = _Counts(
+        self._imagesIn = Counts(
             "edgeproxy_image_read_bytes",
             "Bytes of the images converted, before conversion, by format.",
             ["format"],
         )
-        self._imagesOut = _Counts(
+        self._imagesOut = Counts(
             "edgeproxy_image_written_bytes",
             "Bytes of the images converted, after conversion, by format.",
             ["format"],
         )
-        self._imageSeconds = _Durations(
+        self._imageSeconds = Durations(
             "edgeproxy_image_conversion_seconds",
             "Time from the image's last byte to its conversion's end (queue included), by format.",
             ["format"],
@@ -843,5 +540,3 @@ class Metrics:
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (L{CONTENT_TYPE})."""
         return generate_latest(self.registry)
-
-

@@ -15,8 +15,8 @@ from edgeproxy.cache.freshness import Policy
 from edgeproxy.cache.memory import MemoryTier
 from edgeproxy.cache.status import CacheStatus, withStatus
 from edgeproxy.cache.stores import expired
+from edgeproxy.collectors import CacheCounters
 from edgeproxy.h1.fields import Fields
-from edgeproxy.metrics import CacheCounters
 
 
 def entry(key: bytes, size: int, url: bytes | None = None, tags: tuple[bytes, ...] = ()) -> Entry:

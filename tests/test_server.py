@@ -27,9 +27,9 @@ from twisted.web.http import PotentialDataLoss
 
 from edgeproxy.config.model import Config, Limits, Listener, ProxySettings, Route, Server, Upstream
 from edgeproxy.h1 import Fields
+from edgeproxy.http.closing import ABORT_TIMEOUT
 from edgeproxy.http.errorpages import rejection
 from edgeproxy.http.listener import ListenerFactory
-from edgeproxy.http.server import ABORT_TIMEOUT
 from edgeproxy.logs import refusals
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.stages import RoutePipeline

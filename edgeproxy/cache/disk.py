@@ -54,7 +54,7 @@ from edgeproxy.cache.diskindex import connect, insertRow, transaction
 from edgeproxy.cache.diskobjects import DiskWriter, objectHeader, unlinkAll
 from edgeproxy.cache.diskrecover import recoverDirectory
 from edgeproxy.cache.entry import Entry, Variants, decodeMeta, encodeMeta
-from edgeproxy.metrics import CacheCounters
+from edgeproxy.collectors import CacheCounters
 
 __all__ = ["DiskTier"]
 

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from edgeproxy.cache.blocking import Blocking
 from edgeproxy.cache.diskindex import insertRow, threadConnection
 from edgeproxy.cache.entry import Entry, Variants, decodeMeta, encodeMeta
-from edgeproxy.metrics import CacheCounters
+from edgeproxy.collectors import CacheCounters
 
 MAGIC = b"EPCACHE1"
 """The first bytes of every object file."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from edgeproxy.cache.entry import Entry, Variants
-from edgeproxy.metrics import CacheCounters
+from edgeproxy.collectors import CacheCounters
 
 __all__ = ["MemoryTier"]
 

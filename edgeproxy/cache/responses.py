@@ -41,9 +41,9 @@ from edgeproxy.cache.freshness import (
 from edgeproxy.cache.key import secondaryKey
 from edgeproxy.cache.status import CacheStatus, withStatus
 from edgeproxy.cache.stores import CacheStores
+from edgeproxy.collectors import CacheCounters
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
-from edgeproxy.metrics import CacheCounters
 from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.values import BytesBody, Request, Response
 

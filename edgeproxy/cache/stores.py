@@ -29,8 +29,8 @@ from edgeproxy.cache.disk import DiskTier
 from edgeproxy.cache.diskobjects import DiskWriter
 from edgeproxy.cache.entry import Entry, Variants
 from edgeproxy.cache.memory import MemoryTier
+from edgeproxy.collectors import CacheCounters
 from edgeproxy.config.model import CacheSettings
-from edgeproxy.metrics import CacheCounters
 
 __all__ = ["PURGE_KINDS", "CacheStores", "StoreWriter", "expired", "relay", "setRelay"]
 

@@ -35,8 +35,12 @@ start for the first request and from the first byte of each later one; the
 idle timeout (C{client_idle_timeout}) runs while the connection waits for a
 request or a body byte, and is suspended while a request is being answered.
 Both are entries in queues the listener's connections share
-(L{edgeproxy.http.deadlines}).  A connection told to close that does not go
-is aborted after L{ABORT_TIMEOUT}.
+(L{edgeproxy.http.deadlines}).
+
+Closing (L{edgeproxy.http.closing}): what the listener asks (drain), the
+deadlines expiring, the early answers to a request body (too large,
+stalled), refusals, and the close that becomes an abort after
+L{edgeproxy.http.closing.ABORT_TIMEOUT}.
 """
 
 from __future__ import annotations
@@ -44,40 +48,36 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IHandshakeListener, IProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy import h1
 from edgeproxy._compat.twisted.tcp import immediateWriter
 from edgeproxy.bodies import BodyPipe
-from edgeproxy.errors import BadRequest, ContentTooLarge
+from edgeproxy.errors import BadRequest
 from edgeproxy.http.answering import Answering
-from edgeproxy.http.errorpages import pagesFor, rejection
+from edgeproxy.http.closing import Closing
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.values import ConnectionInfo
 
-__all__ = ["ABORT_TIMEOUT", "DISCARD_LIMIT", "HTTP1Connection"]
-
-log = Logger()
+__all__ = ["DISCARD_LIMIT", "HTTP1Connection"]
 
 DISCARD_LIMIT = 1024 * 1024
 """Bytes of a request body read and dropped after its request was answered
 (so that the connection can carry the next one); past this the connection
 closes instead."""
 
-ABORT_TIMEOUT = 15.0
-"""Seconds a connection told to close gets to flush before it is aborted
-(the grace Twisted's C{HTTPChannel.abortTimeout} gives)."""
 
 @implementer(IProtocol, IHandshakeListener)
-class HTTP1Connection(Answering):
+class HTTP1Connection(Closing, Answering):
     """
     One client connection (HTTP/1.1 and 1.0), built by an
     L{edgeproxy.http.listener.ListenerFactory}.
     """
+
+    # Closing before Answering: Answering only names the _abort that
+    # Closing defines.
 
     # An idle kept-alive connection is mostly this object: everything lives
     # in slots (no instance dictionary), and the timers are the listener's.
@@ -205,34 +205,7 @@ class HTTP1Connection(Answering):
             self._started = True
             self._switchToHTTP2(b"")
 
-    # The listener's view (drain, timers) --------------------------------------
-
-    def busy(self) -> bool:
-        """Whether a request is in flight on this connection (or a tunnel)."""
-        upgraded = self._upgraded
-        if upgraded is not None and self._call is None:
-            # HTTP/2: its streams.
-            return bool(upgraded.busy())
-        return self._call is not None
-
-    def closeAfterResponse(self) -> None:
-        """
-        Close once the current response is complete, saying so in it when
-        its head is not written yet (RFC 9112 9.6).
-        """
-        self._persistent = False
-        upgraded = self._upgraded
-        if upgraded is not None and self._call is None:
-            upgraded.closeAfterResponse()
-
-    def closeIdle(self) -> None:
-        """Close a connection that has no request in flight, cleanly."""
-        upgraded = self._upgraded
-        if upgraded is not None:
-            if self._call is None:
-                upgraded.closeIdle()
-        elif self._call is None:
-            self._loseConnection()
+    # Switching protocols -----------------------------------------------------
 
     def takeOver(self, call: Call, fields: Fields, protocol: Any) -> bytes:
         """
@@ -256,34 +229,6 @@ class HTTP1Connection(Answering):
             self._updateReading()
         protocol.makeConnection(self.transport)
         return buffered
-
-    def headExpired(self) -> None:
-        """The header deadline passed: 408 and close."""
-        if (
-            self._awaitingHead
-            and self._call is None
-            and self._reader is None
-            and not self._closing
-        ):
-            self._reject(408)
-
-    def idleExpired(self) -> None:
-        """
-        The idle timeout passed: between requests the connection closes
-        silently; a request body that stopped arriving is cut.
-        """
-        call = self._call
-        if call is None:
-            self._loseConnection()
-        elif self._reader is not None:
-            self._call = None
-            self._abort()
-            self._endCall(call, Failure(ConnectionAborted("client idle")))
-        else:
-            # Suspended while the request is answered: counted again from
-            # the end of the response (moving a deadline is cheaper than
-            # removing and adding it per request).
-            self.factory.idleQueue.arm(self)
 
     # Reading requests -----------------------------------------------------
 
@@ -497,38 +442,6 @@ class HTTP1Connection(Answering):
             buffer, self._buffer = self._buffer, b""
             self._parseHeads(buffer)
 
-    # Early answers -------------------------------------------------------------
-
-    def _bodyTooLarge(self) -> None:
-        call = self._call
-        error = ContentTooLarge(f"body over the limit of {self._maxBody} bytes")
-        # Whatever holds the request (a stage, the backend) lets go first, so
-        # that the body's failure below reaches nobody who would answer it
-        # (a backend exchange would make it a 502); the client gets a 413
-        # (or, with its response begun, a cut).
-        if call is not None:
-            call.stop()
-        if self._pipe is not None:
-            self._pipe.fail(Failure(error))
-            self._pipe = None
-        if call is None:
-            return
-        self._persistent = False
-        if self._pendingHead is not None or self._answered:
-            self._call = None
-            self._abort()
-            self._endCall(call, Failure(error))
-            return
-        call.fail(error)
-
-    def _uploadIdle(self) -> None:
-        log.warn("request body idle timeout: aborting backend and client")
-        call = self._call
-        self._call = None
-        self._abort()
-        if call is not None:
-            self._endCall(call, Failure(ConnectionAborted("request body idle")))
-
     # The BodyPipe's ClientReader ---------------------------------------------
 
     def pause(self) -> None:
@@ -549,7 +462,7 @@ class HTTP1Connection(Answering):
         else:
             transport.resumeProducing()
 
-    # Closing -------------------------------------------------------------------
+    # Writing -------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
         if not self._lost:
@@ -559,36 +472,6 @@ class HTTP1Connection(Answering):
         """Write C{data} and send it now (nothing follows it soon)."""
         if not self._lost:
             self._sendNow(data)
-
-    def _reject(self, status: int) -> None:
-        """Refuse what the client sent: the generic page, then close."""
-        factory = self.factory
-        factory.rejected(status)
-        # Refused before routing: the global pages.
-        self._write(rejection(status, pagesFor(None, factory.currentRuntime)))
-        self._closing = True
-        self._loseConnection()
-
-    def _loseConnection(self) -> None:
-        if self._lost or self._abortCall is not None:
-            return
-        self._closing = True
-        factory = self.factory
-        factory.headQueue.disarm(self)
-        factory.idleQueue.disarm(self)
-        transport = self.transport
-        if self._registered:
-            # A TLS transport sends its close_notify, and so closes, only
-            # once no producer is registered.
-            self._registered = False
-            transport.unregisterProducer()
-        transport.loseConnection()
-        self._abortCall = factory.clock.callLater(ABORT_TIMEOUT, self._abort)
-
-    def _abort(self) -> None:
-        self._closing = True
-        if not self._lost and self.transport is not None:
-            self.transport.abortConnection()
 
     # HTTP/2 --------------------------------------------------------------------
 

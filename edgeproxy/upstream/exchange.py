@@ -2,9 +2,10 @@
 """
 L{Exchange}: one request through an L{edgeproxy.upstream.pool.UpstreamPool},
 from the first pick of a backend to the response head or the last failure:
-its attempts, its retries (decided by L{edgeproxy.upstream.retry}) and its
-time in the pool's C{max_conns} queue.  Every attempt's outcome is reported
-to passive health and to the metrics here.
+its attempts (each a L{edgeproxy.upstream.attempt.BackendAttempt}), its
+retries (decided by L{edgeproxy.upstream.retry}) and its time in the pool's
+C{max_conns} queue.  Every attempt's outcome is reported to passive health
+and to the metrics: a response by its attempt, a failure here.
 
 The pool owns the choice of backend, the queue and the connections; this
 module owns what happens to one request.  The two talk through L{_Pool}, the
@@ -40,7 +41,8 @@ from edgeproxy.upstream.failures import (
     failureDetail,
     leafReasons,
 )
-from edgeproxy.upstream.response import UpstreamReceiver, UpstreamResponse
+from edgeproxy.upstream.attempt import BackendAttempt
+from edgeproxy.upstream.response import UpstreamReceiver
 from edgeproxy.upstream.retry import Attempt, RetryBudget, decide
 from edgeproxy.upstream.sending import BodyProducer
 
@@ -145,141 +147,6 @@ def _ignore(_: object) -> None:
     pass
 
 
-class _Attempt:
-    """
-    One attempt of an L{Exchange} on one backend: it receives the outcome
-    from the client directly (no Deferred in between), counts as in flight
-    for the balancer until its response body is over, and is watched by
-    the pool's response deadlines from the moment the request is sent (or
-    its body is) to the response head.
-
-    @ivar handle: what cancels the request (L{UpstreamClient.send}).
-    @ivar deadline: when the response head is due; L{None} while not
-        watched.
-    """
-
-    __slots__ = (
-        "exchange", "backend", "started", "handle", "deadline", "timedOut",
-        "answered", "counted",
-    )
-
-    def __init__(self, exchange: Exchange, backend: Backend, now: float) -> None:
-        self.exchange = exchange
-        self.backend = backend
-        self.started = now
-        self.handle: Handle | None = None
-        self.deadline: float | None = None
-        self.timedOut = False
-        self.answered = False
-        # Counted by the pool's dispatch, which follows at once.
-        self.counted = True
-        # Per-backend metrics (edgeproxy_backend_*): one request per attempt.
-        pool = exchange.pool
-        pool.metrics.backendRequest(pool.upstream.name, backend.address)
-
-    def release(self) -> None:
-        """
-        End the in-flight count (once; every path may call it).  The freed
-        place goes to the queue.
-        """
-        if self.counted:
-            self.counted = False
-            self.exchange.pool.release(self.backend)
-
-    def startTimer(self, _: object = None) -> None:
-        if not self.answered and self.deadline is None:
-            exchange = self.exchange
-            terms = exchange.terms
-            terms.deadlines.watch(self)
-            if exchange.started is None:
-                # The body was passed on whole: the request is complete,
-                # and its request_timeout counts from now.
-                exchange.started = exchange.pool.seconds()
-                if terms.cutsResponse:
-                    exchange.boundBy(terms.responseTimeout)
-
-    def timeOut(self) -> None:
-        """The response head is overdue: give up on it (a 504)."""
-        self.timedOut = True
-        if self.handle is not None:
-            self.handle.abandon(self)
-
-    def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.abandon(self)
-
-    def _over(self) -> None:
-        self.answered = True
-        exchange = self.exchange
-        if self.deadline is not None:
-            exchange.terms.deadlines.unwatch(self)
-        if exchange.attempt is self:
-            exchange.attempt = None
-
-    def upstreamInterim(self, status: int, reason: bytes, fields: Fields) -> None:
-        exchange = self.exchange
-        if exchange.attempt is self and exchange.receiver is not None:
-            exchange.receiver.upstreamInterim(status, reason, fields)
-
-    def upstreamResponded(self, response: UpstreamResponse) -> None:
-        self._over()
-        exchange = self.exchange
-        pool = exchange.pool
-        upstream = pool.upstream
-        backend = self.backend
-        # The backend stays in flight until the body is delivered (or
-        # fails): the response calls this once, without a reference cycle.
-        response.whenDelivered = self.release
-        # Per-backend metrics: the response, its time, and the body bytes
-        # both ways (the response counts what it delivers into traffic).
-        metrics = pool.metrics
-        traffic = metrics.backendTraffic(upstream.name, backend.address)
-        metrics.backendResponded(
-            upstream.name, backend.address, response.status, pool.seconds() - self.started
-        )
-        traffic.sent += _bodyBytes(exchange.body)
-        response.traffic = traffic
-        pool.passive.responded(backend, response.status)
-        if exchange.over:
-            # Cancelled (or past its request_timeout) meanwhile: nobody
-            # reads it.
-            response.deliverBody(_DISCARDING)
-            return
-        if exchange.retriesDone:
-            pool.log.info(
-                "upstream {upstream}: {method} answered by {backend} after "
-                "{retries} retries (tried {tried})",
-                upstream=upstream.name,
-                method=exchange.method.decode("ascii", "replace"),
-                backend=backend.address,
-                retries=exchange.retriesDone,
-                tried=exchange._triedText(),
-            )
-        exchange.over = True
-        if exchange.timer is not None:
-            exchange.stopTimer()
-        receiver, exchange.receiver = exchange.receiver, None
-        receiver.upstreamResponded(response)
-
-    def upstreamFailed(self, failure: Failure) -> None:
-        self._over()
-        self.release()
-        exchange = self.exchange
-        if exchange.over:
-            return  # cancelled by the caller: nothing to report
-        try:
-            exchange.attemptFailed(self.backend, failure, self.timedOut)
-        except Exception:
-            # A bug here must still answer the client, not leave the
-            # request hanging.
-            pool = exchange.pool
-            pool.log.failure(
-                "upstream {upstream}: handling a failed attempt failed",
-                upstream=pool.upstream.name,
-            )
-            exchange.fail(classifyFailure(failure, self.timedOut), code=None)
-
-
 class Exchange:
     """
     One request through the pool: its attempts, retries and time in the
@@ -324,7 +191,7 @@ class Exchange:
         self.tried: set[Backend] = set()
         self.triedOrder: list[Backend] = []
         self.retriesDone = 0
-        self.attempt: _Attempt | None = None
+        self.attempt: BackendAttempt | None = None
         self.queueTimer: IDelayedCall | None = None
         self.over = False
         self.lastError: ProxyError | None = None
@@ -396,7 +263,7 @@ class Exchange:
         pool = self.pool
         terms = self.terms
         now = pool.seconds()
-        attempt = _Attempt(self, backend, now)
+        attempt = BackendAttempt(self, backend, now)
         self.attempt = attempt
         if producer is None:
             if self.started is None:
@@ -456,7 +323,7 @@ class Exchange:
             upstream=pool.upstream.name,
             method=self.method.decode("ascii", "replace"),
             timeout=self.terms.requestTimeout,
-            tried=self._triedText() or "none",
+            tried=self.triedText() or "none",
         )
         pool.dequeue(self)
         attempt, self.attempt = self.attempt, None
@@ -611,42 +478,9 @@ class Exchange:
                 upstream=pool.upstream.name,
                 method=self.method.decode("ascii", "replace"),
                 why=why,
-                tried=self._triedText(),
+                tried=self.triedText(),
             )
         self.fail(error, code=None)
 
-    def _triedText(self) -> str:
+    def triedText(self) -> str:
         return ", ".join(backend.address for backend in self.triedOrder)
-
-
-def _bodyBytes(body: object) -> int:
-    """
-    The request body bytes an answered attempt carried, for the metrics:
-    what a replayable body received from the client (C{received}), else its
-    declared length.
-    """
-    if body is None:
-        return 0
-    for name in ("received", "length"):
-        count = getattr(body, name, None)
-        if isinstance(count, int) and not isinstance(count, bool):
-            return count
-    return 0
-
-
-class _Discarding:
-    """Closes the connection of a response nobody reads."""
-
-    __slots__ = ()
-
-    def makeConnection(self, transport: Any) -> None:
-        transport.stopProducing()
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure) -> None:
-        pass
-
-
-_DISCARDING = _Discarding()

@@ -7,16 +7,18 @@ connections per backend), the backends (one per address; host names
 re-resolved through L{edgeproxy.upstream.resolve}), the choice of backend (delegated to the
 upstream's L{edgeproxy.upstream.balance.Balancer}, with a predicate
 combining health and C{max_conns}), the in-flight accounting, the queue of
-requests waiting for a backend under C{max_conns}, the retry budget, and
-the start and stop of its background work (re-resolution, the health
-checker).  What happens to one request (attempts, retries, timeouts,
-outcomes reported to passive health and the metrics) is
-L{edgeproxy.upstream.exchange.Exchange}'s, which asks the pool for what it
-needs through a few public methods (L{choose}, L{enqueue}, L{dequeue},
-L{dispatch}, L{release}: the exchange's C{_Pool}); what a failure means is
-L{edgeproxy.upstream.failures}'.  Backends are handed to the client as they
-are: it keys its idle connections on them and dials a new one through
-L{endpointFor}.
+requests waiting for a backend under C{max_conns} (a
+L{edgeproxy.upstream.queue.RequestQueue}, drained whenever a place may have
+come free), the retry budget, and the start and stop of its background
+work (re-resolution, the health checker).  What happens to one request
+(attempts, retries, timeouts, outcomes reported to passive health and the
+metrics) is L{edgeproxy.upstream.exchange.Exchange}'s, which asks the pool
+for what it needs through a few public methods (L{choose}, L{enqueue},
+L{dequeue}, L{dispatch}, L{release}: the exchange's C{_Pool}); what a
+failure means is L{edgeproxy.upstream.failures}'.  Backends are handed to
+the client as they are: it keys its idle connections on them and dials a
+new one through L{endpointFor} (the pool's
+L{edgeproxy.upstream.dialing.Dialer}).
 
 The details of a failure (addresses, exception text, which backends were
 tried) are logged and nowhere else; the client only ever gets the status
@@ -28,19 +30,11 @@ L{edgeproxy.upstream.response.UpstreamReceiver} by a plain call.
 
 from __future__ import annotations
 
-import ipaddress
 import random
-from collections import deque
 from collections.abc import Callable, Set
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    wrapClientTLS,
-)
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
@@ -53,9 +47,10 @@ from edgeproxy.upstream import health
 from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.balance import Balancer, makeBalancer
 from edgeproxy.upstream.client import Handle, UpstreamClient
+from edgeproxy.upstream.dialing import Addresses, CreatorSource, Dialer
 from edgeproxy.upstream.exchange import FULL, Exchange, Full
-from edgeproxy.upstream.headerfirst import HeaderFirstEndpoint
 from edgeproxy.upstream.failures import classifyFailure
+from edgeproxy.upstream.queue import RequestQueue
 from edgeproxy.upstream.resolve import PeriodicResolver, isIPLiteral
 from edgeproxy.upstream.response import UpstreamReceiver
 from edgeproxy.upstream.retry import IDEMPOTENT_METHODS, RetryBudget
@@ -73,17 +68,6 @@ REPLAY_LIMIT = 64 * 1024
 """Bytes of an idempotent request's body kept so that it can be sent again
 after it was sent (a retry after a reset); a longer body is streamed
 without a copy, and is then not retried once any of it was sent."""
-
-
-class _CreatorSource(Protocol):
-    """The part of C{edgeproxy.tls.client.UpstreamTLS} this module uses."""
-
-    def creatorFor(self, server: Server) -> Any: ...
-
-
-def _addressOrder(address: str) -> tuple[int, int, str]:
-    parsed = ipaddress.ip_address(address)
-    return parsed.version, int(parsed), address
 
 
 _NOTHING: frozenset[Backend] = frozenset()
@@ -119,7 +103,7 @@ class UpstreamPool:
         self,
         reactor: Any,
         upstream: Upstream,
-        tls: _CreatorSource | None,
+        tls: CreatorSource | None,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
         activeChecks: bool = True,
@@ -139,7 +123,6 @@ class UpstreamPool:
         self.seconds: Callable[[], float] = reactor.seconds
         self.callLater: Callable[..., Any] = reactor.callLater
         self.upstream = upstream
-        self._tls = tls
         self.metrics = metrics if metrics is not None else Metrics()
         self.observers: list[Callable[[Backend], None]] = [self._backendChanged]
         self.passive = health.PassiveHealth(self, reactor)
@@ -147,7 +130,7 @@ class UpstreamPool:
         self._checker: health.HealthChecker | None = None
         self._resolver = resolver
         self._periodic: PeriodicResolver | None = None
-        self._resolved: dict[str, tuple[str, ...]] = {}
+        self._addresses = Addresses(self, self._newBackend)
         # keepalive = 0: a non-persistent client sends Connection: close
         # (RFC 9112 §9.6) and keeps nothing idle.  Retrying is decided here
         # (is the body still replayable, is the budget spent): the client
@@ -165,10 +148,9 @@ class UpstreamPool:
         self.terms = Terms(reactor, upstream)
         self.deadlines = self.terms.deadlines
         self._routeTerms: dict[tuple[float, float, int, float], Terms] = {}
-        self._routeEndpoints: dict[tuple[Backend, float], IStreamClientEndpoint] = {}
-        self._queue: deque[Exchange] = deque()
-        self._draining = False
-        self._drainAgain = False
+        self._queue = RequestQueue(reactor, self)
+        # The queue's requests: tested on every release, as a plain deque.
+        self._queued = self._queue.waiting
         # Requests still in flight on backends no longer in the pool.
         self._orphaned = 0
         # Set by choose around its balancer.pick calls (single-threaded),
@@ -179,7 +161,7 @@ class UpstreamPool:
         self._available = health.availability(self)
         self.backends: tuple[Backend, ...] = ()
         self._byBackend: set[Backend] = set()
-        self._endpoints: dict[Backend, IStreamClientEndpoint] = {}
+        self._dialer = Dialer(reactor, upstream, tls)
         self.balancer: Balancer = makeBalancer(
             upstream.balance, (), rng, available=self._pickable
         )
@@ -200,13 +182,12 @@ class UpstreamPool:
                 self._orphaned += self.balancer.inFlight(removed)
         self.backends = tuple(backends)
         self._byBackend = kept
-        self._endpoints = {b: e for b, e in self._endpoints.items() if b in kept}
-        self._routeEndpoints = {k: e for k, e in self._routeEndpoints.items() if k[0] in kept}
+        self._dialer.keep(kept)
         self.balancer.setServers(self.backends)
         if self._checker is not None:
             self._checker.backendsChanged()
-        if self._queue:
-            self._drainQueue()
+        if self._queued:
+            self._queue.drain()
 
     # Lifecycle -------------------------------------------------------------
 
@@ -226,8 +207,8 @@ class UpstreamPool:
                 resolver,
                 names,
                 self.upstream.resolve_interval,
-                self._namesResolved,
-                self._resolutionFailed,
+                self._addresses.namesResolved,
+                self._addresses.resolutionFailed,
             )
             self._periodic.start()
         if (
@@ -268,53 +249,6 @@ class UpstreamPool:
             terms.deadlines.close()
         return self._client.closeCachedConnections()
 
-    # DNS -------------------------------------------------------------------
-
-    def _namesResolved(self, name: str, addresses: tuple[str, ...]) -> None:
-        # Round-robin DNS rotates its answers: the order means nothing, and
-        # a fixed one keeps the backends (and the log) still.
-        addresses = tuple(sorted(addresses, key=_addressOrder))
-        previous = self._resolved.get(name)
-        if previous == addresses:
-            return
-        self._resolved[name] = addresses
-        self.log.info(
-            "upstream {upstream}: {name} resolves to {addresses}",
-            upstream=self.upstream.name,
-            name=name,
-            addresses=", ".join(addresses),
-            previous=previous,
-        )
-        self._rebuildBackends()
-
-    def _resolutionFailed(self, name: str, why: str) -> None:
-        kept = self._resolved.get(name)
-        self.log.warn(
-            "upstream {upstream}: resolving {name} failed ({why}); keeping {kept}",
-            upstream=self.upstream.name,
-            name=name,
-            why=why,
-            kept=", ".join(kept) if kept else "the name itself",
-        )
-
-    def _rebuildBackends(self) -> None:
-        """
-        One backend per address of every server (a name not resolved yet
-        is dialled as it is); an address kept keeps its L{Backend}, with
-        its state and counters.
-        """
-        current = {(b.server, b.host): b for b in self.backends}
-        wanted: list[Backend] = []
-        for server in self.upstream.servers:
-            hosts = self._resolved.get(server.host, (server.host,))
-            for host in hosts:
-                backend = current.get((server, host))
-                if backend is None:
-                    backend = self._newBackend(server, host)
-                wanted.append(backend)
-        if wanted != list(self.backends):
-            self.setBackends(wanted)
-
     # Health ----------------------------------------------------------------
 
     def applyVerdict(self, address: str, state: str, reason: str) -> None:
@@ -352,8 +286,8 @@ class UpstreamPool:
     def _backendChanged(self, backend: Backend) -> None:
         # A backend that comes back may take queued requests; one that went
         # away may leave queued requests with no backend at all.
-        if self._queue:
-            self._drainQueue()
+        if self._queued:
+            self._queue.drain()
 
     def inFlight(self, backend: Backend | None = None) -> int:
         """
@@ -365,7 +299,7 @@ class UpstreamPool:
         if backend is None:
             balancer = self.balancer
             current = sum(balancer.inFlight(b) for b in self.backends)
-            return current + self._orphaned + len(self._queue)
+            return current + self._orphaned + len(self._queued)
         try:
             return self.balancer.inFlight(backend)
         except KeyError:
@@ -374,7 +308,7 @@ class UpstreamPool:
     @property
     def queued(self) -> int:
         """Requests waiting for a backend under C{max_conns}."""
-        return len(self._queue)
+        return len(self._queued)
 
     # Choice of backend ---------------------------------------------------
 
@@ -462,48 +396,9 @@ class UpstreamPool:
     ) -> IStreamClientEndpoint:
         """
         The endpoint of backend C{server}, for the client's new connections,
-        the health checks and WebSocket tunnels.
-
-        @param connectTimeout: a route's own connect timeout (L{Terms});
-            L{None}: the upstream's.
-        @return: a client endpoint dialling C{server} with the connect
-            timeout, wrapped in TLS when the upstream uses it.
+        the health checks and WebSocket tunnels (L{Dialer.endpointFor}).
         """
-        if proxyHeader is not None:
-            # Per connection: the header is written first, under TLS.
-            return self._newEndpoint(server, proxyHeader, connectTimeout)
-        # Endpoints hold no per-connection state: one per backend (and
-        # connect timeout), built once.
-        if connectTimeout is not None:
-            key = (server, connectTimeout)
-            endpoint = self._routeEndpoints.get(key)
-            if endpoint is None:
-                endpoint = self._routeEndpoints[key] = self._newEndpoint(server, None, connectTimeout)
-            return endpoint
-        endpoint = self._endpoints.get(server)
-        if endpoint is None:
-            endpoint = self._endpoints[server] = self._newEndpoint(server)
-        return endpoint
-
-    def _newEndpoint(
-        self, server: Backend, proxyHeader: bytes | None = None, connectTimeout: float | None = None
-    ) -> IStreamClientEndpoint:
-        endpoint: IStreamClientEndpoint
-        timeout = self.upstream.connect_timeout if connectTimeout is None else connectTimeout
-        if isIPLiteral(server.host):
-            # An address (configured or resolved): HostnameEndpoint would
-            # still hand it to getaddrinfo in a thread for every connection.
-            endpointType = TCP6ClientEndpoint if ":" in server.host else TCP4ClientEndpoint
-            endpoint = endpointType(self._reactor, server.host, server.port, timeout=timeout)
-        else:
-            endpoint = HostnameEndpoint(self._reactor, server.host, server.port, timeout=timeout)
-        if proxyHeader is not None:
-            endpoint = HeaderFirstEndpoint(endpoint, proxyHeader)
-        if self._tls is not None:
-            # Keyed on the configured Server: a resolved address is still
-            # verified against (and sent as SNI) the configured name.
-            endpoint = wrapClientTLS(self._tls.creatorFor(server.server), endpoint)
-        return endpoint
+        return self._dialer.endpointFor(server, proxyHeader, connectTimeout)
 
     # Requests ------------------------------------------------------------
 
@@ -609,8 +504,8 @@ class UpstreamPool:
             self.balancer.released(backend)
         else:
             self._orphaned -= 1
-        if self._queue:
-            self._drainQueue()
+        if self._queued:
+            self._queue.drain()
 
     # The queue (max_conns) -------------------------------------------------
 
@@ -619,66 +514,8 @@ class UpstreamPool:
         Queue C{exchange} until a backend is below C{max_conns} (or fail it
         at once when the queue is full).
         """
-        upstream = self.upstream
-        if len(self._queue) >= upstream.queue_size:
-            self.log.warn(
-                "upstream {upstream}: every available backend is at max_conns and "
-                "the queue is full ({size}): 503",
-                upstream=upstream.name,
-                size=upstream.queue_size,
-            )
-            exchange.failWaiting(ServiceUnavailable(f"upstream {upstream.name}: queue full"))
-            return
-        self._queue.append(exchange)
-        exchange.queueTimer = self._reactor.callLater(
-            upstream.queue_timeout, self._queueTimedOut, exchange
-        )
+        self._queue.enqueue(exchange)
 
     def dequeue(self, exchange: Exchange) -> None:
         """Take C{exchange} out of the queue (served, timed out or cancelled)."""
-        try:
-            self._queue.remove(exchange)
-        except ValueError:
-            pass
-        timer, exchange.queueTimer = exchange.queueTimer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
-    def _queueTimedOut(self, exchange: Exchange) -> None:
-        exchange.queueTimer = None
-        self.dequeue(exchange)
-        self.metrics.queueTimedOut(self.upstream.name)
-        self.log.warn(
-            "upstream {upstream}: no backend below max_conns within {timeout}s: 503",
-            upstream=self.upstream.name,
-            timeout=self.upstream.queue_timeout,
-        )
-        exchange.failWaiting(
-            ServiceUnavailable(f"upstream {self.upstream.name}: queue timeout")
-        )
-
-    def _drainQueue(self) -> None:
-        """
-        Give backends with room to the queued requests, first come first
-        served; the head of the queue waits for a place before any other.
-        """
-        if self._draining:
-            # Called back from a request sent below (it failed at once):
-            # the loop below looks again.
-            self._drainAgain = True
-            return
-        self._draining = True
-        try:
-            while True:
-                self._drainAgain = False
-                while self._queue:
-                    exchange = self._queue[0]
-                    choice = self.choose(exchange.hashKey, exchange.tried, exchange.untriedOnly)
-                    if choice is FULL:
-                        break
-                    self.dequeue(exchange)
-                    exchange.placed(choice)  # type: ignore[arg-type]
-                if not self._drainAgain:
-                    break
-        finally:
-            self._draining = False
+        self._queue.dequeue(exchange)

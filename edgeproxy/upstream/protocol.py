@@ -13,14 +13,10 @@ reused, its framing being unknown), and after L{EXPECT_TIMEOUT} seconds of
 silence the body is sent anyway (and the receiver hears an interim C{100}
 so that a client waiting for one sends its body too).
 
-Receiving: heads are found and read by L{edgeproxy.h1} (one policy for
-every response; a head it refuses fails the request); interim (1xx)
-responses other than C{101} are passed on as they come (RFC 9110 15.2: a
-proxy forwards them); the body is framed by L{edgeproxy.h1.bodyFraming} and
-read with h1's readers (no body for C{HEAD}, C{204}, C{304}; strict
-chunked; the end of the connection for a body with neither length nor
-coding).  Reading pauses while the body has no reader and whenever that
-reader pauses it.
+Receiving is L{edgeproxy.upstream.reading}'s (the connection's receiving
+half, L{ResponseReading}): heads and bodies read with L{edgeproxy.h1},
+interim responses passed on, reading paused while the body's reader
+pauses.
 
 Failures are Twisted's client classes, so that
 L{edgeproxy.upstream.failures} reads them the same way whatever failed
@@ -34,7 +30,9 @@ an L{edgeproxy.h1.RemoteProtocolError}, or a body cut short).
 A response that arrives while the request body is still being sent is
 handed over once it is complete (the body is then abandoned and the
 connection closed) or once the body is sent, never while the request is
-still being written to the same connection.
+still being written to the same connection.  The end of the connection
+ends a body delimited by it (RFC 9112 6.3 item 8) and fails anything else
+still under way.
 
 Reuse: the connection goes back to its L{ConnectionOwner} once the
 response was read completely and the request completely sent, unless the
@@ -63,24 +61,22 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from edgeproxy._compat.twisted.tcp import immediateWriter
 from edgeproxy.h1 import (
-    CHUNKED,
-    CLOSE_DELIMITED,
-    NO_BODY,
     BodyReader,
-    ChunkedReader,
-    CloseReader,
     Fields,
-    LengthReader,
     LocalProtocolError,
     RemoteProtocolError,
-    ResponseHead,
-    bodyFraming,
-    parseResponseHead,
-    splitResponseHead,
     writeRequestHead,
 )
 from edgeproxy.upstream.backend import Backend
-from edgeproxy.upstream.response import BODY_DONE, UpstreamReceiver, UpstreamResponse
+from edgeproxy.upstream.reading import (
+    DONE,
+    FAILED,
+    IDLE,
+    SENDING,
+    WAITING,
+    ResponseReading,
+)
+from edgeproxy.upstream.response import UpstreamReceiver, UpstreamResponse
 from edgeproxy.upstream.sending import (
     BodyProducer,
     ChunkedConsumer,
@@ -88,12 +84,9 @@ from edgeproxy.upstream.sending import (
     bodyLength,
 )
 
-__all__ = ["EXPECT_TIMEOUT", "MAX_HEAD", "ConnectionOwner", "RequestNotSent", "UpstreamConnection"]
+__all__ = ["EXPECT_TIMEOUT", "ConnectionOwner", "RequestNotSent", "UpstreamConnection"]
 
 log = Logger()
-
-MAX_HEAD = 64 * 1024
-"""A response head longer than this is refused."""
 
 _NO_FIELDS = Fields.trusted({})
 
@@ -111,14 +104,6 @@ class RequestNotSent(Exception):
     The connection was gone (or busy) before the request could be written
     on it: nothing of the request reached the backend.
     """
-
-
-# States of a connection.
-_IDLE = "IDLE"
-_SENDING = "SENDING"  # the head is sent, the body is not (yet) completely
-_WAITING = "WAITING"  # the request is sent: waiting for (the rest of) the response
-_DONE = "DONE"  # closing, never used again
-_FAILED = "FAILED"  # the request failed; closing
 
 
 class ConnectionOwner(Protocol):
@@ -140,7 +125,7 @@ def _expectsContinue(fields: Fields) -> bool:
     )
 
 
-class UpstreamConnection(_Protocol):
+class UpstreamConnection(ResponseReading, _Protocol):
     """
     One HTTP/1.1 connection to a backend, one request at a time.
 
@@ -156,7 +141,7 @@ class UpstreamConnection(_Protocol):
         self.backend = backend
         self._address = backend.address
         self._clock = clock
-        self._state = _IDLE
+        self._state = IDLE
         # Per request:
         self._receiver: UpstreamReceiver | None = None
         self._method = b""
@@ -181,7 +166,7 @@ class UpstreamConnection(_Protocol):
     @property
     def idle(self) -> bool:
         """Whether the connection can take a request now."""
-        return self._state is _IDLE and not self.lost
+        return self._state is IDLE and not self.lost
 
     def connectionMade(self) -> None:
         transport = self.transport
@@ -192,7 +177,7 @@ class UpstreamConnection(_Protocol):
 
     def close(self) -> None:
         """Close the connection (idle, or given up on); it is never used again."""
-        self._state = _DONE
+        self._state = DONE
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     # Sending -------------------------------------------------------------------
@@ -216,14 +201,14 @@ class UpstreamConnection(_Protocol):
         @param persistent: whether the connection may be kept after this
             request (C{Connection: close} is sent when not).
         """
-        if self._state is not _IDLE or self.lost:
+        if self._state is not IDLE or self.lost:
             receiver.upstreamFailed(Failure(RequestNotSent()))
             return
         length = bodyLength(body)
         try:
             head = writeRequestHead(method, target, fields, length, persistent)
         except LocalProtocolError:
-            self._state = _FAILED
+            self._state = FAILED
             self.transport.abortConnection()  # type: ignore[union-attr]
             receiver.upstreamFailed(Failure(RequestGenerationFailed([Failure()])))
             return
@@ -237,9 +222,9 @@ class UpstreamConnection(_Protocol):
         self._receiver = receiver
         self._sendNow(head)
         if body is None:
-            self._state = _WAITING
+            self._state = WAITING
             return
-        self._state = _SENDING
+        self._state = SENDING
         if length != 0 and _expectsContinue(fields):
             # Held until the backend answers or EXPECT_TIMEOUT passes (a
             # timer only for these rare requests).
@@ -317,8 +302,8 @@ class UpstreamConnection(_Protocol):
         self._sending = False
         self._producer = None
         self.transport.unregisterProducer()  # type: ignore[union-attr]
-        if self._state is _SENDING:
-            self._state = _WAITING
+        if self._state is SENDING:
+            self._state = WAITING
         held, self._heldResponse = self._heldResponse, None
         if held is not None:
             self._fire(held)
@@ -331,8 +316,8 @@ class UpstreamConnection(_Protocol):
         self._producer = None
         self.transport.unregisterProducer()  # type: ignore[union-attr]
         self._reusable = False
-        if self._state is _SENDING:
-            self._state = _FAILED
+        if self._state is SENDING:
+            self._state = FAILED
             self.transport.abortConnection()  # type: ignore[union-attr]
             self._failRequest(Failure(RequestGenerationFailed([reason])))
         else:
@@ -349,7 +334,7 @@ class UpstreamConnection(_Protocol):
         if receiver is not self._receiver:
             return
         self._reusable = False
-        self._state = _FAILED
+        self._state = FAILED
         if self._sending:
             self._stopSending()
             self.transport.abortConnection()  # type: ignore[union-attr]
@@ -381,208 +366,10 @@ class UpstreamConnection(_Protocol):
                 # callback's error would be.
                 log.failure("handling a failed upstream request failed")
 
-    # Receiving -------------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        reader = self._reader
-        if reader is not None:
-            try:
-                piece = reader.feed(data)
-            except RemoteProtocolError:
-                self._bodyError(Failure())
-                return
-            if piece:
-                self._response.bodyReceived(piece)  # type: ignore[union-attr]
-            if reader.done:
-                self._bodyComplete(reader.rest)
-            return
-        if self._state is not _SENDING and self._state is not _WAITING:
-            # Bytes nobody asked for (idle in the pool, or after a
-            # response): the connection's framing is lost.
-            self._reusable = False
-            self.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        self._received = True
-        buffer = self._buffer + data if self._buffer else data
-        receiver = self._receiver
-        while True:
-            try:
-                found = splitResponseHead(buffer, MAX_HEAD)
-                if found is None:
-                    self._buffer = buffer
-                    return
-                head, end = found
-                parsed = parseResponseHead(head)
-            except RemoteProtocolError:
-                self._headError(Failure())
-                return
-            buffer = buffer[end:]
-            if parsed.status >= 200:
-                self._buffer = b""
-                self._headReceived(parsed, buffer)
-                return
-            self._interim(parsed)
-            if self._receiver is not receiver or self._state is _FAILED or self.lost:
-                # Cancelled by the interim's receiver, or the body it let
-                # go failed at once.
-                return
-            if not buffer:
-                self._buffer = b""
-                return
-
-    def _interim(self, head: ResponseHead) -> None:
-        if head.status == 101:
-            # A switch nobody asked for (tunnels do not come here): ignored,
-            # as RFC 9110 15.2 allows for an unexpected 1xx.
-            return
-        receiver = self._receiver
-        if receiver is not None:
-            try:
-                receiver.upstreamInterim(head.status, head.reason, head.fields)
-            except Exception:
-                log.failure("handing an interim upstream response over failed")
-        if self._expecting and self._receiver is receiver:
-            # RFC 9110 10.1.1: the backend is ready for the body.
-            timer, self._expectTimer = self._expectTimer, None
-            if timer is not None and timer.active():
-                timer.cancel()
-            self._continue()
-
-    def _headError(self, failure: Failure) -> None:
-        self._reusable = False
-        if self._sending:
-            self._stopSending()
-        elif self._expecting:
-            self._stopExpecting()
-        self._state = _FAILED
-        self.transport.loseConnection()  # type: ignore[union-attr]
-        self._failRequest(Failure(ResponseFailed([failure])))
-
-    def _headReceived(self, head: ResponseHead, rest: bytes) -> None:
-        if not head.persistent:
-            self._reusable = False
-        if self._expecting:
-            # RFC 9110 10.1.1: a final answer instead of 100 Continue; the
-            # body is not sent, so the framing the head announced is never
-            # completed: the connection cannot carry another request.
-            self._stopExpecting()
-            self._reusable = False
-            self._state = _WAITING
-        framing = bodyFraming(head, self._method)
-        response = UpstreamResponse(
-            head.status, head.reason, head.fields, head.length, self._address, self
-        )
-        self._response = response
-        # Like Twisted's client, stop reading until the body has a reader
-        # (deliverBody resumes).  Besides bounding what is buffered, this
-        # takes the backend off the poller and back on after the client's
-        # response head was queued, so a backend closing right after its
-        # head is seen after that head went out (a reset client connection
-        # would hide the head).  A body already complete in the bytes at
-        # hand is not paused for: the connection is released before the
-        # response is handed over, so the pause would only cost two
-        # epoll_ctl calls.
-        if framing == NO_BODY or framing == 0:
-            self._bodyComplete(rest)
-        elif framing > 0 and len(rest) >= framing:
-            # The whole body came with its head (most small responses).
-            response.bodyReceived(rest[:framing])
-            self._bodyComplete(rest[framing:])
-        else:
-            reader: BodyReader
-            if framing == CHUNKED:
-                reader = ChunkedReader()
-            elif framing == CLOSE_DELIMITED:
-                # RFC 9112 6.3 item 8: the body ends with the connection.
-                reader = CloseReader()
-                self._reusable = False
-            else:
-                reader = LengthReader(framing)
-            self._reader = reader
-            if rest:
-                try:
-                    piece = reader.feed(rest)
-                except RemoteProtocolError:
-                    self._pauseRead()
-                    self._bodyError(Failure())
-                    return
-                if piece:
-                    response.bodyReceived(piece)
-                if reader.done:
-                    self._bodyComplete(reader.rest)
-            if self._reader is not None:
-                self._pauseRead()
-        if self._receiver is None:
-            return
-        if self._sending:
-            # The backend answered before the request body was sent: hand
-            # the response over once it is complete or the body is sent.
-            self._heldResponse = response
-            if not response.delivered and self._response is response:
-                self._pauseRead()
-            return
-        self._fire(response)
-
-    def _fire(self, response: UpstreamResponse) -> None:
-        receiver, self._receiver = self._receiver, None
-        if receiver is None:
-            return
-        try:
-            receiver.upstreamResponded(response)
-        except Exception:
-            log.failure("handing an upstream response over failed")
-
-    # The response body's flow (BodySource) -----------------------------------------
-
-    def bodyDelivering(self) -> None:
-        if self._readPaused and not self._bodyPaused:
-            self._readPaused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
-
-    def pauseBody(self) -> None:
-        self._bodyPaused = True
-        self._pauseRead()
-
-    def resumeBody(self) -> None:
-        self._bodyPaused = False
-        if self._readPaused and (self._response is None or self._response.delivered):
-            self._readPaused = False
-            self.transport.resumeProducing()  # type: ignore[union-attr]
-
-    def stopBody(self) -> None:
-        self._reusable = False
-        self.transport.loseConnection()  # type: ignore[union-attr]
-
-    def _pauseRead(self) -> None:
-        if not self._readPaused:
-            self._readPaused = True
-            self.transport.pauseProducing()  # type: ignore[union-attr]
-
-    def _bodyComplete(self, rest: bytes) -> None:
-        self._reader = None
-        if rest:
-            # Bytes after a complete response: the backend's framing is not
-            # what it said; never reuse this connection.
-            self._reusable = False
-        response, self._response = self._response, None
-        if self._sending:
-            # Complete response while the request body is still being
-            # sent: hand it over now, stop sending, and close the
-            # connection (what the backend does with the rest of the body
-            # is unknown).
-            self._stopSending()
-            self._reusable = False
-            self.close()
-            held, self._heldResponse = self._heldResponse, None
-            if held is not None:
-                self._fire(held)
-        else:
-            self._afterResponse()
-        if response is not None:
-            response.bodyEnded(BODY_DONE)
+    # After the response: reuse, and the end of the connection -------------------
 
     def _afterResponse(self) -> None:
-        self._state = _IDLE
+        self._state = IDLE
         if self._readPaused:
             self._readPaused = False
             self.transport.resumeProducing()  # type: ignore[union-attr]
@@ -591,23 +378,6 @@ class UpstreamConnection(_Protocol):
             self._owner.connectionIdle(self)
         else:
             self.close()
-
-    def _bodyError(self, failure: Failure) -> None:
-        self._reader = None
-        self._reusable = False
-        self._state = _FAILED
-        self.transport.loseConnection()  # type: ignore[union-attr]
-        response, self._response = self._response, None
-        held, self._heldResponse = self._heldResponse, None
-        if self._sending:
-            self._stopSending()
-        if self._receiver is not None:
-            # Still held (request body in progress): the caller gets the
-            # failure instead of a broken response.
-            self._failRequest(Failure(ResponseFailed([failure], response)))
-            return
-        if response is not None and held is not response:
-            response.bodyEnded(Failure(ResponseFailed([failure], response)))
 
     def connectionLost(self, reason: Failure = _CLOSED) -> None:
         self.lost = True
