@@ -120,7 +120,7 @@ def imageSet(quick: bool) -> dict[str, list[bytes]]:
 
 
 def measureEncoders(seconds: float, corpusSize: int) -> dict[str, Any]:
-    from edgeproxy.config.model import COMPRESS_LEVELS
+    from edgeproxy.config.stagemodel import COMPRESS_LEVELS
     from edgeproxy.content.encoders import makeEncoder
 
     corpus = textCorpus(corpusSize)
@@ -267,7 +267,7 @@ def cpuSplit() -> tuple[set[int] | None, set[int] | None]:
 
 
 def measureEndToEnd(setup: Setup, seconds: int) -> dict[str, Any]:
-    from edgeproxy.config.model import COMPRESS_LEVELS
+    from edgeproxy.config.stagemodel import COMPRESS_LEVELS
 
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -337,7 +337,7 @@ class ConversionProcess:
 
 
 def measureConversions(seconds: float, quick: bool) -> dict[str, Any]:
-    from edgeproxy.config.model import IMAGE_QUALITY, ImageSettings
+    from edgeproxy.config.stagemodel import IMAGE_QUALITY, ImageSettings
     from edgeproxy.content.job import Job
 
     images = imageSet(quick)

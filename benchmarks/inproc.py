@@ -44,16 +44,16 @@ from twisted.internet.defer import succeed  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
 
 from edgeproxy.cache.blocking import InlineBlocking  # noqa: E402
-from edgeproxy.config.model import (  # noqa: E402
-    CacheSettings,
+from edgeproxy.config.model import (
+    # noqa: E402     CacheSettings,
     Config,
     Listener,
     ProxySettings,
     Route,
-    RouteCache,
     Server,
     Upstream,
 )
+from edgeproxy.config.stagemodel import RouteCache
 from edgeproxy.pipeline.stages import buildPipelines  # noqa: E402
 from edgeproxy.http.listener import ListenerFactory  # noqa: E402
 from edgeproxy.metrics import Metrics  # noqa: E402

@@ -387,7 +387,7 @@ class _Summary:
         """The cache's stores, when a route caches."""
         if not any(route.cache is not None for route in self.config.routes):
             return []
-        from edgeproxy.config.model import CacheSettings
+        from edgeproxy.config.stagemodel import CacheSettings
 
         cache = self.config.cache or CacheSettings()
         memory = "off" if not cache.memory else f"{formatSize(cache.memory)} per process"

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from edgeproxy.acme.client import ariCertID, newKey, parseRetryAfter
-from edgeproxy.config.model import ACMEKeyType
+from edgeproxy.config.acmemodel import ACMEKeyType
 
 
 def test_ariCertIDOfRFC9773() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgeproxy.config import load
-from edgeproxy.config.model import LETS_ENCRYPT_DIRECTORY, ACMEChallenge, ACMEKeyType
+from edgeproxy.config.acmemodel import LETS_ENCRYPT_DIRECTORY, ACMEChallenge, ACMEKeyType
 from edgeproxy.config.parse import defaultACMEStorage
 from edgeproxy.errors import ConfigError
 

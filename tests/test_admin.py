@@ -28,16 +28,15 @@ from edgeproxy.admin.site import (
 )
 from edgeproxy.admin.status import statusDocument
 from edgeproxy.config.model import (
-    CacheSettings,
     Config,
     Listener,
     ProxySettings,
     Route,
-    RouteCache,
     Server,
     TLSSettings,
     Upstream,
 )
+from edgeproxy.config.stagemodel import CacheSettings, RouteCache
 from edgeproxy.errors import ServiceUnavailable
 from edgeproxy.metrics import CONTENT_TYPE
 from edgeproxy.serve.service import EdgeService

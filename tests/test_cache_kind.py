@@ -17,7 +17,8 @@ from twisted.internet.testing import MemoryReactorClock
 from edgeproxy.cache.blocking import InlineBlocking
 from edgeproxy.cache.kind import storesOf
 from edgeproxy.cache.stage import CacheStage
-from edgeproxy.config.model import CacheSettings, Config, ProxySettings, Route, RouteCache, Server, Upstream
+from edgeproxy.config.model import Config, ProxySettings, Route, Server, Upstream
+from edgeproxy.config.stagemodel import CacheSettings, RouteCache
 from edgeproxy.errors import ConfigError
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline.forward import Forward

@@ -15,7 +15,7 @@ import pytest
 from edgeproxy.cache.entry import Entry
 from edgeproxy.cache.freshness import Policy
 from edgeproxy.cache.operate import combineStatus, parsePurge, purgeHere, relayFromWorker, statusOf
-from edgeproxy.config.model import CacheSettings
+from edgeproxy.config.stagemodel import CacheSettings
 from edgeproxy.h1.fields import Fields
 from tests.test_admin import TOKEN, Admin
 

@@ -24,14 +24,8 @@ from twisted.python.failure import Failure
 from edgeproxy.cache.directives import formatHTTPDate
 from edgeproxy.cache.blocking import InlineBlocking
 from edgeproxy.cache.kind import storesOf
-from edgeproxy.config.model import (
-    CacheSettings,
-    Config,
-    Listener,
-    ProxySettings,
-    Route,
-    RouteCache,
-)
+from edgeproxy.config.model import Config, Listener, ProxySettings, Route
+from edgeproxy.config.stagemodel import CacheSettings, RouteCache
 from edgeproxy.errors import BackendUnavailable
 from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.metrics import Metrics

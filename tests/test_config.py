@@ -20,30 +20,30 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
 
 from edgeproxy.config import load
+from edgeproxy.config.acmemodel import ACMEChallenge, ACMEKeyType, ACMESettings
 from edgeproxy.config.model import (
-    ErrorPage,
-    ErrorPages,
-    ACMEChallenge,
-    ACMEKeyType,
-    ACMESettings,
     AccessLogFormat,
-    CompressSettings,
-    CacheSettings,
     Config,
     HTTP2Settings,
-    HeaderRules,
-    ImageSettings,
     Limits,
     Listener,
     ProxySettings,
     Route,
-    RouteCache,
-    RouteForwarding,
-    RouteRedirect,
     Server,
     TLSSettings,
     TLSVersion,
     Upstream,
+)
+from edgeproxy.config.stagemodel import (
+    ErrorPage,
+    ErrorPages,
+    CompressSettings,
+    CacheSettings,
+    HeaderRules,
+    ImageSettings,
+    RouteCache,
+    RouteForwarding,
+    RouteRedirect,
 )
 import configparser
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from edgeproxy.config.errorpages import PAGE_LIMIT, mergePages
-from edgeproxy.config.model import Config, ErrorPage, ErrorPages
+from edgeproxy.config.model import Config
+from edgeproxy.config.stagemodel import ErrorPage, ErrorPages
 from edgeproxy.config.parse import load
 from edgeproxy.errors import ConfigError
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.config.model import Config, RouteForwarding
+from edgeproxy.config.model import Config
+from edgeproxy.config.stagemodel import RouteForwarding
 from edgeproxy.config.parse import load
 from edgeproxy.errors import ConfigError
 

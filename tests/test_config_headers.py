@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgeproxy.config.headers import NOT_SET_ON_REQUESTS, NOT_SET_ON_RESPONSES
-from edgeproxy.config.model import HeaderRules
+from edgeproxy.config.stagemodel import HeaderRules
 from edgeproxy.config.parse import load
 from edgeproxy.errors import ConfigError, ConfigErrors
 from edgeproxy.h1.responses import HOP_BY_HOP

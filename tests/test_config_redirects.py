@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.config.model import Config, RouteRedirect
+from edgeproxy.config.model import Config
+from edgeproxy.config.stagemodel import RouteRedirect
 from edgeproxy.config.parse import load
 from edgeproxy.config.redirects import parseTemplate
 from edgeproxy.errors import ConfigError

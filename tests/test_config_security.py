@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edgeproxy.config.auth import htpasswdUsers
-from edgeproxy.config.model import AuthSettings, RateLimit
+from edgeproxy.config.stagemodel import AuthSettings, RateLimit
 from edgeproxy.config.parse import load
 from edgeproxy.errors import ConfigError
 

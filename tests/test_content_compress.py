@@ -17,7 +17,8 @@ import brotli
 import pytest
 import zstandard
 
-from edgeproxy.config.model import CompressSettings, Route
+from edgeproxy.config.model import Route
+from edgeproxy.config.stagemodel import CompressSettings
 from edgeproxy.content.compress import Compress
 from edgeproxy.content.encoders import makeEncoder
 from edgeproxy.h1.fields import Fields

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeproxy.config.model import CompressSettings, ImageSettings
+from edgeproxy.config.stagemodel import CompressSettings, ImageSettings
 from edgeproxy.config.parse import load
 from edgeproxy.errors import ConfigError
 

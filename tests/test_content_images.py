@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from edgeproxy.config.model import ImageSettings, Route
+from edgeproxy.config.model import Route
+from edgeproxy.config.stagemodel import ImageSettings
 from edgeproxy.content import images as imagesModule
 from edgeproxy.content.convert import convert
 from edgeproxy.content.images import Images

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgeproxy.config.model import DEFAULT_COMPRESS_TYPES
+from edgeproxy.config.stagemodel import DEFAULT_COMPRESS_TYPES
 from edgeproxy.content.rules import (
     compressDecision,
     hasNoTransform,

@@ -13,15 +13,8 @@ import ipaddress
 
 from twisted.internet.testing import MemoryReactorClock
 
-from edgeproxy.config.model import (
-    Config,
-    ErrorPage,
-    ErrorPages,
-    ProxySettings,
-    RateLimit,
-    Route,
-    RouteCache,
-)
+from edgeproxy.config.model import Config, ProxySettings, Route
+from edgeproxy.config.stagemodel import ErrorPage, ErrorPages, RateLimit, RouteCache
 from edgeproxy.errors import BackendUnavailable, ServiceUnavailable, Unauthorized, UpstreamTimeout
 from edgeproxy.http.errorpages import errorBody, errorResponse, rejection
 from edgeproxy.pipeline.stages import buildPipelines

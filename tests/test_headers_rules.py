@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeproxy.config.model import HeaderRules
+from edgeproxy.config.stagemodel import HeaderRules
 from edgeproxy.h1 import Fields
 from edgeproxy.headers.rules import FieldRules
 

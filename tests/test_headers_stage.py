@@ -15,15 +15,8 @@ from typing import Any
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from edgeproxy.cache.blocking import InlineBlocking
-from edgeproxy.config.model import (
-    CacheSettings,
-    Config,
-    HeaderRules,
-    Listener,
-    ProxySettings,
-    Route,
-    RouteCache,
-)
+from edgeproxy.config.model import Config, Listener, ProxySettings, Route
+from edgeproxy.config.stagemodel import CacheSettings, HeaderRules, RouteCache
 from edgeproxy.errors import BackendUnavailable, UpstreamTimeout
 from edgeproxy.headers.stage import HeadersStage
 from edgeproxy.http.listener import ListenerFactory

@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 from zope.interface import implementer
 
-from edgeproxy.config.model import Config, ProxySettings, Route, RouteForwarding, Server, Upstream
+from edgeproxy.config.model import Config, ProxySettings, Route, Server, Upstream
+from edgeproxy.config.stagemodel import RouteForwarding
 from edgeproxy.errors import (
     BackendUnavailable,
     CertificateError,

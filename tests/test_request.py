@@ -15,7 +15,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from edgeproxy.config.model import Limits, Listener, Route, RouteForwarding
+from edgeproxy.config.model import Limits, Listener, Route
+from edgeproxy.config.stagemodel import RouteForwarding
 from edgeproxy.errors import BackendUnavailable, ServiceUnavailable
 from edgeproxy.http.errorpages import errorBody
 from edgeproxy.http.server import DISCARD_LIMIT

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgeproxy.config.model import Route, RouteRedirect
+from edgeproxy.config.model import Route
+from edgeproxy.config.stagemodel import RouteRedirect
 from edgeproxy.config.redirects import parseTemplate
 from tests.memorypool import ROUTES, ProxyClient
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from edgeproxy.config.model import Config, ProxySettings, Route, RouteForwarding, Server, Upstream
+from edgeproxy.config.model import Config, ProxySettings, Route, Server, Upstream
+from edgeproxy.config.stagemodel import RouteForwarding
 from edgeproxy.errors import CertificateError
 from edgeproxy.runtime import Runtime, poolInFlight, upstreamFingerprint
 from edgeproxy.upstream.backend import BackendState

@@ -22,7 +22,8 @@ import jwt
 import pytest
 from twisted.internet.testing import MemoryReactorClock
 
-from edgeproxy.config.model import AuthSettings, Config, ProxySettings, RateLimit, Route
+from edgeproxy.config.model import Config, ProxySettings, Route
+from edgeproxy.config.stagemodel import AuthSettings, RateLimit
 from edgeproxy.pipeline.stages import buildPipelines
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime

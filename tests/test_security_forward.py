@@ -13,7 +13,8 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
-from edgeproxy.config.model import AuthSettings, Route
+from edgeproxy.config.model import Route
+from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.h1.fields import Fields
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline.call import Call

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
-from edgeproxy.config.model import AuthSettings
+from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import Unauthorized
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.testing import makeRequest

@@ -18,7 +18,8 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from edgeproxy.config.model import AuthSettings, Route
+from edgeproxy.config.model import Route
+from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.testing import RecordingNext, makeRequest, run, textResponse
 from edgeproxy.pipeline.values import ClientCertificate

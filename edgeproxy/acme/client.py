@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 import edgeproxy
 from edgeproxy.acme.policy import RenewalWindow
 from edgeproxy.acme.storage import Storage
-from edgeproxy.config.model import ACMEChallenge, ACMEKeyType, ACMESettings
+from edgeproxy.config.acmemodel import ACMEKeyType, ACMESettings
 
 __all__ = ["ACMEClient", "ACMEFailure", "Presenter", "ariCertID", "newKey", "parseRetryAfter"]
 

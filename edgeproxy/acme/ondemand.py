@@ -30,7 +30,7 @@ from twisted.logger import Logger
 
 from edgeproxy.acme.policy import TokenBucket
 from edgeproxy.config import syntax
-from edgeproxy.config.model import ACMESettings
+from edgeproxy.config.acmemodel import ACMESettings
 
 __all__ = ["OnDemand", "askURL"]
 

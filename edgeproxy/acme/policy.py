@@ -10,7 +10,7 @@ what these return.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from edgeproxy.config.model import Config

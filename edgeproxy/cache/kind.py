@@ -21,7 +21,8 @@ from typing import Any, cast
 from edgeproxy.cache.blocking import InlineBlocking, ThreadBlocking
 from edgeproxy.cache.stage import CacheStage
 from edgeproxy.cache.stores import CacheStores
-from edgeproxy.config.model import CacheSettings, Config, Route
+from edgeproxy.config.model import Config, Route
+from edgeproxy.config.stagemodel import CacheSettings
 from edgeproxy.errors import ConfigError
 from edgeproxy.pipeline.call import Stage
 from edgeproxy.pipeline.stages import registerKind

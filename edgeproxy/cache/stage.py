@@ -84,7 +84,8 @@ from edgeproxy.cache.responses import (
 )
 from edgeproxy.cache.status import CacheStatus
 from edgeproxy.cache.stores import CacheStores, relay
-from edgeproxy.config.model import CacheSettings, Route
+from edgeproxy.config.model import Route
+from edgeproxy.config.stagemodel import CacheSettings
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.http.errorpages import errorResponse, pagesFor

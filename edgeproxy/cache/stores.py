@@ -30,7 +30,7 @@ from edgeproxy.cache.diskobjects import DiskWriter
 from edgeproxy.cache.entry import Entry, Variants
 from edgeproxy.cache.memory import MemoryTier
 from edgeproxy.collectors import CacheCounters
-from edgeproxy.config.model import CacheSettings
+from edgeproxy.config.stagemodel import CacheSettings
 
 __all__ = ["PURGE_KINDS", "CacheStores", "StoreWriter", "expired", "relay", "setRelay"]
 

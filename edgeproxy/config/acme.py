@@ -13,7 +13,7 @@ from typing import Any
 
 from edgeproxy.config import syntax
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
-from edgeproxy.config.model import (
+from edgeproxy.config.acmemodel import (
     LETS_ENCRYPT_DIRECTORY,
     ACMEChallenge,
     ACMEKeyType,

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edgeproxy.config import syntax
-from edgeproxy.config.model import AuthSettings
+from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.config.section import Section
 from edgeproxy.config.securityvalues import (
     NO_NAMES,

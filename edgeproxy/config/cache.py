@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from edgeproxy.config import syntax
-from edgeproxy.config.model import CacheSettings, RouteCache
+from edgeproxy.config.stagemodel import CacheSettings, RouteCache
 from edgeproxy.config.section import Section
 
 __all__ = ["CACHE_KEYS", "ROUTE_CACHE_KEYS", "readCache", "readRouteCache"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from edgeproxy.config import syntax
 from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
-from edgeproxy.config.model import (
+from edgeproxy.config.stagemodel import (
     COMPRESS_ENCODINGS,
     COMPRESS_LEVELS,
     IMAGE_FORMATS,

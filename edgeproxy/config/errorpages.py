@@ -27,7 +27,7 @@ import os
 import re
 
 from edgeproxy.config.files import FileProblem, readRegularFile
-from edgeproxy.config.model import ErrorPage, ErrorPages
+from edgeproxy.config.stagemodel import ErrorPage, ErrorPages
 from edgeproxy.config.section import Section
 
 __all__ = ["CONTENT_TYPES", "ERROR_PAGES_KEYS", "PAGE_LIMIT", "mergePages", "readErrorPages"]

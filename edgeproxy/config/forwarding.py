@@ -10,7 +10,7 @@ L{edgeproxy.upstream.terms}'.
 
 from __future__ import annotations
 
-from edgeproxy.config.model import RouteForwarding
+from edgeproxy.config.stagemodel import RouteForwarding
 from edgeproxy.config.section import Section
 
 __all__ = ["ROUTE_FORWARDING_KEYS", "readRouteForwarding"]

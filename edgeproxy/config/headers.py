@@ -32,7 +32,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from edgeproxy.config.model import HeaderRules, ProxySettings, Route
+from edgeproxy.config.model import ProxySettings, Route
+from edgeproxy.config.stagemodel import HeaderRules
 from edgeproxy.config.section import Section
 
 __all__ = [

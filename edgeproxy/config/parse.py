@@ -44,7 +44,6 @@ from edgeproxy.config.auth import AUTH_KEYS, readAuth
 from edgeproxy.config.cache import CACHE_KEYS, ROUTE_CACHE_KEYS, readCache, readRouteCache
 from edgeproxy.config.checks import crossCheck
 from edgeproxy.config.content import PROXY_KEYS, ROUTE_KEYS, readProxyContent, readRouteContent
-from edgeproxy.config.files import TOKEN_LIMIT, FileProblem, readRegularFile
 from edgeproxy.config.headers import (
     HEADER_PROXY_KEYS,
     HEADER_ROUTE_KEYS,
@@ -60,7 +59,6 @@ from edgeproxy.config.http2 import H2_KEYS, readHTTP2
 from edgeproxy.config.model import (
     AccessLogFormat,
     Config,
-    ErrorPages,
     IPNetwork,
     Limits,
     Listener,
@@ -70,6 +68,7 @@ from edgeproxy.config.model import (
     TLSVersion,
     Upstream,
 )
+from edgeproxy.config.stagemodel import ErrorPages
 from edgeproxy.config.ratelimit import RATELIMIT_KEYS, REDIS_KEYS, readRateLimit, readRedis
 from edgeproxy.config.section import Problems, Section, readSection
 from edgeproxy.config import security

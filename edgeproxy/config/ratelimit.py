@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from edgeproxy.config import syntax
-from edgeproxy.config.model import RateLimit, RedisSettings
+from edgeproxy.config.stagemodel import RateLimit, RedisSettings
 from edgeproxy.config.section import Section
 from edgeproxy.config.securityvalues import secretText
 

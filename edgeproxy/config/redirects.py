@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 
-from edgeproxy.config.model import RouteRedirect
+from edgeproxy.config.stagemodel import RouteRedirect
 from edgeproxy.config.section import Section
 
 __all__ = [

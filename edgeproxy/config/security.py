@@ -23,15 +23,8 @@ import re
 from typing import Any
 
 from edgeproxy.config import syntax
-from edgeproxy.config.model import (
-    AuthSettings,
-    IPNetwork,
-    Listener,
-    RateLimit,
-    RedisSettings,
-    Route,
-    Upstream,
-)
+from edgeproxy.config.model import IPNetwork, Listener, Route, Upstream
+from edgeproxy.config.stagemodel import AuthSettings, RateLimit, RedisSettings
 from edgeproxy.config.section import Section
 from edgeproxy.config.securityvalues import NO_NAMES, NO_PAIRS, TOKEN, fieldPairs
 

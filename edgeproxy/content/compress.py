@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from edgeproxy.config.model import CompressSettings, Config, Route
+from edgeproxy.config.model import Config, Route
+from edgeproxy.config.stagemodel import CompressSettings
 from edgeproxy.content.body import CompressedBody
 from edgeproxy.content.encoders import makeEncoder
 from edgeproxy.content.negotiate import IDENTITY, chooseEncoding

@@ -30,7 +30,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from edgeproxy.config.model import Config, ImageSettings, ProxySettings, Route
+from edgeproxy.config.model import Config, ProxySettings, Route
+from edgeproxy.config.stagemodel import ImageSettings
 from edgeproxy.content.body import ReplayBody
 from edgeproxy.content.job import Job, Result
 from edgeproxy.content.negotiate import chooseImageFormat

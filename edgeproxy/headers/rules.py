@@ -20,7 +20,7 @@ after the fields kept (field order matters only within one name, RFC 9110
 
 from __future__ import annotations
 
-from edgeproxy.config.model import HeaderRules
+from edgeproxy.config.stagemodel import HeaderRules
 from edgeproxy.h1.fields import LINES, Fields, noteLine
 from edgeproxy.h1.syntax import linePrefix
 

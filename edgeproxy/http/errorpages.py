@@ -29,7 +29,7 @@ from typing import Any
 
 from twisted.web.http import RESPONSES, datetimeToString
 
-from edgeproxy.config.model import ErrorPages
+from edgeproxy.config.stagemodel import ErrorPages
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.values import BytesBody, Response

@@ -207,7 +207,7 @@ class HTTP1Connection(Closing, Answering):
 
     # Switching protocols -----------------------------------------------------
 
-    def takeOver(self, call: Call, fields: Fields, protocol: Any) -> bytes:
+    def takeOver(self, call: Call, fields: h1.Fields, protocol: Any) -> bytes:
         """
         Switch protocols (a WebSocket's C{101} with C{fields}): write the
         head, then hand every byte of the connection to C{protocol} until it

@@ -45,7 +45,8 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from edgeproxy.config.model import Config, RateLimit, Route
+from edgeproxy.config.model import Config, Route
+from edgeproxy.config.stagemodel import RateLimit
 from edgeproxy.errors import ServiceUnavailable, TooManyRequests
 from edgeproxy.pipeline.call import Call, Stage
 from edgeproxy.pipeline.stages import registerKind

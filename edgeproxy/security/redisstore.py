@@ -48,7 +48,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from edgeproxy.config.model import RedisSettings
+from edgeproxy.config.stagemodel import RedisSettings
 
 __all__ = ["CONCURRENCY_LEASE", "RedisStore", "StoreUnavailable", "sharedStore", "storeKey"]
 

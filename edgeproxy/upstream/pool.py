@@ -39,7 +39,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
 from edgeproxy.bodies import BodyPipe
-from edgeproxy.config.model import RouteForwarding, Server, Upstream
+from edgeproxy.config.model import Server, Upstream
+from edgeproxy.config.stagemodel import RouteForwarding
 from edgeproxy.errors import ServiceUnavailable
 from edgeproxy.h1 import Fields
 from edgeproxy.metrics import Metrics

@@ -15,7 +15,7 @@ a backend changed, added or removed.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Set
+from collections.abc import Set
 from typing import Any, Protocol
 
 from twisted.logger import Logger

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeproxy.config.model import RouteForwarding, Upstream
+from edgeproxy.config.model import Upstream
+from edgeproxy.config.stagemodel import RouteForwarding
 from edgeproxy.upstream.timeouts import ResponseDeadlines
 
 __all__ = ["Terms", "defaultRequestTimeout"]

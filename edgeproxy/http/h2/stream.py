@@ -39,7 +39,7 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from edgeproxy.bodies import BodyPipe, IdleTimer
-from edgeproxy.config.model import ErrorPages
+from edgeproxy.config.stagemodel import ErrorPages
 from edgeproxy.errors import ContentTooLarge, ProxyError, UpstreamProtocolError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.http.errorpages import errorResponse, httpDate, pagesFor

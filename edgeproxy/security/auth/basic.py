@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
 from edgeproxy.config.auth import htpasswdUsers
-from edgeproxy.config.model import AuthSettings
+from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import Unauthorized
 from edgeproxy.pipeline.values import Request
 from edgeproxy.security.auth.base import Allowed, Outcome, Refused

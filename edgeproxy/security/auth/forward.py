@@ -39,7 +39,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from edgeproxy.config.model import AuthSettings
+from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import BackendUnavailable, UpstreamTimeout
 from edgeproxy.h1.fields import Fields
 from edgeproxy.h1.responses import HOP_BY_HOP

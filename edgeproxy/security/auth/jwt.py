@@ -41,7 +41,7 @@ import jwt as pyjwt
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
-from edgeproxy.config.model import AuthSettings
+from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import Unauthorized
 from edgeproxy.pipeline.values import Request
 from edgeproxy.security.auth.base import Allowed, Outcome, Refused, bearerToken, claimFields, cookieValue

@@ -54,7 +54,7 @@ import jwt as pyjwt
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
-from edgeproxy.config.model import AuthSettings
+from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import BackendUnavailable, Forbidden, Unauthorized
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.values import BytesBody, Request, Response

@@ -39,7 +39,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from edgeproxy.config.model import AuthSettings, Config, Route
+from edgeproxy.config.model import Config, Route
+from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import BackendUnavailable
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.call import Call, Stage
