@@ -99,6 +99,48 @@ def test_responseHeaders() -> None:
     assert body == b"x" * 10 and ended
 
 
+_FIELD_LINES = st.lists(
+    st.tuples(
+        st.sampled_from([b"Content-Type", b"content-type", b"X-A", b"Date", b"Connection", b"Set-Cookie", b"TE"]),
+        st.sampled_from([b"1", b"text/plain", b"a b", b"Fri, 27 Nov 2026 22:00:00 GMT"]),
+        st.sampled_from([b": ", b":", b":  "]),
+    ),
+    max_size=8,
+)
+
+
+@given(_FIELD_LINES, st.sampled_from([None, 0, 10]), st.sampled_from([200, 204, 304, 404]))
+def test_responseHeadersFromLinesAsFromTheDictionary(
+    lines: list[tuple[bytes, bytes, bytes]], length: int | None, status: int
+) -> None:
+    """
+    The header list of fields read from a backend's lines (each line's
+    pair, in the order the lines came) holds the pairs the fields'
+    dictionary gives, those of one name in the same order.
+    """
+    from edgeproxy.h1.fields import noteLine, splitLine
+    from edgeproxy.http.h2.stream import responseHeaders
+
+    wire = [name + colon + value for name, value, colon in lines]
+    for line in wire[::2]:
+        # A parser notes some lines; the others are split when read.
+        noteLine(line, *splitLine(line))
+    fromLines = responseHeaders(status, Fields.fromLines(wire), length)
+    fromDictionary = responseHeaders(status, Fields.trusted(Fields.fromLines(wire).copyRaw()), length)
+
+    def byName(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+        grouped: dict[bytes, list[bytes]] = {}
+        for name, value in headers:
+            if name != b"date" or value.startswith(b"Fri"):
+                grouped.setdefault(name, []).append(value)
+        return grouped
+
+    assert fromLines[0] == fromDictionary[0] == (b":status", b"%d" % status)
+    assert byName(fromLines) == byName(fromDictionary)
+    assert len(fromLines) == len(fromDictionary)
+    assert not {b"connection", b"te"} & {name for name, _ in fromLines}
+
+
 def test_wholeResponseInOneWrite() -> None:
     """
     A response whose body came with it goes out as HEADERS and one DATA
