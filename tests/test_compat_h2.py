@@ -61,6 +61,9 @@ def state(server: Any) -> tuple[Any, ...]:
                 stream.state_machine.state,
                 stream.state_machine.client,
                 stream.state_machine.headers_received,
+                stream.state_machine.headers_sent,
+                stream.state_machine.trailers_received,
+                stream.state_machine.trailers_sent,
                 stream.state_machine.stream_closed_by,
                 stream.inbound_flow_control_window,
                 stream.outbound_flow_control_window,
@@ -228,6 +231,34 @@ def test_pruneForgetsClosedStreams() -> None:
     # reset is a stream error, on one that ended a connection error).
     events = fast.receive_data(WindowUpdateFrame(3, window_increment=1).serialize())
     assert events == []
+
+
+@pytest.mark.parametrize("end", [True, False])
+def test_interimHeadFromAClientAsReceiveData(end: bool) -> None:
+    """A C{:status} in a request: whatever the library makes of it."""
+    client, public, fast = connections()
+    frame = headersFrame(client, 1, [(b":status", b"103"), *REQUEST], end)
+    with pytest.raises(h2.exceptions.ProtocolError) as expected:
+        public.receive_data(frame.serialize())
+    with pytest.raises(type(expected.value)):
+        openStream(fast, 1, frame.data, end)
+    assert fast.data_to_send() == public.data_to_send()
+    assert state(fast) == state(public)
+
+
+def test_disabledWhenATransitionDiffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release whose state machine does otherwise turns the module off."""
+    from h2 import stream as streamModule
+
+    assert compat._checked()
+    table = dict(streamModule._transitions)
+    key = (h2.stream.StreamState.OPEN, h2.stream.StreamInputs.RECV_END_STREAM)
+    table[key] = (h2.stream.H2StreamStateMachine.stream_ended, h2.stream.StreamState.HALF_CLOSED_REMOTE)
+    monkeypatch.setattr(streamModule, "_transitions", table)
+    assert not compat._checked()
+    monkeypatch.setattr(h2, "__version__", "9.0.0")
+    monkeypatch.setattr(streamModule, "_transitions", {**table, key: compat._STREAM_TRANSITIONS[key]})
+    assert not compat._checked()
 
 
 def test_enabledForTheInstalledRelease() -> None:
