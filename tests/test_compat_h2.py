@@ -220,10 +220,13 @@ def test_closedConnectionRefusesNewStreams() -> None:
 
 
 def test_pruneForgetsClosedStreams() -> None:
+    """When the connection holds more streams than allowed."""
     client, _, fast = connections()
     for stream in (1, 3, 5):
         openStream(fast, stream, client.encoder.encode(REQUEST), True)
     fast.send_headers(1, [(b":status", b"204")], end_stream=True)
+    prune(fast, 3)
+    assert sorted(fast.streams) == [1, 3, 5]
     fast.reset_stream(3)
     prune(fast)
     assert sorted(fast.streams) == [5]

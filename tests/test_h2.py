@@ -195,6 +195,27 @@ def test_requestReadsAnsweredAlikeOnBothPaths(monkeypatch: pytest.MonkeyPatch) -
     assert [r.path for r in pairs[0].stage.requests] == [r.path for r in pairs[1].stage.requests]
 
 
+def test_closedStreamsForgotten(readPath: str) -> None:
+    """
+    What the library keeps of closed streams stays bounded while requests
+    keep coming on a busy connection, and is gone once none is in flight.
+    """
+    pair = Pair()
+    held = []
+    pair.stage.answer = lambda call: held.append(call) if call.request.path == b"/held" else call.respond(
+        textResponse(200, b"ok")
+    )
+    pair.get(request(b"/held"))
+    library = pair.server._h2
+    # Raw frames from here (the client library is left behind).
+    for first in range(3, 603, 6):
+        pair.send(b"".join(headersFrame(pair, stream, request()) for stream in (first, first + 2, first + 4)))
+        assert len(library.streams) <= 1 + 32 + 3
+    assert len(pair.frames()) > 0
+    held[0].respond(textResponse(200, b"done"))
+    assert library.streams == {}
+
+
 def test_wholeResponseInOneWrite() -> None:
     """
     A response whose body came with it goes out as HEADERS and one DATA

@@ -18,9 +18,10 @@ C{receive_data} does with it that matters: the block decoded with the
 connection's HPACK decoder (C{h2.connection._decode_headers}, which maps
 HPACK errors to the library's), the connection's state machine given the
 frame (an input that changes nothing while the connection is open), the
-stream made by the connection (C{H2Connection._begin_new_stream}: its
-stream-ID checks, its windows from the settings, the highest inbound
-stream ID), the stream's state set as its two inputs (C{RECV_HEADERS},
+stream made as the connection makes it (C{H2Connection._begin_new_stream}
+for a stream ID it refuses; else the same C{H2Stream}, its windows from
+the settings, the connection's highest inbound stream ID), the stream's
+state set as its two inputs (C{RECV_HEADERS},
 then C{RECV_END_STREAM}) would set it, and its expected content length
 read (C{H2Stream._initialize_content_length}).  A protocol error is
 answered as C{receive_data} answers it: the connection's GOAWAY queued
@@ -28,7 +29,7 @@ answered as C{receive_data} answers it: the connection's GOAWAY queued
 leaves out is the limit of concurrent streams (the caller refuses streams
 over its own, lower, limit) and the removal of closed streams from
 C{H2Connection.streams}, which the library makes while counting: the
-caller lets it happen once per read instead (L{prune}).
+caller lets it happen once some have gathered instead (L{prune}).
 
 Answering.  L{answerWhole} is the other end, for
 L{edgeproxy.http.h2.sending.sendWhole}: the state a whole response (its
@@ -57,7 +58,7 @@ from h2.connection import (
     _decode_headers,
 )
 from h2.exceptions import ProtocolError
-from h2.stream import H2StreamStateMachine, StreamClosedBy, StreamInputs, StreamState
+from h2.stream import H2Stream, H2StreamStateMachine, StreamClosedBy, StreamInputs, StreamState
 
 __all__ = ["ENABLED", "TESTED", "answerWhole", "canAnswerWhole", "openStream", "prune"]
 
@@ -128,7 +129,21 @@ def openStream(
         machine = connection.state_machine
         if machine.state is not _OPEN:
             machine.process_input(_RECV_HEADERS)
-        stream = connection._begin_new_stream(streamId, _CLIENT_STREAMS)
+        if streamId > connection.highest_inbound_stream_id and streamId & 1:
+            # What _begin_new_stream does for a valid new client stream,
+            # without its debug logging.
+            stream = H2Stream(
+                streamId,
+                config=connection.config,
+                inbound_window_size=connection.local_settings.initial_window_size,
+                outbound_window_size=connection.remote_settings.initial_window_size,
+            )
+            stream.max_outbound_frame_size = connection.max_outbound_frame_size
+            connection.streams[streamId] = stream
+            connection.highest_inbound_stream_id = streamId
+        else:
+            # (Which raises the library's error.)
+            stream = connection._begin_new_stream(streamId, _CLIENT_STREAMS)
         if _informational(headers):
             # (Which the library refuses from a client.)
             stream.receive_headers(headers, endStream, None)
@@ -155,12 +170,14 @@ def _informational(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-def prune(connection: Any) -> None:
+def prune(connection: Any, atMost: int = 0) -> None:
     """
     Let C{connection} forget its closed streams (what it does whenever it
-    counts its open streams, as C{receive_data} does for every new one).
+    counts its open streams, as C{receive_data} does for every new one)
+    when it holds more than C{atMost} streams.
     """
-    connection.open_inbound_streams  # noqa: B018 -- the property prunes
+    if len(connection.streams) > atMost:
+        connection.open_inbound_streams  # noqa: B018 -- the property prunes
 
 
 def canAnswerWhole(connection: Any, stream: Any) -> bool:

@@ -102,6 +102,9 @@ _CONFIG = H2Configuration(
     split_outbound_cookies=False,
 )
 
+_CLOSED_KEPT = 32
+"""Closed streams the library may hold before it is told to forget them."""
+
 _HEADS_CACHED = 32
 """Request header lists (and what they were read as) remembered per
 connection: a client repeating a request repeats its list."""
@@ -395,7 +398,9 @@ class HTTP2Connection(Writing):
                 return
             if self._closing:
                 return
-        prune(h2)
+        # A walk over every stream every few new ones, not for each; the
+        # rest goes once no request is in flight (Writing.callEnded).
+        prune(h2, len(self._streams) + _CLOSED_KEPT)
 
     def _streamEnded(self, streamId: int) -> None:
         """The client's END_STREAM on C{streamId}."""
