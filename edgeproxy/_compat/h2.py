@@ -125,7 +125,8 @@ def openStream(
         the same GOAWAY.
     """
     try:
-        headers = _decode_headers(connection.decoder, block)
+        # (A list of byte pairs: the decoder's raw output.)
+        headers: list[tuple[bytes, bytes]] = _decode_headers(connection.decoder, block)  # type: ignore[assignment]
         machine = connection.state_machine
         if machine.state is not _OPEN:
             machine.process_input(_RECV_HEADERS)
@@ -156,7 +157,7 @@ def openStream(
     except ProtocolError as error:
         connection._terminate_connection(error.error_code)
         raise
-    return headers  # type: ignore[no-any-return]
+    return headers
 
 
 def _informational(headers: list[tuple[bytes, bytes]]) -> bool:
