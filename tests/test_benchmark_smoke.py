@@ -240,6 +240,23 @@ def test_inMemoryBenchmarkProxiesRealResponses(capsys: pytest.CaptureFixture[str
     assert "us CPU per request" in capsys.readouterr().out
 
 
+def test_inMemoryHTTP2BenchmarkChecksItsResponses(capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    C{benchmarks/inproc.py --h2} drives the listener's HTTP/2 protocol over
+    TLS with ten streams in flight: its checked rounds read every response
+    through the h2 library's client, and its built frames get every
+    response too (the run refuses a missing one).
+    """
+    from benchmarks import inproc
+
+    bench = inproc.Bench(h2=True)
+    bench.check()
+    assert len(bench.pool.endpoint.backends) == inproc.H2_STREAMS
+    bench.run(30)
+    assert inproc.main(["--h2", "--requests", "50", "--runs", "1", "--warmup", "20"]) == 0
+    assert "HTTP/2 over TLS" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(
     shutil.which("wrk") is None,
     reason="wrk is not installed (apt-get install wrk): benchmarks/content.py needs it for C2",

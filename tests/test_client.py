@@ -38,7 +38,7 @@ from zope.interface import implementer
 from edgeproxy.config.model import Server
 from edgeproxy.h1 import Fields, LocalProtocolError, RemoteProtocolError
 from edgeproxy.upstream.backend import Backend
-from edgeproxy.upstream.client import UpstreamClient
+from edgeproxy.upstream.client import SURPLUS_LINGER, UpstreamClient
 from edgeproxy.upstream.failures import attemptOutcome
 from edgeproxy.upstream.protocol import EXPECT_TIMEOUT, RequestNotSent
 from edgeproxy.upstream.retry import Attempt
@@ -863,17 +863,55 @@ def test_idleConnectionsLimitedAndTimedOut() -> None:
     h.respond(OK, 1)
     result(first).deliverBody(Body())
     result(second).deliverBody(Body())
-    # Only one kept idle.
-    assert [t.disconnecting for _, t in h.connections] == [False, True]
-    h.reactor.advance(5)
+    # Only one kept idle once the surplus has lingered: the least recently
+    # used one is closed.
+    assert [t.disconnecting for _, t in h.connections] == [False, False]
+    h.reactor.advance(SURPLUS_LINGER)
+    assert [t.disconnecting for _, t in h.connections] == [True, False]
+    h.reactor.advance(5 - SURPLUS_LINGER)
     receiver = h.request()
-    h.respond(OK, 0)
+    assert len(h.connections) == 2
+    h.respond(OK, 1)
     result(receiver).deliverBody(Body())
     # Idle again from t=5: still open at t=14, closed at t=15.
     h.reactor.advance(9)
-    assert not h.connections[0][1].disconnecting
+    assert not h.connections[1][1].disconnecting
     h.reactor.advance(1.5)
-    assert h.connections[0][1].disconnecting
+    assert h.connections[1][1].disconnecting
+
+
+def test_surplusOfABurstIsReusedBeforeItIsClosed() -> None:
+    """
+    More requests in flight than the connections kept idle: the surplus
+    freed serves the next burst without a new connection, and only what
+    stays unused for L{SURPLUS_LINGER} is closed, the most recently used
+    connection kept.
+    """
+    h = Harness(keepalive=1, timeout=60)
+
+    def burst() -> None:
+        receivers = [h.request() for _ in range(3)]
+        for index in range(len(h.connections)):
+            h.respond(OK, index)
+        for receiver in receivers:
+            result(receiver).deliverBody(Body())
+
+    burst()
+    h.reactor.advance(SURPLUS_LINGER / 2)
+    burst()
+    assert len(h.connections) == 3
+    assert not any(t.disconnecting for _, t in h.connections)
+    h.reactor.advance(SURPLUS_LINGER / 2)
+    # The second burst freed them again: their linger starts over.
+    assert not any(t.disconnecting for _, t in h.connections)
+    h.reactor.advance(SURPLUS_LINGER / 2)
+    assert sorted(t.disconnecting for _, t in h.connections) == [False, True, True]
+    assert not h.reactor.getDelayedCalls() or all(
+        call.getTime() >= 60 for call in h.reactor.getDelayedCalls()
+    )
+    h.request()
+    assert len(h.connections) == 3
+    assert sum(1 for _, t in h.connections if t.value().count(b"GET ") == 3) == 1
 
 
 def test_closeCachedConnections() -> None:

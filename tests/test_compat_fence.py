@@ -1,7 +1,8 @@
 """
 The fence of L{edgeproxy._compat}: outside C{edgeproxy/_compat/}, no module
 of edgeproxy imports a private name of Twisted, pyOpenSSL or the OpenSSL
-bindings, reads one as an attribute of something it imported from them,
+bindings, or of the HTTP/2 libraries (C{h2}, C{hpack}, C{hyperframe}),
+reads one as an attribute of something it imported from them,
 reaches into the private state of a class of theirs it subclasses, or reads
 one of their private attributes off an object it was handed (a reactor, a
 transport, an C{SSL.Connection}).
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "edgeproxy"
-FENCED = ("twisted", "OpenSSL")
+FENCED = ("twisted", "OpenSSL", "h2", "hpack", "hyperframe")
 """The top-level packages whose private names stay behind the fence."""
 
 
@@ -48,6 +49,9 @@ class Trespass:
 
 THEIR_MODULES = (
     "OpenSSL.SSL",
+    "h2.connection",
+    "h2.stream",
+    "hpack.hpack",
     "twisted.application.app",
     "twisted.internet.abstract",
     "twisted.internet.base",

@@ -504,6 +504,47 @@ def test_responseHeadFoundWhereverTheBytesAreCut(cuts: list[int]) -> None:
     assert data[found[1]:] == b"tail"
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 5\r\nConnection: keep-alive\r\nX-A: 1",
+        b"HTTP/1.1 200 OK\nX-A: 1\n folded\nTransfer-Encoding: chunked\r",
+        b"HTTP/1.0 204",
+    ],
+)
+def test_headReadAgainIsTheSame(head: bytes) -> None:
+    """
+    A head read before is answered from memory: the same value as a
+    fresh read, whose fields are shared (they are immutable).
+    """
+    from edgeproxy.h1 import responses
+
+    responses._readHeads.clear()
+    fresh = parseResponseHead(head)
+    again = parseResponseHead(bytes(bytearray(head)))
+    assert again is fresh
+    responses._readHeads.clear()
+    assert parseResponseHead(head) == fresh
+    assert list(parseResponseHead(head).fields.pairs()) == list(fresh.fields.pairs())
+
+
+def test_refusedHeadRefusedAgain() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6"
+    for _ in range(2):
+        with pytest.raises(RemoteProtocolError):
+            parseResponseHead(head)
+
+
+def test_headsReadAreBounded() -> None:
+    from edgeproxy.h1 import responses
+
+    for n in range(responses._MAX_HEADS * 2):
+        parseResponseHead(b"HTTP/1.1 200 OK\r\nX-N: %d" % n)
+    parseResponseHead(b"HTTP/1.1 200 OK\r\nX-Big: " + b"v" * responses._MAX_HEAD)
+    assert 0 < len(responses._readHeads) <= responses._MAX_HEADS
+    assert all(len(head) <= responses._MAX_HEAD for head in responses._readHeads)
+
+
 def test_responseReasonMayBeEmpty() -> None:
     head, rest = readResponse(b"HTTP/1.0 404\r\n\r\nbody")
     assert (head.status, head.reason, rest) == (404, b"", b"body")

@@ -23,6 +23,7 @@ from hyperframe.frame import (
     RstStreamFrame,
     SettingsFrame,
 )
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import succeed
@@ -33,6 +34,7 @@ from twisted.python.failure import Failure
 
 from edgeproxy.config.model import HTTP2Settings, Limits, ProxySettings, Route, Server
 from edgeproxy.h1 import Fields
+from edgeproxy.http.h2 import connection as h2connection
 from edgeproxy.pipeline.forward import Forward
 from edgeproxy.pipeline.values import Response
 from tests.h2util import ROUTE, UPSTREAM, Body, Pair, request, textResponse
@@ -52,10 +54,22 @@ def answering(pair: Pair, body: bytes = b"hello", fields: list[tuple[bytes, byte
     pair.stage.answer = lambda call: call.respond(textResponse(200, body, fields))
 
 
+@pytest.fixture(params=["openStream", "library"])
+def readPath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """
+    Both ways a read of requests alone is taken: streams opened by
+    L{edgeproxy._compat.h2.openStream}, or frames parsed by the library
+    (another release of it).
+    """
+    if request.param == "library":
+        monkeypatch.setattr(h2connection, "OPEN_STREAMS", False)
+    return str(request.param)
+
+
 # Requests and responses ---------------------------------------------------------
 
 
-def test_requestReachesTheStagesAsHTTP1Would() -> None:
+def test_requestReachesTheStagesAsHTTP1Would(readPath: str) -> None:
     """
     The stage sees the same request value an HTTP/1.1 request would give:
     method, normalised path and query, version C{HTTP/2}, C{:authority} as
@@ -97,6 +111,113 @@ def test_responseHeaders() -> None:
     assert headers[b"x-a"] == b"1" and headers[b"content-length"] == b"10"
     assert headers[b"date"].endswith(b" GMT")
     assert body == b"x" * 10 and ended
+
+
+_FIELD_LINES = st.lists(
+    st.tuples(
+        st.sampled_from([b"Content-Type", b"content-type", b"X-A", b"Date", b"Connection", b"Set-Cookie", b"TE"]),
+        st.sampled_from([b"1", b"text/plain", b"a b", b"Fri, 27 Nov 2026 22:00:00 GMT"]),
+        st.sampled_from([b": ", b":", b":  "]),
+    ),
+    max_size=8,
+)
+
+
+@given(_FIELD_LINES, st.sampled_from([None, 0, 10]), st.sampled_from([200, 204, 304, 404]))
+def test_responseHeadersFromLinesAsFromTheDictionary(
+    lines: list[tuple[bytes, bytes, bytes]], length: int | None, status: int
+) -> None:
+    """
+    The header list of fields read from a backend's lines (each line's
+    pair, in the order the lines came) holds the pairs the fields'
+    dictionary gives, those of one name in the same order.
+    """
+    from edgeproxy.h1.fields import noteLine, splitLine
+    from edgeproxy.http.h2.stream import responseHeaders
+
+    wire = [name + colon + value for name, value, colon in lines]
+    for line in wire[::2]:
+        # A parser notes some lines; the others are split when read.
+        noteLine(line, *splitLine(line))
+    fromLines = responseHeaders(status, Fields.fromLines(wire), length)
+    fromDictionary = responseHeaders(status, Fields.trusted(Fields.fromLines(wire).copyRaw()), length)
+
+    def byName(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+        grouped: dict[bytes, list[bytes]] = {}
+        for name, value in headers:
+            if name != b"date" or value.startswith(b"Fri"):
+                grouped.setdefault(name, []).append(value)
+        return grouped
+
+    assert fromLines[0] == fromDictionary[0] == (b":status", b"%d" % status)
+    assert byName(fromLines) == byName(fromDictionary)
+    assert len(fromLines) == len(fromDictionary)
+    assert not {b"connection", b"te"} & {name for name, _ in fromLines}
+
+
+def test_requestReadsAnsweredAlikeOnBothPaths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    The same client bytes, with reads of requests alone (opened without
+    the library's frame parsing) and mixed reads, give the same bytes back
+    as when the library parses every frame: answers, a malformed request's
+    reset, a refusal over the limit, and a request with a body.
+    """
+    opened: list[int] = []
+    original = h2connection.openStream
+
+    def spy(connection: Any, streamId: int, block: bytes, endStream: bool) -> Any:
+        opened.append(streamId)
+        return original(connection, streamId, block, endStream)
+
+    monkeypatch.setattr(h2connection, "openStream", spy)
+    fields = [(b"content-type", b"text/plain"), (b"date", b"Fri, 27 Nov 2026 22:00:00 GMT")]
+    # (No request IDs: random ones would make the two answers differ.)
+    pairs = [
+        Pair(settings=HTTP2Settings(max_concurrent_streams=4), proxy=ProxySettings(request_id=None))
+        for _ in range(2)
+    ]
+    for pair in pairs:
+        pair.stage.answer = lambda call: (
+            None if call.request.path == b"/held" else call.respond(textResponse(200, call.request.path, fields))
+        )
+    reads = [
+        b"".join(headersFrame(pairs[0], stream, request(b"/%d" % stream)) for stream in (1, 3, 5)),
+        headersFrame(pairs[0], 7, request(extra=[(b"connection", b"close")]))
+        + headersFrame(pairs[0], 9, request(b"/held")),
+        headersFrame(pairs[0], 11, request(b"/up", b"POST"), end=False)
+        + _frame("DATA", 11, 1, b"body")
+        + PingFrame(0, opaque_data=b"12345678").serialize(),
+        b"".join(headersFrame(pairs[0], stream, request(b"/held")) for stream in (13, 15, 17, 19, 21)),
+    ]
+    for index, pair in enumerate(pairs):
+        if index == 1:
+            monkeypatch.setattr(h2connection, "OPEN_STREAMS", False)
+        for data in reads:
+            pair.send(data)
+    assert opened == [1, 3, 5, 7, 9, 13, 15, 17, 19, 21]
+    assert pairs[0].transport.value() == pairs[1].transport.value()
+    assert [r.path for r in pairs[0].stage.requests] == [r.path for r in pairs[1].stage.requests]
+
+
+def test_closedStreamsForgotten(readPath: str) -> None:
+    """
+    What the library keeps of closed streams stays bounded while requests
+    keep coming on a busy connection, and is gone once none is in flight.
+    """
+    pair = Pair()
+    held = []
+    pair.stage.answer = lambda call: held.append(call) if call.request.path == b"/held" else call.respond(
+        textResponse(200, b"ok")
+    )
+    pair.get(request(b"/held"))
+    library = pair.server._h2
+    # Raw frames from here (the client library is left behind).
+    for first in range(3, 603, 6):
+        pair.send(b"".join(headersFrame(pair, stream, request()) for stream in (first, first + 2, first + 4)))
+        assert len(library.streams) <= 1 + 32 + 3
+    assert len(pair.frames()) > 0
+    held[0].respond(textResponse(200, b"done"))
+    assert library.streams == {}
 
 
 def test_wholeResponseInOneWrite() -> None:
@@ -192,7 +313,7 @@ def test_accessLogAndMetricsThroughTheFactory() -> None:
     assert not pair.factory.inflight
 
 
-def test_manyStreamsInterleaved() -> None:
+def test_manyStreamsInterleaved(readPath: str) -> None:
     pair = Pair()
     streams = [pair.get(request(b"/%d" % n)) for n in range(5)]
     calls = pair.stage.held
@@ -345,7 +466,7 @@ def test_requestBodyPausedStreamWithholdsWindow() -> None:
 # Limits ----------------------------------------------------------------------------
 
 
-def test_tooManyFieldsGets431() -> None:
+def test_tooManyFieldsGets431(readPath: str) -> None:
     pair = Pair(limits=Limits(max_headers=10))
     answering(pair)
     stream = pair.get(request(extra=[(b"x-%d" % n, b"v") for n in range(20)]))
@@ -364,7 +485,7 @@ def test_tooLargeHeadGets431() -> None:
     assert not pair.stage.requests
 
 
-def test_theIssuesHeadsGet431WithTheDefaults() -> None:
+def test_theIssuesHeadsGet431WithTheDefaults(readPath: str) -> None:
     """
     500 fields, or one 32 KiB field: 431 over HTTP/1.1 with the default
     limits, and now over HTTP/2 as well (they fit the default
@@ -380,7 +501,7 @@ def test_theIssuesHeadsGet431WithTheDefaults() -> None:
     assert not pair.stage.requests and not pair.closed()
 
 
-def test_headerListOverTheAdvertisedSizeEndsTheConnection() -> None:
+def test_headerListOverTheAdvertisedSizeEndsTheConnection(readPath: str) -> None:
     """Over SETTINGS_MAX_HEADER_LIST_SIZE the HPACK state cannot be trusted
     any more: GOAWAY (RFC 9113 10.5.1)."""
     pair = Pair(settings=HTTP2Settings(max_header_list_size=4096))
@@ -460,7 +581,7 @@ def test_frameSizeCheckedAtTheFrameHeader() -> None:
     del frame
 
 
-def test_streamsOverTheLimitRefused() -> None:
+def test_streamsOverTheLimitRefused(readPath: str) -> None:
     """
     One stream over C{h2_max_concurrent_streams} is refused with
     REFUSED_STREAM; the others carry on.
@@ -478,7 +599,7 @@ def test_streamsOverTheLimitRefused() -> None:
     assert not pair.closed()
 
 
-def test_burstOfStreamsInOneRead() -> None:
+def test_burstOfStreamsInOneRead(readPath: str) -> None:
     """
     Hundreds of new streams in one read: the ones over the limit are
     refused, without the connection failing.
@@ -634,7 +755,7 @@ def test_idleTimeout() -> None:
 # Drain and reload ---------------------------------------------------------------
 
 
-def test_drainSendsGoAwayWithTheLastStream() -> None:
+def test_drainSendsGoAwayWithTheLastStream(readPath: str) -> None:
     pair = Pair()
     first = pair.get(request(b"/1"))
     assert pair.connection.busy()
@@ -673,7 +794,7 @@ def test_reloadSendsGoAway() -> None:
 # CONNECT -------------------------------------------------------------------------
 
 
-def test_connectRefused() -> None:
+def test_connectRefused(readPath: str) -> None:
     pair = Pair()
     stream = pair.get([(b":method", b"CONNECT"), (b":authority", b"example.com:443")])
     headers, body, ended = pair.response(stream)
@@ -688,7 +809,7 @@ def test_extendedConnectAdvertisedOnlyWithWebSocketRoutes() -> None:
     assert Pair(routes=(closed,)).client.remote_settings.get(code, 0) == 0
 
 
-def test_extendedConnectWithoutTheSettingIsMalformed() -> None:
+def test_extendedConnectWithoutTheSettingIsMalformed(readPath: str) -> None:
     closed = Route(name="all", hosts=("*",), paths=("/",), upstream="app", websocket=False)
     pair = Pair(routes=(closed,))
     stream = pair.get(request(b"/chat", b"CONNECT", [(b":protocol", b"websocket")]))

@@ -14,6 +14,7 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -174,3 +175,63 @@ def test_anyBytesAnyCut(data: bytes, cut: int) -> None:
         assert second is not None and expected.code == second.code
     else:
         assert whole.incomplete == parts.incomplete
+
+
+def test_requestsAlone() -> None:
+    """
+    A read of whole HEADERS frames opening new streams: where each header
+    block is, its stream, and whether it ends the stream.
+    """
+    g = guard()
+    data = headers(1) + HeadersFrame(3, data=b"\x82\x84", flags=["END_HEADERS"]).serialize()
+    assert g.scan(data, 0.0) is None
+    assert g.requests == [(9, 10, 1, True), (19, 21, 3, False)]
+    assert data[19:21] == b"\x82\x84"
+    # The next read may go on with new streams.
+    assert g.scan(headers(5), 0.0) is None
+    assert g.requests == [(9, 10, 5, True)]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # Another frame in the read.
+        headers(1) + PingFrame(0).serialize(),
+        WindowUpdateFrame(0, window_increment=1).serialize() + headers(1),
+        # A frame cut at the end of the read.
+        headers(1) + headers(3)[:5],
+        headers(1) + headers(3)[:9],
+        # Padding, priority, a header block that goes on, an even stream.
+        HeadersFrame(1, data=b"\x82", pad_length=2, flags=["END_HEADERS", "PADDED"]).serialize(),
+        HeadersFrame(1, data=b"\x82", depends_on=0, stream_weight=16, flags=["END_HEADERS", "PRIORITY"]).serialize(),
+        HeadersFrame(1, data=b"\x82", flags=["END_STREAM"]).serialize(),
+        headers(2),
+        # Not a new stream (trailers, or going back).
+        headers(1) + headers(1),
+        headers(5) + headers(3),
+        # An empty read.
+        b"",
+    ],
+)
+def test_notRequestsAlone(data: bytes) -> None:
+    g = guard()
+    assert g.scan(data, 0.0) is None
+    assert g.requests is None
+
+
+def test_requestsAloneOnlyFromAFrameBoundary() -> None:
+    """A read that starts inside a frame, or before the client's first
+    frame is in, is left to the library."""
+    g = FrameGuard(16384, 100)
+    assert g.scan(PREFACE + SettingsFrame(0).serialize() + headers(1), 0.0) is None
+    assert g.requests is None
+    frame = headers(3)
+    assert g.scan(frame[:4], 0.0) is None
+    assert g.scan(frame[4:] + headers(5), 0.0) is None
+    assert g.requests is None
+    data = DataFrame(7, data=b"x" * 10).serialize()
+    assert g.scan(headers(7, end=False) + data[:12], 0.0) is None
+    assert g.scan(data[12:] + headers(9), 0.0) is None
+    assert g.requests is None
+    assert g.scan(headers(11), 0.0) is None
+    assert g.requests == [(9, 10, 11, True)]

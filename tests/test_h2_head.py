@@ -159,3 +159,26 @@ def test_anyListReadOrRefused(extra: list[tuple[bytes, bytes]]) -> None:
         return
     for name, value in head.fields.pairs():
         assert name == name.lower() and b"\r" not in value and b"\n" not in value
+
+
+_names = st.sampled_from([b"accept", b"x-a", b"cookie", b"user-agent", b"host", b"x_b", b"te"])
+_values = st.binary(max_size=10).filter(lambda v: not v[:1].isspace() and not v[-1:].isspace())
+
+
+@given(st.lists(st.tuples(_names, _values), max_size=8))
+def test_fieldsAreTheLinesHTTP1WouldSend(extra: list[tuple[bytes, bytes]]) -> None:
+    """
+    The fields of a request read are held as HTTP/1.1 field lines, which
+    the HTTP/1.1 parser reads back as the same fields.
+    """
+    from edgeproxy.h1.requests import parseRequestHead
+
+    try:
+        head = read(BASE + extra)
+    except (Malformed, Refused):
+        return
+    lines = head.fields.lines()
+    assert lines is not None and lines[0] == b"Host: example.com"
+    parsed = parseRequestHead(b"\r\n".join([b"GET / HTTP/1.1", *lines]), 100)
+    assert parsed.fields.copyRaw() == head.fields.copyRaw()
+    assert list(parsed.fields.pairs()) == list(head.fields.pairs())

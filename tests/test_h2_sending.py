@@ -64,6 +64,8 @@ def state(server: Any) -> tuple[Any, ...]:
         server.outbound_flow_control_window,
         None if stream is None else stream.state_machine.state,
         None if stream is None else stream.closed,
+        None if stream is None else stream.closed_by,
+        None if stream is None else stream.state_machine.headers_sent,
         None if stream is None else stream.outbound_flow_control_window,
         list(server.encoder.header_table.dynamic_entries),
     )

@@ -6,7 +6,8 @@ decides once per process whether its fast paths are used.
 
 Every private name of Twisted that edgeproxy uses is used under
 L{edgeproxy._compat.twisted}, every one of pyOpenSSL and its bindings in
-L{edgeproxy._compat.pyopenssl}, behind functions and classes with
+L{edgeproxy._compat.pyopenssl}, every one of the C{h2} library in
+L{edgeproxy._compat.h2}, behind functions and classes with
 public-looking signatures; nothing else in edgeproxy imports or reads one
 (C{tests/test_compat_fence.py} walks the source to keep it so).
 
@@ -24,6 +25,11 @@ What they hold is of two kinds:
     the process applies it at start (L{useFastPaths}), and whoever builds
     listeners and transports reads it (L{fastPaths}) when it builds them,
     never per request.
+  - I{The h2 library's}: L{edgeproxy._compat.h2} opens the streams of
+    requests without the library's frame parsing.  Like
+    L{edgeproxy.http.h2.sending}, it is checked against the release of
+    C{h2} it mirrors by itself (its C{TESTED}), whatever C{fast_paths}
+    says, and with another release the library's public path is taken.
   - I{Necessities}: what no public API offers (the key exchange groups of
     an OpenSSL context, the sockets systemd passed to the process, the
     exit signal twistd re-raises, an interface Twisted does not

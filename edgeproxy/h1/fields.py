@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from edgeproxy.h1.errors import LocalProtocolError
 from edgeproxy.h1.syntax import CONTROLS_EXCEPT_HTAB, isToken
 
-__all__ = ["LINES", "Fields", "noteLine"]
+__all__ = ["LINES", "Fields", "noteLine", "splitLine"]
 
 _EMPTY: tuple[bytes, ...] = ()
 _NONE: frozenset[bytes] = frozenset()
@@ -170,7 +170,7 @@ class Fields:
         names = LINES
         for line in self._lines:  # type: ignore[union-attr]
             known = names.get(line)
-            if (known[0] if known is not None else _split(line)[0]) == name:
+            if (known[0] if known is not None else splitLine(line)[0]) == name:
                 return True
         return False
 
@@ -264,7 +264,8 @@ def noteLine(line: bytes, lower: bytes, value: bytes) -> None:
         LINES[line] = (lower, value)
 
 
-def _split(line: bytes) -> tuple[bytes, bytes]:
+def splitLine(line: bytes) -> tuple[bytes, bytes]:
+    """The lower-case name and the value of a checked field line."""
     name, _, value = line.partition(b":")
     return name.lower(), value.strip(b" \t")
 
@@ -274,7 +275,7 @@ def _fromLines(lines: list[bytes]) -> dict[bytes, list[bytes]]:
     known = LINES
     for line in lines:
         pair = known.get(line)
-        lower, value = pair if pair is not None else _split(line)
+        lower, value = pair if pair is not None else splitLine(line)
         values = fields.get(lower)
         if values is None:
             fields[lower] = [value]

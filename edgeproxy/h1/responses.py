@@ -176,6 +176,16 @@ _MAX_LINES = 4096
 _MAX_LINE = 256
 
 
+_readHeads: dict[bytes, ResponseHead] = {}
+"""Whole heads already read, to what they were read as: a backend sends
+the same head again and again (but for its C{Date}, once a second).  What
+is kept is shared by every response with that head, which its immutable
+fields allow; bounded, short heads only."""
+
+_MAX_HEADS = 256
+_MAX_HEAD = 1024
+
+
 def parseResponseHead(head: bytes) -> ResponseHead:
     """
     Read a response head (what L{splitResponseHead} found).
@@ -184,6 +194,10 @@ def parseResponseHead(head: bytes) -> ResponseHead:
         framing or fields could be read two ways (see the module
         docstring).
     """
+    known = _readHeads.get(head)
+    if known is not None:
+        return known
+    whole = head
     if head[-1:] == b"\r":
         # The CR of the last line's CRLF (the head ends before its LF).
         head = head[:-1]
@@ -192,8 +206,14 @@ def parseResponseHead(head: bytes) -> ResponseHead:
     # with nothing to refuse, which one pass over it shows; anything else
     # takes the careful path.
     if len(head) - len(head.translate(None, CONTROLS_EXCEPT_HTAB)) == 2 * head.count(b"\r\n"):
-        return _readHead(head.split(b"\r\n"), True)
-    return _readHead(_unfold(head.split(b"\n")), False)
+        parsed = _readHead(head.split(b"\r\n"), True)
+    else:
+        parsed = _readHead(_unfold(head.split(b"\n")), False)
+    if len(whole) <= _MAX_HEAD:
+        if len(_readHeads) >= _MAX_HEADS:
+            _readHeads.clear()
+        _readHeads[whole] = parsed
+    return parsed
 
 
 _KEEP_ALIVE = [b"keep-alive"]

@@ -5,9 +5,13 @@ connections, made for the one thing the proxy does with them: send a
 request whose fields are already built and hand the response on.
 
 The client owns the connections: it dials a backend through the endpoint
-its L{EndpointSource} gives for it, keeps at most C{maxPersistentPerHost}
-idle connections per backend for at most C{cachedConnectionTimeout}
-seconds, and closes them on request.  What happens on one connection is
+its L{EndpointSource} gives for it, keeps C{maxPersistentPerHost} idle
+connections per backend for at most C{cachedConnectionTimeout} seconds,
+and closes them on request.  A burst of more requests in flight than that
+frees more connections than are kept: the surplus stays idle for
+L{SURPLUS_LINGER} seconds more, so that the rest of the burst (an HTTP/2
+client keeps a hundred streams in flight) takes them instead of dialling
+new ones, and is then closed, the least recently used first.  What happens on one connection is
 L{edgeproxy.upstream.protocol}'s; what a request's outcome means, and
 whether to try again, is the pool's (the client never retries).
 
@@ -36,7 +40,14 @@ from edgeproxy.upstream.protocol import RequestNotSent, UpstreamConnection
 from edgeproxy.upstream.response import UpstreamReceiver
 from edgeproxy.upstream.sending import BodyProducer
 
-__all__ = ["EndpointSource", "Handle", "UpstreamClient"]
+__all__ = ["SURPLUS_LINGER", "EndpointSource", "Handle", "UpstreamClient"]
+
+SURPLUS_LINGER = 1.0
+"""
+Seconds an idle connection over C{maxPersistentPerHost} is kept.  Closing
+it at once makes every request over the limit dial a connection and close
+it (and leave a C{TIME_WAIT} behind) while the load lasts.
+"""
 
 
 class EndpointSource(Protocol):
@@ -168,6 +179,7 @@ class UpstreamClient:
         self.persistent = persistent
         self._idle: dict[Backend, list[UpstreamConnection]] = {}
         self.connections: set[UpstreamConnection] = set()
+        self._trimCall: Any = None
 
     def send(
         self,
@@ -223,8 +235,13 @@ class UpstreamClient:
         if idle is None:
             idle = self._idle[connection.backend] = []
         if len(idle) >= self.maxPersistentPerHost:
-            connection.close()
-            return
+            if not self.maxPersistentPerHost:
+                connection.close()
+                return
+            # The surplus of a burst: the newest idle connection is the
+            # next one used, the oldest ones are closed by _trim.
+            if self._trimCall is None:
+                self._trimCall = self.reactor.callLater(SURPLUS_LINGER, self._trim)
         idle.append(connection)
         connection.idleSince = self.reactor.seconds()
         timeout = self.cachedConnectionTimeout
@@ -264,12 +281,41 @@ class UpstreamClient:
         idle.remove(connection)  # type: ignore[union-attr]
         connection.close()
 
+    def _trim(self) -> None:
+        """
+        Close the idle connections over C{maxPersistentPerHost} of each
+        backend that have been idle for L{SURPLUS_LINGER}, the oldest first
+        (the bottom of each idle list: connections are taken from its top).
+        """
+        self._trimCall = None
+        now = self.reactor.seconds()
+        keep = self.maxPersistentPerHost
+        due: float | None = None
+        for idle in list(self._idle.values()):
+            surplus = len(idle) - keep
+            closing = 0
+            while closing < surplus and idle[closing].idleSince + SURPLUS_LINGER <= now:
+                closing += 1
+            if closing < surplus:
+                ends = idle[closing].idleSince + SURPLUS_LINGER
+                due = ends if due is None else min(due, ends)
+            if closing:
+                old = idle[:closing]
+                del idle[:closing]
+                for connection in old:
+                    connection.close()
+        if due is not None:
+            self._trimCall = self.reactor.callLater(max(0.0, due - now), self._trim)
+
     def closeCachedConnections(self) -> Deferred[None]:
         """
         Close every idle connection; requests in flight finish on theirs.
 
         @return: fires once the idle connections are closed.
         """
+        trimCall, self._trimCall = self._trimCall, None
+        if trimCall is not None and trimCall.active():
+            trimCall.cancel()
         waiting = []
         for idle in self._idle.values():
             for connection in idle:

@@ -10,6 +10,11 @@ reads from then on comes here.
 Reading.  Every frame header is looked at before the library sees the
 frame (L{edgeproxy.http.h2.guard}): frame size, flood budgets, and where to
 cut a read so that no more than a batch of new streams is built at once.
+A read that is nothing but C{HEADERS} frames opening streams (what a
+client sending requests without bodies sends) opens them through
+L{edgeproxy._compat.h2.openStream}, without the library's frame parsing,
+each request dispatched as its frame comes; any other read goes to the
+library's C{receive_data}.
 A request's header list is read by L{edgeproxy.http.h2.head} and handed to
 L{ListenerFactory.prepare}, the same way as HTTP/1.1's, then to its stages
 in a L{Call} whose client side is a L{Stream}.  Streams past
@@ -60,6 +65,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from edgeproxy._compat.h2 import ENABLED as OPEN_STREAMS
+from edgeproxy._compat.h2 import openStream, prune
 from edgeproxy.bodies import BodyPipe
 from edgeproxy.errors import ProxyError
 from edgeproxy.http.h2.guard import RESETS, FrameGuard, Violation
@@ -94,6 +101,9 @@ _CONFIG = H2Configuration(
     normalize_outbound_headers=False,
     split_outbound_cookies=False,
 )
+
+_CLOSED_KEPT = 32
+"""Closed streams the library may hold before it is told to forget them."""
 
 _HEADS_CACHED = 32
 """Request header lists (and what they were read as) remembered per
@@ -205,7 +215,10 @@ class HTTP2Connection(Writing):
         self._receiving = True
         try:
             cuts = guard.cuts
-            if cuts is None:
+            requests = guard.requests
+            if requests is not None and OPEN_STREAMS:
+                self._openStreams(data, requests)
+            elif cuts is None:
                 self._receive(data)
             else:
                 start = 0
@@ -339,15 +352,11 @@ class HTTP2Connection(Writing):
                     if reset is not None and event.stream_id in reset:
                         # Rapid Reset: cancelled before it was read.
                         continue
-                    self._requestReceived(event)
+                    self._requestReceived(event.stream_id, event.headers, event.stream_ended is not None)
                 elif kind is DataReceived:
                     self._dataReceived(event)
                 elif kind is StreamEnded:
-                    stream = self._streams.get(event.stream_id)
-                    if stream is not None:
-                        stream.ended()
-                        if stream.localEnded:
-                            self._forget(stream)
+                    self._streamEnded(event.stream_id)
                 elif kind is WindowUpdated or kind is RemoteSettingsChanged:
                     if self._waiting:
                         self._pushWaiting()
@@ -361,9 +370,47 @@ class HTTP2Connection(Writing):
             log.failure("HTTP/2 event handling failed")
             self._terminate(INTERNAL_ERROR, b"")
 
-    def _requestReceived(self, event: RequestReceived) -> None:
-        streamId = event.stream_id
+    def _openStreams(self, data: bytes, requests: list[tuple[int, int, int, bool]]) -> None:
+        """
+        A read of whole HEADERS frames each opening a stream (the guard's
+        C{requests}): the streams opened without the library's frame
+        parsing, each request dispatched as its frame comes.
+        """
         h2 = self._h2
+        for start, end, streamId, ended in requests:
+            try:
+                headers = openStream(h2, streamId, data[start:end], ended)
+            except ProtocolError as error:
+                log.info("HTTP/2 client error: {why}", why=str(error) or type(error).__name__)
+                self._fatal()
+                return
+            except Exception:
+                log.failure("HTTP/2 frame handling failed")
+                self._terminate(INTERNAL_ERROR, b"")
+                return
+            try:
+                self._requestReceived(streamId, headers, ended)
+                if ended:
+                    self._streamEnded(streamId)
+            except Exception:
+                log.failure("HTTP/2 event handling failed")
+                self._terminate(INTERNAL_ERROR, b"")
+                return
+            if self._closing:
+                return
+        # A walk over every stream every few new ones, not for each; the
+        # rest goes once no request is in flight (Writing.callEnded).
+        prune(h2, len(self._streams) + _CLOSED_KEPT)
+
+    def _streamEnded(self, streamId: int) -> None:
+        """The client's END_STREAM on C{streamId}."""
+        stream = self._streams.get(streamId)
+        if stream is not None:
+            stream.ended()
+            if stream.localEnded:
+                self._forget(stream)
+
+    def _requestReceived(self, streamId: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         if self._goingAway and streamId > self._lastStream:
             self._refuse(streamId)
             return
@@ -373,7 +420,6 @@ class HTTP2Connection(Writing):
             if violation is not None:
                 self._violated(violation)
             return
-        headers = event.headers
         key = tuple(headers)
         heads = self._heads
         head = heads.get(key)
@@ -394,7 +440,7 @@ class HTTP2Connection(Writing):
             heads[key] = head
         stream = Stream(self, streamId)
         self._streams[streamId] = stream
-        if event.stream_ended is not None:
+        if ended:
             stream.remoteEnded = True
         if isinstance(head, Refused):
             self.factory.rejected(head.status)

@@ -22,6 +22,11 @@ against.
   - Header deadline: whether a frame (other than a C{DATA} payload) or a
     header block is incomplete, so that the connection can run its
     header deadline while it is.
+  - Requests alone: whether a read is nothing but whole C{HEADERS} frames
+    that each open a new stream with a whole header block (no padding, no
+    priority), the usual read of a client sending requests without
+    bodies; the connection opens those streams without the library's
+    frame parsing (L{edgeproxy._compat.h2.openStream}).
 
 It does no I/O and keeps no clock: the time is passed in.
 """
@@ -100,10 +105,14 @@ class FrameGuard:
         whole).
     @ivar resets: C{RST_STREAM} frames in the data scanned last.
     @ivar started: the preface and the first frame (SETTINGS) have arrived.
+    @ivar requests: after L{scan}, when the data scanned is only whole
+        C{HEADERS} frames opening new streams (see the module docstring):
+        C{(start, end, streamId, endStream)} of each, C{start:end} its
+        header block; else L{None}.
     """
 
     __slots__ = (
-        "maxFrameSize", "batch", "cuts", "resets", "started", "_preface", "_head",
+        "maxFrameSize", "batch", "cuts", "resets", "started", "requests", "_preface", "_head",
         "_left", "_type", "_block", "_blockNew", "_lastStream", "_tokens", "_stamps",
         "_budgets",
     )
@@ -116,6 +125,7 @@ class FrameGuard:
         self.cuts: list[int] | None = None
         self.resets = 0
         self.started = False
+        self.requests: list[tuple[int, int, int, bool]] | None = None
         self._preface = len(PREFACE)
         self._head = b""
         self._left = 0
@@ -173,8 +183,14 @@ class FrameGuard:
         """
         self.cuts = None
         self.resets = 0
+        self.requests = None
         size = len(data)
         pos = 0
+        # Whole request frames only, from a frame boundary (after the
+        # preface and the first frame) to one.
+        requests: list[tuple[int, int, int, bool]] | None = (
+            [] if self.started and not (self._preface or self._left or self._head or self._block) else None
+        )
         if self._preface:
             taken = min(self._preface, size)
             self._preface -= taken
@@ -212,6 +228,20 @@ class FrameGuard:
                 return Violation(
                     FRAME_SIZE_ERROR, f"frame of {length} bytes over the limit of {maxFrameSize}"
                 )
+            if requests is not None:
+                # HEADERS, END_HEADERS (and END_STREAM or not), no other flag,
+                # a new client stream, the whole frame in this read.
+                opens = stream & 0x7FFFFFFF
+                if (
+                    kind == HEADERS
+                    and flags | _END_STREAM == _END_HEADERS | _END_STREAM
+                    and opens & 1
+                    and opens > self._lastStream
+                    and length <= size - pos
+                ):
+                    requests.append((pos, pos + length, opens, flags == _END_HEADERS | _END_STREAM))
+                else:
+                    requests = None
             if kind > CONTINUATION:
                 violation = self.spend(EXTENSION_FRAMES, now)
             elif kind == DATA:
@@ -256,4 +286,6 @@ class FrameGuard:
             pos += length
             if not self.started:
                 self.started = True
+        if requests:
+            self.requests = requests
         return None

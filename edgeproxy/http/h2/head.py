@@ -34,7 +34,10 @@ whose protocol is not C{websocket}.
 
 C{:authority} becomes the C{host} field (first), and C{cookie} crumbs are
 joined with C{"; "} into one field (RFC 9113 8.2.3), so that stages and
-backends see what an HTTP/1.1 client would have sent.
+backends see what an HTTP/1.1 client would have sent.  The fields are held
+as the field lines it would have sent (L{Fields.fromLines}, names in their
+usual spelling), as an HTTP/1.1 request's are, so that they take the same
+paths through the stages and to the backend.
 """
 
 from __future__ import annotations
@@ -42,12 +45,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from edgeproxy.h1.fields import Fields
+from edgeproxy.h1.fields import Fields, noteLine
 from edgeproxy.h1.requests import KNOWN_METHODS, MAX_CONTENT_LENGTH_DIGITS
 from edgeproxy.h1.syntax import (
     CONTROLS_EXCEPT_HTAB,
     TARGET_FORBIDDEN,
     isToken,
+    linePrefix,
     validHost,
 )
 
@@ -276,4 +280,20 @@ def readRequestHead(
         if len(lengths[0]) > MAX_CONTENT_LENGTH_DIGITS:
             raise Refused("content-length too long", 400)
         length = int(lengths[0])
-    return RequestHead(method, path, authority, Fields.trusted(fields), length, protocol)
+    return RequestHead(method, path, authority, _asLines(fields), length, protocol)
+
+
+def _asLines(fields: dict[bytes, list[bytes]]) -> Fields:
+    """
+    C{fields} (names lower-case tokens, values checked above: no control
+    but HTAB, no whitespace around) as the HTTP/1.1 field lines they read
+    back as.
+    """
+    lines = []
+    for name, values in fields.items():
+        prefix = linePrefix(name)
+        for value in values:
+            line = prefix + value
+            noteLine(line, name, value)
+            lines.append(line)
+    return Fields.fromLines(lines)

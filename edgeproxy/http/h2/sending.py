@@ -11,7 +11,9 @@ calls that is two passes over the header list (its checks of what it is
 given, then HPACK), two frame objects with their flag sets, and their
 serialisation; about five times the work of the same state changes made
 directly.  Here the library's own state machines (the connection's and
-the stream's) take the same inputs in the same order, its own HPACK encoder
+the stream's) take the same inputs in the same order (or, for a complete
+request on an open connection, the stream is set to the state they would
+leave it in: L{edgeproxy._compat.h2.answerWhole}), its own HPACK encoder
 encodes the header list (after the stream's transition, as the library
 does: encoding changes the compression state for good), its own
 flow-control windows are charged, and the frames are written with the
@@ -35,6 +37,9 @@ from typing import Any
 import h2
 from h2.connection import ConnectionInputs
 from h2.stream import StreamInputs
+
+from edgeproxy._compat.h2 import ENABLED as DIRECT
+from edgeproxy._compat.h2 import answerWhole, canAnswerWhole
 
 __all__ = ["ENABLED", "TESTED", "sendWhole"]
 
@@ -88,13 +93,18 @@ def sendWhole(connection: Any, streamId: int, headers: list[tuple[bytes, bytes]]
     ):
         return None
     machine = stream.state_machine
-    connection.state_machine.process_input(_SEND_HEADERS)
-    machine.process_input(_STREAM_HEADERS)
+    # The usual case (a complete request, its connection open) in one step
+    # after the encoding (answerWhole); else input by input.
+    direct = DIRECT and canAnswerWhole(connection, stream)
+    if not direct:
+        connection.state_machine.process_input(_SEND_HEADERS)
+        machine.process_input(_STREAM_HEADERS)
     block = connection.encoder.encode(headers)
     if size:
         headFlags = 0
     else:
-        machine.process_input(_STREAM_END)
+        if not direct:
+            machine.process_input(_STREAM_END)
         headFlags = _END_STREAM
     if len(block) <= maxFrame:
         frames = _frame(_HEADERS, headFlags | _END_HEADERS, streamId, block)
@@ -107,11 +117,14 @@ def sendWhole(connection: Any, streamId: int, headers: list[tuple[bytes, bytes]]
             parts.append(_frame(_CONTINUATION, 0, streamId, piece))
         parts.append(_frame(_CONTINUATION, _END_HEADERS, streamId, pieces[-1]))
         frames = b"".join(parts)
-    if not size:
-        return frames
-    connection.state_machine.process_input(_SEND_DATA)
-    machine.process_input(_STREAM_DATA)
-    machine.process_input(_STREAM_END)
-    stream.outbound_flow_control_window -= size
-    connection.outbound_flow_control_window -= size
-    return frames + _frame(_DATA, _END_STREAM, streamId, body)
+    if size:
+        if not direct:
+            connection.state_machine.process_input(_SEND_DATA)
+            machine.process_input(_STREAM_DATA)
+            machine.process_input(_STREAM_END)
+        stream.outbound_flow_control_window -= size
+        connection.outbound_flow_control_window -= size
+        frames += _frame(_DATA, _END_STREAM, streamId, body)
+    if direct:
+        answerWhole(stream)
+    return frames

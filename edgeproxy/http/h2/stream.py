@@ -41,7 +41,7 @@ from zope.interface import implementer
 from edgeproxy.bodies import BodyPipe, IdleTimer
 from edgeproxy.config.stagemodel import ErrorPages
 from edgeproxy.errors import ContentTooLarge, ProxyError, UpstreamProtocolError
-from edgeproxy.h1.fields import Fields
+from edgeproxy.h1.fields import LINES, Fields, splitLine
 from edgeproxy.http.errorpages import errorResponse, httpDate, pagesFor
 from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.values import Response
@@ -85,15 +85,33 @@ def responseHeaders(status: int, fields: Fields, length: int | None, skip: froze
     never for 1xx and 204: RFC 9110 8.6), C{date} when missing.
     """
     headers = [(b":status", _STATUS.get(status) or b"%d" % status)]
-    raw = fields.raw()
-    for name, values in raw.items():
-        if name in skip:
-            continue
-        for value in values:
-            headers.append((name, value))
+    lines = fields.lines()
+    if lines is not None:
+        # A backend's fields, as they came: each line is (usually) known
+        # already as the pair it holds, which is what HPACK takes.
+        known = LINES
+        dated = False
+        for line in lines:
+            pair = known.get(line)
+            if pair is None:
+                pair = splitLine(line)
+            name = pair[0]
+            if name in skip:
+                continue
+            if name == b"date":
+                dated = True
+            headers.append(pair)
+    else:
+        raw = fields.raw()
+        for name, values in raw.items():
+            if name in skip:
+                continue
+            for value in values:
+                headers.append((name, value))
+        dated = b"date" in raw
     if length is not None and status >= 200 and status != 204:
         headers.append((b"content-length", b"%d" % length))
-    if b"date" not in raw:
+    if not dated:
         headers.append((b"date", httpDate()))
     return headers
 

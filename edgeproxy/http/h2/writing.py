@@ -27,6 +27,7 @@ from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from edgeproxy._compat.h2 import prune
 from edgeproxy.http.h2.guard import RESETS
 from edgeproxy.http.h2.sending import sendWhole
 from edgeproxy.http.h2.stream import Stream
@@ -308,4 +309,6 @@ class Writing:
         self._calls -= 1
         if not self._calls and not self._closing:
             self._idleQueue.arm(self)
+            # An idle connection holds no closed stream.
+            prune(self._h2)
         self.factory.callEnded(call, reason)
