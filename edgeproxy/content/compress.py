@@ -15,6 +15,7 @@ buffered: the body streams with the backend's backpressure.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from edgeproxy.config.model import Config, Route
@@ -87,14 +88,8 @@ class Compress:
             call.respond(response._replace(fields=withVary(response.fields, _VARY)))
             return
         assert response.body is not None
-        done = None
-        metrics = self._metrics
-        if metrics is not None:
-            name = encoding.decode("ascii")
-
-            def done(read: int, written: int) -> None:
-                metrics.compressed(name, read, written)
-
+        # Counted once the whole body is through (read and written sizes).
+        done = None if self._metrics is None else partial(self._metrics.compressed, encoding.decode("ascii"))
         call.respond(
             Response(
                 response.status,
