@@ -15,7 +15,6 @@ whatever the working directory of the process.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import os
 from dataclasses import dataclass, field
 
@@ -27,14 +26,13 @@ from edgeproxy.config.stagemodel import (
     ErrorPages,
     HeaderRules,
     ImageSettings,
+    IPNetwork,
     RateLimit,
     RedisSettings,
     RouteCache,
     RouteForwarding,
     RouteRedirect,
 )
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 BALANCE_POLICIES: tuple[str, ...] = ("round_robin", "least_conn", "p2c", "hash")

@@ -10,11 +10,11 @@ these); the same rules hold: no I/O, no Twisted, valid once made.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from edgeproxy.config.model import IPNetwork
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+"""An address range of the configuration (C{allow}, C{trusted_proxies}...)."""
 
 
 @dataclass(frozen=True, slots=True)
