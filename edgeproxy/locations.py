@@ -38,14 +38,11 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from edgeproxy.h1.fields import Fields
-from edgeproxy.pipeline.values import BytesBody, Response
 
 __all__ = [
     "REDIRECT_PHRASES",
     "encodeURIPart",
     "expand",
-    "redirectResponse",
     "validHost",
 ]
 
@@ -167,19 +164,3 @@ def expand(
         else:
             raise ValueError(f"unknown redirect variable ${value}")
     return b"".join(out)
-
-
-def redirectResponse(status: int, location: bytes) -> Response:
-    """
-    The answer of a redirect: C{status}, C{Location}, and a short plain text
-    body that says where to (C{301 Moved Permanently: https://...}).
-    """
-    phrase = REDIRECT_PHRASES[status]
-    body = b"%d %s: %s\n" % (status, phrase, location)
-    return Response(
-        status,
-        phrase,
-        Fields.trusted({b"location": [location], b"content-type": [b"text/plain; charset=utf-8"]}),
-        len(body),
-        BytesBody(body),
-    )

@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edgeproxy.config.redirects import parseTemplate
-from edgeproxy.locations import encodeURIPart, expand, redirectResponse, validHost
+from edgeproxy.locations import encodeURIPart, expand, validHost
+from edgeproxy.pipeline.redirect import redirectResponse
 
 _PRINTABLE = set(range(0x21, 0x7F))
 

@@ -29,7 +29,8 @@ from typing import Any
 
 from edgeproxy.config.model import Listener
 from edgeproxy.errors import BadRequest
-from edgeproxy.locations import encodeURIPart, redirectResponse, validHost
+from edgeproxy.locations import encodeURIPart, validHost
+from edgeproxy.pipeline.redirect import redirectResponse
 
 __all__ = ["RedirectStage", "endpointPort", "redirectLocation", "redirectPort", "validHost"]
 

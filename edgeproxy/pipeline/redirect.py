@@ -21,12 +21,32 @@ from typing import Any
 
 from edgeproxy.config.model import Config, Route
 from edgeproxy.errors import BadRequest
-from edgeproxy.locations import expand, redirectResponse, validHost
+from edgeproxy.h1.fields import Fields
+from edgeproxy.locations import REDIRECT_PHRASES, expand, validHost
 from edgeproxy.pipeline.call import Call, Stage
 from edgeproxy.pipeline.forward import stripPrefix
 from edgeproxy.pipeline.stages import registerKind
+from edgeproxy.pipeline.values import BytesBody, Response
 
-__all__ = ["Redirect", "RedirectKind"]
+__all__ = ["Redirect", "RedirectKind", "redirectResponse"]
+
+
+def redirectResponse(status: int, location: bytes) -> Response:
+    """
+    The answer of a redirect: C{status}, C{Location}, and a short plain text
+    body that says where to (C{301 Moved Permanently: https://...}).  Both
+    redirects answer with it: a route's (here) and a C{redirect_https}
+    listener's (L{edgeproxy.http.redirect}).
+    """
+    phrase = REDIRECT_PHRASES[status]
+    body = b"%d %s: %s\n" % (status, phrase, location)
+    return Response(
+        status,
+        phrase,
+        Fields.trusted({b"location": [location], b"content-type": [b"text/plain; charset=utf-8"]}),
+        len(body),
+        BytesBody(body),
+    )
 
 
 class Redirect:
