@@ -311,6 +311,23 @@ def test_headReadAsTrafficReadsIt() -> None:
     assert check.detail == "invalid response head: conflicting response Content-Length values"
 
 
+def test_interimResponsesPassedOver() -> None:
+    # 103 Early Hints (and a 100 nobody asked for) come before the final
+    # status, as traffic's reader sees them: the check is on the final 200.
+    pool, checker, backends, reactor = started(upstream())
+    backends.answer(
+        8000,
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    )
+    assert pool.backends[0].lastCheck.ok  # type: ignore[union-attr]
+    pool, checker, backends, reactor = started(upstream())
+    backends.answer(8000, b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 503 Busy\r\n\r\n")
+    check = pool.backends[0].lastCheck
+    assert check is not None and not check.ok
+    assert "503" in check.detail
+
+
 def test_closedBeforeAnswering() -> None:
     pool, checker, backends, reactor = started(upstream())
     protocol, transport = backends.accept(8000)

@@ -16,7 +16,12 @@ from edgeproxy.errors import CertificateError
 from edgeproxy.tls.client import loadUpstreamTLS
 
 from .certutil import CertificateAuthority, IssuedCertificate
+from .fastpaths import SHOW_DEPRECATIONS
 from .tlsutil import RecordingProtocol, connectTLS
+
+# edgeproxy.tls.client uses a private Twisted name (through
+# edgeproxy._compat.twisted): its deprecation warnings stay visible here.
+pytestmark = SHOW_DEPRECATIONS
 
 
 @pytest.fixture(scope="module")

@@ -182,14 +182,22 @@ class _HeadReader(_Protocol):
             parseResponseHead(line)
         except RemoteProtocolError:
             return self._fail(BadResponse(f"not an HTTP response: {line[:60]!r}"))
-        if found is None:
-            return
-        try:
-            status = parseResponseHead(found[0]).status
-        except RemoteProtocolError as error:
-            return self._fail(BadResponse(f"invalid response head: {error}"))
-        self.transport.loseConnection()  # type: ignore[union-attr]
-        self.status.callback(status)
+        while found is not None:
+            try:
+                status = parseResponseHead(found[0]).status
+            except RemoteProtocolError as error:
+                return self._fail(BadResponse(f"invalid response head: {error}"))
+            if status >= 200 or status == 101:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.status.callback(status)
+                return
+            # An interim response (100, 103 Early Hints...) is passed over,
+            # as traffic's reader does: the check is on the final status.
+            buffer = self._buffer = buffer[found[1] :]
+            try:
+                found = splitResponseHead(buffer, MAX_HEAD)
+            except RemoteProtocolError:
+                return self._fail(BadResponse(f"response head larger than {MAX_HEAD} bytes"))
 
     def _fail(self, error: Exception) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]
