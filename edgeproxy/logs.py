@@ -12,7 +12,7 @@ L{LogPolicy} and L{ProcessLogObserver}
     event, never a Python C{b''} repr (byte strings in an event's fields are
     shown as text), and demotes to C{debug} the start-up chatter Twisted
     writes for every port and factory (C{Starting factory <... object at
-    0x...>}, C{EdgeSite starting on 8443}, C{(TCP Port 8443 Closed)}):
+    0x...>}, C{ListenerFactory starting on 8443}, C{(TCP Port 8443 Closed)}):
     edgeproxy logs the listeners itself, by name.
 
     Under systemd (C{log_format = journald}, or C{auto} with standard

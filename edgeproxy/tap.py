@@ -21,8 +21,8 @@ prints its usage text and C{twistd edgeproxy: <message>} to standard output
 and exits with status 1.  Standard output is easy to miss next to that usage
 text, so the message is also written to standard error first.
 
-This is the only module (with C{edgeproxy.cli}) that touches the global
-reactor.
+With the worker process's C{main} (L{edgeproxy.worker}), this is where
+the global reactor is chosen and run; the rest is handed a reactor.
 """
 
 from __future__ import annotations

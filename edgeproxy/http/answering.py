@@ -7,7 +7,7 @@ HTTP/1.1.
 A response's head and the body bytes already at hand go out in one write; a
 body still to come streams with backpressure (the body's source is the
 transport's producer while it flows, and a body that goes without a byte for
-the route's C{idle_timeout} is cut).  The framing follows the response: its
+the C{idle_timeout} of the route's upstream is cut).  The framing follows the response: its
 length when known, else chunked (HTTP/1.1) or the end of the connection
 (HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.  The route's response
 header rules are applied (L{edgeproxy.headers.stage}: to every final

@@ -32,7 +32,11 @@ __all__ = [
 
 
 class ClientCertificate(NamedTuple):
-    """The facts of a verified client certificate (L{edgeproxy.security.clientcerts})."""
+    """
+    The facts of a verified client certificate (read by
+    L{edgeproxy.security.listening}; the contexts that ask for one are
+    L{edgeproxy.tls.clientcerts}'s).
+    """
 
     subject: str
     """The subject as an RFC 4514 string (C{CN=ann,O=Example})."""
