@@ -9,7 +9,6 @@ cache keys on, and the wire bytes of the HTTP/1.1 path.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import pytest
@@ -18,15 +17,13 @@ from twisted.internet.testing import MemoryReactorClock
 from edgeproxy.config.model import Route
 from edgeproxy.config.stagemodel import ImageSettings
 from edgeproxy.content import images as imagesModule
-from edgeproxy.content.convert import convert
 from edgeproxy.content.images import Images
-from edgeproxy.content.job import Job, Result
 from edgeproxy.content.params import signTarget
 from edgeproxy.content.pool import ConversionPool
-from edgeproxy.content.worker import readFrame, writeFrame
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline.testing import RecordingClient, RecordingNext, makeRequest, run
 from edgeproxy.pipeline.values import Response
+from tests.imagepool import makePool
 from tests.imageutil import bombPNG, decode, meanDifference, photoJPEG, screenshotPNG
 from tests.memorypool import MemoryResponse, ProxyClient
 from tests.metricsutil import samplesOf
@@ -34,68 +31,6 @@ from tests.metricsutil import samplesOf
 SETTINGS = ImageSettings(formats=("avif", "webp"))
 CHROME = b"image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
 PHOTO = photoJPEG(400, 300)
-
-
-class InProcess:
-    """
-    A conversion process played in this process: converts each frame it is
-    written with the real conversion, at once or (C{hold}) when the test
-    says so.
-    """
-
-    pid = 1
-
-    def __init__(self, worker: Any, hold: bool) -> None:
-        self.worker = worker
-        self.hold = hold
-        self.held: list[tuple[dict[str, Any], bytes]] = []
-        self.jobs: list[Job] = []
-
-    def write(self, data: bytes) -> None:
-        frame = readFrame(io.BytesIO(data))
-        assert frame is not None
-        self.jobs.append(Job(**frame[0]))
-        if self.hold:
-            self.held.append(frame)
-        else:
-            self.answer(*frame)
-
-    def answer(self, fields: dict[str, Any], data: bytes) -> None:
-        result = convert(data, Job(**fields))
-        out = io.BytesIO()
-        writeFrame(out, {k: getattr(result, k) for k in Result._fields if k != "data"}, result.data)
-        self.worker.outReceived(out.getvalue())
-
-    def release(self) -> None:
-        while self.held:
-            self.answer(*self.held.pop(0))
-
-    def closeStdin(self) -> None:
-        pass
-
-    def signalProcess(self, signal: str) -> None:
-        pass
-
-
-class Processes:
-    def __init__(self, hold: bool = False) -> None:
-        self.hold = hold
-        self.started: list[InProcess] = []
-
-    def __call__(self, worker: Any) -> InProcess:
-        process = InProcess(worker, self.hold)
-        worker.makeConnection(process)
-        self.started.append(process)
-        return process
-
-    @property
-    def jobs(self) -> list[Job]:
-        return [job for process in self.started for job in process.jobs]
-
-
-def makePool(workers: int = 2, queue: int = 2, hold: bool = False) -> tuple[ConversionPool, Processes]:
-    processes = Processes(hold)
-    return ConversionPool(MemoryReactorClock(), workers, queue, spawn=processes), processes
 
 
 def image(body: bytes = PHOTO, contentType: bytes = b"image/jpeg", fields: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
