@@ -2,14 +2,16 @@
 Tests for L{edgeproxy.cache.stage}: the cache stage on the request path
 end to end, in memory: a real L{ListenerFactory} and L{HTTP1Connection}
 over memory transports, a route whose stages are the cache stage (and, for
-variants, a small stage standing in for compression) then the real
-L{Forward} stage over an in-memory upstream pool (L{tests.memorypool}) the
+variants, the real compression and image stages, the latter over
+conversion processes played in this process, L{tests.imagepool}) then the
+real L{Forward} stage over an in-memory upstream pool (L{tests.memorypool}) the
 test answers.  The clock is the memory reactor's.  Assertions are on the
 bytes the clients get and on what reached the upstream.
 """
 
 from __future__ import annotations
 
+import gzip as gzip_
 import ipaddress
 import json
 import os
@@ -25,14 +27,14 @@ from edgeproxy.cache.directives import formatHTTPDate
 from edgeproxy.cache.blocking import InlineBlocking
 from edgeproxy.cache.kind import storesOf
 from edgeproxy.config.model import Config, Listener, ProxySettings, Route
-from edgeproxy.config.stagemodel import CacheSettings, RouteCache
+from edgeproxy.config.stagemodel import CacheSettings, CompressSettings, ImageSettings, RouteCache
 from edgeproxy.errors import BackendUnavailable
 from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.metrics import Metrics
-from edgeproxy.pipeline.call import Call
-from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
+from edgeproxy.pipeline.stages import buildPipelines
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
+from tests.imagepool import makePool
 from tests.memorypool import PEER, Exchange, MemoryPool, MemoryResponse
 
 NOW = 1_700_000_000.0
@@ -70,59 +72,6 @@ def parse(wire: bytes) -> list[tuple[int, dict[str, list[str]], bytes]]:
     return responses
 
 
-class Compressing:
-    """
-    Stands in for the compression stage: chooses C{gzip} or C{identity}
-    from C{Accept-Encoding} (the pipeline's variant contract) and makes
-    the variant (upper case stands for compressed).
-    """
-
-    varyField = b"accept-encoding"
-
-    def variant(self, request: Any) -> bytes:
-        accepted = request.fields.get(b"accept-encoding") or b""
-        return b"gzip" if b"gzip" in accepted else b"identity"
-
-    def handle(self, call: Call) -> None:
-        call.onResponse(_Compressor(self.variant(call.request)))
-        call.next()
-
-
-class _Compressor:
-    def __init__(self, variant: bytes) -> None:
-        self.variant = variant
-
-    def onResponse(self, call: Call, response: Any) -> None:
-        fields = response.fields.withAdded(b"vary", b"Accept-Encoding")
-        if self.variant == b"gzip":
-            fields = fields.withField(b"content-encoding", b"gzip")
-            response = response._replace(fields=fields, body=_Upper(response.body))
-        else:
-            response = response._replace(fields=fields)
-        call.respond(response)
-
-    def onError(self, call: Call, error: Any) -> None:
-        call.fail(error)
-
-
-class _Upper:
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def deliverBody(self, protocol: Any) -> None:
-        self.protocol = protocol
-        self.inner.deliverBody(self)
-
-    def makeConnection(self, producer: Any) -> None:
-        self.protocol.makeConnection(producer)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.protocol.dataReceived(data.upper())
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.protocol.connectionLost(reason)
-
-
 class Site:
     """
     One route with C{cache = yes} in front of a L{MemoryPool}; every
@@ -133,7 +82,9 @@ class Site:
         self,
         cache: CacheSettings | None = None,
         route: RouteCache | None = None,
-        compress: bool = False,
+        compress: CompressSettings | None = None,
+        images: ImageSettings | None = None,
+        holdConversions: bool = False,
         stores: Any = None,
     ) -> None:
         self.clock = MemoryReactorClock()
@@ -141,8 +92,12 @@ class Site:
         self.pool = MemoryPool()
         self.metrics = Metrics()
         routes = (
-            Route(name="app", hosts=("app.example",), paths=("/",), upstream="app", cache=route or RouteCache()),
+            Route(
+                name="app", hosts=("app.example",), paths=("/",), upstream="app", cache=route or RouteCache(),
+                compress=compress, images=images,
+            ),
         )
+        self.imagePool, self.conversions = makePool(workers=1, queue=0, hold=holdConversions)
         self.config = Config(
             path="/etc/edge.ini", proxy=ProxySettings(), tls=None, listeners=(),
             upstreams={"app": self.pool.upstream}, routes=routes, cache=cache or CacheSettings(memory=2**20),
@@ -150,14 +105,11 @@ class Site:
         pools = {"app": self.pool}
         pipelines = buildPipelines(
             self.config, pools,
-            context={"reactor": self.clock, "blocking": InlineBlocking(), "metrics": self.metrics},
+            context={
+                "reactor": self.clock, "blocking": InlineBlocking(), "metrics": self.metrics,
+                "imagePool": self.imagePool,
+            },
         )
-        if compress:
-            pipe = pipelines["app"]
-            pipelines["app"] = RoutePipeline(
-                (("cache", pipe.byKind["cache"]), ("compress", Compressing()), ("forward", pipe.byKind["forward"])),
-                pipe.idleTimeout,
-            )
         self.runtime = Runtime(config=self.config, router=Router(routes), pools=pools, pipelines=pipelines)
         self.stores = storesOf(pipelines)
         self.factory = ListenerFactory(
@@ -522,28 +474,6 @@ def test_varyKeysOnTheListedFields() -> None:
     assert len(site.sent) == 2
 
 
-def test_variantsOfALaterStageShareOneEntryPerVariant() -> None:
-    """
-    Accept-Encoding is keyed on the variant the compression stage
-    chooses, not on the raw field: clients writing it differently share
-    the entry of their variant.
-    """
-    site = Site(compress=True)
-    gzip = site.get(headers=[(b"Accept-Encoding", b"gzip, deflate")])
-    site.answer(site.sent[0], fields=FRESH)
-    code, fields, body = site.one(gzip)
-    assert body == b"HELLO" and fields["content-encoding"] == ["gzip"]
-    for accepted in (b"gzip;q=1.0, br", b"deflate, gzip, x-" + b"z" * 50):
-        code, fields, body = site.one(site.get(headers=[(b"Accept-Encoding", accepted)]))
-        assert body == b"HELLO" and status(fields).startswith("edgeproxy; hit")
-    plain = site.get(headers=[(b"Accept-Encoding", b"identity")])
-    assert len(site.sent) == 2
-    site.answer(site.sent[1], fields=FRESH)
-    assert site.one(plain)[2] == b"hello"
-    assert site.one(site.get())[2] == b"hello"
-    assert len(site.sent) == 2
-
-
 def test_unkeyedFieldsCannotPoisonTheEntry() -> None:
     site = Site()
     poisoned = site.get(headers=[(b"X-Forwarded-Host", b"evil.example"), (b"X-Original-URL", b"/admin")])
@@ -783,16 +713,18 @@ def test_softPurgeRevalidates() -> None:
 
 
 def test_backgroundRefreshUsesTheRestOfTheRoute() -> None:
-    site = Site(route=RouteCache(stale_while_revalidate=60.0), compress=True)
+    site = Site(route=RouteCache(stale_while_revalidate=60.0), compress=CompressSettings(("gzip",), min_size=0))
+    html = FRESH + [(b"Content-Type", b"text/html")]
     gzip = site.get(headers=[(b"Accept-Encoding", b"gzip")])
-    site.answer(site.sent[0], fields=FRESH)
+    site.answer(site.sent[0], fields=html)
     site.one(gzip)
     site.clock.advance(70)
     site.one(site.get(headers=[(b"Accept-Encoding", b"gzip")]))
     refresh = site.sent[1]
-    site.answer(refresh, fields=FRESH, body=b"fresh")
+    site.answer(refresh, fields=html, body=b"fresh")
     code, fields, body = site.one(site.get(headers=[(b"Accept-Encoding", b"gzip")]))
-    assert body == b"FRESH" and status(fields).startswith("edgeproxy; hit")
+    assert fields["content-encoding"] == ["gzip"] and gzip_.decompress(body) == b"fresh"
+    assert status(fields).startswith("edgeproxy; hit")
 
 
 def test_getWithABodyIsNotCached() -> None:
