@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from edgeproxy.cache.blocking import InlineBlocking
 from edgeproxy.cache.disk import DiskTier
 from edgeproxy.cache.diskrecover import recoverDirectory
-from edgeproxy.cache.entry import Entry, Variants
+from edgeproxy.cache.entry import Entry, Variants, decodeMeta
 from edgeproxy.cache.freshness import Policy
 from edgeproxy.cache.stores import expired
 from edgeproxy.h1.fields import Fields
@@ -69,9 +69,23 @@ def test_storedAndFoundAfterARestart(tmp_path: Path) -> None:
 
 def test_variantsMarker(tmp_path: Path) -> None:
     disk = tier(tmp_path)
-    marker = Variants(b"https://a/x", b"https://a/x", (b"accept-encoding",))
+    marker = Variants(b"https://a/x", b"https://a/x", (b"accept", b"accept-encoding"), (b"accept-encoding",))
     disk.insert(marker, None, 0, 0)
     assert disk.get(b"https://a/x") == marker
+    assert tier(tmp_path).get(b"https://a/x") == marker
+
+
+def test_variantsMarkerOfAnEarlierVersion() -> None:
+    """
+    A marker written before markers said which fields are keyed on a
+    stage's choice is read as all of them: its lookups then use parts
+    (C{name:choice}) the entries it was written with do not have, and
+    none of those is served (some hold a variant their key does not say).
+    """
+    earlier = b'{"v":1,"kind":"variants","key":"https://a/x","url":"https://a/x","names":["accept-encoding"]}'
+    assert decodeMeta(earlier) == Variants(
+        b"https://a/x", b"https://a/x", (b"accept-encoding",), (b"accept-encoding",)
+    )
 
 
 def test_replacingRemovesTheOldFile(tmp_path: Path) -> None:

@@ -79,16 +79,21 @@ class Entry(NamedTuple):
 class Variants(NamedTuple):
     """
     The marker stored under a primary key whose responses vary: the
-    request fields (C{Vary}) their secondary keys are made of.
+    request fields (C{Vary}) their secondary keys are made of, and which of
+    them are keyed on a later stage's choice rather than on their value
+    (L{edgeproxy.cache.key.secondaryKey}), as the last response stored for
+    the URL was.
     """
 
     key: bytes
     url: bytes
     names: tuple[bytes, ...]
+    chosen: tuple[bytes, ...] = ()
+    """The names keyed on the choice of the stage that made the response."""
 
     @property
     def size(self) -> int:
-        return len(self.key) + len(self.url) + sum(len(n) for n in self.names) + OVERHEAD
+        return len(self.key) + len(self.url) + sum(len(n) for n in self.names + self.chosen) + OVERHEAD
 
 
 def _text(value: bytes) -> str:
@@ -108,6 +113,7 @@ def encodeMeta(item: Entry | Variants) -> bytes:
             "key": _text(item.key),
             "url": _text(item.url),
             "names": [_text(name) for name in item.names],
+            "chosen": [_text(name) for name in item.chosen],
         }
     else:
         policy = item.policy
@@ -147,11 +153,13 @@ def decodeMeta(data: bytes, path: str | None = None, offset: int = 0) -> Entry |
         if document.get("v") != 1:
             raise ValueError("unknown version")
         if document["kind"] == "variants":
-            return Variants(
-                _bytes(document["key"]),
-                _bytes(document["url"]),
-                tuple(_bytes(n) for n in document["names"]),
-            )
+            names = tuple(_bytes(n) for n in document["names"])
+            # A marker written before "chosen" was: its entries were keyed
+            # on the stages' choices, some wrongly.  Read as chosen, its
+            # lookups use the "name:choice" parts that none of them has:
+            # they are never served, and age out.
+            chosen = tuple(_bytes(n) for n in document["chosen"]) if "chosen" in document else names
+            return Variants(_bytes(document["key"]), _bytes(document["url"]), names, chosen)
         lifetime, mustRevalidate, noCache, swr, sie, heuristic = document["policy"]
         return Entry(
             key=_bytes(document["key"]),

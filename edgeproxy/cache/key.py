@@ -19,9 +19,17 @@ Nothing else: the key never holds fields that could make one URL's entry
 answer another (C{X-Forwarded-Host}, C{X-Original-URL}, C{Forwarded}...).
 What an origin varies on beyond the URL it must say with C{Vary}, and
 then the entry is further keyed on the listed request fields (the
-secondary key, L{secondaryKey}), each normalised, C{Accept-Encoding} and
-C{Accept} on the variant the later stages choose (never on the raw value,
-whose combinations a client could multiply at will).
+secondary key, L{secondaryKey}), each normalised (RFC 9111 4.1).  A field
+a later stage of the route chooses a variant from (C{Accept-Encoding} for
+compression, C{Accept} for images) is keyed on that choice instead, but
+only for a response that stage made what it is (marked C{chosenOn} by it:
+L{edgeproxy.pipeline.values.Response}): so the few variants a stage makes
+are stored once each, however clients write the field, while a response
+the stage left alone (compressed by the backend itself, a JSON answer to
+C{Accept: application/json}) can only answer clients sending the same
+normalised field, never one that cannot take it.  The two kinds of part
+are written apart (C{name=value}, C{name:choice}) so neither can ever
+address an entry of the other.
 
     >>> urlOf(b"https", b"Example.COM:443", b"/a/b", b"?x=1")
     b'https://example.com/a/b?x=1'
@@ -29,7 +37,7 @@ whose combinations a client could multiply at will).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -204,22 +212,27 @@ def normaliseField(name: bytes, values: Sequence[bytes]) -> bytes:
 
 
 def secondaryKey(
-    names: Sequence[bytes], request: Any, variants: dict[bytes, VariantStage]
+    names: Sequence[bytes],
+    request: Any,
+    variants: dict[bytes, VariantStage],
+    chosen: Collection[bytes] = (),
 ) -> bytes:
     """
     The secondary key of C{request} for a response varying on C{names}
-    (RFC 9111 4.1): each field's normalised value, or the variant a later
-    stage chooses for it.
+    (RFC 9111 4.1): each field's normalised value (C{name=value}), or for
+    the fields in C{chosen} that a later stage of C{variants} chooses from,
+    the variant it chooses (C{name:variant}).
     """
     fields = request.fields
     parts = []
     for name in names:
-        stage = variants.get(name)
+        stage = variants.get(name) if name in chosen else None
         if stage is not None:
-            value = stage.variant(request)
+            # Neither ":" nor "=" is a token character (a field name ends
+            # at either): a choice can never read as a value.
+            parts.append(name + b":" + stage.variant(request))
         else:
-            value = normaliseField(name, fields.getAll(name))
-        parts.append(name + b"=" + value)
+            parts.append(name + b"=" + normaliseField(name, fields.getAll(name)))
     return SECONDARY + b"\x00".join(parts)
 
 

@@ -250,7 +250,11 @@ class Fetching:
         stored = False
         detail = b""
         ttl = None
-        if self.mayStore:
+        if self.mayStore and response.transient:
+            # A one-off fallback of a later stage (the original image while
+            # the conversion pool was full): the next request gets a new try.
+            detail = b"transient"
+        elif self.mayStore:
             verdict = storability(
                 b"GET", self.request.fields, self.directives, status, response.fields, stage.rules, now
             )
@@ -270,8 +274,12 @@ class Fetching:
                 key = self.primary
                 names = varyNames(response.fields.getAll(b"vary"))
                 if names:
-                    key = self.primary + secondaryKey(names, self.request, stage.variantStagesOf(call))
-                    self.marker = Variants(self.primary, self.url, names)
+                    variants = stage.variantStagesOf(call)
+                    # Keyed on a stage's choice only where that stage made
+                    # the response what it is; elsewhere on the field.
+                    chosen = tuple(name for name in names if name in response.chosenOn and name in variants)
+                    key = self.primary + secondaryKey(names, self.request, variants, chosen)
+                    self.marker = Variants(self.primary, self.url, names, chosen)
                 head = Entry(
                     key=key,
                     url=self.url,

@@ -212,7 +212,7 @@ class CacheStage:
         key = primary
         reason = b"uri-miss"
         if type(item) is Variants:
-            key = primary + secondaryKey(item.names, request, self.variantStagesOf(call))
+            key = primary + secondaryKey(item.names, request, self.variantStagesOf(call), item.chosen)
             item = stores.lookup(key)
             reason = b"vary-miss"
         if item is None:

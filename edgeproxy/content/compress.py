@@ -3,13 +3,17 @@
 L{Compress}: the stage that compresses responses with the best content
 coding the client accepts (C{compress = zstd, br, gzip} on a route).
 
-It picks the coding from the request alone (L{Compress.variant}, the key
-the cache stores the response under) and wraps the answer: a response the
-rules of L{edgeproxy.content.rules} let it transform gets a
-L{CompressedBody} streaming through the chosen encoder, C{Content-Encoding},
-no C{Content-Length} (the length is known only at the end: chunked on
-HTTP/1.1), C{Vary: Accept-Encoding} and a weak C{ETag}.  Nothing is
-buffered: the body streams with the backend's backpressure.
+It picks the coding from the request alone (L{Compress.variant}) and wraps
+the answer: a response the rules of L{edgeproxy.content.rules} let it
+transform gets a L{CompressedBody} streaming through the chosen encoder,
+C{Content-Encoding}, no C{Content-Length} (the length is known only at the
+end: chunked on HTTP/1.1), C{Vary: Accept-Encoding} and a weak C{ETag}.
+Nothing is buffered: the body streams with the backend's backpressure.
+
+A response it handles (compressed, or sent as it is to a client taking
+none of the codings offered) is marked C{chosenOn} C{Accept-Encoding}, so
+the cache keys it on the coding chosen; one it leaves alone (encoded by
+the backend, of another type) is not, and is keyed on the field itself.
 """
 
 from __future__ import annotations
@@ -82,21 +86,24 @@ class Compress:
             encoding,
         )
         if not decision.vary:
+            # Not one this stage compresses (encoded by the backend, another
+            # type, too small): whatever it varies on is the backend's doing.
             call.respond(response)
             return
+        # What this client gets depends on its coding alone.
+        chosenOn = (*response.chosenOn, self.varyField)
         if not decision.transform:
-            call.respond(response._replace(fields=withVary(response.fields, _VARY)))
+            call.respond(response._replace(fields=withVary(response.fields, _VARY), chosenOn=chosenOn))
             return
         assert response.body is not None
         # Counted once the whole body is through (read and written sizes).
         done = None if self._metrics is None else partial(self._metrics.compressed, encoding.decode("ascii"))
         call.respond(
-            Response(
-                response.status,
-                response.reason,
-                transformedFields(response.fields, _VARY, ((b"content-encoding", encoding),)),
-                None,
-                CompressedBody(response.body, makeEncoder(encoding, self._levels[encoding]), done),
+            response._replace(
+                fields=transformedFields(response.fields, _VARY, ((b"content-encoding", encoding),)),
+                length=None,
+                body=CompressedBody(response.body, makeEncoder(encoding, self._levels[encoding]), done),
+                chosenOn=chosenOn,
             )
         )
 

@@ -4,16 +4,22 @@ L{Images}: the stage that converts JPEG, PNG and GIF responses to AVIF or
 WebP for the clients that take them (C{images = avif, webp} on a route),
 and resizes them when asked (C{image_resize}).
 
-The format is chosen from the request alone (L{Images.variant}, the key
-the cache stores the response under).  An image response the rules of
-L{edgeproxy.content.rules} let it convert is admitted to the conversion
-pool (L{edgeproxy.content.pool}) before anything is read, then read whole
-(at most C{image_max_bytes}: past that the original goes on streaming,
-the bytes read first included), converted in a conversion process, and
-answered with the result, or with the original when the conversion was
-not smaller, failed, took too long, or the image had too many pixels.
-While an image is read and converted the reactor does nothing for it but
-collect bytes; the client's answer waits.
+The format is chosen from the request alone (L{Images.variant}).  An image
+response the rules of L{edgeproxy.content.rules} let it convert is admitted
+to the conversion pool (L{edgeproxy.content.pool}) before anything is
+read, then read whole (at most C{image_max_bytes}: past that the original
+goes on streaming, the bytes read first included), converted in a
+conversion process, and answered with the result, or with the original
+when the conversion was not smaller, failed, took too long, or the image
+had too many pixels.  While an image is read and converted the reactor
+does nothing for it but collect bytes; the client's answer waits.
+
+For the cache: a response of a type the stage converts is marked
+C{chosenOn} C{Accept} (the cache keys it on the format chosen; any other
+response varying on C{Accept} is keyed on the field itself), and an
+original sent for a reason a retry may not repeat (the pool full, a
+conversion that failed or took too long) is marked C{transient}: not
+stored.
 
 Resize parameters are read from the query only when the response turns
 out to be a convertible image: a page of the same route whose own query
@@ -50,6 +56,10 @@ log = Logger()
 _VARY = b"Accept"
 _ORIGINAL = b"original"
 _COMPLETE = (ResponseDone, PotentialDataLoss)
+_TRANSIENT = frozenset(("failed", "timeout"))
+"""Outcomes a retry may not repeat (a conversion process died, was slow,
+was stopping): the original they send is not stored as the variant.  The
+others (C{larger}, C{too_large}, C{unsupported}) would come out the same."""
 
 
 class BadSignature(ProxyError):
@@ -154,7 +164,11 @@ class _Conversion:
                 discardResponse(response)
                 call.fail(BadSignature("image parameters without a valid signature"))
                 return
-        original = response._replace(fields=withVary(response.fields, _VARY))
+        # An image this stage converts: what this client gets depends on
+        # the format chosen for it alone.
+        original = response._replace(
+            fields=withVary(response.fields, _VARY), chosenOn=(*response.chosenOn, stage.varyField)
+        )
         if not decision.transform:
             call.respond(original)
             return
@@ -164,7 +178,8 @@ class _Conversion:
             return
         if not stage.pool.reserve():
             self._kept("full")
-            call.respond(original)
+            # The next request may find a free worker: not to be stored.
+            call.respond(original._replace(transient=True))
             return
         self.call = call
         self.response = original
@@ -244,14 +259,15 @@ class _Conversion:
         original = self.pieces[0]
         self.pieces = []
         if result.outcome != "converted":
-            if result.outcome in ("failed", "timeout"):
+            transient = result.outcome in _TRANSIENT
+            if transient:
                 log.info(
                     "image not converted ({outcome}): {detail}",
                     outcome=result.outcome,
                     detail=result.detail,
                 )
             self._kept(result.outcome)
-            call.respond(response._replace(length=len(original), body=BytesBody(original)))
+            call.respond(response._replace(length=len(original), body=BytesBody(original), transient=transient))
             return
         metrics = self.stage._metrics
         if metrics is not None:

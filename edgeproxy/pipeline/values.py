@@ -139,6 +139,17 @@ class Response(NamedTuple):
     full response would have)."""
     body: ResponseBody | None
     """L{None}: no body."""
+    chosenOn: tuple[bytes, ...] = ()
+    """The request fields (lower case) a later stage of the route made this
+    response vary on by its own choice alone (C{accept-encoding} when the
+    compression stage handled it, C{accept} when the image stage did): the
+    cache keys the response on that stage's choice for these fields, on
+    their value for any other (L{edgeproxy.cache.key.secondaryKey}).  Never
+    sent."""
+    transient: bool = False
+    """A one-off answer the cache must not store (the original image sent
+    because the conversion pool was full): it goes to this client as it
+    is, and the next one gets a new try.  Never sent."""
 
 
 class _Stopped:
