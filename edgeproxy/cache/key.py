@@ -141,8 +141,12 @@ def cookieValue(fields: Fields, name: bytes) -> bytes | None:
 
 
 class VariantStage(Protocol):
-    """A later stage that makes variants of a response (see
-    C{docs}: the pipeline's "Variants")."""
+    """
+    A later stage of the route that makes variants of the responses it
+    handles: C{variant(request)} is its choice from the request field
+    C{varyField}, and a response it made carries that field in its
+    C{chosenOn} (see the module docstring).
+    """
 
     varyField: bytes
 
