@@ -33,6 +33,7 @@ from edgeproxy.config.model import (
     TLSSettings,
     TLSVersion,
     Upstream,
+    availableCPUs,
 )
 from edgeproxy.config.stagemodel import (
     ErrorPage,
@@ -830,7 +831,7 @@ def test_adminTokenNotShown(site: Path) -> None:
 
 def test_workersAuto(site: Path) -> None:
     text = BASE + "\n[edgeproxy]\nworkers = auto\n"
-    assert load(write(site, text)).proxy.workers == max(1, os.cpu_count() or 1)
+    assert load(write(site, text)).proxy.workers == availableCPUs()
 
 
 def test_defaults(site: Path) -> None:

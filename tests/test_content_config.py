@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edgeproxy.config.model import availableCPUs
 from edgeproxy.config.stagemodel import CompressSettings, ImageSettings
 from edgeproxy.config.parse import load
 from edgeproxy.errors import ConfigError
@@ -46,7 +47,7 @@ def test_offByDefault(tmp_path: Path) -> None:
     config = loadWith(tmp_path)
     route = config.routes[0]  # type: ignore[attr-defined]
     assert route.compress is None and route.images is None
-    assert config.proxy.image_workers == max(1, os.cpu_count() or 1)  # type: ignore[attr-defined]
+    assert config.proxy.image_workers == availableCPUs()  # type: ignore[attr-defined]
     assert config.proxy.image_queue is None  # type: ignore[attr-defined]
 
 
@@ -92,6 +93,32 @@ def test_imageKeys(tmp_path: Path) -> None:
         signing_key=b"k" * 64,
     )
     assert "kkkk" not in repr(route.images)
+
+
+@pytest.mark.parametrize(
+    "proxy, workers, imageWorkers",
+    [
+        ("", 1, 6),
+        ("workers = 2", 2, 3),
+        ("workers = 4", 4, 1),
+        ("workers = 8", 8, 1),
+        ("workers = auto", 6, 1),
+        ("workers = 2\nimage_workers = auto", 2, 3),
+        ("workers = 2\nimage_workers = 5", 2, 5),
+    ],
+)
+def test_imageWorkersDivideTheCPUsAmongTheWorkers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy: str, workers: int, imageWorkers: int
+) -> None:
+    """
+    Each worker process has its own conversion processes: by default they
+    share out the CPUs this process may run on (its affinity: 6 of the
+    machine's 64 here), not each take them all.
+    """
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    settings = loadWith(tmp_path, proxy=proxy).proxy  # type: ignore[attr-defined]
+    assert (settings.workers, settings.image_workers) == (workers, imageWorkers)
 
 
 def test_proxyKeys(tmp_path: Path) -> None:

@@ -46,6 +46,30 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 """Upper bounds, in seconds, of the duration histograms by default."""
 
 
+def availableCPUs() -> int:
+    """
+    The CPUs this process may run on: its affinity (narrowed by
+    C{taskset}, a cgroup cpuset, systemd's C{CPUAffinity=}), where the
+    system has one, else every CPU; at least 1.
+    """
+    getAffinity = getattr(os, "sched_getaffinity", None)
+    if getAffinity is not None:
+        try:
+            return max(1, len(getAffinity(0)))
+        except OSError:
+            pass
+    return max(1, os.cpu_count() or 1)
+
+
+def defaultImageWorkers(workers: int) -> int:
+    """
+    C{image_workers} when not set: the CPUs this process may run on,
+    divided among the C{workers} processes (each has its own conversion
+    processes), at least 1.
+    """
+    return max(1, availableCPUs() // max(1, workers))
+
+
 class AccessLogFormat(enum.Enum):
     COMBINED = "combined"
     """The Combined Log Format with the request's C{key=value} pairs after it."""
@@ -95,7 +119,8 @@ class ProxySettings:
     """Bearer token admin actions (C{POST}) require, from C{admin_token} or
     the contents of C{admin_token_file}; L{None}: admin actions are off."""
     workers: int = 1
-    """Worker processes; C{auto} in the file is resolved to the CPU count."""
+    """Worker processes; C{auto} in the file is resolved to the CPUs this
+    process may run on (L{availableCPUs})."""
     log_level: str = "info"
     """Lowest level the process log shows: C{debug}, C{info}, C{warn} or
     C{error} (see L{edgeproxy.logs})."""
@@ -105,8 +130,10 @@ class ProxySettings:
     log_format: str = "auto"
     """C{text}, C{journald} (a C{<N>} priority on every line), or C{auto}:
     C{journald} when standard output is the journal."""
-    image_workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
-    """Image conversions that may run at once (in worker processes)."""
+    image_workers: int = field(default_factory=lambda: defaultImageWorkers(1))
+    """Image conversions that may run at once in each process (each worker
+    process has its own conversion processes); by default the CPUs divided
+    among the C{workers} (L{defaultImageWorkers})."""
     image_queue: int | None = None
     """Conversions that may wait for a worker; L{None}: twice
     C{image_workers}.  Beyond it, originals go out unconverted."""

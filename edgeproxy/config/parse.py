@@ -67,6 +67,8 @@ from edgeproxy.config.model import (
     TLSSettings,
     TLSVersion,
     Upstream,
+    availableCPUs,
+    defaultImageWorkers,
 )
 from edgeproxy.config.stagemodel import ErrorPages
 from edgeproxy.config.ratelimit import RATELIMIT_KEYS, REDIS_KEYS, readRateLimit, readRedis
@@ -184,6 +186,7 @@ def _readTrustedProxies(section: Section) -> tuple[IPNetwork, ...]:
 
 def _readProxy(section: Section) -> ProxySettings:
     defaults = ProxySettings()
+    workers = section.convert("workers", defaults.workers, _parseWorkers)
     return ProxySettings(
         access_log=section.convert(
             "access_log", defaults.access_log, lambda text: _accessLog(section, text)
@@ -197,11 +200,11 @@ def _readProxy(section: Section) -> ProxySettings:
         via=section.convert("via", defaults.via, syntax.checkToken),
         admin=section.convert("admin", None, lambda text: _endpoint(section, text).description),
         admin_token=_readAdminToken(section),
-        workers=section.convert("workers", defaults.workers, _parseWorkers),
+        workers=workers,
         log_level=section.choice("log_level", defaults.log_level, {v: v for v in _LOG_LEVELS}),
         log_format=section.choice("log_format", defaults.log_format, {v: v for v in _LOG_FORMATS}),
         latency_buckets=section.convert("latency_buckets", defaults.latency_buckets, _parseBuckets),
-        **readProxyContent(section, defaults.image_workers),
+        **readProxyContent(section, defaultImageWorkers(workers)),
         **readProxyHeaders(section),
         fast_paths=section.choice("fast_paths", defaults.fast_paths, {v: v for v in _FAST_PATHS}),
         error_pages=readErrorPages(section),
@@ -226,7 +229,7 @@ def _parseBuckets(text: str) -> tuple[float, ...]:
 def _parseWorkers(text: str) -> int:
     value = text.strip().lower()
     if value == "auto":
-        return max(1, os.cpu_count() or 1)
+        return availableCPUs()
     if not value.isdigit() or not 1 <= int(value) <= 256:
         raise ValueError(f"expected a number of processes from 1 to 256, or auto, got {text!r}")
     return int(value)
