@@ -95,12 +95,19 @@ def photoJPEG(width: int = 640, height: int = 480, seed: int = 1, orientation: i
     return _save(photo(width, height, seed), "JPEG", **options)
 
 
-def screenshotPNG(width: int = 800, height: int = 600, seed: int = 2, alpha: bool = False) -> bytes:
+def screenshotPNG(width: int = 800, height: int = 600, seed: int = 2, alpha: bool = False,
+                  orientation: int | None = None) -> bytes:
+    """A screenshot as PNG; with C{orientation}, an C{eXIf} chunk holding that tag."""
     image = screenshot(width, height, seed)
     if alpha:
         image = image.convert("RGBA")
         image.putalpha(Image.linear_gradient("L").resize((width, height)))
-    return _save(image, "PNG")
+    options: dict[str, object] = {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    return _save(image, "PNG", **options)
 
 
 def animatedGif(frames: int = 4, width: int = 160, height: int = 120) -> bytes:

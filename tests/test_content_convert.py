@@ -65,6 +65,24 @@ def test_orientationIsApplied(target: str) -> None:
     assert meanDifference(image, expected) < 4
 
 
+@pytest.mark.parametrize("target", ["avif", "webp", ""])
+def test_orientationOfAPNGIsApplied(target: str) -> None:
+    """
+    A PNG may carry EXIF too (its eXIf chunk): stored 320x200 with
+    orientation 6, it is shown 200x320, and so is the conversion (or the
+    resized PNG, which carries no EXIF either).
+    """
+    source = screenshotPNG(320, 200, orientation=6)
+    expected = ImageOps.exif_transpose(decode(source))
+    assert expected.size == (200, 320)
+    result = convert(source, Job(target, 80, MAX, 200 if not target else None, None))
+    assert result.outcome == "converted", result.detail
+    image = decode(result.data)
+    assert image.size == (result.width, result.height) == (200, 320)
+    assert not image.getexif()
+    assert meanDifference(image, expected) < 6
+
+
 @pytest.mark.parametrize("target", ["avif", "webp"])
 def test_colourProfileKeptOtherMetadataDropped(target: str) -> None:
     icc = srgbProfile()

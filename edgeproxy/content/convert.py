@@ -11,9 +11,9 @@ and is tested directly.  It:
     (width x height x frames) before decoding anything, so a
     decompression bomb costs the parse of its header and nothing more
     (Pillow's own C{MAX_IMAGE_PIXELS} is set to the same bound behind it);
-  - applies the EXIF orientation to the pixels (the output has no EXIF to
-    carry the tag), keeps the ICC colour profile, and writes no other
-    metadata (EXIF, XMP, comments);
+  - applies the EXIF orientation (of a JPEG, or a PNG's C{eXIf} chunk) to
+    the pixels (the output has no EXIF to carry the tag), keeps the ICC
+    colour profile, and writes no other metadata (EXIF, XMP, comments);
   - keeps every frame of an animation, with its durations and loop count;
   - resizes when asked (never enlarging), drafting JPEGs at a reduced scale
     first so a large photo made small is not decoded at full size;
@@ -113,7 +113,8 @@ def _convert(data: bytes, job: Job) -> Result:
     if width * height * frames > job.maxPixels:
         return Result("too_large", detail=f"{width}x{height}x{frames}")
     target = job.target or source
-    orientation = image.getexif().get(0x0112, 1) if source == "jpeg" else 1
+    # EXIF in a JPEG's APP1 or a PNG's eXIf chunk (GIF has none).
+    orientation = image.getexif().get(0x0112, 1) if source != "gif" else 1
     if job.resizing and source == "jpeg":
         # Decode at the smallest DCT scale still at least as large as the
         # result (the box is for the image as displayed: swap for rotations).
