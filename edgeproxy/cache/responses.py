@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cache_stage -*-
+# -*- test-case-name: tests.test_cache_stage,tests.test_cache_variants -*-
 """
 The answers to the requests the cache stage (L{edgeproxy.cache.stage})
 passes on: what it does with each response before the client has it.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_content_body -*-
+# -*- test-case-name: tests.test_content_compress -*-
 """
 Response bodies the content stages hand on in place of the backend's:
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_content_encoders -*-
+# -*- test-case-name: tests.test_content_compress -*-
 """
 Streaming compressors for the content codings the edge produces: C{zstd}
 (RFC 8878, through C{zstandard}), C{br} (RFC 7932, through C{brotli}) and
