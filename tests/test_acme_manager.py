@@ -120,14 +120,35 @@ def test_failureBacksOffHonouringRetryAfter(setup: Any) -> None:
     assert served(store, "app.example") is not None
 
 
+def storedCertificate(manager: ACMEManager, name: str) -> bytes | None:
+    stored = manager.storage.load(name)
+    return None if stored is None else Path(stored.certificatePath).read_bytes()
+
+
 def test_wrongCertificateRefused(setup: Any) -> None:
-    """A certificate for another name is never served nor stored over a good one."""
+    """
+    A certificate for another name is never served nor stored: neither the
+    first one, nor a renewal over a good one (storage keeps the good one).
+    """
     manager, fake, clock, store, metrics = setup
     fake.issueFor = "evil.example"
     manager.startService()
     clock.advance(0)
     assert served(store, "app.example") is None and served(store, "evil.example") is None
     assert "does not name app.example" in manager.states["app.example"].lastError
+    assert storedCertificate(manager, "app.example") is None
+
+    fake.issueFor = None
+    clock.advance(60)
+    good = served(store, "app.example")
+    assert good is not None
+    goodPEM = storedCertificate(manager, "app.example")
+    fake.issueFor = "evil.example"
+    clock.advance(61 * DAY)  # the renewal is due 30 days before the 90 days end
+    assert fake.orders == ["app.example"] * 3
+    assert "does not name app.example" in manager.states["app.example"].lastError
+    assert served(store, "app.example") is good and served(store, "evil.example") is None
+    assert storedCertificate(manager, "app.example") == goodPEM
 
 
 def test_restartServesStoredWithoutOrdering(setup: Any, tmp_path: Path) -> None:

@@ -404,7 +404,8 @@ class ACMEManager(Service):
             await self._inThread(lock.release)
 
     def _store(self, name: str, chain: bytes, keyPEM: bytes) -> CertificateEntry:
-        """In the thread: store, then load and check as a file is."""
+        """In the thread: check as a file is (and that it names C{name}),
+        then store, then load what was stored."""
         from dataclasses import replace
 
         import tempfile
@@ -419,15 +420,15 @@ class ACMEManager(Service):
                 f.write(chain)
             with open(os.open(keyPath, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
                 f.write(keyPEM)
-            loadEntry(certPath, keyPath, time.time(), section="acme", key="storage")
+            issued = loadEntry(certPath, keyPath, time.time(), section="acme", key="storage")
+        if name not in issued.names:
+            raise CertificateError(f"the certificate does not name {name} (it names {', '.join(issued.names)})",
+                                   file=self.storage.folder(name), section="acme", key="storage")
         stored = self.storage.save(name, chain, keyPEM, {
             "directory": self.settings.directory,
             "obtained": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         })
         entry = loadEntry(stored.certificatePath, stored.keyPath, time.time(), section="acme", key="storage")
-        if name not in entry.names:
-            raise CertificateError(f"the certificate does not name {name} (it names {', '.join(entry.names)})",
-                                   file=stored.certificatePath, section="acme", key="storage")
         return replace(entry, source="acme")
 
     def _failed(self, state: NameState, why: str, retryAfter: float | None, problem: str | None) -> None:
