@@ -19,6 +19,8 @@ from twisted.logger import capturedLogs
 from edgeproxy.acme.challenges import ChallengeStore
 from edgeproxy.acme.client import ACMEFailure
 from edgeproxy.acme.manager import ACMEManager
+from edgeproxy.acme.storage import Storage
+from edgeproxy.admin.status import acmeStatus, certificateStatus
 from edgeproxy.config import load
 from edgeproxy.metrics import Metrics
 from edgeproxy.tls.store import CertificateStore
@@ -36,6 +38,7 @@ class FakeCA:
         self.orders: list[str] = []
         self.presented: list[tuple[str, str]] = []
         self.issueFor: str | None = None
+        self.renewalInformationAsked = 0
 
     def order(self, name: str, keyPEM: bytes, present: Any) -> bytes:
         self.orders.append(name)
@@ -48,6 +51,7 @@ class FakeCA:
         return issued.certificatePEM + issued.chainPEM
 
     def renewalWindow(self, certificate: Any) -> tuple[None, None]:
+        self.renewalInformationAsked += 1
         return None, None
 
 
@@ -149,6 +153,31 @@ def test_wrongCertificateRefused(setup: Any) -> None:
     assert "does not name app.example" in manager.states["app.example"].lastError
     assert served(store, "app.example") is good and served(store, "evil.example") is None
     assert storedCertificate(manager, "app.example") == goodPEM
+
+
+def test_certificateFromSharedStorageClearsTheFailure(setup: Any) -> None:
+    """
+    After a failed order, the certificate another machine stored meanwhile
+    is served at the retry without an order, and /status shows no error
+    any more; the renewal information is asked for again.
+    """
+    manager, fake, clock, store, metrics = setup
+    fake.failures.append(ACMEFailure("the CA refused: rateLimited", "urn:ietf:params:acme:error:rateLimited", None))
+    manager.startService()
+    clock.advance(0)
+    [name] = acmeStatus(manager)["names"]  # type: ignore[index]
+    assert "rateLimited" in name["last_error"] and name["failures"] == 1 and name["retry_at"] is not None
+    issued = fake.authority.issue(["app.example"])
+    elsewhere = Storage(manager.storage.root, manager.settings.directory)
+    elsewhere.save("app.example", issued.certificatePEM + issued.chainPEM, issued.keyPEM, {})
+    clock.advance(60)
+    assert fake.orders == ["app.example"]
+    [document] = [c for c in certificateStatus(store, clock.seconds(), manager) if c["names"] == ["app.example"]]
+    assert document["source"] == "acme" and document["last_error"] is None
+    assert document["next_renewal"] == pytest.approx(served(store, "app.example").notAfter.timestamp() - 30 * DAY)
+    [name] = acmeStatus(manager)["names"]  # type: ignore[index]
+    assert name["last_error"] is None and name["failures"] == 0 and name["retry_at"] is None
+    assert fake.renewalInformationAsked == 1
 
 
 def test_restartServesStoredWithoutOrdering(setup: Any, tmp_path: Path) -> None:

@@ -360,9 +360,7 @@ class ACMEManager(Service):
                 )
                 if not decision.order:
                     log.info("ACME: serving the certificate for {name} found in storage", name=name)
-                    state.entry = stored
-                    state.nextRenewal = None
-                    self._swap()
+                    self._serve(state, stored)
                     return
             renewal = state.entry is not None
             log.info(
@@ -385,14 +383,7 @@ class ACMEManager(Service):
             except CertificateError as e:
                 self._failed(state, f"the certificate the CA issued is refused: {e}", None, "certificate")
                 return
-            state.entry = entry
-            state.failures = 0
-            state.lastError = None
-            state.retryAt = None
-            state.window = None
-            state.ariNext = 0.0
-            state.nextRenewal = self._renewalTime(entry, None)
-            self._swap()
+            self._serve(state, entry)
             if self.metrics is not None:
                 self.metrics.acmeObtained(renewal)
             log.info(
@@ -402,6 +393,19 @@ class ACMEManager(Service):
             )
         finally:
             await self._inThread(lock.release)
+
+    def _serve(self, state: NameState, entry: CertificateEntry) -> None:
+        """Serve C{entry} for C{state}'s name, a new certificate (obtained
+        here or found in storage): what was known of the previous one
+        (failures, back-off, the CA's renewal window) no longer holds."""
+        state.entry = entry
+        state.failures = 0
+        state.lastError = None
+        state.retryAt = None
+        state.window = None
+        state.ariNext = 0.0
+        state.nextRenewal = self._renewalTime(entry, None)
+        self._swap()
 
     def _store(self, name: str, chain: bytes, keyPEM: bytes) -> CertificateEntry:
         """In the thread: check as a file is (and that it names C{name}),
