@@ -55,14 +55,16 @@ class FakeCA:
         return None, None
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
+def managerFor(tmp_path: Path, acme: str = "") -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
+    """A manager of C{app.example} and C{acme} lines more, on a memory
+    clock, with a L{FakeCA}; not started."""
     CertificateAuthority("default").issue(["fallback.invalid"]).writePEM(tmp_path / "default.pem")
-    (tmp_path / "edge.ini").write_text("""
+    (tmp_path / "edge.ini").write_text(f"""
 [tls]
 certificates = default.pem
 [acme]
 storage = state
+{acme}
 [listen:https]
 endpoint = tcp:0
 tls = yes
@@ -84,6 +86,22 @@ upstream = app
         runInThread=lambda f, *a: maybeDeferred(f, *a), callFromThread=lambda f, *a: f(*a),
     )
     return manager, fake, clock, store, metrics
+
+
+def restarted(manager: ACMEManager, store: CertificateStore, fake: FakeCA, clock: Clock) -> ACMEManager:
+    """A new manager with the same configuration and storage, as after a
+    restart (the store serves no managed certificate yet); not started."""
+    manager.stopService()
+    store.setManaged([])
+    return ACMEManager(
+        manager.config, store, ChallengeStore(), clock, Metrics(), client=fake,
+        runInThread=lambda f, *a: maybeDeferred(f, *a), callFromThread=lambda f, *a: f(*a),
+    )
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
+    return managerFor(tmp_path)
 
 
 def served(store: CertificateStore, name: str) -> Any:
@@ -180,16 +198,29 @@ def test_certificateFromSharedStorageClearsTheFailure(setup: Any) -> None:
     assert fake.renewalInformationAsked == 1
 
 
+def test_onDemandOrderHonoursTheBackOff(setup: Any) -> None:
+    """An on-demand name whose order failed is not ordered again before its
+    Retry-After, however often it is asked for."""
+    manager, fake, clock, store, metrics = setup
+    manager.startService()
+    clock.advance(0)
+    fake.failures.append(ACMEFailure("the CA refused: rateLimited", "urn:ietf:params:acme:error:rateLimited", DAY))
+    first = manager.obtain("new.example")
+    assert first.called and fake.orders == ["app.example", "new.example"]
+    clock.advance(601)
+    again = manager.obtain("new.example")
+    assert again.called and fake.orders == ["app.example", "new.example"]
+    assert served(store, "new.example") is None
+    clock.advance(DAY)
+    assert fake.orders == ["app.example", "new.example", "new.example"]
+    assert served(store, "new.example") is not None
+
+
 def test_restartServesStoredWithoutOrdering(setup: Any, tmp_path: Path) -> None:
     manager, fake, clock, store, metrics = setup
     manager.startService()
     clock.advance(0)
-    manager.stopService()
-    again = ACMEManager(
-        manager.config, store, ChallengeStore(), clock, Metrics(), client=fake,
-        runInThread=lambda f, *a: maybeDeferred(f, *a), callFromThread=lambda f, *a: f(*a),
-    )
-    store.setManaged([])
+    again = restarted(manager, store, fake, clock)
     again.startService()
     clock.advance(0)
     assert fake.orders == ["app.example"]

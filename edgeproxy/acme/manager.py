@@ -320,21 +320,45 @@ class ACMEManager(Service):
 
     # On demand --------------------------------------------------------------
 
+    def adoptStored(self, name: str) -> bool:
+        """
+        Serve the certificate C{storage} holds for C{name}, if it is valid
+        (an on-demand name seen again after a restart); from then on the
+        name is renewed as the others.  Asks nothing of the CA.
+
+        @return: whether C{name} is served now.
+        """
+        state = self.states.get(name)
+        if state is not None:
+            return state.entry is not None
+        entry = self._loadStored(name)
+        if entry is None:
+            return False
+        log.info("ACME: serving the certificate for {name} found in storage", name=name)
+        state = self.states[name] = NameState(name, onDemand=True)
+        self._serve(state, entry)
+        self._schedule(0)
+        return True
+
+    def backingOff(self, name: str) -> float | None:
+        """The seconds left before C{name} may be ordered again after a
+        failure (C{Retry-After} honoured); L{None} when it may be now."""
+        state = self.states.get(name)
+        if state is None or state.retryAt is None:
+            return None
+        left = state.retryAt - self._reactor.seconds()
+        return left if left > 0 else None
+
     def obtain(self, name: str) -> Deferred[None]:
         """
         Manage C{name} from now on (an on-demand name) and order its
-        certificate now; fires when that attempt is over (with or without a
-        certificate).
+        certificate now, unless storage holds a valid one or the name is
+        backing off after a failure (L{backingOff}); fires when that
+        attempt is over (with or without a certificate).
         """
-        state = self.states.get(name)
-        if state is None:
-            state = self.states[name] = NameState(name, onDemand=True)
-            state.entry = self._loadStored(name)
-            if state.entry is not None:
-                self._swap()
-                return succeed(None)
-        elif state.entry is not None and not state.busy:
+        if self.adoptStored(name) or self.backingOff(name) is not None:
             return succeed(None)
+        state = self.states.setdefault(name, NameState(name, onDemand=True))
         waiter: Deferred[None] = Deferred()
         self._waiters.setdefault(name, []).append(waiter)
         if not state.busy and not any(queued == name for queued, _ in self._queue):
