@@ -22,6 +22,7 @@ from edgeproxy.acme.manager import ACMEManager
 from edgeproxy.acme.storage import Storage
 from edgeproxy.admin.status import acmeStatus, certificateStatus
 from edgeproxy.config import load
+from edgeproxy.config.model import Config
 from edgeproxy.metrics import Metrics
 from edgeproxy.tls.store import CertificateStore
 from tests.certutil import CertificateAuthority
@@ -55,10 +56,9 @@ class FakeCA:
         return None, None
 
 
-def managerFor(tmp_path: Path, acme: str = "") -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
-    """A manager of C{app.example} and C{acme} lines more, on a memory
-    clock, with a L{FakeCA}; not started."""
-    CertificateAuthority("default").issue(["fallback.invalid"]).writePEM(tmp_path / "default.pem")
+def writeConfig(tmp_path: Path, acme: str = "") -> Config:
+    """An edge.ini with a route for C{app.example} and C{acme} lines more
+    in C{[acme]}, loaded (written again: as for a reload)."""
     (tmp_path / "edge.ini").write_text(f"""
 [tls]
 certificates = default.pem
@@ -74,7 +74,14 @@ servers = 127.0.0.1:9
 hosts = app.example
 upstream = app
 """)
-    config = load(str(tmp_path / "edge.ini"))
+    return load(str(tmp_path / "edge.ini"))
+
+
+def managerFor(tmp_path: Path, acme: str = "") -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
+    """A manager of L{writeConfig}'s configuration on a memory clock, with
+    a L{FakeCA}; not started."""
+    CertificateAuthority("default").issue(["fallback.invalid"]).writePEM(tmp_path / "default.pem")
+    config = writeConfig(tmp_path, acme)
     clock = Clock()
     clock.advance(time.time())
     store = CertificateStore(config.tls, clock)  # type: ignore[arg-type]

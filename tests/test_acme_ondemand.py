@@ -22,9 +22,10 @@ from twisted.logger import capturedLogs, formatEvent
 from edgeproxy.acme.client import ACMEFailure
 from edgeproxy.acme.manager import ACMEManager
 from edgeproxy.acme.ondemand import REMEMBER, OnDemand
+from edgeproxy.acme.setup import onDemandGate
 from edgeproxy.tls.store import CertificateStore
 
-from .test_acme_manager import DAY, FakeCA, managerFor, restarted
+from .test_acme_manager import DAY, FakeCA, managerFor, restarted, writeConfig
 from .test_tls_store import served
 
 DEFAULT = "fallback.invalid"
@@ -37,10 +38,12 @@ class Ask:
     def __init__(self, allowed: set[str]) -> None:
         self.allowed = allowed
         self.asked: list[str] = []
+        self.urls: list[str] = []
 
     def __call__(self, url: str) -> Deferred[int]:
         [name] = parse_qs(urlsplit(url).query)["domain"]
         self.asked.append(name)
+        self.urls.append(url)
         return succeed(200 if name in self.allowed else 403)
 
 
@@ -60,8 +63,7 @@ class Edge:
 
 
 def _started(manager: ACMEManager, ca: FakeCA, clock: Clock, store: CertificateStore, ask: Ask) -> Edge:
-    gate = OnDemand(manager.settings, manager, clock, ask=ask)
-    store.onDemand = gate.wait
+    gate = onDemandGate(manager, store, clock, ask)
     manager.startService()
     clock.advance(0)
     # The name of the configured route, ordered at start: not on demand.
@@ -69,12 +71,13 @@ def _started(manager: ACMEManager, ca: FakeCA, clock: Clock, store: CertificateS
     return Edge(manager, ca, clock, store, ask, gate)
 
 
-def edge(tmp_path: Path, burst: int = 10, interval: str = "1m", allowed: Iterable[str] = ()) -> Edge:
-    manager, ca, clock, store, _ = managerFor(
-        tmp_path,
-        "on_demand = yes\nask = http://ask.invalid/check\n"
-        f"on_demand_burst = {burst}\non_demand_interval = {interval}",
-    )
+def onDemandLines(burst: int = 10, interval: str = "1m", ask: str = "http://ask.invalid/check") -> str:
+    return f"on_demand = yes\nask = {ask}\non_demand_burst = {burst}\non_demand_interval = {interval}"
+
+
+def edge(tmp_path: Path, burst: int = 10, interval: str = "1m", allowed: Iterable[str] = (),
+         onDemand: bool = True) -> Edge:
+    manager, ca, clock, store, _ = managerFor(tmp_path, onDemandLines(burst, interval) if onDemand else "")
     return _started(manager, ca, clock, store, Ask(set(allowed)))
 
 
@@ -153,3 +156,37 @@ def test_storedNamesServedAfterARestartOutsideTheRateLimit(tmp_path: Path) -> No
     # The one order the limit allows at once is still there.
     assert served(again.store, "four.example") == "four.example"
     assert again.ca.orders == ["four.example"]
+
+
+def test_settingsFollowAReload(tmp_path: Path) -> None:
+    """
+    C{on_demand}, C{ask}, C{on_demand_burst} and C{on_demand_interval}
+    follow a reload: turned on, the next handshake for a new name gets its
+    certificate; a new C{ask} URL is the one asked; a new rate limit
+    applies at once (without refilling what was spent); turned off, new
+    names get the default certificate and nobody is asked.
+    """
+    names = {"a.example", "b.example", "c.example", "d.example", "e.example"}
+    site = edge(tmp_path, allowed=names, onDemand=False)
+    assert served(site.store, "a.example") == DEFAULT
+    assert site.ask.asked == [] and site.ca.orders == []
+
+    site.manager.reconfigure(writeConfig(tmp_path, onDemandLines(1, "1h", "http://ask.invalid/first")))
+    assert served(site.store, "a.example") == "a.example"
+    assert served(site.store, "b.example") == DEFAULT  # one order an hour
+    assert site.ca.orders == ["a.example"]
+    assert all(url.startswith("http://ask.invalid/first?") for url in site.ask.urls)
+
+    site.manager.reconfigure(writeConfig(tmp_path, onDemandLines(1, "10s", "http://ask.invalid/second")))
+    assert served(site.store, "e.example") == DEFAULT  # nothing saved up yet
+    site.clock.advance(10)
+    assert served(site.store, "c.example") == "c.example"
+    assert site.ask.urls[-1].startswith("http://ask.invalid/second?")
+
+    site.manager.reconfigure(writeConfig(tmp_path))
+    asked = list(site.ask.asked)
+    site.clock.advance(3600)
+    assert served(site.store, "d.example") == DEFAULT
+    assert site.ask.asked == asked and site.ca.orders == ["a.example", "c.example"]
+    # A name served stays served.
+    assert served(site.store, "c.example") == "c.example"

@@ -42,6 +42,7 @@ from edgeproxy.acme import policy
 from edgeproxy.acme.challenges import ChallengeStore, tlsALPN01Certificate
 from edgeproxy.acme.client import ACMEClient, ACMEFailure, newKey
 from edgeproxy.acme.storage import Storage
+from edgeproxy.config.acmemodel import ACMESettings
 from edgeproxy.config.model import Config
 from edgeproxy.errors import CertificateError
 from edgeproxy.tls.certs import CertificateEntry, loadEntry
@@ -105,6 +106,9 @@ class ACMEManager(Service):
     @ivar onChallenges: called on the reactor after the pending challenges
         changed; may return a Deferred that fires once every process can
         answer them (a supervisor waits for its workers).
+    @ivar settingsListeners: called with the new C{[acme]} settings at
+        every reload (the on-demand gate follows them,
+        L{edgeproxy.acme.setup.onDemandGate}).
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class ACMEManager(Service):
         self._fromThread = callFromThread or _blockingCall(reactor)
         self.states: dict[str, NameState] = {}
         self.onChallenges: Callable[[], Deferred[None] | None] | None = None
+        self.settingsListeners: list[Callable[[ACMESettings], None]] = []
         self._queue: list[tuple[str, str]] = []
         self._working: Deferred[None] | None = None
         self._timer: Any = None
@@ -172,7 +177,8 @@ class ACMEManager(Service):
 
     def reconfigure(self, config: Config) -> None:
         """A reload: follow the new names (and settings, when only the names
-        or timing changed; a new directory or storage takes a restart)."""
+        or timing changed; a new directory or storage takes a restart).
+        The L{settingsListeners} get the new settings in any case."""
         if config.acme is None:
             return
         if (config.acme.directory, config.acme.storage) != (self.settings.directory, self.settings.storage):
@@ -187,6 +193,11 @@ class ACMEManager(Service):
             state.nextRenewal = None
         self._swap()
         self._schedule(0)
+        for listener in list(self.settingsListeners):
+            try:
+                listener(config.acme)
+            except Exception:
+                log.failure("ACME: following the new [acme] settings failed")
 
     # Start and stop ---------------------------------------------------------
 

@@ -106,10 +106,11 @@ class OnDemand:
         """
         Called with the SNI name of a new connection.
 
-        @return: L{None} to go on now, or a Deferred that fires (never
-            fails) when the handshake may go on.
+        @return: L{None} to go on now (always, while C{on_demand} is
+            off), or a Deferred that fires (never fails) when the
+            handshake may go on.
         """
-        if not name or self.manager.serves(name):
+        if not name or not self.settings.on_demand or self.manager.serves(name):
             return None
         now = self._clock.seconds()
         refusedAt = self._refused.get(name)
@@ -137,6 +138,21 @@ class OnDemand:
         timer = self._clock.callLater(WAIT, lambda: None if waiter.called else waiter.callback(None))
         waiter.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
         return waiter
+
+    def reconfigure(self, settings: ACMESettings) -> None:
+        """
+        Follow a reload: C{on_demand}, C{ask} and the rate limit from now on
+        (the tokens saved up are kept, up to the new burst).  When any of
+        them changed, the refusals remembered are forgotten: they were
+        decided under the old ones.
+        """
+        old = self.settings
+        self.settings = settings
+        keys = ("on_demand", "ask", "on_demand_burst", "on_demand_interval")
+        if all(getattr(old, key) == getattr(settings, key) for key in keys):
+            return
+        self._bucket.resize(settings.on_demand_burst, settings.on_demand_interval, self._clock.seconds())
+        self._refused.clear()
 
     def _refuse(self, name: str) -> None:
         self._refused[name] = self._clock.seconds()
