@@ -18,9 +18,14 @@ every certificate swap.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edgeproxy.config.acmemodel import ACMESettings
 from edgeproxy.config.model import Config
+
+if TYPE_CHECKING:
+    from edgeproxy.acme.manager import ACMEManager
+    from edgeproxy.acme.ondemand import Ask, OnDemand
 
 __all__ = ["onDemandGate", "setUpACME", "setUpOCSP"]
 
@@ -63,7 +68,7 @@ def setUpACME(
     return challenges, manager, onDemandGate(manager, store, reactor)
 
 
-def onDemandGate(manager: Any, store: Any, reactor: Any, ask: Any = None) -> Any:
+def onDemandGate(manager: ACMEManager, store: Any, reactor: Any, ask: Ask | None = None) -> OnDemand:
     """
     The on-demand gate (L{edgeproxy.acme.ondemand.OnDemand}) of the
     process whose C{manager} orders, made whether C{on_demand} is on or
@@ -77,7 +82,7 @@ def onDemandGate(manager: Any, store: Any, reactor: Any, ask: Any = None) -> Any
 
     gate = OnDemand(manager.settings, manager, reactor, ask)
 
-    def follow(settings: Any) -> None:
+    def follow(settings: ACMESettings) -> None:
         gate.reconfigure(settings)
         # Without the hook, handshakes are not held at all (no ClientHello
         # read before OpenSSL's).
