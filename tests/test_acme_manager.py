@@ -19,7 +19,10 @@ from twisted.logger import capturedLogs
 from edgeproxy.acme.challenges import ChallengeStore
 from edgeproxy.acme.client import ACMEFailure
 from edgeproxy.acme.manager import ACMEManager
+from edgeproxy.acme.storage import Storage
+from edgeproxy.admin.status import acmeStatus, certificateStatus
 from edgeproxy.config import load
+from edgeproxy.config.model import Config
 from edgeproxy.metrics import Metrics
 from edgeproxy.tls.store import CertificateStore
 from tests.certutil import CertificateAuthority
@@ -36,6 +39,7 @@ class FakeCA:
         self.orders: list[str] = []
         self.presented: list[tuple[str, str]] = []
         self.issueFor: str | None = None
+        self.renewalInformationAsked = 0
 
     def order(self, name: str, keyPEM: bytes, present: Any) -> bytes:
         self.orders.append(name)
@@ -48,17 +52,19 @@ class FakeCA:
         return issued.certificatePEM + issued.chainPEM
 
     def renewalWindow(self, certificate: Any) -> tuple[None, None]:
+        self.renewalInformationAsked += 1
         return None, None
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
-    CertificateAuthority("default").issue(["fallback.invalid"]).writePEM(tmp_path / "default.pem")
-    (tmp_path / "edge.ini").write_text("""
+def writeConfig(tmp_path: Path, acme: str = "") -> Config:
+    """An edge.ini with a route for C{app.example} and C{acme} lines more
+    in C{[acme]}, loaded (written again: as for a reload)."""
+    (tmp_path / "edge.ini").write_text(f"""
 [tls]
 certificates = default.pem
 [acme]
 storage = state
+{acme}
 [listen:https]
 endpoint = tcp:0
 tls = yes
@@ -68,7 +74,14 @@ servers = 127.0.0.1:9
 hosts = app.example
 upstream = app
 """)
-    config = load(str(tmp_path / "edge.ini"))
+    return load(str(tmp_path / "edge.ini"))
+
+
+def managerFor(tmp_path: Path, acme: str = "") -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
+    """A manager of L{writeConfig}'s configuration on a memory clock, with
+    a L{FakeCA}; not started."""
+    CertificateAuthority("default").issue(["fallback.invalid"]).writePEM(tmp_path / "default.pem")
+    config = writeConfig(tmp_path, acme)
     clock = Clock()
     clock.advance(time.time())
     store = CertificateStore(config.tls, clock)  # type: ignore[arg-type]
@@ -80,6 +93,22 @@ upstream = app
         runInThread=lambda f, *a: maybeDeferred(f, *a), callFromThread=lambda f, *a: f(*a),
     )
     return manager, fake, clock, store, metrics
+
+
+def restarted(manager: ACMEManager, store: CertificateStore, fake: FakeCA, clock: Clock) -> ACMEManager:
+    """A new manager with the same configuration and storage, as after a
+    restart (the store serves no managed certificate yet); not started."""
+    manager.stopService()
+    store.setManaged([])
+    return ACMEManager(
+        manager.config, store, ChallengeStore(), clock, Metrics(), client=fake,
+        runInThread=lambda f, *a: maybeDeferred(f, *a), callFromThread=lambda f, *a: f(*a),
+    )
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
+    return managerFor(tmp_path)
 
 
 def served(store: CertificateStore, name: str) -> Any:
@@ -120,26 +149,85 @@ def test_failureBacksOffHonouringRetryAfter(setup: Any) -> None:
     assert served(store, "app.example") is not None
 
 
+def storedCertificate(manager: ACMEManager, name: str) -> bytes | None:
+    stored = manager.storage.load(name)
+    return None if stored is None else Path(stored.certificatePath).read_bytes()
+
+
 def test_wrongCertificateRefused(setup: Any) -> None:
-    """A certificate for another name is never served nor stored over a good one."""
+    """
+    A certificate for another name is never served nor stored: neither the
+    first one, nor a renewal over a good one (storage keeps the good one).
+    """
     manager, fake, clock, store, metrics = setup
     fake.issueFor = "evil.example"
     manager.startService()
     clock.advance(0)
     assert served(store, "app.example") is None and served(store, "evil.example") is None
     assert "does not name app.example" in manager.states["app.example"].lastError
+    assert storedCertificate(manager, "app.example") is None
+
+    fake.issueFor = None
+    clock.advance(60)
+    good = served(store, "app.example")
+    assert good is not None
+    goodPEM = storedCertificate(manager, "app.example")
+    fake.issueFor = "evil.example"
+    clock.advance(61 * DAY)  # the renewal is due 30 days before the 90 days end
+    assert fake.orders == ["app.example"] * 3
+    assert "does not name app.example" in manager.states["app.example"].lastError
+    assert served(store, "app.example") is good and served(store, "evil.example") is None
+    assert storedCertificate(manager, "app.example") == goodPEM
+
+
+def test_certificateFromSharedStorageClearsTheFailure(setup: Any) -> None:
+    """
+    After a failed order, the certificate another machine stored meanwhile
+    is served at the retry without an order, and /status shows no error
+    any more; the renewal information is asked for again.
+    """
+    manager, fake, clock, store, metrics = setup
+    fake.failures.append(ACMEFailure("the CA refused: rateLimited", "urn:ietf:params:acme:error:rateLimited", None))
+    manager.startService()
+    clock.advance(0)
+    [name] = acmeStatus(manager)["names"]  # type: ignore[index]
+    assert "rateLimited" in name["last_error"] and name["failures"] == 1 and name["retry_at"] is not None
+    issued = fake.authority.issue(["app.example"])
+    elsewhere = Storage(manager.storage.root, manager.settings.directory)
+    elsewhere.save("app.example", issued.certificatePEM + issued.chainPEM, issued.keyPEM, {})
+    clock.advance(60)
+    assert fake.orders == ["app.example"]
+    [document] = [c for c in certificateStatus(store, clock.seconds(), manager) if c["names"] == ["app.example"]]
+    assert document["source"] == "acme" and document["last_error"] is None
+    assert document["next_renewal"] == pytest.approx(served(store, "app.example").notAfter.timestamp() - 30 * DAY)
+    [name] = acmeStatus(manager)["names"]  # type: ignore[index]
+    assert name["last_error"] is None and name["failures"] == 0 and name["retry_at"] is None
+    assert fake.renewalInformationAsked == 1
+
+
+def test_onDemandOrderHonoursTheBackOff(setup: Any) -> None:
+    """An on-demand name whose order failed is not ordered again before its
+    Retry-After, however often it is asked for."""
+    manager, fake, clock, store, metrics = setup
+    manager.startService()
+    clock.advance(0)
+    fake.failures.append(ACMEFailure("the CA refused: rateLimited", "urn:ietf:params:acme:error:rateLimited", DAY))
+    first = manager.obtain("new.example")
+    assert first.called and fake.orders == ["app.example", "new.example"]
+    clock.advance(601)
+    again = manager.obtain("new.example")
+    assert again.called and fake.orders == ["app.example", "new.example"]
+    assert served(store, "new.example") is None
+    clock.advance(DAY)
+    assert fake.orders == ["app.example", "new.example", "new.example"]
+    assert served(store, "new.example") is not None
 
 
 def test_restartServesStoredWithoutOrdering(setup: Any, tmp_path: Path) -> None:
     manager, fake, clock, store, metrics = setup
     manager.startService()
     clock.advance(0)
-    manager.stopService()
-    again = ACMEManager(
-        manager.config, store, ChallengeStore(), clock, Metrics(), client=fake,
-        runInThread=lambda f, *a: maybeDeferred(f, *a), callFromThread=lambda f, *a: f(*a),
-    )
-    store.setManaged([])
+    again = restarted(manager, store, fake, clock)
     again.startService()
     clock.advance(0)
     assert fake.orders == ["app.example"]

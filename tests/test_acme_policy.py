@@ -141,3 +141,15 @@ def test_tokenBucket() -> None:
     assert bucket.take(61.0) is False
     # Never more than the burst saved up.
     assert [bucket.take(10_000.0) for _ in range(3)] == [True, True, False]
+
+
+def test_tokenBucketResized() -> None:
+    """New settings keep what was saved up (a reload does not refill it),
+    capped by the new burst; the new interval refills from then on."""
+    bucket = TokenBucket(burst=3, interval=60.0, now=0.0)
+    assert [bucket.take(0.0) for _ in range(2)] == [True, True]
+    bucket.resize(burst=5, interval=1.0, now=0.0)
+    assert [bucket.take(0.0) for _ in range(2)] == [True, False]
+    assert [bucket.take(2.0) for _ in range(3)] == [True, True, False]
+    bucket.resize(burst=1, interval=1.0, now=100.0)
+    assert [bucket.take(100.0) for _ in range(2)] == [True, False]

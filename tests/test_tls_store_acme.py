@@ -18,8 +18,11 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
 from edgeproxy.acme.challenges import ACME_TLS_1, tlsALPN01Certificate
+from edgeproxy.config.model import Listener
+from edgeproxy.security.listening import ClientAuth
 from edgeproxy.tls.certs import loadEntry
 
+from .certutil import CertificateAuthority, IssuedCertificate
 from .fastpaths import fastPaths  # noqa: F401 (fixture)
 from .test_tls_store import Sites, served, sites  # noqa: F401 (fixture)
 from .tlsutil import InsecureClientCreator, connectTLS, handshake
@@ -28,13 +31,19 @@ from .tlsutil import InsecureClientCreator, connectTLS, handshake
 @implementer(IOpenSSLClientConnectionCreator)
 class SeeingClient:
     """A client that trusts anything and remembers the certificate it was
-    shown (the connection may be gone by the time the test looks)."""
+    shown and the protocol negotiated (the connection may be gone by the
+    time the test looks)."""
 
-    def __init__(self, sni: str, alpn: list[bytes]) -> None:
+    def __init__(self, sni: str, alpn: list[bytes], certificate: IssuedCertificate | None = None) -> None:
         self.commonNames: list[str] = []
+        self.protocols: list[bytes | None] = []
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         context.set_verify(SSL.VERIFY_PEER, self._verify)
+        context.set_info_callback(self._info)
         context.set_alpn_protos(alpn)
+        if certificate is not None:
+            context.use_certificate(certificate.certificate)
+            context.use_privatekey(certificate.key)
         self._context = context
         self._sni = sni.encode()
 
@@ -47,6 +56,10 @@ class SeeingClient:
                 # OpenSSL asks again for each verification error.
                 self.commonNames.append(name)
         return True
+
+    def _info(self, connection: SSL.Connection, where: int, ret: int) -> None:
+        if where & SSL.SSL_CB_HANDSHAKE_DONE:
+            self.protocols.append(connection.get_alpn_proto_negotiated() or None)
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         connection = SSL.Connection(self._context, None)
@@ -119,6 +132,41 @@ def test_tlsALPN01OnlyForValidation(sites: Sites, fastPaths: bool) -> None:
     after = SeeingClient("a.example", [ACME_TLS_1])
     connectTLS(creator, after)
     assert after.commonNames == ["a.example"]
+
+
+def test_tlsALPN01OnAListenerRequiringClientCertificates(sites: Sites, tmp_path: Path, fastPaths: bool) -> None:
+    """
+    A listener with C{client_ca} and C{client_certificates = require}: the
+    validation (acme-tls/1 only, no client certificate, as a CA sends it)
+    gets the challenge certificate, negotiates acme-tls/1 and is closed;
+    every other client still gets the name's own certificate and must
+    present one of its own.
+    """
+    clients = CertificateAuthority("client CA")
+    clients.writeCertificate(tmp_path / "clients.pem")
+    member = clients.issue(["ann.example"], clientAuth=True)
+    listener = Listener("tls", "tcp:0", True, client_ca=str(tmp_path / "clients.pem"), client_certificates="require")
+    store = sites.store()
+    store.setChallenges({"a.example": tlsALPN01Certificate("a.example", "token.thumbprint")})
+    creator = store.serverConnectionCreator(clientAuth=ClientAuth(listener, lambda: None))
+
+    validator = SeeingClient("a.example", [ACME_TLS_1])
+    validation = connectTLS(creator, validator)
+    assert validator.commonNames == ["ACME challenge"]
+    assert validator.protocols == [ACME_TLS_1]
+    assert validation.clientApp.lost is not None  # closed once the handshake was done
+
+    # Everyone else: the name's certificate, and a client certificate required.
+    stranger = connectTLS(creator, InsecureClientCreator("a.example"))
+    assert not stranger.established
+    assert "certificate required" in str(stranger.clientApp.lost.value)  # type: ignore[union-attr]
+    browser = SeeingClient("a.example", [b"h2", ACME_TLS_1], certificate=member)
+    withCertificate = connectTLS(creator, browser)
+    assert withCertificate.established and browser.commonNames == ["a.example"]
+    assert browser.protocols == [b"h2"]
+    otherName = SeeingClient("www.a.example", [ACME_TLS_1])
+    other = connectTLS(creator, otherName)
+    assert otherName.commonNames == ["a.example"] and not other.established
 
 
 def test_onDemandHoldsTheHandshake(sites: Sites, tmp_path: Path, fastPaths: bool) -> None:

@@ -42,6 +42,7 @@ from edgeproxy.acme import policy
 from edgeproxy.acme.challenges import ChallengeStore, tlsALPN01Certificate
 from edgeproxy.acme.client import ACMEClient, ACMEFailure, newKey
 from edgeproxy.acme.storage import Storage
+from edgeproxy.config.acmemodel import ACMESettings
 from edgeproxy.config.model import Config
 from edgeproxy.errors import CertificateError
 from edgeproxy.tls.certs import CertificateEntry, loadEntry
@@ -105,6 +106,9 @@ class ACMEManager(Service):
     @ivar onChallenges: called on the reactor after the pending challenges
         changed; may return a Deferred that fires once every process can
         answer them (a supervisor waits for its workers).
+    @ivar settingsListeners: called with the new C{[acme]} settings at
+        every reload (the on-demand gate follows them,
+        L{edgeproxy.acme.setup.onDemandGate}).
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class ACMEManager(Service):
         self._fromThread = callFromThread or _blockingCall(reactor)
         self.states: dict[str, NameState] = {}
         self.onChallenges: Callable[[], Deferred[None] | None] | None = None
+        self.settingsListeners: list[Callable[[ACMESettings], None]] = []
         self._queue: list[tuple[str, str]] = []
         self._working: Deferred[None] | None = None
         self._timer: Any = None
@@ -172,7 +177,8 @@ class ACMEManager(Service):
 
     def reconfigure(self, config: Config) -> None:
         """A reload: follow the new names (and settings, when only the names
-        or timing changed; a new directory or storage takes a restart)."""
+        or timing changed; a new directory or storage takes a restart).
+        The L{settingsListeners} get the new settings in any case."""
         if config.acme is None:
             return
         if (config.acme.directory, config.acme.storage) != (self.settings.directory, self.settings.storage):
@@ -187,6 +193,11 @@ class ACMEManager(Service):
             state.nextRenewal = None
         self._swap()
         self._schedule(0)
+        for listener in list(self.settingsListeners):
+            try:
+                listener(config.acme)
+            except Exception:
+                log.failure("ACME: following the new [acme] settings failed")
 
     # Start and stop ---------------------------------------------------------
 
@@ -320,21 +331,45 @@ class ACMEManager(Service):
 
     # On demand --------------------------------------------------------------
 
+    def adoptStored(self, name: str) -> bool:
+        """
+        Serve the certificate C{storage} holds for C{name}, if it is valid
+        (an on-demand name seen again after a restart); from then on the
+        name is renewed as the others.  Asks nothing of the CA.
+
+        @return: whether C{name} is served now.
+        """
+        state = self.states.get(name)
+        if state is not None:
+            return state.entry is not None
+        entry = self._loadStored(name)
+        if entry is None:
+            return False
+        log.info("ACME: serving the certificate for {name} found in storage", name=name)
+        state = self.states[name] = NameState(name, onDemand=True)
+        self._serve(state, entry)
+        self._schedule(0)
+        return True
+
+    def backingOff(self, name: str) -> float | None:
+        """The seconds left before C{name} may be ordered again after a
+        failure (C{Retry-After} honoured); L{None} when it may be now."""
+        state = self.states.get(name)
+        if state is None or state.retryAt is None:
+            return None
+        left = state.retryAt - self._reactor.seconds()
+        return left if left > 0 else None
+
     def obtain(self, name: str) -> Deferred[None]:
         """
         Manage C{name} from now on (an on-demand name) and order its
-        certificate now; fires when that attempt is over (with or without a
-        certificate).
+        certificate now, unless storage holds a valid one or the name is
+        backing off after a failure (L{backingOff}); fires when that
+        attempt is over (with or without a certificate).
         """
-        state = self.states.get(name)
-        if state is None:
-            state = self.states[name] = NameState(name, onDemand=True)
-            state.entry = self._loadStored(name)
-            if state.entry is not None:
-                self._swap()
-                return succeed(None)
-        elif state.entry is not None and not state.busy:
+        if self.adoptStored(name) or self.backingOff(name) is not None:
             return succeed(None)
+        state = self.states.setdefault(name, NameState(name, onDemand=True))
         waiter: Deferred[None] = Deferred()
         self._waiters.setdefault(name, []).append(waiter)
         if not state.busy and not any(queued == name for queued, _ in self._queue):
@@ -360,9 +395,7 @@ class ACMEManager(Service):
                 )
                 if not decision.order:
                     log.info("ACME: serving the certificate for {name} found in storage", name=name)
-                    state.entry = stored
-                    state.nextRenewal = None
-                    self._swap()
+                    self._serve(state, stored)
                     return
             renewal = state.entry is not None
             log.info(
@@ -385,14 +418,7 @@ class ACMEManager(Service):
             except CertificateError as e:
                 self._failed(state, f"the certificate the CA issued is refused: {e}", None, "certificate")
                 return
-            state.entry = entry
-            state.failures = 0
-            state.lastError = None
-            state.retryAt = None
-            state.window = None
-            state.ariNext = 0.0
-            state.nextRenewal = self._renewalTime(entry, None)
-            self._swap()
+            self._serve(state, entry)
             if self.metrics is not None:
                 self.metrics.acmeObtained(renewal)
             log.info(
@@ -403,8 +429,22 @@ class ACMEManager(Service):
         finally:
             await self._inThread(lock.release)
 
+    def _serve(self, state: NameState, entry: CertificateEntry) -> None:
+        """Serve C{entry} for C{state}'s name, a new certificate (obtained
+        here or found in storage): what was known of the previous one
+        (failures, back-off, the CA's renewal window) no longer holds."""
+        state.entry = entry
+        state.failures = 0
+        state.lastError = None
+        state.retryAt = None
+        state.window = None
+        state.ariNext = 0.0
+        state.nextRenewal = self._renewalTime(entry, None)
+        self._swap()
+
     def _store(self, name: str, chain: bytes, keyPEM: bytes) -> CertificateEntry:
-        """In the thread: store, then load and check as a file is."""
+        """In the thread: check as a file is (and that it names C{name}),
+        then store, then load what was stored."""
         from dataclasses import replace
 
         import tempfile
@@ -419,15 +459,15 @@ class ACMEManager(Service):
                 f.write(chain)
             with open(os.open(keyPath, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
                 f.write(keyPEM)
-            loadEntry(certPath, keyPath, time.time(), section="acme", key="storage")
+            issued = loadEntry(certPath, keyPath, time.time(), section="acme", key="storage")
+        if name not in issued.names:
+            raise CertificateError(f"the certificate does not name {name} (it names {', '.join(issued.names)})",
+                                   file=self.storage.folder(name), section="acme", key="storage")
         stored = self.storage.save(name, chain, keyPEM, {
             "directory": self.settings.directory,
             "obtained": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         })
         entry = loadEntry(stored.certificatePath, stored.keyPath, time.time(), section="acme", key="storage")
-        if name not in entry.names:
-            raise CertificateError(f"the certificate does not name {name} (it names {', '.join(entry.names)})",
-                                   file=stored.certificatePath, section="acme", key="storage")
         return replace(entry, source="acme")
 
     def _failed(self, state: NameState, why: str, retryAfter: float | None, problem: str | None) -> None:

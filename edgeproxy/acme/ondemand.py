@@ -12,6 +12,12 @@ returns L{None} at once for every name that needs no wait (served already,
 refused recently, not a DNS name), so ordinary handshakes pay one
 dictionary lookup.
 
+For a new name, in this order: a valid certificate C{storage} holds for it
+(from before a restart) is served, without asking anyone or spending the
+rate limit; a name whose last order failed is refused until its back-off
+(and the CA's C{Retry-After}) is over; then the C{ask} service, then the
+rate limit, then the order.
+
 The C{ask} service is asked C{GET ASK?domain=NAME} (the convention Caddy
 uses): a 2xx answer allows the name, anything else refuses it.  Answers are
 remembered for L{REMEMBER} seconds, so a client retrying a refused name
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from twisted.internet.defer import Deferred
@@ -70,11 +76,23 @@ def treqAsk(reactor: Any) -> Ask:
     return lambda url: Deferred.fromCoroutine(ask(url))
 
 
+class _Manager(Protocol):
+    """What the gate asks of the L{edgeproxy.acme.manager.ACMEManager}."""
+
+    def serves(self, name: str) -> bool: ...
+
+    def adoptStored(self, name: str) -> bool: ...
+
+    def backingOff(self, name: str) -> float | None: ...
+
+    def obtain(self, name: str) -> Deferred[None]: ...
+
+
 class OnDemand:
-    def __init__(self, settings: ACMESettings, manager: Any, clock: Any, ask: Ask | None = None) -> None:
+    def __init__(self, settings: ACMESettings, manager: _Manager, clock: Any, ask: Ask | None = None) -> None:
         """
-        @param manager: the L{edgeproxy.acme.manager.ACMEManager} (or, in a
-            worker, an object with the same C{serves} and C{obtain}).
+        @param manager: the L{edgeproxy.acme.manager.ACMEManager} of the
+            process that orders (the single process, or the supervisor).
         """
         self.settings = settings
         self.manager = manager
@@ -88,10 +106,11 @@ class OnDemand:
         """
         Called with the SNI name of a new connection.
 
-        @return: L{None} to go on now, or a Deferred that fires (never
-            fails) when the handshake may go on.
+        @return: L{None} to go on now (always, while C{on_demand} is
+            off), or a Deferred that fires (never fails) when the
+            handshake may go on.
         """
-        if not name or self.manager.serves(name):
+        if not name or not self.settings.on_demand or self.manager.serves(name):
             return None
         now = self._clock.seconds()
         refusedAt = self._refused.get(name)
@@ -120,12 +139,35 @@ class OnDemand:
         waiter.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
         return waiter
 
+    def reconfigure(self, settings: ACMESettings) -> None:
+        """
+        Follow a reload: C{on_demand}, C{ask} and the rate limit from now on
+        (the tokens saved up are kept, up to the new burst).  When any of
+        them changed, the refusals remembered are forgotten: they were
+        decided under the old ones.
+        """
+        old = self.settings
+        self.settings = settings
+        keys = ("on_demand", "ask", "on_demand_burst", "on_demand_interval")
+        if all(getattr(old, key) == getattr(settings, key) for key in keys):
+            return
+        self._bucket.resize(settings.on_demand_burst, settings.on_demand_interval, self._clock.seconds())
+        self._refused.clear()
+
     def _refuse(self, name: str) -> None:
         self._refused[name] = self._clock.seconds()
         while len(self._refused) > MAX_REMEMBERED:
             self._refused.popitem(last=False)
 
     async def _obtain(self, name: str) -> None:
+        if self.manager.adoptStored(name):
+            return
+        left = self.manager.backingOff(name)
+        if left is not None:
+            log.info("ACME on demand: {name} refused: its last order failed; the next one in {left:.0f}s",
+                     name=name, left=left)
+            self._refuse(name)
+            return
         url = askURL(self.settings.ask or "", name)
         try:
             status = await self._ask(url)

@@ -208,13 +208,25 @@ class TokenBucket:
         self._tokens = float(burst)
         self._at = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token if there is one; C{False} when rate limited."""
+    def _refill(self, now: float) -> None:
         if now > self._at:
             self._tokens = min(float(self.burst), self._tokens + (now - self._at) / self.interval)
             self._at = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one; C{False} when rate limited."""
+        self._refill(now)
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
         return False
 
+    def resize(self, burst: int, interval: float, now: float) -> None:
+        """
+        Follow new settings: the tokens saved up until C{now} are kept (up
+        to the new C{burst}), so that a reload does not reset the limit.
+        """
+        self._refill(now)
+        self.burst = burst
+        self.interval = interval
+        self._tokens = min(float(burst), self._tokens)

@@ -4,7 +4,9 @@ kind of process, so that L{edgeproxy.service} and L{edgeproxy.supervisor}
 each call one line.
 
   - a single process (and a supervisor) orders: an L{ACMEManager} child
-    service, its L{ChallengeStore}, and L{OnDemand} when configured;
+    service, its L{ChallengeStore}, and its L{OnDemand} gate, which
+    follows C{on_demand} and its keys at every reload
+    (L{onDemandGate});
   - a worker of a supervisor orders nothing: its challenge store and its
     managed certificates are filled from the control channel
     (L{edgeproxy.worker}).
@@ -16,11 +18,16 @@ every certificate swap.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edgeproxy.config.acmemodel import ACMESettings
 from edgeproxy.config.model import Config
 
-__all__ = ["setUpACME", "setUpOCSP"]
+if TYPE_CHECKING:
+    from edgeproxy.acme.manager import ACMEManager
+    from edgeproxy.acme.ondemand import Ask, OnDemand
+
+__all__ = ["onDemandGate", "setUpACME", "setUpOCSP"]
 
 
 def setUpOCSP(store: Any, config: Config, reactor: Any) -> None:
@@ -58,10 +65,29 @@ def setUpACME(
 
     manager = ACMEManager(config, store, challenges, reactor, metrics)
     manager.setServiceParent(service)
-    onDemand = None
-    if config.acme.on_demand:
-        from edgeproxy.acme.ondemand import OnDemand
+    return challenges, manager, onDemandGate(manager, store, reactor)
 
-        onDemand = OnDemand(config.acme, manager, reactor)
-        store.onDemand = onDemand.wait
-    return challenges, manager, onDemand
+
+def onDemandGate(manager: ACMEManager, store: Any, reactor: Any, ask: Ask | None = None) -> OnDemand:
+    """
+    The on-demand gate (L{edgeproxy.acme.ondemand.OnDemand}) of the
+    process whose C{manager} orders, made whether C{on_demand} is on or
+    not: the store's handshakes wait for it only while C{on_demand} is on,
+    and it follows C{on_demand}, C{ask}, C{on_demand_burst} and
+    C{on_demand_interval} at every reload.
+
+    @param ask: how the C{ask} service is asked (default: HTTP, with treq).
+    """
+    from edgeproxy.acme.ondemand import OnDemand
+
+    gate = OnDemand(manager.settings, manager, reactor, ask)
+
+    def follow(settings: ACMESettings) -> None:
+        gate.reconfigure(settings)
+        # Without the hook, handshakes are not held at all (no ClientHello
+        # read before OpenSSL's).
+        store.onDemand = gate.wait if settings.on_demand else None
+
+    follow(manager.settings)
+    manager.settingsListeners.append(follow)
+    return gate

@@ -64,15 +64,20 @@ def applyCertificates(service: Any, names: list[str]) -> None:
 
 
 def askForCertificates(service: Any, channel: Any) -> None:
-    """With on-demand certificates, make the worker's handshakes for new
-    names wait for the supervisor's answer."""
+    """
+    With on-demand certificates, make the worker's handshakes for new
+    names wait for the supervisor's answer (which follows C{ask} and the
+    rate limit at a reload).  A reload that turns C{on_demand} off stops
+    the waits; one that turns it on reaches the workers started after it.
+    """
     store = getattr(service, "store", None)
     settings = service.config.acme
     if store is None or settings is None or not settings.on_demand:
         return
 
     def wait(name: str | None) -> Any:
-        if not name:
+        acme = service.config.acme
+        if not name or acme is None or not acme.on_demand:
             return None
         for entry in store.managed:
             if name in entry.names:

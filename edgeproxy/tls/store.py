@@ -33,7 +33,9 @@ C{acme-tls/1} and nothing else (read from its first bytes by
 L{edgeproxy.tls.clienthello}, only while a challenge is pending) gets the
 challenge context of its SNI name, negotiates C{acme-tls/1}, and is closed
 once the handshake is done (§3: the validation needs nothing more); any
-other connection never sees a challenge certificate.
+other connection never sees a challenge certificate.  On a listener with
+C{client_ca} too: the validation is not asked for a client certificate
+(the CA has none), every other connection is, as before.
 
 OCSP stapling: a context of a certificate naming an OCSP responder answers
 a client's status request with what L{CertificateStore.ocsp} (an
@@ -384,17 +386,22 @@ class CertificateStore:
         the handshake with a bare alert.
         """
         try:
-            clientAuth = getattr(connection, "clientAuth", None)
-            if clientAuth is not None:
-                self._clients.select(connection, clientAuth)
-                return
             name = connection.get_servername()
             hello = getattr(connection, "clientHello", None)
             if hello is not None and hello.protocols == (ACME_TLS_1,) and name:
                 challenge = self._challenges.get(name.decode("ascii", "replace").lower().rstrip("."))
                 if challenge is not None:
                     connection.set_context(challenge)
+                    # Before the client certificate policy: a CA validating
+                    # has no client certificate to give.  The connection
+                    # kept the verify mode of the context it was made on
+                    # (a listener's with client_ca asks for one).
+                    connection.set_verify(SSL.VERIFY_NONE)
                     return
+            clientAuth = getattr(connection, "clientAuth", None)
+            if clientAuth is not None:
+                self._clients.select(connection, clientAuth)
+                return
             context = self.lookup(name)
             if context is not None:
                 connection.set_context(context)

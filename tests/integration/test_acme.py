@@ -111,9 +111,10 @@ def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 
 
 def writeSite(workdir: Path, ca: CA, acme: str, *, plain: bool = True, workers: int = 1,
-              hosts: str = "app.test", backendPort: int = 9) -> tuple[Path, Path]:
+              hosts: str = "app.test", backendPort: int = 9, tlsListener: str = "") -> tuple[Path, Path]:
     """An edge.ini with a self-signed default certificate, the two listeners
-    Pebble validates against, an admin listener, and C{acme} lines."""
+    Pebble validates against, an admin listener, and C{acme} lines
+    (C{tlsListener}: more lines for the TLS listener)."""
     fallbackRoot = CertificateAuthority("fallback root")
     fallbackRoot.writeCertificate(workdir / "fallback-root.pem")
     fallbackRoot.issue(["fallback.invalid"]).writePEM(workdir / "default.pem")
@@ -142,6 +143,7 @@ storage = state
 [listen:https]
 endpoint = tcp:{ca.tlsPort}:interface=127.0.0.1
 tls = yes
+{tlsListener}
 {http}
 [upstream:app]
 servers = 127.0.0.1:{backendPort}
@@ -229,13 +231,45 @@ def test_firstIssuanceByHTTP01ThenARestartReusesIt(ca: CA, tmp_path: Path, notif
         notify2.close()
 
 
-def test_firstIssuanceByTLSALPN01(ca: CA, tmp_path: Path, notify: NotifyReceiver) -> None:
-    """TLS-ALPN-01 on the TLS listener alone: no plain listener at all."""
-    config, root = writeSite(tmp_path, ca, "challenges = tls-alpn-01", plain=False)
+@pytest.mark.parametrize("clientCertificates", [None, "require"])
+def test_firstIssuanceByTLSALPN01(ca: CA, tmp_path: Path, notify: NotifyReceiver,
+                                  clientCertificates: str | None) -> None:
+    """
+    TLS-ALPN-01 on the TLS listener alone: no plain listener at all.  A
+    listener requiring client certificates answers the validation (which
+    has none) all the same, and still requires one from everyone else.
+    """
+    tlsListener = ""
+    member = tmp_path / "member.pem"
+    if clientCertificates is not None:
+        clientCA = CertificateAuthority("client CA")
+        clientCA.writeCertificate(tmp_path / "clients.pem")
+        clientCA.issue(["member.test"], clientAuth=True).writePEM(member)
+        tlsListener = f"client_ca = clients.pem\nclient_certificates = {clientCertificates}"
+    config, root = writeSite(tmp_path, ca, "challenges = tls-alpn-01", plain=False, tlsListener=tlsListener)
     proxy = start(tmp_path, config, root, notify)
     try:
         proxy.waitFor("ACME: new certificate for app.test swapped in")
-        certificate, alpn = handshake(ca.tlsPort, "app.test", root)
+        if clientCertificates is None:
+            certificate, alpn = handshake(ca.tlsPort, "app.test", root)
+        else:
+            context = ssl.create_default_context(cafile=str(root))
+            context.check_hostname = False
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            context.load_cert_chain(str(member))
+            with socket.create_connection(("127.0.0.1", ca.tlsPort), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname="app.test") as tls:
+                    certificate = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+                    alpn = tls.selected_alpn_protocol()
+                    tls.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            # Without a certificate: refused (TLS 1.3 tells after the handshake).
+            stranger = ssl.create_default_context(cafile=str(root))
+            stranger.check_hostname = False
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                with socket.create_connection(("127.0.0.1", ca.tlsPort), timeout=5) as raw:
+                    with stranger.wrap_socket(raw, server_hostname="app.test") as tls:
+                        tls.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+                        tls.recv(1)
         assert issuedBy(certificate, "app.test")
         assert alpn == "h2"
         # The challenge certificate went to the validation only.
