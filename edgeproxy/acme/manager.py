@@ -23,7 +23,7 @@ for names whose certificates are still valid.
 
 With C{workers = N} the supervisor runs the manager; challenges and
 certificates reach the workers through the hooks L{onChallenges} and the
-store's listeners (see L{edgeproxy.supervisor}).
+store's listeners (see L{edgeproxy.serve.supervisor}).
 """
 
 from __future__ import annotations

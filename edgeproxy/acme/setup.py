@@ -1,6 +1,6 @@
 """
 How a process puts the ACME and OCSP pieces together: one function per
-kind of process, so that L{edgeproxy.service} and L{edgeproxy.supervisor}
+kind of process, so that L{edgeproxy.serve.service} and L{edgeproxy.serve.supervisor}
 each call one line.
 
   - a single process (and a supervisor) orders: an L{ACMEManager} child
