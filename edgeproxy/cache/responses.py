@@ -251,8 +251,10 @@ class Fetching:
         detail = b""
         ttl = None
         if self.mayStore:
+            request = self.request
             verdict = storability(
-                b"GET", self.request.fields, self.directives, status, response.fields, stage.rules, now
+                b"GET", request.fields, self.directives, status, response.fields, stage.rules, now,
+                request.authenticated,
             )
             if verdict.policy is None:
                 detail = verdict.why.encode("ascii").replace(b" ", b"-")

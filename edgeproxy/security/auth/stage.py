@@ -10,7 +10,11 @@ For every type, on every request the stage lets through:
     removed, so a backend can trust them;
   - C{Authorization} is removed unless C{pass_authorization = yes};
   - the type's own cookies (the OpenID Connect session) are removed from
-    C{Cookie}.
+    C{Cookie};
+  - the request is marked C{authenticated}: the cache stage then treats
+    it as one with C{Authorization} (RFC 9111 3.5), credentials removed
+    or not, and never serves one user's answer to another unless the
+    backend said it may be shared.
 
 Credentials are never logged: the access log gets the subject (C{user})
 of an accepted request and, for a refused one, C{auth NAME: why}, where
@@ -104,7 +108,7 @@ class AuthStage:
             fields = Fields.trusted(raw)
             if self._cookies:
                 fields = withoutCookies(fields, self._cookies)
-            call.request = request._replace(fields=fields)
+            call.request = request._replace(fields=fields, authenticated=True)
             call.identity = outcome.identity or None
             limits = self.identityLimits
             if limits is not None:
