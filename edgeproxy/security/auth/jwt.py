@@ -66,7 +66,12 @@ class KeySet:
     """
 
     def __init__(self, reactor: Any, url: str | None = None, ca: str | None = None,
-                 refresh: float = 3600.0, timeout: float = 10.0) -> None:
+                 refresh: float = 3600.0, timeout: float = 10.0, client: Any = None) -> None:
+        """
+        @param client: the treq client the URL is fetched with (the
+            OpenID Connect section's own); by default one of its own,
+            trusting C{ca}.
+        """
         self.reactor = reactor
         self.url = url
         self.ca = ca
@@ -80,7 +85,7 @@ class KeySet:
         self._lastFetch = -REFETCH_INTERVAL
         self._fetching: Deferred[None] | None = None
         self._waiters: list[Deferred[None]] = []
-        self._client: Any = None
+        self._client: Any = client
         self._timer: Any = None
 
     @classmethod
