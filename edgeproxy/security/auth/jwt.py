@@ -89,10 +89,11 @@ class KeySet:
         self._timer: Any = None
 
     @classmethod
-    def fromFile(cls, reactor: Any, path: str) -> KeySet:
+    def fromDocument(cls, reactor: Any, document: bytes) -> KeySet:
+        """The keys of a JWKS file (read and checked with the
+        configuration, L{edgeproxy.config.auth.checkJWKS})."""
         keys = cls(reactor)
-        with open(path, "rb") as f:
-            keys.load(json.loads(f.read()))
+        keys.load(json.loads(document))
         return keys
 
     def load(self, document: Any) -> None:
@@ -253,7 +254,8 @@ class JWTAuthenticator:
                 keys = KeySet(reactor, settings.jwks, settings.jwks_ca, settings.jwks_refresh)
                 keys.start()
             else:
-                keys = KeySet.fromFile(reactor, settings.jwks)
+                assert settings.jwks_document is not None
+                keys = KeySet.fromDocument(reactor, settings.jwks_document)
         return cls(settings, keys, reactor)
 
     def _challenge(self, error: bytes | None) -> tuple[tuple[bytes, bytes], ...]:

@@ -34,7 +34,6 @@ tokens survive a reload (L{authenticatorFor}).
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -137,30 +136,18 @@ class AuthStage:
         call.fail(BackendUnavailable(f"[auth:{self.name}] failed"))
 
 
-def _fileDigest(*paths: str | None) -> bytes:
-    digest = hashlib.sha256()
-    for path in paths:
-        if path is None or "://" in path:
-            continue
-        try:
-            with open(path, "rb") as f:
-                digest.update(f.read())
-        except OSError:
-            digest.update(b"unreadable")
-    return digest.digest()
-
-
 _authenticators: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
 
 
 def authenticatorFor(settings: AuthSettings, reactor: Any, metrics: Any = None) -> Authenticator:
     """
     The authenticator of C{settings}: the same object for every route
-    naming the section and across reloads while neither the section nor
-    the files it names (htpasswd, a JWKS file) changed; a SIGHUP after
-    editing the htpasswd file makes a new one.
+    naming the section and across reloads while the section did not
+    change; the settings hold what the files it names (htpasswd, a JWKS
+    file) held when the configuration was read, so a SIGHUP after editing
+    the htpasswd file makes a new one.
     """
-    key = (id(reactor), settings, _fileDigest(settings.htpasswd, settings.jwks))
+    key = (id(reactor), settings)
     found = _authenticators.get(key)
     if found is not None:
         return found  # type: ignore[no-any-return]
