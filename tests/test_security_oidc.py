@@ -13,6 +13,7 @@ keys) or several sections at once.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import replace
@@ -25,6 +26,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
+from edgeproxy.accesslog import AccessLog, LineWriter, formatCombined, formatJSON
 from edgeproxy.config.model import Route
 from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.h1.fields import Fields
@@ -106,6 +108,7 @@ class Edge:
         client = RecordingClient()
         request = makeRequest(path=path, query=query, fields=Fields([(b"host", b"app.example"), *fields]))
         call = Call(request, None, client, (self.stage, RecordingNext(response=textResponse(200, b"app"))), 0.0)
+        self.lastCall = call
         call.next()
         self.flush()
         return client
@@ -192,3 +195,19 @@ def test_rotatedKeyFetchedAgain() -> None:
     edge.clock.advance(31)
     assert edge.login().status == 302
     assert provider.jwksFetches == 3
+
+
+def test_callbackLoggedWithoutTheCode() -> None:
+    """
+    The access log records the callback's target without its query: the
+    authorization code (and state) never reach a log file.
+    """
+    edge = Edge(Provider())
+    assert edge.login().status == 302
+    for formatter in (formatCombined, formatJSON):
+        stream = io.StringIO()
+        AccessLog(edge.clock, LineWriter(formatter, stream=stream)).log(edge.lastCall)
+        line = stream.getvalue()
+        assert "/.edgeproxy/oidc/callback" in line
+        assert "c0de" not in line and "state" not in line and "?" not in line
+        assert "ann" in line  # the user the login was for

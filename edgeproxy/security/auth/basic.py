@@ -93,6 +93,7 @@ class BasicAuthenticator:
 
     identityFields: frozenset[bytes]
     credentialCookies: frozenset[bytes] = frozenset()
+    credentialPaths: frozenset[bytes] = frozenset()
 
     def __init__(
         self,

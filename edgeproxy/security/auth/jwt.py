@@ -232,6 +232,7 @@ class JWTAuthenticator:
     """One C{type = jwt} section."""
 
     credentialCookies: frozenset[bytes]
+    credentialPaths: frozenset[bytes] = frozenset()
 
     def __init__(self, settings: AuthSettings, keys: KeySet | None, clock: Any) -> None:
         self.settings = settings

@@ -175,6 +175,8 @@ class OIDCAuthenticator:
         self.logout = settings.logout_path.encode("ascii")
         self.identityFields = frozenset(name.encode("ascii") for _, name in settings.claims_to_headers)
         self.credentialCookies = frozenset((self.sessionName, self.flowName))
+        # The callback's query holds the authorization code and state.
+        self.credentialPaths = frozenset((self.callback,))
         self.metadata: dict[str, Any] | None = None
         self.keys: KeySet | None = None
         self._discovering: Deferred[None] | None = None

@@ -19,7 +19,9 @@ For every type, on every request the stage lets through:
 Credentials are never logged: the access log gets the subject (C{user})
 of an accepted request and, for a refused one, C{auth NAME: why}, where
 C{why} names what was wrong (C{missing credentials}, C{expired token}...),
-never a password or token.
+never a password or token; the target of a path whose query carries a
+credential (the OpenID Connect callback's code) is logged without its
+query.
 
 Rate limits keyed on the identity (C{key = identity}) are applied here,
 right after authentication and before the request goes on: the
@@ -59,7 +61,9 @@ log = Logger()
 class AuthStage:
     """The C{auth} stage of one route."""
 
-    __slots__ = ("name", "authenticator", "identityLimits", "_strip", "_cookies", "_metrics", "_route")
+    __slots__ = (
+        "name", "authenticator", "identityLimits", "_strip", "_cookies", "_paths", "_metrics", "_route",
+    )
 
     def __init__(
         self,
@@ -77,11 +81,17 @@ class AuthStage:
             strip.add(b"authorization")
         self._strip = frozenset(strip)
         self._cookies = authenticator.credentialCookies
+        self._paths = authenticator.credentialPaths
         self._metrics = metrics
         self._route = route.name
 
     def handle(self, call: Call) -> None:
-        outcome = self.authenticator.authenticate(call.request)
+        request = call.request
+        if request.path in self._paths:
+            # The access log records the target: never the code in it.
+            target = request.target
+            call.request = request._replace(target=target.partition(b"?")[0])
+        outcome = self.authenticator.authenticate(request)
         if type(outcome) is Allowed:
             # The usual case (a cached token, a remembered password): at once.
             self._decided(outcome, call)
