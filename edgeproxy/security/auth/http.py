@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_security_jwt -*-
+# -*- test-case-name: tests.test_security_forward,tests.test_security_jwt -*-
 """
 The HTTP client of the auth types: treq, over an agent with its own
 connection pool and, when the section names a C{ca}, that CA as the only
