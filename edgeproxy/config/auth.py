@@ -14,7 +14,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from edgeproxy.config import syntax
@@ -31,6 +32,8 @@ from edgeproxy.config.securityvalues import (
 )
 
 __all__ = ["AUTH_KEYS", "checkJWKS", "htpasswdUsers", "readAuth"]
+
+T = TypeVar("T")
 
 _COMMON_AUTH = ("type", "pass_authorization")
 _AUTH_TYPE_KEYS: dict[str, tuple[str, ...]] = {
@@ -186,7 +189,10 @@ def readAuth(section: Section, name: str) -> AuthSettings:
     return AuthSettings(**common, **reader(section))
 
 
-def _readFile(section: Section, text: str, check: Any) -> tuple[str, Any]:
+_Users = tuple[tuple[str, bytes], ...]
+
+
+def _readFile(section: Section, text: str, check: Callable[[bytes], T]) -> tuple[str | None, T]:
     """The path C{text} names and C{check} of its contents; a problem
     with either is a C{ValueError} naming the file."""
     path = section.checkedPath(text, "file")
@@ -196,14 +202,16 @@ def _readFile(section: Section, text: str, check: Any) -> tuple[str, Any]:
         raise ValueError(f"{path}: {e}") from None
 
 
+def _users(data: bytes) -> _Users:
+    return tuple(htpasswdUsers(data).items())
+
+
 def _readBasic(section: Section) -> dict[str, Any]:
     htpasswd = section.require("htpasswd", "a file of user:hash lines (bcrypt or argon2)")
     realm = section.convert("realm", "edgeproxy", _realm)
+    none: tuple[str | None, _Users] = (None, ())
     path, users = (
-        section.convert(
-            "htpasswd", (None, ()), lambda t: _readFile(section, t, lambda data: tuple(htpasswdUsers(data).items()))
-        )
-        if htpasswd else (None, ())
+        section.convert("htpasswd", none, lambda t: _readFile(section, t, _users)) if htpasswd else none
     )
     return {
         "htpasswd": path,
@@ -231,13 +239,17 @@ def _readJWT(section: Section) -> dict[str, Any]:
         # RFC 8725 2.1 / 3.1: an HMAC key beside public keys is the key
         # confusion attack's door; one kind of key per section.
         section.report("algorithms", "HMAC (HS*) and public-key algorithms cannot be mixed")
-    jwks, document = None, None
+    none: tuple[str | None, bytes | None] = (None, None)
+    jwks, document = none
     if not hmac:
         section.require("jwks", "a JWKS file or an https URL of one")
-        jwks, document = section.convert(
-            "jwks", (None, None),
-            lambda t: (_checkHTTPSURL(t), None) if "://" in t else _readFile(section, t, checkJWKS),
-        )
+
+        def read(text: str) -> tuple[str | None, bytes | None]:
+            if "://" in text:
+                return _checkHTTPSURL(text), None
+            return _readFile(section, text, checkJWKS)
+
+        jwks, document = section.convert("jwks", none, read)
     elif section.has("jwks"):
         section.report("jwks", "not used with HMAC algorithms (the key is secret_file)")
     return {
