@@ -455,7 +455,7 @@ class H2Client:
             self.sock.sendall(pending)
         return events
 
-    def get(self, path: str, authority: str, headers: list[tuple[str, str]] = ()) -> tuple[int, bytes]:  # type: ignore[assignment]
+    def get(self, path: str, authority: str, headers: tuple[tuple[str, str], ...] = ()) -> tuple[int, bytes]:
         import h2.events
 
         stream = self.conn.get_next_available_stream_id()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ class Edge:
         )
         self.factory = ListenerFactory(lambda: self.runtime, self.config.listeners[0], self.clock)
 
-    def get(self, host: bytes, headers: list[tuple[bytes, bytes]] = (), target: bytes = b"/page") -> StringTransport:  # type: ignore[assignment]
+    def get(self, host: bytes, headers: Sequence[tuple[bytes, bytes]] = (), target: bytes = b"/page") -> StringTransport:
         transport = StringTransport(peerAddress=PEER)
         protocol = self.factory.buildProtocol(PEER)
         protocol.makeConnection(transport)

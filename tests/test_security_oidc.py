@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -104,7 +105,9 @@ class Edge:
         for _ in range(10):
             self.stub.flush()
 
-    def send(self, path: bytes = b"/page", query: bytes = b"", fields: list[tuple[bytes, bytes]] = ()) -> RecordingClient:  # type: ignore[assignment]
+    def send(
+        self, path: bytes = b"/page", query: bytes = b"", fields: Sequence[tuple[bytes, bytes]] = ()
+    ) -> RecordingClient:
         client = RecordingClient()
         request = makeRequest(path=path, query=query, fields=Fields([(b"host", b"app.example"), *fields]))
         call = Call(request, None, client, (self.stage, RecordingNext(response=textResponse(200, b"app"))), 0.0)

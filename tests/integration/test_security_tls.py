@@ -457,7 +457,7 @@ def test_http2TokenLetsIn(edge: Edge, backend: RawBackend) -> None:
     token = jwt.encode({"sub": "ann", "exp": int(time.time()) + 300}, JWT_SECRET, algorithm="HS256")
     client = h2Client(edge)
     try:
-        got, body = client.get("/%73ecret/x", "public.example", [("authorization", f"Bearer {token}")])
+        got, body = client.get("/%73ecret/x", "public.example", (("authorization", f"Bearer {token}"),))
     finally:
         client.close()
     assert (got, body) == (200, b"ok")
