@@ -455,13 +455,13 @@ class H2Client:
             self.sock.sendall(pending)
         return events
 
-    def get(self, path: str, authority: str) -> tuple[int, bytes]:
+    def get(self, path: str, authority: str, headers: tuple[tuple[str, str], ...] = ()) -> tuple[int, bytes]:
         import h2.events
 
         stream = self.conn.get_next_available_stream_id()
         self.conn.send_headers(
             stream,
-            [(":method", "GET"), (":scheme", "https"), (":authority", authority), (":path", path)],
+            [(":method", "GET"), (":scheme", "https"), (":authority", authority), (":path", path), *headers],
             end_stream=True,
         )
         self.sock.sendall(self.conn.data_to_send())

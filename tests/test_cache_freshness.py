@@ -113,6 +113,24 @@ def test_storability(
 
 
 @pytest.mark.parametrize(
+    "response, stored",
+    [
+        (F(CACHEABLE), False),
+        (F((b"cache-control", b"public, max-age=60")), True),
+        (F((b"cache-control", b"s-maxage=60")), True),
+        (F((b"cache-control", b"must-revalidate, max-age=60")), True),
+    ],
+)
+def test_authenticatedCountsAsAuthorization(response: Fields, stored: bool) -> None:
+    """
+    A request the edge authenticated (its Authorization or session cookie
+    removed since) is one with Authorization for RFC 9111 3.5.
+    """
+    verdict = storability(b"GET", F(), None, 200, response, RULES, NOW, authenticated=True)
+    assert (verdict.policy is not None, verdict.why) == (stored, "" if stored else "authorization")
+
+
+@pytest.mark.parametrize(
     "response, status, rules, lifetime, heuristic",
     [
         (F((b"cache-control", b"max-age=60")), 200, RULES, 60.0, False),

@@ -151,6 +151,33 @@ def test_configErrorExits2(site: Path, capsys: pytest.CaptureFixture[str]) -> No
     )
 
 
+@pytest.mark.parametrize(
+    "lines, content, message",
+    [
+        ("type = basic\nhtpasswd = auth.file", "carl:$apr1$abc$def\n",
+         "htpasswd: {file}: line 1: user 'carl' has a hash that is neither bcrypt nor argon2 "
+         "(htpasswd -B makes bcrypt)"),
+        ("type = jwt\njwks = auth.file", '{"keys": {}}',
+         "jwks: {file}: not a JWKS document (no keys list)"),
+    ],
+)
+def test_badAuthFileExits2(
+    site: Path, capsys: pytest.CaptureFixture[str], lines: str, content: str, message: str
+) -> None:
+    """
+    A file an [auth:NAME] section names is read by check: one a start
+    could not use is an error naming the file, the section and the key.
+    """
+    (site / "auth.file").write_text(content)
+    text = CONFIG.replace("upstream = app\n", "upstream = app\nauth = staff\n", 1)
+    text += f"\n[auth:staff]\n{lines}\n"
+    path = write(site, text)
+    status, out, err = run(capsys, "check", "-c", path)
+    assert (status, out) == (EXIT_INVALID, "")
+    line = len(text.splitlines())
+    assert err == f"{path}:{line}: [auth:staff] {message.format(file=site / 'auth.file')}\n"
+
+
 def test_missingConfig(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "absent.ini")
     assert run(capsys, "check", "--config", path) == (EXIT_INVALID, "", f"{path}: no such file\n")

@@ -219,6 +219,13 @@ ERRORS = [
     ("[auth:a]\ntype = jwt\nalgorithms = HS256\nsecret_file = short.txt", "auth:a", "secret_file", "at least 32"),
     ("[auth:a]\ntype = oidc\nissuer = https://x/\nclient_id = c", "auth:a", "cookie_secret_file", "missing"),
     ("[auth:a]\ntype = forward\nurl = ftp://x", "auth:a", "url", "https"),
+    # The files a section names are read with the configuration, not first
+    # at start (a traceback) or on SIGHUP (an unexpected error).
+    ("[auth:a]\ntype = basic\nhtpasswd = md5.htpasswd", "auth:a", "htpasswd",
+     "md5.htpasswd: line 2: user 'carl' has a hash that is neither bcrypt nor argon2"),
+    ("[auth:a]\ntype = jwt\njwks = k.json", "auth:a", "jwks", "k.json: not a JWKS document"),
+    ("[auth:a]\ntype = jwt\njwks = broken.json", "auth:a", "jwks", "broken.json: not JSON"),
+    ("[auth:a]\ntype = jwt\njwks = nokty.json", "auth:a", "jwks", "nokty.json: key 1 is not a JWK"),
 ]
 
 
@@ -226,6 +233,9 @@ ERRORS = [
 def test_errors(site: Path, extra: str, section: str, key: str | None, message: str) -> None:
     (site / "short.txt").write_text("short\n")
     (site / "k.json").write_text("{}")
+    (site / "broken.json").write_text('{"keys": [')
+    (site / "nokty.json").write_text('{"keys": [{"kid": "a"}]}')
+    (site / "md5.htpasswd").write_text("ann:$2y$05$abcdefghijklmnopqrstuu\ncarl:$apr1$abc$def\n")
     with pytest.raises(ConfigError) as raised:
         load(write(site, BASE + extra + "\n"))
     errors = getattr(raised.value, "errors", (raised.value,))
@@ -266,6 +276,20 @@ def test_oidcScopesGetOpenID(site: Path) -> None:
     auth: AuthSettings = load(write(site, BASE + extra)).auths["sso"]
     assert auth.scopes == ("openid", "email")
     assert auth.claims_to_headers == (("sub", "x-auth-subject"), ("email", "x-auth-email"))
+
+
+def test_authFilesReadWithTheConfiguration(site: Path) -> None:
+    """The users of an htpasswd file and a JWKS file's document are part
+    of the configuration read (a reload compares and swaps them)."""
+    (site / "keys.json").write_text('{"keys": [{"kty": "OKP", "crv": "Ed25519", "x": "AA", "kid": "a"}]}')
+    extra = (
+        "[auth:users]\ntype = basic\nhtpasswd = users.htpasswd\n"
+        "[auth:tokens]\ntype = jwt\njwks = keys.json\n"
+    )
+    config = load(write(site, BASE + extra))
+    assert config.auths["users"].users == (("ann", b"$2b$04$abcdefghijklmnopqrstuu"),)
+    assert config.auths["tokens"].jwks_document == (site / "keys.json").read_bytes()
+    assert "abcdefghijklmnopqrstuu" not in repr(config)
 
 
 def test_unixRedis(site: Path) -> None:

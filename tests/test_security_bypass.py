@@ -9,8 +9,7 @@ Each attempt spells a protected request another way: percent-encodings,
 C{//}, dot segments, C{;} parameters, header case and duplicates,
 pipelining, absolute-form targets, a trusted-proxy chain with a spoofed
 C{X-Forwarded-For}.  HTTP/2 spellings are in
-L{tests.integration.test_security_e2e} (skipped while no listener offers
-h2).
+L{tests.integration.test_security_tls}.
 """
 
 from __future__ import annotations

@@ -115,3 +115,56 @@ def test_verdictsCachedPerCredential() -> None:
     assert len(service.seen) == 7
     exposition = metrics.exposition().decode()
     assert 'edgeproxy_auth_cache_total{auth="gate",result="hit"} 2.0' in exposition
+
+
+class CookieSettingService(Resource):
+    """An auth service that sets a session cookie when it lets a user in
+    (as many login services do)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bytes | None] = []
+
+    def render_GET(self, request: Any) -> bytes:
+        cookie = request.getHeader(b"cookie")
+        self.seen.append(cookie)
+        if cookie is not None and b"session=ann" in cookie:
+            request.addCookie(b"session", b"ann", path=b"/")
+            request.setHeader(b"x-auth-user", b"ann")
+            return b""
+        request.setResponseCode(401)
+        return b"who are you?"
+
+
+def test_subrequestsCarryNoCookieOfEarlierAnswers() -> None:
+    """
+    The client the section's subrequests go through keeps no cookie: a
+    cookie the service set in its answer to ann never goes with the
+    subrequest of a client that sent none (who would be let in as ann).
+    """
+    from treq.testing import RequestTraversalAgent
+
+    from edgeproxy.security.auth.http import clientOver
+
+    service = CookieSettingService()
+    agent = RequestTraversalAgent(service)
+    settings = AuthSettings(
+        name="gate", type="forward", url="https://auth.internal/check",
+        copy_request_headers=("cookie",), copy_response_headers=("x-auth-user",),
+    )
+    stage = AuthStage(ROUTE, settings, ForwardAuthenticator(settings, clientOver(agent), Clock()))
+
+    def send(fields: list[tuple[bytes, bytes]]) -> RecordingClient:
+        client = RecordingClient()
+        request = makeRequest(path=b"/x", fields=Fields([(b"host", b"app.example"), *fields]))
+        Call(request, None, client, (stage, RecordingNext(response=textResponse(200, b"app"))), 0.0).next()
+        for _ in range(5):
+            agent.flush()
+        return client
+
+    assert send([(b"cookie", b"session=ann")]).status == 200
+    anonymous = send([])
+    assert service.seen == [b"session=ann", None]
+    assert anonymous.status == 401

@@ -305,6 +305,38 @@ def test_reload(tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver,
     reactor.advance(1)
 
 
+def test_reloadWithBadHtpasswdKeepsTheUsers(
+    tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict]
+) -> None:
+    """
+    An htpasswd file edited into one the edge cannot use: the reload is
+    refused with the file, section and key named, and the users read
+    before are still those the route checks.
+    """
+    import bcrypt
+
+    htpasswd = tmp_path / "users.htpasswd"
+    htpasswd.write_text("ann:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode() + "\n")
+    text = INI.replace("upstream = app\n", "upstream = app\nauth = staff\n") + (
+        f"\n[auth:staff]\ntype = basic\nhtpasswd = {htpasswd}\n"
+    )
+    reactor = Reactor()
+    service = fromFile(writeIni(tmp_path, certs, text), receiver, reactor)
+    service.startService()
+    users = service.config.auths["staff"].users
+    assert [user for user, _ in users] == ["ann"]
+
+    htpasswd.write_text("carl:$apr1$abc$def\n")
+    del events[:]
+    assert result(service.reload()) is False
+    assert service.config.auths["staff"].users == users
+    errors = [e for e in events if e["log_level"] == LogLevel.error]
+    assert len(errors) == 1
+    assert f"[auth:staff] htpasswd: {htpasswd}: line 1: user 'carl'" in errors[0]["problem"]
+    service.stopService()
+    reactor.advance(1)
+
+
 @pytest.mark.parametrize("setting", ["auto", "off"])
 def test_fastPathsDecidedAtStartAndSaid(
     tmp_path: Path, certs: dict[str, Any], receiver: NotifyReceiver, events: list[dict], setting: str

@@ -208,6 +208,7 @@ def storability(
     fields: Fields,
     rules: Rules,
     received: float,
+    authenticated: bool = False,
 ) -> Storability:
     """
     Whether a shared cache may store this response (RFC 9111 3, 3.5, and
@@ -215,6 +216,9 @@ def storability(
     are not heuristically cacheable), and its policy if so.
 
     @param received: when it was received (see L{responsePolicy}).
+    @param authenticated: the edge authenticated the request (and may have
+        removed its C{Authorization} or session cookie before this
+        stage): it counts as a request with C{Authorization}.
     """
     if method != b"GET":
         return Storability(None, "method")
@@ -237,7 +241,7 @@ def storability(
     explicitlyShared = (
         b"public" in directives or b"s-maxage" in directives or b"must-revalidate" in directives
     )
-    if b"authorization" in requestFields and not explicitlyShared:
+    if (authenticated or b"authorization" in requestFields) and not explicitlyShared:
         # RFC 9111 3.5.
         return Storability(None, "authorization")
     if not rules.cacheCookies:

@@ -255,8 +255,10 @@ class Fetching:
             # the conversion pool was full): the next request gets a new try.
             detail = b"transient"
         elif self.mayStore:
+            request = self.request
             verdict = storability(
-                b"GET", self.request.fields, self.directives, status, response.fields, stage.rules, now
+                b"GET", request.fields, self.directives, status, response.fields, stage.rules, now,
+                request.authenticated,
             )
             if verdict.policy is None:
                 detail = verdict.why.encode("ascii").replace(b" ", b"-")

@@ -3,18 +3,23 @@
 Reading the C{[auth:NAME]} sections (L{readAuth}): the keys of each
 C{type} (C{basic}, C{jwt}, C{forward}, C{oidc}) and only those, the URLs
 that must be https, the algorithms a token may be signed with, the secret
-files; and the users of an htpasswd file (L{htpasswdUsers}), for
-L{edgeproxy.security.auth}.
+files; and the files the sections name, read and checked here with the
+rest of the configuration (an htpasswd file's users, L{htpasswdUsers}; a
+JWKS file, L{checkJWKS}), so that C{edgeproxy check} refuses a bad one,
+and a start or a reload never meets it, for L{edgeproxy.security.auth}.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from edgeproxy.config import syntax
+from edgeproxy.config.files import PEM_LIMIT, readRegularFile
 from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.config.section import Section
 from edgeproxy.config.securityvalues import (
@@ -26,7 +31,9 @@ from edgeproxy.config.securityvalues import (
     secretText,
 )
 
-__all__ = ["AUTH_KEYS", "htpasswdUsers", "readAuth"]
+__all__ = ["AUTH_KEYS", "checkJWKS", "htpasswdUsers", "readAuth"]
+
+T = TypeVar("T")
 
 _COMMON_AUTH = ("type", "pass_authorization")
 _AUTH_TYPE_KEYS: dict[str, tuple[str, ...]] = {
@@ -182,12 +189,33 @@ def readAuth(section: Section, name: str) -> AuthSettings:
     return AuthSettings(**common, **reader(section))
 
 
+_Users = tuple[tuple[str, bytes], ...]
+
+
+def _readFile(section: Section, text: str, check: Callable[[bytes], T]) -> tuple[str | None, T]:
+    """The path C{text} names and C{check} of its contents; a problem
+    with either is a C{ValueError} naming the file."""
+    path = section.checkedPath(text, "file")
+    try:
+        return path, check(readRegularFile(path, PEM_LIMIT))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _users(data: bytes) -> _Users:
+    return tuple(htpasswdUsers(data).items())
+
+
 def _readBasic(section: Section) -> dict[str, Any]:
     htpasswd = section.require("htpasswd", "a file of user:hash lines (bcrypt or argon2)")
     realm = section.convert("realm", "edgeproxy", _realm)
+    none: tuple[str | None, _Users] = (None, ())
+    path, users = (
+        section.convert("htpasswd", none, lambda t: _readFile(section, t, _users)) if htpasswd else none
+    )
     return {
-        "htpasswd": section.convert("htpasswd", None, lambda t: section.checkedPath(t, "file"))
-        if htpasswd else None,
+        "htpasswd": path,
+        "users": users,
         "realm": realm,
         "user_header": section.convert("user_header", "x-auth-user", fieldName),
     }
@@ -211,17 +239,22 @@ def _readJWT(section: Section) -> dict[str, Any]:
         # RFC 8725 2.1 / 3.1: an HMAC key beside public keys is the key
         # confusion attack's door; one kind of key per section.
         section.report("algorithms", "HMAC (HS*) and public-key algorithms cannot be mixed")
-    jwks = None
+    none: tuple[str | None, bytes | None] = (None, None)
+    jwks, document = none
     if not hmac:
         section.require("jwks", "a JWKS file or an https URL of one")
-        jwks = section.convert(
-            "jwks", None,
-            lambda t: _checkHTTPSURL(t) if "://" in t else section.checkedPath(t, "file"),
-        )
+
+        def read(text: str) -> tuple[str | None, bytes | None]:
+            if "://" in text:
+                return _checkHTTPSURL(text), None
+            return _readFile(section, text, checkJWKS)
+
+        jwks, document = section.convert("jwks", none, read)
     elif section.has("jwks"):
         section.report("jwks", "not used with HMAC algorithms (the key is secret_file)")
     return {
         "jwks": jwks,
+        "jwks_document": document,
         "jwks_ca": section.optionalFile("jwks_ca"),
         "issuer": section.convert("issuer", None, lambda t: t.strip()),
         "audience": section.convert("audience", NO_NAMES, lambda t: tuple(syntax.splitList(t))),
@@ -289,6 +322,25 @@ def _scopes(text: str) -> tuple[str, ...]:
         # OAuth and sends no ID token.
         scopes = ("openid",) + scopes
     return scopes
+
+
+def checkJWKS(data: bytes) -> bytes:
+    """
+    C{data} when it is a JWKS document (RFC 7517 5): a JSON object whose
+    C{keys} is a list of JWKs (objects with a C{kty}).
+
+    @raise ValueError: saying what is wrong.
+    """
+    try:
+        document = json.loads(data)
+    except ValueError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("not a JWKS document (no keys list)")
+    for number, key in enumerate(document["keys"], 1):
+        if not isinstance(key, dict) or not isinstance(key.get("kty"), str):
+            raise ValueError(f"key {number} is not a JWK (an object with kty)")
+    return data
 
 
 def htpasswdUsers(data: bytes) -> dict[str, bytes]:

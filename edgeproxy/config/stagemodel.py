@@ -303,12 +303,18 @@ class AuthSettings:
     pass_authorization: bool = False
     # basic
     htpasswd: str | None = None
+    users: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+    """The (user, hash) lines of C{htpasswd}, read with the configuration
+    (at start and on every reload)."""
     realm: str = "edgeproxy"
     user_header: str = "x-auth-user"
     """Lower-case field the authenticated user name is sent to the backend in."""
     # jwt
     jwks: str | None = None
     """A file path or an https URL."""
+    jwks_document: bytes | None = field(default=None, repr=False)
+    """The JWKS of a C{jwks} file, read and checked with the configuration
+    (at start and on every reload); L{None} for a URL."""
     jwks_ca: str | None = None
     issuer: str | None = None
     audience: tuple[str, ...] = ()

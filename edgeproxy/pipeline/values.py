@@ -107,6 +107,11 @@ class Request(NamedTuple):
     requestId: bytes = b""
     """The request's ID (L{edgeproxy.headers.requestid}), or C{b""} with
     C{request_id = off}."""
+    authenticated: bool = False
+    """The C{auth} stage let the client in on credentials it presented,
+    which it may then have removed (C{Authorization}, a session cookie):
+    a shared cache treats the request as one with C{Authorization} (RFC
+    9111 3.5), so one user's answer is never served to another."""
 
 
 class ResponseBody(Protocol):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_security_access -*-
+# -*- test-case-name: tests.test_security_units,tests.test_security_bypass -*-
 """
 The C{access} stage: who may use a route at all.
 

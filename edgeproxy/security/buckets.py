@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_security_ratelimit -*-
+# -*- test-case-name: tests.test_security_units -*-
 """
 Rate-limit state in this process: token buckets and requests in flight,
 per key.  Pure: the time is passed in.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_security_clientcerts -*-
+# -*- test-case-name: tests.integration.test_security_tls -*-
 """
 The security settings of a C{[listen:NAME]}, where its port is built
 (L{edgeproxy.serve.listeners}) and its requests are prepared

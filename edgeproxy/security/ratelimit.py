@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_security_ratelimit -*-
+# -*- test-case-name: tests.test_security_bypass,tests.integration.test_security_redis -*-
 """
 The C{ratelimit} stage: the C{[ratelimit:NAME]} sections a route names
 (C{rate_limit = NAME, ...}), applied per key.

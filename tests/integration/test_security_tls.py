@@ -10,7 +10,9 @@ against a real C{twistd edgeproxy} with a CA made at test time:
   - a session made under one policy is never resumed under another;
   - PROXY protocol v1 and v2 in (the address becomes the client for access
     rules, logs and forwarding), refused from an address not listed, and
-    v1 and v2 out to a backend that reads them.
+    v1 and v2 out to a backend that reads them;
+  - the bypass spellings of L{tests.test_security_bypass} over HTTP/2,
+    against an allow rule, authentication and a rate limit.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ class RawBackend:
             time.sleep(0.02)
         raise AssertionError("nothing reached the backend")
 
+    def requests(self) -> int:
+        """Requests received so far, on every connection."""
+        return sum(data.count(b" HTTP/1.1\r\n") for data in self.connections)
+
     def close(self) -> None:
         self._stop = True
         self.sock.close()
@@ -137,6 +143,27 @@ paths = /admin
 upstream = plain
 allow = 203.0.113.0/24, 2001:db8::/32
 
+[auth:tokens]
+type = jwt
+algorithms = HS256
+secret_file = jwt.secret
+
+[ratelimit:once]
+rate = 1/h
+burst = 1
+
+[route:secret]
+hosts = public.example
+paths = /secret
+upstream = plain
+auth = tokens
+
+[route:limited]
+hosts = public.example
+paths = /limited
+upstream = plain
+rate_limit = once
+
 [route:v1]
 hosts = public.example
 paths = /v1
@@ -152,6 +179,9 @@ hosts = public.example
 upstream = plain
 client_certificate_headers = subject:X-Client-Subject
 """
+
+
+JWT_SECRET = "0123456789abcdef0123456789abcdef-jwt"
 
 
 class Edge:
@@ -195,6 +225,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory, backend: RawBackend) -> Itera
     client.writePEM(directory / "client.pem")
     stranger = CertificateAuthority("someone else").issue(["mallory.example"], clientAuth=True)
     stranger.writePEM(directory / "stranger.pem")
+    (directory / "jwt.secret").write_text(JWT_SECRET + "\n")
     ports = {"tls": freePort(), "proxied": freePort(), "elsewhere": freePort()}
     (directory / "edge.ini").write_text(CONFIG.format(backend=backend.port, **ports))
     notify = NotifyReceiver()
@@ -371,18 +402,26 @@ def test_proxyProtocolOut(edge: Edge, backend: RawBackend, version: str) -> None
 
 
 H2_SPELLINGS = [
+    # An allow rule.
     ("/admin", 403),
     ("/%61dmin", 403),
     ("/x/../admin", 403),
     ("/%2e/admin", 403),
     ("//admin", 400),
     ("/admin;x=1", 400),
+    # Authentication (no token).
+    ("/secret", 401),
+    ("/%73ecret/x", 401),
+    ("/x/../secret", 401),
+    ("/%2e/secret", 401),
+    ("//secret", 400),
+    ("/secret;x=1", 400),
 ]
 
 
-@pytest.mark.parametrize("path, status", H2_SPELLINGS)
-def test_http2BypassAttempts(edge: Edge, backend: RawBackend, path: str, status: int) -> None:
-    """The same spellings over HTTP/2 (skipped while no listener offers h2)."""
+def h2Client(edge: Edge) -> Any:
+    """An HTTP/2 client of the TLS listener (the test skipped while no
+    listener offers h2)."""
     from tests.proc import H2Client
 
     context = edge.context()
@@ -391,12 +430,67 @@ def test_http2BypassAttempts(edge: Edge, backend: RawBackend, path: str, status:
         with context.wrap_socket(raw, server_hostname="public.example") as probe:
             if probe.selected_alpn_protocol() != "h2":
                 pytest.skip("HTTP/2 is not offered yet")
-    before = len(backend.connections)
-    client = H2Client(edge.ports["tls"], "public.example", edge.directory / "root.pem")
+    client: Any = H2Client(edge.ports["tls"], "public.example", edge.directory / "root.pem")
+    return client
+
+
+@pytest.mark.parametrize("path, status", H2_SPELLINGS)
+def test_http2BypassAttempts(edge: Edge, backend: RawBackend, path: str, status: int) -> None:
+    """The spellings of the HTTP/1.1 bypass tables
+    (L{tests.test_security_bypass}) over HTTP/2: nothing reaches the backend."""
+    before = backend.requests()
+    client = h2Client(edge)
     try:
         for authority in ("public.example", "PUBLIC.example."):
             got, _ = client.get(path, authority)
             assert got == status
     finally:
         client.close()
-    assert len(backend.connections) == before
+    assert backend.requests() == before
+
+
+def test_http2TokenLetsIn(edge: Edge, backend: RawBackend) -> None:
+    """The authenticated route does let a valid token in over HTTP/2 (so
+    its 401s above are the auth stage's)."""
+    import jwt
+
+    token = jwt.encode({"sub": "ann", "exp": int(time.time()) + 300}, JWT_SECRET, algorithm="HS256")
+    client = h2Client(edge)
+    try:
+        got, body = client.get("/%73ecret/x", "public.example", (("authorization", f"Bearer {token}"),))
+    finally:
+        client.close()
+    assert (got, body) == (200, b"ok")
+    assert any(b"GET /secret/x HTTP/1.1\r\n" in data for data in backend.connections)
+
+
+H2_LIMITED = [
+    ("/limited", 429),
+    ("/%6cimited", 429),
+    ("/x/../limited", 429),
+    ("/%2e/limited/x", 429),
+    ("//limited", 400),
+    ("/limited;x=1", 400),
+]
+
+
+def test_http2RateLimitNotBypassed(edge: Edge, backend: RawBackend) -> None:
+    """
+    A limit of one request an hour: once it is spent, no spelling over
+    HTTP/2, on a new stream or a new connection, reaches the backend.
+    """
+    client = h2Client(edge)
+    try:
+        assert client.get("/limited", "public.example")[0] == 200
+        before = backend.requests()
+        for path, status in H2_LIMITED:
+            for authority in ("public.example", "PUBLIC.example."):
+                assert (path, client.get(path, authority)[0]) == (path, status)
+    finally:
+        client.close()
+    again = h2Client(edge)
+    try:
+        assert again.get("/%6cimited", "public.example")[0] == 429
+    finally:
+        again.close()
+    assert backend.requests() == before

@@ -71,6 +71,10 @@ class Authenticator(Protocol):
     credentialCookies: frozenset[bytes]
     """Cookies that carry this type's credential: removed from the
     request to the backend."""
+    credentialPaths: frozenset[bytes]
+    """Paths whose query carries a credential (the OpenID Connect
+    callback's C{code}): the access log records their target without
+    its query."""
 
     def authenticate(self, request: Request) -> Outcome | Deferred[Outcome]: ...
 

@@ -12,8 +12,10 @@ successful check is remembered for L{CACHE_SECONDS} under a keyed hash of
 the credentials (never the password itself), bounded to L{CACHE_SIZE}
 entries: a browser sends the same credentials with every request.
 
-The file is read when the runtime is built: at start and on every reload
-(SIGHUP), so an edited file takes effect on reload.
+The file is read and checked with the configuration
+(L{edgeproxy.config.auth}): at start, by C{edgeproxy check} and on every
+reload (SIGHUP), so an edited file takes effect on reload, and a file with
+a line it cannot use keeps the previous configuration serving.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
-from edgeproxy.config.auth import htpasswdUsers
 from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import Unauthorized
 from edgeproxy.pipeline.values import Request
@@ -92,6 +93,7 @@ class BasicAuthenticator:
 
     identityFields: frozenset[bytes]
     credentialCookies: frozenset[bytes] = frozenset()
+    credentialPaths: frozenset[bytes] = frozenset()
 
     def __init__(
         self,
@@ -117,9 +119,7 @@ class BasicAuthenticator:
 
     @classmethod
     def fromSettings(cls, settings: AuthSettings, reactor: Any) -> BasicAuthenticator:
-        assert settings.htpasswd is not None
-        with open(settings.htpasswd, "rb") as f:
-            users = htpasswdUsers(f.read())
+        users = dict(settings.users)
 
         def run(check: Callable[[], bool]) -> Deferred[bool]:
             return deferToThreadPool(reactor, reactor.getThreadPool(), check)

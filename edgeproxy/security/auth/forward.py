@@ -71,6 +71,7 @@ class ForwardAuthenticator:
     """One C{type = forward} section."""
 
     credentialCookies: frozenset[bytes] = frozenset()
+    credentialPaths: frozenset[bytes] = frozenset()
 
     def __init__(self, settings: AuthSettings, client: Any, clock: Any, metrics: Any = None) -> None:
         assert settings.url is not None

@@ -66,7 +66,12 @@ class KeySet:
     """
 
     def __init__(self, reactor: Any, url: str | None = None, ca: str | None = None,
-                 refresh: float = 3600.0, timeout: float = 10.0) -> None:
+                 refresh: float = 3600.0, timeout: float = 10.0, client: Any = None) -> None:
+        """
+        @param client: the treq client the URL is fetched with (the
+            OpenID Connect section's own); by default one of its own,
+            trusting C{ca}.
+        """
         self.reactor = reactor
         self.url = url
         self.ca = ca
@@ -80,14 +85,15 @@ class KeySet:
         self._lastFetch = -REFETCH_INTERVAL
         self._fetching: Deferred[None] | None = None
         self._waiters: list[Deferred[None]] = []
-        self._client: Any = None
+        self._client: Any = client
         self._timer: Any = None
 
     @classmethod
-    def fromFile(cls, reactor: Any, path: str) -> KeySet:
+    def fromDocument(cls, reactor: Any, document: bytes) -> KeySet:
+        """The keys of a JWKS file (read and checked with the
+        configuration, L{edgeproxy.config.auth.checkJWKS})."""
         keys = cls(reactor)
-        with open(path, "rb") as f:
-            keys.load(json.loads(f.read()))
+        keys.load(json.loads(document))
         return keys
 
     def load(self, document: Any) -> None:
@@ -226,6 +232,7 @@ class JWTAuthenticator:
     """One C{type = jwt} section."""
 
     credentialCookies: frozenset[bytes]
+    credentialPaths: frozenset[bytes] = frozenset()
 
     def __init__(self, settings: AuthSettings, keys: KeySet | None, clock: Any) -> None:
         self.settings = settings
@@ -248,7 +255,8 @@ class JWTAuthenticator:
                 keys = KeySet(reactor, settings.jwks, settings.jwks_ca, settings.jwks_refresh)
                 keys.start()
             else:
-                keys = KeySet.fromFile(reactor, settings.jwks)
+                assert settings.jwks_document is not None
+                keys = KeySet.fromDocument(reactor, settings.jwks_document)
         return cls(settings, keys, reactor)
 
     def _challenge(self, error: bytes | None) -> tuple[tuple[bytes, bytes], ...]:

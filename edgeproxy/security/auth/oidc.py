@@ -31,8 +31,11 @@ The authorization code flow (OpenID Connect Core 3.1) with PKCE (RFC
   5. C{logout_path} clears the session and sends the browser to the
      provider's C{end_session_endpoint} when it has one, else to C{/}.
 
-A session cookie that was changed, made for another cookie or expired is
-no session (the flow starts again).  The provider's discovery document
+A session cookie that was changed, made for another cookie, made by
+another C{[auth:NAME]} section or expired is no session (the flow starts
+again): the cookie key is bound to the section (L{sessionPurpose}), so
+that the allow rules checked at the callback hold for every request the
+session lets in.  The provider's discovery document
 (C{issuer}/.well-known/openid-configuration, whose C{issuer} must be the
 configured one) is fetched at start and again when it failed; requests
 that need it wait for it.  The session and login cookies are removed from
@@ -62,7 +65,7 @@ from edgeproxy.security.auth.base import Allowed, Answer, Outcome, Refused, clai
 from edgeproxy.security.auth.jwt import KeySet, TokenRefused
 from edgeproxy.security.auth.sessions import Sealer
 
-__all__ = ["OIDCAuthenticator", "allowedBy", "safeReturn"]
+__all__ = ["OIDCAuthenticator", "allowedBy", "safeReturn", "sessionPurpose"]
 
 log = Logger()
 
@@ -119,6 +122,27 @@ def allowedBy(settings: AuthSettings, claims: dict[str, Any]) -> str | None:
     return None
 
 
+def sessionPurpose(settings: AuthSettings) -> bytes:
+    """
+    What the section's cookie key is derived for (the HKDF C{info}): its
+    name and a digest of what decides who its sessions are for (the
+    provider, the client, the allow rules).  Two sections sharing
+    C{cookie_secret_file} and C{cookie_name} on one host do not accept
+    each other's sessions (one section's allow rules would otherwise let
+    in whom the other's refused), and changing the provider or the rules
+    ends the section's sessions: everyone logs in again, under the rules
+    now configured.
+    """
+    bound = json.dumps(
+        [settings.issuer, settings.client_id, sorted(settings.allow_emails),
+         sorted(settings.allow_domains), settings.allow_claim],
+        separators=(",", ":"),
+    ).encode("utf-8")
+    return b"edgeproxy oidc cookies\0%s\0%s" % (
+        settings.name.encode("utf-8"), hashlib.sha256(bound).hexdigest().encode("ascii"),
+    )
+
+
 def _cookie(name: bytes, value: bytes, path: bytes, maxAge: int, secure: bool) -> bytes:
     parts = [name + b"=" + value, b"Path=" + path, b"Max-Age=%d" % (maxAge,), b"HttpOnly", b"SameSite=Lax"]
     if secure:
@@ -144,13 +168,15 @@ class OIDCAuthenticator:
         self.settings = settings
         self.reactor = reactor
         self.client = client
-        self.sealer = Sealer(settings.cookie_secret)
+        self.sealer = Sealer(settings.cookie_secret, sessionPurpose(settings))
         self.sessionName = settings.cookie_name.encode("ascii")
         self.flowName = self.sessionName + b"_login"
         self.callback = settings.callback_path.encode("ascii")
         self.logout = settings.logout_path.encode("ascii")
         self.identityFields = frozenset(name.encode("ascii") for _, name in settings.claims_to_headers)
         self.credentialCookies = frozenset((self.sessionName, self.flowName))
+        # The callback's query holds the authorization code and state.
+        self.credentialPaths = frozenset((self.callback,))
         self.metadata: dict[str, Any] | None = None
         self.keys: KeySet | None = None
         self._discovering: Deferred[None] | None = None
@@ -196,7 +222,9 @@ class OIDCAuthenticator:
         for key in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             if not isinstance(document.get(key), str):
                 raise ValueError(f"the discovery document has no {key}")
-        keys = KeySet(self.reactor, document["jwks_uri"], self.settings.ca, 3600.0, self.settings.timeout)
+        keys = KeySet(
+            self.reactor, document["jwks_uri"], self.settings.ca, 3600.0, self.settings.timeout, self.client
+        )
         await keys.fetch()
         if not keys.loaded:
             raise ValueError("the provider's key set could not be fetched")
@@ -300,7 +328,7 @@ class OIDCAuthenticator:
             return self._forbidden("provider refused the login")
         try:
             tokens = await self._exchange(query["code"], flow["v"], request)
-            claims = self._verifyIDToken(tokens.get("id_token"), flow["n"])
+            claims = await self._verifiedIDToken(tokens.get("id_token"), flow["n"])
         except TokenRefused as e:
             return self._forbidden(f"ID token refused: {e}")
         except Exception as e:
@@ -358,7 +386,33 @@ class OIDCAuthenticator:
             raise ValueError("token endpoint answer is not an object")
         return document
 
+    async def _verifiedIDToken(self, token: Any, nonce: str) -> dict[str, Any]:
+        """
+        The claims of the ID token (L{_verifyIDToken}); a key id the key
+        set does not hold has the key set fetched again first, at most
+        once a minute (L{KeySet.mayRefetch}): the provider rotated its
+        keys since they were fetched.
+        """
+        keys = self.keys
+        assert keys is not None
+        try:
+            return self._verifyIDToken(token, nonce)
+        except KeyError:
+            if not keys.mayRefetch():
+                raise TokenRefused("unknown key id") from None
+        await keys.fetch()
+        try:
+            return self._verifyIDToken(token, nonce)
+        except KeyError:
+            raise TokenRefused("unknown key id") from None
+
     def _verifyIDToken(self, token: Any, nonce: str) -> dict[str, Any]:
+        """
+        The claims of the ID token when it passes.
+
+        @raise TokenRefused: it does not; the message says why.
+        @raise KeyError: its C{kid} is not in the key set.
+        """
         if not isinstance(token, str):
             raise TokenRefused("no ID token")
         keys = self.keys
@@ -370,11 +424,14 @@ class OIDCAuthenticator:
         algorithm = header.get("alg")
         if algorithm not in _ASYMMETRIC:
             raise TokenRefused("algorithm not allowed")
-        jwk = keys.keys.get(header.get("kid"))
-        if jwk is None and len(keys.keys) == 1 and header.get("kid") is None:
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise TokenRefused("malformed")
+        jwk = keys.keys.get(kid)
+        if jwk is None and len(keys.keys) == 1 and kid is None:
             jwk = next(iter(keys.keys.values()))
         if jwk is None:
-            raise TokenRefused("unknown key id")
+            raise KeyError(kid)
         try:
             key = pyjwt.PyJWK(jwk, algorithm=algorithm).key
             claims = pyjwt.decode(

@@ -6,10 +6,13 @@ Connect session and login state without being able to read or change
 them, and the proxy needs no session store (every worker, every machine
 with the same C{cookie_secret_file} reads them).
 
-The key is derived from C{cookie_secret_file} with HKDF-SHA256 (RFC 5869);
-the cookie's name is the associated data, so a value made for one cookie
-(the login state) is refused as another (the session).  A cookie carries
-its own expiry, checked after decryption.
+The key is derived from C{cookie_secret_file} with HKDF-SHA256 (RFC 5869),
+its C{info} being the purpose the caller gives (an OpenID Connect
+section's L{edgeproxy.security.auth.oidc.sessionPurpose}: a cookie made
+for one section does not open in another sharing the secret); the
+cookie's name is the associated data, so a value made for one cookie (the
+login state) is refused as another (the session).  A cookie carries its
+own expiry, checked after decryption.
 
     value = base64url(12-byte nonce || ciphertext || 16-byte tag)
 """

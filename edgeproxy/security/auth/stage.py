@@ -10,12 +10,18 @@ For every type, on every request the stage lets through:
     removed, so a backend can trust them;
   - C{Authorization} is removed unless C{pass_authorization = yes};
   - the type's own cookies (the OpenID Connect session) are removed from
-    C{Cookie}.
+    C{Cookie};
+  - the request is marked C{authenticated}: the cache stage then treats
+    it as one with C{Authorization} (RFC 9111 3.5), credentials removed
+    or not, and never serves one user's answer to another unless the
+    backend said it may be shared.
 
 Credentials are never logged: the access log gets the subject (C{user})
 of an accepted request and, for a refused one, C{auth NAME: why}, where
 C{why} names what was wrong (C{missing credentials}, C{expired token}...),
-never a password or token.
+never a password or token; the target of a path whose query carries a
+credential (the OpenID Connect callback's code) is logged without its
+query.
 
 Rate limits keyed on the identity (C{key = identity}) are applied here,
 right after authentication and before the request goes on: the
@@ -30,7 +36,6 @@ tokens survive a reload (L{authenticatorFor}).
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -56,7 +61,9 @@ log = Logger()
 class AuthStage:
     """The C{auth} stage of one route."""
 
-    __slots__ = ("name", "authenticator", "identityLimits", "_strip", "_cookies", "_metrics", "_route")
+    __slots__ = (
+        "name", "authenticator", "identityLimits", "_strip", "_cookies", "_paths", "_metrics", "_route",
+    )
 
     def __init__(
         self,
@@ -74,11 +81,17 @@ class AuthStage:
             strip.add(b"authorization")
         self._strip = frozenset(strip)
         self._cookies = authenticator.credentialCookies
+        self._paths = authenticator.credentialPaths
         self._metrics = metrics
         self._route = route.name
 
     def handle(self, call: Call) -> None:
-        outcome = self.authenticator.authenticate(call.request)
+        request = call.request
+        if request.path in self._paths:
+            # The access log records the target: never the code in it.
+            target = request.target
+            call.request = request._replace(target=target.partition(b"?")[0])
+        outcome = self.authenticator.authenticate(request)
         if type(outcome) is Allowed:
             # The usual case (a cached token, a remembered password): at once.
             self._decided(outcome, call)
@@ -104,7 +117,7 @@ class AuthStage:
             fields = Fields.trusted(raw)
             if self._cookies:
                 fields = withoutCookies(fields, self._cookies)
-            call.request = request._replace(fields=fields)
+            call.request = request._replace(fields=fields, authenticated=True)
             call.identity = outcome.identity or None
             limits = self.identityLimits
             if limits is not None:
@@ -133,30 +146,18 @@ class AuthStage:
         call.fail(BackendUnavailable(f"[auth:{self.name}] failed"))
 
 
-def _fileDigest(*paths: str | None) -> bytes:
-    digest = hashlib.sha256()
-    for path in paths:
-        if path is None or "://" in path:
-            continue
-        try:
-            with open(path, "rb") as f:
-                digest.update(f.read())
-        except OSError:
-            digest.update(b"unreadable")
-    return digest.digest()
-
-
 _authenticators: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
 
 
 def authenticatorFor(settings: AuthSettings, reactor: Any, metrics: Any = None) -> Authenticator:
     """
     The authenticator of C{settings}: the same object for every route
-    naming the section and across reloads while neither the section nor
-    the files it names (htpasswd, a JWKS file) changed; a SIGHUP after
-    editing the htpasswd file makes a new one.
+    naming the section and across reloads while the section did not
+    change; the settings hold what the files it names (htpasswd, a JWKS
+    file) held when the configuration was read, so a SIGHUP after editing
+    the htpasswd file makes a new one.
     """
-    key = (id(reactor), settings, _fileDigest(settings.htpasswd, settings.jwks))
+    key = (id(reactor), settings)
     found = _authenticators.get(key)
     if found is not None:
         return found  # type: ignore[no-any-return]

@@ -1,0 +1,216 @@
+"""
+OpenID Connect (L{edgeproxy.security.auth.oidc}) in memory: a small
+provider written with twisted.web (discovery, key set, token endpoint,
+keys made at test time) reached through treq's C{StubTreq}, and the
+C{auth} stage in front of a recording next stage.  What the browser gets
+(status, C{Location}, C{Set-Cookie}) is asserted on.
+
+The whole browser flow against a certified provider on 127.0.0.1 is in
+L{tests.integration.test_security_oidc}; these are the cases that need a
+provider doing something a real one does only now and then (rotating its
+keys) or several sections at once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.web.resource import Resource
+
+from edgeproxy.accesslog import AccessLog, LineWriter, formatCombined, formatJSON
+from edgeproxy.config.model import Route
+from edgeproxy.config.stagemodel import AuthSettings
+from edgeproxy.h1.fields import Fields
+from edgeproxy.pipeline.call import Call
+from edgeproxy.pipeline.testing import RecordingClient, RecordingNext, makeRequest, textResponse
+from edgeproxy.security.auth.oidc import OIDCAuthenticator
+from edgeproxy.security.auth.stage import AuthStage
+
+ISSUER = "https://idp.example"
+SETTINGS = AuthSettings(
+    name="staff", type="oidc", issuer=ISSUER, client_id="edge", cookie_secret=b"c" * 32,
+    allow_emails=("ann@example.com",),
+)
+ROUTE = Route(name="app", hosts=("*",), paths=("/",), upstream="u", auth="staff")
+PAGE = [(b"accept", b"text/html")]
+
+
+class Provider(Resource):
+    """
+    Discovery, a key set and a token endpoint; the ID token is signed with
+    L{signer} and carries the nonce and e-mail address the test sets.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: dict[str, Any] = {}
+        self.signer = self.addKey("k1")
+        self.published = ["k1"]
+        self.jwksFetches = 0
+        self.nonce = ""
+        self.email = "ann@example.com"
+
+    def addKey(self, kid: str) -> str:
+        self.keys[kid] = ec.generate_private_key(ec.SECP256R1())
+        return kid
+
+    def render_GET(self, request: Any) -> bytes:
+        if request.path == b"/.well-known/openid-configuration":
+            return json.dumps({
+                "issuer": ISSUER, "authorization_endpoint": ISSUER + "/auth",
+                "token_endpoint": ISSUER + "/token", "jwks_uri": ISSUER + "/jwks",
+            }).encode()
+        assert request.path == b"/jwks"
+        self.jwksFetches += 1
+        keys = []
+        for kid in self.published:
+            key = jwt.algorithms.ECAlgorithm.to_jwk(self.keys[kid].public_key(), as_dict=True)
+            keys.append({**key, "kid": kid, "use": "sig", "alg": "ES256"})
+        return json.dumps({"keys": keys}).encode()
+
+    def render_POST(self, request: Any) -> bytes:
+        assert request.path == b"/token"
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": "edge", "sub": self.email.partition("@")[0], "iat": now,
+                  "exp": now + 300, "nonce": self.nonce, "email": self.email, "email_verified": True}
+        token = jwt.encode(claims, self.keys[self.signer], algorithm="ES256", headers={"kid": self.signer})
+        return json.dumps({"id_token": token, "token_type": "Bearer"}).encode()
+
+
+class Edge:
+    """One C{[auth:NAME]} section's stage, its provider and its clock."""
+
+    def __init__(self, provider: Provider, settings: AuthSettings = SETTINGS, clock: Clock | None = None) -> None:
+        self.provider = provider
+        self.stub = StubTreq(provider)
+        self.clock = clock or Clock()
+        self.authenticator = OIDCAuthenticator(settings, self.clock, self.stub)
+        self.stage = AuthStage(ROUTE, settings, self.authenticator)
+        self.authenticator.discover()
+        self.flush()
+
+    def flush(self) -> None:
+        for _ in range(10):
+            self.stub.flush()
+
+    def send(
+        self, path: bytes = b"/page", query: bytes = b"", fields: Sequence[tuple[bytes, bytes]] = ()
+    ) -> RecordingClient:
+        client = RecordingClient()
+        request = makeRequest(path=path, query=query, fields=Fields([(b"host", b"app.example"), *fields]))
+        call = Call(request, None, client, (self.stage, RecordingNext(response=textResponse(200, b"app"))), 0.0)
+        self.lastCall = call
+        call.next()
+        self.flush()
+        return client
+
+    def login(self) -> RecordingClient:
+        """Follow the browser from a page to the callback; the callback's answer."""
+        redirect = self.send(fields=PAGE)
+        assert redirect.status == 302
+        location = urlsplit(redirect.response.fields.get(b"location").decode())  # type: ignore[union-attr]
+        query = parse_qs(location.query)
+        self.provider.nonce = query["nonce"][0]
+        flow = cookieOf(redirect)
+        state = query["state"][0].encode()
+        return self.send(b"/.edgeproxy/oidc/callback", b"?code=c0de&state=" + state, [(b"cookie", flow)])
+
+
+def cookieOf(client: RecordingClient) -> bytes:
+    """The first C{Set-Cookie}'s C{name=value}."""
+    assert client.response is not None
+    return client.response.fields.getAll(b"set-cookie")[0].split(b";")[0]
+
+
+def test_sessionLetsIn() -> None:
+    edge = Edge(Provider())
+    callback = edge.login()
+    assert callback.status == 302
+    session = cookieOf(callback)
+    assert session.startswith(b"edgeproxy_session=")
+    assert edge.send(fields=[(b"cookie", session)]).status == 200
+
+
+def test_sessionOfAnotherSectionRefused() -> None:
+    """
+    Two sections sharing cookie_secret_file and cookie_name: a session
+    made by one lets nobody into the other, whose allow rules refused
+    that user; the same section (another worker, a reload that changed
+    nothing) accepts it.
+    """
+    provider = Provider()
+    staff = Edge(provider)
+    session = cookieOf(staff.login())
+    admins = Edge(provider, replace(SETTINGS, name="admins", allow_emails=("bob@example.com",)))
+    refused = admins.send(fields=[(b"cookie", session)])
+    assert refused.status == 401
+    assert admins.send(fields=[(b"cookie", session), *PAGE]).status == 302  # to the login page
+    assert Edge(provider).send(fields=[(b"cookie", session)]).status == 200
+
+
+def test_sessionEndsWhenTheRulesChange() -> None:
+    """A reload that changes the allow rules ends the section's sessions:
+    everyone logs in again, under the new rules."""
+    provider = Provider()
+    session = cookieOf(Edge(provider).login())
+    changed = replace(SETTINGS, allow_emails=("bob@example.com",))
+    assert Edge(provider, changed).send(fields=[(b"cookie", session)]).status == 401
+    assert Edge(provider, replace(SETTINGS, allow_claim=("groups", "admins"))).send(
+        fields=[(b"cookie", session)]).status == 401
+
+
+def test_rotatedKeyFetchedAgain() -> None:
+    """
+    An ID token signed with a key the key set fetched does not hold has
+    the key set fetched again (the provider rotated its keys), at most
+    once a minute.
+    """
+    provider = Provider()
+    edge = Edge(provider)
+    assert provider.jwksFetches == 1
+    provider.signer = provider.addKey("k2")
+    provider.published = ["k1", "k2"]
+    edge.clock.advance(61)
+    callback = edge.login()
+    assert callback.status == 302 and cookieOf(callback).startswith(b"edgeproxy_session=")
+    assert provider.jwksFetches == 2
+
+    # Made-up (or not yet published) key ids: refused without asking the
+    # provider again within the minute.
+    provider.signer = provider.addKey("k3")
+    edge.clock.advance(30)
+    refused = edge.login()
+    assert refused.status == 403
+    assert provider.jwksFetches == 2
+    provider.published = ["k2", "k3"]
+    edge.clock.advance(31)
+    assert edge.login().status == 302
+    assert provider.jwksFetches == 3
+
+
+def test_callbackLoggedWithoutTheCode() -> None:
+    """
+    The access log records the callback's target without its query: the
+    authorization code (and state) never reach a log file.
+    """
+    edge = Edge(Provider())
+    assert edge.login().status == 302
+    for formatter in (formatCombined, formatJSON):
+        stream = io.StringIO()
+        AccessLog(edge.clock, LineWriter(formatter, stream=stream)).log(edge.lastCall)
+        line = stream.getvalue()
+        assert "/.edgeproxy/oidc/callback" in line
+        assert "c0de" not in line and "state" not in line and "?" not in line
+        assert "ann" in line  # the user the login was for
