@@ -27,7 +27,7 @@ from edgeproxy.pipeline.stages import buildPipelines
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
 from edgeproxy.security.paths import backendView
-from tests.memorypool import MemoryPool, MemoryResponse, ProxyClient
+from tests.memorypool import MemoryResponse, ProxyClient
 
 SECRET = b"k" * 40
 NET = ipaddress.ip_network
