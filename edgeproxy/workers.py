@@ -34,8 +34,8 @@ character, so a line is always one message).  Every message has an C{"op"}:
     - C{{"op": "acme-demand", "id", "name"}}: a handshake for C{name} waits
       for an on-demand certificate; answered when the attempt is over;
     - C{{"op": "cache-purged", "kind", "value", "soft"}}: a C{PURGE} request
-      purged this in the worker; the supervisor has the others purge their
-      memory tiers.
+      or an invalidation (RFC 9111 4.4) purged this in the worker; the
+      supervisor has the others purge their memory tiers.
 
 A line that is not a JSON object with a known C{op} is logged and
 ignored: neither side ever dies of what the other one wrote.

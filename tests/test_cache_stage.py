@@ -86,6 +86,7 @@ class Site:
         images: ImageSettings | None = None,
         holdConversions: bool = False,
         stores: Any = None,
+        errorPages: Any = None,
     ) -> None:
         self.clock = MemoryReactorClock()
         self.clock.advance(NOW)
@@ -95,6 +96,7 @@ class Site:
             Route(
                 name="app", hosts=("app.example",), paths=("/",), upstream="app", cache=route or RouteCache(),
                 compress=compress, images=images,
+                error_pages=errorPages,
             ),
         )
         self.imagePool, self.conversions = makePool(workers=1, queue=0, hold=holdConversions)

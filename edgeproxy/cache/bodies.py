@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cache_bodies -*-
+# -*- test-case-name: tests.test_cache_stage -*-
 """
 The response bodies of the cache stage:
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cache_disk,tests.test_cache_variants -*-
+# -*- test-case-name: tests.test_cache_disk,tests.test_cache_memory,tests.test_cache_variants -*-
 """
 What the cache stores: L{Entry}, one complete response with what its
 freshness depends on, and L{Variants}, the marker that a URL's responses

@@ -8,9 +8,9 @@ C{/metrics} (L{samples}), and purges (L{adminPurge} for C{POST
 With C{workers = N} a purge reaches every process: the admin listener
 lives in the supervisor, which purges the disk tier (shared) once and asks
 every worker to purge its memory tier; a C{PURGE} request served by a
-worker purges both tiers there and is relayed (L{setRelay}: the worker's
-control channel) through the supervisor to the other workers' memory
-tiers.  The messages (C{cache-purge}, C{cache-purged}) are in
+worker, and an invalidation after an unsafe method (RFC 9111 4.4), purge
+both tiers there and are relayed (L{setRelay}: the worker's control
+channel) through the supervisor to the other workers' memory tiers.  The messages (C{cache-purge}, C{cache-purged}) are in
 L{edgeproxy.workers}.
 """
 
@@ -237,8 +237,9 @@ def _document(purge: PurgeRequest, memory: int, disk: int, missing: list[int]) -
 
 def relayFromWorker(supervisor: Any, sender: Any, message: Mapping[str, Any]) -> None:
     """
-    A worker purged something itself (a C{PURGE} request): the other
-    workers purge their memory tiers too (the disk tier is shared).
+    A worker purged something itself (a C{PURGE} request, an
+    invalidation): the other workers purge their memory tiers too (the
+    disk tier is shared).
     """
     forward = {
         "op": "cache-purge",

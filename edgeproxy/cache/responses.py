@@ -16,7 +16,10 @@ passes on: what it does with each response before the client has it.
 
 Each marks the response with its C{Cache-Status} member and removes the
 targeted cache-control field and the tag fields (L{TAG_FIELDS}) before the
-client sees it.  They ask the stage only for what L{_Stage} names.
+client sees it.  An error in place of a response (the pool's 502, 503 or
+504, a later stage's failure) goes on as an error carrying its member
+(L{edgeproxy.cache.status.marked}, C{detail=no-response}): the client side
+makes its page as for any error.  They ask the stage only for what L{_Stage} names.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from edgeproxy.cache.freshness import (
     varyNames,
 )
 from edgeproxy.cache.key import secondaryKey
-from edgeproxy.cache.status import CacheStatus, withStatus
+from edgeproxy.cache.status import CacheStatus, marked, withStatus
 from edgeproxy.cache.stores import CacheStores
 from edgeproxy.collectors import CacheCounters
 from edgeproxy.errors import ProxyError
@@ -57,6 +60,11 @@ SAFE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
 _ERRORS_SERVED_STALE = frozenset((500, 502, 503, 504))
 """RFC 5861 4: an error is a 500, 502, 503 or 504 (or no answer at all)."""
+
+NO_RESPONSE = b"no-response"
+"""The C{detail} of an error that came back in place of a response: the
+status is the proxy's own (RFC 9211 2.3: without it, the absent
+C{fwd-status} would say the next hop answered so)."""
 
 SMALL_ERROR_BODY = 64 * 1024
 """A discarded response body up to this size is read to its end (its
@@ -148,7 +156,7 @@ class Passing:
         )
 
     def onError(self, call: Call, error: ProxyError) -> None:
-        call.fail(error)
+        call.fail(marked(error, self.stage.status.forward(self.reason, detail=NO_RESPONSE)))
 
 
 class Background:
@@ -235,7 +243,7 @@ class Fetching:
         self.answered = True
         self.release(False)
         call.request = self.request
-        call.fail(error)
+        call.fail(marked(error, self.stage.status.forward(self.reason, detail=NO_RESPONSE)))
 
     def onResponse(self, call: Call, response: Response) -> None:
         self.answered = True

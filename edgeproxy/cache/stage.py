@@ -20,11 +20,16 @@ memory, then disk) and, by the rules of L{edgeproxy.cache.freshness}:
 
 Other methods pass through; an unsafe one that succeeds invalidates what is
 stored for its URL and the same-origin C{Location}/C{Content-Location}
-(RFC 9111 4.4).  C{PURGE} from a C{purge_from} address purges the URL.
+(RFC 9111 4.4), in this process and, relayed, in the other workers.
+C{PURGE} from a C{purge_from} address purges the URL in both schemes.
 
 Every response the stage touched carries its C{Cache-Status} member
-(L{edgeproxy.cache.status}); the targeted cache-control field and the tag
-fields (C{Surrogate-Key}, C{Cache-Tag}) never reach the client.
+(L{edgeproxy.cache.status}), the errors too: an error the stage makes
+(C{only-if-cached}'s 504, C{PURGE}'s 405) or passes on goes on as an error
+carrying its member (L{edgeproxy.cache.status.marked}), so that the client
+side makes its page (the route's own, if any) as for any other error.  The
+targeted cache-control field and the tag fields (C{Surrogate-Key},
+C{Cache-Tag}) never reach the client.
 
 The hit path is kept lean: a key made of a few byte strings, a dictionary
 lookup in the memory tier, the stored fields copied with C{Age} and
@@ -66,6 +71,7 @@ from edgeproxy.cache.freshness import (
 )
 from edgeproxy.cache.key import (
     SECONDARY,
+    hostOf,
     includedParts,
     parseKeyIncludes,
     purgeURL,
@@ -82,18 +88,17 @@ from edgeproxy.cache.responses import (
     internalError,
     statusOnly,
 )
-from edgeproxy.cache.status import CacheStatus
+from edgeproxy.cache.status import CacheStatus, marked
 from edgeproxy.cache.stores import CacheStores, relay
 from edgeproxy.config.model import Route
 from edgeproxy.config.stagemodel import CacheSettings
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
-from edgeproxy.http.errorpages import errorResponse, pagesFor
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.forwarded import isTrusted
 from edgeproxy.pipeline.values import BytesBody, Request, Response
 
-__all__ = ["CacheStage", "NotCached"]
+__all__ = ["PURGE_ALLOW", "CacheStage", "NotCached", "PurgeNotAllowed"]
 
 log = Logger()
 
@@ -105,10 +110,23 @@ MAX_RETRIES = 3
 """Lookups a request makes while other processes fetch its key in turn."""
 
 
+PURGE_ALLOW = b"GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE"
+"""The C{Allow} of the 405 a C{PURGE} from elsewhere gets (RFC 9110
+15.5.6): the methods the route passes on to its origin."""
+
+_SCHEMES = (b"https", b"http")
+
+
 class NotCached(ProxyError):
     """C{only-if-cached} and nothing stored fits (RFC 9111 5.2.1.7)."""
 
     status = 504
+
+
+class PurgeNotAllowed(ProxyError):
+    """C{PURGE} from an address not in C{purge_from}."""
+
+    status = 405
 
 
 class CacheStage:
@@ -217,7 +235,7 @@ class CacheStage:
             reason = b"vary-miss"
         if item is None:
             if directives is not None and directives.onlyIfCached:
-                call.fail(NotCached("only-if-cached and nothing stored"))
+                call.fail(marked(NotCached("only-if-cached and nothing stored"), self.status.own(b"only-if-cached")))
                 return
             self._miss(call, primary, key, url, directives, reason, collapse, collapsed, deadline, attempts)
             return
@@ -248,7 +266,8 @@ class CacheStage:
             self.serve(call, entry, self.status.hit(use.ttl), age)
             return
         if directives is not None and directives.onlyIfCached:
-            call.fail(NotCached("only-if-cached and what is stored must be validated"))
+            error = NotCached("only-if-cached and what is stored must be validated")
+            call.fail(marked(error, self.status.own(b"only-if-cached")))
             return
         if stores.failing(entry.key) and staleIfErrorAllows(entry.policy, age, self.staleIfError):
             self.counters.staleServed += 1
@@ -313,7 +332,7 @@ class CacheStage:
                     self._lookup(call, collapse=False)
             except Exception:
                 log.failure("cache lookup after a collapsed wait failed")
-                call.fail(internalError())
+                call.fail(marked(internalError(), self.status.own(b"internal-error")))
 
         call.cancelHook = collapsing.wait(key, woken, deadline)
 
@@ -441,26 +460,34 @@ class CacheStage:
     # Purging ---------------------------------------------------------------
 
     def _purge(self, call: Call) -> None:
+        """
+        C{PURGE}: every stored response of the URL goes, in both schemes
+        (a purger on plain http means the https copy as much: the key's
+        scheme is the connection's, not a property of the resource).
+        """
         request = call.request
         if not self.purgeFrom or not isTrusted(request.client, self.purgeFrom):
-            call.respond(errorResponse(405, pagesFor(request.route)))
+            error = PurgeNotAllowed("PURGE from an address not in purge_from")
+            error.fields = ((b"allow", PURGE_ALLOW),)
+            call.fail(marked(error, self.status.own(b"purge-not-allowed")))
             return
-        _, url = self._key(request)
-        counts = self.stores.purge("url", url, soft=False)
+        # The host as the request's own scheme keys it (its default port
+        # gone), then under each scheme.
+        host = hostOf(request.connection.scheme, request.host)
+        counts: dict[str, int] = {}
+        for scheme in _SCHEMES:
+            url = urlOf(scheme, host, request.path, request.query)
+            for tier, count in self.stores.purge("url", url, soft=False).items():
+                counts[tier] = counts.get(tier, 0) + count
+            relay({"kind": "url", "value": url.decode("latin-1"), "soft": False})
         self.counters.purges["url"] += 1
-        relay({"kind": "url", "value": url.decode("latin-1"), "soft": False})
         body = json.dumps({"purged": sum(counts.values()), **counts}).encode("ascii") + b"\n"
-        call.respond(
-            Response(
-                200,
-                b"OK",
-                Fields.trusted(
-                    {b"content-type": [b"application/json"], b"cache-control": [b"no-store"]}
-                ),
-                len(body),
-                BytesBody(body),
-            )
-        )
+        fields = {
+            b"content-type": [b"application/json"],
+            b"cache-control": [b"no-store"],
+            b"cache-status": [self.status.own(b"purged")],
+        }
+        call.respond(Response(200, b"OK", Fields.trusted(fields), len(body), BytesBody(body)))
 
     def invalidateAfter(self, request: Request, response: Response) -> None:
         """

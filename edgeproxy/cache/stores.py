@@ -49,16 +49,16 @@ _relay: list[Callable[[dict[str, Any]], None]] = []
 
 def setRelay(send: Callable[[dict[str, Any]], None] | None) -> None:
     """
-    Where this process sends the purges it makes itself (a worker: to its
-    supervisor, which has the other workers make them too); L{None}:
-    nowhere (a single process).
+    Where this process sends the purges it makes itself (a C{PURGE}
+    request, an invalidation): a worker to its supervisor, which has the
+    other workers make them too; L{None}: nowhere (a single process).
     """
     _relay[:] = [] if send is None else [send]
 
 
 def relay(message: dict[str, Any]) -> None:
     """Tell the other processes of a purge made here (C{kind}, C{value},
-    C{soft})."""
+    C{soft}), which they make in their memory tiers."""
     for send in _relay:
         send(message)
 
@@ -232,8 +232,13 @@ class CacheStores:
         return counts
 
     def invalidate(self, url: bytes) -> None:
-        """RFC 9111 4.4: every stored response of C{url} goes."""
+        """
+        RFC 9111 4.4: every stored response of C{url} goes, here (both
+        tiers) and, relayed (L{relay}), from the other workers' memory
+        tiers.
+        """
         self.purge("url", url, soft=False)
+        relay({"kind": "url", "value": url.decode("latin-1"), "soft": False})
 
     # State -----------------------------------------------------------------
 
