@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cache_disk -*-
+# -*- test-case-name: tests.test_cache_disk,tests.test_cache_diskrecover -*-
 """
 L{DiskTier}: the stored responses on disk, one copy shared by every
 process of the instance (the workers and their supervisor), bounded by
@@ -17,11 +17,14 @@ Layout of C{[cache] disk}::
 Crash safety: an object is written to C{tmp/} (under an C{flock} held for
 as long as its writer lives), C{fsync}ed, renamed into C{objects/}, and
 only then entered in the index, so the index never names a partly written
-file.  At start one process (the holder of C{recover.lock}) removes the
-temporary files whose writer is gone, index rows whose file is missing,
-and enters in the index any complete object file it does not name (from
-the header each file carries); a damaged index is moved aside and rebuilt
-from the files the same way.
+file.  A file the index lets go of (purged, invalidated, replaced, evicted)
+is named I{doomed} in the transaction that drops its row, and unlinked
+after it (in a thread).  At start one process (the holder of
+C{recover.lock}) removes the temporary files whose writer is gone and the
+doomed files left by a crash, drops the index rows whose file is missing,
+and enters in the index any other complete object file it does not name
+(from the header each file carries); a damaged index is moved aside and
+rebuilt from the files the same way.
 
 I/O: the index is read and written in the reactor's thread (a lookup or a
 small transaction takes tens of microseconds; WAL commits do not C{fsync});
@@ -50,8 +53,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from edgeproxy.cache.blocking import Blocking
-from edgeproxy.cache.diskindex import connect, insertRow, transaction
-from edgeproxy.cache.diskobjects import DiskWriter, objectHeader, unlinkAll
+from edgeproxy.cache.diskindex import connect, doom, insertRow, transaction
+from edgeproxy.cache.diskobjects import DiskWriter, objectHeader, unlinkDoomed
 from edgeproxy.cache.diskrecover import recoverDirectory
 from edgeproxy.cache.entry import Entry, Variants, decodeMeta, encodeMeta
 from edgeproxy.collectors import CacheCounters
@@ -271,10 +274,11 @@ class DiskTier:
             return False
 
     def unlink(self, files: Iterable[str]) -> None:
-        """Remove files the index no longer names (in a thread)."""
-        paths = [os.path.join(self.directory, file) for file in files]
-        if paths:
-            self.blocking.run(unlinkAll, paths).addErrback(
+        """Remove doomed files, which the index no longer names (in a
+        thread)."""
+        doomed = list(files)
+        if doomed:
+            self.blocking.run(unlinkDoomed, self.directory, doomed).addErrback(
                 lambda failure: log.failure("removing cache files failed", failure)
             )
 
@@ -289,8 +293,10 @@ class DiskTier:
                     if row[0] is not None:
                         files.append(row[0])
                     self._db.execute("DELETE FROM objects WHERE key = ?", (key,))
+                doom(self._db, files)
         except sqlite3.Error as e:
             self.problem("removing", e)
+            return []
         return files
 
     def remove(self, key: bytes) -> bool:
@@ -358,8 +364,10 @@ class DiskTier:
                     if file is not None:
                         files.append(file)
                     self._db.execute("DELETE FROM objects WHERE key = ?", (key,))
+                doom(self._db, files)
         except sqlite3.Error as e:
             self.problem("purging", e)
+            return 0
         self.unlink(files)
         return count
 

@@ -1,13 +1,21 @@
-# -*- test-case-name: tests.test_cache_disk -*-
+# -*- test-case-name: tests.test_cache_disk,tests.test_cache_diskrecover -*-
 """
 The index of the disk tier (L{edgeproxy.cache.disk}): C{index.sqlite} in
 its directory.
 
 This module owns the schema (key -> file, size, last use, metadata; tags;
-the totals, kept by triggers), how a connection to it is opened (WAL, a
-short busy timeout; one per thread, L{threadConnection}), L{transaction},
-and entering an object (L{insertRow}) with the eviction of the least
-recently used past the tier's size.
+the totals, kept by triggers; the doomed files), how a connection to it is
+opened (WAL, a short busy timeout; one per thread, L{threadConnection}),
+L{transaction}, and entering an object (L{insertRow}) with the eviction of
+the least recently used past the tier's size.
+
+A file leaves the index as I{doomed} (L{doom}): the transaction that drops
+its row (a purge, an invalidation, a replacement, an eviction) names it in
+C{doomed}, and the thread that unlinks it clears the name
+(L{edgeproxy.cache.diskobjects.unlinkDoomed}).  A crash in between leaves
+the name, and the start-up check unlinks the file instead of entering it
+again as an object the index lost (which would bring a purged response
+back).
 
 Why SQLite for the index: it is in the standard library, its WAL lets every
 worker read while one writes, a transaction makes "insert the new object,
@@ -54,6 +62,9 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (tag, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_by_key ON tags(key);
+CREATE TABLE IF NOT EXISTS doomed (
+    file TEXT PRIMARY KEY
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     bytes INTEGER NOT NULL,
@@ -104,6 +115,13 @@ class transaction:
                 pass
 
 
+def doom(db: sqlite3.Connection, files: list[str]) -> None:
+    """Name C{files} as doomed (in the caller's transaction, the one that
+    drops their rows)."""
+    if files:
+        db.executemany("INSERT OR IGNORE INTO doomed (file) VALUES (?)", [(file,) for file in files])
+
+
 def insertRow(
     db: sqlite3.Connection,
     item: Entry | Variants,
@@ -116,7 +134,8 @@ def insertRow(
     """
     The index side of storing C{item} (see
     L{edgeproxy.cache.disk.DiskTier.insert}), on
-    connection C{db}: (files no longer named, bytes evicted).
+    connection C{db}: (files no longer named, doomed, for the caller to
+    unlink; bytes evicted).
     """
     meta = encodeMeta(item)
     tags = item.tags if isinstance(item, Entry) else ()
@@ -135,6 +154,7 @@ def insertRow(
             db.executemany(
                 "INSERT OR IGNORE INTO tags (tag, key) VALUES (?, ?)", [(tag, item.key) for tag in tags]
             )
+        doom(db, stale)
     evictedFiles, evicted = _evict(db, capacity)
     return stale + evictedFiles, evicted
 
@@ -164,6 +184,7 @@ def _evict(db: sqlite3.Connection, capacity: int) -> tuple[list[str], int]:
                 if total <= goal:
                     break
             db.executemany("DELETE FROM objects WHERE key = ?", victims)
+        doom(db, files)
     return files, evicted
 
 

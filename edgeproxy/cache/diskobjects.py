@@ -1,13 +1,14 @@
-# -*- test-case-name: tests.test_cache_disk,tests.test_cache_operate -*-
+# -*- test-case-name: tests.test_cache_disk,tests.test_cache_diskrecover,tests.test_cache_operate -*-
 """
 The object files of the disk tier (L{edgeproxy.cache.disk}): one file
 per stored response, a header (L{MAGIC}, the metadata) then the body.
 
-This module owns the header (L{objectHeader}, L{readObjectHeader}) and
+This module owns the header (L{objectHeader}, L{readObjectHeader}),
 L{DiskWriter}, one object being written: to C{tmp/} under an C{flock}
 held for as long as its writer lives, then synced, renamed into
 C{objects/} and entered in the index, in that order (in a thread), so
-the index never names a partly written file.
+the index never names a partly written file; and L{unlinkDoomed}, the
+removal of the files the index let go of.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 
 from edgeproxy.cache.blocking import Blocking
-from edgeproxy.cache.diskindex import insertRow, threadConnection
+from edgeproxy.cache.diskindex import insertRow, threadConnection, transaction
 from edgeproxy.cache.entry import Entry, Variants, decodeMeta, encodeMeta
 from edgeproxy.collectors import CacheCounters
 
@@ -71,6 +72,8 @@ class _Tier(Protocol):
     clock: Any
 
     def problem(self, what: str, error: Exception) -> None: ...
+
+    def unlink(self, files: list[str]) -> None: ...
 
 
 class DiskWriter:
@@ -164,6 +167,7 @@ class DiskWriter:
             stale, evicted = result
             tier.counters.stored["disk"] += size
             tier.counters.evicted["disk"] += evicted
+            tier.unlink(stale)
             if self._final in stale:
                 return None
             return stored
@@ -184,6 +188,18 @@ def unlinkAll(paths: list[str]) -> None:
             pass
 
 
+def unlinkDoomed(directory: str, files: list[str]) -> None:
+    """
+    Remove the doomed C{files} (relative to C{directory}), then their names
+    from C{doomed} (L{edgeproxy.cache.diskindex.doom}); in a thread.  A
+    crash before the second step leaves names the start-up check clears.
+    """
+    unlinkAll([os.path.join(directory, file) for file in files])
+    db = threadConnection(directory)
+    with transaction(db):
+        db.executemany("DELETE FROM doomed WHERE file = ?", [(file,) for file in files])
+
+
 def _commit(
     directory: str,
     fd: int,
@@ -199,7 +215,8 @@ def _commit(
     Make a written object durable and enter it in the index (in a thread:
     a process told to stop finishes it before it exits).  The file is
     synced, then renamed, then indexed: the index never names a partial
-    file.  Returns what L{insertRow} does, the old and evicted files removed.
+    file.  Returns what L{insertRow} does: the old and evicted files, doomed,
+    are the caller's to unlink (L{unlinkDoomed}).
     """
     final = os.path.join(directory, relative)
     try:
@@ -210,10 +227,8 @@ def _commit(
     os.makedirs(os.path.dirname(final), exist_ok=True)
     os.rename(temporary, final)
     try:
-        stale, evicted = insertRow(threadConnection(directory), entry, relative, offset, size, now, capacity)
+        return insertRow(threadConnection(directory), entry, relative, offset, size, now, capacity)
     except sqlite3.Error:
         unlinkAll([final])
         raise
-    unlinkAll([os.path.join(directory, file) for file in stale])
-    return stale, evicted
 

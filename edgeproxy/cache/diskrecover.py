@@ -1,11 +1,14 @@
-# -*- test-case-name: tests.test_cache_disk -*-
+# -*- test-case-name: tests.test_cache_disk,tests.test_cache_diskrecover -*-
 """
 The start-up check of a disk tier's directory (L{recoverDirectory}), run
 by the one process that holds C{recover.lock}: it removes the temporary
-files whose writer is gone, the index rows whose file is missing, and
-enters in the index any complete object file it does not name (from the
-header each file carries), so that a crash leaves nothing behind that the
-tier would serve wrongly or never free.
+files whose writer is gone and the doomed files whose unlinking a crash
+cut short (their rows are gone: L{edgeproxy.cache.diskindex.doom}), drops
+the index rows whose file is missing, and enters in the index any other
+complete object file it does not name (from the header each file carries:
+a crash between its rename and its index row), so that a crash leaves
+nothing behind that the tier would serve wrongly (a purged response come
+back) or never free.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ def recoverDirectory(directory: str, orphanAge: float = ORPHAN_AGE) -> dict[str,
     docstring), by the one process that gets C{recover.lock}; runs in a
     thread with its own connection to the index.
 
-    @return: what it did (C{temporary}, C{missing}, C{entered},
+    @return: what it did (C{temporary}, C{doomed}, C{missing}, C{entered},
         C{removed} counts), or C{{}} when another process does it.
     """
-    done = {"temporary": 0, "missing": 0, "entered": 0, "removed": 0}
+    done = {"temporary": 0, "doomed": 0, "missing": 0, "entered": 0, "removed": 0}
     lock = os.open(os.path.join(directory, "recover.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
@@ -65,6 +68,12 @@ def recoverDirectory(directory: str, orphanAge: float = ORPHAN_AGE) -> dict[str,
                 pass
         db = connect(os.path.join(directory, "index.sqlite"))
         try:
+            doomed = [row[0] for row in db.execute("SELECT file FROM doomed")]
+            if doomed:
+                unlinkAll([os.path.join(directory, file) for file in doomed])
+                with transaction(db):
+                    db.executemany("DELETE FROM doomed WHERE file = ?", [(file,) for file in doomed])
+                done["doomed"] = len(doomed)
             named = {}
             for key, file in db.execute("SELECT key, file FROM objects WHERE file IS NOT NULL"):
                 named[file] = key
@@ -124,6 +133,7 @@ def recoverDirectory(directory: str, orphanAge: float = ORPHAN_AGE) -> dict[str,
         if any(done.values()):
             log.info(
                 "cache directory {path} checked: {temporary} unfinished file(s) removed,"
+                " {doomed} purged or evicted file(s) removed,"
                 " {missing} index row(s) without a file dropped, {entered} object(s) entered,"
                 " {removed} unusable file(s) removed",
                 path=directory, **done,
