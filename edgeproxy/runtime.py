@@ -16,7 +16,10 @@ a pool is the same object, so its keep-alive connections, backend states,
 health checker and counters carry on as if nothing happened.  Every other
 pool is new, and the previous runtime's pools that were not taken over are
 its I{retired} pools (L{Runtime.retiredFrom}), which the service stops and
-closes once their requests are done.
+closes once their requests are done.  The same goes for the HTTP cache's
+stores (L{Runtime.cacheStores}): taken over when C{[cache]} did not change,
+else retired (L{Runtime.retiredStoresFrom}) and closed once their writes
+are done.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ import edgeproxy.content  # noqa: F401  (compress, images)
 import edgeproxy.headers  # noqa: F401  (headers)
 import edgeproxy.pipeline.redirect  # noqa: F401  (redirect)
 import edgeproxy.security  # noqa: F401  (access, ratelimit, auth)
+from edgeproxy.cache.kind import storesOf
+from edgeproxy.cache.stores import CacheStores
 from edgeproxy.config.model import Config, Upstream
 from edgeproxy.headers.requestid import RequestIds
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
@@ -203,6 +208,20 @@ class Runtime:
         """
         mine = {id(pool) for pool in self.pools.values()}
         return [pool for pool in previous.pools.values() if id(pool) not in mine]
+
+    @property
+    def cacheStores(self) -> CacheStores | None:
+        """The HTTP cache's stores, when a route caches."""
+        return storesOf(self.pipelines)
+
+    def retiredStoresFrom(self, previous: Runtime) -> list[CacheStores]:
+        """
+        The cache stores of C{previous} that this runtime did not take
+        over: what the service closes after a reload, once their writes
+        are done.
+        """
+        old = previous.cacheStores
+        return [] if old is None or old is self.cacheStores else [old]
 
     def stop(self) -> None:
         """Stop the background work of every pool (see L{stopPool})."""

@@ -18,7 +18,7 @@ import pytest
 
 from edgeproxy.cache.operate import relayFromWorker
 from edgeproxy.cache.stores import setRelay
-from edgeproxy.config.stagemodel import CacheSettings, ErrorPage, ErrorPages, RouteCache
+from edgeproxy.config.stagemodel import CacheSettings, ErrorPage, ErrorPages
 from edgeproxy.errors import BackendUnavailable, UpstreamTimeout
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.testing import RecordingClient, makeRequest

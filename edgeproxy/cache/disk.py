@@ -53,7 +53,14 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from edgeproxy.cache.blocking import Blocking
-from edgeproxy.cache.diskindex import connect, doom, insertRow, transaction
+from edgeproxy.cache.diskindex import (
+    closeConnections,
+    connect,
+    doom,
+    insertRow,
+    openConnections,
+    transaction,
+)
 from edgeproxy.cache.diskobjects import DiskWriter, objectHeader, unlinkDoomed
 from edgeproxy.cache.diskrecover import recoverDirectory
 from edgeproxy.cache.entry import Entry, Variants, decodeMeta, encodeMeta
@@ -83,6 +90,9 @@ class DiskTier:
         counted.
     @ivar clock: the time of uses (the eviction order) and of problems.
     @ivar blocking: where what blocks runs (L{Blocking}).
+    @ivar holders: the stores using the tier (a reload whose C{[cache]}
+        changed but kept C{disk} hands it to the new stores, L{retain}); it
+        is closed when the last lets go (L{close}).
     """
 
     def __init__(
@@ -105,6 +115,8 @@ class DiskTier:
         self._touchTimer: Any = None
         self._problemLogged = 0.0
         self._serial = 0
+        self.holders = 1
+        self.closed = False
         for sub in ("objects", "tmp"):
             os.makedirs(os.path.join(directory, sub), exist_ok=True)
         self._indexPath = os.path.join(directory, "index.sqlite")
@@ -126,6 +138,7 @@ class DiskTier:
                     pass
             self._db = connect(self._indexPath)
         self._locks = os.open(os.path.join(directory, "locks"), os.O_RDWR | os.O_CREAT, 0o600)
+        openConnections(directory)
         self.recovered: Deferred[Any] = succeed(None)
         if recover:
             self.recovered = blocking.run(recoverDirectory, directory)
@@ -197,6 +210,8 @@ class DiskTier:
 
     def touch(self, key: bytes) -> None:
         """Record a use (written within L{TOUCH_DELAY}, in one batch)."""
+        if self.closed:
+            return
         self._touched[key] = self.clock.seconds()
         if self._touchTimer is None:
             self._touchTimer = self.clock.callLater(TOUCH_DELAY, self.flushTouches)
@@ -378,7 +393,12 @@ class DiskTier:
         Take the cross-process lock of C{key}'s slot without waiting: the
         process holding it is fetching that key for everyone.  Released by
         L{unlock}, or by the kernel when the process dies.
+
+        @raise OSError: the C{locks} file cannot be locked (or the tier is
+            closed): the caller collapses in this process only.
         """
+        if self._locks < 0:
+            raise OSError(errno.EBADF, "the cache disk tier is closed")
         slot = int.from_bytes(hashlib.sha256(key).digest()[:4], "big") % LOCK_SLOTS
         try:
             fcntl.lockf(self._locks, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
@@ -389,6 +409,8 @@ class DiskTier:
         return True
 
     def unlock(self, key: bytes) -> None:
+        if self._locks < 0:
+            return
         slot = int.from_bytes(hashlib.sha256(key).digest()[:4], "big") % LOCK_SLOTS
         try:
             fcntl.lockf(self._locks, fcntl.LOCK_UN, 1, slot)
@@ -405,18 +427,45 @@ class DiskTier:
             return 0, 0
         return int(row[0]), int(row[1])
 
+    def retain(self, capacity: int, maxObject: int) -> None:
+        """
+        One more holder (stores made by a reload that kept C{disk}), whose
+        C{disk_size} and C{max_object_size} apply from now on: the
+        directory is opened once per process, however many runtimes use it
+        (closing a second descriptor of C{locks} would drop this process's
+        locks taken through the first).
+        """
+        self.holders += 1
+        self.capacity = capacity
+        self.maxObject = min(maxObject, capacity)
+
     def close(self) -> None:
+        """
+        A holder lets go; the last one closes the tier: the uses still
+        batched are written, the index and the C{locks} file closed.  What
+        is asked of it afterwards (a request of a retired runtime that
+        outlived its C{shutdown_timeout}) is a miss, quietly.
+        """
+        self.holders -= 1
+        if self.holders > 0 or self.closed:
+            return
         if self._touchTimer is not None and self._touchTimer.active():
             self._touchTimer.cancel()
+        self._touchTimer = None
         self.flushTouches()
+        self.closed = True
         self._db.close()
+        closeConnections(self.directory)
+        locks, self._locks = self._locks, -1
         try:
-            os.close(self._locks)
+            os.close(locks)
         except OSError:
             pass
 
     def problem(self, what: str, error: Exception) -> None:
         """Log that C{what} failed (the request goes on without the tier)."""
+        if self.closed:
+            return
         # At most one line a minute: a full disk or a locked index would
         # otherwise write one per request.
         now = self.clock.seconds()

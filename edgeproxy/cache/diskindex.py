@@ -5,7 +5,8 @@ its directory.
 
 This module owns the schema (key -> file, size, last use, metadata; tags;
 the totals, kept by triggers; the doomed files), how a connection to it is
-opened (WAL, a short busy timeout; one per thread, L{threadConnection}),
+opened (WAL, a short busy timeout; those of the threads kept in a pool per
+directory, L{indexConnection}, closed with the tier, L{closeConnections}),
 L{transaction}, and entering an object (L{insertRow}) with the eviction of
 the least recently used past the tier's size.
 
@@ -32,6 +33,8 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from edgeproxy.cache.entry import Entry, Variants, encodeMeta
@@ -188,26 +191,66 @@ def _evict(db: sqlite3.Connection, capacity: int) -> tuple[list[str], int]:
     return files, evicted
 
 
-_local = threading.local()
+_pools: dict[str, list[Any]] = {}
+"""Directory -> [tiers open on it, idle (inode, connection) pairs]."""
+_poolsLock = threading.Lock()
 
 
-def threadConnection(directory: str) -> sqlite3.Connection:
+def openConnections(directory: str) -> None:
+    """A tier opened C{directory}: its threads' connections are pooled
+    until L{closeConnections}."""
+    with _poolsLock:
+        _pools.setdefault(directory, [0, []])[0] += 1
+
+
+def closeConnections(directory: str) -> None:
+    """A tier on C{directory} closed: with the last one, so are the idle
+    connections (one in use is closed when it is given back)."""
+    with _poolsLock:
+        pool = _pools.get(directory)
+        if pool is None:
+            return
+        pool[0] -= 1
+        if pool[0] > 0:
+            return
+        del _pools[directory]
+    for _, db in pool[1]:
+        db.close()
+
+
+@contextmanager
+def indexConnection(directory: str) -> Iterator[sqlite3.Connection]:
     """
-    The index connection of the calling thread (one per thread and index
-    file: a connection is never shared between threads, and one to an
-    index since moved aside is not used again).
+    A connection to the index of C{directory} for the calling thread's
+    work, taken from the pool of idle ones (opened when there is none) and
+    given back afterwards: a connection is used by one thread at a time,
+    and one to an index since moved aside is not used again.  Without an
+    open tier on the directory, it is closed after use.
     """
-    connections: dict[str, tuple[int, sqlite3.Connection]] | None = getattr(_local, "connections", None)
-    if connections is None:
-        connections = _local.connections = {}
     path = os.path.join(directory, "index.sqlite")
     inode = os.stat(path).st_ino
-    found = connections.get(directory)
-    if found is not None and found[0] == inode:
-        return found[1]
-    if found is not None:
-        found[1].close()
-    db = connect(path)
-    connections[directory] = (inode, db)
-    return db
-
+    db = None
+    stale = []
+    with _poolsLock:
+        pool = _pools.get(directory)
+        idle = [] if pool is None else pool[1]
+        while idle and db is None:
+            known, candidate = idle.pop()
+            if known == inode:
+                db = candidate
+            else:
+                stale.append(candidate)
+    for old in stale:
+        old.close()
+    if db is None:
+        db = connect(path)
+    try:
+        yield db
+    finally:
+        with _poolsLock:
+            pool = _pools.get(directory)
+            if pool is not None:
+                pool[1].append((inode, db))
+                db = None
+        if db is not None:
+            db.close()

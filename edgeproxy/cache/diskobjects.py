@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 
 from edgeproxy.cache.blocking import Blocking
-from edgeproxy.cache.diskindex import insertRow, threadConnection, transaction
+from edgeproxy.cache.diskindex import indexConnection, insertRow, transaction
 from edgeproxy.cache.entry import Entry, Variants, decodeMeta, encodeMeta
 from edgeproxy.collectors import CacheCounters
 
@@ -195,8 +195,7 @@ def unlinkDoomed(directory: str, files: list[str]) -> None:
     crash before the second step leaves names the start-up check clears.
     """
     unlinkAll([os.path.join(directory, file) for file in files])
-    db = threadConnection(directory)
-    with transaction(db):
+    with indexConnection(directory) as db, transaction(db):
         db.executemany("DELETE FROM doomed WHERE file = ?", [(file,) for file in files])
 
 
@@ -227,7 +226,8 @@ def _commit(
     os.makedirs(os.path.dirname(final), exist_ok=True)
     os.rename(temporary, final)
     try:
-        return insertRow(threadConnection(directory), entry, relative, offset, size, now, capacity)
+        with indexConnection(directory) as db:
+            return insertRow(db, entry, relative, offset, size, now, capacity)
     except sqlite3.Error:
         unlinkAll([final])
         raise

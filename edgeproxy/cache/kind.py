@@ -8,8 +8,11 @@ The stores are made once per runtime, for its first route that caches,
 and kept in the build's shared context; a runtime replacing another takes
 the previous one's stores over when C{[cache]} is the same (its memory
 tier, the open disk tier, the fetches in flight).  A changed C{[cache]}
-makes new stores: a changed C{disk} path opens the new directory and
-leaves the old one as it is.
+makes new stores, which take the open disk tier over when C{disk} is the
+same path; a changed C{disk} path opens the new directory and leaves the
+old one as it is.  The stores a runtime no longer uses are closed by the
+service that retires it (L{edgeproxy.runtime.Runtime.retiredStoresFrom});
+those of a build that failed, by L{CacheKind.abandon}.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class CacheKind:
                     blocking = ThreadBlocking(clock) if hasattr(clock, "getThreadPool") else InlineBlocking()
                 try:
                     stores = CacheStores(
-                        settings, clock, blocking, counters=None if metrics is None else metrics.cache
+                        settings, clock, blocking, counters=None if metrics is None else metrics.cache,
+                        previous=old,
                     )
                 except (OSError, sqlite3.Error) as e:
                     file, line = (None, None) if config.source is None else config.source.where("cache", "disk")
@@ -85,6 +89,13 @@ class CacheKind:
                     ) from None
             shared[STORES] = stores
         return CacheStage(route, settings, stores, clock)
+
+    def abandon(self, context: Mapping[str, Any]) -> None:
+        """A build that made stores failed: close them (unless they are
+        the previous runtime's, handed over)."""
+        stores = context.get(STORES)
+        if stores is not None and stores is not storesOf(context.get("previous")):
+            stores.close()
 
 
 registerKind(CacheKind())

@@ -3,7 +3,11 @@
 L{CacheStores}: what every route's cache stage of a runtime shares: the
 memory tier (this process), the disk tier (all processes), the collapsing
 table, and the counters.  A reload whose C{[cache]} did not change hands
-the same object to the new runtime (L{edgeproxy.cache.kind}).
+the same object to the new runtime (L{edgeproxy.cache.kind}); one that
+changed it but kept C{disk} hands the open disk tier to the new stores.
+Stores a runtime no longer uses are closed (L{CacheStores.close}) once
+their writes are done (L{CacheStores.inFlight}): by the service when it
+retires a runtime, and at stop.
 
 A lookup tries memory, then disk; a small object found on disk is read
 and kept in memory too.  L{StoreWriter} stores a response as its body
@@ -23,8 +27,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from edgeproxy.cache.collapse import CollapseTable
 from edgeproxy.cache.blocking import Blocking
+from edgeproxy.cache.collapse import CollapseTable
 from edgeproxy.cache.disk import DiskTier
 from edgeproxy.cache.diskobjects import DiskWriter
 from edgeproxy.cache.entry import Entry, Variants
@@ -84,26 +88,38 @@ class CacheStores:
         clock: Any,
         blocking: Blocking,
         counters: CacheCounters | None = None,
+        previous: CacheStores | None = None,
     ) -> None:
+        """
+        @param previous: the stores these replace (a reload): their disk
+            tier is taken over when it is the same directory.
+        """
         self.settings = settings
         self.clock = clock
         self.counters = counters if counters is not None else CacheCounters()
         self.memory = (
             MemoryTier(settings.memory, settings.max_object_size, self.counters) if settings.memory else None
         )
-        self.disk = (
-            DiskTier(
+        old = None if previous is None else previous.disk
+        self.disk: DiskTier | None
+        if settings.disk is None:
+            self.disk = None
+        elif old is not None and not old.closed and old.directory == settings.disk:
+            old.retain(settings.disk_size, settings.max_object_size)
+            self.disk = old
+        else:
+            self.disk = DiskTier(
                 settings.disk, settings.disk_size, settings.max_object_size, clock, blocking,
                 counters=self.counters,
             )
-            if settings.disk is not None
-            else None
-        )
         self.collapsing = CollapseTable(clock, settings.collapse_timeout, self.disk)
         self.buffered = 0
         """Bytes held by writers for the memory tier (responses still
         arriving): bounded by half the tier, so that many large misses at
         once cannot hold more than the tier itself."""
+        self.writing = 0
+        """Writers not done yet (L{StoreWriter})."""
+        self.closed = False
         self._failed: dict[bytes, float] = {}
 
     # Lookups ---------------------------------------------------------------
@@ -271,7 +287,17 @@ class CacheStores:
         document["collapsing"] = len(self.collapsing)
         return document
 
+    def inFlight(self) -> int:
+        """Writes and fetches not over yet: retired stores are closed when
+        this is 0."""
+        return self.writing + len(self.collapsing)
+
     def close(self) -> None:
+        """Let go of the disk tier (closed with its last holder, the uses
+        batched written first); idempotent."""
+        if self.closed:
+            return
+        self.closed = True
         if self.disk is not None:
             self.disk.close()
 
@@ -306,6 +332,7 @@ class StoreWriter:
         self._disk = disk
         self._done: Callable[[Entry | None], None] | None = done
         self._over = False
+        stores.writing += 1
 
     def write(self, data: bytes) -> bool:
         if self._over:
@@ -379,5 +406,6 @@ class StoreWriter:
     def _report(self, result: Entry | None) -> None:
         done, self._done = self._done, None
         if done is not None:
+            self._stores.writing -= 1
             done(result)
 

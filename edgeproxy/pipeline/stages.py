@@ -70,6 +70,9 @@ class StageKind(Protocol):
         @param previous: this kind's stage of the same route in the
             runtime being replaced, to take its state over when the
             settings are the same.
+
+        A kind that keeps in C{context} what must be let go of (open
+        files) also has C{abandon(context)}, called when the build fails.
         """
 
 
@@ -114,6 +117,22 @@ def buildPipelines(
     @param previous: the pipelines of the runtime being replaced.
     """
     shared = {"pools": pools, "previous": previous or {}, **(context or {})}
+    try:
+        return _build(config, pools, previous, shared)
+    except BaseException:
+        for kind in _KINDS.values():
+            abandon = getattr(kind, "abandon", None)
+            if abandon is not None:
+                abandon(shared)
+        raise
+
+
+def _build(
+    config: Config,
+    pools: Mapping[str, Any],
+    previous: Mapping[str, RoutePipeline] | None,
+    shared: dict[str, Any],
+) -> dict[str, RoutePipeline]:
     pipelines = {}
     for route in config.routes:
         before = previous.get(route.name) if previous else None

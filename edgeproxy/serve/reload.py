@@ -13,9 +13,11 @@ pools the new runtime did not take over.
   - L{accessLogFor}, L{storeFor}: the access log and the certificates of
     the new configuration, built (L{storeFor} swaps the certificates in
     the current store only as its last step, when every file is good);
-  - L{discard}: the pools of a runtime that will not be served;
+  - L{discard}: the pools (and cache stores) of a runtime that will not
+    be served;
   - L{RetiringPools}: pools of a replaced runtime, stopped at once and
-    closed once their last request is done (or at C{shutdown_timeout}).
+    closed once their last request is done (or at C{shutdown_timeout});
+    its cache stores too, closed once their writes are done.
 
 The swap itself, rebinding the service's attributes, is the service's.
 """
@@ -31,6 +33,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from edgeproxy.accesslog import AccessLog
+from edgeproxy.cache.stores import CacheStores
 from edgeproxy.config.model import Config, ProxySettings
 from edgeproxy.errors import EdgeProxyError
 from edgeproxy.runtime import Runtime, poolInFlight, stopPool
@@ -157,25 +160,31 @@ def storeFor(
     return store, store.reload(config.tls)
 
 
-def discard(runtime: Runtime) -> None:
+def discard(runtime: Runtime, serving: Runtime | None = None) -> None:
     """Close the pools of a runtime that will not be served, except those
-    it took over from the one that is."""
+    it took over from the one that is (C{serving}), and its cache stores
+    unless they are C{serving}'s."""
     for name, pool in runtime.pools.items():
         if name not in runtime.inherited:
             pool.close()
+    stores = runtime.cacheStores
+    if stores is not None and (serving is None or stores is not serving.cacheStores):
+        stores.close()
 
 
 class RetiringPools:
     """
     The pools of replaced runtimes: stopped at once (no new request, no
     health check), closed once their requests in flight are done, or after
-    C{timeout} seconds.
+    C{timeout} seconds.  Their cache stores (L{retireStores}) likewise,
+    once their writes are done.
     """
 
     def __init__(self, clock: Any, log: Logger) -> None:
         self._clock = clock
         self._log = log
         self._waiting: dict[Deferred[None], UpstreamPool] = {}
+        self._stores: dict[Deferred[None], CacheStores] = {}
 
     def retire(self, pools: list[UpstreamPool], timeout: float) -> None:
         for pool in pools:
@@ -183,6 +192,34 @@ class RetiringPools:
             closing = Deferred.fromCoroutine(self._closeWhenDone(pool, timeout))
             self._waiting[closing] = pool
             closing.addBoth(lambda _, closing=closing: self._waiting.pop(closing, None))
+
+    def retireStores(self, stores: list[CacheStores], timeout: float) -> None:
+        for retired in stores:
+            closing = Deferred.fromCoroutine(self._closeStoresWhenDone(retired, timeout))
+            self._stores[closing] = retired
+            closing.addBoth(lambda _, closing=closing: self._stores.pop(closing, None))
+
+    def takeStores(self) -> list[CacheStores]:
+        """Stop waiting: the stores still open, for the caller to close (at
+        stop, with the current ones)."""
+        stores = []
+        for closing, retired in list(self._stores.items()):
+            closing.cancel()
+            stores.append(retired)
+        return stores
+
+    async def _closeStoresWhenDone(self, stores: CacheStores, timeout: float) -> None:
+        clock = self._clock
+        deadline = clock.seconds() + timeout
+        try:
+            while stores.inFlight() > 0 and clock.seconds() < deadline:
+                await deferLater(clock, RETIRE_POLL_INTERVAL)
+        except CancelledError:
+            return
+        try:
+            stores.close()
+        except Exception:
+            self._log.failure("Closing the cache stores of the previous configuration failed")
 
     def takeAll(self) -> list[UpstreamPool]:
         """Stop waiting: the pools still open, for the caller to close (at

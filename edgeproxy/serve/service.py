@@ -449,12 +449,12 @@ class EdgeService(MultiService):
                 self.config.proxy, config.proxy, self.accessLog, reactor, stdout=self._accessLogStream
             )
         except BaseException:
-            discard(runtime)
+            discard(runtime, self.runtime)
             raise
         try:
             store, certificates = storeFor(config, self.store, reactor)
         except BaseException:
-            discard(runtime)
+            discard(runtime, self.runtime)
             if not reopen and accessLog is not None:
                 accessLog.close()
             raise
@@ -498,6 +498,7 @@ class EdgeService(MultiService):
             # pool (its backends keep their initial state).
             log.failure("Starting the upstream pools of the new configuration failed")
         self._retiring.retire(runtime.retiredFrom(previous), config.proxy.shutdown_timeout)
+        self._retiring.retireStores(runtime.retiredStoresFrom(previous), config.proxy.shutdown_timeout)
         log.info(
             "Reloaded {path}: {routes} route(s), {upstreams} upstream(s)"
             " ({kept} kept with their connections)",
@@ -552,6 +553,13 @@ class EdgeService(MultiService):
         # waiting for their last requests.
         pools = list(self.runtime.pools.values()) + self._retiring.takeAll()
         await closePools(reactor, pools)
+        # The cache's stores, the same way: the uses batched are written.
+        current = self.runtime.cacheStores
+        for stores in ([] if current is None else [current]) + self._retiring.takeStores():
+            try:
+                stores.close()
+            except Exception:
+                log.failure("Closing the cache stores failed")
         # Last: /status and /metrics show the drain until it is over.
         await self.admin.stop()
         if self.accessLog is not None:

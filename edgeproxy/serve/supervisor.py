@@ -428,7 +428,7 @@ class Supervisor(MultiService):
         except (EdgeProxyError, OSError) as e:
             # The workers refuse the reload for the same reason.
             self.refusal = refusalStatus(refused(log, e, path), now)
-            discard(runtime)
+            discard(runtime, self.runtime)
             return False
         self.refusal = None
         logs.policy.configure(config.proxy.log_level, config.proxy.log_format)
@@ -440,6 +440,10 @@ class Supervisor(MultiService):
         for pool in runtime.retiredFrom(previous):
             stopPool(pool)
             pool.close()
+        # The supervisor serves no request: its cache stores (purges,
+        # /status) are closed at once.
+        for stores in runtime.retiredStoresFrom(previous):
+            stores.close()
         old, self.config = self.config, config
         if self.sockets.reload(old, config):
             self._socketsChanged = True
@@ -492,6 +496,9 @@ class Supervisor(MultiService):
         for pool in self.runtime.pools.values():
             stopPool(pool)
         await _within(reactor, self.runtime.close(), 2.0)
+        stores = self.runtime.cacheStores
+        if stores is not None:
+            stores.close()
         if self.exitCode == 0:
             self.signals.exitCleanly()
         log.info("Stopped")
