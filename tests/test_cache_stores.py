@@ -3,7 +3,9 @@ Tests for L{edgeproxy.cache.stores}: the stores a runtime's routes share,
 across the life of a service: a reload that changes C{[cache]} but keeps
 C{disk} hands the open disk tier over (the directory is not opened again),
 the stores a reload retires are closed (and those of a build that
-failed), and a stop writes the last uses still batched.  A real L{EdgeService} on a memory reactor, reloaded from
+failed), and a stop writes the last uses still batched; and how an object
+found on disk is copied into the memory tier without stalling the
+reactor's thread.  A real L{EdgeService} on a memory reactor, reloaded from
 real files; the open descriptors are the process's own (C{/proc/self/fd}).
 """
 
@@ -19,7 +21,8 @@ from twisted.logger import globalLogPublisher
 
 from edgeproxy.cache.blocking import InlineBlocking
 from edgeproxy.cache.kind import storesOf
-from edgeproxy.cache.stores import CacheStores
+from edgeproxy.cache.entry import Entry
+from edgeproxy.cache.stores import PROMOTE_INLINE, CacheStores
 from edgeproxy.config import load
 from edgeproxy.config.model import Config, ProxySettings, Route
 from edgeproxy.config.stagemodel import CacheSettings, RouteCache
@@ -28,6 +31,7 @@ from edgeproxy.serve.service import EdgeService
 from edgeproxy.systemd import Notifier
 from tests.memorypool import MemoryPool
 from tests.test_cache_disk import head
+from tests.test_cache_diskrecover import HeldBlocking
 from tests.test_cache_kind import UPSTREAM
 from tests.test_service import Reactor, result
 
@@ -204,3 +208,62 @@ def test_aFailedBuildClosesTheStoresItMade(tmp_path: Path) -> None:
             context={"reactor": Clock(), "blocking": InlineBlocking()},
         )
     assert under(tmp_path / "cache") == 0
+
+
+# Copying disk objects into memory --------------------------------------------------
+
+
+def onDisk(tmp_path: Path, body: bytes, key: bytes = b"http://a/x") -> tuple[CacheStores, HeldBlocking]:
+    """Stores (a new process: the memory tier empty) whose disk tier holds
+    C{body} under C{key}; their thread pool holds its work."""
+    blocking = HeldBlocking()
+    stores = CacheStores(CacheSettings(memory=64 * 2**20, disk=str(tmp_path / "cache")), Clock(), blocking)
+    assert stores.disk is not None and stores.memory is not None
+    writer = stores.disk.writer(head(key))
+    assert writer is not None
+    writer.write(body)
+    writer.finish(head(key))
+    blocking.runAll()
+    assert stores.memory.get(key) is None
+    return stores, blocking
+
+
+def test_aSmallDiskObjectIsCopiedIntoMemoryAtOnce(tmp_path: Path) -> None:
+    stores, blocking = onDisk(tmp_path, b"s" * PROMOTE_INLINE)
+    found = stores.lookup(b"http://a/x")
+    assert isinstance(found, Entry) and found.body == b"s" * PROMOTE_INLINE
+    assert blocking.work == []
+    assert stores.memory.get(b"http://a/x") is not None  # type: ignore[union-attr]
+
+
+def test_aLargerDiskObjectIsReadIntoMemoryInAThread(tmp_path: Path) -> None:
+    body = os.urandom(2 * 2**20)
+    stores, blocking = onDisk(tmp_path, body)
+    found = stores.lookup(b"http://a/x")
+    # This request streams it from its file; the reactor's thread has not
+    # read it.
+    assert isinstance(found, Entry) and found.body is None and found.path is not None
+    assert stores.memory.get(b"http://a/x") is None  # type: ignore[union-attr]
+    assert stores.lookup(b"http://a/x").body is None  # type: ignore[union-attr]
+    assert len(blocking.work) == 1  # one read, however many lookups meanwhile
+    blocking.runAll()
+    kept = stores.memory.get(b"http://a/x")  # type: ignore[union-attr]
+    assert isinstance(kept, Entry) and kept.body == body
+    assert stores.buffered == 0
+
+
+def test_aPurgeDuringTheReadWins(tmp_path: Path) -> None:
+    stores, blocking = onDisk(tmp_path, b"p" * (2 * PROMOTE_INLINE))
+    stores.lookup(b"http://a/x")
+    stores.purge("url", b"http://a/x", soft=False)
+    blocking.runAll()
+    assert stores.lookup(b"http://a/x") is None
+
+
+def test_aSoftPurgeDuringTheReadWins(tmp_path: Path) -> None:
+    stores, blocking = onDisk(tmp_path, b"p" * (2 * PROMOTE_INLINE))
+    stores.lookup(b"http://a/x")
+    stores.purge("url", b"http://a/x", soft=True)
+    blocking.runAll()
+    kept = stores.memory.get(b"http://a/x")  # type: ignore[union-attr]
+    assert isinstance(kept, Entry) and kept.policy.lifetime == 0.0

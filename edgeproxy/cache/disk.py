@@ -61,7 +61,7 @@ from edgeproxy.cache.diskindex import (
     openConnections,
     transaction,
 )
-from edgeproxy.cache.diskobjects import DiskWriter, objectHeader, unlinkDoomed
+from edgeproxy.cache.diskobjects import DiskWriter, objectHeader, readWhole, unlinkDoomed
 from edgeproxy.cache.diskrecover import recoverDirectory
 from edgeproxy.cache.entry import Entry, Variants, decodeMeta, encodeMeta
 from edgeproxy.collectors import CacheCounters
@@ -171,25 +171,29 @@ class DiskTier:
 
     def readBody(self, entry: Entry) -> bytes | None:
         """
-        The whole body of a disk entry (for small ones, promoted to
-        memory), or L{None} when its file is gone (replaced or evicted by
-        another process meanwhile; its index row goes when it still names
-        that file).
+        The whole body of a disk entry, read now (a small one: this blocks
+        the caller), or L{None} when its file is gone (replaced or evicted
+        by another process meanwhile; its index row goes when it still
+        names that file).
         """
         assert entry.path is not None
-        try:
-            fd = os.open(entry.path, os.O_RDONLY)
-        except FileNotFoundError:
+        data = readWhole(entry.path, entry.offset, entry.length)
+        if data is None:
             self._forgetFile(entry.key, entry.path)
-            return None
-        try:
-            data = os.pread(fd, entry.length, entry.offset)
-        finally:
-            os.close(fd)
-        if len(data) != entry.length:
-            self._forgetFile(entry.key, entry.path)
-            return None
         return data
+
+    def readBodyLater(self, entry: Entry) -> Deferred[bytes | None]:
+        """L{readBody} in a thread (a larger body, which would stall the
+        reactor's thread)."""
+        assert entry.path is not None
+        path = entry.path
+
+        def read(data: bytes | None) -> bytes | None:
+            if data is None:
+                self._forgetFile(entry.key, path)
+            return data
+
+        return self.blocking.run(readWhole, path, entry.offset, entry.length).addCallback(read)
 
     def open(self, entry: Entry) -> int | None:
         """A file descriptor on an entry's file (to stream its body), or

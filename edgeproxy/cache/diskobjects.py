@@ -179,6 +179,20 @@ class DiskWriter:
         return done.addCallbacks(committed, failed)
 
 
+def readWhole(path: str, offset: int, length: int) -> bytes | None:
+    """The C{length} bytes of a file's body at C{offset}, or L{None} when
+    the file is gone or shorter (replaced or evicted meanwhile)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    return data if len(data) == length else None
+
+
 def unlinkAll(paths: list[str]) -> None:
     """Remove these files (those already gone are not missed)."""
     for path in paths:

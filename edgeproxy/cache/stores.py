@@ -9,8 +9,11 @@ Stores a runtime no longer uses are closed (L{CacheStores.close}) once
 their writes are done (L{CacheStores.inFlight}): by the service when it
 retires a runtime, and at stop.
 
-A lookup tries memory, then disk; a small object found on disk is read
-and kept in memory too.  L{StoreWriter} stores a response as its body
+A lookup tries memory, then disk; an object found on disk that fits the
+memory tier is copied there: read at once when it is small
+(L{PROMOTE_INLINE}, no more than a piece of a streamed body), else read in
+a thread while this request streams it from its file, and kept if the
+index still has it as it was (not purged or replaced meanwhile).  L{StoreWriter} stores a response as its body
 passes (L{edgeproxy.cache.bodies.StoringBody}): in memory while it fits,
 on disk until C{max_object_size}.
 
@@ -28,6 +31,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from edgeproxy.cache.blocking import Blocking
+from edgeproxy.cache.bodies import PIECE
 from edgeproxy.cache.collapse import CollapseTable
 from edgeproxy.cache.disk import DiskTier
 from edgeproxy.cache.diskobjects import DiskWriter
@@ -36,11 +40,16 @@ from edgeproxy.cache.memory import MemoryTier
 from edgeproxy.collectors import CacheCounters
 from edgeproxy.config.stagemodel import CacheSettings
 
-__all__ = ["PURGE_KINDS", "CacheStores", "StoreWriter", "expired", "relay", "setRelay"]
+__all__ = ["PROMOTE_INLINE", "PURGE_KINDS", "CacheStores", "StoreWriter", "expired", "relay", "setRelay"]
 
 log = Logger()
 
 PURGE_KINDS = ("url", "prefix", "tag")
+
+PROMOTE_INLINE = PIECE
+"""Bytes of a body found on disk read at once, in the reactor's thread,
+to be kept in memory (a file body reads this much per piece anyway); a
+larger one is read in a thread."""
 
 ERROR_HOLD = 2.0
 """Seconds after a failed validation during which a stale entry that may
@@ -119,6 +128,7 @@ class CacheStores:
         once cannot hold more than the tier itself."""
         self.writing = 0
         """Writers not done yet (L{StoreWriter})."""
+        self._promoting: set[bytes] = set()
         self.closed = False
         self._failed: dict[bytes, float] = {}
 
@@ -149,12 +159,48 @@ class CacheStores:
             if isinstance(item, Variants):
                 memory.put(item)
             elif item.length + 4096 <= memory.maxObject:
+                if item.length > PROMOTE_INLINE:
+                    self._promote(item)
+                    return item
                 body = disk.readBody(item)
                 if body is None:
                     return None
                 item = item._replace(body=body, path=None)
                 memory.put(item)
         return item
+
+    def _promote(self, entry: Entry) -> None:
+        """
+        Copy a disk entry into the memory tier, read in a thread; the
+        bytes being read count in L{buffered}, whose bound they share.
+        """
+        memory = self.memory
+        disk = self.disk
+        assert memory is not None and disk is not None
+        key = entry.key
+        length = entry.length
+        if key in self._promoting or self.buffered + length > memory.capacity // 2:
+            return
+        self._promoting.add(key)
+        self.buffered += length
+
+        def read(body: bytes | None) -> None:
+            self._promoting.discard(key)
+            self.buffered -= length
+            if body is None or self.closed:
+                return
+            # Kept only as the index has it now: a purge, a soft purge, a
+            # 304 or a replacement meanwhile wins.
+            current = disk.get(key)
+            if isinstance(current, Entry) and current.path == entry.path and current.length == length:
+                memory.put(current._replace(body=body, path=None))
+
+        def failed(failure: Any) -> None:
+            self._promoting.discard(key)
+            self.buffered -= length
+            disk.problem("reading", failure.value)
+
+        disk.readBodyLater(entry).addCallbacks(read, failed)
 
     # Storing ---------------------------------------------------------------
 
