@@ -20,8 +20,8 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from edgeproxy.cache.blocking import InlineBlocking
-from edgeproxy.cache.kind import storesOf
 from edgeproxy.cache.entry import Entry
+from edgeproxy.cache.kind import storesOf
 from edgeproxy.cache.stores import PROMOTE_INLINE, CacheStores
 from edgeproxy.config import load
 from edgeproxy.config.model import Config, ProxySettings, Route

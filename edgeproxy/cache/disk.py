@@ -61,7 +61,12 @@ from edgeproxy.cache.diskindex import (
     openConnections,
     transaction,
 )
-from edgeproxy.cache.diskobjects import DiskWriter, objectHeader, readWhole, unlinkDoomed
+from edgeproxy.cache.diskobjects import (
+    DiskWriter,
+    objectHeader,
+    readWhole,
+    unlinkDoomed,
+)
 from edgeproxy.cache.diskrecover import recoverDirectory
 from edgeproxy.cache.entry import Entry, Variants, decodeMeta, encodeMeta
 from edgeproxy.collectors import CacheCounters
