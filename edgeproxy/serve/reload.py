@@ -197,7 +197,10 @@ class RetiringPools:
         for retired in stores:
             closing = Deferred.fromCoroutine(self._closeStoresWhenDone(retired, timeout))
             self._stores[closing] = retired
-            closing.addBoth(lambda _, closing=closing: self._stores.pop(closing, None))
+            closing.addBoth(self._storesClosed, closing)
+
+    def _storesClosed(self, result: object, closing: Deferred[None]) -> None:
+        self._stores.pop(closing, None)
 
     def takeStores(self) -> list[CacheStores]:
         """Stop waiting: the stores still open, for the caller to close (at
