@@ -82,10 +82,11 @@ def readCache(section: Section) -> CacheSettings:
 
 
 def _checkKeyPart(text: str) -> str:
-    value = syntax.checkHashKey(text)
-    if not value.startswith(("header:", "cookie:")):
+    kind, colon, _ = text.strip().partition(":")
+    # Before checkHashKey, whose message would offer client_ip and path.
+    if not colon or kind.strip().lower() not in ("header", "cookie"):
         raise ValueError(f"expected header:NAME or cookie:NAME, got {text!r}")
-    return value
+    return syntax.checkHashKey(text)
 
 
 def _cacheDirectory(section: Section, text: str) -> str:
