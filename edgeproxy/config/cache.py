@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 
 from edgeproxy.config import syntax
-from edgeproxy.config.stagemodel import CacheSettings, RouteCache
 from edgeproxy.config.section import Section
+from edgeproxy.config.stagemodel import CacheSettings, RouteCache
 
 __all__ = ["CACHE_KEYS", "ROUTE_CACHE_KEYS", "readCache", "readRouteCache"]
 
