@@ -10,7 +10,8 @@ of the test origin (L{tests.backends}, C{--origin}), everything on
     that is served: the next start removes the unfinished file and the
     next request fetches again;
   - a purge reaches the memory tier of every worker (the admin API's, and a
-    C{PURGE} request's through the supervisor);
+    C{PURGE} request's through the supervisor), and so does the
+    invalidation of a URL by a C{POST};
   - with the origin down, C{stale_if_error} serves what was stored.
 """
 
@@ -222,6 +223,26 @@ def test_crashInTheMiddleOfAWrite(tmp_path: Path, origin: Origin, notify: Notify
         proxy.stop()
 
 
+def storeInBothWorkers(port: int, target: str, origin: Origin, expected: int) -> None:
+    """Get C{target} until the origin was asked for it C{expected} times:
+    connections open at once land on both workers, and each worker's first
+    request for the URL is a miss of its own memory tier."""
+    path = target.split("?")[0]
+    for _ in range(50):
+        sockets = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+        try:
+            for sock in sockets:
+                sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            for sock in sockets:
+                assert readResponse(sock)[0] == 200
+        finally:
+            for sock in sockets:
+                sock.close()
+        if origin.requests(path) >= expected:
+            return
+    raise AssertionError("the connections never reached both workers")
+
+
 def test_purgeReachesEveryWorker(tmp_path: Path, origin: Origin, notify: NotifyReceiver) -> None:
     port = freePort()
     adminPort = freePort()
@@ -234,21 +255,7 @@ def test_purgeReachesEveryWorker(tmp_path: Path, origin: Origin, notify: NotifyR
     proxy = startTwistd(config, tmp_path, notify)
 
     def storedInBothWorkers(expected: int) -> None:
-        # Connections open at once land on both workers; each worker's
-        # first request for the URL is a miss of its own memory tier.
-        for _ in range(50):
-            sockets = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
-            try:
-                for sock in sockets:
-                    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
-                for sock in sockets:
-                    assert readResponse(sock)[0] == 200
-            finally:
-                for sock in sockets:
-                    sock.close()
-            if origin.requests("/cache/purged") >= expected:
-                return
-        raise AssertionError("the connections never reached both workers")
+        storeInBothWorkers(port, target, origin, expected)
 
     try:
         storedInBothWorkers(2)
@@ -268,6 +275,30 @@ def test_purgeReachesEveryWorker(tmp_path: Path, origin: Origin, notify: NotifyR
                 break
             time.sleep(0.1)
         assert answer["memory"] == 0, answer
+    finally:
+        proxy.stop()
+
+
+def test_invalidationReachesEveryWorker(tmp_path: Path, origin: Origin, notify: NotifyReceiver) -> None:
+    """A POST answered 2xx by one worker removes the URL from the other
+    worker's memory tier too (RFC 9111 4.4, relayed by the supervisor)."""
+    port = freePort()
+    adminPort = freePort()
+    config = writeConfig(tmp_path, origin, port, workers=2, admin=adminPort)
+    target = "/cache/posted?cc=max-age%3D600"
+    proxy = startTwistd(config, tmp_path, notify)
+    try:
+        storeInBothWorkers(port, target, origin, 2)
+        assert get(port, target, method="POST")[0] == 200
+        prefix = "prefix=" + quote(f"http://127.0.0.1:{port}/cache/", safe="")
+        deadline = time.monotonic() + 5
+        while True:
+            # Soft: counts what is left in the memory tiers, removes nothing.
+            answer = adminPurge(adminPort, prefix + "&soft=1")
+            if answer["memory"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert answer["memory"] == 0 and answer["disk"] == 0, answer
     finally:
         proxy.stop()
 
