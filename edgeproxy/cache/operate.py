@@ -5,13 +5,13 @@ What operators see of the cache and do to it: the C{cache} of C{/status}
 C{/metrics} (L{samples}), and purges (L{adminPurge} for C{POST
 /cache/purge}, L{purgeHere} for the control channel).
 
-With C{workers = N} a purge reaches every process: the admin listener
-lives in the supervisor, which purges the disk tier (shared) once and asks
-every worker to purge its memory tier; a C{PURGE} request served by a
-worker, and an invalidation after an unsafe method (RFC 9111 4.4), purge
-both tiers there and are relayed (L{setRelay}: the worker's control
-channel) through the supervisor to the other workers' memory tiers.  The messages (C{cache-purge}, C{cache-purged}) are in
-L{edgeproxy.workers}.
+With C{workers = N} a purge reaches every process: the admin listener lives
+in the supervisor, which purges the disk tier (shared) once and asks every
+worker to purge its memory tier; a C{PURGE} request served by a worker, and
+an invalidation after an unsafe method (RFC 9111 4.4), purge both tiers
+there and are relayed (L{setRelay}: the worker's control channel) through
+the supervisor to the other workers' memory tiers.  The messages
+(C{cache-purge}, C{cache-purged}) are in L{edgeproxy.workers}.
 """
 
 from __future__ import annotations

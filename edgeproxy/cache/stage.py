@@ -235,7 +235,8 @@ class CacheStage:
             reason = b"vary-miss"
         if item is None:
             if directives is not None and directives.onlyIfCached:
-                call.fail(marked(NotCached("only-if-cached and nothing stored"), self.status.own(b"only-if-cached")))
+                error = NotCached("only-if-cached and nothing stored")
+                call.fail(marked(error, self.status.own(b"only-if-cached")))
                 return
             self._miss(call, primary, key, url, directives, reason, collapse, collapsed, deadline, attempts)
             return

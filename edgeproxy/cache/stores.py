@@ -12,10 +12,11 @@ retires a runtime, and at stop.
 A lookup tries memory, then disk; an object found on disk that fits the
 memory tier is copied there: read at once when it is small
 (L{PROMOTE_INLINE}, no more than a piece of a streamed body), else read in
-a thread while this request streams it from its file, and kept if the
-index still has it as it was (not purged or replaced meanwhile).  L{StoreWriter} stores a response as its body
-passes (L{edgeproxy.cache.bodies.StoringBody}): in memory while it fits,
-on disk until C{max_object_size}.
+a thread while this request streams it from its file, and kept if the index
+still has it as it was (not purged or replaced meanwhile).  L{StoreWriter}
+stores a response as its body passes
+(L{edgeproxy.cache.bodies.StoringBody}): in memory while it fits, on disk
+until C{max_object_size}.
 
 Purges (L{CacheStores.purge}) remove, or mark stale (C{soft}), every
 object of a URL (all its variants), of a URL prefix, or of a tag, in both
