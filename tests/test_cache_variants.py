@@ -170,3 +170,29 @@ def test_anOriginalKeptBecauseItIsSmallerIsStored() -> None:
     code, fields, body = site.one(site.get(b"/small.jpg", headers=[(b"Accept", FIREFOX)]))
     assert body == small and status(fields).startswith("edgeproxy; hit")
     assert len(site.sent) == 1
+
+
+def test_variantsOfAFieldAsWrittenAreBounded() -> None:
+    """
+    A response varying on a field no stage chooses on (here C{Accept}, no
+    image stage) is keyed on the field as the client wrote it: past
+    C{MAX_VARIANTS} copies of one URL, a new spelling is answered but not
+    stored, and the stored ones are still served.
+    """
+    from edgeproxy.cache.responses import MAX_VARIANTS
+
+    site = Site()
+    varying = FRESH + [(b"Content-Type", b"text/plain"), (b"Vary", b"Accept")]
+    for n in range(MAX_VARIANTS + 5):
+        request = site.get(headers=[(b"Accept", b"text/x-%d" % n)])
+        site.answer(site.sent[-1], fields=varying, body=b"%d" % n)
+        code, fields, body = site.one(request)
+        assert body == b"%d" % n
+        if n < MAX_VARIANTS:
+            assert "stored" in status(fields), (n, status(fields))
+        else:
+            assert "detail=too-many-variants" in status(fields), (n, status(fields))
+    assert len(site.sent) == MAX_VARIANTS + 5
+    code, fields, body = site.one(site.get(headers=[(b"Accept", b"text/x-0")]))
+    assert body == b"0" and status(fields).startswith("edgeproxy; hit")
+    assert len(site.sent) == MAX_VARIANTS + 5

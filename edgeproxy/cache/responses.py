@@ -66,6 +66,14 @@ NO_RESPONSE = b"no-response"
 status is the proxy's own (RFC 9211 2.3: without it, the absent
 C{fwd-status} would say the next hop answered so)."""
 
+MAX_VARIANTS = 32
+"""The variants of one URL stored at most when a response varies on a
+request field as the client wrote it (C{Vary: Accept} with no C{images}
+stage to choose, C{Vary: User-Agent}...): past it a new variant is passed
+on unstored (C{detail=too-many-variants}), so that clients writing a field
+in ever new ways cannot fill the store with copies of one URL.  The fields
+a stage chooses on are bounded by its choices and not counted."""
+
 SMALL_ERROR_BODY = 64 * 1024
 """A discarded response body up to this size is read to its end (its
 backend connection is kept); a larger one is stopped."""
@@ -290,29 +298,36 @@ class Fetching:
                     chosen = tuple(name for name in names if name in response.chosenOn and name in variants)
                     key = self.primary + secondaryKey(names, self.request, variants, chosen)
                     self.marker = Variants(self.primary, self.url, names, chosen)
-                head = Entry(
-                    key=key,
-                    url=self.url,
-                    status=status,
-                    reason=response.reason,
-                    fields=storedFields,
-                    length=-1,
-                    responseTime=now,
-                    initialAge=age,
-                    policy=verdict.policy,
-                    tags=tags or (),
-                    targeted=targeted or (),
-                )
-                writer = stores.writer(head, response.length if body is not None else 0, self._stored)
-                if writer is None:
-                    detail = b"too-large"
-                else:
-                    stored = True
-                    ttl = verdict.policy.lifetime - age
-                    if body is None:
-                        writer.finish()
+                    if len(chosen) < len(names):
+                        known = stores.keysForURL(self.url)
+                        # The marker is one of the URL's keys.
+                        if key not in known and len(known) > MAX_VARIANTS:
+                            detail = b"too-many-variants"
+                            self.marker = None
+                if not detail:
+                    head = Entry(
+                        key=key,
+                        url=self.url,
+                        status=status,
+                        reason=response.reason,
+                        fields=storedFields,
+                        length=-1,
+                        responseTime=now,
+                        initialAge=age,
+                        policy=verdict.policy,
+                        tags=tags or (),
+                        targeted=targeted or (),
+                    )
+                    writer = stores.writer(head, response.length if body is not None else 0, self._stored)
+                    if writer is None:
+                        detail = b"too-large"
                     else:
-                        body = StoringBody(body, writer)
+                        stored = True
+                        ttl = verdict.policy.lifetime - age
+                        if body is None:
+                            writer.finish()
+                        else:
+                            body = StoringBody(body, writer)
         if not stored:
             self.notStored()
         member = stage.status.forward(self.reason, status, stored=stored, ttl=ttl, detail=detail)

@@ -270,6 +270,14 @@ class CacheStores:
 
     # Purging ---------------------------------------------------------------
 
+    def keysForURL(self, url: bytes) -> set[bytes]:
+        """The keys stored for C{url} in either tier (its variants and marker)."""
+        keys: set[bytes] = set()
+        for tier in (self.memory, self.disk):
+            if tier is not None:
+                keys.update(tier.keysForURL(url))
+        return keys
+
     def purge(self, kind: str, value: bytes, soft: bool, tiers: tuple[str, ...] = ("memory", "disk")) -> dict[str, int]:
         """
         Remove (or, C{soft}, mark stale) every object of a URL, prefix or
