@@ -625,6 +625,8 @@ def test_burstOfStreamsInOneRead(readPath: str) -> None:
 def test_floodsEndWithEnhanceYourCalm() -> None:
     for make in (
         lambda: DataFrame(1),
+        # All padding, no data: as empty as the frame above.
+        lambda: DataFrame(1, pad_length=0, flags=["PADDED"]),
         lambda: PriorityFrame(3, depends_on=1),
         lambda: SettingsFrame(0),
         lambda: PingFrame(0, opaque_data=b"12345678"),

@@ -116,6 +116,35 @@ def test_floods() -> None:
         assert name in violation.why
 
 
+def test_paddedEmptyDataIsEmpty() -> None:
+    """
+    A DATA frame whose payload is all padding (its pad length byte, then
+    that many bytes) carries no data: it spends the empty DATA budget as
+    a frame of length 0 does.  One with a byte of data does not.
+    """
+    for padding in (0, 1, 200):
+        g = guard()
+        frame = DataFrame(1, data=b"", pad_length=padding, flags=["PADDED"]).serialize()
+        assert frame[9] == padding and len(frame) == 9 + 1 + padding
+        violation = g.scan(frame * 2000, 0.0)
+        assert violation is not None and violation.code == ENHANCE_YOUR_CALM, padding
+        assert "empty DATA" in violation.why
+    g = guard()
+    carrying = DataFrame(1, data=b"x", pad_length=0, flags=["PADDED"]).serialize()
+    assert g.scan(carrying * 2000, 0.0) is None
+
+
+def test_paddedEmptyDataSplitAfterItsPadLength() -> None:
+    """The pad length byte read in the frame header's read is enough."""
+    g = guard()
+    frame = DataFrame(1, data=b"", pad_length=10, flags=["PADDED"]).serialize()
+    spent = []
+    for _ in range(200):
+        spent.append(g.scan(frame[:10], 0.0))
+        spent.append(g.scan(frame[10:], 0.0))
+    assert any(v is not None and v.code == ENHANCE_YOUR_CALM for v in spent)
+
+
 def test_floodBudgetsRefill() -> None:
     """A steady, modest rate is never cut."""
     g = guard()

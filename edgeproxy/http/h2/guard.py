@@ -9,8 +9,9 @@ against.
     4.2), before any of its payload is held (the library reads the whole
     frame first).
   - Flood budgets: frames that make a server work without asking for
-    anything (empty C{DATA} without C{END_STREAM}, C{PRIORITY}, C{SETTINGS},
-    C{PING}, C{RST_STREAM}, extension frames), and streams refused or reset
+    anything (C{DATA} without C{END_STREAM} carrying no data, padding
+    aside; C{PRIORITY}, C{SETTINGS}, C{PING}, C{RST_STREAM}, extension
+    frames), and streams refused or reset
     before they were answered (Rapid Reset, CVE-2023-44487), spend tokens of
     a budget per kind that refills with time (C{RST_STREAM} also with each
     stream answered); a client that runs one out gets C{ENHANCE_YOUR_CALM}
@@ -53,6 +54,7 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 _END_STREAM = 0x1
 _ACK = 0x1
 _END_HEADERS = 0x4
+_PADDED = 0x8
 
 FRAME_SIZE_ERROR = 0x6
 ENHANCE_YOUR_CALM = 0xB
@@ -245,9 +247,15 @@ class FrameGuard:
             if kind > CONTINUATION:
                 violation = self.spend(EXTENSION_FRAMES, now)
             elif kind == DATA:
-                violation = (
-                    self.spend(EMPTY_DATA, now) if not length and not flags & _END_STREAM else None
-                )
+                violation = None
+                if not flags & _END_STREAM and (
+                    not length
+                    # RFC 9113 6.1: padding only (its length byte, then
+                    # that many bytes) is no data either; the length byte
+                    # is read when it came with the frame header.
+                    or (flags & _PADDED and pos < size and length == 1 + data[pos])
+                ):
+                    violation = self.spend(EMPTY_DATA, now)
             elif kind == HEADERS or kind == CONTINUATION:
                 violation = None
                 if kind == HEADERS:
