@@ -641,6 +641,65 @@ def test_floodsEndWithEnhanceYourCalm() -> None:
         assert pair.closed()
 
 
+def _failuresLogged() -> tuple[list[dict[str, Any]], Any]:
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    return failures, observe
+
+
+def test_priorityOnManyIdleStreams() -> None:
+    """
+    PRIORITY frames for 1,500 distinct idle streams in one read (what
+    made Twisted's priority tree raise): GOAWAY ENHANCE_YOUR_CALM, no
+    failure logged, nothing reaches a stage.
+    """
+    failures, observe = _failuresLogged()
+    try:
+        pair = Pair()
+        pair.send(
+            b"".join(PriorityFrame(stream, depends_on=0).serialize() for stream in range(3, 3003, 2))
+        )
+        frames = pair.frames()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert isinstance(frames[-1], GoAwayFrame) and frames[-1].error_code == ENHANCE_YOUR_CALM
+    assert pair.closed() and not pair.stage.requests
+    assert not failures, failures
+
+
+def test_priorityTrickleOnIdleStreamsKeepsNoState() -> None:
+    """
+    The same 1,500 idle streams named slowly, within the PRIORITY budget:
+    the connection keeps no stream for them (RFC 9113 5.3.2 makes
+    priority advisory; it is not acted on) and serves a request after.
+    """
+    failures, observe = _failuresLogged()
+    try:
+        pair = Pair()
+        answering(pair)
+        for first in range(3, 3003, 100):
+            pair.send(
+                b"".join(
+                    PriorityFrame(stream, depends_on=0).serialize() for stream in range(first, first + 100, 2)
+                )
+            )
+            pair.clock.advance(1)
+            assert not pair.closed()
+        assert len(pair.server._h2.streams) == 0 and not pair.frames()
+        pair.send(headersFrame(pair, 3003, request(b"/after")))
+        frames = pair.frames()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert [f.data for f in frames if isinstance(f, DataFrame)] == [b"hello"]
+    assert [r.path for r in pair.stage.requests] == [b"/after"]
+    assert not failures, failures
+
+
 def test_rapidResetNeverReachesTheStage() -> None:
     """
     Streams opened and reset in the same read never reach a stage; resets
