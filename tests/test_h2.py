@@ -765,6 +765,57 @@ def test_clientGoAwayCloses() -> None:
     assert pair.closed()
 
 
+def test_clientGoAwayLetsItsStreamsFinish(readPath: str) -> None:
+    """
+    A client's GOAWAY without error names the last stream the server
+    opened (RFC 9113 6.8; none, we push nothing): the client's own streams
+    in flight are answered, the frames before it in the same read too;
+    the server answers with its own GOAWAY naming the last stream it took,
+    refuses later ones, and closes once the others are done.
+    """
+    pair = Pair()
+    pair.stage.read = True
+    held = pair.get(request(b"/held"))
+    upload = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(upload, request(b"/up", b"POST"))
+    pair.client.send_data(upload, b"ab")
+    pair.pump()
+    # Raw frames from here: the client library takes nothing after its GOAWAY.
+    pair.send(
+        PingFrame(0, opaque_data=b"12345678").serialize()
+        + GoAwayFrame(0, last_stream_id=0, error_code=NO_ERROR).serialize()
+        + DataFrame(upload, data=b"cd", flags=["END_STREAM"]).serialize()
+        + headersFrame(pair, upload + 2, request(b"/late"))
+    )
+    frames = pair.frames()
+    assert isinstance(frames[0], PingFrame) and "ACK" in frames[0].flags
+    assert isinstance(frames[1], GoAwayFrame)
+    assert (frames[1].last_stream_id, frames[1].error_code) == (upload, NO_ERROR)
+    assert [f.data for f in frames if isinstance(f, DataFrame)] == [b"abcd"]
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [
+        (upload + 2, REFUSED_STREAM)
+    ]
+    assert not pair.closed()
+    pair.stage.held[0].respond(textResponse(200, b"done"))
+    frames = pair.frames()
+    assert [(f.stream_id, f.data) for f in frames if isinstance(f, DataFrame)] == [(held, b"done")]
+    assert pair.closed()
+    assert [r.path for r in pair.stage.requests] == [b"/held", b"/up"]
+    assert [call.status for call in pair.factory.accessLog.calls] == [200, 200]
+
+
+def test_clientGoAwayWithAnErrorCutsItsStreams() -> None:
+    """A GOAWAY with an error code ends the connection and its streams."""
+    pair = Pair()
+    pair.get(request(b"/held"))
+    pair.send(GoAwayFrame(0, last_stream_id=0, error_code=PROTOCOL_ERROR).serialize())
+    assert pair.closed()
+    pair.stage.held[0].respond(textResponse(200, b"late"))
+    assert [f for f in pair.frames() if isinstance(f, DataFrame)] == []
+    pair.lose(Failure(ConnectionDone()))
+    assert not pair.factory.inflight
+
+
 # Timers ---------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from hyperframe.frame import (
     DataFrame,
+    GoAwayFrame,
     HeadersFrame,
     PingFrame,
     PriorityFrame,
@@ -179,6 +180,29 @@ def test_cutsAfterEachBatchOfNewStreams() -> None:
     assert g.scan(data, 0.0) is None
     size = len(frames[0])
     assert g.cuts == [3 * size, 6 * size, 9 * size]
+
+
+def test_goAwayReadAlone() -> None:
+    """
+    A GOAWAY is cut out of its read (before and after it), however the
+    read is split, so that the library reads it alone (a read ending in
+    the first bytes of its header gives the library none of its frames).
+    """
+    ping = PingFrame(0, opaque_data=b"12345678").serialize()
+    goaway = GoAwayFrame(0, last_stream_id=0, error_code=0, additional_data=b"bye").serialize()
+    data = ping + goaway + ping
+    g = guard()
+    assert g.scan(data, 0.0) is None
+    assert g.cuts == [len(ping), len(ping) + len(goaway)]
+    for split in range(len(ping) + 1, len(ping) + len(goaway)):
+        g = guard()
+        g.scan(data[:split], 0.0)
+        assert g.cuts == (None if split < len(ping) + 9 else [len(ping)])
+        g.scan(data[split:], 0.0)
+        assert g.cuts == [len(ping) + len(goaway) - split]
+    g = guard()
+    g.scan(goaway, 0.0)
+    assert g.cuts is None
 
 
 def test_noCutForOldStreams() -> None:

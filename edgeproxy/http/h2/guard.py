@@ -20,6 +20,9 @@ against.
     C{batch}-th new stream of one read is a place to cut the read at, so
     that the connection can refuse streams past its limit before the
     library has built thousands of them from one read.
+  - Client GOAWAY: each C{GOAWAY} frame is cut out of the read (cuts at
+    its start and its end), so that the library reads it alone and the
+    connection can keep serving the streams in flight after it.
   - Header deadline: whether a frame (other than a C{DATA} payload) or a
     header block is incomplete, so that the connection can run its
     header deadline while it is.
@@ -175,6 +178,15 @@ class FrameGuard:
         burst = self._budgets[kind].burst
         self._tokens[kind] = min(burst, tokens)
 
+    def _cut(self, offset: int, size: int) -> None:
+        """Cut the read of C{size} bytes at C{offset} (once, and only inside it)."""
+        if 0 < offset < size:
+            cuts = self.cuts
+            if cuts is None:
+                self.cuts = [offset]
+            elif cuts[-1] != offset:
+                cuts.append(offset)
+
     def scan(self, data: bytes, now: float) -> Violation | None:
         """
         Look at the frame headers that complete in C{data}, the next bytes
@@ -204,6 +216,8 @@ class FrameGuard:
                 return None
             pos += left
             self._left = 0
+            if self._type == GOAWAY:
+                self._cut(pos, size)
             if not self.started:
                 self.started = True
         opened = 0
@@ -219,11 +233,13 @@ class FrameGuard:
                 self._head = b""
                 pos += need
                 high, low, kind, flags, stream = _HEADER.unpack(head)
+                start = 0
             elif size - pos < 9:
                 self._head = data[pos:]
                 return None
             else:
                 high, low, kind, flags, stream = _HEADER.unpack_from(data, pos)
+                start = pos
                 pos += 9
             length = (high << 16) | low
             if length > maxFrameSize:
@@ -268,10 +284,8 @@ class FrameGuard:
                     if self._blockNew:
                         self._blockNew = False
                         opened += 1
-                        if opened % self.batch == 0 and pos + length < size:
-                            if self.cuts is None:
-                                self.cuts = []
-                            self.cuts.append(pos + length)
+                        if opened % self.batch == 0:
+                            self._cut(pos + length, size)
                 else:
                     self._block = True
             elif kind == PRIORITY:
@@ -285,6 +299,9 @@ class FrameGuard:
                 violation = None if flags & _ACK else self.spend(PING_FRAMES, now)
             else:
                 violation = None
+                if kind == GOAWAY:
+                    self._cut(start, size)
+                    self._cut(pos + length, size)
             if violation is not None:
                 return violation
             if length > size - pos:
