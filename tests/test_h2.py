@@ -37,7 +37,7 @@ from edgeproxy.h1 import Fields
 from edgeproxy.http.h2 import connection as h2connection
 from edgeproxy.pipeline.forward import Forward
 from edgeproxy.pipeline.values import Response
-from tests.h2util import ROUTE, UPSTREAM, Body, Pair, request, textResponse
+from tests.h2util import ROUTE, UPSTREAM, Body, Pair, SendBuffer, request, textResponse
 
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR = 0x0, 0x1, 0x2
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0xB
@@ -427,6 +427,133 @@ def test_connectionBoundPausesEveryStream() -> None:
     assert not any(body.paused for body in bodies)
     for stream in streams:
         assert len(pair.response(stream)[1]) == 40 * 1024
+
+
+def _wideOpen(
+    settings: HTTP2Settings | None = None, limits: Limits | None = None, transport: Any = None
+) -> Pair:
+    """A pair whose client opened its windows as wide as they go."""
+    pair = Pair(
+        settings=settings,
+        limits=limits,
+        clientSettings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1},
+        transport=transport,
+    )
+    pair.client.increment_flow_control_window(2**31 - 1 - 65535)
+    pair.pump()
+    return pair
+
+
+def test_wholeResponsesWaitWhileTheConnectionIsOverItsBound(readPath: str) -> None:
+    """
+    A client that stops reading with its windows open, and 20 streams each
+    answered at once with a whole 4 MiB body (a cache hit): what the
+    connection holds stays within C{h2_connection_buffer} and one response
+    (the bodies after it wait, unstarted, in order, until half of it is
+    written) instead of growing by each of them.  Once the client reads,
+    every response arrives whole.
+    """
+    pair = _wideOpen()
+    body = b"w" * (4 << 20)
+    answering(pair, body)
+    pair.server.pauseProducing()  # what a full send buffer does
+    streams = []
+    for n in range(20):
+        stream = pair.client.get_next_available_stream_id()
+        pair.client.send_headers(stream, request(b"/%d" % n), end_stream=True)
+        streams.append(stream)
+        pair.pump()
+        assert pair.server.held <= (1 << 20) + len(body)
+    assert len(pair.stage.requests) == 20
+    pair.server.resumeProducing()
+    pair.pump()
+    for stream in streams:
+        headers, data, ended = pair.response(stream)
+        assert headers[b":status"] == b"200" and len(data) == len(body) and ended
+    assert pair.server.held == 0 and not pair.factory.inflight
+
+
+def test_resetsReleaseWhatTheConnectionWaitsFor() -> None:
+    """
+    The stream holding the connection past its bound is reset by the
+    client: what it held is dropped and the responses that waited start;
+    a waiting stream reset by the client is never started.
+    """
+    pair = _wideOpen()
+    big = b"w" * (4 << 20)
+    pair.stage.answer = lambda call: call.respond(
+        textResponse(200, big if call.request.path == b"/big" else call.request.path)
+    )
+    pair.server.pauseProducing()
+    first = pair.get(request(b"/big"))
+    waiting = pair.get(request(b"/waiting"))
+    gone = pair.get(request(b"/gone"))
+    assert pair.server.held == len(big)
+    assert pair.response(waiting)[0] == {} and pair.response(gone)[0] == {}
+    pair.client.reset_stream(gone, CANCEL)
+    pair.pump()
+    assert len(pair.factory.accessLog.calls) == 1
+    pair.client.reset_stream(first, CANCEL)
+    pair.pump()
+    assert pair.server.held == len(b"/waiting")
+    pair.server.resumeProducing()
+    pair.pump()
+    assert pair.response(waiting)[1:] == (b"/waiting", True)
+    assert pair.response(gone)[0] == {}
+    assert pair.server.held == 0 and not pair.factory.inflight
+
+
+def test_theTransportIsGivenABoundAtATime(readPath: str) -> None:
+    """
+    Whole 4 MiB responses, windows open, a client that does not read: the
+    bytes go to the transport a connection's bound at a time, so that its
+    buffer filling up pauses the writing; it never holds much more than its
+    own size and that bound.
+    """
+    transport = SendBuffer(64 * 1024)
+    pair = _wideOpen(transport=transport)
+    transport.clear()
+    body = b"w" * (4 << 20)
+    answering(pair, body)
+    for stream in range(1, 40, 2):
+        pair.client.send_headers(stream, request(b"/%d" % stream), end_stream=True)
+        pair.send(pair.client.data_to_send())
+        assert transport.most <= 64 * 1024 + (1 << 20) + 16384 + 1024
+        assert pair.server.held <= (1 << 20) + len(body)
+    assert len(pair.stage.requests) == 20
+    # The client reads it all.
+    transport.bufferSize = 1 << 40
+    transport.paused = False
+    pair.server.resumeProducing()
+    pair.pump()
+    received = {event.stream_id: 0 for event in pair.events if isinstance(event, h2.events.DataReceived)}
+    for event in pair.events:
+        if isinstance(event, h2.events.DataReceived):
+            received[event.stream_id] += len(event.data)
+    assert received == {stream: len(body) for stream in range(1, 40, 2)}
+
+
+def test_errorPagesWaitWhileTheConnectionIsOverItsBound() -> None:
+    """
+    Requests refused from their head (431) while the connection holds more
+    than its bound: their pages wait too, and go once the client reads.
+    """
+    pair = _wideOpen(limits=Limits(max_headers=10))
+    body = b"w" * (2 << 20)
+    answering(pair, body)
+    pair.server.pauseProducing()
+    big = pair.get(request(b"/big"))
+    held = pair.server.held
+    assert held > 1 << 20
+    refused = [pair.get(request(extra=[(b"x-%d" % n, b"v") for n in range(20)])) for _ in range(50)]
+    assert pair.server.held == held
+    pair.server.resumeProducing()
+    pair.pump()
+    assert len(pair.response(big)[1]) == len(body)
+    for stream in refused:
+        headers, data, ended = pair.response(stream)
+        assert headers[b":status"] == b"431" and data and ended
+    assert pair.server.held == 0
 
 
 def test_requestBodyPausedStreamWithholdsWindow() -> None:

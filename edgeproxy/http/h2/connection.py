@@ -27,7 +27,8 @@ per answer outside a read.  Response bodies are written as the client's
 windows and the socket allow; what waits is held per stream, and the
 body's source is paused when a stream holds more than
 C{h2_stream_buffer} bytes or the connection more than
-C{h2_connection_buffer}, and resumed when half of that is gone.  This
+C{h2_connection_buffer}, and resumed when half of that is gone; past the
+connection's bound no further response is started until then.  This
 protocol is the transport's producer for the whole connection: a client
 that stops reading stops the writing of C{DATA} frames.
 
@@ -264,6 +265,7 @@ class HTTP2Connection(Writing):
         self._waiting.clear()
         for stream in streams:
             self._closeStream(stream, reason)
+        self._parked.clear()
         self.factory.http2Lost(self)
 
     # The transport's producer (writing) ------------------------------------
@@ -506,6 +508,7 @@ class HTTP2Connection(Writing):
         stream.localEnded = stream.remoteEnded = True
         self._closeStream(stream, Failure(ConnectionLost("stream reset by the client")))
         self._afterForget()
+        self._released(None)
 
     def _clientWentAway(self, event: ConnectionTerminated) -> None:
         if not event.error_code and reopen(self._h2):
