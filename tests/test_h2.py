@@ -1323,7 +1323,9 @@ def test_earlyAnswerGivesTheWindowBack() -> None:
 
 
 actionStrategy = st.one_of(
-    st.sampled_from(["request", "pause", "resume", "write", "finish", "cut", "ack", "tick", "reset"]),
+    st.sampled_from(
+        ["request", "whole", "pause", "resume", "write", "finish", "cut", "ack", "tick", "reset"]
+    ),
     frameStrategy,
 )
 
@@ -1331,6 +1333,7 @@ actionStrategy = st.one_of(
 @settings(max_examples=500, deadline=None)
 @given(st.lists(actionStrategy, max_size=40))
 @example(["request", "pause", "write", "write", "reset", "request", "write", "cut", "resume"])
+@example(["pause", "whole", "whole", "request", "whole", "reset", "whole", "write"])
 def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
     """
     Frames from the client, body bytes from backends, the socket pausing
@@ -1349,6 +1352,9 @@ def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
         bodies: list[Body] = []
 
         def answer(call: Any) -> None:
+            if call.request.path == b"/whole":
+                call.respond(textResponse(200, b"x" * 6000))
+                return
             body = Body()
             bodies.append(body)
             call.respond(Response(200, b"OK", Fields(), None, body))
@@ -1377,8 +1383,8 @@ def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
                     pair.send(_frame("WINDOW_UPDATE", open_, 0, b"\x00\x01\x00\x00"))
             elif action == "tick":
                 pair.clock.advance(5)
-            elif action == "request":
-                pair.send(headersFrame(pair, stream, request(b"/s")))
+            elif action == "request" or action == "whole":
+                pair.send(headersFrame(pair, stream, request(b"/s" if action == "request" else b"/whole")))
                 stream += 2
             elif action == "reset":
                 pair.send(_frame("RST_STREAM", max(1, stream - 2), 0, b"\x00\x00\x00\x08"))
@@ -1391,6 +1397,17 @@ def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
                 assert server.held >= 0
                 assert server.held == sum(s.held for s in server._streams.values())
             pair.transport.clear()
+        if not pair.closed():
+            # The client reads everything and the bodies end: every call
+            # ends (nothing waits for good).
+            pair.server.resumeProducing()
+            for body in bodies:
+                if body.protocol is not None and not body.stopped:
+                    body.finish()
+            pair.send(_frame("WINDOW_UPDATE", 0, 0, b"\x00\x10\x00\x00"))
+            for open_ in range(1, stream, 2):
+                pair.send(_frame("WINDOW_UPDATE", open_, 0, b"\x00\x10\x00\x00"))
+            assert pair.closed() or not pair.factory.inflight
         pair.lose(Failure(ConnectionDone()))
         assert not pair.factory.inflight
     finally:
