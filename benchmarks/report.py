@@ -151,9 +151,10 @@ def formatTable(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-# Issue 5's targets, as ratios to nginx with one worker in the same run, per
-# core: (label, figure, metric, "min" when the ratio must reach the target or
-# "max" when it must stay under it, first target, where we are going).
+# Issue 5's targets (and issues 11's and 16's), as ratios to nginx with one
+# worker in the same run, per core: (label, figure, metric, "min" when the
+# ratio must reach the target or "max" when it must stay under it, first
+# target, where we are going).
 TARGETS: list[tuple[str, str, str, str, float, float]] = [
     ("R1 requests/s, kept-alive TLS (per core)", "R1", "value", "min", 0.15, 0.35),
     ("R2 new TLS connections/s (per core)", "R2", "value", "min", 0.6, 0.9),
@@ -163,6 +164,9 @@ TARGETS: list[tuple[str, str, str, str, float, float]] = [
     # Issue 11 (the cache): first targets only.
     ("H1 cache hits/s, 1 KiB (per core)", "H1", "value", "min", 0.35, 0.35),
     ("H3 cache hits/s, 1 MiB (per core)", "H3", "value", "min", 0.9, 0.9),
+    # Issue 16 (HTTP/2): h2load -c50 -m10.
+    ("R5 requests/s, HTTP/2 (per core)", "R5", "value", "min", 0.3, 0.5),
+    ("p99 at R5 load", "R5", "p99ms", "max", 3.0, 3.0),
 ]
 
 
@@ -232,7 +236,7 @@ def formatHitVersusProxied(compared: dict[str, float | None]) -> str:
 
 
 def formatTargets(checked: list[dict[str, Any]]) -> str:
-    lines = ["targets (ratio to nginx, 1 worker; R: issue 5, H: issue 11):"]
+    lines = ["targets (ratio to nginx, 1 worker; R1-R4: issue 5, R5: issue 16, H: issue 11):"]
     for t in checked:
         sign = ">=" if t["direction"] == "min" else "<="
         if t["ratio"] is None:

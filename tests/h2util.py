@@ -193,12 +193,14 @@ class Pair:
         clientSettings: dict[int, int] | None = None,
         preface: bool = True,
         proxy: ProxySettings | None = None,
+        transport: StringTransport | None = None,
     ) -> None:
         self.clock = Clock()
         self.stage = Stage()
         self.factory = makeFactory(self.clock, self.stage, limits, settings, routes, proxy)
         self.connection = self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        self.transport = transport or StringTransport()
+        self.transport.peerAddress = IPv4Address("TCP", "192.0.2.7", 40000)
         self.transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
         self.connection.makeConnection(self.transport)
         self.client = h2.connection.H2Connection(
@@ -306,3 +308,25 @@ class Pair:
     def lose(self, reason: Failure) -> None:
         self.lost = True
         self.connection.connectionLost(reason)
+
+
+class SendBuffer(StringTransport):
+    """
+    A transport whose buffer pauses its producer once it holds more than
+    C{bufferSize} bytes, as Twisted's own transports do (the bytes written
+    stay; C{FileDescriptor.write}).
+    """
+
+    def __init__(self, bufferSize: int) -> None:
+        super().__init__()
+        self.bufferSize = bufferSize
+        self.paused = False
+        self.most = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        size = len(self.io.getvalue())
+        self.most = max(self.most, size)
+        if size > self.bufferSize and self.producer is not None and not self.paused:
+            self.paused = True
+            self.producer.pauseProducing()

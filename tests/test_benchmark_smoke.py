@@ -147,6 +147,26 @@ def test_tableRatios() -> None:
     assert checked["R2 new TLS connections/s (per core)"]["ratio"] is None
 
 
+def test_http2Targets() -> None:
+    """
+    Issue 16: R5 (HTTP/2) requests/s judged per core against 0.3 (goal
+    0.5), its p99 as a plain ratio against 3x.
+    """
+    results = {
+        "edgeproxy": {"R5": {"median": {"value": 8000.0, "perCore": 8000.0, "p99ms": 30.0}}},
+        "nginx": {"R5": {"median": {"value": 30000.0, "perCore": 20000.0, "p99ms": 12.0}}},
+    }
+    checked = {t["target"]: t for t in report.targets(report.table(results))}
+    throughput = checked["R5 requests/s, HTTP/2 (per core)"]
+    assert throughput["ratio"] == pytest.approx(0.4)
+    assert (throughput["first"], throughput["goal"]) == (0.3, 0.5)
+    assert (throughput["firstMet"], throughput["goalMet"]) == (True, False)
+    latency = checked["p99 at R5 load"]
+    assert latency["ratio"] == pytest.approx(2.5) and latency["direction"] == "max"
+    assert (latency["firstMet"], latency["goalMet"]) == (True, True)
+    assert "R5: issue 16" in report.formatTargets(list(checked.values()))
+
+
 def test_hitVersusProxied() -> None:
     """Issue 11: edgeproxy's cache hits against its own proxied requests."""
     results = {

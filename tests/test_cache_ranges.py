@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from edgeproxy.cache.bodies import SliceBody
 from edgeproxy.cache.ranges import (
     MAX_RANGES,
     UNSATISFIABLE,
@@ -16,6 +17,7 @@ from edgeproxy.cache.ranges import (
     sliceBody,
 )
 from edgeproxy.h1.fields import Fields
+from edgeproxy.pipeline.values import BODY_DONE
 
 
 @pytest.mark.parametrize(
@@ -80,3 +82,43 @@ def test_unsatisfiable() -> None:
     assert answer.status == 416
     assert answer.fields.get(b"content-range") == b"bytes */10"
     assert answer.length == 0 and sliceBody(BODY, answer) == b""
+
+
+def test_oneRangeIsAViewOfTheStoredBody() -> None:
+    """One range is sent from the stored bytes themselves, not a copy."""
+    answer = plan([(2, 5)], STORED, 10)
+    body = sliceBody(BODY, answer)
+    assert isinstance(body, memoryview) and body.obj is BODY
+    assert bytes(body) == b"2345"
+
+
+def test_sliceBodyCutWhenTaken() -> None:
+    """
+    The cache's body for a range of a stored body held in memory: the
+    client side takes it whole (one range as a view of the stored bytes);
+    a body's protocol is given bytes.
+    """
+    one = SliceBody(BODY, plan([(2, 5)], STORED, 10))
+    taken = one.takeBody()
+    assert isinstance(taken, memoryview) and taken.obj is BODY
+    several = SliceBody(BODY, plan([(0, 1), (8, 9)], STORED, 10, boundary=b"B"))
+    assert several.takeBody() == sliceBody(BODY, plan([(0, 1), (8, 9)], STORED, 10, boundary=b"B"))
+
+    class Protocol:
+        def __init__(self) -> None:
+            self.data: list[object] = []
+            self.reason: object = None
+
+        def makeConnection(self, transport: object) -> None:
+            pass
+
+        def dataReceived(self, data: object) -> None:
+            self.data.append(data)
+
+        def connectionLost(self, reason: object) -> None:
+            self.reason = reason
+
+    protocol = Protocol()
+    one.deliverBody(protocol)
+    assert protocol.data == [b"2345"] and type(protocol.data[0]) is bytes
+    assert protocol.reason is BODY_DONE

@@ -16,7 +16,7 @@ import h2.connection
 import h2.events
 import h2.settings
 import pytest
-from hyperframe.frame import DataFrame, HeadersFrame, RstStreamFrame, WindowUpdateFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame, WindowUpdateFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -268,3 +268,28 @@ def test_enabledForTheInstalledRelease() -> None:
     """The release installed is one it was checked against: if this fails,
     check L{openStream} against the new release before adding it."""
     assert compat.ENABLED, h2.__version__
+
+
+def test_reopenAfterTheClientsGoAway() -> None:
+    """
+    After a client's GOAWAY the library refuses to answer; once reopened,
+    the stream in flight is answered and read as the public calls would
+    have before the GOAWAY, and the client's frames on it are taken.
+    """
+    client, server, reference = connections()
+    opening = headersFrame(client, 1, REQUEST, False).serialize()
+    for connection in (server, reference):
+        connection.receive_data(opening)
+    server.receive_data(GoAwayFrame(0, last_stream_id=0, error_code=0).serialize())
+    with pytest.raises(h2.exceptions.ProtocolError):
+        server.send_headers(1, [(b":status", b"200")])
+    assert compat.reopen(server)
+    assert not compat.reopen(server)
+    for connection in (server, reference):
+        connection.send_headers(1, [(b":status", b"200")])
+        connection.send_data(1, b"ok", end_stream=True)
+    assert server.data_to_send() == reference.data_to_send()
+    data = DataFrame(1, data=b"body", flags=["END_STREAM"]).serialize()
+    events = [[type(e) for e in c.receive_data(data)] for c in (server, reference)]
+    assert events[0] == events[1] == [h2.events.DataReceived, h2.events.StreamEnded]
+    assert state(server) == state(reference)

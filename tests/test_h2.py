@@ -37,7 +37,7 @@ from edgeproxy.h1 import Fields
 from edgeproxy.http.h2 import connection as h2connection
 from edgeproxy.pipeline.forward import Forward
 from edgeproxy.pipeline.values import Response
-from tests.h2util import ROUTE, UPSTREAM, Body, Pair, request, textResponse
+from tests.h2util import ROUTE, UPSTREAM, Body, Pair, SendBuffer, request, textResponse
 
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR = 0x0, 0x1, 0x2
 FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0xB
@@ -429,6 +429,133 @@ def test_connectionBoundPausesEveryStream() -> None:
         assert len(pair.response(stream)[1]) == 40 * 1024
 
 
+def _wideOpen(
+    settings: HTTP2Settings | None = None, limits: Limits | None = None, transport: Any = None
+) -> Pair:
+    """A pair whose client opened its windows as wide as they go."""
+    pair = Pair(
+        settings=settings,
+        limits=limits,
+        clientSettings={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1},
+        transport=transport,
+    )
+    pair.client.increment_flow_control_window(2**31 - 1 - 65535)
+    pair.pump()
+    return pair
+
+
+def test_wholeResponsesWaitWhileTheConnectionIsOverItsBound(readPath: str) -> None:
+    """
+    A client that stops reading with its windows open, and 20 streams each
+    answered at once with a whole 4 MiB body (a cache hit): what the
+    connection holds stays within C{h2_connection_buffer} and one response
+    (the bodies after it wait, unstarted, in order, until half of it is
+    written) instead of growing by each of them.  Once the client reads,
+    every response arrives whole.
+    """
+    pair = _wideOpen()
+    body = b"w" * (4 << 20)
+    answering(pair, body)
+    pair.server.pauseProducing()  # what a full send buffer does
+    streams = []
+    for n in range(20):
+        stream = pair.client.get_next_available_stream_id()
+        pair.client.send_headers(stream, request(b"/%d" % n), end_stream=True)
+        streams.append(stream)
+        pair.pump()
+        assert pair.server.held <= (1 << 20) + len(body)
+    assert len(pair.stage.requests) == 20
+    pair.server.resumeProducing()
+    pair.pump()
+    for stream in streams:
+        headers, data, ended = pair.response(stream)
+        assert headers[b":status"] == b"200" and len(data) == len(body) and ended
+    assert pair.server.held == 0 and not pair.factory.inflight
+
+
+def test_resetsReleaseWhatTheConnectionWaitsFor() -> None:
+    """
+    The stream holding the connection past its bound is reset by the
+    client: what it held is dropped and the responses that waited start;
+    a waiting stream reset by the client is never started.
+    """
+    pair = _wideOpen()
+    big = b"w" * (4 << 20)
+    pair.stage.answer = lambda call: call.respond(
+        textResponse(200, big if call.request.path == b"/big" else call.request.path)
+    )
+    pair.server.pauseProducing()
+    first = pair.get(request(b"/big"))
+    waiting = pair.get(request(b"/waiting"))
+    gone = pair.get(request(b"/gone"))
+    assert pair.server.held == len(big)
+    assert pair.response(waiting)[0] == {} and pair.response(gone)[0] == {}
+    pair.client.reset_stream(gone, CANCEL)
+    pair.pump()
+    assert len(pair.factory.accessLog.calls) == 1
+    pair.client.reset_stream(first, CANCEL)
+    pair.pump()
+    assert pair.server.held == len(b"/waiting")
+    pair.server.resumeProducing()
+    pair.pump()
+    assert pair.response(waiting)[1:] == (b"/waiting", True)
+    assert pair.response(gone)[0] == {}
+    assert pair.server.held == 0 and not pair.factory.inflight
+
+
+def test_theTransportIsGivenABoundAtATime(readPath: str) -> None:
+    """
+    Whole 4 MiB responses, windows open, a client that does not read: the
+    bytes go to the transport a connection's bound at a time, so that its
+    buffer filling up pauses the writing; it never holds much more than its
+    own size and that bound.
+    """
+    transport = SendBuffer(64 * 1024)
+    pair = _wideOpen(transport=transport)
+    transport.clear()
+    body = b"w" * (4 << 20)
+    answering(pair, body)
+    for stream in range(1, 40, 2):
+        pair.client.send_headers(stream, request(b"/%d" % stream), end_stream=True)
+        pair.send(pair.client.data_to_send())
+        assert transport.most <= 64 * 1024 + (1 << 20) + 16384 + 1024
+        assert pair.server.held <= (1 << 20) + len(body)
+    assert len(pair.stage.requests) == 20
+    # The client reads it all.
+    transport.bufferSize = 1 << 40
+    transport.paused = False
+    pair.server.resumeProducing()
+    pair.pump()
+    received = {event.stream_id: 0 for event in pair.events if isinstance(event, h2.events.DataReceived)}
+    for event in pair.events:
+        if isinstance(event, h2.events.DataReceived):
+            received[event.stream_id] += len(event.data)
+    assert received == {stream: len(body) for stream in range(1, 40, 2)}
+
+
+def test_errorPagesWaitWhileTheConnectionIsOverItsBound() -> None:
+    """
+    Requests refused from their head (431) while the connection holds more
+    than its bound: their pages wait too, and go once the client reads.
+    """
+    pair = _wideOpen(limits=Limits(max_headers=10))
+    body = b"w" * (2 << 20)
+    answering(pair, body)
+    pair.server.pauseProducing()
+    big = pair.get(request(b"/big"))
+    held = pair.server.held
+    assert held > 1 << 20
+    refused = [pair.get(request(extra=[(b"x-%d" % n, b"v") for n in range(20)])) for _ in range(50)]
+    assert pair.server.held == held
+    pair.server.resumeProducing()
+    pair.pump()
+    assert len(pair.response(big)[1]) == len(body)
+    for stream in refused:
+        headers, data, ended = pair.response(stream)
+        assert headers[b":status"] == b"431" and data and ended
+    assert pair.server.held == 0
+
+
 def test_requestBodyPausedStreamWithholdsWindow() -> None:
     """
     While the backend does not take the request body, the stream's bytes
@@ -625,6 +752,8 @@ def test_burstOfStreamsInOneRead(readPath: str) -> None:
 def test_floodsEndWithEnhanceYourCalm() -> None:
     for make in (
         lambda: DataFrame(1),
+        # All padding, no data: as empty as the frame above.
+        lambda: DataFrame(1, pad_length=0, flags=["PADDED"]),
         lambda: PriorityFrame(3, depends_on=1),
         lambda: SettingsFrame(0),
         lambda: PingFrame(0, opaque_data=b"12345678"),
@@ -637,6 +766,65 @@ def test_floodsEndWithEnhanceYourCalm() -> None:
         pair.pump()
         assert pair.goaway() is not None and pair.goaway().error_code == ENHANCE_YOUR_CALM, make()
         assert pair.closed()
+
+
+def _failuresLogged() -> tuple[list[dict[str, Any]], Any]:
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    return failures, observe
+
+
+def test_priorityOnManyIdleStreams() -> None:
+    """
+    PRIORITY frames for 1,500 distinct idle streams in one read (what
+    made Twisted's priority tree raise): GOAWAY ENHANCE_YOUR_CALM, no
+    failure logged, nothing reaches a stage.
+    """
+    failures, observe = _failuresLogged()
+    try:
+        pair = Pair()
+        pair.send(
+            b"".join(PriorityFrame(stream, depends_on=0).serialize() for stream in range(3, 3003, 2))
+        )
+        frames = pair.frames()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert isinstance(frames[-1], GoAwayFrame) and frames[-1].error_code == ENHANCE_YOUR_CALM
+    assert pair.closed() and not pair.stage.requests
+    assert not failures, failures
+
+
+def test_priorityTrickleOnIdleStreamsKeepsNoState() -> None:
+    """
+    The same 1,500 idle streams named slowly, within the PRIORITY budget:
+    the connection keeps no stream for them (RFC 9113 5.3.2 makes
+    priority advisory; it is not acted on) and serves a request after.
+    """
+    failures, observe = _failuresLogged()
+    try:
+        pair = Pair()
+        answering(pair)
+        for first in range(3, 3003, 100):
+            pair.send(
+                b"".join(
+                    PriorityFrame(stream, depends_on=0).serialize() for stream in range(first, first + 100, 2)
+                )
+            )
+            pair.clock.advance(1)
+            assert not pair.closed()
+        assert len(pair.server._h2.streams) == 0 and not pair.frames()
+        pair.send(headersFrame(pair, 3003, request(b"/after")))
+        frames = pair.frames()
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert [f.data for f in frames if isinstance(f, DataFrame)] == [b"hello"]
+    assert [r.path for r in pair.stage.requests] == [b"/after"]
+    assert not failures, failures
 
 
 def test_rapidResetNeverReachesTheStage() -> None:
@@ -702,6 +890,57 @@ def test_clientGoAwayCloses() -> None:
     pair.client.close_connection()
     pair.pump()
     assert pair.closed()
+
+
+def test_clientGoAwayLetsItsStreamsFinish(readPath: str) -> None:
+    """
+    A client's GOAWAY without error names the last stream the server
+    opened (RFC 9113 6.8; none, we push nothing): the client's own streams
+    in flight are answered, the frames before it in the same read too;
+    the server answers with its own GOAWAY naming the last stream it took,
+    refuses later ones, and closes once the others are done.
+    """
+    pair = Pair()
+    pair.stage.read = True
+    held = pair.get(request(b"/held"))
+    upload = pair.client.get_next_available_stream_id()
+    pair.client.send_headers(upload, request(b"/up", b"POST"))
+    pair.client.send_data(upload, b"ab")
+    pair.pump()
+    # Raw frames from here: the client library takes nothing after its GOAWAY.
+    pair.send(
+        PingFrame(0, opaque_data=b"12345678").serialize()
+        + GoAwayFrame(0, last_stream_id=0, error_code=NO_ERROR).serialize()
+        + DataFrame(upload, data=b"cd", flags=["END_STREAM"]).serialize()
+        + headersFrame(pair, upload + 2, request(b"/late"))
+    )
+    frames = pair.frames()
+    assert isinstance(frames[0], PingFrame) and "ACK" in frames[0].flags
+    assert isinstance(frames[1], GoAwayFrame)
+    assert (frames[1].last_stream_id, frames[1].error_code) == (upload, NO_ERROR)
+    assert [f.data for f in frames if isinstance(f, DataFrame)] == [b"abcd"]
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [
+        (upload + 2, REFUSED_STREAM)
+    ]
+    assert not pair.closed()
+    pair.stage.held[0].respond(textResponse(200, b"done"))
+    frames = pair.frames()
+    assert [(f.stream_id, f.data) for f in frames if isinstance(f, DataFrame)] == [(held, b"done")]
+    assert pair.closed()
+    assert [r.path for r in pair.stage.requests] == [b"/held", b"/up"]
+    assert [call.status for call in pair.factory.accessLog.calls] == [200, 200]
+
+
+def test_clientGoAwayWithAnErrorCutsItsStreams() -> None:
+    """A GOAWAY with an error code ends the connection and its streams."""
+    pair = Pair()
+    pair.get(request(b"/held"))
+    pair.send(GoAwayFrame(0, last_stream_id=0, error_code=PROTOCOL_ERROR).serialize())
+    assert pair.closed()
+    pair.stage.held[0].respond(textResponse(200, b"late"))
+    assert [f for f in pair.frames() if isinstance(f, DataFrame)] == []
+    pair.lose(Failure(ConnectionDone()))
+    assert not pair.factory.inflight
 
 
 # Timers ---------------------------------------------------------------------------
@@ -1084,7 +1323,9 @@ def test_earlyAnswerGivesTheWindowBack() -> None:
 
 
 actionStrategy = st.one_of(
-    st.sampled_from(["request", "pause", "resume", "write", "finish", "cut", "ack", "tick", "reset"]),
+    st.sampled_from(
+        ["request", "whole", "pause", "resume", "write", "finish", "cut", "ack", "tick", "reset"]
+    ),
     frameStrategy,
 )
 
@@ -1092,6 +1333,7 @@ actionStrategy = st.one_of(
 @settings(max_examples=500, deadline=None)
 @given(st.lists(actionStrategy, max_size=40))
 @example(["request", "pause", "write", "write", "reset", "request", "write", "cut", "resume"])
+@example(["pause", "whole", "whole", "request", "whole", "reset", "whole", "write"])
 def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
     """
     Frames from the client, body bytes from backends, the socket pausing
@@ -1110,6 +1352,9 @@ def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
         bodies: list[Body] = []
 
         def answer(call: Any) -> None:
+            if call.request.path == b"/whole":
+                call.respond(textResponse(200, b"x" * 6000))
+                return
             body = Body()
             bodies.append(body)
             call.respond(Response(200, b"OK", Fields(), None, body))
@@ -1138,8 +1383,8 @@ def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
                     pair.send(_frame("WINDOW_UPDATE", open_, 0, b"\x00\x01\x00\x00"))
             elif action == "tick":
                 pair.clock.advance(5)
-            elif action == "request":
-                pair.send(headersFrame(pair, stream, request(b"/s")))
+            elif action == "request" or action == "whole":
+                pair.send(headersFrame(pair, stream, request(b"/s" if action == "request" else b"/whole")))
                 stream += 2
             elif action == "reset":
                 pair.send(_frame("RST_STREAM", max(1, stream - 2), 0, b"\x00\x00\x00\x08"))
@@ -1152,6 +1397,17 @@ def test_anyInterleavingKeepsTheAccounts(actions: list[Any]) -> None:
                 assert server.held >= 0
                 assert server.held == sum(s.held for s in server._streams.values())
             pair.transport.clear()
+        if not pair.closed():
+            # The client reads everything and the bodies end: every call
+            # ends (nothing waits for good).
+            pair.server.resumeProducing()
+            for body in bodies:
+                if body.protocol is not None and not body.stopped:
+                    body.finish()
+            pair.send(_frame("WINDOW_UPDATE", 0, 0, b"\x00\x10\x00\x00"))
+            for open_ in range(1, stream, 2):
+                pair.send(_frame("WINDOW_UPDATE", open_, 0, b"\x00\x10\x00\x00"))
+            assert pair.closed() or not pair.factory.inflight
         pair.lose(Failure(ConnectionDone()))
         assert not pair.factory.inflight
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from hyperframe.frame import (
     DataFrame,
+    GoAwayFrame,
     HeadersFrame,
     PingFrame,
     PriorityFrame,
@@ -116,6 +117,35 @@ def test_floods() -> None:
         assert name in violation.why
 
 
+def test_paddedEmptyDataIsEmpty() -> None:
+    """
+    A DATA frame whose payload is all padding (its pad length byte, then
+    that many bytes) carries no data: it spends the empty DATA budget as
+    a frame of length 0 does.  One with a byte of data does not.
+    """
+    for padding in (0, 1, 200):
+        g = guard()
+        frame = DataFrame(1, data=b"", pad_length=padding, flags=["PADDED"]).serialize()
+        assert frame[9] == padding and len(frame) == 9 + 1 + padding
+        violation = g.scan(frame * 2000, 0.0)
+        assert violation is not None and violation.code == ENHANCE_YOUR_CALM, padding
+        assert "empty DATA" in violation.why
+    g = guard()
+    carrying = DataFrame(1, data=b"x", pad_length=0, flags=["PADDED"]).serialize()
+    assert g.scan(carrying * 2000, 0.0) is None
+
+
+def test_paddedEmptyDataSplitAfterItsPadLength() -> None:
+    """The pad length byte read in the frame header's read is enough."""
+    g = guard()
+    frame = DataFrame(1, data=b"", pad_length=10, flags=["PADDED"]).serialize()
+    spent = []
+    for _ in range(200):
+        spent.append(g.scan(frame[:10], 0.0))
+        spent.append(g.scan(frame[10:], 0.0))
+    assert any(v is not None and v.code == ENHANCE_YOUR_CALM for v in spent)
+
+
 def test_floodBudgetsRefill() -> None:
     """A steady, modest rate is never cut."""
     g = guard()
@@ -150,6 +180,29 @@ def test_cutsAfterEachBatchOfNewStreams() -> None:
     assert g.scan(data, 0.0) is None
     size = len(frames[0])
     assert g.cuts == [3 * size, 6 * size, 9 * size]
+
+
+def test_goAwayReadAlone() -> None:
+    """
+    A GOAWAY is cut out of its read (before and after it), however the
+    read is split, so that the library reads it alone (a read ending in
+    the first bytes of its header gives the library none of its frames).
+    """
+    ping = PingFrame(0, opaque_data=b"12345678").serialize()
+    goaway = GoAwayFrame(0, last_stream_id=0, error_code=0, additional_data=b"bye").serialize()
+    data = ping + goaway + ping
+    g = guard()
+    assert g.scan(data, 0.0) is None
+    assert g.cuts == [len(ping), len(ping) + len(goaway)]
+    for split in range(len(ping) + 1, len(ping) + len(goaway)):
+        g = guard()
+        g.scan(data[:split], 0.0)
+        assert g.cuts == (None if split < len(ping) + 9 else [len(ping)])
+        g.scan(data[split:], 0.0)
+        assert g.cuts == [len(ping) + len(goaway) - split]
+    g = guard()
+    g.scan(goaway, 0.0)
+    assert g.cuts is None
 
 
 def test_noCutForOldStreams() -> None:

@@ -37,6 +37,13 @@ C{HEADERS}, a C{DATA} frame or none, C{END_STREAM}) leaves a stream in
 whose request is complete, set at once instead of through three inputs of
 the stream's state machine and two of the connection's.
 
+After a client's GOAWAY.  The library takes no frame in either direction
+once it has read one (its connection state machine closes, whatever the
+error code); RFC 9113 6.8 lets the streams the client opened complete,
+since a client's GOAWAY names the last stream the server opened.
+L{reopen} sets the state back to open, the one thing reading a GOAWAY
+changed but for the output it dropped, which the caller keeps aside.
+
 The transitions set directly are read from the library's own tables when
 this module is imported (L{ENABLED} is false if any differs), and the rest
 is used only with the releases of C{h2} it was checked against
@@ -60,7 +67,7 @@ from h2.connection import (
 from h2.exceptions import ProtocolError
 from h2.stream import H2Stream, H2StreamStateMachine, StreamClosedBy, StreamInputs, StreamState
 
-__all__ = ["ENABLED", "TESTED", "answerWhole", "canAnswerWhole", "openStream", "prune"]
+__all__ = ["ENABLED", "TESTED", "answerWhole", "canAnswerWhole", "openStream", "prune", "reopen"]
 
 TESTED = ("4.4",)
 """The C{h2} releases (major.minor) whose internals this module mirrors."""
@@ -94,6 +101,11 @@ _CONNECTION_TRANSITIONS = {
 }
 """The connection's inputs left out while it is open: they change nothing."""
 
+_GOAWAY_TRANSITION = {
+    (_OPEN, ConnectionInputs.RECV_GOAWAY): (None, ConnectionState.CLOSED),
+}
+"""What a client's GOAWAY does to an open connection (L{reopen} undoes it)."""
+
 
 def _checked() -> bool:
     if ".".join(h2.__version__.split(".")[:2]) not in TESTED:
@@ -101,7 +113,8 @@ def _checked() -> bool:
     streams = getattr(_stream, "_transitions", {})
     connections = getattr(H2ConnectionStateMachine, "_transitions", {})
     return all(streams.get(key) == value for key, value in _STREAM_TRANSITIONS.items()) and all(
-        connections.get(key) == value for key, value in _CONNECTION_TRANSITIONS.items()
+        connections.get(key) == value
+        for key, value in {**_CONNECTION_TRANSITIONS, **_GOAWAY_TRANSITION}.items()
     )
 
 
@@ -205,3 +218,18 @@ def answerWhole(stream: Any) -> None:
     machine.headers_sent = True
     machine.state = _CLOSED
     machine.stream_closed_by = _SENT_END
+
+
+def reopen(connection: Any) -> bool:
+    """
+    Open C{connection} (an C{h2} server connection that took client
+    streams) again after the client's GOAWAY closed it.
+
+    @return: whether it was done: not with another release of the library,
+        nor for a connection that was not closed.
+    """
+    machine = connection.state_machine
+    if not ENABLED or machine.state is not ConnectionState.CLOSED:
+        return False
+    machine.state = _OPEN
+    return True

@@ -14,6 +14,9 @@ The response bodies of the cache stage:
     whole into memory).
   - L{Drain}: the reader of a body only the store wants (a background
     refresh; a client answered C{304} while the response is stored).
+  - L{SliceBody}: the ranges of a body held in memory, cut when the client
+    side takes them (a response waiting its turn to be written holds no
+    copy; one range is never copied, L{sliceBody}).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
 from edgeproxy.bodies import IdleTimer
-from edgeproxy.pipeline.values import BODY_DONE
+from edgeproxy.cache.ranges import RangePlan, sliceBody
+from edgeproxy.pipeline.values import BODY_DONE, BytesBody
 
-__all__ = ["PIECE", "Drain", "FileBody", "Sink", "StoringBody"]
+__all__ = ["PIECE", "Drain", "FileBody", "Sink", "SliceBody", "StoringBody"]
 
 PIECE = 64 * 1024
 """Bytes a L{FileBody} reads at a time."""
@@ -244,3 +248,21 @@ class FileBody:
             self._scheduled.cancel()
         self._scheduled = None
         self._end(Failure(ConnectionAborted("stopped")))
+
+
+class SliceBody:
+    """See the module docstring."""
+
+    __slots__ = ("_body", "_plan")
+
+    def __init__(self, body: bytes, rangePlan: RangePlan) -> None:
+        self._body = body
+        self._plan = rangePlan
+
+    def takeBody(self) -> bytes | memoryview:
+        """The whole body, at once (see L{edgeproxy.pipeline.values.ResponseBody})."""
+        return sliceBody(self._body, self._plan)
+
+    def deliverBody(self, protocol: Any) -> None:
+        # (A body's protocol, and what it writes to, may want bytes.)
+        BytesBody(bytes(self.takeBody())).deliverBody(protocol)

@@ -48,7 +48,7 @@ from urllib.parse import urljoin
 
 from twisted.logger import Logger
 
-from edgeproxy.cache.bodies import FileBody
+from edgeproxy.cache.bodies import FileBody, SliceBody
 from edgeproxy.cache.collapse import RETRY, STORED
 from edgeproxy.cache.conditional import (
     CLIENT_CONDITIONALS,
@@ -79,7 +79,7 @@ from edgeproxy.cache.key import (
     urlOf,
     variantStages,
 )
-from edgeproxy.cache.ranges import parseRange, plan, sliceBody
+from edgeproxy.cache.ranges import parseRange, plan
 from edgeproxy.cache.responses import (
     Background,
     Fetching,
@@ -412,9 +412,9 @@ class CacheStage:
                 if wanted is not None:
                     answer = plan(wanted, served, entry.length)
                     if answer.status == 416 or entry.body is not None:
-                        data = sliceBody(entry.body or b"", answer)
+                        sliced = SliceBody(entry.body or b"", answer)
                         call.respond(
-                            Response(answer.status, _PHRASES[answer.status], answer.fields, len(data), BytesBody(data))
+                            Response(answer.status, _PHRASES[answer.status], answer.fields, answer.length, sliced)
                         )
                         return
                     body = self._fileBody(entry, answer.segments, answer.trailer)

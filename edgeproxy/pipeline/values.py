@@ -125,9 +125,11 @@ class ResponseBody(Protocol):
 
     def deliverBody(self, protocol: Any) -> None: ...
 
-    # Optionally, for a body all at hand: takeBody() -> bytes | None, the
-    # whole body delivered at once (or None, nothing done, when it is not
-    # all there).  The client side uses it to write head and body together.
+    # Optionally, for a body all at hand: takeBody() -> bytes | memoryview
+    # | None, the whole body delivered at once (or None, nothing done, when
+    # it is not all there; a memoryview of bytes held elsewhere, a stored
+    # body, is not copied).  The client side uses it to write head and body
+    # together.
 
 
 class Response(NamedTuple):

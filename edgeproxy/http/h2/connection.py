@@ -27,7 +27,8 @@ per answer outside a read.  Response bodies are written as the client's
 windows and the socket allow; what waits is held per stream, and the
 body's source is paused when a stream holds more than
 C{h2_stream_buffer} bytes or the connection more than
-C{h2_connection_buffer}, and resumed when half of that is gone.  This
+C{h2_connection_buffer}, and resumed when half of that is gone; past the
+connection's bound no further response is started until then.  This
 protocol is the transport's producer for the whole connection: a client
 that stops reading stops the writing of C{DATA} frames.
 
@@ -36,8 +37,9 @@ deadline runs until the client's preface and first frame are in, and
 whenever a frame (but a C{DATA} payload) or a header block is incomplete;
 the idle timeout runs while no request is in flight; each request body and
 response body has the route's idle timeout; body limits give 413 on the
-stream.  A connection told to close sends C{GOAWAY} with the last stream it
-took (RFC 9113 6.8), serves those, refuses later ones, and closes.  Any
+stream.  A connection told to close, or whose client sent C{GOAWAY}
+without an error, sends C{GOAWAY} with the last stream it took (RFC 9113
+6.8), serves those, refuses later ones, and closes.  Any
 protocol error ends in C{GOAWAY} with its code, never in an exception.
 """
 
@@ -66,7 +68,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy._compat.h2 import ENABLED as OPEN_STREAMS
-from edgeproxy._compat.h2 import openStream, prune
+from edgeproxy._compat.h2 import openStream, prune, reopen
 from edgeproxy.bodies import BodyPipe
 from edgeproxy.errors import ProxyError
 from edgeproxy.http.h2.guard import RESETS, FrameGuard, Violation
@@ -222,10 +224,16 @@ class HTTP2Connection(Writing):
                 self._receive(data)
             else:
                 start = 0
+                h2 = self._h2
                 for cut in cuts:
                     self._receive(data[start:cut])
                     if self._closing:
                         return
+                    # What the library has to send goes first (reading a
+                    # GOAWAY drops it).
+                    waiting = h2.data_to_send()
+                    if waiting:
+                        self._out.append(waiting)
                     start = cut
                 self._receive(data[start:])
         finally:
@@ -257,6 +265,7 @@ class HTTP2Connection(Writing):
         self._waiting.clear()
         for stream in streams:
             self._closeStream(stream, reason)
+        self._parked.clear()
         self.factory.http2Lost(self)
 
     # The transport's producer (writing) ------------------------------------
@@ -499,10 +508,18 @@ class HTTP2Connection(Writing):
         stream.localEnded = stream.remoteEnded = True
         self._closeStream(stream, Failure(ConnectionLost("stream reset by the client")))
         self._afterForget()
+        self._released(None)
 
     def _clientWentAway(self, event: ConnectionTerminated) -> None:
-        # The library takes nothing more after the client's GOAWAY: the
-        # streams in flight end with the connection.
+        if not event.error_code and reopen(self._h2):
+            # RFC 9113 6.8: a client's GOAWAY names the last stream the
+            # server opened (none); its own streams in flight may complete.
+            # Ours says no later one is taken, and the connection closes
+            # once those are done.
+            self.goAway()
+            return
+        # With an error (or a library that takes nothing after a GOAWAY):
+        # the streams in flight end with the connection.
         if event.error_code:
             log.info("HTTP/2 client sent GOAWAY: {code}", code=str(event.error_code))
         self._closing = True

@@ -9,8 +9,9 @@ against.
     4.2), before any of its payload is held (the library reads the whole
     frame first).
   - Flood budgets: frames that make a server work without asking for
-    anything (empty C{DATA} without C{END_STREAM}, C{PRIORITY}, C{SETTINGS},
-    C{PING}, C{RST_STREAM}, extension frames), and streams refused or reset
+    anything (C{DATA} without C{END_STREAM} carrying no data, padding
+    aside; C{PRIORITY}, C{SETTINGS}, C{PING}, C{RST_STREAM}, extension
+    frames), and streams refused or reset
     before they were answered (Rapid Reset, CVE-2023-44487), spend tokens of
     a budget per kind that refills with time (C{RST_STREAM} also with each
     stream answered); a client that runs one out gets C{ENHANCE_YOUR_CALM}
@@ -19,6 +20,9 @@ against.
     C{batch}-th new stream of one read is a place to cut the read at, so
     that the connection can refuse streams past its limit before the
     library has built thousands of them from one read.
+  - Client GOAWAY: each C{GOAWAY} frame is cut out of the read (cuts at
+    its start and its end), so that the library reads it alone and the
+    connection can keep serving the streams in flight after it.
   - Header deadline: whether a frame (other than a C{DATA} payload) or a
     header block is incomplete, so that the connection can run its
     header deadline while it is.
@@ -53,6 +57,7 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 _END_STREAM = 0x1
 _ACK = 0x1
 _END_HEADERS = 0x4
+_PADDED = 0x8
 
 FRAME_SIZE_ERROR = 0x6
 ENHANCE_YOUR_CALM = 0xB
@@ -173,6 +178,15 @@ class FrameGuard:
         burst = self._budgets[kind].burst
         self._tokens[kind] = min(burst, tokens)
 
+    def _cut(self, offset: int, size: int) -> None:
+        """Cut the read of C{size} bytes at C{offset} (once, and only inside it)."""
+        if 0 < offset < size:
+            cuts = self.cuts
+            if cuts is None:
+                self.cuts = [offset]
+            elif cuts[-1] != offset:
+                cuts.append(offset)
+
     def scan(self, data: bytes, now: float) -> Violation | None:
         """
         Look at the frame headers that complete in C{data}, the next bytes
@@ -202,6 +216,8 @@ class FrameGuard:
                 return None
             pos += left
             self._left = 0
+            if self._type == GOAWAY:
+                self._cut(pos, size)
             if not self.started:
                 self.started = True
         opened = 0
@@ -217,11 +233,13 @@ class FrameGuard:
                 self._head = b""
                 pos += need
                 high, low, kind, flags, stream = _HEADER.unpack(head)
+                start = 0
             elif size - pos < 9:
                 self._head = data[pos:]
                 return None
             else:
                 high, low, kind, flags, stream = _HEADER.unpack_from(data, pos)
+                start = pos
                 pos += 9
             length = (high << 16) | low
             if length > maxFrameSize:
@@ -245,9 +263,15 @@ class FrameGuard:
             if kind > CONTINUATION:
                 violation = self.spend(EXTENSION_FRAMES, now)
             elif kind == DATA:
-                violation = (
-                    self.spend(EMPTY_DATA, now) if not length and not flags & _END_STREAM else None
-                )
+                violation = None
+                if not flags & _END_STREAM and (
+                    not length
+                    # RFC 9113 6.1: padding only (its length byte, then
+                    # that many bytes) is no data either; the length byte
+                    # is read when it came with the frame header.
+                    or (flags & _PADDED and pos < size and length == 1 + data[pos])
+                ):
+                    violation = self.spend(EMPTY_DATA, now)
             elif kind == HEADERS or kind == CONTINUATION:
                 violation = None
                 if kind == HEADERS:
@@ -260,10 +284,8 @@ class FrameGuard:
                     if self._blockNew:
                         self._blockNew = False
                         opened += 1
-                        if opened % self.batch == 0 and pos + length < size:
-                            if self.cuts is None:
-                                self.cuts = []
-                            self.cuts.append(pos + length)
+                        if opened % self.batch == 0:
+                            self._cut(pos + length, size)
                 else:
                     self._block = True
             elif kind == PRIORITY:
@@ -277,6 +299,9 @@ class FrameGuard:
                 violation = None if flags & _ACK else self.spend(PING_FRAMES, now)
             else:
                 violation = None
+                if kind == GOAWAY:
+                    self._cut(start, size)
+                    self._cut(pos + length, size)
             if violation is not None:
                 return violation
             if length > size - pos:

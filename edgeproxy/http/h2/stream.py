@@ -9,7 +9,8 @@ can go with the first body bytes (a body at hand when the head comes goes
 out in the same write, C{END_STREAM} on its last C{DATA} frame), and body
 bytes the client's flow-control window or its socket does not take yet.
 Its connection writes them (L{HTTP2Connection.push}) and pauses the body's
-source, the backend, when they pass the listener's bounds.
+source, the backend, when they pass the listener's bounds; past the
+connection's bound a response waits, unstarted (L{Stream.parked}).
 
 Reading: the request body goes to a L{BodyPipe}; while the pipe has paused
 the stream, the bytes received are not acknowledged, so the client's
@@ -126,13 +127,15 @@ class Stream:
     @ivar held: how many bytes L{pending} holds.
     @ivar endPending: C{END_STREAM} follows L{pending}.
     @ivar producer: the response body's source (paused past the bounds).
+    @ivar parked: the response waiting its turn to start (see
+        L{edgeproxy.http.h2.writing.Writing.parks}), or L{None}.
     """
 
     __slots__ = (
         "connection", "id", "call", "pipe", "maxBody", "received", "unacked",
         "readPaused", "remoteEnded", "localEnded", "answered", "headers", "noBody",
         "pending", "held", "endPending", "producer", "producerPaused", "delivering",
-        "idle", "transport", "early", "wsKey",
+        "idle", "transport", "early", "wsKey", "parked",
     )
 
     def __init__(self, connection: Any, streamId: int) -> None:
@@ -159,6 +162,7 @@ class Stream:
         self.transport: StreamTransport | None = None
         self.early: list[bytes] | None = None
         self.wsKey: bytes | None = None
+        self.parked: Response | None = None
 
     @property
     def factory(self) -> Any:
@@ -238,24 +242,33 @@ class Stream:
             discardResponse(response)
             return
         self.answered = True
+        call.status = response.status
+        if response.body is None or not self.connection.parks(self, response):
+            self.start(response)
+
+    def start(self, response: Response) -> None:
+        """Write C{response}, the answer to the call (or to no call: L{reject})."""
         status = response.status
-        call.status = status
         connection = self.connection
-        if call.firstByte is None:
-            call.firstByte = connection.clock.seconds()
-        request = call.request
-        self.noBody = request.method == b"HEAD" or status == 204 or status == 304
+        call = self.call
         fields = response.fields
-        rules = call.responseRules
-        if rules is not None:
-            # The route's response header rules (edgeproxy.headers.stage).
-            fields = rules.apply(fields)
+        requestId = b""
+        if call is not None:
+            if call.firstByte is None:
+                call.firstByte = connection.clock.seconds()
+            request = call.request
+            self.noBody = request.method == b"HEAD" or status == 204 or status == 304
+            rules = call.responseRules
+            if rules is not None:
+                # The route's response header rules (edgeproxy.headers.stage).
+                fields = rules.apply(fields)
+            requestId = request.requestId
         headers = self.headers = responseHeaders(status, fields, response.length)
-        if request.requestId:
+        if requestId:
             # Never in the response already (see answering.respond).
             ids = connection.factory.requestIds
             if ids is not None:
-                headers.append((ids.name, request.requestId))
+                headers.append((ids.name, requestId))
         body = response.body
         if body is None:
             self.endPending = True
@@ -268,7 +281,8 @@ class Stream:
                 # The whole body at hand (most small responses): with its
                 # head, without the body's protocol.
                 if data and not self.noBody:
-                    call.sent = len(data)
+                    if call is not None:
+                        call.sent = len(data)
                     self.pending.append(data)
                     self.held += len(data)
                     connection.held += len(data)
@@ -276,6 +290,7 @@ class Stream:
                 connection.push(self)
                 connection.checkHeld(self)
                 return
+        assert call is not None
         self.delivering = True
         body.deliverBody(call)
         self.delivering = False
@@ -295,14 +310,8 @@ class Stream:
         self.answered = True
         # Refused before routing: the global pages.
         response = errorResponse(status, pagesFor(None, self.connection.factory.currentRuntime))
-        self.headers = responseHeaders(status, response.fields, response.length)
-        body = response.body.takeBody()  # type: ignore[union-attr]
-        assert body is not None
-        self.pending.append(body)
-        self.held += len(body)
-        self.connection.held += len(body)
-        self.endPending = True
-        self.connection.push(self)
+        if not self.connection.parks(self, response):
+            self.start(response)
 
     def _pages(self, call: Call) -> ErrorPages | None:
         """The custom error pages of C{call} (L{pagesFor})."""

@@ -10,8 +10,13 @@ pass (L{edgeproxy.http.h2.sending.sendWhole}); anything else through the
 library's public calls, a frame at a time as the windows allow.  What the
 streams hold is counted per stream and for the connection, and the body
 sources are paused past the listener's bounds and resumed once half of it
-is written (L{Writing.checkHeld}).  What is written goes to the transport
-once per read of the client's bytes, or once per answer outside one.
+is written (L{Writing.checkHeld}).  A body handed over whole has no source
+to pause: past the connection's bound no response is started at all (its
+body not taken, nor its source read); they wait, in the order they came,
+until half of it is written (L{Writing.parks}).  What is written goes to
+the transport once per read of the client's bytes, or once per answer
+outside one, and whenever a connection's bound of it is framed, so that
+the transport can pause the connection when its own buffer is full.
 
 A stream ends when both sides have ended it, or when either resets it; its
 call ends when its answer is written (or cut short), and bytes held back
@@ -31,7 +36,8 @@ from edgeproxy._compat.h2 import prune
 from edgeproxy.http.h2.guard import RESETS
 from edgeproxy.http.h2.sending import sendWhole
 from edgeproxy.http.h2.stream import Stream
-from edgeproxy.pipeline.call import Call
+from edgeproxy.pipeline.call import Call, discardResponse
+from edgeproxy.pipeline.values import Response
 
 __all__ = ["Writing"]
 
@@ -49,7 +55,7 @@ class Writing:
 
     __slots__ = (
         "held", "_waiting", "_out", "_writePaused", "_connFull", "_receiving", "_calls",
-        "_streamLimit", "_connLimit",
+        "_streamLimit", "_connLimit", "_parked", "_starting", "_unflushed",
     )
 
     factory: Any
@@ -72,6 +78,9 @@ class Writing:
         self._calls = 0
         self._streamLimit = streamLimit
         self._connLimit = connLimit
+        self._parked: dict[Stream, None] = {}
+        self._starting = False
+        self._unflushed = 0
 
     def _loseConnection(self) -> None:
         raise NotImplementedError()
@@ -104,6 +113,7 @@ class Writing:
                             self._out.append(waiting)
                         self._out.append(frames)
                         self._localEnd(stream)
+                        self._framed(len(frames))
                         if not self._receiving:
                             self._flush()
                         return
@@ -131,6 +141,9 @@ class Writing:
                             size = room
                         sent += size
                         window -= size
+                        self._framed(size)
+                        if self._writePaused:
+                            break
                     if sent:
                         stream.held -= sent
                         self.held -= sent
@@ -174,6 +187,43 @@ class Writing:
         if not self._receiving:
             self._flush()
 
+    def parks(self, stream: Stream, response: Response) -> bool:
+        """
+        Whether C{stream}'s C{response} waits its turn, unstarted: while the
+        connection holds more than its bound (or others wait before it).
+        """
+        if not self._connFull and not self._parked:
+            return False
+        stream.parked = response
+        self._parked[stream] = None
+        return True
+
+    def _startParked(self) -> None:
+        """Start the responses that wait, in order, while there is room."""
+        if self._starting:
+            return
+        self._starting = True
+        try:
+            parked = self._parked
+            while parked and not self._connFull and not self._closing:
+                stream = next(iter(parked))
+                del parked[stream]
+                response, stream.parked = stream.parked, None
+                if response is not None:
+                    stream.start(response)
+        finally:
+            self._starting = False
+
+    def _framed(self, size: int) -> None:
+        """
+        C{size} bytes were framed: past the connection's bound they go to
+        the transport now (which pauses the connection when its buffer is
+        full) rather than at the end of the read.
+        """
+        self._unflushed += size
+        if self._unflushed >= self._connLimit:
+            self._flush()
+
     def checkHeld(self, stream: Stream) -> None:
         """Pause body sources past the bounds of what is held."""
         if stream.held > self._streamLimit and not stream.producerPaused:
@@ -189,14 +239,17 @@ class Writing:
                     other.producerPaused = True
                     producer.pauseProducing()
 
-    def _released(self, stream: Stream) -> None:
-        """Resume body sources once half of their bound is gone."""
+    def _released(self, stream: Stream | None) -> None:
+        """
+        Resume body sources, and start the responses that wait, once half
+        of their bound is gone (C{stream}: the one that wrote or went).
+        """
         if self._connFull:
-            if self.held > self._connLimit // 2:
+            if self.held > self._connLimit // 2 or self._closing:
                 return
             self._connFull = False
             streams = [s for s in self._streams.values() if s.producerPaused]
-        elif stream.producerPaused:
+        elif stream is not None and stream.producerPaused:
             streams = [stream]
         else:
             return
@@ -207,6 +260,8 @@ class Writing:
                 producer = other.producer
                 if producer is not None:
                     producer.resumeProducing()
+        if self._parked:
+            self._startParked()
 
     def _pushWaiting(self) -> None:
         receiving = self._receiving
@@ -232,6 +287,7 @@ class Writing:
                 out.append(data)
             data = b"".join(out)
             out.clear()
+        self._unflushed = 0
         if data:
             self.transport.write(data)
 
@@ -269,6 +325,7 @@ class Writing:
         self._streams.pop(stream.id, None)
         self._closeStream(stream, reason)
         self._afterForget()
+        self._released(None)
         if not self._receiving:
             self._flush()
 
@@ -283,6 +340,11 @@ class Writing:
 
     def _closeStream(self, stream: Stream, reason: Failure | None) -> None:
         self._waiting.pop(stream, None)
+        response = stream.parked
+        if response is not None:
+            stream.parked = None
+            self._parked.pop(stream, None)
+            discardResponse(response)
         unacked, stream.unacked = stream.unacked, 0
         if unacked and not self._closing:
             # Bytes held back from a paused body: the connection's window
