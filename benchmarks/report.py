@@ -151,15 +151,16 @@ def formatTable(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-# Issue 5's targets (and issues 11's and 16's), as ratios to nginx with one
+# Issue 5's targets, raised by issue 10 for R1 and R4 (and issues 11's and
+# 16's), as ratios to nginx with one
 # worker in the same run, per core: (label, figure, metric, "min" when the
 # ratio must reach the target or "max" when it must stay under it, first
 # target, where we are going).
 TARGETS: list[tuple[str, str, str, str, float, float]] = [
-    ("R1 requests/s, kept-alive TLS (per core)", "R1", "value", "min", 0.15, 0.35),
+    ("R1 requests/s, kept-alive TLS (per core)", "R1", "value", "min", 0.30, 0.35),
     ("R2 new TLS connections/s (per core)", "R2", "value", "min", 0.6, 0.9),
     ("R3 MiB/s for large bodies (per core)", "R3", "value", "min", 0.5, 0.8),
-    ("R4 KiB per idle TLS connection", "R4", "perConnectionKiB", "max", 1.6, 1.2),
+    ("R4 KiB per idle TLS connection", "R4", "perConnectionKiB", "max", 1.5, 1.2),
     ("p99 at R1 load", "R1", "p99ms", "max", 8.0, 3.0),
     # Issue 11 (the cache): first targets only.
     ("H1 cache hits/s, 1 KiB (per core)", "H1", "value", "min", 0.35, 0.35),
