@@ -15,7 +15,9 @@ Fields of the event (all strings are C{str}, bytes decoded as UTF-8 with
 undecodable bytes kept as C{\\xHH}):
 
   - C{client}: the peer's IP address (the connection's, not a forwarded one)
-  - C{method}, C{target}, C{protocol}: the request line
+  - C{method}, C{target}, C{protocol}: the request line; for a head
+    the parser refused, as far as it was read (bounded) and cut at its
+    spaces, L{None} for what never came
   - C{status}: the response status code (int)
   - C{bytes}: response body bytes written (int)
   - C{referer}, C{user_agent}, C{host}: request fields (the last value),
@@ -123,9 +125,10 @@ def requestFields(call: Any, now: float) -> dict[str, Any]:
     upstreamHead = call.upstreamHead
     return {
         "client": request.connection.peer or None,
-        "method": _text(request.method),
-        "target": _text(request.target),
-        "protocol": _text(request.version),
+        # Empty only for a head refused before its request line was whole.
+        "method": _text(request.method) or None,
+        "target": _text(request.target) or None,
+        "protocol": _text(request.version) or None,
         "status": int(call.status),
         "bytes": int(call.sent),
         "referer": _text(referer[-1]) if referer else None,

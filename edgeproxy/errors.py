@@ -134,6 +134,18 @@ class HeaderFieldsTooLarge(ProxyError):
     status = 431
 
 
+class RequestHeadRefused(ProxyError):
+    """
+    A request head a protocol's reader refused before routing (HTTP/2's
+    field checks; HTTP/1.1's parser answers its own refusals): its status
+    is the instance's (400, 431, 501...).
+    """
+
+    def __init__(self, why: str, status: int) -> None:
+        ProxyError.__init__(self, why)
+        self.status = status
+
+
 class ContentTooLarge(ProxyError):
     status = 413
 

@@ -313,6 +313,38 @@ def test_accessLogAndMetricsThroughTheFactory() -> None:
     assert not pair.factory.inflight
 
 
+def test_refusedHeadsAreLoggedAndCountedAsAnyRequest(readPath: str) -> None:
+    """
+    A stream refused from its fields (431 over the field count, 400 for a
+    scheme HTTP/1.1 cannot carry) is one access-log line and one request
+    in C{edgeproxy_requests}, as over HTTP/1.1; its answer carries the
+    line's request ID and is not to be stored.
+    """
+    from edgeproxy.accesslog import AccessLog, formatCombined
+    from edgeproxy.metrics import Metrics
+    from tests.metricsutil import samplesOf
+
+    pair = Pair(limits=Limits(max_headers=10))
+    events: list[dict[str, Any]] = []
+    pair.factory.accessLog = AccessLog(pair.clock)
+    pair.factory.accessLog.publisher.addObserver(events.append)
+    pair.factory.metrics = Metrics()
+    many = pair.get(request(b"/many", extra=[(b"x-%d" % n, b"v") for n in range(20)]))
+    scheme = pair.get([(b":method", b"GET"), (b":scheme", b"ftp"), (b":authority", b"example.com"), (b":path", b"/s")])
+    assert not pair.stage.requests
+    lines = [formatCombined(event) for event in events]
+    assert len(lines) == 2
+    for stream, status, line in zip((many, scheme), (b"431", b"400"), lines):
+        headers, body, ended = pair.response(stream)
+        assert headers[b":status"] == status and ended
+        assert headers[b"cache-control"] == b"no-store"
+        requestId = headers[b"x-request-id"].decode()
+        assert f" request_id={requestId} route=- upstream=- backend=- " in line
+    assert '"GET /many HTTP/2" 431 ' in lines[0] and '"GET /s HTTP/2" 400 ' in lines[1]
+    samples = samplesOf(pair.factory.metrics.exposition())
+    assert samples[("edgeproxy_requests_total", (("code", "4xx"), ("route", ""), ("upstream", "")))] == 2
+
+
 def test_manyStreamsInterleaved(readPath: str) -> None:
     pair = Pair()
     streams = [pair.get(request(b"/%d" % n)) for n in range(5)]

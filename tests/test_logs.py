@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, LogPublisher, globalLogPublisher
 
+from edgeproxy.accesslog import AccessLog
 from edgeproxy.config.model import Config, Listener, ProxySettings
 from edgeproxy.errors import BadRequest, MisdirectedRequest
 from edgeproxy.http.listener import ListenerFactory
@@ -209,6 +210,31 @@ def test_refusedRequestsLeaveNoProcessLogLineEach(events: list[dict]) -> None:
     reactor.advance(10)
     assert summaries(events) == ["refused 500 requests in the last 10s: 404 no route x 500"]
     assert refusals(reactor) is refusals(reactor)
+
+
+def test_refusedHeadsLeaveNoProcessLogLineEach(events: list[dict]) -> None:
+    """
+    Heads the parser refuses (each on its connection, as a scanner sends
+    them) are access-log lines; the process log has their summary alone.
+    """
+    config = Config(path="/e.ini", proxy=ProxySettings(), tls=None, listeners=(), upstreams={}, routes=())
+    runtime = Runtime(config=config, router=Router(()), pools={})
+    reactor = MemoryReactorClock()
+    accessLog = AccessLog(reactor)
+    lines: list[dict] = []
+    accessLog.publisher.addObserver(lines.append)
+    site = ListenerFactory(lambda: runtime, Listener(name="l", endpoint="tcp:0", tls=False), reactor, accessLog)
+    for n in range(300):
+        protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+        protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", n)))
+        protocol.dataReceived([b"\x16\x03\x01\r\n", b"GET /%d HTTP/9.9\r\n" % n, b"GET / HTTP/1.1\r\nX\r\n\r\n"][n % 3])
+    assert len(lines) == 300
+    processLog = [e for e in events if e.get("log_namespace", "").startswith("edgeproxy.http")]
+    assert processLog == []
+    reactor.advance(10)
+    assert summaries(events) == [
+        "refused 300 requests in the last 10s: 400 malformed request x 200, 505 unsupported version x 100"
+    ]
 
 
 def test_configurationAcceptsWhatLogsKnows() -> None:

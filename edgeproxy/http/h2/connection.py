@@ -451,14 +451,14 @@ class HTTP2Connection(Writing):
         self._streams[streamId] = stream
         if ended:
             stream.remoteEnded = True
-        if isinstance(head, Refused):
-            self.factory.rejected(head.status)
-            stream.reject(head.status)
-            return
         self._dispatch(stream, head)
 
-    def _dispatch(self, stream: Stream, head: RequestHead) -> None:
+    def _dispatch(self, stream: Stream, head: RequestHead | Refused) -> None:
         factory = self.factory
+        refused = None
+        if isinstance(head, Refused):
+            # Answered with its status, logged as any refused request.
+            refused, head = head, head.head
         info = self._info
         if info is None:
             info = self._info = factory.connectionInfo(self.transport)
@@ -471,7 +471,7 @@ class HTTP2Connection(Writing):
             length = 0
             stream.early = []
         request, stages, idleTimeout, maxBody, error = factory.prepare(
-            head.method, head.target, b"HTTP/2", fields, head.host, length, info
+            head.method, head.target, b"HTTP/2", fields, head.host, length, info, refused
         )
         if error is None and head.protocol is not None and (
             request.route is None or not request.route.websocket
