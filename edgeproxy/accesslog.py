@@ -27,9 +27,11 @@ undecodable bytes kept as C{\\xHH}):
     to, or L{None}
   - C{request_id}: the request's ID (L{edgeproxy.headers.requestid}), or
     L{None} with C{request_id = off}
-  - C{backend}: C{host:port} of the backend that answered, or L{None} (no
-    backend answered: a refusal, a cache hit, a backend that failed); only
-    ever written here, never sent to a client
+  - C{backend}: C{host:port} of the backend that answered or, when the
+    request failed on the upstream side (a 502, a 504), the last one
+    tried; L{None} when no backend had a part in it (a refusal, a cache
+    hit, a 503 with none available); only ever written here, never sent
+    to a client
   - C{ttfb}: seconds from the end of the request head to the backend's
     response head (queueing, connecting and retries included), or L{None}
   - C{tls_version} (C{"1.3"}), C{sni}: the connection's TLS version and

@@ -122,6 +122,10 @@ class ProxyError(EdgeProxyError):
     fields: tuple[tuple[bytes, bytes], ...] = ()
     """More fields of the error response (C{WWW-Authenticate}, the
     C{RateLimit} fields), as (lower-case name, value)."""
+    backend: str | None = None
+    """C{host:port} of the backend last tried for the request, when the
+    failure came from the upstream side (a 502, a 504): for the access log,
+    never for the client."""
 
 
 class BadRequest(ProxyError):

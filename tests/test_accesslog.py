@@ -25,7 +25,7 @@ from edgeproxy.accesslog import (
     requestFields,
 )
 from edgeproxy.config.model import AccessLogFormat, ProxySettings, Route, Server, Upstream
-from edgeproxy.errors import BackendUnavailable
+from edgeproxy.errors import BackendUnavailable, ServiceUnavailable
 from edgeproxy.h1 import Fields
 from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline.call import Call
@@ -341,11 +341,13 @@ def test_ttfbIsTheBackendsHeadDurationTheWhole() -> None:
     assert " ttfb=0.100 duration=0.500 " in line
 
 
-def test_noBackendIsDashAndNeverOnTheWire() -> None:
+def test_backendIsLoggedAndNeverOnTheWire() -> None:
     """
-    The backend's address is logged when one answered; a failed backend
-    (502) leaves it C{-} (as a request that was not routed does); the
-    client sees the address in no case (only the log has it).
+    The backend's address is logged when one answered, and when the one
+    tried failed (the pool names it on the failure); a failure no backend
+    had a part in (503, no server available) leaves it C{-}, as a request
+    that was not routed does; the client sees the address in no case (only
+    the log has it).
     """
 
     def answered(client: ProxyClient) -> None:
@@ -358,12 +360,53 @@ def test_noBackendIsDashAndNeverOnTheWire() -> None:
     assert b"10.9.8.7" not in client.wire() and b"8443" not in client.wire()
 
     def failed(client: ProxyClient) -> None:
-        client.sent[-1].fail(BackendUnavailable("connect to 10.9.8.7:8443 refused"))
+        error = BackendUnavailable("connect to 10.9.8.7:8443 refused")
+        error.backend = "10.9.8.7:8443"
+        client.sent[-1].fail(error)
 
     record, line, client = serveWith(failed)
-    assert (record["status"], record["backend"], record["ttfb"]) == (502, None, None)
+    assert (record["status"], record["backend"], record["ttfb"]) == (502, "10.9.8.7:8443", None)
+    assert " upstream=backend backend=10.9.8.7:8443 ttfb=- " in line
+    assert b"10.9.8.7" not in client.wire() and b"8443" not in client.wire()
+
+    def unavailable(client: ProxyClient) -> None:
+        client.sent[-1].fail(ServiceUnavailable("upstream backend: no server available"))
+
+    record, line, client = serveWith(unavailable)
+    assert (record["status"], record["backend"]) == (503, None)
     assert " upstream=backend backend=- ttfb=- " in line
-    assert b"10.9.8.7" not in client.wire()
+
+
+@pytest.mark.parametrize("failure", ["refused", "timeout"])
+def test_failedBackendIsTheLastOneTried(failure: str) -> None:
+    """
+    Through the real pool: a 502 on a refused connection and a 504 after
+    C{response_timeout} name the backend that was tried (the slow or broken
+    case is the one an operator looks for); C{ttfb} stays C{-}, as no
+    response head came.
+    """
+    from twisted.internet.error import ConnectionRefusedError
+
+    from tests.test_pool import MemoryEndpoint
+    from tests.test_pool import MemoryPool as RealPool
+
+    clock = MemoryReactorClock()
+    clock.advance(NOW)
+    upstream = Upstream(name="backend", servers=(Server("10.0.0.1", 8080),), response_timeout=5.0)
+    pool = RealPool(clock, upstream, None)
+    pool.endpoint = MemoryEndpoint(ConnectionRefusedError() if failure == "refused" else None)
+    events: list[dict[str, Any]] = []
+    accessLog = AccessLog(clock)
+    accessLog.publisher.addObserver(events.append)
+    client = ProxyClient(pool=pool, routes=(ROUTE,), clock=clock, accessLog=accessLog)  # type: ignore[arg-type]
+    client.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(5)
+    status = 502 if failure == "refused" else 504
+    assert client.wire().startswith(b"HTTP/1.1 %d " % status)
+    assert b"10.0.0.1" not in client.wire() and b"8080" not in client.wire()
+    [event] = events
+    assert (event["status"], event["backend"], event["ttfb"]) == (status, "10.0.0.1:8080", None)
+    assert " upstream=backend backend=10.0.0.1:8080 ttfb=- " in formatCombined(event)
 
 
 def test_requestIdIsTheOneSentAndReturned() -> None:

@@ -436,6 +436,9 @@ class Exchange:
             self.stopTimer()
         if code is not None:
             self.pool.metrics.upstreamFailed(self.pool.upstream.name, code)
+        if self.triedOrder and isinstance(error, ProxyError):
+            # The access log's backend (never sent to the client).
+            error.backend = self.triedOrder[-1].address
         body = self.body
         if body is not None and not isinstance(error, CancelledError):
             # No further attempt: let the rest of the body drain.
