@@ -11,6 +11,8 @@ import base64
 import hashlib
 from typing import Any
 
+import h2.config
+import h2.connection
 import h2.events
 import h2.settings
 from hyperframe.frame import (
@@ -1178,6 +1180,41 @@ def test_anyFrameSequenceEndsCleanly(frames: list[Any], chunk: int) -> None:
     finally:
         globalLogPublisher.removeObserver(observe)
     assert not failures, failures
+
+
+def test_clientErrorsAreCountedNotLoggedEach(readPath: str) -> None:
+    """
+    Connections a client ends with a protocol error (here a HEADERS frame
+    on a stream it may not open) are C{debug} lines; the process log gets
+    one count per interval, by the error code's name.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.logger import LogLevel, formatEvent
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        pair = Pair()
+        for port in range(300):
+            transport = StringTransport()
+            transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+            connection = pair.factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", port))
+            connection.makeConnection(transport)
+            client = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=True, header_encoding=None)
+            )
+            client.initiate_connection()
+            bad = HeadersFrame(2, flags=["END_HEADERS", "END_STREAM"])
+            bad.data = client.encoder.encode(request())
+            connection.dataReceived(client.data_to_send() + bad.serialize())
+            assert transport.disconnecting
+        pair.clock.advance(10)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    shown = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
+    assert shown == ["repeated in the last 10s: HTTP/2 client error PROTOCOL_ERROR x 300"]
+    debug = [formatEvent(e) for e in events if e["log_level"] == LogLevel.debug]
+    assert debug.count("HTTP/2 client error PROTOCOL_ERROR: Invalid stream ID for peer.") == 300
 
 
 # WebSockets over HTTP/2 (RFC 8441) ----------------------------------------------

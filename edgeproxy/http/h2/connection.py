@@ -74,6 +74,7 @@ from edgeproxy.errors import ProxyError
 from edgeproxy.http.h2.guard import RESETS, FrameGuard, Violation
 from edgeproxy.http.h2.head import Malformed, Refused, RequestHead, readRequestHead
 from edgeproxy.http.h2.hpackcache import CachingDecoder, CachingEncoder
+from edgeproxy.http.h2.notes import clientError
 from edgeproxy.http.h2.stream import Stream
 from edgeproxy.http.h2.writing import Writing
 from edgeproxy.pipeline.call import Call
@@ -344,7 +345,7 @@ class HTTP2Connection(Writing):
             events = self._h2.receive_data(data)
         except ProtocolError as error:
             # The library has queued its GOAWAY with the error's code.
-            log.info("HTTP/2 client error: {why}", why=str(error) or type(error).__name__)
+            clientError(self.clock, error)
             self._fatal()
             return
         except Exception:
@@ -390,7 +391,7 @@ class HTTP2Connection(Writing):
             try:
                 headers = openStream(h2, streamId, data[start:end], ended)
             except ProtocolError as error:
-                log.info("HTTP/2 client error: {why}", why=str(error) or type(error).__name__)
+                clientError(self.clock, error)
                 self._fatal()
                 return
             except Exception:
