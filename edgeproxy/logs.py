@@ -112,7 +112,9 @@ _PRIORITIES = {
 # Twisted, noise for an operator (and "object at 0x..." says nothing).
 _CHATTER = re.compile(
     r"(Starting|Stopping) factory "
-    r"|\S+( \(TLS\))? starting on \S+\Z"
+    # "<the port's log prefix> starting on <port>": a prefix may hold
+    # spaces ("EdgeSite (TLS)", "supervisor (for the workers)").
+    r"|.+ starting on \S+\Z"
     r"|\((TCP|UDP|UNIX) Port \S+ Closed\)\Z"
     r"|\(Port \S+ Closed\)\Z"
     r"|reactor class: "

@@ -65,6 +65,7 @@ def test_twistedChatterIsDebug() -> None:
     factory = object()
     log.info("Starting factory {factory!r}", factory=factory)
     log.info("EdgeSite (TLS) starting on 8443")
+    log.info("supervisor (for the workers) starting on 18443")
     log.info("(TCP Port 8443 Closed)")
     log.info("Stopping factory {factory!r}", factory=factory)
     log.info("Listening on 127.0.0.1:8443 for [listen:https] (https)")
