@@ -78,6 +78,7 @@ __all__ = [
     "ProcessLogObserver",
     "makeObserver",
     "journalPriority",
+    "isJournal",
     "levelOf",
     "shown",
     "RefusalSummary",
@@ -153,7 +154,7 @@ policy = LogPolicy()
 """The process's log policy."""
 
 
-def _journalStream(stream: TextIO, environ: Mapping[str, str]) -> bool:
+def isJournal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
     """
     Whether C{stream} is the journal: C{$JOURNAL_STREAM} is the
     C{device:inode} of the stream systemd connected, and is inherited by
@@ -229,7 +230,7 @@ class ProcessLogObserver:
     ) -> None:
         self._stream = stream
         self._policy = policy if logPolicy is None else logPolicy
-        self._journal = _journalStream(stream, environ)
+        self._journal = isJournal(stream, environ)
 
     def _prefixed(self) -> bool:
         mode = self._policy.format
