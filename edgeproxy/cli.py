@@ -183,10 +183,12 @@ def placed(config: Config, error: ConfigError) -> ConfigError:
     if config.source is None or error.section is None:
         return error
     file, line = config.source.where(error.section, error.key)
-    if file is None or (error.file in config.source.files and error.line is not None):
+    # The configuration's files, however their paths are spelled.
+    inConfiguration = error.file is not None and os.path.abspath(error.file) in config.source.files
+    if file is None or (inConfiguration and error.line is not None):
         return error
     message = error.message
-    if error.file is not None and error.file not in config.source.files and error.file not in message:
+    if error.file is not None and not inConfiguration and error.file not in message:
         message = f"{error.file}: {message}"
     return type(error)(message, file, error.section, error.key, line)
 
