@@ -15,7 +15,9 @@ Fields of the event (all strings are C{str}, bytes decoded as UTF-8 with
 undecodable bytes kept as C{\\xHH}):
 
   - C{client}: the peer's IP address (the connection's, not a forwarded one)
-  - C{method}, C{target}, C{protocol}: the request line
+  - C{method}, C{target}, C{protocol}: the request line; for a head
+    the parser refused, as far as it was read (bounded) and cut at its
+    spaces, L{None} for what never came
   - C{status}: the response status code (int)
   - C{bytes}: response body bytes written (int)
   - C{referer}, C{user_agent}, C{host}: request fields (the last value),
@@ -25,9 +27,11 @@ undecodable bytes kept as C{\\xHH}):
     to, or L{None}
   - C{request_id}: the request's ID (L{edgeproxy.headers.requestid}), or
     L{None} with C{request_id = off}
-  - C{backend}: C{host:port} of the backend that answered, or L{None} (no
-    backend answered: a refusal, a cache hit, a backend that failed); only
-    ever written here, never sent to a client
+  - C{backend}: C{host:port} of the backend that answered or, when the
+    request failed on the upstream side (a 502, a 504), the last one
+    tried; L{None} when no backend had a part in it (a refusal, a cache
+    hit, a 503 with none available); only ever written here, never sent
+    to a client
   - C{ttfb}: seconds from the end of the request head to the backend's
     response head (queueing, connecting and retries included), or L{None}
   - C{tls_version} (C{"1.3"}), C{sni}: the connection's TLS version and
@@ -123,9 +127,10 @@ def requestFields(call: Any, now: float) -> dict[str, Any]:
     upstreamHead = call.upstreamHead
     return {
         "client": request.connection.peer or None,
-        "method": _text(request.method),
-        "target": _text(request.target),
-        "protocol": _text(request.version),
+        # Empty only for a head refused before its request line was whole.
+        "method": _text(request.method) or None,
+        "target": _text(request.target) or None,
+        "protocol": _text(request.version) or None,
         "status": int(call.status),
         "bytes": int(call.sent),
         "referer": _text(referer[-1]) if referer else None,

@@ -12,7 +12,11 @@ expiry (and which one serves a name on several), routes and upstreams.  It
 exits 0 when the configuration is valid and 2 when it is not, with every
 problem it found on standard error, one per line as C{file:line: [section]
 key: message}, so it fits in a deployment script, an C{ExecStartPre=} line
-before a restart, or C{ExecReload=} before the reload signal.
+before a restart, or C{ExecReload=} before the reload signal.  When standard
+error is the journal (C{$JOURNAL_STREAM}, as under those lines), the
+problems are led by a line saying the configuration is refused, and each
+line has the error priority C{<3>} (C{sd-daemon(3)}), so that a refused
+C{systemctl reload} or start shows in C{journalctl -p warning}.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from edgeproxy.config.model import Config, Listener, Upstream
 from edgeproxy.config.syntax import checkEndpoint
 from edgeproxy.config.units import formatDuration, formatSize
 from edgeproxy.errors import ConfigError, ConfigErrors
+from edgeproxy.logs import isJournal
 from edgeproxy.routing import Router
 from edgeproxy.tls.certs import CertificateSet
 from edgeproxy.tls.client import loadUpstreamTLS
@@ -116,7 +121,7 @@ def check(
     try:
         config = load(path, environ)
     except ConfigError as e:
-        err.write(f"{e}\n")
+        _refused(err, path, e, os.environ if environ is None else environ)
         return EXIT_INVALID
 
     problems: list[ConfigError] = []
@@ -142,11 +147,28 @@ def check(
         except OSError as e:
             problems.append(ConfigError(str(e.strerror or e), e.filename, f"upstream:{upstream.name}"))
     if problems:
-        err.write(f"{ConfigErrors([placed(config, error) for error in problems])}\n")
+        refusal = ConfigErrors([placed(config, error) for error in problems])
+        _refused(err, path, refusal, os.environ if environ is None else environ)
         return EXIT_INVALID
 
     _Summary(config, certificates, now, out).write()
     return EXIT_OK
+
+
+def _refused(err: TextIO, path: str, error: ConfigError, environ: Mapping[str, str]) -> None:
+    """
+    Write the problems of C{error} to C{err}, one per line; to the journal
+    led by a line saying C{path} is refused, each line with the error
+    priority (see the module docstring).
+    """
+    text = str(error)
+    if not isJournal(err, environ):
+        err.write(f"{text}\n")
+        return
+    count = len(error.errors) if isinstance(error, ConfigErrors) else 1
+    lines = [f"edgeproxy check: configuration refused: {path} ({count} problem{'s' if count > 1 else ''})"]
+    lines += text.split("\n")
+    err.write("".join(f"<3>{line}\n" for line in lines))
 
 
 def placed(config: Config, error: ConfigError) -> ConfigError:
@@ -161,10 +183,12 @@ def placed(config: Config, error: ConfigError) -> ConfigError:
     if config.source is None or error.section is None:
         return error
     file, line = config.source.where(error.section, error.key)
-    if file is None or (error.file in config.source.files and error.line is not None):
+    # The configuration's files, however their paths are spelled.
+    inConfiguration = error.file is not None and os.path.abspath(error.file) in config.source.files
+    if file is None or (inConfiguration and error.line is not None):
         return error
     message = error.message
-    if error.file is not None and error.file not in config.source.files and error.file not in message:
+    if error.file is not None and not inConfiguration and error.file not in message:
         message = f"{error.file}: {message}"
     return type(error)(message, file, error.section, error.key, line)
 

@@ -11,6 +11,8 @@ else.  Nothing here imports Twisted.
 
 from __future__ import annotations
 
+import os
+
 
 class EdgeProxyError(Exception):
     """
@@ -75,17 +77,21 @@ class ConfigErrors(ConfigError):
     def __init__(self, errors: list[ConfigError], files: tuple[str, ...] = ()) -> None:
         """
         @param files: the order of files in the result (the main file, then
-            its includes); other files follow in order of appearance.
+            its includes, in the order they were read); other files follow
+            in order of appearance.  A file is the same however its path is
+            spelled (C{edge.ini}, C{/etc/edgeproxy/edge.ini}).
         """
         flat: list[ConfigError] = []
         for error in errors:
             flat.extend(error.errors if isinstance(error, ConfigErrors) else [error])
         if not flat:
             raise ValueError("ConfigErrors needs at least one error")
-        rank = {name: index for index, name in enumerate(files)}
+        rank: dict[str, int] = {}
+        for name in files:
+            rank.setdefault(_fileKey(name), len(rank))
         for error in flat:
-            rank.setdefault(error.file or "", len(rank))
-        ordered = sorted(flat, key=lambda error: (rank[error.file or ""], error.line or 0))
+            rank.setdefault(_fileKey(error.file), len(rank))
+        ordered = sorted(flat, key=lambda error: (rank[_fileKey(error.file)], error.line or 0))
         self.errors: tuple[ConfigError, ...] = tuple(ordered)
         """Each problem, in file and line order."""
         first = self.errors[0]
@@ -100,6 +106,10 @@ class ConfigErrors(ConfigError):
         if len(errors) == 1:
             return errors[0]
         return cls(errors, files)
+
+
+def _fileKey(name: str | None) -> str:
+    return os.path.abspath(name) if name else ""
 
 
 class CertificateError(ConfigError):
@@ -122,6 +132,10 @@ class ProxyError(EdgeProxyError):
     fields: tuple[tuple[bytes, bytes], ...] = ()
     """More fields of the error response (C{WWW-Authenticate}, the
     C{RateLimit} fields), as (lower-case name, value)."""
+    backend: str | None = None
+    """C{host:port} of the backend last tried for the request, when the
+    failure came from the upstream side (a 502, a 504): for the access log,
+    never for the client."""
 
 
 class BadRequest(ProxyError):
@@ -132,6 +146,18 @@ class BadRequest(ProxyError):
 
 class HeaderFieldsTooLarge(ProxyError):
     status = 431
+
+
+class RequestHeadRefused(ProxyError):
+    """
+    A request head a protocol's reader refused before routing (HTTP/2's
+    field checks; HTTP/1.1's parser answers its own refusals): its status
+    is the instance's (400, 431, 501...).
+    """
+
+    def __init__(self, why: str, status: int) -> None:
+        ProxyError.__init__(self, why)
+        self.status = status
 
 
 class ContentTooLarge(ProxyError):

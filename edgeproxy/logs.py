@@ -35,6 +35,18 @@ L{RefusalSummary}
 
     Call L{RefusalSummary.note} once per refusal.
 
+L{Repeats}
+    Notes an operator needs once, not once per request or connection: a
+    backend failing every request sent to it, a request not retried, a
+    client's HTTP/2 errors.  The first of each kind in an interval is
+    logged in full at its level, the others at C{debug}, and one line at
+    the end of the interval counts them::
+
+        upstream app backend 10.0.0.1:8080 failed: 502 connect failed: ConnectionRefusedError: ...
+        repeated in the last 10s: upstream app backend 10.0.0.1:8080 failed (502 connect_failed) x 1,086; upstream app: GET not retried (retry budget spent) x 898
+
+    Call L{Repeats.emit} instead of the logger's method.
+
 Nothing here imports the global reactor: clocks are passed in.
 """
 
@@ -66,10 +78,13 @@ __all__ = [
     "ProcessLogObserver",
     "makeObserver",
     "journalPriority",
+    "isJournal",
     "levelOf",
     "shown",
     "RefusalSummary",
     "refusals",
+    "Repeats",
+    "repeats",
     "reasonOf",
     "formatAddress",
 ]
@@ -98,7 +113,9 @@ _PRIORITIES = {
 # Twisted, noise for an operator (and "object at 0x..." says nothing).
 _CHATTER = re.compile(
     r"(Starting|Stopping) factory "
-    r"|\S+( \(TLS\))? starting on \S+\Z"
+    # "<the port's log prefix> starting on <port>": a prefix may hold
+    # spaces ("EdgeSite (TLS)", "supervisor (for the workers)").
+    r"|.+ starting on \S+\Z"
     r"|\((TCP|UDP|UNIX) Port \S+ Closed\)\Z"
     r"|\(Port \S+ Closed\)\Z"
     r"|reactor class: "
@@ -137,7 +154,7 @@ policy = LogPolicy()
 """The process's log policy."""
 
 
-def _journalStream(stream: TextIO, environ: Mapping[str, str]) -> bool:
+def isJournal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:
     """
     Whether C{stream} is the journal: C{$JOURNAL_STREAM} is the
     C{device:inode} of the stream systemd connected, and is inherited by
@@ -213,7 +230,7 @@ class ProcessLogObserver:
     ) -> None:
         self._stream = stream
         self._policy = policy if logPolicy is None else logPolicy
-        self._journal = _journalStream(stream, environ)
+        self._journal = isJournal(stream, environ)
 
     def _prefixed(self) -> bool:
         mode = self._policy.format
@@ -352,6 +369,100 @@ def refusals(clock: IReactorTime) -> RefusalSummary:
     if summary is None:
         summary = _byClock[clock] = RefusalSummary(clock)
     return summary
+
+
+class Repeats:
+    """
+    Logs the first note of each kind per C{interval} in full, the others
+    at C{debug}, and one line per interval with how many there were of
+    each kind (see the module docstring).  An interval without a note
+    logs nothing; a kind noted once, in full at C{info} or above, is left
+    out of the count.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        interval: float = 10.0,
+        log: Logger | None = None,
+        maxKinds: int = 64,
+    ) -> None:
+        """
+        @param clock: schedules the count at the end of an interval.
+        @param interval: seconds from the first note to the count.
+        @param maxKinds: distinct kinds told apart per interval; notes of
+            others are logged at C{debug} only and counted as C{"other"}, so
+            that neither the line nor memory grows without bound.
+        """
+        # Any: mypy reads zope interfaces' methods as taking self.
+        self._clock: Any = clock
+        self._interval = interval
+        self._log = log if log is not None else Logger(namespace="edgeproxy.repeats")
+        self._maxKinds = maxKinds
+        self._kinds: dict[str, list[Any]] = {}
+        self._pending: Any = None
+
+    def emit(self, logger: Logger, level: LogLevel, kind: str, format: str, **fields: Any) -> None:
+        """
+        Log C{format} with C{fields} through C{logger} at C{level} when it
+        is the first of C{kind} in this interval, else at C{debug}; count
+        it either way.
+
+        @param kind: what the count names, of bounded variety (an
+            upstream, a backend, a reason label: never client input).
+        """
+        kinds = self._kinds
+        seen = kinds.get(kind)
+        if seen is None:
+            if len(kinds) >= self._maxKinds:
+                kind, level = "other", LogLevel.debug
+                seen = kinds.get(kind)
+            if seen is None:
+                seen = kinds[kind] = [0, level]
+                logger.emit(level, format, **fields)
+            else:
+                logger.emit(LogLevel.debug, format, **fields)
+        else:
+            logger.emit(LogLevel.debug, format, **fields)
+        seen[0] += 1
+        if self._pending is None:
+            self._pending = self._clock.callLater(self._interval, self.flush)
+
+    def flush(self) -> None:
+        """Log the count of the interval so far, if there is one, and start over."""
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        kinds, self._kinds = self._kinds, {}
+        counted = [
+            (kind, count, level)
+            for kind, (count, level) in kinds.items()
+            if count > 1 or level < LogLevel.info
+        ]
+        if not counted:
+            return
+        counted.sort(key=lambda item: -item[1])
+        level = max(max(item[2] for item in counted), LogLevel.info)
+        self._log.emit(
+            level,
+            "repeated in the last {interval}: {summary}",
+            interval=_seconds(self._interval),
+            summary="; ".join(f"{kind} x {count:,}" for kind, count, _ in counted),
+            repeated={kind: count for kind, count, _ in counted},
+        )
+
+
+_repeatsByClock: weakref.WeakKeyDictionary[Any, Repeats] = weakref.WeakKeyDictionary()
+
+
+def repeats(clock: IReactorTime) -> Repeats:
+    """
+    The one L{Repeats} of C{clock} (the reactor), made at its first use.
+    """
+    found = _repeatsByClock.get(clock)
+    if found is None:
+        found = _repeatsByClock[clock] = Repeats(clock)
+    return found
 
 
 def formatAddress(address: Any) -> str:

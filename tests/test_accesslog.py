@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
@@ -24,11 +25,13 @@ from edgeproxy.accesslog import (
     requestFields,
 )
 from edgeproxy.config.model import AccessLogFormat, ProxySettings, Route, Server, Upstream
-from edgeproxy.errors import BackendUnavailable
+from edgeproxy.errors import BackendUnavailable, ServiceUnavailable
 from edgeproxy.h1 import Fields
+from edgeproxy.metrics import Metrics
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.testing import RecordingClient, makeRequest
 from tests.memorypool import MemoryPool, MemoryResponse, ProxyClient, fixedIds
+from tests.metricsutil import samplesOf
 
 # 2026-11-27 19:05:01.250 UTC
 NOW = 1795806301.25
@@ -338,11 +341,13 @@ def test_ttfbIsTheBackendsHeadDurationTheWhole() -> None:
     assert " ttfb=0.100 duration=0.500 " in line
 
 
-def test_noBackendIsDashAndNeverOnTheWire() -> None:
+def test_backendIsLoggedAndNeverOnTheWire() -> None:
     """
-    The backend's address is logged when one answered; a failed backend
-    (502) leaves it C{-} (as a request that was not routed does); the
-    client sees the address in no case (only the log has it).
+    The backend's address is logged when one answered, and when the one
+    tried failed (the pool names it on the failure); a failure no backend
+    had a part in (503, no server available) leaves it C{-}, as a request
+    that was not routed does; the client sees the address in no case (only
+    the log has it).
     """
 
     def answered(client: ProxyClient) -> None:
@@ -355,12 +360,53 @@ def test_noBackendIsDashAndNeverOnTheWire() -> None:
     assert b"10.9.8.7" not in client.wire() and b"8443" not in client.wire()
 
     def failed(client: ProxyClient) -> None:
-        client.sent[-1].fail(BackendUnavailable("connect to 10.9.8.7:8443 refused"))
+        error = BackendUnavailable("connect to 10.9.8.7:8443 refused")
+        error.backend = "10.9.8.7:8443"
+        client.sent[-1].fail(error)
 
     record, line, client = serveWith(failed)
-    assert (record["status"], record["backend"], record["ttfb"]) == (502, None, None)
+    assert (record["status"], record["backend"], record["ttfb"]) == (502, "10.9.8.7:8443", None)
+    assert " upstream=backend backend=10.9.8.7:8443 ttfb=- " in line
+    assert b"10.9.8.7" not in client.wire() and b"8443" not in client.wire()
+
+    def unavailable(client: ProxyClient) -> None:
+        client.sent[-1].fail(ServiceUnavailable("upstream backend: no server available"))
+
+    record, line, client = serveWith(unavailable)
+    assert (record["status"], record["backend"]) == (503, None)
     assert " upstream=backend backend=- ttfb=- " in line
-    assert b"10.9.8.7" not in client.wire()
+
+
+@pytest.mark.parametrize("failure", ["refused", "timeout"])
+def test_failedBackendIsTheLastOneTried(failure: str) -> None:
+    """
+    Through the real pool: a 502 on a refused connection and a 504 after
+    C{response_timeout} name the backend that was tried (the slow or broken
+    case is the one an operator looks for); C{ttfb} stays C{-}, as no
+    response head came.
+    """
+    from twisted.internet.error import ConnectionRefusedError
+
+    from tests.test_pool import MemoryEndpoint
+    from tests.test_pool import MemoryPool as RealPool
+
+    clock = MemoryReactorClock()
+    clock.advance(NOW)
+    upstream = Upstream(name="backend", servers=(Server("10.0.0.1", 8080),), response_timeout=5.0)
+    pool = RealPool(clock, upstream, None)
+    pool.endpoint = MemoryEndpoint(ConnectionRefusedError() if failure == "refused" else None)
+    events: list[dict[str, Any]] = []
+    accessLog = AccessLog(clock)
+    accessLog.publisher.addObserver(events.append)
+    client = ProxyClient(pool=pool, routes=(ROUTE,), clock=clock, accessLog=accessLog)  # type: ignore[arg-type]
+    client.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(5)
+    status = 502 if failure == "refused" else 504
+    assert client.wire().startswith(b"HTTP/1.1 %d " % status)
+    assert b"10.0.0.1" not in client.wire() and b"8080" not in client.wire()
+    [event] = events
+    assert (event["status"], event["backend"], event["ttfb"]) == (status, "10.0.0.1:8080", None)
+    assert " upstream=backend backend=10.0.0.1:8080 ttfb=- " in formatCombined(event)
 
 
 def test_requestIdIsTheOneSentAndReturned() -> None:
@@ -416,3 +462,107 @@ def test_refusedLineEndsWithItsRule() -> None:
     assert [pair.split("=", 1)[0] for pair in pairs] == [
         "request_id", "route", "upstream", "backend", "ttfb", "duration", "tls_version", "sni",
     ]
+
+
+# Heads refused by the parser ----------------------------------------------
+
+REFUSED_HEADS = [
+    # (id, bytes, status, the access log's request line)
+    ("bad-field", b"GET /a HTTP/1.1\r\nHost: h\r\nX A: 1\r\n\r\n", 400, "GET /a HTTP/1.1"),
+    ("tls-hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\nmore", 400,
+     "\\x16\\x03\\x01\\x02\\x00\\x01\\x00\\x01\\xFC\\x03\\x03 - -"),
+    ("long-line", b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n", 414, "GET /" + "a" * 1019 + " -"),
+    ("many-fields", b"GET /f HTTP/1.1\r\nHost: h\r\n" + b"X-A: 1\r\n" * 200 + b"\r\n", 431, "GET /f HTTP/1.1"),
+    ("te-gzip", b"POST /t HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, "POST /t HTTP/1.1"),
+    ("http-2.0", b"GET /v HTTP/2.0\r\nHost: h\r\n\r\n", 505, "GET /v HTTP/2.0"),
+]
+
+
+@pytest.mark.parametrize(
+    "raw,status,line", [case[1:] for case in REFUSED_HEADS], ids=[case[0] for case in REFUSED_HEADS]
+)
+def test_refusedHeadIsOneLineAndOneRequest(raw: bytes, status: int, line: str) -> None:
+    """
+    A head the parser refuses is a request like any other in the access log
+    (its line as far as it was read, bounded) and in C{edgeproxy_requests};
+    its answer carries the ID the line has, and is not to be stored.
+    """
+    clock = MemoryReactorClock()
+    clock.advance(NOW)
+    out = io.StringIO()
+    accessLog = AccessLog(clock, LineWriter(formatCombined, stream=out))
+    metrics = Metrics()
+    client = ProxyClient(
+        pool=MemoryPool(UPSTREAM), routes=(ROUTE,), clock=clock, accessLog=accessLog, metrics=metrics,
+        peer=IPv4Address("TCP", "203.0.113.9", 54321),
+    )
+    client.send(raw)
+    wire = client.wire()
+    head, _, body = wire.partition(b"\r\n\r\n")
+    fields = dict(field.split(b": ", 1) for field in head.split(b"\r\n")[1:])
+    assert head.startswith(b"HTTP/1.1 %d " % status) and client.transport.disconnecting
+    assert fields[b"Cache-Control"] == b"no-store"
+    requestId = fields[b"X-Request-ID"].decode()
+    assert len(requestId) == 32
+    [logged] = out.getvalue().splitlines()
+    assert logged == (
+        f'203.0.113.9 - - [27/Nov/2026:19:05:01 +0000] "{line}" {status} {len(body)} "-" "-" '
+        f"request_id={requestId} route=- upstream=- backend=- ttfb=- duration=0.000 tls_version=- sni=-"
+    )
+    samples = samplesOf(metrics.exposition())
+    code = "5xx" if status >= 500 else "4xx"
+    assert samples[("edgeproxy_requests_total", (("code", code), ("route", ""), ("upstream", "")))] == 1
+
+
+def test_refusedHeadLineInJSON() -> None:
+    """JSON keeps what the line had; what was never read is null."""
+    clock = MemoryReactorClock()
+    events: list[dict[str, Any]] = []
+    accessLog = AccessLog(clock)
+    accessLog.publisher.addObserver(events.append)
+    client = connect(accessLog, clock)
+    client.send(b"\x16\x03\x01\x02\x00\r\n")
+    [event] = events
+    from edgeproxy.accesslog import formatJSON
+
+    record = json.loads(formatJSON(event))
+    assert (record["method"], record["target"], record["protocol"]) == ("\x16\x03\x01\x02\x00", None, None)
+    assert (record["status"], record["request_id"], record["route"]) == (400, ID, None)
+
+
+def test_headDeadlineIsOneLineOnceAByteCame() -> None:
+    """
+    408: a head begun and not finished in time is a request refused; a
+    connection that sent nothing made no request, and has no line (browsers
+    open connections ahead of need).
+    """
+    clock = MemoryReactorClock()
+    events: list[dict[str, Any]] = []
+    accessLog = AccessLog(clock)
+    accessLog.publisher.addObserver(events.append)
+    slow = connect(accessLog, clock)
+    slow.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n")
+    silent = connect(accessLog, clock)
+    clock.advance(10)
+    assert slow.wire().startswith(b"HTTP/1.1 408 ") and silent.wire().startswith(b"HTTP/1.1 408 ")
+    assert b"X-Request-ID: " + ID.encode() in slow.wire()
+    assert b"X-Request-ID" not in silent.wire()
+    [event] = events
+    assert (event["status"], event["method"], event["target"], event["protocol"]) == (408, "GET", "/slow", "HTTP/1.1")
+
+
+def test_bodyFramingRefusedIsTheRequestsOwnLine() -> None:
+    """
+    A bad chunked body refuses a request already routed: one line, the
+    route's, with the ID the 400 carries.
+    """
+    clock = MemoryReactorClock()
+    events: list[dict[str, Any]] = []
+    accessLog = AccessLog(clock)
+    accessLog.publisher.addObserver(events.append)
+    client = connect(accessLog, clock)
+    client.send(b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    assert client.wire().startswith(b"HTTP/1.1 400 ")
+    assert b"\r\nX-Request-ID: " + ID.encode() + b"\r\n" in client.wire()
+    [event] = events
+    assert (event["status"], event["route"], event["target"], event["request_id"]) == (400, "app", "/c", ID)

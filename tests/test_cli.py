@@ -178,6 +178,36 @@ def test_badAuthFileExits2(
     assert err == f"{path}:{line}: [auth:staff] {message.format(file=site / 'auth.file')}\n"
 
 
+def test_refusedToTheJournalHasTheErrorPriority(site: Path, tmp_path: Path) -> None:
+    """
+    With standard error the journal's stream (C{$JOURNAL_STREAM}, as under
+    the unit's C{ExecReload=} and C{ExecStartPre=}), a refusal is led by a
+    line saying so, and every line is at priority 3 (error), so that
+    C{journalctl -p warning} shows a refused reload; to anything else, the
+    lines are as they were.
+    """
+    import io
+
+    from edgeproxy.cli import check
+
+    text = CONFIG.replace("servers = backend.internal:8080", "servers = backend.internal")
+    path = write(site, text.replace("redirect_https = yes", "redirect_https = perhaps"))
+    journal = tmp_path / "journal"
+    with open(journal, "w") as stream:
+        info = os.fstat(stream.fileno())
+        environ = {"JOURNAL_STREAM": f"{info.st_dev}:{info.st_ino}"}
+        assert check(path, out=io.StringIO(), err=stream, environ=environ) == EXIT_INVALID
+    lines = journal.read_text().splitlines()
+    assert lines == [
+        f"<3>edgeproxy check: configuration refused: {path} (2 problems)",
+        f"<3>{path}:11: [listen:http] redirect_https: expected yes or no (or true/false, on/off, 1/0), got 'perhaps'",
+        f"<3>{path}:20: [upstream:plain] servers: expected host:port, got 'backend.internal' (the port is required)",
+    ]
+    elsewhere = io.StringIO()
+    assert check(path, out=io.StringIO(), err=elsewhere, environ=environ) == EXIT_INVALID
+    assert elsewhere.getvalue().splitlines() == [line[3:] for line in lines[1:]]
+
+
 def test_missingConfig(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = str(tmp_path / "absent.ini")
     assert run(capsys, "check", "--config", path) == (EXIT_INVALID, "", f"{path}: no such file\n")

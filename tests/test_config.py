@@ -817,6 +817,19 @@ def test_everyKeyIsInTheFullExample() -> None:
             assert f"\n{key} = " in FULL + SECURITY_FULL, (kind, key)
 
 
+def test_unknownKeyListsEachAcceptedKeyOnce(site: Path) -> None:
+    """
+    The list of what a section accepts, in an unknown key's message, names
+    each key once (the route's named its security and cache keys twice).
+    """
+    for kind, keys in SECTION_KEYS.items():
+        assert len(keys) == len(set(keys)), (kind, sorted(k for k in keys if keys.count(k) > 1))
+    error = loadError(write(site, BASE + "\n[route:r]\nhosts = r.example\nupstream = app\nverbs = GET\n"))
+    accepted = str(error).split("(this section accepts: ", 1)[1].split(")", 1)[0].split(", ")
+    assert len(accepted) == len(set(accepted)) == len(SECTION_KEYS["route"])
+    assert accepted[:3] == ["hosts", "paths", "upstream"]
+
+
 def test_adminToken(site: Path) -> None:
     """The token may sit in edge.ini itself; surrounding space is not part of it."""
     text = BASE + "\n[edgeproxy]\nadmin = tcp:0\nadmin_token =  s3cr3t-t0ken-0123456789 \n"

@@ -204,6 +204,26 @@ def test_includeProblems(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("spelled", ["edge.ini", "./edge.ini", "absolute"])
+def test_includeProblemsInFileAndLineOrder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spelled: str
+) -> None:
+    """
+    Problems are listed in file and line order as the files are read: the
+    main file first, then the included ones in the order they were read,
+    each named as the main file is (C{edge.ini} given: C{conf.d/a.ini}),
+    however the main file's path is spelled.
+    """
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "[edgeproxy]\ninclude = conf.d/*.ini\nvia = my proxy\n" + BASE)
+    write(tmp_path, "[upstream:b]\nservers = b\n", "conf.d/20-b.ini")
+    write(tmp_path, "[upstream:a]\nservers = a:1\nkeepalive = x\n", "conf.d/10-a.ini")
+    main = str(tmp_path / "edge.ini") if spelled == "absolute" else spelled
+    where = [line.split(": ", 1)[0] for line in problems(main)]
+    directory = f"{tmp_path}/" if spelled == "absolute" else ""
+    assert where == [f"{main}:3", f"{directory}conf.d/10-a.ini:3", f"{directory}conf.d/20-b.ini:2"]
+
+
 # Substitution -------------------------------------------------------------
 
 

@@ -204,10 +204,26 @@ def test_rejectionWithAPage() -> None:
     wire = rejection(431, pages)
     assert wire == (
         b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: 4\r\nConnection: close\r\n\r\nno.\n"
+        b"Content-Length: 4\r\nCache-Control: no-store\r\nConnection: close\r\n\r\nno.\n"
     )
     assert rejection(431) == rejection(431, None)  # the built-in one, unchanged
     assert b"no." not in rejection(431)
+
+
+def test_rejectionIsNotStoredAndCarriesTheRequestId() -> None:
+    """
+    A refused head's answer, built-in page or custom, is never stored by a
+    cache on the way (C{no-store}, as every error page) and carries the
+    request's ID when it has one.
+    """
+    pages = ErrorPages(classes=((4, ErrorPage("/e/4xx.txt", "text/plain; charset=utf-8", b"no.\n")),))
+    for page in (None, pages):
+        wire = rejection(400, page, b"X-Request-ID: abc")
+        head, _, body = wire.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert b"Cache-Control: no-store" in lines and b"X-Request-ID: abc" in lines
+        assert b"Content-Length: %d" % len(body) in lines
+        assert rejection(400, page) == wire.replace(b"X-Request-ID: abc\r\n", b"")
 
 
 def test_errorResponseKeepsTheChallenge() -> None:

@@ -11,6 +11,8 @@ import base64
 import hashlib
 from typing import Any
 
+import h2.config
+import h2.connection
 import h2.events
 import h2.settings
 from hyperframe.frame import (
@@ -311,6 +313,38 @@ def test_accessLogAndMetricsThroughTheFactory() -> None:
     [call] = pair.factory.accessLog.calls
     assert call.request.version == b"HTTP/2" and call.status == 200 and call.sent == 5
     assert not pair.factory.inflight
+
+
+def test_refusedHeadsAreLoggedAndCountedAsAnyRequest(readPath: str) -> None:
+    """
+    A stream refused from its fields (431 over the field count, 400 for a
+    scheme HTTP/1.1 cannot carry) is one access-log line and one request
+    in C{edgeproxy_requests}, as over HTTP/1.1; its answer carries the
+    line's request ID and is not to be stored.
+    """
+    from edgeproxy.accesslog import AccessLog, formatCombined
+    from edgeproxy.metrics import Metrics
+    from tests.metricsutil import samplesOf
+
+    pair = Pair(limits=Limits(max_headers=10))
+    events: list[dict[str, Any]] = []
+    pair.factory.accessLog = AccessLog(pair.clock)
+    pair.factory.accessLog.publisher.addObserver(events.append)
+    pair.factory.metrics = Metrics()
+    many = pair.get(request(b"/many", extra=[(b"x-%d" % n, b"v") for n in range(20)]))
+    scheme = pair.get([(b":method", b"GET"), (b":scheme", b"ftp"), (b":authority", b"example.com"), (b":path", b"/s")])
+    assert not pair.stage.requests
+    lines = [formatCombined(event) for event in events]
+    assert len(lines) == 2
+    for stream, status, line in zip((many, scheme), (b"431", b"400"), lines):
+        headers, body, ended = pair.response(stream)
+        assert headers[b":status"] == status and ended
+        assert headers[b"cache-control"] == b"no-store"
+        requestId = headers[b"x-request-id"].decode()
+        assert f" request_id={requestId} route=- upstream=- backend=- " in line
+    assert '"GET /many HTTP/2" 431 ' in lines[0] and '"GET /s HTTP/2" 400 ' in lines[1]
+    samples = samplesOf(pair.factory.metrics.exposition())
+    assert samples[("edgeproxy_requests_total", (("code", "4xx"), ("route", ""), ("upstream", "")))] == 2
 
 
 def test_manyStreamsInterleaved(readPath: str) -> None:
@@ -1146,6 +1180,41 @@ def test_anyFrameSequenceEndsCleanly(frames: list[Any], chunk: int) -> None:
     finally:
         globalLogPublisher.removeObserver(observe)
     assert not failures, failures
+
+
+def test_clientErrorsAreCountedNotLoggedEach(readPath: str) -> None:
+    """
+    Connections a client ends with a protocol error (here a HEADERS frame
+    on a stream it may not open) are C{debug} lines; the process log gets
+    one count per interval, by the error code's name.
+    """
+    from twisted.internet.address import IPv4Address
+    from twisted.logger import LogLevel, formatEvent
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        pair = Pair()
+        for port in range(300):
+            transport = StringTransport()
+            transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+            connection = pair.factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", port))
+            connection.makeConnection(transport)
+            client = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=True, header_encoding=None)
+            )
+            client.initiate_connection()
+            bad = HeadersFrame(2, flags=["END_HEADERS", "END_STREAM"])
+            bad.data = client.encoder.encode(request())
+            connection.dataReceived(client.data_to_send() + bad.serialize())
+            assert transport.disconnecting
+        pair.clock.advance(10)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    shown = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
+    assert shown == ["repeated in the last 10s: HTTP/2 client error PROTOCOL_ERROR x 300"]
+    debug = [formatEvent(e) for e in events if e["log_level"] == LogLevel.debug]
+    assert debug.count("HTTP/2 client error PROTOCOL_ERROR: Invalid stream ID for peer.") == 300
 
 
 # WebSockets over HTTP/2 (RFC 8441) ----------------------------------------------

@@ -15,12 +15,13 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import Logger, LogPublisher, globalLogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher, globalLogPublisher
 
+from edgeproxy.accesslog import AccessLog
 from edgeproxy.config.model import Config, Listener, ProxySettings
 from edgeproxy.errors import BadRequest, MisdirectedRequest
 from edgeproxy.http.listener import ListenerFactory
-from edgeproxy.logs import LogPolicy, ProcessLogObserver, RefusalSummary, reasonOf, refusals
+from edgeproxy.logs import LogPolicy, ProcessLogObserver, RefusalSummary, Repeats, reasonOf, refusals
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
 
@@ -64,6 +65,7 @@ def test_twistedChatterIsDebug() -> None:
     factory = object()
     log.info("Starting factory {factory!r}", factory=factory)
     log.info("EdgeSite (TLS) starting on 8443")
+    log.info("supervisor (for the workers) starting on 18443")
     log.info("(TCP Port 8443 Closed)")
     log.info("Stopping factory {factory!r}", factory=factory)
     log.info("Listening on 127.0.0.1:8443 for [listen:https] (https)")
@@ -209,6 +211,92 @@ def test_refusedRequestsLeaveNoProcessLogLineEach(events: list[dict]) -> None:
     reactor.advance(10)
     assert summaries(events) == ["refused 500 requests in the last 10s: 404 no route x 500"]
     assert refusals(reactor) is refusals(reactor)
+
+
+def test_refusedHeadsLeaveNoProcessLogLineEach(events: list[dict]) -> None:
+    """
+    Heads the parser refuses (each on its connection, as a scanner sends
+    them) are access-log lines; the process log has their summary alone.
+    """
+    config = Config(path="/e.ini", proxy=ProxySettings(), tls=None, listeners=(), upstreams={}, routes=())
+    runtime = Runtime(config=config, router=Router(()), pools={})
+    reactor = MemoryReactorClock()
+    accessLog = AccessLog(reactor)
+    lines: list[dict] = []
+    accessLog.publisher.addObserver(lines.append)
+    site = ListenerFactory(lambda: runtime, Listener(name="l", endpoint="tcp:0", tls=False), reactor, accessLog)
+    for n in range(300):
+        protocol = site.buildProtocol(IPv4Address("TCP", "192.0.2.7", 5555))
+        protocol.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", n)))
+        protocol.dataReceived([b"\x16\x03\x01\r\n", b"GET /%d HTTP/9.9\r\n" % n, b"GET / HTTP/1.1\r\nX\r\n\r\n"][n % 3])
+    assert len(lines) == 300
+    processLog = [e for e in events if e.get("log_namespace", "").startswith("edgeproxy.http")]
+    assert processLog == []
+    reactor.advance(10)
+    assert summaries(events) == [
+        "refused 300 requests in the last 10s: 400 malformed request x 200, 505 unsupported version x 100"
+    ]
+
+
+# Repeats ------------------------------------------------------------------
+
+
+def shownLines(events: list[dict], level: LogLevel = LogLevel.info) -> list[str]:
+    from twisted.logger import formatEvent
+
+    return [f"{e['log_level'].name} {formatEvent(e)}" for e in events if e["log_level"] >= level]
+
+
+def test_repeatsFirstInFullThenACount(events: list[dict]) -> None:
+    """
+    The first note of each kind in an interval is logged at its level, the
+    others at debug; the interval ends with one count line, at the highest
+    level counted; the next interval starts over.
+    """
+    clock = Clock()
+    repeats = Repeats(clock, interval=10)
+    log = Logger(namespace="edgeproxy.test")
+    for n in range(500):
+        repeats.emit(log, LogLevel.warn, "backend a failed", "backend a failed: {n}", n=n)
+        repeats.emit(log, LogLevel.info, "not retried", "request {n} not retried", n=n)
+    repeats.emit(log, LogLevel.warn, "backend b failed", "backend b failed once")
+    assert shownLines(events) == [
+        "warn backend a failed: 0",
+        "info request 0 not retried",
+        "warn backend b failed once",
+    ]
+    assert len(shownLines(events, LogLevel.debug)) == 1001
+    clock.advance(10)
+    assert shownLines(events)[3:] == [
+        "warn repeated in the last 10s: backend a failed x 500; not retried x 500"
+    ]
+    repeats.emit(log, LogLevel.warn, "backend a failed", "backend a failed: {n}", n="again")
+    assert shownLines(events)[4:] == ["warn backend a failed: again"]
+    clock.advance(10)
+    assert len(shownLines(events)) == 5  # one note: nothing to count
+
+
+def test_repeatsOfDebugNotesAreCountedAtInfo(events: list[dict]) -> None:
+    """Notes that are all debug (a client's doing) get their count at info, even one."""
+    clock = Clock()
+    repeats = Repeats(clock, interval=10)
+    log = Logger(namespace="edgeproxy.test")
+    repeats.emit(log, LogLevel.debug, "client error X", "client error X: detail")
+    assert shownLines(events) == []
+    clock.advance(10)
+    assert shownLines(events) == ["info repeated in the last 10s: client error X x 1"]
+
+
+def test_repeatsKindsAreBounded(events: list[dict]) -> None:
+    """Kinds past the bound are debug lines counted as "other": the count line stays short."""
+    clock = Clock()
+    repeats = Repeats(clock, interval=1, maxKinds=2)
+    log = Logger(namespace="edgeproxy.test")
+    for n in range(100):
+        repeats.emit(log, LogLevel.warn, f"kind {n}", "note {n}", n=n)
+    assert shownLines(events) == ["warn note 0", "warn note 1"]
+    repeats.flush()
+    assert shownLines(events)[2:] == ["info repeated in the last 1s: other x 98"]
 
 
 def test_configurationAcceptsWhatLogsKnows() -> None:

@@ -621,6 +621,41 @@ def test_postResetAfterItWasSentIsNotRetried(logs: Callable[[], str]) -> None:
     assert "POST not retried: POST is not idempotent (tried a:80)" in logs()
 
 
+def test_deadBackendBurstIsAFewLinesPerInterval() -> None:
+    """
+    900 requests in 2 s to a single backend refusing connections: the
+    process log has the first failure in full (backend and reason), the
+    first of each other note, and a count at the end of the interval, not
+    a line or three per request; the next interval starts over.
+    """
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        pool, _, reactor = makePool(netError.ConnectionRefusedError())
+        for _ in range(900):
+            Sent(pool)
+            reactor.advance(2 / 900)
+        reactor.advance(10)
+        Sent(pool)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    from twisted.logger import LogLevel
+
+    shown = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
+    assert 3 <= len(shown) <= 10, shown
+    assert shown[0].startswith(
+        "upstream app backend 10.0.0.1:8080 failed: 502 connect failed: ConnectionRefusedError"
+    )
+    [count] = [line for line in shown if line.startswith("repeated in the last 10s: ")]
+    assert "upstream app backend 10.0.0.1:8080 failed (502 connect_failed) x " in count
+    # The next interval's first failure is in full again.
+    after = shown[shown.index(count) + 1 :]
+    assert after and after[0].startswith("upstream app backend 10.0.0.1:8080 failed: 502 ")
+    # Every note is still there at debug.
+    failed = [e for e in events if formatEvent(e).startswith("upstream app backend 10.0.0.1:8080 failed:")]
+    assert len(failed) > 900
+
+
 def test_smallPutBodyIsReplayedAfterAReset() -> None:
     pool, reactor = makeFleet()
     d = get(pool, b"PUT", body=pipeWith(reactor, b"document"))

@@ -127,9 +127,8 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "upstream": UPSTREAM_KEYS,
     "route": (
         "hosts", "paths", "upstream", "max_body_size", "strip_prefix", "websocket", *ROUTE_KEYS,
-        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *HEADER_ROUTE_KEYS,
-        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *ROUTE_FORWARDING_KEYS, *REDIRECT_KEYS,
-        *ERROR_PAGES_KEYS,
+        *security.ROUTE_KEYS, *ROUTE_CACHE_KEYS, *HEADER_ROUTE_KEYS, *ROUTE_FORWARDING_KEYS,
+        *REDIRECT_KEYS, *ERROR_PAGES_KEYS,
     ),
     "ratelimit": RATELIMIT_KEYS,
     "auth": AUTH_KEYS,

@@ -142,22 +142,28 @@ def _substituteAll(
     return done
 
 
-def _includes(main: RawSection, base: str, errors: list[ConfigError]) -> list[str]:
+def _includes(main: RawSection, errors: list[ConfigError]) -> list[str]:
+    """
+    The files C{[edgeproxy] include} names, in the order they are read;
+    their paths spelled as the main file's is (C{conf.d/a.ini} for a main
+    file given as C{edge.ini}), so that errors name them alike.
+    """
     raw = main.values.get("include")
     if raw is None:
         return []
     files: list[str] = []
+    directory = os.path.dirname(main.file)
     for pattern in re.split(r"[\s,]+", raw.text.strip()):
         if not pattern:
             continue
-        absolute = os.path.normpath(os.path.join(base, pattern))
-        if glob.has_magic(absolute):
-            matches = sorted(glob.glob(absolute))
-        elif os.path.exists(absolute):
-            matches = [absolute]
+        spelled = os.path.normpath(os.path.join(directory, pattern))
+        if glob.has_magic(spelled):
+            matches = sorted(glob.glob(spelled))
+        elif os.path.exists(spelled):
+            matches = [spelled]
         else:
             errors.append(
-                ConfigError(f"{absolute} does not exist", main.file, main.name, "include", raw.line)
+                ConfigError(f"{spelled} does not exist", main.file, main.name, "include", raw.line)
             )
             matches = []
         for match in matches:
@@ -182,7 +188,6 @@ def readSource(path: str, environ: Mapping[str, str]) -> Loaded:
     @param environ: where C{${NAME}} comes from.
     """
     absolute = os.path.abspath(path)
-    base = os.path.dirname(absolute)
     errors: list[ConfigError] = []
     files = [path]
     sections = _readFile(path, errors)
@@ -191,7 +196,7 @@ def readSource(path: str, environ: Mapping[str, str]) -> Loaded:
     substitutions = _substituteAll(sections, environ, errors)
     seen = {section.name: section for section in sections}
     main = seen.get("edgeproxy")
-    for included in _includes(main, base, errors) if main is not None else []:
+    for included in _includes(main, errors) if main is not None else []:
         if os.path.abspath(included) == absolute:
             continue
         files.append(included)

@@ -28,7 +28,6 @@ from twisted.python.failure import Failure
 from edgeproxy import h1
 from edgeproxy.bodies import BodyPipe
 from edgeproxy.errors import ContentTooLarge
-from edgeproxy.http.errorpages import pagesFor, rejection
 from edgeproxy.pipeline.call import Call
 
 __all__ = ["ABORT_TIMEOUT", "Closing"]
@@ -55,6 +54,7 @@ class Closing:
     transport: Any
     _call: Call | None
     _reader: h1.BodyReader | None
+    _buffer: bytes
     _pipe: BodyPipe | None
     _persistent: bool
     _closing: bool
@@ -112,7 +112,7 @@ class Closing:
             and self._reader is None
             and not self._closing
         ):
-            self._reject(408)
+            self._reject(408, self._buffer)
 
     def idleExpired(self) -> None:
         """
@@ -166,12 +166,16 @@ class Closing:
 
     # Closing -------------------------------------------------------------------
 
-    def _reject(self, status: int) -> None:
-        """Refuse what the client sent: the generic page, then close."""
-        factory = self.factory
-        factory.rejected(status)
-        # Refused before routing: the global pages.
-        self._write(rejection(status, pagesFor(None, factory.currentRuntime)))
+    def _reject(self, status: int, received: bytes = b"", call: Call | None = None) -> None:
+        """
+        Refuse what the client sent: the page, then close.
+
+        @param received: the refused head as far as it was read (its
+            request line goes to the access log).
+        @param call: the request refused after its head was taken (its
+            body's framing), whose record is its own.
+        """
+        self._write(self.factory.rejectHead(status, self, received, call))
         self._closing = True
         self._loseConnection()
 

@@ -167,36 +167,42 @@ def errorResponse(error: ProxyError | int, pages: ErrorPages | None = None) -> R
     return Response(status, phraseFor(status), fields, len(body), BytesBody(body))
 
 
-_rejections: dict[int, bytes] = {}
+_rejections: dict[int, tuple[bytes, bytes]] = {}
+"""The built-in refusal of each status: its head up to the request ID's
+field line, and the rest."""
 
 
-def rejection(status: int, pages: ErrorPages | None = None) -> bytes:
+def rejection(status: int, pages: ErrorPages | None = None, idLine: bytes = b"") -> bytes:
     """
     The whole response an HTTP/1.1 connection sends when it refuses a
-    request head: a status line, C{Connection: close}, the page (the
-    custom one of C{pages}, else a tiny plain-text body), and nothing that
-    identifies the software.
+    request head: a status line, C{Cache-Control: no-store}, C{Connection:
+    close}, the request's ID (C{idLine}, its field line without the CRLF, as
+    L{edgeproxy.headers.requestid.RequestIds.line} makes it), the page (the custom one of C{pages}, else a
+    tiny plain-text body), and nothing that identifies the software.
     """
     page = None if pages is None else pages.page(status)
-    if page is None:
-        cached = _rejections.get(status)
-        if cached is not None:
-            return cached
-    reason = phraseFor(status)
-    if page is None:
-        body, contentType = reason + b"\n", b"text/plain; charset=utf-8"
-    else:
-        body, contentType = page.body, page.content_type.encode("ascii")
-    response = b"".join(
-        [
-            b"HTTP/1.1 %d %s\r\n" % (status, reason),
-            b"Content-Type: %s\r\n" % (contentType,),
-            b"Content-Length: %d\r\n" % (len(body),),
-            b"Connection: close\r\n",
-            b"\r\n",
-            body,
-        ]
-    )
-    if page is None:
-        _rejections[status] = response
-    return response
+    cached = _rejections.get(status) if page is None else None
+    if cached is None:
+        reason = phraseFor(status)
+        if page is None:
+            body, contentType = reason + b"\n", b"text/plain; charset=utf-8"
+        else:
+            body, contentType = page.body, page.content_type.encode("ascii")
+        cached = (
+            b"".join(
+                [
+                    b"HTTP/1.1 %d %s\r\n" % (status, reason),
+                    b"Content-Type: %s\r\n" % (contentType,),
+                    b"Content-Length: %d\r\n" % (len(body),),
+                    b"Cache-Control: no-store\r\n",
+                    b"Connection: close\r\n",
+                ]
+            ),
+            b"\r\n" + body,
+        )
+        if page is None:
+            _rejections[status] = cached
+    head, rest = cached
+    if idLine:
+        return head + idLine + b"\r\n" + rest
+    return head + rest

@@ -28,10 +28,18 @@ from zope.interface import implementer
 from edgeproxy._compat.twisted.tcp import LeanServer
 from edgeproxy._compat.twisted.tls import EdgeTLSTransport
 from edgeproxy.config.model import Listener
-from edgeproxy.errors import BadRequest, ContentTooLarge, MisdirectedRequest, NoRoute, ProxyError
+from edgeproxy.errors import (
+    BadRequest,
+    ContentTooLarge,
+    MisdirectedRequest,
+    NoRoute,
+    ProxyError,
+    RequestHeadRefused,
+)
 from edgeproxy.h1.fields import Fields
 from edgeproxy.http.acmehook import http01Stage
 from edgeproxy.http.deadlines import DeadlineQueue
+from edgeproxy.http.errorpages import pagesFor, rejection
 from edgeproxy.http.redirect import RedirectStage
 from edgeproxy.http.server import HTTP1Connection, isTLSFailure
 from edgeproxy.logs import reasonOf, refusals
@@ -56,6 +64,12 @@ _REJECTED = {
     505: "unsupported version",
 }
 """Labels of the parser's refusals in the process log's summary."""
+
+LINE_LIMIT = 1024
+"""Bytes of a refused request's line (or HTTP/2 C{:path}) its access-log
+line keeps: a 414's line is longer than any log line should be."""
+
+_NO_FIELDS = Fields(())
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -254,6 +268,7 @@ class ListenerFactory(Factory):
         host: bytes,
         length: int | None,
         info: ConnectionInfo,
+        refused: RequestHeadRefused | None = None,
     ) -> tuple[Request, tuple[Any, ...], float, int, ProxyError | None]:
         """
         Everything a protocol needs to hand a request whose head is complete
@@ -261,6 +276,8 @@ class ListenerFactory(Factory):
         normalised (L{edgeproxy.targets}), the route chosen, the request
         value made.
 
+        @param refused: the protocol's reader refused the head already
+            (HTTP/2): the request is not routed, and this is its error.
         @return: the L{Request}, the stages that serve it, the idle timeout
             of its body, the most body bytes it may send (0: no limit), and
             the L{ProxyError} to answer with instead when the request is
@@ -276,11 +293,15 @@ class ListenerFactory(Factory):
         stages: tuple[Any, ...] = ()
         idleTimeout = 0.0
         maxBody = self.limits.max_body_size
-        try:
-            path, query = normaliseTarget(target)
-        except BadRequest as refused:
+        if refused is not None:
             error = refused
+            target = target[:LINE_LIMIT]
         else:
+            try:
+                path, query = normaliseTarget(target)
+            except BadRequest as badTarget:
+                error = badTarget
+        if error is None:
             match = self.select(runtime, host, path, info)
             if match is None:
                 error = _unrouted(host, path, info)
@@ -357,14 +378,52 @@ class ListenerFactory(Factory):
 
     def refused(self, call: Call, error: ProxyError) -> None:
         """
-        A request refused from its head (400, 404, 421, 413): its outcome is
-        its access-log line; the process log gets a summary per interval.
+        A request refused from its head (400, 404, 421, 413; HTTP/2's reader's
+        400, 431, 501): its outcome is its access-log line; the process log
+        gets a summary per interval.
         """
-        refusals(self.clock).note(error.status, reasonOf(error))
+        if isinstance(error, RequestHeadRefused):
+            reason = _REJECTED.get(error.status, "malformed request")
+        else:
+            reason = reasonOf(error)
+        refusals(self.clock).note(error.status, reason)
 
-    def rejected(self, status: int) -> None:
-        """A request head refused by the HTTP/1.1 parser (or its deadline)."""
+    def rejectHead(self, status: int, connection: Any, received: bytes, call: Call | None = None) -> bytes:
+        """
+        The whole answer of an HTTP/1.1 C{connection} to a request head its
+        parser refused (or whose deadline passed), to write before it
+        closes; the request gets its record as any request does (one
+        access-log line, the request metrics, an ID the answer carries) and
+        a count in the process log's summary.
+
+        @param received: the head's bytes as far as they were read; the
+            record holds its request line (L{LINE_LIMIT} bytes of it).
+            Nothing (a connection that sent no byte before the header
+            deadline) makes no record: it made no request.
+        @param call: the request whose body's framing was refused after its
+            head was taken: the answer carries its ID, and its own end
+            makes its record.
+        """
         refusals(self.clock).note(status, _REJECTED.get(status, "malformed request"))
+        record = None
+        if call is None and received:
+            runtime = self.currentRuntime()
+            ids = self.requestIds = getattr(runtime, "requestIds", None)
+            requestId = b"" if ids is None else ids.generate()
+            request = _rejectedRequest(received, self.connectionInfo(connection.transport), requestId)
+            call = record = Call(request, None, connection, (), self.clock.seconds())
+        idLine = b""
+        ids = self.requestIds
+        if call is not None and call.request.requestId and ids is not None:
+            idLine = ids.line(call.request.requestId)
+        # Refused before routing: the global pages.
+        response = rejection(status, pagesFor(None, self.currentRuntime), idLine)
+        if call is not None:
+            call.status = status
+            call.sent = len(response) - response.index(b"\r\n\r\n") - 4
+        if record is not None:
+            self.callEnded(record, None)
+        return response
 
     # Twisted Factory -----------------------------------------------------------
 
@@ -392,6 +451,25 @@ def _unrouted(host: bytes, path: bytes, info: ConnectionInfo) -> ProxyError:
     if sni is not None and normaliseHost(sni) != name:
         return MisdirectedRequest(f"no route for host {name!r} (SNI {sni!r})")
     return NoRoute(f"no route for host {name!r} path {path!r}")
+
+
+def _rejectedRequest(received: bytes, info: ConnectionInfo, requestId: bytes) -> Request:
+    """
+    The request a refused HTTP/1.1 head stands for in the access log: the
+    request line as far as it was read (bounded: L{LINE_LIMIT}), cut at its
+    spaces into method, target and version (what is missing stays empty),
+    and nothing else of the head, which was not read as fields.
+    """
+    start = 2 if received[:2] == b"\r\n" else 0
+    end = received.find(b"\r\n", start, start + LINE_LIMIT)
+    line = received[start : end if end != -1 else start + LINE_LIMIT]
+    parts = line.split(b" ", 2)
+    parts += [b""] * (3 - len(parts))
+    method, target, version = parts
+    route: Any = None  # never routed
+    return Request(
+        method, b"", b"", version, _NO_FIELDS, b"", info.peer, info, route, b"", 0, target, requestId
+    )
 
 
 def _headExpired(connection: HTTP1Connection) -> None:

@@ -9,7 +9,9 @@ checked as soon as that line is complete, so garbage is refused without
 waiting for the rest.  Every refusal (the status the parser gives: 400,
 414, 431, 501, 505; 408 for a head not complete within
 C{client_header_timeout}) is a short generic response with
-C{Connection: close}, and nothing after it on the connection is read.  A
+C{Connection: close} and the request's ID, and nothing after it on the
+connection is read; the refused head is a request in the access log and
+the metrics as any other (L{ListenerFactory.rejectHead}).  A
 body is read by the reader its framing needs and handed to a
 L{edgeproxy.bodies.BodyPipe}, which pauses this connection's transport
 whenever the backend cannot take more.
@@ -259,7 +261,7 @@ class HTTP1Connection(Closing, Answering):
                     parsed = h1.parseRequestHead(head, limits.max_headers)
                 except h1.RemoteProtocolError as error:
                     self._buffer = b""
-                    self._reject(error.status)
+                    self._reject(error.status, buffer)
                     return
                 self._lineChecked = False
                 # The deadline stays queued, unarmed: moving it for the next
@@ -310,9 +312,7 @@ class HTTP1Connection(Closing, Answering):
             self._reader = None
             call, self._call = self._call, None
             if self._pendingHead is None:
-                if call is not None:
-                    call.status = 400
-                self._reject(400)
+                self._reject(400, call=call)
             else:
                 self._abort()
             if call is not None:

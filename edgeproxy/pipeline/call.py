@@ -102,8 +102,9 @@ class Call:
         the upstream exchange), called once if the client goes away.
     @ivar over: the client went away, or the answer reached it.
     @ivar upstreamName: the upstream the call was forwarded to (access log).
-    @ivar backend: the address of the backend that answered (access log;
-        never sent to the client).
+    @ivar backend: the address of the backend that answered, or of the
+        last one tried when the request failed on the upstream side
+        (access log; never sent to the client).
     @ivar upstreamHead: when the backend's response head reached the
         forward stage (the clock's time; the access log's C{ttfb}), or
         L{None}.

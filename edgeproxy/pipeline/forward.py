@@ -206,6 +206,9 @@ class Forward:
         if not isinstance(error, ProxyError):
             log.failure("unexpected failure while proxying", failure=failure)
             error = ProxyError(str(error))
+        # For the access log only: the backend that failed, or did not
+        # answer in time.
+        call.backend = error.backend
         call.fail(error)
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Upstream
 from edgeproxy.h1 import Fields
+from edgeproxy.logs import Repeats
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream.backend import Backend
 from edgeproxy.upstream.failures import classifyFailure
@@ -46,6 +47,7 @@ class _Pool(Protocol):
     metrics: Metrics
     passive: PassiveHealth
     log: Logger
+    repeats: Repeats
     seconds: Callable[[], float]
 
     def release(self, backend: Backend) -> None:
@@ -193,7 +195,10 @@ class BackendAttempt:
             response.deliverBody(_DISCARDING)
             return
         if exchange.retriesDone:
-            pool.log.info(
+            pool.repeats.emit(
+                pool.log,
+                LogLevel.info,
+                f"upstream {upstream.name}: answered by {backend.address} after retries",
                 "upstream {upstream}: {method} answered by {backend} after "
                 "{retries} retries (tried {tried})",
                 upstream=upstream.name,

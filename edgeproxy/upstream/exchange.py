@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Upstream
 from edgeproxy.errors import ProxyError, ServiceUnavailable, UpstreamTimeout
 from edgeproxy.h1 import Fields
-from edgeproxy.metrics import Metrics
+from edgeproxy.logs import Repeats
+from edgeproxy.metrics import Metrics, methodClass
 from edgeproxy.upstream.backend import Backend
 from edgeproxy.upstream.failures import (
     attemptOutcome,
@@ -90,6 +91,7 @@ class _Pool(Protocol):
     passive: PassiveHealth
     budget: RetryBudget
     log: Logger
+    repeats: Repeats
     seconds: Callable[[], float]
     callLater: Callable[..., Any]
     backends: tuple[Backend, ...]
@@ -237,9 +239,14 @@ class Exchange:
                 # gets the failure it would have had without the retry.
                 self.fail(self.lastError, code=None)
                 return
-            pool.log.warn(
+            # Per request: the first of an interval in full, then counted.
+            name = pool.upstream.name
+            pool.repeats.emit(
+                pool.log,
+                LogLevel.warn,
+                f"upstream {name}: no server available",
                 "upstream {upstream}: no server available",
-                upstream=pool.upstream.name,
+                upstream=name,
             )
             self.fail(
                 ServiceUnavailable(f"upstream {pool.upstream.name}: no server available"),
@@ -317,7 +324,10 @@ class Exchange:
         if self.over:
             return
         pool = self.pool
-        pool.log.warn(
+        pool.repeats.emit(
+            pool.log,
+            LogLevel.warn,
+            f"upstream {pool.upstream.name}: request_timeout, 504",
             "upstream {upstream}: {method} had no response head within its request_timeout "
             "({timeout:g}s; tried {tried}): 504",
             upstream=pool.upstream.name,
@@ -353,7 +363,10 @@ class Exchange:
                 self.fail(classifyFailure(failure, False), code=None)
             return
         error = classifyFailure(failure, timedOut)
-        pool.log.warn(
+        pool.repeats.emit(
+            pool.log,
+            LogLevel.warn,
+            f"upstream {upstream.name} backend {backend.address} failed ({error.status} {label})",
             "upstream {upstream} backend {backend} failed: {status} {why}",
             upstream=upstream.name,
             backend=backend.address,
@@ -397,7 +410,10 @@ class Exchange:
         self.retriesDone += 1
         self.lastError = error
         pool.metrics.retried(upstream.name, label)
-        pool.log.info(
+        pool.repeats.emit(
+            pool.log,
+            LogLevel.info,
+            f"upstream {upstream.name}: retried after {backend.address} failed ({label})",
             "upstream {upstream}: retrying {method} after {backend} failed ({reason}); "
             "retry {count} of {allowed}",
             upstream=upstream.name,
@@ -436,6 +452,9 @@ class Exchange:
             self.stopTimer()
         if code is not None:
             self.pool.metrics.upstreamFailed(self.pool.upstream.name, code)
+        if self.triedOrder and isinstance(error, ProxyError):
+            # The access log's backend (never sent to the client).
+            error.backend = self.triedOrder[-1].address
         body = self.body
         if body is not None and not isinstance(error, CancelledError):
             # No further attempt: let the rest of the body drain.
@@ -473,10 +492,17 @@ class Exchange:
         """
         if why is not None:
             pool = self.pool
-            (pool.log.warn if warn else pool.log.info)(
+            name = pool.upstream.name
+            method = self.method.decode("ascii", "replace")
+            # The count's name holds no method of the client's own making.
+            kind = why if methodClass(method) != "other" else why.replace(method, "other method")
+            pool.repeats.emit(
+                pool.log,
+                LogLevel.warn if warn else LogLevel.info,
+                f"upstream {name}: not retried ({kind})",
                 "upstream {upstream}: {method} not retried: {why} (tried {tried})",
-                upstream=pool.upstream.name,
-                method=self.method.decode("ascii", "replace"),
+                upstream=name,
+                method=method,
                 why=why,
                 tried=self.triedText(),
             )

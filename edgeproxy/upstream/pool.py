@@ -43,6 +43,7 @@ from edgeproxy.config.model import Server, Upstream
 from edgeproxy.config.stagemodel import RouteForwarding
 from edgeproxy.errors import ServiceUnavailable
 from edgeproxy.h1 import Fields
+from edgeproxy.logs import repeats
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream import health
 from edgeproxy.upstream.backend import Backend, BackendState
@@ -123,6 +124,9 @@ class UpstreamPool:
         self._reactor = reactor
         self.seconds: Callable[[], float] = reactor.seconds
         self.callLater: Callable[..., Any] = reactor.callLater
+        # Per-request notes (a backend failing each request...): the first
+        # of an interval in full, then a count (edgeproxy.logs).
+        self.repeats = repeats(reactor)
         self.upstream = upstream
         self.metrics = metrics if metrics is not None else Metrics()
         self.observers: list[Callable[[Backend], None]] = [self._backendChanged]

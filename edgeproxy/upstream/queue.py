@@ -18,10 +18,11 @@ from collections import deque
 from collections.abc import Set
 from typing import Any, Protocol
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from edgeproxy.config.model import Upstream
 from edgeproxy.errors import ServiceUnavailable
+from edgeproxy.logs import Repeats
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream.backend import Backend
 from edgeproxy.upstream.exchange import FULL, Exchange, Full
@@ -35,6 +36,7 @@ class _Pool(Protocol):
     upstream: Upstream
     metrics: Metrics
     log: Logger
+    repeats: Repeats
 
     def choose(
         self, key: bytes | None, tried: Set[Backend], untriedOnly: bool = False
@@ -69,7 +71,10 @@ class RequestQueue:
         pool = self._pool
         upstream = pool.upstream
         if len(self.waiting) >= upstream.queue_size:
-            pool.log.warn(
+            pool.repeats.emit(
+                pool.log,
+                LogLevel.warn,
+                f"upstream {upstream.name}: queue full, 503",
                 "upstream {upstream}: every available backend is at max_conns and "
                 "the queue is full ({size}): 503",
                 upstream=upstream.name,
@@ -97,7 +102,10 @@ class RequestQueue:
         self.dequeue(exchange)
         pool = self._pool
         pool.metrics.queueTimedOut(pool.upstream.name)
-        pool.log.warn(
+        pool.repeats.emit(
+            pool.log,
+            LogLevel.warn,
+            f"upstream {pool.upstream.name}: queue timeout, 503",
             "upstream {upstream}: no backend below max_conns within {timeout}s: 503",
             upstream=pool.upstream.name,
             timeout=pool.upstream.queue_timeout,

@@ -13,12 +13,15 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.certutil import CertificateAuthority
 from tests.proc import NotifyReceiver, freePort, startTwistd
 
 CONFIG = """\
 [edgeproxy]
 log_level = {level}
+workers = {workers}
 admin = tcp:0:interface=127.0.0.1
 
 [tls]
@@ -45,13 +48,15 @@ upstream = app
 """
 
 
-def setUp(tmp_path: Path, level: str = "info") -> tuple[Path, int]:
+def setUp(tmp_path: Path, level: str = "info", workers: int = 1) -> tuple[Path, int]:
     ca = CertificateAuthority("edgeproxy process log test")
     (tmp_path / "certs").mkdir()
     ca.issue(["localhost"]).writePEM(tmp_path / "certs" / "site.pem")
     http = freePort()
     config = tmp_path / "edge.ini"
-    config.write_text(CONFIG.format(level=level, https=freePort(), http=http, backend=freePort()))
+    config.write_text(
+        CONFIG.format(level=level, workers=workers, https=freePort(), http=http, backend=freePort())
+    )
     return config, http
 
 
@@ -63,9 +68,14 @@ def waitFor(path: Path, text: str, timeout: float = 15) -> str:
     return path.read_text()
 
 
-def test_startUpSaysWhatAnOperatorNeeds(tmp_path: Path, notify: NotifyReceiver) -> None:
-    """No factory reprs, no port chatter, no garbage collector diary; the listeners by name."""
-    config, http = setUp(tmp_path)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_startUpSaysWhatAnOperatorNeeds(tmp_path: Path, notify: NotifyReceiver, workers: int) -> None:
+    """
+    No factory reprs, no port chatter (the supervisor's own copies of the
+    ports with workers too), no garbage collector diary; the listeners by
+    name.
+    """
+    config, http = setUp(tmp_path, workers=workers)
     proc = startTwistd(config, tmp_path, notify)
     try:
         with socket.create_connection(("127.0.0.1", http), 5) as conn:

@@ -160,11 +160,16 @@ def test_restartKeepsTheSockets(units: SocketUnits, notify: NotifyReceiver) -> N
         second.stop()
 
 
-def execReload(environ: dict[str, str], mainPid: int, config: Path) -> tuple[int, str]:
+def execReload(
+    environ: dict[str, str], mainPid: int, config: Path, journal: Path | None = None
+) -> tuple[int, str]:
     """
     Run the unit's ExecReload= lines as systemd does: in order, each to its
     end, stopping at the first that fails.
 
+    @param journal: a file standing for the journal: the commands' standard
+        output and error go there, and C{$JOURNAL_STREAM} names it, as
+        systemd connects and names its stream.
     @return: the status of the reload (0, or the failing command's) and what
         the commands wrote.
     """
@@ -176,10 +181,20 @@ def execReload(environ: dict[str, str], mainPid: int, config: Path) -> tuple[int
         if command[0] == "/opt/edgeproxy/bin/edgeproxy":
             command = [sys.executable, "-m", "edgeproxy", *command[1:]]
         command = [str(config) if part == "/etc/edgeproxy/edge.ini" else part for part in command]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environ)
-        output += result.stdout + result.stderr
-        if result.returncode != 0:
-            return result.returncode, output
+        if journal is None:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environ)
+            output += result.stdout + result.stderr
+            returncode = result.returncode
+        else:
+            with open(journal, "a") as stream:
+                info = os.fstat(stream.fileno())
+                stream_env = dict(environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
+                returncode = subprocess.run(
+                    command, stdout=stream, stderr=stream, timeout=60, env=stream_env
+                ).returncode
+            output = journal.read_text()
+        if returncode != 0:
+            return returncode, output
     return 0, output
 
 
@@ -205,6 +220,16 @@ def test_reloadFailsOnARefusedConfiguration(tmp_path: Path, notify: NotifyReceiv
         status, output = execReload(environ, proc.pid, config)
         assert status == 2
         assert f"{config}:6: [upstream:app] servers: expected host:port" in output
+        # Under systemd (standard error the journal's stream) every line is
+        # at priority 3, so that journalctl -p warning shows the refusal.
+        journal = tmp_path / "journal"
+        status, output = execReload(environ, proc.pid, config, journal)
+        assert status == 2
+        assert output.splitlines() == [
+            f"<3>edgeproxy check: configuration refused: {config} (1 problem)",
+            f"<3>{config}:6: [upstream:app] servers: expected host:port, got 'app.internal' "
+            "(the port is required)",
+        ]
         time.sleep(0.5)
         assert "SIGHUP" not in proc.output()
         assert proc.alive()

@@ -11,7 +11,9 @@ library, one L{Stream} per request as the pipeline's client side.
   - L{edgeproxy.http.h2.head}: a request's header list to its head;
   - L{edgeproxy.http.h2.guard}: frame headers looked at first (sizes,
     flood budgets);
-  - L{edgeproxy.http.h2.hpackcache}: HPACK with repeated blocks remembered.
+  - L{edgeproxy.http.h2.hpackcache}: HPACK with repeated blocks remembered;
+  - L{edgeproxy.http.h2.notes}: a client's protocol errors in the process
+    log (a count per interval).
 """
 
 from edgeproxy.http.h2.connection import HTTP2Connection

@@ -74,6 +74,7 @@ from edgeproxy.errors import ProxyError
 from edgeproxy.http.h2.guard import RESETS, FrameGuard, Violation
 from edgeproxy.http.h2.head import Malformed, Refused, RequestHead, readRequestHead
 from edgeproxy.http.h2.hpackcache import CachingDecoder, CachingEncoder
+from edgeproxy.http.h2.notes import clientError
 from edgeproxy.http.h2.stream import Stream
 from edgeproxy.http.h2.writing import Writing
 from edgeproxy.pipeline.call import Call
@@ -344,7 +345,7 @@ class HTTP2Connection(Writing):
             events = self._h2.receive_data(data)
         except ProtocolError as error:
             # The library has queued its GOAWAY with the error's code.
-            log.info("HTTP/2 client error: {why}", why=str(error) or type(error).__name__)
+            clientError(self.clock, error)
             self._fatal()
             return
         except Exception:
@@ -390,7 +391,7 @@ class HTTP2Connection(Writing):
             try:
                 headers = openStream(h2, streamId, data[start:end], ended)
             except ProtocolError as error:
-                log.info("HTTP/2 client error: {why}", why=str(error) or type(error).__name__)
+                clientError(self.clock, error)
                 self._fatal()
                 return
             except Exception:
@@ -451,14 +452,14 @@ class HTTP2Connection(Writing):
         self._streams[streamId] = stream
         if ended:
             stream.remoteEnded = True
-        if isinstance(head, Refused):
-            self.factory.rejected(head.status)
-            stream.reject(head.status)
-            return
         self._dispatch(stream, head)
 
-    def _dispatch(self, stream: Stream, head: RequestHead) -> None:
+    def _dispatch(self, stream: Stream, head: RequestHead | Refused) -> None:
         factory = self.factory
+        refused = None
+        if isinstance(head, Refused):
+            # Answered with its status, logged as any refused request.
+            refused, head = head, head.head
         info = self._info
         if info is None:
             info = self._info = factory.connectionInfo(self.transport)
@@ -471,7 +472,7 @@ class HTTP2Connection(Writing):
             length = 0
             stream.early = []
         request, stages, idleTimeout, maxBody, error = factory.prepare(
-            head.method, head.target, b"HTTP/2", fields, head.host, length, info
+            head.method, head.target, b"HTTP/2", fields, head.host, length, info, refused
         )
         if error is None and head.protocol is not None and (
             request.route is None or not request.route.websocket

@@ -42,9 +42,10 @@ paths through the stages and to the backend.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+from edgeproxy.errors import RequestHeadRefused
 from edgeproxy.h1.fields import Fields, noteLine
 from edgeproxy.h1.requests import KNOWN_METHODS, MAX_CONTENT_LENGTH_DIGITS
 from edgeproxy.h1.syntax import (
@@ -62,12 +63,15 @@ class Malformed(Exception):
     """A malformed request: reset its stream with C{PROTOCOL_ERROR}."""
 
 
-class Refused(Exception):
-    """A request answered with C{status} (and never forwarded)."""
+class Refused(RequestHeadRefused):
+    """
+    A request answered with C{status} (and never forwarded).
 
-    def __init__(self, why: str, status: int) -> None:
-        Exception.__init__(self, why)
-        self.status = status
+    @ivar head: what its pseudo-header fields said (method, C{:path},
+        authority; no other field), for its access-log line.
+    """
+
+    head: RequestHead
 
 
 class RequestHead(NamedTuple):
@@ -126,7 +130,7 @@ def _nameKind(name: bytes) -> int:
 
 
 def readRequestHead(
-    headers: Iterable[tuple[bytes, bytes]],
+    headers: Sequence[tuple[bytes, bytes]],
     maxFields: int,
     maxSize: int,
     connectProtocol: bool,
@@ -139,8 +143,43 @@ def readRequestHead(
     @param connectProtocol: whether the connection sent
         C{SETTINGS_ENABLE_CONNECT_PROTOCOL} (RFC 8441 3).
     @raise Malformed: see the module docstring.
-    @raise Refused: see the module docstring.
+    @raise Refused: see the module docstring; its C{head} is set.
     """
+    try:
+        return _readRequestHead(headers, maxFields, maxSize, connectProtocol)
+    except Refused as refused:
+        refused.head = _pseudoHead(headers)
+        raise
+
+
+def _pseudoHead(headers: Sequence[tuple[bytes, bytes]]) -> RequestHead:
+    """What the pseudo-header fields of a refused request said."""
+    found: dict[bytes, bytes] = {}
+    for name, value in headers:
+        if name[:1] != b":":
+            if name == b"host":
+                found.setdefault(b":authority", value)
+            continue
+        found.setdefault(name, value)
+    return RequestHead(
+        found.get(b":method", b""),
+        found.get(b":path", b""),
+        found.get(b":authority", b""),
+        _NO_FIELDS,
+        None,
+        None,
+    )
+
+
+_NO_FIELDS = Fields(())
+
+
+def _readRequestHead(
+    headers: Iterable[tuple[bytes, bytes]],
+    maxFields: int,
+    maxSize: int,
+    connectProtocol: bool,
+) -> RequestHead:
     method = scheme = path = authority = protocol = None
     fields: dict[bytes, list[bytes]] = {b"host": []}
     cookies: list[bytes] | None = None

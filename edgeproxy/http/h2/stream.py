@@ -247,7 +247,7 @@ class Stream:
             self.start(response)
 
     def start(self, response: Response) -> None:
-        """Write C{response}, the answer to the call (or to no call: L{reject})."""
+        """Write C{response}, the answer to the call."""
         status = response.status
         connection = self.connection
         call = self.call
@@ -304,14 +304,6 @@ class Stream:
         if self.producer is not None and call.idleTimeout > 0 and call is self.call:
             self.idle = IdleTimer(connection.clock, call.idleTimeout, self.responseIdle)
             self.idle.touch()
-
-    def reject(self, status: int) -> None:
-        """Answer a request refused from its head (no call): the error page."""
-        self.answered = True
-        # Refused before routing: the global pages.
-        response = errorResponse(status, pagesFor(None, self.connection.factory.currentRuntime))
-        if not self.connection.parks(self, response):
-            self.start(response)
 
     def _pages(self, call: Call) -> ErrorPages | None:
         """The custom error pages of C{call} (L{pagesFor})."""

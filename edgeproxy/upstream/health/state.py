@@ -24,9 +24,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from edgeproxy.config.model import Upstream
+from edgeproxy.logs import repeats
 from edgeproxy.metrics import Metrics
 from edgeproxy.upstream.backend import Backend, BackendState
 from edgeproxy.upstream.health.rules import (
@@ -344,7 +345,12 @@ class PassiveHealth:
                 )
                 self._timers[backend] = self._clock.callLater(effect.length, self._readmit, backend)
             elif isinstance(effect, KeptLastAvailable):
-                log.warn(
+                # Once per failure past the threshold: the first of an
+                # interval in full, then a count.
+                repeats(self._clock).emit(
+                    log,
+                    LogLevel.warn,
+                    f"upstream {upstream.name} backend {backend.address} not ejected (last available)",
                     "upstream {upstream} backend {backend}: {count} failures within "
                     "{window} (last: {reason}), not ejected: it is the last "
                     "available backend",
