@@ -1217,6 +1217,41 @@ def test_clientErrorsAreCountedNotLoggedEach(readPath: str) -> None:
     assert debug.count("HTTP/2 client error PROTOCOL_ERROR: Invalid stream ID for peer.") == 300
 
 
+def test_floodsAreCountedNotLoggedEach() -> None:
+    """
+    Connections cut for a flood (here of PING frames) are C{debug} lines
+    too, counted per interval by the GOAWAY's code: a client opening many
+    of them does not write to the process log for each.
+    """
+    from hyperframe.frame import PingFrame
+    from twisted.internet.address import IPv4Address
+    from twisted.logger import LogLevel, formatEvent
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        pair = Pair()
+        ping = PingFrame(0, opaque_data=b"12345678").serialize()
+        for port in range(50):
+            transport = StringTransport()
+            transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+            connection = pair.factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", port))
+            connection.makeConnection(transport)
+            client = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=True, header_encoding=None)
+            )
+            client.initiate_connection()
+            connection.dataReceived(client.data_to_send() + ping * 5000)
+            assert transport.disconnecting
+        pair.clock.advance(10)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    shown = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
+    assert shown == ["repeated in the last 10s: HTTP/2 client refused ENHANCE_YOUR_CALM x 50"], shown
+    debug = [formatEvent(e) for e in events if e["log_level"] == LogLevel.debug]
+    assert debug.count("HTTP/2 client refused: PING flood") == 50
+
+
 # WebSockets over HTTP/2 (RFC 8441) ----------------------------------------------
 
 

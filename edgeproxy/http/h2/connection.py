@@ -74,7 +74,7 @@ from edgeproxy.errors import ProxyError
 from edgeproxy.http.h2.guard import RESETS, FrameGuard, Violation
 from edgeproxy.http.h2.head import Malformed, Refused, RequestHead, readRequestHead
 from edgeproxy.http.h2.hpackcache import CachingDecoder, CachingEncoder
-from edgeproxy.http.h2.notes import clientError
+from edgeproxy.http.h2.notes import clientError, clientNote, codeName
 from edgeproxy.http.h2.stream import Stream
 from edgeproxy.http.h2.writing import Writing
 from edgeproxy.pipeline.call import Call
@@ -321,7 +321,7 @@ class HTTP2Connection(Writing):
         self._headArmed = False
         if self._closing:
             return
-        log.info("HTTP/2 client too slow sending a frame or header block: closing")
+        clientNote(self.clock, "HTTP/2 client too slow", "HTTP/2 client too slow sending a frame or header block: closing")
         self._terminate(NO_ERROR, b"header timeout")
 
     def idleExpired(self) -> None:
@@ -522,7 +522,8 @@ class HTTP2Connection(Writing):
         # With an error (or a library that takes nothing after a GOAWAY):
         # the streams in flight end with the connection.
         if event.error_code:
-            log.info("HTTP/2 client sent GOAWAY: {code}", code=str(event.error_code))
+            code = codeName(event.error_code)
+            clientNote(self.clock, f"HTTP/2 client GOAWAY {code}", "HTTP/2 client sent GOAWAY: {code}", code=code)
         self._closing = True
         self._flush(force=True)
         self._loseConnection()
@@ -545,7 +546,8 @@ class HTTP2Connection(Writing):
     # Closing --------------------------------------------------------------------
 
     def _violated(self, violation: Violation) -> None:
-        log.info("HTTP/2 client refused: {why}", why=violation.why)
+        code = codeName(violation.code)
+        clientNote(self.clock, f"HTTP/2 client refused {code}", "HTTP/2 client refused: {why}", why=violation.why)
         self._terminate(violation.code, b"")
 
     def _terminate(self, code: int, debug: bytes) -> None:

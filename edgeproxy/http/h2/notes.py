@@ -9,6 +9,10 @@ process log gets a count per interval, by the error code's name
 (L{edgeproxy.logs.Repeats})::
 
     repeated in the last 10s: HTTP/2 client error PROTOCOL_ERROR x 939
+
+The other ends a client brings about (a flood cut, a frame or header block
+too slow, a GOAWAY with an error, a stream the library refused to send on)
+are counted the same way, by their kind (L{clientNote}).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from twisted.logger import Logger, LogLevel
 
 from edgeproxy.logs import repeats
 
-__all__ = ["clientError"]
+__all__ = ["clientError", "clientNote", "codeName"]
 
 # The connection's namespace, as its other lines.
 log = Logger(namespace="edgeproxy.http.h2.connection")
@@ -32,7 +36,7 @@ def clientError(clock: IReactorTime, error: Any) -> None:
     Note the protocol error C{error} (an C{h2.exceptions.ProtocolError}) of
     a client's connection.
     """
-    code = _codeName(getattr(error, "error_code", None))
+    code = codeName(getattr(error, "error_code", None))
     repeats(clock).emit(
         log,
         LogLevel.debug,
@@ -43,7 +47,16 @@ def clientError(clock: IReactorTime, error: Any) -> None:
     )
 
 
-def _codeName(code: Any) -> str:
+def clientNote(clock: IReactorTime, kind: str, format: str, **fields: Any) -> None:
+    """
+    Note an end a client brought about: C{format} with C{fields} at
+    C{debug}, counted per interval under C{kind} (of bounded variety: a
+    fixed text or a code's name, never client input).
+    """
+    repeats(clock).emit(log, LogLevel.debug, kind, format, **fields)
+
+
+def codeName(code: Any) -> str:
     """C{PROTOCOL_ERROR} for 1 (RFC 9113 7); the number for an unknown code."""
     try:
         return ErrorCodes(int(code)).name

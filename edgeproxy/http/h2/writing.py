@@ -29,11 +29,11 @@ from typing import Any
 
 from h2.exceptions import H2Error
 from twisted.internet.error import ConnectionLost
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from edgeproxy._compat.h2 import prune
 from edgeproxy.http.h2.guard import RESETS
+from edgeproxy.http.h2.notes import clientNote
 from edgeproxy.http.h2.sending import sendWhole
 from edgeproxy.http.h2.stream import Stream
 from edgeproxy.pipeline.call import Call, discardResponse
@@ -41,7 +41,6 @@ from edgeproxy.pipeline.values import Response
 
 __all__ = ["Writing"]
 
-log = Logger()
 
 NO_ERROR = 0x0
 INTERNAL_ERROR = 0x2
@@ -59,6 +58,7 @@ class Writing:
     )
 
     factory: Any
+    clock: Any
     transport: Any
     _h2: Any
     _guard: Any
@@ -159,7 +159,7 @@ class Writing:
                 h2.end_stream(streamId)
                 self._localEnd(stream)
         except H2Error as error:
-            log.info("HTTP/2 stream {stream} failed: {why}", stream=streamId, why=str(error))
+            clientNote(self.clock, "HTTP/2 stream failed", "HTTP/2 stream {stream} failed: {why}", stream=streamId, why=str(error))
             self.reset(stream, INTERNAL_ERROR, Failure(error))
             return
         if sent:
