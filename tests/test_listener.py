@@ -32,6 +32,7 @@ from edgeproxy.tls.store import CertificateStore
 from tests.test_server import UPSTREAM, Echo
 
 from .certutil import CertificateAuthority
+from .fastpaths import fastPaths  # noqa: F401 (fixture)
 from .tlsutil import handshake
 
 HTTPS = Listener(name="https", endpoint="tcp:0", tls=True)
@@ -213,3 +214,47 @@ def test_http2OfferedOnlyWhenSomethingServesIt() -> None:
         base.buildHTTP2(base.buildProtocol(None))
     except NotImplementedError:
         assert base.acceptableProtocols() == [b"http/1.1"]
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+def test_responsesAreNotHeldByNagle(tmp_path: Path, fastPaths: bool, tls: bool) -> None:
+    """
+    Every accepted connection sends without waiting for the client's ACK
+    (C{TCP_NODELAY}): with Nagle's algorithm, the last short TLS record of
+    a large response waited for the client's delayed ACK, up to 40 ms per
+    response.  Checked on a real TCP connection, through the TLS transport
+    (which passes the option on to the socket) and without TLS, with the
+    fast paths and without them.
+    """
+    import socket
+
+    from twisted.internet import tcp
+
+    from edgeproxy._compat.twisted.tcp import LeanServer
+    from edgeproxy.serve.listeners import tlsServerFactory
+
+    listener = TLSListener(tmp_path, listener=HTTPS if tls else Listener(name="http", endpoint="tcp:0", tls=False))
+    factory: Any = listener.factory
+    if tls:
+        factory = tlsServerFactory(listener.store.serverConnectionCreator(), factory, MemoryReactorClock())
+
+    class Listening:
+        _realPortNumber = 8443
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    accepted, address = server.accept()
+    try:
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        protocol = factory.buildProtocol(IPv4Address("TCP", *address))
+        kind = LeanServer if fastPaths else tcp.Server
+        transport = kind(accepted, protocol, address, Listening(), 1, MemoryReactorClock())
+        protocol.makeConnection(transport)
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert len(listener.factory.channels) == 1
+    finally:
+        client.close()
+        accepted.close()
+        server.close()

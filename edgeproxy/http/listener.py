@@ -178,6 +178,7 @@ class ListenerFactory(Factory):
 
     def connectionMade(self, connection: HTTP1Connection, transport: Any) -> None:
         self.channels.add(connection)
+        noDelay(transport)
         metrics = self.metrics
         if metrics is not None:
             name = self.listener.name
@@ -512,6 +513,25 @@ class _WriteCounter:
             self._writeSequence(data)
         finally:
             self.inSequence = False
+
+
+def noDelay(transport: Any) -> None:
+    """
+    Send what the connection writes without waiting (C{TCP_NODELAY}), as
+    nginx does on its keep-alive connections: with Nagle's algorithm on,
+    the last, short TLS record of a large response waits for the client's
+    ACK of the bytes before it, which the client delays up to 40 ms (1 MiB
+    responses went at a third of the speed, each held that long).  A TLS
+    transport passes the call to its TCP connection; a UNIX socket has no
+    such option and is left as it is.
+    """
+    setTcpNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setTcpNoDelay is None:
+        return
+    try:
+        setTcpNoDelay(True)
+    except OSError:
+        pass
 
 
 def _negotiated(transport: Any) -> tuple[str, str]:
