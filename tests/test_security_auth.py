@@ -199,3 +199,25 @@ def test_storedCopyIsNotServedWithoutCredentials(tmp_path: Path) -> None:
     assert status == 401 and b"for staff" not in body
     status, _, _ = response(edge.get(b"basic.example", basic(b"ann", b"wrong")))
     assert status == 401
+
+
+@pytest.mark.parametrize("host, ann, bob", USERS, ids=["basic", "jwt"])
+def test_theBackendGetsTheIdentityNotTheCredentials(tmp_path: Path, host: bytes, ann: Any, bob: Any) -> None:
+    """
+    What reaches the backend of an authenticated route: the client's own
+    fields in their order, without C{Authorization} and without a copy of
+    the identity field the client sent itself; the identity field once,
+    as the auth stage found it.
+    """
+    edge = Edge(tmp_path, CONFIG.replace(
+        "algorithms = HS256\n", "algorithms = HS256\nclaims_to_headers = sub:X-Auth-User\n"
+    ))
+    spoofed = [(b"X-Auth-User", b"mallory"), (b"Accept", b"text/html"), (b"x-auth-user", b"eve")]
+    edge.get(host, [spoofed[0], *ann, *spoofed[1:], (b"X-Other", b"1")])
+    [exchange] = edge.sent
+    pairs = [(name.lower(), value) for name, value in exchange.fields.pairs()]
+    assert [pair for pair in pairs if pair[0] == b"x-auth-user"] == [(b"x-auth-user", b"ann")]
+    assert b"authorization" not in exchange.fields
+    assert exchange.fields.get(b"x-auth-user") == b"ann"
+    kept = [pair for pair in pairs if pair[0] in (b"accept", b"x-other")]
+    assert kept == [(b"accept", b"text/html"), (b"x-other", b"1")]

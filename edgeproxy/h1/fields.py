@@ -253,7 +253,7 @@ LINES: dict[bytes, tuple[bytes, bytes]] = {}
 """Field lines already checked by a parser, to their lower-case name and
 their value (L{noteLine}); bounded, short lines only."""
 _MAX_LINES = 8192
-_MAX_LINE = 256
+_MAX_LINE = 1024
 
 
 def noteLine(line: bytes, lower: bytes, value: bytes) -> None:

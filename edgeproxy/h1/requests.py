@@ -195,17 +195,19 @@ _NOTED = frozenset(
         b"upgrade",
         b"referer",
         b"user-agent",
+        b"authorization",
     )
 )
 """The fields the parser notes as it reads: what it checks itself (framing,
 host, persistence, expectations) and what the proxy asks of nearly every
-request (an upgrade, the access log's fields).  Asking the parsed fields for
+request (an upgrade, the access log's fields, the credentials of a route
+with C{auth} and the cache's check of them).  Asking the parsed fields for
 one of them makes no dictionary (L{Fields.fromLines})."""
 
 _CHECKED = frozenset((b"content-length", b"transfer-encoding", b"host"))
 
 _MAX_CACHED = 4096
-_MAX_CACHED_LINE = 256
+_MAX_CACHED_LINE = 1024
 """Lines longer than this are not remembered (the caches stay small)."""
 
 _fieldLines: dict[bytes, tuple[bytes, bytes, bool]] = {}

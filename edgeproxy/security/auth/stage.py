@@ -47,7 +47,8 @@ from twisted.python.failure import Failure
 from edgeproxy.config.model import Config, Route
 from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import BackendUnavailable
-from edgeproxy.h1.fields import Fields
+from edgeproxy.h1.fields import LINES, Fields, noteLine
+from edgeproxy.h1.syntax import linePrefix
 from edgeproxy.pipeline.call import Call, Stage
 from edgeproxy.pipeline.stages import registerKind
 from edgeproxy.security.auth.base import Allowed, Answer, Authenticator, Outcome, Refused, withoutCookies
@@ -109,14 +110,33 @@ class AuthStage:
         if type(outcome) is Allowed:
             request = call.request
             strip = self._strip
-            # One copy of the fields, not one per change: names come from
-            # the configuration, values through base.fieldValue.
-            raw = {name: values for name, values in request.fields.raw().items() if name not in strip}
-            for name, value in outcome.fields:
-                raw[name] = [value]
-            fields = Fields.trusted(raw)
-            if self._cookies:
-                fields = withoutCookies(fields, self._cookies)
+            fields = request.fields
+            lines = fields.lines()
+            if lines is not None and not self._cookies:
+                # Fields as read from the wire stay lines, as through the
+                # header rules: the forward stage and the HTTP/1.1 writer
+                # keep their fast paths.  The fields set (names from the
+                # configuration, values through base.fieldValue) are among
+                # those stripped.
+                known = LINES
+                kept = []
+                for line in lines:
+                    pair = known.get(line)
+                    if (pair[0] if pair is not None else line.partition(b":")[0].lower()) not in strip:
+                        kept.append(line)
+                for name, value in outcome.fields:
+                    line = linePrefix(name) + value
+                    noteLine(line, name, value)
+                    kept.append(line)
+                fields = fields.withLines(kept, strip)
+            else:
+                # One copy of the fields, not one per change.
+                raw = {name: values for name, values in fields.raw().items() if name not in strip}
+                for name, value in outcome.fields:
+                    raw[name] = [value]
+                fields = Fields.trusted(raw)
+                if self._cookies:
+                    fields = withoutCookies(fields, self._cookies)
             call.request = request._replace(fields=fields, authenticated=True)
             call.identity = outcome.identity or None
             limits = self.identityLimits
