@@ -31,7 +31,7 @@ L{RefusalSummary}
     per-request outcomes: their place is the access log.  The process log
     gets at most one line per interval about them::
 
-        refused 16,724 requests in the last 10s: 421 misdirected request x 16,700, 400 bad request x 24
+        refused 16,724 requests in the last 10s: 421 misdirected request x 16,700, 400 malformed request x 24
 
     Call L{RefusalSummary.note} once per refusal.
 
