@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from edgeproxy.h1.errors import LocalProtocolError
 from edgeproxy.h1.syntax import CONTROLS_EXCEPT_HTAB, isToken
 
-__all__ = ["LINES", "Fields", "noteLine", "splitLine"]
+__all__ = ["LINES", "Fields", "linesWithout", "noteLine", "splitLine"]
 
 _EMPTY: tuple[bytes, ...] = ()
 _NONE: frozenset[bytes] = frozenset()
@@ -262,6 +262,17 @@ def noteLine(line: bytes, lower: bytes, value: bytes) -> None:
         if len(LINES) >= _MAX_LINES:
             LINES.clear()
         LINES[line] = (lower, value)
+
+
+def linesWithout(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """C{lines} (checked field lines) less those of the fields in C{names}."""
+    known = LINES
+    kept = []
+    for line in lines:
+        pair = known.get(line)
+        if (pair[0] if pair is not None else line.partition(b":")[0].lower()) not in names:
+            kept.append(line)
+    return kept
 
 
 def splitLine(line: bytes) -> tuple[bytes, bytes]:

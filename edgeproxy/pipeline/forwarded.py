@@ -52,7 +52,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from edgeproxy.h1.fields import LINES, Fields, noteLine
+from edgeproxy.h1.fields import LINES, Fields, linesWithout, noteLine
 from edgeproxy.h1.responses import HOP_BY_HOP
 from edgeproxy.h1.syntax import linePrefix
 
@@ -447,12 +447,7 @@ def clientFields(fields: Fields, own: OwnFields | None = None) -> Fields:
     dropped = _NOT_RETURNED if own is None else own.notReturned
     lines = fields.lines()
     if lines is not None:
-        known = LINES
-        kept = []
-        for line in lines:
-            pair = known.get(line)
-            if (pair[0] if pair is not None else line.partition(b":")[0].lower()) not in dropped:
-                kept.append(line)
+        kept = linesWithout(lines, dropped)
         if len(kept) == len(lines):
             return fields
         return fields.withoutLines(kept, dropped)

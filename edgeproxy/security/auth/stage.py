@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from edgeproxy.config.model import Config, Route
 from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import BackendUnavailable
-from edgeproxy.h1.fields import LINES, Fields, noteLine
+from edgeproxy.h1.fields import Fields, linesWithout, noteLine
 from edgeproxy.h1.syntax import linePrefix
 from edgeproxy.pipeline.call import Call, Stage
 from edgeproxy.pipeline.stages import registerKind
@@ -118,12 +118,7 @@ class AuthStage:
                 # keep their fast paths.  The fields set (names from the
                 # configuration, values through base.fieldValue) are among
                 # those stripped.
-                known = LINES
-                kept = []
-                for line in lines:
-                    pair = known.get(line)
-                    if (pair[0] if pair is not None else line.partition(b":")[0].lower()) not in strip:
-                        kept.append(line)
+                kept = linesWithout(lines, strip)
                 for name, value in outcome.fields:
                     line = linePrefix(name) + value
                     noteLine(line, name, value)
