@@ -1182,11 +1182,11 @@ def test_anyFrameSequenceEndsCleanly(frames: list[Any], chunk: int) -> None:
     assert not failures, failures
 
 
-def test_clientErrorsAreCountedNotLoggedEach(readPath: str) -> None:
+def _badConnections(count: int, payload: Any) -> tuple[list[str], list[str]]:
     """
-    Connections a client ends with a protocol error (here a HEADERS frame
-    on a stream it may not open) are C{debug} lines; the process log gets
-    one count per interval, by the error code's name.
+    C{count} client connections, each sending its preface and then what
+    C{payload(client)} gives, each cut by the proxy; what the process log
+    got at C{info} and above, and at C{debug}, once the interval is over.
     """
     from twisted.internet.address import IPv4Address
     from twisted.logger import LogLevel, formatEvent
@@ -1195,7 +1195,7 @@ def test_clientErrorsAreCountedNotLoggedEach(readPath: str) -> None:
     globalLogPublisher.addObserver(events.append)
     try:
         pair = Pair()
-        for port in range(300):
+        for port in range(count):
             transport = StringTransport()
             transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
             connection = pair.factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", port))
@@ -1204,16 +1204,31 @@ def test_clientErrorsAreCountedNotLoggedEach(readPath: str) -> None:
                 h2.config.H2Configuration(client_side=True, header_encoding=None)
             )
             client.initiate_connection()
-            bad = HeadersFrame(2, flags=["END_HEADERS", "END_STREAM"])
-            bad.data = client.encoder.encode(request())
-            connection.dataReceived(client.data_to_send() + bad.serialize())
+            preface = client.data_to_send()
+            connection.dataReceived(preface + payload(client))
             assert transport.disconnecting
         pair.clock.advance(10)
     finally:
         globalLogPublisher.removeObserver(events.append)
     shown = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
-    assert shown == ["repeated in the last 10s: HTTP/2 client error PROTOCOL_ERROR x 300"]
     debug = [formatEvent(e) for e in events if e["log_level"] == LogLevel.debug]
+    return shown, debug
+
+
+def test_clientErrorsAreCountedNotLoggedEach(readPath: str) -> None:
+    """
+    Connections a client ends with a protocol error (here a HEADERS frame
+    on a stream it may not open) are C{debug} lines; the process log gets
+    one count per interval, by the error code's name.
+    """
+
+    def bad(client: Any) -> bytes:
+        frame = HeadersFrame(2, flags=["END_HEADERS", "END_STREAM"])
+        frame.data = client.encoder.encode(request())
+        return frame.serialize()
+
+    shown, debug = _badConnections(300, bad)
+    assert shown == ["repeated in the last 10s: HTTP/2 client error PROTOCOL_ERROR x 300"]
     assert debug.count("HTTP/2 client error PROTOCOL_ERROR: Invalid stream ID for peer.") == 300
 
 
@@ -1224,31 +1239,10 @@ def test_floodsAreCountedNotLoggedEach() -> None:
     of them does not write to the process log for each.
     """
     from hyperframe.frame import PingFrame
-    from twisted.internet.address import IPv4Address
-    from twisted.logger import LogLevel, formatEvent
 
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        pair = Pair()
-        ping = PingFrame(0, opaque_data=b"12345678").serialize()
-        for port in range(50):
-            transport = StringTransport()
-            transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
-            connection = pair.factory.buildProtocol(IPv4Address("TCP", "192.0.2.8", port))
-            connection.makeConnection(transport)
-            client = h2.connection.H2Connection(
-                h2.config.H2Configuration(client_side=True, header_encoding=None)
-            )
-            client.initiate_connection()
-            connection.dataReceived(client.data_to_send() + ping * 5000)
-            assert transport.disconnecting
-        pair.clock.advance(10)
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    shown = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
+    ping = PingFrame(0, opaque_data=b"12345678").serialize()
+    shown, debug = _badConnections(50, lambda client: ping * 5000)
     assert shown == ["repeated in the last 10s: HTTP/2 client refused ENHANCE_YOUR_CALM x 50"], shown
-    debug = [formatEvent(e) for e in events if e["log_level"] == LogLevel.debug]
     assert debug.count("HTTP/2 client refused: PING flood") == 50
 
 
