@@ -431,17 +431,20 @@ class Bench:
             return
         for round in range(self.args.runs):
             for name, server in self.proxies.items():
-                try:
-                    run = self.loadRun(figure, name, server, self.ports[name], self.args.duration,
-                                       loadCpus=self.loadCpus)
-                except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
-                    self.failures.append(f"{name} {figure.key} run {round + 1}: {e}")
-                    self.log(f"FAILED: {name} {figure.key} run {round + 1}: {e}")
-                    continue
-                entry = self.results[name].setdefault(figure.key, {"runs": []})
-                entry["runs"].append(run)
-                entry["median"] = report.summarise(entry["runs"])
-                self.log(f"{name} {figure.key} run {round + 1}/{self.args.runs}: {describe(run)}")
+                self.measureRun(figure, name, server, self.ports[name], round)
+
+    def measureRun(self, figure: Figure, name: str, server: Server, port: int, round: int) -> None:
+        """One run of C{figure} against C{name}, recorded (or its failure)."""
+        try:
+            run = self.loadRun(figure, name, server, port, self.args.duration, loadCpus=self.loadCpus)
+        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+            self.failures.append(f"{name} {figure.key} run {round + 1}: {e}")
+            self.log(f"FAILED: {name} {figure.key} run {round + 1}: {e}")
+            return
+        entry = self.results[name].setdefault(figure.key, {"runs": []})
+        entry["runs"].append(run)
+        entry["median"] = report.summarise(entry["runs"])
+        self.log(f"{name} {figure.key} run {round + 1}/{self.args.runs}: {describe(run)}")
 
     def warmUp(self) -> None:
         if self.tools["wrk"] is None or self.args.warmup <= 0:
@@ -566,17 +569,7 @@ class Bench:
                         self.log(f"warm-up of {name} {figure.key} failed: {e}")
                 for round in range(self.args.runs):
                     for name, (server, port) in started.items():
-                        try:
-                            run = self.loadRun(figure, name, server, port, self.args.duration,
-                                               loadCpus=self.loadCpus)
-                        except (RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
-                            self.failures.append(f"{name} {figure.key} run {round + 1}: {e}")
-                            self.log(f"FAILED: {name} {figure.key} run {round + 1}: {e}")
-                            continue
-                        entry = self.results[name].setdefault(figure.key, {"runs": []})
-                        entry["runs"].append(run)
-                        entry["median"] = report.summarise(entry["runs"])
-                        self.log(f"{name} {figure.key} run {round + 1}/{self.args.runs}: {describe(run)}")
+                        self.measureRun(figure, name, server, port, round)
         finally:
             for server, _ in started.values():
                 server.stop()
