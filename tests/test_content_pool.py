@@ -7,6 +7,8 @@ test plays; and the conversion process itself, run for real.
 from __future__ import annotations
 
 import io
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from twisted.python.failure import Failure
 from edgeproxy.content.convert import Job, Result, convert
 from edgeproxy.content.pool import ConversionPool
 from edgeproxy.content.job import FRAME
+from edgeproxy.content.lowpriority import SLICE_NS
 from edgeproxy.content.worker import readFrame, writeFrame
 from tests.imageutil import decode, photoJPEG
 
@@ -206,10 +209,36 @@ def test_stopAnswersWaitingImagesAndEndsProcesses() -> None:
     assert process.stdinClosed
 
 
+def _schedulingReport() -> str:
+    """Python source printing, on standard error, what the kernel says of
+    the process's priority: nice, session leader, autogroup, time slice."""
+    return (
+        "import os, sys\n"
+        "def read(path):\n"
+        "    try:\n"
+        "        with open(path) as f: return f.read()\n"
+        "    except OSError: return ''\n"
+        "slices = [l.split(':')[1].strip() for l in read('/proc/self/sched').splitlines() if l.startswith('se.slice')]\n"
+        "print(os.nice(0), os.getsid(0) == os.getpid(), read('/proc/self/autogroup').split(' nice ')[-1].strip() or '-',"
+        " slices[0] if slices else '-', file=sys.stderr)\n"
+    )
+
+
+def _kernelAtLeast(major: int, minor: int) -> bool:
+    release = os.uname().release.split(".")
+    try:
+        return (int(release[0]), int(release[1].split("-")[0])) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
 def test_conversionProcessForReal() -> None:
     """
     C{python -m edgeproxy.content.worker} converts frame after frame at a
-    lower priority, and ends when its input does.
+    lower priority, and ends when its input does.  The priority is what the
+    kernel reports for the process: nice 10, a session of its own whose
+    scheduling group is at nice 19 (where the kernel has autogroups), and a
+    0.1 ms time slice (Linux 6.12 and later).
     """
     source = photoJPEG(320, 240)
     frames = io.BytesIO()
@@ -218,14 +247,23 @@ def test_conversionProcessForReal() -> None:
     process = subprocess.run(
         [sys.executable, "-c",
          "import os, sys; sys.path.insert(0, sys.argv[1]); "
-         "from edgeproxy.content.worker import main; main(); print(os.nice(0), file=sys.stderr)",
+         "from edgeproxy.content.worker import main; main()\n" + _schedulingReport(),
          str(ROOT)],
         input=frames.getvalue(),
         capture_output=True,
         timeout=60,
+        # As the pool starts it: not a process group or session leader.
+        start_new_session=False,
     )
     assert process.returncode == 0, process.stderr
-    assert process.stderr.strip() == b"10"
+    nice, leader, groupNice, slice_ = process.stderr.decode().split()
+    assert nice == "10"
+    if sys.platform == "linux":
+        assert leader == "True"
+        if os.path.exists("/proc/self/autogroup"):
+            assert groupNice == "19"
+        if slice_ != "-" and _kernelAtLeast(6, 12) and platform.machine() in ("x86_64", "aarch64"):
+            assert int(slice_) == SLICE_NS
     out = io.BytesIO(process.stdout)
     for target in ("webp", "avif"):
         frame = readFrame(out)

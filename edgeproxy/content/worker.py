@@ -10,8 +10,10 @@ image.  In, the object is a L{Job}'s fields; out, a L{Result}'s (its data
 in the bytes).  JSON, not pickle: the proxy must not run whatever a process
 that parses hostile images might send back.
 
-The process lowers its own CPU priority (C{nice} 10) so that, when the
-machine is busy, conversions wait and proxying does not.
+The process lowers its own CPU priority (L{lowerPriority}: C{nice} 10, a
+session and scheduling group of its own at nice 19, the shortest time
+slice) so that, when the machine is busy, conversions wait and proxying
+does not.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from typing import BinaryIO
 
 from edgeproxy.content.convert import convert
 from edgeproxy.content.job import FRAME, Job, Result
+from edgeproxy.content.lowpriority import NICENESS, lowerPriority
 
 __all__ = ["NICENESS", "readFrame", "serve", "writeFrame"]
-
-NICENESS = 10
 
 
 def readFrame(stream: BinaryIO) -> tuple[dict[str, object], bytes] | None:
@@ -61,10 +62,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 
 def main() -> None:
-    try:
-        os.nice(NICENESS)
-    except OSError:
-        pass
+    lowerPriority()
     # Frames go to a private copy of standard output; anything a library
     # prints lands on standard error, which the proxy logs.
     out = os.fdopen(os.dup(1), "wb")
