@@ -34,6 +34,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from edgeproxy.cache.bodies import StoredBody
 from edgeproxy.config.model import HTTP2Settings, Limits, ProxySettings, Route, Server
 from edgeproxy.h1 import Fields
 from edgeproxy.http.h2 import connection as h2connection
@@ -505,6 +506,69 @@ def test_wholeResponsesWaitWhileTheConnectionIsOverItsBound(readPath: str) -> No
         headers, data, ended = pair.response(stream)
         assert headers[b":status"] == b"200" and len(data) == len(body) and ended
     assert pair.server.held == 0 and not pair.factory.inflight
+
+
+def _storedBodyPair(big: bytes, settings: HTTP2Settings | None = None) -> Pair:
+    """
+    A pair whose stage answers C{/video} with C{big} as the cache's memory
+    tier does (L{StoredBody}), anything else with its path; the client
+    opens the connection's window wide and acknowledges nothing itself (a
+    browser whose paused video keeps that stream's window shut).
+    """
+    pair = Pair(settings=settings)
+    pair.autoAck = False
+    pair.client.increment_flow_control_window(2**30)
+    pair.pump()
+    pair.stage.answer = lambda call: call.respond(
+        Response(200, b"OK", Fields(), len(big), StoredBody(big))
+        if call.request.path == b"/video"
+        else textResponse(200, call.request.path)
+    )
+    return pair
+
+
+def test_aStoredBodyOnAShutWindowDoesNotHoldBackTheOthers(readPath: str) -> None:
+    """
+    A 4 MiB body from the cache on a stream whose client keeps its window
+    shut: the stream holds at most C{h2_stream_buffer} of it for the client
+    (the rest stays the cache's, by reference), so the responses asked for
+    after it on the same connection are written at once instead of waiting
+    for it; once the client opens that window, the body arrives whole.
+    """
+    big = bytes(range(256)) * (4 << 12)
+    pair = _storedBodyPair(big)
+    video = pair.get(request(b"/video"))
+    headers, data, ended = pair.response(video)
+    assert headers[b":status"] == b"200" and len(data) == 65535 and not ended
+    others = [pair.get(request(b"/%d" % n)) for n in range(3)]
+    for n, stream in enumerate(others):
+        assert pair.response(stream)[1:] == (b"/%d" % n, True)
+    assert pair.server.held <= 64 * 1024
+    pair.client.increment_flow_control_window(len(big), stream_id=video)
+    pair.pump()
+    assert pair.response(video)[1:] == (big, True)
+    assert pair.server.held == 0 and not pair.factory.inflight
+    [line] = [c for c in pair.factory.accessLog.calls if c.request.path == b"/video"]
+    assert line.sent == len(big)
+
+
+def test_aStoredBodyOnAShutWindowEndsAtTheIdleTimeout() -> None:
+    """
+    The stream of a stored body whose window stays shut is reset
+    (C{CANCEL}) after its upstream's idle timeout, as a streamed body's is,
+    and lets go of the cache's bytes.
+    """
+    big = b"v" * (1 << 20)
+    pair = _storedBodyPair(big)
+    video = pair.get(request(b"/video"))
+    assert pair.server._streams[video].rest is not None
+    pair.clock.advance(29)
+    pair.pump()
+    assert not pair.resets()
+    pair.clock.advance(2)
+    pair.pump()
+    assert pair.resets() == {video: CANCEL}
+    assert pair.server.held == 0 and not pair.factory.inflight and not pair.server._streams
 
 
 def test_resetsReleaseWhatTheConnectionWaitsFor() -> None:

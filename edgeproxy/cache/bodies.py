@@ -14,9 +14,17 @@ The response bodies of the cache stage:
     whole into memory).
   - L{Drain}: the reader of a body only the store wants (a background
     refresh; a client answered C{304} while the response is stored).
+  - L{StoredBody}: a body held in memory, as the store holds it.
   - L{SliceBody}: the ranges of a body held in memory, cut when the client
     side takes them (a response waiting its turn to be written holds no
     copy; one range is never copied, L{sliceBody}).
+
+L{StoredBody} and a L{SliceBody} of one range are C{shared}
+(L{edgeproxy.pipeline.values.ResponseBody}): their bytes are the store's,
+so a client side that writes them a bound at a time keeps a reference
+instead of counting them as held for its client (an HTTP/2 stream whose
+client keeps its window shut does not hold back the connection's other
+responses).
 """
 
 from __future__ import annotations
@@ -31,10 +39,10 @@ from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
 from edgeproxy.bodies import IdleTimer
-from edgeproxy.cache.ranges import RangePlan, sliceBody
+from edgeproxy.cache.ranges import RangePlan, isOneView, sliceBody
 from edgeproxy.pipeline.values import BODY_DONE, BytesBody
 
-__all__ = ["PIECE", "Drain", "FileBody", "Sink", "SliceBody", "StoringBody"]
+__all__ = ["PIECE", "Drain", "FileBody", "Sink", "SliceBody", "StoredBody", "StoringBody"]
 
 PIECE = 64 * 1024
 """Bytes a L{FileBody} reads at a time."""
@@ -250,6 +258,14 @@ class FileBody:
         self._end(Failure(ConnectionAborted("stopped")))
 
 
+class StoredBody(BytesBody):
+    """See the module docstring."""
+
+    __slots__ = ()
+
+    shared = True
+
+
 class SliceBody:
     """See the module docstring."""
 
@@ -258,6 +274,11 @@ class SliceBody:
     def __init__(self, body: bytes, rangePlan: RangePlan) -> None:
         self._body = body
         self._plan = rangePlan
+
+    @property
+    def shared(self) -> bool:
+        """Whether L{takeBody} gives a view of the store's bytes (one range)."""
+        return isOneView(self._plan)
 
     def takeBody(self) -> bytes | memoryview:
         """The whole body, at once (see L{edgeproxy.pipeline.values.ResponseBody})."""

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from edgeproxy.h1.fields import Fields
 
-__all__ = ["MAX_RANGES", "UNSATISFIABLE", "RangePlan", "parseRange", "plan", "sliceBody"]
+__all__ = ["MAX_RANGES", "UNSATISFIABLE", "RangePlan", "isOneView", "parseRange", "plan", "sliceBody"]
 
 MAX_RANGES = 16
 
@@ -136,15 +136,21 @@ def plan(
     return RangePlan(206, Fields.trusted(raw), total, tuple(segments), trailer)
 
 
+def isOneView(rangePlan: RangePlan) -> bool:
+    """Whether L{sliceBody} gives a view of the body for C{rangePlan} (one
+    range, nothing around it)."""
+    segments = rangePlan.segments
+    return len(segments) == 1 and not rangePlan.trailer and not segments[0][0]
+
+
 def sliceBody(body: bytes, rangePlan: RangePlan) -> bytes | memoryview:
     """
     The body of C{rangePlan} cut from a body held in memory: for one range a
     view of C{body} (a stored body is sent from the store's own bytes, not
     copied); else new bytes.
     """
-    segments = rangePlan.segments
-    if len(segments) == 1 and not rangePlan.trailer and not segments[0][0]:
-        _, start, count = segments[0]
+    if isOneView(rangePlan):
+        _, start, count = rangePlan.segments[0]
         return memoryview(body)[start : start + count]
     return b"".join(prefix + body[start : start + count] for prefix, start, count in rangePlan.segments) + (
         rangePlan.trailer

@@ -48,7 +48,7 @@ from urllib.parse import urljoin
 
 from twisted.logger import Logger
 
-from edgeproxy.cache.bodies import FileBody, SliceBody
+from edgeproxy.cache.bodies import FileBody, SliceBody, StoredBody
 from edgeproxy.cache.collapse import RETRY, STORED
 from edgeproxy.cache.conditional import (
     CLIENT_CONDITIONALS,
@@ -424,7 +424,7 @@ class CacheStage:
                     call.respond(Response(206, b"Partial Content", answer.fields, answer.length, body))
                     return
         if entry.body is not None:
-            call.respond(Response(entry.status, entry.reason, served, entry.length, BytesBody(entry.body)))
+            call.respond(Response(entry.status, entry.reason, served, entry.length, StoredBody(entry.body)))
             return
         if request.method == b"HEAD" or entry.length == 0:
             call.respond(Response(entry.status, entry.reason, served, entry.length, None))

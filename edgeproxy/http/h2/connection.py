@@ -28,7 +28,11 @@ windows and the socket allow; what waits is held per stream, and the
 body's source is paused when a stream holds more than
 C{h2_stream_buffer} bytes or the connection more than
 C{h2_connection_buffer}, and resumed when half of that is gone; past the
-connection's bound no further response is started until then.  This
+connection's bound no further response is started until then.  A body
+the cache holds in memory is not counted whole: the stream refers to the
+cache's bytes and takes a stream's bound of them at a time
+(L{Stream.rest}), so a stream whose window the client keeps shut holds
+back nothing else.  This
 protocol is the transport's producer for the whole connection: a client
 that stops reading stops the writing of C{DATA} frames.
 

@@ -129,13 +129,16 @@ class Stream:
     @ivar producer: the response body's source (paused past the bounds).
     @ivar parked: the response waiting its turn to start (see
         L{edgeproxy.http.h2.writing.Writing.parks}), or L{None}.
+    @ivar rest: what is left of a C{shared} whole body (a view of the
+        cache's bytes) once its first bound went to L{pending}; the
+        connection moves it there a bound at a time (L{None}: none left).
     """
 
     __slots__ = (
         "connection", "id", "call", "pipe", "maxBody", "received", "unacked",
         "readPaused", "remoteEnded", "localEnded", "answered", "headers", "noBody",
         "pending", "held", "endPending", "producer", "producerPaused", "delivering",
-        "idle", "transport", "early", "wsKey", "parked",
+        "idle", "transport", "early", "wsKey", "parked", "rest",
     )
 
     def __init__(self, connection: Any, streamId: int) -> None:
@@ -163,6 +166,7 @@ class Stream:
         self.early: list[bytes] | None = None
         self.wsKey: bytes | None = None
         self.parked: Response | None = None
+        self.rest: memoryview | None = None
 
     @property
     def factory(self) -> Any:
@@ -283,10 +287,21 @@ class Stream:
                 if data and not self.noBody:
                     if call is not None:
                         call.sent = len(data)
+                    bound = connection.streamBound
+                    if len(data) > bound and getattr(body, "shared", False):
+                        # The cache's bytes: held a stream's bound at a
+                        # time, so that a client that keeps this stream's
+                        # window shut (a paused video) does not hold back
+                        # the connection's other responses.
+                        view = data if type(data) is memoryview else memoryview(data)
+                        data, self.rest = view[:bound], view[bound:]
+                        if call is not None and call.idleTimeout > 0:
+                            self.idle = IdleTimer(connection.clock, call.idleTimeout, self.responseIdle)
+                            self.idle.touch()
                     self.pending.append(data)
                     self.held += len(data)
                     connection.held += len(data)
-                self.endPending = True
+                self.endPending = self.rest is None
                 connection.push(self)
                 connection.checkHeld(self)
                 return

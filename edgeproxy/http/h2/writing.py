@@ -142,6 +142,8 @@ class Writing:
                         sent += size
                         window -= size
                         self._framed(size)
+                        if not pending and stream.rest is not None:
+                            self._refill(stream)
                         if self._writePaused:
                             break
                     if sent:
@@ -167,6 +169,27 @@ class Writing:
             self._released(stream)
         if not self._receiving:
             self._flush()
+
+    @property
+    def streamBound(self) -> int:
+        """C{h2_stream_buffer}: the bytes held for one stream before its
+        source is paused."""
+        return self._streamLimit
+
+    def _refill(self, stream: Stream) -> None:
+        """Move the next bound of C{stream}'s shared whole body to its
+        pending bytes (see L{Stream.rest})."""
+        rest = stream.rest
+        assert rest is not None
+        bound = self._streamLimit
+        if len(rest) > bound:
+            chunk, stream.rest = rest[:bound], rest[bound:]
+        else:
+            chunk, stream.rest = rest, None
+            stream.endPending = True
+        stream.pending.append(chunk)
+        stream.held += len(chunk)
+        self.held += len(chunk)
 
     def interim(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> None:
         """Write an interim (1xx) response head on C{stream}."""
@@ -361,6 +384,7 @@ class Writing:
             self.held -= stream.held
             stream.held = 0
         stream.pending.clear()
+        stream.rest = None
         stream.headers = None
         self._waiting.pop(stream, None)
 
