@@ -482,7 +482,8 @@ def _wideOpen(
 def test_wholeResponsesWaitWhileTheConnectionIsOverItsBound(readPath: str) -> None:
     """
     A client that stops reading with its windows open, and 20 streams each
-    answered at once with a whole 4 MiB body (a cache hit): what the
+    answered at once with a whole 4 MiB body of their own (not the cache's:
+    see the stored-body tests below): what the
     connection holds stays within C{h2_connection_buffer} and one response
     (the bodies after it wait, unstarted, in order, until half of it is
     written) instead of growing by each of them.  Once the client reads,
