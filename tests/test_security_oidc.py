@@ -61,6 +61,8 @@ class Provider(Resource):
         self.jwksFetches = 0
         self.nonce = ""
         self.email = "ann@example.com"
+        self.keyFields: dict[str, Any] = {"use": "sig", "alg": "ES256"}
+        self.discovery: dict[str, Any] = {}
 
     def addKey(self, kid: str) -> str:
         self.keys[kid] = ec.generate_private_key(ec.SECP256R1())
@@ -71,13 +73,14 @@ class Provider(Resource):
             return json.dumps({
                 "issuer": ISSUER, "authorization_endpoint": ISSUER + "/auth",
                 "token_endpoint": ISSUER + "/token", "jwks_uri": ISSUER + "/jwks",
+                **self.discovery,
             }).encode()
         assert request.path == b"/jwks"
         self.jwksFetches += 1
         keys = []
         for kid in self.published:
             key = jwt.algorithms.ECAlgorithm.to_jwk(self.keys[kid].public_key(), as_dict=True)
-            keys.append({**key, "kid": kid, "use": "sig", "alg": "ES256"})
+            keys.append({**key, "kid": kid, **self.keyFields})
         return json.dumps({"keys": keys}).encode()
 
     def render_POST(self, request: Any) -> bytes:
@@ -198,6 +201,29 @@ def test_rotatedKeyFetchedAgain() -> None:
     edge.clock.advance(31)
     assert edge.login().status == 302
     assert provider.jwksFetches == 3
+
+
+def test_idTokenKeyMustBeForItsAlgorithm() -> None:
+    """
+    The ID token's key must be for signatures and for the token's
+    algorithm when the key set says what it is for, and the algorithm one
+    the provider lists for ID tokens: else the login is refused (403), no
+    session cookie.
+    """
+    for keyFields, discovery, status in (
+        ({"use": "sig", "alg": "ES256"}, {"id_token_signing_alg_values_supported": ["ES256"]}, 302),
+        ({}, {}, 302),
+        ({"use": "sig", "alg": "ES384"}, {}, 403),
+        ({"use": "enc"}, {}, 403),
+        ({"use": "sig", "alg": "ES256"}, {"id_token_signing_alg_values_supported": ["RS256"]}, 403),
+    ):
+        provider = Provider()
+        provider.keyFields = keyFields
+        provider.discovery = discovery
+        callback = Edge(provider).login()
+        assert callback.status == status, (keyFields, discovery)
+        cookies = callback.response.fields.getAll(b"set-cookie") if callback.response is not None else []
+        assert (status == 302) == any(c.startswith(b"edgeproxy_session=") for c in cookies)
 
 
 def test_callbackLoggedWithoutTheCode() -> None:

@@ -46,7 +46,7 @@ from edgeproxy.errors import Unauthorized
 from edgeproxy.pipeline.values import Request
 from edgeproxy.security.auth.base import Allowed, Outcome, Refused, bearerToken, claimFields, cookieValue
 
-__all__ = ["JWTAuthenticator", "KeySet", "TokenRefused", "verifyToken"]
+__all__ = ["JWTAuthenticator", "KeySet", "TokenRefused", "keyFor", "verifyToken"]
 
 log = Logger()
 
@@ -162,7 +162,16 @@ class KeySet:
         self._timer = None
 
 
-def _key(keys: KeySet, header: dict[str, Any], algorithm: str) -> Any:
+def keyFor(keys: KeySet, header: dict[str, Any], algorithm: str) -> Any:
+    """
+    The key of C{keys} that checks a token with C{header} signed with
+    C{algorithm}: the one its C{kid} names (or the only one, when it names
+    none; L{KeySet} holds only keys for signatures), if that key is for
+    C{algorithm} (its C{alg}, when it states one, and its type).
+
+    @raise KeyError: no key has that C{kid} (the caller may refetch).
+    @raise TokenRefused: the key is not for this token.
+    """
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         raise TokenRefused("malformed token")
@@ -201,7 +210,7 @@ def verifyToken(token: bytes, settings: AuthSettings, keys: KeySet | None) -> di
         key: Any = settings.secret
     else:
         assert keys is not None
-        key = _key(keys, header, algorithm)
+        key = keyFor(keys, header, algorithm)
     try:
         return pyjwt.decode(
             token,

@@ -19,7 +19,10 @@ The authorization code flow (OpenID Connect Core 3.1) with PKCE (RFC
      replayed callback is refused); the code is exchanged at the token
      endpoint (treq) with the verifier; the ID token must be signed by a
      key of the provider's key set (C{jwks_uri}), with an asymmetric
-     algorithm, issued by C{issuer}, for C{client_id}, unexpired, and
+     algorithm that the provider lists for ID tokens
+     (C{id_token_signing_alg_values_supported}) and that the key is for
+     (its C{alg}, when it states one; keys for encryption are not in the
+     key set), issued by C{issuer}, for C{client_id}, unexpired, and
      carry the login's C{nonce}.
   3. C{allow_emails}, C{allow_domains} and C{allow_claim} decide who of
      those the provider knows may in (C{403} otherwise; an e-mail address
@@ -62,7 +65,7 @@ from edgeproxy.errors import BackendUnavailable, Forbidden, Unauthorized
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.values import BytesBody, Request, Response
 from edgeproxy.security.auth.base import Allowed, Answer, Outcome, Refused, claimFields, cookieValue
-from edgeproxy.security.auth.jwt import KeySet, TokenRefused
+from edgeproxy.security.auth.jwt import KeySet, TokenRefused, keyFor
 from edgeproxy.security.auth.sessions import Sealer
 
 __all__ = ["OIDCAuthenticator", "allowedBy", "safeReturn", "sessionPurpose"]
@@ -424,16 +427,11 @@ class OIDCAuthenticator:
         algorithm = header.get("alg")
         if algorithm not in _ASYMMETRIC:
             raise TokenRefused("algorithm not allowed")
-        kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise TokenRefused("malformed")
-        jwk = keys.keys.get(kid)
-        if jwk is None and len(keys.keys) == 1 and kid is None:
-            jwk = next(iter(keys.keys.values()))
-        if jwk is None:
-            raise KeyError(kid)
+        supported = self.metadata.get("id_token_signing_alg_values_supported")
+        if isinstance(supported, list) and algorithm not in supported:
+            raise TokenRefused("algorithm not the provider's")
+        key = keyFor(keys, header, algorithm)
         try:
-            key = pyjwt.PyJWK(jwk, algorithm=algorithm).key
             claims = pyjwt.decode(
                 token, key, algorithms=[algorithm], audience=self.settings.client_id,
                 issuer=self.metadata["issuer"], leeway=60,
