@@ -77,6 +77,7 @@ url = https://auth.internal/check
 ca = clients.pem
 copy_request_headers = Cookie, Authorization
 copy_response_headers = X-Auth-User
+pass_cookies = no
 cache_ttl = 30s
 cache_size = 500
 timeout = 2s
@@ -153,7 +154,7 @@ def test_everySecurityKey(site: Path) -> None:
     assert (tokens.audience, tokens.leeway, tokens.token_from) == (("edge", "api"), 30.0, "cookie:token")
     assert tokens.claims_to_headers == (("sub", "x-auth-subject"),)
     assert (gate.copy_request_headers, gate.copy_response_headers) == (("cookie", "authorization"), ("x-auth-user",))
-    assert (gate.cache_ttl, gate.cache_size, gate.timeout) == (30.0, 500, 2.0)
+    assert (gate.cache_ttl, gate.cache_size, gate.timeout, gate.pass_cookies) == (30.0, 500, 2.0, False)
     assert login.scopes == ("openid", "email", "groups")
     assert login.client_secret == SECRET and login.cookie_secret == SECRET.encode()
     assert login.allow_claim == ("groups", "admins")

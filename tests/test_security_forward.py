@@ -168,3 +168,66 @@ def test_subrequestsCarryNoCookieOfEarlierAnswers() -> None:
     anonymous = send([])
     assert service.seen == [b"session=ann", None]
     assert anonymous.status == 401
+
+
+class RefreshingService(Resource):
+    """An auth service that lets ann in and refreshes her session cookie
+    each time, as oauth2-proxy does."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = 0
+
+    def render_GET(self, request: Any) -> bytes:
+        self.asked += 1
+        request.setHeader(b"x-auth-user", b"ann")
+        request.addCookie(b"_oauth2_proxy", b"refreshed%d" % self.asked, path=b"/", secure=True, httpOnly=True)
+        return b""
+
+
+def _refreshing(**changes: Any) -> tuple[RefreshingService, StubTreq, AuthStage]:
+    service = RefreshingService()
+    stub = StubTreq(service)
+    settings = AuthSettings(
+        name="gate", type="forward", url="https://auth.internal/check",
+        copy_request_headers=("cookie",), copy_response_headers=("x-auth-user",), **changes,
+    )
+    return service, stub, AuthStage(ROUTE, settings, ForwardAuthenticator(settings, stub, Clock()))
+
+
+def test_setCookieOfALetInGoesToTheClient() -> None:
+    """
+    The C{Set-Cookie} of a C{2xx} verdict is added to the response the
+    client gets, after the backend's own; the backend never sees it.
+    """
+    _, stub, stage = _refreshing()
+    client = RecordingClient()
+    backend = textResponse(200, b"app")
+    backend = backend._replace(fields=backend.fields.withAdded(b"set-cookie", b"app=1"))
+    nextStage = RecordingNext(response=backend)
+    request = makeRequest(path=b"/x", fields=Fields([(b"host", b"app.example"), (b"cookie", b"_oauth2_proxy=old")]))
+    Call(request, None, client, (stage, nextStage), 0.0).next()
+    for _ in range(5):
+        stub.flush()
+    assert client.status == 200
+    assert client.response.fields.getAll(b"set-cookie") == [
+        b"app=1", b"_oauth2_proxy=refreshed1; Path=/; Secure; HttpOnly",
+    ]
+    [forwarded] = nextStage.requests
+    assert forwarded.fields.get(b"set-cookie") is None
+
+
+def test_setCookieNotPassedWhenToldOrFromACachedVerdict() -> None:
+    """
+    C{pass_cookies = no} keeps the service's cookies from the client; a
+    cached verdict carries none (they were for the request that asked).
+    """
+    _, stub, stage = _refreshing(pass_cookies=False)
+    assert send(stage, stub, [(b"cookie", b"_oauth2_proxy=old")])[0].response.fields.get(b"set-cookie") is None
+    service, stub, stage = _refreshing(cache_ttl=30.0)
+    first, second = (send(stage, stub, [(b"cookie", b"_oauth2_proxy=old")])[0] for _ in range(2))
+    assert service.asked == 1
+    assert first.response.fields.getAll(b"set-cookie") == [b"_oauth2_proxy=refreshed1; Path=/; Secure; HttpOnly"]
+    assert second.status == 200 and second.response.fields.get(b"set-cookie") is None

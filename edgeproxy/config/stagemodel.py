@@ -331,6 +331,8 @@ class AuthSettings:
     url: str | None = None
     copy_request_headers: tuple[str, ...] = ()
     copy_response_headers: tuple[str, ...] = ()
+    pass_cookies: bool = True
+    """C{Set-Cookie} of a C{2xx} answer goes on to the client's response."""
     cache_ttl: float = 0.0
     cache_size: int = 10000
     timeout: float = 5.0

@@ -45,6 +45,9 @@ class Allowed(NamedTuple):
     """The subject (user name, C{sub} claim...)."""
     fields: tuple[tuple[bytes, bytes], ...] = ()
     """Set on the request to the backend."""
+    setCookies: tuple[bytes, ...] = ()
+    """C{Set-Cookie} values added to the client's response (a forward auth
+    service refreshing its session)."""
 
 
 class Refused(NamedTuple):

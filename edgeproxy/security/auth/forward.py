@@ -14,7 +14,11 @@ For each request, a C{GET} to C{url} (treq) carries what the request was:
 and the request's C{copy_request_headers} (C{Cookie}, C{Authorization}...);
 never its body, which waits.  A C{2xx} answer lets the request through
 with the answer's C{copy_response_headers} set on it (the client's own
-copies removed; the first of them present is the identity); anything else
+copies removed; the first of them present is the identity), and its
+C{Set-Cookie} fields added to the response the client gets (unless
+C{pass_cookies = no}: oauth2-proxy and its kind refresh their session
+cookie so; nginx needs C{auth_request_set} and C{add_header} for it,
+Traefik C{addAuthCookiesToResponse}); anything else
 is what the client gets, status, fields and body (up to
 L{edgeproxy.security.auth.http.MAX_BODY} bytes), so the service's login
 redirect or error page reaches the browser.  An auth service that cannot
@@ -41,6 +45,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 
 from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.errors import BackendUnavailable, UpstreamTimeout
+from edgeproxy.h1.errors import ProtocolError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.h1.responses import HOP_BY_HOP
 from edgeproxy.pipeline.values import BytesBody, Request, Response
@@ -65,6 +70,19 @@ def subrequestFields(request: Request, copied: tuple[bytes, ...]) -> dict[bytes,
         if values:
             fields[name] = list(values)
     return fields
+
+
+def _cookieValues(values: list[bytes]) -> list[bytes]:
+    """The C{Set-Cookie} values that are valid field values (others are
+    dropped, as the client's response could not carry them)."""
+    kept = []
+    for value in values:
+        try:
+            Fields([(b"set-cookie", value)])
+        except ProtocolError:
+            continue
+        kept.append(value)
+    return kept
 
 
 class ForwardAuthenticator:
@@ -150,10 +168,16 @@ class ForwardAuthenticator:
             allowed = Allowed(identity, tuple(copied))
             if key is not None:
                 cache = self._cache
+                # Without its cookies: they were for the request that
+                # asked, not for the ones the verdict lets through later.
                 cache[key] = (self.clock.seconds() + self.settings.cache_ttl, allowed)
                 cache.move_to_end(key)
                 while len(cache) > self.settings.cache_size:
                     cache.popitem(last=False)
+            if self.settings.pass_cookies:
+                cookies = headers.getRawHeaders(b"set-cookie")
+                if cookies:
+                    return allowed._replace(setCookies=tuple(_cookieValues(cookies)))
             return allowed
         raw: dict[bytes, list[bytes]] = {}
         for name, values in headers.getAllRawHeaders():

@@ -11,6 +11,8 @@ For every type, on every request the stage lets through:
   - C{Authorization} is removed unless C{pass_authorization = yes};
   - the type's own cookies (the OpenID Connect session) are removed from
     C{Cookie};
+  - C{Set-Cookie} fields a forward auth service answered with go on the
+    client's response (L{_SetCookies});
   - the request is marked C{authenticated}: the cache stage then treats
     it as one with C{Authorization} (RFC 9111 3.5), credentials removed
     or not, and never serves one user's answer to another unless the
@@ -46,11 +48,12 @@ from twisted.python.failure import Failure
 
 from edgeproxy.config.model import Config, Route
 from edgeproxy.config.stagemodel import AuthSettings
-from edgeproxy.errors import BackendUnavailable
+from edgeproxy.errors import BackendUnavailable, ProxyError
 from edgeproxy.h1.fields import Fields, linesWithout, noteLine
 from edgeproxy.h1.syntax import linePrefix
 from edgeproxy.pipeline.call import Call, Stage
 from edgeproxy.pipeline.stages import registerKind
+from edgeproxy.pipeline.values import Response
 from edgeproxy.security.auth.base import Allowed, Answer, Authenticator, Outcome, Refused, withoutCookies
 from edgeproxy.security.ratelimit import LimitSet, buildLimitSet, routeLimits
 
@@ -134,6 +137,8 @@ class AuthStage:
                     fields = withoutCookies(fields, self._cookies)
             call.request = request._replace(fields=fields, authenticated=True)
             call.identity = outcome.identity or None
+            if outcome.setCookies:
+                call.onResponse(_SetCookies(outcome.setCookies))
             limits = self.identityLimits
             if limits is not None:
                 limits.apply(call, outcome.identity, call.next)
@@ -159,6 +164,28 @@ class AuthStage:
         log.failure("[auth:{name}] failed", failure=failure, name=self.name)
         call.refusedBy = f"auth {self.name}: error"
         call.fail(BackendUnavailable(f"[auth:{self.name}] failed"))
+
+
+class _SetCookies:
+    """
+    Adds the auth service's C{Set-Cookie} fields to the answer the client
+    gets (a L{edgeproxy.pipeline.call.ResponseHandler}).  Registered by
+    the auth stage, before the cache, so the cache never stores them.  An
+    error the edge answers goes without them.
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: tuple[bytes, ...]) -> None:
+        self.values = values
+
+    def onResponse(self, call: Call, response: Response) -> None:
+        raw = response.fields.copyRaw()
+        raw[b"set-cookie"] = [*raw.get(b"set-cookie", ()), *self.values]
+        call.respond(response._replace(fields=Fields.trusted(raw)))
+
+    def onError(self, call: Call, error: ProxyError) -> None:
+        call.fail(error)
 
 
 _authenticators: weakref.WeakValueDictionary[tuple[Any, ...], Any] = weakref.WeakValueDictionary()
