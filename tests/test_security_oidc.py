@@ -14,6 +14,7 @@ keys) or several sections at once.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import time
 from collections.abc import Sequence
@@ -28,13 +29,17 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 
 from edgeproxy.accesslog import AccessLog, LineWriter, formatCombined, formatJSON
-from edgeproxy.config.model import Route
+from edgeproxy.config.model import Config, Route
 from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.testing import RecordingClient, RecordingNext, makeRequest, textResponse
 from edgeproxy.security.auth.oidc import OIDCAuthenticator
+from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
+from edgeproxy.routing import Router
+from edgeproxy.runtime import Runtime
 from edgeproxy.security.auth.stage import AuthStage
+from tests.memorypool import ProxyClient
 
 ISSUER = "https://idp.example"
 SETTINGS = AuthSettings(
@@ -229,14 +234,34 @@ def test_idTokenKeyMustBeForItsAlgorithm() -> None:
 def test_callbackLoggedWithoutTheCode() -> None:
     """
     The access log records the callback's target without its query: the
-    authorization code (and state) never reach a log file.
+    authorization code (and state) never reach a log file, whether the
+    auth stage answers the callback or a stage before it refuses it (an
+    access rule).
     """
     edge = Edge(Provider())
-    assert edge.login().status == 302
-    for formatter in (formatCombined, formatJSON):
-        stream = io.StringIO()
-        AccessLog(edge.clock, LineWriter(formatter, stream=stream)).log(edge.lastCall)
-        line = stream.getvalue()
-        assert "/.edgeproxy/oidc/callback" in line
-        assert "c0de" not in line and "state" not in line and "?" not in line
-        assert "ann" in line  # the user the login was for
+    callbacks = []
+    for ruled in (False, True):
+        route = replace(ROUTE, upstream="app", allow=(ipaddress.ip_network("10.0.0.0/8"),) if ruled else ())
+        lines = io.StringIO()
+        client = ProxyClient(accessLog=AccessLog(edge.clock, LineWriter(formatJSON, stream=lines)))
+        pools = {"app": client.pool}
+        config = Config(
+            path="/etc/edge.ini", proxy=client.runtime.config.proxy, tls=None, listeners=(),
+            upstreams={"app": client.pool.upstream}, routes=(route,), auths={"staff": SETTINGS},
+        )
+        # The access rule's route: its own stages; the other: the auth
+        # stage of the provider's edge alone, which answers the callback.
+        pipeline = (
+            buildPipelines(config, pools, None, {"reactor": edge.clock})["app"]
+            if ruled
+            else RoutePipeline((("auth", edge.stage),), 0.0)
+        )
+        client.runtime = Runtime(config=config, router=Router((route,)), pools=pools, pipelines={"app": pipeline})
+        client.send(b"GET /.edgeproxy/oidc/callback?code=c0de&state=s1 HTTP/1.1\r\nHost: app.example\r\n\r\n")
+        edge.flush()
+        callbacks.append((client.wire().split(b" ", 2)[1], lines.getvalue()))
+    for status, line in callbacks:
+        assert '"target":"/.edgeproxy/oidc/callback",' in line, line
+        assert "c0de" not in line and "s1" not in line
+    assert [status for status, _ in callbacks] == [b"403", b"403"]
+    assert '"rule":"auth staff' in callbacks[0][1] and '"rule":"allow' in callbacks[1][1]

@@ -16,16 +16,9 @@ from typing import Any
 
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.values import BytesBody, Response
+from edgeproxy.pipeline.stages import RoutePipeline
 
 __all__ = ["HTTP01Stage", "http01Stage"]
-
-
-class _Pipeline:
-    __slots__ = ("stages", "idleTimeout")
-
-    def __init__(self, stage: HTTP01Stage) -> None:
-        self.stages = (stage,)
-        self.idleTimeout = 0.0
 
 
 class HTTP01Stage:
@@ -40,7 +33,7 @@ class HTTP01Stage:
 
     def __init__(self, keyAuthorization: bytes) -> None:
         self._body = keyAuthorization
-        self.pipeline = _Pipeline(self)
+        self.pipeline = RoutePipeline((("acme", self),), 0.0)
 
     def handle(self, call: Any) -> None:
         body = self._body

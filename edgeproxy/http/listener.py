@@ -316,6 +316,10 @@ class ListenerFactory(Factory):
                 pipeline = match.pipeline if route is None else runtime.pipelines[route.name]
                 stages = pipeline.stages
                 idleTimeout = pipeline.idleTimeout
+                if pipeline.quietPaths and path in pipeline.quietPaths:
+                    # Never logged with its query, whoever answers it
+                    # (an access rule, a rate limit, the auth stage).
+                    target = target.partition(b"?")[0]
                 if route is not None and route.max_body_size is not None:
                     maxBody = route.max_body_size
                 if maxBody and length is not None and length > maxBody:

@@ -31,6 +31,7 @@ from edgeproxy.config.model import Listener
 from edgeproxy.errors import BadRequest
 from edgeproxy.locations import encodeURIPart, validHost
 from edgeproxy.pipeline.redirect import redirectResponse
+from edgeproxy.pipeline.stages import RoutePipeline
 
 __all__ = ["RedirectStage", "endpointPort", "redirectLocation", "redirectPort", "validHost"]
 
@@ -73,17 +74,6 @@ def redirectLocation(host: str, port: int | None, target: bytes) -> bytes:
     return f"https://{authority}".encode("ascii") + encodeURIPart(target)
 
 
-class _Pipeline:
-    """The stages of a redirecting listener: the redirect alone."""
-
-    __slots__ = ("stages", "idleTimeout")
-
-    def __init__(self, stage: RedirectStage) -> None:
-        self.stages = (stage,)
-        self.idleTimeout = 0.0
-
-
-
 class RedirectStage:
     """
     Answers every request of a C{redirect_https} listener with 308 to the
@@ -99,7 +89,7 @@ class RedirectStage:
 
     def __init__(self, factory: Any) -> None:
         self._factory = factory
-        self.pipeline = _Pipeline(self)
+        self.pipeline = RoutePipeline((("redirect", self),), 0.0)
 
     def handle(self, call: Any) -> None:
         request = call.request

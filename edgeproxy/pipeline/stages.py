@@ -83,14 +83,21 @@ class RoutePipeline:
 
     @ivar idleTimeout: seconds a body of this route may go without a byte
         (its upstream's C{idle_timeout}).
+    @ivar quietPaths: the paths whose query carries a credential (the
+        C{credentialPaths} of the stages that have them: an OpenID Connect
+        callback's code): the request's target is recorded without its
+        query from the start, whichever stage answers it.
     """
 
-    __slots__ = ("stages", "idleTimeout", "byKind")
+    __slots__ = ("stages", "idleTimeout", "byKind", "quietPaths")
 
     def __init__(self, stages: tuple[tuple[str, Stage], ...], idleTimeout: float) -> None:
         self.stages = tuple(stage for _, stage in stages)
         self.byKind = dict(stages)
         self.idleTimeout = idleTimeout
+        self.quietPaths: frozenset[bytes] = frozenset().union(
+            *(getattr(stage, "credentialPaths", ()) for stage in self.stages)
+        )
 
 
 _KINDS: dict[str, StageKind] = {}

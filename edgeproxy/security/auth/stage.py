@@ -22,8 +22,9 @@ Credentials are never logged: the access log gets the subject (C{user})
 of an accepted request and, for a refused one, C{auth NAME: why}, where
 C{why} names what was wrong (C{missing credentials}, C{expired token}...),
 never a password or token; the target of a path whose query carries a
-credential (the OpenID Connect callback's code) is logged without its
-query.
+credential (the OpenID Connect callback's code: C{credentialPaths}) is
+logged without its query, whatever answers the request (the listener
+strips it, L{edgeproxy.pipeline.stages.RoutePipeline.quietPaths}).
 
 Rate limits keyed on the identity (C{key = identity}) are applied here,
 right after authentication and before the request goes on: the
@@ -66,7 +67,7 @@ class AuthStage:
     """The C{auth} stage of one route."""
 
     __slots__ = (
-        "name", "authenticator", "identityLimits", "_strip", "_cookies", "_paths", "_metrics", "_route",
+        "name", "authenticator", "identityLimits", "credentialPaths", "_strip", "_cookies", "_metrics", "_route",
     )
 
     def __init__(
@@ -85,16 +86,12 @@ class AuthStage:
             strip.add(b"authorization")
         self._strip = frozenset(strip)
         self._cookies = authenticator.credentialCookies
-        self._paths = authenticator.credentialPaths
+        self.credentialPaths = authenticator.credentialPaths
         self._metrics = metrics
         self._route = route.name
 
     def handle(self, call: Call) -> None:
         request = call.request
-        if request.path in self._paths:
-            # The access log records the target: never the code in it.
-            target = request.target
-            call.request = request._replace(target=target.partition(b"?")[0])
         outcome = self.authenticator.authenticate(request)
         if type(outcome) is Allowed:
             # The usual case (a cached token, a remembered password): at once.
