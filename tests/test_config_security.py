@@ -277,6 +277,9 @@ def test_oidcScopesGetOpenID(site: Path) -> None:
     auth: AuthSettings = load(write(site, BASE + extra)).auths["sso"]
     assert auth.scopes == ("openid", "email")
     assert auth.claims_to_headers == (("sub", "x-auth-subject"), ("email", "x-auth-email"))
+    assert auth.leeway == 60.0
+    skewed = load(write(site, BASE + extra + "leeway = 2m\n")).auths["sso"]
+    assert skewed.leeway == 120.0
 
 
 def test_authFilesReadWithTheConfiguration(site: Path) -> None:

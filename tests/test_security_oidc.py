@@ -67,6 +67,7 @@ class Provider(Resource):
         self.nonce = ""
         self.email = "ann@example.com"
         self.keyFields: dict[str, Any] = {"use": "sig", "alg": "ES256"}
+        self.lifetime = 300
         self.discovery: dict[str, Any] = {}
 
     def addKey(self, kid: str) -> str:
@@ -92,7 +93,7 @@ class Provider(Resource):
         assert request.path == b"/token"
         now = int(time.time())
         claims = {"iss": ISSUER, "aud": "edge", "sub": self.email.partition("@")[0], "iat": now,
-                  "exp": now + 300, "nonce": self.nonce, "email": self.email, "email_verified": True}
+                  "exp": now + self.lifetime, "nonce": self.nonce, "email": self.email, "email_verified": True}
         token = jwt.encode(claims, self.keys[self.signer], algorithm="ES256", headers={"kid": self.signer})
         return json.dumps({"id_token": token, "token_type": "Bearer"}).encode()
 
@@ -229,6 +230,17 @@ def test_idTokenKeyMustBeForItsAlgorithm() -> None:
         assert callback.status == status, (keyFields, discovery)
         cookies = callback.response.fields.getAll(b"set-cookie") if callback.response is not None else []
         assert (status == 302) == any(c.startswith(b"edgeproxy_session=") for c in cookies)
+
+
+def test_idTokenLeeway() -> None:
+    """
+    An ID token that expired a moment ago (the provider's clock behind
+    ours) passes within the section's C{leeway}, not past it.
+    """
+    for leeway, status in ((120.0, 302), (30.0, 403)):
+        provider = Provider()
+        provider.lifetime = -60
+        assert Edge(provider, replace(SETTINGS, leeway=leeway)).login().status == status, leeway
 
 
 def test_callbackLoggedWithoutTheCode() -> None:

@@ -75,6 +75,7 @@ _AUTH_TYPE_KEYS: dict[str, tuple[str, ...]] = {
         "allow_domains",
         "allow_claim",
         "claims_to_headers",
+        "leeway",
         "timeout",
     ),
 }
@@ -310,6 +311,7 @@ def _readOIDC(section: Section) -> dict[str, Any]:
             "claims_to_headers", (("sub", "x-auth-subject"), ("email", "x-auth-email")),
             lambda t: fieldPairs(t, "claim", _claim),
         ),
+        "leeway": section.duration("leeway", 60.0, allowZero=True),
         "timeout": section.duration("timeout", 5.0),
     }
 

@@ -434,7 +434,7 @@ class OIDCAuthenticator:
         try:
             claims = pyjwt.decode(
                 token, key, algorithms=[algorithm], audience=self.settings.client_id,
-                issuer=self.metadata["issuer"], leeway=60,
+                issuer=self.metadata["issuer"], leeway=self.settings.leeway,
                 options={"require": ["exp", "iat", "sub", "iss", "aud"]},
             )
         except pyjwt.exceptions.PyJWTError as e:
