@@ -67,21 +67,25 @@ def askForCertificates(service: Any, channel: Any) -> None:
     """
     With on-demand certificates, make the worker's handshakes for new
     names wait for the supervisor's answer (which follows C{ask} and the
-    rate limit at a reload).  A reload that turns C{on_demand} off stops
-    the waits; one that turns it on reaches the workers started after it.
+    rate limit at a reload).  Every reload of the worker turns the waits
+    on or off as its C{on_demand} says (without it, handshakes are not held
+    at all: no ClientHello is read before OpenSSL's).
     """
-    store = getattr(service, "store", None)
-    settings = service.config.acme
-    if store is None or settings is None or not settings.on_demand:
-        return
 
     def wait(name: str | None) -> Any:
         acme = service.config.acme
-        if not name or acme is None or not acme.on_demand:
+        store = service.store
+        if not name or acme is None or not acme.on_demand or store is None:
             return None
         for entry in store.managed:
             if name in entry.names:
                 return None
         return channel.ask("acme-demand", WAIT, name=name).addErrback(lambda _: None)
 
-    store.onDemand = wait
+    def follow(config: Any) -> None:
+        store = service.store
+        if store is not None:
+            store.onDemand = wait if config.acme is not None and config.acme.on_demand else None
+
+    follow(service.config)
+    service.configListeners.append(follow)

@@ -179,6 +179,9 @@ class EdgeService(MultiService):
         self.challenges, self.acme, self.onDemand = setUpACME(
             self, config, reactor, self.metrics, orderCertificates
         )
+        self.configListeners: list[Callable[[Config], None]] = []
+        """Called with each configuration a reload swaps in, after the swap
+        (a worker's on-demand certificates, L{edgeproxy.acme.worker})."""
         self._accessLogStream = accessLogStream
         self.accessLog = AccessLog.fromSettings(config.proxy, reactor, stdout=accessLogStream)
         self._activeChecks = activeChecks
@@ -514,6 +517,11 @@ class EdgeService(MultiService):
             self.acme.reconfigure(config)
         elif config.acme is not None and self._prepareConfig is None:
             log.warn("[acme] added by a reload: takes effect at the next restart")
+        for follow in self.configListeners:
+            try:
+                follow(config)
+            except Exception:
+                log.failure("Following the reloaded configuration failed")
         return Deferred.fromCoroutine(self._applyListeners(config))
 
     async def _applyListeners(self, config: Config) -> None:
