@@ -572,6 +572,27 @@ def test_aStoredBodyOnAShutWindowEndsAtTheIdleTimeout() -> None:
     assert pair.server.held == 0 and not pair.factory.inflight and not pair.server._streams
 
 
+def test_aWholeBodyTheClientDoesNotReadEndsAtTheIdleTimeout() -> None:
+    """
+    A client that stops reading the connection: a small whole response
+    (an error page, a redirect) it does not take is given up after the
+    upstream's idle timeout, as a streamed body is, and the connection goes
+    idle, so that its own idle timeout can end it.
+    """
+    pair = Pair()
+    answering(pair, b"hello")
+    pair.server.pauseProducing()  # what a full send buffer does
+    stream = pair.get(request(b"/"))
+    assert pair.server.held == len(b"hello") and pair.factory.inflight
+    pair.clock.advance(29)
+    assert pair.server.held and pair.factory.inflight
+    pair.clock.advance(2)
+    assert pair.server.held == 0 and not pair.factory.inflight
+    pair.server.resumeProducing()
+    pair.pump()
+    assert pair.resets() == {stream: CANCEL}
+
+
 def test_resetsReleaseWhatTheConnectionWaitsFor() -> None:
     """
     The stream holding the connection past its bound is reset by the

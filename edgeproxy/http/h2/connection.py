@@ -32,7 +32,9 @@ connection's bound no further response is started until then.  A body
 the cache holds in memory is not counted whole: the stream refers to the
 cache's bytes and takes a stream's bound of them at a time
 (L{Stream.rest}), so a stream whose window the client keeps shut holds
-back nothing else.  This
+back nothing else.  A response not all written when it starts, whole or
+streamed, has the upstream's idle timeout (the stream is reset without
+progress for that long).  This
 protocol is the transport's producer for the whole connection: a client
 that stops reading stops the writing of C{DATA} frames.
 

@@ -295,15 +295,17 @@ class Stream:
                         # the connection's other responses.
                         view = data if type(data) is memoryview else memoryview(data)
                         data, self.rest = view[:bound], view[bound:]
-                        if call is not None and call.idleTimeout > 0:
-                            self.idle = IdleTimer(connection.clock, call.idleTimeout, self.responseIdle)
-                            self.idle.touch()
                     self.pending.append(data)
                     self.held += len(data)
                     connection.held += len(data)
                 self.endPending = self.rest is None
                 connection.push(self)
                 connection.checkHeld(self)
+                if call is not None and call is self.call and call.idleTimeout > 0:
+                    # Not all written (a shut window, a client that stopped
+                    # reading): the same deadline as a streamed body's.
+                    self.idle = IdleTimer(connection.clock, call.idleTimeout, self.responseIdle)
+                    self.idle.touch()
                 return
         assert call is not None
         self.delivering = True
