@@ -176,7 +176,7 @@ def rejection(status: int, pages: ErrorPages | None = None, idLine: bytes = b"")
     """
     The whole response an HTTP/1.1 connection sends when it refuses a
     request head: a status line, C{Cache-Control: no-store}, C{Connection:
-    close}, the request's ID (C{idLine}, its field line without the CRLF, as
+    close}, C{Date} (RFC 9110 6.6.1), the request's ID (C{idLine}, its field line without the CRLF, as
     L{edgeproxy.headers.requestid.RequestIds.line} makes it), the page (the custom one of C{pages}, else a
     tiny plain-text body), and nothing that identifies the software.
     """
@@ -204,5 +204,5 @@ def rejection(status: int, pages: ErrorPages | None = None, idLine: bytes = b"")
             _rejections[status] = cached
     head, rest = cached
     if idLine:
-        return head + idLine + b"\r\n" + rest
-    return head + rest
+        return head + dateField() + idLine + b"\r\n" + rest
+    return head + dateField() + rest

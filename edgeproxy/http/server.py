@@ -9,7 +9,7 @@ checked as soon as that line is complete, so garbage is refused without
 waiting for the rest.  Every refusal (the status the parser gives: 400,
 414, 431, 501, 505; 408 for a head not complete within
 C{client_header_timeout}) is a short generic response with
-C{Connection: close} and the request's ID, and nothing after it on the
+C{Connection: close}, C{Date} and the request's ID, and nothing after it on the
 connection is read; the refused head is a request in the access log and
 the metrics as any other (L{ListenerFactory.rejectHead}).  A
 body is read by the reader its framing needs and handed to a
