@@ -196,3 +196,21 @@ def test_variantsOfAFieldAsWrittenAreBounded() -> None:
     code, fields, body = site.one(site.get(headers=[(b"Accept", b"text/x-0")]))
     assert body == b"0" and status(fields).startswith("edgeproxy; hit")
     assert len(site.sent) == MAX_VARIANTS + 5
+
+
+def test_aBrokenImageIsStoredAsItCameAndNotConvertedAgain() -> None:
+    """
+    An image that cannot be decoded (a truncated upload) goes out as it
+    came, and is stored so: the same bytes would fail again, so the next
+    client gets it from the cache instead of another conversion.
+    """
+    site = Site(images=IMAGES)
+    broken = PHOTO[:300]
+    first = site.get(b"/broken.jpg", headers=[(b"Accept", CHROME)])
+    site.answer(site.sent[0], fields=JPEG, body=broken)
+    code, fields, body = site.one(first)
+    assert body == broken and fields["content-type"] == ["image/jpeg"]
+    assert "stored" in status(fields).split("; ")
+    code, fields, body = site.one(site.get(b"/broken.jpg", headers=[(b"Accept", FIREFOX)]))
+    assert body == broken and status(fields).startswith("edgeproxy; hit")
+    assert len(site.sent) == 1

@@ -154,7 +154,7 @@ def test_largerResultKeepsTheOriginal() -> None:
 
 @pytest.mark.parametrize("data", [b"", b"not an image", photoJPEG()[:500]])
 def test_brokenInputFails(data: bytes) -> None:
-    assert convert(data, Job("webp", 80, MAX)).outcome == "failed"
+    assert convert(data, Job("webp", 80, MAX)).outcome == "broken"
 
 
 def test_otherFormatsAreNotConverted() -> None:

@@ -95,8 +95,12 @@ def convert(data: bytes, job: Job) -> Result:
             return _convert(data, job)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return Result("too_large", detail=str(e))
+    except MemoryError:
+        # Not the image's fault: another try may do.
+        return Result("failed", detail="out of memory")
     except Exception as e:  # noqa: BLE001 - any decoder or encoder error keeps the original
-        return Result("failed", detail=f"{type(e).__name__}: {e}")
+        # The same bytes fail the same way (a truncated or hostile file).
+        return Result("broken", detail=f"{type(e).__name__}: {e}")
 
 
 def _convert(data: bytes, job: Job) -> Result:

@@ -59,7 +59,9 @@ _COMPLETE = (ResponseDone, PotentialDataLoss)
 _TRANSIENT = frozenset(("failed", "timeout"))
 """Outcomes a retry may not repeat (a conversion process died, was slow,
 was stopping): the original they send is not stored as the variant.  The
-others (C{larger}, C{too_large}, C{unsupported}) would come out the same."""
+others (C{larger}, C{too_large}, C{unsupported}, C{broken}) would come out
+the same: with a cache, a broken image is not converted again for every
+request."""
 
 
 class BadSignature(ProxyError):
@@ -260,7 +262,7 @@ class _Conversion:
         self.pieces = []
         if result.outcome != "converted":
             transient = result.outcome in _TRANSIENT
-            if transient:
+            if transient or result.outcome == "broken":
                 log.info(
                     "image not converted ({outcome}): {detail}",
                     outcome=result.outcome,

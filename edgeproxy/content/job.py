@@ -48,7 +48,9 @@ class Result(NamedTuple):
     C{converted}, else C{b""}."""
 
     outcome: str
-    """C{converted}, C{larger}, C{too_large}, C{unsupported} or C{failed}."""
+    """C{converted}, C{larger}, C{too_large}, C{unsupported}, C{broken} (the
+    image cannot be decoded or encoded) or C{failed} (the conversion did
+    not get to an answer: its process ended, it ran out of memory)."""
     data: bytes = b""
     contentType: str = ""
     width: int = 0
