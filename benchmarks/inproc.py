@@ -63,8 +63,7 @@ from twisted.internet.defer import succeed  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
 
 from edgeproxy.cache.blocking import InlineBlocking  # noqa: E402
-from edgeproxy.config.model import (
-    # noqa: E402     CacheSettings,
+from edgeproxy.config.model import (  # noqa: E402
     Config,
     Listener,
     ProxySettings,
@@ -72,7 +71,7 @@ from edgeproxy.config.model import (
     Server,
     Upstream,
 )
-from edgeproxy.config.stagemodel import RouteCache
+from edgeproxy.config.stagemodel import CacheSettings, RouteCache  # noqa: E402
 from edgeproxy.pipeline.stages import buildPipelines  # noqa: E402
 from edgeproxy.http.listener import ListenerFactory  # noqa: E402
 from edgeproxy.metrics import Metrics  # noqa: E402

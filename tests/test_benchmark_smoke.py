@@ -260,6 +260,24 @@ def test_inMemoryBenchmarkProxiesRealResponses(capsys: pytest.CaptureFixture[str
     assert "us CPU per request" in capsys.readouterr().out
 
 
+def test_inMemoryCacheBenchmarkAnswersFromTheCache(capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    C{benchmarks/inproc.py --cache}: after the first request, the answers
+    come from the memory tier (C{Cache-Status} says a hit) and carry the
+    stored body.
+    """
+    from benchmarks import inproc
+
+    bench = inproc.Bench(cache=True)
+    first = bench.once()
+    assert first.endswith(b"x" * 1024) and b"edgeproxy; hit" not in first
+    hit = bench.once()
+    assert hit.startswith(b"HTTP/1.1 200 OK\r\n") and hit.endswith(b"x" * 1024)
+    assert b"Cache-Status: edgeproxy; hit" in hit
+    assert inproc.main(["--cache", "--tls", "--requests", "50", "--runs", "1", "--warmup", "20"]) == 0
+    assert "cache hit" in capsys.readouterr().out
+
+
 def test_inMemoryHTTP2BenchmarkChecksItsResponses(capsys: pytest.CaptureFixture[str]) -> None:
     """
     C{benchmarks/inproc.py --h2} drives the listener's HTTP/2 protocol over
