@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
@@ -468,3 +468,106 @@ def test_recordsGoStraightToTheSocketOfAcceptedConnections(kind: str, fastPathsO
     finally:
         mine.close()
         theirs.close()
+
+
+@pytest.mark.parametrize("kind", ["twisted", "listener"])
+def test_largeWritesGoAsFarAsTheKernelTakesThemThenQueue(kind: str, fastPathsOn: None) -> None:
+    """
+    A write larger than Twisted's C{SEND_LIMIT} (128 KiB a call) goes to
+    the socket in as many calls as the kernel takes whole; what it leaves
+    is queued as bytes (the records of a large response come as a cffi
+    buffer), and the peer gets every byte, in order, once the queue is
+    written.
+    """
+    import socket
+
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.testing import MemoryReactorClock
+
+    from edgeproxy._compat.twisted.tcp import LeanServer, sendNow
+
+    class Listening:
+        _realPortNumber = 8443
+
+    cls = tcp.Server if kind == "twisted" else LeanServer
+    data = bytes(range(256)) * 8192  # 2 MiB
+    source = _ffi.new("char[]", data)
+    for sendBuffer, queued in ((8 << 20, False), (256 << 10, True)):
+        mine, theirs = socket.socketpair()
+        try:
+            mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sendBuffer)
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sendBuffer)
+            server = cls(mine, Protocol(), ("127.0.0.1", 40000), Listening(), 1, MemoryReactorClock())
+            sendNow(server, _ffi.buffer(source, len(data)))
+            assert bool(server.dataBuffer or server._tempDataBuffer) is queued
+            assert all(type(part) is bytes for part in server._tempDataBuffer)
+            theirs.setblocking(False)
+            received = b""
+            for _ in range(10_000):
+                try:
+                    received += theirs.recv(1 << 20)
+                except BlockingIOError:
+                    if not (server.dataBuffer or server._tempDataBuffer):
+                        break
+                    server.doWrite()
+            assert received == data
+        finally:
+            mine.close()
+            theirs.close()
+
+
+def test_largeWritesAreEncryptedIntoOneBuffer() -> None:
+    """
+    C{encrypt} takes the records of a write of many records into one
+    buffer: the peer decrypts exactly what was written, over TLS 1.3 and
+    TLS 1.2 (whose records carry more overhead).
+    """
+    from twisted.internet.ssl import TLSVersion
+
+    from edgeproxy._compat.pyopenssl import encrypt
+
+    data = bytes(range(256)) * 4097  # not a whole number of records
+    for version in (TLSVersion.TLSv1_3, TLSVersion.TLSv1_2):
+        server, client = _memoryPair(version)
+        records, sent, failed = encrypt(server, data)
+        assert (sent, failed, len(records)) == (len(data), None, 1)
+        client.bio_write(bytes(records[0]))
+        received = b""
+        while True:
+            try:
+                received += client.recv(1 << 20)
+            except SSL.WantReadError:
+                break
+        assert received == data
+
+
+def _memoryPair(version: Any) -> tuple[SSL.Connection, SSL.Connection]:
+    """A server and a client connection over memory BIOs, their handshake
+    done, at most TLS C{version}."""
+    from twisted.internet.ssl import TLSVersion
+
+    leaf = CertificateAuthority().issue(["localhost"])
+    serverContext = SSL.Context(SSL.TLS_METHOD)
+    serverContext.use_certificate(crypto.X509.from_cryptography(leaf.certificate))
+    serverContext.use_privatekey(crypto.PKey.from_cryptography_key(leaf.key))
+    serverContext.set_max_proto_version(
+        SSL.TLS1_3_VERSION if version == TLSVersion.TLSv1_3 else SSL.TLS1_2_VERSION
+    )
+    server = SSL.Connection(serverContext, None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    client.set_connect_state()
+    for _ in range(10):
+        for side in (client, server):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for source, sink in ((client, server), (server, client)):
+            try:
+                sink.bio_write(source.bio_read(1 << 20))
+            except SSL.WantReadError:
+                pass
+    assert server.get_protocol_version_name() == ("TLSv1.3" if version == TLSVersion.TLSv1_3 else "TLSv1.2")
+    return server, client

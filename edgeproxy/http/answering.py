@@ -52,6 +52,10 @@ delimited by its source closing, RFC 9112 6.3 item 8) with the close that is
 its end."""
 
 
+JOIN_LIMIT = 64 * 1024
+"""A whole body larger than this is written after its head, not joined to it."""
+
+
 @implementer(IPushProducer)
 class _Streaming:
     """
@@ -168,9 +172,16 @@ class Answering:
                 if data and not noBody:
                     call.sent = len(data)
                     head = self._pendingHead
-                    self._pendingHead = (
-                        head + h1.chunk(data) if chunked else head + data  # type: ignore[operator]
-                    )
+                    if chunked:
+                        self._pendingHead = head + h1.chunk(data)  # type: ignore[operator]
+                    elif len(data) > JOIN_LIMIT and type(data) is bytes:
+                        # A large body (a cache hit) is not copied behind
+                        # its head: two writes.
+                        self._pendingHead = b""
+                        self._writeNow(head)  # type: ignore[arg-type]
+                        self._writeNow(data)
+                    else:
+                        self._pendingHead = head + data  # type: ignore[operator]
                 self._finishResponse(call)
                 return
         body.deliverBody(call)

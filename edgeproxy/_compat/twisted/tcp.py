@@ -148,6 +148,12 @@ def sendNow(transport: Any, data: bytes) -> None:
     not take, or an error (which C{doWrite} then reports as usual), is
     queued as before, so a slow peer still pauses its producer.  Any other
     transport gets a plain C{write}.
+
+    C{writeSomeData} sends at most C{SEND_LIMIT} (128 KiB) a call: a larger
+    C{data} (a 1 MiB cache hit's records) goes in as many calls as the
+    kernel takes whole, and only what it leaves is copied into the queue.
+    C{data} may be a C{bytearray} (L{edgeproxy._compat.pyopenssl.encrypt}'s
+    records); what is queued is C{bytes}, as Twisted's transports require.
     """
     if (
         type(transport) in _DIRECT
@@ -157,13 +163,27 @@ def sendNow(transport: Any, data: bytes) -> None:
         and not transport.disconnecting
         and not transport.TLS
     ):
+        total = len(data)
         sent = transport.writeSomeData(data)
         if isinstance(sent, int):
-            if sent == len(data):
+            if sent == total:
                 return
-            data = data[sent:]
+            limit = transport.SEND_LIMIT
+            if sent == limit:
+                view = memoryview(data)
+                done = sent
+                while sent == limit:
+                    sent = transport.writeSomeData(view[done:])
+                    if not isinstance(sent, int):
+                        break
+                    done += sent
+                    if done == total:
+                        return
+                data = view[done:]
+            else:
+                data = data[sent:]
         # else: an error instance; queue the bytes, doWrite reports it.
-    transport.write(data)
+    transport.write(data if type(data) is bytes else bytes(data))
 
 
 def immediateWriter(transport: Any) -> Callable[[bytes], None]:
