@@ -74,21 +74,23 @@ RELEASE_AFTER = 512
 """Bytes through a memory BIO after which it is replaced once drained."""
 
 
-def encrypt(connection: SSL.Connection, data: bytes) -> tuple[list[bytes], int, SSL.Error | None]:
+def encrypt(connection: SSL.Connection, data: bytes) -> tuple[list[Any], int, SSL.Error | None]:
     """
     Encrypt C{data} on C{connection}, one C{SSL_write} per record, and take
     the records out of its send BIO (replaced once drained, for a
     L{BufferReleasingConnection}).
 
-    @return: the records, how many bytes of C{data} were encrypted, and
+    @return: the records (C{bytes}, or for a write of several one cffi
+        buffer holding them all), how many bytes of C{data} were encrypted, and
         the error that stopped the rest (a C{WantReadError} when OpenSSL
         waits for the peer), or L{None}.
     """
     ssl = connection._ssl  # type: ignore[attr-defined]
     total = len(data)
-    if total > _RECORD:
-        return _encryptLarge(connection, ssl, data, total)
-    records: list[bytes] = []
+    # A write of several records (a large response) has them read into one
+    # buffer; a small one, into the bytes of its record.
+    sink = _RecordBuffer(total) if total > _RECORD else None
+    records: list[Any] = []
     sent = 0
     failed: SSL.Error | None = None
     with _ffi.from_buffer(data) as buffer:
@@ -98,62 +100,61 @@ def encrypt(connection: SSL.Connection, data: bytes) -> tuple[list[bytes], int, 
                 size = _RECORD
             result = _lib.SSL_write(ssl, buffer + sent, size)
             if result <= 0:
-                try:
-                    connection._raise_ssl_error(ssl, result)  # type: ignore[attr-defined]
-                except SSL.Error as e:
-                    failed = e
-                else:
-                    failed = SSL.Error([("edgeproxy", "SSL_write", f"returned {result}")])
+                failed = _writeFailure(connection, ssl, result)
                 break
             sent += result
-            _moveRecords(connection, records)
+            if sink is None:
+                _moveRecords(connection, records)
+            else:
+                sink.take(connection)
+    if sink is not None:
+        records = sink.records()
     if records:
         _releaseDrainedSend(connection, records)
     return records, sent, failed
 
 
-def _encryptLarge(connection: Any, ssl: Any, data: Any, total: int) -> tuple[list[Any], int, SSL.Error | None]:
+class _RecordBuffer:
     """
-    L{encrypt} for more than one record: the records are read out of the
-    send BIO straight into one buffer made for them all (a 1 MiB cache hit
-    is not copied into a bytes per record and then joined).
+    The records of a write of several, read out of the send BIO straight
+    into one buffer made for them all: a 1 MiB cache hit is not copied into
+    a bytes per record and then joined.
     """
-    room = total + -(-total // _RECORD) * _RECORD_OVERHEAD
-    out = _uncleared("char[]", room)
-    extra: list[bytes] = []
-    used = 0
-    sent = 0
-    failed: SSL.Error | None = None
-    bio = connection._from_ssl
-    target = out
-    with _ffi.from_buffer(data) as buffer:
-        while sent < total:
-            size = total - sent
-            if size > _RECORD:
-                size = _RECORD
-            result = _lib.SSL_write(ssl, buffer + sent, size)
-            if result <= 0:
-                try:
-                    connection._raise_ssl_error(ssl, result)
-                except SSL.Error as e:
-                    failed = e
-                else:
-                    failed = SSL.Error([("edgeproxy", "SSL_write", f"returned {result}")])
-                break
-            sent += result
-            while used < room:
-                read = _lib.BIO_read(bio, target + used, room - used)
-                if read <= 0:
-                    break
-                used += read
-            if used == room:
-                # More than the overhead allowed for (never with TLS 1.2
-                # or 1.3 records): the rest as records of their own.
-                _moveRecords(connection, extra)
-    records: list[Any] = [_ffi.buffer(out, used), *extra] if used else extra
-    if records:
-        _releaseDrainedSend(connection, records)
-    return records, sent, failed
+
+    __slots__ = ("out", "room", "used", "extra")
+
+    def __init__(self, total: int) -> None:
+        self.room = total + -(-total // _RECORD) * _RECORD_OVERHEAD
+        self.out = _uncleared("char[]", self.room)
+        self.used = 0
+        self.extra: list[bytes] = []
+
+    def take(self, connection: Any) -> None:
+        """Move what the send BIO holds into the buffer."""
+        bio = connection._from_ssl
+        while self.used < self.room:
+            read = _lib.BIO_read(bio, self.out + self.used, self.room - self.used)
+            if read <= 0:
+                return
+            self.used += read
+        # More than the overhead allowed for (never with TLS 1.2 or 1.3
+        # records): the rest as records of their own.
+        _moveRecords(connection, self.extra)
+
+    def records(self) -> list[Any]:
+        """The buffer's bytes (a cffi buffer, no copy), then any others."""
+        if not self.used:
+            return self.extra
+        return [_ffi.buffer(self.out, self.used), *self.extra]
+
+
+def _writeFailure(connection: Any, ssl: Any, result: int) -> SSL.Error:
+    """The error an C{SSL_write} that returned C{result} (0 or less) stands for."""
+    try:
+        connection._raise_ssl_error(ssl, result)
+    except SSL.Error as e:
+        return e
+    return SSL.Error([("edgeproxy", "SSL_write", f"returned {result}")])
 
 
 def decrypt(connection: SSL.Connection) -> tuple[list[bytes], SSL.Error | None]:
