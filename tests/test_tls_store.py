@@ -32,6 +32,8 @@ from .tlsutil import (
     clientCreator,
     connectTLS,
     handshake,
+    memoryHandshake,
+    pumpBIO,
 )
 
 BOTH = [b"h2", b"http/1.1"]
@@ -444,16 +446,6 @@ def test_failedFirstLoad(sites: Sites) -> None:
 # Memory BIOs released once drained (R4)
 
 
-def _pump(source: SSL.Connection, sink: SSL.Connection) -> None:
-    """Move every TLS byte C{source} has to send into C{sink}."""
-    while True:
-        try:
-            data = source.bio_read(2**15)
-        except SSL.WantReadError:
-            return
-        sink.bio_write(data)
-
-
 def _drain(connection: SSL.Connection) -> bytes:
     received = b""
     while True:
@@ -477,14 +469,7 @@ def test_bytesFlowAcrossBIOReplacement(sites: Sites, fastPaths: bool) -> None:
     client = SSL.Connection(context, None)
     client.set_tlsext_host_name(b"a.example")
     client.set_connect_state()
-    for _ in range(10):
-        for side in (client, server):
-            try:
-                side.do_handshake()
-            except SSL.WantReadError:
-                pass
-        _pump(client, server)
-        _pump(server, client)
+    memoryHandshake(client, server)
     sent = received = b""
     for size in (100, 700, 16384, 40000, 3, 16384, 5000):
         payload = bytes([size % 251]) * size
@@ -492,13 +477,13 @@ def test_bytesFlowAcrossBIOReplacement(sites: Sites, fastPaths: bool) -> None:
         for start in range(0, size, 2**14):
             chunk = payload[start : start + 2**14]
             assert server.send(chunk) == len(chunk)
-            _pump(server, client)
+            pumpBIO(server, client)
         assert _drain(client) == payload
         # Client to server (send may take only part of it).
         rest = payload
         while rest:
             rest = rest[client.send(rest) :]
-            _pump(client, server)
+            pumpBIO(client, server)
             received += _drain(server)
         sent += payload
     assert received == sent

@@ -28,7 +28,7 @@ from edgeproxy.tls.store import CertificateStore
 
 from .certutil import CertificateAuthority
 from .fastpaths import SHOW_DEPRECATIONS, fastPaths, fastPathsOn, using
-from .tlsutil import RecordingProtocol, clientCreator, connectTLS
+from .tlsutil import RecordingProtocol, clientCreator, connectTLS, memoryHandshake
 
 pytestmark = SHOW_DEPRECATIONS
 __all__ = ["fastPaths", "fastPathsOn"]  # the fixtures, imported for the tests below
@@ -558,16 +558,6 @@ def _memoryPair(version: Any) -> tuple[SSL.Connection, SSL.Connection]:
     server.set_accept_state()
     client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
     client.set_connect_state()
-    for _ in range(10):
-        for side in (client, server):
-            try:
-                side.do_handshake()
-            except SSL.WantReadError:
-                pass
-        for source, sink in ((client, server), (server, client)):
-            try:
-                sink.bio_write(source.bio_read(1 << 20))
-            except SSL.WantReadError:
-                pass
+    memoryHandshake(client, server)
     assert server.get_protocol_version_name() == ("TLSv1.3" if version == TLSVersion.TLSv1_3 else "TLSv1.2")
     return server, client
