@@ -152,8 +152,9 @@ def sendNow(transport: Any, data: bytes) -> None:
     C{writeSomeData} sends at most C{SEND_LIMIT} (128 KiB) a call: a larger
     C{data} (a 1 MiB cache hit's records) goes in as many calls as the
     kernel takes whole, and only what it leaves is copied into the queue.
-    C{data} may be a C{bytearray} (L{edgeproxy._compat.pyopenssl.encrypt}'s
-    records); what is queued is C{bytes}, as Twisted's transports require.
+    C{data} may be any bytes-like object (L{edgeproxy._compat.pyopenssl.encrypt}
+    gives the records of a large write as one cffi buffer); what is queued
+    is C{bytes}, as Twisted's transports require.
     """
     if (
         type(transport) in _DIRECT
