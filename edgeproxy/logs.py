@@ -284,7 +284,32 @@ def reasonOf(error: BaseException) -> str:
     return _CAMEL.sub(" ", type(error).__name__).lower()
 
 
-class RefusalSummary:
+class _Interval:
+    """
+    What L{RefusalSummary} and L{Repeats} share: the timer of an interval,
+    armed by its first note and cancelled when its line is logged early.
+    """
+
+    def __init__(self, clock: IReactorTime, interval: float) -> None:
+        # Any: mypy reads zope interfaces' methods as taking self.
+        self._clock: Any = clock
+        self._interval = interval
+        self._pending: IDelayedCall | None = None
+
+    def _arm(self) -> None:
+        if self._pending is None:
+            self._pending = self._clock.callLater(self._interval, self.flush)
+
+    def _disarm(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.active():
+            pending.cancel()
+
+    def flush(self) -> None:
+        raise NotImplementedError()
+
+
+class RefusalSummary(_Interval):
     """
     Counts refusals and logs one line per C{interval} about them: how many,
     and how many of each status and reason, most frequent first.  An
@@ -305,13 +330,11 @@ class RefusalSummary:
             interval; the others are counted as C{"other"}, so that a
             client cannot grow the summary (or memory) without bound.
         """
-        self._clock = clock
-        self._interval = interval
+        super().__init__(clock, interval)
         self._log = log if log is not None else Logger(namespace="edgeproxy.refusals")
         self._maxReasons = maxReasons
         self._counts: dict[tuple[int, str], int] = {}
         self._total = 0
-        self._pending: IDelayedCall | None = None
 
     def note(self, status: int, reason: str) -> None:
         """
@@ -326,14 +349,11 @@ class RefusalSummary:
             key = (status, "other")
         self._counts[key] = self._counts.get(key, 0) + 1
         self._total += 1
-        if self._pending is None:
-            self._pending = self._clock.callLater(self._interval, self.flush)
+        self._arm()
 
     def flush(self) -> None:
         """Log the summary of the refusals counted so far, if any, and start over."""
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
+        self._disarm()
         if not self._total:
             return
         counts, total = self._counts, self._total
@@ -371,7 +391,7 @@ def refusals(clock: IReactorTime) -> RefusalSummary:
     return summary
 
 
-class Repeats:
+class Repeats(_Interval):
     """
     Logs the first note of each kind per C{interval} in full, the others
     at C{debug}, and one line per interval with how many there were of
@@ -394,13 +414,10 @@ class Repeats:
             others are logged at C{debug} only and counted as C{"other"}, so
             that neither the line nor memory grows without bound.
         """
-        # Any: mypy reads zope interfaces' methods as taking self.
-        self._clock: Any = clock
-        self._interval = interval
+        super().__init__(clock, interval)
         self._log = log if log is not None else Logger(namespace="edgeproxy.repeats")
         self._maxKinds = maxKinds
         self._kinds: dict[str, list[Any]] = {}
-        self._pending: Any = None
 
     def emit(self, logger: Logger, level: LogLevel, kind: str, format: str, **fields: Any) -> None:
         """
@@ -425,14 +442,11 @@ class Repeats:
         else:
             logger.emit(LogLevel.debug, format, **fields)
         seen[0] += 1
-        if self._pending is None:
-            self._pending = self._clock.callLater(self._interval, self.flush)
+        self._arm()
 
     def flush(self) -> None:
         """Log the count of the interval so far, if there is one, and start over."""
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
+        self._disarm()
         kinds, self._kinds = self._kinds, {}
         counted = [
             (kind, count, level)
