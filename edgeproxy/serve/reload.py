@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -189,61 +190,67 @@ class RetiringPools:
     def retire(self, pools: list[UpstreamPool], timeout: float) -> None:
         for pool in pools:
             stopPool(pool)
-            closing = Deferred.fromCoroutine(self._closeWhenDone(pool, timeout))
-            self._waiting[closing] = pool
-            closing.addBoth(lambda _, closing=closing: self._waiting.pop(closing, None))
+            self._closeWhenIdle(self._waiting, pool, lambda pool=pool: poolInFlight(pool), self._closePool, timeout)
 
     def retireStores(self, stores: list[CacheStores], timeout: float) -> None:
         for retired in stores:
-            closing = Deferred.fromCoroutine(self._closeStoresWhenDone(retired, timeout))
-            self._stores[closing] = retired
-            closing.addBoth(self._storesClosed, closing)
-
-    def _storesClosed(self, result: object, closing: Deferred[None]) -> None:
-        self._stores.pop(closing, None)
+            self._closeWhenIdle(self._stores, retired, retired.inFlight, self._closeStores, timeout)
 
     def takeStores(self) -> list[CacheStores]:
         """Stop waiting: the stores still open, for the caller to close (at
         stop, with the current ones)."""
-        stores = []
-        for closing, retired in list(self._stores.items()):
-            closing.cancel()
-            stores.append(retired)
-        return stores
-
-    async def _closeStoresWhenDone(self, stores: CacheStores, timeout: float) -> None:
-        clock = self._clock
-        deadline = clock.seconds() + timeout
-        try:
-            while stores.inFlight() > 0 and clock.seconds() < deadline:
-                await deferLater(clock, RETIRE_POLL_INTERVAL)
-        except CancelledError:
-            return
-        try:
-            stores.close()
-        except Exception:
-            self._log.failure("Closing the cache stores of the previous configuration failed")
+        return _stopWaiting(self._stores)
 
     def takeAll(self) -> list[UpstreamPool]:
         """Stop waiting: the pools still open, for the caller to close (at
         stop, with the others)."""
-        pools = []
-        for closing, pool in list(self._waiting.items()):
-            closing.cancel()
-            pools.append(pool)
-        return pools
+        return _stopWaiting(self._waiting)
 
-    async def _closeWhenDone(self, pool: UpstreamPool, timeout: float) -> None:
+    def _closeWhenIdle(
+        self,
+        waiting: dict[Deferred[None], Any],
+        retired: Any,
+        inFlight: Callable[[], int],
+        close: Callable[[Any], Awaitable[None]],
+        timeout: float,
+    ) -> None:
+        """Close C{retired} once C{inFlight()} is 0 or C{timeout} passed;
+        C{waiting} holds it meanwhile."""
+        closing = Deferred.fromCoroutine(self._whenIdle(retired, inFlight, close, timeout))
+        waiting[closing] = retired
+        closing.addBoth(lambda _, closing=closing: waiting.pop(closing, None))
+
+    async def _whenIdle(
+        self, retired: Any, inFlight: Callable[[], int], close: Callable[[Any], Awaitable[None]], timeout: float
+    ) -> None:
         clock = self._clock
         deadline = clock.seconds() + timeout
         try:
-            while poolInFlight(pool) > 0 and clock.seconds() < deadline:
+            while inFlight() > 0 and clock.seconds() < deadline:
                 await deferLater(clock, RETIRE_POLL_INTERVAL)
         except CancelledError:
-            # Stopping: the drain closes it.
+            # Stopping: whoever took it (takeAll, takeStores) closes it.
             return
+        await close(retired)
+
+    async def _closePool(self, pool: UpstreamPool) -> None:
         self._log.info("Upstream {upstream} of the previous configuration closed", upstream=pool.upstream.name)
         try:
             await pool.close()
         except Exception:
             self._log.failure("Closing upstream {upstream} failed", upstream=pool.upstream.name)
+
+    async def _closeStores(self, stores: CacheStores) -> None:
+        try:
+            stores.close()
+        except Exception:
+            self._log.failure("Closing the cache stores of the previous configuration failed")
+
+
+def _stopWaiting(waiting: dict[Deferred[None], Any]) -> list[Any]:
+    """Cancel the waits of C{waiting}; what they waited to close."""
+    retired = []
+    for closing, thing in list(waiting.items()):
+        closing.cancel()
+        retired.append(thing)
+    return retired
