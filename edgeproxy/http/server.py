@@ -471,7 +471,7 @@ class HTTP1Connection(Closing, Answering):
     def _writeNow(self, data: bytes) -> None:
         """Write C{data} and send it now (nothing follows it soon)."""
         if not self._lost:
-            self._sendNow(data)
+            self._sendNow(self.transport, data)
 
     # HTTP/2 --------------------------------------------------------------------
 

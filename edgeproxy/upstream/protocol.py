@@ -220,7 +220,7 @@ class UpstreamConnection(ResponseReading, _Protocol):
         self._reusable = persistent
         self._heldResponse = None
         self._receiver = receiver
-        self._sendNow(head)
+        self._sendNow(self.transport, head)
         if body is None:
             self._state = WAITING
             return
