@@ -128,6 +128,33 @@ def test_tlsFactsReachTheStages(tmp_path: Path) -> None:
     assert second.connection is info
 
 
+def test_connectionsShareWhatTheyHaveAlike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Connections with the same SNI name, TLS version, ALPN protocol and
+    local address hold one copy of each (an idle connection's memory,
+    R4), up to a bound past which the facts are still right, only not
+    shared: names sent at random cannot grow the table.
+    """
+    listener = TLSListener(tmp_path)
+    infos = []
+    for name in ("A.example", "a.example"):
+        result = listener.connect(sni=name, alpn=[b"http/1.1"])
+        result.send(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        infos.append(listener.stage.seen[-1].connection)
+    first, second = infos
+    assert first is not second
+    assert (first.serverName, first.tlsVersion, first.alpn) == (b"a.example", "1.3", b"http/1.1")
+    for field in ("serverName", "tlsVersion", "alpn", "local"):
+        assert getattr(first, field) is getattr(second, field), field
+
+    monkeypatch.setattr(type(listener.factory._shared), "LIMIT", len(listener.factory._shared._values))
+    result = listener.connect(sni="b.example", alpn=[b"http/1.1"])
+    result.send(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    info = listener.stage.seen[-1].connection
+    assert (info.serverName, info.tlsVersion, info.alpn) == (b"b.example", "1.3", b"http/1.1")
+    assert b"b.example" not in listener.factory._shared._values
+
+
 def test_anotherHostsNameIs421(tmp_path: Path) -> None:
     """
     RFC 9110 15.5.20: a request for a host that no route serves on a
