@@ -482,12 +482,13 @@ def _wideOpen(
 def test_wholeResponsesWaitWhileTheConnectionIsOverItsBound(readPath: str) -> None:
     """
     A client that stops reading with its windows open, and 20 streams each
-    answered at once with a whole 4 MiB body of their own (not the cache's:
-    see the stored-body tests below): what the
-    connection holds stays within C{h2_connection_buffer} and one response
-    (the bodies after it wait, unstarted, in order, until half of it is
-    written) instead of growing by each of them.  Once the client reads,
-    every response arrives whole.
+    answered at once with a whole 4 MiB body of their own: each stream
+    holds a stream's bound of its body (the rest stays the response's, by
+    reference), and what the connection holds stays within
+    C{h2_connection_buffer} and one stream's bound (the responses after
+    that wait, unstarted, in order, until half of it is written) instead of
+    growing by each of them.  Once the client reads, every response arrives
+    whole.
     """
     pair = _wideOpen()
     body = b"w" * (4 << 20)
@@ -499,7 +500,7 @@ def test_wholeResponsesWaitWhileTheConnectionIsOverItsBound(readPath: str) -> No
         pair.client.send_headers(stream, request(b"/%d" % n), end_stream=True)
         streams.append(stream)
         pair.pump()
-        assert pair.server.held <= (1 << 20) + len(body)
+        assert pair.server.held <= (1 << 20) + 64 * 1024
     assert len(pair.stage.requests) == 20
     pair.server.resumeProducing()
     pair.pump()
@@ -553,6 +554,30 @@ def test_aStoredBodyOnAShutWindowDoesNotHoldBackTheOthers(readPath: str) -> None
     assert line.sent == len(big)
 
 
+def test_aWholeBodyOfItsOwnOnAShutWindowDoesNotHoldBackTheOthers() -> None:
+    """
+    The same for a 4 MiB body that is the response's own, in memory whole
+    (a converted image, an error page, a small backend response read
+    whole): the stream takes it C{h2_stream_buffer} at a time by
+    reference, so the responses after it are written at once.
+    """
+    big = bytes(range(256)) * (4 << 12)
+    pair = _storedBodyPair(big)
+    pair.stage.answer = lambda call: call.respond(
+        textResponse(200, big if call.request.path == b"/video" else call.request.path)
+    )
+    video = pair.get(request(b"/video"))
+    assert len(pair.response(video)[1]) == 65535
+    others = [pair.get(request(b"/%d" % n)) for n in range(3)]
+    for n, stream in enumerate(others):
+        assert pair.response(stream)[1:] == (b"/%d" % n, True)
+    assert pair.server.held <= 64 * 1024
+    pair.client.increment_flow_control_window(len(big), stream_id=video)
+    pair.pump()
+    assert pair.response(video)[1:] == (big, True)
+    assert pair.server.held == 0 and not pair.factory.inflight
+
+
 def test_aStoredBodyOnAShutWindowEndsAtTheIdleTimeout() -> None:
     """
     The stream of a stored body whose window stays shut is reset
@@ -595,11 +620,12 @@ def test_aWholeBodyTheClientDoesNotReadEndsAtTheIdleTimeout() -> None:
 
 def test_resetsReleaseWhatTheConnectionWaitsFor() -> None:
     """
-    The stream holding the connection past its bound is reset by the
+    The stream holding the connection past its bound (a stream's bound of
+    a whole 4 MiB body, over a smaller connection bound) is reset by the
     client: what it held is dropped and the responses that waited start;
     a waiting stream reset by the client is never started.
     """
-    pair = _wideOpen()
+    pair = _wideOpen(settings=HTTP2Settings(stream_buffer=64 * 1024, connection_buffer=32 * 1024))
     big = b"w" * (4 << 20)
     pair.stage.answer = lambda call: call.respond(
         textResponse(200, big if call.request.path == b"/big" else call.request.path)
@@ -608,7 +634,7 @@ def test_resetsReleaseWhatTheConnectionWaitsFor() -> None:
     first = pair.get(request(b"/big"))
     waiting = pair.get(request(b"/waiting"))
     gone = pair.get(request(b"/gone"))
-    assert pair.server.held == len(big)
+    assert pair.server.held == 64 * 1024
     assert pair.response(waiting)[0] == {} and pair.response(gone)[0] == {}
     pair.client.reset_stream(gone, CANCEL)
     pair.pump()
@@ -639,7 +665,7 @@ def test_theTransportIsGivenABoundAtATime(readPath: str) -> None:
         pair.client.send_headers(stream, request(b"/%d" % stream), end_stream=True)
         pair.send(pair.client.data_to_send())
         assert transport.most <= 64 * 1024 + (1 << 20) + 16384 + 1024
-        assert pair.server.held <= (1 << 20) + len(body)
+        assert pair.server.held <= (1 << 20) + 64 * 1024
     assert len(pair.stage.requests) == 20
     # The client reads it all.
     transport.bufferSize = 1 << 40
@@ -658,13 +684,15 @@ def test_errorPagesWaitWhileTheConnectionIsOverItsBound() -> None:
     Requests refused from their head (431) while the connection holds more
     than its bound: their pages wait too, and go once the client reads.
     """
-    pair = _wideOpen(limits=Limits(max_headers=10))
+    pair = _wideOpen(
+        settings=HTTP2Settings(stream_buffer=64 * 1024, connection_buffer=32 * 1024), limits=Limits(max_headers=10)
+    )
     body = b"w" * (2 << 20)
     answering(pair, body)
     pair.server.pauseProducing()
     big = pair.get(request(b"/big"))
     held = pair.server.held
-    assert held > 1 << 20
+    assert held > 32 * 1024
     refused = [pair.get(request(extra=[(b"x-%d" % n, b"v") for n in range(20)])) for _ in range(50)]
     assert pair.server.held == held
     pair.server.resumeProducing()

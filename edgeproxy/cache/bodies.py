@@ -19,12 +19,9 @@ The response bodies of the cache stage:
     side takes them (a response waiting its turn to be written holds no
     copy; one range is never copied, L{sliceBody}).
 
-L{StoredBody} and a L{SliceBody} of one range are C{shared}
-(L{edgeproxy.pipeline.values.ResponseBody}): their bytes are the store's,
-so a client side that writes them a bound at a time keeps a reference
-instead of counting them as held for its client (an HTTP/2 stream whose
-client keeps its window shut does not hold back the connection's other
-responses).
+L{StoredBody} and a L{SliceBody} of one range give the store's own bytes
+(a view for a range), never a copy: a client side that writes them a bound
+at a time keeps a reference to them meanwhile.
 """
 
 from __future__ import annotations
@@ -39,7 +36,7 @@ from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
 from edgeproxy.bodies import IdleTimer
-from edgeproxy.cache.ranges import RangePlan, isOneView, sliceBody
+from edgeproxy.cache.ranges import RangePlan, sliceBody
 from edgeproxy.pipeline.values import BODY_DONE, BytesBody
 
 __all__ = ["PIECE", "Drain", "FileBody", "Sink", "SliceBody", "StoredBody", "StoringBody"]
@@ -263,8 +260,6 @@ class StoredBody(BytesBody):
 
     __slots__ = ()
 
-    shared = True
-
 
 class SliceBody:
     """See the module docstring."""
@@ -274,11 +269,6 @@ class SliceBody:
     def __init__(self, body: bytes, rangePlan: RangePlan) -> None:
         self._body = body
         self._plan = rangePlan
-
-    @property
-    def shared(self) -> bool:
-        """Whether L{takeBody} gives a view of the store's bytes (one range)."""
-        return isOneView(self._plan)
 
     def takeBody(self) -> bytes | memoryview:
         """The whole body, at once (see L{edgeproxy.pipeline.values.ResponseBody})."""

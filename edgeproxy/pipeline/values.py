@@ -129,10 +129,8 @@ class ResponseBody(Protocol):
     # | None, the whole body delivered at once (or None, nothing done, when
     # it is not all there; a memoryview of bytes held elsewhere, a stored
     # body, is not copied).  The client side uses it to write head and body
-    # together.  And optionally a true C{shared} attribute: the bytes
-    # takeBody gives are held by their owner (the cache) anyway, so a client
-    # side may keep a reference to them while it writes them a bound at a
-    # time, rather than count them all as held for its client.
+    # together (an HTTP/2 stream keeps a reference to a large one and takes
+    # it a bound at a time).
 
 
 class Response(NamedTuple):

@@ -29,10 +29,10 @@ body's source is paused when a stream holds more than
 C{h2_stream_buffer} bytes or the connection more than
 C{h2_connection_buffer}, and resumed when half of that is gone; past the
 connection's bound no further response is started until then.  A body
-the cache holds in memory is not counted whole: the stream refers to the
-cache's bytes and takes a stream's bound of them at a time
-(L{Stream.rest}), so a stream whose window the client keeps shut holds
-back nothing else.  A response not all written when it starts, whole or
+that came whole (the cache's bytes, an error page, a converted image) is
+not counted whole: the stream refers to its bytes and takes a stream's
+bound of them at a time (L{Stream.rest}), so a stream whose window the
+client keeps shut holds back nothing else.  A response not all written when it starts, whole or
 streamed, has the upstream's idle timeout (the stream is reset without
 progress for that long).  This
 protocol is the transport's producer for the whole connection: a client

@@ -129,9 +129,10 @@ class Stream:
     @ivar producer: the response body's source (paused past the bounds).
     @ivar parked: the response waiting its turn to start (see
         L{edgeproxy.http.h2.writing.Writing.parks}), or L{None}.
-    @ivar rest: what is left of a C{shared} whole body (a view of the
-        cache's bytes) once its first bound went to L{pending}; the
-        connection moves it there a bound at a time (L{None}: none left).
+    @ivar rest: what is left of a whole body (a view of its bytes: the
+        cache's, or the response's own) once its first bound went to
+        L{pending}; the connection moves it there a bound at a time
+        (L{None}: none left).
     """
 
     __slots__ = (
@@ -288,11 +289,13 @@ class Stream:
                     if call is not None:
                         call.sent = len(data)
                     bound = connection.streamBound
-                    if len(data) > bound and getattr(body, "shared", False):
-                        # The cache's bytes: held a stream's bound at a
-                        # time, so that a client that keeps this stream's
-                        # window shut (a paused video) does not hold back
-                        # the connection's other responses.
+                    if len(data) > bound:
+                        # Held a stream's bound at a time (the rest by
+                        # reference: the cache's bytes, or bytes that are
+                        # in memory whole anyway), so that a client that
+                        # keeps this stream's window shut (a paused video)
+                        # does not hold back the connection's other
+                        # responses.
                         view = data if type(data) is memoryview else memoryview(data)
                         data, self.rest = view[:bound], view[bound:]
                     self.pending.append(data)

@@ -177,8 +177,8 @@ class Writing:
         return self._streamLimit
 
     def _refill(self, stream: Stream) -> None:
-        """Move the next bound of C{stream}'s shared whole body to its
-        pending bytes (see L{Stream.rest})."""
+        """Move the next bound of C{stream}'s whole body to its pending
+        bytes (see L{Stream.rest})."""
         rest = stream.rest
         assert rest is not None
         bound = self._streamLimit
