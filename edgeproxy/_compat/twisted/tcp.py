@@ -192,7 +192,7 @@ def sendNow(transport: Any, data: bytes) -> bool:
     return False
 
 
-def immediateWriter(transport: Any) -> Callable[[bytes], None]:
+def immediateWriter(transport: Any) -> Callable[[bytes], object]:
     """
     The function a writer that knows nothing follows soon (a complete
     response, a request head) sends C{transport} bytes with, chosen once
