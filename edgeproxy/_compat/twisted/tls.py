@@ -344,40 +344,53 @@ class EdgeTLSTransport(BufferingTLSTransport):
     def _write(self, bytes: bytes) -> None:  # noqa: A002 -- Twisted's name
         if self._lostTLSConnection:
             return
+        if len(bytes) > WRITE_CHUNK:
+            self._writeChunks(memoryview(bytes))
+            return
+        records, sent, failed = encrypt(self._tlsConnection, bytes, _chunkBuffer)
+        if records:
+            sendNow(self.transport, records[0] if len(records) == 1 else b"".join(records))
+        if failed is not None:
+            self._writeFailed(failed, bytes[sent:])
+
+    def _writeChunks(self, data: memoryview) -> None:
+        """
+        Encrypt and send a large write a chunk at a time while the kernel
+        takes each whole, then the rest at once (see the module docstring).
+        """
         connection = self._tlsConnection
-        data: Any = bytes
         total = len(data)
-        if total > WRITE_CHUNK:
-            data = memoryview(data)
         done = 0
         straight = True
         while done < total:
-            if straight:
-                # While the kernel takes every chunk, the next is encrypted
-                # into the same buffer (see the module docstring).
-                if total - done > WRITE_CHUNK:
-                    records, sent, failed = encrypt(
-                        connection, data[done : done + WRITE_CHUNK], _chunkBuffer, more=True
-                    )
-                else:
-                    records, sent, failed = encrypt(connection, data[done:], _chunkBuffer)
-            else:
+            if not straight:
                 # The peer is slower than the write: the rest is encrypted
                 # at once and queued behind what the kernel left.
                 records, sent, failed = encrypt(connection, data[done:])
+            elif total - done > WRITE_CHUNK:
+                records, sent, failed = encrypt(
+                    connection, data[done : done + WRITE_CHUNK], _chunkBuffer, more=True
+                )
+            else:
+                records, sent, failed = encrypt(connection, data[done:], _chunkBuffer)
             done += sent
             if records:
                 straight = sendNow(self.transport, records[0] if len(records) == 1 else b"".join(records))
-            if failed is None:
-                continue
-            if isinstance(failed, SSL.WantReadError):
-                # Twisted's own answer: keep the rest until the peer's bytes
-                # arrive (dataReceived calls _unbufferPendingWrites).
-                rest = data[done:]
-                self._bufferedWrite(rest.tobytes() if type(rest) is memoryview else rest)
+            if failed is not None:
+                self._writeFailed(failed, data[done:].tobytes())
                 return
-            self._tlsShutdownFinished(Failure(failed))
+
+    def _writeFailed(self, failed: SSL.Error, rest: bytes) -> None:
+        """
+        Answer the error that stopped a write as Twisted does; C{rest}:
+        what it left unencrypted.
+        """
+        if isinstance(failed, SSL.WantReadError):
+            # Twisted's own answer: keep the rest until the peer's bytes
+            # arrive (dataReceived calls _unbufferPendingWrites).
+            self._bufferedWrite(rest)
             return
+        self._tlsShutdownFinished(Failure(failed))
 
 
 @implementer(IPushProducer)
