@@ -167,10 +167,14 @@ class RecordBuffer:
 
     def take(self, connection: Any) -> None:
         """Move what the send BIO holds into the buffer."""
-        bio = connection._from_ssl
-        while self.used < self.room:
-            read = _lib.BIO_read(bio, self.out + self.used, self.room - self.used)
-            if read <= 0:
+        left = self.room - self.used
+        if left > 0:
+            # A memory BIO gives all it holds, up to the room asked for: a
+            # short read leaves it empty.
+            read = _lib.BIO_read(connection._from_ssl, self.out + self.used, left)
+            if read < left:
+                if read > 0:
+                    self.used += read
                 return
             self.used += read
         # More than the overhead allowed for (never with TLS 1.2 or 1.3
