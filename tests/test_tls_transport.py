@@ -141,6 +141,16 @@ class EarlyWriter(RecordingProtocol):
         self.transport.write(b"hello " * 5000)
 
 
+class EarlyBigWriter(RecordingProtocol):
+    """Writes more than a chunk (L{WRITE_CHUNK}) before the TLS handshake."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        assert self.transport is not None
+        self.transport.write(b"hello " * 5000)
+        self.transport.write(bytes(range(251)) * 1000)
+
+
 def test_writeBeforeHandshakeHeldUntilItCompletes(store: Store, fastPaths: bool) -> None:
     """
     OpenSSL cannot encrypt before the handshake (C{WantReadError}): the
@@ -148,6 +158,12 @@ def test_writeBeforeHandshakeHeldUntilItCompletes(store: Store, fastPaths: bool)
     """
     connection = _connect(store, EarlyWriter)
     assert connection.clientApp.received == b"hello " * 5000
+
+
+def test_largeWriteBeforeHandshakeHeldUntilItCompletes(store: Store, fastPaths: bool) -> None:
+    """A write of several chunks made before the handshake is held whole too."""
+    connection = _connect(store, EarlyBigWriter)
+    assert connection.clientApp.received == b"hello " * 5000 + bytes(range(251)) * 1000
 
 
 def test_refusedWriteClosesWithTheError(store: Store, fastPaths: bool) -> None:
