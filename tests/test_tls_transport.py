@@ -21,7 +21,7 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from edgeproxy._compat.pyopenssl import RELEASE_AFTER
+from edgeproxy._compat.pyopenssl import RELEASE_AFTER, BufferReleasingConnection
 from edgeproxy._compat.twisted.tls import EdgeTLSTransport, adopt
 from edgeproxy.config.model import TLSSettings
 from edgeproxy.tls.store import CertificateStore
@@ -141,6 +141,16 @@ class EarlyWriter(RecordingProtocol):
         self.transport.write(b"hello " * 5000)
 
 
+class EarlyBigWriter(RecordingProtocol):
+    """Writes more than a chunk (L{WRITE_CHUNK}) before the TLS handshake."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        assert self.transport is not None
+        self.transport.write(b"hello " * 5000)
+        self.transport.write(bytes(range(251)) * 1000)
+
+
 def test_writeBeforeHandshakeHeldUntilItCompletes(store: Store, fastPaths: bool) -> None:
     """
     OpenSSL cannot encrypt before the handshake (C{WantReadError}): the
@@ -148,6 +158,12 @@ def test_writeBeforeHandshakeHeldUntilItCompletes(store: Store, fastPaths: bool)
     """
     connection = _connect(store, EarlyWriter)
     assert connection.clientApp.received == b"hello " * 5000
+
+
+def test_largeWriteBeforeHandshakeHeldUntilItCompletes(store: Store, fastPaths: bool) -> None:
+    """A write of several chunks made before the handshake is held whole too."""
+    connection = _connect(store, EarlyBigWriter)
+    assert connection.clientApp.received == b"hello " * 5000 + bytes(range(251)) * 1000
 
 
 def test_refusedWriteClosesWithTheError(store: Store, fastPaths: bool) -> None:
@@ -520,8 +536,8 @@ def test_largeWritesGoAsFarAsTheKernelTakesThemThenQueue(kind: str, fastPathsOn:
 def test_largeWritesAreEncryptedIntoOneBuffer() -> None:
     """
     C{encrypt} takes the records of a write of many records into one
-    buffer: the peer decrypts exactly what was written, over TLS 1.3 and
-    TLS 1.2 (whose records carry more overhead).
+    buffer, leaving none behind: the peer decrypts exactly what was
+    written, over TLS 1.3 and TLS 1.2 (whose records carry more overhead).
     """
     from twisted.internet.ssl import TLSVersion
 
@@ -532,6 +548,8 @@ def test_largeWritesAreEncryptedIntoOneBuffer() -> None:
         server, client = _memoryPair(version)
         records, sent, failed = encrypt(server, data)
         assert (sent, failed, len(records)) == (len(data), None, 1)
+        # Every record was taken out of the send BIO (one read each).
+        assert _lib.BIO_get_mem_data(server._from_ssl, _ffi.NULL) == 0
         client.bio_write(bytes(records[0]))
         received = b""
         while True:
@@ -542,9 +560,167 @@ def test_largeWritesAreEncryptedIntoOneBuffer() -> None:
         assert received == data
 
 
-def _memoryPair(version: Any) -> tuple[SSL.Connection, SSL.Connection]:
-    """A server and a client connection over memory BIOs, their handshake
-    done, at most TLS C{version}."""
+class _OverASocket:
+    """
+    An L{EdgeTLSTransport}, its TLS 1.3 handshake done in memory, over a
+    real TCP transport (edgeproxy's L{LeanServer}) on one end of a socket
+    pair; the client's L{SSL.Connection} reads the other end.  Records the
+    order of the transport's calls to C{encrypt} and to the socket.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, sendBuffer: int) -> None:
+        import socket
+
+        from twisted.internet.protocol import Protocol
+        from twisted.internet.ssl import TLSVersion
+        from twisted.internet.testing import MemoryReactorClock
+
+        from edgeproxy._compat.twisted import tls as tlsModule
+        from edgeproxy._compat.twisted.tcp import LeanServer
+
+        class Listening:
+            _realPortNumber = 8443
+
+        self.events: list[tuple[str, int, int]] = []
+        realEncrypt = tlsModule.encrypt
+
+        def encrypt(connection: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
+            self.events.append(("encrypt", len(data), len(data)))
+            return realEncrypt(connection, data, *args, **kwargs)
+
+        monkeypatch.setattr(tlsModule, "encrypt", encrypt)
+        self.mine, self.theirs = socket.socketpair()
+        self.mine.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sendBuffer)
+        self.theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sendBuffer)
+        self.theirs.setblocking(False)
+        self.tcp = LeanServer(
+            self.mine, Protocol(), ("127.0.0.1", 40000), Listening(), 1, MemoryReactorClock()
+        )
+        realSend = self.tcp.writeSomeData
+
+        def writeSomeData(data: Any) -> Any:
+            sent = realSend(data)
+            self.events.append(("send", sent, len(data)))
+            return sent
+
+        self.tcp.writeSomeData = writeSomeData  # type: ignore[method-assign]
+        server, self.client = _memoryPair(TLSVersion.TLSv1_3, BufferReleasingConnection)
+        self.tls = EdgeTLSTransport(None, Protocol())
+        self.tls._tlsConnection = server
+        self.tls.transport = self.tcp
+
+    def queued(self) -> bool:
+        return bool(self.tcp.dataBuffer or self.tcp._tempDataBuffer)
+
+    def received(self) -> bytes:
+        """Everything the client can decrypt, the TCP queue written out."""
+        for _ in range(100_000):
+            try:
+                self.client.bio_write(self.theirs.recv(1 << 20))
+            except BlockingIOError:
+                if not self.queued():
+                    break
+                self.tcp.doWrite()
+        plain = b""
+        while True:
+            try:
+                plain += self.client.recv(1 << 20)
+            except SSL.WantReadError:
+                return plain
+
+    def close(self) -> None:
+        self.mine.close()
+        self.theirs.close()
+
+
+def test_largeWriteEncryptedAndSentAChunkAtATime(
+    fastPathsOn: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A write larger than L{WRITE_CHUNK} (a 1 MiB cache hit) is encrypted a
+    chunk at a time, each chunk's records sent (in one call, at most
+    C{SEND_LIMIT}) before the next chunk is encrypted, while the kernel
+    takes them; the peer decrypts exactly what was written, and the send
+    BIO that carried the chunks is replaced after the last.
+    """
+    from twisted.internet.abstract import FileDescriptor
+
+    from edgeproxy._compat.twisted.tls import WRITE_CHUNK
+
+    data = bytes(range(251)) * 4200  # about 1 MiB, not a whole number of chunks
+    chunks = -(-len(data) // WRITE_CHUNK)
+    pair = _OverASocket(monkeypatch, 8 << 20)
+    try:
+        pair.tls.writeNow(data)
+        assert [kind for kind, _, _ in pair.events] == ["encrypt", "send"] * chunks
+        assert [size for kind, size, _ in pair.events if kind == "encrypt"] == [WRITE_CHUNK] * (
+            chunks - 1
+        ) + [len(data) - (chunks - 1) * WRITE_CHUNK]
+        assert all(
+            sent == asked <= FileDescriptor.SEND_LIMIT for kind, sent, asked in pair.events if kind == "send"
+        )
+        assert not pair.queued()
+        # A memory BIO has no buffer until something is written into it.
+        pointer = _ffi.new("char **")
+        assert _lib.BIO_get_mem_data(pair.tls._tlsConnection._from_ssl, pointer) == 0
+        assert pointer[0] == _ffi.NULL
+        assert pair.received() == data
+    finally:
+        pair.close()
+
+
+def _encrypted(events: list[tuple[str, int, int]]) -> int:
+    return sum(size for kind, size, _ in events if kind == "encrypt")
+
+
+def test_largeWriteToASlowPeerQueuesTheRestAtOnce(
+    fastPathsOn: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Once the kernel leaves part of a chunk, the rest of the write is
+    encrypted in one go and queued behind it, as bytes of its own (the
+    chunk buffer, which the next large write on any connection fills
+    again, is not referred to), and the TCP transport pauses its producer;
+    written out, the queue gives the peer every byte, in order.
+    """
+    from edgeproxy._compat.twisted import tls as tlsModule
+
+    class Producer:
+        paused = 0
+
+        def pauseProducing(self) -> None:
+            self.paused += 1
+
+        def resumeProducing(self) -> None:
+            pass
+
+        def stopProducing(self) -> None:
+            pass
+
+    data = bytes(range(251)) * 4200
+    pair = _OverASocket(monkeypatch, 64 << 10)
+    producer = Producer()
+    pair.tcp.registerProducer(producer, True)
+    try:
+        pair.tls.writeNow(data)
+        events = pair.events
+        short = next(i for i, (kind, sent, asked) in enumerate(events) if sent < asked)
+        # After the send the kernel cut short, one encrypt of all the rest.
+        rest = len(data) - _encrypted(events[:short])
+        assert events[short + 1 :] == [("encrypt", rest, rest)]
+        assert pair.queued() and producer.paused
+        buffer = tlsModule._chunkBuffer
+        _ffi.memmove(buffer.out, b"\xff" * buffer.room, buffer.room)
+        assert pair.received() == data
+    finally:
+        pair.close()
+
+
+def _memoryPair(
+    version: Any, serverClass: type[SSL.Connection] = SSL.Connection
+) -> tuple[SSL.Connection, SSL.Connection]:
+    """A server (of C{serverClass}) and a client connection over memory
+    BIOs, their handshake done, at most TLS C{version}."""
     from twisted.internet.ssl import TLSVersion
 
     leaf = CertificateAuthority().issue(["localhost"])
@@ -554,7 +730,7 @@ def _memoryPair(version: Any) -> tuple[SSL.Connection, SSL.Connection]:
     serverContext.set_max_proto_version(
         SSL.TLS1_3_VERSION if version == TLSVersion.TLSv1_3 else SSL.TLS1_2_VERSION
     )
-    server = SSL.Connection(serverContext, None)
+    server = serverClass(serverContext, None)
     server.set_accept_state()
     client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
     client.set_connect_state()

@@ -43,9 +43,11 @@ from OpenSSL._util import lib as _lib
 __all__ = [
     "RELEASE_AFTER",
     "BufferReleasingConnection",
+    "RecordBuffer",
     "decrypt",
     "encrypt",
     "forgetHandshakeState",
+    "plaintextFitting",
     "setGroupsList",
     "takeRecords",
 ]
@@ -74,11 +76,24 @@ RELEASE_AFTER = 512
 """Bytes through a memory BIO after which it is replaced once drained."""
 
 
-def encrypt(connection: SSL.Connection, data: bytes) -> tuple[list[Any], int, SSL.Error | None]:
+def encrypt(
+    connection: SSL.Connection,
+    data: Any,
+    into: RecordBuffer | None = None,
+    more: bool = False,
+) -> tuple[list[Any], int, SSL.Error | None]:
     """
-    Encrypt C{data} on C{connection}, one C{SSL_write} per record, and take
-    the records out of its send BIO (replaced once drained, for a
-    L{BufferReleasingConnection}).
+    Encrypt C{data} (any bytes-like object) on C{connection}, one
+    C{SSL_write} per record, and take the records out of its send BIO
+    (replaced once drained, for a L{BufferReleasingConnection}).
+
+    @param into: a L{RecordBuffer} to read the records of a write of
+        several into (C{data} at most its L{RecordBuffer.capacity}),
+        instead of one made for this write; what it gives is valid until
+        its next use.
+    @param more: whether this is a part of a write and more follows at
+        once: the send BIO is left for the next part (the last one
+        releases it).
 
     @return: the records (C{bytes}, or for a write of several one cffi
         buffer holding them all), how many bytes of C{data} were encrypted, and
@@ -89,7 +104,9 @@ def encrypt(connection: SSL.Connection, data: bytes) -> tuple[list[Any], int, SS
     total = len(data)
     # A write of several records (a large response) has them read into one
     # buffer; a small one, into the bytes of its record.
-    sink = _RecordBuffer(total) if total > _RECORD else None
+    sink = None
+    if total > _RECORD:
+        sink = RecordBuffer(total) if into is None else into.reset()
     records: list[Any] = []
     sent = 0
     failed: SSL.Error | None = None
@@ -109,32 +126,55 @@ def encrypt(connection: SSL.Connection, data: bytes) -> tuple[list[Any], int, SS
                 sink.take(connection)
     if sink is not None:
         records = sink.records()
-    if records:
+    if records and not more:
         _releaseDrainedSend(connection, records)
     return records, sent, failed
 
 
-class _RecordBuffer:
+def plaintextFitting(limit: int) -> int:
+    """
+    The most plaintext, in whole records, whose records take at most
+    C{limit} bytes (C{limit} at least one record and its overhead).
+    """
+    return limit // (_RECORD + _RECORD_OVERHEAD) * _RECORD
+
+
+class RecordBuffer:
     """
     The records of a write of several, read out of the send BIO straight
     into one buffer made for them all: a 1 MiB cache hit is not copied into
-    a bytes per record and then joined.
+    a bytes per record and then joined.  One made for a write is used once;
+    one kept for many (L{encrypt}'s C{into}) gives records valid until it is
+    used again.
     """
 
-    __slots__ = ("out", "room", "used", "extra")
+    __slots__ = ("capacity", "out", "room", "used", "extra")
 
-    def __init__(self, total: int) -> None:
-        self.room = total + -(-total // _RECORD) * _RECORD_OVERHEAD
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        """The most plaintext whose records it is sure to hold."""
+        self.room = capacity + -(-capacity // _RECORD) * _RECORD_OVERHEAD
         self.out = _uncleared("char[]", self.room)
         self.used = 0
         self.extra: list[bytes] = []
 
+    def reset(self) -> RecordBuffer:
+        """Make it empty again (what it gave before is overwritten from now)."""
+        self.used = 0
+        if self.extra:
+            self.extra = []
+        return self
+
     def take(self, connection: Any) -> None:
         """Move what the send BIO holds into the buffer."""
-        bio = connection._from_ssl
-        while self.used < self.room:
-            read = _lib.BIO_read(bio, self.out + self.used, self.room - self.used)
-            if read <= 0:
+        left = self.room - self.used
+        if left > 0:
+            # A memory BIO gives all it holds, up to the room asked for: a
+            # short read leaves it empty.
+            read = _lib.BIO_read(connection._from_ssl, self.out + self.used, left)
+            if read < left:
+                if read > 0:
+                    self.used += read
                 return
             self.used += read
         # More than the overhead allowed for (never with TLS 1.2 or 1.3

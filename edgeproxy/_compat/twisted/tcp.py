@@ -131,7 +131,7 @@ so duck typing would send plain text under TLS.
 """
 
 
-def sendNow(transport: Any, data: bytes) -> None:
+def sendNow(transport: Any, data: bytes) -> bool:
     """
     Write C{data} to C{transport}, straight to the socket when nothing is
     queued before it.
@@ -153,7 +153,11 @@ def sendNow(transport: Any, data: bytes) -> None:
     kernel takes whole, and only what it leaves is copied into the queue.
     C{data} may be any bytes-like object (L{edgeproxy._compat.pyopenssl.encrypt}
     gives the records of a large write as one cffi buffer); what is queued
-    is C{bytes}, as Twisted's transports require.
+    is C{bytes}, as Twisted's transports require (a copy: C{data} may be
+    a buffer its owner fills again once this returns).
+
+    @return: whether all of C{data} went to the socket; if not, the rest is
+        queued (or written to a transport of another kind).
     """
     if (
         type(transport) in _DIRECT
@@ -167,7 +171,7 @@ def sendNow(transport: Any, data: bytes) -> None:
         sent = transport.writeSomeData(data)
         if isinstance(sent, int):
             if sent == total:
-                return
+                return True
             limit = transport.SEND_LIMIT
             if sent == limit:
                 view = memoryview(data)
@@ -178,19 +182,20 @@ def sendNow(transport: Any, data: bytes) -> None:
                         break
                     done += sent
                     if done == total:
-                        return
+                        return True
                 data = view[done:]
             else:
                 data = data[sent:]
         # else: an error instance; queue the bytes, doWrite reports it.
     transport.write(data if type(data) is bytes else bytes(data))
+    return False
 
 
 def _write(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-def immediateWriter(transport: Any) -> Callable[[Any, bytes], None]:
+def immediateWriter(transport: Any) -> Callable[[Any, bytes], object]:
     """
     The function a writer that knows nothing follows soon (a complete
     response, a request head) sends bytes to C{transport} with, chosen once

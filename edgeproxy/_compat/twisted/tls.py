@@ -11,12 +11,21 @@ time through pyOpenSSL's C{Connection.send} and, after each, reads the
 memory BIO through C{Connection.bio_read} (a 32 KiB buffer per call) and
 writes the record to the TCP transport: for a 64 KiB write, four rounds of
 slicing, buffer allocation, error checks and transport calls.
-L{EdgeTLSTransport._write} encrypts the whole write at once
-(L{edgeproxy._compat.pyopenssl.encrypt}) and hands the records to the TCP
-transport in one write, straight to the socket when nothing is queued
-(L{edgeproxy._compat.twisted.tcp.sendNow}).  Errors go the way Twisted's
-do: a C{WantReadError} buffers the rest of the write until the peer's
-bytes arrive, any other error shuts the TLS connection down with it.
+L{EdgeTLSTransport._write} encrypts a write of up to L{WRITE_CHUNK} bytes
+at once (L{edgeproxy._compat.pyopenssl.encrypt}) and hands its records to
+the TCP transport in one write, straight to the socket when nothing is
+queued (L{edgeproxy._compat.twisted.tcp.sendNow}).  A larger write (a
+1 MiB cache hit) goes a chunk at a time, each encrypted into one buffer
+kept for all connections and sent before the next is encrypted, for as
+long as the kernel takes each chunk whole: the records are still in the
+CPU's cache when the kernel copies them, the first bytes leave before the
+last are encrypted, and TCP gets the response as fast as it is encrypted,
+not in one burst that its pacing (BBR's, fq's) then spreads out with
+timers.  Once the kernel leaves part of a chunk, the rest of the
+write is encrypted at once and queued behind it, as a write that size
+always was (a slow peer then pauses the producer).  Errors go the way
+Twisted's do: a C{WantReadError} buffers the rest of the write until the
+peer's bytes arrive, any other error shuts the TLS connection down with it.
 
 Reads (L{EdgeTLSTransport._flushReceiveBIO}) and handshake flights
 (C{_flushSendBIO}) go the same way (L{edgeproxy._compat.pyopenssl.decrypt},
@@ -40,6 +49,7 @@ from __future__ import annotations
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
@@ -47,15 +57,37 @@ from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol, _
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from edgeproxy._compat.pyopenssl import decrypt, encrypt, forgetHandshakeState, takeRecords
+from edgeproxy._compat.pyopenssl import (
+    RecordBuffer,
+    decrypt,
+    encrypt,
+    forgetHandshakeState,
+    plaintextFitting,
+    takeRecords,
+)
 from edgeproxy._compat.twisted.tcp import sendNow
 
-__all__ = ["MAX_PENDING", "EdgeTLSTransport", "adopt"]
+__all__ = ["MAX_PENDING", "WRITE_CHUNK", "EdgeTLSTransport", "adopt"]
 
 MAX_PENDING = 64_000
 """
 Bytes of small writes held for the next reactor turn before they are
 encrypted at once (Twisted's C{_AggregateSmallWrites.MAX_BUFFER_SIZE}).
+"""
+
+
+WRITE_CHUNK = plaintextFitting(FileDescriptor.SEND_LIMIT)
+"""
+The plaintext a large write is encrypted and sent in at a time: the most,
+in whole records, whose records the TCP transport sends in one call (its
+C{SEND_LIMIT}, 128 KiB: seven records of 16 KiB).
+"""
+
+_chunkBuffer = RecordBuffer(WRITE_CHUNK)
+"""
+The records of one chunk, shared by every connection: only the reactor's
+thread writes, and each chunk's records are sent, or copied into the
+queue by C{sendNow}, before the next is encrypted.
 """
 
 
@@ -312,15 +344,51 @@ class EdgeTLSTransport(BufferingTLSTransport):
     def _write(self, bytes: bytes) -> None:  # noqa: A002 -- Twisted's name
         if self._lostTLSConnection:
             return
-        records, sent, failed = encrypt(self._tlsConnection, bytes)
+        if len(bytes) > WRITE_CHUNK:
+            self._writeChunks(memoryview(bytes))
+            return
+        records, sent, failed = encrypt(self._tlsConnection, bytes, _chunkBuffer)
         if records:
             sendNow(self.transport, records[0] if len(records) == 1 else b"".join(records))
-        if failed is None:
-            return
+        if failed is not None:
+            self._writeFailed(failed, bytes[sent:])
+
+    def _writeChunks(self, data: memoryview) -> None:
+        """
+        Encrypt and send a large write a chunk at a time while the kernel
+        takes each whole, then the rest at once (see the module docstring).
+        """
+        connection = self._tlsConnection
+        total = len(data)
+        done = 0
+        straight = True
+        while done < total:
+            if not straight:
+                # The peer is slower than the write: the rest is encrypted
+                # at once and queued behind what the kernel left.
+                records, sent, failed = encrypt(connection, data[done:])
+            elif total - done > WRITE_CHUNK:
+                records, sent, failed = encrypt(
+                    connection, data[done : done + WRITE_CHUNK], _chunkBuffer, more=True
+                )
+            else:
+                records, sent, failed = encrypt(connection, data[done:], _chunkBuffer)
+            done += sent
+            if records:
+                straight = sendNow(self.transport, records[0] if len(records) == 1 else b"".join(records))
+            if failed is not None:
+                self._writeFailed(failed, data[done:].tobytes())
+                return
+
+    def _writeFailed(self, failed: SSL.Error, rest: bytes) -> None:
+        """
+        Answer the error that stopped a write as Twisted does; C{rest}:
+        what it left unencrypted.
+        """
         if isinstance(failed, SSL.WantReadError):
             # Twisted's own answer: keep the rest until the peer's bytes
             # arrive (dataReceived calls _unbufferPendingWrites).
-            self._bufferedWrite(bytes[sent:])
+            self._bufferedWrite(rest)
             return
         self._tlsShutdownFinished(Failure(failed))
 
