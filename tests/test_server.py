@@ -28,6 +28,7 @@ from twisted.web.http import PotentialDataLoss
 from edgeproxy.config.model import Config, Limits, Listener, ProxySettings, Route, Server, Upstream
 from edgeproxy.h1 import Fields
 from edgeproxy.http.closing import ABORT_TIMEOUT
+from edgeproxy.http.answering import WHOLE_LIMIT
 from edgeproxy.http.errorpages import rejection
 from edgeproxy.http.listener import ListenerFactory
 from edgeproxy.logs import refusals
@@ -42,6 +43,7 @@ from tests.wireutil import undated
 from tests.memorypool import fixedIds
 from tests.test_h1 import REJECTED
 from tests.wire import SocketWire
+from tests.h2util import SendBuffer
 
 pytestmark = SHOW_DEPRECATIONS
 
@@ -1049,6 +1051,82 @@ def test_slowClientPausesTheBackend() -> None:
     assert body.producer.producerState == "producing"
     body.protocol.connectionLost(BODY_DONE)
     assert connection.transport.producer is None
+
+
+def _wholeBody(size: int, wire: str = "memory", transport: Any = None) -> tuple[Connection, bytes]:
+    """A connection whose request was answered with C{size} bytes held
+    whole (what the cache's memory tier, or a converted image, gives)."""
+    body = bytes(range(256)) * (size // 256)
+    connection = Connection(wire=wire)
+    if transport is not None:
+        connection.transport = transport
+        connection.protocol = connection.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+        connection.protocol.makeConnection(transport)
+    connection.stage.hold = True
+    connection.send(b"GET / HTTP/1.1\r\n" + H + b"\r\n")
+    connection.stage.held.pop().respond(Response(200, b"OK", Fields(), len(body), BytesBody(body)))
+    return connection, body
+
+
+def test_aLargeWholeBodyWaitsForASlowClient() -> None:
+    """
+    An 8 MiB body held whole, to a client that does not read: what is
+    queued for it stays within two pieces of L{WHOLE_LIMIT}, not the whole
+    body (a copy per slow client of the largest cached objects); as the
+    client takes what was queued, the rest follows, and the response ends
+    complete on a connection that is kept.
+    """
+    transport = SendBuffer(64 * 1024)
+    connection, body = _wholeBody(8 << 20, transport=transport)
+    connection.clock.advance(0)
+    assert transport.paused
+    assert transport.most <= 2 * WHOLE_LIMIT + 1024
+    received = b""
+    for _ in range(100):
+        received += transport.value()
+        transport.clear()
+        if received.endswith(body):
+            break
+        transport.paused = False
+        transport.producer.resumeProducing()
+        connection.clock.advance(0)
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert received.split(b"\r\n\r\n", 1)[1] == body
+    assert transport.most <= 2 * WHOLE_LIMIT + 1024
+    assert not transport.disconnecting and not connection.factory.inflight
+    assert transport.producer is None
+
+
+def test_aLargeWholeBodyArrivesWhole(wire: str) -> None:
+    """Over a socket, plain or TLS: the pieces of a 3 MiB body held whole
+    arrive in order, and the connection serves the next request."""
+    connection, body = _wholeBody(3 << 20, wire=wire)
+    for _ in range(200):
+        connection.clock.advance(0)
+        received = connection.received()
+        if len(received) >= len(body):
+            break
+    head, rest = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: %d" % len(body) in head
+    assert rest == body
+    assert not connection.closing() and not connection.factory.inflight
+
+
+def test_clientGoneDuringALargeWholeBody() -> None:
+    """The client goes while pieces of a large body wait: nothing more is
+    written or scheduled, and the call ends."""
+    transport = SendBuffer(64 * 1024)
+    connection, _ = _wholeBody(4 << 20, transport=transport)
+    connection.clock.advance(0)
+    connection.lose()
+    written = len(transport.value())
+    transport.paused = False
+    connection.clock.advance(1)
+    assert len(transport.value()) == written
+    assert not connection.clock.getDelayedCalls() or all(
+        not call.active() or call.getTime() > connection.clock.seconds() for call in connection.clock.getDelayedCalls()
+    )
+    assert not connection.factory.inflight
 
 
 def test_clientDisconnectStopsTheBackend() -> None:

@@ -4,7 +4,9 @@ The answering half of L{edgeproxy.http.server.HTTP1Connection}: what the
 pipeline's L{Call} calls on its client side (C{ClientSide}), written as
 HTTP/1.1.
 
-A response's head and the body bytes already at hand go out in one write; a
+A response's head and the body bytes already at hand go out in one write
+(a body held whole that is larger than L{WHOLE_LIMIT} goes that much at a
+time, paused by a client that does not read); a
 body still to come streams with backpressure (the body's source is the
 transport's producer while it flows, and a body that goes without a byte for
 the C{idle_timeout} of the route's upstream is cut).  The framing follows the response: its
@@ -35,7 +37,7 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from edgeproxy import h1
-from edgeproxy.bodies import IdleTimer
+from edgeproxy.bodies import BODY_DONE, IdleTimer
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse, pagesFor
@@ -54,6 +56,17 @@ its end."""
 
 JOIN_LIMIT = 64 * 1024
 """A whole body larger than this is written after its head, not joined to it."""
+
+WHOLE_LIMIT = 1 << 20
+"""
+The largest body held whole in memory (a cache hit, a converted image)
+that is written at once.  A larger one is written this much at a time, one
+piece a reactor turn, with the body as the transport's producer as a
+streamed body is: a client that reads slowly pauses it, so what the proxy
+holds for that client is a piece or two (encrypted, queued for its
+socket), not a copy of the whole body (64 MiB for the largest cached
+object by default, per connection).
+"""
 
 
 @implementer(IPushProducer)
@@ -80,6 +93,71 @@ class _Streaming:
 
     def stopProducing(self) -> None:
         self.producer.stopProducing()
+
+
+@implementer(IPushProducer)
+class _Pieces:
+    """
+    A body held whole in memory, delivered to its call's protocol
+    L{WHOLE_LIMIT} bytes a reactor turn while not paused (see there).
+    """
+
+    __slots__ = ("_view", "_done", "_paused", "_protocol", "_clock", "_scheduled")
+
+    def __init__(self, data: bytes | memoryview, clock: Any) -> None:
+        self._view = memoryview(data)
+        self._done = 0
+        self._paused = False
+        self._protocol: Any = None
+        self._clock = clock
+        self._scheduled: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self._protocol = protocol
+        protocol.makeConnection(self)
+        self._pump()
+
+    def _pump(self) -> None:
+        self._scheduled = None
+        protocol = self._protocol
+        if self._paused or protocol is None:
+            return
+        view = self._view
+        start = self._done
+        end = self._done = start + WHOLE_LIMIT
+        # Bytes: the transports queue what the socket does not take.
+        protocol.dataReceived(view[start:end].tobytes())
+        if self._protocol is None:
+            return
+        if end >= len(view):
+            self._end(BODY_DONE)
+        elif not self._paused:
+            self._scheduled = self._clock.callLater(0, self._pump)
+
+    def _end(self, reason: Failure) -> None:
+        protocol, self._protocol = self._protocol, None
+        self._view = memoryview(b"")
+        if protocol is not None:
+            protocol.connectionLost(reason)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        scheduled, self._scheduled = self._scheduled, None
+        if scheduled is not None and scheduled.active():
+            scheduled.cancel()
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._scheduled is None and self._protocol is not None:
+            self._scheduled = self._clock.callLater(0, self._pump)
+
+    def stopProducing(self) -> None:
+        scheduled, self._scheduled = self._scheduled, None
+        if scheduled is not None and scheduled.active():
+            scheduled.cancel()
+        self._end(Failure(ConnectionAborted("stopped")))
 
 
 class Answering:
@@ -166,7 +244,10 @@ class Answering:
         take = getattr(body, "takeBody", None)
         if take is not None:
             data = take()
-            if data is not None:
+            if data is not None and len(data) > WHOLE_LIMIT and not noBody:
+                # Too large to write at once (see WHOLE_LIMIT): streamed.
+                body = _Pieces(data, self.factory.clock)
+            elif data is not None:
                 # The whole body is at hand (most small responses): head
                 # and body go in one write, without the body's protocol.
                 if data and not noBody:
