@@ -125,8 +125,8 @@ class _Pieces:
         view = self._view
         start = self._done
         end = self._done = start + WHOLE_LIMIT
-        # Bytes: the transports queue what the socket does not take.
-        protocol.dataReceived(view[start:end].tobytes())
+        # A view, not a copy (Answering.bodyData sends it at once).
+        protocol.dataReceived(view[start:end])
         if self._protocol is None:
             return
         if end >= len(view):
@@ -327,6 +327,15 @@ class Answering:
         if call is not self._call or self._noBody or not data:
             return
         call.sent += len(data)
+        if type(data) is memoryview:
+            # A piece of a body held whole (_Pieces): sent now, after the
+            # head, and not copied (the transports take views there).
+            head = self._pendingHead
+            if head:
+                self._pendingHead = b""
+                self._writeNow(head)
+            self._writeNow(h1.chunk(data) if self._chunked else data)  # type: ignore[arg-type]
+            return
         if self._chunked:
             data = h1.chunk(data)
         head = self._pendingHead

@@ -85,7 +85,9 @@ class LeanServer(tcp.Server):
                 if sent == len(data):
                     return
                 data = data[sent:]
-        FileDescriptor.write(self, data)
+        # Twisted queues bytes only (data may be a view: of a body held
+        # whole, see edgeproxy.http.answering._Pieces).
+        FileDescriptor.write(self, data if type(data) is bytes else bytes(data))
 
     @property  # type: ignore[override]
     def logstr(self) -> str:
@@ -192,7 +194,8 @@ def sendNow(transport: Any, data: bytes) -> bool:
 
 
 def _write(transport: Any, data: bytes) -> None:
-    transport.write(data)
+    # Twisted's transports take bytes only; a writer may give a view.
+    transport.write(data if type(data) is bytes else bytes(data))
 
 
 def immediateWriter(transport: Any) -> Callable[[Any, bytes], object]:

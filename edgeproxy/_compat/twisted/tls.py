@@ -177,7 +177,9 @@ class EdgeTLSTransport(BufferingTLSTransport):
             traffic.sent += len(data)
         pending = self._pending
         if pending:
-            pending.append(data + b"")
+            # (data may be a view: of a body held whole, see
+            # edgeproxy.http.answering._Pieces.)
+            pending.append(data + b"" if type(data) is bytes else bytes(data))
             call = self._pendingCall
             if call is not None:
                 self._pendingCall = None
