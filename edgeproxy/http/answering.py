@@ -327,6 +327,9 @@ class Answering:
         if call is not self._call or self._noBody or not data:
             return
         call.sent += len(data)
+        streaming = self._streaming
+        if type(streaming) is _Streaming and streaming.idle is not None:
+            streaming.idle.touch()
         if type(data) is memoryview:
             # A piece of a body held whole (_Pieces): sent now, after the
             # head, and not copied (the transports take views there).
@@ -342,9 +345,6 @@ class Answering:
         if head:
             self._pendingHead = b""
             data = head + data
-        streaming = self._streaming
-        if type(streaming) is _Streaming and streaming.idle is not None:
-            streaming.idle.touch()
         self._write(data)
 
     def bodyEnded(self, call: Call, reason: Failure) -> None:
