@@ -11,6 +11,11 @@ L{BodyPipe.keepForReplay}'s limit).  It enforces the upstream's idle
 timeout (no byte moved for C{idle_timeout} seconds aborts the request) with
 an L{IdleTimer}, which the client side also uses for response bodies.
 
+L{PiecedBody} is the other direction's common part: a response body that
+delivers itself a piece a reactor turn while its client takes it (a file
+of the cache's disk tier, a body held whole that is too large to write at
+once).
+
 It lives below both sides: the client side (L{edgeproxy.http}) fills it,
 the backend side (L{edgeproxy.upstream}) reads it, and neither imports the
 other.
@@ -30,7 +35,8 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall
+from twisted.internet.error import ConnectionAborted
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -90,6 +96,65 @@ class IdleTimer:
 
 def _nothing() -> None:
     pass
+
+
+@implementer(IPushProducer)
+class PiecedBody:
+    """
+    A response body that delivers itself to its protocol (a call) a piece
+    at a time, the next pieces a reactor turn later, while not paused: the
+    client side registers it as its transport's producer, so a client that
+    does not take more pauses it.  A subclass gives L{_pump} (deliver what
+    one turn may; L{_again} when more is left), L{_more} and L{_end}.
+    """
+
+    __slots__ = ("_clock", "_protocol", "_paused", "_scheduled")
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._protocol: Any = None
+        self._paused = False
+        self._scheduled: IDelayedCall | None = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self._protocol = protocol
+        protocol.makeConnection(self)
+        self._pump()
+
+    def _pump(self) -> None:
+        raise NotImplementedError
+
+    def _more(self) -> bool:
+        """Whether anything is left to deliver."""
+        raise NotImplementedError
+
+    def _end(self, reason: Failure) -> None:
+        """Finish (once): the protocol's C{connectionLost} with C{reason}."""
+        raise NotImplementedError
+
+    def _again(self) -> None:
+        """Deliver more on the reactor's next turn."""
+        self._scheduled = self._clock.callLater(0, self._pump)
+
+    def _cancel(self) -> None:
+        scheduled, self._scheduled = self._scheduled, None
+        if scheduled is not None and scheduled.active():
+            scheduled.cancel()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._cancel()
+
+    def resumeProducing(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._scheduled is None and self._more():
+            self._again()
+
+    def stopProducing(self) -> None:
+        self._cancel()
+        self._end(Failure(ConnectionAborted("stopped")))
 
 
 class ClientReader(Protocol):

@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from edgeproxy.bodies import IdleTimer
 from edgeproxy.cache.ranges import RangePlan, sliceBody
+from edgeproxy.bodies import PiecedBody
 from edgeproxy.pipeline.values import BODY_DONE, BytesBody
 
 __all__ = ["PIECE", "Drain", "FileBody", "Sink", "SliceBody", "StoredBody", "StoringBody"]
@@ -148,26 +149,13 @@ class Drain:
             producer.stopProducing()
 
 
-@implementer(IPushProducer)
-class FileBody:
+class FileBody(PiecedBody):
     """
     Segments of an open file, each after some bytes of its own (a
     multipart boundary), then a trailer; the file is closed at the end.
     """
 
-    __slots__ = (
-        "_clock",
-        "_done",
-        "_fd",
-        "_index",
-        "_left",
-        "_paused",
-        "_position",
-        "_protocol",
-        "_scheduled",
-        "_segments",
-        "_trailer",
-    )
+    __slots__ = ("_done", "_fd", "_index", "_left", "_position", "_segments", "_trailer")
 
     def __init__(
         self,
@@ -176,29 +164,21 @@ class FileBody:
         trailer: bytes,
         clock: Any,
     ) -> None:
+        super().__init__(clock)
         self._fd = fd
         self._segments = segments
         self._trailer = trailer
-        self._clock = clock
-        self._protocol: Any = None
-        self._paused = False
-        self._scheduled: Any = None
         self._index = -1
         self._position = 0
         self._left = 0
         self._done = False
-
-    def deliverBody(self, protocol: Any) -> None:
-        self._protocol = protocol
-        protocol.makeConnection(self)
-        self._pump()
 
     def _pump(self) -> None:
         self._scheduled = None
         sent = 0
         while not self._paused and not self._done:
             if sent >= PIECES_PER_TURN:
-                self._scheduled = self._clock.callLater(0, self._pump)
+                self._again()
                 return
             if self._left == 0:
                 self._index += 1
@@ -228,31 +208,15 @@ class FileBody:
             self._protocol.dataReceived(self._trailer)
         self._end(BODY_DONE)
 
+    def _more(self) -> bool:
+        return not self._done
+
     def _end(self, reason: Failure) -> None:
         if self._done:
             return
         self._done = True
         os.close(self._fd)
         self._protocol.connectionLost(reason)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
-            self._scheduled = None
-
-    def resumeProducing(self) -> None:
-        if not self._paused:
-            return
-        self._paused = False
-        if self._scheduled is None and not self._done:
-            self._scheduled = self._clock.callLater(0, self._pump)
-
-    def stopProducing(self) -> None:
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
-        self._scheduled = None
-        self._end(Failure(ConnectionAborted("stopped")))
 
 
 class StoredBody(BytesBody):

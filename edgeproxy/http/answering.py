@@ -37,7 +37,7 @@ from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
 from edgeproxy import h1
-from edgeproxy.bodies import BODY_DONE, IdleTimer
+from edgeproxy.bodies import BODY_DONE, IdleTimer, PiecedBody
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse, pagesFor
@@ -95,27 +95,18 @@ class _Streaming:
         self.producer.stopProducing()
 
 
-@implementer(IPushProducer)
-class _Pieces:
+class _Pieces(PiecedBody):
     """
     A body held whole in memory, delivered to its call's protocol
     L{WHOLE_LIMIT} bytes a reactor turn while not paused (see there).
     """
 
-    __slots__ = ("_view", "_done", "_paused", "_protocol", "_clock", "_scheduled")
+    __slots__ = ("_view", "_done")
 
     def __init__(self, data: bytes | memoryview, clock: Any) -> None:
+        super().__init__(clock)
         self._view = memoryview(data)
         self._done = 0
-        self._paused = False
-        self._protocol: Any = None
-        self._clock = clock
-        self._scheduled: Any = None
-
-    def deliverBody(self, protocol: Any) -> None:
-        self._protocol = protocol
-        protocol.makeConnection(self)
-        self._pump()
 
     def _pump(self) -> None:
         self._scheduled = None
@@ -132,32 +123,16 @@ class _Pieces:
         if end >= len(view):
             self._end(BODY_DONE)
         elif not self._paused:
-            self._scheduled = self._clock.callLater(0, self._pump)
+            self._again()
+
+    def _more(self) -> bool:
+        return self._protocol is not None
 
     def _end(self, reason: Failure) -> None:
         protocol, self._protocol = self._protocol, None
         self._view = memoryview(b"")
         if protocol is not None:
             protocol.connectionLost(reason)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        scheduled, self._scheduled = self._scheduled, None
-        if scheduled is not None and scheduled.active():
-            scheduled.cancel()
-
-    def resumeProducing(self) -> None:
-        if not self._paused:
-            return
-        self._paused = False
-        if self._scheduled is None and self._protocol is not None:
-            self._scheduled = self._clock.callLater(0, self._pump)
-
-    def stopProducing(self) -> None:
-        scheduled, self._scheduled = self._scheduled, None
-        if scheduled is not None and scheduled.active():
-            scheduled.cancel()
-        self._end(Failure(ConnectionAborted("stopped")))
 
 
 class Answering:
