@@ -114,7 +114,8 @@ class PiecedBody:
         self._clock = clock
         self._protocol: Any = None
         self._paused = False
-        self._scheduled: IDelayedCall | None = None
+        self._scheduled: Any = None
+        """The reactor call that delivers more, or L{None}."""
 
     def deliverBody(self, protocol: Any) -> None:
         self._protocol = protocol
