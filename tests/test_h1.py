@@ -456,6 +456,32 @@ def test_fieldsAreImmutableValues() -> None:
             Fields([bad])
 
 
+@settings(max_examples=200, deadline=None)
+@given(pairs=st.lists(st.tuples(_names, _values), max_size=8), extra=st.lists(_values, max_size=2))
+def test_fieldsAsLinesWrittenAsTheirDictionary(pairs, extra: list[bytes]) -> None:
+    """A stored response's fields held as lines (and lines added after
+    them) are written, read and looked up as the dictionary they came from."""
+    fields = Fields(pairs)
+    prepared = fields.asLines()
+    assert prepared == fields and prepared.raw() is fields.raw()
+    for name in fields:
+        assert name in prepared and prepared.getAll(name) == fields.getAll(name)
+    assert writeResponseHead(b"HTTP/1.1", 200, b"OK", prepared, 3) == writeResponseHead(
+        b"HTTP/1.1", 200, b"OK", fields, 3
+    )
+    added = [b"X-Added-%d: %s" % (i, value) for i, value in enumerate(extra)]
+    reference = Fields.trusted(
+        {**fields.raw(), **{b"x-added-%d" % i: [value] for i, value in enumerate(extra)}}
+    )
+    withAdded = prepared.withLinesAfter(added)
+    assert writeResponseHead(b"HTTP/1.1", 200, b"OK", withAdded, 3) == writeResponseHead(
+        b"HTTP/1.1", 200, b"OK", reference, 3
+    )
+    assert withAdded == reference
+    for name in reference:
+        assert name in withAdded and withAdded.getAll(name) == reference.getAll(name)
+
+
 def test_canonicalSpelling() -> None:
     assert canonicalName(b"x-forwarded-for") == b"X-Forwarded-For"
     assert canonicalName(b"etag") == b"ETag"

@@ -32,8 +32,9 @@ targeted cache-control field and the tag fields (C{Surrogate-Key},
 C{Cache-Tag}) never reach the client.
 
 The hit path is kept lean: a key made of a few byte strings, a dictionary
-lookup in the memory tier, the stored fields copied with C{Age} and
-C{Cache-Status}, a body in memory: no Deferred, no timer, no log line.
+lookup in the memory tier, the stored field lines (made once, when the
+memory tier took the response) followed by C{Age} and C{Cache-Status}, a
+body in memory: no Deferred, no timer, no log line.
 
 What becomes of the responses to what the stage passes on (stored while
 they stream, revalidations, stale-if-error, invalidation) is
@@ -384,11 +385,16 @@ class CacheStage:
         request = call.request
         raw = request.fields.raw()
         fields = entry.fields
-        stored = dict(fields.raw())
-        stored[b"age"] = [b"%d" % (age,)]
-        existing = stored.get(b"cache-status")
-        stored[b"cache-status"] = [*existing, member] if existing else [member]
-        served = Fields.trusted(stored)
+        if fields.lines() is not None and b"age" not in fields and b"cache-status" not in fields:
+            # Held as lines in the memory tier (MemoryTier.put): the two
+            # lines added go last, where the dictionary's order puts them.
+            served = fields.withLinesAfter([b"Age: %d" % (age,), b"Cache-Status: " + member])
+        else:
+            stored = dict(fields.raw())
+            stored[b"age"] = [b"%d" % (age,)]
+            existing = stored.get(b"cache-status")
+            stored[b"cache-status"] = [*existing, member] if existing else [member]
+            served = Fields.trusted(stored)
         if not _SPECIAL.isdisjoint(raw):
             if hasConditionals(request.fields):
                 verdict = evaluate(request.method, request.fields, fields)
