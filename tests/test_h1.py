@@ -482,6 +482,23 @@ def test_fieldsAsLinesWrittenAsTheirDictionary(pairs, extra: list[bytes]) -> Non
         assert name in withAdded and withAdded.getAll(name) == reference.getAll(name)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(st.sampled_from([b"Range", b"If-None-Match", b"Pragma", b"Accept", b"X-A"]), _values),
+        max_size=4,
+    ),
+    names=st.sets(st.sampled_from([b"range", b"if-none-match", b"pragma", b"accept", b"x-b"]), min_size=1),
+)
+def test_parsedFieldsHaveAnyAsTheirDictionary(pairs, names: set[bytes]) -> None:
+    """Asked without their dictionary (noted fields, lines), parsed fields
+    answer as the dictionary would."""
+    wire = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in pairs)
+    wanted = frozenset(names)
+    expected = not wanted.isdisjoint(Fields([(b"host", b"a"), *pairs]).raw())
+    assert readRequest(wire + b"\r\n")[0].fields.hasAny(wanted) == expected
+
+
 def test_canonicalSpelling() -> None:
     assert canonicalName(b"x-forwarded-for") == b"X-Forwarded-For"
     assert canonicalName(b"etag") == b"ETag"

@@ -103,6 +103,8 @@ __all__ = ["PURGE_ALLOW", "CacheStage", "NotCached", "PurgeNotAllowed"]
 
 log = Logger()
 
+_DIRECTIVES = frozenset((b"cache-control", b"pragma"))
+
 _SPECIAL = frozenset((b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since", b"range"))
 
 _PHRASES = {206: b"Partial Content", 416: b"Range Not Satisfiable"}
@@ -190,7 +192,7 @@ class CacheStage:
                 call.onResponse(Passing(self, request, b"bypass"))
                 call.next()
                 return
-            if b"upgrade" in request.fields.raw():
+            if b"upgrade" in request.fields:
                 # A WebSocket handshake: nothing to cache.
                 call.next()
                 return
@@ -221,11 +223,8 @@ class CacheStage:
     ) -> None:
         request = call.request
         fields = request.fields
-        raw = fields.raw()
         primary, url = self._key(request)
-        directives = (
-            requestDirectives(fields) if b"cache-control" in raw or b"pragma" in raw else None
-        )
+        directives = requestDirectives(fields) if fields.hasAny(_DIRECTIVES) else None
         stores = self.stores
         item = stores.lookup(primary)
         key = primary
@@ -383,7 +382,6 @@ class CacheStage:
     def serve(self, call: Call, entry: Entry, member: bytes, age: float) -> None:
         """Answer C{call} from C{entry} (its own conditionals and C{Range} too)."""
         request = call.request
-        raw = request.fields.raw()
         fields = entry.fields
         if fields.lines() is not None and b"age" not in fields and b"cache-status" not in fields:
             # Held as lines in the memory tier (MemoryTier.put): the two
@@ -395,7 +393,7 @@ class CacheStage:
             existing = stored.get(b"cache-status")
             stored[b"cache-status"] = [*existing, member] if existing else [member]
             served = Fields.trusted(stored)
-        if not _SPECIAL.isdisjoint(raw):
+        if request.fields.hasAny(_SPECIAL):
             if hasConditionals(request.fields):
                 verdict = evaluate(request.method, request.fields, fields)
                 if verdict == 304:
@@ -406,7 +404,7 @@ class CacheStage:
                         Response(412, b"Precondition Failed", statusOnly(served), 0, BytesBody(b""))
                     )
                     return
-            ranges = raw.get(b"range")
+            ranges = request.fields.raw().get(b"range")
             if (
                 ranges is not None
                 and len(ranges) == 1

@@ -203,6 +203,15 @@ class Fields:
                 return True
         return False
 
+    def hasAny(self, names: frozenset[bytes]) -> bool:
+        """Whether any of the fields C{names} (lower case) is here."""
+        fields = self._fields
+        if fields is None:
+            if names <= self._notedNames:
+                return not names.isdisjoint(self._noted or _NOTHING)
+            fields = self.raw()
+        return not names.isdisjoint(fields)
+
     def __iter__(self) -> Iterator[bytes]:
         """The names, in the order they first came."""
         return iter(self.raw())
