@@ -456,6 +456,49 @@ def test_fieldsAreImmutableValues() -> None:
             Fields([bad])
 
 
+@settings(max_examples=200, deadline=None)
+@given(pairs=st.lists(st.tuples(_names, _values), max_size=8), extra=st.lists(_values, max_size=2))
+def test_fieldsAsLinesWrittenAsTheirDictionary(pairs, extra: list[bytes]) -> None:
+    """A stored response's fields held as lines (and lines added after
+    them) are written, read and looked up as the dictionary they came from."""
+    fields = Fields(pairs)
+    prepared = fields.asLines()
+    assert prepared == fields and prepared.raw() is fields.raw()
+    for name in fields:
+        assert name in prepared and prepared.getAll(name) == fields.getAll(name)
+    assert writeResponseHead(b"HTTP/1.1", 200, b"OK", prepared, 3) == writeResponseHead(
+        b"HTTP/1.1", 200, b"OK", fields, 3
+    )
+    added = [b"X-Added-%d: %s" % (i, value) for i, value in enumerate(extra)]
+    reference = Fields.trusted(
+        {**fields.raw(), **{b"x-added-%d" % i: [value] for i, value in enumerate(extra)}}
+    )
+    withAdded = prepared.withLinesAfter(added)
+    assert writeResponseHead(b"HTTP/1.1", 200, b"OK", withAdded, 3) == writeResponseHead(
+        b"HTTP/1.1", 200, b"OK", reference, 3
+    )
+    assert withAdded == reference
+    for name in reference:
+        assert name in withAdded and withAdded.getAll(name) == reference.getAll(name)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(st.sampled_from([b"Range", b"If-None-Match", b"Pragma", b"Accept", b"X-A"]), _values),
+        max_size=4,
+    ),
+    names=st.sets(st.sampled_from([b"range", b"if-none-match", b"pragma", b"accept", b"x-b"]), min_size=1),
+)
+def test_parsedFieldsHaveAnyAsTheirDictionary(pairs, names: set[bytes]) -> None:
+    """Asked without their dictionary (noted fields, lines), parsed fields
+    answer as the dictionary would."""
+    wire = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in pairs)
+    wanted = frozenset(names)
+    expected = not wanted.isdisjoint(Fields([(b"host", b"a"), *pairs]).raw())
+    assert readRequest(wire + b"\r\n")[0].fields.hasAny(wanted) == expected
+
+
 def test_canonicalSpelling() -> None:
     assert canonicalName(b"x-forwarded-for") == b"X-Forwarded-For"
     assert canonicalName(b"etag") == b"ETag"

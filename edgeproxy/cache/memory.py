@@ -61,6 +61,9 @@ class MemoryTier:
         self.remove(key)
         if size > self.maxObject or size > self.capacity:
             return False
+        if type(item) is Entry:
+            # Kept as it is served: its field lines made once, not per hit.
+            item = item._replace(fields=item.fields.asLines())
         self._items[key] = (item, size)
         self.bytes += size
         self.counters.stored["memory"] += size

@@ -32,8 +32,9 @@ targeted cache-control field and the tag fields (C{Surrogate-Key},
 C{Cache-Tag}) never reach the client.
 
 The hit path is kept lean: a key made of a few byte strings, a dictionary
-lookup in the memory tier, the stored fields copied with C{Age} and
-C{Cache-Status}, a body in memory: no Deferred, no timer, no log line.
+lookup in the memory tier, the stored field lines (made once, when the
+memory tier took the response) followed by C{Age} and C{Cache-Status}, a
+body in memory: no Deferred, no timer, no log line.
 
 What becomes of the responses to what the stage passes on (stored while
 they stream, revalidations, stale-if-error, invalidation) is
@@ -101,6 +102,8 @@ from edgeproxy.pipeline.values import BytesBody, Request, Response
 __all__ = ["PURGE_ALLOW", "CacheStage", "NotCached", "PurgeNotAllowed"]
 
 log = Logger()
+
+_DIRECTIVES = frozenset((b"cache-control", b"pragma"))
 
 _SPECIAL = frozenset((b"if-match", b"if-none-match", b"if-modified-since", b"if-unmodified-since", b"range"))
 
@@ -189,7 +192,7 @@ class CacheStage:
                 call.onResponse(Passing(self, request, b"bypass"))
                 call.next()
                 return
-            if b"upgrade" in request.fields.raw():
+            if b"upgrade" in request.fields:
                 # A WebSocket handshake: nothing to cache.
                 call.next()
                 return
@@ -220,11 +223,8 @@ class CacheStage:
     ) -> None:
         request = call.request
         fields = request.fields
-        raw = fields.raw()
         primary, url = self._key(request)
-        directives = (
-            requestDirectives(fields) if b"cache-control" in raw or b"pragma" in raw else None
-        )
+        directives = requestDirectives(fields) if fields.hasAny(_DIRECTIVES) else None
         stores = self.stores
         item = stores.lookup(primary)
         key = primary
@@ -382,14 +382,18 @@ class CacheStage:
     def serve(self, call: Call, entry: Entry, member: bytes, age: float) -> None:
         """Answer C{call} from C{entry} (its own conditionals and C{Range} too)."""
         request = call.request
-        raw = request.fields.raw()
         fields = entry.fields
-        stored = dict(fields.raw())
-        stored[b"age"] = [b"%d" % (age,)]
-        existing = stored.get(b"cache-status")
-        stored[b"cache-status"] = [*existing, member] if existing else [member]
-        served = Fields.trusted(stored)
-        if not _SPECIAL.isdisjoint(raw):
+        if fields.lines() is not None and b"age" not in fields and b"cache-status" not in fields:
+            # Held as lines in the memory tier (MemoryTier.put): the two
+            # lines added go last, where the dictionary's order puts them.
+            served = fields.withLinesAfter([b"Age: %d" % (age,), b"Cache-Status: " + member])
+        else:
+            stored = dict(fields.raw())
+            stored[b"age"] = [b"%d" % (age,)]
+            existing = stored.get(b"cache-status")
+            stored[b"cache-status"] = [*existing, member] if existing else [member]
+            served = Fields.trusted(stored)
+        if request.fields.hasAny(_SPECIAL):
             if hasConditionals(request.fields):
                 verdict = evaluate(request.method, request.fields, fields)
                 if verdict == 304:
@@ -400,7 +404,7 @@ class CacheStage:
                         Response(412, b"Precondition Failed", statusOnly(served), 0, BytesBody(b""))
                     )
                     return
-            ranges = raw.get(b"range")
+            ranges = request.fields.raw().get(b"range")
             if (
                 ranges is not None
                 and len(ranges) == 1

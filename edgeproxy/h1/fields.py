@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 from edgeproxy.h1.errors import LocalProtocolError
-from edgeproxy.h1.syntax import CONTROLS_EXCEPT_HTAB, isToken
+from edgeproxy.h1.syntax import CONTROLS_EXCEPT_HTAB, isToken, linePrefix
 
 __all__ = ["LINES", "Fields", "linesWithout", "noteLine", "splitLine"]
 
@@ -133,10 +133,39 @@ class Fields:
                 noted = {name: values for name, values in noted.items() if name not in changed}
         return Fields.fromLines(lines, noted, notedNames)
 
+    def asLines(self) -> Fields:
+        """
+        These fields held both ways: as their dictionary, and as the field
+        lines the HTTP/1.1 writer would make of it (each name in its usual
+        spelling, in the dictionary's order).  For fields written many times
+        over (a stored response's): each response joins the lines instead of
+        building them again, and a lookup still finds the dictionary.
+        """
+        raw = self.raw()
+        lines = []
+        for name, values in raw.items():
+            prefix = linePrefix(name)
+            for value in values:
+                line = prefix + value
+                noteLine(line, name, value)
+                lines.append(line)
+        made = Fields.fromLines(lines, raw, frozenset(raw))
+        made._fields = raw
+        return made
+
+    def withLinesAfter(self, extra: list[bytes]) -> Fields:
+        """
+        These fields (held as lines: L{lines} is not L{None}) with the
+        field lines C{extra} after them: checked lines of fields these do
+        not hold.
+        """
+        return Fields.fromLines(self._lines + extra, self._noted, self._notedNames)  # type: ignore[operator]
+
     def lines(self) -> list[bytes] | None:
         """
-        The field lines these fields were read as (shared: reading only), or
-        L{None} when they were made otherwise.
+        The field lines these fields were read as or prepared as
+        (L{asLines}; shared: reading only), or L{None} when they were made
+        otherwise.
         """
         return self._lines
 
@@ -173,6 +202,15 @@ class Fields:
             if (known[0] if known is not None else splitLine(line)[0]) == name:
                 return True
         return False
+
+    def hasAny(self, names: frozenset[bytes]) -> bool:
+        """Whether any of the fields C{names} (lower case) is here."""
+        fields = self._fields
+        if fields is None:
+            if names <= self._notedNames:
+                return not names.isdisjoint(self._noted or _NOTHING)
+            fields = self.raw()
+        return not names.isdisjoint(fields)
 
     def __iter__(self) -> Iterator[bytes]:
         """The names, in the order they first came."""

@@ -196,13 +196,21 @@ _NOTED = frozenset(
         b"referer",
         b"user-agent",
         b"authorization",
+        b"cache-control",
+        b"pragma",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"range",
     )
 )
 """The fields the parser notes as it reads: what it checks itself (framing,
 host, persistence, expectations) and what the proxy asks of nearly every
 request (an upgrade, the access log's fields, the credentials of a route
-with C{auth} and the cache's check of them).  Asking the parsed fields for
-one of them makes no dictionary (L{Fields.fromLines})."""
+with C{auth} and the cache's check of them, the directives, conditionals
+and range a cache hit looks for).  Asking the parsed fields for one of them
+makes no dictionary (L{Fields.fromLines})."""
 
 _CHECKED = frozenset((b"content-length", b"transfer-encoding", b"host"))
 
