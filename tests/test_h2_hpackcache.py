@@ -43,6 +43,40 @@ def test_encoderMatchesTheLibrary(lists: list[list[tuple[bytes, bytes]]], sizes:
         assert [tuple(h) for h in decoder.decode(block, raw=True)] == headers
 
 
+
+@settings(max_examples=300)
+@given(headerLists, st.lists(st.integers(min_value=0, max_value=6), max_size=3))
+def test_encoderMatchesTheLibraryAroundNeverIndexedFields(
+    lists: list[list[tuple[bytes, bytes]]], positions: list[int]
+) -> None:
+    """
+    Lists with never-indexed fields (a request ID, new each time) among the
+    others: the same blocks as the library's encoder, and the fields around
+    them written from what is remembered once their tables are settled.
+    """
+    plain = hpack.Encoder()
+    caching = CachingEncoder()
+    decoder = hpack.Decoder()
+    for number, headers in enumerate(lists):
+        marked: list[tuple[bytes, bytes]] = list(headers)
+        for position in positions:
+            marked.insert(min(position, len(marked)), hpack.NeverIndexedHeaderTuple(b"x-request-id", b"%d" % number))
+        block = caching.encode(list(marked))
+        assert block == plain.encode(list(marked))
+        assert [tuple(h) for h in decoder.decode(block, raw=True)] == [tuple(h) for h in marked]
+
+
+def test_neverIndexedFieldKeepsTheRestRemembered() -> None:
+    encoder = CachingEncoder()
+    headers = [(b":status", b"200"), (b"content-type", b"text/plain")]
+    encoder.encode(headers + [hpack.NeverIndexedHeaderTuple(b"x-request-id", b"1")])
+    remembered = encoder.encode(headers)
+    block = encoder.encode(headers + [hpack.NeverIndexedHeaderTuple(b"x-request-id", b"2")])
+    # RFC 7541 6.2.3: a literal never indexed, with a literal name.
+    assert block.startswith(remembered) and block[len(remembered)] == 0x10
+    assert len(encoder.header_table.dynamic_entries) == 1
+
+
 sensitiveLists = st.lists(
     st.lists(
         st.tuples(st.sampled_from(NAMES), st.sampled_from(VALUES), st.booleans()), min_size=1, max_size=6

@@ -16,6 +16,12 @@ the encoder's table they are all written as indexed representations, and
 writing them changes nothing.  L{CachingDecoder} and L{CachingEncoder} keep
 those answers, and forget them all as soon as a block changes a table.
 
+A field the server marks never to be indexed (a C{NeverIndexedHeaderTuple},
+such as a request ID, whose value is new in every response) is a literal
+that changes no table (RFC 7541 6.2.3): the encoder writes it on its own
+and keeps the answers for the fields around it, so one such field does not
+make every block new.
+
 Whether a block changed a table is read from the table itself: its size
 limit, its number of entries and its newest entry (every insertion puts a
 new one first) are the same before and after.
@@ -26,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from hpack import Decoder, Encoder
+from hpack import Decoder, Encoder, HeaderTuple
 
 __all__ = ["CachingDecoder", "CachingEncoder", "indexedOnly"]
 
@@ -104,11 +110,31 @@ class CachingEncoder(Encoder):
         self._known: dict[tuple[Any, ...], bytes] = {}
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        known = self._known
         if not isinstance(headers, list) or not huffman:
-            if known:
-                known.clear()
+            if self._known:
+                self._known.clear()
             return Encoder.encode(self, headers, huffman)
+        # The block is the fields' representations in order (RFC 7541 3.2):
+        # the runs between never-indexed fields, each remembered, and those
+        # fields written as the library writes them.
+        parts: list[bytes] = []
+        start = 0
+        for index, pair in enumerate(headers):
+            if isinstance(pair, HeaderTuple) and not pair.indexable:
+                if index > start:
+                    parts.append(self._encodeRun(headers[start:index]))
+                parts.append(Encoder.encode(self, [pair]))
+                start = index + 1
+        if not parts:
+            return self._encodeRun(headers)
+        if start < len(headers):
+            parts.append(self._encodeRun(headers[start:]))
+        return b"".join(parts)
+
+    def _encodeRun(self, headers: list[Any]) -> bytes:
+        """C{headers} (no never-indexed field among them) as the library
+        writes them, remembered while that changes no table."""
+        known = self._known
         key = tuple(headers)
         table = self.header_table
         if not table.resized:
@@ -117,7 +143,7 @@ class CachingEncoder(Encoder):
                 return block
         before = _state(table)
         resized = table.resized
-        block = Encoder.encode(self, headers, huffman)
+        block = Encoder.encode(self, headers)
         if resized or not _same(before, _state(table)):
             # A table size update (RFC 7541 4.2) or new entries: every
             # block remembered may now mean something else.
