@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from edgeproxy.http.h2.hpackcache import CachingDecoder, CachingEncoder, indexedOnly, neverIndexed
@@ -49,6 +49,13 @@ def test_encoderMatchesTheLibrary(lists: list[list[tuple[bytes, bytes]]], sizes:
     headerLists,
     st.lists(st.tuples(st.integers(min_value=0, max_value=6), st.sampled_from([1, 126, 127, 128, 300])), max_size=3),
     st.lists(st.sampled_from([0, 256, 4096]), max_size=3),
+)
+@example(
+    # A table size update before a block opening with a never-indexed field
+    # (remembered blocks then refer to evicted entries).
+    lists=[[(b":status", b"text/plain"), (b":status", b"200")]] * 4,
+    marks=[(0, 1)],
+    sizes=[0],
 )
 def test_neverIndexedFieldsAsTheLibraryReadsThem(
     lists: list[list[tuple[bytes, bytes]]], marks: list[tuple[int, int]], sizes: list[int]

@@ -154,7 +154,9 @@ class CachingEncoder(Encoder):
                 if index > start:
                     parts.append(self._encodeRun(headers[start:index]))
                 if self.header_table.resized:
-                    # RFC 7541 4.2: a table size update opens the block.
+                    # RFC 7541 4.2: a table size update opens the block,
+                    # and may have evicted what remembered blocks refer to.
+                    self._known.clear()
                     parts.append(Encoder.encode(self, []))
                 parts.append(neverIndexed(pair[0], pair[1]))
                 start = index + 1
