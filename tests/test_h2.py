@@ -15,6 +15,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -347,6 +348,29 @@ def test_refusedHeadsAreLoggedAndCountedAsAnyRequest(readPath: str) -> None:
     samples = samplesOf(pair.factory.metrics.exposition())
     assert samples[("edgeproxy_requests_total", (("code", "4xx"), ("route", ""), ("upstream", "")))] == 2
 
+
+
+def test_requestIdIsNeverIndexed() -> None:
+    """
+    The request ID, new in every response, is a literal never indexed (RFC
+    7541 6.2.3): it leaves the client's table to the fields that repeat.
+    """
+    pair = Pair()
+    answering(pair, b"12345")
+    streams = [pair.get(request(b"/a")) for _ in range(3)]
+    heads = {
+        event.stream_id: event.headers
+        for event in pair.events
+        if isinstance(event, h2.events.ResponseReceived)
+    }
+    ids = set()
+    for stream in streams:
+        [field] = [field for field in heads[stream] if field[0] == b"x-request-id"]
+        assert isinstance(field, hpack.NeverIndexedHeaderTuple)
+        ids.add(field[1])
+    assert len(ids) == 3
+    entries = pair.client.decoder.header_table.dynamic_entries
+    assert all(name != b"x-request-id" for name, _ in entries)
 
 def test_manyStreamsInterleaved(readPath: str) -> None:
     pair = Pair()

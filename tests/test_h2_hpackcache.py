@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import hpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from edgeproxy.http.h2.hpackcache import CachingDecoder, CachingEncoder, indexedOnly
+from edgeproxy.http.h2.hpackcache import CachingDecoder, CachingEncoder, indexedOnly, neverIndexed
 
 NAMES = [b":status", b"content-type", b"date", b"x-a", b"set-cookie", b"server"]
 VALUES = [b"200", b"404", b"text/plain", b"v1", b"v2", b"x" * 40, b""]
@@ -42,6 +42,71 @@ def test_encoderMatchesTheLibrary(lists: list[list[tuple[bytes, bytes]]], sizes:
         assert block == expected
         assert [tuple(h) for h in decoder.decode(block, raw=True)] == headers
 
+
+
+@settings(max_examples=300)
+@given(
+    headerLists,
+    st.lists(st.tuples(st.integers(min_value=0, max_value=6), st.sampled_from([1, 126, 127, 128, 300])), max_size=3),
+    st.lists(st.sampled_from([0, 256, 4096]), max_size=3),
+)
+@example(
+    # A table size update before a block opening with a never-indexed field
+    # (remembered blocks then refer to evicted entries).
+    lists=[[(b":status", b"text/plain"), (b":status", b"200")]] * 4,
+    marks=[(0, 1)],
+    sizes=[0],
+)
+def test_neverIndexedFieldsAsTheLibraryReadsThem(
+    lists: list[list[tuple[bytes, bytes]]], marks: list[tuple[int, int]], sizes: list[int]
+) -> None:
+    """
+    Lists with never-indexed fields (a request ID, new each time, of any
+    length) among the others, with table size changes in between: the
+    library's decoder reads the same fields back, those still never to be
+    indexed, and the tables end as the library's encoder leaves its own;
+    the runs of other fields are written as the library writes them.
+    """
+    plain = hpack.Encoder()
+    caching = CachingEncoder()
+    decoder = hpack.Decoder(max_header_list_size=1 << 20)
+    for number, headers in enumerate(lists):
+        if sizes and number % 7 == 3:
+            size = sizes[number % len(sizes)]
+            plain.header_table_size = size
+            caching.header_table_size = size
+        marked: list[tuple[bytes, bytes]] = list(headers)
+        for position, length in marks:
+            value = (b"%d-" % number).ljust(length, b"v")
+            marked.insert(min(position, len(marked)), hpack.NeverIndexedHeaderTuple(b"x-request-id", value))
+        block = caching.encode(list(marked))
+        plain.encode(list(marked))
+        decoded = decoder.decode(block, raw=True)
+        assert [tuple(h) for h in decoded] == [tuple(h) for h in marked]
+        assert [h.indexable for h in decoded] == [getattr(h, "indexable", True) for h in marked]
+        assert caching.header_table.dynamic_entries == plain.header_table.dynamic_entries
+        assert decoder.header_table.dynamic_entries == plain.header_table.dynamic_entries
+    unmarked = lists[-1]
+    assert caching.encode(list(unmarked)) == plain.encode(list(unmarked))
+
+
+def test_neverIndexedIntegers() -> None:
+    """RFC 7541 C.1: the integers of the string lengths, past their prefix."""
+    assert neverIndexed(b"a", b"") == b"\x10\x01a\x00"
+    assert neverIndexed(b"n", b"v" * 127)[3:5] == b"\x7f\x00"
+    assert neverIndexed(b"n", b"v" * 1337)[3:6] == b"\x7f\xba\x09"
+
+
+def test_neverIndexedFieldKeepsTheRestRemembered() -> None:
+    encoder = CachingEncoder()
+    headers = [(b":status", b"200"), (b"content-type", b"text/plain")]
+    encoder.encode(headers + [hpack.NeverIndexedHeaderTuple(b"x-request-id", b"1")])
+    remembered = encoder.encode(headers)
+    block = encoder.encode(headers + [hpack.NeverIndexedHeaderTuple(b"x-request-id", b"2")])
+    # RFC 7541 6.2.3: a literal never indexed, with a literal name; no
+    # Huffman coding (5.2).
+    assert block == remembered + b"\x10\x0cx-request-id\x012"
+    assert len(encoder.header_table.dynamic_entries) == 1
 
 sensitiveLists = st.lists(
     st.lists(

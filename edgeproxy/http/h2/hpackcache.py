@@ -16,6 +16,14 @@ the encoder's table they are all written as indexed representations, and
 writing them changes nothing.  L{CachingDecoder} and L{CachingEncoder} keep
 those answers, and forget them all as soon as a block changes a table.
 
+A field the server marks never to be indexed (a C{NeverIndexedHeaderTuple},
+such as a request ID, whose value is new in every response) is a literal
+that changes no table (RFC 7541 6.2.3): the encoder writes it on its own
+and keeps the answers for the fields around it, so one such field does not
+make every block new.  It is written as a literal name and value without
+Huffman coding (which RFC 7541 5.2 leaves to the encoder): its value is new
+each time, and coding it costs more than the few bytes it saves.
+
 Whether a block changed a table is read from the table itself: its size
 limit, its number of entries and its newest entry (every insertion puts a
 new one first) are the same before and after.
@@ -26,9 +34,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from hpack import Decoder, Encoder
+from hpack import Decoder, Encoder, HeaderTuple
 
-__all__ = ["CachingDecoder", "CachingEncoder", "indexedOnly"]
+__all__ = ["CachingDecoder", "CachingEncoder", "indexedOnly", "neverIndexed"]
 
 _NOT_SINGLE_INDEX = bytes(range(0x80, 0xFF))
 """The bytes that are a whole indexed field representation on their own
@@ -45,6 +53,34 @@ def indexedOnly(block: bytes) -> bool:
     representations (and so can change no table).
     """
     return not block.translate(None, _NOT_SINGLE_INDEX)
+
+
+def neverIndexed(name: bytes, value: bytes) -> bytes:
+    """
+    The representation of a field never to be indexed, its name a literal
+    (RFC 7541 6.2.3, index 0), both strings without Huffman coding (5.2).
+    """
+    return b"\x10" + _string(name) + _string(value)
+
+
+def _string(data: bytes) -> bytes:
+    """A string literal without Huffman coding (RFC 7541 5.2)."""
+    return _integer(len(data), 7) + data
+
+
+def _integer(value: int, prefixBits: int) -> bytes:
+    """An integer with an N-bit prefix (RFC 7541 5.1), the prefix's other
+    bits zero."""
+    limit = (1 << prefixBits) - 1
+    if value < limit:
+        return bytes((value,))
+    octets = [limit]
+    value -= limit
+    while value >= 0x80:
+        octets.append(value & 0x7F | 0x80)
+        value >>= 7
+    octets.append(value)
+    return bytes(octets)
 
 
 def _state(table: Any) -> tuple[int, int, Any]:
@@ -104,11 +140,36 @@ class CachingEncoder(Encoder):
         self._known: dict[tuple[Any, ...], bytes] = {}
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        known = self._known
         if not isinstance(headers, list) or not huffman:
-            if known:
-                known.clear()
+            if self._known:
+                self._known.clear()
             return Encoder.encode(self, headers, huffman)
+        # The block is the fields' representations in order (RFC 7541 3.2):
+        # the runs between never-indexed fields, each remembered, and those
+        # fields.
+        parts: list[bytes] = []
+        start = 0
+        for index, pair in enumerate(headers):
+            if isinstance(pair, HeaderTuple) and not pair.indexable:
+                if index > start:
+                    parts.append(self._encodeRun(headers[start:index]))
+                if self.header_table.resized:
+                    # RFC 7541 4.2: a table size update opens the block,
+                    # and may have evicted what remembered blocks refer to.
+                    self._known.clear()
+                    parts.append(Encoder.encode(self, []))
+                parts.append(neverIndexed(pair[0], pair[1]))
+                start = index + 1
+        if not parts:
+            return self._encodeRun(headers)
+        if start < len(headers):
+            parts.append(self._encodeRun(headers[start:]))
+        return b"".join(parts)
+
+    def _encodeRun(self, headers: list[Any]) -> bytes:
+        """C{headers} (no never-indexed field among them) as the library
+        writes them, remembered while that changes no table."""
+        known = self._known
         key = tuple(headers)
         table = self.header_table
         if not table.resized:
@@ -117,7 +178,7 @@ class CachingEncoder(Encoder):
                 return block
         before = _state(table)
         resized = table.resized
-        block = Encoder.encode(self, headers, huffman)
+        block = Encoder.encode(self, headers)
         if resized or not _same(before, _state(table)):
             # A table size update (RFC 7541 4.2) or new entries: every
             # block remembered may now mean something else.

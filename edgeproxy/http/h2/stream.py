@@ -31,6 +31,7 @@ import os
 from collections import deque
 from typing import Any
 
+from hpack import NeverIndexedHeaderTuple
 from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -273,7 +274,10 @@ class Stream:
             # Never in the response already (see answering.respond).
             ids = connection.factory.requestIds
             if ids is not None:
-                headers.append((ids.name, requestId))
+                # New in every response: never indexed (RFC 7541 6.2.3), so
+                # it evicts no field that repeats from the client's table
+                # and the rest of the block stays the same as the last.
+                headers.append(NeverIndexedHeaderTuple(ids.name, requestId))
         body = response.body
         if body is None:
             self.endPending = True
