@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from edgeproxy.h1.errors import LocalProtocolError
 from edgeproxy.h1.syntax import CONTROLS_EXCEPT_HTAB, isToken, linePrefix
 
-__all__ = ["LINES", "Fields", "linesWithout", "noteLine", "splitLine"]
+__all__ = ["LINES", "Fields", "linesOf", "linesWithout", "noteLine", "splitLine"]
 
 _EMPTY: tuple[bytes, ...] = ()
 _NONE: frozenset[bytes] = frozenset()
@@ -142,14 +142,7 @@ class Fields:
         building them again, and a lookup still finds the dictionary.
         """
         raw = self.raw()
-        lines = []
-        for name, values in raw.items():
-            prefix = linePrefix(name)
-            for value in values:
-                line = prefix + value
-                noteLine(line, name, value)
-                lines.append(line)
-        made = Fields.fromLines(lines, raw, frozenset(raw))
+        made = Fields.fromLines(linesOf(raw), raw, frozenset(raw))
         made._fields = raw
         return made
 
@@ -300,6 +293,22 @@ def noteLine(line: bytes, lower: bytes, value: bytes) -> None:
         if len(LINES) >= _MAX_LINES:
             LINES.clear()
         LINES[line] = (lower, value)
+
+
+def linesOf(fields: dict[bytes, list[bytes]]) -> list[bytes]:
+    """
+    The HTTP/1.1 field lines of C{fields} (names lower-case tokens, values
+    checked: no control but HTAB, no whitespace around), each name in its
+    usual spelling, noted as checked (L{noteLine}).
+    """
+    lines = []
+    for name, values in fields.items():
+        prefix = linePrefix(name)
+        for value in values:
+            line = prefix + value
+            noteLine(line, name, value)
+            lines.append(line)
+    return lines
 
 
 def linesWithout(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:

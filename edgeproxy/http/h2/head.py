@@ -46,13 +46,12 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from edgeproxy.errors import RequestHeadRefused
-from edgeproxy.h1.fields import Fields, noteLine
+from edgeproxy.h1.fields import Fields, linesOf
 from edgeproxy.h1.requests import KNOWN_METHODS, MAX_CONTENT_LENGTH_DIGITS
 from edgeproxy.h1.syntax import (
     CONTROLS_EXCEPT_HTAB,
     TARGET_FORBIDDEN,
     isToken,
-    linePrefix,
     validHost,
 )
 
@@ -328,11 +327,4 @@ def _asLines(fields: dict[bytes, list[bytes]]) -> Fields:
     but HTAB, no whitespace around) as the HTTP/1.1 field lines they read
     back as.
     """
-    lines = []
-    for name, values in fields.items():
-        prefix = linePrefix(name)
-        for value in values:
-            line = prefix + value
-            noteLine(line, name, value)
-            lines.append(line)
-    return Fields.fromLines(lines)
+    return Fields.fromLines(linesOf(fields))
