@@ -341,7 +341,12 @@ class EdgeTLSTransport(BufferingTLSTransport):
         if self._aborted:
             self.transport.writeSequence(records)
         else:
-            sendNow(self.transport, records[0] if len(records) == 1 else b"".join(records))
+            self._sendRecords(records)
+
+    def _sendRecords(self, records: list[Any]) -> bool:
+        """Send C{records} as one write (L{sendNow}); whether all of them
+        went to the socket."""
+        return sendNow(self.transport, records[0] if len(records) == 1 else b"".join(records))
 
     def _write(self, bytes: bytes) -> None:  # noqa: A002 -- Twisted's name
         if self._lostTLSConnection:
@@ -351,7 +356,7 @@ class EdgeTLSTransport(BufferingTLSTransport):
             return
         records, sent, failed = encrypt(self._tlsConnection, bytes, _chunkBuffer)
         if records:
-            sendNow(self.transport, records[0] if len(records) == 1 else b"".join(records))
+            self._sendRecords(records)
         if failed is not None:
             self._writeFailed(failed, bytes[sent:])
 
@@ -377,7 +382,7 @@ class EdgeTLSTransport(BufferingTLSTransport):
                 records, sent, failed = encrypt(connection, data[done:], _chunkBuffer)
             done += sent
             if records:
-                straight = sendNow(self.transport, records[0] if len(records) == 1 else b"".join(records))
+                straight = self._sendRecords(records)
             if failed is not None:
                 self._writeFailed(failed, data[done:].tobytes())
                 return
