@@ -224,6 +224,53 @@ def test_closedStreamsForgotten(readPath: str) -> None:
     assert library.streams == {}
 
 
+def _lateTrailersOnAResetStream(readPath: str, between: int) -> tuple[list[Any], Pair]:
+    """
+    Stream 1 reset by the client while its body is pending, then
+    C{between} requests answered (three per read), then a HEADERS frame
+    (trailers) on stream 1, as a client sends when it crossed the reset;
+    the frames the server wrote after it.
+    """
+    pair = Pair()
+    answering(pair, b"ok")
+    pair.send(headersFrame(pair, 1, request(b"/upload", b"POST"), end=False))
+    pair.sendFrame(RstStreamFrame(1, error_code=CANCEL))
+    for first in range(3, 3 + 2 * between, 6):
+        streams = [s for s in (first, first + 2, first + 4) if s < 3 + 2 * between]
+        pair.send(b"".join(headersFrame(pair, stream, request()) for stream in streams))
+    assert [f for f in pair.frames() if isinstance(f, GoAwayFrame)] == []
+    trailers = HeadersFrame(1, flags=["END_HEADERS", "END_STREAM"])
+    # Never indexed: the client's table stays as the server's.
+    trailers.data = pair.client.encoder.encode([hpack.NeverIndexedHeaderTuple(b"x-checksum", b"1")])
+    pair.sendFrame(trailers)
+    return pair.frames(), pair
+
+
+def test_lateFramesOnARecentlyResetStreamResetOnlyIt(readPath: str) -> None:
+    """
+    RFC 9113 5.1: a frame that crossed a reset is a stream error
+    (RST_STREAM STREAM_CLOSED), and the connection goes on.
+    """
+    frames, pair = _lateTrailersOnAResetStream(readPath, 300)
+    assert [(type(f), f.stream_id, f.error_code) for f in frames] == [(RstStreamFrame, 1, 0x5)]
+    pair.send(headersFrame(pair, 3 + 2 * 300, request()))
+    assert [f.headers[b":status"] for f in pair.frames() if isinstance(f, HeadersFrame)] == [b"200"]
+
+
+def test_closedStreamsRememberedAreBounded(readPath: str) -> None:
+    """
+    How streams closed is kept for the last few times the concurrent
+    streams allowed (100: at least 400 of them), not for 65,536 per
+    connection as the library keeps it: a frame on a stream closed that
+    long ago ends the connection as one on a stream never opened
+    (PROTOCOL_ERROR), which RFC 9113 5.1 allows.
+    """
+    frames, pair = _lateTrailersOnAResetStream(readPath, 900)
+    goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+    assert [f.error_code for f in goaways] == [PROTOCOL_ERROR]
+    assert pair.closed()
+
+
 def test_wholeResponseInOneWrite() -> None:
     """
     A response whose body came with it goes out as HEADERS and one DATA

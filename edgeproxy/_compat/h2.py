@@ -37,6 +37,16 @@ C{HEADERS}, a C{DATA} frame or none, C{END_STREAM}) leaves a stream in
 whose request is complete, set at once instead of through three inputs of
 the stream's state machine and two of the connection's.
 
+Closed streams.  The library remembers how each closed stream was closed
+(C{H2Connection._closed_streams}, up to 65,536 of them per connection)
+to tell a frame that was in flight when the stream closed (a stream error
+after a reset) from a peer's error (a connection error).  Kept as the
+library keeps it, a connection that served many requests holds several
+megabytes for it, and every full collection of the garbage collector
+walks all of it.  L{rememberClosed} puts L{ClosedStreams} in its place:
+the same answers for the streams closed last, a bounded number of them
+kept in a form the collector does not walk.
+
 After a client's GOAWAY.  The library takes no frame in either direction
 once it has read one (its connection state machine closes, whatever the
 error code); RFC 9113 6.8 lets the streams the client opened complete,
@@ -67,7 +77,17 @@ from h2.connection import (
 from h2.exceptions import ProtocolError
 from h2.stream import H2Stream, H2StreamStateMachine, StreamClosedBy, StreamInputs, StreamState
 
-__all__ = ["ENABLED", "TESTED", "answerWhole", "canAnswerWhole", "openStream", "prune", "reopen"]
+__all__ = [
+    "ENABLED",
+    "TESTED",
+    "ClosedStreams",
+    "answerWhole",
+    "canAnswerWhole",
+    "openStream",
+    "prune",
+    "rememberClosed",
+    "reopen",
+]
 
 TESTED = ("4.4",)
 """The C{h2} releases (major.minor) whose internals this module mirrors."""
@@ -192,6 +212,65 @@ def prune(connection: Any, atMost: int = 0) -> None:
     """
     if len(connection.streams) > atMost:
         connection.open_inbound_streams  # noqa: B018 -- the property prunes
+
+
+_CLOSED_BY: tuple[StreamClosedBy | None, ...] = (None, *StreamClosedBy)
+"""How a stream was closed, by the small integer L{ClosedStreams} keeps."""
+
+_CLOSED_CODES = {closedBy: code for code, closedBy in enumerate(_CLOSED_BY)}
+
+
+class ClosedStreams:
+    """
+    How the last closed streams of a connection were closed: what
+    C{H2Connection._closed_streams} holds, for the calls the library makes
+    of it (C{in}, item and item assignment), bounded.
+
+    Between C{limit // 2} and C{limit} streams are remembered, the most
+    recently closed; the older half is forgotten at once when the limit is
+    passed.  A frame on a stream forgotten so is answered as one on a
+    stream the client never opened below its highest (a connection error,
+    C{PROTOCOL_ERROR}), which RFC 9113 5.1 allows for frames that come
+    long after the stream closed.
+
+    Stream IDs and small integers only: the collector does not track the
+    dictionary that holds them, so it costs a full collection nothing.
+    """
+
+    __slots__ = ("_codes", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._codes: dict[int, int] = {}
+        self._limit = limit
+
+    def __contains__(self, streamId: object) -> bool:
+        return streamId in self._codes
+
+    def __getitem__(self, streamId: int) -> StreamClosedBy | None:
+        return _CLOSED_BY[self._codes[streamId]]
+
+    def __setitem__(self, streamId: int, closedBy: StreamClosedBy | None) -> None:
+        codes = self._codes
+        codes[streamId] = _CLOSED_CODES[closedBy]
+        if len(codes) > self._limit:
+            kept = list(codes.items())[len(codes) // 2 :]
+            self._codes = dict(kept)
+
+    def __len__(self) -> int:
+        return len(self._codes)
+
+
+def rememberClosed(connection: Any, limit: int) -> bool:
+    """
+    Let C{connection} (an C{h2} connection) remember at most C{limit} of
+    its closed streams (L{ClosedStreams}) instead of the library's 65,536.
+
+    @return: whether it was done: not with another release of the library.
+    """
+    if not ENABLED or not hasattr(connection, "_closed_streams"):
+        return False
+    connection._closed_streams = ClosedStreams(limit)
+    return True
 
 
 def canAnswerWhole(connection: Any, stream: Any) -> bool:

@@ -74,7 +74,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from edgeproxy._compat.h2 import ENABLED as OPEN_STREAMS
-from edgeproxy._compat.h2 import openStream, prune, reopen
+from edgeproxy._compat.h2 import openStream, prune, rememberClosed, reopen
 from edgeproxy.bodies import BodyPipe
 from edgeproxy.errors import ProxyError
 from edgeproxy.http.h2.guard import RESETS, FrameGuard, Violation
@@ -191,6 +191,10 @@ class HTTP2Connection(Writing):
         enforced[SettingCodes.MAX_CONCURRENT_STREAMS] = 2 * settings.max_concurrent_streams + 1
         h2.local_settings = Settings(client=False, initial_values=enforced)
         h2.max_inbound_frame_size = settings.max_frame_size
+        # How the last streams closed, for frames in flight then: a client
+        # closes at most the streams it has open in one round trip, so a
+        # few times the limit of them (the library keeps 65,536).
+        rememberClosed(h2, 8 * settings.max_concurrent_streams)
         h2.encoder = CachingEncoder()
         h2.decoder = CachingDecoder(settings.max_header_list_size)
         h2.initiate_connection()
