@@ -19,35 +19,50 @@ from twisted.logger import Logger
 from edgeproxy._compat import fastPaths
 from edgeproxy._compat.twisted.reactor import dispatchWithoutLogContext
 
-__all__ = ["tuneGarbageCollector", "tuneEventDispatch"]
+__all__ = ["YOUNG_THRESHOLD", "tuneGarbageCollector", "tuneEventDispatch"]
 
 log = Logger(namespace="edgeproxy.tuning")
+
+
+YOUNG_THRESHOLD = 10_000
+"""The collector's first threshold (Python's is 700): how many more
+container objects allocated than freed start a collection of the young."""
 
 
 def tuneGarbageCollector() -> int:
     """
     Move every object alive now (modules, configuration, certificates,
     listeners: what start-up built) to the collector's permanent
-    generation, so that full collections stop scanning them.
+    generation, so that full collections stop scanning them, and collect
+    the young generation after L{YOUNG_THRESHOLD} allocations instead of
+    700.
 
-    Why: the proxy allocates many container objects per request, so gen0
-    collections run every few requests and full collections a few times a
-    second under load.  Each full collection walked the ~60,000 start-up
-    objects: under R1 load 20 of them took 0.48 s of 7.1 s CPU (6.8%),
-    about 24 ms each (the p99); frozen, 22 took 0.08 s (docs/performance.rst,
-    Run 5).  The generation thresholds are left at Python's defaults:
-    raising gen0's (7,000 or 20,000) made the gen0 collections cost more in
-    total than they saved (measured with C{gc.callbacks}).
+    Why freeze: each full collection walked the ~60,000 start-up objects:
+    under R1 load 20 of them took 0.48 s of 7.1 s CPU (6.8%), about 24 ms
+    each (the p99); frozen, 22 took 0.08 s (docs/performance.rst, Run 5).
 
-    The cost: a start-up object that later becomes cyclic garbage (say,
-    part of a configuration replaced by a reload) is never collected;
-    objects freed by reference counting still are.  That is bounded by what
-    one start builds, once per process.
+    Why the threshold: a request makes no reference cycle (the same Run 5),
+    so what the young collections find is objects still in use.  The
+    count that starts one goes up with each allocation and down with each
+    free, but never below zero after a collection, so a connection that
+    holds many requests at once (HTTP/2: the 500 streams of R5) started one
+    every 70 requests, collections that found nothing to free; at 10,000
+    they stop (gc.callbacks in the proxy, 10 s of R5: 0.27 s of 10.4 s of
+    CPU in collections, 0.01 s after).  Under R1 there are three
+    collections in 10 s either way.  The cost: cyclic garbage waits for
+    10,000 allocations instead of 700 (a few megabytes at most).
+
+    The cost of freezing: a start-up object that later becomes cyclic
+    garbage (say, part of a configuration replaced by a reload) is never
+    collected; objects freed by reference counting still are.  That is
+    bounded by what one start builds, once per process.
 
     @return: the number of objects frozen.
     """
     gc.collect()
     gc.freeze()
+    _, *older = gc.get_threshold()
+    gc.set_threshold(YOUNG_THRESHOLD, *older)
     frozen = gc.get_freeze_count()
     log.debug("garbage collector: {frozen} start-up objects frozen", frozen=frozen)
     return frozen

@@ -32,11 +32,13 @@ class Node:
 @pytest.fixture
 def unfreezing() -> Iterator[None]:
     # The test process is not the proxy: give its objects back to the
-    # collector afterwards.
+    # collector afterwards, with its thresholds.
+    thresholds = gc.get_threshold()
     try:
         yield
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
 
 
 def tracked(obj: object) -> bool:
@@ -62,6 +64,29 @@ def test_laterCyclicGarbageIsStillCollected(unfreezing: None) -> None:
     del a, b
     gc.collect()
     assert gone() is None
+
+
+def test_objectsInUseStartNoCollection(unfreezing: None) -> None:
+    """
+    What a busy HTTP/2 connection does: thousands of objects allocated and
+    kept for a while (its streams' requests) start no collection, which
+    would only find them in use.
+    """
+    tuneGarbageCollector()
+    collections: list[int] = []
+
+    def collected(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.collect()
+    gc.callbacks.append(collected)
+    try:
+        inUse = [Node() for _ in range(5_000)]
+    finally:
+        gc.callbacks.remove(collected)
+    assert len(inUse) == 5_000
+    assert collections == []
 
 
 def test_logsHowManyObjectsWereFrozen(unfreezing: None) -> None:
