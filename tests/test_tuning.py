@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import gc
 import socket
+import time
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogEvent, globalLogPublisher
 
+from edgeproxy._compat.twisted import tcp
+from edgeproxy._compat.twisted.tcp import HOLD_BYTES, sendNow
 from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
-from tests.fastpaths import SHOW_DEPRECATIONS, fastPaths  # noqa: F401 (fixture)
+from tests.fastpaths import SHOW_DEPRECATIONS, fastPaths, fastPathsOn  # noqa: F401 (fixtures)
 
 pytestmark = SHOW_DEPRECATIONS
 
@@ -203,3 +208,167 @@ def test_otherReactorsAreLeftAlone() -> None:
     reactor = MemoryReactorClock()
     assert tuneEventDispatch(reactor) is False
     assert "doIteration" not in vars(reactor)
+
+
+# Sends held for a batch of events (edgeproxy._compat.twisted.tcp.holdSends) ---
+
+
+class Replying(Protocol):
+    """On each read, C{reply(self)}; what the other connections' clients
+    had received by then is noted in C{seen}."""
+
+    def __init__(self, served: list[Replying], reply: Any) -> None:
+        self.served = served
+        self.reply = reply
+        self.seen: list[bytes] = []
+
+    def connectionMade(self) -> None:
+        self.served.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reply(self)
+        for other in self.served:
+            if other is not self:
+                self.seen.append(received(other.client))
+
+
+def received(client: socket.socket) -> bytes:
+    """What C{client} can read now, without waiting."""
+    out = b""
+    while True:
+        try:
+            chunk = client.recv(1 << 20, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out + b"<EOF>"
+        out += chunk
+
+
+def receivedAll(client: socket.socket, reactor: Any, until: bytes) -> bytes:
+    out = b""
+    for _ in range(50):
+        reactor.doIteration(0.05)
+        out += received(client)
+        if out.endswith(until):
+            break
+    return out
+
+
+def servedPair(reactor: Any, reply: Any, count: int = 2) -> list[Replying]:
+    """C{count} connections accepted by C{reactor} (each with its client
+    socket as C{.client}), and a read ready on each."""
+    served: list[Replying] = []
+    factory = Factory.forProtocol(lambda: Replying(served, reply))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        clients.append(client)
+        for _ in range(50):
+            if len(served) == len(clients):
+                break
+            reactor.doIteration(0.05)
+        served[-1].client = client  # type: ignore[attr-defined]
+    port.stopListening()
+    for client in clients:
+        client.sendall(b"ping")
+    # Both reads in the kernel before the next poll.
+    time.sleep(0.05)
+    return served
+
+
+def closeAll(served: list[Replying]) -> None:
+    for protocol in served:
+        protocol.transport.abortConnection()  # type: ignore[union-attr]
+        protocol.client.close()  # type: ignore[attr-defined]
+
+
+def test_smallSendsOfABatchGoAfterIt(epoll: Any, fastPathsOn: None) -> None:
+    """
+    With the tuned dispatch, what a connection sends while a batch of
+    events is dispatched reaches its peer after the batch: no client had
+    anything while the others were served, and each had all of its reply,
+    in the order written (held sends and Twisted's own write mixed).
+    """
+    tuneEventDispatch(epoll)
+
+    def reply(protocol: Replying) -> None:
+        sendNow(protocol.transport, b"1")
+        protocol.transport.write(b"2")  # type: ignore[union-attr]
+        sendNow(protocol.transport, b"3")
+
+    served = servedPair(epoll, reply)
+    epoll.doIteration(0.5)
+    assert [protocol.seen for protocol in served] == [[b""], [b""]]
+    assert [receivedAll(p.client, epoll, b"123") for p in served] == [b"123", b"123"]  # type: ignore[attr-defined]
+    closeAll(served)
+
+
+def test_untunedSendsAtOnce(epoll: Any, fastPathsOn: None) -> None:
+    """Without the tuned dispatch (a test's reactor), a send goes at once."""
+
+    def reply(protocol: Replying) -> None:
+        sendNow(protocol.transport, b"now")
+
+    served = servedPair(epoll, reply)
+    epoll.doIteration(0.5)
+    assert sorted(protocol.seen for protocol in served) == [[b""], [b"now"]]
+    closeAll(served)
+
+
+def test_aLargeSendGoesAtOnceAfterWhatWasHeld(epoll: Any, fastPathsOn: None) -> None:
+    """
+    A send larger than HOLD_BYTES is not held: what was held for its
+    connection goes first, then it, while the batch is dispatched.
+    """
+    tuneEventDispatch(epoll)
+    large = b"x" * (HOLD_BYTES + 1)
+    went: list[bool] = []
+
+    def reply(protocol: Replying) -> None:
+        sendNow(protocol.transport, b"head;")
+        went.append(sendNow(protocol.transport, large))
+
+    served = servedPair(epoll, reply)
+    epoll.doIteration(0.5)
+    assert went == [True, True]
+    assert sorted(len(protocol.seen[0]) for protocol in served) == [0, len(large) + 5]
+    # The one served second read all of the first's reply meanwhile; its
+    # own comes after.
+    second = [p for p in served if p.seen[0]][0]
+    assert second.seen[0] == b"head;" + large
+    assert receivedAll(second.client, epoll, large) == b"head;" + large  # type: ignore[attr-defined]
+    closeAll(served)
+
+
+def test_heldSendsGoBeforeTheConnectionCloses(epoll: Any, fastPathsOn: None) -> None:
+    tuneEventDispatch(epoll)
+
+    def reply(protocol: Replying) -> None:
+        sendNow(protocol.transport, b"bye")
+        protocol.transport.loseConnection()  # type: ignore[union-attr]
+
+    served = servedPair(epoll, reply)
+    epoll.doIteration(0.5)
+    assert [receivedAll(p.client, epoll, b"<EOF>") for p in served] == [b"bye<EOF>"] * 2  # type: ignore[attr-defined]
+    for protocol in served:
+        protocol.client.close()  # type: ignore[attr-defined]
+
+
+def test_heldConnectionsAreBounded(epoll: Any, fastPathsOn: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Past HOLD_TRANSPORTS connections holding sends, what they hold goes
+    out at once, so a large batch delays no send by more than that many
+    connections' work.
+    """
+    monkeypatch.setattr(tcp, "HOLD_TRANSPORTS", 1)
+    tuneEventDispatch(epoll)
+
+    def reply(protocol: Replying) -> None:
+        sendNow(protocol.transport, b"r")
+
+    served = servedPair(epoll, reply)
+    epoll.doIteration(0.5)
+    assert sorted(protocol.seen for protocol in served) == [[b""], [b"r"]]
+    closeAll(served)

@@ -4,7 +4,9 @@ What edgeproxy does to the reactor through Twisted's private surface:
 
   - L{dispatchWithoutLogContext}, a fast path: the epoll reactor's loop
     without the legacy log context per I/O event (C{EPollReactor}'s
-    C{_poller}, C{_selectables} and C{_doReadOrWrite});
+    C{_poller}, C{_selectables} and C{_doReadOrWrite}), whose small sends
+    go out together after each batch of events
+    (L{edgeproxy._compat.twisted.tcp.holdSends});
   - L{forgetExitSignal}, a necessity: the signal the reactor's own handler
     recorded (C{ReactorBase._exitSignal}), which twistd re-raises on itself
     once the reactor stopped (C{twisted.application.app._exitWithSignal}).
@@ -20,6 +22,8 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from edgeproxy._compat.twisted.tcp import holdSends, sendHeld
+
 __all__ = ["dispatchWithoutLogContext", "forgetExitSignal"]
 
 log = Logger(namespace="edgeproxy.tuning")
@@ -31,8 +35,10 @@ def dispatchWithoutLogContext(reactor: Any) -> bool:
     through C{twisted.python.log.callWithLogger}: C{EPollReactor.doPoll}'s
     loop without the wrapper replaces C{doIteration} on this instance.  As
     in C{callWithLogger}, an exception escaping a connection's handler is
-    logged and the loop goes on to the next event.  Any reactor but
-    C{EPollReactor} itself is left alone.
+    logged and the loop goes on to the next event.  The small sends made
+    while a batch of events is dispatched are held and sent after it
+    (L{holdSends}, L{sendHeld}), in the order they were written.  Any
+    reactor but C{EPollReactor} itself is left alone.
 
     @return: whether the reactor was changed.
     """
@@ -53,16 +59,20 @@ def dispatchWithoutLogContext(reactor: Any) -> bool:
             if error.errno == errno.EINTR:
                 return
             raise
-        for fd, event in events:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            try:
-                dispatch(selectable, fd, event)
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                log.failure("unhandled error dispatching an I/O event")
+        holdSends()
+        try:
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is None:
+                    continue
+                try:
+                    dispatch(selectable, fd, event)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:
+                    log.failure("unhandled error dispatching an I/O event")
+        finally:
+            sendHeld()
 
     reactor.doIteration = doPoll
     return True
