@@ -305,18 +305,6 @@ def test_smallSendsOfABatchGoAfterIt(epoll: Any, fastPathsOn: None) -> None:
     closeAll(served)
 
 
-def test_untunedSendsAtOnce(epoll: Any, fastPathsOn: None) -> None:
-    """Without the tuned dispatch (a test's reactor), a send goes at once."""
-
-    def reply(protocol: Replying) -> None:
-        sendNow(protocol.transport, b"now")
-
-    served = servedPair(epoll, reply)
-    epoll.doIteration(0.5)
-    assert sorted(protocol.seen for protocol in served) == [[b""], [b"now"]]
-    closeAll(served)
-
-
 def test_aLargeSendGoesAtOnceAfterWhatWasHeld(epoll: Any, fastPathsOn: None) -> None:
     """
     A send larger than HOLD_BYTES is not held: what was held for its
@@ -336,7 +324,7 @@ def test_aLargeSendGoesAtOnceAfterWhatWasHeld(epoll: Any, fastPathsOn: None) -> 
     assert sorted(len(protocol.seen[0]) for protocol in served) == [0, len(large) + 5]
     # The one served second read all of the first's reply meanwhile; its
     # own comes after.
-    second = [p for p in served if p.seen[0]][0]
+    second = next(p for p in served if p.seen[0])
     assert second.seen[0] == b"head;" + large
     assert receivedAll(second.client, epoll, large) == b"head;" + large  # type: ignore[attr-defined]
     closeAll(served)
@@ -356,14 +344,17 @@ def test_heldSendsGoBeforeTheConnectionCloses(epoll: Any, fastPathsOn: None) -> 
         protocol.client.close()  # type: ignore[attr-defined]
 
 
-def test_heldConnectionsAreBounded(epoll: Any, fastPathsOn: None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("case", ["untuned", "past the bound"])
+def test_sendsThatGoAtOnce(epoll: Any, fastPathsOn: None, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     """
-    Past HOLD_TRANSPORTS connections holding sends, what they hold goes
-    out at once, so a large batch delays no send by more than that many
-    connections' work.
+    A send goes at once without the tuned dispatch (a test's reactor), and
+    past HOLD_TRANSPORTS connections holding sends (then what they hold
+    goes too), so that a large batch delays no send by more than that many
+    connections' work: the connection served second sees the first's reply.
     """
-    monkeypatch.setattr(tcp, "HOLD_TRANSPORTS", 1)
-    tuneEventDispatch(epoll)
+    if case == "past the bound":
+        monkeypatch.setattr(tcp, "HOLD_TRANSPORTS", 1)
+        tuneEventDispatch(epoll)
 
     def reply(protocol: Replying) -> None:
         sendNow(protocol.transport, b"r")
