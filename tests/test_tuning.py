@@ -22,7 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogEvent, globalLogPublisher
 
 from edgeproxy._compat.twisted import tcp
-from edgeproxy._compat.twisted.tcp import HOLD_BYTES, sendNow
+from edgeproxy._compat.twisted.tcp import HOLD_BYTES, HOLD_SECONDS, sendNow
 from edgeproxy.tuning import tuneEventDispatch, tuneGarbageCollector
 from tests.fastpaths import SHOW_DEPRECATIONS, fastPaths, fastPathsOn  # noqa: F401 (fixtures)
 
@@ -358,6 +358,24 @@ def test_sendsThatGoAtOnce(epoll: Any, fastPathsOn: None, monkeypatch: pytest.Mo
 
     def reply(protocol: Replying) -> None:
         sendNow(protocol.transport, b"r")
+
+    served = servedPair(epoll, reply)
+    epoll.doIteration(0.5)
+    assert sorted(protocol.seen for protocol in served) == [[b""], [b"r"]]
+    closeAll(served)
+
+
+def test_heldNoLongerThanHoldSeconds(epoll: Any, fastPathsOn: None) -> None:
+    """
+    An event that takes long does not hold back what the events before it
+    sent: past HOLD_SECONDS it goes after the event, and the connection
+    served next sees it.
+    """
+    tuneEventDispatch(epoll)
+
+    def reply(protocol: Replying) -> None:
+        sendNow(protocol.transport, b"r")
+        time.sleep(HOLD_SECONDS * 3)
 
     served = servedPair(epoll, reply)
     epoll.doIteration(0.5)

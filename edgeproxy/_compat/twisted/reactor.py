@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from edgeproxy._compat.twisted.tcp import holdSends, sendHeld
+from edgeproxy._compat.twisted.tcp import holdSends, sendHeld, sendOverdue
 
 __all__ = ["dispatchWithoutLogContext", "forgetExitSignal"]
 
@@ -71,6 +71,7 @@ def dispatchWithoutLogContext(reactor: Any) -> bool:
                     raise
                 except BaseException:
                     log.failure("unhandled error dispatching an I/O event")
+                sendOverdue()
         finally:
             sendHeld()
 

@@ -26,6 +26,7 @@ sockets.
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 from twisted.internet import tcp
@@ -35,6 +36,7 @@ from edgeproxy._compat import fastPaths
 
 __all__ = [
     "HOLD_BYTES",
+    "HOLD_SECONDS",
     "HOLD_TRANSPORTS",
     "LeanServer",
     "acceptAsLeanServer",
@@ -42,6 +44,7 @@ __all__ = [
     "immediateWriter",
     "sendHeld",
     "sendNow",
+    "sendOverdue",
 ]
 
 
@@ -146,6 +149,15 @@ HOLD_TRANSPORTS = 32
 (and goes on holding), so that a batch of thousands of events delays no
 send by more than this many events' work."""
 
+HOLD_SECONDS = 0.001
+"""How long a send is held at most, give or take one event's work: after
+each event of a batch, what was held longer goes (L{sendOverdue}), so that
+an event that takes long (a large body compressed) does not hold back the
+responses made before it."""
+
+_heldSince = 0.0
+"""When the first send of what is held now was held."""
+
 _held: dict[Any, None] | None = None
 """The transports whose sends wait in their queue for L{sendHeld}, while
 a batch of I/O events is dispatched; L{None} outside one."""
@@ -167,6 +179,16 @@ def holdSends() -> None:
     """
     global _held
     _held = {}
+
+
+def sendOverdue() -> None:
+    """
+    What was held for longer than L{HOLD_SECONDS} goes now, and holding
+    goes on: called after each event of a batch.
+    """
+    if _held and monotonic() - _heldSince > HOLD_SECONDS:
+        sendHeld()
+        holdSends()
 
 
 def sendHeld() -> None:
@@ -224,6 +246,7 @@ def sendNow(transport: Any, data: bytes) -> bool:
     @return: whether all of C{data} went to the socket; if not, the rest is
         queued (or written to a transport of another kind).
     """
+    global _heldSince
     held = _held
     if held is not None and type(transport) in _DIRECT:
         if transport in held:
@@ -247,6 +270,8 @@ def sendNow(transport: Any, data: bytes) -> bool:
                 holdSends()
                 held = _held
                 assert held is not None
+            if not held:
+                _heldSince = monotonic()
             held[transport] = None
             # In the queue Twisted writes from, without registering for
             # writability: whatever is written after comes after it, by
