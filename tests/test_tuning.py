@@ -381,3 +381,45 @@ def test_heldNoLongerThanHoldSeconds(epoll: Any, fastPathsOn: None) -> None:
     epoll.doIteration(0.5)
     assert sorted(protocol.seen for protocol in served) == [[b""], [b"r"]]
     closeAll(served)
+
+
+def test_heldSendsGoBeforeTheirConnectionsEnd(epoll: Any, fastPathsOn: None) -> None:
+    """
+    A reply held for a connection whose client has closed its side, the
+    close read later in the same batch, still reaches the client before
+    the connection ends (a client may close its side once its request is
+    sent).
+    """
+    tuneEventDispatch(epoll)
+    served: list[Protocol] = []
+    ended: list[int] = []
+
+    class AnswersOnTheSecond(Protocol):
+        def connectionMade(self) -> None:
+            served.append(self)
+
+        def dataReceived(self, data: bytes) -> None:
+            sendNow(served[1].transport, b"answer")
+
+        def connectionLost(self, reason: object) -> None:
+            ended.append(served.index(self))
+
+    port = epoll.listenTCP(0, Factory.forProtocol(AnswersOnTheSecond), interface="127.0.0.1")
+    clients = []
+    for _ in range(2):
+        clients.append(socket.create_connection(("127.0.0.1", port.getHost().port)))
+        for _ in range(50):
+            if len(served) == len(clients):
+                break
+            epoll.doIteration(0.05)
+    port.stopListening()
+    # Ready in this order: the first's read, then the second's end.
+    clients[0].sendall(b"go")
+    clients[1].shutdown(socket.SHUT_WR)
+    time.sleep(0.05)
+    epoll.doIteration(0.5)
+    assert ended == [1]
+    assert receivedAll(clients[1], epoll, b"<EOF>") == b"answer<EOF>"
+    served[0].transport.abortConnection()  # type: ignore[union-attr]
+    for client in clients:
+        client.close()

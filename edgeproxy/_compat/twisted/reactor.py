@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from edgeproxy._compat.twisted.tcp import holdSends, sendHeld, sendOverdue
+from edgeproxy._compat.twisted.tcp import beforeEvent, holdSends, sendHeld
 
 __all__ = ["dispatchWithoutLogContext", "forgetExitSignal"]
 
@@ -37,7 +37,9 @@ def dispatchWithoutLogContext(reactor: Any) -> bool:
     in C{callWithLogger}, an exception escaping a connection's handler is
     logged and the loop goes on to the next event.  The small sends made
     while a batch of events is dispatched are held and sent after it
-    (L{holdSends}, L{sendHeld}), in the order they were written.  Any
+    (L{holdSends}, L{sendHeld}), in the order they were written, or before
+    an event of their own connection or once held too long
+    (L{beforeEvent}).  Any
     reactor but C{EPollReactor} itself is left alone.
 
     @return: whether the reactor was changed.
@@ -65,13 +67,13 @@ def dispatchWithoutLogContext(reactor: Any) -> bool:
                 selectable = selectables.get(fd)
                 if selectable is None:
                     continue
+                beforeEvent(selectable)
                 try:
                     dispatch(selectable, fd, event)
                 except KeyboardInterrupt:
                     raise
                 except BaseException:
                     log.failure("unhandled error dispatching an I/O event")
-                sendOverdue()
         finally:
             sendHeld()
 

@@ -40,11 +40,11 @@ __all__ = [
     "HOLD_TRANSPORTS",
     "LeanServer",
     "acceptAsLeanServer",
+    "beforeEvent",
     "holdSends",
     "immediateWriter",
     "sendHeld",
     "sendNow",
-    "sendOverdue",
 ]
 
 
@@ -151,7 +151,7 @@ send by more than this many events' work."""
 
 HOLD_SECONDS = 0.001
 """How long a send is held at most, give or take one event's work: after
-each event of a batch, what was held longer goes (L{sendOverdue}), so that
+each event of a batch, what was held longer goes (L{beforeEvent}), so that
 an event that takes long (a large body compressed) does not hold back the
 responses made before it."""
 
@@ -181,14 +181,21 @@ def holdSends() -> None:
     _held = {}
 
 
-def sendOverdue() -> None:
+def beforeEvent(selectable: Any) -> None:
     """
-    What was held for longer than L{HOLD_SECONDS} goes now, and holding
-    goes on: called after each event of a batch.
+    Before an event of the batch is dispatched to C{selectable}: what it
+    holds goes first (its event may be the peer's end, after which the
+    socket is closed), and what was held for longer than L{HOLD_SECONDS}
+    goes, holding going on.
     """
-    if _held and monotonic() - _heldSince > HOLD_SECONDS:
-        sendHeld()
-        holdSends()
+    held = _held
+    if held:
+        if selectable in held:
+            del held[selectable]
+            _sendQueued(selectable)
+        if monotonic() - _heldSince > HOLD_SECONDS:
+            sendHeld()
+            holdSends()
 
 
 def sendHeld() -> None:
