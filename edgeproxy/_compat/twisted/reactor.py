@@ -39,8 +39,8 @@ def dispatchWithoutLogContext(reactor: Any) -> bool:
     while a batch of events is dispatched are held and sent after it
     (L{holdSends}, L{sendHeld}), in the order they were written, or before
     an event of their own connection or once held too long
-    (L{beforeEvent}).  Any
-    reactor but C{EPollReactor} itself is left alone.
+    (L{beforeEvent}).  Any reactor but C{EPollReactor} itself is left
+    alone.
 
     @return: whether the reactor was changed.
     """

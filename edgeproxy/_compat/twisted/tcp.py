@@ -150,10 +150,10 @@ HOLD_TRANSPORTS = 32
 send by more than this many events' work."""
 
 HOLD_SECONDS = 0.001
-"""How long a send is held at most, give or take one event's work: after
+"""How long a send is held at most, give or take one event's work: before
 each event of a batch, what was held longer goes (L{beforeEvent}), so that
 an event that takes long (a large body compressed) does not hold back the
-responses made before it."""
+responses made before it past its end."""
 
 _heldSince = 0.0
 """When the first send of what is held now was held."""
