@@ -35,9 +35,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from zope.interface import implementer
 
-from edgeproxy.bodies import IdleTimer
+from edgeproxy.bodies import IdleTimer, PiecedBody
 from edgeproxy.cache.ranges import RangePlan, sliceBody
-from edgeproxy.bodies import PiecedBody
 from edgeproxy.pipeline.values import BODY_DONE, BytesBody
 
 __all__ = ["PIECE", "Drain", "FileBody", "Sink", "SliceBody", "StoredBody", "StoringBody"]

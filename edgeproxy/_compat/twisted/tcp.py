@@ -257,21 +257,14 @@ def sendNow(transport: Any, data: bytes) -> bool:
     held = _held
     if held is not None and type(transport) in _DIRECT:
         if transport in held:
-            if len(data) <= HOLD_BYTES and transport.connected:
-                transport._tempDataBuffer.append(data if type(data) is bytes else bytes(data))
-                transport._tempDataLen += len(data)
-                return True
-            # What was held goes first, then this as it would have gone.
-            del held[transport]
-            _sendQueued(transport)
-        elif (
-            len(data) <= HOLD_BYTES
-            and not transport.dataBuffer
-            and not transport._tempDataBuffer
-            and transport.connected
-            and not transport.disconnecting
-            and not transport.TLS
-        ):
+            if len(data) > HOLD_BYTES or not transport.connected:
+                # What was held goes first, then this as it would have gone.
+                del held[transport]
+                _sendQueued(transport)
+                return _send(transport, data)
+        elif len(data) > HOLD_BYTES or not _straight(transport):
+            return _send(transport, data)
+        else:
             if len(held) >= HOLD_TRANSPORTS:
                 sendHeld()
                 holdSends()
@@ -280,25 +273,30 @@ def sendNow(transport: Any, data: bytes) -> bool:
             if not held:
                 _heldSince = monotonic()
             held[transport] = None
-            # In the queue Twisted writes from, without registering for
-            # writability: whatever is written after comes after it, by
-            # this function or by Twisted's write.
-            transport._tempDataBuffer.append(data if type(data) is bytes else bytes(data))
-            transport._tempDataLen += len(data)
-            return True
+        # In the queue Twisted writes from, without registering for
+        # writability: whatever is written after comes after it, by this
+        # function or by Twisted's write.
+        transport._tempDataBuffer.append(data if type(data) is bytes else bytes(data))
+        transport._tempDataLen += len(data)
+        return True
     return _send(transport, data)
 
 
-def _send(transport: Any, data: bytes) -> bool:
-    """L{sendNow} without holding."""
-    if (
-        type(transport) in _DIRECT
-        and not transport.dataBuffer
+def _straight(transport: Any) -> bool:
+    """Whether C{transport} (one of L{_DIRECT}) may be written to straight:
+    connected, not closing, not under TLS, nothing queued."""
+    return (
+        not transport.dataBuffer
         and not transport._tempDataBuffer
         and transport.connected
         and not transport.disconnecting
         and not transport.TLS
-    ):
+    )
+
+
+def _send(transport: Any, data: bytes) -> bool:
+    """L{sendNow} without holding."""
+    if type(transport) in _DIRECT and _straight(transport):
         total = len(data)
         sent = transport.writeSomeData(data)
         if isinstance(sent, int):
