@@ -1068,16 +1068,18 @@ def _wholeBody(size: int, wire: str = "memory", transport: Any = None) -> tuple[
     return connection, body
 
 
-def test_aLargeWholeBodyWaitsForASlowClient() -> None:
+@pytest.mark.parametrize("size", [1 << 20, 8 << 20])
+def test_aLargeWholeBodyWaitsForASlowClient(size: int) -> None:
     """
-    An 8 MiB body held whole, to a client that does not read: what is
-    queued for it stays within two pieces of L{WHOLE_LIMIT}, not the whole
-    body (a copy per slow client of the largest cached objects); as the
-    client takes what was queued, the rest follows, and the response ends
-    complete on a connection that is kept.
+    A body held whole (1 MiB, a typical large cache hit; 8 MiB), to a
+    client that does not read: what is queued for it stays within two
+    pieces of L{WHOLE_LIMIT}, not the whole body (a copy per slow client of
+    the largest cached objects); as the client takes what was queued, the
+    rest follows, and the response ends complete on a connection that is
+    kept.
     """
     transport = SendBuffer(64 * 1024)
-    connection, body = _wholeBody(8 << 20, transport=transport)
+    connection, body = _wholeBody(size, transport=transport)
     connection.clock.advance(0)
     assert transport.paused
     assert transport.most <= 2 * WHOLE_LIMIT + 1024

@@ -57,15 +57,24 @@ its end."""
 JOIN_LIMIT = 64 * 1024
 """A whole body larger than this is written after its head, not joined to it."""
 
-WHOLE_LIMIT = 1 << 20
+WHOLE_LIMIT = 256 * 1024
 """
 The largest body held whole in memory (a cache hit, a converted image)
-that is written at once.  A larger one is written this much at a time, one
-piece a reactor turn, with the body as the transport's producer as a
-streamed body is: a client that reads slowly pauses it, so what the proxy
-holds for that client is a piece or two (encrypted, queued for its
-socket), not a copy of the whole body (64 MiB for the largest cached
-object by default, per connection).
+that is written at once.  A larger one is written this much at a time, as
+views of it, with the body as the transport's producer as a streamed body
+is: a client that reads slowly pauses it, so what the proxy holds for that
+client is a piece (encrypted, queued for its socket) and what its
+transport's buffer takes before it pauses its producer, not a copy of the
+whole body (64 MiB for the largest cached object by default, per
+connection).
+"""
+
+TURN_LIMIT = 1 << 20
+"""
+The most of a body held whole that is written in one reactor turn, in
+pieces of L{WHOLE_LIMIT}, to a client whose socket takes them as fast as
+they come; the rest waits for the next turn, so that other connections are
+served between.
 """
 
 
@@ -97,8 +106,9 @@ class _Streaming:
 
 class _Pieces(PiecedBody):
     """
-    A body held whole in memory, delivered to its call's protocol
-    L{WHOLE_LIMIT} bytes a reactor turn while not paused (see there).
+    A body held whole in memory, delivered to its call's protocol in
+    pieces of L{WHOLE_LIMIT} bytes, up to L{TURN_LIMIT} a reactor turn,
+    while not paused (see there).
     """
 
     __slots__ = ("_view", "_done")
@@ -110,19 +120,30 @@ class _Pieces(PiecedBody):
 
     def _pump(self) -> None:
         self._scheduled = None
-        protocol = self._protocol
-        if self._paused or protocol is None:
-            return
         view = self._view
-        start = self._done
-        end = self._done = start + WHOLE_LIMIT
-        # A view, not a copy (Answering.bodyData sends it at once).
-        protocol.dataReceived(view[start:end])
-        if self._protocol is None:
-            return
-        if end >= len(view):
-            self._end(BODY_DONE)
-        elif not self._paused:
+        total = len(view)
+        # The first piece goes alone: it is written from deliverBody, before
+        # the client side registers this body as its transport's producer
+        # (nothing could pause it yet).
+        turnEnd = self._done + (TURN_LIMIT if self._done else WHOLE_LIMIT)
+        while True:
+            protocol = self._protocol
+            if self._paused or protocol is None:
+                return
+            start = self._done
+            end = self._done = start + WHOLE_LIMIT
+            # A view, not a copy (Answering.bodyData sends it at once).
+            # A client that does not take it all pauses this body before
+            # dataReceived returns (its transport's buffer is full).
+            protocol.dataReceived(view[start:end])
+            if self._protocol is None:
+                return
+            if end >= total:
+                self._end(BODY_DONE)
+                return
+            if end >= turnEnd:
+                break
+        if not self._paused:
             self._again()
 
     def _more(self) -> bool:
