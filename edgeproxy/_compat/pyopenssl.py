@@ -100,7 +100,7 @@ def encrypt(
         the error that stopped the rest (a C{WantReadError} when OpenSSL
         waits for the peer), or L{None}.
     """
-    ssl = connection._ssl  # type: ignore[attr-defined]
+    ssl = connection._ssl
     total = len(data)
     # A write of several records (a large response) has them read into one
     # buffer; a small one, into the bytes of its record.
@@ -206,7 +206,7 @@ def decrypt(connection: SSL.Connection) -> tuple[list[bytes], SSL.Error | None]:
         other than "want read": pyOpenSSL's C{ZeroReturnError} for the
         peer's close_notify, any other C{SSL.Error}; or L{None}.
     """
-    ssl = connection._ssl  # type: ignore[attr-defined]
+    ssl = connection._ssl
     chunks: list[bytes] = []
     while True:
         read = _lib.SSL_read(ssl, _scratch, _SCRATCH_SIZE)
@@ -217,7 +217,7 @@ def decrypt(connection: SSL.Connection) -> tuple[list[bytes], SSL.Error | None]:
             _releaseDrainedReceive(connection)
             return chunks, None
         try:
-            connection._raise_ssl_error(ssl, read)  # type: ignore[attr-defined]
+            connection._raise_ssl_error(ssl, read)
         except SSL.WantReadError:
             return chunks, None
         except SSL.Error as e:
@@ -270,8 +270,8 @@ def forgetHandshakeState(connection: SSL.Connection | None) -> None:
     """
     if connection is None:
         return
-    connection._alpn_select_callback_args = None  # type: ignore[attr-defined]
-    SSL.Connection._reverse_mapping.pop(connection._ssl, None)  # type: ignore[attr-defined]
+    connection._alpn_select_callback_args = None
+    SSL.Connection._reverse_mapping.pop(connection._ssl, None)
 
 
 class BufferReleasingConnection(SSL.Connection):

@@ -26,7 +26,7 @@ A mixin with no state of its own: its attributes are the connection's slots.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IPushProducer
@@ -43,6 +43,9 @@ from edgeproxy.h1.fields import Fields
 from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse, pagesFor
 from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.values import Response
+
+if TYPE_CHECKING:
+    from edgeproxy.bodies import BodyPipe
 
 __all__ = ["Answering"]
 
@@ -161,12 +164,16 @@ class Answering:
     The C{ClientSide} of an HTTP/1.1 connection (see the module docstring).
     """
 
-    __slots__ = ()
+    if not TYPE_CHECKING:
+        # No slots of its own (the connection's are its attributes); hidden
+        # from mypy, which would refuse every attribute set here.
+        __slots__ = ()
 
     factory: Any
     transport: Any
     _call: Call | None
     _reader: h1.BodyReader | None
+    _pipe: BodyPipe | None
     _persistent: bool
     _lost: bool
     _pendingHead: bytes | None
@@ -250,15 +257,15 @@ class Answering:
                     call.sent = len(data)
                     head = self._pendingHead
                     if chunked:
-                        self._pendingHead = head + h1.chunk(data)  # type: ignore[operator]
+                        self._pendingHead = head + h1.chunk(data)
                     elif len(data) > JOIN_LIMIT and type(data) is bytes:
                         # A large body (a cache hit) is not copied behind
                         # its head: two writes.
                         self._pendingHead = b""
-                        self._writeNow(head)  # type: ignore[arg-type]
+                        self._writeNow(head)
                         self._writeNow(data)
                     else:
-                        self._pendingHead = head + data  # type: ignore[operator]
+                        self._pendingHead = head + data
                 self._finishResponse(call)
                 return
         body.deliverBody(call)
@@ -319,7 +326,7 @@ class Answering:
         # respond): most bodies came whole with their head.
         self._streaming = producer
 
-    def bodyData(self, call: Call, data: bytes) -> None:
+    def bodyData(self, call: Call, data: bytes | memoryview) -> None:
         if call is not self._call or self._noBody or not data:
             return
         call.sent += len(data)
@@ -333,6 +340,8 @@ class Answering:
             if head:
                 self._pendingHead = b""
                 self._writeNow(head)
+            # h1.chunk and the connection's _writeNow take views too (their
+            # annotations say bytes).
             self._writeNow(h1.chunk(data) if self._chunked else data)  # type: ignore[arg-type]
             return
         if self._chunked:

@@ -137,6 +137,7 @@ class DeadlineQueue:
         now = self._seconds()
         entries = self.entries
         expired = []
+        deadline: float | None
         for connection, deadline in entries.items():
             if deadline > now:
                 break

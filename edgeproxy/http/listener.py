@@ -374,7 +374,9 @@ class ListenerFactory(Factory):
             host,
             clientAddress(info.peer, fields, trusted) if trusted else info.peer,
             info,
-            route,
+            # None when no route took it (refused, unrouted): every reader
+            # of Request.route allows for that; its annotation does not.
+            route,  # type: ignore[arg-type]
             prefix,
             length,
             target,

@@ -7,6 +7,8 @@ ways, closed together, bounded by an idle timeout.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -28,6 +30,11 @@ class TunnelEnd(Protocol):
     """
     One side of a L{Tunnel}: what it receives is written to the other side.
     """
+
+    # Its connection's TCP or TLS transport, or an HTTP/2 stream's end: a
+    # producer and a consumer that can abort (Twisted declares an optional
+    # ITransport).
+    transport: Any
 
     def __init__(self, tunnel: Tunnel, name: str) -> None:
         self._tunnel = tunnel

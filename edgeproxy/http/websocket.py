@@ -75,6 +75,10 @@ class _BackendProtocol(Protocol):
     swapping C{transport.protocol}, which under TLS is not this object.)
     """
 
+    # A TCP or TLS transport, which pauses, resumes and aborts (Twisted
+    # declares an optional ITransport).
+    transport: Any
+
     def __init__(self, upgrade: _Upgrade) -> None:
         self._upgrade = upgrade
         self._delegate: Protocol | None = None

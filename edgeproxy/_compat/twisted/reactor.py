@@ -77,7 +77,8 @@ def dispatchWithoutLogContext(reactor: Any) -> bool:
         finally:
             sendHeld()
 
-    reactor.doIteration = doPoll
+    # On this instance, on purpose.
+    reactor.doIteration = doPoll  # type: ignore[method-assign]
     return True
 
 

@@ -96,7 +96,7 @@ class LeanServer(tcp.Server):
             traffic.sent += len(data)
         sendNow(self, data)
 
-    @property  # type: ignore[override]
+    @property
     def logstr(self) -> str:
         protocol = getattr(self, "protocol", None)
         prefix = "-" if protocol is None else self._getLogPrefix(protocol)
@@ -107,7 +107,7 @@ class LeanServer(tcp.Server):
         # tcp.Server.__init__ assigns it; it is made again when asked for.
         pass
 
-    @property  # type: ignore[override]
+    @property
     def repstr(self) -> str:
         protocol = getattr(self, "protocol", None)
         port = getattr(self.server, "_realPortNumber", "?")
@@ -294,7 +294,7 @@ def _straight(transport: Any) -> bool:
     )
 
 
-def _send(transport: Any, data: bytes) -> bool:
+def _send(transport: Any, data: bytes | memoryview) -> bool:
     """L{sendNow} without holding."""
     if type(transport) in _DIRECT and _straight(transport):
         total = len(data)
@@ -349,7 +349,7 @@ def immediateWriter(transport: Any) -> Callable[[Any, bytes], object]:
     writeNow = getattr(type(transport), "writeNow", None)
     if writeNow is not None:
         # EdgeTLSTransport, LeanServer.
-        return writeNow  # type: ignore[no-any-return]
+        return writeNow
     if type(transport) in _DIRECT and fastPaths().tcp:
         return sendNow
     return _write

@@ -129,6 +129,12 @@ class EdgeTLSTransport(BufferingTLSTransport):
     a few), which Twisted only ever tests for truth.
     """
 
+    # Twisted's, declared: the TCP transport (an optional ITransport to
+    # Twisted), and the producer registered with it (a None class default
+    # in Twisted's untyped code).
+    transport: Any
+    _producer: Any
+
     traffic: Any = None
     """
     When set (by L{edgeproxy.http.listener}), an object whose C{sent} is
@@ -454,6 +460,6 @@ def adopt(tlsProtocol: object) -> None:
             tlsProtocol._aggregate(b"".join(aggregator._buffer))
         # And the factory builds the next ones as EdgeTLSTransport from the
         # start, so that they also get its makeConnection.
-        factory = getattr(tlsProtocol, "factory", None)
+        factory: Any = getattr(tlsProtocol, "factory", None)
         if getattr(factory, "protocol", None) is BufferingTLSTransport:
             factory.protocol = EdgeTLSTransport
