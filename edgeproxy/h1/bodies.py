@@ -55,7 +55,7 @@ LAST_CHUNK = b"0\r\n\r\n"
 """The end of a chunked body without trailers."""
 
 
-def chunk(data: bytes) -> bytes:
+def chunk(data: bytes | memoryview) -> bytes:
     """C{data} as one chunk (C{data} must not be empty)."""
     return b"%x\r\n%s\r\n" % (len(data), data)
 

@@ -340,9 +340,7 @@ class Answering:
             if head:
                 self._pendingHead = b""
                 self._writeNow(head)
-            # h1.chunk and the connection's _writeNow take views too (their
-            # annotations say bytes).
-            self._writeNow(h1.chunk(data) if self._chunked else data)  # type: ignore[arg-type]
+            self._writeNow(h1.chunk(data) if self._chunked else data)
             return
         if self._chunked:
             data = h1.chunk(data)
@@ -409,7 +407,7 @@ class Answering:
     def _write(self, data: bytes) -> None:
         raise NotImplementedError
 
-    def _writeNow(self, data: bytes) -> None:
+    def _writeNow(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
 
     def _abort(self) -> None:

@@ -376,7 +376,7 @@ class ListenerFactory(Factory):
             info,
             # None when no route took it (refused, unrouted): every reader
             # of Request.route allows for that; its annotation does not.
-            route,  # type: ignore[arg-type]
+            route,
             prefix,
             length,
             target,

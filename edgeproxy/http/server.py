@@ -468,7 +468,7 @@ class HTTP1Connection(Closing, Answering):
         if not self._lost:
             self.transport.write(data)
 
-    def _writeNow(self, data: bytes) -> None:
+    def _writeNow(self, data: bytes | memoryview) -> None:
         """Write C{data} and send it now (nothing follows it soon)."""
         if not self._lost:
             self._sendNow(self.transport, data)

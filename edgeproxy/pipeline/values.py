@@ -96,7 +96,7 @@ class Request(NamedTuple):
     """The client's address: the peer's, or with trusted proxies in front
     the one they vouch for in C{X-Forwarded-For}."""
     connection: ConnectionInfo
-    route: Route
+    route: Route | None
     prefix: bytes
     """The path prefix the route matched (for C{strip_prefix})."""
     length: int | None

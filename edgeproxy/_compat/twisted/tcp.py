@@ -86,7 +86,7 @@ class LeanServer(tcp.Server):
                 traffic.sent += sum(map(len, iovec))
         FileDescriptor.writeSequence(self, iovec)
 
-    def writeNow(self, data: bytes) -> None:
+    def writeNow(self, data: bytes | memoryview) -> None:
         """
         Write C{data}, straight to the socket when nothing is queued before
         it: L{sendNow} (see there why), counted.
@@ -225,7 +225,7 @@ def _sendQueued(transport: Any) -> None:
     _send(transport, queued[0] if len(queued) == 1 else b"".join(queued))
 
 
-def sendNow(transport: Any, data: bytes) -> bool:
+def sendNow(transport: Any, data: bytes | memoryview) -> bool:
     """
     Write C{data} to C{transport}, straight to the socket when nothing is
     queued before it.
@@ -327,12 +327,12 @@ def _send(transport: Any, data: bytes | memoryview) -> bool:
     return False
 
 
-def _write(transport: Any, data: bytes) -> None:
+def _write(transport: Any, data: bytes | memoryview) -> None:
     # Twisted's transports take bytes only; a writer may give a view.
     transport.write(data if type(data) is bytes else bytes(data))
 
 
-def immediateWriter(transport: Any) -> Callable[[Any, bytes], object]:
+def immediateWriter(transport: Any) -> Callable[[Any, bytes | memoryview], object]:
     """
     The function a writer that knows nothing follows soon (a complete
     response, a request head) sends bytes to C{transport} with, chosen once

@@ -169,7 +169,7 @@ class EdgeTLSTransport(BufferingTLSTransport):
             traffic.sent += len(data)
         self._aggregate(data)
 
-    def writeNow(self, data: bytes) -> None:
+    def writeNow(self, data: bytes | memoryview) -> None:
         """
         Write C{data} and encrypt and send it, with anything held, now: for
         a writer that knows nothing follows soon (a complete response).  The
