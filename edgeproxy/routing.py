@@ -208,4 +208,4 @@ class Router:
             tables[host] = table
         if table is None:
             return None
-        return table.lookup(path)  # type: ignore[union-attr]
+        return table.lookup(path)

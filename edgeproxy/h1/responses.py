@@ -281,10 +281,10 @@ def _readHead(lines: list[bytes], clean: bool) -> ResponseHead:
                 # field it means, in its usual spelling.
                 line = linePrefix(kind[0]) + value
                 noteLine(line, kind[0], value)
-        kind = known[1]
-        if not kind:
+        lineKind = known[1]
+        if not lineKind:
             kept.append(line)
-        elif kind is _CONTROL:
+        elif lineKind is _CONTROL:
             lower = known[0]
             values = control.get(lower)
             if values is None:

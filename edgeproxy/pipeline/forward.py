@@ -166,7 +166,8 @@ class Forward:
             hashKey = requestHashKey(self._hashKey, request.client, request.fields, request.path)
         call.upstreamName = self.upstream.name
         if upgrade is not None:
-            call.client.tunnel(call, self.pool, fields, path, hashKey)
+            # ClientSide (pipeline/call.py) lacks tunnel(); every client side has it.
+            call.client.tunnel(call, self.pool, fields, path, hashKey)  # type: ignore[attr-defined]
             return
         call.forwarder = self
         call.cancelHook = _SENDING

@@ -16,6 +16,7 @@ Nothing here is used by the proxy itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.python.failure import Failure
@@ -65,7 +66,7 @@ def makeRequest(
     )
 
 
-def textResponse(status: int, body: bytes = b"", fields: list[tuple[bytes, bytes]] = ()) -> Response:
+def textResponse(status: int, body: bytes = b"", fields: Iterable[tuple[bytes, bytes]] = ()) -> Response:
     """A complete response with C{body} held in memory."""
     return Response(status, b"Reason", Fields(fields), len(body), BytesBody(body))
 

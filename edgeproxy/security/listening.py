@@ -187,7 +187,7 @@ def clientAuthFor(listener: Listener, site: Any) -> ClientAuth | None:
         return None
 
     def currentConfig() -> Config:
-        return site.currentRuntime().config  # type: ignore[no-any-return]
+        return site.currentRuntime().config
 
     auth = ClientAuth(listener, currentConfig)
     if site is not None:

@@ -26,12 +26,17 @@ L{edgeproxy.upstream.headerfirst}'s.
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from edgeproxy.config.model import IPNetwork
 from edgeproxy.proxyheader import InvalidHeader, parseHeader, splitHeader
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import ITCPTransport
+    from twisted.python.failure import Failure
 
 __all__ = ["ProxyProtocolFactory", "allowedSource"]
 
@@ -53,6 +58,12 @@ def allowedSource(peer: Any, sources: tuple[IPNetwork, ...]) -> bool:
 class ProxyProtocolWrapper(ProtocolWrapper):
     """One connection that starts with a PROXY header (see the module docstring)."""
 
+    # Set by makeConnection, before anything else runs: the listener's TCP
+    # transport.  The wrapped protocol is the listener factory's (TLS's, or
+    # an HTTP/1.1 connection): an IProtocol with a transport attribute.
+    transport: ITCPTransport
+    wrappedProtocol: Any
+
     def __init__(self, factory: ProxyProtocolFactory, wrappedProtocol: Any) -> None:
         super().__init__(factory, wrappedProtocol)
         self._buffer: bytes | None = b""
@@ -61,7 +72,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         self._deadline: Any = None
 
     def makeConnection(self, transport: Any) -> None:
-        factory: ProxyProtocolFactory = self.factory  # type: ignore[assignment]
+        factory: ProxyProtocolFactory = self.factory
         if not allowedSource(transport.getPeer(), factory.sources):
             factory.refused("source")
             transport.abortConnection()
@@ -78,7 +89,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
     def _expired(self) -> None:
         self._deadline = None
         if self._buffer is not None:
-            self.factory.refused("timeout")  # type: ignore[attr-defined]
+            self.factory.refused("timeout")
             self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -98,14 +109,14 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         except InvalidHeader:
             self._buffer = None
             self._cancelDeadline()
-            self.factory.refused("invalid")  # type: ignore[attr-defined]
+            self.factory.refused("invalid")
             self.transport.abortConnection()
             return
         self._buffer = None
         self._cancelDeadline()
         if parsed is not None:
             self._source, self._destination = parsed
-        self.factory.registerProtocol(self)  # type: ignore[attr-defined]
+        self.factory.registerProtocol(self)
         self.wrappedProtocol.makeConnection(self)
         if rest:
             self.wrappedProtocol.dataReceived(rest)
@@ -115,7 +126,7 @@ class ProxyProtocolWrapper(ProtocolWrapper):
             self._deadline.cancel()
         self._deadline = None
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelDeadline()
         if self.wrappedProtocol.transport is not None:
             super().connectionLost(reason)
@@ -134,10 +145,10 @@ class ProxyProtocolWrapper(ProtocolWrapper):
         return self.transport.getHost()
 
 
-class ProxyProtocolFactory(WrappingFactory):
+class ProxyProtocolFactory(WrappingFactory[ProxyProtocolWrapper]):
     """Wraps a listener's factory so that its connections start with a PROXY header."""
 
-    protocol = ProxyProtocolWrapper  # type: ignore[assignment]
+    protocol = ProxyProtocolWrapper
     noisy = False
 
     def __init__(

@@ -211,7 +211,9 @@ class BackendAttempt:
         if exchange.timer is not None:
             exchange.stopTimer()
         receiver, exchange.receiver = exchange.receiver, None
-        receiver.upstreamResponded(response)
+        # The exchange was not over (above), so it still had its receiver:
+        # it clears it only when it sets over.
+        receiver.upstreamResponded(response)  # type: ignore[union-attr]
 
     def upstreamFailed(self, failure: Failure) -> None:
         self._over()

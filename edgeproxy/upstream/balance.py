@@ -44,7 +44,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from edgeproxy.config.model import BALANCE_POLICIES, Server
+from edgeproxy.config.model import BALANCE_POLICIES
 from edgeproxy.h1 import Fields
 
 __all__ = [
@@ -132,11 +132,11 @@ class Balancer:
 
     # Accounting -----------------------------------------------------------
 
-    def acquired(self, server: Server) -> None:
+    def acquired(self, server: Any) -> None:
         """A request to C{server} started."""
         self._inFlight[server] += 1
 
-    def released(self, server: Server) -> None:
+    def released(self, server: Any) -> None:
         """A request to C{server} ended (body complete, failed or cancelled)."""
         if server not in self._inFlight:
             return  # removed by setServers while the request was in flight
@@ -144,19 +144,19 @@ class Balancer:
             raise ValueError(f"{server.address} released more often than acquired")
         self._inFlight[server] -= 1
 
-    def inFlight(self, server: Server) -> int:
+    def inFlight(self, server: Any) -> int:
         """@return: the requests to C{server} now in flight."""
         return self._inFlight[server]
 
     # Availability ---------------------------------------------------------
 
-    def isAvailable(self, server: Server) -> bool:
+    def isAvailable(self, server: Any) -> bool:
         """
         Whether C{server} may be picked at all (the injected predicate).
         """
         return self._available(server)
 
-    def candidates(self) -> list[Server]:
+    def candidates(self) -> list[Any]:
         """
         @return: the available primaries, or when there are none the
             available backups (possibly none).
@@ -168,7 +168,7 @@ class Balancer:
 
     # Choice ---------------------------------------------------------------
 
-    def pick(self, key: bytes | None = None) -> Server | None:
+    def pick(self, key: bytes | None = None) -> Any | None:
         """
         Choose the server for the next request.
 
@@ -180,7 +180,7 @@ class Balancer:
             return None
         return self._smooth(candidates)
 
-    def _smooth(self, candidates: Sequence[Server]) -> Server:
+    def _smooth(self, candidates: Sequence[Any]) -> Any:
         """
         Smooth weighted round robin over C{candidates}: each pick raises
         every candidate's current weight by its weight and lowers the
@@ -198,7 +198,7 @@ class Balancer:
         self._currentWeights[best] -= total
         return best
 
-    def _load(self, server: Server) -> tuple[int, float]:
+    def _load(self, server: Any) -> tuple[int, float]:
         """In-flight per weight as a fraction, compared without division
         (exact for integer weights, the common case)."""
         return self._inFlight[server], weightOf(server)
@@ -224,7 +224,7 @@ class LeastConnBalancer(Balancer):
 
     policy = "least_conn"
 
-    def pick(self, key: bytes | None = None) -> Server | None:
+    def pick(self, key: bytes | None = None) -> Any | None:
         candidates = self.candidates()
         if not candidates:
             return None
@@ -245,7 +245,7 @@ class PowerOfTwoBalancer(Balancer):
 
     policy = "p2c"
 
-    def pick(self, key: bytes | None = None) -> Server | None:
+    def pick(self, key: bytes | None = None) -> Any | None:
         candidates = self.candidates()
         if not candidates:
             return None
@@ -281,8 +281,8 @@ class ConsistentHashBalancer(Balancer):
         }
 
     @staticmethod
-    def _buildRing(servers: Sequence[Server]) -> tuple[list[int], list[Server]]:
-        points: list[tuple[int, str, Server]] = []
+    def _buildRing(servers: Sequence[Any]) -> tuple[list[int], list[Any]]:
+        points: list[tuple[int, str, Any]] = []
         for server in servers:
             for index in range(POINTS_PER_WEIGHT * server.weight):
                 label = f"{server.address}#{index}".encode("ascii")
@@ -293,8 +293,8 @@ class ConsistentHashBalancer(Balancer):
         return [p[0] for p in points], [p[2] for p in points]
 
     def _walk(
-        self, ring: tuple[list[int], list[Server]], point: int, admission: float
-    ) -> Server | None:
+        self, ring: tuple[list[int], list[Any]], point: int, admission: float
+    ) -> Any | None:
         """
         @param admission: the key's second hash in [0, 1): a server in slow
             start takes the key only when this is below its ramp fraction,
@@ -304,8 +304,8 @@ class ConsistentHashBalancer(Balancer):
         if not hashes:
             return None
         start = bisect.bisect_left(hashes, point)
-        seen: set[Server] = set()
-        fallback: Server | None = None
+        seen: set[Any] = set()
+        fallback: Any | None = None
         for offset in range(len(hashes)):
             server = owners[(start + offset) % len(hashes)]
             if server in seen:
@@ -320,7 +320,7 @@ class ConsistentHashBalancer(Balancer):
                     fallback = server
         return fallback
 
-    def pick(self, key: bytes | None = None) -> Server | None:
+    def pick(self, key: bytes | None = None) -> Any | None:
         if key is None:
             return super().pick(None)
         point = _ringHash(key)

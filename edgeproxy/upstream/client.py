@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
@@ -110,7 +110,7 @@ class _Connecting:
         self._fields = fields
         self._body = body
         self._receiver: UpstreamReceiver | None = receiver
-        self._connecting: Deferred[UpstreamConnection] | None = None
+        self._connecting: Deferred[IProtocol] | None = None
         self._connection: UpstreamConnection | None = None
 
     def start(self, endpoint: IStreamClientEndpoint, backend: Backend) -> None:

@@ -21,12 +21,12 @@ class _HeaderFirst(ProtocolWrapper):
     """Writes the PROXY header as the connection's first bytes."""
 
     def makeConnection(self, transport: Any) -> None:
-        transport.write(self.factory.proxyHeader)  # type: ignore[attr-defined]
+        transport.write(self.factory.proxyHeader)
         super().makeConnection(transport)
 
 
 class _HeaderFirstFactory(WrappingFactory):
-    protocol = _HeaderFirst  # type: ignore[assignment]
+    protocol = _HeaderFirst
     noisy = False
 
     def __init__(self, wrappedFactory: Any, proxyHeader: bytes) -> None:

@@ -48,7 +48,7 @@ def makeClient(reactor: Any, ca: str | None = None) -> HTTPClient:
             policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(f.read()))
     else:
         policy = BrowserLikePolicyForHTTPS()
-    return clientOver(Agent(reactor, contextFactory=policy, pool=pool))  # type: ignore[arg-type]
+    return clientOver(Agent(reactor, contextFactory=policy, pool=pool))
 
 
 def clientOver(agent: IAgent) -> HTTPClient:
@@ -82,7 +82,8 @@ class _Drop:
 
 async def getJSON(client: HTTPClient, url: str, timeout: float) -> Any:
     """GET C{url} and parse its JSON body; a non-2xx answer raises."""
-    response = await client.get(url, timeout=timeout, headers={b"accept": b"application/json"})
+    headers: dict[bytes | str, bytes | str] = {b"accept": b"application/json"}
+    response = await client.get(url, timeout=timeout, headers=headers)
     body = await readBody(response)
     if not 200 <= response.code < 300:
         raise ValueError(f"{url} answered {response.code}")

@@ -264,7 +264,7 @@ class OIDCAuthenticator:
 
     def _withMetadata(self, then: Any) -> Outcome | Deferred[Outcome]:
         if self.metadata is not None:
-            return then()  # type: ignore[no-any-return]
+            return then()
         waiting = self.discover()
         waiting.addTimeout(DISCOVERY_WAIT, self.reactor)
 

@@ -199,7 +199,7 @@ def authenticatorFor(settings: AuthSettings, reactor: Any, metrics: Any = None) 
     key = (id(reactor), settings)
     found = _authenticators.get(key)
     if found is not None:
-        return found  # type: ignore[no-any-return]
+        return found
     made: Any
     if settings.type == "basic":
         from edgeproxy.security.auth.basic import BasicAuthenticator
@@ -218,7 +218,7 @@ def authenticatorFor(settings: AuthSettings, reactor: Any, metrics: Any = None) 
 
         made = OIDCAuthenticator.fromSettings(settings, reactor)
     _authenticators[key] = made
-    return made  # type: ignore[no-any-return]
+    return made
 
 
 class AuthKind:

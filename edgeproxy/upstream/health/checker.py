@@ -19,11 +19,12 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory
 from twisted.internet.protocol import Protocol as _Protocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from edgeproxy.config.model import Upstream
 from edgeproxy.h1 import RemoteProtocolError, parseResponseHead, splitResponseHead
@@ -352,8 +353,7 @@ class HealthChecker:
                 self._reactor.seconds() - started,
             )
 
-        attempt.addCallbacks(passed, failed)
-        return attempt
+        return attempt.addCallbacks(passed, failed)
 
     def _runCheck(self, backend: Backend) -> None:
         track = self._tracks.get(backend)
@@ -408,6 +408,7 @@ class HealthChecker:
                 )
 
 
+@implementer(IProtocolFactory)
 class _OneProtocolFactory:
     """A client factory handing out one given protocol (what
     C{connectProtocol} does, kept here to keep the protocol object)."""
