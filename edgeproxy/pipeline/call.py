@@ -84,6 +84,10 @@ class ClientSide(Protocol):
 
     def bodyEnded(self, call: Call, reason: Failure) -> None: ...
 
+    def tunnel(self, call: Call, pool: Any, fields: Fields, path: bytes, hashKey: bytes | None) -> None:
+        """Hand the call's connection (or stream) to a WebSocket tunnel to
+        a backend of C{pool} (the forward stage, for an upgrade)."""
+
 
 def _internal(why: str) -> ProxyError:
     error = ProxyError(why)

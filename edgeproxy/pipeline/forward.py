@@ -166,8 +166,7 @@ class Forward:
             hashKey = requestHashKey(self._hashKey, request.client, request.fields, request.path)
         call.upstreamName = self.upstream.name
         if upgrade is not None:
-            # ClientSide (pipeline/call.py) lacks tunnel(); every client side has it.
-            call.client.tunnel(call, self.pool, fields, path, hashKey)  # type: ignore[attr-defined]
+            call.client.tunnel(call, self.pool, fields, path, hashKey)
             return
         call.forwarder = self
         call.cancelHook = _SENDING
