@@ -65,7 +65,8 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
+from zope.interface import implementer
 
 from edgeproxy.config.model import AccessLogFormat, ProxySettings
 
@@ -159,7 +160,7 @@ def clfTimestamp(when: float) -> str:
             t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec,
         )
         cached[0] = second
-    return cached[1]  # type: ignore[no-any-return]
+    return cached[1]
 
 
 def isoTimestamp(when: float) -> str:
@@ -281,6 +282,7 @@ _FORMATTERS: dict[AccessLogFormat, Callable[[dict[str, Any]], str]] = {
 }
 
 
+@implementer(ILogObserver)
 class LineWriter:
     """
     The observer that writes access events as lines to a text stream, or to

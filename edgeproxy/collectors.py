@@ -168,12 +168,12 @@ class Projection(Collector):
             return
         bounds = [repr(float(b)) for b in observed.buckets] + ["+Inf"]
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labels)
-        for short, (counts, total) in sorted(folded.items()):
+        for short, (counts, seconds) in sorted(folded.items()):
             cumulative, buckets = 0, []
             for bound, count in zip(bounds, counts):
                 cumulative += count
                 buckets.append((bound, cumulative))
-            family.add_metric(list(short), buckets, total)
+            family.add_metric(list(short), buckets, seconds)
         yield family
 
 

@@ -117,7 +117,9 @@ def tlsOptions(pem: bytes) -> Any:
     leaf = leaves[0]
     chain = [c for c in certificates if c is not leaf and c.subject != c.issuer]
     return ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),
+        # A key type pyOpenSSL cannot wrap (X25519, DH...) is refused there,
+        # with a TypeError naming it.
+        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
         certificate=crypto.X509.from_cryptography(leaf),
         extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
     )

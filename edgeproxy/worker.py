@@ -275,7 +275,9 @@ def runWorker(
     first, rest = readInitialState(0, INITIAL_STATE_TIMEOUT)
     for message in first:
         agent.handle(message)
-    StandardIO(channel, stdin=0, stdout=controlFd, reactor=reactor)
+    # mypy reads twisted.internet.stdio's Windows branch, whose StandardIO
+    # takes no stdin/stdout; the POSIX one does.
+    StandardIO(channel, stdin=0, stdout=controlFd, reactor=reactor)  # type: ignore[call-arg]
     if rest:
         channel.dataReceived(rest)
     channel.lost.addCallback(supervisorGone)
@@ -407,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.logger import globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([logObserver(sys.stderr)], redirectStandardIO=False)
+    # Any callable taking an event is an observer; the stubs ask for
+    # ILogObserver providers.
+    globalLogBeginner.beginLoggingTo([logObserver(sys.stderr)], redirectStandardIO=False)  # type: ignore[list-item]
 
     from twisted.internet import reactor
 

@@ -12,16 +12,21 @@ request bodies of a few KiB at most.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.web import http, server
 
 from edgeproxy.admin.resource import AdminResource
 from edgeproxy.logs import formatAddress
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+    from twisted.python.failure import Failure
 
 __all__ = ["AdminSite", "listenAdmin"]
 
@@ -47,6 +52,9 @@ class _AdminRequest(server.Request):
     are counted as they arrive)."""
 
     _bodySize = 0
+    channel: _AdminChannel
+    """The admin site's channels are all L{_AdminChannel}s (L{None} once
+    the connection is lost, which Twisted's type leaves out)."""
 
     def handleContentChunk(self, data: bytes) -> None:
         self._bodySize += len(data)
@@ -70,6 +78,9 @@ class _AdminChannel(http.HTTPChannel):
     MAX_LENGTH = MAX_HEADER_SIZE
     _deadline: Any = None
     _refused = False
+    callLater: Callable[..., IDelayedCall]
+    """The reactor's, which C{HTTPFactory.buildProtocol} puts in place of
+    C{TimeoutMixin}'s two-argument method."""
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -107,12 +118,13 @@ class _AdminChannel(http.HTTPChannel):
         if self._refused:
             return
         self._refused = True
+        assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (status, phrase)
         )
         self.loseConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
         super().connectionLost(reason)
 
@@ -124,7 +136,9 @@ class AdminSite(server.Site):
     @ivar channels: the connections open now (at most L{MAX_CONNECTIONS}).
     """
 
-    protocol = _AdminChannel
+    # A plain channel rather than the _GenericHTTPChannelProtocol wrapper
+    # HTTPFactory is typed for: Site.buildProtocol takes either.
+    protocol = _AdminChannel  # type: ignore[assignment]
     requestFactory = _AdminRequest
     displayTracebacks = False
     noisy = False

@@ -83,6 +83,9 @@ AUTH_KEYS = _COMMON_AUTH + tuple(
     sorted({key for keys in _AUTH_TYPE_KEYS.values() for key in keys})
 )
 _DEFAULT_SCOPES: tuple[str, ...] = ("openid", "email", "profile")
+_DEFAULT_CLAIMS_TO_HEADERS: tuple[tuple[str, str], ...] = (
+    ("sub", "x-auth-subject"), ("email", "x-auth-email"),
+)
 
 
 def _fieldNames(text: str) -> tuple[str, ...]:
@@ -230,7 +233,7 @@ def _realm(text: str) -> str:
 
 
 def _readJWT(section: Section) -> dict[str, Any]:
-    algorithms = section.convert("algorithms", ("RS256", "ES256", "EdDSA"), _algorithms)
+    algorithms: tuple[str, ...] = section.convert("algorithms", ("RS256", "ES256", "EdDSA"), _algorithms)
     secret = _key(section, "secret_file", 32)
     hmac = [a for a in algorithms if a.startswith("HS")]
     if hmac and secret is None and section.ok("algorithms"):
@@ -308,7 +311,7 @@ def _readOIDC(section: Section) -> dict[str, Any]:
         "allow_domains": section.convert("allow_domains", NO_NAMES, _domains),
         "allow_claim": section.convert("allow_claim", None, _allowClaim),
         "claims_to_headers": section.convert(
-            "claims_to_headers", (("sub", "x-auth-subject"), ("email", "x-auth-email")),
+            "claims_to_headers", _DEFAULT_CLAIMS_TO_HEADERS,
             lambda t: fieldPairs(t, "claim", _claim),
         ),
         "leeway": section.duration("leeway", 60.0, allowZero=True),

@@ -198,8 +198,8 @@ def checkSecurity(
                 known = ", ".join(sorted(declared.get("ratelimit", ()))) or "none are defined"
                 section.report("rate_limit", f"no [ratelimit:{limitName}] section (rate limits: {known})")
                 continue
-            limit = ratelimits.get(limitName)
-            if limit is not None and limit.key == "identity" and route.auth is None:
+            rateLimit = ratelimits.get(limitName)
+            if rateLimit is not None and rateLimit.key == "identity" and route.auth is None:
                 section.report(
                     "rate_limit",
                     f"[ratelimit:{limitName}] has key = identity, which needs auth = NAME on the route",

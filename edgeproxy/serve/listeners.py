@@ -283,6 +283,7 @@ class ListenerSet:
                     message=self.describeFailure(failures[0]),
                 )
             return False
+        assert port is not None  # None only from the errback, handled above
         self.logListening(listener, port)
         return True
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -190,7 +191,7 @@ class RetiringPools:
     def retire(self, pools: list[UpstreamPool], timeout: float) -> None:
         for pool in pools:
             stopPool(pool)
-            self._closeWhenIdle(self._waiting, pool, lambda pool=pool: poolInFlight(pool), self._closePool, timeout)
+            self._closeWhenIdle(self._waiting, pool, partial(poolInFlight, pool), self._closePool, timeout)
 
     def retireStores(self, stores: list[CacheStores], timeout: float) -> None:
         for retired in stores:
@@ -218,7 +219,7 @@ class RetiringPools:
         C{waiting} holds it meanwhile."""
         closing = Deferred.fromCoroutine(self._whenIdle(retired, inFlight, close, timeout))
         waiting[closing] = retired
-        closing.addBoth(lambda _, closing=closing: waiting.pop(closing, None))
+        closing.addBoth(lambda _: waiting.pop(closing, None))
 
     async def _whenIdle(
         self, retired: Any, inFlight: Callable[[], int], close: Callable[[Any], Awaitable[None]], timeout: float

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -317,7 +318,7 @@ class Supervisor(MultiService):
             if name in skip:
                 # A pool taken over by a reload is observed already.
                 continue
-            pool.observers.append(lambda backend, name=name: self.backendChanged(name, backend))
+            pool.observers.append(partial(self.backendChanged, name))
 
     def backendChanged(self, upstream: str, backend: Backend) -> None:
         """
@@ -517,8 +518,8 @@ def _verdict(upstream: str, backend: Backend) -> dict[str, Any]:
 async def _within(clock: Any, waiting: Deferred[Any], timeout: float) -> None:
     """Wait for C{waiting}, at most C{timeout} seconds (never fails)."""
     done: Deferred[None] = Deferred()
-    timer = clock.callLater(timeout, lambda: done.called or done.callback(None))
-    waiting.addBoth(lambda _: done.called or done.callback(None))
+    timer = clock.callLater(timeout, lambda: None if done.called else done.callback(None))
+    waiting.addBoth(lambda _: None if done.called else done.callback(None))
     await done
     if timer.active():
         timer.cancel()

@@ -47,6 +47,9 @@ class Supervising(Protocol):
     """What a L{WorkerProcess} tells its supervisor, and reads of it."""
 
     clock: Any
+    workersACME: Any
+    """Where a worker's on-demand certificate requests go; L{None} without
+    ACME (a test's supervisor may not have it at all)."""
 
     def workerNotified(self, worker: WorkerProcess, fields: dict[str, str]) -> None: ...
 

@@ -70,12 +70,12 @@ class HelloReadingConnection(ServerConnection):
     """A server connection made while a TLS-ALPN-01 challenge is pending:
     it reads its ClientHello from the first bytes it is given."""
 
-    def bio_write(self, buf: bytes) -> int:
+    def bio_write(self, buf: bytes | bytearray | memoryview) -> int:
         if self.helloBuffer is not None:
             self._readHello(buf)
         return super().bio_write(buf)
 
-    def _readHello(self, data: bytes) -> None:
+    def _readHello(self, data: bytes | bytearray | memoryview) -> None:
         buffered = self.helloBuffer + data  # type: ignore[operator]
         hello = parseClientHello(buffered)
         if isinstance(hello, ClientHello):

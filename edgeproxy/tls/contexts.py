@@ -192,7 +192,10 @@ def makeContext(
             # response needs no new context.
             context.set_ocsp_server_callback(staple, entry)
         context.set_tlsext_servername_callback(selectContext)
-        context.set_alpn_select_callback(selectProtocol)
+        # selectProtocol returns bytes or SSL.NO_OVERLAPPING_PROTOCOLS, whose
+        # class is private to pyOpenSSL (behind the _compat fence), so its
+        # annotation can only say object.
+        context.set_alpn_select_callback(selectProtocol)  # type: ignore[arg-type]
         # Last: pyOpenSSL may create a connection to check the list,
         # after which the context cannot change any more.
         context.set_cipher_list(_TLS12_CIPHERS)

@@ -112,7 +112,7 @@ def _signedBy(response: ocsp.OCSPResponse, certificate: x509.Certificate) -> boo
     keyHash = hashlib.sha1(
         certificate.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.PKCS1)
         if isinstance(certificate.public_key(), rsa.RSAPublicKey)
-        else certificate.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)  # type: ignore[union-attr]
+        else certificate.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
     ).digest()
     return response.responder_key_hash == keyHash
 

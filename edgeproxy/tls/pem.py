@@ -93,7 +93,7 @@ def readPEM(
 
 
 def _publicBytes(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined, no-any-return]
+    return key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER,
         serialization.PublicFormat.SubjectPublicKeyInfo,
     )
@@ -185,7 +185,10 @@ def subjectNames(cert: x509.Certificate) -> tuple[str, ...]:
         if name and name not in names:
             names.append(name)
     for ip in san.value.get_values_for_type(x509.IPAddress):
-        text = str(ipaddress.ip_address(ip))
+        # cryptography gives a network for an 8- or 32-octet iPAddress (a
+        # form only name constraints allow): ip_address refuses it with the
+        # ValueError the caller reports as extensions that cannot be parsed.
+        text = str(ipaddress.ip_address(ip))  # type: ignore[arg-type]
         if text not in names:
             names.append(text)
     return tuple(names)
