@@ -6,17 +6,21 @@ which files are refused with which message.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 
 from edgeproxy.config.model import TLSSettings
 from edgeproxy.errors import CertificateError, ConfigError
 from edgeproxy.tls.certs import loadEntry
 from edgeproxy.tls.layout import loadCertificates
 
-from .certutil import CertificateAuthority, certPEM
+from .certutil import CertificateAuthority, IssuedCertificate, certPEM, makeKey
 
 NOW = time.time()
 DAY = 86400.0
@@ -225,6 +229,32 @@ def test_gapInChain(ca: CertificateAuthority, tmp_path: Path) -> None:
 def test_noSubjectAltNames(ca: CertificateAuthority, tmp_path: Path) -> None:
     pem = ca.issue([]).writePEM(tmp_path / "nosan.pem")
     assert "subject alternative names" in _refused(_settings(pem)).message
+
+
+def test_ipNetworkInSubjectAltNames(ca: CertificateAuthority, tmp_path: Path) -> None:
+    """
+    An iPAddress of 8 octets (an address and a mask, which RFC 5280 allows in
+    name constraints only) refuses the certificate, saying so: not as
+    extensions that cannot be parsed.
+    """
+    key = makeKey()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names = [x509.DNSName("a.example"), x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a.example")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    pem = IssuedCertificate(key, cert).writePEM(tmp_path / "network.pem")
+    message = _refused(_settings(pem)).message
+    assert "the IP network 10.0.0.0/8, where only addresses belong" in message
+    assert "does not appear to be" not in message
 
 
 @pytest.mark.parametrize(

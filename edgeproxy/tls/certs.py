@@ -215,7 +215,7 @@ def loadEntry(
     except ValueError as e:
         # cryptography parses extensions lazily: a malformed or duplicated
         # extension surfaces here rather than at load time.
-        raise fail(f"the certificate's extensions cannot be parsed: {e}")
+        raise fail(f"the certificate's extensions are malformed: {e}")
     if requireNames and not names:
         raise fail(
             "the certificate has no DNS or IP subject alternative names; "

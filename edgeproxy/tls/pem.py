@@ -185,10 +185,14 @@ def subjectNames(cert: x509.Certificate) -> tuple[str, ...]:
         if name and name not in names:
             names.append(name)
     for ip in san.value.get_values_for_type(x509.IPAddress):
-        # cryptography gives a network for an 8- or 32-octet iPAddress (a
-        # form only name constraints allow): ip_address refuses it with the
-        # ValueError the caller reports as extensions that cannot be parsed.
-        text = str(ipaddress.ip_address(ip))  # type: ignore[arg-type]
+        if not isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            # cryptography gives a network for an 8- or 32-octet iPAddress,
+            # a form RFC 5280 allows in name constraints only.
+            raise ValueError(
+                f"its subject alternative names list the IP network {ip}, where only "
+                "addresses belong (RFC 5280 4.2.1.6)"
+            )
+        text = str(ip)
         if text not in names:
             names.append(text)
     return tuple(names)
