@@ -7,12 +7,13 @@ against Pebble in C{tests/integration/test_acme.py}).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
@@ -77,9 +78,45 @@ upstream = app
     return load(str(tmp_path / "edge.ini"))
 
 
-def managerFor(tmp_path: Path, acme: str = "") -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
+class HeldCalls:
+    """
+    A C{runInThread} that runs nothing until told: each call waits in
+    L{calls}, as it would for a slow storage directory, until L{release}.
+
+    @ivar calls: the calls held: (function, arguments, the Deferred the
+        caller got).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *a: Any) -> Deferred[Any]:
+        result: Deferred[Any] = Deferred()
+        self.calls.append((f, a, result))
+        return result
+
+    def release(self, keep: int | None = None) -> None:
+        """
+        Run the calls held, and those they lead to, in order.
+
+        @param keep: the index of one call held now to hold on.
+        """
+        kept = None if keep is None else self.calls.pop(keep)
+        while self.calls:
+            f, a, result = self.calls.pop(0)
+            maybeDeferred(f, *a).chainDeferred(result)
+        if kept is not None:
+            self.calls.append(kept)
+
+
+def managerFor(
+    tmp_path: Path, acme: str = "", runInThread: Callable[..., Deferred[Any]] | None = None
+) -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, Metrics]:
     """A manager of L{writeConfig}'s configuration on a memory clock, with
-    a L{FakeCA}; not started."""
+    a L{FakeCA}; not started.
+
+    @param runInThread: the manager's; by default it runs each call at once.
+    """
     CertificateAuthority("default").issue(["fallback.invalid"]).writePEM(tmp_path / "default.pem")
     config = writeConfig(tmp_path, acme)
     clock = Clock()
@@ -90,7 +127,7 @@ def managerFor(tmp_path: Path, acme: str = "") -> tuple[ACMEManager, FakeCA, Clo
     metrics = Metrics()
     manager = ACMEManager(
         config, store, ChallengeStore(), clock, metrics, client=fake,
-        runInThread=lambda f, *a: maybeDeferred(f, *a), callFromThread=lambda f, *a: f(*a),
+        runInThread=runInThread or (lambda f, *a: maybeDeferred(f, *a)), callFromThread=lambda f, *a: f(*a),
     )
     return manager, fake, clock, store, metrics
 
@@ -221,6 +258,153 @@ def test_onDemandOrderHonoursTheBackOff(setup: Any) -> None:
     clock.advance(DAY)
     assert fake.orders == ["app.example", "new.example", "new.example"]
     assert served(store, "new.example") is not None
+
+
+def storedElsewhere(manager: ACMEManager, fake: FakeCA, name: str) -> None:
+    """A valid certificate for C{name} in the manager's storage, real files
+    as another machine (or an earlier process) stores them."""
+    issued = fake.authority.issue([name])
+    elsewhere = Storage(manager.storage.root, manager.settings.directory)
+    elsewhere.save(name, issued.certificatePEM + issued.chainPEM, issued.keyPEM, {})
+
+
+def startedHolding(tmp_path: Path) -> tuple[ACMEManager, FakeCA, Clock, CertificateStore, HeldCalls]:
+    """A started manager whose calls to a thread wait for the test
+    (L{HeldCalls}); the order of C{app.example} at start is over."""
+    held = HeldCalls()
+    manager, fake, clock, store, _ = managerFor(tmp_path, runInThread=held)
+    manager.startService()
+    clock.advance(0)
+    held.release()
+    assert fake.orders == ["app.example"] and served(store, "app.example") is not None
+    return manager, fake, clock, store, held
+
+
+def test_adoptionReadsStorageInAThread(tmp_path: Path) -> None:
+    """
+    The stored certificate of an on-demand name is read through
+    C{runInThread}, not on the reactor thread: until that call has run,
+    the name is not served (and adoption has not answered); then it is,
+    without an order.
+    """
+    manager, fake, clock, store, held = startedHolding(tmp_path)
+    storedElsewhere(manager, fake, "stored.example")
+    adopted = manager.adoptStored("stored.example")
+    assert len(held.calls) == 1
+    assert not adopted.called and served(store, "stored.example") is None
+    held.release()
+    assert adopted.result is True
+    entry = served(store, "stored.example")
+    assert entry is not None and entry.source == "acme"
+    clock.advance(0)
+    held.release()
+    assert fake.orders == ["app.example"]
+
+
+def test_concurrentAdoptionsServeOnce(tmp_path: Path) -> None:
+    """
+    Two adoptions of one name whose files are read at the same time: one
+    state, one swap, both answer that the name is served, and nothing is
+    ordered; an order of that name meanwhile waits for the same reads and
+    orders nothing either.
+    """
+    manager, fake, clock, store, held = startedHolding(tmp_path)
+    swaps: list[object] = []
+    store.listeners.append(swaps.append)
+    storedElsewhere(manager, fake, "stored.example")
+    with capturedLogs() as events:
+        first = manager.adoptStored("stored.example")
+        second = manager.adoptStored("stored.example")
+        ordered = manager.obtain("stored.example")
+        assert len(held.calls) == 3 and served(store, "stored.example") is None
+        held.release()
+    assert first.result is True and second.result is True and ordered.called
+    assert len(swaps) == 1 and served(store, "stored.example") is not None
+    assert manager.states["stored.example"].onDemand
+    assert [e["name"] for e in events if e.get("log_format", "").startswith("ACME: serving")] == ["stored.example"]
+    clock.advance(0)
+    held.release()
+    assert fake.orders == ["app.example"]
+
+
+def test_concurrentOrdersOrderOnce(tmp_path: Path) -> None:
+    """
+    Two on-demand orders of a name storage holds nothing for, whose reads
+    are at the same time: one order; the second, answered once the first
+    was served, neither orders nor serves again.
+    """
+    manager, fake, clock, store, held = startedHolding(tmp_path)
+    swaps: list[object] = []
+    store.listeners.append(swaps.append)
+    first = manager.obtain("new.example")
+    second = manager.obtain("new.example")
+    # The first order runs to its end while the second's read waits.
+    held.release(keep=1)
+    assert first.called and not second.called
+    assert fake.orders == ["app.example", "new.example"] and len(swaps) == 1
+    entry = served(store, "new.example")
+    held.release()
+    assert second.called
+    clock.advance(0)
+    held.release()
+    assert fake.orders == ["app.example", "new.example"] and len(swaps) == 1
+    assert served(store, "new.example") is entry
+
+
+def test_stopWhileStorageIsRead(tmp_path: Path) -> None:
+    """
+    The manager stopped while the files of an on-demand name are read:
+    nothing is served, scheduled or ordered once the read is over, and the
+    callers are answered.
+    """
+    manager, fake, clock, store, held = startedHolding(tmp_path)
+    storedElsewhere(manager, fake, "stored.example")
+    adopted = manager.adoptStored("stored.example")
+    ordered = manager.obtain("new.example")
+    manager.stopService()
+    held.release()
+    assert adopted.result is False and ordered.called
+    assert served(store, "stored.example") is None and served(store, "new.example") is None
+    assert "stored.example" not in manager.states and "new.example" not in manager.states
+    clock.advance(DAY)
+    held.release()
+    assert fake.orders == ["app.example"] and clock.getDelayedCalls() == []
+
+
+def lockedElsewhere(manager: ACMEManager, name: str) -> bool:
+    """Whether another process finds the lock of C{name} held."""
+    import subprocess
+    import sys
+
+    taking = subprocess.run(
+        [sys.executable, "-c",
+         "from edgeproxy.acme.storage import Storage;"
+         f"print(Storage({manager.storage.root!r}, {manager.settings.directory!r}).lock({name!r}).acquire())"],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert taking.stdout.strip() in ("True", "False"), taking.stderr
+    return taking.stdout.strip() == "False"
+
+
+def test_stopWhileAnOrderReadsStorage(tmp_path: Path) -> None:
+    """
+    The manager stopped while an order (here, the first one at start) looks
+    in storage: no order, and the name's lock is released.
+    """
+    held = HeldCalls()
+    manager, fake, clock, store, _ = managerFor(tmp_path, runInThread=held)
+    manager.startService()
+    clock.advance(0)
+    # The lock taken, the read of storage waits.
+    [(acquire, _, locked)] = held.calls
+    held.calls.clear()
+    maybeDeferred(acquire).chainDeferred(locked)
+    assert len(held.calls) == 1
+    manager.stopService()
+    held.release()
+    assert fake.orders == [] and served(store, "app.example") is None
+    assert lockedElsewhere(manager, "app.example") is False
 
 
 def test_restartServesStoredWithoutOrdering(setup: Any, tmp_path: Path) -> None:

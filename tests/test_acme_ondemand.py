@@ -25,8 +25,9 @@ from edgeproxy.acme.ondemand import REMEMBER, OnDemand
 from edgeproxy.acme.setup import onDemandGate
 from edgeproxy.tls.store import CertificateStore
 
-from .test_acme_manager import DAY, FakeCA, managerFor, restarted, writeConfig
+from .test_acme_manager import DAY, FakeCA, HeldCalls, managerFor, restarted, storedElsewhere, writeConfig
 from .test_tls_store import served
+from .tlsutil import InsecureClientCreator, connectTLS
 
 DEFAULT = "fallback.invalid"
 """The common name of the default certificate."""
@@ -156,6 +157,30 @@ def test_storedNamesServedAfterARestartOutsideTheRateLimit(tmp_path: Path) -> No
     # The one order the limit allows at once is still there.
     assert served(again.store, "four.example") == "four.example"
     assert again.ca.orders == ["four.example"]
+
+
+def test_storedCertificateReadInAThreadWhileHandshakesGoOn(tmp_path: Path) -> None:
+    """
+    A handshake for a name whose certificate storage holds waits while the
+    files are read through C{runInThread}, not on the reactor thread:
+    meanwhile other handshakes are served, and the waiting one is sent
+    nothing; once the read is over it gets the stored certificate, with no
+    question to the C{ask} service and no order.
+    """
+    held = HeldCalls()
+    manager, ca, clock, store, _ = managerFor(tmp_path, onDemandLines(), runInThread=held)
+    storedElsewhere(manager, ca, "stored.example")
+    site = _started(manager, ca, clock, store, Ask({"stored.example"}))
+    held.release()  # the order, at start, of the configured route's name
+    ca.orders.clear()
+
+    waiting = connectTLS(store.serverConnectionCreator(), InsecureClientCreator("stored.example"))
+    assert len(held.calls) == 1 and waiting.peerCertificate is None
+    assert served(store, "app.example") == "app.example"
+    held.release()
+    waiting.pump.flush()
+    assert waiting.established and waiting.commonNames == ["stored.example"]
+    assert site.ca.orders == [] and site.ask.asked == []
 
 
 def test_settingsFollowAReload(tmp_path: Path) -> None:

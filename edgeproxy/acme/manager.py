@@ -15,11 +15,15 @@ L{edgeproxy.tls.store.CertificateStore.setManaged}, one swap, no
 connection dropped.  On any doubt the certificate served stays.
 
 Nothing here blocks start-up or a handshake: a name without a certificate
-gets the default certificate until its own arrives.  A failure is logged
-once per attempt with the CA's problem document, counted, shown in
-C{/status}, and retried after L{edgeproxy.acme.policy.retryDelay}
-(C{Retry-After} honoured).  A CA that cannot be reached changes nothing
-for names whose certificates are still valid.
+gets the default certificate until its own arrives.  Once anything is
+served, C{storage} is read in a thread too (an on-demand name found there,
+L{ACMEManager.adoptStored}; the look before an order): a slow or
+network-mounted directory holds up only the handshakes waiting for that
+name.  A failure is logged once per attempt with the CA's problem
+document, counted, shown in C{/status}, and retried after
+L{edgeproxy.acme.policy.retryDelay} (C{Retry-After} honoured).  A CA
+that cannot be reached changes nothing for names whose certificates are
+still valid.
 
 With C{workers = N} the supervisor runs the manager; challenges and
 certificates reach the workers through the hooks L{onChallenges} and the
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from edgeproxy.acme import policy
@@ -226,25 +230,68 @@ class ACMEManager(Service):
         self._queue = []
         return None
 
-    def _loadStored(self, name: str) -> CertificateEntry | None:
-        try:
-            stored = self.storage.load(name)
-        except (OSError, ValueError) as e:
-            log.warn("ACME: cannot read the stored certificate of {name}: {why}", name=name, why=str(e))
-            return None
+    def _readStored(self, name: str, now: float) -> CertificateEntry | None:
+        """
+        Read the certificate C{storage} holds for C{name} and check it as a
+        file is (L{loadEntry}, valid at C{now}).  It blocks on the files and
+        logs nothing: it may run in a thread (L{_loadStoredInThread}).
+
+        @return: the entry, or L{None} when C{storage} holds none for
+            C{name}.
+        @raise OSError: C{storage} cannot be read.
+        @raise ValueError: C{name} cannot be stored (L{Storage.folder}).
+        @raise CertificateError: the stored certificate is not valid.
+        """
+        stored = self.storage.load(name)
         if stored is None:
             return None
+        return loadEntry(stored.certificatePath, stored.keyPath, now, section="acme", key="storage")
+
+    def _loadStored(self, name: str) -> CertificateEntry | None:
+        """
+        The certificate C{storage} holds for C{name}, if it may be served
+        (L{_servable}).  The files are read on the reactor thread: at
+        start only, before anything is served; L{_loadStoredInThread}
+        otherwise.
+        """
         try:
-            entry = loadEntry(stored.certificatePath, stored.keyPath, self._reactor.seconds(), section="acme", key="storage")
-        except CertificateError as e:
-            log.warn("ACME: the stored certificate of {name} is not served: {why}", name=name, why=str(e))
+            entry = self._readStored(name, self._reactor.seconds())
+        except (OSError, ValueError, CertificateError) as e:
+            return self._servable(name, e)
+        return self._servable(name, entry)
+
+    async def _loadStoredInThread(self, name: str) -> CertificateEntry | None:
+        """L{_loadStored}, the files read in a thread (L{_inThread}): a slow
+        C{storage} holds up nothing but what waits for this name."""
+        try:
+            entry = await self._inThread(self._readStored, name, self._reactor.seconds())
+        except (OSError, ValueError, CertificateError) as e:
+            return self._servable(name, e)
+        return self._servable(name, entry)
+
+    def _servable(self, name: str, read: CertificateEntry | Exception | None) -> CertificateEntry | None:
+        """
+        On the reactor: the entry L{_readStored} read for C{name}, marked as
+        ACME's, if it may be served (it names C{name}); otherwise L{None},
+        and why logged.
+
+        @param read: that entry, L{None} when C{storage} held none, or the
+            exception L{_readStored} raised.
+        """
+        if isinstance(read, CertificateError):
+            log.warn("ACME: the stored certificate of {name} is not served: {why}", name=name, why=str(read))
             return None
-        if name not in entry.names:
+        if isinstance(read, Exception):
+            log.warn("ACME: cannot read the stored certificate of {name}: {why}", name=name, why=str(read))
+            return None
+        if read is None:
+            return None
+        if name not in read.names:
             log.warn("ACME: the stored certificate of {name} does not name it; not served", name=name)
             return None
         from dataclasses import replace
 
-        return replace(entry, source="acme")
+        return replace(read, source="acme")
 
     def _swap(self) -> None:
         """Serve the managed entries of every name, as one snapshot swap."""
@@ -331,25 +378,37 @@ class ACMEManager(Service):
 
     # On demand --------------------------------------------------------------
 
-    def adoptStored(self, name: str) -> bool:
+    def adoptStored(self, name: str) -> Deferred[bool]:
         """
         Serve the certificate C{storage} holds for C{name}, if it is valid
         (an on-demand name seen again after a restart); from then on the
-        name is renewed as the others.  Asks nothing of the CA.
+        name is renewed as the others.  Asks nothing of the CA.  The files
+        are read in a thread (L{_loadStoredInThread}); a name another call
+        adopted, or began to manage, meanwhile is left as that call left
+        it, and nothing is served if the manager stopped meanwhile.
 
-        @return: whether C{name} is served now.
+        @return: fires with whether C{name} is served now.
         """
+        return Deferred.fromCoroutine(self._adoptStored(name))
+
+    async def _adoptStored(self, name: str) -> bool:
         state = self.states.get(name)
-        if state is not None:
-            return state.entry is not None
-        entry = self._loadStored(name)
-        if entry is None:
-            return False
-        log.info("ACME: serving the certificate for {name} found in storage", name=name)
-        state = self.states[name] = NameState(name, onDemand=True)
-        self._serve(state, entry)
-        self._schedule(0)
-        return True
+        if state is None:
+            running = self.running
+            entry = await self._loadStoredInThread(name)
+            # Another call may have adopted the name, or begun to manage
+            # it, while the files were read: as that call left it.
+            state = self.states.get(name)
+            if state is None:
+                if entry is None or (running and not self.running):
+                    # Nothing stored, or stopped while the files were read.
+                    return False
+                log.info("ACME: serving the certificate for {name} found in storage", name=name)
+                state = self.states[name] = NameState(name, onDemand=True)
+                self._serve(state, entry)
+                self._schedule(0)
+                return True
+        return state.entry is not None
 
     def backingOff(self, name: str) -> float | None:
         """The seconds left before C{name} may be ordered again after a
@@ -363,19 +422,28 @@ class ACMEManager(Service):
     def obtain(self, name: str) -> Deferred[None]:
         """
         Manage C{name} from now on (an on-demand name) and order its
-        certificate now, unless storage holds a valid one or the name is
-        backing off after a failure (L{backingOff}); fires when that
-        attempt is over (with or without a certificate).
+        certificate now, unless storage holds a valid one
+        (L{adoptStored}) or the name is backing off after a failure
+        (L{backingOff}); fires when that attempt is over (with or without
+        a certificate).  Nothing is ordered if the manager stopped while
+        storage was read.
         """
-        if self.adoptStored(name) or self.backingOff(name) is not None:
-            return succeed(None)
+        return Deferred.fromCoroutine(self._obtainOnDemand(name))
+
+    async def _obtainOnDemand(self, name: str) -> None:
+        running = self.running
+        if await self.adoptStored(name) or self.backingOff(name) is not None:
+            return
+        if running and not self.running:
+            # Stopped while the files were read: no order.
+            return
         state = self.states.setdefault(name, NameState(name, onDemand=True))
         waiter: Deferred[None] = Deferred()
         self._waiters.setdefault(name, []).append(waiter)
         if not state.busy and not any(queued == name for queued, _ in self._queue):
             self._queue.append((name, "on demand"))
             self._startWork()
-        return waiter
+        await waiter
 
     # One order ----------------------------------------------------------------
 
@@ -388,7 +456,10 @@ class ACMEManager(Service):
             return
         try:
             # Another machine sharing the storage may have been faster.
-            stored = self._loadStored(name)
+            stored = await self._loadStoredInThread(name)
+            if not self.running:
+                # Stopped while the files were read: no order now.
+                return
             if stored is not None and (state.entry is None or stored.notAfter > state.entry.notAfter):
                 decision = policy.decide(
                     self._reactor.seconds(), stored.notAfter.timestamp(), self._renewalTime(stored, None)

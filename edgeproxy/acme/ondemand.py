@@ -13,10 +13,10 @@ refused recently, not a DNS name), so ordinary handshakes pay one
 dictionary lookup.
 
 For a new name, in this order: a valid certificate C{storage} holds for it
-(from before a restart) is served, without asking anyone or spending the
-rate limit; a name whose last order failed is refused until its back-off
-(and the CA's C{Retry-After}) is over; then the C{ask} service, then the
-rate limit, then the order.
+(from before a restart; its files read in a thread) is served, without
+asking anyone or spending the rate limit; a name whose last order failed
+is refused until its back-off (and the CA's C{Retry-After}) is over; then
+the C{ask} service, then the rate limit, then the order.
 
 The C{ask} service is asked C{GET ASK?domain=NAME} (the convention Caddy
 uses): a 2xx answer allows the name, anything else refuses it.  Answers are
@@ -81,7 +81,7 @@ class _Manager(Protocol):
 
     def serves(self, name: str) -> bool: ...
 
-    def adoptStored(self, name: str) -> bool: ...
+    def adoptStored(self, name: str) -> Deferred[bool]: ...
 
     def backingOff(self, name: str) -> float | None: ...
 
@@ -160,7 +160,7 @@ class OnDemand:
             self._refused.popitem(last=False)
 
     async def _obtain(self, name: str) -> None:
-        if self.manager.adoptStored(name):
+        if await self.manager.adoptStored(name):
             return
         left = self.manager.backingOff(name)
         if left is not None:
