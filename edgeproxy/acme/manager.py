@@ -222,7 +222,7 @@ class ACMEManager(Service):
         )
         self._schedule(0)
 
-    def stopService(self) -> Deferred[None] | None:  # type: ignore[override]
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
