@@ -137,7 +137,10 @@ def basic(user: bytes, password: bytes) -> list[tuple[bytes, bytes]]:
 
 
 def bearer(subject: str) -> list[tuple[bytes, bytes]]:
-    token = jwt.encode({"sub": subject, "exp": int(time.time()) + 300}, SECRET, algorithm="HS256")
+    # Made when the tests are collected (USERS): valid for a day, not
+    # minutes, so that a slow suite reaching these tests late still finds
+    # them valid.
+    token = jwt.encode({"sub": subject, "exp": int(time.time()) + 86400}, SECRET, algorithm="HS256")
     return [(b"Authorization", b"Bearer " + token.encode("ascii"))]
 
 
