@@ -26,6 +26,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 
 from edgeproxy.accesslog import AccessLog, LineWriter, formatCombined, formatJSON
@@ -277,3 +278,23 @@ def test_callbackLoggedWithoutTheCode() -> None:
         assert "c0de" not in line and "s1" not in line
     assert [status for status, _ in callbacks] == [b"403", b"403"]
     assert '"rule":"auth staff' in callbacks[0][1] and '"rule":"allow' in callbacks[1][1]
+
+
+def test_discoveryRefusedBeforeAnyConnection() -> None:
+    """
+    An issuer whose discovery URL the HTTP client refuses at once (here a
+    host name with an empty label) is a discovery failure like any other:
+    logged, and the request answered (502), not an exception out of the
+    stage.
+    """
+    settings = replace(SETTINGS, issuer="https://idp..example")
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        edge = Edge(Provider(), settings)
+        client = edge.send(fields=PAGE)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert client.status == 502
+    lines = [formatEvent(event) for event in events]
+    assert any("cannot discover the OpenID provider https://idp..example" in line for line in lines)

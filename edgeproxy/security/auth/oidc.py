@@ -198,9 +198,14 @@ class OIDCAuthenticator:
 
     def discover(self) -> Deferred[None]:
         """Fetch the discovery document (once at a time); never fails."""
-        if self._discovering is None:
-            self._discovering = ensureDeferred(self._discover())
-            self._discovering.addErrback(self._discoveryFailed)
+        discovering = self._discovering
+        if discovering is None:
+            discovering = ensureDeferred(self._discover())
+            discovering.addErrback(self._discoveryFailed)
+            if not discovering.called:
+                # (One that is over already, a URL refused before any
+                # connection, cleared the attribute itself: not kept.)
+                self._discovering = discovering
         waiter: Deferred[None] = Deferred()
 
         def done(result: object) -> object:
@@ -208,7 +213,7 @@ class OIDCAuthenticator:
                 waiter.callback(None)
             return result
 
-        self._discovering.addBoth(done)
+        discovering.addBoth(done)
         return waiter
 
     async def _discover(self) -> None:
