@@ -31,6 +31,7 @@ a reload that changes routes changes it for new connections.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 from OpenSSL import SSL
@@ -111,9 +112,6 @@ class ClientAuth:
         with open(listener.client_ca, "rb") as f:
             pem = f.read()
         self.key = hashlib.sha256(pem).hexdigest()[:16]
-        from cryptography import x509
-
-        self._authorities = x509.load_pem_x509_certificates(pem)
         self._cache: tuple[int, tuple[frozenset[str], frozenset[str], bool]] | None = None
 
     def _hosts(self) -> tuple[frozenset[str], frozenset[str], bool]:
@@ -153,7 +151,10 @@ class ClientAuth:
         C{level}, with a session-ID context of its own."""
         assert self.listener.client_ca is not None
         context.load_verify_locations(self.listener.client_ca)
-        context.set_client_ca_list([_name(authority) for authority in self._authorities])
+        # The names sent in the CertificateRequest: every certificate's
+        # subject in the file (pyOpenSSL's X509Name, which set_client_ca_list
+        # takes, is deprecated).
+        context.load_client_ca(os.fsencode(self.listener.client_ca))
         context.set_verify(verifyMode(level))
         # RFC 5246 / 8446: resumption is refused across session-ID
         # contexts, so a session made at "request" is never resumed at
@@ -167,12 +168,6 @@ def verifyMode(level: str) -> int:
     if level == "require":
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
     return mode
-
-
-def _name(certificate: Any) -> Any:
-    from OpenSSL.crypto import X509
-
-    return X509.from_cryptography(certificate).get_subject()
 
 
 def clientAuthFor(listener: Listener, site: Any) -> ClientAuth | None:
