@@ -267,14 +267,18 @@ def runWorker(
     # A PURGE request served here reaches the other workers through the
     # supervisor (edgeproxy.cache.operate).
     setRelay(lambda purge: channel.send({"op": "cache-purged", **purge}))
-    from edgeproxy.acme.worker import askForCertificates
+    from edgeproxy.acme.worker import askForCertificates, followerOf
 
     askForCertificates(service, channel)
     # The state of every backend before the first connection is accepted,
-    # so that no request goes to a backend the supervisor knows is down.
+    # so that no request goes to a backend the supervisor knows is down;
+    # the ACME certificates too, read at once (later ones in a thread).
     first, rest = readInitialState(0, INITIAL_STATE_TIMEOUT)
     for message in first:
-        agent.handle(message)
+        if message.get("op") == "acme-certificates":
+            followerOf(service).followNow([str(name) for name in message.get("names") or ()])
+        else:
+            agent.handle(message)
     # mypy reads twisted.internet.stdio's Windows branch, whose StandardIO
     # takes no stdin/stdout; the POSIX one does.
     StandardIO(channel, stdin=0, stdout=controlFd, reactor=reactor)  # type: ignore[call-arg]

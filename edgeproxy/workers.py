@@ -20,8 +20,9 @@ character, so a line is always one message).  Every message has an C{"op"}:
       followed by the question C{{"op": "acme-sync", "id"}}, answered once
       they are applied;
     - C{{"op": "acme-certificates", "names": [...]}}: the names whose ACME
-      certificates are served now; the worker loads them from C{[acme]
-      storage} (validated as files are) and swaps them in;
+      certificates are served now; the worker reads from C{[acme] storage}
+      (in a thread) those whose files changed, validates them as files
+      are, and swaps them in (L{edgeproxy.acme.worker.CertificateFollower});
     - C{{"op": "cache-purge", "kind", "value", "soft", "tiers", "id"?}}: purge
       the cache (L{edgeproxy.cache.operate}); answered with C{"counts"} when
       it has an C{id} (an admin purge), not when it relays a worker's.

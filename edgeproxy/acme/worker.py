@@ -10,9 +10,12 @@ answer.  See L{edgeproxy.workers} for the messages.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from edgeproxy.acme.ondemand import WAIT
@@ -20,47 +23,180 @@ from edgeproxy.acme.storage import Storage
 from edgeproxy.errors import CertificateError
 from edgeproxy.tls.certs import CertificateEntry, loadEntry
 
-__all__ = ["applyCertificates", "askForCertificates"]
+__all__ = ["CertificateFollower", "applyCertificates", "askForCertificates", "followerOf"]
 
 log = Logger(namespace="edgeproxy.acme.worker")
 
 
-def applyCertificates(service: Any, names: list[str]) -> None:
-    """Serve the stored ACME certificates of C{names}, in place of the
-    previous ones (one swap); one that cannot be loaded keeps what this
-    process served for that name."""
-    store = getattr(service, "store", None)
-    settings = service.config.acme
-    if store is None or settings is None:
-        return
+Signature = tuple[tuple[int, int, int], tuple[int, int, int]]
+"""A stored certificate's two files as C{os.stat} saw them (inode, size,
+modification time of the certificate, then of the key)."""
+
+
+def _signature(certificatePath: str, keyPath: str) -> Signature:
+    cert, key = os.stat(certificatePath), os.stat(keyPath)
+    return (cert.st_ino, cert.st_size, cert.st_mtime_ns), (key.st_ino, key.st_size, key.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What one name's files gave: an entry, or why not."""
+
+    name: str
+    signature: Signature | None
+    entry: CertificateEntry | None
+    why: str | None = None
+    again: bool = True
+    """Whether the files were read (not the same as last time)."""
+
+
+def _readStored(settings: Any, names: list[str], known: dict[str, tuple[Signature, CertificateEntry]],
+                now: float) -> list[_Read]:
+    """
+    Read the stored certificates of C{names} (in a thread: files and
+    parsing only, no logging, nothing of the reactor's), except those whose
+    files are the ones C{known} says were read before.
+    """
     storage = Storage(settings.storage, settings.directory)
-    served = {entry.names[0] if entry.names else "": entry for entry in store.managed}
-    entries: list[CertificateEntry] = []
-    now = service._reactor.seconds()
+    results = []
     for name in names:
         try:
             stored = storage.load(name)
             if stored is None:
                 raise CertificateError("not in storage", file=storage.folder(name), section="acme", key="storage")
+            signature = _signature(stored.certificatePath, stored.keyPath)
+            previous = known.get(name)
+            if previous is not None and previous[0] == signature:
+                results.append(_Read(name, signature, previous[1], again=False))
+                continue
             entry = replace(loadEntry(stored.certificatePath, stored.keyPath, now, section="acme", key="storage"),
                             source="acme")
         except (CertificateError, OSError, ValueError) as e:
-            log.warn("ACME: the certificate of {name} is not swapped in: {why}", name=name, why=str(e))
-            previous = served.get(name)
-            if previous is not None:
-                entries.append(previous)
+            results.append(_Read(name, None, None, str(e)))
             continue
-        previous = served.get(name)
-        if previous is not None and previous.certificate == entry.certificate:
-            entries.append(previous)
+        results.append(_Read(name, signature, entry))
+    return results
+
+
+def _deferToThread(reactor: Any) -> Callable[..., Deferred[Any]]:
+    from twisted.internet.threads import deferToThreadPool
+
+    return lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+
+
+class CertificateFollower:
+    """
+    Serve the stored ACME certificates the supervisor names
+    (C{acme-certificates}), in place of the previous ones (one swap per
+    message); one that cannot be loaded keeps what this process served for
+    that name.
+
+    Storage is read in a thread, so a worker serving thousands of names
+    does not stop serving while it reads them, and only the names whose
+    files changed since they were last read are read again: the supervisor
+    names every certificate in every message (each issuance, each
+    renewal).  A message that comes while a read is under way waits for it;
+    of several such, only the last is read (each names all there is).
+    """
+
+    def __init__(self, service: Any, runInThread: Callable[..., Deferred[Any]] | None = None) -> None:
+        self._service = service
+        self._inThread = runInThread or _deferToThread(service._reactor)
+        self._known: dict[str, tuple[Signature, CertificateEntry]] = {}
+        self._reading: Deferred[None] | None = None
+        self._next: list[str] | None = None
+        self._settled: list[Deferred[None]] = []
+
+    def follow(self, names: list[str]) -> None:
+        """The supervisor serves the certificates of C{names} now."""
+        if self._reading is not None:
+            self._next = names
+            return
+        self._start(names)
+
+    def followNow(self, names: list[str]) -> None:
+        """L{follow}, reading storage at once: for a worker's initial state,
+        read before its first connection is accepted (as the supervisor's
+        manager reads storage at start)."""
+        service = self._service
+        settings = service.config.acme
+        if getattr(service, "store", None) is None or settings is None:
+            return
+        self._apply(_readStored(settings, names, dict(self._known), service._reactor.seconds()))
+
+    def settled(self) -> Deferred[None]:
+        """Fires once no message is being read (at once when none is): a
+        handshake that waited for a name's certificate goes on then."""
+        waiter: Deferred[None] = Deferred()
+        if self._reading is None:
+            waiter.callback(None)
         else:
+            self._settled.append(waiter)
+        return waiter
+
+    def _start(self, names: list[str]) -> None:
+        service = self._service
+        settings = service.config.acme
+        if getattr(service, "store", None) is None or settings is None:
+            return
+        reading = self._inThread(_readStored, settings, names, dict(self._known), service._reactor.seconds())
+        self._reading = reading
+        reading.addCallback(self._apply)
+        reading.addErrback(lambda failure: log.failure("ACME: reading the stored certificates failed", failure))
+        reading.addBoth(self._done)
+
+    def _done(self, _: object) -> None:
+        self._reading = None
+        names, self._next = self._next, None
+        if names is not None:
+            self._start(names)
+        if self._reading is None:
+            waiters, self._settled = self._settled, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def _apply(self, results: list[_Read]) -> None:
+        store = self._service.store
+        if store is None:
+            return
+        served = {entry.names[0] if entry.names else "": entry for entry in store.managed}
+        entries: list[CertificateEntry] = []
+        known: dict[str, tuple[Signature, CertificateEntry]] = {}
+        for read in results:
+            name = read.name
+            previous = served.get(name)
+            if read.entry is None or read.signature is None:
+                log.warn("ACME: the certificate of {name} is not swapped in: {why}", name=name, why=read.why)
+                if previous is not None:
+                    entries.append(previous)
+                continue
+            entry = read.entry
+            if previous is not None and previous.certificate == entry.certificate:
+                entry = previous
+            elif read.again:
+                log.info("ACME: certificate for {name} swapped in, valid until {notAfter}",
+                         name=name, notAfter=entry.notAfter.isoformat())
             entries.append(entry)
-            log.info("ACME: certificate for {name} swapped in, valid until {notAfter}",
-                     name=name, notAfter=entry.notAfter.isoformat())
-    try:
-        store.setManaged(entries)
-    except Exception:
-        log.failure("ACME: the certificates from the supervisor were refused; serving the previous ones")
+            known[name] = (read.signature, entry)
+        self._known = known
+        try:
+            store.setManaged(entries)
+        except Exception:
+            log.failure("ACME: the certificates from the supervisor were refused; serving the previous ones")
+
+
+def followerOf(service: Any) -> CertificateFollower:
+    """The service's L{CertificateFollower} (made on first use)."""
+    follower = getattr(service, "acmeFollower", None)
+    if follower is None:
+        follower = service.acmeFollower = CertificateFollower(service)
+    return follower
+
+
+def applyCertificates(service: Any, names: list[str]) -> None:
+    """Follow the supervisor's C{acme-certificates} message (see
+    L{CertificateFollower})."""
+    followerOf(service).follow(names)
 
 
 def askForCertificates(service: Any, channel: Any) -> None:
@@ -80,7 +216,10 @@ def askForCertificates(service: Any, channel: Any) -> None:
         for entry in store.managed:
             if name in entry.names:
                 return None
-        return channel.ask("acme-demand", WAIT, name=name).addErrback(lambda _: None)
+        # The supervisor answers after it sent the names with the new
+        # certificate: the handshake goes on once they are read and served.
+        asked = channel.ask("acme-demand", WAIT, name=name).addErrback(lambda _: None)
+        return asked.addCallback(lambda _: followerOf(service).settled())
 
     def follow(config: Any) -> None:
         store = service.store
