@@ -98,7 +98,6 @@ def tlsOptions(pem: bytes) -> Any:
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    from OpenSSL import crypto
     from twisted.internet import ssl
 
     key = serialization.load_pem_private_key(pem, password=None)
@@ -117,11 +116,12 @@ def tlsOptions(pem: bytes) -> Any:
     leaf = leaves[0]
     chain = [c for c in certificates if c is not leaf and c.subject != c.issuer]
     return ssl.CertificateOptions(
-        # A key type pyOpenSSL cannot wrap (X25519, DH...) is refused there,
-        # with a TypeError naming it.
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(leaf),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain],
+        # cryptography's objects, which pyOpenSSL's context takes as they
+        # are (its own X509 and PKey are deprecated there); Twisted's
+        # annotations still name pyOpenSSL's.
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=leaf,  # type: ignore[arg-type]
+        extraCertChain=chain,  # type: ignore[arg-type]
     )
 
 

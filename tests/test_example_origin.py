@@ -41,8 +41,8 @@ def test_tlsOptionsSendLeafAndIntermediate(tmp_path: Path) -> None:
     leaf = intermediate.issue(["origin.internal"])
     path = leaf.writePEM(tmp_path / "origin.pem", order="key-last")
     options = tlsOptions(path.read_bytes())
-    assert options.certificate.to_cryptography() == leaf.certificate
-    assert [c.to_cryptography() for c in options.extraCertChain] == [intermediate.certificate]
+    assert options.certificate == leaf.certificate
+    assert options.extraCertChain == [intermediate.certificate]
     assert isinstance(options.getContext(), SSL.Context)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
@@ -725,8 +725,8 @@ def _memoryPair(
 
     leaf = CertificateAuthority().issue(["localhost"])
     serverContext = SSL.Context(SSL.TLS_METHOD)
-    serverContext.use_certificate(crypto.X509.from_cryptography(leaf.certificate))
-    serverContext.use_privatekey(crypto.PKey.from_cryptography_key(leaf.key))
+    serverContext.use_certificate(leaf.certificate)
+    serverContext.use_privatekey(leaf.key)
     serverContext.set_max_proto_version(
         SSL.TLS1_3_VERSION if version == TLSVersion.TLSv1_3 else SSL.TLS1_2_VERSION
     )
