@@ -27,6 +27,7 @@ from edgeproxy.config.model import Config
 from edgeproxy.metrics import Metrics
 from edgeproxy.tls.store import CertificateStore
 from tests.certutil import CertificateAuthority
+from tests.threadutil import HeldCalls
 
 DAY = 86400.0
 
@@ -76,37 +77,6 @@ hosts = app.example
 upstream = app
 """)
     return load(str(tmp_path / "edge.ini"))
-
-
-class HeldCalls:
-    """
-    A C{runInThread} that runs nothing until told: each call waits in
-    L{calls}, as it would for a slow storage directory, until L{release}.
-
-    @ivar calls: the calls held: (function, arguments, the Deferred the
-        caller got).
-    """
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
-
-    def __call__(self, f: Callable[..., Any], *a: Any) -> Deferred[Any]:
-        result: Deferred[Any] = Deferred()
-        self.calls.append((f, a, result))
-        return result
-
-    def release(self, keep: int | None = None) -> None:
-        """
-        Run the calls held, and those they lead to, in order.
-
-        @param keep: the index of one call held now to hold on.
-        """
-        kept = None if keep is None else self.calls.pop(keep)
-        while self.calls:
-            f, a, result = self.calls.pop(0)
-            maybeDeferred(f, *a).chainDeferred(result)
-        if kept is not None:
-            self.calls.append(kept)
 
 
 def managerFor(

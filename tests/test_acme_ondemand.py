@@ -25,8 +25,9 @@ from edgeproxy.acme.ondemand import REMEMBER, OnDemand
 from edgeproxy.acme.setup import onDemandGate
 from edgeproxy.tls.store import CertificateStore
 
-from .test_acme_manager import DAY, FakeCA, HeldCalls, managerFor, restarted, storedElsewhere, writeConfig
+from .test_acme_manager import DAY, FakeCA, managerFor, restarted, storedElsewhere, writeConfig
 from .test_tls_store import served
+from .threadutil import HeldCalls
 from .tlsutil import InsecureClientCreator, connectTLS
 
 DEFAULT = "fallback.invalid"

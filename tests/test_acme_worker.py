@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
@@ -30,6 +29,7 @@ from edgeproxy.serve.service import EdgeService
 from edgeproxy.workers import ControlChannel, answer
 
 from .certutil import CertificateAuthority
+from .threadutil import HeldCalls
 from .tlsutil import InsecureClientCreator, TLSConnection, connectTLS
 
 INI = """\
@@ -106,29 +106,6 @@ def test_reloadTurnsTheWaitsOnAndOff(tmp_path: Path) -> None:
     assert demands(wire) == ["new.example"]
 
 
-class HeldCalls:
-    """A C{runInThread} that keeps each call until L{release} runs it (as
-    the thread would, later)."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
-
-    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
-        held: Deferred[Any] = Deferred()
-        self.calls.append((f, args, held))
-        return held
-
-    def release(self) -> None:
-        calls, self.calls = self.calls, []
-        for f, args, held in calls:
-            try:
-                result = f(*args)
-            except Exception:
-                held.errback()
-            else:
-                held.callback(result)
-
-
 class Worker:
     """A worker's service (C{onDemand} as its configuration says), its
     control channel to the supervisor, and its ACME storage."""
@@ -187,7 +164,7 @@ def test_storedCertificatesAreReadInAThread(tmp_path: Path) -> None:
     applyCertificates(worker.service, ["a.example"])
     assert len(worker.held.calls) == 1
     assert worker.connect("a.example").commonNames == ["localhost"]
-    worker.held.release()
+    worker.held.releaseHeld()
     assert worker.connect("a.example").peerCertificate == stored
 
 
@@ -202,7 +179,7 @@ def test_onlyChangedFilesAreReadAgain(tmp_path: Path, warnings: list[str]) -> No
     worker.store("a.example")
     unchanged = worker.store("b.example")
     applyCertificates(worker.service, ["a.example", "b.example"])
-    worker.held.release()
+    worker.held.releaseHeld()
     assert warnings == []
 
     path = Path(worker.storage.folder("b.example")) / "certificate.pem"
@@ -212,7 +189,7 @@ def test_onlyChangedFilesAreReadAgain(tmp_path: Path, warnings: list[str]) -> No
     renewed = worker.store("a.example")
 
     applyCertificates(worker.service, ["a.example", "b.example"])
-    worker.held.release()
+    worker.held.releaseHeld()
     assert worker.connect("a.example").peerCertificate == renewed
     assert worker.connect("b.example").peerCertificate == unchanged
     assert warnings == []
@@ -229,9 +206,9 @@ def test_messagesDuringAReadAreReadOnceAfterIt(tmp_path: Path) -> None:
     applyCertificates(worker.service, ["a.example", "b.example"])
     applyCertificates(worker.service, ["a.example", "b.example", "c.example"])
     assert len(worker.held.calls) == 1
-    worker.held.release()
+    worker.held.releaseHeld()
     assert len(worker.held.calls) == 1
-    worker.held.release()
+    worker.held.releaseHeld()
     assert worker.held.calls == []
     for name, certificate in certificates.items():
         assert worker.connect(name).peerCertificate == certificate
@@ -256,7 +233,7 @@ def test_onDemandHandshakeWaitsForTheCertificateToBeRead(tmp_path: Path) -> None
     connection.pump.flush()
     assert not connection.established
 
-    worker.held.release()
+    worker.held.releaseHeld()
     connection.pump.flush()
     assert connection.established
     assert connection.peerCertificate == stored
