@@ -788,3 +788,46 @@ def test_manyLargeMissesAtOnceHoldBoundedMemory() -> None:
     assert [site.one(client)[2] for client in clients] == [b"z" * 15000] * 4
     stored = [site.stores.memory.get(b"http://app.example/%d" % i) is not None for i in range(4)]
     assert stored == [True, True, False, False]
+
+
+@pytest.mark.parametrize(
+    "newVary, objects",
+    [([], 1), ([(b"Vary", b"Accept-Language, X-Device")], 2)],
+    ids=["no-vary", "other-vary"],
+)
+def test_revalidationStoredUnderANewKeyRemovesTheOldOne(newVary: list[tuple[bytes, bytes]], objects: int) -> None:
+    """
+    A stale variant whose revalidation is answered in full with another
+    C{Vary} is stored under another key: the old one, which no lookup can
+    reach any more, does not stay in the store until it is evicted (what
+    is left: the new response, and the marker that lists its C{Vary}).
+    """
+    site = Site()
+    english = [(b"Accept-Language", b"en")]
+    first = site.get(headers=english)
+    site.answer(site.sent[0], fields=FRESH + [(b"Vary", b"Accept-Language")], body=b"hello")
+    assert site.one(first)[2] == b"hello"
+    site.clock.advance(70)
+    client = site.get(headers=english)
+    site.answer(site.sent[1], fields=FRESH + newVary, body=b"new")
+    assert site.one(client)[2] == b"new"
+    assert site.one(site.get(headers=english))[2] == b"new"
+    assert len(site.sent) == 2
+    assert len(site.stores.memory) == objects
+
+
+def test_revalidationAnsweredWithAVaryKeepsItsMarker() -> None:
+    """
+    The other way round: an entry stored without C{Vary}, replaced by a
+    response with one, leaves the marker at the URL's key (where the old
+    entry was) and the new variant, and both serve.
+    """
+    site = Site()
+    english = [(b"Accept-Language", b"en")]
+    stale(site)
+    client = site.get(headers=english)
+    site.answer(site.sent[1], fields=FRESH + [(b"Vary", b"Accept-Language")], body=b"new")
+    assert site.one(client)[2] == b"new"
+    assert site.one(site.get(headers=english))[2] == b"new"
+    assert len(site.sent) == 2
+    assert len(site.stores.memory) == 2

@@ -429,6 +429,15 @@ class Revalidation(Fetching):
             self.stage.stores.remove(self.entry.key)
         super().notStored()
 
+    def _stored(self, entry: Entry | None) -> None:
+        old = self.entry.key
+        if entry is not None and entry.key != old:
+            # The replacement went under another key (its Vary differs):
+            # no lookup reaches the old entry any more.  (Before the new
+            # marker goes in: the old key may be the URL's own.)
+            self.stage.stores.remove(old)
+        super()._stored(entry)
+
     def onError(self, call: Call, error: ProxyError) -> None:
         if self._staleAllowed():
             self.answered = True
