@@ -35,7 +35,7 @@ from edgeproxy.config.stagemodel import AuthSettings
 from edgeproxy.h1.fields import Fields
 from edgeproxy.pipeline.call import Call
 from edgeproxy.pipeline.testing import RecordingClient, RecordingNext, makeRequest, textResponse
-from edgeproxy.security.auth.oidc import OIDCAuthenticator
+from edgeproxy.security.auth.oidc import DISCOVERY_RETRY, OIDCAuthenticator
 from edgeproxy.pipeline.stages import RoutePipeline, buildPipelines
 from edgeproxy.routing import Router
 from edgeproxy.runtime import Runtime
@@ -70,6 +70,7 @@ class Provider(Resource):
         self.keyFields: dict[str, Any] = {"use": "sig", "alg": "ES256"}
         self.lifetime = 300
         self.discovery: dict[str, Any] = {}
+        self.discoveryFetches = 0
 
     def addKey(self, kid: str) -> str:
         self.keys[kid] = ec.generate_private_key(ec.SECP256R1())
@@ -77,6 +78,7 @@ class Provider(Resource):
 
     def render_GET(self, request: Any) -> bytes:
         if request.path == b"/.well-known/openid-configuration":
+            self.discoveryFetches += 1
             return json.dumps({
                 "issuer": ISSUER, "authorization_endpoint": ISSUER + "/auth",
                 "token_endpoint": ISSUER + "/token", "jwks_uri": ISSUER + "/jwks",
@@ -298,3 +300,31 @@ def test_discoveryRefusedBeforeAnyConnection() -> None:
     assert client.status == 502
     lines = [formatEvent(event) for event in events]
     assert any("cannot discover the OpenID provider https://idp..example" in line for line in lines)
+
+
+def test_failedDiscoveryIsNotRetriedAtOnce() -> None:
+    """
+    While the provider cannot be discovered (here its document names
+    another issuer), logins get 502 at once and the provider is asked again
+    (and the failure logged) at most every L{DISCOVERY_RETRY} seconds, not
+    once per request.
+    """
+    provider = Provider()
+    provider.discovery = {"issuer": "https://impostor.example"}
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        edge = Edge(provider)
+        statuses = [edge.send(fields=PAGE).status for _ in range(3)]
+        fetchesMeanwhile = provider.discoveryFetches
+        edge.clock.advance(DISCOVERY_RETRY)
+        provider.discovery = {}
+        redirect = edge.send(fields=PAGE)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert statuses == [502, 502, 502]
+    assert fetchesMeanwhile == 1
+    warnings = [formatEvent(e) for e in events if "cannot discover the OpenID provider" in formatEvent(e)]
+    assert len(warnings) == 1
+    assert redirect.status == 302
+    assert provider.discoveryFetches == 2

@@ -57,7 +57,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
 import jwt as pyjwt
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
 from edgeproxy.config.stagemodel import AuthSettings
@@ -75,6 +75,10 @@ log = Logger()
 LOGIN_SECONDS = 600.0
 """How long a login (from the redirect to the callback) may take."""
 DISCOVERY_WAIT = 10.0
+DISCOVERY_RETRY = 10.0
+"""Seconds after a failed discovery before a request may start another:
+while the provider is unreachable, logins get 502 at once, and the
+provider is asked (and the failure logged) at most this often."""
 USED_STATES = 100_000
 _ASYMMETRIC = frozenset(("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                          "ES256", "ES384", "ES512", "EdDSA"))
@@ -183,6 +187,7 @@ class OIDCAuthenticator:
         self.metadata: dict[str, Any] | None = None
         self.keys: KeySet | None = None
         self._discovering: Deferred[None] | None = None
+        self._discoveryFailedAt: float | None = None
         self._used: OrderedDict[str, float] = OrderedDict()
         self._unauthorized = ((b"www-authenticate", b'Bearer realm="edgeproxy"'),)
 
@@ -197,9 +202,13 @@ class OIDCAuthenticator:
     # Discovery -------------------------------------------------------------
 
     def discover(self) -> Deferred[None]:
-        """Fetch the discovery document (once at a time); never fails."""
+        """Fetch the discovery document (once at a time, and not again within
+        L{DISCOVERY_RETRY} of a failure); never fails."""
         discovering = self._discovering
         if discovering is None:
+            failedAt = self._discoveryFailedAt
+            if failedAt is not None and 0 <= self.reactor.seconds() - failedAt < DISCOVERY_RETRY:
+                return succeed(None)
             discovering = ensureDeferred(self._discover())
             discovering.addErrback(self._discoveryFailed)
             if not discovering.called:
@@ -239,6 +248,7 @@ class OIDCAuthenticator:
         self.keys = keys
         self.metadata = document
         self._discovering = None
+        self._discoveryFailedAt = None
         log.info("[auth:{name}] OpenID provider {issuer} discovered", name=self.settings.name, issuer=issuer)
 
     def _discoveryFailed(self, failure: Any) -> None:
@@ -246,6 +256,7 @@ class OIDCAuthenticator:
             "[auth:{name}] cannot discover the OpenID provider {issuer}: {why}",
             name=self.settings.name, issuer=self.settings.issuer, why=failure.getErrorMessage(),
         )
+        self._discoveryFailedAt = self.reactor.seconds()
         self._discovering = None
 
     # Requests ---------------------------------------------------------------
