@@ -321,7 +321,7 @@ class BodyPipe:
             and (not self._handed or self._kept is not None)
         )
 
-    def newAttempt(self) -> IBodyProducer:
+    def newAttempt(self) -> _BodyAttempt:
         """
         Start sending the body again, from its first byte, to a new backend
         request.

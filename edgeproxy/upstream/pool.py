@@ -470,9 +470,7 @@ class UpstreamPool:
             terms = self.terms
         if body is not None and terms.retries and method in IDEMPOTENT_METHODS:
             body.keepForReplay(REPLAY_LIMIT)
-        # A BodyPipe is a ReplayableBody, but bodies.py types newAttempt()
-        # as a bare IBodyProducer (it is a _BodyAttempt, with whenFinished).
-        exchange = Exchange(self, method, target, fields, body, hashKey, receiver, terms)  # type: ignore[arg-type]
+        exchange = Exchange(self, method, target, fields, body, hashKey, receiver, terms)
         exchange.proxyHeader = proxyHeader
         exchange.place()
         return exchange
