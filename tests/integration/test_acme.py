@@ -411,18 +411,23 @@ class AskService:
         self.server.server_close()
 
 
-def test_onDemandAskAllowsOneNameAndRefusesAnother(ca: CA, tmp_path: Path, notify: NotifyReceiver) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_onDemandAskAllowsOneNameAndRefusesAnother(
+    ca: CA, tmp_path: Path, notify: NotifyReceiver, workers: int
+) -> None:
     """
     on_demand: the handshake for a name the ask service allows waits for its
     certificate and gets it; a refused name gets the default certificate at
-    once, and nothing is ordered for it.
+    once, and nothing is ordered for it.  With two workers the supervisor
+    orders, and the worker whose handshake waited serves the new
+    certificate once it has read it from storage.
     """
     ask = AskService({"yes.test"})
     try:
         config, root = writeSite(
             tmp_path, ca,
             f"challenges = tls-alpn-01\non_demand = yes\nask = http://127.0.0.1:{ask.port}/check",
-            plain=False, hosts="*",
+            plain=False, hosts="*", workers=workers,
         )
         proxy = start(tmp_path, config, root, notify)
         try:
