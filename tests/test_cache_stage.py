@@ -831,3 +831,24 @@ def test_revalidationAnsweredWithAVaryKeepsItsMarker() -> None:
     assert site.one(site.get(headers=english))[2] == b"new"
     assert len(site.sent) == 2
     assert len(site.stores.memory) == 2
+
+
+def test_aNewVaryDropsTheVariantsOfTheOldOne() -> None:
+    """
+    The origin changes what its responses vary on: the response stored
+    under the new C{Vary} replaces the URL's marker, and every variant
+    stored under the old one (English and French here), which no lookup
+    can reach any more, goes with it.
+    """
+    site = Site()
+    for language, body in ((b"en", b"hello"), (b"fr", b"bonjour")):
+        client = site.get(headers=[(b"Accept-Language", language)])
+        site.answer(site.sent[-1], fields=FRESH + [(b"Vary", b"Accept-Language")], body=body)
+        assert site.one(client)[2] == body
+    assert len(site.stores.memory) == 3
+    german = site.get(headers=[(b"Accept-Language", b"de")])
+    site.answer(site.sent[-1], fields=FRESH + [(b"Vary", b"X-Device")], body=b"for every language")
+    assert site.one(german)[2] == b"for every language"
+    assert len(site.stores.memory) == 2
+    assert site.one(site.get(headers=[(b"Accept-Language", b"en")]))[2] == b"for every language"
+    assert len(site.sent) == 3

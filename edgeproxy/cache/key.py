@@ -240,6 +240,17 @@ def secondaryKey(
     return SECONDARY + b"\x00".join(parts)
 
 
+def variedOn(secondary: bytes) -> tuple[bytes, ...]:
+    """The field names of a secondary key (L{secondaryKey}'s, without its
+    leading L{SECONDARY}), in order."""
+    names = []
+    for part in secondary.split(b"\x00"):
+        equals, colon = part.find(b"="), part.find(b":")
+        ends = [at for at in (equals, colon) if at >= 0]
+        names.append(part[: min(ends)] if ends else part)
+    return tuple(names)
+
+
 def purgeURL(text: str, prefix: bool = False) -> bytes:
     """
     The URL part of the key for a URL given to purge (the admin API's

@@ -41,7 +41,7 @@ from edgeproxy.cache.freshness import (
     storability,
     varyNames,
 )
-from edgeproxy.cache.key import secondaryKey
+from edgeproxy.cache.key import SECONDARY, secondaryKey, variedOn
 from edgeproxy.cache.status import CacheStatus, marked, withStatus
 from edgeproxy.cache.stores import CacheStores
 from edgeproxy.collectors import CacheCounters
@@ -358,9 +358,30 @@ class Fetching:
         self.release(False)
 
     def _stored(self, entry: Entry | None) -> None:
-        if entry is not None and self.marker is not None:
-            self.stage.stores.putVariants(self.marker)
+        if entry is not None:
+            self._forgetUnreachable(entry.key)
+            if self.marker is not None:
+                self.stage.stores.putVariants(self.marker)
         self.release(entry is not None)
+
+    def _forgetUnreachable(self, stored: bytes) -> None:
+        """
+        What was looked up was a variant (a C{Vary} was stored) and the
+        response stored now (under C{stored}) varies on other fields, or on
+        none: no lookup reaches the variants made under the old C{Vary} any
+        more (the URL's marker lists the new one), so they go now rather
+        than when they are evicted.
+        """
+        prefix = self.primary + SECONDARY
+        if not self.key.startswith(prefix):
+            return
+        names = self.marker.names if self.marker is not None else ()
+        if variedOn(self.key[len(prefix):]) == names:
+            return
+        stores = self.stage.stores
+        for key in stores.keysForURL(self.url):
+            if key != stored and key.startswith(prefix) and variedOn(key[len(prefix):]) != names:
+                stores.remove(key)
 
 
 class Revalidation(Fetching):
@@ -428,15 +449,6 @@ class Revalidation(Fetching):
             # be stored.
             self.stage.stores.remove(self.entry.key)
         super().notStored()
-
-    def _stored(self, entry: Entry | None) -> None:
-        old = self.entry.key
-        if entry is not None and entry.key != old:
-            # The replacement went under another key (its Vary differs):
-            # no lookup reaches the old entry any more.  (Before the new
-            # marker goes in: the old key may be the URL's own.)
-            self.stage.stores.remove(old)
-        super()._stored(entry)
 
     def onError(self, call: Call, error: ProxyError) -> None:
         if self._staleAllowed():
