@@ -243,12 +243,9 @@ def secondaryKey(
 def variedOn(secondary: bytes) -> tuple[bytes, ...]:
     """The field names of a secondary key (L{secondaryKey}'s, without its
     leading L{SECONDARY}), in order."""
-    names = []
-    for part in secondary.split(b"\x00"):
-        equals, colon = part.find(b"="), part.find(b":")
-        ends = [at for at in (equals, colon) if at >= 0]
-        names.append(part[: min(ends)] if ends else part)
-    return tuple(names)
+    # A name is a token, which holds neither "=" nor ":": it ends at the
+    # first of either, whatever the value after it holds.
+    return tuple(part.partition(b"=")[0].partition(b":")[0] for part in secondary.split(b"\x00"))
 
 
 def purgeURL(text: str, prefix: bool = False) -> bytes:
