@@ -230,22 +230,25 @@ class ACMEManager(Service):
         self._queue = []
         return None
 
-    def _readStored(self, name: str, now: float) -> CertificateEntry | None:
+    def _readStored(self, name: str, now: float) -> CertificateEntry | Exception | None:
         """
         Read the certificate C{storage} holds for C{name} and check it as a
         file is (L{loadEntry}, valid at C{now}).  It blocks on the files and
         logs nothing: it may run in a thread (L{_loadStoredInThread}).
 
-        @return: the entry, or L{None} when C{storage} holds none for
-            C{name}.
-        @raise OSError: C{storage} cannot be read.
-        @raise ValueError: C{name} cannot be stored (L{Storage.folder}).
-        @raise CertificateError: the stored certificate is not valid.
+        @return: the entry; L{None} when C{storage} holds none for C{name};
+            or what went wrong, for L{_servable} to log: an C{OSError}
+            (C{storage} cannot be read), a C{ValueError} (C{name} cannot be
+            stored, L{Storage.folder}) or a L{CertificateError} (the stored
+            certificate is not valid).
         """
-        stored = self.storage.load(name)
-        if stored is None:
-            return None
-        return loadEntry(stored.certificatePath, stored.keyPath, now, section="acme", key="storage")
+        try:
+            stored = self.storage.load(name)
+            if stored is None:
+                return None
+            return loadEntry(stored.certificatePath, stored.keyPath, now, section="acme", key="storage")
+        except (OSError, ValueError, CertificateError) as e:
+            return e
 
     def _loadStored(self, name: str) -> CertificateEntry | None:
         """
@@ -254,20 +257,12 @@ class ACMEManager(Service):
         start only, before anything is served; L{_loadStoredInThread}
         otherwise.
         """
-        try:
-            entry = self._readStored(name, self._reactor.seconds())
-        except (OSError, ValueError, CertificateError) as e:
-            return self._servable(name, e)
-        return self._servable(name, entry)
+        return self._servable(name, self._readStored(name, self._reactor.seconds()))
 
     async def _loadStoredInThread(self, name: str) -> CertificateEntry | None:
         """L{_loadStored}, the files read in a thread (L{_inThread}): a slow
         C{storage} holds up nothing but what waits for this name."""
-        try:
-            entry = await self._inThread(self._readStored, name, self._reactor.seconds())
-        except (OSError, ValueError, CertificateError) as e:
-            return self._servable(name, e)
-        return self._servable(name, entry)
+        return self._servable(name, await self._inThread(self._readStored, name, self._reactor.seconds()))
 
     def _servable(self, name: str, read: CertificateEntry | Exception | None) -> CertificateEntry | None:
         """
@@ -276,7 +271,7 @@ class ACMEManager(Service):
         and why logged.
 
         @param read: that entry, L{None} when C{storage} held none, or the
-            exception L{_readStored} raised.
+            exception L{_readStored} gave back.
         """
         if isinstance(read, CertificateError):
             log.warn("ACME: the stored certificate of {name} is not served: {why}", name=name, why=str(read))

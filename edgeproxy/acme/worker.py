@@ -118,11 +118,9 @@ class CertificateFollower:
         """L{follow}, reading storage at once: for a worker's initial state,
         read before its first connection is accepted (as the supervisor's
         manager reads storage at start)."""
-        service = self._service
-        settings = service.config.acme
-        if getattr(service, "store", None) is None or settings is None:
-            return
-        self._apply(_readStored(settings, names, dict(self._known), service._reactor.seconds()))
+        arguments = self._readArguments(names)
+        if arguments is not None:
+            self._apply(_readStored(*arguments))
 
     def settled(self) -> Deferred[None]:
         """Fires once no message is being read (at once when none is): a
@@ -134,12 +132,20 @@ class CertificateFollower:
             self._settled.append(waiter)
         return waiter
 
-    def _start(self, names: list[str]) -> None:
+    def _readArguments(self, names: list[str]) -> tuple[Any, list[str], dict[str, Any], float] | None:
+        """What L{_readStored} reads C{names} with now; L{None} when this
+        process serves no ACME certificates (no store, no C{[acme]})."""
         service = self._service
         settings = service.config.acme
         if getattr(service, "store", None) is None or settings is None:
+            return None
+        return settings, names, dict(self._known), service._reactor.seconds()
+
+    def _start(self, names: list[str]) -> None:
+        arguments = self._readArguments(names)
+        if arguments is None:
             return
-        reading = self._inThread(_readStored, settings, names, dict(self._known), service._reactor.seconds())
+        reading = self._inThread(_readStored, *arguments)
         self._reading = reading
         reading.addCallback(self._apply)
         reading.addErrback(lambda failure: log.failure("ACME: reading the stored certificates failed", failure))
