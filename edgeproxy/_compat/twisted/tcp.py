@@ -72,6 +72,19 @@ class LeanServer(tcp.Server):
     L{writeNow} sends nor comes free (two bound methods per connection).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set now, to their class defaults, rather than first when a
+        # producer registers (every HTTP/2 connection, at its start):
+        # CPython 3.11 takes one place for new attribute names from a
+        # class's shared keys with each instance made, so after a burst of
+        # connections a name first set later no longer fits, and every
+        # connection from then on gets a dictionary of its own (about 0.8
+        # KiB; tests/test_burst_memory.py).  Set here, the names are there
+        # from the first connection.
+        self.producer = None
+        self.streamingProducer = False
+
     def write(self, data: bytes) -> None:
         traffic = self.traffic
         if traffic is not None and self.connected and not self._writeDisconnected:

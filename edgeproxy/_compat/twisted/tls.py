@@ -101,9 +101,10 @@ class EdgeTLSTransport(BufferingTLSTransport):
     gives every connection an C{_AggregateSmallWrites} (an object, its
     dictionary, a list and a bound method: about 0.3 KiB for as long as the
     connection lives); the same aggregation is done here in three
-    attributes whose class defaults stand for "nothing pending", and the
-    list exists only while writes wait for the reactor's next turn (the
-    same for Twisted's C{_appSendBuffer}, see its class default).  The
+    attributes whose defaults stand for "nothing pending", and the list
+    exists only while writes wait for the reactor's next turn (the same for
+    Twisted's C{_appSendBuffer}, see its class default).  Every attribute
+    set later in a connection's life is set in L{__init__} (see there why).  The
     producer registered with the TCP transport is a slotted L{_Membrane}
     instead of Twisted's C{_ProducerMembrane}, and once the handshake is
     done the pyOpenSSL connection drops what only the handshake needs
@@ -148,6 +149,18 @@ class EdgeTLSTransport(BufferingTLSTransport):
         # makes the aggregator and puts its write on the instance; the
         # class's write below aggregates (and counts) instead.
         TLSMemoryBIOProtocol.__init__(self, factory, wrappedProtocol, _connectWrapped)
+        # Every name set later in a connection's life, set now to its class
+        # default (and set back to it, never deleted): a name first set
+        # after a burst of connections (small writes held, a producer
+        # registered: every HTTP/2 connection) no longer fits the class's
+        # shared keys, and every connection from then on gets a dictionary
+        # of its own (edgeproxy._compat.twisted.tcp.LeanServer.__init__
+        # says more).
+        self._pending = None
+        self._pendingLeft = MAX_PENDING
+        self._pendingCall = None
+        self._producer = None
+        self._appSendBuffer = ()
 
     def write(self, bytes: bytes) -> None:  # noqa: A002 -- Twisted's name
         if self._writesClosed:
@@ -221,9 +234,9 @@ class EdgeTLSTransport(BufferingTLSTransport):
         """Encrypt and send the held writes (C{_AggregateSmallWrites.flush})."""
         pending = self._pending
         if pending:
-            # Back to the class defaults: an idle connection holds no list.
-            del self._pending
-            del self._pendingLeft
+            # Back to the defaults: an idle connection holds no list.
+            self._pending = None
+            self._pendingLeft = MAX_PENDING
             TLSMemoryBIOProtocol.write(self, b"".join(pending))
 
     def loseConnection(self) -> None:
@@ -265,12 +278,12 @@ class EdgeTLSTransport(BufferingTLSTransport):
 
     def _unbufferPendingWrites(self) -> None:
         TLSMemoryBIOProtocol._unbufferPendingWrites(self)
-        # Twisted leaves a new empty list behind: back to the class default.
-        # (A list is always the instance's own attribute; reading
-        # __dict__ instead would give the instance a dictionary of its own.)
+        # Twisted leaves a new empty list behind: back to the default.
+        # (Reading __dict__ instead would give the instance a dictionary
+        # of its own.)
         buffer = self._appSendBuffer
         if not buffer and type(buffer) is list:
-            del self._appSendBuffer
+            self._appSendBuffer = ()
 
     def _checkHandshakeStatus(self) -> None:
         TLSMemoryBIOProtocol._checkHandshakeStatus(self)
@@ -284,7 +297,7 @@ class EdgeTLSTransport(BufferingTLSTransport):
             # built as BufferingTLSTransport and converted by adopt().
             buffer = self._appSendBuffer
             if not buffer and type(buffer) is list:
-                del self._appSendBuffer
+                self._appSendBuffer = ()
 
     def makeConnection(self, transport: Any) -> None:
         """

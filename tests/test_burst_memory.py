@@ -1,0 +1,134 @@
+"""
+Connections made in a burst (a proxy started or restarted into traffic)
+stay as compact as connections made one at a time.
+
+CPython 3.11 takes one place for new attribute names from a class's shared
+keys with each instance made.  A name a connection first sets some time
+after it was made (when it holds small writes, when a producer registers:
+every HTTP/2 connection) then no longer fits once twenty or so connections
+were made before, and that connection, and every one made after it for
+the life of the process, gets a dictionary of its own: about 0.8 KiB each.
+The transports set every such name when they are made.
+
+Each test makes connections of a class of its own (so that what earlier
+tests did to the shared classes does not decide the outcome), once one at
+a time and once all together, and compares what the same later events
+allocate per connection (tracemalloc).
+"""
+
+from __future__ import annotations
+
+import socket
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+
+from edgeproxy._compat.twisted.tcp import LeanServer
+from edgeproxy._compat.twisted.tls import EdgeTLSTransport
+
+BURST = 64
+
+MARGIN = 64
+"""Bytes per connection the burst may cost more: a dictionary is ~800."""
+
+
+def _eventCost(made: list[Any], event: Callable[[Any], None]) -> float:
+    """What C{event} allocates per connection, across C{made}."""
+    total = 0
+    tracemalloc.start()
+    try:
+        for item in made:
+            before = tracemalloc.get_traced_memory()[0]
+            event(item)
+            total += tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    return total / len(made)
+
+
+def _compare(base: type, make: Callable[[type, int], Any], event: Callable[[Any], None]) -> tuple[float, float]:
+    """
+    (per connection made one at a time, per connection made together):
+    what C{event} allocates, each with a new subclass of C{base}.
+    """
+    alone = type("Alone", (base,), {})
+    costs = []
+    for i in range(BURST):
+        # Made, then its events, before the next one is made.
+        costs.append(_eventCost([make(alone, i)], event))
+    together = type("Together", (base,), {})
+    made = [make(together, i) for i in range(BURST)]
+    return sum(costs) / len(costs), _eventCost(made, event)
+
+
+class _Producer:
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _TCP:
+    """What an EdgeTLSTransport needs of the TCP transport beneath it here."""
+
+    __slots__ = ("producer",)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+
+def test_tcpTransportsMadeTogetherThenGivenAProducer() -> None:
+    """
+    L{LeanServer}s accepted together, each then given a producer (as an
+    HTTP/2 connection or a large body registers one), cost what those
+    accepted one at a time cost.
+    """
+    reactor = MemoryReactorClock()
+    sockets: list[socket.socket] = []
+    producer = _Producer()
+
+    def make(cls: type, i: int) -> Any:
+        sockets.append(socket.socket())
+        return cls(sockets[-1], Protocol(), ("127.0.0.1", 40000 + i), None, i, reactor)
+
+    try:
+        alone, together = _compare(LeanServer, make, lambda t: t.registerProducer(producer, True))
+    finally:
+        for s in sockets:
+            s.close()
+    assert together < alone + MARGIN, (alone, together)
+
+
+def test_tlsTransportsMadeTogetherThenHoldingWritesAndAProducer() -> None:
+    """
+    L{EdgeTLSTransport}s made together, each then holding a small write
+    for the next turn and given a producer, cost what those made one at a
+    time cost.
+    """
+
+    class Factory:
+        _clock = Clock()
+
+    factory = Factory()
+    producer = _Producer()
+
+    def make(cls: type, i: int) -> Any:
+        transport = cls(factory, Protocol())
+        # What makeConnection sets as each connection is made.
+        transport.transport = _TCP()
+        return transport
+
+    def later(transport: Any) -> None:
+        transport._aggregate(b"x")
+        transport.registerProducer(producer, True)
+
+    alone, together = _compare(EdgeTLSTransport, make, later)
+    assert together < alone + MARGIN, (alone, together)
