@@ -149,13 +149,19 @@ class EdgeTLSTransport(BufferingTLSTransport):
         # makes the aggregator and puts its write on the instance; the
         # class's write below aggregates (and counts) instead.
         TLSMemoryBIOProtocol.__init__(self, factory, wrappedProtocol, _connectWrapped)
-        # Every name set later in a connection's life, set now to its class
-        # default (and set back to it, never deleted): a name first set
-        # after a burst of connections (small writes held, a producer
-        # registered: every HTTP/2 connection) no longer fits the class's
-        # shared keys, and every connection from then on gets a dictionary
-        # of its own (edgeproxy._compat.twisted.tcp.LeanServer.__init__
-        # says more).
+        # Every name set later in an open connection's life, set now to its
+        # class default (and set back to it, never deleted): a name first
+        # set after a burst of connections (the end of the handshake, small
+        # writes held, a producer registered: every HTTP/2 connection) no
+        # longer fits the class's shared keys, and every connection from
+        # then on gets a dictionary of its own
+        # (edgeproxy._compat.twisted.tcp.LeanServer.__init__ says more).
+        # Names set only as a connection closes are left out: that
+        # dictionary lives as long as the closing does.
+        self._handshakeDone = False
+        # (Twisted's unregisterProducer sets this one on the transport
+        # itself, for every large body that paused its producer.)
+        self._producerPaused = False
         self._pending = None
         self._pendingLeft = MAX_PENDING
         self._pendingCall = None
