@@ -66,14 +66,12 @@ def _compare(base: type, make: Callable[[type, int], Any], event: Callable[[Any]
 
 
 class _Producer:
-    def pauseProducing(self) -> None:
+    """A streaming producer that is never asked to do anything here."""
+
+    def _nothing(self) -> None:
         pass
 
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
+    pauseProducing = resumeProducing = stopProducing = _nothing
 
 
 class _TCP:
