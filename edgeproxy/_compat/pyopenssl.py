@@ -294,11 +294,11 @@ class BufferReleasingConnection(SSL.Connection):
     Reads and writes through pyOpenSSL's own methods release as
     L{encrypt}, L{decrypt} and L{takeRecords} do.
 
-    The counts are slots: pyOpenSSL's C{Connection} sets 11 attributes,
-    and a 13th set on an instance after its creation turned the
-    instance's attributes into a dictionary of their own, 832 bytes per
-    connection for as long as it lives (tracemalloc, R4: the largest
-    Python allocation of an idle connection).
+    The counts are slots.  As attributes set after pyOpenSSL's eleven,
+    once twenty or so connections had been made before the first count was
+    set (a proxy started into traffic), every connection from then on got
+    a dictionary of its own, 832 bytes for as long as it lives
+    (L{edgeproxy._compat.twisted.tcp.LeanServer.__init__} says why).
     """
 
     __slots__ = ("_sentThrough", "_receivedThrough", "_receiveShutDown")
