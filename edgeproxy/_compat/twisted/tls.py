@@ -105,10 +105,10 @@ class EdgeTLSTransport(BufferingTLSTransport):
     exists only while writes wait for the reactor's next turn (the same for
     Twisted's C{_appSendBuffer}, see its class default).  Every attribute
     set later in an open connection's life is set in L{__init__} (see there
-    why).  The producer registered with the TCP transport is a slotted L{_Membrane}
-    instead of Twisted's C{_ProducerMembrane}, and once the handshake is
-    done the pyOpenSSL connection drops what only the handshake needs
-    (L{edgeproxy._compat.pyopenssl.forgetHandshakeState}).
+    why).  The producer registered with the TCP transport is a slotted
+    L{_Membrane} instead of Twisted's C{_ProducerMembrane}, and once the
+    handshake is done the pyOpenSSL connection drops what only the
+    handshake needs (L{edgeproxy._compat.pyopenssl.forgetHandshakeState}).
     """
 
     _pending: list[bytes] | None = None
