@@ -137,3 +137,38 @@ def test_tlsTransportsMadeTogetherThenHoldingWritesAndAProducer() -> None:
 
     alone, together = _compare(EdgeTLSTransport, make, later)
     assert together < alone + MARGIN, (alone, together)
+
+
+def test_tlsTransportsMadeTogetherConnectedLater() -> None:
+    """
+    Behind a PROXY-protocol listener, a TLS transport is made when its TCP
+    connection is accepted but connected (C{makeConnection}) only once the
+    PROXY header has been read: a burst of such connections costs what
+    connections made and connected one at a time cost.
+    """
+    from OpenSSL import SSL
+    from twisted.internet.testing import StringTransport
+
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+
+    def server(transport: Any) -> SSL.Connection:
+        # Waiting for the ClientHello, as at the start of every connection.
+        connection = SSL.Connection(context, None)
+        connection.set_accept_state()
+        return connection
+
+    class Factory:
+        _clock = Clock()
+        _creatorCallable = staticmethod(server)
+
+        def registerProtocol(self, protocol: Any) -> None:
+            pass
+
+    factory = Factory()
+    tcp = StringTransport()
+
+    def make(cls: type, i: int) -> Any:
+        return cls(factory, Protocol())
+
+    alone, together = _compare(EdgeTLSTransport, make, lambda t: t.makeConnection(tcp))
+    assert together < alone + MARGIN, (alone, together)

@@ -55,7 +55,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol, _PullToPush
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 
 from edgeproxy._compat.pyopenssl import (
     RecordBuffer,
@@ -157,7 +157,16 @@ class EdgeTLSTransport(BufferingTLSTransport):
         # then on gets a dictionary of its own
         # (edgeproxy._compat.twisted.tcp.LeanServer.__init__ says more).
         # Names set only as a connection closes are left out: that
-        # dictionary lives as long as the closing does.
+        # dictionary lives as long as the closing does.  Those of
+        # makeConnection are set too: behind a PROXY-protocol listener it
+        # runs only once the header has been read.
+        self._tlsConnection = None
+        self.transport = None
+        self.connected = 0
+        self.traffic = None
+        # The declaration makeConnection replaces (the class's interfaces
+        # only until then; zope shares the object among instances).
+        directlyProvides(self)
         self._handshakeDone = False
         # (Twisted's unregisterProducer sets this one on the transport
         # itself, for every large body that paused its producer.)
