@@ -2,7 +2,7 @@
 """
 Hold many idle TLS connections open against a proxy, for figure R4.
 
-    python benchmarks/idle.py PORT COUNT HOLD_SECONDS
+    python benchmarks/idle.py PORT COUNT HOLD_SECONDS [queued]
 
 Each connection completes the TLS handshake, sends one C{GET /1k} over
 HTTP/1.1 and reads the whole response, so the proxy holds what it holds for
@@ -11,6 +11,11 @@ are being set up at once (the others wait), which keeps the burst inside
 every server's listen backlog.  When all are idle it prints
 C{READY <open> <failed>} and holds them until standard input closes or
 C{HOLD_SECONDS} pass, then closes them all and exits.
+
+With C{queued} (figure R4b), the first C{WINDOW} connections are all
+connected before any of them starts its handshake, as the clients queued
+in the listen backlog of a proxy that restarts into traffic: the server
+has accepted all of them before the first handshake ends.
 
 One process, non-blocking sockets and a selector: 2,000 connections need no
 threads.
@@ -90,7 +95,7 @@ class Connection:
         return True
 
 
-def hold(port: int, count: int, holdSeconds: float, setupTimeout: float = 60.0) -> None:
+def hold(port: int, count: int, holdSeconds: float, setupTimeout: float = 60.0, queued: bool = False) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -103,6 +108,23 @@ def hold(port: int, count: int, holdSeconds: float, setupTimeout: float = 60.0) 
     started = 0
     inFlight = 0
     deadline = time.monotonic() + setupTimeout
+    if queued:
+        waiting = [Connection(context, port) for _ in range(min(WINDOW, count))]
+        connecting = selectors.DefaultSelector()
+        for conn in waiting:
+            connecting.register(conn.sock, selectors.EVENT_WRITE, conn)
+        left = len(waiting)
+        while left and time.monotonic() < deadline:
+            for key, _ in connecting.select(timeout=1.0):
+                connecting.unregister(key.fileobj)
+                left -= 1
+        connecting.close()
+        # Time for the server to accept them all.
+        time.sleep(0.5)
+        for conn in waiting:
+            started += 1
+            inFlight += 1
+            selector.register(conn.sock, selectors.EVENT_WRITE, conn)
     while (started < count or inFlight) and time.monotonic() < deadline:
         while started < count and inFlight < WINDOW:
             conn = Connection(context, port)
@@ -140,4 +162,4 @@ def hold(port: int, count: int, holdSeconds: float, setupTimeout: float = 60.0) 
 
 
 if __name__ == "__main__":
-    hold(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
+    hold(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), queued=sys.argv[4:] == ["queued"])

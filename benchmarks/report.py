@@ -55,6 +55,7 @@ ROWS: list[tuple[str, str, str, str | None]] = [
     ("R3 proxy CPU (cores)", "R3", "proxyCores", None),
     ("R4 RSS at rest (MiB)", "R4", "restMiB", None),
     ("R4 KiB per idle TLS connection", "R4", "perConnectionKiB", None),
+    ("R4b KiB per idle TLS connection, fresh proxy", "R4b", "perConnectionKiB", None),
     ("R5 requests/s (HTTP/2, 1 KiB)", "R5", "value", "perCore"),
     ("R5 p50 latency (ms)", "R5", "p50ms", None),
     ("R5 p99 latency (ms)", "R5", "p99ms", None),

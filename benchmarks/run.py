@@ -270,13 +270,15 @@ class Bench:
         self.log(f"origin: {self.originKind} on 127.0.0.1:{port}")
 
     def proxyServer(
-        self, name: str, workers: int = 1, pinned: bool = True, cache: bool = False
+        self, name: str, workers: int = 1, pinned: bool = True, cache: bool = False, suffix: str = ""
     ) -> tuple[Server, int]:
-        """Configure (but do not start) proxy C{name}; (server, port)."""
+        """Configure (but do not start) proxy C{name}; (server, port).
+        C{suffix} tells its files from those of another of the same kind."""
         port = servers.freePort()
         tag = name if workers == 1 else f"{name}-w{workers}"
         if cache:
             tag += "-cache"
+        tag += suffix
         cpus = self.proxyCpus if pinned else None
         logs = self.work / "logs"
         env = None
@@ -334,11 +336,33 @@ class Bench:
 
     def measureMemory(self, name: str) -> None:
         """R4: RSS at rest, then with C{--idle} idle TLS connections open."""
-        server = self.proxies[name]
+        self.results[name]["R4"] = self.idleMemory(name, self.proxies[name], self.ports[name], "R4")
+
+    def measureMemoryAtStart(self, name: str) -> None:
+        """
+        R4b: the same, given to a proxy started for it that has served
+        nothing yet (only a TCP connect tells it is up), the first 64
+        connections all accepted before any handshake ends (C{idle.py
+        queued}): a proxy restarted into the clients queued in its listen
+        backlog.  R4's proxy has answered its readiness request first, and
+        its connections come a few at a time.
+        """
+        server, port = self.proxyServer(name, suffix="-fresh")
+        self.startServer(server)
+        try:
+            servers.waitListening(server, port, self.args.start_timeout)
+            self.results[name]["R4b"] = self.idleMemory(name, server, port, "R4b", queued=True)
+        finally:
+            server.stop()
+
+    def idleMemory(self, name: str, server: Server, port: int, figure: str, queued: bool = False) -> dict[str, Any]:
+        """C{figure}'s runs and median: RSS at rest, then with C{--idle}
+        idle TLS connections open against C{port}."""
         time.sleep(0.5)
         rest = server.rssKiB()
         holder = subprocess.Popen(
-            [sys.executable, str(REPO / "benchmarks" / "idle.py"), str(self.ports[name]), str(self.args.idle), "120"],
+            [sys.executable, str(REPO / "benchmarks" / "idle.py"), str(port), str(self.args.idle), "120"]
+            + (["queued"] if queued else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -370,12 +394,12 @@ class Bench:
             "pids": server.servingPids(),
         }
         if failed:
-            self.failures.append(f"{name} R4: {failed} of {self.args.idle} idle connections failed")
-        self.results[name]["R4"] = {"runs": [run], "median": report.summarise([run])}
+            self.failures.append(f"{name} {figure}: {failed} of {self.args.idle} idle connections failed")
         self.log(
-            f"{name} R4: rest {rest / 1024:.1f} MiB, {opened} idle connections "
+            f"{name} {figure}: rest {rest / 1024:.1f} MiB, {opened} idle connections "
             f"(+{failed} failed): {perConnection if perConnection is None else round(perConnection, 1)} KiB each"
         )
+        return {"runs": [run], "median": report.summarise([run])}
 
     def loadRun(self, figure: Figure, name: str, server: Server, port: int, seconds: int,
                 threads: int = 1, loadCpus: set[int] | None = None) -> dict[str, Any]:
@@ -598,6 +622,12 @@ class Bench:
                     except (RuntimeError, OSError, ValueError) as e:
                         self.failures.append(f"{name} R4: {e}")
                         self.log(f"FAILED: {name} R4: {e}")
+                for name in list(self.proxies) if self.wanted("R4b") else ():
+                    try:
+                        self.measureMemoryAtStart(name)
+                    except (RuntimeError, OSError, ValueError) as e:
+                        self.failures.append(f"{name} R4b: {e}")
+                        self.log(f"FAILED: {name} R4b: {e}")
                 self.warmUp()
                 for figure in FIGURES:
                     if self.wanted(figure.key):
@@ -699,7 +729,7 @@ def parseArgs(argv: list[str] | None) -> argparse.Namespace:
                         "for quick A/B runs of one change")
     args = parser.parse_args(argv)
     args.figures = [f.strip() for f in args.figures.split(",") if f.strip()]
-    known = {f.key for f in [*FIGURES, *CACHE_FIGURES]} | {"R4", "R1s"}
+    known = {f.key for f in [*FIGURES, *CACHE_FIGURES]} | {"R4", "R4b", "R1s"}
     if set(args.figures) - known:
         parser.error(f"unknown figures: {', '.join(sorted(set(args.figures) - known))}")
     defaults = {"duration": (10, 1), "runs": (3, 1), "idle": (2000, 200), "warmup": (2, 0)}

@@ -491,6 +491,37 @@ def waitReady(server: Server, port: int, caFile: Path, timeout: float) -> Probe:
     )
 
 
+def waitListening(server: Server, port: int, timeout: float) -> None:
+    """
+    Wait until something listens on C{port}, without connecting to it:
+    a server that has accepted no connection yet (figure R4b).  Linux's
+    C{/proc/net/tcp}; elsewhere a TCP connect, closed at once.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n" + server.logTail())
+        if _listening(port):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{server.name} not listening on port {port} after {timeout}s:\n" + server.logTail())
+
+
+def _listening(port: int) -> bool:
+    try:
+        with open("/proc/net/tcp") as table:
+            lines = table.read().splitlines()[1:]
+    except OSError:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+    wanted = f":{port:04X}"
+    # Fields: sl, local address (hex ip:port), remote address, state (0A: LISTEN).
+    return any(f[1].endswith(wanted) and f[3] == "0A" for f in (line.split() for line in lines) if len(f) > 3)
+
+
 def waitOrigin(server: Server, port: int, timeout: float) -> None:
     """Wait until the plain-HTTP origin serves the 1 KiB file."""
     deadline = time.monotonic() + timeout
