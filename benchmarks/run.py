@@ -340,12 +340,13 @@ class Bench:
 
     def measureMemoryAtStart(self, name: str) -> None:
         """
-        R4b: the same, given to a proxy started for it that has served
-        nothing yet (only a TCP connect tells it is up), the first 64
-        connections all accepted before any handshake ends (C{idle.py
-        queued}): a proxy restarted into the clients queued in its listen
-        backlog.  R4's proxy has answered its readiness request first, and
-        its connections come a few at a time.
+        R4b: the same, given to a proxy started for it that nothing has
+        connected to yet (its listening socket alone tells it is up: one
+        connection before the burst would set up what the burst should), the
+        first 64 connections all accepted before any handshake ends
+        (C{idle.py queued}): a proxy restarted into the clients queued in
+        its listen backlog.  R4's proxy has answered its readiness request
+        first, and its connections come a few at a time.
         """
         server, port = self.proxyServer(name, suffix="-fresh")
         self.startServer(server)
