@@ -23,9 +23,10 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from edgeproxy._compat.twisted.tcp import LeanServer
 from edgeproxy._compat.twisted.tls import EdgeTLSTransport
@@ -146,9 +147,6 @@ def test_tlsTransportsMadeTogetherConnectedLater() -> None:
     PROXY header has been read: a burst of such connections costs what
     connections made and connected one at a time cost.
     """
-    from OpenSSL import SSL
-    from twisted.internet.testing import StringTransport
-
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
 
     def server(transport: Any) -> SSL.Connection:
