@@ -109,6 +109,61 @@ def test_tcpTransportsMadeTogetherThenGivenAProducer() -> None:
     assert together < alone + MARGIN, (alone, together)
 
 
+class _QuietReactor(MemoryReactorClock):
+    """A reactor whose reader and writer sets do not grow with the
+    connections (what they cost is the reactor's, not the connection's)."""
+
+    def addReader(self, reader: Any) -> None:
+        pass
+
+    def removeReader(self, reader: Any) -> None:
+        pass
+
+    def addWriter(self, writer: Any) -> None:
+        pass
+
+    def removeWriter(self, writer: Any) -> None:
+        pass
+
+
+def test_tcpTransportsMadeTogetherThenWritingMoreThanTheSocketTakes() -> None:
+    """
+    L{LeanServer}s accepted together, each then given more than its socket
+    takes while a producer is registered (a large response to a slow
+    client: Twisted keeps the rest in C{dataBuffer} at C{offset} and pauses
+    the producer), cost what those accepted one at a time cost.
+    """
+    reactor = _QuietReactor()
+    sockets: list[socket.socket] = []
+    producer = _Producer()
+
+    def make(cls: type, i: int) -> Any:
+        ours, peer = socket.socketpair()
+        sockets.extend((ours, peer))
+        ours.setblocking(False)
+        # The peer reads nothing: once full, the socket takes nothing more.
+        try:
+            while True:
+                ours.send(b"-" * 65536)
+        except BlockingIOError:
+            pass
+        return cls(ours, Protocol(), ("127.0.0.1", 40000 + i), None, i, reactor)
+
+    body = b"x" * (3 * 65536)
+
+    def later(transport: Any) -> None:
+        transport.registerProducer(producer, True)
+        transport.write(body)
+        transport.doWrite()
+
+    try:
+        alone, together = _compare(LeanServer, make, later)
+    finally:
+        for s in sockets:
+            s.close()
+    assert together < alone + MARGIN, (alone, together)
+
+
 def test_tlsTransportsMadeTogetherThenHoldingWritesAndAProducer() -> None:
     """
     L{EdgeTLSTransport}s made together, each then done with its handshake,

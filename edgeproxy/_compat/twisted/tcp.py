@@ -75,15 +75,20 @@ class LeanServer(tcp.Server):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Set now, to their class defaults, rather than first when a
-        # producer registers (every HTTP/2 connection, at its start):
-        # CPython 3.11 takes one place for new attribute names from a
-        # class's shared keys with each instance made, so after a burst of
-        # connections a name first set later no longer fits, and every
-        # connection from then on gets a dictionary of its own (about 0.8
-        # KiB; tests/test_burst_memory.py).  Set here, the names are there
-        # from the first connection.
+        # producer registers (every HTTP/2 connection, at its start) or
+        # when the socket takes less than it is given and Twisted keeps the
+        # rest (a large response to a slow client: doWrite's dataBuffer and
+        # offset, write's producerPaused): CPython 3.11 takes one place for
+        # new attribute names from a class's shared keys with each instance
+        # made, so after a burst of connections a name first set later no
+        # longer fits, and every connection from then on gets a dictionary
+        # of its own (about 0.8 KiB; tests/test_burst_memory.py).  Set
+        # here, the names are there from the first connection.
         self.producer = None
         self.streamingProducer = False
+        self.producerPaused = False
+        self.dataBuffer = b""
+        self.offset = 0
 
     def write(self, data: bytes) -> None:
         traffic = self.traffic
