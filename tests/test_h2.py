@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import subprocess
+import sys
 from typing import Any
 
 import h2.config
@@ -1719,3 +1722,54 @@ def test_webSocketClientEndedBeforeTheSwitch() -> None:
     headers, body, ended = pair.response(stream)
     assert headers[b":status"] == b"200" and ended
     assert backend.disconnecting
+
+
+_FIRST_CONNECTION = """
+import sys
+
+import h2.config
+import h2.connection
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from tests.h2util import Stage, makeFactory, request, textResponse
+
+stage = Stage()
+stage.answer = lambda call: call.respond(textResponse(200, b"hello"))
+factory = makeFactory(Clock(), stage)
+before = set(sys.modules)
+connection = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+transport = StringTransport()
+transport.negotiatedProtocol = b"h2"
+connection.makeConnection(transport)
+client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+client.initiate_connection()
+client.send_headers(1, request(), end_stream=True)
+connection.dataReceived(client.data_to_send())
+events = client.receive_data(transport.value())
+print(sorted(m for m in set(sys.modules) - before if m.startswith("edgeproxy")))
+print(sorted(type(e).__name__ for e in events))
+"""
+
+
+def test_firstConnectionImportsNothing() -> None:
+    """
+    A process's first HTTP/2 connection is served without importing
+    anything: the HTTP/2 stack (about 17 ms of imports) comes with the
+    listener, not on the reactor's thread while that connection and every
+    other one wait.  In a fresh interpreter, so that other tests have not
+    imported it already.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", _FIRST_CONNECTION],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.splitlines()
+    assert out[0] == "[]", out
+    assert "ResponseReceived" in out[1] and "DataReceived" in out[1], out

@@ -40,6 +40,7 @@ from edgeproxy.h1.fields import Fields
 from edgeproxy.http.acmehook import http01Stage
 from edgeproxy.http.deadlines import DeadlineQueue
 from edgeproxy.http.errorpages import pagesFor, rejection
+from edgeproxy.http.h2 import HTTP2Connection
 from edgeproxy.http.redirect import RedirectStage
 from edgeproxy.http.server import HTTP1Connection, isTLSFailure
 from edgeproxy.logs import reasonOf, refusals
@@ -178,8 +179,6 @@ class ListenerFactory(Factory):
 
     def buildHTTP2(self, connection: HTTP1Connection) -> Any:
         """The protocol of a connection whose ALPN chose C{h2}."""
-        from edgeproxy.http.h2 import HTTP2Connection
-
         runtime = self.currentRuntime()
         # RFC 8441 3: extended CONNECT is offered when some route takes
         # WebSockets.
