@@ -41,6 +41,7 @@ from edgeproxy.bodies import BODY_DONE, IdleTimer, PiecedBody
 from edgeproxy.errors import ProxyError
 from edgeproxy.h1.fields import Fields
 from edgeproxy.http.errorpages import CLOSE_AFTER, dateField, errorResponse, pagesFor
+from edgeproxy.http.websocket import startTunnel
 from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.values import Response
 
@@ -363,8 +364,6 @@ class Answering:
         self._endCall(call, reason)
 
     def tunnel(self, call: Call, pool: Any, fields: Fields, path: bytes, hashKey: bytes | None) -> None:
-        from edgeproxy.http.websocket import startTunnel
-
         startTunnel(self, call, pool, fields, path, hashKey)
 
     # The response written -------------------------------------------------------

@@ -45,6 +45,7 @@ from edgeproxy.config.stagemodel import ErrorPages
 from edgeproxy.errors import ContentTooLarge, ProxyError, UpstreamProtocolError
 from edgeproxy.h1.fields import LINES, Fields, splitLine
 from edgeproxy.http.errorpages import errorResponse, httpDate, pagesFor
+from edgeproxy.http.websocket import startTunnel
 from edgeproxy.pipeline.call import Call, discardResponse
 from edgeproxy.pipeline.values import Response
 
@@ -417,8 +418,6 @@ class Stream:
     # WebSockets over HTTP/2 (RFC 8441) --------------------------------------
 
     def tunnel(self, call: Call, pool: Any, fields: Fields, path: bytes, hashKey: bytes | None) -> None:
-        from edgeproxy.http.websocket import startTunnel
-
         if call is not self.call:
             return
         # RFC 8441 5: no Sec-WebSocket-Key over HTTP/2; the backend's
