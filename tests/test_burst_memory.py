@@ -28,7 +28,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from edgeproxy._compat.twisted.tcp import LeanServer
+from edgeproxy._compat.twisted.tcp import LeanClient, LeanServer
 from edgeproxy._compat.twisted.tls import EdgeTLSTransport
 
 BURST = 64
@@ -158,6 +158,68 @@ def test_tcpTransportsMadeTogetherThenWritingMoreThanTheSocketTakes() -> None:
 
     try:
         alone, together = _compare(LeanServer, make, later)
+    finally:
+        for s in sockets:
+            s.close()
+    assert together < alone + MARGIN, (alone, together)
+
+
+class _Connector:
+    """What a L{LeanClient} asks of its connector here."""
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return Protocol()
+
+    def connectionFailed(self, reason: Any) -> None:
+        raise AssertionError(reason)
+
+    def connectionLost(self, reason: Any) -> None:
+        pass
+
+
+def test_backendConnectionsDialledTogetherThenConnectedAndWriting() -> None:
+    """
+    L{LeanClient}s dialled together (a proxy started into traffic, a burst
+    of requests beyond the kept-alive connections), each then connected,
+    given a producer (a request body) and more than its socket takes, cost
+    what those dialled one at a time cost.  Real sockets on 127.0.0.1; the
+    reactor is driven by hand, as a reactor would: the resolved address a
+    turn later, C{doWrite} once the socket is writable (connected).
+    """
+    listening = socket.socket()
+    sockets = [listening]
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(4 * BURST)
+    host, port = listening.getsockname()
+    reactor = _QuietReactor()
+    connector = _Connector()
+    producer = _Producer()
+    body = b"x" * (3 * 65536)
+
+    def make(cls: type, i: int) -> Any:
+        client = cls(host, port, None, connector, reactor)
+        sockets.append(client.getHandle())
+        return client
+
+    def later(client: Any) -> None:
+        # Every client made so far learns its address (a turn later).
+        reactor.advance(0)
+        # Writable: connected.
+        client.doWrite()
+        assert client.connected
+        handle = client.getHandle()
+        handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        try:
+            while True:
+                handle.send(b"-" * 65536)
+        except BlockingIOError:
+            pass
+        client.registerProducer(producer, True)
+        client.write(body)
+        client.doWrite()
+
+    try:
+        alone, together = _compare(LeanClient, make, later)
     finally:
         for s in sockets:
             s.close()

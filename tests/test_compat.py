@@ -135,6 +135,10 @@ def test_twistedTCPNames() -> None:
         mine.close()
         theirs.close()
     assert tcp.Port.transport is tcp.Server
+    # LeanClient: the connector's factory method, the client's connecting
+    # methods (assigned and deleted while connecting).
+    assert callable(tcp.Connector._makeTransport)
+    assert callable(tcp.Client.doConnect) and callable(tcp.Client._getLogPrefix)
 
 
 def test_twistedReactorNames() -> None:

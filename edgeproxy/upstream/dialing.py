@@ -40,6 +40,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
+from edgeproxy._compat.twisted.tcp import connectingLean
 from edgeproxy.config.model import Server, Upstream
 from edgeproxy.upstream.backend import Backend
 from edgeproxy.upstream.headerfirst import HeaderFirstEndpoint
@@ -67,7 +68,7 @@ class Dialer:
         @param tls: the connection creators of the upstream's servers, or
             L{None} when it is not dialled over TLS.
         """
-        self._reactor = reactor
+        self._reactor = connectingLean(reactor)
         self._upstream = upstream
         self._tls = tls
         self._endpoints: dict[Backend, IStreamClientEndpoint] = {}

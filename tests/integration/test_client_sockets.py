@@ -6,7 +6,8 @@ tests.integration.test_client_sockets}) that prints what it saw as JSON.
 The in-memory tests (C{tests/test_client.py}) cannot reach the path that
 sends a request head straight to the socket (it only applies to a real
 C{tcp.Client}), nor the kernel's partial writes; these requests do, sent
-with C{send} and a receiver as the pool sends them.
+with C{send} and a receiver as the pool sends them, over the
+C{LeanClient} connections the pools dial with.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def _run() -> None:  # pragma: no cover - runs in the child process
     from twisted.web.server import Site
     from io import BytesIO
 
+    import gc
+
+    from edgeproxy._compat.twisted.tcp import LeanClient, connectingLean
     from edgeproxy.config.model import Server
     from edgeproxy.h1 import Fields
     from edgeproxy.upstream.backend import Backend
@@ -66,7 +70,9 @@ def _run() -> None:  # pragma: no cover - runs in the child process
 
     class Endpoints:
         def endpointFor(self, backend: Backend) -> Any:
-            return HostnameEndpoint(reactor, backend.host, backend.port, timeout=5)
+            # The reactor as edgeproxy.upstream.dialing gives it to the
+            # endpoints: its connections are LeanClients.
+            return HostnameEndpoint(connectingLean(reactor), backend.host, backend.port, timeout=5)
 
     client = UpstreamClient(reactor, Endpoints(), maxPersistentPerHost=4, cachedConnectionTimeout=30)
 
@@ -113,6 +119,7 @@ def _run() -> None:  # pragma: no cover - runs in the child process
             smalls.append([code, data.decode()])
         out["small"] = smalls
         out["connectionsAfterSmall"] = connections[0]
+        out["leanClients"] = sum(type(o) is LeanClient for o in gc.get_objects())
         code, data = yield fetch(b"GET", b"/big")
         out["big"] = [code, len(data), hashlib.sha256(data).hexdigest()]
         upload = bytes(range(256)) * 4096  # 1 MiB
@@ -157,6 +164,7 @@ def test_realSockets() -> None:
     assert out["small"] == [[200, f"small /small?{i}"] for i in range(20)]
     # Twenty requests in a row on one kept-alive connection.
     assert out["connectionsAfterSmall"] == 1
+    assert out["leanClients"] == 1
     assert out["big"] == [200, BIG, hashlib.sha256(b"b" * BIG).hexdigest()]
     code, summary, digest = out["upload"]
     assert code == 200 and summary == {"length": 1024 * 1024, "sha256": digest}

@@ -6,6 +6,9 @@ C{tcp.Client}), all reaching into their private state:
   - L{LeanServer}, the accepted connection of edgeproxy's TCP listeners
     (L{acceptAsLeanServer} sets a listening port's C{transport} class),
     which sends straight to the socket itself (L{LeanServer.writeNow});
+  - L{LeanClient}, the connections to backends (L{connectingLean} gives
+    the endpoints a view of the reactor whose C{connectTCP} makes them,
+    through L{LeanConnector});
   - L{sendNow}, which sends bytes straight to the socket when nothing is
     queued, through the transport's own C{writeSomeData}
     (C{dataBuffer}, C{_tempDataBuffer});
@@ -31,6 +34,8 @@ from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.posixbase import PosixReactorBase
+from zope.interface import directlyProvides, providedBy
 
 from edgeproxy._compat import fastPaths
 
@@ -38,9 +43,12 @@ __all__ = [
     "HOLD_BYTES",
     "HOLD_SECONDS",
     "HOLD_TRANSPORTS",
+    "LeanClient",
+    "LeanConnector",
     "LeanServer",
     "acceptAsLeanServer",
     "beforeEvent",
+    "connectingLean",
     "holdSends",
     "immediateWriter",
     "sendHeld",
@@ -150,7 +158,104 @@ def acceptAsLeanServer(port: Any) -> bool:
     return False
 
 
-_DIRECT: frozenset[type] = frozenset((tcp.Client, tcp.Server, LeanServer))
+class LeanClient(tcp.Client):
+    """
+    Twisted's connection to a backend, with every name it sets on itself
+    during a connection's life set when it is made, and its log prefix made
+    when asked for, as L{LeanServer}'s.
+
+    Twisted sets C{realAddress}, C{doWrite} and C{doRead} a reactor turn
+    after the connection is made, C{connected} and C{logstr} once connected, C{producer} and
+    C{streamingProducer} when a request body streams, and C{dataBuffer},
+    C{offset} and C{producerPaused} when the socket takes less than it is
+    given.  CPython 3.11 takes one place for new attribute names from a
+    class's shared keys with each instance made, so when many connections
+    are dialled at once (a proxy started or restarted into traffic, a
+    burst of requests beyond the kept-alive ones) a name first set later
+    no longer fits, and every connection from then on, for the life of the
+    process, gets a dictionary of its own (about 0.8 KiB;
+    C{tests/test_burst_memory.py}).  Names set only while a connection
+    closes are left out.
+    """
+
+    def __init__(
+        self, host: str, port: int, bindAddress: Any, connector: Any, reactor: Any = None
+    ) -> None:
+        self.realAddress: Any = None
+        # Set to doConnect while connecting, deleted once connected (the
+        # class's methods again): the names are given their places now
+        # and left unset.
+        self.doWrite = self.doRead = None  # type: ignore[method-assign,assignment]
+        del self.doWrite, self.doRead
+        self.connected = 0
+        self.producer = None
+        self.streamingProducer = False
+        self.producerPaused = False
+        self.dataBuffer = b""
+        self.offset = 0
+        super().__init__(host, port, bindAddress, connector, reactor)
+
+    @property
+    def logstr(self) -> str:
+        protocol = getattr(self, "protocol", None)
+        if not self.connected or protocol is None:
+            return "Uninitialized"
+        return f"{self._getLogPrefix(protocol)},client"
+
+    @logstr.setter
+    def logstr(self, value: str) -> None:
+        # _connectDone assigns it; it is made again when asked for.
+        pass
+
+
+class LeanConnector(tcp.Connector):
+    """Twisted's connector, connecting with a L{LeanClient}."""
+
+    def _makeTransport(self) -> LeanClient:
+        return LeanClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+class _LeanConnecting:
+    """
+    A reactor as client endpoints see it, whose C{connectTCP} connects
+    with a L{LeanConnector}; everything else is the reactor's own (it
+    provides the reactor's interfaces, so that C{HostnameEndpoint} finds
+    its name resolver).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        directlyProvides(self, providedBy(reactor))
+
+    def connectTCP(
+        self, host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None
+    ) -> Any:
+        if not fastPaths().tcp:
+            # Decided when the service starts, after its pools were built.
+            return self._reactor.connectTCP(host, port, factory, timeout, bindAddress)
+        connector = LeanConnector(host, port, factory, timeout, bindAddress, self._reactor)
+        connector.connect()
+        return connector
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+
+def connectingLean(reactor: Any) -> Any:
+    """
+    What client endpoints should be given as their reactor: for a reactor
+    whose C{connectTCP} is the POSIX one (Twisted's C{tcp.Connector}), a
+    view of C{reactor} whose C{connectTCP} connects with a L{LeanClient}
+    while the process has the TCP fast paths (and with Twisted's own
+    connector without them); for any other (a test's memory reactor),
+    C{reactor} itself.
+    """
+    if isinstance(reactor, PosixReactorBase):
+        return _LeanConnecting(reactor)
+    return reactor
+
+
+_DIRECT: frozenset[type] = frozenset((tcp.Client, tcp.Server, LeanServer, LeanClient))
 """
 The transports L{sendNow} sends through directly: exactly these classes.
 A TLS wrapper forwards unknown attributes to the TCP transport beneath it,
