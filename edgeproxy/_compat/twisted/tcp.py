@@ -165,10 +165,10 @@ class LeanClient(tcp.Client):
     when asked for, as L{LeanServer}'s.
 
     Twisted sets C{realAddress}, C{doWrite} and C{doRead} a reactor turn
-    after the connection is made, C{connected} and C{logstr} once connected, C{producer} and
-    C{streamingProducer} when a request body streams, and C{dataBuffer},
-    C{offset} and C{producerPaused} when the socket takes less than it is
-    given.  CPython 3.11 takes one place for new attribute names from a
+    after the connection is made, C{connected} and C{logstr} once
+    connected, C{producer} and C{streamingProducer} when a request body
+    streams, and C{dataBuffer}, C{offset} and C{producerPaused} when the
+    socket takes less than it is given.  CPython 3.11 takes one place for new attribute names from a
     class's shared keys with each instance made, so when many connections
     are dialled at once (a proxy started or restarted into traffic, a
     burst of requests beyond the kept-alive ones) a name first set later
@@ -202,8 +202,9 @@ class LeanClient(tcp.Client):
 
     @property
     def logstr(self) -> str:
+        # Twisted's text once connected; its class default before.
         protocol = getattr(self, "protocol", None)
-        if not self.connected or protocol is None:
+        if protocol is None:
             return "Uninitialized"
         return f"{self._getLogPrefix(protocol)},client"
 
