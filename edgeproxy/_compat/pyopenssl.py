@@ -298,7 +298,7 @@ class BufferReleasingConnection(SSL.Connection):
     once twenty or so connections had been made before the first count was
     set (a proxy started into traffic), every connection from then on got
     a dictionary of its own, 832 bytes for as long as it lives
-    (L{edgeproxy._compat.twisted.tcp.LeanServer.__init__} says why).
+    (L{edgeproxy._compat.twisted.tcp._placeLateNames} says why).
     """
 
     __slots__ = ("_sentThrough", "_receivedThrough", "_receiveShutDown")

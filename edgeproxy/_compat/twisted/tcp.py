@@ -56,6 +56,30 @@ __all__ = [
 ]
 
 
+def _placeLateNames(transport: FileDescriptor) -> None:
+    """
+    Set, to their class defaults, the names Twisted's C{FileDescriptor}
+    first sets on a transport later in its life: when a producer registers
+    (every HTTP/2 connection at its start, every streamed body) and when
+    the socket takes less than it is given and Twisted keeps the rest (a
+    large response to a slow client: C{doWrite}'s C{dataBuffer} and
+    C{offset}, C{write}'s C{producerPaused}).
+
+    CPython 3.11 takes one place for new attribute names from a class's
+    shared keys with each instance made, so after a burst of connections
+    (a proxy started or restarted into traffic) a name first set later no
+    longer fits, and every connection from then on, for the life of the
+    process, gets a dictionary of its own (about 0.8 KiB;
+    C{tests/test_burst_memory.py}).  Set when the transport is made, the
+    names are there from the first one.
+    """
+    transport.producer = None
+    transport.streamingProducer = False
+    transport.producerPaused = False
+    transport.dataBuffer = b""
+    transport.offset = 0
+
+
 class LeanServer(tcp.Server):
     """
     Twisted's accepted TCP connection without two strings stored per
@@ -82,21 +106,7 @@ class LeanServer(tcp.Server):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Set now, to their class defaults, rather than first when a
-        # producer registers (every HTTP/2 connection, at its start) or
-        # when the socket takes less than it is given and Twisted keeps the
-        # rest (a large response to a slow client: doWrite's dataBuffer and
-        # offset, write's producerPaused): CPython 3.11 takes one place for
-        # new attribute names from a class's shared keys with each instance
-        # made, so after a burst of connections a name first set later no
-        # longer fits, and every connection from then on gets a dictionary
-        # of its own (about 0.8 KiB; tests/test_burst_memory.py).  Set
-        # here, the names are there from the first connection.
-        self.producer = None
-        self.streamingProducer = False
-        self.producerPaused = False
-        self.dataBuffer = b""
-        self.offset = 0
+        _placeLateNames(self)
 
     def write(self, data: bytes) -> None:
         traffic = self.traffic
@@ -164,18 +174,12 @@ class LeanClient(tcp.Client):
     during a connection's life set when it is made, and its log prefix made
     when asked for, as L{LeanServer}'s.
 
-    Twisted sets C{realAddress}, C{doWrite} and C{doRead} a reactor turn
-    after the connection is made, C{connected} and C{logstr} once
-    connected, C{producer} and C{streamingProducer} when a request body
-    streams, and C{dataBuffer}, C{offset} and C{producerPaused} when the
-    socket takes less than it is given.  CPython 3.11 takes one place for new attribute names from a
-    class's shared keys with each instance made, so when many connections
-    are dialled at once (a proxy started or restarted into traffic, a
-    burst of requests beyond the kept-alive ones) a name first set later
-    no longer fits, and every connection from then on, for the life of the
-    process, gets a dictionary of its own (about 0.8 KiB;
-    C{tests/test_burst_memory.py}).  So do C{disconnecting} and
-    C{disconnected}, set as it closes.
+    Beside the names of every transport (L{_placeLateNames}: many
+    connections are dialled at once when a proxy starts into traffic, or
+    requests burst beyond the kept-alive ones), Twisted sets
+    C{realAddress}, C{doWrite} and C{doRead} on a client a reactor turn
+    after it is made, C{connected} and C{logstr} once connected, and
+    C{disconnecting} and C{disconnected} as it closes.
     """
 
     def __init__(
@@ -188,11 +192,7 @@ class LeanClient(tcp.Client):
         self.doWrite = self.doRead = None  # type: ignore[method-assign,assignment]
         del self.doWrite, self.doRead
         self.connected = 0
-        self.producer = None
-        self.streamingProducer = False
-        self.producerPaused = False
-        self.dataBuffer = b""
-        self.offset = 0
+        _placeLateNames(self)
         # And as it closes, which backend connections do all the time (a
         # backend's keep-alive timeout, a pool's): made a dictionary then,
         # a connection is one more allocation and copy at its end.

@@ -155,7 +155,7 @@ class EdgeTLSTransport(BufferingTLSTransport):
         # writes held, a producer registered: every HTTP/2 connection) no
         # longer fits the class's shared keys, and every connection from
         # then on gets a dictionary of its own
-        # (edgeproxy._compat.twisted.tcp.LeanServer.__init__ says more).
+        # (edgeproxy._compat.twisted.tcp._placeLateNames says more).
         # Names set only as a connection closes are left out: that
         # dictionary lives as long as the closing does.  Those of
         # makeConnection are set too: behind a PROXY-protocol listener it
